@@ -1,0 +1,106 @@
+"""Text corpora, calibration samples and evaluation windows.
+
+``pydoc`` (the offline default) is Python's own reference-manual topics, present in every install:
+``"\\n\\n".join(topics[k] for k in sorted(topics))``; calibration is the first half of its characters,
+evaluation the second half. Hub sets (``wikitext2``, ``pileval``, ``c4``) load through `datasets` when
+the hub is reachable; a local ``.txt`` file (its whole text) or ``.jsonl`` file (its ``text`` fields,
+joined by blank lines) serves both splits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from llmquant.errors import LlmquantError
+
+Split = Literal["calib", "eval"]
+HUB_SETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", {"calib": "train", "eval": "test"}, "text"),
+    "pileval": ("mit-han-lab/pile-val-backup", None, {"calib": "validation", "eval": "validation"}, "text"),
+    "c4": ("allenai/c4", "en", {"calib": "train", "eval": "validation"}, "text"),
+}
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def _local_text(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        import json
+
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            return "\n\n".join(row["text"] for row in rows)
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise LlmquantError(f"{path}: every line must be a JSON object with a 'text' field ({err})") from None
+    return path.read_text()
+
+
+def _hub_text(name: str, split: Split) -> str:
+    repo, config, splits, field = HUB_SETS[name]
+    try:
+        import datasets
+
+        data = datasets.load_dataset(repo, config, split=splits[split])
+    except Exception as err:  # noqa: BLE001 - any failure of the hub is the same problem for the user
+        raise LlmquantError(
+            f"dataset '{name}' could not be loaded from the hub ({type(err).__name__}); "
+            "without network use the offline default 'pydoc' or a local .txt/.jsonl file"
+        ) from None
+    return "\n\n".join(t for t in data[field] if t)
+
+
+def corpus(name: str = "pydoc", split: Split = "calib") -> str:
+    """The text of corpus ``name`` (``pydoc``, a hub set, or a local file) for ``split``."""
+    if split not in ("calib", "eval"):
+        raise LlmquantError(f"unknown split '{split}'; allowed: calib, eval")
+    if name == "pydoc":
+        text = pydoc_text()
+        half = len(text) // 2
+        return text[:half] if split == "calib" else text[half:]
+    if name in HUB_SETS:
+        return _hub_text(name, split)
+    path = Path(name)
+    if path.suffix in (".txt", ".jsonl"):
+        if not path.is_file():
+            raise LlmquantError(f"corpus file {path} does not exist")
+        return _local_text(path)
+    raise LlmquantError(f"unknown corpus '{name}'; allowed: pydoc, {', '.join(HUB_SETS)}, or a .txt/.jsonl file")
+
+
+def tokenize(tokenizer: object, text: str) -> torch.Tensor:
+    """All token ids of ``text`` as one 1-D tensor (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # type: ignore[operator]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_samples(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` random windows of ``seqlen`` tokens, ``[n_samples, seqlen]``, seeded."""
+    if n_samples < 1:
+        raise LlmquantError(f"the calibration set is empty: calib samples must be >= 1, got {n_samples}")
+    if seqlen < 2:
+        raise LlmquantError(f"seqlen must be >= 2, got {seqlen}")
+    if tokens.numel() < seqlen + 1:
+        raise LlmquantError(
+            f"the calibration text has {tokens.numel()} tokens, too short for windows of seqlen {seqlen}; "
+            "use a longer text or a smaller --seqlen"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (n_samples,), generator=generator)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``seqlen`` tokens from the start, ``[n, seqlen]``."""
+    n = tokens.numel() // seqlen
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise LlmquantError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    return tokens[: n * seqlen].reshape(n, seqlen)

@@ -1,0 +1,232 @@
+"""Checkpoints in the compressed-tensors layout: write and read back.
+
+A directory holds ``config.json`` (with ``quantization_config``: ``quant_method: compressed-tensors``,
+``format``, ``config_groups``, ``ignore``, ``kv_cache_scheme``), ``model.safetensors`` (integer
+``weight`` codes, ``weight_scale``, ``weight_zero_point``, ``input_scale``, attention ``k_scale`` and
+``v_scale``), the tokenizer, and ``llmquant.json`` (the manifest of the run).
+
+Asymmetric codes are stored signed as compressed-tensors expects (q - 2^(b-1), zero - 2^(b-1)); the
+dequantized values are unchanged. Writing goes to a temporary sibling directory renamed into place at
+the end, so an interrupted save never leaves a half checkpoint at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from llmquant.errors import LlmquantError
+from llmquant.model.model_map import detect_model_map
+from llmquant.model.targets import matches_any
+from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
+from llmquant.nn.quant_linear import QuantLinear
+from llmquant.quant.scheme import Scheme
+from llmquant.quant.spec import QuantSpec
+
+MANIFEST = "llmquant.json"
+WEIGHTS = "model.safetensors"
+_KV_PREFIX = "kv_cache_quantizer."
+
+
+# --- QuantSpec <-> compressed-tensors QuantizationArgs ---------------------------------------------
+def to_args(spec: QuantSpec | None) -> QuantizationArgs | None:
+    if spec is None:
+        return None
+    return QuantizationArgs(
+        num_bits=spec.bits,
+        type="int",
+        symmetric=spec.symmetric,
+        strategy=spec.granularity,
+        group_size=spec.group_size,
+        dynamic=spec.dynamic,
+    )
+
+
+def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
+    if args is None:
+        return None
+    if args.type != "int":
+        raise LlmquantError(f"checkpoint uses {args.type} quantization; llmquant reads int checkpoints only")
+    return QuantSpec(
+        bits=args.num_bits,
+        symmetric=args.symmetric,
+        granularity=args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy),
+        group_size=args.group_size if args.strategy == "group" else None,
+        dynamic=bool(args.dynamic),
+    )
+
+
+def _linear_schemes(model: nn.Module) -> tuple[dict[str, Scheme], list[str]]:
+    schemes, ignored = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.weight_spec is not None:
+            schemes[name] = Scheme(weights=module.weight_spec, input_activations=module.input_spec)
+        elif isinstance(module, (nn.Linear, QuantLinear)):
+            ignored.append(name)
+    return schemes, ignored
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+    """The compressed-tensors ``quantization_config`` describing ``model``'s quantized modules."""
+    schemes, ignored = _linear_schemes(model)
+    kv_specs = {m.spec for m in model.modules() if isinstance(m, KVCacheQuantizer)}
+    if not schemes and not kv_specs:
+        return None
+    distinct = list(dict.fromkeys(schemes.values()))
+    groups = {}
+    for i, scheme in enumerate(distinct):
+        names = [n for n, s in schemes.items() if s == scheme]
+        targets = ["Linear"] if len(distinct) == 1 else names
+        groups[f"group_{i}"] = QuantizationScheme(
+            targets=targets, weights=to_args(scheme.weights), input_activations=to_args(scheme.input_activations)
+        )
+    if len(kv_specs) > 1:
+        raise LlmquantError("a checkpoint holds one KV-cache scheme; this model mixes several")
+    config = QuantizationConfig(
+        config_groups=groups,
+        ignore=ignored,
+        format="int-quantized",
+        quantization_status="compressed",
+        kv_cache_scheme=to_args(next(iter(kv_specs))) if kv_specs else None,
+    )
+    return config.model_dump(mode="json")
+
+
+# --- state dict <-> stored tensors -------------------------------------------------------------
+def _stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    offsets = {
+        f"{name}.": 2 ** (m.weight_spec.bits - 1)
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m.weight_spec is not None and not m.weight_spec.symmetric
+    }
+    tensors, seen = {}, set()
+    for key, value in model.state_dict().items():
+        if value.data_ptr() in seen and value.numel() > 1:
+            continue  # a tied weight is stored once (transformers re-ties it from the config)
+        seen.add(value.data_ptr())
+        prefix = key.rpartition(".")[0] + "."
+        if prefix in offsets and key.endswith((".weight", ".weight_zero_point")):
+            value = (value.to(torch.int32) - offsets[prefix]).to(torch.int8)
+        tensors[key.replace(_KV_PREFIX, "")] = value.contiguous()
+    return tensors
+
+
+def _state_dict_from_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    expected = model.state_dict()
+    state = {}
+    for key, value in tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        if leaf in ("k_scale", "v_scale"):
+            key = f"{owner}.{_KV_PREFIX}{leaf}"
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(module, QuantLinear) and module.weight_spec is not None and not module.weight_spec.symmetric:
+            if leaf in ("weight", "weight_zero_point"):
+                offset = 2 ** (module.weight_spec.bits - 1)
+                value = (value.to(torch.int32) + offset).to(expected[key].dtype)
+        state[key] = value
+    return state
+
+
+# --- write --------------------------------------------------------------------------------------
+def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifest: dict | None = None) -> Path:
+    """Write ``model`` (quantized or float), its tokenizer and manifest to ``directory``, atomically."""
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        qconfig = quantization_config(model)
+        if qconfig is not None:
+            config["quantization_config"] = qconfig
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        save_file(_stored_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if manifest is not None:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+# --- read ---------------------------------------------------------------------------------------
+def is_quantized_checkpoint(directory: Path) -> bool:
+    config = directory / "config.json"
+    if not config.exists():
+        return False
+    qconfig = json.loads(config.read_text()).get("quantization_config") or {}
+    return qconfig.get("quant_method") == "compressed-tensors"
+
+
+def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) -> None:
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or matches_any(name, module, qconfig.ignore or []):
+            continue
+        for group in qconfig.config_groups.values():
+            if matches_any(name, module, group.targets):
+                quantized = QuantLinear(
+                    module.in_features,
+                    module.out_features,
+                    module.bias is not None,
+                    from_args(group.weights),
+                    from_args(group.input_activations),
+                )
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, quantized)
+                break
+    kv_spec = from_args(qconfig.kv_cache_scheme)
+    if kv_spec is not None:
+        model_map = detect_model_map(model)
+        for layer in model_map.layers(model):
+            layer.get_submodule(model_map.attention).kv_cache_quantizer = KVCacheQuantizer(kv_spec)
+        enable_kv_quantization(model)
+
+
+def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """Rebuild the model a `save` wrote: same modules, same tensors, same logits."""
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    raw = config.quantization_config
+    del config.quantization_config
+    qconfig = QuantizationConfig.model_validate(raw)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _apply_quantization_config(model, qconfig)
+    tensors = load_file(str(directory / WEIGHTS))
+    missing, unexpected = model.load_state_dict(_state_dict_from_stored(model, tensors), strict=False)
+    model.tie_weights()
+    real_missing = [k for k in missing if not _is_tied(model, k)]
+    if real_missing or unexpected:
+        raise LlmquantError(f"checkpoint {directory} does not match its config: missing {real_missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+    return model.eval(), tokenizer
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and head is not None and key.endswith(
+        "lm_head.weight"
+    )

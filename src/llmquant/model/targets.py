@@ -1,0 +1,26 @@
+"""Matching modules against targets, with compressed-tensors' conventions.
+
+A target is a module class name (``"Linear"``), an exact module name (``"lm_head"``,
+``"model.layers.0.mlp.down_proj"``), a glob (``"*.down_proj"``) or a regular expression after ``re:``
+(``"re:.*layers\\.[0-3]\\..*"``, matched from the start of the name as compressed-tensors does).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+from torch import nn
+
+
+def matches(name: str, module: nn.Module, target: str) -> bool:
+    """Whether the module called ``name`` is selected by ``target``."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    if any(ch in target for ch in "*?["):
+        return fnmatch.fnmatchcase(name, target)
+    return target == name or target == type(module).__name__
+
+
+def matches_any(name: str, module: nn.Module, targets: list[str] | tuple[str, ...]) -> bool:
+    return any(matches(name, module, t) for t in targets)

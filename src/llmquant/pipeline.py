@@ -1,0 +1,264 @@
+"""The engine: run a recipe on a model, decoder layer by decoder layer.
+
+1. Resolve the recipe into a `QuantPlan` (a scheme per Linear) before any weight is touched.
+2. Capture the first decoder layer's inputs for the calibration samples (one pass of the embeddings).
+3. For each layer: a float pass records the output and, through observers, the input range of every
+   Linear with a static input scale and of the KV cache; the Linears are swapped for `QuantLinear`s;
+   a quantized pass gives the outputs that become the next layer's inputs (so each layer is calibrated
+   on what the quantized model really feeds it) and the layer's output error.
+4. Linears outside the decoder layers (the head, when a recipe asks for it) are quantized last.
+
+Only the current layer's weights and the calibration activations are touched at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llmquant.errors import LlmquantError
+from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
+from llmquant.nn.quant_linear import QuantLinear
+from llmquant.recipe import QuantPlan, Recipe
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerInputs:
+    """The calibration inputs of one decoder layer: a hidden state per sample and the shared kwargs."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict[str, Any]]
+
+
+@dataclass
+class Manifest:
+    """What a run did: written as llmquant.json next to the checkpoint."""
+
+    recipe: dict
+    model_map: dict
+    versions: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    plan: list[dict] = field(default_factory=list)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import llmquant
+
+    return {
+        "llmquant": llmquant.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.Tensor) -> LayerInputs:
+    """Run the model up to its first decoder layer for each sample and keep that layer's inputs."""
+    first = model_map.layers(model)[0]
+    captured = LayerInputs(hidden=[], kwargs=[])
+
+    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden.append(hidden)
+        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for row in samples:
+            try:
+                model(row.unsqueeze(0), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs, where: str) -> list[torch.Tensor]:
+    outputs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        out = _layer_output(layer(hidden, **kwargs))
+        if not torch.isfinite(out).all():
+            raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")
+        outputs.append(out)
+    return outputs
+
+
+class _InputObservers:
+    """Forward pre-hooks that feed the inputs of float Linears to the QuantLinears that replace them."""
+
+    def __init__(self, linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> None:
+        self.handles = []
+        for _, (linear, quantized) in linears.items():
+            quantized.start_observing()
+            if quantized.observer is not None:
+                hook = self._hook(quantized)
+                self.handles.append(linear.register_forward_pre_hook(hook))
+
+    @staticmethod
+    def _hook(quantized: QuantLinear):  # noqa: ANN205
+        def observe(_module: nn.Module, args: tuple) -> None:
+            quantized.quantize_input(args[0])
+
+        return observe
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
+    num = sum(float((a - r).pow(2).sum()) for r, a in zip(reference, actual, strict=True))
+    den = sum(float(r.pow(2).sum()) for r in reference)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def _weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
+    w = linear.weight.detach().float()
+    return float((quantized.dequantized_weight() - w).norm() / w.norm().clamp(min=1e-30))
+
+
+def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _quantizers_for_layer(
+    layer: nn.Module, prefix: str, plan: QuantPlan
+) -> dict[str, tuple[nn.Linear, QuantLinear]]:
+    chosen = {}
+    for rel, module in layer.named_modules():
+        scheme = plan.linears.get(f"{prefix}.{rel}")
+        if isinstance(module, nn.Linear) and scheme is not None and not scheme.is_float:
+            chosen[rel] = (module, QuantLinear.from_linear(module, scheme.weights, scheme.input_activations))
+    return chosen
+
+
+@torch.no_grad()
+def quantize_layer(
+    layer: nn.Module, index: int, model_map: ModelMap, plan: QuantPlan, inputs: LayerInputs
+) -> tuple[list[torch.Tensor], dict]:
+    """Quantize one decoder layer in place; return its quantized outputs and its manifest row."""
+    prefix = model_map.layer_name(index)
+    start = time.perf_counter()
+    linears = _quantizers_for_layer(layer, prefix, plan)
+    attention = layer.get_submodule(model_map.attention)
+    kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
+    if kv_spec is not None:
+        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec)
+        attention.kv_cache_quantizer.start_observing()
+    observers = _InputObservers(linears)
+    try:
+        float_out = run_layer(layer, inputs, prefix)
+    finally:
+        observers.close()
+    if kv_spec is not None:
+        attention.kv_cache_quantizer.stop_observing()
+    for rel, (_, quantized) in linears.items():
+        quantized.stop_observing()
+        _swap(layer, rel, quantized)
+    quant_out = run_layer(layer, inputs, prefix) if (linears or kv_spec is not None) else float_out
+    row = {
+        "layer": index,
+        "output_error": _relative_error(float_out, quant_out),
+        "weight_error": {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()},
+        "seconds": time.perf_counter() - start,
+    }
+    return quant_out, row
+
+
+def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantPlan) -> list[str]:
+    """Weights of the Linears outside decoder layers (e.g. a head a recipe asks to quantize).
+
+    Static input scales are not calibrated here: such a Linear takes a dynamic per-token input.
+    """
+    done = []
+    layers_prefix = model_map.decoder_layers + "."
+    for name, scheme in plan.linears.items():
+        if name.startswith(layers_prefix) or scheme.is_float:
+            continue
+        linear = model.get_submodule(name)
+        inputs = scheme.input_activations
+        if inputs is not None and not inputs.dynamic:
+            inputs = inputs.model_copy(update={"granularity": "token", "dynamic": True, "observer": "minmax"})
+            log.warning("%s: static input scales are calibrated only inside decoder layers; using per-token", name)
+        if model_map.lm_head == name and model_map.embeddings:
+            _untie(model, model_map)
+            linear = model.get_submodule(name)
+        _swap(model, name, QuantLinear.from_linear(linear, scheme.weights, inputs))
+        done.append(name)
+    return done
+
+
+def _untie(model: nn.Module, model_map: ModelMap) -> None:
+    head = model.get_submodule(model_map.lm_head)
+    for emb_name in model_map.embeddings:
+        emb = model.get_submodule(emb_name)
+        if emb.weight is head.weight:
+            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe,
+    calib: torch.Tensor,
+    model_map: ModelMap | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen]."""
+    model.eval()
+    model_map = model_map or detect_model_map(model)
+    plan = recipe.resolve(model, model_map)
+    manifest = Manifest(
+        recipe=recipe.model_dump(mode="json"),
+        model_map=model_map.to_dict(),
+        versions=versions(),
+        plan=plan.describe(),
+    )
+    t0 = time.perf_counter()
+    if any(spec is not None for spec in plan.kv_cache.values()):
+        enable_kv_quantization(model)
+    inputs = capture_layer_inputs(model, model_map, calib)
+    manifest.seconds["capture"] = time.perf_counter() - t0
+    layers = model_map.layers(model)
+    bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
+    t1 = time.perf_counter()
+    for index in bar:
+        outputs, row = quantize_layer(layers[index], index, model_map, plan, inputs)
+        inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+        manifest.layers.append(row)
+        bar.set_postfix(err=f"{row['output_error']:.4f}")
+    manifest.seconds["layers"] = time.perf_counter() - t1
+    manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
+    manifest.seconds["total"] = time.perf_counter() - t0
+    model.llmquant_plan = plan  # type: ignore[attr-defined]
+    return manifest

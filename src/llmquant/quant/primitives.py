@@ -1,0 +1,99 @@
+"""Pure functions over tensors: blocks, quantization parameters, quantize, dequantize, fake-quantize.
+
+Every function works on the "block view" of a tensor: a 2-D ``[n_blocks, block_len]`` reshape in which
+each row shares one scale and zero point (see `QuantSpec` for the four granularities). Scales and zero
+points are therefore always ``[n_blocks, 1]`` and broadcast against the block view.
+
+Formulas (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference"):  q = clamp(round(x / scale) + zero, qmin, qmax),
+x_hat = (q - zero) * scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmquant.errors import LlmquantError
+from llmquant.quant.spec import QuantSpec
+
+_MIN_SCALE = 1e-8
+
+
+def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape ``x`` so that each row is one block sharing a scale (a view when possible)."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "channel":
+        return x.reshape(x.shape[0], -1)
+    if spec.granularity == "token":
+        return x.reshape(-1, x.shape[-1])
+    group_size = spec.group_size
+    assert group_size is not None  # guaranteed by QuantSpec validation
+    if x.shape[-1] % group_size:
+        raise LlmquantError(
+            f"group_size {group_size} does not divide the last dimension {x.shape[-1]}; "
+            f"use a group size that divides it"
+        )
+    return x.reshape(-1, group_size)
+
+
+def block_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block minimum and maximum, each ``[n_blocks, 1]``."""
+    blocks = to_blocks(x, spec)
+    return blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+
+
+def qparams_from_min_max(
+    min_vals: torch.Tensor, max_vals: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point from per-block ranges (conventions in `QuantSpec`)."""
+    min_vals = min_vals.float().clamp(max=0.0)
+    max_vals = max_vals.float().clamp(min=0.0)
+    if spec.symmetric:
+        absmax = torch.maximum(-min_vals, max_vals)
+        scale = (absmax / spec.qmax).clamp(min=_MIN_SCALE)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = ((max_vals - min_vals) / (spec.qmax - spec.qmin)).clamp(min=_MIN_SCALE)
+        zero = (spec.qmin - torch.round(min_vals / scale)).clamp(spec.qmin, spec.qmax)
+    return scale, zero
+
+
+def quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as float values) of a block view."""
+    return torch.clamp(torch.round(blocks / scale) + zero, spec.qmin, spec.qmax)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes of ``x`` in its own shape, as int8 (or uint8 for unsigned 8-bit)."""
+    codes = quantize_blocks(to_blocks(x, spec), scale, zero, spec).reshape(x.shape)
+    dtype = torch.uint8 if (not spec.symmetric and spec.bits == 8) else torch.int8
+    return codes.to(dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Float values of integer codes ``q`` (any integer dtype) in ``q``'s shape."""
+    blocks = to_blocks(q.float(), spec)
+    return ((blocks - zero) * scale).reshape(q.shape)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor | None = None,
+    zero: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize then dequantize ``x``; with no scale given, the range is taken from ``x`` (dynamic)."""
+    blocks = to_blocks(x.float(), spec)
+    if scale is None:
+        scale, zero = qparams_from_min_max(
+            blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True), spec
+        )
+    assert zero is not None
+    codes = quantize_blocks(blocks, scale, zero, spec)
+    return ((codes - zero) * scale).reshape(x.shape).to(x.dtype)
+
+
+def qparams_for(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max quantization parameters of ``x`` itself."""
+    return qparams_from_min_max(*block_min_max(x.float(), spec), spec)

@@ -1,0 +1,118 @@
+"""Schemes: what is quantized in a Linear (weight, input activation) and in the KV cache, by name.
+
+Preset names are the seeds' names (seed 000: the eight W8A8 rows; seed 003: ``w_int8_per_tensor``;
+seed 002 / issue 5: weight-only int4/int3). ``none`` quantizes nothing: pre-optimizations only.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from llmquant.errors import LlmquantError
+from llmquant.quant.spec import QuantSpec
+
+
+class Scheme(BaseModel):
+    """Specs of one Linear's weight and input, and of the KV cache of the attention around it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weights: QuantSpec | None = None
+    input_activations: QuantSpec | None = None
+    kv_cache: QuantSpec | None = None
+
+    @property
+    def is_float(self) -> bool:
+        return self.weights is None and self.input_activations is None
+
+    def linear_part(self) -> Scheme:
+        """The scheme without its KV cache (what a Linear carries)."""
+        return Scheme(weights=self.weights, input_activations=self.input_activations)
+
+
+def _int8(granularity: str, dynamic: bool = False) -> QuantSpec:
+    return QuantSpec(bits=8, symmetric=True, granularity=granularity, dynamic=dynamic)
+
+
+KV_CACHE = {
+    "int8_per_tensor": _int8("tensor"),
+    "int8_per_tensor_dynamic": _int8("tensor", dynamic=True),
+    "int8_per_token": _int8("token", dynamic=True),
+}
+
+_W8A8 = {
+    "w_int8_per_tensor_a_int8_per_tensor_static": (_int8("tensor"), _int8("tensor")),
+    "w_int8_per_channel_a_int8_per_tensor_static": (_int8("channel"), _int8("tensor")),
+    "w_int8_per_channel_a_int8_per_tensor_dynamic": (_int8("channel"), _int8("tensor", dynamic=True)),
+    "w_int8_per_channel_a_int8_per_token_dynamic": (_int8("channel"), _int8("token", dynamic=True)),
+}
+
+W8A8_SCHEMES: tuple[str, ...] = (
+    "w_int8_per_tensor_a_int8_per_tensor_static",
+    "w_int8_per_channel_a_int8_per_tensor_static",
+    "w_int8_per_channel_a_int8_per_tensor_dynamic",
+    "w_int8_per_channel_a_int8_per_token_dynamic",
+    "w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor_static",
+    "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static",
+    "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_dynamic",
+    "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic",
+)
+
+WEIGHT_ONLY_SCHEMES: tuple[str, ...] = (
+    "w_int8_per_tensor",
+    "w_int8_per_channel",
+    "w_uint4_per_group_asym",
+    "w_int4_per_group_sym",
+    "w_uint3_per_group_asym",
+    "w_int3_per_group_sym",
+)
+
+DEFAULT_GROUP_SIZE = 64
+
+
+def _w8a8(name: str) -> Scheme:
+    for base, (weights, inputs) in _W8A8.items():
+        prefix, mode = base.rsplit("_", 1)
+        if name == base:
+            return Scheme(weights=weights, input_activations=inputs)
+        for kv_name in ("int8_per_tensor", "int8_per_token"):
+            if name == f"{prefix}_kv_cache_{kv_name}_{mode}":
+                kv = KV_CACHE["int8_per_tensor_dynamic" if (kv_name, mode) == ("int8_per_tensor", "dynamic") else kv_name]
+                return Scheme(weights=weights, input_activations=inputs, kv_cache=kv)
+    raise KeyError(name)
+
+
+def _weight_only(name: str, group_size: int | None) -> Scheme:
+    if name == "w_int8_per_tensor":
+        return Scheme(weights=_int8("tensor"))
+    if name == "w_int8_per_channel":
+        return Scheme(weights=_int8("channel"))
+    bits = 4 if "int4" in name else 3
+    symmetric = name.endswith("_sym")
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    if group_size == -1:
+        return Scheme(weights=QuantSpec(bits=bits, symmetric=symmetric, granularity="channel"))
+    return Scheme(weights=QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size))
+
+
+def scheme_names() -> tuple[str, ...]:
+    return ("none", *W8A8_SCHEMES, *WEIGHT_ONLY_SCHEMES)
+
+
+def scheme_from_name(name: str, group_size: int | None = None, kv_cache: str | None = None) -> Scheme:
+    """The preset ``name``; ``group_size`` (-1: per channel) for the grouped weight-only schemes and
+    ``kv_cache`` (a key of `KV_CACHE`) replace the preset's."""
+    if name == "none":
+        scheme = Scheme()
+    elif name in W8A8_SCHEMES:
+        scheme = _w8a8(name)
+    elif name in WEIGHT_ONLY_SCHEMES:
+        scheme = _weight_only(name, group_size)
+    else:
+        raise LlmquantError(f"unknown scheme '{name}'; allowed: {', '.join(scheme_names())}")
+    if kv_cache is not None:
+        if kv_cache not in KV_CACHE:
+            raise LlmquantError(f"unknown kv cache '{kv_cache}'; allowed: {', '.join(KV_CACHE)}")
+        scheme = Scheme(weights=scheme.weights, input_activations=scheme.input_activations, kv_cache=KV_CACHE[kv_cache])
+    return scheme

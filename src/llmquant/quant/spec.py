@@ -1,0 +1,68 @@
+"""What a quantizer does, as a frozen, validated value: `QuantSpec`.
+
+One notion of granularity covers every case (the torchao "block size" idea): a scale is shared by a
+block of the tensor, and the block is
+
+- ``tensor``:  the whole tensor,
+- ``channel``: one output row of a weight ``[out, in]`` (reduce over ``in``),
+- ``group``:   ``group_size`` consecutive inputs of one row (reduce over each slice of ``in``),
+- ``token``:   one token of an activation ``[..., features]`` (reduce over ``features``).
+
+Integer ranges (said once here, used everywhere):
+
+- symmetric, signed ``b`` bits: q in [-2^(b-1), 2^(b-1) - 1], scale = absmax / (2^(b-1) - 1), zero = 0;
+- asymmetric, unsigned ``b`` bits: q in [0, 2^b - 1], scale = (max - min) / (2^b - 1),
+  zero = round(-min / scale), with min <= 0 <= max so that 0.0 is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+Granularity = Literal["tensor", "channel", "group", "token"]
+ObserverName = Literal["minmax", "percentile", "mse"]
+
+
+class QuantSpec(BaseModel):
+    """How one tensor (a weight, an activation, a key or value cache) is quantized."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bits: int = 8
+    symmetric: bool = True
+    granularity: Granularity = "tensor"
+    group_size: int | None = None
+    dynamic: bool = False
+    observer: ObserverName = "minmax"
+    percentile: float = 99.99
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantSpec:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.granularity == "group":
+            if self.group_size is None or self.group_size < 2:
+                raise ValueError(f"granularity 'group' needs group_size >= 2, got {self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size is only allowed with granularity 'group', not '{self.granularity}'")
+        if self.dynamic and self.observer != "minmax":
+            raise ValueError("a dynamic quantizer computes its range at run time: observer must be 'minmax'")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        return self
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def describe(self) -> str:
+        grain = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        kind = "sym" if self.symmetric else "asym"
+        mode = "dynamic" if self.dynamic else "static"
+        return f"int{self.bits}-{kind}-per-{grain}-{mode}"

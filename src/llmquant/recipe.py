@@ -1,0 +1,174 @@
+"""Recipes: what to quantize and how, in code, JSON or YAML, validated field by field.
+
+Example (YAML)::
+
+    scheme: w_int8_per_channel_a_int8_per_tensor_static
+    kv_cache: int8_per_tensor          # optional, replaces the scheme's KV cache
+    ignore: [lm_head]                  # targets left float (the default, as in the seeds)
+    overrides:                         # later entries win; targets as in llmquant.model.targets
+      - targets: ["re:.*down_proj"]
+        scheme: w_int8_per_channel_a_int8_per_token_dynamic
+      - targets: [Linear]              # Neural Compressor's set_local("Linear", fp32): all float
+        scheme: none
+    calib: {dataset: pydoc, samples: 32, seqlen: 512, seed: 0}
+
+The recipe is resolved once against a model into a `QuantPlan`: one typed record per Linear and per
+attention, which can be printed and checked before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from llmquant.errors import LlmquantError
+from llmquant.model.model_map import ModelMap
+from llmquant.model.targets import matches_any
+from llmquant.quant.scheme import KV_CACHE, Scheme, scheme_from_name, scheme_names
+from llmquant.quant.spec import ObserverName
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Calibration(_Strict):
+    dataset: str = "pydoc"
+    samples: int = Field(32, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+
+
+class Override(_Strict):
+    targets: list[str] = Field(min_length=1)
+    scheme: str
+
+    @field_validator("scheme")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in scheme_names():
+            raise ValueError(f"unknown scheme '{value}'; allowed: {', '.join(scheme_names())}")
+        return value
+
+
+class Recipe(_Strict):
+    scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
+    group_size: int | None = None
+    kv_cache: str | None = None
+    weight_observer: ObserverName | None = None
+    activation_observer: ObserverName | None = None
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    overrides: list[Override] = Field(default_factory=list)
+    calib: Calibration = Field(default_factory=Calibration)
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        return Override._known(value)
+
+    @field_validator("kv_cache")
+    @classmethod
+    def _known_kv(cls, value: str | None) -> str | None:
+        if value is not None and value not in KV_CACHE:
+            raise ValueError(f"unknown kv cache '{value}'; allowed: {', '.join(KV_CACHE)}")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 2:
+            raise ValueError(f"group_size must be >= 2, or -1 for per channel; got {value}")
+        return value
+
+    # --- construction that turns every validation problem into one line ----------------------
+    @classmethod
+    def build(cls, **fields: Any) -> Recipe:
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            raise LlmquantError(one_line(err)) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise LlmquantError(f"cannot read recipe {path}: {err.strerror}") from None
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise LlmquantError(f"recipe {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+        if not isinstance(data, dict):
+            raise LlmquantError(f"recipe {path} must hold a mapping of fields, got {type(data).__name__}")
+        return cls.build(**data)
+
+    def to_file(self, path: str | Path) -> None:
+        path = Path(path)
+        data = self.model_dump(mode="json")
+        text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+        path.write_text(text)
+
+    # --- resolution -----------------------------------------------------------------------------
+    def scheme_named(self, name: str) -> Scheme:
+        scheme = scheme_from_name(name, self.group_size, self.kv_cache)
+        return _with_observers(scheme, self.weight_observer, self.activation_observer)
+
+    def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
+        """One record per Linear (and per attention for the KV cache), with its scheme."""
+        base = self.scheme_named(self.scheme)
+        linears: dict[str, Scheme] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            scheme = base
+            for override in self.overrides:
+                if matches_any(name, module, override.targets):
+                    scheme = self.scheme_named(override.scheme)
+            if matches_any(name, module, self.ignore):
+                scheme = Scheme()
+            linears[name] = scheme.linear_part()
+        layers = model_map.layers(model)
+        attention = {f"{model_map.layer_name(i)}.{model_map.attention}": base.kv_cache for i in range(len(layers))}
+        return QuantPlan(linears=linears, kv_cache=attention)
+
+
+def _with_observers(scheme: Scheme, weight: str | None, activation: str | None) -> Scheme:
+    w, a = scheme.weights, scheme.input_activations
+    if weight and w is not None:
+        w = w.model_copy(update={"observer": weight})
+    if activation and a is not None and not a.dynamic:
+        a = a.model_copy(update={"observer": activation})
+    return Scheme(weights=w, input_activations=a, kv_cache=scheme.kv_cache)
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """The recipe resolved against one model: a scheme per Linear name, a KV spec per attention."""
+
+    linears: dict[str, Scheme]
+    kv_cache: dict[str, Any]
+
+    def describe(self) -> list[dict[str, str]]:
+        rows = []
+        for name, scheme in self.linears.items():
+            w = scheme.weights.describe() if scheme.weights else "float"
+            a = scheme.input_activations.describe() if scheme.input_activations else "float"
+            rows.append({"module": name, "weights": w, "input": a})
+        return rows
+
+
+def one_line(err: ValidationError) -> str:
+    """A pydantic error as one line: field, value, what is allowed."""
+    parts = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "recipe"
+        message = e["msg"].removeprefix("Value error, ")
+        parts.append(f"recipe field '{field}' = {e.get('input')!r}: {message}")
+    return "; ".join(parts)
