@@ -2,20 +2,20 @@
 
 __version__ = "0.1.0"
 
-from llmquant.api import load, quantize, save  # noqa: E402
-from llmquant.errors import LlmquantError  # noqa: E402
-from llmquant.quant.scheme import W8A8_SCHEMES, WEIGHT_ONLY_SCHEMES, Scheme, scheme_from_name  # noqa: E402
-from llmquant.quant.spec import QuantSpec  # noqa: E402
-from llmquant.recipe import Override, Recipe  # noqa: E402
+from llmquant.api import load, quantize, save
+from llmquant.errors import LlmquantError
+from llmquant.quant.scheme import W8A8_SCHEMES, WEIGHT_ONLY_SCHEMES, Scheme, scheme_from_name
+from llmquant.quant.spec import QuantSpec
+from llmquant.recipe import Override, Recipe
 
 __all__ = [
+    "W8A8_SCHEMES",
+    "WEIGHT_ONLY_SCHEMES",
     "LlmquantError",
     "Override",
     "QuantSpec",
     "Recipe",
     "Scheme",
-    "W8A8_SCHEMES",
-    "WEIGHT_ONLY_SCHEMES",
     "load",
     "quantize",
     "save",

@@ -37,7 +37,8 @@ def calibration_ids(recipe: Recipe, tokenizer: Any = None, calib: torch.Tensor |
     """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, or the recipe's dataset."""
     if isinstance(calib, torch.Tensor):
         if calib.ndim != 2 or calib.numel() == 0:
-            raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor, got {tuple(calib.shape)}")
+            shape = tuple(calib.shape)
+            raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor, got {shape}")
         return calib.long()
     if tokenizer is None:
         raise LlmquantError("a tokenizer is needed to calibrate from text; pass tokenizer= or token ids as calib=")
@@ -56,6 +57,9 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` in place; the run's manifest is kept as ``model.llmquant_manifest``."""
     recipe = as_recipe(recipe)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and recipe.calib.seqlen > limit:
+        raise LlmquantError(f"seqlen {recipe.calib.seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
     manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress)
     model.llmquant_manifest = manifest  # type: ignore[attr-defined]

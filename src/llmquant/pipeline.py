@@ -13,6 +13,7 @@ Only the current layer's weights and the calibration activations are touched at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
@@ -32,7 +33,7 @@ from llmquant.recipe import QuantPlan, Recipe
 log = logging.getLogger(__name__)
 
 
-class _StopForward(Exception):
+class _StopForwardError(Exception):
     pass
 
 
@@ -83,15 +84,13 @@ def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.T
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.hidden.append(hidden)
         captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForward
+        raise _StopForwardError
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for row in samples:
-            try:
+            with contextlib.suppress(_StopForwardError):
                 model(row.unsqueeze(0), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured
@@ -124,7 +123,7 @@ class _InputObservers:
                 self.handles.append(linear.register_forward_pre_hook(hook))
 
     @staticmethod
-    def _hook(quantized: QuantLinear):  # noqa: ANN205
+    def _hook(quantized: QuantLinear):
         def observe(_module: nn.Module, args: tuple) -> None:
             quantized.quantize_input(args[0])
 

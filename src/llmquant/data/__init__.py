@@ -48,7 +48,7 @@ def _hub_text(name: str, split: Split) -> str:
         import datasets
 
         data = datasets.load_dataset(repo, config, split=splits[split])
-    except Exception as err:  # noqa: BLE001 - any failure of the hub is the same problem for the user
+    except Exception as err:
         raise LlmquantError(
             f"dataset '{name}' could not be loaded from the hub ({type(err).__name__}); "
             "without network use the offline default 'pydoc' or a local .txt/.jsonl file"

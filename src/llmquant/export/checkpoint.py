@@ -129,10 +129,9 @@ def _state_dict_from_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) 
         if leaf in ("k_scale", "v_scale"):
             key = f"{owner}.{_KV_PREFIX}{leaf}"
         module = model.get_submodule(owner) if owner else model
-        if isinstance(module, QuantLinear) and module.weight_spec is not None and not module.weight_spec.symmetric:
-            if leaf in ("weight", "weight_zero_point"):
-                offset = 2 ** (module.weight_spec.bits - 1)
-                value = (value.to(torch.int32) + offset).to(expected[key].dtype)
+        spec = module.weight_spec if isinstance(module, QuantLinear) else None
+        if spec is not None and not spec.symmetric and leaf in ("weight", "weight_zero_point"):
+            value = (value.to(torch.int32) + 2 ** (spec.bits - 1)).to(expected[key].dtype)
         state[key] = value
     return state
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from llmquant.errors import LlmquantError
 
@@ -40,6 +41,7 @@ def default_gguf() -> Path:
 
 
 def _from_pretrained(source: str, **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    hf_logging.disable_progress_bar()  # llmquant shows its own progress; loading takes a second
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     if getattr(model.config, "quantization_config", None) is not None:

@@ -64,7 +64,7 @@ class KVCacheQuantizer(nn.Module):
 
 
 def _quantizing_attention(base: str) -> Callable:
-    def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN003
+    def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         quantizer = getattr(module, "kv_cache_quantizer", None)
         if quantizer is not None:
             key, value = quantizer(key, value)

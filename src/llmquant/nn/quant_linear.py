@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
             self._dequantized = dequantize(self.weight, *self.weight_qparams(), self.weight_spec)
         return self._dequantized
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._dequantized = None
 

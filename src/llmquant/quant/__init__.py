@@ -5,12 +5,12 @@ from llmquant.quant.primitives import dequantize, fake_quantize, qparams_for, qp
 from llmquant.quant.spec import QuantSpec
 
 __all__ = [
-    "QuantSpec",
     "Observer",
-    "observe_once",
-    "quantize",
+    "QuantSpec",
     "dequantize",
     "fake_quantize",
+    "observe_once",
     "qparams_for",
     "qparams_from_min_max",
+    "quantize",
 ]

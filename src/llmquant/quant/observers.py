@@ -3,7 +3,7 @@
 - ``minmax``: the running per-block minimum and maximum (absolute maximum when symmetric).
 - ``percentile``: the ``p``-th and ``(100 - p)``-th percentiles of the observed values instead of the
   extremes, so that a few outliers do not stretch the grid.
-- ``mse``: a grid search over clipping ratios r in [0.5, 1] of the min-max range, keeping per block the
+- ``mse``: a grid search over clipping ratios r in [0.05, 1] (step 0.01) of the min-max range, keeping per block the
   r that minimises the squared error of fake-quantized values (as in the clipping searches of
   AWQ, Lin et al. 2023, and of most PTQ toolkits).
 
@@ -18,7 +18,7 @@ import torch
 from llmquant.quant.primitives import qparams_from_min_max, quantize_blocks, to_blocks
 from llmquant.quant.spec import QuantSpec
 
-MSE_GRID = torch.linspace(0.5, 1.0, 26)
+MSE_GRID = torch.linspace(0.05, 1.0, 96)
 
 
 class Observer:
@@ -96,4 +96,4 @@ def observe_once(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     return observer.qparams()
 
 
-__all__ = ["Observer", "observe_once", "percentile_qparams", "mse_qparams", "to_blocks"]
+__all__ = ["Observer", "mse_qparams", "observe_once", "percentile_qparams", "to_blocks"]

@@ -77,7 +77,8 @@ def _w8a8(name: str) -> Scheme:
             return Scheme(weights=weights, input_activations=inputs)
         for kv_name in ("int8_per_tensor", "int8_per_token"):
             if name == f"{prefix}_kv_cache_{kv_name}_{mode}":
-                kv = KV_CACHE["int8_per_tensor_dynamic" if (kv_name, mode) == ("int8_per_tensor", "dynamic") else kv_name]
+                dynamic_tensor = (kv_name, mode) == ("int8_per_tensor", "dynamic")
+                kv = KV_CACHE["int8_per_tensor_dynamic" if dynamic_tensor else kv_name]
                 return Scheme(weights=weights, input_activations=inputs, kv_cache=kv)
     raise KeyError(name)
 

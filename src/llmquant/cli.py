@@ -1,0 +1,192 @@
+"""The command line (CONTRACT.md). It only parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmquant.errors import LlmquantError
+
+log = logging.getLogger("llmquant")
+DEFAULT_WINDOWS = 40
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Any:
+    from llmquant.api import as_recipe
+
+    recipe = as_recipe(args.config) if args.config else as_recipe(None)
+    fields = recipe.model_dump()
+    for flag, key in (("scheme", "scheme"), ("group_size", "group_size"), ("kv_cache", "kv_cache")):
+        if getattr(args, flag) is not None:
+            fields[key] = getattr(args, flag)
+    if args.ignore is not None:
+        fields["ignore"] = args.ignore
+    for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
+        if getattr(args, flag) is not None:
+            fields["calib"][key] = getattr(args, flag)
+    return as_recipe(fields)
+
+
+def _eval_windows(tokenizer: Any, corpus_name: str, seqlen: int, max_windows: int | None) -> Any:
+    from llmquant import data
+
+    return data.eval_windows(data.tokenize(tokenizer, data.corpus(corpus_name, "eval")), seqlen, max_windows)
+
+
+def _float_ppl(model: Any, windows: Any, key: str | None) -> float:
+    """Float perplexity, cached on disk for the default model (it never changes)."""
+    from llmquant.evaluation.perplexity import perplexity
+    from llmquant.model.loading import cache_dir
+
+    cache = cache_dir() / "float_ppl.json"
+    known = json.loads(cache.read_text()) if (key and cache.exists()) else {}
+    if key and key in known:
+        return float(known[key])
+    ppl = perplexity(model, windows, progress=True)
+    if key:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({**known, key: ppl}, indent=2))
+    return ppl
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import llmquant
+    from llmquant import data
+    from llmquant.evaluation.perplexity import perplexity
+
+    recipe = _recipe_from_args(args)
+    output = Path(args.output)
+    start = time.perf_counter()
+    calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
+    model, tokenizer = llmquant.load(args.model)
+    windows = None
+    figures: dict[str, Any] = {}
+    if args.eval:
+        windows = _eval_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
+        key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
+        figures["float_ppl"] = _float_ppl(model, windows, key)
+    t_quant = time.perf_counter()
+    llmquant.quantize(model, recipe, tokenizer, calib=calib_text, progress=not args.quiet)
+    figures["quantize_seconds"] = time.perf_counter() - t_quant
+    manifest = model.llmquant_manifest
+    if windows is not None:
+        figures["quantized_ppl"] = perplexity(model, windows, progress=not args.quiet)
+        figures["ppl_ratio"] = figures["quantized_ppl"] / figures["float_ppl"]
+        figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows)}
+    manifest.results.update(figures)
+    manifest.seconds["wall"] = time.perf_counter() - start
+    llmquant.save(model, tokenizer, output)
+    _print_summary(recipe.scheme, figures, output)
+    return 0
+
+
+def _print_summary(scheme: str, figures: dict[str, Any], output: Path) -> None:
+    print(f"\nscheme: {scheme}")
+    if "quantized_ppl" in figures:
+        e = figures["eval"]
+        print(f"perplexity on {e['corpus']} (seqlen {e['seqlen']}, {e['windows']} windows):")
+        print("| model | ppl | ratio |\n|---|---|---|")
+        print(f"| float32 | {figures['float_ppl']:.3f} | 1.000 |")
+        print(f"| {scheme} | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
+    print(f"quantization took {figures['quantize_seconds']:.1f} s; checkpoint and llmquant.json in {output}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import llmquant
+    from llmquant.evaluation.perplexity import perplexity
+
+    start = time.perf_counter()
+    model, tokenizer = llmquant.load(args.model)
+    if tokenizer is None:
+        raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
+    result: dict[str, Any] = {"ppl": {}}
+    for corpus_name in args.ppl or ["pydoc"]:
+        windows = _eval_windows(tokenizer, corpus_name, args.seqlen, args.max_windows)
+        result["ppl"][corpus_name] = perplexity(model, windows, progress=not args.quiet)
+        print(f"perplexity {corpus_name}: {result['ppl'][corpus_name]:.4f} ({len(windows)} windows of {args.seqlen})")
+    result["seconds"] = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import llmquant
+    from llmquant.model.model_map import detect_model_map
+
+    model, _ = llmquant.load(args.model)
+    print(json.dumps({"model_map": detect_model_map(model).to_dict()}, indent=2))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end in one line on stderr, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"llmquant: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmquant.quant.scheme import KV_CACHE, scheme_names
+
+    parser = _Parser(prog="llmquant", description="Post-training quantization of LLMs.")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
+    q.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M)")
+    q.add_argument("--scheme", default=None, help=f"a preset: {', '.join(scheme_names())}")
+    q.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
+    q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
+    q.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")
+    q.add_argument("--calib-samples", type=int, default=None)
+    q.add_argument("--seqlen", type=int, default=None)
+    q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
+    q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
+    q.add_argument("--output", required=True, help="directory for the checkpoint")
+    q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
+    q.add_argument("--eval-corpus", default="pydoc")
+    q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="evaluate a model or checkpoint")
+    e.add_argument("--model", default=None)
+    e.add_argument("--ppl", nargs="+", default=None, help="corpora: pydoc, wikitext2, pileval, c4 or files")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
+    e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("detect", help="print the layer map found in a model")
+    d.add_argument("--model", default=None)
+    d.set_defaults(func=cmd_detect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(max(logging.ERROR, logging.getLogger(noisy).level))
+    try:
+        return args.func(args)
+    except LlmquantError as err:
+        print(f"llmquant: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        output = getattr(args, "output", None)
+        where = f"; nothing was written to {output}" if output else ""
+        print(f"llmquant: interrupted{where}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Save and load: compressed-tensors layout, identical logits after the round trip, atomic writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llmquant
+from conftest import logits, make_model
+from llmquant.export import checkpoint
+from llmquant.nn.kv_cache import KVCacheQuantizer
+
+ROUND_TRIP = [
+    "w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor_static",
+    "w_int8_per_channel_a_int8_per_tensor_dynamic",
+    "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic",
+    "w_uint4_per_group_asym",
+]
+
+
+@pytest.mark.parametrize("scheme", ROUND_TRIP)
+def test_round_trip_gives_identical_logits(
+    family: str, scheme: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = make_model(family)
+    llmquant.quantize(model, {"scheme": scheme, "group_size": 32}, calib=calib_ids, progress=False)
+    before = logits(model, eval_ids)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, tokenizer = llmquant.load(tmp_path / "ckpt")
+    assert tokenizer is None
+    assert torch.equal(before, logits(loaded, eval_ids))
+    assert any(isinstance(m, KVCacheQuantizer) for m in loaded.modules()) == ("kv_cache" in scheme)
+
+
+def test_checkpoint_follows_the_compressed_tensors_layout(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = make_model("llama")
+    scheme = "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static"
+    llmquant.quantize(model, scheme, calib=calib_ids, progress=False)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    group = config["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and config["ignore"] == ["lm_head"]
+    assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
+    assert group["input_activations"] == {**group["input_activations"], "strategy": "tensor", "dynamic": False}
+    assert config["kv_cache_scheme"]["strategy"] == "tensor"
+    tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
+    prefix = "model.layers.0."
+    assert tensors[prefix + "mlp.down_proj.weight"].dtype == torch.int8
+    assert tensors[prefix + "mlp.down_proj.weight_scale"].shape == (64, 1)
+    assert tensors[prefix + "mlp.down_proj.input_scale"].shape == (1,)
+    assert tensors[prefix + "self_attn.k_scale"].shape == (1,)
+    assert "lm_head.weight" not in tensors  # tied to the embeddings, stored once
+    manifest = json.loads((tmp_path / "ckpt" / "llmquant.json").read_text())
+    assert manifest["recipe"]["scheme"] == scheme
+
+
+def test_asymmetric_codes_are_stored_signed(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = make_model("llama")
+    llmquant.quantize(model, {"scheme": "w_uint4_per_group_asym", "group_size": 32}, calib=calib_ids, progress=False)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    weight = load_file(tmp_path / "ckpt" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert weight.min() >= -8 and weight.max() <= 7
+
+
+def test_interrupted_save_leaves_nothing_at_the_destination(
+    calib_ids: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_model("llama")
+    llmquant.quantize(model, "w_int8_per_channel_a_int8_per_token_dynamic", calib=calib_ids, progress=False)
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llmquant.save(model, None, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_over_an_existing_checkpoint_replaces_it(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    model = make_model("llama")
+    llmquant.quantize(model, "w_int8_per_channel", calib=calib_ids, progress=False)
+    llmquant.save(model, None, target)
+    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

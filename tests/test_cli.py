@@ -1,0 +1,135 @@
+"""The command line: the main job on a tiny checkpoint, JSON output, and one clear line per user error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmquant.cli import main
+from tiny_checkpoint import write_tiny_checkpoint
+
+SMALL = ["--calib-samples", "4", "--seqlen", "32", "--max-windows", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_quantize_then_eval_json(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "q"
+    scheme = "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static"
+    assert main(["quantize", "--model", str(tiny_dir), "--scheme", scheme, "--output", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "| float32 |" in printed and f"| {scheme} |" in printed
+    manifest = json.loads((out / "llmquant.json").read_text())
+    assert manifest["results"]["quantized_ppl"] > 0 and manifest["results"]["float_ppl"] > 0
+    assert (out / "tokenizer.json").exists()
+
+    assert main(["eval", "--model", str(out), "--ppl", "pydoc", "--seqlen", "32", "--max-windows", "2", "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["ppl"]["pydoc"] == pytest.approx(manifest["results"]["quantized_ppl"], rel=1e-6)
+    assert last["seconds"] > 0
+
+
+def test_recipe_file_gives_the_same_model_as_the_flags(tiny_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("scheme: w_int8_per_channel_a_int8_per_token_dynamic\ncalib: {samples: 4, seqlen: 32}\n")
+    common = ["quantize", "--model", str(tiny_dir), "--no-eval", "--quiet"]
+    assert main([*common, "--config", str(recipe), "--output", str(tmp_path / "a")]) == 0
+    flags = ["--scheme", "w_int8_per_channel_a_int8_per_token_dynamic", "--calib-samples", "4", "--seqlen", "32"]
+    assert main([*common, *flags, "--output", str(tmp_path / "b")]) == 0
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["detect", "--model", str(tiny_dir)]) == 0
+    found = json.loads(capsys.readouterr().out)["model_map"]
+    assert found["decoder_layers"] == "model.layers" and "mlp.down_proj" in found["linears"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--scheme", "w_int9"], "unknown scheme 'w_int9'; allowed: none, w_int8_per_tensor_a_int8"),
+        (["--kv-cache", "fp8"], "unknown kv cache 'fp8'; allowed: int8_per_tensor"),
+        (["--calib-samples", "0"], "recipe field 'calib.samples' = 0"),
+        (["--group-size", "0"], "recipe field 'group_size' = 0"),
+        (["--calib", "nosuch"], "unknown corpus 'nosuch'; allowed: pydoc"),
+        (["--calib", "/nonexistent/file.txt"], "corpus file /nonexistent/file.txt does not exist"),
+        (["--calib", "SHORT.txt"], "tokens, too short for windows of seqlen 32"),
+        (["--seqlen", "1024"], "seqlen 1024 exceeds the model's max_position_embeddings 256"),
+        (["--calib", "wikitext2"], "dataset 'wikitext2' could not be loaded from the hub"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_user_errors_are_one_line(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], expected: str
+) -> None:
+    args = ["quantize", "--model", str(tiny_dir), "--output", str(tmp_path / "out"), "--no-eval", "--quiet"]
+    if "SHORT.txt" in extra:
+        (tmp_path / "SHORT.txt").write_text("too short")
+        extra = ["--calib", str(tmp_path / "SHORT.txt"), "--seqlen", "32"]
+    with pytest.raises(SystemExit) if extra == ["--bogus"] else _no_exit():
+        code = main([*args, *extra])
+        assert code == 2
+    assert expected in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+class _no_exit:  # noqa: N801 - a tiny context manager used like pytest.raises
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def test_bad_recipe_field_names_the_field(tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"scheme": "w_int8_per_channel", "calib": {"samples": "many"}, "colour": 1}))
+    assert main(["quantize", "--model", str(tiny_dir), "--config", str(recipe), "--output", str(tmp_path / "o")]) == 2
+    line = _error_line(capsys)
+    assert "recipe field 'calib.samples' = 'many'" in line and "recipe field 'colour'" in line
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("./no/such/dir", "model path ./no/such/dir does not exist"),
+        ("/tmp/nothing.gguf", "model file /tmp/nothing.gguf does not exist"),
+        ("nobody/no-such-model-xyz", "cannot load model 'nobody/no-such-model-xyz'"),
+    ],
+)
+def test_missing_model_is_one_line(model: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "--model", model]) == 2
+    assert expected in _error_line(capsys)
+
+
+def test_nan_activations_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    broken = write_tiny_checkpoint(tmp_path / "broken", nan=True)
+    args = ["quantize", "--model", str(broken), "--output", str(tmp_path / "o"), "--no-eval", *SMALL]
+    assert main(args) == 2
+    assert "model.layers.0 produced NaN or inf activations" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_dash_m_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmquant", "quantize", "--scheme", "nope", "--output", str(tmp_path / "x")],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "unknown scheme 'nope'" in result.stderr

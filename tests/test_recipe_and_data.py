@@ -1,0 +1,90 @@
+"""Recipes (JSON/YAML round trip, validation) and the data protocol of DESIGN.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmquant import Recipe, data
+from llmquant.errors import LlmquantError
+from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_recipe_round_trips_through_files(tmp_path: Path, suffix: str) -> None:
+    recipe = Recipe.build(
+        scheme="w_int8_per_channel_a_int8_per_tensor_static",
+        kv_cache="int8_per_tensor",
+        activation_observer="percentile",
+        overrides=[{"targets": ["re:.*down_proj"], "scheme": "w_int8_per_channel_a_int8_per_token_dynamic"}],
+        calib={"samples": 8, "seqlen": 128},
+    )
+    path = tmp_path / f"recipe{suffix}"
+    recipe.to_file(path)
+    assert Recipe.from_file(path) == recipe
+
+
+def test_recipe_errors_name_the_field_and_what_is_allowed(tmp_path: Path) -> None:
+    with pytest.raises(LlmquantError, match=r"recipe field 'overrides.0.scheme' = 'int5'.*allowed: none"):
+        Recipe.build(overrides=[{"targets": ["Linear"], "scheme": "int5"}])
+    with pytest.raises(LlmquantError, match=r"recipe field 'overrides.0.targets' = \[\]"):
+        Recipe.build(overrides=[{"targets": [], "scheme": "none"}])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scheme: [unclosed\n")
+    with pytest.raises(LlmquantError, match="is not valid yaml"):
+        Recipe.from_file(bad)
+    with pytest.raises(LlmquantError, match="cannot read recipe"):
+        Recipe.from_file(tmp_path / "missing.json")
+
+
+def test_static_observer_choice_reaches_the_activation_spec_only() -> None:
+    recipe = Recipe.build(scheme="w_int8_per_channel_a_int8_per_tensor_static", activation_observer="mse")
+    assert recipe.scheme_named(recipe.scheme).input_activations.observer == "mse"
+    dynamic = Recipe.build(scheme="w_int8_per_channel_a_int8_per_token_dynamic", activation_observer="mse")
+    assert dynamic.scheme_named(dynamic.scheme).input_activations.observer == "minmax"
+
+
+def test_the_eight_seed_rows_resolve_to_the_intended_specs() -> None:
+    for name in W8A8_SCHEMES:
+        scheme = scheme_from_name(name)
+        w, a, kv = scheme.weights, scheme.input_activations, scheme.kv_cache
+        assert w.bits == a.bits == 8 and w.symmetric and a.symmetric
+        assert w.granularity == ("tensor" if name.startswith("w_int8_per_tensor") else "channel")
+        assert a.granularity == ("token" if "a_int8_per_token" in name else "tensor")
+        assert a.dynamic == name.endswith("_dynamic")
+        if "kv_cache" not in name:
+            assert kv is None
+        else:
+            assert kv.granularity == ("token" if "kv_cache_int8_per_token" in name else "tensor")
+            assert kv.dynamic == name.endswith("_dynamic")
+
+
+def test_pydoc_corpus_is_split_in_halves_of_the_joined_topics() -> None:
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    calib, evaluation = data.corpus("pydoc", "calib"), data.corpus("pydoc", "eval")
+    assert calib + evaluation == text and len(calib) == len(text) // 2
+
+
+def test_calibration_windows_are_seeded_and_eval_windows_consecutive() -> None:
+    tokens = torch.arange(10_000)
+    a = data.calibration_samples(tokens, 4, 512, seed=3)
+    assert torch.equal(a, data.calibration_samples(tokens, 4, 512, seed=3))
+    assert not torch.equal(a, data.calibration_samples(tokens, 4, 512, seed=4))
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 512)) for row in a)
+    windows = data.eval_windows(tokens, 512, max_windows=3)
+    assert torch.equal(windows.flatten(), torch.arange(3 * 512))
+    assert data.eval_windows(tokens, 512).shape == (19, 512)
+
+
+def test_local_files(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    assert data.corpus(str(tmp_path / "a.txt"), "eval") == "hello world"
+    assert data.corpus(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
+    with pytest.raises(LlmquantError, match="must be a JSON object with a 'text' field"):
+        data.corpus(str(tmp_path / "c.jsonl"))
