@@ -58,8 +58,9 @@ def quantize(
     """Quantize ``model`` in place; the run's manifest is kept as ``model.llmquant_manifest``."""
     recipe = as_recipe(recipe)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if limit is not None and recipe.calib.seqlen > limit:
-        raise LlmquantError(f"seqlen {recipe.calib.seqlen} exceeds the model's max_position_embeddings {limit}")
+    seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
+    if limit is not None and seqlen > limit:
+        raise LlmquantError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
     manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress)
     model.llmquant_manifest = manifest  # type: ignore[attr-defined]

@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.recipe import QuantPlan, Recipe
@@ -161,36 +163,122 @@ def _quantizers_for_layer(
     return chosen
 
 
+@dataclass(frozen=True)
+class Smoothing:
+    """The smoothing step of a run: the groups of a decoder layer and the alpha of each."""
+
+    groups: list[SmoothGroup]
+    alphas: list[float | str]
+
+    def describe(self) -> list[dict]:
+        return [{**g.to_dict(), "alpha": a} for g, a in zip(self.groups, self.alphas, strict=True)]
+
+
+def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs: LayerInputs) -> Smoothing | None:
+    """Groups to smooth from the recipe's pre-optimizations: given in the recipe, or found on layer 0."""
+    wanted = {p.name: p.alpha for p in recipe.pre_opts if p.name in ("smoothquant", "smooth_fc_fc")}
+    if not wanted:
+        return None
+    if recipe.smooth_groups is not None:
+        groups = [SmoothGroup.from_dict(g) for g in recipe.smooth_groups]
+    else:
+        layer = model_map.layers(model)[0]
+        attention = layer.get_submodule(model_map.attention)
+        config = getattr(model, "config", None)
+        head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+
+        def run() -> None:
+            layer(inputs.hidden[0], **inputs.kwargs[0])
+
+        groups = detect_smooth_groups(layer, run, head_dim, model_map.layer_name(0))
+    chosen, alphas = [], []
+    for group in groups:
+        kind = "smooth_fc_fc" if group.producer_kind == "linear" else "smoothquant"
+        alpha = wanted.get(kind, wanted.get("smoothquant"))
+        if alpha is not None:
+            chosen.append(group)
+            alphas.append(alpha)
+    return Smoothing(groups=chosen, alphas=alphas)
+
+
+EQUIVALENCE_TOLERANCE = 1e-4
+
+
+def _check_equivalence(reference: list[torch.Tensor], actual: list[torch.Tensor], what: str, where: str) -> float:
+    """A transform that claims to keep the function must keep the layer's outputs (relative error)."""
+    error = _relative_error(reference, actual)
+    if error > EQUIVALENCE_TOLERANCE:
+        raise LlmquantError(
+            f"{what} changed the function of {where}: relative output change {error:.2e} > "
+            f"{EQUIVALENCE_TOLERANCE:.0e}; the layer map or smoothing groups do not fit this model"
+        )
+    return error
+
+
+def _smooth(layer: nn.Module, prefix: str, plan: QuantPlan, smoothing: Smoothing, stats: list) -> list[dict]:
+    rows = []
+    for group, alpha, group_stats in zip(smoothing.groups, smoothing.alphas, stats, strict=True):
+        specs = {}
+        for name in group.linears:
+            scheme = plan.linears.get(f"{prefix}.{name}")
+            specs[name] = (scheme.weights, scheme.input_activations) if scheme else (None, None)
+        rows.append(smooth_group(layer, group, group_stats, alpha, specs))
+    return rows
+
+
 @torch.no_grad()
 def quantize_layer(
-    layer: nn.Module, index: int, model_map: ModelMap, plan: QuantPlan, inputs: LayerInputs
+    layer: nn.Module,
+    index: int,
+    model_map: ModelMap,
+    plan: QuantPlan,
+    inputs: LayerInputs,
+    smoothing: Smoothing | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
-    """Quantize one decoder layer in place; return its quantized outputs and its manifest row."""
+    """Transform and quantize one decoder layer in place; return its outputs and its manifest row.
+
+    Passes over the calibration inputs: float (statistics), smoothed float (equivalence check and
+    static-scale observers; only when smoothing), quantized (the outputs fed to the next layer).
+    """
     prefix = model_map.layer_name(index)
     start = time.perf_counter()
-    linears = _quantizers_for_layer(layer, prefix, plan)
+    row: dict[str, Any] = {"layer": index}
     attention = layer.get_submodule(model_map.attention)
     kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
-    if kv_spec is not None:
-        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec)
-        attention.kv_cache_quantizer.start_observing()
-    observers = _InputObservers(linears)
-    try:
-        float_out = run_layer(layer, inputs, prefix)
-    finally:
-        observers.close()
-    if kv_spec is not None:
-        attention.kv_cache_quantizer.stop_observing()
+
+    def observe_and_run(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> list[torch.Tensor]:
+        if kv_spec is not None:
+            attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec)
+            attention.kv_cache_quantizer.start_observing()
+        observers = _InputObservers(linears)
+        try:
+            outputs = run_layer(layer, inputs, prefix)
+        finally:
+            observers.close()
+        if kv_spec is not None:
+            attention.kv_cache_quantizer.stop_observing()
+        return outputs
+
+    if smoothing is not None:
+        collector = GroupStatsCollector(layer, smoothing.groups)
+        try:
+            float_out = run_layer(layer, inputs, prefix)
+        finally:
+            stats = collector.close()
+        row["smoothing"] = _smooth(layer, prefix, plan, smoothing, stats)
+        linears = _quantizers_for_layer(layer, prefix, plan)
+        smoothed_out = observe_and_run(linears)
+        row["equivalence_error"] = _check_equivalence(float_out, smoothed_out, "smoothing", prefix)
+    else:
+        linears = _quantizers_for_layer(layer, prefix, plan)
+        float_out = observe_and_run(linears)
     for rel, (_, quantized) in linears.items():
         quantized.stop_observing()
         _swap(layer, rel, quantized)
     quant_out = run_layer(layer, inputs, prefix) if (linears or kv_spec is not None) else float_out
-    row = {
-        "layer": index,
-        "output_error": _relative_error(float_out, quant_out),
-        "weight_error": {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()},
-        "seconds": time.perf_counter() - start,
-    }
+    row["output_error"] = _relative_error(float_out, quant_out)
+    row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()}
+    row["seconds"] = time.perf_counter() - start
     return quant_out, row
 
 
@@ -247,12 +335,15 @@ def quantize(
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
     inputs = capture_layer_inputs(model, model_map, calib)
+    smoothing = plan_smoothing(model, model_map, recipe, inputs)
+    if smoothing is not None:
+        manifest.results["smooth_groups"] = smoothing.describe()
     manifest.seconds["capture"] = time.perf_counter() - t0
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
     t1 = time.perf_counter()
     for index in bar:
-        outputs, row = quantize_layer(layers[index], index, model_map, plan, inputs)
+        outputs, row = quantize_layer(layers[index], index, model_map, plan, inputs, smoothing)
         inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
         manifest.layers.append(row)
         bar.set_postfix(err=f"{row['output_error']:.4f}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -57,12 +57,29 @@ class Override(_Strict):
         return value
 
 
+class PreOpt(_Strict):
+    """A pre-optimization: ``smoothquant`` smooths every group (norm -> linears and linear -> linear),
+    ``smooth_fc_fc`` only the linear -> linear ones; ``alpha`` in [0, 1] or ``"auto"`` (searched)."""
+
+    name: Literal["smoothquant", "smooth_fc_fc"]
+    alpha: float | Literal["auto"] = 0.5
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, value: float | str) -> float | str:
+        if value != "auto" and not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] or 'auto', got {value}")
+        return value
+
+
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
     group_size: int | None = None
     kv_cache: str | None = None
     weight_observer: ObserverName | None = None
     activation_observer: ObserverName | None = None
+    pre_opts: list[PreOpt] = Field(default_factory=list)
+    smooth_groups: list[dict[str, Any]] | None = None  # a hand-written map replacing the detected groups
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[Override] = Field(default_factory=list)
     calib: Calibration = Field(default_factory=Calibration)

@@ -1,0 +1,176 @@
+"""SmoothQuant (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient Post-Training Quantization for
+Large Language Models"): move activation outliers into the weights with an exact identity.
+
+    Y = (X diag(s)^-1) (diag(s) W),   s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+where max|X_j| is the absolute maximum of input channel j over the calibration tokens and max|W_j| the
+absolute maximum of column j over every Linear that reads X. diag(s)^-1 is folded into the producer of
+X (a norm's weight and bias, or a Linear's output rows and bias), diag(s) into the readers' columns, so
+inference pays nothing. All maths in float64, cast back to the weights' dtype.
+
+``alpha="auto"`` searches alpha per group on a grid (0.3 .. 0.95, step 0.05) and keeps the one whose
+quantized outputs of the group's Linears are closest (squared error) to the float outputs on the
+calibration tokens, using the Linears' own quantization specs. Deliberate deviation from the paper:
+channels that are never active (max|X_j| = 0) or whose weights are all zero get s_j = 1, and s is
+clamped to [1e-5, 1e5], so a dead channel never produces an inf or NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
+from llmquant.quant import QuantSpec, fake_quantize
+
+AUTO_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Per input channel absolute maxima of a group's input, and a sample of its tokens."""
+
+    act_absmax: torch.Tensor  # [readers' in_features]
+    tokens: torch.Tensor  # [n_tokens, readers' in_features]
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), float64, 1 where a channel is dead."""
+    act, weight = act_absmax.double(), weight_absmax.double()
+    scales = act.pow(alpha) / weight.pow(1.0 - alpha)
+    dead = (act <= 0) | (weight <= 0) | ~torch.isfinite(scales)
+    return torch.where(dead, torch.ones_like(scales), scales).clamp(1e-5, 1e5)
+
+
+def weight_absmax(layer: nn.Module, group: SmoothGroup) -> torch.Tensor:
+    """Column absolute maxima over all readers, on the producer's channels."""
+    columns = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(dim=0) for n in group.linears])
+    return reduce_channels(columns.amax(dim=0), group)
+
+
+@torch.no_grad()
+def apply_smoothing(layer: nn.Module, group: SmoothGroup, scales: torch.Tensor) -> None:
+    """Fold diag(s)^-1 into the producer and diag(s) into the readers (s on producer channels)."""
+    producer = layer.get_submodule(group.producer)
+    if group.producer_kind == "norm":
+        producer.weight.data = (producer.weight.double() / scales).to(producer.weight.dtype)
+        if getattr(producer, "bias", None) is not None:
+            producer.bias.data = (producer.bias.double() / scales).to(producer.bias.dtype)
+    else:
+        producer.weight.data = (producer.weight.double() / scales[:, None]).to(producer.weight.dtype)
+        if producer.bias is not None:
+            producer.bias.data = (producer.bias.double() / scales).to(producer.bias.dtype)
+    columns = expand_channels(scales, group)
+    for name in group.linears:
+        reader = layer.get_submodule(name)
+        reader.weight.data = (reader.weight.double() * columns[None, :]).to(reader.weight.dtype)
+
+
+def outlier_ratio(act_absmax: torch.Tensor) -> float:
+    """max / median of the per-channel absolute maxima: how hard per-tensor quantization is."""
+    return float(act_absmax.max() / act_absmax.median().clamp(min=1e-12))
+
+
+def quantized_group_error(
+    layer: nn.Module,
+    group: SmoothGroup,
+    stats: GroupStats,
+    scales: torch.Tensor,
+    specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+) -> float:
+    """Squared error of the group's quantized outputs against the float ones, for scales ``s``."""
+    x = stats.tokens.double()
+    columns = expand_channels(scales, group)
+    x_smooth = (x / columns).float()
+    error = 0.0
+    for name in group.linears:
+        weight = layer.get_submodule(name).weight.detach().double()
+        reference = x @ weight.T
+        w_spec, a_spec = specs[name]
+        w_smooth = (weight * columns[None, :]).float()
+        wq = fake_quantize(w_smooth, w_spec) if w_spec is not None else w_smooth
+        xq = fake_quantize(x_smooth, a_spec) if a_spec is not None else x_smooth
+        error += float((xq.double() @ wq.double().T - reference).pow(2).sum())
+    return error
+
+
+def choose_alpha(
+    layer: nn.Module,
+    group: SmoothGroup,
+    stats: GroupStats,
+    specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+    grid: tuple[float, ...] = AUTO_GRID,
+) -> tuple[float, torch.Tensor]:
+    """The alpha of ``grid`` whose scales give the least quantized output error, and those scales."""
+    act = reduce_channels(stats.act_absmax, group)
+    w_max = weight_absmax(layer, group)
+    best = (float("inf"), grid[0], smoothing_scales(act, w_max, grid[0]))
+    for alpha in grid:
+        scales = smoothing_scales(act, w_max, alpha)
+        error = quantized_group_error(layer, group, stats, scales, specs)
+        if error < best[0]:
+            best = (error, alpha, scales)
+    return best[1], best[2]
+
+
+def smooth_group(
+    layer: nn.Module,
+    group: SmoothGroup,
+    stats: GroupStats,
+    alpha: float | str,
+    specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+) -> dict[str, object]:
+    """Smooth one group in place; return its manifest row."""
+    act = reduce_channels(stats.act_absmax, group)
+    if alpha == "auto":
+        chosen, scales = choose_alpha(layer, group, stats, specs)
+    else:
+        chosen, scales = float(alpha), smoothing_scales(act, weight_absmax(layer, group), float(alpha))
+    apply_smoothing(layer, group, scales)
+    after = stats.act_absmax.double() / expand_channels(scales, group)
+    return {
+        "producer": group.producer,
+        "linears": list(group.linears),
+        "alpha": chosen,
+        "outlier_ratio_before": outlier_ratio(stats.act_absmax),
+        "outlier_ratio_after": outlier_ratio(after),
+    }
+
+
+class GroupStatsCollector:
+    """Forward pre-hooks on each group's first reader: channel absolute maxima and a token sample."""
+
+    def __init__(self, layer: nn.Module, groups: list[SmoothGroup], max_tokens: int = 2048, seed: int = 0) -> None:
+        self.groups = groups
+        self.max_tokens = max_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+        self.absmax: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(groups))}
+        self.handles = [
+            layer.get_submodule(group.linears[0]).register_forward_pre_hook(self._hook(i))
+            for i, group in enumerate(groups)
+        ]
+
+    def _hook(self, index: int):  # noqa: ANN202
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            current = x.abs().amax(dim=0)
+            previous = self.absmax.get(index)
+            self.absmax[index] = current if previous is None else torch.maximum(previous, current)
+            keep = torch.randperm(x.shape[0], generator=self.generator)[: self.max_tokens // 8]
+            self.tokens[index].append(x[keep])
+
+        return record
+
+    def close(self) -> list[GroupStats]:
+        for handle in self.handles:
+            handle.remove()
+        stats = []
+        for i in range(len(self.groups)):
+            tokens = torch.cat(self.tokens[i])
+            if tokens.shape[0] > self.max_tokens:
+                tokens = tokens[torch.randperm(tokens.shape[0], generator=self.generator)[: self.max_tokens]]
+            stats.append(GroupStats(act_absmax=self.absmax[i], tokens=tokens))
+        return stats
