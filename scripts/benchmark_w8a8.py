@@ -1,6 +1,7 @@
 """Benchmark: the eight W8A8 rows of seed 000 on the default model (perplexity and wall time).
 
-    .venv/bin/python scripts/benchmark_w8a8.py [--schemes NAME ...] [--calib-samples 32] [--out bench/w8a8.json]
+    .venv/bin/python scripts/benchmark_w8a8.py [--schemes NAME ...] [--pre-opt smoothquant --alpha 0.5|auto]
+        [--calib-samples 32] [--out bench/w8a8.json]
 
 Prints a Markdown table (scheme, ppl, ratio to float, quantization seconds) and writes the figures as JSON.
 """
@@ -24,6 +25,8 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--pre-opt", action="append", default=[], help="smoothquant | smooth_fc_fc")
+    parser.add_argument("--alpha", default="0.5", help="a float in [0, 1] or auto")
     parser.add_argument("--out", default="bench/w8a8.json")
     args = parser.parse_args()
 
@@ -33,7 +36,12 @@ def main() -> None:
     rows = []
     for scheme in args.schemes:
         model, tokenizer = llmquant.load(None)
-        recipe = llmquant.Recipe.build(scheme=scheme, calib={"samples": args.calib_samples, "seqlen": args.seqlen})
+        alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
+        recipe = llmquant.Recipe.build(
+            scheme=scheme,
+            pre_opts=[{"name": name, "alpha": alpha} for name in args.pre_opt],
+            calib={"samples": args.calib_samples, "seqlen": args.seqlen},
+        )
         start = time.perf_counter()
         llmquant.quantize(model, recipe, tokenizer, progress=False)
         seconds = time.perf_counter() - start
@@ -45,6 +53,8 @@ def main() -> None:
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "float_ppl": float_ppl,
+        "pre_opts": args.pre_opt,
+        "alpha": args.alpha,
         "calib_samples": args.calib_samples,
         "seqlen": args.seqlen,
         "windows": len(windows),

@@ -26,10 +26,24 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
         fields["ignore"] = args.ignore
+    if args.pre_opt:
+        alpha = _alpha(args.alpha) if args.alpha is not None else 0.5
+        fields["pre_opts"] = [{"name": name, "alpha": alpha} for name in args.pre_opt]
+    elif args.alpha is not None:
+        fields["pre_opts"] = [{**p, "alpha": _alpha(args.alpha)} for p in fields["pre_opts"]]
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
     return as_recipe(fields)
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise LlmquantError(f"--alpha must be a number in [0, 1] or 'auto', got '{text}'") from None
 
 
 def _eval_windows(tokenizer: Any, corpus_name: str, seqlen: int, max_windows: int | None) -> Any:
@@ -116,11 +130,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    import torch
+
     import llmquant
     from llmquant.model.model_map import detect_model_map
+    from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
 
     model, _ = llmquant.load(args.model)
-    print(json.dumps({"model_map": detect_model_map(model).to_dict()}, indent=2))
+    model_map = detect_model_map(model)
+    sample = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    groups = find_smooth_groups(model, model_map, capture_layer_inputs(model, model_map, sample))
+    found = {"model_map": model_map.to_dict(), "smooth_groups": [g.to_dict() for g in groups]}
+    print(json.dumps(found, indent=2))
     return 0
 
 
@@ -143,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default=None, help=f"a preset: {', '.join(scheme_names())}")
     q.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
     q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
+    q.add_argument("--pre-opt", action="append", default=None, help="smoothquant | smooth_fc_fc (repeatable)")
+    q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")
     q.add_argument("--calib-samples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)

@@ -174,6 +174,19 @@ class Smoothing:
         return [{**g.to_dict(), "alpha": a} for g, a in zip(self.groups, self.alphas, strict=True)]
 
 
+def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> list[SmoothGroup]:
+    """The smoothing groups of the first decoder layer, observed on its first calibration input."""
+    layer = model_map.layers(model)[0]
+    attention = layer.get_submodule(model_map.attention)
+    config = getattr(model, "config", None)
+    head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+
+    def run() -> None:
+        layer(inputs.hidden[0], **inputs.kwargs[0])
+
+    return detect_smooth_groups(layer, run, head_dim, model_map.layer_name(0))
+
+
 def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs: LayerInputs) -> Smoothing | None:
     """Groups to smooth from the recipe's pre-optimizations: given in the recipe, or found on layer 0."""
     wanted = {p.name: p.alpha for p in recipe.pre_opts if p.name in ("smoothquant", "smooth_fc_fc")}
@@ -182,15 +195,7 @@ def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs
     if recipe.smooth_groups is not None:
         groups = [SmoothGroup.from_dict(g) for g in recipe.smooth_groups]
     else:
-        layer = model_map.layers(model)[0]
-        attention = layer.get_submodule(model_map.attention)
-        config = getattr(model, "config", None)
-        head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
-
-        def run() -> None:
-            layer(inputs.hidden[0], **inputs.kwargs[0])
-
-        groups = detect_smooth_groups(layer, run, head_dim, model_map.layer_name(0))
+        groups = find_smooth_groups(model, model_map, inputs)
     chosen, alphas = [], []
     for group in groups:
         kind = "smooth_fc_fc" if group.producer_kind == "linear" else "smoothquant"

@@ -153,7 +153,7 @@ class GroupStatsCollector:
             for i, group in enumerate(groups)
         ]
 
-    def _hook(self, index: int):  # noqa: ANN202
+    def _hook(self, index: int):
         def record(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             current = x.abs().amax(dim=0)

@@ -1,0 +1,186 @@
+"""SmoothQuant: groups found from the data flow, float equivalence, alpha search, folding, checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, Phi3Config
+
+import llmquant
+from conftest import VOCAB, logits, make_model, relative_error
+from llmquant.algorithms.smoothquant import (
+    GroupStats,
+    choose_alpha,
+    quantized_group_error,
+    smoothing_scales,
+    weight_absmax,
+)
+from llmquant.errors import LlmquantError
+from llmquant.model.model_map import detect_model_map
+from llmquant.model.patterns import SmoothGroup, reduce_channels
+from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
+from llmquant.quant import QuantSpec
+
+LLAMA_LIKE = {
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+}
+EXPECTED = {
+    "llama": LLAMA_LIKE,
+    "qwen2": LLAMA_LIKE,
+    "mistral": LLAMA_LIKE,
+    "opt": {
+        ("self_attn_layer_norm", ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj")),
+        ("final_layer_norm", ("fc1",)),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("fc1", ("fc2",)),  # through ReLU: relu(x / s) = relu(x) / s for s > 0
+    },
+    # fused projections: only the norm groups; gate_up -> down and qkv -> o are not channel-for-channel
+    "phi3": {("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))},
+    # GELU is not homogeneous, so dense_h_to_4h -> dense_4h_to_h must not be found
+    "gpt_neox": {
+        ("input_layernorm", ("attention.query_key_value",)),
+        ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    },
+}
+
+
+def _model(family: str) -> torch.nn.Module:
+    common = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    if family == "phi3":
+        return AutoModelForCausalLM.from_config(
+            Phi3Config(**common, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1,
+                       bos_token_id=1)
+        ).eval()
+    if family == "gpt_neox":
+        return AutoModelForCausalLM.from_config(
+            GPTNeoXConfig(**common, num_attention_heads=4, eos_token_id=1, bos_token_id=1)
+        ).eval()
+    return make_model(family)
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_groups_found_from_the_data_flow_equal_the_expected_ones(family: str) -> None:
+    model = _model(family)
+    model_map = detect_model_map(model)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    groups = find_smooth_groups(model, model_map, capture_layer_inputs(model, model_map, ids))
+    assert {(g.producer, g.linears) for g in groups} == EXPECTED[family]
+    if family in ("llama", "qwen2", "mistral"):  # grouped-query attention: o_proj reads each v head n_rep times
+        vo = next(g for g in groups if g.producer == "self_attn.v_proj")
+        config = model.config
+        assert vo.head_repeat == config.num_attention_heads // config.num_key_value_heads and vo.head_dim == 16
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "opt"])
+@pytest.mark.parametrize("alpha", [0.5, 0.85, "auto"])
+def test_smoothing_keeps_the_float_function(family: str, alpha: float | str, calib_ids: torch.Tensor,
+                                            eval_ids: torch.Tensor) -> None:
+    model = make_model(family)
+    reference = logits(model, eval_ids)
+    recipe = {"scheme": "none", "pre_opts": [{"name": "smoothquant", "alpha": alpha}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    assert relative_error(reference, logits(model, eval_ids)) < 1e-4
+    rows = [r for layer in model.llmquant_manifest.layers for r in layer["smoothing"]]
+    assert len(rows) == 2 * 4
+    assert all(layer["equivalence_error"] < 1e-5 for layer in model.llmquant_manifest.layers)
+
+
+def test_smoothing_flattens_outliers_and_helps_per_tensor_static(calib_ids: torch.Tensor,
+                                                                 eval_ids: torch.Tensor) -> None:
+    scheme = "w_int8_per_tensor_a_int8_per_tensor_static"
+    errors = {}
+    for pre_opts in ([], [{"name": "smoothquant", "alpha": 0.5}]):
+        model = make_model("llama")
+        reference = logits(model, eval_ids)
+        llmquant.quantize(model, {"scheme": scheme, "pre_opts": pre_opts}, calib=calib_ids, progress=False)
+        errors[bool(pre_opts)] = relative_error(reference, logits(model, eval_ids))
+        if pre_opts:
+            for row in model.llmquant_manifest.layers[0]["smoothing"]:
+                assert row["outlier_ratio_after"] < row["outlier_ratio_before"]
+    assert errors[True] < errors[False]
+
+
+def test_smooth_fc_fc_only_touches_linear_to_linear_groups(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    norm = model.model.layers[0].input_layernorm.weight.detach().clone()
+    recipe = {"scheme": "none", "pre_opts": [{"name": "smooth_fc_fc", "alpha": 0.5}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    producers = {r["producer"] for r in model.llmquant_manifest.layers[0]["smoothing"]}
+    assert producers == {"self_attn.v_proj", "mlp.up_proj"}
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+
+
+def test_grouped_query_heads_share_their_value_channel_scale(calib_ids: torch.Tensor) -> None:
+    model = make_model("mistral")  # 4 query heads read 1 value head
+    o_before = model.model.layers[0].self_attn.o_proj.weight.detach().clone()
+    recipe = {"scheme": "none", "pre_opts": [{"name": "smooth_fc_fc", "alpha": 0.5}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    ratio = (model.model.layers[0].self_attn.o_proj.weight / o_before)[0].reshape(4, 16)
+    assert torch.allclose(ratio, ratio[0].expand(4, 16), rtol=1e-5)
+
+
+def test_auto_alpha_is_never_worse_than_the_fixed_grid_points() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(32), "fc": torch.nn.Linear(32, 48, bias=False)})
+    x = torch.randn(512, 32) * (1 + 20 * (torch.rand(32) > 0.9))
+    group = SmoothGroup("norm", "norm", ("fc",))
+    stats = GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x)
+    specs = {"fc": (QuantSpec(granularity="channel"), QuantSpec(granularity="tensor"))}
+    alpha, scales = choose_alpha(layer, group, stats, specs)
+    best = quantized_group_error(layer, group, stats, scales, specs)
+    act, w = reduce_channels(stats.act_absmax, group), weight_absmax(layer, group)
+    for fixed in (0.5, 0.85):
+        assert best <= quantized_group_error(layer, group, stats, smoothing_scales(act, w, fixed), specs)
+    assert 0.3 <= alpha <= 0.95
+
+
+def test_dead_channels_get_unit_scales_instead_of_nan() -> None:
+    scales = smoothing_scales(torch.tensor([0.0, 4.0, 1.0]), torch.tensor([1.0, 0.0, 4.0]), 0.5)
+    assert scales.tolist() == [1.0, 1.0, 0.5]
+
+
+def test_a_wrong_hand_written_group_is_caught_by_the_pipeline(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    wrong = [{"producer": "self_attn.q_proj", "producer_kind": "linear", "linears": ["self_attn.o_proj"],
+              "head_repeat": 1, "head_dim": 0}]
+    recipe = {"scheme": "none", "pre_opts": [{"name": "smoothquant"}], "smooth_groups": wrong}
+    with pytest.raises(LlmquantError, match=r"smoothing changed the function of model\.layers\.0"):
+        llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+
+
+def test_neural_compressor_api_gives_the_same_model_as_the_recipe(calib_ids: torch.Tensor,
+                                                                  eval_ids: torch.Tensor) -> None:
+    by_recipe = make_model("llama")
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
+              "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]}
+    llmquant.quantize(by_recipe, recipe, calib=calib_ids, progress=False)
+
+    model = make_model("llama")
+    prepared = llmquant.prepare(model, quant_config=llmquant.SmoothQuantConfig(alpha=0.5), example_inputs=calib_ids[:1])
+
+    def run_fn(m: torch.nn.Module) -> None:
+        for row in calib_ids[1:]:
+            m(row.unsqueeze(0))
+
+    run_fn(prepared)
+    q_model = llmquant.convert(prepared)
+    assert torch.equal(logits(q_model, eval_ids), logits(by_recipe, eval_ids))
+
+
+def test_set_local_linear_fp32_keeps_every_linear_float(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    reference = logits(model, eval_ids)
+    config = llmquant.SmoothQuantConfig(alpha=0.5)
+    config.set_local("Linear", llmquant.SmoothQuantConfig(w_dtype="fp32", act_dtype="fp32"))
+    q_model = llmquant.convert(llmquant.prepare(model, quant_config=config, example_inputs=calib_ids))
+    assert not any(type(m).__name__ == "QuantLinear" for m in q_model.modules())
+    assert relative_error(reference, logits(q_model, eval_ids)) < 1e-4  # smoothed, still the same function
+
+
+def test_convert_without_calibration_is_a_clear_error() -> None:
+    model = make_model("llama")
+    with pytest.raises(LlmquantError, match="the calibration set is empty"):
+        llmquant.convert(llmquant.prepare(model, quant_config=llmquant.SmoothQuantConfig()))
