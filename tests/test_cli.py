@@ -133,3 +133,24 @@ def test_python_dash_m_exits_non_zero_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "unknown scheme 'nope'" in result.stderr
+
+
+def test_layer_map_from_detect_gives_the_same_model_as_detection(
+    tiny_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["detect", "--model", str(tiny_dir)]) == 0
+    layer_map = tmp_path / "map.json"
+    layer_map.write_text(capsys.readouterr().out)
+    common = ["quantize", "--model", str(tiny_dir), "--no-eval", "--quiet", "--pre-opt", "smoothquant",
+              "--alpha", "0.5", "--calib-samples", "4", "--seqlen", "32"]
+    assert main([*common, "--output", str(tmp_path / "a")]) == 0
+    assert main([*common, "--layer-map", str(layer_map), "--output", str(tmp_path / "b")]) == 0
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    manifest = json.loads((tmp_path / "b" / "llmquant.json").read_text())
+    assert {g["producer"] for g in manifest["results"]["smooth_groups"]} == {
+        "input_layernorm", "post_attention_layernorm", "self_attn.v_proj", "mlp.up_proj"}
+
+    layer_map.write_text('{"groups": []}')
+    assert main([*common, "--layer-map", str(layer_map), "--output", str(tmp_path / "c")]) == 2
+    assert "unknown keys ['groups']; allowed: model_map, smooth_groups" in _error_line(capsys)

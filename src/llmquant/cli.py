@@ -26,6 +26,10 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
         fields["ignore"] = args.ignore
+    if args.layer_map is not None:
+        groups = _read_layer_map(args.layer_map).get("smooth_groups")
+        if groups is not None:
+            fields["smooth_groups"] = groups
     if args.pre_opt:
         alpha = _alpha(args.alpha) if args.alpha is not None else 0.5
         fields["pre_opts"] = [{"name": name, "alpha": alpha} for name in args.pre_opt]
@@ -35,6 +39,18 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
     return as_recipe(fields)
+
+
+def _read_layer_map(path: str) -> dict[str, Any]:
+    """A JSON in the shape `llmquant detect` prints: {"model_map": {...}, "smooth_groups": [...]}."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LlmquantError(f"cannot read layer map {path}: {err}") from None
+    unknown = set(found) - {"model_map", "smooth_groups"} if isinstance(found, dict) else {"<not an object>"}
+    if unknown:
+        raise LlmquantError(f"layer map {path}: unknown keys {sorted(unknown)}; allowed: model_map, smooth_groups")
+    return found
 
 
 def _alpha(text: str) -> float | str:
@@ -85,7 +101,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
         figures["float_ppl"] = _float_ppl(model, windows, key)
     t_quant = time.perf_counter()
-    llmquant.quantize(model, recipe, tokenizer, calib=calib_text, progress=not args.quiet)
+    model_map = None
+    if args.layer_map is not None and "model_map" in _read_layer_map(args.layer_map):
+        from llmquant.model.model_map import ModelMap
+
+        model_map = ModelMap.from_dict(_read_layer_map(args.layer_map)["model_map"])
+    llmquant.quantize(model, recipe, tokenizer, calib=calib_text, model_map=model_map, progress=not args.quiet)
     figures["quantize_seconds"] = time.perf_counter() - t_quant
     manifest = model.llmquant_manifest
     if windows is not None:
@@ -170,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
+    q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, to override what is found")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
     q.add_argument("--output", required=True, help="directory for the checkpoint")
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")

@@ -196,6 +196,10 @@ def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs
         groups = [SmoothGroup.from_dict(g) for g in recipe.smooth_groups]
     else:
         groups = find_smooth_groups(model, model_map, inputs)
+    readers = {name for group in groups for name in group.linears}
+    unsmoothed = [name for name in model_map.linears if name not in readers]
+    if unsmoothed:
+        log.warning("no smoothing fold exists for %s (no norm or Linear feeds them channel for channel)", unsmoothed)
     chosen, alphas = [], []
     for group in groups:
         kind = "smooth_fc_fc" if group.producer_kind == "linear" else "smoothquant"
