@@ -2,10 +2,12 @@
 
 1. Resolve the recipe into a `QuantPlan` (a scheme per Linear) before any weight is touched.
 2. Capture the first decoder layer's inputs for the calibration samples (one pass of the embeddings).
-3. For each layer: a float pass records the output and, through observers, the input range of every
-   Linear with a static input scale and of the KV cache; the Linears are swapped for `QuantLinear`s;
-   a quantized pass gives the outputs that become the next layer's inputs (so each layer is calibrated
-   on what the quantized model really feeds it) and the layer's output error.
+3. For each layer: a float pass records the output (and, with smoothing, each group's activation
+   statistics; the groups are found once on layer 0, then smoothed and checked for equivalence), and,
+   through observers, the input range of every Linear with a static input scale and of the KV cache;
+   the Linears are swapped for `QuantLinear`s; a quantized pass gives the outputs that become the next
+   layer's inputs (so each layer is calibrated on what the quantized model really feeds it) and the
+   layer's output error.
 4. Linears outside the decoder layers (the head, when a recipe asks for it) are quantized last.
 
 Only the current layer's weights and the calibration activations are touched at a time.
@@ -359,5 +361,4 @@ def quantize(
     manifest.seconds["layers"] = time.perf_counter() - t1
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.seconds["total"] = time.perf_counter() - t0
-    model.llmquant_plan = plan  # type: ignore[attr-defined]
     return manifest

@@ -96,4 +96,4 @@ def observe_once(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     return observer.qparams()
 
 
-__all__ = ["Observer", "mse_qparams", "observe_once", "percentile_qparams", "to_blocks"]
+__all__ = ["Observer", "mse_qparams", "observe_once", "percentile_qparams"]
