@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import llmquant
-from conftest import logits, make_model
+from conftest import logits, make_model, relative_error
 from llmquant.export import checkpoint
 from llmquant.nn.kv_cache import KVCacheQuantizer
 
@@ -91,3 +91,29 @@ def test_saving_over_an_existing_checkpoint_replaces_it(calib_ids: torch.Tensor,
     llmquant.save(model, None, target)
     assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("scheme", llmquant.W8A8_SCHEMES)
+def test_int8_runtime_agrees_with_the_simulation(
+    scheme: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    model = make_model("qwen2")
+    llmquant.quantize(model, scheme, calib=calib_ids, progress=False)
+    simulated = logits(model, eval_ids)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="int8")
+    runtimes = {m.runtime for m in loaded.modules() if type(m).__name__ == "QuantLinear"}
+    assert runtimes == {"int8"}
+    # identical integer products; float rounding differs by ~1e-7, which can flip the rounding of a
+    # value sitting on a rounding boundary of a dynamic scale in the next layer: a few codes move by one
+    assert relative_error(simulated, logits(loaded, eval_ids)) < 5e-3
+
+
+def test_weight_only_layers_stay_simulated_under_the_int8_runtime(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = make_model("llama")
+    llmquant.quantize(model, {"scheme": "w_int4_per_group_sym", "group_size": 32}, calib=calib_ids, progress=False)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="int8")
+    assert {m.runtime for m in loaded.modules() if type(m).__name__ == "QuantLinear"} == {"fake"}
+    with pytest.raises(llmquant.LlmquantError, match="unknown runtime 'int4'; allowed: fake, int8"):
+        llmquant.load(tmp_path / "ckpt", runtime="int4")

@@ -15,6 +15,7 @@ from llmquant.export.checkpoint import is_quantized_checkpoint, load_quantized
 from llmquant.export.checkpoint import save as save_checkpoint
 from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
+from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.recipe import Recipe
 
@@ -67,10 +68,15 @@ def quantize(
     return model
 
 
-def load(path_or_id: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
-    """A checkpoint written by `save`, a float checkpoint, a .gguf file, or None for the default model."""
+def load(path_or_id: str | os.PathLike | None = None, runtime: str = "fake") -> tuple[nn.Module, Any]:
+    """A checkpoint written by `save`, a float checkpoint, a .gguf file, or None for the default model.
+
+    ``runtime="int8"`` runs the W8A8 Linears of a quantized checkpoint as int8 GEMMs (`set_runtime`).
+    """
     if path_or_id is not None and Path(path_or_id).is_dir() and is_quantized_checkpoint(Path(path_or_id)):
-        return load_quantized(path_or_id)
+        model, tokenizer = load_quantized(path_or_id)
+        set_runtime(model, runtime)
+        return model, tokenizer
     return load_float(path_or_id)
 
 

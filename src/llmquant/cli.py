@@ -136,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmquant.evaluation.perplexity import perplexity
 
     start = time.perf_counter()
-    model, tokenizer = llmquant.load(args.model)
+    model, tokenizer = llmquant.load(args.model, runtime=args.runtime)
     if tokenizer is None:
         raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
     result: dict[str, Any] = {"ppl": {}}
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    e.add_argument("--runtime", default="fake", help="fake (simulated) or int8 (int8 GEMMs for W8A8 Linears)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

@@ -1,7 +1,12 @@
 """`QuantLinear`: a Linear whose weight is stored as integer codes and whose input is quantized.
 
-y = fq_a(x) @ dequant(W_q)^T + b, where fq_a fake-quantizes the activation with a static scale
-(calibrated by an `Observer`) or a dynamic one (computed from x at run time), as the input spec says.
+Two runtimes compute the same function:
+
+- ``fake`` (accuracy studies): y = fq_a(x) @ dequant(W_q)^T + b, where fq_a fake-quantizes the activation
+  with a static scale (calibrated by an `Observer`) or a dynamic one (computed from x at run time);
+- ``int8`` (speed, W8A8 with symmetric int8 weights per tensor or channel and int8 inputs per tensor or
+  token): y = s_x * s_w * (x_q @ W_q^T) + b with the int8 x int8 -> int32 product of `torch._int_mm` and
+  the scales applied once per output. Both round x the same way, so they differ only by float rounding.
 
 Parameter names and storage shapes follow compressed-tensors, so a state dict is a checkpoint:
 ``weight`` (int8 codes), ``weight_scale`` ([1] per tensor, [out, 1] per channel, [out, in / g] per
@@ -58,6 +63,8 @@ class QuantLinear(nn.Module):
                 self.register_buffer("input_zero_point", torch.zeros(1))
         self.observer: Observer | None = None
         self._dequantized: torch.Tensor | None = None
+        self._weight_t: torch.Tensor | None = None
+        self.runtime = "fake"
 
     @classmethod
     def from_linear(
@@ -83,6 +90,7 @@ class QuantLinear(nn.Module):
             if not self.weight_spec.symmetric:
                 self.weight_zero_point.copy_(zero.reshape(self.weight_zero_point.shape))
         self._dequantized = None
+        self._weight_t = None
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.weight_spec is not None
@@ -101,6 +109,36 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._dequantized = None
+        self._weight_t = None
+
+    # --- integer runtime ----------------------------------------------------------------------
+    @property
+    def supports_int8(self) -> bool:
+        """Whether this layer can run as an int8 x int8 GEMM (W8A8, symmetric)."""
+        w, a = self.weight_spec, self.input_spec
+        return (
+            w is not None and a is not None and w.bits == 8 and a.bits == 8 and w.symmetric and a.symmetric
+            and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token")
+        )
+
+    def _int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.input_spec
+        assert spec is not None
+        rows = x.reshape(-1, self.in_features).float()
+        if not spec.dynamic:
+            x_scale = self.input_scale.reshape(1, 1)
+        elif spec.granularity == "token":
+            x_scale = (rows.abs().amax(dim=1, keepdim=True) / spec.qmax).clamp(min=1e-8)
+        else:
+            x_scale = (rows.abs().amax() / spec.qmax).clamp(min=1e-8).reshape(1, 1)
+        x_codes = torch.clamp(torch.round(rows / x_scale), spec.qmin, spec.qmax).to(torch.int8)
+        if self._weight_t is None:
+            self._weight_t = self.weight.t().contiguous()
+        accumulated = torch._int_mm(x_codes, self._weight_t)
+        y = accumulated.float() * (x_scale * self.weight_scale.reshape(1, -1))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # --- activation calibration -------------------------------------------------------------
     def start_observing(self) -> None:
@@ -132,6 +170,8 @@ class QuantLinear(nn.Module):
         return fake_quantize(x, spec, self.input_scale.reshape(1, 1), zero.reshape(1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runtime == "int8" and self.observer is None and self.supports_int8:
+            return self._int8_forward(x)
         weight = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(self.quantize_input(x), weight, bias)
@@ -139,4 +179,18 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight_spec.describe() if self.weight_spec else "float"
         a = self.input_spec.describe() if self.input_spec else "float"
-        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}, runtime={self.runtime}"
+
+
+def set_runtime(model: nn.Module, runtime: str) -> int:
+    """Run every `QuantLinear` that can with ``runtime`` ("fake" or "int8"); return how many switched."""
+    if runtime not in ("fake", "int8"):
+        from llmquant.errors import LlmquantError
+
+        raise LlmquantError(f"unknown runtime '{runtime}'; allowed: fake, int8")
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and (runtime == "fake" or module.supports_int8):
+            module.runtime = runtime
+            switched += 1
+    return switched
