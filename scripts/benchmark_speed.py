@@ -43,7 +43,7 @@ def main() -> None:
     runs = {"float32": lambda x: float_model(x, use_cache=False).logits, "fake": simulated, "int8": integer}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
-        for name, run in runs.items():
+        for run in runs.values():
             run(ids)  # warm-up
         for _ in range(args.repeats):
             for name, run in runs.items():
