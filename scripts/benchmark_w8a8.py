@@ -1,4 +1,5 @@
-"""Benchmark: the eight W8A8 rows of seed 000 on the default model (perplexity and wall time).
+"""Benchmark: schemes on the default model (perplexity and wall time); by default the eight W8A8 rows
+of seed 000, and any other preset with --schemes (e.g. w_uint4_per_group_asym --group-size 64 --algo awq).
 
     .venv/bin/python scripts/benchmark_w8a8.py [--schemes NAME ...] [--pre-opt smoothquant --alpha 0.5|auto]
         [--calib-samples 32] [--out bench/w8a8.json]
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--pre-opt", action="append", default=[], help="smoothquant | smooth_fc_fc")
     parser.add_argument("--alpha", default="0.5", help="a float in [0, 1] or auto")
+    parser.add_argument("--algo", default="rtn", help="rtn | awq")
+    parser.add_argument("--group-size", type=int, default=None, help="for the grouped weight-only schemes")
     parser.add_argument("--out", default="bench/w8a8.json")
     args = parser.parse_args()
 
@@ -39,6 +42,8 @@ def main() -> None:
         alpha = args.alpha if args.alpha == "auto" else float(args.alpha)
         recipe = llmquant.Recipe.build(
             scheme=scheme,
+            algorithm=args.algo,
+            group_size=args.group_size,
             pre_opts=[{"name": name, "alpha": alpha} for name in args.pre_opt],
             calib={"samples": args.calib_samples, "seqlen": args.seqlen},
         )
@@ -54,6 +59,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "float_ppl": float_ppl,
         "pre_opts": args.pre_opt,
+        "algorithm": args.algo,
+        "group_size": args.group_size,
         "alpha": args.alpha,
         "calib_samples": args.calib_samples,
         "seqlen": args.seqlen,

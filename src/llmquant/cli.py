@@ -21,7 +21,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
 
     recipe = as_recipe(args.config) if args.config else as_recipe(None)
     fields = recipe.model_dump()
-    for flag, key in (("scheme", "scheme"), ("group_size", "group_size"), ("kv_cache", "kv_cache")):
+    for flag, key in (("scheme", "scheme"), ("algo", "algorithm"), ("group_size", "group_size"),
+                      ("kv_cache", "kv_cache")):
         if getattr(args, flag) is not None:
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M)")
     q.add_argument("--scheme", default=None, help=f"a preset: {', '.join(scheme_names())}")
+    q.add_argument("--algo", default=None, help="how weights are rounded: rtn (default) or awq")
     q.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
     q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
     q.add_argument("--pre-opt", action="append", default=None, help="smoothquant | smooth_fc_fc (repeatable)")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmquant.algorithms import awq
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, detect_model_map
@@ -176,6 +177,9 @@ class Smoothing:
         return [{**g.to_dict(), "alpha": a} for g, a in zip(self.groups, self.alphas, strict=True)]
 
 
+SMOOTHING_NAMES = ("smoothquant", "smooth_fc_fc")
+
+
 def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> list[SmoothGroup]:
     """The smoothing groups of the first decoder layer, observed on its first calibration input."""
     layer = model_map.layers(model)[0]
@@ -191,7 +195,11 @@ def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInput
 
 def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs: LayerInputs) -> Smoothing | None:
     """Groups to smooth from the recipe's pre-optimizations: given in the recipe, or found on layer 0."""
-    wanted = {p.name: p.alpha for p in recipe.pre_opts if p.name in ("smoothquant", "smooth_fc_fc")}
+    wanted: dict[str, float | str] = {p.name: p.alpha for p in recipe.pre_opts if p.name in SMOOTHING_NAMES}
+    if recipe.algorithm == "awq":
+        if wanted:
+            raise LlmquantError("AWQ rescales the same groups as smoothquant/smooth_fc_fc: choose one of them")
+        wanted = {"smoothquant": "awq"}
     if not wanted:
         return None
     if recipe.smooth_groups is not None:
@@ -226,15 +234,28 @@ def _check_equivalence(reference: list[torch.Tensor], actual: list[torch.Tensor]
     return error
 
 
-def _smooth(layer: nn.Module, prefix: str, plan: QuantPlan, smoothing: Smoothing, stats: list) -> list[dict]:
-    rows = []
+def _group_specs(group: SmoothGroup, prefix: str, plan: QuantPlan) -> dict:
+    specs = {}
+    for name in group.linears:
+        scheme = plan.linears.get(f"{prefix}.{name}")
+        specs[name] = (scheme.weights, scheme.input_activations) if scheme else (None, None)
+    return specs
+
+
+def _smooth(
+    layer: nn.Module, prefix: str, plan: QuantPlan, smoothing: Smoothing, stats: list
+) -> tuple[list[dict], list[tuple[SmoothGroup, torch.Tensor]]]:
+    """Function-preserving rescaling of every group; AWQ groups also return the tokens to clip on."""
+    rows, to_clip = [], []
     for group, alpha, group_stats in zip(smoothing.groups, smoothing.alphas, stats, strict=True):
-        specs = {}
-        for name in group.linears:
-            scheme = plan.linears.get(f"{prefix}.{name}")
-            specs[name] = (scheme.weights, scheme.input_activations) if scheme else (None, None)
-        rows.append(smooth_group(layer, group, group_stats, alpha, specs))
-    return rows
+        specs = _group_specs(group, prefix, plan)
+        if alpha == "awq":
+            row, tokens = awq.scale_group(layer, group, group_stats, specs)
+            to_clip.append((group, tokens))
+        else:
+            row = smooth_group(layer, group, group_stats, alpha, specs)
+        rows.append(row)
+    return rows, to_clip
 
 
 @torch.no_grad()
@@ -276,10 +297,14 @@ def quantize_layer(
             float_out = run_layer(layer, inputs, prefix)
         finally:
             stats = collector.close()
-        row["smoothing"] = _smooth(layer, prefix, plan, smoothing, stats)
+        row["smoothing"], to_clip = _smooth(layer, prefix, plan, smoothing, stats)
+        if to_clip:  # AWQ: check the scaling alone, then clip (which changes the function on purpose)
+            row["equivalence_error"] = _check_equivalence(float_out, run_layer(layer, inputs, prefix), "awq", prefix)
+            row["clipped"] = [n for g, t in to_clip for n in awq.clip_group(layer, g, t, _group_specs(g, prefix, plan))]
         linears = _quantizers_for_layer(layer, prefix, plan)
         smoothed_out = observe_and_run(linears)
-        row["equivalence_error"] = _check_equivalence(float_out, smoothed_out, "smoothing", prefix)
+        if not to_clip:
+            row["equivalence_error"] = _check_equivalence(float_out, smoothed_out, "smoothing", prefix)
     else:
         linears = _quantizers_for_layer(layer, prefix, plan)
         float_out = observe_and_run(linears)

@@ -74,6 +74,7 @@ class PreOpt(_Strict):
 
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
+    algorithm: Literal["rtn", "awq"] = "rtn"
     group_size: int | None = None
     kv_cache: str | None = None
     weight_observer: ObserverName | None = None

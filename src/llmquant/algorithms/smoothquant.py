@@ -34,6 +34,7 @@ class GroupStats:
 
     act_absmax: torch.Tensor  # [readers' in_features]
     tokens: torch.Tensor  # [n_tokens, readers' in_features]
+    act_absmean: torch.Tensor | None = None  # [readers' in_features], for AWQ
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -147,6 +148,8 @@ class GroupStatsCollector:
         self.max_tokens = max_tokens
         self.generator = torch.Generator().manual_seed(seed)
         self.absmax: dict[int, torch.Tensor] = {}
+        self.abssum: dict[int, torch.Tensor] = {}
+        self.count: dict[int, int] = {}
         self.tokens: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(groups))}
         self.handles = [
             layer.get_submodule(group.linears[0]).register_forward_pre_hook(self._hook(i))
@@ -159,6 +162,8 @@ class GroupStatsCollector:
             current = x.abs().amax(dim=0)
             previous = self.absmax.get(index)
             self.absmax[index] = current if previous is None else torch.maximum(previous, current)
+            self.abssum[index] = self.abssum.get(index, 0) + x.abs().sum(dim=0)
+            self.count[index] = self.count.get(index, 0) + x.shape[0]
             keep = torch.randperm(x.shape[0], generator=self.generator)[: self.max_tokens // 8]
             self.tokens[index].append(x[keep])
 
@@ -172,5 +177,6 @@ class GroupStatsCollector:
             tokens = torch.cat(self.tokens[i])
             if tokens.shape[0] > self.max_tokens:
                 tokens = tokens[torch.randperm(tokens.shape[0], generator=self.generator)[: self.max_tokens]]
-            stats.append(GroupStats(act_absmax=self.absmax[i], tokens=tokens))
+            mean = self.abssum[i] / self.count[i]
+            stats.append(GroupStats(act_absmax=self.absmax[i], tokens=tokens, act_absmean=mean))
         return stats
