@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import logits, make_model, relative_error
 
 import llmquant
+from conftest import logits, make_model, relative_error
 from llmquant.algorithms.awq import awq_scales, search_clip
 from llmquant.errors import LlmquantError
 from llmquant.quant import QuantSpec, fake_quantize
