@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, make_model, relative_error
 from transformers import AutoModelForCausalLM
 
 import llmquant
+from conftest import logits, make_model, relative_error
 
 
 @pytest.mark.parametrize(
