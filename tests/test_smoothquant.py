@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, Phi3Config
@@ -16,7 +19,7 @@ from llmquant.algorithms.smoothquant import (
     weight_absmax,
 )
 from llmquant.errors import LlmquantError
-from llmquant.model.model_map import detect_model_map
+from llmquant.model.model_map import ModelMap, detect_model_map
 from llmquant.model.patterns import SmoothGroup, reduce_channels
 from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
 from llmquant.quant import QuantSpec
@@ -184,3 +187,22 @@ def test_convert_without_calibration_is_a_clear_error() -> None:
     model = make_model("llama")
     with pytest.raises(LlmquantError, match="the calibration set is empty"):
         llmquant.convert(llmquant.prepare(model, quant_config=llmquant.SmoothQuantConfig()))
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "opt"])
+def test_shipped_family_maps_give_the_same_model_as_detection(
+    family: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor
+) -> None:
+    shipped = json.loads((CONFIGS / f"{family}.json").read_text())
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
+              "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]}
+    detected = make_model(family)
+    llmquant.quantize(detected, recipe, calib=calib_ids, progress=False)
+    mapped = make_model(family)
+    llmquant.quantize(mapped, {**recipe, "smooth_groups": shipped["smooth_groups"]}, calib=calib_ids,
+                      model_map=ModelMap.from_dict(shipped["model_map"]), progress=False)
+    assert torch.equal(logits(detected, eval_ids), logits(mapped, eval_ids))
+    assert mapped.llmquant_manifest.results["smooth_groups"] == detected.llmquant_manifest.results["smooth_groups"]

@@ -30,7 +30,7 @@ from llmquant.algorithms import awq
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, detect_model_map
-from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
+from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.recipe import QuantPlan, Recipe
@@ -180,12 +180,15 @@ class Smoothing:
 SMOOTHING_NAMES = ("smoothquant", "smooth_fc_fc")
 
 
+def _head_dim(model: nn.Module, model_map: ModelMap) -> int | None:
+    attention = model_map.layers(model)[0].get_submodule(model_map.attention)
+    return getattr(attention, "head_dim", None) or getattr(getattr(model, "config", None), "head_dim", None)
+
+
 def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> list[SmoothGroup]:
     """The smoothing groups of the first decoder layer, observed on its first calibration input."""
     layer = model_map.layers(model)[0]
-    attention = layer.get_submodule(model_map.attention)
-    config = getattr(model, "config", None)
-    head_dim = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+    head_dim = _head_dim(model, model_map)
 
     def run() -> None:
         layer(inputs.hidden[0], **inputs.kwargs[0])
@@ -203,7 +206,8 @@ def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs
     if not wanted:
         return None
     if recipe.smooth_groups is not None:
-        groups = [SmoothGroup.from_dict(g) for g in recipe.smooth_groups]
+        layer, head_dim = model_map.layers(model)[0], _head_dim(model, model_map)
+        groups = [resolve_heads(SmoothGroup.from_dict(g), layer, head_dim) for g in recipe.smooth_groups]
     else:
         groups = find_smooth_groups(model, model_map, inputs)
     readers = {name for group in groups for name in group.linears}

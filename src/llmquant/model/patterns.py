@@ -18,7 +18,7 @@ of the layer (every tensor a module produced and every tensor a module read):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,8 @@ from llmquant.errors import LlmquantError
 @dataclass(frozen=True)
 class SmoothGroup:
     """A producer and the Linears reading its output; ``head_repeat`` > 1 means the readers see each
-    producer head ``head_repeat`` times (grouped-query attention), with heads of ``head_dim``."""
+    producer head ``head_repeat`` times (grouped-query attention), with heads of ``head_dim``.
+    ``head_repeat = 0`` (in a hand-written family map) means: derive both from the model's shapes."""
 
     producer: str
     producer_kind: str  # "norm" | "linear"
@@ -44,6 +45,23 @@ class SmoothGroup:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SmoothGroup:
         return cls(**{**data, "linears": tuple(data["linears"])})
+
+
+def resolve_heads(group: SmoothGroup, layer: nn.Module, head_dim: int | None) -> SmoothGroup:
+    """A group whose ``head_repeat`` is 0 gets the repeat the model's shapes imply (1 for norms)."""
+    if group.head_repeat:
+        return group
+    if group.producer_kind == "norm":
+        return replace(group, head_repeat=1, head_dim=0)
+    produced = layer.get_submodule(group.producer).out_features
+    read = layer.get_submodule(group.linears[0]).in_features
+    repeat = read // produced if read % produced == 0 else 0
+    if repeat == 0 or (repeat > 1 and not head_dim):
+        raise LlmquantError(
+            f"smoothing group {group.producer} -> {list(group.linears)}: {read} inputs cannot read {produced} "
+            "outputs head by head; fix the layer map"
+        )
+    return replace(group, head_repeat=repeat, head_dim=head_dim if repeat > 1 else 0)
 
 
 def expand_channels(values: torch.Tensor, group: SmoothGroup) -> torch.Tensor:
