@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmquant.algorithms.smoothquant import GroupStats, apply_smoothing, quantized_group_error
+from llmquant.algorithms.smoothquant import GroupStats, apply_smoothing, least_error_scales
 from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
 from llmquant.quant import QuantSpec, fake_quantize
 
@@ -42,13 +42,7 @@ def search_scales(
 ) -> tuple[float, torch.Tensor]:
     """The ratio of `RATIO_GRID` with the least weight-quantized output error, and its scales."""
     act_mean = reduce_channels(stats.act_absmean, group)
-    best = (float("inf"), 0.0, awq_scales(act_mean, 0.0))
-    for ratio in RATIO_GRID:
-        scales = awq_scales(act_mean, ratio)
-        error = quantized_group_error(layer, group, stats, scales, specs)
-        if error < best[0]:
-            best = (error, ratio, scales)
-    return best[1], best[2]
+    return least_error_scales(layer, group, stats, specs, {r: awq_scales(act_mean, r) for r in RATIO_GRID})
 
 
 @torch.no_grad()

@@ -107,13 +107,20 @@ def choose_alpha(
     """The alpha of ``grid`` whose scales give the least quantized output error, and those scales."""
     act = reduce_channels(stats.act_absmax, group)
     w_max = weight_absmax(layer, group)
-    best = (float("inf"), grid[0], smoothing_scales(act, w_max, grid[0]))
-    for alpha in grid:
-        scales = smoothing_scales(act, w_max, alpha)
-        error = quantized_group_error(layer, group, stats, scales, specs)
-        if error < best[0]:
-            best = (error, alpha, scales)
-    return best[1], best[2]
+    return least_error_scales(layer, group, stats, specs, {a: smoothing_scales(act, w_max, a) for a in grid})
+
+
+def least_error_scales(
+    layer: nn.Module,
+    group: SmoothGroup,
+    stats: GroupStats,
+    specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+    candidates: dict[float, torch.Tensor],
+) -> tuple[float, torch.Tensor]:
+    """Of ``{parameter: scales}``, the entry with the least quantized output error (first on ties)."""
+    errors = {p: quantized_group_error(layer, group, stats, s, specs) for p, s in candidates.items()}
+    best = min(errors, key=errors.__getitem__)
+    return best, candidates[best]
 
 
 def smooth_group(
