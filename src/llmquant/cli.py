@@ -141,7 +141,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
     result: dict[str, Any] = {"ppl": {}}
-    for corpus_name in args.ppl or ["pydoc"]:
+    if args.lambada:
+        from llmquant.evaluation.lambada import lambada_accuracy, lambada_texts
+
+        texts = lambada_texts(args.lambada, args.lambada_limit)
+        accuracy = lambada_accuracy(model, tokenizer, texts, progress=not args.quiet)
+        result["lambada"] = {args.lambada: accuracy}
+        print(f"lambada {args.lambada}: last-token accuracy {accuracy:.4f} ({len(texts)} texts)")
+    for corpus_name in args.ppl if args.ppl is not None else ([] if args.lambada else ["pydoc"]):
         windows = _eval_windows(tokenizer, corpus_name, args.seqlen, args.max_windows)
         result["ppl"][corpus_name] = perplexity(model, windows, progress=not args.quiet)
         print(f"perplexity {corpus_name}: {result['ppl'][corpus_name]:.4f} ({len(windows)} windows of {args.seqlen})")
@@ -205,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model or checkpoint")
     e.add_argument("--model", default=None)
     e.add_argument("--ppl", nargs="+", default=None, help="corpora: pydoc, wikitext2, pileval, c4 or files")
+    e.add_argument("--lambada", default=None, help="LAMBADA last-token accuracy: lambada_openai or a .jsonl file")
+    e.add_argument("--lambada-limit", type=int, default=None, help="evaluate the first N texts only")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
