@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and write a checkpoint")
     q.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M)")
     q.add_argument("--scheme", default=None, help=f"a preset: {', '.join(scheme_names())}")
-    q.add_argument("--algo", default=None, help="how weights are rounded: rtn (default) or awq")
+    q.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     q.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
     q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
     q.add_argument("--pre-opt", action="append", default=None, help="smoothquant | smooth_fc_fc (repeatable)")

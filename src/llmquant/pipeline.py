@@ -27,13 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmquant.algorithms import awq
+from llmquant.algorithms.gptq import GPTQ
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, detect_model_map
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear
-from llmquant.recipe import QuantPlan, Recipe
+from llmquant.recipe import GPTQOptions, QuantPlan, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,63 @@ def _smooth(
     return rows, to_clip
 
 
+def _stages(layer: nn.Module, names: list[str], inputs: LayerInputs, where: str) -> list[list[str]]:
+    """The Linears in execution order, grouped by the input tensor they share (q/k/v, gate/up, ...)."""
+    seen: list[tuple[str, int]] = []
+    handles = [
+        layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, name=name: seen.append((name, id(args[0])))
+        )
+        for name in names
+    ]
+    try:
+        run_layer(layer, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]), where)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stages: list[list[str]] = []
+    last_input = None
+    for name, input_id in seen:
+        if stages and input_id == last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = input_id
+    return stages
+
+
+@torch.no_grad()
+def _gptq_layer(
+    layer: nn.Module,
+    linears: dict[str, tuple[nn.Linear, QuantLinear]],
+    inputs: LayerInputs,
+    where: str,
+    options: GPTQOptions,
+) -> list[list[str]]:
+    """GPTQ the layer's Linears stage by stage; each stage's Hessian sees the already quantized ones."""
+    names = [n for n, (_, q) in linears.items() if q.weight_spec is not None]
+    stages = _stages(layer, names, inputs, where)
+    for stage in stages:
+        states = {name: GPTQ(linears[name][0].weight) for name in stage}
+        handles = [
+            layer.get_submodule(name).register_forward_pre_hook(
+                lambda _m, args, state=states[name]: state.add_batch(args[0])
+            )
+            for name in stage
+        ]
+        try:
+            run_layer(layer, inputs, where)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, state in states.items():
+            quantized = linears[name][1]
+            weight, qparams = state.quantize(quantized.weight_spec, options.block_size, options.damp_ratio,
+                                             options.act_order)
+            quantized.set_weight(weight, qparams)
+    return stages
+
+
 @torch.no_grad()
 def quantize_layer(
     layer: nn.Module,
@@ -270,6 +328,7 @@ def quantize_layer(
     plan: QuantPlan,
     inputs: LayerInputs,
     smoothing: Smoothing | None = None,
+    gptq: GPTQOptions | None = None,
 ) -> tuple[list[torch.Tensor], dict]:
     """Transform and quantize one decoder layer in place; return its outputs and its manifest row.
 
@@ -315,6 +374,8 @@ def quantize_layer(
     for rel, (_, quantized) in linears.items():
         quantized.stop_observing()
         _swap(layer, rel, quantized)
+    if gptq is not None:
+        row["gptq_stages"] = _gptq_layer(layer, linears, inputs, prefix, gptq)
     quant_out = run_layer(layer, inputs, prefix) if (linears or kv_spec is not None) else float_out
     row["output_error"] = _relative_error(float_out, quant_out)
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()}
@@ -383,7 +444,8 @@ def quantize(
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
     t1 = time.perf_counter()
     for index in bar:
-        outputs, row = quantize_layer(layers[index], index, model_map, plan, inputs, smoothing)
+        gptq = recipe.gptq if recipe.algorithm == "gptq" else None
+        outputs, row = quantize_layer(layers[index], index, model_map, plan, inputs, smoothing, gptq)
         inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
         manifest.layers.append(row)
         bar.set_postfix(err=f"{row['output_error']:.4f}")

@@ -57,6 +57,15 @@ class Override(_Strict):
         return value
 
 
+class GPTQOptions(_Strict):
+    """GPTQ's knobs: columns per lazy-update block, dampening (share of the mean Hessian diagonal),
+    activation order (quantize the columns with the largest Hessian diagonal first; groups stay static)."""
+
+    block_size: int = Field(128, ge=1)
+    damp_ratio: float = Field(0.01, gt=0.0, le=1.0)
+    act_order: bool = False
+
+
 class PreOpt(_Strict):
     """A pre-optimization: ``smoothquant`` smooths every group (norm -> linears and linear -> linear),
     ``smooth_fc_fc`` only the linear -> linear ones; ``alpha`` in [0, 1] or ``"auto"`` (searched)."""
@@ -74,7 +83,8 @@ class PreOpt(_Strict):
 
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
-    algorithm: Literal["rtn", "awq"] = "rtn"
+    algorithm: Literal["rtn", "awq", "gptq"] = "rtn"
+    gptq: GPTQOptions = Field(default_factory=lambda: GPTQOptions())
     group_size: int | None = None
     kv_cache: str | None = None
     weight_observer: ObserverName | None = None
