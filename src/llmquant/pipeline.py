@@ -106,15 +106,51 @@ def _layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+BATCH = 8  # calibration samples per layer forward: about 2x faster than one at a time on a CPU
+
+
+def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
+    """Whether the samples' kwargs are one and the same broadcastable set (equal-length windows)."""
+    first = kwargs[0]
+    for other in kwargs[1:]:
+        if other.keys() != first.keys():
+            return False
+        for key, value in first.items():
+            theirs = other[key]
+            values = value if isinstance(value, tuple) else (value,)
+            others = theirs if isinstance(theirs, tuple) else (theirs,)
+            for a, b in zip(values, others, strict=False):
+                if isinstance(a, torch.Tensor):
+                    if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.shape[:1] == (1,)
+                            and torch.equal(a, b)):
+                        return False
+                elif a != b:
+                    return False
+    return True
+
+
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, where: str) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | None = None) -> list[torch.Tensor]:
+    """The layer's outputs for every sample, ``batch`` (default `BATCH`) samples per forward when their
+    kwargs allow it."""
+    batch = BATCH if batch is None else batch
+    if batch > 1 and not _shared_kwargs(inputs.kwargs):
+        batch = 1
     outputs = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
-        out = _layer_output(layer(hidden, **kwargs))
+    for start in range(0, len(inputs.hidden), batch):
+        hidden = torch.cat(inputs.hidden[start : start + batch])
+        out = _layer_output(layer(hidden, **inputs.kwargs[start]))
         if not torch.isfinite(out).all():
             raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")
-        outputs.append(out)
+        outputs.extend(out.split(1))
     return outputs
+
+
+def _batch_invariant(plan: QuantPlan, prefix: str) -> bool:
+    """Whether the quantized layer computes each sample alone (no scale taken over a whole batch)."""
+    specs = [s.input_activations for n, s in plan.linears.items() if n.startswith(prefix + ".")]
+    specs += [s for n, s in plan.kv_cache.items() if n.startswith(prefix + ".")]
+    return not any(s is not None and s.dynamic and s.granularity == "tensor" for s in specs)
 
 
 class _InputObservers:
@@ -376,7 +412,8 @@ def quantize_layer(
         _swap(layer, rel, quantized)
     if gptq is not None:
         row["gptq_stages"] = _gptq_layer(layer, linears, inputs, prefix, gptq)
-    quant_out = run_layer(layer, inputs, prefix) if (linears or kv_spec is not None) else float_out
+    quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
+    quant_out = run_layer(layer, inputs, prefix, quantized_batch) if (linears or kv_spec is not None) else float_out
     row["output_error"] = _relative_error(float_out, quant_out)
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()}
     row["seconds"] = time.perf_counter() - start

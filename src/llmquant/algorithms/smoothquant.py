@@ -171,7 +171,7 @@ class GroupStatsCollector:
             self.absmax[index] = current if previous is None else torch.maximum(previous, current)
             self.abssum[index] = self.abssum.get(index, 0) + x.abs().sum(dim=0)
             self.count[index] = self.count.get(index, 0) + x.shape[0]
-            keep = torch.randperm(x.shape[0], generator=self.generator)[: self.max_tokens // 8]
+            keep = torch.randperm(x.shape[0], generator=self.generator)[: self.max_tokens]
             self.tokens[index].append(x[keep])
 
         return record
