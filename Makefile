@@ -4,6 +4,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
 SCHEME  ?= w_int8_per_channel_a_int8_per_token_dynamic
+PREOPT  ?= --pre-opt smoothquant --alpha 0.5
 OUT     ?= out/$(SCHEME)
 
 .PHONY: setup run test test-fast lint bench clean
@@ -20,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup  ## quantize the default model and print float vs quantized perplexity
-	$(VENV)/bin/llmquant quantize --scheme $(SCHEME) --output $(OUT)
+	$(VENV)/bin/llmquant quantize --scheme $(SCHEME) $(PREOPT) --output $(OUT)
 
 test: setup  ## the whole suite (unit tests on tiny models + one short real-model smoke test)
 	$(VENV)/bin/pytest
