@@ -1,118 +1,233 @@
 """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
 Transformers"): quantize a Linear's weight column by column, each rounding error compensated on the
-columns not yet quantized through the inverse Hessian of the layer's reconstruction loss.
+columns not yet quantized through the inverse Hessian of the layer's reconstruction loss ||X W^T - X Q^T||^2.
 
-    H = 2 X X^T / N  (X: the Linear's calibration inputs, N tokens),  H += damp * mean(diag H) * I
-    U = chol(H^-1)^T (upper);  for column j:  q_j = Q(w_j),  e = (w_j - q_j) / U_jj,
-    w_{j+1:} -= e U_{j, j+1:}   (lazily, per block of `block_size` columns)
+    H = 2/N sum_t x_t x_t^T       (N calibration tokens; `HessianAccumulator`)
+    dead inputs (H_ii = 0): H_ii = 1, W[:, i] = 0
+    H += damp_ratio * mean(diag H) * I
+    optional activation order: sweep the columns by descending diag H
+    U = chol(H^-1), upper;  for column j:  q_j = Q(w_j),  e_j = (w_j - q_j) / U_jj,  w_{j+1:} -= e_j U_{j, j+1:}
+    loss = sum_j (w_j - q_j)^2 / (2 U_jj^2)
 
-Quantization parameters: per tensor or channel, from the whole weight before any update; per group,
-from each group's current (already updated) weights when the sweep reaches its first column, or, with
-activation order, from the original weights up front ("static groups"), so that the groups stay the
-contiguous input slices a checkpoint stores. Maths in float32 (the Hessian in float64).
+The update of the columns after the current block of ``block_size`` columns is applied lazily, once per
+block (the paper's "lazy batch updates"), which is exact: it only regroups the same sums.
+
+Quantization parameters (from the spec's observer, `observe_once`):
+
+- per tensor or per channel: once, from the whole weight before the sweep;
+- per group, plain order: each group's from its current weights (those already corrected by the
+  columns quantized before it) when the sweep reaches the group's first column;
+- per group, ``static_groups=True``: every group's from the original weights, up front. With activation
+  order this keeps each group a contiguous slice of the inputs with one scale, which is what a
+  checkpoint stores and a kernel serves; activation order with non-static groups (the reference's
+  permuted groups, which need a ``g_idx``) is refused.
+
+Precision: the Hessian, its dampening and the Cholesky factorizations in float64; the column sweep in
+float32 (as in the reference implementation); the result is cast back to the weight's dtype.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from llmquant.errors import LlmquantError
-from llmquant.quant import QuantSpec, qparams_for
-from llmquant.quant.primitives import quantize_blocks
+from llmquant.quant.observers import observe_once
+from llmquant.quant.primitives import dequantize, quantize_blocks
+from llmquant.quant.spec import QuantSpec
+
+DAMP_RETRIES = 3  # on a failed Cholesky, retry with 10x, 100x, 1000x the dampening
+
+
+class HessianAccumulator:
+    """H = 2/N sum x x^T over the N tokens seen by `add_batch`, in float64, as a running mean."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.tokens = 0
+        self._hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add the tokens of ``x`` ``[..., in_features]``: rescale the old mean, add the new terms."""
+        if x.shape[-1] != self.in_features:
+            raise LlmquantError(f"GPTQ: input has {x.shape[-1]} features, the Linear has {self.in_features}")
+        rows = x.detach().reshape(-1, self.in_features).to(self._hessian.device, torch.float64)
+        if rows.shape[0] == 0:
+            return
+        self._hessian *= self.tokens / (self.tokens + rows.shape[0])
+        self.tokens += rows.shape[0]
+        rows = rows * math.sqrt(2.0 / self.tokens)
+        self._hessian += rows.T @ rows
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self._hessian
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """The quantized weight: ``weight == dequantize(codes, scale, zero, spec)`` (cast to the input dtype).
+
+    ``scale`` and ``zero`` have the block-view shape of `to_blocks`: ``[1, 1]`` per tensor, ``[out, 1]``
+    per channel, ``[out * in / g, 1]`` per group (row r, group j at index ``r * in / g + j``).
+    ``codes`` is ``[out, in]`` int8 (uint8 for unsigned 8 bits); ``error`` is the summed GPTQ loss.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    codes: torch.Tensor
+    error: float
+
+
+@torch.no_grad()
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int = 128,
+    damp_ratio: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``[in, in]`` of its inputs."""
+    rows, columns = _check(weight, hessian, spec, block_size, act_order, static_groups)
+    group = spec.group_size if spec.granularity == "group" else None
+
+    w = weight.detach().float().clone()
+    h = hessian.detach().to(w.device, torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    if group is None:  # one scale per tensor or per row, from the whole weight
+        scale, zero = observe_once(w, spec)
+    elif static_groups:  # every group's scale from the original weights
+        scales, zeros = (t.reshape(rows, columns // group) for t in observe_once(w, spec))
+    else:  # filled in as the sweep reaches each group
+        scales = torch.zeros(rows, columns // group, device=w.device)
+        zeros = torch.zeros_like(scales)
+
+    perm = torch.arange(columns, device=w.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True, stable=True)
+        w, h = w[:, perm], h[perm][:, perm]
+
+    hinv = _inverse_hessian_cholesky(h, damp_ratio).float()  # upper factor of the dampened H^-1
+
+    codes = torch.zeros_like(w)
+    losses = torch.zeros_like(w)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group is not None:
+                g = int(perm[j]) // group
+                if not static_groups and j % group == 0:
+                    current = _current_columns(w, w1, err1, hinv, i1, i, group)
+                    s, z = observe_once(current, spec)
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+                scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
+            col = w1[:, i : i + 1]
+            d = hinv1[i, i]
+            c = quantize_blocks(col, scale, zero, spec)
+            q = (c - zero) * scale
+            codes[:, j] = c[:, 0]
+            losses[:, j] = ((col - q) ** 2 / d**2 / 2)[:, 0]
+            err = (col - q) / d
+            w1[:, i:] -= err @ hinv1[i : i + 1, i:]
+            err1[:, i] = err[:, 0]
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
+
+    codes = codes[:, torch.argsort(perm)]
+    if group is not None:
+        scale, zero = scales.reshape(-1, 1), zeros.reshape(-1, 1)
+    code_dtype = torch.uint8 if (not spec.symmetric and spec.bits == 8) else torch.int8
+    codes = codes.to(code_dtype)
+    dequantized = dequantize(codes, scale, zero, spec)
+    return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(losses.sum()))
+
+
+def _check(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, act_order: bool, static_groups: bool
+) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise LlmquantError(f"GPTQ quantizes a 2-D weight [out, in], got shape {tuple(weight.shape)}")
+    rows, columns = weight.shape
+    if tuple(hessian.shape) != (columns, columns):
+        raise LlmquantError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match in_features {columns}")
+    if spec.granularity == "token":
+        raise LlmquantError("GPTQ quantizes weights: granularity must be tensor, channel or group, not token")
+    if block_size < 1:
+        raise LlmquantError(f"GPTQ: block_size must be >= 1, got {block_size}")
+    if spec.granularity == "group":
+        assert spec.group_size is not None  # guaranteed by QuantSpec validation
+        if columns % spec.group_size:
+            raise LlmquantError(f"GPTQ: group_size {spec.group_size} does not divide in_features {columns}")
+        if act_order and not static_groups:
+            raise LlmquantError("GPTQ: act_order with group granularity needs static_groups=True")
+    return rows, columns
+
+
+def _current_columns(
+    w: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, hinv: torch.Tensor, i1: int, i: int, count: int
+) -> torch.Tensor:
+    """Columns ``i1 + i ..`` (``count`` of them) with every update from the columns quantized so far.
+
+    Inside the current block they are ``w1``; after it, ``w`` still lacks this block's pending update.
+    """
+    j, i2 = i1 + i, i1 + w1.shape[1]
+    inside = w1[:, i : i + count]
+    if j + count <= i2:
+        return inside
+    outside = w[:, i2 : j + count] - err1[:, :i] @ hinv[i1:j, i2 : j + count]
+    return torch.cat([inside, outside], dim=1)
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; on failure retry with 10x the damp."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = torch.diag(h).mean()
+    damp = damp_ratio
+    for attempt in range(DAMP_RETRIES + 1):
+        damp = damp_ratio * 10**attempt
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean_diag * eye)
+        if info == 0 and torch.isfinite(lower).all():
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                return upper
+    raise LlmquantError(
+        f"GPTQ: the Hessian is not positive definite even with dampening {damp:g} x mean(diag H) "
+        f"(non-finite or degenerate calibration inputs?)"
+    )
 
 
 class GPTQ:
-    """The GPTQ state of one Linear: `add_batch` its inputs, then `quantize` its weight."""
+    """Adapter for `llmquant.pipeline`: ``GPTQ(weight)``, ``add_batch(x)``, then ``quantize(spec, ...)``
+    returns the quantized weight and its block-view ``(scale, zero)``; activation order uses static groups."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.detach()
-        self.columns = weight.shape[1]
-        self.hessian = torch.zeros(self.columns, self.columns, dtype=torch.float64)
-        self.tokens = 0
+        self.accumulator = HessianAccumulator(weight.shape[1], device=weight.device)
 
     def add_batch(self, x: torch.Tensor) -> None:
-        """Accumulate H = 2 X X^T / N over the tokens of ``x`` ``[..., in_features]`` (running mean)."""
-        rows = x.detach().reshape(-1, self.columns).double()
-        total = self.tokens + rows.shape[0]
-        self.hessian *= self.tokens / total
-        rows = rows * (2.0 / total) ** 0.5
-        self.hessian += rows.T @ rows
-        self.tokens = total
+        self.accumulator.add_batch(x)
 
     def quantize(
         self, spec: QuantSpec, block_size: int = 128, damp_ratio: float = 0.01, act_order: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The quantized weight (dequantized values, on the grid) and its block-view qparams."""
-        if self.tokens == 0:
+        if self.accumulator.tokens == 0:
             raise LlmquantError("GPTQ saw no calibration inputs for this Linear")
-        weight = self.weight.float().clone()
-        hessian = self.hessian.clone()
-        dead = torch.diag(hessian) == 0
-        hessian[dead, dead] = 1.0
-        weight[:, dead] = 0.0
-        group = spec.group_size if spec.granularity == "group" else None
-        if group is not None and self.columns % group:
-            raise LlmquantError(f"group_size {group} does not divide in_features {self.columns}")
-        static = _group_qparams(weight, spec) if group is not None and act_order else None
-        whole = qparams_for(weight, spec) if group is None else None
-        order = torch.argsort(torch.diag(hessian), descending=True) if act_order else torch.arange(self.columns)
-        weight, hessian = weight[:, order], hessian[order][:, order]
-        upper = _inverse_cholesky(hessian, damp_ratio)
-        quantized = torch.zeros_like(weight)
-        scales = torch.zeros(weight.shape[0], self.columns // group if group else 1)
-        zeros = torch.zeros_like(scales)
-        for start in range(0, self.columns, block_size):
-            end = min(start + block_size, self.columns)
-            block, errors = weight[:, start:end].clone(), torch.zeros(weight.shape[0], end - start)
-            inverse = upper[start:end, start:end]
-            for i in range(end - start):
-                column = start + i
-                if group is not None:
-                    g = int(order[column]) // group
-                    if static is not None:
-                        scales[:, g], zeros[:, g] = static[0][:, g], static[1][:, g]
-                    elif column % group == 0:
-                        current = torch.cat([block[:, i:], weight[:, end:]], dim=1)[:, :group]
-                        scale, zero = qparams_for(current, spec.model_copy(update={"granularity": "channel",
-                                                                                 "group_size": None}))
-                        scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
-                    scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
-                else:
-                    scale, zero = _row_qparams(whole, weight.shape[0])
-                w = block[:, i : i + 1]
-                q = (quantize_blocks(w, scale, zero, spec) - zero) * scale
-                quantized[:, column] = q[:, 0]
-                error = (w - q) / inverse[i, i]
-                block[:, i:] -= error @ inverse[i : i + 1, i:]
-                errors[:, i] = error[:, 0]
-            weight[:, end:] -= errors @ upper[start:end, end:]
-        quantized = quantized[:, torch.argsort(order)]
-        if group is None:
-            return quantized.to(self.weight.dtype), whole  # type: ignore[return-value]
-        return quantized.to(self.weight.dtype), (scales.reshape(-1, 1), zeros.reshape(-1, 1))
+        result = gptq_quantize(
+            self.weight, self.accumulator.hessian, spec, block_size, damp_ratio, act_order, static_groups=act_order
+        )
+        return result.weight, (result.scale, result.zero)
 
 
-def _group_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    scale, zero = qparams_for(weight, spec)
-    rows = weight.shape[0]
-    return scale.reshape(rows, -1), zero.reshape(rows, -1)
-
-
-def _row_qparams(whole: tuple[torch.Tensor, torch.Tensor] | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    assert whole is not None
-    scale, zero = whole
-    return scale.expand(rows, 1), zero.expand(rows, 1)
-
-
-def _inverse_cholesky(hessian: torch.Tensor, damp_ratio: float) -> torch.Tensor:
-    """Upper Cholesky factor of the dampened H^-1; retries with 10x dampening, three times."""
-    mean_diag = float(torch.diag(hessian).mean())
-    for attempt in range(4):
-        damped = hessian + torch.eye(hessian.shape[0], dtype=hessian.dtype) * damp_ratio * 10**attempt * mean_diag
-        try:
-            lower = torch.linalg.cholesky(damped)
-            inverse = torch.cholesky_inverse(lower)
-            return torch.linalg.cholesky(inverse, upper=True).float()
-        except torch.linalg.LinAlgError:
-            continue
-    raise LlmquantError("GPTQ: the Hessian is not positive definite even with 1000x dampening")
+__all__ = ["GPTQ", "GPTQResult", "HessianAccumulator", "gptq_quantize"]
