@@ -55,8 +55,13 @@ def test_recipe_file_gives_the_same_model_as_the_flags(tiny_dir: Path, tmp_path:
 
 def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["detect", "--model", str(tiny_dir)]) == 0
-    found = json.loads(capsys.readouterr().out)["model_map"]
+    printed = json.loads(capsys.readouterr().out)
+    found = printed["model_map"]
     assert found["decoder_layers"] == "model.layers" and "mlp.down_proj" in found["linears"]
+    plan = {row["rotation"]: row for row in printed["rotation_plan"]}  # hidden 64, head_dim 16, mlp 128
+    assert [plan[r]["size"] for r in ("R1", "R2", "R3", "R4")] == [64, 16, 16, 128]
+    assert all(row["applies"] for row in plan.values()) and plan["R4"]["targets"] == ["mlp.down_proj"]
+    assert plan["R4"]["online_flops_per_token"] == 128 * 7 and "construction" in plan["R1"]
 
 
 @pytest.mark.parametrize(
@@ -153,4 +158,4 @@ def test_layer_map_from_detect_gives_the_same_model_as_detection(
 
     layer_map.write_text('{"groups": []}')
     assert main([*common, "--layer-map", str(layer_map), "--output", str(tmp_path / "c")]) == 2
-    assert "unknown keys ['groups']; allowed: model_map, smooth_groups" in _error_line(capsys)
+    assert "unknown keys ['groups']; allowed: model_map, rotation_plan, smooth_groups" in _error_line(capsys)

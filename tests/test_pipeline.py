@@ -173,11 +173,12 @@ def test_manifest_records_plan_errors_and_timings(calib_ids: torch.Tensor) -> No
 def test_batched_layer_passes_give_the_model_of_one_sample_at_a_time(
     family: str, recipe: dict, calib_ids: torch.Tensor, eval_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llmquant import pipeline
+    from llmquant.pipeline import engine, layer_io
 
     results = []
     for batch in (1, 3):
-        monkeypatch.setattr(pipeline, "BATCH", batch)
+        monkeypatch.setattr(layer_io, "BATCH", batch)
+        monkeypatch.setattr(engine, "BATCH", batch)
         model = make_model(family)
         reference = logits(model, eval_ids)
         llmquant.quantize(model, recipe, calib=calib_ids, progress=False)

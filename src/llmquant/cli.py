@@ -28,14 +28,23 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     if args.ignore is not None:
         fields["ignore"] = args.ignore
     if args.layer_map is not None:
-        groups = _read_layer_map(args.layer_map).get("smooth_groups")
-        if groups is not None:
-            fields["smooth_groups"] = groups
+        layer_map = _read_layer_map(args.layer_map)
+        if layer_map.get("name") == "quarot":  # seed 003's QuaRot map: a quarot pre-optimization as it is
+            fields["pre_opts"] = [p for p in fields["pre_opts"] if p["name"] != "quarot"] + [layer_map]
+        elif layer_map.get("smooth_groups") is not None:
+            fields["smooth_groups"] = layer_map["smooth_groups"]
     if args.pre_opt:
         alpha = _alpha(args.alpha) if args.alpha is not None else 0.5
-        fields["pre_opts"] = [{"name": name, "alpha": alpha} for name in args.pre_opt]
+        fields["pre_opts"] = [{"name": name} if name == "quarot" else {"name": name, "alpha": alpha}
+                              for name in args.pre_opt]
     elif args.alpha is not None:
-        fields["pre_opts"] = [{**p, "alpha": _alpha(args.alpha)} for p in fields["pre_opts"]]
+        fields["pre_opts"] = [p if p["name"] == "quarot" else {**p, "alpha": _alpha(args.alpha)}
+                              for p in fields["pre_opts"]]
+    if args.rotations is not None:
+        quarot = [p for p in fields["pre_opts"] if p["name"] == "quarot"]
+        if not quarot:
+            raise LlmquantError("--rotations needs --pre-opt quarot (or a quarot pre_opt in the recipe)")
+        quarot[0]["rotations"] = [r.strip().upper() for r in args.rotations.split(",") if r.strip()]
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
@@ -48,9 +57,13 @@ def _read_layer_map(path: str) -> dict[str, Any]:
         found = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise LlmquantError(f"cannot read layer map {path}: {err}") from None
-    unknown = set(found) - {"model_map", "smooth_groups"} if isinstance(found, dict) else {"<not an object>"}
+    if isinstance(found, dict) and found.get("name") == "quarot":
+        return found  # validated as a quarot pre-optimization by the recipe
+    known = {"model_map", "smooth_groups", "rotation_plan"}  # rotation_plan: printed by detect, not read back
+    unknown = set(found) - known if isinstance(found, dict) else {"<not an object>"}
     if unknown:
-        raise LlmquantError(f"layer map {path}: unknown keys {sorted(unknown)}; allowed: model_map, smooth_groups")
+        raise LlmquantError(f"layer map {path}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(known))} "
+                            "or seed 003's quarot map")
     return found
 
 
@@ -162,14 +175,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
     import torch
 
     import llmquant
+    from llmquant.algorithms.quarot import QuaRotConfig
     from llmquant.model.model_map import detect_model_map
     from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
+    from llmquant.pipeline.rotation import plan_rotations
 
     model, _ = llmquant.load(args.model)
     model_map = detect_model_map(model)
     sample = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     groups = find_smooth_groups(model, model_map, capture_layer_inputs(model, model_map, sample))
-    found = {"model_map": model_map.to_dict(), "smooth_groups": [g.to_dict() for g in groups]}
+    rotations = plan_rotations(model, model_map, QuaRotConfig(), sample)
+    found = {"model_map": model_map.to_dict(), "smooth_groups": [g.to_dict() for g in groups],
+             "rotation_plan": rotations.describe()}
     print(json.dumps(found, indent=2))
     return 0
 
@@ -194,13 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     q.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
     q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
-    q.add_argument("--pre-opt", action="append", default=None, help="smoothquant | smooth_fc_fc (repeatable)")
+    q.add_argument("--pre-opt", action="append", default=None,
+                   help="smoothquant | smooth_fc_fc | quarot (repeatable; quarot runs first)")
+    q.add_argument("--rotations", default=None, help="QuaRot rotations, comma separated (default R1,R2,R3,R4)")
     q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")
     q.add_argument("--calib-samples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
-    q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, to override what is found")
+    q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, or seed 003's quarot map")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
     q.add_argument("--output", required=True, help="directory for the checkpoint")
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import nn
 
+from llmquant.algorithms.quarot import QuaRotConfig
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 from llmquant.model.targets import matches_any
@@ -67,8 +68,8 @@ class GPTQOptions(_Strict):
 
 
 class PreOpt(_Strict):
-    """A pre-optimization: ``smoothquant`` smooths every group (norm -> linears and linear -> linear),
-    ``smooth_fc_fc`` only the linear -> linear ones; ``alpha`` in [0, 1] or ``"auto"`` (searched)."""
+    """A smoothing pre-optimization: ``smoothquant`` smooths every group (norm -> linears and linear ->
+    linear), ``smooth_fc_fc`` only the linear -> linear ones; ``alpha`` in [0, 1] or ``"auto"`` (searched)."""
 
     name: Literal["smoothquant", "smooth_fc_fc"]
     alpha: float | Literal["auto"] = 0.5
@@ -81,6 +82,47 @@ class PreOpt(_Strict):
         return value
 
 
+class QuaRotPreOpt(_Strict):
+    """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R4 (default all four);
+    ``online_had: false`` (seed 003's ``"online-had"``) keeps only the offline R1 and R2. ``randomize``
+    puts seeded random signs on the offline Hadamards; ``fallback`` is what a size without a Hadamard
+    matrix gets (a seeded random orthogonal matrix, a block-diagonal Hadamard, or no rotation).
+
+    Seed 003's layer-map keys are accepted as they are: ``backbone`` (checked), ``model_decoder_layers``
+    and ``self_attn`` (they replace the found decoder layers and attention), ``v_proj`` and ``o_proj``
+    (the value path R2 rotates, relative to a decoder layer)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    name: Literal["quarot"]
+    rotations: list[Literal["R1", "R2", "R3", "R4"]] = Field(default_factory=lambda: ["R1", "R2", "R3", "R4"])
+    online_had: bool = Field(True, alias="online-had")
+    randomize: bool = True
+    seed: int = 0
+    fallback: Literal["random", "block_diagonal", "skip"] = "random"
+    backbone: str | None = None
+    model_decoder_layers: str | None = None
+    self_attn: str | None = None
+    v_proj: str | None = None
+    o_proj: str | None = None
+
+    def active_rotations(self) -> tuple[str, ...]:
+        online = ("R3", "R4")
+        return tuple(r for r in self.rotations if self.online_had or r not in online)
+
+    def config(self) -> QuaRotConfig:
+        return QuaRotConfig(rotations=self.active_rotations(), randomize=self.randomize, seed=self.seed,
+                            fallback=self.fallback, value_path=self.value_path())
+
+    def value_path(self) -> tuple[str, str] | None:
+        if (self.v_proj is None) != (self.o_proj is None):
+            raise LlmquantError("the quarot layer map needs both v_proj and o_proj, or neither")
+        return (self.v_proj, self.o_proj) if self.v_proj is not None and self.o_proj is not None else None
+
+
+AnyPreOpt = Annotated[PreOpt | QuaRotPreOpt, Field(discriminator="name")]
+
+
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
     algorithm: Literal["rtn", "awq", "gptq"] = "rtn"
@@ -89,7 +131,7 @@ class Recipe(_Strict):
     kv_cache: str | None = None
     weight_observer: ObserverName | None = None
     activation_observer: ObserverName | None = None
-    pre_opts: list[PreOpt] = Field(default_factory=list)
+    pre_opts: list[AnyPreOpt] = Field(default_factory=list)
     smooth_groups: list[dict[str, Any]] | None = None  # a hand-written map replacing the detected groups
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[Override] = Field(default_factory=list)
@@ -113,6 +155,13 @@ class Recipe(_Strict):
         if value is not None and value != -1 and value < 2:
             raise ValueError(f"group_size must be >= 2, or -1 for per channel; got {value}")
         return value
+
+    def quarot(self) -> QuaRotPreOpt | None:
+        """The recipe's QuaRot pre-optimization, if any (at most one)."""
+        found = [p for p in self.pre_opts if isinstance(p, QuaRotPreOpt)]
+        if len(found) > 1:
+            raise LlmquantError("a recipe takes at most one quarot pre-optimization")
+        return found[0] if found else None
 
     # --- construction that turns every validation problem into one line ----------------------
     @classmethod

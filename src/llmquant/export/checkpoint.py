@@ -3,7 +3,9 @@
 A directory holds ``config.json`` (with ``quantization_config``: ``quant_method: compressed-tensors``,
 ``format``, ``config_groups``, ``ignore``, ``kv_cache_scheme``), ``model.safetensors`` (integer
 ``weight`` codes, ``weight_scale``, ``weight_zero_point``, ``input_scale``, attention ``k_scale`` and
-``v_scale``), the tokenizer, and ``llmquant.json`` (the manifest of the run).
+``v_scale``), the tokenizer, and ``llmquant.json`` (the manifest of the run). A rotated model also
+records in ``config.json``'s ``llmquant_structure`` what its architecture class does not say (online
+rotations, RMSNorms that replaced LayerNorms); `load_quantized` rebuilds them.
 
 Asymmetric codes are stored signed as compressed-tensors expects (q - 2^(b-1), zero - 2^(b-1)); the
 dequantized values are unchanged. Writing goes to a temporary sibling directory renamed into place at
@@ -16,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,14 @@ from llmquant.errors import LlmquantError
 from llmquant.model.model_map import detect_model_map
 from llmquant.model.targets import matches_any
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
+from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation, input_rotation_of
 from llmquant.nn.quant_linear import QuantLinear
+from llmquant.quant.rotation import Rotation
 from llmquant.quant.scheme import Scheme
 from llmquant.quant.spec import QuantSpec
 
 MANIFEST = "llmquant.json"
+STRUCTURE = "llmquant_structure"  # config.json key: what rotations added to the architecture
 WEIGHTS = "model.safetensors"
 _KV_PREFIX = "kv_cache_quantizer."
 
@@ -148,6 +154,9 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifes
         qconfig = quantization_config(model)
         if qconfig is not None:
             config["quantization_config"] = qconfig
+        structure = model_structure(model)
+        if structure:
+            config[STRUCTURE] = structure
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         save_file(_stored_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -173,11 +182,52 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 # --- read ---------------------------------------------------------------------------------------
 def is_quantized_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a checkpoint only llmquant's reader rebuilds exactly: quantized, or
+    with rotations (online Hadamards, RMSNorms in place of LayerNorms) recorded in its config."""
     config = directory / "config.json"
     if not config.exists():
         return False
-    qconfig = json.loads(config.read_text()).get("quantization_config") or {}
-    return qconfig.get("quant_method") == "compressed-tensors"
+    found = json.loads(config.read_text())
+    qconfig = found.get("quantization_config") or {}
+    return qconfig.get("quant_method") == "compressed-tensors" or STRUCTURE in found
+
+
+# --- structure that rotations add (QuaRot) ------------------------------------------------------
+def model_structure(model: nn.Module) -> dict[str, Any]:
+    """What the model's architecture class does not say: online rotations in front of Linears (R4)
+    and on queries and keys (R3), and RMSNorms that replaced LayerNorms (R1 on a LayerNorm model)."""
+    structure: dict[str, Any] = {}
+    inputs = {n: asdict(r) for n, m in model.named_modules() if (r := input_rotation_of(m)) is not None}
+    qk = {n: asdict(m.qk_rotation.rotation) for n, m in model.named_modules()
+          if isinstance(getattr(m, "qk_rotation", None), OnlineRotation)}
+    norms = {n: m.eps for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+    for key, value in (("input_rotations", inputs), ("qk_rotations", qk), ("rms_norms", norms)):
+        if value:
+            structure[key] = value
+    return structure
+
+
+def _apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
+    for name, eps in structure.get("rms_norms", {}).items():
+        norm = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, RMSNorm(norm.weight.shape[0], eps))
+    for name, rotation in structure.get("input_rotations", {}).items():
+        attach_input_rotation(model.get_submodule(name), Rotation(**rotation))
+    for name, rotation in structure.get("qk_rotations", {}).items():
+        model.get_submodule(name).qk_rotation = OnlineRotation(Rotation(**rotation))
+    if structure.get("qk_rotations"):
+        enable_kv_quantization(model)
+
+
+def _add_missing_biases(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """A Linear whose bias the checkpoint holds but the architecture lacks (a LayerNorm's bias folded
+    into the head by R1) gets one."""
+    for key, value in tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if leaf == "bias" and isinstance(module, (nn.Linear, QuantLinear)) and module.bias is None:
+            module.bias = nn.Parameter(torch.zeros_like(value, dtype=torch.float32), requires_grad=False)
 
 
 def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) -> None:
@@ -208,12 +258,17 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
     """Rebuild the model a `save` wrote: same modules, same tensors, same logits."""
     directory = Path(directory)
     config = AutoConfig.from_pretrained(directory)
-    raw = config.quantization_config
-    del config.quantization_config
-    qconfig = QuantizationConfig.model_validate(raw)
+    raw = getattr(config, "quantization_config", None)
+    structure = getattr(config, STRUCTURE, None) or {}
+    for key in ("quantization_config", STRUCTURE):
+        if hasattr(config, key):
+            delattr(config, key)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _apply_quantization_config(model, qconfig)
+    if raw is not None:
+        _apply_quantization_config(model, QuantizationConfig.model_validate(raw))
+    _apply_structure(model, structure)
     tensors = load_file(str(directory / WEIGHTS))
+    _add_missing_biases(model, tensors)
     missing, unexpected = model.load_state_dict(_state_dict_from_stored(model, tensors), strict=False)
     model.tie_weights()
     real_missing = [k for k in missing if not _is_tied(model, k)]

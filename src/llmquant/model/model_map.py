@@ -105,3 +105,15 @@ def detect_model_map(model: nn.Module) -> ModelMap:
         final_norm=norms[-1] if norms else None,
         lm_head=_name_of(model, get_head() if get_head else None),
     )
+
+
+def untie_head(model: nn.Module, model_map: ModelMap) -> None:
+    """Give the head its own copy of an embedding table it shares, so either can change alone."""
+    if model_map.lm_head is None:
+        return
+    head = model.get_submodule(model_map.lm_head)
+    for emb_name in model_map.embeddings:
+        emb = model.get_submodule(emb_name)
+        if emb.weight is head.weight:
+            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False

@@ -1,4 +1,4 @@
-"""Smoothing patterns found from the model's function, not from a table of names.
+"""Smoothing and rotation patterns found from the model's function, not from a table of names.
 
 A *smoothing group* is a producer (a norm, or a Linear) and the Linears that read its output channel
 for channel, so that dividing the producer's output channel j by s_j and multiplying the readers'
@@ -14,10 +14,22 @@ of the layer (every tensor a module produced and every tensor a module read):
   it shares under grouped-query attention) or an elementwise product (v -> o, up -> down, fc1 -> relu
   -> fc2). The check runs the layer again with A perturbed, so a path through a softmax, a RoPE or a
   non-homogeneous activation (q -> o, gate -> down) is rejected because it does not scale.
+
+Rotation patterns (QuaRot) are observed the same way:
+
+- `norm_kind`: whether a norm computes w * x / rms(x) (+ b) ("rms") or w * (x - mean) / std + b
+  ("layer"), the two forms whose weight folds into the Linears reading them;
+- `residual_writers`: the Linears whose output is added unchanged to the layer's output (o_proj,
+  down_proj, OPT's out_proj and fc2), and whether the layer's output is exactly its input plus their
+  outputs (the residual stream R1 rotates);
+- `rotation_pairs`: Linear A -> Linear B where rotating A's output head by head (an orthogonal matrix
+  of head_dim on each head) rotates B's input the same way: the value path v_proj -> o_proj, which R2
+  rotates (up -> down fails: the gating product does not commute with a rotation).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -104,21 +116,55 @@ def _record(layer: nn.Module, run: Any) -> tuple[dict[str, torch.Tensor], dict[s
     return inputs, outputs
 
 
-def _scales_through(layer: nn.Module, run: Any, producer: nn.Linear, reader: str, group: SmoothGroup,
-                    before: torch.Tensor) -> bool:
-    scale = torch.rand(producer.out_features, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+def _passes_through(
+    layer: nn.Module,
+    run: Any,
+    producer: nn.Linear,
+    reader: str,
+    change: Callable[[torch.Tensor], torch.Tensor],
+    expected: Callable[[torch.Tensor], torch.Tensor],
+    before: torch.Tensor,
+) -> bool:
+    """Whether changing the producer's output by the linear map ``change`` (on its last dimension) changes
+    the reader's input exactly to ``expected(before)``: the producer's weight and bias are changed, the
+    layer is run again, and everything is restored."""
     saved_w, saved_b = producer.weight.data.clone(), None if producer.bias is None else producer.bias.data.clone()
-    producer.weight.data.mul_(scale[:, None])
+    producer.weight.data = change(producer.weight.data.T).T.contiguous()
     if producer.bias is not None:
-        producer.bias.data.mul_(scale)
+        producer.bias.data = change(producer.bias.data)
     try:
         after, _ = _record(layer, run)
     finally:
-        producer.weight.data.copy_(saved_w)
+        producer.weight.data = saved_w
         if saved_b is not None:
-            producer.bias.data.copy_(saved_b)
-    expected = before * expand_channels(scale, group)
-    return torch.allclose(after[reader], expected, rtol=1e-3, atol=1e-5 * float(before.abs().max()))
+            producer.bias.data = saved_b
+    reference = expected(before)
+    return torch.allclose(after[reader], reference, rtol=1e-3, atol=1e-5 * float(reference.abs().max()))
+
+
+def _scales_through(layer: nn.Module, run: Any, producer: nn.Linear, reader: str, group: SmoothGroup,
+                    before: torch.Tensor) -> bool:
+    scale = torch.rand(producer.out_features, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+    expanded = expand_channels(scale, group)
+    return _passes_through(layer, run, producer, reader, lambda t: t * scale, lambda t: t * expanded, before)
+
+
+def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> list[SmoothGroup]:
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
+    groups = []
+    for name, out in outputs.items():
+        if not _is_norm(modules[name]):
+            continue
+        readers = tuple(n for n in linears if inputs[n] is out)
+        if readers:
+            groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers))
+    return groups
+
+
+def norm_groups(layer: nn.Module, run: Any) -> list[SmoothGroup]:
+    """Each norm of one decoder layer and the Linears reading its output (the groups R1 fuses)."""
+    inputs, outputs = _record(layer, run)
+    return _norm_groups(dict(layer.named_modules()), inputs, outputs)
 
 
 def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where: str) -> list[SmoothGroup]:
@@ -126,13 +172,7 @@ def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where
     inputs, outputs = _record(layer, run)
     modules = dict(layer.named_modules())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
-    groups: list[SmoothGroup] = []
-    for name, out in outputs.items():
-        if not _is_norm(modules[name]):
-            continue
-        readers = tuple(n for n in linears if inputs[n] is out)
-        if readers:
-            groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers))
+    groups = _norm_groups(modules, inputs, outputs)
     for a in linears:
         producer = modules[a]
         for b in linears:
@@ -148,3 +188,123 @@ def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where
     if not groups:
         raise LlmquantError(f"{where}: no smoothing pattern (norm -> linear or linear -> linear) was found")
     return groups
+
+
+# --- rotation patterns ------------------------------------------------------------------------------
+NormKind = str  # "rms" | "layer"
+
+
+def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:
+    """"rms" if ``norm(x) == w * x / rms(x)``, "layer" if ``== w * (x - mean) / std + b`` (on random x),
+    else None (e.g. a weight stored as an offset from one, w' = 1 + w)."""
+    x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)) * 3.0
+    weight = norm.weight.detach().float()
+    bias = getattr(norm, "bias", None)
+    bias = torch.zeros(hidden) if bias is None else bias.detach().float()
+    with torch.no_grad():
+        y = norm(x).float()
+    centered = x - x.mean(-1, keepdim=True)
+    forms = {
+        "rms": weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)),
+        "layer": weight * centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True)) + bias,
+    }
+    if "rms" in forms and bias.abs().max() > 0:
+        forms.pop("rms")
+    for kind, reference in forms.items():
+        if torch.allclose(y, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max())):
+            return kind
+    return None
+
+
+def _layer_io(layer: nn.Module, run: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden-state input and output of one run of the layer."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+        seen["out"] = out[0] if isinstance(out, tuple) else out
+
+    handle = layer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen["in"], seen["out"]
+
+
+def _with_outputs(layer: nn.Module, replace_outputs: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                  run: Any) -> torch.Tensor:
+    """The layer's output when each named module's output ``out`` is replaced by ``replace(out)``."""
+    handles = [
+        layer.get_submodule(name).register_forward_hook(lambda _m, _a, out, fn=fn: fn(out))
+        for name, fn in replace_outputs.items()
+    ]
+    try:
+        return _layer_io(layer, run)[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class ResidualWriters:
+    """The Linears adding their output to the residual stream, and whether the layer is exactly
+    ``output = input + sum(their outputs)``; ``blockers`` names norms reading a Linear's output."""
+
+    linears: tuple[str, ...]
+    exact: bool
+    blockers: tuple[str, ...]
+
+
+def residual_writers(layer: nn.Module, run: Any, hidden: int) -> ResidualWriters:
+    """Find the residual writers of one decoder layer; ``run()`` runs it once on a sample input.
+
+    A Linear L of ``hidden`` outputs writes the stream when, with every other such Linear's output held
+    at its recorded value, a change of L's output appears unchanged in the layer's output (holding the
+    others stops the change from reaching the output through a later sub-layer as well)."""
+    x, y = _layer_io(layer, run)
+    inputs, outputs = _record(layer, run)
+    modules = dict(layer.named_modules())
+    candidates = [n for n in inputs if isinstance(modules[n], nn.Linear) and modules[n].out_features == hidden]
+    writers = []
+    for name in candidates:
+        delta = torch.randn(outputs[name].shape, generator=torch.Generator().manual_seed(1))
+        delta = delta * float(outputs[name].abs().mean().clamp(min=1e-3))
+        held = {other: (lambda _out, kept=outputs[other]: kept) for other in candidates if other != name}
+        changed = _with_outputs(layer, {**held, name: lambda out, delta=delta: out + delta}, run)
+        if torch.allclose(changed - y, delta, rtol=1e-3, atol=1e-4 * float(y.abs().max())):
+            writers.append(name)
+    without = _with_outputs(layer, dict.fromkeys(writers, torch.zeros_like), run) if writers else y
+    exact = bool(writers) and torch.allclose(without, x, rtol=1e-4, atol=1e-5 * float(x.abs().max()))
+    linear_outputs = [outputs[n] for n in inputs if isinstance(modules[n], nn.Linear)]
+    blockers = tuple(
+        n for n in inputs
+        if _is_norm(modules[n]) and any(inputs[n] is out for out in linear_outputs)
+    )
+    return ResidualWriters(tuple(writers), exact, blockers)
+
+
+def rotation_pairs(layer: nn.Module, run: Any, head_dim: int) -> list[SmoothGroup]:
+    """Linear -> Linear pairs through which a per-head rotation passes unchanged (R2's v -> o)."""
+    inputs, _ = _record(layer, run)
+    modules = dict(layer.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
+    q = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=torch.Generator().manual_seed(2)))[0]
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        return (t.reshape(*t.shape[:-1], -1, head_dim) @ q.to(t.dtype)).reshape(t.shape)
+
+    pairs = []
+    for a in linears:
+        producer = modules[a]
+        if producer.out_features % head_dim:
+            continue
+        for b in linears:
+            reader = modules[b]
+            if a == b or reader.in_features % producer.out_features:
+                continue
+            if _passes_through(layer, run, producer, b, per_head, per_head, inputs[b]):
+                repeat = reader.in_features // producer.out_features
+                pairs.append(SmoothGroup(a, "linear", (b,), repeat, head_dim))
+    return pairs

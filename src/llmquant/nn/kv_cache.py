@@ -1,10 +1,11 @@
 """INT8 KV cache: the keys and values an attention stores and reads are quantized.
 
 The quantizer sits where attention reads them: llmquant registers the attention implementation
-``llmquant_sdpa`` in transformers' `AttentionInterface`; it fake-quantizes the key and value states
-(after RoPE and after the cache update, i.e. exactly what the cache holds) with the attention module's
-`KVCacheQuantizer`, then runs transformers' sdpa attention. Modules without a
-quantizer run unchanged.
+``llmquant_sdpa`` in transformers' `AttentionInterface`. It receives the query, key and value states
+after RoPE and after the cache update (exactly what the cache holds); if the attention module has a
+``qk_rotation`` (QuaRot's online R3, an `OnlineRotation` over head_dim) it rotates queries and keys,
+which leaves q k^T unchanged; then it fake-quantizes keys and values with the module's
+`KVCacheQuantizer`, and runs transformers' sdpa attention. Modules with neither run unchanged.
 
 Granularity: ``tensor`` is one scale per layer for K and one for V (static: calibrated; dynamic: from
 the current tensor); ``token`` is one scale per (batch, kv head, position) over head_dim, dynamic.
@@ -13,6 +14,7 @@ Scale names follow compressed-tensors: ``k_scale`` and ``v_scale`` on the attent
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -63,27 +65,54 @@ class KVCacheQuantizer(nn.Module):
         )
 
 
+def _base_attention(module: nn.Module, base: str) -> Callable:
+    """The attention function llmquant's wraps: transformers' registered ones (sdpa, ...), or the
+    model's own ``eager_attention_forward`` (which may do more than plain attention, e.g. soft-capping)."""
+    if base == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
 def _quantizing_attention(base: str) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+        module._llmquant_attention_calls = getattr(module, "_llmquant_attention_calls", 0) + 1
+        rotation = getattr(module, "qk_rotation", None)
+        if rotation is not None:
+            query, key = rotation(query), rotation(key)
         quantizer = getattr(module, "kv_cache_quantizer", None)
         if quantizer is not None:
             key, value = quantizer(key, value)
-        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, **kwargs)
+        return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
 
     return attention
 
 
+WRAPPED = {"sdpa": QUANTIZED_ATTENTION, "eager": "llmquant_eager"}
+
+
 def _register() -> None:
-    AttentionInterface.register(QUANTIZED_ATTENTION, _quantizing_attention("sdpa"))
-    ALL_MASK_ATTENTION_FUNCTIONS.register(QUANTIZED_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    for base, name in WRAPPED.items():
+        AttentionInterface.register(name, _quantizing_attention(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
 _register()
 
 
 def enable_kv_quantization(model: PreTrainedModel) -> None:
-    """Route the model's attention through the quantizing implementation (a no-op if already done)."""
+    """Route the model's attention through llmquant's wrapper of its implementation (eager stays eager,
+    anything else runs sdpa underneath); a no-op if already done."""
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = QUANTIZED_ATTENTION
+            current = config._attn_implementation
+            if current not in WRAPPED.values():
+                config._attn_implementation = WRAPPED["eager" if current == "eager" else "sdpa"]
+
+
+def uses_llmquant_attention(attention: nn.Module, run: Callable[[], object]) -> bool:
+    """Whether ``attention`` really calls the attention function (some architectures compute attention
+    inline, where neither the KV-cache quantizer nor R3 could act): ``run()`` runs it once."""
+    attention._llmquant_attention_calls = 0
+    run()
+    return attention._llmquant_attention_calls > 0

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 
@@ -72,6 +73,9 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """Quantize ``linear``'s weight by round-to-nearest with the spec's observer."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, input_spec)
+        rotation = input_rotation_of(linear)
+        if rotation is not None:  # an online rotation (QuaRot's R4) stays in front of the quantized input
+            attach_input_rotation(module, rotation)
         module.set_weight(linear.weight.detach())
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach().float())

@@ -1,6 +1,7 @@
 """The engine: run a recipe on a model, decoder layer by decoder layer.
 
 1. Resolve the recipe into a `QuantPlan` (a scheme per Linear) before any weight is touched.
+1b. With QuaRot, rotate the model (data-free, checked for equivalence: `llmquant.pipeline.rotation`).
 2. Capture the first decoder layer's inputs for the calibration samples (one pass of the embeddings).
 3. For each layer: a float pass records the output (and, with smoothing, each group's activation
    statistics; the groups are found once on layer 0, then smoothed and checked for equivalence), and,
@@ -15,7 +16,6 @@ Only the current layer's weights and the calibration activations are touched at 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import platform
 import time
@@ -30,25 +30,22 @@ from llmquant.algorithms import awq
 from llmquant.algorithms.gptq import GPTQ
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
-from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear
+from llmquant.pipeline.layer_io import (
+    BATCH,
+    LayerInputs,
+    capture_layer_inputs,
+    head_dim_of,
+    relative_error,
+    run_layer,
+)
+from llmquant.pipeline.rotation import rotate_model, with_seed_map
 from llmquant.recipe import GPTQOptions, QuantPlan, Recipe
 
 log = logging.getLogger(__name__)
-
-
-class _StopForwardError(Exception):
-    pass
-
-
-@dataclass
-class LayerInputs:
-    """The calibration inputs of one decoder layer: a hidden state per sample and the shared kwargs."""
-
-    hidden: list[torch.Tensor]
-    kwargs: list[dict[str, Any]]
 
 
 @dataclass
@@ -80,72 +77,6 @@ def versions() -> dict[str, str]:
     }
 
 
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.Tensor) -> LayerInputs:
-    """Run the model up to its first decoder layer for each sample and keep that layer's inputs."""
-    first = model_map.layers(model)[0]
-    captured = LayerInputs(hidden=[], kwargs=[])
-
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        raise _StopForwardError
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for row in samples:
-            with contextlib.suppress(_StopForwardError):
-                model(row.unsqueeze(0), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
-def _layer_output(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
-BATCH = 8  # calibration samples per layer forward: about 2x faster than one at a time on a CPU
-
-
-def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
-    """Whether the samples' kwargs are one and the same broadcastable set (equal-length windows)."""
-    first = kwargs[0]
-    for other in kwargs[1:]:
-        if other.keys() != first.keys():
-            return False
-        for key, value in first.items():
-            theirs = other[key]
-            values = value if isinstance(value, tuple) else (value,)
-            others = theirs if isinstance(theirs, tuple) else (theirs,)
-            for a, b in zip(values, others, strict=False):
-                if isinstance(a, torch.Tensor):
-                    if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.shape[:1] == (1,)
-                            and torch.equal(a, b)):
-                        return False
-                elif a != b:
-                    return False
-    return True
-
-
-@torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | None = None) -> list[torch.Tensor]:
-    """The layer's outputs for every sample, ``batch`` (default `BATCH`) samples per forward when their
-    kwargs allow it."""
-    batch = BATCH if batch is None else batch
-    if batch > 1 and not _shared_kwargs(inputs.kwargs):
-        batch = 1
-    outputs = []
-    for start in range(0, len(inputs.hidden), batch):
-        hidden = torch.cat(inputs.hidden[start : start + batch])
-        out = _layer_output(layer(hidden, **inputs.kwargs[start]))
-        if not torch.isfinite(out).all():
-            raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")
-        outputs.extend(out.split(1))
-    return outputs
-
-
 def _batch_invariant(plan: QuantPlan, prefix: str) -> bool:
     """Whether the quantized layer computes each sample alone (no scale taken over a whole batch)."""
     specs = [s.input_activations for n, s in plan.linears.items() if n.startswith(prefix + ".")]
@@ -174,12 +105,6 @@ class _InputObservers:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def _relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    num = sum(float((a - r).pow(2).sum()) for r, a in zip(reference, actual, strict=True))
-    den = sum(float(r.pow(2).sum()) for r in reference)
-    return (num / max(den, 1e-30)) ** 0.5
 
 
 def _weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
@@ -217,15 +142,10 @@ class Smoothing:
 SMOOTHING_NAMES = ("smoothquant", "smooth_fc_fc")
 
 
-def _head_dim(model: nn.Module, model_map: ModelMap) -> int | None:
-    attention = model_map.layers(model)[0].get_submodule(model_map.attention)
-    return getattr(attention, "head_dim", None) or getattr(getattr(model, "config", None), "head_dim", None)
-
-
 def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> list[SmoothGroup]:
     """The smoothing groups of the first decoder layer, observed on its first calibration input."""
     layer = model_map.layers(model)[0]
-    head_dim = _head_dim(model, model_map)
+    head_dim = head_dim_of(model, model_map)
 
     def run() -> None:
         layer(inputs.hidden[0], **inputs.kwargs[0])
@@ -243,7 +163,7 @@ def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs
     if not wanted:
         return None
     if recipe.smooth_groups is not None:
-        layer, head_dim = model_map.layers(model)[0], _head_dim(model, model_map)
+        layer, head_dim = model_map.layers(model)[0], head_dim_of(model, model_map)
         groups = [resolve_heads(SmoothGroup.from_dict(g), layer, head_dim) for g in recipe.smooth_groups]
     else:
         groups = find_smooth_groups(model, model_map, inputs)
@@ -266,7 +186,7 @@ EQUIVALENCE_TOLERANCE = 1e-4
 
 def _check_equivalence(reference: list[torch.Tensor], actual: list[torch.Tensor], what: str, where: str) -> float:
     """A transform that claims to keep the function must keep the layer's outputs (relative error)."""
-    error = _relative_error(reference, actual)
+    error = relative_error(reference, actual)
     if error > EQUIVALENCE_TOLERANCE:
         raise LlmquantError(
             f"{what} changed the function of {where}: relative output change {error:.2e} > "
@@ -414,7 +334,7 @@ def quantize_layer(
         row["gptq_stages"] = _gptq_layer(layer, linears, inputs, prefix, gptq)
     quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
     quant_out = run_layer(layer, inputs, prefix, quantized_batch) if (linears or kv_spec is not None) else float_out
-    row["output_error"] = _relative_error(float_out, quant_out)
+    row["output_error"] = relative_error(float_out, quant_out)
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()}
     row["seconds"] = time.perf_counter() - start
     return quant_out, row
@@ -436,20 +356,11 @@ def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantP
             inputs = inputs.model_copy(update={"granularity": "token", "dynamic": True, "observer": "minmax"})
             log.warning("%s: static input scales are calibrated only inside decoder layers; using per-token", name)
         if model_map.lm_head == name and model_map.embeddings:
-            _untie(model, model_map)
+            untie_head(model, model_map)
             linear = model.get_submodule(name)
         _swap(model, name, QuantLinear.from_linear(linear, scheme.weights, inputs))
         done.append(name)
     return done
-
-
-def _untie(model: nn.Module, model_map: ModelMap) -> None:
-    head = model.get_submodule(model_map.lm_head)
-    for emb_name in model_map.embeddings:
-        emb = model.get_submodule(emb_name)
-        if emb.weight is head.weight:
-            head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-            model.config.tie_word_embeddings = False
 
 
 def quantize(
@@ -462,6 +373,9 @@ def quantize(
     """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen]."""
     model.eval()
     model_map = model_map or detect_model_map(model)
+    quarot = recipe.quarot()
+    if quarot is not None:
+        model_map = with_seed_map(model, model_map, quarot.backbone, quarot.model_decoder_layers, quarot.self_attn)
     plan = recipe.resolve(model, model_map)
     manifest = Manifest(
         recipe=recipe.model_dump(mode="json"),
@@ -472,11 +386,14 @@ def quantize(
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
+    if quarot is not None:
+        manifest.results["rotation"] = rotate_model(model, model_map, quarot.config(), calib[:1])
+        manifest.seconds["rotation"] = time.perf_counter() - t0
     inputs = capture_layer_inputs(model, model_map, calib)
     smoothing = plan_smoothing(model, model_map, recipe, inputs)
     if smoothing is not None:
         manifest.results["smooth_groups"] = smoothing.describe()
-    manifest.seconds["capture"] = time.perf_counter() - t0
+    manifest.seconds["capture"] = time.perf_counter() - t0 - manifest.seconds.get("rotation", 0.0)
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
     t1 = time.perf_counter()

@@ -1,0 +1,376 @@
+"""QuaRot (Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs"; rotation names
+of SpinQuant, Liu et al. 2024): orthogonal rotations that spread activation outliers over all channels
+and leave the float function unchanged, because y = x W^T = (x Q)(W Q)^T for any orthogonal Q.
+
+- R1 rotates the residual stream by Q1 (hidden x hidden), offline. First every norm's weight (and a
+  LayerNorm's bias) is folded into the Linears reading it, so the norm is w = 1 and commutes with Q1
+  (||x Q1|| = ||x||); a LayerNorm model first has its residual stream made zero-mean (embeddings and
+  the Linears writing the stream are centered) so that its LayerNorms compute an RMSNorm, which then
+  replaces them. Then E <- E Q1 for the embeddings, W <- W Q1 for the Linears reading the stream
+  (q/k/v, gate/up, fc1, the head), W <- Q1^T W and b <- b Q1 for the Linears writing it (o, down, fc2).
+- R2 rotates each attention head's values by Q2 (head_dim), offline: v_proj's rows of each head
+  W_h <- Q2^T W_h, o_proj's columns of each head W_h <- W_h Q2 (attention mixes tokens, not channels).
+- R3 rotates queries and keys by Q3 (head_dim) after RoPE, online: q k^T = (q Q3)(k Q3)^T; it makes
+  the KV cache easier to quantize.
+- R4 rotates the input of the Linears outside the attention that read no norm (down_proj, fc2) by Q4,
+  online, with W <- W Q4 offline: their input is the hardest activation to quantize.
+
+Every Q is a (randomized) Hadamard matrix built by `llmquant.quant.hadamard` when the size allows, else
+the recipe's fallback. Maths in float64, cast back to the weights' dtype.
+
+The structure a rotation needs is checked on the first decoder layer before any weight changes
+(`plan_quarot`); what does not fit turns that rotation off with a note naming the module, and the others
+still run. `rotate_layer` and `rotate_outside_layers` apply the plan; the pipeline checks every layer's
+function after rotating it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmquant.errors import LlmquantError
+from llmquant.model.patterns import (
+    SmoothGroup,
+    norm_groups,
+    norm_kind,
+    residual_writers,
+    rotation_pairs,
+)
+from llmquant.nn.kv_cache import enable_kv_quantization, uses_llmquant_attention
+from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation
+from llmquant.quant.rotation import Fallback, Rotation, rotation_for
+
+ROTATIONS = ("R1", "R2", "R3", "R4")
+
+
+@dataclass(frozen=True)
+class QuaRotConfig:
+    """Which rotations to apply, how to build them, and an optional hand-given value path (v, o)."""
+
+    rotations: tuple[str, ...] = ROTATIONS
+    randomize: bool = True  # random +-1 signs on the offline Hadamards R1, R2 (seeded)
+    seed: int = 0
+    fallback: Fallback = "random"
+    value_path: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class RotationStep:
+    """One of R1..R4: its rotation (None when it does not apply), where it acts, and why not if it doesn't."""
+
+    name: str
+    size: int
+    rotation: Rotation | None
+    targets: tuple[str, ...]
+    online: bool
+    note: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"rotation": self.name, "size": self.size, "online": self.online,
+                               "applies": self.rotation is not None, "targets": list(self.targets)}
+        if self.rotation is not None:
+            row["construction"] = self.rotation.describe()
+            if self.online:
+                row["online_flops_per_token"] = self.rotation.online_flops() * self.online_vectors
+        if self.note:
+            row["note"] = self.note
+        return row
+
+    online_vectors: int = 1  # vectors rotated per token per layer (R3: query and key heads)
+
+
+@dataclass(frozen=True)
+class QuaRotPlan:
+    """The rotations of one model, resolved on its first decoder layer before any weight changes."""
+
+    steps: dict[str, RotationStep]
+    norm_groups: tuple[SmoothGroup, ...] = ()
+    writers: tuple[str, ...] = ()
+    center: bool = False  # LayerNorm model: make the residual stream zero-mean, norms become RMSNorms
+    embeddings: tuple[str, ...] = ()
+    final_norm: str | None = None
+    head: str | None = None
+    value_path: tuple[str, str] | None = None
+    attention: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def rotation(self, name: str) -> Rotation | None:
+        step = self.steps.get(name)
+        return step.rotation if step is not None else None
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [step.describe() for step in self.steps.values()]
+
+
+# --- planning ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShapes:
+    hidden: int
+    head_dim: int
+    heads: int
+    kv_heads: int
+
+
+def _off(name: str, size: int, note: str, online: bool) -> RotationStep:
+    return RotationStep(name, size, None, (), online, note)
+
+
+def _sized(name: str, size: int, targets: tuple[str, ...], online: bool, config: QuaRotConfig,
+           vectors: int = 1) -> RotationStep:
+    randomize = config.randomize and not online  # online rotations are plain Hadamards: nothing to store
+    rotation = rotation_for(size, randomize, config.seed, config.fallback)
+    if rotation is None:
+        return _off(name, size, f"no Hadamard matrix of order {size} and fallback 'skip'", online)
+    note = "" if rotation.kind == "hadamard" else f"no Hadamard matrix of order {size}: fallback {rotation.kind}"
+    return RotationStep(name, size, rotation, targets, online, note, vectors)
+
+
+def _plan_r1(
+    model: nn.Module, model_map: Any, layer: nn.Module, run: Callable[[], Any], shapes: ModelShapes,
+    config: QuaRotConfig, where: str,
+) -> tuple[RotationStep, dict[str, Any]]:
+    """R1 and the structure it needs; a misfit turns it off with a note naming the module."""
+    hidden = shapes.hidden
+    groups = norm_groups(layer, run)
+    writers = residual_writers(layer, run, hidden)
+    found: dict[str, Any] = {"norm_groups": tuple(groups), "writers": writers.linears}
+
+    def off(note: str) -> tuple[RotationStep, dict[str, Any]]:
+        return _off("R1", hidden, note, online=False), found
+
+    if not writers.exact:
+        why = f"{where}: the layer's output is not its input plus the outputs of {list(writers.linears)}"
+        if writers.blockers:
+            blockers = ", ".join(writers.blockers)
+            why += f" ({blockers} normalize a sub-layer's output before it joins the residual stream)"
+        return off(why)
+    kinds = {g.producer: norm_kind(layer.get_submodule(g.producer), hidden) for g in groups}
+    final_norm = model_map.final_norm
+    if final_norm is not None:
+        kinds[final_norm] = norm_kind(model.get_submodule(final_norm), hidden)
+    odd = [n for n, k in kinds.items() if k is None]
+    if odd:
+        return off(f"{odd[0]} is neither w * x / rms(x) nor a LayerNorm (a weight stored as an offset from one?)")
+    if len(set(kinds.values())) > 1:
+        return off(f"the model mixes RMSNorm and LayerNorm ({kinds}): R1 needs one kind")
+    center = set(kinds.values()) == {"layer"}
+    if center:
+        for group in groups:
+            norm = layer.get_submodule(group.producer)
+            without_bias = [n for n in group.linears if layer.get_submodule(n).bias is None]
+            if getattr(norm, "bias", None) is not None and without_bias:
+                return off(f"the bias of {where}.{group.producer} cannot be folded: {without_bias} have no bias")
+    for name in model_map.embeddings:
+        dim = model.get_submodule(name).weight.shape[1]
+        if dim != hidden:
+            return off(f"embedding {name} has dimension {dim}, not the hidden size {hidden} "
+                       "(a projection R1 does not fold)")
+    head = model_map.lm_head
+    if head is not None and model.get_submodule(head).in_features != hidden:
+        return off(f"the head {head} does not read the hidden size {hidden}")
+    found.update(center=center, embeddings=tuple(model_map.embeddings), final_norm=final_norm, head=head)
+    targets = tuple(n for g in groups for n in g.linears) + writers.linears
+    return _sized("R1", hidden, targets, False, config), found
+
+
+def _plan_r4(layer: nn.Module, groups: tuple[SmoothGroup, ...], attention: str, config: QuaRotConfig,
+             where: str) -> RotationStep:
+    """R4's targets: the Linears outside the attention that read no norm (down_proj, fc2), whose input
+    the layer computes with a non-linearity that no offline rotation can reach."""
+    norm_readers = {n for g in groups for n in g.linears}
+    targets = tuple(
+        name for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear) and name not in norm_readers and not name.startswith(attention + ".")
+    )
+    if not targets:
+        return _off("R4", 0, f"{where}: no Linear outside the attention reads anything but a norm", True)
+    sizes = {layer.get_submodule(n).in_features for n in targets}
+    if len(sizes) > 1:
+        return _off("R4", max(sizes), f"{where}: R4 targets {list(targets)} differ in input size", True)
+    return _sized("R4", sizes.pop(), targets, True, config)
+
+
+def plan_quarot(
+    model: nn.Module, model_map: Any, layer: nn.Module, run: Callable[[], Any], shapes: ModelShapes,
+    config: QuaRotConfig,
+) -> QuaRotPlan:
+    """Resolve ``config`` on the first decoder ``layer`` (``run()`` runs it once on a sample input)."""
+    unknown = set(config.rotations) - set(ROTATIONS)
+    if unknown:
+        raise LlmquantError(f"unknown rotations {sorted(unknown)}; allowed: {', '.join(ROTATIONS)}")
+    where = model_map.layer_name(0)
+    steps: dict[str, RotationStep] = {}
+    r1, found = _plan_r1(model, model_map, layer, run, shapes, config, where)
+    if "R1" in config.rotations:
+        steps["R1"] = r1
+    writers = found["writers"]
+
+    value_path = config.value_path
+    if value_path is None:
+        pairs = rotation_pairs(layer, run, shapes.head_dim)
+        value_path = (pairs[0].producer, pairs[0].linears[0]) if pairs else None
+    if "R2" in config.rotations:
+        if value_path is None:
+            steps["R2"] = _off("R2", shapes.head_dim, f"{where}: no Linear -> Linear value path found", False)
+        else:
+            steps["R2"] = _sized("R2", shapes.head_dim, value_path, False, config)
+    if "R3" in config.rotations:
+        enable_kv_quantization(model)
+        attention = layer.get_submodule(model_map.attention)
+        if uses_llmquant_attention(attention, run):
+            steps["R3"] = _sized("R3", shapes.head_dim, (model_map.attention,), True, config,
+                                 vectors=shapes.heads + shapes.kv_heads)
+        else:
+            note = f"{where}.{model_map.attention} computes attention without transformers' attention interface"
+            steps["R3"] = _off("R3", shapes.head_dim, note, True)
+    if "R4" in config.rotations:
+        steps["R4"] = _plan_r4(layer, found["norm_groups"], model_map.attention, config, where)
+    return QuaRotPlan(
+        steps=steps,
+        norm_groups=found["norm_groups"],
+        writers=writers,
+        center=found.get("center", False),
+        embeddings=found.get("embeddings", ()),
+        final_norm=found.get("final_norm"),
+        head=found.get("head"),
+        value_path=value_path,
+        attention=model_map.attention,
+    )
+
+
+# --- transforms: pure functions on weights (float64 inside) -------------------------------------------
+def rotate_input_side(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """W <- W Q on each block of ``rotation.n`` input columns (W [out, in], in = blocks * n)."""
+    blocks = weight.reshape(weight.shape[0], -1, rotation.n)
+    return rotation.apply(blocks.double()).reshape(weight.shape).to(weight.dtype)
+
+
+def rotate_output_side(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """W <- Q^T W on each block of ``rotation.n`` output rows (a bias [out] is rotated the same way)."""
+    if weight.dim() == 1:
+        return rotation.apply(weight.double().reshape(-1, rotation.n)).reshape(weight.shape).to(weight.dtype)
+    return rotate_input_side(weight.T, rotation).T.contiguous()
+
+
+@torch.no_grad()
+def fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    """Fold y = w * n(x) + b into the readers: W <- W diag(w), c <- c + W b; then w = 1 and b = 0."""
+    weight = norm.weight.double()
+    bias = getattr(norm, "bias", None)
+    for linear in readers:
+        w = linear.weight.double()
+        if bias is not None:
+            linear.bias.data = (linear.bias.double() + w @ bias.double()).to(linear.bias.dtype)
+        linear.weight.data = (w * weight[None, :]).to(linear.weight.dtype)
+    norm.weight.data.fill_(1.0)
+    if bias is not None:
+        norm.bias.data.zero_()
+
+
+@torch.no_grad()
+def center_writer(linear: nn.Linear) -> None:
+    """Make the Linear's output zero-mean over its features: W <- W - mean_rows(W), b <- b - mean(b)."""
+    linear.weight.data = (linear.weight.double() - linear.weight.double().mean(0, keepdim=True)).to(linear.weight.dtype)
+    if linear.bias is not None:
+        linear.bias.data = (linear.bias.double() - linear.bias.double().mean()).to(linear.bias.dtype)
+
+
+@torch.no_grad()
+def rotate_writer(linear: nn.Linear, rotation: Rotation) -> None:
+    linear.weight.data = rotate_output_side(linear.weight.data, rotation)
+    if linear.bias is not None:
+        linear.bias.data = rotate_output_side(linear.bias.data, rotation)
+
+
+@torch.no_grad()
+def rotate_reader(linear: nn.Linear, rotation: Rotation) -> None:
+    linear.weight.data = rotate_input_side(linear.weight.data, rotation)
+
+
+def _as_rms(root: nn.Module, name: str) -> None:
+    """Replace the (folded, w = 1, b = 0) LayerNorm ``name`` by an RMSNorm with its eps."""
+    norm = root.get_submodule(name)
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, RMSNorm(norm.weight.shape[0], norm.eps))
+
+
+# --- applying a plan -----------------------------------------------------------------------------
+@torch.no_grad()
+def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
+    """Apply R1 (with the norm folds), R2, R3 and R4 to one decoder layer in place."""
+    r1, r2, r3, r4 = (plan.rotation(n) for n in ROTATIONS)
+    if r1 is not None:
+        for group in plan.norm_groups:
+            fold_norm(layer.get_submodule(group.producer), [layer.get_submodule(n) for n in group.linears])
+            if plan.center:
+                _as_rms(layer, group.producer)
+            for name in group.linears:
+                rotate_reader(layer.get_submodule(name), r1)
+        for name in plan.writers:
+            if plan.center:
+                center_writer(layer.get_submodule(name))
+            rotate_writer(layer.get_submodule(name), r1)
+    if r2 is not None and plan.value_path is not None:
+        producer, reader = plan.value_path
+        rotate_writer(layer.get_submodule(producer), r2)
+        rotate_reader(layer.get_submodule(reader), r2)
+    if r3 is not None:
+        layer.get_submodule(plan.attention).qk_rotation = OnlineRotation(r3)
+    if r4 is not None:
+        for name in plan.steps["R4"].targets:
+            linear = layer.get_submodule(name)
+            rotate_reader(linear, r4)
+            attach_input_rotation(linear, r4)
+
+
+@torch.no_grad()
+def rotate_embeddings(model: nn.Module, plan: QuaRotPlan) -> None:
+    """R1 on the embeddings (centered first for a LayerNorm model)."""
+    r1 = plan.rotation("R1")
+    if r1 is None:
+        return
+    for name in plan.embeddings:
+        emb = model.get_submodule(name)
+        table = emb.weight.double()
+        if plan.center:
+            table = table - table.mean(-1, keepdim=True)
+        emb.weight.data = r1.apply(table).to(emb.weight.dtype)
+
+
+@torch.no_grad()
+def rotate_head(model: nn.Module, plan: QuaRotPlan) -> None:
+    """R1 on the head, the final norm folded into it (a LayerNorm's bias becomes the head's bias)."""
+    r1 = plan.rotation("R1")
+    if r1 is None or plan.head is None:
+        return
+    head = model.get_submodule(plan.head)
+    if plan.final_norm is not None:
+        norm = model.get_submodule(plan.final_norm)
+        if getattr(norm, "bias", None) is not None and head.bias is None:
+            head.bias = nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype), requires_grad=False)
+        fold_norm(norm, [head])
+        if plan.center:
+            _as_rms(model, plan.final_norm)
+    rotate_reader(head, r1)
+
+
+__all__ = [
+    "ROTATIONS",
+    "ModelShapes",
+    "QuaRotConfig",
+    "QuaRotPlan",
+    "RotationStep",
+    "center_writer",
+    "fold_norm",
+    "plan_quarot",
+    "rotate_embeddings",
+    "rotate_head",
+    "rotate_input_side",
+    "rotate_layer",
+    "rotate_output_side",
+]

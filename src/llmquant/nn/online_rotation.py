@@ -1,0 +1,73 @@
+"""Online rotations (QuaRot's R3 and R4) and the RMSNorm that replaces a LayerNorm under R1.
+
+- `OnlineRotation`: a module applying x -> x Q (a `Rotation`) in the forward, in float32 (the fast
+  Hadamard transform for Hadamard rotations), with no stored tensors: the rotation is rebuilt from its
+  description, so a checkpoint only records it in its config.
+- `attach_input_rotation(linear, rotation)`: the Linear computes W (x Q) instead of W x. The rotation is
+  a child module ``input_rotation`` run by a forward pre-hook registered first (``prepend``), so every
+  other hook on the Linear (observers, GPTQ's Hessian, smoothing statistics) sees the input the weight
+  really multiplies; the module keeps its name and its state dict, as checkpoints need.
+- R3 is applied to queries and keys inside the attention function of `llmquant.nn.kv_cache`, from the
+  attention module's ``qk_rotation`` child.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmquant.quant.hadamard import fast_hadamard_transform
+from llmquant.quant.rotation import Rotation
+
+
+class OnlineRotation(nn.Module):
+    """x -> x Q along the last dimension, computed in float32 and returned in x's dtype."""
+
+    def __init__(self, rotation: Rotation) -> None:
+        super().__init__()
+        self.rotation = rotation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.rotation
+        if r.kind == "hadamard" and not r.randomize:
+            return fast_hadamard_transform(x)
+        return r.apply(x.float()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return self.rotation.describe()
+
+
+def _rotate_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_rotation(args[0]), *args[1:])
+
+
+def attach_input_rotation(linear: nn.Module, rotation: Rotation) -> None:
+    """Make ``linear`` multiply its weight with x Q instead of x (see the module docstring)."""
+    if getattr(linear, "input_rotation", None) is not None:
+        raise ValueError(f"{type(linear).__name__} already rotates its input")
+    linear.input_rotation = OnlineRotation(rotation)
+    linear.register_forward_pre_hook(_rotate_input, prepend=True)
+
+
+def input_rotation_of(module: nn.Module) -> Rotation | None:
+    online = getattr(module, "input_rotation", None)
+    return online.rotation if isinstance(online, OnlineRotation) else None
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps): what a LayerNorm computes on a zero-mean residual stream."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x.float() * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+__all__ = ["OnlineRotation", "RMSNorm", "attach_input_rotation", "input_rotation_of"]

@@ -1,0 +1,109 @@
+"""`Rotation`: an orthogonal n x n matrix Q applied along the last dimension, x -> x Q, as a value.
+
+QuaRot (Ashkboos et al. 2024, "QuaRot: Outlier-Free 4-Bit Inference in Rotated LLMs") inserts such a Q
+before quantization and its inverse Q^T after it, so the float function is unchanged:
+y = x W^T = (x Q) (W Q)^T for any orthogonal Q.
+
+Kinds (one notion for every size):
+
+- ``hadamard``: Q = diag(d) H_n^T / sqrt(n), H_n from `llmquant.quant.hadamard`, d = +-1 signs (all +1
+  unless randomized, which is QuaRot's "randomized Hadamard"); applied by the fast transform, O(n log n);
+- ``block_diagonal``: I_{n/b} (x) H_b / sqrt(b) with b the largest constructible divisor of n (a fallback:
+  it only mixes channels within blocks of b);
+- ``random``: a seeded Haar-random orthogonal matrix (a fallback: a dense n x n product).
+
+Maths in float64 (`apply` computes in float64 and casts back), as QuaRot's reference does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+from llmquant.errors import LlmquantError
+from llmquant.quant.hadamard import (
+    fast_hadamard_transform,
+    hadamard_plan,
+    is_constructible,
+    largest_constructible_divisor,
+    orthogonal_fallback,
+)
+
+RotationKind = Literal["hadamard", "block_diagonal", "random"]
+Fallback = Literal["random", "block_diagonal", "skip"]
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """An orthogonal Q of size ``n``; ``randomize`` draws the Hadamard's signs from ``seed``."""
+
+    n: int
+    kind: RotationKind = "hadamard"
+    randomize: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind == "hadamard" and not is_constructible(self.n):
+            hadamard_plan(self.n)  # raises the one-line error naming the size and the fallbacks
+
+    # --- description -----------------------------------------------------------------------------
+    def describe(self) -> str:
+        if self.kind == "hadamard":
+            signs = ", random signs" if self.randomize else ""
+            return f"hadamard({self.n} = {hadamard_plan(self.n).describe()}{signs})"
+        if self.kind == "block_diagonal":
+            b = largest_constructible_divisor(self.n)
+            return f"block_diagonal({self.n // b} x hadamard({b}))"
+        return f"random_orthogonal({self.n}, seed={self.seed})"
+
+    def online_flops(self) -> int:
+        """Multiply-adds to apply Q to one vector online."""
+        if self.kind == "hadamard":
+            return hadamard_plan(self.n).online_flops_per_vector
+        if self.kind == "block_diagonal":
+            return self.n * largest_constructible_divisor(self.n)
+        return self.n * self.n
+
+    # --- the matrix ---------------------------------------------------------------------------------
+    def signs(self) -> torch.Tensor:
+        if not self.randomize:
+            return torch.ones(self.n, dtype=torch.float64)
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, 2, (self.n,), generator=generator).double() * 2 - 1
+
+    def matrix(self) -> torch.Tensor:
+        """Q as a dense float64 matrix (for tests and the fallbacks)."""
+        return self.apply(torch.eye(self.n, dtype=torch.float64))
+
+    def apply(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """x Q (or x Q^T with ``inverse``) along the last dimension, computed in float64, in x's dtype."""
+        if x.shape[-1] != self.n:
+            raise LlmquantError(f"rotation of size {self.n} applied to a last dimension of {x.shape[-1]}")
+        y = x.double()
+        if self.kind == "hadamard":
+            signs = self.signs().to(y.device)
+            if inverse:  # Q^T = H diag(d) / sqrt(n)
+                return (fast_hadamard_transform(y, transpose=True) * signs).to(x.dtype)
+            return fast_hadamard_transform(y * signs).to(x.dtype)
+        q = _dense(self.n, self.kind, self.seed).to(y.device)
+        return (y @ (q.T if inverse else q)).to(x.dtype)
+
+
+@lru_cache(maxsize=16)
+def _dense(n: int, kind: str, seed: int) -> torch.Tensor:
+    return orthogonal_fallback(n, kind, seed=seed)  # type: ignore[arg-type]
+
+
+def rotation_for(n: int, randomize: bool, seed: int, fallback: Fallback) -> Rotation | None:
+    """A Hadamard rotation of size n when one can be built, else the fallback (None for ``skip``)."""
+    if is_constructible(n):
+        return Rotation(n, "hadamard", randomize, seed)
+    if fallback == "skip":
+        return None
+    return Rotation(n, fallback, seed=seed)
+
+
+__all__ = ["Fallback", "Rotation", "RotationKind", "rotation_for"]
