@@ -83,7 +83,7 @@ class PreOpt(_Strict):
 
 
 class QuaRotPreOpt(_Strict):
-    """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R4 (default all four);
+    """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R5 (default R1..R4);
     ``online_had: false`` (seed 003's ``"online-had"``) keeps only the offline R1 and R2. ``randomize``
     puts seeded random signs on the offline Hadamards; ``fallback`` is what a size without a Hadamard
     matrix gets (a seeded random orthogonal matrix, a block-diagonal Hadamard, or no rotation).
@@ -95,7 +95,7 @@ class QuaRotPreOpt(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     name: Literal["quarot"]
-    rotations: list[Literal["R1", "R2", "R3", "R4"]] = Field(default_factory=lambda: ["R1", "R2", "R3", "R4"])
+    rotations: list[Literal["R1", "R2", "R3", "R4", "R5"]] = Field(default_factory=lambda: ["R1", "R2", "R3", "R4"])
     online_had: bool = Field(True, alias="online-had")
     randomize: bool = True
     seed: int = 0
@@ -107,7 +107,7 @@ class QuaRotPreOpt(_Strict):
     o_proj: str | None = None
 
     def active_rotations(self) -> tuple[str, ...]:
-        online = ("R3", "R4")
+        online = ("R3", "R4", "R5")
         return tuple(r for r in self.rotations if self.online_had or r not in online)
 
     def config(self) -> QuaRotConfig:

@@ -14,6 +14,9 @@ and leave the float function unchanged, because y = x W^T = (x Q)(W Q)^T for any
   the KV cache easier to quantize.
 - R4 rotates the input of the Linears outside the attention that read no norm (down_proj, fc2) by Q4,
   online, with W <- W Q4 offline: their input is the hardest activation to quantize.
+- R5 (QuaRot's online rotation before out_proj, which the SpinQuant names leave out) rotates the input
+  of the value path's reader (o_proj) by Q5 over its whole width, online, with W <- W Q5: R2 mixes
+  channels within each head only, R5 mixes the heads too.
 
 Every Q is a (randomized) Hadamard matrix built by `llmquant.quant.hadamard` when the size allows, else
 the recipe's fallback. Maths in float64, cast back to the weights' dtype.
@@ -45,14 +48,15 @@ from llmquant.nn.kv_cache import enable_kv_quantization, uses_llmquant_attention
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation
 from llmquant.quant.rotation import Fallback, Rotation, rotation_for
 
-ROTATIONS = ("R1", "R2", "R3", "R4")
+ROTATIONS = ("R1", "R2", "R3", "R4", "R5")
+DEFAULT_ROTATIONS = ("R1", "R2", "R3", "R4")
 
 
 @dataclass(frozen=True)
 class QuaRotConfig:
     """Which rotations to apply, how to build them, and an optional hand-given value path (v, o)."""
 
-    rotations: tuple[str, ...] = ROTATIONS
+    rotations: tuple[str, ...] = DEFAULT_ROTATIONS
     randomize: bool = True  # random +-1 signs on the offline Hadamards R1, R2 (seeded)
     seed: int = 0
     fallback: Fallback = "random"
@@ -61,7 +65,7 @@ class QuaRotConfig:
 
 @dataclass(frozen=True)
 class RotationStep:
-    """One of R1..R4: its rotation (None when it does not apply), where it acts, and why not if it doesn't."""
+    """One of R1..R5: its rotation (None when it does not apply), where it acts, and why not if it doesn't."""
 
     name: str
     size: int
@@ -230,6 +234,12 @@ def plan_quarot(
             steps["R3"] = _off("R3", shapes.head_dim, note, True)
     if "R4" in config.rotations:
         steps["R4"] = _plan_r4(layer, found["norm_groups"], model_map.attention, config, where)
+    if "R5" in config.rotations:
+        if value_path is None:
+            steps["R5"] = _off("R5", 0, f"{where}: no Linear -> Linear value path found", True)
+        else:
+            size = layer.get_submodule(value_path[1]).in_features
+            steps["R5"] = _sized("R5", size, (value_path[1],), True, config)
     return QuaRotPlan(
         steps=steps,
         norm_groups=found["norm_groups"],
@@ -302,8 +312,8 @@ def _as_rms(root: nn.Module, name: str) -> None:
 # --- applying a plan -----------------------------------------------------------------------------
 @torch.no_grad()
 def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
-    """Apply R1 (with the norm folds), R2, R3 and R4 to one decoder layer in place."""
-    r1, r2, r3, r4 = (plan.rotation(n) for n in ROTATIONS)
+    """Apply R1 (with the norm folds), R2, R3, R4 and R5 to one decoder layer in place."""
+    r1, r2, r3, r4, r5 = (plan.rotation(n) for n in ROTATIONS)
     if r1 is not None:
         for group in plan.norm_groups:
             fold_norm(layer.get_submodule(group.producer), [layer.get_submodule(n) for n in group.linears])
@@ -321,11 +331,12 @@ def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
         rotate_reader(layer.get_submodule(reader), r2)
     if r3 is not None:
         layer.get_submodule(plan.attention).qk_rotation = OnlineRotation(r3)
-    if r4 is not None:
-        for name in plan.steps["R4"].targets:
-            linear = layer.get_submodule(name)
-            rotate_reader(linear, r4)
-            attach_input_rotation(linear, r4)
+    for step, rotation in (("R4", r4), ("R5", r5)):
+        if rotation is not None:
+            for name in plan.steps[step].targets:
+                linear = layer.get_submodule(name)
+                rotate_reader(linear, rotation)
+                attach_input_rotation(linear, rotation)
 
 
 @torch.no_grad()
@@ -360,6 +371,7 @@ def rotate_head(model: nn.Module, plan: QuaRotPlan) -> None:
 
 
 __all__ = [
+    "DEFAULT_ROTATIONS",
     "ROTATIONS",
     "ModelShapes",
     "QuaRotConfig",
