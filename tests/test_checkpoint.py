@@ -13,6 +13,8 @@ import llmquant
 from conftest import logits, make_model, relative_error
 from llmquant.export import checkpoint
 from llmquant.nn.kv_cache import KVCacheQuantizer
+from llmquant.nn.quant_linear import QuantLinear
+from llmquant.quant import QuantSpec
 
 ROUND_TRIP = [
     "w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor_static",
@@ -59,12 +61,24 @@ def test_checkpoint_follows_the_compressed_tensors_layout(calib_ids: torch.Tenso
     assert manifest["recipe"]["scheme"] == scheme
 
 
-def test_asymmetric_codes_are_stored_signed(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+def test_asymmetric_8_bit_codes_are_stored_signed_and_read_back(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                                 tmp_path: Path) -> None:
+    """8-bit asymmetric codes in [0, 255] (uint8 in memory) are stored as q - 128 in int8, as
+    compressed-tensors expects; 4-bit ones are checked packed in test_w4_checkpoint.py."""
     model = make_model("llama")
-    llmquant.quantize(model, {"scheme": "w_uint4_per_group_asym", "group_size": 32}, calib=calib_ids, progress=False)
+    spec = QuantSpec(bits=8, symmetric=False, granularity="channel")
+    layer = model.model.layers[0].mlp.up_proj
+    quantized = QuantLinear.from_linear(layer, spec, None)
+    assert quantized.codes().dtype == torch.uint8 and int(quantized.codes().max()) > 127
+    error = (quantized.dequantized_weight() - layer.weight.detach()).abs().max()
+    assert float(error) < float(quantized.weight_scale.max())
+    model.model.layers[0].mlp.up_proj = quantized
+    reference = logits(model, eval_ids)
     llmquant.save(model, None, tmp_path / "ckpt")
-    weight = load_file(tmp_path / "ckpt" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
-    assert weight.min() >= -8 and weight.max() <= 7
+    stored = load_file(tmp_path / "ckpt" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert stored.dtype == torch.int8 and torch.equal(stored.to(torch.int32) + 128, quantized.codes().to(torch.int32))
+    loaded, _ = llmquant.load(tmp_path / "ckpt")
+    assert torch.equal(logits(loaded, eval_ids), reference)
 
 
 def test_interrupted_save_leaves_nothing_at_the_destination(

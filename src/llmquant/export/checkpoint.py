@@ -7,9 +7,17 @@ A directory holds ``config.json`` (with ``quantization_config``: ``quant_method:
 records in ``config.json``'s ``llmquant_structure`` what its architecture class does not say (online
 rotations, RMSNorms that replaced LayerNorms); `load_quantized` rebuilds them.
 
-Asymmetric codes are stored signed as compressed-tensors expects (q - 2^(b-1), zero - 2^(b-1)); the
-dequantized values are unchanged. Writing goes to a temporary sibling directory renamed into place at
-the end, so an interrupted save never leaves a half checkpoint at the destination.
+Weights of 8 bits are stored as ``format: int-quantized`` (one int8 ``weight`` code per weight); weights
+of fewer bits as ``format: pack-quantized`` (``weight_packed`` int32 words, layout in
+`llmquant.quant.packing`, ``weight_shape`` int64 ``[out, in]``, and for asymmetric group or channel
+weights a ``weight_zero_point`` packed the same way along the output dimension, int32
+``[ceil(out * b / 32), groups]``). Each config group names its own ``format`` (which compressed-tensors
+follows when it decompresses a module); the top-level ``format`` is that format, or ``mixed-precision``
+when the groups differ. Asymmetric codes and zero points are stored signed as compressed-tensors
+expects (q - 2^(b-1), zero - 2^(b-1)); the dequantized values are unchanged. The reader also takes the
+other form of a weight (an int-quantized W4 checkpoint written before packing, a packed 8-bit one).
+Writing goes to a temporary sibling directory renamed into place at the end, so an interrupted save
+never leaves a half checkpoint at the destination.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -33,7 +42,8 @@ from llmquant.model.model_map import detect_model_map
 from llmquant.model.targets import matches_any
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation, input_rotation_of
-from llmquant.nn.quant_linear import QuantLinear
+from llmquant.nn.quant_linear import QuantLinear, is_packed, storage_offset
+from llmquant.quant.packing import pack_int32, unpack_int32
 from llmquant.quant.rotation import Rotation
 from llmquant.quant.scheme import Scheme
 from llmquant.quant.spec import QuantSpec
@@ -82,6 +92,11 @@ def _linear_schemes(model: nn.Module) -> tuple[dict[str, Scheme], list[str]]:
     return schemes, ignored
 
 
+def weight_format(spec: QuantSpec | None) -> str:
+    """The compressed-tensors format a weight is stored in: packed int32 words below 8 bits."""
+    return (CompressionFormat.pack_quantized if is_packed(spec) else CompressionFormat.int_quantized).value
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     """The compressed-tensors ``quantization_config`` describing ``model``'s quantized modules."""
     schemes, ignored = _linear_schemes(model)
@@ -94,14 +109,18 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         names = [n for n, s in schemes.items() if s == scheme]
         targets = ["Linear"] if len(distinct) == 1 else names
         groups[f"group_{i}"] = QuantizationScheme(
-            targets=targets, weights=to_args(scheme.weights), input_activations=to_args(scheme.input_activations)
+            targets=targets,
+            weights=to_args(scheme.weights),
+            input_activations=to_args(scheme.input_activations),
+            format=weight_format(scheme.weights),
         )
     if len(kv_specs) > 1:
         raise LlmquantError("a checkpoint holds one KV-cache scheme; this model mixes several")
+    formats = {group.format for group in groups.values()} or {CompressionFormat.int_quantized.value}
     config = QuantizationConfig(
         config_groups=groups,
         ignore=ignored,
-        format="int-quantized",
+        format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
         quantization_status="compressed",
         kv_cache_scheme=to_args(next(iter(kv_specs))) if kv_specs else None,
     )
@@ -109,36 +128,67 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
 
 
 # --- state dict <-> stored tensors -------------------------------------------------------------
+def _packs_zero_point(spec: QuantSpec) -> bool:
+    """compressed-tensors packs the zero points of packed asymmetric group and channel weights."""
+    return is_packed(spec) and not spec.symmetric and spec.granularity in ("group", "channel")
+
+
+def _to_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> torch.Tensor:
+    """One tensor of a quantized Linear as the checkpoint stores it (signed codes, packed zero points)."""
+    spec = module.weight_spec
+    if spec is None or spec.symmetric or leaf not in ("weight", "weight_zero_point"):
+        return value  # weight_packed already holds signed codes
+    signed = (value.to(torch.int32) - storage_offset(spec)).to(torch.int8)
+    return pack_int32(signed, spec.bits, dim=0) if leaf == "weight_zero_point" and _packs_zero_point(spec) else signed
+
+
 def _stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    offsets = {
-        f"{name}.": 2 ** (m.weight_spec.bits - 1)
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear) and m.weight_spec is not None and not m.weight_spec.symmetric
-    }
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         if value.data_ptr() in seen and value.numel() > 1:
             continue  # a tied weight is stored once (transformers re-ties it from the config)
         seen.add(value.data_ptr())
-        prefix = key.rpartition(".")[0] + "."
-        if prefix in offsets and key.endswith((".weight", ".weight_zero_point")):
-            value = (value.to(torch.int32) - offsets[prefix]).to(torch.int8)
+        owner, _, leaf = key.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        if isinstance(module, QuantLinear):
+            value = _to_stored(module, leaf, value)
         tensors[key.replace(_KV_PREFIX, "")] = value.contiguous()
     return tensors
 
 
+def _from_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A quantized Linear's tensors (by leaf name) from one stored tensor, whichever weight form the
+    checkpoint used: int8 ``weight`` codes or packed ``weight_packed`` words."""
+    spec = module.weight_spec
+    if spec is None or leaf not in ("weight", "weight_packed", "weight_shape", "weight_zero_point"):
+        return {leaf: value}
+    if leaf == "weight_shape":
+        return {leaf: value} if module.packed else {}
+    if leaf == "weight_zero_point":
+        if value.dtype == torch.int32:  # packed along the output dimension
+            value = unpack_int32(value, spec.bits, module.out_features, dim=0)
+        unsigned = value.to(torch.int32) + storage_offset(spec)
+        return {leaf: unsigned.to(module.weight_zero_point.dtype)}
+    if module.packed:
+        if leaf == "weight_packed":
+            return {leaf: value}
+        return {"weight_packed": pack_int32(value, spec.bits), "weight_shape": torch.tensor(value.shape)}
+    signed = unpack_int32(value, spec.bits, module.in_features) if leaf == "weight_packed" else value
+    return {"weight": (signed.to(torch.int32) + storage_offset(spec)).to(torch.int8)}
+
+
 def _state_dict_from_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    expected = model.state_dict()
     state = {}
     for key, value in tensors.items():
         owner, _, leaf = key.rpartition(".")
         if leaf in ("k_scale", "v_scale"):
             key = f"{owner}.{_KV_PREFIX}{leaf}"
         module = model.get_submodule(owner) if owner else model
-        spec = module.weight_spec if isinstance(module, QuantLinear) else None
-        if spec is not None and not spec.symmetric and leaf in ("weight", "weight_zero_point"):
-            value = (value.to(torch.int32) + 2 ** (spec.bits - 1)).to(expected[key].dtype)
-        state[key] = value
+        if not isinstance(module, QuantLinear):
+            state[key] = value
+            continue
+        for local, converted in _from_stored(module, leaf, value).items():
+            state[f"{owner}.{local}"] = converted
     return state
 
 

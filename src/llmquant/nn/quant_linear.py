@@ -8,9 +8,17 @@ Two runtimes compute the same function:
   token): y = s_x * s_w * (x_q @ W_q^T) + b with the int8 x int8 -> int32 product of `torch._int_mm` and
   the scales applied once per output. Both round x the same way, so they differ only by float rounding.
 
-Parameter names and storage shapes follow compressed-tensors, so a state dict is a checkpoint:
-``weight`` (int8 codes), ``weight_scale`` ([1] per tensor, [out, 1] per channel, [out, in / g] per
-group), ``weight_zero_point`` (asymmetric only), ``input_scale`` / ``input_zero_point`` (static only).
+Parameter names and storage shapes follow compressed-tensors, so a state dict is (nearly) a checkpoint:
+``weight`` (8-bit codes: int8, uint8 when asymmetric), ``weight_scale`` ([1] per tensor, [out, 1] per
+channel, [out, in / g] per group), ``weight_zero_point`` (asymmetric only), ``input_scale`` /
+``input_zero_point`` (static only).
+
+Weights of fewer than 8 bits are kept packed ("pack-quantized", `llmquant.quant.packing`): ``weight_packed``
+(int32 ``[out, ceil(in * b / 32)]``, codes stored signed, q - `storage_offset`) and ``weight_shape``
+(int64 ``[2]``) replace ``weight``, and the zero point is int8 (it is packed only on disk). The forward
+dequantizes them in float32 on every call, so the layer holds b/8 of the bytes of an int8 one (plus the
+scales) and no float copy of its weight; set ``cache_dequantized`` to keep that copy after the first call
+(faster, as large as a float Linear). `QuantLinear.codes` answers the integer codes of any layer.
 """
 
 from __future__ import annotations
@@ -22,6 +30,18 @@ from torch import nn
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
+from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
+
+
+def storage_offset(spec: QuantSpec) -> int:
+    """What is subtracted from codes and zero points to store them signed, as compressed-tensors expects:
+    2^(b-1) for asymmetric codes q in [0, 2^b - 1], 0 for symmetric ones (already signed)."""
+    return 0 if spec.symmetric else 2 ** (spec.bits - 1)
+
+
+def is_packed(spec: QuantSpec | None) -> bool:
+    """Whether a weight with this spec is stored packed into int32 words (fewer than 8 bits)."""
+    return spec is not None and spec.bits < 8
 
 
 def storage_shape(spec: QuantSpec, weight_shape: torch.Size) -> tuple[int, ...]:
@@ -50,13 +70,23 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.input_spec = weight_spec, input_spec
         shape = torch.Size((out_features, in_features))
+        self.packed = is_packed(weight_spec)
+        self.cache_dequantized = False  # packed layers only: keep the float weight after the first forward
         if weight_spec is None:
             self.weight = nn.Parameter(torch.zeros(shape), requires_grad=False)
         else:
-            self.register_buffer("weight", torch.zeros(shape, dtype=torch.int8))
-            self.register_buffer("weight_scale", torch.ones(storage_shape(weight_spec, shape)))
+            if self.packed:
+                words = (out_features, packed_length(in_features, weight_spec.bits))
+                self.register_buffer("weight_packed", torch.zeros(words, dtype=torch.int32))
+                self.register_buffer("weight_shape", torch.tensor(shape, dtype=torch.int64))
+            else:  # 8-bit codes: int8, or uint8 for asymmetric codes in [0, 255]
+                dtype = torch.int8 if weight_spec.symmetric else torch.uint8
+                self.register_buffer("weight", torch.zeros(shape, dtype=dtype))
+            qparam_shape = storage_shape(weight_spec, shape)
+            self.register_buffer("weight_scale", torch.ones(qparam_shape))
             if not weight_spec.symmetric:
-                self.register_buffer("weight_zero_point", torch.zeros(storage_shape(weight_spec, shape)))
+                zero_dtype = torch.int8 if self.packed else torch.float32
+                self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=zero_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         if input_spec is not None and not input_spec.dynamic:
             self.register_buffer("input_scale", torch.ones(1))
@@ -88,27 +118,53 @@ class QuantLinear(nn.Module):
         if self.weight_spec is None:
             self.weight.data.copy_(weight)
         else:
-            scale, zero = qparams if qparams is not None else observe_once(weight, self.weight_spec)
-            self.weight.copy_(quantize(weight, scale, zero, self.weight_spec))
+            spec = self.weight_spec
+            scale, zero = qparams if qparams is not None else observe_once(weight, spec)
+            codes = quantize(weight, scale, zero, spec)
+            if self.packed:
+                self.weight_packed.copy_(pack_int32(codes.to(torch.int32) - storage_offset(spec), spec.bits))
+            else:
+                self.weight.copy_(codes)
             self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
-            if not self.weight_spec.symmetric:
-                self.weight_zero_point.copy_(zero.reshape(self.weight_zero_point.shape))
+            if not spec.symmetric:
+                self.weight_zero_point.copy_(torch.round(zero).reshape(self.weight_zero_point.shape))
         self._dequantized = None
         self._weight_t = None
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of the weight in the block view (``[n_blocks, 1]``, float)."""
         assert self.weight_spec is not None
         scale = self.weight_scale.reshape(-1, 1)
-        zero = self.weight_zero_point.reshape(-1, 1) if not self.weight_spec.symmetric else torch.zeros_like(scale)
-        return scale, zero
+        if self.weight_spec.symmetric:
+            return scale, torch.zeros_like(scale)
+        return scale, self.weight_zero_point.reshape(-1, 1).float()
+
+    def codes(self) -> torch.Tensor:
+        """The weight's integer codes ``[out, in]`` in llmquant's convention (unpacked: a copy)."""
+        spec = self.weight_spec
+        assert spec is not None
+        if not self.packed:
+            return self._buffers["weight"]
+        signed = unpack_int32(self.weight_packed, spec.bits, self.in_features)
+        return (signed.to(torch.int32) + storage_offset(spec)).to(torch.int8)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The float weight the layer computes with (cached)."""
-        if self.weight_spec is None:
+        """The float weight the layer computes with: x_hat = (q - zero) * scale. Cached, except for a packed
+        layer without ``cache_dequantized``, which unpacks it on every call."""
+        spec = self.weight_spec
+        if spec is None:
             return self.weight
-        if self._dequantized is None:
-            self._dequantized = dequantize(self.weight, *self.weight_qparams(), self.weight_spec)
-        return self._dequantized
+        if self._dequantized is not None:
+            return self._dequantized
+        if self.packed:  # the packed fields are u = q - offset + 2^(b-1): that constant folds into the zero
+            scale, zero = self.weight_qparams()
+            fields = unpack_fields(self.weight_packed, spec.bits, self.in_features)
+            weight = dequantize(fields, scale, zero + (2 ** (spec.bits - 1) - storage_offset(spec)), spec)
+        else:
+            weight = dequantize(self.weight, *self.weight_qparams(), spec)
+        if not self.packed or self.cache_dequantized:
+            self._dequantized = weight
+        return weight
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -183,7 +239,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = self.weight_spec.describe() if self.weight_spec else "float"
         a = self.input_spec.describe() if self.input_spec else "float"
-        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}, runtime={self.runtime}"
+        packed = ", packed" if self.packed else ""
+        return f"in={self.in_features}, out={self.out_features}, weight={w}{packed}, input={a}, runtime={self.runtime}"
 
 
 def set_runtime(model: nn.Module, runtime: str) -> int:

@@ -1,6 +1,7 @@
-"""Layer 1, numerics: quantization specs, pure quantize/dequantize functions and observers."""
+"""Layer 1, numerics: quantization specs, pure quantize/dequantize functions, observers, int32 packing."""
 
 from llmquant.quant.observers import Observer, observe_once
+from llmquant.quant.packing import pack_int32, packed_length, unpack_int32
 from llmquant.quant.primitives import dequantize, fake_quantize, qparams_for, qparams_from_min_max, quantize
 from llmquant.quant.spec import QuantSpec
 
@@ -10,7 +11,10 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "observe_once",
+    "pack_int32",
+    "packed_length",
     "qparams_for",
     "qparams_from_min_max",
     "quantize",
+    "unpack_int32",
 ]
