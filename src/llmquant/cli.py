@@ -150,10 +150,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmquant.evaluation.perplexity import perplexity
 
     start = time.perf_counter()
+    tasks = _task_names(args.tasks)  # a missing lm-eval fails before the model loads
     model, tokenizer = llmquant.load(args.model, runtime=args.runtime)
     if tokenizer is None:
         raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
     result: dict[str, Any] = {"ppl": {}}
+    if tasks:
+        from llmquant.evaluation.lm_eval_adapter import evaluate_tasks
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, tasks, args.limit)
+        for task, metrics in result["tasks"].items():
+            print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.lambada:
         from llmquant.evaluation.lambada import lambada_accuracy, lambada_texts
 
@@ -161,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         accuracy = lambada_accuracy(model, tokenizer, texts, progress=not args.quiet)
         result["lambada"] = {args.lambada: accuracy}
         print(f"lambada {args.lambada}: last-token accuracy {accuracy:.4f} ({len(texts)} texts)")
-    for corpus_name in args.ppl if args.ppl is not None else ([] if args.lambada else ["pydoc"]):
+    for corpus_name in args.ppl if args.ppl is not None else ([] if args.lambada or tasks else ["pydoc"]):
         windows = _eval_windows(tokenizer, corpus_name, args.seqlen, args.max_windows)
         result["ppl"][corpus_name] = perplexity(model, windows, progress=not args.quiet)
         print(f"perplexity {corpus_name}: {result['ppl'][corpus_name]:.4f} ({len(windows)} windows of {args.seqlen})")
@@ -169,6 +176,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from llmquant.sweep import resolve_methods, run_sweep
+
+    methods = resolve_methods(args.methods)
+    try:
+        summary = run_sweep(args.model, _recipe_from_args(args), Path(args.output), args.schemes, methods,
+                            args.eval_corpus, args.max_windows, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"llmquant: interrupted; finished cells are kept in {args.output}: run the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    print(summary.line())
+    return 0
+
+
+def _task_names(text: str | None) -> list[str]:
+    """``--tasks a,b``: the names, after checking that lm-eval is installed (one line if not)."""
+    if text is None:
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise LlmquantError("--tasks needs at least one lm-eval task name (comma separated) or task .yaml file")
+    import llmquant.evaluation.lm_eval_adapter  # noqa: F401 - raises the install hint when lm-eval is missing
+
+    return names
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -233,12 +267,35 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ppl", nargs="+", default=None, help="corpora: pydoc, wikitext2, pileval, c4 or files")
     e.add_argument("--lambada", default=None, help="LAMBADA last-token accuracy: lambada_openai or a .jsonl file")
     e.add_argument("--lambada-limit", type=int, default=None, help="evaluate the first N texts only")
+    e.add_argument("--tasks", default=None,
+                   help="lm-eval-harness tasks, comma separated (names or task .yaml files); needs .[eval]")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each task only")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     e.add_argument("--runtime", default="fake", help="fake (simulated) or int8 (int8 GEMMs for W8A8 Linears)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sweep", help="quantize with every scheme x pre-optimization method and tabulate perplexity")
+    s.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M)")
+    s.add_argument("--schemes", nargs="+", default=None, help="presets (default: the eight W8A8 schemes)")
+    s.add_argument("--methods", nargs="+", default=None,
+                   help="smooth_0.85, smooth_0.5, smooth_fc_fc_0.5+rotation (the default three), none, or a "
+                        ".json/.yaml file mapping method names to pre_opts lists")
+    s.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
+    s.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
+    s.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")
+    s.add_argument("--calib-samples", type=int, default=None)
+    s.add_argument("--seqlen", type=int, default=None, help="calibration and evaluation window length")
+    s.add_argument("--config", default=None, help="base recipe file; its scheme and pre_opts are replaced per cell")
+    s.add_argument("--eval-corpus", default="pydoc")
+    s.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
+    s.add_argument("--output", metavar="DIR", required=True,
+                   help="directory for the table, chart and cells (rerun to resume)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_sweep, scheme=None, kv_cache=None, ignore=None, layer_map=None, pre_opt=None,
+                   alpha=None, rotations=None)
 
     d = sub.add_parser("detect", help="print the layer map found in a model")
     d.add_argument("--model", default=None)
