@@ -154,7 +154,7 @@ def test_manifest_records_plan_errors_and_timings(calib_ids: torch.Tensor) -> No
     llmquant.quantize(model, "w_int8_per_channel_a_int8_per_tensor_static", calib=calib_ids, progress=False)
     manifest = model.llmquant_manifest.to_dict()
     assert manifest["recipe"]["scheme"] == "w_int8_per_channel_a_int8_per_tensor_static"
-    assert {"capture", "layers", "total"} <= set(manifest["seconds"])
+    assert {"prepare", "layers", "total"} <= set(manifest["seconds"])
     assert set(manifest["layers"][0]["weight_error"]) == set(manifest["model_map"]["linears"])
     assert all(0 < e < 0.05 for e in manifest["layers"][0]["weight_error"].values())
     assert {row["module"] for row in manifest["plan"]} >= {"lm_head", "model.layers.0.mlp.down_proj"}

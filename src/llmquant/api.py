@@ -17,6 +17,8 @@ from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline import quantize as run_pipeline
+from llmquant.pipeline.engine import LayerSource
+from llmquant.pipeline.run_dir import RunDir
 from llmquant.recipe import Recipe
 
 
@@ -55,15 +57,22 @@ def quantize(
     calib: torch.Tensor | str | None = None,
     model_map: ModelMap | None = None,
     progress: bool = True,
+    run_dir: RunDir | None = None,
+    source: LayerSource | None = None,
 ) -> nn.Module:
-    """Quantize ``model`` in place; the run's manifest is kept as ``model.llmquant_manifest``."""
+    """Quantize ``model`` in place; the run's manifest is kept as ``model.llmquant_manifest``.
+
+    ``run_dir`` keeps every finished layer (and resumes from it), ``source`` streams the decoder layers
+    from disk (`llmquant.pipeline.quantize`); the command line sets both for ``--resume`` and
+    ``--max-memory``."""
     recipe = as_recipe(recipe)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
     if limit is not None and seqlen > limit:
         raise LlmquantError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
-    manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress)
+    manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress, run_dir=run_dir,
+                            source=source)
     model.llmquant_manifest = manifest  # type: ignore[attr-defined]
     return model
 

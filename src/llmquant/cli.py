@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -101,16 +102,24 @@ def _float_ppl(model: Any, windows: Any, key: str | None) -> float:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import llmquant
     from llmquant import data
+    from llmquant.api import calibration_ids
     from llmquant.evaluation.perplexity import perplexity
+    from llmquant.pipeline.run_dir import RunDir, fingerprint
 
     recipe = _recipe_from_args(args)
     output = Path(args.output)
+    cap = _memory_cap(args.max_memory)
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
-    model, tokenizer = llmquant.load(args.model)
+    model, tokenizer, source, files = _load_for_quantization(args.model, cap)
+    ids = calibration_ids(recipe, tokenizer, calib_text)
+    run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
+                          fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume)
     windows = None
     figures: dict[str, Any] = {}
-    if args.eval:
+    if args.eval and source is not None:
+        log.warning("a model streamed from disk is not evaluated here; run `llmquant eval --model %s`", output)
+    elif args.eval:
         windows = _eval_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
         key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
         figures["float_ppl"] = _float_ppl(model, windows, key)
@@ -120,7 +129,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from llmquant.model.model_map import ModelMap
 
         model_map = ModelMap.from_dict(_read_layer_map(args.layer_map)["model_map"])
-    llmquant.quantize(model, recipe, tokenizer, calib=calib_text, model_map=model_map, progress=not args.quiet)
+    llmquant.quantize(model, recipe, tokenizer, calib=ids, model_map=model_map, progress=not args.quiet,
+                      run_dir=run_dir, source=source)
     figures["quantize_seconds"] = time.perf_counter() - t_quant
     manifest = model.llmquant_manifest
     if windows is not None:
@@ -128,13 +138,50 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         figures["ppl_ratio"] = figures["quantized_ppl"] / figures["float_ppl"]
         figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows)}
     manifest.results.update(figures)
+    if cap is not None:
+        manifest.results["max_memory_mb"] = cap / 2**20
     manifest.seconds["wall"] = time.perf_counter() - start
     llmquant.save(model, tokenizer, output)
-    _print_summary(recipe.scheme, figures, output)
+    run_dir.remove()
+    _print_summary(recipe.scheme, figures, output, manifest.results.get("peak_rss_mb"))
     return 0
 
 
-def _print_summary(scheme: str, figures: dict[str, Any], output: Path) -> None:
+def _load_for_quantization(model_arg: str | None, cap: int | None) -> tuple[Any, Any, Any, list[Path]]:
+    """The model, its tokenizer, a streaming layer source when ``cap`` asks for one (else None), and the
+    files a run's fingerprint should cover."""
+    import llmquant
+
+    if cap is None:
+        model, tokenizer = llmquant.load(model_arg)
+        return model, tokenizer, None, []
+    from llmquant.model.lazy import load_lazy
+    from llmquant.model.loading import local_checkpoint_dir
+    from llmquant.pipeline.engine import LayerSource
+
+    directory = local_checkpoint_dir(model_arg)
+    model, tokenizer, lazy = load_lazy(directory)
+    if tokenizer is None:
+        raise LlmquantError(f"{directory} has no tokenizer files; calibration needs one")
+    layer_bytes = sum(p.numel() * 4 for p in lazy.model_map.layers(model)[0].parameters())
+    if layer_bytes > cap:
+        raise LlmquantError(f"--max-memory {cap / 2**30:.2f} GiB is below one float decoder layer "
+                            f"({layer_bytes / 2**30:.2f} GiB)")
+    return model, tokenizer, LayerSource(lazy), sorted(set(lazy.reader.files.values()))
+
+
+def _memory_cap(text: str | None) -> int | None:
+    """``--max-memory``: bytes from "2GB", "2G", "1500MB", "1.5" (GiB when no unit is given)."""
+    if text is None:
+        return None
+    units = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20}
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if found is None or found.group(2).lower() not in units or float(found.group(1)) <= 0:
+        raise LlmquantError(f"--max-memory must be a size such as 2GB, 1500MB or 1.5 (GiB), got '{text}'")
+    return int(float(found.group(1)) * units[found.group(2).lower()])
+
+
+def _print_summary(scheme: str, figures: dict[str, Any], output: Path, peak_rss_mb: float | None) -> None:
     print(f"\nscheme: {scheme}")
     if "quantized_ppl" in figures:
         e = figures["eval"]
@@ -142,7 +189,8 @@ def _print_summary(scheme: str, figures: dict[str, Any], output: Path) -> None:
         print("| model | ppl | ratio |\n|---|---|---|")
         print(f"| float32 | {figures['float_ppl']:.3f} | 1.000 |")
         print(f"| {scheme} | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
-    print(f"quantization took {figures['quantize_seconds']:.1f} s; checkpoint and llmquant.json in {output}")
+    memory = f", peak memory {peak_rss_mb:.0f} MiB" if peak_rss_mb else ""
+    print(f"quantization took {figures['quantize_seconds']:.1f} s{memory}; checkpoint and llmquant.json in {output}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -256,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, or seed 003's quarot map")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
     q.add_argument("--output", required=True, help="directory for the checkpoint")
+    q.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same model, recipe and calibration from its last layer")
+    q.add_argument("--max-memory", default=None,
+                   help="stream decoder layers from disk, one in memory at a time (e.g. 2GB); skips the evaluation")
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
     q.add_argument("--eval-corpus", default="pydoc")
     q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
@@ -316,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         output = getattr(args, "output", None)
-        where = f"; nothing was written to {output}" if output else ""
+        where = f"; nothing was written to {output} (--resume continues from the last finished layer)" if output else ""
         print(f"llmquant: interrupted{where}", file=sys.stderr)
         return 130
 

@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmquant.errors import LlmquantError
+from llmquant.model.lazy import INDEX, CheckpointReader
 from llmquant.model.model_map import detect_model_map
 from llmquant.model.targets import matches_any
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
@@ -142,9 +143,13 @@ def _to_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> torch.Ten
     return pack_int32(signed, spec.bits, dim=0) if leaf == "weight_zero_point" and _packs_zero_point(spec) else signed
 
 
-def _stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+def _stored_tensors(model: nn.Module, prefix: str = "", skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for ``model`` (keys prefixed by ``prefix``), leaving out those
+    under ``skip`` (the decoder layers of a streamed model, written shard by shard)."""
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
+        if (skip is not None and key.startswith(skip)) or value.is_meta:
+            continue
         if value.data_ptr() in seen and value.numel() > 1:
             continue  # a tied weight is stored once (transformers re-ties it from the config)
         seen.add(value.data_ptr())
@@ -152,7 +157,7 @@ def _stored_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         module = model.get_submodule(owner) if owner else model
         if isinstance(module, QuantLinear):
             value = _to_stored(module, leaf, value)
-        tensors[key.replace(_KV_PREFIX, "")] = value.contiguous()
+        tensors[prefix + key.replace(_KV_PREFIX, "")] = value.contiguous()
     return tensors
 
 
@@ -199,6 +204,7 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifes
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        _write_weights(model, tmp)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         qconfig = quantization_config(model)
@@ -208,7 +214,6 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifes
         if structure:
             config[STRUCTURE] = structure
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        save_file(_stored_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if manifest is not None:
@@ -218,6 +223,34 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifes
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _write_weights(model: nn.Module, directory: Path) -> None:
+    """``model.safetensors``; or, for a model whose decoder layers were streamed (their finished state in
+    ``model.llmquant_run_dir``), one shard per layer, read back one at a time, plus one for the rest and
+    the Hugging Face index, so memory never holds more than one layer."""
+    run_dir = getattr(model, "llmquant_run_dir", None)
+    if run_dir is None:
+        save_file(_stored_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+        return
+    model_map = detect_model_map(model)
+    layers = model_map.layers(model)
+    names = [f"model-{i + 1:05d}-of-{len(layers) + 1:05d}.safetensors" for i in range(len(layers) + 1)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for index, layer in enumerate(layers):
+        layer.load_state_dict(run_dir.layer_state(index), assign=True)
+        tensors = _stored_tensors(layer, prefix=f"{model_map.layer_name(index)}.")
+        save_file(tensors, str(directory / names[index]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, names[index]))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        layer.to("meta")
+    rest = _stored_tensors(model, skip=model_map.decoder_layers + ".")
+    save_file(rest, str(directory / names[-1]), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(rest, names[-1]))
+    total += sum(t.numel() * t.element_size() for t in rest.values())
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index_json, indent=2))
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -317,7 +350,8 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
     if raw is not None:
         _apply_quantization_config(model, QuantizationConfig.model_validate(raw))
     _apply_structure(model, structure)
-    tensors = load_file(str(directory / WEIGHTS))
+    reader = CheckpointReader(directory)
+    tensors = reader.read(reader.names())
     _add_missing_biases(model, tensors)
     missing, unexpected = model.load_state_dict(_state_dict_from_stored(model, tensors), strict=False)
     model.tie_weights()

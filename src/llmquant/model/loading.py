@@ -97,3 +97,17 @@ def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel
             f"cannot load model '{source}': not a local directory or .gguf file, and the hub could not "
             f"provide it ({first}); omit --model for the offline default {DEFAULT_MODEL_NAME}"
         ) from None
+
+
+def local_checkpoint_dir(source: str | os.PathLike | None) -> Path:
+    """The local Hugging Face directory a model is read from (the cached float default for None): what a
+    model streamed from disk layer by layer needs."""
+    if source is None:
+        return _cached_default()
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise LlmquantError(
+        f"streaming layers from disk (--max-memory) needs a local Hugging Face directory with safetensors, "
+        f"not '{source}'; save the float model with save_pretrained first"
+    )

@@ -1,7 +1,8 @@
 """The engine: run a recipe on a model, decoder layer by decoder layer.
 
 1. Resolve the recipe into a `QuantPlan` (a scheme per Linear) before any weight is touched.
-1b. With QuaRot, rotate the model (data-free, checked for equivalence: `llmquant.pipeline.rotation`).
+1b. With QuaRot, plan the rotations on the first layer and rotate the embeddings (data-free, checked for
+   equivalence: `llmquant.pipeline.rotation`); each layer is rotated just before it is calibrated.
 2. Capture the first decoder layer's inputs for the calibration samples (one pass of the embeddings).
 3. For each layer: a float pass records the output (and, with smoothing, each group's activation
    statistics; the groups are found once on layer 0, then smoothed and checked for equivalence), and,
@@ -11,7 +12,9 @@
    layer's output error.
 4. Linears outside the decoder layers (the head, when a recipe asks for it) are quantized last.
 
-Only the current layer's weights and the calibration activations are touched at a time.
+Only the current layer's weights and the calibration activations are touched at a time; with a
+streaming `LayerSource` only they are in memory, and a `RunDir` keeps every finished layer so that an
+interrupted run resumes from the last one.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from tqdm.auto import tqdm
 
 from llmquant.algorithms import awq
 from llmquant.algorithms.gptq import GPTQ
+from llmquant.algorithms.quarot import rotate_layer
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
+from llmquant.model.lazy import LazyLayers
 from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
@@ -42,7 +47,8 @@ from llmquant.pipeline.layer_io import (
     relative_error,
     run_layer,
 )
-from llmquant.pipeline.rotation import rotate_model, with_seed_map
+from llmquant.pipeline.rotation import RotationPass, with_seed_map
+from llmquant.pipeline.run_dir import RunDir
 from llmquant.recipe import GPTQOptions, QuantPlan, Recipe
 
 log = logging.getLogger(__name__)
@@ -410,14 +416,56 @@ def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantP
     return done
 
 
+@dataclass
+class LayerSource:
+    """Where decoder layers live: in memory (the default: nothing to do), or on disk (`LazyLayers`, read
+    one at a time and released to ``meta`` once their result is in the run directory)."""
+
+    lazy: LazyLayers | None = None
+
+    @property
+    def streams(self) -> bool:
+        return self.lazy is not None
+
+    def materialize(self, model: nn.Module, model_map: ModelMap, index: int) -> nn.Module:
+        return self.lazy.materialize(index) if self.lazy is not None else model_map.layers(model)[index]
+
+    def release(self, model: nn.Module, model_map: ModelMap, index: int) -> None:
+        if self.lazy is not None:
+            model_map.layers(model)[index].to("meta")
+
+
+def _restore_layer(layer: nn.Module, prefix: str, model_map: ModelMap, plan: QuantPlan,
+                   state: dict[str, torch.Tensor]) -> None:
+    """Give a float layer (already rotated, if the run rotates) the modules a finished run left, and load
+    their tensors: QuantLinears as the plan says, the KV-cache quantizer, then the saved state."""
+    for rel, (_, quantized) in _quantizers_for_layer(layer, prefix, plan).items():
+        _swap(layer, rel, quantized)
+    kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
+    if kv_spec is not None:
+        layer.get_submodule(model_map.attention).kv_cache_quantizer = KVCacheQuantizer(kv_spec)
+    layer.load_state_dict(state, strict=True, assign=True)
+
+
 def quantize(
     model: nn.Module,
     recipe: Recipe,
     calib: torch.Tensor,
     model_map: ModelMap | None = None,
     progress: bool = True,
+    run_dir: RunDir | None = None,
+    source: LayerSource | None = None,
 ) -> Manifest:
-    """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen]."""
+    """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen].
+
+    With ``run_dir``, every finished layer is saved there and the layers it already holds are restored
+    instead of recomputed (resume). With a streaming ``source``, decoder layers are read from disk one at a
+    time and released after they are saved: ``run_dir`` is then required and the checkpoint writer reads
+    the layers back from it (``model.llmquant_run_dir``).
+    """
+    source = source or LayerSource()
+    if source.streams and run_dir is None:
+        raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
     model_map = model_map or detect_model_map(model)
     quarot = recipe.quarot()
@@ -433,25 +481,56 @@ def quantize(
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
+    first = source.materialize(model, model_map, 0)
+    rotation = None
     if quarot is not None:
-        sample = calib[:1, :ROTATION_CHECK_TOKENS]
-        manifest.results["rotation"] = rotate_model(model, model_map, quarot.config(), sample)
-        manifest.seconds["rotation"] = time.perf_counter() - t0
+        rotation = RotationPass(model, model_map, quarot.config(), calib[:1, :ROTATION_CHECK_TOKENS])
     inputs = capture_layer_inputs(model, model_map, calib)
+    if rotation is not None:
+        rotation.rotate(first, 0, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]))
     smoothing = plan_smoothing(model, model_map, recipe, inputs)
     if smoothing is not None:
         manifest.results["smooth_groups"] = smoothing.describe()
-    manifest.seconds["capture"] = time.perf_counter() - t0 - manifest.seconds.get("rotation", 0.0)
+    manifest.seconds["prepare"] = time.perf_counter() - t0
+    done = run_dir.finished_layers() if run_dir is not None else 0
+    if done:
+        inputs = LayerInputs(hidden=run_dir.next_inputs(), kwargs=inputs.kwargs)
+        manifest.results["resumed_after_layer"] = done - 1
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
     t1 = time.perf_counter()
+    gptq = recipe.gptq if recipe.algorithm == "gptq" else None
     for index in bar:
-        gptq = recipe.gptq if recipe.algorithm == "gptq" else None
-        outputs, row = quantize_layer(layers[index], index, model_map, plan, inputs, smoothing, gptq)
-        inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
-        manifest.layers.append(row)
-        bar.set_postfix(err=f"{row['output_error']:.4f}")
+        prefix = model_map.layer_name(index)
+        layer = source.materialize(model, model_map, index)
+        if index < done:  # finished before an interruption: its modules and tensors come from the run dir
+            if rotation is not None and index > 0:
+                rotate_layer(layer, rotation.plan)
+            _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
+            manifest.layers.append(run_dir.layer_row(index))
+        else:
+            if rotation is not None and index > 0:
+                rotation.rotate(layer, index, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]))
+            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, smoothing, gptq)
+            inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+            manifest.layers.append(row)
+            if run_dir is not None:
+                run_dir.save_layer(index, layer, row, outputs)
+            bar.set_postfix(err=f"{row['output_error']:.4f}")
+        source.release(model, model_map, index)
     manifest.seconds["layers"] = time.perf_counter() - t1
+    if rotation is not None:
+        manifest.results["rotation"] = rotation.finish(inputs.hidden[:1])
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.seconds["total"] = time.perf_counter() - t0
+    manifest.results["peak_rss_mb"] = peak_rss_mb()
+    if source.streams:
+        model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
     return manifest
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

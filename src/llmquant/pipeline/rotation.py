@@ -1,12 +1,13 @@
 """The rotation pass of the engine (QuaRot, `llmquant.algorithms.quarot`), with its equivalence checks.
 
-Data-free and run once before calibration: the plan is resolved on the first decoder layer, then the
-embeddings, every decoder layer and the head are rotated. On one calibration sample the pass checks
-what each step claims, and stops naming the step if a check fails:
+Data-free: the plan is resolved on the first decoder layer, then the embeddings are rotated before
+calibration starts, each decoder layer just before it is calibrated, and the head at the end. On one
+calibration sample the pass checks what each step claims, and stops naming the step if a check fails:
 
-- each layer: rotated(layer)(x') == (layer(x))' where x' is x moved into the rotated residual stream
-  (x' = x Q1, centered first for a LayerNorm model; x' = x without R1);
-- the whole model: the logits before and after, relative error below `EQUIVALENCE_TOLERANCE`.
+- the embeddings: the first layer's inputs x' == x moved into the rotated residual stream (x' = x Q1,
+  centered first for a LayerNorm model; x' = x without R1);
+- each layer and the head: rotated(module)(x') == (module(x))' on one sample,
+each with a relative error below `EQUIVALENCE_TOLERANCE`.
 """
 
 from __future__ import annotations
@@ -92,33 +93,77 @@ def _to_stream(plan: QuaRotPlan, hidden: list[torch.Tensor]) -> list[torch.Tenso
     return [r1.apply(h) for h in moved]
 
 
+def _from_stream(plan: QuaRotPlan, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Rotated residual-stream states back in the float model's basis."""
+    r1 = plan.rotation("R1")
+    return hidden if r1 is None else [r1.apply(h, inverse=True) for h in hidden]
+
+
+class RotationPass:
+    """QuaRot inside the engine's layer loop: `start` plans on the float first layer and rotates the
+    embeddings, `rotate` rotates one decoder layer, `finish` the final norm and head; each is checked on
+    one sample, comparing the rotated module on rotated inputs with the float one on the same inputs
+    moved back (so it also holds for a model streamed from disk, one layer at a time)."""
+
+    def __init__(self, model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor) -> None:
+        """``sample``: token ids ``[1, T]``; the first decoder layer must hold its float weights."""
+        untie_head(model, model_map)
+        self.model, self.model_map = model, model_map
+        self.plan = plan_rotations(model, model_map, config, sample)
+        for step in self.plan.steps.values():
+            if step.rotation is None:
+                log.warning("QuaRot %s does not apply: %s", step.name, step.note)
+        before = capture_layer_inputs(model, model_map, sample)
+        rotate_embeddings(model, self.plan)
+        after = capture_layer_inputs(model, model_map, sample)
+        self.errors = {"embeddings": _check(relative_error(_to_stream(self.plan, before.hidden), after.hidden),
+                                            "the embeddings")}
+        self.layer_errors: list[float] = []
+
+    def _float_basis(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rotated-stream states moved back to the float basis (and centered exactly for a LayerNorm model:
+        a quantized stream is zero-mean only up to quantization error), as check inputs."""
+        moved = _from_stream(self.plan, hidden)
+        return [h - h.mean(-1, keepdim=True) for h in moved] if self.plan.center else moved
+
+    @torch.no_grad()
+    def rotate(self, layer: nn.Module, index: int, sample: LayerInputs) -> None:
+        """Rotate one decoder layer; ``sample``: its inputs (in the rotated stream) for one sample."""
+        where = self.model_map.layer_name(index)
+        hidden = self._float_basis(sample.hidden)
+        float_out = run_layer(layer, LayerInputs(hidden, sample.kwargs), where)
+        rotate_layer(layer, self.plan)
+        rotated_out = run_layer(layer, LayerInputs(_to_stream(self.plan, hidden), sample.kwargs), where)
+        self.layer_errors.append(_check(relative_error(_to_stream(self.plan, float_out), rotated_out), where))
+
+    @torch.no_grad()
+    def finish(self, last_outputs: list[torch.Tensor]) -> dict:
+        """Rotate the head (the final norm folded into it), check it on the last layer's outputs of one
+        sample, and return the manifest entry."""
+        plan, model = self.plan, self.model
+        if plan.rotation("R1") is not None and plan.head is not None:
+            norm = model.get_submodule(plan.final_norm) if plan.final_norm else nn.Identity()
+            head = model.get_submodule(plan.head)
+            hidden = self._float_basis(last_outputs)
+            reference = head(norm(hidden[0]))
+            rotate_head(model, plan)
+            norm = model.get_submodule(plan.final_norm) if plan.final_norm else nn.Identity()
+            rotated = head(norm(_to_stream(plan, hidden)[0]))
+            self.errors["head"] = _check(relative_error([reference], [rotated]), "the head")
+        self.errors["layers_max"] = max(self.layer_errors, default=0.0)
+        return {"plan": plan.describe(), "center": plan.center, "equivalence_error": self.errors}
+
+
 @torch.no_grad()
 def rotate_model(model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor) -> dict:
-    """Plan, apply and check QuaRot on ``model`` in place; return the manifest entry."""
-    untie_head(model, model_map)
-    reference = model(sample, use_cache=False).logits
-    plan = plan_rotations(model, model_map, config, sample)
-    for step in plan.steps.values():
-        if step.rotation is None:
-            log.warning("QuaRot %s does not apply: %s", step.name, step.note)
+    """Plan, apply and check QuaRot on a whole model in place (the engine runs `RotationPass` layer by
+    layer instead); return the manifest entry."""
+    rotation = RotationPass(model, model_map, config, sample)
     inputs = capture_layer_inputs(model, model_map, sample)
-    rotate_embeddings(model, plan)
-    rotated_inputs = capture_layer_inputs(model, model_map, sample)
-    errors = {"embeddings": _check(relative_error(_to_stream(plan, inputs.hidden), rotated_inputs.hidden),
-                                   "the embeddings")}
-    layer_errors = []
     for index, layer in enumerate(model_map.layers(model)):
-        where = model_map.layer_name(index)
-        float_out = run_layer(layer, inputs, where)
-        rotate_layer(layer, plan)
-        rotated_out = run_layer(layer, LayerInputs(_to_stream(plan, inputs.hidden), inputs.kwargs), where)
-        layer_errors.append(_check(relative_error(_to_stream(plan, float_out), rotated_out), where))
-        inputs = LayerInputs(float_out, inputs.kwargs)
-    rotate_head(model, plan)
-    rotated = model(sample, use_cache=False).logits
-    errors["logits"] = _check(relative_error([reference], [rotated]), "the model (logits)")
-    errors["layers_max"] = max(layer_errors, default=0.0)
-    return {"plan": plan.describe(), "center": plan.center, "equivalence_error": errors}
+        rotation.rotate(layer, index, inputs)
+        inputs = LayerInputs(run_layer(layer, inputs, model_map.layer_name(index)), inputs.kwargs)
+    return rotation.finish(inputs.hidden)
 
 
-__all__ = ["EQUIVALENCE_TOLERANCE", "model_shapes", "plan_rotations", "rotate_model", "with_seed_map"]
+__all__ = ["EQUIVALENCE_TOLERANCE", "RotationPass", "model_shapes", "plan_rotations", "rotate_model", "with_seed_map"]

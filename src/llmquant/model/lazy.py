@@ -1,0 +1,114 @@
+"""Models larger than memory: a skeleton whose decoder layers are read from disk one at a time.
+
+`load_lazy(directory)` builds the model on the ``meta`` device (no weight memory), then reads every tensor
+outside the decoder layers (embeddings, final norm, head) from the checkpoint's safetensors files. The
+decoder layers stay on ``meta`` until `LazyLayers.materialize(i)` reads layer i's tensors; `release(i)`
+sends them back to ``meta``. Reads go through `safetensors.safe_open`, which maps the file and copies
+only the tensors asked for, so resident memory holds one float layer at a time (plus the rest).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from llmquant.errors import LlmquantError
+from llmquant.model.model_map import ModelMap, detect_model_map
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Tensors of a Hugging Face safetensors checkpoint (one file or a sharded index), by name."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        index = directory / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif (directory / "model.safetensors").exists():
+            with safe_open(directory / "model.safetensors", framework="pt") as handle:
+                self.files = dict.fromkeys(handle.keys(), directory / "model.safetensors")
+        else:
+            raise LlmquantError(f"{directory} holds no model.safetensors (or index): a lazily loaded model "
+                                "needs a safetensors checkpoint")
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise LlmquantError(f"checkpoint {self.directory} has no tensor {name}")
+            by_file.setdefault(self.files[name], []).append(name)
+        tensors = {}
+        for file, wanted in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in wanted})
+        return tensors
+
+
+def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader) -> None:
+    """Read every parameter and persistent buffer of ``module`` stored under ``prefix``, as float32."""
+    names = [n for n, _ in module.named_parameters()] + [
+        n for n, _ in module.named_buffers() if f"{prefix}{n}" in reader.files
+    ]
+    stored = [n for n in names if f"{prefix}{n}" in reader.files]
+    for name, value in reader.read([f"{prefix}{n}" for n in stored]).items():
+        value = value.float() if value.is_floating_point() else value
+        set_module_tensor_to_device(module, name[len(prefix):], "cpu", value=value)
+
+
+@dataclass
+class LazyLayers:
+    """The decoder layers of a skeleton model, read from ``reader`` when needed."""
+
+    model: nn.Module
+    model_map: ModelMap
+    reader: CheckpointReader
+
+    def materialize(self, index: int) -> nn.Module:
+        layer = self.model_map.layers(self.model)[index]
+        if any(p.is_meta for p in layer.parameters()):
+            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader)
+        return layer
+
+    def release(self, index: int) -> None:
+        self.model_map.layers(self.model)[index].to("meta")
+
+
+def load_lazy(directory: str | Path) -> tuple[PreTrainedModel, object, LazyLayers]:
+    """The model of a local checkpoint with its decoder layers left on disk, its tokenizer, and the layers."""
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model_map = detect_model_map(model)
+    reader = CheckpointReader(directory)
+    layers_prefix = model_map.decoder_layers + "."
+    outside = [n for n, p in model.named_parameters() if not n.startswith(layers_prefix)]
+    stored = [n for n in outside if n in reader.files]
+    for name, value in reader.read(stored).items():
+        set_module_tensor_to_device(model, name, "cpu", value=value.float())
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if not n.startswith(layers_prefix) and p.is_meta]
+    if missing:
+        raise LlmquantError(f"checkpoint {directory} lacks {missing[:3]}")
+    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
+    return model, tokenizer, LazyLayers(model, model_map, reader)
+
+
+__all__ = ["CheckpointReader", "LazyLayers", "load_lazy"]

@@ -1,0 +1,126 @@
+"""A run's work directory: what each finished layer left, so an interrupted run resumes where it stopped.
+
+Layout (every file written to a temporary name and renamed, the row last, so a layer counts as finished
+only once all of its files are complete)::
+
+    fingerprint.json        what the run depends on (model, recipe, calibration, llmquant version)
+    layer-0007.safetensors  the transformed, quantized layer's state dict
+    layer-0007.json         its manifest row (marks the layer finished)
+    inputs.safetensors      the inputs of the next layer (the last finished layer's outputs)
+
+A directory made by a run with another fingerprint is never resumed silently: `RunDir.open` refuses it
+with one line. The work directory also backs the streamed checkpoint writer: a layer released from
+memory is read back from its file (`layer_state`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmquant.errors import LlmquantError
+
+FINGERPRINT = "fingerprint.json"
+INPUTS = "inputs.safetensors"
+
+
+def _sampled_bytes(tensor: torch.Tensor, samples: int = 4096) -> bytes:
+    """A few thousand evenly spaced values of a tensor (enough to tell two checkpoints apart, cheaply)."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // samples)
+    return flat[::step][:samples].float().numpy().tobytes()
+
+
+def fingerprint(model: nn.Module, recipe: dict[str, Any], calib: torch.Tensor, source_files: list[Path]) -> str:
+    """SHA-256 of what a run's result depends on: the model (its config, samples of the tensors in memory,
+    and the size and time of the files it streams from), the recipe, the calibration ids, the version."""
+    import llmquant
+
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update((config.to_json_string() if config is not None else type(model).__name__).encode())
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_meta:
+            digest.update(name.encode() + _sampled_bytes(tensor))
+    for path in source_files:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(calib.numpy().tobytes())
+    digest.update(llmquant.__version__.encode())
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """The work directory of one run (see the module docstring)."""
+
+    def __init__(self, path: Path, print_: str) -> None:
+        self.path = path
+        self.fingerprint = print_
+
+    @classmethod
+    def open(cls, path: str | Path, print_: str, resume: bool) -> RunDir:
+        """The run's directory; with ``resume``, an existing one must carry the same fingerprint, without
+        it an existing one is started afresh."""
+        path = Path(path)
+        marker = path / FINGERPRINT
+        if path.exists() and resume and marker.exists():
+            found = json.loads(marker.read_text()).get("fingerprint")
+            if found != print_:
+                raise LlmquantError(
+                    f"{path} holds an interrupted run of another model, recipe or calibration set; "
+                    "delete it, or run without --resume to start afresh"
+                )
+            return cls(path, print_)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        _write_atomically(marker, lambda tmp: tmp.write_text(json.dumps({"fingerprint": print_})))
+        return cls(path, print_)
+
+    def _layer(self, index: int, suffix: str) -> Path:
+        return self.path / f"layer-{index:04d}.{suffix}"
+
+    def finished_layers(self) -> int:
+        """How many layers, from the first, are finished."""
+        count = 0
+        while self._layer(count, "json").exists():
+            count += 1
+        return count
+
+    def save_layer(self, index: int, layer: nn.Module, row: dict, outputs: list[torch.Tensor]) -> None:
+        state = {k: v.detach().contiguous() for k, v in layer.state_dict().items()}
+        _write_atomically(self._layer(index, "safetensors"), lambda tmp: save_file(state, str(tmp)))
+        hidden = {f"{i}": h.contiguous() for i, h in enumerate(outputs)}
+        _write_atomically(self.path / INPUTS, lambda tmp: save_file(hidden, str(tmp)))
+        _write_atomically(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(row, default=str)))
+
+    def layer_state(self, index: int) -> dict[str, torch.Tensor]:
+        return load_file(str(self._layer(index, "safetensors")))
+
+    def layer_row(self, index: int) -> dict:
+        return json.loads(self._layer(index, "json").read_text())
+
+    def next_inputs(self) -> list[torch.Tensor]:
+        hidden = load_file(str(self.path / INPUTS))
+        return [hidden[str(i)] for i in range(len(hidden))]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+__all__ = ["RunDir", "fingerprint"]
