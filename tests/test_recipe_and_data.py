@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llmquant
 from llmquant import Recipe, data
 from llmquant.errors import LlmquantError
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
@@ -88,3 +89,29 @@ def test_local_files(tmp_path: Path) -> None:
     assert data.corpus(str(tmp_path / "b.jsonl")) == "one\n\ntwo"
     with pytest.raises(LlmquantError, match="must be a JSON object with a 'text' field"):
         data.corpus(str(tmp_path / "c.jsonl"))
+
+
+@pytest.mark.parametrize(("in_features", "group_size", "expected"),
+                         [(576, 128, 64), (1536, 96, 64), (100, 64, 50), (97, 64, 1), (192, 128, 64)])
+def test_fitting_group_size(in_features: int, group_size: int, expected: int) -> None:
+    from llmquant.recipe import fitting_group_size
+
+    assert fitting_group_size(in_features, group_size) == expected
+
+
+def test_a_group_size_that_does_not_divide_a_layer_falls_back_loudly_and_in_the_manifest(
+    calib_ids: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import make_model
+    from llmquant.nn.quant_linear import QuantLinear
+
+    model = make_model("llama")  # hidden 64, intermediate 128: groups of 48 divide neither
+    with caplog.at_level("WARNING"):
+        llmquant.quantize(model, {"scheme": "w_int4_per_group_sym", "group_size": 48, "algorithm": "gptq"},
+                          calib=calib_ids, progress=False)
+    assert "group size 48 does not divide the 64 inputs" in caplog.text
+    plan = {row["module"]: row for row in model.llmquant_manifest.plan}
+    assert plan["model.layers.0.mlp.down_proj"]["group_size_fallback"] == 32  # a power of two in [24, 48)
+    assert plan["model.layers.0.self_attn.q_proj"]["group_size_fallback"] == 32
+    down = model.model.layers[0].mlp.down_proj
+    assert isinstance(down, QuantLinear) and down.weight_spec.group_size == 32

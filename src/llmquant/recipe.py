@@ -19,7 +19,8 @@ attention, which can be printed and checked before any weight is touched.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +34,8 @@ from llmquant.model.model_map import ModelMap
 from llmquant.model.targets import matches_any
 from llmquant.quant.scheme import KV_CACHE, Scheme, scheme_from_name, scheme_names
 from llmquant.quant.spec import ObserverName
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -201,6 +204,7 @@ class Recipe(_Strict):
         """One record per Linear (and per attention for the KV cache), with its scheme."""
         base = self.scheme_named(self.scheme)
         linears: dict[str, Scheme] = {}
+        fallbacks: dict[tuple[int, int, int], list[str]] = {}
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
@@ -210,10 +214,40 @@ class Recipe(_Strict):
                     scheme = self.scheme_named(override.scheme)
             if matches_any(name, module, self.ignore):
                 scheme = Scheme()
-            linears[name] = scheme.linear_part()
+            linears[name] = _fitting_groups(scheme.linear_part(), name, module.in_features, fallbacks)
         layers = model_map.layers(model)
         attention = {f"{model_map.layer_name(i)}.{model_map.attention}": base.kv_cache for i in range(len(layers))}
-        return QuantPlan(linears=linears, kv_cache=attention)
+        for (requested, chosen, in_features), names in fallbacks.items():
+            log.warning("group size %d does not divide the %d inputs of %d Linears (%s, ...): they use group size "
+                        "%d instead", requested, in_features, len(names), names[0], chosen)
+        return QuantPlan(linears=linears, kv_cache=attention,
+                         group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names})
+
+
+def fitting_group_size(in_features: int, group_size: int) -> int:
+    """The group size a Linear of ``in_features`` inputs uses when ``group_size`` does not divide them:
+    the largest power of two at least half of it that does (what serving kernels take: 32, 64, ...), else
+    the largest divisor below it (1: per channel). 576 inputs with groups of 128 -> 64; 100 with 64 -> 50."""
+    powers = [2**k for k in range(1, group_size.bit_length()) if group_size // 2 <= 2**k < group_size]
+    fitting = [g for g in powers if in_features % g == 0]
+    if fitting:
+        return max(fitting)
+    return max(d for d in range(1, group_size) if in_features % d == 0)
+
+
+def _fitting_groups(scheme: Scheme, name: str, in_features: int,
+                    fallbacks: dict[tuple[int, int, int], list[str]]) -> Scheme:
+    """``scheme`` with its weight group size replaced by `fitting_group_size` where it does not divide the
+    Linear's inputs (recorded in ``fallbacks``)."""
+    weights = scheme.weights
+    if weights is None or weights.granularity != "group" or in_features % weights.group_size == 0:
+        return scheme
+    chosen = fitting_group_size(in_features, weights.group_size)
+    fallbacks.setdefault((weights.group_size, chosen, in_features), []).append(name)
+    if chosen == 1:
+        return scheme.model_copy(update={"weights": weights.model_copy(update={"granularity": "channel",
+                                                                               "group_size": None})})
+    return scheme.model_copy(update={"weights": weights.model_copy(update={"group_size": chosen})})
 
 
 def _with_observers(scheme: Scheme, weight: str | None, activation: str | None) -> Scheme:
@@ -231,13 +265,17 @@ class QuantPlan:
 
     linears: dict[str, Scheme]
     kv_cache: dict[str, Any]
+    group_fallbacks: dict[str, int] = field(default_factory=dict)  # Linear -> the group size it got instead
 
-    def describe(self) -> list[dict[str, str]]:
+    def describe(self) -> list[dict[str, Any]]:
         rows = []
         for name, scheme in self.linears.items():
             w = scheme.weights.describe() if scheme.weights else "float"
             a = scheme.input_activations.describe() if scheme.input_activations else "float"
-            rows.append({"module": name, "weights": w, "input": a})
+            row: dict[str, Any] = {"module": name, "weights": w, "input": a}
+            if name in self.group_fallbacks:
+                row["group_size_fallback"] = self.group_fallbacks[name]
+            rows.append(row)
         return rows
 
 
