@@ -38,6 +38,7 @@ from llmquant import data
 from llmquant.api import as_recipe, calibration_ids
 from llmquant.errors import LlmquantError
 from llmquant.evaluation.perplexity import perplexity
+from llmquant.nn.quant_linear import set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
 from llmquant.recipe import Recipe
 
@@ -197,10 +198,11 @@ def read_result(cell: Cell, output: Path) -> CellResult | None:
     return result
 
 
-def settings_of(model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None) -> dict[str, Any]:
+def settings_of(model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None,
+                runtime: str = "int8") -> dict[str, Any]:
     """What every cell's figure depends on besides its scheme and method (a rerun must match it)."""
     recipe = base.model_dump(mode="json", exclude={"scheme", "pre_opts"})
-    return {"model": model or "default", "recipe": recipe,
+    return {"model": model or "default", "recipe": recipe, "runtime": runtime,
             "eval": {"corpus": eval_corpus, "seqlen": base.calib.seqlen, "max_windows": max_windows}}
 
 
@@ -218,12 +220,14 @@ def check_settings(output: Path, settings: dict[str, Any]) -> float | None:
 
 # --- running --------------------------------------------------------------------------------------
 def run_cell(cell: Cell, recipe: Recipe, model_path: str | None, calib: torch.Tensor, windows: torch.Tensor,
-             float_ppl: float, output: Path) -> CellResult:
-    """Load the float model, quantize it as ``recipe`` says, measure it, write manifest then result."""
+             float_ppl: float, output: Path, runtime: str = "int8") -> CellResult:
+    """Load the float model, quantize it as ``recipe`` says, measure it with ``runtime`` (the int8 kernels
+    where a layer has them, the same function as the simulation), write manifest then result."""
     model, _ = llmquant.load(model_path)
     start = time.perf_counter()
     try:
         llmquant.quantize(model, recipe, calib=calib, progress=False)
+        set_runtime(model, runtime)
         quantized = time.perf_counter()
         ppl = perplexity(model, windows)
     except LlmquantError as err:  # a cell that cannot be done (a rotation that does not fit, NaN) shows as an error
@@ -252,11 +256,12 @@ def run_sweep(
     eval_corpus: str = "pydoc",
     max_windows: int | None = 40,
     progress: bool = True,
+    runtime: str = "int8",
 ) -> SweepSummary:
     """Run every cell of ``schemes`` x ``methods`` not yet finished in ``output``, then write the table."""
     start = time.perf_counter()
     cells = build_cells(base, list(schemes or DEFAULT_SCHEMES), methods or resolve_methods(None))
-    settings = settings_of(model, base, eval_corpus, max_windows)
+    settings = settings_of(model, base, eval_corpus, max_windows, runtime)
     float_ppl = check_settings(output, settings)
     done = {cell.key: read_result(cell, output) for cell, _ in cells}
     todo = [(cell, recipe) for cell, recipe in cells if done[cell.key] is None]
@@ -270,7 +275,7 @@ def run_sweep(
         bar = tqdm(todo, desc="sweep", unit="cell", disable=not progress)
         for cell, recipe in bar:
             bar.set_postfix_str(f"{cell.scheme} + {cell.method}")
-            done[cell.key] = run_cell(cell, recipe, model, calib, windows, float_ppl, output)
+            done[cell.key] = run_cell(cell, recipe, model, calib, windows, float_ppl, output, runtime)
     results = [r for r in done.values() if r is not None]
     table = write_outputs(output, results, float_ppl, describe(model, base, eval_corpus, max_windows))
     return SweepSummary(results, len(todo), float_ppl, table, time.perf_counter() - start)

@@ -6,13 +6,15 @@ Large Language Models"): move activation outliers into the weights with an exact
 where max|X_j| is the absolute maximum of input channel j over the calibration tokens and max|W_j| the
 absolute maximum of column j over every Linear that reads X. diag(s)^-1 is folded into the producer of
 X (a norm's weight and bias, or a Linear's output rows and bias), diag(s) into the readers' columns, so
-inference pays nothing. All maths in float64, cast back to the weights' dtype.
+inference pays nothing. The folds are computed in float64 and cast back to the weights' dtype.
 
 ``alpha="auto"`` searches alpha per group on a grid (0.3 .. 0.95, step 0.05) and keeps the one whose
-quantized outputs of the group's Linears are closest (squared error) to the float outputs on the
-calibration tokens, using the Linears' own quantization specs. Deliberate deviation from the paper:
-channels that are never active (max|X_j| = 0) or whose weights are all zero get s_j = 1, and s is
-clamped to [1e-5, 1e5], so a dead channel never produces an inf or NaN.
+quantized outputs of the group's Linears are closest (squared error, float32) to the float outputs on a
+sample of the calibration tokens, using the Linears' own quantization specs; a static per-tensor input
+scale is taken, as the static observer takes it, from the maximum over every calibration token.
+
+Deliberate deviation from the paper: channels that are never active (max|X_j| = 0) or whose weights are
+all zero get s_j = 1, and s is clamped to [1e-5, 1e5], so a dead channel never produces an inf or NaN.
 """
 
 from __future__ import annotations
@@ -74,26 +76,41 @@ def outlier_ratio(act_absmax: torch.Tensor) -> float:
     return float(act_absmax.max() / act_absmax.median().clamp(min=1e-12))
 
 
+def _fake_quantized_input(x_smooth: torch.Tensor, act_absmax: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """The group's smoothed input as the quantized Linear will see it. A static symmetric per-tensor scale
+    comes from the absolute maximum over every calibration token (the static observer's range), not only
+    from the sampled tokens, which may miss the rare tokens that set it."""
+    if spec is None:
+        return x_smooth
+    if not spec.dynamic and spec.granularity == "tensor" and spec.symmetric:
+        scale = (act_absmax.max() / spec.qmax).clamp(min=1e-8).reshape(1, 1).float()
+        return fake_quantize(x_smooth, spec, scale, torch.zeros_like(scale))
+    return fake_quantize(x_smooth, spec)
+
+
 def quantized_group_error(
     layer: nn.Module,
     group: SmoothGroup,
     stats: GroupStats,
     scales: torch.Tensor,
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+    references: dict[str, torch.Tensor] | None = None,
 ) -> float:
-    """Squared error of the group's quantized outputs against the float ones, for scales ``s``."""
-    x = stats.tokens.double()
-    columns = expand_channels(scales, group)
-    x_smooth = (x / columns).float()
+    """Squared error of the group's quantized outputs against the float ones X W^T, for scales ``s``
+    (float32: only the ranking of candidates matters); ``references`` caches X W^T per Linear."""
+    x = stats.tokens.float()
+    columns = expand_channels(scales, group).float()
+    x_smooth = x / columns
+    smoothed_absmax = stats.act_absmax.float() / columns
     error = 0.0
     for name in group.linears:
-        weight = layer.get_submodule(name).weight.detach().double()
-        reference = x @ weight.T
+        weight = layer.get_submodule(name).weight.detach().float()
+        reference = references[name] if references is not None else x @ weight.T
         w_spec, a_spec = specs[name]
-        w_smooth = (weight * columns[None, :]).float()
+        w_smooth = weight * columns[None, :]
         wq = fake_quantize(w_smooth, w_spec) if w_spec is not None else w_smooth
-        xq = fake_quantize(x_smooth, a_spec) if a_spec is not None else x_smooth
-        error += float((xq.double() @ wq.double().T - reference).pow(2).sum())
+        xq = _fake_quantized_input(x_smooth, smoothed_absmax, a_spec)
+        error += float((xq @ wq.T - reference).double().pow(2).sum())
     return error
 
 
@@ -118,7 +135,9 @@ def least_error_scales(
     candidates: dict[float, torch.Tensor],
 ) -> tuple[float, torch.Tensor]:
     """Of ``{parameter: scales}``, the entry with the least quantized output error (first on ties)."""
-    errors = {p: quantized_group_error(layer, group, stats, s, specs) for p, s in candidates.items()}
+    x = stats.tokens.float()
+    references = {n: x @ layer.get_submodule(n).weight.detach().float().T for n in group.linears}
+    errors = {p: quantized_group_error(layer, group, stats, s, specs, references) for p, s in candidates.items()}
     best = min(errors, key=errors.__getitem__)
     return best, candidates[best]
 
