@@ -115,3 +115,22 @@ def test_a_group_size_that_does_not_divide_a_layer_falls_back_loudly_and_in_the_
     assert plan["model.layers.0.self_attn.q_proj"]["group_size_fallback"] == 32
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, QuantLinear) and down.weight_spec.group_size == 32
+
+
+def test_the_seed_recipes_in_configs_load_and_are_what_the_script_writes() -> None:
+    import importlib.util
+
+    script = Path(__file__).parent.parent / "scripts" / "make_seed_recipes.py"
+    spec = importlib.util.spec_from_file_location("make_seed_recipes", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = Path(__file__).parent.parent / "configs" / "recipes"
+    expected = module.seed_recipes()
+    assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)
+    assert len([n for n in expected if n.startswith("seed000__")]) == 24  # 8 rows x 3 columns of seed 000
+    for name, fields in expected.items():
+        path = folder / f"{name}.yaml"
+        assert path.read_text() == module.render(fields)
+        assert Recipe.from_file(path).model_dump(exclude_defaults=True) == Recipe.build(**fields).model_dump(
+            exclude_defaults=True)

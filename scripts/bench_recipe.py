@@ -1,0 +1,65 @@
+"""Benchmark one recipe on the default model, in its own process (so its peak memory is its own):
+quantization wall time, perplexity (DESIGN.md's protocol), peak resident memory; appended as one JSON
+line to --out.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py NAME 'RECIPE_JSON' [--out bench/results.jsonl]
+        [--runtime int8|fake] [--threads 1]
+
+RECIPE_JSON is a recipe as `llmquant.Recipe` takes it, e.g.
+'{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq"}'. The evaluation uses the int8
+kernels where a layer has them (--runtime int8, the same function as the simulation up to float rounding).
+scripts/bench_all.sh lists every recipe of BENCHMARKS.md; scripts/bench_tables.py renders the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import llmquant
+from llmquant import data
+from llmquant.evaluation.perplexity import perplexity
+from llmquant.nn.quant_linear import set_runtime
+from llmquant.pipeline.engine import peak_rss_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name")
+    parser.add_argument("recipe", help="the recipe as JSON")
+    parser.add_argument("--out", default="bench/results.jsonl")
+    parser.add_argument("--runtime", default="int8", choices=["int8", "fake"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs can share 2 cores)")
+    parser.add_argument("--max-windows", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    recipe = llmquant.Recipe.build(**json.loads(args.recipe))
+    model, tokenizer = llmquant.load(None)
+    windows = data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), recipe.calib.seqlen,
+                                args.max_windows)
+    start = time.perf_counter()
+    llmquant.quantize(model, recipe, tokenizer, progress=False)
+    seconds = time.perf_counter() - start
+    set_runtime(model, args.runtime)
+    ppl = perplexity(model, windows)
+    manifest = model.llmquant_manifest
+    row = {
+        "name": args.name, "recipe": recipe.model_dump(mode="json", exclude_defaults=True), "ppl": ppl,
+        "quantize_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": args.threads,
+        "runtime": args.runtime, "windows": len(windows), "date": time.strftime("%Y-%m-%d"),
+        "stage_seconds": manifest.seconds, "versions": manifest.versions,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(f"{args.name}: ppl {ppl:.3f}, quantization {seconds:.1f} s, peak {row['peak_rss_mb']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

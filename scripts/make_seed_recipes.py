@@ -1,0 +1,68 @@
+"""Write configs/recipes/*.yaml: one recipe for every row of the seed documents' tables.
+
+    .venv/bin/python scripts/make_seed_recipes.py [--out configs/recipes]
+
+- seed 000 (W8A8 strategies): the eight schemes x {Smooth alpha 0.85, Smooth alpha 0.5,
+  Smooth_fc_fc alpha 0.5 + Rotation};
+- seed 001 (Neural Compressor SmoothQuant): alpha 0.5 and auto on the default W8A8 per-tensor static;
+- seed 002 (AWQ / GPTQ notes): W4 group 128 by AWQ and by GPTQ (576 inputs fall back to groups of 64);
+- seed 003 (QuaRot): w_int8_per_tensor weight-only with and without R1+R2, W8A8 per-tensor static with
+  and without QuaRot.
+
+Each file is a plain recipe: `llmquant quantize --config configs/recipes/NAME.yaml --output DIR`.
+tests/test_recipe_and_data.py checks that the committed files are what this script writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmquant.quant.scheme import W8A8_SCHEMES
+from llmquant.sweep import BUILTIN_METHODS, DEFAULT_METHODS
+
+SEED_000_METHODS = {name: BUILTIN_METHODS[name] for name in DEFAULT_METHODS}  # the seed's three columns
+STATIC = "w_int8_per_channel_a_int8_per_tensor_static"
+
+
+def seed_recipes() -> dict[str, dict[str, Any]]:
+    """File name (without .yaml) -> recipe fields."""
+    recipes: dict[str, dict[str, Any]] = {}
+    for scheme in W8A8_SCHEMES:
+        for method, pre_opts in SEED_000_METHODS.items():
+            recipes[f"seed000__{scheme}__{method}"] = {"scheme": scheme, "pre_opts": pre_opts}
+    for alpha in (0.5, "auto"):
+        recipes[f"seed001__smoothquant_{alpha}"] = {"scheme": STATIC, "pre_opts": [{"name": "smoothquant",
+                                                                                       "alpha": alpha}]}
+    for algorithm in ("awq", "gptq"):
+        recipes[f"seed002__w4_g128_{algorithm}"] = {"scheme": "w_int4_per_group_sym", "group_size": 128,
+                                                     "algorithm": algorithm}
+    recipes["seed003__w_int8_per_tensor"] = {"scheme": "w_int8_per_tensor"}
+    recipes["seed003__w_int8_per_tensor__quarot_r1_r2"] = {
+        "scheme": "w_int8_per_tensor", "pre_opts": [{"name": "quarot", "online_had": False}]}
+    recipes["seed003__w_int8_a_int8_per_tensor_static"] = {"scheme": "w_int8_per_tensor_a_int8_per_tensor_static"}
+    recipes["seed003__w_int8_a_int8_per_tensor_static__quarot"] = {
+        "scheme": "w_int8_per_tensor_a_int8_per_tensor_static", "pre_opts": [{"name": "quarot"}]}
+    return recipes
+
+
+def render(fields: dict[str, Any]) -> str:
+    return yaml.safe_dump(fields, sort_keys=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="configs/recipes")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fields in seed_recipes().items():
+        (out / f"{name}.yaml").write_text(render(fields))
+    print(f"wrote {len(seed_recipes())} recipes to {out}")
+
+
+if __name__ == "__main__":
+    main()
