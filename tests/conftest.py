@@ -7,9 +7,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+from llmquant.data import pydoc_text
+from tiny_checkpoint import write_tiny_checkpoint
 
 VOCAB = 128
 
@@ -66,3 +72,28 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def relative_error(reference: torch.Tensor, actual: torch.Tensor) -> float:
     return float((actual - reference).norm() / reference.norm())
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads and stall when the 2 cores are busy: unit tests run
+    on one thread; the real-model tests (marked slow) keep torch's default."""
+    threads = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama checkpoint with a real (tiny) tokenizer, for command-line tests."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local .txt corpus (the start of pydoc): calibration and evaluation both read the whole file."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(pydoc_text()[:40000])
+    return path

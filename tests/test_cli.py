@@ -15,10 +15,6 @@ from tiny_checkpoint import write_tiny_checkpoint
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--max-windows", "2", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
-
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err.strip().splitlines()

@@ -16,7 +16,6 @@ from llmquant.cli import main
 from llmquant.errors import LlmquantError
 from llmquant.pipeline import engine
 from llmquant.pipeline.run_dir import RunDir
-from tiny_checkpoint import write_tiny_checkpoint
 
 RECIPES = {
     "w8a8-static-kv+quarot+smoothquant": {
@@ -27,18 +26,6 @@ RECIPES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmquant.data import pydoc_text
-
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_text(pydoc_text()[:40000])
-    return path
 
 
 def quantize_args(tiny_dir: Path, corpus: Path, recipe: dict, tmp_path: Path, out: str) -> list[str]:

@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ import torch
 import llmquant
 from llmquant.cli import main
 from llmquant.data import pydoc_text
-from tiny_checkpoint import write_tiny_checkpoint
 
 TASK = "pydoc_next_word"
 needs_lm_eval = pytest.mark.skipif(
@@ -28,18 +26,6 @@ needs_lm_eval = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

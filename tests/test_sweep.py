@@ -9,45 +9,23 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import llmquant
 import llmquant.sweep
 from llmquant import data
 from llmquant.cli import main
-from llmquant.data import pydoc_text
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.recipe import Recipe
 from llmquant.sweep import DEFAULT_SCHEMES, build_cells, resolve_methods
-from tiny_checkpoint import write_tiny_checkpoint
 
 SCHEMES = ["w_int8_per_channel_a_int8_per_tensor_static", "w_int8_per_tensor_a_int8_per_tensor_static"]
 CUSTOM_METHOD = "fc_fc_0.8"  # from a methods file (rotation is left out of the grid: it is the slow part)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine they stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(pydoc_text()[:40000])  # calibration and evaluation: the whole file
-    return path
 
 
 @pytest.fixture(scope="module")

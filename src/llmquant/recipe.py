@@ -176,18 +176,7 @@ class Recipe(_Strict):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Recipe:
-        path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise LlmquantError(f"cannot read recipe {path}: {err.strerror}") from None
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise LlmquantError(f"recipe {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
-        if not isinstance(data, dict):
-            raise LlmquantError(f"recipe {path} must hold a mapping of fields, got {type(data).__name__}")
-        return cls.build(**data)
+        return cls.build(**read_mapping(Path(path), "recipe", "fields"))
 
     def to_file(self, path: str | Path) -> None:
         path = Path(path)
@@ -277,6 +266,21 @@ class QuantPlan:
                 row["group_size_fallback"] = self.group_fallbacks[name]
             rows.append(row)
         return rows
+
+
+def read_mapping(path: Path, what: str, of: str) -> dict[str, Any]:
+    """A non-empty mapping from a .json file (or YAML otherwise); every problem is one line naming ``what``."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise LlmquantError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise LlmquantError(f"{what} {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from None
+    if not isinstance(data, dict) or not data:
+        raise LlmquantError(f"{what} {path} must hold a mapping of {of}, got {type(data).__name__}")
+    return data
 
 
 def one_line(err: ValidationError) -> str:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,7 +39,7 @@ from llmquant.errors import LlmquantError
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
-from llmquant.recipe import Recipe
+from llmquant.recipe import Recipe, read_mapping
 
 PreOpts = list[dict[str, Any]]
 BUILTIN_METHODS: dict[str, PreOpts] = {  # seed 000's three columns, and no pre-optimization at all
@@ -136,17 +135,8 @@ def _builtin(name: str) -> dict[str, PreOpts]:
 
 
 def _methods_file(path: Path) -> dict[str, PreOpts]:
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise LlmquantError(f"cannot read methods file {path}: {err.strerror}") from None
-    try:
-        found = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise LlmquantError(f"methods file {path} is not valid {path.suffix.lstrip('.')}: {err}") from None
-    shape = "a mapping of method names to pre_opts lists, e.g. {smooth_0.7: [{name: smoothquant, alpha: 0.7}]}"
-    if not isinstance(found, dict) or not found:
-        raise LlmquantError(f"methods file {path} must hold {shape}")
+    shape = "method names to pre_opts lists, e.g. {smooth_0.7: [{name: smoothquant, alpha: 0.7}]}"
+    found = read_mapping(path, "methods file", shape)
     for name, pre_opts in found.items():
         if not isinstance(name, str) or not _SAFE_NAME.match(name):
             raise LlmquantError(f"methods file {path}: method name {name!r} must use only letters, digits, _ . + -")
