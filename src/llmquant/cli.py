@@ -104,9 +104,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant import data
     from llmquant.api import calibration_ids
     from llmquant.evaluation.perplexity import perplexity
+    from llmquant.export.targets import check_target, smoke_check
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
     recipe = _recipe_from_args(args)
+    check_target(args.target, recipe)  # what the serving target cannot run fails before any model work
     output = Path(args.output)
     cap = _memory_cap(args.max_memory)
     start = time.perf_counter()
@@ -144,6 +146,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     llmquant.save(model, tokenizer, output)
     run_dir.remove()
     _print_summary(recipe.scheme, figures, output, manifest.results.get("peak_rss_mb"))
+    smoke = smoke_check(args.target, output)  # loaded back as the target would, a few tokens generated
+    if smoke is not None:
+        print(smoke.line())
     return 0
 
 
@@ -226,6 +231,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llmquant.evaluation.bench import BenchConfig, markdown_table, run_bench
+
+    config = BenchConfig(batches=tuple(args.batch), prompt=args.prompt, decode=args.decode, repeats=args.repeats)
+    result = run_bench(args.model, args.baseline, args.runtime, config)
+    print(markdown_table(result))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from llmquant.sweep import resolve_methods, run_sweep
 
@@ -281,6 +297,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmquant.export.targets import TARGETS
     from llmquant.quant.scheme import KV_CACHE, scheme_names
 
     parser = _Parser(prog="llmquant", description="Post-training quantization of LLMs.")
@@ -304,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, or seed 003's quarot map")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
     q.add_argument("--output", required=True, help="directory for the checkpoint")
+    q.add_argument("--target", default=None, choices=TARGETS,
+                   help="check that the scheme runs there before calibrating, and load the checkpoint back there "
+                        "after writing it: vllm, transformers or fake (llmquant's loader); default: no check")
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same model, recipe and calibration from its last layer")
     q.add_argument("--max-memory", default=None,
@@ -348,6 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_sweep, scheme=None, kv_cache=None, ignore=None, layer_map=None, pre_opt=None,
                    alpha=None, rotations=None)
+
+    b = sub.add_parser("bench", help="prefill and decode speed and memory of a model against its float baseline")
+    b.add_argument("--model", default=None, help="checkpoint directory, hub id or .gguf (default: SmolLM2-135M)")
+    b.add_argument("--baseline", default=None, help="the float model it came from (default: the default model)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    b.add_argument("--prompt", type=int, default=512, help="prompt tokens per sequence")
+    b.add_argument("--decode", type=int, default=64, help="greedy decode steps after the prompt")
+    b.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
+    b.add_argument("--runtime", default="int8", choices=["int8", "fake"],
+                   help="int8 (int8 GEMMs for W8A8 Linears) or fake (simulated)")
+    b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("detect", help="print the layer map found in a model")
     d.add_argument("--model", default=None)

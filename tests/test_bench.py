@@ -1,0 +1,130 @@
+"""`llmquant bench`: prefill/decode throughput and memory of a checkpoint against its float model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import llmquant
+from conftest import make_model
+from llmquant.cli import main
+from llmquant.evaluation.bench import disk_bytes, model_bytes, time_generation
+from tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
+
+FAST = ["--batch", "1", "2", "--prompt", "16", "--decode", "2", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny float checkpoint and its W8A8 (per-channel weights, per-token dynamic inputs) quantization."""
+    root = tmp_path_factory.mktemp("bench")
+    float_dir = write_tiny_checkpoint(root / "float")
+    model, tokenizer = llmquant.load(float_dir)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    llmquant.quantize(model, "w_int8_per_channel_a_int8_per_token_dynamic", calib=ids, progress=False)
+    return float_dir, llmquant.save(model, tokenizer, root / "w8a8")
+
+
+def _last_json(capsys: pytest.CaptureFixture[str]) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_bench_json_has_every_figure_and_w8a8_is_smaller(
+    dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    float_dir, w8a8 = dirs
+    assert main(["bench", "--model", str(w8a8), "--baseline", str(float_dir), *FAST, "--json"]) == 0
+    found = _last_json(capsys)
+    assert found["config"] == {"batches": [1, 2], "prompt": 16, "decode": 2, "repeats": 1, "seed": 0}
+    assert found["runtime"] == "int8" and found["threads"] >= 1
+    for side in ("quantized", "float32"):
+        assert set(found[side]["prefill_tokens_per_s"]) == set(found[side]["decode_tokens_per_s"]) == {"1", "2"}
+    ratios = found["ratios"]
+    values = [*ratios["prefill"].values(), *ratios["decode"].values(), ratios["memory"], ratios["disk"],
+              ratios["memory_with_runtime_cache"]]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    # int8 codes instead of float32 weights (embeddings stay float): a real saving, in memory and on disk
+    assert found["quantized"]["memory_bytes"] < 0.7 * found["float32"]["memory_bytes"]
+    assert found["quantized"]["disk_bytes"] < 0.7 * found["float32"]["disk_bytes"]
+    assert ratios["memory"] == pytest.approx(found["quantized"]["memory_bytes"] / found["float32"]["memory_bytes"])
+    assert found["quantized"]["runtime_cache_bytes"] > 0 == found["float32"]["runtime_cache_bytes"]  # transposed int8
+
+
+def test_bench_prints_a_markdown_table(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    float_dir, w8a8 = dirs
+    assert main(["bench", "--model", str(w8a8), "--baseline", str(float_dir), *FAST, "--runtime", "fake"]) == 0
+    out = capsys.readouterr().out
+    assert "| figure | float32 | quantized | quantized / float |" in out
+    assert "| prefill tokens/s, batch 2 |" in out and "| decode tokens/s, batch 1 |" in out
+    assert not out.strip().splitlines()[-1].startswith("{")  # no JSON without --json
+
+
+def test_model_bytes_counts_tied_weights_once() -> None:
+    model = make_model("llama")  # tied embeddings and head
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())}
+    assert model_bytes(model) == sum(tensors.values())  # the weights and the rotary buffers
+    assert model_bytes(model) < sum(p.numel() * 4 for _, p in model.named_parameters(remove_duplicate=False))
+
+
+def test_disk_bytes_of_a_directory_a_file_and_nothing(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 5)
+    assert disk_bytes(tmp_path) == 15 and disk_bytes(tmp_path / "a") == 10 and disk_bytes(None) is None
+
+
+def test_decode_runs_one_forward_per_new_token() -> None:
+    model = make_model("llama")
+    calls: list[int] = []
+
+    def count(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append(kwargs["input_ids"].shape[1] if "input_ids" in kwargs else args[0].shape[1])
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    prefill, decode = time_generation(model, torch.zeros(2, 8, dtype=torch.long), steps=3)
+    assert calls == [8, 1, 1, 1] and prefill > 0 and decode > 0  # prompt once, then one token per step
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--batch", "0"], "--batch must be at least 1, got 0"),
+        (["--prompt", "0"], "--prompt must be at least 1, got 0"),
+        (["--decode", "0"], "--decode must be at least 1, got 0"),
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--prompt", "250", "--decode", "10"], "--prompt 250 + --decode 10 exceeds the model's max_position"),
+        (["--runtime", "int4"], "argument --runtime: invalid choice: 'int4'"),
+        (["--batch", "x"], "argument --batch: invalid int value: 'x'"),
+    ],
+)
+def test_bad_arguments_are_one_line(
+    dirs: tuple[Path, Path], extra: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    float_dir, w8a8 = dirs
+    args = ["bench", "--model", str(w8a8), "--baseline", str(float_dir), "--repeats", "1", *extra]
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+
+
+def test_missing_model_and_foreign_baseline_are_one_line(
+    dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, w8a8 = dirs
+    assert main(["bench", "--model", "/nonexistent/ckpt", "--baseline", str(w8a8), *FAST]) == 2
+    assert "model path /nonexistent/ckpt does not exist" in capsys.readouterr().err
+    other = tmp_path / "other"
+    make_model("llama").save_pretrained(other)  # a vocabulary of 128 tokens, not the tiny checkpoint's 320
+    tiny_tokenizer().save_pretrained(other)
+    assert main(["bench", "--model", str(w8a8), "--baseline", str(other), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the baseline's vocabulary (128 tokens) differs from the model's" in err[0]
