@@ -3,9 +3,8 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
-SCHEME  ?= w_int8_per_channel_a_int8_per_token_dynamic
-PREOPT  ?= --pre-opt smoothquant --alpha 0.5
-OUT     ?= out/$(SCHEME)
+RECIPE  ?= configs/recipes/best_w8a8_per_token.yaml
+OUT     ?= out/$(basename $(notdir $(RECIPE)))
 
 .PHONY: setup run test test-fast lint bench clean
 
@@ -21,7 +20,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: setup  ## quantize the default model and print float vs quantized perplexity
-	$(VENV)/bin/llmquant quantize --scheme $(SCHEME) $(PREOPT) --output $(OUT)
+	$(VENV)/bin/llmquant quantize --config $(RECIPE) --output $(OUT)
 
 test: setup  ## the whole suite (unit tests on tiny models + one short real-model smoke test)
 	$(VENV)/bin/pytest

@@ -1,4 +1,5 @@
-"""Write configs/recipes/*.yaml: one recipe for every row of the seed documents' tables.
+"""Write configs/recipes/*.yaml: one recipe for every row of the seed documents' tables, and the best
+recipes found on the default model (best_*.yaml, see BENCHMARKS.md).
 
     .venv/bin/python scripts/make_seed_recipes.py [--out configs/recipes]
 
@@ -49,6 +50,24 @@ def seed_recipes() -> dict[str, dict[str, Any]]:
     return recipes
 
 
+def best_recipes() -> dict[str, dict[str, Any]]:
+    """The best recipes found on the default model (BENCHMARKS.md), one per kind of deployment."""
+    token = "w_int8_per_channel_a_int8_per_token_dynamic"
+    return {
+        "best_w8a8_per_token": {"scheme": token, "algorithm": "gptq", "pre_opts": [{"name": "quarot"}]},
+        "best_w8a8_per_token_vllm": {"scheme": token, "algorithm": "gptq",
+                                     "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2"], "online_had": False}]},
+        "best_w8a8_per_tensor_static": {"scheme": STATIC, "algorithm": "gptq",
+                                        "pre_opts": BUILTIN_METHODS["rotation+smooth_auto"]},
+        "best_w4_g64": {"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq",
+                        "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2"], "online_had": False}]},
+    }
+
+
+def all_recipes() -> dict[str, dict[str, Any]]:
+    return seed_recipes() | best_recipes()
+
+
 def render(fields: dict[str, Any]) -> str:
     return yaml.safe_dump(fields, sort_keys=False)
 
@@ -59,9 +78,10 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, fields in seed_recipes().items():
+    recipes = all_recipes()
+    for name, fields in recipes.items():
         (out / f"{name}.yaml").write_text(render(fields))
-    print(f"wrote {len(seed_recipes())} recipes to {out}")
+    print(f"wrote {len(recipes)} recipes to {out}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import llmquant
 from conftest import logits, make_model, relative_error
 from llmquant.export import checkpoint
 from llmquant.nn.kv_cache import KVCacheQuantizer
-from llmquant.nn.quant_linear import QuantLinear
+from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec
 
 ROUND_TRIP = [
@@ -24,15 +24,17 @@ ROUND_TRIP = [
 ]
 
 
+@pytest.mark.parametrize("runtime", ["fake", "int8"])
 @pytest.mark.parametrize("scheme", ROUND_TRIP)
 def test_round_trip_gives_identical_logits(
-    family: str, scheme: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path
+    family: str, scheme: str, runtime: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path
 ) -> None:
     model = make_model(family)
     llmquant.quantize(model, {"scheme": scheme, "group_size": 32}, calib=calib_ids, progress=False)
-    before = logits(model, eval_ids)
     llmquant.save(model, None, tmp_path / "ckpt")
-    loaded, tokenizer = llmquant.load(tmp_path / "ckpt")
+    set_runtime(model, runtime)
+    before = logits(model, eval_ids)
+    loaded, tokenizer = llmquant.load(tmp_path / "ckpt", runtime=runtime)
     assert tokenizer is None
     assert torch.equal(before, logits(loaded, eval_ids))
     assert any(isinstance(m, KVCacheQuantizer) for m in loaded.modules()) == ("kv_cache" in scheme)

@@ -117,7 +117,7 @@ def test_a_group_size_that_does_not_divide_a_layer_falls_back_loudly_and_in_the_
     assert isinstance(down, QuantLinear) and down.weight_spec.group_size == 32
 
 
-def test_the_seed_recipes_in_configs_load_and_are_what_the_script_writes() -> None:
+def test_the_recipes_in_configs_load_and_are_what_the_script_writes() -> None:
     import importlib.util
 
     script = Path(__file__).parent.parent / "scripts" / "make_seed_recipes.py"
@@ -126,7 +126,7 @@ def test_the_seed_recipes_in_configs_load_and_are_what_the_script_writes() -> No
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     folder = Path(__file__).parent.parent / "configs" / "recipes"
-    expected = module.seed_recipes()
+    expected = module.all_recipes()
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)
     assert len([n for n in expected if n.startswith("seed000__")]) == 24  # 8 rows x 3 columns of seed 000
     for name, fields in expected.items():

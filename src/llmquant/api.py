@@ -77,10 +77,12 @@ def quantize(
     return model
 
 
-def load(path_or_id: str | os.PathLike | None = None, runtime: str = "fake") -> tuple[nn.Module, Any]:
+def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8") -> tuple[nn.Module, Any]:
     """A checkpoint written by `save`, a float checkpoint, a .gguf file, or None for the default model.
 
-    ``runtime="int8"`` runs the W8A8 Linears of a quantized checkpoint as int8 GEMMs (`set_runtime`).
+    ``runtime="int8"`` (the default) runs the W8A8 Linears of a quantized checkpoint as int8 GEMMs and makes a
+    ``DynamicCache`` store its quantized KV cache as int8 codes (`set_runtime`); ``"fake"`` simulates both, as
+    `quantize` leaves the model in memory (the two agree to float rounding: BENCHMARKS.md, tests).
     """
     if path_or_id is not None and Path(path_or_id).is_dir() and is_quantized_checkpoint(Path(path_or_id)):
         model, tokenizer = load_quantized(path_or_id)

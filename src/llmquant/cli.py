@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
-    e.add_argument("--runtime", default="fake", help="fake (simulated) or int8 (int8 GEMMs for W8A8 Linears)")
+    e.add_argument("--runtime", default="int8", choices=["int8", "fake"],
+                   help="int8 (default: int8 GEMMs for W8A8 Linears, int8 KV cache storage) or fake (simulated)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -353,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M)")
     s.add_argument("--schemes", nargs="+", default=None, help="presets (default: the eight W8A8 schemes)")
     s.add_argument("--methods", nargs="+", default=None,
-                   help="smooth_0.85, smooth_0.5, smooth_fc_fc_0.5+rotation (the default three), none, or a "
-                        ".json/.yaml file mapping method names to pre_opts lists")
+                   help="smooth_0.85, smooth_0.5, smooth_fc_fc_0.5+rotation (the default three), none, "
+                        "rotation+smooth_auto, or a .json/.yaml file mapping method names to pre_opts lists")
     s.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     s.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
     s.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")

@@ -7,6 +7,10 @@ after RoPE and after the cache update (exactly what the cache holds); if the att
 which leaves q k^T unchanged; then it fake-quantizes keys and values with the module's
 `KVCacheQuantizer`, and runs transformers' sdpa attention. Modules with neither run unchanged.
 
+That is the simulation (the ``fake`` runtime). On the ``int8`` runtime the cache itself stores int8 codes
+(`llmquant.nn.kv_storage`): its layer rotates and quantizes the keys and values it stores, and the wrapper,
+told so by the flag ``_llmquant_kv_stored`` the attention's pre-hook sets, rotates only the query.
+
 Granularity: ``tensor`` is one scale per layer for K and one for V (static: calibrated; dynamic: from
 the current tensor); ``token`` is one scale per (batch, kv head, position) over head_dim, dynamic.
 Scale names follow compressed-tensors: ``k_scale`` and ``v_scale`` on the attention module.
@@ -26,6 +30,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from llmquant.quant import Observer, QuantSpec, fake_quantize
 
 QUANTIZED_ATTENTION = "llmquant_sdpa"
+STORED_FLAG = "_llmquant_kv_stored"  # on an attention, for the current call: its int8 cache layer quantized K, V
 
 
 class KVCacheQuantizer(nn.Module):
@@ -38,6 +43,7 @@ class KVCacheQuantizer(nn.Module):
             self.register_buffer("k_scale", torch.ones(1))
             self.register_buffer("v_scale", torch.ones(1))
         self.observers: tuple[Observer, Observer] | None = None
+        self.runtime = "fake"  # "int8": a DynamicCache stores int8 codes (`llmquant.nn.kv_storage`)
 
     def start_observing(self) -> None:
         if not self.spec.dynamic:
@@ -76,11 +82,12 @@ def _base_attention(module: nn.Module, base: str) -> Callable:
 def _quantizing_attention(base: str) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         module._llmquant_attention_calls = getattr(module, "_llmquant_attention_calls", 0) + 1
+        stored = getattr(module, STORED_FLAG, False)  # an int8 cache layer already rotated and quantized K, V
         rotation = getattr(module, "qk_rotation", None)
         if rotation is not None:
-            query, key = rotation(query), rotation(key)
+            query, key = rotation(query), key if stored else rotation(key)
         quantizer = getattr(module, "kv_cache_quantizer", None)
-        if quantizer is not None:
+        if quantizer is not None and not stored:
             key, value = quantizer(key, value)
         return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
 

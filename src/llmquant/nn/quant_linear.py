@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
@@ -244,7 +245,9 @@ class QuantLinear(nn.Module):
 
 
 def set_runtime(model: nn.Module, runtime: str) -> int:
-    """Run every `QuantLinear` that can with ``runtime`` ("fake" or "int8"); return how many switched."""
+    """Run every `QuantLinear` that can with ``runtime`` ("fake" or "int8"), and store the KV cache of the
+    attentions with a `KVCacheQuantizer` as int8 or simulate it (`set_kv_cache_runtime`); return how many
+    modules (QuantLinears and KV-cache quantizers) switched."""
     if runtime not in ("fake", "int8"):
         from llmquant.errors import LlmquantError
 
@@ -254,4 +257,4 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
         if isinstance(module, QuantLinear) and (runtime == "fake" or module.supports_int8):
             module.runtime = runtime
             switched += 1
-    return switched
+    return switched + set_kv_cache_runtime(model, runtime)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every single-recipe figure of BENCHMARKS.md, one recipe per process on one thread (two lanes can share
+# the two cores), appended to bench/results.jsonl; a name already there is skipped, so a rerun resumes.
+#
+#     bash scripts/bench_all.sh [w8a8|w4|all]      then: .venv/bin/python scripts/bench_tables.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results.jsonl}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+run() {  # NAME RECIPE_JSON
+    if [ -f "$OUT" ] && grep -q "\"name\": \"$1\"" "$OUT"; then echo "skip $1"; return; fi
+    echo "$(date +%T) $1"
+    .venv/bin/python scripts/bench_recipe.py "$1" "$2" --out "$OUT"
+}
+
+R12='{"name": "quarot", "rotations": ["R1", "R2"], "online_had": false}'
+QUAROT='{"name": "quarot"}'
+SQ_AUTO='{"name": "smoothquant", "alpha": "auto"}'
+STATIC=w_int8_per_channel_a_int8_per_tensor_static
+TOKEN=w_int8_per_channel_a_int8_per_token_dynamic
+
+w8a8() {
+    run token_quarot_gptq "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"pre_opts\": [$QUAROT]}"
+    run static_r12_sqauto_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12, $SQ_AUTO]}"
+    run token_r12_gptq "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
+}
+
+w4_g64() {
+    for algo in rtn gptq awq; do
+        run "w4_g64_asym_$algo" "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"$algo\"}"
+        run "w4_g64_sym_$algo" "{\"scheme\": \"w_int4_per_group_sym\", \"group_size\": 64, \"algorithm\": \"$algo\"}"
+    done
+}
+
+w4_more() {
+    for algo in rtn gptq awq; do  # 576 inputs: q/k/v/gate/up fall back to groups of 64, the rest keep 128
+        run "w4_g128_asym_$algo" "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"$algo\"}"
+    done
+    for algo in rtn gptq awq; do
+        run "w3_g64_asym_$algo" "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"$algo\"}"
+    done
+    run w4_g64_asym_r12_gptq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
+}
+
+case "${1:-all}" in
+    w8a8) w8a8 ;;
+    w4) w4_g64; w4_more ;;
+    all) w4_g64; w8a8; w4_more ;;
+    *) echo "usage: $0 [w8a8|w4|all]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,99 @@
+"""Render bench/results.jsonl (scripts/bench_all.sh) and llm-compressor's bench/llmc_*.json as the Markdown
+tables of BENCHMARKS.md, on stdout.
+
+    .venv/bin/python scripts/bench_tables.py [--results bench/results.jsonl] [--llmc bench/llmc_*.json]
+
+A cell reads ``ppl (x ratio, quantize seconds, peak RSS)``; the ratio is ppl / float ppl (13.605, DESIGN.md's
+protocol). Missing runs are left blank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+FLOAT_PPL = 13.60482698834319  # float32 default model, pydoc eval half, 40 windows of 512 (bench/w8a8_rtn.json)
+ALGORITHMS = ("rtn", "gptq", "awq")
+W4_ROWS = {  # row label -> name prefix in results.jsonl
+    "W4 asym, groups of 64": "w4_g64_asym",
+    "W4 sym, groups of 64": "w4_g64_sym",
+    "W4 asym, groups of 128 (576-input Linears fall back to 64)": "w4_g128_asym",
+    "W3 asym, groups of 64": "w3_g64_asym",
+}
+LLMC_SCHEMES = {"w4_g64_asym": "w_uint4_per_group_asym", "w4_g64_sym": "w_int4_per_group_sym"}
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """name -> its last row."""
+    rows: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["name"]] = row
+    return rows
+
+
+def cell(row: dict | None) -> str:
+    if row is None:
+        return ""
+    rss = f", {row['peak_rss_mb'] / 1024:.1f} GB" if row.get("peak_rss_mb") else ""
+    return f"{row['ppl']:.2f} (x{row['ppl'] / FLOAT_PPL:.3f}, {row['quantize_seconds']:.0f} s{rss})"
+
+
+def w4_table(rows: dict[str, dict]) -> list[str]:
+    lines = ["| weights | round to nearest | GPTQ | AWQ |", "|---|---|---|---|"]
+    for label, prefix in W4_ROWS.items():
+        lines.append(f"| {label} | " + " | ".join(cell(rows.get(f"{prefix}_{a}")) for a in ALGORITHMS) + " |")
+    return lines
+
+
+def other_table(rows: dict[str, dict]) -> list[str]:
+    lines = ["| run | recipe | perplexity (x float, seconds, peak RSS) |", "|---|---|---|"]
+    in_w4_table = {f"{prefix}_{a}" for prefix in W4_ROWS.values() for a in ALGORITHMS}
+    for name, row in rows.items():
+        if name not in in_w4_table:
+            lines.append(f"| {name} | `{json.dumps(row['recipe'])}` | {cell(row)} |")
+    return lines
+
+
+def llmc_rows(paths: list[Path]) -> dict[tuple[str, str], dict]:
+    """(scheme, algorithm) -> llm-compressor's row, from its comparison JSONs."""
+    found: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        for row in result.get("rows", []):
+            found[row["scheme"], row.get("algorithm", result.get("algorithm", "rtn"))] = row
+    return found
+
+
+def comparison_table(rows: dict[str, dict], llmc: dict[tuple[str, str], dict]) -> list[str]:
+    lines = ["| recipe | llmquant | llm-compressor | ppl ratio (ours / theirs) | time ratio (ours / theirs) |",
+             "|---|---|---|---|---|"]
+    for prefix, scheme in LLMC_SCHEMES.items():
+        for algorithm in ALGORITHMS:
+            ours, theirs = rows.get(f"{prefix}_{algorithm}"), llmc.get((scheme, algorithm))
+            if ours is None or theirs is None:
+                continue
+            lines.append(
+                f"| {scheme} g64 {algorithm} | {ours['ppl']:.2f} ({ours['quantize_seconds']:.0f} s) | "
+                f"{theirs['ppl']:.2f} ({theirs['seconds']:.0f} s) | {ours['ppl'] / theirs['ppl']:.3f} | "
+                f"{ours['quantize_seconds'] / theirs['seconds']:.2f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--results", default="bench/results.jsonl")
+    parser.add_argument("--llmc", nargs="*", default=None, help="llm-compressor JSONs (default: bench/llmc_w4_*.json)")
+    args = parser.parse_args()
+    rows = read_results(Path(args.results))
+    llmc_paths = [Path(p) for p in args.llmc] if args.llmc is not None else sorted(Path("bench").glob("llmc_w4_*.json"))
+    for title, lines in (("Weight-only", w4_table(rows)), ("Other runs", other_table(rows)),
+                         ("Against llm-compressor", comparison_table(rows, llmc_rows(llmc_paths)))):
+        print(f"### {title}\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

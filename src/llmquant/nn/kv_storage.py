@@ -1,0 +1,187 @@
+"""INT8 KV-cache storage: on the int8 runtime the cache really holds int8 codes and float scales.
+
+`llmquant.nn.kv_cache` simulates the INT8 KV cache: transformers' cache stores float keys and values and
+the attention wrapper fake-quantizes all of them at every call. On the int8 runtime (`set_kv_cache_runtime`,
+called by `llmquant.nn.quant_linear.set_runtime`) a forward pre-hook on each attention module with a
+`KVCacheQuantizer` puts an `Int8CacheLayer` in the ``DynamicCache`` entry of that attention (still an empty
+plain ``DynamicLayer``), so the cache stores 1 byte per element plus the scales. The layer
+
+- rotates the incoming keys with the attention's ``qk_rotation`` (QuaRot's R3), if any;
+- quantizes the incoming keys and values: q = clamp(round(x / s), -128, 127), with s the calibrated
+  ``k_scale``/``v_scale`` (static per tensor), absmax over head_dim / 127 for each (batch, kv head,
+  position) (dynamic per token), or absmax of the incoming chunk / 127 (dynamic per tensor);
+- appends the codes and one scale per (batch, kv head or 1, position) along the sequence;
+- returns the dequantized keys and values of the whole sequence, x_hat = q * s.
+
+The hook tells the attention wrapper that the keys it receives are already rotated and quantized: the wrapper
+then rotates only the query and quantizes nothing again.
+
+Same function as the simulation: static per tensor and dynamic per token quantize each position on its own,
+so storing codes gives the simulation's values. Dynamic per tensor differs: the simulation takes one scale
+over the whole sequence at each call, the cache one scale per incoming chunk (the prompt, then each new
+token), which it cannot revisit. A forward without a cache (``use_cache=False``: perplexity, lm-eval) or with
+an empty one (a prefill) is identical in every case.
+
+Left to the simulation: sliding-window (and other non-plain) cache layers, caches that are not a
+``DynamicCache`` (static, quantized, encoder-decoder), and KV specs other than symmetric 8-bit per tensor
+or per token. ``DynamicCache``'s iteration (its legacy format) yields the int8 codes of these layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
+from llmquant.quant import QuantSpec, qparams_for, quantize
+
+
+def supports_int8_storage(spec: QuantSpec) -> bool:
+    """Whether keys/values with this spec can be stored as int8 codes with one scale per position."""
+    return spec.bits == 8 and spec.symmetric and spec.granularity in ("tensor", "token")
+
+
+def scale_shape(states: torch.Tensor, spec: QuantSpec) -> tuple[int, int, int, int]:
+    """Shape of the stored scales of ``states`` ``[b, h, s, d]``: ``[b, h, s, 1]`` per token, ``[b, 1, s, 1]`` per
+    tensor (one float per position: a few bytes next to the h * d codes)."""
+    b, h, s, _ = states.shape
+    return b, h if spec.granularity == "token" else 1, s, 1
+
+
+def quantize_states(
+    states: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes of ``states`` ``[b, h, s, d]`` and their scales ``[b, h, s, 1]`` (per token) or ``[b, 1, s, 1]``
+    (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or, when None, absmax / 127
+    over head_dim (per token) or over all of ``states`` (per tensor). The arithmetic of `fake_quantize`."""
+    if scale is None:
+        scale, zero = qparams_for(states, spec)  # [n_blocks, 1]
+    else:
+        scale = scale.reshape(1, 1).float()
+        zero = torch.zeros_like(scale)
+    codes = quantize(states, scale, zero, spec)
+    shape = scale_shape(states, spec)
+    if scale.numel() == 1:  # static, or dynamic per tensor: the one scale is recorded at every position
+        return codes, scale.reshape(1, 1, 1, 1).expand(shape).contiguous()
+    return codes, scale.reshape(shape)
+
+
+def dequantize_states(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x_hat = q * s, in ``dtype`` (what `fake_quantize` returns for a symmetric spec)."""
+    return (codes.float() * scales).to(dtype)
+
+
+class Int8CacheLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose ``keys``/``values`` are int8 codes ``[b, h, s, d]``, with float32 scales
+    ``key_scales``/``value_scales`` ``[b, h or 1, s, 1]`` (see the module docstring)."""
+
+    def __init__(self, quantizer: KVCacheQuantizer, rotation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.quantizer, self.rotation = quantizer, rotation
+        self.key_scales: torch.Tensor | None = None
+        self.value_scales: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[..., :0, :]  # [b, h, 0, d]: the stored tensors grow from there along the sequence
+        self.keys = empty.to(torch.int8)
+        self.values = value_states[..., :0, :].to(torch.int8)
+        self.key_scales = empty.new_empty(scale_shape(empty, self.quantizer.spec), dtype=torch.float32)
+        self.value_scales = empty.new_empty(scale_shape(value_states[..., :0, :], self.quantizer.spec),
+                                            dtype=torch.float32)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys (rotated by R3, if any) and values as int8; return the whole sequence dequantized."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.rotation is not None:
+            key_states = self.rotation(key_states)
+        spec, static = self.quantizer.spec, not self.quantizer.spec.dynamic
+        key_codes, key_scales = quantize_states(key_states, spec, self.quantizer.k_scale if static else None)
+        value_codes, value_scales = quantize_states(value_states, spec, self.quantizer.v_scale if static else None)
+        self.keys = torch.cat([self.keys, key_codes], dim=-2)
+        self.values = torch.cat([self.values, value_codes], dim=-2)
+        self.key_scales = torch.cat([self.key_scales, key_scales], dim=-2)
+        self.value_scales = torch.cat([self.value_scales, value_scales], dim=-2)
+        return (dequantize_states(self.keys, self.key_scales, self.dtype),
+                dequantize_states(self.values, self.value_scales, self.dtype))
+
+    # the scales follow the codes through every operation transformers applies to a layer
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.keys, self.values, self.key_scales, self.value_scales = (
+            function(t) for t in (self.keys, self.values, self.key_scales, self.value_scales)
+        )
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_scales = self.value_scales = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            super().crop(tokens_to_remove)  # raises: only negative counts are supported
+        if tokens_to_remove < 0 and self.is_initialized:
+            self._map(lambda t: t[..., :tokens_to_remove, :])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: on the int8 runtime, make this attention's entry of a ``DynamicCache`` an
+    `Int8CacheLayer` (only an empty plain ``DynamicLayer``); record whether the entry is one."""
+    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    index = getattr(attention, "layer_idx", None)
+    quantizer = attention.kv_cache_quantizer
+    stored = False
+    if isinstance(cache, DynamicCache) and index is not None:
+        if cache.layer_class_to_replicate is not None:  # layers created lazily, as `Cache.update` does
+            while len(cache.layers) <= index:
+                cache.layers.append(cache.layer_class_to_replicate())
+        if index < len(cache.layers):
+            layer = cache.layers[index]
+            if (type(layer) is DynamicLayer and not layer.is_initialized and quantizer.runtime == "int8"
+                    and quantizer.observers is None):
+                layer = cache.layers[index] = Int8CacheLayer(quantizer, getattr(attention, "qk_rotation", None))
+            stored = isinstance(layer, Int8CacheLayer)
+    setattr(attention, STORED_FLAG, stored)
+
+
+def set_kv_cache_runtime(model: nn.Module, runtime: str) -> int:
+    """Store the KV cache of every attention whose `KVCacheQuantizer` allows it as int8 (``runtime="int8"``), or
+    simulate it (``"fake"``); return how many quantizers switched. The hook is registered once, on first use."""
+    switched = 0
+    for attention in model.modules():
+        quantizer = getattr(attention, "kv_cache_quantizer", None)
+        if not isinstance(quantizer, KVCacheQuantizer) or not supports_int8_storage(quantizer.spec):
+            continue
+        quantizer.runtime = runtime
+        switched += 1
+        if runtime == "int8" and getattr(attention, "_llmquant_kv_storage_hook", None) is None:
+            attention._llmquant_kv_storage_hook = attention.register_forward_pre_hook(_store_int8, with_kwargs=True)
+    return switched
+
+
+__all__ = ["Int8CacheLayer", "dequantize_states", "quantize_states", "set_kv_cache_runtime", "supports_int8_storage"]

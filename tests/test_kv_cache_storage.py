@@ -1,0 +1,179 @@
+"""INT8 KV-cache storage on the int8 runtime: the cache holds int8 codes and gives the simulation's tokens and
+logits (tiny random Llama, 2 layers, hidden 64, 2 KV heads of head_dim 16)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+import llmquant
+from conftest import VOCAB, make_model
+from llmquant.nn.kv_cache import STORED_FLAG
+from llmquant.nn.kv_storage import Int8CacheLayer, set_kv_cache_runtime
+from llmquant.nn.quant_linear import set_runtime
+
+TOKEN = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
+STATIC = "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static"
+TENSOR_DYNAMIC = "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_dynamic"
+QUAROT = [{"name": "quarot"}]  # R1-R4: R3 rotates queries and keys before the KV cache is quantized
+NEW_TOKENS = 8
+HEAD_DIM = 16
+
+
+def quantized(scheme: str, calib_ids: torch.Tensor, pre_opts: list | None = None,
+              model: torch.nn.Module | None = None) -> torch.nn.Module:
+    model = model if model is not None else make_model("llama")
+    return llmquant.quantize(model, {"scheme": scheme, "pre_opts": pre_opts or []}, calib=calib_ids, progress=False)
+
+
+def generate(model: torch.nn.Module, prompt: torch.Tensor, **options: object):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True, **options)
+
+
+def step_logits(output) -> torch.Tensor:
+    return torch.stack(output.logits)  # [new tokens, batch, vocab]
+
+
+def test_the_cache_of_a_kv_quantized_model_holds_int8_on_the_int8_runtime(calib_ids: torch.Tensor) -> None:
+    model = quantized(TOKEN, calib_ids)
+    assert set_runtime(model, "int8") == 7 * 2 + 2  # seven Linears and one KV-cache quantizer per layer
+    output = generate(model, calib_ids[:2, :12])
+    for layer in output.past_key_values.layers:
+        assert isinstance(layer, Int8CacheLayer)
+        positions = 12 + NEW_TOKENS - 1  # the last token is sampled, not yet stored
+        assert layer.keys.dtype == layer.values.dtype == torch.int8
+        assert layer.keys.shape == layer.values.shape == (2, 2, positions, HEAD_DIM)
+        assert layer.key_scales.dtype == torch.float32 and layer.key_scales.shape == (2, 2, positions, 1)
+        codes = layer.keys.nbytes + layer.values.nbytes
+        scales = layer.key_scales.nbytes + layer.value_scales.nbytes
+        float32 = 4 * layer.keys.numel() * 2
+        assert codes * 4 == float32  # one byte per element ...
+        assert (codes + scales) / float32 == pytest.approx((1 + 4 / HEAD_DIM) / 4)  # ... plus a float per head_dim
+
+
+def test_a_cache_made_by_hand_is_filled_lazily_with_int8_layers(calib_ids: torch.Tensor) -> None:
+    model = quantized(STATIC, calib_ids)
+    set_runtime(model, "int8")
+    cache = DynamicCache()  # no config: transformers appends its layers on the first update
+    with torch.no_grad():
+        model(calib_ids[:1, :10], past_key_values=cache, use_cache=True)
+    assert [type(layer) for layer in cache.layers] == [Int8CacheLayer, Int8CacheLayer]
+    assert cache.get_seq_length() == 10 and cache.layers[0].key_scales.shape == (1, 1, 10, 1)  # per tensor
+
+
+@pytest.mark.parametrize(("scheme", "pre_opts"), [(TOKEN, None), (STATIC, None), (STATIC, QUAROT), (TOKEN, QUAROT)],
+                         ids=["token", "static", "static+quarot", "token+quarot"])
+def test_greedy_generation_from_int8_storage_matches_the_simulation(
+    scheme: str, pre_opts: list | None, calib_ids: torch.Tensor
+) -> None:
+    model = quantized(scheme, calib_ids, pre_opts)
+    prompt = calib_ids[:2, :12]
+    set_runtime(model, "int8")
+    stored = generate(model, prompt)
+    assert all(isinstance(layer, Int8CacheLayer) for layer in stored.past_key_values.layers)
+    # the same int8 Linears with the KV cache simulated: the keys and values attention reads are the same
+    # numbers (the stored codes times their scales), so the logits agree to float32 rounding (here: exactly)
+    set_kv_cache_runtime(model, "fake")
+    simulated_kv = generate(model, prompt)
+    assert all(type(layer) is DynamicLayer for layer in simulated_kv.past_key_values.layers)
+    assert torch.equal(stored.sequences, simulated_kv.sequences)
+    torch.testing.assert_close(step_logits(stored), step_logits(simulated_kv), rtol=0, atol=1e-6)
+    # the whole fake runtime (fake-quantized Linears too): float rounding of the GEMMs only
+    set_runtime(model, "fake")
+    simulated = generate(model, prompt)
+    assert torch.equal(stored.sequences, simulated.sequences)
+    torch.testing.assert_close(step_logits(stored), step_logits(simulated), rtol=0, atol=1e-4)
+
+
+def test_dynamic_per_tensor_storage_scales_each_chunk(calib_ids: torch.Tensor) -> None:
+    """The prefill is identical; then each new token gets its own scale where the simulation rescales the
+    whole sequence, so decoding differs slightly."""
+    model = quantized(TENSOR_DYNAMIC, calib_ids)
+    prompt = calib_ids[:1, :12]
+    set_runtime(model, "int8")
+    stored = generate(model, prompt)
+    set_kv_cache_runtime(model, "fake")
+    simulated = generate(model, prompt)
+    logits_stored, logits_simulated = step_logits(stored), step_logits(simulated)
+    assert torch.equal(logits_stored[0], logits_simulated[0])  # the prefill: one chunk, one scale in both
+    assert (logits_stored[1:] - logits_simulated[1:]).abs().max() < 0.05
+
+
+def test_without_a_cache_the_storage_path_is_not_used(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    model = quantized(STATIC, calib_ids, QUAROT)
+    set_runtime(model, "int8")
+    with torch.no_grad():
+        stored = model(eval_ids, use_cache=False).logits
+    attentions = [layer.self_attn for layer in model.model.layers]
+    assert not any(getattr(a, STORED_FLAG) for a in attentions)
+    set_kv_cache_runtime(model, "fake")
+    with torch.no_grad():
+        simulated = model(eval_ids, use_cache=False).logits
+    assert torch.equal(stored, simulated)
+
+
+def test_fake_runtime_keeps_the_float_cache(calib_ids: torch.Tensor) -> None:
+    model = quantized(TOKEN, calib_ids)
+    set_runtime(model, "int8")
+    set_runtime(model, "fake")
+    output = generate(model, calib_ids[:1, :12])
+    assert all(type(layer) is DynamicLayer and layer.keys.dtype == torch.float32
+               for layer in output.past_key_values.layers)
+
+
+def test_beam_search_reorders_codes_and_scales_together(calib_ids: torch.Tensor) -> None:
+    model = quantized(TOKEN, calib_ids)
+    prompt = calib_ids[:1, :12]
+    set_runtime(model, "int8")
+    stored = generate(model, prompt, num_beams=3)
+    assert isinstance(stored.past_key_values.layers[0], Int8CacheLayer)
+    set_kv_cache_runtime(model, "fake")
+    assert torch.equal(stored.sequences, generate(model, prompt, num_beams=3).sequences)
+
+
+def test_crop_and_reset_keep_codes_and_scales_aligned(calib_ids: torch.Tensor) -> None:
+    model = quantized(TOKEN, calib_ids)
+    set_runtime(model, "int8")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(calib_ids[:1, :10], past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    cache.crop(-3)  # remove the last three positions
+    assert layer.keys.shape[-2] == layer.key_scales.shape[-2] == layer.value_scales.shape[-2] == 7
+    cache.reset()
+    assert cache.get_seq_length() == 0 and layer.key_scales is None
+    with torch.no_grad():
+        model(calib_ids[:1, :5], past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 5 and layer.keys.dtype == torch.int8
+
+
+def test_sliding_window_layers_keep_the_simulation(calib_ids: torch.Tensor) -> None:
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           sliding_window=16)
+    torch.manual_seed(0)
+    model = quantized(TOKEN, calib_ids, model=AutoModelForCausalLM.from_config(config).eval())
+    set_runtime(model, "int8")
+    output = generate(model, calib_ids[:1, :12])
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in output.past_key_values.layers)
+
+
+def test_a_loaded_checkpoint_stores_int8_on_the_int8_runtime(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = quantized(STATIC, calib_ids, QUAROT)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    prompt = calib_ids[:1, :12]
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="int8")
+    stored = generate(loaded, prompt)
+    assert all(isinstance(layer, Int8CacheLayer) and layer.keys.dtype == torch.int8
+               for layer in stored.past_key_values.layers)
+    simulated_model, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")  # the cache holds floats
+    simulated = generate(simulated_model, prompt)
+    assert all(type(layer) is DynamicLayer for layer in simulated.past_key_values.layers)
+    assert torch.equal(stored.sequences, simulated.sequences)
+    torch.testing.assert_close(step_logits(stored), step_logits(simulated), rtol=0, atol=1e-4)
