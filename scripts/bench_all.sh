@@ -2,7 +2,7 @@
 # Every single-recipe figure of BENCHMARKS.md, one recipe per process on one thread (two lanes can share
 # the two cores), appended to bench/results.jsonl; a name already there is skipped, so a rerun resumes.
 #
-#     bash scripts/bench_all.sh [w8a8|w4|all]      then: .venv/bin/python scripts/bench_tables.py
+#     bash scripts/bench_all.sh [w8a8|w4|seed003|all]      then: .venv/bin/python scripts/bench_tables.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results.jsonl}
@@ -43,9 +43,20 @@ w4_more() {
     run w4_g64_asym_r12_gptq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
 }
 
+seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+R2; W8A8 static with and without QuaRot
+    run seed003_w8_per_tensor '{"scheme": "w_int8_per_tensor"}'
+    run seed003_w8_per_tensor_r12 "{\"scheme\": \"w_int8_per_tensor\", \"pre_opts\": [$R12]}"
+    run seed003_w8a8_static '{"scheme": "w_int8_per_tensor_a_int8_per_tensor_static"}'
+    run seed003_w8a8_static_quarot "{\"scheme\": \"w_int8_per_tensor_a_int8_per_tensor_static\", \"pre_opts\": [$QUAROT]}"
+    run none_quarot "{\"scheme\": \"none\", \"pre_opts\": [$QUAROT]}"
+    run none_smooth_auto "{\"scheme\": \"none\", \"pre_opts\": [$SQ_AUTO]}"
+    run none_smooth_0.5 '{"scheme": "none", "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]}'
+}
+
 case "${1:-all}" in
     w8a8) w8a8 ;;
+    seed003) seed003 ;;
     w4) w4_g64; w4_more ;;
-    all) w4_g64; w8a8; w4_more ;;
-    *) echo "usage: $0 [w8a8|w4|all]" >&2; exit 2 ;;
+    all) w4_g64; w8a8; w4_more; seed003 ;;
+    *) echo "usage: $0 [w8a8|w4|seed003|all]" >&2; exit 2 ;;
 esac

@@ -105,6 +105,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant.api import calibration_ids
     from llmquant.evaluation.perplexity import perplexity
     from llmquant.export.targets import check_target, smoke_check
+    from llmquant.nn.quant_linear import set_runtime
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
     recipe = _recipe_from_args(args)
@@ -136,9 +137,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     figures["quantize_seconds"] = time.perf_counter() - t_quant
     manifest = model.llmquant_manifest
     if windows is not None:
+        set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it: int8 kernels where a layer has them
         figures["quantized_ppl"] = perplexity(model, windows, progress=not args.quiet)
         figures["ppl_ratio"] = figures["quantized_ppl"] / figures["float_ppl"]
-        figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows)}
+        figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows),
+                           "runtime": "int8"}
     manifest.results.update(figures)
     if cap is not None:
         manifest.results["max_memory_mb"] = cap / 2**20
@@ -355,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--schemes", nargs="+", default=None, help="presets (default: the eight W8A8 schemes)")
     s.add_argument("--methods", nargs="+", default=None,
                    help="smooth_0.85, smooth_0.5, smooth_fc_fc_0.5+rotation (the default three), none, "
-                        "rotation+smooth_auto, or a .json/.yaml file mapping method names to pre_opts lists")
+                        "smooth_auto, rotation+smooth_auto, or a .json/.yaml file mapping method names to pre_opts "
+                        "lists")
     s.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     s.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
     s.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")

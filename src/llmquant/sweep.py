@@ -47,6 +47,7 @@ BUILTIN_METHODS: dict[str, PreOpts] = {  # seed 000's three columns, and no pre-
     "smooth_0.5": [{"name": "smoothquant", "alpha": 0.5}],
     "smooth_fc_fc_0.5+rotation": [{"name": "smooth_fc_fc", "alpha": 0.5}, {"name": "quarot", "online_had": False}],
     "none": [],
+    "smooth_auto": [{"name": "smoothquant", "alpha": "auto"}],
     # the best per-tensor static recipe found on the default model (BENCHMARKS.md): offline rotation, then
     # SmoothQuant with alpha searched per group on the rotated activations
     "rotation+smooth_auto": [{"name": "quarot", "rotations": ["R1", "R2"], "online_had": False},
