@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -103,15 +104,21 @@ def test_w4_group32_layer_takes_a_fifth_of_the_float_bytes(symmetric: bool) -> N
 
 
 # --- checkpoints -----------------------------------------------------------------------------------------
+def every_w4_checkpoint(test: Callable) -> Callable:
+    """Run ``test`` for both families, both W4 schemes, groups of 32 and per channel."""
+    for name, values, ids in (("group_size", [32, -1], ["g32", "per_channel"]), ("scheme", W4_SCHEMES, None),
+                              ("family_name", ["llama", "opt"], None)):
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)
+    return test
+
+
 def quantized(family: str, scheme: str, group_size: int, calib_ids: torch.Tensor) -> nn.Module:
     model = make_model(family)
     llmquant.quantize(model, {"scheme": scheme, "group_size": group_size}, calib=calib_ids, progress=False)
     return model
 
 
-@pytest.mark.parametrize("family_name", ["llama", "opt"])
-@pytest.mark.parametrize("scheme", W4_SCHEMES)
-@pytest.mark.parametrize("group_size", [32, -1], ids=["g32", "per_channel"])
+@every_w4_checkpoint
 def test_w4_round_trip_gives_identical_logits(
     family_name: str, scheme: str, group_size: int, calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path
 ) -> None:
@@ -216,9 +223,7 @@ def test_transformers_loads_symmetric_packed_checkpoints(
 
 
 @pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # only its dequantize flag is taken
-@pytest.mark.parametrize("family_name", ["llama", "opt"])
-@pytest.mark.parametrize("scheme", W4_SCHEMES)
-@pytest.mark.parametrize("group_size", [32, -1], ids=["g32", "per_channel"])
+@every_w4_checkpoint
 def test_transformers_dequantizing_at_load_matches_llmquant(
     family_name: str, scheme: str, group_size: int, calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path
 ) -> None:
