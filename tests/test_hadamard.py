@@ -16,14 +16,17 @@ from llmquant.quant.hadamard import (
     _prime_power,
     constructible_orders,
     fast_hadamard_transform,
+    hadamard_kronecker_factors,
     hadamard_matrix,
     hadamard_plan,
     is_constructible,
+    kronecker_transform,
     largest_constructible_divisor,
     orthogonal_fallback,
     orthogonal_for,
     paley_hadamard,
 )
+from llmquant.quant.rotation import Rotation
 
 SEEDS = [4, 12, 20, 36, 40, 52, 60, 108, 140, 156, 172]
 CORES = sorted({*SEEDS, 28, 44, 148})
@@ -246,3 +249,26 @@ def test_orthogonal_for_prefers_hadamard() -> None:
     assert "williamson(t=43)" in desc
     with pytest.raises(LlmquantError, match="n=188"):
         orthogonal_for(188)
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 64, 256, 576, 1536, 11008, 14336])
+def test_kronecker_factors_multiply_to_the_hadamard_matrix_and_transform_like_the_fast_one(n: int) -> None:
+    factors = hadamard_kronecker_factors(n, largest=16)
+    assert all(f.shape[0] <= max(16, hadamard_plan(n).m) for f in factors)
+    product = factors[0]
+    for factor in factors[1:]:
+        product = torch.kron(product, factor)
+    assert torch.equal(product, hadamard_matrix(n))
+    x = torch.randn(3, 2, n, dtype=torch.float64)
+    fast = fast_hadamard_transform(x)
+    torch.testing.assert_close(kronecker_transform(x, hadamard_kronecker_factors(n), n ** -0.5), fast,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [64, 1536])
+def test_online_rotation_applies_the_rotation_in_float32(n: int) -> None:
+    from llmquant.nn.online_rotation import OnlineRotation
+
+    rotation = Rotation(n)
+    x = torch.randn(4, n)
+    torch.testing.assert_close(OnlineRotation(rotation)(x), rotation.apply(x.double()).float(), rtol=0, atol=1e-5)

