@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmquant.algorithms import awq
-from llmquant.algorithms.gptq import GPTQ
+from llmquant.algorithms.gptq import GPTQ, HessianAccumulator
 from llmquant.algorithms.quarot import rotate_layer
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
@@ -44,6 +44,7 @@ from llmquant.pipeline.layer_io import (
     LayerInputs,
     capture_layer_inputs,
     head_dim_of,
+    inputs_of,
     relative_error,
     run_layer,
 )
@@ -253,10 +254,10 @@ def _smooth(
 
 def _stages(layer: nn.Module, names: list[str], inputs: LayerInputs, where: str) -> list[list[str]]:
     """The Linears in execution order, grouped by the input tensor they share (q/k/v, gate/up, ...)."""
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, torch.Tensor]] = []  # the inputs themselves: a freed tensor's id() can be reused
     handles = [
         layer.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, name=name: seen.append((name, id(args[0])))
+            lambda _m, args, name=name: seen.append((name, args[0]))
         )
         for name in names
     ]
@@ -267,12 +268,12 @@ def _stages(layer: nn.Module, names: list[str], inputs: LayerInputs, where: str)
             handle.remove()
     stages: list[list[str]] = []
     last_input = None
-    for name, input_id in seen:
-        if stages and input_id == last_input:
+    for name, tensor in seen:
+        if stages and tensor is last_input:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last_input = input_id
+        last_input = tensor
     return stages
 
 
@@ -284,22 +285,15 @@ def _gptq_layer(
     where: str,
     options: GPTQOptions,
 ) -> list[list[str]]:
-    """GPTQ the layer's Linears stage by stage; each stage's Hessian sees the already quantized ones."""
+    """GPTQ the layer's Linears stage by stage; each stage's Hessian sees the already quantized ones. The
+    Linears of a stage read one input, so they share one Hessian, and the layer runs only as far as the
+    stage's first Linear (what comes after it is not needed yet)."""
     names = [n for n, (_, q) in linears.items() if q.weight_spec is not None]
     stages = _stages(layer, names, inputs, where)
     for stage in stages:
-        states = {name: GPTQ(linears[name][0].weight) for name in stage}
-        handles = [
-            layer.get_submodule(name).register_forward_pre_hook(
-                lambda _m, args, state=states[name]: state.add_batch(args[0])
-            )
-            for name in stage
-        ]
-        try:
-            run_layer(layer, inputs, where)
-        finally:
-            for handle in handles:
-                handle.remove()
+        hessian = HessianAccumulator(linears[stage[0]][0].in_features)
+        states = {name: GPTQ(linears[name][0].weight, hessian) for name in stage}
+        inputs_of(layer, layer.get_submodule(stage[0]), inputs, hessian.add_batch)
         for name, state in states.items():
             quantized = linears[name][1]
             weight, qparams = state.quantize(quantized.weight_spec, options.block_size, options.damp_ratio,

@@ -8,6 +8,7 @@ several samples per forward when their keyword arguments are shared.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,17 +80,48 @@ def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
     return True
 
 
+def _batches(inputs: LayerInputs, batch: int | None) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+    """The samples, ``batch`` (default `BATCH`) per forward when their kwargs allow it, else one by one."""
+    batch = BATCH if batch is None else batch
+    if batch > 1 and not _shared_kwargs(inputs.kwargs):
+        batch = 1
+    for start in range(0, len(inputs.hidden), batch):
+        yield torch.cat(inputs.hidden[start : start + batch]), inputs.kwargs[start]
+
+
+class _StopAtInputError(Exception):
+    """Raised by `inputs_of`'s hook: the rest of the layer's forward is not needed."""
+
+
+@torch.no_grad()
+def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume: Callable[[torch.Tensor], None],
+              batch: int | None = None) -> None:
+    """Run the layer on every sample only as far as ``module``: each batch's input of ``module`` goes to
+    ``consume`` and the forward stops there (what follows ``module`` is not computed)."""
+
+    def stop(_module: nn.Module, args: tuple) -> None:
+        consume(args[0])
+        raise _StopAtInputError
+
+    handle = module.register_forward_pre_hook(stop)
+    try:
+        for hidden, kwargs in _batches(inputs, batch):
+            try:
+                layer(hidden, **kwargs)
+            except _StopAtInputError:
+                continue
+            raise LlmquantError(f"{type(module).__name__} was not called by its layer's forward")
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | None = None) -> list[torch.Tensor]:
     """The layer's outputs for every sample, ``batch`` (default `BATCH`) samples per forward when their
     kwargs allow it."""
-    batch = BATCH if batch is None else batch
-    if batch > 1 and not _shared_kwargs(inputs.kwargs):
-        batch = 1
     outputs = []
-    for start in range(0, len(inputs.hidden), batch):
-        hidden = torch.cat(inputs.hidden[start : start + batch])
-        out = _layer_output(layer(hidden, **inputs.kwargs[start]))
+    for hidden, kwargs in _batches(inputs, batch):
+        out = _layer_output(layer(hidden, **kwargs))
         if not torch.isfinite(out).all():
             raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")
         outputs.extend(out.split(1))
