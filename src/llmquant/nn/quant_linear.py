@@ -167,6 +167,13 @@ class QuantLinear(nn.Module):
             self._dequantized = weight
         return weight
 
+    def _apply(self, fn, recurse: bool = True):
+        """A move (``.to``, ``.float()``, to ``meta`` when a streamed layer is released) drops the caches, which
+        are plain attributes that ``Module.to`` would leave behind."""
+        self._dequantized = None
+        self._weight_t = None
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._dequantized = None
