@@ -52,7 +52,8 @@ def test_bench_json_has_every_figure_and_w8a8_is_smaller(
     assert found["quantized"]["memory_bytes"] < 0.7 * found["float32"]["memory_bytes"]
     assert found["quantized"]["disk_bytes"] < 0.7 * found["float32"]["disk_bytes"]
     assert ratios["memory"] == pytest.approx(found["quantized"]["memory_bytes"] / found["float32"]["memory_bytes"])
-    assert found["quantized"]["runtime_cache_bytes"] > 0 == found["float32"]["runtime_cache_bytes"]  # transposed int8
+    # the int8 runtime multiplies the stored codes (a transposed view): nothing kept besides the state dict
+    assert found["quantized"]["runtime_cache_bytes"] == 0 == found["float32"]["runtime_cache_bytes"]
 
 
 def test_bench_prints_a_markdown_table(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ Protocol (`run_bench`):
   a load on the machine hits both models alike. The figure of a model is the median over rounds.
 - Memory: bytes of the model's parameters and buffers (a tensor shared by two names counted once), plus
   ``runtime_cache_bytes``, the tensors a runtime keeps after the first forward outside the state dict
-  (the int8 runtime's transposed weights, a cached dequantized weight); disk: the size of every file of
+  (a cached dequantized weight); disk: the size of every file of
   the checkpoint directory (or the .gguf file; the cached float32 conversion for the default model).
 - Ratios are quantized / float: above 1 is faster for throughput, below 1 is smaller for memory.
 """
@@ -115,12 +115,12 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def runtime_cache_bytes(model: nn.Module) -> int:
-    """Bytes a runtime keeps besides the state dict after a forward: `QuantLinear`'s transposed int8
-    weight (int8 runtime) and its cached dequantized weight (fake runtime of an unpacked layer)."""
+    """Bytes a runtime keeps besides the state dict after a forward: `QuantLinear`'s cached dequantized
+    weight (fake runtime of an unpacked layer; the int8 runtime multiplies the stored codes directly)."""
     from llmquant.nn.quant_linear import QuantLinear
 
     cached = [t for m in model.modules() if isinstance(m, QuantLinear)
-              for t in (m._weight_t, m._dequantized) if t is not None]
+              for t in (m._dequantized,) if t is not None]
     return _unique_bytes(cached)
 
 

@@ -95,7 +95,6 @@ class QuantLinear(nn.Module):
                 self.register_buffer("input_zero_point", torch.zeros(1))
         self.observer: Observer | None = None
         self._dequantized: torch.Tensor | None = None
-        self._weight_t: torch.Tensor | None = None
         self.runtime = "fake"
 
     @classmethod
@@ -130,7 +129,6 @@ class QuantLinear(nn.Module):
             if not spec.symmetric:
                 self.weight_zero_point.copy_(torch.round(zero).reshape(self.weight_zero_point.shape))
         self._dequantized = None
-        self._weight_t = None
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weight in the block view (``[n_blocks, 1]``, float)."""
@@ -168,16 +166,14 @@ class QuantLinear(nn.Module):
         return weight
 
     def _apply(self, fn, recurse: bool = True):
-        """A move (``.to``, ``.float()``, to ``meta`` when a streamed layer is released) drops the caches, which
-        are plain attributes that ``Module.to`` would leave behind."""
+        """A move (``.to``, ``.float()``, to ``meta`` when a streamed layer is released) drops the cached
+        dequantized weight, a plain attribute that ``Module.to`` would leave behind."""
         self._dequantized = None
-        self._weight_t = None
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._dequantized = None
-        self._weight_t = None
 
     # --- integer runtime ----------------------------------------------------------------------
     @property
@@ -200,9 +196,7 @@ class QuantLinear(nn.Module):
         else:
             x_scale = (rows.abs().amax() / spec.qmax).clamp(min=1e-8).reshape(1, 1)
         x_codes = torch.clamp(torch.round(rows / x_scale), spec.qmin, spec.qmax).to(torch.int8)
-        if self._weight_t is None:
-            self._weight_t = self.weight.t().contiguous()
-        accumulated = torch._int_mm(x_codes, self._weight_t)
+        accumulated = torch._int_mm(x_codes, self.weight.t())  # a view: no transposed copy kept
         y = accumulated.float() * (x_scale * self.weight_scale.reshape(1, -1))
         if self.bias is not None:
             y = y + self.bias
