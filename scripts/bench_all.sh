@@ -17,6 +17,7 @@ run() {  # NAME RECIPE_JSON
 R12='{"name": "quarot", "rotations": ["R1", "R2"], "online_had": false}'
 QUAROT='{"name": "quarot"}'
 SQ_AUTO='{"name": "smoothquant", "alpha": "auto"}'
+SQ085='{"name": "smoothquant", "alpha": 0.85}'
 STATIC=w_int8_per_channel_a_int8_per_tensor_static
 TOKEN=w_int8_per_channel_a_int8_per_token_dynamic
 
@@ -24,6 +25,7 @@ w8a8() {
     run token_quarot_gptq "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"pre_opts\": [$QUAROT]}"
     run static_r12_sqauto_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12, $SQ_AUTO]}"
     run token_r12_gptq "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
+    run static_sq085_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$SQ085]}"
 }
 
 w4_g64() {
@@ -33,14 +35,10 @@ w4_g64() {
     done
 }
 
-w4_more() {
-    for algo in rtn gptq awq; do  # 576 inputs: q/k/v/gate/up fall back to groups of 64, the rest keep 128
-        run "w4_g128_asym_$algo" "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"$algo\"}"
-    done
-    for algo in rtn gptq awq; do
-        run "w3_g64_asym_$algo" "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"$algo\"}"
-    done
-    run w4_g64_asym_r12_gptq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
+w4_more() {  # 576 inputs: with groups of 128, q/k/v/gate/up fall back to groups of 64, the rest keep 128
+    run w4_g128_asym_gptq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"gptq\"}"
+    run w3_g64_asym_rtn "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"rtn\"}"
+    run w3_g64_asym_gptq "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\"}"
 }
 
 seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+R2; W8A8 static with and without QuaRot
@@ -50,13 +48,12 @@ seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+
     run seed003_w8a8_static_quarot "{\"scheme\": \"w_int8_per_tensor_a_int8_per_tensor_static\", \"pre_opts\": [$QUAROT]}"
     run none_quarot "{\"scheme\": \"none\", \"pre_opts\": [$QUAROT]}"
     run none_smooth_auto "{\"scheme\": \"none\", \"pre_opts\": [$SQ_AUTO]}"
-    run none_smooth_0.5 '{"scheme": "none", "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]}'
 }
 
 case "${1:-all}" in
     w8a8) w8a8 ;;
     seed003) seed003 ;;
     w4) w4_g64; w4_more ;;
-    all) w4_g64; w8a8; w4_more; seed003 ;;
+    all) w4_g64; w8a8; seed003; w4_more ;;
     *) echo "usage: $0 [w8a8|w4|seed003|all]" >&2; exit 2 ;;
 esac

@@ -60,7 +60,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         "best_w8a8_per_tensor_static": {"scheme": STATIC, "algorithm": "gptq",
                                         "pre_opts": BUILTIN_METHODS["rotation+smooth_auto"]},
         "best_w4_g64": {"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq",
-                        "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2"], "online_had": False}]},
+                        "weight_observer": "mse"},
     }
 
 

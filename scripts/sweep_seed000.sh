@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Seed 000's table on the default model (BENCHMARKS.md): the eight W8A8 rows x the seed's three methods,
-# plus SmoothQuant with searched alpha and the best per-tensor recipe (rotation + SmoothQuant auto) on the
-# four rows without a KV cache. Resumable: finished cells are kept. The last call writes the 8 x 3 table,
-# bench/sweep_seed000/sweep.{md,csv,png}.
+# plus rotation + SmoothQuant with searched alpha on the four rows without a KV cache. Resumable: finished
+# cells are kept. The last call writes the 8 x 3 table, bench/sweep_seed000/sweep.{md,csv,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -11,6 +10,4 @@ NO_KV="w_int8_per_tensor_a_int8_per_tensor_static w_int8_per_channel_a_int8_per_
        w_int8_per_channel_a_int8_per_tensor_dynamic w_int8_per_channel_a_int8_per_token_dynamic"
 sweep() { .venv/bin/llmquant sweep --quiet --output "$OUT" "$@"; }
 sweep --schemes $NO_KV --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation rotation+smooth_auto
-sweep --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation
-sweep --schemes $NO_KV --methods smooth_auto
 sweep --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation
