@@ -10,4 +10,9 @@ NO_KV="w_int8_per_tensor_a_int8_per_tensor_static w_int8_per_channel_a_int8_per_
        w_int8_per_channel_a_int8_per_tensor_dynamic w_int8_per_channel_a_int8_per_token_dynamic"
 sweep() { .venv/bin/llmquant sweep --quiet --output "$OUT" "$@"; }
 sweep --schemes $NO_KV --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation rotation+smooth_auto
+KV="w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor_static
+    w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static
+    w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_dynamic
+    w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
+sweep --schemes $KV --methods smooth_fc_fc_0.5+rotation
 sweep --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation
