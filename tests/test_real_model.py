@@ -10,6 +10,7 @@ import torch
 import llmquant
 from llmquant import data
 from llmquant.evaluation.perplexity import perplexity
+from llmquant.nn.quant_linear import set_runtime
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,10 @@ def test_default_model_w8a8_per_token_round_trip(tmp_path: Path) -> None:
     quant_ppl = perplexity(model, windows)
     assert 1.0 < quant_ppl / float_ppl < 1.15
     llmquant.save(model, tokenizer, tmp_path / "ckpt")
-    loaded, loaded_tokenizer = llmquant.load(tmp_path / "ckpt")
     ids = windows[:1, :64]
+    loaded, loaded_tokenizer = llmquant.load(tmp_path / "ckpt", runtime="fake")  # as quantize left it
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+        set_runtime(model, "int8")
+        assert torch.equal(model(ids).logits, llmquant.load(tmp_path / "ckpt")[0](ids).logits)  # int8 by default
     assert loaded_tokenizer("def f():")["input_ids"] == tokenizer("def f():")["input_ids"]
