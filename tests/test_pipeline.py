@@ -190,3 +190,16 @@ def test_batched_layer_passes_give_the_model_of_one_sample_at_a_time(
         assert abs(one - batched) < 0.25 * one
     else:
         assert relative_error(results[0], results[1]) < 1e-4
+
+
+@pytest.mark.parametrize("kv", ["int8_per_token", "int8_per_tensor_dynamic"])
+def test_dynamic_kv_cache_does_not_break_the_equivalence_check_of_smoothing(kv: str, calib_ids: torch.Tensor) -> None:
+    """The float passes (statistics, equivalence checks) run with the KV cache unquantized, dynamic or not:
+    smoothing v_proj -> o_proj rescales the values, which a quantized cache would round differently."""
+    scheme = {"int8_per_token": "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic",
+              "int8_per_tensor_dynamic": "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_dynamic"}[kv]
+    model = make_model("llama")
+    llmquant.quantize(model, {"scheme": scheme, "pre_opts": [{"name": "smooth_fc_fc", "alpha": 0.5}]},
+                      calib=calib_ids, progress=False)
+    attention = model.model.layers[0].self_attn
+    assert attention.kv_cache_quantizer.spec.dynamic and not attention.kv_cache_quantizer.observing

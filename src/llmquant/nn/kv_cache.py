@@ -43,14 +43,19 @@ class KVCacheQuantizer(nn.Module):
             self.register_buffer("k_scale", torch.ones(1))
             self.register_buffer("v_scale", torch.ones(1))
         self.observers: tuple[Observer, Observer] | None = None
+        self.observing = False  # calibration passes: keys and values pass through (and are observed if static)
         self.runtime = "fake"  # "int8": a DynamicCache stores int8 codes (`llmquant.nn.kv_storage`)
 
     def start_observing(self) -> None:
+        """Calibration: pass keys and values through unquantized (a dynamic cache too, so the float passes and
+        the equivalence checks of function-preserving transforms see the float function); record static ranges."""
+        self.observing = True
         if not self.spec.dynamic:
             self.observers = (Observer(self.spec), Observer(self.spec))
 
     @torch.no_grad()
     def stop_observing(self) -> None:
+        self.observing = False
         if self.observers is None:
             return
         self.k_scale.copy_(self.observers[0].qparams()[0].reshape(1))
@@ -58,9 +63,10 @@ class KVCacheQuantizer(nn.Module):
         self.observers = None
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.observers is not None:
-            self.observers[0].update(key)
-            self.observers[1].update(value)
+        if self.observing:
+            if self.observers is not None:
+                self.observers[0].update(key)
+                self.observers[1].update(value)
             return key, value
         if self.spec.dynamic:
             return fake_quantize(key, self.spec), fake_quantize(value, self.spec)

@@ -163,7 +163,7 @@ def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
         if index < len(cache.layers):
             layer = cache.layers[index]
             if (type(layer) is DynamicLayer and not layer.is_initialized and quantizer.runtime == "int8"
-                    and quantizer.observers is None):
+                    and not quantizer.observing):
                 layer = cache.layers[index] = Int8CacheLayer(quantizer, getattr(attention, "qk_rotation", None))
             stored = isinstance(layer, Int8CacheLayer)
     setattr(attention, STORED_FLAG, stored)
