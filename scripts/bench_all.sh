@@ -35,6 +35,12 @@ w4_g64() {
     done
 }
 
+w4_gptq_variants() {  # the W4 g64 GPTQ variants of BENCHMARKS.md (activation order is the default)
+    run w4_g64_asym_gptq_actorder '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"act_order": true}}'
+    run w4_g64_asym_gptq_actorder_mse '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"act_order": true}, "weight_observer": "mse"}'
+    run w4_g64_asym_r12_gptq_mse "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"weight_observer\": \"mse\", \"pre_opts\": [$R12]}"
+}
+
 w4_more() {  # 576 inputs: with groups of 128, q/k/v/gate/up fall back to groups of 64, the rest keep 128
     run w4_g128_asym_gptq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"gptq\"}"
     run w3_g64_asym_rtn "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"rtn\"}"
@@ -53,7 +59,7 @@ seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+
 case "${1:-all}" in
     w8a8) w8a8 ;;
     seed003) seed003 ;;
-    w4) w4_g64; w4_more ;;
-    all) w4_g64; w8a8; seed003; w4_more ;;
+    w4) w4_g64; w4_gptq_variants; w4_more ;;
+    all) w4_g64; w4_gptq_variants; w8a8; seed003; w4_more ;;
     *) echo "usage: $0 [w8a8|w4|seed003|all]" >&2; exit 2 ;;
 esac

@@ -24,8 +24,10 @@ from llmquant.quant.rotation import Rotation
 
 
 @lru_cache(maxsize=32)
-def _float32_factors(n: int) -> tuple[torch.Tensor, ...]:
-    return tuple(f.float() for f in hadamard_kronecker_factors(n))
+def _normalized_factors(n: int) -> tuple[torch.Tensor, ...]:
+    """H_n's Kronecker factors in float32, the first one carrying the 1/sqrt(n) normalisation (built once)."""
+    first, *rest = hadamard_kronecker_factors(n)
+    return ((first / math.sqrt(n)).float(), *(f.float() for f in rest))
 
 
 class OnlineRotation(nn.Module):
@@ -41,7 +43,7 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
-            return kronecker_transform(x, _float32_factors(r.n), 1.0 / math.sqrt(r.n)).to(x.dtype)
+            return kronecker_transform(x, _normalized_factors(r.n), 1.0).to(x.dtype)
         return r.apply(x.float()).to(x.dtype)
 
     def extra_repr(self) -> str:

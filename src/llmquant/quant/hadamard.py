@@ -452,10 +452,12 @@ def kronecker_transform(x: torch.Tensor, factors: tuple[torch.Tensor, ...], scal
     for i, factor in enumerate(factors):
         size = factor.shape[0]
         after = n // (before * size)
+        if i == 0 and scale != 1.0:
+            factor = factor * scale
         if after == 1:  # the last digit: a plain product on the right
-            y = y.reshape(-1, size) @ (factor.T * scale if i == 0 else factor.T)
+            y = y.reshape(-1, size) @ factor.T
         else:
-            y = torch.matmul(factor * scale if i == 0 else factor, y.reshape(rows * before, size, after))
+            y = torch.matmul(factor, y.reshape(rows * before, size, after))
         before *= size
     return y.reshape(x.shape)
 
