@@ -2,6 +2,7 @@
 tables of BENCHMARKS.md, on stdout.
 
     .venv/bin/python scripts/bench_tables.py [--results bench/results.jsonl] [--llmc bench/llmc_*.json]
+        [--timing bench/timing_alone.jsonl]
 
 A cell reads ``ppl (x ratio, quantize seconds, peak RSS)``; the ratio is ppl / float ppl (13.605, DESIGN.md's
 protocol). Missing runs are left blank.
@@ -83,15 +84,35 @@ def comparison_table(rows: dict[str, dict], llmc: dict[tuple[str, str], dict]) -
     return lines
 
 
+def alone_table(timing: Path) -> list[str]:
+    """scripts/time_vs_llmcompressor.sh: each llmquant run of bench/timing_alone.jsonl against
+    bench/llmc_timing_alone_<name>.json, both run alone on the machine."""
+    lines = ["| recipe | llmquant | llm-compressor | ppl ratio (ours / theirs) | time ratio (ours / theirs) |",
+             "|---|---|---|---|---|"]
+    for name, ours in read_results(timing).items():
+        path = timing.parent / f"llmc_timing_alone_{name}.json"
+        theirs = (json.loads(path.read_text()).get("rows") or [None])[0] if path.is_file() else None
+        if theirs is None:
+            continue
+        lines.append(
+            f"| {name}: `{json.dumps(ours['recipe'])}` | {ours['ppl']:.3f} (x{ours['ppl'] / FLOAT_PPL:.3f}, "
+            f"{ours['quantize_seconds']:.0f} s) | {theirs['ppl']:.3f} (x{theirs['ppl'] / FLOAT_PPL:.3f}, "
+            f"{theirs['seconds']:.0f} s) | {ours['ppl'] / theirs['ppl']:.3f} | "
+            f"{ours['quantize_seconds'] / theirs['seconds']:.2f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--results", default="bench/results.jsonl")
     parser.add_argument("--llmc", nargs="*", default=None, help="llm-compressor JSONs (default: bench/llmc_w4_*.json)")
+    parser.add_argument("--timing", default="bench/timing_alone.jsonl", help="scripts/time_vs_llmcompressor.sh's")
     args = parser.parse_args()
     rows = read_results(Path(args.results))
     llmc_paths = [Path(p) for p in args.llmc] if args.llmc is not None else sorted(Path("bench").glob("llmc_w4_*.json"))
     for title, lines in (("Weight-only", w4_table(rows)), ("Other runs", other_table(rows)),
-                         ("Against llm-compressor", comparison_table(rows, llmc_rows(llmc_paths)))):
+                         ("Against llm-compressor", comparison_table(rows, llmc_rows(llmc_paths))),
+                         ("Against llm-compressor, one run at a time", alone_table(Path(args.timing)))):
         print(f"### {title}\n\n" + "\n".join(lines) + "\n")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Seed 000's table on the default model (BENCHMARKS.md): the eight W8A8 rows x the seed's three methods,
-# plus SmoothQuant with searched alpha, alone and after rotation, on the four rows without a KV cache.
+# plus SmoothQuant with searched alpha on all eight rows, and after rotation on the four rows without a KV cache.
 # Resumable: finished cells are kept. The last call writes the 8 x 3 table, bench/sweep_seed000/sweep.{md,csv,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,5 @@ KV="w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor_static
     w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_dynamic
     w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
 sweep --schemes $KV --methods smooth_fc_fc_0.5+rotation
-sweep --schemes $NO_KV --methods smooth_auto
+sweep --schemes $NO_KV $KV --methods smooth_auto
 sweep --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation

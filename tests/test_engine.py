@@ -14,6 +14,7 @@ import llmquant
 from conftest import logits, relative_error
 from llmquant.cli import main
 from llmquant.errors import LlmquantError
+from llmquant.export import checkpoint
 from llmquant.pipeline import engine
 from llmquant.pipeline.run_dir import RunDir
 
@@ -23,6 +24,7 @@ RECIPES = {
         "pre_opts": [{"name": "quarot"}, {"name": "smoothquant", "alpha": 0.5}]},
     "w4-gptq": {"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"},
     "w4-awq": {"scheme": "w_uint4_per_group_asym", "group_size": 32, "algorithm": "awq"},
+    "w8a8-dynamic-with-head": {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "ignore": []},
 }
 
 
@@ -104,7 +106,7 @@ def test_the_fingerprint_covers_model_recipe_and_calibration(tiny_dir: Path) -> 
 
 # (GPTQ is left out here: its column sweep amplifies last-bit differences of matmuls, which depend on the
 # process's earlier allocations; the resume test above covers it within one process history)
-@pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq"])
+@pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq", "w8a8-dynamic-with-head"])
 def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
     name: str, tiny_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -112,7 +114,7 @@ def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
     assert main([*args[:-1], str(tmp_path / "memory")]) == 0
     from llmquant.model import lazy
 
-    streamed_models, seen = [], []
+    streamed_models, seen, embeddings_on_disk = [], [], []
     real_load, real_quantize = lazy.load_lazy, engine.quantize_layer
 
     def load_lazy(directory):
@@ -123,13 +125,19 @@ def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
     def one_layer_in_memory(layer, index, model_map, *a, **k):
         others = [other for i, other in enumerate(model_map.layers(streamed_models[0])) if i != index]
         seen.append(all(p.is_meta for other in others for p in other.parameters()))
+        embeddings_on_disk.append(streamed_models[0].get_input_embeddings().weight.is_meta)
         return real_quantize(layer, index, model_map, *a, **k)
 
     monkeypatch.setattr(lazy, "load_lazy", load_lazy)
     monkeypatch.setattr(engine, "quantize_layer", one_layer_in_memory)
+    monkeypatch.setattr(checkpoint, "REST_SHARD_BYTES", 1)  # every tensor outside the layers in its own shard
     assert main([*args, "--max-memory", "1GB"]) == 0
     assert seen == [True, True]  # while a layer was quantized, every other one was on the meta device
-    assert (tmp_path / "streamed" / "model.safetensors.index.json").exists()
+    # the embeddings and head wait on disk too, unless a rotation changes them
+    assert embeddings_on_disk == ["quarot" not in name] * 2
+    index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
+    outside = [k for k in index if not k.startswith("model.layers.")]
+    assert len(set(index.values())) == 2 + len(outside) and len(outside) >= 2
     streamed, _ = llmquant.load(tmp_path / "streamed")
     in_memory, _ = llmquant.load(tmp_path / "memory")
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(6))
@@ -139,9 +147,38 @@ def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
 
 
 @pytest.mark.parametrize(("value", "expected"), [("2XB", "--max-memory must be a size"), ("0", "--max-memory"),
-                                                 ("1KB", "--max-memory must be a size")])
+                                                 ("1KB", "--max-memory must be a size"),
+                                                 ("0.01MB", "MiB is below one float decoder layer")])
 def test_bad_memory_caps_are_one_line_errors(value: str, expected: str, tiny_dir: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", "--model", str(tiny_dir), "--max-memory", value, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert expected in err and err.count("\n") == 1
+
+
+def test_tensors_outside_the_layers_are_cut_into_shards_of_bounded_size() -> None:
+    tensors = {"a": torch.zeros(10), "b": torch.zeros(10), "c": torch.zeros(30), "d": torch.zeros(5)}
+    shards = checkpoint._shards(tensors, limit=80)  # float32: 40, 40, 120, 20 bytes
+    assert [list(s) for s in shards] == [["a", "b"], ["c"], ["d"]]
+
+
+def test_a_peak_above_the_memory_cap_is_reported(tiny_dir: Path, corpus: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    args = quantize_args(tiny_dir, corpus, RECIPES["w4-awq"], tmp_path, "capped")
+    with caplog.at_level("WARNING", logger="llmquant"):
+        assert main([*args, "--max-memory", "2MB"]) == 0  # a tiny layer fits, the interpreter does not
+    assert "exceeded --max-memory 2 MiB" in caplog.text
+
+
+def test_calibration_activations_near_the_memory_cap_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from llmquant.cli import _check_activation_memory
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=2048))
+    ids = torch.zeros(128, 2048, dtype=torch.long)  # 2 x 262,144 tokens x 2048 features x 4 bytes = 4 GiB
+    with caplog.at_level("WARNING", logger="llmquant"):
+        _check_activation_memory(model, ids, 16 * 2**30)
+        assert caplog.text == ""
+        _check_activation_memory(model, ids, 4 * 2**30)
+    assert "the calibration activations take 4096 MiB" in caplog.text and "--calib-samples" in caplog.text

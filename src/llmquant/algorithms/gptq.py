@@ -209,27 +209,40 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damp_ratio: float) -> torch.Tenso
     )
 
 
-class GPTQ:
-    """Adapter for `llmquant.pipeline`: ``GPTQ(weight)``, ``add_batch(x)``, then ``quantize(spec, ...)``
-    returns the quantized weight and its block-view ``(scale, zero)``; activation order uses static groups."""
+def stacks_rows(spec: QuantSpec) -> bool:
+    """Whether Linears that share a Hessian can be quantized as one weight with their rows stacked: each
+    row's sweep depends only on that row and H, so stacking is exact unless one scale spans every row."""
+    return spec.granularity != "tensor"
 
-    def __init__(self, weight: torch.Tensor, accumulator: HessianAccumulator | None = None) -> None:
-        """``accumulator``: a Hessian shared with the Linears that read the same input (q/k/v, gate/up)."""
-        self.weight = weight.detach()
-        self.accumulator = accumulator or HessianAccumulator(weight.shape[1], device=weight.device)
+
+class GPTQ:
+    """Adapter for `llmquant.pipeline`: ``GPTQ(weights, accumulator)``, ``add_batch(x)``, then
+    ``quantize(spec, ...)`` returns each weight quantized with its block-view ``(scale, zero)``. Several
+    weights (Linears that read one input: q/k/v, gate/up) are swept once, rows stacked (`stacks_rows`);
+    activation order uses static groups."""
+
+    def __init__(self, weights: list[torch.Tensor], accumulator: HessianAccumulator | None = None) -> None:
+        """``accumulator``: the Hessian of the input the weights share."""
+        self.weights = [w.detach() for w in weights]
+        self.accumulator = accumulator or HessianAccumulator(weights[0].shape[1], device=weights[0].device)
 
     def add_batch(self, x: torch.Tensor) -> None:
         self.accumulator.add_batch(x)
 
     def quantize(
         self, spec: QuantSpec, block_size: int = 128, damp_ratio: float = 0.01, act_order: bool = False
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         if self.accumulator.tokens == 0:
             raise LlmquantError("GPTQ saw no calibration inputs for this Linear")
-        result = gptq_quantize(
-            self.weight, self.accumulator.hessian, spec, block_size, damp_ratio, act_order, static_groups=act_order
-        )
-        return result.weight, (result.scale, result.zero)
+        if len(self.weights) > 1 and not stacks_rows(spec):
+            raise LlmquantError("GPTQ: weights quantized per tensor cannot be stacked (one scale spans all rows)")
+        result = gptq_quantize(torch.cat(self.weights), self.accumulator.hessian, spec, block_size, damp_ratio,
+                               act_order, static_groups=act_order)
+        blocks_per_row = result.scale.shape[0] // result.weight.shape[0]  # 1 per channel, in / g per group
+        rows = [w.shape[0] for w in self.weights]
+        scales = result.scale.split([r * blocks_per_row for r in rows])
+        zeros = result.zero.split([r * blocks_per_row for r in rows])
+        return [(w, (s, z)) for w, s, z in zip(result.weight.split(rows), scales, zeros, strict=True)]
 
 
-__all__ = ["GPTQ", "GPTQResult", "HessianAccumulator", "gptq_quantize"]
+__all__ = ["GPTQ", "GPTQResult", "HessianAccumulator", "gptq_quantize", "stacks_rows"]

@@ -38,8 +38,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmquant.errors import LlmquantError
-from llmquant.model.lazy import INDEX, CheckpointReader
-from llmquant.model.model_map import detect_model_map
+from llmquant.model.lazy import INDEX, CheckpointReader, return_freed_memory
+from llmquant.model.model_map import ModelMap, detect_model_map
 from llmquant.model.targets import matches_any
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation, input_rotation_of
@@ -52,6 +52,7 @@ from llmquant.quant.spec import QuantSpec
 MANIFEST = "llmquant.json"
 STRUCTURE = "llmquant_structure"  # config.json key: what rotations added to the architecture
 WEIGHTS = "model.safetensors"
+REST_SHARD_BYTES = 256 * 2**20  # a streamed model's tensors outside the decoder layers, per shard
 _KV_PREFIX = "kv_cache_quantizer."
 
 
@@ -227,30 +228,66 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifes
 
 def _write_weights(model: nn.Module, directory: Path) -> None:
     """``model.safetensors``; or, for a model whose decoder layers were streamed (their finished state in
-    ``model.llmquant_run_dir``), one shard per layer, read back one at a time, plus one for the rest and
-    the Hugging Face index, so memory never holds more than one layer."""
+    ``model.llmquant_run_dir``), one shard per layer, read back one at a time, then the rest in shards of
+    at most `REST_SHARD_BYTES` (or one tensor), and the Hugging Face index: memory holds one layer, or one
+    shard, and its serialized copy (safetensors serializes a shard in memory before writing it)."""
     run_dir = getattr(model, "llmquant_run_dir", None)
     if run_dir is None:
         save_file(_stored_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
         return
     model_map = detect_model_map(model)
     layers = model_map.layers(model)
-    names = [f"model-{i + 1:05d}-of-{len(layers) + 1:05d}.safetensors" for i in range(len(layers) + 1)]
+    rest = _stored_tensors(model, skip=model_map.decoder_layers + ".")
+    source = getattr(model, "llmquant_source", None)  # embeddings and head left on disk while streaming
+    rest.update(_still_on_disk(model, model_map, source))
+    rest_shards = _shards(rest, REST_SHARD_BYTES)
+    count = len(layers) + len(rest_shards)
+    names = iter(f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count))
     weight_map: dict[str, str] = {}
     total = 0
+
+    def write(tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        name = next(names)
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
     for index, layer in enumerate(layers):
         layer.load_state_dict(run_dir.layer_state(index), assign=True)
-        tensors = _stored_tensors(layer, prefix=f"{model_map.layer_name(index)}.")
-        save_file(tensors, str(directory / names[index]), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, names[index]))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        write(_stored_tensors(layer, prefix=f"{model_map.layer_name(index)}."))
         layer.to("meta")
-    rest = _stored_tensors(model, skip=model_map.decoder_layers + ".")
-    save_file(rest, str(directory / names[-1]), metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(rest, names[-1]))
-    total += sum(t.numel() * t.element_size() for t in rest.values())
+        return_freed_memory()
+    for shard in rest_shards:
+        on_disk = [key for key, value in shard.items() if value.is_meta]
+        write({**shard, **source.read_outside(on_disk)} if on_disk else shard)
+        return_freed_memory()
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index_json, indent=2))
+
+
+def _still_on_disk(model: nn.Module, model_map: ModelMap, source: Any) -> dict[str, torch.Tensor]:
+    """The ``meta`` placeholders of the tensors outside the decoder layers that ``source`` (`LazyLayers`)
+    still holds on disk; a tied head is not stored (transformers ties it again from the config)."""
+    if source is None:
+        return {}
+    skip = model_map.decoder_layers + "."
+    return {key: value for key, value in model.state_dict().items()
+            if value.is_meta and not key.startswith(skip) and key in source.reader.files}
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """``tensors`` in order, cut into dicts of at most ``limit`` bytes (a larger tensor alone)."""
+    shards: list[dict[str, torch.Tensor]] = []
+    size = limit
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    return shards
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -3,8 +3,11 @@
 `load_lazy(directory)` builds the model on the ``meta`` device (no weight memory), then reads every tensor
 outside the decoder layers (embeddings, final norm, head) from the checkpoint's safetensors files. The
 decoder layers stay on ``meta`` until `LazyLayers.materialize(i)` reads layer i's tensors; `release(i)`
-sends them back to ``meta``. Reads go through `safetensors.safe_open`, which maps the file and copies
-only the tensors asked for, so resident memory holds one float layer at a time (plus the rest).
+sends them back to ``meta``. The tensors outside the layers can go back to ``meta`` too
+(`release_outside`, once the calibration inputs are captured) and be read again when needed
+(`materialize_outside`); the checkpoint writer reads them tensor by tensor (`LazyLayers.read_outside`).
+Reads go through `safetensors.safe_open`, which maps the file and copies only the tensors asked for, so
+resident memory holds one float layer at a time.
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader) -> None
 
 @dataclass
 class LazyLayers:
-    """The decoder layers of a skeleton model, read from ``reader`` when needed."""
+    """The decoder layers of a skeleton model, read from ``reader`` when needed, and the tensors outside
+    them, which can be released and read again."""
 
     model: nn.Module
     model_map: ModelMap
@@ -86,6 +90,51 @@ class LazyLayers:
 
     def release(self, index: int) -> None:
         self.model_map.layers(self.model)[index].to("meta")
+        return_freed_memory()
+
+    def _outside(self) -> list[str]:
+        prefix = self.model_map.decoder_layers + "."
+        return [n for n, _ in self.model.named_parameters(remove_duplicate=False) if not n.startswith(prefix)]
+
+    def materialize_outside(self) -> None:
+        """Read the embeddings, final norm and head (float32), and tie the head again where the config says."""
+        stored = [n for n in self._outside() if n in self.reader.files]
+        for name, value in self.reader.read(stored).items():
+            set_module_tensor_to_device(self.model, name, "cpu", value=value.float())
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        outside = set(self._outside())
+        missing = [n for n, p in self.model.named_parameters() if n in outside and p.is_meta]
+        if missing:
+            raise LlmquantError(f"checkpoint {self.reader.directory} lacks {missing[:3]}")
+
+    def release_outside(self) -> None:
+        """Send the tensors outside the decoder layers back to ``meta`` (they are still on disk)."""
+        for name in self._outside():
+            set_module_tensor_to_device(self.model, name, "meta")
+        return_freed_memory()
+
+    def read_outside(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors outside the layers as the model holds them once materialized (float32)."""
+        return {name: value.float() for name, value in self.reader.read(names).items()}
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    A layer's float weights and temporaries are freed once it is released, but glibc keeps freed blocks
+    below its mmap threshold (up to 32 MiB) in the heap, fragmented: without this, the resident memory of a
+    streamed 1.5B model grew by 40-90 MiB per layer (978 MiB after loading, 2,377 MiB after 26 layers)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        libc = None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def load_lazy(directory: str | Path) -> tuple[PreTrainedModel, object, LazyLayers]:
@@ -95,20 +144,10 @@ def load_lazy(directory: str | Path) -> tuple[PreTrainedModel, object, LazyLayer
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
-    model_map = detect_model_map(model)
-    reader = CheckpointReader(directory)
-    layers_prefix = model_map.decoder_layers + "."
-    outside = [n for n, p in model.named_parameters() if not n.startswith(layers_prefix)]
-    stored = [n for n in outside if n in reader.files]
-    for name, value in reader.read(stored).items():
-        set_module_tensor_to_device(model, name, "cpu", value=value.float())
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if not n.startswith(layers_prefix) and p.is_meta]
-    if missing:
-        raise LlmquantError(f"checkpoint {directory} lacks {missing[:3]}")
+    lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory))
+    lazy.materialize_outside()
     tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
-    return model, tokenizer, LazyLayers(model, model_map, reader)
+    return model, tokenizer, lazy
 
 
-__all__ = ["CheckpointReader", "LazyLayers", "load_lazy"]
+__all__ = ["CheckpointReader", "LazyLayers", "load_lazy", "return_freed_memory"]

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmquant.algorithms import awq
-from llmquant.algorithms.gptq import GPTQ, HessianAccumulator
+from llmquant.algorithms.gptq import GPTQ, HessianAccumulator, stacks_rows
 from llmquant.algorithms.quarot import rotate_layer
 from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
@@ -286,20 +286,34 @@ def _gptq_layer(
     options: GPTQOptions,
 ) -> list[list[str]]:
     """GPTQ the layer's Linears stage by stage; each stage's Hessian sees the already quantized ones. The
-    Linears of a stage read one input, so they share one Hessian, and the layer runs only as far as the
-    stage's first Linear (what comes after it is not needed yet)."""
+    Linears of a stage read one input, so they share one Hessian (and, with the same spec, one sweep of
+    their stacked rows), and the layer runs only as far as the stage's first Linear (what comes after it
+    is not needed yet)."""
     names = [n for n, (_, q) in linears.items() if q.weight_spec is not None]
     stages = _stages(layer, names, inputs, where)
     for stage in stages:
         hessian = HessianAccumulator(linears[stage[0]][0].in_features)
-        states = {name: GPTQ(linears[name][0].weight, hessian) for name in stage}
         inputs_of(layer, layer.get_submodule(stage[0]), inputs, hessian.add_batch)
-        for name, state in states.items():
-            quantized = linears[name][1]
-            weight, qparams = state.quantize(quantized.weight_spec, options.block_size, options.damp_ratio,
-                                             options.act_order)
-            quantized.set_weight(weight, qparams)
+        for sweep in _stacked_sweeps(stage, linears):
+            spec = linears[sweep[0]][1].weight_spec
+            state = GPTQ([linears[name][0].weight for name in sweep], hessian)
+            results = state.quantize(spec, options.block_size, options.damp_ratio, options.act_order)
+            for name, (weight, qparams) in zip(sweep, results, strict=True):
+                linears[name][1].set_weight(weight, qparams)
     return stages
+
+
+def _stacked_sweeps(stage: list[str], linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> list[list[str]]:
+    """The Linears of a stage in runs swept together: same weight spec, and a spec whose rows stack."""
+    sweeps: list[list[str]] = []
+    for name in stage:
+        spec = linears[name][1].weight_spec
+        previous = linears[sweeps[-1][0]][1].weight_spec if sweeps else None
+        if sweeps and spec == previous and spec is not None and stacks_rows(spec):
+            sweeps[-1].append(name)
+        else:
+            sweeps.append([name])
+    return sweeps
 
 
 @torch.no_grad()
@@ -387,6 +401,11 @@ def quantize_layer(
     return quant_out, row
 
 
+def _quantizes_outside_layers(model_map: ModelMap, plan: QuantPlan) -> bool:
+    prefix = model_map.decoder_layers + "."
+    return any(not name.startswith(prefix) and not scheme.is_float for name, scheme in plan.linears.items())
+
+
 def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantPlan) -> list[str]:
     """Weights of the Linears outside decoder layers (e.g. a head a recipe asks to quantize).
 
@@ -413,7 +432,8 @@ def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantP
 @dataclass
 class LayerSource:
     """Where decoder layers live: in memory (the default: nothing to do), or on disk (`LazyLayers`, read
-    one at a time and released to ``meta`` once their result is in the run directory)."""
+    one at a time and released to ``meta`` once their result is in the run directory; the embeddings and
+    head are released too while the layers run, when nothing changes them)."""
 
     lazy: LazyLayers | None = None
 
@@ -426,7 +446,15 @@ class LayerSource:
 
     def release(self, model: nn.Module, model_map: ModelMap, index: int) -> None:
         if self.lazy is not None:
-            model_map.layers(model)[index].to("meta")
+            self.lazy.release(index)
+
+    def release_outside(self) -> None:
+        if self.lazy is not None:
+            self.lazy.release_outside()
+
+    def materialize_outside(self) -> None:
+        if self.lazy is not None:
+            self.lazy.materialize_outside()
 
 
 def _restore_layer(layer: nn.Module, prefix: str, model_map: ModelMap, plan: QuantPlan,
@@ -480,12 +508,15 @@ def quantize(
     if quarot is not None:
         rotation = RotationPass(model, model_map, quarot.config(), calib[:1, :ROTATION_CHECK_TOKENS])
     inputs = capture_layer_inputs(model, model_map, calib)
-    if rotation is not None:
+    if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
+        source.release_outside()
+    else:
         rotation.rotate(first, 0, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]))
     smoothing = plan_smoothing(model, model_map, recipe, inputs)
     if smoothing is not None:
         manifest.results["smooth_groups"] = smoothing.describe()
     manifest.seconds["prepare"] = time.perf_counter() - t0
+    manifest.results["rss_mb_after_prepare"] = rss_mb()
     done = run_dir.finished_layers() if run_dir is not None else 0
     if done:
         inputs = LayerInputs(hidden=run_dir.next_inputs(), kwargs=inputs.kwargs)
@@ -512,15 +543,31 @@ def quantize(
                 run_dir.save_layer(index, layer, row, outputs)
             bar.set_postfix(err=f"{row['output_error']:.4f}")
         source.release(model, model_map, index)
+        manifest.layers[-1]["rss_mb"] = rss_mb()  # resident memory once the layer is done (and released)
+        manifest.layers[-1]["peak_rss_mb"] = peak_rss_mb()
     manifest.seconds["layers"] = time.perf_counter() - t1
     if rotation is not None:
         manifest.results["rotation"] = rotation.finish(inputs.hidden[:1])
+    if rotation is None and _quantizes_outside_layers(model_map, plan):
+        source.materialize_outside()
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
     if source.streams:
         model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
+        model.llmquant_source = source.lazy  # type: ignore[attr-defined]  # tensors still on disk
     return manifest
+
+
+def rss_mb() -> float:
+    """The process's resident memory now, in MiB (Linux /proc; 0 where it does not exist)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def peak_rss_mb() -> float:
