@@ -13,6 +13,7 @@ import llmquant
 from conftest import VOCAB, logits, make_model, relative_error
 from llmquant.algorithms.smoothquant import (
     GroupStats,
+    GroupStatsCollector,
     choose_alpha,
     quantized_group_error,
     smoothing_scales,
@@ -206,3 +207,35 @@ def test_shipped_family_maps_give_the_same_model_as_detection(
                       model_map=ModelMap.from_dict(shipped["model_map"]), progress=False)
     assert torch.equal(logits(detected, eval_ids), logits(mapped, eval_ids))
     assert mapped.llmquant_manifest.results["smooth_groups"] == detected.llmquant_manifest.results["smooth_groups"]
+
+
+def test_auto_alpha_scored_on_held_out_samples_migrates_less_when_outliers_do_not_repeat() -> None:
+    """Channels that spike in one half of the calibration samples and not the other: scoring alphas on the
+    tokens the scales came from favours a strong migration; scoring on the other half does not."""
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(32), "fc": torch.nn.Linear(32, 48, bias=False)})
+    halves = [torch.randn(256, 32), torch.randn(256, 32)]
+    halves[0][::16, 0:4] *= 40.0  # spikes of half A live in channels 0-3, those of half B in 4-7
+    halves[1][::16, 4:8] *= 40.0
+    folds = tuple(GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x) for x in halves)
+    x = torch.cat(halves)
+    group = SmoothGroup("norm", "norm", ("fc",))
+    specs = {"fc": (QuantSpec(granularity="channel"), QuantSpec(granularity="tensor"))}
+    in_sample, _ = choose_alpha(layer, group, GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x), specs)
+    held_out, scales = choose_alpha(layer, group, GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x,
+                                                             folds=folds), specs)
+    assert held_out < in_sample
+    act, w = reduce_channels(x.abs().amax(dim=0), group), weight_absmax(layer, group)
+    assert torch.equal(scales, smoothing_scales(act, w, held_out))  # applied with every sample's maxima
+
+
+def test_the_collector_keeps_two_folds_of_alternate_calls() -> None:
+    layer = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(4), "fc": torch.nn.Linear(4, 4, bias=False)})
+    collector = GroupStatsCollector(layer, [SmoothGroup("norm", "norm", ("fc",))])
+    calls = [torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[0, 2.0, 0, 0]]), torch.tensor([[0, 0, 3.0, 0]])]
+    for x in calls:
+        layer["fc"](x)
+    (stats,) = collector.close()
+    first, second = stats.folds
+    assert first.act_absmax.tolist() == [1, 0, 3, 0] and second.act_absmax.tolist() == [0, 2, 0, 0]
+    assert stats.act_absmax.tolist() == [1, 2, 3, 0] and stats.tokens.shape == (3, 4)
