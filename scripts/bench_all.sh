@@ -26,6 +26,7 @@ w8a8() {
     run static_r12_sqauto_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12, $SQ_AUTO]}"
     run token_r12_gptq "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
     run static_sq085_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$SQ085]}"
+    run static_sqauto_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$SQ_AUTO]}"
 }
 
 w4_g64() {
