@@ -46,6 +46,9 @@ w4_more() {  # 576 inputs: with groups of 128, q/k/v/gate/up fall back to groups
     run w4_g128_asym_gptq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"gptq\"}"
     run w3_g64_asym_rtn "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"rtn\"}"
     run w3_g64_asym_gptq "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\"}"
+    run w4_g128_asym_rtn "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"rtn\"}"
+    run w4_g128_asym_awq "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 128, \"algorithm\": \"awq\"}"
+    run w3_g64_asym_awq "{\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"algorithm\": \"awq\"}"
 }
 
 seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+R2; W8A8 static with and without QuaRot
