@@ -58,6 +58,7 @@ seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+
     run seed003_w8a8_static_quarot "{\"scheme\": \"w_int8_per_tensor_a_int8_per_tensor_static\", \"pre_opts\": [$QUAROT]}"
     run none_quarot "{\"scheme\": \"none\", \"pre_opts\": [$QUAROT]}"
     run none_smooth_auto "{\"scheme\": \"none\", \"pre_opts\": [$SQ_AUTO]}"
+    run none_smooth_auto_heldout "{\"scheme\": \"none\", \"pre_opts\": [$SQ_AUTO]}"  # after the held-out search
 }
 
 case "${1:-all}" in
