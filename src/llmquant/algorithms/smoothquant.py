@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
-from llmquant.quant import QuantSpec, fake_quantize
+from llmquant.quant import QuantSpec, fake_quantize, qparams_from_min_max
 
 AUTO_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
 
@@ -119,8 +119,8 @@ def _quantized_input(x_smooth: torch.Tensor, spec: QuantSpec | None, columns: to
         return x_smooth
     if static_absmax is None or spec.dynamic or not spec.symmetric:
         return fake_quantize(x_smooth, spec)
-    scale = ((static_absmax.float() / columns).amax() / spec.qmax).clamp(min=1e-8).reshape(1, 1)
-    return fake_quantize(x_smooth, spec, scale, torch.zeros_like(scale))
+    absmax = (static_absmax.float() / columns).amax().reshape(1, 1)
+    return fake_quantize(x_smooth, spec, *qparams_from_min_max(-absmax, absmax, spec))
 
 
 def choose_alpha(
@@ -140,13 +140,18 @@ def choose_alpha(
     first, second = stats.folds
     for fit, held in ((first, second), (second, first)):
         fit_act = reduce_channels(fit.act_absmax, group)
-        x = held.tokens.float()
-        references = {n: x @ layer.get_submodule(n).weight.detach().float().T for n in group.linears}
+        references = _float_outputs(layer, group, held.tokens)
         for alpha in grid:
             scales = smoothing_scales(fit_act, w_max, alpha)
             errors[alpha] += quantized_group_error(layer, group, held, scales, specs, references, fit.act_absmax)
     best = min(grid, key=errors.__getitem__)
     return best, smoothing_scales(act, w_max, best)
+
+
+def _float_outputs(layer: nn.Module, group: SmoothGroup, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X W^T of every Linear of the group on ``tokens`` (float32): the reference of `quantized_group_error`."""
+    x = tokens.float()
+    return {name: x @ layer.get_submodule(name).weight.detach().float().T for name in group.linears}
 
 
 def least_error_scales(
@@ -157,8 +162,7 @@ def least_error_scales(
     candidates: dict[float, torch.Tensor],
 ) -> tuple[float, torch.Tensor]:
     """Of ``{parameter: scales}``, the entry with the least quantized output error (first on ties)."""
-    x = stats.tokens.float()
-    references = {n: x @ layer.get_submodule(n).weight.detach().float().T for n in group.linears}
+    references = _float_outputs(layer, group, stats.tokens)
     errors = {p: quantized_group_error(layer, group, stats, s, specs, references) for p, s in candidates.items()}
     best = min(errors, key=errors.__getitem__)
     return best, candidates[best]
@@ -196,7 +200,6 @@ class GroupStatsCollector:
         self.groups = groups
         self.max_tokens = max_tokens
         self.generator = torch.Generator().manual_seed(seed)
-        self.calls: dict[int, int] = {}
         self.absmax: dict[tuple[int, int], torch.Tensor] = {}
         self.abssum: dict[tuple[int, int], torch.Tensor] = {}
         self.count: dict[tuple[int, int], int] = {}
@@ -208,8 +211,7 @@ class GroupStatsCollector:
 
     def _hook(self, index: int):
         def record(_module: nn.Module, args: tuple) -> None:
-            key = (index, self.calls.get(index, 0) % 2)
-            self.calls[index] = self.calls.get(index, 0) + 1
+            key = (index, len(self.tokens[index]) % 2)  # one token sample per call so far: alternate folds
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             current = x.abs().amax(dim=0)
             previous = self.absmax.get(key)

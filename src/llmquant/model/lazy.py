@@ -98,13 +98,13 @@ class LazyLayers:
 
     def materialize_outside(self) -> None:
         """Read the embeddings, final norm and head (float32), and tie the head again where the config says."""
-        stored = [n for n in self._outside() if n in self.reader.files]
+        outside = self._outside()
+        stored = [n for n in outside if n in self.reader.files]
         for name, value in self.reader.read(stored).items():
             set_module_tensor_to_device(self.model, name, "cpu", value=value.float())
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
-        outside = set(self._outside())
-        missing = [n for n, p in self.model.named_parameters() if n in outside and p.is_meta]
+        missing = [n for n in outside if self.model.get_parameter(n).is_meta]
         if missing:
             raise LlmquantError(f"checkpoint {self.reader.directory} lacks {missing[:3]}")
 
@@ -145,7 +145,7 @@ def map_large_allocations(threshold: int = 2**20) -> bool:
     the heap, where they fragment: streaming a 1.5B model (5.9 GB) then grew resident memory by 40-90 MiB per
     layer, to a 2,881 MiB peak (2,637 MiB with ``malloc_trim`` after each layer). With the threshold fixed at
     1 MiB and the embeddings and head left on disk, the same run stays at 444 MiB between layers and
-    peaks at 1,019 MiB."""
+    peaks at 1,019 MiB (BENCHMARKS.md, "A model larger than the memory cap")."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False

@@ -43,7 +43,7 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
-            return kronecker_transform(x, _normalized_factors(r.n), 1.0).to(x.dtype)
+            return kronecker_transform(x, _normalized_factors(r.n)).to(x.dtype)
         return r.apply(x.float()).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -39,7 +39,7 @@ from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
-from llmquant.quant.primitives import qparams_for
+from llmquant.quant.primitives import qparams_for, quantize_blocks
 
 
 def storage_offset(spec: QuantSpec) -> int:
@@ -203,7 +203,7 @@ class QuantLinear(nn.Module):
         spec = self.input_spec
         assert spec is not None and spec.symmetric
         scale = qparams_for(rows, spec)[0] if spec.dynamic else self.input_scale.reshape(1, 1)
-        return torch.clamp(torch.round(rows / scale), spec.qmin, spec.qmax), scale
+        return quantize_blocks(rows, scale, torch.zeros_like(scale), spec), scale
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = s_x * s_w * (x_q @ W_q^T) + b: int8 x int8 -> int32 on the int8 runtime, float32 codes (exact,

@@ -50,6 +50,7 @@ from llmquant.pipeline.layer_io import (
 )
 from llmquant.pipeline.rotation import RotationPass, with_seed_map
 from llmquant.pipeline.run_dir import RunDir
+from llmquant.quant.scheme import Scheme
 from llmquant.recipe import GPTQOptions, QuantPlan, Recipe
 
 log = logging.getLogger(__name__)
@@ -401,9 +402,10 @@ def quantize_layer(
     return quant_out, row
 
 
-def _quantizes_outside_layers(model_map: ModelMap, plan: QuantPlan) -> bool:
+def _outside_linears(model_map: ModelMap, plan: QuantPlan) -> list[tuple[str, Scheme]]:
+    """The (name, scheme) of the Linears outside the decoder layers that the plan quantizes."""
     prefix = model_map.decoder_layers + "."
-    return any(not name.startswith(prefix) and not scheme.is_float for name, scheme in plan.linears.items())
+    return [(name, s) for name, s in plan.linears.items() if not name.startswith(prefix) and not s.is_float]
 
 
 def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantPlan) -> list[str]:
@@ -412,10 +414,7 @@ def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantP
     Static input scales are not calibrated here: such a Linear takes a dynamic per-token input.
     """
     done = []
-    layers_prefix = model_map.decoder_layers + "."
-    for name, scheme in plan.linears.items():
-        if name.startswith(layers_prefix) or scheme.is_float:
-            continue
+    for name, scheme in _outside_linears(model_map, plan):
         linear = model.get_submodule(name)
         inputs = scheme.input_activations
         if inputs is not None and not inputs.dynamic:
@@ -548,7 +547,7 @@ def quantize(
     manifest.seconds["layers"] = time.perf_counter() - t1
     if rotation is not None:
         manifest.results["rotation"] = rotation.finish(inputs.hidden[:1])
-    if rotation is None and _quantizes_outside_layers(model_map, plan):
+    if rotation is None and _outside_linears(model_map, plan):
         source.materialize_outside()
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.seconds["total"] = time.perf_counter() - t0

@@ -437,7 +437,7 @@ def hadamard_kronecker_factors(n: int, largest: int = 128) -> tuple[torch.Tensor
     return tuple(factors) if factors else (torch.ones(1, 1, dtype=torch.float64),)
 
 
-def kronecker_transform(x: torch.Tensor, factors: tuple[torch.Tensor, ...], scale: float) -> torch.Tensor:
+def kronecker_transform(x: torch.Tensor, factors: tuple[torch.Tensor, ...], scale: float = 1.0) -> torch.Tensor:
     """y = scale * (F_1 (x) ... (x) F_r) v for every vector v along x's last dimension, one matrix product per
     factor (the index of v read as digits (i_1, ..., i_r), i_1 the most significant), in the factors' dtype.
 
