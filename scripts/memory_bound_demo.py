@@ -4,10 +4,14 @@ the quantizing process measured by the kernel (``/usr/bin/time``'s maximum resid
 manifest's ``peak_rss_mb``).
 
     .venv/bin/python scripts/memory_bound_demo.py [--work /tmp/llmquant-memory-demo] [--out bench/memory_bound.json]
+        [--calib-samples 4 --seqlen 256] [--activations auto|memory|disk]
 
 The model is written once (sharded safetensors, the default model's tokenizer); the quantization runs in its
 own process: ``llmquant quantize --model DIR --scheme w_uint4_per_group_asym --group-size 64 --max-memory 2GB``
-with 4 calibration samples of 256 tokens (the cap, not the calibration, is what is shown here).
+with 4 calibration samples of 256 tokens by default (the weights are what is shown then). With 64 samples of
+512 tokens the calibration activations are 256 MiB per copy (a layer's inputs, float reference and outputs:
+768 MiB, more than a quarter of the cap): ``--activations memory`` against ``disk`` shows what keeping them
+on disk saves.
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ def write_model(directory: Path) -> int:
     return count
 
 
-def quantize(directory: Path, output: Path, cap: str) -> tuple[float, float, str]:
+def quantize(directory: Path, output: Path, cap: str, calibration: list[str]) -> tuple[float, float, str]:
     """Run the quantization in its own process under /usr/bin/time; (seconds, max RSS in MiB, last lines)."""
     command = ["/usr/bin/time", "-v", str(Path(sys.executable).with_name("llmquant")), "quantize", "--quiet",
                "--model", str(directory), "--scheme", "w_uint4_per_group_asym", "--group-size", "64",
-               "--max-memory", cap, "--calib-samples", "4", "--seqlen", "256", "--output", str(output)]
+               "--max-memory", cap, *calibration, "--output", str(output)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
@@ -61,16 +65,23 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/llmquant-memory-demo")
     parser.add_argument("--cap", default="2GB")
     parser.add_argument("--out", default="bench/memory_bound.json")
+    parser.add_argument("--calib-samples", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--activations", default="auto", choices=["auto", "memory", "disk"])
     args = parser.parse_args()
     work = Path(args.work)
-    model_dir, output = work / "model", work / "w4"
+    model_dir, output = work / "model", work / f"w4-{args.calib_samples}x{args.seqlen}-{args.activations}"
     count = write_model(model_dir)
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
-    seconds, rss_mb, summary = quantize(model_dir, output, args.cap)
+    calibration = ["--calib-samples", str(args.calib_samples), "--seqlen", str(args.seqlen),
+                   "--activations", args.activations]
+    seconds, rss_mb, summary = quantize(model_dir, output, args.cap, calibration)
     manifest = json.loads((output / "llmquant.json").read_text())
     result = {
         "date": time.strftime("%Y-%m-%d"), "parameters": count, "float32_weights_mb": weights / 2**20,
-        "cap": args.cap, "max_rss_mb": rss_mb, "manifest_peak_rss_mb": manifest["results"].get("peak_rss_mb"),
+        "cap": args.cap, "calib_samples": args.calib_samples, "seqlen": args.seqlen,
+        "activations": manifest["results"].get("activations"),
+        "max_rss_mb": rss_mb, "manifest_peak_rss_mb": manifest["results"].get("peak_rss_mb"),
         "seconds": seconds, "checkpoint_mb": sum(p.stat().st_size for p in output.glob("*.safetensors")) / 2**20,
         "summary": summary,
     }

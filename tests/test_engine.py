@@ -48,12 +48,17 @@ def interrupt_at_layer(monkeypatch: pytest.MonkeyPatch, stop: int) -> None:
     monkeypatch.setattr(engine, "quantize_layer", quantize_layer)
 
 
-@pytest.mark.parametrize("name", RECIPES)
+OFFLOAD = ["--activations", "disk"]
+
+
+@pytest.mark.parametrize(("name", "flags"), [*((name, []) for name in RECIPES),
+                                             ("w8a8-static-kv+quarot+smoothquant", OFFLOAD)])
 def test_a_run_killed_midway_resumes_to_the_uninterrupted_model(
-    name: str, tiny_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, flags: list[str], tiny_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     args = quantize_args(tiny_dir, corpus, RECIPES[name], tmp_path, "out")
-    assert main([*args[:-1], str(tmp_path / "whole")]) == 0
+    assert main([*args[:-1], str(tmp_path / "whole")]) == 0  # in memory, uninterrupted: the reference
+    args += flags
     with monkeypatch.context() as patch:
         interrupt_at_layer(patch, stop=1)
         assert main(args) == 130
@@ -170,15 +175,44 @@ def test_a_peak_above_the_memory_cap_is_reported(tiny_dir: Path, corpus: Path, t
     assert "exceeded --max-memory 2 MiB" in caplog.text
 
 
-def test_calibration_activations_near_the_memory_cap_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+def test_calibration_activations_near_the_memory_cap_go_to_disk(caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 
-    from llmquant.cli import _check_activation_memory
+    from llmquant.cli import _activations_near_cap
 
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=2048))
-    ids = torch.zeros(128, 2048, dtype=torch.long)  # 2 x 262,144 tokens x 2048 features x 4 bytes = 4 GiB
+    ids = torch.zeros(128, 2048, dtype=torch.long)  # 3 x 262,144 tokens x 2048 features x 4 bytes = 6 GiB
     with caplog.at_level("WARNING", logger="llmquant"):
-        _check_activation_memory(model, ids, 16 * 2**30)
+        assert not _activations_near_cap(model, ids, None)
+        assert not _activations_near_cap(model, ids, 24 * 2**30)
         assert caplog.text == ""
-        _check_activation_memory(model, ids, 4 * 2**30)
-    assert "the calibration activations take 4096 MiB" in caplog.text and "--calib-samples" in caplog.text
+        assert _activations_near_cap(model, ids, 16 * 2**30)
+    assert "would take 6144 MiB" in caplog.text and "they wait on disk" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq", "w4-gptq"])
+def test_offloaded_activations_give_the_in_memory_checkpoint(
+    name: str, tiny_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmquant.pipeline.activations import DiskActivations
+
+    args = quantize_args(tiny_dir, corpus, RECIPES[name], tmp_path, "offloaded")
+    assert main([*args[:-1], str(tmp_path / "memory")]) == 0
+    held, real = [], engine.quantize_layer
+
+    def quantize_layer(layer, index, model_map, plan, inputs, *a, **k):
+        held.append(isinstance(inputs.hidden, DiskActivations))
+        outputs, row = real(layer, index, model_map, plan, inputs, *a, **k)
+        held.append(isinstance(outputs, DiskActivations))
+        return outputs, row
+
+    monkeypatch.setattr(engine, "quantize_layer", quantize_layer)
+    assert main([*args, *OFFLOAD]) == 0
+    assert held == [True] * 4  # every layer read its inputs from disk and wrote its outputs there
+    assert not (tmp_path / ".offloaded.run").exists()
+    offloaded, _ = llmquant.load(tmp_path / "offloaded")
+    in_memory, _ = llmquant.load(tmp_path / "memory")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(logits(offloaded, ids), logits(in_memory, ids))
+    manifest = json.loads((tmp_path / "offloaded" / "llmquant.json").read_text())
+    assert manifest["results"]["activations"] == "disk"

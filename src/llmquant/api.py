@@ -17,6 +17,7 @@ from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline import quantize as run_pipeline
+from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.engine import LayerSource
 from llmquant.pipeline.run_dir import RunDir
 from llmquant.recipe import Recipe
@@ -59,12 +60,13 @@ def quantize(
     progress: bool = True,
     run_dir: RunDir | None = None,
     source: LayerSource | None = None,
+    activations: ActivationStorage | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place; the run's manifest is kept as ``model.llmquant_manifest``.
 
     ``run_dir`` keeps every finished layer (and resumes from it), ``source`` streams the decoder layers
-    from disk (`llmquant.pipeline.quantize`); the command line sets both for ``--resume`` and
-    ``--max-memory``."""
+    from disk, ``activations`` may keep the calibration activations on disk (`llmquant.pipeline.quantize`);
+    the command line sets them for ``--resume``, ``--max-memory`` and ``--activations``."""
     recipe = as_recipe(recipe)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
@@ -72,7 +74,7 @@ def quantize(
         raise LlmquantError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
     manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress, run_dir=run_dir,
-                            source=source)
+                            source=source, activations=activations)
     model.llmquant_manifest = manifest  # type: ignore[attr-defined]
     return model
 

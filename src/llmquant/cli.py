@@ -106,6 +106,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant.evaluation.perplexity import perplexity
     from llmquant.export.targets import check_target, smoke_check
     from llmquant.nn.quant_linear import set_runtime
+    from llmquant.pipeline.activations import ActivationStorage
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
     recipe = _recipe_from_args(args)
@@ -116,10 +117,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
     model, tokenizer, source, files = _load_for_quantization(args.model, cap)
     ids = calibration_ids(recipe, tokenizer, calib_text)
-    if cap is not None:
-        _check_activation_memory(model, ids, cap)
     run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
                           fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume)
+    offload = args.activations == "disk" or (args.activations == "auto" and _activations_near_cap(model, ids, cap))
+    activations = ActivationStorage(run_dir.activations if offload else None)
     windows = None
     figures: dict[str, Any] = {}
     if args.eval and source is not None:
@@ -135,7 +136,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         model_map = ModelMap.from_dict(_read_layer_map(args.layer_map)["model_map"])
     llmquant.quantize(model, recipe, tokenizer, calib=ids, model_map=model_map, progress=not args.quiet,
-                      run_dir=run_dir, source=source)
+                      run_dir=run_dir, source=source, activations=activations)
     figures["quantize_seconds"] = time.perf_counter() - t_quant
     manifest = model.llmquant_manifest
     if windows is not None:
@@ -184,15 +185,22 @@ def _load_for_quantization(model_arg: str | None, cap: int | None) -> tuple[Any,
     return model, tokenizer, LayerSource(lazy), sorted(set(lazy.reader.files.values()))
 
 
-def _check_activation_memory(model: Any, ids: Any, cap: int) -> None:
-    """Warn before any work when the calibration activations alone (one layer's inputs and outputs, float32,
-    kept in memory) come near the cap: they are not streamed."""
+ACTIVATION_SHARE = 0.25  # above this share of --max-memory, the calibration activations go to disk
+
+
+def _activations_near_cap(model: Any, ids: Any, cap: int | None) -> bool:
+    """Whether the calibration activations held in memory (a layer's inputs, its float reference and its
+    outputs: three float32 copies) would take more than `ACTIVATION_SHARE` of the cap; said when so."""
+    if cap is None:
+        return False
     hidden = getattr(model.config, "hidden_size", 0)
-    activations = 2 * ids.numel() * hidden * 4
-    if activations > cap / 2:
-        log.warning("the calibration activations take %.0f MiB (2 x %d tokens x %d features, float32), more than "
-                    "half of --max-memory %.0f MiB: lower --calib-samples or --seqlen",
-                    activations / 2**20, ids.numel(), hidden, cap / 2**20)
+    activations = 3 * ids.numel() * hidden * 4
+    if activations <= ACTIVATION_SHARE * cap:
+        return False
+    log.warning("the calibration activations would take %.0f MiB (3 x %d tokens x %d features, float32), more "
+                "than %d%% of --max-memory %.0f MiB: they wait on disk, one batch in memory at a time",
+                activations / 2**20, ids.numel(), hidden, 100 * ACTIVATION_SHARE, cap / 2**20)
+    return True
 
 
 def _memory_cap(text: str | None) -> int | None:
@@ -348,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run of the same model, recipe and calibration from its last layer")
     q.add_argument("--max-memory", default=None,
                    help="stream decoder layers from disk, one in memory at a time (e.g. 2GB); skips the evaluation")
+    q.add_argument("--activations", default="auto", choices=["auto", "memory", "disk"],
+                   help="where the calibration activations wait between passes: memory, or disk (the run "
+                        "directory beside --output; one batch in memory at a time); auto (default): disk under "
+                        f"--max-memory when they would take more than {ACTIVATION_SHARE:.0%} of it")
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
     q.add_argument("--eval-corpus", default="pydoc")
     q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)

@@ -13,7 +13,8 @@
 4. Linears outside the decoder layers (the head, when a recipe asks for it) are quantized last.
 
 Only the current layer's weights and the calibration activations are touched at a time; with a
-streaming `LayerSource` only they are in memory, and a `RunDir` keeps every finished layer so that an
+streaming `LayerSource` only they are in memory, with an offloading `ActivationStorage` the activations
+wait on disk too (one batch read at a time), and a `RunDir` keeps every finished layer so that an
 interrupted run resumes from the last one.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,7 @@ from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.layer_io import (
     BATCH,
     LayerInputs,
@@ -263,7 +266,7 @@ def _stages(layer: nn.Module, names: list[str], inputs: LayerInputs, where: str)
         for name in names
     ]
     try:
-        run_layer(layer, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]), where)
+        run_layer(layer, inputs.head(1), where)
     finally:
         for handle in handles:
             handle.remove()
@@ -326,15 +329,18 @@ def quantize_layer(
     inputs: LayerInputs,
     smoothing: Smoothing | None = None,
     gptq: GPTQOptions | None = None,
-) -> tuple[list[torch.Tensor], dict]:
+    storage: ActivationStorage | None = None,
+) -> tuple[Sequence[torch.Tensor], dict]:
     """Transform and quantize one decoder layer in place; return its outputs and its manifest row.
 
     Passes over the calibration inputs: float (smoothing statistics, static-scale observers, the
     reference of the output error), smoothed float (equivalence check and observers; only when
     smoothing), quantized (the outputs fed to the next layer, with the int8 kernels where the layer
     has them: the same function as the simulation, about 4x faster here). A pass that only serves a
-    check or the error figure runs on the first `BATCH` samples.
+    check or the error figure runs on the first `BATCH` samples. The outputs of the passes over every
+    sample go where ``storage`` says (memory by default).
     """
+    storage = storage or ActivationStorage()
     prefix = model_map.layer_name(index)
     start = time.perf_counter()
     row: dict[str, Any] = {"layer": index}
@@ -345,7 +351,7 @@ def quantize_layer(
     observes = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
         kv_spec is not None and not kv_spec.dynamic
     )  # a static scale must see every calibration sample
-    subset = inputs if observes or not quantizes else LayerInputs(inputs.hidden[:BATCH], inputs.kwargs[:BATCH])
+    subset = inputs if observes or not quantizes else inputs.head(BATCH)
 
     def observe_and_run(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> list[torch.Tensor]:
         if kv_spec is not None:
@@ -353,7 +359,7 @@ def quantize_layer(
             attention.kv_cache_quantizer.start_observing()
         observers = _InputObservers(linears)
         try:
-            outputs = run_layer(layer, subset, prefix)
+            outputs = run_layer(layer, subset, prefix, into=storage.new())
         finally:
             observers.close()
         if kv_spec is not None:
@@ -363,7 +369,7 @@ def quantize_layer(
     if smoothing is not None:
         collector = GroupStatsCollector(layer, smoothing.groups)
         try:
-            float_out = run_layer(layer, inputs, prefix)
+            float_out = run_layer(layer, inputs, prefix, into=storage.new())
         finally:
             stats = collector.close()
         row["smoothing"], to_clip = _smooth(layer, prefix, plan, smoothing, stats)
@@ -389,14 +395,14 @@ def quantize_layer(
         set_runtime(layer, "int8")
         probe = _LinearErrorProbe(layer, linears)
         try:
-            quant_out = run_layer(layer, inputs, prefix, quantized_batch)
+            quant_out = run_layer(layer, inputs, prefix, quantized_batch, into=storage.new())
         finally:
             probe.close()
             set_runtime(layer, "fake")
         row["linear_output_error"] = probe.errors
     else:
         quant_out = float_out
-    row["output_error"] = relative_error(float_out, quant_out[: len(float_out)])
+    row["output_error"] = relative_error(float_out, quant_out)
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()}
     row["seconds"] = time.perf_counter() - start
     return quant_out, row
@@ -476,15 +482,18 @@ def quantize(
     progress: bool = True,
     run_dir: RunDir | None = None,
     source: LayerSource | None = None,
+    activations: ActivationStorage | None = None,
 ) -> Manifest:
     """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen].
 
     With ``run_dir``, every finished layer is saved there and the layers it already holds are restored
     instead of recomputed (resume). With a streaming ``source``, decoder layers are read from disk one at a
     time and released after they are saved: ``run_dir`` is then required and the checkpoint writer reads
-    the layers back from it (``model.llmquant_run_dir``).
+    the layers back from it (``model.llmquant_run_dir``). An offloading ``activations`` storage keeps the
+    calibration activations on disk (its directory is removed at the end).
     """
     source = source or LayerSource()
+    storage = activations or ActivationStorage()
     if source.streams and run_dir is None:
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
@@ -499,6 +508,7 @@ def quantize(
         versions=versions(),
         plan=plan.describe(),
     )
+    manifest.results["activations"] = "disk" if storage.offloads else "memory"
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
@@ -506,11 +516,11 @@ def quantize(
     rotation = None
     if quarot is not None:
         rotation = RotationPass(model, model_map, quarot.config(), calib[:1, :ROTATION_CHECK_TOKENS])
-    inputs = capture_layer_inputs(model, model_map, calib)
+    inputs = capture_layer_inputs(model, model_map, calib, into=storage.new())
     if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
         source.release_outside()
     else:
-        rotation.rotate(first, 0, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]))
+        rotation.rotate(first, 0, inputs.head(1))
     smoothing = plan_smoothing(model, model_map, recipe, inputs)
     if smoothing is not None:
         manifest.results["smooth_groups"] = smoothing.describe()
@@ -518,7 +528,7 @@ def quantize(
     manifest.results["rss_mb_after_prepare"] = rss_mb()
     done = run_dir.finished_layers() if run_dir is not None else 0
     if done:
-        inputs = LayerInputs(hidden=run_dir.next_inputs(), kwargs=inputs.kwargs)
+        inputs = LayerInputs(hidden=storage.adopt(run_dir.next_inputs()), kwargs=inputs.kwargs)
         manifest.results["resumed_after_layer"] = done - 1
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
@@ -534,8 +544,8 @@ def quantize(
             manifest.layers.append(run_dir.layer_row(index))
         else:
             if rotation is not None and index > 0:
-                rotation.rotate(layer, index, LayerInputs(inputs.hidden[:1], inputs.kwargs[:1]))
-            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, smoothing, gptq)
+                rotation.rotate(layer, index, inputs.head(1))
+            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, smoothing, gptq, storage)
             inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
             manifest.layers.append(row)
             if run_dir is not None:
@@ -546,7 +556,9 @@ def quantize(
         manifest.layers[-1]["peak_rss_mb"] = peak_rss_mb()
     manifest.seconds["layers"] = time.perf_counter() - t1
     if rotation is not None:
-        manifest.results["rotation"] = rotation.finish(inputs.hidden[:1])
+        manifest.results["rotation"] = rotation.finish(inputs.head(1).hidden)
+    del inputs  # (its file, when offloaded, goes with it)
+    storage.remove()
     if rotation is None and _outside_linears(model_map, plan):
         source.materialize_outside()
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)

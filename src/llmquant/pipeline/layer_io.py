@@ -2,13 +2,14 @@
 
 `LayerInputs` holds, per calibration sample, the hidden state a decoder layer receives and the keyword
 arguments the model passes it (position embeddings, masks); `run_layer` runs a layer on all of them,
-several samples per forward when their keyword arguments are shared.
+several samples per forward when their keyword arguments are shared. The hidden states and outputs go to
+any sequence of tensors a caller gives (``into``): a list, or `DiskActivations` to keep them off memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,20 +28,30 @@ class _StopForwardError(Exception):
 class LayerInputs:
     """The calibration inputs of one decoder layer: a hidden state per sample and the shared kwargs."""
 
-    hidden: list[torch.Tensor]
+    hidden: Sequence[torch.Tensor]
     kwargs: list[dict[str, Any]]
+
+    def head(self, count: int) -> LayerInputs:
+        """The first ``count`` samples (read into memory)."""
+        return LayerInputs(list(self.hidden[:count]), self.kwargs[:count])
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.Tensor) -> LayerInputs:
-    """Run the model up to its first decoder layer for each sample and keep that layer's inputs."""
+def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.Tensor,
+                         into: MutableSequence[torch.Tensor] | None = None) -> LayerInputs:
+    """Run the model up to its first decoder layer for each sample and keep that layer's inputs (the
+    hidden states in ``into``, a list by default; equal keyword arguments of consecutive samples are kept
+    once)."""
     first = model_map.layers(model)[0]
-    captured = LayerInputs(hidden=[], kwargs=[])
+    captured = LayerInputs(hidden=[] if into is None else into, kwargs=[])
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.hidden.append(hidden)
-        captured.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        kept = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if captured.kwargs and _equal_kwargs(captured.kwargs[-1], kept):
+            kept = captured.kwargs[-1]
+        captured.kwargs.append(kept)
         raise _StopForwardError
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
@@ -60,24 +71,29 @@ def _layer_output(output: Any) -> torch.Tensor:
 BATCH = 8  # calibration samples per layer forward: about 2x faster than one at a time on a CPU
 
 
+def _equal_kwargs(first: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two samples' kwargs are the same broadcastable set (tensors with a batch dimension of 1)."""
+    if other is first:
+        return True
+    if other.keys() != first.keys():
+        return False
+    for key, value in first.items():
+        theirs = other[key]
+        values = value if isinstance(value, tuple) else (value,)
+        others = theirs if isinstance(theirs, tuple) else (theirs,)
+        for a, b in zip(values, others, strict=False):
+            if isinstance(a, torch.Tensor):
+                if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.shape[:1] == (1,)
+                        and torch.equal(a, b)):
+                    return False
+            elif a != b:
+                return False
+    return True
+
+
 def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
     """Whether the samples' kwargs are one and the same broadcastable set (equal-length windows)."""
-    first = kwargs[0]
-    for other in kwargs[1:]:
-        if other.keys() != first.keys():
-            return False
-        for key, value in first.items():
-            theirs = other[key]
-            values = value if isinstance(value, tuple) else (value,)
-            others = theirs if isinstance(theirs, tuple) else (theirs,)
-            for a, b in zip(values, others, strict=False):
-                if isinstance(a, torch.Tensor):
-                    if not (isinstance(b, torch.Tensor) and a.shape == b.shape and a.shape[:1] == (1,)
-                            and torch.equal(a, b)):
-                        return False
-                elif a != b:
-                    return False
-    return True
+    return all(_equal_kwargs(kwargs[0], other) for other in kwargs[1:])
 
 
 def _batches(inputs: LayerInputs, batch: int | None) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
@@ -116,10 +132,11 @@ def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | None = None) -> list[torch.Tensor]:
-    """The layer's outputs for every sample, ``batch`` (default `BATCH`) samples per forward when their
-    kwargs allow it."""
-    outputs = []
+def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | None = None,
+              into: MutableSequence[torch.Tensor] | None = None) -> MutableSequence[torch.Tensor]:
+    """The layer's outputs for every sample (appended to ``into``, a new list by default), ``batch``
+    (default `BATCH`) samples per forward when their kwargs allow it."""
+    outputs = [] if into is None else into
     for hidden, kwargs in _batches(inputs, batch):
         out = _layer_output(layer(hidden, **kwargs))
         if not torch.isfinite(out).all():
@@ -128,9 +145,15 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | No
     return outputs
 
 
-def relative_error(reference: list[torch.Tensor], actual: list[torch.Tensor]) -> float:
-    num = sum(float((a - r).pow(2).sum()) for r, a in zip(reference, actual, strict=True))
-    den = sum(float(r.pow(2).sum()) for r in reference)
+def relative_error(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> float:
+    """||actual - reference|| / ||reference|| over the samples of ``reference`` (``actual`` may hold more:
+    the first ones are compared)."""
+    if len(actual) < len(reference):
+        raise ValueError(f"{len(actual)} outputs to compare with {len(reference)} references")
+    num = den = 0.0
+    for r, a in zip(reference, actual, strict=False):
+        num += float((a - r).pow(2).sum())
+        den += float(r.pow(2).sum())
     return (num / max(den, 1e-30)) ** 0.5
 
 

@@ -6,7 +6,10 @@ only once all of its files are complete)::
     fingerprint.json        what the run depends on (model, recipe, calibration, llmquant version)
     layer-0007.safetensors  the transformed, quantized layer's state dict
     layer-0007.json         its manifest row (marks the layer finished)
-    inputs.safetensors      the inputs of the next layer (the last finished layer's outputs)
+    inputs-0007.bin(.json)  layer 7's outputs, the next layer's inputs (`DiskActivations`; the older ones
+                            are deleted once layer 7's row is written, so the inputs of the first unfinished
+                            layer are always there)
+    activations/            the offloaded activations of the layer being worked on, if offloaded
 
 A directory made by a run with another fingerprint is never resumed silently: `RunDir.open` refuses it
 with one line. The work directory also backs the streamed checkpoint writer: a layer released from
@@ -19,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmquant.errors import LlmquantError
+from llmquant.pipeline.activations import DiskActivations, remove_store
 
 FINGERPRINT = "fingerprint.json"
-INPUTS = "inputs.safetensors"
 
 
 def _sampled_bytes(tensor: torch.Tensor, samples: int = 4096) -> bytes:
@@ -102,12 +106,24 @@ class RunDir:
             count += 1
         return count
 
-    def save_layer(self, index: int, layer: nn.Module, row: dict, outputs: list[torch.Tensor]) -> None:
+    def _inputs(self, after_layer: int) -> Path:
+        return self.path / f"inputs-{after_layer:04d}.bin"
+
+    @property
+    def activations(self) -> Path:
+        """Where a run that offloads its activations keeps those of the layer being worked on."""
+        return self.path / "activations"
+
+    def save_layer(self, index: int, layer: nn.Module, row: dict, outputs: Sequence[torch.Tensor]) -> None:
         state = {k: v.detach().contiguous() for k, v in layer.state_dict().items()}
         _write_atomically(self._layer(index, "safetensors"), lambda tmp: save_file(state, str(tmp)))
-        hidden = {f"{i}": h.contiguous() for i, h in enumerate(outputs)}
-        _write_atomically(self.path / INPUTS, lambda tmp: save_file(hidden, str(tmp)))
+        if isinstance(outputs, DiskActivations):  # already on disk: linked, not copied
+            outputs.link_to(self._inputs(index))
+        else:
+            DiskActivations.write(self._inputs(index), outputs)
         _write_atomically(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(row, default=str)))
+        if index > 0:
+            remove_store(self._inputs(index - 1))
 
     def layer_state(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self._layer(index, "safetensors")))
@@ -115,9 +131,9 @@ class RunDir:
     def layer_row(self, index: int) -> dict:
         return json.loads(self._layer(index, "json").read_text())
 
-    def next_inputs(self) -> list[torch.Tensor]:
-        hidden = load_file(str(self.path / INPUTS))
-        return [hidden[str(i)] for i in range(len(hidden))]
+    def next_inputs(self) -> DiskActivations:
+        """The inputs of the first unfinished layer (read-only, on disk)."""
+        return DiskActivations.open(self._inputs(self.finished_layers() - 1))
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
