@@ -65,11 +65,17 @@ class GPTQOptions(_Strict):
     """GPTQ's knobs: columns per lazy-update block, dampening (share of the mean Hessian diagonal),
     activation order (quantize the columns with the largest Hessian diagonal first; groups stay static).
     Activation order is on by default: on the default model it took W4 g64 asymmetric from x1.184 to x1.133
-    (BENCHMARKS.md), at no cost at run time since the groups stay contiguous."""
+    (BENCHMARKS.md), at no cost at run time since the groups stay contiguous.
+
+    ``true_sequential`` (default): each group of Linears sharing an input (q/k/v, o, gate/up, down) gets
+    its Hessian from inputs recomputed through the layer's already quantized Linears. False: every Hessian
+    of a layer from its float pass (one pass over the calibration inputs instead of one per group; what
+    llm-compressor does)."""
 
     block_size: int = Field(128, ge=1)
     damp_ratio: float = Field(0.01, gt=0.0, le=1.0)
     act_order: bool = True
+    true_sequential: bool = True
 
 
 class PreOpt(_Strict):
