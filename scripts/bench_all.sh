@@ -6,13 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results.jsonl}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-
-run() {  # NAME RECIPE_JSON
-    if [ -f "$OUT" ] && grep -q "\"name\": \"$1\"" "$OUT"; then echo "skip $1"; return; fi
-    echo "$(date +%T) $1"
-    .venv/bin/python scripts/bench_recipe.py "$1" "$2" --out "$OUT"
-}
+source scripts/bench_lib.sh  # run NAME RECIPE_JSON
 
 R12='{"name": "quarot", "rotations": ["R1", "R2"], "online_had": false}'
 QUAROT='{"name": "quarot"}'

@@ -134,3 +134,13 @@ def test_the_recipes_in_configs_load_and_are_what_the_script_writes() -> None:
         assert path.read_text() == module.render(fields)
         assert Recipe.from_file(path).model_dump(exclude_defaults=True) == Recipe.build(**fields).model_dump(
             exclude_defaults=True)
+
+
+def test_a_recipe_writes_gptq_options_only_when_it_uses_gptq(tmp_path: Path) -> None:
+    rtn = Recipe.build(scheme="w_uint4_per_group_asym", group_size=64)
+    assert "gptq" not in rtn.model_dump(mode="json")
+    gptq = Recipe.build(scheme="w_uint4_per_group_asym", group_size=64, algorithm="gptq",
+                        gptq={"true_sequential": False})
+    assert gptq.model_dump(mode="json")["gptq"]["true_sequential"] is False
+    gptq.to_file(tmp_path / "recipe.yaml")
+    assert Recipe.from_file(tmp_path / "recipe.yaml") == gptq

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 from torch import nn
 
 from llmquant.algorithms.quarot import QuaRotConfig
@@ -147,6 +155,15 @@ class Recipe(_Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[Override] = Field(default_factory=list)
     calib: Calibration = Field(default_factory=Calibration)
+
+    @model_serializer(mode="wrap")
+    def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A recipe writes only the options its algorithm uses: GPTQ's knobs go with ``algorithm: gptq``
+        (so a recipe file, a manifest or a run's fingerprint does not change with an unused default)."""
+        data = handler(self)
+        if self.algorithm != "gptq":
+            data.pop("gptq", None)
+        return data
 
     @field_validator("scheme")
     @classmethod

@@ -196,8 +196,7 @@ def read_result(cell: Cell, output: Path) -> CellResult | None:
 def settings_of(model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None,
                 runtime: str = "int8") -> dict[str, Any]:
     """What every cell's figure depends on besides its scheme and method (a rerun must match it)."""
-    unused = {"gptq"} if base.algorithm != "gptq" else set()  # GPTQ's knobs do not touch an RTN or AWQ sweep
-    recipe = base.model_dump(mode="json", exclude={"scheme", "pre_opts", *unused})
+    recipe = base.model_dump(mode="json", exclude={"scheme", "pre_opts"})  # (GPTQ's knobs only with GPTQ)
     return {"model": model or "default", "recipe": recipe, "runtime": runtime,
             "eval": {"corpus": eval_corpus, "seqlen": base.calib.seqlen, "max_windows": max_windows}}
 

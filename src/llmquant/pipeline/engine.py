@@ -478,7 +478,7 @@ class LayerSource:
     def materialize(self, model: nn.Module, model_map: ModelMap, index: int) -> nn.Module:
         return self.lazy.materialize(index) if self.lazy is not None else model_map.layers(model)[index]
 
-    def release(self, model: nn.Module, model_map: ModelMap, index: int) -> None:
+    def release(self, index: int) -> None:
         if self.lazy is not None:
             self.lazy.release(index)
 
@@ -580,7 +580,7 @@ def quantize(
             if run_dir is not None:
                 run_dir.save_layer(index, layer, row, outputs)
             bar.set_postfix(err=f"{row['output_error']:.4f}")
-        source.release(model, model_map, index)
+        source.release(index)
         manifest.layers[-1]["rss_mb"] = rss_mb()  # resident memory once the layer is done (and released)
         manifest.layers[-1]["peak_rss_mb"] = peak_rss_mb()
     manifest.seconds["layers"] = time.perf_counter() - t1
