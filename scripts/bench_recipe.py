@@ -40,8 +40,7 @@ def main() -> None:
 
     recipe = llmquant.Recipe.build(**json.loads(args.recipe))
     model, tokenizer = llmquant.load(None)
-    windows = data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), recipe.calib.seqlen,
-                                args.max_windows)
+    windows = data.corpus_windows(tokenizer, "pydoc", recipe.calib.seqlen, args.max_windows)
     start = time.perf_counter()
     llmquant.quantize(model, recipe, tokenizer, progress=False)
     seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ def windows_for(tokenizer: Any, seqlen: int, max_windows: int) -> Any:
     """The evaluation windows llmquant uses for perplexity."""
     from llmquant import data
 
-    return data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), seqlen, max_windows)
+    return data.corpus_windows(tokenizer, "pydoc", seqlen, max_windows)
 
 
 def vllm_perplexity(engine: Any, windows: Any) -> float:

@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = llmquant.load(None)
-    windows = data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), args.seqlen, args.max_windows)
+    windows = data.corpus_windows(tokenizer, "pydoc", args.seqlen, args.max_windows)
     float_ppl = perplexity(model, windows)
     rows = []
     for scheme in args.schemes:

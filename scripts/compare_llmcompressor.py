@@ -158,7 +158,7 @@ def main() -> None:
     tokens = data.tokenize(tokenizer, data.corpus("pydoc", "calib"))
     calib = data.calibration_samples(tokens, args.calib_samples, args.seqlen, seed=0)
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    windows = data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), args.seqlen, args.max_windows)
+    windows = data.corpus_windows(tokenizer, "pydoc", args.seqlen, args.max_windows)
     float_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     float_ppl = perplexity(float_model, windows)
     del float_model

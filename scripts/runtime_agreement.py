@@ -39,7 +39,7 @@ def main() -> None:
         if json.dumps(recipe) in done_schemes(out):
             continue
         model, tokenizer = llmquant.load(None)
-        windows = data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), 512, 40)
+        windows = data.corpus_windows(tokenizer, "pydoc", 512, 40)
         llmquant.quantize(model, recipe, tokenizer, progress=False)
         figures = {}
         for runtime in ("fake", "int8"):

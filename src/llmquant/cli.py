@@ -77,12 +77,6 @@ def _alpha(text: str) -> float | str:
         raise LlmquantError(f"--alpha must be a number in [0, 1] or 'auto', got '{text}'") from None
 
 
-def _eval_windows(tokenizer: Any, corpus_name: str, seqlen: int, max_windows: int | None) -> Any:
-    from llmquant import data
-
-    return data.eval_windows(data.tokenize(tokenizer, data.corpus(corpus_name, "eval")), seqlen, max_windows)
-
-
 def _float_ppl(model: Any, windows: Any, key: str | None) -> float:
     """Float perplexity, cached on disk for the default model (it never changes)."""
     from llmquant.evaluation.perplexity import perplexity
@@ -126,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.eval and source is not None:
         log.warning("a model streamed from disk is not evaluated here; run `llmquant eval --model %s`", output)
     elif args.eval:
-        windows = _eval_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
+        windows = data.corpus_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
         key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
         figures["float_ppl"] = _float_ppl(model, windows, key)
     t_quant = time.perf_counter()
@@ -228,6 +222,7 @@ def _print_summary(scheme: str, figures: dict[str, Any], output: Path, peak_rss_
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import llmquant
+    from llmquant import data
     from llmquant.evaluation.perplexity import perplexity
 
     start = time.perf_counter()
@@ -250,7 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result["lambada"] = {args.lambada: accuracy}
         print(f"lambada {args.lambada}: last-token accuracy {accuracy:.4f} ({len(texts)} texts)")
     for corpus_name in args.ppl if args.ppl is not None else ([] if args.lambada or tasks else ["pydoc"]):
-        windows = _eval_windows(tokenizer, corpus_name, args.seqlen, args.max_windows)
+        windows = data.corpus_windows(tokenizer, corpus_name, args.seqlen, args.max_windows)
         result["ppl"][corpus_name] = perplexity(model, windows, progress=not args.quiet)
         print(f"perplexity {corpus_name}: {result['ppl'][corpus_name]:.4f} ({len(windows)} windows of {args.seqlen})")
     result["seconds"] = time.perf_counter() - start

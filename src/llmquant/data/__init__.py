@@ -104,3 +104,11 @@ def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = No
     if n < 1:
         raise LlmquantError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     return tokens[: n * seqlen].reshape(n, seqlen)
+
+
+def corpus_windows(tokenizer: object, name: str = "pydoc", seqlen: int = 512,
+                   max_windows: int | None = None) -> torch.Tensor:
+    """The evaluation windows of corpus ``name`` (DESIGN.md's perplexity protocol): its eval split,
+    tokenized, cut by `eval_windows`."""
+    return eval_windows(tokenize(tokenizer, corpus(name, "eval")), seqlen, max_windows)
+
