@@ -84,13 +84,16 @@ def comparison_table(rows: dict[str, dict], llmc: dict[tuple[str, str], dict]) -
     return lines
 
 
+THEIR_RUN = {"w4_g64_asym_gptq_float_hessians": "w4_g64_asym_gptq"}  # our variants of one llm-compressor recipe
+
+
 def alone_table(timing: Path) -> list[str]:
     """scripts/time_vs_llmcompressor.sh: each llmquant run of bench/timing_alone.jsonl against
     bench/llmc_timing_alone_<name>.json, both run alone on the machine."""
     lines = ["| recipe | llmquant | llm-compressor | ppl ratio (ours / theirs) | time ratio (ours / theirs) |",
              "|---|---|---|---|---|"]
     for name, ours in read_results(timing).items():
-        path = timing.parent / f"llmc_timing_alone_{name}.json"
+        path = timing.parent / f"llmc_timing_alone_{THEIR_RUN.get(name, name)}.json"
         theirs = (json.loads(path.read_text()).get("rows") or [None])[0] if path.is_file() else None
         if theirs is None:
             continue
