@@ -21,6 +21,9 @@ w8a8() {
     run token_r12_gptq "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"pre_opts\": [$R12]}"
     run static_sq085_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$SQ085]}"
     run static_sqauto_gptq "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"pre_opts\": [$SQ_AUTO]}"
+    # the best W8A8 recipes with every Hessian of a layer from its float pass
+    run static_sqauto_gptq_float_hessians "{\"scheme\": \"$STATIC\", \"algorithm\": \"gptq\", \"gptq\": {\"true_sequential\": false}, \"pre_opts\": [$SQ_AUTO]}"
+    run token_quarot_gptq_float_hessians "{\"scheme\": \"$TOKEN\", \"algorithm\": \"gptq\", \"gptq\": {\"true_sequential\": false}, \"pre_opts\": [$QUAROT]}"
 }
 
 w4_g64() {
@@ -37,6 +40,8 @@ w4_gptq_variants() {  # the W4 g64 GPTQ variants of BENCHMARKS.md (activation or
     # every Hessian of a layer from its float pass (llm-compressor's way) instead of true-sequential stages
     run w4_g64_asym_gptq_float_hessians '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}}'
     run w4_g64_sym_gptq_float_hessians '{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}}'
+    run w4_g64_asym_gptq_float_hessians_mse '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}, "weight_observer": "mse"}'
+    run w4_g64_asym_r12_gptq_mse_float_hessians "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"gptq\": {\"true_sequential\": false}, \"weight_observer\": \"mse\", \"pre_opts\": [$R12]}"
 }
 
 w4_more() {  # 576 inputs: with groups of 128, q/k/v/gate/up fall back to groups of 64, the rest keep 128

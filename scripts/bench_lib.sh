@@ -3,8 +3,8 @@
 # rerun resumes where an interrupted one stopped.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-run() {  # NAME RECIPE_JSON
+run() {  # NAME RECIPE_JSON [bench_recipe.py options]
     if [ -f "$OUT" ] && grep -q "\"name\": \"$1\"" "$OUT"; then echo "skip $1"; return; fi
     echo "$(date +%T) llmquant $1"
-    .venv/bin/python scripts/bench_recipe.py "$1" "$2" --out "$OUT"
+    .venv/bin/python scripts/bench_recipe.py "$@" --out "$OUT"
 }

@@ -3,7 +3,7 @@ quantization wall time, perplexity (DESIGN.md's protocol), peak resident memory;
 line to --out.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py NAME 'RECIPE_JSON' [--out bench/results.jsonl]
-        [--runtime int8|fake] [--threads 1]
+        [--runtime int8|fake] [--threads 1] [--offload DIR]
 
 RECIPE_JSON is a recipe as `llmquant.Recipe` takes it, e.g.
 '{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq"}'. The evaluation uses the int8
@@ -24,6 +24,7 @@ import llmquant
 from llmquant import data
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.quant_linear import set_runtime
+from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.engine import peak_rss_mb
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="int8", choices=["int8", "fake"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs can share 2 cores)")
     parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--offload", default=None, help="keep the calibration activations on disk in this directory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -42,7 +44,7 @@ def main() -> None:
     model, tokenizer = llmquant.load(None)
     windows = data.corpus_windows(tokenizer, "pydoc", recipe.calib.seqlen, args.max_windows)
     start = time.perf_counter()
-    llmquant.quantize(model, recipe, tokenizer, progress=False)
+    llmquant.quantize(model, recipe, tokenizer, progress=False, activations=ActivationStorage(args.offload))
     seconds = time.perf_counter() - start
     set_runtime(model, args.runtime)
     ppl = perplexity(model, windows)
@@ -52,6 +54,7 @@ def main() -> None:
         "quantize_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": args.threads,
         "runtime": args.runtime, "windows": len(windows), "date": time.strftime("%Y-%m-%d"),
         "stage_seconds": manifest.seconds, "versions": manifest.versions,
+        "activations": manifest.results["activations"],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

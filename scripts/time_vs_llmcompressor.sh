@@ -28,3 +28,6 @@ run w4_g64_asym_gptq '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "al
 theirs w4_g64_asym_gptq --algorithm gptq --group-size 64 --schemes w_uint4_per_group_asym
 # GPTQ with every Hessian of a layer from its float pass, as llm-compressor takes them
 run w4_g64_asym_gptq_float_hessians '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}}'
+# the cost of keeping the calibration activations on disk (--activations disk), on the same recipe
+run w4_g64_asym_gptq_offloaded '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq"}' \
+    --offload "${TMPDIR:-/tmp}/llmquant-offload"
