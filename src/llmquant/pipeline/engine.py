@@ -375,7 +375,7 @@ def quantize_layer(
     subset = inputs if observes or float_hessians or not quantizes else inputs.head(BATCH)
     hessians: dict[str, HessianAccumulator] = {}
 
-    def observe_and_run(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> list[torch.Tensor]:
+    def observe_and_run(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> Sequence[torch.Tensor]:
         if gptq is not None:  # (before any observer starts: this runs one sample)
             row["gptq_stages"] = _stages(layer, [n for n, (_, q) in linears.items() if q.weight_spec is not None],
                                          inputs, prefix)
