@@ -61,7 +61,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         "best_w8a8_per_tensor_static": {"scheme": STATIC, "algorithm": "gptq",
                                         "pre_opts": [{"name": "smoothquant", "alpha": "auto"}]},
         "best_w4_g64": {"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq",
-                        "weight_observer": "mse",
+                        "gptq": {"true_sequential": False}, "weight_observer": "mse",
                         "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2"], "online_had": False}]},
     }
 
