@@ -39,6 +39,7 @@ w4_gptq_variants() {  # the W4 g64 GPTQ variants of BENCHMARKS.md (activation or
     run w4_g64_asym_r12_gptq_mse "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"weight_observer\": \"mse\", \"pre_opts\": [$R12]}"
     # every Hessian of a layer from its float pass (llm-compressor's way) instead of true-sequential stages
     run w4_g64_asym_gptq_float_hessians '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}}'
+    run w4_g64_sym_gptq_actorder '{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq", "gptq": {"act_order": true}}'
     run w4_g64_sym_gptq_float_hessians '{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}}'
     run w4_g64_asym_gptq_float_hessians_mse '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq", "gptq": {"true_sequential": false}, "weight_observer": "mse"}'
     run w4_g64_asym_r12_gptq_mse_float_hessians "{\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"algorithm\": \"gptq\", \"gptq\": {\"true_sequential\": false}, \"weight_observer\": \"mse\", \"pre_opts\": [$R12]}"
