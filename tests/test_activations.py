@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmquant.errors import LlmquantError
+from llmquant.pipeline import activations
 from llmquant.pipeline.activations import ActivationStorage, DiskActivations
 from llmquant.pipeline.run_dir import RunDir
 
@@ -79,3 +81,14 @@ def test_the_run_directory_keeps_the_inputs_of_the_first_unfinished_layer(tmp_pa
     # killed after layer 2's outputs were kept but before its row: layer 2 is unfinished, its inputs remain
     DiskActivations.write(tmp_path / "run" / "inputs-0002.bin", outputs[2])
     assert run.finished_layers() == 2 and float(run.next_inputs()[0][0, 0, 0]) == 1.0
+
+
+def test_a_full_disk_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    store = DiskActivations(tmp_path / "a.bin")
+    monkeypatch.setattr(activations.os, "pwrite", full)
+    with pytest.raises(LlmquantError, match=r"No space left on device.*--activations memory") as raised:
+        store.append(torch.zeros(3))
+    assert "\n" not in str(raised.value) and len(store) == 0

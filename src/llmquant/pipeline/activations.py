@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from llmquant.errors import LlmquantError
+
 INDEX_SUFFIX = ".json"
 
 
@@ -53,8 +55,12 @@ class DiskActivations:
             raise ValueError(f"{self.path} is opened read-only")
         data = _as_bytes(tensor)
         written = 0
-        while written < len(data):
-            written += os.pwrite(self.fd, data[written:], self.size + written)
+        try:
+            while written < len(data):
+                written += os.pwrite(self.fd, data[written:], self.size + written)
+        except OSError as err:
+            raise LlmquantError(f"writing calibration activations to {self.path} failed ({err.strerror}): free "
+                                "disk space there or keep them in memory (--activations memory)") from None
         self.entries.append((self.size, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
         self.size += len(data)
 
