@@ -78,7 +78,8 @@ def comparison_table(rows: dict[str, dict], llmc: dict[tuple[str, str], dict]) -
              "|---|---|---|---|---|"]
     for prefix, scheme in LLMC_SCHEMES.items():
         for algorithm in ALGORITHMS:
-            ours, theirs = rows.get(f"{prefix}_{algorithm}"), llmc.get((scheme, algorithm))
+            name = f"{prefix}_{algorithm}"
+            ours, theirs = rows.get(CELL_RUN.get(name, name)), llmc.get((scheme, algorithm))
             if ours is None or theirs is None:
                 continue
             lines.append(
