@@ -51,18 +51,18 @@ def test_a_store_is_deleted_with_its_object_unless_kept(tmp_path: Path) -> None:
     assert (tmp_path / "kept.bin").exists()  # opened, not owned: left where it was
 
 
-def test_the_storage_makes_lists_or_files_and_removes_its_directory(tmp_path: Path) -> None:
+def test_the_storage_makes_lists_or_files_and_removes_only_its_own_directory(tmp_path: Path) -> None:
     assert ActivationStorage().new() == [] and not ActivationStorage().offloads
     (tmp_path / "acts").mkdir()
-    (tmp_path / "acts" / "stale.bin").write_bytes(b"from an interrupted run")
+    (tmp_path / "acts" / "mine.txt").write_text("a user's file")
     storage = ActivationStorage(tmp_path / "acts")
-    assert list((tmp_path / "acts").iterdir()) == []  # emptied first
     first, second = storage.new(), storage.new()
     assert isinstance(first, DiskActivations) and first.path != second.path
+    assert first.path.parent == storage.path and storage.path.parent == tmp_path / "acts"
     kept = DiskActivations.open(_kept(tmp_path))
     assert storage.adopt(kept) is kept and isinstance(ActivationStorage().adopt(kept), list)
     storage.remove()
-    assert not (tmp_path / "acts").exists()
+    assert not storage.path.exists() and (tmp_path / "acts" / "mine.txt").read_text() == "a user's file"
 
 
 def _kept(tmp_path: Path) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, MutableSequence
 from dataclasses import dataclass, field
@@ -146,33 +147,34 @@ def _close_and_delete(fd: int, path: str) -> None:
 @dataclass
 class ActivationStorage:
     """Makes the containers of a run's activations: lists in memory (``directory`` None, the default) or
-    `DiskActivations` files in ``directory`` (emptied first; each file is deleted with its store)."""
+    `DiskActivations` files in a new directory of its own inside ``directory`` (each file is deleted with
+    its store, the directory by `remove`; nothing else in ``directory`` is touched)."""
 
-    directory: Path | None = None
+    directory: str | os.PathLike | None = None
+    path: Path | None = field(default=None, init=False)
     _numbers: Iterator[int] = field(default_factory=count, repr=False)
 
     def __post_init__(self) -> None:
         if self.directory is not None:
-            self.directory = Path(self.directory)
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory.mkdir(parents=True)
+            Path(self.directory).mkdir(parents=True, exist_ok=True)
+            self.path = Path(tempfile.mkdtemp(prefix="activations-", dir=self.directory))
 
     @property
     def offloads(self) -> bool:
-        return self.directory is not None
+        return self.path is not None
 
     def new(self) -> MutableSequence[torch.Tensor] | DiskActivations:
-        if self.directory is None:
+        if self.path is None:
             return []
-        return DiskActivations(self.directory / f"pass-{next(self._numbers):05d}.bin")
+        return DiskActivations(self.path / f"pass-{next(self._numbers):05d}.bin")
 
     def adopt(self, kept: DiskActivations) -> MutableSequence[torch.Tensor] | DiskActivations:
         """Activations kept on disk (a resumed run's next inputs) as this storage holds them."""
         return kept if self.offloads else list(kept)
 
     def remove(self) -> None:
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 __all__ = ["ActivationStorage", "DiskActivations", "remove_store"]

@@ -73,8 +73,6 @@ BATCH = 8  # calibration samples per layer forward: about 2x faster than one at 
 
 def _equal_kwargs(first: dict[str, Any], other: dict[str, Any]) -> bool:
     """Whether two samples' kwargs are the same broadcastable set (tensors with a batch dimension of 1)."""
-    if other is first:
-        return True
     if other.keys() != first.keys():
         return False
     for key, value in first.items():
