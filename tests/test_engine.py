@@ -216,3 +216,32 @@ def test_offloaded_activations_give_the_in_memory_checkpoint(
     assert torch.equal(logits(offloaded, ids), logits(in_memory, ids))
     manifest = json.loads((tmp_path / "offloaded" / "llmquant.json").read_text())
     assert manifest["results"]["activations"] == "disk"
+
+
+@pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq"])
+def test_a_model_offloaded_by_accelerate_quantizes_one_layer_at_a_time(name: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate import disk_offload
+
+    from conftest import make_model
+
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    in_memory = llmquant.quantize(make_model("llama"), RECIPES[name], calib=ids, progress=False)
+    offloaded = make_model("llama")
+    disk_offload(offloaded, offload_dir=str(tmp_path / "offload"))
+    assert offloaded.model.layers[1].mlp.down_proj.weight.is_meta
+    later_layers_offloaded, real = [], engine.quantize_layer
+
+    def quantize_layer(layer, index, model_map, *a, **k):
+        later = [p for other in offloaded.model.layers[index + 1 :] for p in other.parameters()]
+        later_layers_offloaded.append(all(p.is_meta for p in later))
+        return real(layer, index, model_map, *a, **k)
+
+    monkeypatch.setattr(engine, "quantize_layer", quantize_layer)
+    llmquant.quantize(offloaded, RECIPES[name], calib=ids, progress=False)
+    assert later_layers_offloaded == [True, True]
+    assert offloaded.llmquant_manifest.results["accelerate_offloaded"] is True
+    eval_ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(logits(offloaded, eval_ids), logits(in_memory, eval_ids))
+    llmquant.save(offloaded, None, tmp_path / "saved")  # every tensor is real again: the checkpoint writes
+    assert torch.equal(logits(llmquant.load(tmp_path / "saved")[0], eval_ids), logits(in_memory, eval_ids))

@@ -38,6 +38,7 @@ from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
 from llmquant.errors import LlmquantError
 from llmquant.model.lazy import LazyLayers
 from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
+from llmquant.model.offloaded import is_offloaded, load_offloaded
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
@@ -465,9 +466,10 @@ def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantP
 
 @dataclass
 class LayerSource:
-    """Where decoder layers live: in memory (the default: nothing to do), or on disk (`LazyLayers`, read
-    one at a time and released to ``meta`` once their result is in the run directory; the embeddings and
-    head are released too while the layers run, when nothing changes them)."""
+    """Where decoder layers live: in memory (the default; a layer accelerate keeps offloaded is loaded when
+    its turn comes, `llmquant.model.offloaded`), or on disk (`LazyLayers`, read one at a time and released
+    to ``meta`` once their result is in the run directory; the embeddings and head are released too while
+    the layers run, when nothing changes them)."""
 
     lazy: LazyLayers | None = None
 
@@ -476,7 +478,11 @@ class LayerSource:
         return self.lazy is not None
 
     def materialize(self, model: nn.Module, model_map: ModelMap, index: int) -> nn.Module:
-        return self.lazy.materialize(index) if self.lazy is not None else model_map.layers(model)[index]
+        if self.lazy is not None:
+            return self.lazy.materialize(index)
+        layer = model_map.layers(model)[index]
+        load_offloaded(layer)
+        return layer
 
     def release(self, index: int) -> None:
         if self.lazy is not None:
@@ -527,6 +533,11 @@ def quantize(
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
     model_map = model_map or detect_model_map(model)
+    offloaded = not source.streams and is_offloaded(model)
+    if offloaded:  # what lies outside the decoder layers now, each layer when its turn comes
+        load_offloaded(model, skip=model.get_submodule(model_map.decoder_layers))
+        if hasattr(model, "tie_weights"):  # loaded as copies: a tied head shares the embeddings again
+            model.tie_weights()
     quarot = recipe.quarot()
     if quarot is not None:
         model_map = with_seed_map(model, model_map, quarot.backbone, quarot.model_decoder_layers, quarot.self_attn)
@@ -538,6 +549,7 @@ def quantize(
         plan=plan.describe(),
     )
     manifest.results["activations"] = "disk" if storage.offloads else "memory"
+    manifest.results["accelerate_offloaded"] = offloaded
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
