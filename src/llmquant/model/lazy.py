@@ -12,6 +12,7 @@ resident memory holds one float layer at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ class LazyLayers:
         return {name: value.float() for name, value in self.reader.read(names).items()}
 
 
+@functools.cache
 def _libc() -> object | None:
     import ctypes
     import ctypes.util

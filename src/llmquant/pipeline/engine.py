@@ -404,14 +404,13 @@ def quantize_layer(
             stats = collector.close()
         row["smoothing"], to_clip = _smooth(layer, prefix, plan, smoothing, stats)
         if to_clip:  # AWQ: check the scaling alone, then clip (which changes the function on purpose)
-            scaled_out = run_layer(layer, subset, prefix)
-            row["equivalence_error"] = _check_equivalence(float_out[: len(scaled_out)], scaled_out, "awq", prefix)
+            scaled_out = run_layer(layer, subset, prefix, into=storage.new())
+            row["equivalence_error"] = _check_equivalence(float_out, scaled_out, "awq", prefix)
             row["clipped"] = [n for g, t in to_clip for n in awq.clip_group(layer, g, t, _group_specs(g, prefix, plan))]
         linears = _quantizers_for_layer(layer, prefix, plan)  # from the smoothed (and clipped) weights
         smoothed_out = observe_and_run(linears)
         if not to_clip:
-            row["equivalence_error"] = _check_equivalence(float_out[: len(smoothed_out)], smoothed_out, "smoothing",
-                                                          prefix)
+            row["equivalence_error"] = _check_equivalence(float_out, smoothed_out, "smoothing", prefix)
     else:
         linears = _quantizers_for_layer(layer, prefix, plan)
         float_out = observe_and_run(linears)
