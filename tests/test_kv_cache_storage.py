@@ -13,7 +13,13 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 import llmquant
 from conftest import VOCAB, make_model
 from llmquant.nn.kv_cache import STORED_FLAG
-from llmquant.nn.kv_storage import Int8CacheLayer, set_kv_cache_runtime
+from llmquant.nn.kv_storage import (
+    Int8CacheLayer,
+    cache_argument,
+    int8_kv_cache,
+    returned_cache,
+    set_kv_cache_runtime,
+)
 from llmquant.nn.quant_linear import set_runtime
 
 TOKEN = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
@@ -44,7 +50,7 @@ def test_the_cache_of_a_kv_quantized_model_holds_int8_on_the_int8_runtime(calib_
     model = quantized(TOKEN, calib_ids)
     assert set_runtime(model, "int8") == 7 * 2 + 2  # seven Linears and one KV-cache quantizer per layer
     output = generate(model, calib_ids[:2, :12])
-    for layer in output.past_key_values.layers:
+    for layer in returned_cache(output).layers:
         assert isinstance(layer, Int8CacheLayer)
         positions = 12 + NEW_TOKENS - 1  # the last token is sampled, not yet stored
         assert layer.keys.dtype == layer.values.dtype == torch.int8
@@ -62,7 +68,7 @@ def test_a_cache_made_by_hand_is_filled_lazily_with_int8_layers(calib_ids: torch
     set_runtime(model, "int8")
     cache = DynamicCache()  # no config: transformers appends its layers on the first update
     with torch.no_grad():
-        model(calib_ids[:1, :10], past_key_values=cache, use_cache=True)
+        model(calib_ids[:1, :10], **{cache_argument(model): cache}, use_cache=True)
     assert [type(layer) for layer in cache.layers] == [Int8CacheLayer, Int8CacheLayer]
     assert cache.get_seq_length() == 10 and cache.layers[0].key_scales.shape == (1, 1, 10, 1)  # per tensor
 
@@ -76,12 +82,12 @@ def test_greedy_generation_from_int8_storage_matches_the_simulation(
     prompt = calib_ids[:2, :12]
     set_runtime(model, "int8")
     stored = generate(model, prompt)
-    assert all(isinstance(layer, Int8CacheLayer) for layer in stored.past_key_values.layers)
+    assert all(isinstance(layer, Int8CacheLayer) for layer in returned_cache(stored).layers)
     # the same int8 Linears with the KV cache simulated: the keys and values attention reads are the same
     # numbers (the stored codes times their scales), so the logits agree to float32 rounding (here: exactly)
     set_kv_cache_runtime(model, "fake")
     simulated_kv = generate(model, prompt)
-    assert all(type(layer) is DynamicLayer for layer in simulated_kv.past_key_values.layers)
+    assert all(type(layer) is DynamicLayer for layer in returned_cache(simulated_kv).layers)
     assert torch.equal(stored.sequences, simulated_kv.sequences)
     torch.testing.assert_close(step_logits(stored), step_logits(simulated_kv), rtol=0, atol=1e-6)
     # the whole fake runtime (fake-quantized Linears too): float rounding of the GEMMs only
@@ -124,7 +130,7 @@ def test_fake_runtime_keeps_the_float_cache(calib_ids: torch.Tensor) -> None:
     set_runtime(model, "fake")
     output = generate(model, calib_ids[:1, :12])
     assert all(type(layer) is DynamicLayer and layer.keys.dtype == torch.float32
-               for layer in output.past_key_values.layers)
+               for layer in returned_cache(output).layers)
 
 
 def test_beam_search_reorders_codes_and_scales_together(calib_ids: torch.Tensor) -> None:
@@ -132,7 +138,7 @@ def test_beam_search_reorders_codes_and_scales_together(calib_ids: torch.Tensor)
     prompt = calib_ids[:1, :12]
     set_runtime(model, "int8")
     stored = generate(model, prompt, num_beams=3)
-    assert isinstance(stored.past_key_values.layers[0], Int8CacheLayer)
+    assert isinstance(returned_cache(stored).layers[0], Int8CacheLayer)
     set_kv_cache_runtime(model, "fake")
     assert torch.equal(stored.sequences, generate(model, prompt, num_beams=3).sequences)
 
@@ -142,14 +148,14 @@ def test_crop_and_reset_keep_codes_and_scales_aligned(calib_ids: torch.Tensor) -
     set_runtime(model, "int8")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(calib_ids[:1, :10], past_key_values=cache, use_cache=True)
+        model(calib_ids[:1, :10], **{cache_argument(model): cache}, use_cache=True)
     layer = cache.layers[0]
     cache.crop(-3)  # remove the last three positions
     assert layer.keys.shape[-2] == layer.key_scales.shape[-2] == layer.value_scales.shape[-2] == 7
     cache.reset()
     assert cache.get_seq_length() == 0 and layer.key_scales is None
     with torch.no_grad():
-        model(calib_ids[:1, :5], past_key_values=cache, use_cache=True)
+        model(calib_ids[:1, :5], **{cache_argument(model): cache}, use_cache=True)
     assert cache.get_seq_length() == 5 and layer.keys.dtype == torch.int8
 
 
@@ -161,7 +167,7 @@ def test_sliding_window_layers_keep_the_simulation(calib_ids: torch.Tensor) -> N
     model = quantized(TOKEN, calib_ids, model=AutoModelForCausalLM.from_config(config).eval())
     set_runtime(model, "int8")
     output = generate(model, calib_ids[:1, :12])
-    assert all(type(layer) is DynamicSlidingWindowLayer for layer in output.past_key_values.layers)
+    assert all(type(layer) is DynamicSlidingWindowLayer for layer in returned_cache(output).layers)
 
 
 def test_a_loaded_checkpoint_stores_int8_on_the_int8_runtime(calib_ids: torch.Tensor, tmp_path: Path) -> None:
@@ -171,9 +177,23 @@ def test_a_loaded_checkpoint_stores_int8_on_the_int8_runtime(calib_ids: torch.Te
     loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="int8")
     stored = generate(loaded, prompt)
     assert all(isinstance(layer, Int8CacheLayer) and layer.keys.dtype == torch.int8
-               for layer in stored.past_key_values.layers)
+               for layer in returned_cache(stored).layers)
     simulated_model, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")  # the cache holds floats
     simulated = generate(simulated_model, prompt)
-    assert all(type(layer) is DynamicLayer for layer in simulated.past_key_values.layers)
+    assert all(type(layer) is DynamicLayer for layer in returned_cache(simulated).layers)
     assert torch.equal(stored.sequences, simulated.sequences)
     torch.testing.assert_close(step_logits(stored), step_logits(simulated), rtol=0, atol=1e-4)
+
+
+def test_a_cache_built_up_front_stores_int8_where_the_model_quantizes_its_kv(calib_ids: torch.Tensor) -> None:
+    """`int8_kv_cache` gives generate (or a forward) a cache whose layers are already int8 ones."""
+    model = quantized(TOKEN, calib_ids)
+    set_runtime(model, "int8")
+    cache = int8_kv_cache(model)
+    assert [type(layer) for layer in cache.layers] == [Int8CacheLayer, Int8CacheLayer]
+    prompt = calib_ids[:1, :12]
+    given = generate(model, prompt, **{cache_argument(model): cache})
+    assert returned_cache(given) is cache and cache.layers[0].keys.dtype == torch.int8
+    assert torch.equal(given.sequences, generate(model, prompt).sequences)
+    set_runtime(model, "fake")
+    assert all(type(layer) is DynamicLayer for layer in int8_kv_cache(model).layers)  # the simulation keeps floats

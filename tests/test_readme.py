@@ -46,15 +46,50 @@ def test_the_readme_starts_with_the_two_commands_and_the_makefile_has_them() -> 
     assert "make test" in ci
 
 
+def llmquant_arguments(words: list[str]) -> list[str] | None:
+    """The arguments `llmquant` gets from a command line of the README: ``llmquant ...``, ``.venv/bin/llmquant
+    ...``, ``python -m llmquant ...`` or ``torchrun [options] -m llmquant ...``; None for any other command
+    (``make ...``)."""
+    if words and Path(words[0]).name == "llmquant":
+        return words[1:]
+    if words and (Path(words[0]).name.startswith("python") or words[0] == "torchrun"):
+        for i in range(1, len(words) - 1):
+            if words[i] == "-m" and words[i + 1] == "llmquant":
+                return words[i + 2:]
+    return None
+
+
+def llmquant_commands() -> list[list[str]]:
+    """Every llmquant command line of the README's bash blocks, as the arguments its parser gets."""
+    found = []
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            arguments = llmquant_arguments(shlex.split(line, comments=True))
+            if arguments is not None:
+                found.append(arguments)
+    return found
+
+
 def test_every_llmquant_command_in_the_readme_parses() -> None:
-    found = commands("llmquant")
-    assert len(found) >= 6
-    parser = build_parser()
-    for words in found:
-        args = parser.parse_args(words[1:])
+    found = llmquant_commands()
+    assert len(found) >= len(commands("llmquant")) >= 6
+    for arguments in found:
+        try:
+            args = build_parser().parse_args(arguments)
+        except SystemExit:
+            pytest.fail(f"the README's `llmquant {shlex.join(arguments)}` does not parse")
         config = getattr(args, "config", None)
         if config:
             assert (ROOT / config).is_file(), config
+
+
+def test_the_readme_command_finder_knows_every_form() -> None:
+    assert llmquant_arguments(["llmquant", "detect"]) == ["detect"]
+    assert llmquant_arguments([".venv/bin/llmquant", "eval"]) == ["eval"]
+    assert llmquant_arguments(["python", "-m", "llmquant", "sweep", "--output", "o"]) == ["sweep", "--output", "o"]
+    torchrun = ["torchrun", "--nproc-per-node", "2", "-m", "llmquant", "quantize", "--output", "o"]
+    assert llmquant_arguments(torchrun) == ["quantize", "--output", "o"]
+    assert llmquant_arguments(["make", "run"]) is None and llmquant_arguments(["python", "x.py"]) is None
 
 
 def test_the_readme_recipe_builds() -> None:

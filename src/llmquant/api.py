@@ -93,7 +93,11 @@ def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8") -> 
     return load_float(path_or_id)
 
 
-def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike) -> Path:
-    """Write ``model`` as a compressed-tensors checkpoint with its tokenizer and manifest."""
+def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` as a compressed-tensors checkpoint with its tokenizer and manifest.
+
+    ``directory`` must be new or empty; an llmquant checkpoint there is replaced only with ``overwrite``, and
+    files llmquant did not write are never deleted (`llmquant.export.checkpoint.check_output`)."""
     manifest = getattr(model, "llmquant_manifest", None)
-    return save_checkpoint(model, tokenizer, directory, manifest.to_dict() if manifest is not None else None)
+    return save_checkpoint(model, tokenizer, directory, manifest.to_dict() if manifest is not None else None,
+                           overwrite=overwrite)

