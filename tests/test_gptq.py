@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import llmquant
+import llmquant.algorithms.gptq as gptq_module
 from conftest import logits, make_model, relative_error
 from llmquant.algorithms.gptq import GPTQ, HessianAccumulator, gptq_quantize
 from llmquant.errors import LlmquantError
@@ -72,19 +73,20 @@ def _obs_reference(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec)
     """The OBS form (the paper's eqs. 2-3) in float64: after each column, fold it out of H^-1 explicitly."""
     w = weight.double().clone()
     hinv = torch.linalg.inv(hessian + 0.01 * torch.diag(hessian).mean() * torch.eye(len(hessian), dtype=hessian.dtype))
-    scale, zero = observe_once(weight, spec)
+    scale, zero = observe_once(w, spec)
     codes = torch.zeros_like(w)
     for j in range(w.shape[1]):
-        c = quantize_blocks(w[:, j : j + 1].float(), scale, zero, spec)
-        codes[:, j] = c[:, 0].double()
-        w[:, j:] -= (w[:, j : j + 1] - ((c - zero) * scale).double()) / hinv[j, j] @ hinv[j : j + 1, j:]
+        c = quantize_blocks(w[:, j : j + 1], scale, zero, spec)
+        codes[:, j] = c[:, 0]
+        w[:, j:] -= (w[:, j : j + 1] - (c - zero) * scale) / hinv[j, j] @ hinv[j : j + 1, j:]
         hinv -= hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
     return codes
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16, 1000])
 def test_the_cholesky_form_with_lazy_batches_gives_the_codes_of_the_obs_form(block_size: int) -> None:
-    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(3))
+    """Two forms of the same algorithm, both in float64 (where different orders of the same sums round alike)."""
+    weight = torch.randn(16, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     hessian = hessian_of(correlated_inputs(512, 32, 4))
     spec = QuantSpec(bits=4, granularity="channel")
     result = gptq_quantize(weight, hessian, spec, block_size=block_size)
@@ -92,12 +94,13 @@ def test_the_cholesky_form_with_lazy_batches_gives_the_codes_of_the_obs_form(blo
 
 
 def test_dynamic_groups_do_not_depend_on_the_block_size(layer: tuple) -> None:
+    """The lazy batch update only regroups sums: in float64 every block size gives the same codes."""
     weight, _, _, hessian = layer
-    whole = gptq_quantize(weight, hessian, GROUP32, block_size=IN)
+    whole = gptq_quantize(weight.double(), hessian, GROUP32, block_size=IN)
     for block_size in (7, 48):  # groups straddling blocks take the pending lazy update into account
-        result = gptq_quantize(weight, hessian, GROUP32, block_size=block_size)
+        result = gptq_quantize(weight.double(), hessian, GROUP32, block_size=block_size)
         assert torch.equal(result.codes, whole.codes)
-        assert torch.allclose(result.scale, whole.scale, rtol=1e-5)
+        assert torch.allclose(result.scale, whole.scale, rtol=1e-10)
 
 
 @pytest.mark.parametrize("spec", [*SPECS, QuantSpec(bits=4, granularity="tensor"),
@@ -205,27 +208,36 @@ def test_gptq_in_the_pipeline_beats_round_to_nearest(
         assert errors[gptq][0] < errors["rtn"][0] and errors[gptq][1] < errors["rtn"][1]
 
 
-def test_without_true_sequential_each_hessian_comes_from_the_float_layer(calib_ids: torch.Tensor) -> None:
+def test_without_true_sequential_each_hessian_comes_from_the_float_layer(calib_ids: torch.Tensor,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """true_sequential=False: o_proj's Hessian is that of its input in the float layer, not of its input
-    behind the quantized q/k/v (the default)."""
-    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32)
+    behind the quantized q/k/v (the default). Compared on the Hessians themselves (the same sums batched
+    differently agree to float rounding), not on codes, where one flip at a rounding boundary moves the rest."""
     model = make_model("llama")
     attention = model.model.layers[0].self_attn
     seen = []
     handle = attention.o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     logits(model, calib_ids)
     handle.remove()
-    expected = gptq_quantize(attention.o_proj.weight, hessian_of(seen[0]), spec, act_order=True,
-                             static_groups=True).weight
-    agreement = {}
+    expected = hessian_of(seen[0])
+    used: list[torch.Tensor] = []
+    original = gptq_module.gptq_quantize
+
+    def spy(weight: torch.Tensor, hessian: torch.Tensor, *args: object, **kwargs: object):
+        used.append(hessian.clone())
+        return original(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", spy)
+    difference = {}
     for true_sequential in (True, False):
+        used.clear()
         model = make_model("llama")
         llmquant.quantize(model, {"scheme": "w_uint4_per_group_asym", "group_size": 32, "algorithm": "gptq",
                                   "gptq": {"true_sequential": true_sequential}}, calib=calib_ids, progress=False)
-        quantized = model.model.layers[0].self_attn.o_proj.dequantized_weight()
-        agreement[true_sequential] = float((quantized == expected).float().mean())
-    assert agreement[False] > 0.99  # float rounding of another batching may flip a rare code
-    assert agreement[True] < agreement[False] - 0.05
+        o_proj = used[1]  # layer 0's sweeps: q/k/v stacked, then o_proj, gate/up, down_proj
+        difference[true_sequential] = float((o_proj - expected).norm() / expected.norm())
+    assert difference[False] < 1e-5
+    assert difference[True] > 1e-3
 
 
 def test_gptq_quantizes_the_layer_stage_by_stage(calib_ids: torch.Tensor) -> None:
@@ -240,20 +252,43 @@ def test_gptq_quantizes_the_layer_stage_by_stage(calib_ids: torch.Tensor) -> Non
     ]
 
 
+def _stacked_and_separate(layer: tuple, spec: QuantSpec, act_order: bool, dtype: torch.dtype) -> tuple[list, list]:
+    """The three parts of the weight (q/k/v-like) swept once with rows stacked, and each swept alone."""
+    weight, calib, _, _ = layer
+    parts = [p.to(dtype) for p in (weight[:80], weight[80:96], weight[96:])]
+    accumulator = HessianAccumulator(IN)
+    accumulator.add_batch(calib.to(dtype))
+    stacked = GPTQ(parts, accumulator).quantize(spec, block_size=48, act_order=act_order)
+    alone = [gptq_quantize(part, accumulator.hessian, spec, block_size=48, act_order=act_order,
+                           static_groups=act_order) for part in parts]
+    return stacked, alone
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]], ids=lambda s: s.describe())
 def test_stacked_weights_get_the_codes_of_separate_sweeps(layer: tuple, spec: QuantSpec, act_order: bool) -> None:
-    """q/k/v (or gate/up) share a Hessian: one sweep of their stacked rows is the separate sweeps."""
-    weight, calib, _, hessian = layer
-    parts = [weight[:80], weight[80:96], weight[96:]]
-    accumulator = HessianAccumulator(IN)
-    accumulator.add_batch(calib)
-    stacked = GPTQ(parts, accumulator).quantize(spec, block_size=48, act_order=act_order)
-    for part, (w, (scale, zero)) in zip(parts, stacked, strict=True):
-        alone = gptq_quantize(part, hessian, spec, block_size=48, act_order=act_order, static_groups=act_order)
-        # the same sums over rows of different lengths: float32 rounding may flip a rare code
-        assert (w == alone.weight).float().mean() > 0.999
-        assert torch.allclose(scale, alone.scale, rtol=1e-5) and torch.equal(zero, alone.zero)
+    """q/k/v (or gate/up) share a Hessian: one sweep of their stacked rows is the separate sweeps, exactly. In
+    float64 the two orders of the same sums round alike, so every code is equal (in float32 one code on a rounding
+    boundary may flip on some BLAS and, through GPTQ's error feedback, move the codes after it)."""
+    stacked, alone = _stacked_and_separate(layer, spec, act_order, torch.float64)
+    for (w, (scale, zero)), single in zip(stacked, alone, strict=True):
+        assert torch.equal(w, single.weight)
+        assert torch.allclose(scale, single.scale, rtol=1e-12) and torch.equal(zero, single.zero)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]], ids=lambda s: s.describe())
+def test_stacked_sweeps_in_float32_reconstruct_as_well_as_separate_ones(layer: tuple, spec: QuantSpec,
+                                                                         act_order: bool) -> None:
+    """In float32 (the pipeline's precision) what must hold on any machine is the objective: the stacked and the
+    separate sweeps reconstruct the calibration outputs ||X (W - Q)^T|| equally well, to 2% (sweeps whose float32
+    codes differ by 10-16% after a 1e-3 perturbation of H stayed within 0.8% of each other here)."""
+    weight, calib, _, _ = layer
+    stacked, alone = _stacked_and_separate(layer, spec, act_order, torch.float32)
+    parts = (weight[:80], weight[80:96], weight[96:])
+    for part, (w, _), single in zip(parts, stacked, alone, strict=True):
+        error_stacked, error_alone = output_error(calib, part, w), output_error(calib, part, single.weight)
+        assert error_stacked == pytest.approx(error_alone, rel=0.02)
 
 
 def test_weights_quantized_per_tensor_are_not_stacked(layer: tuple) -> None:

@@ -36,7 +36,11 @@ from pydantic import (
 )
 from torch import nn
 
+from llmquant.algorithms.awq import AWQStep
+from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
+from llmquant.algorithms.lifecycle import LayerStep
 from llmquant.algorithms.quarot import QuaRotConfig
+from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 from llmquant.model.targets import matches_any
@@ -67,25 +71,6 @@ class Override(_Strict):
         if value not in scheme_names():
             raise ValueError(f"unknown scheme '{value}'; allowed: {', '.join(scheme_names())}")
         return value
-
-
-class GPTQOptions(_Strict):
-    """GPTQ's knobs: columns per lazy-update block, dampening (share of the mean Hessian diagonal),
-    activation order (quantize the columns with the largest Hessian diagonal first; groups stay static).
-    Activation order is on by default: on the default model it took W4 g64 asymmetric from x1.184 to x1.133
-    (BENCHMARKS.md), at no cost at run time since the groups stay contiguous.
-
-    ``true_sequential`` (default): each group of Linears sharing an input (q/k/v, o, gate/up, down) gets
-    its Hessian from inputs recomputed through the layer's already quantized Linears. False: every Hessian
-    of a layer from its float pass (one pass over the calibration inputs instead of one per group; what
-    llm-compressor does). Neither wins everywhere on the default model: false is better on W4 g64 asymmetric
-    (x1.119 vs x1.133) and with QuaRot R1+R2 + MSE ranges (x1.054 vs x1.064), worse on W4 g64 symmetric
-    (x1.168 vs x1.153) and with MSE ranges alone (x1.102 vs x1.100); the best recipes set it where it wins."""
-
-    block_size: int = Field(128, ge=1)
-    damp_ratio: float = Field(0.01, gt=0.0, le=1.0)
-    act_order: bool = True
-    true_sequential: bool = True
 
 
 class PreOpt(_Strict):
@@ -192,6 +177,22 @@ class Recipe(_Strict):
         if len(found) > 1:
             raise LlmquantError("a recipe takes at most one quarot pre-optimization")
         return found[0] if found else None
+
+    def layer_steps(self) -> list[LayerStep]:
+        """The per-layer steps the engine runs for this recipe, in order (`llmquant.algorithms.lifecycle`):
+        smoothing (smoothquant / smooth_fc_fc pre-optimizations), then the rounding algorithm (round to nearest
+        needs no step: it is how every QuantLinear starts)."""
+        alphas = {p.name: p.alpha for p in self.pre_opts if isinstance(p, PreOpt)}
+        steps: list[LayerStep] = []
+        if alphas:
+            if self.algorithm == "awq":
+                raise LlmquantError("AWQ rescales the same groups as smoothquant/smooth_fc_fc: choose one of them")
+            steps.append(SmoothingStep(alphas, self.smooth_groups))
+        if self.algorithm == "awq":
+            steps.append(AWQStep(self.smooth_groups))
+        elif self.algorithm == "gptq":
+            steps.append(GPTQStep(self.gptq))
+        return steps
 
     # --- construction that turns every validation problem into one line ----------------------
     @classmethod

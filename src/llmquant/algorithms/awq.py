@@ -17,10 +17,23 @@ q/k); `tests/test_awq.py` shows AWQ still beats round to nearest on every Linear
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from llmquant.algorithms.smoothquant import GroupStats, apply_smoothing, least_error_scales
+from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext
+from llmquant.algorithms.smoothquant import (
+    GroupStats,
+    GroupStatsCollector,
+    apply_smoothing,
+    chosen_groups,
+    describe_groups,
+    group_specs,
+    least_error_scales,
+    smoothing_groups,
+)
 from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
 from llmquant.quant import QuantSpec, fake_quantize
 
@@ -85,19 +98,50 @@ def scale_group(
     return {"producer": group.producer, "linears": list(group.linears), "awq_ratio": ratio}, tokens
 
 
-def clip_group(
-    layer: nn.Module,
-    group: SmoothGroup,
-    tokens: torch.Tensor,
-    specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
-) -> list[str]:
-    """Step 2 for one group (changes the function on purpose): clip each quantized reader's weights."""
-    clipped = []
-    for name in group.linears:
-        w_spec = specs[name][0]
-        if w_spec is None:
-            continue
-        linear = layer.get_submodule(name)
-        linear.weight.data = search_clip(linear.weight.data, tokens, w_spec)
-        clipped.append(name)
-    return clipped
+class AWQStep(LayerStep):
+    """AWQ in the engine: activation statistics from the float pass, the scale search of every smoothing group
+    (step 1, which keeps the function: the engine checks it), then, once the layer's QuantLinears exist, the
+    clipping search on each quantized reader (step 2) and its weights quantized again from the clipped ones."""
+
+    name = "awq"
+    keeps_function = True
+
+    def __init__(self, groups: list[dict[str, Any]] | None = None) -> None:
+        self.given = groups
+        self.groups: list[SmoothGroup] = []
+        self.collector: GroupStatsCollector | None = None
+        self.to_clip: list[tuple[SmoothGroup, torch.Tensor]] = []
+
+    def setup(self, ctx: SetupContext) -> dict[str, Any]:
+        chosen = chosen_groups(smoothing_groups(ctx, self.given), {"smoothquant": "awq"})
+        self.groups = [group for group, _ in chosen]
+        return {"smooth_groups": describe_groups(chosen)}
+
+    def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
+        self.collector = GroupStatsCollector(ctx.layer, self.groups)
+        return self.collector.handles
+
+    def transform(self, ctx: LayerContext) -> dict[str, Any]:
+        assert self.collector is not None
+        rows = []
+        for group, stats in zip(self.groups, self.collector.close(), strict=True):
+            row, tokens = scale_group(ctx.layer, group, stats, group_specs(group, ctx))
+            rows.append(row)
+            self.to_clip.append((group, tokens))
+        return {"smoothing": rows}
+
+    def quantize(self, ctx: LayerContext) -> dict[str, Any]:
+        clipped = []
+        for group, tokens in self.to_clip:
+            for name in group.linears:
+                w_spec = ctx.specs.get(name, (None, None))[0]
+                if w_spec is None or name not in ctx.linears:
+                    continue
+                linear, quantized = ctx.linears[name]
+                linear.weight.data = search_clip(linear.weight.data, tokens, w_spec)
+                quantized.set_weight(linear.weight.detach())
+                clipped.append(name)
+        return {"clipped": clipped}
+
+    def release(self, ctx: LayerContext) -> None:
+        self.collector, self.to_clip = None, []

@@ -26,13 +26,19 @@ all zero get s_j = 1, and s is clamped to [1e-5, 1e5], so a dead channel never p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
+from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext
+from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, expand_channels, reduce_channels, resolve_heads
 from llmquant.quant import QuantSpec, fake_quantize, qparams_from_min_max
+
+log = logging.getLogger(__name__)
 
 AUTO_GRID: tuple[float, ...] = tuple(round(0.3 + 0.05 * i, 2) for i in range(14))
 
@@ -235,6 +241,7 @@ class GroupStatsCollector:
                           act_absmean=self.abssum[key] / self.count[key])
 
     def close(self) -> list[GroupStats]:
+        """Remove the hooks; the statistics of each group."""
         for handle in self.handles:
             handle.remove()
         stats = []
@@ -246,3 +253,74 @@ class GroupStatsCollector:
             folds = (self._fold(keys[0]), self._fold(keys[1])) if len(keys) == 2 else None
             stats.append(GroupStats(act_absmax=absmax, tokens=tokens, act_absmean=mean, folds=folds))
         return stats
+
+
+# --- the per-layer lifecycle (`llmquant.algorithms.lifecycle`) -------------------------------------------
+GroupChoice = float | str  # a fixed alpha, "auto" or (AWQ) "awq"
+
+
+def smoothing_groups(ctx: SetupContext, given: list[dict[str, Any]] | None) -> list[SmoothGroup]:
+    """The smoothing groups of a decoder layer: ``given`` (a hand-written map), or found on the first layer by
+    its function (`llmquant.model.patterns`); the Linears no group reads are said once."""
+    if given is not None:
+        groups = [resolve_heads(SmoothGroup.from_dict(g), ctx.layer, ctx.head_dim) for g in given]
+    else:
+        groups = detect_smooth_groups(ctx.layer, ctx.run_sample, ctx.head_dim, ctx.where)
+    readers = {name for group in groups for name in group.linears}
+    unsmoothed = [name for name in ctx.linears if name not in readers]
+    if unsmoothed:
+        log.warning("no smoothing fold exists for %s (no norm or Linear feeds them channel for channel)", unsmoothed)
+    return groups
+
+
+def chosen_groups(groups: list[SmoothGroup], alphas: dict[str, GroupChoice]) -> list[tuple[SmoothGroup, GroupChoice]]:
+    """Each group with the alpha its kind asks for: ``alphas["smooth_fc_fc"]`` for a Linear producer (else the
+    ``smoothquant`` one), ``alphas["smoothquant"]`` for a norm; groups with neither are left alone."""
+    chosen = []
+    for group in groups:
+        kind = "smooth_fc_fc" if group.producer_kind == "linear" else "smoothquant"
+        alpha = alphas.get(kind, alphas.get("smoothquant"))
+        if alpha is not None:
+            chosen.append((group, alpha))
+    return chosen
+
+
+def describe_groups(chosen: list[tuple[SmoothGroup, GroupChoice]]) -> list[dict[str, Any]]:
+    return [{**group.to_dict(), "alpha": alpha} for group, alpha in chosen]
+
+
+class SmoothingStep(LayerStep):
+    """SmoothQuant in the engine: channel statistics from the float pass, then every group smoothed in place
+    (`smooth_group`), which keeps the layer's function (the engine checks it). ``alphas`` maps
+    ``smoothquant`` / ``smooth_fc_fc`` to a fixed alpha or "auto"."""
+
+    name = "smoothing"
+    keeps_function = True
+
+    def __init__(self, alphas: dict[str, GroupChoice], groups: list[dict[str, Any]] | None = None) -> None:
+        self.alphas, self.given = alphas, groups
+        self.chosen: list[tuple[SmoothGroup, GroupChoice]] = []
+        self.collector: GroupStatsCollector | None = None
+
+    def setup(self, ctx: SetupContext) -> dict[str, Any]:
+        self.chosen = chosen_groups(smoothing_groups(ctx, self.given), self.alphas)
+        return {"smooth_groups": describe_groups(self.chosen)}
+
+    def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
+        self.collector = GroupStatsCollector(ctx.layer, [group for group, _ in self.chosen])
+        return self.collector.handles
+
+    def transform(self, ctx: LayerContext) -> dict[str, Any]:
+        assert self.collector is not None
+        stats = self.collector.close()
+        rows = [smooth_group(ctx.layer, group, group_stats, alpha, group_specs(group, ctx))
+                for (group, alpha), group_stats in zip(self.chosen, stats, strict=True)]
+        return {"smoothing": rows}
+
+    def release(self, ctx: LayerContext) -> None:
+        self.collector = None
+
+
+def group_specs(group: SmoothGroup, ctx: LayerContext) -> dict[str, tuple[QuantSpec | None, QuantSpec | None]]:
+    """The (weight, input) specs of the group's readers."""
+    return {name: ctx.specs.get(name, (None, None)) for name in group.linears}

@@ -29,6 +29,7 @@ Rotation patterns (QuaRot) are observed the same way:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -145,6 +146,7 @@ def _passes_through(
 def _scales_through(layer: nn.Module, run: Any, producer: nn.Linear, reader: str, group: SmoothGroup,
                     before: torch.Tensor) -> bool:
     scale = torch.rand(producer.out_features, generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+    scale = scale.to(producer.weight.device)
     expanded = expand_channels(scale, group)
     return _passes_through(layer, run, producer, reader, lambda t: t * scale, lambda t: t * expanded, before)
 
@@ -196,11 +198,12 @@ NormKind = str  # "rms" | "layer"
 
 def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:
     """"rms" if ``norm(x) == w * x / rms(x)``, "layer" if ``== w * (x - mean) / std + b`` (on random x),
-    else None (e.g. a weight stored as an offset from one, w' = 1 + w)."""
-    x = torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)) * 3.0
+    else None (e.g. a weight stored as an offset from one, w' = 1 + w). Probed on a float32 copy of the norm."""
+    norm = copy.deepcopy(norm).float()
     weight = norm.weight.detach().float()
+    x = (torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)) * 3.0).to(weight.device)
     bias = getattr(norm, "bias", None)
-    bias = torch.zeros(hidden) if bias is None else bias.detach().float()
+    bias = torch.zeros_like(weight) if bias is None else bias.detach().float()
     with torch.no_grad():
         y = norm(x).float()
     centered = x - x.mean(-1, keepdim=True)
@@ -270,7 +273,7 @@ def residual_writers(layer: nn.Module, run: Any, hidden: int) -> ResidualWriters
     writers = []
     for name in candidates:
         delta = torch.randn(outputs[name].shape, generator=torch.Generator().manual_seed(1))
-        delta = delta * float(outputs[name].abs().mean().clamp(min=1e-3))
+        delta = delta.to(outputs[name].device, outputs[name].dtype) * float(outputs[name].abs().mean().clamp(min=1e-3))
         held = {other: (lambda _out, kept=outputs[other]: kept) for other in candidates if other != name}
         changed = _with_outputs(layer, {**held, name: lambda out, delta=delta: out + delta}, run)
         if torch.allclose(changed - y, delta, rtol=1e-3, atol=1e-4 * float(y.abs().max())):
@@ -293,7 +296,7 @@ def rotation_pairs(layer: nn.Module, run: Any, head_dim: int) -> list[SmoothGrou
     q = torch.linalg.qr(torch.randn(head_dim, head_dim, generator=torch.Generator().manual_seed(2)))[0]
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
-        return (t.reshape(*t.shape[:-1], -1, head_dim) @ q.to(t.dtype)).reshape(t.shape)
+        return (t.reshape(*t.shape[:-1], -1, head_dim) @ q.to(t.device, t.dtype)).reshape(t.shape)
 
     pairs = []
     for a in linears:

@@ -70,7 +70,7 @@ class KVCacheQuantizer(nn.Module):
             return key, value
         if self.spec.dynamic:
             return fake_quantize(key, self.spec), fake_quantize(value, self.spec)
-        zero = torch.zeros(1, 1)
+        zero = torch.zeros(1, 1, device=key.device)
         return (
             fake_quantize(key, self.spec, self.k_scale.reshape(1, 1), zero),
             fake_quantize(value, self.spec, self.v_scale.reshape(1, 1), zero),

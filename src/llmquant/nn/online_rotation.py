@@ -24,10 +24,11 @@ from llmquant.quant.rotation import Rotation
 
 
 @lru_cache(maxsize=32)
-def _normalized_factors(n: int) -> tuple[torch.Tensor, ...]:
-    """H_n's Kronecker factors in float32, the first one carrying the 1/sqrt(n) normalisation (built once)."""
+def _normalized_factors(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """H_n's Kronecker factors in float32 on ``device``, the first one carrying the 1/sqrt(n) normalisation
+    (built once per size and device)."""
     first, *rest = hadamard_kronecker_factors(n)
-    return ((first / math.sqrt(n)).float(), *(f.float() for f in rest))
+    return tuple(f.float().to(device) for f in (first / math.sqrt(n), *rest))
 
 
 class OnlineRotation(nn.Module):
@@ -43,7 +44,7 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
-            return kronecker_transform(x, _normalized_factors(r.n)).to(x.dtype)
+            return kronecker_transform(x, _normalized_factors(r.n, x.device)).to(x.dtype)
         return r.apply(x.float()).to(x.dtype)
 
     def extra_repr(self) -> str:

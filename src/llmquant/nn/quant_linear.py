@@ -30,6 +30,8 @@ scales) and no float copy of its weight; set ``cache_dequantized`` to keep that 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +42,8 @@ from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quant
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
 from llmquant.quant.primitives import qparams_for, quantize_blocks
+
+log = logging.getLogger(__name__)
 
 
 def storage_offset(spec: QuantSpec) -> int:
@@ -74,34 +78,39 @@ class QuantLinear(nn.Module):
         bias: bool,
         weight_spec: QuantSpec | None,
         input_spec: QuantSpec | None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        """``dtype``: the model's, for the float tensors (the bias, an unquantized weight); scales stay float32."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.input_spec = weight_spec, input_spec
         shape = torch.Size((out_features, in_features))
         self.packed = is_packed(weight_spec)
         self.cache_dequantized = False  # packed layers only: keep the float weight after the first forward
+        on = {"device": device}
         if weight_spec is None:
-            self.weight = nn.Parameter(torch.zeros(shape), requires_grad=False)
+            self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, **on), requires_grad=False)
         else:
             if self.packed:
                 words = (out_features, packed_length(in_features, weight_spec.bits))
-                self.register_buffer("weight_packed", torch.zeros(words, dtype=torch.int32))
-                self.register_buffer("weight_shape", torch.tensor(shape, dtype=torch.int64))
+                self.register_buffer("weight_packed", torch.zeros(words, dtype=torch.int32, **on))
+                self.register_buffer("weight_shape", torch.tensor(shape, dtype=torch.int64, **on))
             else:  # 8-bit codes: int8, or uint8 for asymmetric codes in [0, 255]
-                dtype = torch.int8 if weight_spec.symmetric else torch.uint8
-                self.register_buffer("weight", torch.zeros(shape, dtype=dtype))
+                codes = torch.int8 if weight_spec.symmetric else torch.uint8
+                self.register_buffer("weight", torch.zeros(shape, dtype=codes, **on))
             qparam_shape = storage_shape(weight_spec, shape)
-            self.register_buffer("weight_scale", torch.ones(qparam_shape))
+            self.register_buffer("weight_scale", torch.ones(qparam_shape, **on))
             if not weight_spec.symmetric:
                 zero_dtype = torch.int8 if self.packed else torch.float32
-                self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=zero_dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+                self.register_buffer("weight_zero_point", torch.zeros(qparam_shape, dtype=zero_dtype, **on))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **on), requires_grad=False) if bias else None
         if input_spec is not None and not input_spec.dynamic:
-            self.register_buffer("input_scale", torch.ones(1))
+            self.register_buffer("input_scale", torch.ones(1, **on))
             if not input_spec.symmetric:
-                self.register_buffer("input_zero_point", torch.zeros(1))
+                self.register_buffer("input_zero_point", torch.zeros(1, **on))
         self.observer: Observer | None = None
+        self.int8_fallback: str | None = None  # why the int8 kernel does not run this layer here (`set_runtime`)
         self._dequantized: torch.Tensor | None = None
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
         self.runtime = "fake"
@@ -110,20 +119,23 @@ class QuantLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, weight_spec: QuantSpec | None, input_spec: QuantSpec | None
     ) -> QuantLinear:
-        """Quantize ``linear``'s weight by round-to-nearest with the spec's observer."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, input_spec)
+        """Quantize ``linear``'s weight by round-to-nearest with the spec's observer (on its device; the float
+        tensors keep its dtype)."""
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, input_spec,
+                     device=weight.device, dtype=weight.dtype)
         rotation = input_rotation_of(linear)
         if rotation is not None:  # an online rotation (QuaRot's R4) stays in front of the quantized input
             attach_input_rotation(module, rotation)
-        module.set_weight(linear.weight.detach())
+        module.set_weight(weight)
         if linear.bias is not None:
-            module.bias.data.copy_(linear.bias.detach().float())
+            module.bias.data.copy_(linear.bias.detach())
         return module
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor, qparams: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Store ``weight`` quantized with ``qparams`` (block view), or with the observer's when None."""
-        weight = weight.float()
+        weight = weight.to(self.weight_scale.device if self.weight_spec is not None else self.weight.device).float()
         if self.weight_spec is None:
             self.weight.data.copy_(weight)
         else:
@@ -197,6 +209,14 @@ class QuantLinear(nn.Module):
             and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token")
         )
 
+    def int8_refusal(self) -> str | None:
+        """Why the int8 kernel cannot run this (int8-capable) layer where it is, or None: CUDA's ``_int_mm``
+        takes only multiples of 8 for both inner and output sizes (its minimum of 17 rows is met by padding)."""
+        if self.weight_scale.device.type == "cuda" and (self.in_features % 8 or self.out_features % 8):
+            return (f"torch._int_mm on CUDA needs in and out features that are multiples of 8, not "
+                    f"{self.in_features} x {self.out_features}")
+        return None
+
     def _input_codes(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetric integer codes of the input rows ``[n, in]`` (as float values) and their scale (``[n, 1]``
         per token, ``[1, 1]`` per tensor): the static calibrated scale or the rows' own absmax / qmax."""
@@ -211,7 +231,7 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()
         x_codes, x_scale = self._input_codes(rows)
         if self.runtime == "int8":
-            accumulated = torch._int_mm(x_codes.to(torch.int8), self.weight.t()).float()  # a view: no copy
+            accumulated = int8_matmul(x_codes.to(torch.int8), self.weight)
         else:
             if self._float_codes is None:
                 self._float_codes = self.weight.float()
@@ -264,17 +284,41 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, weight={w}{packed}, input={a}, runtime={self.runtime}"
 
 
+CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
+
+
+def int8_matmul(x_codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tensor:
+    """x_q @ W_q^T as float32, for int8 ``x_codes`` ``[n, in]`` and ``weight_codes`` ``[out, in]``: int8 x int8 ->
+    int32 through ``torch._int_mm`` (the weight as a transposed view: no copy). On CUDA fewer than 17 rows (a
+    decode step) are padded with zero rows, which the kernel requires; they are cut off the result."""
+    rows = x_codes.shape[0]
+    if x_codes.is_cuda and rows < CUDA_INT_MM_MIN_ROWS:
+        x_codes = F.pad(x_codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
+    return torch._int_mm(x_codes, weight_codes.t())[:rows].float()
+
+
 def set_runtime(model: nn.Module, runtime: str) -> int:
     """Run every `QuantLinear` that can with ``runtime`` ("fake" or "int8"), and store the KV cache of the
     attentions with a `KVCacheQuantizer` as int8 or simulate it (`set_kv_cache_runtime`); return how many
-    modules (QuantLinears and KV-cache quantizers) switched."""
+    modules (QuantLinears and KV-cache quantizers) switched. An int8-capable layer the kernel refuses where it
+    is (`QuantLinear.int8_refusal`) keeps the simulation, which computes the same function; the reason is logged
+    once and kept on the layer (``int8_fallback``)."""
     if runtime not in ("fake", "int8"):
         from llmquant.errors import LlmquantError
 
         raise LlmquantError(f"unknown runtime '{runtime}'; allowed: fake, int8")
     switched = 0
+    reasons: set[str] = set()
     for module in model.modules():
-        if isinstance(module, QuantLinear) and (runtime == "fake" or module.supports_int8):
-            module.runtime = runtime
-            switched += 1
+        if not isinstance(module, QuantLinear) or (runtime == "int8" and not module.supports_int8):
+            continue
+        refusal = module.int8_refusal() if runtime == "int8" else None
+        module.int8_fallback = refusal
+        if refusal is not None:
+            reasons.add(refusal)
+            continue
+        module.runtime = runtime
+        switched += 1
+    for reason in sorted(reasons):
+        log.info("int8 runtime: some Linears keep the simulation: %s", reason)
     return switched + set_kv_cache_runtime(model, runtime)

@@ -1,11 +1,16 @@
-"""Where a layer's calibration activations live: in memory (a list), or offloaded to one file per pass.
+"""Where a layer's calibration activations live: on the compute device, in (pinned) CPU memory, or on disk.
 
 A decoder layer's inputs, its float reference outputs and its quantized outputs are each one tensor per
-calibration sample, ``samples x seqlen x hidden x 4`` bytes: 0.5 GiB for 128 samples of 512 tokens of a
-2048-wide model, three times over. `DiskActivations` appends them to a file as they are produced and reads
-them back one batch at a time, so only the batch being computed is in memory (the operating system's page
-cache, which is not the process's memory, does the rest). It is a sequence of tensors like the list it
-replaces: ``store[i]``, ``store[a:b]``, ``len``, iteration, ``append``/``extend``.
+calibration sample, ``samples x seqlen x hidden x bytes-per-value``: 0.5 GiB for 128 samples of 512 tokens of
+a 2048-wide float32 model, three times over. Three places, one interface (a sequence of tensors like a list:
+``store[i]``, ``store[a:b]``, ``len``, iteration, ``append``/``extend``):
+
+- `ActivationList` on the device: a list whose tensors are moved there as they are appended (on a GPU, while
+  they fit under the policy's budget: no transfer at all between passes);
+- `ActivationList` on the CPU, pinned: the batch being computed is copied to the GPU and back, asynchronously;
+- `DiskActivations`: appended to a file as they are produced and read back one batch at a time, so only the
+  batch being computed is in memory (the operating system's page cache, which is not the process's memory,
+  does the rest).
 """
 
 from __future__ import annotations
@@ -28,7 +33,26 @@ INDEX_SUFFIX = ".json"
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class ActivationList(list):
+    """A list of per-sample tensors kept on ``device`` (pinned when it is the CPU and ``pin``): each appended
+    tensor is moved there (a no-op when it already is)."""
+
+    def __init__(self, device: torch.device | str = "cpu", pin: bool = False) -> None:
+        super().__init__()
+        self.device, self.pin = torch.device(device), pin
+
+    def append(self, tensor: torch.Tensor) -> None:
+        moved = tensor.to(self.device)
+        if self.pin and moved.device.type == "cpu":
+            moved = moved.pin_memory()
+        super().append(moved)
+
+    def extend(self, tensors: Iterable[torch.Tensor]) -> None:
+        for tensor in tensors:
+            self.append(tensor)
 
 
 class DiskActivations:
@@ -146,11 +170,14 @@ def _close_and_delete(fd: int, path: str) -> None:
 
 @dataclass
 class ActivationStorage:
-    """Makes the containers of a run's activations: lists in memory (``directory`` None, the default) or
-    `DiskActivations` files in a new directory of its own inside ``directory`` (each file is deleted with
-    its store, the directory by `remove`; nothing else in ``directory`` is touched)."""
+    """Makes the containers of a run's activations: lists in memory (``directory`` None, the default) kept on
+    ``device`` (None: where each tensor is produced; pinned CPU memory with ``pin``), or `DiskActivations` files
+    in a new directory of its own inside ``directory`` (each file is deleted with its store, the directory by
+    `remove`; nothing else in ``directory`` is touched)."""
 
     directory: str | os.PathLike | None = None
+    device: torch.device | None = None
+    pin: bool = False
     path: Path | None = field(default=None, init=False)
     _numbers: Iterator[int] = field(default_factory=count, repr=False)
 
@@ -163,18 +190,39 @@ class ActivationStorage:
     def offloads(self) -> bool:
         return self.path is not None
 
+    @property
+    def where(self) -> str:
+        """"disk", "device" (a list on a GPU), "pinned" (a pinned CPU list) or "memory" (a plain list)."""
+        if self.path is not None:
+            return "disk"
+        if self.device is not None and self.device.type != "cpu":
+            return "device"
+        return "pinned" if self.pin else "memory"
+
     def new(self) -> MutableSequence[torch.Tensor] | DiskActivations:
-        if self.path is None:
+        if self.path is not None:
+            return DiskActivations(self.path / f"pass-{next(self._numbers):05d}.bin")
+        if self.device is None and not self.pin:
             return []
-        return DiskActivations(self.path / f"pass-{next(self._numbers):05d}.bin")
+        return ActivationList(self.device or "cpu", pin=self.pin)
 
     def adopt(self, kept: DiskActivations) -> MutableSequence[torch.Tensor] | DiskActivations:
         """Activations kept on disk (a resumed run's next inputs) as this storage holds them."""
-        return kept if self.offloads else list(kept)
+        if self.offloads:
+            return kept
+        held = self.new()
+        held.extend(kept)
+        return held
 
     def remove(self) -> None:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-__all__ = ["ActivationStorage", "DiskActivations", "remove_store"]
+def activation_bytes(samples: int, seqlen: int, hidden: int, dtype: torch.dtype) -> int:
+    """What the activations of a layer take when held: three copies (the inputs, the float reference and the
+    quantized outputs) of ``samples x seqlen x hidden`` values of ``dtype``."""
+    return 3 * samples * seqlen * hidden * dtype.itemsize
+
+
+__all__ = ["ActivationList", "ActivationStorage", "DiskActivations", "activation_bytes", "remove_store"]

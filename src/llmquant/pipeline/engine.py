@@ -29,24 +29,27 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from llmquant.algorithms import awq
-from llmquant.algorithms.gptq import GPTQ, HessianAccumulator, stacks_rows
+from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
-from llmquant.algorithms.smoothquant import GroupStatsCollector, smooth_group
+from llmquant.device import DevicePolicy, device_of, peak_memory_mb, reset_peak_memory
 from llmquant.errors import LlmquantError
 from llmquant.model.lazy import LazyLayers
 from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
 from llmquant.model.offloaded import is_offloaded, load_offloaded
-from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, resolve_heads
+from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
-from llmquant.pipeline.activations import ActivationStorage
+from llmquant.pipeline.activations import ActivationStorage, activation_bytes
 from llmquant.pipeline.layer_io import (
     BATCH,
     LayerInputs,
     capture_layer_inputs,
+    compute_dtype,
+    equivalence_tolerance,
+    float32_probe,
     head_dim_of,
     inputs_of,
     relative_error,
@@ -55,7 +58,7 @@ from llmquant.pipeline.layer_io import (
 from llmquant.pipeline.rotation import RotationPass, with_seed_map
 from llmquant.pipeline.run_dir import RunDir
 from llmquant.quant.scheme import Scheme
-from llmquant.recipe import GPTQOptions, QuantPlan, Recipe
+from llmquant.recipe import QuantPlan, Recipe
 
 log = logging.getLogger(__name__)
 ROTATION_CHECK_TOKENS = 128  # the rotation pass plans and checks on one calibration sample this long
@@ -167,178 +170,61 @@ def _quantizers_for_layer(
     return chosen
 
 
-@dataclass(frozen=True)
-class Smoothing:
-    """The smoothing step of a run: the groups of a decoder layer and the alpha of each."""
-
-    groups: list[SmoothGroup]
-    alphas: list[float | str]
-
-    def describe(self) -> list[dict]:
-        return [{**g.to_dict(), "alpha": a} for g, a in zip(self.groups, self.alphas, strict=True)]
-
-
-SMOOTHING_NAMES = ("smoothquant", "smooth_fc_fc")
-
-
 def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> list[SmoothGroup]:
     """The smoothing groups of the first decoder layer, observed on its first calibration input."""
-    layer = model_map.layers(model)[0]
-    head_dim = head_dim_of(model, model_map)
-
-    def run() -> None:
-        layer(inputs.hidden[0], **inputs.kwargs[0])
-
-    return detect_smooth_groups(layer, run, head_dim, model_map.layer_name(0))
+    layer, run = float32_probe(model_map.layers(model)[0], inputs)
+    return detect_smooth_groups(layer, run, head_dim_of(model, model_map), model_map.layer_name(0))
 
 
-def plan_smoothing(model: nn.Module, model_map: ModelMap, recipe: Recipe, inputs: LayerInputs) -> Smoothing | None:
-    """Groups to smooth from the recipe's pre-optimizations: given in the recipe, or found on layer 0."""
-    wanted: dict[str, float | str] = {p.name: p.alpha for p in recipe.pre_opts if p.name in SMOOTHING_NAMES}
-    if recipe.algorithm == "awq":
-        if wanted:
-            raise LlmquantError("AWQ rescales the same groups as smoothquant/smooth_fc_fc: choose one of them")
-        wanted = {"smoothquant": "awq"}
-    if not wanted:
-        return None
-    if recipe.smooth_groups is not None:
-        layer, head_dim = model_map.layers(model)[0], head_dim_of(model, model_map)
-        groups = [resolve_heads(SmoothGroup.from_dict(g), layer, head_dim) for g in recipe.smooth_groups]
-    else:
-        groups = find_smooth_groups(model, model_map, inputs)
-    readers = {name for group in groups for name in group.linears}
-    unsmoothed = [name for name in model_map.linears if name not in readers]
-    if unsmoothed:
-        log.warning("no smoothing fold exists for %s (no norm or Linear feeds them channel for channel)", unsmoothed)
-    chosen, alphas = [], []
-    for group in groups:
-        kind = "smooth_fc_fc" if group.producer_kind == "linear" else "smoothquant"
-        alpha = wanted.get(kind, wanted.get("smoothquant"))
-        if alpha is not None:
-            chosen.append(group)
-            alphas.append(alpha)
-    return Smoothing(groups=chosen, alphas=alphas)
-
-
-EQUIVALENCE_TOLERANCE = 1e-4
-
-
-def _check_equivalence(reference: list[torch.Tensor], actual: list[torch.Tensor], what: str, where: str) -> float:
-    """A transform that claims to keep the function must keep the layer's outputs (relative error)."""
-    error = relative_error(reference, actual)
-    if error > EQUIVALENCE_TOLERANCE:
+def _check_equivalence(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], what: str,
+                       where: str, dtype: torch.dtype) -> float:
+    """A transform that claims to keep the function must keep the layer's outputs (relative error, within
+    `equivalence_tolerance` of the dtype the layer computes in)."""
+    error, tolerance = relative_error(reference, actual), equivalence_tolerance(dtype)
+    if error > tolerance:
         raise LlmquantError(
             f"{what} changed the function of {where}: relative output change {error:.2e} > "
-            f"{EQUIVALENCE_TOLERANCE:.0e}; the layer map or smoothing groups do not fit this model"
+            f"{tolerance:.0e}; the layer map or smoothing groups do not fit this model"
         )
     return error
 
 
-def _group_specs(group: SmoothGroup, prefix: str, plan: QuantPlan) -> dict:
-    specs = {}
-    for name in group.linears:
-        scheme = plan.linears.get(f"{prefix}.{name}")
-        specs[name] = (scheme.weights, scheme.input_activations) if scheme else (None, None)
+def _layer_specs(layer: nn.Module, prefix: str, plan: QuantPlan) -> Specs:
+    """The (weight, input) specs of every Linear of the layer, by relative name ((None, None): float)."""
+    specs: Specs = {}
+    for rel, module in layer.named_modules():
+        scheme = plan.linears.get(f"{prefix}.{rel}")
+        if isinstance(module, nn.Linear):
+            specs[rel] = (scheme.weights, scheme.input_activations) if scheme is not None else (None, None)
     return specs
 
 
-def _smooth(
-    layer: nn.Module, prefix: str, plan: QuantPlan, smoothing: Smoothing, stats: list
-) -> tuple[list[dict], list[tuple[SmoothGroup, torch.Tensor]]]:
-    """Function-preserving rescaling of every group; AWQ groups also return the tokens to clip on."""
-    rows, to_clip = [], []
-    for group, alpha, group_stats in zip(smoothing.groups, smoothing.alphas, stats, strict=True):
-        specs = _group_specs(group, prefix, plan)
-        if alpha == "awq":
-            row, tokens = awq.scale_group(layer, group, group_stats, specs)
-            to_clip.append((group, tokens))
-        else:
-            row = smooth_group(layer, group, group_stats, alpha, specs)
-        rows.append(row)
-    return rows, to_clip
+def _remove(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
-def _stages(layer: nn.Module, names: list[str], inputs: LayerInputs, where: str) -> list[list[str]]:
-    """The Linears in execution order, grouped by the input tensor they share (q/k/v, gate/up, ...)."""
-    seen: list[tuple[str, torch.Tensor]] = []  # the inputs themselves: a freed tensor's id() can be reused
-    handles = [
-        layer.get_submodule(name).register_forward_pre_hook(
-            lambda _m, args, name=name: seen.append((name, args[0]))
-        )
-        for name in names
-    ]
-    try:
-        run_layer(layer, inputs.head(1), where)
-    finally:
-        for handle in handles:
-            handle.remove()
-    stages: list[list[str]] = []
-    last_input = None
-    for name, tensor in seen:
-        if stages and tensor is last_input:
-            stages[-1].append(name)
-        else:
-            stages.append([name])
-        last_input = tensor
-    return stages
+def layer_context(layer: nn.Module, index: int, prefix: str, plan: QuantPlan, inputs: LayerInputs) -> LayerContext:
+    """What the steps of `llmquant.algorithms.lifecycle` see of one layer and its calibration inputs."""
+    return LayerContext(
+        layer=layer, index=index, where=prefix, specs=_layer_specs(layer, prefix, plan),
+        run_sample=lambda count: run_layer(layer, inputs.head(count), prefix),
+        feed=lambda module, consume: inputs_of(layer, module, inputs, consume),
+    )
 
 
-class _FloatHessians:
-    """Forward pre-hooks that accumulate, during a float pass, the Hessian of each stage's shared input
-    (GPTQ with ``true_sequential=False``)."""
-
-    def __init__(self, layer: nn.Module, stages: list[list[str]]) -> None:
-        self.hessians: dict[str, HessianAccumulator] = {}
-        self.handles = []
-        for stage in stages:
-            module = layer.get_submodule(stage[0])
-            accumulator = self.hessians[stage[0]] = HessianAccumulator(module.in_features)
-            self.handles.append(module.register_forward_pre_hook(
-                lambda _m, args, accumulator=accumulator: accumulator.add_batch(args[0])))
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-@torch.no_grad()
-def _gptq_layer(
-    layer: nn.Module,
-    linears: dict[str, tuple[nn.Linear, QuantLinear]],
-    stages: list[list[str]],
-    inputs: LayerInputs,
-    options: GPTQOptions,
-    float_hessians: dict[str, HessianAccumulator] | None = None,
-) -> None:
-    """GPTQ the layer's Linears stage by stage. The Linears of a stage read one input, so they share one
-    Hessian (and, with the same spec, one sweep of their stacked rows). Without ``float_hessians`` (true
-    sequential), each stage's Hessian sees the already quantized stages: the layer runs only as far as the
-    stage's first Linear (what comes after it is not needed yet)."""
-    for stage in stages:
-        if float_hessians is not None:
-            hessian = float_hessians[stage[0]]
-        else:
-            hessian = HessianAccumulator(linears[stage[0]][0].in_features)
-            inputs_of(layer, layer.get_submodule(stage[0]), inputs, hessian.add_batch)
-        for sweep in _stacked_sweeps(stage, linears):
-            spec = linears[sweep[0]][1].weight_spec
-            state = GPTQ([linears[name][0].weight for name in sweep], hessian)
-            results = state.quantize(spec, options.block_size, options.damp_ratio, options.act_order)
-            for name, (weight, qparams) in zip(sweep, results, strict=True):
-                linears[name][1].set_weight(weight, qparams)
-
-
-def _stacked_sweeps(stage: list[str], linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> list[list[str]]:
-    """The Linears of a stage in runs swept together: same weight spec, and a spec whose rows stack."""
-    sweeps: list[list[str]] = []
-    for name in stage:
-        spec = linears[name][1].weight_spec
-        previous = linears[sweeps[-1][0]][1].weight_spec if sweeps else None
-        if sweeps and spec == previous and spec is not None and stacks_rows(spec):
-            sweeps[-1].append(name)
-        else:
-            sweeps.append([name])
-    return sweeps
+def setup_steps(steps: Sequence[LayerStep], model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> dict:
+    """`LayerStep.setup` of every step on the first decoder layer (in float32: `float32_probe`); the run's
+    manifest entries they return."""
+    if not steps:
+        return {}
+    layer, run = float32_probe(model_map.layers(model)[0], inputs)
+    context = SetupContext(layer=layer, where=model_map.layer_name(0), head_dim=head_dim_of(model, model_map),
+                           linears=list(model_map.linears), run_sample=run)
+    results: dict[str, Any] = {}
+    for step in steps:
+        results.update(step.setup(context))
+    return results
 
 
 @torch.no_grad()
@@ -348,18 +234,17 @@ def quantize_layer(
     model_map: ModelMap,
     plan: QuantPlan,
     inputs: LayerInputs,
-    smoothing: Smoothing | None = None,
-    gptq: GPTQOptions | None = None,
+    steps: Sequence[LayerStep] = (),
     storage: ActivationStorage | None = None,
 ) -> tuple[Sequence[torch.Tensor], dict]:
-    """Transform and quantize one decoder layer in place; return its outputs and its manifest row.
+    """Transform and quantize one decoder layer in place through the recipe's ``steps``
+    (`llmquant.algorithms.lifecycle`); return its outputs and its manifest row.
 
-    Passes over the calibration inputs: float (smoothing statistics, static-scale observers, the
-    reference of the output error), smoothed float (equivalence check and observers; only when
-    smoothing), quantized (the outputs fed to the next layer, with the int8 kernels where the layer
-    has them: the same function as the simulation, about 4x faster here). A pass that only serves a
-    check or the error figure runs on the first `BATCH` samples. The outputs of the passes over every
-    sample go where ``storage`` says (memory by default).
+    Passes over the calibration inputs: float (the steps' statistics; only when a step observes the untouched
+    layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers),
+    quantized (the outputs fed to the next layer, with the int8 kernels where the layer has them: the same
+    function as the simulation, about 4x faster here). A pass that only serves a check or the error figure runs
+    on the first `BATCH` samples. The outputs of the passes over every sample go where ``storage`` says.
     """
     storage = storage or ActivationStorage()
     prefix = model_map.layer_name(index)
@@ -369,60 +254,53 @@ def quantize_layer(
     kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
     schemes = [s for n, s in plan.linears.items() if n.startswith(prefix + ".") and not s.is_float]
     quantizes = bool(schemes) or kv_spec is not None
-    observes = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
+    static = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
         kv_spec is not None and not kv_spec.dynamic
     )  # a static scale must see every calibration sample
-    float_hessians = gptq is not None and not gptq.true_sequential  # so must Hessians from the float pass
-    subset = inputs if observes or float_hessians or not quantizes else inputs.head(BATCH)
-    hessians: dict[str, HessianAccumulator] = {}
+    ctx = layer_context(layer, index, prefix, plan, inputs)
 
-    def observe_and_run(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> Sequence[torch.Tensor]:
-        if gptq is not None:  # (before any observer starts: this runs one sample)
-            row["gptq_stages"] = _stages(layer, [n for n, (_, q) in linears.items() if q.weight_spec is not None],
-                                         inputs, prefix)
-        if kv_spec is not None:
-            attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec)
-            attention.kv_cache_quantizer.start_observing()
-        observers = _InputObservers(linears)
-        collector = _FloatHessians(layer, row["gptq_stages"]) if float_hessians else None
-        try:
-            outputs = run_layer(layer, subset, prefix, into=storage.new())
-        finally:
-            observers.close()
-            if collector is not None:
-                collector.close()
-                hessians.update(collector.hessians)
-        if kv_spec is not None:
-            attention.kv_cache_quantizer.stop_observing()
-        return outputs
-
-    if smoothing is not None:
-        collector = GroupStatsCollector(layer, smoothing.groups)
+    float_out = None
+    handles = [handle for step in steps for handle in step.observe(ctx)]
+    if handles:  # statistics of the untouched layer, over every sample; its outputs are the reference
         try:
             float_out = run_layer(layer, inputs, prefix, into=storage.new())
         finally:
-            stats = collector.close()
-        row["smoothing"], to_clip = _smooth(layer, prefix, plan, smoothing, stats)
-        if to_clip:  # AWQ: check the scaling alone, then clip (which changes the function on purpose)
-            scaled_out = run_layer(layer, subset, prefix, into=storage.new())
-            row["equivalence_error"] = _check_equivalence(float_out, scaled_out, "awq", prefix)
-            row["clipped"] = [n for g, t in to_clip for n in awq.clip_group(layer, g, t, _group_specs(g, prefix, plan))]
-        linears = _quantizers_for_layer(layer, prefix, plan)  # from the smoothed (and clipped) weights
-        smoothed_out = observe_and_run(linears)
-        if not to_clip:
-            row["equivalence_error"] = _check_equivalence(float_out, smoothed_out, "smoothing", prefix)
+            _remove(handles)
+    for step in steps:
+        row.update(step.transform(ctx))
+
+    ctx.linears = _quantizers_for_layer(layer, prefix, plan)  # round to nearest from the transformed weights
+    handles = [handle for step in steps for handle in step.observe_transformed(ctx)]
+    if kv_spec is not None:
+        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
+        attention.kv_cache_quantizer.start_observing()
+    observers = _InputObservers(ctx.linears)
+    subset = inputs if static or handles or not quantizes else inputs.head(BATCH)
+    try:
+        transformed_out = run_layer(layer, subset, prefix, into=storage.new())
+    finally:
+        observers.close()
+        _remove(handles)
+    if kv_spec is not None:
+        attention.kv_cache_quantizer.stop_observing()
+    if float_out is None:
+        float_out = transformed_out
     else:
-        linears = _quantizers_for_layer(layer, prefix, plan)
-        float_out = observe_and_run(linears)
-    for rel, (_, quantized) in linears.items():
+        claimed = "+".join(step.name for step in steps if step.keeps_function)
+        row["equivalence_error"] = _check_equivalence(float_out, transformed_out, claimed, prefix,
+                                                      compute_dtype(layer))
+
+    for rel, (_, quantized) in ctx.linears.items():
         quantized.stop_observing()
         _swap(layer, rel, quantized)
-    if gptq is not None:
-        _gptq_layer(layer, linears, row["gptq_stages"], inputs, gptq, hessians or None)
+    for step in steps:
+        row.update(step.quantize(ctx))
+    for step in steps:
+        step.release(ctx)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8")
-        probe = _LinearErrorProbe(layer, linears)
+        probe = _LinearErrorProbe(layer, ctx.linears)
         try:
             quant_out = run_layer(layer, inputs, prefix, quantized_batch, into=storage.new())
         finally:
@@ -432,7 +310,7 @@ def quantize_layer(
     else:
         quant_out = float_out
     row["output_error"] = relative_error(float_out, quant_out)
-    row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()}
+    row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in ctx.linears.items()}
     row["seconds"] = time.perf_counter() - start
     return quant_out, row
 
@@ -517,42 +395,38 @@ def quantize(
     run_dir: RunDir | None = None,
     source: LayerSource | None = None,
     activations: ActivationStorage | None = None,
+    policy: DevicePolicy | None = None,
 ) -> Manifest:
     """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen].
 
-    With ``run_dir``, every finished layer is saved there and the layers it already holds are restored
-    instead of recomputed (resume). With a streaming ``source``, decoder layers are read from disk one at a
-    time and released after they are saved: ``run_dir`` is then required and the checkpoint writer reads
-    the layers back from it (``model.llmquant_run_dir``). An offloading ``activations`` storage keeps the
-    calibration activations on disk (its directory is removed at the end).
+    ``policy`` (`llmquant.device`, default: the CPU, the model's dtype) says where each layer computes: with
+    ``offload="layers"`` the model rests in CPU memory and each decoder layer comes onto the device for its passes,
+    then goes back; with ``"none"`` the whole model moves to the device first. With ``run_dir``, every finished
+    layer is saved there and the layers it already holds are restored instead of recomputed (resume). With a
+    streaming ``source``, decoder layers are read from disk one at a time and released after they are saved:
+    ``run_dir`` is then required and the checkpoint writer reads the layers back from it
+    (``model.llmquant_run_dir``). ``activations`` says where the calibration activations wait between passes
+    (default: `activation_storage`'s choice; its directory, when offloaded to disk, is removed at the end).
     """
+    policy = policy or DevicePolicy()
     source = source or LayerSource()
-    storage = activations or ActivationStorage()
     if source.streams and run_dir is None:
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
     model_map = model_map or detect_model_map(model)
-    offloaded = not source.streams and is_offloaded(model)
-    if offloaded:  # what lies outside the decoder layers now, each layer when its turn comes
-        load_offloaded(model, skip=model.get_submodule(model_map.decoder_layers))
-        if hasattr(model, "tie_weights"):  # loaded as copies: a tied head shares the embeddings again
-            model.tie_weights()
+    offloaded = _prepare_model(model, model_map, source, policy)
+    storage = activations or activation_storage(policy, model, calib)
     quarot = recipe.quarot()
     if quarot is not None:
         model_map = with_seed_map(model, model_map, quarot.backbone, quarot.model_decoder_layers, quarot.self_attn)
     plan = recipe.resolve(model, model_map)
-    manifest = Manifest(
-        recipe=recipe.model_dump(mode="json"),
-        model_map=model_map.to_dict(),
-        versions=versions(),
-        plan=plan.describe(),
-    )
-    manifest.results["activations"] = "disk" if storage.offloads else "memory"
-    manifest.results["accelerate_offloaded"] = offloaded
+    manifest = Manifest(recipe=recipe.model_dump(mode="json"), model_map=model_map.to_dict(), versions=versions(),
+                        plan=plan.describe())
+    manifest.results.update(placement=policy.describe(), activations=storage.where, accelerate_offloaded=offloaded)
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
-    first = source.materialize(model, model_map, 0)
+    first = source.materialize(model, model_map, 0).to(policy.device)
     rotation = None
     if quarot is not None:
         rotation = RotationPass(model, model_map, quarot.config(), calib[:1, :ROTATION_CHECK_TOKENS])
@@ -561,9 +435,8 @@ def quantize(
         source.release_outside()
     else:
         rotation.rotate(first, 0, inputs.head(1))
-    smoothing = plan_smoothing(model, model_map, recipe, inputs)
-    if smoothing is not None:
-        manifest.results["smooth_groups"] = smoothing.describe()
+    steps = recipe.layer_steps()
+    manifest.results.update(setup_steps(steps, model, model_map, inputs))
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
     done = run_dir.finished_layers() if run_dir is not None else 0
@@ -573,7 +446,6 @@ def quantize(
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
     t1 = time.perf_counter()
-    gptq = recipe.gptq if recipe.algorithm == "gptq" else None
     for index in bar:
         prefix = model_map.layer_name(index)
         layer = source.materialize(model, model_map, index)
@@ -581,16 +453,21 @@ def quantize(
             if rotation is not None and index > 0:
                 rotate_layer(layer, rotation.plan)
             _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
+            layer.to(policy.home)
             manifest.layers.append(run_dir.layer_row(index))
         else:
+            reset_peak_memory(policy.device)
+            layer.to(policy.device)
             if rotation is not None and index > 0:
                 rotation.rotate(layer, index, inputs.head(1))
-            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, smoothing, gptq, storage)
+            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage)
             inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+            layer.to(policy.home)
+            row["peak_gpu_mb"] = peak_memory_mb(policy.device)
             manifest.layers.append(row)
             if run_dir is not None:
                 run_dir.save_layer(index, layer, row, outputs)
-            bar.set_postfix(err=f"{row['output_error']:.4f}")
+            bar.set_postfix(_progress(row))
         source.release(index)
         manifest.layers[-1]["rss_mb"] = rss_mb()  # resident memory once the layer is done (and released)
         manifest.layers[-1]["peak_rss_mb"] = peak_rss_mb()
@@ -604,10 +481,52 @@ def quantize(
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
+    manifest.results["peak_gpu_mb"] = max((row.get("peak_gpu_mb") or 0 for row in manifest.layers), default=0) or None
     if source.streams:
         model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
         model.llmquant_source = source.lazy  # type: ignore[attr-defined]  # tensors still on disk
     return manifest
+
+
+def _prepare_model(model: nn.Module, model_map: ModelMap, source: LayerSource, policy: DevicePolicy) -> bool:
+    """Bring the model to where the policy wants it before the layers run: the policy's dtype, every weight
+    accelerate keeps offloaded outside the decoder layers in memory (each layer is loaded when its turn comes),
+    and, with ``offload="none"``, the whole model on the device. Returns whether accelerate offloaded it."""
+    offloaded = not source.streams and is_offloaded(model)
+    if offloaded:
+        load_offloaded(model, skip=model.get_submodule(model_map.decoder_layers))
+        if hasattr(model, "tie_weights"):  # loaded as copies: a tied head shares the embeddings again
+            model.tie_weights()
+    if policy.dtype is not None:
+        model.to(policy.dtype)
+    if policy.offload == "none" and not source.streams and not offloaded:
+        model.to(policy.device)
+    return offloaded
+
+
+def activation_storage(policy: DevicePolicy, model: nn.Module, calib: torch.Tensor) -> ActivationStorage:
+    """Where the calibration activations wait between passes when the caller does not say: on the CPU in
+    memory; on a GPU on the device while their three copies fit under the policy's budget, else in pinned CPU
+    memory (one batch moved at a time)."""
+    if not policy.is_cuda:
+        return ActivationStorage()
+    hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
+    dtype = policy.dtype or next(model.parameters()).dtype
+    needed = activation_bytes(calib.shape[0], calib.shape[1], hidden, dtype)
+    budget = policy.activation_budget() or 0
+    if needed <= budget:
+        return ActivationStorage(device=policy.device)
+    log.info("calibration activations (%.0f MiB) exceed the device budget (%.0f MiB): they wait in pinned CPU memory",
+             needed / 2**20, budget / 2**20)
+    return ActivationStorage(device=torch.device("cpu"), pin=True)
+
+
+def _progress(row: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows after a layer: its output error, and its peak GPU memory on a GPU."""
+    shown = {"err": f"{row['output_error']:.4f}"}
+    if row.get("peak_gpu_mb"):
+        shown["gpu"] = f"{row['peak_gpu_mb'] / 1024:.1f}GiB"
+    return shown
 
 
 def rss_mb() -> float:

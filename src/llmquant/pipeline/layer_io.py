@@ -3,12 +3,15 @@
 `LayerInputs` holds, per calibration sample, the hidden state a decoder layer receives and the keyword
 arguments the model passes it (position embeddings, masks); `run_layer` runs a layer on all of them,
 several samples per forward when their keyword arguments are shared. The hidden states and outputs go to
-any sequence of tensors a caller gives (``into``): a list, or `DiskActivations` to keep them off memory.
+any sequence of tensors a caller gives (``into``): a list, or a store of `llmquant.pipeline.activations` that
+keeps them on the device, in pinned CPU memory or on disk. Each batch is moved to the layer's device when it
+runs (a no-op for activations already there); the keyword arguments live on the device of the first layer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmquant.device import device_of, to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 
@@ -40,15 +44,18 @@ class LayerInputs:
 def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.Tensor,
                          into: MutableSequence[torch.Tensor] | None = None) -> LayerInputs:
     """Run the model up to its first decoder layer for each sample and keep that layer's inputs (the
-    hidden states in ``into``, a list by default; equal keyword arguments of consecutive samples are kept
-    once)."""
+    hidden states in ``into``, a list by default; the keyword arguments moved to the first layer's device, equal
+    ones of consecutive samples kept once). The ids go to the device of the input embeddings."""
     first = model_map.layers(model)[0]
+    device = device_of(first)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    ids_device = device_of(embeddings) if embeddings is not None else device
     captured = LayerInputs(hidden=[] if into is None else into, kwargs=[])
 
     def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden)
-        kept = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.hidden.append(hidden.to(device))
+        kept = to_device({k: v for k, v in kwargs.items() if k != "hidden_states"}, device)
         if captured.kwargs and _equal_kwargs(captured.kwargs[-1], kept):
             kept = captured.kwargs[-1]
         captured.kwargs.append(kept)
@@ -58,7 +65,7 @@ def capture_layer_inputs(model: nn.Module, model_map: ModelMap, samples: torch.T
     try:
         for row in samples:
             with contextlib.suppress(_StopForwardError):
-                model(row.unsqueeze(0), use_cache=False)
+                model(row.unsqueeze(0).to(ids_device), use_cache=False)
     finally:
         handle.remove()
     return captured
@@ -94,13 +101,16 @@ def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
     return all(_equal_kwargs(kwargs[0], other) for other in kwargs[1:])
 
 
-def _batches(inputs: LayerInputs, batch: int | None) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
-    """The samples, ``batch`` (default `BATCH`) per forward when their kwargs allow it, else one by one."""
+def _batches(inputs: LayerInputs, batch: int | None,
+             device: torch.device) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+    """The samples on ``device``, ``batch`` (default `BATCH`) per forward when their kwargs allow it, else one
+    by one."""
     batch = BATCH if batch is None else batch
     if batch > 1 and not _shared_kwargs(inputs.kwargs):
         batch = 1
     for start in range(0, len(inputs.hidden), batch):
-        yield torch.cat(inputs.hidden[start : start + batch]), inputs.kwargs[start]
+        chunk = [h.to(device, non_blocking=True) for h in inputs.hidden[start : start + batch]]
+        yield torch.cat(chunk), to_device(inputs.kwargs[start], device)
 
 
 class _StopAtInputError(Exception):
@@ -119,7 +129,7 @@ def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume:
 
     handle = module.register_forward_pre_hook(stop)
     try:
-        for hidden, kwargs in _batches(inputs, batch):
+        for hidden, kwargs in _batches(inputs, batch, device_of(layer)):
             try:
                 layer(hidden, **kwargs)
             except _StopAtInputError:
@@ -135,7 +145,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | No
     """The layer's outputs for every sample (appended to ``into``, a new list by default), ``batch``
     (default `BATCH`) samples per forward when their kwargs allow it."""
     outputs = [] if into is None else into
-    for hidden, kwargs in _batches(inputs, batch):
+    for hidden, kwargs in _batches(inputs, batch, device_of(layer)):
         out = _layer_output(layer(hidden, **kwargs))
         if not torch.isfinite(out).all():
             raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")
@@ -149,9 +159,48 @@ def relative_error(reference: Sequence[torch.Tensor], actual: Sequence[torch.Ten
     one at a time (never sliced into memory when they wait on disk)."""
     num = den = 0.0
     for r, a in zip(reference, actual, strict=False):
+        r, a = r.float(), a.to(r.device).float()
         num += float((a - r).pow(2).sum())
         den += float(r.pow(2).sum())
     return (num / max(den, 1e-30)) ** 0.5
+
+
+def float32_probe(layer: nn.Module, inputs: LayerInputs) -> tuple[nn.Module, Callable[[], Any]]:
+    """``layer`` and a run of it on the first calibration sample, for the structure probes of
+    `llmquant.model.patterns` (smoothing groups, QuaRot's plan), which compare outputs to 1e-3 .. 1e-5: for a
+    bfloat16 or float16 layer, a float32 copy of it on float32 inputs (their rounding would break the probes).
+    The copy shares the layer's configs, so what the probes switch there (the attention function) holds."""
+    hidden, kwargs = inputs.hidden[0], inputs.kwargs[0]
+    if all(p.dtype == torch.float32 for p in layer.parameters() if p.is_floating_point()):
+        return layer, lambda: layer(hidden, **kwargs)
+    shared = {id(m.config): m.config for m in layer.modules() if hasattr(m, "config")}
+    probe = copy.deepcopy(layer, memo=shared).float()
+    hidden32, kwargs32 = _as_float32(hidden), _as_float32(kwargs)
+    return probe, lambda: probe(hidden32, **kwargs32)
+
+
+def _as_float32(value: Any) -> Any:
+    """``value`` with every floating tensor in it (nested in tuples, lists, dicts) in float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _as_float32(v) for k, v in value.items()}
+    return value
+
+
+def equivalence_tolerance(dtype: torch.dtype) -> float:
+    """The relative output change a function-preserving transform may show in a layer computing in ``dtype``:
+    1e-4 in float32; in bfloat16 and float16 the transformed weights are rounded back to the dtype and both
+    passes round their products, so 2 eps of the dtype (1.6e-2 and 2e-3). A transform that does not fit the
+    model changes the outputs by far more (4.6e-1 for a smoothing fold into Gemma's (1 + w) norms)."""
+    return max(1e-4, 2 * torch.finfo(dtype).eps)
+
+
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in (of its first floating parameter; float32 if it has none)."""
+    return next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)
 
 
 def head_dim_of(model: nn.Module, model_map: ModelMap) -> int | None:

@@ -7,14 +7,14 @@ calibration sample the pass checks what each step claims, and stops naming the s
 - the embeddings: the first layer's inputs x' == x moved into the rotated residual stream (x' = x Q1,
   centered first for a LayerNorm model; x' = x without R1);
 - each layer and the head: rotated(module)(x') == (module(x))' on one sample,
-each with a relative error below `EQUIVALENCE_TOLERANCE`.
+each with a relative error below the `equivalence_tolerance` of the dtype the model computes in. The plan is
+found on a float32 copy of the first layer (`float32_probe`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,12 +28,21 @@ from llmquant.algorithms.quarot import (
     rotate_head,
     rotate_layer,
 )
+from llmquant.device import device_of
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, untie_head
-from llmquant.pipeline.layer_io import LayerInputs, capture_layer_inputs, head_dim_of, relative_error, run_layer
+from llmquant.pipeline.layer_io import (
+    LayerInputs,
+    capture_layer_inputs,
+    compute_dtype,
+    equivalence_tolerance,
+    float32_probe,
+    head_dim_of,
+    relative_error,
+    run_layer,
+)
 
 log = logging.getLogger(__name__)
-EQUIVALENCE_TOLERANCE = 1e-4
 
 
 def model_shapes(model: nn.Module, model_map: ModelMap, hidden: int) -> ModelShapes:
@@ -49,11 +58,7 @@ def model_shapes(model: nn.Module, model_map: ModelMap, hidden: int) -> ModelSha
 def plan_rotations(model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor) -> QuaRotPlan:
     """The QuaRot plan of ``model``, found on its first decoder layer with one sample ``[1, seqlen]``."""
     inputs = capture_layer_inputs(model, model_map, sample)
-    layer = model_map.layers(model)[0]
-
-    def run() -> Any:
-        return layer(inputs.hidden[0], **inputs.kwargs[0])
-
+    layer, run = float32_probe(model_map.layers(model)[0], inputs)
     shapes = model_shapes(model, model_map, inputs.hidden[0].shape[-1])
     return plan_quarot(model, model_map, layer, run, shapes, config)
 
@@ -75,11 +80,12 @@ def with_seed_map(model: nn.Module, model_map: ModelMap, backbone: str | None, d
     return model_map
 
 
-def _check(error: float, what: str) -> float:
-    if error > EQUIVALENCE_TOLERANCE:
+def _check(error: float, what: str, dtype: torch.dtype) -> float:
+    tolerance = equivalence_tolerance(dtype)
+    if error > tolerance:
         raise LlmquantError(
             f"QuaRot changed the function of {what}: relative output change {error:.2e} > "
-            f"{EQUIVALENCE_TOLERANCE:.0e}; the model's structure does not fit the rotation plan"
+            f"{tolerance:.0e}; the model's structure does not fit the rotation plan"
         )
     return error
 
@@ -116,8 +122,9 @@ class RotationPass:
         before = capture_layer_inputs(model, model_map, sample)
         rotate_embeddings(model, self.plan)
         after = capture_layer_inputs(model, model_map, sample)
+        self.dtype = compute_dtype(model_map.layers(model)[0])
         self.errors = {"embeddings": _check(relative_error(_to_stream(self.plan, before.hidden), after.hidden),
-                                            "the embeddings")}
+                                            "the embeddings", self.dtype)}
         self.layer_errors: list[float] = []
 
     def _float_basis(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -134,7 +141,8 @@ class RotationPass:
         float_out = run_layer(layer, LayerInputs(hidden, sample.kwargs), where)
         rotate_layer(layer, self.plan)
         rotated_out = run_layer(layer, LayerInputs(_to_stream(self.plan, hidden), sample.kwargs), where)
-        self.layer_errors.append(_check(relative_error(_to_stream(self.plan, float_out), rotated_out), where))
+        self.layer_errors.append(_check(relative_error(_to_stream(self.plan, float_out), rotated_out), where,
+                                        self.dtype))
 
     @torch.no_grad()
     def finish(self, last_outputs: list[torch.Tensor]) -> dict:
@@ -144,12 +152,12 @@ class RotationPass:
         if plan.rotation("R1") is not None and plan.head is not None:
             norm = model.get_submodule(plan.final_norm) if plan.final_norm else nn.Identity()
             head = model.get_submodule(plan.head)
-            hidden = self._float_basis(last_outputs)
+            hidden = self._float_basis([h.to(device_of(head)) for h in last_outputs])
             reference = head(norm(hidden[0]))
             rotate_head(model, plan)
             norm = model.get_submodule(plan.final_norm) if plan.final_norm else nn.Identity()
             rotated = head(norm(_to_stream(plan, hidden)[0]))
-            self.errors["head"] = _check(relative_error([reference], [rotated]), "the head")
+            self.errors["head"] = _check(relative_error([reference], [rotated]), "the head", self.dtype)
         self.errors["layers_max"] = max(self.layer_errors, default=0.0)
         return {"plan": plan.describe(), "center": plan.center, "equivalence_error": self.errors}
 
@@ -166,4 +174,4 @@ def rotate_model(model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sa
     return rotation.finish(inputs.hidden)
 
 
-__all__ = ["EQUIVALENCE_TOLERANCE", "RotationPass", "model_shapes", "plan_rotations", "rotate_model", "with_seed_map"]
+__all__ = ["RotationPass", "model_shapes", "plan_rotations", "rotate_model", "with_seed_map"]

@@ -1,0 +1,170 @@
+"""Where a run computes, and in which dtype: one policy, decided at the entry points and carried down.
+
+The command line (``--device``, ``--dtype``, ``--offload``, ``--max-gpu-memory``) and the Python API
+(``device=``, ``dtype=`` ...) resolve their words once into a `DevicePolicy`; below them nothing decides a
+device or a dtype again:
+
+- ``device``: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+- ``dtype``: ``auto`` (the checkpoint's own: bfloat16 for most models, float32 for the default model, which
+  is dequantized from GGUF), ``float32``, ``bfloat16`` or ``float16``;
+- ``offload``: ``layers`` (the default): the model rests in CPU memory (or on disk under ``--max-memory``) and
+  each decoder layer comes onto the device for its passes, then goes back; ``none``: the whole model stays on
+  the device (when it fits);
+- ``max_gpu_memory``: bytes the calibration activations may take on the device (default: what the device has
+  free when the run starts, less `MARGIN`); above it they wait in pinned CPU memory, one batch moved at a time.
+
+Statistics, Hessians and the float64 folds keep their own precision whatever the model's dtype; weights go
+back in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from llmquant.errors import LlmquantError
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOADS = ("layers", "none")
+MARGIN = 0.10  # share of the device's free memory left to the layer, its Hessians and the allocator
+Offload = Literal["layers", "none"]
+
+
+def resolve_device(text: str | torch.device | None = "auto") -> torch.device:
+    """``auto``/None, ``cpu``, ``cuda``, ``cuda:N`` (or a `torch.device`) as a device that exists here."""
+    if isinstance(text, torch.device):
+        text = str(text)
+    if text is None or text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise LlmquantError(f"unknown device '{text}'; allowed: {', '.join(DEVICES)}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise LlmquantError(f"device '{text}' is not supported; allowed: {', '.join(DEVICES)}")
+    if not torch.cuda.is_available():
+        raise LlmquantError(f"--device {text}: no CUDA GPU is available on this machine; use --device cpu or auto")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise LlmquantError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                            f"numbered 0 to {torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(text: str | torch.dtype | None = "auto") -> torch.dtype | None:
+    """``auto``/None (None: the checkpoint's own), or one of `DTYPES` (or a floating `torch.dtype`)."""
+    if text is None or text == "auto":
+        return None
+    if isinstance(text, torch.dtype):
+        if text not in DTYPES.values():
+            raise LlmquantError(f"dtype {text} is not supported; allowed: auto, {', '.join(DTYPES)}")
+        return text
+    found = DTYPES.get(str(text).removeprefix("torch."))
+    if found is None:
+        raise LlmquantError(f"unknown dtype '{text}'; allowed: auto, {', '.join(DTYPES)}")
+    return found
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """Where layers compute, the model's dtype (None: as loaded), where the model rests between layers, and
+    the device memory the calibration activations may take (see the module docstring)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype | None = None
+    offload: Offload = "layers"
+    max_gpu_memory: int | None = None
+
+    @classmethod
+    def resolve(cls, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
+                offload: str = "layers", max_gpu_memory: int | None = None) -> DevicePolicy:
+        if offload not in OFFLOADS:
+            raise LlmquantError(f"unknown offload '{offload}'; allowed: {', '.join(OFFLOADS)}")
+        if max_gpu_memory is not None and max_gpu_memory < 0:
+            raise LlmquantError(f"max_gpu_memory must be a size in bytes >= 0, got {max_gpu_memory}")
+        return cls(resolve_device(device), resolve_dtype(dtype), offload, max_gpu_memory)  # type: ignore[arg-type]
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def home(self) -> torch.device:
+        """Where the model's layers rest when they are not being worked on."""
+        return self.device if self.offload == "none" else torch.device("cpu")
+
+    def activation_budget(self) -> int | None:
+        """Bytes the calibration activations may take on the device (None on the CPU: no limit of its own)."""
+        if not self.is_cuda:
+            return None
+        if self.max_gpu_memory is not None:
+            return self.max_gpu_memory
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * (1 - MARGIN))
+
+    def describe(self) -> dict[str, Any]:
+        """The policy as the manifest records it."""
+        described: dict[str, Any] = {"device": str(self.device), "offload": self.offload,
+                                     "dtype": None if self.dtype is None else dtype_name(self.dtype)}
+        if self.is_cuda:
+            described["gpu"] = torch.cuda.get_device_name(self.device)
+            if self.max_gpu_memory is not None:
+                described["max_gpu_memory_mb"] = self.max_gpu_memory / 2**20
+        return described
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (the CPU for a module that holds none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """``value`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=non_blocking)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device, non_blocking) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device, non_blocking) for v in value]
+    if isinstance(value, Mapping):
+        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
+    return value
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The device's peak allocated memory since the last `reset_peak_memory`, in MiB (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+__all__ = [
+    "DTYPES",
+    "DevicePolicy",
+    "device_of",
+    "dtype_name",
+    "peak_memory_mb",
+    "reset_peak_memory",
+    "resolve_device",
+    "resolve_dtype",
+    "to_device",
+]
