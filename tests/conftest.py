@@ -6,18 +6,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["LLMQUANT_DEVICE"] = "cpu"  # "auto" is the CPU in the suite, GPU or not: tests/test_devices.py names devices
+
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels, where Triton is installed, run in its interpreter (read once)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 from llmquant.data import pydoc_text
 from tiny_checkpoint import write_tiny_checkpoint
 
 VOCAB = 128
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # what device-sensitive tests run on
 
 
 def _common(**extra: object) -> dict:
@@ -66,8 +72,9 @@ def eval_ids() -> torch.Tensor:
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ``ids`` (moved to the model's device), on the CPU."""
     with torch.no_grad():
-        return model(ids, use_cache=False).logits
+        return model(ids.to(next(model.parameters()).device), use_cache=False).logits.cpu()
 
 
 def relative_error(reference: torch.Tensor, actual: torch.Tensor) -> float:

@@ -122,8 +122,8 @@ def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
     streamed_models, seen, embeddings_on_disk = [], [], []
     real_load, real_quantize = lazy.load_lazy, engine.quantize_layer
 
-    def load_lazy(directory):
-        loaded = real_load(directory)
+    def load_lazy(directory, *args):
+        loaded = real_load(directory, *args)
         streamed_models.append(loaded[0])
         return loaded
 
@@ -153,7 +153,7 @@ def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
 
 @pytest.mark.parametrize(("value", "expected"), [("2XB", "--max-memory must be a size"), ("0", "--max-memory"),
                                                  ("1KB", "--max-memory must be a size"),
-                                                 ("0.01MB", "MiB is below one float decoder layer")])
+                                                 ("0.01MB", "MiB is below one decoder layer")])
 def test_bad_memory_caps_are_one_line_errors(value: str, expected: str, tiny_dir: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["quantize", "--model", str(tiny_dir), "--max-memory", value, "--output", str(tmp_path / "o")]) == 2
@@ -175,19 +175,25 @@ def test_a_peak_above_the_memory_cap_is_reported(tiny_dir: Path, corpus: Path, t
     assert "exceeded --max-memory 2 MiB" in caplog.text
 
 
-def test_calibration_activations_near_the_memory_cap_go_to_disk(caplog: pytest.LogCaptureFixture) -> None:
+def test_calibration_activations_near_the_memory_cap_go_to_disk(caplog: pytest.LogCaptureFixture,
+                                                                tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from llmquant.cli import _activations_near_cap
+    from llmquant.device import DevicePolicy
+    from llmquant.pipeline.memory import activation_storage
 
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=2048))
     ids = torch.zeros(128, 2048, dtype=torch.long)  # 3 x 262,144 tokens x 2048 features x 4 bytes = 6 GiB
+    policy = DevicePolicy(dtype=torch.float32)
     with caplog.at_level("WARNING", logger="llmquant"):
-        assert not _activations_near_cap(model, ids, None)
-        assert not _activations_near_cap(model, ids, 24 * 2**30)
+        assert activation_storage("auto", policy, model, ids, None, tmp_path).where == "memory"
+        assert activation_storage("auto", policy, model, ids, 24 * 2**30, tmp_path).where == "memory"
         assert caplog.text == ""
-        assert _activations_near_cap(model, ids, 16 * 2**30)
+        assert activation_storage("auto", policy, model, ids, 16 * 2**30, tmp_path).where == "disk"
     assert "would take 6144 MiB" in caplog.text and "they wait on disk" in caplog.text
+    half = DevicePolicy(dtype=torch.bfloat16)  # 2 bytes a value: 3 GiB, below a quarter of 16 GiB
+    assert activation_storage("auto", half, model, ids, 16 * 2**30, tmp_path).where == "memory"
+    assert activation_storage("disk", policy, model, ids, None, tmp_path).where == "disk"
 
 
 @pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq", "w4-gptq"])

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from llmquant import data
+from llmquant.device import DevicePolicy, resolve_device, resolve_dtype
 from llmquant.errors import LlmquantError
 from llmquant.export.checkpoint import is_quantized_checkpoint, load_quantized
 from llmquant.export.checkpoint import save as save_checkpoint
@@ -18,8 +19,9 @@ from llmquant.model.model_map import ModelMap
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.pipeline.activations import ActivationStorage
-from llmquant.pipeline.engine import LayerSource
+from llmquant.pipeline.memory import activation_storage
 from llmquant.pipeline.run_dir import RunDir
+from llmquant.pipeline.source import LayerSource
 from llmquant.recipe import Recipe
 
 
@@ -60,37 +62,58 @@ def quantize(
     progress: bool = True,
     run_dir: RunDir | None = None,
     source: LayerSource | None = None,
-    activations: ActivationStorage | None = None,
+    activations: ActivationStorage | str = "auto",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    offload: str = "layers",
+    max_gpu_memory: int | None = None,
+    max_memory: int | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place; the run's manifest is kept as ``model.llmquant_manifest``.
 
-    ``run_dir`` keeps every finished layer (and resumes from it), ``source`` streams the decoder layers
-    from disk, ``activations`` may keep the calibration activations on disk (`llmquant.pipeline.quantize`);
-    the command line sets them for ``--resume``, ``--max-memory`` and ``--activations``."""
+    Where it runs (`llmquant.device`): ``device`` auto (None: the GPU when there is one), cpu, cuda or cuda:N;
+    ``dtype`` auto (None: the model's own), float32, bfloat16 or float16; ``offload`` layers (each decoder layer
+    comes onto the device in turn, the model rests where it is) or none (the whole model on the device);
+    ``max_gpu_memory`` bytes the calibration activations may take on the device. ``run_dir`` keeps every finished
+    layer (and resumes from it), ``source`` streams the decoder layers from disk; ``activations`` is auto, memory,
+    disk (`llmquant.pipeline.memory`, ``max_memory`` the cap auto weighs them against) or a storage of its own.
+    The command line sets them from ``--device``, ``--dtype``, ``--offload``, ``--max-gpu-memory``, ``--resume``,
+    ``--max-memory`` and ``--activations``."""
     recipe = as_recipe(recipe)
+    policy = DevicePolicy.resolve(device, dtype, offload, max_gpu_memory)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
     if limit is not None and seqlen > limit:
         raise LlmquantError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
+    if isinstance(activations, str):
+        directory = run_dir.activations if run_dir is not None else None
+        activations = activation_storage(activations, policy, model, ids, max_memory, directory)
     manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress, run_dir=run_dir,
-                            source=source, activations=activations)
+                            source=source, activations=activations, policy=policy)
     model.llmquant_manifest = manifest  # type: ignore[attr-defined]
     return model
 
 
-def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8") -> tuple[nn.Module, Any]:
+def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8", device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None) -> tuple[nn.Module, Any]:
     """A checkpoint written by `save`, a float checkpoint, a .gguf file, or None for the default model.
 
-    ``runtime="int8"`` (the default) runs the W8A8 Linears of a quantized checkpoint as int8 GEMMs and makes a
-    ``DynamicCache`` store its quantized KV cache as int8 codes (`set_runtime`); ``"fake"`` simulates both, as
-    `quantize` leaves the model in memory (the two agree to float rounding: BENCHMARKS.md, tests).
+    ``device``: where the model goes: auto (None: the GPU when there is one, else the CPU), cpu, cuda or cuda:N;
+    ``dtype``: auto (None: the dtype it was saved or quantized in; float32 for the default model), float32,
+    bfloat16 or float16. ``runtime="int8"`` (the default) runs the W8A8 Linears of a quantized checkpoint as int8
+    GEMMs where the kernel takes them there, and makes a ``DynamicCache`` store its quantized KV cache as int8
+    codes (`set_runtime`); ``"fake"`` simulates both, as `quantize` leaves the model in memory (the two agree:
+    BENCHMARKS.md, tests).
     """
+    target, wanted = resolve_device(device), resolve_dtype(dtype)
     if path_or_id is not None and Path(path_or_id).is_dir() and is_quantized_checkpoint(Path(path_or_id)):
-        model, tokenizer = load_quantized(path_or_id)
+        model, tokenizer = load_quantized(path_or_id, wanted)
+        model.to(target)
         set_runtime(model, runtime)
         return model, tokenizer
-    return load_float(path_or_id)
+    model, tokenizer = load_float(path_or_id, wanted)
+    return model.to(target), tokenizer
 
 
 def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,26 +99,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     import llmquant
     from llmquant import data
     from llmquant.api import calibration_ids
+    from llmquant.device import DevicePolicy
     from llmquant.evaluation.perplexity import perplexity
     from llmquant.export.targets import check_target, smoke_check
     from llmquant.nn.quant_linear import set_runtime
-    from llmquant.pipeline.activations import ActivationStorage
+    from llmquant.pipeline.memory import model_for_quantization, parse_size
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
     output = Path(args.output)
     _check_output(output, args.overwrite)  # before any work: never delete what llmquant did not write
     recipe = _recipe_from_args(args)
     check_target(args.target, recipe)  # what the serving target cannot run fails before any model work
-    cap = _memory_cap(args.max_memory)
+    cap = parse_size(args.max_memory)
+    policy = DevicePolicy.resolve(args.device, args.dtype, args.offload,
+                                  parse_size(args.max_gpu_memory, "--max-gpu-memory"))
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
-    model, tokenizer, source, files = _load_for_quantization(args.model, cap)
+    model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
     ids = calibration_ids(recipe, tokenizer, calib_text)
     run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
                           fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume)
-    offload = args.activations == "disk" or (args.activations == "auto" and _activations_near_cap(model, ids, cap))
-    activations = ActivationStorage(run_dir.activations if offload else None)
     windows = None
     figures: dict[str, Any] = {}
     if args.eval and source is not None:
@@ -125,7 +127,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     elif args.eval:
         windows = data.corpus_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
         key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
-        figures["float_ppl"] = _float_ppl(model, windows, key)
+        with _on_device(model, policy):
+            figures["float_ppl"] = _float_ppl(model, windows, key)
     t_quant = time.perf_counter()
     model_map = None
     if args.layer_map is not None and "model_map" in _read_layer_map(args.layer_map):
@@ -133,12 +136,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         model_map = ModelMap.from_dict(_read_layer_map(args.layer_map)["model_map"])
     llmquant.quantize(model, recipe, tokenizer, calib=ids, model_map=model_map, progress=not args.quiet,
-                      run_dir=run_dir, source=source, activations=activations)
+                      run_dir=run_dir, source=source, activations=args.activations, max_memory=cap,
+                      device=policy.device, dtype=policy.dtype, offload=policy.offload,
+                      max_gpu_memory=policy.max_gpu_memory)
     figures["quantize_seconds"] = time.perf_counter() - t_quant
     manifest = model.llmquant_manifest
     if windows is not None:
-        set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it: int8 kernels where a layer has them
-        figures["quantized_ppl"] = perplexity(model, windows, progress=not args.quiet)
+        with _on_device(model, policy):
+            set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it: int8 kernels where a layer has them
+            figures["quantized_ppl"] = perplexity(model, windows, progress=not args.quiet)
         figures["ppl_ratio"] = figures["quantized_ppl"] / figures["float_ppl"]
         figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows),
                            "runtime": "int8"}
@@ -152,7 +158,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     manifest.seconds["wall"] = time.perf_counter() - start
     llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
     run_dir.remove()
-    _print_summary(recipe.scheme, figures, output, manifest.results.get("peak_rss_mb"))
+    _print_summary(recipe.scheme, figures, output, manifest.results)
     smoke = smoke_check(args.target, output)  # loaded back as the target would, a few tokens generated
     if smoke is not None:
         print(smoke.line())
@@ -174,59 +180,22 @@ def _check_output(output: Path, overwrite: bool) -> None:
                             "its work there and would replace it: move it away or choose another --output")
 
 
-def _load_for_quantization(model_arg: str | None, cap: int | None) -> tuple[Any, Any, Any, list[Path]]:
-    """The model, its tokenizer, a streaming layer source when ``cap`` asks for one (else None), and the
-    files a run's fingerprint should cover."""
-    import llmquant
+@contextlib.contextmanager
+def _on_device(model: Any, policy: Any) -> Iterator[None]:
+    """The model on the policy's device for an evaluation, then back where it rests (the CPU, unless the policy
+    keeps the whole model on the device)."""
+    from llmquant.device import device_of
 
-    if cap is None:
-        model, tokenizer = llmquant.load(model_arg)
-        return model, tokenizer, None, []
-    from llmquant.model.lazy import load_lazy
-    from llmquant.model.loading import local_checkpoint_dir
-    from llmquant.pipeline.engine import LayerSource
-
-    directory = local_checkpoint_dir(model_arg)
-    model, tokenizer, lazy = load_lazy(directory)
-    if tokenizer is None:
-        raise LlmquantError(f"{directory} has no tokenizer files; calibration needs one")
-    layer_bytes = sum(p.numel() * 4 for p in lazy.model_map.layers(model)[0].parameters())
-    if layer_bytes > cap:
-        raise LlmquantError(f"--max-memory {cap / 2**20:.1f} MiB is below one float decoder layer "
-                            f"({layer_bytes / 2**20:.1f} MiB)")
-    return model, tokenizer, LayerSource(lazy), sorted(set(lazy.reader.files.values()))
+    resting = device_of(model)
+    model.to(policy.device)
+    try:
+        yield
+    finally:
+        if policy.offload != "none":
+            model.to(resting)
 
 
-ACTIVATION_SHARE = 0.25  # above this share of --max-memory, the calibration activations go to disk
-
-
-def _activations_near_cap(model: Any, ids: Any, cap: int | None) -> bool:
-    """Whether the calibration activations held in memory (a layer's inputs, its float reference and its
-    outputs: three float32 copies) would take more than `ACTIVATION_SHARE` of the cap; said when so."""
-    if cap is None:
-        return False
-    hidden = getattr(model.config, "hidden_size", 0)
-    activations = 3 * ids.numel() * hidden * 4
-    if activations <= ACTIVATION_SHARE * cap:
-        return False
-    log.warning("the calibration activations would take %.0f MiB (3 x %d tokens x %d features, float32), more "
-                "than %d%% of --max-memory %.0f MiB: they wait on disk, one batch in memory at a time",
-                activations / 2**20, ids.numel(), hidden, 100 * ACTIVATION_SHARE, cap / 2**20)
-    return True
-
-
-def _memory_cap(text: str | None) -> int | None:
-    """``--max-memory``: bytes from "2GB", "2G", "1500MB", "1.5" (GiB when no unit is given)."""
-    if text is None:
-        return None
-    units = {"": 2**30, "g": 2**30, "gb": 2**30, "gib": 2**30, "m": 2**20, "mb": 2**20, "mib": 2**20}
-    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if found is None or found.group(2).lower() not in units or float(found.group(1)) <= 0:
-        raise LlmquantError(f"--max-memory must be a size such as 2GB, 1500MB or 1.5 (GiB), got '{text}'")
-    return int(float(found.group(1)) * units[found.group(2).lower()])
-
-
-def _print_summary(scheme: str, figures: dict[str, Any], output: Path, peak_rss_mb: float | None) -> None:
+def _print_summary(scheme: str, figures: dict[str, Any], output: Path, results: dict[str, Any]) -> None:
     print(f"\nscheme: {scheme}")
     if "quantized_ppl" in figures:
         e = figures["eval"]
@@ -234,7 +203,9 @@ def _print_summary(scheme: str, figures: dict[str, Any], output: Path, peak_rss_
         print("| model | ppl | ratio |\n|---|---|---|")
         print(f"| float32 | {figures['float_ppl']:.3f} | 1.000 |")
         print(f"| {scheme} | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
-    memory = f", peak memory {peak_rss_mb:.0f} MiB" if peak_rss_mb else ""
+    memory = f", peak memory {results['peak_rss_mb']:.0f} MiB" if results.get("peak_rss_mb") else ""
+    if results.get("peak_gpu_mb"):
+        memory += f", peak GPU memory {results['peak_gpu_mb']:.0f} MiB"
     print(f"quantization took {figures['quantize_seconds']:.1f} s{memory}; checkpoint and llmquant.json in {output}")
 
 
@@ -246,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tasks = _task_names(args.tasks)  # a missing lm-eval fails before the model loads
     check_model_source(args.model, needed_for="evaluation")
-    model, tokenizer = llmquant.load(args.model, runtime=args.runtime)
+    model, tokenizer = llmquant.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
     if tokenizer is None:
         raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
     result: dict[str, Any] = {"ppl": {}}
@@ -277,7 +248,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmquant.evaluation.bench import BenchConfig, markdown_table, run_bench
 
     config = BenchConfig(batches=tuple(args.batch), prompt=args.prompt, decode=args.decode, repeats=args.repeats)
-    result = run_bench(args.model, args.baseline, args.runtime, config)
+    result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype)
     print(markdown_table(result))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -291,7 +262,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     check_model_source(args.model, needed_for="the sweep")
     try:
         summary = run_sweep(args.model, _recipe_from_args(args), Path(args.output), args.schemes, methods,
-                            args.eval_corpus, args.max_windows, progress=not args.quiet)
+                            args.eval_corpus, args.max_windows, progress=not args.quiet, device=args.device,
+                            dtype=args.dtype)
     except KeyboardInterrupt:
         print(f"llmquant: interrupted; finished cells are kept in {args.output}: run the same command to "
               "resume", file=sys.stderr)
@@ -322,7 +294,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from llmquant.pipeline.rotation import plan_rotations
 
     check_model_source(args.model)
-    model, _ = llmquant.load(args.model)
+    model, _ = llmquant.load(args.model, device="cpu")
     model_map = detect_model_map(model)
     sample = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     groups = find_smooth_groups(model, model_map, capture_layer_inputs(model, model_map, sample))
@@ -340,8 +312,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"llmquant: error: {message} (see {self.prog} --help)\n")
 
 
+def _placement_flags(parser: argparse.ArgumentParser, quantize: bool = False) -> None:
+    """--device and --dtype (and, for quantize, --offload and --max-gpu-memory): `llmquant.device`."""
+    parser.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                        help="where the model computes (default auto: the GPU when there is one)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the model's dtype (default auto: the checkpoint's own; float32 for the default model)")
+    if quantize:
+        parser.add_argument("--offload", default="layers", choices=["layers", "none"],
+                            help="layers (default): the model rests in CPU memory and each decoder layer comes "
+                                 "onto the device in turn; none: the whole model stays on the device")
+        parser.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                            help="what the calibration activations may take on the GPU (e.g. 20GB; default: its "
+                                 "free memory less 10%%); beyond it they wait in pinned CPU memory")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmquant.export.targets import TARGETS
+    from llmquant.pipeline.memory import ACTIVATION_SHARE
     from llmquant.quant.scheme import KV_CACHE, scheme_names
 
     parser = _Parser(prog="llmquant", description="Post-training quantization of LLMs.")
@@ -376,10 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run of the same model, recipe and calibration from its last layer")
     q.add_argument("--max-memory", default=None,
                    help="stream decoder layers from disk, one in memory at a time (e.g. 2GB); skips the evaluation")
+    _placement_flags(q, quantize=True)
     q.add_argument("--activations", default="auto", choices=["auto", "memory", "disk"],
-                   help="where the calibration activations wait between passes: memory, or disk (the run "
-                        "directory beside --output; one batch in memory at a time); auto (default): disk under "
-                        f"--max-memory when they would take more than {ACTIVATION_SHARE:.0%}% of it")  # %% for argparse
+                   help="where the calibration activations wait between passes: memory (on the GPU while they fit "
+                        "under --max-gpu-memory, else pinned CPU memory), or disk (the run directory beside "
+                        "--output; one batch in memory at a time); auto (default): memory, or disk under "
+                        f"--max-memory when CPU memory would hold them and they take more than "
+                        f"{ACTIVATION_SHARE:.0%}% of it")  # %% for argparse
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
     q.add_argument("--eval-corpus", default="pydoc")
     q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
@@ -400,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--runtime", default="int8", choices=["int8", "fake"],
                    help="int8 (default: int8 GEMMs for W8A8 Linears, int8 KV cache storage) or fake (simulated)")
     e.add_argument("--quiet", action="store_true")
+    _placement_flags(e)
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("sweep", help="quantize with every scheme x pre-optimization method and tabulate perplexity")
@@ -420,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", metavar="DIR", required=True,
                    help="directory for the table, chart and cells (rerun to resume)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _placement_flags(s)
     s.set_defaults(func=cmd_sweep, scheme=None, kv_cache=None, ignore=None, layer_map=None, pre_opt=None,
                    alpha=None, rotations=None)
 
@@ -433,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runtime", default="int8", choices=["int8", "fake"],
                    help="int8 (int8 GEMMs for W8A8 Linears) or fake (simulated)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    _placement_flags(b)
     b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("detect", help="print the layer map found in a model")

@@ -4,7 +4,8 @@ The command line (``--device``, ``--dtype``, ``--offload``, ``--max-gpu-memory``
 (``device=``, ``dtype=`` ...) resolve their words once into a `DevicePolicy`; below them nothing decides a
 device or a dtype again:
 
-- ``device``: ``auto`` (the first CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``;
+- ``device``: ``auto`` (``$LLMQUANT_DEVICE`` when set, else the first CUDA GPU when there is one, else the CPU),
+  ``cpu``, ``cuda`` or ``cuda:N``;
 - ``dtype``: ``auto`` (the checkpoint's own: bfloat16 for most models, float32 for the default model, which
   is dequantized from GGUF), ``float32``, ``bfloat16`` or ``float16``;
 - ``offload``: ``layers`` (the default): the model rests in CPU memory (or on disk under ``--max-memory``) and
@@ -19,6 +20,7 @@ back in the model's dtype.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,10 +37,13 @@ Offload = Literal["layers", "none"]
 
 
 def resolve_device(text: str | torch.device | None = "auto") -> torch.device:
-    """``auto``/None, ``cpu``, ``cuda``, ``cuda:N`` (or a `torch.device`) as a device that exists here."""
+    """``auto``/None, ``cpu``, ``cuda``, ``cuda:N`` (or a `torch.device`) as a device that exists here; ``auto`` is
+    ``$LLMQUANT_DEVICE`` when that is set."""
     if isinstance(text, torch.device):
         text = str(text)
     if text is None or text == "auto":
+        text = os.environ.get("LLMQUANT_DEVICE") or "auto"
+    if text == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(text)
@@ -145,6 +150,19 @@ def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> A
     return value
 
 
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating parameters and persistent buffers of ``model`` to ``dtype`` in place. Unlike
+    ``model.to(dtype)`` this leaves non-persistent buffers alone (rotary ``inv_freq``, kept in float32 as a model
+    loaded in ``dtype`` keeps it), so a cast model computes what the same model loaded in ``dtype`` computes."""
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                setattr(module, name, buffer.to(dtype))
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -160,6 +178,7 @@ def peak_memory_mb(device: torch.device) -> float | None:
 __all__ = [
     "DTYPES",
     "DevicePolicy",
+    "cast_weights",
     "device_of",
     "dtype_name",
     "peak_memory_mb",

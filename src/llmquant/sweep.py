@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 import llmquant
 from llmquant import data
 from llmquant.api import as_recipe, calibration_ids
+from llmquant.device import dtype_name, resolve_device, resolve_dtype
 from llmquant.errors import LlmquantError
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.quant_linear import set_runtime
@@ -208,11 +209,16 @@ def read_result(cell: Cell, output: Path) -> CellResult | None:
 
 
 def settings_of(model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None,
-                runtime: str = "int8") -> dict[str, Any]:
-    """What every cell's figure depends on besides its scheme and method (a rerun must match it)."""
+                runtime: str = "int8", device: str | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """What every cell's figure depends on besides its scheme and method (a rerun must match it); where it runs
+    only when that is not the CPU in the model's own dtype (as sweeps made before the GPU path recorded it)."""
     recipe = base.model_dump(mode="json", exclude={"scheme", "pre_opts"})  # (GPTQ's knobs only with GPTQ)
-    return {"model": model or "default", "recipe": recipe, "runtime": runtime,
-            "eval": {"corpus": eval_corpus, "seqlen": base.calib.seqlen, "max_windows": max_windows}}
+    settings = {"model": model or "default", "recipe": recipe, "runtime": runtime,
+                "eval": {"corpus": eval_corpus, "seqlen": base.calib.seqlen, "max_windows": max_windows}}
+    placed, chosen = resolve_device(device), resolve_dtype(dtype)
+    if placed.type != "cpu" or chosen is not None:
+        settings["placement"] = {"device": str(placed), "dtype": None if chosen is None else dtype_name(chosen)}
+    return settings
 
 
 def check_settings(output: Path, settings: dict[str, Any]) -> float | None:
@@ -229,13 +235,15 @@ def check_settings(output: Path, settings: dict[str, Any]) -> float | None:
 
 # --- running --------------------------------------------------------------------------------------
 def run_cell(cell: Cell, recipe: Recipe, model_path: str | None, calib: torch.Tensor, windows: torch.Tensor,
-             float_ppl: float, output: Path, runtime: str = "int8") -> CellResult:
-    """Load the float model, quantize it as ``recipe`` says, measure it with ``runtime`` (the int8 kernels
-    where a layer has them, the same function as the simulation), write manifest then result."""
-    model, _ = llmquant.load(model_path)
+             float_ppl: float, output: Path, runtime: str = "int8", device: str | None = None,
+             dtype: str | None = None) -> CellResult:
+    """Load the float model (on ``device``, in ``dtype``: `llmquant.load`), quantize it as ``recipe`` says, measure
+    it with ``runtime`` (the int8 kernels where a layer has them, the same function as the simulation), write
+    manifest then result."""
+    model, _ = llmquant.load(model_path, device=device, dtype=dtype)
     start = time.perf_counter()
     try:
-        llmquant.quantize(model, recipe, calib=calib, progress=False)
+        llmquant.quantize(model, recipe, calib=calib, progress=False, device=device)
         set_runtime(model, runtime)
         quantized = time.perf_counter()
         ppl = perplexity(model, windows)
@@ -266,17 +274,20 @@ def run_sweep(
     max_windows: int | None = 40,
     progress: bool = True,
     runtime: str = "int8",
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> SweepSummary:
-    """Run every cell of ``schemes`` x ``methods`` not yet finished in ``output``, then write the table."""
+    """Run every cell of ``schemes`` x ``methods`` not yet finished in ``output``, then write the table; every
+    model on ``device`` in ``dtype`` (`llmquant.load`)."""
     start = time.perf_counter()
     check_output(output)
     cells = build_cells(base, list(schemes or DEFAULT_SCHEMES), methods or resolve_methods(None))
-    settings = settings_of(model, base, eval_corpus, max_windows, runtime)
+    settings = settings_of(model, base, eval_corpus, max_windows, runtime, device, dtype)
     float_ppl = check_settings(output, settings)
     done = {cell.key: read_result(cell, output) for cell, _ in cells}
     todo = [(cell, recipe) for cell, recipe in cells if done[cell.key] is None]
     if todo or float_ppl is None:
-        calib, windows, float_model = prepare_data(model, base, eval_corpus, max_windows)
+        calib, windows, float_model = prepare_data(model, base, eval_corpus, max_windows, device, dtype)
         if float_ppl is None:
             float_ppl = perplexity(float_model, windows, progress=progress)
             write_atomically(output / SETTINGS_FILE, json.dumps({"settings": settings, "float_perplexity": float_ppl},
@@ -285,19 +296,20 @@ def run_sweep(
         bar = tqdm(todo, desc="sweep", unit="cell", disable=not progress)
         for cell, recipe in bar:
             bar.set_postfix_str(f"{cell.scheme} + {cell.method}")
-            done[cell.key] = run_cell(cell, recipe, model, calib, windows, float_ppl, output, runtime)
+            done[cell.key] = run_cell(cell, recipe, model, calib, windows, float_ppl, output, runtime, device, dtype)
     results = [r for r in done.values() if r is not None]
     table = write_outputs(output, results, float_ppl, describe(model, base, eval_corpus, max_windows))
     return SweepSummary(results, len(todo), float_ppl, table, time.perf_counter() - start)
 
 
 def prepare_data(
-    model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None
+    model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None, device: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """Calibration ids and evaluation windows shared by every cell, and the float model they came with."""
     calib_text = data.corpus(base.calib.dataset, "calib")  # a bad corpus fails before any model work
     eval_text = data.corpus(eval_corpus, "eval")
-    float_model, tokenizer = llmquant.load(model)
+    float_model, tokenizer = llmquant.load(model, device=device, dtype=dtype)
     if tokenizer is None:
         raise LlmquantError(f"{model} has no tokenizer files; the sweep needs one")
     limit = getattr(float_model.config, "max_position_embeddings", None)

@@ -58,19 +58,25 @@ def search_scales(
     return least_error_scales(layer, group, stats, specs, {r: awq_scales(act_mean, r) for r in RATIO_GRID})
 
 
+CLIP_CHUNK_BYTES = 256 * 2**20  # on a GPU: the partial outputs of one chunk of rows [rows, groups, tokens]
+
+
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, tokens: torch.Tensor, spec: QuantSpec, chunk: int = 64) -> torch.Tensor:
-    """The weight clipped per (output channel, input group) to the range with the least output error."""
+def search_clip(weight: torch.Tensor, tokens: torch.Tensor, spec: QuantSpec, chunk: int | None = None) -> torch.Tensor:
+    """The weight clipped per (output channel, input group) to the range with the least output error; ``chunk``
+    rows at a time (default: 64 on a CPU; on a GPU as many as `CLIP_CHUNK_BYTES` of partial outputs hold)."""
     out_features, in_features = weight.shape
     group = spec.group_size if spec.granularity == "group" else in_features
     n_groups = in_features // group
-    x = tokens.float().reshape(-1, n_groups, group)  # [tokens, n_groups, group]
+    x = tokens.float().to(weight.device).reshape(-1, n_groups, group)  # [tokens, n_groups, group]
+    if chunk is None:
+        chunk = 64 if not weight.is_cuda else max(64, CLIP_CHUNK_BYTES // (4 * n_groups * x.shape[0]))
     clipped = weight.clone()
     for start in range(0, out_features, chunk):
         w = weight[start : start + chunk].float().reshape(-1, n_groups, group)  # [rows, n_groups, group]
         reference = torch.einsum("tgk,rgk->rgt", x, w)
         absmax = w.abs().amax(dim=-1, keepdim=True)
-        best_err = torch.full(absmax.shape, float("inf"))
+        best_err = torch.full_like(absmax, float("inf"))
         best_max = absmax.clone()
         for step in range(CLIP_STEPS):
             limit = absmax * (1 - step / 20)

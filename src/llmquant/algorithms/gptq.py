@@ -24,11 +24,14 @@ Quantization parameters (from the spec's observer, `observe_once`):
 
 Precision: the Hessian, its dampening and the Cholesky factorizations in float64; the column sweep in
 float32 (as in the reference implementation), or float64 for a float64 weight; the result is cast back to
-the weight's dtype.
+the weight's dtype. On a GPU, a sweep whose scales are known before it starts (per tensor, per channel, static
+groups) runs each block of columns as one Triton kernel (`llmquant.algorithms.gptq_kernel`, the same formulas).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,19 +127,28 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(h), descending=True, stable=True)
         w, h = w[:, perm], h[perm][:, perm]
 
-    hinv = _inverse_hessian_cholesky(h, damp_ratio).to(compute)  # upper factor of the dampened H^-1
+    hinv = _inverse_hessian_cholesky(h, damp_ratio).to(compute).contiguous()  # upper factor of the dampened H^-1
 
+    column_groups = perm // group if group is not None else torch.zeros_like(perm)  # scale column of each column
+    fused = compute == torch.float32 and (group is None or static_groups) and fused_sweep_available(w)
+    groups_on_host = column_groups.tolist()  # read once: no device synchronisation per column
     codes = torch.zeros_like(w)
     losses = torch.zeros_like(w)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
+        hinv1 = hinv[i1:i2, i1:i2]
+        if fused:  # one kernel for the block's columns (`llmquant.algorithms.gptq_kernel`)
+            grid = (scales, zeros) if group is not None else (scale.expand(rows, 1), zero.expand(rows, 1))
+            codes[:, i1:i2], err1 = _fused_sweep(w[:, i1:i2], hinv1, *grid, column_groups[i1:i2], spec)
+            losses[:, i1:i2] = err1.pow(2) / 2
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
+            continue
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if group is not None:
-                g = int(perm[j]) // group
+                g = groups_on_host[j]
                 if not static_groups and j % group == 0:
                     current = _current_columns(w, w1, err1, hinv, i1, i, group)
                     s, z = observe_once(current, spec)
@@ -160,6 +172,24 @@ def gptq_quantize(
     codes = codes.to(code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
     return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(losses.sum()))
+
+
+def fused_sweep_available(tensor: torch.Tensor) -> bool:
+    """Whether the sweep of ``tensor`` can run block by block as one Triton kernel: Triton installed, and the tensor
+    on a CUDA device (or Triton's interpreter on, TRITON_INTERPRET=1). ``LLMQUANT_GPTQ_KERNEL=torch`` turns the
+    kernel off (the reference loop then runs everywhere, for comparison)."""
+    if os.environ.get("LLMQUANT_GPTQ_KERNEL", "triton") == "torch":
+        return False
+    if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fused_sweep(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    from llmquant.algorithms.gptq_kernel import sweep_block  # imports Triton
+
+    return sweep_block(w, hinv, scales, zeros, groups, spec.qmin, spec.qmax)
 
 
 def _check(
@@ -243,7 +273,11 @@ class GPTQ:
             raise LlmquantError("GPTQ saw no calibration inputs for this Linear")
         if len(self.weights) > 1 and not stacks_rows(spec):
             raise LlmquantError("GPTQ: weights quantized per tensor cannot be stacked (one scale spans all rows)")
-        result = gptq_quantize(torch.cat(self.weights), self.accumulator.hessian, spec, block_size, damp_ratio,
+        # in float32 (at least): the weights go back re-quantized with their qparams, which a bf16 copy of the
+        # dequantized values could round across a code boundary (|q - z| up to 255 for 8 bits)
+        stacked = torch.cat(self.weights)
+        stacked = stacked if stacked.dtype == torch.float64 else stacked.float()
+        result = gptq_quantize(stacked, self.accumulator.hessian, spec, block_size, damp_ratio,
                                act_order, static_groups=act_order)
         blocks_per_row = result.scale.shape[0] // result.weight.shape[0]  # 1 per channel, in / g per group
         rows = [w.shape[0] for w in self.weights]

@@ -306,7 +306,8 @@ def _as_rms(root: nn.Module, name: str) -> None:
     """Replace the (folded, w = 1, b = 0) LayerNorm ``name`` by an RMSNorm with its eps."""
     norm = root.get_submodule(name)
     parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, RMSNorm(norm.weight.shape[0], norm.eps))
+    rms = RMSNorm(norm.weight.shape[0], norm.eps).to(norm.weight.device, norm.weight.dtype)
+    setattr(root.get_submodule(parent) if parent else root, child, rms)
 
 
 # --- applying a plan -----------------------------------------------------------------------------
@@ -363,7 +364,7 @@ def rotate_head(model: nn.Module, plan: QuaRotPlan) -> None:
     if plan.final_norm is not None:
         norm = model.get_submodule(plan.final_norm)
         if getattr(norm, "bias", None) is not None and head.bias is None:
-            head.bias = nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype), requires_grad=False)
+            head.bias = nn.Parameter(torch.zeros_like(head.weight[:, 0]), requires_grad=False)
         fold_norm(norm, [head])
         if plan.center:
             _as_rms(model, plan.final_norm)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmquant.device import device_of, dtype_name
 from llmquant.errors import LlmquantError
 from llmquant.nn.kv_storage import cache_argument, returned_cache
 
@@ -84,6 +85,8 @@ class BenchResult:
     runtime: str
     config: BenchConfig
     threads: int
+    device: str
+    baseline_dtype: str
     quantized: ModelFigures
     float32: ModelFigures
     ratios: dict[str, Any] = field(default_factory=dict)
@@ -155,18 +158,28 @@ def _prefill_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": True, **({"logits_to_keep": 1} if keeps else {})}
 
 
+def _synchronized(device: torch.device) -> float:
+    """The clock, once the device has finished what was queued (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def time_generation(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Seconds of the prefill of ``ids`` and of ``steps`` greedy decode steps after it (KV cache)."""
+    """Seconds of the prefill of ``ids`` and of ``steps`` greedy decode steps after it (KV cache), on the device
+    the model is on."""
+    device = device_of(model)
+    ids = ids.to(device)
     with torch.inference_mode():
-        start = time.perf_counter()
+        start = _synchronized(device)
         out = model(ids, **_prefill_kwargs(model))
-        prefilled = time.perf_counter()
+        prefilled = _synchronized(device)
         argument = cache_argument(model)
         cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         for _ in range(steps):
             out = model(token, **{argument: cache}, use_cache=True)
             cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
-        return prefilled - start, time.perf_counter() - prefilled
+        return prefilled - start, _synchronized(device) - prefilled
 
 
 def measure(models: dict[str, nn.Module], config: BenchConfig, vocab_size: int) -> dict[str, dict[int, list]]:
@@ -213,15 +226,18 @@ def run_bench(
     baseline: str | os.PathLike | None = None,
     runtime: str = "int8",
     config: BenchConfig | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> BenchResult:
     """Benchmark ``model`` (a checkpoint, loaded with ``runtime``) against ``baseline`` (the float model
-    it came from; None: the default model) as the module docstring says."""
+    it came from; None: the default model) as the module docstring says, both on ``device`` (auto: the GPU when
+    there is one) in ``dtype`` (auto: each in its own, a bf16 checkpoint against its bf16 model)."""
     import llmquant
 
     config = config or BenchConfig()
     start = time.perf_counter()
-    quantized, _ = llmquant.load(model, runtime=runtime)
-    reference, _ = llmquant.load(baseline)
+    quantized, _ = llmquant.load(model, runtime=runtime, device=device, dtype=dtype)
+    reference, _ = llmquant.load(baseline, device=device, dtype=dtype)
     vocab = quantized.config.vocab_size
     if reference.config.vocab_size != vocab:
         raise LlmquantError(f"the baseline's vocabulary ({reference.config.vocab_size} tokens) differs from the "
@@ -235,10 +251,15 @@ def run_bench(
                                      disk_bytes(checkpoint_path(source)))
     return BenchResult(
         model=str(model) if model is not None else "default", baseline=str(baseline) if baseline else "default",
-        runtime=runtime, config=config, threads=torch.get_num_threads(), quantized=figures["quantized"],
+        runtime=runtime, config=config, threads=torch.get_num_threads(), device=_device_name(device_of(quantized)),
+        baseline_dtype=dtype_name(next(reference.parameters()).dtype), quantized=figures["quantized"],
         float32=figures["float"], ratios=ratios(figures["quantized"], figures["float"]),
         seconds=time.perf_counter() - start,
     )
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _mib(value: int | None) -> str:
@@ -254,8 +275,9 @@ def markdown_table(result: BenchResult) -> str:
     q, f, r = result.quantized, result.float32, result.ratios
     c = result.config
     rows = [f"{c.prompt}-token prompts, {c.decode} decoded tokens, median of {c.repeats}, runtime "
-            f"{result.runtime}, {result.threads} threads; model {result.model}, baseline {result.baseline}",
-            "", "| figure | float32 | quantized | quantized / float |", "|---|---|---|---|"]
+            f"{result.runtime}, {result.device}, {result.threads} threads; model {result.model}, baseline "
+            f"{result.baseline}", "", f"| figure | {result.baseline_dtype} | quantized | quantized / float |",
+            "|---|---|---|---|"]
     for batch in q.prefill_tokens_per_s:
         rows.append(f"| prefill tokens/s, batch {batch} | {f.prefill_tokens_per_s[batch]:.1f} | "
                     f"{q.prefill_tokens_per_s[batch]:.1f} | {r['prefill'][batch]:.3f} |")

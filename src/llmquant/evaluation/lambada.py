@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmquant.device import device_of
 from llmquant.errors import LlmquantError
 
 
@@ -65,8 +66,8 @@ def lambada_accuracy(model: nn.Module, tokenizer: Any, texts: list[str], progres
         context, target = split_last_word(text)
         context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
         target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([context_ids + target_ids])
-        logits = model(ids, use_cache=False).logits[0]
+        ids = torch.tensor([context_ids + target_ids], device=device_of(model))
+        logits = model(ids, use_cache=False).logits[0].cpu()
         start = len(context_ids) - 1
         predicted = logits[start : start + len(target_ids)].argmax(dim=-1)
         correct += int(predicted.tolist() == target_ids)

@@ -9,7 +9,8 @@ Two ways in (both need ``pip install -e .[eval]``):
   (or ``llmquant-lm-eval ...``, the same). lm-eval 0.4 discovers no plugins, so a bare ``lm_eval --model
   llmquant`` cannot see the registration; these forms import it first and then run lm-eval's CLI as is.
   model_args: ``pretrained`` (what `llmquant.load` takes; none: the default model), ``runtime`` (fake|int8),
-  ``max_length``, ``max_gen_toks``. In Python: ``import llmquant.evaluation.lm_eval_adapter``, then
+  ``max_length``, ``max_gen_toks``, ``device`` and ``dtype`` (as `llmquant.load` takes them). In Python:
+  ``import llmquant.evaluation.lm_eval_adapter``, then
   ``lm_eval.simple_evaluate(model="llmquant", model_args={"pretrained": DIR}, tasks=[...])``.
 
 Every request runs alone through ``model(ids, use_cache=False)``, exactly the forward the perplexity
@@ -19,6 +20,7 @@ in a plain forward. Generation is greedy. Inputs longer than the model's context
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from llmquant.device import device_of
 from llmquant.errors import LlmquantError
 
 try:
@@ -42,7 +45,8 @@ except ImportError:
 MODEL_NAME = "llmquant"
 DEFAULT_MAX_GEN_TOKENS = 256
 # what lm-eval passes to every model; llmquant runs one request at a time on the CPU, so they change nothing
-IGNORED_OPTIONS = {"batch_size", "max_batch_size", "device", "trust_remote_code"}
+IGNORED_OPTIONS = {"batch_size", "max_batch_size", "trust_remote_code"}
+log = logging.getLogger(__name__)
 TokenRequest = tuple[Any, list[int], list[int]]  # (the request's strings, context ids, continuation ids)
 
 
@@ -60,16 +64,21 @@ class LlmquantLM(TemplateLM):
         runtime: str = "fake",
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKENS,
+        device: str | None = None,
+        dtype: str | None = None,
         **lm_eval_options: Any,
     ) -> None:
+        """``device``/``dtype``: where and in which dtype a model loaded from ``pretrained`` runs (`llmquant.load`:
+        auto by default); a model given as ``model`` runs where it is."""
         super().__init__()
         unknown = sorted(set(lm_eval_options) - IGNORED_OPTIONS)
         if unknown:  # a misspelt pretrained= must not silently evaluate the default model
-            raise LlmquantError(f"unknown model_args {unknown}; allowed: pretrained, runtime, max_length, max_gen_toks")
+            raise LlmquantError(f"unknown model_args {unknown}; allowed: pretrained, runtime, max_length, "
+                                "max_gen_toks, device, dtype")
         if model is None:
             import llmquant
 
-            model, tokenizer = llmquant.load(pretrained, runtime=runtime)
+            model, tokenizer = llmquant.load(pretrained, runtime=runtime, device=_usable(device), dtype=dtype)
         if tokenizer is None:
             raise LlmquantError(f"{pretrained or 'the model'} has no tokenizer; lm-eval tasks need one")
         self.model = model.eval()
@@ -101,8 +110,8 @@ class LlmquantLM(TemplateLM):
     @torch.no_grad()
     def next_token_log_probs(self, ids: list[int]) -> torch.Tensor:
         """log p(. | ids[:i+1]) for every position i: ``[len(ids), vocab]`` (the last max_length ids)."""
-        window = torch.tensor([ids[-self.max_length :]], dtype=torch.long)
-        return torch.log_softmax(self.model(window, use_cache=False).logits[0].float(), dim=-1)
+        window = torch.tensor([ids[-self.max_length :]], dtype=torch.long, device=device_of(self.model))
+        return torch.log_softmax(self.model(window, use_cache=False).logits[0].float(), dim=-1).cpu()
 
     def score_continuation(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """Sum of log p(continuation | context) and whether greedy decoding would produce it."""
@@ -168,6 +177,15 @@ class LlmquantLM(TemplateLM):
             if any(stop in text for stop in until):
                 break
         return _cut_at_stop(text, until)
+
+
+def _usable(device: str | None) -> str | None:
+    """lm-eval's command line passes ``device=cuda:0`` unless told otherwise, GPU or not: on a machine without
+    one that means the CPU (as lm-eval's own models do, said in the log)."""
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("lm-eval asked for device %s, but this machine has no CUDA GPU: the model runs on the CPU", device)
+        return "cpu"
+    return device
 
 
 def _cut_at_stop(text: str, until: list[str]) -> str:

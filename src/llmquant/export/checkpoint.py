@@ -44,8 +44,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from llmquant.device import dtype_name
 from llmquant.errors import LlmquantError
-from llmquant.model.lazy import INDEX, CheckpointReader, return_freed_memory
+from llmquant.model.lazy import INDEX, CheckpointReader, config_dtype, return_freed_memory
 from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
 from llmquant.model.targets import matches_any
@@ -176,7 +177,7 @@ def _stored_tensors(model: nn.Module, prefix: str = "", skip: str | None = None)
         module = model.get_submodule(owner) if owner else model
         if isinstance(module, QuantLinear):
             value = _to_stored(module, leaf, value)
-        tensors[prefix + key.replace(_KV_PREFIX, "")] = value.contiguous()
+        tensors[prefix + key.replace(_KV_PREFIX, "")] = value.detach().to("cpu").contiguous()
     return tensors
 
 
@@ -267,6 +268,7 @@ def _write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, manifes
     """Weights, config.json, the tokenizer, then llmquant.json listing every file (itself included)."""
     _write_weights(model, directory)
     config = model.config.to_dict()
+    config["dtype"] = config["torch_dtype"] = dtype_name(model_dtype(model))  # what it was quantized in
     config.pop("quantization_config", None)
     qconfig = quantization_config(model)
     if qconfig is not None:
@@ -279,6 +281,13 @@ def _write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, manifes
         tokenizer.save_pretrained(directory)
     files = sorted({p.name for p in directory.iterdir()} | {MANIFEST})
     (directory / MANIFEST).write_text(json.dumps({**(manifest or {}), FILES_KEY: files}, indent=2, default=str))
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's float weights: that of its input embeddings (float32 if it has none)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
 
 
 def _write_weights(model: nn.Module, directory: Path) -> None:
@@ -554,7 +563,8 @@ def _apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
     for name, eps in structure.get("rms_norms", {}).items():
         norm = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, RMSNorm(norm.weight.shape[0], eps))
+        rms = RMSNorm(norm.weight.shape[0], eps).to(norm.weight.dtype)
+        setattr(model.get_submodule(parent) if parent else model, child, rms)
     for name, rotation in structure.get("input_rotations", {}).items():
         attach_input_rotation(model.get_submodule(name), Rotation(**rotation))
     for name, rotation in structure.get("qk_rotations", {}).items():
@@ -570,7 +580,7 @@ def _add_missing_biases(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
         owner, _, leaf = key.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         if leaf == "bias" and isinstance(module, (nn.Linear, QuantLinear)) and module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(value, dtype=torch.float32), requires_grad=False)
+            module.bias = nn.Parameter(torch.zeros_like(value), requires_grad=False)  # in the stored dtype
 
 
 def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) -> None:
@@ -585,6 +595,7 @@ def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) ->
                     module.bias is not None,
                     from_args(group.weights),
                     from_args(group.input_activations),
+                    dtype=module.weight.dtype,
                 )
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, quantized)
@@ -597,8 +608,9 @@ def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) ->
         enable_kv_quantization(model)
 
 
-def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
-    """Rebuild the model a `save` wrote: same modules, same tensors, same logits."""
+def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, Any]:
+    """Rebuild the model a `save` wrote: same modules, same tensors, same logits; its float tensors in ``dtype``
+    (None: the dtype it was quantized in, ``dtype`` of its config.json), in CPU memory."""
     directory = Path(directory)
     check_model_dir(directory)
     with reading(directory / "config.json", "checkpoint config", "the config.json llmquant writes"):
@@ -608,7 +620,7 @@ def load_quantized(directory: str | os.PathLike) -> tuple[nn.Module, Any]:
     for key in ("quantization_config", STRUCTURE):
         if hasattr(config, key):
             delattr(config, key)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
     if raw is not None:
         with reading(directory / "config.json", "checkpoint config", "the compressed-tensors quantization_config "
                      "llmquant writes"):

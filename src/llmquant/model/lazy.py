@@ -74,30 +74,31 @@ class CheckpointReader:
         return tensors
 
 
-def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader) -> None:
-    """Read every parameter and persistent buffer of ``module`` stored under ``prefix``, as float32."""
+def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader, dtype: torch.dtype) -> None:
+    """Read every parameter and persistent buffer of ``module`` stored under ``prefix``, floats in ``dtype``."""
     names = [n for n, _ in module.named_parameters()] + [
         n for n, _ in module.named_buffers() if f"{prefix}{n}" in reader.files
     ]
     stored = [n for n in names if f"{prefix}{n}" in reader.files]
     for name, value in reader.read([f"{prefix}{n}" for n in stored]).items():
-        value = value.float() if value.is_floating_point() else value
+        value = value.to(dtype) if value.is_floating_point() else value
         set_module_tensor_to_device(module, name[len(prefix):], "cpu", value=value)
 
 
 @dataclass
 class LazyLayers:
     """The decoder layers of a skeleton model, read from ``reader`` when needed, and the tensors outside
-    them, which can be released and read again."""
+    them, which can be released and read again; floating tensors in ``dtype``, the model's."""
 
     model: nn.Module
     model_map: ModelMap
     reader: CheckpointReader
+    dtype: torch.dtype = torch.float32
 
     def materialize(self, index: int) -> nn.Module:
         layer = self.model_map.layers(self.model)[index]
         if any(p.is_meta for p in layer.parameters()):
-            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader)
+            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader, self.dtype)
         return layer
 
     def release(self, index: int) -> None:
@@ -109,11 +110,11 @@ class LazyLayers:
         return [n for n, _ in self.model.named_parameters(remove_duplicate=False) if not n.startswith(prefix)]
 
     def materialize_outside(self) -> None:
-        """Read the embeddings, final norm and head (float32), and tie the head again where the config says."""
+        """Read the embeddings, final norm and head, and tie the head again where the config says."""
         outside = self._outside()
         stored = [n for n in outside if n in self.reader.files]
-        for name, value in self.reader.read(stored).items():
-            set_module_tensor_to_device(self.model, name, "cpu", value=value.float())
+        for name, value in self.read_outside(stored).items():
+            set_module_tensor_to_device(self.model, name, "cpu", value=value)
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
         missing = [n for n in outside if self.model.get_parameter(n).is_meta]
@@ -127,8 +128,9 @@ class LazyLayers:
         return_freed_memory()
 
     def read_outside(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors outside the layers as the model holds them once materialized (float32)."""
-        return {name: value.float() for name, value in self.reader.read(names).items()}
+        """The named tensors outside the layers as the model holds them once materialized (in its dtype)."""
+        return {name: value.to(self.dtype) if value.is_floating_point() else value
+                for name, value in self.reader.read(names).items()}
 
 
 @functools.cache
@@ -168,19 +170,37 @@ def map_large_allocations(threshold: int = 2**20) -> bool:
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def load_lazy(directory: str | Path) -> tuple[PreTrainedModel, object, LazyLayers]:
-    """The model of a local checkpoint with its decoder layers left on disk, its tokenizer, and the layers."""
+def load_lazy(directory: str | Path, dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, object, LazyLayers]:
+    """The model of a local checkpoint with its decoder layers left on disk, its tokenizer, and the layers;
+    in ``dtype`` (None: the checkpoint's own, float32 where its config names none)."""
     directory = Path(directory)
     check_model_dir(directory)
     map_large_allocations()
     with reading(directory / "config.json", "model config", "a Hugging Face config.json"):
         config = AutoConfig.from_pretrained(directory)
+    dtype = dtype or config_dtype(config)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()
-    lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory))
+    lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory), dtype)
     lazy.materialize_outside()
     return model, load_tokenizer(directory), lazy
 
 
-__all__ = ["CheckpointReader", "LazyLayers", "load_lazy", "map_large_allocations", "return_freed_memory"]
+def config_dtype(config: object) -> torch.dtype:
+    """The dtype a checkpoint's config names (``dtype``, or ``torch_dtype`` before transformers 5), float32 where
+    it names none or a non-floating one."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, str):
+        named = getattr(torch, named.removeprefix("torch."), None)
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else torch.float32
+
+
+__all__ = [
+    "CheckpointReader",
+    "LazyLayers",
+    "config_dtype",
+    "load_lazy",
+    "map_large_allocations",
+    "return_freed_memory",
+]

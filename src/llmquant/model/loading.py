@@ -49,12 +49,15 @@ _DIR_EXPECTED = "a Hugging Face checkpoint as save_pretrained writes it (truncat
 _GGUF_EXPECTED = "a complete GGUF model file as llama.cpp writes it (truncated or corrupt?)"
 
 
-def _from_pretrained(source: str, tokenizer: bool = True,
+def _from_pretrained(source: str, tokenizer: bool = True, dtype: torch.dtype | None = None,
                      **kwargs: object) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """The model and, when ``tokenizer``, its tokenizer (else None)."""
+    """The model in ``dtype`` (None: the checkpoint's own; float32 for a GGUF file, which transformers
+    dequantizes) and, when ``tokenizer``, its tokenizer (else None)."""
     hf_logging.disable_progress_bar()  # llmquant shows its own progress; loading takes a second
     found = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    if dtype is None:
+        dtype = torch.float32 if "gguf_file" in kwargs else "auto"  # type: ignore[assignment]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the GGUF weights are dequantized: this model is float
         model.hf_quantizer = None
@@ -82,24 +85,26 @@ def _cached_default() -> Path:
     return target
 
 
-def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """A float32 causal LM and its tokenizer (None for a directory without tokenizer files), in eval mode.
+def load_float(source: str | os.PathLike | None = None,
+               dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """A causal LM in ``dtype`` (None: the checkpoint's own; float32 for the default model and GGUF files) and
+    its tokenizer (None for a directory without tokenizer files), in eval mode, in CPU memory.
 
     A local directory or .gguf file is checked first (`llmquant.model.validation`), and whatever reading it
     raises becomes one `LlmquantError` naming it."""
     if source is None:
-        return _load_dir(_cached_default(), "the cached default model; delete it to convert it again")
+        return _load_dir(_cached_default(), dtype, "the cached default model; delete it to convert it again")
     path = Path(source)
     if path.suffix == ".gguf":
         check_gguf(path)
         with reading(path, "model file", _GGUF_EXPECTED):
-            return _from_pretrained(str(path.parent), gguf_file=path.name)
+            return _from_pretrained(str(path.parent), dtype=dtype, gguf_file=path.name)
     if path.is_dir():
-        return _load_dir(path)
+        return _load_dir(path, dtype)
     if str(source).startswith((".", "/", "~")) or os.sep + os.sep in str(source):
         raise LlmquantError(f"model path {source} does not exist")
     try:
-        return _from_pretrained(str(source))
+        return _from_pretrained(str(source), dtype=dtype)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise LlmquantError(
@@ -108,13 +113,14 @@ def load_float(source: str | os.PathLike | None = None) -> tuple[PreTrainedModel
         ) from None
 
 
-def _load_dir(directory: Path, note: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+def _load_dir(directory: Path, dtype: torch.dtype | None = None,
+              note: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """A local checkpoint directory, checked, then read; ``note`` is added to any error about it."""
     try:
         check_model_dir(directory)
         tokenizer = load_tokenizer(directory)
         with reading(directory, "model directory", _DIR_EXPECTED):
-            model, _ = _from_pretrained(str(directory), tokenizer=False)
+            model, _ = _from_pretrained(str(directory), tokenizer=False, dtype=dtype)
     except LlmquantError as err:
         if note is None:
             raise

@@ -34,15 +34,14 @@ from tqdm.auto import tqdm
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
-from llmquant.device import DevicePolicy, device_of, peak_memory_mb, reset_peak_memory
+from llmquant.device import DevicePolicy, cast_weights, device_of, peak_memory_mb, reset_peak_memory
 from llmquant.errors import LlmquantError
-from llmquant.model.lazy import LazyLayers
 from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
 from llmquant.model.offloaded import is_offloaded, load_offloaded
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
-from llmquant.pipeline.activations import ActivationStorage, activation_bytes
+from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.layer_io import (
     BATCH,
     LayerInputs,
@@ -55,8 +54,10 @@ from llmquant.pipeline.layer_io import (
     relative_error,
     run_layer,
 )
+from llmquant.pipeline.memory import activation_storage
 from llmquant.pipeline.rotation import RotationPass, with_seed_map
 from llmquant.pipeline.run_dir import RunDir
+from llmquant.pipeline.source import LayerSource
 from llmquant.quant.scheme import Scheme
 from llmquant.recipe import QuantPlan, Recipe
 
@@ -341,39 +342,6 @@ def _quantize_outside_layers(model: nn.Module, model_map: ModelMap, plan: QuantP
     return done
 
 
-@dataclass
-class LayerSource:
-    """Where decoder layers live: in memory (the default; a layer accelerate keeps offloaded is loaded when
-    its turn comes, `llmquant.model.offloaded`), or on disk (`LazyLayers`, read one at a time and released
-    to ``meta`` once their result is in the run directory; the embeddings and head are released too while
-    the layers run, when nothing changes them)."""
-
-    lazy: LazyLayers | None = None
-
-    @property
-    def streams(self) -> bool:
-        return self.lazy is not None
-
-    def materialize(self, model: nn.Module, model_map: ModelMap, index: int) -> nn.Module:
-        if self.lazy is not None:
-            return self.lazy.materialize(index)
-        layer = model_map.layers(model)[index]
-        load_offloaded(layer)
-        return layer
-
-    def release(self, index: int) -> None:
-        if self.lazy is not None:
-            self.lazy.release(index)
-
-    def release_outside(self) -> None:
-        if self.lazy is not None:
-            self.lazy.release_outside()
-
-    def materialize_outside(self) -> None:
-        if self.lazy is not None:
-            self.lazy.materialize_outside()
-
-
 def _restore_layer(layer: nn.Module, prefix: str, model_map: ModelMap, plan: QuantPlan,
                    state: dict[str, torch.Tensor]) -> None:
     """Give a float layer (already rotated, if the run rotates) the modules a finished run left, and load
@@ -400,13 +368,15 @@ def quantize(
     """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen].
 
     ``policy`` (`llmquant.device`, default: the CPU, the model's dtype) says where each layer computes: with
-    ``offload="layers"`` the model rests in CPU memory and each decoder layer comes onto the device for its passes,
-    then goes back; with ``"none"`` the whole model moves to the device first. With ``run_dir``, every finished
-    layer is saved there and the layers it already holds are restored instead of recomputed (resume). With a
-    streaming ``source``, decoder layers are read from disk one at a time and released after they are saved:
-    ``run_dir`` is then required and the checkpoint writer reads the layers back from it
+    ``offload="layers"`` the model rests where it was given (CPU memory, usually) and each decoder layer comes onto
+    the device for its passes, then goes back; with ``"none"`` the whole model moves to the device first.
+
+    With ``run_dir``, every finished layer is saved there and the layers it already holds are restored instead of
+    recomputed (resume). With a streaming ``source``, decoder layers are read from disk one at a time and released
+    after they are saved: ``run_dir`` is then required and the checkpoint writer reads the layers back from it
     (``model.llmquant_run_dir``). ``activations`` says where the calibration activations wait between passes
-    (default: `activation_storage`'s choice; its directory, when offloaded to disk, is removed at the end).
+    (default: in memory, on the device while they fit: `llmquant.pipeline.memory.activation_storage`; its
+    directory, when offloaded to disk, is removed at the end).
     """
     policy = policy or DevicePolicy()
     source = source or LayerSource()
@@ -414,8 +384,9 @@ def quantize(
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
     model_map = model_map or detect_model_map(model)
+    home = _resting_device(model, model_map, policy)  # where each layer goes back to once quantized
     offloaded = _prepare_model(model, model_map, source, policy)
-    storage = activations or activation_storage(policy, model, calib)
+    storage = activations or activation_storage("memory", policy, model, calib)
     quarot = recipe.quarot()
     if quarot is not None:
         model_map = with_seed_map(model, model_map, quarot.backbone, quarot.model_decoder_layers, quarot.self_attn)
@@ -453,7 +424,7 @@ def quantize(
             if rotation is not None and index > 0:
                 rotate_layer(layer, rotation.plan)
             _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
-            layer.to(policy.home)
+            layer.to(home)
             manifest.layers.append(run_dir.layer_row(index))
         else:
             reset_peak_memory(policy.device)
@@ -462,7 +433,7 @@ def quantize(
                 rotation.rotate(layer, index, inputs.head(1))
             outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage)
             inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
-            layer.to(policy.home)
+            layer.to(home)
             row["peak_gpu_mb"] = peak_memory_mb(policy.device)
             manifest.layers.append(row)
             if run_dir is not None:
@@ -488,6 +459,15 @@ def quantize(
     return manifest
 
 
+def _resting_device(model: nn.Module, model_map: ModelMap, policy: DevicePolicy) -> torch.device:
+    """Where a quantized layer goes back to: the device with ``offload="none"``, else where the model's layers
+    were given (the CPU for a model streamed from disk or offloaded by accelerate)."""
+    if policy.offload == "none":
+        return policy.device
+    given = device_of(model_map.layers(model)[0])
+    return torch.device("cpu") if given.type == "meta" else given
+
+
 def _prepare_model(model: nn.Module, model_map: ModelMap, source: LayerSource, policy: DevicePolicy) -> bool:
     """Bring the model to where the policy wants it before the layers run: the policy's dtype, every weight
     accelerate keeps offloaded outside the decoder layers in memory (each layer is loaded when its turn comes),
@@ -498,27 +478,10 @@ def _prepare_model(model: nn.Module, model_map: ModelMap, source: LayerSource, p
         if hasattr(model, "tie_weights"):  # loaded as copies: a tied head shares the embeddings again
             model.tie_weights()
     if policy.dtype is not None:
-        model.to(policy.dtype)
+        cast_weights(model, policy.dtype)
     if policy.offload == "none" and not source.streams and not offloaded:
         model.to(policy.device)
     return offloaded
-
-
-def activation_storage(policy: DevicePolicy, model: nn.Module, calib: torch.Tensor) -> ActivationStorage:
-    """Where the calibration activations wait between passes when the caller does not say: on the CPU in
-    memory; on a GPU on the device while their three copies fit under the policy's budget, else in pinned CPU
-    memory (one batch moved at a time)."""
-    if not policy.is_cuda:
-        return ActivationStorage()
-    hidden = getattr(getattr(model, "config", None), "hidden_size", 0)
-    dtype = policy.dtype or next(model.parameters()).dtype
-    needed = activation_bytes(calib.shape[0], calib.shape[1], hidden, dtype)
-    budget = policy.activation_budget() or 0
-    if needed <= budget:
-        return ActivationStorage(device=policy.device)
-    log.info("calibration activations (%.0f MiB) exceed the device budget (%.0f MiB): they wait in pinned CPU memory",
-             needed / 2**20, budget / 2**20)
-    return ActivationStorage(device=torch.device("cpu"), pin=True)
 
 
 def _progress(row: dict[str, Any]) -> dict[str, str]:

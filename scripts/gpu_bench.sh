@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# On a GPU machine without internet: install the wheels carried in .whl/ (scripts/gpu_wheels.sh), run the device
+# tests (tests/test_devices.py, tests/test_gptq_kernel.py) on the GPU, then scripts/gpu_bench.py (arguments are
+# passed on). Everything it reports goes to $OUT (default out/gpu): gpu.txt, tests.log, bench.log, gpu_bench.json.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 OUT
+install() {  # TARGET WHEEL...
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$1" "${@:2}" || exit 1
+}
+install /tmp/site-llmquant .whl/common/*.whl .whl/llmquant/*.whl
+install /tmp/site-llmc .whl/common/*.whl .whl/llmcompressor/*.whl
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    nproc
+} > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+PYTHONPATH=/tmp/site-llmquant:src timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+    tests/test_devices.py tests/test_gptq_kernel.py > "$OUT/tests.log" 2>&1
+tail -n 25 "$OUT/tests.log"
+PYTHONPATH=/tmp/site-llmquant:src python3 scripts/gpu_bench.py --out "$OUT" --llmquant-path /tmp/site-llmquant:src \
+    --llmcompressor-path /tmp/site-llmc "$@" > "$OUT/bench.log" 2>&1
+grep -v -E "^\s*$|Warning|warn\(" "$OUT/bench.log" | tail -n 40
