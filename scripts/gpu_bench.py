@@ -45,12 +45,12 @@ SHAPES = {
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
              "tie_word_embeddings": False},
 }
-RUNS = {  # name -> (llmquant recipe, llm-compressor recipe builder's key)
+RUNS = {  # name -> llmquant recipe (llm-compressor's: `llmcompressor_recipe`); the goals name GPTQ and AWQ first
     "gptq_w4_g128": {"scheme": "w_int4_per_group_sym", "group_size": 128, "algorithm": "gptq",
                      "gptq": {"true_sequential": False}},
+    "awq_w4_g128": {"scheme": "w_uint4_per_group_asym", "group_size": 128, "algorithm": "awq"},
     "smoothquant_w8a8_per_token": {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
                                    "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]},
-    "awq_w4_g128": {"scheme": "w_uint4_per_group_asym", "group_size": 128, "algorithm": "awq"},
 }
 TOOLS = ("llmquant", "llmcompressor")
 SHARD_LAYERS = 4  # decoder layers per safetensors shard of the random checkpoint

@@ -19,7 +19,7 @@ install /tmp/site-llmc .whl/common/*.whl .whl/llmcompressor/*.whl
     nproc
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
-PYTHONPATH=/tmp/site-llmquant:src timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider \
+PYTHONPATH=/tmp/site-llmquant:src timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider \
     tests/test_devices.py tests/test_gptq_kernel.py > "$OUT/tests.log" 2>&1
 tail -n 25 "$OUT/tests.log"
 PYTHONPATH=/tmp/site-llmquant:src python3 scripts/gpu_bench.py --out "$OUT" --llmquant-path /tmp/site-llmquant:src \
