@@ -68,6 +68,8 @@ def build_checkpoint(directory: Path, shape: str, layers: int | None, device: st
 
     fields = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     config = LlamaConfig(**fields, dtype="bfloat16")
+    if (directory / "model.safetensors.index.json").exists():  # written by an earlier run on this machine
+        return json.loads((directory / "config.json").read_text())
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(seed)
     hidden, inter = config.hidden_size, config.intermediate_size

@@ -83,8 +83,12 @@ def test_every_algorithm_quantizes_on_the_device_and_the_layers_come_back(
     assert all(t.device.type == "cpu" for t in quantized_tensors(model))
     assert (manifest.results["peak_gpu_mb"] is not None) == (device == "cuda")
     reference = quantized(RECIPES[name], calib_ids, "cpu")
-    error = relative_error(logits(reference, eval_ids), logits(model, eval_ids))
-    assert error < (1e-6 if device == "cpu" else 2e-2)  # the same on the CPU; float rounding apart elsewhere
+    if device == "cpu":
+        assert torch.equal(logits(reference, eval_ids), logits(model, eval_ids))
+    else:  # float rounding apart, which can move a searched choice (AWQ's ratio): as close to the float model
+        float_logits = logits(make_model("llama"), eval_ids)
+        here, there = (relative_error(float_logits, logits(m, eval_ids)) for m in (model, reference))
+        assert here == pytest.approx(there, rel=0.25)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,7 +171,8 @@ def test_round_to_nearest_gives_the_cpu_codes_on_the_gpu(scheme: str, calib_ids:
         (m for m in on_cpu.modules() if isinstance(m, QuantLinear)), strict=True,
     ):
         assert torch.equal(a.codes(), b.codes()), name
-        assert torch.equal(a.weight_scale, b.weight_scale), name
+        # CUDA divides by a Python number as a product with its reciprocal: scales may differ in the last bit
+        torch.testing.assert_close(a.weight_scale, b.weight_scale, rtol=2e-7, atol=0)
 
 
 @cuda_only
