@@ -93,6 +93,16 @@ def test_the_cholesky_form_with_lazy_batches_gives_the_codes_of_the_obs_form(blo
     assert torch.equal(result.codes.double(), _obs_reference(weight, hessian, spec))
 
 
+def test_the_inverse_factor_from_one_cholesky_is_the_references(layer: tuple) -> None:
+    """U = J M^-1 J (M the Cholesky factor of J H J) is chol(H^-1, upper), as the reference computes it."""
+    _, _, _, hessian = layer
+    damped = hessian + 0.01 * torch.diag(hessian).mean() * torch.eye(IN, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    factor = gptq_module._inverse_hessian_cholesky(hessian.flip(0, 1).clone(), 0.01)
+    assert torch.equal(factor, factor.triu()) and bool((factor.diagonal() > 0).all())
+    torch.testing.assert_close(factor, reference, rtol=1e-9, atol=1e-12)
+
+
 def test_dynamic_groups_do_not_depend_on_the_block_size(layer: tuple) -> None:
     """The lazy batch update only regroups sums: in float64 every block size gives the same codes."""
     weight, _, _, hessian = layer

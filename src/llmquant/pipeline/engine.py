@@ -46,8 +46,8 @@ from llmquant.pipeline.layer_io import (
     BATCH,
     LayerInputs,
     capture_layer_inputs,
+    check_equivalence,
     compute_dtype,
-    equivalence_tolerance,
     float32_probe,
     head_dim_of,
     inputs_of,
@@ -179,15 +179,9 @@ def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInput
 
 def _check_equivalence(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], what: str,
                        where: str, dtype: torch.dtype) -> float:
-    """A transform that claims to keep the function must keep the layer's outputs (relative error, within
-    `equivalence_tolerance` of the dtype the layer computes in)."""
-    error, tolerance = relative_error(reference, actual), equivalence_tolerance(dtype)
-    if error > tolerance:
-        raise LlmquantError(
-            f"{what} changed the function of {where}: relative output change {error:.2e} > "
-            f"{tolerance:.0e}; the layer map or smoothing groups do not fit this model"
-        )
-    return error
+    """A transform that claims to keep the function must keep the layer's outputs (`check_equivalence`)."""
+    return check_equivalence(relative_error(reference, actual), dtype, what, where,
+                             "the layer map or smoothing groups do not fit this model")
 
 
 def _layer_specs(layer: nn.Module, prefix: str, plan: QuantPlan) -> Specs:

@@ -200,6 +200,16 @@ def equivalence_tolerance(dtype: torch.dtype) -> float:
     return max(1e-4, 4 * torch.finfo(dtype).eps)
 
 
+def check_equivalence(error: float, dtype: torch.dtype, what: str, where: str, misfit: str) -> float:
+    """``error``, the relative output change of a transform that claims to keep the function of ``where``, if it is
+    within the `equivalence_tolerance` of ``dtype``; else one error naming ``what`` and the likely ``misfit``."""
+    tolerance = equivalence_tolerance(dtype)
+    if error > tolerance:
+        raise LlmquantError(f"{what} changed the function of {where}: relative output change {error:.2e} > "
+                            f"{tolerance:.1e}; {misfit}")
+    return error
+
+
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a layer computes in (of its first floating parameter; float32 if it has none)."""
     return next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)

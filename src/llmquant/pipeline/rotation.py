@@ -34,8 +34,8 @@ from llmquant.model.model_map import ModelMap, untie_head
 from llmquant.pipeline.layer_io import (
     LayerInputs,
     capture_layer_inputs,
+    check_equivalence,
     compute_dtype,
-    equivalence_tolerance,
     float32_probe,
     head_dim_of,
     relative_error,
@@ -81,13 +81,7 @@ def with_seed_map(model: nn.Module, model_map: ModelMap, backbone: str | None, d
 
 
 def _check(error: float, what: str, dtype: torch.dtype) -> float:
-    tolerance = equivalence_tolerance(dtype)
-    if error > tolerance:
-        raise LlmquantError(
-            f"QuaRot changed the function of {what}: relative output change {error:.2e} > "
-            f"{tolerance:.0e}; the model's structure does not fit the rotation plan"
-        )
-    return error
+    return check_equivalence(error, dtype, "QuaRot", what, "the model's structure does not fit the rotation plan")
 
 
 def _to_stream(plan: QuaRotPlan, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
