@@ -307,3 +307,14 @@ def test_weights_quantized_per_tensor_are_not_stacked(layer: tuple) -> None:
     accumulator.add_batch(calib)
     with pytest.raises(LlmquantError, match="per tensor cannot be stacked"):
         GPTQ([weight[:64], weight[64:]], accumulator).quantize(QuantSpec(bits=8, granularity="tensor"))
+
+
+def test_weights_quantized_per_tensor_go_through_gptq_one_linear_at_a_time(calib_ids: torch.Tensor,
+                                                                            eval_ids: torch.Tensor) -> None:
+    """One scale per weight: each Linear is its own sweep (it was refused with a split of zero scale rows)."""
+    model = make_model("llama")
+    reference = logits(model, eval_ids)
+    llmquant.quantize(model, {"scheme": "w_int8_per_tensor_a_int8_per_tensor_static", "algorithm": "gptq"},
+                      calib=calib_ids, progress=False)
+    assert model.model.layers[0].self_attn.q_proj.weight_scale.shape == (1,)
+    assert relative_error(reference, logits(model, eval_ids)) < 0.1

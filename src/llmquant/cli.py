@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from llmquant.model.validation import check_model_source
 
 log = logging.getLogger("llmquant")
 DEFAULT_WINDOWS = 40
+LAUNCHER = "LLMQUANT_LAUNCHER"  # set by `quantize --nproc` for the processes it starts
 
 
 def _recipe_from_args(args: argparse.Namespace) -> Any:
@@ -96,8 +99,10 @@ def _float_ppl(model: Any, windows: Any, key: str | None) -> float:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    import torch
+
     import llmquant
-    from llmquant import data
+    from llmquant import data, parallel
     from llmquant.api import calibration_ids
     from llmquant.device import DevicePolicy
     from llmquant.evaluation.perplexity import perplexity
@@ -106,6 +111,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant.pipeline.memory import model_for_quantization, parse_size
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
+    if args.nproc > 1 and not parallel.launched_by_torchrun():
+        return _launch(args.nproc, args.argv, args.output)
     output = Path(args.output)
     _check_output(output, args.overwrite)  # before any work: never delete what llmquant did not write
     recipe = _recipe_from_args(args)
@@ -113,18 +120,22 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cap = parse_size(args.max_memory)
     policy = DevicePolicy.resolve(args.device, args.dtype, args.offload,
                                   parse_size(args.max_gpu_memory, "--max-gpu-memory"))
+    ranks = parallel.init(policy.device.type)  # the process group torchrun started, or this process alone
+    if ranks.world > 1 and policy.is_cuda:  # one GPU per process
+        policy = dataclasses.replace(policy, device=torch.device("cuda", parallel.local_rank()))
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
     ids = calibration_ids(recipe, tokenizer, calib_text)
     run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
-                          fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume)
+                          fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume,
+                          ranks=ranks)
     windows = None
     figures: dict[str, Any] = {}
     if args.eval and source is not None:
         log.warning("a model streamed from disk is not evaluated here; run `llmquant eval --model %s`", output)
-    elif args.eval:
+    elif args.eval and ranks.writes:  # (in several processes, rank 0 evaluates)
         windows = data.corpus_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
         key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
         with _on_device(model, policy):
@@ -135,7 +146,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         from llmquant.model.model_map import ModelMap
 
         model_map = ModelMap.from_dict(_read_layer_map(args.layer_map)["model_map"])
-    llmquant.quantize(model, recipe, tokenizer, calib=ids, model_map=model_map, progress=not args.quiet,
+    llmquant.quantize(model, recipe, tokenizer, calib=ids, model_map=model_map,
+                      progress=not args.quiet and ranks.writes,
                       run_dir=run_dir, source=source, activations=args.activations, max_memory=cap,
                       device=policy.device, dtype=policy.dtype, offload=policy.offload,
                       max_gpu_memory=policy.max_gpu_memory)
@@ -156,12 +168,47 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                         "interpreter come on top of the streamed weights)", manifest.results["peak_rss_mb"],
                         cap / 2**20)
     manifest.seconds["wall"] = time.perf_counter() - start
-    llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
-    run_dir.remove()
-    _print_summary(recipe.scheme, figures, output, manifest.results)
-    smoke = smoke_check(args.target, output)  # loaded back as the target would, a few tokens generated
-    if smoke is not None:
-        print(smoke.line())
+    if ranks.writes:  # one writer
+        llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
+        run_dir.remove()
+        _print_summary(recipe.scheme, figures, output, manifest.results)
+        smoke = smoke_check(args.target, output)  # loaded back as the target would, a few tokens generated
+        if smoke is not None:
+            print(smoke.line())
+    ranks.barrier()  # (the others wait for the checkpoint, so a failed write fails the whole group)
+    return 0
+
+
+def _launch(nproc: int, argv: list[str], output: str) -> int:
+    """``llmquant quantize --nproc N``: the same command in N processes started by torchrun (one machine),
+    returning the group's exit code. Each process prints its own errors (rank 0 one line for the group); a
+    process stopped from outside (a signal, a crash) is said here in one line, without torchrun's report."""
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's agent: no log lines of its own
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    rest, skip = [], False
+    for arg in argv:  # the command again, without --nproc
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc" and not skip
+            continue
+        rest.append(arg)
+    config = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "llmquant", *rest])
+    os.environ[LAUNCHER] = "1"  # (the processes leave a lost process of the group to this one to say)
+    try:
+        run(config)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode in (2, 130):  # an llmquant error or an interruption: rank 0 said it
+            return failure.exitcode
+        how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+        print(f"llmquant: error: process {rank} of {nproc} stopped ({how}), and torchrun stopped the others; "
+              f"nothing was written to {output} (--resume continues from the last finished layer)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130  # (each process was interrupted too; rank 0 said so)
     return 0
 
 
@@ -371,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--output; one batch in memory at a time); auto (default): memory, or disk under "
                         f"--max-memory when CPU memory would hold them and they take more than "
                         f"{ACTIVATION_SHARE:.0%}% of it")  # %% for argparse
+    q.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="quantize in N processes started by torchrun (each calibrates on its share of the samples; "
+                        "one GPU each on a GPU machine); the same as torchrun --nproc-per-node N -m llmquant quantize")
     q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
     q.add_argument("--eval-corpus", default="pydoc")
     q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
@@ -437,19 +487,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    args.argv = argv
+    speaks = int(os.environ.get("RANK", "0")) == 0  # in several processes, rank 0 speaks for the group
+    logging.basicConfig(level=args.log_level if speaks else "ERROR", format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(max(logging.ERROR, logging.getLogger(noisy).level))
     try:
         return args.func(args)
     except LlmquantError as err:
-        print(f"llmquant: error: {err}", file=sys.stderr)
+        lost = type(err).__name__ == "LostProcessError"  # said by the --nproc launcher, when there is one
+        if speaks and not (lost and os.environ.get(LAUNCHER)):
+            print(f"llmquant: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         output = getattr(args, "output", None)
         where = f"; nothing was written to {output} (--resume continues from the last finished layer)" if output else ""
-        print(f"llmquant: interrupted{where}", file=sys.stderr)
+        if speaks:
+            print(f"llmquant: interrupted{where}", file=sys.stderr)
         return 130
 
 

@@ -35,6 +35,7 @@ from llmquant.algorithms.smoothquant import (
     smoothing_groups,
 )
 from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import QuantSpec, fake_quantize
 
 RATIO_GRID: tuple[float, ...] = tuple(i / 20 for i in range(20))
@@ -52,25 +53,30 @@ def search_scales(
     group: SmoothGroup,
     stats: GroupStats,
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+    ranks: Ranks = SINGLE,
 ) -> tuple[float, torch.Tensor]:
-    """The ratio of `RATIO_GRID` with the least weight-quantized output error, and its scales."""
+    """The ratio of `RATIO_GRID` with the least weight-quantized output error (summed over ``ranks``), and its
+    scales."""
     act_mean = reduce_channels(stats.act_absmean, group)
-    return least_error_scales(layer, group, stats, specs, {r: awq_scales(act_mean, r) for r in RATIO_GRID})
+    return least_error_scales(layer, group, stats, specs, {r: awq_scales(act_mean, r) for r in RATIO_GRID}, ranks)
 
 
 CLIP_CHUNK_BYTES = 256 * 2**20  # on a GPU: the partial outputs of one chunk of rows [rows, groups, tokens]
+CLIP_TOKENS = 2048  # the token sample a group keeps (`GroupStatsCollector`), which sizes the chunks
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, tokens: torch.Tensor, spec: QuantSpec, chunk: int | None = None) -> torch.Tensor:
-    """The weight clipped per (output channel, input group) to the range with the least output error; ``chunk``
-    rows at a time (default: 64 on a CPU; on a GPU as many as `CLIP_CHUNK_BYTES` of partial outputs hold)."""
+def search_clip(weight: torch.Tensor, tokens: torch.Tensor, spec: QuantSpec, chunk: int | None = None,
+                ranks: Ranks = SINGLE) -> torch.Tensor:
+    """The weight clipped per (output channel, input group) to the range with the least output error over the
+    tokens of every rank of ``ranks``; ``chunk`` rows at a time (default: 64 on a CPU; on a GPU as many as
+    `CLIP_CHUNK_BYTES` of partial outputs hold)."""
     out_features, in_features = weight.shape
     group = spec.group_size if spec.granularity == "group" else in_features
     n_groups = in_features // group
     x = tokens.float().to(weight.device).reshape(-1, n_groups, group)  # [tokens, n_groups, group]
-    if chunk is None:
-        chunk = 64 if not weight.is_cuda else max(64, CLIP_CHUNK_BYTES // (4 * n_groups * x.shape[0]))
+    if chunk is None:  # (from the shapes only, the same on every rank: their collectives must pair up)
+        chunk = 64 if not weight.is_cuda else max(64, CLIP_CHUNK_BYTES // (4 * n_groups * CLIP_TOKENS))
     clipped = weight.clone()
     for start in range(0, out_features, chunk):
         w = weight[start : start + chunk].float().reshape(-1, n_groups, group)  # [rows, n_groups, group]
@@ -82,7 +88,11 @@ def search_clip(weight: torch.Tensor, tokens: torch.Tensor, spec: QuantSpec, chu
             limit = absmax * (1 - step / 20)
             candidate = torch.maximum(torch.minimum(w, limit), -limit)
             quantized = fake_quantize(candidate.reshape(w.shape[0], -1), spec).reshape(w.shape)
-            err = (torch.einsum("tgk,rgk->rgt", x, quantized) - reference).pow(2).mean(dim=-1, keepdim=True)
+            squared = (torch.einsum("tgk,rgk->rgt", x, quantized) - reference).pow(2)
+            if ranks.world == 1:
+                err = squared.mean(dim=-1, keepdim=True)
+            else:  # the mean over every rank's tokens
+                err = ranks.sum(squared.sum(dim=-1, keepdim=True)) / max(ranks.total(float(x.shape[0])), 1.0)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, limit, best_max)
@@ -96,9 +106,10 @@ def scale_group(
     group: SmoothGroup,
     stats: GroupStats,
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+    ranks: Ranks = SINGLE,
 ) -> tuple[dict[str, object], torch.Tensor]:
     """Step 1 for one group (keeps the function): its manifest row and the tokens the readers now see."""
-    ratio, scales = search_scales(layer, group, stats, specs)
+    ratio, scales = search_scales(layer, group, stats, specs, ranks)
     apply_smoothing(layer, group, scales)
     tokens = (stats.tokens.double() / expand_channels(scales, group)).float()
     return {"producer": group.producer, "linears": list(group.linears), "awq_ratio": ratio}, tokens
@@ -124,14 +135,14 @@ class AWQStep(LayerStep):
         return {"smooth_groups": describe_groups(chosen)}
 
     def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
-        self.collector = GroupStatsCollector(ctx.layer, self.groups)
+        self.collector = GroupStatsCollector(ctx.layer, self.groups, ranks=ctx.ranks)
         return self.collector.handles
 
     def transform(self, ctx: LayerContext) -> dict[str, Any]:
         assert self.collector is not None
         rows = []
         for group, stats in zip(self.groups, self.collector.close(), strict=True):
-            row, tokens = scale_group(ctx.layer, group, stats, group_specs(group, ctx))
+            row, tokens = scale_group(ctx.layer, group, stats, group_specs(group, ctx), ctx.ranks)
             rows.append(row)
             self.to_clip.append((group, tokens))
         return {"smoothing": rows}
@@ -144,7 +155,7 @@ class AWQStep(LayerStep):
                 if w_spec is None or name not in ctx.linears:
                     continue
                 linear, quantized = ctx.linears[name]
-                linear.weight.data = search_clip(linear.weight.data, tokens, w_spec)
+                linear.weight.data = search_clip(linear.weight.data, tokens, w_spec, ranks=ctx.ranks)
                 quantized.set_weight(linear.weight.detach())
                 clipped.append(name)
         return {"clipped": clipped}

@@ -44,6 +44,7 @@ from torch.utils.hooks import RemovableHandle
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
 from llmquant.errors import LlmquantError
+from llmquant.parallel import Ranks
 from llmquant.quant.observers import observe_once
 from llmquant.quant.primitives import dequantize, quantize_blocks
 from llmquant.quant.spec import QuantSpec
@@ -76,6 +77,14 @@ class HessianAccumulator:
         with _tf32(rows.is_cuda and x.dtype == torch.bfloat16):
             product = rows.T @ rows
         self._hessian += product.double() * (2.0 / self.tokens)
+
+    def reduce(self, ranks: Ranks) -> None:
+        """The Hessian of every rank's tokens (`llmquant.parallel`): the sum of the ranks' N_r H_r over their N."""
+        if ranks.world == 1:
+            return
+        total = ranks.total(float(self.tokens))
+        summed = ranks.sum(self._hessian * self.tokens)
+        self._hessian, self.tokens = summed / max(total, 1.0), int(total)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -316,6 +325,8 @@ class GPTQ:
         stacked = stacked if stacked.dtype == torch.float64 else stacked.float()
         result = gptq_quantize(stacked, self.accumulator.hessian, spec, block_size, damp_ratio,
                                act_order, static_groups=act_order)
+        if len(self.weights) == 1:  # (per tensor too: one scale for all rows)
+            return [(result.weight, (result.scale, result.zero))]
         blocks_per_row = result.scale.shape[0] // result.weight.shape[0]  # 1 per channel, in / g per group
         rows = [w.shape[0] for w in self.weights]
         scales = result.scale.split([r * blocks_per_row for r in rows])
@@ -384,7 +395,13 @@ class GPTQStep(LayerStep):
     """GPTQ in the engine, stage by stage: the Linears of a stage read one input, so they share one Hessian
     (and, with the same spec, one sweep of their stacked rows). With ``true_sequential`` each stage's Hessian
     comes from its input behind the already quantized stages (the layer runs only as far as the stage's
-    first Linear); without it, from the float pass of the transformed layer."""
+    first Linear); without it, from the float pass of the transformed layer.
+
+    In several processes (`llmquant.parallel`) each Hessian is the sum over ranks. A sweep whose rows are
+    quantized independently is split by rows: each rank sweeps its share and the rows are gathered. The others
+    (one scale for the whole weight) among the sweeps that do not wait for one another (a stage's, or with
+    Hessians from the float pass the whole layer's) go whole to owner ranks by their cost, and each owner
+    broadcasts its codes, scales and zero points. Every rank goes on with the same quantized layer."""
 
     name = "gptq"
 
@@ -407,22 +424,76 @@ class GPTQStep(LayerStep):
 
     @torch.no_grad()
     def quantize(self, ctx: LayerContext) -> dict[str, Any]:
-        options = self.options
         specs = {name: quantized.weight_spec for name, (_, quantized) in ctx.linears.items()}
-        for stage in self.stages:
-            hessian = self.hessians.pop(stage[0], None)  # (released once its stage is swept)
-            if hessian is None:  # true sequential: the stage's input behind the stages quantized so far
-                hessian = _accumulator_for(ctx.linears[stage[0]][0])
-                ctx.feed(ctx.layer.get_submodule(stage[0]), hessian.add_batch)
-            for sweep in stacked_sweeps(stage, specs):
-                state = GPTQ([ctx.linears[name][0].weight for name in sweep], hessian)
-                results = state.quantize(specs[sweep[0]], options.block_size, options.damp_ratio, options.act_order)
-                for name, (weight, qparams) in zip(sweep, results, strict=True):
-                    ctx.linears[name][1].set_weight(weight, qparams)
+        rounds = [[stage] for stage in self.stages] if self.options.true_sequential else [self.stages]
+        for stages in rounds:  # the sweeps of a round do not depend on one another
+            jobs: list[tuple[list[str], HessianAccumulator]] = []
+            for stage in stages:
+                hessian = self._hessian_of(ctx, stage)
+                jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs)]
+            split = [(sweep, hessian) for sweep, hessian in jobs if self._splits(ctx, sweep, specs[sweep[0]])]
+            whole = [job for job in jobs if job not in split]
+            for sweep, hessian in split:  # every rank sweeps its share of the rows
+                self._solve(ctx, sweep, hessian, specs[sweep[0]], rows_of=ctx.ranks)
+            owners = ctx.ranks.owners([_cost(ctx, sweep) for sweep, _ in whole])
+            for (sweep, hessian), owner in zip(whole, owners, strict=True):
+                if owner == ctx.ranks.rank:
+                    self._solve(ctx, sweep, hessian, specs[sweep[0]])
+            for (sweep, _), owner in zip(whole, owners, strict=True):
+                for name in sweep:
+                    ctx.linears[name][1].broadcast_weight(ctx.ranks, owner)
         return {"gptq_stages": self.stages}
+
+    @staticmethod
+    def _splits(ctx: LayerContext, sweep: list[str], spec: QuantSpec) -> bool:
+        """Whether the sweep is split by rows over several ranks: rows quantized independently (not one scale
+        for the whole weight), at least one row a rank."""
+        rows = sum(ctx.linears[name][0].out_features for name in sweep)
+        return ctx.ranks.world > 1 and stacks_rows(spec) and rows >= ctx.ranks.world
+
+    def _hessian_of(self, ctx: LayerContext, stage: list[str]) -> HessianAccumulator:
+        """The stage's Hessian over every rank's samples: from the float pass, or (true sequential) from its input
+        behind the stages quantized so far."""
+        hessian = self.hessians.pop(stage[0], None)  # (released once its stage is swept)
+        if hessian is None:
+            hessian = _accumulator_for(ctx.linears[stage[0]][0])
+            ctx.feed(ctx.layer.get_submodule(stage[0]), hessian.add_batch)
+        hessian.reduce(ctx.ranks)
+        return hessian
+
+    def _solve(self, ctx: LayerContext, sweep: list[str], hessian: HessianAccumulator, spec: QuantSpec,
+               rows_of: Ranks | None = None) -> None:
+        """GPTQ the sweep's stacked rows and set its Linears' weights; with ``rows_of``, this rank's share of the
+        rows only, then every rank's rows gathered (the rows of a sweep are independent given H^-1)."""
+        options = self.options
+        weights = [ctx.linears[name][0].weight for name in sweep]
+        if rows_of is None:
+            results = GPTQ(weights, hessian).quantize(spec, options.block_size, options.damp_ratio, options.act_order)
+        else:
+            stacked = torch.cat(weights)
+            [(part, (scale, zero))] = GPTQ([stacked[rows_of.share(stacked.shape[0])]], hessian).quantize(
+                spec, options.block_size, options.damp_ratio, options.act_order)
+            per_row = scale.shape[0] // part.shape[0]  # scales a row: 1 per channel, in / g per group
+            weight = rows_of.all_rows(part, stacked.shape[0])
+            scale, zero = (rows_of.all_rows(t.reshape(part.shape[0], per_row), stacked.shape[0]).reshape(-1, 1)
+                           for t in (scale, zero))
+            rows = [w.shape[0] for w in weights]
+            results = list(zip(weight.split(rows), zip(scale.split([r * per_row for r in rows]),
+                                                       zero.split([r * per_row for r in rows]), strict=True),
+                               strict=True))
+        for name, (weight, qparams) in zip(sweep, results, strict=True):
+            ctx.linears[name][1].set_weight(weight, qparams)
 
     def release(self, ctx: LayerContext) -> None:
         self.stages, self.hessians = [], {}
+
+
+def _cost(ctx: LayerContext, sweep: list[str]) -> float:
+    """A sweep's work, for the partition over ranks: its column updates (rows x columns^2) and its factorization
+    (columns^3)."""
+    linears = [ctx.linears[name][0] for name in sweep]
+    rows, columns = sum(linear.out_features for linear in linears), linears[0].in_features
+    return float(rows * columns**2 + columns**3)
 
 
 def _accumulator_for(linear: nn.Linear) -> HessianAccumulator:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from llmquant.nn.quant_linear import QuantLinear
+from llmquant.parallel import Ranks
 from llmquant.quant.spec import QuantSpec
 
 Specs = dict[str, tuple[QuantSpec | None, QuantSpec | None]]  # Linear (relative name) -> (weight, input) specs
@@ -49,6 +50,7 @@ class SetupContext:
     head_dim: int | None
     linears: list[str]
     run_sample: Callable[[], Any]
+    ranks: Ranks = field(default_factory=Ranks)
 
 
 @dataclass
@@ -60,6 +62,9 @@ class LayerContext:
     ``run_sample(batch)``: run the layer on the first ``batch`` calibration samples, returning the outputs.
     ``feed(module, consume)``: run the layer on every calibration sample only as far as ``module``, giving each
     batch's input of ``module`` to ``consume``.
+    ``ranks``: the processes sharing the calibration samples (`llmquant.parallel`); a step reduces what it
+    gathered over them (`Ranks.sum`, `Ranks.max`, ...) and may split its solves among them. One process: every
+    collective is the identity.
     """
 
     layer: nn.Module
@@ -69,6 +74,7 @@ class LayerContext:
     run_sample: Callable[[int], Any]
     feed: Callable[[nn.Module, Callable[[torch.Tensor], None]], None]
     linears: dict[str, tuple[nn.Linear, QuantLinear]] = field(default_factory=dict)
+    ranks: Ranks = field(default_factory=Ranks)
 
     def quantized_names(self) -> list[str]:
         """The Linears whose weights are quantized, in the layer's module order."""

@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, expand_channels, reduce_channels, resolve_heads
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import QuantSpec, fake_quantize, qparams_from_min_max
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ def quantized_group_error(
     before smoothing) is given, as calibration would set it; otherwise every input scale comes from the
     tokens themselves."""
     x = stats.tokens.float()
+    if x.shape[0] == 0:  # a fold this rank did not see (several processes): nothing to score here
+        return 0.0
     columns = expand_channels(scales, group).float()
     x_smooth = x / columns
     error = 0.0
@@ -135,13 +138,16 @@ def choose_alpha(
     stats: GroupStats,
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
     grid: tuple[float, ...] = AUTO_GRID,
+    ranks: Ranks = SINGLE,
 ) -> tuple[float, torch.Tensor]:
     """The alpha of ``grid`` whose scales give the least quantized output error, and those scales (from all
-    samples' maxima). With ``stats.folds``, each alpha is scored on held-out tokens (module docstring)."""
+    samples' maxima). With ``stats.folds``, each alpha is scored on held-out tokens (module docstring); the
+    errors are summed over ``ranks``."""
     act = reduce_channels(stats.act_absmax, group)
     w_max = weight_absmax(layer, group)
     if stats.folds is None:
-        return least_error_scales(layer, group, stats, specs, {a: smoothing_scales(act, w_max, a) for a in grid})
+        candidates = {a: smoothing_scales(act, w_max, a) for a in grid}
+        return least_error_scales(layer, group, stats, specs, candidates, ranks)
     errors = dict.fromkeys(grid, 0.0)
     first, second = stats.folds
     for fit, held in ((first, second), (second, first)):
@@ -150,8 +156,16 @@ def choose_alpha(
         for alpha in grid:
             scales = smoothing_scales(fit_act, w_max, alpha)
             errors[alpha] += quantized_group_error(layer, group, held, scales, specs, references, fit.act_absmax)
-    best = min(grid, key=errors.__getitem__)
+    best = _least(errors, ranks)
     return best, smoothing_scales(act, w_max, best)
+
+
+def _least(errors: dict[float, float], ranks: Ranks) -> float:
+    """The key of the least error summed over ``ranks`` (the first on ties), the same on every rank."""
+    if ranks.world > 1:
+        summed = ranks.sum(torch.tensor(list(errors.values()), dtype=torch.float64)).tolist()
+        errors = dict(zip(errors, summed, strict=True))
+    return min(errors, key=errors.__getitem__)
 
 
 def _float_outputs(layer: nn.Module, group: SmoothGroup, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -166,11 +180,13 @@ def least_error_scales(
     stats: GroupStats,
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
     candidates: dict[float, torch.Tensor],
+    ranks: Ranks = SINGLE,
 ) -> tuple[float, torch.Tensor]:
-    """Of ``{parameter: scales}``, the entry with the least quantized output error (first on ties)."""
+    """Of ``{parameter: scales}``, the entry with the least quantized output error summed over ``ranks`` (first on
+    ties)."""
     references = _float_outputs(layer, group, stats.tokens)
     errors = {p: quantized_group_error(layer, group, stats, s, specs, references) for p, s in candidates.items()}
-    best = min(errors, key=errors.__getitem__)
+    best = _least(errors, ranks)
     return best, candidates[best]
 
 
@@ -180,11 +196,12 @@ def smooth_group(
     stats: GroupStats,
     alpha: float | str,
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
+    ranks: Ranks = SINGLE,
 ) -> dict[str, object]:
     """Smooth one group in place; return its manifest row."""
     act = reduce_channels(stats.act_absmax, group)
     if alpha == "auto":
-        chosen, scales = choose_alpha(layer, group, stats, specs)
+        chosen, scales = choose_alpha(layer, group, stats, specs, ranks=ranks)
     else:
         chosen, scales = float(alpha), smoothing_scales(act, weight_absmax(layer, group), float(alpha))
     apply_smoothing(layer, group, scales)
@@ -200,11 +217,16 @@ def smooth_group(
 
 class GroupStatsCollector:
     """Forward pre-hooks on each group's first reader: channel absolute maxima, mean absolute values and a
-    token sample, kept for two folds (alternate forward calls) so that alpha=auto can score held-out tokens."""
+    token sample, kept for two folds (alternate forward calls) so that alpha=auto can score held-out tokens.
 
-    def __init__(self, layer: nn.Module, groups: list[SmoothGroup], max_tokens: int = 2048, seed: int = 0) -> None:
-        self.groups = groups
-        self.max_tokens = max_tokens
+    In several processes (``ranks``) the maxima, sums and counts are reduced over the ranks; each rank keeps a
+    token sample of its own (``max_tokens`` shared among them), on which the searches score their candidates
+    and sum the scores over the ranks."""
+
+    def __init__(self, layer: nn.Module, groups: list[SmoothGroup], max_tokens: int = 2048, seed: int = 0,
+                 ranks: Ranks = SINGLE) -> None:
+        self.groups, self.ranks = groups, ranks
+        self.max_tokens = max(1, max_tokens // ranks.world)
         self.generator = torch.Generator().manual_seed(seed)
         self.absmax: dict[tuple[int, int], torch.Tensor] = {}
         self.abssum: dict[tuple[int, int], torch.Tensor] = {}
@@ -229,7 +251,9 @@ class GroupStatsCollector:
 
         return record
 
-    def _sample(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+    def _sample(self, tokens: list[torch.Tensor], features: int) -> torch.Tensor:
+        if not tokens:  # a fold another rank saw and this one did not
+            return torch.zeros(0, features, device=self.absmax[next(iter(self.absmax))].device)
         tokens = torch.cat(tokens)
         if tokens.shape[0] > self.max_tokens:
             tokens = tokens[torch.randperm(tokens.shape[0], generator=self.generator)[: self.max_tokens]]
@@ -237,19 +261,33 @@ class GroupStatsCollector:
 
     def _fold(self, key: tuple[int, int]) -> GroupStats:
         tokens = [x for fold, x in self.tokens[key[0]] if fold == key[1]]
-        return GroupStats(act_absmax=self.absmax[key], tokens=self._sample(tokens),
+        return GroupStats(act_absmax=self.absmax[key], tokens=self._sample(tokens, self.absmax[key].shape[0]),
                           act_absmean=self.abssum[key] / self.count[key])
 
+    def _reduce(self) -> None:
+        """Maxima, sums and counts of every (group, fold) over the ranks; a fold no rank saw stays absent."""
+        for i in range(len(self.groups)):
+            like = self.absmax[(i, 0)]
+            for key in ((i, 0), (i, 1)):
+                count = self.ranks.total(float(self.count.get(key, 0)))
+                if count == 0:
+                    continue
+                self.absmax[key] = self.ranks.max(self.absmax.get(key, torch.zeros_like(like)).clone())
+                self.abssum[key] = self.ranks.sum(self.abssum.get(key, torch.zeros_like(like)).clone())
+                self.count[key] = int(count)
+
     def close(self) -> list[GroupStats]:
-        """Remove the hooks; the statistics of each group."""
+        """Remove the hooks; the statistics of each group (over every rank)."""
         for handle in self.handles:
             handle.remove()
+        if self.ranks.world > 1:
+            self._reduce()
         stats = []
         for i in range(len(self.groups)):
             keys = [key for key in ((i, 0), (i, 1)) if key in self.absmax]
             absmax = torch.stack([self.absmax[k] for k in keys]).amax(dim=0)
             mean = sum(self.abssum[k] for k in keys) / sum(self.count[k] for k in keys)
-            tokens = self._sample([x for _, x in self.tokens[i]])  # in call order
+            tokens = self._sample([x for _, x in self.tokens[i]], absmax.shape[0])  # in call order
             folds = (self._fold(keys[0]), self._fold(keys[1])) if len(keys) == 2 else None
             stats.append(GroupStats(act_absmax=absmax, tokens=tokens, act_absmean=mean, folds=folds))
         return stats
@@ -307,13 +345,13 @@ class SmoothingStep(LayerStep):
         return {"smooth_groups": describe_groups(self.chosen)}
 
     def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
-        self.collector = GroupStatsCollector(ctx.layer, [group for group, _ in self.chosen])
+        self.collector = GroupStatsCollector(ctx.layer, [group for group, _ in self.chosen], ranks=ctx.ranks)
         return self.collector.handles
 
     def transform(self, ctx: LayerContext) -> dict[str, Any]:
         assert self.collector is not None
         stats = self.collector.close()
-        rows = [smooth_group(ctx.layer, group, group_stats, alpha, group_specs(group, ctx))
+        rows = [smooth_group(ctx.layer, group, group_stats, alpha, group_specs(group, ctx), ctx.ranks)
                 for (group, alpha), group_stats in zip(self.chosen, stats, strict=True)]
         return {"smoothing": rows}
 

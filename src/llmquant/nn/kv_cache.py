@@ -27,6 +27,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, fake_quantize
 
 QUANTIZED_ATTENTION = "llmquant_sdpa"
@@ -54,10 +55,13 @@ class KVCacheQuantizer(nn.Module):
             self.observers = (Observer(self.spec), Observer(self.spec))
 
     @torch.no_grad()
-    def stop_observing(self) -> None:
+    def stop_observing(self, ranks: Ranks = SINGLE) -> None:
+        """Freeze the static scales from what was observed (on every rank of ``ranks``)."""
         self.observing = False
         if self.observers is None:
             return
+        for observer in self.observers:
+            observer.reduce(ranks)
         self.k_scale.copy_(self.observers[0].qparams()[0].reshape(1))
         self.v_scale.copy_(self.observers[1].qparams()[0].reshape(1))
         self.observers = None

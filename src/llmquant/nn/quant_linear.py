@@ -38,6 +38,7 @@ from torch import nn
 
 from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
@@ -151,6 +152,16 @@ class QuantLinear(nn.Module):
                 self.weight_zero_point.copy_(torch.round(zero).reshape(self.weight_zero_point.shape))
         self._drop_caches()
 
+    def broadcast_weight(self, ranks: Ranks, owner: int) -> None:
+        """``owner``'s quantized weight (codes, scales, zero points) on every rank of ``ranks``."""
+        if ranks.world == 1:
+            return
+        for name in ("weight", "weight_packed", "weight_scale", "weight_zero_point"):
+            tensor = self._buffers.get(name)
+            if tensor is not None:
+                ranks.broadcast(tensor, owner)
+        self._drop_caches()
+
     def _drop_caches(self) -> None:
         self._dequantized = self._float_codes = None
 
@@ -248,10 +259,11 @@ class QuantLinear(nn.Module):
             self.observer = Observer(self.input_spec)
 
     @torch.no_grad()
-    def stop_observing(self) -> None:
-        """Freeze the static input scale from what was observed."""
+    def stop_observing(self, ranks: Ranks = SINGLE) -> None:
+        """Freeze the static input scale from what was observed (on every rank of ``ranks``)."""
         if self.observer is None:
             return
+        self.observer.reduce(ranks)
         scale, zero = self.observer.qparams()
         self.input_scale.copy_(scale.reshape(1))
         if self.input_spec is not None and not self.input_spec.symmetric:

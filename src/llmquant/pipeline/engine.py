@@ -41,6 +41,7 @@ from llmquant.model.offloaded import is_offloaded, load_offloaded
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.layer_io import (
     BATCH,
@@ -178,9 +179,9 @@ def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInput
 
 
 def _check_equivalence(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], what: str,
-                       where: str, dtype: torch.dtype) -> float:
+                       where: str, dtype: torch.dtype, ranks: Ranks = SINGLE) -> float:
     """A transform that claims to keep the function must keep the layer's outputs (`check_equivalence`)."""
-    return check_equivalence(relative_error(reference, actual), dtype, what, where,
+    return check_equivalence(relative_error(reference, actual, ranks), dtype, what, where,
                              "the layer map or smoothing groups do not fit this model")
 
 
@@ -199,23 +200,26 @@ def _remove(handles: list[RemovableHandle]) -> None:
         handle.remove()
 
 
-def layer_context(layer: nn.Module, index: int, prefix: str, plan: QuantPlan, inputs: LayerInputs) -> LayerContext:
-    """What the steps of `llmquant.algorithms.lifecycle` see of one layer and its calibration inputs."""
+def layer_context(layer: nn.Module, index: int, prefix: str, plan: QuantPlan, inputs: LayerInputs,
+                  ranks: Ranks = SINGLE) -> LayerContext:
+    """What the steps of `llmquant.algorithms.lifecycle` see of one layer and its calibration inputs (this rank's
+    share of them, with ``ranks``)."""
     return LayerContext(
         layer=layer, index=index, where=prefix, specs=_layer_specs(layer, prefix, plan),
         run_sample=lambda count: run_layer(layer, inputs.head(count), prefix),
-        feed=lambda module, consume: inputs_of(layer, module, inputs, consume),
+        feed=lambda module, consume: inputs_of(layer, module, inputs, consume), ranks=ranks,
     )
 
 
-def setup_steps(steps: Sequence[LayerStep], model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> dict:
+def setup_steps(steps: Sequence[LayerStep], model: nn.Module, model_map: ModelMap, inputs: LayerInputs,
+                ranks: Ranks = SINGLE) -> dict:
     """`LayerStep.setup` of every step on the first decoder layer (in float32: `float32_probe`); the run's
     manifest entries they return."""
     if not steps:
         return {}
     layer, run = float32_probe(model_map.layers(model)[0], inputs)
     context = SetupContext(layer=layer, where=model_map.layer_name(0), head_dim=head_dim_of(model, model_map),
-                           linears=list(model_map.linears), run_sample=run)
+                           linears=list(model_map.linears), run_sample=run, ranks=ranks)
     results: dict[str, Any] = {}
     for step in steps:
         results.update(step.setup(context))
@@ -231,9 +235,11 @@ def quantize_layer(
     inputs: LayerInputs,
     steps: Sequence[LayerStep] = (),
     storage: ActivationStorage | None = None,
+    ranks: Ranks = SINGLE,
 ) -> tuple[Sequence[torch.Tensor], dict]:
     """Transform and quantize one decoder layer in place through the recipe's ``steps``
-    (`llmquant.algorithms.lifecycle`); return its outputs and its manifest row.
+    (`llmquant.algorithms.lifecycle`); return its outputs and its manifest row. With several ``ranks`` each runs
+    the passes on its share of the samples, and the statistics, checks and error figures are over all of them.
 
     Passes over the calibration inputs: float (the steps' statistics; only when a step observes the untouched
     layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers),
@@ -252,7 +258,7 @@ def quantize_layer(
     static = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
         kv_spec is not None and not kv_spec.dynamic
     )  # a static scale must see every calibration sample
-    ctx = layer_context(layer, index, prefix, plan, inputs)
+    ctx = layer_context(layer, index, prefix, plan, inputs, ranks)
 
     float_out = None
     handles = [handle for step in steps for handle in step.observe(ctx)]
@@ -277,16 +283,16 @@ def quantize_layer(
         observers.close()
         _remove(handles)
     if kv_spec is not None:
-        attention.kv_cache_quantizer.stop_observing()
+        attention.kv_cache_quantizer.stop_observing(ranks)
     if float_out is None:
         float_out = transformed_out
     else:
         claimed = "+".join(step.name for step in steps if step.keeps_function)
         row["equivalence_error"] = _check_equivalence(float_out, transformed_out, claimed, prefix,
-                                                      compute_dtype(layer))
+                                                      compute_dtype(layer), ranks)
 
     for rel, (_, quantized) in ctx.linears.items():
-        quantized.stop_observing()
+        quantized.stop_observing(ranks)
         _swap(layer, rel, quantized)
     for step in steps:
         row.update(step.quantize(ctx))
@@ -301,13 +307,21 @@ def quantize_layer(
         finally:
             probe.close()
             set_runtime(layer, "fake")
-        row["linear_output_error"] = probe.errors
+        row["linear_output_error"] = _mean_over(ranks, probe.errors)
     else:
         quant_out = float_out
-    row["output_error"] = relative_error(float_out, quant_out)
+    row["output_error"] = relative_error(float_out, quant_out, ranks)
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in ctx.linears.items()}
     row["seconds"] = time.perf_counter() - start
     return quant_out, row
+
+
+def _mean_over(ranks: Ranks, figures: dict[str, float]) -> dict[str, float]:
+    """Each figure averaged over the ranks (each measured on its own first sample)."""
+    if ranks.world == 1:
+        return figures
+    summed = ranks.sum(torch.tensor(list(figures.values()), dtype=torch.float64)) / ranks.world
+    return dict(zip(figures, summed.tolist(), strict=True))
 
 
 def _outside_linears(model_map: ModelMap, plan: QuantPlan) -> list[tuple[str, Scheme]]:
@@ -358,6 +372,7 @@ def quantize(
     source: LayerSource | None = None,
     activations: ActivationStorage | None = None,
     policy: DevicePolicy | None = None,
+    ranks: Ranks | None = None,
 ) -> Manifest:
     """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen].
 
@@ -371,8 +386,13 @@ def quantize(
     (``model.llmquant_run_dir``). ``activations`` says where the calibration activations wait between passes
     (default: in memory, on the device while they fit: `llmquant.pipeline.memory.activation_storage`; its
     directory, when offloaded to disk, is removed at the end).
+
+    In several processes (``ranks``, default: the process group this one belongs to, `llmquant.parallel`) each
+    rank calibrates on its block of ``calib`` and the statistics are reduced over all of them; every rank ends
+    with the same quantized model and manifest, and rank 0 writes the run directory's shared files.
     """
     policy = policy or DevicePolicy()
+    ranks = ranks or Ranks.current()
     source = source or LayerSource()
     if source.streams and run_dir is None:
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
@@ -388,28 +408,32 @@ def quantize(
     manifest = Manifest(recipe=recipe.model_dump(mode="json"), model_map=model_map.to_dict(), versions=versions(),
                         plan=plan.describe())
     manifest.results.update(placement=policy.describe(), activations=storage.where, accelerate_offloaded=offloaded)
+    sample = calib[:1, :ROTATION_CHECK_TOKENS]  # the same on every rank
+    calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
         enable_kv_quantization(model)
     first = source.materialize(model, model_map, 0).to(policy.device)
     rotation = None
     if quarot is not None:
-        rotation = RotationPass(model, model_map, quarot.config(), calib[:1, :ROTATION_CHECK_TOKENS])
+        rotation = RotationPass(model, model_map, quarot.config(), sample, ranks)
     inputs = capture_layer_inputs(model, model_map, calib, into=storage.new())
     if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
         source.release_outside()
     else:
         rotation.rotate(first, 0, inputs.head(1))
     steps = recipe.layer_steps()
-    manifest.results.update(setup_steps(steps, model, model_map, inputs))
+    manifest.results.update(setup_steps(steps, model, model_map, inputs, ranks))
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
-    done = run_dir.finished_layers() if run_dir is not None else 0
+    if run_dir is not None:
+        run_dir.ranks = ranks  # each rank keeps its own next inputs there; rank 0 the shared files
+    done = int(ranks.min(torch.tensor([run_dir.finished_layers() if run_dir is not None else 0])))
     if done:
         inputs = LayerInputs(hidden=storage.adopt(run_dir.next_inputs()), kwargs=inputs.kwargs)
         manifest.results["resumed_after_layer"] = done - 1
     layers = model_map.layers(model)
-    bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress)
+    bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress or not ranks.writes)
     t1 = time.perf_counter()
     for index in bar:
         prefix = model_map.layer_name(index)
@@ -425,7 +449,7 @@ def quantize(
             layer.to(policy.device)
             if rotation is not None and index > 0:
                 rotation.rotate(layer, index, inputs.head(1))
-            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage)
+            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks)
             inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
             layer.to(home)
             row["peak_gpu_mb"] = peak_memory_mb(policy.device)
@@ -447,6 +471,8 @@ def quantize(
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
     manifest.results["peak_gpu_mb"] = max((row.get("peak_gpu_mb") or 0 for row in manifest.layers), default=0) or None
+    if ranks.world > 1:  # who took part, and how long each waited in collectives
+        manifest.results["ranks"] = {"world": ranks.world, "waited_s": ranks.gather(ranks.waited)}
     if source.streams:
         model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
         model.llmquant_source = source.lazy  # type: ignore[attr-defined]  # tensors still on disk

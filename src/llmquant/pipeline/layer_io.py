@@ -22,6 +22,7 @@ from torch import nn
 from llmquant.device import device_of, to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
+from llmquant.parallel import SINGLE, Ranks
 
 
 class _StopForwardError(Exception):
@@ -153,15 +154,18 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | No
     return outputs
 
 
-def relative_error(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> float:
-    """||actual - reference|| / ||reference|| over the samples both hold: a pass over the first samples only
-    (a check, an error figure) is compared with the same samples of a pass over all of them, which are read
-    one at a time (never sliced into memory when they wait on disk)."""
+def relative_error(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor],
+                   ranks: Ranks = SINGLE) -> float:
+    """||actual - reference|| / ||reference|| over the samples both hold (of every rank of ``ranks``): a pass over
+    the first samples only (a check, an error figure) is compared with the same samples of a pass over all of
+    them, which are read one at a time (never sliced into memory when they wait on disk)."""
     num = den = 0.0
     for r, a in zip(reference, actual, strict=False):
         r, a = r.float(), a.to(r.device).float()
         num += float((a - r).pow(2).sum())
         den += float(r.pow(2).sum())
+    if ranks.world > 1:
+        num, den = ranks.sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
     return (num / max(den, 1e-30)) ** 0.5
 
 

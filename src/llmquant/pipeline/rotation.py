@@ -31,6 +31,7 @@ from llmquant.algorithms.quarot import (
 from llmquant.device import device_of
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, untie_head
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.pipeline.layer_io import (
     LayerInputs,
     capture_layer_inputs,
@@ -105,10 +106,13 @@ class RotationPass:
     one sample, comparing the rotated module on rotated inputs with the float one on the same inputs
     moved back (so it also holds for a model streamed from disk, one layer at a time)."""
 
-    def __init__(self, model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor) -> None:
-        """``sample``: token ids ``[1, T]``; the first decoder layer must hold its float weights."""
+    def __init__(self, model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor,
+                 ranks: Ranks = SINGLE) -> None:
+        """``sample``: token ids ``[1, T]`` (the same on every rank); the first decoder layer must hold its float
+        weights. With several ``ranks`` the layer checks run on each rank's own first sample and are judged
+        over all of them, so every rank takes the same decision."""
         untie_head(model, model_map)
-        self.model, self.model_map = model, model_map
+        self.model, self.model_map, self.ranks = model, model_map, ranks
         self.plan = plan_rotations(model, model_map, config, sample)
         for step in self.plan.steps.values():
             if step.rotation is None:
@@ -135,8 +139,8 @@ class RotationPass:
         float_out = run_layer(layer, LayerInputs(hidden, sample.kwargs), where)
         rotate_layer(layer, self.plan)
         rotated_out = run_layer(layer, LayerInputs(_to_stream(self.plan, hidden), sample.kwargs), where)
-        self.layer_errors.append(_check(relative_error(_to_stream(self.plan, float_out), rotated_out), where,
-                                        self.dtype))
+        error = relative_error(_to_stream(self.plan, float_out), rotated_out, self.ranks)
+        self.layer_errors.append(_check(error, where, self.dtype))
 
     @torch.no_grad()
     def finish(self, last_outputs: list[torch.Tensor]) -> dict:
@@ -151,7 +155,7 @@ class RotationPass:
             rotate_head(model, plan)
             norm = model.get_submodule(plan.final_norm) if plan.final_norm else nn.Identity()
             rotated = head(norm(_to_stream(plan, hidden)[0]))
-            self.errors["head"] = _check(relative_error([reference], [rotated]), "the head", self.dtype)
+            self.errors["head"] = _check(relative_error([reference], [rotated], self.ranks), "the head", self.dtype)
         self.errors["layers_max"] = max(self.layer_errors, default=0.0)
         return {"plan": plan.describe(), "center": plan.center, "equivalence_error": self.errors}
 

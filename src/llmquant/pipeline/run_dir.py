@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from llmquant.errors import LlmquantError
+from llmquant.parallel import SINGLE, Ranks
 from llmquant.pipeline.activations import DiskActivations, remove_store
 
 FINGERPRINT = "fingerprint.json"
@@ -72,15 +73,23 @@ def _write_atomically(path: Path, write: Any) -> None:
 class RunDir:
     """The work directory of one run (see the module docstring)."""
 
-    def __init__(self, path: Path, print_: str) -> None:
+    def __init__(self, path: Path, print_: str, ranks: Ranks = SINGLE) -> None:
         self.path = path
         self.fingerprint = print_
+        self.ranks = ranks
 
     @classmethod
-    def open(cls, path: str | Path, print_: str, resume: bool) -> RunDir:
+    def open(cls, path: str | Path, print_: str, resume: bool, ranks: Ranks = SINGLE) -> RunDir:
         """The run's directory; with ``resume``, an existing one must carry the same fingerprint, without
-        it an existing one is started afresh."""
+        it an existing one is started afresh. In several processes rank 0 prepares it and the others join."""
         path = Path(path)
+        if ranks.writes:
+            cls._prepare(path, print_, resume)
+        ranks.barrier()
+        return cls(path, print_, ranks)
+
+    @staticmethod
+    def _prepare(path: Path, print_: str, resume: bool) -> None:
         marker = path / FINGERPRINT
         if path.exists() and resume and marker.exists():
             found = json.loads(marker.read_text()).get("fingerprint")
@@ -89,12 +98,11 @@ class RunDir:
                     f"{path} holds an interrupted run of another model, recipe or calibration set; "
                     "delete it, or run without --resume to start afresh"
                 )
-            return cls(path, print_)
+            return
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
         _write_atomically(marker, lambda tmp: tmp.write_text(json.dumps({"fingerprint": print_})))
-        return cls(path, print_)
 
     def _layer(self, index: int, suffix: str) -> Path:
         return self.path / f"layer-{index:04d}.{suffix}"
@@ -107,7 +115,10 @@ class RunDir:
         return count
 
     def _inputs(self, after_layer: int) -> Path:
-        return self.path / f"inputs-{after_layer:04d}.bin"
+        """The outputs of a layer on this rank's samples (one process: ``inputs-0007.bin``; several:
+        ``inputs-0007-rank1.bin``)."""
+        rank = f"-rank{self.ranks.rank}" if self.ranks.world > 1 else ""
+        return self.path / f"inputs-{after_layer:04d}{rank}.bin"
 
     @property
     def activations(self) -> Path:
@@ -115,13 +126,19 @@ class RunDir:
         return self.path / "activations"
 
     def save_layer(self, index: int, layer: nn.Module, row: dict, outputs: Sequence[torch.Tensor]) -> None:
-        state = {k: v.detach().contiguous() for k, v in layer.state_dict().items()}
-        _write_atomically(self._layer(index, "safetensors"), lambda tmp: save_file(state, str(tmp)))
+        """Keep a finished layer: every rank its outputs (the next layer's inputs), then rank 0 the layer's state
+        and, last, its row; then every rank drops its inputs of the layer before."""
+        ranks = self.ranks
         if isinstance(outputs, DiskActivations):  # already on disk: linked, not copied
             outputs.link_to(self._inputs(index))
         else:
             DiskActivations.write(self._inputs(index), outputs)
-        _write_atomically(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(row, default=str)))
+        ranks.barrier()
+        if ranks.writes:
+            state = {k: v.detach().contiguous() for k, v in layer.state_dict().items()}
+            _write_atomically(self._layer(index, "safetensors"), lambda tmp: save_file(state, str(tmp)))
+            _write_atomically(self._layer(index, "json"), lambda tmp: tmp.write_text(json.dumps(row, default=str)))
+        ranks.barrier()
         if index > 0:
             remove_store(self._inputs(index - 1))
 

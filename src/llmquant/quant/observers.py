@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from llmquant.parallel import Ranks
 from llmquant.quant.primitives import qparams_from_min_max, quantize_blocks, to_blocks
 from llmquant.quant.spec import QuantSpec
 
@@ -50,6 +51,19 @@ class Observer:
             return blocks.clone()
         idx = torch.randint(blocks.shape[1], (self.sample_size,), generator=self.generator)
         return blocks[:, idx]
+
+    def reduce(self, ranks: Ranks) -> None:
+        """Combine what every rank observed (`llmquant.parallel`): the minima and maxima, and the value samples of
+        percentile and mse, in rank order; with one process, nothing changes."""
+        if ranks.world == 1:
+            return
+        if self.min_vals is None or self.max_vals is None:
+            raise RuntimeError("observer saw no data on one of the ranks")
+        ranks.min(self.min_vals)
+        ranks.max(self.max_vals)
+        if self.spec.observer != "minmax":
+            local = torch.cat(self.samples, dim=1).cpu()
+            self.samples = [t.to(self.min_vals.device) for t in ranks.gather(local)]
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.min_vals is None or self.max_vals is None:

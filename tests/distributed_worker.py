@@ -1,0 +1,31 @@
+"""Run llmquant.quantize in a process group of ``world`` gloo processes on one machine (spawned by
+tests/test_distributed.py): each rank quantizes the same tiny models on its share of the calibration samples,
+and rank 0 saves, for each job, what the tests compare with one process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import llmquant
+from conftest import make_model
+
+
+def quantize_on_rank(rank: int, world: int, port: int, jobs: list[tuple[str, str, dict]], calib: torch.Tensor,
+                     out: str) -> None:
+    """``jobs``: (name, model family, recipe); rank 0 writes OUT/NAME.pt with the state dict and the manifest."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LLMQUANT_DEVICE="cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, family, recipe in jobs:
+            model = llmquant.quantize(make_model(family), recipe, calib=calib, progress=False)
+            if rank == 0:
+                state = {k: v.clone() for k, v in model.state_dict().items()}
+                torch.save({"state": state, "manifest": model.llmquant_manifest.to_dict()}, Path(out) / f"{name}.pt")
+    finally:
+        dist.destroy_process_group()
