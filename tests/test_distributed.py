@@ -5,6 +5,7 @@ scales, bounded for the searches), a killed process, and a resume."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -35,6 +36,8 @@ EXACT = {  # round to nearest, static scales; GPTQ (Hessians summed over ranks; 
                                  "algorithm": "gptq", "pre_opts": [{"name": "quarot"}]}),
     "gptq-per-tensor": ("llama", {"scheme": "w_int8_per_tensor_a_int8_per_tensor_static", "algorithm": "gptq",
                                   "gptq": {"true_sequential": False}}),  # whole sweeps to owners, broadcast
+    "static-percentile": ("llama", {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
+                                    "activation_observer": "percentile"}),  # value samples gathered
 }
 SEARCHED = {  # searches scored on each rank's token sample, summed: bounded, not identical
     "awq": ("llama", {"scheme": "w_uint4_per_group_asym", "group_size": 32, "algorithm": "awq"}),
@@ -177,3 +180,21 @@ def test_nproc_writes_the_one_process_checkpoint(tiny_dir: Path, corpus: Path, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ranks = json.loads((double / "llmquant.json").read_text())["results"]["ranks"]
     assert ranks["world"] == 2 and len(ranks["waited_s"]) == 2
+
+
+def test_ctrl_c_stops_every_process_with_one_line(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """SIGINT to the whole group (what Ctrl-C in a terminal sends): every process stops, rank 0 says so once."""
+    output, run_dir = tmp_path / "out", tmp_path / ".out.run"
+    process = subprocess.Popen(quantize_command(tiny_dir, corpus, output, "--nproc", "2"), stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run_dir / "layer-0000.json").exists():
+            os.killpg(process.pid, signal.SIGINT)
+            break
+        time.sleep(0.005)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert process.returncode == 130 and err.strip().count("\n") == 0, err
+    assert err.startswith("llmquant: interrupted; nothing was written") and not output.exists()

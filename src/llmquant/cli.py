@@ -184,10 +184,13 @@ def _launch(nproc: int, argv: list[str], output: str) -> int:
     returning the group's exit code. Each process prints its own errors (rank 0 one line for the group); a
     process stopped from outside (a signal, a crash) is said here in one line, without torchrun's report."""
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's agent: no log lines of its own
-    for name in ("torch.distributed.run", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
+
+    for name in list(logging.root.manager.loggerDict):  # (each of its modules set its logger's level on import)
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     rest, skip = [], False
     for arg in argv:  # the command again, without --nproc
@@ -207,7 +210,7 @@ def _launch(nproc: int, argv: list[str], output: str) -> int:
         print(f"llmquant: error: process {rank} of {nproc} stopped ({how}), and torchrun stopped the others; "
               f"nothing was written to {output} (--resume continues from the last finished layer)", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SignalException):
         return 130  # (each process was interrupted too; rank 0 said so)
     return 0
 
