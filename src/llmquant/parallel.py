@@ -109,26 +109,30 @@ class Ranks:
         finally:
             self.waited += time.perf_counter() - start
 
-    def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
+    def _in_place(self, run: Any, tensor: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """A collective that changes ``tensor`` in place (on a copy where the backend wants another device)."""
         if self.world == 1:
             return tensor
         moved = self._for_backend(tensor)
-        self._collective(dist.all_reduce, moved, op=op)
+        self._collective(run, moved, **kwargs)
         if moved is not tensor:
             tensor.copy_(moved)
         return tensor
 
+    def _reduce(self, tensor: torch.Tensor, op: Any) -> torch.Tensor:
+        return self._in_place(dist.all_reduce, tensor, op=op)
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over ranks, in place (and returned)."""
-        return self._reduce(tensor, dist.ReduceOp.SUM if self.world > 1 else None)
+        return self._reduce(tensor, dist.ReduceOp.SUM)
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise maximum over ranks, in place (and returned)."""
-        return self._reduce(tensor, dist.ReduceOp.MAX if self.world > 1 else None)
+        return self._reduce(tensor, dist.ReduceOp.MAX)
 
     def min(self, tensor: torch.Tensor) -> torch.Tensor:
         """The elementwise minimum over ranks, in place (and returned)."""
-        return self._reduce(tensor, dist.ReduceOp.MIN if self.world > 1 else None)
+        return self._reduce(tensor, dist.ReduceOp.MIN)
 
     def total(self, value: float) -> float:
         """A number summed over ranks."""
@@ -138,13 +142,7 @@ class Ranks:
 
     def broadcast(self, tensor: torch.Tensor, owner: int) -> torch.Tensor:
         """``owner``'s ``tensor`` on every rank, in place (and returned)."""
-        if self.world == 1:
-            return tensor
-        moved = self._for_backend(tensor)
-        self._collective(dist.broadcast, moved, src=owner)
-        if moved is not tensor:
-            tensor.copy_(moved)
-        return tensor
+        return self._in_place(dist.broadcast, tensor, src=owner)
 
     def all_rows(self, part: torch.Tensor, count: int) -> torch.Tensor:
         """A ``[count, ...]`` tensor split over the ranks by `share` (``part``: this rank's rows), whole, on every
