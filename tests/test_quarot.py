@@ -193,15 +193,24 @@ def _tiny(config_class: type, **extra: object) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize(("config_class", "culprit"), [(GemmaConfig, "norm"), (Gemma2Config, "normalize")])
-def test_a_structure_that_breaks_r1_turns_it_off_by_name_and_the_rest_runs(
-    config_class: type, culprit: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor
-) -> None:
-    model = _tiny(config_class)
+def test_norms_with_a_gain_offset_fold_into_r1(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    """Gemma's norms compute (1 + w) * x / rms(x): R1 folds the gain 1 + w, not w, and keeps the function."""
+    model = _tiny(GemmaConfig)
+    reference = logits(model, eval_ids)
+    llmquant.quantize(model, {"scheme": "none", "pre_opts": [quarot()]}, calib=calib_ids, progress=False)
+    assert all(row["applies"] for row in rotation_rows(model).values())
+    assert relative_error(reference, logits(model, eval_ids)) < 1e-4
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.zeros(64))  # gain 1 + 0 after the fold
+
+
+def test_a_structure_that_breaks_r1_turns_it_off_by_name_and_the_rest_runs(calib_ids: torch.Tensor,
+                                                                           eval_ids: torch.Tensor) -> None:
+    """Gemma 2's sandwich norms normalize a sub-layer's output before it joins the residual stream."""
+    model = _tiny(Gemma2Config)
     reference = logits(model, eval_ids)
     llmquant.quantize(model, {"scheme": "none", "pre_opts": [quarot()]}, calib=calib_ids, progress=False)
     rows = rotation_rows(model)
-    assert not rows["R1"]["applies"] and culprit in rows["R1"]["note"] and "layernorm" in rows["R1"]["note"]
+    assert not rows["R1"]["applies"] and "normalize" in rows["R1"]["note"] and "layernorm" in rows["R1"]["note"]
     assert rows["R2"]["applies"] and rows["R4"]["applies"]
     assert relative_error(reference, logits(model, eval_ids)) < 1e-4
 

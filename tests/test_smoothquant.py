@@ -239,3 +239,65 @@ def test_the_collector_keeps_two_folds_of_alternate_calls() -> None:
     first, second = stats.folds
     assert first.act_absmax.tolist() == [1, 0, 3, 0] and second.act_absmax.tolist() == [0, 2, 0, 0]
     assert stats.act_absmax.tolist() == [1, 2, 3, 0] and stats.tokens.shape == (3, 4)
+
+
+# --- norms that fold, and norms that do not --------------------------------------------------------------------
+class _MaxNorm(torch.nn.Module):
+    """A norm-like module whose gain is not a per-channel weight over x / rms(x): no fold fits it."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x / x.abs().amax(-1, keepdim=True)
+
+
+def test_the_form_of_a_norm_is_found_from_its_behaviour() -> None:
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llmquant.model.patterns import NormForm, norm_form
+
+    hidden = 32
+    assert norm_form(LlamaRMSNorm(hidden), hidden) == NormForm("rms", 0.0)
+    assert norm_form(GemmaRMSNorm(hidden), hidden) == NormForm("rms", 1.0)  # (1 + w) * x / rms(x)
+    layer_norm = torch.nn.LayerNorm(hidden)
+    with torch.no_grad():
+        layer_norm.bias.uniform_(-1, 1)
+    assert norm_form(layer_norm, hidden) == NormForm("layer", 0.0)
+    assert norm_form(_MaxNorm(hidden), hidden) is None
+
+
+def test_smoothing_folds_into_norms_with_a_gain_offset(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    """Gemma 2: w' = (1 + w) / s - 1 keeps the function (a fold of w / s changed it by 0.37-0.56)."""
+    from transformers import Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5)
+    reference = logits(model, eval_ids)
+    llmquant.quantize(model, {"scheme": "none", "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]},
+                      calib=calib_ids, progress=False)
+    assert relative_error(reference, logits(model, eval_ids)) < 1e-4
+    offsets = {g["producer"]: g["producer_offset"] for g in model.llmquant_manifest.results["smooth_groups"]}
+    assert offsets == {"input_layernorm": 1.0, "pre_feedforward_layernorm": 1.0, "self_attn.v_proj": 0.0,
+                       "mlp.up_proj": 0.0}
+
+
+def test_a_norm_no_fold_fits_is_left_out_and_said(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    for layer in model.model.layers:
+        layer.post_attention_layernorm = _MaxNorm(64)
+    reference = logits(model, eval_ids)
+    llmquant.quantize(model, {"scheme": "none", "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]},
+                      calib=calib_ids, progress=False)
+    assert relative_error(reference, logits(model, eval_ids)) < 1e-4
+    results = model.llmquant_manifest.results
+    assert "post_attention_layernorm" not in {g["producer"] for g in results["smooth_groups"]}
+    assert "no scale folds into it" in results["not_smoothed"]["mlp.gate_proj"]

@@ -130,9 +130,10 @@ class AWQStep(LayerStep):
         self.to_clip: list[tuple[SmoothGroup, torch.Tensor]] = []
 
     def setup(self, ctx: SetupContext) -> dict[str, Any]:
-        chosen = chosen_groups(smoothing_groups(ctx, self.given), {"smoothquant": "awq"})
+        groups, unsmoothed = smoothing_groups(ctx, self.given)
+        chosen = chosen_groups(groups, {"smoothquant": "awq"})
         self.groups = [group for group, _ in chosen]
-        return {"smooth_groups": describe_groups(chosen)}
+        return {"smooth_groups": describe_groups(chosen), "not_smoothed": unsmoothed}
 
     def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
         self.collector = GroupStatsCollector(ctx.layer, self.groups, ranks=ctx.ranks)

@@ -39,8 +39,8 @@ from torch import nn
 from llmquant.errors import LlmquantError
 from llmquant.model.patterns import (
     SmoothGroup,
+    norm_form,
     norm_groups,
-    norm_kind,
     residual_writers,
     rotation_pairs,
 )
@@ -98,6 +98,7 @@ class QuaRotPlan:
     center: bool = False  # LayerNorm model: make the residual stream zero-mean, norms become RMSNorms
     embeddings: tuple[str, ...] = ()
     final_norm: str | None = None
+    final_norm_offset: float = 0.0  # its gain is w + offset (`llmquant.model.patterns.NormForm`)
     head: str | None = None
     value_path: tuple[str, str] | None = None
     attention: str = ""
@@ -153,13 +154,14 @@ def _plan_r1(
             blockers = ", ".join(writers.blockers)
             why += f" ({blockers} normalize a sub-layer's output before it joins the residual stream)"
         return off(why)
-    kinds = {g.producer: norm_kind(layer.get_submodule(g.producer), hidden) for g in groups}
+    forms = {g.producer: norm_form(layer.get_submodule(g.producer), hidden) for g in groups}
     final_norm = model_map.final_norm
     if final_norm is not None:
-        kinds[final_norm] = norm_kind(model.get_submodule(final_norm), hidden)
-    odd = [n for n, k in kinds.items() if k is None]
+        forms[final_norm] = norm_form(model.get_submodule(final_norm), hidden)
+    odd = [n for n, form in forms.items() if form is None]
     if odd:
-        return off(f"{odd[0]} is neither w * x / rms(x) nor a LayerNorm (a weight stored as an offset from one?)")
+        return off(f"{odd[0]} computes neither (w + c) * x / rms(x) nor a LayerNorm with a per-channel gain")
+    kinds = {n: form.kind for n, form in forms.items() if form is not None}
     if len(set(kinds.values())) > 1:
         return off(f"the model mixes RMSNorm and LayerNorm ({kinds}): R1 needs one kind")
     center = set(kinds.values()) == {"layer"}
@@ -177,22 +179,27 @@ def _plan_r1(
     head = model_map.lm_head
     if head is not None and model.get_submodule(head).in_features != hidden:
         return off(f"the head {head} does not read the hidden size {hidden}")
-    found.update(center=center, embeddings=tuple(model_map.embeddings), final_norm=final_norm, head=head)
+    final_offset = forms[final_norm].offset if final_norm is not None and forms[final_norm] is not None else 0.0
+    found.update(center=center, embeddings=tuple(model_map.embeddings), final_norm=final_norm, head=head,
+                 final_norm_offset=final_offset)
     targets = tuple(n for g in groups for n in g.linears) + writers.linears
     return _sized("R1", hidden, targets, False, config), found
 
 
 def _plan_r4(layer: nn.Module, groups: tuple[SmoothGroup, ...], attention: str, config: QuaRotConfig,
-             where: str) -> RotationStep:
-    """R4's targets: the Linears outside the attention that read no norm (down_proj, fc2), whose input
-    the layer computes with a non-linearity that no offline rotation can reach."""
+             where: str, hidden: int) -> RotationStep:
+    """R4's targets: the Linears outside the attention that read no norm and not the hidden size (down_proj,
+    fc2), whose input the layer computes with a non-linearity that no offline rotation can reach (a Linear
+    reading the residual stream unnormalized, as OLMo 2's gate_proj and up_proj do, is not one)."""
     norm_readers = {n for g in groups for n in g.linears}
     targets = tuple(
         name for name, module in layer.named_modules()
         if isinstance(module, nn.Linear) and name not in norm_readers and not name.startswith(attention + ".")
+        and module.in_features != hidden
     )
     if not targets:
-        return _off("R4", 0, f"{where}: no Linear outside the attention reads anything but a norm", True)
+        return _off("R4", 0, f"{where}: no Linear outside the attention reads a computed input (neither a norm's "
+                    "output nor the hidden stream)", True)
     sizes = {layer.get_submodule(n).in_features for n in targets}
     if len(sizes) > 1:
         return _off("R4", max(sizes), f"{where}: R4 targets {list(targets)} differ in input size", True)
@@ -233,7 +240,7 @@ def plan_quarot(
             note = f"{where}.{model_map.attention} computes attention without transformers' attention interface"
             steps["R3"] = _off("R3", shapes.head_dim, note, True)
     if "R4" in config.rotations:
-        steps["R4"] = _plan_r4(layer, found["norm_groups"], model_map.attention, config, where)
+        steps["R4"] = _plan_r4(layer, found["norm_groups"], model_map.attention, config, where, shapes.hidden)
     if "R5" in config.rotations:
         if value_path is None:
             steps["R5"] = _off("R5", 0, f"{where}: no Linear -> Linear value path found", True)
@@ -247,6 +254,7 @@ def plan_quarot(
         center=found.get("center", False),
         embeddings=found.get("embeddings", ()),
         final_norm=found.get("final_norm"),
+        final_norm_offset=found.get("final_norm_offset", 0.0),
         head=found.get("head"),
         value_path=value_path,
         attention=model_map.attention,
@@ -268,16 +276,17 @@ def rotate_output_side(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor
 
 
 @torch.no_grad()
-def fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    """Fold y = w * n(x) + b into the readers: W <- W diag(w), c <- c + W b; then w = 1 and b = 0."""
-    weight = norm.weight.double()
+def fold_norm(norm: nn.Module, readers: list[nn.Linear], offset: float = 0.0) -> None:
+    """Fold y = g * n(x) + b, with the gain g = w + ``offset``, into the readers: W <- W diag(g), c <- c + W b;
+    then g = 1 (w = 1 - offset) and b = 0."""
+    gain = norm.weight.double() + offset
     bias = getattr(norm, "bias", None)
     for linear in readers:
         w = linear.weight.double()
         if bias is not None:
             linear.bias.data = (linear.bias.double() + w @ bias.double()).to(linear.bias.dtype)
-        linear.weight.data = (w * weight[None, :]).to(linear.weight.dtype)
-    norm.weight.data.fill_(1.0)
+        linear.weight.data = (w * gain[None, :]).to(linear.weight.dtype)
+    norm.weight.data.fill_(1.0 - offset)
     if bias is not None:
         norm.bias.data.zero_()
 
@@ -317,7 +326,8 @@ def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
     r1, r2, r3, r4, r5 = (plan.rotation(n) for n in ROTATIONS)
     if r1 is not None:
         for group in plan.norm_groups:
-            fold_norm(layer.get_submodule(group.producer), [layer.get_submodule(n) for n in group.linears])
+            fold_norm(layer.get_submodule(group.producer), [layer.get_submodule(n) for n in group.linears],
+                      group.producer_offset)
             if plan.center:
                 _as_rms(layer, group.producer)
             for name in group.linears:
@@ -365,7 +375,7 @@ def rotate_head(model: nn.Module, plan: QuaRotPlan) -> None:
         norm = model.get_submodule(plan.final_norm)
         if getattr(norm, "bias", None) is not None and head.bias is None:
             head.bias = nn.Parameter(torch.zeros_like(head.weight[:, 0]), requires_grad=False)
-        fold_norm(norm, [head])
+        fold_norm(norm, [head], plan.final_norm_offset)
         if plan.center:
             _as_rms(model, plan.final_norm)
     rotate_reader(head, r1)

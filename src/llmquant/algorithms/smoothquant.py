@@ -27,7 +27,7 @@ all zero get s_j = 1, and s is clamped to [1e-5, 1e5], so a dead channel never p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -35,7 +35,15 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext
-from llmquant.model.patterns import SmoothGroup, detect_smooth_groups, expand_channels, reduce_channels, resolve_heads
+from llmquant.model.patterns import (
+    SmoothGroup,
+    detect_smooth_groups,
+    expand_channels,
+    foldable,
+    norm_form,
+    reduce_channels,
+    resolve_heads,
+)
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import QuantSpec, fake_quantize, qparams_from_min_max
 
@@ -72,8 +80,9 @@ def weight_absmax(layer: nn.Module, group: SmoothGroup) -> torch.Tensor:
 def apply_smoothing(layer: nn.Module, group: SmoothGroup, scales: torch.Tensor) -> None:
     """Fold diag(s)^-1 into the producer and diag(s) into the readers (s on producer channels)."""
     producer = layer.get_submodule(group.producer)
-    if group.producer_kind == "norm":
-        producer.weight.data = (producer.weight.double() / scales).to(producer.weight.dtype)
+    if group.producer_kind == "norm":  # the gain w + offset is divided: w' = (w + offset) / s - offset
+        gain = producer.weight.double() + group.producer_offset
+        producer.weight.data = (gain / scales - group.producer_offset).to(producer.weight.dtype)
         if getattr(producer, "bias", None) is not None:
             producer.bias.data = (producer.bias.double() / scales).to(producer.bias.dtype)
     else:
@@ -297,18 +306,40 @@ class GroupStatsCollector:
 GroupChoice = float | str  # a fixed alpha, "auto" or (AWQ) "awq"
 
 
-def smoothing_groups(ctx: SetupContext, given: list[dict[str, Any]] | None) -> list[SmoothGroup]:
+def smoothing_groups(ctx: SetupContext, given: list[dict[str, Any]] | None) -> tuple[list[SmoothGroup], dict]:
     """The smoothing groups of a decoder layer: ``given`` (a hand-written map), or found on the first layer by
-    its function (`llmquant.model.patterns`); the Linears no group reads are said once."""
+    its function (`llmquant.model.patterns`), less those whose producer takes no fold (`foldable`); and, by
+    Linear, why the ones no group reads are not smoothed (said once, and kept in the manifest)."""
     if given is not None:
         groups = [resolve_heads(SmoothGroup.from_dict(g), ctx.layer, ctx.head_dim) for g in given]
+        groups = [with_norm_offset(ctx.layer, group) for group in groups]
     else:
         groups = detect_smooth_groups(ctx.layer, ctx.run_sample, ctx.head_dim, ctx.where)
-    readers = {name for group in groups for name in group.linears}
-    unsmoothed = [name for name in ctx.linears if name not in readers]
-    if unsmoothed:
-        log.warning("no smoothing fold exists for %s (no norm or Linear feeds them channel for channel)", unsmoothed)
-    return groups
+    unsmoothed: dict[str, str] = {}
+    kept = []
+    for group in groups:
+        why = foldable(ctx.layer, group)
+        if why is None:
+            kept.append(group)
+        else:
+            unsmoothed.update(dict.fromkeys(group.linears, why))
+    readers = {name for group in kept for name in group.linears}
+    for name in ctx.linears:
+        if name not in readers:
+            unsmoothed.setdefault(name, "no norm or Linear feeds it channel for channel")
+    for why in dict.fromkeys(unsmoothed.values()):
+        log.warning("not smoothed: %s (%s)", [n for n, w in unsmoothed.items() if w == why], why)
+    return kept, unsmoothed
+
+
+def with_norm_offset(layer: nn.Module, group: SmoothGroup) -> SmoothGroup:
+    """A norm group with its producer's gain offset found from the norm's behaviour (a hand-written map names
+    none)."""
+    if group.producer_kind != "norm":
+        return group
+    norm = layer.get_submodule(group.producer)
+    form = norm_form(norm, norm.weight.shape[0])
+    return replace(group, producer_offset=form.offset) if form is not None else group
 
 
 def chosen_groups(groups: list[SmoothGroup], alphas: dict[str, GroupChoice]) -> list[tuple[SmoothGroup, GroupChoice]]:
@@ -341,8 +372,9 @@ class SmoothingStep(LayerStep):
         self.collector: GroupStatsCollector | None = None
 
     def setup(self, ctx: SetupContext) -> dict[str, Any]:
-        self.chosen = chosen_groups(smoothing_groups(ctx, self.given), self.alphas)
-        return {"smooth_groups": describe_groups(self.chosen)}
+        groups, unsmoothed = smoothing_groups(ctx, self.given)
+        self.chosen = chosen_groups(groups, self.alphas)
+        return {"smooth_groups": describe_groups(self.chosen), "not_smoothed": unsmoothed}
 
     def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
         self.collector = GroupStatsCollector(ctx.layer, [group for group, _ in self.chosen], ranks=ctx.ranks)

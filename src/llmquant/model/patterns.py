@@ -17,8 +17,9 @@ of the layer (every tensor a module produced and every tensor a module read):
 
 Rotation patterns (QuaRot) are observed the same way:
 
-- `norm_kind`: whether a norm computes w * x / rms(x) (+ b) ("rms") or w * (x - mean) / std + b
-  ("layer"), the two forms whose weight folds into the Linears reading them;
+- `norm_form`: whether a norm computes g * x / rms(x) ("rms") or g * (x - mean) / std + b ("layer"), with the
+  gain g = w + offset (offset 0, or 1 for Gemma's (1 + w) norms): the forms whose gain folds into the Linears
+  reading them (and into which smoothing folds its scales);
 - `residual_writers`: the Linears whose output is added unchanged to the layer's output (o_proj,
   down_proj, OPT's out_proj and fc2), and whether the layer's output is exactly its input plus their
   outputs (the residual stream R1 rotates);
@@ -51,6 +52,7 @@ class SmoothGroup:
     linears: tuple[str, ...]
     head_repeat: int = 1
     head_dim: int = 0
+    producer_offset: float = 0.0  # a norm producer's gain is w + offset (`NormForm`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,6 +154,8 @@ def _scales_through(layer: nn.Module, run: Any, producer: nn.Linear, reader: str
 
 
 def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> list[SmoothGroup]:
+    """Each norm and the Linears reading its output, with the norm's gain offset (`norm_form`; 0 when its form is
+    not recognized, which `foldable` tells)."""
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
     groups = []
     for name, out in outputs.items():
@@ -159,8 +163,22 @@ def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> 
             continue
         readers = tuple(n for n in linears if inputs[n] is out)
         if readers:
-            groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers))
+            form = norm_form(modules[name], out.shape[-1])
+            groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers,
+                                      producer_offset=form.offset if form is not None else 0.0))
     return groups
+
+
+def foldable(layer: nn.Module, group: SmoothGroup) -> str | None:
+    """Why a group's scales cannot fold into its producer, or None when they can: a norm producer must compute
+    one of the `NormForm`s (its per-channel gain is what a fold scales)."""
+    if group.producer_kind != "norm":
+        return None
+    norm = layer.get_submodule(group.producer)
+    if norm_form(norm, norm.weight.shape[0]) is None:
+        return (f"{group.producer} ({type(norm).__name__}) computes neither (w + c) * x / rms(x) nor a LayerNorm "
+                "with a per-channel gain, so no scale folds into it")
+    return None
 
 
 def norm_groups(layer: nn.Module, run: Any) -> list[SmoothGroup]:
@@ -194,11 +212,21 @@ def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where
 
 # --- rotation patterns ------------------------------------------------------------------------------
 NormKind = str  # "rms" | "layer"
+GAIN_OFFSETS = (0.0, 1.0)  # a norm's gain is w + offset: 0 for most, 1 for Gemma's (1 + w) norms
 
 
-def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:
-    """"rms" if ``norm(x) == w * x / rms(x)``, "layer" if ``== w * (x - mean) / std + b`` (on random x),
-    else None (e.g. a weight stored as an offset from one, w' = 1 + w). Probed on a float32 copy of the norm."""
+@dataclass(frozen=True)
+class NormForm:
+    """What a norm computes: ``(w + offset) * x / rms(x)`` (``kind`` "rms") or ``(w + offset) * (x - mean) / std
+    + b`` ("layer"). The folds of smoothing and of QuaRot's R1 scale the gain ``w + offset``, not ``w``."""
+
+    kind: NormKind
+    offset: float = 0.0
+
+
+def norm_form(norm: nn.Module, hidden: int) -> NormForm | None:
+    """The `NormForm` a norm computes, found on random inputs (a float32 copy of it), or None when it is none of
+    them (a norm whose gain is not a per-channel weight, for example)."""
     norm = copy.deepcopy(norm).float()
     weight = norm.weight.detach().float()
     x = (torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)) * 3.0).to(weight.device)
@@ -207,16 +235,24 @@ def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:
     with torch.no_grad():
         y = norm(x).float()
     centered = x - x.mean(-1, keepdim=True)
-    forms = {
-        "rms": weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)),
-        "layer": weight * centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True)) + bias,
+    normalized = {
+        "rms": x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)),
+        "layer": centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True)),
     }
-    if "rms" in forms and bias.abs().max() > 0:
-        forms.pop("rms")
-    for kind, reference in forms.items():
-        if torch.allclose(y, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max())):
-            return kind
+    for offset in GAIN_OFFSETS:
+        for kind, n in normalized.items():
+            if kind == "rms" and bias.abs().max() > 0:
+                continue
+            reference = (weight + offset) * n + (bias if kind == "layer" else 0.0)
+            if torch.allclose(y, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max())):
+                return NormForm(kind, offset)
     return None
+
+
+def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:
+    """"rms" or "layer" (`norm_form`'s kind), None for anything else."""
+    form = norm_form(norm, hidden)
+    return None if form is None else form.kind
 
 
 def _layer_io(layer: nn.Module, run: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,8 +300,9 @@ def residual_writers(layer: nn.Module, run: Any, hidden: int) -> ResidualWriters
     """Find the residual writers of one decoder layer; ``run()`` runs it once on a sample input.
 
     A Linear L of ``hidden`` outputs writes the stream when, with every other such Linear's output held
-    at its recorded value, a change of L's output appears unchanged in the layer's output (holding the
-    others stops the change from reaching the output through a later sub-layer as well)."""
+    at its recorded value, a change of L's output appears in the layer's output unchanged up to one scalar
+    factor (Granite's residual multiplier; a scalar commutes with R1), holding the others stops the change from
+    reaching the output through a later sub-layer as well."""
     x, y = _layer_io(layer, run)
     inputs, outputs = _record(layer, run)
     modules = dict(layer.named_modules())
@@ -276,7 +313,9 @@ def residual_writers(layer: nn.Module, run: Any, hidden: int) -> ResidualWriters
         delta = delta.to(outputs[name].device, outputs[name].dtype) * float(outputs[name].abs().mean().clamp(min=1e-3))
         held = {other: (lambda _out, kept=outputs[other]: kept) for other in candidates if other != name}
         changed = _with_outputs(layer, {**held, name: lambda out, delta=delta: out + delta}, run)
-        if torch.allclose(changed - y, delta, rtol=1e-3, atol=1e-4 * float(y.abs().max())):
+        seen = changed - y
+        factor = float((seen * delta).sum() / (delta * delta).sum())  # least squares: seen ~ factor * delta
+        if factor > 0 and torch.allclose(seen, factor * delta, rtol=1e-3, atol=1e-4 * float(y.abs().max())):
             writers.append(name)
     without = _with_outputs(layer, dict.fromkeys(writers, torch.zeros_like), run) if writers else y
     exact = bool(writers) and torch.allclose(without, x, rtol=1e-4, atol=1e-5 * float(x.abs().max()))
