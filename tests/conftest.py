@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 from llmquant.data import pydoc_text
@@ -44,14 +45,30 @@ CONFIGS = {
         **_common(ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, do_layer_norm_before=True)
     ),
 }
+_ATTENTION = {"intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+FAMILIES = {  # the family x method matrix (tests/test_families.py): a tiny random config of each
+    **CONFIGS,
+    "qwen3": lambda: transformers.Qwen3Config(**_common(**_ATTENTION, head_dim=16)),  # q/k norms
+    "gemma": lambda: transformers.GemmaConfig(**_common(**_ATTENTION, head_dim=16)),  # (1 + w) norms
+    "gemma2": lambda: transformers.Gemma2Config(**_common(**_ATTENTION, head_dim=16, sliding_window=16)),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**_common(**_ATTENTION, head_dim=16, sliding_window=16)),
+    "phi3": lambda: transformers.Phi3Config(**_common(**_ATTENTION, pad_token_id=0)),  # fused qkv, gate_up
+    "olmo2": lambda: transformers.Olmo2Config(**_common(**_ATTENTION)),  # norms after the sub-layers
+    "granite": lambda: transformers.GraniteConfig(**_common(**_ATTENTION, embedding_multiplier=2.0,
+                                                            residual_multiplier=0.5, attention_multiplier=0.3,
+                                                            logits_scaling=2.0)),
+    "gptneox": lambda: transformers.GPTNeoXConfig(**_common(intermediate_size=128, num_attention_heads=4)),
+}
 
 
 def make_model(family: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
     with torch.no_grad():  # a few outlier input channels, as real LLM activations have
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or "layer_norm.weight" in name:
+                if not param.any():  # a gain stored as an offset from one (Gemma: 1 + w, w = 0 at init)
+                    param.uniform_(-0.5, 0.5)
                 param.mul_(1.0 + 4.0 * (torch.rand_like(param) > 0.95))
     return model
 

@@ -57,6 +57,9 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     return as_recipe(fields)
 
 
+DETECT_ONLY = ("norms", "not_smoothed", "rotation_plan", "left_float_by_default")  # printed by detect, not read back
+
+
 def _read_layer_map(path: str) -> dict[str, Any]:
     """A JSON in the shape `llmquant detect` prints: {"model_map": {...}, "smooth_groups": [...]}."""
     try:
@@ -65,7 +68,7 @@ def _read_layer_map(path: str) -> dict[str, Any]:
         raise LlmquantError(f"cannot read layer map {path}: {err}") from None
     if isinstance(found, dict) and found.get("name") == "quarot":
         return found  # validated as a quarot pre-optimization by the recipe
-    known = {"model_map", "smooth_groups", "rotation_plan"}  # rotation_plan: printed by detect, not read back
+    known = {"model_map", "smooth_groups", *DETECT_ONLY}
     unknown = set(found) - known if isinstance(found, dict) else {"<not an object>"}
     if unknown:
         raise LlmquantError(f"layer map {path}: unknown keys {sorted(unknown)}; allowed: {', '.join(sorted(known))} "
@@ -253,10 +256,22 @@ def _print_summary(scheme: str, figures: dict[str, Any], output: Path, results: 
         print("| model | ppl | ratio |\n|---|---|---|")
         print(f"| float32 | {figures['float_ppl']:.3f} | 1.000 |")
         print(f"| {scheme} | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
+    print(_untouched_line(results))
     memory = f", peak memory {results['peak_rss_mb']:.0f} MiB" if results.get("peak_rss_mb") else ""
     if results.get("peak_gpu_mb"):
         memory += f", peak GPU memory {results['peak_gpu_mb']:.0f} MiB"
     print(f"quantization took {figures['quantize_seconds']:.1f} s{memory}; checkpoint and llmquant.json in {output}")
+
+
+def _untouched_line(results: dict[str, Any]) -> str:
+    """What the run left as it was, from its manifest: Linears left float, Linears not smoothed, rotations off."""
+    parts = [f"left float: {', '.join(results.get('left_float') or []) or 'nothing'}"]
+    if results.get("not_smoothed"):
+        parts.append(f"not smoothed: {', '.join(results['not_smoothed'])} of each layer")
+    off = [step["rotation"] for step in results.get("rotation", {}).get("plan", []) if not step["applies"]]
+    if off:
+        parts.append(f"rotations off: {', '.join(off)}")
+    return "; ".join(parts) + " (reasons in llmquant.json)"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -340,8 +355,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
     import llmquant
     from llmquant.algorithms.quarot import QuaRotConfig
     from llmquant.model.model_map import detect_model_map
+    from llmquant.model.patterns import describe_norms, split_foldable
     from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
     from llmquant.pipeline.rotation import plan_rotations
+    from llmquant.recipe import Recipe
 
     check_model_source(args.model)
     model, _ = llmquant.load(args.model, device="cpu")
@@ -349,8 +366,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
     sample = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     groups = find_smooth_groups(model, model_map, capture_layer_inputs(model, model_map, sample))
     rotations = plan_rotations(model, model_map, QuaRotConfig(), sample)
-    found = {"model_map": model_map.to_dict(), "smooth_groups": [g.to_dict() for g in groups],
-             "rotation_plan": rotations.describe()}
+    first = model_map.layers(model)[0]
+    kept, unsmoothed = split_foldable(first, groups, list(model_map.linears))
+    found = {"model_map": model_map.to_dict(), "norms": describe_norms(first),
+             "smooth_groups": [g.to_dict() for g in kept], "not_smoothed": unsmoothed,
+             "rotation_plan": rotations.describe(),
+             "left_float_by_default": Recipe().resolve(model, model_map).left_float(model_map.decoder_layers)}
     print(json.dumps(found, indent=2))
     return 0
 
@@ -482,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     _placement_flags(b)
     b.set_defaults(func=cmd_bench)
 
-    d = sub.add_parser("detect", help="print the layer map found in a model")
+    d = sub.add_parser("detect", help="print what llmquant finds in a model: its layer map, norms, smoothing groups, "
+                                      "rotations, and what stays float")
     d.add_argument("--model", default=None)
     d.set_defaults(func=cmd_detect)
     return parser

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -283,6 +284,12 @@ class QuantPlan:
     linears: dict[str, Scheme]
     kv_cache: dict[str, Any]
     group_fallbacks: dict[str, int] = field(default_factory=dict)  # Linear -> the group size it got instead
+
+    def left_float(self, decoder_layers: str) -> list[str]:
+        """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""
+        pattern = re.compile(rf"^{re.escape(decoder_layers)}\.\d+\.")
+        names = [pattern.sub(f"{decoder_layers}.*.", n) for n, s in self.linears.items() if s.weights is None]
+        return list(dict.fromkeys(names))
 
     def describe(self) -> list[dict[str, Any]]:
         rows = []

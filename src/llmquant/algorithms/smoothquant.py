@@ -39,10 +39,10 @@ from llmquant.model.patterns import (
     SmoothGroup,
     detect_smooth_groups,
     expand_channels,
-    foldable,
     norm_form,
     reduce_channels,
     resolve_heads,
+    split_foldable,
 )
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import QuantSpec, fake_quantize, qparams_from_min_max
@@ -315,18 +315,7 @@ def smoothing_groups(ctx: SetupContext, given: list[dict[str, Any]] | None) -> t
         groups = [with_norm_offset(ctx.layer, group) for group in groups]
     else:
         groups = detect_smooth_groups(ctx.layer, ctx.run_sample, ctx.head_dim, ctx.where)
-    unsmoothed: dict[str, str] = {}
-    kept = []
-    for group in groups:
-        why = foldable(ctx.layer, group)
-        if why is None:
-            kept.append(group)
-        else:
-            unsmoothed.update(dict.fromkeys(group.linears, why))
-    readers = {name for group in kept for name in group.linears}
-    for name in ctx.linears:
-        if name not in readers:
-            unsmoothed.setdefault(name, "no norm or Linear feeds it channel for channel")
+    kept, unsmoothed = split_foldable(ctx.layer, groups, ctx.linears)
     for why in dict.fromkeys(unsmoothed.values()):
         log.warning("not smoothed: %s (%s)", [n for n, w in unsmoothed.items() if w == why], why)
     return kept, unsmoothed

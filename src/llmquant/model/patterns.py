@@ -181,6 +181,24 @@ def foldable(layer: nn.Module, group: SmoothGroup) -> str | None:
     return None
 
 
+def split_foldable(layer: nn.Module, groups: list[SmoothGroup],
+                   linears: list[str]) -> tuple[list[SmoothGroup], dict[str, str]]:
+    """The groups whose scales fold (`foldable`), and, by Linear of ``linears``, why the ones no such group reads
+    are not smoothed."""
+    kept, unsmoothed = [], {}
+    for group in groups:
+        why = foldable(layer, group)
+        if why is None:
+            kept.append(group)
+        else:
+            unsmoothed.update(dict.fromkeys(group.linears, why))
+    readers = {name for group in kept for name in group.linears}
+    for name in linears:
+        if name not in readers:
+            unsmoothed.setdefault(name, "no norm or Linear feeds it channel for channel")
+    return kept, unsmoothed
+
+
 def norm_groups(layer: nn.Module, run: Any) -> list[SmoothGroup]:
     """Each norm of one decoder layer and the Linears reading its output (the groups R1 fuses)."""
     inputs, outputs = _record(layer, run)
@@ -247,6 +265,24 @@ def norm_form(norm: nn.Module, hidden: int) -> NormForm | None:
             if torch.allclose(y, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max())):
                 return NormForm(kind, offset)
     return None
+
+
+def describe_norms(layer: nn.Module) -> dict[str, str]:
+    """Each norm of a layer and the `NormForm` it computes, in words (what `llmquant detect` prints)."""
+    described = {}
+    for name, module in layer.named_modules():
+        weight = getattr(module, "weight", None)
+        if not _is_norm(module) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            continue
+        form = norm_form(module, weight.shape[0])
+        if form is None:
+            described[name] = f"{type(module).__name__}: no fold fits (neither an RMSNorm nor a LayerNorm form)"
+            continue
+        gain = "w + 1" if form.offset else "w"
+        bias = getattr(module, "bias", None) is not None
+        described[name] = f"{'RMS' if form.kind == 'rms' else 'Layer'}Norm form, gain {gain}" + (
+            ", with bias" if bias else "")
+    return described
 
 
 def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:

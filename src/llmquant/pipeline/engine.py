@@ -468,6 +468,7 @@ def quantize(
     if rotation is None and _outside_linears(model_map, plan):
         source.materialize_outside()
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
+    manifest.results["left_float"] = plan.left_float(model_map.decoder_layers)
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
     manifest.results["peak_gpu_mb"] = max((row.get("peak_gpu_mb") or 0 for row in manifest.layers), default=0) or None
