@@ -20,6 +20,9 @@ from conftest import logits, make_model, relative_error
         # compressed-tensors computes dynamic scales as absmax / 127.5, llmquant (like vLLM's int8 kernels)
         # as absmax / 127: the same checkpoint, slightly different run-time rounding
         ("w_int8_per_channel_a_int8_per_token_dynamic", 3e-2),
+        ("w_fp8_per_tensor_a_fp8_per_tensor_static", 1e-5),
+        ("w_fp8_per_channel_a_fp8_per_token_dynamic", 1e-5),
+        ("w_fp8_per_channel", 1e-5),
     ],
 )
 def test_transformers_from_pretrained_matches_llmquant(

@@ -162,7 +162,8 @@ def gptq_quantize(
     hinv = _inverse_hessian_cholesky(reversed_h, damp_ratio).to(compute).contiguous()  # upper factor of H^-1
 
     column_groups = perm // group if group is not None else torch.zeros_like(perm)  # scale column of each column
-    fused = compute == torch.float32 and (group is None or static_groups) and fused_sweep_available(w)
+    fused = (compute == torch.float32 and (group is None or static_groups) and spec.type == "int"
+             and fused_sweep_available(w))  # (the kernel rounds to integers only)
     groups_on_host = column_groups.tolist()  # read once: no device synchronisation per column
     codes = torch.zeros_like(w)
     losses = torch.zeros_like(w)
@@ -200,8 +201,7 @@ def gptq_quantize(
     codes = codes[:, torch.argsort(perm)]
     if group is not None:
         scale, zero = scales.reshape(-1, 1), zeros.reshape(-1, 1)
-    code_dtype = torch.uint8 if (not spec.symmetric and spec.bits == 8) else torch.int8
-    codes = codes.to(code_dtype)
+    codes = codes.to(spec.code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
     return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(losses.sum()))
 

@@ -81,7 +81,7 @@ def to_args(spec: QuantSpec | None) -> QuantizationArgs | None:
         return None
     return QuantizationArgs(
         num_bits=spec.bits,
-        type="int",
+        type=spec.type,
         symmetric=spec.symmetric,
         strategy=spec.granularity,
         group_size=spec.group_size,
@@ -92,10 +92,12 @@ def to_args(spec: QuantSpec | None) -> QuantizationArgs | None:
 def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
     if args is None:
         return None
-    if args.type != "int":
-        raise LlmquantError(f"checkpoint uses {args.type} quantization; llmquant reads int checkpoints only")
+    if args.type not in ("int", "float") or (args.type == "float" and args.num_bits != 8):
+        raise LlmquantError(f"checkpoint uses {args.num_bits}-bit {args.type} quantization; llmquant reads int "
+                            "and 8-bit float (E4M3) checkpoints")
     return QuantSpec(
         bits=args.num_bits,
+        type=str(args.type.value if hasattr(args.type, "value") else args.type),
         symmetric=args.symmetric,
         granularity=args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy),
         group_size=args.group_size if args.strategy == "group" else None,
@@ -114,7 +116,10 @@ def _linear_schemes(model: nn.Module) -> tuple[dict[str, Scheme], list[str]]:
 
 
 def weight_format(spec: QuantSpec | None) -> str:
-    """The compressed-tensors format a weight is stored in: packed int32 words below 8 bits."""
+    """The compressed-tensors format a weight is stored in: packed int32 words below 8 bits, float8 codes for
+    float specs, else int8 codes."""
+    if spec is not None and spec.type == "float":
+        return CompressionFormat.float_quantized.value
     return (CompressionFormat.pack_quantized if is_packed(spec) else CompressionFormat.int_quantized).value
 
 
@@ -185,7 +190,8 @@ def _from_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> dict[st
     """A quantized Linear's tensors (by leaf name) from one stored tensor, whichever weight form the
     checkpoint used: int8 ``weight`` codes or packed ``weight_packed`` words."""
     spec = module.weight_spec
-    if spec is None or leaf not in ("weight", "weight_packed", "weight_shape", "weight_zero_point"):
+    if spec is None or spec.type == "float" or leaf not in ("weight", "weight_packed", "weight_shape",
+                                                            "weight_zero_point"):
         return {leaf: value}
     if leaf == "weight_shape":
         return {leaf: value} if module.packed else {}

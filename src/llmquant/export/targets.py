@@ -104,7 +104,7 @@ def _warn(message: str) -> Finding:
 # --- vLLM --------------------------------------------------------------------------------------------
 def _vllm_w8a8(weights: QuantSpec, inputs: QuantSpec) -> list[Finding]:
     what = f"weights {weights.describe()} with inputs {inputs.describe()}"
-    if weights.bits != 8 or inputs.bits != 8:
+    if weights.bits != 8 or inputs.bits != 8 or inputs.type != "int":
         return [_refuse(f"vLLM has no int kernel for {what}: int activations run with 8-bit weights (W8A8)")]
     if not weights.symmetric:
         return [_refuse(f"vLLM's int8 W8A8 kernels take symmetric weights only, not {what}")]
@@ -140,10 +140,22 @@ def _vllm_weight_only(weights: QuantSpec) -> list[Finding]:
     return []
 
 
+def _vllm_fp8(weights: QuantSpec, inputs: QuantSpec | None) -> list[Finding]:
+    """FP8 Linears: vLLM's compressed-tensors loader has FP8 W8A8 (weights per tensor or channel, inputs static
+    per tensor or dynamic per token) and FP8 weight-only schemes; llmquant has not served them there yet."""
+    what = f"weights {weights.describe()}" + (f" with inputs {inputs.describe()}" if inputs else "")
+    if inputs is not None and inputs.type != "float":
+        return [_refuse(f"vLLM has no kernel for {what}: FP8 weights run with FP8 inputs or none")]
+    return [_warn(f"{what}: written float-quantized as vLLM's compressed-tensors loader reads FP8; not yet served "
+                  "by vLLM in llmquant's tests")]
+
+
 def vllm_linear_findings(scheme: Scheme) -> list[Finding]:
     """What vLLM does with a Linear quantized by ``scheme`` (module docstring)."""
     if scheme.weights is None:
         return []
+    if scheme.weights.type == "float":
+        return _vllm_fp8(scheme.weights, scheme.input_activations)
     if scheme.input_activations is not None:
         return _vllm_w8a8(scheme.weights, scheme.input_activations)
     return _vllm_weight_only(scheme.weights)
@@ -151,7 +163,7 @@ def vllm_linear_findings(scheme: Scheme) -> list[Finding]:
 
 def vllm_kv_findings(kv: QuantSpec | None) -> list[Finding]:
     """vLLM loads FP8 KV-cache schemes only: an INT8 one stops the model from loading."""
-    if kv is None:
+    if kv is None or (kv.type == "float" and kv.granularity == "tensor" and not kv.dynamic):
         return []
     return [_refuse(f"vLLM loads only FP8 KV-cache schemes (compressed-tensors type float, 8 bits, per tensor "
                     f"or per head): a checkpoint with an INT8 KV cache ({kv.describe()}) fails to load there; "

@@ -45,7 +45,8 @@ from llmquant.quant import QuantSpec, qparams_for, quantize
 
 
 def supports_int8_storage(spec: QuantSpec) -> bool:
-    """Whether keys/values with this spec can be stored as int8 codes with one scale per position."""
+    """Whether keys/values with this spec can be stored as 8-bit codes (int8 or float8) with one scale per
+    position."""
     return spec.bits == 8 and spec.symmetric and spec.granularity in ("tensor", "token")
 
 
@@ -92,8 +93,8 @@ class Int8CacheLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         empty = key_states[..., :0, :]  # [b, h, 0, d]: the stored tensors grow from there along the sequence
-        self.keys = empty.to(torch.int8)
-        self.values = value_states[..., :0, :].to(torch.int8)
+        self.keys = empty.to(self.quantizer.spec.code_dtype)  # int8, or float8 for an FP8 cache
+        self.values = value_states[..., :0, :].to(self.quantizer.spec.code_dtype)
         self.key_scales = empty.new_empty(scale_shape(empty, self.quantizer.spec), dtype=torch.float32)
         self.value_scales = empty.new_empty(scale_shape(value_states[..., :0, :], self.quantizer.spec),
                                             dtype=torch.float32)

@@ -97,9 +97,8 @@ class QuantLinear(nn.Module):
                 words = (out_features, packed_length(in_features, weight_spec.bits))
                 self.register_buffer("weight_packed", torch.zeros(words, dtype=torch.int32, **on))
                 self.register_buffer("weight_shape", torch.tensor(shape, dtype=torch.int64, **on))
-            else:  # 8-bit codes: int8, or uint8 for asymmetric codes in [0, 255]
-                codes = torch.int8 if weight_spec.symmetric else torch.uint8
-                self.register_buffer("weight", torch.zeros(shape, dtype=codes, **on))
+            else:  # 8-bit codes: int8, uint8 for asymmetric codes in [0, 255], or float8 (E4M3)
+                self.register_buffer("weight", torch.zeros(shape, dtype=weight_spec.code_dtype, **on))
             qparam_shape = storage_shape(weight_spec, shape)
             self.register_buffer("weight_scale", torch.ones(qparam_shape, **on))
             if not weight_spec.symmetric:
@@ -213,10 +212,11 @@ class QuantLinear(nn.Module):
     # --- integer runtime ----------------------------------------------------------------------
     @property
     def supports_int8(self) -> bool:
-        """Whether this layer can run as an int8 x int8 GEMM (W8A8, symmetric)."""
+        """Whether this layer can run as an int8 x int8 GEMM (W8A8, symmetric integer codes)."""
         w, a = self.weight_spec, self.input_spec
         return (
             w is not None and a is not None and w.bits == 8 and a.bits == 8 and w.symmetric and a.symmetric
+            and w.type == a.type == "int"
             and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token")
         )
 

@@ -6,7 +6,8 @@ points are therefore always ``[n_blocks, 1]`` and broadcast against the block vi
 
 Formulas (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
 Integer-Arithmetic-Only Inference"):  q = clamp(round(x / scale) + zero, qmin, qmax),
-x_hat = (q - zero) * scale.
+x_hat = (q - zero) * scale. For float codes (`QuantSpec` ``type="float"``) ``round`` is the rounding to the
+nearest E4M3 value (`round_to_grid`) and zero = 0.
 """
 
 from __future__ import annotations
@@ -59,20 +60,27 @@ def qparams_from_min_max(
     return scale, zero
 
 
+def round_to_grid(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``values`` (already divided by the scale) rounded to the spec's grid: the nearest integer (half to even),
+    or for float codes the nearest E4M3 value (half to even) after clamping to +-448 (float32 results)."""
+    if spec.type == "float":
+        return values.clamp(spec.qmin, spec.qmax).to(spec.code_dtype).float()
+    return torch.round(values)
+
+
 def quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as float values) of a block view."""
-    return torch.clamp(torch.round(blocks / scale) + zero, spec.qmin, spec.qmax)
+    """Codes (as float values) of a block view."""
+    return torch.clamp(round_to_grid(blocks / scale, spec) + zero, spec.qmin, spec.qmax)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes of ``x`` in its own shape, as int8 (or uint8 for unsigned 8-bit)."""
+    """Codes of ``x`` in its own shape, in `QuantSpec.code_dtype` (int8, uint8 for unsigned 8-bit, float8)."""
     codes = quantize_blocks(to_blocks(x, spec), scale, zero, spec).reshape(x.shape)
-    dtype = torch.uint8 if (not spec.symmetric and spec.bits == 8) else torch.int8
-    return codes.to(dtype)
+    return codes.to(spec.code_dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Float values of integer codes ``q`` (any integer dtype) in ``q``'s shape."""
+    """Float values of codes ``q`` (any integer dtype, or float8) in ``q``'s shape."""
     blocks = to_blocks(q.float(), spec)
     return ((blocks - zero) * scale).reshape(q.shape)
 

@@ -1,7 +1,8 @@
 """Schemes: what is quantized in a Linear (weight, input activation) and in the KV cache, by name.
 
 Preset names are the seeds' names (seed 000: the eight W8A8 rows; seed 003: ``w_int8_per_tensor``;
-seed 002 / issue 5: weight-only int4/int3). ``none`` quantizes nothing: pre-optimizations only.
+seed 002 / issue 5: weight-only int4/int3), and the FP8 (E4M3) ones in the same pattern. ``none`` quantizes
+nothing: pre-optimizations only.
 """
 
 from __future__ import annotations
@@ -34,10 +35,22 @@ def _int8(granularity: str, dynamic: bool = False) -> QuantSpec:
     return QuantSpec(bits=8, symmetric=True, granularity=granularity, dynamic=dynamic)
 
 
+def _fp8(granularity: str, dynamic: bool = False) -> QuantSpec:
+    return QuantSpec(bits=8, type="float", granularity=granularity, dynamic=dynamic)
+
+
 KV_CACHE = {
     "int8_per_tensor": _int8("tensor"),
     "int8_per_tensor_dynamic": _int8("tensor", dynamic=True),
     "int8_per_token": _int8("token", dynamic=True),
+    "fp8_per_tensor": _fp8("tensor"),  # static k_scale / v_scale: what vLLM reads
+}
+
+FP8_SCHEMES = {  # E4M3 codes (`QuantSpec` type "float"): llm-compressor's FP8 and FP8_DYNAMIC, weight-only FP8
+    "w_fp8_per_tensor_a_fp8_per_tensor_static": Scheme(weights=_fp8("tensor"), input_activations=_fp8("tensor")),
+    "w_fp8_per_channel_a_fp8_per_token_dynamic": Scheme(weights=_fp8("channel"),
+                                                        input_activations=_fp8("token", dynamic=True)),
+    "w_fp8_per_channel": Scheme(weights=_fp8("channel")),
 }
 
 _W8A8 = {
@@ -98,7 +111,7 @@ def _weight_only(name: str, group_size: int | None) -> Scheme:
 
 
 def scheme_names() -> tuple[str, ...]:
-    return ("none", *W8A8_SCHEMES, *WEIGHT_ONLY_SCHEMES)
+    return ("none", *W8A8_SCHEMES, *WEIGHT_ONLY_SCHEMES, *FP8_SCHEMES)
 
 
 def scheme_from_name(name: str, group_size: int | None = None, kv_cache: str | None = None) -> Scheme:
@@ -110,6 +123,8 @@ def scheme_from_name(name: str, group_size: int | None = None, kv_cache: str | N
         scheme = _w8a8(name)
     elif name in WEIGHT_ONLY_SCHEMES:
         scheme = _weight_only(name, group_size)
+    elif name in FP8_SCHEMES:
+        scheme = FP8_SCHEMES[name]
     else:
         raise LlmquantError(f"unknown scheme '{name}'; allowed: {', '.join(scheme_names())}")
     if kv_cache is not None:

@@ -13,16 +13,23 @@ Integer ranges (said once here, used everywhere):
 - symmetric, signed ``b`` bits: q in [-2^(b-1), 2^(b-1) - 1], scale = absmax / (2^(b-1) - 1), zero = 0;
 - asymmetric, unsigned ``b`` bits: q in [0, 2^b - 1], scale = (max - min) / (2^b - 1),
   zero = round(-min / scale), with min <= 0 <= max so that 0.0 is exact.
+
+Floating-point codes (``type="float"``): 8-bit E4M3 (``torch.float8_e4m3fn``, Micikevicius et al. 2022, "FP8
+Formats for Deep Learning"): q = fp8(clamp(x / scale, -448, 448)) rounded to the nearest E4M3 value (ties to
+even), always symmetric: scale = absmax / 448, zero = 0.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 Granularity = Literal["tensor", "channel", "group", "token"]
 ObserverName = Literal["minmax", "percentile", "mse"]
+NumberType = Literal["int", "float"]
+FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 class QuantSpec(BaseModel):
@@ -31,6 +38,7 @@ class QuantSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     bits: int = 8
+    type: NumberType = "int"
     symmetric: bool = True
     granularity: Granularity = "tensor"
     group_size: int | None = None
@@ -42,6 +50,9 @@ class QuantSpec(BaseModel):
     def _check(self) -> QuantSpec:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.type == "float" and (self.bits != 8 or not self.symmetric):
+            raise ValueError(f"float codes are 8-bit E4M3 and symmetric, got {self.bits} bits, "
+                             f"{'symmetric' if self.symmetric else 'asymmetric'}")
         if self.granularity == "group":
             if self.group_size is None or self.group_size < 2:
                 raise ValueError(f"granularity 'group' needs group_size >= 2, got {self.group_size}")
@@ -54,15 +65,28 @@ class QuantSpec(BaseModel):
         return self
 
     @property
-    def qmin(self) -> int:
+    def qmin(self) -> float:
+        if self.type == "float":
+            return -FP8_E4M3_MAX
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
-    def qmax(self) -> int:
+    def qmax(self) -> float:
+        if self.type == "float":
+            return FP8_E4M3_MAX
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """The dtype codes are stored in (unpacked): float8_e4m3fn, uint8 for asymmetric 8-bit, else int8."""
+        if self.type == "float":
+            return torch.float8_e4m3fn
+        return torch.uint8 if (not self.symmetric and self.bits == 8) else torch.int8
 
     def describe(self) -> str:
         grain = f"group{self.group_size}" if self.granularity == "group" else self.granularity
-        kind = "sym" if self.symmetric else "asym"
         mode = "dynamic" if self.dynamic else "static"
+        if self.type == "float":
+            return f"fp8-e4m3-per-{grain}-{mode}"
+        kind = "sym" if self.symmetric else "asym"
         return f"int{self.bits}-{kind}-per-{grain}-{mode}"

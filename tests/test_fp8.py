@@ -1,0 +1,139 @@
+"""FP8 (E4M3) codes: `QuantSpec` ``type="float"``. Rounding to the nearest E4M3 value, its error bound, the
+observers and GPTQ on that grid, float8 storage, checkpoints (compressed-tensors float-quantized) that load back
+with identical logits, the FP8 KV cache, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+import llmquant
+from conftest import logits, make_model, relative_error
+from llmquant.algorithms.gptq import gptq_quantize
+from llmquant.errors import LlmquantError
+from llmquant.export.targets import check_recipe
+from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.quant import QuantSpec, fake_quantize, quantize
+from llmquant.quant.observers import observe_once
+from llmquant.quant.primitives import round_to_grid
+from llmquant.quant.scheme import FP8_SCHEMES, scheme_from_name, scheme_names
+from llmquant.recipe import Recipe
+
+FP8 = QuantSpec(bits=8, type="float", granularity="channel")
+E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+FINITE = E4M3_VALUES[E4M3_VALUES.isfinite()].unique()  # 253 values: +-0 once, NaNs left out
+
+
+def test_the_grid_is_the_e4m3_values_and_rounding_is_to_the_nearest() -> None:
+    assert float(FINITE.max()) == 448.0 and float(FINITE.min()) == -448.0 and len(FINITE) == 253
+    assert torch.equal(round_to_grid(FINITE, FP8), FINITE)  # every code is its own rounding
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0)) * 100.0
+    rounded = round_to_grid(x, FP8)
+    nearest = (x[:, None] - FINITE[None, :]).abs().min(dim=1).values
+    assert torch.equal((x - rounded).abs(), nearest)  # no value closer on the grid
+    assert torch.equal(round_to_grid(torch.tensor([1e4, -1e4]), FP8), torch.tensor([448.0, -448.0]))  # saturates
+
+
+def test_fake_quantize_error_is_within_half_a_step_of_three_mantissa_bits() -> None:
+    weight = torch.randn(64, 512, generator=torch.Generator().manual_seed(1)) * torch.logspace(-2, 1, 64)[:, None]
+    scale, _ = observe_once(weight, FP8)
+    assert torch.allclose(scale, weight.abs().amax(dim=1, keepdim=True) / 448.0)
+    x_hat = fake_quantize(weight, FP8, scale, torch.zeros_like(scale))
+    normal = weight.abs() / scale >= 2.0**-6  # E4M3's normal range: relative error <= 2^-4
+    assert ((x_hat - weight).abs() <= 2.0**-4 * weight.abs() + 1e-12)[normal].all()
+    assert ((x_hat - weight).abs() <= 2.0**-10 * scale)[~normal].all()  # subnormals: half of the step 2^-9
+
+
+def test_the_mse_observer_finds_no_worse_a_range_than_min_max() -> None:
+    weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(2))
+    weight[:, 0] *= 30.0
+    errors = {}
+    for observer in ("minmax", "mse"):
+        spec = FP8.model_copy(update={"observer": observer})
+        errors[observer] = float((fake_quantize(weight, spec, *observe_once(weight, spec)) - weight).norm())
+    assert errors["mse"] <= errors["minmax"]
+
+
+def test_gptq_on_the_fp8_grid_beats_round_to_nearest() -> None:
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 128, generator=generator)
+    x = torch.randn(2048, 128, generator=generator) @ (torch.randn(128, 128, generator=generator) / 128**0.5)
+    result = gptq_quantize(weight, x.T @ x, FP8, block_size=32)
+    assert torch.equal(result.codes.float(), round_to_grid(result.codes.float(), FP8))  # codes on the grid
+    assert result.codes.dtype == torch.float8_e4m3fn
+    rtn = fake_quantize(weight, FP8)
+    gptq_error = float((x @ result.weight.T - x @ weight.T).norm())
+    assert gptq_error < 0.8 * float((x @ rtn.T - x @ weight.T).norm())  # measured about 0.6
+
+
+@pytest.mark.parametrize("scheme", list(FP8_SCHEMES))
+def test_fp8_schemes_store_float8_codes_and_round_trip(scheme: str, calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                     tmp_path: Path) -> None:
+    model = make_model("llama")
+    reference = logits(model, eval_ids)
+    recipe = {"scheme": scheme, "kv_cache": "fp8_per_tensor"}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    linear = model.model.layers[0].mlp.down_proj
+    assert isinstance(linear, QuantLinear) and linear.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(linear.dequantized_weight(), linear.weight.float() * linear.weight_scale.reshape(-1, 1))
+    assert 1e-3 < relative_error(reference, logits(model, eval_ids)) < 0.1
+    llmquant.save(model, None, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    group = config["config_groups"]["group_0"]
+    assert config["format"] == group["format"] == "float-quantized" and group["weights"]["type"] == "float"
+    assert config["kv_cache_scheme"]["type"] == "float" and config["kv_cache_scheme"]["num_bits"] == 8
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as stored:
+        assert stored.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
+        assert "model.layers.0.self_attn.k_scale" in set(stored.keys())
+    loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")
+    set_runtime(model, "int8")
+    assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
+
+
+def test_fp8_combines_with_smoothquant_quarot_and_gptq(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    reference = logits(make_model("llama"), eval_ids)
+    for extra in ({"pre_opts": [{"name": "smoothquant", "alpha": 0.5}]},
+                  {"pre_opts": [{"name": "quarot"}], "algorithm": "gptq"}):
+        model = llmquant.quantize(make_model("llama"), {"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static", **extra},
+                                  calib=calib_ids, progress=False)
+        assert relative_error(reference, logits(model, eval_ids)) < 0.1, extra
+
+
+def test_the_fp8_kv_cache_stores_float8_on_the_int8_runtime(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    model = llmquant.quantize(make_model("llama"), {"scheme": "w_fp8_per_channel", "kv_cache": "fp8_per_tensor"},
+                              calib=calib_ids, progress=False)
+    simulated = logits(model, eval_ids)
+    set_runtime(model, "int8")
+    with torch.no_grad():
+        out = model(eval_ids, use_cache=True)
+    assert out.past_key_values.layers[0].keys.dtype == torch.float8_e4m3fn
+    assert torch.allclose(out.logits, simulated, atol=1e-5, rtol=1e-5)
+
+
+def test_schemes_are_named_and_bad_specs_refused_in_one_line() -> None:
+    assert set(FP8_SCHEMES) <= set(scheme_names())
+    scheme = scheme_from_name("w_fp8_per_channel_a_fp8_per_token_dynamic")
+    assert scheme.weights.describe() == "fp8-e4m3-per-channel-static"
+    assert scheme.input_activations.describe() == "fp8-e4m3-per-token-dynamic"
+    with pytest.raises(ValidationError, match="float codes are 8-bit E4M3 and symmetric, got 4 bits"):
+        QuantSpec(bits=4, type="float")
+    with pytest.raises(ValidationError, match="asymmetric"):
+        QuantSpec(type="float", symmetric=False)
+    with pytest.raises(LlmquantError, match=r"unknown kv cache 'fp8'; allowed: .*fp8_per_tensor"):
+        scheme_from_name("w_fp8_per_channel", kv_cache="fp8")
+    assert quantize(torch.ones(2, 2), torch.ones(2, 1), torch.zeros(2, 1), FP8).dtype == torch.float8_e4m3fn
+
+
+def test_vllm_target_takes_the_fp8_kv_cache_and_says_fp8_linears_are_unverified() -> None:
+    findings = check_recipe("vllm", Recipe.build(scheme="w_fp8_per_channel_a_fp8_per_token_dynamic",
+                                                 kv_cache="fp8_per_tensor"))
+    assert not any(f.refuse for f in findings)
+    assert any("float-quantized" in f.message for f in findings)
+    refused = check_recipe("vllm", Recipe.build(scheme="w_int8_per_channel_a_int8_per_token_dynamic",
+                                                kv_cache="int8_per_tensor"))
+    assert refused and refused[0].refuse
