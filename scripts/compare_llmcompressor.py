@@ -1,6 +1,6 @@
 """Side-by-side: llm-compressor on the default model, with llmquant's calibration samples and perplexity
-protocol (same windows, same formula), for W8A8 (optionally after SmoothQuant or a rotation) and for
-weight-only W4/W3 per group by round to nearest, GPTQ or AWQ.
+protocol (same windows, same formula), for W8A8 in int8 or FP8 (optionally after SmoothQuant or a rotation, with
+an FP8 KV cache) and for weight-only W4/W3 per group by round to nearest, GPTQ or AWQ.
 
 llm-compressor lives in its own throw-away environment (it pins its own dependencies):
 
@@ -11,6 +11,8 @@ llm-compressor lives in its own throw-away environment (it pins its own dependen
         --schemes w_int4_per_group_sym w_uint4_per_group_asym --out bench/llmc_w4_gptq_g64.json
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --rotation spinquant-hadamard \\
         --schemes w_int8_per_tensor_a_int8_per_tensor_static --out bench/llmc_rot_hadamard.json
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
+        w_fp8_per_channel_a_fp8_per_token_dynamic --out bench/llmc_fp8.json      # presets FP8, FP8_DYNAMIC
 
 Writes the same JSON shape as benchmark_w8a8.py (rows of scheme, ppl, ratio, seconds), so
 scripts/w8a8_table.py can put both side by side; each row also names its "algorithm" and "recipe". A run
@@ -48,6 +50,10 @@ W8A8 = {  # seed-000 names -> (weight strategy, activation strategy, dynamic)
     "w_int8_per_channel_a_int8_per_tensor_static": ("channel", "tensor", False),
     "w_int8_per_channel_a_int8_per_tensor_dynamic": ("channel", "tensor", True),
     "w_int8_per_channel_a_int8_per_token_dynamic": ("channel", "token", True),
+}
+FP8 = {  # llmquant names -> llm-compressor's FP8 presets (E4M3)
+    "w_fp8_per_tensor_a_fp8_per_tensor_static": "FP8",
+    "w_fp8_per_channel_a_fp8_per_token_dynamic": "FP8_DYNAMIC",
 }
 WEIGHT_ONLY = {  # llmquant names -> (llm-compressor preset whose weights are taken, symmetric)
     "w_int4_per_group_sym": ("W4A16", True),
@@ -91,6 +97,11 @@ def scheme_for(name: str, group_size: int) -> tuple[QuantizationScheme, str]:
         )
         return scheme, f"int8 sym weights per {weight}, int8 sym inputs per {activation} " + (
             "dynamic" if dynamic else "static")
+    if name in FP8:
+        fp8 = PRESET_SCHEMES[FP8[name]]
+        inputs = fp8["input_activations"]
+        return QuantizationScheme(targets=["Linear"], **fp8), f"preset {FP8[name]}" + (
+            "" if inputs.dynamic else ", inputs static")
     preset, symmetric = WEIGHT_ONLY[name]
     base = PRESET_SCHEMES[preset]["weights"]  # the preset's args, with llmquant's group size (and symmetry)
     weights = QuantizationArgs(num_bits=base.num_bits, type=base.type, strategy=base.strategy,
@@ -100,7 +111,7 @@ def scheme_for(name: str, group_size: int) -> tuple[QuantizationScheme, str]:
 
 
 def recipe_for(name: str, algorithm: str, group_size: int, alpha: float | None, rotation: str | None,
-               bypass: bool, input_observer: str | None = None) -> tuple[list, str]:
+               bypass: bool, input_observer: str | None = None, kv_fp8: bool = False) -> tuple[list, str]:
     """The oneshot recipe (list of modifiers) and a one-line description of it."""
     scheme, described = scheme_for(name, group_size)
     if described.endswith("static"):  # the observer decides the static activation range
@@ -119,6 +130,10 @@ def recipe_for(name: str, algorithm: str, group_size: int, alpha: float | None, 
     if input_observer is not None:
         quant["input_observer"] = input_observer
     extra = ", bypass_divisibility_checks=True" if bypass else ""
+    if kv_fp8:  # static per-tensor k_scale / v_scale, as llmquant's fp8_per_tensor
+        quant["kv_cache_scheme"] = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor",
+                                                    dynamic=False)
+        extra += ", kv_cache_scheme FP8 per tensor static"
     if algorithm == "gptq":
         recipe.append(GPTQModifier(**quant))
         parts.append(f"GPTQModifier({described}, {GPTQ_DEFAULTS}{extra})")
@@ -133,7 +148,7 @@ def recipe_for(name: str, algorithm: str, group_size: int, alpha: float | None, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--schemes", nargs="+", default=list(W8A8), choices=[*W8A8, *WEIGHT_ONLY])
+    parser.add_argument("--schemes", nargs="+", default=list(W8A8), choices=[*W8A8, *FP8, *WEIGHT_ONLY])
     parser.add_argument("--algorithm", choices=["rtn", "gptq", "awq"], default="rtn",
                         help="rtn = QuantizationModifier alone (min-max round to nearest)")
     parser.add_argument("--group-size", type=int, default=64, help="for the weight-only schemes")
@@ -144,6 +159,7 @@ def main() -> None:
     parser.add_argument("--input-observer", default=None,
                         help="observer of static input activations, e.g. static_minmax (min/max over all "
                              "calibration samples, as llmquant's min-max); default: llm-compressor's minmax")
+    parser.add_argument("--kv-cache-fp8", action="store_true", help="also an FP8 KV cache (static per tensor)")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
@@ -167,7 +183,7 @@ def main() -> None:
     for name in args.schemes:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         recipe, described = recipe_for(name, args.algorithm, args.group_size, args.alpha, args.rotation,
-                                       args.bypass_divisibility_checks, args.input_observer)
+                                       args.bypass_divisibility_checks, args.input_observer, args.kv_cache_fp8)
         start = time.perf_counter()
         try:
             oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=args.calib_samples,
@@ -199,7 +215,7 @@ def main() -> None:
                      "transformers": transformers.__version__, "torch": torch.__version__},
         "algorithm": args.algorithm, "group_size": args.group_size, "threads": torch.get_num_threads(),
         "pre_opts": pre_opts, "alpha": args.alpha, "rotation": args.rotation,
-        "input_observer": args.input_observer,
+        "input_observer": args.input_observer, "kv_cache_fp8": args.kv_cache_fp8,
         "calib_samples": args.calib_samples, "seqlen": args.seqlen, "windows": len(windows),
         "workarounds": workarounds, "rows": rows, "errors": errors,
     }, indent=2))
