@@ -70,6 +70,16 @@ def test_auto_follows_llmquant_device_and_dtypes_resolve(monkeypatch: pytest.Mon
     assert resolve_dtype("auto") is None and resolve_dtype("bfloat16") is torch.bfloat16
 
 
+def test_under_torchrun_auto_and_cuda_mean_the_process_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMQUANT_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)  # a device named by its number stays
+
+
 # --- every algorithm where the policy says -----------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(RECIPES))

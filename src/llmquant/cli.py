@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -102,7 +101,6 @@ def _float_ppl(model: Any, windows: Any, key: str | None) -> float:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
 
     import llmquant
     from llmquant import data, parallel
@@ -124,8 +122,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     policy = DevicePolicy.resolve(args.device, args.dtype, args.offload,
                                   parse_size(args.max_gpu_memory, "--max-gpu-memory"))
     ranks = parallel.init(policy.device.type)  # the process group torchrun started, or this process alone
-    if ranks.world > 1 and policy.is_cuda:  # one GPU per process
-        policy = dataclasses.replace(policy, device=torch.device("cuda", parallel.local_rank()))
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work

@@ -4,8 +4,9 @@ The command line (``--device``, ``--dtype``, ``--offload``, ``--max-gpu-memory``
 (``device=``, ``dtype=`` ...) resolve their words once into a `DevicePolicy`; below them nothing decides a
 device or a dtype again:
 
-- ``device``: ``auto`` (``$LLMQUANT_DEVICE`` when set, else the first CUDA GPU when there is one, else the CPU),
-  ``cpu``, ``cuda`` or ``cuda:N``;
+- ``device``: ``auto`` (``$LLMQUANT_DEVICE`` when set, else the current CUDA GPU when there is one, else the
+  CPU), ``cpu``, ``cuda`` or ``cuda:N``; under torchrun ``auto`` and ``cuda`` mean the process's own GPU
+  (``LOCAL_RANK``);
 - ``dtype``: ``auto`` (the checkpoint's own: bfloat16 for most models, float32 for the default model, which
   is dequantized from GGUF), ``float32``, ``bfloat16`` or ``float16``;
 - ``offload``: ``layers`` (the default): the model rests in CPU memory (or on disk under ``--max-memory``) and
@@ -21,13 +22,14 @@ back in the model's dtype.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from llmquant.errors import LlmquantError
+from llmquant.parallel import launched_by_torchrun, local_rank
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +46,7 @@ def resolve_device(text: str | torch.device | None = "auto") -> torch.device:
     if text is None or text == "auto":
         text = os.environ.get("LLMQUANT_DEVICE") or "auto"
     if text == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", _default_gpu()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -55,11 +57,17 @@ def resolve_device(text: str | torch.device | None = "auto") -> torch.device:
         raise LlmquantError(f"device '{text}' is not supported; allowed: {', '.join(DEVICES)}")
     if not torch.cuda.is_available():
         raise LlmquantError(f"--device {text}: no CUDA GPU is available on this machine; use --device cpu or auto")
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else _default_gpu()
     if index >= torch.cuda.device_count():
         raise LlmquantError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
                             f"numbered 0 to {torch.cuda.device_count() - 1}")
     return torch.device("cuda", index)
+
+
+def _default_gpu() -> int:
+    """The GPU ``auto`` or a bare ``cuda`` means: under torchrun the process's own (``LOCAL_RANK``: one GPU per
+    process), else the current one."""
+    return local_rank() if launched_by_torchrun() else torch.cuda.current_device()
 
 
 def resolve_dtype(text: str | torch.dtype | None = "auto") -> torch.dtype | None:
@@ -99,11 +107,6 @@ class DevicePolicy:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    @property
-    def home(self) -> torch.device:
-        """Where the model's layers rest when they are not being worked on."""
-        return self.device if self.offload == "none" else torch.device("cpu")
-
     def activation_budget(self) -> int | None:
         """Bytes the calibration activations may take on the device (None on the CPU: no limit of its own)."""
         if not self.is_cuda:
@@ -137,17 +140,22 @@ def device_of(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def map_tensors(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``value`` with ``function`` applied to every tensor in it (nested in tuples, lists and mappings)."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, tuple):
+        return tuple(map_tensors(v, function) for v in value)
+    if isinstance(value, list):
+        return [map_tensors(v, function) for v in value]
+    if isinstance(value, Mapping):
+        return {k: map_tensors(v, function) for k, v in value.items()}
+    return value
+
+
 def to_device(value: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """``value`` with every tensor in it (nested in tuples, lists and dicts) moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=non_blocking)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device, non_blocking) for v in value)
-    if isinstance(value, list):
-        return [to_device(v, device, non_blocking) for v in value]
-    if isinstance(value, Mapping):
-        return {k: to_device(v, device, non_blocking) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -181,6 +189,7 @@ __all__ = [
     "cast_weights",
     "device_of",
     "dtype_name",
+    "map_tensors",
     "peak_memory_mb",
     "reset_peak_memory",
     "resolve_device",

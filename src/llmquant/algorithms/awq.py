@@ -21,18 +21,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext
+from llmquant.algorithms.lifecycle import LayerContext
 from llmquant.algorithms.smoothquant import (
     GroupStats,
-    GroupStatsCollector,
+    SmoothingStep,
     apply_smoothing,
-    chosen_groups,
-    describe_groups,
     group_specs,
     least_error_scales,
-    smoothing_groups,
 )
 from llmquant.model.patterns import SmoothGroup, expand_channels, reduce_channels
 from llmquant.parallel import SINGLE, Ranks
@@ -115,34 +111,22 @@ def scale_group(
     return {"producer": group.producer, "linears": list(group.linears), "awq_ratio": ratio}, tokens
 
 
-class AWQStep(LayerStep):
-    """AWQ in the engine: activation statistics from the float pass, the scale search of every smoothing group
-    (step 1, which keeps the function: the engine checks it), then, once the layer's QuantLinears exist, the
-    clipping search on each quantized reader (step 2) and its weights quantized again from the clipped ones."""
+class AWQStep(SmoothingStep):
+    """AWQ in the engine: the groups and activation statistics of `SmoothingStep` (every group with the choice
+    "awq"), the scale search of every group (step 1, which keeps the function: the engine checks it), then, once
+    the layer's QuantLinears exist, the clipping search on each quantized reader (step 2) and its weights
+    quantized again from the clipped ones."""
 
     name = "awq"
-    keeps_function = True
 
     def __init__(self, groups: list[dict[str, Any]] | None = None) -> None:
-        self.given = groups
-        self.groups: list[SmoothGroup] = []
-        self.collector: GroupStatsCollector | None = None
+        super().__init__({"smoothquant": "awq"}, groups)
         self.to_clip: list[tuple[SmoothGroup, torch.Tensor]] = []
-
-    def setup(self, ctx: SetupContext) -> dict[str, Any]:
-        groups, unsmoothed = smoothing_groups(ctx, self.given)
-        chosen = chosen_groups(groups, {"smoothquant": "awq"})
-        self.groups = [group for group, _ in chosen]
-        return {"smooth_groups": describe_groups(chosen), "not_smoothed": unsmoothed}
-
-    def observe(self, ctx: LayerContext) -> list[RemovableHandle]:
-        self.collector = GroupStatsCollector(ctx.layer, self.groups, ranks=ctx.ranks)
-        return self.collector.handles
 
     def transform(self, ctx: LayerContext) -> dict[str, Any]:
         assert self.collector is not None
         rows = []
-        for group, stats in zip(self.groups, self.collector.close(), strict=True):
+        for (group, _), stats in zip(self.chosen, self.collector.close(), strict=True):
             row, tokens = scale_group(ctx.layer, group, stats, group_specs(group, ctx), ctx.ranks)
             rows.append(row)
             self.to_clip.append((group, tokens))
@@ -162,4 +146,5 @@ class AWQStep(LayerStep):
         return {"clipped": clipped}
 
     def release(self, ctx: LayerContext) -> None:
-        self.collector, self.to_clip = None, []
+        super().release(ctx)
+        self.to_clip = []

@@ -327,11 +327,17 @@ class GPTQ:
                                act_order, static_groups=act_order)
         if len(self.weights) == 1:  # (per tensor too: one scale for all rows)
             return [(result.weight, (result.scale, result.zero))]
-        blocks_per_row = result.scale.shape[0] // result.weight.shape[0]  # 1 per channel, in / g per group
-        rows = [w.shape[0] for w in self.weights]
-        scales = result.scale.split([r * blocks_per_row for r in rows])
-        zeros = result.zero.split([r * blocks_per_row for r in rows])
-        return [(w, (s, z)) for w, s, z in zip(result.weight.split(rows), scales, zeros, strict=True)]
+        return split_rows(self.weights, result.weight, result.scale, result.zero)
+
+
+def split_rows(weights: list[torch.Tensor], stacked: torch.Tensor, scale: torch.Tensor,
+               zero: torch.Tensor) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """The quantized rows of ``weights`` stacked (``stacked``, with block-view ``scale`` and ``zero``: the same
+    number of blocks in every row) back as each weight with its own ``(scale, zero)``."""
+    per_row = scale.shape[0] // stacked.shape[0]  # 1 per channel, in / g per group
+    rows = [w.shape[0] for w in weights]
+    blocks = [r * per_row for r in rows]
+    return list(zip(stacked.split(rows), zip(scale.split(blocks), zero.split(blocks), strict=True), strict=True))
 
 
 # --- the per-layer lifecycle (`llmquant.algorithms.lifecycle`) -------------------------------------------
@@ -474,13 +480,9 @@ class GPTQStep(LayerStep):
             [(part, (scale, zero))] = GPTQ([stacked[rows_of.share(stacked.shape[0])]], hessian).quantize(
                 spec, options.block_size, options.damp_ratio, options.act_order)
             per_row = scale.shape[0] // part.shape[0]  # scales a row: 1 per channel, in / g per group
-            weight = rows_of.all_rows(part, stacked.shape[0])
             scale, zero = (rows_of.all_rows(t.reshape(part.shape[0], per_row), stacked.shape[0]).reshape(-1, 1)
                            for t in (scale, zero))
-            rows = [w.shape[0] for w in weights]
-            results = list(zip(weight.split(rows), zip(scale.split([r * per_row for r in rows]),
-                                                       zero.split([r * per_row for r in rows]), strict=True),
-                               strict=True))
+            results = split_rows(weights, rows_of.all_rows(part, stacked.shape[0]), scale, zero)
         for name, (weight, qparams) in zip(sweep, results, strict=True):
             ctx.linears[name][1].set_weight(weight, qparams)
 

@@ -179,9 +179,8 @@ def _plan_r1(
     head = model_map.lm_head
     if head is not None and model.get_submodule(head).in_features != hidden:
         return off(f"the head {head} does not read the hidden size {hidden}")
-    final_offset = forms[final_norm].offset if final_norm is not None and forms[final_norm] is not None else 0.0
     found.update(center=center, embeddings=tuple(model_map.embeddings), final_norm=final_norm, head=head,
-                 final_norm_offset=final_offset)
+                 final_norm_offset=forms[final_norm].offset if final_norm is not None else 0.0)
     targets = tuple(n for g in groups for n in g.linears) + writers.linears
     return _sized("R1", hidden, targets, False, config), found
 

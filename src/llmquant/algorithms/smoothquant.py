@@ -39,7 +39,7 @@ from llmquant.model.patterns import (
     SmoothGroup,
     detect_smooth_groups,
     expand_channels,
-    norm_form,
+    norm_offset,
     reduce_channels,
     resolve_heads,
     split_foldable,
@@ -312,23 +312,14 @@ def smoothing_groups(ctx: SetupContext, given: list[dict[str, Any]] | None) -> t
     Linear, why the ones no group reads are not smoothed (said once, and kept in the manifest)."""
     if given is not None:
         groups = [resolve_heads(SmoothGroup.from_dict(g), ctx.layer, ctx.head_dim) for g in given]
-        groups = [with_norm_offset(ctx.layer, group) for group in groups]
+        groups = [replace(group, producer_offset=norm_offset(ctx.layer.get_submodule(group.producer)))
+                  if group.producer_kind == "norm" else group for group in groups]  # (a hand-written map names none)
     else:
         groups = detect_smooth_groups(ctx.layer, ctx.run_sample, ctx.head_dim, ctx.where)
     kept, unsmoothed = split_foldable(ctx.layer, groups, ctx.linears)
     for why in dict.fromkeys(unsmoothed.values()):
         log.warning("not smoothed: %s (%s)", [n for n, w in unsmoothed.items() if w == why], why)
     return kept, unsmoothed
-
-
-def with_norm_offset(layer: nn.Module, group: SmoothGroup) -> SmoothGroup:
-    """A norm group with its producer's gain offset found from the norm's behaviour (a hand-written map names
-    none)."""
-    if group.producer_kind != "norm":
-        return group
-    norm = layer.get_submodule(group.producer)
-    form = norm_form(norm, norm.weight.shape[0])
-    return replace(group, producer_offset=form.offset) if form is not None else group
 
 
 def chosen_groups(groups: list[SmoothGroup], alphas: dict[str, GroupChoice]) -> list[tuple[SmoothGroup, GroupChoice]]:

@@ -97,7 +97,7 @@ def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
                             "and 8-bit float (E4M3) checkpoints")
     return QuantSpec(
         bits=args.num_bits,
-        type=str(args.type.value if hasattr(args.type, "value") else args.type),
+        type=args.type,
         symmetric=args.symmetric,
         granularity=args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy),
         group_size=args.group_size if args.strategy == "group" else None,

@@ -163,9 +163,8 @@ def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> 
             continue
         readers = tuple(n for n in linears if inputs[n] is out)
         if readers:
-            form = norm_form(modules[name], out.shape[-1])
             groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers,
-                                      producer_offset=form.offset if form is not None else 0.0))
+                                      producer_offset=norm_offset(modules[name])))
     return groups
 
 
@@ -285,10 +284,10 @@ def describe_norms(layer: nn.Module) -> dict[str, str]:
     return described
 
 
-def norm_kind(norm: nn.Module, hidden: int) -> NormKind | None:
-    """"rms" or "layer" (`norm_form`'s kind), None for anything else."""
-    form = norm_form(norm, hidden)
-    return None if form is None else form.kind
+def norm_offset(norm: nn.Module) -> float:
+    """The gain offset of a norm (`NormForm.offset`; 0 when its form is not recognized, which `foldable` tells)."""
+    form = norm_form(norm, norm.weight.shape[0])
+    return form.offset if form is not None else 0.0
 
 
 def _layer_io(layer: nn.Module, run: Any) -> tuple[torch.Tensor, torch.Tensor]:

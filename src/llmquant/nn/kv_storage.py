@@ -44,7 +44,7 @@ from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 
 
-def supports_int8_storage(spec: QuantSpec) -> bool:
+def supports_code_storage(spec: QuantSpec) -> bool:
     """Whether keys/values with this spec can be stored as 8-bit codes (int8 or float8) with one scale per
     position."""
     return spec.bits == 8 and spec.symmetric and spec.granularity in ("tensor", "token")
@@ -163,7 +163,7 @@ def _cache_among(args: tuple, kwargs: dict) -> Cache | None:
 def _int8_layer_for(attention: nn.Module) -> Int8CacheLayer | None:
     """A new `Int8CacheLayer` for ``attention`` when its quantizer stores int8 now (int8 runtime, not calibrating)."""
     quantizer = getattr(attention, "kv_cache_quantizer", None)
-    if (not isinstance(quantizer, KVCacheQuantizer) or not supports_int8_storage(quantizer.spec)
+    if (not isinstance(quantizer, KVCacheQuantizer) or not supports_code_storage(quantizer.spec)
             or quantizer.runtime != "int8" or quantizer.observing):
         return None
     return Int8CacheLayer(quantizer, getattr(attention, "qk_rotation", None))
@@ -224,7 +224,7 @@ def set_kv_cache_runtime(model: nn.Module, runtime: str) -> int:
     switched = 0
     for attention in model.modules():
         quantizer = getattr(attention, "kv_cache_quantizer", None)
-        if not isinstance(quantizer, KVCacheQuantizer) or not supports_int8_storage(quantizer.spec):
+        if not isinstance(quantizer, KVCacheQuantizer) or not supports_code_storage(quantizer.spec):
             continue
         quantizer.runtime = runtime
         switched += 1
@@ -241,5 +241,5 @@ __all__ = [
     "quantize_states",
     "returned_cache",
     "set_kv_cache_runtime",
-    "supports_int8_storage",
+    "supports_code_storage",
 ]

@@ -121,8 +121,7 @@ class _InputObservers:
         return observe
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        _remove(self.handles)
 
 
 class _LinearErrorProbe:
@@ -147,8 +146,7 @@ class _LinearErrorProbe:
         return measure
 
     def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+        _remove(self.handles)
 
 
 def _weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:

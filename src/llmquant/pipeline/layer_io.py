@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmquant.device import device_of, to_device
+from llmquant.device import device_of, map_tensors, to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 from llmquant.parallel import SINGLE, Ranks
@@ -186,13 +186,7 @@ def float32_probe(layer: nn.Module, inputs: LayerInputs) -> tuple[nn.Module, Cal
 
 def _as_float32(value: Any) -> Any:
     """``value`` with every floating tensor in it (nested in tuples, lists, dicts) in float32."""
-    if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_as_float32(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _as_float32(v) for k, v in value.items()}
-    return value
+    return map_tensors(value, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def equivalence_tolerance(dtype: torch.dtype) -> float:
