@@ -46,6 +46,7 @@ CONFIGS = {
     ),
 }
 _ATTENTION = {"intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+_MOE = {**_ATTENTION, "num_experts_per_tok": 2}
 FAMILIES = {  # the family x method matrix (tests/test_families.py): a tiny random config of each
     **CONFIGS,
     "qwen3": lambda: transformers.Qwen3Config(**_common(**_ATTENTION, head_dim=16)),  # q/k norms
@@ -58,7 +59,19 @@ FAMILIES = {  # the family x method matrix (tests/test_families.py): a tiny rand
                                                             residual_multiplier=0.5, attention_multiplier=0.3,
                                                             logits_scaling=2.0)),
     "gptneox": lambda: transformers.GPTNeoXConfig(**_common(intermediate_size=128, num_attention_heads=4)),
+    # mixture of experts (4 experts, 2 chosen a token; fused 3-D expert weights in transformers 5)
+    "mixtral": lambda: transformers.MixtralConfig(**_common(**{**_MOE, "intermediate_size": 32}, num_local_experts=4)),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**_common(**_MOE, num_experts=4, moe_intermediate_size=32,
+                                                               shared_expert_intermediate_size=96)),  # shared expert
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_common(**_MOE, num_experts=4, moe_intermediate_size=32,
+                                                               head_dim=16)),
+    "deepseek_v3": lambda: transformers.DeepseekV3Config(**_common(  # a dense first layer, MLA, a shared expert
+        **_MOE, n_routed_experts=4, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+        n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16)),
+    "olmoe": lambda: transformers.OlmoeConfig(**_common(**_MOE, num_experts=4, pad_token_id=0, eos_token_id=1)),
 }
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"]
 
 
 def make_model(family: str, seed: int = 0) -> torch.nn.Module:

@@ -175,7 +175,7 @@ def test_layer_map_from_detect_gives_the_same_model_as_detection(
 
     layer_map.write_text('{"groups": []}')
     assert main([*common, "--layer-map", str(layer_map), "--output", str(tmp_path / "c")]) == 2
-    allowed = "allowed: left_float_by_default, model_map, norms, not_smoothed, rotation_plan, smooth_groups"
+    allowed = "allowed: left_float_by_default, model_map, moe_layers, norms, not_smoothed, rotation_plan, smooth_groups"
     assert f"unknown keys ['groups']; {allowed}" in _error_line(capsys)
 
 

@@ -251,3 +251,32 @@ def test_a_model_offloaded_by_accelerate_quantizes_one_layer_at_a_time(name: str
     assert torch.equal(logits(offloaded, eval_ids), logits(in_memory, eval_ids))
     llmquant.save(offloaded, None, tmp_path / "saved")  # every tensor is real again: the checkpoint writes
     assert torch.equal(logits(llmquant.load(tmp_path / "saved")[0], eval_ids), logits(in_memory, eval_ids))
+
+
+def test_a_recipe_that_learns_nothing_from_the_samples_runs_on_one_batch_of_them(family: str) -> None:
+    from conftest import VOCAB, make_model
+
+    calib = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(4))
+    dynamic = "w_int8_per_channel_a_int8_per_token_dynamic"
+    seen: list[int] = []
+    model = make_model(family)
+    handle = model.get_submodule(engine.detect_model_map(model).layer_name(0)).register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True)
+    llmquant.quantize(model, dynamic, calib=calib, progress=False)
+    handle.remove()
+    assert sum(seen) <= 3 * engine.BATCH  # capture, equivalence check and quantized pass: one batch each
+    assert model.llmquant_manifest.results["calibration"] == {
+        "samples": engine.BATCH, "given": 20, "why": model.llmquant_manifest.results["calibration"]["why"]}
+    with_all = make_model(family)
+    engine_calibrates = engine._calibrates  # the same run over every sample gives the same weights
+    try:
+        engine._calibrates = lambda recipe, plan: True
+        llmquant.quantize(with_all, dynamic, calib=calib, progress=False)
+    finally:
+        engine._calibrates = engine_calibrates
+    ids = calib[:2]
+    assert torch.equal(logits(model, ids), logits(with_all, ids))
+    static = llmquant.quantize(make_model(family), "w_int8_per_channel_a_int8_per_tensor_static", calib=calib,
+                               progress=False)
+    assert "calibration" not in static.llmquant_manifest.results  # a static scale sees every sample

@@ -27,8 +27,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     recipe = as_recipe(args.config) if args.config else as_recipe(None)
     fields = recipe.model_dump()
     for flag, key in (("scheme", "scheme"), ("algo", "algorithm"), ("group_size", "group_size"),
-                      ("kv_cache", "kv_cache")):
-        if getattr(args, flag) is not None:
+                      ("kv_cache", "kv_cache"), ("moe_calibrate", "moe_calibrate")):
+        if getattr(args, flag, None) is not None:  # (sweep has no --moe-calibrate)
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
         fields["ignore"] = args.ignore
@@ -56,7 +56,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     return as_recipe(fields)
 
 
-DETECT_ONLY = ("norms", "not_smoothed", "rotation_plan", "left_float_by_default")  # printed by detect, not read back
+# printed by detect, not read back
+DETECT_ONLY = ("norms", "not_smoothed", "rotation_plan", "left_float_by_default", "moe_layers")
 
 
 def _read_layer_map(path: str) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant.api import calibration_ids
     from llmquant.device import DevicePolicy
     from llmquant.evaluation.perplexity import perplexity
-    from llmquant.export.targets import check_target, smoke_check
+    from llmquant.export.targets import check_target, check_target_model, smoke_check
     from llmquant.nn.quant_linear import set_runtime
     from llmquant.pipeline.memory import model_for_quantization, parse_size
     from llmquant.pipeline.run_dir import RunDir, fingerprint
@@ -126,6 +127,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
+    check_target_model(args.target, model)  # (a mixture of experts transformers cannot load back)
     ids = calibration_ids(recipe, tokenizer, calib_text)
     run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
                           fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume,
@@ -351,6 +353,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     import llmquant
     from llmquant.algorithms.quarot import QuaRotConfig
     from llmquant.model.model_map import detect_model_map
+    from llmquant.model.moe import unfuse_experts
     from llmquant.model.patterns import describe_norms, split_foldable
     from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
     from llmquant.pipeline.rotation import plan_rotations
@@ -358,6 +361,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     check_model_source(args.model)
     model, _ = llmquant.load(args.model, device="cpu")
+    unfuse_experts(model)
     model_map = detect_model_map(model)
     sample = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     groups = find_smooth_groups(model, model_map, capture_layer_inputs(model, model_map, sample))
@@ -368,6 +372,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
              "smooth_groups": [g.to_dict() for g in kept], "not_smoothed": unsmoothed,
              "rotation_plan": rotations.describe(),
              "left_float_by_default": Recipe().resolve(model, model_map).left_float(model_map.decoder_layers)}
+    if model_map.moe:  # which layers hold the MoE blocks of the map (model_map.moe: router, experts, shared, gates)
+        found["moe_layers"] = [i for i, layer in enumerate(model_map.layers(model)) if model_map.moe_blocks(layer)]
     print(json.dumps(found, indent=2))
     return 0
 
@@ -417,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-samples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
+    q.add_argument("--moe-calibrate", default=None, choices=["all", "routed"],
+                   help="MoE models: every calibration token through every expert (all, the default) or only through "
+                        "the experts the router chose (routed)")
     q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, or seed 003's quarot map")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
     q.add_argument("--output", required=True,

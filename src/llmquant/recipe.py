@@ -5,6 +5,7 @@ Example (YAML)::
     scheme: w_int8_per_channel_a_int8_per_tensor_static
     kv_cache: int8_per_tensor          # optional, replaces the scheme's KV cache
     ignore: [lm_head]                  # targets left float (the default, as in the seeds)
+    moe_calibrate: all                 # every token through every expert while calibrating (or: routed)
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
         scheme: w_int8_per_channel_a_int8_per_token_dynamic
@@ -143,6 +144,7 @@ class Recipe(_Strict):
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     overrides: list[Override] = Field(default_factory=list)
     calib: Calibration = Field(default_factory=Calibration)
+    moe_calibrate: Literal["all", "routed"] = "all"
 
     @model_serializer(mode="wrap")
     def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -151,6 +153,8 @@ class Recipe(_Strict):
         data = handler(self)
         if self.algorithm != "gptq":
             data.pop("gptq", None)
+        if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
+            data.pop("moe_calibrate", None)
         return data
 
     @field_validator("scheme")
@@ -219,27 +223,31 @@ class Recipe(_Strict):
         return _with_observers(scheme, self.weight_observer, self.activation_observer)
 
     def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
-        """One record per Linear (and per attention for the KV cache), with its scheme."""
+        """One record per Linear (and per attention for the KV cache), with its scheme. The gates of MoE blocks
+        (a router that is a Linear, a shared expert's gate) stay float unless an override names them."""
         base = self.scheme_named(self.scheme)
         linears: dict[str, Scheme] = {}
         fallbacks: dict[tuple[int, int, int], list[str]] = {}
+        layers = model_map.layers(model)
+        gates = {f"{model_map.layer_name(i)}.{gate}" for i, layer in enumerate(layers)
+                 for block in model_map.moe_blocks(layer) for gate in block.gates}
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
-            scheme = base
+            scheme = Scheme() if name in gates else base
             for override in self.overrides:
                 if matches_any(name, module, override.targets):
                     scheme = self.scheme_named(override.scheme)
             if matches_any(name, module, self.ignore):
                 scheme = Scheme()
             linears[name] = _fitting_groups(scheme.linear_part(), name, module.in_features, fallbacks)
-        layers = model_map.layers(model)
         attention = {f"{model_map.layer_name(i)}.{model_map.attention}": base.kv_cache for i in range(len(layers))}
         for (requested, chosen, in_features), names in fallbacks.items():
             log.warning("group size %d does not divide the %d inputs of %d Linears (%s, ...): they use group size "
                         "%d instead", requested, in_features, len(names), names[0], chosen)
         return QuantPlan(linears=linears, kv_cache=attention,
-                         group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names})
+                         group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names},
+                         calibrate_all_experts=self.moe_calibrate == "all")
 
 
 def fitting_group_size(in_features: int, group_size: int) -> int:
@@ -284,6 +292,7 @@ class QuantPlan:
     linears: dict[str, Scheme]
     kv_cache: dict[str, Any]
     group_fallbacks: dict[str, int] = field(default_factory=dict)  # Linear -> the group size it got instead
+    calibrate_all_experts: bool = True  # `llmquant.nn.experts.all_experts` during the calibration passes
 
     def left_float(self, decoder_layers: str) -> list[str]:
         """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,10 +45,15 @@ from torch.utils.hooks import RemovableHandle
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
 from llmquant.errors import LlmquantError
+from llmquant.nn.experts import Experts, expert_index, only_experts
 from llmquant.parallel import Ranks
 from llmquant.quant.observers import observe_once
 from llmquant.quant.primitives import dequantize, quantize_blocks
 from llmquant.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+MAX_SWEEP_ROWS = 16384  # rows of Linears sharing a Hessian swept at once (float32: 16384 x 4096 = 256 MiB)
+ROUND_HESSIAN_BYTES = 512 * 2**20  # float64 Hessians gathered in one pass over parallel experts
 
 DAMP_RETRIES = 3  # on a failed Cholesky, retry with 10x, 100x, 1000x the dampening
 
@@ -352,7 +358,11 @@ class GPTQOptions(BaseModel):
     of a layer from its float pass (one pass over the calibration inputs instead of one per group; what
     llm-compressor does). Neither wins everywhere on the default model: false is better on W4 g64 asymmetric
     (x1.119 vs x1.133) and with QuaRot R1+R2 + MSE ranges (x1.054 vs x1.064), worse on W4 g64 symmetric
-    (x1.168 vs x1.153) and with MSE ranges alone (x1.102 vs x1.100); the best recipes set it where it wins."""
+    (x1.168 vs x1.153) and with MSE ranges alone (x1.102 vs x1.100); the best recipes set it where it wins.
+
+    ``min_tokens``: a Linear whose input saw fewer calibration tokens (a routed expert few tokens chose, with
+    ``moe_calibrate: routed``) keeps round to nearest, with a warning and its count in the manifest
+    (``gptq_rtn_fallback``): a Hessian of a handful of tokens fits them, not the expert's inputs."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -360,11 +370,13 @@ class GPTQOptions(BaseModel):
     damp_ratio: float = Field(0.01, gt=0.0, le=1.0)
     act_order: bool = True
     true_sequential: bool = True
+    min_tokens: int = Field(16, ge=1)
 
 
 def layer_stages(ctx: LayerContext, names: list[str]) -> list[list[str]]:
-    """The Linears ``names`` in execution order, grouped by the input tensor they share (q/k/v, gate/up, ...),
-    seen on one calibration sample."""
+    """The Linears ``names`` grouped by the input tensor they share (q/k/v, gate/up; with every expert calibrated
+    on every token, the gate/up of all the experts and of the shared expert), in the order their input first
+    appears, seen on one calibration sample; those the sample did not reach (routed experts) follow, one a stage."""
     seen: list[tuple[str, torch.Tensor]] = []  # the inputs themselves: a freed tensor's id() can be reused
     handles = [ctx.layer.get_submodule(name).register_forward_pre_hook(
         lambda _m, args, name=name: seen.append((name, args[0]))) for name in names]
@@ -373,27 +385,72 @@ def layer_stages(ctx: LayerContext, names: list[str]) -> list[list[str]]:
     finally:
         for handle in handles:
             handle.remove()
-    stages: list[list[str]] = []
-    last_input = None
+    stages: list[tuple[torch.Tensor, list[str]]] = []
     for name, tensor in seen:
-        if stages and tensor is last_input:
-            stages[-1].append(name)
+        stage = next((names for first, names in stages if first is tensor), None)
+        if stage is None:
+            stages.append((tensor, [name]))
+        elif name not in stage:
+            stage.append(name)
+    called = {name for name, _ in seen}  # a routed expert the sample chose none of its tokens for: each alone
+    return [names for _, names in stages] + [[name] for name in names if name not in called]
+
+
+def parallel_rounds(layer: nn.Module, stages: list[list[str]],
+                    budget: int = ROUND_HESSIAN_BYTES) -> list[list[list[str]]]:
+    """Consecutive stages in different experts of one `Experts` list, as rounds whose inputs one pass gives: an
+    expert's input does not depend on how another expert is quantized (the down projections of all experts). A
+    round holds as many experts as their float64 Hessians fit in ``budget`` bytes (a few at a time for 128
+    experts), and at least one."""
+    rounds: list[list[list[str]]] = []
+    held = 0  # the Hessian bytes of the last round
+    previous: tuple[str, int] | None = None
+    for stage in stages:
+        where = _expert_of(layer, stage)
+        size = _hessian_bytes(layer, stage)
+        joins = (rounds and where is not None and previous is not None and where[0] == previous[0]
+                 and where[1] not in {_expert_of(layer, s)[1] for s in rounds[-1]}  # type: ignore[index]
+                 and held + size <= budget)
+        if joins:
+            rounds[-1].append(stage)
+            held += size
         else:
-            stages.append([name])
-        last_input = tensor
-    return stages
+            rounds.append([stage])
+            held = size
+        previous = where
+    return rounds
 
 
-def stacked_sweeps(stage: list[str], specs: dict[str, QuantSpec | None]) -> list[list[str]]:
-    """The Linears of a stage in runs swept together: same weight spec, and a spec whose rows stack."""
+def _hessian_bytes(layer: nn.Module, stage: list[str]) -> int:
+    columns = layer.get_submodule(stage[0]).in_features
+    return columns * columns * 8
+
+
+def _expert_of(layer: nn.Module, stage: list[str]) -> tuple[str, int] | None:
+    """(the `Experts` list, the expert) holding every Linear of ``stage``, or None."""
+    found = {expert_index(name) for name in stage}
+    if len(found) != 1 or None in found:
+        return None
+    where = found.pop()
+    return where if isinstance(layer.get_submodule(where[0]), Experts) else None
+
+
+def stacked_sweeps(stage: list[str], specs: dict[str, QuantSpec | None], rows: dict[str, int] | None = None,
+                   limit: int = MAX_SWEEP_ROWS) -> list[list[str]]:
+    """The Linears of a stage in runs swept together: same weight spec, a spec whose rows stack, and at most
+    ``limit`` rows (``rows``: each Linear's) in a run, so that the gate/up of 128 experts sharing one Hessian are
+    swept a few experts at a time (each row's sweep is the same either way)."""
     sweeps: list[list[str]] = []
+    stacked = 0
     for name in stage:
-        spec = specs[name]
+        spec, count = specs[name], (rows or {}).get(name, 0)
         previous = specs[sweeps[-1][0]] if sweeps else None
-        if sweeps and spec == previous and spec is not None and stacks_rows(spec):
+        if sweeps and spec == previous and spec is not None and stacks_rows(spec) and stacked + count <= limit:
             sweeps[-1].append(name)
+            stacked += count
         else:
             sweeps.append([name])
+            stacked = count
     return sweeps
 
 
@@ -431,12 +488,17 @@ class GPTQStep(LayerStep):
     @torch.no_grad()
     def quantize(self, ctx: LayerContext) -> dict[str, Any]:
         specs = {name: quantized.weight_spec for name, (_, quantized) in ctx.linears.items()}
-        rounds = [[stage] for stage in self.stages] if self.options.true_sequential else [self.stages]
+        rows = {name: linear.out_features for name, (linear, _) in ctx.linears.items()}
+        rounds = (parallel_rounds(ctx.layer, self.stages, ROUND_HESSIAN_BYTES) if self.options.true_sequential
+                  else [self.stages])
+        fallback: dict[str, int] = {}
         for stages in rounds:  # the sweeps of a round do not depend on one another
             jobs: list[tuple[list[str], HessianAccumulator]] = []
-            for stage in stages:
-                hessian = self._hessian_of(ctx, stage)
-                jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs)]
+            for stage, hessian in zip(stages, self._hessians_of(ctx, stages), strict=True):
+                if hessian.tokens < self.options.min_tokens:  # (an expert few tokens chose): round to nearest
+                    fallback.update(dict.fromkeys(stage, hessian.tokens))
+                    continue
+                jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs, rows, MAX_SWEEP_ROWS)]
             split = [(sweep, hessian) for sweep, hessian in jobs if self._splits(ctx, sweep, specs[sweep[0]])]
             whole = [job for job in jobs if job not in split]
             for sweep, hessian in split:  # every rank sweeps its share of the rows
@@ -448,7 +510,12 @@ class GPTQStep(LayerStep):
             for (sweep, _), owner in zip(whole, owners, strict=True):
                 for name in sweep:
                     ctx.linears[name][1].broadcast_weight(ctx.ranks, owner)
-        return {"gptq_stages": self.stages}
+        row: dict[str, Any] = {"gptq_stages": self.stages}
+        if fallback:
+            log.warning("%s: %d Linears saw fewer than %d calibration tokens and keep round to nearest (%s, ...)",
+                        ctx.where, len(fallback), self.options.min_tokens, next(iter(fallback)))
+            row["gptq_rtn_fallback"] = fallback  # Linear -> the tokens it saw
+        return row
 
     @staticmethod
     def _splits(ctx: LayerContext, sweep: list[str], spec: QuantSpec) -> bool:
@@ -457,15 +524,29 @@ class GPTQStep(LayerStep):
         rows = sum(ctx.linears[name][0].out_features for name in sweep)
         return ctx.ranks.world > 1 and stacks_rows(spec) and rows >= ctx.ranks.world
 
-    def _hessian_of(self, ctx: LayerContext, stage: list[str]) -> HessianAccumulator:
-        """The stage's Hessian over every rank's samples: from the float pass, or (true sequential) from its input
-        behind the stages quantized so far."""
-        hessian = self.hessians.pop(stage[0], None)  # (released once its stage is swept)
-        if hessian is None:
-            hessian = _accumulator_for(ctx.linears[stage[0]][0])
-            ctx.feed(ctx.layer.get_submodule(stage[0]), hessian.add_batch)
-        hessian.reduce(ctx.ranks)
-        return hessian
+    def _hessians_of(self, ctx: LayerContext, stages: list[list[str]]) -> list[HessianAccumulator]:
+        """Each stage's Hessian over every rank's samples: from the float pass, or (true sequential) from its input
+        behind the stages quantized so far (one stage: the layer runs only as far as it; parallel stages: one
+        pass feeds them all)."""
+        hessians = [self.hessians.pop(stage[0], None) for stage in stages]  # (released once swept)
+        missing = {ctx.layer.get_submodule(stage[0]): _accumulator_for(ctx.linears[stage[0]][0])
+                   for stage, hessian in zip(stages, hessians, strict=True) if hessian is None}
+        if len(missing) == 1 and _expert_of(ctx.layer, stages[0]) is None:  # (a routed expert may not be called)
+            [(module, hessian)] = missing.items()
+            ctx.feed(module, hessian.add_batch)
+        elif missing:  # parallel experts: only theirs run on every token (`only_experts`)
+            where = [_expert_of(ctx.layer, stage) for stage in stages]
+            lists = {w[0] for w in where if w is not None}
+            with contextlib.ExitStack() as stack:
+                for name in lists:
+                    chosen = {w[1] for w in where if w is not None and w[0] == name}
+                    stack.enter_context(only_experts(ctx.layer.get_submodule(name), chosen))
+                ctx.feed_each({module: hessian.add_batch for module, hessian in missing.items()})
+        found = iter(missing.values())
+        hessians = [hessian if hessian is not None else next(found) for hessian in hessians]
+        for hessian in hessians:
+            hessian.reduce(ctx.ranks)
+        return hessians
 
     def _solve(self, ctx: LayerContext, sweep: list[str], hessian: HessianAccumulator, spec: QuantSpec,
                rows_of: Ranks | None = None) -> None:

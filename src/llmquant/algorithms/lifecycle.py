@@ -62,6 +62,8 @@ class LayerContext:
     ``run_sample(batch)``: run the layer on the first ``batch`` calibration samples, returning the outputs.
     ``feed(module, consume)``: run the layer on every calibration sample only as far as ``module``, giving each
     batch's input of ``module`` to ``consume``.
+    ``feed_each(consumers)``: run the layer on every calibration sample, giving each module's input to its consumer
+    whenever it is called (modules on parallel paths, such as experts, in one pass).
     ``ranks``: the processes sharing the calibration samples (`llmquant.parallel`); a step reduces what it
     gathered over them (`Ranks.sum`, `Ranks.max`, ...) and may split its solves among them. One process: every
     collective is the identity.
@@ -73,6 +75,7 @@ class LayerContext:
     specs: Specs
     run_sample: Callable[[int], Any]
     feed: Callable[[nn.Module, Callable[[torch.Tensor], None]], None]
+    feed_each: Callable[[dict[nn.Module, Callable[[torch.Tensor], None]]], None]
     linears: dict[str, tuple[nn.Linear, QuantLinear]] = field(default_factory=dict)
     ranks: Ranks = field(default_factory=Ranks)
 

@@ -30,7 +30,7 @@ function after rotating it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -141,7 +141,8 @@ def _plan_r1(
 ) -> tuple[RotationStep, dict[str, Any]]:
     """R1 and the structure it needs; a misfit turns it off with a note naming the module."""
     hidden = shapes.hidden
-    groups = norm_groups(layer, run)
+    # the norms of the residual stream (not one inside a sub-layer, as DeepSeek's MLA kv_a_layernorm of its rank)
+    groups = [g for g in norm_groups(layer, run) if layer.get_submodule(g.producer).weight.shape[-1] == hidden]
     writers = residual_writers(layer, run, hidden)
     found: dict[str, Any] = {"norm_groups": tuple(groups), "writers": writers.linears}
 
@@ -186,10 +187,12 @@ def _plan_r1(
 
 
 def _plan_r4(layer: nn.Module, groups: tuple[SmoothGroup, ...], attention: str, config: QuaRotConfig,
-             where: str, hidden: int) -> RotationStep:
+             where: str, hidden: int) -> dict[str, RotationStep]:
     """R4's targets: the Linears outside the attention that read no norm and not the hidden size (down_proj,
-    fc2), whose input the layer computes with a non-linearity that no offline rotation can reach (a Linear
-    reading the residual stream unnormalized, as OLMo 2's gate_proj and up_proj do, is not one)."""
+    fc2, every expert's down projection), whose input the layer computes with a non-linearity that no offline
+    rotation can reach (a Linear reading the residual stream unnormalized, as OLMo 2's gate_proj and up_proj do,
+    is not one). Targets of another input size than the first's (an MoE block's shared expert, wider than its
+    experts) get a rotation of their own size, a step named ``R4/<size>``."""
     norm_readers = {n for g in groups for n in g.linears}
     targets = tuple(
         name for name, module in layer.named_modules()
@@ -197,12 +200,16 @@ def _plan_r4(layer: nn.Module, groups: tuple[SmoothGroup, ...], attention: str, 
         and module.in_features != hidden
     )
     if not targets:
-        return _off("R4", 0, f"{where}: no Linear outside the attention reads a computed input (neither a norm's "
-                    "output nor the hidden stream)", True)
-    sizes = {layer.get_submodule(n).in_features for n in targets}
-    if len(sizes) > 1:
-        return _off("R4", max(sizes), f"{where}: R4 targets {list(targets)} differ in input size", True)
-    return _sized("R4", sizes.pop(), targets, True, config)
+        return {"R4": _off("R4", 0, f"{where}: no Linear outside the attention reads a computed input (neither a "
+                           "norm's output nor the hidden stream)", True)}
+    by_size: dict[int, list[str]] = {}
+    for name in targets:
+        by_size.setdefault(layer.get_submodule(name).in_features, []).append(name)
+    steps = {}
+    for i, (size, names) in enumerate(by_size.items()):
+        key = "R4" if i == 0 else f"R4/{size}"
+        steps[key] = replace(_sized("R4", size, tuple(names), True, config), name=key)
+    return steps
 
 
 def plan_quarot(
@@ -239,7 +246,7 @@ def plan_quarot(
             note = f"{where}.{model_map.attention} computes attention without transformers' attention interface"
             steps["R3"] = _off("R3", shapes.head_dim, note, True)
     if "R4" in config.rotations:
-        steps["R4"] = _plan_r4(layer, found["norm_groups"], model_map.attention, config, where, shapes.hidden)
+        steps.update(_plan_r4(layer, found["norm_groups"], model_map.attention, config, where, shapes.hidden))
     if "R5" in config.rotations:
         if value_path is None:
             steps["R5"] = _off("R5", 0, f"{where}: no Linear -> Linear value path found", True)
@@ -322,7 +329,7 @@ def _as_rms(root: nn.Module, name: str) -> None:
 @torch.no_grad()
 def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
     """Apply R1 (with the norm folds), R2, R3, R4 and R5 to one decoder layer in place."""
-    r1, r2, r3, r4, r5 = (plan.rotation(n) for n in ROTATIONS)
+    r1, r2, r3 = (plan.rotation(n) for n in ("R1", "R2", "R3"))
     if r1 is not None:
         for group in plan.norm_groups:
             fold_norm(layer.get_submodule(group.producer), [layer.get_submodule(n) for n in group.linears],
@@ -341,12 +348,12 @@ def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
         rotate_reader(layer.get_submodule(reader), r2)
     if r3 is not None:
         layer.get_submodule(plan.attention).qk_rotation = OnlineRotation(r3)
-    for step, rotation in (("R4", r4), ("R5", r5)):
-        if rotation is not None:
-            for name in plan.steps[step].targets:
+    for step in plan.steps.values():
+        if step.online and step.rotation is not None and step.name.startswith(("R4", "R5")):
+            for name in step.targets:
                 linear = layer.get_submodule(name)
-                rotate_reader(linear, rotation)
-                attach_input_rotation(linear, rotation)
+                rotate_reader(linear, step.rotation)
+                attach_input_rotation(linear, step.rotation)
 
 
 @torch.no_grad()

@@ -46,9 +46,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmquant.device import dtype_name
 from llmquant.errors import LlmquantError
+from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.lazy import INDEX, CheckpointReader, config_dtype, return_freed_memory
 from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.model.moe import find_moe_blocks, unfuse_experts
 from llmquant.model.targets import matches_any
 from llmquant.model.validation import check_model_dir, read_config, reading
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
@@ -106,13 +108,16 @@ def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
 
 
 def _linear_schemes(model: nn.Module) -> tuple[dict[str, Scheme], list[str]]:
+    """The scheme of each quantized Linear, and the float ones: Linears, and MoE routers (a Linear in vLLM's
+    models, with weights that must be read as they are)."""
     schemes, ignored = {}, []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.weight_spec is not None:
             schemes[name] = Scheme(weights=module.weight_spec, input_activations=module.input_spec)
         elif isinstance(module, (nn.Linear, QuantLinear)):
             ignored.append(name)
-    return schemes, ignored
+    routers = [block.router for block in find_moe_blocks(model)]
+    return schemes, ignored + [name for name in routers if name not in ignored]
 
 
 def weight_format(spec: QuantSpec | None) -> str:
@@ -125,7 +130,10 @@ def weight_format(spec: QuantSpec | None) -> str:
 
 def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     """The compressed-tensors ``quantization_config`` describing ``model``'s quantized modules."""
+    names = checkpoint_names(model)
     schemes, ignored = _linear_schemes(model)
+    schemes = {names.to_disk(name): scheme for name, scheme in schemes.items()}
+    ignored = [names.to_disk(name) for name in ignored]
     kv_specs = {m.spec for m in model.modules() if isinstance(m, KVCacheQuantizer)}
     if not schemes and not kv_specs:
         return None
@@ -168,9 +176,11 @@ def _to_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> torch.Ten
     return pack_int32(signed, spec.bits, dim=0) if leaf == "weight_zero_point" and _packs_zero_point(spec) else signed
 
 
-def _stored_tensors(model: nn.Module, prefix: str = "", skip: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores for ``model`` (keys prefixed by ``prefix``), leaving out those
-    under ``skip`` (the decoder layers of a streamed model, written shard by shard)."""
+def _stored_tensors(model: nn.Module, names: CheckpointNames, prefix: str = "",
+                    skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores for ``model`` (keys prefixed by ``prefix``, spelled as the family's
+    checkpoints spell them: ``names``), leaving out those under ``skip`` (the decoder layers of a streamed model,
+    written shard by shard)."""
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         if (skip is not None and key.startswith(skip)) or value.is_meta:
@@ -182,7 +192,7 @@ def _stored_tensors(model: nn.Module, prefix: str = "", skip: str | None = None)
         module = model.get_submodule(owner) if owner else model
         if isinstance(module, QuantLinear):
             value = _to_stored(module, leaf, value)
-        tensors[prefix + key.replace(_KV_PREFIX, "")] = value.detach().to("cpu").contiguous()
+        tensors[names.to_disk(prefix + key.replace(_KV_PREFIX, ""))] = value.detach().to("cpu").contiguous()
     return tensors
 
 
@@ -275,6 +285,8 @@ def _write_checkpoint(model: nn.Module, tokenizer: Any, directory: Path, manifes
     _write_weights(model, directory)
     config = model.config.to_dict()
     config["dtype"] = config["torch_dtype"] = dtype_name(model_dtype(model))  # what it was quantized in
+    config["architectures"] = config.get("architectures") or [type(model).__name__]  # (a model built from a config
+    # has none, and serving engines pick the model class from it)
     config.pop("quantization_config", None)
     qconfig = quantization_config(model)
     if qconfig is not None:
@@ -302,30 +314,31 @@ def _write_weights(model: nn.Module, directory: Path) -> None:
     at most `REST_SHARD_BYTES` (or one tensor), and the Hugging Face index: memory holds one layer, or one
     shard, and its serialized copy (safetensors serializes a shard in memory before writing it)."""
     run_dir = getattr(model, "llmquant_run_dir", None)
+    names = checkpoint_names(model)
     if run_dir is None:
-        save_file(_stored_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+        save_file(_stored_tensors(model, names), str(directory / WEIGHTS), metadata={"format": "pt"})
         return
     model_map = detect_model_map(model)
     layers = model_map.layers(model)
-    rest = _stored_tensors(model, skip=model_map.decoder_layers + ".")
+    rest = _stored_tensors(model, names, skip=model_map.decoder_layers + ".")
     source = getattr(model, "llmquant_source", None)  # embeddings and head left on disk while streaming
     rest.update(_still_on_disk(model, model_map, source))
     rest_shards = _shards(rest, REST_SHARD_BYTES)
     count = len(layers) + len(rest_shards)
-    names = iter(f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count))
+    files = iter(f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count))
     weight_map: dict[str, str] = {}
     total = 0
 
     def write(tensors: dict[str, torch.Tensor]) -> None:
         nonlocal total
-        name = next(names)
+        name = next(files)
         save_file(tensors, str(directory / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, name))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
 
     for index, layer in enumerate(layers):
         layer.load_state_dict(run_dir.layer_state(index), assign=True)
-        write(_stored_tensors(layer, prefix=f"{model_map.layer_name(index)}."))
+        write(_stored_tensors(layer, names, prefix=f"{model_map.layer_name(index)}."))
         layer.to("meta")
         return_freed_memory()
     for shard in rest_shards:
@@ -559,9 +572,10 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     qk = {n: asdict(m.qk_rotation.rotation) for n, m in model.named_modules()
           if isinstance(getattr(m, "qk_rotation", None), OnlineRotation)}
     norms = {n: m.eps for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+    names = checkpoint_names(model)
     for key, value in (("input_rotations", inputs), ("qk_rotations", qk), ("rms_norms", norms)):
         if value:
-            structure[key] = value
+            structure[key] = {names.to_disk(name): entry for name, entry in value.items()}
     return structure
 
 
@@ -627,14 +641,17 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
         if hasattr(config, key):
             delattr(config, key)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
+    unfuse_experts(model)  # a checkpoint stores one tensor set per expert (`llmquant.model.moe`)
+    names = checkpoint_names(model)
     if raw is not None:
         with reading(directory / "config.json", "checkpoint config", "the compressed-tensors quantization_config "
                      "llmquant writes"):
-            qconfig = QuantizationConfig.model_validate(raw)
+            qconfig = _names_in_memory(QuantizationConfig.model_validate(raw), names)
         _apply_quantization_config(model, qconfig)
-    _apply_structure(model, structure)
+    _apply_structure(model, {key: {names.from_disk(n): v for n, v in entries.items()}
+                             for key, entries in structure.items()})
     reader = CheckpointReader(directory)
-    tensors = reader.read(reader.names())
+    tensors = {names.from_disk(key): value for key, value in reader.read(reader.names()).items()}
     _add_missing_biases(model, tensors)
     missing, unexpected = model.load_state_dict(_state_dict_from_stored(model, tensors), strict=False)
     model.tie_weights()
@@ -643,6 +660,14 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
         raise LlmquantError(f"checkpoint {directory} does not match its config: missing {real_missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
     return model.eval(), load_tokenizer(directory)
+
+
+def _names_in_memory(qconfig: QuantizationConfig, names: CheckpointNames) -> QuantizationConfig:
+    """The config's module names (ignore, per-name targets) as the model in memory spells them."""
+    qconfig.ignore = [names.from_disk(name) for name in qconfig.ignore or []]
+    for group in qconfig.config_groups.values():
+        group.targets = [names.from_disk(target) for target in group.targets]
+    return qconfig
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

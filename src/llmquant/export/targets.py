@@ -72,6 +72,7 @@ from torch import nn
 
 from llmquant.errors import LlmquantError
 from llmquant.export.checkpoint import STRUCTURE, from_args
+from llmquant.model.moe import has_experts
 from llmquant.quant.scheme import Scheme
 from llmquant.quant.spec import QuantSpec
 from llmquant.recipe import Recipe
@@ -235,6 +236,17 @@ def check_target(target: Target | None, recipe: Recipe) -> None:
         raise LlmquantError(f"--target {target}: {findings[0].message}")
     for finding in findings:
         log.warning("--target %s: %s", target, finding.message)
+
+
+def check_target_model(target: Target | None, model: nn.Module) -> None:
+    """What the target cannot load of this model, before calibration: transformers does not read quantized
+    per-expert tensors back into its fused experts (its weight conversion concatenates float weights only)."""
+    if target == "transformers" and has_experts(model):
+        raise LlmquantError("--target transformers: transformers loads no quantized mixture-of-experts checkpoint "
+                            "(its fused experts take float weights only); load it with llmquant (--target fake) "
+                            "or serve it with vLLM")
+    if target == "vllm" and has_experts(model):
+        log.warning("--target vllm: vLLM's CPU build has no quantized MoE kernel (a GPU build loads these experts)")
 
 
 # --- after export: load it back as the target would ------------------------------------------------

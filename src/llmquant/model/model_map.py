@@ -2,8 +2,9 @@
 
 A model family is data, not code: the map is found from the module tree (the decoder layers are the
 longest `ModuleList` of identical blocks that hold Linears; the attention is the block's child whose
-class is an attention; the head is the model's output embedding), and it can be written as JSON and
-given back to override what was found, for an architecture the search gets wrong.
+class is an attention; the head is the model's output embedding; the mixture-of-experts blocks are
+`llmquant.model.moe.find_moe_blocks`), and it can be written as JSON and given back to override what was
+found, for an architecture the search gets wrong.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from llmquant.errors import LlmquantError
+from llmquant.model.moe import MoEBlock, find_moe_blocks
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class ModelMap:
     embeddings: tuple[str, ...]
     final_norm: str | None
     lm_head: str | None
+    moe: tuple[MoEBlock, ...] = ()  # the MoE blocks of the layers that have them (names relative to a layer)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.decoder_layers)  # type: ignore[return-value]
@@ -43,7 +46,14 @@ class ModelMap:
         if unknown:
             raise LlmquantError(f"unknown layer-map keys {sorted(unknown)}; allowed: {sorted(known)}")
         data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if "moe" in data:
+            data["moe"] = tuple(b if isinstance(b, MoEBlock) else MoEBlock.from_dict(b) for b in data["moe"])
         return cls(**data)
+
+    def moe_blocks(self, layer: nn.Module) -> list[MoEBlock]:
+        """The map's MoE blocks that ``layer`` has (none in a dense layer of a model with MoE layers)."""
+        names = {name for name, _ in layer.named_modules()}
+        return [block for block in self.moe if block.experts in names]
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelMap:
@@ -59,9 +69,14 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def _decoder_layers(model: nn.Module) -> str:
-    best, best_len = None, 0
+    """The longest outermost ModuleList of identical blocks holding Linears (a layer's list of experts is inside
+    the decoder layers' list, and may be longer)."""
+    best, best_len, lists = None, 0, []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) <= best_len:
+        if not isinstance(module, nn.ModuleList) or any(name.startswith(outer + ".") for outer in lists):
+            continue
+        lists.append(name)
+        if len(module) <= best_len:
             continue
         kinds = {type(child) for child in module}
         has_linear = any(_is_linear(m) for m in module[0].modules())
@@ -93,6 +108,8 @@ def detect_model_map(model: nn.Module) -> ModelMap:
     layers_name = _decoder_layers(model)
     layers = model.get_submodule(layers_name)
     first = layers[0]
+    linears = dict.fromkeys(n for layer in layers for n, m in layer.named_modules() if _is_linear(m))
+    moe = next((blocks for layer in layers if (blocks := find_moe_blocks(layer))), [])
     outside = [(n, m) for n, m in model.named_modules() if not n.startswith(layers_name + ".") and n != layers_name]
     norms = [n for n, m in outside if "norm" in type(m).__name__.lower()]
     get_head = getattr(model, "get_output_embeddings", None)
@@ -100,11 +117,18 @@ def detect_model_map(model: nn.Module) -> ModelMap:
         model_type=getattr(getattr(model, "config", None), "model_type", type(model).__name__),
         decoder_layers=layers_name,
         attention=_attention(first, f"{layers_name}.0"),
-        linears=tuple(n for n, m in first.named_modules() if _is_linear(m)),
+        linears=tuple(linears),  # of every layer (a model's first layers may be dense, the others MoE)
         embeddings=tuple(n for n, m in outside if isinstance(m, nn.Embedding)),
         final_norm=norms[-1] if norms else None,
         lm_head=_name_of(model, get_head() if get_head else None),
+        moe=tuple(moe),
     )
+
+
+def layer_structure(layer: nn.Module) -> tuple[str, ...]:
+    """What a decoder layer is made of (each module's name and class): layers of one model differ when the first
+    ones are dense and the others MoE (DeepSeek-V3), and patterns found on one hold for those that match it."""
+    return tuple(f"{name}:{type(module).__name__}" for name, module in layer.named_modules())
 
 
 def untie_head(model: nn.Module, model_map: ModelMap) -> None:

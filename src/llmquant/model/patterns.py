@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from llmquant.errors import LlmquantError
+from llmquant.model.moe import find_moe_blocks
+from llmquant.nn.experts import expert_index
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,60 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or ("norm" in name and hasattr(module, "weight"))
 
 
+def _routers(layer: nn.Module) -> set[str]:
+    """The routers of the layer's MoE blocks: they read a norm's output through their ``weight`` as a Linear does
+    (a smoothing or R1 fold must scale or rotate them too), and stay float."""
+    return {block.router for block in find_moe_blocks(layer)}
+
+
+def _routing(layer: nn.Module) -> set[str]:
+    """The modules whose outputs choose and weigh the experts: routers and gates (a shared expert's gate)."""
+    return {name for block in find_moe_blocks(layer) for name in (block.router, *block.gates)}
+
+
+def _reads_by_weight(layer: nn.Module) -> list[str]:
+    """The modules computing x W^T from their input: the Linears and the MoE routers, in module order."""
+    routers = _routers(layer)
+    return [n for n, m in layer.named_modules() if isinstance(m, nn.Linear) or n in routers]
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b`` or a view of all of it (an MoE block reads its input flattened to tokens)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype)
+
+
+def _expert_pair_skipped(a: str, b: str) -> bool:
+    """Linear -> Linear pairs not tried: across experts or between an expert and a Linear outside it (no expert
+    feeds another, or a Linear outside, channel for channel), and inside any expert but the first (the first
+    one's pairs hold for every expert of the list: `replicate_expert_groups`)."""
+    where_a, where_b = expert_index(a), expert_index(b)
+    if where_a is None and where_b is None:
+        return False
+    return where_a != where_b or where_a[1] != 0  # type: ignore[index]
+
+
+def replicate_expert_groups(layer: nn.Module, groups: list[SmoothGroup]) -> list[SmoothGroup]:
+    """Groups found inside expert 0 of an expert list, repeated for every expert of that list."""
+    out = []
+    for group in groups:
+        where = expert_index(group.producer)
+        if group.producer_kind != "linear" or where is None:
+            out.append(group)
+            continue
+        experts, _ = where
+        first = f"{experts}.0."
+        for index in range(len(layer.get_submodule(experts))):
+            own = f"{experts}.{index}."
+            out.append(replace(group, producer=group.producer.replace(first, own, 1),
+                               linears=tuple(n.replace(first, own, 1) for n in group.linears)))
+    return out
+
+
 def _record(layer: nn.Module, run: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     inputs, outputs, handles = {}, {}, []
+    readers = set(_reads_by_weight(layer))
     for name, module in layer.named_modules():
-        if isinstance(module, nn.Linear) or _is_norm(module):
+        if name in readers or _is_norm(module):
 
             def hook(_m: nn.Module, args: tuple, out: torch.Tensor, name: str = name) -> None:
                 inputs[name] = args[0]
@@ -156,12 +208,13 @@ def _scales_through(layer: nn.Module, run: Any, producer: nn.Linear, reader: str
 def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> list[SmoothGroup]:
     """Each norm and the Linears reading its output, with the norm's gain offset (`norm_form`; 0 when its form is
     not recognized, which `foldable` tells)."""
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
+    routers = {n for n, m in modules.items() if not isinstance(m, nn.Linear) and not _is_norm(m) and n in inputs}
+    linears = [n for n, m in modules.items() if (isinstance(m, nn.Linear) or n in routers) and n in inputs]
     groups = []
     for name, out in outputs.items():
         if not _is_norm(modules[name]):
             continue
-        readers = tuple(n for n in linears if inputs[n] is out)
+        readers = tuple(n for n in linears if _same_values(inputs[n], out))
         if readers:
             groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers,
                                       producer_offset=norm_offset(modules[name])))
@@ -214,17 +267,17 @@ def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where
         producer = modules[a]
         for b in linears:
             reader = modules[b]
-            if a == b or reader.in_features % producer.out_features:
+            if a == b or reader.in_features % producer.out_features or _expert_pair_skipped(a, b):
                 continue
             repeat = reader.in_features // producer.out_features
-            if repeat > 1 and not head_dim:
+            if repeat > 1 and (not head_dim or producer.out_features % head_dim):  # whole heads only
                 continue
             group = SmoothGroup(a, "linear", (b,), repeat, head_dim if repeat > 1 else 0)
             if _scales_through(layer, run, producer, b, group, inputs[b]):
                 groups.append(group)
     if not groups:
         raise LlmquantError(f"{where}: no smoothing pattern (norm -> linear or linear -> linear) was found")
-    return groups
+    return replicate_expert_groups(layer, groups)
 
 
 # --- rotation patterns ------------------------------------------------------------------------------
@@ -335,22 +388,27 @@ def residual_writers(layer: nn.Module, run: Any, hidden: int) -> ResidualWriters
     """Find the residual writers of one decoder layer; ``run()`` runs it once on a sample input.
 
     A Linear L of ``hidden`` outputs writes the stream when, with every other such Linear's output held
-    at its recorded value, a change of L's output appears in the layer's output unchanged up to one scalar
-    factor (Granite's residual multiplier; a scalar commutes with R1), holding the others stops the change from
-    reaching the output through a later sub-layer as well."""
+    at its recorded value, a change of L's output appears in the layer's output unchanged up to a non-negative
+    factor per token (Granite's residual multiplier; an expert's routing weight, zero for the tokens that did not
+    choose it; a shared expert's gate): a per-token scalar commutes with R1. Holding the others (and the routers'
+    choices) stops the change from reaching the output through a later sub-layer as well. An MoE layer is run
+    with every expert on every token (`llmquant.nn.experts.all_experts`), so that held outputs keep their shape."""
     x, y = _layer_io(layer, run)
     inputs, outputs = _record(layer, run)
     modules = dict(layer.named_modules())
     candidates = [n for n in inputs if isinstance(modules[n], nn.Linear) and modules[n].out_features == hidden]
+    routers = [n for n in _routing(layer) if n in outputs]  # held too: a changed stream must not re-route
     writers = []
     for name in candidates:
         delta = torch.randn(outputs[name].shape, generator=torch.Generator().manual_seed(1))
         delta = delta.to(outputs[name].device, outputs[name].dtype) * float(outputs[name].abs().mean().clamp(min=1e-3))
-        held = {other: (lambda _out, kept=outputs[other]: kept) for other in candidates if other != name}
+        held = {other: (lambda _out, kept=outputs[other]: kept) for other in (*candidates, *routers) if other != name}
         changed = _with_outputs(layer, {**held, name: lambda out, delta=delta: out + delta}, run)
         seen = changed - y
-        factor = float((seen * delta).sum() / (delta * delta).sum())  # least squares: seen ~ factor * delta
-        if factor > 0 and torch.allclose(seen, factor * delta, rtol=1e-3, atol=1e-4 * float(y.abs().max())):
+        factor = (seen * delta).sum(-1, keepdim=True) / (delta * delta).sum(-1, keepdim=True)  # least squares
+        tolerance = 1e-4 * float(y.abs().max())
+        if factor.max() > 0 and factor.min() > -1e-6 and torch.allclose(seen, factor * delta, rtol=1e-3,
+                                                                          atol=tolerance):
             writers.append(name)
     without = _with_outputs(layer, dict.fromkeys(writers, torch.zeros_like), run) if writers else y
     exact = bool(writers) and torch.allclose(without, x, rtol=1e-4, atol=1e-5 * float(x.abs().max()))
@@ -379,7 +437,7 @@ def rotation_pairs(layer: nn.Module, run: Any, head_dim: int) -> list[SmoothGrou
             continue
         for b in linears:
             reader = modules[b]
-            if a == b or reader.in_features % producer.out_features:
+            if a == b or reader.in_features % producer.out_features or _expert_pair_skipped(a, b):
                 continue
             if _passes_through(layer, run, producer, b, per_head, per_head, inputs[b]):
                 repeat = reader.in_features // producer.out_features

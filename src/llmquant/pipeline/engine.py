@@ -36,9 +36,11 @@ from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext,
 from llmquant.algorithms.quarot import rotate_layer
 from llmquant.device import DevicePolicy, cast_weights, device_of, peak_memory_mb, reset_peak_memory
 from llmquant.errors import LlmquantError
-from llmquant.model.model_map import ModelMap, detect_model_map, untie_head
+from llmquant.model.model_map import ModelMap, detect_model_map, layer_structure, untie_head
+from llmquant.model.moe import unfuse_experts
 from llmquant.model.offloaded import is_offloaded, load_offloaded
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
+from llmquant.nn.experts import all_experts
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.parallel import SINGLE, Ranks
@@ -52,6 +54,7 @@ from llmquant.pipeline.layer_io import (
     float32_probe,
     head_dim_of,
     inputs_of,
+    inputs_of_each,
     relative_error,
     run_layer,
 )
@@ -173,7 +176,8 @@ def _quantizers_for_layer(
 def find_smooth_groups(model: nn.Module, model_map: ModelMap, inputs: LayerInputs) -> list[SmoothGroup]:
     """The smoothing groups of the first decoder layer, observed on its first calibration input."""
     layer, run = float32_probe(model_map.layers(model)[0], inputs)
-    return detect_smooth_groups(layer, run, head_dim_of(model, model_map), model_map.layer_name(0))
+    with all_experts(layer):
+        return detect_smooth_groups(layer, run, head_dim_of(model, model_map), model_map.layer_name(0))
 
 
 def _check_equivalence(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], what: str,
@@ -205,23 +209,78 @@ def layer_context(layer: nn.Module, index: int, prefix: str, plan: QuantPlan, in
     return LayerContext(
         layer=layer, index=index, where=prefix, specs=_layer_specs(layer, prefix, plan),
         run_sample=lambda count: run_layer(layer, inputs.head(count), prefix),
-        feed=lambda module, consume: inputs_of(layer, module, inputs, consume), ranks=ranks,
+        feed=lambda module, consume: inputs_of(layer, module, inputs, consume),
+        feed_each=lambda consumers: inputs_of_each(layer, consumers, inputs), ranks=ranks,
     )
 
 
-def setup_steps(steps: Sequence[LayerStep], model: nn.Module, model_map: ModelMap, inputs: LayerInputs,
-                ranks: Ranks = SINGLE) -> dict:
-    """`LayerStep.setup` of every step on the first decoder layer (in float32: `float32_probe`); the run's
-    manifest entries they return."""
+def setup_steps(steps: Sequence[LayerStep], layer: nn.Module, where: str, head_dim: int | None,
+                linears: list[str], inputs: LayerInputs, ranks: Ranks = SINGLE) -> dict:
+    """`LayerStep.setup` of every step on ``layer`` (in float32: `float32_probe`), with every expert running; the
+    manifest entries they return. The engine calls it on the first decoder layer and again on each layer made
+    otherwise than the one before (`layer_structure`)."""
     if not steps:
         return {}
-    layer, run = float32_probe(model_map.layers(model)[0], inputs)
-    context = SetupContext(layer=layer, where=model_map.layer_name(0), head_dim=head_dim_of(model, model_map),
-                           linears=list(model_map.linears), run_sample=run, ranks=ranks)
+    probe, run = float32_probe(layer, inputs)
+    context = SetupContext(layer=probe, where=where, head_dim=head_dim, linears=linears, run_sample=run, ranks=ranks)
     results: dict[str, Any] = {}
-    for step in steps:
-        results.update(step.setup(context))
+    with all_experts(probe):  # (patterns are found with every expert running)
+        for step in steps:
+            results.update(step.setup(context))
     return results
+
+
+def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, inputs: LayerInputs,
+               storage: ActivationStorage, row: dict[str, Any], attention: nn.Module, kv_spec: Any,
+               every_sample: bool) -> Sequence[torch.Tensor]:
+    """Steps 1-4 of `llmquant.algorithms.lifecycle` on one layer: the float pass with the steps' observers, their
+    transforms (checked for equivalence), the QuantLinears swapped in after the transformed pass with the static
+    observers (every sample when ``every_sample`` or a step's hook needs them, else the first batch), then the
+    steps' quantization. Returns the reference outputs; the manifest entries go to ``row``. A pass that feeds
+    statistics runs every calibration token through every expert of an MoE layer (`all_experts`, unless the recipe
+    says ``moe_calibrate: routed``, around the call); one that only checks runs as the router chooses (the same
+    outputs)."""
+    layer, prefix, ranks = ctx.layer, ctx.where, ctx.ranks
+    float_out = None
+    handles = [handle for step in steps for handle in step.observe(ctx)]
+    if handles:  # statistics of the untouched layer, over every sample; its outputs are the reference
+        try:
+            float_out = run_layer(layer, inputs, prefix, into=storage.new())
+        finally:
+            _remove(handles)
+    for step in steps:
+        row.update(step.transform(ctx))
+
+    ctx.linears = _quantizers_for_layer(layer, prefix, plan)  # round to nearest from the transformed weights
+    handles = [handle for step in steps for handle in step.observe_transformed(ctx)]
+    if kv_spec is not None:
+        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
+        attention.kv_cache_quantizer.start_observing()
+    observers = _InputObservers(ctx.linears)
+    subset = inputs if every_sample or handles else inputs.head(BATCH)
+    try:
+        with all_experts(layer, plan.calibrate_all_experts and bool(handles or observers.handles)):
+            transformed_out = run_layer(layer, subset, prefix, into=storage.new())  # (no hook: as routed)
+    finally:
+        observers.close()
+        _remove(handles)
+    if kv_spec is not None:
+        attention.kv_cache_quantizer.stop_observing(ranks)
+    if float_out is None:
+        float_out = transformed_out
+    else:
+        claimed = "+".join(step.name for step in steps if step.keeps_function)
+        row["equivalence_error"] = _check_equivalence(float_out, transformed_out, claimed, prefix,
+                                                      compute_dtype(layer), ranks)
+
+    for rel, (_, quantized) in ctx.linears.items():
+        quantized.stop_observing(ranks)
+        _swap(layer, rel, quantized)
+    for step in steps:
+        row.update(step.quantize(ctx))
+    for step in steps:
+        step.release(ctx)
+    return float_out
 
 
 @torch.no_grad()
@@ -258,44 +317,9 @@ def quantize_layer(
     )  # a static scale must see every calibration sample
     ctx = layer_context(layer, index, prefix, plan, inputs, ranks)
 
-    float_out = None
-    handles = [handle for step in steps for handle in step.observe(ctx)]
-    if handles:  # statistics of the untouched layer, over every sample; its outputs are the reference
-        try:
-            float_out = run_layer(layer, inputs, prefix, into=storage.new())
-        finally:
-            _remove(handles)
-    for step in steps:
-        row.update(step.transform(ctx))
-
-    ctx.linears = _quantizers_for_layer(layer, prefix, plan)  # round to nearest from the transformed weights
-    handles = [handle for step in steps for handle in step.observe_transformed(ctx)]
-    if kv_spec is not None:
-        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
-        attention.kv_cache_quantizer.start_observing()
-    observers = _InputObservers(ctx.linears)
-    subset = inputs if static or handles or not quantizes else inputs.head(BATCH)
-    try:
-        transformed_out = run_layer(layer, subset, prefix, into=storage.new())
-    finally:
-        observers.close()
-        _remove(handles)
-    if kv_spec is not None:
-        attention.kv_cache_quantizer.stop_observing(ranks)
-    if float_out is None:
-        float_out = transformed_out
-    else:
-        claimed = "+".join(step.name for step in steps if step.keeps_function)
-        row["equivalence_error"] = _check_equivalence(float_out, transformed_out, claimed, prefix,
-                                                      compute_dtype(layer), ranks)
-
-    for rel, (_, quantized) in ctx.linears.items():
-        quantized.stop_observing(ranks)
-        _swap(layer, rel, quantized)
-    for step in steps:
-        row.update(step.quantize(ctx))
-    for step in steps:
-        step.release(ctx)
+    with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token
+        float_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
+                               every_sample=static or not quantizes)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8")
@@ -312,6 +336,22 @@ def quantize_layer(
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in ctx.linears.items()}
     row["seconds"] = time.perf_counter() - start
     return quant_out, row
+
+
+def _calibrates(recipe: Recipe, plan: QuantPlan) -> bool:
+    """Whether the recipe learns anything from the calibration samples: a per-layer step (smoothing, AWQ, GPTQ),
+    a static input scale or a static KV-cache scale. Round to nearest with dynamic activations does not (QuaRot's
+    rotations are data-free too)."""
+    static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic
+                        for s in plan.linears.values())
+    static_kv = any(spec is not None and not spec.dynamic for spec in plan.kv_cache.values())
+    return bool(recipe.layer_steps()) or static_inputs or static_kv
+
+
+def _linears_of(layer: nn.Module, model_map: ModelMap) -> list[str]:
+    """The model map's Linears that ``layer`` has (relative names)."""
+    names = {name for name, _ in layer.named_modules()}
+    return [name for name in model_map.linears if name in names]
 
 
 def _mean_over(ranks: Ranks, figures: dict[str, float]) -> dict[str, float]:
@@ -395,6 +435,7 @@ def quantize(
     if source.streams and run_dir is None:
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
+    unfused = unfuse_experts(model)  # one Linear per expert matrix (`llmquant.model.moe`)
     model_map = model_map or detect_model_map(model)
     home = _resting_device(model, model_map, policy)  # where each layer goes back to once quantized
     offloaded = _prepare_model(model, model_map, source, policy)
@@ -406,6 +447,15 @@ def quantize(
     manifest = Manifest(recipe=recipe.model_dump(mode="json"), model_map=model_map.to_dict(), versions=versions(),
                         plan=plan.describe())
     manifest.results.update(placement=policy.describe(), activations=storage.where, accelerate_offloaded=offloaded)
+    if model_map.moe:
+        manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
+                                   "calibrate": recipe.moe_calibrate}
+    if not _calibrates(recipe, plan) and calib.shape[0] > BATCH:  # the samples would only measure the error
+        manifest.results["calibration"] = {
+            "samples": BATCH, "given": calib.shape[0],
+            "why": "round to nearest with dynamic activations: the weights do not depend on the samples, which "
+                   "only measure the layers' output error"}
+        calib = calib[:BATCH]
     sample = calib[:1, :ROTATION_CHECK_TOKENS]  # the same on every rank
     calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
@@ -421,7 +471,7 @@ def quantize(
     else:
         rotation.rotate(first, 0, inputs.head(1))
     steps = recipe.layer_steps()
-    manifest.results.update(setup_steps(steps, model, model_map, inputs, ranks))
+    set_up_for: tuple[str, ...] | None = None  # the structure of the layer the steps were set up on
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
     if run_dir is not None:
@@ -447,7 +497,17 @@ def quantize(
             layer.to(policy.device)
             if rotation is not None and index > 0:
                 rotation.rotate(layer, index, inputs.head(1))
+            setup = {}
+            if layer_structure(layer) != set_up_for:  # the first layer, or one made otherwise than the one before
+                first_setup, set_up_for = set_up_for is None, layer_structure(layer)
+                setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
+                                    _linears_of(layer, model_map), inputs, ranks)
+                if first_setup:
+                    manifest.results.update(setup)
+                    setup = {}
             outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks)
+            if setup:
+                row["setup"] = setup
             inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
             layer.to(home)
             row["peak_gpu_mb"] = peak_memory_mb(policy.device)

@@ -140,6 +140,21 @@ def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume:
         handle.remove()
 
 
+def inputs_of_each(layer: nn.Module, consumers: dict[nn.Module, Callable[[torch.Tensor], None]],
+                   inputs: LayerInputs, batch: int | None = None) -> None:
+    """Run the layer on every sample, giving each module's input to its consumer whenever the module is called
+    (modules on parallel paths, such as the experts of an MoE block, fed by one pass; a routed expert no token
+    chose is not called, and its consumer gets nothing)."""
+    handles = [module.register_forward_pre_hook(lambda _m, args, consume=consume: consume(args[0]))
+               for module, consume in consumers.items()]
+    try:
+        for hidden, kwargs in _batches(inputs, batch, device_of(layer)):
+            layer(hidden, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | None = None,
               into: MutableSequence[torch.Tensor] | None = None) -> MutableSequence[torch.Tensor]:

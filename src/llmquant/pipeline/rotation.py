@@ -30,7 +30,8 @@ from llmquant.algorithms.quarot import (
 )
 from llmquant.device import device_of
 from llmquant.errors import LlmquantError
-from llmquant.model.model_map import ModelMap, untie_head
+from llmquant.model.model_map import ModelMap, layer_structure, untie_head
+from llmquant.nn.experts import all_experts
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.pipeline.layer_io import (
     LayerInputs,
@@ -61,7 +62,8 @@ def plan_rotations(model: nn.Module, model_map: ModelMap, config: QuaRotConfig, 
     inputs = capture_layer_inputs(model, model_map, sample)
     layer, run = float32_probe(model_map.layers(model)[0], inputs)
     shapes = model_shapes(model, model_map, inputs.hidden[0].shape[-1])
-    return plan_quarot(model, model_map, layer, run, shapes, config)
+    with all_experts(layer):
+        return plan_quarot(model, model_map, layer, run, shapes, config)
 
 
 def with_seed_map(model: nn.Module, model_map: ModelMap, backbone: str | None, decoder_layers: str | None,
@@ -112,8 +114,9 @@ class RotationPass:
         weights. With several ``ranks`` the layer checks run on each rank's own first sample and are judged
         over all of them, so every rank takes the same decision."""
         untie_head(model, model_map)
-        self.model, self.model_map, self.ranks = model, model_map, ranks
+        self.model, self.model_map, self.ranks, self.config = model, model_map, ranks, config
         self.plan = plan_rotations(model, model_map, config, sample)
+        self.layer_plans = {layer_structure(model_map.layers(model)[0]): self.plan}
         for step in self.plan.steps.values():
             if step.rotation is None:
                 log.warning("QuaRot %s does not apply: %s", step.name, step.note)
@@ -137,10 +140,26 @@ class RotationPass:
         where = self.model_map.layer_name(index)
         hidden = self._float_basis(sample.hidden)
         float_out = run_layer(layer, LayerInputs(hidden, sample.kwargs), where)
-        rotate_layer(layer, self.plan)
+        rotate_layer(layer, self._plan_for(layer, LayerInputs(hidden, sample.kwargs)))
         rotated_out = run_layer(layer, LayerInputs(_to_stream(self.plan, hidden), sample.kwargs), where)
         error = relative_error(_to_stream(self.plan, float_out), rotated_out, self.ranks)
         self.layer_errors.append(_check(error, where, self.dtype))
+
+    def _plan_for(self, layer: nn.Module, sample: LayerInputs) -> QuaRotPlan:
+        """The plan of a layer made as ``layer`` is: the first layer's, or, for a layer made otherwise (the MoE
+        layers after DeepSeek-V3's dense ones), its own norm groups, residual writers and online rotations under
+        the model's R1 (found the same way, on ``sample`` in the float basis)."""
+        structure = layer_structure(layer)
+        if structure not in self.layer_plans:
+            probe, run = float32_probe(layer, sample)
+            shapes = model_shapes(self.model, self.model_map, sample.hidden[0].shape[-1])
+            with all_experts(probe):
+                own = plan_quarot(self.model, self.model_map, probe, run, shapes, self.config)
+            if (own.rotation("R1") is None) != (self.plan.rotation("R1") is None):
+                why = own.steps["R1"].note if "R1" in own.steps else "R1 applies there only"
+                raise LlmquantError(f"QuaRot R1 cannot rotate a layer made otherwise than the first: {why}")
+            self.layer_plans[structure] = replace(own, center=self.plan.center)
+        return self.layer_plans[structure]
 
     @torch.no_grad()
     def finish(self, last_outputs: list[torch.Tensor]) -> dict:
@@ -157,7 +176,11 @@ class RotationPass:
             rotated = head(norm(_to_stream(plan, hidden)[0]))
             self.errors["head"] = _check(relative_error([reference], [rotated], self.ranks), "the head", self.dtype)
         self.errors["layers_max"] = max(self.layer_errors, default=0.0)
-        return {"plan": plan.describe(), "center": plan.center, "equivalence_error": self.errors}
+        entry = {"plan": plan.describe(), "center": plan.center, "equivalence_error": self.errors}
+        others = [p.describe() for p in self.layer_plans.values() if p is not self.plan]
+        if others:  # layers made otherwise than the first (DeepSeek-V3's MoE layers after its dense ones)
+            entry["other_layer_plans"] = others
+        return entry
 
 
 @torch.no_grad()

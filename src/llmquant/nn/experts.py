@@ -1,0 +1,93 @@
+"""Mixture-of-experts experts as one `nn.Linear` per matrix, so every method quantizes each expert as the Linear
+it is.
+
+transformers 5 stores a block's experts fused, as 3-D parameters: ``gate_up_proj`` [experts, 2 * inter, hidden]
+(gate rows first) and ``down_proj`` [experts, hidden, inter]. `Experts` holds the same numbers as one `ExpertMLP`
+(``gate_proj``, ``up_proj``, ``down_proj``) per expert and computes the same function from the router's choice:
+
+    y_t = sum over the experts e chosen for token t of  w_{t,e} * down_e(act(gate_e x_t) * up_e x_t)
+
+With ``calibrate_all`` set (`all_experts`), every expert also runs on every token, so that hooks on its Linears
+(statistics, Hessians, observers) see all the calibration tokens, while the output still sums the chosen experts
+only: the layer computes what it computes without it (llm-compressor's ``calibrate_all_experts``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden: int, inter: int, act: Callable[[torch.Tensor], torch.Tensor],
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype, device=device)
+        self.act_fn = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Experts(nn.ModuleList):
+    """A block's experts, one `ExpertMLP` each, called as transformers' fused experts are:
+    ``experts(hidden_states [tokens, hidden], top_k_index [tokens, k], top_k_weights [tokens, k])``."""
+
+    calibrate_all = False
+    calibrate_only: frozenset[int] | None = None  # with calibrate_all: these experts only (None: every one)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,  # type: ignore[override]
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self):
+            token, slot = torch.where(top_k_index == index)
+            if self.calibrate_all and (self.calibrate_only is None or index in self.calibrate_only):
+                y = expert(hidden_states)[token]  # every token through the expert; the chosen ones kept
+            elif token.numel():
+                y = expert(hidden_states[token])
+            else:
+                continue
+            out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+        return out
+
+
+@contextmanager
+def all_experts(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Every `Experts` of ``model`` runs every token through every expert while inside (``enabled``; False: as the
+    router chooses, also inside an enclosing ``all_experts``), as it did before on leaving."""
+    lists = [m for m in model.modules() if isinstance(m, Experts)]
+    before = [experts.calibrate_all for experts in lists]
+    for experts in lists:
+        experts.calibrate_all = enabled
+    try:
+        yield
+    finally:
+        for experts, mode in zip(lists, before, strict=True):
+            experts.calibrate_all = mode
+
+
+@contextmanager
+def only_experts(experts: Experts, indices: set[int]) -> Iterator[None]:
+    """While inside, `all_experts` sends every token through the experts ``indices`` of ``experts`` only (the
+    others run on the tokens routed to them): a pass that gathers those experts' statistics costs their share."""
+    experts.calibrate_only = frozenset(indices)
+    try:
+        yield
+    finally:
+        experts.calibrate_only = None
+
+
+def expert_index(name: str) -> tuple[str, int] | None:
+    """``("...mlp.experts", 3)`` for a name inside expert 3 (``...mlp.experts.3.down_proj``), else None."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].isdigit() and parts[i - 1] == "experts":
+            return ".".join(parts[:i]), int(parts[i])
+    return None

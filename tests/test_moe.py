@@ -1,0 +1,300 @@
+"""Mixture-of-experts models (tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, OLMoE): structure found,
+fused experts as one Linear per expert matrix, every expert calibrated, gates float, every method, checkpoints.
+The family x method matrix (tests/test_families.py) runs every method on these families too."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmquant
+from conftest import MOE_FAMILIES, VOCAB, logits, make_model, relative_error
+from llmquant.algorithms.gptq import parallel_rounds
+from llmquant.cli import main
+from llmquant.errors import LlmquantError
+from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.model.moe import MoEBlock, find_moe_blocks, unfuse_experts
+from llmquant.nn.experts import Experts, all_experts
+from llmquant.nn.quant_linear import QuantLinear
+from llmquant.recipe import Recipe
+
+W4 = {"scheme": "w_uint4_per_group_asym", "group_size": 16}
+SHARED = {"qwen2_moe": ("mlp.shared_expert",), "deepseek_v3": ("mlp.shared_experts",)}
+GATES = {"qwen2_moe": ("mlp.shared_expert_gate",)}
+
+
+def _ids(seed: int, samples: int = 4) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (samples, 32), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_experts_become_one_linear_per_matrix_with_the_same_function(family: str) -> None:
+    model = make_model(family)
+    before = logits(model, _ids(2, 2))
+    replaced = unfuse_experts(model)
+    moe_layers = 1 if family == "deepseek_v3" else 2  # DeepSeek-V3's first layer is dense
+    assert len(replaced) == moe_layers
+    experts = model.get_submodule(replaced[0])
+    assert isinstance(experts, Experts) and len(experts) == 4
+    assert all(isinstance(getattr(e, n), torch.nn.Linear) for e in experts
+               for n in ("gate_proj", "up_proj", "down_proj"))
+    assert relative_error(before, logits(model, _ids(2, 2))) < 1e-6
+    assert unfuse_experts(model) == []  # nothing left to unfuse
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_detects_router_experts_shared_experts_and_gates(family: str) -> None:
+    model = make_model(family)
+    unfuse_experts(model)
+    model_map = detect_model_map(model)
+    assert model_map.decoder_layers == "model.layers"  # not a layer's (longer) list of experts
+    assert model_map.moe == (MoEBlock(name="mlp", router="mlp.gate", experts="mlp.experts", num_experts=4,
+                                      shared=SHARED.get(family, ()), gates=GATES.get(family, ())),)
+    layers = model_map.layers(model)
+    assert [bool(find_moe_blocks(layer)) for layer in layers] == [family != "deepseek_v3", True]
+    assert "mlp.experts.3.down_proj" in model_map.linears
+    if family == "deepseek_v3":  # the dense first layer's MLP is in the map too
+        assert "mlp.down_proj" in model_map.linears and not model_map.moe_blocks(layers[0])
+    again = ModelMap.from_dict(json.loads(json.dumps(model_map.to_dict())))  # a layer map names them as well
+    assert again == model_map
+
+
+def test_a_layer_map_with_a_bad_moe_entry_is_one_clear_error() -> None:
+    with pytest.raises(LlmquantError, match="moe entry needs name, router, experts, num_experts"):
+        ModelMap.from_dict({**detect_model_map(make_model("llama")).to_dict(), "moe": [{"name": "mlp"}]})
+
+
+def test_gates_stay_float_and_every_expert_is_quantized_by_default() -> None:
+    model = make_model("qwen2_moe")
+    unfuse_experts(model)
+    plan = Recipe().resolve(model, detect_model_map(model))
+    assert plan.linears["model.layers.0.mlp.shared_expert_gate"].is_float
+    assert not plan.linears["model.layers.0.mlp.experts.3.down_proj"].is_float
+    assert "model.layers.*.mlp.shared_expert_gate" in plan.left_float("model.layers")
+    override = Recipe(overrides=[{"targets": ["re:.*shared_expert_gate"],
+                                  "scheme": "w_int8_per_channel_a_int8_per_token_dynamic"}])
+    overridden = override.resolve(model, detect_model_map(model))
+    assert not overridden.linears["model.layers.0.mlp.shared_expert_gate"].is_float
+    quantized = llmquant.quantize(make_model("mixtral"), calib=_ids(1), progress=False)
+    router = quantized.get_submodule("model.layers.0.mlp.gate")
+    assert not isinstance(router, QuantLinear) and router.weight.dtype == torch.float32  # the router: float
+    assert isinstance(quantized.get_submodule("model.layers.1.mlp.experts.2.up_proj"), QuantLinear)
+
+
+def _tokens_seen(model: torch.nn.Module, ids: torch.Tensor) -> dict[int, int]:
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    seen = dict.fromkeys(range(len(experts)), 0)
+    handles = [e.gate_proj.register_forward_pre_hook(
+        lambda _m, args, i=i: seen.__setitem__(i, seen[i] + args[0].shape[0])) for i, e in enumerate(experts)]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_every_expert_sees_every_token_while_calibrating_and_the_output_is_the_routed_one() -> None:
+    model = make_model("olmoe")
+    unfuse_experts(model)
+    ids = _ids(3, 2)
+    routed, routed_seen = logits(model, ids), _tokens_seen(model, ids)
+    with all_experts(model):
+        every, every_seen = logits(model, ids), _tokens_seen(model, ids)
+    assert torch.equal(routed, every)  # the layer computes the same
+    assert all(count == ids.numel() for count in every_seen.values())
+    assert sum(routed_seen.values()) == 2 * ids.numel()  # top 2 of 4
+    assert logits(model, ids).equal(routed) and _tokens_seen(model, ids) == routed_seen  # switched off again
+
+
+def test_gptq_shares_one_hessian_over_all_experts_inputs_and_feeds_the_down_projections_in_one_pass() -> None:
+    model = llmquant.quantize(make_model("qwen2_moe"), {**W4, "algorithm": "gptq"}, calib=_ids(1), progress=False)
+    stages = model.llmquant_manifest.layers[0]["gptq_stages"]
+    shared_input = next(stage for stage in stages if "mlp.experts.0.gate_proj" in stage)
+    assert {f"mlp.experts.{i}.{p}" for i in range(4) for p in ("gate_proj", "up_proj")} | {
+        "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"} == set(shared_input)
+    downs = [stage for stage in stages if stage[0].startswith("mlp.experts.") and stage[0].endswith("down_proj")]
+    layer = model.get_submodule("model.layers.0")
+    assert downs in parallel_rounds(layer, stages)  # the four experts' down projections: one round, one pass
+
+
+def test_gptq_takes_a_few_experts_at_a_time_under_its_memory_bounds_with_the_same_result(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe, calib = {**W4, "algorithm": "gptq"}, _ids(1)
+    whole = llmquant.quantize(make_model("qwen3_moe"), recipe, calib=calib, progress=False)
+    import llmquant.algorithms.gptq as gptq
+
+    layer = whole.get_submodule("model.layers.0")
+    stages = whole.llmquant_manifest.layers[0]["gptq_stages"]
+    downs = [s for s in stages if s[0].endswith("down_proj") and ".experts." in s[0]]
+    hessian = 32 * 32 * 8  # one expert's down projection reads 32 inputs
+    assert [len(r) for r in gptq.parallel_rounds(layer, downs, budget=2 * hessian)] == [2, 2]
+    specs = dict.fromkeys(stages[2], whole.get_submodule("model.layers.0.mlp.experts.0.up_proj").weight_spec)
+    rows = dict.fromkeys(stages[2], 32)
+    assert [len(s) for s in gptq.stacked_sweeps(stages[2], specs, rows, limit=96)] == [3, 3, 2]
+    monkeypatch.setattr(gptq, "MAX_SWEEP_ROWS", 64)  # two expert matrices a sweep
+    monkeypatch.setattr(gptq, "ROUND_HESSIAN_BYTES", hessian)  # one expert a pass
+    chunked = llmquant.quantize(make_model("qwen3_moe"), recipe, calib=calib, progress=False)
+    for name, module in whole.named_modules():
+        if isinstance(module, QuantLinear) and ".experts." in name:
+            a, b = module.dequantized_weight(), chunked.get_submodule(name).dequantized_weight()
+            assert (a == b).float().mean() > 0.999, name  # each row's sweep does not depend on the others
+
+
+def test_gptq_beats_round_to_nearest_on_every_expert() -> None:
+    calib = _ids(1)
+    runs = {algo: llmquant.quantize(make_model("mixtral"), {**W4, "algorithm": algo}, calib=calib, progress=False)
+            for algo in ("rtn", "gptq")}
+    reference = make_model("mixtral")
+    unfuse_experts(reference)
+    seen: list[torch.Tensor] = []  # the experts' input on the calibration tokens (every token, every expert)
+    handle = reference.get_submodule("model.layers.0.mlp.experts.0.gate_proj").register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0]))
+    with all_experts(reference), torch.no_grad():
+        reference(calib)
+    handle.remove()
+    x = torch.cat(seen)
+    for index in range(4):
+        name = f"model.layers.0.mlp.experts.{index}.gate_proj"
+        with torch.no_grad():
+            float_out = reference.get_submodule(name)(x)
+            errors = {algo: relative_error(float_out, model.get_submodule(name)(x)) for algo, model in runs.items()}
+        assert errors["gptq"] < errors["rtn"], (name, errors)
+
+
+def test_routed_calibration_falls_back_to_round_to_nearest_for_experts_with_too_few_tokens(
+        caplog: pytest.LogCaptureFixture) -> None:
+    recipe = {**W4, "algorithm": "gptq", "moe_calibrate": "routed", "gptq": {"min_tokens": 70}}
+    with caplog.at_level(logging.WARNING):
+        model = llmquant.quantize(make_model("qwen3_moe"), recipe, calib=_ids(1), progress=False)
+    fallback = model.llmquant_manifest.layers[0]["gptq_rtn_fallback"]
+    assert fallback and all(".experts." in name and tokens < 70 for name, tokens in fallback.items())
+    assert "keep round to nearest" in caplog.text
+    rtn = llmquant.quantize(make_model("qwen3_moe"), {**W4, "moe_calibrate": "routed"}, calib=_ids(1), progress=False)
+    for name in fallback:  # exactly the round-to-nearest weights
+        full = f"model.layers.0.{name}"
+        assert torch.equal(model.get_submodule(full).dequantized_weight(), rtn.get_submodule(full).dequantized_weight())
+    assert model.llmquant_manifest.results["moe"]["calibrate"] == "routed"
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_smoothing_and_rotations_keep_the_float_function_through_the_moe_block(family: str) -> None:
+    ids = _ids(2, 2)
+    reference = logits(make_model(family), ids)
+    for pre_opt in ({"name": "smoothquant", "alpha": 0.5}, {"name": "quarot"}):
+        model = llmquant.quantize(make_model(family), {"scheme": "none", "pre_opts": [pre_opt]}, calib=_ids(1),
+                                  progress=False)
+        assert relative_error(reference, logits(model, ids)) < 1e-5, pre_opt
+    results = model.llmquant_manifest.results["rotation"]
+    plans = [results["plan"], *results.get("other_layer_plans", [])]
+    moe_plan = {step["rotation"]: step for step in plans[-1]}
+    assert moe_plan["R1"]["applies"] and "mlp.gate" in moe_plan["R1"]["targets"]  # the router is rotated too
+    r4 = [target for name, step in moe_plan.items() if name.startswith("R4") for target in step["targets"]]
+    assert {f"mlp.experts.{i}.down_proj" for i in range(4)} <= set(r4)  # online before every expert's down
+    assert {f"mlp.experts.{i}.down_proj" for i in range(4)} <= set(moe_plan["R1"]["targets"])  # writers
+
+
+def test_one_smoothing_scale_covers_the_router_every_expert_and_the_shared_expert() -> None:
+    model = llmquant.quantize(make_model("qwen2_moe"), {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
+                                                        "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]},
+                              calib=_ids(1), progress=False)
+    group = next(g for g in model.llmquant_manifest.results["smooth_groups"]
+                 if g["producer"] == "post_attention_layernorm")
+    assert {"mlp.gate", "mlp.shared_expert_gate", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+            *(f"mlp.experts.{i}.{p}" for i in range(4) for p in ("gate_proj", "up_proj"))} == set(group["linears"])
+    linear_groups = {g["producer"]: g["linears"] for g in model.llmquant_manifest.results["smooth_groups"]
+                     if g["producer_kind"] == "linear"}
+    assert all(list(linear_groups[f"mlp.experts.{i}.up_proj"]) == [f"mlp.experts.{i}.down_proj"] for i in range(4))
+    assert all(row["equivalence_error"] < 1e-5 for row in model.llmquant_manifest.layers)
+
+
+@pytest.mark.parametrize("recipe", [
+    {"scheme": "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"},
+    {**W4, "algorithm": "gptq"},
+    {**W4, "algorithm": "awq"},
+    {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "pre_opts": [{"name": "quarot"}]},
+    {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "ignore": ["lm_head", "re:.*\\.experts\\..*"]},
+], ids=["w8a8-kv8", "w4-gptq", "w4-awq", "quarot-w8a8", "experts-float"])
+def test_checkpoint_round_trip_gives_identical_logits(recipe: dict, tmp_path: Path) -> None:
+    ids = _ids(2, 2)
+    model = llmquant.quantize(make_model("deepseek_v3"), recipe, calib=_ids(1), progress=False)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake", device="cpu")
+    assert torch.equal(logits(model, ids), logits(loaded, ids))
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as f:
+        names = set(f.keys())
+    stored = "weight_packed" if "uint4" in recipe["scheme"] else "weight"
+    assert f"model.layers.1.mlp.experts.3.down_proj.{stored}" in names  # one tensor set per expert (vLLM's names)
+    assert "model.layers.1.mlp.gate.weight" in names and not any("gate_up_proj" in n for n in names)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["architectures"] == ["DeepseekV3ForCausalLM"]  # (built from a config: serving engines need it)
+
+
+def test_detect_prints_the_moe_blocks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    model = make_model("qwen2_moe")
+    model.save_pretrained(tmp_path / "float")
+    assert main(["detect", "--model", str(tmp_path / "float")]) == 0
+    found = json.loads(capsys.readouterr().out)
+    [block] = found["model_map"]["moe"]
+    assert block["experts"] == "mlp.experts" and block["shared"] == ["mlp.shared_expert"]
+    assert block["gates"] == ["mlp.shared_expert_gate"] and found["moe_layers"] == [0, 1]
+    assert "model.layers.*.mlp.shared_expert_gate" in found["left_float_by_default"]
+
+
+def test_targets_that_cannot_load_an_moe_checkpoint_refuse_before_calibration(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tiny_checkpoint import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    make_model("mixtral").save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    code = main(["quantize", "--model", str(tmp_path / "float"), "--target", "transformers", "--no-eval",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "transformers loads no quantized mixture-of-experts checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fused_experts_streamed_from_disk_are_refused_in_one_line() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FAMILIES
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(FAMILIES["qwen3_moe"]())
+    with pytest.raises(LlmquantError, match="fused experts cannot be streamed from disk yet"):
+        unfuse_experts(model)
+
+
+def test_mixtral_checkpoints_use_its_hub_names_and_load_back(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from llmquant.model.checkpoint_names import checkpoint_names
+
+    model = make_model("mixtral")
+    names = checkpoint_names(model)  # from transformers' conversion mapping for "mixtral"
+    memory = "model.layers.1.mlp.experts.3.gate_proj.weight_scale"
+    assert names.to_disk(memory) == "model.layers.1.block_sparse_moe.experts.3.w1.weight_scale"
+    assert names.from_disk(names.to_disk(memory)) == memory
+    assert names.to_disk("model.layers.1.mlp.experts.3.down_proj") == "model.layers.1.block_sparse_moe.experts.3.w2"
+    assert checkpoint_names(make_model("llama")).to_disk("model.layers.0.mlp.up_proj.weight") == \
+        "model.layers.0.mlp.up_proj.weight"
+    ids = _ids(2, 2)
+    quantized = llmquant.quantize(model, {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
+                                          "pre_opts": [{"name": "quarot", "rotations": ["R1", "R4"]}]},
+                                  calib=_ids(1), progress=False)
+    llmquant.save(quantized, None, tmp_path / "ckpt")
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.layers.0.block_sparse_moe.experts.2.w3.weight" in keys
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys and not any(".mlp." in k for k in keys)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert "model.layers.0.block_sparse_moe.gate" in config["quantization_config"]["ignore"]  # the router: float
+    assert "model.layers.0.block_sparse_moe.experts.0.w2" in config["llmquant_structure"]["input_rotations"]  # R4
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake", device="cpu")
+    assert torch.equal(logits(quantized, ids), logits(loaded, ids))
