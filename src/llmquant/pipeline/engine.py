@@ -450,12 +450,12 @@ def quantize(
     if model_map.moe:
         manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
                                    "calibrate": recipe.moe_calibrate}
-    if not _calibrates(recipe, plan) and calib.shape[0] > BATCH:  # the samples would only measure the error
+    if not _calibrates(recipe, plan) and calib.shape[0] > ranks.world:  # the samples only measure the error
         manifest.results["calibration"] = {
-            "samples": BATCH, "given": calib.shape[0],
-            "why": "round to nearest with dynamic activations: the weights do not depend on the samples, which "
-                   "only measure the layers' output error"}
-        calib = calib[:BATCH]
+            "samples": ranks.world, "given": calib.shape[0],
+            "why": "round to nearest with dynamic activations: the weights do not depend on the samples; one a "
+                   "process measures the layers' output error"}
+        calib = calib[:ranks.world]
     sample = calib[:1, :ROTATION_CHECK_TOKENS]  # the same on every rank
     calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
