@@ -6,15 +6,20 @@
 #     bash scripts/bench_speed.sh            CK=/tmp/ck by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+THREADS=${THREADS:-1}  # THREADS=2 bash scripts/bench_speed.sh: the same on two threads (bench/speed_<name>_t2.json)
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 CK=${CK:-/tmp/ck}
 L=.venv/bin/llmquant
+SUFFIX=$([ "$THREADS" = 1 ] && echo "" || echo "_t$THREADS")
+# the machine the figures belong to: CPU model, the ISA extensions the int8 kernels use, threads, versions
+echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|avx512_bf16\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "threads: $THREADS; $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
 
 speed() {  # NAME QUANTIZE_FLAGS...
     local name=$1; shift
     [ -f "$CK/$name/config.json" ] || $L quantize --quiet --no-eval "$@" --output "$CK/$name"
-    [ -f "bench/speed_$name.json" ] || $L bench --model "$CK/$name" --batch 1 8 --prompt 512 --decode 32 \
-        --repeats 3 --json | tail -1 > "bench/speed_$name.json"
+    [ -f "bench/speed_$name$SUFFIX.json" ] || $L bench --model "$CK/$name" --batch 1 8 --prompt 512 --decode 32 \
+        --repeats 3 --json | tail -1 > "bench/speed_$name$SUFFIX.json"
 }
 
 speed none_quarot --scheme none --pre-opt quarot          # the cost of the online rotations R3 + R4

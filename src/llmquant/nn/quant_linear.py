@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.nn.int8_linear import input_codes, int8_linear
 from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
-from llmquant.quant.primitives import qparams_for, quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class QuantLinear(nn.Module):
         self.int8_fallback: str | None = None  # why the int8 kernel does not run this layer here (`set_runtime`)
         self._dequantized: torch.Tensor | None = None
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
+        self._int8_call: tuple | None = None  # `_int8_args`
+        self._supports_int8: bool | None = None
         self.runtime = "fake"
 
     @classmethod
@@ -162,7 +164,7 @@ class QuantLinear(nn.Module):
         self._drop_caches()
 
     def _drop_caches(self) -> None:
-        self._dequantized = self._float_codes = None
+        self._dequantized = self._float_codes = self._int8_call = None
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weight in the block view (``[n_blocks, 1]``, float)."""
@@ -212,13 +214,16 @@ class QuantLinear(nn.Module):
     # --- integer runtime ----------------------------------------------------------------------
     @property
     def supports_int8(self) -> bool:
-        """Whether this layer can run as an int8 x int8 GEMM (W8A8, symmetric integer codes)."""
-        w, a = self.weight_spec, self.input_spec
-        return (
-            w is not None and a is not None and w.bits == 8 and a.bits == 8 and w.symmetric and a.symmetric
-            and w.type == a.type == "int"
-            and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token")
-        )
+        """Whether this layer can run as an int8 x int8 GEMM (W8A8, symmetric integer codes); decided once, from
+        the specs the layer was made with."""
+        if self._supports_int8 is None:
+            w, a = self.weight_spec, self.input_spec
+            self._supports_int8 = (
+                w is not None and a is not None and w.bits == 8 and a.bits == 8 and w.symmetric and a.symmetric
+                and w.type == a.type == "int"
+                and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token")
+            )
+        return self._supports_int8
 
     def int8_refusal(self) -> str | None:
         """Why the int8 kernel cannot run this (int8-capable) layer where it is, or None: CUDA's ``_int_mm``
@@ -228,28 +233,33 @@ class QuantLinear(nn.Module):
                     f"{self.in_features} x {self.out_features}")
         return None
 
-    def _input_codes(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symmetric integer codes of the input rows ``[n, in]`` (as float values) and their scale (``[n, 1]``
-        per token, ``[1, 1]`` per tensor): the static calibrated scale or the rows' own absmax / qmax."""
-        spec = self.input_spec
-        assert spec is not None and spec.symmetric
-        scale = qparams_for(rows, spec)[0] if spec.dynamic else self.input_scale.reshape(1, 1)
-        return quantize_blocks(rows, scale, torch.zeros_like(scale), spec), scale
+    def _int8_args(self) -> tuple:
+        """The arguments of `llmquant.nn.int8_linear` after the weight and bias, built once (a decode step pays
+        for every operation): the weight scale as a row, the dynamic granularity ("token", "tensor" or None), the
+        static scale, the code range."""
+        if self._int8_call is None:
+            spec = self.input_spec
+            assert spec is not None and spec.symmetric
+            static = None if spec.dynamic else self.input_scale.reshape(1, 1)
+            self._int8_call = (self.weight_scale.reshape(1, -1), spec.granularity if spec.dynamic else None, static,
+                               int(spec.qmin), int(spec.qmax))
+        return self._int8_call
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = s_x * s_w * (x_q @ W_q^T) + b: int8 x int8 -> int32 on the int8 runtime, float32 codes (exact,
-        see the module docstring) in the simulation."""
-        rows = x.reshape(-1, self.in_features).float()
-        x_codes, x_scale = self._input_codes(rows)
+        """y = s_x * s_w * (x_q @ W_q^T) + b (`llmquant.nn.int8_linear`): int8 x int8 -> int32 on the int8 runtime,
+        float32 codes (exact, see the module docstring) in the simulation; the same input codes in both."""
+        rows = x.reshape(-1, self.in_features)
+        rows = rows if rows.dtype == torch.float32 else rows.float()
+        weight_scale, *input_args = self._int8_args()
         if self.runtime == "int8":
-            accumulated = int8_matmul(x_codes.to(torch.int8), self.weight)
+            y = int8_linear(rows, self.weight, weight_scale, self.bias, *input_args)
         else:
             if self._float_codes is None:
                 self._float_codes = self.weight.float()
-            accumulated = x_codes @ self._float_codes.t()
-        y = accumulated * (x_scale * self.weight_scale.reshape(1, -1))
-        if self.bias is not None:
-            y = y + self.bias
+            codes, scale = input_codes(rows, *input_args)
+            y = (codes @ self._float_codes.t()) * (scale * weight_scale)
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     # --- activation calibration -------------------------------------------------------------
@@ -294,19 +304,6 @@ class QuantLinear(nn.Module):
         a = self.input_spec.describe() if self.input_spec else "float"
         packed = ", packed" if self.packed else ""
         return f"in={self.in_features}, out={self.out_features}, weight={w}{packed}, input={a}, runtime={self.runtime}"
-
-
-CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
-
-
-def int8_matmul(x_codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tensor:
-    """x_q @ W_q^T as float32, for int8 ``x_codes`` ``[n, in]`` and ``weight_codes`` ``[out, in]``: int8 x int8 ->
-    int32 through ``torch._int_mm`` (the weight as a transposed view: no copy). On CUDA fewer than 17 rows (a
-    decode step) are padded with zero rows, which the kernel requires; they are cut off the result."""
-    rows = x_codes.shape[0]
-    if x_codes.is_cuda and rows < CUDA_INT_MM_MIN_ROWS:
-        x_codes = F.pad(x_codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
-    return torch._int_mm(x_codes, weight_codes.t())[:rows].float()
 
 
 def set_runtime(model: nn.Module, runtime: str) -> int:

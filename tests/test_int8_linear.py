@@ -1,0 +1,72 @@
+"""The W8A8 int8 linear (`llmquant.nn.int8_linear`): the eager and the compiled kernels give the simulation's bits,
+for every input scale (per token, per tensor, static), with and without a bias, at decode and prefill shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmquant.nn import int8_linear as kernel
+from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
+
+
+def _layer(scheme: str, bias: bool) -> QuantLinear:
+    linear = torch.nn.Linear(96, 80, bias=bias)
+    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
+    spec = scheme_from_name(scheme, None, None)
+    layer = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
+    if not spec.input_activations.dynamic:  # a calibrated static scale
+        layer.start_observing()
+        layer(torch.randn(64, 96, generator=torch.Generator().manual_seed(1)))
+        layer.stop_observing()
+    return layer
+
+
+def _outputs(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    set_runtime(layer, "fake")
+    simulated = layer(x)
+    set_runtime(layer, "int8")
+    return simulated, layer(x)
+
+
+@pytest.mark.parametrize("scheme", [s for s in W8A8_SCHEMES if "per_tensor_a" not in s or "static" in s])
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_the_eager_int8_kernel_gives_the_simulations_bits(scheme: str, rows: int) -> None:
+    for bias in (False, True):
+        layer = _layer(scheme, bias)
+        x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+        simulated, integer = _outputs(layer, x)
+        assert torch.equal(simulated, integer), (scheme, rows, bias)
+
+
+def test_the_compiled_int8_kernel_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_COMPILE", "1")
+    monkeypatch.setattr(kernel, "COMPILE_MIN_ELEMENTS", 0)  # every call through torch.compile
+    monkeypatch.setattr(kernel, "_compiled", None)
+    monkeypatch.setattr(kernel, "_compile_off", None)
+    for scheme in ("w_int8_per_channel_a_int8_per_token_dynamic", "w_int8_per_tensor_a_int8_per_tensor_static"):
+        layer = _layer(scheme, bias=True)
+        x = torch.randn(300, 96, generator=torch.Generator().manual_seed(2)) * 3
+        simulated, integer = _outputs(layer, x)
+        if kernel._compile_off is not None:
+            pytest.skip(f"torch.compile cannot run here: {kernel._compile_off}")
+        assert kernel._compiled is not None and torch.equal(simulated, integer), scheme
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setenv("LLMQUANT_COMPILE", "1")
+    monkeypatch.setattr(kernel, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(kernel, "_compiled", None)
+    monkeypatch.setattr(kernel, "_compile_off", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **_: broken)
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=False)
+    x = torch.randn(20, 96, generator=torch.Generator().manual_seed(3))
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer)
+    assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
+    assert kernel._compile_off is not None and torch.equal(layer(x), integer)  # (not tried again)
