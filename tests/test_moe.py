@@ -260,17 +260,6 @@ def test_targets_that_cannot_load_an_moe_checkpoint_refuse_before_calibration(
     assert not (tmp_path / "out").exists()
 
 
-def test_fused_experts_streamed_from_disk_are_refused_in_one_line() -> None:
-    from transformers import AutoModelForCausalLM
-
-    from conftest import FAMILIES
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(FAMILIES["qwen3_moe"]())
-    with pytest.raises(LlmquantError, match="fused experts cannot be streamed from disk yet"):
-        unfuse_experts(model)
-
-
 def test_mixtral_checkpoints_use_its_hub_names_and_load_back(tmp_path: Path) -> None:
     from safetensors import safe_open
 
@@ -298,3 +287,32 @@ def test_mixtral_checkpoints_use_its_hub_names_and_load_back(tmp_path: Path) -> 
     assert "model.layers.0.block_sparse_moe.experts.0.w2" in config["llmquant_structure"]["input_rotations"]  # R4
     loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake", device="cpu")
     assert torch.equal(logits(quantized, ids), logits(loaded, ids))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_an_moe_model_streamed_from_disk_gives_the_in_memory_checkpoint(family: str, corpus: Path,
+                                                                         tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FAMILIES
+    from tiny_checkpoint import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = FAMILIES[family]()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")  # per-expert tensors (hub names)
+    tokenizer.save_pretrained(tmp_path / "float")
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({**W4, "algorithm": "awq", "calib": {"dataset": str(corpus), "samples": 4,
+                                                                      "seqlen": 32}}))
+    common = ["quantize", "--model", str(tmp_path / "float"), "--config", str(recipe), "--no-eval", "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "memory")]) == 0
+    assert main([*common, "--max-memory", "1GB", "--output", str(tmp_path / "streamed")]) == 0
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").exists()  # written layer by layer
+    streamed, _ = llmquant.load(tmp_path / "streamed", runtime="fake", device="cpu")
+    in_memory, _ = llmquant.load(tmp_path / "memory", runtime="fake", device="cpu")
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(logits(streamed, ids), logits(in_memory, ids))
+    manifest = json.loads((tmp_path / "streamed" / "llmquant.json").read_text())
+    assert manifest["results"]["moe"]["blocks"][0]["experts"] == "mlp.experts"

@@ -25,8 +25,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmquant.errors import LlmquantError
+from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
+from llmquant.model.moe import unfuse_experts
 from llmquant.model.validation import (
     SAFETENSORS,
     SAFETENSORS_INDEX,
@@ -74,15 +76,16 @@ class CheckpointReader:
         return tensors
 
 
-def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader, dtype: torch.dtype) -> None:
-    """Read every parameter and persistent buffer of ``module`` stored under ``prefix``, floats in ``dtype``."""
-    names = [n for n, _ in module.named_parameters()] + [
-        n for n, _ in module.named_buffers() if f"{prefix}{n}" in reader.files
-    ]
-    stored = [n for n in names if f"{prefix}{n}" in reader.files]
-    for name, value in reader.read([f"{prefix}{n}" for n in stored]).items():
+def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader, dtype: torch.dtype,
+               names: CheckpointNames) -> None:
+    """Read every parameter and persistent buffer of ``module`` stored under ``prefix`` (spelled on disk as
+    ``names`` says: one tensor per expert matrix), floats in ``dtype``."""
+    local = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    on_disk = {names.to_disk(f"{prefix}{n}"): n for n in local}
+    stored = [key for key in on_disk if key in reader.files]
+    for key, value in reader.read(stored).items():
         value = value.to(dtype) if value.is_floating_point() else value
-        set_module_tensor_to_device(module, name[len(prefix):], "cpu", value=value)
+        set_module_tensor_to_device(module, on_disk[key], "cpu", value=value)
 
 
 @dataclass
@@ -95,10 +98,14 @@ class LazyLayers:
     reader: CheckpointReader
     dtype: torch.dtype = torch.float32
 
+    @functools.cached_property
+    def names(self) -> CheckpointNames:
+        return checkpoint_names(self.model)
+
     def materialize(self, index: int) -> nn.Module:
         layer = self.model_map.layers(self.model)[index]
         if any(p.is_meta for p in layer.parameters()):
-            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader, self.dtype)
+            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader, self.dtype, self.names)
         return layer
 
     def release(self, index: int) -> None:
@@ -112,7 +119,7 @@ class LazyLayers:
     def materialize_outside(self) -> None:
         """Read the embeddings, final norm and head, and tie the head again where the config says."""
         outside = self._outside()
-        stored = [n for n in outside if n in self.reader.files]
+        stored = [n for n in outside if self.names.to_disk(n) in self.reader.files]
         for name, value in self.read_outside(stored).items():
             set_module_tensor_to_device(self.model, name, "cpu", value=value)
         if getattr(self.model.config, "tie_word_embeddings", False):
@@ -128,9 +135,11 @@ class LazyLayers:
         return_freed_memory()
 
     def read_outside(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors outside the layers as the model holds them once materialized (in its dtype)."""
-        return {name: value.to(self.dtype) if value.is_floating_point() else value
-                for name, value in self.reader.read(names).items()}
+        """The named tensors outside the layers (the model's names) as the model holds them once materialized (in
+        its dtype)."""
+        on_disk = {self.names.to_disk(name): name for name in names}
+        return {on_disk[key]: value.to(self.dtype) if value.is_floating_point() else value
+                for key, value in self.reader.read(list(on_disk)).items()}
 
 
 @functools.cache
@@ -181,6 +190,7 @@ def load_lazy(directory: str | Path, dtype: torch.dtype | None = None) -> tuple[
     dtype = dtype or config_dtype(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model)  # one meta Linear per expert matrix, read from the checkpoint's per-expert tensors
     model.eval()
     lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory), dtype)
     lazy.materialize_outside()

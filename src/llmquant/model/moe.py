@@ -4,7 +4,8 @@
   hidden]`` gate rows then up rows, and ``[experts, hidden, inter]``) becomes an `llmquant.nn.experts.Experts`, one
   ``gate_proj`` / ``up_proj`` / ``down_proj`` Linear per expert with the same numbers. The first of each class is
   run both ways on random tokens and routing: a layout that does not compute the same (interleaved gate/up,
-  biases, transposed weights) stays fused, and float, with a warning.
+  biases, transposed weights) stays fused, and float, with a warning. A skeleton on ``meta`` (a model streamed
+  from disk) gets meta Linears, which the lazy loader fills with each expert's tensors from the checkpoint.
 - `find_moe_blocks(layer)`: each block holding an expert list, with its router (the sibling whose weight is
   ``[experts, hidden]`` and whose output scores every expert), its shared experts (the sibling MLPs reading the
   same hidden size) and its gates (a router that is a Linear, a shared expert's one-output gate): the Linears
@@ -47,9 +48,6 @@ class MoEBlock:
             raise LlmquantError(f"a layer map's moe entry needs name, router, experts, num_experts (optional: shared, "
                                 f"gates); got {sorted(data)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-    def expert_names(self) -> list[str]:
-        return [f"{self.experts}.{i}" for i in range(self.num_experts)]
 
 
 # --- fused experts -> one Linear per matrix --------------------------------------------------------
@@ -110,11 +108,10 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         shapes = _fused_shapes(module) if not isinstance(module, Experts) else None
         if shapes is None:
             continue
-        if any(p.is_meta for p in module.parameters()):
-            raise LlmquantError(f"{name}: fused experts cannot be streamed from disk yet; load the model in memory "
-                                "(without --max-memory) to quantize it")
         unfused = _unfused(module, shapes)
         kind = type(module)
+        if any(p.is_meta for p in module.parameters()):  # a skeleton (`llmquant.model.lazy`): each expert's
+            checked[kind] = True  # matrices are read from the checkpoint by name, no fused layout to misread
         if kind not in checked:
             checked[kind] = _same_function(module, unfused, shapes)
             if not checked[kind]:
@@ -197,10 +194,3 @@ def find_moe_blocks(layer: nn.Module) -> list[MoEBlock]:
             blocks.append(MoEBlock(name=block_name, router=prefix + router, experts=prefix + experts_name,
                                    num_experts=count, shared=tuple(shared), gates=tuple(gates)))
     return blocks
-
-
-def moe_gates(model: nn.Module, layers: nn.ModuleList, layer_name: Any) -> list[str]:
-    """The full names of every MoE gate Linear (routers that are Linears, shared-expert gates) of ``layers``;
-    ``layer_name(i)`` names layer i."""
-    return [f"{layer_name(i)}.{gate}" for i, layer in enumerate(layers) for block in find_moe_blocks(layer)
-            for gate in block.gates]
