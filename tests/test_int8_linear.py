@@ -70,3 +70,53 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
     assert torch.equal(simulated, integer)
     assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
     assert kernel._compile_off is not None and torch.equal(layer(x), integer)  # (not tried again)
+
+
+@pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+@pytest.mark.parametrize("rows", [1, 300])
+def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme: str, rows: int) -> None:
+    spec = scheme_from_name(scheme, 32, None)
+    linear = torch.nn.Linear(96, 80, bias=True)
+    layer = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
+    assert layer.packed and layer.supports_int8
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer)
+    # what a grouped integer kernel computes, in float64: s_x * sum_g s_w,g * (x_q,g . w_q,g) + b
+    qmax = spec.input_activations.qmax
+    scale = x.abs().amax(-1, keepdim=True).double() / qmax
+    codes = torch.round(x.double() / scale.float().double())
+    weight = layer.codes().double()
+    group = spec.weights.group_size or 96
+    w_scale = layer.weight_scale.double().reshape(80, -1)
+    expected = sum((codes[:, g * group:(g + 1) * group] @ weight[:, g * group:(g + 1) * group].T) * w_scale[:, g]
+                   for g in range(96 // group)) * scale + layer.bias.double()
+    assert torch.allclose(integer.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_rtn(scheme: str, calib_ids: torch.Tensor,
+                                                                 eval_ids: torch.Tensor, tmp_path) -> None:
+    import llmquant
+    from conftest import logits, make_model, relative_error
+
+    float_model = make_model("llama")
+    seen: list[torch.Tensor] = []  # q_proj's input in layer 0 on the calibration ids: what GPTQ fits
+    name = "model.layers.0.self_attn.q_proj"
+    handle = float_model.get_submodule(name).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    logits(float_model, calib_ids)
+    handle.remove()
+    x = torch.cat(seen).reshape(-1, 64)
+    reference = x @ float_model.get_submodule(name).weight.T
+    errors = {}
+    for algo in ("rtn", "gptq"):
+        model = llmquant.quantize(make_model("llama"), {"scheme": scheme, "group_size": 16, "algorithm": algo},
+                                  calib=calib_ids, progress=False)
+        errors[algo] = relative_error(reference, x @ model.get_submodule(name).dequantized_weight().T)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")  # the int8 runtime
+    set_runtime(model, "int8")
+    assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
+    assert errors["gptq"] < errors["rtn"], errors

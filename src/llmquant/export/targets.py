@@ -103,10 +103,24 @@ def _warn(message: str) -> Finding:
 
 
 # --- vLLM --------------------------------------------------------------------------------------------
+def _vllm_w4a8(weights: QuantSpec, inputs: QuantSpec, what: str) -> list[Finding]:
+    """vLLM's compressed-tensors W4A8 int scheme (``CompressedTensorsW4A8Int``, read in vLLM 0.32's source): int4
+    symmetric weights per group or channel with int8 inputs dynamic per token."""
+    if not (weights.symmetric and weights.granularity in ("group", "channel") and inputs.granularity == "token"
+            and inputs.dynamic):
+        return [_refuse(f"vLLM's W4A8 scheme takes int4 symmetric weights per group or channel with int8 inputs "
+                        f"dynamic per token, not {what}")]
+    return [_warn(f"{what}: vLLM's compressed-tensors loader has a W4A8 int scheme; not yet served by vLLM in "
+                  "llmquant's tests")]
+
+
 def _vllm_w8a8(weights: QuantSpec, inputs: QuantSpec) -> list[Finding]:
     what = f"weights {weights.describe()} with inputs {inputs.describe()}"
+    if weights.bits == 4 and inputs.bits == 8 and inputs.type == "int":
+        return _vllm_w4a8(weights, inputs, what)
     if weights.bits != 8 or inputs.bits != 8 or inputs.type != "int":
-        return [_refuse(f"vLLM has no int kernel for {what}: int activations run with 8-bit weights (W8A8)")]
+        return [_refuse(f"vLLM has no int kernel for {what}: int activations run with 8-bit weights (W8A8) or "
+                        "4-bit ones with 8-bit inputs (W4A8)")]
     if not weights.symmetric:
         return [_refuse(f"vLLM's int8 W8A8 kernels take symmetric weights only, not {what}")]
     if weights.granularity not in ("tensor", "channel"):

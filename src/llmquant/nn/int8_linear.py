@@ -58,6 +58,23 @@ def int8_linear_eager(rows: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return y + bias if bias is not None else y
 
 
+def grouped_linear(codes: torch.Tensor, scale: torch.Tensor, weight_groups: list[torch.Tensor],
+                   weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                   product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """y = s_x * sum_g s_w,g * (x_q,g @ W_q,g^T) + b for weights quantized in groups of input columns (W4A8): one
+    integer product per group (``product``: int8 x int8 -> int32, or the float32 product of the codes, exact below
+    2^24), scaled by its group's weight scales (``weight_scale`` ``[out, groups]``) and summed in group order, as
+    a grouped integer kernel does; ``codes`` ``[n, in]``, ``weight_groups`` each ``[out, group]``."""
+    size = weight_groups[0].shape[1]
+    y = None
+    for index, group in enumerate(weight_groups):
+        part = product(codes[:, index * size:(index + 1) * size], group) * weight_scale[:, index]
+        y = part if y is None else y.add_(part)
+    assert y is not None
+    y = y * scale
+    return y + bias if bias is not None else y
+
+
 CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.nn.int8_linear import input_codes, int8_linear
+from llmquant.nn.int8_linear import grouped_linear, input_codes, int8_linear, int8_matmul
 from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
@@ -114,6 +114,7 @@ class QuantLinear(nn.Module):
         self._dequantized: torch.Tensor | None = None
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
         self._int8_call: tuple | None = None  # `_int8_args`
+        self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
         self._supports_int8: bool | None = None
         self.runtime = "fake"
 
@@ -164,7 +165,7 @@ class QuantLinear(nn.Module):
         self._drop_caches()
 
     def _drop_caches(self) -> None:
-        self._dequantized = self._float_codes = self._int8_call = None
+        self._dequantized = self._float_codes = self._int8_call = self._integer_codes = None
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weight in the block view (``[n_blocks, 1]``, float)."""
@@ -214,16 +215,26 @@ class QuantLinear(nn.Module):
     # --- integer runtime ----------------------------------------------------------------------
     @property
     def supports_int8(self) -> bool:
-        """Whether this layer can run as an int8 x int8 GEMM (W8A8, symmetric integer codes); decided once, from
-        the specs the layer was made with."""
+        """Whether this layer can run as int8 x int8 GEMMs: symmetric integer codes of at most 8 bits for the weight
+        (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token); decided once, from the
+        specs the layer was made with."""
         if self._supports_int8 is None:
             w, a = self.weight_spec, self.input_spec
             self._supports_int8 = (
-                w is not None and a is not None and w.bits == 8 and a.bits == 8 and w.symmetric and a.symmetric
+                w is not None and a is not None and w.bits <= 8 and a.bits <= 8 and w.symmetric and a.symmetric
                 and w.type == a.type == "int"
-                and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token")
+                and w.granularity in ("tensor", "channel", "group") and a.granularity in ("tensor", "token")
             )
         return self._supports_int8
+
+    def _weight_codes(self) -> torch.Tensor:
+        """The weight's int8 codes ``[out, in]``: the stored ones, or (packed below 8 bits) unpacked once and kept
+        while the layer runs on the integer path (1 byte a weight, against b/8 packed)."""
+        if not self.packed:
+            return self.weight
+        if self._integer_codes is None:
+            self._integer_codes = self.codes().to(torch.int8)
+        return self._integer_codes
 
     def int8_refusal(self) -> str | None:
         """Why the int8 kernel cannot run this (int8-capable) layer where it is, or None: CUDA's ``_int_mm``
@@ -251,16 +262,33 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         rows = rows if rows.dtype == torch.float32 else rows.float()
         weight_scale, *input_args = self._int8_args()
-        if self.runtime == "int8":
-            y = int8_linear(rows, self.weight, weight_scale, self.bias, *input_args)
+        if self.weight_spec is not None and self.weight_spec.granularity == "group":
+            y = self._grouped_forward(rows, input_args)
+        elif self.runtime == "int8":
+            y = int8_linear(rows, self._weight_codes(), weight_scale, self.bias, *input_args)
         else:
             if self._float_codes is None:
-                self._float_codes = self.weight.float()
+                self._float_codes = self._weight_codes().float()
             codes, scale = input_codes(rows, *input_args)
             y = (codes @ self._float_codes.t()) * (scale * weight_scale)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _grouped_forward(self, rows: torch.Tensor, input_args: list) -> torch.Tensor:
+        """W4A8: one integer product per weight group (`grouped_linear`), int8 on the int8 runtime, float32 codes
+        in the simulation (the same partial sums, exactly)."""
+        spec = self.weight_spec
+        assert spec is not None and spec.group_size is not None
+        codes, scale = input_codes(rows, *input_args)
+        if self.runtime == "int8":
+            groups = list(self._weight_codes().split(spec.group_size, dim=1))
+            return grouped_linear(codes.to(torch.int8), scale, [g.contiguous() for g in groups],
+                                  self.weight_scale, self.bias, lambda a, w: int8_matmul(a.contiguous(), w))
+        if self._float_codes is None:
+            self._float_codes = self._weight_codes().float()
+        groups = list(self._float_codes.split(spec.group_size, dim=1))
+        return grouped_linear(codes, scale, groups, self.weight_scale, self.bias, lambda a, w: a @ w.t())
 
     # --- activation calibration -------------------------------------------------------------
     def start_observing(self) -> None:

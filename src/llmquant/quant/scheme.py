@@ -1,8 +1,8 @@
 """Schemes: what is quantized in a Linear (weight, input activation) and in the KV cache, by name.
 
 Preset names are the seeds' names (seed 000: the eight W8A8 rows; seed 003: ``w_int8_per_tensor``;
-seed 002 / issue 5: weight-only int4/int3), and the FP8 (E4M3) ones in the same pattern. ``none`` quantizes
-nothing: pre-optimizations only.
+seed 002 / issue 5: weight-only int4/int3), W4A8 and W4A4, and the FP8 (E4M3) ones in the same pattern.
+``none`` quantizes nothing: pre-optimizations only.
 """
 
 from __future__ import annotations
@@ -80,6 +80,11 @@ WEIGHT_ONLY_SCHEMES: tuple[str, ...] = (
     "w_int3_per_group_sym",
 )
 
+LOW_BIT_SCHEMES: tuple[str, ...] = (  # 4-bit weights with quantized activations (issue 19: W4A8, W4A4)
+    "w_int4_per_group_sym_a_int8_per_token_dynamic",
+    "w_int4_per_channel_sym_a_int4_per_token_dynamic",
+)
+
 DEFAULT_GROUP_SIZE = 64
 
 
@@ -110,8 +115,18 @@ def _weight_only(name: str, group_size: int | None) -> Scheme:
     return Scheme(weights=QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size))
 
 
+def _low_bit(name: str, group_size: int | None) -> Scheme:
+    """W4A8 (int4 weights in symmetric groups, int8 inputs per token) and W4A4 (int4 weights per channel, int4
+    inputs per token), every part symmetric: what integer kernels multiply (`llmquant.nn.int8_linear`)."""
+    if name == "w_int4_per_group_sym_a_int8_per_token_dynamic":
+        weights = _weight_only("w_int4_per_group_sym", group_size).weights
+        return Scheme(weights=weights, input_activations=_int8("token", dynamic=True))
+    return Scheme(weights=QuantSpec(bits=4, symmetric=True, granularity="channel"),
+                  input_activations=QuantSpec(bits=4, symmetric=True, granularity="token", dynamic=True))
+
+
 def scheme_names() -> tuple[str, ...]:
-    return ("none", *W8A8_SCHEMES, *WEIGHT_ONLY_SCHEMES, *FP8_SCHEMES)
+    return ("none", *W8A8_SCHEMES, *WEIGHT_ONLY_SCHEMES, *LOW_BIT_SCHEMES, *FP8_SCHEMES)
 
 
 def scheme_from_name(name: str, group_size: int | None = None, kv_cache: str | None = None) -> Scheme:
@@ -123,6 +138,8 @@ def scheme_from_name(name: str, group_size: int | None = None, kv_cache: str | N
         scheme = _w8a8(name)
     elif name in WEIGHT_ONLY_SCHEMES:
         scheme = _weight_only(name, group_size)
+    elif name in LOW_BIT_SCHEMES:
+        scheme = _low_bit(name, group_size)
     elif name in FP8_SCHEMES:
         scheme = FP8_SCHEMES[name]
     else:
