@@ -197,3 +197,25 @@ def test_a_cache_built_up_front_stores_int8_where_the_model_quantizes_its_kv(cal
     assert torch.equal(given.sequences, generate(model, prompt).sequences)
     set_runtime(model, "fake")
     assert all(type(layer) is DynamicLayer for layer in int8_kv_cache(model).layers)  # the simulation keeps floats
+
+
+def test_a_4bit_kv_cache_takes_16_levels_per_token_and_head_and_loads_back(calib_ids: torch.Tensor,
+                                                                          eval_ids: torch.Tensor,
+                                                                          tmp_path: Path) -> None:
+    from conftest import logits, relative_error
+    from llmquant.quant import fake_quantize
+    from llmquant.quant.scheme import KV_CACHE
+
+    states = torch.randn(2, 3, 5, 16, generator=torch.Generator().manual_seed(0))  # [batch, heads, tokens, head_dim]
+    quantized = fake_quantize(states, KV_CACHE["int4_per_token_asym"])
+    assert max(len(row.unique()) for row in quantized.reshape(-1, 16)) <= 16  # per token and head: 4 bits
+    reference = logits(make_model("llama"), eval_ids)
+    errors = {}
+    for kv in ("int8_per_token", "int4_per_token_asym"):
+        model = llmquant.quantize(make_model("llama"), {"scheme": "none", "kv_cache": kv}, calib=calib_ids,
+                                  progress=False)
+        errors[kv] = relative_error(reference, logits(model, eval_ids))
+    assert errors["int8_per_token"] < errors["int4_per_token_asym"] < 0.2, errors
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")
+    assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))

@@ -44,6 +44,8 @@ KV_CACHE = {
     "int8_per_tensor_dynamic": _int8("tensor", dynamic=True),
     "int8_per_token": _int8("token", dynamic=True),
     "fp8_per_tensor": _fp8("tensor"),  # static k_scale / v_scale: what vLLM reads
+    # QuaRot's KV4: 4-bit asymmetric, one scale and zero point per token and head (a group of head_dim values)
+    "int4_per_token_asym": QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True),
 }
 
 FP8_SCHEMES = {  # E4M3 codes (`QuantSpec` type "float"): llm-compressor's FP8 and FP8_DYNAMIC, weight-only FP8
