@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine without internet: install the wheels carried in .whl/ (scripts/gpu_wheels.sh), run the device
 # tests (tests/test_devices.py, tests/test_gptq_kernel.py) on the GPU, then scripts/gpu_bench.py (arguments are
-# passed on). Everything it reports goes to $OUT (default out/gpu): gpu.txt, tests.log, bench.log, gpu_bench.json.
+# passed on); with MOE=1, scripts/moe_layer_bench.py on the GPU too. Everything it reports goes to $OUT (default
+# out/gpu): gpu.txt, tests.log, bench.log, gpu_bench.json, moe.log, moe_layer.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -25,3 +26,8 @@ tail -n 25 "$OUT/tests.log"
 PYTHONPATH=/tmp/site-llmquant:src python3 scripts/gpu_bench.py --out "$OUT" --llmquant-path /tmp/site-llmquant:src \
     --llmcompressor-path /tmp/site-llmc "$@" > "$OUT/bench.log" 2>&1
 grep -v -E "^\s*$|Warning|warn\(" "$OUT/bench.log" | tail -n 40
+if [ "${MOE:-0}" = 1 ]; then  # one Qwen3-30B-A3B-shaped layer (128 experts), GPTQ W4 g128, 32 x 512 tokens, bf16
+    PYTHONPATH=/tmp/site-llmquant:src timeout "${MOE_TIMEOUT:-300}" python3 scripts/moe_layer_bench.py --device cuda \
+        --samples 32 --seqlen 512 --json "$OUT/moe_layer.json" > "$OUT/moe.log" 2>&1
+    tail -n 20 "$OUT/moe.log"
+fi
