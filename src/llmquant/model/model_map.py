@@ -17,6 +17,7 @@ from torch import nn
 
 from llmquant.errors import LlmquantError
 from llmquant.model.moe import MoEBlock, find_moe_blocks
+from llmquant.model.targets import is_linear
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,6 @@ class ModelMap:
             raise LlmquantError(f"cannot read layer map {path}: {err}") from None
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """A Linear, or a module that replaced one (it keeps in_features and out_features)."""
-    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
-
-
 def _decoder_layers(model: nn.Module) -> str:
     """The longest outermost ModuleList of identical blocks holding Linears (a layer's list of experts is inside
     the decoder layers' list, and may be longer)."""
@@ -79,7 +75,7 @@ def _decoder_layers(model: nn.Module) -> str:
         if len(module) <= best_len:
             continue
         kinds = {type(child) for child in module}
-        has_linear = any(_is_linear(m) for m in module[0].modules())
+        has_linear = any(is_linear(m) for m in module[0].modules())
         if len(kinds) == 1 and has_linear:
             best, best_len = name, len(module)
     if best is None:
@@ -108,7 +104,7 @@ def detect_model_map(model: nn.Module) -> ModelMap:
     layers_name = _decoder_layers(model)
     layers = model.get_submodule(layers_name)
     first = layers[0]
-    linears = dict.fromkeys(n for layer in layers for n, m in layer.named_modules() if _is_linear(m))
+    linears = dict.fromkeys(n for layer in layers for n, m in layer.named_modules() if is_linear(m))
     moe = next((blocks for layer in layers if (blocks := find_moe_blocks(layer))), [])
     outside = [(n, m) for n, m in model.named_modules() if not n.startswith(layers_name + ".") and n != layers_name]
     norms = [n for n, m in outside if "norm" in type(m).__name__.lower()]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from llmquant.errors import LlmquantError
+from llmquant.model.targets import is_linear
 from llmquant.nn.experts import ExpertMLP, Experts
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,6 @@ def unfuse_experts(model: nn.Module) -> list[str]:
 
 
 # --- blocks -----------------------------------------------------------------------------------------
-def _linear(module: nn.Module) -> bool:
-    """A Linear, or a module that replaced one (a QuantLinear keeps in_features and out_features)."""
-    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
-
-
 def _expert_list(module: nn.Module) -> bool:
     """An `Experts`, or (the older layout) a ModuleList of at least two modules of one class, each holding
     Linears."""
@@ -139,11 +135,11 @@ def _expert_list(module: nn.Module) -> bool:
         return True
     if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) != 1:
         return False
-    return sum(_linear(m) for m in module[0].modules()) >= 2
+    return sum(is_linear(m) for m in module[0].modules()) >= 2
 
 
 def _hidden_of(experts: nn.Module) -> int:
-    return next(m for m in experts[0].modules() if _linear(m)).in_features
+    return next(m for m in experts[0].modules() if is_linear(m)).in_features
 
 
 def _scores_every_expert(router: nn.Module, hidden: int, experts: int) -> bool:
@@ -185,11 +181,11 @@ def find_moe_blocks(layer: nn.Module) -> list[MoEBlock]:
             for name, child in block.named_children():
                 if name in (experts_name, router):
                     continue
-                if _linear(child) and child.out_features == 1:
+                if is_linear(child) and child.out_features == 1:
                     gates.append(prefix + name)
-                elif any(_linear(m) and m.in_features == hidden for m in child.modules()):
+                elif any(is_linear(m) and m.in_features == hidden for m in child.modules()):
                     shared.append(prefix + name)
-            if _linear(block.get_submodule(router)):
+            if is_linear(block.get_submodule(router)):
                 gates.insert(0, prefix + router)
             blocks.append(MoEBlock(name=block_name, router=prefix + router, experts=prefix + experts_name,
                                    num_experts=count, shared=tuple(shared), gates=tuple(gates)))

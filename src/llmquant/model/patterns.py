@@ -31,6 +31,7 @@ Rotation patterns (QuaRot) are observed the same way:
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from llmquant.errors import LlmquantError
-from llmquant.model.moe import find_moe_blocks
+from llmquant.model.moe import MoEBlock, find_moe_blocks
 from llmquant.nn.experts import expert_index
 
 
@@ -102,15 +103,25 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or ("norm" in name and hasattr(module, "weight"))
 
 
+_BLOCKS: weakref.WeakKeyDictionary[nn.Module, tuple[MoEBlock, ...]] = weakref.WeakKeyDictionary()
+
+
+def _moe_blocks(layer: nn.Module) -> tuple[MoEBlock, ...]:
+    """`find_moe_blocks` of a layer, found once (it runs the routers; `_record` runs for every candidate pair)."""
+    if layer not in _BLOCKS:
+        _BLOCKS[layer] = tuple(find_moe_blocks(layer))
+    return _BLOCKS[layer]
+
+
 def _routers(layer: nn.Module) -> set[str]:
     """The routers of the layer's MoE blocks: they read a norm's output through their ``weight`` as a Linear does
     (a smoothing or R1 fold must scale or rotate them too), and stay float."""
-    return {block.router for block in find_moe_blocks(layer)}
+    return {block.router for block in _moe_blocks(layer)}
 
 
 def _routing(layer: nn.Module) -> set[str]:
     """The modules whose outputs choose and weigh the experts: routers and gates (a shared expert's gate)."""
-    return {name for block in find_moe_blocks(layer) for name in (block.router, *block.gates)}
+    return {name for block in _moe_blocks(layer) for name in (block.router, *block.gates)}
 
 
 def _reads_by_weight(layer: nn.Module) -> list[str]:

@@ -24,3 +24,8 @@ def matches(name: str, module: nn.Module, target: str) -> bool:
 
 def matches_any(name: str, module: nn.Module, targets: list[str] | tuple[str, ...]) -> bool:
     return any(matches(name, module, t) for t in targets)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A Linear, or a module that replaced one (a QuantLinear keeps in_features and out_features)."""
+    return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))

@@ -12,7 +12,7 @@ Two implementations of the same arithmetic, chosen by shape:
   input values: the scale, the codes and the epilogue become fused loops over the input and the output. The codes
   are the same bits (division and half-to-even rounding as in eager; tested). It is off by default: in the default
   model's 512-token prefill it saved 2% at batch 1 and 7% at batch 8 (462 against 469 ms, 3.39 against 3.64 s,
-  2 threads), where the int8 GEMMs (146 ms) and the float attention (133 ms) dominate, and compiling costs seconds
+  2 threads; `scripts/runtime_profile.py compile --model DIR [--batch 8]`), where the int8 GEMMs (146 ms) and the float attention (133 ms) dominate, and compiling costs seconds
   once per process and shape class. Where it cannot run (no C++ compiler) the eager path is used and the reason
   logged once.
 
@@ -28,10 +28,11 @@ from collections.abc import Callable
 
 import torch
 
+from llmquant.quant.primitives import MIN_SCALE
+
 log = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 17  # rows x in_features from which the compiled kernel runs (a 512-token prefill: 295k)
-_MIN_SCALE = 1e-8  # as `llmquant.quant.primitives` clamps scales
 _compiled: Callable[..., torch.Tensor] | None = None
 _compile_off: str | None = None  # why the compiled kernel is not used in this process
 
@@ -45,7 +46,7 @@ def input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Ten
         assert static_scale is not None
         return torch.div(rows, static_scale).round_().clamp_(qmin, qmax), static_scale
     absmax = rows.abs().amax(-1, keepdim=True) if dynamic == "token" else rows.abs().amax().reshape(1, 1)
-    scale = (absmax / qmax).clamp_(min=_MIN_SCALE)
+    scale = (absmax / qmax).clamp_(min=MIN_SCALE)
     return torch.div(rows, scale).round_(), scale
 
 
@@ -54,8 +55,21 @@ def int8_linear_eager(rows: torch.Tensor, weight: torch.Tensor, weight_scale: to
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32, int8 ``weight`` ``[out, in]``, ``weight_scale``
     ``[1, out]`` (or ``[1, 1]``)."""
     codes, scale = input_codes(rows, dynamic, static_scale, qmin, qmax)
-    y = int8_matmul(codes.to(torch.int8), weight) * (scale * weight_scale)
+    return scaled_product(codes.to(torch.int8), scale, weight, weight_scale, bias, int8_matmul)
+
+
+def scaled_product(codes: torch.Tensor, scale: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+    """y = product(x_q, W_q) * (s_x * s_w) + b: the int32 product (`int8_matmul`) promoted by the float scales, or
+    the float32 product of the codes (`float_product`, the simulation), the same values in the same order."""
+    y = product(codes, weight_codes) * (scale * weight_scale)
     return y + bias if bias is not None else y
+
+
+def float_product(codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tensor:
+    """x_q @ W_q^T of codes held as float32: exact while every partial sum stays below 2^24."""
+    return codes @ weight_codes.t()
 
 
 def grouped_linear(codes: torch.Tensor, scale: torch.Tensor, weight_groups: list[torch.Tensor],

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.nn.int8_linear import grouped_linear, input_codes, int8_linear, int8_matmul
+from llmquant.nn.int8_linear import (
+    float_product,
+    grouped_linear,
+    input_codes,
+    int8_linear,
+    int8_matmul,
+    scaled_product,
+)
 from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
@@ -270,9 +277,7 @@ class QuantLinear(nn.Module):
             if self._float_codes is None:
                 self._float_codes = self._weight_codes().float()
             codes, scale = input_codes(rows, *input_args)
-            y = (codes @ self._float_codes.t()) * (scale * weight_scale)
-            if self.bias is not None:
-                y = y + self.bias
+            y = scaled_product(codes, scale, self._float_codes, weight_scale, self.bias, float_product)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _grouped_forward(self, rows: torch.Tensor, input_args: list) -> torch.Tensor:
@@ -288,7 +293,7 @@ class QuantLinear(nn.Module):
         if self._float_codes is None:
             self._float_codes = self._weight_codes().float()
         groups = list(self._float_codes.split(spec.group_size, dim=1))
-        return grouped_linear(codes, scale, groups, self.weight_scale, self.bias, lambda a, w: a @ w.t())
+        return grouped_linear(codes, scale, groups, self.weight_scale, self.bias, float_product)
 
     # --- activation calibration -------------------------------------------------------------
     def start_observing(self) -> None:

@@ -338,14 +338,14 @@ def quantize_layer(
     return quant_out, row
 
 
-def _calibrates(recipe: Recipe, plan: QuantPlan) -> bool:
+def _calibrates(steps: Sequence[LayerStep], plan: QuantPlan) -> bool:
     """Whether the recipe learns anything from the calibration samples: a per-layer step (smoothing, AWQ, GPTQ),
     a static input scale or a static KV-cache scale. Round to nearest with dynamic activations does not (QuaRot's
     rotations are data-free too)."""
     static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic
                         for s in plan.linears.values())
     static_kv = any(spec is not None and not spec.dynamic for spec in plan.kv_cache.values())
-    return bool(recipe.layer_steps()) or static_inputs or static_kv
+    return bool(steps) or static_inputs or static_kv
 
 
 def _linears_of(layer: nn.Module, model_map: ModelMap) -> list[str]:
@@ -450,7 +450,8 @@ def quantize(
     if model_map.moe:
         manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
                                    "calibrate": recipe.moe_calibrate}
-    if not _calibrates(recipe, plan) and calib.shape[0] > ranks.world:  # the samples only measure the error
+    steps = recipe.layer_steps()
+    if not _calibrates(steps, plan) and calib.shape[0] > ranks.world:  # the samples only measure the error
         manifest.results["calibration"] = {
             "samples": ranks.world, "given": calib.shape[0],
             "why": "round to nearest with dynamic activations: the weights do not depend on the samples; one a "
@@ -470,7 +471,6 @@ def quantize(
         source.release_outside()
     else:
         rotation.rotate(first, 0, inputs.head(1))
-    steps = recipe.layer_steps()
     set_up_for: tuple[str, ...] | None = None  # the structure of the layer the steps were set up on
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
@@ -498,8 +498,9 @@ def quantize(
             if rotation is not None and index > 0:
                 rotation.rotate(layer, index, inputs.head(1))
             setup = {}
-            if layer_structure(layer) != set_up_for:  # the first layer, or one made otherwise than the one before
-                first_setup, set_up_for = set_up_for is None, layer_structure(layer)
+            structure = layer_structure(layer)
+            if structure != set_up_for:  # the first layer, or one made otherwise than the one before
+                first_setup, set_up_for = set_up_for is None, structure
                 setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
                                     _linears_of(layer, model_map), inputs, ranks)
                 if first_setup:

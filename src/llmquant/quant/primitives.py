@@ -17,7 +17,7 @@ import torch
 from llmquant.errors import LlmquantError
 from llmquant.quant.spec import QuantSpec
 
-_MIN_SCALE = 1e-8
+MIN_SCALE = 1e-8
 
 
 def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -52,10 +52,10 @@ def qparams_from_min_max(
     max_vals = max_vals.float().clamp(min=0.0)
     if spec.symmetric:
         absmax = torch.maximum(-min_vals, max_vals)
-        scale = (absmax / spec.qmax).clamp(min=_MIN_SCALE)
+        scale = (absmax / spec.qmax).clamp(min=MIN_SCALE)
         zero = torch.zeros_like(scale)
     else:
-        scale = ((max_vals - min_vals) / (spec.qmax - spec.qmin)).clamp(min=_MIN_SCALE)
+        scale = ((max_vals - min_vals) / (spec.qmax - spec.qmin)).clamp(min=MIN_SCALE)
         zero = (spec.qmin - torch.round(min_vals / scale)).clamp(spec.qmin, spec.qmax)
     return scale, zero
 

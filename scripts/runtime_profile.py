@@ -1,0 +1,120 @@
+"""Where the CPU runtime spends its time: the figures of BENCHMARKS.md's "Speed on a quiet machine".
+
+    .venv/bin/python scripts/runtime_profile.py layer                 # one W8A8 Linear against float32, by rows
+    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] # torch.profiler: a prefill and 8 decode steps
+    .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
+
+``--threads`` (default 2). ``layer`` times ``QuantLinear`` (per-channel int8 weights, per-token int8 inputs, the
+int8 runtime) and ``nn.Linear`` at 1, 8 and 512 rows, medians of 200 calls; run it against an older commit with
+``git worktree add /tmp/old REV && PYTHONPATH=/tmp/old/src .venv/bin/python scripts/runtime_profile.py layer``.
+``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
+generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
+``compile`` alternates 5 prefills of the checkpoint at ``--batch`` with the compiled kernel and without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import llmquant
+from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.quant.scheme import scheme_from_name
+
+SHAPES = ((576, 1536), (1536, 576), (576, 576))  # the default model's gate/up, down and q/o projections
+
+
+def median_us(call: Callable[[], object], repeats: int = 200) -> float:
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def layer() -> None:
+    scheme = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic")
+    for inputs, outputs in SHAPES:
+        linear = torch.nn.Linear(inputs, outputs, bias=False)
+        quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
+        set_runtime(quantized, "int8")
+        for rows in (1, 8, 512):
+            x = torch.randn(rows, inputs)
+            with torch.inference_mode():
+                float_us = median_us(lambda linear=linear, x=x: linear(x))
+                int8_us = median_us(lambda quantized=quantized, x=x: quantized(x))
+            print(f"{inputs} -> {outputs}, {rows} rows: float32 {float_us:8.1f} us, int8 {int8_us:8.1f} us, "
+                  f"ratio {float_us / int8_us:5.2f}")
+
+
+def profile(model_dir: str | None) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    model, _ = llmquant.load(model_dir, device="cpu")
+    ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids, logits_to_keep=1)
+        with profiler(activities=[ProfilerActivity.CPU]) as prefill:
+            out = model(ids, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+        with profiler(activities=[ProfilerActivity.CPU]) as decode:
+            for _ in range(8):
+                cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+    for what, result in (("prefill, 512 tokens, batch 1", prefill), ("8 decode steps, batch 1", decode)):
+        print(what)
+        print(result.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def compiled_against_eager(model_dir: str, batch: int) -> None:
+    model, _ = llmquant.load(model_dir, device="cpu")
+    ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
+
+    def prefill() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"1": [], "0": []}
+    for flag in times:  # warm up both (the first compiled call compiles)
+        os.environ["LLMQUANT_COMPILE"] = flag
+        prefill()
+    for _ in range(5):
+        for flag in times:
+            os.environ["LLMQUANT_COMPILE"] = flag
+            times[flag].append(prefill())
+    print(f"prefill of {batch} x 512 tokens: compiled {statistics.median(times['1']) * 1e3:.1f} ms, "
+          f"eager {statistics.median(times['0']) * 1e3:.1f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["layer", "profile", "compile"])
+    parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "layer":
+        layer()
+    elif args.what == "profile":
+        profile(args.model)
+    else:
+        if args.model is None:
+            parser.error("compile needs --model DIR (a W8A8 checkpoint)")
+        compiled_against_eager(args.model, args.batch)
+
+
+if __name__ == "__main__":
+    main()
