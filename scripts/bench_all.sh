@@ -2,7 +2,7 @@
 # Every single-recipe figure of BENCHMARKS.md, one recipe per process on one thread (two lanes can share
 # the two cores), appended to bench/results.jsonl; a name already there is skipped, so a rerun resumes.
 #
-#     bash scripts/bench_all.sh [w8a8|w4|seed003|all]      then: .venv/bin/python scripts/bench_tables.py
+#     bash scripts/bench_all.sh [w8a8|w4|seed003|lowbit|all]      then: .venv/bin/python scripts/bench_tables.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results.jsonl}
@@ -64,10 +64,45 @@ seed003() {  # QuaRot's tables: weight-only int8 per tensor with and without R1+
     run none_smooth_auto_heldout "{\"scheme\": \"none\", \"pre_opts\": [$SQ_AUTO]}"  # after the held-out search
 }
 
+lowbit() {  # issue 19's table, most telling cells first: W4A4, W4A4KV4, W4A8 by Hadamard (QuaRot) and learned
+    # (SpinQuant) rotations + GPTQ, with and without the clip search, then W3 and W4 g64, then the cells without a
+    # rotation; on pydoc and the stdlib corpus. LANE=k LANES=n runs every n-th cell from the k-th (two lanes share
+    # the two cores).
+    local w4a8='"scheme": "w_int4_per_group_sym_a_int8_per_token_dynamic", "group_size": 64'
+    local w4a4='"scheme": "w_int4_per_channel_sym_a_int4_per_token_dynamic"'
+    local w4a4kv4="$w4a4, \"kv_cache\": \"int4_per_token_asym\""
+    local w3='"scheme": "w_uint3_per_group_asym", "group_size": 64'
+    local w4='"scheme": "w_uint4_per_group_asym", "group_size": 64'
+    local learned="{\"name\": \"quarot\", \"learn\": {\"iterations\": ${LEARN_STEPS:-100}, \"lr\": ${LEARN_LR:-0.1}}}"
+    local gptq='"algorithm": "gptq"' clip='"clip_search": {"samples": 4}'
+    local cells=("lb_float" '{"scheme": "none"}')
+    for row in w4a4 w4a4kv4 w4a8; do
+        local fields=${!row}
+        cells+=("lb_${row}_quarot_gptq" "{$fields, $gptq, \"pre_opts\": [$QUAROT]}"
+                "lb_${row}_quarot_gptq_clip" "{$fields, $gptq, \"pre_opts\": [$QUAROT], $clip}"
+                "lb_${row}_learned_gptq" "{$fields, $gptq, \"pre_opts\": [$learned]}"
+                "lb_${row}_learned_gptq_clip" "{$fields, $gptq, \"pre_opts\": [$learned], $clip}")
+    done
+    for row in w3 w4; do
+        local fields=${!row}
+        cells+=("lb_${row}_quarot_gptq" "{$fields, $gptq, \"pre_opts\": [$QUAROT]}"
+                "lb_${row}_learned_gptq" "{$fields, $gptq, \"pre_opts\": [$learned]}")
+    done
+    for row in w4a4 w4a4kv4 w4a8 w3 w4; do
+        local fields=${!row}
+        cells+=("lb_${row}_rtn" "{$fields}" "lb_${row}_gptq" "{$fields, $gptq}")
+    done
+    local lanes=${LANES:-1} lane=${LANE:-0}
+    for ((i = 0; i < ${#cells[@]} / 2; i++)); do
+        if ((i % lanes == lane)); then run "${cells[2 * i]}" "${cells[2 * i + 1]}" --corpora pydoc stdlib; fi
+    done
+}
+
 case "${1:-all}" in
     w8a8) w8a8 ;;
     seed003) seed003 ;;
+    lowbit) lowbit ;;
     w4) w4_g64; w4_gptq_variants; w4_more ;;
     all) w4_g64; w4_gptq_variants; w8a8; seed003; w4_more ;;
-    *) echo "usage: $0 [w8a8|w4|seed003|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [w8a8|w4|seed003|lowbit|all]" >&2; exit 2 ;;
 esac

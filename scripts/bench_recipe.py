@@ -3,7 +3,7 @@ quantization wall time, perplexity (DESIGN.md's protocol), peak resident memory;
 line to --out.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py NAME 'RECIPE_JSON' [--out bench/results.jsonl]
-        [--runtime int8|fake] [--threads 1] [--offload DIR]
+        [--runtime int8|fake] [--threads 1] [--offload DIR] [--corpora pydoc stdlib]
 
 RECIPE_JSON is a recipe as `llmquant.Recipe` takes it, e.g.
 '{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq"}'. The evaluation uses the int8
@@ -36,25 +36,31 @@ def main() -> None:
     parser.add_argument("--runtime", default="int8", choices=["int8", "fake"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs can share 2 cores)")
     parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--corpora", nargs="+", default=["pydoc"], help="evaluation corpora (the first is 'ppl')")
     parser.add_argument("--offload", default=None, help="keep the calibration activations on disk in this directory")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     recipe = llmquant.Recipe.build(**json.loads(args.recipe))
     model, tokenizer = llmquant.load(None)
-    windows = data.corpus_windows(tokenizer, "pydoc", recipe.calib.seqlen, args.max_windows)
+    windows = {name: data.corpus_windows(tokenizer, name, recipe.calib.seqlen, args.max_windows)
+               for name in args.corpora}
     start = time.perf_counter()
     llmquant.quantize(model, recipe, tokenizer, progress=False, activations=ActivationStorage(args.offload))
     seconds = time.perf_counter() - start
     set_runtime(model, args.runtime)
-    ppl = perplexity(model, windows)
+    ppls = {name: perplexity(model, w) for name, w in windows.items()}
+    ppl = ppls[args.corpora[0]]
     manifest = model.llmquant_manifest
     row = {
         "name": args.name, "recipe": recipe.model_dump(mode="json", exclude_defaults=True), "ppl": ppl,
         "quantize_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": args.threads,
-        "runtime": args.runtime, "windows": len(windows), "date": time.strftime("%Y-%m-%d"),
+        "runtime": args.runtime, "windows": len(windows[args.corpora[0]]), "ppl_by_corpus": ppls,
+        "date": time.strftime("%Y-%m-%d"),
         "stage_seconds": manifest.seconds, "versions": manifest.versions,
         "activations": manifest.results["activations"],
+        "learned_rotations": manifest.results.get("learned_rotations"),
+        "clip_search": manifest.results.get("clip_search"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,16 @@ def test_pydoc_corpus_is_split_in_halves_of_the_joined_topics() -> None:
     assert calib + evaluation == text and len(calib) == len(text) // 2
 
 
+def test_the_stdlib_corpus_is_split_in_halves_of_its_modules_sources() -> None:
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = "\n\n".join((root / f"{name}.py").read_text(encoding="utf-8") for name in data.STDLIB_MODULES)
+    calib, evaluation = data.corpus("stdlib", "calib"), data.corpus("stdlib", "eval")
+    assert calib + evaluation == text and len(calib) == len(text) // 2 and len(text) > 1_000_000
+    assert "class ArgumentParser" in calib and "def main" in evaluation
+
+
 def test_calibration_windows_are_seeded_and_eval_windows_consecutive() -> None:
     tokens = torch.arange(10_000)
     a = data.calibration_samples(tokens, 4, 512, seed=3)

@@ -50,6 +50,13 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         if not quarot:
             raise LlmquantError("--rotations needs --pre-opt quarot (or a quarot pre_opt in the recipe)")
         quarot[0]["rotations"] = [r.strip().upper() for r in args.rotations.split(",") if r.strip()]
+    if getattr(args, "learn_rotations", None) is not None:
+        quarot = [p for p in fields["pre_opts"] if p["name"] == "quarot"]
+        if not quarot:
+            raise LlmquantError("--learn-rotations needs --pre-opt quarot (or a quarot pre_opt in the recipe)")
+        quarot[0]["learn"] = {**(quarot[0].get("learn") or {}), "iterations": args.learn_rotations}
+    if getattr(args, "clip_search", False):
+        fields["clip_search"] = fields.get("clip_search") or {}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
@@ -418,8 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pre-opt", action="append", default=None,
                    help="smoothquant | smooth_fc_fc | quarot (repeatable; quarot runs first)")
     q.add_argument("--rotations", default=None, help="QuaRot rotations, comma separated (default R1,R2,R3,R4)")
+    q.add_argument("--learn-rotations", type=int, default=None, metavar="STEPS",
+                   help="learn R1 and R2 (SpinQuant, Cayley SGD) in STEPS steps on the calibration samples")
     q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
-    q.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")
+    q.add_argument("--clip-search", action="store_true",
+                   help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")
+    q.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     q.add_argument("--calib-samples", type=int, default=None)
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
@@ -458,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model or checkpoint")
     e.add_argument("--model", default=None)
-    e.add_argument("--ppl", nargs="+", default=None, help="corpora: pydoc, wikitext2, pileval, c4 or files")
+    e.add_argument("--ppl", nargs="+", default=None, help="corpora: pydoc, stdlib, wikitext2, pileval, c4 or files")
     e.add_argument("--lambada", default=None, help="LAMBADA last-token accuracy: lambada_openai or a .jsonl file")
     e.add_argument("--lambada-limit", type=int, default=None, help="evaluate the first N texts only")
     e.add_argument("--tasks", default=None,
@@ -482,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "lists")
     s.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     s.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
-    s.add_argument("--calib", default=None, help="calibration corpus: pydoc, wikitext2, pileval, c4 or a file")
+    s.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     s.add_argument("--calib-samples", type=int, default=None)
     s.add_argument("--seqlen", type=int, default=None, help="calibration and evaluation window length")
     s.add_argument("--config", default=None, help="base recipe file; its scheme and pre_opts are replaced per cell")

@@ -6,6 +6,7 @@ Example (YAML)::
     kv_cache: int8_per_tensor          # optional, replaces the scheme's KV cache
     ignore: [lm_head]                  # targets left float (the default, as in the seeds)
     moe_calibrate: all                 # every token through every expert while calibrating (or: routed)
+    clip_search: {samples: 4}          # clip ratios of dynamic activations and KV cache, on held-out samples
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
         scheme: w_int8_per_channel_a_int8_per_token_dynamic
@@ -43,6 +44,7 @@ from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
 from llmquant.algorithms.lifecycle import LayerStep
 from llmquant.algorithms.quarot import QuaRotConfig
 from llmquant.algorithms.smoothquant import SmoothingStep
+from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 from llmquant.model.targets import matches_any
@@ -90,6 +92,35 @@ class PreOpt(_Strict):
         return value
 
 
+class LearnRotations(_Strict):
+    """SpinQuant's learned R1 and R2 (`llmquant.algorithms.spinquant`) on top of QuaRot's Hadamards: ``iterations``
+    Cayley SGD steps of ``batch`` calibration samples, drawn in turn from the first ``samples`` (0: all); ``lr``
+    the largest step (decayed linearly to 0), ``momentum``; ``r2: false`` learns R1 only; ``loss``: ``ce`` (the
+    next-token cross-entropy, SpinQuant's) or ``kl`` (the KL divergence from the float model's next-token
+    distribution). ``scheme`` is the scheme
+    the loss quantizes with (default: the recipe's); ``weights`` whether the loss quantizes the weights (default:
+    yes, unless the algorithm is GPTQ and the scheme quantizes activations or the KV cache, as SpinQuant does)."""
+
+    iterations: int = Field(100, ge=1)
+    samples: int = Field(0, ge=0)
+    batch: int = Field(1, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    r2: bool = True
+    loss: Literal["ce", "kl"] = "ce"
+    scheme: str | None = None
+    weights: bool | None = None
+
+    @field_validator("scheme")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        return None if value is None else Override._known(value)
+
+    def config(self) -> SpinQuantConfig:
+        return SpinQuantConfig(iterations=self.iterations, samples=self.samples, batch=self.batch, lr=self.lr,
+                               momentum=self.momentum, learn_r2=self.r2, loss=self.loss)
+
+
 class QuaRotPreOpt(_Strict):
     """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R5 (default R1..R4);
     ``online_had: false`` (seed 003's ``"online-had"``) keeps only the offline R1 and R2. ``randomize``
@@ -98,7 +129,8 @@ class QuaRotPreOpt(_Strict):
 
     Seed 003's layer-map keys are accepted as they are: ``backbone`` (checked), ``model_decoder_layers``
     and ``self_attn`` (they replace the found decoder layers and attention), ``v_proj`` and ``o_proj``
-    (the value path R2 rotates, relative to a decoder layer)."""
+    (the value path R2 rotates, relative to a decoder layer). ``learn`` learns R1 and R2 on the calibration
+    samples (SpinQuant) instead of keeping the Hadamards."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -113,6 +145,7 @@ class QuaRotPreOpt(_Strict):
     self_attn: str | None = None
     v_proj: str | None = None
     o_proj: str | None = None
+    learn: LearnRotations | None = None
 
     def active_rotations(self) -> tuple[str, ...]:
         online = ("R3", "R4", "R5")
@@ -131,6 +164,25 @@ class QuaRotPreOpt(_Strict):
 AnyPreOpt = Annotated[PreOpt | QuaRotPreOpt, Field(discriminator="name")]
 
 
+class ClipSearch(_Strict):
+    """Clip ratios of the dynamic activation and KV-cache quantizers searched after quantization
+    (`llmquant.pipeline.clip_search`) on the last ``samples`` calibration samples, held out of the calibration;
+    ``grid``: the ratios tried."""
+
+    activations: bool = True
+    kv_cache: bool = True
+    samples: int = Field(4, ge=1)
+    grid: list[float] = Field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7], min_length=1)
+
+    @field_validator("grid")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        bad = [r for r in value if not 0.0 < r <= 1.0]
+        if bad:
+            raise ValueError(f"clip ratios must be in (0, 1], got {bad}")
+        return value
+
+
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
     algorithm: Literal["rtn", "awq", "gptq"] = "rtn"
@@ -145,6 +197,7 @@ class Recipe(_Strict):
     overrides: list[Override] = Field(default_factory=list)
     calib: Calibration = Field(default_factory=Calibration)
     moe_calibrate: Literal["all", "routed"] = "all"
+    clip_search: ClipSearch | None = None
 
     @model_serializer(mode="wrap")
     def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -155,6 +208,8 @@ class Recipe(_Strict):
             data.pop("gptq", None)
         if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
             data.pop("moe_calibrate", None)
+        if self.clip_search is None:
+            data.pop("clip_search", None)
         return data
 
     @field_validator("scheme")

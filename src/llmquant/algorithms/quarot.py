@@ -111,6 +111,16 @@ class QuaRotPlan:
     def describe(self) -> list[dict[str, Any]]:
         return [step.describe() for step in self.steps.values()]
 
+    def with_rotation(self, name: str, rotation: Rotation | None) -> QuaRotPlan:
+        """This plan with ``rotation`` in place of the applying step ``name``'s (unchanged for None or a step that
+        does not apply)."""
+        step = self.steps.get(name)
+        if rotation is None or step is None or step.rotation is None:
+            return self
+        if rotation.n != step.size:
+            raise LlmquantError(f"{name} acts on size {step.size}, not on the {rotation.n} of the rotation given")
+        return replace(self, steps={**self.steps, name: replace(step, rotation=rotation)})
+
 
 # --- planning ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)

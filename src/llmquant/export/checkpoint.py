@@ -88,6 +88,7 @@ def to_args(spec: QuantSpec | None) -> QuantizationArgs | None:
         strategy=spec.granularity,
         group_size=spec.group_size,
         dynamic=spec.dynamic,
+        observer_kwargs={"clip_ratio": spec.clip_ratio} if spec.clip_ratio != 1.0 else {},
     )
 
 
@@ -104,6 +105,7 @@ def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
         granularity=args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy),
         group_size=args.group_size if args.strategy == "group" else None,
         dynamic=bool(args.dynamic),
+        clip_ratio=float((args.observer_kwargs or {}).get("clip_ratio", 1.0)),
     )
 
 

@@ -221,6 +221,15 @@ def rotation_findings(target: Target, recipe: Recipe) -> list[Finding]:
                     "into the weights), or use --target fake")]
 
 
+def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
+    """Clip ratios of dynamic quantizers are llmquant's own (written as observer_kwargs, which no loader reads)."""
+    if target == "fake" or recipe.clip_search is None:
+        return []
+    return [_refuse(f"{target} computes dynamic scales from the whole range of each tensor: the clip ratios "
+                    "clip_search chooses would be dropped and the model would run another function; drop "
+                    "clip_search, or use --target fake")]
+
+
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:
     """Every scheme the recipe can give a Linear or a KV cache: its scheme and its overrides'."""
     names = dict.fromkeys([recipe.scheme, *(o.scheme for o in recipe.overrides)])
@@ -231,7 +240,7 @@ def check_recipe(target: Target, recipe: Recipe) -> list[Finding]:
     """What ``target`` refuses and warns about in ``recipe`` (no model needed), refusals first."""
     if target not in TARGETS:
         raise LlmquantError(f"unknown target '{target}'; allowed: {', '.join(TARGETS)}")
-    findings = rotation_findings(target, recipe)
+    findings = rotation_findings(target, recipe) + clip_findings(target, recipe)
     for scheme in recipe_schemes(recipe):
         if target == "vllm":
             findings += vllm_linear_findings(scheme.linear_part()) + vllm_kv_findings(scheme.kv_cache)

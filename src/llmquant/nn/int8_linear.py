@@ -12,9 +12,9 @@ Two implementations of the same arithmetic, chosen by shape:
   input values: the scale, the codes and the epilogue become fused loops over the input and the output. The codes
   are the same bits (division and half-to-even rounding as in eager; tested). It is off by default: in the default
   model's 512-token prefill it saved 2% at batch 1 and 7% at batch 8 (462 against 469 ms, 3.39 against 3.64 s,
-  2 threads; `scripts/runtime_profile.py compile --model DIR [--batch 8]`), where the int8 GEMMs (146 ms) and the float attention (133 ms) dominate, and compiling costs seconds
-  once per process and shape class. Where it cannot run (no C++ compiler) the eager path is used and the reason
-  logged once.
+  2 threads; `scripts/runtime_profile.py compile --model DIR [--batch 8]`), where the int8 GEMMs (146 ms) and the
+  float attention (133 ms) dominate, and compiling costs seconds once per process and shape class. Where it cannot
+  run (no C++ compiler) the eager path is used and the reason logged once.
 
 `input_codes` is shared with the simulation of `llmquant.nn.quant_linear.QuantLinear`, which must give the same
 codes (its float32 product of the codes is exact, so both runtimes return the same logits).
@@ -38,23 +38,28 @@ _compile_off: str | None = None  # why the compiled kernel is not used in this p
 
 
 def input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
-                qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+                qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric codes of ``rows`` ``[n, in]`` as rounded float32 values, and their scale (``[n, 1]`` per token,
-    ``[1, 1]`` per tensor). ``dynamic``: "token" or "tensor" (the scale from the rows themselves: absmax / qmax, no
-    code can leave [-qmax, qmax]), or None for ``static_scale`` (codes clamped to [qmin, qmax])."""
+    ``[1, 1]`` per tensor). ``dynamic``: "token" or "tensor" (the scale from the rows themselves: clip_ratio * absmax
+    / qmax; unclipped, no code can leave [-qmax, qmax]), or None for ``static_scale`` (codes clamped to [qmin,
+    qmax])."""
     if dynamic is None:
         assert static_scale is not None
         return torch.div(rows, static_scale).round_().clamp_(qmin, qmax), static_scale
     absmax = rows.abs().amax(-1, keepdim=True) if dynamic == "token" else rows.abs().amax().reshape(1, 1)
+    if clip_ratio != 1.0:
+        scale = (absmax * clip_ratio / qmax).clamp_(min=MIN_SCALE)
+        return torch.div(rows, scale).round_().clamp_(qmin, qmax), scale
     scale = (absmax / qmax).clamp_(min=MIN_SCALE)
     return torch.div(rows, scale).round_(), scale
 
 
 def int8_linear_eager(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                      dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
+                      dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
+                      clip_ratio: float = 1.0) -> torch.Tensor:
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32, int8 ``weight`` ``[out, in]``, ``weight_scale``
     ``[1, out]`` (or ``[1, 1]``)."""
-    codes, scale = input_codes(rows, dynamic, static_scale, qmin, qmax)
+    codes, scale = input_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     return scaled_product(codes.to(torch.int8), scale, weight, weight_scale, bias, int8_matmul)
 
 
@@ -112,10 +117,11 @@ def _compile_refusal(rows: torch.Tensor) -> str | None:
 
 
 def int8_linear(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int) -> torch.Tensor:
+                dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
+                clip_ratio: float = 1.0) -> torch.Tensor:
     """`int8_linear_eager`'s result, by the compiled kernel for large inputs on the CPU (module docstring)."""
     global _compiled, _compile_off
-    args = (rows, weight, weight_scale, bias, dynamic, static_scale, qmin, qmax)
+    args = (rows, weight, weight_scale, bias, dynamic, static_scale, qmin, qmax, clip_ratio)
     if rows.numel() < COMPILE_MIN_ELEMENTS or _compile_refusal(rows) is not None:
         return int8_linear_eager(*args)
     try:

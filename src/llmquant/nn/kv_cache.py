@@ -116,6 +116,17 @@ def _register() -> None:
 _register()
 
 
+def set_kv_clip(model: nn.Module, ratio: float) -> int:
+    """Give every dynamic KV-cache quantizer the clip ratio ``ratio`` (`QuantSpec.clip_ratio`); return how many
+    changed (static scales were calibrated: left as they are)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, KVCacheQuantizer) and module.spec.dynamic:
+            module.spec = module.spec.model_copy(update={"clip_ratio": ratio})
+            changed += 1
+    return changed
+
+
 def enable_kv_quantization(model: PreTrainedModel) -> None:
     """Route the model's attention through llmquant's wrapper of its implementation (eager stays eager,
     anything else runs sdpa underneath); a no-op if already done."""

@@ -254,13 +254,13 @@ class QuantLinear(nn.Module):
     def _int8_args(self) -> tuple:
         """The arguments of `llmquant.nn.int8_linear` after the weight and bias, built once (a decode step pays
         for every operation): the weight scale as a row, the dynamic granularity ("token", "tensor" or None), the
-        static scale, the code range."""
+        static scale, the code range, the clip ratio."""
         if self._int8_call is None:
             spec = self.input_spec
             assert spec is not None and spec.symmetric
             static = None if spec.dynamic else self.input_scale.reshape(1, 1)
             self._int8_call = (self.weight_scale.reshape(1, -1), spec.granularity if spec.dynamic else None, static,
-                               int(spec.qmin), int(spec.qmax))
+                               int(spec.qmin), int(spec.qmax), spec.clip_ratio)
         return self._int8_call
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,6 +337,19 @@ class QuantLinear(nn.Module):
         a = self.input_spec.describe() if self.input_spec else "float"
         packed = ", packed" if self.packed else ""
         return f"in={self.in_features}, out={self.out_features}, weight={w}{packed}, input={a}, runtime={self.runtime}"
+
+
+def set_input_clip(model: nn.Module, ratio: float) -> int:
+    """Give every `QuantLinear` with a dynamic input quantizer the clip ratio ``ratio`` (`QuantSpec.clip_ratio`);
+    return how many changed. (A static input scale was calibrated with its own ratio: left as it is.)"""
+    changed = 0
+    for module in model.modules():
+        spec = module.input_spec if isinstance(module, QuantLinear) else None
+        if spec is not None and spec.dynamic:
+            module.input_spec = spec.model_copy(update={"clip_ratio": ratio})
+            module._drop_caches()
+            changed += 1
+    return changed
 
 
 def set_runtime(model: nn.Module, runtime: str) -> int:

@@ -45,6 +45,7 @@ from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.pipeline.activations import ActivationStorage
+from llmquant.pipeline.clip_search import search_clip_ratios
 from llmquant.pipeline.layer_io import (
     BATCH,
     LayerInputs,
@@ -58,12 +59,13 @@ from llmquant.pipeline.layer_io import (
     relative_error,
     run_layer,
 )
+from llmquant.pipeline.learned_rotation import learn_rotations
 from llmquant.pipeline.memory import activation_storage
-from llmquant.pipeline.rotation import RotationPass, with_seed_map
+from llmquant.pipeline.rotation import RotationOverrides, RotationPass, with_seed_map
 from llmquant.pipeline.run_dir import RunDir
 from llmquant.pipeline.source import LayerSource
 from llmquant.quant.scheme import Scheme
-from llmquant.recipe import QuantPlan, Recipe
+from llmquant.recipe import QuantPlan, QuaRotPreOpt, Recipe
 
 log = logging.getLogger(__name__)
 ROTATION_CHECK_TOKENS = 128  # the rotation pass plans and checks on one calibration sample this long
@@ -338,14 +340,14 @@ def quantize_layer(
     return quant_out, row
 
 
-def _calibrates(steps: Sequence[LayerStep], plan: QuantPlan) -> bool:
-    """Whether the recipe learns anything from the calibration samples: a per-layer step (smoothing, AWQ, GPTQ),
-    a static input scale or a static KV-cache scale. Round to nearest with dynamic activations does not (QuaRot's
-    rotations are data-free too)."""
+def _calibrates(steps: Sequence[LayerStep], plan: QuantPlan, learns_rotations: bool = False) -> bool:
+    """Whether the recipe learns anything from the calibration samples: learned rotations, a per-layer step
+    (smoothing, AWQ, GPTQ), a static input scale or a static KV-cache scale. Round to nearest with dynamic
+    activations does not (QuaRot's Hadamard rotations are data-free too)."""
     static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic
                         for s in plan.linears.values())
     static_kv = any(spec is not None and not spec.dynamic for spec in plan.kv_cache.values())
-    return bool(steps) or static_inputs or static_kv
+    return learns_rotations or bool(steps) or static_inputs or static_kv
 
 
 def _linears_of(layer: nn.Module, model_map: ModelMap) -> list[str]:
@@ -451,13 +453,16 @@ def quantize(
         manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
                                    "calibrate": recipe.moe_calibrate}
     steps = recipe.layer_steps()
-    if not _calibrates(steps, plan) and calib.shape[0] > ranks.world:  # the samples only measure the error
+    calib, held_out = _hold_out(recipe, calib, source)
+    learns = quarot is not None and quarot.learn is not None
+    if not _calibrates(steps, plan, learns) and calib.shape[0] > ranks.world:  # the samples only measure the error
         manifest.results["calibration"] = {
             "samples": ranks.world, "given": calib.shape[0],
             "why": "round to nearest with dynamic activations: the weights do not depend on the samples; one a "
                    "process measures the layers' output error"}
         calib = calib[:ranks.world]
     sample = calib[:1, :ROTATION_CHECK_TOKENS]  # the same on every rank
+    whole_calib = calib
     calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
     if any(spec is not None for spec in plan.kv_cache.values()):
@@ -465,7 +470,12 @@ def quantize(
     first = source.materialize(model, model_map, 0).to(policy.device)
     rotation = None
     if quarot is not None:
-        rotation = RotationPass(model, model_map, quarot.config(), sample, ranks)
+        overrides = None
+        if quarot.learn is not None:
+            overrides, manifest.results["learned_rotations"] = _learned(
+                model, model_map, recipe, quarot, whole_calib, sample, policy, source, run_dir, ranks, progress)
+            manifest.results["learned_rotations"]["peak_rss_mb"] = peak_rss_mb()
+        rotation = RotationPass(model, model_map, quarot.config(), sample, ranks, overrides)
     inputs = capture_layer_inputs(model, model_map, calib, into=storage.new())
     if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
         source.release_outside()
@@ -488,7 +498,7 @@ def quantize(
         layer = source.materialize(model, model_map, index)
         if index < done:  # finished before an interruption: its modules and tensors come from the run dir
             if rotation is not None and index > 0:
-                rotate_layer(layer, rotation.plan)
+                rotate_layer(layer, rotation.plan_at(layer, index))
             _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
             layer.to(home)
             manifest.layers.append(run_dir.layer_row(index))
@@ -528,6 +538,12 @@ def quantize(
         source.materialize_outside()
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.results["left_float"] = plan.left_float(model_map.decoder_layers)
+    if held_out is not None:
+        t2 = time.perf_counter()
+        options = recipe.clip_search
+        manifest.results["clip_search"] = search_clip_ratios(model, held_out, options.activations, options.kv_cache,
+                                                             tuple(options.grid))
+        manifest.seconds["clip_search"] = time.perf_counter() - t2
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
     manifest.results["peak_gpu_mb"] = max((row.get("peak_gpu_mb") or 0 for row in manifest.layers), default=0) or None
@@ -537,6 +553,35 @@ def quantize(
         model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
         model.llmquant_source = source.lazy  # type: ignore[attr-defined]  # tensors still on disk
     return manifest
+
+
+def _hold_out(recipe: Recipe, calib: torch.Tensor, source: LayerSource) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The calibration samples, and the last ``clip_search.samples`` held out of them for the clip search."""
+    if recipe.clip_search is None:
+        return calib, None
+    count = recipe.clip_search.samples
+    if source.streams:
+        raise LlmquantError("clip_search runs the whole quantized model, but the model is streamed from disk "
+                            "(--max-memory); drop clip_search or load the model whole")
+    if calib.shape[0] <= count:
+        raise LlmquantError(f"clip_search holds out {count} calibration samples, but only {calib.shape[0]} were "
+                            f"given: give more than {count} (calib.samples) or hold out fewer (clip_search.samples)")
+    return calib[:-count], calib[-count:]
+
+
+def _learned(model: nn.Module, model_map: ModelMap, recipe: Recipe, quarot: QuaRotPreOpt, calib: torch.Tensor,
+             sample: torch.Tensor, policy: DevicePolicy, source: LayerSource, run_dir: RunDir | None, ranks: Ranks,
+             progress: bool) -> tuple[RotationOverrides, dict]:
+    """SpinQuant's rotations (`llmquant.pipeline.learned_rotation`): learned, or those an interrupted run of the same
+    recipe and samples left in ``run_dir``."""
+    kept = run_dir.rotations() if run_dir is not None else None
+    if kept is not None:
+        return kept
+    overrides, entry = learn_rotations(model, model_map, recipe, quarot, calib, sample, policy.device,
+                                       streams=source.streams, ranks=ranks, progress=progress)
+    if run_dir is not None:
+        run_dir.save_rotations(overrides, entry)
+    return overrides, entry
 
 
 def _resting_device(model: nn.Module, model_map: ModelMap, policy: DevicePolicy) -> torch.device:

@@ -14,7 +14,7 @@ found on a float32 copy of the first layer (`float32_probe`).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ from llmquant.pipeline.layer_io import (
     relative_error,
     run_layer,
 )
+from llmquant.quant.rotation import Rotation
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,15 @@ def _from_stream(plan: QuaRotPlan, hidden: list[torch.Tensor]) -> list[torch.Ten
     return hidden if r1 is None else [r1.apply(h, inverse=True) for h in hidden]
 
 
+@dataclass(frozen=True)
+class RotationOverrides:
+    """Rotations that replace the plan's Hadamards: R1 for the whole model, R2 per decoder layer index (SpinQuant's
+    learned ones, `llmquant.pipeline.learned_rotation`)."""
+
+    r1: Rotation | None = None
+    r2: dict[int, Rotation] = field(default_factory=dict)
+
+
 class RotationPass:
     """QuaRot inside the engine's layer loop: `start` plans on the float first layer and rotates the
     embeddings, `rotate` rotates one decoder layer, `finish` the final norm and head; each is checked on
@@ -109,14 +119,17 @@ class RotationPass:
     moved back (so it also holds for a model streamed from disk, one layer at a time)."""
 
     def __init__(self, model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor,
-                 ranks: Ranks = SINGLE) -> None:
+                 ranks: Ranks = SINGLE, overrides: RotationOverrides | None = None) -> None:
         """``sample``: token ids ``[1, T]`` (the same on every rank); the first decoder layer must hold its float
         weights. With several ``ranks`` the layer checks run on each rank's own first sample and are judged
-        over all of them, so every rank takes the same decision."""
+        over all of them, so every rank takes the same decision. ``overrides`` replace the plan's R1 and each
+        layer's R2."""
         untie_head(model, model_map)
         self.model, self.model_map, self.ranks, self.config = model, model_map, ranks, config
-        self.plan = plan_rotations(model, model_map, config, sample)
+        self.overrides = overrides or RotationOverrides()
+        self.plan = plan_rotations(model, model_map, config, sample).with_rotation("R1", self.overrides.r1)
         self.layer_plans = {layer_structure(model_map.layers(model)[0]): self.plan}
+        self.index_plans: dict[int, QuaRotPlan] = {}  # the plan each rotated layer got
         for step in self.plan.steps.values():
             if step.rotation is None:
                 log.warning("QuaRot %s does not apply: %s", step.name, step.note)
@@ -140,10 +153,22 @@ class RotationPass:
         where = self.model_map.layer_name(index)
         hidden = self._float_basis(sample.hidden)
         float_out = run_layer(layer, LayerInputs(hidden, sample.kwargs), where)
-        rotate_layer(layer, self._plan_for(layer, LayerInputs(hidden, sample.kwargs)))
+        rotate_layer(layer, self.plan_at(layer, index, LayerInputs(hidden, sample.kwargs)))
         rotated_out = run_layer(layer, LayerInputs(_to_stream(self.plan, hidden), sample.kwargs), where)
         error = relative_error(_to_stream(self.plan, float_out), rotated_out, self.ranks)
         self.layer_errors.append(_check(error, where, self.dtype))
+
+    def plan_at(self, layer: nn.Module, index: int, sample: LayerInputs | None = None) -> QuaRotPlan:
+        """The plan of decoder layer ``index`` (``layer``, not rotated yet), with the overrides: its structure's
+        (found on ``sample`` for a structure not met before; without one, the first layer's), R1 and its R2
+        replaced."""
+        if sample is None:
+            base = self.layer_plans.get(layer_structure(layer), self.plan)
+        else:
+            base = self._plan_for(layer, sample)
+        plan = base.with_rotation("R1", self.overrides.r1).with_rotation("R2", self.overrides.r2.get(index))
+        self.index_plans[index] = plan
+        return plan
 
     def _plan_for(self, layer: nn.Module, sample: LayerInputs) -> QuaRotPlan:
         """The plan of a layer made as ``layer`` is: the first layer's, or, for a layer made otherwise (the MoE
@@ -184,15 +209,17 @@ class RotationPass:
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, model_map: ModelMap, config: QuaRotConfig, sample: torch.Tensor) -> dict:
-    """Plan, apply and check QuaRot on a whole model in place (the engine runs `RotationPass` layer by
-    layer instead); return the manifest entry."""
+def rotate_whole_model(model: nn.Module, model_map: ModelMap, config: QuaRotConfig,
+                       sample: torch.Tensor) -> tuple[RotationPass, dict]:
+    """Plan, apply and check QuaRot on a whole model in memory, in place (the engine runs `RotationPass` layer by
+    layer instead); return the pass (its plans) and the manifest entry."""
     rotation = RotationPass(model, model_map, config, sample)
     inputs = capture_layer_inputs(model, model_map, sample)
     for index, layer in enumerate(model_map.layers(model)):
         rotation.rotate(layer, index, inputs)
         inputs = LayerInputs(run_layer(layer, inputs, model_map.layer_name(index)), inputs.kwargs)
-    return rotation.finish(inputs.hidden)
+    return rotation, rotation.finish(inputs.hidden)
 
 
-__all__ = ["RotationPass", "model_shapes", "plan_rotations", "rotate_model", "with_seed_map"]
+__all__ = ["RotationOverrides", "RotationPass", "model_shapes", "plan_rotations", "rotate_whole_model",
+           "with_seed_map"]

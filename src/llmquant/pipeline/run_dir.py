@@ -33,6 +33,8 @@ from torch import nn
 from llmquant.errors import LlmquantError
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.pipeline.activations import DiskActivations, remove_store
+from llmquant.pipeline.rotation import RotationOverrides
+from llmquant.quant.rotation import learned_rotation
 
 FINGERPRINT = "fingerprint.json"
 
@@ -151,6 +153,29 @@ class RunDir:
     def next_inputs(self) -> DiskActivations:
         """The inputs of the first unfinished layer (read-only, on disk)."""
         return DiskActivations.open(self._inputs(self.finished_layers() - 1))
+
+    def save_rotations(self, overrides: RotationOverrides, entry: dict) -> None:
+        """Keep learned rotations (rank 0), so that a resumed run folds the same ones without learning again."""
+        if not self.ranks.writes:
+            return
+        tensors = {f"R2.{i}": r.dense for i, r in overrides.r2.items()}
+        if overrides.r1 is not None:
+            tensors["R1"] = overrides.r1.dense
+        labels = {"R1": overrides.r1.label if overrides.r1 else None,
+                  **{f"R2.{i}": r.label for i, r in overrides.r2.items()}}
+        _write_atomically(self.path / "rotations.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        row = {"entry": entry, "labels": labels}
+        _write_atomically(self.path / "rotations.json", lambda tmp: tmp.write_text(json.dumps(row, default=str)))
+
+    def rotations(self) -> tuple[RotationOverrides, dict] | None:
+        """The learned rotations an interrupted run of the same fingerprint kept, with their manifest entry."""
+        if not (self.path / "rotations.json").exists():
+            return None
+        row = json.loads((self.path / "rotations.json").read_text())
+        tensors = load_file(str(self.path / "rotations.safetensors"))
+        found = {name: learned_rotation(matrix, row["labels"][name]) for name, matrix in tensors.items()}
+        r2 = {int(name.split(".")[1]): r for name, r in found.items() if name.startswith("R2.")}
+        return RotationOverrides(r1=found.get("R1"), r2=r2), {**row["entry"], "resumed": True}
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -47,9 +47,11 @@ def block_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
 def qparams_from_min_max(
     min_vals: torch.Tensor, max_vals: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point from per-block ranges (conventions in `QuantSpec`)."""
+    """Scale and integer zero point from per-block ranges (conventions in `QuantSpec`, its ``clip_ratio`` included)."""
     min_vals = min_vals.float().clamp(max=0.0)
     max_vals = max_vals.float().clamp(min=0.0)
+    if spec.clip_ratio != 1.0:
+        min_vals, max_vals = min_vals * spec.clip_ratio, max_vals * spec.clip_ratio
     if spec.symmetric:
         absmax = torch.maximum(-min_vals, max_vals)
         scale = (absmax / spec.qmax).clamp(min=MIN_SCALE)

@@ -10,14 +10,16 @@ Kinds (one notion for every size):
   unless randomized, which is QuaRot's "randomized Hadamard"); applied by the fast transform, O(n log n);
 - ``block_diagonal``: I_{n/b} (x) H_b / sqrt(b) with b the largest constructible divisor of n (a fallback:
   it only mixes channels within blocks of b);
-- ``random``: a seeded Haar-random orthogonal matrix (a fallback: a dense n x n product).
+- ``random``: a seeded Haar-random orthogonal matrix (a fallback: a dense n x n product);
+- ``learned``: a dense orthogonal matrix given as a value (`learned_rotation`: SpinQuant's rotations, learned from a
+  Hadamard start by `llmquant.algorithms.spinquant`), a dense n x n product.
 
 Maths in float64 (`apply` computes in float64 and casts back), as QuaRot's reference does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
@@ -32,22 +34,28 @@ from llmquant.quant.hadamard import (
     orthogonal_fallback,
 )
 
-RotationKind = Literal["hadamard", "block_diagonal", "random"]
+RotationKind = Literal["hadamard", "block_diagonal", "random", "learned"]
+ORTHOGONALITY_TOLERANCE = 1e-6  # max |Q^T Q - I| a learned rotation may have
 Fallback = Literal["random", "block_diagonal", "skip"]
 
 
 @dataclass(frozen=True)
 class Rotation:
-    """An orthogonal Q of size ``n``; ``randomize`` draws the Hadamard's signs from ``seed``."""
+    """An orthogonal Q of size ``n``; ``randomize`` draws the Hadamard's signs from ``seed``. A ``learned`` one
+    carries its float64 matrix in ``dense`` and says where it came from in ``label`` (compared, the matrix not)."""
 
     n: int
     kind: RotationKind = "hadamard"
     randomize: bool = False
     seed: int = 0
+    label: str = ""
+    dense: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind == "hadamard" and not is_constructible(self.n):
             hadamard_plan(self.n)  # raises the one-line error naming the size and the fallbacks
+        if (self.kind == "learned") != (self.dense is not None):
+            raise LlmquantError("a rotation carries a matrix exactly when its kind is 'learned'")
 
     # --- description -----------------------------------------------------------------------------
     def describe(self) -> str:
@@ -57,6 +65,8 @@ class Rotation:
         if self.kind == "block_diagonal":
             b = largest_constructible_divisor(self.n)
             return f"block_diagonal({self.n // b} x hadamard({b}))"
+        if self.kind == "learned":
+            return f"learned({self.n}{', ' + self.label if self.label else ''})"
         return f"random_orthogonal({self.n}, seed={self.seed})"
 
     def online_flops(self) -> int:
@@ -88,13 +98,28 @@ class Rotation:
             if inverse:  # Q^T = H diag(d) / sqrt(n)
                 return (fast_hadamard_transform(y, transpose=True) * signs).to(x.dtype)
             return fast_hadamard_transform(y * signs).to(x.dtype)
-        q = _dense(self.n, self.kind, self.seed).to(y.device)
+        q = self.dense if self.dense is not None else _dense(self.n, self.kind, self.seed)
+        q = q.to(y.device)
         return (y @ (q.T if inverse else q)).to(x.dtype)
 
 
 @lru_cache(maxsize=16)
 def _dense(n: int, kind: str, seed: int) -> torch.Tensor:
     return orthogonal_fallback(n, kind, seed=seed)  # type: ignore[arg-type]
+
+
+def learned_rotation(matrix: torch.Tensor, label: str) -> Rotation:
+    """A `Rotation` of kind ``learned`` for the orthogonal ``matrix`` (x -> x Q), checked to
+    `ORTHOGONALITY_TOLERANCE`."""
+    q = matrix.detach().double().cpu().contiguous().clone()
+    n = q.shape[0]
+    if q.shape != (n, n):
+        raise LlmquantError(f"a learned rotation must be a square matrix, got shape {tuple(q.shape)}")
+    error = (q.T @ q - torch.eye(n, dtype=torch.float64)).abs().max().item()
+    if error > ORTHOGONALITY_TOLERANCE:
+        raise LlmquantError(f"learned rotation {label or n} is not orthogonal: max |Q^T Q - I| = {error:.2e} "
+                            f"(allowed {ORTHOGONALITY_TOLERANCE})")
+    return Rotation(n, "learned", label=label, dense=q)
 
 
 def rotation_for(n: int, randomize: bool, seed: int, fallback: Fallback) -> Rotation | None:
@@ -106,4 +131,4 @@ def rotation_for(n: int, randomize: bool, seed: int, fallback: Fallback) -> Rota
     return Rotation(n, fallback, seed=seed)
 
 
-__all__ = ["Fallback", "Rotation", "RotationKind", "rotation_for"]
+__all__ = ["Fallback", "Rotation", "RotationKind", "learned_rotation", "rotation_for"]

@@ -14,6 +14,9 @@ Integer ranges (said once here, used everywhere):
 - asymmetric, unsigned ``b`` bits: q in [0, 2^b - 1], scale = (max - min) / (2^b - 1),
   zero = round(-min / scale), with min <= 0 <= max so that 0.0 is exact.
 
+A ``clip_ratio`` r < 1 shrinks every range before the scale is computed (min, max -> r min, r max; absmax -> r
+absmax), values beyond it clamped: QuaRot clips 4-bit activations at 0.9 and the KV cache at 0.95 of their range.
+
 Floating-point codes (``type="float"``): 8-bit E4M3 (``torch.float8_e4m3fn``, Micikevicius et al. 2022, "FP8
 Formats for Deep Learning"): q = fp8(clamp(x / scale, -448, 448)) rounded to the nearest E4M3 value (ties to
 even), always symmetric: scale = absmax / 448, zero = 0.
@@ -45,6 +48,7 @@ class QuantSpec(BaseModel):
     dynamic: bool = False
     observer: ObserverName = "minmax"
     percentile: float = 99.99
+    clip_ratio: float = 1.0
 
     @model_validator(mode="after")
     def _check(self) -> QuantSpec:
@@ -60,6 +64,8 @@ class QuantSpec(BaseModel):
             raise ValueError(f"group_size is only allowed with granularity 'group', not '{self.granularity}'")
         if self.dynamic and self.observer != "minmax":
             raise ValueError("a dynamic quantizer computes its range at run time: observer must be 'minmax'")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         return self
@@ -86,6 +92,8 @@ class QuantSpec(BaseModel):
     def describe(self) -> str:
         grain = f"group{self.group_size}" if self.granularity == "group" else self.granularity
         mode = "dynamic" if self.dynamic else "static"
+        if self.clip_ratio != 1.0:
+            mode += f"-clip{self.clip_ratio:g}"
         if self.type == "float":
             return f"fp8-e4m3-per-{grain}-{mode}"
         kind = "sym" if self.symmetric else "asym"

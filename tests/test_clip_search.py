@@ -1,0 +1,128 @@
+"""Clip ratios of dynamic activations and the KV cache: the clipped quantizer's arithmetic, the integer path giving the
+simulation's bits, the search on held-out samples choosing the ratio with the least held-out NLL and setting it, the
+ratio surviving save/load, and bad inputs as one-line errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmquant
+from conftest import VOCAB, logits, make_model
+from llmquant.errors import LlmquantError
+from llmquant.nn.int8_linear import input_codes
+from llmquant.nn.kv_cache import KVCacheQuantizer
+from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.pipeline.clip_search import mean_nll
+from llmquant.quant import QuantSpec, fake_quantize
+
+W4A4 = "w_int4_per_channel_sym_a_int4_per_token_dynamic"
+
+
+def test_a_clip_ratio_shrinks_the_range_and_clamps_beyond_it() -> None:
+    x = torch.tensor([[-8.0, -1.0, 0.3, 2.0, 4.0]])
+    spec = QuantSpec(bits=4, granularity="token", dynamic=True, clip_ratio=0.5)
+    scale = 0.5 * 8.0 / 7  # r * absmax / qmax
+    expected = torch.clamp(torch.round(x / scale), -8, 7) * scale
+    assert torch.allclose(fake_quantize(x, spec), expected)
+    assert fake_quantize(x, spec)[0, 0] == -8 * scale  # -8.0 clamps to the lowest code
+    assert spec.describe() == "int4-sym-per-token-dynamic-clip0.5"
+
+
+def test_the_integer_path_gives_the_simulations_codes_with_a_clip_ratio() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(16, 64) * torch.linspace(0.1, 5, 64)
+    spec = QuantSpec(bits=4, granularity="token", dynamic=True, clip_ratio=0.8)
+    codes, scale = input_codes(rows, "token", None, int(spec.qmin), int(spec.qmax), 0.8)
+    assert torch.equal(codes * scale, fake_quantize(rows, spec))
+    assert codes.min() >= -8 and codes.max() <= 7
+
+
+def _quantized(calib_ids: torch.Tensor, **recipe: object) -> torch.nn.Module:
+    model = make_model("llama")
+    fields = {"scheme": W4A4, "kv_cache": "int4_per_token_asym", "pre_opts": [{"name": "quarot"}],
+              "clip_search": {"samples": 2}, **recipe}
+    llmquant.quantize(model, fields, calib=calib_ids, progress=False)
+    return model
+
+
+@pytest.fixture
+def calib6() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (6, 32), generator=torch.Generator().manual_seed(5))
+
+
+def test_the_search_keeps_the_ratio_with_the_least_held_out_nll_and_sets_it(calib6: torch.Tensor) -> None:
+    model = _quantized(calib6)
+    found = model.llmquant_manifest.results["clip_search"]
+    assert found["samples"] == 2 and found["grid"] == [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7]
+    for kind in ("activations", "kv_cache"):
+        ppl = found[kind]["ppl_by_ratio"]
+        assert len(ppl) == 7 and ppl[f"{found[kind]['ratio']:g}"] == min(ppl.values())
+    ratios = {m.input_spec.clip_ratio for m in model.modules() if isinstance(m, QuantLinear) and m.input_spec}
+    kv = {m.spec.clip_ratio for m in model.modules() if isinstance(m, KVCacheQuantizer)}
+    assert ratios == {found["activations"]["ratio"]} and kv == {found["kv_cache"]["ratio"]}
+    held_out_ppl = math.exp(mean_nll(model, calib6[-2:]))  # the model as left: the chosen ratios
+    assert held_out_ppl == pytest.approx(found["kv_cache"]["ppl_by_ratio"][f"{found['kv_cache']['ratio']:g}"],
+                                         rel=1e-4)
+
+
+def test_clipped_quantizers_run_the_same_on_the_int8_runtime(calib6: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    model = _quantized(calib6, kv_cache=None, clip_search={"samples": 2, "grid": [0.8]})
+    simulated = logits(model, eval_ids)
+    set_runtime(model, "int8")
+    assert torch.allclose(logits(model, eval_ids), simulated, rtol=1e-4, atol=1e-4)
+
+
+def test_the_clip_ratio_survives_save_and_load(calib6: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path) -> None:
+    model = _quantized(calib6, clip_search={"samples": 2, "grid": [0.85]})
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
+    assert torch.equal(logits(loaded, eval_ids), logits(model, eval_ids))
+    specs = {m.input_spec.clip_ratio for m in loaded.modules() if isinstance(m, QuantLinear) and m.input_spec}
+    assert specs == {0.85}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"clip_search": {"grid": [1.5]}}, "recipe field 'clip_search.grid' = [1.5]: clip ratios must be in (0, 1], "
+                                       "got [1.5]"),
+    ({"clip_search": {"samples": 0}}, "recipe field 'clip_search.samples' = 0: Input should be greater than or "
+                                      "equal to 1"),
+])
+def test_bad_clip_search_fields_are_one_line_errors(fields: dict, message: str) -> None:
+    with pytest.raises(LlmquantError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        llmquant.Recipe.build(**fields)
+
+
+def test_holding_out_all_samples_is_refused(calib_ids: torch.Tensor) -> None:
+    with pytest.raises(LlmquantError, match="clip_search holds out 4 calibration samples, but only 4 were given"):
+        _quantized(calib_ids, clip_search={"samples": 4})
+
+
+def test_a_clip_ratio_outside_zero_one_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"clip_ratio must be in \(0, 1\], got 0.0"):
+        QuantSpec(clip_ratio=0.0)
+
+
+@pytest.mark.parametrize("target", ["vllm", "transformers"])
+def test_a_serving_target_refuses_clipped_dynamic_quantizers(target: str) -> None:
+    from llmquant.export.targets import check_target
+
+    recipe = llmquant.Recipe.build(scheme=W4A4, clip_search={})
+    with pytest.raises(LlmquantError, match=f"--target {target}: {target} computes dynamic scales from the whole "
+                                            "range of each tensor: the clip ratios clip_search chooses would be "
+                                            "dropped"):
+        check_target(target, recipe)
+    check_target("fake", recipe)  # llmquant's own loader runs them
+
+
+def test_the_clip_search_flag_and_the_learn_rotations_flag_reach_the_recipe() -> None:
+    from llmquant.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "--scheme", W4A4, "--pre-opt", "quarot", "--learn-rotations", "7",
+                                      "--clip-search", "--output", "unused"])
+    recipe = _recipe_from_args(args)
+    assert recipe.clip_search is not None and recipe.clip_search.samples == 4
+    assert recipe.quarot().learn.iterations == 7
