@@ -65,6 +65,10 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         "best_w4_g64": {"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq",
                         "gptq": float_hessians, "weight_observer": "mse",
                         "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2"], "online_had": False}]},
+        "best_w4a8_g64": {"scheme": "w_int4_per_group_sym_a_int8_per_token_dynamic", "group_size": 64,
+                          "algorithm": "gptq", "pre_opts": [{"name": "quarot"}], "clip_search": {"samples": 4}},
+        "best_w4a4kv4": {"scheme": "w_int4_per_channel_sym_a_int4_per_token_dynamic", "kv_cache": "int4_per_token_asym",
+                         "algorithm": "gptq", "pre_opts": [{"name": "quarot"}], "clip_search": {"samples": 4}},
     }
 
 
