@@ -200,23 +200,32 @@ class RotatedNetwork:
         self.u1 = nn.Parameter(torch.eye(hidden)) if hidden else None
         self.u2 = {name: nn.Parameter(torch.eye(head_dim)) for name, rows in where.layers.items()
                    if head_dim and rows.value_path is not None}
-        if self.u1 is None:
-            where = NetworkMap((), None, {n: LayerRotations((), (), r.value_path) for n, r in where.layers.items()},
-                               where.inputs, where.weights, where.kv_cache)
+        if self.u1 is not None:
+            self._wire_r1(where, self.u1)
+        for layer_name, u2 in self.u2.items():
+            producer, reader = where.layers[layer_name].value_path  # type: ignore[misc]
+            layer = model.get_submodule(layer_name)
+            _rotate_weight(layer.get_submodule(producer), u2, "output")
+            _rotate_weight(layer.get_submodule(reader), u2, "input")
+        self._wire_quantizers(where)
+
+    def _wire_r1(self, where: NetworkMap, u1: nn.Parameter) -> None:
+        """U1 after the embeddings, before the head, on the Linears reading and writing the residual stream."""
+        model = self.model
         for name in where.embeddings:
-            model.get_submodule(name).register_forward_hook(_hook_output(self.u1))
+            model.get_submodule(name).register_forward_hook(_hook_output(u1))
         if where.head is not None:
-            model.get_submodule(where.head).register_forward_pre_hook(_hook_input(self.u1), prepend=True)
+            model.get_submodule(where.head).register_forward_pre_hook(_hook_input(u1), prepend=True)
         for layer_name, rows in where.layers.items():
             layer = model.get_submodule(layer_name)
             for name in rows.readers:
-                _rotate_weight(layer.get_submodule(name), self.u1, "input")
+                _rotate_weight(layer.get_submodule(name), u1, "input")
             for name in rows.writers:
-                _rotate_weight(layer.get_submodule(name), self.u1, "output")
-            if layer_name in self.u2:
-                producer, reader = rows.value_path  # type: ignore[misc]
-                _rotate_weight(layer.get_submodule(producer), self.u2[layer_name], "output")
-                _rotate_weight(layer.get_submodule(reader), self.u2[layer_name], "input")
+                _rotate_weight(layer.get_submodule(name), u1, "output")
+
+    def _wire_quantizers(self, where: NetworkMap) -> None:
+        """The straight-through quantizers of the loss, after the rotations (weights, inputs, KV caches)."""
+        model = self.model
         for name, spec in where.weights.items():
             quantizer = _StraightThrough(spec, self.switch)
             parametrize.register_parametrization(model.get_submodule(name), "weight", quantizer)
