@@ -347,7 +347,7 @@ def set_input_clip(model: nn.Module, ratio: float) -> int:
         spec = module.input_spec if isinstance(module, QuantLinear) else None
         if spec is not None and spec.dynamic:
             module.input_spec = spec.model_copy(update={"clip_ratio": ratio})
-            module._drop_caches()
+            module._int8_call = None  # (built from the input spec; the weight's caches stay)
             changed += 1
     return changed
 
