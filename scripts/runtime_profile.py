@@ -3,6 +3,7 @@
     .venv/bin/python scripts/runtime_profile.py layer                 # one W8A8 Linear against float32, by rows
     .venv/bin/python scripts/runtime_profile.py profile [--model DIR] # torch.profiler: a prefill and 8 decode steps
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
+    .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` (per-channel int8 weights, per-token int8 inputs, the
 int8 runtime) and ``nn.Linear`` at 1, 8 and 512 rows, medians of 200 calls; run it against an older commit with
@@ -10,6 +11,8 @@ int8 runtime) and ``nn.Linear`` at 1, 8 and 512 rows, medians of 200 calls; run 
 ``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
 generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
 ``compile`` alternates 5 prefills of the checkpoint at ``--batch`` with the compiled kernel and without it.
+``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
+with and without it), then times 64 decode steps of each, alternating step by step, and prints the medians.
 """
 
 from __future__ import annotations
@@ -98,10 +101,36 @@ def compiled_against_eager(model_dir: str, batch: int) -> None:
           f"eager {statistics.median(times['0']) * 1e3:.1f} ms")
 
 
+def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) -> None:
+    from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
+
+    models = {name: llmquant.load(path, device="cpu")[0] for name, path in (("int8 KV", model_dir),
+                                                                             ("float KV", baseline_dir))}
+    ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
+    state, times = {}, {name: [] for name in models}
+    with torch.inference_mode():
+        for name, model in models.items():
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            state[name] = (returned_cache(out), out.logits[:, -1:].argmax(-1))
+        stored = any(isinstance(layer, Int8CacheLayer) for layer in state["int8 KV"][0].layers)
+        for _ in range(steps):
+            for name, model in models.items():
+                cache, token = state[name]
+                start = time.perf_counter()
+                out = model(token, **{cache_argument(model): cache}, use_cache=True)
+                times[name].append(time.perf_counter() - start)
+                state[name] = (returned_cache(out), out.logits[:, -1:].argmax(-1))
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    print(f"decode step at batch {batch} after 512 tokens (median of {steps}; int8 cache layers: {stored}): "
+          + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
+          + f"; float KV / int8 KV {medians['float KV'] / medians['int8 KV']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layer", "profile", "compile"])
+    parser.add_argument("what", choices=["layer", "profile", "compile", "kv"])
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
+    parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -110,6 +139,10 @@ def main() -> None:
         layer()
     elif args.what == "profile":
         profile(args.model)
+    elif args.what == "kv":
+        if args.model is None or args.baseline is None:
+            parser.error("kv needs --model KV_DIR --baseline DIR")
+        kv_decode(args.model, args.baseline, args.batch)
     else:
         if args.model is None:
             parser.error("compile needs --model DIR (a W8A8 checkpoint)")

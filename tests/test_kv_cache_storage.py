@@ -219,3 +219,67 @@ def test_a_4bit_kv_cache_takes_16_levels_per_token_and_head_and_loads_back(calib
     llmquant.save(model, None, tmp_path / "ckpt")
     loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")
     assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
+
+
+@pytest.mark.parametrize("scheme", [TOKEN, STATIC])
+def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, calib_ids: torch.Tensor,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores that grow by 3 positions (every other decode step reallocates), with keys and values in one store
+    (dynamic per token) or each on its own (static): the same tokens and logits as the simulation."""
+    from llmquant.nn import kv_storage
+
+    monkeypatch.setattr(kv_storage, "GROWTH", 3)
+    model = quantized(scheme, calib_ids)
+    prompt = calib_ids[:2, :12]
+    simulated = generate(model, prompt)
+    set_runtime(model, "int8")
+    stored = generate(model, prompt)
+    layer = returned_cache(stored).layers[0]
+    assert isinstance(layer, Int8CacheLayer)
+    assert set(layer._stores) == ({"codes", "scales"} if scheme == TOKEN else
+                                  {"keys", "values", "key_scales", "value_scales"})
+    assert torch.equal(stored.sequences, simulated.sequences)
+    assert torch.equal(step_logits(stored), step_logits(simulated))
+
+
+def test_a_decode_step_writes_one_position_into_the_store(calib_ids: torch.Tensor) -> None:
+    model = quantized(TOKEN, calib_ids)
+    set_runtime(model, "int8")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(calib_ids[:1, :10], **{cache_argument(model): cache}, use_cache=True)
+        layer = cache.layers[0]
+        store = layer._stores["codes"].tensor
+        before = layer.keys.clone()
+        model(calib_ids[:1, 10:11], **{cache_argument(model): cache}, use_cache=True)
+    assert layer._stores["codes"].tensor is store  # room was left: no copy of the cache
+    assert layer.keys.shape[-2] == 11 and torch.equal(layer.keys[..., :10, :], before)
+    assert layer.keys.data_ptr() == store.data_ptr() and layer.values.data_ptr() == store[1].data_ptr()
+
+
+def test_decoding_after_a_crop_continues_from_the_kept_positions(calib_ids: torch.Tensor) -> None:
+    model = quantized(TOKEN, calib_ids)
+    set_runtime(model, "int8")
+    ids = calib_ids[:1, :10]
+    cropped, whole = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{cache_argument(model): cropped}, use_cache=True)
+        cropped.crop(-3)
+        again = model(ids[:, 7:], **{cache_argument(model): cropped}, use_cache=True).logits
+        reference = model(ids, **{cache_argument(model): whole}, use_cache=True).logits[:, 7:]
+    torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-5)  # (other GEMM shapes: not bit for bit)
+    assert torch.equal(cropped.layers[0].keys, whole.layers[0].keys)  # the re-fed positions get the same codes
+
+
+def test_the_workspace_is_reused_across_layers_and_grows() -> None:
+    from llmquant.nn.kv_storage import dequantize_states
+
+    codes = torch.randint(-127, 128, (2, 1, 2, 5, 4), dtype=torch.int8)
+    scales = torch.rand(2, 1, 2, 5, 1)
+    first = dequantize_states(codes, scales, torch.float32, "test")
+    assert torch.equal(first, codes.float() * scales)
+    second = dequantize_states(codes[..., :3, :], scales[..., :3, :], torch.float32, "test")
+    assert second.data_ptr() == first.data_ptr()  # the same buffer: valid until the next call
+    longer = dequantize_states(codes.repeat(1, 1, 1, 4, 1), scales.repeat(1, 1, 1, 4, 1), torch.bfloat16, "test")
+    assert longer.dtype == torch.bfloat16 and torch.equal(longer, (codes.float() * scales).repeat(1, 1, 1, 4, 1)
+                                                          .bfloat16())

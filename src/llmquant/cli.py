@@ -479,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     e.add_argument("--runtime", default="int8", choices=["int8", "fake"],
-                   help="int8 (default: int8 GEMMs for W8A8 Linears, int8 KV cache storage) or fake (simulated)")
+                   help="int8 (default: int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for "
+                        "W4 weight-only ones, int8 KV cache storage) or fake (simulated in float32)")
     e.add_argument("--quiet", action="store_true")
     _placement_flags(e)
     e.set_defaults(func=cmd_eval)
@@ -514,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", type=int, default=64, help="greedy decode steps after the prompt")
     b.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
     b.add_argument("--runtime", default="int8", choices=["int8", "fake"],
-                   help="int8 (int8 GEMMs for W8A8 Linears) or fake (simulated)")
+                   help="int8 (int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for W4 "
+                        "weight-only ones) or fake (simulated in float32)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     _placement_flags(b)
     b.set_defaults(func=cmd_bench)

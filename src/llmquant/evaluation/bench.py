@@ -119,13 +119,11 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def runtime_cache_bytes(model: nn.Module) -> int:
-    """Bytes a runtime keeps besides the state dict after a forward: `QuantLinear`'s cached dequantized
-    weight (fake runtime of an unpacked layer; the int8 runtime multiplies the stored codes directly)."""
+    """Bytes a runtime keeps besides the state dict after a forward (`QuantLinear.runtime_caches`: a cached
+    dequantized weight, the int4 kernel's copy of 4-bit codes; the int8 GEMM multiplies the stored codes)."""
     from llmquant.nn.quant_linear import QuantLinear
 
-    cached = [t for m in model.modules() if isinstance(m, QuantLinear)
-              for t in (m._dequantized,) if t is not None]
-    return _unique_bytes(cached)
+    return _unique_bytes(t for m in model.modules() if isinstance(m, QuantLinear) for t in m.runtime_caches())
 
 
 def disk_bytes(path: Path | None) -> int | None:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
 from llmquant.nn.int8_linear import (
     float_product,
     grouped_linear,
@@ -122,6 +123,7 @@ class QuantLinear(nn.Module):
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
         self._int8_call: tuple | None = None  # `_int8_args`
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
+        self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime: the int4 kernel's tensors
         self._supports_int8: bool | None = None
         self.runtime = "fake"
 
@@ -172,7 +174,16 @@ class QuantLinear(nn.Module):
         self._drop_caches()
 
     def _drop_caches(self) -> None:
-        self._dequantized = self._float_codes = self._int8_call = self._integer_codes = None
+        self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
+
+    def runtime_caches(self) -> list[torch.Tensor]:
+        """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
+        float32 (simulation) or unpacked to int8, the int4 kernel's copy of the codes and its bfloat16 scales."""
+        caches = [self._dequantized, self._float_codes, self._integer_codes if self.packed else None]
+        if self._int4_weight is not None:
+            w = self._int4_weight
+            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
+        return [tensor for tensor in caches if tensor is not None]
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point of the weight in the block view (``[n_blocks, 1]``, float)."""
@@ -243,9 +254,22 @@ class QuantLinear(nn.Module):
             self._integer_codes = self.codes().to(torch.int8)
         return self._integer_codes
 
+    @property
+    def supports_int4(self) -> bool:
+        """Whether this layer is a 4-bit weight-only (W4A16) one, which the integer runtime runs with the CPU's int4
+        kernel (`llmquant.nn.int4_linear`) where `int8_refusal` allows."""
+        w = self.weight_spec
+        return self.input_spec is None and w is not None and w.type == "int" and w.bits == 4
+
     def int8_refusal(self) -> str | None:
-        """Why the int8 kernel cannot run this (int8-capable) layer where it is, or None: CUDA's ``_int_mm``
-        takes only multiples of 8 for both inner and output sizes (its minimum of 17 rows is met by padding)."""
+        """Why the integer kernel cannot run this (int8- or int4-capable) layer where it is, or None: CUDA's
+        ``_int_mm`` takes only multiples of 8 for both inner and output sizes (its minimum of 17 rows is met by
+        padding); the int4 kernel runs on the CPU, in groups of a multiple of 32 columns (`int4_refusal`)."""
+        if self.supports_int4:
+            spec = self.weight_spec
+            assert spec is not None
+            group = spec.group_size if spec.granularity == "group" and spec.group_size else self.in_features
+            return int4_refusal(spec.bits, group, self.in_features, self.out_features, self.weight_scale.device)
         if self.weight_scale.device.type == "cuda" and (self.in_features % 8 or self.out_features % 8):
             return (f"torch._int_mm on CUDA needs in and out features that are multiples of 8, not "
                     f"{self.in_features} x {self.out_features}")
@@ -279,6 +303,21 @@ class QuantLinear(nn.Module):
             codes, scale = input_codes(rows, *input_args)
             y = scaled_product(codes, scale, self._float_codes, weight_scale, self.bias, float_product)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W4 weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`), with the
+        kernel's tensors built on the first call."""
+        if self._int4_weight is None:
+            spec = self.weight_spec
+            assert spec is not None and self.packed
+            def grid(qparam: torch.Tensor) -> torch.Tensor:  # [out, groups] of a stored scale or zero point
+                return qparam.reshape(-1, qparam.shape[-1]).float().expand(self.out_features, -1)
+            scale = grid(self.weight_scale)
+            zero = grid(self.weight_zero_point) if not spec.symmetric else torch.zeros_like(scale)
+            field_zero = zero + (2 ** (spec.bits - 1) - storage_offset(spec))  # the zero point of the packed fields
+            self._int4_weight = prepare_int4(self.weight_packed, scale, field_zero, self.in_features)
+        y = int4_linear(x.reshape(-1, self.in_features), self._int4_weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _grouped_forward(self, rows: torch.Tensor, input_args: list) -> torch.Tensor:
         """W4A8: one integer product per weight group (`grouped_linear`), int8 on the int8 runtime, float32 codes
@@ -328,6 +367,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is None and self.supports_int8:
             return self._integer_forward(x)
+        if self.runtime == "int8" and self.supports_int4:
+            return self._int4_forward(x)
         weight = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(self.quantize_input(x), weight, bias)
@@ -365,7 +406,8 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
     switched = 0
     reasons: set[str] = set()
     for module in model.modules():
-        if not isinstance(module, QuantLinear) or (runtime == "int8" and not module.supports_int8):
+        if not isinstance(module, QuantLinear) or (
+                runtime == "int8" and not (module.supports_int8 or module.supports_int4)):
             continue
         refusal = module.int8_refusal() if runtime == "int8" else None
         module.int8_fallback = refusal
