@@ -26,3 +26,9 @@ speed none_quarot --scheme none --pre-opt quarot          # the cost of the onli
 speed w8a8_token --scheme w_int8_per_channel_a_int8_per_token_dynamic
 speed w8a8_static --scheme w_int8_per_channel_a_int8_per_tensor_static
 speed w4_g64 --scheme w_uint4_per_group_asym --group-size 64
+speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic
+# the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process
+for batch in 1 8; do
+    .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \
+        --batch "$batch" --threads "$THREADS" | tail -1
+done

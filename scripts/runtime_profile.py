@@ -1,12 +1,13 @@
 """Where the CPU runtime spends its time: the figures of BENCHMARKS.md's "Speed on a quiet machine".
 
-    .venv/bin/python scripts/runtime_profile.py layer                 # one W8A8 Linear against float32, by rows
+    .venv/bin/python scripts/runtime_profile.py layer                 # W8A8 and W4 Linears against float32, by rows
     .venv/bin/python scripts/runtime_profile.py profile [--model DIR] # torch.profiler: a prefill and 8 decode steps
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
 
-``--threads`` (default 2). ``layer`` times ``QuantLinear`` (per-channel int8 weights, per-token int8 inputs, the
-int8 runtime) and ``nn.Linear`` at 1, 8 and 512 rows, medians of 200 calls; run it against an older commit with
+``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
+per-token int8 inputs; 4-bit weights in groups of 64) and ``nn.Linear`` at 1 to 512 rows, medians of 200 calls;
+run it against an older commit with
 ``git worktree add /tmp/old REV && PYTHONPATH=/tmp/old/src .venv/bin/python scripts/runtime_profile.py layer``.
 ``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
 generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
@@ -26,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 import llmquant
+from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.scheme import scheme_from_name
 
@@ -44,18 +46,20 @@ def median_us(call: Callable[[], object], repeats: int = 200) -> float:
 
 
 def layer() -> None:
-    scheme = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic")
-    for inputs, outputs in SHAPES:
-        linear = torch.nn.Linear(inputs, outputs, bias=False)
-        quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
-        set_runtime(quantized, "int8")
-        for rows in (1, 8, 512):
-            x = torch.randn(rows, inputs)
-            with torch.inference_mode():
-                float_us = median_us(lambda linear=linear, x=x: linear(x))
-                int8_us = median_us(lambda quantized=quantized, x=x: quantized(x))
-            print(f"{inputs} -> {outputs}, {rows} rows: float32 {float_us:8.1f} us, int8 {int8_us:8.1f} us, "
-                  f"ratio {float_us / int8_us:5.2f}")
+    """W8A8 (int8 GEMM) and W4 g64 asymmetric (int4 kernel / bfloat16 GEMM) Linears against float32, by rows."""
+    for name, group in (("w_int8_per_channel_a_int8_per_token_dynamic", None), ("w_uint4_per_group_asym", 64)):
+        scheme = scheme_from_name(name, group_size=group)
+        for inputs, outputs in SHAPES:
+            linear = torch.nn.Linear(inputs, outputs, bias=False)
+            quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
+            set_runtime(quantized, "int8")
+            for rows in (1, 8, 16, 32, 64, 512):
+                x = torch.randn(rows, inputs)
+                with torch.inference_mode():
+                    float_us = median_us(lambda linear=linear, x=x: linear(x))
+                    quantized_us = median_us(lambda quantized=quantized, x=x: quantized(x))
+                print(f"{name}: {inputs} -> {outputs}, {rows} rows: float32 {float_us:8.1f} us, quantized "
+                      f"{quantized_us:8.1f} us, ratio {float_us / quantized_us:5.2f}")
 
 
 def profile(model_dir: str | None) -> None:
@@ -68,12 +72,12 @@ def profile(model_dir: str | None) -> None:
         model(ids, logits_to_keep=1)
         with profiler(activities=[ProfilerActivity.CPU]) as prefill:
             out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token, argument = returned_cache(out), out.logits[:, -1:].argmax(-1), cache_argument(model)
         for _ in range(3):
-            cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+            cache = returned_cache(model(token, **{argument: cache}, use_cache=True))
         with profiler(activities=[ProfilerActivity.CPU]) as decode:
             for _ in range(8):
-                cache = model(token, past_key_values=cache, use_cache=True).past_key_values
+                cache = returned_cache(model(token, **{argument: cache}, use_cache=True))
     for what, result in (("prefill, 512 tokens, batch 1", prefill), ("8 decode steps, batch 1", decode)):
         print(what)
         print(result.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
@@ -102,7 +106,6 @@ def compiled_against_eager(model_dir: str, batch: int) -> None:
 
 
 def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) -> None:
-    from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
 
     models = {name: llmquant.load(path, device="cpu")[0] for name, path in (("int8 KV", model_dir),
                                                                              ("float KV", baseline_dir))}

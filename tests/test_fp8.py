@@ -137,3 +137,47 @@ def test_vllm_target_takes_the_fp8_kv_cache_and_says_fp8_linears_are_unverified(
     refused = check_recipe("vllm", Recipe.build(scheme="w_int8_per_channel_a_int8_per_token_dynamic",
                                                 kv_cache="int8_per_tensor"))
     assert refused and refused[0].refuse
+
+
+def test_per_head_blocks_are_one_head_each_and_undo_exactly() -> None:
+    from llmquant.quant.primitives import from_blocks, to_blocks
+
+    spec = QuantSpec(bits=8, type="float", granularity="attn_head")
+    states = torch.randn(2, 3, 5, 4)
+    blocks = to_blocks(states, spec)
+    assert blocks.shape == (3, 2 * 5 * 4)
+    assert torch.equal(blocks[1], states[:, 1].reshape(-1))  # row h holds every value of head h
+    assert torch.equal(from_blocks(blocks, states.shape, spec), states)
+    with pytest.raises(LlmquantError, match=r"'attn_head' quantizes keys and values .* not a tensor of shape \[4, 6\]"):
+        fake_quantize(torch.randn(4, 6), spec)
+
+
+def test_the_fp8_per_head_kv_cache_has_a_scale_per_head(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                        tmp_path: Path) -> None:
+    """Static per-head scales are each head's absmax / 448 over the calibration (their maximum is the per-tensor
+    scale), quantize each head on its own, load back with identical logits and are written as vLLM reads them."""
+    from llmquant.nn.kv_cache import KVCacheQuantizer
+
+    recipe = {"scheme": "w_fp8_per_channel", "kv_cache": "fp8_per_head"}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+    per_tensor = llmquant.quantize(make_model("llama"), {**recipe, "kv_cache": "fp8_per_tensor"}, calib=calib_ids,
+                                   progress=False)
+    heads = model.config.num_key_value_heads
+    by_head, whole = (next(m for m in net.modules() if isinstance(m, KVCacheQuantizer)) for net in (model, per_tensor))
+    assert by_head.k_scale.shape == by_head.v_scale.shape == (heads,)
+    assert torch.equal(by_head.k_scale.max().reshape(1), whole.k_scale)  # the first layer: the same keys calibrate
+    assert by_head.k_scale.min() < by_head.k_scale.max()
+    keys = torch.randn(1, heads, 6, 16) * torch.tensor([1.0, 0.01]).reshape(1, heads, 1, 1)
+    quantized, _ = by_head(keys, keys)
+    small_head_error = (quantized - keys)[:, 1].abs().max()
+    assert small_head_error <= 2.0**-4 * keys[:, 1].abs().max()  # relative to its own head's range (3 mantissa bits)
+    simulated = logits(model, eval_ids)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert config["kv_cache_scheme"]["strategy"] == "attn_head" and config["kv_cache_scheme"]["type"] == "float"
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as stored:
+        assert stored.get_tensor("model.layers.0.self_attn.k_scale").shape == (heads,)
+    for runtime in ("fake", "int8"):  # (the int8 runtime keeps per-head caches simulated)
+        assert torch.equal(logits(llmquant.load(tmp_path / "ckpt", runtime=runtime)[0], eval_ids), simulated)
+    assert not any(f.refuse for f in check_recipe("vllm", Recipe.build(scheme="w_fp8_per_channel",
+                                                                       kv_cache="fp8_per_head")))

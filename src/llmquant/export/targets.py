@@ -178,10 +178,10 @@ def vllm_linear_findings(scheme: Scheme) -> list[Finding]:
 
 def vllm_kv_findings(kv: QuantSpec | None) -> list[Finding]:
     """vLLM loads FP8 KV-cache schemes only: an INT8 one stops the model from loading."""
-    if kv is None or (kv.type == "float" and kv.granularity == "tensor" and not kv.dynamic):
+    if kv is None or (kv.type == "float" and kv.granularity in ("tensor", "attn_head") and not kv.dynamic):
         return []
-    return [_refuse(f"vLLM loads only FP8 KV-cache schemes (compressed-tensors type float, 8 bits, per tensor "
-                    f"or per head): a checkpoint with an INT8 KV cache ({kv.describe()}) fails to load there; "
+    return [_refuse(f"vLLM loads only FP8 KV-cache schemes (compressed-tensors type float, 8 bits, static, per "
+                    f"tensor or per head): a checkpoint with this KV cache ({kv.describe()}) fails to load there; "
                     "quantize without the KV cache and let vLLM quantize it at serve time (--kv-cache-dtype fp8)")]
 
 

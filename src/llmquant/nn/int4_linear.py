@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DECODE_MAX_ROWS = 16  # rows up to which torch's int4 kernel runs; the dequantized bfloat16 GEMM from there on
+DECODE_MAX_ROWS = 64  # rows up to which torch's int4 kernel runs; the dequantized bfloat16 GEMM from there on
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
 KERNEL_ROW_MULTIPLE = 16  # its output features must be a multiple of 16
 FIELD_OFFSET = 8  # the kernel's codes are fields u in [0, 15] with W_hat = (u - 8) * s + offset

@@ -12,7 +12,9 @@ That is the simulation (the ``fake`` runtime). On the ``int8`` runtime the cache
 told so by the flag ``_llmquant_kv_stored`` the attention's pre-hook sets, rotates only the query.
 
 Granularity: ``tensor`` is one scale per layer for K and one for V (static: calibrated; dynamic: from
-the current tensor); ``token`` is one scale per (batch, kv head, position) over head_dim, dynamic.
+the current tensor); ``attn_head`` one static scale per KV head (``k_scale`` / ``v_scale`` ``[heads]``, sized
+by the first calibration or the checkpoint); ``token`` is one scale per (batch, kv head, position) over
+head_dim, dynamic.
 Scale names follow compressed-tensors: ``k_scale`` and ``v_scale`` on the attention module.
 """
 
@@ -62,9 +64,24 @@ class KVCacheQuantizer(nn.Module):
             return
         for observer in self.observers:
             observer.reduce(ranks)
-        self.k_scale.copy_(self.observers[0].qparams()[0].reshape(1))
-        self.v_scale.copy_(self.observers[1].qparams()[0].reshape(1))
+        self._set_scales(self.observers[0].qparams()[0].reshape(-1), self.observers[1].qparams()[0].reshape(-1))
         self.observers = None
+
+    def _set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+        """The static scales, one per tensor or per head (the buffers take the size of what is given)."""
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            buffer = self._buffers[name]
+            if buffer.shape != scale.shape:
+                self._buffers[name] = torch.empty(scale.shape, dtype=buffer.dtype, device=buffer.device)
+            self._buffers[name].copy_(scale)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint's per-head scales resize the buffers before they load."""
+        if not self.spec.dynamic and self.spec.granularity == "attn_head":
+            k_scale, v_scale = state_dict.get(prefix + "k_scale"), state_dict.get(prefix + "v_scale")
+            if k_scale is not None and v_scale is not None:
+                self._set_scales(k_scale.reshape(-1), v_scale.reshape(-1))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.observing:
@@ -74,10 +91,11 @@ class KVCacheQuantizer(nn.Module):
             return key, value
         if self.spec.dynamic:
             return fake_quantize(key, self.spec), fake_quantize(value, self.spec)
-        zero = torch.zeros(1, 1, device=key.device)
+        k_scale, v_scale = self.k_scale.reshape(-1, 1), self.v_scale.reshape(-1, 1)  # [1 or heads, 1]
+        zero = torch.zeros_like(k_scale)
         return (
-            fake_quantize(key, self.spec, self.k_scale.reshape(1, 1), zero),
-            fake_quantize(value, self.spec, self.v_scale.reshape(1, 1), zero),
+            fake_quantize(key, self.spec, k_scale, zero),
+            fake_quantize(value, self.spec, v_scale, zero),
         )
 
 

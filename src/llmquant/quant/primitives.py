@@ -21,9 +21,15 @@ MIN_SCALE = 1e-8
 
 
 def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Reshape ``x`` so that each row is one block sharing a scale (a view when possible)."""
+    """Reshape ``x`` so that each row is one block sharing a scale (a view when possible; `from_blocks` undoes it)."""
     if spec.granularity == "tensor":
         return x.reshape(1, -1)
+    if spec.granularity == "attn_head":  # keys or values [b, h, s, d]: one block per head
+        if x.dim() != 4:
+            raise LlmquantError(f"granularity 'attn_head' quantizes keys and values [batch, heads, positions, "
+                                f"head_dim], not a tensor of shape {list(x.shape)}; weights and activations take "
+                                "tensor, channel, group or token")
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
     if spec.granularity == "channel":
         return x.reshape(x.shape[0], -1)
     if spec.granularity == "token":
@@ -36,6 +42,13 @@ def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
             f"use a group size that divides it"
         )
     return x.reshape(-1, group_size)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
+    """The tensor of ``shape`` whose block view (`to_blocks`) is ``blocks``."""
+    if spec.granularity == "attn_head":
+        return blocks.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    return blocks.reshape(shape)
 
 
 def block_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +90,14 @@ def quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes of ``x`` in its own shape, in `QuantSpec.code_dtype` (int8, uint8 for unsigned 8-bit, float8)."""
-    codes = quantize_blocks(to_blocks(x, spec), scale, zero, spec).reshape(x.shape)
+    codes = from_blocks(quantize_blocks(to_blocks(x, spec), scale, zero, spec), x.shape, spec)
     return codes.to(spec.code_dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Float values of codes ``q`` (any integer dtype, or float8) in ``q``'s shape."""
     blocks = to_blocks(q.float(), spec)
-    return ((blocks - zero) * scale).reshape(q.shape)
+    return from_blocks((blocks - zero) * scale, q.shape, spec)
 
 
 def fake_quantize(
@@ -101,7 +114,7 @@ def fake_quantize(
         )
     assert zero is not None
     codes = quantize_blocks(blocks, scale, zero, spec)
-    return ((codes - zero) * scale).reshape(x.shape).to(x.dtype)
+    return from_blocks((codes - zero) * scale, x.shape, spec).to(x.dtype)
 
 
 def qparams_for(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,6 +44,7 @@ KV_CACHE = {
     "int8_per_tensor_dynamic": _int8("tensor", dynamic=True),
     "int8_per_token": _int8("token", dynamic=True),
     "fp8_per_tensor": _fp8("tensor"),  # static k_scale / v_scale: what vLLM reads
+    "fp8_per_head": _fp8("attn_head"),  # static k_scale / v_scale [kv heads]: vLLM's strategy "attn_head"
     # QuaRot's KV4: 4-bit asymmetric, one scale and zero point per token and head (a group of head_dim values)
     "int4_per_token_asym": QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True),
 }

@@ -6,7 +6,9 @@ block of the tensor, and the block is
 - ``tensor``:  the whole tensor,
 - ``channel``: one output row of a weight ``[out, in]`` (reduce over ``in``),
 - ``group``:   ``group_size`` consecutive inputs of one row (reduce over each slice of ``in``),
-- ``token``:   one token of an activation ``[..., features]`` (reduce over ``features``).
+- ``token``:   one token of an activation ``[..., features]`` (reduce over ``features``);
+- ``attn_head``: one attention head of keys or values ``[batch, heads, positions, head_dim]`` (a static scale per
+  KV head: compressed-tensors' strategy of that name, which vLLM reads as per-head ``k_scale`` / ``v_scale``).
 
 Integer ranges (said once here, used everywhere):
 
@@ -29,7 +31,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-Granularity = Literal["tensor", "channel", "group", "token"]
+Granularity = Literal["tensor", "channel", "group", "token", "attn_head"]
 ObserverName = Literal["minmax", "percentile", "mse"]
 NumberType = Literal["int", "float"]
 FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
