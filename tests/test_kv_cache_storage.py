@@ -143,12 +143,18 @@ def test_beam_search_reorders_codes_and_scales_together(calib_ids: torch.Tensor)
     assert torch.equal(stored.sequences, generate(model, prompt, num_beams=3).sequences)
 
 
-def test_crop_and_reset_keep_codes_and_scales_aligned(calib_ids: torch.Tensor) -> None:
+def prefilled(calib_ids: torch.Tensor, tokens: int = 10) -> tuple[torch.nn.Module, DynamicCache]:
+    """A per-token INT8 KV model on the int8 runtime and its cache after a prefill of ``tokens`` tokens."""
     model = quantized(TOKEN, calib_ids)
     set_runtime(model, "int8")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(calib_ids[:1, :10], **{cache_argument(model): cache}, use_cache=True)
+        model(calib_ids[:1, :tokens], **{cache_argument(model): cache}, use_cache=True)
+    return model, cache
+
+
+def test_crop_and_reset_keep_codes_and_scales_aligned(calib_ids: torch.Tensor) -> None:
+    model, cache = prefilled(calib_ids)
     layer = cache.layers[0]
     cache.crop(-3)  # remove the last three positions
     assert layer.keys.shape[-2] == layer.key_scales.shape[-2] == layer.value_scales.shape[-2] == 7
@@ -243,14 +249,11 @@ def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, calib
 
 
 def test_a_decode_step_writes_one_position_into_the_store(calib_ids: torch.Tensor) -> None:
-    model = quantized(TOKEN, calib_ids)
-    set_runtime(model, "int8")
-    cache = DynamicCache(config=model.config)
+    model, cache = prefilled(calib_ids)
+    layer = cache.layers[0]
+    store = layer._stores["codes"].tensor
+    before = layer.keys.clone()
     with torch.no_grad():
-        model(calib_ids[:1, :10], **{cache_argument(model): cache}, use_cache=True)
-        layer = cache.layers[0]
-        store = layer._stores["codes"].tensor
-        before = layer.keys.clone()
         model(calib_ids[:1, 10:11], **{cache_argument(model): cache}, use_cache=True)
     assert layer._stores["codes"].tensor is store  # room was left: no copy of the cache
     assert layer.keys.shape[-2] == 11 and torch.equal(layer.keys[..., :10, :], before)
