@@ -10,12 +10,11 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from llmquant.device import device_of
-from llmquant.errors import LlmquantError
+from llmquant.model.likelihood import next_token_nll
 
 GPU_BATCH = 8  # windows per forward on a GPU (one at a time on a CPU, where batching gains nothing)
 
@@ -31,13 +30,9 @@ def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = False, 
     total_nll, count = 0.0, 0
     chunks = windows.split(batch)
     for chunk in tqdm(chunks, desc="perplexity", unit="batch" if batch > 1 else "window", disable=not progress):
-        chunk = chunk.to(device)
-        logits = model(chunk, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum")
-        if not torch.isfinite(nll):
-            raise LlmquantError("the model produced NaN or inf logits: the perplexity would be meaningless")
-        total_nll += float(nll)
-        count += chunk[:, 1:].numel()
+        nll, predicted = next_token_nll(model, chunk)
+        total_nll += nll
+        count += predicted
     return math.exp(total_nll / count)
 
 

@@ -13,25 +13,22 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llmquant.device import device_of
+from llmquant.model.likelihood import next_token_nll
 from llmquant.nn.kv_cache import set_kv_clip
 from llmquant.nn.quant_linear import set_input_clip
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-@torch.no_grad()
 def mean_nll(model: nn.Module, ids: torch.Tensor) -> float:
     """Mean next-token negative log-likelihood of ``model`` on token ids ``[n, T]`` (one sample a forward)."""
-    device, total = device_of(model), 0.0
+    total, count = 0.0, 0
     for row in ids:
-        row = row[None].to(device)
-        logits = model(row, use_cache=False).logits[0, :-1].float()
-        total += float(F.cross_entropy(logits, row[0, 1:], reduction="sum"))
-    return total / (ids.shape[0] * (ids.shape[1] - 1))
+        nll, predicted = next_token_nll(model, row[None])
+        total, count = total + nll, count + predicted
+    return total / count
 
 
 def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, ...]) -> dict:
