@@ -1,6 +1,7 @@
 """Side-by-side: llm-compressor on the default model, with llmquant's calibration samples and perplexity
 protocol (same windows, same formula), for W8A8 in int8 or FP8 (optionally after SmoothQuant or a rotation, with
-an FP8 KV cache) and for weight-only W4/W3 per group by round to nearest, GPTQ or AWQ.
+an FP8 KV cache), for W4A8 and W4A4 (int4 weights, int8 or int4 inputs per token, dynamic) and for weight-only W4/W3
+per group by round to nearest, GPTQ or AWQ.
 
 llm-compressor lives in its own throw-away environment (it pins its own dependencies):
 
@@ -13,6 +14,9 @@ llm-compressor lives in its own throw-away environment (it pins its own dependen
         --schemes w_int8_per_tensor_a_int8_per_tensor_static --out bench/llmc_rot_hadamard.json
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
         w_fp8_per_channel_a_fp8_per_token_dynamic --out bench/llmc_fp8.json      # presets FP8, FP8_DYNAMIC
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --rotation spinquant-random-hadamard --algorithm gptq \
+        --schemes w_int4_per_group_sym_a_int8_per_token_dynamic w_int4_per_channel_sym_a_int4_per_token_dynamic \
+        --out bench/llmc_spinquant_w4a8_w4a4.json                                  # issue 19's W4A8 / W4A4 cells
 
 Writes the same JSON shape as benchmark_w8a8.py (rows of scheme, ppl, ratio, seconds), so
 scripts/w8a8_table.py can put both side by side; each row also names its "algorithm" and "recipe". A run
@@ -54,6 +58,10 @@ W8A8 = {  # seed-000 names -> (weight strategy, activation strategy, dynamic)
 FP8 = {  # llmquant names -> llm-compressor's FP8 presets (E4M3)
     "w_fp8_per_tensor_a_fp8_per_tensor_static": "FP8",
     "w_fp8_per_channel_a_fp8_per_token_dynamic": "FP8_DYNAMIC",
+}
+LOW_BIT = {  # W4A8 and W4A4: (weight bits, weight strategy, activation bits); symmetric, inputs per token, dynamic
+    "w_int4_per_group_sym_a_int8_per_token_dynamic": (4, "group", 8),
+    "w_int4_per_channel_sym_a_int4_per_token_dynamic": (4, "channel", 4),
 }
 WEIGHT_ONLY = {  # llmquant names -> (llm-compressor preset whose weights are taken, symmetric)
     "w_int4_per_group_sym": ("W4A16", True),
@@ -97,6 +105,17 @@ def scheme_for(name: str, group_size: int) -> tuple[QuantizationScheme, str]:
         )
         return scheme, f"int8 sym weights per {weight}, int8 sym inputs per {activation} " + (
             "dynamic" if dynamic else "static")
+    if name in LOW_BIT:
+        bits, strategy, input_bits = LOW_BIT[name]
+        group = group_size if strategy == "group" else None
+        scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy=strategy, group_size=group),
+            input_activations=QuantizationArgs(num_bits=input_bits, type="int", symmetric=True, strategy="token",
+                                               dynamic=True),
+        )
+        grain = f"group {group}" if group else strategy
+        return scheme, f"int{bits} sym weights per {grain}, int{input_bits} sym inputs per token dynamic"
     if name in FP8:
         fp8 = PRESET_SCHEMES[FP8[name]]
         inputs = fp8["input_activations"]
@@ -148,10 +167,10 @@ def recipe_for(name: str, algorithm: str, group_size: int, alpha: float | None, 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--schemes", nargs="+", default=list(W8A8), choices=[*W8A8, *FP8, *WEIGHT_ONLY])
+    parser.add_argument("--schemes", nargs="+", default=list(W8A8), choices=[*W8A8, *FP8, *LOW_BIT, *WEIGHT_ONLY])
     parser.add_argument("--algorithm", choices=["rtn", "gptq", "awq"], default="rtn",
                         help="rtn = QuantizationModifier alone (min-max round to nearest)")
-    parser.add_argument("--group-size", type=int, default=64, help="for the weight-only schemes")
+    parser.add_argument("--group-size", type=int, default=64, help="for the weight-only and W4A8 schemes")
     parser.add_argument("--alpha", type=float, default=None, help="SmoothQuant strength; omit for none")
     parser.add_argument("--rotation", choices=list(ROTATIONS), default=None)
     parser.add_argument("--bypass-divisibility-checks", action="store_true",
