@@ -6,12 +6,13 @@ output rounded to bfloat16. Two paths, chosen by the number of rows:
 - up to `DECODE_MAX_ROWS` (a decode step, a GEMV-like shape that reads the weight once per row block): torch's CPU
   int4 kernel ``aten._weight_int4pack_mm_for_cpu``, which reads the 4-bit codes in its own layout (made once per
   layer, half a byte a weight) with one (scale, offset) pair per group: W_hat = (u - 8) * s + (8 - z) * s. On this
-  CPU (AMD EPYC, 2 threads) a 576 -> 1536 layer at one row: 41 us against 102 us for the float32 Linear.
+  CPU (AMD EPYC, 2 threads; `scripts/runtime_profile.py layer`) a 576 -> 1536 layer at one row: 38 us against 73 us
+  for the float32 Linear; at 64 rows both about 0.68 ms.
 - more rows (a prefill, compute-bound): the weight dequantized to bfloat16 straight from the checkpoint's packed
   int32 words, read as bytes (two codes a byte, the even one in the low nibble: compressed-tensors' 4-bit layout on a
-  little-endian machine), then one bfloat16 GEMM (oneDNN; avx512_bf16 here). At 512 rows: 0.4 ms of dequantization
-  and 2.4 ms of GEMM against 5.7 ms for the float32 Linear. torch's int4 kernel takes 6.7 ms there: it does not use
-  the bfloat16 dot-product instructions.
+  little-endian machine), then one bfloat16 GEMM (oneDNN; avx512_bf16 here). At 512 rows: 2.8 ms (about 0.4 of it
+  the dequantization) against 4.7 ms for the float32 Linear. torch's int4 kernel is slower than float32 there (it
+  does not use the bfloat16 dot-product instructions), the dequantized GEMM below about 64 rows.
 
 A deviation from the simulation, on purpose: the simulation (``fake`` runtime) computes in float32, this kernel in
 bfloat16 as the W4A16 kernels it stands for; the difference is the rounding of bfloat16 (relative 2^-8 per value;

@@ -17,8 +17,9 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
 - appends the codes and one scale per (batch, kv head or 1, position) along the sequence, in place: the stores
   grow by `GROWTH` positions at a time (a decode step writes one position instead of copying the whole cache as
   ``torch.cat`` does, which transformers' float layer pays at every step);
-- returns the dequantized keys and values of the whole sequence, x_hat = q * s, made in one pass (the int8 codes
-  promoted by their float scales in a single multiplication).
+- returns the dequantized keys and values of the whole sequence, x_hat = q * s (the codes converted, then scaled
+  in place), written into a per-thread workspace that every layer reuses: they are valid until the next update of
+  an int8 cache layer in the same thread, which is after the attention that reads them.
 
 The hook tells the attention wrapper that the keys it receives are already rotated and quantized: the wrapper
 then rotates only the query and quantizes nothing again.
@@ -67,10 +68,11 @@ def scale_shape(states: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
 def quantize_states(
     states: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit codes of ``states`` ``[..., b, h, s, d]`` and their scales ``[b, h, s, 1]`` (per token) or ``[b, 1, s, 1]``
-    (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or, when None, absmax / 127
-    over head_dim (per token) or over all of ``states`` (per tensor). The values of `fake_quantize`; integer codes by
-    the few operations of the int8 Linears' input codes (`input_codes`: a decode step pays for each operation)."""
+    """8-bit codes of ``states`` ``[..., b, h, s, d]`` and their scales ``[..., b, h, s, 1]`` (per token) or
+    ``[..., b, 1, s, 1]`` (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or,
+    when None, absmax / 127 over head_dim (per token) or over all of ``states`` (per tensor). The values of
+    `fake_quantize`; integer codes by the few operations of the int8 Linears' input codes (`input_codes`: a decode
+    step pays for each operation)."""
     static = None if scale is None else scale.reshape(1, 1).float()
     if spec.type == "int":
         codes, scale = input_codes(states.float(), spec.granularity if static is None else None, static,
