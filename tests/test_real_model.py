@@ -34,3 +34,23 @@ def test_default_model_w8a8_per_token_round_trip(tmp_path: Path) -> None:
         set_runtime(model, "int8")
         assert torch.equal(model(ids).logits, llmquant.load(tmp_path / "ckpt")[0](ids).logits)  # int8 by default
     assert loaded_tokenizer("def f():")["input_ids"] == tokenizer("def f():")["input_ids"]
+
+
+def test_default_model_w4_runs_on_the_int4_kernel_within_bfloat16_of_the_simulation() -> None:
+    """Every Linear of the real model's shapes (576, 192 and 1536 outputs, groups of 64) takes the CPU's int4 kernel
+    on the int8 runtime: a 128-token prefill (the bfloat16 GEMM of the dequantized weight) and one token per sequence
+    (the kernel itself) stay within bfloat16's rounding of the simulation, the perplexity within 1%."""
+    model, tokenizer = llmquant.load(None)
+    windows = data.eval_windows(data.tokenize(tokenizer, data.corpus("pydoc", "eval")), 128, 2)
+    recipe = {"scheme": "w_uint4_per_group_asym", "group_size": 64, "calib": {"samples": 2, "seqlen": 128}}
+    llmquant.quantize(model, recipe, tokenizer, progress=False)
+    figures = {}
+    with torch.no_grad():
+        for runtime in ("fake", "int8"):
+            switched = set_runtime(model, runtime)
+            figures[runtime] = (model(windows).logits, model(windows[:, :1]).logits, perplexity(model, windows))
+    assert switched == 7 * 30  # q, k, v, o, gate, up and down of every layer
+    for simulated, kernel in zip(figures["fake"][:2], figures["int8"][:2], strict=True):
+        assert 0 < (kernel - simulated).abs().max() <= 0.05 * simulated.abs().max()
+        assert (kernel.argmax(-1) == simulated.argmax(-1)).float().mean() > 0.95
+    assert figures["int8"][2] == pytest.approx(figures["fake"][2], rel=0.01)
