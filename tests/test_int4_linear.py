@@ -36,7 +36,7 @@ def _bf16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).double() @ weight.t() + layer.bias.double()
 
 
-@pytest.mark.parametrize("rows", [1, 3, int4_linear.DECODE_MAX_ROWS, int4_linear.DECODE_MAX_ROWS + 1, 64])
+@pytest.mark.parametrize("rows", [1, 3, int4_linear.DECODE_MAX_ROWS, int4_linear.DECODE_MAX_ROWS + 1, 200])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
 def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int) -> None:
     layer = _layer(spec)
