@@ -92,6 +92,8 @@ lowbit() {  # issue 19's table, most telling cells first: W4A4, W4A4KV4, W4A8 by
         local fields=${!row}
         cells+=("lb_${row}_rtn" "{$fields}" "lb_${row}_gptq" "{$fields, $gptq}")
     done
+    # llm-compressor's SpinQuantModifier rotations (R1 + R2, nothing online) for the side-by-side with it
+    cells+=("lb_w4a8_r12_gptq" "{$w4a8, $gptq, \"pre_opts\": [$R12]}")
     local lanes=${LANES:-1} lane=${LANE:-0}
     for ((i = 0; i < ${#cells[@]} / 2; i++)); do
         if ((i % lanes == lane)); then run "${cells[2 * i]}" "${cells[2 * i + 1]}" --corpora pydoc stdlib; fi

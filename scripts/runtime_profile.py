@@ -4,6 +4,7 @@
     .venv/bin/python scripts/runtime_profile.py profile [--model DIR] # torch.profiler: a prefill and 8 decode steps
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
+    .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64) and ``nn.Linear`` at 1 to 512 rows, medians of 200 calls;
@@ -129,9 +130,42 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
           + f"; float KV / int8 KV {medians['float KV'] / medians['int8 KV']:.3f}")
 
 
+def dequant() -> None:
+    """The micro-measurements behind the INT8 KV cache's and the W4 path's dequantization (2 x 3 x 544 x 64 cached
+    values, one decode step of the default model's layer; a 576 -> 1536 4-bit weight)."""
+    from llmquant.nn.int4_linear import dequantize_bf16, prepare_int4
+    from llmquant.nn.kv_storage import dequantize_states
+    from llmquant.quant.packing import pack_int32
+
+    codes = torch.randint(-127, 128, (2, 1, 3, 1024, 64), dtype=torch.int8)
+    scales = torch.rand(2, 1, 3, 1024, 1)
+    length = [544]
+
+    def growing_fresh() -> torch.Tensor:  # a new output one position longer at every call, as a decode step makes
+        length[0] += 1
+        return torch.mul(codes[..., : length[0], :], scales[..., : length[0], :])
+
+    def growing_reused() -> torch.Tensor:
+        length[0] += 1
+        return dequantize_states(codes[..., : length[0], :], scales[..., : length[0], :], torch.float32, "bench")
+
+    view, scale_view = codes[..., :544, :], scales[..., :544, :]
+    out = torch.empty(view.shape)
+    timings = {"growing output, fresh tensor (one multiplication)": growing_fresh,
+               "growing output, reused workspace (convert, scale in place)": growing_reused,
+               "one multiplication promoting int8": lambda: torch.mul(view, scale_view, out=out),
+               "convert, then scale in place": lambda: out.copy_(view).mul_(scale_view)}
+    for name, call in timings.items():
+        length[0] = 544
+        print(f"KV dequantization, {name}: {median_us(call, repeats=300):.1f} us")
+    words = pack_int32(torch.randint(-8, 8, (1536, 576), dtype=torch.int32), 4)
+    weight = prepare_int4(words, torch.rand(1536, 9) * 0.01, torch.full((1536, 9), 8.0), 576)
+    print(f"W4 576 -> 1536 dequantized to bfloat16: {median_us(lambda: dequantize_bf16(weight)):.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layer", "profile", "compile", "kv"])
+    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant"])
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
     parser.add_argument("--batch", type=int, default=1)
@@ -142,6 +176,8 @@ def main() -> None:
         layer()
     elif args.what == "profile":
         profile(args.model)
+    elif args.what == "dequant":
+        dequant()
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

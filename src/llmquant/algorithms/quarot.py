@@ -46,7 +46,7 @@ from llmquant.model.patterns import (
 )
 from llmquant.nn.kv_cache import enable_kv_quantization, uses_llmquant_attention
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation
-from llmquant.quant.rotation import Fallback, Rotation, rotation_for
+from llmquant.quant.rotation import Fallback, Rotation, rotate_blocks, rotation_for
 
 ROTATIONS = ("R1", "R2", "R3", "R4", "R5")
 DEFAULT_ROTATIONS = ("R1", "R2", "R3", "R4")
@@ -279,16 +279,13 @@ def plan_quarot(
 
 # --- transforms: pure functions on weights (float64 inside) -------------------------------------------
 def rotate_input_side(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """W <- W Q on each block of ``rotation.n`` input columns (W [out, in], in = blocks * n)."""
-    blocks = weight.reshape(weight.shape[0], -1, rotation.n)
-    return rotation.apply(blocks.double()).reshape(weight.shape).to(weight.dtype)
+    """W <- W Q on each block of ``rotation.n`` input columns (W [out, in], in = blocks * n), in float64."""
+    return rotate_blocks(weight.double(), rotation.n, "input", rotation.apply).to(weight.dtype)
 
 
 def rotate_output_side(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """W <- Q^T W on each block of ``rotation.n`` output rows (a bias [out] is rotated the same way)."""
-    if weight.dim() == 1:
-        return rotation.apply(weight.double().reshape(-1, rotation.n)).reshape(weight.shape).to(weight.dtype)
-    return rotate_input_side(weight.T, rotation).T.contiguous()
+    """W <- Q^T W on each block of ``rotation.n`` output rows (a bias [out] is rotated the same way), in float64."""
+    return rotate_blocks(weight.double(), rotation.n, "output", rotation.apply).to(weight.dtype).contiguous()
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from llmquant.quant import QuantSpec, fake_quantize
+from llmquant.quant.rotation import rotate_blocks
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,8 @@ class _Rotate(nn.Module):
         self.u, self.side = u, side
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        n, u = self.u.shape[0], self.u.to(w.dtype)
-        if w.dim() == 1:
-            return (w.reshape(-1, n) @ u).reshape(w.shape)
-        if self.side == "input":
-            return (w.reshape(w.shape[0], -1, n) @ u).reshape(w.shape)
-        return (w.T.reshape(w.shape[1], -1, n) @ u).reshape(w.shape[1], w.shape[0]).T
+        u = self.u.to(w.dtype)
+        return rotate_blocks(w, u.shape[0], self.side, lambda blocks: blocks @ u)
 
 
 class _Switch:

@@ -90,8 +90,9 @@ def quantize_states(
 def dequantize_states(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype, slot: str | None = None
                       ) -> torch.Tensor:
     """x_hat = q * s, in ``dtype`` (what `fake_quantize` returns for a symmetric spec): the codes converted (exact)
-    into the output, then scaled in place: two vectorised passes, twice as fast here as one multiplication that
-    promotes int8 on the fly. With a ``slot``, the output is this thread's workspace for it (`workspace`)."""
+    into the output, then scaled in place: two vectorised passes, faster here than one multiplication that promotes
+    int8 on the fly (`scripts/runtime_profile.py dequant`). With a ``slot``, the output is this thread's workspace
+    for it (`workspace`)."""
     out = (workspace(slot, codes.shape, dtype, codes.device) if slot is not None
            else torch.empty(codes.shape, dtype=dtype, device=codes.device))
     return out.copy_(codes).mul_(scales)
@@ -103,8 +104,8 @@ _workspaces = threading.local()
 def workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor of ``shape`` in this thread's buffer ``slot``, reused by every int8 cache layer: the dequantized keys
     and values a layer returns live only until the attention that reads them is done, and a new tensor of a growing
-    size at every decode step would come from fresh pages of memory each time (0.9 ms against 40 us for 2 x 3 x 544
-    x 64 values, here). The buffer grows to twice what is asked when too small."""
+    size at every decode step can come from fresh pages of memory each time, depending on the allocator's history
+    (`scripts/runtime_profile.py dequant`). The buffer grows to twice what is asked when too small."""
     buffers = _workspaces.__dict__.setdefault("buffers", {})
     size = math.prod(shape)
     buffer = buffers.get(slot)

@@ -31,25 +31,33 @@ def mean_nll(model: nn.Module, ids: torch.Tensor) -> float:
     return total / count
 
 
-def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, ...]) -> dict:
-    nll = {}
+def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, ...],
+            known: dict[float, float] | None = None) -> tuple[dict, float]:
+    """Try every ratio of ``grid`` (those in ``known`` were measured already, in the same model state), keep the best;
+    return what was measured and the best mean NLL."""
+    nll = dict(known or {})
     for ratio in grid:
-        apply(model, ratio)
-        nll[ratio] = mean_nll(model, held_out)
+        if ratio not in nll:
+            apply(model, ratio)
+            nll[ratio] = mean_nll(model, held_out)
+    nll = {ratio: nll[ratio] for ratio in grid}
     best = min(nll, key=lambda r: (nll[r], -r))  # ties: the larger ratio (less clamping)
     apply(model, best)
-    return {"ratio": best, "ppl_by_ratio": {f"{r:g}": round(math.exp(v), 4) for r, v in nll.items()}}
+    return {"ratio": best, "ppl_by_ratio": {f"{r:g}": round(math.exp(v), 4) for r, v in nll.items()}}, nll[best]
 
 
 def search_clip_ratios(model: nn.Module, held_out: torch.Tensor, activations: bool = True, kv_cache: bool = True,
                        grid: tuple[float, ...] = CLIP_GRID) -> dict:
     """Choose and set the clip ratios of ``model``'s dynamic input quantizers, then of its dynamic KV-cache ones, on
-    token ids ``held_out`` ``[n, T]``; return what was measured (perplexity on the held-out samples per ratio)."""
+    token ids ``held_out`` ``[n, T]``; return what was measured (perplexity on the held-out samples per ratio). The
+    KV cache is unclipped during the first search, so its ratio 1.0 is that search's best: not measured twice."""
     found: dict = {"samples": held_out.shape[0], "grid": list(grid)}
+    searches_kv = kv_cache and set_kv_clip(model, 1.0) > 0
+    known: dict[float, float] = {}
     if activations and set_input_clip(model, 1.0):
-        found["activations"] = _search(model, held_out, set_input_clip, grid)
-    if kv_cache and set_kv_clip(model, 1.0):
-        found["kv_cache"] = _search(model, held_out, set_kv_clip, grid)
+        found["activations"], known[1.0] = _search(model, held_out, set_input_clip, grid)
+    if searches_kv:
+        found["kv_cache"], _ = _search(model, held_out, set_kv_clip, grid, known)
     return found
 
 

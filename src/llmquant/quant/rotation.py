@@ -19,6 +19,7 @@ Maths in float64 (`apply` computes in float64 and casts back), as QuaRot's refer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -122,6 +123,19 @@ def learned_rotation(matrix: torch.Tensor, label: str) -> Rotation:
     return Rotation(n, "learned", label=label, dense=q)
 
 
+def rotate_blocks(weight: torch.Tensor, n: int, side: str,
+                  apply: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``apply`` (x -> x Q on rows of ``n`` values) on each block of ``n`` input columns of ``weight`` [out, in]
+    (``side="input"``: W <- W Q) or of ``n`` output rows (``"output"``: W <- Q^T W); a vector (a bias [out]) is
+    rotated in blocks of ``n`` on either side. The result has ``weight``'s shape (a transposed view for the output
+    side)."""
+    if weight.dim() == 1:
+        return apply(weight.reshape(-1, n)).reshape(weight.shape)
+    if side == "output":
+        return rotate_blocks(weight.T, n, "input", apply).T
+    return apply(weight.reshape(weight.shape[0], -1, n)).reshape(weight.shape)
+
+
 def rotation_for(n: int, randomize: bool, seed: int, fallback: Fallback) -> Rotation | None:
     """A Hadamard rotation of size n when one can be built, else the fallback (None for ``skip``)."""
     if is_constructible(n):
@@ -131,4 +145,4 @@ def rotation_for(n: int, randomize: bool, seed: int, fallback: Fallback) -> Rota
     return Rotation(n, fallback, seed=seed)
 
 
-__all__ = ["Fallback", "Rotation", "RotationKind", "learned_rotation", "rotation_for"]
+__all__ = ["Fallback", "Rotation", "RotationKind", "learned_rotation", "rotate_blocks", "rotation_for"]
