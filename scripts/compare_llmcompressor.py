@@ -14,6 +14,10 @@ llm-compressor lives in its own throw-away environment (it pins its own dependen
         --schemes w_int8_per_tensor_a_int8_per_tensor_static --out bench/llmc_rot_hadamard.json
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
         w_fp8_per_channel_a_fp8_per_token_dynamic --out bench/llmc_fp8.json      # presets FP8, FP8_DYNAMIC
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_block128_a_fp8_group128_dynamic \
+        --out bench/llmc_fp8_block.json                                            # preset FP8_BLOCK
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_channel_a_fp8_per_token_dynamic \
+        --kv-cache-fp8 --out bench/llmc_fp8_kv.json                                # FP8_DYNAMIC + FP8 KV cache
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --rotation spinquant-random-hadamard --algorithm gptq \
         --schemes w_int4_per_group_sym_a_int8_per_token_dynamic w_int4_per_channel_sym_a_int4_per_token_dynamic \
         --out bench/llmc_spinquant_w4a8_w4a4.json                                  # issue 19's W4A8 / W4A4 cells
@@ -58,6 +62,7 @@ W8A8 = {  # seed-000 names -> (weight strategy, activation strategy, dynamic)
 FP8 = {  # llmquant names -> llm-compressor's FP8 presets (E4M3)
     "w_fp8_per_tensor_a_fp8_per_tensor_static": "FP8",
     "w_fp8_per_channel_a_fp8_per_token_dynamic": "FP8_DYNAMIC",
+    "w_fp8_block128_a_fp8_group128_dynamic": "FP8_BLOCK",
 }
 LOW_BIT = {  # W4A8 and W4A4: (weight bits, weight strategy, activation bits); symmetric, inputs per token, dynamic
     "w_int4_per_group_sym_a_int8_per_token_dynamic": (4, "group", 8),

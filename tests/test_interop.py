@@ -23,6 +23,7 @@ from conftest import logits, make_model, relative_error
         ("w_fp8_per_tensor_a_fp8_per_tensor_static", 1e-5),
         ("w_fp8_per_channel_a_fp8_per_token_dynamic", 1e-5),
         ("w_fp8_per_channel", 1e-5),
+        ("w_fp8_block128_a_fp8_group128_dynamic", 1e-5),
     ],
 )
 def test_transformers_from_pretrained_matches_llmquant(

@@ -121,10 +121,17 @@ def test_overrides_are_checked_too() -> None:
 
 
 # --- online rotations ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["vllm", "transformers"])
-def test_online_rotations_are_refused_outside_llmquant(target: str) -> None:
-    message = _refusal(target, scheme=W8A8, pre_opts=QUAROT)
-    assert f"{target} cannot run the online rotations R3, R4" in message and "online_had: false" in message
+def test_transformers_refuses_online_rotations() -> None:
+    message = _refusal("transformers", scheme=W8A8, pre_opts=QUAROT)
+    assert "transformers cannot run the online rotations R3, R4" in message and "online_had: false" in message
+
+
+def test_vllm_refuses_r3_and_runs_r4_and_r5_as_transforms() -> None:
+    message = _refusal("vllm", scheme=W8A8, pre_opts=QUAROT)
+    assert "vLLM cannot run the online rotation R3" in message and "rotations: [R1, R2, R4]" in message
+    for rotations in (["R1", "R2", "R4"], ["R1", "R2", "R4", "R5"]):
+        [warning] = _warnings("vllm", scheme=W8A8, pre_opts=[{"name": "quarot", "rotations": rotations}])
+        assert f"vLLM runs the online rotations {', '.join(rotations[2:])} as dense input transforms" in warning
 
 
 @pytest.mark.parametrize("target", ["vllm", "transformers"])

@@ -318,17 +318,21 @@ def fitting_group_size(in_features: int, group_size: int) -> int:
 
 def _fitting_groups(scheme: Scheme, name: str, in_features: int,
                     fallbacks: dict[tuple[int, int, int], list[str]]) -> Scheme:
-    """``scheme`` with its weight group size replaced by `fitting_group_size` where it does not divide the
-    Linear's inputs (recorded in ``fallbacks``)."""
-    weights = scheme.weights
-    if weights is None or weights.granularity != "group" or in_features % weights.group_size == 0:
-        return scheme
-    chosen = fitting_group_size(in_features, weights.group_size)
-    fallbacks.setdefault((weights.group_size, chosen, in_features), []).append(name)
-    if chosen == 1:
-        return scheme.model_copy(update={"weights": weights.model_copy(update={"granularity": "channel",
-                                                                               "group_size": None})})
-    return scheme.model_copy(update={"weights": weights.model_copy(update={"group_size": chosen})})
+    """``scheme`` with the group size of its weight and of its input (FP8 block schemes quantize inputs per token
+    in groups) replaced by `fitting_group_size` where it does not divide the Linear's inputs (recorded in
+    ``fallbacks``). A group of 1 becomes per channel for a weight, per token for an input."""
+    update = {}
+    for part, whole in (("weights", "channel"), ("input_activations", "token")):
+        spec = getattr(scheme, part)
+        if spec is None or spec.granularity != "group" or in_features % spec.group_size == 0:
+            continue
+        chosen = fitting_group_size(in_features, spec.group_size)
+        names = fallbacks.setdefault((spec.group_size, chosen, in_features), [])
+        if name not in names:
+            names.append(name)
+        grain = {"granularity": whole, "group_size": None} if chosen == 1 else {"group_size": chosen}
+        update[part] = spec.model_copy(update=grain)
+    return scheme.model_copy(update=update) if update else scheme
 
 
 def _with_observers(scheme: Scheme, weight: str | None, activation: str | None) -> Scheme:

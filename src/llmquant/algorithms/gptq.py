@@ -20,7 +20,9 @@ Quantization parameters (from the spec's observer, `observe_once`):
 - per group, ``static_groups=True``: every group's from the original weights, up front. With activation
   order this keeps each group a contiguous slice of the inputs with one scale, which is what a
   checkpoint stores and a kernel serves; activation order with non-static groups (the reference's
-  permuted groups, which need a ``g_idx``) is refused.
+  permuted groups, which need a ``g_idx``) is refused;
+- per ``r x c`` block (FP8_BLOCK's 128 x 128 tiles): as per group, the c columns of a tile column sharing a
+  scale in each of its tiles of r rows (a partial tile at the edges).
 
 Precision: the Hessian, its dampening and the Cholesky factorizations in float64; the column sweep in
 float32 (as in the reference implementation), or float64 for a float64 weight; the result is cast back to
@@ -48,7 +50,7 @@ from llmquant.errors import LlmquantError
 from llmquant.nn.experts import Experts, expert_index, only_experts
 from llmquant.parallel import Ranks
 from llmquant.quant.observers import observe_once
-from llmquant.quant.primitives import dequantize, quantize_blocks
+from llmquant.quant.primitives import block_grid_shape, dequantize, quantize_blocks
 from llmquant.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,8 @@ class GPTQResult:
     """The quantized weight: ``weight == dequantize(codes, scale, zero, spec)`` (cast to the input dtype).
 
     ``scale`` and ``zero`` have the block-view shape of `to_blocks`: ``[1, 1]`` per tensor, ``[out, 1]``
-    per channel, ``[out * in / g, 1]`` per group (row r, group j at index ``r * in / g + j``).
+    per channel, ``[out * in / g, 1]`` per group (row r, group j at index ``r * in / g + j``), one per tile
+    per block (row-major over the tiles).
     ``codes`` is ``[out, in]`` int8 (uint8 for unsigned 8 bits); ``error`` is the summed GPTQ loss.
     """
 
@@ -140,7 +143,7 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``[in, in]`` of its inputs."""
     rows, columns = _check(weight, hessian, spec, block_size, act_order, static_groups)
-    group = spec.group_size if spec.granularity == "group" else None
+    group = _scale_columns(spec)
 
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32  # the sweep's precision
     w = weight.detach().to(compute).clone()
@@ -152,9 +155,9 @@ def gptq_quantize(
     if group is None:  # one scale per tensor or per row, from the whole weight
         scale, zero = observe_once(w, spec)
     elif static_groups:  # every group's scale from the original weights
-        scales, zeros = (t.reshape(rows, columns // group) for t in observe_once(w, spec))
+        scales, zeros = (_per_row(t, spec, rows, columns) for t in observe_once(w, spec))
     else:  # filled in as the sweep reaches each group
-        scales = torch.zeros(rows, columns // group, device=w.device, dtype=compute)
+        scales = torch.zeros(rows, -(-columns // group), device=w.device, dtype=compute)
         zeros = torch.zeros_like(scales)
 
     perm = torch.arange(columns, device=w.device)
@@ -169,7 +172,8 @@ def gptq_quantize(
 
     column_groups = perm // group if group is not None else torch.zeros_like(perm)  # scale column of each column
     fused = (compute == torch.float32 and (group is None or static_groups) and spec.type == "int"
-             and fused_sweep_available(w))  # (the kernel rounds to integers only)
+             and spec.granularity != "block" and fused_sweep_available(w))  # (the kernel rounds to integers only;
+    # blocks are left to the reference loop: their per-row scales would fit the kernel, untested there)
     groups_on_host = column_groups.tolist()  # read once: no device synchronisation per column
     codes = torch.zeros_like(w)
     losses = torch.zeros_like(w)
@@ -190,7 +194,7 @@ def gptq_quantize(
                 g = groups_on_host[j]
                 if not static_groups and j % group == 0:
                     current = _current_columns(w, w1, err1, hinv, i1, i, group)
-                    s, z = observe_once(current, spec)
+                    s, z = (_per_row(t, spec, rows, current.shape[1]) for t in observe_once(current, spec))
                     scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
                 scale, zero = scales[:, g : g + 1], zeros[:, g : g + 1]
             col = w1[:, i : i + 1]
@@ -206,10 +210,39 @@ def gptq_quantize(
 
     codes = codes[:, torch.argsort(perm)]
     if group is not None:
-        scale, zero = scales.reshape(-1, 1), zeros.reshape(-1, 1)
+        scale, zero = _block_view(scales, spec), _block_view(zeros, spec)
     codes = codes.to(spec.code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
     return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(losses.sum()))
+
+
+def _scale_columns(spec: QuantSpec) -> int | None:
+    """How many consecutive columns share a scale column: the group size, a tile's width; None when one scale
+    column serves them all (per tensor, per channel)."""
+    if spec.granularity == "group":
+        return spec.group_size
+    if spec.granularity == "block":
+        assert spec.block_shape is not None
+        return spec.block_shape[1]
+    return None
+
+
+def _per_row(qparam: torch.Tensor, spec: QuantSpec, rows: int, columns: int) -> torch.Tensor:
+    """A block-view scale or zero point of a ``[rows, columns]`` weight as ``[rows, scale columns]`` (a tile's
+    value repeated on each of its rows)."""
+    if spec.granularity == "block":
+        assert spec.block_shape is not None
+        grid = qparam.reshape(block_grid_shape(torch.Size((rows, columns)), spec))
+        return grid.repeat_interleave(spec.block_shape[0], dim=0)[:rows]
+    return qparam.reshape(rows, -1)
+
+
+def _block_view(per_row: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`_per_row` undone: ``[n_blocks, 1]``."""
+    if spec.granularity == "block":
+        assert spec.block_shape is not None
+        per_row = per_row[:: spec.block_shape[0]]
+    return per_row.reshape(-1, 1)
 
 
 def fused_sweep_available(tensor: torch.Tensor) -> bool:
@@ -238,16 +271,17 @@ def _check(
     rows, columns = weight.shape
     if tuple(hessian.shape) != (columns, columns):
         raise LlmquantError(f"GPTQ: Hessian shape {tuple(hessian.shape)} does not match in_features {columns}")
-    if spec.granularity == "token":
-        raise LlmquantError("GPTQ quantizes weights: granularity must be tensor, channel or group, not token")
+    if spec.granularity in ("token", "attn_head"):
+        raise LlmquantError(f"GPTQ quantizes weights: granularity must be tensor, channel, group or block, not "
+                            f"{spec.granularity}")
     if block_size < 1:
         raise LlmquantError(f"GPTQ: block_size must be >= 1, got {block_size}")
     if spec.granularity == "group":
         assert spec.group_size is not None  # guaranteed by QuantSpec validation
         if columns % spec.group_size:
             raise LlmquantError(f"GPTQ: group_size {spec.group_size} does not divide in_features {columns}")
-        if act_order and not static_groups:
-            raise LlmquantError("GPTQ: act_order with group granularity needs static_groups=True")
+    if spec.granularity in ("group", "block") and act_order and not static_groups:
+        raise LlmquantError(f"GPTQ: act_order with {spec.granularity} granularity needs static_groups=True")
     return rows, columns
 
 
@@ -300,8 +334,9 @@ def _inverse_hessian_cholesky(reversed_h: torch.Tensor, damp_ratio: float) -> to
 
 def stacks_rows(spec: QuantSpec) -> bool:
     """Whether Linears that share a Hessian can be quantized as one weight with their rows stacked: each
-    row's sweep depends only on that row and H, so stacking is exact unless one scale spans every row."""
-    return spec.granularity != "tensor"
+    row's sweep depends only on that row and H, so stacking is exact unless a scale spans several rows (per
+    tensor; per block, whose tiles of rows would straddle two weights)."""
+    return spec.granularity in ("channel", "group")
 
 
 class GPTQ:

@@ -5,7 +5,9 @@ A directory holds ``config.json`` (with ``quantization_config``: ``quant_method:
 ``weight`` codes, ``weight_scale``, ``weight_zero_point``, ``input_scale``, attention ``k_scale`` and
 ``v_scale``), the tokenizer, and ``llmquant.json`` (the manifest of the run). A rotated model also
 records in ``config.json``'s ``llmquant_structure`` what its architecture class does not say (online
-rotations, RMSNorms that replaced LayerNorms); `load_quantized` rebuilds them.
+rotations, RMSNorms that replaced LayerNorms); `load_quantized` rebuilds them. Online input rotations (R4, R5)
+are also written as ``quantization_config.transform_config`` with their matrices, as vLLM reads them
+(`llmquant.export.transforms`).
 
 Weights of 8 bits are stored as ``format: int-quantized`` (one int8 ``weight`` code per weight); weights
 of fewer bits as ``format: pack-quantized`` (``weight_packed`` int32 words, layout in
@@ -46,6 +48,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmquant.device import dtype_name
 from llmquant.errors import LlmquantError
+from llmquant.export.transforms import TRANSFORM_CONFIG, transform_config, transform_tensors, without_transform_tensors
 from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.lazy import INDEX, CheckpointReader, config_dtype, return_freed_memory
 from llmquant.model.loading import load_tokenizer
@@ -87,6 +90,7 @@ def to_args(spec: QuantSpec | None) -> QuantizationArgs | None:
         symmetric=spec.symmetric,
         strategy=spec.granularity,
         group_size=spec.group_size,
+        block_structure=list(spec.block_shape) if spec.block_shape is not None else None,
         dynamic=spec.dynamic,
         observer_kwargs={"clip_ratio": spec.clip_ratio} if spec.clip_ratio != 1.0 else {},
     )
@@ -104,6 +108,7 @@ def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
         symmetric=args.symmetric,
         granularity=args.strategy.value if hasattr(args.strategy, "value") else str(args.strategy),
         group_size=args.group_size if args.strategy == "group" else None,
+        block_shape=tuple(args.block_structure) if args.strategy == "block" else None,
         dynamic=bool(args.dynamic),
         clip_ratio=float((args.observer_kwargs or {}).get("clip_ratio", 1.0)),
     )
@@ -159,8 +164,11 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         format=formats.pop() if len(formats) == 1 else CompressionFormat.mixed_precision.value,
         quantization_status="compressed",
         kv_cache_scheme=to_args(next(iter(kv_specs))) if kv_specs else None,
-    )
-    return config.model_dump(mode="json")
+    ).model_dump(mode="json")
+    transforms = transform_config(model, checkpoint_names(model))
+    if transforms is not None:  # online input rotations, as vLLM reads them (`llmquant.export.transforms`)
+        config[TRANSFORM_CONFIG] = transforms
+    return config
 
 
 # --- state dict <-> stored tensors -------------------------------------------------------------
@@ -178,11 +186,11 @@ def _to_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> torch.Ten
     return pack_int32(signed, spec.bits, dim=0) if leaf == "weight_zero_point" and _packs_zero_point(spec) else signed
 
 
-def _stored_tensors(model: nn.Module, names: CheckpointNames, prefix: str = "",
-                    skip: str | None = None) -> dict[str, torch.Tensor]:
+def _stored_tensors(model: nn.Module, names: CheckpointNames, prefix: str = "", skip: str | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores for ``model`` (keys prefixed by ``prefix``, spelled as the family's
     checkpoints spell them: ``names``), leaving out those under ``skip`` (the decoder layers of a streamed model,
-    written shard by shard)."""
+    written shard by shard); online input rotations as vLLM's transform matrices in ``dtype`` (the model's)."""
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         if (skip is not None and key.startswith(skip)) or value.is_meta:
@@ -195,6 +203,8 @@ def _stored_tensors(model: nn.Module, names: CheckpointNames, prefix: str = "",
         if isinstance(module, QuantLinear):
             value = _to_stored(module, leaf, value)
         tensors[names.to_disk(prefix + key.replace(_KV_PREFIX, ""))] = value.detach().to("cpu").contiguous()
+    if skip is None:
+        tensors.update(transform_tensors(model, names, dtype or model_dtype(model), prefix))
     return tensors
 
 
@@ -340,7 +350,7 @@ def _write_weights(model: nn.Module, directory: Path) -> None:
 
     for index, layer in enumerate(layers):
         layer.load_state_dict(run_dir.layer_state(index), assign=True)
-        write(_stored_tensors(layer, names, prefix=f"{model_map.layer_name(index)}."))
+        write(_stored_tensors(layer, names, prefix=f"{model_map.layer_name(index)}.", dtype=model_dtype(model)))
         layer.to("meta")
         return_freed_memory()
     for shard in rest_shards:
@@ -648,12 +658,14 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
     if raw is not None:
         with reading(directory / "config.json", "checkpoint config", "the compressed-tensors quantization_config "
                      "llmquant writes"):
+            raw = {key: value for key, value in raw.items() if key != TRANSFORM_CONFIG}
             qconfig = _names_in_memory(QuantizationConfig.model_validate(raw), names)
         _apply_quantization_config(model, qconfig)
     _apply_structure(model, {key: {names.from_disk(n): v for n, v in entries.items()}
                              for key, entries in structure.items()})
     reader = CheckpointReader(directory)
     tensors = {names.from_disk(key): value for key, value in reader.read(reader.names()).items()}
+    tensors = without_transform_tensors(model, tensors)  # vLLM's copies of the rotations llmquant_structure rebuilt
     _add_missing_biases(model, tensors)
     missing, unexpected = model.load_state_dict(_state_dict_from_stored(model, tensors), strict=False)
     model.tie_weights()

@@ -40,20 +40,12 @@ with compressed-tensors 0.17, transformers 5.23 with compressed-tensors 0.20):
   model is compressed without packing its zero points ([out, groups] where the checkpoint stores
   [out * b / 32, groups]); ``quantization_config=CompressedTensorsConfig(dequantize=True)`` loads it.
 - Online rotations (QuaRot R3 on queries and keys after RoPE, R4 before down_proj, R5 before o_proj)
-  live in ``config.json``'s ``llmquant_structure``, which only llmquant's loader reads: elsewhere the
-  model would run without them, on weights that expect them. compressed-tensors' ``transform_config``
-  (``TransformScheme`` with ``TransformArgs`` locations ``input``, ``weight_input``, ``q_attn``,
-  ``k_cache``, ...) could name them, but vLLM (``.../compressed_tensors/transform/linear.py``) accepts
-  only ``input`` and ``output`` transforms of Linear layers ("Cannot apply `q_attn` transform"), so R3
-  cannot be expressed. For R4 and R5: type ``hadamard`` runs the ``hadacore_transform`` CUDA op (not
-  built in vLLM's CPU wheel), the Sylvester matrix, which equals llmquant's unrandomized Hadamard for
-  power-of-two sizes only (checked: identical at 64, 128, 1024); compressed-tensors' ``random-hadamard``
-  builds a different matrix for other sizes (random signs and another Kronecker order: SmolLM2's
-  down_proj input 1536 = 12 * 2^7 differs); other types make vLLM multiply by a dense matrix that it
-  reads from the checkpoint (``<linear>.<group>_input.weight``, divided by sqrt(n)), which llmquant's
-  export does not write. So the matrices match only where vLLM cannot run them here, and the ``vllm``
-  target refuses online rotations (``online_had: false`` keeps the offline R1 and R2, which are folded
-  into the weights and need nothing at run time).
+  live in ``config.json``'s ``llmquant_structure``, which only llmquant's loader reads. R4 and R5 are also
+  written as compressed-tensors' ``transform_config`` with their matrices (`llmquant.export.transforms`), the
+  dense ``input`` transforms vLLM applies to Linears (``.../compressed_tensors/transform/linear.py``), so the
+  ``vllm`` target takes them (vLLM runs such transforms without tensor parallelism only). R3 cannot be written
+  so: vLLM accepts only ``input`` and ``output`` transforms of Linears ("Cannot apply `q_attn` transform"), and
+  the ``vllm`` target refuses it (``rotations: [R1, R2, R4]`` keeps the rest). transformers ignores both forms.
 """
 
 from __future__ import annotations
@@ -210,15 +202,23 @@ def online_rotations(recipe: Recipe) -> tuple[str, ...]:
 
 
 def rotation_findings(target: Target, recipe: Recipe) -> list[Finding]:
-    """Online rotations run only under llmquant's own loader (module docstring)."""
+    """Which online rotations ``target`` runs (module docstring): vLLM those before Linears (R4, R5), read from
+    the checkpoint's transform_config; transformers none."""
     online = online_rotations(recipe)
     if target == "fake" or not online:
         return []
-    why = ("vLLM has no transform for queries and keys (R3) and would need the Hadamard matrices stored in the "
-           "checkpoint for R4/R5" if target == "vllm" else "transformers ignores llmquant_structure")
-    return [_refuse(f"{target} cannot run the online rotations {', '.join(online)} ({why}): the model would run "
-                    "without them; set online_had: false in the quarot pre-optimization (R1+R2 only, folded "
-                    "into the weights), or use --target fake")]
+    if target == "vllm":
+        if "R3" not in online:
+            return [_warn(f"vLLM runs the online rotations {', '.join(online)} as dense input transforms read from "
+                          "the checkpoint's transform_config, on one GPU or CPU (no tensor parallelism)")]
+        kept = [r for r in recipe.quarot().active_rotations() if r != "R3"]  # type: ignore[union-attr]
+        return [_refuse(f"vLLM cannot run the online rotation R3 (queries and keys after RoPE: vLLM has no "
+                        f"transform there): the model would run without it; use rotations: [{', '.join(kept)}], "
+                        "or --target fake")]
+    return [_refuse(f"{target} cannot run the online rotations {', '.join(online)} (transformers ignores "
+                    "llmquant_structure and transform_config): the model would run without them; set online_had: "
+                    "false in the quarot pre-optimization (R1+R2 only, folded into the weights), or use --target "
+                    "fake")]
 
 
 def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:

@@ -17,8 +17,8 @@ codes that sit on a rounding boundary in later layers: 0.2-0.5% of perplexity on
 
 Parameter names and storage shapes follow compressed-tensors, so a state dict is (nearly) a checkpoint:
 ``weight`` (8-bit codes: int8, uint8 when asymmetric), ``weight_scale`` ([1] per tensor, [out, 1] per
-channel, [out, in / g] per group), ``weight_zero_point`` (asymmetric only), ``input_scale`` /
-``input_zero_point`` (static only).
+channel, [out, in / g] per group, [ceil(out / r), ceil(in / c)] per r x c block), ``weight_zero_point``
+(asymmetric only), ``input_scale`` / ``input_zero_point`` (static only).
 
 Weights of fewer than 8 bits are kept packed ("pack-quantized", `llmquant.quant.packing`): ``weight_packed``
 (int32 ``[out, ceil(in * b / 32)]``, codes stored signed, q - `storage_offset`) and ``weight_shape``
@@ -51,6 +51,7 @@ from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
+from llmquant.quant.primitives import block_grid_shape
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def storage_shape(spec: QuantSpec, weight_shape: torch.Size) -> tuple[int, ...]:
         return (1,)
     if spec.granularity == "channel":
         return (out_features, 1)
+    if spec.granularity == "block":
+        return block_grid_shape(weight_shape, spec)
     assert spec.group_size is not None
     return (out_features, in_features // spec.group_size)
 

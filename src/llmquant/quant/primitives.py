@@ -1,7 +1,7 @@
 """Pure functions over tensors: blocks, quantization parameters, quantize, dequantize, fake-quantize.
 
 Every function works on the "block view" of a tensor: a 2-D ``[n_blocks, block_len]`` reshape in which
-each row shares one scale and zero point (see `QuantSpec` for the four granularities). Scales and zero
+each row shares one scale and zero point (see `QuantSpec` for the granularities). Scales and zero
 points are therefore always ``[n_blocks, 1]`` and broadcast against the block view.
 
 Formulas (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
@@ -12,7 +12,10 @@ nearest E4M3 value (`round_to_grid`) and zero = 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from llmquant.errors import LlmquantError
 from llmquant.quant.spec import QuantSpec
@@ -32,6 +35,8 @@ def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return x.transpose(0, 1).reshape(x.shape[1], -1)
     if spec.granularity == "channel":
         return x.reshape(x.shape[0], -1)
+    if spec.granularity == "block":
+        return _tiles(x, spec)
     if spec.granularity == "token":
         return x.reshape(-1, x.shape[-1])
     group_size = spec.group_size
@@ -44,10 +49,38 @@ def to_blocks(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return x.reshape(-1, group_size)
 
 
+def _tile_grid(shape: torch.Size, spec: QuantSpec) -> tuple[int, int, int, int]:
+    """Tiles down and across a 2-D ``shape`` (partial edge tiles counted), and the tile's rows and columns."""
+    assert spec.block_shape is not None  # guaranteed by QuantSpec validation
+    tile_rows, tile_columns = spec.block_shape
+    return math.ceil(shape[0] / tile_rows), math.ceil(shape[1] / tile_columns), tile_rows, tile_columns
+
+
+def _tiles(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """One row per ``block_shape`` tile of a 2-D ``x``, row-major over the tiles, zero-padded at the edges."""
+    if x.dim() != 2:
+        raise LlmquantError(f"granularity 'block' tiles a 2-D weight [out, in], not a tensor of shape "
+                            f"{list(x.shape)}; activations take tensor, token or group")
+    down, across, tile_rows, tile_columns = _tile_grid(x.shape, spec)
+    padded = F.pad(x, (0, across * tile_columns - x.shape[1], 0, down * tile_rows - x.shape[0]))
+    return padded.reshape(down, tile_rows, across, tile_columns).transpose(1, 2).reshape(down * across, -1)
+
+
+def block_grid_shape(shape: torch.Size, spec: QuantSpec) -> tuple[int, int]:
+    """The scales of a ``block`` weight of ``shape`` as a grid ``[tiles down, tiles across]`` (compressed-tensors'
+    ``weight_scale`` shape; the block view's rows in this order)."""
+    down, across, _, _ = _tile_grid(shape, spec)
+    return down, across
+
+
 def from_blocks(blocks: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
     """The tensor of ``shape`` whose block view (`to_blocks`) is ``blocks``."""
     if spec.granularity == "attn_head":
         return blocks.reshape(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+    if spec.granularity == "block":
+        down, across, tile_rows, tile_columns = _tile_grid(shape, spec)
+        padded = blocks.reshape(down, across, tile_rows, tile_columns).transpose(1, 2)
+        return padded.reshape(down * tile_rows, across * tile_columns)[: shape[0], : shape[1]].contiguous()
     return blocks.reshape(shape)
 
 

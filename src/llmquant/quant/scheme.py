@@ -54,6 +54,10 @@ FP8_SCHEMES = {  # E4M3 codes (`QuantSpec` type "float"): llm-compressor's FP8 a
     "w_fp8_per_channel_a_fp8_per_token_dynamic": Scheme(weights=_fp8("channel"),
                                                         input_activations=_fp8("token", dynamic=True)),
     "w_fp8_per_channel": Scheme(weights=_fp8("channel")),
+    # DeepSeek-V3's FP8 (llm-compressor's FP8_BLOCK): weights in 128 x 128 tiles, inputs per token in groups of 128
+    "w_fp8_block128_a_fp8_group128_dynamic": Scheme(
+        weights=QuantSpec(bits=8, type="float", granularity="block", block_shape=(128, 128)),
+        input_activations=QuantSpec(bits=8, type="float", granularity="group", group_size=128, dynamic=True)),
 }
 
 _W8A8 = {

@@ -7,6 +7,10 @@ block of the tensor, and the block is
 - ``channel``: one output row of a weight ``[out, in]`` (reduce over ``in``),
 - ``group``:   ``group_size`` consecutive inputs of one row (reduce over each slice of ``in``),
 - ``token``:   one token of an activation ``[..., features]`` (reduce over ``features``);
+- ``block``:   one ``block_shape`` tile ``[rows, columns]`` of a 2-D weight (DeepSeek-V3's 128 x 128 FP8 blocks;
+  compressed-tensors' strategy ``block``); edge tiles of a weight whose sides are not multiples of the tile are
+  partial: the tensor is padded with zeros for the range (zeros change no absmax, and min <= 0 <= max holds
+  anyway), as compressed-tensors pads;
 - ``attn_head``: one attention head of keys or values ``[batch, heads, positions, head_dim]`` (a static scale per
   KV head: compressed-tensors' strategy of that name, which vLLM reads as per-head ``k_scale`` / ``v_scale``).
 
@@ -31,7 +35,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
-Granularity = Literal["tensor", "channel", "group", "token", "attn_head"]
+Granularity = Literal["tensor", "channel", "group", "token", "block", "attn_head"]
 ObserverName = Literal["minmax", "percentile", "mse"]
 NumberType = Literal["int", "float"]
 FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -47,6 +51,7 @@ class QuantSpec(BaseModel):
     symmetric: bool = True
     granularity: Granularity = "tensor"
     group_size: int | None = None
+    block_shape: tuple[int, int] | None = None
     dynamic: bool = False
     observer: ObserverName = "minmax"
     percentile: float = 99.99
@@ -64,6 +69,14 @@ class QuantSpec(BaseModel):
                 raise ValueError(f"granularity 'group' needs group_size >= 2, got {self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only allowed with granularity 'group', not '{self.granularity}'")
+        if self.granularity == "block":
+            if self.block_shape is None or min(self.block_shape) < 1 or self.block_shape == (1, 1):
+                raise ValueError(f"granularity 'block' needs block_shape [rows, columns] of positive sizes (not "
+                                 f"1 x 1), got {self.block_shape}")
+            if self.dynamic:
+                raise ValueError("granularity 'block' tiles a weight, which is quantized once: dynamic must be False")
+        elif self.block_shape is not None:
+            raise ValueError(f"block_shape is only allowed with granularity 'block', not '{self.granularity}'")
         if self.dynamic and self.observer != "minmax":
             raise ValueError("a dynamic quantizer computes its range at run time: observer must be 'minmax'")
         if not 0.0 < self.clip_ratio <= 1.0:
@@ -92,7 +105,11 @@ class QuantSpec(BaseModel):
         return torch.uint8 if (not self.symmetric and self.bits == 8) else torch.int8
 
     def describe(self) -> str:
-        grain = f"group{self.group_size}" if self.granularity == "group" else self.granularity
+        grain = self.granularity
+        if self.granularity == "group":
+            grain = f"group{self.group_size}"
+        elif self.block_shape is not None:
+            grain = f"block{self.block_shape[0]}x{self.block_shape[1]}"
         mode = "dynamic" if self.dynamic else "static"
         if self.clip_ratio != 1.0:
             mode += f"-clip{self.clip_ratio:g}"

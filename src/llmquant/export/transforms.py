@@ -1,0 +1,87 @@
+"""Online input rotations (QuaRot's R4 before down_proj, R5 before o_proj) written as compressed-tensors'
+``transform_config``, the form vLLM reads (``.../compressed_tensors/transform/linear.py`` in vLLM 0.32).
+
+vLLM gives a Linear that a ``transform_config`` group targets with ``location: input`` a child module named
+``<group>_input`` holding a dense ``[n, n]`` ``weight`` that it reads from the checkpoint
+(``<linear>.<group>_input.weight``), divides by sqrt(n) once after loading, and multiplies its input with before
+the Linear: x -> x (W / sqrt(n)) for ``inverse: false``. So the checkpoint stores W = sqrt(n) Q for llmquant's
+x -> x Q (a Hadamard's entries are then +-1, exact in any float dtype). Group type ``hadamard`` would make vLLM run
+its own Sylvester transform (a CUDA op) instead of the stored matrix, which differs from llmquant's Hadamard for
+sizes that are not powers of two; ``random-hadamard`` (compressed-tensors' name for a Hadamard with signs, which
+vLLM multiplies densely) is written for Hadamard rotations, ``random-matrix`` for the others.
+
+One group per distinct rotation, named by what it is (``hadamard_1536``, ``hadamard_1536_seed3``, ...), so every
+Linear that shares it shares vLLM's one copy. R3 (queries and keys after RoPE) has no such form: vLLM accepts only
+``input`` and ``output`` transforms of Linears (`llmquant.export.targets`). llmquant's own loader rebuilds the
+rotations from ``llmquant_structure`` and leaves these tensors aside (`without_transform_tensors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+from torch import nn
+
+from llmquant.model.checkpoint_names import CheckpointNames
+from llmquant.nn.online_rotation import input_rotation_of
+from llmquant.quant.rotation import Rotation
+
+TRANSFORM_CONFIG = "transform_config"  # the key in config.json's quantization_config
+
+
+def transform_group(rotation: Rotation) -> str:
+    """The ``transform_config`` group (and tensor prefix) of ``rotation``: its kind and size, its seed where it
+    has one, a digest of its matrix when learned."""
+    name = f"{rotation.kind}_{rotation.n}"
+    if rotation.randomize or rotation.kind == "random":
+        name += f"_seed{rotation.seed}"
+    if rotation.dense is not None:
+        name += "_" + hashlib.sha1(rotation.dense.numpy().tobytes()).hexdigest()[:8]
+    return name
+
+
+def _rotated_linears(model: nn.Module) -> dict[str, Rotation]:
+    return {name: rotation for name, module in model.named_modules()
+            if (rotation := input_rotation_of(module)) is not None}
+
+
+def transform_tensors(model: nn.Module, names: CheckpointNames, dtype: torch.dtype,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """``<linear>.<group>_input.weight`` = sqrt(n) Q in ``dtype`` for every Linear of ``model`` with an online input
+    rotation (keys prefixed by ``prefix`` and spelled as on disk)."""
+    matrices: dict[Rotation, torch.Tensor] = {}
+    tensors = {}
+    for name, rotation in _rotated_linears(model).items():
+        if rotation not in matrices:
+            matrices[rotation] = (rotation.matrix() * math.sqrt(rotation.n)).to(dtype)
+        key = f"{prefix}{name}.{transform_group(rotation)}_input.weight"
+        tensors[names.to_disk(key)] = matrices[rotation].clone()  # (safetensors stores no shared memory)
+    return tensors
+
+
+def transform_config(model: nn.Module, names: CheckpointNames) -> dict[str, Any] | None:
+    """The ``transform_config`` naming each online input rotation's Linears (None without any)."""
+    targets: dict[Rotation, list[str]] = {}
+    for name, rotation in _rotated_linears(model).items():
+        targets.setdefault(rotation, []).append(names.to_disk(name))
+    if not targets:
+        return None
+    groups = {
+        transform_group(rotation): TransformScheme(
+            type="random-hadamard" if rotation.kind == "hadamard" else "random-matrix",
+            apply=[TransformArgs(targets=linears, location="input", inverse=False)],
+            randomize=rotation.randomize,
+        )
+        for rotation, linears in targets.items()
+    }
+    return TransformConfig(config_groups=groups).model_dump(mode="json")
+
+
+def without_transform_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (names in memory) without the transform matrices of the model's rotated Linears."""
+    keys = {f"{name}.{transform_group(rotation)}_input.weight" for name, rotation in _rotated_linears(model).items()}
+    return {key: value for key, value in tensors.items() if key not in keys}

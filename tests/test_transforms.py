@@ -1,0 +1,65 @@
+"""Online input rotations (R4 before down_proj, R5 before o_proj) written as compressed-tensors' transform_config with
+their matrices, as vLLM reads them: x -> x (W / sqrt(n)) before the Linear must be llmquant's x -> x Q."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from compressed_tensors.transform import TransformConfig
+from safetensors import safe_open
+
+import llmquant
+from conftest import logits, make_model
+from llmquant.export.transforms import transform_group
+from llmquant.nn.online_rotation import input_rotation_of
+from llmquant.quant.rotation import Rotation
+
+W8A8 = "w_int8_per_channel_a_int8_per_token_dynamic"
+
+
+def test_r4_and_r5_are_written_as_vllm_reads_them(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                   tmp_path: Path) -> None:
+    recipe = {"scheme": W8A8, "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2", "R4", "R5"]}]}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    transforms = TransformConfig.model_validate(config["transform_config"])  # as vLLM reads it
+    layers = range(model.config.num_hidden_layers)
+    expected = {"hadamard_128": [f"model.layers.{i}.mlp.down_proj" for i in layers],  # intermediate size 128
+                "hadamard_64": [f"model.layers.{i}.self_attn.o_proj" for i in layers]}  # hidden size 64
+    assert {name: group.apply[0].targets for name, group in transforms.config_groups.items()} == expected
+    for group in transforms.config_groups.values():
+        [args] = group.apply
+        assert args.location == "input" and not args.inverse and group.type == "random-hadamard"
+    x = torch.randn(5, 128, dtype=torch.float64)
+    with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as stored:
+        for i in layers:
+            for linear, group in (("mlp.down_proj", "hadamard_128"), ("self_attn.o_proj", "hadamard_64")):
+                matrix = stored.get_tensor(f"model.layers.{i}.{linear}.{group}_input.weight")
+                n = matrix.shape[0]
+                assert matrix.dtype == torch.float32 and set(matrix.unique().tolist()) == {-1.0, 1.0}
+                rotation = input_rotation_of(model.get_submodule(f"model.layers.{i}.{linear}"))
+                vllm_input = x[:, :n] @ (matrix.double() / math.sqrt(n))  # vLLM: divided by sqrt(n) once, x W
+                assert torch.allclose(vllm_input, rotation.apply(x[:, :n]), atol=1e-12)
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")  # the rotations rebuilt, the matrices left aside
+    assert torch.equal(logits(loaded, eval_ids), logits(model, eval_ids))
+
+
+def test_groups_are_named_by_what_the_rotation_is() -> None:
+    assert transform_group(Rotation(1536)) == "hadamard_1536"
+    assert transform_group(Rotation(64, randomize=True, seed=3)) == "hadamard_64_seed3"
+    assert transform_group(Rotation(64, "random", seed=1)) == "random_64_seed1"
+    assert transform_group(Rotation(64, randomize=True, seed=3)) != transform_group(Rotation(64, randomize=True))
+
+
+def test_a_model_without_online_rotations_has_no_transform_config(calib_ids: torch.Tensor, tmp_path: Path) -> None:
+    recipe = {"scheme": W8A8, "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2"]}]}
+    llmquant.save(llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False), None, tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())["quantization_config"]
+    assert "transform_config" not in config
+    with safe_open(tmp_path / "c" / "model.safetensors", "pt") as stored:
+        keys = stored.keys()
+        assert keys and not any("_input.weight" in key for key in keys)
