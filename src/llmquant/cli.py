@@ -134,7 +134,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
-    check_target_model(args.target, model)  # (a mixture of experts transformers cannot load back)
+    check_target_model(args.target, model, recipe)  # (a mixture of experts transformers cannot load back, ...)
     ids = calibration_ids(recipe, tokenizer, calib_text)
     run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
                           fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume,

@@ -191,6 +191,7 @@ class Recipe(_Strict):
     kv_cache: str | None = None
     weight_observer: ObserverName | None = None
     activation_observer: ObserverName | None = None
+    kv_cache_observer: ObserverName | None = None  # a static KV cache's range (default min-max)
     pre_opts: list[AnyPreOpt] = Field(default_factory=list)
     smooth_groups: list[dict[str, Any]] | None = None  # a hand-written map replacing the detected groups
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
@@ -249,6 +250,11 @@ class Recipe(_Strict):
                 raise LlmquantError("AWQ rescales the same groups as smoothquant/smooth_fc_fc: choose one of them")
             steps.append(SmoothingStep(alphas, self.smooth_groups))
         if self.algorithm == "awq":
+            tiled = [name for name in dict.fromkeys([self.scheme, *(o.scheme for o in self.overrides)])
+                     if (w := self.scheme_named(name).weights) is not None and w.granularity == "block"]
+            if tiled:  # its clip search works per row and input group
+                raise LlmquantError(f"AWQ searches clipping ranges per row and input group, not per tile: "
+                                    f"{tiled[0]} takes rtn or gptq")
             steps.append(AWQStep(self.smooth_groups))
         elif self.algorithm == "gptq":
             steps.append(GPTQStep(self.gptq))
@@ -275,7 +281,7 @@ class Recipe(_Strict):
     # --- resolution -----------------------------------------------------------------------------
     def scheme_named(self, name: str) -> Scheme:
         scheme = scheme_from_name(name, self.group_size, self.kv_cache)
-        return _with_observers(scheme, self.weight_observer, self.activation_observer)
+        return _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
 
     def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
         """One record per Linear (and per attention for the KV cache), with its scheme. The gates of MoE blocks
@@ -335,13 +341,15 @@ def _fitting_groups(scheme: Scheme, name: str, in_features: int,
     return scheme.model_copy(update=update) if update else scheme
 
 
-def _with_observers(scheme: Scheme, weight: str | None, activation: str | None) -> Scheme:
-    w, a = scheme.weights, scheme.input_activations
+def _with_observers(scheme: Scheme, weight: str | None, activation: str | None, kv_cache: str | None) -> Scheme:
+    w, a, kv = scheme.weights, scheme.input_activations, scheme.kv_cache
     if weight and w is not None:
         w = w.model_copy(update={"observer": weight})
     if activation and a is not None and not a.dynamic:
         a = a.model_copy(update={"observer": activation})
-    return Scheme(weights=w, input_activations=a, kv_cache=scheme.kv_cache)
+    if kv_cache and kv is not None and not kv.dynamic:
+        kv = kv.model_copy(update={"observer": kv_cache})
+    return Scheme(weights=w, input_activations=a, kv_cache=kv)
 
 
 @dataclass(frozen=True)

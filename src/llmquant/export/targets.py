@@ -65,6 +65,7 @@ from torch import nn
 from llmquant.errors import LlmquantError
 from llmquant.export.checkpoint import STRUCTURE, from_args
 from llmquant.model.moe import has_experts
+from llmquant.model.targets import matches_any
 from llmquant.quant.scheme import Scheme
 from llmquant.quant.spec import QuantSpec
 from llmquant.recipe import Recipe
@@ -148,13 +149,19 @@ def _vllm_weight_only(weights: QuantSpec) -> list[Finding]:
 
 
 def _vllm_fp8(weights: QuantSpec, inputs: QuantSpec | None) -> list[Finding]:
-    """FP8 Linears: vLLM's compressed-tensors loader has FP8 W8A8 (weights per tensor or channel, inputs static
-    per tensor or dynamic per token) and FP8 weight-only schemes; llmquant has not served them there yet."""
+    """FP8 Linears: vLLM's compressed-tensors loader has FP8 W8A8 (weights per tensor, channel or 128 x 128 block;
+    inputs static per tensor, dynamic per token or in groups of the block's width) and FP8 weight-only schemes.
+    Served by vLLM 0.32's CPU build in llmquant's checks: per channel with inputs per token (BENCHMARKS.md)."""
     what = f"weights {weights.describe()}" + (f" with inputs {inputs.describe()}" if inputs else "")
     if inputs is not None and inputs.type != "float":
         return [_refuse(f"vLLM has no kernel for {what}: FP8 weights run with FP8 inputs or none")]
-    return [_warn(f"{what}: written float-quantized as vLLM's compressed-tensors loader reads FP8; not yet served "
-                  "by vLLM in llmquant's tests")]
+    if weights.granularity == "block":
+        return [_warn(f"{what}: vLLM takes FP8 tiles only where every merged output and input is a multiple of "
+                      "them (checked on the model before calibration)")]
+    if weights.granularity == "channel" and inputs is not None and inputs.granularity == "token":
+        return []
+    return [_warn(f"{what}: written float-quantized as vLLM's compressed-tensors loader reads FP8; served by vLLM "
+                  "in llmquant's checks per channel with inputs per token only")]
 
 
 def vllm_linear_findings(scheme: Scheme) -> list[Finding]:
@@ -261,9 +268,29 @@ def check_target(target: Target | None, recipe: Recipe) -> None:
         log.warning("--target %s: %s", target, finding.message)
 
 
-def check_target_model(target: Target | None, model: nn.Module) -> None:
+def _vllm_partial_tiles(model: nn.Module, recipe: Recipe) -> str | None:
+    """vLLM's block FP8 merges q/k/v and gate/up and needs each output a multiple of the tile's rows (vLLM 0.32:
+    "Weight output_partition_size = 576 is not divisible by weight quantization block_n = 128"), and quantizes
+    inputs in groups of the tile's width: the first Linear the recipe tiles that breaks either, or None."""
+    tiles = {s.weights.block_shape for s in recipe_schemes(recipe)
+             if s.weights is not None and s.weights.granularity == "block"}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or matches_any(name, module, recipe.ignore):
+            continue
+        for rows, columns in tiles:  # type: ignore[misc]
+            if module.out_features % rows or module.in_features % columns:
+                return (f"vLLM runs {rows} x {columns} FP8 tiles only on Linears whose outputs are a multiple of "
+                        f"{rows} and inputs of {columns}; {name} is {module.in_features} -> {module.out_features} "
+                        "(vLLM refuses the checkpoint at load); use w_fp8_per_channel_a_fp8_per_token_dynamic")
+    return None
+
+
+def check_target_model(target: Target | None, model: nn.Module, recipe: Recipe | None = None) -> None:
     """What the target cannot load of this model, before calibration: transformers does not read quantized
-    per-expert tensors back into its fused experts (its weight conversion concatenates float weights only)."""
+    per-expert tensors back into its fused experts (its weight conversion concatenates float weights only); vLLM
+    takes FP8 tiles only where the sizes are multiples of them."""
+    if target == "vllm" and recipe is not None and (refusal := _vllm_partial_tiles(model, recipe)) is not None:
+        raise LlmquantError(f"--target vllm: {refusal}")
     if target == "transformers" and has_experts(model):
         raise LlmquantError("--target transformers: transformers loads no quantized mixture-of-experts checkpoint "
                             "(its fused experts take float weights only); load it with llmquant (--target fake) "
