@@ -317,3 +317,56 @@ def test_awq_refuses_tiled_weights_before_any_work() -> None:
     with pytest.raises(LlmquantError, match="AWQ searches clipping ranges per row and input group, not per tile: "
                                             "w_fp8_block128_a_fp8_group128_dynamic takes rtn or gptq"):
         recipe.layer_steps()
+
+
+# --- the FP8 kernel runtime: torch._scaled_mm ---------------------------------------------------------------
+def test_scaled_mm_computes_the_scaled_product_of_the_codes() -> None:
+    """`fp8_linear` on the CPU operator against float64 products of the same codes and scales, every scale shape;
+    its input codes are the simulation's (`round_to_grid` of x / s)."""
+    from llmquant.nn.fp8_linear import fp8_input_codes, fp8_linear
+    from llmquant.quant import dequantize
+
+    generator = torch.Generator().manual_seed(6)
+    rows = torch.randn(5, 64, generator=generator) * torch.logspace(-1, 1, 64)
+    weight = torch.randn(48, 64, generator=generator)
+    bias = torch.randn(48, generator=generator)
+    for weight_grain in ("channel", "tensor"):
+        spec = FP8.model_copy(update={"granularity": weight_grain})
+        scale, zero = observe_once(weight, spec)
+        codes = quantize(weight, scale, zero, spec)
+        for dynamic, static in (("token", None), ("tensor", None), (None, torch.tensor([0.02]))):
+            x_codes, x_scale = fp8_input_codes(rows, dynamic, static)
+            grain = QuantSpec(type="float", granularity=dynamic or "tensor")
+            assert torch.equal(x_codes.float(), round_to_grid(rows / x_scale, grain))
+            y = fp8_linear(rows, codes, scale.reshape(1, -1), bias, dynamic, static)
+            reference = (x_codes.double() * x_scale.double()) @ dequantize(codes, scale, zero, spec).double().T
+            assert torch.allclose(y.double(), reference + bias.double(), rtol=1e-5, atol=1e-5), (weight_grain, dynamic)
+
+
+@pytest.mark.parametrize("scheme", ["w_fp8_per_channel_a_fp8_per_token_dynamic",
+                                    "w_fp8_per_tensor_a_fp8_per_tensor_static"])
+def test_the_fp8_kernel_runtime_computes_what_the_simulation_computes(scheme: str, calib_ids: torch.Tensor,
+                                                                      eval_ids: torch.Tensor) -> None:
+    """On the CPU the kernel is slower than the simulation, so `set_runtime` keeps the simulation there and says
+    why; run on the operator anyway, every Linear gives the simulation's logits to float32 rounding."""
+    model = llmquant.quantize(make_model("llama"), scheme, calib=calib_ids, progress=False)
+    simulated = logits(model, eval_ids)
+    set_runtime(model, "int8")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_spec is not None]
+    assert all(m.runtime == "fake" and "run on CUDA" in m.int8_fallback for m in linears)
+    for module in linears:  # the CPU operator, as CUDA would run it
+        assert module.supports_fp8
+        module.runtime = "int8"
+    assert relative_error(simulated, logits(model, eval_ids)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 GEMMs need a CUDA GPU of compute capability 8.9+")
+def test_the_fp8_kernel_on_the_gpu_agrees_with_the_simulation(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    """Rowwise scales write bfloat16 on CUDA: agreement to bfloat16 rounding of each Linear's output."""
+    for scheme in ("w_fp8_per_channel_a_fp8_per_token_dynamic", "w_fp8_per_tensor_a_fp8_per_tensor_static"):
+        model = llmquant.quantize(make_model("llama"), scheme, calib=calib_ids, progress=False).to("cuda")
+        simulated = logits(model, eval_ids)
+        set_runtime(model, "int8")
+        assert all(m.runtime == "int8" for m in model.modules() if isinstance(m, QuantLinear) and m.supports_fp8)
+        assert relative_error(simulated, logits(model, eval_ids)) < 2e-2, scheme

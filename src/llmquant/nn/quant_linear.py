@@ -6,7 +6,8 @@ Two runtimes compute the same function:
   with a static scale (calibrated by an `Observer`) or a dynamic one (computed from x at run time);
 - ``int8`` (speed, W8A8 with symmetric int8 weights per tensor or channel and int8 inputs per tensor or
   token): y = s_x * s_w * (x_q @ W_q^T) + b with the int8 x int8 -> int32 product of `torch._int_mm` and
-  the scales applied once per output.
+  the scales applied once per output. The same runtime runs W4 weight-only layers on the CPU's int4 kernel
+  (`llmquant.nn.int4_linear`) and FP8 W8A8 ones on ``torch._scaled_mm`` on CUDA (`llmquant.nn.fp8_linear`).
 
 For the layers the int8 runtime can run, the simulation evaluates the same algebra in the same order,
 y = s_x * s_w * (x_q @ W_q^T) + b, with the integer codes held as float32: the product of codes is exact in
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
 from llmquant.nn.int8_linear import (
     float_product,
@@ -258,6 +260,14 @@ class QuantLinear(nn.Module):
         return self._integer_codes
 
     @property
+    def supports_fp8(self) -> bool:
+        """Whether this layer is an FP8 W8A8 one that ``torch._scaled_mm`` can run (`llmquant.nn.fp8_linear`): E4M3
+        weights per tensor or channel, E4M3 inputs per tensor (static or dynamic) or per token (dynamic)."""
+        w, a = self.weight_spec, self.input_spec
+        return (w is not None and a is not None and w.type == a.type == "float"
+                and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token"))
+
+    @property
     def supports_int4(self) -> bool:
         """Whether this layer is a 4-bit weight-only (W4A16) one, which the integer runtime runs with the CPU's int4
         kernel (`llmquant.nn.int4_linear`) where `int8_refusal` allows."""
@@ -265,9 +275,12 @@ class QuantLinear(nn.Module):
         return self.input_spec is None and w is not None and w.type == "int" and w.bits == 4
 
     def int8_refusal(self) -> str | None:
-        """Why the integer kernel cannot run this (int8- or int4-capable) layer where it is, or None: CUDA's
+        """Why the kernel cannot run this (int8-, int4- or FP8-capable) layer where it is, or None: CUDA's
         ``_int_mm`` takes only multiples of 8 for both inner and output sizes (its minimum of 17 rows is met by
-        padding); the int4 kernel runs on the CPU, in groups of a multiple of 32 columns (`int4_refusal`)."""
+        padding); the int4 kernel runs on the CPU, in groups of a multiple of 32 columns (`int4_refusal`); FP8 GEMMs
+        on CUDA 8.9+ (`fp8_refusal`)."""
+        if self.supports_fp8:
+            return fp8_refusal(self.weight_scale.device, self.in_features, self.out_features)
         if self.supports_int4:
             spec = self.weight_spec
             assert spec is not None
@@ -367,9 +380,21 @@ class QuantLinear(nn.Module):
         zero = self.input_zero_point if not spec.symmetric else torch.zeros_like(self.input_scale)
         return fake_quantize(x, spec, self.input_scale.reshape(1, 1), zero.reshape(1, 1))
 
+    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FP8 W8A8 on the kernel runtime: ``torch._scaled_mm`` (`llmquant.nn.fp8_linear`)."""
+        spec = self.input_spec
+        assert spec is not None
+        static = None if spec.dynamic else self.input_scale
+        rows = x.reshape(-1, self.in_features)
+        y = fp8_linear(rows, self.weight, self.weight_scale.reshape(1, -1), self.bias,
+                       spec.granularity if spec.dynamic else None, static, spec.clip_ratio)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is None and self.supports_int8:
             return self._integer_forward(x)
+        if self.runtime == "int8" and self.observer is None and self.supports_fp8:
+            return self._fp8_forward(x)
         if self.runtime == "int8" and self.supports_int4:
             return self._int4_forward(x)
         weight = self.dequantized_weight().to(x.dtype)
@@ -410,7 +435,7 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
     reasons: set[str] = set()
     for module in model.modules():
         if not isinstance(module, QuantLinear) or (
-                runtime == "int8" and not (module.supports_int8 or module.supports_int4)):
+                runtime == "int8" and not (module.supports_int8 or module.supports_int4 or module.supports_fp8)):
             continue
         refusal = module.int8_refusal() if runtime == "int8" else None
         module.int8_fallback = refusal
