@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine without internet: install the wheels carried in .whl/ (scripts/gpu_wheels.sh), run the device
-# tests (tests/test_devices.py, tests/test_gptq_kernel.py) on the GPU, then scripts/gpu_bench.py (arguments are
-# passed on); with MOE=1, scripts/moe_layer_bench.py on the GPU too. Everything it reports goes to $OUT (default
-# out/gpu): gpu.txt, tests.log, bench.log, gpu_bench.json, moe.log, moe_layer.json.
+# tests (tests/test_devices.py, tests/test_gptq_kernel.py, the FP8 kernel's) on the GPU, the FP8 GEMM timings, then
+# scripts/gpu_bench.py (arguments are passed on); with MOE=1, scripts/moe_layer_bench.py on the GPU too. Everything
+# it reports goes to $OUT (default out/gpu): gpu.txt, tests.log, fp8.log, bench.log, gpu_bench.json, moe.log,
+# moe_layer.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -21,8 +22,12 @@ install /tmp/site-llmc .whl/common/*.whl .whl/llmcompressor/*.whl
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 PYTHONPATH=/tmp/site-llmquant:src timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider \
-    tests/test_devices.py tests/test_gptq_kernel.py > "$OUT/tests.log" 2>&1
+    tests/test_devices.py tests/test_gptq_kernel.py \
+    tests/test_fp8.py::test_the_fp8_kernel_on_the_gpu_agrees_with_the_simulation > "$OUT/tests.log" 2>&1
 tail -n 25 "$OUT/tests.log"
+PYTHONPATH=/tmp/site-llmquant:src timeout "${FP8_TIMEOUT:-120}" python3 scripts/runtime_profile.py fp8 --device cuda \
+    > "$OUT/fp8.log" 2>&1  # FP8 W8A8 on torch._scaled_mm against bfloat16 Linears
+tail -n 30 "$OUT/fp8.log"
 PYTHONPATH=/tmp/site-llmquant:src python3 scripts/gpu_bench.py --out "$OUT" --llmquant-path /tmp/site-llmquant:src \
     --llmcompressor-path /tmp/site-llmc "$@" > "$OUT/bench.log" 2>&1
 grep -v -E "^\s*$|Warning|warn\(" "$OUT/bench.log" | tail -n 40

@@ -5,6 +5,7 @@
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
+    python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64) and ``nn.Linear`` at 1 to 512 rows, medians of 200 calls;
@@ -13,6 +14,9 @@ run it against an older commit with
 ``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
 generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
 ``compile`` alternates 5 prefills of the checkpoint at ``--batch`` with the compiled kernel and without it.
+``fp8`` times an FP8 per-channel / per-token `QuantLinear` on ``torch._scaled_mm`` (forced onto the operator even on
+the CPU, where `set_runtime` keeps the simulation) and its simulation against the float Linear (float32 on the CPU,
+bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it), then times 64 decode steps of each, alternating step by step, and prints the medians.
 """
@@ -163,9 +167,40 @@ def dequant() -> None:
     print(f"W4 576 -> 1536 dequantized to bfloat16: {median_us(lambda: dequantize_bf16(weight)):.1f} us")
 
 
+def fp8(device: str) -> None:
+    """FP8 W8A8 per channel / per token: torch._scaled_mm and the simulation against the float Linear, by rows."""
+    scheme = scheme_from_name("w_fp8_per_channel_a_fp8_per_token_dynamic")
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shapes = SHAPES + (((4096, 14336), (14336, 4096), (4096, 4096)) if cuda else ())
+
+    def timed(call: Callable[[], object]) -> float:
+        def synced() -> object:
+            out = call()
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+        return median_us(synced, repeats=50 if cuda else 20)
+
+    for inputs, outputs in shapes:
+        linear = torch.nn.Linear(inputs, outputs, bias=False, device=device, dtype=dtype)
+        quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
+        for rows in (1, 16, 512, 2048):
+            x = torch.randn(rows, inputs, device=device, dtype=dtype)
+            with torch.inference_mode():
+                float_us = timed(lambda linear=linear, x=x: linear(x))
+                quantized.runtime = "fake"
+                simulated_us = timed(lambda quantized=quantized, x=x: quantized(x))
+                quantized.runtime = "int8"  # the operator, whatever set_runtime would choose here
+                kernel_us = timed(lambda quantized=quantized, x=x: quantized(x))
+            print(f"FP8 {inputs} -> {outputs}, {rows} rows: {dtype} {float_us:9.1f} us, scaled_mm {kernel_us:9.1f} us "
+                  f"({float_us / kernel_us:5.2f}x), simulation {simulated_us:9.1f} us")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant"])
+    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8"])
+    parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
     parser.add_argument("--batch", type=int, default=1)
@@ -178,6 +213,8 @@ def main() -> None:
         profile(args.model)
     elif args.what == "dequant":
         dequant()
+    elif args.what == "fp8":
+        fp8(args.device)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

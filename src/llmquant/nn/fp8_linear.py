@@ -7,8 +7,9 @@ one scale per tensor, or (rowwise) ``[rows, 1]`` for the input and ``[1, out]`` 
 compute capability 8.9 or higher (Ada, Hopper, Blackwell), inner and output sizes that are multiples of 16, and
 rowwise scales write bfloat16 (CUTLASS's ``f8f8bf16_rowwise``): that rounding of the output is the one deviation
 from the float32 simulation (`llmquant.nn.quant_linear.QuantLinear`, which computes fq(x) @ dequant(W)^T), as for
-the int4 kernel. On the CPU the same operator runs in float32 (exactly the reference product, tested), but here
-20-30x slower than the float32 Linear, so `QuantLinear.int8_refusal` keeps the simulation there.
+the int4 kernel. On the CPU the same operator runs in float32 (the reference product to float32 rounding, tested),
+but slower than the simulation at every size measured here (`scripts/runtime_profile.py fp8`, BENCHMARKS.md), so
+`QuantLinear.int8_refusal` keeps the simulation there.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def fp8_refusal(device: torch.device, in_features: int, out_features: int) -> st
     """Why ``torch._scaled_mm`` should not run an FP8 Linear on ``device``, or None (module docstring)."""
     if device.type != "cuda":
         return ("FP8 GEMMs (torch._scaled_mm) run on CUDA; on the CPU the operator is slower than the simulation "
-                "(17 ms against 0.6 ms for one row of a 576 -> 1536 Linear here)")
+                "(scripts/runtime_profile.py fp8)")
     if torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
         return "torch._scaled_mm's FP8 GEMMs need CUDA compute capability 8.9 or higher"
     if in_features % FP8_ALIGNMENT or out_features % FP8_ALIGNMENT:
