@@ -1,4 +1,4 @@
-"""Tiny random mixture-of-experts models quantized by llmquant, then served by vLLM's CPU build.
+"""Tiny random mixture-of-experts models (and a dense Llama) quantized by llmquant, then served by vLLM's CPU build.
 
     bash scripts/vllm_env.sh /tmp/vllm-env          # once: vLLM's CPU build beside the pinned torch
     /tmp/vllm-env/bin/python scripts/moe_vllm.py [--families qwen3_moe mixtral ...] [--json bench/moe_vllm.json]
@@ -36,12 +36,16 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 8, "moe_intermediate_size": 128,
                                      "shared_expert_intermediate_size": 256, "intermediate_size": 256}),
     "olmoe": ("OlmoeConfig", {"num_experts": 8, "intermediate_size": 128, "pad_token_id": 0, "eos_token_id": 1}),
+    # dense, every size a multiple of 128 (q 256, k and v 128 each, gate and up 512): what FP8 tiles need in vLLM
+    "llama": ("LlamaConfig", {"intermediate_size": 512, "head_dim": 64}),
 }
 SCHEMES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (recipe, the dtype vLLM runs it in)
     "W8A8 per-token": ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic"}, "float32"),
     "W4A16 g32 GPTQ": ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"}, "bfloat16"),
     "W8A8 per-token, experts float": ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
                                        "ignore": ["lm_head", "re:.*\\.experts\\..*"]}, "float32"),
+    "FP8 per-token": ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic"}, "float32"),
+    "FP8 block128": ({"scheme": "w_fp8_block128_a_fp8_group128_dynamic"}, "float32"),
 }
 
 
@@ -138,7 +142,8 @@ def run(family: str, scheme: str, root: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"family": family, "scheme": scheme, "vllm_dtype": dtype,
                            "seconds_per_layer": sum(seconds) / len(seconds),
                            "llmquant_ppl": math.exp(ours[0] / ours[1])}
-    row["names"] = expert_names_vllm_reads(directory, family)
+    dense = not any(key in FAMILIES[family][1] for key in ("num_experts", "num_local_experts"))
+    row["names"] = None if dense else expert_names_vllm_reads(directory, family)
     served = serve(directory, dtype)
     if "error" in served:
         return {**row, "vllm_error": served["error"]}

@@ -226,4 +226,15 @@ def test_a_checkpoint_with_online_rotations_is_refused_after_export(tmp_path: Pa
     directory = llmquant.save(model, None, tmp_path / "ckpt")
     with pytest.raises(LlmquantError, match=r"needs llmquant's loader .*input_rotations.*qk_rotations"):
         smoke_check("transformers", directory)
+    with pytest.raises(LlmquantError, match=r"needs llmquant's loader \(llmquant_structure: qk_rotations\)"):
+        smoke_check("vllm", directory)  # (vLLM reads R4 from the transform_config, not R3)
     assert smoke_check("fake", directory) is not None  # llmquant's loader rebuilds them
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed: it really loads")
+def test_r4_passes_the_vllm_structure_check(tmp_path: Path, calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    recipe = {"scheme": W8A8, "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2", "R4"]}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    result = smoke_check("vllm", llmquant.save(model, None, tmp_path / "ckpt"))
+    assert result is not None and result.skipped.startswith("vLLM is not installed")

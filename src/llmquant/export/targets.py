@@ -319,7 +319,11 @@ def _config(directory: Path) -> dict[str, Any]:
 
 
 def _check_structure(target: Target, directory: Path) -> None:
-    structure = _config(directory).get(STRUCTURE)
+    """What of ``llmquant_structure`` the target cannot run: vLLM reads the online input rotations from the
+    transform_config written beside them, nothing else; transformers nothing."""
+    structure = set(_config(directory).get(STRUCTURE) or {})
+    if target == "vllm":
+        structure.discard("input_rotations")
     if target != "fake" and structure:
         raise LlmquantError(f"{directory} needs llmquant's loader ({STRUCTURE}: {', '.join(sorted(structure))}), "
                             f"which {target} does not read: it would run a different model")
