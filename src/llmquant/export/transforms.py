@@ -53,30 +53,31 @@ def transform_tensors(model: nn.Module, names: CheckpointNames, dtype: torch.dty
                       prefix: str = "") -> dict[str, torch.Tensor]:
     """``<linear>.<group>_input.weight`` = sqrt(n) Q in ``dtype`` for every Linear of ``model`` with an online input
     rotation (keys prefixed by ``prefix`` and spelled as on disk)."""
-    matrices: dict[Rotation, torch.Tensor] = {}
+    matrices: dict[str, torch.Tensor] = {}  # by group (a learned rotation's matrix is not part of its equality)
     tensors = {}
     for name, rotation in _rotated_linears(model).items():
-        if rotation not in matrices:
-            matrices[rotation] = (rotation.matrix() * math.sqrt(rotation.n)).to(dtype)
-        key = f"{prefix}{name}.{transform_group(rotation)}_input.weight"
-        tensors[names.to_disk(key)] = matrices[rotation].clone()  # (safetensors stores no shared memory)
+        group = transform_group(rotation)
+        if group not in matrices:
+            matrices[group] = (rotation.matrix() * math.sqrt(rotation.n)).to(dtype)
+        tensors[names.to_disk(f"{prefix}{name}.{group}_input.weight")] = matrices[group].clone()  # (not shared:
+        # safetensors refuses tensors that share memory)
     return tensors
 
 
 def transform_config(model: nn.Module, names: CheckpointNames) -> dict[str, Any] | None:
     """The ``transform_config`` naming each online input rotation's Linears (None without any)."""
-    targets: dict[Rotation, list[str]] = {}
+    targets: dict[str, tuple[Rotation, list[str]]] = {}
     for name, rotation in _rotated_linears(model).items():
-        targets.setdefault(rotation, []).append(names.to_disk(name))
+        targets.setdefault(transform_group(rotation), (rotation, []))[1].append(names.to_disk(name))
     if not targets:
         return None
     groups = {
-        transform_group(rotation): TransformScheme(
+        group: TransformScheme(
             type="random-hadamard" if rotation.kind == "hadamard" else "random-matrix",
             apply=[TransformArgs(targets=linears, location="input", inverse=False)],
             randomize=rotation.randomize,
         )
-        for rotation, linears in targets.items()
+        for group, (rotation, linears) in targets.items()
     }
     return TransformConfig(config_groups=groups).model_dump(mode="json")
 
