@@ -151,17 +151,19 @@ def _vllm_weight_only(weights: QuantSpec) -> list[Finding]:
 def _vllm_fp8(weights: QuantSpec, inputs: QuantSpec | None) -> list[Finding]:
     """FP8 Linears: vLLM's compressed-tensors loader has FP8 W8A8 (weights per tensor, channel or 128 x 128 block;
     inputs static per tensor, dynamic per token or in groups of the block's width) and FP8 weight-only schemes.
-    Served by vLLM 0.32's CPU build in llmquant's checks: per channel with inputs per token (BENCHMARKS.md)."""
+    vLLM 0.32's CPU build serves per channel with inputs per token (BENCHMARKS.md, within 0.1% of llmquant) and
+    fails on the others: static inputs ("_C::static_scaled_fp8_quant() expected at most 0 argument(s)"), weights
+    only ("Failed to find a kernel that can implement the ScaledMM linear layer")."""
     what = f"weights {weights.describe()}" + (f" with inputs {inputs.describe()}" if inputs else "")
     if inputs is not None and inputs.type != "float":
         return [_refuse(f"vLLM has no kernel for {what}: FP8 weights run with FP8 inputs or none")]
     if weights.granularity == "block":
         return [_warn(f"{what}: vLLM takes FP8 tiles only where every merged output and input is a multiple of "
-                      "them (checked on the model before calibration)")]
+                      "them (checked on the model before calibration); its CPU build was not seen to serve them")]
     if weights.granularity == "channel" and inputs is not None and inputs.granularity == "token":
         return []
-    return [_warn(f"{what}: written float-quantized as vLLM's compressed-tensors loader reads FP8; served by vLLM "
-                  "in llmquant's checks per channel with inputs per token only")]
+    return [_warn(f"{what}: written float-quantized as vLLM's compressed-tensors loader reads FP8; vLLM 0.32's CPU "
+                  "build has no kernel for it (its GPU builds do), it serves FP8 per channel with inputs per token")]
 
 
 def vllm_linear_findings(scheme: Scheme) -> list[Finding]:
