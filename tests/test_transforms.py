@@ -36,12 +36,17 @@ def test_r4_and_r5_are_written_as_vllm_reads_them(calib_ids: torch.Tensor, eval_
         assert args.location == "input" and not args.inverse and group.type == "random-hadamard"
     x = torch.randn(5, 128, dtype=torch.float64)
     with safe_open(tmp_path / "ckpt" / "model.safetensors", "pt") as stored:
-        for i in layers:
-            for linear, group in (("mlp.down_proj", "hadamard_128"), ("self_attn.o_proj", "hadamard_64")):
-                matrix = stored.get_tensor(f"model.layers.{i}.{linear}.{group}_input.weight")
-                n = matrix.shape[0]
-                assert matrix.dtype == torch.float32 and set(matrix.unique().tolist()) == {-1.0, 1.0}
-                rotation = input_rotation_of(model.get_submodule(f"model.layers.{i}.{linear}"))
+        keys = sorted(key for key in stored.keys() if key.endswith("_input.weight"))  # noqa: SIM118 - no __iter__
+        # one matrix a group, on its first Linear: vLLM shares it between the group's Linears
+        assert keys == ["model.layers.0.mlp.down_proj.hadamard_128_input.weight",
+                        "model.layers.0.self_attn.o_proj.hadamard_64_input.weight"]
+        for key in keys:
+            matrix = stored.get_tensor(key)
+            n = matrix.shape[0]
+            assert matrix.dtype == torch.float32 and set(matrix.unique().tolist()) == {-1.0, 1.0}
+            for i in layers:  # every Linear of the group rotates by that matrix
+                linear = key.replace("model.layers.0.", f"model.layers.{i}.").rsplit(".", 2)[0]
+                rotation = input_rotation_of(model.get_submodule(linear))
                 vllm_input = x[:, :n] @ (matrix.double() / math.sqrt(n))  # vLLM: divided by sqrt(n) once, x W
                 assert torch.allclose(vllm_input, rotation.apply(x[:, :n]), atol=1e-12)
     loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")  # the rotations rebuilt, the matrices left aside

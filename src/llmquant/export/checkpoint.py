@@ -187,10 +187,11 @@ def _to_stored(module: QuantLinear, leaf: str, value: torch.Tensor) -> torch.Ten
 
 
 def _stored_tensors(model: nn.Module, names: CheckpointNames, prefix: str = "", skip: str | None = None,
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype | None = None, transforms: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores for ``model`` (keys prefixed by ``prefix``, spelled as the family's
     checkpoints spell them: ``names``), leaving out those under ``skip`` (the decoder layers of a streamed model,
-    written shard by shard); online input rotations as vLLM's transform matrices in ``dtype`` (the model's)."""
+    written shard by shard); online input rotations as vLLM's transform matrices in ``dtype`` (the model's), those
+    of groups not in ``transforms`` (the groups already written, `transform_tensors`)."""
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         if (skip is not None and key.startswith(skip)) or value.is_meta:
@@ -204,7 +205,7 @@ def _stored_tensors(model: nn.Module, names: CheckpointNames, prefix: str = "", 
             value = _to_stored(module, leaf, value)
         tensors[names.to_disk(prefix + key.replace(_KV_PREFIX, ""))] = value.detach().to("cpu").contiguous()
     if skip is None:
-        tensors.update(transform_tensors(model, names, dtype or model_dtype(model), prefix))
+        tensors.update(transform_tensors(model, names, dtype or model_dtype(model), prefix, transforms))
     return tensors
 
 
@@ -340,6 +341,7 @@ def _write_weights(model: nn.Module, directory: Path) -> None:
     files = iter(f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count))
     weight_map: dict[str, str] = {}
     total = 0
+    transforms: set[str] = set()  # the transform groups written so far (one matrix each)
 
     def write(tensors: dict[str, torch.Tensor]) -> None:
         nonlocal total
@@ -350,7 +352,8 @@ def _write_weights(model: nn.Module, directory: Path) -> None:
 
     for index, layer in enumerate(layers):
         layer.load_state_dict(run_dir.layer_state(index), assign=True)
-        write(_stored_tensors(layer, names, prefix=f"{model_map.layer_name(index)}.", dtype=model_dtype(model)))
+        write(_stored_tensors(layer, names, prefix=f"{model_map.layer_name(index)}.", dtype=model_dtype(model),
+                              transforms=transforms))
         layer.to("meta")
         return_freed_memory()
     for shard in rest_shards:
