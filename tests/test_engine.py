@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import llmquant
 from conftest import logits, relative_error
@@ -143,6 +144,10 @@ def test_a_model_streamed_from_disk_gives_the_in_memory_checkpoint(
     index = json.loads((tmp_path / "streamed" / "model.safetensors.index.json").read_text())["weight_map"]
     outside = [k for k in index if not k.startswith("model.layers.")]
     assert len(set(index.values())) == 2 + len(outside) and len(outside) >= 2
+    transforms = sorted(key for key in index if key.endswith("_input.weight"))  # R4 for vLLM: one matrix, written once
+    with safe_open(tmp_path / "memory" / "model.safetensors", "pt") as memory:
+        assert transforms == sorted(key for key in memory.keys() if key.endswith("_input.weight"))  # noqa: SIM118
+    assert len(transforms) == ("quarot" in name) and all(key.startswith("model.layers.0.") for key in transforms)
     streamed, _ = llmquant.load(tmp_path / "streamed")
     in_memory, _ = llmquant.load(tmp_path / "memory")
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(6))
