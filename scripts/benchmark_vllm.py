@@ -10,8 +10,8 @@ each window as a prompt (``SamplingParams(prompt_logprobs=0, max_tokens=1)``: th
 every prompt token given the ones before it), ppl = exp(-sum / number of predicted tokens), ``seqlen -
 1`` predictions per window. llmquant's figure is computed on the same windows by ``llmquant.load(DIR)``
 (the simulated runtime) in this process. ``--float`` adds the float32 default model (its cached
-conversion) as a reference row. On a CPU-only vLLM, `cpu_workarounds` gives vLLM's online transforms the matrix
-product its other float layers use (each row names what was changed).
+conversion) as a reference row. On a CPU-only vLLM, `llmquant.export.targets.vllm_cpu_workarounds` gives vLLM's
+online transforms the matrix product its other float layers use (each row names what was changed).
 """
 
 from __future__ import annotations
@@ -27,22 +27,6 @@ from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB for vLLM's CPU KV cache (unset: 92% of the RAM)
 PROMPT = "def fibonacci(n):\n    "
-
-
-def cpu_workarounds() -> list[str]:
-    """Let vLLM 0.32's CPU build run a checkpoint's dense online transforms (``transform_config``, llmquant's R4/R5):
-    `HadamardTransform.forward` multiplies through ``dispatch_unquantized_gemm()``, which on the CPU calls
-    ``layer.cpu_linear``; vLLM sets that attribute only on Linear layers (`dispatch_cpu_unquantized_gemm`), so the
-    transform raises AttributeError. The shim gives the transform module ``torch.nn.functional.linear``, which is
-    what vLLM itself assigns to a CPU layer it does not prepack: no number of vLLM's is changed."""
-    import torch
-    from vllm.model_executor.layers.quantization.compressed_tensors.transform.module import HadamardTransform
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu() or hasattr(HadamardTransform, "cpu_linear"):
-        return []
-    HadamardTransform.cpu_linear = staticmethod(torch.nn.functional.linear)
-    return ["HadamardTransform.cpu_linear = torch.nn.functional.linear (vLLM's CPU build lacks it)"]
 
 
 def windows_for(tokenizer: Any, seqlen: int, max_windows: int) -> Any:
@@ -112,7 +96,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated from a short code prompt")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     args = parser.parse_args()
-    args.workarounds = cpu_workarounds()
+    from llmquant.export.targets import vllm_cpu_workarounds
+
+    args.workarounds = vllm_cpu_workarounds()
     directories = list(args.checkpoints)
     if args.float:
         from llmquant.model.loading import local_checkpoint_dir

@@ -46,6 +46,10 @@ SCHEMES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (recipe, the dtype
                                        "ignore": ["lm_head", "re:.*\\.experts\\..*"]}, "float32"),
     "FP8 per-token": ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic"}, "float32"),
     "FP8 block128": ({"scheme": "w_fp8_block128_a_fp8_group128_dynamic"}, "float32"),
+    "W8A8 per-token, R1+R2 offline, R4+R5 online": ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
+                                                     "pre_opts": [{"name": "quarot",
+                                                                   "rotations": ["R1", "R2", "R4", "R5"]}]},
+                                                    "float32"),
 }
 
 
@@ -90,9 +94,11 @@ def llmquant_logprobs(directory: Path) -> list[list[float]]:
 
 
 def vllm_logprobs(directory: Path, dtype: str) -> list[list[float]]:
-    from vllm import LLM, SamplingParams, TokensPrompt
+    from vllm import SamplingParams, TokensPrompt
 
-    engine = LLM(model=str(directory), dtype=dtype, enforce_eager=True, max_model_len=TOKENS + 8, seed=0)
+    from llmquant.export.targets import vllm_engine
+
+    engine = vllm_engine(directory, dtype, max_model_len=TOKENS + 8)  # in this process, with the CPU workarounds
     params = SamplingParams(prompt_logprobs=0, max_tokens=1, temperature=0.0, detokenize=False)
     rows = token_rows().tolist()
     outs = engine.generate([TokensPrompt(prompt_token_ids=row) for row in rows], params, use_tqdm=False)

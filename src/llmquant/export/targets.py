@@ -363,12 +363,30 @@ def load_for_transformers(directory: Path) -> nn.Module:
         raise LlmquantError(f"transformers cannot load {directory}: {first}") from None
 
 
+def vllm_cpu_workarounds() -> list[str]:
+    """Let vLLM 0.32's CPU build run a checkpoint's dense online transforms (``transform_config``: R4, R5); returns
+    what was changed. Its `HadamardTransform.forward` multiplies through ``dispatch_unquantized_gemm()``, which on
+    the CPU calls ``layer.cpu_linear``, an attribute vLLM sets on Linear layers only, so the transform raises
+    AttributeError. The transform module gets ``torch.nn.functional.linear``, what vLLM itself assigns to a CPU
+    layer it does not prepack: no number of vLLM's changes (BENCHMARKS.md, R4 within 0.07% of llmquant)."""
+    from vllm.model_executor.layers.quantization.compressed_tensors.transform.module import HadamardTransform
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or hasattr(HadamardTransform, "cpu_linear"):
+        return []
+    HadamardTransform.cpu_linear = staticmethod(torch.nn.functional.linear)
+    return ["HadamardTransform.cpu_linear = torch.nn.functional.linear (vLLM's CPU build lacks it)"]
+
+
 def vllm_engine(directory: str | os.PathLike, dtype: str = "bfloat16", max_model_len: int = 64) -> Any:
     """A vLLM ``LLM`` on a checkpoint directory, run in this process (no engine subprocess). bfloat16 by
-    default: vLLM's CPU kernel for packed 4-bit weights has no float32 version."""
+    default: vLLM's CPU kernel for packed 4-bit weights has no float32 version. On a CPU build, with
+    `vllm_cpu_workarounds`."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; unset, vLLM's CPU backend reserves 92% of RAM
     from vllm import LLM
+
+    vllm_cpu_workarounds()
 
     return LLM(model=str(directory), dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=0)
 
