@@ -203,3 +203,27 @@ def test_dynamic_kv_cache_does_not_break_the_equivalence_check_of_smoothing(kv: 
                       calib=calib_ids, progress=False)
     attention = model.model.layers[0].self_attn
     assert attention.kv_cache_quantizer.spec.dynamic and not attention.kv_cache_quantizer.observing
+
+
+def test_float_propagation_calibrates_each_layer_on_the_float_models_activations(calib_ids: torch.Tensor) -> None:
+    """``calib.propagate: float``: the second layer's static input scale is the absmax of the float model's own
+    inputs to it over 448 (FP8 per tensor); the default (the quantized first layer's outputs) gives another."""
+    import llmquant
+    from conftest import make_model
+
+    captured = []
+    reference = make_model("llama")
+    hook = reference.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
+    with torch.no_grad():
+        reference(calib_ids, use_cache=False)
+    hook.remove()
+    expected = torch.cat(captured).abs().max() / 448.0
+    scales, first = {}, {}
+    for propagate in ("float", "quantized"):
+        recipe = {"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static", "calib": {"propagate": propagate}}
+        model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+        scales[propagate] = model.model.layers[1].self_attn.q_proj.input_scale
+        first[propagate] = model.model.layers[0].self_attn.q_proj.input_scale
+    assert torch.equal(first["float"], first["quantized"])  # the first layer's inputs are the embeddings either way
+    assert torch.allclose(scales["float"], expected.reshape(1), rtol=1e-5)
+    assert not torch.allclose(scales["quantized"], expected.reshape(1), rtol=1e-5)

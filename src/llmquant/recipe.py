@@ -59,10 +59,16 @@ class _Strict(BaseModel):
 
 
 class Calibration(_Strict):
+    """The calibration samples, and ``propagate``: what the next decoder layer is calibrated on, the outputs of the
+    quantized layer (each layer sees what it will see at run time) or of the float one (the float model's
+    activations all the way; what llm-compressor's QuantizationModifier calibrates static scales on). On the default
+    model FP8 per-tensor static went from 13.905 to 13.855 with ``float`` (llm-compressor 13.848; BENCHMARKS.md)."""
+
     dataset: str = "pydoc"
     samples: int = Field(32, ge=1)
     seqlen: int = Field(512, ge=2)
     seed: int = 0
+    propagate: Literal["quantized", "float"] = "quantized"
 
 
 class Override(_Strict):
@@ -308,7 +314,8 @@ class Recipe(_Strict):
                         "%d instead", requested, in_features, len(names), names[0], chosen)
         return QuantPlan(linears=linears, kv_cache=attention,
                          group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names},
-                         calibrate_all_experts=self.moe_calibrate == "all")
+                         calibrate_all_experts=self.moe_calibrate == "all",
+                         propagate_float=self.calib.propagate == "float")
 
 
 def fitting_group_size(in_features: int, group_size: int) -> int:
@@ -360,6 +367,7 @@ class QuantPlan:
     kv_cache: dict[str, Any]
     group_fallbacks: dict[str, int] = field(default_factory=dict)  # Linear -> the group size it got instead
     calibrate_all_experts: bool = True  # `llmquant.nn.experts.all_experts` during the calibration passes
+    propagate_float: bool = False  # the next layer is calibrated on this layer's float outputs (`Calibration`)
 
     def left_float(self, decoder_layers: str) -> list[str]:
         """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""

@@ -303,8 +303,9 @@ def quantize_layer(
     Passes over the calibration inputs: float (the steps' statistics; only when a step observes the untouched
     layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers),
     quantized (the outputs fed to the next layer, with the int8 kernels where the layer has them: the same
-    function as the simulation, about 4x faster here). A pass that only serves a check or the error figure runs
-    on the first `BATCH` samples. The outputs of the passes over every sample go where ``storage`` says.
+    function as the simulation, about 4x faster here; with the plan's ``propagate_float`` the float pass's outputs,
+    over every sample, are fed instead). A pass that only serves a check or the error figure runs on the first
+    `BATCH` samples. The outputs of the passes over every sample go where ``storage`` says.
     """
     storage = storage or ActivationStorage()
     prefix = model_map.layer_name(index)
@@ -321,7 +322,7 @@ def quantize_layer(
 
     with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token
         float_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
-                               every_sample=static or not quantizes)
+                               every_sample=static or not quantizes or plan.propagate_float)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8")
@@ -337,7 +338,7 @@ def quantize_layer(
     row["output_error"] = relative_error(float_out, quant_out, ranks)
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in ctx.linears.items()}
     row["seconds"] = time.perf_counter() - start
-    return quant_out, row
+    return (float_out if plan.propagate_float else quant_out), row
 
 
 def _calibrates(steps: Sequence[LayerStep], plan: QuantPlan, learns_rotations: bool = False) -> bool:
