@@ -14,6 +14,8 @@ llm-compressor lives in its own throw-away environment (it pins its own dependen
         --schemes w_int8_per_tensor_a_int8_per_tensor_static --out bench/llmc_rot_hadamard.json
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
         w_fp8_per_channel_a_fp8_per_token_dynamic --out bench/llmc_fp8.json      # presets FP8, FP8_DYNAMIC
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
+        --scales-against DIR --out bench/llmc_fp8_static_scales.json  # its scales over llmquant's checkpoint DIR's
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_block128_a_fp8_group128_dynamic \
         --out bench/llmc_fp8_block.json                                            # preset FP8_BLOCK
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_channel_a_fp8_per_token_dynamic \
@@ -170,6 +172,22 @@ def recipe_for(name: str, algorithm: str, group_size: int, alpha: float | None, 
     return recipe, " + ".join(parts) + "; ignore lm_head"
 
 
+def scale_ratios(model: torch.nn.Module, checkpoint: Path) -> dict[str, list[float]]:
+    """Linear -> [input scale, weight scale] of llm-compressor's ``model`` over those of the llmquant ``checkpoint``
+    (per-tensor scales: static input, per-tensor weight; the first element of larger ones)."""
+    from safetensors import safe_open
+
+    ratios = {}
+    with safe_open(checkpoint / "model.safetensors", "pt") as stored:
+        keys = set(stored.keys())
+        for name, module in model.named_modules():
+            if hasattr(module, "input_scale") and f"{name}.input_scale" in keys:
+                ours = [stored.get_tensor(f"{name}.{leaf}").flatten()[0] for leaf in ("input_scale", "weight_scale")]
+                theirs = [getattr(module, leaf).flatten()[0] for leaf in ("input_scale", "weight_scale")]
+                ratios[name] = [float(t / o) for t, o in zip(theirs, ours, strict=True)]
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--schemes", nargs="+", default=list(W8A8), choices=[*W8A8, *FP8, *LOW_BIT, *WEIGHT_ONLY])
@@ -184,6 +202,8 @@ def main() -> None:
                         help="observer of static input activations, e.g. static_minmax (min/max over all "
                              "calibration samples, as llmquant's min-max); default: llm-compressor's minmax")
     parser.add_argument("--kv-cache-fp8", action="store_true", help="also an FP8 KV cache (static per tensor)")
+    parser.add_argument("--scales-against", default=None, help="an llmquant checkpoint of the same scheme: each "
+                        "Linear's static input and weight scale of llm-compressor's over llmquant's, into the JSON")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
@@ -223,6 +243,8 @@ def main() -> None:
             continue
         rows.append({"scheme": name, "algorithm": args.algorithm, "recipe": described, "ppl": ppl,
                      "ratio": ppl / float_ppl, "seconds": seconds})
+        if args.scales_against:
+            rows[-1]["scale_ratios"] = scale_ratios(model, Path(args.scales_against))
         print(f"| llm-compressor {args.algorithm} {name} | {ppl:.3f} | x{ppl / float_ppl:.3f} | {seconds:.1f} |",
               flush=True)
     import compressed_tensors

@@ -61,8 +61,9 @@ class _Strict(BaseModel):
 class Calibration(_Strict):
     """The calibration samples, and ``propagate``: what the next decoder layer is calibrated on, the outputs of the
     quantized layer (each layer sees what it will see at run time) or of the float one (the float model's
-    activations all the way; what llm-compressor's QuantizationModifier calibrates static scales on). On the default
-    model FP8 per-tensor static went from 13.905 to 13.855 with ``float`` (llm-compressor 13.848; BENCHMARKS.md)."""
+    activations all the way; llm-compressor calibrates inside ``DisableQuantization``, which is that for round to
+    nearest). On the default model FP8 per-tensor static went from 13.905 to 13.855 with ``float`` (llm-compressor
+    13.848), the best int8 per-tensor static recipe from 13.943 to 13.952 (BENCHMARKS.md)."""
 
     dataset: str = "pydoc"
     samples: int = Field(32, ge=1)
