@@ -173,18 +173,19 @@ def recipe_for(name: str, algorithm: str, group_size: int, alpha: float | None, 
 
 
 def scale_ratios(model: torch.nn.Module, checkpoint: Path) -> dict[str, list[float]]:
-    """Linear -> [input scale, weight scale] of llm-compressor's ``model`` over those of the llmquant ``checkpoint``
-    (per-tensor scales: static input, per-tensor weight; the first element of larger ones)."""
+    """Linear -> [input scale, weight scale], attention -> [k_scale, v_scale] of llm-compressor's ``model`` over
+    those of the llmquant ``checkpoint`` (per-tensor scales; the first element of larger ones)."""
     from safetensors import safe_open
 
     ratios = {}
     with safe_open(checkpoint / "model.safetensors", "pt") as stored:
         keys = set(stored.keys())
         for name, module in model.named_modules():
-            if hasattr(module, "input_scale") and f"{name}.input_scale" in keys:
-                ours = [stored.get_tensor(f"{name}.{leaf}").flatten()[0] for leaf in ("input_scale", "weight_scale")]
-                theirs = [getattr(module, leaf).flatten()[0] for leaf in ("input_scale", "weight_scale")]
-                ratios[name] = [float(t / o) for t, o in zip(theirs, ours, strict=True)]
+            for leaves in (("input_scale", "weight_scale"), ("k_scale", "v_scale")):  # a Linear's, an attention's
+                if hasattr(module, leaves[0]) and f"{name}.{leaves[0]}" in keys:
+                    ours = [stored.get_tensor(f"{name}.{leaf}").flatten()[0] for leaf in leaves]
+                    theirs = [getattr(module, leaf).flatten()[0] for leaf in leaves]
+                    ratios[name] = [float(t / o) for t, o in zip(theirs, ours, strict=True)]
     return ratios
 
 
