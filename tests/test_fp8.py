@@ -335,10 +335,10 @@ def test_scaled_mm_computes_the_scaled_product_of_the_codes() -> None:
         scale, zero = observe_once(weight, spec)
         codes = quantize(weight, scale, zero, spec)
         for dynamic, static in (("token", None), ("tensor", None), (None, torch.tensor([0.02]))):
-            x_codes, x_scale = fp8_input_codes(rows, dynamic, static)
-            grain = QuantSpec(type="float", granularity=dynamic or "tensor")
+            grain = QuantSpec(type="float", granularity=dynamic or "tensor", dynamic=dynamic is not None)
+            x_codes, x_scale = fp8_input_codes(rows, grain, static)
             assert torch.equal(x_codes.float(), round_to_grid(rows / x_scale, grain))
-            y = fp8_linear(rows, codes, scale.reshape(1, -1), bias, dynamic, static)
+            y = fp8_linear(rows, codes, scale.reshape(1, -1), bias, grain, static)
             reference = (x_codes.double() * x_scale.double()) @ dequantize(codes, scale, zero, spec).double().T
             assert torch.allclose(y.double(), reference + bias.double(), rtol=1e-5, atol=1e-5), (weight_grain, dynamic)
 

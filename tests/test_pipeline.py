@@ -208,9 +208,6 @@ def test_dynamic_kv_cache_does_not_break_the_equivalence_check_of_smoothing(kv: 
 def test_float_propagation_calibrates_each_layer_on_the_float_models_activations(calib_ids: torch.Tensor) -> None:
     """``calib.propagate: float``: the second layer's static input scale is the absmax of the float model's own
     inputs to it over 448 (FP8 per tensor); the default (the quantized first layer's outputs) gives another."""
-    import llmquant
-    from conftest import make_model
-
     captured = []
     reference = make_model("llama")
     hook = reference.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))

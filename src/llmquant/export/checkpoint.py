@@ -147,8 +147,8 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     distinct = list(dict.fromkeys(schemes.values()))
     groups = {}
     for i, scheme in enumerate(distinct):
-        names = [n for n, s in schemes.items() if s == scheme]
-        targets = ["Linear"] if len(distinct) == 1 else names
+        members = [n for n, s in schemes.items() if s == scheme]
+        targets = ["Linear"] if len(distinct) == 1 else members
         groups[f"group_{i}"] = QuantizationScheme(
             targets=targets,
             weights=to_args(scheme.weights),
@@ -165,7 +165,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         quantization_status="compressed",
         kv_cache_scheme=to_args(next(iter(kv_specs))) if kv_specs else None,
     ).model_dump(mode="json")
-    transforms = transform_config(model, checkpoint_names(model))
+    transforms = transform_config(model, names)
     if transforms is not None:  # online input rotations, as vLLM reads them (`llmquant.export.transforms`)
         config[TRANSFORM_CONFIG] = transforms
     return config

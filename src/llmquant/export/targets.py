@@ -159,7 +159,8 @@ def _vllm_fp8(weights: QuantSpec, inputs: QuantSpec | None) -> list[Finding]:
         return [_refuse(f"vLLM has no kernel for {what}: FP8 weights run with FP8 inputs or none")]
     if weights.granularity == "block":
         return [_warn(f"{what}: vLLM takes FP8 tiles only where every merged output and input is a multiple of "
-                      "them (checked on the model before calibration); its CPU build was not seen to serve them")]
+                      "them (checked on the model before calibration); its CPU build has no kernel for them (\"Failed "
+                      "to find a kernel that can implement the ScaledMM linear layer\"), its GPU builds do")]
     if weights.granularity == "channel" and inputs is not None and inputs.granularity == "token":
         return []
     return [_warn(f"{what}: written float-quantized as vLLM's compressed-tensors loader reads FP8; vLLM 0.32's CPU "

@@ -16,33 +16,32 @@ from __future__ import annotations
 
 import torch
 
-from llmquant.quant.primitives import MIN_SCALE
-from llmquant.quant.spec import FP8_E4M3_MAX
+from llmquant.quant.primitives import qparams_for, quantize
+from llmquant.quant.spec import QuantSpec
 
 FP8_MIN_CAPABILITY = (8, 9)
 FP8_ALIGNMENT = 16  # inner and output sizes of a CUDA float8 GEMM
 
 
-def fp8_input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
-                    clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 codes of ``rows`` ``[n, in]`` and their scale (``[n, 1]`` per token, ``[1, 1]`` per tensor):
-    ``dynamic`` "token" or "tensor" (clip_ratio * absmax / 448 of the rows themselves), or None for
-    ``static_scale``; the same codes as `llmquant.quant.primitives.round_to_grid`."""
-    if dynamic is None:
+def fp8_input_codes(rows: torch.Tensor, spec: QuantSpec, static_scale: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 codes of ``rows`` ``[n, in]`` for the input ``spec`` and their scale (``[n, 1]`` per token, ``[1, 1]`` per
+    tensor): the static scale, or (dynamic) the spec's range of the rows themselves; the primitives' codes, so the
+    simulation's."""
+    if spec.dynamic:
+        scale, zero = qparams_for(rows, spec)
+    else:
         assert static_scale is not None
         scale = static_scale.reshape(1, 1).float()
-    else:
-        absmax = rows.abs().amax(-1, keepdim=True) if dynamic == "token" else rows.abs().amax().reshape(1, 1)
-        scale = (absmax.float() * clip_ratio / FP8_E4M3_MAX).clamp_(min=MIN_SCALE)
-    codes = torch.div(rows.float(), scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return codes, scale
+        zero = torch.zeros_like(scale)
+    return quantize(rows, scale, zero, spec), scale
 
 
 def fp8_linear(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-               dynamic: str | None, static_scale: torch.Tensor | None, clip_ratio: float = 1.0) -> torch.Tensor:
-    """y ``[n, out]`` float32 for ``rows`` ``[n, in]``, float8 ``weight`` ``[out, in]`` and ``weight_scale``
-    ``[1, out]`` (per channel) or ``[1, 1]`` (per tensor)."""
-    codes, scale = fp8_input_codes(rows, dynamic, static_scale, clip_ratio)
+               spec: QuantSpec, static_scale: torch.Tensor | None) -> torch.Tensor:
+    """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` quantized as the input ``spec`` says, float8 ``weight``
+    ``[out, in]`` and ``weight_scale`` ``[1, out]`` (per channel) or ``[1, 1]`` (per tensor)."""
+    codes, scale = fp8_input_codes(rows, spec, static_scale)
     out_features = weight.shape[0]
     rowwise = scale.numel() > 1 or weight_scale.numel() > 1
     if rowwise:  # both scales rowwise: the kernel takes no mix of a tensor-wise and a rowwise scale

@@ -130,6 +130,7 @@ class QuantLinear(nn.Module):
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime: the int4 kernel's tensors
         self._supports_int8: bool | None = None
+        self._supports_fp8: bool | None = None
         self.runtime = "fake"
 
     @classmethod
@@ -262,10 +263,13 @@ class QuantLinear(nn.Module):
     @property
     def supports_fp8(self) -> bool:
         """Whether this layer is an FP8 W8A8 one that ``torch._scaled_mm`` can run (`llmquant.nn.fp8_linear`): E4M3
-        weights per tensor or channel, E4M3 inputs per tensor (static or dynamic) or per token (dynamic)."""
-        w, a = self.weight_spec, self.input_spec
-        return (w is not None and a is not None and w.type == a.type == "float"
-                and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token"))
+        weights per tensor or channel, E4M3 inputs per tensor (static or dynamic) or per token (dynamic); decided
+        once, from the specs the layer was made with (the forward asks at every call)."""
+        if self._supports_fp8 is None:
+            w, a = self.weight_spec, self.input_spec
+            self._supports_fp8 = (w is not None and a is not None and w.type == a.type == "float"
+                                  and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token"))
+        return self._supports_fp8
 
     @property
     def supports_int4(self) -> bool:
@@ -384,10 +388,9 @@ class QuantLinear(nn.Module):
         """FP8 W8A8 on the kernel runtime: ``torch._scaled_mm`` (`llmquant.nn.fp8_linear`)."""
         spec = self.input_spec
         assert spec is not None
-        static = None if spec.dynamic else self.input_scale
         rows = x.reshape(-1, self.in_features)
-        y = fp8_linear(rows, self.weight, self.weight_scale.reshape(1, -1), self.bias,
-                       spec.granularity if spec.dynamic else None, static, spec.clip_ratio)
+        y = fp8_linear(rows, self.weight, self.weight_scale.reshape(1, -1), self.bias, spec,
+                       None if spec.dynamic else self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
