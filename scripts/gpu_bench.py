@@ -23,6 +23,11 @@ Equal settings, as far as the two tools have them:
   AWQModifier defaults, then round to nearest.
 A stage that would not finish before ``--deadline`` is skipped and said so; a failed one is reported with its
 error. On a machine without a GPU, ``--shape tiny --device cpu`` checks the script itself.
+
+Mixtures of experts: ``--shape qwen3-30b-a3b-layer`` (one Qwen3-30B-A3B-shaped layer: 128 experts of 768, 8 chosen
+a token; ``tiny-moe`` to check the script) writes the random model with transformers' ``save_pretrained`` and runs
+GPTQ only; both tools send every calibration token through every expert (llmquant's default, llm-compressor's
+``moe_calibrate_all_experts``) and leave the routers float.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ SHAPES = {
     "tiny": {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
              "tie_word_embeddings": False},
+    # mixtures of experts (Qwen3-MoE, transformers' fused experts; the vocabulary cut: the head is not quantized)
+    "qwen3-30b-a3b-layer": {"vocab_size": 1024, "hidden_size": 2048, "intermediate_size": 6144,
+                            "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                            "num_hidden_layers": 1, "num_attention_heads": 32, "num_key_value_heads": 4,
+                            "head_dim": 128, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "tiny-moe": {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+                 "num_experts": 8, "num_experts_per_tok": 2, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 1024,
+                 "tie_word_embeddings": False},
 }
 RUNS = {  # name -> llmquant recipe (llm-compressor's: `llmcompressor_recipe`); the goals name GPTQ and AWQ first
     "gptq_w4_g128": {"scheme": "w_int4_per_group_sym", "group_size": 128, "algorithm": "gptq",
@@ -57,6 +71,10 @@ SHARD_LAYERS = 4  # decoder layers per safetensors shard of the random checkpoin
 
 
 # --- the random checkpoint ---------------------------------------------------------------------------------
+def is_moe(shape: str) -> bool:
+    return "num_experts" in SHAPES[shape]
+
+
 def build_checkpoint(directory: Path, shape: str, layers: int | None, device: str, seed: int = 0) -> dict:
     """Write the random model (see the module docstring); returns its config."""
     import torch
@@ -67,9 +85,11 @@ def build_checkpoint(directory: Path, shape: str, layers: int | None, device: st
     from tiny_checkpoint import tiny_tokenizer
 
     fields = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
-    config = LlamaConfig(**fields, dtype="bfloat16")
-    if (directory / "model.safetensors.index.json").exists():  # written by an earlier run on this machine
+    if (directory / "config.json").exists():  # written by an earlier run on this machine
         return json.loads((directory / "config.json").read_text())
+    if is_moe(shape):
+        return build_moe_checkpoint(directory, fields, seed)
+    config = LlamaConfig(**fields, dtype="bfloat16")
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(seed)
     hidden, inter = config.hidden_size, config.intermediate_size
@@ -115,6 +135,24 @@ def build_checkpoint(directory: Path, shape: str, layers: int | None, device: st
     return config.to_dict()
 
 
+def build_moe_checkpoint(directory: Path, fields: dict, seed: int) -> dict:
+    """A random Qwen3-MoE model (transformers' own initialisation, bf16) as ``save_pretrained`` writes it: one tensor
+    per expert matrix, which both tools read back as transformers' fused experts."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from tiny_checkpoint import tiny_tokenizer  # (on the path: `build_checkpoint`)
+
+    config = Qwen3MoeConfig(**fields, dtype="bfloat16")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    partial = directory.with_name(directory.name + ".partial")  # renamed once whole: never taken half-written
+    model.save_pretrained(partial)
+    tiny_tokenizer().save_pretrained(partial)
+    partial.rename(directory)
+    return config.to_dict()
+
+
 def calibration(vocab: int, samples: int, seqlen: int, seed: int = 1):  # -> torch.Tensor
     import torch
 
@@ -150,10 +188,10 @@ def llmcompressor_recipe(run: str) -> list:
         from llmcompressor.modifiers.awq import AWQModifier
         from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    def group(symmetric: bool) -> dict:
+    def group(symmetric: bool) -> dict:  # (routers stay float, as llmquant leaves them: the MoE shapes)
         weights = QuantizationArgs(num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=128)
         return {"config_groups": {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                "ignore": ["lm_head"]}
+                "ignore": ["lm_head", "re:.*mlp.gate$"]}
 
     if run == "gptq_w4_g128":
         return [GPTQModifier(**group(True), block_size=128, dampening_frac=0.01, actorder="static")]
@@ -292,7 +330,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
+                        help="default: all of them; GPTQ alone on the mixture-of-experts shapes")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="skip the GPTQ sweep benchmark (reference loop against the fused kernel)")
@@ -313,7 +352,8 @@ def main() -> None:
         return
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_dir = args.model_dir or Path("/tmp/llmquant-gpu-bench-model")
+    args.model_dir = args.model_dir or Path(f"/tmp/llmquant-gpu-bench-{args.shape}")
+    args.runs = args.runs or (["gptq_w4_g128"] if is_moe(args.shape) else list(RUNS))
     args.work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))  # the workers' results (OUT keeps few files)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "device": args.device,
                     "samples": args.samples, "seqlen": args.seqlen, "results": {}}

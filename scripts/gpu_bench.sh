@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine without internet: install the wheels carried in .whl/ (scripts/gpu_wheels.sh), run the device
 # tests (tests/test_devices.py, tests/test_gptq_kernel.py, the FP8 kernel's) on the GPU, the FP8 GEMM timings, then
-# scripts/gpu_bench.py (arguments are passed on); with MOE=1, scripts/moe_layer_bench.py on the GPU too. Everything
-# it reports goes to $OUT (default out/gpu): gpu.txt, tests.log, fp8.log, bench.log, gpu_bench.json, moe.log,
-# moe_layer.json.
+# scripts/gpu_bench.py (arguments are passed on); with MOE=1, scripts/gpu_bench.py on one 128-expert layer too.
+# Everything it reports goes to $OUT (default out/gpu): gpu.txt, tests.log, fp8.log, bench.log, gpu_bench.json, moe.log,
+# moe/gpu_bench.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -31,8 +31,10 @@ tail -n 30 "$OUT/fp8.log"
 PYTHONPATH=/tmp/site-llmquant:src python3 scripts/gpu_bench.py --out "$OUT" --llmquant-path /tmp/site-llmquant:src \
     --llmcompressor-path /tmp/site-llmc "$@" > "$OUT/bench.log" 2>&1
 grep -v -E "^\s*$|Warning|warn\(" "$OUT/bench.log" | tail -n 40
-if [ "${MOE:-0}" = 1 ]; then  # one Qwen3-30B-A3B-shaped layer (128 experts), GPTQ W4 g128, 32 x 512 tokens, bf16
-    PYTHONPATH=/tmp/site-llmquant:src timeout "${MOE_TIMEOUT:-300}" python3 scripts/moe_layer_bench.py --device cuda \
-        --samples 32 --seqlen 512 --json "$OUT/moe_layer.json" > "$OUT/moe.log" 2>&1
-    tail -n 20 "$OUT/moe.log"
+if [ "${MOE:-0}" = 1 ]; then  # one Qwen3-30B-A3B-shaped layer (128 experts), GPTQ W4 g128, 32 x 512 tokens, bf16,
+    # llmquant against llm-compressor (OUT/moe/gpu_bench.json)
+    PYTHONPATH=/tmp/site-llmquant:src python3 scripts/gpu_bench.py --shape qwen3-30b-a3b-layer --no-sweep \
+        --out "$OUT/moe" --llmquant-path /tmp/site-llmquant:src --llmcompressor-path /tmp/site-llmc \
+        > "$OUT/moe.log" 2>&1
+    grep -v -E "^\s*$|Warning|warn\(" "$OUT/moe.log" | tail -n 20
 fi

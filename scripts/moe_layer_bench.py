@@ -2,11 +2,13 @@
 llmquant: seconds and peak memory, on the CPU or a GPU.
 
     .venv/bin/python scripts/moe_layer_bench.py [--device cpu|cuda] [--samples 8] [--seqlen 512] \
-        [--algo gptq] [--moe-calibrate all|routed] [--json bench/moe_layer_cpu.json]
+        [--algo gptq] [--moe-calibrate all|routed] [--max-memory 3.5GB] [--json bench/moe_layer_cpu.json]
 
 Shapes of Qwen3-30B-A3B: hidden 2048, 32 query heads and 4 KV heads of 128, experts of 768, vocabulary cut to
 1024 (the head is not quantized). Scheme W4 symmetric, groups of 128 (llm-compressor's W4A16). Peak memory is
-the process's resident peak (``ru_maxrss``) and, on a GPU, torch's peak allocation.
+the process's resident peak (``ru_maxrss``) and, on a GPU, torch's peak allocation. ``--max-memory`` (and
+``--max-gpu-memory`` on a GPU) cap the run as the command line's options do: GPTQ then takes the experts a few at a
+time, as many as the memory left under the cap holds (`llmquant.device.DevicePolicy.working_memory`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import transformers
 
 import llmquant
+from llmquant.pipeline.memory import parse_size
 
 
 def qwen3_30b_a3b_layer(dtype: torch.dtype) -> torch.nn.Module:
@@ -41,8 +44,11 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--algo", default="gptq", choices=["rtn", "gptq", "awq"])
     parser.add_argument("--moe-calibrate", default="all", choices=["all", "routed"])
+    parser.add_argument("--max-memory", default=None, metavar="SIZE")
+    parser.add_argument("--max-gpu-memory", default=None, metavar="SIZE")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    cap, gpu_cap = parse_size(args.max_memory), parse_size(args.max_gpu_memory, "--max-gpu-memory")
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
     t0 = time.perf_counter()
     model = qwen3_30b_a3b_layer(dtype)
@@ -51,7 +57,8 @@ def main() -> None:
     recipe = {"scheme": "w_int4_per_group_sym", "group_size": 128, "algorithm": args.algo,
               "moe_calibrate": args.moe_calibrate}
     t1 = time.perf_counter()
-    llmquant.quantize(model, recipe, calib=calib, device=args.device, progress=False)
+    llmquant.quantize(model, recipe, calib=calib, device=args.device, progress=False, max_memory=cap,
+                      max_gpu_memory=gpu_cap)
     seconds = time.perf_counter() - t1
     manifest = model.llmquant_manifest
     row = manifest.layers[0]
@@ -63,6 +70,8 @@ def main() -> None:
         "layer_seconds": round(row["seconds"], 1), "peak_rss_mib": round(resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss / 1024), "peak_gpu_mib": row.get("peak_gpu_mb"),
         "output_error": row["output_error"], "rtn_fallback": len(row.get("gptq_rtn_fallback", {})),
+        "max_memory_mib": cap and cap / 2**20, "max_gpu_memory_mib": gpu_cap and gpu_cap / 2**20,
+        "working_memory_mib": row.get("gptq_working_memory_mb"), "expert_rounds": row.get("gptq_expert_rounds"),
         "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }

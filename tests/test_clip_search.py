@@ -112,10 +112,40 @@ def test_a_serving_target_refuses_clipped_dynamic_quantizers(target: str) -> Non
 
     recipe = llmquant.Recipe.build(scheme=W4A4, clip_search={})
     with pytest.raises(LlmquantError, match=f"--target {target}: {target} computes dynamic scales from the whole "
-                                            "range of each tensor: the clip ratios clip_search chooses would be "
-                                            "dropped"):
+                                            "range of each tensor: the clip ratios clip_search chooses for them "
+                                            "would be dropped"):
         check_target(target, recipe)
     check_target("fake", recipe)  # llmquant's own loader runs them
+    static_kv = llmquant.Recipe.build(scheme="w_fp8_per_channel_a_fp8_per_token_dynamic", kv_cache="fp8_per_tensor",
+                                      clip_search={"activations": False})
+    check_target(target, static_kv)  # a static cache's clipped scales are plain k_scale / v_scale
+
+
+def test_a_static_kv_cache_clip_scales_its_calibrated_scales_and_they_are_what_the_checkpoint_stores(
+        calib6: torch.Tensor, eval_ids: torch.Tensor, tmp_path: Path) -> None:
+    from llmquant.nn.kv_cache import set_kv_clip
+
+    fields = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": "int8_per_tensor",
+              "pre_opts": []}
+    unclipped = _quantized(calib6[:4], **fields, clip_search=None)
+    calibrated = {n: (m.k_scale.clone(), m.v_scale.clone()) for n, m in unclipped.named_modules()
+                  if isinstance(m, KVCacheQuantizer)}
+    assert set_kv_clip(unclipped, 0.8) == len(calibrated) and set_kv_clip(unclipped, 0.5) == len(calibrated)
+    for name, (k, v) in calibrated.items():
+        module = unclipped.get_submodule(name)
+        assert torch.allclose(module.k_scale, 0.5 * k) and torch.allclose(module.v_scale, 0.5 * v)
+        assert module.spec.clip_ratio == 0.5
+    searched = _quantized(calib6, **fields, clip_search={"samples": 2, "activations": False})
+    found = searched.llmquant_manifest.results["clip_search"]
+    assert "activations" not in found and len(found["kv_cache"]["ppl_by_ratio"]) == 7
+    ratio = found["kv_cache"]["ratio"]
+    llmquant.save(searched, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
+    assert torch.equal(logits(loaded, eval_ids), logits(searched, eval_ids))  # the clipped scales were stored
+    scales = [m.k_scale for m in loaded.modules() if isinstance(m, KVCacheQuantizer)]
+    assert scales and all(torch.equal(a, m.k_scale) for a, m in zip(scales, (
+        m for m in searched.modules() if isinstance(m, KVCacheQuantizer)), strict=True))
+    assert ratio in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
 def test_the_clip_search_flag_and_the_learn_rotations_flag_reach_the_recipe() -> None:

@@ -192,3 +192,14 @@ def test_gptq_perplexity_on_the_gpu_is_within_half_a_percent_of_the_cpu_one(cali
     windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(4))
     on_gpu, on_cpu = quantized(recipe, calib_ids, "cuda"), quantized(recipe, calib_ids, "cpu")
     assert perplexity(on_gpu, windows) == pytest.approx(perplexity(on_cpu, windows), rel=5e-3)
+
+
+def test_working_memory_is_what_the_cpu_cap_leaves_and_never_more_than_the_system_has() -> None:
+    from llmquant.device import available_memory_bytes, resident_bytes
+
+    assert DevicePolicy().working_memory() == pytest.approx(0.9 * available_memory_bytes(), rel=0.05)
+    left = DevicePolicy(max_memory=resident_bytes() + 64 * 2**20).working_memory()
+    assert 48 * 2**20 < left <= 64 * 2**20
+    assert DevicePolicy(max_memory=1).working_memory() == 0  # below what is resident already: nothing left
+    with pytest.raises(LlmquantError, match="max_memory must be a size"):
+        DevicePolicy.resolve("cpu", max_memory=-1)

@@ -318,3 +318,23 @@ def test_weights_quantized_per_tensor_go_through_gptq_one_linear_at_a_time(calib
                       calib=calib_ids, progress=False)
     assert model.model.layers[0].self_attn.q_proj.weight_scale.shape == (1,)
     assert relative_error(reference, logits(model, eval_ids)) < 0.1
+
+
+def test_a_kept_inverse_factor_gives_the_same_sweep_and_the_budgets_follow_the_working_memory() -> None:
+    """Sweeps that read one Hessian share its factorization (`inverse_factor`): the same codes as each computing
+    its own. The round and sweep sizes follow the working memory, within their fixed bounds."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(256, IN), torch.randn(24, IN)
+    hessian = 2 * x.T.double() @ x.double() / x.shape[0]
+    for act_order in (False, True):
+        factor = gptq_module.inverse_factor(hessian, 0.01, act_order)
+        own = gptq_quantize(weight, hessian, GROUP32, act_order=act_order, static_groups=act_order)
+        kept = gptq_quantize(weight, hessian, GROUP32, act_order=act_order, static_groups=act_order, factor=factor)
+        assert torch.equal(own.codes, kept.codes) and torch.equal(own.weight, kept.weight)
+        assert own.error == pytest.approx(kept.error, rel=1e-12)
+    assert gptq_module.hessian_budget(None) == gptq_module.ROUND_HESSIAN_BYTES
+    assert gptq_module.hessian_budget(2**20) == 2**19 and gptq_module.hessian_budget(2**40) == (
+        gptq_module.ROUND_HESSIAN_BYTES)
+    assert gptq_module.sweep_rows(2048, None) == gptq_module.MAX_SWEEP_ROWS
+    assert gptq_module.sweep_rows(2048, 0) == 1  # (`stacked_sweeps` still takes one Linear whole)
+    assert gptq_module.sweep_rows(1024, 96 * 2**20) == 1024  # a quarter of 96 MiB at 24 bytes a weight

@@ -144,6 +144,48 @@ def test_gptq_takes_a_few_experts_at_a_time_under_its_memory_bounds_with_the_sam
             assert (a == b).float().mean() > 0.999, name  # each row's sweep does not depend on the others
 
 
+def test_the_memory_cap_sizes_the_rounds_of_experts_and_the_sweeps_with_the_same_result() -> None:
+    """--max-memory / max_memory: a layer's Hessians and sweeps take what is left under the cap, so with nothing left
+    the experts go one a pass and every Linear is swept alone; the weights are those of the uncapped run."""
+    from llmquant.device import resident_bytes
+
+    recipe, calib = {**W4, "algorithm": "gptq"}, _ids(1)
+    whole = llmquant.quantize(make_model("qwen3_moe"), recipe, calib=calib, progress=False)
+    # q/k/v, o, every gate/up (one Hessian), then the four down projections in one pass
+    assert whole.llmquant_manifest.layers[0]["gptq_expert_rounds"] == [1, 1, 1, 4]
+    capped = llmquant.quantize(make_model("qwen3_moe"), recipe, calib=calib, progress=False,
+                               max_memory=resident_bytes())  # (the cap is a target: nothing is left under it)
+    for row in capped.llmquant_manifest.layers:
+        assert row["gptq_expert_rounds"] == [1] * 7 and row["gptq_working_memory_mb"] == 0.0
+    assert capped.llmquant_manifest.results["placement"]["max_memory_mb"] > 0
+    for name, module in whole.named_modules():
+        if isinstance(module, QuantLinear) and ".experts." in name:
+            a, b = module.dequantized_weight(), capped.get_submodule(name).dequantized_weight()
+            assert (a == b).float().mean() > 0.999, name  # each row's sweep does not depend on the others
+
+
+def test_lean_experts_keep_one_expert_runtime_caches_at_a_time_and_the_same_function() -> None:
+    """The quantized pass under a cap (`lean_experts`): every expert drops its int4 kernel's copy of the codes once
+    it has run, so a pass holds one expert's; the layer computes what it computed with them kept."""
+    from llmquant.nn.experts import lean_experts
+    from llmquant.nn.quant_linear import set_runtime
+
+    model = llmquant.quantize(make_model("qwen3_moe"), {"scheme": "w_int4_per_group_sym", "group_size": 32},
+                              calib=_ids(1), progress=False)
+    set_runtime(model, "int8")
+    ids = _ids(2, 2)
+    kept = logits(model, ids)
+    experts = [m for n, m in model.named_modules() if isinstance(m, QuantLinear) and ".experts." in n]
+    assert all(m.runtime_caches() for m in experts)  # built once and kept
+    for module in experts:
+        module.drop_caches()
+    with lean_experts(model):
+        lean = logits(model, ids)
+    assert torch.equal(kept, lean)
+    assert not any(m.runtime_caches() for m in experts)
+    assert not any(m.transient_caches for m in model.modules() if isinstance(m, Experts))  # off again
+
+
 def test_gptq_beats_round_to_nearest_on_every_expert() -> None:
     calib = _ids(1)
     runs = {algo: llmquant.quantize(make_model("mixtral"), {**W4, "algorithm": algo}, calib=calib, progress=False)

@@ -74,13 +74,15 @@ def quantize(
     Where it runs (`llmquant.device`): ``device`` auto (None: the GPU when there is one), cpu, cuda or cuda:N;
     ``dtype`` auto (None: the model's own), float32, bfloat16 or float16; ``offload`` layers (each decoder layer
     comes onto the device in turn, the model rests where it is) or none (the whole model on the device);
-    ``max_gpu_memory`` bytes the calibration activations may take on the device. ``run_dir`` keeps every finished
-    layer (and resumes from it), ``source`` streams the decoder layers from disk; ``activations`` is auto, memory,
-    disk (`llmquant.pipeline.memory`, ``max_memory`` the cap auto weighs them against) or a storage of its own.
+    ``max_gpu_memory`` bytes the calibration activations may take on the device, ``max_memory`` the CPU memory the
+    run aims to stay under (both also cap a layer's working tensors: `llmquant.device`). ``run_dir`` keeps every
+    finished layer (and resumes from it), ``source`` streams the decoder layers from disk; ``activations`` is auto,
+    memory, disk (`llmquant.pipeline.memory`, ``max_memory`` the cap auto weighs them against) or a storage of its
+    own.
     The command line sets them from ``--device``, ``--dtype``, ``--offload``, ``--max-gpu-memory``, ``--resume``,
     ``--max-memory`` and ``--activations``."""
     recipe = as_recipe(recipe)
-    policy = DevicePolicy.resolve(device, dtype, offload, max_gpu_memory)
+    policy = DevicePolicy.resolve(device, dtype, offload, max_gpu_memory, max_memory)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
     if limit is not None and seqlen > limit:

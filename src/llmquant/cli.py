@@ -404,7 +404,8 @@ def _placement_flags(parser: argparse.ArgumentParser, quantize: bool = False) ->
                                  "onto the device in turn; none: the whole model stays on the device")
         parser.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                             help="what the calibration activations may take on the GPU (e.g. 20GB; default: its "
-                                 "free memory less 10%%); beyond it they wait in pinned CPU memory")
+                                 "free memory less 10%%); beyond it they wait in pinned CPU memory; a layer's "
+                                 "GPTQ Hessians and sweeps take what is left under it (experts a few at a time)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same model, recipe and calibration from its last layer")
     q.add_argument("--max-memory", default=None,
-                   help="stream decoder layers from disk, one in memory at a time (e.g. 2GB); skips the evaluation")
+                   help="stream decoder layers from disk, one in memory at a time (e.g. 2GB); a layer's GPTQ "
+                        "Hessians and sweeps take what is left under it (experts a few at a time); skips the "
+                        "evaluation")
     _placement_flags(q, quantize=True)
     q.add_argument("--activations", default="auto", choices=["auto", "memory", "disk"],
                    help="where the calibration activations wait between passes: memory (on the GPU while they fit "

@@ -14,6 +14,10 @@ device or a dtype again:
   the device (when it fits);
 - ``max_gpu_memory``: bytes the calibration activations may take on the device (default: what the device has
   free when the run starts, less `MARGIN`); above it they wait in pinned CPU memory, one batch moved at a time.
+  It caps a layer's working tensors too: GPTQ's Hessians and sweeps take what is left under it (`working_memory`);
+- ``max_memory`` (``--max-memory``): bytes of CPU memory the run aims to stay under. The model is then read from
+  disk a layer at a time (`llmquant.pipeline.memory`), and on the CPU a layer's working tensors take what is
+  left under it: the experts of a mixture-of-experts layer are swept a few at a time (`working_memory`).
 
 Statistics, Hessians and the float64 folds keep their own precision whatever the model's dtype; weights go
 back in the model's dtype.
@@ -93,15 +97,19 @@ class DevicePolicy:
     dtype: torch.dtype | None = None
     offload: Offload = "layers"
     max_gpu_memory: int | None = None
+    max_memory: int | None = None
 
     @classmethod
     def resolve(cls, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto",
-                offload: str = "layers", max_gpu_memory: int | None = None) -> DevicePolicy:
+                offload: str = "layers", max_gpu_memory: int | None = None,
+                max_memory: int | None = None) -> DevicePolicy:
         if offload not in OFFLOADS:
             raise LlmquantError(f"unknown offload '{offload}'; allowed: {', '.join(OFFLOADS)}")
-        if max_gpu_memory is not None and max_gpu_memory < 0:
-            raise LlmquantError(f"max_gpu_memory must be a size in bytes >= 0, got {max_gpu_memory}")
-        return cls(resolve_device(device), resolve_dtype(dtype), offload, max_gpu_memory)  # type: ignore[arg-type]
+        for name, size in (("max_gpu_memory", max_gpu_memory), ("max_memory", max_memory)):
+            if size is not None and size < 0:
+                raise LlmquantError(f"{name} must be a size in bytes >= 0, got {size}")
+        return cls(resolve_device(device), resolve_dtype(dtype), offload,  # type: ignore[arg-type]
+                   max_gpu_memory, max_memory)
 
     @property
     def is_cuda(self) -> bool:
@@ -116,6 +124,24 @@ class DevicePolicy:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(free * (1 - MARGIN))
 
+    def working_memory(self) -> int | None:
+        """Bytes a layer's working tensors (GPTQ's Hessians and sweeps) may still take now, where the layer computes:
+        on a GPU, its free memory less `MARGIN`, and under ``max_gpu_memory`` less what torch holds there; on the
+        CPU, the system's available memory less `MARGIN`, and under ``max_memory`` less the process's resident
+        memory. None where neither can be read."""
+        if self.is_cuda:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            found: int | None = int(free * (1 - MARGIN))
+            if self.max_gpu_memory is not None:
+                found = min(found, self.max_gpu_memory - torch.cuda.memory_allocated(self.device))
+        else:
+            available = available_memory_bytes()
+            found = None if available is None else int(available * (1 - MARGIN))
+            if self.max_memory is not None:
+                left = self.max_memory - resident_bytes()
+                found = left if found is None else min(found, left)
+        return None if found is None else max(found, 0)
+
     def describe(self) -> dict[str, Any]:
         """The policy as the manifest records it."""
         described: dict[str, Any] = {"device": str(self.device), "offload": self.offload,
@@ -124,7 +150,30 @@ class DevicePolicy:
             described["gpu"] = torch.cuda.get_device_name(self.device)
             if self.max_gpu_memory is not None:
                 described["max_gpu_memory_mb"] = self.max_gpu_memory / 2**20
+        if self.max_memory is not None:
+            described["max_memory_mb"] = self.max_memory / 2**20
         return described
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc; 0 where it does not exist)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def available_memory_bytes() -> int | None:
+    """The memory the system can give without swapping (Linux's MemAvailable; None where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -186,12 +235,14 @@ def peak_memory_mb(device: torch.device) -> float | None:
 __all__ = [
     "DTYPES",
     "DevicePolicy",
+    "available_memory_bytes",
     "cast_weights",
     "device_of",
     "dtype_name",
     "map_tensors",
     "peak_memory_mb",
     "reset_peak_memory",
+    "resident_bytes",
     "resolve_device",
     "resolve_dtype",
     "to_device",

@@ -36,6 +36,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,10 @@ from llmquant.quant.spec import QuantSpec
 log = logging.getLogger(__name__)
 MAX_SWEEP_ROWS = 16384  # rows of Linears sharing a Hessian swept at once (float32: 16384 x 4096 = 256 MiB)
 ROUND_HESSIAN_BYTES = 512 * 2**20  # float64 Hessians gathered in one pass over parallel experts
+HESSIAN_SHARE = 0.5  # of the working memory left when a layer's sweeps begin: a round's Hessians at most
+SWEEP_SHARE = 0.25  # ... and a sweep's working copies at most (`sweep_rows`)
+SWEEP_BYTES_PER_WEIGHT = 24  # a sweep's float32 working copies of each weight: stacked, permuted, codes,
+# dequantized, the result and the rows handed back (six [rows, columns] tensors at its peak)
 
 DAMP_RETRIES = 3  # on a failed Cholesky, retry with 10x, 100x, 1000x the dampening
 
@@ -131,6 +136,34 @@ class GPTQResult:
     error: float
 
 
+@dataclass(frozen=True)
+class InverseFactor:
+    """What a sweep needs of H, the same for every weight that reads the input H is of (the gate/up rows of 128
+    experts, swept a few experts at a time, factor H once): the column order ``perm`` (activation order: by
+    descending diag H), the ``dead`` inputs (H_ii = 0) and ``hinv``, the upper Cholesky factor of the dampened
+    H^-1 in that order (float64)."""
+
+    perm: torch.Tensor
+    dead: torch.Tensor
+    hinv: torch.Tensor
+
+
+@torch.no_grad()
+def inverse_factor(hessian: torch.Tensor, damp_ratio: float = 0.01, act_order: bool = False) -> InverseFactor:
+    """`InverseFactor` of ``hessian`` [in, in] (read only), in float64 on its device."""
+    h = hessian.detach().to(torch.float64)
+    diagonal = torch.diag(h)
+    dead = diagonal == 0
+    perm = torch.arange(h.shape[0], device=h.device)
+    if act_order:
+        perm = torch.argsort(torch.where(dead, 1.0, diagonal), descending=True, stable=True)
+    backwards = perm.flip(0)  # J P^T H P J in one gather, as the factorization wants it (one copy of H at a time)
+    reversed_h = h.index_select(0, backwards).index_select(1, backwards)
+    del h
+    reversed_h.diagonal()[dead[backwards]] = 1.0  # a dead input: H_ii = 1 (its weights are zero)
+    return InverseFactor(perm, dead, _inverse_hessian_cholesky(reversed_h, damp_ratio))
+
+
 @torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
@@ -140,16 +173,17 @@ def gptq_quantize(
     damp_ratio: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    factor: InverseFactor | None = None,
 ) -> GPTQResult:
-    """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``[in, in]`` of its inputs."""
+    """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``[in, in]`` of its inputs (``factor``: its
+    `inverse_factor` with the same ``damp_ratio`` and ``act_order``, when the caller keeps it for several weights)."""
     rows, columns = _check(weight, hessian, spec, block_size, act_order, static_groups)
     group = _scale_columns(spec)
 
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32  # the sweep's precision
     w = weight.detach().to(compute).clone()
-    h = hessian.detach().to(w.device, torch.float64)  # read only: the caller's Hessian is left alone
-    diagonal = torch.diag(h)
-    dead = diagonal == 0
+    factor = factor or inverse_factor(hessian.to(w.device), damp_ratio, act_order)
+    perm, dead = factor.perm.to(w.device), factor.dead.to(w.device)
     w[:, dead] = 0.0
 
     if group is None:  # one scale per tensor or per row, from the whole weight
@@ -160,15 +194,9 @@ def gptq_quantize(
         scales = torch.zeros(rows, -(-columns // group), device=w.device, dtype=compute)
         zeros = torch.zeros_like(scales)
 
-    perm = torch.arange(columns, device=w.device)
     if act_order:
-        perm = torch.argsort(torch.where(dead, 1.0, diagonal), descending=True, stable=True)
         w = w[:, perm]
-    backwards = perm.flip(0)  # J P^T H P J in one gather, as the factorization wants it (one copy of H at a time)
-    reversed_h = h.index_select(0, backwards).index_select(1, backwards)
-    del h
-    reversed_h.diagonal()[dead[backwards]] = 1.0  # a dead input: H_ii = 1 (its weights are zero)
-    hinv = _inverse_hessian_cholesky(reversed_h, damp_ratio).to(compute).contiguous()  # upper factor of H^-1
+    hinv = factor.hinv.to(w.device, compute).contiguous()  # upper factor of H^-1
 
     column_groups = perm // group if group is not None else torch.zeros_like(perm)  # scale column of each column
     fused = (compute == torch.float32 and (group is None or static_groups) and spec.type == "int"
@@ -176,14 +204,14 @@ def gptq_quantize(
     # blocks are left to the reference loop: their per-row scales would fit the kernel, untested there)
     groups_on_host = column_groups.tolist()  # read once: no device synchronisation per column
     codes = torch.zeros_like(w)
-    losses = torch.zeros_like(w)
+    loss = torch.zeros((), dtype=torch.float64, device=w.device)  # (summed as it goes: no [out, in] of losses)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
         hinv1 = hinv[i1:i2, i1:i2]
         if fused:  # one kernel for the block's columns (`llmquant.algorithms.gptq_kernel`)
             grid = (scales, zeros) if group is not None else (scale.expand(rows, 1), zero.expand(rows, 1))
             codes[:, i1:i2], err1 = _fused_sweep(w[:, i1:i2], hinv1, *grid, column_groups[i1:i2], spec)
-            losses[:, i1:i2] = err1.pow(2) / 2
+            loss += err1.pow(2).sum() / 2
             w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
             continue
         w1 = w[:, i1:i2].clone()
@@ -202,7 +230,7 @@ def gptq_quantize(
             c = quantize_blocks(col, scale, zero, spec)
             q = (c - zero) * scale
             codes[:, j] = c[:, 0]
-            losses[:, j] = ((col - q) ** 2 / d**2 / 2)[:, 0]
+            loss += ((col - q) ** 2).sum() / d**2 / 2
             err = (col - q) / d
             w1[:, i:] -= err @ hinv1[i : i + 1, i:]
             err1[:, i] = err[:, 0]
@@ -213,7 +241,7 @@ def gptq_quantize(
         scale, zero = _block_view(scales, spec), _block_view(zeros, spec)
     codes = codes.to(spec.code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
-    return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(losses.sum()))
+    return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(loss))
 
 
 def _scale_columns(spec: QuantSpec) -> int | None:
@@ -308,8 +336,9 @@ def _inverse_hessian_cholesky(reversed_h: torch.Tensor, damp_ratio: float) -> to
     Without forming the inverse: with J H J = M M^T (M lower, its Cholesky factor), H = R R^T with R = J M J upper,
     so H^-1 = R^-T R^-1 and U = R^-1 = J M^-1 J: upper triangular with a positive diagonal, hence the Cholesky
     factor (it is unique). One Cholesky and one triangular inverse (about 4/3 n^3 flops, against 5/3 n^3 for the
-    reference's Cholesky, inverse, Cholesky) and at most three n x n matrices at a time (on a Llama-3-8B down_proj,
-    n = 14,336: 1.6 GB each in float64); the same factor to float64 rounding (tests/test_gptq.py)."""
+    reference's Cholesky, inverse, Cholesky) and at most two n x n matrices at a time besides the caller's H (the
+    inverse is written over the identity it solves for; on a Llama-3-8B down_proj, n = 14,336: 1.6 GB each in
+    float64); the same factor to float64 rounding (tests/test_gptq.py)."""
     mean_diag = reversed_h.diagonal().mean()
     added = damp = 0.0
     for attempt in range(DAMP_RETRIES + 1):
@@ -319,9 +348,9 @@ def _inverse_hessian_cholesky(reversed_h: torch.Tensor, damp_ratio: float) -> to
         lower, info = torch.linalg.cholesky_ex(reversed_h)
         if info == 0 and torch.isfinite(lower).all():
             del reversed_h
-            eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-            inverse = torch.linalg.solve_triangular(lower, eye, upper=False)  # M^-1
-            del lower, eye
+            inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            torch.linalg.solve_triangular(lower, inverse, upper=False, out=inverse)  # M^-1, written over I
+            del lower
             upper = inverse.flip(0, 1)
             if torch.isfinite(upper).all():
                 return upper
@@ -354,8 +383,11 @@ class GPTQ:
         self.accumulator.add_batch(x)
 
     def quantize(
-        self, spec: QuantSpec, block_size: int = 128, damp_ratio: float = 0.01, act_order: bool = False
+        self, spec: QuantSpec, block_size: int = 128, damp_ratio: float = 0.01, act_order: bool = False,
+        factor: InverseFactor | None = None,
     ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+        """``factor``: the Hessian's `inverse_factor` (same ``damp_ratio`` and ``act_order``), when the caller keeps
+        it for other weights that read the same input."""
         if self.accumulator.tokens == 0:
             raise LlmquantError("GPTQ saw no calibration inputs for this Linear")
         if len(self.weights) > 1 and not stacks_rows(spec):
@@ -365,7 +397,7 @@ class GPTQ:
         stacked = torch.cat(self.weights)
         stacked = stacked if stacked.dtype == torch.float64 else stacked.float()
         result = gptq_quantize(stacked, self.accumulator.hessian, spec, block_size, damp_ratio,
-                               act_order, static_groups=act_order)
+                               act_order, static_groups=act_order, factor=factor)
         if len(self.weights) == 1:  # (per tensor too: one scale for all rows)
             return [(result.weight, (result.scale, result.zero))]
         return split_rows(self.weights, result.weight, result.scale, result.zero)
@@ -489,6 +521,21 @@ def stacked_sweeps(stage: list[str], specs: dict[str, QuantSpec | None], rows: d
     return sweeps
 
 
+def hessian_budget(working: int | None) -> int:
+    """Bytes a round's float64 Hessians may take: `HESSIAN_SHARE` of the ``working`` memory (None: unknown), at most
+    `ROUND_HESSIAN_BYTES`; `parallel_rounds` still puts one expert in a round whatever its Hessian takes."""
+    return ROUND_HESSIAN_BYTES if working is None else min(ROUND_HESSIAN_BYTES, int(HESSIAN_SHARE * working))
+
+
+def sweep_rows(columns: int, working: int | None) -> int:
+    """Rows of Linears sharing a Hessian swept at once: as many as `SWEEP_SHARE` of the ``working`` memory holds
+    (`SWEEP_BYTES_PER_WEIGHT` a weight), at most `MAX_SWEEP_ROWS`; `stacked_sweeps` still sweeps one Linear whole
+    however many rows it has."""
+    if working is None:
+        return MAX_SWEEP_ROWS
+    return max(1, min(MAX_SWEEP_ROWS, int(SWEEP_SHARE * working) // (columns * SWEEP_BYTES_PER_WEIGHT)))
+
+
 class GPTQStep(LayerStep):
     """GPTQ in the engine, stage by stage: the Linears of a stage read one input, so they share one Hessian
     (and, with the same spec, one sweep of their stacked rows). With ``true_sequential`` each stage's Hessian
@@ -524,7 +571,8 @@ class GPTQStep(LayerStep):
     def quantize(self, ctx: LayerContext) -> dict[str, Any]:
         specs = {name: quantized.weight_spec for name, (_, quantized) in ctx.linears.items()}
         rows = {name: linear.out_features for name, (linear, _) in ctx.linears.items()}
-        rounds = (parallel_rounds(ctx.layer, self.stages, ROUND_HESSIAN_BYTES) if self.options.true_sequential
+        working = ctx.working_memory()  # what the layer's Hessians and sweeps may take, under the run's caps
+        rounds = (parallel_rounds(ctx.layer, self.stages, hessian_budget(working)) if self.options.true_sequential
                   else [self.stages])
         fallback: dict[str, int] = {}
         for stages in rounds:  # the sweeps of a round do not depend on one another
@@ -533,19 +581,25 @@ class GPTQStep(LayerStep):
                 if hessian.tokens < self.options.min_tokens:  # (an expert few tokens chose): round to nearest
                     fallback.update(dict.fromkeys(stage, hessian.tokens))
                     continue
-                jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs, rows, MAX_SWEEP_ROWS)]
+                limit = sweep_rows(ctx.linears[stage[0]][0].in_features, working)
+                jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs, rows, limit)]
             split = [(sweep, hessian) for sweep, hessian in jobs if self._splits(ctx, sweep, specs[sweep[0]])]
             whole = [job for job in jobs if job not in split]
-            for sweep, hessian in split:  # every rank sweeps its share of the rows
-                self._solve(ctx, sweep, hessian, specs[sweep[0]], rows_of=ctx.ranks)
             owners = ctx.ranks.owners([_cost(ctx, sweep) for sweep, _ in whole])
-            for (sweep, hessian), owner in zip(whole, owners, strict=True):
-                if owner == ctx.ranks.rank:
-                    self._solve(ctx, sweep, hessian, specs[sweep[0]])
+            mine = [job for job, owner in zip(whole, owners, strict=True) if owner == ctx.ranks.rank]
+            factors = _Factors([hessian for _, hessian in split + mine], self.options)
+            for sweep, hessian in split:  # every rank sweeps its share of the rows
+                self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian), rows_of=ctx.ranks)
+            for sweep, hessian in mine:
+                self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian))
             for (sweep, _), owner in zip(whole, owners, strict=True):
                 for name in sweep:
                     ctx.linears[name][1].broadcast_weight(ctx.ranks, owner)
         row: dict[str, Any] = {"gptq_stages": self.stages}
+        if len(rounds) > 1 or any(len(stages) > 1 for stages in rounds):  # parallel experts: how many a pass
+            row["gptq_expert_rounds"] = [len(stages) for stages in rounds]
+        if working is not None:
+            row["gptq_working_memory_mb"] = round(working / 2**20, 1)
         if fallback:
             log.warning("%s: %d Linears saw fewer than %d calibration tokens and keep round to nearest (%s, ...)",
                         ctx.where, len(fallback), self.options.min_tokens, next(iter(fallback)))
@@ -584,17 +638,19 @@ class GPTQStep(LayerStep):
         return hessians
 
     def _solve(self, ctx: LayerContext, sweep: list[str], hessian: HessianAccumulator, spec: QuantSpec,
-               rows_of: Ranks | None = None) -> None:
-        """GPTQ the sweep's stacked rows and set its Linears' weights; with ``rows_of``, this rank's share of the
-        rows only, then every rank's rows gathered (the rows of a sweep are independent given H^-1)."""
+               factor: InverseFactor, rows_of: Ranks | None = None) -> None:
+        """GPTQ the sweep's stacked rows (``factor``: their Hessian's) and set its Linears' weights; with ``rows_of``,
+        this rank's share of the rows only, then every rank's rows gathered (the rows of a sweep are independent
+        given H^-1)."""
         options = self.options
         weights = [ctx.linears[name][0].weight for name in sweep]
         if rows_of is None:
-            results = GPTQ(weights, hessian).quantize(spec, options.block_size, options.damp_ratio, options.act_order)
+            results = GPTQ(weights, hessian).quantize(spec, options.block_size, options.damp_ratio, options.act_order,
+                                                      factor)
         else:
             stacked = torch.cat(weights)
             [(part, (scale, zero))] = GPTQ([stacked[rows_of.share(stacked.shape[0])]], hessian).quantize(
-                spec, options.block_size, options.damp_ratio, options.act_order)
+                spec, options.block_size, options.damp_ratio, options.act_order, factor)
             per_row = scale.shape[0] // part.shape[0]  # scales a row: 1 per channel, in / g per group
             scale, zero = (rows_of.all_rows(t.reshape(part.shape[0], per_row), stacked.shape[0]).reshape(-1, 1)
                            for t in (scale, zero))
@@ -604,6 +660,25 @@ class GPTQStep(LayerStep):
 
     def release(self, ctx: LayerContext) -> None:
         self.stages, self.hessians = [], {}
+
+
+class _Factors:
+    """Each Hessian's `inverse_factor`, computed for its first sweep and kept until its last (the gate/up of 128
+    experts read one Hessian and are swept a few experts at a time: one factorization for all of them)."""
+
+    def __init__(self, hessians: list[HessianAccumulator], options: GPTQOptions) -> None:
+        self.options = options
+        self.sweeps_left = Counter(id(hessian) for hessian in hessians)
+        self.kept: dict[int, InverseFactor] = {}
+
+    def take(self, hessian: HessianAccumulator) -> InverseFactor:
+        key = id(hessian)
+        factor = self.kept.pop(key, None) or inverse_factor(hessian.hessian, self.options.damp_ratio,
+                                                            self.options.act_order)
+        self.sweeps_left[key] -= 1
+        if self.sweeps_left[key] > 0:
+            self.kept[key] = factor
+        return factor
 
 
 def _cost(ctx: LayerContext, sweep: list[str]) -> float:
@@ -619,4 +694,5 @@ def _accumulator_for(linear: nn.Linear) -> HessianAccumulator:
     return HessianAccumulator(linear.in_features, device=linear.weight.device)
 
 
-__all__ = ["GPTQ", "GPTQOptions", "GPTQResult", "GPTQStep", "HessianAccumulator", "gptq_quantize", "stacks_rows"]
+__all__ = ["GPTQ", "GPTQOptions", "GPTQResult", "GPTQStep", "HessianAccumulator", "InverseFactor", "gptq_quantize",
+           "inverse_factor", "stacks_rows"]

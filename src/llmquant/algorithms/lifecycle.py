@@ -67,6 +67,9 @@ class LayerContext:
     ``ranks``: the processes sharing the calibration samples (`llmquant.parallel`); a step reduces what it
     gathered over them (`Ranks.sum`, `Ranks.max`, ...) and may split its solves among them. One process: every
     collective is the identity.
+    ``working_memory()``: the bytes the step's working tensors may still take where the layer computes, under the
+    run's caps (`llmquant.device.DevicePolicy.working_memory`; None: unknown), read when the work begins: GPTQ
+    sizes its rounds of experts and its sweeps by it.
     """
 
     layer: nn.Module
@@ -78,6 +81,7 @@ class LayerContext:
     feed_each: Callable[[dict[nn.Module, Callable[[torch.Tensor], None]]], None]
     linears: dict[str, tuple[nn.Linear, QuantLinear]] = field(default_factory=dict)
     ranks: Ranks = field(default_factory=Ranks)
+    working_memory: Callable[[], int | None] = field(default=lambda: None)
 
     def quantized_names(self) -> list[str]:
         """The Linears whose weights are quantized, in the layer's module order."""

@@ -232,12 +232,21 @@ def rotation_findings(target: Target, recipe: Recipe) -> list[Finding]:
 
 
 def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
-    """Clip ratios of dynamic quantizers are llmquant's own (written as observer_kwargs, which no loader reads)."""
-    if target == "fake" or recipe.clip_search is None:
+    """Clip ratios of dynamic quantizers are llmquant's own (written as observer_kwargs, which no loader reads); a
+    static KV cache's clipped scales are plain ``k_scale`` / ``v_scale``, which every target reads."""
+    search = recipe.clip_search
+    if target == "fake" or search is None:
+        return []
+    schemes = recipe_schemes(recipe)
+    dynamic_inputs = search.activations and any(
+        s.input_activations is not None and s.input_activations.dynamic for s in schemes)
+    dynamic_kv = search.kv_cache and any(s.kv_cache is not None and s.kv_cache.dynamic for s in schemes)
+    if not (dynamic_inputs or dynamic_kv):
         return []
     return [_refuse(f"{target} computes dynamic scales from the whole range of each tensor: the clip ratios "
-                    "clip_search chooses would be dropped and the model would run another function; drop "
-                    "clip_search, or use --target fake")]
+                    "clip_search chooses for them would be dropped and the model would run another function; set "
+                    "clip_search's activations (and, for a dynamic KV cache, kv_cache) to false, drop clip_search, "
+                    "or use --target fake")]
 
 
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:

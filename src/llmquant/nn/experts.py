@@ -42,6 +42,7 @@ class Experts(nn.ModuleList):
 
     calibrate_all = False
     calibrate_only: frozenset[int] | None = None  # with calibrate_all: these experts only (None: every one)
+    transient_caches = False  # `lean_experts`: each expert forgets its runtime's caches once it has run
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,  # type: ignore[override]
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,16 @@ class Experts(nn.ModuleList):
             else:
                 continue
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
+            if self.transient_caches:
+                _forget_caches(expert)
         return out
+
+
+def _forget_caches(expert: nn.Module) -> None:
+    for module in expert.modules():
+        drop = getattr(module, "drop_caches", None)  # a `QuantLinear` (above this module in the stack)
+        if drop is not None:
+            drop()
 
 
 @contextmanager
@@ -82,6 +92,21 @@ def only_experts(experts: Experts, indices: set[int]) -> Iterator[None]:
         yield
     finally:
         experts.calibrate_only = None
+
+
+@contextmanager
+def lean_experts(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """While inside (``enabled``), every expert of ``model`` drops what its quantized Linears' runtime built (the
+    int4 kernel's copy of the codes, a dequantized weight) as soon as it has run, so that a pass over a layer of
+    128 experts holds one expert's caches at a time, not all of them; the function is the same."""
+    lists = [m for m in model.modules() if isinstance(m, Experts)] if enabled else []
+    for experts in lists:
+        experts.transient_caches = True
+    try:
+        yield
+    finally:
+        for experts in lists:
+            experts.transient_caches = False
 
 
 def expert_index(name: str) -> tuple[str, int] | None:

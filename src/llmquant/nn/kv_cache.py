@@ -135,11 +135,17 @@ _register()
 
 
 def set_kv_clip(model: nn.Module, ratio: float) -> int:
-    """Give every dynamic KV-cache quantizer the clip ratio ``ratio`` (`QuantSpec.clip_ratio`); return how many
-    changed (static scales were calibrated: left as they are)."""
+    """Give every KV-cache quantizer the clip ratio ``ratio`` (`QuantSpec.clip_ratio`); return how many changed. A
+    dynamic cache applies it to each tensor's range; a static one's calibrated scales become those its observer
+    gives with ``ratio`` (scaled by ``ratio`` over the ratio they hold now), so what a checkpoint stores as
+    ``k_scale`` / ``v_scale`` is the clipped scale itself."""
     changed = 0
     for module in model.modules():
-        if isinstance(module, KVCacheQuantizer) and module.spec.dynamic:
+        if isinstance(module, KVCacheQuantizer):
+            if not module.spec.dynamic:
+                factor = ratio / module.spec.clip_ratio
+                module.k_scale.mul_(factor)
+                module.v_scale.mul_(factor)
             module.spec = module.spec.model_copy(update={"clip_ratio": ratio})
             changed += 1
     return changed

@@ -167,7 +167,7 @@ class QuantLinear(nn.Module):
             self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
             if not spec.symmetric:
                 self.weight_zero_point.copy_(torch.round(zero).reshape(self.weight_zero_point.shape))
-        self._drop_caches()
+        self.drop_caches()
 
     def broadcast_weight(self, ranks: Ranks, owner: int) -> None:
         """``owner``'s quantized weight (codes, scales, zero points) on every rank of ``ranks``."""
@@ -177,9 +177,10 @@ class QuantLinear(nn.Module):
             tensor = self._buffers.get(name)
             if tensor is not None:
                 ranks.broadcast(tensor, owner)
-        self._drop_caches()
+        self.drop_caches()
 
-    def _drop_caches(self) -> None:
+    def drop_caches(self) -> None:
+        """Forget what a runtime built from the weight (`runtime_caches`): the next forward builds it again."""
         self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
 
     def runtime_caches(self) -> list[torch.Tensor]:
@@ -229,12 +230,12 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """A move (``.to``, ``.float()``, to ``meta`` when a streamed layer is released) drops the cached
         dequantized weight, a plain attribute that ``Module.to`` would leave behind."""
-        self._drop_caches()
+        self.drop_caches()
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._drop_caches()
+        self.drop_caches()
 
     # --- integer runtime ----------------------------------------------------------------------
     @property

@@ -1,11 +1,13 @@
-"""Clipping ratios of the dynamic activation and KV-cache quantizers, searched on held-out calibration samples.
+"""Clipping ratios of the dynamic activation quantizers and of the KV cache, searched on held-out calibration samples.
 
 A dynamic quantizer takes its range from the tensor itself; with a clip ratio r it takes r times that range and
 clamps what lies beyond (`llmquant.quant.spec.QuantSpec.clip_ratio`): rounding error falls on every value, clamping
-error on the few outliers. QuaRot fixes r = 0.9 for 4-bit activations and 0.95 for the 4-bit KV cache; here r is
-chosen on samples the calibration did not see: for each r of the grid every dynamic input quantizer of the quantized
-model takes r and the next-token NLL of the held-out samples is measured; the best r is kept; then the same for
-the KV cache, the inputs' ratio fixed (a coordinate search, one ratio per kind for the whole model).
+error on the few outliers. A static KV cache's scales, calibrated on the whole observed range, are multiplied by r
+(`llmquant.nn.kv_cache.set_kv_clip`); static input scales keep the range their observer chose. QuaRot fixes
+r = 0.9 for 4-bit activations and 0.95 for the 4-bit KV cache; here r is chosen on samples the calibration did not
+see: for each r of the grid every dynamic input quantizer of the quantized model takes r and the next-token NLL of
+the held-out samples is measured; the best r is kept; then the same for the KV cache, the inputs' ratio fixed (a
+coordinate search, one ratio per kind for the whole model).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, 
 
 def search_clip_ratios(model: nn.Module, held_out: torch.Tensor, activations: bool = True, kv_cache: bool = True,
                        grid: tuple[float, ...] = CLIP_GRID) -> dict:
-    """Choose and set the clip ratios of ``model``'s dynamic input quantizers, then of its dynamic KV-cache ones, on
+    """Choose and set the clip ratios of ``model``'s dynamic input quantizers, then of its KV-cache ones, on
     token ids ``held_out`` ``[n, T]``; return what was measured (perplexity on the held-out samples per ratio). The
     KV cache is unclipped during the first search, so its ratio 1.0 is that search's best: not measured twice."""
     found: dict = {"samples": held_out.shape[0], "grid": list(grid)}

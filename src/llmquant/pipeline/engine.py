@@ -34,13 +34,21 @@ from tqdm.auto import tqdm
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
-from llmquant.device import DevicePolicy, cast_weights, device_of, peak_memory_mb, reset_peak_memory
+from llmquant.device import (
+    DevicePolicy,
+    cast_weights,
+    device_of,
+    peak_memory_mb,
+    reset_peak_memory,
+    resident_bytes,
+)
 from llmquant.errors import LlmquantError
+from llmquant.model.lazy import map_large_allocations
 from llmquant.model.model_map import ModelMap, detect_model_map, layer_structure, untie_head
 from llmquant.model.moe import unfuse_experts
 from llmquant.model.offloaded import is_offloaded, load_offloaded
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
-from llmquant.nn.experts import all_experts
+from llmquant.nn.experts import all_experts, lean_experts
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.parallel import SINGLE, Ranks
@@ -205,14 +213,15 @@ def _remove(handles: list[RemovableHandle]) -> None:
 
 
 def layer_context(layer: nn.Module, index: int, prefix: str, plan: QuantPlan, inputs: LayerInputs,
-                  ranks: Ranks = SINGLE) -> LayerContext:
+                  ranks: Ranks = SINGLE, policy: DevicePolicy | None = None) -> LayerContext:
     """What the steps of `llmquant.algorithms.lifecycle` see of one layer and its calibration inputs (this rank's
-    share of them, with ``ranks``)."""
+    share of them, with ``ranks``), and the working memory ``policy``'s caps leave them (unknown without one)."""
     return LayerContext(
         layer=layer, index=index, where=prefix, specs=_layer_specs(layer, prefix, plan),
         run_sample=lambda count: run_layer(layer, inputs.head(count), prefix),
         feed=lambda module, consume: inputs_of(layer, module, inputs, consume),
         feed_each=lambda consumers: inputs_of_each(layer, consumers, inputs), ranks=ranks,
+        working_memory=policy.working_memory if policy is not None else lambda: None,
     )
 
 
@@ -295,6 +304,7 @@ def quantize_layer(
     steps: Sequence[LayerStep] = (),
     storage: ActivationStorage | None = None,
     ranks: Ranks = SINGLE,
+    policy: DevicePolicy | None = None,
 ) -> tuple[Sequence[torch.Tensor], dict]:
     """Transform and quantize one decoder layer in place through the recipe's ``steps``
     (`llmquant.algorithms.lifecycle`); return its outputs and its manifest row. With several ``ranks`` each runs
@@ -305,7 +315,8 @@ def quantize_layer(
     quantized (the outputs fed to the next layer, with the int8 kernels where the layer has them: the same
     function as the simulation, about 4x faster here; with the plan's ``propagate_float`` the float pass's outputs,
     over every sample, are fed instead). A pass that only serves a check or the error figure runs on the first
-    `BATCH` samples. The outputs of the passes over every sample go where ``storage`` says.
+    `BATCH` samples. The outputs of the passes over every sample go where ``storage`` says; the steps' working
+    tensors take what ``policy``'s caps leave (`LayerContext.working_memory`).
     """
     storage = storage or ActivationStorage()
     prefix = model_map.layer_name(index)
@@ -318,7 +329,7 @@ def quantize_layer(
     static = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
         kv_spec is not None and not kv_spec.dynamic
     )  # a static scale must see every calibration sample
-    ctx = layer_context(layer, index, prefix, plan, inputs, ranks)
+    ctx = layer_context(layer, index, prefix, plan, inputs, ranks, policy)
 
     with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token
         float_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
@@ -328,7 +339,8 @@ def quantize_layer(
         set_runtime(layer, "int8")
         probe = _LinearErrorProbe(layer, ctx.linears)
         try:
-            quant_out = run_layer(layer, inputs, prefix, quantized_batch, into=storage.new())
+            with lean_experts(layer, _capped(policy)):  # (under a cap: one expert's kernel caches at a time)
+                quant_out = run_layer(layer, inputs, prefix, quantized_batch, into=storage.new())
         finally:
             probe.close()
             set_runtime(layer, "fake")
@@ -339,6 +351,11 @@ def quantize_layer(
     row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in ctx.linears.items()}
     row["seconds"] = time.perf_counter() - start
     return (float_out if plan.propagate_float else quant_out), row
+
+
+def _capped(policy: DevicePolicy | None) -> bool:
+    """Whether the run has a memory cap (``--max-memory`` or ``--max-gpu-memory``)."""
+    return policy is not None and (policy.max_memory is not None or policy.max_gpu_memory is not None)
 
 
 def _calibrates(steps: Sequence[LayerStep], plan: QuantPlan, learns_rotations: bool = False) -> bool:
@@ -438,6 +455,8 @@ def quantize(
     if source.streams and run_dir is None:
         raise LlmquantError("a model streamed from disk needs a run directory for its finished layers")
     model.eval()
+    if policy.max_memory is not None:  # a freed working tensor goes back to the system at once (no heap growth)
+        map_large_allocations()
     unfused = unfuse_experts(model)  # one Linear per expert matrix (`llmquant.model.moe`)
     model_map = model_map or detect_model_map(model)
     home = _resting_device(model, model_map, policy)  # where each layer goes back to once quantized
@@ -517,7 +536,7 @@ def quantize(
                 if first_setup:
                     manifest.results.update(setup)
                     setup = {}
-            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks)
+            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks, policy)
             if setup:
                 row["setup"] = setup
             inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
@@ -620,13 +639,7 @@ def _progress(row: dict[str, Any]) -> dict[str, str]:
 
 def rss_mb() -> float:
     """The process's resident memory now, in MiB (Linux /proc; 0 where it does not exist)."""
-    import os
-
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
+    return resident_bytes() / 2**20
 
 
 def peak_rss_mb() -> float:
