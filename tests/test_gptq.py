@@ -12,6 +12,7 @@ from conftest import logits, make_model, relative_error
 from llmquant.algorithms.gptq import GPTQ, HessianAccumulator, gptq_quantize
 from llmquant.errors import LlmquantError
 from llmquant.nn.quant_linear import QuantLinear
+from llmquant.parallel import Ranks
 from llmquant.quant import QuantSpec, dequantize, fake_quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.primitives import quantize_blocks, to_blocks
@@ -338,3 +339,23 @@ def test_a_kept_inverse_factor_gives_the_same_sweep_and_the_budgets_follow_the_w
     assert gptq_module.sweep_rows(2048, None) == gptq_module.MAX_SWEEP_ROWS
     assert gptq_module.sweep_rows(2048, 0) == 1  # (`stacked_sweeps` still takes one Linear whole)
     assert gptq_module.sweep_rows(1024, 96 * 2**20) == 1024  # a quarter of 96 MiB at 24 bytes a weight
+
+
+def test_every_rank_plans_with_the_least_working_memory() -> None:
+    """In several processes the rounds of experts and the sweeps must be the same on every rank (their Hessians are
+    reduced together): each plans with the least working memory of all, or the fixed bounds where one cannot tell."""
+
+    class OtherRankHas:  # the collective of two ranks, the other one reporting ``value``
+        world = 2
+
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def min(self, tensor: torch.Tensor) -> torch.Tensor:
+            return torch.minimum(tensor, torch.tensor([self.value], dtype=tensor.dtype))
+
+    assert gptq_module._agreed(5000, OtherRankHas(100.0)) == 100
+    assert gptq_module._agreed(50, OtherRankHas(100.0)) == 50
+    assert gptq_module._agreed(None, OtherRankHas(100.0)) is None
+    assert gptq_module._agreed(5000, OtherRankHas(-1.0)) is None  # the other rank cannot tell
+    assert gptq_module._agreed(5000, Ranks()) == 5000  # one process: its own
