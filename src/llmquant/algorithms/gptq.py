@@ -607,6 +607,9 @@ class GPTQStep(LayerStep):
         row: dict[str, Any] = {"gptq_stages": self.stages}
         if len(rounds) > 1 or any(len(stages) > 1 for stages in rounds):  # parallel experts: how many a pass
             row["gptq_expert_rounds"] = [len(stages) for stages in rounds]
+            log.info("%s: GPTQ's Hessians in %d passes (stages a pass: %s), %s MiB of working memory", ctx.where,
+                     len(rounds), ", ".join(str(len(stages)) for stages in rounds),
+                     "unknown" if working is None else f"{working / 2**20:.0f}")
         if working is not None:
             row["gptq_working_memory_mb"] = round(working / 2**20, 1)
         if fallback:
