@@ -3,7 +3,7 @@
 # tests (tests/test_devices.py, tests/test_gptq_kernel.py, the FP8 kernel's) on the GPU, the FP8 GEMM timings, then
 # scripts/gpu_bench.py (arguments are passed on); with MOE=1, scripts/gpu_bench.py on one 128-expert layer too.
 # Everything it reports goes to $OUT (default out/gpu): gpu.txt, tests.log, fp8.log, bench.log, gpu_bench.json, moe.log,
-# moe/gpu_bench.json.
+# moe/gpu_bench.json, moe_capped.log, moe_layer_capped.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}
@@ -37,4 +37,8 @@ if [ "${MOE:-0}" = 1 ]; then  # one Qwen3-30B-A3B-shaped layer (128 experts), GP
         --out "$OUT/moe" --llmquant-path /tmp/site-llmquant:src --llmcompressor-path /tmp/site-llmc \
         > "$OUT/moe.log" 2>&1
     grep -v -E "^\s*$|Warning|warn\(" "$OUT/moe.log" | tail -n 20
+    # the same layer by llmquant alone under --max-gpu-memory: GPTQ's rounds of experts and sweeps sized by what is left
+    PYTHONPATH=/tmp/site-llmquant:src timeout "${MOE_TIMEOUT:-300}" python3 scripts/moe_layer_bench.py --device cuda \
+        --samples 32 --seqlen 512 --max-gpu-memory 3GB --json "$OUT/moe_layer_capped.json" > "$OUT/moe_capped.log" 2>&1
+    tail -n 25 "$OUT/moe_capped.log"
 fi
