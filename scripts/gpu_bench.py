@@ -41,6 +41,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 SHAPES = {
     "llama3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -88,7 +89,7 @@ def build_checkpoint(directory: Path, shape: str, layers: int | None, device: st
     if (directory / "config.json").exists():  # written by an earlier run on this machine
         return json.loads((directory / "config.json").read_text())
     if is_moe(shape):
-        return build_moe_checkpoint(directory, fields, seed)
+        return build_moe_checkpoint(directory, fields, seed, tiny_tokenizer())
     config = LlamaConfig(**fields, dtype="bfloat16")
     directory.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator(device).manual_seed(seed)
@@ -135,20 +136,18 @@ def build_checkpoint(directory: Path, shape: str, layers: int | None, device: st
     return config.to_dict()
 
 
-def build_moe_checkpoint(directory: Path, fields: dict, seed: int) -> dict:
+def build_moe_checkpoint(directory: Path, fields: dict, seed: int, tokenizer: Any) -> dict:
     """A random Qwen3-MoE model (transformers' own initialisation, bf16) as ``save_pretrained`` writes it: one tensor
-    per expert matrix, which both tools read back as transformers' fused experts."""
+    per expert matrix, which both tools read back as transformers' fused experts; with ``tokenizer``."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
-    from tiny_checkpoint import tiny_tokenizer  # (on the path: `build_checkpoint`)
 
     config = Qwen3MoeConfig(**fields, dtype="bfloat16")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     partial = directory.with_name(directory.name + ".partial")  # renamed once whole: never taken half-written
     model.save_pretrained(partial)
-    tiny_tokenizer().save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
     partial.rename(directory)
     return config.to_dict()
 

@@ -121,6 +121,13 @@ def test_gptq_shares_one_hessian_over_all_experts_inputs_and_feeds_the_down_proj
     assert downs in parallel_rounds(layer, stages)  # the four experts' down projections: one round, one pass
 
 
+def _assert_same_expert_weights(one: torch.nn.Module, other: torch.nn.Module) -> None:
+    for name, module in one.named_modules():
+        if isinstance(module, QuantLinear) and ".experts." in name:
+            a, b = module.dequantized_weight(), other.get_submodule(name).dequantized_weight()
+            assert (a == b).float().mean() > 0.999, name  # each row's sweep does not depend on the others
+
+
 def test_gptq_takes_a_few_experts_at_a_time_under_its_memory_bounds_with_the_same_result(
         monkeypatch: pytest.MonkeyPatch) -> None:
     recipe, calib = {**W4, "algorithm": "gptq"}, _ids(1)
@@ -138,10 +145,7 @@ def test_gptq_takes_a_few_experts_at_a_time_under_its_memory_bounds_with_the_sam
     monkeypatch.setattr(gptq, "MAX_SWEEP_ROWS", 64)  # two expert matrices a sweep
     monkeypatch.setattr(gptq, "ROUND_HESSIAN_BYTES", hessian)  # one expert a pass
     chunked = llmquant.quantize(make_model("qwen3_moe"), recipe, calib=calib, progress=False)
-    for name, module in whole.named_modules():
-        if isinstance(module, QuantLinear) and ".experts." in name:
-            a, b = module.dequantized_weight(), chunked.get_submodule(name).dequantized_weight()
-            assert (a == b).float().mean() > 0.999, name  # each row's sweep does not depend on the others
+    _assert_same_expert_weights(whole, chunked)
 
 
 def test_the_memory_cap_sizes_the_rounds_of_experts_and_the_sweeps_with_the_same_result() -> None:
@@ -158,10 +162,7 @@ def test_the_memory_cap_sizes_the_rounds_of_experts_and_the_sweeps_with_the_same
     for row in capped.llmquant_manifest.layers:
         assert row["gptq_expert_rounds"] == [1] * 7 and row["gptq_working_memory_mb"] == 0.0
     assert capped.llmquant_manifest.results["placement"]["max_memory_mb"] > 0
-    for name, module in whole.named_modules():
-        if isinstance(module, QuantLinear) and ".experts." in name:
-            a, b = module.dequantized_weight(), capped.get_submodule(name).dequantized_weight()
-            assert (a == b).float().mean() > 0.999, name  # each row's sweep does not depend on the others
+    _assert_same_expert_weights(whole, capped)
 
 
 def test_lean_experts_keep_one_expert_runtime_caches_at_a_time_and_the_same_function() -> None:

@@ -59,8 +59,8 @@ MAX_SWEEP_ROWS = 16384  # rows of Linears sharing a Hessian swept at once (float
 ROUND_HESSIAN_BYTES = 512 * 2**20  # float64 Hessians gathered in one pass over parallel experts
 HESSIAN_SHARE = 0.5  # of the working memory left when a layer's sweeps begin: a round's Hessians at most
 SWEEP_SHARE = 0.25  # ... and a sweep's working copies at most (`sweep_rows`)
-SWEEP_BYTES_PER_WEIGHT = 24  # a sweep's float32 working copies of each weight: stacked, permuted, codes,
-# dequantized, the result and the rows handed back (six [rows, columns] tensors at its peak)
+SWEEP_BYTES_PER_WEIGHT = 24  # a bound on a sweep's float32 [rows, columns] tensors alive at once: the stacked rows,
+# the sweep's copy and its permutation, the codes and their reordering, the dequantized result (counted, not measured)
 
 DAMP_RETRIES = 3  # on a failed Cholesky, retry with 10x, 100x, 1000x the dampening
 

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from llmquant.nn.quant_linear import QuantLinear
+
 
 class ExpertMLP(nn.Module):
     """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
@@ -63,24 +65,30 @@ class Experts(nn.ModuleList):
 
 def _forget_caches(expert: nn.Module) -> None:
     for module in expert.modules():
-        drop = getattr(module, "drop_caches", None)  # a `QuantLinear` (above this module in the stack)
-        if drop is not None:
-            drop()
+        if isinstance(module, QuantLinear):
+            module.drop_caches()
+
+
+@contextmanager
+def _set_on_experts(model: nn.Module, attribute: str, value: bool) -> Iterator[None]:
+    """Every `Experts` of ``model`` has ``attribute`` = ``value`` while inside, and what it had before on leaving."""
+    lists = [m for m in model.modules() if isinstance(m, Experts)]
+    before = [getattr(experts, attribute) for experts in lists]
+    for experts in lists:
+        setattr(experts, attribute, value)
+    try:
+        yield
+    finally:
+        for experts, mode in zip(lists, before, strict=True):
+            setattr(experts, attribute, mode)
 
 
 @contextmanager
 def all_experts(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """Every `Experts` of ``model`` runs every token through every expert while inside (``enabled``; False: as the
     router chooses, also inside an enclosing ``all_experts``), as it did before on leaving."""
-    lists = [m for m in model.modules() if isinstance(m, Experts)]
-    before = [experts.calibrate_all for experts in lists]
-    for experts in lists:
-        experts.calibrate_all = enabled
-    try:
+    with _set_on_experts(model, "calibrate_all", enabled):
         yield
-    finally:
-        for experts, mode in zip(lists, before, strict=True):
-            experts.calibrate_all = mode
 
 
 @contextmanager
@@ -99,14 +107,8 @@ def lean_experts(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     """While inside (``enabled``), every expert of ``model`` drops what its quantized Linears' runtime built (the
     int4 kernel's copy of the codes, a dequantized weight) as soon as it has run, so that a pass over a layer of
     128 experts holds one expert's caches at a time, not all of them; the function is the same."""
-    lists = [m for m in model.modules() if isinstance(m, Experts)] if enabled else []
-    for experts in lists:
-        experts.transient_caches = True
-    try:
+    with _set_on_experts(model, "transient_caches", enabled):
         yield
-    finally:
-        for experts in lists:
-            experts.transient_caches = False
 
 
 def expert_index(name: str) -> tuple[str, int] | None:
