@@ -86,7 +86,9 @@ def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixtu
     [
         (["--scheme", "w_int9"], "unknown scheme 'w_int9'; allowed: none, w_int8_per_tensor_a_int8"),
         (["--kv-cache", "fp8"], "unknown kv cache 'fp8'; allowed: int8_per_tensor"),
-        (["--calib-samples", "0"], "recipe field 'calib.samples' = 0"),
+        (["--calib-samples", "-1"], "recipe field 'calib.samples' = -1"),
+        (["--calib-samples", "0", "--scheme", "w_int8_per_channel_a_int8_per_tensor_static"],
+         "calib.samples 0 quantizes without calibration samples, but this recipe needs them for static input scales"),
         (["--group-size", "0"], "recipe field 'group_size' = 0"),
         (["--calib", "nosuch"], "unknown corpus 'nosuch'; allowed: pydoc"),
         (["--calib", "/nonexistent/file.txt"], "corpus file /nonexistent/file.txt does not exist"),

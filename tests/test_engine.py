@@ -286,3 +286,43 @@ def test_a_recipe_that_learns_nothing_from_the_samples_runs_on_one_of_them(famil
     static = llmquant.quantize(make_model(family), "w_int8_per_channel_a_int8_per_tensor_static", calib=calib,
                                progress=False)
     assert "calibration" not in static.llmquant_manifest.results  # a static scale sees every sample
+
+
+@pytest.mark.parametrize("recipe", [{"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic",
+                                     "kv_cache": "int8_per_token"},
+                                    {"scheme": "w_uint4_per_group_asym", "group_size": 32}])
+def test_calib_samples_0_quantizes_without_a_pass_to_the_calibrated_runs_model(family: str, recipe: dict) -> None:
+    from conftest import VOCAB, make_model
+
+    calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(4))
+    model, calibrated = make_model(family), make_model(family)
+    layer = model.get_submodule(engine.detect_model_map(model).layer_name(0))
+    calls: list[int] = []
+    handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    llmquant.quantize(model, {**recipe, "calib": {"samples": 0}}, progress=False)  # no tokenizer, no corpus
+    handle.remove()
+    llmquant.quantize(calibrated, recipe, calib=calib, progress=False)
+    assert calls == []  # no layer ran
+    manifest = model.llmquant_manifest
+    assert manifest.results["calibration"]["samples"] == 0
+    assert all("output_error" not in row and row["weight_error"] for row in manifest.layers)
+    assert [row["weight_error"] for row in manifest.layers] == [
+        row["weight_error"] for row in calibrated.llmquant_manifest.layers]
+    assert torch.equal(logits(model, calib[:2]), logits(calibrated, calib[:2]))
+
+
+@pytest.mark.parametrize(("recipe", "named"), [
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"}, "gptq"),
+    ({"scheme": "w_int8_per_channel_a_int8_per_tensor_static"}, "static input scales"),
+    ({"scheme": "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static"},
+     "static input scales, a static KV-cache scale"),
+    ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "pre_opts": [{"name": "quarot"}]}, "rotations"),
+    ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "clip_search": {}}, "clip_search"),
+])
+def test_calib_samples_0_refuses_a_recipe_that_needs_samples(recipe: dict, named: str) -> None:
+    from conftest import make_model
+
+    with pytest.raises(LlmquantError, match=f"calib.samples 0 .* needs them for {named}"):
+        llmquant.quantize(make_model("llama"), {**recipe, "calib": {"samples": 0}}, progress=False)
+    with pytest.raises(LlmquantError, match=r"\[0, seqlen\] with calib.samples 0"):
+        llmquant.quantize(make_model("llama"), recipe, calib=torch.zeros(0, 16, dtype=torch.long), progress=False)

@@ -20,7 +20,7 @@ from llmquant.export.targets import check_recipe
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
-from llmquant.quant.primitives import round_to_grid
+from llmquant.quant.primitives import codes_to_float, round_to_grid
 from llmquant.quant.scheme import FP8_SCHEMES, scheme_from_name, scheme_names
 from llmquant.recipe import Recipe
 
@@ -37,6 +37,17 @@ def test_the_grid_is_the_e4m3_values_and_rounding_is_to_the_nearest() -> None:
     nearest = (x[:, None] - FINITE[None, :]).abs().min(dim=1).values
     assert torch.equal((x - rounded).abs(), nearest)  # no value closer on the grid
     assert torch.equal(round_to_grid(torch.tensor([1e4, -1e4]), FP8), torch.tensor([448.0, -448.0]))  # saturates
+
+
+def test_float8_codes_read_by_table_are_torchs_conversion() -> None:
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    assert torch.equal(codes_to_float(every).nan_to_num(7.0), every.float().nan_to_num(7.0))
+    codes = (torch.randn(48, 40) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    strided = codes.t()[::3]  # not contiguous
+    assert torch.equal(codes_to_float(strided), strided.float())
+    assert codes_to_float(strided).shape == strided.shape and codes_to_float(strided).dtype == torch.float32
+    ints = torch.randint(-128, 128, (5, 7), dtype=torch.int8)
+    assert torch.equal(codes_to_float(ints), ints.float())
 
 
 def test_fake_quantize_error_is_within_half_a_step_of_three_mantissa_bits() -> None:

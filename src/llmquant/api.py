@@ -40,12 +40,16 @@ def as_recipe(recipe: Recipe | str | dict | os.PathLike | None) -> Recipe:
 
 
 def calibration_ids(recipe: Recipe, tokenizer: Any = None, calib: torch.Tensor | str | None = None) -> torch.Tensor:
-    """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, or the recipe's dataset."""
+    """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, or the recipe's dataset (none when its
+    ``calib.samples`` is 0)."""
     if isinstance(calib, torch.Tensor):
-        if calib.ndim != 2 or calib.numel() == 0:
+        if calib.ndim != 2 or (calib.shape[0] == 0) != (recipe.calib.samples == 0) or calib.shape[1] == 0:
             shape = tuple(calib.shape)
-            raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor, got {shape}")
+            raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor ([0, seqlen] with "
+                                f"calib.samples 0), got {shape}")
         return calib.long()
+    if recipe.calib.samples == 0:  # no calibration pass (`llmquant.pipeline.engine`)
+        return torch.zeros(0, recipe.calib.seqlen, dtype=torch.long)
     if tokenizer is None:
         raise LlmquantError("a tokenizer is needed to calibrate from text; pass tokenizer= or token ids as calib=")
     text = calib if isinstance(calib, str) else data.corpus(recipe.calib.dataset, "calib")
@@ -85,7 +89,7 @@ def quantize(
     policy = DevicePolicy.resolve(device, dtype, offload, max_gpu_memory, max_memory)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
-    if limit is not None and seqlen > limit:
+    if limit is not None and seqlen > limit and recipe.calib.samples > 0:  # (0: no samples to run)
         raise LlmquantError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
     if isinstance(activations, str):

@@ -132,7 +132,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ranks = parallel.init(policy.device.type)  # the process group torchrun started, or this process alone
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
-    calib_text = data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
+    calib_text = (data.corpus(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
+                  if recipe.calib.samples else None)
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
     check_target_model(args.target, model, recipe)  # (a mixture of experts transformers cannot load back, ...)
     ids = calibration_ids(recipe, tokenizer, calib_text)
@@ -432,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-search", action="store_true",
                    help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
-    q.add_argument("--calib-samples", type=int, default=None)
+    q.add_argument("--calib-samples", type=int, default=None,
+                   help="calibration samples (default 32); 0: none, for round to nearest with dynamic activations: "
+                        "no calibration pass, and no output-error figures")
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
     q.add_argument("--moe-calibrate", default=None, choices=["all", "routed"],

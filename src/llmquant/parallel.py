@@ -79,8 +79,8 @@ class Ranks:
         return self.rank == 0
 
     def share(self, count: int) -> slice:
-        """This rank's block of ``count`` samples: contiguous, sizes differing by at most one."""
-        if count < self.world:
+        """This rank's block of ``count`` samples: contiguous, sizes differing by at most one (none of none)."""
+        if 0 < count < self.world:
             raise LlmquantError(f"{count} calibration samples cannot be shared by {self.world} processes: give each "
                                 "at least one (--calib-samples) or start fewer")
         return slice(self.rank * count // self.world, (self.rank + 1) * count // self.world)

@@ -36,6 +36,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 from torch import nn
 
@@ -66,7 +67,7 @@ class Calibration(_Strict):
     13.848), the best int8 per-tensor static recipe from 13.943 to 13.952 (BENCHMARKS.md)."""
 
     dataset: str = "pydoc"
-    samples: int = Field(32, ge=1)
+    samples: int = Field(32, ge=0)  # 0: no calibration pass (a recipe that learns nothing from samples)
     seqlen: int = Field(512, ge=2)
     seed: int = 0
     propagate: Literal["quantized", "float"] = "quantized"
@@ -239,6 +240,32 @@ class Recipe(_Strict):
             raise ValueError(f"group_size must be >= 2, or -1 for per channel; got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _samples_for_the_recipe(self) -> Recipe:
+        """``calib.samples: 0`` (no calibration pass) takes only a recipe that needs no sample: it learns nothing
+        from them (`learns_from_samples`), runs no rotation (its equivalence check runs one) and no clip search."""
+        if self.calib.samples == 0:
+            needs = self.learns_from_samples() + (["rotations"] if self.quarot() is not None else []) + (
+                ["clip_search"] if self.clip_search is not None else [])
+            if needs:
+                raise ValueError(f"calib.samples 0 quantizes without calibration samples, but this recipe needs them "
+                                 f"for {', '.join(dict.fromkeys(needs))}; allowed with 0: round to nearest, dynamic "
+                                 f"activations and KV cache, no rotation; otherwise give 1 or more samples")
+        return self
+
+    def learns_from_samples(self) -> list[str]:
+        """What the recipe learns from its calibration samples: learned rotations, a per-layer step (smoothing, AWQ,
+        GPTQ), static input scales or a static KV-cache scale. Nothing (empty) for round to nearest with dynamic
+        activations and KV cache: QuaRot's Hadamard rotations are data-free too."""
+        names = dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)])
+        schemes = [self.scheme_named(name) for name in names]
+        static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes)
+        kv_cache = schemes[0].kv_cache  # (the base scheme's, on every attention: `resolve`)
+        quarot = self.quarot()
+        return ((["learned rotations"] if quarot is not None and quarot.learn is not None else [])
+                + [step.name for step in self.layer_steps()] + (["static input scales"] if static_inputs else [])
+                + (["a static KV-cache scale"] if kv_cache is not None and not kv_cache.dynamic else []))
+
     def quarot(self) -> QuaRotPreOpt | None:
         """The recipe's QuaRot pre-optimization, if any (at most one)."""
         found = [p for p in self.pre_opts if isinstance(p, QuaRotPreOpt)]
@@ -407,7 +434,10 @@ def one_line(err: ValidationError) -> str:
     """A pydantic error as one line: field, value, what is allowed."""
     parts = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "recipe"
         message = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # the whole recipe's check (a model validator): its message names the fields
+            parts.append(f"recipe: {message}")
+            continue
+        field = ".".join(str(p) for p in e["loc"])
         parts.append(f"recipe field '{field}' = {e.get('input')!r}: {message}")
     return "; ".join(parts)

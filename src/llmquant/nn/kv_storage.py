@@ -50,6 +50,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from llmquant.nn.int8_linear import input_codes
 from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
+from llmquant.quant.primitives import codes_to_float
 
 
 def supports_code_storage(spec: QuantSpec) -> bool:
@@ -95,7 +96,7 @@ def dequantize_states(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     for it (`workspace`)."""
     out = (workspace(slot, codes.shape, dtype, codes.device) if slot is not None
            else torch.empty(codes.shape, dtype=dtype, device=codes.device))
-    return out.copy_(codes).mul_(scales)
+    return out.copy_(codes_to_float(codes) if codes.dtype == torch.float8_e4m3fn else codes).mul_(scales)
 
 
 _workspaces = threading.local()

@@ -53,7 +53,7 @@ from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
-from llmquant.quant.primitives import block_grid_shape
+from llmquant.quant.primitives import block_grid_shape, codes_to_float
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ class QuantLinear(nn.Module):
             y = int8_linear(rows, self._weight_codes(), weight_scale, self.bias, *input_args)
         else:
             if self._float_codes is None:
-                self._float_codes = self._weight_codes().float()
+                self._float_codes = codes_to_float(self._weight_codes())
             codes, scale = input_codes(rows, *input_args)
             y = scaled_product(codes, scale, self._float_codes, weight_scale, self.bias, float_product)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -351,7 +351,7 @@ class QuantLinear(nn.Module):
             return grouped_linear(codes.to(torch.int8), scale, [g.contiguous() for g in groups],
                                   self.weight_scale, self.bias, lambda a, w: int8_matmul(a.contiguous(), w))
         if self._float_codes is None:
-            self._float_codes = self._weight_codes().float()
+            self._float_codes = codes_to_float(self._weight_codes())
         groups = list(self._float_codes.split(spec.group_size, dim=1))
         return grouped_linear(codes, scale, groups, self.weight_scale, self.bias, float_product)
 

@@ -353,19 +353,32 @@ def quantize_layer(
     return (float_out if plan.propagate_float else quant_out), row
 
 
+@torch.no_grad()
+def quantize_layer_weights(layer: nn.Module, index: int, model_map: ModelMap, plan: QuantPlan) -> dict:
+    """One decoder layer quantized without a calibration pass (``calib.samples: 0``, for a recipe that learns
+    nothing from samples): its Linears rounded to nearest, its (dynamic) KV-cache quantizer attached. The same
+    layer as `quantize_layer` leaves; its manifest row has the weight errors but no output error, which only a
+    pass over samples measures."""
+    start = time.perf_counter()
+    prefix = model_map.layer_name(index)
+    kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
+    if kv_spec is not None:
+        layer.get_submodule(model_map.attention).kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
+    linears = _quantizers_for_layer(layer, prefix, plan)
+    for rel, (_, quantized) in linears.items():
+        _swap(layer, rel, quantized)
+    return {"layer": index, "weight_error": {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()},
+            "seconds": time.perf_counter() - start}
+
+
 def _capped(policy: DevicePolicy | None) -> bool:
     """Whether the run has a memory cap (``--max-memory`` or ``--max-gpu-memory``)."""
     return policy is not None and (policy.max_memory is not None or policy.max_gpu_memory is not None)
 
 
-def _calibrates(steps: Sequence[LayerStep], plan: QuantPlan, learns_rotations: bool = False) -> bool:
-    """Whether the recipe learns anything from the calibration samples: learned rotations, a per-layer step
-    (smoothing, AWQ, GPTQ), a static input scale or a static KV-cache scale. Round to nearest with dynamic
-    activations does not (QuaRot's Hadamard rotations are data-free too)."""
-    static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic
-                        for s in plan.linears.values())
-    static_kv = any(spec is not None and not spec.dynamic for spec in plan.kv_cache.values())
-    return learns_rotations or bool(steps) or static_inputs or static_kv
+def _calibrates(recipe: Recipe) -> bool:
+    """Whether the recipe learns anything from the calibration samples (`Recipe.learns_from_samples`)."""
+    return bool(recipe.learns_from_samples())
 
 
 def _linears_of(layer: nn.Module, model_map: ModelMap) -> list[str]:
@@ -473,9 +486,12 @@ def quantize(
         manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
                                    "calibrate": recipe.moe_calibrate}
     steps = recipe.layer_steps()
+    calibrated = calib.shape[0] > 0  # (0: calib.samples 0, a recipe that needs none: no pass)
+    if not calibrated:
+        manifest.results["calibration"] = {"samples": 0, "why": "calib.samples 0: no calibration pass; the layers' "
+                                           "output errors are not measured"}
     calib, held_out = _hold_out(recipe, calib, source)
-    learns = quarot is not None and quarot.learn is not None
-    if not _calibrates(steps, plan, learns) and calib.shape[0] > ranks.world:  # the samples only measure the error
+    if calibrated and not _calibrates(recipe) and calib.shape[0] > ranks.world:  # the samples only measure errors
         manifest.results["calibration"] = {
             "samples": ranks.world, "given": calib.shape[0],
             "why": "round to nearest with dynamic activations: the weights do not depend on the samples; one a "
@@ -496,7 +512,7 @@ def quantize(
                 model, model_map, recipe, quarot, whole_calib, sample, policy, source, run_dir, ranks, progress)
             manifest.results["learned_rotations"]["peak_rss_mb"] = peak_rss_mb()
         rotation = RotationPass(model, model_map, quarot.config(), sample, ranks, overrides)
-    inputs = capture_layer_inputs(model, model_map, calib, into=storage.new())
+    inputs = capture_layer_inputs(model, model_map, calib, into=storage.new()) if calibrated else None
     if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
         source.release_outside()
     else:
@@ -507,7 +523,7 @@ def quantize(
     if run_dir is not None:
         run_dir.ranks = ranks  # each rank keeps its own next inputs there; rank 0 the shared files
     done = int(ranks.min(torch.tensor([run_dir.finished_layers() if run_dir is not None else 0])))
-    if done:
+    if done and calibrated:
         inputs = LayerInputs(hidden=storage.adopt(run_dir.next_inputs()), kwargs=inputs.kwargs)
         manifest.results["resumed_after_layer"] = done - 1
     layers = model_map.layers(model)
@@ -525,21 +541,24 @@ def quantize(
         else:
             reset_peak_memory(policy.device)
             layer.to(policy.device)
-            if rotation is not None and index > 0:
-                rotation.rotate(layer, index, inputs.head(1))
-            setup = {}
-            structure = layer_structure(layer)
-            if structure != set_up_for:  # the first layer, or one made otherwise than the one before
-                first_setup, set_up_for = set_up_for is None, structure
-                setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
-                                    _linears_of(layer, model_map), inputs, ranks)
-                if first_setup:
-                    manifest.results.update(setup)
-                    setup = {}
-            outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks, policy)
-            if setup:
-                row["setup"] = setup
-            inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+            if not calibrated:
+                outputs, row = [], quantize_layer_weights(layer, index, model_map, plan)
+            else:
+                if rotation is not None and index > 0:
+                    rotation.rotate(layer, index, inputs.head(1))
+                setup = {}
+                structure = layer_structure(layer)
+                if structure != set_up_for:  # the first layer, or one made otherwise than the one before
+                    first_setup, set_up_for = set_up_for is None, structure
+                    setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
+                                        _linears_of(layer, model_map), inputs, ranks)
+                    if first_setup:
+                        manifest.results.update(setup)
+                        setup = {}
+                outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks, policy)
+                if setup:
+                    row["setup"] = setup
+                inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
             layer.to(home)
             row["peak_gpu_mb"] = peak_memory_mb(policy.device)
             manifest.layers.append(row)
@@ -630,8 +649,9 @@ def _prepare_model(model: nn.Module, model_map: ModelMap, source: LayerSource, p
 
 
 def _progress(row: dict[str, Any]) -> dict[str, str]:
-    """What the progress bar shows after a layer: its output error, and its peak GPU memory on a GPU."""
-    shown = {"err": f"{row['output_error']:.4f}"}
+    """What the progress bar shows after a layer: its output error (where a pass measured it), and its peak GPU
+    memory on a GPU."""
+    shown = {"err": f"{row['output_error']:.4f}"} if "output_error" in row else {}
     if row.get("peak_gpu_mb"):
         shown["gpu"] = f"{row['peak_gpu_mb'] / 1024:.1f}GiB"
     return shown

@@ -12,6 +12,7 @@ nearest E4M3 value (`round_to_grid`) and zero = 0.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -108,11 +109,27 @@ def qparams_from_min_max(
     return scale, zero
 
 
+def codes_to_float(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of ``codes`` (any integer dtype, or float8). Float8 codes on the CPU are read through a table
+    of the 256 E4M3 values, indexed by their bytes: the same values as ``codes.float()``, which converts one element
+    at a time there (2.7 ms against 0.6 ms for 1536 x 576 codes on one thread of this CPU)."""
+    if codes.dtype != torch.float8_e4m3fn or codes.device.type != "cpu":
+        return codes.float()
+    indices = codes.reshape(-1).view(torch.uint8).int()
+    return _e4m3_values().index_select(0, indices).reshape(codes.shape)
+
+
+@functools.cache
+def _e4m3_values() -> torch.Tensor:
+    """The float32 value of every E4M3 byte (NaN for 0x7F and 0xFF), by torch's own conversion."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+
+
 def round_to_grid(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``values`` (already divided by the scale) rounded to the spec's grid: the nearest integer (half to even),
     or for float codes the nearest E4M3 value (half to even) after clamping to +-448 (float32 results)."""
     if spec.type == "float":
-        return values.clamp(spec.qmin, spec.qmax).to(spec.code_dtype).float()
+        return codes_to_float(values.clamp(spec.qmin, spec.qmax).to(spec.code_dtype))
     return torch.round(values)
 
 
@@ -122,14 +139,17 @@ def quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Codes of ``x`` in its own shape, in `QuantSpec.code_dtype` (int8, uint8 for unsigned 8-bit, float8)."""
-    codes = from_blocks(quantize_blocks(to_blocks(x, spec), scale, zero, spec), x.shape, spec)
-    return codes.to(spec.code_dtype)
+    """Codes of ``x`` in its own shape, in `QuantSpec.code_dtype` (int8, uint8 for unsigned 8-bit, float8). Float
+    codes are cast once (the cast rounds to the nearest E4M3 value, as `round_to_grid` does; their zero is 0)."""
+    blocks = to_blocks(x, spec)
+    if spec.type == "float":
+        return from_blocks((blocks / scale).clamp_(spec.qmin, spec.qmax), x.shape, spec).to(spec.code_dtype)
+    return from_blocks(quantize_blocks(blocks, scale, zero, spec), x.shape, spec).to(spec.code_dtype)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Float values of codes ``q`` (any integer dtype, or float8) in ``q``'s shape."""
-    blocks = to_blocks(q.float(), spec)
+    blocks = to_blocks(codes_to_float(q), spec)
     return from_blocks((blocks - zero) * scale, q.shape, spec)
 
 
