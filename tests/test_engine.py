@@ -38,15 +38,15 @@ def quantize_args(tiny_dir: Path, corpus: Path, recipe: dict, tmp_path: Path, ou
             "--output", str(tmp_path / out)]
 
 
-def interrupt_at_layer(monkeypatch: pytest.MonkeyPatch, stop: int) -> None:
-    real = engine.quantize_layer
+def interrupt_at_layer(monkeypatch: pytest.MonkeyPatch, stop: int, function: str = "quantize_layer") -> None:
+    real = getattr(engine, function)
 
     def quantize_layer(layer, index, *args, **kwargs):
         if index == stop:
             raise KeyboardInterrupt
         return real(layer, index, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "quantize_layer", quantize_layer)
+    monkeypatch.setattr(engine, function, quantize_layer)
 
 
 OFFLOAD = ["--activations", "disk"]
@@ -85,6 +85,24 @@ def test_a_run_killed_midway_resumes_to_the_uninterrupted_model(
         assert torch.equal(logits(resumed, ids), logits(whole, ids))
     manifest = json.loads((tmp_path / "out" / "llmquant.json").read_text())
     assert manifest["results"]["resumed_after_layer"] == 0 and len(manifest["layers"]) == 2
+
+
+def test_a_run_without_calibration_killed_midway_resumes_to_the_uninterrupted_model(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["quantize", "--model", str(tiny_dir), "--scheme", "w_fp8_per_channel_a_fp8_per_token_dynamic",
+            "--calib-samples", "0", "--no-eval", "--quiet", "--output"]
+    assert main([*args, str(tmp_path / "whole")]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_layer(patch, stop=1, function="quantize_layer_weights")
+        assert main([*args, str(tmp_path / "out")]) == 130
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.run" / "layer-0000.json").exists()
+    assert main([*args, str(tmp_path / "out"), "--resume"]) == 0
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(5))
+    resumed, whole = (llmquant.load(tmp_path / name)[0] for name in ("out", "whole"))
+    assert torch.equal(logits(resumed, ids), logits(whole, ids))
+    manifest = json.loads((tmp_path / "out" / "llmquant.json").read_text())
+    assert manifest["results"]["resumed_after_layer"] == 0 and manifest["results"]["calibration"]["samples"] == 0
 
 
 def test_a_changed_recipe_or_model_never_resumes_silently(tmp_path: Path) -> None:

@@ -523,8 +523,9 @@ def quantize(
     if run_dir is not None:
         run_dir.ranks = ranks  # each rank keeps its own next inputs there; rank 0 the shared files
     done = int(ranks.min(torch.tensor([run_dir.finished_layers() if run_dir is not None else 0])))
-    if done and calibrated:
-        inputs = LayerInputs(hidden=storage.adopt(run_dir.next_inputs()), kwargs=inputs.kwargs)
+    if done:
+        if calibrated:
+            inputs = LayerInputs(hidden=storage.adopt(run_dir.next_inputs()), kwargs=inputs.kwargs)
         manifest.results["resumed_after_layer"] = done - 1
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress or not ranks.writes)
