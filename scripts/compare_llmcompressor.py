@@ -16,6 +16,9 @@ llm-compressor lives in its own throw-away environment (it pins its own dependen
         w_fp8_per_channel_a_fp8_per_token_dynamic --out bench/llmc_fp8.json      # presets FP8, FP8_DYNAMIC
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
         --scales-against DIR --out bench/llmc_fp8_static_scales.json  # its scales over llmquant's checkpoint DIR's
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_tensor_a_fp8_per_tensor_static \
+        --input-observer static_minmax --save /tmp/llmc_ck       # also writes its checkpoint, for
+    /tmp/llmc/bin/python scripts/compare_llmcompressor.py --eval-checkpoints DIR /tmp/llmc_ck/SCHEME  # both run alike
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_block128_a_fp8_group128_dynamic \
         --out bench/llmc_fp8_block.json                                            # preset FP8_BLOCK
     /tmp/llmc/bin/python scripts/compare_llmcompressor.py --schemes w_fp8_per_channel_a_fp8_per_token_dynamic \
@@ -205,6 +208,11 @@ def main() -> None:
     parser.add_argument("--kv-cache-fp8", action="store_true", help="also an FP8 KV cache (static per tensor)")
     parser.add_argument("--scales-against", default=None, help="an llmquant checkpoint of the same scheme: each "
                         "Linear's static input and weight scale of llm-compressor's over llmquant's, into the JSON")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="write each scheme's compressed checkpoint to DIR/<scheme> (llm-compressor's format)")
+    parser.add_argument("--eval-checkpoints", nargs="+", default=None, metavar="DIR",
+                        help="no llm-compressor run: the perplexity of these compressed-tensors checkpoints "
+                             "(llmquant's or llm-compressor's) as transformers with compressed-tensors runs them")
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
@@ -220,6 +228,12 @@ def main() -> None:
     calib = data.calibration_samples(tokens, args.calib_samples, args.seqlen, seed=0)
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     windows = data.corpus_windows(tokenizer, "pydoc", args.seqlen, args.max_windows)
+    if args.eval_checkpoints:
+        for directory in args.eval_checkpoints:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+            print(json.dumps({"checkpoint": directory, "runtime": "transformers + compressed-tensors",
+                              "windows": len(windows), "ppl": perplexity(model, windows)}), flush=True)
+        return
     float_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     float_ppl = perplexity(float_model, windows)
     del float_model
@@ -242,6 +256,9 @@ def main() -> None:
                            "error": f"{type(err).__name__}: {first}", "seconds": time.perf_counter() - start})
             print(f"| llm-compressor {args.algorithm} {name} | error: {errors[-1]['error']} |", flush=True)
             continue
+        if args.save:
+            model.save_pretrained(Path(args.save) / name, save_compressed=True)
+            tokenizer.save_pretrained(Path(args.save) / name)
         rows.append({"scheme": name, "algorithm": args.algorithm, "recipe": described, "ppl": ppl,
                      "ratio": ppl / float_ppl, "seconds": seconds})
         if args.scales_against:
