@@ -121,6 +121,28 @@ def test_gptq_shares_one_hessian_over_all_experts_inputs_and_feeds_the_down_proj
     assert downs in parallel_rounds(layer, stages)  # the four experts' down projections: one round, one pass
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_the_down_projections_hessians_from_the_experts_input_are_those_of_a_whole_layer_pass(
+        family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every expert calibrated on every token, GPTQ takes the experts' down-projection inputs from the experts'
+    input (`down_input_feed`: no down projection or router sum runs); the Hessians, hence the codes, are those of a
+    pass of the whole layer with a hook on every down projection."""
+    import llmquant.algorithms.gptq as gptq
+
+    recipe, calib = {**W4, "algorithm": "gptq"}, _ids(2)
+    fed: list[int] = []
+    real = gptq.down_input_feed
+    monkeypatch.setattr(gptq, "down_input_feed", lambda experts, consumers: fed.append(len(consumers)) or real(
+        experts, consumers))
+    direct = llmquant.quantize(make_model(family), recipe, calib=calib, progress=False)
+    assert fed == [4, 4]  # each layer's four down projections, one pass from the experts' input
+    monkeypatch.setattr(gptq, "_down_projections", lambda *args: None)  # the pass of the whole layer, hooked
+    hooked = llmquant.quantize(make_model(family), recipe, calib=calib, progress=False)
+    for name, module in direct.named_modules():
+        if isinstance(module, QuantLinear) and ".experts." in name:
+            assert torch.equal(module.weight_packed, hooked.get_submodule(name).weight_packed), name
+
+
 def _assert_same_expert_weights(one: torch.nn.Module, other: torch.nn.Module) -> None:
     for name, module in one.named_modules():
         if isinstance(module, QuantLinear) and ".experts." in name:

@@ -48,7 +48,7 @@ from torch.utils.hooks import RemovableHandle
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
 from llmquant.errors import LlmquantError
-from llmquant.nn.experts import Experts, expert_index, only_experts
+from llmquant.nn.experts import Experts, down_input_feed, expert_index, only_experts
 from llmquant.parallel import Ranks
 from llmquant.quant.observers import observe_once
 from llmquant.quant.primitives import block_grid_shape, dequantize, quantize_blocks
@@ -497,6 +497,23 @@ def _hessian_bytes(layer: nn.Module, stage: list[str]) -> int:
     return columns * columns * 8
 
 
+def _down_projections(layer: nn.Module, stages: list[list[str]]) -> tuple[Experts, list[int]] | None:
+    """(the `Experts` list, its experts) when each of ``stages`` is one expert's down projection, all of one list that
+    sends every token through every expert (`all_experts`): their inputs then come from the list's input alone
+    (`down_input_feed`: the same inputs as a pass of the whole layer gives, a third of the experts' work less, and
+    nothing after the experts). Else None."""
+    where = [expert_index(stage[0]) if len(stage) == 1 else None for stage in stages]
+    if not where or None in where or len({w[0] for w in where}) != 1:  # type: ignore[index]
+        return None
+    experts = layer.get_submodule(where[0][0])  # type: ignore[index]
+    if not isinstance(experts, Experts) or not experts.calibrate_all:
+        return None
+    indices = [w[1] for w in where]  # type: ignore[index]
+    if any(layer.get_submodule(stage[0]) is not experts[e].down_proj for stage, e in zip(stages, indices, strict=True)):
+        return None
+    return experts, indices
+
+
 def _expert_of(layer: nn.Module, stage: list[str]) -> tuple[str, int] | None:
     """(the `Experts` list, the expert) holding every Linear of ``stage``, or None."""
     found = {expert_index(name) for name in stage}
@@ -636,9 +653,13 @@ class GPTQStep(LayerStep):
         hessians = [self.hessians.pop(stage[0], None) for stage in stages]  # (released once swept)
         missing = {ctx.layer.get_submodule(stage[0]): _accumulator_for(ctx.linears[stage[0]][0])
                    for stage, hessian in zip(stages, hessians, strict=True) if hessian is None}
+        downs = _down_projections(ctx.layer, [s for s, h in zip(stages, hessians, strict=True) if h is None])
         if len(missing) == 1 and _expert_of(ctx.layer, stages[0]) is None:  # (a routed expert may not be called)
             [(module, hessian)] = missing.items()
             ctx.feed(module, hessian.add_batch)
+        elif downs is not None:  # experts' down projections, every token through every expert: from the experts' input
+            experts, indices = downs
+            ctx.feed(experts, down_input_feed(experts, {e: missing[experts[e].down_proj].add_batch for e in indices}))
         elif missing:  # parallel experts: only theirs run on every token (`only_experts`)
             where = [_expert_of(ctx.layer, stage) for stage in stages]
             lists = {w[0] for w in where if w is not None}

@@ -34,8 +34,12 @@ class ExpertMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype, device=device)
         self.act_fn = act
 
+    def down_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``down_proj`` gets for ``x``: ``act(gate_proj(x)) * up_proj(x)``."""
+        return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.down_input(x))
 
 
 class Experts(nn.ModuleList):
@@ -109,6 +113,18 @@ def lean_experts(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     128 experts holds one expert's caches at a time, not all of them; the function is the same."""
     with _set_on_experts(model, "transient_caches", enabled):
         yield
+
+
+def down_input_feed(experts: Experts, consumers: dict[int, Callable[[torch.Tensor], None]]
+                    ) -> Callable[[torch.Tensor], None]:
+    """A consumer of ``experts``' input ``[tokens, hidden]`` that gives each expert of ``consumers`` the input its
+    down projection gets when every token goes through it (`all_experts`), without running a down projection, the
+    router's sum or what follows in the layer."""
+    def consume(hidden_states: torch.Tensor) -> None:
+        for index, consume_one in consumers.items():
+            consume_one(experts[index].down_input(hidden_states))
+
+    return consume
 
 
 def expert_index(name: str) -> tuple[str, int] | None:
