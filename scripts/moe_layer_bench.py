@@ -9,6 +9,7 @@ Shapes of Qwen3-30B-A3B: hidden 2048, 32 query heads and 4 KV heads of 128, expe
 the process's resident peak (``ru_maxrss``) and, on a GPU, torch's peak allocation. ``--max-memory`` (and
 ``--max-gpu-memory`` on a GPU) cap the run as the command line's options do: GPTQ then takes the experts a few at a
 time, as many as the memory left under the cap holds (`llmquant.device.DevicePolicy.working_memory`).
+`scripts/moe_layer_phases.py` runs this bench with GPTQ's time split by phase.
 """
 
 from __future__ import annotations
