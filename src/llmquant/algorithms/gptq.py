@@ -502,16 +502,21 @@ def _down_projections(layer: nn.Module, stages: list[list[str]]) -> tuple[Expert
     sends every token through every expert (`all_experts`): their inputs then come from the list's input alone
     (`down_input_feed`: the same inputs as a pass of the whole layer gives, a third of the experts' work less, and
     nothing after the experts). Else None."""
-    where = [expert_index(stage[0]) if len(stage) == 1 else None for stage in stages]
-    if not where or None in where or len({w[0] for w in where}) != 1:  # type: ignore[index]
+    found: list[tuple[str, int]] = []
+    for stage in stages:
+        where = expert_index(stage[0]) if len(stage) == 1 else None
+        if where is None:
+            return None
+        found.append(where)
+    if not found or len({name for name, _ in found}) != 1:
         return None
-    experts = layer.get_submodule(where[0][0])  # type: ignore[index]
+    experts = layer.get_submodule(found[0][0])
     if not isinstance(experts, Experts) or not experts.calibrate_all:
         return None
-    indices = [w[1] for w in where]  # type: ignore[index]
-    if any(layer.get_submodule(stage[0]) is not experts[e].down_proj for stage, e in zip(stages, indices, strict=True)):
+    if any(layer.get_submodule(stage[0]) is not experts[e].down_proj for stage, (_, e) in zip(stages, found,
+                                                                                               strict=True)):
         return None
-    return experts, indices
+    return experts, [e for _, e in found]
 
 
 def _expert_of(layer: nn.Module, stage: list[str]) -> tuple[str, int] | None:
