@@ -89,7 +89,7 @@ class HessianAccumulator:
         self.tokens += rows.shape[0]
         with _tf32(rows.is_cuda and x.dtype == torch.bfloat16):
             product = rows.T @ rows
-        self._hessian += product.double() * (2.0 / self.tokens)
+        self._hessian += product.double().mul_(2.0 / self.tokens)  # (scaled in place: one n x n float64 temporary)
 
     def reduce(self, ranks: Ranks) -> None:
         """The Hessian of every rank's tokens (`llmquant.parallel`): the sum of the ranks' N_r H_r over their N."""
