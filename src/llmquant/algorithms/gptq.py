@@ -611,25 +611,7 @@ class GPTQStep(LayerStep):
                   else [self.stages])
         fallback: dict[str, int] = {}
         for stages in rounds:  # the sweeps of a round do not depend on one another
-            jobs: list[tuple[list[str], HessianAccumulator]] = []
-            for stage, hessian in zip(stages, self._hessians_of(ctx, stages), strict=True):
-                if hessian.tokens < self.options.min_tokens:  # (an expert few tokens chose): round to nearest
-                    fallback.update(dict.fromkeys(stage, hessian.tokens))
-                    continue
-                limit = sweep_rows(ctx.linears[stage[0]][0].in_features, working)
-                jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs, rows, limit)]
-            split = [(sweep, hessian) for sweep, hessian in jobs if self._splits(ctx, sweep, specs[sweep[0]])]
-            whole = [job for job in jobs if job not in split]
-            owners = ctx.ranks.owners([_cost(ctx, sweep) for sweep, _ in whole])
-            mine = [job for job, owner in zip(whole, owners, strict=True) if owner == ctx.ranks.rank]
-            factors = _Factors([hessian for _, hessian in split + mine], self.options)
-            for sweep, hessian in split:  # every rank sweeps its share of the rows
-                self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian), rows_of=ctx.ranks)
-            for sweep, hessian in mine:
-                self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian))
-            for (sweep, _), owner in zip(whole, owners, strict=True):
-                for name in sweep:
-                    ctx.linears[name][1].broadcast_weight(ctx.ranks, owner)
+            self._quantize_round(ctx, stages, specs, rows, working, fallback)
         row: dict[str, Any] = {"gptq_stages": self.stages}
         if len(rounds) > 1 or any(len(stages) > 1 for stages in rounds):  # parallel experts: how many a pass
             row["gptq_expert_rounds"] = [len(stages) for stages in rounds]
@@ -643,6 +625,31 @@ class GPTQStep(LayerStep):
                         ctx.where, len(fallback), self.options.min_tokens, next(iter(fallback)))
             row["gptq_rtn_fallback"] = fallback  # Linear -> the tokens it saw
         return row
+
+    def _quantize_round(self, ctx: LayerContext, stages: list[list[str]], specs: dict[str, QuantSpec | None],
+                        rows: dict[str, int], working: int | None, fallback: dict[str, int]) -> None:
+        """One round: its stages' Hessians (one pass), then their sweeps; a stage of an expert too few tokens chose
+        goes to ``fallback`` (round to nearest). Its Hessians and factors are released on return, before the next
+        round's pass."""
+        jobs: list[tuple[list[str], HessianAccumulator]] = []
+        for stage, hessian in zip(stages, self._hessians_of(ctx, stages), strict=True):
+            if hessian.tokens < self.options.min_tokens:  # (an expert few tokens chose): round to nearest
+                fallback.update(dict.fromkeys(stage, hessian.tokens))
+                continue
+            limit = sweep_rows(ctx.linears[stage[0]][0].in_features, working)
+            jobs += [(sweep, hessian) for sweep in stacked_sweeps(stage, specs, rows, limit)]
+        split = [(sweep, hessian) for sweep, hessian in jobs if self._splits(ctx, sweep, specs[sweep[0]])]
+        whole = [job for job in jobs if job not in split]
+        owners = ctx.ranks.owners([_cost(ctx, sweep) for sweep, _ in whole])
+        mine = [job for job, owner in zip(whole, owners, strict=True) if owner == ctx.ranks.rank]
+        factors = _Factors([hessian for _, hessian in split + mine], self.options)
+        for sweep, hessian in split:  # every rank sweeps its share of the rows
+            self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian), rows_of=ctx.ranks)
+        for sweep, hessian in mine:
+            self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian))
+        for (sweep, _), owner in zip(whole, owners, strict=True):
+            for name in sweep:
+                ctx.linears[name][1].broadcast_weight(ctx.ranks, owner)
 
     @staticmethod
     def _splits(ctx: LayerContext, sweep: list[str], spec: QuantSpec) -> bool:
