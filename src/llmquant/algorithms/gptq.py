@@ -205,40 +205,16 @@ def gptq_quantize(
     groups_on_host = column_groups.tolist()  # read once: no device synchronisation per column
     codes = torch.zeros_like(w)
     loss = torch.zeros((), dtype=torch.float64, device=w.device)  # (summed as it goes: no [out, in] of losses)
+    qparams = (scales, zeros) if group is not None else (scale, zero)
     for i1 in range(0, columns, block_size):
         i2 = min(i1 + block_size, columns)
-        hinv1 = hinv[i1:i2, i1:i2]
         if fused:  # one kernel for the block's columns (`llmquant.algorithms.gptq_kernel`)
-            grid = (scales, zeros) if group is not None else (scale.expand(rows, 1), zero.expand(rows, 1))
-            codes[:, i1:i2], err1 = _fused_sweep(w[:, i1:i2], hinv1, *grid, column_groups[i1:i2], spec)
-            loss += err1.pow(2).sum() / 2
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
-            continue
-        # the block transposed: column i of the weight is row i here, contiguous (the same arithmetic in the same
-        # order as on [rows, block], 3.6x faster on a CPU for 16,384 rows: a column no longer strides over rows)
-        w1 = w[:, i1:i2].t().contiguous()
-        err1, codes1 = torch.zeros_like(w1), torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if group is not None:
-                g = groups_on_host[j]
-                if not static_groups and j % group == 0:
-                    current = _current_columns(w, w1.t(), err1.t(), hinv, i1, i, group)
-                    s, z = (_per_row(t, spec, rows, current.shape[1]) for t in observe_once(current, spec))
-                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-                scale_j, zero_j = scales[:, g], zeros[:, g]
-            else:
-                scale_j, zero_j = scale.reshape(-1), zero.reshape(-1)  # per row, or one for the tensor
-            col = w1[i]
-            d = hinv1[i, i]
-            c = quantize_blocks(col, scale_j, zero_j, spec)
-            q = (c - zero_j) * scale_j
-            codes1[i] = c
-            err = torch.div(col - q, d, out=err1[i])
-            w1[i:] -= torch.outer(hinv1[i, i:], err)
+            grid = qparams if group is not None else (scale.expand(rows, 1), zero.expand(rows, 1))
+            codes[:, i1:i2], err1 = _fused_sweep(w[:, i1:i2], hinv[i1:i2, i1:i2], *grid, column_groups[i1:i2], spec)
+        else:
+            codes[:, i1:i2], err1 = _sweep_block(w, hinv, i1, i2, spec, qparams, groups_on_host, static_groups)
         loss += err1.pow(2).sum(dtype=torch.float64) / 2  # sum of (w - q)^2 / d^2 over the block's columns
-        codes[:, i1:i2] = codes1.t()
-        w[:, i2:] -= err1.t().contiguous() @ hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # the lazy batch update of the remaining columns
 
     codes = codes[:, torch.argsort(perm)]
     if group is not None:
@@ -246,6 +222,42 @@ def gptq_quantize(
     codes = codes.to(spec.code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
     return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(loss))
+
+
+def _sweep_block(w: torch.Tensor, hinv: torch.Tensor, i1: int, i2: int, spec: QuantSpec,
+                 qparams: tuple[torch.Tensor, torch.Tensor], groups_on_host: list[int], static_groups: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's reference loop over the columns ``i1:i2`` of ``w`` (already updated for the columns before them): each
+    column rounded, its error e = (w_i - q_i) / U_ii spread over the block's later columns. Returns the block's codes
+    and errors ``[rows, i2 - i1]``. ``qparams``: per group, ``[rows, groups]`` scales and zero points (filled in here
+    as each group begins, unless ``static_groups``), else the weight's own (per row or per tensor).
+
+    The block is transposed so that a column is a contiguous row: the same arithmetic in the same order as on
+    ``[rows, block]`` (the same codes bit for bit), with no column striding over the rows
+    (`scripts/gptq_sweep_time.py`)."""
+    group, rows = _scale_columns(spec), w.shape[0]
+    scales, zeros = qparams
+    hinv1 = hinv[i1:i2, i1:i2]
+    w1 = w[:, i1:i2].t().contiguous()
+    err1, codes1 = torch.zeros_like(w1), torch.zeros_like(w1)
+    for i in range(i2 - i1):
+        j = i1 + i
+        if group is not None:
+            g = groups_on_host[j]
+            if not static_groups and j % group == 0:
+                current = _current_columns(w, w1.t(), err1.t(), hinv, i1, i, group)
+                s, z = (_per_row(t, spec, rows, current.shape[1]) for t in observe_once(current, spec))
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            scale_j, zero_j = scales[:, g], zeros[:, g]
+        else:
+            scale_j, zero_j = scales.reshape(-1), zeros.reshape(-1)  # per row, or one for the tensor
+        col = w1[i]
+        c = quantize_blocks(col, scale_j, zero_j, spec)
+        q = (c - zero_j) * scale_j
+        codes1[i] = c
+        err = torch.div(col - q, hinv1[i, i], out=err1[i])
+        w1[i:] -= torch.outer(hinv1[i, i:], err)
+    return codes1.t(), err1.t().contiguous()
 
 
 def _scale_columns(spec: QuantSpec) -> int | None:
@@ -502,21 +514,17 @@ def _down_projections(layer: nn.Module, stages: list[list[str]]) -> tuple[Expert
     sends every token through every expert (`all_experts`): their inputs then come from the list's input alone
     (`down_input_feed`: the same inputs as a pass of the whole layer gives, a third of the experts' work less, and
     nothing after the experts). Else None."""
-    found: list[tuple[str, int]] = []
-    for stage in stages:
-        where = expert_index(stage[0]) if len(stage) == 1 else None
-        if where is None:
-            return None
-        found.append(where)
-    if not found or len({name for name, _ in found}) != 1:
+    found = [_expert_of(layer, stage) if len(stage) == 1 else None for stage in stages]
+    lists = {where[0] for where in found if where is not None}
+    if not found or None in found or len(lists) != 1:
         return None
-    experts = layer.get_submodule(found[0][0])
+    experts = layer.get_submodule(lists.pop())
+    indices = [where[1] for where in found if where is not None]
     if not isinstance(experts, Experts) or not experts.calibrate_all:
         return None
-    if any(layer.get_submodule(stage[0]) is not experts[e].down_proj for stage, (_, e) in zip(stages, found,
-                                                                                               strict=True)):
+    if any(layer.get_submodule(stage[0]) is not experts[e].down_proj for stage, e in zip(stages, indices, strict=True)):
         return None
-    return experts, [e for _, e in found]
+    return experts, indices
 
 
 def _expert_of(layer: nn.Module, stage: list[str]) -> tuple[str, int] | None:
