@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 import transformers
 
 import llmquant
+from llmquant.pipeline.engine import peak_rss_mb
 from llmquant.pipeline.memory import parse_size
 
 
@@ -68,8 +68,8 @@ def main() -> None:
         "device": args.device, "dtype": str(dtype).removeprefix("torch."), "algorithm": args.algo,
         "moe_calibrate": args.moe_calibrate, "calibration": f"{args.samples}x{args.seqlen}",
         "build_seconds": round(built, 1), "quantize_seconds": round(seconds, 1),
-        "layer_seconds": round(row["seconds"], 1), "peak_rss_mib": round(resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss / 1024), "peak_gpu_mib": row.get("peak_gpu_mb"),
+        "layer_seconds": round(row["seconds"], 1), "peak_rss_mib": round(peak_rss_mb()),
+        "peak_gpu_mib": row.get("peak_gpu_mb"),
         "output_error": row["output_error"], "rtn_fallback": len(row.get("gptq_rtn_fallback", {})),
         "max_memory_mib": cap and cap / 2**20, "max_gpu_memory_mib": gpu_cap and gpu_cap / 2**20,
         "working_memory_mib": row.get("gptq_working_memory_mb"), "expert_rounds": row.get("gptq_expert_rounds"),

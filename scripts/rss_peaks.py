@@ -14,6 +14,8 @@ import threading
 import time
 import traceback
 
+from llmquant.device import resident_bytes
+
 STEP_MIB = 20  # a new peak is recorded when the resident size passes the last one by this much
 FRAMES = 8  # innermost frames of the main thread recorded at a peak
 SHOWN = 12  # last peaks printed
@@ -24,11 +26,6 @@ class _MallInfo2(ctypes.Structure):
                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def _resident_mib() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096 // 2**20
-
-
 def main() -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _MallInfo2
@@ -37,7 +34,7 @@ def main() -> None:
     def sample() -> None:
         best = 0
         while True:
-            resident = _resident_mib()
+            resident = resident_bytes() // 2**20
             if resident > best + STEP_MIB:
                 best = resident
                 info = libc.mallinfo2()

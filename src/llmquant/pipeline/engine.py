@@ -167,6 +167,11 @@ def _weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
     return float((quantized.dequantized_weight() - w).norm() / w.norm().clamp(min=1e-30))
 
 
+def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[str, float]:
+    """Each quantized Linear's relative weight error ||W_hat - W|| / ||W||, by relative name (the manifest's)."""
+    return {rel: _weight_error(linear, quantized) for rel, (linear, quantized) in linears.items()}
+
+
 def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -348,7 +353,7 @@ def quantize_layer(
     else:
         quant_out = float_out
     row["output_error"] = relative_error(float_out, quant_out, ranks)
-    row["weight_error"] = {rel: _weight_error(linear, q) for rel, (linear, q) in ctx.linears.items()}
+    row["weight_error"] = _weight_errors(ctx.linears)
     row["seconds"] = time.perf_counter() - start
     return (float_out if plan.propagate_float else quant_out), row
 
@@ -367,8 +372,7 @@ def quantize_layer_weights(layer: nn.Module, index: int, model_map: ModelMap, pl
     linears = _quantizers_for_layer(layer, prefix, plan)
     for rel, (_, quantized) in linears.items():
         _swap(layer, rel, quantized)
-    return {"layer": index, "weight_error": {rel: _weight_error(linear, q) for rel, (linear, q) in linears.items()},
-            "seconds": time.perf_counter() - start}
+    return {"layer": index, "weight_error": _weight_errors(linears), "seconds": time.perf_counter() - start}
 
 
 def _capped(policy: DevicePolicy | None) -> bool:
