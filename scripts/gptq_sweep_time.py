@@ -1,8 +1,8 @@
 """Seconds of one GPTQ sweep (`llmquant.algorithms.gptq.gptq_quantize`, W4 symmetric groups of 64 with activation
 order, its inverse factor computed beforehand) at the weight shapes of the default model and of a Qwen3-30B-A3B
 layer, medians of 3; and of reading float8 codes as float32 (torch's conversion against `codes_to_float`'s table).
-To compare two commits, run it with each checked out here: the editable install imports this checkout's
-src/ whatever PYTHONPATH says.
+To compare two commits: `git worktree add /tmp/old REV`, then the same command with `PYTHONPATH=/tmp/old/src` (the
+script is this checkout's; the package imported is the one PYTHONPATH names).
 
     PYTHONPATH=src .venv/bin/python scripts/gptq_sweep_time.py [--threads 2]
 """
