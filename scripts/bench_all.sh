@@ -2,7 +2,7 @@
 # Every single-recipe figure of BENCHMARKS.md, one recipe per process on one thread (two lanes can share
 # the two cores), appended to bench/results.jsonl; a name already there is skipped, so a rerun resumes.
 #
-#     bash scripts/bench_all.sh [w8a8|w4|seed003|lowbit|all]      then: .venv/bin/python scripts/bench_tables.py
+#     bash scripts/bench_all.sh [w8a8|w4|seed003|lowbit|gptaq|all]      then: .venv/bin/python scripts/bench_tables.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results.jsonl}
@@ -100,11 +100,36 @@ lowbit() {  # issue 19's table, most telling cells first: W4A4, W4A4KV4, W4A8 by
     done
 }
 
+gptaq() {  # GPTAQ (gptq: {asymmetric: A}) on the best GPTQ recipe of each row, A = 0 (plain GPTQ) beside
+    # A = ${ALPHA:-0.25}, on pydoc and the stdlib corpus; LANE=k LANES=n as in lowbit (two lanes: each pair side by side)
+    local a=${ALPHA:-0.25} float_h='"true_sequential": false' clip='"clip_search": {"samples": 4}'
+    local r124='{"name": "quarot", "rotations": ["R1", "R2", "R4"]}'
+    local rows=(  # NAME and the recipe's fields but GPTQ's, which end with the asymmetric alpha
+        w4_g64_best "\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"weight_observer\": \"mse\", \"pre_opts\": [$R12], \"gptq\": {$float_h,"
+        w4a8_best "\"scheme\": \"w_int4_per_group_sym_a_int8_per_token_dynamic\", \"group_size\": 64, \"pre_opts\": [$QUAROT], $clip, \"gptq\": {"
+        w3_g64_quarot "\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"pre_opts\": [$QUAROT], \"gptq\": {"
+        w4a4kv4_best "\"scheme\": \"w_int4_per_channel_sym_a_int4_per_token_dynamic\", \"kv_cache\": \"int4_per_token_asym\", \"pre_opts\": [$QUAROT], $clip, \"gptq\": {"
+        fp8_token_gptq "\"scheme\": \"w_fp8_per_channel_a_fp8_per_token_dynamic\", \"gptq\": {"
+        w8a8_token_best "\"scheme\": \"$TOKEN\", \"pre_opts\": [$r124], \"gptq\": {$float_h,"
+        w8a8_static_best "\"scheme\": \"$STATIC\", \"pre_opts\": [$SQ_AUTO], \"gptq\": {$float_h,")
+    local cells=()
+    for ((r = 0; r < ${#rows[@]} / 2; r++)); do
+        for alpha in 0 "$a"; do
+            cells+=("gq_${rows[2 * r]}_a${alpha/./}" "{\"algorithm\": \"gptq\", ${rows[2 * r + 1]} \"asymmetric\": $alpha}}")
+        done
+    done
+    local lanes=${LANES:-1} lane=${LANE:-0}
+    for ((i = 0; i < ${#cells[@]} / 2; i++)); do
+        if ((i % lanes == lane)); then run "${cells[2 * i]}" "${cells[2 * i + 1]}" --corpora pydoc stdlib; fi
+    done
+}
+
 case "${1:-all}" in
     w8a8) w8a8 ;;
     seed003) seed003 ;;
     lowbit) lowbit ;;
+    gptaq) gptaq ;;
     w4) w4_g64; w4_gptq_variants; w4_more ;;
     all) w4_g64; w4_gptq_variants; w8a8; seed003; w4_more ;;
-    *) echo "usage: $0 [w8a8|w4|seed003|lowbit|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [w8a8|w4|seed003|lowbit|gptaq|all]" >&2; exit 2 ;;
 esac

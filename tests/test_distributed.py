@@ -40,6 +40,8 @@ EXACT = {  # round to nearest, static scales; GPTQ (Hessians summed over ranks; 
                                     "activation_observer": "percentile"}),  # value samples gathered
 }
 SEARCHED = {  # searches scored on each rank's token sample, summed: bounded, not identical
+    "gptaq": ("llama", {"scheme": "w_uint4_per_group_asym", "group_size": 32, "algorithm": "gptq",
+                        "gptq": {"asymmetric": 0.5}}),  # GPTAQ's start moves by the last bits of D's reduction
     "awq": ("llama", {"scheme": "w_uint4_per_group_asym", "group_size": 32, "algorithm": "awq"}),
     "smoothquant-auto": ("llama", {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
                                    "pre_opts": [{"name": "smoothquant", "alpha": "auto"}]}),
@@ -115,7 +117,9 @@ def test_searches_over_two_processes_are_as_good_as_one(name: str, in_two_proces
                                                         calibration: torch.Tensor, eval_ids: torch.Tensor) -> None:
     """AWQ's and SmoothQuant's searches score their candidates on each rank's token sample and sum the scores:
     other tokens than one process samples, so the choices may differ; the result is as close to the float
-    model (within 10% of one process's error; here AWQ 0.089 against 0.092, SmoothQuant 0.022 against 0.022)."""
+    model (within 10% of one process's error; here AWQ 0.089 against 0.092, SmoothQuant 0.022 against 0.022).
+    GPTAQ's start W + alpha W D H^-1 reads D summed over the ranks, whose last bits differ from one process's sum:
+    a scale on a rounding boundary moves (not a search, but bounded the same way)."""
     family, recipe = SEARCHED[name]
     found = torch.load(in_two_processes / f"{name}.pt", weights_only=False)
     two = make_model(family)

@@ -24,6 +24,7 @@ RECIPES = {
         "scheme": "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static",
         "pre_opts": [{"name": "quarot"}, {"name": "smoothquant", "alpha": 0.5}]},
     "w4-gptq": {"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"},
+    "w4-gptaq": {"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq", "gptq": {"asymmetric": 0.5}},
     "w4-awq": {"scheme": "w_uint4_per_group_asym", "group_size": 32, "algorithm": "awq"},
     "w8a8-dynamic-with-head": {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "ignore": []},
 }
@@ -219,7 +220,7 @@ def test_calibration_activations_near_the_memory_cap_go_to_disk(caplog: pytest.L
     assert activation_storage("disk", policy, model, ids, None, tmp_path).where == "disk"
 
 
-@pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq", "w4-gptq"])
+@pytest.mark.parametrize("name", ["w8a8-static-kv+quarot+smoothquant", "w4-awq", "w4-gptq", "w4-gptaq"])
 def test_offloaded_activations_give_the_in_memory_checkpoint(
     name: str, tiny_dir: Path, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,13 +232,16 @@ def test_offloaded_activations_give_the_in_memory_checkpoint(
 
     def quantize_layer(layer, index, model_map, plan, inputs, *a, **k):
         held.append(isinstance(inputs.hidden, DiskActivations))
-        outputs, row = real(layer, index, model_map, plan, inputs, *a, **k)
+        outputs, row, reference = real(layer, index, model_map, plan, inputs, *a, **k)
         held.append(isinstance(outputs, DiskActivations))
-        return outputs, row
+        if reference is not None:  # GPTAQ's stream of the float model's activations: on disk too
+            held.append(isinstance(reference, DiskActivations))
+        return outputs, row, reference
 
     monkeypatch.setattr(engine, "quantize_layer", quantize_layer)
     assert main([*args, *OFFLOAD]) == 0
-    assert held == [True] * 4  # every layer read its inputs from disk and wrote its outputs there
+    assert held == [True] * (6 if name == "w4-gptaq" else 4)  # every layer read its inputs from disk and wrote
+    # its outputs there
     assert not (tmp_path / ".offloaded.run").exists()
     offloaded, _ = llmquant.load(tmp_path / "offloaded")
     in_memory, _ = llmquant.load(tmp_path / "memory")

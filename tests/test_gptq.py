@@ -99,7 +99,7 @@ def test_the_inverse_factor_from_one_cholesky_is_the_references(layer: tuple) ->
     _, _, _, hessian = layer
     damped = hessian + 0.01 * torch.diag(hessian).mean() * torch.eye(IN, dtype=torch.float64)
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
-    factor = gptq_module._inverse_hessian_cholesky(hessian.flip(0, 1).clone(), 0.01)
+    factor = gptq_module._inverse_hessian_cholesky([hessian.flip(0, 1).clone()], 0.01)
     assert torch.equal(factor, factor.triu()) and bool((factor.diagonal() > 0).all())
     torch.testing.assert_close(factor, reference, rtol=1e-9, atol=1e-12)
 

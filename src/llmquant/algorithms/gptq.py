@@ -37,7 +37,6 @@ import importlib.util
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from llmquant.algorithms.gptaq import AsymmetricAccumulator, asymmetric_correction, asymmetric_start
+from llmquant.algorithms.hessian import HessianAccumulator
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
 from llmquant.errors import LlmquantError
 from llmquant.nn.experts import Experts, down_input_feed, expert_index, only_experts
@@ -63,60 +64,6 @@ SWEEP_BYTES_PER_WEIGHT = 24  # a bound on a sweep's float32 [rows, columns] tens
 # the sweep's copy and its permutation, the codes and their reordering, the dequantized result (counted, not measured)
 
 DAMP_RETRIES = 3  # on a failed Cholesky, retry with 10x, 100x, 1000x the dampening
-
-
-class HessianAccumulator:
-    """H = 2/N sum x x^T over the N tokens seen by `add_batch`, as a float64 running mean. Each batch's
-    X^T X is computed in x's precision (float32 for float32 inputs, as the reference implementation does
-    throughout: about twice as fast as float64 here; bfloat16 inputs on a GPU as TF32 products, which are exact
-    for them) and added to the float64 mean."""
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
-        self.in_features = in_features
-        self.tokens = 0
-        self._hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-
-    @torch.no_grad()
-    def add_batch(self, x: torch.Tensor) -> None:
-        """Add the tokens of ``x`` ``[..., in_features]``: rescale the old mean, add the new terms."""
-        if x.shape[-1] != self.in_features:
-            raise LlmquantError(f"GPTQ: input has {x.shape[-1]} features, the Linear has {self.in_features}")
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows = x.detach().reshape(-1, self.in_features).to(self._hessian.device, compute)
-        if rows.shape[0] == 0:
-            return
-        self._hessian *= self.tokens / (self.tokens + rows.shape[0])
-        self.tokens += rows.shape[0]
-        with _tf32(rows.is_cuda and x.dtype == torch.bfloat16):
-            product = rows.T @ rows
-        self._hessian += product.double().mul_(2.0 / self.tokens)  # (scaled in place: one n x n float64 temporary)
-
-    def reduce(self, ranks: Ranks) -> None:
-        """The Hessian of every rank's tokens (`llmquant.parallel`): the sum of the ranks' N_r H_r over their N."""
-        if ranks.world == 1:
-            return
-        total = ranks.total(float(self.tokens))
-        summed = ranks.sum(self._hessian * self.tokens)
-        self._hessian, self.tokens = summed / max(total, 1.0), int(total)
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        return self._hessian
-
-
-@contextlib.contextmanager
-def _tf32(allowed: bool) -> Iterator[None]:
-    """TF32 matrix products inside, when ``allowed``: for bfloat16 inputs (8 mantissa bits, within TF32's 10) the
-    products are exact and accumulate in float32, the same sums as float32 products, several times faster on a GPU."""
-    if not allowed:
-        yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @dataclass(frozen=True)
@@ -161,7 +108,9 @@ def inverse_factor(hessian: torch.Tensor, damp_ratio: float = 0.01, act_order: b
     reversed_h = h.index_select(0, backwards).index_select(1, backwards)
     del h
     reversed_h.diagonal()[dead[backwards]] = 1.0  # a dead input: H_ii = 1 (its weights are zero)
-    return InverseFactor(perm, dead, _inverse_hessian_cholesky(reversed_h, damp_ratio))
+    handed = [reversed_h]  # (handed over: the factorization frees it as soon as it is factored)
+    del reversed_h
+    return InverseFactor(perm, dead, _inverse_hessian_cholesky(handed, damp_ratio))
 
 
 @torch.no_grad()
@@ -344,17 +293,18 @@ def _current_columns(
     return torch.cat([inside, outside], dim=1)
 
 
-def _inverse_hessian_cholesky(reversed_h: torch.Tensor, damp_ratio: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, U^T U = that inverse, from ``reversed_h`` =
-    J H J (J the exchange matrix: H with rows and columns reversed), which it consumes (the damp goes onto its
-    diagonal); on failure it retries with 10x the damp.
+def _inverse_hessian_cholesky(handed: list[torch.Tensor], damp_ratio: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, U^T U = that inverse, from ``handed`` = [J H J]
+    (J the exchange matrix: H with rows and columns reversed), which it takes out of the list and consumes (the damp
+    goes onto its diagonal; freed once factored); on failure it retries with 10x the damp.
 
     Without forming the inverse: with J H J = M M^T (M lower, its Cholesky factor), H = R R^T with R = J M J upper,
-    so H^-1 = R^-T R^-1 and U = R^-1 = J M^-1 J: upper triangular with a positive diagonal, hence the Cholesky
-    factor (it is unique). One Cholesky and one triangular inverse (about 4/3 n^3 flops, against 5/3 n^3 for the
-    reference's Cholesky, inverse, Cholesky) and at most two n x n matrices at a time besides the caller's H (the
-    inverse is written over the identity it solves for; on a Llama-3-8B down_proj, n = 14,336: 1.6 GB each in
-    float64); the same factor to float64 rounding (tests/test_gptq.py)."""
+    so H^-1 = R^-T R^-1 and U = R^-1 = J M^-1 J: upper triangular with a positive diagonal, hence the Cholesky factor
+    (it is unique). One Cholesky and one triangular inverse (about 4/3 n^3 flops, against 5/3 n^3 for the
+    reference's Cholesky, inverse, Cholesky) and at most two n x n matrices at a time besides the caller's H (J H J
+    and M, then M and M^-1, written over the identity it solves for, then M^-1 and its flip; on a Llama-3-8B
+    down_proj, n = 14,336: 1.6 GB each in float64); the same factor to float64 rounding (tests/test_gptq.py)."""
+    reversed_h = handed.pop()
     mean_diag = reversed_h.diagonal().mean()
     added = damp = 0.0
     for attempt in range(DAMP_RETRIES + 1):
@@ -443,6 +393,13 @@ class GPTQOptions(BaseModel):
     (x1.119 vs x1.133) and with QuaRot R1+R2 + MSE ranges (x1.054 vs x1.064), worse on W4 g64 symmetric
     (x1.168 vs x1.153) and with MSE ranges alone (x1.102 vs x1.100); the best recipes set it where it wins.
 
+    ``asymmetric`` (GPTAQ's alpha, `llmquant.algorithms.gptaq`; 0: off): each Linear outside the experts aims at the
+    float model's output W X~ (its own inputs X~, carried by the engine as a reference stream) instead of the float
+    layer's output on the quantized model's inputs; GPTQ's sweep starts from W + alpha W D H^-1. It costs one more
+    float pass a layer, a second set of calibration activations (the reference stream, stored as the first is) and
+    the float inputs of the layer's Linears, kept until they are swept. The experts of an MoE layer keep plain GPTQ
+    (their tokens differ between the two streams when routed).
+
     ``min_tokens``: a Linear whose input saw fewer calibration tokens (a routed expert few tokens chose, with
     ``moe_calibrate: routed``) keeps round to nearest, with a warning and its count in the manifest
     (``gptq_rtn_fallback``): a Hessian of a handful of tokens fits them, not the expert's inputs."""
@@ -453,6 +410,7 @@ class GPTQOptions(BaseModel):
     damp_ratio: float = Field(0.01, gt=0.0, le=1.0)
     act_order: bool = True
     true_sequential: bool = True
+    asymmetric: float = Field(0.0, ge=0.0, le=1.0)
     min_tokens: int = Field(16, ge=1)
 
 
@@ -597,15 +555,34 @@ class GPTQStep(LayerStep):
         self.options = options or GPTQOptions()
         self.stages: list[list[str]] = []
         self.hessians: dict[str, HessianAccumulator] = {}
+        self.targets: dict[str, list[torch.Tensor]] = {}  # GPTAQ: a stage's float-model inputs, batch by batch
+        self.shifts: dict[str, float] = {}  # GPTAQ: ||W* - W|| / ||W|| of each swept Linear
+
+    @property
+    def wants_reference(self) -> bool:  # type: ignore[override]
+        return self.options.asymmetric > 0
+
+    def observe_reference(self, ctx: LayerContext) -> list[RemovableHandle]:
+        """GPTAQ: keep the float model's inputs of each stage outside the experts, batch by batch."""
+        self.stages = layer_stages(ctx, ctx.quantized_names())  # (before any observer starts: one sample)
+        handles = []
+        for stage in self.stages:
+            if any(expert_index(name) is not None for name in stage):
+                continue
+            kept = self.targets[stage[0]] = []
+            handles.append(ctx.layer.get_submodule(stage[0]).register_forward_pre_hook(
+                lambda _m, args, kept=kept: kept.append(args[0].detach().clone())))
+        return handles
 
     def observe_transformed(self, ctx: LayerContext) -> list[RemovableHandle]:
-        self.stages = layer_stages(ctx, ctx.quantized_names())  # (before any observer starts: one sample)
+        if not self.stages:
+            self.stages = layer_stages(ctx, ctx.quantized_names())  # (before any observer starts: one sample)
         if self.options.true_sequential:
             return []
         handles = []
         for stage in self.stages:
             module = ctx.layer.get_submodule(stage[0])
-            accumulator = self.hessians[stage[0]] = _accumulator_for(ctx.linears[stage[0]][0])
+            accumulator = self.hessians[stage[0]] = self._accumulator(ctx, stage)
             handles.append(module.register_forward_pre_hook(
                 lambda _m, args, accumulator=accumulator: accumulator.add_batch(args[0])))
         return handles
@@ -628,6 +605,8 @@ class GPTQStep(LayerStep):
                      "unknown" if working is None else f"{working / 2**20:.0f}")
         if working is not None:
             row["gptq_working_memory_mb"] = round(working / 2**20, 1)
+        if self.shifts:  # GPTAQ: how far the float-model target moved each Linear's start
+            row["gptaq"] = {"alpha": self.options.asymmetric, "relative_shift": self.shifts}
         if fallback:
             log.warning("%s: %d Linears saw fewer than %d calibration tokens and keep round to nearest (%s, ...)",
                         ctx.where, len(fallback), self.options.min_tokens, next(iter(fallback)))
@@ -671,7 +650,7 @@ class GPTQStep(LayerStep):
         behind the stages quantized so far (one stage: the layer runs only as far as it; parallel stages: one
         pass feeds them all)."""
         hessians = [self.hessians.pop(stage[0], None) for stage in stages]  # (released once swept)
-        missing = {ctx.layer.get_submodule(stage[0]): _accumulator_for(ctx.linears[stage[0]][0])
+        missing = {ctx.layer.get_submodule(stage[0]): self._accumulator(ctx, stage)
                    for stage, hessian in zip(stages, hessians, strict=True) if hessian is None}
         downs = _down_projections(ctx.layer, [s for s, h in zip(stages, hessians, strict=True) if h is None])
         if len(missing) == 1 and _expert_of(ctx.layer, stages[0]) is None:  # (a routed expert may not be called)
@@ -701,6 +680,12 @@ class GPTQStep(LayerStep):
         given H^-1)."""
         options = self.options
         weights = [ctx.linears[name][0].weight for name in sweep]
+        if isinstance(hessian, AsymmetricAccumulator):  # GPTAQ: start from W* = W + alpha W D H^-1
+            correction = asymmetric_correction(hessian.hessian, hessian.cross, options.damp_ratio)
+            shifted = [asymmetric_start(w, correction, options.asymmetric) for w in weights]
+            self.shifts.update({name: float((s - w).norm() / w.norm().clamp_min(1e-30))
+                                for name, w, s in zip(sweep, weights, shifted, strict=True)})
+            weights = shifted
         if rows_of is None:
             results = GPTQ(weights, hessian).quantize(spec, options.block_size, options.damp_ratio, options.act_order,
                                                       factor)
@@ -715,8 +700,17 @@ class GPTQStep(LayerStep):
         for name, (weight, qparams) in zip(sweep, results, strict=True):
             ctx.linears[name][1].set_weight(weight, qparams)
 
+    def _accumulator(self, ctx: LayerContext, stage: list[str]) -> HessianAccumulator:
+        """The Hessian of the stage's input, kept on the device its first weight is on; with GPTAQ's float-model
+        inputs of the stage (`observe_reference`), also their cross term with the quantized model's."""
+        linear = ctx.linears[stage[0]][0]
+        targets = self.targets.pop(stage[0], None)
+        if targets is None:
+            return HessianAccumulator(linear.in_features, device=linear.weight.device)
+        return AsymmetricAccumulator(linear.in_features, targets, device=linear.weight.device)
+
     def release(self, ctx: LayerContext) -> None:
-        self.stages, self.hessians = [], {}
+        self.stages, self.hessians, self.targets, self.shifts = [], {}, {}, {}
 
 
 class _Factors:
@@ -744,11 +738,6 @@ def _cost(ctx: LayerContext, sweep: list[str]) -> float:
     linears = [ctx.linears[name][0] for name in sweep]
     rows, columns = sum(linear.out_features for linear in linears), linears[0].in_features
     return float(rows * columns**2 + columns**3)
-
-
-def _accumulator_for(linear: nn.Linear) -> HessianAccumulator:
-    """A Hessian of the (float) ``linear``'s input, kept on the device its weight is on."""
-    return HessianAccumulator(linear.in_features, device=linear.weight.device)
 
 
 __all__ = ["GPTQ", "GPTQOptions", "GPTQResult", "GPTQStep", "HessianAccumulator", "InverseFactor", "gptq_quantize",

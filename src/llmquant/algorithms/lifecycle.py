@@ -8,7 +8,10 @@ recipe order, and knows none of them by name. For one layer it
    outputs (it is skipped when no step observes, and the pass of 3 is the reference);
 2. calls each step's `LayerStep.transform`: changes of the float weights that keep the layer's function
    (smoothing scales), which the engine checks on the layer's outputs;
-3. makes the layer's `QuantLinear`s (round to nearest from the transformed weights) and runs a float pass
+3. makes the layer's `QuantLinear`s (round to nearest from the transformed weights); when a step
+   `LayerStep.wants_reference`, runs the transformed float layer on the float model's own inputs (the reference
+   stream, which the engine carries from layer to layer beside the quantized one) with the hooks of
+   `LayerStep.observe_reference` (GPTAQ's targets); then runs a float pass
    of the transformed layer with the hooks of `LayerStep.observe_transformed` (GPTQ's Hessians from the
    float layer) and the scheme's own observers (static input scales, the KV cache); every sample when a
    hook needs them, else the first batch (the equivalence check only);
@@ -93,6 +96,7 @@ class LayerStep:
 
     name = "step"
     keeps_function = False  # whether `transform` claims to keep the layer's function (the engine checks it)
+    wants_reference = False  # whether the step reads the float model's own inputs (`observe_reference`)
 
     def setup(self, ctx: SetupContext) -> dict[str, Any]:
         """Once per run, on the first decoder layer; returns the run's manifest entries."""
@@ -105,6 +109,11 @@ class LayerStep:
     def transform(self, ctx: LayerContext) -> dict[str, Any]:
         """Change the float weights (keeping the function when `keeps_function`); manifest row entries."""
         return {}
+
+    def observe_reference(self, ctx: LayerContext) -> list[RemovableHandle]:
+        """Hooks for the pass of the transformed float layer on the float model's own inputs over every sample (only
+        when a step `wants_reference`), batched as the passes over the quantized model's inputs are."""
+        return []
 
     def observe_transformed(self, ctx: LayerContext) -> list[RemovableHandle]:
         """Hooks for the float pass of the transformed layer (every sample when any are returned)."""

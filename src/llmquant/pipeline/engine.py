@@ -9,7 +9,8 @@
    through observers, the input range of every Linear with a static input scale and of the KV cache;
    the Linears are swapped for `QuantLinear`s; a quantized pass gives the outputs that become the next
    layer's inputs (so each layer is calibrated on what the quantized model really feeds it) and the
-   layer's output error.
+   layer's output error. When a step wants the float model's own activations (GPTAQ), a second stream of
+   them, the reference, goes through each transformed float layer beside the quantized one.
 4. Linears outside the decoder layers (the head, when a recipe asks for it) are quantized last.
 
 Only the current layer's weights and the calibration activations are touched at a time; with a
@@ -248,11 +249,14 @@ def setup_steps(steps: Sequence[LayerStep], layer: nn.Module, where: str, head_d
 
 def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, inputs: LayerInputs,
                storage: ActivationStorage, row: dict[str, Any], attention: nn.Module, kv_spec: Any,
-               every_sample: bool) -> Sequence[torch.Tensor]:
+               every_sample: bool, reference: LayerInputs | None = None
+               ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None]:
     """Steps 1-4 of `llmquant.algorithms.lifecycle` on one layer: the float pass with the steps' observers, their
-    transforms (checked for equivalence), the QuantLinears swapped in after the transformed pass with the static
-    observers (every sample when ``every_sample`` or a step's hook needs them, else the first batch), then the
-    steps' quantization. Returns the reference outputs; the manifest entries go to ``row``. A pass that feeds
+    transforms (checked for equivalence), the pass of the transformed layer on the float model's own inputs
+    (``reference``, when given) with the steps' reference observers, the QuantLinears swapped in after the
+    transformed pass with the static observers (every sample when ``every_sample`` or a step's hook needs them, else
+    the first batch), then the steps' quantization. Returns the float layer's outputs on ``inputs`` and on
+    ``reference`` (None without it); the manifest entries go to ``row``. A pass that feeds
     statistics runs every calibration token through every expert of an MoE layer (`all_experts`, unless the recipe
     says ``moe_calibrate: routed``, around the call); one that only checks runs as the router chooses (the same
     outputs)."""
@@ -268,6 +272,13 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         row.update(step.transform(ctx))
 
     ctx.linears = _quantizers_for_layer(layer, prefix, plan)  # round to nearest from the transformed weights
+    reference_out = None
+    if reference is not None:  # the float model's own stream, through the transformed float layer
+        handles = [handle for step in steps for handle in step.observe_reference(ctx)]
+        try:
+            reference_out = run_layer(layer, reference, prefix, into=storage.new())
+        finally:
+            _remove(handles)
     handles = [handle for step in steps for handle in step.observe_transformed(ctx)]
     if kv_spec is not None:
         attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
@@ -296,7 +307,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         row.update(step.quantize(ctx))
     for step in steps:
         step.release(ctx)
-    return float_out
+    return float_out, reference_out
 
 
 @torch.no_grad()
@@ -310,10 +321,13 @@ def quantize_layer(
     storage: ActivationStorage | None = None,
     ranks: Ranks = SINGLE,
     policy: DevicePolicy | None = None,
-) -> tuple[Sequence[torch.Tensor], dict]:
+    reference: LayerInputs | None = None,
+) -> tuple[Sequence[torch.Tensor], dict, Sequence[torch.Tensor] | None]:
     """Transform and quantize one decoder layer in place through the recipe's ``steps``
-    (`llmquant.algorithms.lifecycle`); return its outputs and its manifest row. With several ``ranks`` each runs
-    the passes on its share of the samples, and the statistics, checks and error figures are over all of them.
+    (`llmquant.algorithms.lifecycle`); return its outputs, its manifest row and, with ``reference`` (the float
+    model's own inputs of the layer, for steps that `LayerStep.wants_reference`), the float layer's outputs on them
+    (the next layer's reference). With several ``ranks`` each runs the passes on its share of the samples, and the
+    statistics, checks and error figures are over all of them.
 
     Passes over the calibration inputs: float (the steps' statistics; only when a step observes the untouched
     layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers),
@@ -337,8 +351,9 @@ def quantize_layer(
     ctx = layer_context(layer, index, prefix, plan, inputs, ranks, policy)
 
     with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token
-        float_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
-                               every_sample=static or not quantizes or plan.propagate_float)
+        float_out, reference_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
+                                              every_sample=static or not quantizes or plan.propagate_float,
+                                              reference=reference)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8")
@@ -355,7 +370,7 @@ def quantize_layer(
     row["output_error"] = relative_error(float_out, quant_out, ranks)
     row["weight_error"] = _weight_errors(ctx.linears)
     row["seconds"] = time.perf_counter() - start
-    return (float_out if plan.propagate_float else quant_out), row
+    return (float_out if plan.propagate_float else quant_out), row, reference_out
 
 
 @torch.no_grad()
@@ -517,6 +532,7 @@ def quantize(
             manifest.results["learned_rotations"]["peak_rss_mb"] = peak_rss_mb()
         rotation = RotationPass(model, model_map, quarot.config(), sample, ranks, overrides)
     inputs = capture_layer_inputs(model, model_map, calib, into=storage.new()) if calibrated else None
+    reference = inputs if calibrated and any(step.wants_reference for step in steps) else None  # (GPTAQ)
     if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
         source.release_outside()
     else:
@@ -530,6 +546,8 @@ def quantize(
     if done:
         if calibrated:
             inputs = LayerInputs(hidden=storage.adopt(run_dir.next_inputs()), kwargs=inputs.kwargs)
+        if reference is not None:
+            reference = LayerInputs(hidden=storage.adopt(run_dir.next_inputs(reference=True)), kwargs=inputs.kwargs)
         manifest.results["resumed_after_layer"] = done - 1
     layers = model_map.layers(model)
     bar = tqdm(range(len(layers)), desc="quantizing layers", unit="layer", disable=not progress or not ranks.writes)
@@ -546,6 +564,7 @@ def quantize(
         else:
             reset_peak_memory(policy.device)
             layer.to(policy.device)
+            reference_out = None
             if not calibrated:
                 outputs, row = [], quantize_layer_weights(layer, index, model_map, plan)
             else:
@@ -560,15 +579,18 @@ def quantize(
                     if first_setup:
                         manifest.results.update(setup)
                         setup = {}
-                outputs, row = quantize_layer(layer, index, model_map, plan, inputs, steps, storage, ranks, policy)
+                outputs, row, reference_out = quantize_layer(layer, index, model_map, plan, inputs, steps, storage,
+                                                             ranks, policy, reference)
                 if setup:
                     row["setup"] = setup
                 inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
+                if reference_out is not None:
+                    reference = LayerInputs(hidden=reference_out, kwargs=inputs.kwargs)
             layer.to(home)
             row["peak_gpu_mb"] = peak_memory_mb(policy.device)
             manifest.layers.append(row)
             if run_dir is not None:
-                run_dir.save_layer(index, layer, row, outputs)
+                run_dir.save_layer(index, layer, row, outputs, reference_out)
             bar.set_postfix(_progress(row))
         source.release(index)
         manifest.layers[-1]["rss_mb"] = rss_mb()  # resident memory once the layer is done (and released)
@@ -576,7 +598,7 @@ def quantize(
     manifest.seconds["layers"] = time.perf_counter() - t1
     if rotation is not None:
         manifest.results["rotation"] = rotation.finish(inputs.head(1).hidden)
-    del inputs  # (its file, when offloaded, goes with it)
+    del inputs, reference  # (their files, when offloaded, go with them)
     storage.remove()
     if rotation is None and _outside_linears(model_map, plan):
         source.materialize_outside()

@@ -116,25 +116,31 @@ class RunDir:
             count += 1
         return count
 
-    def _inputs(self, after_layer: int) -> Path:
+    def _inputs(self, after_layer: int, reference: bool = False) -> Path:
         """The outputs of a layer on this rank's samples (one process: ``inputs-0007.bin``; several:
-        ``inputs-0007-rank1.bin``)."""
+        ``inputs-0007-rank1.bin``); with ``reference``, the float layer's outputs on the float model's own inputs
+        (``reference-0007.bin``, GPTAQ's stream)."""
         rank = f"-rank{self.ranks.rank}" if self.ranks.world > 1 else ""
-        return self.path / f"inputs-{after_layer:04d}{rank}.bin"
+        return self.path / f"{'reference' if reference else 'inputs'}-{after_layer:04d}{rank}.bin"
 
     @property
     def activations(self) -> Path:
         """Where a run that offloads its activations keeps those of the layer being worked on."""
         return self.path / "activations"
 
-    def save_layer(self, index: int, layer: nn.Module, row: dict, outputs: Sequence[torch.Tensor]) -> None:
-        """Keep a finished layer: every rank its outputs (the next layer's inputs), then rank 0 the layer's state
-        and, last, its row; then every rank drops its inputs of the layer before."""
+    def save_layer(self, index: int, layer: nn.Module, row: dict, outputs: Sequence[torch.Tensor],
+                   reference: Sequence[torch.Tensor] | None = None) -> None:
+        """Keep a finished layer: every rank its outputs (the next layer's inputs) and the ``reference`` stream's
+        when the run carries one, then rank 0 the layer's state and, last, its row; then every rank drops its
+        inputs of the layer before."""
         ranks = self.ranks
-        if isinstance(outputs, DiskActivations):  # already on disk: linked, not copied
-            outputs.link_to(self._inputs(index))
-        else:
-            DiskActivations.write(self._inputs(index), outputs)
+        for kept, is_reference in ((outputs, False), (reference, True)):
+            if kept is None:
+                continue
+            if isinstance(kept, DiskActivations):  # already on disk: linked, not copied
+                kept.link_to(self._inputs(index, is_reference))
+            else:
+                DiskActivations.write(self._inputs(index, is_reference), kept)
         ranks.barrier()
         if ranks.writes:
             state = {k: v.detach().contiguous() for k, v in layer.state_dict().items()}
@@ -143,6 +149,8 @@ class RunDir:
         ranks.barrier()
         if index > 0:
             remove_store(self._inputs(index - 1))
+            if reference is not None:
+                remove_store(self._inputs(index - 1, reference=True))
 
     def layer_state(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self._layer(index, "safetensors")))
@@ -150,9 +158,9 @@ class RunDir:
     def layer_row(self, index: int) -> dict:
         return json.loads(self._layer(index, "json").read_text())
 
-    def next_inputs(self) -> DiskActivations:
-        """The inputs of the first unfinished layer (read-only, on disk)."""
-        return DiskActivations.open(self._inputs(self.finished_layers() - 1))
+    def next_inputs(self, reference: bool = False) -> DiskActivations:
+        """The inputs of the first unfinished layer (read-only, on disk); with ``reference``, its float-model inputs."""
+        return DiskActivations.open(self._inputs(self.finished_layers() - 1, reference))
 
     def save_rotations(self, overrides: RotationOverrides, entry: dict) -> None:
         """Keep learned rotations (rank 0), so that a resumed run folds the same ones without learning again."""
