@@ -88,6 +88,10 @@ lowbit() {  # issue 19's table, most telling cells first: W4A4, W4A4KV4, W4A8 by
         cells+=("lb_${row}_quarot_gptq" "{$fields, $gptq, \"pre_opts\": [$QUAROT]}"
                 "lb_${row}_learned_gptq" "{$fields, $gptq, \"pre_opts\": [$learned]}")
     done
+    for row in w4a4 w4a4kv4 w4a8 w3 w4; do  # the table's last column: QuaRot + GPTAQ (GPTQ aimed at the float model)
+        local fields=${!row}
+        cells+=("lb_${row}_quarot_gptaq" "{$fields, \"algorithm\": \"gptq\", \"gptq\": {\"asymmetric\": 0.25}, \"pre_opts\": [$QUAROT]}")
+    done
     for row in w4a4 w4a4kv4 w4a8 w3 w4; do
         local fields=${!row}
         cells+=("lb_${row}_rtn" "{$fields}" "lb_${row}_gptq" "{$fields, $gptq}")
@@ -100,18 +104,18 @@ lowbit() {  # issue 19's table, most telling cells first: W4A4, W4A4KV4, W4A8 by
     done
 }
 
-gptaq() {  # GPTAQ (gptq: {asymmetric: A}) on the best GPTQ recipe of each row, A = 0 (plain GPTQ) beside
+gptaq() {  # GPTAQ (gptq: {asymmetric: A}) on the best GPTQ recipe of each row (true-sequential Hessians), A = 0 (plain GPTQ) beside
     # A = ${ALPHA:-0.25}, on pydoc and the stdlib corpus; LANE=k LANES=n as in lowbit (two lanes: each pair side by side)
-    local a=${ALPHA:-0.25} float_h='"true_sequential": false' clip='"clip_search": {"samples": 4}'
+    local a=${ALPHA:-0.25} clip='"clip_search": {"samples": 4}'
     local r124='{"name": "quarot", "rotations": ["R1", "R2", "R4"]}'
     local rows=(  # NAME and the recipe's fields but GPTQ's, which end with the asymmetric alpha
-        w4_g64_best "\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"weight_observer\": \"mse\", \"pre_opts\": [$R12], \"gptq\": {$float_h,"
+        w4_g64_best "\"scheme\": \"w_uint4_per_group_asym\", \"group_size\": 64, \"weight_observer\": \"mse\", \"pre_opts\": [$R12], \"gptq\": {"
         w4a8_best "\"scheme\": \"w_int4_per_group_sym_a_int8_per_token_dynamic\", \"group_size\": 64, \"pre_opts\": [$QUAROT], $clip, \"gptq\": {"
         w3_g64_quarot "\"scheme\": \"w_uint3_per_group_asym\", \"group_size\": 64, \"pre_opts\": [$QUAROT], \"gptq\": {"
         w4a4kv4_best "\"scheme\": \"w_int4_per_channel_sym_a_int4_per_token_dynamic\", \"kv_cache\": \"int4_per_token_asym\", \"pre_opts\": [$QUAROT], $clip, \"gptq\": {"
         fp8_token_gptq "\"scheme\": \"w_fp8_per_channel_a_fp8_per_token_dynamic\", \"gptq\": {"
-        w8a8_token_best "\"scheme\": \"$TOKEN\", \"pre_opts\": [$r124], \"gptq\": {$float_h,"
-        w8a8_static_best "\"scheme\": \"$STATIC\", \"pre_opts\": [$SQ_AUTO], \"gptq\": {$float_h,")
+        w8a8_token_best "\"scheme\": \"$TOKEN\", \"pre_opts\": [$r124], \"gptq\": {"
+        w8a8_static_best "\"scheme\": \"$STATIC\", \"pre_opts\": [$SQ_AUTO], \"gptq\": {")
     local cells=()
     for ((r = 0; r < ${#rows[@]} / 2; r++)); do
         for alpha in 0 "$a"; do

@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROWS = {"w4a8": "W4A8 g64", "w4a4": "W4A4", "w4a4kv4": "W4A4KV4", "w3": "W3 g64 (asym)", "w4": "W4 g64 (asym)"}
 COLUMNS = {"rtn": "RTN", "gptq": "GPTQ", "quarot_gptq": "QuaRot + GPTQ", "learned_gptq": "learned rotations + GPTQ",
-           "quarot_gptq_clip": "QuaRot + GPTQ + clip search", "learned_gptq_clip": "learned + GPTQ + clip search"}
+           "quarot_gptq_clip": "QuaRot + GPTQ + clip search", "learned_gptq_clip": "learned + GPTQ + clip search",
+           "quarot_gptaq": "QuaRot + GPTAQ (alpha 0.25)"}
 
 
 def cell(run: dict | None, float_ppl: dict[str, float]) -> str:

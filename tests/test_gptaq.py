@@ -138,14 +138,18 @@ def test_gptaq_brings_the_quantized_model_closer_to_the_float_model(family: str,
     assert all(0 < shift < 0.5 for shift in second.values())  # layer 1's: every Linear moved, by a little
 
 
-def test_experts_keep_plain_gptq() -> None:
-    """An MoE layer: attention and shared expert aim at the float model's output; the routed experts (other tokens in
-    the two streams) keep plain GPTQ."""
+@pytest.mark.parametrize("calibrate", ["all", "routed"])
+def test_the_experts_own_stages_keep_plain_gptq(calibrate: str) -> None:
+    """An MoE layer: attention and shared expert aim at the float model's output, and with every expert calibrated on
+    every token the stage of all the experts' gate/up (one input, the same tokens in both streams); each expert's own
+    stages (routed gate/up, every down projection) keep plain GPTQ."""
     model = make_model("qwen2_moe")
-    llmquant.quantize(model, {**W4, "gptq": {"asymmetric": 0.5}}, calib=CALIB[:8], progress=False)
+    recipe = {**W4, "gptq": {"asymmetric": 0.5}, "moe_calibrate": calibrate}
+    llmquant.quantize(model, recipe, calib=CALIB[:8], progress=False)
     moved = {name for row in model.llmquant_manifest.layers for name in row["gptaq"]["relative_shift"]}
-    assert {"self_attn.q_proj", "self_attn.o_proj"} <= moved
-    assert not any(".experts." in name for name in moved)
+    assert {"self_attn.q_proj", "self_attn.o_proj", "mlp.shared_expert.down_proj"} <= moved
+    assert not any(".experts." in name and "down_proj" in name for name in moved)
+    assert any(".experts." in name for name in moved) == (calibrate == "all")
 
 
 def paper_in_sweep(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, alpha: float,

@@ -398,7 +398,7 @@ class GPTQOptions(BaseModel):
     layer's output on the quantized model's inputs; GPTQ's sweep starts from W + alpha W D H^-1. It costs one more
     float pass a layer, a second set of calibration activations (the reference stream, stored as the first is) and
     the float inputs of the layer's Linears, kept until they are swept. The experts of an MoE layer keep plain GPTQ
-    (their tokens differ between the two streams when routed).
+    but for the stage of all the experts' gate/up when every expert is calibrated on every token.
 
     ``min_tokens``: a Linear whose input saw fewer calibration tokens (a routed expert few tokens chose, with
     ``moe_calibrate: routed``) keeps round to nearest, with a warning and its count in the manifest
@@ -563,11 +563,14 @@ class GPTQStep(LayerStep):
         return self.options.asymmetric > 0
 
     def observe_reference(self, ctx: LayerContext) -> list[RemovableHandle]:
-        """GPTAQ: keep the float model's inputs of each stage outside the experts, batch by batch."""
+        """GPTAQ: keep the float model's inputs of each stage, batch by batch, but those of one expert's Linears (a
+        routed expert sees other tokens in the two streams; each expert's down projection has its own input, too
+        large to keep for 128 experts): with every expert calibrated on every token, the stage of all the experts'
+        gate/up (one input) takes part."""
         self.stages = layer_stages(ctx, ctx.quantized_names())  # (before any observer starts: one sample)
         handles = []
         for stage in self.stages:
-            if any(expert_index(name) is not None for name in stage):
+            if _expert_of(ctx.layer, stage) is not None:
                 continue
             kept = self.targets[stage[0]] = []
             handles.append(ctx.layer.get_submodule(stage[0]).register_forward_pre_hook(
