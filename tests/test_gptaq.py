@@ -186,3 +186,30 @@ def test_the_start_beats_the_papers_in_sweep_correction(alpha: float) -> None:
                                   paper_in_sweep(weight, found.hessian, found.cross, alpha, spec))
         plain = asymmetric_error(weight, target, quantized, gptq_quantize(weight, found.hessian, spec).weight)
         assert ours < theirs < plain, (ours, theirs, plain)
+
+
+# --- Hessians of the quantized inputs -------------------------------------------------------------------------------
+def test_a_prepared_accumulator_sums_the_prepared_inputs() -> None:
+    _, target, quantized = streams()
+    spec = QuantSpec(bits=8, symmetric=True, granularity="token", dynamic=True)
+    rounded = AsymmetricAccumulator(IN, list(target.double().chunk(4)), prepare=lambda x: fake_quantize(x, spec))
+    plain = AsymmetricAccumulator(IN, list(target.double().chunk(4)))
+    for x in quantized.double().chunk(4):
+        rounded.add_batch(x)
+        plain.add_batch(fake_quantize(x, spec))
+    assert torch.equal(rounded.hessian, plain.hessian) and torch.equal(rounded.cross, plain.cross)
+
+
+@pytest.mark.parametrize(("scheme", "changes"), [("w_int4_per_group_sym_a_int8_per_token_dynamic", True),
+                                                 ("w_uint4_per_group_asym", False)])
+def test_quantized_inputs_change_the_hessians_of_quantized_activations_only(scheme: str, changes: bool) -> None:
+    """``gptq: {quantized_inputs: true}``: the Hessians of W4A8's inputs are those of its int8 activations (other
+    weights); a weight-only scheme has no input quantizer (the same weights)."""
+    states = []
+    for flag in (False, True):
+        model = make_model("llama")
+        recipe = {"scheme": scheme, "group_size": 32, "algorithm": "gptq", "gptq": {"quantized_inputs": flag}}
+        llmquant.quantize(model, recipe, calib=CALIB[:8], progress=False)
+        states.append(model.state_dict())
+    same = all(torch.equal(states[0][key], value) for key, value in states[1].items())
+    assert same != changes

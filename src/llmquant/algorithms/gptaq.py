@@ -23,7 +23,7 @@ unchanged (reference loop, Triton kernel, rows split over ranks).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -36,14 +36,14 @@ class AsymmetricAccumulator(HessianAccumulator):
     """GPTQ's Hessian H of the inputs X `add_batch` sees, and D = 2/N (X~ - X) X^T with X~ the float model's inputs
     of the same Linear (``targets``: one tensor a batch, in the order `add_batch` receives the batches)."""
 
-    def __init__(self, in_features: int, targets: Sequence[torch.Tensor],
-                 device: torch.device | str | None = None) -> None:
-        super().__init__(in_features, device)
+    def __init__(self, in_features: int, targets: Sequence[torch.Tensor], device: torch.device | str | None = None,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(in_features, device, prepare)
         self.targets = deque(targets)
         self._cross = torch.zeros_like(self._hessian)
 
     @torch.no_grad()
-    def add_batch(self, x: torch.Tensor) -> None:
+    def _add(self, x: torch.Tensor) -> None:
         if not self.targets:
             raise LlmquantError("GPTAQ: more batches of quantized inputs than of float inputs; the two passes "
                                 "must batch the calibration samples alike")
@@ -52,7 +52,7 @@ class AsymmetricAccumulator(HessianAccumulator):
             raise LlmquantError(f"GPTAQ: float inputs of shape {tuple(target.shape)} against quantized inputs of "
                                 f"shape {tuple(x.shape)}; the two passes must batch the samples alike")
         before = self.tokens
-        super().add_batch(x)
+        super()._add(x)
         if self.tokens == before:
             return
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -37,6 +37,7 @@ import importlib.util
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,7 @@ from llmquant.algorithms.hessian import HessianAccumulator
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
 from llmquant.errors import LlmquantError
 from llmquant.nn.experts import Experts, down_input_feed, expert_index, only_experts
+from llmquant.nn.quant_linear import QuantLinear
 from llmquant.parallel import Ranks
 from llmquant.quant.observers import observe_once
 from llmquant.quant.primitives import block_grid_shape, dequantize, quantize_blocks
@@ -393,12 +395,19 @@ class GPTQOptions(BaseModel):
     (x1.119 vs x1.133) and with QuaRot R1+R2 + MSE ranges (x1.054 vs x1.064), worse on W4 g64 symmetric
     (x1.168 vs x1.153) and with MSE ranges alone (x1.102 vs x1.100); the best recipes set it where it wins.
 
-    ``asymmetric`` (GPTAQ's alpha, `llmquant.algorithms.gptaq`; 0: off): each Linear outside the experts aims at the
-    float model's output W X~ (its own inputs X~, carried by the engine as a reference stream) instead of the float
+    ``asymmetric`` (GPTAQ's alpha, `llmquant.algorithms.gptaq`; 0: off): each Linear aims at the float model's
+    output W X~ (its own inputs X~, carried by the engine as a reference stream) instead of the float
     layer's output on the quantized model's inputs; GPTQ's sweep starts from W + alpha W D H^-1. It costs one more
     float pass a layer, a second set of calibration activations (the reference stream, stored as the first is) and
     the float inputs of the layer's Linears, kept until they are swept. The experts of an MoE layer keep plain GPTQ
     but for the stage of all the experts' gate/up when every expert is calibrated on every token.
+
+    ``quantized_inputs``: the Hessians (and GPTAQ's cross term) from each stage's inputs as its Linears' input
+    quantizer leaves them (W4A8, W4A4, FP8: dynamic activations, and static scales once calibrated), so that the
+    sweep also compensates the activations' rounding, as QuaRot's reference collects them (its Hessian hooks sit
+    behind the activation quantizer); llm-compressor collects them unquantized, as the default does. With Hessians
+    from the float layer (``true_sequential: false``) a static input scale is not calibrated yet when they are taken:
+    those inputs stay unquantized.
 
     ``min_tokens``: a Linear whose input saw fewer calibration tokens (a routed expert few tokens chose, with
     ``moe_calibrate: routed``) keeps round to nearest, with a warning and its count in the manifest
@@ -411,6 +420,7 @@ class GPTQOptions(BaseModel):
     act_order: bool = True
     true_sequential: bool = True
     asymmetric: float = Field(0.0, ge=0.0, le=1.0)
+    quantized_inputs: bool = False
     min_tokens: int = Field(16, ge=1)
 
 
@@ -704,13 +714,16 @@ class GPTQStep(LayerStep):
             ctx.linears[name][1].set_weight(weight, qparams)
 
     def _accumulator(self, ctx: LayerContext, stage: list[str]) -> HessianAccumulator:
-        """The Hessian of the stage's input, kept on the device its first weight is on; with GPTAQ's float-model
-        inputs of the stage (`observe_reference`), also their cross term with the quantized model's."""
-        linear = ctx.linears[stage[0]][0]
+        """The Hessian of the stage's input, kept on the device its first weight is on (with ``quantized_inputs``, of
+        the input as the first Linear's input quantizer leaves it; one still observing its static scale gives it
+        unquantized); with GPTAQ's float-model inputs of the stage (`observe_reference`), also their cross term with
+        the quantized model's."""
+        linear, quantized = ctx.linears[stage[0]]
+        prepare = _as_quantized(quantized) if self.options.quantized_inputs and quantized.input_spec else None
         targets = self.targets.pop(stage[0], None)
         if targets is None:
-            return HessianAccumulator(linear.in_features, device=linear.weight.device)
-        return AsymmetricAccumulator(linear.in_features, targets, device=linear.weight.device)
+            return HessianAccumulator(linear.in_features, device=linear.weight.device, prepare=prepare)
+        return AsymmetricAccumulator(linear.in_features, targets, device=linear.weight.device, prepare=prepare)
 
     def release(self, ctx: LayerContext) -> None:
         self.stages, self.hessians, self.targets, self.shifts = [], {}, {}, {}
@@ -733,6 +746,14 @@ class _Factors:
         if self.sweeps_left[key] > 0:
             self.kept[key] = factor
         return factor
+
+
+def _as_quantized(quantized: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An input as ``quantized``'s input quantizer leaves it (unchanged while it still observes its static scale)."""
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return x if quantized.observer is not None else quantized.quantize_input(x)
+
+    return prepare
 
 
 def _cost(ctx: LayerContext, sweep: list[str]) -> float:

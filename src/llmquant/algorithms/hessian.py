@@ -4,7 +4,7 @@ accumulated batch by batch as a float64 running mean and summed over ranks (`llm
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -18,14 +18,21 @@ class HessianAccumulator:
     throughout: about twice as fast as float64 here; bfloat16 inputs on a GPU as TF32 products, which are exact
     for them) and added to the float64 mean."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 prepare: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``prepare``: what each batch goes through first (the Linear's input quantizer, for a Hessian of the inputs
+        as the quantized Linear sees them)."""
         self.in_features = in_features
         self.tokens = 0
+        self.prepare = prepare
         self._hessian = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        """Add the tokens of ``x`` ``[..., in_features]``: rescale the old mean, add the new terms."""
+        """Add the tokens of ``x`` ``[..., in_features]`` (``prepare``d): rescale the old mean, add the new terms."""
+        self._add(x if self.prepare is None else self.prepare(x))
+
+    def _add(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise LlmquantError(f"GPTQ: input has {x.shape[-1]} features, the Linear has {self.in_features}")
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
