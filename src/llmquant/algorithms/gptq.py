@@ -399,7 +399,8 @@ class GPTQOptions(BaseModel):
     output W X~ (its own inputs X~, carried by the engine as a reference stream) instead of the float
     layer's output on the quantized model's inputs; GPTQ's sweep starts from W + alpha W D H^-1. It costs one more
     float pass a layer, a second set of calibration activations (the reference stream, stored as the first is) and
-    the float inputs of the layer's Linears, kept until they are swept. The experts of an MoE layer keep plain GPTQ
+    the float inputs of the layer's Linears, kept in CPU memory until they are swept (one batch at a time goes to the
+    device). The experts of an MoE layer keep plain GPTQ
     but for the stage of all the experts' gate/up when every expert is calibrated on every token.
 
     ``quantized_inputs``: the Hessians (and GPTAQ's cross term) from each stage's inputs as its Linears' input
@@ -584,7 +585,7 @@ class GPTQStep(LayerStep):
                 continue
             kept = self.targets[stage[0]] = []
             handles.append(ctx.layer.get_submodule(stage[0]).register_forward_pre_hook(
-                lambda _m, args, kept=kept: kept.append(args[0].detach().clone())))
+                lambda _m, args, kept=kept: kept.append(args[0].detach().to("cpu", copy=True))))  # (off the GPU)
         return handles
 
     def observe_transformed(self, ctx: LayerContext) -> list[RemovableHandle]:
