@@ -11,7 +11,8 @@ layers before left:
 
 so GPTQ on H, started from W* instead of W, minimises the asymmetric objective column by column. ``alpha`` in
 [0, 1] takes a share of the correction, W* = W + alpha W D H^-1 (the paper's alpha, 0.25 in its code: the whole
-correction fits the accumulated error of the few calibration samples too closely); H is dampened as GPTQ's is.
+correction fits the accumulated error of the few calibration samples too closely); H^-1 is read from GPTQ's own
+factor of the dampened H.
 
 Deliberate deviation: the paper folds the correction into the sweep, column by column (P = alpha triu(D U^T, 1) U,
 U = chol(H^-1) upper): each column's own asymmetry is compensated by the columns after it. Here the whole
@@ -51,13 +52,12 @@ class AsymmetricAccumulator(HessianAccumulator):
         if target.shape != x.shape:
             raise LlmquantError(f"GPTAQ: float inputs of shape {tuple(target.shape)} against quantized inputs of "
                                 f"shape {tuple(x.shape)}; the two passes must batch the samples alike")
+        rows = self._rows(x)  # (once, for both terms)
         before = self.tokens
-        super()._add(x)
+        self._accumulate(rows, x.dtype)
         if self.tokens == before:
             return
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows = x.detach().reshape(-1, self.in_features).to(self._cross.device, compute)
-        shift = target.detach().reshape(-1, self.in_features).to(self._cross.device, compute) - rows
+        shift = target.detach().reshape(-1, self.in_features).to(rows.device, rows.dtype) - rows
         self._cross *= before / self.tokens
         self._cross += (shift.T @ rows).double().mul_(2.0 / self.tokens)
 
@@ -76,19 +76,17 @@ class AsymmetricAccumulator(HessianAccumulator):
 
 
 @torch.no_grad()
-def asymmetric_correction(hessian: torch.Tensor, cross: torch.Tensor, damp_ratio: float = 0.01) -> torch.Tensor:
-    """M = D (H + damp)^-1, [in, in] float64: W* = W + alpha W M for every weight reading the input H is of (module
-    docstring). Dead inputs (H_ii = 0, all-zero in X) get no correction (GPTQ zeroes their weights); H is dampened by
-    ``damp_ratio`` x mean(diag H), as GPTQ's sweep dampens it."""
-    h = hessian.to(torch.float64).clone()
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    h.diagonal().add_(damp_ratio * h.diagonal().mean())
-    factor, info = torch.linalg.cholesky_ex(h)
-    if info != 0:
-        raise LlmquantError("GPTAQ: the dampened Hessian is not positive definite (degenerate calibration inputs?)")
-    correction = torch.cholesky_solve(cross.to(h.device, torch.float64).T.contiguous(), factor).T  # D H^-1
-    correction[:, dead] = 0.0
+def asymmetric_correction(cross: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, hinv: torch.Tensor
+                          ) -> torch.Tensor:
+    """M = D H^-1, [in, in] float64, from GPTQ's own factor of H (`llmquant.algorithms.gptq.inverse_factor`: the
+    column order ``perm``, the ``dead`` inputs and ``hinv`` = U, U^T U = (P^T H P)^-1 with H dampened as the sweep
+    dampens it): M P = (D P) U^T U, so H is factored once for the sweep and the correction alike. W* = W + alpha W M
+    for every weight reading the input H is of (module docstring); dead inputs (H_ii = 0, all-zero in X) get no
+    correction (GPTQ zeroes their weights)."""
+    hinv = hinv.to(torch.float64)
+    permuted = cross.to(hinv.device, torch.float64).index_select(1, perm.to(hinv.device))
+    correction = (permuted @ hinv.T @ hinv).index_select(1, torch.argsort(perm).to(hinv.device))
+    correction[:, dead.to(hinv.device)] = 0.0
     return correction
 
 

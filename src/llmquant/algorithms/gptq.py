@@ -645,9 +645,9 @@ class GPTQStep(LayerStep):
         mine = [job for job, owner in zip(whole, owners, strict=True) if owner == ctx.ranks.rank]
         factors = _Factors([hessian for _, hessian in split + mine], self.options)
         for sweep, hessian in split:  # every rank sweeps its share of the rows
-            self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian), rows_of=ctx.ranks)
+            self._solve(ctx, sweep, hessian, specs[sweep[0]], *factors.take(hessian), rows_of=ctx.ranks)
         for sweep, hessian in mine:
-            self._solve(ctx, sweep, hessian, specs[sweep[0]], factors.take(hessian))
+            self._solve(ctx, sweep, hessian, specs[sweep[0]], *factors.take(hessian))
         for (sweep, _), owner in zip(whole, owners, strict=True):
             for name in sweep:
                 ctx.linears[name][1].broadcast_weight(ctx.ranks, owner)
@@ -688,14 +688,13 @@ class GPTQStep(LayerStep):
         return hessians
 
     def _solve(self, ctx: LayerContext, sweep: list[str], hessian: HessianAccumulator, spec: QuantSpec,
-               factor: InverseFactor, rows_of: Ranks | None = None) -> None:
-        """GPTQ the sweep's stacked rows (``factor``: their Hessian's) and set its Linears' weights; with ``rows_of``,
-        this rank's share of the rows only, then every rank's rows gathered (the rows of a sweep are independent
-        given H^-1)."""
+               factor: InverseFactor, correction: torch.Tensor | None, rows_of: Ranks | None = None) -> None:
+        """GPTQ the sweep's stacked rows (``factor``: their Hessian's) and set its Linears' weights, from W* = W + alpha
+        W M with GPTAQ's ``correction`` M (None: plain GPTQ); with ``rows_of``, this rank's share of the rows only,
+        then every rank's rows gathered (the rows of a sweep are independent given H^-1)."""
         options = self.options
         weights = [ctx.linears[name][0].weight for name in sweep]
-        if isinstance(hessian, AsymmetricAccumulator):  # GPTAQ: start from W* = W + alpha W D H^-1
-            correction = asymmetric_correction(hessian.hessian, hessian.cross, options.damp_ratio)
+        if correction is not None:  # GPTAQ: start from W* = W + alpha W D H^-1
             shifted = [asymmetric_start(w, correction, options.asymmetric) for w in weights]
             self.shifts.update({name: float((s - w).norm() / w.norm().clamp_min(1e-30))
                                 for name, w, s in zip(sweep, weights, shifted, strict=True)})
@@ -731,22 +730,27 @@ class GPTQStep(LayerStep):
 
 
 class _Factors:
-    """Each Hessian's `inverse_factor`, computed for its first sweep and kept until its last (the gate/up of 128
-    experts read one Hessian and are swept a few experts at a time: one factorization for all of them)."""
+    """Each Hessian's `inverse_factor` and, for GPTAQ, its `asymmetric_correction` (from that factor), computed for
+    its first sweep and kept until its last (the gate/up of 128 experts read one Hessian and are swept a few experts
+    at a time: one factorization and one correction for all of them)."""
 
     def __init__(self, hessians: list[HessianAccumulator], options: GPTQOptions) -> None:
         self.options = options
         self.sweeps_left = Counter(id(hessian) for hessian in hessians)
-        self.kept: dict[int, InverseFactor] = {}
+        self.kept: dict[int, tuple[InverseFactor, torch.Tensor | None]] = {}
 
-    def take(self, hessian: HessianAccumulator) -> InverseFactor:
+    def take(self, hessian: HessianAccumulator) -> tuple[InverseFactor, torch.Tensor | None]:
         key = id(hessian)
-        factor = self.kept.pop(key, None) or inverse_factor(hessian.hessian, self.options.damp_ratio,
-                                                            self.options.act_order)
+        found = self.kept.pop(key, None)
+        if found is None:
+            factor = inverse_factor(hessian.hessian, self.options.damp_ratio, self.options.act_order)
+            correction = (asymmetric_correction(hessian.cross, factor.perm, factor.dead, factor.hinv)
+                          if isinstance(hessian, AsymmetricAccumulator) else None)
+            found = factor, correction
         self.sweeps_left[key] -= 1
         if self.sweeps_left[key] > 0:
-            self.kept[key] = factor
-        return factor
+            self.kept[key] = found
+        return found
 
 
 def _as_quantized(quantized: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:

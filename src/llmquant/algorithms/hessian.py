@@ -33,15 +33,22 @@ class HessianAccumulator:
         self._add(x if self.prepare is None else self.prepare(x))
 
     def _add(self, x: torch.Tensor) -> None:
+        self._accumulate(self._rows(x), x.dtype)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[tokens, in_features]`` on the Hessian's device, in the products' precision."""
         if x.shape[-1] != self.in_features:
             raise LlmquantError(f"GPTQ: input has {x.shape[-1]} features, the Linear has {self.in_features}")
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        rows = x.detach().reshape(-1, self.in_features).to(self._hessian.device, compute)
+        return x.detach().reshape(-1, self.in_features).to(self._hessian.device, compute)
+
+    def _accumulate(self, rows: torch.Tensor, given: torch.dtype) -> None:
+        """Add the ``rows`` of `_rows` (made from inputs of dtype ``given``) to the running mean."""
         if rows.shape[0] == 0:
             return
         self._hessian *= self.tokens / (self.tokens + rows.shape[0])
         self.tokens += rows.shape[0]
-        with _tf32(rows.is_cuda and x.dtype == torch.bfloat16):
+        with _tf32(rows.is_cuda and given == torch.bfloat16):
             product = rows.T @ rows
         self._hessian += product.double().mul_(2.0 / self.tokens)  # (scaled in place: one n x n float64 temporary)
 
