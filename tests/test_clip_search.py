@@ -111,14 +111,18 @@ def test_a_serving_target_refuses_clipped_dynamic_quantizers(target: str) -> Non
     from llmquant.export.targets import check_target
 
     recipe = llmquant.Recipe.build(scheme=W4A4, clip_search={})
-    with pytest.raises(LlmquantError, match=f"--target {target}: {target} computes dynamic scales from the whole "
-                                            "range of each tensor: the clip ratios clip_search chooses for them "
-                                            "would be dropped"):
-        check_target(target, recipe)
-    check_target("fake", recipe)  # llmquant's own loader runs them
+    fixed = llmquant.Recipe.build(scheme=W4A4, activation_clip=0.9)
+    for refused in (recipe, fixed):
+        with pytest.raises(LlmquantError, match=f"--target {target}: {target} computes dynamic scales from the whole "
+                                                "range of each tensor: the clip ratios of the dynamic quantizers "
+                                                r"\(clip_search, activation_clip, kv_cache_clip\) would be dropped"):
+            check_target(target, refused)
+        check_target("fake", refused)  # llmquant's own loader runs them
     static_kv = llmquant.Recipe.build(scheme="w_fp8_per_channel_a_fp8_per_token_dynamic", kv_cache="fp8_per_tensor",
-                                      clip_search={"activations": False})
+                                      clip_search={"activations": False}, kv_cache_clip=0.9)
     check_target(target, static_kv)  # a static cache's clipped scales are plain k_scale / v_scale
+    static_inputs = llmquant.Recipe.build(scheme="w_int8_per_channel_a_int8_per_tensor_static", activation_clip=0.9)
+    check_target(target, static_inputs)  # so is a static input scale
 
 
 def test_a_static_kv_cache_clip_scales_its_calibrated_scales_and_they_are_what_the_checkpoint_stores(
@@ -156,3 +160,47 @@ def test_the_clip_search_flag_and_the_learn_rotations_flag_reach_the_recipe() ->
     recipe = _recipe_from_args(args)
     assert recipe.clip_search is not None and recipe.clip_search.samples == 4
     assert recipe.quarot().learn.iterations == 7
+
+
+def test_fixed_clip_ratios_are_on_every_input_and_kv_cache_quantizer_from_the_start(
+        calib6: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    fixed = _quantized(calib6, clip_search=None, activation_clip=0.8, kv_cache_clip=0.9)
+    inputs = {m.input_spec.clip_ratio for m in fixed.modules() if isinstance(m, QuantLinear) and m.input_spec}
+    assert inputs == {0.8} and {m.spec.clip_ratio for m in fixed.modules() if isinstance(m, KVCacheQuantizer)} == {0.9}
+    # round to nearest with dynamic ranges: the same model as the ratios set after quantization
+    from llmquant.nn.kv_cache import set_kv_clip
+    from llmquant.nn.quant_linear import set_input_clip
+
+    after = _quantized(calib6, clip_search=None)
+    assert set_input_clip(after, 0.8) > 0 and set_kv_clip(after, 0.9) > 0
+    assert torch.equal(logits(fixed, eval_ids), logits(after, eval_ids))
+    assert not torch.equal(logits(fixed, eval_ids), logits(_quantized(calib6, clip_search=None), eval_ids))
+    assert "activation_clip" not in llmquant.Recipe.build(scheme=W4A4).model_dump()  # (unset: not written)
+
+
+def test_a_fixed_clip_ratio_shrinks_calibrated_scales_and_gptq_sees_the_clipped_inputs(calib6: torch.Tensor) -> None:
+    static = {"scheme": "w_int8_per_channel_a_int8_per_tensor_static", "kv_cache": "int8_per_tensor",
+              "pre_opts": [], "clip_search": None, "calib": {"propagate": "float"}}  # (the same inputs for both)
+    plain, clipped = _quantized(calib6, **static), _quantized(calib6, **static, activation_clip=0.5, kv_cache_clip=0.5)
+    for kind, names in ((QuantLinear, ("input_scale",)), (KVCacheQuantizer, ("k_scale", "v_scale"))):
+        pairs = [(a, b) for a, b in zip(plain.modules(), clipped.modules(), strict=True) if isinstance(a, kind)]
+        assert pairs and all(torch.allclose(getattr(b, n), 0.5 * getattr(a, n)) for a, b in pairs for n in names)
+    def first_codes(quantized_inputs: bool, **clip: float) -> torch.Tensor:  # (the first Linear: the same inputs)
+        model = _quantized(calib6, algorithm="gptq", gptq={"quantized_inputs": quantized_inputs}, clip_search=None,
+                           kv_cache=None, **clip)
+        return model.model.layers[0].self_attn.q_proj.codes()
+
+    assert not torch.equal(first_codes(True), first_codes(True, activation_clip=0.6))  # Hessians of clipped inputs
+    assert torch.equal(first_codes(False), first_codes(False, activation_clip=0.6))  # of the unquantized ones
+
+
+def test_a_fixed_clip_ratio_outside_zero_one_is_a_one_line_error_and_the_flags_reach_the_recipe() -> None:
+    from llmquant.cli import _recipe_from_args, build_parser
+
+    with pytest.raises(LlmquantError, match="recipe field 'activation_clip' = 1.5: Input should be less than or "
+                                            "equal to 1"):
+        llmquant.Recipe.build(activation_clip=1.5)
+    args = build_parser().parse_args(["quantize", "--scheme", W4A4, "--activation-clip", "0.9", "--kv-cache-clip",
+                                      "0.95", "--output", "unused"])
+    recipe = _recipe_from_args(args)
+    assert (recipe.activation_clip, recipe.kv_cache_clip) == (0.9, 0.95)

@@ -27,8 +27,9 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     recipe = as_recipe(args.config) if args.config else as_recipe(None)
     fields = recipe.model_dump()
     for flag, key in (("scheme", "scheme"), ("algo", "algorithm"), ("group_size", "group_size"),
-                      ("kv_cache", "kv_cache"), ("moe_calibrate", "moe_calibrate")):
-        if getattr(args, flag, None) is not None:  # (sweep has no --moe-calibrate)
+                      ("kv_cache", "kv_cache"), ("moe_calibrate", "moe_calibrate"),
+                      ("activation_clip", "activation_clip"), ("kv_cache_clip", "kv_cache_clip")):
+        if getattr(args, flag, None) is not None:  # (sweep has no --moe-calibrate nor clips)
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
         fields["ignore"] = args.ignore
@@ -432,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
     q.add_argument("--clip-search", action="store_true",
                    help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")
+    q.add_argument("--activation-clip", type=float, default=None, metavar="R",
+                   help="shrink every input quantizer's range by R in (0, 1] from the start (QuaRot: 0.9 for 4 bits)")
+    q.add_argument("--kv-cache-clip", type=float, default=None, metavar="R",
+                   help="the same for the KV cache (QuaRot: 0.95 for 4 bits)")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     q.add_argument("--calib-samples", type=int, default=None,
                    help="calibration samples (default 32); 0: none, for round to nearest with dynamic activations: "

@@ -7,6 +7,8 @@ Example (YAML)::
     ignore: [lm_head]                  # targets left float (the default, as in the seeds)
     moe_calibrate: all                 # every token through every expert while calibrating (or: routed)
     clip_search: {samples: 4}          # clip ratios of dynamic activations and KV cache, on held-out samples
+    activation_clip: 0.9               # or fixed from the start, for every input and KV-cache range (QuaRot: 0.9, 0.95)
+    kv_cache_clip: 0.95
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
         scheme: w_int8_per_channel_a_int8_per_token_dynamic
@@ -207,6 +209,11 @@ class Recipe(_Strict):
     calib: Calibration = Field(default_factory=Calibration)
     moe_calibrate: Literal["all", "routed"] = "all"
     clip_search: ClipSearch | None = None
+    # clip ratios of every input (kv_cache_clip: KV-cache) quantizer's range from the start, so that calibration,
+    # static scales and GPTQ's quantized inputs see them (QuaRot's fixed 0.9 and 0.95); clip_search, after, replaces
+    # those of the dynamic ones
+    activation_clip: float | None = Field(None, gt=0.0, le=1.0)
+    kv_cache_clip: float | None = Field(None, gt=0.0, le=1.0)
 
     @model_serializer(mode="wrap")
     def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -217,8 +224,9 @@ class Recipe(_Strict):
             data.pop("gptq", None)
         if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
             data.pop("moe_calibrate", None)
-        if self.clip_search is None:
-            data.pop("clip_search", None)
+        for name in ("clip_search", "activation_clip", "kv_cache_clip"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
 
     @field_validator("scheme")
@@ -315,7 +323,8 @@ class Recipe(_Strict):
     # --- resolution -----------------------------------------------------------------------------
     def scheme_named(self, name: str) -> Scheme:
         scheme = scheme_from_name(name, self.group_size, self.kv_cache)
-        return _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
+        scheme = _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
+        return _with_clip_ratios(scheme, self.activation_clip, self.kv_cache_clip)
 
     def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
         """One record per Linear (and per attention for the KV cache), with its scheme. The gates of MoE blocks
@@ -385,6 +394,16 @@ def _with_observers(scheme: Scheme, weight: str | None, activation: str | None, 
     if kv_cache and kv is not None and not kv.dynamic:
         kv = kv.model_copy(update={"observer": kv_cache})
     return Scheme(weights=w, input_activations=a, kv_cache=kv)
+
+
+def _with_clip_ratios(scheme: Scheme, activation: float | None, kv_cache: float | None) -> Scheme:
+    """``scheme`` with the clip ratio ``activation`` on its input spec and ``kv_cache`` on its KV-cache spec
+    (`QuantSpec.clip_ratio`: every range shrunk by it, dynamic or calibrated), where given."""
+    update = {part: spec.model_copy(update={"clip_ratio": ratio})
+              for part, spec, ratio in (("input_activations", scheme.input_activations, activation),
+                                        ("kv_cache", scheme.kv_cache, kv_cache))
+              if spec is not None and ratio is not None}
+    return scheme.model_copy(update=update) if update else scheme
 
 
 @dataclass(frozen=True)

@@ -232,21 +232,25 @@ def rotation_findings(target: Target, recipe: Recipe) -> list[Finding]:
 
 
 def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
-    """Clip ratios of dynamic quantizers are llmquant's own (written as observer_kwargs, which no loader reads); a
-    static KV cache's clipped scales are plain ``k_scale`` / ``v_scale``, which every target reads."""
-    search = recipe.clip_search
-    if target == "fake" or search is None:
+    """Clip ratios of dynamic quantizers (searched by clip_search, or fixed by activation_clip / kv_cache_clip) are
+    llmquant's own (written as observer_kwargs, which no loader reads); a calibrated scale's clip is in the scale itself
+    (a static input scale, ``k_scale`` / ``v_scale``), which every target reads."""
+    if target == "fake":
         return []
+    search = recipe.clip_search
+
+    def clipped(spec: QuantSpec | None, searched: bool) -> bool:
+        return spec is not None and spec.dynamic and (searched or spec.clip_ratio != 1.0)
+
     schemes = recipe_schemes(recipe)
-    dynamic_inputs = search.activations and any(
-        s.input_activations is not None and s.input_activations.dynamic for s in schemes)
-    dynamic_kv = search.kv_cache and any(s.kv_cache is not None and s.kv_cache.dynamic for s in schemes)
+    dynamic_inputs = any(clipped(s.input_activations, search is not None and search.activations) for s in schemes)
+    dynamic_kv = any(clipped(s.kv_cache, search is not None and search.kv_cache) for s in schemes)
     if not (dynamic_inputs or dynamic_kv):
         return []
-    return [_refuse(f"{target} computes dynamic scales from the whole range of each tensor: the clip ratios "
-                    "clip_search chooses for them would be dropped and the model would run another function; set "
-                    "clip_search's activations (and, for a dynamic KV cache, kv_cache) to false, drop clip_search, "
-                    "or use --target fake")]
+    return [_refuse(f"{target} computes dynamic scales from the whole range of each tensor: the clip ratios of the "
+                    "dynamic quantizers (clip_search, activation_clip, kv_cache_clip) would be dropped and the model "
+                    "would run another function; leave them at 1 (clip_search with activations and kv_cache false, "
+                    "or none), or use --target fake")]
 
 
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:
