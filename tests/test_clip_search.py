@@ -197,7 +197,7 @@ def test_a_fixed_clip_ratio_shrinks_calibrated_scales_and_gptq_sees_the_clipped_
 def test_a_fixed_clip_ratio_outside_zero_one_is_a_one_line_error_and_the_flags_reach_the_recipe() -> None:
     from llmquant.cli import _recipe_from_args, build_parser
 
-    with pytest.raises(LlmquantError, match="recipe field 'activation_clip' = 1.5: Input should be less than or "
+    with pytest.raises(LlmquantError, match=r"recipe field 'activation_clip' = 1\.5: Input should be less than or "
                                             "equal to 1"):
         llmquant.Recipe.build(activation_clip=1.5)
     args = build_parser().parse_args(["quantize", "--scheme", W4A4, "--activation-clip", "0.9", "--kv-cache-clip",
