@@ -90,6 +90,7 @@ def test_the_clip_ratio_survives_save_and_load(calib6: torch.Tensor, eval_ids: t
                                        "got [1.5]"),
     ({"clip_search": {"samples": 0}}, "recipe field 'clip_search.samples' = 0: Input should be greater than or "
                                       "equal to 1"),
+    ({"clip_search": {"by": "layer"}}, "recipe field 'clip_search.by' = 'layer': Input should be 'model' or 'input'"),
 ])
 def test_bad_clip_search_fields_are_one_line_errors(fields: dict, message: str) -> None:
     with pytest.raises(LlmquantError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -204,3 +205,32 @@ def test_a_fixed_clip_ratio_outside_zero_one_is_a_one_line_error_and_the_flags_r
                                       "0.95", "--output", "unused"])
     recipe = _recipe_from_args(args)
     assert (recipe.activation_clip, recipe.kv_cache_clip) == (0.9, 0.95)
+
+
+def test_dynamic_inputs_are_the_linears_that_read_one_tensor_grouped_by_name(calib6: torch.Tensor) -> None:
+    from llmquant.pipeline.clip_search import dynamic_inputs
+
+    model = _quantized(calib6, clip_search=None)
+    groups = dynamic_inputs(model, calib6[:1])
+    layers = len(model.model.layers)
+    assert {name: len(linears) for name, linears in groups.items()} == {
+        "q_proj,k_proj,v_proj": 3 * layers, "o_proj": layers, "gate_proj,up_proj": 2 * layers, "down_proj": layers}
+    assert groups["o_proj"] == [layer.self_attn.o_proj for layer in model.model.layers]
+
+
+def test_the_search_by_input_refines_each_inputs_ratio_and_never_ends_worse(calib6: torch.Tensor) -> None:
+    model = _quantized(calib6, clip_search={"samples": 2, "by": "input"})
+    found = model.llmquant_manifest.results["clip_search"]
+    by_input = found["activations_by_input"]
+    assert list(by_input) == ["q_proj,k_proj,v_proj", "o_proj", "gate_proj,up_proj", "down_proj"]
+    best = found["activations"]["ppl_by_ratio"][f"{found['activations']['ratio']:g}"]
+    for name, search in by_input.items():  # a coordinate pass: each name's best is at most the one before it
+        assert len(search["ppl_by_ratio"]) == 7 and search["ppl_by_ratio"][f"{search['ratio']:g}"] <= best
+        best = search["ppl_by_ratio"][f"{search['ratio']:g}"]
+        suffixes = tuple(f".{leaf}" for leaf in name.split(","))
+        ratios = {m.input_spec.clip_ratio for n, m in model.named_modules()
+                  if isinstance(m, QuantLinear) and n.endswith(suffixes)}
+        assert ratios == {search["ratio"]}
+    assert found["kv_cache"]["ppl_by_ratio"]["1"] == pytest.approx(best)  # (the KV search started from there)
+    assert math.exp(mean_nll(model, calib6[-2:])) == pytest.approx(
+        found["kv_cache"]["ppl_by_ratio"][f"{found['kv_cache']['ratio']:g}"], rel=1e-4)

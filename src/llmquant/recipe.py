@@ -177,12 +177,14 @@ AnyPreOpt = Annotated[PreOpt | QuaRotPreOpt, Field(discriminator="name")]
 class ClipSearch(_Strict):
     """Clip ratios of the dynamic activation and KV-cache quantizers searched after quantization
     (`llmquant.pipeline.clip_search`) on the last ``samples`` calibration samples, held out of the calibration;
-    ``grid``: the ratios tried."""
+    ``grid``: the ratios tried; ``by``: one ratio for every dynamic input (``model``), or then one per input name
+    (``input``: q/k/v, o, gate/up, down... each the same in every layer)."""
 
     activations: bool = True
     kv_cache: bool = True
     samples: int = Field(4, ge=1)
     grid: list[float] = Field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7], min_length=1)
+    by: Literal["model", "input"] = "model"
 
     @field_validator("grid")
     @classmethod

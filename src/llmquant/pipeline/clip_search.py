@@ -8,6 +8,11 @@ r = 0.9 for 4-bit activations and 0.95 for the 4-bit KV cache; here r is chosen 
 see: for each r of the grid every dynamic input quantizer of the quantized model takes r and the next-token NLL of
 the held-out samples is measured; the best r is kept; then the same for the KV cache, the inputs' ratio fixed (a
 coordinate search, one ratio per kind for the whole model).
+
+``by="input"`` refines the activations' ratio per input before the KV cache's: the Linears that read one tensor
+(q/k/v, o, gate/up, down in a Llama layer) form an input, named by their leaf names, found by their calls on one
+held-out sample; the inputs of the same name in every layer share a ratio; each name in turn tries the grid, the
+others fixed (one more coordinate pass: len(grid) - 1 forward passes of the held-out samples a name).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 
 from llmquant.model.likelihood import next_token_nll
 from llmquant.nn.kv_cache import set_kv_clip
-from llmquant.nn.quant_linear import set_input_clip
+from llmquant.nn.quant_linear import QuantLinear, set_input_clip
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -49,18 +54,63 @@ def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, 
 
 
 def search_clip_ratios(model: nn.Module, held_out: torch.Tensor, activations: bool = True, kv_cache: bool = True,
-                       grid: tuple[float, ...] = CLIP_GRID) -> dict:
-    """Choose and set the clip ratios of ``model``'s dynamic input quantizers, then of its KV-cache ones, on
-    token ids ``held_out`` ``[n, T]``; return what was measured (perplexity on the held-out samples per ratio). The
-    KV cache is unclipped during the first search, so its ratio 1.0 is that search's best: not measured twice."""
+                       grid: tuple[float, ...] = CLIP_GRID, by: str = "model") -> dict:
+    """Choose and set the clip ratios of ``model``'s dynamic input quantizers (one for the model, then, with
+    ``by="input"``, one per input name), then of its KV-cache ones, on token ids ``held_out`` ``[n, T]``; return what
+    was measured (perplexity on the held-out samples per ratio). The KV cache is unclipped during the first search,
+    so the NLL of the inputs' best ratios is the KV search's ratio 1.0: not measured twice."""
     found: dict = {"samples": held_out.shape[0], "grid": list(grid)}
     searches_kv = kv_cache and set_kv_clip(model, 1.0) > 0
     known: dict[float, float] = {}
     if activations and set_input_clip(model, 1.0):
-        found["activations"], known[1.0] = _search(model, held_out, set_input_clip, grid)
+        found["activations"], best = _search(model, held_out, set_input_clip, grid)
+        if by == "input":
+            found["activations_by_input"] = {}
+            for name, linears in dynamic_inputs(model, held_out[:1]).items():
+                kept = linears[0].input_spec.clip_ratio
+                found["activations_by_input"][name], best = _search(model, held_out, _clip_of(linears), grid,
+                                                                    {kept: best})
+        known[1.0] = best
     if searches_kv:
         found["kv_cache"], _ = _search(model, held_out, set_kv_clip, grid, known)
     return found
 
 
-__all__ = ["CLIP_GRID", "mean_nll", "search_clip_ratios"]
+def _clip_of(linears: list[QuantLinear]):
+    """``apply(model, ratio)`` for `_search`: the clip ratio of ``linears`` only."""
+    def apply(model: nn.Module, ratio: float) -> None:
+        for linear in linears:
+            set_input_clip(linear, ratio)
+    return apply
+
+
+def dynamic_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, list[QuantLinear]]:
+    """The `QuantLinear`s with a dynamic input quantizer grouped by input name: the leaf names of the Linears that
+    read one tensor, joined by "," ("q_proj,k_proj,v_proj"), found by their calls in one forward of ``ids``
+    (consecutive calls on one tensor: one input); the inputs of the same name in every layer are one group. A
+    Linear the forward did not reach (an expert no token chose) is left out."""
+    calls: list[tuple[tuple, str, QuantLinear]] = []
+    hooks = [module.register_forward_pre_hook(
+        lambda module, args, name=name: calls.append(((args[0].data_ptr(), tuple(args[0].shape)), name, module)))
+        for name, module in model.named_modules()
+        if isinstance(module, QuantLinear) and module.input_spec is not None and module.input_spec.dynamic]
+    try:
+        next_token_nll(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    reads: list[tuple[tuple, list[tuple[str, QuantLinear]]]] = []
+    for tensor, name, module in calls:
+        if reads and reads[-1][0] == tensor:
+            reads[-1][1].append((name, module))
+        else:
+            reads.append((tensor, [(name, module)]))
+    groups: dict[str, list[QuantLinear]] = {}
+    for _, readers in reads:
+        key = ",".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in readers))
+        members = groups.setdefault(key, [])
+        members.extend(module for _, module in readers if all(module is not m for m in members))
+    return groups
+
+
+__all__ = ["CLIP_GRID", "dynamic_inputs", "mean_nll", "search_clip_ratios"]

@@ -608,7 +608,7 @@ def quantize(
         t2 = time.perf_counter()
         options = recipe.clip_search
         manifest.results["clip_search"] = search_clip_ratios(model, held_out, options.activations, options.kv_cache,
-                                                             tuple(options.grid))
+                                                             tuple(options.grid), options.by)
         manifest.seconds["clip_search"] = time.perf_counter() - t2
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
