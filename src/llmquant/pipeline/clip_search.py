@@ -18,6 +18,7 @@ others fixed (one more coordinate pass: len(grid) - 1 forward passes of the held
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -76,7 +77,7 @@ def search_clip_ratios(model: nn.Module, held_out: torch.Tensor, activations: bo
     return found
 
 
-def _clip_of(linears: list[QuantLinear]):
+def _clip_of(linears: list[QuantLinear]) -> Callable[[nn.Module, float], None]:
     """``apply(model, ratio)`` for `_search`: the clip ratio of ``linears`` only."""
     def apply(model: nn.Module, ratio: float) -> None:
         for linear in linears:
