@@ -218,6 +218,30 @@ def test_dynamic_inputs_are_the_linears_that_read_one_tensor_grouped_by_name(cal
     assert groups["o_proj"] == [layer.self_attn.o_proj for layer in model.model.layers]
 
 
+def test_an_input_is_one_tensor_unchanged_between_its_readers() -> None:
+    from types import SimpleNamespace
+
+    from llmquant.pipeline.clip_search import dynamic_inputs
+    from llmquant.quant.scheme import scheme_from_name
+
+    class Toy(torch.nn.Module):  # one buffer rewritten in place between two readers, then read twice as it is
+        def __init__(self) -> None:
+            super().__init__()
+            scheme = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic")
+            self.embed = torch.nn.Embedding(VOCAB, 8)
+            self.first, self.second, self.third = (QuantLinear.from_linear(
+                torch.nn.Linear(8, size), scheme.weights, scheme.input_activations) for size in (8, 8, VOCAB))
+
+        def forward(self, ids: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+            buffer = self.embed(ids).clone()
+            out = self.first(buffer)
+            buffer.copy_(out)
+            return SimpleNamespace(logits=self.second(buffer) + self.third(buffer)[..., :8].sum(-1, keepdim=True))
+
+    groups = dynamic_inputs(Toy(), torch.arange(8)[None])
+    assert {name: len(linears) for name, linears in groups.items()} == {"first": 1, "second,third": 2}
+
+
 def test_the_search_by_input_refines_each_inputs_ratio_and_never_ends_worse(calib6: torch.Tensor) -> None:
     model = _quantized(calib6, clip_search={"samples": 2, "by": "input"})
     found = model.llmquant_manifest.results["clip_search"]

@@ -88,26 +88,30 @@ def _clip_of(linears: list[QuantLinear]) -> Callable[[nn.Module, float], None]:
 def dynamic_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, list[QuantLinear]]:
     """The `QuantLinear`s with a dynamic input quantizer grouped by input name: the leaf names of the Linears that
     read one tensor, joined by "," ("q_proj,k_proj,v_proj"), found by their calls in one forward of ``ids``
-    (consecutive calls on one tensor: one input); the inputs of the same name in every layer are one group. A
-    Linear the forward did not reach (an expert no token chose) is left out."""
-    calls: list[tuple[tuple, str, QuantLinear]] = []
-    hooks = [module.register_forward_pre_hook(
-        lambda module, args, name=name: calls.append(((args[0].data_ptr(), tuple(args[0].shape)), name, module)))
-        for name, module in model.named_modules()
-        if isinstance(module, QuantLinear) and module.input_spec is not None and module.input_spec.dynamic]
+    (consecutive calls on the same tensor object, unchanged in between: one input; the last one is held until the
+    next call, so that a new tensor cannot take its memory and look the same); the inputs of the same name in every
+    layer are one group. A Linear the forward did not reach (an expert no token chose) is left out."""
+    reads: list[list[tuple[str, QuantLinear]]] = []
+    last: list[tuple[torch.Tensor, int]] = []  # the last input read and its version (bumped by in-place writes)
+
+    def record(module: QuantLinear, args: tuple, name: str) -> None:
+        if last and last[0][0] is args[0] and last[0][1] == args[0]._version:
+            reads[-1].append((name, module))
+        else:
+            last[:] = [(args[0], args[0]._version)]
+            reads.append([(name, module)])
+
+    hooks = [module.register_forward_pre_hook(lambda module, args, name=name: record(module, args, name))
+             for name, module in model.named_modules()
+             if isinstance(module, QuantLinear) and module.input_spec is not None and module.input_spec.dynamic]
     try:
         next_token_nll(model, ids)
     finally:
         for hook in hooks:
             hook.remove()
-    reads: list[tuple[tuple, list[tuple[str, QuantLinear]]]] = []
-    for tensor, name, module in calls:
-        if reads and reads[-1][0] == tensor:
-            reads[-1][1].append((name, module))
-        else:
-            reads.append((tensor, [(name, module)]))
+        last.clear()
     groups: dict[str, list[QuantLinear]] = {}
-    for _, readers in reads:
+    for readers in reads:
         key = ",".join(dict.fromkeys(name.rsplit(".", 1)[-1] for name, _ in readers))
         members = groups.setdefault(key, [])
         members.extend(module for _, module in readers if all(module is not m for m in members))
