@@ -53,8 +53,9 @@ def seed_recipes() -> dict[str, dict[str, Any]]:
 def best_recipes() -> dict[str, dict[str, Any]]:
     """The best recipes found on the default model (BENCHMARKS.md), one per kind of deployment. Since 2026-11-30
     all but the per-token W8A8 one (`make run`, where it gains 0.04% for three times the time) take GPTAQ
-    (``gptq: {asymmetric: 0.25}``, GPTQ aimed at the float model's output, true-sequential Hessians), which
-    measured better in each (BENCHMARKS.md, "GPTAQ")."""
+    (``gptq: {asymmetric: A}``, GPTQ aimed at the float model's output, true-sequential Hessians), which
+    measured better in each (BENCHMARKS.md, "GPTAQ"); the low-bit ones calibrate on 128 samples, where GPTAQ
+    gains more (BENCHMARKS.md, "More calibration samples, MSE ranges and fixed clip ratios")."""
     token = "w_int8_per_channel_a_int8_per_token_dynamic"
     return {
         # R1+R2 offline, R4 online (vLLM reads it from transform_config), plain GPTQ with Hessians from the float
