@@ -2,7 +2,7 @@
 # Every single-recipe figure of BENCHMARKS.md, one recipe per process on one thread (two lanes can share
 # the two cores), appended to bench/results.jsonl; a name already there is skipped, so a rerun resumes.
 #
-#     bash scripts/bench_all.sh [w8a8|w4|seed003|lowbit|gptaq|all]      then: .venv/bin/python scripts/bench_tables.py
+#     bash scripts/bench_all.sh [w8a8|w4|seed003|lowbit|gptaq|best|all]      then: .venv/bin/python scripts/bench_tables.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results.jsonl}
@@ -128,12 +128,23 @@ gptaq() {  # GPTAQ (gptq: {asymmetric: A}) on the best GPTQ recipe of each row (
     done
 }
 
+best() {  # every configs/recipes/best_*.yaml as it is, on pydoc and the stdlib corpus; LANE=k LANES=n as in lowbit
+    local lanes=${LANES:-1} lane=${LANE:-0} i=0 recipe
+    for file in configs/recipes/best_*.yaml; do
+        if ((i++ % lanes == lane)); then
+            recipe=$(.venv/bin/python -c 'import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))' "$file")
+            run "$(basename "$file" .yaml)" "$recipe" --corpora pydoc stdlib
+        fi
+    done
+}
+
 case "${1:-all}" in
     w8a8) w8a8 ;;
     seed003) seed003 ;;
     lowbit) lowbit ;;
     gptaq) gptaq ;;
+    best) best ;;
     w4) w4_g64; w4_gptq_variants; w4_more ;;
     all) w4_g64; w4_gptq_variants; w8a8; seed003; w4_more ;;
-    *) echo "usage: $0 [w8a8|w4|seed003|lowbit|gptaq|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [w8a8|w4|seed003|lowbit|gptaq|best|all]" >&2; exit 2 ;;
 esac
