@@ -129,12 +129,9 @@ gptaq() {  # GPTAQ (gptq: {asymmetric: A}) on the best GPTQ recipe of each row (
 }
 
 best() {  # every configs/recipes/best_*.yaml as it is, on pydoc and the stdlib corpus; LANE=k LANES=n as in lowbit
-    local lanes=${LANES:-1} lane=${LANE:-0} i=0 recipe
+    local lanes=${LANES:-1} lane=${LANE:-0} i=0
     for file in configs/recipes/best_*.yaml; do
-        if ((i++ % lanes == lane)); then
-            recipe=$(.venv/bin/python -c 'import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))' "$file")
-            run "$(basename "$file" .yaml)" "$recipe" --corpora pydoc stdlib
-        fi
+        if ((i++ % lanes == lane)); then run "$(basename "$file" .yaml)" "$file" --corpora pydoc stdlib; fi
     done
 }
 

@@ -6,7 +6,8 @@ line to --out.
         [--runtime int8|fake] [--threads 1] [--offload DIR] [--corpora pydoc stdlib]
 
 RECIPE_JSON is a recipe as `llmquant.Recipe` takes it, e.g.
-'{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq"}'. The evaluation uses the int8
+'{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq"}', or a recipe file
+(configs/recipes/best_w4_g64.yaml). The evaluation uses the int8
 kernels where a layer has them (--runtime int8, the same function as the simulation up to float rounding).
 scripts/bench_all.sh lists every recipe of BENCHMARKS.md; scripts/bench_tables.py renders the tables.
 """
@@ -22,6 +23,7 @@ import torch
 
 import llmquant
 from llmquant import data
+from llmquant.api import as_recipe
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline.activations import ActivationStorage
@@ -31,7 +33,7 @@ from llmquant.pipeline.engine import peak_rss_mb
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("name")
-    parser.add_argument("recipe", help="the recipe as JSON")
+    parser.add_argument("recipe", help="the recipe as JSON, or a recipe file (.yaml, .json)")
     parser.add_argument("--out", default="bench/results.jsonl")
     parser.add_argument("--runtime", default="int8", choices=["int8", "fake"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: two runs can share 2 cores)")
@@ -41,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    recipe = llmquant.Recipe.build(**json.loads(args.recipe))
+    recipe = as_recipe(json.loads(args.recipe) if args.recipe.lstrip().startswith("{") else args.recipe)
     model, tokenizer = llmquant.load(None)
     windows = {name: data.corpus_windows(tokenizer, name, recipe.calib.seqlen, args.max_windows)
                for name in args.corpora}

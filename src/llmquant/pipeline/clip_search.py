@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,8 +40,8 @@ def mean_nll(model: nn.Module, ids: torch.Tensor) -> float:
     return total / count
 
 
-def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, ...],
-            known: dict[float, float] | None = None) -> tuple[dict, float]:
+def _search(model: nn.Module, held_out: torch.Tensor, apply: Callable[[nn.Module, float], object],
+            grid: tuple[float, ...], known: dict[float, float] | None = None) -> tuple[dict, float]:
     """Try every ratio of ``grid`` (those in ``known`` were measured already, in the same model state), keep the best;
     return what was measured and the best mean NLL."""
     nll = dict(known or {})
@@ -55,7 +56,7 @@ def _search(model: nn.Module, held_out: torch.Tensor, apply, grid: tuple[float, 
 
 
 def search_clip_ratios(model: nn.Module, held_out: torch.Tensor, activations: bool = True, kv_cache: bool = True,
-                       grid: tuple[float, ...] = CLIP_GRID, by: str = "model") -> dict:
+                       grid: tuple[float, ...] = CLIP_GRID, by: Literal["model", "input"] = "model") -> dict:
     """Choose and set the clip ratios of ``model``'s dynamic input quantizers (one for the model, then, with
     ``by="input"``, one per input name), then of its KV-cache ones, on token ids ``held_out`` ``[n, T]``; return what
     was measured (perplexity on the held-out samples per ratio). The KV cache is unclipped during the first search,
