@@ -11,10 +11,13 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, Phi3Config
 
 import llmquant
 from conftest import VOCAB, logits, make_model, relative_error
+from llmquant.algorithms.awq import scale_group
 from llmquant.algorithms.smoothquant import (
     GroupStats,
     GroupStatsCollector,
+    apply_smoothing,
     choose_alpha,
+    group_rotation,
     quantized_group_error,
     smoothing_scales,
     weight_absmax,
@@ -22,8 +25,10 @@ from llmquant.algorithms.smoothquant import (
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap, detect_model_map
 from llmquant.model.patterns import SmoothGroup, reduce_channels
+from llmquant.nn.online_rotation import attach_input_rotation
 from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
-from llmquant.quant import QuantSpec
+from llmquant.quant import QuantSpec, fake_quantize
+from llmquant.quant.rotation import Rotation
 
 LLAMA_LIKE = {
     ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
@@ -301,3 +306,103 @@ def test_a_norm_no_fold_fits_is_left_out_and_said(calib_ids: torch.Tensor, eval_
     results = model.llmquant_manifest.results
     assert "post_attention_layernorm" not in {g["producer"] for g in results["smooth_groups"]}
     assert "no scale folds into it" in results["not_smoothed"]["mlp.gate_proj"]
+
+
+# --- smoothing through an online rotation (SmoothRot) ---------------------------------------------------------
+A4_PER_TOKEN = QuantSpec(bits=4, granularity="token", dynamic=True)
+
+
+def _rotated_pair(n_in: int = 64, n_out: int = 32) -> tuple[torch.nn.ModuleDict, Rotation]:
+    """up (Linear) -> down (Linear rotating its input online by a Hadamard), as QuaRot's R4 leaves them."""
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({"up": torch.nn.Linear(16, n_in, bias=False),
+                                 "down": torch.nn.Linear(n_in, n_out, bias=False)})
+    rotation = Rotation(n_in, randomize=True, seed=3)
+    with torch.no_grad():
+        layer["down"].weight.copy_(rotation.apply(layer["down"].weight))  # W Q, as rotate_layer stores it
+    attach_input_rotation(layer["down"], rotation)
+    return layer, rotation
+
+
+@pytest.mark.parametrize("rotations", [["R1", "R2", "R3", "R4"], ["R1", "R2", "R3", "R4", "R5"]], ids="+".join)
+@pytest.mark.parametrize("alpha", [0.5, "auto"])
+def test_smoothing_through_an_online_rotation_keeps_the_float_function(rotations: list[str], alpha: float | str,
+                                                                      calib_ids: torch.Tensor,
+                                                                      eval_ids: torch.Tensor) -> None:
+    """QuaRot, then up -> down smoothed before down_proj's online Hadamard (R4), and v -> o before o_proj's (R5,
+    grouped-query heads): the same function, and the rotations are still there."""
+    model = make_model("llama")
+    reference = logits(model, eval_ids)
+    recipe = {"scheme": "none", "pre_opts": [{"name": "quarot", "rotations": rotations},
+                                             {"name": "smooth_fc_fc", "alpha": alpha}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    assert relative_error(reference, logits(model, eval_ids)) < 1e-4
+    rotated = {"mlp.up_proj": "hadamard(128", **({"self_attn.v_proj": "hadamard(64"} if "R5" in rotations else {})}
+    for layer in model.llmquant_manifest.layers:
+        rows = {row["producer"]: row for row in layer["smoothing"]}
+        assert set(rows) == {"self_attn.v_proj", "mlp.up_proj"} and layer["equivalence_error"] < 1e-5
+        assert {p: r["before_online_rotation"][:len(rotated[p])] for p, r in rows.items()
+                if "before_online_rotation" in r} == rotated
+    assert model.model.layers[0].mlp.down_proj.input_rotation is not None
+
+
+def test_statistics_and_weights_of_a_rotated_reader_are_taken_before_its_rotation() -> None:
+    layer, rotation = _rotated_pair()
+    group = SmoothGroup("up", "linear", ("down",))
+    collector = GroupStatsCollector(layer, [group])
+    x = torch.randn(8, 16)
+    layer["down"](layer["up"](x))
+    (stats,) = collector.close()
+    torch.testing.assert_close(stats.act_absmax, layer["up"](x).detach().abs().amax(dim=0))
+    unrotated = rotation.apply(layer["down"].weight.detach().double(), inverse=True)
+    torch.testing.assert_close(weight_absmax(layer, group).double(), unrotated.abs().amax(dim=0))
+
+
+def test_smoothing_before_the_rotation_spreads_less_of_a_massive_channel() -> None:
+    """A massive channel that the Hadamard spreads over every rotated channel sets each token's 4-bit step;
+    scaling it down before the rotation (SmoothRot) lowers the quantized output error; the error the search
+    scores is the one the rotated reader computes."""
+    layer, rotation = _rotated_pair()
+    group = SmoothGroup("up", "linear", ("down",))
+    x = torch.randn(256, 64)
+    x[:, 5] += 100.0
+    stats = GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x)
+    specs = {"down": (None, A4_PER_TOKEN)}
+    flat = torch.ones(64, dtype=torch.float64)
+    scales = smoothing_scales(stats.act_absmax, weight_absmax(layer, group), 0.5)
+    before = quantized_group_error(layer, group, stats, flat, specs)
+    after = quantized_group_error(layer, group, stats, scales, specs)
+    assert after < 0.5 * before
+    unrotated = rotation.apply(layer["down"].weight.detach().double(), inverse=True).float()
+    smoothed_in = rotation.apply(x / scales.float())
+    direct = fake_quantize(smoothed_in, A4_PER_TOKEN) @ rotation.apply(unrotated * scales.float()).T - x @ unrotated.T
+    assert after == pytest.approx(float(direct.double().pow(2).sum()), rel=1e-3)
+    apply_smoothing(layer, group, scales)  # the stored weight becomes (W diag(s)) Q
+    torch.testing.assert_close(layer["down"].weight.detach(), rotation.apply(unrotated * scales.float()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_readers_rotating_their_input_differently_share_no_scale() -> None:
+    layer, _ = _rotated_pair()
+    layer["plain"] = torch.nn.Linear(64, 8, bias=False)
+    with pytest.raises(LlmquantError, match="rotate their input differently"):
+        group_rotation(layer, SmoothGroup("up", "linear", ("down", "plain")))
+
+
+def test_awq_through_an_online_rotation_clips_on_the_tokens_the_weight_multiplies(calib_ids: torch.Tensor) -> None:
+    """AWQ scales up -> down before down_proj's online rotation too (the layer's function kept), and its clipping
+    search gets the tokens the stored weight multiplies: (x / s) Q, with (x / s) Q (W s Q)^T = x W^T."""
+    layer, rotation = _rotated_pair()
+    group = SmoothGroup("up", "linear", ("down",))
+    x = torch.randn(128, 64)
+    x[:, 5] += 50.0
+    unrotated = rotation.apply(layer["down"].weight.detach().double(), inverse=True).float()
+    stats = GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x, act_absmean=x.abs().mean(dim=0))
+    w4_g16 = QuantSpec(bits=4, granularity="group", group_size=16)
+    _, tokens = scale_group(layer, group, stats, {"down": (w4_g16, None)})
+    torch.testing.assert_close(tokens @ layer["down"].weight.detach().T, x @ unrotated.T, rtol=1e-4, atol=1e-3)
+    model = make_model("llama")
+    recipe = {"scheme": "w_int4_per_group_sym", "group_size": 16, "algorithm": "awq", "pre_opts": [{"name": "quarot"}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    layer0 = model.llmquant_manifest.layers[0]
+    assert "mlp.up_proj" in {row["producer"] for row in layer0["smoothing"]} and layer0["equivalence_error"] < 1e-5

@@ -27,6 +27,7 @@ from llmquant.algorithms.smoothquant import (
     GroupStats,
     SmoothingStep,
     apply_smoothing,
+    group_rotation,
     group_specs,
     least_error_scales,
 )
@@ -108,6 +109,9 @@ def scale_group(
     ratio, scales = search_scales(layer, group, stats, specs, ranks)
     apply_smoothing(layer, group, scales)
     tokens = (stats.tokens.double() / expand_channels(scales, group)).float()
+    rotation = group_rotation(layer, group)
+    if rotation is not None:  # the readers' weights multiply the rotated input
+        tokens = rotation.apply(tokens)
     return {"producer": group.producer, "linears": list(group.linears), "awq_ratio": ratio}, tokens
 
 

@@ -20,6 +20,12 @@ samples (BENCHMARKS.md; the tests show the held-out criterion choosing a lower a
 outliers do not repeat). A single calibration sample
 leaves nothing to hold out: the error is then measured on the fitting tokens themselves.
 
+Through an online rotation (SmoothRot, Czako et al. 2025, arXiv:2506.05413): when the readers rotate their input
+online, y = (x Q) (W Q)^T (QuaRot's R4 before down_proj), the scales act before the rotation, on x and W, where a
+massive channel is still one channel: x -> x diag(s)^-1 Q, W Q -> W diag(s) Q. The statistics are taken before the
+rotation, the stored weight is changed as W Q <- ((W Q) Q^T diag(s)) Q in float64, and alpha=auto scores the
+quantized output with the rotation applied to both the smoothed input and the smoothed weight.
+
 Deliberate deviation from the paper: channels that are never active (max|X_j| = 0) or whose weights are
 all zero get s_j = 1, and s is clamped to [1e-5, 1e5], so a dead channel never produces an inf or NaN.
 """
@@ -35,6 +41,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext
+from llmquant.errors import LlmquantError
 from llmquant.model.patterns import (
     SmoothGroup,
     detect_smooth_groups,
@@ -44,8 +51,10 @@ from llmquant.model.patterns import (
     resolve_heads,
     split_foldable,
 )
+from llmquant.nn.online_rotation import input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import QuantSpec, fake_quantize, qparams_from_min_max
+from llmquant.quant.rotation import Rotation
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +79,33 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
     return torch.where(dead, torch.ones_like(scales), scales).clamp(1e-5, 1e5)
 
 
+def group_rotation(layer: nn.Module, group: SmoothGroup) -> Rotation | None:
+    """The rotation the group's readers apply to their input online (`llmquant.nn.online_rotation`), or None."""
+    rotations = {input_rotation_of(layer.get_submodule(name)) for name in group.linears}
+    if len(rotations) > 1:
+        raise LlmquantError(f"smoothing group {group.producer} -> {list(group.linears)}: its readers rotate their "
+                            "input differently, so no scale of the producer's channels reaches them all")
+    return rotations.pop()
+
+
+def reader_weight(layer: nn.Module, name: str) -> torch.Tensor:
+    """A reader's weight W on the producer's channels: its stored weight, or W Q Q^T when it rotates its input."""
+    reader = layer.get_submodule(name)
+    rotation = input_rotation_of(reader)
+    weight = reader.weight.detach()
+    return weight if rotation is None else rotation.apply(weight, inverse=True)
+
+
+def statistics_module(layer: nn.Module, group: SmoothGroup) -> nn.Module:
+    """The module whose input is the group's input on the producer's channels: the first reader, or its online
+    input rotation."""
+    reader = layer.get_submodule(group.linears[0])
+    return reader.input_rotation if input_rotation_of(reader) is not None else reader
+
+
 def weight_absmax(layer: nn.Module, group: SmoothGroup) -> torch.Tensor:
     """Column absolute maxima over all readers, on the producer's channels."""
-    columns = torch.stack([layer.get_submodule(n).weight.detach().abs().amax(dim=0) for n in group.linears])
+    columns = torch.stack([reader_weight(layer, n).abs().amax(dim=0) for n in group.linears])
     return reduce_channels(columns.amax(dim=0), group)
 
 
@@ -90,9 +123,14 @@ def apply_smoothing(layer: nn.Module, group: SmoothGroup, scales: torch.Tensor) 
         if producer.bias is not None:
             producer.bias.data = (producer.bias.double() / scales).to(producer.bias.dtype)
     columns = expand_channels(scales, group)
+    rotation = group_rotation(layer, group)
     for name in group.linears:
         reader = layer.get_submodule(name)
-        reader.weight.data = (reader.weight.double() * columns[None, :]).to(reader.weight.dtype)
+        if rotation is None:
+            reader.weight.data = (reader.weight.double() * columns[None, :]).to(reader.weight.dtype)
+        else:  # W Q <- (W Q Q^T diag(s)) Q
+            unrotated = rotation.apply(reader.weight.double(), inverse=True)
+            reader.weight.data = rotation.apply(unrotated * columns[None, :]).to(reader.weight.dtype)
 
 
 def outlier_ratio(act_absmax: torch.Tensor) -> float:
@@ -118,13 +156,18 @@ def quantized_group_error(
     if x.shape[0] == 0:  # a fold this rank did not see (several processes): nothing to score here
         return 0.0
     columns = expand_channels(scales, group).float()
+    rotation = group_rotation(layer, group)
     x_smooth = x / columns
+    if rotation is not None:  # the reader quantizes (x / s) Q and (W s) Q; a static range would be the rotated one's
+        x_smooth, static_absmax = rotation.apply(x_smooth), None
     error = 0.0
     for name in group.linears:
-        weight = layer.get_submodule(name).weight.detach().float()
+        weight = reader_weight(layer, name).float()
         reference = references[name] if references is not None else x @ weight.T
         w_spec, a_spec = specs[name]
         w_smooth = weight * columns[None, :]
+        if rotation is not None:
+            w_smooth = rotation.apply(w_smooth)
         wq = fake_quantize(w_smooth, w_spec) if w_spec is not None else w_smooth
         error += float((_quantized_input(x_smooth, a_spec, columns, static_absmax) @ wq.T - reference)
                        .double().pow(2).sum())
@@ -180,7 +223,7 @@ def _least(errors: dict[float, float], ranks: Ranks) -> float:
 def _float_outputs(layer: nn.Module, group: SmoothGroup, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """X W^T of every Linear of the group on ``tokens`` (float32): the reference of `quantized_group_error`."""
     x = tokens.float()
-    return {name: x @ layer.get_submodule(name).weight.detach().float().T for name in group.linears}
+    return {name: x @ reader_weight(layer, name).float().T for name in group.linears}
 
 
 def least_error_scales(
@@ -215,17 +258,20 @@ def smooth_group(
         chosen, scales = float(alpha), smoothing_scales(act, weight_absmax(layer, group), float(alpha))
     apply_smoothing(layer, group, scales)
     after = stats.act_absmax.double() / expand_channels(scales, group)
+    rotation = group_rotation(layer, group)
     return {
         "producer": group.producer,
         "linears": list(group.linears),
         "alpha": chosen,
         "outlier_ratio_before": outlier_ratio(stats.act_absmax),
         "outlier_ratio_after": outlier_ratio(after),
+        **({"before_online_rotation": rotation.describe()} if rotation is not None else {}),
     }
 
 
 class GroupStatsCollector:
-    """Forward pre-hooks on each group's first reader: channel absolute maxima, mean absolute values and a
+    """Forward pre-hooks on each group's first reader (on its online input rotation if it has one,
+    `statistics_module`): channel absolute maxima, mean absolute values and a
     token sample, kept for two folds (alternate forward calls) so that alpha=auto can score held-out tokens.
 
     In several processes (``ranks``) the maxima, sums and counts are reduced over the ranks; each rank keeps a
@@ -242,7 +288,7 @@ class GroupStatsCollector:
         self.count: dict[tuple[int, int], int] = {}
         self.tokens: dict[int, list[tuple[int, torch.Tensor]]] = {i: [] for i in range(len(groups))}  # (fold, x)
         self.handles = [
-            layer.get_submodule(group.linears[0]).register_forward_pre_hook(self._hook(i))
+            statistics_module(layer, group).register_forward_pre_hook(self._hook(i))
             for i, group in enumerate(groups)
         ]
 
