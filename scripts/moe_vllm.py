@@ -50,6 +50,10 @@ SCHEMES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (recipe, the dtype
                                                      "pre_opts": [{"name": "quarot",
                                                                    "rotations": ["R1", "R2", "R4", "R5"]}]},
                                                     "float32"),
+    "W8A8 per-token, R2 offline, R4+R6 online, smoothed before them": (
+        {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
+         "pre_opts": [{"name": "quarot", "rotations": ["R2", "R4", "R6"]}, {"name": "smoothquant", "alpha": 0.5}]},
+        "float32"),
 }
 
 
@@ -135,10 +139,11 @@ def expert_names_vllm_reads(directory: Path, family: str) -> dict[str, Any]:
     return {"expert_tensors": len(keys), "mapped_by_vllm": len(mapped), "example": keys[0] if keys else None}
 
 
-def run(family: str, scheme: str, root: Path) -> dict[str, Any]:
+def run(family: str, scheme: str, root: Path, vllm_dtype: str | None = None) -> dict[str, Any]:
     import llmquant
 
     recipe, dtype = SCHEMES[scheme]
+    dtype = vllm_dtype or dtype
     calib = token_rows().repeat(2, 1)[:, :TOKENS]
     model = llmquant.quantize(build(family), recipe, calib=calib, progress=False)
     directory = root / f"{family}-{scheme.replace(' ', '_').replace(',', '')}"
@@ -165,6 +170,9 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--vllm-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="the dtype vLLM runs every checkpoint in (default: each scheme's own; vLLM's CPU int8 "
+                             "kernel on a CPU with AMX takes bfloat16 activations only)")
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         for family in args.families:
             for scheme in args.schemes:
-                rows.append(run(family, scheme, Path(root)))
+                rows.append(run(family, scheme, Path(root), args.vllm_dtype))
                 print(json.dumps(rows[-1]), flush=True)
     if args.json and Path(args.json).exists():  # rows of other families or schemes stay
         kept = json.loads(Path(args.json).read_text())["rows"]

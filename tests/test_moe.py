@@ -249,10 +249,16 @@ def test_routed_calibration_falls_back_to_round_to_nearest_for_experts_with_too_
 def test_smoothing_and_rotations_keep_the_float_function_through_the_moe_block(family: str) -> None:
     ids = _ids(2, 2)
     reference = logits(make_model(family), ids)
-    for pre_opt in ({"name": "smoothquant", "alpha": 0.5}, {"name": "quarot"}):
-        model = llmquant.quantize(make_model(family), {"scheme": "none", "pre_opts": [pre_opt]}, calib=_ids(1),
+    r6_smoothed = [{"name": "quarot", "rotations": ["R2", "R4", "R6"]}, {"name": "smoothquant", "alpha": 0.5}]
+    for pre_opts in ([{"name": "smoothquant", "alpha": 0.5}], r6_smoothed, [{"name": "quarot"}]):
+        model = llmquant.quantize(make_model(family), {"scheme": "none", "pre_opts": pre_opts}, calib=_ids(1),
                                   progress=False)
-        assert relative_error(reference, logits(model, ids)) < 1e-5, pre_opt
+        assert relative_error(reference, logits(model, ids)) < 1e-5, pre_opts
+        if pre_opts is r6_smoothed:  # the router and every expert's gate/up rotate their input online
+            results = model.llmquant_manifest.results["rotation"]
+            last_plan = [results["plan"], *results.get("other_layer_plans", [])][-1]  # (DeepSeek: dense layer 0)
+            r6 = next(step for step in last_plan if step["rotation"] == "R6")
+            assert {"mlp.gate", "mlp.experts.0.gate_proj", "mlp.experts.3.up_proj"} <= set(r6["targets"])
     results = model.llmquant_manifest.results["rotation"]
     plans = [results["plan"], *results.get("other_layer_plans", [])]
     moe_plan = {step["rotation"]: step for step in plans[-1]}

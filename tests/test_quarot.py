@@ -25,7 +25,7 @@ from llmquant.pipeline.rotation import plan_rotations
 from llmquant.quant.rotation import Rotation
 
 FAMILIES = ["llama", "qwen2", "mistral", "opt"]
-ROTATION_SETS = [["R1"], ["R2"], ["R3"], ["R4"], ["R1", "R2", "R3", "R4"]]
+ROTATION_SETS = [["R1"], ["R2"], ["R3"], ["R4"], ["R6"], ["R1", "R2", "R3", "R4"], ["R2", "R3", "R4", "R5", "R6"]]
 W8A8_STATIC = "w_int8_per_channel_a_int8_per_tensor_static"
 
 

@@ -406,3 +406,19 @@ def test_awq_through_an_online_rotation_clips_on_the_tokens_the_weight_multiplie
     llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
     layer0 = model.llmquant_manifest.layers[0]
     assert "mlp.up_proj" in {row["producer"] for row in layer0["smoothing"]} and layer0["equivalence_error"] < 1e-5
+
+
+def test_norm_groups_are_smoothed_before_r6_in_the_residual_streams_own_basis(calib_ids: torch.Tensor,
+                                                                              eval_ids: torch.Tensor) -> None:
+    """Without R1 the norms' readers rotate their input online (R6): the scales fold into the norm's gain and act
+    before the rotation, on the channels the norm wrote."""
+    model = make_model("llama")
+    reference = logits(model, eval_ids)
+    recipe = {"scheme": "none", "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R6"]},
+                                             {"name": "smoothquant", "alpha": "auto"}]}
+    llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
+    assert relative_error(reference, logits(model, eval_ids)) < 1e-4
+    rows = {row["producer"]: row for row in model.llmquant_manifest.layers[0]["smoothing"]}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        assert rows[norm]["before_online_rotation"].startswith("hadamard(64")
+        assert rows[norm]["outlier_ratio_after"] < rows[norm]["outlier_ratio_before"]

@@ -126,10 +126,10 @@ def test_transformers_refuses_online_rotations() -> None:
     assert "transformers cannot run the online rotations R3, R4" in message and "online_had: false" in message
 
 
-def test_vllm_refuses_r3_and_runs_r4_and_r5_as_transforms() -> None:
+def test_vllm_refuses_r3_and_runs_r4_to_r6_as_transforms() -> None:
     message = _refusal("vllm", scheme=W8A8, pre_opts=QUAROT)
     assert "vLLM cannot run the online rotation R3" in message and "rotations: [R1, R2, R4]" in message
-    for rotations in (["R1", "R2", "R4"], ["R1", "R2", "R4", "R5"]):
+    for rotations in (["R1", "R2", "R4"], ["R1", "R2", "R4", "R5"], ["R1", "R2", "R4", "R6"]):
         [warning] = _warnings("vllm", scheme=W8A8, pre_opts=[{"name": "quarot", "rotations": rotations}])
         assert f"vLLM runs the online rotations {', '.join(rotations[2:])} as dense input transforms" in warning
 

@@ -1,5 +1,6 @@
-"""Online input rotations (R4 before down_proj, R5 before o_proj) written as compressed-tensors' transform_config with
-their matrices, as vLLM reads them: x -> x (W / sqrt(n)) before the Linear must be llmquant's x -> x Q."""
+"""Online input rotations (R4 before down_proj, R5 before o_proj, R6 before the readers of a norm) written as
+compressed-tensors' transform_config with their matrices, as vLLM reads them: x -> x (W / sqrt(n)) before the Linear
+must be llmquant's x -> x Q."""
 
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def test_r4_and_r5_are_written_as_vllm_reads_them(calib_ids: torch.Tensor, eval_
                 vllm_input = x[:, :n] @ (matrix.double() / math.sqrt(n))  # vLLM: divided by sqrt(n) once, x W
                 assert torch.allclose(vllm_input, rotation.apply(x[:, :n]), atol=1e-12)
     loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")  # the rotations rebuilt, the matrices left aside
+    assert torch.equal(logits(loaded, eval_ids), logits(model, eval_ids))
+
+
+def test_r6_before_every_reader_of_a_norm_is_written_and_round_trips(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                                       tmp_path: Path) -> None:
+    recipe = {"scheme": W8A8, "pre_opts": [{"name": "quarot", "rotations": ["R2", "R4", "R6"]},
+                                           {"name": "smoothquant", "alpha": 0.5}]}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    groups = TransformConfig.model_validate(config["transform_config"]).config_groups
+    readers = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+    expected = sorted(f"model.layers.{i}.{name}" for i in range(model.config.num_hidden_layers) for name in readers)
+    assert sorted(groups["hadamard_64"].apply[0].targets) == expected
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
     assert torch.equal(logits(loaded, eval_ids), logits(model, eval_ids))
 
 

@@ -132,7 +132,7 @@ class LearnRotations(_Strict):
 
 
 class QuaRotPreOpt(_Strict):
-    """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R5 (default R1..R4);
+    """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R6 (default R1..R4);
     ``online_had: false`` (seed 003's ``"online-had"``) keeps only the offline R1 and R2. ``randomize``
     puts seeded random signs on the offline Hadamards; ``fallback`` is what a size without a Hadamard
     matrix gets (a seeded random orthogonal matrix, a block-diagonal Hadamard, or no rotation).
@@ -145,7 +145,8 @@ class QuaRotPreOpt(_Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     name: Literal["quarot"]
-    rotations: list[Literal["R1", "R2", "R3", "R4", "R5"]] = Field(default_factory=lambda: ["R1", "R2", "R3", "R4"])
+    rotations: list[Literal["R1", "R2", "R3", "R4", "R5", "R6"]] = Field(
+        default_factory=lambda: ["R1", "R2", "R3", "R4"])
     online_had: bool = Field(True, alias="online-had")
     randomize: bool = True
     seed: int = 0
@@ -158,7 +159,7 @@ class QuaRotPreOpt(_Strict):
     learn: LearnRotations | None = None
 
     def active_rotations(self) -> tuple[str, ...]:
-        online = ("R3", "R4", "R5")
+        online = ("R3", "R4", "R5", "R6")
         return tuple(r for r in self.rotations if self.online_had or r not in online)
 
     def config(self) -> QuaRotConfig:

@@ -17,6 +17,11 @@ and leave the float function unchanged, because y = x W^T = (x Q)(W Q)^T for any
 - R5 (QuaRot's online rotation before out_proj, which the SpinQuant names leave out) rotates the input
   of the value path's reader (o_proj) by Q5 over its whole width, online, with W <- W Q5: R2 mixes
   channels within each head only, R5 mixes the heads too.
+- R6 (not in QuaRot or SpinQuant) rotates the input of the Linears reading a norm (q/k/v, gate/up, fc1) by Q6 over
+  the hidden size, online, with W <- W Q6. Without R1 it leaves the residual stream in its own basis, where a
+  massive channel is one channel that a smoothing scale folded into the norm can shrink before Q6 spreads it
+  (SmoothRot's order, `llmquant.algorithms.smoothquant`); the place of FlatQuant's per-layer transforms P_a and
+  P_ug (arXiv:2410.09426), with a fixed Hadamard in place of a learned matrix. Each reader rotates its own copy.
 
 Every Q is a (randomized) Hadamard matrix built by `llmquant.quant.hadamard` when the size allows, else
 the recipe's fallback. Maths in float64, cast back to the weights' dtype.
@@ -48,7 +53,7 @@ from llmquant.nn.kv_cache import enable_kv_quantization, uses_llmquant_attention
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation
 from llmquant.quant.rotation import Fallback, Rotation, rotate_blocks, rotation_for
 
-ROTATIONS = ("R1", "R2", "R3", "R4", "R5")
+ROTATIONS = ("R1", "R2", "R3", "R4", "R5", "R6")
 DEFAULT_ROTATIONS = ("R1", "R2", "R3", "R4")
 
 
@@ -65,7 +70,7 @@ class QuaRotConfig:
 
 @dataclass(frozen=True)
 class RotationStep:
-    """One of R1..R5: its rotation (None when it does not apply), where it acts, and why not if it doesn't."""
+    """One of R1..R6: its rotation (None when it does not apply), where it acts, and why not if it doesn't."""
 
     name: str
     size: int
@@ -222,6 +227,16 @@ def _plan_r4(layer: nn.Module, groups: tuple[SmoothGroup, ...], attention: str, 
     return steps
 
 
+def _plan_r6(layer: nn.Module, groups: tuple[SmoothGroup, ...], config: QuaRotConfig, where: str,
+             hidden: int) -> RotationStep:
+    """R6's targets: every reader of a norm of the residual stream, an MoE router included (it computes x W^T from
+    the same input, so one smoothing scale before the rotation still reaches all of them)."""
+    targets = tuple(name for g in groups for name in g.linears)
+    if not targets:
+        return _off("R6", hidden, f"{where}: no Linear reads a norm of the residual stream", True)
+    return _sized("R6", hidden, targets, True, config, vectors=len(targets))  # each reader rotates its own copy
+
+
 def plan_quarot(
     model: nn.Module, model_map: Any, layer: nn.Module, run: Callable[[], Any], shapes: ModelShapes,
     config: QuaRotConfig,
@@ -263,6 +278,8 @@ def plan_quarot(
         else:
             size = layer.get_submodule(value_path[1]).in_features
             steps["R5"] = _sized("R5", size, (value_path[1],), True, config)
+    if "R6" in config.rotations:
+        steps["R6"] = _plan_r6(layer, found["norm_groups"], config, where, shapes.hidden)
     return QuaRotPlan(
         steps=steps,
         norm_groups=found["norm_groups"],
@@ -335,7 +352,7 @@ def _as_rms(root: nn.Module, name: str) -> None:
 # --- applying a plan -----------------------------------------------------------------------------
 @torch.no_grad()
 def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
-    """Apply R1 (with the norm folds), R2, R3, R4 and R5 to one decoder layer in place."""
+    """Apply R1 (with the norm folds), R2, R3, R4, R5 and R6 to one decoder layer in place."""
     r1, r2, r3 = (plan.rotation(n) for n in ("R1", "R2", "R3"))
     if r1 is not None:
         for group in plan.norm_groups:
@@ -356,7 +373,7 @@ def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
     if r3 is not None:
         layer.get_submodule(plan.attention).qk_rotation = OnlineRotation(r3)
     for step in plan.steps.values():
-        if step.online and step.rotation is not None and step.name.startswith(("R4", "R5")):
+        if step.online and step.rotation is not None and step.name.startswith(("R4", "R5", "R6")):
             for name in step.targets:
                 linear = layer.get_submodule(name)
                 rotate_reader(linear, step.rotation)

@@ -39,13 +39,14 @@ with compressed-tensors 0.17, transformers 5.23 with compressed-tensors 0.20):
   compressed-tensors 0.20 the default load of an asymmetric packed checkpoint fails: the meta-device
   model is compressed without packing its zero points ([out, groups] where the checkpoint stores
   [out * b / 32, groups]); ``quantization_config=CompressedTensorsConfig(dequantize=True)`` loads it.
-- Online rotations (QuaRot R3 on queries and keys after RoPE, R4 before down_proj, R5 before o_proj)
-  live in ``config.json``'s ``llmquant_structure``, which only llmquant's loader reads. R4 and R5 are also
-  written as compressed-tensors' ``transform_config`` with their matrices (`llmquant.export.transforms`), the
-  dense ``input`` transforms vLLM applies to Linears (``.../compressed_tensors/transform/linear.py``), so the
-  ``vllm`` target takes them (vLLM runs such transforms without tensor parallelism only). R3 cannot be written
-  so: vLLM accepts only ``input`` and ``output`` transforms of Linears ("Cannot apply `q_attn` transform"), and
-  the ``vllm`` target refuses it (``rotations: [R1, R2, R4]`` keeps the rest). transformers ignores both forms.
+- Online rotations (QuaRot R3 on queries and keys after RoPE, R4 before down_proj, R5 before o_proj, R6 before
+  the Linears reading a norm) live in ``config.json``'s ``llmquant_structure``, which only llmquant's loader reads.
+  R4 to R6 are also written as compressed-tensors' ``transform_config`` with their matrices
+  (`llmquant.export.transforms`), the dense ``input`` transforms vLLM applies to Linears
+  (``.../compressed_tensors/transform/linear.py``), so the ``vllm`` target takes them (vLLM runs such transforms
+  without tensor parallelism only). R3 cannot be written so: vLLM accepts only ``input`` and ``output`` transforms
+  of Linears ("Cannot apply `q_attn` transform"), and the ``vllm`` target refuses it (``rotations: [R1, R2, R4]``
+  keeps the rest). transformers ignores both forms.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("fake", "transformers", "vllm")
 Target = Literal["fake", "transformers", "vllm"]
-ONLINE_ROTATIONS = ("R3", "R4", "R5")
+ONLINE_ROTATIONS = ("R3", "R4", "R5", "R6")
 MARLIN_GROUP_SIZES = (32, 64, 128)
 SMOKE_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -206,13 +207,13 @@ def transformers_linear_findings(scheme: Scheme) -> list[Finding]:
 
 # --- the recipe ---------------------------------------------------------------------------------------
 def online_rotations(recipe: Recipe) -> tuple[str, ...]:
-    """The online rotations (R3, R4, R5) the recipe's quarot pre-optimization adds, if any."""
+    """The online rotations (R3 to R6) the recipe's quarot pre-optimization adds, if any."""
     quarot = recipe.quarot()
     return tuple(r for r in quarot.active_rotations() if r in ONLINE_ROTATIONS) if quarot is not None else ()
 
 
 def rotation_findings(target: Target, recipe: Recipe) -> list[Finding]:
-    """Which online rotations ``target`` runs (module docstring): vLLM those before Linears (R4, R5), read from
+    """Which online rotations ``target`` runs (module docstring): vLLM those before Linears (R4 to R6), read from
     the checkpoint's transform_config; transformers none."""
     online = online_rotations(recipe)
     if target == "fake" or not online:

@@ -1,5 +1,6 @@
-"""Online input rotations (QuaRot's R4 before down_proj, R5 before o_proj) written as compressed-tensors'
-``transform_config``, the form vLLM reads (``.../compressed_tensors/transform/linear.py`` in vLLM 0.32).
+"""Online input rotations (QuaRot's R4 before down_proj, R5 before o_proj, R6 before the readers of a norm) written
+as compressed-tensors' ``transform_config``, the form vLLM reads (``.../compressed_tensors/transform/linear.py`` in
+vLLM 0.32).
 
 vLLM gives a Linear that a ``transform_config`` group targets with ``location: input`` a child module named
 ``<group>_input`` holding a dense ``[n, n]`` ``weight`` that it reads from the checkpoint
