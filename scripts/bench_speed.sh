@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Size and speed figures of BENCHMARKS.md: round-to-nearest checkpoints of the default model, each measured by
-# `llmquant bench` against the float32 model in the same run (bench/speed_<name>.json; a name already there is
-# skipped). The checkpoints stay in $CK for scripts/benchmark_vllm.py.
+# `llmquant bench` against the float32 model in the same run ($OUT/speed_<name>.json; a name already there is
+# skipped). The checkpoints stay in $CK for scripts/benchmark_vllm.py. On another machine, give it its own OUT
+# (OUT=bench/speed_<date>_<cpu>): the machine's line is kept there as machine.txt.
 #
-#     bash scripts/bench_speed.sh            CK=/tmp/ck by default
+#     bash scripts/bench_speed.sh            CK=/tmp/ck, OUT=bench by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-1}  # THREADS=2 bash scripts/bench_speed.sh: the same on two threads (bench/speed_<name>_t2.json)
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 CK=${CK:-/tmp/ck}
+OUT=${OUT:-bench}
+mkdir -p "$OUT"
 L=.venv/bin/llmquant
 SUFFIX=$([ "$THREADS" = 1 ] && echo "" || echo "_t$THREADS")
 # the machine the figures belong to: CPU model, the ISA extensions the int8 kernels use, threads, versions
-echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|avx512_bf16\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "threads: $THREADS; $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+{
+    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|avx512_bf16\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    echo "threads: $THREADS; $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+} | tee -a "$OUT/machine.txt"
 
 speed() {  # NAME QUANTIZE_FLAGS...
     local name=$1; shift
     [ -f "$CK/$name/config.json" ] || $L quantize --quiet --no-eval "$@" --output "$CK/$name"
-    [ -f "bench/speed_$name$SUFFIX.json" ] || $L bench --model "$CK/$name" --batch 1 8 --prompt 512 --decode 32 \
-        --repeats 3 --json | tail -1 > "bench/speed_$name$SUFFIX.json"
+    [ -f "$OUT/speed_$name$SUFFIX.json" ] || $L bench --model "$CK/$name" --batch 1 8 --prompt 512 --decode 32 \
+        --repeats 3 --json | tail -1 > "$OUT/speed_$name$SUFFIX.json"
 }
 
 speed none_quarot --scheme none --pre-opt quarot          # the cost of the online rotations R3 + R4
@@ -30,5 +35,5 @@ speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_
 # the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process
 for batch in 1 8; do
     .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \
-        --batch "$batch" --threads "$THREADS" | tail -1
+        --batch "$batch" --threads "$THREADS" | tail -1 | tee -a "$OUT/kv_decode$SUFFIX.txt"
 done
