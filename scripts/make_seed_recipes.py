@@ -88,12 +88,15 @@ def best_recipes() -> dict[str, dict[str, Any]]:
                           "algorithm": "gptq", "gptq": {"asymmetric": 0.5, "quantized_inputs": True},
                           "weight_observer": "mse", "pre_opts": [{"name": "quarot"}], "activation_clip": 0.95,
                           "calib": {"samples": 128}},
-        # GPTAQ on the Hessians of the quantized activations, clipped at 0.8 from the start (the ratio the clip search
-        # chose after GPTQ: fixed before, GPTQ sees it), 128 samples: x1.4931 (stdlib x1.7283), against x1.5122 on 28
-        # samples and x1.536 with the clip search after GPTQ
+        # R6 in place of R1 (online Hadamards before the readers of every norm) and every group smoothed (alpha
+        # searched) before its online rotation (SmoothRot's order); GPTAQ on the Hessians of the quantized activations,
+        # clipped at 0.8 from the start; 128 samples: x1.3270 (stdlib x1.4672), against x1.4931 (x1.7283) for QuaRot
+        # R1-R4 with the same GPTQ (the recipe before 12-01)
         "best_w4a4kv4": {"scheme": "w_int4_per_channel_sym_a_int4_per_token_dynamic", "kv_cache": "int4_per_token_asym",
                          "algorithm": "gptq", "gptq": {"asymmetric": 0.25, "quantized_inputs": True},
-                         "pre_opts": [{"name": "quarot"}], "activation_clip": 0.8, "calib": {"samples": 128}},
+                         "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R6"]},
+                                      {"name": "smoothquant", "alpha": "auto"}],
+                         "activation_clip": 0.8, "calib": {"samples": 128}},
     }
 
 
