@@ -235,8 +235,8 @@ def test_a_size_without_hadamard_takes_the_fallback_or_is_skipped(calib_ids: tor
 
 def test_bad_quarot_fields_are_one_line_errors() -> None:
     with pytest.raises(LlmquantError) as raised:
-        llmquant.Recipe.build(pre_opts=[quarot(rotations=["R6"])])
-    assert "\n" not in str(raised.value) and "R6" in str(raised.value)
+        llmquant.Recipe.build(pre_opts=[quarot(rotations=["R7"])])
+    assert "\n" not in str(raised.value) and "R7" in str(raised.value)
     with pytest.raises(LlmquantError, match="v_proj and o_proj"):
         llmquant.Recipe.build(pre_opts=[quarot(v_proj="self_attn.v_proj")]).quarot().config()
     model = make_model("llama")
