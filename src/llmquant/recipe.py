@@ -45,7 +45,7 @@ from torch import nn
 from llmquant.algorithms.awq import AWQStep
 from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
 from llmquant.algorithms.lifecycle import LayerStep
-from llmquant.algorithms.quarot import QuaRotConfig
+from llmquant.algorithms.quarot import ONLINE_ROTATIONS, QuaRotConfig
 from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
@@ -159,8 +159,7 @@ class QuaRotPreOpt(_Strict):
     learn: LearnRotations | None = None
 
     def active_rotations(self) -> tuple[str, ...]:
-        online = ("R3", "R4", "R5", "R6")
-        return tuple(r for r in self.rotations if self.online_had or r not in online)
+        return tuple(r for r in self.rotations if self.online_had or r not in ONLINE_ROTATIONS)
 
     def config(self) -> QuaRotConfig:
         return QuaRotConfig(rotations=self.active_rotations(), randomize=self.randomize, seed=self.seed,

@@ -54,6 +54,7 @@ from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_ro
 from llmquant.quant.rotation import Fallback, Rotation, rotate_blocks, rotation_for
 
 ROTATIONS = ("R1", "R2", "R3", "R4", "R5", "R6")
+ONLINE_ROTATIONS = ("R3", "R4", "R5", "R6")  # R3 on queries and keys inside the attention, the others before Linears
 DEFAULT_ROTATIONS = ("R1", "R2", "R3", "R4")
 
 
@@ -373,7 +374,7 @@ def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
     if r3 is not None:
         layer.get_submodule(plan.attention).qk_rotation = OnlineRotation(r3)
     for step in plan.steps.values():
-        if step.online and step.rotation is not None and step.name.startswith(("R4", "R5", "R6")):
+        if step.online and step.rotation is not None and step.name != "R3":  # before Linears: R4 (R4/<size>), R5, R6
             for name in step.targets:
                 linear = layer.get_submodule(name)
                 rotate_reader(linear, step.rotation)

@@ -96,6 +96,11 @@ def reader_weight(layer: nn.Module, name: str) -> torch.Tensor:
     return weight if rotation is None else rotation.apply(weight, inverse=True)
 
 
+def reader_weights(layer: nn.Module, group: SmoothGroup) -> dict[str, torch.Tensor]:
+    """`reader_weight` of every reader of the group, float32: computed once for all the candidates a search scores."""
+    return {name: reader_weight(layer, name).float() for name in group.linears}
+
+
 def statistics_module(layer: nn.Module, group: SmoothGroup) -> nn.Module:
     """The module whose input is the group's input on the producer's channels: the first reader, or its online
     input rotation."""
@@ -146,12 +151,13 @@ def quantized_group_error(
     specs: dict[str, tuple[QuantSpec | None, QuantSpec | None]],
     references: dict[str, torch.Tensor] | None = None,
     static_absmax: torch.Tensor | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """Squared error of the group's quantized outputs against the float ones X W^T, for scales ``s``
     (float32: only the ranking of candidates matters); ``references`` caches X W^T per Linear. A static
     symmetric input scale is max_j(static_absmax_j / s_j) / qmax when ``static_absmax`` (per reader channel,
     before smoothing) is given, as calibration would set it; otherwise every input scale comes from the
-    tokens themselves."""
+    tokens themselves. ``weights`` caches `reader_weights`."""
     x = stats.tokens.float()
     if x.shape[0] == 0:  # a fold this rank did not see (several processes): nothing to score here
         return 0.0
@@ -162,7 +168,7 @@ def quantized_group_error(
         x_smooth, static_absmax = rotation.apply(x_smooth), None
     error = 0.0
     for name in group.linears:
-        weight = reader_weight(layer, name).float()
+        weight = weights[name] if weights is not None else reader_weight(layer, name).float()
         reference = references[name] if references is not None else x @ weight.T
         w_spec, a_spec = specs[name]
         w_smooth = weight * columns[None, :]
@@ -202,12 +208,14 @@ def choose_alpha(
         return least_error_scales(layer, group, stats, specs, candidates, ranks)
     errors = dict.fromkeys(grid, 0.0)
     first, second = stats.folds
+    weights = reader_weights(layer, group)
     for fit, held in ((first, second), (second, first)):
         fit_act = reduce_channels(fit.act_absmax, group)
-        references = _float_outputs(layer, group, held.tokens)
+        references = _float_outputs(weights, held.tokens)
         for alpha in grid:
             scales = smoothing_scales(fit_act, w_max, alpha)
-            errors[alpha] += quantized_group_error(layer, group, held, scales, specs, references, fit.act_absmax)
+            errors[alpha] += quantized_group_error(layer, group, held, scales, specs, references, fit.act_absmax,
+                                                   weights)
     best = _least(errors, ranks)
     return best, smoothing_scales(act, w_max, best)
 
@@ -220,10 +228,11 @@ def _least(errors: dict[float, float], ranks: Ranks) -> float:
     return min(errors, key=errors.__getitem__)
 
 
-def _float_outputs(layer: nn.Module, group: SmoothGroup, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """X W^T of every Linear of the group on ``tokens`` (float32): the reference of `quantized_group_error`."""
+def _float_outputs(weights: dict[str, torch.Tensor], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X W^T of every Linear of a group (``weights``: `reader_weights`) on ``tokens`` (float32): the reference of
+    `quantized_group_error`."""
     x = tokens.float()
-    return {name: x @ reader_weight(layer, name).float().T for name in group.linears}
+    return {name: x @ weight.T for name, weight in weights.items()}
 
 
 def least_error_scales(
@@ -236,8 +245,10 @@ def least_error_scales(
 ) -> tuple[float, torch.Tensor]:
     """Of ``{parameter: scales}``, the entry with the least quantized output error summed over ``ranks`` (first on
     ties)."""
-    references = _float_outputs(layer, group, stats.tokens)
-    errors = {p: quantized_group_error(layer, group, stats, s, specs, references) for p, s in candidates.items()}
+    weights = reader_weights(layer, group)
+    references = _float_outputs(weights, stats.tokens)
+    errors = {p: quantized_group_error(layer, group, stats, s, specs, references, weights=weights)
+              for p, s in candidates.items()}
     best = _least(errors, ranks)
     return best, candidates[best]
 

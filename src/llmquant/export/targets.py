@@ -63,6 +63,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from llmquant.algorithms.quarot import ONLINE_ROTATIONS
 from llmquant.errors import LlmquantError
 from llmquant.export.checkpoint import STRUCTURE, from_args
 from llmquant.model.moe import has_experts
@@ -75,7 +76,6 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("fake", "transformers", "vllm")
 Target = Literal["fake", "transformers", "vllm"]
-ONLINE_ROTATIONS = ("R3", "R4", "R5", "R6")
 MARLIN_GROUP_SIZES = (32, 64, 128)
 SMOKE_PROMPT = (1, 2, 3, 4, 5, 6, 7, 8)
 

@@ -42,6 +42,7 @@ from torch import nn
 from llmquant.errors import LlmquantError
 from llmquant.model.moe import MoEBlock, find_moe_blocks
 from llmquant.nn.experts import expert_index
+from llmquant.nn.online_rotation import input_rotation_of
 
 
 @dataclass(frozen=True)
@@ -164,26 +165,18 @@ def replicate_expert_groups(layer: nn.Module, groups: list[SmoothGroup]) -> list
 
 def _record(layer: nn.Module, run: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every reader's and norm's input and output on one run of the layer. A Linear that rotates its input online
-    (`llmquant.nn.online_rotation`: QuaRot's R4, R5) is recorded with its input before the rotation, the tensor
+    (`llmquant.nn.online_rotation`: QuaRot's R4, R5, R6) is recorded with its input before the rotation, the tensor
     its producer wrote (what a smoothing scale multiplies)."""
     inputs, outputs, handles = {}, {}, []
     readers = set(_reads_by_weight(layer))
     for name, module in layer.named_modules():
         if name in readers or _is_norm(module):
-            rotation = getattr(module, "input_rotation", None)
-
-            def hook(_m: nn.Module, args: tuple, out: torch.Tensor, name: str = name, rotated: bool =
-                     rotation is not None) -> None:
-                if not rotated:
-                    inputs[name] = args[0]
-                outputs[name] = out
-
-            def before_rotation(_m: nn.Module, args: tuple, name: str = name) -> None:
-                inputs[name] = args[0]
-
-            handles.append(module.register_forward_hook(hook))
-            if rotation is not None:
-                handles.append(rotation.register_forward_pre_hook(before_rotation))
+            rotated = input_rotation_of(module) is not None
+            # the input: at the module's own forward hook, or before its rotation (a pre-hook on the rotation)
+            handles.append((module.input_rotation if rotated else module).register_forward_pre_hook(
+                lambda _m, args, name=name: inputs.__setitem__(name, args[0])))
+            handles.append(module.register_forward_hook(
+                lambda _m, _args, out, name=name: outputs.__setitem__(name, out)))
     try:
         with torch.no_grad():
             run()
