@@ -63,6 +63,9 @@ def main() -> None:
         "activations": manifest.results["activations"],
         "learned_rotations": manifest.results.get("learned_rotations"),
         "clip_search": manifest.results.get("clip_search"),
+        "learned_online_rotations": [{"layer": row["layer"], **row["learned_online_rotations"]}
+                                     for row in manifest.layers if "learned_online_rotations" in row] or None,
+        "output_errors": [round(row["output_error"], 5) for row in manifest.layers if "output_error" in row],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

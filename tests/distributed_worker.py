@@ -1,6 +1,6 @@
 """Run llmquant.quantize in a process group of ``world`` gloo processes on one machine (spawned by
 tests/test_distributed.py): each rank quantizes the same tiny models on its share of the calibration samples,
-and rank 0 saves, for each job, what the tests compare with one process."""
+and rank 0 saves, for each job, what the tests compare with one process (every rank its learned online rotations)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import llmquant
 from conftest import make_model
+from llmquant.nn.online_rotation import input_rotation_of
 
 
 def quantize_on_rank(rank: int, world: int, port: int, jobs: list[tuple[str, str, dict]], calib: torch.Tensor,
@@ -24,6 +25,10 @@ def quantize_on_rank(rank: int, world: int, port: int, jobs: list[tuple[str, str
     try:
         for name, family, recipe in jobs:
             model = llmquant.quantize(make_model(family), recipe, calib=calib, progress=False)
+            learned = {n: r.dense for n, m in model.named_modules()
+                       if (r := input_rotation_of(m)) is not None and r.dense is not None}
+            if learned:  # every rank's learned rotations, which must be the same
+                torch.save(learned, Path(out) / f"{name}.rotations.{rank}.pt")
             if rank == 0:
                 state = {k: v.clone() for k, v in model.state_dict().items()}
                 torch.save({"state": state, "manifest": model.llmquant_manifest.to_dict()}, Path(out) / f"{name}.pt")

@@ -46,6 +46,9 @@ SEARCHED = {  # searches scored on each rank's token sample, summed: bounded, no
     "smoothquant-auto": ("llama", {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
                                    "pre_opts": [{"name": "smoothquant", "alpha": "auto"}]}),
 }
+LEARNED_ONLINE = ("llama", {"scheme": "w_int4_per_channel_sym_a_int4_per_token_dynamic", "pre_opts": [
+    {"name": "quarot", "rotations": ["R2", "R4", "R6"],
+     "learn_online": {"iterations": 8, "lr": 3e-2, "weights": False}}]})
 
 
 def free_port() -> int:
@@ -63,7 +66,8 @@ def calibration() -> torch.Tensor:
 def in_two_processes(calibration: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every job of `EXACT` and `SEARCHED` quantized by two gloo processes (one group, one spawn)."""
     out = tmp_path_factory.mktemp("two")
-    jobs = [(name, family, recipe) for name, (family, recipe) in {**EXACT, **SEARCHED}.items()]
+    jobs = [(name, family, recipe) for name, (family, recipe) in
+            {**EXACT, **SEARCHED, "learned-online": LEARNED_ONLINE}.items()]
     mp.spawn(quantize_on_rank, args=(WORLD, free_port(), jobs, calibration, str(out)), nprocs=WORLD)
     return out
 
@@ -128,6 +132,18 @@ def test_searches_over_two_processes_are_as_good_as_one(name: str, in_two_proces
     reference = logits(make_model(family), eval_ids)
     single = relative_error(reference, logits(one_process(family, recipe, calibration), eval_ids))
     assert relative_error(reference, logits(two, eval_ids)) == pytest.approx(single, rel=0.1)
+
+
+def test_learned_online_rotations_are_the_same_on_every_rank(in_two_processes: Path) -> None:
+    """Each Adam step takes the mean of the ranks' gradients and the keep-or-not choice reads the loss summed over
+    them: both ranks end with the same matrices, bit for bit, and the run learned some (kept where they help)."""
+    first, second = (torch.load(in_two_processes / f"learned-online.rotations.{rank}.pt") for rank in range(WORLD))
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    manifest = torch.load(in_two_processes / "learned-online.pt", weights_only=False)["manifest"]
+    for row in manifest["layers"]:
+        entry = row["learned_online_rotations"]
+        assert entry["loss_learned"] < entry["loss_start"] or not entry["kept"]
 
 
 # --- the command line: torchrun, a killed process, a resume ---------------------------------------------------

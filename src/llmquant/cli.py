@@ -51,11 +51,13 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         if not quarot:
             raise LlmquantError("--rotations needs --pre-opt quarot (or a quarot pre_opt in the recipe)")
         quarot[0]["rotations"] = [r.strip().upper() for r in args.rotations.split(",") if r.strip()]
-    if getattr(args, "learn_rotations", None) is not None:
-        quarot = [p for p in fields["pre_opts"] if p["name"] == "quarot"]
-        if not quarot:
-            raise LlmquantError("--learn-rotations needs --pre-opt quarot (or a quarot pre_opt in the recipe)")
-        quarot[0]["learn"] = {**(quarot[0].get("learn") or {}), "iterations": args.learn_rotations}
+    for flag, key in (("learn_rotations", "learn"), ("learn_online", "learn_online")):
+        if getattr(args, flag, None) is not None:
+            quarot = [p for p in fields["pre_opts"] if p["name"] == "quarot"]
+            if not quarot:
+                raise LlmquantError(f"--{flag.replace('_', '-')} needs --pre-opt quarot (or a quarot pre_opt in the "
+                                    "recipe)")
+            quarot[0][key] = {**(quarot[0].get(key) or {}), "iterations": getattr(args, flag)}
     if getattr(args, "clip_search", False):
         fields["clip_search"] = fields.get("clip_search") or {}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
@@ -430,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotations", default=None, help="QuaRot rotations, comma separated (default R1,R2,R3,R4)")
     q.add_argument("--learn-rotations", type=int, default=None, metavar="STEPS",
                    help="learn R1 and R2 (SpinQuant, Cayley SGD) in STEPS steps on the calibration samples")
+    q.add_argument("--learn-online", type=int, default=None, metavar="STEPS",
+                   help="learn each layer's online rotations before Linears (R4, R5, R6) in STEPS steps a layer")
     q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
     q.add_argument("--clip-search", action="store_true",
                    help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")

@@ -44,6 +44,7 @@ from torch import nn
 
 from llmquant.algorithms.awq import AWQStep
 from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
+from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearningStep
 from llmquant.algorithms.lifecycle import LayerStep
 from llmquant.algorithms.quarot import ONLINE_ROTATIONS, QuaRotConfig
 from llmquant.algorithms.smoothquant import SmoothingStep
@@ -131,6 +132,22 @@ class LearnRotations(_Strict):
                                momentum=self.momentum, learn_r2=self.r2, loss=self.loss)
 
 
+class LearnOnline(_Strict):
+    """Each layer's online rotations before Linears (R4, R5, R6) learned on its output error
+    (`llmquant.algorithms.learned_online`): ``iterations`` Adam steps a layer of ``lr`` (cosine-decayed) on ``batch``
+    calibration samples each; ``weights``: the loss rounds the weights to nearest; ``max_size``: only rotations of
+    at most this many channels (0: all)."""
+
+    iterations: int = Field(32, ge=1)
+    batch: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weights: bool = True
+    max_size: int = Field(0, ge=0)
+
+    def config(self) -> OnlineLearningConfig:
+        return OnlineLearningConfig(**self.model_dump())
+
+
 class QuaRotPreOpt(_Strict):
     """QuaRot rotations (`llmquant.algorithms.quarot`): ``rotations`` among R1..R6 (default R1..R4);
     ``online_had: false`` (seed 003's ``"online-had"``) keeps only the offline R1 and R2. ``randomize``
@@ -140,7 +157,8 @@ class QuaRotPreOpt(_Strict):
     Seed 003's layer-map keys are accepted as they are: ``backbone`` (checked), ``model_decoder_layers``
     and ``self_attn`` (they replace the found decoder layers and attention), ``v_proj`` and ``o_proj``
     (the value path R2 rotates, relative to a decoder layer). ``learn`` learns R1 and R2 on the calibration
-    samples (SpinQuant) instead of keeping the Hadamards."""
+    samples (SpinQuant) instead of keeping the Hadamards; ``learn_online`` learns each layer's online rotations
+    before Linears (R4, R5, R6) on the layer's output error."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
@@ -157,6 +175,7 @@ class QuaRotPreOpt(_Strict):
     v_proj: str | None = None
     o_proj: str | None = None
     learn: LearnRotations | None = None
+    learn_online: LearnOnline | None = None
 
     def active_rotations(self) -> tuple[str, ...]:
         return tuple(r for r in self.rotations if self.online_had or r not in ONLINE_ROTATIONS)
@@ -293,6 +312,14 @@ class Recipe(_Strict):
             if self.algorithm == "awq":
                 raise LlmquantError("AWQ rescales the same groups as smoothquant/smooth_fc_fc: choose one of them")
             steps.append(SmoothingStep(alphas, self.smooth_groups))
+        quarot = self.quarot()
+        if quarot is not None and quarot.learn_online is not None:
+            before_linears = [r for r in quarot.active_rotations() if r in ONLINE_ROTATIONS and r != "R3"]
+            if not before_linears:
+                raise LlmquantError(f"quarot.learn_online learns online rotations before Linears (R4, R5, R6), but "
+                                    f"the recipe's rotations are {', '.join(quarot.active_rotations()) or 'none'}: "
+                                    "add one of them")
+            steps.append(OnlineLearningStep(quarot.learn_online.config()))
         if self.algorithm == "awq":
             tiled = [name for name in dict.fromkeys([self.scheme, *(o.scheme for o in self.overrides)])
                      if (w := self.scheme_named(name).weights) is not None and w.granularity == "block"]

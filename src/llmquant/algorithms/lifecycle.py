@@ -5,7 +5,8 @@ recipe order, and knows none of them by name. For one layer it
 
 1. runs a float pass over every calibration sample with the hooks of each step's `LayerStep.observe`
    (statistics of the untouched layer: channel maxima, token samples); this pass gives the reference
-   outputs (it is skipped when no step observes, and the pass of 3 is the reference);
+   outputs (it is skipped when no step observes or claims to keep the function, and the pass of 3 is the
+   reference);
 2. calls each step's `LayerStep.transform`: changes of the float weights that keep the layer's function
    (smoothing scales), which the engine checks on the layer's outputs;
 3. makes the layer's `QuantLinear`s (round to nearest from the transformed weights); when a step
@@ -28,7 +29,7 @@ the layer on its calibration inputs, so the algorithms stay below the engine in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,10 @@ class LayerContext:
     ``working_memory()``: the bytes the step's working tensors may still take where the layer computes, under the
     run's caps (`llmquant.device.DevicePolicy.working_memory`; None: unknown), read when the work begins: GPTQ
     sizes its rounds of experts and its sweeps by it.
+    ``batches(batch)``: the calibration inputs of the layer, ``batch`` samples at a time where their keyword
+    arguments allow it, as (hidden states, keyword arguments) on the layer's device: for a step that runs the layer
+    itself (with gradients: `llmquant.algorithms.learned_online`).
+    ``kv_cache``: the KV-cache spec of each attention of the layer that quantizes its cache (relative names).
     """
 
     layer: nn.Module
@@ -85,6 +90,8 @@ class LayerContext:
     linears: dict[str, tuple[nn.Linear, QuantLinear]] = field(default_factory=dict)
     ranks: Ranks = field(default_factory=Ranks)
     working_memory: Callable[[], int | None] = field(default=lambda: None)
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, dict[str, Any]]]] = field(default=lambda _batch: iter(()))
+    kv_cache: dict[str, QuantSpec] = field(default_factory=dict)
 
     def quantized_names(self) -> list[str]:
         """The Linears whose weights are quantized, in the layer's module order."""

@@ -90,7 +90,7 @@ def cayley_step(x: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor, lr:
 
 
 # --- the rotated, fake-quantized network -------------------------------------------------------------
-class _Rotate(nn.Module):
+class RotateWeight(nn.Module):
     """Parametrization of a weight: W <- W U on blocks of ``n`` input columns (``side="input"``), or U^T W on
     blocks of ``n`` output rows (``"output"``; a bias [out] as b U per block)."""
 
@@ -103,16 +103,16 @@ class _Rotate(nn.Module):
         return rotate_blocks(w, u.shape[0], self.side, lambda blocks: blocks @ u)
 
 
-class _Switch:
+class QuantizerSwitch:
     """Whether the network's quantizers act (off: the float function, the teacher of the "kl" loss)."""
 
     on = True
 
 
-class _StraightThrough(nn.Module):
+class StraightThroughWeight(nn.Module):
     """Parametrization of a weight: fake-quantized by ``spec``, the gradient passing straight through."""
 
-    def __init__(self, spec: QuantSpec, switch: _Switch) -> None:
+    def __init__(self, spec: QuantSpec, switch: QuantizerSwitch) -> None:
         super().__init__()
         self.spec, self.switch = spec, switch
 
@@ -130,10 +130,10 @@ def learning_spec(spec: QuantSpec) -> QuantSpec:
     return spec if spec.dynamic else spec.model_copy(update={"dynamic": True, "observer": "minmax"})
 
 
-class _KVStraightThrough(nn.Module):
+class KVStraightThrough(nn.Module):
     """An attention's KV-cache quantizer for the loss: keys and values fake-quantized, straight through."""
 
-    def __init__(self, spec: QuantSpec, switch: _Switch) -> None:
+    def __init__(self, spec: QuantSpec, switch: QuantizerSwitch) -> None:
         super().__init__()
         self.spec, self.switch = learning_spec(spec), switch
 
@@ -167,9 +167,9 @@ class NetworkMap:
 
 
 def _rotate_weight(linear: nn.Module, u: nn.Parameter, side: str) -> None:
-    parametrize.register_parametrization(linear, "weight", _Rotate(u, side))
+    parametrize.register_parametrization(linear, "weight", RotateWeight(u, side))
     if side == "output" and getattr(linear, "bias", None) is not None:
-        parametrize.register_parametrization(linear, "bias", _Rotate(u, side))
+        parametrize.register_parametrization(linear, "bias", RotateWeight(u, side))
 
 
 def _hook_output(u: nn.Parameter) -> Callable:
@@ -180,7 +180,7 @@ def _hook_input(u: nn.Parameter) -> Callable:
     return lambda _module, args: (args[0] @ u.to(args[0].dtype).T, *args[1:])
 
 
-def _hook_quantize(spec: QuantSpec, switch: _Switch) -> Callable:
+def quantize_input_hook(spec: QuantSpec, switch: QuantizerSwitch) -> Callable:
     return lambda _module, args: (straight_through(args[0], spec), *args[1:]) if switch.on else None
 
 
@@ -193,7 +193,7 @@ class RotatedNetwork:
         """``hidden``: the size of U1 (0: R1 is not learned); ``head_dim``: the size of the U2s (0: not learned)."""
         for p in model.parameters():
             p.requires_grad_(False)
-        self.model, self.switch = model, _Switch()
+        self.model, self.switch = model, QuantizerSwitch()
         self.u1 = nn.Parameter(torch.eye(hidden)) if hidden else None
         self.u2 = {name: nn.Parameter(torch.eye(head_dim)) for name, rows in where.layers.items()
                    if head_dim and rows.value_path is not None}
@@ -224,12 +224,12 @@ class RotatedNetwork:
         """The straight-through quantizers of the loss, after the rotations (weights, inputs, KV caches)."""
         model = self.model
         for name, spec in where.weights.items():
-            quantizer = _StraightThrough(spec, self.switch)
+            quantizer = StraightThroughWeight(spec, self.switch)
             parametrize.register_parametrization(model.get_submodule(name), "weight", quantizer)
         for name, spec in where.inputs.items():
-            model.get_submodule(name).register_forward_pre_hook(_hook_quantize(learning_spec(spec), self.switch))
+            model.get_submodule(name).register_forward_pre_hook(quantize_input_hook(learning_spec(spec), self.switch))
         for name, spec in where.kv_cache.items():
-            model.get_submodule(name).kv_cache_quantizer = _KVStraightThrough(spec, self.switch)
+            model.get_submodule(name).kv_cache_quantizer = KVStraightThrough(spec, self.switch)
 
     def named_rotations(self) -> Iterator[tuple[str, nn.Parameter]]:
         """("R1", U1) and (layer name, U2) for each layer whose R2 is learned."""
@@ -283,5 +283,6 @@ def learn(network: RotatedNetwork, samples: torch.Tensor, config: SpinQuantConfi
                             tokens=config.iterations * config.batch * samples.shape[1])
 
 
-__all__ = ["LayerRotations", "LearnedRotations", "NetworkMap", "RotatedNetwork", "SpinQuantConfig", "cayley_step",
-           "learn", "learning_spec", "straight_through"]
+__all__ = ["KVStraightThrough", "LayerRotations", "LearnedRotations", "NetworkMap", "QuantizerSwitch", "RotateWeight",
+           "RotatedNetwork", "SpinQuantConfig", "StraightThroughWeight", "cayley_step", "learn", "learning_spec",
+           "quantize_input_hook", "straight_through"]

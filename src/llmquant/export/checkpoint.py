@@ -48,7 +48,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmquant.device import dtype_name
 from llmquant.errors import LlmquantError
-from llmquant.export.transforms import TRANSFORM_CONFIG, transform_config, transform_tensors, without_transform_tensors
+from llmquant.export.transforms import (
+    TRANSFORM_CONFIG,
+    rotation_entry,
+    rotation_from_entry,
+    transform_config,
+    transform_tensors,
+    without_transform_tensors,
+)
 from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.lazy import INDEX, CheckpointReader, config_dtype, return_freed_memory
 from llmquant.model.loading import load_tokenizer
@@ -583,7 +590,7 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     """What the model's architecture class does not say: online rotations in front of Linears (R4)
     and on queries and keys (R3), and RMSNorms that replaced LayerNorms (R1 on a LayerNorm model)."""
     structure: dict[str, Any] = {}
-    inputs = {n: asdict(r) for n, m in model.named_modules() if (r := input_rotation_of(m)) is not None}
+    inputs = {n: rotation_entry(r) for n, m in model.named_modules() if (r := input_rotation_of(m)) is not None}
     qk = {n: asdict(m.qk_rotation.rotation) for n, m in model.named_modules()
           if isinstance(getattr(m, "qk_rotation", None), OnlineRotation)}
     norms = {n: m.eps for n, m in model.named_modules() if isinstance(m, RMSNorm)}
@@ -594,14 +601,14 @@ def model_structure(model: nn.Module) -> dict[str, Any]:
     return structure
 
 
-def _apply_structure(model: nn.Module, structure: dict[str, Any]) -> None:
+def _apply_structure(model: nn.Module, structure: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     for name, eps in structure.get("rms_norms", {}).items():
         norm = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         rms = RMSNorm(norm.weight.shape[0], eps).to(norm.weight.dtype)
         setattr(model.get_submodule(parent) if parent else model, child, rms)
     for name, rotation in structure.get("input_rotations", {}).items():
-        attach_input_rotation(model.get_submodule(name), Rotation(**rotation))
+        attach_input_rotation(model.get_submodule(name), rotation_from_entry(rotation, tensors))
     for name, rotation in structure.get("qk_rotations", {}).items():
         model.get_submodule(name).qk_rotation = OnlineRotation(Rotation(**rotation))
     if structure.get("qk_rotations"):
@@ -664,10 +671,10 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
             raw = {key: value for key, value in raw.items() if key != TRANSFORM_CONFIG}
             qconfig = _names_in_memory(QuantizationConfig.model_validate(raw), names)
         _apply_quantization_config(model, qconfig)
-    _apply_structure(model, {key: {names.from_disk(n): v for n, v in entries.items()}
-                             for key, entries in structure.items()})
     reader = CheckpointReader(directory)
     tensors = {names.from_disk(key): value for key, value in reader.read(reader.names()).items()}
+    _apply_structure(model, {key: {names.from_disk(n): v for n, v in entries.items()}
+                             for key, entries in structure.items()}, tensors)
     tensors = without_transform_tensors(model, tensors)  # vLLM's copies of the rotations llmquant_structure rebuilt
     _add_missing_biases(model, tensors)
     missing, unexpected = model.load_state_dict(_state_dict_from_stored(model, tensors), strict=False)

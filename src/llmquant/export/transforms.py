@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from torch import nn
 
+from llmquant.errors import LlmquantError
 from llmquant.model.checkpoint_names import CheckpointNames
 from llmquant.nn.online_rotation import input_rotation_of
-from llmquant.quant.rotation import Rotation
+from llmquant.quant.rotation import LEARNED_STORAGE_DTYPE, Rotation, learned_rotation
 
 TRANSFORM_CONFIG = "transform_config"  # the key in config.json's quantization_config
 
@@ -65,7 +67,8 @@ def transform_tensors(model: nn.Module, names: CheckpointNames, dtype: torch.dty
         if group not in written:
             written.add(group)
             key = f"{prefix}{name}.{group}_input.weight"
-            tensors[names.to_disk(key)] = (rotation.matrix() * math.sqrt(rotation.n)).to(dtype)
+            stored = LEARNED_STORAGE_DTYPE if rotation.kind == "learned" else dtype  # (`storable`)
+            tensors[names.to_disk(key)] = (rotation.matrix() * math.sqrt(rotation.n)).to(stored)
     return tensors
 
 
@@ -85,6 +88,26 @@ def transform_config(model: nn.Module, names: CheckpointNames) -> dict[str, Any]
         for group, (rotation, linears) in targets.items()
     }
     return TransformConfig(config_groups=groups).model_dump(mode="json")
+
+
+def rotation_entry(rotation: Rotation) -> dict[str, Any]:
+    """How ``llmquant_structure`` records an online rotation: its fields; a learned one's matrix by the name of its
+    transform group (the checkpoint's tensor ``<linear>.<group>_input.weight``, `transform_tensors`)."""
+    if rotation.dense is None:
+        return asdict(rotation)
+    return {"n": rotation.n, "kind": rotation.kind, "label": rotation.label, "group": transform_group(rotation)}
+
+
+def rotation_from_entry(entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Rotation:
+    """The rotation a `rotation_entry` records; a learned one's matrix from ``tensors`` (the checkpoint's)."""
+    if "group" not in entry:
+        return Rotation(**entry)
+    suffix = f".{entry['group']}_input.weight"
+    found = next((value for key, value in tensors.items() if key.endswith(suffix)), None)
+    if found is None:
+        raise LlmquantError(f"the checkpoint records a learned rotation '{entry['group']}' but holds no tensor "
+                            f"'*{suffix}'; it is incomplete")
+    return learned_rotation(found.double() / math.sqrt(entry["n"]), entry["label"])
 
 
 def without_transform_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

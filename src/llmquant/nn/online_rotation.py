@@ -1,8 +1,8 @@
 """Online rotations (QuaRot's R3 and R4) and the RMSNorm that replaces a LayerNorm under R1.
 
 - `OnlineRotation`: a module applying x -> x Q (a `Rotation`) in the forward, in float32 (Hadamard
-  rotations as products with their Kronecker factors), with no stored tensors: the rotation is rebuilt from its
-  description, so a checkpoint only records it in its config.
+  rotations as products with their Kronecker factors, a learned one as one dense product), with no state-dict
+  entries: a Hadamard is rebuilt from its description, a learned matrix from the checkpoint's transform tensors.
 - `attach_input_rotation(linear, rotation)`: the Linear computes W (x Q) instead of W x. The rotation is
   a child module ``input_rotation`` run by a forward pre-hook registered first (``prepend``), so every
   other hook on the Linear (observers, GPTQ's Hessian, smoothing statistics) sees the input the weight
@@ -40,11 +40,15 @@ class OnlineRotation(nn.Module):
     def __init__(self, rotation: Rotation) -> None:
         super().__init__()
         self.rotation = rotation
+        if rotation.dense is not None:  # a learned matrix: one float32 product (not a state-dict entry)
+            self.register_buffer("matrix", rotation.dense.float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
             return kronecker_transform(x, _normalized_factors(r.n, x.device)).to(x.dtype)
+        if r.dense is not None:
+            return (x.float() @ self.matrix).to(x.dtype)
         return r.apply(x.float()).to(x.dtype)
 
     def extra_repr(self) -> str:

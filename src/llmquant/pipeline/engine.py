@@ -63,6 +63,7 @@ from llmquant.pipeline.layer_io import (
     compute_dtype,
     float32_probe,
     head_dim_of,
+    input_batches,
     inputs_of,
     inputs_of_each,
     relative_error,
@@ -228,6 +229,9 @@ def layer_context(layer: nn.Module, index: int, prefix: str, plan: QuantPlan, in
         feed=lambda module, consume: inputs_of(layer, module, inputs, consume),
         feed_each=lambda consumers: inputs_of_each(layer, consumers, inputs), ranks=ranks,
         working_memory=policy.working_memory if policy is not None else lambda: None,
+        batches=lambda batch: input_batches(inputs, batch, device_of(layer)),
+        kv_cache={name[len(prefix) + 1:]: spec for name, spec in plan.kv_cache.items()
+                  if spec is not None and name.startswith(prefix + ".")},
     )
 
 
@@ -263,7 +267,8 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
     layer, prefix, ranks = ctx.layer, ctx.where, ctx.ranks
     float_out = None
     handles = [handle for step in steps for handle in step.observe(ctx)]
-    if handles:  # statistics of the untouched layer, over every sample; its outputs are the reference
+    if handles or any(step.keeps_function for step in steps):  # statistics of the untouched layer, over every
+        # sample; its outputs are the reference, against which a transform that claims to keep the function is checked
         try:
             float_out = run_layer(layer, inputs, prefix, into=storage.new())
         finally:

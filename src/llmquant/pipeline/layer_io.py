@@ -102,7 +102,7 @@ def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
     return all(_equal_kwargs(kwargs[0], other) for other in kwargs[1:])
 
 
-def _batches(inputs: LayerInputs, batch: int | None,
+def input_batches(inputs: LayerInputs, batch: int | None,
              device: torch.device) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
     """The samples on ``device``, ``batch`` (default `BATCH`) per forward when their kwargs allow it, else one
     by one."""
@@ -130,7 +130,7 @@ def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume:
 
     handle = module.register_forward_pre_hook(stop)
     try:
-        for hidden, kwargs in _batches(inputs, batch, device_of(layer)):
+        for hidden, kwargs in input_batches(inputs, batch, device_of(layer)):
             try:
                 layer(hidden, **kwargs)
             except _StopAtInputError:
@@ -148,7 +148,7 @@ def inputs_of_each(layer: nn.Module, consumers: dict[nn.Module, Callable[[torch.
     handles = [module.register_forward_pre_hook(lambda _m, args, consume=consume: consume(args[0]))
                for module, consume in consumers.items()]
     try:
-        for hidden, kwargs in _batches(inputs, batch, device_of(layer)):
+        for hidden, kwargs in input_batches(inputs, batch, device_of(layer)):
             layer(hidden, **kwargs)
     finally:
         for handle in handles:
@@ -161,7 +161,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | No
     """The layer's outputs for every sample (appended to ``into``, a new list by default), ``batch``
     (default `BATCH`) samples per forward when their kwargs allow it."""
     outputs = [] if into is None else into
-    for hidden, kwargs in _batches(inputs, batch, device_of(layer)):
+    for hidden, kwargs in input_batches(inputs, batch, device_of(layer)):
         out = _layer_output(layer(hidden, **kwargs))
         if not torch.isfinite(out).all():
             raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")

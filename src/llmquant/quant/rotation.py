@@ -19,6 +19,7 @@ Maths in float64 (`apply` computes in float64 and casts back), as QuaRot's refer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,6 +38,7 @@ from llmquant.quant.hadamard import (
 
 RotationKind = Literal["hadamard", "block_diagonal", "random", "learned"]
 ORTHOGONALITY_TOLERANCE = 1e-6  # max |Q^T Q - I| a learned rotation may have
+LEARNED_STORAGE_DTYPE = torch.float32  # a learned matrix's dtype in a checkpoint (in any model dtype: see `storable`)
 Fallback = Literal["random", "block_diagonal", "skip"]
 
 
@@ -109,6 +111,14 @@ def _dense(n: int, kind: str, seed: int) -> torch.Tensor:
     return orthogonal_fallback(n, kind, seed=seed)  # type: ignore[arg-type]
 
 
+def storable(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` (float64) as a checkpoint gives it back: stored as sqrt(n) Q in `LEARNED_STORAGE_DTYPE` (the
+    transform tensors vLLM reads, `llmquant.export.transforms`), read back divided by sqrt(n). An online learned
+    rotation is made from this value, so the model in memory and the one loaded from its checkpoint compute the same."""
+    root = math.sqrt(matrix.shape[0])
+    return (matrix.double() * root).to(LEARNED_STORAGE_DTYPE).double() / root
+
+
 def learned_rotation(matrix: torch.Tensor, label: str) -> Rotation:
     """A `Rotation` of kind ``learned`` for the orthogonal ``matrix`` (x -> x Q), checked to
     `ORTHOGONALITY_TOLERANCE`."""
@@ -145,4 +155,5 @@ def rotation_for(n: int, randomize: bool, seed: int, fallback: Fallback) -> Rota
     return Rotation(n, fallback, seed=seed)
 
 
-__all__ = ["Fallback", "Rotation", "RotationKind", "learned_rotation", "rotate_blocks", "rotation_for"]
+__all__ = ["LEARNED_STORAGE_DTYPE", "Fallback", "Rotation", "RotationKind", "learned_rotation", "rotate_blocks",
+           "rotation_for", "storable"]

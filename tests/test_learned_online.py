@@ -1,0 +1,163 @@
+"""Layer-wise learned online rotations (`llmquant.algorithms.learned_online`): the Linears that read one input share
+a site, learning lowers the layer's output error it optimises, the learned rotations fold keeping the float function
+(the engine's check and the float model's logits), they are orthogonal and stored exactly, a checkpoint gives the
+same logits back, vLLM's transform_config carries them, and bad recipes are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import llmquant
+from conftest import logits, make_model, relative_error
+from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearningStep, shared_input_sites
+from llmquant.algorithms.lifecycle import LayerContext
+from llmquant.errors import LlmquantError
+from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
+from llmquant.quant.rotation import Rotation, storable
+from llmquant.quant.scheme import scheme_from_name
+
+W4A4 = "w_int4_per_channel_sym_a_int4_per_token_dynamic"
+ROTATIONS = ["R2", "R3", "R4", "R6"]
+
+
+def recipe(learn: dict | None, scheme: str = W4A4, **fields: object) -> dict:
+    quarot = {"name": "quarot", "rotations": ROTATIONS, **({"learn_online": learn} if learn is not None else {})}
+    return {"scheme": scheme, "pre_opts": [quarot], **fields}
+
+
+def learned(family: str, calib_ids: torch.Tensor, learn: dict, **fields: object) -> torch.nn.Module:
+    model = make_model(family)
+    llmquant.quantize(model, recipe(learn, **fields), calib=calib_ids, progress=False)
+    return model
+
+
+class _OneLinear(nn.Module):
+    """A "layer" of one Linear reading x Q, Q a Hadamard."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n, n, bias=False)
+        attach_input_rotation(self.linear, Rotation(n))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden)
+
+
+def test_learning_undoes_a_rotation_that_makes_an_outlier() -> None:
+    """Inputs x = z H^T, z with one channel 30x the others: the Hadamard in front of the Linear gives it z, the worst
+    input for 4-bit per-token quantization. The learned U spreads the outlier again: the quantized output error falls
+    by more than 30%, the float output stays the same, the rotation becomes a learned orthogonal one."""
+    torch.manual_seed(0)
+    n = 32
+    layer = _OneLinear(n)
+    z = torch.randn(64, 16, n)
+    z[..., 3] *= 30
+    x = Rotation(n).apply(z, inverse=True)
+    scheme = scheme_from_name(W4A4)
+    ctx = LayerContext(layer=layer, index=0, where="toy", specs={"linear": (scheme.weights, scheme.input_activations)},
+                       run_sample=lambda count: layer(x[:count]), feed=lambda *_: None, feed_each=lambda _: None,
+                       batches=lambda batch: iter([(x[i : i + batch], {}) for i in range(0, len(x), batch)]))
+    with torch.no_grad():
+        before = layer(x)
+    entry = OnlineLearningStep(OnlineLearningConfig(iterations=64, batch=16, lr=3e-2, weights=False)).transform(ctx)
+    found = entry["learned_online_rotations"]
+    assert found["sites"] == [["linear"]] and found["kept"]
+    assert found["loss_learned"] < 0.7 * found["loss_start"]  # measured: 0.55
+    with torch.no_grad():
+        assert relative_error(before, layer(x)) < 1e-5
+    assert input_rotation_of(layer.linear).kind == "learned"
+
+
+def test_linears_reading_one_input_share_a_site(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    llmquant.quantize(model, recipe(None, scheme="none"), calib=calib_ids, progress=False)
+    layer = model.model.layers[0]
+    sites = shared_input_sites(layer, lambda: layer(model.model.embed_tokens(calib_ids[:1]),
+                                                    position_embeddings=model.model.rotary_emb(
+                                                        torch.zeros(1, 32), torch.arange(32)[None])))
+    assert sites == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                     ["mlp.down_proj"]]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_learning_lowers_the_quantized_output_error_and_keeps_the_float_function(family: str, calib_ids: torch.Tensor,
+                                                                                 eval_ids: torch.Tensor) -> None:
+    """The loss is the layer's quantized output error (the engine's figure, squared, on the same inputs); the learned
+    rotations are kept only where they lower it; the engine's equivalence check passes; with nothing quantized the
+    model keeps its float logits."""
+    model = learned(family, calib_ids, {"iterations": 48, "batch": 4, "lr": 3e-3})
+    rows = model.llmquant_manifest.layers
+    for row in rows:
+        entry = row["learned_online_rotations"]
+        found = entry["loss_learned"] if entry["kept"] else entry["loss_start"]
+        assert row["output_error"] ** 2 == pytest.approx(found, rel=1e-3)
+        assert row["equivalence_error"] < 1e-5  # measured: 1.6e-7 .. 2.9e-7
+        assert entry["loss_learned"] < entry["loss_start"] or not entry["kept"]  # (never worse than the Hadamards)
+
+    float_model = make_model(family)
+    reference = logits(float_model, eval_ids)
+    llmquant.quantize(float_model, recipe({"iterations": 8}, scheme="none"), calib=calib_ids, progress=False)
+    assert relative_error(reference, logits(float_model, eval_ids)) < 1e-5
+    layer = model.model.layers[0]
+    rotation = input_rotation_of(layer.mlp.gate_proj)
+    assert rotation is not None and rotation.kind == "learned" and rotation.dense is not None
+    assert torch.equal(rotation.dense, storable(rotation.dense))  # what the checkpoint gives back
+    eye = torch.eye(rotation.n, dtype=torch.float64)
+    assert (rotation.dense.T @ rotation.dense - eye).abs().max() < 1e-6
+    assert input_rotation_of(layer.mlp.up_proj) == rotation  # the site's Linears share it
+
+
+def test_a_learned_checkpoint_gives_the_same_logits_and_vllm_transforms(tmp_path: Path, calib_ids: torch.Tensor,
+                                                                         eval_ids: torch.Tensor) -> None:
+    model = learned("llama", calib_ids, {"iterations": 16, "lr": 3e-2, "weights": False},
+                    kv_cache="int4_per_token_asym")
+    kept = [row["learned_online_rotations"] for row in model.llmquant_manifest.layers]
+    assert any(entry["kept"] for entry in kept)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    entries = config["llmquant_structure"]["input_rotations"]
+    learned_groups = {e["group"] for e in entries.values() if e["kind"] == "learned"}
+    assert len(learned_groups) == sum(len(entry["sites"]) for entry in kept if entry["kept"])  # one matrix a site
+    groups = config["quantization_config"]["transform_config"]["config_groups"]
+    assert learned_groups <= set(groups) and all(groups[g]["type"] == "random-matrix" for g in learned_groups)
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
+    assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
+
+
+def test_max_size_leaves_larger_rotations_alone(calib_ids: torch.Tensor) -> None:
+    model = learned("llama", calib_ids, {"iterations": 2, "max_size": 64})  # hidden 64; down_proj reads 128
+    for layer, row in zip(model.model.layers, model.llmquant_manifest.layers, strict=True):
+        assert row["learned_online_rotations"]["sites"] == [["self_attn.q_proj", "self_attn.k_proj",
+                                                              "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+        assert input_rotation_of(layer.mlp.down_proj).kind == "hadamard"
+
+
+def test_bad_learn_online_recipes_are_one_line_errors(calib_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    with pytest.raises(LlmquantError, match=r"learns online rotations before Linears .* add one of them"):
+        llmquant.quantize(model, {"scheme": W4A4, "pre_opts": [{"name": "quarot", "rotations": ["R1", "R2", "R3"],
+                                                                "learn_online": {}}]}, calib=calib_ids)
+    with pytest.raises(LlmquantError, match="iterations") as error:
+        llmquant.quantize(model, recipe({"iterations": 0}), calib=calib_ids)
+    assert "\n" not in str(error.value)
+
+
+def test_the_learn_online_flag_reaches_the_recipe_and_needs_quarot(tmp_path: Path) -> None:
+    from llmquant.cli import _recipe_from_args, build_parser
+
+    args = build_parser().parse_args(["quantize", "--scheme", W4A4, "--pre-opt", "quarot", "--rotations", "R2,R4,R6",
+                                      "--learn-online", "5", "--output", "unused"])
+    assert _recipe_from_args(args).quarot().learn_online.iterations == 5
+    result = subprocess.run(
+        [sys.executable, "-m", "llmquant", "quantize", "--learn-online", "5", "--output", str(tmp_path / "o")],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "--learn-online needs --pre-opt quarot" in result.stderr and not (tmp_path / "o").exists()
