@@ -54,6 +54,11 @@ SCHEMES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (recipe, the dtype
         {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
          "pre_opts": [{"name": "quarot", "rotations": ["R2", "R4", "R6"]}, {"name": "smoothquant", "alpha": 0.5}]},
         "float32"),
+    "W8A8 per-token, R2 offline, R4+R6 online and learned": (
+        {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
+         "pre_opts": [{"name": "quarot", "rotations": ["R2", "R4", "R6"],
+                       "learn_online": {"iterations": 16, "lr": 0.03, "weights": False}}]},
+        "float32"),
 }
 
 

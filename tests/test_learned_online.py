@@ -161,3 +161,29 @@ def test_the_learn_online_flag_reaches_the_recipe_and_needs_quarot(tmp_path: Pat
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "--learn-online needs --pre-opt quarot" in result.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_mixtures_of_experts_share_the_norms_site_and_keep_the_float_function(family: str,
+                                                                              calib_ids: torch.Tensor) -> None:
+    """Calibrated with every expert running, the router and every expert's gate/up read the norm's output: one site
+    (one U); each expert's down_proj reads its own input: a site each. Where the learned rotations are kept, the
+    engine's float-function check passes."""
+    model = make_model(family)
+    llmquant.quantize(model, {"scheme": W4A4, "pre_opts": [{"name": "quarot", "rotations": ["R2", "R4", "R6"],
+                                                            "learn_online": {"iterations": 4, "lr": 3e-2,
+                                                                             "weights": False}}]},
+                      calib=calib_ids, progress=False)
+    moe_layers = 0
+    for row in model.llmquant_manifest.layers:
+        entry = row["learned_online_rotations"]
+        readers = [site for site in entry["sites"] if any(".experts." in n and "gate_proj" in n for n in site)]
+        if readers:
+            moe_layers += 1
+            (site,) = readers
+            experts = {n.rsplit(".", 1)[0] for s in entry["sites"] for n in s if ".experts." in n}
+            assert {f"{e}.{p}" for e in experts for p in ("gate_proj", "up_proj")} <= set(site)
+            assert sum(1 for s in entry["sites"] if len(s) == 1 and s[0].endswith("down_proj")) >= len(experts)
+        if entry["kept"]:
+            assert row["equivalence_error"] < 1e-5
+    assert moe_layers >= 1

@@ -140,7 +140,7 @@ class LearnOnline(_Strict):
 
     iterations: int = Field(32, ge=1)
     batch: int = Field(4, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)
     weights: bool = True
     max_size: int = Field(0, ge=0)
 

@@ -62,7 +62,7 @@ class OnlineLearningConfig:
 
     iterations: int = 32
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-4
     weights: bool = True
     max_size: int = 0
 
