@@ -103,7 +103,7 @@ def _shared_kwargs(kwargs: list[dict[str, Any]]) -> bool:
 
 
 def input_batches(inputs: LayerInputs, batch: int | None,
-             device: torch.device) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
     """The samples on ``device``, ``batch`` (default `BATCH`) per forward when their kwargs allow it, else one
     by one."""
     batch = BATCH if batch is None else batch
