@@ -269,10 +269,10 @@ class OnlineLearningStep(LayerStep):
         found = shared_input_sites(ctx.layer, lambda: ctx.run_sample(1))
         sites = []
         for names in found:
-            n = input_rotation_of(ctx.layer.get_submodule(names[0]))
-            assert n is not None
-            if not self.config.max_size or n.n <= self.config.max_size:
-                sites.append(_Site(names, n.n, ctx.layer.get_submodule(names[0]).weight.device))
+            first = ctx.layer.get_submodule(names[0])
+            size = input_rotation_of(first).n  # type: ignore[union-attr]
+            if not self.config.max_size or size <= self.config.max_size:
+                sites.append(_Site(names, size, first.weight.device))
         if not sites:
             return {}
         entry = _learn(ctx, sites, self.config)
