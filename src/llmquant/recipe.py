@@ -46,7 +46,7 @@ from llmquant.algorithms.awq import AWQStep
 from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
 from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearningStep
 from llmquant.algorithms.lifecycle import LayerStep
-from llmquant.algorithms.quarot import ONLINE_ROTATIONS, QuaRotConfig
+from llmquant.algorithms.quarot import ONLINE_BEFORE_LINEARS, ONLINE_ROTATIONS, QuaRotConfig
 from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
@@ -314,8 +314,7 @@ class Recipe(_Strict):
             steps.append(SmoothingStep(alphas, self.smooth_groups))
         quarot = self.quarot()
         if quarot is not None and quarot.learn_online is not None:
-            before_linears = [r for r in quarot.active_rotations() if r in ONLINE_ROTATIONS and r != "R3"]
-            if not before_linears:
+            if not set(quarot.active_rotations()) & set(ONLINE_BEFORE_LINEARS):
                 raise LlmquantError(f"quarot.learn_online learns online rotations before Linears (R4, R5, R6), but "
                                     f"the recipe's rotations are {', '.join(quarot.active_rotations()) or 'none'}: "
                                     "add one of them")

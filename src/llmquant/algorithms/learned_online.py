@@ -237,14 +237,15 @@ def _learn(ctx: LayerContext, sites: list[_Site], config: OnlineLearningConfig) 
 
 
 def _fold(layer: nn.Module, site: _Site, label: str) -> None:
-    """Q <- Q U in each Linear's online rotation and W <- W U (float64, cast back): the float function is kept."""
+    """Q <- Q U in the online rotation of the site's Linears (one learned rotation, shared: they all start from the
+    same Q) and W <- W U (float64, cast back): the float function is kept."""
     u = site.orthogonal()
-    for name in site.linears:
-        linear = layer.get_submodule(name)
-        rotation = input_rotation_of(linear)
-        assert rotation is not None
+    linears = [layer.get_submodule(name) for name in site.linears]
+    start = input_rotation_of(linears[0])
+    assert start is not None and all(input_rotation_of(linear) == start for linear in linears)
+    learned = learned_rotation(storable(start.matrix() @ u.cpu()), f"{label}, from {start.describe()}")
+    for linear in linears:
         linear.weight.data = (linear.weight.data.double() @ u.to(linear.weight.device)).to(linear.weight.dtype)
-        learned = learned_rotation(storable(rotation.matrix() @ u.cpu()), f"{label}, from {rotation.describe()}")
         linear.input_rotation = OnlineRotation(learned).to(linear.weight.device)
 
 

@@ -54,7 +54,8 @@ from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_ro
 from llmquant.quant.rotation import Fallback, Rotation, rotate_blocks, rotation_for
 
 ROTATIONS = ("R1", "R2", "R3", "R4", "R5", "R6")
-ONLINE_ROTATIONS = ("R3", "R4", "R5", "R6")  # R3 on queries and keys inside the attention, the others before Linears
+ONLINE_BEFORE_LINEARS = ("R4", "R5", "R6")  # online input rotations of Linears
+ONLINE_ROTATIONS = ("R3", *ONLINE_BEFORE_LINEARS)  # R3 on queries and keys inside the attention
 DEFAULT_ROTATIONS = ("R1", "R2", "R3", "R4")
 
 
@@ -374,7 +375,7 @@ def rotate_layer(layer: nn.Module, plan: QuaRotPlan) -> None:
     if r3 is not None:
         layer.get_submodule(plan.attention).qk_rotation = OnlineRotation(r3)
     for step in plan.steps.values():
-        if step.online and step.rotation is not None and step.name != "R3":  # before Linears: R4 (R4/<size>), R5, R6
+        if step.rotation is not None and step.name.split("/")[0] in ONLINE_BEFORE_LINEARS:  # (R4/<size> too)
             for name in step.targets:
                 linear = layer.get_submodule(name)
                 rotate_reader(linear, step.rotation)
@@ -414,6 +415,8 @@ def rotate_head(model: nn.Module, plan: QuaRotPlan) -> None:
 
 __all__ = [
     "DEFAULT_ROTATIONS",
+    "ONLINE_BEFORE_LINEARS",
+    "ONLINE_ROTATIONS",
     "ROTATIONS",
     "ModelShapes",
     "QuaRotConfig",

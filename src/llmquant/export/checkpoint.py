@@ -607,8 +607,11 @@ def _apply_structure(model: nn.Module, structure: dict[str, Any], tensors: dict[
         parent, _, child = name.rpartition(".")
         rms = RMSNorm(norm.weight.shape[0], eps).to(norm.weight.dtype)
         setattr(model.get_submodule(parent) if parent else model, child, rms)
-    for name, rotation in structure.get("input_rotations", {}).items():
-        attach_input_rotation(model.get_submodule(name), rotation_from_entry(rotation, tensors))
+    rebuilt: dict[str, Rotation] = {}  # a learned group's rotation, built once for the Linears that share it
+    for name, entry in structure.get("input_rotations", {}).items():
+        key = entry.get("group", name)
+        rebuilt[key] = rebuilt.get(key) or rotation_from_entry(entry, tensors)
+        attach_input_rotation(model.get_submodule(name), rebuilt[key])
     for name, rotation in structure.get("qk_rotations", {}).items():
         model.get_submodule(name).qk_rotation = OnlineRotation(Rotation(**rotation))
     if structure.get("qk_rotations"):
