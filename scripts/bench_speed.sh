@@ -27,11 +27,18 @@ speed() {  # NAME QUANTIZE_FLAGS...
         --repeats 3 --json | tail -1 > "$OUT/speed_$name$SUFFIX.json"
 }
 
+again() {  # NAME CHECKPOINT BENCH_FLAGS...: a checkpoint made above, measured with other runtime choices
+    local name=$1 checkpoint=$2; shift 2
+    [ -f "$OUT/speed_$name$SUFFIX.json" ] || $L bench --model "$CK/$checkpoint" --batch 1 8 --prompt 512 \
+        --decode 32 --repeats 3 --json "$@" | tail -1 > "$OUT/speed_$name$SUFFIX.json"
+}
+
 speed none_quarot --scheme none --pre-opt quarot          # the cost of the online rotations R3 + R4
 speed w8a8_token --scheme w_int8_per_channel_a_int8_per_token_dynamic
 speed w8a8_static --scheme w_int8_per_channel_a_int8_per_tensor_static
 speed w4_g64 --scheme w_uint4_per_group_asym --group-size 64
 speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic
+again w8a8_token_bf16_attention w8a8_token --attention bfloat16  # its attention in bfloat16 (float32: the baseline)
 # the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process
 for batch in 1 8; do
     .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \

@@ -1,8 +1,9 @@
 """Where the CPU runtime spends its time: the figures of BENCHMARKS.md's "Speed on a quiet machine".
 
     .venv/bin/python scripts/runtime_profile.py layer                 # W8A8 and W4 Linears against float32, by rows
-    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] # torch.profiler: a prefill and 8 decode steps
+    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention bfloat16]  # torch.profiler
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
+    .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN against torch._int_mm
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
@@ -13,6 +14,11 @@ run it against an older commit with
 ``git worktree add /tmp/old REV && PYTHONPATH=/tmp/old/src .venv/bin/python scripts/runtime_profile.py layer``.
 ``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
 generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
+``kernels`` (a W8A8 checkpoint) times oneDNN's product and ``torch._int_mm`` on every layer's codes, by projection and
+rows (each call on the next layer's weight, as in a forward: the median over 5 sweeps of the per-layer mean), then a
+512-token prefill and 16 decode steps at batch 1 with ``_int_mm`` only, with the shape rule of
+`llmquant.nn.int8_linear.int8_product`, and with oneDNN at every shape, alternating (each after one untimed
+generation that packs the weights again), 8 rounds after a warm-up one, medians.
 ``compile`` alternates 5 prefills of the checkpoint at ``--batch`` with the compiled kernel and without it.
 ``fp8`` times an FP8 per-channel / per-token `QuantLinear` on ``torch._scaled_mm`` (forced onto the operator even on
 the CPU, where `set_runtime` keeps the simulation) and its simulation against the float Linear (float32 on the CPU,
@@ -60,20 +66,20 @@ def layer() -> None:
             set_runtime(quantized, "int8")
             for rows in (1, 8, 16, 32, 64, 512):
                 x = torch.randn(rows, inputs)
-                with torch.inference_mode():
+                with torch.no_grad():
                     float_us = median_us(lambda linear=linear, x=x: linear(x))
                     quantized_us = median_us(lambda quantized=quantized, x=x: quantized(x))
                 print(f"{name}: {inputs} -> {outputs}, {rows} rows: float32 {float_us:8.1f} us, quantized "
                       f"{quantized_us:8.1f} us, ratio {float_us / quantized_us:5.2f}")
 
 
-def profile(model_dir: str | None) -> None:
+def profile(model_dir: str | None, attention: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
-    model, _ = llmquant.load(model_dir, device="cpu")
+    model, _ = llmquant.load(model_dir, device="cpu", attention=attention)
     ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
+    with torch.no_grad():
         model(ids, logits_to_keep=1)
         with profiler(activities=[ProfilerActivity.CPU]) as prefill:
             out = model(ids, use_cache=True, logits_to_keep=1)
@@ -88,13 +94,74 @@ def profile(model_dir: str | None) -> None:
         print(result.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def kernel_calls(layers: list[tuple[str, QuantLinear]]) -> None:
+    """oneDNN against ``_int_mm`` on every layer's weight, by projection and rows (`kernels`)."""
+    from llmquant.nn import int8_linear
+
+    weights = {id(m): int8_linear.Int8Weight(m.weight, True) for _, m in layers}
+    kinds = list(dict.fromkeys(kind for kind, _ in layers))
+    for rows in (1, 2, 8, 64, 512):
+        figures = []
+        for kind in kinds:
+            of_kind = [m for k, m in layers if k == kind]
+            codes = [torch.randint(-127, 128, (rows, m.in_features), dtype=torch.int8) for m in of_kind]
+            for label, product in (("oneDNN", lambda x, m: int8_linear.onednn_product(x, weights[id(m)])),
+                                   ("_int_mm", lambda x, m: torch._int_mm(x, m.weight.t()))):
+                sweeps = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    for x, m in zip(codes, of_kind, strict=True):
+                        product(x, m)
+                    sweeps.append((time.perf_counter() - start) / len(of_kind))
+                figures.append(f"{kind} {label} {statistics.median(sweeps) * 1e6:.0f}")
+        print(f"{rows} rows (us a call): " + ", ".join(figures))
+
+
+def kernels(model_dir: str) -> None:
+    from llmquant.nn import int8_linear
+    from llmquant.nn.kv_storage import cache_argument, returned_cache
+
+    model, _ = llmquant.load(model_dir, device="cpu")
+    layers = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+    kernel_calls(layers)
+    ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
+
+    def generation(steps: int) -> tuple[float, float]:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            prefill = time.perf_counter() - start
+            cache, token, argument = returned_cache(out), out.logits[:, -1:].argmax(-1), cache_argument(model)
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(token, **{argument: cache}, use_cache=True)
+                cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
+            return prefill, (time.perf_counter() - start) / max(steps, 1)
+
+    rule = (int8_linear.ONEDNN_MIN_ROWS, int8_linear.ONEDNN_MIN_OUTPUTS)
+    modes = {"_int_mm only": ("0", rule), "shape rule": ("1", rule), "oneDNN always": ("1", (0, 0))}
+    times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    for round_ in range(9):  # the first round warms up
+        for mode, (flag, (min_rows, min_outputs)) in modes.items():
+            os.environ["LLMQUANT_ONEDNN"] = flag
+            int8_linear.ONEDNN_MIN_ROWS, int8_linear.ONEDNN_MIN_OUTPUTS = min_rows, min_outputs
+            for _, m in layers:
+                m.drop_caches()
+            generation(1)  # (packs the weights again)
+            if round_:
+                times[mode].append(generation(16))
+    for mode, results in times.items():
+        print(f"{mode}: prefill {statistics.median(r[0] for r in results) * 1e3:.0f} ms, decode step "
+              f"{statistics.median(r[1] for r in results) * 1e3:.1f} ms")
+
+
 def compiled_against_eager(model_dir: str, batch: int) -> None:
     model, _ = llmquant.load(model_dir, device="cpu")
     ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
 
     def prefill() -> float:
         start = time.perf_counter()
-        with torch.inference_mode():
+        with torch.no_grad():
             model(ids, use_cache=True, logits_to_keep=1)
         return time.perf_counter() - start
 
@@ -116,7 +183,7 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
                                                                              ("float KV", baseline_dir))}
     ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
     state, times = {}, {name: [] for name in models}
-    with torch.inference_mode():
+    with torch.no_grad():
         for name, model in models.items():
             out = model(ids, use_cache=True, logits_to_keep=1)
             state[name] = (returned_cache(out), out.logits[:, -1:].argmax(-1))
@@ -187,7 +254,7 @@ def fp8(device: str) -> None:
         quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
         for rows in (1, 16, 512, 2048):
             x = torch.randn(rows, inputs, device=device, dtype=dtype)
-            with torch.inference_mode():
+            with torch.no_grad():
                 float_us = timed(lambda linear=linear, x=x: linear(x))
                 quantized.runtime = "fake"
                 simulated_us = timed(lambda quantized=quantized, x=x: quantized(x))
@@ -199,22 +266,28 @@ def fp8(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8"])
+    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
+                        help="profile: the attention's dtype")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "layer":
         layer()
     elif args.what == "profile":
-        profile(args.model)
+        profile(args.model, args.attention)
     elif args.what == "dequant":
         dequant()
     elif args.what == "fp8":
         fp8(args.device)
+    elif args.what == "kernels":
+        if args.model is None:
+            parser.error("kernels needs --model DIR (a W8A8 checkpoint)")
+        kernels(args.model)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

@@ -1,5 +1,7 @@
 """The W8A8 int8 linear (`llmquant.nn.int8_linear`): the eager and the compiled kernels give the simulation's bits,
-for every input scale (per token, per tensor, static), with and without a bias, at decode and prefill shapes."""
+for every input scale (per token, per tensor, static), with and without a bias, at decode and prefill shapes, with
+oneDNN's product and with ``torch._int_mm``; oneDNN's product is exact; Linears reading one tensor quantize it once,
+and only while it is unchanged."""
 
 from __future__ import annotations
 
@@ -32,7 +34,10 @@ def _outputs(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @pytest.mark.parametrize("scheme", [s for s in W8A8_SCHEMES if "per_tensor_a" not in s or "static" in s])
 @pytest.mark.parametrize("rows", [1, 3, 300])
-def test_the_eager_int8_kernel_gives_the_simulations_bits(scheme: str, rows: int) -> None:
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_the_eager_int8_kernel_gives_the_simulations_bits(scheme: str, rows: int, onednn: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_ONEDNN", onednn)
     for bias in (False, True):
         layer = _layer(scheme, bias)
         x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
@@ -120,3 +125,107 @@ def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_r
     set_runtime(model, "int8")
     assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
     assert errors["gptq"] < errors["rtn"], errors
+
+
+needs_onednn = pytest.mark.skipif(kernel.onednn_refusal(torch.device("cpu")) is not None,
+                                  reason=f"oneDNN's int8 product does not run here: "
+                                         f"{kernel.onednn_refusal(torch.device('cpu'))}")
+
+
+@needs_onednn
+@pytest.mark.parametrize(("rows", "inner", "outputs"), [(1, 8192, 16), (5, 4096, 64), (300, 1536, 80), (1, 576, 192)])
+def test_onednns_product_is_the_exact_integer_product(rows: int, inner: int, outputs: int) -> None:
+    generator = torch.Generator().manual_seed(rows)
+    cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
+                        torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
+             "largest": (torch.full((rows, inner), 127, dtype=torch.int8), torch.full((outputs, inner), 127,
+                                                                                     dtype=torch.int8)),
+             "most negative": (torch.full((rows, inner), -128, dtype=torch.int8),
+                               torch.full((outputs, inner), 127, dtype=torch.int8))}
+    for name, (x, w) in cases.items():
+        exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
+        product = kernel.onednn_product(x, kernel.Int8Weight(w, True))
+        assert product.dtype == torch.float32 and torch.equal(product, exact), name
+        assert torch.equal(kernel.int8_matmul(x, w).float(), exact), name
+
+
+@needs_onednn
+def test_onednn_runs_where_its_shape_rule_says_and_is_packed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = kernel.Int8Weight(torch.randint(-127, 128, (80, 96), dtype=torch.int8), True)
+    assert kernel.int8_product(torch.ones(1, 96, dtype=torch.int8), weight).dtype == torch.int32  # _int_mm
+    assert weight.packed is None  # (nothing packed for a shape that does not use it)
+    rows = kernel.ONEDNN_MIN_ROWS
+    assert kernel.int8_product(torch.ones(rows, 96, dtype=torch.int8), weight).dtype == torch.float32  # oneDNN
+    packed = weight.packed
+    assert packed is not None
+    kernel.int8_product(torch.ones(rows, 96, dtype=torch.int8), weight)
+    assert weight.packed is packed
+    monkeypatch.setattr(kernel, "ONEDNN_MIN_OUTPUTS", 80)  # enough outputs: oneDNN at one row too
+    assert kernel.int8_product(torch.ones(1, 96, dtype=torch.int8), weight).dtype == torch.float32
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=False)
+    set_runtime(layer, "int8")
+    layer(torch.randn(rows, 96))
+    assert [t.is_mkldnn for t in layer.runtime_caches()] == [True]  # oneDNN's copy: a runtime cache
+    monkeypatch.setenv("LLMQUANT_ONEDNN", "0")
+    layer.drop_caches()
+    layer(torch.randn(rows, 96))
+    assert layer.runtime_caches() == []  # _int_mm multiplies the stored codes
+
+
+def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    quantize = kernel.int8_codes
+
+    def counted(*args: object) -> object:
+        calls.append(1)
+        return quantize(*args)
+
+    monkeypatch.setattr(kernel, "int8_codes", counted)
+    return calls
+
+
+def test_linears_reading_one_tensor_quantize_it_once_per_forward(monkeypatch: pytest.MonkeyPatch,
+                                                                 calib_ids: torch.Tensor,
+                                                                 eval_ids: torch.Tensor) -> None:
+    import llmquant
+    from conftest import make_model
+
+    model = llmquant.quantize(make_model("llama"), "w_int8_per_channel_a_int8_per_token_dynamic", calib=calib_ids,
+                              progress=False)
+    set_runtime(model, "int8")
+    calls = _counting_codes(monkeypatch)
+    layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        shared = model(eval_ids, use_cache=False).logits
+    assert len(calls) == 4 * layers  # q/k/v once, o, gate/up once, down
+    calls.clear()
+    with torch.inference_mode():  # no version counter: nothing kept, every Linear quantizes
+        alone = model(eval_ids, use_cache=False).logits
+    assert len(calls) == 7 * layers and torch.equal(shared, alone)
+    set_runtime(model, "fake")
+    with torch.no_grad():
+        assert torch.equal(model(eval_ids, use_cache=False).logits, shared)  # the simulation shares its codes too
+
+
+def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=False)
+    second = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    clipped = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    clipped.input_spec = clipped.input_spec.model_copy(update={"clip_ratio": 0.5})
+    static = _layer("w_int8_per_channel_a_int8_per_tensor_static", bias=True)
+    for layer in (first, second, clipped, static):
+        set_runtime(layer, "int8")
+    calls = _counting_codes(monkeypatch)
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = {name: layer(x.clone()) for name, layer in
+                    (("second", second), ("clipped", clipped), ("static", static))}
+        doubled = second(x.clone() * 2)
+        calls.clear()
+        first(x)
+        assert torch.equal(second(x), expected["second"]) and len(calls) == 1  # shared
+        assert torch.equal(clipped(x), expected["clipped"]) and len(calls) == 2  # another quantizer
+        assert torch.equal(static(x), expected["static"]) and len(calls) == 3
+        first(x)
+        x.mul_(2)  # changed in place: quantized again
+        assert torch.equal(second(x), doubled) and len(calls) == 5

@@ -291,7 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     tasks = _task_names(args.tasks)  # a missing lm-eval fails before the model loads
     check_model_source(args.model, needed_for="evaluation")
-    model, tokenizer = llmquant.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype)
+    model, tokenizer = llmquant.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype,
+                                     attention=args.attention)
     if tokenizer is None:
         raise LlmquantError(f"{args.model} has no tokenizer files; evaluation needs one")
     result: dict[str, Any] = {"ppl": {}}
@@ -322,7 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmquant.evaluation.bench import BenchConfig, markdown_table, run_bench
 
     config = BenchConfig(batches=tuple(args.batch), prompt=args.prompt, decode=args.decode, repeats=args.repeats)
-    result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype)
+    result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype, args.attention)
     print(markdown_table(result))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -394,6 +395,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"llmquant: error: {message} (see {self.prog} --help)\n")
+
+
+def _attention_flag(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
+                        help=f"the attention's dtype{whose}: model (default: the model's own) or bfloat16 (a float32 "
+                             "model's attention in bfloat16: faster on CPUs with AMX or AVX512-BF16, and a different "
+                             "function; BENCHMARKS.md)")
 
 
 def _placement_flags(parser: argparse.ArgumentParser, quantize: bool = False) -> None:
@@ -497,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 (default: int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for "
                         "W4 weight-only ones, int8 KV cache storage) or fake (simulated in float32)")
     e.add_argument("--quiet", action="store_true")
+    _attention_flag(e)
     _placement_flags(e)
     e.set_defaults(func=cmd_eval)
 
@@ -533,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 (int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for W4 "
                         "weight-only ones) or fake (simulated in float32)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    _attention_flag(b, " (of the model; the baseline's stays in its own)")
     _placement_flags(b)
     b.set_defaults(func=cmd_bench)
 

@@ -3,7 +3,9 @@
 Protocol (`run_bench`):
 
 - Inputs: seeded random token ids ``[batch, prompt]`` (the same ids for both models); the models run
-  under `torch.inference_mode`, on the threads torch has (``threads`` in the result).
+  under `torch.no_grad` (as transformers' ``generate``; `torch.inference_mode`'s tensors carry no version
+  counter, which the int8 runtime needs to quantize an input shared by several Linears once), on the threads
+  torch has (``threads`` in the result).
 - One measurement of a model at one batch size: a prefill, ``model(ids, use_cache=True,
   logits_to_keep=1)`` (the prompt's keys and values go to the cache, only the last position's logits
   are computed, as in serving), timed; then ``decode`` greedy steps, each feeding the argmax token
@@ -84,6 +86,7 @@ class BenchResult:
     baseline: str
     runtime: str
     config: BenchConfig
+    attention: str
     threads: int
     device: str
     baseline_dtype: str
@@ -105,7 +108,8 @@ def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
     for tensor in tensors:
         if tensor.is_meta:
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        # (oneDNN's prepacked weights are opaque: no storage to share, each counted once)
+        key = (id(tensor), -1) if tensor.is_mkldnn else (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if key in seen:
             continue
         seen.add(key)
@@ -120,7 +124,7 @@ def model_bytes(model: nn.Module) -> int:
 
 def runtime_cache_bytes(model: nn.Module) -> int:
     """Bytes a runtime keeps besides the state dict after a forward (`QuantLinear.runtime_caches`: a cached
-    dequantized weight, the int4 kernel's copy of 4-bit codes; the int8 GEMM multiplies the stored codes)."""
+    dequantized weight, the int4 kernel's copy of 4-bit codes, oneDNN's copy of int8 codes)."""
     from llmquant.nn.quant_linear import QuantLinear
 
     return _unique_bytes(t for m in model.modules() if isinstance(m, QuantLinear) for t in m.runtime_caches())
@@ -168,7 +172,7 @@ def time_generation(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[fl
     the model is on."""
     device = device_of(model)
     ids = ids.to(device)
-    with torch.inference_mode():
+    with torch.no_grad():
         start = _synchronized(device)
         out = model(ids, **_prefill_kwargs(model))
         prefilled = _synchronized(device)
@@ -226,15 +230,17 @@ def run_bench(
     config: BenchConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    attention: str = "model",
 ) -> BenchResult:
-    """Benchmark ``model`` (a checkpoint, loaded with ``runtime``) against ``baseline`` (the float model
-    it came from; None: the default model) as the module docstring says, both on ``device`` (auto: the GPU when
-    there is one) in ``dtype`` (auto: each in its own, a bf16 checkpoint against its bf16 model)."""
+    """Benchmark ``model`` (a checkpoint, loaded with ``runtime`` and ``attention``, `llmquant.load`) against
+    ``baseline`` (the float model it came from; None: the default model; its attention in its own dtype) as the
+    module docstring says, both on ``device`` (auto: the GPU when there is one) in ``dtype`` (auto: each in its own,
+    a bf16 checkpoint against its bf16 model)."""
     import llmquant
 
     config = config or BenchConfig()
     start = time.perf_counter()
-    quantized, _ = llmquant.load(model, runtime=runtime, device=device, dtype=dtype)
+    quantized, _ = llmquant.load(model, runtime=runtime, device=device, dtype=dtype, attention=attention)
     reference, _ = llmquant.load(baseline, device=device, dtype=dtype)
     vocab = quantized.config.vocab_size
     if reference.config.vocab_size != vocab:
@@ -249,7 +255,8 @@ def run_bench(
                                      disk_bytes(checkpoint_path(source)))
     return BenchResult(
         model=str(model) if model is not None else "default", baseline=str(baseline) if baseline else "default",
-        runtime=runtime, config=config, threads=torch.get_num_threads(), device=_device_name(device_of(quantized)),
+        runtime=runtime, config=config, attention=attention, threads=torch.get_num_threads(),
+        device=_device_name(device_of(quantized)),
         baseline_dtype=dtype_name(next(reference.parameters()).dtype), quantized=figures["quantized"],
         float32=figures["float"], ratios=ratios(figures["quantized"], figures["float"]),
         seconds=time.perf_counter() - start,
@@ -273,7 +280,8 @@ def markdown_table(result: BenchResult) -> str:
     q, f, r = result.quantized, result.float32, result.ratios
     c = result.config
     rows = [f"{c.prompt}-token prompts, {c.decode} decoded tokens, median of {c.repeats}, runtime "
-            f"{result.runtime}, {result.device}, {result.threads} threads; model {result.model}, baseline "
+            f"{result.runtime}, attention {result.attention}, {result.device}, {result.threads} threads; model "
+            f"{result.model}, baseline "
             f"{result.baseline}", "", f"| figure | {result.baseline_dtype} | quantized | quantized / float |",
             "|---|---|---|---|"]
     for batch in q.prefill_tokens_per_s:

@@ -1,20 +1,25 @@
 """The W8A8 int8 linear: y = s_x * s_w * (x_q @ W_q^T) + b, with x_q = round(x / s_x) (symmetric int8 codes of the
-input; s_x its static scale, or absmax / 127 of each row or of the whole input, dynamic) and the int8 x int8 -> int32
-product of ``torch._int_mm``.
+input; s_x its static scale, or absmax / 127 of each row or of the whole input, dynamic) and an exact int8 x int8
+integer product.
 
-Two implementations of the same arithmetic, chosen by shape:
+Three parts, each in as few passes as the algebra allows (a decode step, one row, pays for every operation):
 
-- eager, in as few operations as the algebra allows (``abs().amax()`` for the dynamic scale, a division rounded in
-  place, the int32 product scaled without a separate cast): a decode step (one row) is dominated by the cost of each
-  operation, not by the data. On this CPU (2 threads) a 576 -> 1536 layer at one row: 27 us against 69 us for the
-  float32 Linear.
-- with ``LLMQUANT_COMPILE=1``, compiled by ``torch.compile`` (inductor) on the CPU from `COMPILE_MIN_ELEMENTS`
-  input values: the scale, the codes and the epilogue become fused loops over the input and the output. The codes
-  are the same bits (division and half-to-even rounding as in eager; tested). It is off by default: in the default
-  model's 512-token prefill it saved 2% at batch 1 and 7% at batch 8 (462 against 469 ms, 3.39 against 3.64 s,
-  2 threads; `scripts/runtime_profile.py compile --model DIR [--batch 8]`), where the int8 GEMMs (146 ms) and the
-  float attention (133 ms) dominate, and compiling costs seconds once per process and shape class. Where it cannot
-  run (no C++ compiler) the eager path is used and the reason logged once.
+- the input codes (`input_codes`: ``abs().amax()`` for a dynamic scale, a division rounded in place), made once
+  for all the Linears that read the same tensor, unchanged (q/k/v, gate/up: `shared_input_codes`);
+- the integer product (`int8_product`): oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise`` on the
+  weight's codes prepacked once in its blocked layout, `Int8Weight`, with unit scales: x_q @ W_q^T as exact float32
+  values) on a CPU with VNNI or AMX int8 instructions at the shapes where it is faster (from 128 rows or 1024
+  outputs), else ``torch._int_mm`` (int32); both exact (tested);
+- the scaling (`scale_output`): oneDNN's float32 product times the outer product s_x * s_w in place (an int32
+  product needs a promoting multiplication into a new tensor), then the bias in place: the order the simulation
+  keeps.
+
+With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
+`COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
+half-to-even rounding as in eager; tested). It is off by default: compiling costs seconds once per process and
+shape class, and it gained little in a whole prefill (`scripts/runtime_profile.py compile --model DIR`, BENCHMARKS.md
+"Runtimes"). Where it cannot run (no C++ compiler) the eager path is used and the reason logged once.
+``LLMQUANT_ONEDNN=0`` keeps ``torch._int_mm`` at every shape (no copy of the weights).
 
 `input_codes` is shared with the simulation of `llmquant.nn.quant_linear.QuantLinear`, which must give the same
 codes (its float32 product of the codes is exact, so both runtimes return the same logits).
@@ -24,7 +29,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +41,7 @@ from llmquant.quant.primitives import MIN_SCALE
 log = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 17  # rows x in_features from which the compiled kernel runs (a 512-token prefill: 295k)
-_compiled: Callable[..., torch.Tensor] | None = None
+_compiled: tuple[Callable, Callable] | None = None  # (codes, scaling) by torch.compile
 _compile_off: str | None = None  # why the compiled kernel is not used in this process
 
 
@@ -54,22 +62,135 @@ def input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Ten
     return torch.div(rows, scale).round_(), scale
 
 
-def int8_linear_eager(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                      dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
-                      clip_ratio: float = 1.0) -> torch.Tensor:
-    """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32, int8 ``weight`` ``[out, in]``, ``weight_scale``
-    ``[1, out]`` (or ``[1, 1]``)."""
+@dataclass
+class Int8Weight:
+    """A weight's int8 codes ``[out, in]`` (the stored tensor) for the int8 runtime, and, where oneDNN runs
+    (`onednn_refusal`), their copy in oneDNN's blocked layout (``torch.ops.onednn.qlinear_prepack``) with unit
+    scales and zero zero points, made the first time a shape calls for it (`int8_product`)."""
+
+    codes: torch.Tensor
+    onednn: bool
+    packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (blocked codes, ones, int32 zeros)
+
+    def onednn_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.packed is None:
+            out = self.codes.shape[0]
+            self.packed = (torch.ops.onednn.qlinear_prepack(self.codes, None), torch.ones(out),
+                           torch.zeros(out, dtype=torch.int32))
+        return self.packed
+
+
+def onednn_refusal(device: torch.device) -> str | None:
+    """Why oneDNN's int8 product does not run on ``device``, or None. Without VNNI or AMX, x86 int8 kernels
+    multiply in 16-bit pairs that can saturate: ``torch._int_mm`` is used there."""
+    if os.environ.get("LLMQUANT_ONEDNN", "1") == "0":
+        return "off (LLMQUANT_ONEDNN=0)"
+    if device.type != "cpu":
+        return "not on the CPU"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        return "this torch has no oneDNN int8 linear"
+    if not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
+        return "the CPU has no VNNI or AMX int8 instructions"
+    return None
+
+
+_UNIT = torch.ones(())
+_ZERO = torch.zeros((), dtype=torch.int32)
+
+
+def onednn_product(x_codes: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """x_q @ W_q^T as float32 (the int32 sums converted, as a promotion of ``torch._int_mm``'s result would) for
+    int8 ``x_codes`` ``[n, in]``: oneDNN's int8 linear with unit scales (run eagerly: inductor takes a prepacked
+    weight only as a frozen constant, so ``LLMQUANT_COMPILE`` compiles the codes and the scaling around it)."""
+    packed, unit_scale, zero_point = weight.onednn_packed()
+    return torch.ops.onednn.qlinear_pointwise.tensor(
+        x_codes, _UNIT, _ZERO, packed, unit_scale, zero_point, None, 1.0, 0, torch.float32, "none", [], "")
+
+
+ONEDNN_MIN_ROWS = 128  # oneDNN's product from this many input rows ...
+ONEDNN_MIN_OUTPUTS = 1024  # ... or this many outputs; ``torch._int_mm`` below both
+
+
+def int8_product(x_codes: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
+    """x_q @ W_q^T by oneDNN (float32) at the shapes where it is faster and it runs, else by `int8_matmul`
+    (int32). A oneDNN call costs about 35 us whatever its size, and at one row with at most 256 outputs (two
+    rows, 128) it took 1.4-14 ms; over the default model's 30 layers, one thread, oneDNN against ``_int_mm``
+    (`scripts/runtime_profile.py kernels`, bench/speed_2026-12-01_onednn/kernels_t1.txt): at one row q_proj
+    (576 outputs) 57 against 46 us, k_proj (192) 4,218 against 19, gate_proj (1536) 91 against 160; at 64 rows 83 /
+    77, 48 / 28, 152 / 229; at 512 rows 265 / 398, 115 / 111, 611 / 1,243 (down_proj, 1536 -> 576: 1,697 / 1,447).
+    """
+    if not isinstance(weight, Int8Weight):
+        return int8_matmul(x_codes, weight)
+    if weight.onednn and (x_codes.shape[0] >= ONEDNN_MIN_ROWS or weight.codes.shape[0] >= ONEDNN_MIN_OUTPUTS):
+        return onednn_product(x_codes, weight)
+    return int8_matmul(x_codes, weight.codes)
+
+
+def int8_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
+               clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_codes` as int8 (what the integer product takes)."""
     codes, scale = input_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
-    return scaled_product(codes.to(torch.int8), scale, weight, weight_scale, bias, int8_matmul)
+    return codes.to(torch.int8), scale
 
 
-def scaled_product(codes: torch.Tensor, scale: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None, product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                   ) -> torch.Tensor:
-    """y = product(x_q, W_q) * (s_x * s_w) + b: the int32 product (`int8_matmul`) promoted by the float scales, or
-    the float32 product of the codes (`float_product`, the simulation), the same values in the same order."""
-    y = product(codes, weight_codes) * (scale * weight_scale)
-    return y + bias if bias is not None else y
+def scale_output(product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """y = product * (s_x * s_w) + b for an integer product: int32 promoted by the float scales, or float32
+    (oneDNN's, or the simulation's product of float codes, new tensors) scaled in place; the same values."""
+    outer = scale * weight_scale
+    y = product.mul_(outer) if product.dtype == torch.float32 else product * outer
+    return y.add_(bias) if bias is not None else y
+
+
+def scaled_product(codes: torch.Tensor, scale: torch.Tensor, weight_codes: torch.Tensor | Int8Weight,
+                   weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                   product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """y = product(x_q, W_q) * (s_x * s_w) + b: the integer product (`int8_product`) or the float32 product of
+    the codes (`float_product`, the simulation), the same values in the same order."""
+    return scale_output(product(codes, weight_codes), scale, weight_scale, bias)
+
+
+class _LastCodes(threading.local):
+    """The input codes of the last Linear that ran on this thread, with what they were made from."""
+
+    entry: tuple | None = None  # (a weak reference to the source, its version, the arguments, codes, scale)
+
+
+_last_codes = _LastCodes()
+
+
+def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | None,
+                       static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float, as_int8: bool,
+                       quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_codes` of ``rows`` (``source``, the Linear's input, as rows), as int8 (`int8_codes`, or
+    ``quantize``: the same function compiled) or as float32 codes, kept for the next Linear that quantizes the
+    same tensor, unchanged, in the same way: q/k/v and gate/up quantize their shared input once. An unchanged
+    tensor is the same object at the same version (its counter of in-place changes); a tensor made under
+    ``torch.inference_mode`` has no version, so its codes are not kept. The entry goes when its tensor does."""
+    arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, as_int8)
+    entry = _last_codes.entry
+    if source.is_inference():
+        entry = _last_codes.entry = None
+    elif entry is not None and entry[0]() is source and entry[1] == source._version and _same(entry[2], arguments):
+        return entry[3], entry[4]
+    quantize = quantize or (int8_codes if as_int8 else input_codes)
+    codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+    if not source.is_inference():
+        _last_codes.entry = (weakref.ref(source, _forget), source._version, arguments, codes, scale)
+    return codes, scale
+
+
+def _same(kept: tuple, arguments: tuple) -> bool:
+    """The same quantizer: every argument equal, the static scale the same tensor (the entry holds it, so its
+    identity cannot pass to another)."""
+    return kept[1] is arguments[1] and kept[0] == arguments[0] and kept[2:] == arguments[2:]
+
+
+def _forget(reference: weakref.ref) -> None:
+    entry = _last_codes.entry
+    if entry is not None and entry[0] is reference:
+        _last_codes.entry = None
 
 
 def float_product(codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tensor:
@@ -116,19 +237,42 @@ def _compile_refusal(rows: torch.Tensor) -> str | None:
     return _compile_off
 
 
-def int8_linear(rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
-                clip_ratio: float = 1.0) -> torch.Tensor:
-    """`int8_linear_eager`'s result, by the compiled kernel for large inputs on the CPU (module docstring)."""
-    global _compiled, _compile_off
-    args = (rows, weight, weight_scale, bias, dynamic, static_scale, qmin, qmax, clip_ratio)
+def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | Int8Weight,
+                weight_scale: torch.Tensor, bias: torch.Tensor | None, dynamic: str | None,
+                static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0) -> torch.Tensor:
+    """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32 (``source``, the Linear's input, as rows), int8
+    ``weight`` ``[out, in]`` (or its `Int8Weight`), ``weight_scale`` ``[1, out]`` (or ``[1, 1]``): the input codes
+    (shared by the Linears reading ``source``, `shared_input_codes`), their integer product, its scaling; the
+    codes and the scaling compiled for large inputs on the CPU when allowed (module docstring)."""
+    quantize, scaling = _compiled_kernels(rows) or (int8_codes, scale_output)
+    codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
+    return scaling(int8_product(codes, weight), scale, weight_scale, bias)
+
+
+def _compiled_kernels(rows: torch.Tensor) -> tuple[Callable, Callable] | None:
+    """`int8_codes` and `scale_output` compiled (made once), for ``rows`` this large on the CPU where allowed."""
+    global _compiled
     if rows.numel() < COMPILE_MIN_ELEMENTS or _compile_refusal(rows) is not None:
-        return int8_linear_eager(*args)
-    try:
-        if _compiled is None:
-            _compiled = torch.compile(int8_linear_eager, dynamic=True)
-        return _compiled(*args)
-    except Exception as err:
+        return None
+    if _compiled is None:
+        _compiled = (_fallback_on_error(torch.compile(int8_codes, dynamic=True), int8_codes),
+                     _fallback_on_error(torch.compile(scale_output, dynamic=True), scale_output))
+    return _compiled
+
+
+def _fallback_on_error(compiled: Callable, eager: Callable) -> Callable:
+    def call(*args: object) -> object:
+        if _compile_off is None:
+            try:
+                return compiled(*args)
+            except Exception as err:
+                _compile_failed(err)
+        return eager(*args)
+    return call
+
+
+def _compile_failed(err: Exception) -> None:
+    global _compile_off
+    if _compile_off is None:
         _compile_off = f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
         log.warning("int8 runtime: %s; the int8 Linears run eagerly", _compile_off)
-        return int8_linear_eager(*args)

@@ -40,12 +40,15 @@ from torch import nn
 from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
 from llmquant.nn.int8_linear import (
+    Int8Weight,
     float_product,
     grouped_linear,
     input_codes,
     int8_linear,
     int8_matmul,
+    onednn_refusal,
     scaled_product,
+    shared_input_codes,
 )
 from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
@@ -128,6 +131,7 @@ class QuantLinear(nn.Module):
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
         self._int8_call: tuple | None = None  # `_int8_args`
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
+        self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime: the int4 kernel's tensors
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
@@ -182,11 +186,15 @@ class QuantLinear(nn.Module):
     def drop_caches(self) -> None:
         """Forget what a runtime built from the weight (`runtime_caches`): the next forward builds it again."""
         self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
+        self._int8_weight_cache = None
 
     def runtime_caches(self) -> list[torch.Tensor]:
         """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
-        float32 (simulation) or unpacked to int8, the int4 kernel's copy of the codes and its bfloat16 scales."""
+        float32 (simulation), unpacked to int8 or in oneDNN's layout, the int4 kernel's copy of the codes and its
+        bfloat16 scales."""
         caches = [self._dequantized, self._float_codes, self._integer_codes if self.packed else None]
+        if self._int8_weight_cache is not None and self._int8_weight_cache.packed is not None:
+            caches.append(self._int8_weight_cache.packed[0])
         if self._int4_weight is not None:
             w = self._int4_weight
             caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
@@ -261,6 +269,13 @@ class QuantLinear(nn.Module):
             self._integer_codes = self.codes().to(torch.int8)
         return self._integer_codes
 
+    def _int8_weight(self) -> Int8Weight:
+        """What the int8 runtime multiplies (`llmquant.nn.int8_linear.Int8Weight`): the int8 codes, and oneDNN's
+        copy of them where it runs, made on the first call that uses it."""
+        if self._int8_weight_cache is None:
+            self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(self.weight_scale.device) is None)
+        return self._int8_weight_cache
+
     @property
     def supports_fp8(self) -> bool:
         """Whether this layer is an FP8 W8A8 one that ``torch._scaled_mm`` can run (`llmquant.nn.fp8_linear`): E4M3
@@ -317,11 +332,11 @@ class QuantLinear(nn.Module):
         if self.weight_spec is not None and self.weight_spec.granularity == "group":
             y = self._grouped_forward(rows, input_args)
         elif self.runtime == "int8":
-            y = int8_linear(rows, self._weight_codes(), weight_scale, self.bias, *input_args)
+            y = int8_linear(x, rows, self._int8_weight(), weight_scale, self.bias, *input_args)
         else:
             if self._float_codes is None:
                 self._float_codes = codes_to_float(self._weight_codes())
-            codes, scale = input_codes(rows, *input_args)
+            codes, scale = shared_input_codes(x, rows, *input_args, as_int8=False)
             y = scaled_product(codes, scale, self._float_codes, weight_scale, self.bias, float_product)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 

@@ -1,0 +1,76 @@
+"""Attention in bfloat16 inside a float32 model: a runtime choice, off by default (`set_attention_dtype`).
+
+softmax(q k^T / sqrt(d)) v has no weights to quantize; in a float32 model it stays float32 while the int8 runtime
+makes the Linears around it several times faster, so on a CPU it becomes the largest part of a long prefill (166 of
+the 602 ms of the default model's 512-token W8A8 prefill on a Xeon with AMX, BENCHMARKS.md "Runtimes"). With
+``set_attention_dtype(model, "bfloat16")`` the attention function casts the query, key and value to bfloat16 (after
+RoPE, the KV cache and its quantization, exactly what the attention multiplies), runs transformers' sdpa on them
+(torch's CPU flash kernel accumulates in float32) and casts the output back: one rounding of q, k, v and p to
+bfloat16's 8 significant bits. That changes the function, unlike the int8 Linears (which give the simulation's
+bits), so it is a choice with its perplexity measured, not a default. It wraps the sdpa-based implementations
+(transformers' ``sdpa`` and llmquant's KV-cache one) under a new name registered in transformers'
+`AttentionInterface`; ``"model"`` restores the wrapped name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from llmquant.errors import LlmquantError
+
+ATTENTION_DTYPES = ("model", "bfloat16")
+SUFFIX = "+bfloat16"
+WRAPPABLE = ("sdpa", "llmquant_sdpa")
+
+
+def _in_bfloat16(base: str) -> Callable:
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs):
+        function = ALL_ATTENTION_FUNCTIONS[base]
+        if query.dtype != torch.float32:  # (a bfloat16 or float16 model: its own dtype already)
+            return function(module, query, key, value, attention_mask, **kwargs)
+        mask = attention_mask.bfloat16() if attention_mask is not None and attention_mask.is_floating_point() \
+            else attention_mask
+        output, weights = function(module, query.bfloat16(), key.bfloat16(), value.bfloat16(), mask, **kwargs)
+        return output.float(), weights
+
+    return attention
+
+
+def _register(base: str) -> str:
+    name = base + SUFFIX
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, _in_bfloat16(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def attention_configs(model: nn.Module) -> list:
+    """The configs (the model's and its sub-models') that name an attention implementation."""
+    return [m.config for m in model.modules()
+            if getattr(m, "config", None) is not None and hasattr(m.config, "_attn_implementation")]
+
+
+def check_attention_dtype(dtype: str) -> None:
+    if dtype not in ATTENTION_DTYPES:
+        raise LlmquantError(f"unknown attention dtype '{dtype}'; allowed: {', '.join(ATTENTION_DTYPES)}")
+
+
+def set_attention_dtype(model: nn.Module, dtype: str) -> None:
+    """Run ``model``'s attention in ``dtype``: "bfloat16" (module docstring) or "model" (its own dtype)."""
+    check_attention_dtype(dtype)
+    for config in attention_configs(model):
+        base = config._attn_implementation.removesuffix(SUFFIX)
+        if dtype == "model":
+            config._attn_implementation = base
+        elif base not in WRAPPABLE:
+            raise LlmquantError(f"attention in bfloat16 wraps sdpa attention; this model uses '{base}' "
+                                f"(allowed: {', '.join(WRAPPABLE)})")
+        else:
+            config._attn_implementation = _register(base)
