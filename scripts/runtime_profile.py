@@ -16,9 +16,9 @@ run it against an older commit with
 generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
 ``kernels`` (a W8A8 checkpoint) times oneDNN's product and ``torch._int_mm`` on every layer's codes, by projection and
 rows (each call on the next layer's weight, as in a forward: the median over 5 sweeps of the per-layer mean), then a
-512-token prefill and 16 decode steps at batch 1 with ``_int_mm`` only, with the shape rule of
-`llmquant.nn.int8_linear.int8_product`, and with oneDNN at every shape, alternating (each after one untimed
-generation that packs the weights again), 8 rounds after a warm-up one, medians.
+512-token prefill and 16 decode steps at batch 1 with ``_int_mm`` only, with the rows rule of
+`llmquant.nn.int8_linear.int8_product` (oneDNN from 128 rows), and with oneDNN at every shape, alternating (each
+after one untimed generation that packs the weights again), 8 rounds after a warm-up one, medians.
 ``compile`` alternates 5 prefills of the checkpoint at ``--batch`` with the compiled kernel and without it.
 ``fp8`` times an FP8 per-channel / per-token `QuantLinear` on ``torch._scaled_mm`` (forced onto the operator even on
 the CPU, where `set_runtime` keeps the simulation) and its simulation against the float Linear (float32 on the CPU,
@@ -138,13 +138,13 @@ def kernels(model_dir: str) -> None:
                 cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
             return prefill, (time.perf_counter() - start) / max(steps, 1)
 
-    rule = (int8_linear.ONEDNN_MIN_ROWS, int8_linear.ONEDNN_MIN_OUTPUTS)
-    modes = {"_int_mm only": ("0", rule), "shape rule": ("1", rule), "oneDNN always": ("1", (0, 0))}
+    rule = int8_linear.ONEDNN_MIN_ROWS
+    modes = {"_int_mm only": ("0", rule), "rows rule": ("1", rule), "oneDNN always": ("1", 0)}
     times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for round_ in range(9):  # the first round warms up
-        for mode, (flag, (min_rows, min_outputs)) in modes.items():
+        for mode, (flag, min_rows) in modes.items():
             os.environ["LLMQUANT_ONEDNN"] = flag
-            int8_linear.ONEDNN_MIN_ROWS, int8_linear.ONEDNN_MIN_OUTPUTS = min_rows, min_outputs
+            int8_linear.ONEDNN_MIN_ROWS = min_rows
             for _, m in layers:
                 m.drop_caches()
             generation(1)  # (packs the weights again)

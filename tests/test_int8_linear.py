@@ -150,7 +150,7 @@ def test_onednns_product_is_the_exact_integer_product(rows: int, inner: int, out
 
 
 @needs_onednn
-def test_onednn_runs_where_its_shape_rule_says_and_is_packed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_onednn_runs_from_its_row_count_and_is_packed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = kernel.Int8Weight(torch.randint(-127, 128, (80, 96), dtype=torch.int8), True)
     assert kernel.int8_product(torch.ones(1, 96, dtype=torch.int8), weight).dtype == torch.int32  # _int_mm
     assert weight.packed is None  # (nothing packed for a shape that does not use it)
@@ -160,8 +160,9 @@ def test_onednn_runs_where_its_shape_rule_says_and_is_packed_once(monkeypatch: p
     assert packed is not None
     kernel.int8_product(torch.ones(rows, 96, dtype=torch.int8), weight)
     assert weight.packed is packed
-    monkeypatch.setattr(kernel, "ONEDNN_MIN_OUTPUTS", 80)  # enough outputs: oneDNN at one row too
+    monkeypatch.setattr(kernel, "ONEDNN_MIN_ROWS", 1)
     assert kernel.int8_product(torch.ones(1, 96, dtype=torch.int8), weight).dtype == torch.float32
+    monkeypatch.setattr(kernel, "ONEDNN_MIN_ROWS", 128)
     layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=False)
     set_runtime(layer, "int8")
     layer(torch.randn(rows, 96))

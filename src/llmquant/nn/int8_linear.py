@@ -8,8 +8,8 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
   for all the Linears that read the same tensor, unchanged (q/k/v, gate/up: `shared_input_codes`);
 - the integer product (`int8_product`): oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise`` on the
   weight's codes prepacked once in its blocked layout, `Int8Weight`, with unit scales: x_q @ W_q^T as exact float32
-  values) on a CPU with VNNI or AMX int8 instructions at the shapes where it is faster (from 128 rows or 1024
-  outputs), else ``torch._int_mm`` (int32); both exact (tested);
+  values) on a CPU with VNNI or AMX int8 instructions from 128 rows (a prefill), else ``torch._int_mm`` (int32);
+  both exact (tested);
 - the scaling (`scale_output`): oneDNN's float32 product times the outer product s_x * s_w in place (an int32
   product needs a promoting multiplication into a new tensor), then the bias in place: the order the simulation
   keeps.
@@ -107,23 +107,25 @@ def onednn_product(x_codes: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
         x_codes, _UNIT, _ZERO, packed, unit_scale, zero_point, None, 1.0, 0, torch.float32, "none", [], "")
 
 
-ONEDNN_MIN_ROWS = 128  # oneDNN's product from this many input rows ...
-ONEDNN_MIN_OUTPUTS = 1024  # ... or this many outputs; ``torch._int_mm`` below both
+ONEDNN_MIN_ROWS = 128  # oneDNN's product from this many input rows (a prefill), ``torch._int_mm`` below (decoding)
 
 
 def int8_product(x_codes: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-    """x_q @ W_q^T by oneDNN (float32) at the shapes where it is faster and it runs, else by `int8_matmul`
-    (int32). A oneDNN call costs about 35 us whatever its size, and at one row with at most 256 outputs (two
-    rows, 128) it took 1.4-14 ms; over the default model's 30 layers, one thread, oneDNN against ``_int_mm``
-    (`scripts/runtime_profile.py kernels`, bench/speed_2026-12-01_onednn/kernels_t1.txt): at one row q_proj
-    (576 outputs) 57 against 46 us, k_proj (192) 4,218 against 19, gate_proj (1536) 91 against 160; at 64 rows 83 /
-    77, 48 / 28, 152 / 229; at 512 rows 265 / 398, 115 / 111, 611 / 1,243 (down_proj, 1536 -> 576: 1,697 / 1,447).
+    """x_q @ W_q^T by oneDNN (float32) from `ONEDNN_MIN_ROWS` rows where it runs, else by `int8_matmul` (int32).
+    Over the default model's 30 layers, one thread, oneDNN against ``_int_mm`` (`scripts/runtime_profile.py
+    kernels`, bench/speed_2026-12-01_onednn/kernels_t1.txt): at 512 rows q_proj (576 outputs) 265 against 398 us,
+    k_proj (192) 115 / 111, gate_proj (1536) 611 / 1,243, down_proj (1536 -> 576) 1,697 / 1,447, and oneDNN's
+    float32 output saves the int32 product's promoting multiplication; at 64 rows 83 / 77, 48 / 28, 152 / 229. A
+    oneDNN call costs about 35 us whatever its size, and at one row with at most 256 outputs (two rows, 128) it
+    took 1.4-14 ms (k_proj at one row 4,218 against 19 us). At one row with 1536 outputs it was faster alone (91
+    against 160 us) but not in whole decode steps (57-77 ms a step either way, `kernels`' model rows): decoding
+    keeps ``_int_mm``.
     """
-    if not isinstance(weight, Int8Weight):
-        return int8_matmul(x_codes, weight)
-    if weight.onednn and (x_codes.shape[0] >= ONEDNN_MIN_ROWS or weight.codes.shape[0] >= ONEDNN_MIN_OUTPUTS):
-        return onednn_product(x_codes, weight)
-    return int8_matmul(x_codes, weight.codes)
+    if isinstance(weight, Int8Weight):
+        if weight.onednn and x_codes.shape[0] >= ONEDNN_MIN_ROWS:
+            return onednn_product(x_codes, weight)
+        weight = weight.codes
+    return int8_matmul(x_codes, weight)
 
 
 def int8_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
