@@ -1,6 +1,7 @@
 """Attention in bfloat16 inside a float32 model (`llmquant.nn.attention_dtype`): close to the float32 function but
-not equal (one rounding of q, k, v and p), undone exactly by "model", composed with the INT8 KV cache of the int8
-runtime, chosen by `llmquant.load`, ``llmquant eval`` and ``llmquant bench``; bad choices get one clear error."""
+not equal (one rounding of q, k, v and p), float32 for one query position (a decode step), undone exactly by
+"model", composed with the INT8 KV cache of the int8 runtime, chosen by `llmquant.load`, ``llmquant eval`` and
+``llmquant bench``; bad choices get one clear error."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ def test_bfloat16_attention_is_close_to_float32_and_model_restores_it(eval_ids: 
     rounded = logits(model, eval_ids)
     assert not torch.equal(rounded, reference)
     assert relative_error(reference, rounded) < 1e-2  # bfloat16 keeps 8 significant bits
+    one_position = logits(model, eval_ids[:, :1])  # a decode step's shape: float32 attention
     set_attention_dtype(model, "model")
     assert torch.equal(logits(model, eval_ids), reference)
+    assert torch.equal(logits(model, eval_ids[:, :1]), one_position)
 
 
 def test_bfloat16_attention_composes_with_the_int8_kv_cache(calib_ids: torch.Tensor, eval_ids: torch.Tensor,

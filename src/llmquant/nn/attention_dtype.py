@@ -6,8 +6,10 @@ the 602 ms of the default model's 512-token W8A8 prefill on a Xeon with AMX, BEN
 ``set_attention_dtype(model, "bfloat16")`` the attention function casts the query, key and value to bfloat16 (after
 RoPE, the KV cache and its quantization, exactly what the attention multiplies), runs transformers' sdpa on them
 (torch's CPU flash kernel accumulates in float32) and casts the output back: one rounding of q, k, v and p to
-bfloat16's 8 significant bits. That changes the function, unlike the int8 Linears (which give the simulation's
-bits), so it is a choice with its perplexity measured, not a default. It wraps the sdpa-based implementations
+bfloat16's 8 significant bits. A decode step (one query position) stays float32: it would cast the whole cache at
+every step for a product of one row (decode at batch 1 ran at 0.99 of float32 with it, 1.07 without; BENCHMARKS.md).
+That changes the function, unlike the int8 Linears (which give the simulation's bits), so it is a choice with its
+perplexity measured, not a default. It wraps the sdpa-based implementations
 (transformers' ``sdpa`` and llmquant's KV-cache one) under a new name registered in transformers'
 `AttentionInterface`; ``"model"`` restores the wrapped name.
 """
@@ -33,7 +35,7 @@ def _in_bfloat16(base: str) -> Callable:
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs):
         function = ALL_ATTENTION_FUNCTIONS[base]
-        if query.dtype != torch.float32:  # (a bfloat16 or float16 model: its own dtype already)
+        if query.dtype != torch.float32 or query.shape[-2] == 1:  # a 16-bit model, or a decode step
             return function(module, query, key, value, attention_mask, **kwargs)
         mask = attention_mask.bfloat16() if attention_mask is not None and attention_mask.is_floating_point() \
             else attention_mask

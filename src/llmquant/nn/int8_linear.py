@@ -113,13 +113,14 @@ ONEDNN_MIN_ROWS = 128  # oneDNN's product from this many input rows (a prefill),
 def int8_product(x_codes: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
     """x_q @ W_q^T by oneDNN (float32) from `ONEDNN_MIN_ROWS` rows where it runs, else by `int8_matmul` (int32).
     Over the default model's 30 layers, one thread, oneDNN against ``_int_mm`` (`scripts/runtime_profile.py
-    kernels`, bench/speed_2026-12-01_onednn/kernels_t1.txt): at 512 rows q_proj (576 outputs) 265 against 398 us,
-    k_proj (192) 115 / 111, gate_proj (1536) 611 / 1,243, down_proj (1536 -> 576) 1,697 / 1,447, and oneDNN's
-    float32 output saves the int32 product's promoting multiplication; at 64 rows 83 / 77, 48 / 28, 152 / 229. A
-    oneDNN call costs about 35 us whatever its size, and at one row with at most 256 outputs (two rows, 128) it
-    took 1.4-14 ms (k_proj at one row 4,218 against 19 us). At one row with 1536 outputs it was faster alone (91
-    against 160 us) but not in whole decode steps (57-77 ms a step either way, `kernels`' model rows): decoding
-    keeps ``_int_mm``.
+    kernels`, bench/speed_2026-12-01_onednn/kernels_t1.txt): at 512 rows q_proj (576 outputs) 242 against 361 us,
+    k_proj (192) 103 / 129, gate_proj (1536) 600 / 1,122, down_proj (1536 -> 576) 681 / 784, and oneDNN's float32
+    output saves the int32 product's promoting multiplication; at 64 rows 70 / 76, 43 / 25, 199 / 209. A oneDNN call
+    costs about 35 us whatever its size, and at one row with at most 256 outputs (two rows, 128) it took 1.4-14 ms
+    (k_proj at one row 4,275 against 19 us; a decode step 339 ms with oneDNN at every shape against 66). At one row
+    with 1536 outputs it was faster alone (119 against 165 us) but not in whole decode steps (oneDNN for gate/up
+    only, in-process comparisons earlier the same day: 58.9 and 70.5 ms a step against 57.0 and 62.8 with
+    ``_int_mm``): decoding keeps ``_int_mm``. A 512-token prefill took 772 ms against 1,016 with ``_int_mm`` only.
     """
     if isinstance(weight, Int8Weight):
         if weight.onednn and x_codes.shape[0] >= ONEDNN_MIN_ROWS:
