@@ -52,10 +52,12 @@ def test_bad_attention_choices_get_one_clear_error() -> None:
     with pytest.raises(LlmquantError, match="unknown attention dtype 'float8'; allowed: model, bfloat16"):
         llmquant.load(None, attention="float8")
     model = make_model("llama")
-    for config in attention_configs(model):
-        config._attn_implementation = "eager"
+    configs = attention_configs(model)
+    configs[0]._attn_implementation = "eager"
+    before = [config._attn_implementation for config in configs]
     with pytest.raises(LlmquantError, match="wraps sdpa attention; this model uses 'eager'"):
         set_attention_dtype(model, "bfloat16")
+    assert [config._attn_implementation for config in configs] == before  # nothing half-switched
 
 
 def test_the_command_line_chooses_the_attention_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,12 +67,11 @@ def check_attention_dtype(dtype: str) -> None:
 def set_attention_dtype(model: nn.Module, dtype: str) -> None:
     """Run ``model``'s attention in ``dtype``: "bfloat16" (module docstring) or "model" (its own dtype)."""
     check_attention_dtype(dtype)
-    for config in attention_configs(model):
-        base = config._attn_implementation.removesuffix(SUFFIX)
-        if dtype == "model":
-            config._attn_implementation = base
-        elif base not in WRAPPABLE:
-            raise LlmquantError(f"attention in bfloat16 wraps sdpa attention; this model uses '{base}' "
-                                f"(allowed: {', '.join(WRAPPABLE)})")
-        else:
-            config._attn_implementation = _register(base)
+    configs = attention_configs(model)
+    bases = [config._attn_implementation.removesuffix(SUFFIX) for config in configs]
+    refused = sorted({base for base in bases if base not in WRAPPABLE}) if dtype == "bfloat16" else []
+    if refused:  # (checked for every config before any changes)
+        raise LlmquantError(f"attention in bfloat16 wraps sdpa attention; this model uses '{refused[0]}' "
+                            f"(allowed: {', '.join(WRAPPABLE)})")
+    for config, base in zip(configs, bases, strict=True):
+        config._attn_implementation = base if dtype == "model" else _register(base)
