@@ -400,7 +400,7 @@ class _Parser(argparse.ArgumentParser):
 def _attention_flag(parser: argparse.ArgumentParser, whose: str = "") -> None:
     parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
                         help=f"the attention's dtype{whose}: model (default: the model's own) or bfloat16 (a float32 "
-                             "model's attention in bfloat16: faster on CPUs with AMX or AVX512-BF16, and a different "
+                             "model's attention in bfloat16: faster on the AMX CPU it was measured on, and a different "
                              "function; BENCHMARKS.md)")
 
 

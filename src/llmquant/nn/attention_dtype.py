@@ -25,6 +25,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llmquant.errors import LlmquantError
+from llmquant.nn.kv_cache import attention_configs
 
 ATTENTION_DTYPES = ("model", "bfloat16")
 SUFFIX = "+bfloat16"
@@ -51,12 +52,6 @@ def _register(base: str) -> str:
         AttentionInterface.register(name, _in_bfloat16(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
-
-
-def attention_configs(model: nn.Module) -> list:
-    """The configs (the model's and its sub-models') that name an attention implementation."""
-    return [m.config for m in model.modules()
-            if getattr(m, "config", None) is not None and hasattr(m.config, "_attn_implementation")]
 
 
 def check_attention_dtype(dtype: str) -> None:

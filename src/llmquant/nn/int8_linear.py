@@ -115,12 +115,11 @@ def int8_product(x_codes: torch.Tensor, weight: torch.Tensor | Int8Weight) -> to
     Over the default model's 30 layers, one thread, oneDNN against ``_int_mm`` (`scripts/runtime_profile.py
     kernels`, bench/speed_2026-12-01_onednn/kernels_t1.txt): at 512 rows q_proj (576 outputs) 242 against 361 us,
     k_proj (192) 103 / 129, gate_proj (1536) 600 / 1,122, down_proj (1536 -> 576) 681 / 784, and oneDNN's float32
-    output saves the int32 product's promoting multiplication; at 64 rows 70 / 76, 43 / 25, 199 / 209. A oneDNN call
-    costs about 35 us whatever its size, and at one row with at most 256 outputs (two rows, 128) it took 1.4-14 ms
-    (k_proj at one row 4,275 against 19 us; a decode step 339 ms with oneDNN at every shape against 66). At one row
-    with 1536 outputs it was faster alone (119 against 165 us) but not in whole decode steps (oneDNN for gate/up
-    only, in-process comparisons earlier the same day: 58.9 and 70.5 ms a step against 57.0 and 62.8 with
-    ``_int_mm``): decoding keeps ``_int_mm``. A 512-token prefill took 772 ms against 1,016 with ``_int_mm`` only.
+    output saves the int32 product's promoting multiplication; at 64 rows 70 / 76, 43 / 25, 199 / 209. At one row
+    with at most 256 outputs oneDNN takes a slow path (k_proj, 192 outputs: 4,275 against 19 us; a decode step 339
+    ms with oneDNN at every shape against 66); with 1536 outputs it is faster alone (119 against 165 us), a gain
+    this rule leaves out to keep decoding on one kernel. A 512-token prefill took 772 ms against 1,016 with
+    ``_int_mm`` only (the same file).
     """
     if isinstance(weight, Int8Weight):
         if weight.onednn and x_codes.shape[0] >= ONEDNN_MIN_ROWS:
@@ -153,10 +152,27 @@ def scaled_product(codes: torch.Tensor, scale: torch.Tensor, weight_codes: torch
     return scale_output(product(codes, weight_codes), scale, weight_scale, bias)
 
 
-class _LastCodes(threading.local):
-    """The input codes of the last Linear that ran on this thread, with what they were made from."""
+@dataclass(frozen=True)
+class _KeptCodes:
+    """Input codes with what they were made from: a weak reference to the source tensor, its version, the
+    quantizer's arguments (the static scale held, so its identity cannot pass to another tensor)."""
 
-    entry: tuple | None = None  # (a weak reference to the source, its version, the arguments, codes, scale)
+    source: weakref.ref
+    version: int
+    arguments: tuple
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def serves(self, source: torch.Tensor, arguments: tuple) -> bool:
+        kept = self.arguments
+        return (self.source() is source and self.version == source._version and kept[1] is arguments[1]
+                and kept[0] == arguments[0] and kept[2:] == arguments[2:])
+
+
+class _LastCodes(threading.local):
+    """The input codes of the last Linear that ran on this thread."""
+
+    entry: _KeptCodes | None = None
 
 
 _last_codes = _LastCodes()
@@ -172,27 +188,19 @@ def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | 
     tensor is the same object at the same version (its counter of in-place changes); a tensor made under
     ``torch.inference_mode`` has no version, so its codes are not kept. The entry goes when its tensor does."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, as_int8)
-    entry = _last_codes.entry
-    if source.is_inference():
-        entry = _last_codes.entry = None
-    elif entry is not None and entry[0]() is source and entry[1] == source._version and _same(entry[2], arguments):
-        return entry[3], entry[4]
+    entry, tracked = _last_codes.entry, not source.is_inference()
+    if tracked and entry is not None and entry.serves(source, arguments):
+        return entry.codes, entry.scale
     quantize = quantize or (int8_codes if as_int8 else input_codes)
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
-    if not source.is_inference():
-        _last_codes.entry = (weakref.ref(source, _forget), source._version, arguments, codes, scale)
+    _last_codes.entry = (_KeptCodes(weakref.ref(source, _forget), source._version, arguments, codes, scale)
+                         if tracked else None)
     return codes, scale
-
-
-def _same(kept: tuple, arguments: tuple) -> bool:
-    """The same quantizer: every argument equal, the static scale the same tensor (the entry holds it, so its
-    identity cannot pass to another)."""
-    return kept[1] is arguments[1] and kept[0] == arguments[0] and kept[2:] == arguments[2:]
 
 
 def _forget(reference: weakref.ref) -> None:
     entry = _last_codes.entry
-    if entry is not None and entry[0] is reference:
+    if entry is not None and entry.source is reference:
         _last_codes.entry = None
 
 

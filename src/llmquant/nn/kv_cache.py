@@ -151,15 +151,19 @@ def set_kv_clip(model: nn.Module, ratio: float) -> int:
     return changed
 
 
+def attention_configs(model: nn.Module) -> list:
+    """The configs (the model's and its sub-models') that name an attention implementation."""
+    return [m.config for m in model.modules()
+            if getattr(m, "config", None) is not None and hasattr(m.config, "_attn_implementation")]
+
+
 def enable_kv_quantization(model: PreTrainedModel) -> None:
     """Route the model's attention through llmquant's wrapper of its implementation (eager stays eager,
     anything else runs sdpa underneath); a no-op if already done."""
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            current = config._attn_implementation
-            if current not in WRAPPED.values():
-                config._attn_implementation = WRAPPED["eager" if current == "eager" else "sdpa"]
+    for config in attention_configs(model):
+        current = config._attn_implementation
+        if current not in WRAPPED.values():
+            config._attn_implementation = WRAPPED["eager" if current == "eager" else "sdpa"]
 
 
 def uses_llmquant_attention(attention: nn.Module, run: Callable[[], object]) -> bool:
