@@ -1,7 +1,7 @@
 """Attention in bfloat16 inside a float32 model (`llmquant.nn.attention_dtype`): close to the float32 function but
 not equal (one rounding of q, k, v and p), float32 for one query position (a decode step), undone exactly by
-"model", composed with the INT8 KV cache of the int8 runtime, chosen by `llmquant.load`, ``llmquant eval`` and
-``llmquant bench``; bad choices get one clear error."""
+"model", composed with the INT8 KV cache of the int8 runtime (in either order), chosen by `llmquant.load`,
+``llmquant eval`` and ``llmquant bench``; bad choices get one clear error."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from conftest import logits, make_model, relative_error
 from llmquant.cli import main
 from llmquant.errors import LlmquantError
 from llmquant.nn.attention_dtype import attention_configs, set_attention_dtype
+from llmquant.nn.kv_cache import enable_kv_quantization
 from tiny_checkpoint import write_tiny_checkpoint
 
 
@@ -46,6 +47,17 @@ def test_bfloat16_attention_composes_with_the_int8_kv_cache(calib_ids: torch.Ten
     with torch.no_grad():  # decoding reads the int8 cache through the bfloat16 attention
         tokens = rounded.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert tokens.shape == (1, 12)
+
+
+def test_kv_quantization_enabled_after_the_switch_keeps_bfloat16_attention(eval_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    set_attention_dtype(model, "bfloat16")
+    rounded = logits(model, eval_ids)
+    enable_kv_quantization(model)  # (no quantizer on the attentions: the same function through llmquant's wrapper)
+    assert {c._attn_implementation for c in attention_configs(model)} == {"llmquant_sdpa+bfloat16"}
+    assert torch.equal(logits(model, eval_ids), rounded)
+    set_attention_dtype(model, "model")
+    assert {c._attn_implementation for c in attention_configs(model)} == {"llmquant_sdpa"}
 
 
 def test_bad_attention_choices_get_one_clear_error() -> None:

@@ -25,10 +25,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.kv_cache import attention_configs
+from llmquant.nn.kv_cache import VARIANT_SEPARATOR, attention_configs
 
 ATTENTION_DTYPES = ("model", "bfloat16")
-SUFFIX = "+bfloat16"
+SUFFIX = VARIANT_SEPARATOR + "bfloat16"
 WRAPPABLE = ("sdpa", "llmquant_sdpa")
 
 
@@ -52,6 +52,10 @@ def _register(base: str) -> str:
         AttentionInterface.register(name, _in_bfloat16(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
     return name
+
+
+for _base in WRAPPABLE:  # every wrappable name at once: `enable_kv_quantization` may move sdpa+ to llmquant_sdpa+
+    _register(_base)
 
 
 def check_attention_dtype(dtype: str) -> None:

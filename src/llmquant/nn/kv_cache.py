@@ -157,13 +157,17 @@ def attention_configs(model: nn.Module) -> list:
             if getattr(m, "config", None) is not None and hasattr(m.config, "_attn_implementation")]
 
 
+VARIANT_SEPARATOR = "+"  # "<implementation>+<variant>": a wrapper of an implementation (`llmquant.nn.attention_dtype`)
+
+
 def enable_kv_quantization(model: PreTrainedModel) -> None:
     """Route the model's attention through llmquant's wrapper of its implementation (eager stays eager,
-    anything else runs sdpa underneath); a no-op if already done."""
+    anything else runs sdpa underneath); a no-op if already done. A variant's suffix ("sdpa+bfloat16") stays on
+    the new name ("llmquant_sdpa+bfloat16"), which its module registers with the plain one."""
     for config in attention_configs(model):
-        current = config._attn_implementation
-        if current not in WRAPPED.values():
-            config._attn_implementation = WRAPPED["eager" if current == "eager" else "sdpa"]
+        base, separator, variant = config._attn_implementation.partition(VARIANT_SEPARATOR)
+        if base not in WRAPPED.values():
+            config._attn_implementation = WRAPPED["eager" if base == "eager" else "sdpa"] + separator + variant
 
 
 def uses_llmquant_attention(attention: nn.Module, run: Callable[[], object]) -> bool:
