@@ -16,7 +16,13 @@ from torch import nn
 
 import llmquant
 from conftest import logits, make_model, relative_error
-from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearningStep, shared_input_sites
+from llmquant.algorithms.learned_online import (
+    OnlineLearningConfig,
+    OnlineLearningStep,
+    cayley,
+    kronecker_factors,
+    shared_input_sites,
+)
 from llmquant.algorithms.lifecycle import LayerContext
 from llmquant.errors import LlmquantError
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
@@ -73,6 +79,58 @@ def test_learning_undoes_a_rotation_that_makes_an_outlier() -> None:
     with torch.no_grad():
         assert relative_error(before, layer(x)) < 1e-5
     assert input_rotation_of(layer.linear).kind == "learned"
+
+
+def _toy_context(n: int = 32) -> tuple[_OneLinear, torch.Tensor, LayerContext]:
+    torch.manual_seed(0)
+    layer = _OneLinear(n)
+    z = torch.randn(64, 16, n)
+    z[..., 3] *= 30
+    x = Rotation(n).apply(z, inverse=True)
+    scheme = scheme_from_name(W4A4)
+    ctx = LayerContext(layer=layer, index=0, where="toy", specs={"linear": (scheme.weights, scheme.input_activations)},
+                       run_sample=lambda count: layer(x[:count]), feed=lambda *_: None, feed_each=lambda _: None,
+                       batches=lambda batch: iter([(x[i : i + batch], {}) for i in range(0, len(x), batch)]))
+    return layer, x, ctx
+
+
+def test_kronecker_factors_and_their_orthogonal_product() -> None:
+    assert kronecker_factors(576) == (24, 24) and kronecker_factors(1536) == (32, 48)
+    assert kronecker_factors(32) == (4, 8) and kronecker_factors(7) == (1, 7)
+    torch.manual_seed(0)
+    a1, a2 = torch.randn(4, 4, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    u = torch.kron(cayley(a1), cayley(a2))
+    assert (u.T @ u - torch.eye(32, dtype=torch.float64)).abs().max() < 1e-12
+    assert torch.equal(cayley(torch.zeros(5, 5)), torch.eye(5))
+
+
+def test_kronecker_factors_learn_the_outlier_away_with_a_held_out_check() -> None:
+    """The toy above with U = U1 (x) U2 (4 x 4 and 8 x 8: 80 learned entries instead of 1,024), its keep-check on the
+    last of the four batches, which it does not learn from: the held-out loss falls, the float output stays."""
+    layer, x, ctx = _toy_context()
+    with torch.no_grad():
+        before = layer(x)
+    config = OnlineLearningConfig(iterations=64, batch=16, lr=3e-2, weights=False, form="kronecker", holdout=1)
+    found = OnlineLearningStep(config).transform(ctx)["learned_online_rotations"]
+    assert found["form"] == "kronecker" and found["checked_on"] == "held-out" and found["kept"]
+    assert found["loss_learned"] < 0.8 * found["loss_start"]  # measured: 0.51
+    with torch.no_grad():
+        assert relative_error(before, layer(x)) < 1e-5
+    rotation = input_rotation_of(layer.linear)
+    assert rotation.kind == "learned"
+    u = Rotation(32).matrix().double().T @ rotation.dense.double()  # U = Q^T (Q U)
+    assert (u - torch.eye(32, dtype=torch.float64)).abs().max() > 1e-2  # (it moved)
+    rearranged = u.reshape(4, 8, 4, 8).permute(0, 2, 1, 3).reshape(16, 64)  # [(i, k), (j, l)] = U1[i, k] U2[j, l]
+    singular = torch.linalg.svdvals(rearranged)
+    assert singular[1] < 1e-5 * singular[0]  # rank one: a Kronecker product (Van Loan's rearrangement)
+
+
+def test_the_held_out_check_needs_a_batch_to_learn_from() -> None:
+    _, _, ctx = _toy_context()
+    config = OnlineLearningConfig(iterations=2, batch=16, holdout=4)
+    with pytest.raises(LlmquantError, match="4 of the layer's 4 calibration batches of 16 set aside leaves none to "
+                                            "learn from \\(allowed: 0 to 3\\)"):
+        OnlineLearningStep(config).transform(ctx)
 
 
 def test_linears_reading_one_input_share_a_site(calib_ids: torch.Tensor) -> None:

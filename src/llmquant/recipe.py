@@ -136,13 +136,16 @@ class LearnOnline(_Strict):
     """Each layer's online rotations before Linears (R4, R5, R6) learned on its output error
     (`llmquant.algorithms.learned_online`): ``iterations`` Adam steps a layer of ``lr`` (cosine-decayed) on ``batch``
     calibration samples each; ``weights``: the loss rounds the weights to nearest; ``max_size``: only rotations of
-    at most this many channels (0: all)."""
+    at most this many channels (0: all); ``form``: one dense orthogonal U or the Kronecker product of two small ones;
+    ``holdout``: calibration batches set aside to decide whether a layer keeps what it learned (0: all of them)."""
 
     iterations: int = Field(32, ge=1)
     batch: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)
     weights: bool = True
     max_size: int = Field(0, ge=0)
+    form: Literal["dense", "kronecker"] = "dense"
+    holdout: int = Field(0, ge=0)
 
     def config(self) -> OnlineLearningConfig:
         return OnlineLearningConfig(**self.model_dump())

@@ -13,28 +13,33 @@ deviations from FlatQuant, and why:
   is the same kind of object as every rotation (a `Rotation` of kind ``learned``, written as compressed-tensors'
   ``transform_config`` matrix, which vLLM applies), and the engine checks the float function as it does for the
   Hadamards. The diagonal part of FlatQuant's transform is the smoothing step's, searched before.
-- U is one dense n x n matrix, not FlatQuant's Kronecker product of two small ones, and each Linear rotates its own
-  copy of its input (as R6 does): the online cost is n^2 multiply-adds a token per Linear instead of a Hadamard's
-  n log n (the manifest's ``online_multiply_adds_per_token``).
+- U is one dense n x n matrix (``form: dense``) or, as FlatQuant's transforms are, a Kronecker product U1 (x) U2 of
+  two small orthogonal ones (``form: kronecker``, n = n1 n2 with n1 the largest divisor of n up to sqrt(n): 24 x 24
+  at 576, 32 x 48 at 1536; n1^2 + n2^2 learned entries instead of n^2). Either is stored and applied as the dense
+  product Q U, and each Linear rotates its own copy of its input (as R6 does): the online cost is n^2 multiply-adds a
+  token per Linear instead of a Hadamard's n log n (the manifest's ``online_multiply_adds_per_token``).
 - The loss is the relative squared error of the layer's output, ||F(X) - F_q(X)||^2 / ||F(X)||^2, against the float
   layer's output on the same inputs (the inputs the quantized layers before give, as every other step sees them): at
   U = I it is the square of the engine's ``output_error`` of the layer quantized to nearest.
-- The U found are kept only if their loss over every calibration batch is below the start's; else the layer keeps
-  its Hadamards (the straight-through loss is rough: a run can end above where it began).
+- The U found are kept only if their loss is below the start's (the straight-through loss is rough: a run can end
+  above where it began); else the layer keeps its Hadamards. The check is over every calibration batch, or, with
+  ``holdout`` batches set aside (not learned from), over those alone, so that a U that only fits the batches it
+  learned from is turned back.
 
 Linears that read one input (q/k/v; gate/up) share one U: they are found by running the layer once and grouping the
 rotated Linears whose input is the same tensor. Every quantized input of the layer (and the KV cache) is
 fake-quantized in the loss; the weights too (round to nearest) when ``weights`` (GPTQ rounds them afterwards either
 way: FlatQuant calibrates its transforms with quantized weights).
 
-Measured on the default model (W4A4KV4, BENCHMARKS.md): each layer's calibration loss falls 8-19%, the perplexity does
-not (pydoc unchanged, the second corpus worse): a dense U fits the 28 calibration samples. Kronecker factors
-(FlatQuant's form: 2 x 24^2 entries at n = 576 instead of 576^2) are the next thing to try.
+Measured on the default model (W4A4KV4, BENCHMARKS.md "Learned online rotations"): with a dense U each layer's
+calibration loss falls 8-19%, the perplexity does not (pydoc unchanged, the second corpus worse): it fits the 28
+calibration samples; the Kronecker form with a held-out check is measured there too.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +57,7 @@ from llmquant.algorithms.spinquant import (
     learning_spec,
     quantize_input_hook,
 )
+from llmquant.errors import LlmquantError
 from llmquant.nn.online_rotation import OnlineRotation, input_rotation_of
 from llmquant.quant.rotation import learned_rotation, storable
 
@@ -69,32 +75,56 @@ class OnlineLearningConfig:
     lr: float = 1e-4
     weights: bool = True
     max_size: int = 0
+    form: str = "dense"  # or "kronecker"
+    holdout: int = 0  # calibration batches set aside for the keep-check (0: the check runs on every batch)
+
+
+FORMS = ("dense", "kronecker")
+
+
+def kronecker_factors(n: int) -> tuple[int, int]:
+    """(n1, n2), n1 n2 = n, n1 the largest divisor of n up to sqrt(n) (1 for a prime n: then U is dense)."""
+    n1 = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return n1, n // n1
+
+
+def cayley(a: torch.Tensor) -> torch.Tensor:
+    """The Cayley transform of the skew-symmetric part of ``a``: (I + S)^-1 (I - S), S = A - A^T; orthogonal for any
+    A and the identity at A = 0 (one solve: the matrix exponential costs about ten times as much at n = 1536)."""
+    skew = a - a.T
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye + skew, eye - skew)
 
 
 class _Site(nn.Module):
-    """Rotated Linears (relative names) that read one input, and the U they share: the Cayley transform of a
-    skew-symmetric matrix, U = (I + S)^-1 (I - S) with S = A - A^T, orthogonal for any A and the identity at A = 0 (one
-    n x n solve a step: the matrix exponential costs about ten times as much at n = 1536). ``value`` is U as the
-    current forward uses it (`refresh`)."""
+    """Rotated Linears (relative names) that read one input, and the U they share: one Cayley transform (dense), or
+    the Kronecker product of two (``kronecker``; orthogonal, as a product of orthogonal factors). ``value`` is U as
+    the current forward uses it (`refresh`)."""
 
-    def __init__(self, linears: list[str], n: int, device: torch.device) -> None:
+    def __init__(self, linears: list[str], n: int, device: torch.device, kronecker: bool = False) -> None:
         super().__init__()
-        self.linears = linears
-        self.a = nn.Parameter(torch.zeros(n, n, device=device))
+        self.linears, self.n = linears, n
+        sizes = [k for k in kronecker_factors(n) if k > 1] if kronecker else [n]
+        self.factors = nn.ParameterList([nn.Parameter(torch.zeros(k, k, device=device)) for k in sizes])
         self.value = torch.eye(n, device=device)
 
-    @staticmethod
-    def _cayley(a: torch.Tensor) -> torch.Tensor:
-        skew = a - a.T
-        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-        return torch.linalg.solve(eye + skew, eye - skew)
+    def _u(self, factors: list[torch.Tensor]) -> torch.Tensor:
+        u = cayley(factors[0])
+        for a in factors[1:]:
+            u = torch.kron(u, cayley(a))
+        return u
 
     def refresh(self) -> None:
-        self.value = self._cayley(self.a)
+        self.value = self._u(list(self.factors))
 
     def orthogonal(self) -> torch.Tensor:
         """U in float64 (orthogonal to float64 rounding)."""
-        return self._cayley(self.a.detach().double())
+        return self._u([a.detach().double() for a in self.factors])
+
+    def reset(self) -> None:
+        """Back to U = I."""
+        for a in self.factors:
+            a.data.zero_()
 
 
 def shared_input_sites(layer: nn.Module, run: Callable[[], Any]) -> list[list[str]]:
@@ -184,7 +214,7 @@ def _relative_mse(out: Any, target: torch.Tensor) -> torch.Tensor:
 def _mean_loss(ctx: LayerContext, data: list, sites: list[_Site], start: bool) -> float:
     """The loss over every batch (averaged over the ranks), at the sites' current U or (``start``) at U = I."""
     for site in sites:
-        site.value = torch.eye(site.a.shape[0], device=site.a.device) if start else site.orthogonal().float()
+        site.value = torch.eye(site.n, device=site.value.device) if start else site.orthogonal().float()
     losses = [_relative_mse(ctx.layer(hidden, **kwargs), target).item() for hidden, kwargs, target in data]
     total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
     total = ctx.ranks.sum(total) if ctx.ranks.world > 1 else total
@@ -193,15 +223,20 @@ def _mean_loss(ctx: LayerContext, data: list, sites: list[_Site], start: bool) -
 
 def _learn(ctx: LayerContext, sites: list[_Site], config: OnlineLearningConfig) -> dict[str, Any]:
     """Adam on the sites' A over the layer's calibration batches (targets: the float layer's outputs). The U found are
-    kept only if their loss over every batch is below the start's (the straight-through loss is not smooth: a run
-    can end above where it began), else the sites go back to U = I. With several ranks each step takes the mean
-    gradient of theirs, so every rank learns the same U. Returns the manifest entry."""
+    kept only if their loss over the check's batches (every batch, or the last ``holdout``, not learned from) is
+    below the start's (the straight-through loss is not smooth: a run can end above where it began), else the sites
+    go back to U = I. With several ranks each step takes the mean gradient of theirs, so every rank learns the same U.
+    Returns the manifest entry."""
     data = []
     for hidden, kwargs in ctx.batches(config.batch):
         with torch.no_grad():
             target = ctx.layer(hidden, **kwargs)
         data.append((hidden, kwargs, (target[0] if isinstance(target, tuple) else target).float()))
-    params = [site.a for site in sites]
+    if config.holdout >= len(data):
+        raise LlmquantError(f"learn_online.holdout: {config.holdout} of the layer's {len(data)} calibration batches "
+                            f"of {config.batch} set aside leaves none to learn from (allowed: 0 to {len(data) - 1})")
+    learn, check = (data[:-config.holdout], data[-config.holdout:]) if config.holdout else (data, data)
+    params = [a for site in sites for a in site.factors]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.iterations)
     frozen = [p for p in ctx.layer.parameters() if p.requires_grad]
@@ -210,10 +245,10 @@ def _learn(ctx: LayerContext, sites: list[_Site], config: OnlineLearningConfig) 
     network = _LossNetwork(ctx, sites, config.weights)
     losses: list[float] = []
     try:
-        before = _mean_loss(ctx, data, sites, start=True)
+        before = _mean_loss(ctx, check, sites, start=True)
         with torch.enable_grad():
             for step in range(config.iterations):
-                hidden, kwargs, target = data[step % len(data)]
+                hidden, kwargs, target = learn[step % len(learn)]
                 optimizer.zero_grad()
                 for site in sites:
                     site.refresh()
@@ -225,15 +260,16 @@ def _learn(ctx: LayerContext, sites: list[_Site], config: OnlineLearningConfig) 
                 optimizer.step()
                 schedule.step()
                 losses.append(loss.item())
-        after = _mean_loss(ctx, data, sites, start=False)
+        after = _mean_loss(ctx, check, sites, start=False)
     finally:
         network.close()
         for p in frozen:
             p.requires_grad_(True)
     if after >= before:
         for site in sites:
-            site.a.data.zero_()
-    return {"steps": len(losses), "loss_start": before, "loss_learned": after, "kept": after < before}
+            site.reset()
+    return {"steps": len(losses), "form": config.form, "checked_on": "held-out" if config.holdout else "calibration",
+            "loss_start": before, "loss_learned": after, "kept": after < before}
 
 
 def _fold(layer: nn.Module, site: _Site, label: str) -> None:
@@ -273,7 +309,7 @@ class OnlineLearningStep(LayerStep):
             first = ctx.layer.get_submodule(names[0])
             size = input_rotation_of(first).n  # type: ignore[union-attr]
             if not self.config.max_size or size <= self.config.max_size:
-                sites.append(_Site(names, size, first.weight.device))
+                sites.append(_Site(names, size, first.weight.device, self.config.form == "kronecker"))
         if not sites:
             return {}
         entry = _learn(ctx, sites, self.config)
@@ -289,4 +325,4 @@ class OnlineLearningStep(LayerStep):
                                              "seconds": round(time.perf_counter() - start, 2)}}
 
 
-__all__ = ["OnlineLearningConfig", "OnlineLearningStep", "shared_input_sites"]
+__all__ = ["FORMS", "OnlineLearningConfig", "OnlineLearningStep", "cayley", "kronecker_factors", "shared_input_sites"]
