@@ -56,32 +56,8 @@ class _OneLinear(nn.Module):
         return self.linear(hidden)
 
 
-def test_learning_undoes_a_rotation_that_makes_an_outlier() -> None:
-    """Inputs x = z H^T, z with one channel 30x the others: the Hadamard in front of the Linear gives it z, the worst
-    input for 4-bit per-token quantization. The learned U spreads the outlier again: the quantized output error falls
-    by more than 30%, the float output stays the same, the rotation becomes a learned orthogonal one."""
-    torch.manual_seed(0)
-    n = 32
-    layer = _OneLinear(n)
-    z = torch.randn(64, 16, n)
-    z[..., 3] *= 30
-    x = Rotation(n).apply(z, inverse=True)
-    scheme = scheme_from_name(W4A4)
-    ctx = LayerContext(layer=layer, index=0, where="toy", specs={"linear": (scheme.weights, scheme.input_activations)},
-                       run_sample=lambda count: layer(x[:count]), feed=lambda *_: None, feed_each=lambda _: None,
-                       batches=lambda batch: iter([(x[i : i + batch], {}) for i in range(0, len(x), batch)]))
-    with torch.no_grad():
-        before = layer(x)
-    entry = OnlineLearningStep(OnlineLearningConfig(iterations=64, batch=16, lr=3e-2, weights=False)).transform(ctx)
-    found = entry["learned_online_rotations"]
-    assert found["sites"] == [["linear"]] and found["kept"]
-    assert found["loss_learned"] < 0.7 * found["loss_start"]  # measured: 0.55
-    with torch.no_grad():
-        assert relative_error(before, layer(x)) < 1e-5
-    assert input_rotation_of(layer.linear).kind == "learned"
-
-
 def _toy_context(n: int = 32) -> tuple[_OneLinear, torch.Tensor, LayerContext]:
+    """`_OneLinear` fed x = z Q^T (64 samples of 16 tokens), z with channel 3 thirty times the others, W4A4."""
     torch.manual_seed(0)
     layer = _OneLinear(n)
     z = torch.randn(64, 16, n)
@@ -92,6 +68,22 @@ def _toy_context(n: int = 32) -> tuple[_OneLinear, torch.Tensor, LayerContext]:
                        run_sample=lambda count: layer(x[:count]), feed=lambda *_: None, feed_each=lambda _: None,
                        batches=lambda batch: iter([(x[i : i + batch], {}) for i in range(0, len(x), batch)]))
     return layer, x, ctx
+
+
+def test_learning_undoes_a_rotation_that_makes_an_outlier() -> None:
+    """Inputs x = z H^T, z with one channel 30x the others: the Hadamard in front of the Linear gives it z, the worst
+    input for 4-bit per-token quantization. The learned U spreads the outlier again: the quantized output error falls
+    by more than 30%, the float output stays the same, the rotation becomes a learned orthogonal one."""
+    layer, x, ctx = _toy_context()
+    with torch.no_grad():
+        before = layer(x)
+    entry = OnlineLearningStep(OnlineLearningConfig(iterations=64, batch=16, lr=3e-2, weights=False)).transform(ctx)
+    found = entry["learned_online_rotations"]
+    assert found["sites"] == [["linear"]] and found["kept"]
+    assert found["loss_learned"] < 0.7 * found["loss_start"]  # measured: 0.55
+    with torch.no_grad():
+        assert relative_error(before, layer(x)) < 1e-5
+    assert input_rotation_of(layer.linear).kind == "learned"
 
 
 def test_kronecker_factors_and_their_orthogonal_product() -> None:
