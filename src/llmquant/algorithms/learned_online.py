@@ -32,8 +32,8 @@ fake-quantized in the loss; the weights too (round to nearest) when ``weights`` 
 way: FlatQuant calibrates its transforms with quantized weights).
 
 Measured on the default model (W4A4KV4, BENCHMARKS.md "Learned online rotations"): with a dense U each layer's
-calibration loss falls 8-19%, the perplexity does not (pydoc unchanged, the second corpus worse): it fits the 28
-calibration samples; the Kronecker form with a held-out check is measured there too.
+calibration loss falls 8-19%, the perplexity does not (pydoc unchanged, the second corpus worse); in the Kronecker form
+with a held-out check 26 of 30 layers keep a U that lowers their held-out loss by 1-7%, and both corpora get worse.
 """
 
 from __future__ import annotations
