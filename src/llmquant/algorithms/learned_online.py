@@ -79,9 +79,6 @@ class OnlineLearningConfig:
     holdout: int = 0  # calibration batches set aside for the keep-check (0: the check runs on every batch)
 
 
-FORMS = ("dense", "kronecker")
-
-
 def kronecker_factors(n: int) -> tuple[int, int]:
     """(n1, n2), n1 n2 = n, n1 the largest divisor of n up to sqrt(n) (1 for a prime n: then U is dense)."""
     n1 = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
@@ -212,7 +209,7 @@ def _relative_mse(out: Any, target: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _mean_loss(ctx: LayerContext, data: list, sites: list[_Site], start: bool) -> float:
-    """The loss over every batch (averaged over the ranks), at the sites' current U or (``start``) at U = I."""
+    """The loss over the batches ``data`` (averaged over the ranks), at the sites' current U or (``start``) at U = I."""
     for site in sites:
         site.value = torch.eye(site.n, device=site.value.device) if start else site.orthogonal().float()
     losses = [_relative_mse(ctx.layer(hidden, **kwargs), target).item() for hidden, kwargs, target in data]
@@ -325,4 +322,4 @@ class OnlineLearningStep(LayerStep):
                                              "seconds": round(time.perf_counter() - start, 2)}}
 
 
-__all__ = ["FORMS", "OnlineLearningConfig", "OnlineLearningStep", "cayley", "kronecker_factors", "shared_input_sites"]
+__all__ = ["OnlineLearningConfig", "OnlineLearningStep", "cayley", "kronecker_factors", "shared_input_sites"]
