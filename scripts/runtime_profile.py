@@ -118,8 +118,8 @@ def kernel_calls(layers: list[tuple[str, QuantLinear]]) -> None:
 
 
 def kernels(model_dir: str) -> None:
+    from llmquant.evaluation.bench import time_generation
     from llmquant.nn import int8_linear
-    from llmquant.nn.kv_storage import cache_argument, returned_cache
 
     model, _ = llmquant.load(model_dir, device="cpu")
     layers = [(name.rsplit(".", 1)[-1], m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
@@ -127,16 +127,9 @@ def kernels(model_dir: str) -> None:
     ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
 
     def generation(steps: int) -> tuple[float, float]:
-        with torch.no_grad():
-            start = time.perf_counter()
-            out = model(ids, use_cache=True, logits_to_keep=1)
-            prefill = time.perf_counter() - start
-            cache, token, argument = returned_cache(out), out.logits[:, -1:].argmax(-1), cache_argument(model)
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = model(token, **{argument: cache}, use_cache=True)
-                cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
-            return prefill, (time.perf_counter() - start) / max(steps, 1)
+        """Seconds of the prefill and of one decode step (the mean of ``steps``)."""
+        prefill, decode = time_generation(model, ids, steps)
+        return prefill, decode / max(steps, 1)
 
     rule = int8_linear.ONEDNN_MIN_ROWS
     modes = {"_int_mm only": ("0", rule), "rows rule": ("1", rule), "oneDNN always": ("1", 0)}

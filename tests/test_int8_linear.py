@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llmquant
+from conftest import logits, make_model, relative_error
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
@@ -104,8 +106,6 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
 def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_rtn(scheme: str, calib_ids: torch.Tensor,
                                                                  eval_ids: torch.Tensor, tmp_path) -> None:
-    import llmquant
-    from conftest import logits, make_model, relative_error
 
     float_model = make_model("llama")
     seen: list[torch.Tensor] = []  # q_proj's input in layer 0 on the calibration ids: what GPTQ fits
@@ -188,8 +188,6 @@ def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_linears_reading_one_tensor_quantize_it_once_per_forward(monkeypatch: pytest.MonkeyPatch,
                                                                  calib_ids: torch.Tensor,
                                                                  eval_ids: torch.Tensor) -> None:
-    import llmquant
-    from conftest import make_model
 
     model = llmquant.quantize(make_model("llama"), "w_int8_per_channel_a_int8_per_token_dynamic", calib=calib_ids,
                               progress=False)

@@ -46,16 +46,14 @@ def _in_bfloat16(base: str) -> Callable:
     return attention
 
 
-def _register(base: str) -> str:
-    name = base + SUFFIX
-    if name not in ALL_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(name, _in_bfloat16(base))
-        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return name
+def _register() -> None:
+    """Every wrappable name's bfloat16 variant, at import: `enable_kv_quantization` may move sdpa+ to llmquant_sdpa+."""
+    for base in WRAPPABLE:
+        AttentionInterface.register(base + SUFFIX, _in_bfloat16(base))
+        ALL_MASK_ATTENTION_FUNCTIONS.register(base + SUFFIX, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
-for _base in WRAPPABLE:  # every wrappable name at once: `enable_kv_quantization` may move sdpa+ to llmquant_sdpa+
-    _register(_base)
+_register()
 
 
 def check_attention_dtype(dtype: str) -> None:
@@ -73,4 +71,4 @@ def set_attention_dtype(model: nn.Module, dtype: str) -> None:
         raise LlmquantError(f"attention in bfloat16 wraps sdpa attention; this model uses '{refused[0]}' "
                             f"(allowed: {', '.join(WRAPPABLE)})")
     for config, base in zip(configs, bases, strict=True):
-        config._attn_implementation = base if dtype == "model" else _register(base)
+        config._attn_implementation = base if dtype == "model" else base + SUFFIX

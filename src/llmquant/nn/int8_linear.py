@@ -144,14 +144,6 @@ def scale_output(product: torch.Tensor, scale: torch.Tensor, weight_scale: torch
     return y.add_(bias) if bias is not None else y
 
 
-def scaled_product(codes: torch.Tensor, scale: torch.Tensor, weight_codes: torch.Tensor | Int8Weight,
-                   weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                   product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """y = product(x_q, W_q) * (s_x * s_w) + b: the integer product (`int8_product`) or the float32 product of
-    the codes (`float_product`, the simulation), the same values in the same order."""
-    return scale_output(product(codes, weight_codes), scale, weight_scale, bias)
-
-
 @dataclass(frozen=True)
 class _KeptCodes:
     """Input codes with what they were made from: a weak reference to the source tensor, its version, the

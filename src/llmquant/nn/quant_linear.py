@@ -47,7 +47,7 @@ from llmquant.nn.int8_linear import (
     int8_linear,
     int8_matmul,
     onednn_refusal,
-    scaled_product,
+    scale_output,
     shared_input_codes,
 )
 from llmquant.nn.kv_storage import set_kv_cache_runtime
@@ -337,7 +337,7 @@ class QuantLinear(nn.Module):
             if self._float_codes is None:
                 self._float_codes = codes_to_float(self._weight_codes())
             codes, scale = shared_input_codes(x, rows, *input_args, as_int8=False)
-            y = scaled_product(codes, scale, self._float_codes, weight_scale, self.bias, float_product)
+            y = scale_output(float_product(codes, self._float_codes), scale, weight_scale, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
