@@ -28,6 +28,7 @@ from llmquant.errors import LlmquantError
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.quant.rotation import Rotation, storable
 from llmquant.quant.scheme import scheme_from_name
+from llmquant.recipe import Recipe
 
 W4A4 = "w_int4_per_channel_sym_a_int4_per_token_dynamic"
 ROTATIONS = ["R2", "R3", "R4", "R6"]
@@ -237,3 +238,12 @@ def test_mixtures_of_experts_share_the_norms_site_and_keep_the_float_function(fa
         if entry["kept"]:
             assert row["equivalence_error"] < 1e-5
     assert moe_layers >= 1
+
+
+def test_a_holdout_of_every_batch_is_refused_when_the_recipe_is_read() -> None:
+    quarot = {"name": "quarot", "rotations": ["R4"], "learn_online": {"batch": 4, "holdout": 3}}
+    with pytest.raises(LlmquantError, match=r"holdout 3 sets aside every one of the 3 batches of 4 that calib\.samples "
+                                            r"10 makes; allowed: 0 to 2, or more samples"):
+        Recipe.build(scheme="w_int8_per_channel_a_int8_per_token_dynamic", pre_opts=[quarot], calib={"samples": 10})
+    kept = Recipe.build(scheme="w_int8_per_channel_a_int8_per_token_dynamic", pre_opts=[quarot], calib={"samples": 13})
+    assert kept.quarot().learn_online.holdout == 3

@@ -285,6 +285,20 @@ class Recipe(_Strict):
                                  f"activations and KV cache, no rotation; otherwise give 1 or more samples")
         return self
 
+    @model_validator(mode="after")
+    def _holdout_leaves_batches(self) -> Recipe:
+        """``learn_online.holdout`` leaves at least one batch of the calibration samples to learn from (checked again
+        per layer, where the samples of one rank of several are fewer)."""
+        quarot = self.quarot()
+        learn = quarot.learn_online if quarot is not None else None
+        if learn is not None and learn.holdout and self.calib.samples:
+            batches = -(-self.calib.samples // learn.batch)
+            if learn.holdout >= batches:
+                raise ValueError(f"quarot.learn_online.holdout {learn.holdout} sets aside every one of the {batches} "
+                                 f"batches of {learn.batch} that calib.samples {self.calib.samples} makes; allowed: "
+                                 f"0 to {batches - 1}, or more samples")
+        return self
+
     def learns_from_samples(self) -> list[str]:
         """What the recipe learns from its calibration samples: learned rotations, a per-layer step (smoothing, AWQ,
         GPTQ), static input scales or a static KV-cache scale. Nothing (empty) for round to nearest with dynamic
