@@ -30,7 +30,8 @@ llm-compressor lives in its own throw-away environment (it pins its own dependen
 Writes the same JSON shape as benchmark_w8a8.py (rows of scheme, ppl, ratio, seconds), so
 scripts/w8a8_table.py can put both side by side; each row also names its "algorithm" and "recipe". A run
 that llm-compressor refuses goes to "errors" (scheme, algorithm, recipe, the error's first line), not to
-"rows". Runs on one thread (as the llmquant side is measured); seconds = wall time of `oneshot` only.
+"rows". Runs on one thread (as the llmquant side is measured); seconds = wall time of `oneshot` only;
+with ``--save``, save_seconds = that of writing the checkpoint (where compressed-tensors rounds the weights).
 On a machine without an accelerator AWQ needs one patch that changes no number (see `cpu_workarounds`).
 The float checkpoint is the one llmquant caches (run any llmquant command once first).
 """
@@ -256,11 +257,13 @@ def main() -> None:
                            "error": f"{type(err).__name__}: {first}", "seconds": time.perf_counter() - start})
             print(f"| llm-compressor {args.algorithm} {name} | error: {errors[-1]['error']} |", flush=True)
             continue
-        if args.save:
-            model.save_pretrained(Path(args.save) / name, save_compressed=True)
-            tokenizer.save_pretrained(Path(args.save) / name)
         rows.append({"scheme": name, "algorithm": args.algorithm, "recipe": described, "ppl": ppl,
                      "ratio": ppl / float_ppl, "seconds": seconds})
+        if args.save:  # compressed-tensors quantizes the weights here (save_compressed): timed apart
+            start = time.perf_counter()
+            model.save_pretrained(Path(args.save) / name, save_compressed=True)
+            tokenizer.save_pretrained(Path(args.save) / name)
+            rows[-1]["save_seconds"] = time.perf_counter() - start
         if args.scales_against:
             rows[-1]["scale_ratios"] = scale_ratios(model, Path(args.scales_against))
         print(f"| llm-compressor {args.algorithm} {name} | {ppl:.3f} | x{ppl / float_ppl:.3f} | {seconds:.1f} |",

@@ -7,8 +7,12 @@
 #
 # llmquant runs twice a round: as a plain `llmquant quantize --scheme ...` (one sample measures each layer's output
 # error) and with `--calib-samples 0` (no pass, no output-error figures). Seconds are llmquant's manifest
-# `seconds.total` and llm-compressor's `oneshot` wall time: neither counts loading the model. llm-compressor's
-# perplexity is on 4 windows here (the 40-window figures: BENCHMARKS.md); llmquant's runs do not evaluate.
+# `seconds.total` (`llmquant.quantize` from Python, as `llmquant quantize --scheme S --calib-samples N` runs it) and
+# llm-compressor's `oneshot` wall time: neither counts loading the model. llm-compressor rounds
+# the weights only when it writes the checkpoint (compressed-tensors' compression in `save_pretrained`; after
+# `oneshot` its weights are the float ones), so the second column adds each side's checkpoint writing: `llmquant.save`,
+# llm-compressor's `save_pretrained`. llm-compressor's perplexity is on 4 windows here (the
+# 40-window figures: BENCHMARKS.md); llmquant's runs do not evaluate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-1}
@@ -22,11 +26,24 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for round in $(seq 1 "$REPEATS"); do
     "$LLMC" scripts/compare_llmcompressor.py --schemes $SCHEME --threads "$THREADS" --max-windows 4 \
-        --out "$OUT/llmc_t${THREADS}_$round.json"
+        --save "$work/llmc" --out "$OUT/llmc_t${THREADS}_$round.json"
+    rm -rf "$work/llmc"
     for samples in 32 0; do
-        .venv/bin/python -m llmquant.cli quantize --scheme $SCHEME --calib-samples $samples --no-eval --quiet \
-            --output "$work/s$samples" --overwrite
-        cp "$work/s$samples/llmquant.json" "$OUT/llmquant_s${samples}_t${THREADS}_$round.json"
+        .venv/bin/python - "$samples" "$work/s$samples" "$OUT/llmquant_s${samples}_t${THREADS}_$round.json" <<'EOF'
+import json, shutil, sys, time
+import llmquant
+from llmquant.model.loading import load_float
+
+samples, directory, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+model, tokenizer = load_float()  # (not timed, as on llm-compressor's side)
+llmquant.quantize(model, {"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic", "calib": {"samples": samples}},
+                  tokenizer, progress=False)
+start = time.perf_counter()
+llmquant.save(model, tokenizer, directory)
+seconds = {**model.llmquant_manifest.seconds, "save": time.perf_counter() - start}
+shutil.rmtree(directory)
+json.dump({"seconds": seconds}, open(out, "w"))
+EOF
     done
 done
 .venv/bin/python - "$OUT" "$THREADS" <<'EOF'
@@ -36,13 +53,18 @@ from pathlib import Path
 out, threads = Path(sys.argv[1]), sys.argv[2]
 def median(pattern, read):
     return statistics.median(read(json.loads(p.read_text())) for p in sorted(out.glob(pattern)))
-llmc = median(f"llmc_t{threads}_*.json", lambda d: d["rows"][0]["seconds"])
-rows = {"llm-compressor FP8_DYNAMIC (oneshot)": llmc}
+rows = {"llm-compressor FP8_DYNAMIC (oneshot)": (f"llmc_t{threads}_*.json",
+                                                 lambda d: (d["rows"][0]["seconds"],
+                                                            d["rows"][0]["seconds"] + d["rows"][0]["save_seconds"]))}
 for samples, what in (("32", "llmquant, one sample measuring the output errors"), ("0", "llmquant --calib-samples 0")):
-    rows[what] = median(f"llmquant_s{samples}_t{threads}_*.json", lambda d: d["seconds"]["total"])
+    rows[what] = (f"llmquant_s{samples}_t{threads}_*.json",
+                  lambda d: (d["seconds"]["total"], d["seconds"]["total"] + d["seconds"]["save"]))
+medians = {what: [median(pattern, lambda d, i=i: read(d)[i]) for i in (0, 1)] for what, (pattern, read) in rows.items()}
+base = medians["llm-compressor FP8_DYNAMIC (oneshot)"]
 print(f"cpu: {platform.processor() or platform.machine()}, threads {threads}, medians of "
       f"{len(list(out.glob(f'llmc_t{threads}_*.json')))} rounds")
-print("| run | seconds | / llm-compressor |\n|---|---|---|")
-for what, seconds in rows.items():
-    print(f"| {what} | {seconds:.2f} | {seconds / llmc:.2f} |")
+print("| run | quantize s | / llm-compressor | quantize + write the checkpoint s | / llm-compressor |")
+print("|---|---|---|---|---|")
+for what, (quantize, written) in medians.items():
+    print(f"| {what} | {quantize:.2f} | {quantize / base[0]:.2f} | {written:.2f} | {written / base[1]:.2f} |")
 EOF

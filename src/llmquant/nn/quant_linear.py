@@ -217,9 +217,10 @@ class QuantLinear(nn.Module):
         signed = unpack_int32(self.weight_packed, spec.bits, self.in_features)
         return (signed.to(torch.int32) + storage_offset(spec)).to(torch.int8)
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, keep: bool = True) -> torch.Tensor:
         """The float weight the layer computes with: x_hat = (q - zero) * scale. Cached, except for a packed
-        layer without ``cache_dequantized``, which unpacks it on every call."""
+        layer without ``cache_dequantized``, which unpacks it on every call, and with ``keep=False`` (a figure
+        about the weight, such as its error: the float copy would hold as much memory as the float weight)."""
         spec = self.weight_spec
         if spec is None:
             return self.weight
@@ -231,7 +232,7 @@ class QuantLinear(nn.Module):
             weight = dequantize(fields, scale, zero + (2 ** (spec.bits - 1) - storage_offset(spec)), spec)
         else:
             weight = dequantize(self.weight, *self.weight_qparams(), spec)
-        if not self.packed or self.cache_dequantized:
+        if keep and (not self.packed or self.cache_dequantized):
             self._dequantized = weight
         return weight
 

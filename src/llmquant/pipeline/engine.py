@@ -166,7 +166,7 @@ class _LinearErrorProbe:
 
 def _weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
     w = linear.weight.detach().float()
-    return float((quantized.dequantized_weight() - w).norm() / w.norm().clamp(min=1e-30))
+    return float((quantized.dequantized_weight(keep=False) - w).norm() / w.norm().clamp(min=1e-30))
 
 
 def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[str, float]:
