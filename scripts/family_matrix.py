@@ -65,11 +65,17 @@ def _calibration() -> tuple[torch.Tensor, torch.Tensor]:
 def _notes(manifest: dict) -> list[str]:
     """What did not apply in one run: rotations turned off, Linears left unsmoothed (with the reasons)."""
     notes = []
-    for step in manifest.get("rotation", {}).get("plan", []):
+    rotation = manifest.get("rotation", {})
+    plans = [rotation.get("plan", []), *rotation.get("other_layer_plans", [])]  # (layers made otherwise: their own)
+    for step in plans[0]:
+        elsewhere = [s for plan in plans[1:] for s in plan if s["rotation"] == step["rotation"]]
         if not step["applies"]:
-            notes.append(f"{step['rotation']} off: {step['note'].split(': ', 1)[-1]}")
+            some = " (some layers)" if any(s["applies"] for s in elsewhere) else ""
+            notes.append(f"{step['rotation']}{some} off: {step['note'].split(': ', 1)[-1]}")
     for name, why in manifest.get("not_smoothed", {}).items():
         notes.append(f"{name} not smoothed: {why}")
+    for name, why in manifest.get("not_quantizable", {}).items():
+        notes.append(f"{name} left float: {why}")
     return notes
 
 
@@ -116,6 +122,9 @@ def _shown(found: Cell) -> str:
     parts = [f"{', '.join(off)} off"] if off else []
     if unsmoothed:
         parts.append(f"{len(unsmoothed)} unsmoothed")
+    floating = [note for note in found.notes if " left float: " in note]
+    if floating:
+        parts.append(f"{len(floating)} not quantizable")
     return "yes" + (f" ({'; '.join(parts)})" if parts else "")
 
 

@@ -70,8 +70,24 @@ FAMILIES = {  # the family x method matrix (tests/test_families.py): a tiny rand
         n_group=1, topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=16)),
     "olmoe": lambda: transformers.OlmoeConfig(**_common(**_MOE, num_experts=4, pad_token_id=0, eos_token_id=1)),
+    "gpt_oss": lambda: transformers.GptOssConfig(**_common(  # transposed experts, gate/up alternating, biases, a
+        **_MOE, num_local_experts=4, head_dim=16, sliding_window=16,  # clamped SwiGLU; attention sinks
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default",
+                                                                              "rope_theta": 150000.0})),
 }
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"]
+FAMILIES["cohere2"] = lambda: transformers.Cohere2Config(**_common(**_ATTENTION, sliding_window=16))  # eps named
+FAMILIES["lfm2"] = lambda: transformers.Lfm2Config(**_common(  # variance_epsilon; LFM2: convolution layers first
+    **_ATTENTION, layer_types=["conv", "full_attention"]))
+FAMILIES["qwen3_next"] = lambda: transformers.Qwen3NextConfig(**_common(  # linear attention (gated norm), then
+    **_MOE, num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, head_dim=16,  # gated
+    layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,  # full
+    linear_key_head_dim=16, linear_value_head_dim=16))  # attention; experts with a shared one and its gate
+FAMILIES["hunyuan_v1_moe"] = lambda: transformers.HunYuanMoEV1Config(**_common(  # the router: a Linear in a module
+    **_MOE, num_experts=4, moe_topk=2, head_dim=16))
+FAMILIES["llama4"] = lambda: transformers.Llama4TextConfig(**_common(  # its experts take no routing arguments
+    **_ATTENTION, intermediate_size_mlp=128, num_local_experts=4, head_dim=16, num_experts_per_tok=1,  # and its
+    moe_layers=[0, 1], no_rope_layers=[1, 1], attention_chunk_size=64))  # router returns a tuple: both stay float
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "gpt_oss", "qwen3_next", "hunyuan_v1_moe"]
 
 
 def make_model(family: str, seed: int = 0) -> torch.nn.Module:

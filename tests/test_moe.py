@@ -23,8 +23,11 @@ from llmquant.nn.quant_linear import QuantLinear
 from llmquant.recipe import Recipe
 
 W4 = {"scheme": "w_uint4_per_group_asym", "group_size": 16}
-SHARED = {"qwen2_moe": ("mlp.shared_expert",), "deepseek_v3": ("mlp.shared_experts",)}
-GATES = {"qwen2_moe": ("mlp.shared_expert_gate",)}
+SHARED = {"qwen2_moe": ("mlp.shared_expert",), "deepseek_v3": ("mlp.shared_experts",),
+          "qwen3_next": ("mlp.shared_expert",), "hunyuan_v1_moe": ("mlp.shared_mlp",)}
+GATES = {"qwen2_moe": ("mlp.shared_expert_gate",), "qwen3_next": ("mlp.shared_expert_gate",),
+         "hunyuan_v1_moe": ("mlp.gate.wg",)}
+ROUTER = {"gpt_oss": "mlp.router", "hunyuan_v1_moe": "mlp.gate.wg"}
 
 
 def _ids(seed: int, samples: int = 4) -> torch.Tensor:
@@ -52,7 +55,8 @@ def test_detects_router_experts_shared_experts_and_gates(family: str) -> None:
     unfuse_experts(model)
     model_map = detect_model_map(model)
     assert model_map.decoder_layers == "model.layers"  # not a layer's (longer) list of experts
-    assert model_map.moe == (MoEBlock(name="mlp", router="mlp.gate", experts="mlp.experts", num_experts=4,
+    assert model_map.moe == (MoEBlock(name="mlp", router=ROUTER.get(family, "mlp.gate"), experts="mlp.experts",
+                                      num_experts=4,
                                       shared=SHARED.get(family, ()), gates=GATES.get(family, ())),)
     layers = model_map.layers(model)
     assert [bool(find_moe_blocks(layer)) for layer in layers] == [family != "deepseek_v3", True]
@@ -247,7 +251,7 @@ def test_routed_calibration_falls_back_to_round_to_nearest_for_experts_with_too_
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_smoothing_and_rotations_keep_the_float_function_through_the_moe_block(family: str) -> None:
-    ids = _ids(2, 2)
+    ids, router = _ids(2, 2), ROUTER.get(family, "mlp.gate")
     reference = logits(make_model(family), ids)
     r6_smoothed = [{"name": "quarot", "rotations": ["R2", "R4", "R6"]}, {"name": "smoothquant", "alpha": 0.5}]
     for pre_opts in ([{"name": "smoothquant", "alpha": 0.5}], r6_smoothed, [{"name": "quarot"}]):
@@ -258,11 +262,11 @@ def test_smoothing_and_rotations_keep_the_float_function_through_the_moe_block(f
             results = model.llmquant_manifest.results["rotation"]
             last_plan = [results["plan"], *results.get("other_layer_plans", [])][-1]  # (DeepSeek: dense layer 0)
             r6 = next(step for step in last_plan if step["rotation"] == "R6")
-            assert {"mlp.gate", "mlp.experts.0.gate_proj", "mlp.experts.3.up_proj"} <= set(r6["targets"])
+            assert {router, "mlp.experts.0.gate_proj", "mlp.experts.3.up_proj"} <= set(r6["targets"])
     results = model.llmquant_manifest.results["rotation"]
     plans = [results["plan"], *results.get("other_layer_plans", [])]
     moe_plan = {step["rotation"]: step for step in plans[-1]}
-    assert moe_plan["R1"]["applies"] and "mlp.gate" in moe_plan["R1"]["targets"]  # the router is rotated too
+    assert moe_plan["R1"]["applies"] and router in moe_plan["R1"]["targets"]  # the router is rotated too
     r4 = [target for name, step in moe_plan.items() if name.startswith("R4") for target in step["targets"]]
     assert {f"mlp.experts.{i}.down_proj" for i in range(4)} <= set(r4)  # online before every expert's down
     assert {f"mlp.experts.{i}.down_proj" for i in range(4)} <= set(moe_plan["R1"]["targets"])  # writers
@@ -317,18 +321,46 @@ def test_detect_prints_the_moe_blocks(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "model.layers.*.mlp.shared_expert_gate" in found["left_float_by_default"]
 
 
+@pytest.mark.parametrize(("family", "target", "said"), [
+    ("mixtral", "transformers", "transformers loads no quantized mixture-of-experts checkpoint"),
+    ("gpt_oss", "vllm", "gpt_oss checkpoints store each layer's experts fused (one gate_up_proj of every expert), "
+                        "which is all vLLM's loader for it reads"),
+])
 def test_targets_that_cannot_load_an_moe_checkpoint_refuse_before_calibration(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        family: str, target: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tiny_checkpoint import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    make_model("mixtral").save_pretrained(tmp_path / "float")
+    make_model(family).save_pretrained(tmp_path / "float")
     tokenizer.save_pretrained(tmp_path / "float")
-    code = main(["quantize", "--model", str(tmp_path / "float"), "--target", "transformers", "--no-eval",
+    code = main(["quantize", "--model", str(tmp_path / "float"), "--target", target, "--no-eval",
                  "--output", str(tmp_path / "out")])
     assert code == 2
-    assert "transformers loads no quantized mixture-of-experts checkpoint" in capsys.readouterr().err
+    assert said in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_declared_expert_layouts_are_read_transposed_alternating_with_biases_and_their_own_gate() -> None:
+    """gpt-oss's experts (transformers' experts interface: is_transposed, gate and up columns alternating, biases,
+    a clamped SwiGLU of its own) become Linears holding exactly the fused numbers, and compute the same."""
+    model = make_model("gpt_oss")
+    fused = model.model.layers[1].mlp.experts
+    gate_up, gate_up_bias = fused.gate_up_proj.detach().clone(), fused.gate_up_proj_bias.detach().clone()
+    down, down_bias = fused.down_proj.detach().clone(), fused.down_proj_bias.detach().clone()
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
+    index, weights = torch.tensor([[0, 3], [1, 2], [2, 0], [3, 1], [0, 1], [2, 3]]), torch.rand(6, 2)
+    with torch.no_grad():
+        expected = fused(x, index, weights)
+    unfuse_experts(model)
+    experts = model.model.layers[1].mlp.experts
+    expert = experts[2]
+    assert torch.equal(expert.gate_proj.weight, gate_up[2, :, 0::2].t())
+    assert torch.equal(expert.up_proj.weight, gate_up[2, :, 1::2].t())
+    assert torch.equal(expert.up_proj.bias, gate_up_bias[2, 1::2])
+    assert torch.equal(expert.down_proj.weight, down[2].t()) and torch.equal(expert.down_proj.bias, down_bias[2])
+    assert list(expert.gate.shell.parameters()) == []  # the gate does not hold the fused weights
+    with torch.no_grad():
+        assert torch.allclose(experts(x, index, weights), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_mixtral_checkpoints_use_its_hub_names_and_load_back(tmp_path: Path) -> None:
@@ -360,7 +392,7 @@ def test_mixtral_checkpoints_use_its_hub_names_and_load_back(tmp_path: Path) -> 
     assert torch.equal(logits(quantized, ids), logits(loaded, ids))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])  # gpt-oss: experts fused on disk
 def test_an_moe_model_streamed_from_disk_gives_the_in_memory_checkpoint(family: str, corpus: Path,
                                                                          tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
@@ -387,3 +419,51 @@ def test_an_moe_model_streamed_from_disk_gives_the_in_memory_checkpoint(family: 
     assert torch.equal(logits(streamed, ids), logits(in_memory, ids))
     manifest = json.loads((tmp_path / "streamed" / "llmquant.json").read_text())
     assert manifest["results"]["moe"]["blocks"][0]["experts"] == "mlp.experts"
+
+
+def test_a_streamed_layer_missing_a_tensor_on_disk_is_one_clear_error(corpus: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FAMILIES
+    from tiny_checkpoint import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = FAMILIES["gpt_oss"]()
+    config.vocab_size = len(tokenizer)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    weights = tmp_path / "float" / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.mlp.experts.down_proj_bias"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    code = main(["quantize", "--model", str(tmp_path / "float"), "--calib", str(corpus), "--calib-samples", "2",
+                 "--seqlen", "32", "--max-memory", "1GB", "--no-eval", "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "has no tensor for model.layers.1.mlp.experts.0.gate_proj.bias (nor 11 more of this layer)" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_weights_no_quantizer_can_replace_stay_float_and_are_said() -> None:
+    """Llama 4: its experts take no routing arguments (3-D weights llmquant does not unfuse) and its router is a
+    Linear whose forward returns a tuple; both stay float, named in the manifest, and the norm their inputs come
+    from is not smoothed (a scale would reach the float experts), so the smoothed model keeps its function."""
+    ids = _ids(2, 2)
+    reference = logits(make_model("llama4"), ids)
+    model = llmquant.quantize(make_model("llama4"), {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
+                                                     "pre_opts": [{"name": "smoothquant", "alpha": 0.5}]},
+                              calib=_ids(1), progress=False)
+    moe = model.model.layers[0].feed_forward
+    assert type(moe.router).__name__ == "Llama4Router" and isinstance(moe.shared_expert.down_proj, QuantLinear)
+    results = model.llmquant_manifest.results
+    assert results["not_quantizable"] == {
+        "model.layers.*.feed_forward.experts":
+            "Llama4TextExperts: 3-D expert weights in a layout llmquant does not read",
+        "model.layers.*.feed_forward.router": "Llama4Router: a Linear with a forward of its own"}
+    assert "feed_forward.shared_expert.up_proj" in results["not_smoothed"]
+    assert relative_error(reference, logits(model, ids)) < 0.1
+    float_smoothed = llmquant.quantize(make_model("llama4"), {"scheme": "none", "pre_opts": [
+        {"name": "smoothquant", "alpha": 0.5}]}, calib=_ids(1), progress=False)
+    assert relative_error(reference, logits(float_smoothed, ids)) < 1e-5

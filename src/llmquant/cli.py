@@ -275,6 +275,8 @@ def _print_summary(scheme: str, figures: dict[str, Any], output: Path, results: 
 def _untouched_line(results: dict[str, Any]) -> str:
     """What the run left as it was, from its manifest: Linears left float, Linears not smoothed, rotations off."""
     parts = [f"left float: {', '.join(results.get('left_float') or []) or 'nothing'}"]
+    if results.get("not_quantizable"):
+        parts.append(f"not quantizable, float: {', '.join(results['not_quantizable'])}")
     if results.get("not_smoothed"):
         parts.append(f"not smoothed: {', '.join(results['not_smoothed'])} of each layer")
     off = [step["rotation"] for step in results.get("rotation", {}).get("plan", []) if not step["applies"]]

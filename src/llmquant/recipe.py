@@ -51,7 +51,7 @@ from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
-from llmquant.model.targets import matches_any
+from llmquant.model.targets import has_own_forward, matches_any
 from llmquant.quant.scheme import KV_CACHE, Scheme, scheme_from_name, scheme_names
 from llmquant.quant.spec import ObserverName
 
@@ -381,7 +381,7 @@ class Recipe(_Strict):
         gates = {f"{model_map.layer_name(i)}.{gate}" for i, layer in enumerate(layers)
                  for block in model_map.moe_blocks(layer) for gate in block.gates}
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear):
+            if not isinstance(module, nn.Linear) or has_own_forward(module):  # (the latter: `not_quantizable`)
                 continue
             scheme = Scheme() if name in gates else base
             for override in self.overrides:
@@ -390,7 +390,8 @@ class Recipe(_Strict):
             if matches_any(name, module, self.ignore):
                 scheme = Scheme()
             linears[name] = _fitting_groups(scheme.linear_part(), name, module.in_features, fallbacks)
-        attention = {f"{model_map.layer_name(i)}.{model_map.attention}": base.kv_cache for i in range(len(layers))}
+        attention = {f"{model_map.layer_name(i)}.{model_map.attention}": base.kv_cache for i, layer in enumerate(layers)
+                     if model_map.attention_of(layer) is not None}  # (a hybrid model's other layers keep no cache)
         for (requested, chosen, in_features), names in fallbacks.items():
             log.warning("group size %d does not divide the %d inputs of %d Linears (%s, ...): they use group size "
                         "%d instead", requested, in_features, len(names), names[0], chosen)

@@ -265,8 +265,10 @@ def plan_quarot(
             steps["R2"] = _sized("R2", shapes.head_dim, value_path, False, config)
     if "R3" in config.rotations:
         enable_kv_quantization(model)
-        attention = layer.get_submodule(model_map.attention)
-        if uses_llmquant_attention(attention, run):
+        attention = model_map.attention_of(layer)
+        if attention is None:
+            steps["R3"] = _off("R3", shapes.head_dim, f"{where} has no attention module ({model_map.attention})", True)
+        elif uses_llmquant_attention(attention, run):
             steps["R3"] = _sized("R3", shapes.head_dim, (model_map.attention,), True, config,
                                  vectors=shapes.heads + shapes.kv_heads)
         else:
@@ -343,11 +345,23 @@ def rotate_reader(linear: nn.Linear, rotation: Rotation) -> None:
     linear.weight.data = rotate_input_side(linear.weight.data, rotation)
 
 
+EPS_NAMES = ("eps", "variance_epsilon", "epsilon")  # how norms name their epsilon (torch's, Cohere's, ...)
+
+
+def _eps_of(norm: nn.Module) -> float:
+    for attribute in EPS_NAMES:
+        value = getattr(norm, attribute, None)
+        if isinstance(value, float | int):
+            return float(value)
+    raise LlmquantError(f"{type(norm).__name__} names its epsilon none of {', '.join(EPS_NAMES)}: QuaRot cannot "
+                        "rebuild it as an RMSNorm after centering; turn R1 off (--rotations R2,R3,R4)")
+
+
 def _as_rms(root: nn.Module, name: str) -> None:
     """Replace the (folded, w = 1, b = 0) LayerNorm ``name`` by an RMSNorm with its eps."""
     norm = root.get_submodule(name)
     parent, _, child = name.rpartition(".")
-    rms = RMSNorm(norm.weight.shape[0], norm.eps).to(norm.weight.device, norm.weight.dtype)
+    rms = RMSNorm(norm.weight.shape[0], _eps_of(norm)).to(norm.weight.device, norm.weight.dtype)
     setattr(root.get_submodule(parent) if parent else root, child, rms)
 
 

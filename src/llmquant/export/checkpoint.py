@@ -649,7 +649,8 @@ def _apply_quantization_config(model: nn.Module, qconfig: QuantizationConfig) ->
     if kv_spec is not None:
         model_map = detect_model_map(model)
         for layer in model_map.layers(model):
-            layer.get_submodule(model_map.attention).kv_cache_quantizer = KVCacheQuantizer(kv_spec)
+            if (attention := model_map.attention_of(layer)) is not None:
+                attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec)
         enable_kv_quantization(model)
 
 

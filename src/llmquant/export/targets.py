@@ -66,6 +66,7 @@ from torch import nn
 from llmquant.algorithms.quarot import ONLINE_ROTATIONS
 from llmquant.errors import LlmquantError
 from llmquant.export.checkpoint import STRUCTURE, from_args
+from llmquant.model.checkpoint_names import experts_stored_fused
 from llmquant.model.moe import has_experts
 from llmquant.model.targets import matches_any
 from llmquant.quant.scheme import Scheme
@@ -312,6 +313,12 @@ def check_target_model(target: Target | None, model: nn.Module, recipe: Recipe |
         raise LlmquantError("--target transformers: transformers loads no quantized mixture-of-experts checkpoint "
                             "(its fused experts take float weights only); load it with llmquant (--target fake) "
                             "or serve it with vLLM")
+    if target == "vllm" and has_experts(model) and experts_stored_fused(model):
+        model_type = getattr(model.config, "model_type", "this family")
+        raise LlmquantError(f"--target vllm: {model_type} checkpoints store each layer's experts fused (one "
+                            "gate_up_proj of every expert), which is all vLLM's loader for it reads; llmquant writes "
+                            "one tensor set per expert, which vLLM would skip: load the checkpoint with llmquant "
+                            "(--target fake)")
     if target == "vllm" and has_experts(model):
         log.warning("--target vllm: vLLM's CPU build has no quantized MoE kernel (a GPU build loads these experts)")
 

@@ -51,17 +51,28 @@ def _leaf(pattern: str) -> str | None:
     return found[1] if found else None
 
 
-def checkpoint_names(model: nn.Module) -> CheckpointNames:
-    """The `CheckpointNames` of ``model``'s family (its ``config.model_type``)."""
+def _conversion_mapping(model: nn.Module) -> list:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     try:
-        mapping = get_checkpoint_conversion_mapping(model_type) or [] if model_type else []
+        return (get_checkpoint_conversion_mapping(model_type) or []) if model_type else []
     except (KeyError, ValueError):
-        mapping = []
+        return []
+
+
+def experts_stored_fused(model: nn.Module) -> bool:
+    """Whether ``model``'s family keeps its experts fused on disk: transformers converts no per-expert tensors into
+    its fused ``gate_up_proj`` (gpt-oss: ``gate_up_proj`` [experts, hidden, 2 * inter] in its checkpoints), so its
+    serving engines read them only so, not the per-expert tensors llmquant writes."""
+    return not any(len(entry.target_patterns) == 1 and entry.target_patterns[0].endswith("gate_up_proj")
+                   and type(entry).__name__ != "WeightRenaming" for entry in _conversion_mapping(model))
+
+
+def checkpoint_names(model: nn.Module) -> CheckpointNames:
+    """The `CheckpointNames` of ``model``'s family (its ``config.model_type``)."""
     renames, leaves = [], {}
-    for entry in mapping:
+    for entry in _conversion_mapping(model):
         sources, targets = list(entry.source_patterns), list(entry.target_patterns)
         if type(entry).__name__ == "WeightRenaming":
             if len(sources) == len(targets) == 1 and _PLAIN.match(sources[0]) and _PLAIN.match(targets[0]):

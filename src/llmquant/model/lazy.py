@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from llmquant.errors import LlmquantError
 from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
-from llmquant.model.moe import unfuse_experts
+from llmquant.model.moe import FUSED_NAMES, FusedLayout, expert_matrices, fused_layouts, unfuse_experts
 from llmquant.model.validation import (
     SAFETENSORS,
     SAFETENSORS_INDEX,
@@ -77,15 +77,43 @@ class CheckpointReader:
 
 
 def _load_into(module: nn.Module, prefix: str, reader: CheckpointReader, dtype: torch.dtype,
-               names: CheckpointNames) -> None:
+               names: CheckpointNames, fused: dict[str, FusedLayout]) -> None:
     """Read every parameter and persistent buffer of ``module`` stored under ``prefix`` (spelled on disk as
-    ``names`` says: one tensor per expert matrix), floats in ``dtype``."""
+    ``names`` says: one tensor per expert matrix, or, for the experts of ``fused`` (full name -> layout), the fused
+    tensors the family's checkpoints hold, cut into each expert's matrices), floats in ``dtype``. A tensor found
+    nowhere is said in one line."""
     local = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
     on_disk = {names.to_disk(f"{prefix}{n}"): n for n in local}
     stored = [key for key in on_disk if key in reader.files]
     for key, value in reader.read(stored).items():
         value = value.to(dtype) if value.is_floating_point() else value
         set_module_tensor_to_device(module, on_disk[key], "cpu", value=value)
+    for name, layout in fused.items():
+        if name.startswith(prefix):
+            _load_fused(module, name[len(prefix):], f"{names.to_disk(name)}.", layout, reader, dtype)
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    if missing:
+        raise LlmquantError(f"checkpoint {reader.directory} has no tensor for {prefix}{missing[0]} (nor "
+                            f"{len(missing) - 1} more of this layer) under the names its family's checkpoints use")
+
+
+def _load_fused(layer: nn.Module, experts: str, on_disk: str, layout: FusedLayout, reader: CheckpointReader,
+                dtype: torch.dtype) -> None:
+    """The per-expert Linears of ``layer.<experts>`` from the fused tensors ``<on_disk><gate_up_proj ...>`` of the
+    checkpoint, where it holds them (gpt-oss's checkpoints do), each expert's matrices copied out."""
+    keys = {name: on_disk + name for name in FUSED_NAMES if on_disk + name in reader.files}
+    if "gate_up_proj" not in keys:
+        return
+    if layout.biases and not {"gate_up_proj_bias", "down_proj_bias"} <= set(keys):
+        layout = replace(layout, biases=False)  # (the biases stay unread: `_load_into` names them)
+    fused = {name: value.to(dtype) for name, value in zip(keys, reader.read(list(keys.values())).values(),
+                                                          strict=True)}
+    for index in range(layout.experts):
+        for linear, (weight, bias) in expert_matrices(fused, layout, index).items():
+            path = f"{experts}.{index}.{linear}"
+            set_module_tensor_to_device(layer, f"{path}.weight", "cpu", value=weight.contiguous())
+            if bias is not None:
+                set_module_tensor_to_device(layer, f"{path}.bias", "cpu", value=bias.contiguous())
 
 
 @dataclass
@@ -97,6 +125,7 @@ class LazyLayers:
     model_map: ModelMap
     reader: CheckpointReader
     dtype: torch.dtype = torch.float32
+    fused: dict[str, FusedLayout] = field(default_factory=dict)  # experts stored fused on disk (`_load_fused`)
 
     @functools.cached_property
     def names(self) -> CheckpointNames:
@@ -105,7 +134,7 @@ class LazyLayers:
     def materialize(self, index: int) -> nn.Module:
         layer = self.model_map.layers(self.model)[index]
         if any(p.is_meta for p in layer.parameters()):
-            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader, self.dtype, self.names)
+            _load_into(layer, f"{self.model_map.layer_name(index)}.", self.reader, self.dtype, self.names, self.fused)
         return layer
 
     def release(self, index: int) -> None:
@@ -190,9 +219,10 @@ def load_lazy(directory: str | Path, dtype: torch.dtype | None = None) -> tuple[
     dtype = dtype or config_dtype(config)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    unfuse_experts(model)  # one meta Linear per expert matrix, read from the checkpoint's per-expert tensors
-    model.eval()
-    lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory), dtype)
+    fused = fused_layouts(model)
+    unfuse_experts(model)  # one meta Linear per expert matrix, read from the checkpoint's per-expert tensors (or
+    model.eval()  # cut from its fused ones)
+    lazy = LazyLayers(model, detect_model_map(model), CheckpointReader(directory), dtype, fused)
     lazy.materialize_outside()
     return model, load_tokenizer(directory), lazy
 

@@ -10,6 +10,7 @@ found, for an architecture the search gets wrong.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from torch import nn
 
 from llmquant.errors import LlmquantError
 from llmquant.model.moe import MoEBlock, find_moe_blocks
-from llmquant.model.targets import is_linear
+from llmquant.model.targets import has_own_forward, is_linear, is_quantizable_linear
+from llmquant.nn.experts import Experts
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,14 @@ class ModelMap:
         if "moe" in data:
             data["moe"] = tuple(b if isinstance(b, MoEBlock) else MoEBlock.from_dict(b) for b in data["moe"])
         return cls(**data)
+
+    def attention_of(self, layer: nn.Module) -> nn.Module | None:
+        """``layer``'s attention module, or None in a layer without one (a hybrid model's linear-attention or
+        convolution layers: Qwen3-Next, LFM2), which has no KV cache to quantize."""
+        try:
+            return layer.get_submodule(self.attention)
+        except AttributeError:
+            return None
 
     def moe_blocks(self, layer: nn.Module) -> list[MoEBlock]:
         """The map's MoE blocks that ``layer`` has (none in a dense layer of a model with MoE layers)."""
@@ -86,11 +96,14 @@ def _decoder_layers(model: nn.Module) -> str:
     return best
 
 
-def _attention(layer: nn.Module, where: str) -> str:
-    for name, module in layer.named_modules():
-        if name and type(module).__name__.endswith(("Attention", "SdpaAttention", "Attention2")):
-            return name
-    raise LlmquantError(f"{where}: no attention module was found in the decoder layer; give a layer map")
+def _attention(layers: nn.ModuleList, where: str) -> str:
+    """The attention module's name in the first layer that has one (a hybrid model's first layers may hold a
+    linear attention or a convolution instead)."""
+    for layer in layers:
+        for name, module in layer.named_modules():
+            if name and type(module).__name__.endswith(("Attention", "SdpaAttention", "Attention2")):
+                return name
+    raise LlmquantError(f"{where}: no attention module was found in any decoder layer; give a layer map")
 
 
 def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -103,8 +116,7 @@ def detect_model_map(model: nn.Module) -> ModelMap:
     """Find the map from the module tree of a transformers causal LM."""
     layers_name = _decoder_layers(model)
     layers = model.get_submodule(layers_name)
-    first = layers[0]
-    linears = dict.fromkeys(n for layer in layers for n, m in layer.named_modules() if is_linear(m))
+    linears = dict.fromkeys(n for layer in layers for n, m in layer.named_modules() if is_quantizable_linear(m))
     moe = next((blocks for layer in layers if (blocks := find_moe_blocks(layer))), [])
     outside = [(n, m) for n, m in model.named_modules() if not n.startswith(layers_name + ".") and n != layers_name]
     norms = [n for n, m in outside if "norm" in type(m).__name__.lower()]
@@ -112,13 +124,30 @@ def detect_model_map(model: nn.Module) -> ModelMap:
     return ModelMap(
         model_type=getattr(getattr(model, "config", None), "model_type", type(model).__name__),
         decoder_layers=layers_name,
-        attention=_attention(first, f"{layers_name}.0"),
+        attention=_attention(layers, layers_name),
         linears=tuple(linears),  # of every layer (a model's first layers may be dense, the others MoE)
         embeddings=tuple(n for n, m in outside if isinstance(m, nn.Embedding)),
         final_norm=norms[-1] if norms else None,
         lm_head=_name_of(model, get_head() if get_head else None),
         moe=tuple(moe),
     )
+
+
+def not_quantizable(model: nn.Module, decoder_layers: str) -> dict[str, str]:
+    """The decoder layers' weights no recipe can quantize, which stay float, and why (names with the layer index as
+    ``*``): experts whose 3-D weights stay fused (a layout `llmquant.model.moe` does not read, or a call that is not
+    the router's choice of experts, as Llama 4's) and Linears with a forward of their own."""
+    found = {}
+    pattern = re.compile(rf"^{re.escape(decoder_layers)}\.\d+\.")
+    for name, module in model.get_submodule(decoder_layers).named_modules():
+        full = pattern.sub(f"{decoder_layers}.*.", f"{decoder_layers}.{name}")
+        kind = type(module).__name__
+        if has_own_forward(module):
+            found[full] = f"{kind}: a Linear with a forward of its own"
+        elif not isinstance(module, Experts | nn.modules.conv._ConvNd) and any(  # (convolutions: Mamba's, LFM2's)
+                p.dim() == 3 and p.is_floating_point() for p in module.parameters(recurse=False)):
+            found[full] = f"{kind}: 3-D expert weights in a layout llmquant does not read"
+    return found
 
 
 def layer_structure(layer: nn.Module) -> tuple[str, ...]:

@@ -57,6 +57,7 @@ class SmoothGroup:
     head_repeat: int = 1
     head_dim: int = 0
     producer_offset: float = 0.0  # a norm producer's gain is w + offset (`NormForm`)
+    blocked: str = ""  # why no scale may be applied to it (`detect_smooth_groups`), said by `foldable`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,9 +237,34 @@ def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> 
     return groups
 
 
+def _norm_scaling_keeps_function(layer: nn.Module, run: Any, group: SmoothGroup) -> bool:
+    """Whether dividing the norm's output channels by a random s and multiplying its readers' inputs by s leaves the
+    layer's output as it was: false when the norm's output also reaches a module that is not one of the readers
+    (Llama 4's experts read it scaled by their router scores), which a smoothing scale would change."""
+    norm = layer.get_submodule(group.producer)
+    if any(layer.get_submodule(name).weight.shape[-1] != norm.weight.shape[-1] for name in group.linears):
+        return False  # (a reader of another width (Linears and routers: x W^T): the norm's output reshaped, per head)
+    scale = torch.rand(norm.weight.shape[-1], generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
+    scale = scale.to(norm.weight.device, norm.weight.dtype)
+    reference = _layer_io(layer, run)[1]
+    handles = [norm.register_forward_hook(lambda _m, _a, out: out / scale)]
+    for name in group.linears:
+        reader = layer.get_submodule(name)
+        target = reader.input_rotation if input_rotation_of(reader) is not None else reader
+        handles.append(target.register_forward_pre_hook(lambda _m, args: (args[0] * scale, *args[1:])))
+    try:
+        changed = _layer_io(layer, run)[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return float((changed - reference).norm() / reference.norm().clamp(min=1e-30)) < 1e-4
+
+
 def foldable(layer: nn.Module, group: SmoothGroup) -> str | None:
     """Why a group's scales cannot fold into its producer, or None when they can: a norm producer must compute
-    one of the `NormForm`s (its per-channel gain is what a fold scales)."""
+    one of the `NormForm`s (its per-channel gain is what a fold scales), and the group must not be ``blocked``."""
+    if group.blocked:
+        return group.blocked
     if group.producer_kind != "norm":
         return None
     norm = layer.get_submodule(group.producer)
@@ -277,7 +303,10 @@ def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where
     inputs, outputs = _record(layer, run)
     modules = dict(layer.named_modules())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
-    groups = _norm_groups(modules, inputs, outputs)
+    groups = [group if foldable(layer, group) is not None or _norm_scaling_keeps_function(layer, run, group)
+              else replace(group, blocked=f"{group.producer}'s output also reaches a module other than its readers, "
+                                          "which a scale of its channels would change")
+              for group in _norm_groups(modules, inputs, outputs)]  # (an unfoldable group is said by `foldable`)
     for a in linears:
         producer = modules[a]
         for b in linears:
@@ -311,14 +340,21 @@ class NormForm:
 
 def norm_form(norm: nn.Module, hidden: int) -> NormForm | None:
     """The `NormForm` a norm computes, found on random inputs (a float32 copy of it), or None when it is none of
-    them (a norm whose gain is not a per-channel weight, for example)."""
+    them (a norm whose gain is not a per-channel weight, or one that takes more than its input: Qwen3-Next's
+    gated norm)."""
     norm = copy.deepcopy(norm).float()
     weight = norm.weight.detach().float()
     x = (torch.randn(8, hidden, generator=torch.Generator().manual_seed(0)) * 3.0).to(weight.device)
     bias = getattr(norm, "bias", None)
     bias = torch.zeros_like(weight) if bias is None else bias.detach().float()
-    with torch.no_grad():
-        y = norm(x).float()
+    try:
+        with torch.no_grad():
+            y = norm(x)
+    except (TypeError, RuntimeError):  # another signature, or a gain of another size than the hidden one
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    y = y.float()
     centered = x - x.mean(-1, keepdim=True)
     normalized = {
         "rms": x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)),

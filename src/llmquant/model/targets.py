@@ -29,3 +29,14 @@ def matches_any(name: str, module: nn.Module, targets: list[str] | tuple[str, ..
 def is_linear(module: nn.Module) -> bool:
     """A Linear, or a module that replaced one (a QuantLinear keeps in_features and out_features)."""
     return isinstance(module, nn.Linear) or (hasattr(module, "in_features") and hasattr(module, "out_features"))
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """A Linear subclass with a forward of its own (Llama 4's router returns its scores and its logits): a
+    QuantLinear, which computes x W^T + b, cannot stand in for it."""
+    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+
+
+def is_quantizable_linear(module: nn.Module) -> bool:
+    """A Linear a QuantLinear can replace (`is_linear`, without a forward of its own)."""
+    return is_linear(module) and not has_own_forward(module)

@@ -2,7 +2,8 @@
 it is.
 
 transformers 5 stores a block's experts fused, as 3-D parameters: ``gate_up_proj`` [experts, 2 * inter, hidden]
-(gate rows first) and ``down_proj`` [experts, hidden, inter]. `Experts` holds the same numbers as one `ExpertMLP`
+(gate rows first) and ``down_proj`` [experts, hidden, inter] (or another layout the experts module declares:
+`llmquant.model.moe`). `Experts` holds the same numbers as one `ExpertMLP`
 (``gate_proj``, ``up_proj``, ``down_proj``) per expert and computes the same function from the router's choice:
 
     y_t = sum over the experts e chosen for token t of  w_{t,e} * down_e(act(gate_e x_t) * up_e x_t)
@@ -24,18 +25,25 @@ from llmquant.nn.quant_linear import QuantLinear
 
 
 class ExpertMLP(nn.Module):
-    """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+    """One expert: ``down_proj(act(gate_proj(x)) * up_proj(x))``, or ``down_proj(gate(gate_proj(x), up_proj(x)))``
+    with a ``gate`` of its own (gpt-oss's clamped SwiGLU, taken from its experts module: `llmquant.model.moe`)."""
 
-    def __init__(self, hidden: int, inter: int, act: Callable[[torch.Tensor], torch.Tensor],
-                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(self, hidden: int, inter: int, act: Callable[[torch.Tensor], torch.Tensor] | None,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None, bias: bool = False,
+                 gate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
-        self.up_proj = nn.Linear(hidden, inter, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(inter, hidden, bias=False, dtype=dtype, device=device)
-        self.act_fn = act
+        if act is None and gate is None:
+            raise ValueError("an expert needs an activation or a gate function")
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias, dtype=dtype, device=device)
+        self.act_fn, self.gate = act, gate
 
     def down_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What ``down_proj`` gets for ``x``: ``act(gate_proj(x)) * up_proj(x)``."""
+        """What ``down_proj`` gets for ``x``: ``act(gate_proj(x)) * up_proj(x)``, or ``gate`` of the two."""
+        if self.gate is not None:
+            return self.gate(self.gate_proj(x), self.up_proj(x))
+        assert self.act_fn is not None
         return self.act_fn(self.gate_proj(x)) * self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from llmquant.device import (
 )
 from llmquant.errors import LlmquantError
 from llmquant.model.lazy import map_large_allocations
-from llmquant.model.model_map import ModelMap, detect_model_map, layer_structure, untie_head
+from llmquant.model.model_map import ModelMap, detect_model_map, layer_structure, not_quantizable, untie_head
 from llmquant.model.moe import unfuse_experts
 from llmquant.model.offloaded import is_offloaded, load_offloaded
 from llmquant.model.patterns import SmoothGroup, detect_smooth_groups
@@ -252,7 +252,7 @@ def setup_steps(steps: Sequence[LayerStep], layer: nn.Module, where: str, head_d
 
 
 def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, inputs: LayerInputs,
-               storage: ActivationStorage, row: dict[str, Any], attention: nn.Module, kv_spec: Any,
+               storage: ActivationStorage, row: dict[str, Any], attention: nn.Module | None, kv_spec: Any,
                every_sample: bool, reference: LayerInputs | None = None
                ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor] | None]:
     """Steps 1-4 of `llmquant.algorithms.lifecycle` on one layer: the float pass with the steps' observers, their
@@ -346,7 +346,7 @@ def quantize_layer(
     prefix = model_map.layer_name(index)
     start = time.perf_counter()
     row: dict[str, Any] = {"layer": index}
-    attention = layer.get_submodule(model_map.attention)
+    attention = model_map.attention_of(layer)
     kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
     schemes = [s for n, s in plan.linears.items() if n.startswith(prefix + ".") and not s.is_float]
     quantizes = bool(schemes) or kv_spec is not None
@@ -388,7 +388,8 @@ def quantize_layer_weights(layer: nn.Module, index: int, model_map: ModelMap, pl
     prefix = model_map.layer_name(index)
     kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
     if kv_spec is not None:
-        layer.get_submodule(model_map.attention).kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
+        attention = layer.get_submodule(model_map.attention)  # (a layer in the plan's kv_cache has one)
+        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
     linears = _quantizers_for_layer(layer, prefix, plan)
     for rel, (_, quantized) in linears.items():
         _swap(layer, rel, quantized)
@@ -496,6 +497,9 @@ def quantize(
         map_large_allocations()
     unfused = unfuse_experts(model)  # one Linear per expert matrix (`llmquant.model.moe`)
     model_map = model_map or detect_model_map(model)
+    unquantizable = not_quantizable(model, model_map.decoder_layers)
+    if unquantizable:
+        log.warning("left float whatever the recipe: %s", "; ".join(f"{n} ({why})" for n, why in unquantizable.items()))
     home = _resting_device(model, model_map, policy)  # where each layer goes back to once quantized
     offloaded = _prepare_model(model, model_map, source, policy)
     storage = activations or activation_storage("memory", policy, model, calib)
@@ -609,6 +613,8 @@ def quantize(
         source.materialize_outside()
     manifest.results["outside_layers"] = _quantize_outside_layers(model, model_map, plan)
     manifest.results["left_float"] = plan.left_float(model_map.decoder_layers)
+    if unquantizable:
+        manifest.results["not_quantizable"] = unquantizable
     if held_out is not None:
         t2 = time.perf_counter()
         options = recipe.clip_search
