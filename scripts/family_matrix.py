@@ -94,15 +94,21 @@ def cell(family: str, method: str) -> Cell:
     calib, ids = _calibration()
     found = Cell()
     reference = logits(make_model(family), ids)
+    refusals = []
     for recipe in recipes:
         try:
             model = llmquant.quantize(make_model(family), recipe, calib=calib, progress=False)
         except LlmquantError as err:
-            return Cell(outcome=f"refused: {err}")
+            refusals.append(str(err))
+            continue
         found.errors.append(relative_error(reference, logits(model, ids)))
         found.notes += [n for n in _notes(model.llmquant_manifest.results) if n not in found.notes]
         if method.startswith("INT8 KV"):
             _round_trip(model, ids)
+    if refusals and not found.errors:
+        return Cell(outcome=f"refused: {refusals[0]}")
+    if refusals:  # some of the column's schemes (those with a KV cache, say): the note names the first reason
+        found.notes.append(f"{len(refusals)} of {len(recipes)} schemes refused: {refusals[0]}")
     return found
 
 
@@ -122,6 +128,7 @@ def _shown(found: Cell) -> str:
     parts = [f"{', '.join(off)} off"] if off else []
     if unsmoothed:
         parts.append(f"{len(unsmoothed)} unsmoothed")
+    parts += [note.split(":")[0] for note in found.notes if " schemes refused: " in note]
     floating = [note for note in found.notes if " left float: " in note]
     if floating:
         parts.append(f"{len(floating)} not quantizable")

@@ -84,6 +84,9 @@ FAMILIES["qwen3_next"] = lambda: transformers.Qwen3NextConfig(**_common(  # line
     linear_key_head_dim=16, linear_value_head_dim=16))  # attention; experts with a shared one and its gate
 FAMILIES["hunyuan_v1_moe"] = lambda: transformers.HunYuanMoEV1Config(**_common(  # the router: a Linear in a module
     **_MOE, num_experts=4, moe_topk=2, head_dim=16))
+FAMILIES["falcon"] = lambda: transformers.FalconConfig(  # attention in its own code (reads the name "sdpa"),
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+    new_decoder_architecture=False, parallel_attn=True)  # parallel attention and MLP, Linears subclassed
 FAMILIES["llama4"] = lambda: transformers.Llama4TextConfig(**_common(  # its experts take no routing arguments
     **_ATTENTION, intermediate_size_mlp=128, num_local_experts=4, head_dim=16, num_experts_per_tok=1,  # and its
     moe_layers=[0, 1], no_rope_layers=[1, 1], attention_chunk_size=64))  # router returns a tuple: both stay float

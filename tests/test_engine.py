@@ -319,12 +319,15 @@ def test_calib_samples_0_quantizes_without_a_pass_to_the_calibrated_runs_model(f
     calib = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(4))
     model, calibrated = make_model(family), make_model(family)
     layer = model.get_submodule(engine.detect_model_map(model).layer_name(0))
-    calls: list[int] = []
-    handle = layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    calls: list[tuple[int, ...]] = []
+    handle = layer.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
     llmquant.quantize(model, {**recipe, "calib": {"samples": 0}}, progress=False)  # no tokenizer, no corpus
     handle.remove()
     llmquant.quantize(calibrated, recipe, calib=calib, progress=False)
-    assert calls == []  # no layer ran
+    # no calibration pass: only, with a KV cache, one run of the first layer on 8 random tokens showing that its
+    # attention goes through the interface where the cache is quantized (its input captured, stopped at the
+    # layer's door, then the run)
+    assert calls == ([(1, 8, 64)] * 2 if "kv_cache" in recipe else [])
     manifest = model.llmquant_manifest
     assert manifest.results["calibration"]["samples"] == 0
     assert all("output_error" not in row and row["weight_error"] for row in manifest.layers)
@@ -348,3 +351,23 @@ def test_calib_samples_0_refuses_a_recipe_that_needs_samples(recipe: dict, named
         llmquant.quantize(make_model("llama"), {**recipe, "calib": {"samples": 0}}, progress=False)
     with pytest.raises(LlmquantError, match=r"\[0, seqlen\] with calib.samples 0"):
         llmquant.quantize(make_model("llama"), recipe, calib=torch.zeros(0, 16, dtype=torch.long), progress=False)
+
+
+@pytest.mark.parametrize("samples", [4, 0])
+def test_a_kv_cache_is_refused_where_attention_does_not_go_through_the_interface(samples: int) -> None:
+    """Falcon computes attention in its own code: a KV-cache quantizer would act nowhere (and the wrapper's name
+    would change its function), so the scheme is refused in one line, calibrated or not; QuaRot turns R3 off and
+    keeps the float function."""
+    from conftest import VOCAB, logits, make_model, relative_error
+
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(LlmquantError, match="FalconAttention computes attention in its own code, not through "
+                                            "transformers' attention interface"):
+        llmquant.quantize(make_model("falcon"), {"scheme": "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_"
+                                                 "token_dynamic", "calib": {"samples": samples}},
+                          calib=ids if samples else None, progress=False)
+    rotated = llmquant.quantize(make_model("falcon"), {"scheme": "none", "pre_opts": [{"name": "quarot"}]},
+                                calib=ids, progress=False)
+    assert relative_error(logits(make_model("falcon"), ids), logits(rotated, ids)) < 1e-5
+    plan = {step["rotation"]: step for step in rotated.llmquant_manifest.results["rotation"]["plan"]}
+    assert not plan["R3"]["applies"] and "without transformers' attention interface" in plan["R3"]["note"]

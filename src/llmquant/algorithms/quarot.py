@@ -49,7 +49,7 @@ from llmquant.model.patterns import (
     residual_writers,
     rotation_pairs,
 )
-from llmquant.nn.kv_cache import enable_kv_quantization, uses_llmquant_attention
+from llmquant.nn.kv_cache import enable_kv_quantization, restore_attention, uses_llmquant_attention
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation
 from llmquant.quant.rotation import Fallback, Rotation, rotate_blocks, rotation_for
 
@@ -264,7 +264,7 @@ def plan_quarot(
         else:
             steps["R2"] = _sized("R2", shapes.head_dim, value_path, False, config)
     if "R3" in config.rotations:
-        enable_kv_quantization(model)
+        before = enable_kv_quantization(model)
         attention = model_map.attention_of(layer)
         if attention is None:
             steps["R3"] = _off("R3", shapes.head_dim, f"{where} has no attention module ({model_map.attention})", True)
@@ -272,6 +272,7 @@ def plan_quarot(
             steps["R3"] = _sized("R3", shapes.head_dim, (model_map.attention,), True, config,
                                  vectors=shapes.heads + shapes.kv_heads)
         else:
+            restore_attention(model, before)  # (its own code reads the name: a wrapper's would change its function)
             note = f"{where}.{model_map.attention} computes attention without transformers' attention interface"
             steps["R3"] = _off("R3", shapes.head_dim, note, True)
     if "R4" in config.rotations:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import weakref
 
+import torch
 from torch import nn
 
 
@@ -32,9 +34,27 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def has_own_forward(module: nn.Module) -> bool:
-    """A Linear subclass with a forward of its own (Llama 4's router returns its scores and its logits): a
-    QuantLinear, which computes x W^T + b, cannot stand in for it."""
-    return isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    """A Linear subclass whose forward computes something else than x W^T + b (Llama 4's router returns its scores
+    and its logits), found by running it once on random rows: a QuantLinear cannot stand in for it. Subclasses
+    computing the product their own way (Falcon's ``input @ weight.T + bias``) are Linears. Found once per module."""
+    if not isinstance(module, nn.Linear) or type(module).forward is nn.Linear.forward:
+        return False
+    found = _OWN_FORWARD.get(module)
+    if found is None:
+        weight = module.weight
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device,
+                                                                                               weight.dtype)
+        with torch.no_grad():
+            out = module(x)
+            expected = torch.nn.functional.linear(x, weight, module.bias)
+        found = not (isinstance(out, torch.Tensor) and out.shape == expected.shape and (
+            weight.is_meta  # (a skeleton streamed from disk: only what it returns can be seen)
+            or torch.allclose(out.float(), expected.float(), rtol=1e-3, atol=1e-5)))
+        _OWN_FORWARD[module] = found
+    return found
+
+
+_OWN_FORWARD: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def is_quantizable_linear(module: nn.Module) -> bool:

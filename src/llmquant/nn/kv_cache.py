@@ -160,14 +160,26 @@ def attention_configs(model: nn.Module) -> list:
 VARIANT_SEPARATOR = "+"  # "<implementation>+<variant>": a wrapper of an implementation (`llmquant.nn.attention_dtype`)
 
 
-def enable_kv_quantization(model: PreTrainedModel) -> None:
+def enable_kv_quantization(model: PreTrainedModel) -> list[str]:
     """Route the model's attention through llmquant's wrapper of its implementation (eager stays eager,
     anything else runs sdpa underneath); a no-op if already done. A variant's suffix ("sdpa+bfloat16") stays on
-    the new name ("llmquant_sdpa+bfloat16"), which its module registers with the plain one."""
-    for config in attention_configs(model):
+    the new name ("llmquant_sdpa+bfloat16"), which its module registers with the plain one. Returns the names
+    before, for `restore_attention`."""
+    configs = attention_configs(model)
+    before = [config._attn_implementation for config in configs]
+    for config in configs:
         base, separator, variant = config._attn_implementation.partition(VARIANT_SEPARATOR)
         if base not in WRAPPED.values():
             config._attn_implementation = WRAPPED["eager" if base == "eager" else "sdpa"] + separator + variant
+    return before
+
+
+def restore_attention(model: PreTrainedModel, before: list[str]) -> None:
+    """Give the model back the attention implementations `enable_kv_quantization` returned: for an attention that
+    does not call the attention interface (Falcon compares the name with "sdpa" itself), another name changes
+    what it computes."""
+    for config, name in zip(attention_configs(model), before, strict=True):
+        config._attn_implementation = name
 
 
 def uses_llmquant_attention(attention: nn.Module, run: Callable[[], object]) -> bool:

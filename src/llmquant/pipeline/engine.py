@@ -174,6 +174,26 @@ def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[st
     return {rel: _weight_error(linear, quantized) for rel, (linear, quantized) in linears.items()}
 
 
+def _check_attention_interface(attention: nn.Module, where: str) -> None:
+    """Refuse a KV cache whose attention never called the attention interface on the pass just run (Falcon computes
+    attention in its own code): the cache quantizer would act nowhere, and the wrapper's name changes its function."""
+    if getattr(attention, "_llmquant_attention_calls", 0) == 0:
+        raise LlmquantError(f"{where}: {type(attention).__name__} computes attention in its own code, not through "
+                            "transformers' attention interface, where llmquant quantizes the KV cache; choose a "
+                            "scheme without a KV cache (--kv-cache is not available for this model)")
+
+
+def _probe_attention_interface(model: nn.Module, model_map: ModelMap, first: nn.Module, attention: nn.Module
+                               ) -> None:
+    """`_check_attention_interface` on the first layer run once on 8 random tokens (a run without calibration
+    samples: its KV cache is dynamic, nothing else runs the layer before the checkpoint is written)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
+    attention._llmquant_attention_calls = 0
+    run_layer(first, capture_layer_inputs(model, model_map, ids), model_map.layer_name(0))
+    _check_attention_interface(attention, model_map.layer_name(0))
+
+
 def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -288,6 +308,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
     if kv_spec is not None:
         attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
         attention.kv_cache_quantizer.start_observing()
+        attention._llmquant_attention_calls = 0
     observers = _InputObservers(ctx.linears)
     subset = inputs if every_sample or handles else inputs.head(BATCH)
     try:
@@ -297,6 +318,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         observers.close()
         _remove(handles)
     if kv_spec is not None:
+        _check_attention_interface(attention, prefix)
         attention.kv_cache_quantizer.stop_observing(ranks)
     if float_out is None:
         float_out = transformed_out
@@ -529,9 +551,12 @@ def quantize(
     whole_calib = calib
     calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
-    if any(spec is not None for spec in plan.kv_cache.values()):
+    kv_cache = any(spec is not None for spec in plan.kv_cache.values())
+    if kv_cache:
         enable_kv_quantization(model)
     first = source.materialize(model, model_map, 0).to(policy.device)
+    if kv_cache and not calibrated and (attention := model_map.attention_of(first)) is not None:
+        _probe_attention_interface(model, model_map, first, attention)  # (no pass will show it otherwise)
     rotation = None
     if quarot is not None:
         overrides = None
