@@ -87,6 +87,9 @@ FAMILIES["hunyuan_v1_moe"] = lambda: transformers.HunYuanMoEV1Config(**_common( 
 FAMILIES["falcon"] = lambda: transformers.FalconConfig(  # attention in its own code (reads the name "sdpa"),
     vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
     new_decoder_architecture=False, parallel_attn=True)  # parallel attention and MLP, Linears subclassed
+FAMILIES["jamba"] = lambda: transformers.JambaConfig(**_common(  # Mamba and attention layers of two classes; the
+    **_MOE, num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,  # mixer reads
+    expert_layer_offset=1, mamba_d_state=8, use_mamba_kernels=False))  # dt_proj.weight itself: it stays float
 FAMILIES["llama4"] = lambda: transformers.Llama4TextConfig(**_common(  # its experts take no routing arguments
     **_ATTENTION, intermediate_size_mlp=128, num_local_experts=4, head_dim=16, num_experts_per_tok=1,  # and its
     moe_layers=[0, 1], no_rope_layers=[1, 1], attention_chunk_size=64))  # router returns a tuple: both stay float

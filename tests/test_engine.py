@@ -293,7 +293,7 @@ def test_a_recipe_that_learns_nothing_from_the_samples_runs_on_one_of_them(famil
         with_kwargs=True)
     llmquant.quantize(model, dynamic, calib=calib, progress=False)
     handle.remove()
-    assert sum(seen) == 3  # capture, equivalence check and quantized pass: one sample each
+    assert sum(seen) == 4  # capture, the Linears it calls, equivalence check and quantized pass: one sample each
     assert model.llmquant_manifest.results["calibration"] == {
         "samples": 1, "given": 20, "why": model.llmquant_manifest.results["calibration"]["why"]}
     with_all = make_model(family)
@@ -371,3 +371,36 @@ def test_a_kv_cache_is_refused_where_attention_does_not_go_through_the_interface
     assert relative_error(logits(make_model("falcon"), ids), logits(rotated, ids)) < 1e-5
     plan = {step["rotation"]: step for step in rotated.llmquant_manifest.results["rotation"]["plan"]}
     assert not plan["R3"]["applies"] and "without transformers' attention interface" in plan["R3"]["note"]
+
+
+def test_a_linear_its_layer_never_calls_stays_float_also_in_a_resumed_run(
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jamba's Mamba mixer reads ``dt_proj.weight`` itself (never calls dt_proj): it stays float, is named, and a
+    run interrupted after that layer restores it float (the layer's row says so)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FAMILIES
+    from tiny_checkpoint import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    config = FAMILIES["jamba"]()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "float")
+    tokenizer.save_pretrained(tmp_path / "float")
+    args = quantize_args(tmp_path / "float", corpus, {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic"},
+                         tmp_path, "out")
+    assert main([*args[:-1], str(tmp_path / "whole")]) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_layer(patch, stop=1)
+        assert main(args) == 130
+    assert main([*args, "--resume"]) == 0
+    resumed, whole = (llmquant.load(tmp_path / name)[0] for name in ("out", "whole"))
+    assert type(resumed.model.layers[0].mamba.dt_proj) is torch.nn.Linear
+    assert type(resumed.model.layers[0].mamba.out_proj).__name__ == "QuantLinear"
+    ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(logits(resumed, ids), logits(whole, ids))
+    manifest = json.loads((tmp_path / "out" / "llmquant.json").read_text())
+    assert manifest["results"]["not_quantizable"] == {
+        "model.layers.*.mamba.dt_proj": "Linear: never called, its weight read by its parent's own code"}
+    assert manifest["layers"][0]["never_called"] == ["mamba.dt_proj"]

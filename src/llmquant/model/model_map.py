@@ -75,18 +75,16 @@ class ModelMap:
 
 
 def _decoder_layers(model: nn.Module) -> str:
-    """The longest outermost ModuleList of identical blocks holding Linears (a layer's list of experts is inside
-    the decoder layers' list, and may be longer)."""
+    """The longest outermost ModuleList of blocks each holding Linears, of one class or, in a hybrid model, of
+    several (Jamba's attention and Mamba layers); a layer's list of experts is inside the decoder layers' list, and
+    may be longer."""
     best, best_len, lists = None, 0, []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or any(name.startswith(outer + ".") for outer in lists):
             continue
         lists.append(name)
-        if len(module) <= best_len:
-            continue
-        kinds = {type(child) for child in module}
-        has_linear = any(is_linear(m) for m in module[0].modules())
-        if len(kinds) == 1 and has_linear:
+        if len(module) > best_len and len(module) and all(any(is_linear(m) for m in child.modules())
+                                                          for child in module):
             best, best_len = name, len(module)
     if best is None:
         raise LlmquantError(

@@ -174,6 +174,31 @@ def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[st
     return {rel: _weight_error(linear, quantized) for rel, (linear, quantized) in linears.items()}
 
 
+_NEVER_CALLED = "{kind}: never called, its weight read by its parent's own code"  # (why it stays float)
+
+
+def _uncalled_linears(layer: nn.Module, inputs: LayerInputs, where: str, names: list[str]) -> list[str]:
+    """The Linears of ``names`` (relative to ``layer``) that a run of the layer on ``inputs`` (every expert taking
+    every token) never calls: their parent reads their weight in its own code (Jamba's Mamba mixer computes
+    ``dt_proj.weight @ x``), which a quantized module's codes cannot serve."""
+    called: set[str] = set()
+    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: called.add(name))
+               for name in names]
+    try:
+        with all_experts(layer):
+            run_layer(layer, inputs, where)
+    finally:
+        _remove(handles)
+    return [name for name in names if name not in called]
+
+
+def _leave_float(plan: QuantPlan, prefix: str, names: list[str]) -> None:
+    """The plan's scheme of each Linear ``names`` of the layer ``prefix`` becomes float (`_uncalled_linears`)."""
+    for name in names:
+        if f"{prefix}.{name}" in plan.linears:
+            plan.linears[f"{prefix}.{name}"] = Scheme()
+
+
 def _check_attention_interface(attention: nn.Module, where: str) -> None:
     """Refuse a KV cache whose attention never called the attention interface on the pass just run (Falcon computes
     attention in its own code): the cache quantizer would act nowhere, and the wrapper's name changes its function."""
@@ -572,6 +597,7 @@ def quantize(
     else:
         rotation.rotate(first, 0, inputs.head(1))
     set_up_for: tuple[str, ...] | None = None  # the structure of the layer the steps were set up on
+    uncalled: list[str] = []  # the Linears of layers of that structure their layer never calls (`_uncalled_linears`)
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
     if run_dir is not None:
@@ -592,9 +618,13 @@ def quantize(
         if index < done:  # finished before an interruption: its modules and tensors come from the run dir
             if rotation is not None and index > 0:
                 rotate_layer(layer, rotation.plan_at(layer, index))
+            row = run_dir.layer_row(index)
+            _leave_float(plan, prefix, row.get("never_called", []))
+            unquantizable.update({f"{model_map.decoder_layers}.*.{rel}": _NEVER_CALLED.format(
+                kind=type(layer.get_submodule(rel)).__name__) for rel in row.get("never_called", [])})
             _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
             layer.to(home)
-            manifest.layers.append(run_dir.layer_row(index))
+            manifest.layers.append(row)
         else:
             reset_peak_memory(policy.device)
             layer.to(policy.device)
@@ -607,6 +637,11 @@ def quantize(
                 setup = {}
                 structure = layer_structure(layer)
                 if structure != set_up_for:  # the first layer, or one made otherwise than the one before
+                    uncalled = _uncalled_linears(layer, inputs.head(1), prefix, _linears_of(layer, model_map))
+                    unquantizable.update({f"{model_map.decoder_layers}.*.{rel}": _NEVER_CALLED.format(
+                        kind=type(layer.get_submodule(rel)).__name__) for rel in uncalled})
+                _leave_float(plan, prefix, uncalled)
+                if structure != set_up_for:
                     first_setup, set_up_for = set_up_for is None, structure
                     setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
                                         _linears_of(layer, model_map), inputs, ranks)
@@ -615,6 +650,8 @@ def quantize(
                         setup = {}
                 outputs, row, reference_out = quantize_layer(layer, index, model_map, plan, inputs, steps, storage,
                                                              ranks, policy, reference)
+                if uncalled:
+                    row["never_called"] = uncalled  # (left float; what a resumed run restores the layer with)
                 if setup:
                     row["setup"] = setup
                 inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
