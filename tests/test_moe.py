@@ -319,6 +319,17 @@ def test_detect_prints_the_moe_blocks(tmp_path: Path, capsys: pytest.CaptureFixt
     assert block["experts"] == "mlp.experts" and block["shared"] == ["mlp.shared_expert"]
     assert block["gates"] == ["mlp.shared_expert_gate"] and found["moe_layers"] == [0, 1]
     assert "model.layers.*.mlp.shared_expert_gate" in found["left_float_by_default"]
+    assert "not_quantizable" not in found
+
+
+def test_detect_names_what_stays_float_whatever_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    make_model("llama4").save_pretrained(tmp_path / "float")
+    assert main(["detect", "--model", str(tmp_path / "float")]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["not_quantizable"] == {
+        "model.layers.*.feed_forward.experts":
+            "Llama4TextExperts: 3-D expert weights in a layout llmquant does not read",
+        "model.layers.*.feed_forward.router": "Llama4Router: a Linear with a forward of its own"}
 
 
 @pytest.mark.parametrize(("family", "target", "said"), [

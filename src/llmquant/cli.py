@@ -366,7 +366,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     import llmquant
     from llmquant.algorithms.quarot import QuaRotConfig
-    from llmquant.model.model_map import detect_model_map
+    from llmquant.model.model_map import detect_model_map, not_quantizable
     from llmquant.model.moe import unfuse_experts
     from llmquant.model.patterns import describe_norms, split_foldable
     from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
@@ -386,6 +386,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
              "smooth_groups": [g.to_dict() for g in kept], "not_smoothed": unsmoothed,
              "rotation_plan": rotations.describe(),
              "left_float_by_default": Recipe().resolve(model, model_map).left_float(model_map.decoder_layers)}
+    unquantizable = not_quantizable(model, model_map.decoder_layers)
+    if unquantizable:  # (Linears their layer never calls are found by the quantization's own run, not here)
+        found["not_quantizable"] = unquantizable
     if model_map.moe:  # which layers hold the MoE blocks of the map (model_map.moe: router, experts, shared, gates)
         found["moe_layers"] = [i for i, layer in enumerate(model_map.layers(model)) if model_map.moe_blocks(layer)]
     print(json.dumps(found, indent=2))

@@ -87,6 +87,9 @@ def _decoder_layers(model: nn.Module) -> str:
                                                           for child in module):
             best, best_len = name, len(module)
     if best is None:
+        if any(type(m).__name__ == "Conv1D" for m in model.modules()):
+            raise LlmquantError(f"{type(model).__name__}: its layers hold transformers' Conv1D modules (GPT-2's "
+                                "transposed Linears), not nn.Linear, which is what llmquant quantizes")
         raise LlmquantError(
             f"{type(model).__name__}: no list of decoder layers holding Linear modules was found; "
             "give a layer map (JSON with decoder_layers, attention, linears, ...)"
