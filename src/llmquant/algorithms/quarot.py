@@ -241,15 +241,18 @@ def _plan_r6(layer: nn.Module, groups: tuple[SmoothGroup, ...], config: QuaRotCo
 
 def plan_quarot(
     model: nn.Module, model_map: Any, layer: nn.Module, run: Callable[[], Any], shapes: ModelShapes,
-    config: QuaRotConfig,
+    config: QuaRotConfig, stream_misfit: str | None = None,
 ) -> QuaRotPlan:
-    """Resolve ``config`` on the first decoder ``layer`` (``run()`` runs it once on a sample input)."""
+    """Resolve ``config`` on the first decoder ``layer`` (``run()`` runs it once on a sample input);
+    ``stream_misfit``: why the residual stream does not start at the embeddings (R1 then stays off)."""
     unknown = set(config.rotations) - set(ROTATIONS)
     if unknown:
         raise LlmquantError(f"unknown rotations {sorted(unknown)}; allowed: {', '.join(ROTATIONS)}")
     where = model_map.layer_name(0)
     steps: dict[str, RotationStep] = {}
     r1, found = _plan_r1(model, model_map, layer, run, shapes, config, where)
+    if stream_misfit is not None and r1.rotation is not None:
+        r1 = _off("R1", shapes.hidden, stream_misfit, online=False)
     if "R1" in config.rotations:
         steps["R1"] = r1
     writers = found["writers"]

@@ -64,7 +64,26 @@ def plan_rotations(model: nn.Module, model_map: ModelMap, config: QuaRotConfig, 
     layer, run = float32_probe(model_map.layers(model)[0], inputs)
     shapes = model_shapes(model, model_map, inputs.hidden[0].shape[-1])
     with all_experts(layer):
-        return plan_quarot(model, model_map, layer, run, shapes, config)
+        return plan_quarot(model, model_map, layer, run, shapes, config,
+                           stream_misfit=_stream_misfit(model, model_map, sample, inputs.hidden[0]))
+
+
+def _stream_misfit(model: nn.Module, model_map: ModelMap, sample: torch.Tensor, first_input: torch.Tensor
+                   ) -> str | None:
+    """Why the first decoder layer's input is not the input embeddings' output times a constant (which R1 rotates
+    by rotating the embeddings): BLOOM normalizes the embeddings before its first layer. None when it is, and
+    for a model with several embeddings (OPT adds learned positions: the check after rotating them judges)."""
+    if len(model_map.embeddings) != 1:
+        return None
+    embeddings = model.get_submodule(model_map.embeddings[0])
+    with torch.no_grad():
+        embedded = embeddings(sample.to(embeddings.weight.device)).to(first_input.device, torch.float64)
+    received = first_input.to(torch.float64)
+    scale = (received * embedded).sum() / (embedded * embedded).sum().clamp(min=1e-30)
+    if float((received - scale * embedded).norm() / received.norm().clamp(min=1e-30)) < 1e-4:
+        return None
+    return (f"the first decoder layer's input is not the embeddings' output times a constant (a module between "
+            f"them, after {type(embeddings).__name__}, changes it)")
 
 
 def with_seed_map(model: nn.Module, model_map: ModelMap, backbone: str | None, decoder_layers: str | None,
