@@ -83,8 +83,7 @@ def _decoder_layers(model: nn.Module) -> str:
         if not isinstance(module, nn.ModuleList) or any(name.startswith(outer + ".") for outer in lists):
             continue
         lists.append(name)
-        if len(module) > best_len and len(module) and all(any(is_linear(m) for m in child.modules())
-                                                          for child in module):
+        if len(module) > best_len and all(any(is_linear(m) for m in child.modules()) for child in module):
             best, best_len = name, len(module)
     if best is None:
         if any(type(m).__name__ == "Conv1D" for m in model.modules()):
@@ -137,7 +136,8 @@ def detect_model_map(model: nn.Module) -> ModelMap:
 def not_quantizable(model: nn.Module, decoder_layers: str) -> dict[str, str]:
     """The decoder layers' weights no recipe can quantize, which stay float, and why (names with the layer index as
     ``*``): experts whose 3-D weights stay fused (a layout `llmquant.model.moe` does not read, or a call that is not
-    the router's choice of experts, as Llama 4's) and Linears with a forward of their own."""
+    the router's choice of experts, as Llama 4's) and Linears with a forward of their own. (Linears their layer
+    never calls are found by a run: `llmquant.pipeline.engine`.)"""
     found = {}
     pattern = re.compile(rf"^{re.escape(decoder_layers)}\.\d+\.")
     for name, module in model.get_submodule(decoder_layers).named_modules():

@@ -174,9 +174,6 @@ def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[st
     return {rel: _weight_error(linear, quantized) for rel, (linear, quantized) in linears.items()}
 
 
-_NEVER_CALLED = "{kind}: never called, its weight read by its parent's own code"  # (why it stays float)
-
-
 def _uncalled_linears(layer: nn.Module, inputs: LayerInputs, where: str, names: list[str]) -> list[str]:
     """The Linears of ``names`` (relative to ``layer``) that a run of the layer on ``inputs`` (every expert taking
     every token) never calls: their parent reads their weight in its own code (Jamba's Mamba mixer computes
@@ -190,6 +187,12 @@ def _uncalled_linears(layer: nn.Module, inputs: LayerInputs, where: str, names: 
     finally:
         _remove(handles)
     return [name for name in names if name not in called]
+
+
+def _never_called(layer: nn.Module, model_map: ModelMap, names: list[str]) -> dict[str, str]:
+    """`not_quantizable` entries for the Linears ``names`` of ``layer`` that it never calls (`_uncalled_linears`)."""
+    return {f"{model_map.decoder_layers}.*.{name}": f"{type(layer.get_submodule(name)).__name__}: never called, "
+            "its weight read by its parent's own code" for name in names}
 
 
 def _leave_float(plan: QuantPlan, prefix: str, names: list[str]) -> None:
@@ -620,8 +623,7 @@ def quantize(
                 rotate_layer(layer, rotation.plan_at(layer, index))
             row = run_dir.layer_row(index)
             _leave_float(plan, prefix, row.get("never_called", []))
-            unquantizable.update({f"{model_map.decoder_layers}.*.{rel}": _NEVER_CALLED.format(
-                kind=type(layer.get_submodule(rel)).__name__) for rel in row.get("never_called", [])})
+            unquantizable.update(_never_called(layer, model_map, row.get("never_called", [])))
             _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
             layer.to(home)
             manifest.layers.append(row)
@@ -638,16 +640,14 @@ def quantize(
                 structure = layer_structure(layer)
                 if structure != set_up_for:  # the first layer, or one made otherwise than the one before
                     uncalled = _uncalled_linears(layer, inputs.head(1), prefix, _linears_of(layer, model_map))
-                    unquantizable.update({f"{model_map.decoder_layers}.*.{rel}": _NEVER_CALLED.format(
-                        kind=type(layer.get_submodule(rel)).__name__) for rel in uncalled})
-                _leave_float(plan, prefix, uncalled)
-                if structure != set_up_for:
+                    unquantizable.update(_never_called(layer, model_map, uncalled))
                     first_setup, set_up_for = set_up_for is None, structure
                     setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
                                         _linears_of(layer, model_map), inputs, ranks)
                     if first_setup:
                         manifest.results.update(setup)
                         setup = {}
+                _leave_float(plan, prefix, uncalled)
                 outputs, row, reference_out = quantize_layer(layer, index, model_map, plan, inputs, steps, storage,
                                                              ranks, policy, reference)
                 if uncalled:
@@ -677,6 +677,7 @@ def quantize(
     manifest.results["left_float"] = plan.left_float(model_map.decoder_layers)
     if unquantizable:
         manifest.results["not_quantizable"] = unquantizable
+        manifest.plan = plan.describe()  # (with the Linears found never called, float)
     if held_out is not None:
         t2 = time.perf_counter()
         options = recipe.clip_search
