@@ -330,6 +330,10 @@ def test_detect_names_what_stays_float_whatever_the_recipe(tmp_path: Path, capsy
         "model.layers.*.feed_forward.experts":
             "Llama4TextExperts: 3-D expert weights in a layout llmquant does not read",
         "model.layers.*.feed_forward.router": "Llama4Router: a Linear with a forward of its own"}
+    make_model("jamba").save_pretrained(tmp_path / "jamba")
+    assert main(["detect", "--model", str(tmp_path / "jamba")]) == 0
+    assert json.loads(capsys.readouterr().out)["not_quantizable"] == {
+        "model.layers.*.mamba.dt_proj": "Linear: never called, its weight read by its parent's own code"}
 
 
 @pytest.mark.parametrize(("family", "target", "said"), [

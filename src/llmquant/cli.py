@@ -370,6 +370,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from llmquant.model.moe import unfuse_experts
     from llmquant.model.patterns import describe_norms, split_foldable
     from llmquant.pipeline import capture_layer_inputs, find_smooth_groups
+    from llmquant.pipeline.layer_io import never_called, uncalled_linears
     from llmquant.pipeline.rotation import plan_rotations
     from llmquant.recipe import Recipe
 
@@ -387,7 +388,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
              "rotation_plan": rotations.describe(),
              "left_float_by_default": Recipe().resolve(model, model_map).left_float(model_map.decoder_layers)}
     unquantizable = not_quantizable(model, model_map.decoder_layers)
-    if unquantizable:  # (Linears their layer never calls are found by the quantization's own run, not here)
+    unquantizable.update(never_called(first, model_map, uncalled_linears(
+        first, capture_layer_inputs(model, model_map, sample), model_map.layer_name(0),
+        [name for name, _ in first.named_modules() if name in model_map.linears])))
+    if unquantizable:  # (of the first layer's kind; a layer made otherwise is probed when quantized)
         found["not_quantizable"] = unquantizable
     if model_map.moe:  # which layers hold the MoE blocks of the map (model_map.moe: router, experts, shared, gates)
         found["moe_layers"] = [i for i, layer in enumerate(model_map.layers(model)) if model_map.moe_blocks(layer)]

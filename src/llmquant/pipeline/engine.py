@@ -66,8 +66,10 @@ from llmquant.pipeline.layer_io import (
     input_batches,
     inputs_of,
     inputs_of_each,
+    never_called,
     relative_error,
     run_layer,
+    uncalled_linears,
 )
 from llmquant.pipeline.learned_rotation import learn_rotations
 from llmquant.pipeline.memory import activation_storage
@@ -174,29 +176,8 @@ def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[st
     return {rel: _weight_error(linear, quantized) for rel, (linear, quantized) in linears.items()}
 
 
-def _uncalled_linears(layer: nn.Module, inputs: LayerInputs, where: str, names: list[str]) -> list[str]:
-    """The Linears of ``names`` (relative to ``layer``) that a run of the layer on ``inputs`` (every expert taking
-    every token) never calls: their parent reads their weight in its own code (Jamba's Mamba mixer computes
-    ``dt_proj.weight @ x``), which a quantized module's codes cannot serve."""
-    called: set[str] = set()
-    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: called.add(name))
-               for name in names]
-    try:
-        with all_experts(layer):
-            run_layer(layer, inputs, where)
-    finally:
-        _remove(handles)
-    return [name for name in names if name not in called]
-
-
-def _never_called(layer: nn.Module, model_map: ModelMap, names: list[str]) -> dict[str, str]:
-    """`not_quantizable` entries for the Linears ``names`` of ``layer`` that it never calls (`_uncalled_linears`)."""
-    return {f"{model_map.decoder_layers}.*.{name}": f"{type(layer.get_submodule(name)).__name__}: never called, "
-            "its weight read by its parent's own code" for name in names}
-
-
 def _leave_float(plan: QuantPlan, prefix: str, names: list[str]) -> None:
-    """The plan's scheme of each Linear ``names`` of the layer ``prefix`` becomes float (`_uncalled_linears`)."""
+    """The plan's scheme of each Linear ``names`` of the layer ``prefix`` becomes float (`uncalled_linears`)."""
     for name in names:
         if f"{prefix}.{name}" in plan.linears:
             plan.linears[f"{prefix}.{name}"] = Scheme()
@@ -600,7 +581,7 @@ def quantize(
     else:
         rotation.rotate(first, 0, inputs.head(1))
     set_up_for: tuple[str, ...] | None = None  # the structure of the layer the steps were set up on
-    uncalled: list[str] = []  # the Linears of layers of that structure their layer never calls (`_uncalled_linears`)
+    uncalled: list[str] = []  # the Linears of layers of that structure their layer never calls (`uncalled_linears`)
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
     if run_dir is not None:
@@ -623,7 +604,7 @@ def quantize(
                 rotate_layer(layer, rotation.plan_at(layer, index))
             row = run_dir.layer_row(index)
             _leave_float(plan, prefix, row.get("never_called", []))
-            unquantizable.update(_never_called(layer, model_map, row.get("never_called", [])))
+            unquantizable.update(never_called(layer, model_map, row.get("never_called", [])))
             _restore_layer(layer, prefix, model_map, plan, run_dir.layer_state(index))
             layer.to(home)
             manifest.layers.append(row)
@@ -639,8 +620,8 @@ def quantize(
                 setup = {}
                 structure = layer_structure(layer)
                 if structure != set_up_for:  # the first layer, or one made otherwise than the one before
-                    uncalled = _uncalled_linears(layer, inputs.head(1), prefix, _linears_of(layer, model_map))
-                    unquantizable.update(_never_called(layer, model_map, uncalled))
+                    uncalled = uncalled_linears(layer, inputs.head(1), prefix, _linears_of(layer, model_map))
+                    unquantizable.update(never_called(layer, model_map, uncalled))
                     first_setup, set_up_for = set_up_for is None, structure
                     setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
                                         _linears_of(layer, model_map), inputs, ranks)

@@ -22,6 +22,7 @@ from torch import nn
 from llmquant.device import device_of, map_tensors, to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
+from llmquant.nn.experts import all_experts
 from llmquant.parallel import SINGLE, Ranks
 
 
@@ -167,6 +168,28 @@ def run_layer(layer: nn.Module, inputs: LayerInputs, where: str, batch: int | No
             raise LlmquantError(f"{where} produced NaN or inf activations; the model or its inputs are broken")
         outputs.extend(out.split(1))
     return outputs
+
+
+def uncalled_linears(layer: nn.Module, inputs: LayerInputs, where: str, names: list[str]) -> list[str]:
+    """The Linears of ``names`` (relative to ``layer``) that a run of the layer on ``inputs`` (every expert taking
+    every token) never calls: their parent reads their weight in its own code (Jamba's Mamba mixer computes
+    ``dt_proj.weight @ x``), which a quantized module's codes cannot serve."""
+    called: set[str] = set()
+    handles = [layer.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: called.add(name))
+               for name in names]
+    try:
+        with all_experts(layer):
+            run_layer(layer, inputs, where)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name in names if name not in called]
+
+
+def never_called(layer: nn.Module, model_map: ModelMap, names: list[str]) -> dict[str, str]:
+    """`not_quantizable` entries for the Linears ``names`` of ``layer`` that it never calls (`uncalled_linears`)."""
+    return {f"{model_map.decoder_layers}.*.{name}": f"{type(layer.get_submodule(name)).__name__}: never called, "
+            "its weight read by its parent's own code" for name in names}
 
 
 def relative_error(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor],
