@@ -62,9 +62,9 @@ def _conversion_mapping(model: nn.Module) -> list:
 
 
 def experts_stored_fused(model: nn.Module) -> bool:
-    """Whether ``model``'s family keeps its experts fused on disk: transformers converts no per-expert tensors into
-    its fused ``gate_up_proj`` (gpt-oss: ``gate_up_proj`` [experts, hidden, 2 * inter] in its checkpoints), so its
-    serving engines read them only so, not the per-expert tensors llmquant writes."""
+    """Whether ``model``'s family (one with experts) keeps them fused on disk: transformers converts no per-expert
+    tensors into its fused ``gate_up_proj`` (gpt-oss: ``gate_up_proj`` [experts, hidden, 2 * inter] in its
+    checkpoints), so its serving engines read them only so, not the per-expert tensors llmquant writes."""
     return not any(len(entry.target_patterns) == 1 and entry.target_patterns[0].endswith("gate_up_proj")
                    and type(entry).__name__ != "WeightRenaming" for entry in _conversion_mapping(model))
 

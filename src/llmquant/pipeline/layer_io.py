@@ -252,7 +252,8 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def head_dim_of(model: nn.Module, model_map: ModelMap) -> int | None:
-    attention = next(a for layer in model_map.layers(model) if (a := model_map.attention_of(layer)) is not None)
+    attention = next((a for layer in model_map.layers(model) if (a := model_map.attention_of(layer)) is not None),
+                     None)
     return getattr(attention, "head_dim", None) or getattr(getattr(model, "config", None), "head_dim", None)
 
 
