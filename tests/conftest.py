@@ -92,6 +92,9 @@ FAMILIES["jamba"] = lambda: transformers.JambaConfig(**_common(  # Mamba and att
     expert_layer_offset=1, mamba_d_state=8, use_mamba_kernels=False))  # dt_proj.weight itself: it stays float
 FAMILIES["bloom"] = lambda: transformers.BloomConfig(  # a LayerNorm between the embeddings and the first layer,
     vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4)  # ALiBi attention in its own code
+FAMILIES["falcon_h1"] = lambda: transformers.FalconH1Config(**_common(  # Mamba mixer beside the attention; the
+    **_ATTENTION, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8,  # norm's output times a
+    mamba_n_groups=1, attention_in_multiplier=0.5))  # multiplier before q/k/v
 FAMILIES["llama4"] = lambda: transformers.Llama4TextConfig(**_common(  # its experts take no routing arguments
     **_ATTENTION, intermediate_size_mlp=128, num_local_experts=4, head_dim=16, num_experts_per_tok=1,  # and its
     moe_layers=[0, 1], no_rope_layers=[1, 1], attention_chunk_size=64))  # router returns a tuple: both stay float

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,27 @@ def test_rotations_flag_needs_quarot(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--pre-opt quarot" in result.stderr
+
+
+def test_a_norm_whose_readers_are_not_found_is_named_so_r1_can_stay_off() -> None:
+    """R1 rotates a norm's readers with the residual stream: a norm feeding a Linear through a non-linear op (no
+    Linear reads its output) is named by `unread_norms`, which turns R1 off; a reader of the output times a
+    constant (Falcon-H1's attention_in_multiplier) is a reader."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from llmquant.model.patterns import norm_groups, unread_norms
+
+    class Layer(nn.Module):
+        def __init__(self, through: Callable[[torch.Tensor], torch.Tensor]) -> None:
+            super().__init__()
+            self.norm, self.proj, self.through = LlamaRMSNorm(8), nn.Linear(8, 8), through
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.proj(self.through(self.norm(x)))
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    for through, unread in ((torch.tanh, ["norm"]), (lambda h: h * 0.5, [])):
+        layer = Layer(through)
+        groups = norm_groups(layer, lambda layer=layer: layer(x))
+        assert unread_norms(layer, lambda layer=layer: layer(x), groups, 8) == unread
+        assert [g.linears for g in groups] == ([] if unread else [("proj",)])

@@ -48,6 +48,7 @@ from llmquant.model.patterns import (
     norm_groups,
     residual_writers,
     rotation_pairs,
+    unread_norms,
 )
 from llmquant.nn.kv_cache import enable_kv_quantization, restore_attention, uses_llmquant_attention
 from llmquant.nn.online_rotation import OnlineRotation, RMSNorm, attach_input_rotation
@@ -172,6 +173,10 @@ def _plan_r1(
             blockers = ", ".join(writers.blockers)
             why += f" ({blockers} normalize a sub-layer's output before it joins the residual stream)"
         return off(why)
+    unread = unread_norms(layer, run, groups, hidden)
+    if unread:
+        return off(f"{where}.{unread[0]}'s output reaches no Linear found reading it, which R1 would have to rotate "
+                   "with the residual stream")
     forms = {g.producer: norm_form(layer.get_submodule(g.producer), hidden) for g in groups}
     final_norm = model_map.final_norm
     if final_norm is not None:

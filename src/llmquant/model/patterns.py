@@ -133,8 +133,16 @@ def _reads_by_weight(layer: nn.Module) -> list[str]:
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` is ``b`` or a view of all of it (an MoE block reads its input flattened to tokens)."""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype)
+    """Whether ``a`` is ``b`` or a view of all of it (an MoE block reads its input flattened to tokens), or ``b``
+    times a constant (Falcon-H1 multiplies the norm's output by ``attention_in_multiplier`` before q/k/v: a
+    channel scale or a rotation of ``b`` reaches ``a`` the same way)."""
+    if a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype):
+        return True
+    if a.numel() != b.numel() or a.dtype != b.dtype or not a.is_floating_point():
+        return False
+    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+    scale = (a64 @ b64) / (b64 @ b64).clamp(min=1e-300)
+    return bool(scale != 0) and float((a64 - scale * b64).norm()) <= 1e-6 * float(a64.norm())
 
 
 def _expert_pair_skipped(a: str, b: str) -> bool:
@@ -296,6 +304,18 @@ def norm_groups(layer: nn.Module, run: Any) -> list[SmoothGroup]:
     """Each norm of one decoder layer and the Linears reading its output (the groups R1 fuses)."""
     inputs, outputs = _record(layer, run)
     return _norm_groups(dict(layer.named_modules()), inputs, outputs)
+
+
+def unread_norms(layer: nn.Module, run: Any, groups: list[SmoothGroup], hidden: int) -> list[str]:
+    """The norms of the residual stream (of the hidden size, not normalizing a Linear's output as OLMoE's q_norm
+    does) that ran in ``layer`` but head no group of ``groups``: no Linear (or router) was found reading their
+    output, so R1 could not rotate whatever does with them."""
+    inputs, outputs = _record(layer, run)
+    producers = {group.producer for group in groups}
+    linear_outputs = [out for name, out in outputs.items() if not _is_norm(layer.get_submodule(name))]
+    return [name for name in outputs if _is_norm(layer.get_submodule(name)) and name not in producers
+            and layer.get_submodule(name).weight.shape[-1] == hidden
+            and not any(_same_values(inputs[name], out) for out in linear_outputs)]
 
 
 def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where: str) -> list[SmoothGroup]:
