@@ -133,11 +133,13 @@ def _reads_by_weight(layer: nn.Module) -> list[str]:
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` is ``b`` or a view of all of it (an MoE block reads its input flattened to tokens), or ``b``
-    times a constant (Falcon-H1 multiplies the norm's output by ``attention_in_multiplier`` before q/k/v: a
-    channel scale or a rotation of ``b`` reaches ``a`` the same way)."""
-    if a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype):
-        return True
+    """Whether ``a`` is ``b`` or a view of all of it (an MoE block reads its input flattened to tokens)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype)
+
+
+def _scaled_copy(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b`` times a constant, in a tensor of its own (Falcon-H1 multiplies the norm's output by
+    ``attention_in_multiplier`` before q/k/v: a channel scale or a rotation of ``b`` reaches ``a`` the same way)."""
     if a.numel() != b.numel() or a.dtype != b.dtype or not a.is_floating_point():
         return False
     a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
@@ -234,15 +236,15 @@ def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> 
     not recognized, which `foldable` tells)."""
     routers = {n for n, m in modules.items() if not isinstance(m, nn.Linear) and not _is_norm(m) and n in inputs}
     linears = [n for n, m in modules.items() if (isinstance(m, nn.Linear) or n in routers) and n in inputs]
-    groups = []
-    for name, out in outputs.items():
-        if not _is_norm(modules[name]):
-            continue
-        readers = tuple(n for n in linears if _same_values(inputs[n], out))
-        if readers:
-            groups.append(SmoothGroup(producer=name, producer_kind="norm", linears=readers,
-                                      producer_offset=norm_offset(modules[name])))
-    return groups
+    norms = {name: out for name, out in outputs.items() if _is_norm(modules[name])}
+    found = {name: [n for n in linears if _same_values(inputs[n], out)] for name, out in norms.items()}
+    # then the readers of a scaled copy, among the Linears no norm's very output reaches (two norms of one input,
+    # as GPT-NeoX's parallel ones, give equal outputs while their gains are equal, as they are untrained)
+    claimed = {n for readers in found.values() for n in readers}
+    for name, out in norms.items():
+        found[name] += [n for n in linears if n not in claimed and _scaled_copy(inputs[n], out)]
+    return [SmoothGroup(producer=name, producer_kind="norm", linears=tuple(n for n in linears if n in readers),
+                        producer_offset=norm_offset(modules[name])) for name, readers in found.items() if readers]
 
 
 def _norm_scaling_keeps_function(layer: nn.Module, run: Any, group: SmoothGroup) -> bool:
@@ -315,7 +317,7 @@ def unread_norms(layer: nn.Module, run: Any, groups: list[SmoothGroup], hidden: 
     linear_outputs = [out for name, out in outputs.items() if not _is_norm(layer.get_submodule(name))]
     return [name for name in outputs if _is_norm(layer.get_submodule(name)) and name not in producers
             and layer.get_submodule(name).weight.shape[-1] == hidden
-            and not any(_same_values(inputs[name], out) for out in linear_outputs)]
+            and not any(_same_values(inputs[name], out) or _scaled_copy(inputs[name], out) for out in linear_outputs)]
 
 
 def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where: str) -> list[SmoothGroup]:
