@@ -407,7 +407,8 @@ def test_mixtral_checkpoints_use_its_hub_names_and_load_back(tmp_path: Path) -> 
     assert torch.equal(logits(quantized, ids), logits(loaded, ids))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])  # gpt-oss: experts fused on disk
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "qwen3_next", "jamba"])  # gpt-oss: experts
+# fused on disk; Qwen3-Next and Jamba: hybrids, their first layer without attention (Jamba: a Linear never called)
 def test_an_moe_model_streamed_from_disk_gives_the_in_memory_checkpoint(family: str, corpus: Path,
                                                                          tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
@@ -433,7 +434,8 @@ def test_an_moe_model_streamed_from_disk_gives_the_in_memory_checkpoint(family: 
     ids = torch.randint(0, len(tokenizer), (2, 24), generator=torch.Generator().manual_seed(6))
     assert torch.equal(logits(streamed, ids), logits(in_memory, ids))
     manifest = json.loads((tmp_path / "streamed" / "llmquant.json").read_text())
-    assert manifest["results"]["moe"]["blocks"][0]["experts"] == "mlp.experts"
+    assert manifest["results"]["moe"]["blocks"][0]["experts"] == ("feed_forward.experts" if family == "jamba"
+                                                                   else "mlp.experts")
 
 
 def test_a_streamed_layer_missing_a_tensor_on_disk_is_one_clear_error(corpus: Path, tmp_path: Path,
