@@ -31,7 +31,8 @@ Writes the same JSON shape as benchmark_w8a8.py (rows of scheme, ppl, ratio, sec
 scripts/w8a8_table.py can put both side by side; each row also names its "algorithm" and "recipe". A run
 that llm-compressor refuses goes to "errors" (scheme, algorithm, recipe, the error's first line), not to
 "rows". Runs on one thread (as the llmquant side is measured); seconds = wall time of `oneshot` only;
-with ``--save``, save_seconds = that of writing the checkpoint (where compressed-tensors rounds the weights).
+with ``--save``, save_seconds = that of writing the checkpoint (where compressed-tensors rounds the weights: each
+row says whether layer 0's gate_proj weight after ``oneshot`` is still the loaded one).
 On a machine without an accelerator AWQ needs one patch that changes no number (see `cpu_workarounds`).
 The float checkpoint is the one llmquant caches (run any llmquant command once first).
 """
@@ -242,6 +243,8 @@ def main() -> None:
     rows, errors = [], []
     for name in args.schemes:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        probe = model.model.layers[0].mlp.gate_proj  # does oneshot round the weights, or does saving?
+        loaded = probe.weight.detach().clone()
         recipe, described = recipe_for(name, args.algorithm, args.group_size, args.alpha, args.rotation,
                                        args.bypass_divisibility_checks, args.input_observer, args.kv_cache_fp8)
         start = time.perf_counter()
@@ -258,7 +261,8 @@ def main() -> None:
             print(f"| llm-compressor {args.algorithm} {name} | error: {errors[-1]['error']} |", flush=True)
             continue
         rows.append({"scheme": name, "algorithm": args.algorithm, "recipe": described, "ppl": ppl,
-                     "ratio": ppl / float_ppl, "seconds": seconds})
+                     "ratio": ppl / float_ppl, "seconds": seconds,
+                     "layer0_gate_proj_weight_unchanged_by_oneshot": torch.equal(probe.weight.detach(), loaded)})
         if args.save:  # compressed-tensors quantizes the weights here (save_compressed): timed apart
             start = time.perf_counter()
             model.save_pretrained(Path(args.save) / name, save_compressed=True)

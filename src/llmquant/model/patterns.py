@@ -247,16 +247,16 @@ def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> 
                         producer_offset=norm_offset(modules[name])) for name, readers in found.items() if readers]
 
 
-def _norm_scaling_keeps_function(layer: nn.Module, run: Any, group: SmoothGroup) -> bool:
+def _norm_scaling_keeps_function(layer: nn.Module, run: Any, group: SmoothGroup, reference: torch.Tensor) -> bool:
     """Whether dividing the norm's output channels by a random s and multiplying its readers' inputs by s leaves the
-    layer's output as it was: false when the norm's output also reaches a module that is not one of the readers
-    (Llama 4's experts read it scaled by their router scores), which a smoothing scale would change."""
+    layer's output (``reference``, unchanged) as it was: false when the norm's output also reaches a module that is
+    not one of the readers (Llama 4's experts read it scaled by their router scores), which a smoothing scale would
+    change."""
     norm = layer.get_submodule(group.producer)
     if any(layer.get_submodule(name).weight.shape[-1] != norm.weight.shape[-1] for name in group.linears):
         return False  # (a reader of another width (Linears and routers: x W^T): the norm's output reshaped, per head)
     scale = torch.rand(norm.weight.shape[-1], generator=torch.Generator().manual_seed(0)) * 1.5 + 0.5
     scale = scale.to(norm.weight.device, norm.weight.dtype)
-    reference = _layer_io(layer, run)[1]
     handles = [norm.register_forward_hook(lambda _m, _a, out: out / scale)]
     for name in group.linears:
         reader = layer.get_submodule(name)
@@ -325,7 +325,8 @@ def detect_smooth_groups(layer: nn.Module, run: Any, head_dim: int | None, where
     inputs, outputs = _record(layer, run)
     modules = dict(layer.named_modules())
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n in inputs]
-    groups = [group if foldable(layer, group) is not None or _norm_scaling_keeps_function(layer, run, group)
+    reference = _layer_io(layer, run)[1]
+    groups = [group if foldable(layer, group) is not None or _norm_scaling_keeps_function(layer, run, group, reference)
               else replace(group, blocked=f"{group.producer}'s output also reaches a module other than its readers, "
                                           "which a scale of its channels would change")
               for group in _norm_groups(modules, inputs, outputs)]  # (an unfoldable group is said by `foldable`)

@@ -581,7 +581,7 @@ def quantize(
     else:
         rotation.rotate(first, 0, inputs.head(1))
     set_up_for: tuple[str, ...] | None = None  # the structure of the layer the steps were set up on
-    uncalled: list[str] = []  # the Linears of layers of that structure their layer never calls (`uncalled_linears`)
+    never_calls: dict[tuple[str, ...], list[str]] = {}  # by layer structure: Linears never called (`uncalled_linears`)
     manifest.seconds["prepare"] = time.perf_counter() - t0
     manifest.results["rss_mb_after_prepare"] = rss_mb()
     if run_dir is not None:
@@ -620,14 +620,17 @@ def quantize(
                 setup = {}
                 structure = layer_structure(layer)
                 if structure != set_up_for:  # the first layer, or one made otherwise than the one before
-                    uncalled = uncalled_linears(layer, inputs.head(1), prefix, _linears_of(layer, model_map))
-                    unquantizable.update(never_called(layer, model_map, uncalled))
+                    if structure not in never_calls:  # (Jamba alternates two structures: each probed once)
+                        never_calls[structure] = uncalled_linears(layer, inputs.head(1), prefix,
+                                                                  _linears_of(layer, model_map))
+                        unquantizable.update(never_called(layer, model_map, never_calls[structure]))
                     first_setup, set_up_for = set_up_for is None, structure
                     setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
                                         _linears_of(layer, model_map), inputs, ranks)
                     if first_setup:
                         manifest.results.update(setup)
                         setup = {}
+                uncalled = never_calls[structure]
                 _leave_float(plan, prefix, uncalled)
                 outputs, row, reference_out = quantize_layer(layer, index, model_map, plan, inputs, steps, storage,
                                                              ranks, policy, reference)
