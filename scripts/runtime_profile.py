@@ -3,8 +3,9 @@
     .venv/bin/python scripts/runtime_profile.py layer                 # W8A8 and W4 Linears against float32, by rows
     .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention bfloat16]  # torch.profiler
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
-    .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN against torch._int_mm
+    .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
+    .venv/bin/python scripts/runtime_profile.py decode --model DIR [--batch 4]  # W8A8 decode: the decode op
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
@@ -14,17 +15,20 @@ run it against an older commit with
 ``git worktree add /tmp/old REV && PYTHONPATH=/tmp/old/src .venv/bin/python scripts/runtime_profile.py layer``.
 ``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
 generation computes it) and of 8 decode steps, for a checkpoint or (no ``--model``) the float32 default model.
-``kernels`` (a W8A8 checkpoint) times oneDNN's product and ``torch._int_mm`` on every layer's codes, by projection and
-rows (each call on the next layer's weight, as in a forward: the median over 5 sweeps of the per-layer mean), then a
-512-token prefill and 16 decode steps at batch 1 with ``_int_mm`` only, with the rows rule of
-`llmquant.nn.int8_linear.int8_product` (oneDNN from 128 rows), and with oneDNN at every shape, alternating (each
-after one untimed generation that packs the weights again), 8 rounds after a warm-up one, medians.
+``kernels`` (a W8A8 checkpoint) times oneDNN's product, ``torch._int_mm`` and (up to 8 rows, where it runs) the decode
+op of `llmquant.nn.int8_gemv` on every layer's codes, by projection and rows (each call on the next layer's weight,
+as in a forward: the median over 5 sweeps of the per-layer mean), then a 512-token prefill and 16 decode steps at
+batch 1 with ``_int_mm`` only, with the rows rule of `llmquant.nn.int8_linear.int8_product` (oneDNN from 128 rows,
+the decode op up to 2), and with oneDNN at every shape, alternating (each after one untimed generation that packs
+the weights again), 8 rounds after a warm-up one, medians.
 ``compile`` alternates 5 prefills of the checkpoint at ``--batch`` with the compiled kernel and without it.
 ``fp8`` times an FP8 per-channel / per-token `QuantLinear` on ``torch._scaled_mm`` (forced onto the operator even on
 the CPU, where `set_runtime` keeps the simulation) and its simulation against the float Linear (float32 on the CPU,
 bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it), then times 64 decode steps of each, alternating step by step, and prints the medians.
+``decode`` does the same for the float32 model and a W8A8 checkpoint with and without the decode op of
+`llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``).
 """
 
 from __future__ import annotations
@@ -95,18 +99,24 @@ def profile(model_dir: str | None, attention: str) -> None:
 
 
 def kernel_calls(layers: list[tuple[str, QuantLinear]]) -> None:
-    """oneDNN against ``_int_mm`` on every layer's weight, by projection and rows (`kernels`)."""
-    from llmquant.nn import int8_linear
+    """oneDNN, ``_int_mm`` and the decode op on every layer's weight, by projection and rows (`kernels`)."""
+    from llmquant.nn import int8_gemv, int8_linear
 
     weights = {id(m): int8_linear.Int8Weight(m.weight, True) for _, m in layers}
+    decode_op = int8_gemv.gemv_kernel() if int8_gemv.gemv_refusal(torch.device("cpu")) is None else None
+    row_sums, unit = {id(m): int8_gemv.weight_row_sums(m.weight) for _, m in layers}, torch.ones(1, 1)
     kinds = list(dict.fromkeys(kind for kind, _ in layers))
-    for rows in (1, 2, 8, 64, 512):
+    for rows in (1, 2, 4, 8, 64, 512):
         figures = []
+        products = {"oneDNN": lambda x, m: int8_linear.onednn_product(x, weights[id(m)]),
+                    "_int_mm": lambda x, m: torch._int_mm(x, m.weight.t())}
+        if decode_op is not None and rows <= 8:
+            products["decode op"] = lambda x, m: int8_gemv.gemv_linear(decode_op, x, m.weight, row_sums[id(m)], unit,
+                                                                        unit, None)
         for kind in kinds:
             of_kind = [m for k, m in layers if k == kind]
             codes = [torch.randint(-127, 128, (rows, m.in_features), dtype=torch.int8) for m in of_kind]
-            for label, product in (("oneDNN", lambda x, m: int8_linear.onednn_product(x, weights[id(m)])),
-                                   ("_int_mm", lambda x, m: torch._int_mm(x, m.weight.t()))):
+            for label, product in products.items():
                 sweeps = []
                 for _ in range(5):
                     start = time.perf_counter()
@@ -132,11 +142,12 @@ def kernels(model_dir: str) -> None:
         return prefill, decode / max(steps, 1)
 
     rule = int8_linear.ONEDNN_MIN_ROWS
-    modes = {"_int_mm only": ("0", rule), "rows rule": ("1", rule), "oneDNN always": ("1", 0)}
+    modes = {"_int_mm only": ("0", rule, "0"), "rows rule": ("1", rule, "1"), "oneDNN always": ("1", 0, "0")}
     times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for round_ in range(9):  # the first round warms up
-        for mode, (flag, min_rows) in modes.items():
+        for mode, (flag, min_rows, decode_op) in modes.items():
             os.environ["LLMQUANT_ONEDNN"] = flag
+            os.environ["LLMQUANT_GEMV"] = decode_op
             int8_linear.ONEDNN_MIN_ROWS = min_rows
             for _, m in layers:
                 m.drop_caches()
@@ -170,17 +181,15 @@ def compiled_against_eager(model_dir: str, batch: int) -> None:
           f"eager {statistics.median(times['0']) * 1e3:.1f} ms")
 
 
-def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) -> None:
-
-    models = {name: llmquant.load(path, device="cpu")[0] for name, path in (("int8 KV", model_dir),
-                                                                             ("float KV", baseline_dir))}
+def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int = 64) -> dict[str, float]:
+    """Median milliseconds of a decode step of each model after a 512-token prefill at ``batch``, the models
+    alternating step by step (the machine's slow and fast phases fall on all of them)."""
     ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
     state, times = {}, {name: [] for name in models}
     with torch.no_grad():
         for name, model in models.items():
             out = model(ids, use_cache=True, logits_to_keep=1)
             state[name] = (returned_cache(out), out.logits[:, -1:].argmax(-1))
-        stored = any(isinstance(layer, Int8CacheLayer) for layer in state["int8 KV"][0].layers)
         for _ in range(steps):
             for name, model in models.items():
                 cache, token = state[name]
@@ -188,10 +197,36 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
                 out = model(token, **{cache_argument(model): cache}, use_cache=True)
                 times[name].append(time.perf_counter() - start)
                 state[name] = (returned_cache(out), out.logits[:, -1:].argmax(-1))
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) -> None:
+    models = {name: llmquant.load(path, device="cpu")[0] for name, path in (("int8 KV", model_dir),
+                                                                             ("float KV", baseline_dir))}
+    medians = alternating_steps(models, batch, steps)
+    with torch.no_grad():
+        cache = returned_cache(models["int8 KV"](torch.zeros(1, 4, dtype=torch.long), use_cache=True))
+    stored = any(isinstance(layer, Int8CacheLayer) for layer in cache.layers)
     print(f"decode step at batch {batch} after 512 tokens (median of {steps}; int8 cache layers: {stored}): "
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
           + f"; float KV / int8 KV {medians['float KV'] / medians['int8 KV']:.3f}")
+
+
+def decode_op(model_dir: str, batch: int, steps: int = 64) -> None:
+    """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`) and without it
+    (``LLMQUANT_GEMV=0``: ``torch._int_mm``), decode steps alternating."""
+    models = {"float32": llmquant.load(None, device="cpu")[0]}
+    for name, flag in (("decode op", "1"), ("torch._int_mm", "0")):
+        os.environ["LLMQUANT_GEMV"] = flag  # (read when a Linear first runs: the warm-up below)
+        models[name] = llmquant.load(model_dir, device="cpu")[0]
+        with torch.no_grad():
+            models[name](torch.zeros(batch, 4, dtype=torch.long))
+    os.environ.pop("LLMQUANT_GEMV")
+    medians = alternating_steps(models, batch, steps)
+    print(f"decode step at batch {batch} after 512 tokens (median of {steps}): "
+          + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
+          + "; float32 / quantized: " + ", ".join(f"{name} {medians['float32'] / ms:.3f}"
+                                                   for name, ms in medians.items() if name != "float32"))
 
 
 def dequant() -> None:
@@ -259,7 +294,7 @@ def fp8(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels"])
+    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -281,6 +316,10 @@ def main() -> None:
         if args.model is None:
             parser.error("kernels needs --model DIR (a W8A8 checkpoint)")
         kernels(args.model)
+    elif args.what == "decode":
+        if args.model is None:
+            parser.error("decode needs --model DIR (a W8A8 checkpoint)")
+        decode_op(args.model, args.batch)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

@@ -324,10 +324,10 @@ def test_calib_samples_0_quantizes_without_a_pass_to_the_calibrated_runs_model(f
     llmquant.quantize(model, {**recipe, "calib": {"samples": 0}}, progress=False)  # no tokenizer, no corpus
     handle.remove()
     llmquant.quantize(calibrated, recipe, calib=calib, progress=False)
-    # no calibration pass: only, with a KV cache, one run of the first layer on 8 random tokens showing that its
-    # attention goes through the interface where the cache is quantized (its input captured, stopped at the
-    # layer's door, then the run)
-    assert calls == ([(1, 8, 64)] * 2 if "kv_cache" in recipe else [])
+    # no calibration pass: the first layer's input for 8 random tokens captured (stopped at the layer's door), one
+    # run of the layer on it finding the Linears it never calls and, with a KV cache, one showing that its attention
+    # goes through the interface where the cache is quantized
+    assert calls == [(1, 8, 64)] * (3 if "kv_cache" in recipe else 2)
     manifest = model.llmquant_manifest
     assert manifest.results["calibration"]["samples"] == 0
     assert all("output_error" not in row and row["weight_error"] for row in manifest.layers)
@@ -376,7 +376,8 @@ def test_a_kv_cache_is_refused_where_attention_does_not_go_through_the_interface
 def test_a_linear_its_layer_never_calls_stays_float_also_in_a_resumed_run(
         corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Jamba's Mamba mixer reads ``dt_proj.weight`` itself (never calls dt_proj): it stays float, is named, and a
-    run interrupted after that layer restores it float (the layer's row says so)."""
+    run interrupted after that layer restores it float (the layer's row says so); so does a run without calibration
+    samples."""
     from transformers import AutoModelForCausalLM
 
     from conftest import FAMILIES
@@ -403,4 +404,12 @@ def test_a_linear_its_layer_never_calls_stays_float_also_in_a_resumed_run(
     manifest = json.loads((tmp_path / "out" / "llmquant.json").read_text())
     assert manifest["results"]["not_quantizable"] == {
         "model.layers.*.mamba.dt_proj": "Linear: never called, its weight read by its parent's own code"}
+    assert manifest["layers"][0]["never_called"] == ["mamba.dt_proj"]
+    # without calibration samples (a dynamic scheme by RTN needs none) 8 random tokens find it: the same checkpoint
+    assert main([*args[:-1], str(tmp_path / "uncalibrated"), "--calib-samples", "0"]) == 0
+    uncalibrated = llmquant.load(tmp_path / "uncalibrated")[0]
+    assert type(uncalibrated.model.layers[0].mamba.dt_proj) is torch.nn.Linear
+    assert torch.equal(logits(uncalibrated, ids), logits(whole, ids))
+    manifest = json.loads((tmp_path / "uncalibrated" / "llmquant.json").read_text())
+    assert list(manifest["results"]["not_quantizable"]) == ["model.layers.*.mamba.dt_proj"]
     assert manifest["layers"][0]["never_called"] == ["mamba.dt_proj"]

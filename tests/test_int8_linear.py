@@ -1,7 +1,7 @@
 """The W8A8 int8 linear (`llmquant.nn.int8_linear`): the eager and the compiled kernels give the simulation's bits,
 for every input scale (per token, per tensor, static), with and without a bias, at decode and prefill shapes, with
-oneDNN's product and with ``torch._int_mm``; oneDNN's product is exact; Linears reading one tensor quantize it once,
-and only while it is unchanged."""
+oneDNN's product, the decode op (`llmquant.nn.int8_gemv`) and ``torch._int_mm``; oneDNN's product and the decode op
+are exact; Linears reading one tensor quantize it once, and only while it is unchanged."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 
 import llmquant
 from conftest import logits, make_model, relative_error
+from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
+from llmquant.nn.kv_storage import cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
 
@@ -36,10 +38,11 @@ def _outputs(layer: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 @pytest.mark.parametrize("scheme", [s for s in W8A8_SCHEMES if "per_tensor_a" not in s or "static" in s])
 @pytest.mark.parametrize("rows", [1, 3, 300])
-@pytest.mark.parametrize("onednn", ["1", "0"])
-def test_the_eager_int8_kernel_gives_the_simulations_bits(scheme: str, rows: int, onednn: str,
+@pytest.mark.parametrize(("onednn", "gemv"), [("1", "1"), ("0", "0")])
+def test_the_eager_int8_kernel_gives_the_simulations_bits(scheme: str, rows: int, onednn: str, gemv: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMQUANT_ONEDNN", onednn)
+    monkeypatch.setenv("LLMQUANT_GEMV", gemv)
     for bias in (False, True):
         layer = _layer(scheme, bias)
         x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
@@ -171,6 +174,113 @@ def test_onednn_runs_from_its_row_count_and_is_packed_once(monkeypatch: pytest.M
     layer.drop_caches()
     layer(torch.randn(rows, 96))
     assert layer.runtime_caches() == []  # _int_mm multiplies the stored codes
+
+
+_GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
+needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the decode op does not run here: {_GEMV_REFUSAL}")
+
+
+@needs_gemv
+@pytest.mark.parametrize(("inner", "outputs"), [(576, 192), (96, 80), (300, 7), (8192, 16), (64, 1)])
+def test_the_decode_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outputs: int) -> None:
+    decode_op = int8_gemv.gemv_kernel()
+    assert decode_op is not None, int8_gemv.gemv_refusal(torch.device("cpu"))  # (tools present: it must build)
+    generator = torch.Generator().manual_seed(inner)
+    unit = torch.ones(1, 1)
+    for rows in (1, 2, 5, 16):
+        cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
+                            torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
+                 "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
+                             torch.full((outputs, inner), 127, dtype=torch.int8)),
+                 "most negative": (torch.full((rows, inner), -128, dtype=torch.int8),
+                                   torch.full((outputs, inner), -128, dtype=torch.int8))}
+        for name, (x, w) in cases.items():
+            exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
+            product = int8_gemv.gemv_linear(decode_op, x, w, int8_gemv.weight_row_sums(w), unit, unit, None)
+            assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
+        values = torch.randn(rows, inner, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
+        values[0] = values[0].clamp(-100, 100)
+        values[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties, rounded to even (0, 2, -2)
+        for rows_in in (values, torch.zeros(rows, inner)):
+            codes, scale = int8_gemv.token_codes(decode_op, rows_in, 127)
+            expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, -128, 127)
+            assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
+
+
+@needs_gemv
+def test_the_decode_op_runs_up_to_its_row_count_and_keeps_its_row_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    set_runtime(layer, "int8")
+    x = torch.randn(int8_gemv.GEMV_MAX_ROWS + 1, 96)
+    layer(x)
+    assert layer.runtime_caches() == []  # torch._int_mm beyond the row count
+    layer(x[:int8_gemv.GEMV_MAX_ROWS])
+    sums = layer._int8_weight().row_sums
+    assert sums is not None and torch.equal(sums, layer.weight.sum(1, dtype=torch.int32))
+    assert [t is sums for t in layer.runtime_caches()] == [True]
+    layer(x[:1])
+    assert layer._int8_weight().row_sums is sums  # made once
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    assert int8_gemv.gemv_refusal(torch.device("cpu")) == "off (LLMQUANT_GEMV=0)"
+    layer.drop_caches()
+    layer(x[:1])
+    assert layer.runtime_caches() == []
+
+
+def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        seen = [out.logits]
+        for _ in range(steps):
+            token = out.logits[:, -1:].argmax(-1)
+            out = model(token, **{cache_argument(model): returned_cache(out)}, use_cache=True)
+            seen.append(out.logits)
+    return seen
+
+
+@pytest.mark.parametrize("gemv", ["1", "0"])
+def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, calib_ids: torch.Tensor,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_GEMV", gemv)
+    model = llmquant.quantize(make_model("llama"), "w_int8_per_channel_a_int8_per_token_dynamic", calib=calib_ids,
+                              progress=False)
+    prompt = calib_ids[:2, :12]
+    set_runtime(model, "fake")
+    simulated = _decode_logits(model, prompt, 4)
+    set_runtime(model, "int8")
+    integer = _decode_logits(model, prompt, 4)
+    assert all(torch.equal(a, b) for a, b in zip(simulated, integer, strict=True))
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    uses_gemv = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
+    assert (layer._int8_weight().row_sums is not None) == uses_gemv
+
+
+def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(monkeypatch: pytest.MonkeyPatch,
+                                                                              caplog: pytest.LogCaptureFixture
+                                                                              ) -> None:
+    monkeypatch.setattr(int8_gemv, "_kernel", None)
+    monkeypatch.setattr(int8_gemv, "_build_error", None)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert int8_gemv.gemv_kernel() is None
+    reason = "no C++ compiler (no-such-compiler) to build it"
+    if int8_gemv.gemv_refusal(torch.device("cpu")) not in (reason, "the CPU has no AVX512-VNNI instructions"):
+        pytest.fail(int8_gemv.gemv_refusal(torch.device("cpu")))
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    simulated, integer = _outputs(layer, torch.randn(1, 96))
+    assert torch.equal(simulated, integer) and layer._int8_weight().row_sums is None  # torch._int_mm multiplied
+
+    def failing(**_kwargs: object) -> object:
+        raise RuntimeError("Error building extension 'llmquant_int8_gemv'")
+
+    from torch.utils import cpp_extension
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(int8_gemv, "_build_error", None)
+    monkeypatch.setattr(int8_gemv, "_tool_refusal", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    assert int8_gemv.gemv_kernel() is None
+    assert int8_gemv._build_error == ("building int8_gemv.cpp failed (RuntimeError: Error building extension "
+                                      "'llmquant_int8_gemv')")
+    assert "decode steps use torch._int_mm" in caplog.text
 
 
 def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -14,6 +14,10 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
   product needs a promoting multiplication into a new tensor), then the bias in place: the order the simulation
   keeps.
 
+Up to four rows (a decode step at batch 1 to 4) on a CPU with AVX512-VNNI, the three parts are two calls of a small
+C++ op (`llmquant.nn.int8_gemv`: a decode step pays for every operation, and torch's int8 products at one row are
+not bound by memory), with the same bits.
+
 With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
 `COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
 half-to-even rounding as in eager; tested). It is off by default: compiling costs seconds once per process and
@@ -27,15 +31,18 @@ codes (its float32 product of the codes is exact, so both runtimes return the sa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
+from llmquant.nn.int8_gemv import GEMV_MAX_ROWS, gemv_kernel, gemv_linear, token_codes, weight_row_sums
 from llmquant.quant.primitives import MIN_SCALE
 
 log = logging.getLogger(__name__)
@@ -66,11 +73,19 @@ def input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Ten
 class Int8Weight:
     """A weight's int8 codes ``[out, in]`` (the stored tensor) for the int8 runtime, and, where oneDNN runs
     (`onednn_refusal`), their copy in oneDNN's blocked layout (``torch.ops.onednn.qlinear_prepack``) with unit
-    scales and zero zero points, made the first time a shape calls for it (`int8_product`)."""
+    scales and zero zero points, made the first time a shape calls for it (`int8_product`); where the decode op
+    runs (`llmquant.nn.int8_gemv.gemv_refusal`), the codes' row sums."""
 
     codes: torch.Tensor
     onednn: bool
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (blocked codes, ones, int32 zeros)
+    gemv: bool = False  # whether the decode op runs (`llmquant.nn.int8_gemv`)
+    row_sums: torch.Tensor | None = None  # the decode op's int32 row sums of the codes, made on its first call
+
+    def gemv_row_sums(self) -> torch.Tensor:
+        if self.row_sums is None:
+            self.row_sums = weight_row_sums(self.codes)
+        return self.row_sums
 
     def onednn_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed is None:
@@ -246,10 +261,25 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32 (``source``, the Linear's input, as rows), int8
     ``weight`` ``[out, in]`` (or its `Int8Weight`), ``weight_scale`` ``[1, out]`` (or ``[1, 1]``): the input codes
     (shared by the Linears reading ``source``, `shared_input_codes`), their integer product, its scaling; the
-    codes and the scaling compiled for large inputs on the CPU when allowed (module docstring)."""
+    codes and the scaling compiled for large inputs on the CPU when allowed (module docstring); up to
+    `GEMV_MAX_ROWS` rows, where it runs, the decode op of `llmquant.nn.int8_gemv` (the same bits, two calls)."""
+    if (isinstance(weight, Int8Weight) and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS
+            and (decode_op := gemv_kernel()) is not None):
+        quantize = _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+        codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
+        return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(), scale, weight_scale, bias)
     quantize, scaling = _compiled_kernels(rows) or (int8_codes, scale_output)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
+
+
+@functools.cache
+def _decode_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`int8_codes` of a dynamic per-token input without clipping, by the decode op (`llmquant.nn.int8_gemv`)."""
+    def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, _qmin: int, qmax: int,
+                 _clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_codes(decode_op, rows, qmax)
+    return quantize
 
 
 def _compiled_kernels(rows: torch.Tensor) -> tuple[Callable, Callable] | None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
+from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.int8_linear import (
     Int8Weight,
     float_product,
@@ -190,11 +191,12 @@ class QuantLinear(nn.Module):
 
     def runtime_caches(self) -> list[torch.Tensor]:
         """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
-        float32 (simulation), unpacked to int8 or in oneDNN's layout, the int4 kernel's copy of the codes and its
-        bfloat16 scales."""
+        float32 (simulation), unpacked to int8 or in oneDNN's layout, the decode op's row sums, the int4 kernel's
+        copy of the codes and its bfloat16 scales."""
         caches = [self._dequantized, self._float_codes, self._integer_codes if self.packed else None]
-        if self._int8_weight_cache is not None and self._int8_weight_cache.packed is not None:
-            caches.append(self._int8_weight_cache.packed[0])
+        if self._int8_weight_cache is not None:
+            int8_weight = self._int8_weight_cache
+            caches += [int8_weight.packed[0] if int8_weight.packed is not None else None, int8_weight.row_sums]
         if self._int4_weight is not None:
             w = self._int4_weight
             caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
@@ -272,9 +274,11 @@ class QuantLinear(nn.Module):
 
     def _int8_weight(self) -> Int8Weight:
         """What the int8 runtime multiplies (`llmquant.nn.int8_linear.Int8Weight`): the int8 codes, and oneDNN's
-        copy of them where it runs, made on the first call that uses it."""
+        copy of them or the decode op's row sums where they run, made on the first call that uses them."""
         if self._int8_weight_cache is None:
-            self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(self.weight_scale.device) is None)
+            device = self.weight_scale.device
+            self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(device) is None,
+                                                 gemv=gemv_refusal(device) is None)
         return self._int8_weight_cache
 
     @property

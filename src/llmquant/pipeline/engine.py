@@ -192,15 +192,21 @@ def _check_attention_interface(attention: nn.Module, where: str) -> None:
                             "scheme without a KV cache (--kv-cache is not available for this model)")
 
 
-def _probe_attention_interface(model: nn.Module, model_map: ModelMap, first: nn.Module, attention: nn.Module
+def _probe_attention_interface(first: nn.Module, model_map: ModelMap, attention: nn.Module, probe: LayerInputs
                                ) -> None:
-    """`_check_attention_interface` on the first layer run once on 8 random tokens (a run without calibration
-    samples: its KV cache is dynamic, nothing else runs the layer before the checkpoint is written)."""
+    """`_check_attention_interface` on the first layer run once on 8 random tokens (``probe``: a run without
+    calibration samples, its KV cache is dynamic, nothing else runs the layer before the checkpoint is written)."""
+    attention._llmquant_attention_calls = 0
+    run_layer(first, probe, model_map.layer_name(0))
+    _check_attention_interface(attention, model_map.layer_name(0))
+
+
+def _random_layer_inputs(model: nn.Module, model_map: ModelMap) -> LayerInputs:
+    """The first layer's inputs for 8 random tokens: what a run without calibration samples runs a layer on to
+    learn how it behaves (which Linears it calls, whether its attention calls the interface)."""
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
-    attention._llmquant_attention_calls = 0
-    run_layer(first, capture_layer_inputs(model, model_map, ids), model_map.layer_name(0))
-    _check_attention_interface(attention, model_map.layer_name(0))
+    return capture_layer_inputs(model, model_map, ids)
 
 
 def _swap(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -564,8 +570,9 @@ def quantize(
     if kv_cache:
         enable_kv_quantization(model)
     first = source.materialize(model, model_map, 0).to(policy.device)
-    if kv_cache and not calibrated and (attention := model_map.attention_of(first)) is not None:
-        _probe_attention_interface(model, model_map, first, attention)  # (no pass will show it otherwise)
+    probe = None if calibrated else _random_layer_inputs(model, model_map)  # (while the embeddings are here)
+    if probe is not None and kv_cache and (attention := model_map.attention_of(first)) is not None:
+        _probe_attention_interface(first, model_map, attention, probe)  # (no pass will show it otherwise)
     rotation = None
     if quarot is not None:
         overrides = None
@@ -612,35 +619,35 @@ def quantize(
             reset_peak_memory(policy.device)
             layer.to(policy.device)
             reference_out = None
+            if calibrated and rotation is not None and index > 0:
+                rotation.rotate(layer, index, inputs.head(1))
+            structure = layer_structure(layer)
+            if structure not in never_calls:  # (Jamba alternates two structures: each probed once)
+                never_calls[structure] = uncalled_linears(layer, probe if probe is not None else inputs.head(1), prefix,
+                                                          _linears_of(layer, model_map))
+                unquantizable.update(never_called(layer, model_map, never_calls[structure]))
+            uncalled = never_calls[structure]
+            _leave_float(plan, prefix, uncalled)
             if not calibrated:
                 outputs, row = [], quantize_layer_weights(layer, index, model_map, plan)
             else:
-                if rotation is not None and index > 0:
-                    rotation.rotate(layer, index, inputs.head(1))
                 setup = {}
-                structure = layer_structure(layer)
                 if structure != set_up_for:  # the first layer, or one made otherwise than the one before
-                    if structure not in never_calls:  # (Jamba alternates two structures: each probed once)
-                        never_calls[structure] = uncalled_linears(layer, inputs.head(1), prefix,
-                                                                  _linears_of(layer, model_map))
-                        unquantizable.update(never_called(layer, model_map, never_calls[structure]))
                     first_setup, set_up_for = set_up_for is None, structure
                     setup = setup_steps(steps, layer, prefix, head_dim_of(model, model_map),
                                         _linears_of(layer, model_map), inputs, ranks)
                     if first_setup:
                         manifest.results.update(setup)
                         setup = {}
-                uncalled = never_calls[structure]
-                _leave_float(plan, prefix, uncalled)
                 outputs, row, reference_out = quantize_layer(layer, index, model_map, plan, inputs, steps, storage,
                                                              ranks, policy, reference)
-                if uncalled:
-                    row["never_called"] = uncalled  # (left float; what a resumed run restores the layer with)
                 if setup:
                     row["setup"] = setup
                 inputs = LayerInputs(hidden=outputs, kwargs=inputs.kwargs)
                 if reference_out is not None:
                     reference = LayerInputs(hidden=reference_out, kwargs=inputs.kwargs)
+            if uncalled:
+                row["never_called"] = uncalled  # (left float; what a resumed run restores the layer with)
             layer.to(home)
             row["peak_gpu_mb"] = peak_memory_mb(policy.device)
             manifest.layers.append(row)

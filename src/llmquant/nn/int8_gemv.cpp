@@ -1,0 +1,118 @@
+// The W8A8 linear for a few rows (a decode step), in two calls instead of a dozen small torch operations: the
+// per-token input codes (token_codes), and s_x * s_w * (x_q @ W_q^T) + b (int8_gemv) with AVX512-VNNI's VPDPBUSD, an
+// exact int32 dot product of every input row with every weight row; the same float32 operations, in the same order,
+// as llmquant.nn.int8_linear's torch path, so the same bits. Built by llmquant.nn.int8_gemv with -mavx512f
+// -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
+//
+// VPDPBUSD multiplies unsigned by signed bytes. The input codes c (int8) are made unsigned, u = c + 128 in [0, 255],
+// and the weight row's sum corrects the result: sum_k c_k w_k = sum_k u_k w_k - 128 * sum_k w_k. Each instruction
+// adds four byte products into an int32 lane without saturation, so the sum is exact (as long as it fits in int32,
+// as torch._int_mm's does). The weight is read once per call, row by row, in its stored [out, in] layout.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace {
+
+int32_t unsigned_dot(const uint8_t* u, const int8_t* w, int64_t full_blocks, __mmask64 tail) {
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t b = 0; b < full_blocks; ++b) {
+    sum = _mm512_dpbusd_epi32(sum, _mm512_loadu_si512(u + 64 * b), _mm512_loadu_si512(w + 64 * b));
+  }
+  if (tail) {
+    const int64_t offset = 64 * full_blocks;
+    sum = _mm512_dpbusd_epi32(sum, _mm512_maskz_loadu_epi8(tail, u + offset), _mm512_maskz_loadu_epi8(tail, w + offset));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+}  // namespace
+
+// Per-token symmetric int8 codes of float rows [rows, in], as llmquant.nn.int8_linear.input_codes makes them
+// (dynamic "token", no clipping): scale = max(absmax / qmax, min_scale), code = round-half-even(x / scale), in float32.
+std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale) {
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1);
+  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
+  torch::Tensor scale = torch::empty({count, 1}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  int8_t* c = codes.data_ptr<int8_t>();
+  float* s = scale.data_ptr<float>();
+  for (int64_t m = 0; m < count; ++m) {
+    const float* row = x + m * inner;
+    float absmax = 0.0f;
+    for (int64_t i = 0; i < inner; ++i) {
+      const float magnitude = std::fabs(row[i]);
+      absmax = (magnitude > absmax || std::isnan(magnitude)) ? magnitude : absmax;  // NaN spreads, as amax's
+    }
+    float row_scale = absmax / static_cast<float>(qmax);
+    if (row_scale < static_cast<float>(min_scale)) row_scale = static_cast<float>(min_scale);
+    s[m] = row_scale;
+    for (int64_t i = 0; i < inner; ++i) c[m * inner + i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
+  }
+  return {codes, scale};
+}
+
+// y = float(x_q @ W_q^T) * (s_x * s_w) + b, in the order llmquant.nn.int8_linear.scale_output keeps: codes [rows, in]
+// int8, weight [out, in] int8, weight_row_sums [out] int32 (each weight row's sum), input_scale [rows, 1] or [1, 1],
+// weight_scale [1, out] or [1, 1], bias [out] or None; float32 [rows, out].
+torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight, const torch::Tensor& weight_row_sums,
+                        const torch::Tensor& input_scale, const torch::Tensor& weight_scale,
+                        const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(codes.dim() == 2 && weight.dim() == 2 && codes.size(1) == weight.size(1), "int8_gemv: shapes");
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && weight.scalar_type() == torch::kInt8, "int8_gemv: int8 codes");
+  TORCH_CHECK(weight_row_sums.scalar_type() == torch::kInt32 && weight_row_sums.numel() == weight.size(0),
+              "int8_gemv: one int32 sum per weight row");
+  TORCH_CHECK(codes.is_contiguous() && weight.is_contiguous() && weight_row_sums.is_contiguous(),
+              "int8_gemv: contiguous tensors");
+  const int64_t rows = codes.size(0), inner = codes.size(1), outputs = weight.size(0);
+  const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
+  const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemv: one input scale, or one per row");
+  TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "int8_gemv: one weight scale, or one per output");
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == outputs, "int8_gemv: one bias per output");
+  }
+  const int8_t* c = codes.data_ptr<int8_t>();
+  std::vector<uint8_t> shifted(rows * inner);  // u = c + 128: the sign bit flipped
+  for (int64_t i = 0; i < rows * inner; ++i) shifted[i] = static_cast<uint8_t>(c[i]) ^ 0x80;
+  const uint8_t* u = shifted.data();
+  torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const int32_t* row_sums = weight_row_sums.data_ptr<int32_t>();
+  const float* sx = s_x.data_ptr<float>();
+  const float* sw = s_w.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool per_row = s_x.numel() > 1, per_output = s_w.numel() > 1;
+  float* out = y.data_ptr<float>();
+  const int64_t full_blocks = inner / 64;
+  const __mmask64 tail = (inner % 64) ? (~__mmask64(0) >> (64 - inner % 64)) : __mmask64(0);
+  at::parallel_for(0, outputs, 16, [&](int64_t first, int64_t last) {
+    for (int64_t j = first; j < last; ++j) {
+      const int8_t* weight_row = w + j * inner;
+      const int32_t correction = 128 * row_sums[j];
+      for (int64_t m = 0; m < rows; ++m) {
+        const int32_t dot = unsigned_dot(u + m * inner, weight_row, full_blocks, tail) - correction;
+        const float outer = sx[per_row ? m : 0] * sw[per_output ? j : 0];
+        float value = static_cast<float>(dot) * outer;
+        if (bp != nullptr) value += bp[j];
+        out[m * outputs + j] = value;
+      }
+    }
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)");
+}

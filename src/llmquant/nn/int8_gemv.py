@@ -1,0 +1,130 @@
+"""The W8A8 linear for a few rows (a decode step) on CPUs with AVX512-VNNI, in two calls of a small C++ op,
+``int8_gemv.cpp``: the per-token input codes (`token_codes`), and y = s_x * s_w * (x_q @ W_q^T) + b (`gemv_linear`:
+VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, exact in int32; then the scaling and
+the bias in the torch path's float32 order), the same bits as `llmquant.nn.int8_linear`'s torch operations (tested).
+Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+Why: at one row torch's int8 products are not bound by memory as float32's is, and each small operation around
+them costs microseconds. On the Xeon of BENCHMARKS.md ("A decode op for W8A8"), one thread, each product on the next
+layer's weight as in a forward, at one row: gate_proj 62 us against 162 for ``torch._int_mm``, q_proj 28 against
+68; at 4 rows 81 against 135 and 32 against 48; at 8 rows ``torch._int_mm``'s blocked GEMM wins (136 against 156),
+hence `GEMV_MAX_ROWS`. A decode step of the default model at batch 1: 62 against 83 ms (float32 84).
+
+Where it cannot run (no VNNI, no compiler or ninja, a failed build: `gemv_refusal`, logged once)
+``torch._int_mm`` multiplies as before. ``LLMQUANT_GEMV=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from llmquant.quant.primitives import MIN_SCALE
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS = 4  # this op up to this many rows (decode steps), torch's products beyond (measured: module docstring)
+SOURCE = Path(__file__).with_name("int8_gemv.cpp")
+# The instructions `gemv_refusal` checks for; no fused multiply-add contraction (torch's path multiplies, then adds
+# the bias: the same bits); OpenMP, without which ATen's parallel_for runs on one thread.
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-ffp-contract=off", "-fopenmp"]
+_kernel: ModuleType | None = None
+_build_error: str | None = None
+
+
+def gemv_refusal(device: torch.device) -> str | None:
+    """Why the op does not run on ``device``, or None (it may still fail to build: `gemv_kernel`)."""
+    if os.environ.get("LLMQUANT_GEMV", "1") == "0":
+        return "off (LLMQUANT_GEMV=0)"
+    if device.type != "cpu":
+        return "not on the CPU"
+    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not getattr(torch.cpu, "_is_vnni_supported", bool)():
+        return "the CPU has no AVX512-VNNI instructions"
+    if _build_error is not None:
+        return _build_error
+    return _tool_refusal()
+
+
+def _tool_refusal() -> str | None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) to build it"
+    headers = Path(sysconfig.get_paths()["include"])
+    if not (headers / "Python.h").is_file():
+        return f"no Python headers ({headers / 'Python.h'}) to build it"
+    with _ninja_on_path():
+        if shutil.which("ninja") is None:
+            return "ninja is not installed (pip install ninja)"
+    return None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """The ninja of the ``ninja`` package (installed with llmquant) first on PATH, where torch looks for it."""
+    try:
+        import ninja
+    except ImportError:
+        yield
+        return
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def gemv_kernel() -> ModuleType | None:
+    """The built op (built on the first call: about 30 s, once per machine), or None where it cannot be built (the
+    reason logged once and kept for `gemv_refusal`)."""
+    global _kernel, _build_error
+    if _kernel is None and _build_error is None:
+        _build_error = _tool_refusal()
+        if _build_error is None:
+            _kernel = _build()
+    return _kernel
+
+
+def _build() -> ModuleType | None:
+    global _build_error
+    log.info("int8 runtime: building the decode kernel %s (once per machine)", SOURCE.name)
+    try:
+        from torch.utils import cpp_extension
+        with _ninja_on_path():
+            return cpp_extension.load(name="llmquant_int8_gemv", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                     extra_ldflags=["-fopenmp"])
+    except Exception as err:
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        _build_error = f"building {SOURCE.name} failed ({type(err).__name__}: {first_line})"
+        log.warning("int8 runtime: %s; decode steps use torch._int_mm", _build_error)
+        return None
+
+
+def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes of float32 ``rows`` ``[n, in]`` and their scales ``[n, 1]``: what
+    `llmquant.nn.int8_linear.int8_codes` makes for a dynamic per-token input without clipping, in one call."""
+    codes, scale = kernel.token_codes(rows, float(qmax), MIN_SCALE)
+    return codes, scale
+
+
+def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, row_sums: torch.Tensor,
+                scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = float(x_q @ W_q^T) * (s_x * s_w) + b ``[n, out]`` float32, in one call, for int8 ``x_codes`` ``[n, in]``
+    with ``scale`` (``[n, 1]`` or ``[1, 1]``), ``weight_codes`` ``[out, in]`` with ``weight_scale`` (``[1, out]`` or
+    ``[1, 1]``) and their row sums ``[out]`` int32 (`weight_row_sums`): the integer product is exact, the scaling
+    and the bias are `llmquant.nn.int8_linear.scale_output`'s float32 operations in its order."""
+    return kernel.int8_gemv(x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale, bias)
+
+
+def weight_row_sums(weight_codes: torch.Tensor) -> torch.Tensor:
+    """sum_k W_q[j, k] per output j, int32: the op's correction for making the input codes unsigned."""
+    return weight_codes.sum(1, dtype=torch.int32)
