@@ -10,7 +10,8 @@
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
-per-token int8 inputs; 4-bit weights in groups of 64) and ``nn.Linear`` at 1 to 512 rows, medians of 200 calls;
+per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
+to 512 rows, medians of 200 calls;
 run it against an older commit with
 ``git worktree add /tmp/old REV && PYTHONPATH=/tmp/old/src .venv/bin/python scripts/runtime_profile.py layer``.
 ``profile`` prints the top operators by self CPU time of one 512-token prefill at batch 1 (the last logit only, as
@@ -61,8 +62,10 @@ def median_us(call: Callable[[], object], repeats: int = 200) -> float:
 
 
 def layer() -> None:
-    """W8A8 (int8 GEMM) and W4 g64 asymmetric (int4 kernel / bfloat16 GEMM) Linears against float32, by rows."""
-    for name, group in (("w_int8_per_channel_a_int8_per_token_dynamic", None), ("w_uint4_per_group_asym", 64)):
+    """W8A8 (int8 GEMM), W4 g64 asymmetric (int4 kernel / bfloat16 GEMM) and W4A8 g64 (int8 products by group)
+    Linears against float32, by rows."""
+    for name, group in (("w_int8_per_channel_a_int8_per_token_dynamic", None), ("w_uint4_per_group_asym", 64),
+                        ("w_int4_per_group_sym_a_int8_per_token_dynamic", 64)):
         scheme = scheme_from_name(name, group_size=group)
         for inputs, outputs in SHAPES:
             linear = torch.nn.Linear(inputs, outputs, bias=False)

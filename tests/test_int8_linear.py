@@ -85,7 +85,10 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
 @pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
 @pytest.mark.parametrize("rows", [1, 300])
-def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme: str, rows: int) -> None:
+@pytest.mark.parametrize("gemv", ["1", "0"])  # (one row: the decode op, one call for the 3 groups, where it runs)
+def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme: str, rows: int, gemv: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_GEMV", gemv)
     spec = scheme_from_name(scheme, 32, None)
     linear = torch.nn.Linear(96, 80, bias=True)
     layer = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
@@ -93,6 +96,8 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
+    decode_op = gemv == "1" and rows == 1 and int8_gemv.gemv_refusal(torch.device("cpu")) is None
+    assert (layer._int8_weight().row_sums is not None) == decode_op
     # what a grouped integer kernel computes, in float64: s_x * sum_g s_w,g * (x_q,g . w_q,g) + b
     qmax = spec.input_activations.qmax
     scale = x.abs().amax(-1, keepdim=True).double() / qmax
@@ -216,7 +221,7 @@ def test_the_decode_op_runs_up_to_its_row_count_and_keeps_its_row_sums(monkeypat
     assert layer.runtime_caches() == []  # torch._int_mm beyond the row count
     layer(x[:int8_gemv.GEMV_MAX_ROWS])
     sums = layer._int8_weight().row_sums
-    assert sums is not None and torch.equal(sums, layer.weight.sum(1, dtype=torch.int32))
+    assert sums is not None and torch.equal(sums, layer.weight.sum(1, dtype=torch.int32, keepdim=True))
     assert [t is sums for t in layer.runtime_caches()] == [True]
     layer(x[:1])
     assert layer._int8_weight().row_sums is sums  # made once

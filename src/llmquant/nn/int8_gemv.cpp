@@ -1,7 +1,8 @@
 // The W8A8 linear for a few rows (a decode step), in two calls instead of a dozen small torch operations: the
-// per-token input codes (token_codes), and s_x * s_w * (x_q @ W_q^T) + b (int8_gemv) with AVX512-VNNI's VPDPBUSD, an
-// exact int32 dot product of every input row with every weight row; the same float32 operations, in the same order,
-// as llmquant.nn.int8_linear's torch path, so the same bits. Built by llmquant.nn.int8_gemv with -mavx512f
+// per-token input codes (token_codes), and s_x * s_w * (x_q @ W_q^T) + b (int8_gemv; W4A8 and W4A4 too, weights in
+// groups with a scale each) with AVX512-VNNI's VPDPBUSD, an exact int32 dot product of every input row with every
+// weight row (or group); the same float32 operations, in the same order, as llmquant.nn.int8_linear's torch path, so
+// the same bits. Built by llmquant.nn.int8_gemv with -mavx512f
 // -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The input codes c (int8) are made unsigned, u = c + 128 in [0, 255],
@@ -60,23 +61,29 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
-// y = float(x_q @ W_q^T) * (s_x * s_w) + b, in the order llmquant.nn.int8_linear.scale_output keeps: codes [rows, in]
-// int8, weight [out, in] int8, weight_row_sums [out] int32 (each weight row's sum), input_scale [rows, 1] or [1, 1],
-// weight_scale [1, out] or [1, 1], bias [out] or None; float32 [rows, out].
+// The W8A8 (or grouped W4A8) linear of a few rows of int8 codes, float32 [rows, out]: codes [rows, in] int8, weight
+// [out, in] int8, weight_row_sums [out, groups] int32 (each weight row's sum over each group), input_scale [rows, 1]
+// or [1, 1], weight_scale [1, out] or [1, 1] (group_size 0) or [out, groups], bias [out] or None. In the orders
+// llmquant.nn.int8_linear keeps:
+//   group_size 0 (scale_output):    y = float(x_q . w_q) * (s_x * s_w) + b
+//   group_size g (grouped_linear):  y = ((float(x_q,0 . w_q,0) * s_w,0 + float(x_q,1 . w_q,1) * s_w,1) + ...) * s_x + b
 torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight, const torch::Tensor& weight_row_sums,
                         const torch::Tensor& input_scale, const torch::Tensor& weight_scale,
-                        const std::optional<torch::Tensor>& bias) {
+                        const std::optional<torch::Tensor>& bias, int64_t group_size) {
   TORCH_CHECK(codes.dim() == 2 && weight.dim() == 2 && codes.size(1) == weight.size(1), "int8_gemv: shapes");
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && weight.scalar_type() == torch::kInt8, "int8_gemv: int8 codes");
-  TORCH_CHECK(weight_row_sums.scalar_type() == torch::kInt32 && weight_row_sums.numel() == weight.size(0),
-              "int8_gemv: one int32 sum per weight row");
   TORCH_CHECK(codes.is_contiguous() && weight.is_contiguous() && weight_row_sums.is_contiguous(),
               "int8_gemv: contiguous tensors");
   const int64_t rows = codes.size(0), inner = codes.size(1), outputs = weight.size(0);
+  TORCH_CHECK(group_size >= 0 && (group_size == 0 || inner % group_size == 0), "int8_gemv: groups divide the input");
+  const int64_t groups = group_size > 0 ? inner / group_size : 1, span = group_size > 0 ? group_size : inner;
+  TORCH_CHECK(weight_row_sums.scalar_type() == torch::kInt32 && weight_row_sums.numel() == outputs * groups,
+              "int8_gemv: one int32 sum per weight row and group");
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
   const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemv: one input scale, or one per row");
-  TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "int8_gemv: one weight scale, or one per output");
+  TORCH_CHECK(group_size > 0 ? s_w.numel() == outputs * groups : (s_w.numel() == 1 || s_w.numel() == outputs),
+              "int8_gemv: one weight scale, one per output, or one per output and group");
   torch::Tensor b;
   if (bias.has_value()) {
     b = bias->to(torch::kFloat32).contiguous();
@@ -94,16 +101,27 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const bool per_row = s_x.numel() > 1, per_output = s_w.numel() > 1;
   float* out = y.data_ptr<float>();
-  const int64_t full_blocks = inner / 64;
-  const __mmask64 tail = (inner % 64) ? (~__mmask64(0) >> (64 - inner % 64)) : __mmask64(0);
+  const int64_t full_blocks = span / 64;
+  const __mmask64 tail = (span % 64) ? (~__mmask64(0) >> (64 - span % 64)) : __mmask64(0);
   at::parallel_for(0, outputs, 16, [&](int64_t first, int64_t last) {
     for (int64_t j = first; j < last; ++j) {
       const int8_t* weight_row = w + j * inner;
-      const int32_t correction = 128 * row_sums[j];
       for (int64_t m = 0; m < rows; ++m) {
-        const int32_t dot = unsigned_dot(u + m * inner, weight_row, full_blocks, tail) - correction;
-        const float outer = sx[per_row ? m : 0] * sw[per_output ? j : 0];
-        float value = static_cast<float>(dot) * outer;
+        const uint8_t* input_row = u + m * inner;
+        float value;
+        if (group_size == 0) {
+          const int32_t dot = unsigned_dot(input_row, weight_row, full_blocks, tail) - 128 * row_sums[j];
+          value = static_cast<float>(dot) * (sx[per_row ? m : 0] * sw[per_output ? j : 0]);
+        } else {
+          float sum = 0.0f;
+          for (int64_t g = 0; g < groups; ++g) {
+            const int32_t dot = unsigned_dot(input_row + g * span, weight_row + g * span, full_blocks, tail)
+                                - 128 * row_sums[j * groups + g];
+            const float part = static_cast<float>(dot) * sw[j * groups + g];
+            sum = g == 0 ? part : sum + part;
+          }
+          value = sum * sx[per_row ? m : 0];
+        }
         if (bp != nullptr) value += bp[j];
         out[m * outputs + j] = value;
       }
@@ -114,5 +132,8 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
-  module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)");
+  module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
+             pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
+             pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),
+             pybind11::arg("group_size") = 0);
 }

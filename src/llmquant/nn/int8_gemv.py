@@ -1,7 +1,8 @@
 """The W8A8 linear for a few rows (a decode step) on CPUs with AVX512-VNNI, in two calls of a small C++ op,
 ``int8_gemv.cpp``: the per-token input codes (`token_codes`), and y = s_x * s_w * (x_q @ W_q^T) + b (`gemv_linear`:
 VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, exact in int32; then the scaling and
-the bias in the torch path's float32 order), the same bits as `llmquant.nn.int8_linear`'s torch operations (tested).
+the bias in the torch path's float32 order; W4A8 and W4A4 weights in groups too, one scale per group), the same bits
+as `llmquant.nn.int8_linear`'s torch operations (tested).
 Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
@@ -117,14 +118,19 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int) -> tuple[torc
 
 
 def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, row_sums: torch.Tensor,
-                scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = float(x_q @ W_q^T) * (s_x * s_w) + b ``[n, out]`` float32, in one call, for int8 ``x_codes`` ``[n, in]``
-    with ``scale`` (``[n, 1]`` or ``[1, 1]``), ``weight_codes`` ``[out, in]`` with ``weight_scale`` (``[1, out]`` or
-    ``[1, 1]``) and their row sums ``[out]`` int32 (`weight_row_sums`): the integer product is exact, the scaling
-    and the bias are `llmquant.nn.int8_linear.scale_output`'s float32 operations in its order."""
-    return kernel.int8_gemv(x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale, bias)
+                scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                group_size: int = 0) -> torch.Tensor:
+    """y ``[n, out]`` float32 in one call, for int8 ``x_codes`` ``[n, in]`` with ``scale`` (``[n, 1]`` or ``[1, 1]``)
+    and ``weight_codes`` ``[out, in]`` with their row sums (`weight_row_sums`). ``group_size`` 0: ``weight_scale``
+    ``[1, out]`` or ``[1, 1]``, y = float(x_q @ W_q^T) * (s_x * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s
+    order); else ``weight_scale`` ``[out, groups]``, y = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g)
+    * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s). The integer products are exact."""
+    return kernel.int8_gemv(x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale, bias,
+                            group_size)
 
 
-def weight_row_sums(weight_codes: torch.Tensor) -> torch.Tensor:
-    """sum_k W_q[j, k] per output j, int32: the op's correction for making the input codes unsigned."""
-    return weight_codes.sum(1, dtype=torch.int32)
+def weight_row_sums(weight_codes: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """sum_k W_q[j, k] per output j (``[out, 1]``), or over each group of ``group_size`` columns (``[out, groups]``),
+    int32: the op's correction for making the input codes unsigned."""
+    out, inner = weight_codes.shape
+    return weight_codes.reshape(out, -1, group_size or inner).sum(-1, dtype=torch.int32)

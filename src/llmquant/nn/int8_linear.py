@@ -82,9 +82,10 @@ class Int8Weight:
     gemv: bool = False  # whether the decode op runs (`llmquant.nn.int8_gemv`)
     row_sums: torch.Tensor | None = None  # the decode op's int32 row sums of the codes, made on its first call
 
-    def gemv_row_sums(self) -> torch.Tensor:
+    def gemv_row_sums(self, group_size: int = 0) -> torch.Tensor:
+        """The row sums of the codes (over each group of ``group_size`` columns, the same at every call)."""
         if self.row_sums is None:
-            self.row_sums = weight_row_sums(self.codes)
+            self.row_sums = weight_row_sums(self.codes, group_size)
         return self.row_sums
 
     def onednn_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,6 +210,22 @@ def _forget(reference: weakref.ref) -> None:
     entry = _last_codes.entry
     if entry is not None and entry.source is reference:
         _last_codes.entry = None
+
+
+def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                        group_size: int, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
+                        clip_ratio: float = 1.0) -> torch.Tensor:
+    """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products): ``weight`` the codes ``[out, in]`` as
+    int8, ``weight_scale`` ``[out, groups]``. Up to `GEMV_MAX_ROWS` rows, where it runs, the decode op (one call for
+    every group, the same bits), else one ``torch._int_mm`` per group."""
+    if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (decode_op := gemv_kernel()) is not None:
+        quantize = _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+        codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+        return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale,
+                           bias, group_size)
+    codes, scale = int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+    groups = [group.contiguous() for group in weight.codes.split(group_size, dim=1)]
+    return grouped_linear(codes, scale, groups, weight_scale, bias, lambda a, w: int8_matmul(a.contiguous(), w))
 
 
 def float_product(codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tensor:

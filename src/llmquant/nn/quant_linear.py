@@ -43,10 +43,10 @@ from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.int8_linear import (
     Int8Weight,
     float_product,
+    grouped_int8_linear,
     grouped_linear,
     input_codes,
     int8_linear,
-    int8_matmul,
     onednn_refusal,
     scale_output,
     shared_input_codes,
@@ -365,11 +365,10 @@ class QuantLinear(nn.Module):
         in the simulation (the same partial sums, exactly)."""
         spec = self.weight_spec
         assert spec is not None and spec.group_size is not None
-        codes, scale = input_codes(rows, *input_args)
         if self.runtime == "int8":
-            groups = list(self._weight_codes().split(spec.group_size, dim=1))
-            return grouped_linear(codes.to(torch.int8), scale, [g.contiguous() for g in groups],
-                                  self.weight_scale, self.bias, lambda a, w: int8_matmul(a.contiguous(), w))
+            return grouped_int8_linear(rows, self._int8_weight(), self.weight_scale, self.bias, spec.group_size,
+                                       *input_args)
+        codes, scale = input_codes(rows, *input_args)
         if self._float_codes is None:
             self._float_codes = codes_to_float(self._weight_codes())
         groups = list(self._float_codes.split(spec.group_size, dim=1))
