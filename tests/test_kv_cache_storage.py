@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import llmquant
 from conftest import VOCAB, make_model
+from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.kv_cache import STORED_FLAG
 from llmquant.nn.kv_storage import (
     Int8CacheLayer,
@@ -228,12 +229,15 @@ def test_a_4bit_kv_cache_takes_16_levels_per_token_and_head_and_loads_back(calib
 
 
 @pytest.mark.parametrize("scheme", [TOKEN, STATIC])
-def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, calib_ids: torch.Tensor,
+@pytest.mark.parametrize("decode_op", ["1", "0"])
+def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, decode_op: str, calib_ids: torch.Tensor,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stores that grow by 3 positions (every other decode step reallocates), with keys and values in one store
-    (dynamic per token) or each on its own (static): the same tokens and logits as the simulation."""
+    (dynamic per token) or each on its own (static): the same tokens and logits as the simulation, with the decode
+    op's quantization and dequantization (`llmquant.nn.int8_gemv`, where it runs) and with torch's."""
     from llmquant.nn import kv_storage
 
+    monkeypatch.setenv("LLMQUANT_GEMV", decode_op)
     monkeypatch.setattr(kv_storage, "GROWTH", 3)
     model = quantized(scheme, calib_ids)
     prompt = calib_ids[:2, :12]
@@ -286,3 +290,26 @@ def test_the_workspace_is_reused_across_layers_and_grows() -> None:
     longer = dequantize_states(codes.repeat(1, 1, 1, 4, 1), scales.repeat(1, 1, 1, 4, 1), torch.bfloat16, "test")
     assert longer.dtype == torch.bfloat16 and torch.equal(longer, (codes.float() * scales).repeat(1, 1, 1, 4, 1)
                                                           .bfloat16())
+
+
+@pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None, reason="the decode op does not run here")
+def test_the_decode_ops_kv_codes_and_values_are_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-token codes of a decode step's keys and values and the dequantization of views of a larger store: the
+    decode op gives torch's bits."""
+    from llmquant.nn.kv_storage import dequantize_states, quantize_states
+    from llmquant.quant.scheme import scheme_from_name
+
+    spec = scheme_from_name(TOKEN).kv_cache
+    assert spec is not None
+    generator = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 2, 3, 1, 64, generator=generator) * 4
+    store = torch.randint(-128, 128, (2, 2, 3, 40, 64), dtype=torch.int8, generator=generator)
+    scales = torch.rand(2, 2, 3, 40, 1, generator=generator)
+    codes, values = store.narrow(-2, 0, 33), scales.narrow(-2, 0, 33)  # (the filled positions of a store)
+    found = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLMQUANT_GEMV", flag)
+        found[flag] = (*quantize_states(states, spec, None), dequantize_states(codes, values, torch.float32).clone())
+    for op, torch_ in zip(found["1"], found["0"], strict=True):
+        assert op.dtype == torch_.dtype and torch.equal(op, torch_)
+    assert torch.equal(found["1"][2], codes.float() * values)

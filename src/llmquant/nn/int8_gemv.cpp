@@ -61,6 +61,32 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
+// x_hat = float(q) * s into out [planes, s, d] float32, for int8 codes [planes, s, d] and their scales [planes, s, 1]
+// (one per position: the INT8 KV cache's), in one pass: the value of the codes converted, then scaled (one rounding).
+// The planes may lie apart (views of the first positions of larger stores); each plane's rows are contiguous.
+void dequantize_rows(const torch::Tensor& codes, const torch::Tensor& scales, torch::Tensor& out) {
+  TORCH_CHECK(codes.dim() == 3 && scales.dim() == 3 && out.dim() == 3, "dequantize_rows: [planes, s, d] tensors");
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && scales.scalar_type() == torch::kFloat32 &&
+              out.scalar_type() == torch::kFloat32, "dequantize_rows: int8 codes, float32 scales and output");
+  const int64_t planes = codes.size(0), positions = codes.size(1), width = codes.size(2);
+  TORCH_CHECK(scales.size(0) == planes && scales.size(1) == positions && scales.size(2) == 1 &&
+              out.sizes() == codes.sizes(), "dequantize_rows: matching shapes");
+  TORCH_CHECK(codes.stride(2) == 1 && codes.stride(1) == width && scales.stride(1) == 1 && out.is_contiguous(),
+              "dequantize_rows: contiguous rows");
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const float* sc = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t p = 0; p < planes; ++p) {
+    const int8_t* plane = c + p * codes.stride(0);
+    const float* plane_scales = sc + p * scales.stride(0);
+    float* plane_out = o + p * positions * width;
+    for (int64_t t = 0; t < positions; ++t) {
+      const float scale = plane_scales[t];
+      for (int64_t i = 0; i < width; ++i) plane_out[t * width + i] = static_cast<float>(plane[t * width + i]) * scale;
+    }
+  }
+}
+
 // The W8A8 (or grouped W4A8) linear of a few rows of int8 codes, float32 [rows, out]: codes [rows, in] int8, weight
 // [out, in] int8, weight_row_sums [out, groups] int32 (each weight row's sum over each group), input_scale [rows, 1]
 // or [1, 1], weight_scale [1, out] or [1, 1] (group_size 0) or [out, groups], bias [out] or None. In the orders
@@ -132,6 +158,7 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
              pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

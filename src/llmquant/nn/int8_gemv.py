@@ -19,6 +19,7 @@ Where it cannot run (no VNNI, no compiler or ninja, a failed build: `gemv_refusa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -48,11 +49,18 @@ def gemv_refusal(device: torch.device) -> str | None:
         return "off (LLMQUANT_GEMV=0)"
     if device.type != "cpu":
         return "not on the CPU"
-    if torch.backends.cpu.get_cpu_capability() != "AVX512" or not getattr(torch.cpu, "_is_vnni_supported", bool)():
+    if not _cpu_has_vnni():
         return "the CPU has no AVX512-VNNI instructions"
+    if _kernel is not None:
+        return None
     if _build_error is not None:
         return _build_error
     return _tool_refusal()
+
+
+@functools.cache
+def _cpu_has_vnni() -> bool:
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and getattr(torch.cpu, "_is_vnni_supported", bool)()
 
 
 def _tool_refusal() -> str | None:
@@ -108,6 +116,18 @@ def _build() -> ModuleType | None:
         _build_error = f"building {SOURCE.name} failed ({type(err).__name__}: {first_line})"
         log.warning("int8 runtime: %s; decode steps use torch._int_mm", _build_error)
         return None
+
+
+def cpu_kernel(tensor: torch.Tensor) -> ModuleType | None:
+    """The built op where it runs for ``tensor``'s device (on the CPU), else None."""
+    return gemv_kernel() if gemv_refusal(tensor.device) is None else None
+
+
+def dequantize_rows(kernel: ModuleType, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` = float(codes) * scales in one pass, for int8 ``codes`` ``[planes, s, d]`` (each plane's rows
+    contiguous, the planes possibly apart), float32 ``scales`` ``[planes, s, 1]`` and a contiguous float32 ``out``:
+    the INT8 KV cache's dequantization, the values of ``out.copy_(codes).mul_(scales)``."""
+    kernel.dequantize_rows(codes, scales, out)
 
 
 def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:

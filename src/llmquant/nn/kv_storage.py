@@ -47,10 +47,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from llmquant.nn.int8_gemv import cpu_kernel, dequantize_rows, token_codes
 from llmquant.nn.int8_linear import input_codes
 from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
+
+DECODE_OP_MAX_VALUES = 1 << 14  # keys and values of a step quantized by the decode op (`llmquant.nn.int8_gemv`) up
+# to this many values (a decode step: 2 x batch x heads x head_dim), by torch's operations beyond (a prompt)
 
 
 def supports_code_storage(spec: QuantSpec) -> bool:
@@ -75,6 +79,11 @@ def quantize_states(
     `fake_quantize`; integer codes by the few operations of the int8 Linears' input codes (`input_codes`: a decode
     step pays for each operation)."""
     static = None if scale is None else scale.reshape(1, 1).float()
+    if (static is None and spec.type == "int" and spec.granularity == "token" and spec.clip_ratio == 1.0
+            and spec.code_dtype == torch.int8 and states.dtype == torch.float32
+            and states.numel() <= DECODE_OP_MAX_VALUES and (kernel := cpu_kernel(states)) is not None):
+        codes, scale = token_codes(kernel, states.reshape(-1, states.shape[-1]), int(spec.qmax))  # (a decode step)
+        return codes.reshape(states.shape), scale.reshape(scale_shape(states, spec))
     if spec.type == "int":
         codes, scale = input_codes(states.float(), spec.granularity if static is None else None, static,
                                    int(spec.qmin), int(spec.qmax), spec.clip_ratio)
@@ -96,6 +105,12 @@ def dequantize_states(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
     for it (`workspace`)."""
     out = (workspace(slot, codes.shape, dtype, codes.device) if slot is not None
            else torch.empty(codes.shape, dtype=dtype, device=codes.device))
+    if (codes.dtype == torch.int8 and dtype == torch.float32 and scales.shape[:-1] == codes.shape[:-1]
+            and codes.dim() >= 3 and (kernel := cpu_kernel(codes)) is not None):
+        planes = codes.flatten(0, -3)
+        if planes.stride(-1) == 1 and planes.stride(-2) == codes.shape[-1]:  # (rows contiguous: views of the stores)
+            dequantize_rows(kernel, planes, scales.flatten(0, -3), out.view(planes.shape))
+            return out
     return out.copy_(codes_to_float(codes) if codes.dtype == torch.float8_e4m3fn else codes).mul_(scales)
 
 
