@@ -2,7 +2,8 @@
 ``int8_gemv.cpp``: the per-token input codes (`token_codes`), and y = s_x * s_w * (x_q @ W_q^T) + b (`gemv_linear`:
 VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, exact in int32; then the scaling and
 the bias in the torch path's float32 order; W4A8 and W4A4 weights in groups too, one scale per group), the same bits
-as `llmquant.nn.int8_linear`'s torch operations (tested).
+as `llmquant.nn.int8_linear`'s torch operations (tested). The INT8 KV cache (`llmquant.nn.kv_storage`) takes its
+per-token codes and its one-pass dequantization (`dequantize_rows`) from the same op at decode steps.
 Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 

@@ -21,6 +21,9 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
   in place), written into a per-thread workspace that every layer reuses: they are valid until the next update of
   an int8 cache layer in the same thread, which is after the attention that reads them.
 
+At a decode step on a CPU with AVX512-VNNI the per-token codes and the dequantization (one pass) are calls of the
+decode op of `llmquant.nn.int8_gemv`: the same bits.
+
 The hook tells the attention wrapper that the keys it receives are already rotated and quantized: the wrapper
 then rotates only the query and quantizes nothing again.
 
