@@ -6,6 +6,7 @@
     .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
     .venv/bin/python scripts/runtime_profile.py decode --model DIR [--batch 4]  # W8A8 decode: the decode op
+    .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # W8A8 prefill: the op's scaling
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
@@ -29,7 +30,8 @@ bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it), then times 64 decode steps of each, alternating step by step, and prints the medians.
 ``decode`` does the same for the float32 model and a W8A8 checkpoint with and without the decode op of
-`llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``).
+`llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``); ``prefill`` alternates prefills of the float32 model and of the
+checkpoint with the op's scaling of oneDNN's products and with torch's.
 """
 
 from __future__ import annotations
@@ -215,6 +217,31 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
           + f"; float KV / int8 KV {medians['float KV'] / medians['int8 KV']:.3f}")
 
 
+def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
+    """Prefills of 512 tokens at ``batch``: the float32 default model, and a W8A8 checkpoint whose oneDNN products
+    are scaled by the decode op's `scale_product` (``LLMQUANT_GEMV=1``) or by torch's operations (``0``), alternating
+    (the variable is read at every call), medians after a warm-up round."""
+    models = {"float32": llmquant.load(None, device="cpu")[0], "W8A8": llmquant.load(model_dir, device="cpu")[0]}
+    ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
+    runs = {"float32": ("float32", "1"), "W8A8, the op's scaling": ("W8A8", "1"),
+            "W8A8, torch's scaling": ("W8A8", "0")}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for name, (model, flag) in runs.items():
+                os.environ["LLMQUANT_GEMV"] = flag
+                start = time.perf_counter()
+                models[model](ids, use_cache=True, logits_to_keep=1)
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+    os.environ.pop("LLMQUANT_GEMV")
+    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    print(f"prefill of {batch} x 512 tokens (median of {rounds}): "
+          + ", ".join(f"{name} {ms:.0f} ms" for name, ms in medians.items())
+          + "; float32 / W8A8: " + ", ".join(f"{name.removeprefix('W8A8, ')} {medians['float32'] / ms:.2f}"
+                                             for name, ms in medians.items() if name != "float32"))
+
+
 def decode_op(model_dir: str, batch: int, steps: int = 64) -> None:
     """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`) and without it
     (``LLMQUANT_GEMV=0``: ``torch._int_mm``), decode steps alternating."""
@@ -297,7 +324,8 @@ def fp8(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode"])
+    parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
+                                         "prefill"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -319,10 +347,10 @@ def main() -> None:
         if args.model is None:
             parser.error("kernels needs --model DIR (a W8A8 checkpoint)")
         kernels(args.model)
-    elif args.what == "decode":
+    elif args.what in ("decode", "prefill"):
         if args.model is None:
-            parser.error("decode needs --model DIR (a W8A8 checkpoint)")
-        decode_op(args.model, args.batch)
+            parser.error(f"{args.what} needs --model DIR (a W8A8 checkpoint)")
+        (decode_op if args.what == "decode" else prefill_scaling)(args.model, args.batch)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

@@ -187,7 +187,7 @@ needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the decode o
 
 @needs_gemv
 @pytest.mark.parametrize(("inner", "outputs"), [(576, 192), (96, 80), (300, 7), (8192, 16), (64, 1)])
-def test_the_decode_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outputs: int) -> None:
+def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(inner: int, outputs: int) -> None:
     decode_op = int8_gemv.gemv_kernel()
     assert decode_op is not None, int8_gemv.gemv_refusal(torch.device("cpu"))  # (tools present: it must build)
     generator = torch.Generator().manual_seed(inner)
@@ -210,6 +210,14 @@ def test_the_decode_ops_product_is_exact_and_its_codes_are_torchs(inner: int, ou
             codes, scale = int8_gemv.token_codes(decode_op, rows_in, 127)
             expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, -128, 127)
             assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
+        product = (torch.randint(-128, 128, (rows, inner), generator=generator).float()
+                   @ torch.randint(-128, 128, (inner, outputs), generator=generator).float())
+        scales = ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), torch.rand(1, 1)))
+        for scale, weight_scale in scales:
+            for bias in (None, torch.randn(outputs)):
+                expected = kernel.scale_output(product.clone(), scale, weight_scale, bias)
+                scaled = int8_gemv.scale_product(decode_op, product.clone(), scale, weight_scale, bias)
+                assert torch.equal(scaled, expected), (rows, bias is None)
 
 
 @needs_gemv

@@ -61,6 +61,45 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
+// product[m, j] = product[m, j] * (s_x[m] * s_w[j]) + b[j], in place, for a float32 product [rows, out] (oneDNN's
+// exact integer product): llmquant.nn.int8_linear.scale_output's operations and order without its [rows, out]
+// outer product s_x * s_w, in one pass.
+void scale_product(torch::Tensor& product, const torch::Tensor& input_scale, const torch::Tensor& weight_scale,
+                   const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(product.dim() == 2 && product.scalar_type() == torch::kFloat32 && product.is_contiguous(),
+              "scale_product: a contiguous float32 [rows, out] product");
+  const int64_t rows = product.size(0), outputs = product.size(1);
+  const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
+  const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "scale_product: one input scale, or one per row");
+  TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "scale_product: one weight scale, or one per output");
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == outputs, "scale_product: one bias per output");
+  }
+  float* y = product.data_ptr<float>();
+  const float* sx = s_x.data_ptr<float>();
+  const float* sw = s_w.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool per_row = s_x.numel() > 1, per_output = s_w.numel() > 1;
+  at::parallel_for(0, rows, 8, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      const float row_scale = sx[per_row ? m : 0];
+      float* row = y + m * outputs;
+      if (per_output) {
+        for (int64_t j = 0; j < outputs; ++j) row[j] = row[j] * (row_scale * sw[j]);
+      } else {
+        const float outer = row_scale * sw[0];
+        for (int64_t j = 0; j < outputs; ++j) row[j] = row[j] * outer;
+      }
+      if (bp != nullptr) {
+        for (int64_t j = 0; j < outputs; ++j) row[j] = row[j] + bp[j];
+      }
+    }
+  });
+}
+
 // x_hat = float(q) * s into out [planes, s, d] float32, for int8 codes [planes, s, d] and their scales [planes, s, 1]
 // (one per position: the INT8 KV cache's), in one pass: the value of the codes converted, then scaled (one rounding).
 // The planes may lie apart (views of the first positions of larger stores); each plane's rows are contiguous.
@@ -158,6 +197,7 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),

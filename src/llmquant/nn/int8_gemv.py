@@ -124,6 +124,16 @@ def cpu_kernel(tensor: torch.Tensor) -> ModuleType | None:
     return gemv_kernel() if gemv_refusal(tensor.device) is None else None
 
 
+def scale_product(kernel: ModuleType, product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``product`` (float32 ``[n, out]``, contiguous: oneDNN's exact integer product) times s_x * s_w, plus the
+    bias, in place and in one pass: `llmquant.nn.int8_linear.scale_output`'s values without its ``[n, out]`` outer
+    product (at 512 rows x 1536 outputs, one thread: 0.15 against 2.3 ms, the outer product's fresh memory
+    included)."""
+    kernel.scale_product(product, scale, weight_scale, bias)
+    return product
+
+
 def dequantize_rows(kernel: ModuleType, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
     """``out`` = float(codes) * scales in one pass, for int8 ``codes`` ``[planes, s, d]`` (each plane's rows
     contiguous, the planes possibly apart), float32 ``scales`` ``[planes, s, 1]`` and a contiguous float32 ``out``:

@@ -42,7 +42,15 @@ from types import ModuleType
 
 import torch
 
-from llmquant.nn.int8_gemv import GEMV_MAX_ROWS, gemv_kernel, gemv_linear, token_codes, weight_row_sums
+from llmquant.nn.int8_gemv import (
+    GEMV_MAX_ROWS,
+    cpu_kernel,
+    gemv_kernel,
+    gemv_linear,
+    scale_product,
+    token_codes,
+    weight_row_sums,
+)
 from llmquant.quant.primitives import MIN_SCALE
 
 log = logging.getLogger(__name__)
@@ -285,9 +293,24 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
         quantize = _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
         codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(), scale, weight_scale, bias)
-    quantize, scaling = _compiled_kernels(rows) or (int8_codes, scale_output)
+    quantize, scaling = _compiled_kernels(rows) or (int8_codes, _scaling(rows))
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
+
+
+def _scaling(rows: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """`scale_output`, or where the decode op runs its one-pass `scale_product` for oneDNN's float32 products."""
+    op = cpu_kernel(rows)
+    if op is None:
+        return scale_output
+    return functools.partial(_scaled_in_place, op)
+
+
+def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    if product.dtype == torch.float32 and product.is_contiguous():
+        return scale_product(op, product, scale, weight_scale, bias)
+    return scale_output(product, scale, weight_scale, bias)
 
 
 @functools.cache
