@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -31,6 +32,39 @@ int32_t unsigned_dot(const uint8_t* u, const int8_t* w, int64_t full_blocks, __m
     sum = _mm512_dpbusd_epi32(sum, _mm512_maskz_loadu_epi8(tail, u + offset), _mm512_maskz_loadu_epi8(tail, w + offset));
   }
   return _mm512_reduce_add_epi32(sum);
+}
+
+// The dots of u with `count` (at most 8) weight rows `stride` bytes apart, exact in int32: with 8 rows, eight
+// accumulators read u once per block and are summed across their lanes together (a hadd tree), not one by one.
+void row_dots(const uint8_t* u, const int8_t* w, int64_t stride, int64_t count, int64_t full_blocks, __mmask64 tail,
+              int32_t* dots) {
+  if (count < 8) {
+    for (int64_t r = 0; r < count; ++r) dots[r] = unsigned_dot(u, w + r * stride, full_blocks, tail);
+    return;
+  }
+  __m512i acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < full_blocks; ++b) {
+    const __m512i x = _mm512_loadu_si512(u + 64 * b);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], x, _mm512_loadu_si512(w + r * stride + 64 * b));
+  }
+  if (tail) {
+    const int64_t offset = 64 * full_blocks;
+    const __m512i x = _mm512_maskz_loadu_epi8(tail, u + offset);
+    for (int r = 0; r < 8; ++r) {
+      acc[r] = _mm512_dpbusd_epi32(acc[r], x, _mm512_maskz_loadu_epi8(tail, w + r * stride + offset));
+    }
+  }
+  __m256i half[8];  // 16 lanes -> 8
+  for (int r = 0; r < 8; ++r) {
+    half[r] = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1));
+  }
+  const __m256i t0 = _mm256_hadd_epi32(half[0], half[1]), t1 = _mm256_hadd_epi32(half[2], half[3]);
+  const __m256i t2 = _mm256_hadd_epi32(half[4], half[5]), t3 = _mm256_hadd_epi32(half[6], half[7]);
+  const __m256i u0 = _mm256_hadd_epi32(t0, t1), u1 = _mm256_hadd_epi32(t2, t3);  // rows 0-3, 4-7 by 128-bit half
+  const __m256i total = _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20),
+                                         _mm256_permute2x128_si256(u0, u1, 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots), total);
 }
 
 }  // namespace
@@ -168,27 +202,36 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
   float* out = y.data_ptr<float>();
   const int64_t full_blocks = span / 64;
   const __mmask64 tail = (span % 64) ? (~__mmask64(0) >> (64 - span % 64)) : __mmask64(0);
-  at::parallel_for(0, outputs, 16, [&](int64_t first, int64_t last) {
-    for (int64_t j = first; j < last; ++j) {
-      const int8_t* weight_row = w + j * inner;
+  const int64_t blocks = (outputs + 7) / 8;  // of 8 outputs: their weight rows stay in cache across the input rows
+  at::parallel_for(0, blocks, 2, [&](int64_t first, int64_t last) {
+    int32_t dots[8];
+    float values[8];
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t j0 = block * 8, count = std::min<int64_t>(8, outputs - j0);
+      const int8_t* weight_rows = w + j0 * inner;
       for (int64_t m = 0; m < rows; ++m) {
         const uint8_t* input_row = u + m * inner;
-        float value;
+        const float row_scale = sx[per_row ? m : 0];
         if (group_size == 0) {
-          const int32_t dot = unsigned_dot(input_row, weight_row, full_blocks, tail) - 128 * row_sums[j];
-          value = static_cast<float>(dot) * (sx[per_row ? m : 0] * sw[per_output ? j : 0]);
-        } else {
-          float sum = 0.0f;
-          for (int64_t g = 0; g < groups; ++g) {
-            const int32_t dot = unsigned_dot(input_row + g * span, weight_row + g * span, full_blocks, tail)
-                                - 128 * row_sums[j * groups + g];
-            const float part = static_cast<float>(dot) * sw[j * groups + g];
-            sum = g == 0 ? part : sum + part;
+          row_dots(input_row, weight_rows, inner, count, full_blocks, tail, dots);
+          for (int64_t r = 0; r < count; ++r) {
+            const int64_t j = j0 + r;
+            values[r] = static_cast<float>(dots[r] - 128 * row_sums[j]) * (row_scale * sw[per_output ? j : 0]);
           }
-          value = sum * sx[per_row ? m : 0];
+        } else {
+          for (int64_t g = 0; g < groups; ++g) {
+            row_dots(input_row + g * span, weight_rows + g * span, inner, count, full_blocks, tail, dots);
+            for (int64_t r = 0; r < count; ++r) {
+              const int64_t at = (j0 + r) * groups + g;
+              const float part = static_cast<float>(dots[r] - 128 * row_sums[at]) * sw[at];
+              values[r] = g == 0 ? part : values[r] + part;
+            }
+          }
+          for (int64_t r = 0; r < count; ++r) values[r] = values[r] * row_scale;
         }
-        if (bp != nullptr) value += bp[j];
-        out[m * outputs + j] = value;
+        for (int64_t r = 0; r < count; ++r) {
+          out[m * outputs + j0 + r] = bp != nullptr ? values[r] + bp[j0 + r] : values[r];
+        }
       }
     }
   });
