@@ -8,6 +8,7 @@
     .venv/bin/python scripts/runtime_profile.py decode --model DIR [--batch 4]  # W8A8 decode: the decode op
     .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # W8A8 prefill: the op's scaling
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
+    .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
@@ -108,7 +109,7 @@ def kernel_calls(layers: list[tuple[str, QuantLinear]]) -> None:
     from llmquant.nn import int8_gemv, int8_linear
 
     weights = {id(m): int8_linear.Int8Weight(m.weight, True) for _, m in layers}
-    decode_op = int8_gemv.gemv_kernel() if int8_gemv.gemv_refusal(torch.device("cpu")) is None else None
+    decode_op = int8_gemv.cpu_kernel(torch.empty(0))
     row_sums, unit = {id(m): int8_gemv.weight_row_sums(m.weight) for _, m in layers}, torch.ones(1, 1)
     kinds = list(dict.fromkeys(kind for kind, _ in layers))
     for rows in (1, 2, 4, 8, 64, 512):
@@ -150,9 +151,9 @@ def kernels(model_dir: str) -> None:
     modes = {"_int_mm only": ("0", rule, "0"), "rows rule": ("1", rule, "1"), "oneDNN always": ("1", 0, "0")}
     times: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
     for round_ in range(9):  # the first round warms up
-        for mode, (flag, min_rows, decode_op) in modes.items():
+        for mode, (flag, min_rows, gemv_flag) in modes.items():
             os.environ["LLMQUANT_ONEDNN"] = flag
-            os.environ["LLMQUANT_GEMV"] = decode_op
+            os.environ["LLMQUANT_GEMV"] = gemv_flag
             int8_linear.ONEDNN_MIN_ROWS = min_rows
             for _, m in layers:
                 m.drop_caches()
@@ -242,7 +243,7 @@ def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
                                              for name, ms in medians.items() if name != "float32"))
 
 
-def decode_op(model_dir: str, batch: int, steps: int = 64) -> None:
+def decode_steps(model_dir: str, batch: int, steps: int = 64) -> None:
     """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`) and without it
     (``LLMQUANT_GEMV=0``: ``torch._int_mm``), decode steps alternating."""
     models = {"float32": llmquant.load(None, device="cpu")[0]}
@@ -257,6 +258,47 @@ def decode_op(model_dir: str, batch: int, steps: int = 64) -> None:
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
           + "; float32 / quantized: " + ", ".join(f"{name} {medians['float32'] / ms:.3f}"
                                                    for name, ms in medians.items() if name != "float32"))
+
+
+def ops() -> None:
+    """The decode op's (`llmquant.nn.int8_gemv`) calls alone against torch's: the scaling of a 512 x 1536 float32
+    product (each call on a fresh copy, whose cost is printed too), and one INT8 KV cache layer's update after 512
+    positions at batch 1 (3 KV heads of 64, per-token codes) against transformers' float layer, the three
+    alternating, medians of 15 runs of 64 steps."""
+    from transformers.cache_utils import DynamicLayer
+
+    from llmquant.nn import int8_gemv, int8_linear
+    from llmquant.nn.kv_cache import KVCacheQuantizer
+    from llmquant.nn.kv_storage import Int8CacheLayer
+
+    op = int8_gemv.cpu_kernel(torch.empty(0))
+    if op is None:
+        raise SystemExit(f"the decode op does not run here: {int8_gemv.gemv_refusal(torch.device('cpu'))}")
+    product, scale, weight_scale = torch.randn(512, 1536), torch.rand(512, 1), torch.rand(1, 1536)
+    copy_us = median_us(lambda: product.clone())
+    torch_us = median_us(lambda: int8_linear.scale_output(product.clone(), scale, weight_scale, None))
+    op_us = median_us(lambda: int8_gemv.scale_product(op, product.clone(), scale, weight_scale, None))
+    print(f"scaling 512 x 1536 (a copy included: {copy_us:.0f} us): torch {torch_us:.0f} us, the op {op_us:.0f} us")
+    spec = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic", kv_cache="int8_per_token").kv_cache
+    quantizer = KVCacheQuantizer(spec)
+    quantizer.runtime = "int8"
+    prompt = (torch.randn(1, 3, 512, 64), torch.randn(1, 3, 512, 64))
+    steps = [(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)) for _ in range(64)]
+    layers = {"float layer": (DynamicLayer, "1"), "int8 layer, the op": (lambda: Int8CacheLayer(quantizer), "1"),
+              "int8 layer, torch": (lambda: Int8CacheLayer(quantizer), "0")}
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(15):
+        for name, (make, flag) in layers.items():
+            os.environ["LLMQUANT_GEMV"] = flag  # (read at every update)
+            layer = make()
+            layer.update(*prompt)
+            start = time.perf_counter()
+            for key, value in steps:
+                layer.update(key, value)
+            times[name].append((time.perf_counter() - start) / len(steps))
+    os.environ.pop("LLMQUANT_GEMV")
+    print("KV cache layer update after 512 positions: " + ", ".join(
+        f"{name} {statistics.median(values) * 1e6:.0f} us" for name, values in times.items()))
 
 
 def dequant() -> None:
@@ -281,7 +323,7 @@ def dequant() -> None:
     view, scale_view = codes[..., :544, :], scales[..., :544, :]
     out = torch.empty(view.shape)
     timings = {"growing output, fresh tensor (one multiplication)": growing_fresh,
-               "growing output, reused workspace (convert, scale in place)": growing_reused,
+               "growing output, reused workspace (dequantize_states)": growing_reused,
                "one multiplication promoting int8": lambda: torch.mul(view, scale_view, out=out),
                "convert, then scale in place": lambda: out.copy_(view).mul_(scale_view)}
     for name, call in timings.items():
@@ -325,7 +367,7 @@ def fp8(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill"])
+                                         "prefill", "ops"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -341,6 +383,8 @@ def main() -> None:
         profile(args.model, args.attention)
     elif args.what == "dequant":
         dequant()
+    elif args.what == "ops":
+        ops()
     elif args.what == "fp8":
         fp8(args.device)
     elif args.what == "kernels":
@@ -350,7 +394,7 @@ def main() -> None:
     elif args.what in ("decode", "prefill"):
         if args.model is None:
             parser.error(f"{args.what} needs --model DIR (a W8A8 checkpoint)")
-        (decode_op if args.what == "decode" else prefill_scaling)(args.model, args.batch)
+        (decode_steps if args.what == "decode" else prefill_scaling)(args.model, args.batch)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

@@ -227,7 +227,7 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight, weight_scale: to
     int8, ``weight_scale`` ``[out, groups]``. Up to `GEMV_MAX_ROWS` rows, where it runs, the decode op (one call for
     every group, the same bits), else one ``torch._int_mm`` per group."""
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (decode_op := gemv_kernel()) is not None:
-        quantize = _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+        quantize = _decode_quantizer(decode_op, dynamic, clip_ratio)
         codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale,
                            bias, group_size)
@@ -290,7 +290,7 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     `GEMV_MAX_ROWS` rows, where it runs, the decode op of `llmquant.nn.int8_gemv` (the same bits, two calls)."""
     if (isinstance(weight, Int8Weight) and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS
             and (decode_op := gemv_kernel()) is not None):
-        quantize = _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+        quantize = _decode_quantizer(decode_op, dynamic, clip_ratio)
         codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(), scale, weight_scale, bias)
     quantize, scaling = _compiled_kernels(rows) or (int8_codes, _scaling(rows))
@@ -301,8 +301,11 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
 def _scaling(rows: torch.Tensor) -> Callable[..., torch.Tensor]:
     """`scale_output`, or where the decode op runs its one-pass `scale_product` for oneDNN's float32 products."""
     op = cpu_kernel(rows)
-    if op is None:
-        return scale_output
+    return scale_output if op is None else _in_place_scaling(op)
+
+
+@functools.cache
+def _in_place_scaling(op: ModuleType) -> Callable[..., torch.Tensor]:
     return functools.partial(_scaled_in_place, op)
 
 
@@ -311,6 +314,13 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
     if product.dtype == torch.float32 and product.is_contiguous():
         return scale_product(op, product, scale, weight_scale, bias)
     return scale_output(product, scale, weight_scale, bias)
+
+
+def _decode_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
+                      ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The input quantizer of a decode step: the op's per-token codes (dynamic per token, unclipped), else
+    `int8_codes`."""
+    return _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
 
 
 @functools.cache
