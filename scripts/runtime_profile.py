@@ -29,7 +29,8 @@ the weights again), 8 rounds after a warm-up one, medians.
 the CPU, where `set_runtime` keeps the simulation) and its simulation against the float Linear (float32 on the CPU,
 bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
-with and without it), then times 64 decode steps of each, alternating step by step, and prints the medians.
+with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
+dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians.
 ``decode`` does the same for the float32 model and a W8A8 checkpoint with and without the decode op of
 `llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``); ``prefill`` alternates prefills of the float32 model and of the
 checkpoint with the op's scaling of oneDNN's products and with torch's.
@@ -46,6 +47,8 @@ from collections.abc import Callable
 import torch
 
 import llmquant
+from llmquant.nn.int8_gemv import gemv_refusal
+from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.scheme import scheme_from_name
@@ -207,15 +210,26 @@ def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int
 
 
 def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) -> None:
-    models = {name: llmquant.load(path, device="cpu")[0] for name, path in (("int8 KV", model_dir),
-                                                                             ("float KV", baseline_dir))}
+    """Decode steps, alternating, of the same scheme with a float cache (``baseline_dir``) and with the INT8 KV cache
+    (``model_dir``) whose attention reads the int8 codes at decode steps (`Int8CacheLayer.attend`, where the decode
+    op runs) or reads the dequantized cache (the check of `KVCacheQuantizer.passes_cache_untouched` pinned to
+    False)."""
+    models = {name: llmquant.load(path, device="cpu")[0] for name, path in (
+        ("int8 KV", model_dir), ("int8 KV dequantized", model_dir), ("float KV", baseline_dir))}
+    for module in models["int8 KV dequantized"].modules():
+        if isinstance(module, KVCacheQuantizer):
+            module.passes_cache_untouched = False
     medians = alternating_steps(models, batch, steps)
     with torch.no_grad():
         cache = returned_cache(models["int8 KV"](torch.zeros(1, 4, dtype=torch.long), use_cache=True))
     stored = any(isinstance(layer, Int8CacheLayer) for layer in cache.layers)
-    print(f"decode step at batch {batch} after 512 tokens (median of {steps}; int8 cache layers: {stored}): "
+    reads = [m.passes_cache_untouched for m in models["int8 KV"].modules() if isinstance(m, KVCacheQuantizer)]
+    print(f"decode step at batch {batch} after 512 tokens (median of {steps}; int8 cache layers: {stored}; attention "
+          f"over the codes: {all(reads) and gemv_refusal(torch.device('cpu')) is None}): "
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
-          + f"; float KV / int8 KV {medians['float KV'] / medians['int8 KV']:.3f}")
+          + "; float KV / int8 KV: " + ", ".join(f"{name.removeprefix('int8 KV').strip() or 'codes read'} "
+                                                 f"{medians['float KV'] / ms:.3f}"
+                                                 for name, ms in medians.items() if name != "float KV"))
 
 
 def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
@@ -262,13 +276,12 @@ def decode_steps(model_dir: str, batch: int, steps: int = 64) -> None:
 
 def ops() -> None:
     """The decode op's (`llmquant.nn.int8_gemv`) calls alone against torch's: the scaling of a 512 x 1536 float32
-    product (each call on a fresh copy, whose cost is printed too), and one INT8 KV cache layer's update after 512
-    positions at batch 1 (3 KV heads of 64, per-token codes) against transformers' float layer, the three
-    alternating, medians of 15 runs of 64 steps."""
+    product (each call on a fresh copy, whose cost is printed too), and one INT8 KV cache layer's update and
+    attention (9 query heads) after 512 positions at batch 1 (3 KV heads of 64, per-token codes) against
+    transformers' float layer with sdpa, the four alternating, medians of 15 runs of 64 steps."""
     from transformers.cache_utils import DynamicLayer
 
     from llmquant.nn import int8_gemv, int8_linear
-    from llmquant.nn.kv_cache import KVCacheQuantizer
     from llmquant.nn.kv_storage import Int8CacheLayer
 
     op = int8_gemv.cpu_kernel(torch.empty(0))
@@ -280,25 +293,41 @@ def ops() -> None:
     op_us = median_us(lambda: int8_gemv.scale_product(op, product.clone(), scale, weight_scale, None))
     print(f"scaling 512 x 1536 (a copy included: {copy_us:.0f} us): torch {torch_us:.0f} us, the op {op_us:.0f} us")
     spec = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic", kv_cache="int8_per_token").kv_cache
-    quantizer = KVCacheQuantizer(spec)
-    quantizer.runtime = "int8"
     prompt = (torch.randn(1, 3, 512, 64), torch.randn(1, 3, 512, 64))
-    steps = [(torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)) for _ in range(64)]
-    layers = {"float layer": (DynamicLayer, "1"), "int8 layer, the op": (lambda: Int8CacheLayer(quantizer), "1"),
-              "int8 layer, torch": (lambda: Int8CacheLayer(quantizer), "0")}
-    times: dict[str, list[float]] = {name: [] for name in layers}
+    steps = [(torch.randn(1, 9, 1, 64), torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)) for _ in range(64)]
+
+    def int8_layer(reads_codes: bool) -> Int8CacheLayer:
+        quantizer = KVCacheQuantizer(spec)
+        quantizer.runtime, quantizer.passes_cache_untouched = "int8", reads_codes
+        return Int8CacheLayer(quantizer)
+
+    def sdpa(layer: DynamicLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+    def codes_read(layer: Int8CacheLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> object:
+        return layer.attend(query, keys, values, None, "sdpa", {})
+
+    layers = {"float layer": (DynamicLayer, "1", sdpa), "int8 layer, the op": (lambda: int8_layer(False), "1", sdpa),
+              "int8 layer, torch": (lambda: int8_layer(False), "0", sdpa),
+              "int8 layer, the op's attention over the codes": (lambda: int8_layer(True), "1", codes_read)}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
     for _ in range(15):
-        for name, (make, flag) in layers.items():
+        for name, (make, flag, attention) in layers.items():
             os.environ["LLMQUANT_GEMV"] = flag  # (read at every update)
             layer = make()
             layer.update(*prompt)
-            start = time.perf_counter()
-            for key, value in steps:
-                layer.update(key, value)
-            times[name].append((time.perf_counter() - start) / len(steps))
+            updates = attended = 0.0
+            for query, key, value in steps:
+                start = time.perf_counter()
+                states = layer.update(key, value)
+                middle = time.perf_counter()
+                attention(layer, query, *states)
+                updates, attended = updates + middle - start, attended + time.perf_counter() - middle
+            times[name].append((updates / len(steps), attended / len(steps)))
     os.environ.pop("LLMQUANT_GEMV")
-    print("KV cache layer update after 512 positions: " + ", ".join(
-        f"{name} {statistics.median(values) * 1e6:.0f} us" for name, values in times.items()))
+    print("KV cache layer after 512 positions, a decode step's update + attention: " + ", ".join(
+        f"{name} {statistics.median(u for u, _ in values) * 1e6:.0f} + "
+        f"{statistics.median(a for _, a in values) * 1e6:.0f} us" for name, values in times.items()))
 
 
 def dequant() -> None:

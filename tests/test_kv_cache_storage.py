@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 import llmquant
 from conftest import VOCAB, make_model
 from llmquant.nn.int8_gemv import gemv_refusal
-from llmquant.nn.kv_cache import STORED_FLAG
+from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.nn.kv_storage import (
     Int8CacheLayer,
     cache_argument,
@@ -233,8 +233,9 @@ def test_a_4bit_kv_cache_takes_16_levels_per_token_and_head_and_loads_back(calib
 def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, decode_op: str, calib_ids: torch.Tensor,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stores that grow by 3 positions (every other decode step reallocates), with keys and values in one store
-    (dynamic per token) or each on its own (static): the same tokens and logits as the simulation, with the decode
-    op's quantization and dequantization (`llmquant.nn.int8_gemv`, where it runs) and with torch's."""
+    (dynamic per token) or each on its own (static): the same tokens as the simulation, with the decode op's
+    quantization and attention over the codes (`llmquant.nn.int8_gemv`, where it runs; logits within float32
+    roundings) and with torch's (the same logits)."""
     from llmquant.nn import kv_storage
 
     monkeypatch.setenv("LLMQUANT_GEMV", decode_op)
@@ -249,7 +250,10 @@ def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, decod
     assert set(layer._stores) == ({"codes", "scales"} if scheme == TOKEN else
                                   {"keys", "values", "key_scales", "value_scales"})
     assert torch.equal(stored.sequences, simulated.sequences)
-    assert torch.equal(step_logits(stored), step_logits(simulated))
+    if decode_op == "1" and gemv_refusal(torch.device("cpu")) is None:
+        torch.testing.assert_close(step_logits(stored), step_logits(simulated), rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(step_logits(stored), step_logits(simulated))
 
 
 def test_a_decode_step_writes_one_position_into_the_store(calib_ids: torch.Tensor) -> None:
@@ -313,3 +317,155 @@ def test_the_decode_ops_kv_codes_and_values_are_torchs(monkeypatch: pytest.Monke
     for op, torch_ in zip(found["1"], found["0"], strict=True):
         assert op.dtype == torch_.dtype and torch.equal(op, torch_)
     assert torch.equal(found["1"][2], codes.float() * values)
+
+
+ATTENDS = pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None, reason="the decode op does not run here")
+
+
+def attention_reference(query, keys, values, key_scales, value_scales, mask, scaling) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v in float64 over the dequantized codes, ``[b, 1, H, dv]``."""
+    group = query.shape[1] // keys.shape[1]
+    k = (keys.double() * key_scales.double()).repeat_interleave(group, 1)
+    v = (values.double() * value_scales.double()).repeat_interleave(group, 1)
+    scores = query.double() @ k.transpose(-1, -2) * scaling
+    if mask is not None:
+        scores = scores + (torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+                           if mask.dtype == torch.bool else mask.double())
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@ATTENDS
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "positions", "dk", "dv", "mask", "per_head_scales"), [
+    (1, 9, 3, 513, 64, 64, None, True),  # the default model's shapes; a tail of 1 position
+    (2, 8, 2, 37, 80, 48, "bool", True),  # keys and values of other widths (a multiple of 16 and not)
+    (3, 4, 4, 5, 7, 9, "float", False),  # fewer positions than a block of 8; per tensor scales; a mask per head
+    (1, 2, 1, 1, 64, 64, None, False),  # one position
+    (2, 12, 1, 19, 128, 128, "bool", True),  # twelve query heads on one KV head (two blocks of 8)
+])
+def test_decode_attention_over_int8_codes_is_float_attention_within_float32_roundings(
+        batch, heads, kv_heads, positions, dk, dv, mask, per_head_scales) -> None:
+    """`decode_attention` reads views of larger stores (the cache's layout) and agrees with float64 attention over
+    the dequantized codes as closely as torch's sdpa in float32 does (both about 1e-7 of the output's size)."""
+    from llmquant.nn.int8_gemv import decode_attention, gemv_kernel
+
+    generator = torch.Generator().manual_seed(positions)
+    query = torch.randn(batch, heads, 1, dk, generator=generator)
+    keys = torch.randint(-128, 128, (batch, kv_heads, positions + 7, dk), dtype=torch.int8, generator=generator)
+    values = torch.randint(-128, 128, (batch, kv_heads, positions + 7, dv), dtype=torch.int8, generator=generator)
+    keys, values = keys[:, :, :positions], values[:, :, :positions]
+    scale_heads = kv_heads if per_head_scales else 1
+    key_scales = torch.rand(batch, scale_heads, positions + 7, 1, generator=generator)[:, :, :positions] * 0.02
+    value_scales = torch.rand(batch, scale_heads, positions + 7, 1, generator=generator)[:, :, :positions] * 0.02
+    masks = None
+    if mask is not None:
+        allowed = torch.rand(batch, 1 if mask == "bool" else heads, 1, positions, generator=generator) > 0.3
+        allowed[..., 0] = True
+        masks = allowed if mask == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    scaling = dk ** -0.5
+    out = decode_attention(gemv_kernel(), query, keys, values, key_scales, value_scales, masks, scaling)
+    reference = attention_reference(query, keys, values, key_scales, value_scales, masks, scaling)
+    assert out.shape == (batch, 1, heads, dv) and out.dtype == torch.float32
+    group = heads // kv_heads
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        query, (keys.float() * key_scales).repeat_interleave(group, 1),
+        (values.float() * value_scales).repeat_interleave(group, 1), attn_mask=masks, scale=scaling).transpose(1, 2)
+    bound = 4 * max((sdpa.double() - reference).abs().max().item(), 1e-7 * reference.abs().max().item())
+    assert (out.double() - reference).abs().max().item() <= bound
+
+
+def counting_attention(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the calls of the op's attention from the INT8 cache layers."""
+    from llmquant.nn import kv_storage
+
+    calls: list[int] = []
+    original = kv_storage.decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kv_storage, "decode_attention", counted)
+    return calls
+
+
+@ATTENDS
+@pytest.mark.parametrize(("scheme", "pre_opts"), [(TOKEN, None), (STATIC, None), (TOKEN, QUAROT)],
+                         ids=["token", "static", "token+quarot"])
+def test_decode_steps_attend_over_the_int8_codes_and_give_the_exact_paths_tokens(
+        scheme: str, pre_opts: list | None, calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Greedy generation of a left-padded batch (a bool mask at every decode step): after the first decode step
+    (which checks that the attention hands its cache's keys and values over untouched), every decode step of every
+    layer attends over the codes, with the tokens of the dequantizing path (LLMQUANT_GEMV=0) and its logits within
+    float32 roundings."""
+    model = quantized(scheme, calib_ids, pre_opts)
+    set_runtime(model, "int8")
+    prompt = calib_ids[:2, :12]
+    padding = torch.ones_like(prompt)
+    padding[1, :4] = 0  # the second prompt is 8 tokens long, padded on the left
+    calls = counting_attention(monkeypatch)
+    read = generate(model, prompt, attention_mask=padding, pad_token_id=0)
+    quantizers = [module for module in model.modules() if isinstance(module, KVCacheQuantizer)]
+    assert all(q.passes_cache_untouched is True for q in quantizers)
+    assert len(calls) == len(quantizers) * (NEW_TOKENS - 2)  # every decode step but the first (the check)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    exact = generate(model, prompt, attention_mask=padding, pad_token_id=0)
+    assert len(calls) == len(quantizers) * (NEW_TOKENS - 2)
+    assert torch.equal(read.sequences, exact.sequences)
+    torch.testing.assert_close(step_logits(read), step_logits(exact), rtol=0, atol=1e-5)
+
+
+def decode_ready_layer(passes_untouched: bool | None) -> tuple[Int8CacheLayer, torch.Tensor, torch.Tensor]:
+    """A per-token INT8 cache layer after a prefill of 6 positions, and a decode step's new key and value."""
+    from llmquant.quant.scheme import scheme_from_name
+
+    quantizer = KVCacheQuantizer(scheme_from_name(TOKEN).kv_cache)
+    quantizer.passes_cache_untouched = passes_untouched
+    layer = Int8CacheLayer(quantizer)
+    generator = torch.Generator().manual_seed(1)
+    layer.update(torch.randn(1, 2, 6, 32, generator=generator), torch.randn(1, 2, 6, 32, generator=generator))
+    return layer, torch.randn(1, 2, 1, 32, generator=generator), torch.randn(1, 2, 1, 32, generator=generator)
+
+
+@ATTENDS
+def test_an_attention_that_changes_its_keys_keeps_the_dequantized_cache() -> None:
+    """The first decode step dequantizes and records whether the attention function got the layer's own tensors;
+    where it got others (a model that transforms keys after the cache update), later steps keep dequantizing."""
+    layer, key, value = decode_ready_layer(None)
+    query = torch.randn(1, 4, 1, 32)
+    returned = layer.update(key, value)
+    assert torch.equal(returned[0], layer.keys.float() * layer.key_scales)  # dequantized: nothing known yet
+    assert layer.attend(query, returned[0] * 1.0, returned[1], None, "sdpa", {}) is None
+    assert layer.quantizer.passes_cache_untouched is False
+    again = layer.update(key, value)
+    assert torch.equal(again[0], layer.keys.float() * layer.key_scales)
+    assert layer.attend(query, *again, None, "sdpa", {}) is None and layer.readable(*again) == again
+
+
+@ATTENDS
+@pytest.mark.parametrize(("base", "options", "mask"), [
+    ("eager", {}, None), ("sdpa", {"dropout": 0.1}, None), ("sdpa", {"softcap": 30.0}, None),
+    ("sdpa", {"position_bias": torch.zeros(1, 4, 1, 7)}, None), ("sdpa", {}, torch.zeros(1, 1, 3, 7))])
+def test_calls_sdpa_would_compute_otherwise_get_the_dequantized_cache(base: str, options: dict,
+                                                                      mask: torch.Tensor | None) -> None:
+    """After a decode step that returned stand-ins, calls the op does not compute as sdpa would (eager attention,
+    dropout, soft-capping, a position bias, a mask of several rows) are declined, and `readable` gives the
+    dequantized keys and values in their place."""
+    layer, key, value = decode_ready_layer(True)
+    stand_ins = layer.update(key, value)
+    assert stand_ins[0].stride() == (0, 0, 0, 0)  # nothing dequantized
+    query = torch.randn(1, 4, 1, 32)
+    assert layer.attend(query, *stand_ins, mask, base, options) is None
+    keys, values = layer.readable(*stand_ins)
+    assert torch.equal(keys, layer.keys.float() * layer.key_scales)
+    assert torch.equal(values, layer.values.float() * layer.value_scales)
+    output = layer.attend(query, *stand_ins, None, "sdpa", {"scaling": 0.2})  # the plain call: the op
+    reference = attention_reference(query, layer.keys, layer.values, layer.key_scales, layer.value_scales, None, 0.2)
+    torch.testing.assert_close(output.double(), reference, rtol=0, atol=1e-6)
+
+
+@ATTENDS
+def test_stand_ins_given_back_changed_are_an_error() -> None:
+    layer, key, value = decode_ready_layer(True)
+    stand_ins = layer.update(key, value)
+    with pytest.raises(llmquant.LlmquantError, match="LLMQUANT_GEMV=0"):
+        layer.attend(torch.randn(1, 4, 1, 32), stand_ins[0][..., :5, :], stand_ins[1], None, "sdpa", {})

@@ -2,8 +2,9 @@
 // per-token input codes (token_codes), and s_x * s_w * (x_q @ W_q^T) + b (int8_gemv; W4A8 and W4A4 too, weights in
 // groups with a scale each) with AVX512-VNNI's VPDPBUSD, an exact int32 dot product of every input row with every
 // weight row (or group); the same float32 operations, in the same order, as llmquant.nn.int8_linear's torch path, so
-// the same bits. Built by llmquant.nn.int8_gemv with -mavx512f
-// -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
+// the same bits. Also the INT8 KV cache's decode step: its per-token codes, its dequantization (dequantize_rows) and
+// the attention of one query position over its int8 codes (int8_decode_attention). Built by llmquant.nn.int8_gemv
+// with -mavx512f -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The input codes c (int8) are made unsigned, u = c + 128 in [0, 255],
 // and the weight row's sum corrects the result: sum_k c_k w_k = sum_k u_k w_k - 128 * sum_k w_k. Each instruction
@@ -238,10 +239,206 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
   return y;
 }
 
+namespace {
+
+// exp(x) for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial of degree 7 (truncation
+// below 6e-9 relative: under a float32 rounding), times 2^n (scalef). Below -87 (and -inf: a masked position) 0.
+__m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts, the first exact times n
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  }
+  const __m512 result = _mm512_scalef_ps(p, n);
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), result);
+}
+
+inline __mmask16 lanes(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
+
+// 16 int8 codes (the first `count`, the rest 0) as floats.
+inline __m512 code_floats(const int8_t* codes, int64_t count) {
+  const __m128i bytes = _mm512_castsi512_si128(_mm512_maskz_loadu_epi8(lanes(count), codes));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+}
+
+// The 8 dot products of q (`width` floats, a multiple of 16) with the 8 rows of `rows` (8 x width floats): eight
+// accumulators, summed across their lanes together by a hadd tree (as row_dots).
+__m256 dots8(const float* q, const float* rows, int64_t width) {
+  __m512 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < width; i += 16) {
+    const __m512 x = _mm512_loadu_ps(q + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(x, _mm512_loadu_ps(rows + r * width + i), acc[r]);
+  }
+  __m256 half[8];
+  for (int r = 0; r < 8; ++r) {
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1));
+    half[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), high);
+  }
+  const __m256 t0 = _mm256_hadd_ps(half[0], half[1]), t1 = _mm256_hadd_ps(half[2], half[3]);
+  const __m256 t2 = _mm256_hadd_ps(half[4], half[5]), t3 = _mm256_hadd_ps(half[6], half[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// out[r, i..i+16) = sum_t weights[r, t] * v[t, i..i+16) / sums[r] for R query heads (accumulators in registers).
+template <int R>
+void weighted_values(const int8_t* values, int64_t dv, int64_t i, int64_t positions, const float* weights,
+                     const float* sums, float* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const int64_t count = dv - i;
+  for (int64_t t = 0; t < positions; ++t) {
+    const __m512 value = code_floats(values + t * dv + i, count);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(weights[r * positions + t]), value, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(out + r * dv + i, lanes(count), _mm512_div_ps(acc[r], _mm512_set1_ps(sums[r])));
+  }
+}
+
+void weighted_values_of(int64_t heads, const int8_t* values, int64_t dv, int64_t i, int64_t positions,
+                        const float* weights, const float* sums, float* out) {
+  using Block = void (*)(const int8_t*, int64_t, int64_t, int64_t, const float*, const float*, float*);
+  static constexpr Block blocks[] = {weighted_values<1>, weighted_values<2>, weighted_values<3>, weighted_values<4>,
+                                     weighted_values<5>, weighted_values<6>, weighted_values<7>, weighted_values<8>};
+  for (int64_t r = 0; r < heads; r += 8) {
+    blocks[std::min<int64_t>(8, heads - r) - 1](values, dv, i, positions, weights + r * positions, sums + r,
+                                                 out + r * dv);
+  }
+}
+
+// One (batch, KV head) of int8_decode_attention: its `group` query heads [group, dk] -> out [group, dv].
+struct HeadInputs {
+  const float* queries;
+  const int8_t* keys;
+  const int8_t* values;
+  const float* key_scales;
+  const float* value_scales;
+  const float* additive_mask;  // [group or 1, positions] rows `mask_stride` apart, or null
+  const bool* allowed;         // the same for a bool mask (true: attend), or null
+  int64_t mask_stride;
+};
+
+void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scaling,
+                     float* out) {
+  const int64_t width = (dk + 15) / 16 * 16;  // rows padded with zeros to whole vectors
+  std::vector<float> queries(group * width, 0.0f), block(8 * width, 0.0f), scores(group * positions), sums(group);
+  for (int64_t r = 0; r < group; ++r) std::copy(in.queries + r * dk, in.queries + (r + 1) * dk, &queries[r * width]);
+  alignas(32) float dots[8];
+  for (int64_t t0 = 0; t0 < positions; t0 += 8) {  // scores, 8 positions at a time: their key rows converted once
+    const int64_t count = std::min<int64_t>(8, positions - t0);
+    for (int64_t p = 0; p < 8; ++p) {
+      for (int64_t i = 0; i < width; i += 16) {
+        const __m512 codes = p < count ? code_floats(in.keys + (t0 + p) * dk + i, dk - i) : _mm512_setzero_ps();
+        _mm512_storeu_ps(&block[p * width + i], codes);
+      }
+    }
+    for (int64_t r = 0; r < group; ++r) {
+      _mm256_store_ps(dots, dots8(&queries[r * width], block.data(), width));
+      for (int64_t p = 0; p < count; ++p) scores[r * positions + t0 + p] = dots[p] * (scaling * in.key_scales[t0 + p]);
+    }
+  }
+  for (int64_t r = 0; r < group; ++r) {  // the mask; softmax's numerators (the maximum subtracted) and their sum
+    float* score = &scores[r * positions];
+    const int64_t row = in.mask_stride * r;
+    if (in.allowed != nullptr) {
+      for (int64_t t = 0; t < positions; ++t) if (!in.allowed[row + t]) score[t] = -INFINITY;
+    } else if (in.additive_mask != nullptr) {
+      for (int64_t t = 0; t < positions; ++t) score[t] += in.additive_mask[row + t];
+    }
+    __m512 highs = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < positions; t += 16) {
+      highs = _mm512_max_ps(highs, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes(positions - t), score + t));
+    }
+    const float high = _mm512_reduce_max_ps(highs);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < positions; t += 16) {
+      const __mmask16 m = lanes(positions - t);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, score + t),
+                                                                  _mm512_set1_ps(high))));
+      total = _mm512_add_ps(total, e);
+      _mm512_mask_storeu_ps(score + t, m, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, in.value_scales + t)));
+    }
+    sums[r] = _mm512_reduce_add_ps(total);
+  }
+  for (int64_t i = 0; i < dv; i += 16) {  // the values, 16 columns at a time, every query head of the group at once
+    weighted_values_of(group, in.values, dv, i, positions, scores.data(), sums.data(), out);
+  }
+}
+
+}  // namespace
+
+// Attention of one query position over an INT8 KV cache, read as codes (the cache is never dequantized in memory):
+//   score[t] = (q . k_q[t]) * (scaling * s_k[t]) + mask[t],   out = sum_t softmax(score)[t] * s_v[t] * v_q[t]
+// for query [b, H, dk] float32, keys [b, h, s, dk] and values [b, h, s, dv] int8 (rows contiguous, the heads and
+// batches at any strides: views of the cache's stores), key_scales / value_scales [b, 1 or h, s, 1] float32 (one per
+// position), mask None or [b, 1 or H, s] float32 (added) or bool (true: attend). Query head i reads KV head
+// i / (H / h) (grouped-query attention, as transformers' repeat_kv). float32 throughout, exp by exp16: not the bits
+// of sdpa over the dequantized cache (a rounding order of its own), within a few float32 roundings of it.
+torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::Tensor& keys, const torch::Tensor& values,
+                                    const torch::Tensor& key_scales, const torch::Tensor& value_scales,
+                                    const std::optional<torch::Tensor>& mask_in, double scaling) {
+  TORCH_CHECK(query_in.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && key_scales.dim() == 4 &&
+              value_scales.dim() == 4, "int8_decode_attention: query [b, H, dk], keys and values [b, h, s, d]");
+  TORCH_CHECK(query_in.scalar_type() == torch::kFloat32 && keys.scalar_type() == torch::kInt8 &&
+              values.scalar_type() == torch::kInt8 && key_scales.scalar_type() == torch::kFloat32 &&
+              value_scales.scalar_type() == torch::kFloat32,
+              "int8_decode_attention: a float32 query, int8 codes, float32 scales");
+  const torch::Tensor query = query_in.contiguous();
+  const int64_t batch = query.size(0), heads = query.size(1), dk = query.size(2);
+  const int64_t kv_heads = keys.size(1), positions = keys.size(2), dv = values.size(3);
+  TORCH_CHECK(keys.size(0) == batch && keys.size(3) == dk && values.size(0) == batch && values.size(1) == kv_heads &&
+              values.size(2) == positions && heads % kv_heads == 0, "int8_decode_attention: matching shapes");
+  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == dk && values.stride(3) == 1 && values.stride(2) == dv,
+              "int8_decode_attention: contiguous rows of codes");
+  for (const torch::Tensor* scales : {&key_scales, &value_scales}) {
+    TORCH_CHECK(scales->size(0) == batch && (scales->size(1) == 1 || scales->size(1) == kv_heads) &&
+                scales->size(2) == positions && scales->size(3) == 1 && scales->stride(2) == 1,
+                "int8_decode_attention: scales [b, 1 or h, s, 1], one per position");
+  }
+  torch::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->contiguous();
+    TORCH_CHECK(mask.dim() == 3 && mask.size(0) == batch && (mask.size(1) == 1 || mask.size(1) == heads) &&
+                mask.size(2) == positions &&
+                (mask.scalar_type() == torch::kFloat32 || mask.scalar_type() == torch::kBool),
+                "int8_decode_attention: mask [b, 1 or H, s], float32 or bool");
+  }
+  torch::Tensor out = torch::empty({batch, heads, dv}, query.options());
+  const int64_t group = heads / kv_heads;
+  const int64_t key_head_scale = key_scales.size(1) > 1 ? key_scales.stride(1) : 0;
+  const int64_t value_head_scale = value_scales.size(1) > 1 ? value_scales.stride(1) : 0;
+  const int64_t mask_head = mask.defined() && mask.size(1) > 1 ? positions : 0;
+  const bool boolean = mask.defined() && mask.scalar_type() == torch::kBool;
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t bi = item / kv_heads, g = item % kv_heads;
+      const int64_t mask_row = mask.defined() ? bi * mask.size(1) * positions + g * group * mask_head : 0;
+      const HeadInputs inputs{
+          query.data_ptr<float>() + (bi * heads + g * group) * dk,
+          keys.data_ptr<int8_t>() + bi * keys.stride(0) + g * keys.stride(1),
+          values.data_ptr<int8_t>() + bi * values.stride(0) + g * values.stride(1),
+          key_scales.data_ptr<float>() + bi * key_scales.stride(0) + g * key_head_scale,
+          value_scales.data_ptr<float>() + bi * value_scales.stride(0) + g * value_head_scale,
+          mask.defined() && !boolean ? mask.data_ptr<float>() + mask_row : nullptr,
+          boolean ? mask.data_ptr<bool>() + mask_row : nullptr,
+          mask_head};
+      attend_one_head(inputs, group, positions, dk, dv, static_cast<float>(scaling),
+                      out.data_ptr<float>() + (bi * heads + g * group) * dv);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
+  module.def("int8_decode_attention", &int8_decode_attention,
+             "softmax(q k^T * scaling + mask) v for one query position over int8 keys and values (the INT8 KV cache)");
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
              pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

@@ -3,7 +3,8 @@
 VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, exact in int32; then the scaling and
 the bias in the torch path's float32 order; W4A8 and W4A4 weights in groups too, one scale per group), the same bits
 as `llmquant.nn.int8_linear`'s torch operations (tested). The INT8 KV cache (`llmquant.nn.kv_storage`) takes its
-per-token codes and its one-pass dequantization (`dequantize_rows`) from the same op at decode steps.
+per-token codes from the same op at decode steps, and its attention reads the int8 keys and values there
+(`decode_attention`) instead of a dequantized copy of the cache (`dequantize_rows` makes that copy elsewhere).
 Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
@@ -138,6 +139,22 @@ def dequantize_rows(kernel: ModuleType, codes: torch.Tensor, scales: torch.Tenso
     contiguous, the planes possibly apart), float32 ``scales`` ``[planes, s, 1]`` and a contiguous float32 ``out``:
     the INT8 KV cache's dequantization, the values of ``out.copy_(codes).mul_(scales)``."""
     kernel.dequantize_rows(codes, scales, out)
+
+
+def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     key_scales: torch.Tensor, value_scales: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v for one query position ``query`` ``[b, H, 1, dk]`` over int8 ``keys``
+    ``[b, h, s, dk]`` and ``values`` ``[b, h, s, dv]`` (views of an INT8 KV cache's stores) with their scales ``[b, 1
+    or h, s, 1]``, read as codes: the cache is not dequantized into memory. ``mask``: None, or ``[b, 1 or H, 1, s]``
+    float (added) or bool (True: attend), as transformers gives sdpa. Returns ``[b, 1, H, dv]``, the layout of
+    transformers' sdpa attention's output. float32, not the bits of sdpa over the dequantized cache (a rounding
+    order and an exp of its own; tests bound the difference)."""
+    batch, heads = query.shape[:2]
+    flat_mask = None if mask is None else mask.reshape(batch, mask.shape[1], mask.shape[-1])
+    out = kernel.int8_decode_attention(query.reshape(batch, heads, -1), keys, values, key_scales, value_scales,
+                                       flat_mask, float(scaling))
+    return out.unsqueeze(1)
 
 
 def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:

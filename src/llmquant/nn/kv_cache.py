@@ -9,7 +9,9 @@ which leaves q k^T unchanged; then it fake-quantizes keys and values with the mo
 
 That is the simulation (the ``fake`` runtime). On the ``int8`` runtime the cache itself stores int8 codes
 (`llmquant.nn.kv_storage`): its layer rotates and quantizes the keys and values it stores, and the wrapper,
-told so by the flag ``_llmquant_kv_stored`` the attention's pre-hook sets, rotates only the query.
+told so by the flag ``_llmquant_kv_stored`` the attention's pre-hook sets, rotates only the query. The pre-hook also
+names the cache layer (``_llmquant_kv_reader``, a `CodeReader`): at a decode step the wrapper lets it attend over
+its int8 codes, and gives the base attention the dequantized keys and values only where it declines.
 
 Granularity: ``tensor`` is one scale per layer for K and one for V (static: calibrated; dynamic: from
 the current tensor); ``attn_head`` one static scale per KV head (``k_scale`` / ``v_scale`` ``[heads]``, sized
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -34,6 +37,19 @@ from llmquant.quant import Observer, QuantSpec, fake_quantize
 
 QUANTIZED_ATTENTION = "llmquant_sdpa"
 STORED_FLAG = "_llmquant_kv_stored"  # on an attention, for the current call: its int8 cache layer quantized K, V
+CODE_READER = "_llmquant_kv_reader"  # on an attention, for the current call: a weak reference to a `CodeReader`
+
+
+class CodeReader(Protocol):
+    """A cache layer that can attend over the codes it stores (`llmquant.nn.kv_storage.Int8CacheLayer`)."""
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, base: str, options: dict) -> torch.Tensor | None:
+        """The attention output (``[b, q, heads, dv]``, as transformers' sdpa returns it) computed from the codes, or
+        None where the reader declines (the base attention then runs on `readable`'s tensors)."""
+
+    def readable(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float keys and values the cache update stood for (``key`` and ``value`` themselves when real)."""
 
 
 class KVCacheQuantizer(nn.Module):
@@ -48,6 +64,9 @@ class KVCacheQuantizer(nn.Module):
         self.observers: tuple[Observer, Observer] | None = None
         self.observing = False  # calibration passes: keys and values pass through (and are observed if static)
         self.runtime = "fake"  # "int8": a DynamicCache stores int8 codes (`llmquant.nn.kv_storage`)
+        # whether the attention passes its cache layer's keys and values to the attention function untouched, seen
+        # at a decode step of the int8 runtime (None: not seen yet); then that layer may attend over its codes
+        self.passes_cache_untouched: bool | None = None
 
     def start_observing(self) -> None:
         """Calibration: pass keys and values through unquantized (a dynamic cache too, so the float passes and
@@ -117,6 +136,13 @@ def _quantizing_attention(base: str) -> Callable:
         quantizer = getattr(module, "kv_cache_quantizer", None)
         if quantizer is not None and not stored:
             key, value = quantizer(key, value)
+        reference = getattr(module, CODE_READER, None) if stored else None
+        reader: CodeReader | None = reference() if reference is not None else None
+        if reader is not None:
+            output = reader.attend(query, key, value, attention_mask, base, kwargs)
+            if output is not None:
+                return output, None
+            key, value = reader.readable(key, value)
         return _base_attention(module, base)(module, query, key, value, attention_mask, **kwargs)
 
     return attention

@@ -24,6 +24,17 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
 At a decode step on a CPU with AVX512-VNNI the per-token codes and the dequantization (one pass) are calls of the
 decode op of `llmquant.nn.int8_gemv`: the same bits.
 
+Attention over the codes (the op's `decode_attention`, same CPUs): at a decode step (one new position) the layer
+does not dequantize the cache; it returns stand-ins of the keys' and values' shapes, and the attention wrapper of
+`llmquant.nn.kv_cache` asks the layer to attend (`attend`: softmax(q k_q^T s_k * scaling + mask) (s_v v_q), each
+int8 row read once, nothing written but the output). That runs only where it is safe: the model's attention must
+hand the cache's keys and values to the attention function untouched, which the first decode step of each attention
+checks by identity (`KVCacheQuantizer.passes_cache_untouched`) while it still dequantizes; and the call must be one
+that sdpa would make alike (sdpa underneath, one query position, float32, no dropout, position bias or soft-capping,
+a mask of one row per batch or head). Anything else gets the dequantized keys and values as before (`readable`).
+Not the simulation's bits: the op's float32 order and exp differ from sdpa's by float32 roundings (tests bound it;
+the tokens of greedy generation are the simulation's in the tests); ``LLMQUANT_GEMV=0`` gives the exact path.
+
 The hook tells the attention wrapper that the keys it receives are already rotated and quantized: the wrapper
 then rotates only the query and quantizes nothing again.
 
@@ -40,9 +51,11 @@ or per token. ``DynamicCache``'s iteration (its legacy format) yields the int8 c
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,9 +63,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from llmquant.nn.int8_gemv import cpu_kernel, dequantize_rows, token_codes
+from llmquant.errors import LlmquantError
+from llmquant.nn.int8_gemv import cpu_kernel, decode_attention, dequantize_rows, token_codes
 from llmquant.nn.int8_linear import input_codes
-from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
+from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
 
@@ -170,6 +184,8 @@ class Int8CacheLayer(DynamicLayer):
         self.key_scales: torch.Tensor | None = None
         self.value_scales: torch.Tensor | None = None
         self._stores: dict[str, _Store] = {}  # the tensors above are views of the first positions of these
+        self._returned: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last update returned
+        self._deferred = False  # whether that was stand-ins (`attend` reads the codes)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -190,23 +206,75 @@ class Int8CacheLayer(DynamicLayer):
         if self.rotation is not None:
             key_states = self.rotation(key_states)
         spec, quantizer = self.quantizer.spec, self.quantizer
-        if spec.dynamic and spec.granularity == "token" and key_states.shape == value_states.shape:
+        if self._paired():
             # keys and values side by side in one store: one quantization, one append of the codes and one of the
             # scales, one dequantization (each position is quantized on its own: stacking changes no code)
             codes, scales = quantize_states(torch.stack((key_states, value_states)), spec, None)
-            code_store = self._append("codes", ("keys", "values"), codes)
-            scale_store = self._append("scales", ("key_scales", "value_scales"), scales)
+            self._append("codes", ("keys", "values"), codes)
+            self._append("scales", ("key_scales", "value_scales"), scales)
+        else:
+            for codes_name, scales_name, states, static in (("keys", "key_scales", key_states, "k_scale"),
+                                                            ("values", "value_scales", value_states, "v_scale")):
+                codes, scales = quantize_states(states, spec, None if spec.dynamic else getattr(quantizer, static))
+                self._append(codes_name, (codes_name,), codes.unsqueeze(0))
+                self._append(scales_name, (scales_name,), scales.unsqueeze(0))
+        self._deferred = self._attends_over_codes(key_states)
+        if self._deferred:  # stand-ins of the right shapes, never read (`attend`)
+            zero = _zero(self.dtype, self.device)
+            self._returned = (zero.expand(self.keys.shape), zero.expand(self.values.shape))
+        else:
+            self._returned = self._dequantized()
+        return self._returned
+
+    def _paired(self) -> bool:
+        """Whether keys and values share one store (dynamic per token, of one shape)."""
+        spec = self.quantizer.spec
+        return (spec.dynamic and spec.granularity == "token" and self.keys.shape[:-2] == self.values.shape[:-2]
+                and self.keys.shape[-1] == self.values.shape[-1])
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_hat = q * s of the whole sequence, in this thread's workspaces (`dequantize_states`)."""
+        if self._paired():
             length = self.keys.shape[-2]
+            code_store, scale_store = self._stores["codes"].tensor, self._stores["scales"].tensor
             states = dequantize_states(code_store.narrow(-2, 0, length), scale_store.narrow(-2, 0, length), self.dtype,
                                        "keys and values")
             return states[0], states[1]
-        for codes_name, scales_name, states, static in (("keys", "key_scales", key_states, "k_scale"),
-                                                        ("values", "value_scales", value_states, "v_scale")):
-            codes, scales = quantize_states(states, spec, None if spec.dynamic else getattr(quantizer, static))
-            self._append(codes_name, (codes_name,), codes.unsqueeze(0))
-            self._append(scales_name, (scales_name,), scales.unsqueeze(0))
         return (dequantize_states(self.keys, self.key_scales, self.dtype, "keys"),
                 dequantize_states(self.values, self.value_scales, self.dtype, "values"))
+
+    def _attends_over_codes(self, key_states: torch.Tensor) -> bool:
+        """Whether this update's attention reads the codes (module docstring): a decode step, with int8 codes, in
+        float32, where the op runs, for an attention seen handing its cache's keys and values over untouched."""
+        return (key_states.shape[-2] == 1 and self.quantizer.passes_cache_untouched is True
+                and self.keys.dtype == torch.int8 and self.dtype == torch.float32
+                and cpu_kernel(key_states) is not None)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, base: str, options: dict) -> torch.Tensor | None:
+        """The attention output over the int8 codes (`llmquant.nn.int8_gemv.decode_attention`) after an update that
+        returned stand-ins, where the call is one sdpa would compute alike; else None (`kv_cache.CodeReader`). After
+        an update that dequantized, a decode step records whether the model handed the keys and values over
+        untouched."""
+        returned = self._returned is not None and key is self._returned[0] and value is self._returned[1]
+        if not self._deferred:
+            if query.shape[-2] == 1 and self.quantizer.passes_cache_untouched is None:
+                self.quantizer.passes_cache_untouched = returned
+            return None
+        if not returned:  # (the identity held at the first decode step: the model's code took another branch)
+            raise LlmquantError("the attention received other keys and values than its INT8 KV cache layer gave; "
+                                "run with LLMQUANT_GEMV=0 to keep the cache dequantized")
+        if not _sdpa_alike(query, attention_mask, base, options, self.keys.shape[-2]):
+            return None
+        scaling = options.get("scaling")
+        return decode_attention(cpu_kernel(query), query, self.keys, self.values, self.key_scales, self.value_scales,
+                                attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+
+    def readable(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dequantized keys and values where the last update returned stand-ins, else ``key`` and ``value``."""
+        if self._deferred and self._returned is not None and key is self._returned[0]:
+            return self._dequantized()
+        return key, value
 
     def _append(self, store_name: str, names: tuple[str, ...], new: torch.Tensor) -> torch.Tensor:
         """Append ``new`` (one plane per name) to the store ``store_name`` and return it; the attributes ``names``
@@ -217,7 +285,7 @@ class Int8CacheLayer(DynamicLayer):
         current = entry is not None and all(a is b for a, b in zip(filled, entry.views, strict=True))
         store = appended(entry.tensor if current else None, filled, new)
         length = filled[0].shape[-2] + new.shape[-2]
-        views = tuple(plane.narrow(-2, 0, length) for plane in store)
+        views = store.narrow(-2, 0, length).unbind(0)
         self._stores[store_name] = _Store(store, names, views)
         for name, view in zip(names, views, strict=True):
             setattr(self, name, view)
@@ -239,6 +307,7 @@ class Int8CacheLayer(DynamicLayer):
         super().reset()
         self.key_scales = self.value_scales = None
         self._stores = {}
+        self._returned, self._deferred = None, False
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -265,6 +334,23 @@ class Int8CacheLayer(DynamicLayer):
     def prefetch(self) -> None:
         if self.is_initialized and self.keys.device != self.device:
             self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+@functools.cache
+def _zero(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-dimensional zero, expanded into stand-ins of a cache's shapes."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+def _sdpa_alike(query: torch.Tensor, mask: torch.Tensor | None, base: str, options: dict, positions: int) -> bool:
+    """Whether transformers' sdpa attention would compute plain softmax(q k^T * scaling + mask) v for this call, of
+    one query position (what `decode_attention` computes): sdpa underneath, float32, no dropout, position bias or
+    soft-capping, and a mask of one row per batch (or head) over the cached positions."""
+    plain = (base == "sdpa" and query.shape[-2] == 1 and query.dtype == torch.float32 and not options.get("dropout")
+             and options.get("position_bias") is None and options.get("softcap") is None)
+    return plain and (mask is None or (mask.dim() == 4 and mask.shape[-2] == 1 and mask.shape[-1] == positions
+                                       and mask.shape[0] == query.shape[0] and mask.shape[1] in (1, query.shape[1])
+                                       and mask.dtype in (torch.bool, torch.float32)))
 
 
 def _cache_among(args: tuple, kwargs: dict) -> Cache | None:
@@ -304,6 +390,7 @@ def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
     index = getattr(attention, "layer_idx", None)
     stored = cache is not None and index is not None and _adopt(cache, index, attention)
     setattr(attention, STORED_FLAG, stored)
+    setattr(attention, CODE_READER, weakref.ref(cache.layers[index]) if stored else None)
 
 
 def int8_kv_cache(model: nn.Module) -> DynamicCache:
