@@ -192,7 +192,7 @@ def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(in
     assert decode_op is not None, int8_gemv.gemv_refusal(torch.device("cpu"))  # (tools present: it must build)
     generator = torch.Generator().manual_seed(inner)
     unit = torch.ones(1, 1)
-    for rows in (1, 2, 5, 16):
+    for rows in (1, 2, 5, 16, 100):  # (100: a prefill's rows, quantized in parallel blocks by the op)
         cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
                             torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
                  "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
@@ -207,9 +207,10 @@ def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(in
         values[0] = values[0].clamp(-100, 100)
         values[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties, rounded to even (0, 2, -2)
         for rows_in in (values, torch.zeros(rows, inner)):
-            codes, scale = int8_gemv.token_codes(decode_op, rows_in, 127)
-            expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, -128, 127)
-            assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
+            for qmin, qmax in ((-128, 127), (-8, 7)):  # (W8A8, W4A4)
+                codes, scale = int8_gemv.token_codes(decode_op, rows_in, qmax)
+                expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax)
+                assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
         product = (torch.randint(-128, 128, (rows, inner), generator=generator).float()
                    @ torch.randint(-128, 128, (inner, outputs), generator=generator).float())
         scales = ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), torch.rand(1, 1)))
@@ -297,14 +298,16 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
 
 
 def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the input quantizations: torch's (`int8_codes`) and the decode op's (`token_codes`, where it runs)."""
     calls: list[int] = []
-    quantize = kernel.int8_codes
+    for name in ("int8_codes", "token_codes"):
+        quantize = getattr(kernel, name)
 
-    def counted(*args: object) -> object:
-        calls.append(1)
-        return quantize(*args)
+        def counted(*args: object, quantize=quantize) -> object:
+            calls.append(1)
+            return quantize(*args)
 
-    monkeypatch.setattr(kernel, "int8_codes", counted)
+        monkeypatch.setattr(kernel, name, counted)
     return calls
 
 

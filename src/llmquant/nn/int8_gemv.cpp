@@ -23,6 +23,9 @@
 
 namespace {
 
+// The first `count` of 16 lanes.
+inline __mmask16 lanes(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
+
 int32_t unsigned_dot(const uint8_t* u, const int8_t* w, int64_t full_blocks, __mmask64 tail) {
   __m512i sum = _mm512_setzero_si512();
   for (int64_t b = 0; b < full_blocks; ++b) {
@@ -71,7 +74,39 @@ void row_dots(const uint8_t* u, const int8_t* w, int64_t stride, int64_t count, 
 }  // namespace
 
 // Per-token symmetric int8 codes of float rows [rows, in], as llmquant.nn.int8_linear.input_codes makes them
-// (dynamic "token", no clipping): scale = max(absmax / qmax, min_scale), code = round-half-even(x / scale), in float32.
+// (dynamic "token", no clipping): scale = max(absmax / qmax, min_scale), code = round-half-even(x / scale), in float32
+// (a correctly rounded division, as torch's: the same bits), 16 values at a time, the rows in parallel. A row with a
+// NaN takes the scalar loop (its absmax NaN, as amax's).
+namespace {
+
+void row_codes(const float* row, int64_t inner, float qmax, float min_scale, int8_t* codes, float* scale) {
+  __m512 high = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < inner; i += 16) {
+    const __mmask16 m = lanes(inner - i);
+    const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + i));
+    nan |= _mm512_cmp_ps_mask(magnitude, magnitude, _CMP_UNORD_Q);
+    high = _mm512_max_ps(high, magnitude);
+  }
+  float absmax = nan ? NAN : _mm512_reduce_max_ps(high);
+  float row_scale = absmax / qmax;
+  if (row_scale < min_scale) row_scale = min_scale;
+  *scale = row_scale;
+  if (nan) {
+    for (int64_t i = 0; i < inner; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
+    return;
+  }
+  const __m512 divisor = _mm512_set1_ps(row_scale);
+  for (int64_t i = 0; i < inner; i += 16) {
+    const __mmask16 m = lanes(inner - i);
+    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, row + i), divisor),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, _mm512_cvtps_epi32(rounded));
+  }
+}
+
+}  // namespace
+
 std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale) {
   TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
   const torch::Tensor rows = rows_in.contiguous();
@@ -81,18 +116,11 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   const float* x = rows.data_ptr<float>();
   int8_t* c = codes.data_ptr<int8_t>();
   float* s = scale.data_ptr<float>();
-  for (int64_t m = 0; m < count; ++m) {
-    const float* row = x + m * inner;
-    float absmax = 0.0f;
-    for (int64_t i = 0; i < inner; ++i) {
-      const float magnitude = std::fabs(row[i]);
-      absmax = (magnitude > absmax || std::isnan(magnitude)) ? magnitude : absmax;  // NaN spreads, as amax's
+  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      row_codes(x + m * inner, inner, static_cast<float>(qmax), static_cast<float>(min_scale), c + m * inner, s + m);
     }
-    float row_scale = absmax / static_cast<float>(qmax);
-    if (row_scale < static_cast<float>(min_scale)) row_scale = static_cast<float>(min_scale);
-    s[m] = row_scale;
-    for (int64_t i = 0; i < inner; ++i) c[m * inner + i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
-  }
+  });
   return {codes, scale};
 }
 
@@ -254,8 +282,6 @@ __m512 exp16(__m512 x) {
   const __m512 result = _mm512_scalef_ps(p, n);
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), result);
 }
-
-inline __mmask16 lanes(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
 
 // 16 int8 codes (the first `count`, the rest 0) as floats.
 inline __m512 code_floats(const int8_t* codes, int64_t count) {

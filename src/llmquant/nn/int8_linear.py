@@ -227,11 +227,12 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight, weight_scale: to
     int8, ``weight_scale`` ``[out, groups]``. Up to `GEMV_MAX_ROWS` rows, where it runs, the decode op (one call for
     every group, the same bits), else one ``torch._int_mm`` per group."""
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (decode_op := gemv_kernel()) is not None:
-        quantize = _decode_quantizer(decode_op, dynamic, clip_ratio)
+        quantize = _op_quantizer(decode_op, dynamic, clip_ratio)
         codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale,
                            bias, group_size)
-    codes, scale = int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+    quantize, _ = _op_kernels(rows, dynamic, clip_ratio)
+    codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     groups = [group.contiguous() for group in weight.codes.split(group_size, dim=1)]
     return grouped_linear(codes, scale, groups, weight_scale, bias, lambda a, w: int8_matmul(a.contiguous(), w))
 
@@ -290,18 +291,21 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     `GEMV_MAX_ROWS` rows, where it runs, the decode op of `llmquant.nn.int8_gemv` (the same bits, two calls)."""
     if (isinstance(weight, Int8Weight) and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS
             and (decode_op := gemv_kernel()) is not None):
-        quantize = _decode_quantizer(decode_op, dynamic, clip_ratio)
+        quantize = _op_quantizer(decode_op, dynamic, clip_ratio)
         codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(), scale, weight_scale, bias)
-    quantize, scaling = _compiled_kernels(rows) or (int8_codes, _scaling(rows))
+    quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows, dynamic, clip_ratio)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
 
 
-def _scaling(rows: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """`scale_output`, or where the decode op runs its one-pass `scale_product` for oneDNN's float32 products."""
+def _op_kernels(rows: torch.Tensor, dynamic: str | None, clip_ratio: float
+                ) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]:
+    """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its per-token
+    codes (`_op_quantizer`) and its one-pass `scale_product` for oneDNN's float32 products; else torch's."""
     op = cpu_kernel(rows)
-    return scale_output if op is None else _in_place_scaling(op)
+    return (int8_codes, scale_output) if op is None else (_op_quantizer(op, dynamic, clip_ratio),
+                                                          _in_place_scaling(op))
 
 
 @functools.cache
@@ -316,15 +320,15 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
     return scale_output(product, scale, weight_scale, bias)
 
 
-def _decode_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
-                      ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The input quantizer of a decode step: the op's per-token codes (dynamic per token, unclipped), else
-    `int8_codes`."""
-    return _decode_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+def _op_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
+                  ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """The input quantizer where the decode op runs: its per-token codes (dynamic per token, unclipped; one pass
+    for the absmax, one for the codes, the rows in parallel), else `int8_codes`."""
+    return _op_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
 
 
 @functools.cache
-def _decode_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+def _op_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """`int8_codes` of a dynamic per-token input without clipping, by the decode op (`llmquant.nn.int8_gemv`)."""
     def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, _qmin: int, qmax: int,
                  _clip: float) -> tuple[torch.Tensor, torch.Tensor]:

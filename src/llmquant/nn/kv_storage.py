@@ -21,7 +21,7 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
   in place), written into a per-thread workspace that every layer reuses: they are valid until the next update of
   an int8 cache layer in the same thread, which is after the attention that reads them.
 
-At a decode step on a CPU with AVX512-VNNI the per-token codes and the dequantization (one pass) are calls of the
+On a CPU with AVX512-VNNI the per-token codes (every step) and the dequantization (one pass) are calls of the
 decode op of `llmquant.nn.int8_gemv`: the same bits.
 
 Attention over the codes (the op's `decode_attention`, same CPUs): at a decode step (one new position) the layer
@@ -70,9 +70,6 @@ from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
 
-DECODE_OP_MAX_VALUES = 1 << 14  # keys and values of a step quantized by the decode op (`llmquant.nn.int8_gemv`) up
-# to this many values (a decode step: 2 x batch x heads x head_dim), by torch's operations beyond (a prompt)
-
 
 def supports_code_storage(spec: QuantSpec) -> bool:
     """Whether keys/values with this spec can be stored as 8-bit codes (int8 or float8) with one scale per
@@ -93,13 +90,13 @@ def quantize_states(
     """8-bit codes of ``states`` ``[..., b, h, s, d]`` and their scales ``[..., b, h, s, 1]`` (per token) or
     ``[..., b, 1, s, 1]`` (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or,
     when None, absmax / 127 over head_dim (per token) or over all of ``states`` (per tensor). The values of
-    `fake_quantize`; integer codes by the few operations of the int8 Linears' input codes (`input_codes`: a decode
-    step pays for each operation)."""
+    `fake_quantize`; integer codes by the decode op's per-token codes where it runs (dynamic per token), else by the
+    few operations of the int8 Linears' input codes (`input_codes`: a decode step pays for each operation)."""
     static = None if scale is None else scale.reshape(1, 1).float()
     if (static is None and spec.type == "int" and spec.granularity == "token" and spec.clip_ratio == 1.0
             and spec.code_dtype == torch.int8 and states.dtype == torch.float32
-            and states.numel() <= DECODE_OP_MAX_VALUES and (kernel := cpu_kernel(states)) is not None):
-        codes, scale = token_codes(kernel, states.reshape(-1, states.shape[-1]), int(spec.qmax))  # (a decode step)
+            and (kernel := cpu_kernel(states)) is not None):
+        codes, scale = token_codes(kernel, states.reshape(-1, states.shape[-1]), int(spec.qmax))
         return codes.reshape(states.shape), scale.reshape(scale_shape(states, spec))
     if spec.type == "int":
         codes, scale = input_codes(states.float(), spec.granularity if static is None else None, static,
