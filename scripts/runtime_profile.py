@@ -32,8 +32,9 @@ bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians.
 ``decode`` does the same for the float32 model and a W8A8 checkpoint with and without the decode op of
-`llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``); ``prefill`` alternates prefills of the float32 model and of the
-checkpoint with the op's scaling of oneDNN's products and with torch's.
+`llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``), and the checkpoints of ``--also`` with it; ``prefill`` alternates
+prefills of the float32 model and of the checkpoint with the op (its input codes and its scaling of oneDNN's
+products) and with torch's operations.
 """
 
 from __future__ import annotations
@@ -257,13 +258,14 @@ def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
                                              for name, ms in medians.items() if name != "float32"))
 
 
-def decode_steps(model_dir: str, batch: int, steps: int = 64) -> None:
+def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -> None:
     """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`) and without it
-    (``LLMQUANT_GEMV=0``: ``torch._int_mm``), decode steps alternating."""
+    (``LLMQUANT_GEMV=0``: ``torch._int_mm``), and the checkpoints ``also`` with the op, decode steps alternating."""
     models = {"float32": llmquant.load(None, device="cpu")[0]}
-    for name, flag in (("decode op", "1"), ("torch._int_mm", "0")):
+    runs = [("decode op", "1", model_dir), ("torch._int_mm", "0", model_dir)]
+    for name, flag, path in runs + [(os.path.basename(path.rstrip("/")), "1", path) for path in also]:
         os.environ["LLMQUANT_GEMV"] = flag  # (read when a Linear first runs: the warm-up below)
-        models[name] = llmquant.load(model_dir, device="cpu")[0]
+        models[name] = llmquant.load(path, device="cpu")[0]
         with torch.no_grad():
             models[name](torch.zeros(batch, 4, dtype=torch.long))
     os.environ.pop("LLMQUANT_GEMV")
@@ -400,6 +402,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
+    parser.add_argument("--also", nargs="*", default=[], help="decode: more checkpoints, with the op, in the same run")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
                         help="profile: the attention's dtype")
@@ -423,7 +426,10 @@ def main() -> None:
     elif args.what in ("decode", "prefill"):
         if args.model is None:
             parser.error(f"{args.what} needs --model DIR (a W8A8 checkpoint)")
-        (decode_steps if args.what == "decode" else prefill_scaling)(args.model, args.batch)
+        if args.what == "decode":
+            decode_steps(args.model, args.batch, args.also)
+        else:
+            prefill_scaling(args.model, args.batch)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

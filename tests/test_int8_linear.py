@@ -354,3 +354,69 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pyt
         first(x)
         x.mul_(2)  # changed in place: quantized again
         assert torch.equal(second(x), doubled) and len(calls) == 5
+
+
+@needs_gemv
+@pytest.mark.parametrize(("rows", "inner", "outputs"), [(1, 576, 4099), (3, 70, 13), (4, 1536, 9)])
+def test_the_weight_only_op_is_the_float_product_within_float32_roundings(rows: int, inner: int,
+                                                                        outputs: int) -> None:
+    """(x @ W_q^T) * s_w + b from the int8 codes agrees with float64 arithmetic as closely as the simulation's float32
+    x @ (W_q * s_w)^T + b does (within 4x of its error), for inner sizes with a tail of 16 and outputs not a
+    multiple of 8."""
+    generator = torch.Generator().manual_seed(outputs)
+    weight = torch.randn(outputs, inner, generator=generator)
+    scale = weight.abs().amax(1) / 127
+    codes = torch.round(weight / scale[:, None]).to(torch.int8)
+    x, bias = torch.randn(rows, inner, generator=generator), torch.randn(outputs, generator=generator)
+    y = int8_gemv.weight_only_linear(int8_gemv.gemv_kernel(), x, codes, scale[:, None], bias)
+    exact = x.double() @ (codes.double() * scale.double()[:, None]).T + bias.double()
+    simulated = x @ (codes.float() * scale[:, None]).T + bias
+    assert y.shape == (rows, outputs) and y.dtype == torch.float32
+    bound = 4 * max((simulated.double() - exact).abs().max().item(), 1e-7 * exact.abs().max().item())
+    assert (y.double() - exact).abs().max().item() <= bound
+
+
+W8A16_HEAD = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "ignore": [],
+              "overrides": [{"targets": ["lm_head"], "scheme": "w_int8_per_channel"}]}
+
+
+@needs_gemv
+def test_a_weight_only_int8_head_runs_its_decode_rows_on_the_op(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head quantized weight-only to int8 (W8A16, by an override) switches to the int8 runtime; its decode steps
+    run on the op (counted) with the simulation's tokens and logits within float32 roundings; a forward of many rows
+    keeps the simulation (the same logits)."""
+    model = llmquant.quantize(make_model("llama"), W8A16_HEAD, calib=calib_ids, progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.supports_weight_only_int8
+    with torch.no_grad():
+        simulated_logits = model(eval_ids, use_cache=False).logits
+    simulated = generate_greedy(model, calib_ids[:1, :12])
+    assert set_runtime(model, "int8") == 7 * 2 + 1
+    assert model.lm_head.runtime == "int8"
+    calls = []
+    original = int8_gemv.weight_only_linear
+    monkeypatch.setattr("llmquant.nn.quant_linear.weight_only_linear",
+                        lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        assert torch.equal(model(eval_ids, use_cache=False).logits, simulated_logits)  # (many rows: the simulation)
+    assert not calls
+    stored = generate_greedy(model, calib_ids[:1, :12])
+    assert len(calls) == 8  # the prefill's last row and 7 decode steps
+    assert torch.equal(stored.sequences, simulated.sequences)
+    torch.testing.assert_close(torch.stack(stored.logits), torch.stack(simulated.logits), rtol=0, atol=1e-5)
+
+
+def generate_greedy(model: torch.nn.Module, prompt: torch.Tensor):
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+
+def test_without_the_op_a_weight_only_int8_layer_keeps_the_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the decode op does not run (here: turned off), set_runtime leaves weight-only int8 layers simulated, with
+    the reason on the layer."""
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32), scheme_from_name("w_int8_per_channel").weights, None)
+    assert layer.supports_weight_only_int8
+    assert set_runtime(layer, "int8") == 0
+    assert layer.runtime == "fake" and layer.int8_fallback == "off (LLMQUANT_GEMV=0)"

@@ -289,15 +289,8 @@ inline __m512 code_floats(const int8_t* codes, int64_t count) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 
-// The 8 dot products of q (`width` floats, a multiple of 16) with the 8 rows of `rows` (8 x width floats): eight
-// accumulators, summed across their lanes together by a hadd tree (as row_dots).
-__m256 dots8(const float* q, const float* rows, int64_t width) {
-  __m512 acc[8];
-  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < width; i += 16) {
-    const __m512 x = _mm512_loadu_ps(q + i);
-    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(x, _mm512_loadu_ps(rows + r * width + i), acc[r]);
-  }
+// The sums of the 16 lanes of each of 8 accumulators, as 8 floats: halves added, then a hadd tree (as row_dots).
+__m256 lane_sums8(const __m512 acc[8]) {
   __m256 half[8];
   for (int r = 0; r < 8; ++r) {
     const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1));
@@ -307,6 +300,18 @@ __m256 dots8(const float* q, const float* rows, int64_t width) {
   const __m256 t2 = _mm256_hadd_ps(half[4], half[5]), t3 = _mm256_hadd_ps(half[6], half[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// The 8 dot products of q (`width` floats, a multiple of 16) with the 8 rows of `rows` (8 x width floats): eight
+// accumulators, summed across their lanes together (lane_sums8).
+__m256 dots8(const float* q, const float* rows, int64_t width) {
+  __m512 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < width; i += 16) {
+    const __m512 x = _mm512_loadu_ps(q + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(x, _mm512_loadu_ps(rows + r * width + i), acc[r]);
+  }
+  return lane_sums8(acc);
 }
 
 // out[r, i..i+16) = sum_t weights[r, t] * v[t, i..i+16) / sums[r] for R query heads (accumulators in registers).
@@ -459,12 +464,81 @@ torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::
   return out;
 }
 
+namespace {
+
+// The 8 dot products of the float row x (`inner` values) with 8 int8 weight rows `stride` bytes apart, the codes
+// converted to float 16 at a time: eight accumulators summed across their lanes together (lane_sums8).
+__m256 float_code_dots8(const float* x, const int8_t* w, int64_t stride, int64_t inner) {
+  __m512 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < inner; i += 16) {
+    const __m512 xs = _mm512_maskz_loadu_ps(lanes(inner - i), x + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(xs, code_floats(w + r * stride + i, inner - i), acc[r]);
+  }
+  return lane_sums8(acc);
+}
+
+}  // namespace
+
+// A weight-only int8 linear (W8A16) of a few float32 rows: y = (x . w_q) * s_w + b, x [rows, in] float32, weight
+// [out, in] int8, weight_scale [out] (or one), bias [out] or None; float32 sums in the op's order (not the bits of
+// x @ (w_q * s_w)^T: within float32 roundings of it). The weight is read once, 8 rows at a time, 1 byte a weight.
+torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor& weight,
+                               const torch::Tensor& weight_scale, const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(rows_in.dim() == 2 && weight.dim() == 2 && rows_in.size(1) == weight.size(1) &&
+              rows_in.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kInt8 &&
+              weight.is_contiguous(), "weight_only_gemv: float32 rows [n, in], contiguous int8 weight [out, in]");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1), outputs = weight.size(0);
+  const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "weight_only_gemv: one weight scale, or one per output");
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == outputs, "weight_only_gemv: one bias per output");
+  }
+  torch::Tensor y = torch::empty({count, outputs}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* sw = s_w.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  const bool per_output = s_w.numel() > 1;
+  at::parallel_for(0, (outputs + 7) / 8, 16, [&](int64_t first, int64_t last) {
+    alignas(32) float dots[8];
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t j0 = block * 8, n = std::min<int64_t>(8, outputs - j0);
+      for (int64_t m = 0; m < count; ++m) {
+        if (n == 8) {
+          _mm256_store_ps(dots, float_code_dots8(x + m * inner, w + j0 * inner, inner, inner));
+        } else {  // the last rows of the weight: one at a time
+          for (int64_t r = 0; r < n; ++r) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < inner; i += 16) {
+              acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(inner - i), x + m * inner + i),
+                                    code_floats(w + (j0 + r) * inner + i, inner - i), acc);
+            }
+            dots[r] = _mm512_reduce_add_ps(acc);
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          const float value = dots[r] * sw[per_output ? j0 + r : 0];
+          out[m * outputs + j0 + r] = bp != nullptr ? value + bp[j0 + r] : value;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
   module.def("int8_decode_attention", &int8_decode_attention,
              "softmax(q k^T * scaling + mask) v for one query position over int8 keys and values (the INT8 KV cache)");
+  module.def("weight_only_gemv", &weight_only_gemv,
+             "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)");
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
              pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

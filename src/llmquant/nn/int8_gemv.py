@@ -176,6 +176,14 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
                             group_size)
 
 
+def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """y ``[n, out]`` = (x @ W_q^T) * s_w + b for float32 ``rows`` ``[n, in]`` and an int8 weight ``[out, in]`` with
+    one scale per output (or one): a weight-only int8 Linear (W8A16) read at 1 byte a weight, its sums in float32
+    (within float32 roundings of ``x @ (W_q * s_w)^T``, not its bits)."""
+    return kernel.weight_only_gemv(rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias)
+
+
 def weight_row_sums(weight_codes: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """sum_k W_q[j, k] per output j (``[out, 1]``), or over each group of ``group_size`` columns (``[out, groups]``),
     int32: the op's correction for making the input codes unsigned."""

@@ -7,7 +7,9 @@ Two runtimes compute the same function:
 - ``int8`` (speed, W8A8 with symmetric int8 weights per tensor or channel and int8 inputs per tensor or
   token): y = s_x * s_w * (x_q @ W_q^T) + b with the int8 x int8 -> int32 product of `torch._int_mm` and
   the scales applied once per output. The same runtime runs W4 weight-only layers on the CPU's int4 kernel
-  (`llmquant.nn.int4_linear`) and FP8 W8A8 ones on ``torch._scaled_mm`` on CUDA (`llmquant.nn.fp8_linear`).
+  (`llmquant.nn.int4_linear`), FP8 W8A8 ones on ``torch._scaled_mm`` on CUDA (`llmquant.nn.fp8_linear`), and the
+  decode rows of weight-only int8 ones (W8A16, e.g. a quantized head) on the decode op of `llmquant.nn.int8_gemv`
+  (1 byte a weight read; float32 sums within roundings of the simulation's, not its bits; more rows: the simulation).
 
 For the layers the int8 runtime can run, the simulation evaluates the same algebra in the same order,
 y = s_x * s_w * (x_q @ W_q^T) + b, with the integer codes held as float32: the product of codes is exact in
@@ -39,7 +41,7 @@ from torch import nn
 
 from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
-from llmquant.nn.int8_gemv import gemv_refusal
+from llmquant.nn.int8_gemv import GEMV_MAX_ROWS, cpu_kernel, gemv_refusal, weight_only_linear
 from llmquant.nn.int8_linear import (
     Int8Weight,
     float_product,
@@ -293,6 +295,22 @@ class QuantLinear(nn.Module):
         return self._supports_fp8
 
     @property
+    def supports_weight_only_int8(self) -> bool:
+        """Whether this layer is a weight-only int8 one (W8A16: symmetric 8-bit integer weights per tensor or channel,
+        a float input), whose decode rows the int8 runtime runs on the decode op where it runs."""
+        w = self.weight_spec
+        return (self.input_spec is None and w is not None and w.type == "int" and w.bits == 8 and w.symmetric
+                and w.granularity in ("tensor", "channel") and not self.packed)
+
+    def _weight_only_int8_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(x @ W_q^T) * s_w + b by the decode op (`weight_only_linear`) for a few float32 rows, else None."""
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > GEMV_MAX_ROWS or rows.dtype != torch.float32 or (op := cpu_kernel(rows)) is None:
+            return None
+        y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    @property
     def supports_int4(self) -> bool:
         """Whether this layer is a 4-bit weight-only (W4A16) one, which the integer runtime runs with the CPU's int4
         kernel (`llmquant.nn.int4_linear`) where `int8_refusal` allows."""
@@ -303,7 +321,9 @@ class QuantLinear(nn.Module):
         """Why the kernel cannot run this (int8-, int4- or FP8-capable) layer where it is, or None: CUDA's
         ``_int_mm`` takes only multiples of 8 for both inner and output sizes (its minimum of 17 rows is met by
         padding); the int4 kernel runs on the CPU, in groups of a multiple of 32 columns (`int4_refusal`); FP8 GEMMs
-        on CUDA 8.9+ (`fp8_refusal`)."""
+        on CUDA 8.9+ (`fp8_refusal`); weight-only int8 where the decode op runs (`gemv_refusal`)."""
+        if self.supports_weight_only_int8:
+            return gemv_refusal(self.weight_scale.device)
         if self.supports_fp8:
             return fp8_refusal(self.weight_scale.device, self.in_features, self.out_features)
         if self.supports_int4:
@@ -420,6 +440,9 @@ class QuantLinear(nn.Module):
             return self._fp8_forward(x)
         if self.runtime == "int8" and self.supports_int4:
             return self._int4_forward(x)
+        if (self.runtime == "int8" and self.supports_weight_only_int8
+                and (y := self._weight_only_int8_forward(x)) is not None):
+            return y
         weight = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(self.quantize_input(x), weight, bias)
@@ -458,7 +481,8 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
     reasons: set[str] = set()
     for module in model.modules():
         if not isinstance(module, QuantLinear) or (
-                runtime == "int8" and not (module.supports_int8 or module.supports_int4 or module.supports_fp8)):
+                runtime == "int8" and not (module.supports_int8 or module.supports_int4 or module.supports_fp8
+                                           or module.supports_weight_only_int8)):
             continue
         refusal = module.int8_refusal() if runtime == "int8" else None
         module.int8_fallback = refusal
