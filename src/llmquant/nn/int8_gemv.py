@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sysconfig
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -107,12 +108,15 @@ def gemv_kernel() -> ModuleType | None:
 
 def _build() -> ModuleType | None:
     global _build_error
-    log.info("int8 runtime: building the decode kernel %s (once per machine)", SOURCE.name)
+    log.info("int8 runtime: loading the decode kernel %s (built on its first use on a machine)", SOURCE.name)
+    start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
         with _ninja_on_path():
-            return cpp_extension.load(name="llmquant_int8_gemv", sources=[str(SOURCE)], extra_cflags=FLAGS,
-                                     extra_ldflags=["-fopenmp"])
+            kernel = cpp_extension.load(name="llmquant_int8_gemv", sources=[str(SOURCE)], extra_cflags=FLAGS,
+                                        extra_ldflags=["-fopenmp"])
+        log.info("int8 runtime: %s ready in %.1f s", SOURCE.name, time.perf_counter() - start)
+        return kernel
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         _build_error = f"building {SOURCE.name} failed ({type(err).__name__}: {first_line})"

@@ -363,7 +363,8 @@ class QuantLinear(nn.Module):
                 self._float_codes = codes_to_float(self._weight_codes())
             codes, scale = shared_input_codes(x, rows, *input_args, as_int8=False)
             y = scale_output(float_product(codes, self._float_codes), scale, weight_scale, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)  # (a decode step pays for a no-op call too)
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W4 weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`), with the
