@@ -420,3 +420,21 @@ def test_without_the_op_a_weight_only_int8_layer_keeps_the_simulation(monkeypatc
     assert layer.supports_weight_only_int8
     assert set_runtime(layer, "int8") == 0
     assert layer.runtime == "fake" and layer.int8_fallback == "off (LLMQUANT_GEMV=0)"
+
+
+@needs_gemv
+def test_the_ops_calls_show_in_torch_profiler() -> None:
+    """Under torch.profiler a decode row's calls of the op appear as ``llmquant::<name>`` ranges; outside it they run
+    bare (the same output)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    set_runtime(layer, "int8")
+    x = torch.randn(1, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        bare = layer(x)
+        with profile(activities=[ProfilerActivity.CPU]) as result:
+            profiled = layer(x.clone())
+    names = {event.key for event in result.key_averages()}
+    assert {"llmquant::token_codes", "llmquant::int8_gemv"} <= names
+    assert torch.equal(bare, profiled)

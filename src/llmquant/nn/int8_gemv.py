@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -129,12 +130,21 @@ def cpu_kernel(tensor: torch.Tensor) -> ModuleType | None:
     return gemv_kernel() if gemv_refusal(tensor.device) is None else None
 
 
+def _call(kernel: ModuleType, name: str, *args: object) -> Any:
+    """``kernel.<name>(*args)``; under torch.profiler inside a ``llmquant::<name>`` range, so that its profile shows
+    the op's calls (which, bound by pybind11 rather than registered with torch, it does not see otherwise)."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return getattr(kernel, name)(*args)
+    with torch.profiler.record_function(f"llmquant::{name}"):
+        return getattr(kernel, name)(*args)
+
+
 def scale_product(kernel: ModuleType, product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """``product`` (float32 ``[n, out]``, contiguous: oneDNN's exact integer product) times s_x * s_w, plus the
     bias, in place and in one pass: `llmquant.nn.int8_linear.scale_output`'s values without its ``[n, out]`` outer
     product (`scripts/runtime_profile.py ops`)."""
-    kernel.scale_product(product, scale, weight_scale, bias)
+    _call(kernel, "scale_product", product, scale, weight_scale, bias)
     return product
 
 
@@ -142,7 +152,7 @@ def dequantize_rows(kernel: ModuleType, codes: torch.Tensor, scales: torch.Tenso
     """``out`` = float(codes) * scales in one pass, for int8 ``codes`` ``[planes, s, d]`` (each plane's rows
     contiguous, the planes possibly apart), float32 ``scales`` ``[planes, s, 1]`` and a contiguous float32 ``out``:
     the INT8 KV cache's dequantization, the values of ``out.copy_(codes).mul_(scales)``."""
-    kernel.dequantize_rows(codes, scales, out)
+    _call(kernel, "dequantize_rows", codes, scales, out)
 
 
 def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -156,15 +166,15 @@ def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor
     order and an exp of its own; tests bound the difference)."""
     batch, heads = query.shape[:2]
     flat_mask = None if mask is None else mask.reshape(batch, mask.shape[1], mask.shape[-1])
-    out = kernel.int8_decode_attention(query.reshape(batch, heads, -1), keys, values, key_scales, value_scales,
-                                       flat_mask, float(scaling))
+    out = _call(kernel, "int8_decode_attention", query.reshape(batch, heads, -1), keys, values, key_scales,
+                value_scales, flat_mask, float(scaling))
     return out.unsqueeze(1)
 
 
 def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 codes of float32 ``rows`` ``[n, in]`` and their scales ``[n, 1]``: what
     `llmquant.nn.int8_linear.int8_codes` makes for a dynamic per-token input without clipping, in one call."""
-    codes, scale = kernel.token_codes(rows, float(qmax), MIN_SCALE)
+    codes, scale = _call(kernel, "token_codes", rows, float(qmax), MIN_SCALE)
     return codes, scale
 
 
@@ -176,8 +186,8 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
     ``[1, out]`` or ``[1, 1]``, y = float(x_q @ W_q^T) * (s_x * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s
     order); else ``weight_scale`` ``[out, groups]``, y = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g)
     * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s). The integer products are exact."""
-    return kernel.int8_gemv(x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale, bias,
-                            group_size)
+    return _call(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale,
+                 bias, group_size)
 
 
 def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
@@ -185,7 +195,7 @@ def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: tor
     """y ``[n, out]`` = (x @ W_q^T) * s_w + b for float32 ``rows`` ``[n, in]`` and an int8 weight ``[out, in]`` with
     one scale per output (or one): a weight-only int8 Linear (W8A16) read at 1 byte a weight, its sums in float32
     (within float32 roundings of ``x @ (W_q * s_w)^T``, not its bits)."""
-    return kernel.weight_only_gemv(rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias)
+    return _call(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias)
 
 
 def weight_row_sums(weight_codes: torch.Tensor, group_size: int = 0) -> torch.Tensor:
