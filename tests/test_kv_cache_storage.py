@@ -469,3 +469,27 @@ def test_stand_ins_given_back_changed_are_an_error() -> None:
     stand_ins = layer.update(key, value)
     with pytest.raises(llmquant.LlmquantError, match="LLMQUANT_GEMV=0"):
         layer.attend(torch.randn(1, 4, 1, 32), stand_ins[0][..., :5, :], stand_ins[1], None, "sdpa", {})
+
+
+@ATTENDS
+@pytest.mark.parametrize(("family", "reads_codes"), [
+    ("qwen2", True), ("phi3", True), ("qwen3_moe", True), ("jamba", True),
+    ("deepseek_v3", False),  # (MLA: the cache holds compressed latents, which the attention expands into K and V)
+])
+def test_families_attend_over_the_codes_where_their_attention_hands_the_cache_over_untouched(
+        family: str, reads_codes: bool, calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per family (tiny random models): the first decode step's check decides, the op's attention runs at the later
+    steps where it passed, and greedy generation gives the dequantizing path's tokens (LLMQUANT_GEMV=0) either way,
+    logits within float32 roundings."""
+    model = quantized(TOKEN, calib_ids, model=make_model(family))
+    set_runtime(model, "int8")
+    prompt = calib_ids[:2, :12]
+    calls = counting_attention(monkeypatch)
+    read = generate(model, prompt, pad_token_id=0)
+    flags = {q.passes_cache_untouched for q in model.modules() if isinstance(q, KVCacheQuantizer)}
+    assert flags == {reads_codes}
+    assert (len(calls) > 0) == reads_codes
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    exact = generate(model, prompt, pad_token_id=0)
+    assert torch.equal(read.sequences, exact.sequences)
+    torch.testing.assert_close(step_logits(read), step_logits(exact), rtol=0, atol=1e-5)
