@@ -493,3 +493,38 @@ def test_families_attend_over_the_codes_where_their_attention_hands_the_cache_ov
     exact = generate(model, prompt, pad_token_id=0)
     assert torch.equal(read.sequences, exact.sequences)
     torch.testing.assert_close(step_logits(read), step_logits(exact), rtol=0, atol=1e-5)
+
+
+@ATTENDS
+def test_decode_attention_reads_every_finite_e4m3_code_exactly() -> None:
+    """An FP8 (E4M3) cache's codes are read by the op as their exact values: one position of value codes, weight 1,
+    gives each of the 254 finite codes (subnormals, zeros of both signs, +-448) as torch converts it."""
+    from llmquant.nn.int8_gemv import decode_attention, gemv_kernel
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    exact = codes.float()
+    finite = ~exact.isnan()
+    values = codes[finite].reshape(1, 1, 1, -1)
+    keys = torch.zeros(1, 1, 1, 16, dtype=torch.float8_e4m3fn)
+    unit = torch.ones(1, 1, 1, 1)
+    out = decode_attention(gemv_kernel(), torch.zeros(1, 1, 1, 16), keys, values, unit, unit, None, 1.0)
+    assert torch.equal(out.flatten(), exact[finite])
+
+
+@ATTENDS
+def test_an_fp8_kv_cache_attends_over_its_codes_too(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W8A8 with an FP8 per-tensor KV cache on the int8 runtime: the cache stores E4M3 codes, the decode steps after
+    the first attend over them (counted), with the dequantizing path's tokens and logits within float32 roundings."""
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": "fp8_per_tensor"}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+    set_runtime(model, "int8")
+    prompt = calib_ids[:2, :12]
+    calls = counting_attention(monkeypatch)
+    read = generate(model, prompt)
+    layer = returned_cache(read).layers[0]
+    assert isinstance(layer, Int8CacheLayer) and layer.keys.dtype == torch.float8_e4m3fn
+    assert len(calls) == 2 * (NEW_TOKENS - 2)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    exact = generate(model, prompt)
+    assert torch.equal(read.sequences, exact.sequences)
+    torch.testing.assert_close(step_logits(read), step_logits(exact), rtol=0, atol=1e-5)

@@ -289,6 +289,29 @@ inline __m512 code_floats(const int8_t* codes, int64_t count) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
 }
 
+// 16 float8 E4M3 (fn) codes (the first `count`, the rest 0) as floats, exactly: sign, exponent (bias 7) and 3
+// mantissa bits moved into float32's fields (exponent + 120), subnormals (exponent 0) as m * 2^-9, NaN (all ones).
+inline __m512 fp8_floats(const int8_t* codes, int64_t count) {
+  const __m512i u = _mm512_cvtepu8_epi32(_mm512_castsi512_si128(_mm512_maskz_loadu_epi8(lanes(count), codes)));
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(u, _mm512_set1_epi32(0x80)), 24);
+  const __m512i exponent = _mm512_and_si512(_mm512_srli_epi32(u, 3), _mm512_set1_epi32(0xF));
+  const __m512i mantissa = _mm512_and_si512(u, _mm512_set1_epi32(0x7));
+  const __m512i normal = _mm512_or_si512(_mm512_slli_epi32(_mm512_add_epi32(exponent, _mm512_set1_epi32(120)), 23),
+                                         _mm512_slli_epi32(mantissa, 20));
+  const __m512 subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mantissa), _mm512_set1_ps(1.0f / 512.0f));
+  __m512 magnitude = _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(exponent, _mm512_setzero_si512()),
+                                          _mm512_castsi512_ps(normal), subnormal);
+  const __mmask16 nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7F)), _mm512_set1_epi32(0x7F));
+  magnitude = _mm512_mask_blend_ps(nan, magnitude, _mm512_set1_ps(NAN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), sign));
+}
+
+// 16 codes of a KV cache as floats: int8, or float8 E4M3.
+template <bool kFloat8>
+inline __m512 cache_floats(const int8_t* codes, int64_t count) {
+  return kFloat8 ? fp8_floats(codes, count) : code_floats(codes, count);
+}
+
 // The sums of the 16 lanes of each of 8 accumulators, as 8 floats: halves added, then a hadd tree (as row_dots).
 __m256 lane_sums8(const __m512 acc[8]) {
   __m256 half[8];
@@ -315,14 +338,14 @@ __m256 dots8(const float* q, const float* rows, int64_t width) {
 }
 
 // out[r, i..i+16) = sum_t weights[r, t] * v[t, i..i+16) / sums[r] for R query heads (accumulators in registers).
-template <int R>
+template <int R, bool kFloat8>
 void weighted_values(const int8_t* values, int64_t dv, int64_t i, int64_t positions, const float* weights,
                      const float* sums, float* out) {
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const int64_t count = dv - i;
   for (int64_t t = 0; t < positions; ++t) {
-    const __m512 value = code_floats(values + t * dv + i, count);
+    const __m512 value = cache_floats<kFloat8>(values + t * dv + i, count);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(weights[r * positions + t]), value, acc[r]);
   }
   for (int r = 0; r < R; ++r) {
@@ -330,11 +353,14 @@ void weighted_values(const int8_t* values, int64_t dv, int64_t i, int64_t positi
   }
 }
 
+template <bool kFloat8>
 void weighted_values_of(int64_t heads, const int8_t* values, int64_t dv, int64_t i, int64_t positions,
                         const float* weights, const float* sums, float* out) {
   using Block = void (*)(const int8_t*, int64_t, int64_t, int64_t, const float*, const float*, float*);
-  static constexpr Block blocks[] = {weighted_values<1>, weighted_values<2>, weighted_values<3>, weighted_values<4>,
-                                     weighted_values<5>, weighted_values<6>, weighted_values<7>, weighted_values<8>};
+  static constexpr Block blocks[] = {weighted_values<1, kFloat8>, weighted_values<2, kFloat8>,
+                                     weighted_values<3, kFloat8>, weighted_values<4, kFloat8>,
+                                     weighted_values<5, kFloat8>, weighted_values<6, kFloat8>,
+                                     weighted_values<7, kFloat8>, weighted_values<8, kFloat8>};
   for (int64_t r = 0; r < heads; r += 8) {
     blocks[std::min<int64_t>(8, heads - r) - 1](values, dv, i, positions, weights + r * positions, sums + r,
                                                  out + r * dv);
@@ -353,6 +379,7 @@ struct HeadInputs {
   int64_t mask_stride;
 };
 
+template <bool kFloat8>
 void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scaling,
                      float* out) {
   const int64_t width = (dk + 15) / 16 * 16;  // rows padded with zeros to whole vectors
@@ -363,7 +390,8 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
     const int64_t count = std::min<int64_t>(8, positions - t0);
     for (int64_t p = 0; p < 8; ++p) {
       for (int64_t i = 0; i < width; i += 16) {
-        const __m512 codes = p < count ? code_floats(in.keys + (t0 + p) * dk + i, dk - i) : _mm512_setzero_ps();
+        const __m512 codes = p < count ? cache_floats<kFloat8>(in.keys + (t0 + p) * dk + i, dk - i)
+                                       : _mm512_setzero_ps();
         _mm512_storeu_ps(&block[p * width + i], codes);
       }
     }
@@ -396,17 +424,17 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
     sums[r] = _mm512_reduce_add_ps(total);
   }
   for (int64_t i = 0; i < dv; i += 16) {  // the values, 16 columns at a time, every query head of the group at once
-    weighted_values_of(group, in.values, dv, i, positions, scores.data(), sums.data(), out);
+    weighted_values_of<kFloat8>(group, in.values, dv, i, positions, scores.data(), sums.data(), out);
   }
 }
 
 }  // namespace
 
-// Attention of one query position over an INT8 KV cache, read as codes (the cache is never dequantized in memory):
+// Attention of one query position over an INT8 (or FP8 E4M3) KV cache, read as codes (never dequantized in memory):
 //   score[t] = (q . k_q[t]) * (scaling * s_k[t]) + mask[t],   out = sum_t softmax(score)[t] * s_v[t] * v_q[t]
-// for query [b, H, dk] float32, keys [b, h, s, dk] and values [b, h, s, dv] int8 (rows contiguous, the heads and
-// batches at any strides: views of the cache's stores), key_scales / value_scales [b, 1 or h, s, 1] float32 (one per
-// position), mask None or [b, 1 or H, s] float32 (added) or bool (true: attend). Query head i reads KV head
+// for query [b, H, dk] float32, keys [b, h, s, dk] and values [b, h, s, dv] int8 or float8_e4m3fn (rows contiguous,
+// the heads and batches at any strides: views of the cache's stores), key_scales / value_scales [b, 1 or h, s, 1]
+// float32 (one per position), mask None or [b, 1 or H, s] float32 (added) or bool (true: attend). Query head i reads KV head
 // i / (H / h) (grouped-query attention, as transformers' repeat_kv). float32 throughout, exp by exp16: not the bits
 // of sdpa over the dequantized cache (a rounding order of its own), within a few float32 roundings of it.
 torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::Tensor& keys, const torch::Tensor& values,
@@ -414,10 +442,11 @@ torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::
                                     const std::optional<torch::Tensor>& mask_in, double scaling) {
   TORCH_CHECK(query_in.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && key_scales.dim() == 4 &&
               value_scales.dim() == 4, "int8_decode_attention: query [b, H, dk], keys and values [b, h, s, d]");
-  TORCH_CHECK(query_in.scalar_type() == torch::kFloat32 && keys.scalar_type() == torch::kInt8 &&
-              values.scalar_type() == torch::kInt8 && key_scales.scalar_type() == torch::kFloat32 &&
+  const bool float8 = keys.scalar_type() == torch::kFloat8_e4m3fn;
+  TORCH_CHECK(query_in.scalar_type() == torch::kFloat32 && (float8 || keys.scalar_type() == torch::kInt8) &&
+              values.scalar_type() == keys.scalar_type() && key_scales.scalar_type() == torch::kFloat32 &&
               value_scales.scalar_type() == torch::kFloat32,
-              "int8_decode_attention: a float32 query, int8 codes, float32 scales");
+              "int8_decode_attention: a float32 query, int8 or float8 (E4M3) codes, float32 scales");
   const torch::Tensor query = query_in.contiguous();
   const int64_t batch = query.size(0), heads = query.size(1), dk = query.size(2);
   const int64_t kv_heads = keys.size(1), positions = keys.size(2), dv = values.size(3);
@@ -450,15 +479,19 @@ torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::
       const int64_t mask_row = mask.defined() ? bi * mask.size(1) * positions + g * group * mask_head : 0;
       const HeadInputs inputs{
           query.data_ptr<float>() + (bi * heads + g * group) * dk,
-          keys.data_ptr<int8_t>() + bi * keys.stride(0) + g * keys.stride(1),
-          values.data_ptr<int8_t>() + bi * values.stride(0) + g * values.stride(1),
+          static_cast<const int8_t*>(keys.data_ptr()) + bi * keys.stride(0) + g * keys.stride(1),
+          static_cast<const int8_t*>(values.data_ptr()) + bi * values.stride(0) + g * values.stride(1),
           key_scales.data_ptr<float>() + bi * key_scales.stride(0) + g * key_head_scale,
           value_scales.data_ptr<float>() + bi * value_scales.stride(0) + g * value_head_scale,
           mask.defined() && !boolean ? mask.data_ptr<float>() + mask_row : nullptr,
           boolean ? mask.data_ptr<bool>() + mask_row : nullptr,
           mask_head};
-      attend_one_head(inputs, group, positions, dk, dv, static_cast<float>(scaling),
-                      out.data_ptr<float>() + (bi * heads + g * group) * dv);
+      float* head_out = out.data_ptr<float>() + (bi * heads + g * group) * dv;
+      if (float8) {
+        attend_one_head<true>(inputs, group, positions, dk, dv, static_cast<float>(scaling), head_out);
+      } else {
+        attend_one_head<false>(inputs, group, positions, dk, dv, static_cast<float>(scaling), head_out);
+      }
     }
   });
   return out;

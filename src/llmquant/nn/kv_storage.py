@@ -24,16 +24,17 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
 On a CPU with AVX512-VNNI the per-token codes (every step) and the dequantization (one pass) are calls of the
 decode op of `llmquant.nn.int8_gemv`: the same bits.
 
-Attention over the codes (the op's `decode_attention`, same CPUs): at a decode step (one new position) the layer
-does not dequantize the cache; it returns stand-ins of the keys' and values' shapes, and the attention wrapper of
-`llmquant.nn.kv_cache` asks the layer to attend (`attend`: softmax(q k_q^T s_k * scaling + mask) (s_v v_q), each
-int8 row read once, nothing written but the output). That runs only where it is safe: the model's attention must
-hand the cache's keys and values to the attention function untouched, which the first decode step of each attention
-checks by identity (`KVCacheQuantizer.passes_cache_untouched`) while it still dequantizes; and the call must be one
-that sdpa would make alike (sdpa underneath, one query position, float32, no dropout, position bias or soft-capping,
-a mask of one row per batch or head). Anything else gets the dequantized keys and values as before (`readable`).
-Not the simulation's bits: the op's float32 order and exp differ from sdpa's by float32 roundings (tests bound it;
-the tokens of greedy generation are the simulation's in the tests); ``LLMQUANT_GEMV=0`` gives the exact path.
+Attention over the codes (the op's `decode_attention`, same CPUs; int8 or FP8 E4M3 codes): at a decode step (one
+new position) the layer does not dequantize the cache; it returns stand-ins of the keys' and values' shapes, and the
+attention wrapper of `llmquant.nn.kv_cache` asks the layer to attend (`attend`: softmax(q k_q^T s_k * scaling +
+mask) (s_v v_q), each row of codes read once, nothing written but the output). That runs only where it is safe: the
+model's attention must hand the cache's keys and values to the attention function untouched, which the first decode
+step of each attention checks by identity (`KVCacheQuantizer.passes_cache_untouched`) while it still dequantizes;
+and the call must be one that sdpa would make alike (sdpa underneath, one query position, float32, no dropout,
+position bias or soft-capping, a mask of one row per batch or head). Anything else gets the dequantized keys and
+values as before (`readable`). Not the simulation's bits: the op's float32 order and exp differ from sdpa's by
+float32 roundings (tests bound it; the tokens of greedy generation are the simulation's in the tests);
+``LLMQUANT_GEMV=0`` gives the exact path.
 
 The hook tells the attention wrapper that the keys it receives are already rotated and quantized: the wrapper
 then rotates only the query and quantizes nothing again.
@@ -241,10 +242,10 @@ class Int8CacheLayer(DynamicLayer):
                 dequantize_states(self.values, self.value_scales, self.dtype, "values"))
 
     def _attends_over_codes(self, key_states: torch.Tensor) -> bool:
-        """Whether this update's attention reads the codes (module docstring): a decode step, with int8 codes, in
-        float32, where the op runs, for an attention seen handing its cache's keys and values over untouched."""
+        """Whether this update's attention reads the codes (module docstring): a decode step, with int8 or E4M3 codes,
+        in float32, where the op runs, for an attention seen handing its cache's keys and values over untouched."""
         return (key_states.shape[-2] == 1 and self.quantizer.passes_cache_untouched is True
-                and self.keys.dtype == torch.int8 and self.dtype == torch.float32
+                and self.keys.dtype in (torch.int8, torch.float8_e4m3fn) and self.dtype == torch.float32
                 and cpu_kernel(key_states) is not None)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
