@@ -211,6 +211,10 @@ def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(in
                 codes, scale = int8_gemv.token_codes(decode_op, rows_in, qmax)
                 expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax)
                 assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
+                for static in (torch.ones(1, 1), torch.full((1, 1), 0.37), torch.full((1, 1), 0.05)):  # (clamped)
+                    codes = int8_gemv.static_codes(decode_op, rows_in, static, qmin, qmax)
+                    expected_codes, _ = kernel.int8_codes(rows_in, None, static, qmin, qmax)
+                    assert torch.equal(codes, expected_codes), (rows, qmax, static.item())
         product = (torch.randint(-128, 128, (rows, inner), generator=generator).float()
                    @ torch.randint(-128, 128, (inner, outputs), generator=generator).float())
         scales = ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), torch.rand(1, 1)))
@@ -298,9 +302,10 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
 
 
 def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the input quantizations: torch's (`int8_codes`) and the decode op's (`token_codes`, where it runs)."""
+    """Count the input quantizations: torch's (`int8_codes`) and the decode op's (`token_codes`, `static_codes`,
+    where it runs)."""
     calls: list[int] = []
-    for name in ("int8_codes", "token_codes"):
+    for name in ("int8_codes", "token_codes", "static_codes"):
         quantize = getattr(kernel, name)
 
         def counted(*args: object, quantize=quantize) -> object:

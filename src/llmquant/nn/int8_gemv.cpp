@@ -124,6 +124,34 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
+// Codes of float rows [rows, in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
+// code = clamp(round-half-even(x / scale), qmin, qmax), the division correctly rounded (torch's bits), 16 values a
+// step, the rows in parallel.
+torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmin, double qmax) {
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
+              "static_codes: float32 rows and one scale");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1);
+  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
+  const float* x = rows.data_ptr<float>();
+  int8_t* c = codes.data_ptr<int8_t>();
+  const __m512 divisor = _mm512_set1_ps(scale_in.to(torch::kFloat32).item<float>());
+  const __m512 low = _mm512_set1_ps(static_cast<float>(qmin)), high = _mm512_set1_ps(static_cast<float>(qmax));
+  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      for (int64_t i = 0; i < inner; i += 16) {
+        const __mmask16 lane = lanes(inner - i);
+        const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lane, x + m * inner + i),
+                                                                  divisor),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 clamped = _mm512_min_ps(_mm512_max_ps(rounded, low), high);
+        _mm512_mask_cvtepi32_storeu_epi8(c + m * inner + i, lane, _mm512_cvtps_epi32(clamped));
+      }
+    }
+  });
+  return codes;
+}
+
 // product[m, j] = product[m, j] * (s_x[m] * s_w[j]) + b[j], in place, for a float32 product [rows, out] (oneDNN's
 // exact integer product): llmquant.nn.int8_linear.scale_output's operations and order without its [rows, out]
 // outer product s_x * s_w, in one pass.
@@ -566,6 +594,7 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
   module.def("int8_decode_attention", &int8_decode_attention,

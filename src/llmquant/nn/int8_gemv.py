@@ -179,6 +179,12 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int) -> tuple[torc
     return codes, scale
 
 
+def static_codes(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """int8 codes clamp(round(x / s), qmin, qmax) of float32 ``rows`` ``[n, in]`` under one static ``scale``: what
+    `llmquant.nn.int8_linear.int8_codes` makes for a static per-tensor input, in one call."""
+    return _call(kernel, "static_codes", rows, scale, float(qmin), float(qmax))
+
+
 def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, row_sums: torch.Tensor,
                 scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 group_size: int = 0) -> torch.Tensor:

@@ -48,6 +48,7 @@ from llmquant.nn.int8_gemv import (
     gemv_kernel,
     gemv_linear,
     scale_product,
+    static_codes,
     token_codes,
     weight_row_sums,
 )
@@ -323,8 +324,21 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
 def _op_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
                   ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The input quantizer where the decode op runs: its per-token codes (dynamic per token, unclipped; one pass
-    for the absmax, one for the codes, the rows in parallel), else `int8_codes`."""
+    for the absmax, one for the codes, the rows in parallel) or its codes under a static scale (one pass), else
+    `int8_codes`."""
+    if dynamic is None:
+        return _op_static_codes(decode_op)
     return _op_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+
+
+@functools.cache
+def _op_static_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`int8_codes` of an input with a static scale, by the decode op (`llmquant.nn.int8_gemv`)."""
+    def quantize(rows: torch.Tensor, _dynamic: str | None, static: torch.Tensor | None, qmin: int, qmax: int,
+                 _clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        assert static is not None
+        return static_codes(decode_op, rows, static, qmin, qmax), static
+    return quantize
 
 
 @functools.cache
