@@ -298,13 +298,14 @@ def test_the_workspace_is_reused_across_layers_and_grows() -> None:
 
 @pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None, reason="the decode op does not run here")
 def test_the_decode_ops_kv_codes_and_values_are_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Per-token codes of a decode step's keys and values and the dequantization of views of a larger store: the
-    decode op gives torch's bits."""
+    """Per-token and static per-tensor codes of a decode step's keys and values (some clamped) and the
+    dequantization of views of a larger store: the decode op gives torch's bits."""
     from llmquant.nn.kv_storage import dequantize_states, quantize_states
     from llmquant.quant.scheme import scheme_from_name
 
-    spec = scheme_from_name(TOKEN).kv_cache
-    assert spec is not None
+    spec, static_spec = scheme_from_name(TOKEN).kv_cache, scheme_from_name(STATIC).kv_cache
+    assert spec is not None and static_spec is not None
+    static_scale = torch.full((1,), 0.03)
     generator = torch.Generator().manual_seed(0)
     states = torch.randn(2, 2, 3, 1, 64, generator=generator) * 4
     store = torch.randint(-128, 128, (2, 2, 3, 40, 64), dtype=torch.int8, generator=generator)
@@ -313,7 +314,8 @@ def test_the_decode_ops_kv_codes_and_values_are_torchs(monkeypatch: pytest.Monke
     found = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LLMQUANT_GEMV", flag)
-        found[flag] = (*quantize_states(states, spec, None), dequantize_states(codes, values, torch.float32).clone())
+        found[flag] = (*quantize_states(states, spec, None), dequantize_states(codes, values, torch.float32).clone(),
+                       *quantize_states(states, static_spec, static_scale))
     for op, torch_ in zip(found["1"], found["0"], strict=True):
         assert op.dtype == torch_.dtype and torch.equal(op, torch_)
     assert torch.equal(found["1"][2], codes.float() * values)
