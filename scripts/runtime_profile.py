@@ -278,7 +278,8 @@ def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -
 
 def ops() -> None:
     """The decode op's (`llmquant.nn.int8_gemv`) calls alone against torch's: the scaling of a 512 x 1536 float32
-    product (each call on a fresh copy, whose cost is printed too), and one INT8 KV cache layer's update and
+    product (each call on a fresh copy, whose cost is printed too), the input codes of 512 rows (per token and static),
+    a 576 -> 49152 head at one row weight-only int8 against float32, and one INT8 KV cache layer's update and
     attention (9 query heads) after 512 positions at batch 1 (3 KV heads of 64, per-token codes) against
     transformers' float layer with sdpa, the four alternating, medians of 15 runs of 64 steps."""
     from transformers.cache_utils import DynamicLayer
@@ -294,6 +295,26 @@ def ops() -> None:
     torch_us = median_us(lambda: int8_linear.scale_output(product.clone(), scale, weight_scale, None))
     op_us = median_us(lambda: int8_gemv.scale_product(op, product.clone(), scale, weight_scale, None))
     print(f"scaling 512 x 1536 (a copy included: {copy_us:.0f} us): torch {torch_us:.0f} us, the op {op_us:.0f} us")
+    static = torch.full((1, 1), 0.05)
+
+    def codes_us(rows: torch.Tensor) -> list[float]:  # per token by torch, by the op; static by torch, by the op
+        return [median_us(call, 50) for call in (
+            lambda: int8_linear.int8_codes(rows, "token", None, -128, 127),
+            lambda: int8_gemv.token_codes(op, rows, 127),
+            lambda: int8_linear.int8_codes(rows, None, static, -128, 127),
+            lambda: int8_gemv.static_codes(op, rows, static, -128, 127))]
+
+    for rows in (torch.randn(512, 576), torch.randn(512, 1536)):
+        token_torch, token_op, static_torch, static_op = codes_us(rows)
+        print(f"input codes of {rows.shape[0]} x {rows.shape[1]}: per token torch {token_torch:.0f} us, the op "
+              f"{token_op:.0f} us; static torch {static_torch:.0f} us, the op {static_op:.0f} us")
+    head = torch.randn(49152, 576)
+    head_scale = head.abs().amax(1, keepdim=True) / 127
+    head_codes, row = torch.round(head / head_scale).to(torch.int8), torch.randn(1, 576)
+    float_us = median_us(lambda: torch.nn.functional.linear(row, head), 20)
+    int8_us = median_us(lambda: int8_gemv.weight_only_linear(op, row, head_codes, head_scale, None), 20)
+    print(f"a head of 576 -> 49152 at one row: float32 F.linear {float_us:.0f} us, weight-only int8 on the op "
+          f"{int8_us:.0f} us")
     spec = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic", kv_cache="int8_per_token").kv_cache
     prompt = (torch.randn(1, 3, 512, 64), torch.randn(1, 3, 512, 64))
     steps = [(torch.randn(1, 9, 1, 64), torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)) for _ in range(64)]

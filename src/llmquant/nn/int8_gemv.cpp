@@ -79,6 +79,19 @@ void row_dots(const uint8_t* u, const int8_t* w, int64_t stride, int64_t count, 
 // NaN takes the scalar loop (its absmax NaN, as amax's).
 namespace {
 
+// codes[i] = clamp(round-half-even(row[i] / scale), low, high) as int8, 16 values a step (a correctly rounded
+// division: torch's bits).
+void divided_codes(const float* row, int64_t inner, float scale, float low, float high, int8_t* codes) {
+  const __m512 divisor = _mm512_set1_ps(scale), lowest = _mm512_set1_ps(low), highest = _mm512_set1_ps(high);
+  for (int64_t i = 0; i < inner; i += 16) {
+    const __mmask16 m = lanes(inner - i);
+    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, row + i), divisor),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 clamped = _mm512_min_ps(_mm512_max_ps(rounded, lowest), highest);
+    _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, _mm512_cvtps_epi32(clamped));
+  }
+}
+
 void row_codes(const float* row, int64_t inner, float qmax, float min_scale, int8_t* codes, float* scale) {
   __m512 high = _mm512_setzero_ps();
   __mmask16 nan = 0;
@@ -96,13 +109,7 @@ void row_codes(const float* row, int64_t inner, float qmax, float min_scale, int
     for (int64_t i = 0; i < inner; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
     return;
   }
-  const __m512 divisor = _mm512_set1_ps(row_scale);
-  for (int64_t i = 0; i < inner; i += 16) {
-    const __mmask16 m = lanes(inner - i);
-    const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, row + i), divisor),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm512_mask_cvtepi32_storeu_epi8(codes + i, m, _mm512_cvtps_epi32(rounded));
-  }
+  divided_codes(row, inner, row_scale, -qmax, qmax, codes);  // (unclipped: |x / scale| <= qmax, no clamping)
 }
 
 }  // namespace
@@ -125,8 +132,7 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
 }
 
 // Codes of float rows [rows, in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
-// code = clamp(round-half-even(x / scale), qmin, qmax), the division correctly rounded (torch's bits), 16 values a
-// step, the rows in parallel.
+// code = clamp(round-half-even(x / scale), qmin, qmax) (divided_codes), the rows in parallel.
 torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmin, double qmax) {
   TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
               "static_codes: float32 rows and one scale");
@@ -135,18 +141,10 @@ torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& sc
   torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
   const float* x = rows.data_ptr<float>();
   int8_t* c = codes.data_ptr<int8_t>();
-  const __m512 divisor = _mm512_set1_ps(scale_in.to(torch::kFloat32).item<float>());
-  const __m512 low = _mm512_set1_ps(static_cast<float>(qmin)), high = _mm512_set1_ps(static_cast<float>(qmax));
+  const float scale = scale_in.to(torch::kFloat32).item<float>();
   at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
-      for (int64_t i = 0; i < inner; i += 16) {
-        const __mmask16 lane = lanes(inner - i);
-        const __m512 rounded = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(lane, x + m * inner + i),
-                                                                  divisor),
-                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 clamped = _mm512_min_ps(_mm512_max_ps(rounded, low), high);
-        _mm512_mask_cvtepi32_storeu_epi8(c + m * inner + i, lane, _mm512_cvtps_epi32(clamped));
-      }
+      divided_codes(x + m * inner, inner, scale, static_cast<float>(qmin), static_cast<float>(qmax), c + m * inner);
     }
   });
   return codes;

@@ -2,10 +2,11 @@
 ``int8_gemv.cpp``: the per-token input codes (`token_codes`), and y = s_x * s_w * (x_q @ W_q^T) + b (`gemv_linear`:
 VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, exact in int32; then the scaling and
 the bias in the torch path's float32 order; W4A8 and W4A4 weights in groups too, one scale per group), the same bits
-as `llmquant.nn.int8_linear`'s torch operations (tested); the per-token codes of prefills too. The INT8 KV cache
-(`llmquant.nn.kv_storage`) takes its per-token codes from the same op, and at decode steps its attention reads the
-int8 keys and values (`decode_attention`) instead of a dequantized copy of the cache (`dequantize_rows` makes that
-copy elsewhere). Weight-only int8 Linears (W8A16) run their decode rows on it too (`weight_only_linear`).
+as `llmquant.nn.int8_linear`'s torch operations (tested); the input codes of prefills too (`token_codes`,
+`static_codes`). The INT8 KV cache (`llmquant.nn.kv_storage`) takes its codes from the same op, and at decode steps
+its attention reads the int8 (or FP8) keys and values (`decode_attention`) instead of a dequantized copy of the cache
+(`dequantize_rows` makes that copy elsewhere). Weight-only int8 Linears (W8A16) run their decode rows on it too
+(`weight_only_linear`).
 Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 

@@ -14,9 +14,10 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
   product needs a promoting multiplication into a new tensor), then the bias in place: the order the simulation
   keeps.
 
-Up to four rows (a decode step at batch 1 to 4) on a CPU with AVX512-VNNI, the three parts are two calls of a small
-C++ op (`llmquant.nn.int8_gemv`: a decode step pays for every operation, and torch's int8 products at one row are
-not bound by memory), with the same bits.
+On a CPU with AVX512-VNNI a small C++ op (`llmquant.nn.int8_gemv`) makes the codes (per token, or under a static
+scale) and scales oneDNN's products in one pass each; up to four rows (a decode step at batch 1 to 4) the three parts
+are two of its calls (a decode step pays for every operation, and torch's int8 products at one row are not bound by
+memory). The same bits throughout.
 
 With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
 `COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
@@ -232,7 +233,8 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight, weight_scale: to
         codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale,
                            bias, group_size)
-    quantize, _ = _op_kernels(rows, dynamic, clip_ratio)
+    op = cpu_kernel(rows)
+    quantize = int8_codes if op is None else _op_quantizer(op, dynamic, clip_ratio)
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     groups = [group.contiguous() for group in weight.codes.split(group_size, dim=1)]
     return grouped_linear(codes, scale, groups, weight_scale, bias, lambda a, w: int8_matmul(a.contiguous(), w))
@@ -302,8 +304,8 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
 
 def _op_kernels(rows: torch.Tensor, dynamic: str | None, clip_ratio: float
                 ) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]:
-    """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its per-token
-    codes (`_op_quantizer`) and its one-pass `scale_product` for oneDNN's float32 products; else torch's."""
+    """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its codes
+    (`_op_quantizer`) and its one-pass `scale_product` for oneDNN's float32 products; else torch's."""
     op = cpu_kernel(rows)
     return (int8_codes, scale_output) if op is None else (_op_quantizer(op, dynamic, clip_ratio),
                                                           _in_place_scaling(op))

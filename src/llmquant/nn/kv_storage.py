@@ -189,6 +189,7 @@ class Int8CacheLayer(DynamicLayer):
         self._stores: dict[str, _Store] = {}  # the tensors above are views of the first positions of these
         self._returned: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last update returned
         self._deferred = False  # whether that was stand-ins (`attend` reads the codes)
+        self._paired = False  # whether keys and values share one store (set with the first update)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -198,6 +199,8 @@ class Int8CacheLayer(DynamicLayer):
         self.key_scales = empty.new_empty(scale_shape(empty, self.quantizer.spec), dtype=torch.float32)
         self.value_scales = empty.new_empty(scale_shape(value_states[..., :0, :], self.quantizer.spec),
                                             dtype=torch.float32)
+        spec = self.quantizer.spec  # keys and values side by side in one store: dynamic per token, of one shape
+        self._paired = spec.dynamic and spec.granularity == "token" and key_states.shape == value_states.shape
         self.is_initialized = True
 
     def update(
@@ -209,7 +212,7 @@ class Int8CacheLayer(DynamicLayer):
         if self.rotation is not None:
             key_states = self.rotation(key_states)
         spec, quantizer = self.quantizer.spec, self.quantizer
-        if self._paired():
+        if self._paired:
             # keys and values side by side in one store: one quantization, one append of the codes and one of the
             # scales, one dequantization (each position is quantized on its own: stacking changes no code)
             codes, scales = quantize_states(torch.stack((key_states, value_states)), spec, None)
@@ -229,15 +232,9 @@ class Int8CacheLayer(DynamicLayer):
             self._returned = self._dequantized()
         return self._returned
 
-    def _paired(self) -> bool:
-        """Whether keys and values share one store (dynamic per token, of one shape)."""
-        spec = self.quantizer.spec
-        return (spec.dynamic and spec.granularity == "token" and self.keys.shape[:-2] == self.values.shape[:-2]
-                and self.keys.shape[-1] == self.values.shape[-1])
-
     def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x_hat = q * s of the whole sequence, in this thread's workspaces (`dequantize_states`)."""
-        if self._paired():
+        if self._paired:
             length = self.keys.shape[-2]
             code_store, scale_store = self._stores["codes"].tensor, self._stores["scales"].tensor
             states = dequantize_states(code_store.narrow(-2, 0, length), scale_store.narrow(-2, 0, length), self.dtype,
