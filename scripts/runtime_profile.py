@@ -9,6 +9,7 @@
     .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # W8A8 prefill: the op's scaling
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
+    .venv/bin/python scripts/runtime_profile.py prefetch --model DIR  # the op's prefetch of weight rows, on / off
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
@@ -191,9 +192,11 @@ def compiled_against_eager(model_dir: str, batch: int) -> None:
           f"eager {statistics.median(times['0']) * 1e3:.1f} ms")
 
 
-def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int = 64) -> dict[str, float]:
+def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int = 64,
+                      before: Callable[[str], None] = lambda name: None) -> dict[str, float]:
     """Median milliseconds of a decode step of each model after a 512-token prefill at ``batch``, the models
-    alternating step by step (the machine's slow and fast phases fall on all of them)."""
+    alternating step by step (the machine's slow and fast phases fall on all of them); ``before(name)`` runs
+    before each of a model's steps, untimed."""
     ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
     state, times = {}, {name: [] for name in models}
     with torch.no_grad():
@@ -203,6 +206,7 @@ def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int
         for _ in range(steps):
             for name, model in models.items():
                 cache, token = state[name]
+                before(name)
                 start = time.perf_counter()
                 out = model(token, **{cache_argument(model): cache}, use_cache=True)
                 times[name].append(time.perf_counter() - start)
@@ -259,13 +263,19 @@ def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
 
 
 def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -> None:
-    """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`) and without it
+    """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`), with it but
+    through `llmquant.nn.int8_linear.int8_linear` at every call (each layer's `DecodeRows` off), and without it
     (``LLMQUANT_GEMV=0``: ``torch._int_mm``), and the checkpoints ``also`` with the op, decode steps alternating."""
     models = {"float32": llmquant.load(None, device="cpu")[0]}
-    runs = [("decode op", "1", model_dir), ("torch._int_mm", "0", model_dir)]
+    runs = [("decode op", "1", model_dir), ("decode op, per-call path", "1", model_dir),
+            ("torch._int_mm", "0", model_dir)]
     for name, flag, path in runs + [(os.path.basename(path.rstrip("/")), "1", path) for path in also]:
         os.environ["LLMQUANT_GEMV"] = flag  # (read when a Linear first runs: the warm-up below)
         models[name] = llmquant.load(path, device="cpu")[0]
+        if name.endswith("per-call path"):
+            for module in models[name].modules():
+                if isinstance(module, QuantLinear):
+                    module._decode_rows = False  # (kept until set_runtime)
         with torch.no_grad():
             models[name](torch.zeros(batch, 4, dtype=torch.long))
     os.environ.pop("LLMQUANT_GEMV")
@@ -274,6 +284,59 @@ def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
           + "; float32 / quantized: " + ", ".join(f"{name} {medians['float32'] / ms:.3f}"
                                                    for name, ms in medians.items() if name != "float32"))
+
+
+def prefetch(model_dir: str, batch: int, steps: int = 64) -> None:
+    """The decode op's prefetch of the next 8 weight rows (`set_prefetch`) on and off: its products at one row on
+    the default model's shapes (W8A8 by `int8_gemv`; the head weight-only in groups of 32 by `weight_only_gemv`),
+    each call on another of weights filling 300 MB (read from memory, as in a forward), alternating, medians of
+    400 calls; then decode steps after 512 tokens at ``batch`` of a W8A8 checkpoint (loaded twice), on and off,
+    alternating step by step."""
+    from llmquant.nn import int8_gemv
+
+    op = int8_gemv.cpu_kernel(torch.empty(0))
+    if op is None:
+        raise SystemExit(f"the decode op does not run here: {int8_gemv.gemv_refusal(torch.device('cpu'))}")
+    shapes = [(1536, 576, "gate/up"), (576, 1536, "down"), (576, 576, "q/o"), (192, 576, "k/v"),
+              (49152, 576, "head, weight-only g32")]
+    for out, inner, name in shapes:
+        on_us, off_us = _prefetch_product_us(op, out, inner, weight_only=name.startswith("head"))
+        print(f"{name} ({out} x {inner}) at one row, from memory: prefetch {on_us:.1f} us, none {off_us:.1f} us "
+              f"({off_us / on_us:.2f}x)")
+    models = {label: llmquant.load(model_dir, device="cpu")[0] for label in ("prefetch", "none")}
+    medians = alternating_steps(models, batch, steps, before=lambda label: op.set_prefetch(label == "prefetch"))
+    op.set_prefetch(True)
+    print(f"decode step at batch {batch} after 512 tokens (median of {steps}): prefetch {medians['prefetch']:.2f} "
+          f"ms, none {medians['none']:.2f} ms ({medians['none'] / medians['prefetch']:.3f}x)")
+
+
+def _prefetch_product_us(op: object, out: int, inner: int, weight_only: bool) -> tuple[float, float]:
+    """Median microseconds of one row's product on ``out x inner`` int8 weights filling 300 MB, the op's prefetch on
+    and off alternating (each on other weights): W8A8 (`int8_gemv`), or weight-only in groups of 32."""
+    from llmquant.nn import int8_gemv
+
+    generator = torch.Generator().manual_seed(0)
+    count = max(2, 300_000_000 // (out * inner))
+    weights = [torch.randint(-127, 128, (out, inner), dtype=torch.int8, generator=generator) for _ in range(count)]
+    row, group_scale = torch.randn(1, inner), torch.rand(out, inner // 32)
+    sums = [int8_gemv.weight_row_sums(weight) for weight in weights] if not weight_only else []
+    codes, scale = int8_gemv.token_codes(op, row, 127)
+    weight_scale = torch.rand(1, out)
+
+    def call(index: int) -> object:
+        if weight_only:
+            return int8_gemv.weight_only_linear(op, row, weights[index], group_scale, None, 32)
+        return int8_gemv.gemv_linear(op, codes, weights[index], sums[index], scale, weight_scale, None)
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for repeat in range(400):
+        for on, index in ((True, repeat % count), (False, (repeat + count // 2) % count)):
+            op.set_prefetch(on)
+            start = time.perf_counter()
+            call(index)
+            times[on].append(time.perf_counter() - start)
+    op.set_prefetch(True)
+    return statistics.median(times[True]) * 1e6, statistics.median(times[False]) * 1e6
 
 
 def ops() -> None:
@@ -419,7 +482,7 @@ def fp8(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill", "ops"])
+                                         "prefill", "ops", "prefetch"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -451,6 +514,10 @@ def main() -> None:
             decode_steps(args.model, args.batch, args.also)
         else:
             prefill_scaling(args.model, args.batch)
+    elif args.what == "prefetch":
+        if args.model is None:
+            parser.error("prefetch needs --model DIR (a W8A8 checkpoint)")
+        prefetch(args.model, args.batch)
     elif args.what == "kv":
         if args.model is None or args.baseline is None:
             parser.error("kv needs --model KV_DIR --baseline DIR")

@@ -21,6 +21,7 @@ ROUND_TRIP = [
     "w_int8_per_channel_a_int8_per_tensor_dynamic",
     "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic",
     "w_uint4_per_group_asym",
+    "w_int8_per_group_sym",
 ]
 
 

@@ -13,7 +13,7 @@ from conftest import logits, make_model, relative_error
 from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.kv_storage import cache_argument, returned_cache
-from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.nn.quant_linear import QuantLinear, set_input_clip, set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
 
 
@@ -266,8 +266,10 @@ def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str,
     set_runtime(model, "fake")
     simulated = _decode_logits(model, prompt, 4)
     set_runtime(model, "int8")
+    calls = _counting_codes(monkeypatch)
     integer = _decode_logits(model, prompt, 4)
     assert all(torch.equal(a, b) for a, b in zip(simulated, integer, strict=True))
+    assert len(calls) == 4 * model.config.num_hidden_layers * 5  # q/k/v once, o, gate/up once, down: prompt, 4 steps
     layer = model.get_submodule("model.layers.0.mlp.down_proj")
     uses_gemv = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
     assert (layer._int8_weight().row_sums is not None) == uses_gemv
@@ -316,6 +318,35 @@ def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+@needs_gemv
+@pytest.mark.parametrize("scheme", ["w_int8_per_channel_a_int8_per_token_dynamic",
+                                    "w_int8_per_tensor_a_int8_per_tensor_static"])
+def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 4 rows of a W8A8 layer go through its `DecodeRows` (the op's codes and product, no reshape) with the
+    simulation's bits, for inputs of any leading shape and non-contiguous ones; 5 rows, or a clipped input (torch's
+    codes), take `int8_linear`'s path, with the same bits."""
+    layer = _layer(scheme, bias=True)
+    shapes: list[tuple[int, ...]] = []
+    original = kernel.DecodeRows.__call__
+    monkeypatch.setattr(kernel.DecodeRows, "__call__",
+                        lambda self, x: shapes.append(tuple(x.shape)) or original(self, x))
+    generator = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(*shape, generator=generator) for shape in ((1, 1, 96), (2, 1, 96), (4, 96), (1, 2, 2, 96))]
+    inputs.append(torch.randn(96, 3, generator=generator).t())  # [3, 96], not contiguous
+    with torch.no_grad():
+        for x in inputs:
+            simulated, integer = _outputs(layer, x)
+            assert integer.shape == (*x.shape[:-1], 80) and torch.equal(simulated, integer)
+        assert shapes == [tuple(x.shape) for x in inputs]
+        simulated, integer = _outputs(layer, torch.randn(5, 96, generator=generator))
+        assert torch.equal(simulated, integer) and len(shapes) == len(inputs)
+        if layer.input_spec.dynamic:
+            assert set_input_clip(layer, 0.5) == 1
+            simulated, integer = _outputs(layer, inputs[0])
+            assert torch.equal(simulated, integer) and len(shapes) == len(inputs) and layer._decode_rows is False
+
+
 def test_linears_reading_one_tensor_quantize_it_once_per_forward(monkeypatch: pytest.MonkeyPatch,
                                                                  calib_ids: torch.Tensor,
                                                                  eval_ids: torch.Tensor) -> None:
@@ -362,20 +393,24 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pyt
 
 
 @needs_gemv
-@pytest.mark.parametrize(("rows", "inner", "outputs"), [(1, 576, 4099), (3, 70, 13), (4, 1536, 9)])
-def test_the_weight_only_op_is_the_float_product_within_float32_roundings(rows: int, inner: int,
-                                                                        outputs: int) -> None:
-    """(x @ W_q^T) * s_w + b from the int8 codes agrees with float64 arithmetic as closely as the simulation's float32
-    x @ (W_q * s_w)^T + b does (within 4x of its error), for inner sizes with a tail of 16 and outputs not a
-    multiple of 8."""
-    generator = torch.Generator().manual_seed(outputs)
+@pytest.mark.parametrize(("rows", "inner", "outputs", "group"),
+                         [(1, 576, 4099, 0), (3, 70, 13, 0), (4, 1536, 9, 0), (1, 576, 4099, 32), (3, 96, 13, 48),
+                          (4, 1536, 17, 128)])
+def test_the_weight_only_op_is_the_float_product_within_float32_roundings(rows: int, inner: int, outputs: int,
+                                                                        group: int) -> None:
+    """(x @ W_q^T) * s_w + b from the int8 codes (one scale per output, or per output and group of ``group`` columns)
+    agrees with float64 arithmetic as closely as the simulation's float32 x @ dequantized(W_q)^T + b does (within 4x
+    of its error), for inner sizes with a tail of 16 and outputs not a multiple of 8."""
+    generator = torch.Generator().manual_seed(outputs + group)
     weight = torch.randn(outputs, inner, generator=generator)
-    scale = weight.abs().amax(1) / 127
-    codes = torch.round(weight / scale[:, None]).to(torch.int8)
+    grouped = weight.reshape(outputs, -1, group or inner)
+    scale = grouped.abs().amax(-1) / 127  # [out, groups]
+    codes = torch.round(grouped / scale[..., None]).to(torch.int8).reshape(outputs, inner)
     x, bias = torch.randn(rows, inner, generator=generator), torch.randn(outputs, generator=generator)
-    y = int8_gemv.weight_only_linear(int8_gemv.gemv_kernel(), x, codes, scale[:, None], bias)
-    exact = x.double() @ (codes.double() * scale.double()[:, None]).T + bias.double()
-    simulated = x @ (codes.float() * scale[:, None]).T + bias
+    y = int8_gemv.weight_only_linear(int8_gemv.gemv_kernel(), x, codes, scale, bias, group)
+    dequantized = (codes.reshape(outputs, -1, group or inner).double() * scale.double()[..., None]).reshape(outputs, -1)
+    exact = x.double() @ dequantized.T + bias.double()
+    simulated = x @ dequantized.float().T + bias
     assert y.shape == (rows, outputs) and y.dtype == torch.float32
     bound = 4 * max((simulated.double() - exact).abs().max().item(), 1e-7 * exact.abs().max().item())
     assert (y.double() - exact).abs().max().item() <= bound
@@ -383,16 +418,21 @@ def test_the_weight_only_op_is_the_float_product_within_float32_roundings(rows: 
 
 W8A16_HEAD = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "ignore": [],
               "overrides": [{"targets": ["lm_head"], "scheme": "w_int8_per_channel"}]}
+W8A16_G32_HEAD = {**W8A16_HEAD, "overrides": [{"targets": ["lm_head"], "scheme": "w_int8_per_group_sym",
+                                               "group_size": 32}]}
 
 
 @needs_gemv
-def test_a_weight_only_int8_head_runs_its_decode_rows_on_the_op(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+@pytest.mark.parametrize("recipe", [W8A16_HEAD, W8A16_G32_HEAD], ids=["per_channel", "group_32"])
+def test_a_weight_only_int8_head_runs_its_decode_rows_on_the_op(recipe: dict, calib_ids: torch.Tensor,
+                                                                eval_ids: torch.Tensor,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """A head quantized weight-only to int8 (W8A16, by an override) switches to the int8 runtime; its decode steps
-    run on the op (counted) with the simulation's tokens and logits within float32 roundings; a forward of many rows
-    keeps the simulation (the same logits)."""
-    model = llmquant.quantize(make_model("llama"), W8A16_HEAD, calib=calib_ids, progress=False)
+    """A head quantized weight-only to int8 (W8A16, by an override; per channel, or in groups of 32 columns) switches
+    to the int8 runtime; its decode steps run on the op (counted) with the simulation's tokens and logits within
+    float32 roundings; a forward of many rows keeps the simulation (the same logits)."""
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.supports_weight_only_int8
+    assert model.lm_head.weight_scale.shape[1] == (1 if recipe is W8A16_HEAD else model.lm_head.in_features // 32)
     with torch.no_grad():
         simulated_logits = model(eval_ids, use_cache=False).logits
     simulated = generate_greedy(model, calib_ids[:1, :12])
@@ -415,6 +455,23 @@ def generate_greedy(model: torch.nn.Module, prompt: torch.Tensor):
     with torch.no_grad():
         return model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
+
+
+def test_int8_groups_of_32_store_a_weight_already_on_that_grid_exactly() -> None:
+    """A weight that is d * q already (int8 q, |q| <= 127 reaching 127 in every group of 32, d a float16 per group:
+    the default model's head, a GGUF Q8_0 tensor) comes back bit for bit from W8A16 in groups of 32 (min-max
+    symmetric: s = absmax / 127 = d, q = round(w / s)): a head quantized so loses nothing; groups of 64 and per
+    channel do lose."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (40, 96, 32), generator=generator)
+    q[..., 0] = 127 * torch.where(torch.rand(40, 96, generator=generator) < 0.5, -1, 1)
+    d = (torch.rand(40, 96, 1, generator=generator) * 0.01 + 1e-4).half().float()
+    linear = torch.nn.Linear(96 * 32, 40, bias=False)
+    linear.weight.data = (q * d).reshape(40, -1)
+    for group, lossless in ((32, True), (64, False), (-1, False)):
+        spec = scheme_from_name("w_int8_per_group_sym", group).weights
+        layer = QuantLinear.from_linear(linear, spec, None)
+        assert torch.equal(layer.dequantized_weight(), linear.weight) == lossless
 
 
 def test_without_the_op_a_weight_only_int8_layer_keeps_the_simulation(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,6 +98,14 @@ def test_the_readme_recipe_builds() -> None:
     assert recipe.algorithm == "gptq" and [p.name for p in recipe.pre_opts] == ["quarot", "smoothquant"]
 
 
+def test_every_shipped_recipe_builds_and_the_readme_names_only_existing_ones() -> None:
+    shipped = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+    for path in shipped:
+        Recipe.from_file(path)
+    named = set(re.findall(r"configs/recipes/[\w.+-]+\.yaml", README))
+    assert named and named <= {str(path.relative_to(ROOT)) for path in shipped}
+
+
 def test_the_readme_links_exist() -> None:
     for target in re.findall(r"\]\(([^)#]+)\)", README):
         if not target.startswith("http"):

@@ -76,9 +76,29 @@ class Calibration(_Strict):
     propagate: Literal["quantized", "float"] = "quantized"
 
 
+def _valid_group_size(value: int | None) -> int | None:
+    if value is not None and value != -1 and value < 2:
+        raise ValueError(f"group_size must be >= 2, or -1 for per channel; got {value}")
+    return value
+
+
 class Override(_Strict):
+    """``scheme`` for the Linears ``targets`` names; ``group_size`` (-1: per channel) for a grouped weight-only
+    scheme, default the recipe's."""
+
     targets: list[str] = Field(min_length=1)
     scheme: str
+    group_size: int | None = None
+
+    _group = field_validator("group_size")(classmethod(lambda cls, value: _valid_group_size(value)))
+
+    @model_serializer(mode="wrap")
+    def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without ``group_size`` where it is not given (a recipe's fingerprint stays as it was)."""
+        data = handler(self)
+        if self.group_size is None:
+            data.pop("group_size", None)
+        return data
 
     @field_validator("scheme")
     @classmethod
@@ -265,12 +285,7 @@ class Recipe(_Strict):
             raise ValueError(f"unknown kv cache '{value}'; allowed: {', '.join(KV_CACHE)}")
         return value
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, value: int | None) -> int | None:
-        if value is not None and value != -1 and value < 2:
-            raise ValueError(f"group_size must be >= 2, or -1 for per channel; got {value}")
-        return value
+    _group = field_validator("group_size")(classmethod(lambda cls, value: _valid_group_size(value)))
 
     @model_validator(mode="after")
     def _samples_for_the_recipe(self) -> Recipe:
@@ -366,8 +381,8 @@ class Recipe(_Strict):
         path.write_text(text)
 
     # --- resolution -----------------------------------------------------------------------------
-    def scheme_named(self, name: str) -> Scheme:
-        scheme = scheme_from_name(name, self.group_size, self.kv_cache)
+    def scheme_named(self, name: str, group_size: int | None = None) -> Scheme:
+        scheme = scheme_from_name(name, group_size or self.group_size, self.kv_cache)
         scheme = _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
         return _with_clip_ratios(scheme, self.activation_clip, self.kv_cache_clip)
 
@@ -386,7 +401,7 @@ class Recipe(_Strict):
             scheme = Scheme() if name in gates else base
             for override in self.overrides:
                 if matches_any(name, module, override.targets):
-                    scheme = self.scheme_named(override.scheme)
+                    scheme = self.scheme_named(override.scheme, override.group_size)
             if matches_any(name, module, self.ignore):
                 scheme = Scheme()
             linears[name] = _fitting_groups(scheme.linear_part(), name, module.in_features, fallbacks)

@@ -26,6 +26,16 @@ namespace {
 // The first `count` of 16 lanes.
 inline __mmask16 lanes(int64_t count) { return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1); }
 
+// Asks for the cache line 8 weight rows (`stride` bytes each) after `at`: the same place in the next block of 8 rows,
+// read while this block is multiplied (the hardware prefetcher, following eight interleaved row streams, starts late
+// on each new block: 10-25% of a decode step's products from memory, BENCHMARKS.md). Past the weight's end it asks
+// for nothing that can fault (a prefetch never does).
+bool prefetching = true;  // set_prefetch: off only to measure what it gains (scripts/runtime_profile.py prefetch)
+
+inline void prefetch_next_block(const int8_t* at, int64_t stride) {
+  if (prefetching) _mm_prefetch(reinterpret_cast<const char*>(at + 8 * stride), _MM_HINT_T0);
+}
+
 int32_t unsigned_dot(const uint8_t* u, const int8_t* w, int64_t full_blocks, __mmask64 tail) {
   __m512i sum = _mm512_setzero_si512();
   for (int64_t b = 0; b < full_blocks; ++b) {
@@ -50,7 +60,10 @@ void row_dots(const uint8_t* u, const int8_t* w, int64_t stride, int64_t count, 
   for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_si512();
   for (int64_t b = 0; b < full_blocks; ++b) {
     const __m512i x = _mm512_loadu_si512(u + 64 * b);
-    for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], x, _mm512_loadu_si512(w + r * stride + 64 * b));
+    for (int r = 0; r < 8; ++r) {
+      prefetch_next_block(w + r * stride + 64 * b, stride);
+      acc[r] = _mm512_dpbusd_epi32(acc[r], x, _mm512_loadu_si512(w + r * stride + 64 * b));
+    }
   }
   if (tail) {
     const int64_t offset = 64 * full_blocks;
@@ -73,10 +86,10 @@ void row_dots(const uint8_t* u, const int8_t* w, int64_t stride, int64_t count, 
 
 }  // namespace
 
-// Per-token symmetric int8 codes of float rows [rows, in], as llmquant.nn.int8_linear.input_codes makes them
-// (dynamic "token", no clipping): scale = max(absmax / qmax, min_scale), code = round-half-even(x / scale), in float32
-// (a correctly rounded division, as torch's: the same bits), 16 values at a time, the rows in parallel. A row with a
-// NaN takes the scalar loop (its absmax NaN, as amax's).
+// Per-token symmetric int8 codes of float rows [..., in] (their scales [rows, 1]), as
+// llmquant.nn.int8_linear.input_codes makes them (dynamic "token", no clipping): scale = max(absmax / qmax,
+// min_scale), code = round-half-even(x / scale), in float32 (a correctly rounded division, as torch's: the same bits),
+// 16 values at a time, the rows in parallel. A row with a NaN takes the scalar loop (its absmax NaN, as amax's).
 namespace {
 
 // codes[i] = clamp(round-half-even(row[i] / scale), low, high) as int8, 16 values a step (a correctly rounded
@@ -115,10 +128,10 @@ void row_codes(const float* row, int64_t inner, float qmax, float min_scale, int
 }  // namespace
 
 std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale) {
-  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
+  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
   const torch::Tensor rows = rows_in.contiguous();
-  const int64_t count = rows.size(0), inner = rows.size(1);
-  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
+  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
+  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
   torch::Tensor scale = torch::empty({count, 1}, rows.options());
   const float* x = rows.data_ptr<float>();
   int8_t* c = codes.data_ptr<int8_t>();
@@ -131,14 +144,14 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
-// Codes of float rows [rows, in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
+// Codes of float rows [..., in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
 // code = clamp(round-half-even(x / scale), qmin, qmax) (divided_codes), the rows in parallel.
 torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmin, double qmax) {
-  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
+  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
               "static_codes: float32 rows and one scale");
   const torch::Tensor rows = rows_in.contiguous();
-  const int64_t count = rows.size(0), inner = rows.size(1);
-  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
+  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
+  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
   const float* x = rows.data_ptr<float>();
   int8_t* c = codes.data_ptr<int8_t>();
   const float scale = scale_in.to(torch::kFloat32).item<float>();
@@ -215,7 +228,7 @@ void dequantize_rows(const torch::Tensor& codes, const torch::Tensor& scales, to
   }
 }
 
-// The W8A8 (or grouped W4A8) linear of a few rows of int8 codes, float32 [rows, out]: codes [rows, in] int8, weight
+// The W8A8 (or grouped W4A8) linear of a few rows of int8 codes, float32 [..., out]: codes [..., in] int8, weight
 // [out, in] int8, weight_row_sums [out, groups] int32 (each weight row's sum over each group), input_scale [rows, 1]
 // or [1, 1], weight_scale [1, out] or [1, 1] (group_size 0) or [out, groups], bias [out] or None. In the orders
 // llmquant.nn.int8_linear keeps:
@@ -224,11 +237,11 @@ void dequantize_rows(const torch::Tensor& codes, const torch::Tensor& scales, to
 torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight, const torch::Tensor& weight_row_sums,
                         const torch::Tensor& input_scale, const torch::Tensor& weight_scale,
                         const std::optional<torch::Tensor>& bias, int64_t group_size) {
-  TORCH_CHECK(codes.dim() == 2 && weight.dim() == 2 && codes.size(1) == weight.size(1), "int8_gemv: shapes");
+  TORCH_CHECK(codes.dim() >= 2 && weight.dim() == 2 && codes.size(-1) == weight.size(1), "int8_gemv: shapes");
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && weight.scalar_type() == torch::kInt8, "int8_gemv: int8 codes");
   TORCH_CHECK(codes.is_contiguous() && weight.is_contiguous() && weight_row_sums.is_contiguous(),
               "int8_gemv: contiguous tensors");
-  const int64_t rows = codes.size(0), inner = codes.size(1), outputs = weight.size(0);
+  const int64_t inner = codes.size(-1), rows = inner > 0 ? codes.numel() / inner : 0, outputs = weight.size(0);
   TORCH_CHECK(group_size >= 0 && (group_size == 0 || inner % group_size == 0), "int8_gemv: groups divide the input");
   const int64_t groups = group_size > 0 ? inner / group_size : 1, span = group_size > 0 ? group_size : inner;
   TORCH_CHECK(weight_row_sums.scalar_type() == torch::kInt32 && weight_row_sums.numel() == outputs * groups,
@@ -247,7 +260,9 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
   std::vector<uint8_t> shifted(rows * inner);  // u = c + 128: the sign bit flipped
   for (int64_t i = 0; i < rows * inner; ++i) shifted[i] = static_cast<uint8_t>(c[i]) ^ 0x80;
   const uint8_t* u = shifted.data();
-  torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
+  std::vector<int64_t> shape(codes.sizes().begin(), codes.sizes().end());  // the codes' leading dimensions
+  shape.back() = outputs;
+  torch::Tensor y = torch::empty(shape, codes.options().dtype(torch::kFloat32));
   const int8_t* w = weight.data_ptr<int8_t>();
   const int32_t* row_sums = weight_row_sums.data_ptr<int32_t>();
   const float* sx = s_x.data_ptr<float>();
@@ -526,31 +541,79 @@ torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::
 namespace {
 
 // The 8 dot products of the float row x (`inner` values) with 8 int8 weight rows `stride` bytes apart, the codes
-// converted to float 16 at a time: eight accumulators summed across their lanes together (lane_sums8).
-__m256 float_code_dots8(const float* x, const int8_t* w, int64_t stride, int64_t inner) {
+// converted to float 16 at a time: eight accumulators summed across their lanes together (lane_sums8). With groups
+// (`group` > 0, a multiple of 16 dividing `inner`), each group's partial sums are scaled by its row's scale (`scales`:
+// the 8 rows' [groups] scales, `groups` apart) and added up, group after group: sum_g s_g (x_g . w_g).
+__m256 float_code_dots8(const float* x, const int8_t* w, int64_t stride, int64_t inner, int64_t group,
+                        const float* scales, int64_t groups) {
   __m512 acc[8];
   for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < inner; i += 16) {
-    const __m512 xs = _mm512_maskz_loadu_ps(lanes(inner - i), x + i);
-    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(xs, code_floats(w + r * stride + i, inner - i), acc[r]);
+  if (group == 0) {
+    for (int64_t i = 0; i < inner; i += 16) {
+      const __m512 xs = _mm512_maskz_loadu_ps(lanes(inner - i), x + i);
+      for (int r = 0; r < 8; ++r) {
+        if ((i & 63) == 0) prefetch_next_block(w + r * stride + i, stride);
+        acc[r] = _mm512_fmadd_ps(xs, code_floats(w + r * stride + i, inner - i), acc[r]);
+      }
+    }
+    return lane_sums8(acc);
+  }
+  __m512 part[8];
+  for (int64_t g = 0, i = 0; g < groups; ++g) {
+    for (int r = 0; r < 8; ++r) part[r] = _mm512_setzero_ps();
+    for (const int64_t end = i + group; i < end; i += 16) {
+      const __m512 xs = _mm512_loadu_ps(x + i);
+      for (int r = 0; r < 8; ++r) {
+        if ((i & 63) == 0) prefetch_next_block(w + r * stride + i, stride);
+        part[r] = _mm512_fmadd_ps(xs, code_floats(w + r * stride + i, 16), part[r]);
+      }
+    }
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(scales[r * groups + g]), acc[r]);
   }
   return lane_sums8(acc);
+}
+
+// One dot product of the float row x with the int8 weight row w, as float_code_dots8 computes each of its eight.
+float float_code_dot(const float* x, const int8_t* w, int64_t inner, int64_t group, const float* scales,
+                     int64_t groups) {
+  __m512 acc = _mm512_setzero_ps();
+  if (group == 0) {
+    for (int64_t i = 0; i < inner; i += 16) {
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(inner - i), x + i), code_floats(w + i, inner - i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+  for (int64_t g = 0, i = 0; g < groups; ++g) {
+    __m512 part = _mm512_setzero_ps();
+    for (const int64_t end = i + group; i < end; i += 16) {
+      part = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), code_floats(w + i, 16), part);
+    }
+    acc = _mm512_fmadd_ps(part, _mm512_set1_ps(scales[g]), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
 }
 
 }  // namespace
 
 // A weight-only int8 linear (W8A16) of a few float32 rows: y = (x . w_q) * s_w + b, x [rows, in] float32, weight
-// [out, in] int8, weight_scale [out] (or one), bias [out] or None; float32 sums in the op's order (not the bits of
-// x @ (w_q * s_w)^T: within float32 roundings of it). The weight is read once, 8 rows at a time, 1 byte a weight.
+// [out, in] int8, weight_scale [out] (or one), bias [out] or None; with `group_size` > 0 (a multiple of 16 dividing
+// in), weight_scale [out, in / group_size] and y = sum_g s_w,g (x_g . w_q,g) + b. float32 sums in the op's order (not
+// the bits of x @ (w_q * s_w)^T: within float32 roundings of it). The weight is read once, 8 rows at a time, 1 byte a
+// weight (the next 8 rows prefetched).
 torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor& weight,
-                               const torch::Tensor& weight_scale, const std::optional<torch::Tensor>& bias) {
+                               const torch::Tensor& weight_scale, const std::optional<torch::Tensor>& bias,
+                               int64_t group_size) {
   TORCH_CHECK(rows_in.dim() == 2 && weight.dim() == 2 && rows_in.size(1) == weight.size(1) &&
               rows_in.scalar_type() == torch::kFloat32 && weight.scalar_type() == torch::kInt8 &&
               weight.is_contiguous(), "weight_only_gemv: float32 rows [n, in], contiguous int8 weight [out, in]");
   const torch::Tensor rows = rows_in.contiguous();
   const int64_t count = rows.size(0), inner = rows.size(1), outputs = weight.size(0);
+  TORCH_CHECK(group_size == 0 || (group_size > 0 && group_size % 16 == 0 && inner % group_size == 0),
+              "weight_only_gemv: groups of a multiple of 16 columns that divide the input");
+  const int64_t groups = group_size > 0 ? inner / group_size : 0;
   const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "weight_only_gemv: one weight scale, or one per output");
+  TORCH_CHECK(group_size > 0 ? s_w.numel() == outputs * groups : (s_w.numel() == 1 || s_w.numel() == outputs),
+              "weight_only_gemv: one weight scale, one per output, or one per output and group");
   torch::Tensor b;
   if (bias.has_value()) {
     b = bias->to(torch::kFloat32).contiguous();
@@ -567,21 +630,19 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
     alignas(32) float dots[8];
     for (int64_t block = first; block < last; ++block) {
       const int64_t j0 = block * 8, n = std::min<int64_t>(8, outputs - j0);
+      const float* group_scales = sw + j0 * groups;
       for (int64_t m = 0; m < count; ++m) {
         if (n == 8) {
-          _mm256_store_ps(dots, float_code_dots8(x + m * inner, w + j0 * inner, inner, inner));
+          _mm256_store_ps(dots, float_code_dots8(x + m * inner, w + j0 * inner, inner, inner, group_size,
+                                                 group_scales, groups));
         } else {  // the last rows of the weight: one at a time
           for (int64_t r = 0; r < n; ++r) {
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t i = 0; i < inner; i += 16) {
-              acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes(inner - i), x + m * inner + i),
-                                    code_floats(w + (j0 + r) * inner + i, inner - i), acc);
-            }
-            dots[r] = _mm512_reduce_add_ps(acc);
+            dots[r] = float_code_dot(x + m * inner, w + (j0 + r) * inner, inner, group_size,
+                                     group_scales + r * groups, groups);
           }
         }
         for (int64_t r = 0; r < n; ++r) {
-          const float value = dots[r] * sw[per_output ? j0 + r : 0];
+          const float value = group_size > 0 ? dots[r] : dots[r] * sw[per_output ? j0 + r : 0];
           out[m * outputs + j0 + r] = bp != nullptr ? value + bp[j0 + r] : value;
         }
       }
@@ -591,6 +652,7 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
@@ -598,7 +660,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_decode_attention", &int8_decode_attention,
              "softmax(q k^T * scaling + mask) v for one query position over int8 keys and values (the INT8 KV cache)");
   module.def("weight_only_gemv", &weight_only_gemv,
-             "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)");
+             "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)",
+             pybind11::arg("rows"), pybind11::arg("weight"), pybind11::arg("weight_scale"), pybind11::arg("bias"),
+             pybind11::arg("group_size") = 0);
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
              pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

@@ -198,12 +198,18 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
                  bias, group_size)
 
 
+WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns
+
+
 def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+                       bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor:
     """y ``[n, out]`` = (x @ W_q^T) * s_w + b for float32 ``rows`` ``[n, in]`` and an int8 weight ``[out, in]`` with
-    one scale per output (or one): a weight-only int8 Linear (W8A16) read at 1 byte a weight, its sums in float32
-    (within float32 roundings of ``x @ (W_q * s_w)^T``, not its bits)."""
-    return _call(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias)
+    one scale per output (or one), or with ``group_size`` > 0 (a multiple of `WEIGHT_ONLY_GROUP_MULTIPLE` dividing
+    ``in``) one per output and group (``[out, in / group_size]``): y = sum_g s_w,g (x_g @ W_q,g^T) + b. A weight-only
+    int8 Linear (W8A16) read at 1 byte a weight, its sums in float32 (within float32 roundings of
+    ``x @ dequantized(W_q)^T``, not its bits)."""
+    return _call(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias,
+                 group_size)
 
 
 def weight_row_sums(weight_codes: torch.Tensor, group_size: int = 0) -> torch.Tensor:

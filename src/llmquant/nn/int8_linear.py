@@ -17,7 +17,7 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
 On a CPU with AVX512-VNNI a small C++ op (`llmquant.nn.int8_gemv`) makes the codes (per token, or under a static
 scale) and scales oneDNN's products in one pass each; up to four rows (a decode step at batch 1 to 4) the three parts
 are two of its calls (a decode step pays for every operation, and torch's int8 products at one row are not bound by
-memory). The same bits throughout.
+memory), made by each layer's `DecodeRows`, resolved once, with little Python around them. The same bits throughout.
 
 With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
 `COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
@@ -300,6 +300,43 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows, dynamic, clip_ratio)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """A W8A8 Linear's forward of a few rows (up to `GEMV_MAX_ROWS`: decode steps) on the decode op, resolved once
+    per layer (`decode_rows`): the input codes by the op (shared by the Linears reading the same tensor,
+    `shared_input_codes`), then y = s_x * s_w * (x_q @ W_q^T) + b in one call, the input's leading dimensions kept
+    (no reshape either way). `int8_linear`'s bits with less Python around them: a decode step calls 210 Linears
+    of the default model, and each Python operation costs about a microsecond there (BENCHMARKS.md, "Runtimes")."""
+
+    op: ModuleType
+    quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    arguments: tuple  # `shared_input_codes`' (dynamic, static scale, qmin, qmax, clip ratio, as int8)
+    weight: Int8Weight  # (its row sums made on the first call)
+    weight_scale: torch.Tensor  # [1, out] or [1, 1]
+    bias: torch.Tensor | None
+    max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values."""
+        codes, scale = shared_input_codes(x, x, *self.arguments, self.quantize)
+        return gemv_linear(self.op, codes, self.weight.codes, self.weight.gemv_row_sums(), scale, self.weight_scale,
+                           self.bias)
+
+
+def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
+                clip_ratio: float = 1.0) -> DecodeRows | None:
+    """The layer's `DecodeRows` where the decode op runs and makes its input codes (per token unclipped, or under a
+    static scale), else None (`int8_linear` then decides at every call)."""
+    if not weight.gemv or (op := gemv_kernel()) is None:
+        return None
+    quantize = _op_quantizer(op, dynamic, clip_ratio)
+    if quantize is int8_codes:  # (torch's codes take [n, in] rows: `int8_linear`'s path)
+        return None
+    return DecodeRows(op, quantize, (dynamic, static_scale, qmin, qmax, clip_ratio, True), weight, weight_scale, bias,
+                      GEMV_MAX_ROWS * in_features)
 
 
 def _op_kernels(rows: torch.Tensor, dynamic: str | None, clip_ratio: float

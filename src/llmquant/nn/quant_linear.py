@@ -41,9 +41,17 @@ from torch import nn
 
 from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
-from llmquant.nn.int8_gemv import GEMV_MAX_ROWS, cpu_kernel, gemv_refusal, weight_only_linear
+from llmquant.nn.int8_gemv import (
+    GEMV_MAX_ROWS,
+    WEIGHT_ONLY_GROUP_MULTIPLE,
+    cpu_kernel,
+    gemv_refusal,
+    weight_only_linear,
+)
 from llmquant.nn.int8_linear import (
+    DecodeRows,
     Int8Weight,
+    decode_rows,
     float_product,
     grouped_int8_linear,
     grouped_linear,
@@ -135,6 +143,7 @@ class QuantLinear(nn.Module):
         self._int8_call: tuple | None = None  # `_int8_args`
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
         self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
+        self._decode_rows: DecodeRows | bool | None = None  # the int8 runtime's decode rows (False: none; None: ask)
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime: the int4 kernel's tensors
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
@@ -189,7 +198,7 @@ class QuantLinear(nn.Module):
     def drop_caches(self) -> None:
         """Forget what a runtime built from the weight (`runtime_caches`): the next forward builds it again."""
         self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
-        self._int8_weight_cache = None
+        self._int8_weight_cache = self._decode_rows = None
 
     def runtime_caches(self) -> list[torch.Tensor]:
         """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
@@ -296,18 +305,24 @@ class QuantLinear(nn.Module):
 
     @property
     def supports_weight_only_int8(self) -> bool:
-        """Whether this layer is a weight-only int8 one (W8A16: symmetric 8-bit integer weights per tensor or channel,
-        a float input), whose decode rows the int8 runtime runs on the decode op where it runs."""
+        """Whether this layer is a weight-only int8 one (W8A16: symmetric 8-bit integer weights per tensor, per
+        channel or in groups of a multiple of 16 columns, a float input), whose decode rows the int8 runtime runs on
+        the decode op where it runs."""
         w = self.weight_spec
+        groups_fit = w is not None and (w.granularity in ("tensor", "channel") or (
+            w.granularity == "group" and w.group_size is not None and w.group_size % WEIGHT_ONLY_GROUP_MULTIPLE == 0
+            and self.in_features % w.group_size == 0))
         return (self.input_spec is None and w is not None and w.type == "int" and w.bits == 8 and w.symmetric
-                and w.granularity in ("tensor", "channel") and not self.packed)
+                and groups_fit and not self.packed)
 
     def _weight_only_int8_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """(x @ W_q^T) * s_w + b by the decode op (`weight_only_linear`) for a few float32 rows, else None."""
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > GEMV_MAX_ROWS or rows.dtype != torch.float32 or (op := cpu_kernel(rows)) is None:
             return None
-        y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias)
+        spec = self.weight_spec
+        group_size = spec.group_size if spec is not None and spec.granularity == "group" else 0
+        y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias, group_size or 0)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -434,7 +449,22 @@ class QuantLinear(nn.Module):
                        None if spec.dynamic else self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def _resolve_decode_rows(self) -> DecodeRows | bool:
+        """This layer's `DecodeRows` on the int8 runtime (a W8A8 layer whose codes the decode op makes), else False;
+        kept until the runtime, the input spec or the weight changes (`set_runtime`, `set_input_clip`,
+        `drop_caches`)."""
+        decode = False
+        spec = self.weight_spec
+        if self.runtime == "int8" and self.supports_int8 and spec is not None and spec.granularity != "group":
+            weight_scale, *input_args = self._int8_args()
+            decode = decode_rows(self._int8_weight(), weight_scale, self.bias, self.in_features, *input_args) or False
+        self._decode_rows = decode
+        return decode
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decode = self._decode_rows if self._decode_rows is not None else self._resolve_decode_rows()
+        if decode and x.numel() <= decode.max_values and x.dtype == torch.float32 and self.observer is None:
+            return decode(x)
         if self.observer is None and self.supports_int8:
             return self._integer_forward(x)
         if self.runtime == "int8" and self.observer is None and self.supports_fp8:
@@ -463,7 +493,7 @@ def set_input_clip(model: nn.Module, ratio: float) -> int:
         spec = module.input_spec if isinstance(module, QuantLinear) else None
         if spec is not None and spec.dynamic:
             module.input_spec = spec.model_copy(update={"clip_ratio": ratio})
-            module._int8_call = None  # (built from the input spec; the weight's caches stay)
+            module._int8_call = module._decode_rows = None  # (built from the input spec; the weight's caches stay)
             changed += 1
     return changed
 
@@ -491,6 +521,7 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
             reasons.add(refusal)
             continue
         module.runtime = runtime
+        module._decode_rows = None  # (resolved again for this runtime)
         switched += 1
     for reason in sorted(reasons):
         log.info("int8 runtime: some Linears keep the simulation: %s", reason)

@@ -81,6 +81,7 @@ W8A8_SCHEMES: tuple[str, ...] = (
 WEIGHT_ONLY_SCHEMES: tuple[str, ...] = (
     "w_int8_per_tensor",
     "w_int8_per_channel",
+    "w_int8_per_group_sym",
     "w_uint4_per_group_asym",
     "w_int4_per_group_sym",
     "w_uint3_per_group_asym",
@@ -113,7 +114,7 @@ def _weight_only(name: str, group_size: int | None) -> Scheme:
         return Scheme(weights=_int8("tensor"))
     if name == "w_int8_per_channel":
         return Scheme(weights=_int8("channel"))
-    bits = 4 if "int4" in name else 3
+    bits = 8 if "int8" in name else 4 if "int4" in name else 3
     symmetric = name.endswith("_sym")
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE
