@@ -96,8 +96,17 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    decode_op = gemv == "1" and rows == 1 and int8_gemv.gemv_refusal(torch.device("cpu")) is None
-    assert (layer._int8_weight().row_sums is not None) == decode_op
+    op_runs = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
+    if "group" in scheme:  # every row count on the op's grouped_gemm, the weight kept packed only
+        assert isinstance(layer._int8_weight(), kernel.GroupedWeight) == op_runs
+        fresh = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
+        set_runtime(fresh, "int8")
+        assert torch.equal(fresh(x), integer)
+        assert (fresh._integer_codes is None) == op_runs  # (the op keeps the packed copy only, not the codes too)
+        if op_runs:
+            assert fresh.runtime_caches() == fresh._int8_weight().tensors()
+    else:
+        assert (layer._int8_weight().row_sums is not None) == (op_runs and rows == 1)
     # what a grouped integer kernel computes, in float64: s_x * sum_g s_w,g * (x_q,g . w_q,g) + b
     qmax = spec.input_activations.qmax
     scale = x.abs().amax(-1, keepdim=True).double() / qmax
@@ -390,6 +399,30 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pyt
         first(x)
         x.mul_(2)  # changed in place: quantized again
         assert torch.equal(second(x), doubled) and len(calls) == 5
+
+
+@needs_gemv
+@pytest.mark.parametrize(("rows", "outputs", "inner", "group"),
+                         [(1, 80, 96, 32), (5, 80, 96, 32), (300, 80, 96, 32), (13, 17, 128, 64), (7, 33, 64, 4),
+                          (64, 1536, 576, 64)])
+def test_the_grouped_gemm_gives_the_simulations_bits(rows: int, outputs: int, inner: int, group: int) -> None:
+    """The op's grouped_gemm (VPDPBUSD blocks of 6 rows by 32 outputs, the weight packed once) returns
+    `grouped_linear`'s bits: 4-bit and full-range int8 codes (-128 included), per-row and per-tensor input scales,
+    with and without a bias, outputs not a multiple of 16 and row counts not a multiple of 6."""
+    op = int8_gemv.gemv_kernel()
+    generator = torch.Generator().manual_seed(rows + outputs)
+    x = torch.randint(-128, 128, (rows, inner), dtype=torch.int8, generator=generator)
+    weight_scale, bias = torch.rand(outputs, inner // group, generator=generator), torch.randn(outputs,
+                                                                                               generator=generator)
+    for low, high in ((-8, 8), (-128, 128)):
+        weight = torch.randint(low, high, (outputs, inner), dtype=torch.int8, generator=generator)
+        pack = int8_gemv.grouped_pack(weight, weight_scale, group)
+        groups = [part.contiguous() for part in weight.float().split(group, dim=1)]
+        for scale in (torch.rand(rows, 1, generator=generator), torch.rand(1, 1, generator=generator)):
+            for b in (None, bias):
+                y = int8_gemv.grouped_gemm(op, x, pack, scale, b, outputs, group)
+                assert torch.equal(y, kernel.grouped_linear(x.float(), scale, groups, weight_scale, b,
+                                                            kernel.float_product))
 
 
 @needs_gemv

@@ -2,7 +2,8 @@
 // per-token input codes (token_codes), and s_x * s_w * (x_q @ W_q^T) + b (int8_gemv; W4A8 and W4A4 too, weights in
 // groups with a scale each) with AVX512-VNNI's VPDPBUSD, an exact int32 dot product of every input row with every
 // weight row (or group); the same float32 operations, in the same order, as llmquant.nn.int8_linear's torch path, so
-// the same bits. Also the INT8 KV cache's decode step: its per-token codes, its dequantization (dequantize_rows) and
+// the same bits; grouped_gemm for W4A8 at any row count, the weight packed in VPDPBUSD's layout. Also the INT8 KV
+// cache's decode step: its per-token codes, its dequantization (dequantize_rows) and
 // the attention of one query position over its int8 codes (int8_decode_attention). Built by llmquant.nn.int8_gemv
 // with -mavx512f -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
 //
@@ -18,7 +19,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -302,6 +305,128 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
         for (int64_t r = 0; r < count; ++r) {
           out[m * outputs + j0 + r] = bp != nullptr ? values[r] + bp[j0 + r] : values[r];
         }
+      }
+    }
+  });
+  return y;
+}
+
+namespace {
+
+// One block of `MR` input rows by `NV` x 16 outputs of grouped_gemm: per group, the exact int32 dots (VPDPBUSD on the
+// unsigned codes u and the packed weight, 4 codes of 16 outputs per 64-byte load) corrected by 128 * the group's
+// weight sums, converted, times the group's scales, added group after group; then times each row's scale, plus the
+// bias. Separate multiplications and additions (no fused multiply-add): grouped_linear's float32 operations.
+template <int MR, int NV>
+void grouped_block(const uint8_t* u, int64_t inner, const int8_t* packed, int64_t block_bytes, int64_t groups,
+                   int64_t steps_per_group, const int32_t* sums128, const float* scales, int64_t padded_outputs,
+                   const float* row_scales, bool per_row, const float* bias, int64_t j0, int64_t outputs, float* out) {
+  __m512 total[MR][NV];
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[MR][NV];
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_si512();
+    }
+    for (int64_t t = g * steps_per_group, end = t + steps_per_group; t < end; ++t) {
+      __m512i weights[NV];
+      for (int v = 0; v < NV; ++v) weights[v] = _mm512_loadu_si512(packed + v * block_bytes + 64 * t);
+      for (int m = 0; m < MR; ++m) {
+        int32_t four;
+        std::memcpy(&four, u + m * inner + 4 * t, 4);
+        const __m512i x = _mm512_set1_epi32(four);
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], x, weights[v]);
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      const int64_t at = g * padded_outputs + j0 + 16 * v;
+      const __m512i correction = _mm512_loadu_si512(sums128 + at);
+      const __m512 scale = _mm512_loadu_ps(scales + at);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], correction)), scale);
+        total[m][v] = g == 0 ? part : _mm512_add_ps(total[m][v], part);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int64_t j = j0 + 16 * v;
+    const __mmask16 valid = lanes(outputs - j);
+    const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(valid, bias + j) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+      __m512 y = _mm512_mul_ps(total[m][v], _mm512_set1_ps(row_scales[per_row ? m : 0]));
+      if (bias != nullptr) y = _mm512_add_ps(y, b);
+      _mm512_mask_storeu_ps(out + m * outputs + j, valid, y);
+    }
+  }
+}
+
+template <int NV>
+void grouped_rows(const uint8_t* u, int64_t rows, int64_t inner, const int8_t* packed, int64_t block_bytes,
+                  int64_t groups, int64_t steps_per_group, const int32_t* sums128, const float* scales,
+                  int64_t padded_outputs, const float* row_scales, bool per_row, const float* bias, int64_t j0,
+                  int64_t outputs, float* out) {
+  constexpr int kRows = 6;
+  int64_t m = 0;
+  for (; m + kRows <= rows; m += kRows) {
+    grouped_block<kRows, NV>(u + m * inner, inner, packed, block_bytes, groups, steps_per_group, sums128, scales,
+                             padded_outputs, row_scales + (per_row ? m : 0), per_row, bias, j0, outputs,
+                             out + m * outputs);
+  }
+  for (; m < rows; ++m) {
+    grouped_block<1, NV>(u + m * inner, inner, packed, block_bytes, groups, steps_per_group, sums128, scales,
+                         padded_outputs, row_scales + (per_row ? m : 0), per_row, bias, j0, outputs,
+                         out + m * outputs);
+  }
+}
+
+}  // namespace
+
+// The linear of int8 codes by int8 weights quantized in groups of input columns (W4A8 in a prefill), float32 [n, out]:
+// codes [n, in] int8; packed the weight codes in VPDPBUSD's layout [ceil(out / 16), in / 4, 16, 4] (zero past out);
+// sums128 [groups, padded out] int32, 128 times each output's code sum over each group; scales [groups, padded out]
+// float32, the weight scales; input_scale [n, 1] or [1, 1]; bias [out] or None. y = (sum over groups in order of
+// float(x_q,g . w_q,g) * s_w,g) * s_x + b: llmquant.nn.int8_linear.grouped_linear's values, exactly (the dots exact in
+// int32). Each thread takes blocks of 32 outputs (their weight stays in cache) for every row, 6 rows at a time.
+torch::Tensor grouped_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& sums128,
+                           const torch::Tensor& scales, const torch::Tensor& input_scale,
+                           const std::optional<torch::Tensor>& bias, int64_t outputs, int64_t group_size) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(),
+              "grouped_gemm: contiguous int8 codes [n, in]");
+  const int64_t rows = codes.size(0), inner = codes.size(1), padded = (outputs + 15) / 16 * 16;
+  TORCH_CHECK(group_size > 0 && group_size % 4 == 0 && inner % group_size == 0,
+              "grouped_gemm: groups of a multiple of 4 columns that divide the input");
+  const int64_t groups = inner / group_size;
+  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == padded * inner,
+              "grouped_gemm: the weight packed [ceil(out / 16), in / 4, 16, 4]");
+  TORCH_CHECK(sums128.scalar_type() == torch::kInt32 && sums128.is_contiguous() && sums128.numel() == groups * padded &&
+              scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == groups * padded,
+              "grouped_gemm: sums and scales [groups, padded out]");
+  const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "grouped_gemm: one input scale, or one per row");
+  torch::Tensor b;
+  if (bias.has_value()) {
+    b = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(b.numel() == outputs, "grouped_gemm: one bias per output");
+  }
+  const int8_t* c = codes.data_ptr<int8_t>();
+  std::vector<uint8_t> shifted(rows * inner);  // u = c + 128: the sign bit flipped
+  for (int64_t i = 0; i < rows * inner; ++i) shifted[i] = static_cast<uint8_t>(c[i]) ^ 0x80;
+  torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const int64_t block_bytes = 16 * inner, vectors = padded / 16;
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::parallel_for(0, (vectors + 1) / 2, 1, [&](int64_t first, int64_t last) {
+    for (int64_t pair = first; pair < last; ++pair) {
+      const int64_t v0 = 2 * pair, j0 = 16 * v0;
+      auto run = [&](auto nv) {
+        grouped_rows<decltype(nv)::value>(shifted.data(), rows, inner, w + v0 * block_bytes, block_bytes, groups,
+                                          group_size / 4, sums128.data_ptr<int32_t>(), scales.data_ptr<float>(),
+                                          padded, s_x.data_ptr<float>(), s_x.numel() > 1, bp, j0, outputs,
+                                          y.data_ptr<float>());
+      };
+      if (v0 + 1 < vectors) {
+        run(std::integral_constant<int, 2>());
+      } else {
+        run(std::integral_constant<int, 1>());
       }
     }
   });
@@ -663,6 +788,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)",
              pybind11::arg("rows"), pybind11::arg("weight"), pybind11::arg("weight_scale"), pybind11::arg("bias"),
              pybind11::arg("group_size") = 0);
+  module.def("grouped_gemm", &grouped_gemm,
+             "(sum_g float(x_q,g . w_q,g) * s_w,g) * s_x + b for many rows of int8 codes, the weight packed (W4A8)");
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
              pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

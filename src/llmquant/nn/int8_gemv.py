@@ -3,10 +3,12 @@
 VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, exact in int32; then the scaling and
 the bias in the torch path's float32 order; W4A8 and W4A4 weights in groups too, one scale per group), the same bits
 as `llmquant.nn.int8_linear`'s torch operations (tested); the input codes of prefills too (`token_codes`,
-`static_codes`). The INT8 KV cache (`llmquant.nn.kv_storage`) takes its codes from the same op, and at decode steps
-its attention reads the int8 (or FP8) keys and values (`decode_attention`) instead of a dequantized copy of the cache
-(`dequantize_rows` makes that copy elsewhere). Weight-only int8 Linears (W8A16) run their decode rows on it too
-(`weight_only_linear`).
+`static_codes`), and W4A8 Linears (weights in groups) at any row count (`grouped_gemm`: the weight packed once in
+VPDPBUSD's layout, blocks of 6 rows by 32 outputs; the same bits as `grouped_linear`). The INT8 KV cache
+(`llmquant.nn.kv_storage`) takes its codes from the same op, and at decode steps its attention reads the int8 (or
+FP8) keys and values (`decode_attention`) instead of a dequantized copy of the cache (`dequantize_rows` makes that
+copy elsewhere). Weight-only int8 Linears (W8A16, per channel or in groups) run their decode rows on it too
+(`weight_only_linear`). Each product asks for the next block of weight rows while it multiplies this one.
 Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
@@ -209,6 +211,35 @@ def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: tor
     int8 Linear (W8A16) read at 1 byte a weight, its sums in float32 (within float32 roundings of
     ``x @ dequantized(W_q)^T``, not its bits)."""
     return _call(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias,
+                 group_size)
+
+
+def grouped_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `grouped_gemm` reads of int8 ``weight_codes`` ``[out, in]`` quantized in groups of ``group_size`` columns
+    with ``weight_scale`` ``[out, groups]``: the codes in VPDPBUSD's layout ``[ceil(out / 16), in / 4, 16, 4]`` (4
+    codes of 16 outputs in 64 bytes; zero rows past ``out``), and ``[groups, ceil(out / 16) * 16]`` tables of 128
+    times each group's code sums (int32) and of the scales (float32)."""
+    out, inner = weight_codes.shape
+    pad = -out % 16
+    padded = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad))
+    packed = padded.reshape(-1, 16, inner // 4, 4).permute(0, 2, 1, 3).contiguous()
+    sums128 = torch.nn.functional.pad(weight_row_sums(weight_codes, group_size) * 128, (0, 0, 0, pad))
+    scales = torch.nn.functional.pad(weight_scale.reshape(out, -1).float(), (0, 0, 0, pad))
+    return packed, sums128.t().contiguous(), scales.t().contiguous()
+
+
+GROUPED_GEMM_MULTIPLE = 4  # `grouped_gemm` takes groups (and inputs) of a multiple of this many columns
+
+
+def grouped_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                 scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int) -> torch.Tensor:
+    """y ``[n, out]`` = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g) * s_x + b for int8 ``x_codes``
+    ``[n, in]`` (many rows: a prefill) and a weight in groups of ``group_size`` columns packed by `grouped_pack`:
+    `llmquant.nn.int8_linear.grouped_linear`'s values in one call (VPDPBUSD blocks of 6 rows by 32 outputs, each
+    group's dots exact in int32), instead of one integer product and two float passes per group."""
+    packed, sums128, scales = pack
+    return _call(kernel, "grouped_gemm", x_codes.contiguous(), packed, sums128, scales, scale, bias, outputs,
                  group_size)
 
 

@@ -45,9 +45,13 @@ import torch
 
 from llmquant.nn.int8_gemv import (
     GEMV_MAX_ROWS,
+    GROUPED_GEMM_MULTIPLE,
     cpu_kernel,
     gemv_kernel,
     gemv_linear,
+    gemv_refusal,
+    grouped_gemm,
+    grouped_pack,
     scale_product,
     static_codes,
     token_codes,
@@ -104,6 +108,36 @@ class Int8Weight:
             self.packed = (torch.ops.onednn.qlinear_prepack(self.codes, None), torch.ones(out),
                            torch.zeros(out, dtype=torch.int32))
         return self.packed
+
+
+@dataclass(frozen=True)
+class GroupedWeight:
+    """A weight quantized in groups of input columns (W4A8) as the decode op's `grouped_gemm` reads it, for every
+    row count where the op runs: the codes packed in VPDPBUSD's layout with 128 times each group's code sums and
+    the scales (`grouped_pack`), made once from the codes, which it does not keep (1 byte a weight in all)."""
+
+    packed: torch.Tensor
+    sums128: torch.Tensor
+    scales: torch.Tensor
+    outputs: int
+    group_size: int
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int) -> GroupedWeight:
+        return cls(*grouped_pack(codes, weight_scale, group_size), codes.shape[0], group_size)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.sums128, self.scales]
+
+
+def grouped_gemm_refusal(device: torch.device, in_features: int, group_size: int) -> str | None:
+    """Why the op's `grouped_gemm` does not run a grouped layer on ``device``, or None (building the op if needed)."""
+    if group_size % GROUPED_GEMM_MULTIPLE or in_features % group_size:
+        return f"groups of {group_size} columns (it takes multiples of {GROUPED_GEMM_MULTIPLE} dividing the input)"
+    refusal = gemv_refusal(device)
+    if refusal is None and gemv_kernel() is None:
+        refusal = gemv_refusal(device)
+    return refusal
 
 
 def onednn_refusal(device: torch.device) -> str | None:
@@ -222,12 +256,20 @@ def _forget(reference: weakref.ref) -> None:
         _last_codes.entry = None
 
 
-def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                        group_size: int, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
-                        clip_ratio: float = 1.0) -> torch.Tensor:
-    """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products): ``weight`` the codes ``[out, in]`` as
-    int8, ``weight_scale`` ``[out, groups]``. Up to `GEMV_MAX_ROWS` rows, where it runs, the decode op (one call for
-    every group, the same bits), else one ``torch._int_mm`` per group."""
+def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, weight_scale: torch.Tensor,
+                        bias: torch.Tensor | None, group_size: int, dynamic: str | None,
+                        static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0
+                        ) -> torch.Tensor:
+    """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
+    a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
+    ``weight`` the codes ``[out, in]`` as int8: up to `GEMV_MAX_ROWS` rows, where the op runs, its `gemv_linear` (one
+    call for every group, the same bits), else one ``torch._int_mm`` per group."""
+    if isinstance(weight, GroupedWeight):
+        op = gemv_kernel()
+        assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
+        codes, scale = _op_quantizer(op, dynamic, clip_ratio)(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+        return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
+                            weight.group_size)
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (decode_op := gemv_kernel()) is not None:
         quantize = _op_quantizer(decode_op, dynamic, clip_ratio)
         codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)

@@ -50,9 +50,11 @@ from llmquant.nn.int8_gemv import (
 )
 from llmquant.nn.int8_linear import (
     DecodeRows,
+    GroupedWeight,
     Int8Weight,
     decode_rows,
     float_product,
+    grouped_gemm_refusal,
     grouped_int8_linear,
     grouped_linear,
     input_codes,
@@ -205,8 +207,10 @@ class QuantLinear(nn.Module):
         float32 (simulation), unpacked to int8 or in oneDNN's layout, the decode op's row sums, the int4 kernel's
         copy of the codes and its bfloat16 scales."""
         caches = [self._dequantized, self._float_codes, self._integer_codes if self.packed else None]
-        if self._int8_weight_cache is not None:
-            int8_weight = self._int8_weight_cache
+        int8_weight = self._int8_weight_cache
+        if isinstance(int8_weight, GroupedWeight):
+            caches += int8_weight.tensors()
+        elif int8_weight is not None:
             caches += [int8_weight.packed[0] if int8_weight.packed is not None else None, int8_weight.row_sums]
         if self._int4_weight is not None:
             w = self._int4_weight
@@ -283,13 +287,19 @@ class QuantLinear(nn.Module):
             self._integer_codes = self.codes().to(torch.int8)
         return self._integer_codes
 
-    def _int8_weight(self) -> Int8Weight:
+    def _int8_weight(self) -> Int8Weight | GroupedWeight:
         """What the int8 runtime multiplies (`llmquant.nn.int8_linear.Int8Weight`): the int8 codes, and oneDNN's
-        copy of them or the decode op's row sums where they run, made on the first call that uses them."""
+        copy of them or the decode op's row sums where they run, made on the first call that uses them; for a
+        weight in groups where the op's `grouped_gemm` runs, only its packed copy (`GroupedWeight`)."""
         if self._int8_weight_cache is None:
-            device = self.weight_scale.device
-            self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(device) is None,
-                                                 gemv=gemv_refusal(device) is None)
+            device, spec = self.weight_scale.device, self.weight_spec
+            if (spec is not None and spec.granularity == "group" and spec.group_size is not None
+                    and grouped_gemm_refusal(device, self.in_features, spec.group_size) is None):
+                codes = self.codes().to(torch.int8) if self.packed else self.weight  # (not kept: `_weight_codes`)
+                self._int8_weight_cache = GroupedWeight.from_codes(codes, self.weight_scale, spec.group_size)
+            else:
+                self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(device) is None,
+                                                     gemv=gemv_refusal(device) is None)
         return self._int8_weight_cache
 
     @property
