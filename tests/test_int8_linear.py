@@ -428,7 +428,7 @@ def test_the_grouped_gemm_gives_the_simulations_bits(rows: int, outputs: int, in
 @needs_gemv
 @pytest.mark.parametrize(("rows", "inner", "outputs", "group"),
                          [(1, 576, 4099, 0), (3, 70, 13, 0), (4, 1536, 9, 0), (1, 576, 4099, 32), (3, 96, 13, 48),
-                          (4, 1536, 17, 128)])
+                          (8, 1536, 17, 128)])
 def test_the_weight_only_op_is_the_float_product_within_float32_roundings(rows: int, inner: int, outputs: int,
                                                                         group: int) -> None:
     """(x @ W_q^T) * s_w + b from the int8 codes (one scale per output, or per output and group of ``group`` columns)

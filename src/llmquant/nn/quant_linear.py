@@ -8,8 +8,9 @@ Two runtimes compute the same function:
   token): y = s_x * s_w * (x_q @ W_q^T) + b with the int8 x int8 -> int32 product of `torch._int_mm` and
   the scales applied once per output. The same runtime runs W4 weight-only layers on the CPU's int4 kernel
   (`llmquant.nn.int4_linear`), FP8 W8A8 ones on ``torch._scaled_mm`` on CUDA (`llmquant.nn.fp8_linear`), and the
-  decode rows of weight-only int8 ones (W8A16, e.g. a quantized head) on the decode op of `llmquant.nn.int8_gemv`
-  (1 byte a weight read; float32 sums within roundings of the simulation's, not its bits; more rows: the simulation).
+  rows of weight-only int8 ones (W8A16, e.g. a quantized head; up to 8 rows: decode steps, a batch's last prompt
+  rows) on the decode op of `llmquant.nn.int8_gemv` (1 byte a weight read; float32 sums within roundings of the
+  simulation's, not its bits; more rows: the simulation).
 
 For the layers the int8 runtime can run, the simulation evaluates the same algebra in the same order,
 y = s_x * s_w * (x_q @ W_q^T) + b, with the integer codes held as float32: the product of codes is exact in
@@ -42,8 +43,8 @@ from torch import nn
 from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
 from llmquant.nn.int8_gemv import (
-    GEMV_MAX_ROWS,
     WEIGHT_ONLY_GROUP_MULTIPLE,
+    WEIGHT_ONLY_MAX_ROWS,
     cpu_kernel,
     gemv_refusal,
     weight_only_linear,
@@ -328,7 +329,7 @@ class QuantLinear(nn.Module):
     def _weight_only_int8_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """(x @ W_q^T) * s_w + b by the decode op (`weight_only_linear`) for a few float32 rows, else None."""
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > GEMV_MAX_ROWS or rows.dtype != torch.float32 or (op := cpu_kernel(rows)) is None:
+        if rows.shape[0] > WEIGHT_ONLY_MAX_ROWS or rows.dtype != torch.float32 or (op := cpu_kernel(rows)) is None:
             return None
         spec = self.weight_spec
         group_size = spec.group_size if spec is not None and spec.granularity == "group" else 0
