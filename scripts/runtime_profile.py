@@ -1,7 +1,7 @@
 """Where the CPU runtime spends its time: the figures of BENCHMARKS.md's "Speed on a quiet machine".
 
     .venv/bin/python scripts/runtime_profile.py layer                 # W8A8 and W4 Linears against float32, by rows
-    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention bfloat16]  # torch.profiler
+    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention bfloat16] [--batch 8]  # profiler
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
@@ -88,12 +88,12 @@ def layer() -> None:
                       f"{quantized_us:8.1f} us, ratio {float_us / quantized_us:5.2f}")
 
 
-def profile(model_dir: str | None, attention: str) -> None:
+def profile(model_dir: str | None, attention: str, batch: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
     model, _ = llmquant.load(model_dir, device="cpu", attention=attention)
-    ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(ids, logits_to_keep=1)
         with profiler(activities=[ProfilerActivity.CPU]) as prefill:
@@ -104,7 +104,7 @@ def profile(model_dir: str | None, attention: str) -> None:
         with profiler(activities=[ProfilerActivity.CPU]) as decode:
             for _ in range(8):
                 cache = returned_cache(model(token, **{argument: cache}, use_cache=True))
-    for what, result in (("prefill, 512 tokens, batch 1", prefill), ("8 decode steps, batch 1", decode)):
+    for what, result in ((f"prefill, 512 tokens, batch {batch}", prefill), (f"8 decode steps, batch {batch}", decode)):
         print(what)
         print(result.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
@@ -496,7 +496,7 @@ def main() -> None:
     if args.what == "layer":
         layer()
     elif args.what == "profile":
-        profile(args.model, args.attention)
+        profile(args.model, args.attention, args.batch)
     elif args.what == "dequant":
         dequant()
     elif args.what == "ops":
