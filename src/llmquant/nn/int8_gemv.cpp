@@ -39,6 +39,22 @@ inline void prefetch_next_block(const int8_t* at, int64_t stride) {
   if (prefetching) _mm_prefetch(reinterpret_cast<const char*>(at + 8 * stride), _MM_HINT_T0);
 }
 
+// The bias as float32 (undefined without one), checked to hold one value per output; `op` names the caller.
+torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_t outputs, const char* op) {
+  if (!bias.has_value()) return torch::Tensor();
+  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
+  TORCH_CHECK(b.numel() == outputs, op, ": one bias per output");
+  return b;
+}
+
+// u = c + 128 (the sign bit flipped) of `count` int8 codes: the unsigned operand of VPDPBUSD.
+std::vector<uint8_t> unsigned_codes(const torch::Tensor& codes) {
+  const int8_t* c = codes.data_ptr<int8_t>();
+  std::vector<uint8_t> shifted(codes.numel());
+  for (size_t i = 0; i < shifted.size(); ++i) shifted[i] = static_cast<uint8_t>(c[i]) ^ 0x80;
+  return shifted;
+}
+
 int32_t unsigned_dot(const uint8_t* u, const int8_t* w, int64_t full_blocks, __mmask64 tail) {
   __m512i sum = _mm512_setzero_si512();
   for (int64_t b = 0; b < full_blocks; ++b) {
@@ -178,11 +194,7 @@ void scale_product(torch::Tensor& product, const torch::Tensor& input_scale, con
   const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "scale_product: one input scale, or one per row");
   TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "scale_product: one weight scale, or one per output");
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == outputs, "scale_product: one bias per output");
-  }
+  const torch::Tensor b = float_bias(bias, outputs, "scale_product");
   float* y = product.data_ptr<float>();
   const float* sx = s_x.data_ptr<float>();
   const float* sw = s_w.data_ptr<float>();
@@ -254,14 +266,8 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemv: one input scale, or one per row");
   TORCH_CHECK(group_size > 0 ? s_w.numel() == outputs * groups : (s_w.numel() == 1 || s_w.numel() == outputs),
               "int8_gemv: one weight scale, one per output, or one per output and group");
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == outputs, "int8_gemv: one bias per output");
-  }
-  const int8_t* c = codes.data_ptr<int8_t>();
-  std::vector<uint8_t> shifted(rows * inner);  // u = c + 128: the sign bit flipped
-  for (int64_t i = 0; i < rows * inner; ++i) shifted[i] = static_cast<uint8_t>(c[i]) ^ 0x80;
+  const torch::Tensor b = float_bias(bias, outputs, "int8_gemv");
+  const std::vector<uint8_t> shifted = unsigned_codes(codes);
   const uint8_t* u = shifted.data();
   std::vector<int64_t> shape(codes.sizes().begin(), codes.sizes().end());  // the codes' leading dimensions
   shape.back() = outputs;
@@ -402,14 +408,8 @@ torch::Tensor grouped_gemm(const torch::Tensor& codes, const torch::Tensor& pack
               "grouped_gemm: sums and scales [groups, padded out]");
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "grouped_gemm: one input scale, or one per row");
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == outputs, "grouped_gemm: one bias per output");
-  }
-  const int8_t* c = codes.data_ptr<int8_t>();
-  std::vector<uint8_t> shifted(rows * inner);  // u = c + 128: the sign bit flipped
-  for (int64_t i = 0; i < rows * inner; ++i) shifted[i] = static_cast<uint8_t>(c[i]) ^ 0x80;
+  const torch::Tensor b = float_bias(bias, outputs, "grouped_gemm");
+  const std::vector<uint8_t> shifted = unsigned_codes(codes);
   torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
   const int8_t* w = packed.data_ptr<int8_t>();
   const int64_t block_bytes = 16 * inner, vectors = padded / 16;
@@ -739,11 +739,7 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
   const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(group_size > 0 ? s_w.numel() == outputs * groups : (s_w.numel() == 1 || s_w.numel() == outputs),
               "weight_only_gemv: one weight scale, one per output, or one per output and group");
-  torch::Tensor b;
-  if (bias.has_value()) {
-    b = bias->to(torch::kFloat32).contiguous();
-    TORCH_CHECK(b.numel() == outputs, "weight_only_gemv: one bias per output");
-  }
+  const torch::Tensor b = float_bias(bias, outputs, "weight_only_gemv");
   torch::Tensor y = torch::empty({count, outputs}, rows.options());
   const float* x = rows.data_ptr<float>();
   const int8_t* w = weight.data_ptr<int8_t>();
