@@ -217,9 +217,10 @@ def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(in
         values[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties, rounded to even (0, 2, -2)
         for rows_in in (values, torch.zeros(rows, inner)):
             for qmin, qmax in ((-128, 127), (-8, 7)):  # (W8A8, W4A4)
-                codes, scale = int8_gemv.token_codes(decode_op, rows_in, qmax)
-                expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax)
-                assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale)
+                for clip in (1.0, 0.95, 0.8, 0.3):  # (clipped: scale from clip * absmax, codes clamped to qmin..qmax)
+                    codes, scale = int8_gemv.token_codes(decode_op, rows_in, qmax, qmin, clip)
+                    expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax, clip)
+                    assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale), (qmax, clip)
                 for static in (torch.ones(1, 1), torch.full((1, 1), 0.37), torch.full((1, 1), 0.05)):  # (clamped)
                     codes = int8_gemv.static_codes(decode_op, rows_in, static, qmin, qmax)
                     expected_codes, _ = kernel.int8_codes(rows_in, None, static, qmin, qmax)
@@ -265,12 +266,14 @@ def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> lis
     return seen
 
 
+@pytest.mark.parametrize("clip", [None, 0.9])  # (clipped inputs: the op's codes clamp them too)
 @pytest.mark.parametrize("gemv", ["1", "0"])
-def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, calib_ids: torch.Tensor,
+def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, clip: float | None,
+                                                                      calib_ids: torch.Tensor,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMQUANT_GEMV", gemv)
-    model = llmquant.quantize(make_model("llama"), "w_int8_per_channel_a_int8_per_token_dynamic", calib=calib_ids,
-                              progress=False)
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "activation_clip": clip}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
     prompt = calib_ids[:2, :12]
     set_runtime(model, "fake")
     simulated = _decode_logits(model, prompt, 4)
@@ -333,8 +336,8 @@ def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to 4 rows of a W8A8 layer go through its `DecodeRows` (the op's codes and product, no reshape) with the
-    simulation's bits, for inputs of any leading shape and non-contiguous ones; 5 rows, or a clipped input (torch's
-    codes), take `int8_linear`'s path, with the same bits."""
+    simulation's bits, for inputs of any leading shape and non-contiguous ones, and after a new clip ratio (resolved
+    again); 5 rows take `int8_linear`'s path, with the same bits."""
     layer = _layer(scheme, bias=True)
     shapes: list[tuple[int, ...]] = []
     original = kernel.DecodeRows.__call__
@@ -351,9 +354,10 @@ def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str,
         simulated, integer = _outputs(layer, torch.randn(5, 96, generator=generator))
         assert torch.equal(simulated, integer) and len(shapes) == len(inputs)
         if layer.input_spec.dynamic:
-            assert set_input_clip(layer, 0.5) == 1
-            simulated, integer = _outputs(layer, inputs[0])
-            assert torch.equal(simulated, integer) and len(shapes) == len(inputs) and layer._decode_rows is False
+            assert set_input_clip(layer, 0.5) == 1 and layer._decode_rows is None
+            simulated, integer = _outputs(layer, inputs[0] * 3)
+            assert torch.equal(simulated, integer) and len(shapes) == len(inputs) + 1
+            assert layer._decode_rows.arguments[4] == 0.5
 
 
 def test_linears_reading_one_tensor_quantize_it_once_per_forward(monkeypatch: pytest.MonkeyPatch,

@@ -106,9 +106,10 @@ void row_dots(const uint8_t* u, const int8_t* w, int64_t stride, int64_t count, 
 }  // namespace
 
 // Per-token symmetric int8 codes of float rows [..., in] (their scales [rows, 1]), as
-// llmquant.nn.int8_linear.input_codes makes them (dynamic "token", no clipping): scale = max(absmax / qmax,
-// min_scale), code = round-half-even(x / scale), in float32 (a correctly rounded division, as torch's: the same bits),
-// 16 values at a time, the rows in parallel. A row with a NaN takes the scalar loop (its absmax NaN, as amax's).
+// llmquant.nn.int8_linear.input_codes makes them (dynamic "token"): scale = max(absmax / qmax, min_scale), code =
+// round-half-even(x / scale); with a clip ratio below 1, scale = max(absmax * clip / qmax, min_scale) and the codes
+// clamped to [qmin, qmax]. In float32 (a correctly rounded division, as torch's: the same bits), 16 values at a time,
+// the rows in parallel. A row with a NaN takes the scalar loop (its absmax NaN, as amax's).
 namespace {
 
 // codes[i] = clamp(round-half-even(row[i] / scale), low, high) as int8, 16 values a step (a correctly rounded
@@ -124,7 +125,8 @@ void divided_codes(const float* row, int64_t inner, float scale, float low, floa
   }
 }
 
-void row_codes(const float* row, int64_t inner, float qmax, float min_scale, int8_t* codes, float* scale) {
+void row_codes(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale, int8_t* codes,
+               float* scale) {
   __m512 high = _mm512_setzero_ps();
   __mmask16 nan = 0;
   for (int64_t i = 0; i < inner; i += 16) {
@@ -133,20 +135,21 @@ void row_codes(const float* row, int64_t inner, float qmax, float min_scale, int
     nan |= _mm512_cmp_ps_mask(magnitude, magnitude, _CMP_UNORD_Q);
     high = _mm512_max_ps(high, magnitude);
   }
-  float absmax = nan ? NAN : _mm512_reduce_max_ps(high);
-  float row_scale = absmax / qmax;
+  const float absmax = nan ? NAN : _mm512_reduce_max_ps(high);
+  float row_scale = (clip == 1.0f ? absmax : absmax * clip) / qmax;
   if (row_scale < min_scale) row_scale = min_scale;
   *scale = row_scale;
   if (nan) {
     for (int64_t i = 0; i < inner; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
     return;
   }
-  divided_codes(row, inner, row_scale, -qmax, qmax, codes);  // (unclipped: |x / scale| <= qmax, no clamping)
+  divided_codes(row, inner, row_scale, clip == 1.0f ? -qmax : qmin, qmax, codes);  // (unclipped: |x / s| <= qmax)
 }
 
 }  // namespace
 
-std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale) {
+std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale, double qmin,
+                                       double clip) {
   TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
   const torch::Tensor rows = rows_in.contiguous();
   const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
@@ -157,7 +160,8 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   float* s = scale.data_ptr<float>();
   at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
-      row_codes(x + m * inner, inner, static_cast<float>(qmax), static_cast<float>(min_scale), c + m * inner, s + m);
+      row_codes(x + m * inner, inner, static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(clip),
+                static_cast<float>(min_scale), c + m * inner, s + m);
     }
   });
   return {codes, scale};
@@ -774,7 +778,9 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
-  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales",
+             pybind11::arg("rows"), pybind11::arg("qmax"), pybind11::arg("min_scale"), pybind11::arg("qmin") = -128.0,
+             pybind11::arg("clip") = 1.0);
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");

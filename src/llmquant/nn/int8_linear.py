@@ -370,7 +370,7 @@ class DecodeRows:
 def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
                 clip_ratio: float = 1.0) -> DecodeRows | None:
-    """The layer's `DecodeRows` where the decode op runs and makes its input codes (per token unclipped, or under a
+    """The layer's `DecodeRows` where the decode op runs and makes its input codes (per token, or under a
     static scale), else None (`int8_linear` then decides at every call)."""
     if not weight.gemv or (op := gemv_kernel()) is None:
         return None
@@ -404,12 +404,12 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
 
 def _op_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
                   ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The input quantizer where the decode op runs: its per-token codes (dynamic per token, unclipped; one pass
+    """The input quantizer where the decode op runs: its per-token codes (dynamic per token, clipped or not; one pass
     for the absmax, one for the codes, the rows in parallel) or its codes under a static scale (one pass), else
     `int8_codes`."""
     if dynamic is None:
         return _op_static_codes(decode_op)
-    return _op_codes(decode_op) if dynamic == "token" and clip_ratio == 1.0 else int8_codes
+    return _op_codes(decode_op) if dynamic == "token" else int8_codes
 
 
 @functools.cache
@@ -424,10 +424,10 @@ def _op_static_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor,
 
 @functools.cache
 def _op_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`int8_codes` of a dynamic per-token input without clipping, by the decode op (`llmquant.nn.int8_gemv`)."""
-    def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, _qmin: int, qmax: int,
-                 _clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_codes(decode_op, rows, qmax)
+    """`int8_codes` of a dynamic per-token input (clipped or not), by the decode op (`llmquant.nn.int8_gemv`)."""
+    def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, qmin: int, qmax: int,
+                 clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_codes(decode_op, rows, qmax, qmin, clip)
     return quantize
 
 

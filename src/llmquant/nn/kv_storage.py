@@ -100,8 +100,8 @@ def quantize_states(
         rows = states.reshape(-1, states.shape[-1])
         if static is not None:
             codes, scale = static_codes(kernel, rows, static, int(spec.qmin), int(spec.qmax)), static
-        elif spec.granularity == "token" and spec.clip_ratio == 1.0:
-            codes, scale = token_codes(kernel, rows, int(spec.qmax))
+        elif spec.granularity == "token":
+            codes, scale = token_codes(kernel, rows, int(spec.qmax), int(spec.qmin), spec.clip_ratio)
     if codes is not None:
         codes = codes.reshape(states.shape)
     elif spec.type == "int":
