@@ -514,6 +514,31 @@ def test_decode_attention_reads_every_finite_e4m3_code_exactly() -> None:
 
 
 @ATTENDS
+def test_the_ops_static_fp8_codes_are_torchs() -> None:
+    """A static FP8 KV cache's codes made by the op are `quantize`'s bits: clamp(x / s, -448, 448) converted as torch
+    converts to float8_e4m3fn, at every midpoint between neighbouring E4M3 values (ties to even), in the subnormal
+    range, beyond +-448, for zeros of both signs and NaN, under several scales."""
+    from llmquant.nn.int8_gemv import gemv_kernel, static_fp8_codes
+    from llmquant.quant import quantize
+    from llmquant.quant.scheme import KV_CACHE
+
+    spec = KV_CACHE["fp8_per_tensor"]
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[~finite.isnan()].unique()  # sorted, -448 .. 448
+    midpoints = (finite[1:] + finite[:-1]) / 2  # (exact in float32)
+    generator = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, 500.0, -1e6, float("nan"), 2.0 ** -10, 3 * 2.0 ** -11, 1e-30])
+    values = torch.cat([midpoints, finite, specials, torch.randn(4096, generator=generator) * 50,
+                        torch.randn(1024, generator=generator) * 0.01])
+    rows = values[: values.numel() // 16 * 16].reshape(-1, 16)
+    for scale in (1.0, 0.37, 3.1):
+        static = torch.full((1, 1), scale)
+        codes = static_fp8_codes(gemv_kernel(), rows, static, spec.qmax)
+        expected = quantize(rows, static, torch.zeros(1, 1), spec)
+        assert codes.dtype == torch.float8_e4m3fn and torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+
+
+@ATTENDS
 def test_an_fp8_kv_cache_attends_over_its_codes_too(calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
     """W8A8 with an FP8 per-tensor KV cache on the int8 runtime: the cache stores E4M3 codes, the decode steps after
     the first attend over them (counted), with the dequantizing path's tokens and logits within float32 roundings."""

@@ -186,6 +186,27 @@ torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& sc
   return codes;
 }
 
+// FP8 (E4M3, fn) codes of float rows [..., in] under one static scale: code = e4m3(clamp(x / scale, -qmax, qmax)),
+// as llmquant.quant.primitives.quantize makes them for a float spec: the correctly rounded division, the clamp (a NaN
+// kept, as torch's), then torch's own float -> float8_e4m3fn conversion (c10::Float8_e4m3fn: round to nearest even).
+// Returned as their bytes (uint8), the rows in parallel: a static FP8 KV cache's update at a decode step.
+torch::Tensor static_fp8_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmax) {
+  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
+              "static_fp8_codes: float32 rows and one scale");
+  const torch::Tensor rows = rows_in.contiguous();
+  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kUInt8));
+  const float* x = rows.data_ptr<float>();
+  uint8_t* c = codes.data_ptr<uint8_t>();
+  const float scale = scale_in.to(torch::kFloat32).item<float>(), high = static_cast<float>(qmax);
+  at::parallel_for(0, rows.numel(), 4096, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const float v = x[i] / scale;
+      c[i] = c10::Float8_e4m3fn(std::isnan(v) ? v : std::min(std::max(v, -high), high)).x;
+    }
+  });
+  return codes;
+}
+
 // product[m, j] = product[m, j] * (s_x[m] * s_w[j]) + b[j], in place, for a float32 product [rows, out] (oneDNN's
 // exact integer product): llmquant.nn.int8_linear.scale_output's operations and order without its [rows, out]
 // outer product s_x * s_w, in one pass.
@@ -782,6 +803,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("rows"), pybind11::arg("qmax"), pybind11::arg("min_scale"), pybind11::arg("qmin") = -128.0,
              pybind11::arg("clip") = 1.0);
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
+  module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
   module.def("int8_decode_attention", &int8_decode_attention,

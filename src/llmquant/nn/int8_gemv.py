@@ -191,6 +191,13 @@ def static_codes(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qm
     return _call(kernel, "static_codes", rows, scale, float(qmin), float(qmax))
 
 
+def static_fp8_codes(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qmax: float) -> torch.Tensor:
+    """FP8 (E4M3) codes of float32 ``rows`` ``[..., in]`` under one static ``scale``, as float8_e4m3fn: what
+    `llmquant.quant.primitives.quantize` makes for a float spec per tensor (clamp(x / s, -qmax, qmax), then torch's
+    own conversion), in one call."""
+    return _call(kernel, "static_fp8_codes", rows, scale, float(qmax)).view(torch.float8_e4m3fn)
+
+
 def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, row_sums: torch.Tensor,
                 scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 group_size: int = 0) -> torch.Tensor:

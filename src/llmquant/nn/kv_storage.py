@@ -65,7 +65,14 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.int8_gemv import cpu_kernel, decode_attention, dequantize_rows, static_codes, token_codes
+from llmquant.nn.int8_gemv import (
+    cpu_kernel,
+    decode_attention,
+    dequantize_rows,
+    static_codes,
+    static_fp8_codes,
+    token_codes,
+)
 from llmquant.nn.int8_linear import input_codes
 from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
@@ -91,11 +98,15 @@ def quantize_states(
     """8-bit codes of ``states`` ``[..., b, h, s, d]`` and their scales ``[..., b, h, s, 1]`` (per token) or
     ``[..., b, 1, s, 1]`` (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or,
     when None, absmax / 127 over head_dim (per token) or over all of ``states`` (per tensor). The values of
-    `fake_quantize`; integer codes by the decode op where it runs (static, or dynamic per token), else by the few
-    operations of the int8 Linears' input codes (`input_codes`: a decode step pays for each operation)."""
+    `fake_quantize`; integer codes by the decode op where it runs (static, or dynamic per token), and FP8 codes under a
+    static scale per tensor, else by the few operations of the int8 Linears' input codes (`input_codes`: a decode step
+    pays for each operation) or `quantize`."""
     static = None if scale is None else scale.reshape(1, 1).float()
     codes = None
-    if (spec.type == "int" and spec.code_dtype == torch.int8 and states.dtype == torch.float32
+    if (spec.type == "float" and static is not None and spec.granularity == "tensor"
+            and states.dtype == torch.float32 and (kernel := cpu_kernel(states)) is not None):
+        codes, scale = static_fp8_codes(kernel, states, static, spec.qmax), static
+    elif (spec.type == "int" and spec.code_dtype == torch.int8 and states.dtype == torch.float32
             and (kernel := cpu_kernel(states)) is not None):
         rows = states.reshape(-1, states.shape[-1])
         if static is not None:
