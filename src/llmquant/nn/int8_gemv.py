@@ -250,7 +250,7 @@ GROUPED_GEMM_MULTIPLE = 4  # `grouped_gemm` takes groups (and inputs) of a multi
 def grouped_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int) -> torch.Tensor:
     """y ``[n, out]`` = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g) * s_x + b for int8 ``x_codes``
-    ``[n, in]`` (many rows: a prefill) and a weight in groups of ``group_size`` columns packed by `grouped_pack`:
+    ``[n, in]`` (any number of rows) and a weight in groups of ``group_size`` columns packed by `grouped_pack`:
     `llmquant.nn.int8_linear.grouped_linear`'s values in one call (VPDPBUSD blocks of 6 rows by 32 outputs, each
     group's dots exact in int32), instead of one integer product and two float passes per group."""
     packed, sums128, scales = pack
