@@ -10,6 +10,7 @@
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
     .venv/bin/python scripts/runtime_profile.py prefetch --model DIR  # the op's prefetch of weight rows, on / off
+    .venv/bin/python scripts/runtime_profile.py rows                # the op's row rules: DecodeRows, W4A8, W8A16
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
@@ -339,6 +340,66 @@ def _prefetch_product_us(op: object, out: int, inner: int, weight_only: bool) ->
     return statistics.median(times[True]) * 1e6, statistics.median(times[False]) * 1e6
 
 
+def rows_rules() -> None:
+    """The measurements behind three row rules of the op, one thread or ``--threads``: a W8A8 192 x 576 Linear's hot
+    1-row call (its input's codes already made) through `DecodeRows` and through `int8_linear` (medians of 20,000);
+    W4A8 1536 x 576 in groups of 64 from memory at 1, 2 and 4 rows, the per-row op (`gemv_linear`) against
+    `grouped_gemm`; the default model's head in groups of 32 at 1 to 16 rows, `weight_only_gemv` against float32's
+    F.linear (`WEIGHT_ONLY_MAX_ROWS`)."""
+    from llmquant.nn import int8_gemv
+
+    op = int8_gemv.cpu_kernel(torch.empty(0))
+    if op is None:
+        raise SystemExit(f"the decode op does not run here: {int8_gemv.gemv_refusal(torch.device('cpu'))}")
+    scheme = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic")
+    layer = QuantLinear.from_linear(torch.nn.Linear(576, 192, bias=False), scheme.weights, scheme.input_activations)
+    set_runtime(layer, "int8")
+    x = torch.randn(1, 1, 576)
+    with torch.no_grad():
+        timed = {}
+        for name, decode in (("DecodeRows", None), ("int8_linear", False)):
+            layer._decode_rows = decode  # (None: resolved at the next call; False: the per-call path)
+            timed[name] = median_us(lambda: layer(x), 20000)
+    print(f"W8A8 192 x 576, hot 1-row call: DecodeRows {timed['DecodeRows']:.1f} us, int8_linear "
+          f"{timed['int8_linear']:.1f} us")
+    out, inner, group = 1536, 576, 64
+    count = 300_000_000 // (out * inner)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randint(-8, 8, (out, inner), dtype=torch.int8, generator=generator) for _ in range(count)]
+    scale = torch.rand(out, inner // group)
+    sums = [int8_gemv.weight_row_sums(w, group) for w in weights]
+    packs = [int8_gemv.grouped_pack(w, scale, group) for w in weights]
+    for rows in (1, 2, 4):
+        codes, input_scale = int8_gemv.token_codes(op, torch.randn(rows, inner), 127)
+        times: dict[str, list[float]] = {"per-row op": [], "grouped_gemm": []}
+        for repeat in range(400):
+            for name, index in (("per-row op", repeat % count), ("grouped_gemm", (repeat + count // 2) % count)):
+                start = time.perf_counter()
+                if name == "per-row op":
+                    int8_gemv.gemv_linear(op, codes, weights[index], sums[index], input_scale, scale, None, group)
+                else:
+                    int8_gemv.grouped_gemm(op, codes, packs[index], input_scale, None, out, group)
+                times[name].append(time.perf_counter() - start)
+        print(f"W4A8 {out} x {inner} g{group} from memory, {rows} rows: " + ", ".join(
+            f"{name} {statistics.median(values) * 1e6:.1f} us" for name, values in times.items()))
+    del weights, packs
+    heads = [torch.randint(-127, 128, (49152, 576), dtype=torch.int8, generator=generator) for _ in range(4)]
+    floats = [torch.randn(49152, 576) for _ in range(3)]
+    head_scale = torch.rand(49152, 18)
+    for rows in (1, 4, 8, 16, 32):
+        x = torch.randn(rows, 576)
+        times = {"weight_only_gemv": [], "F.linear": []}
+        for repeat in range(12):
+            start = time.perf_counter()
+            int8_gemv.weight_only_linear(op, x, heads[repeat % 4], head_scale, None, 32)
+            times["weight_only_gemv"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            torch.nn.functional.linear(x, floats[repeat % 3])
+            times["F.linear"].append(time.perf_counter() - start)
+        print(f"head 49152 x 576 g32, {rows} rows: " + ", ".join(
+            f"{name} {statistics.median(values) * 1e3:.2f} ms" for name, values in times.items()))
+
+
 def ops() -> None:
     """The decode op's (`llmquant.nn.int8_gemv`) calls alone against torch's: the scaling of a 512 x 1536 float32
     product (each call on a fresh copy, whose cost is printed too), the input codes of 512 rows (per token and static),
@@ -482,7 +543,7 @@ def fp8(device: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill", "ops", "prefetch"])
+                                         "prefill", "ops", "prefetch", "rows"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -514,6 +575,8 @@ def main() -> None:
             decode_steps(args.model, args.batch, args.also)
         else:
             prefill_scaling(args.model, args.batch)
+    elif args.what == "rows":
+        rows_rules()
     elif args.what == "prefetch":
         if args.model is None:
             parser.error("prefetch needs --model DIR (a W8A8 checkpoint)")

@@ -212,9 +212,9 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
 
 WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns
 # `weight_only_linear` up to this many rows (it converts the codes again for each row): the default model's head in
-# groups of 32 (49,152 x 576), one / two threads, against float32's F.linear: 8 rows 18.7 / 14.9 ms against 32.3 /
-# 17.0, 16 rows 54.6 / 30.7 against 25.7 / 13.6 (BENCHMARKS.md, "Runtimes"); a batch of up to 8 prompts' last rows
-# then needs no float copy of the weight
+# groups of 32 (49,152 x 576), one / two threads, against float32's F.linear: 8 rows 24.8 / 12.8 ms against 34.5 /
+# 19.4, 16 rows 52.7 / 28.6 against 24.1 / 13.2 (`scripts/runtime_profile.py rows`); a batch of up to 8 prompts'
+# last rows then needs no float copy of the weight
 WEIGHT_ONLY_MAX_ROWS = 8
 
 
