@@ -405,6 +405,19 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pyt
         assert torch.equal(second(x), doubled) and len(calls) == 5
 
 
+@pytest.mark.parametrize("rows", [1, 300])
+def test_groups_the_grouped_gemm_cannot_take_keep_the_per_group_products(rows: int) -> None:
+    """W4A8 in groups of 6 columns (not a multiple of 4: `grouped_gemm_refusal` says so) keeps its codes and the
+    per-group path (the op's per-row product, or one torch._int_mm per group), with the simulation's bits."""
+    assert kernel.grouped_gemm_refusal(torch.device("cpu"), 96, 6) == (
+        "groups of 6 columns (it takes multiples of 4 dividing the input)")
+    spec = scheme_from_name("w_int4_per_group_sym_a_int8_per_token_dynamic", 6, None)
+    layer = QuantLinear.from_linear(torch.nn.Linear(96, 80), spec.weights, spec.input_activations)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer) and isinstance(layer._int8_weight(), kernel.Int8Weight)
+
+
 @needs_gemv
 @pytest.mark.parametrize(("rows", "outputs", "inner", "group"),
                          [(1, 80, 96, 32), (5, 80, 96, 32), (300, 80, 96, 32), (13, 17, 128, 64), (7, 33, 64, 4),
