@@ -167,6 +167,37 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
+// Per-tensor dynamic codes of float rows [..., in] (their one scale [1, 1]), as llmquant.nn.int8_linear.input_codes
+// makes them (dynamic "tensor"): scale = max(absmax * clip / qmax, min_scale) over every value, then row_codes' division
+// and rounding (clamped to [qmin, qmax] when clipped). A NaN makes the scale NaN, as amax's.
+std::vector<torch::Tensor> tensor_codes(const torch::Tensor& rows_in, double qmax, double min_scale, double qmin,
+                                        double clip) {
+  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "tensor_codes: float32 rows");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.numel();
+  const float* x = rows.data_ptr<float>();
+  __m512 high = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < count; i += 16) {
+    const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(count - i), x + i));
+    nan |= _mm512_cmp_ps_mask(magnitude, magnitude, _CMP_UNORD_Q);
+    high = _mm512_max_ps(high, magnitude);
+  }
+  const float absmax = nan ? NAN : _mm512_reduce_max_ps(high), limit = static_cast<float>(qmax);
+  float scale = (clip == 1.0 ? absmax : absmax * static_cast<float>(clip)) / limit;
+  if (scale < static_cast<float>(min_scale)) scale = static_cast<float>(min_scale);
+  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
+  int8_t* c = codes.data_ptr<int8_t>();
+  const float low = clip == 1.0 ? -limit : static_cast<float>(qmin);
+  at::parallel_for(0, (count + 4095) / 4096, 1, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = block * 4096;
+      divided_codes(x + start, std::min<int64_t>(4096, count - start), scale, low, limit, c + start);
+    }
+  });
+  return {codes, torch::full({1, 1}, scale, rows.options())};
+}
+
 // Codes of float rows [..., in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
 // code = clamp(round-half-even(x / scale), qmin, qmax) (divided_codes), the rows in parallel.
 torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmin, double qmax) {
@@ -803,6 +834,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("rows"), pybind11::arg("qmax"), pybind11::arg("min_scale"), pybind11::arg("qmin") = -128.0,
              pybind11::arg("clip") = 1.0);
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
+  module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");

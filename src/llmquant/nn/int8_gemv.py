@@ -185,6 +185,15 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int | N
     return codes, scale
 
 
+def tensor_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, clip_ratio: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor dynamic int8 codes of float32 ``rows`` ``[..., in]`` and their one scale ``[1, 1]`` (from
+    clip_ratio * the absmax of every value; clipped codes clamped to [qmin, qmax]): what
+    `llmquant.nn.int8_linear.int8_codes` makes for a dynamic per-tensor input, in one call."""
+    codes, scale = _call(kernel, "tensor_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
+    return codes, scale
+
+
 def static_codes(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """int8 codes clamp(round(x / s), qmin, qmax) of float32 ``rows`` ``[n, in]`` under one static ``scale``: what
     `llmquant.nn.int8_linear.int8_codes` makes for a static per-tensor input, in one call."""

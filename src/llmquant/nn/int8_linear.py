@@ -54,6 +54,7 @@ from llmquant.nn.int8_gemv import (
     grouped_pack,
     scale_product,
     static_codes,
+    tensor_codes,
     token_codes,
     weight_row_sums,
 )
@@ -371,15 +372,11 @@ class DecodeRows:
 def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
                 clip_ratio: float = 1.0) -> DecodeRows | None:
-    """The layer's `DecodeRows` where the decode op runs and makes its input codes (per token, or under a
-    static scale), else None (`int8_linear` then decides at every call)."""
+    """The layer's `DecodeRows` where the decode op runs, else None (`int8_linear` then decides at every call)."""
     if not weight.gemv or (op := gemv_kernel()) is None:
         return None
-    quantize = _op_quantizer(op, dynamic, clip_ratio)
-    if quantize is int8_codes:  # (torch's codes take [n, in] rows: `int8_linear`'s path)
-        return None
-    return DecodeRows(op, quantize, (dynamic, static_scale, qmin, qmax, clip_ratio, True), weight, weight_scale, bias,
-                      GEMV_MAX_ROWS * in_features)
+    return DecodeRows(op, _op_quantizer(op, dynamic, clip_ratio), (dynamic, static_scale, qmin, qmax, clip_ratio, True),
+                      weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
 
 
 def _op_kernels(rows: torch.Tensor, dynamic: str | None, clip_ratio: float
@@ -406,11 +403,11 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
 def _op_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
                   ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """The input quantizer where the decode op runs: its per-token codes (dynamic per token, clipped or not; one pass
-    for the absmax, one for the codes, the rows in parallel) or its codes under a static scale (one pass), else
-    `int8_codes`."""
+    for the absmax, one for the codes, the rows in parallel), its per-tensor dynamic codes (one absmax over every
+    value) or its codes under a static scale (one pass)."""
     if dynamic is None:
         return _op_static_codes(decode_op)
-    return _op_codes(decode_op) if dynamic == "token" else int8_codes
+    return _op_codes(decode_op) if dynamic == "token" else _op_tensor_codes(decode_op)
 
 
 @functools.cache
@@ -420,6 +417,15 @@ def _op_static_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor,
                  _clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         assert static is not None
         return static_codes(decode_op, rows, static, qmin, qmax), static
+    return quantize
+
+
+@functools.cache
+def _op_tensor_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`int8_codes` of a dynamic per-tensor input (clipped or not), by the decode op (`llmquant.nn.int8_gemv`)."""
+    def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, qmin: int, qmax: int,
+                 clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return tensor_codes(decode_op, rows, qmax, qmin, clip)
     return quantize
 
 

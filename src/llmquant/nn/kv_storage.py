@@ -71,6 +71,7 @@ from llmquant.nn.int8_gemv import (
     dequantize_rows,
     static_codes,
     static_fp8_codes,
+    tensor_codes,
     token_codes,
 )
 from llmquant.nn.int8_linear import input_codes
@@ -98,9 +99,9 @@ def quantize_states(
     """8-bit codes of ``states`` ``[..., b, h, s, d]`` and their scales ``[..., b, h, s, 1]`` (per token) or
     ``[..., b, 1, s, 1]`` (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or,
     when None, absmax / 127 over head_dim (per token) or over all of ``states`` (per tensor). The values of
-    `fake_quantize`; integer codes by the decode op where it runs (static, or dynamic per token), and FP8 codes under a
-    static scale per tensor, else by the few operations of the int8 Linears' input codes (`input_codes`: a decode step
-    pays for each operation) or `quantize`."""
+    `fake_quantize`; integer codes by the decode op where it runs (static, dynamic per token or per tensor), and FP8
+    codes under a static scale per tensor, else by the few operations of the int8 Linears' input codes
+    (`input_codes`: a decode step pays for each operation) or `quantize`."""
     static = None if scale is None else scale.reshape(1, 1).float()
     codes = None
     if (spec.type == "float" and static is not None and spec.granularity == "tensor"
@@ -113,6 +114,8 @@ def quantize_states(
             codes, scale = static_codes(kernel, rows, static, int(spec.qmin), int(spec.qmax)), static
         elif spec.granularity == "token":
             codes, scale = token_codes(kernel, rows, int(spec.qmax), int(spec.qmin), spec.clip_ratio)
+        else:  # (dynamic per tensor)
+            codes, scale = tensor_codes(kernel, rows, int(spec.qmax), int(spec.qmin), spec.clip_ratio)
     if codes is not None:
         codes = codes.reshape(states.shape)
     elif spec.type == "int":
