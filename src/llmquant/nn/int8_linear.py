@@ -407,7 +407,7 @@ def _op_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
     value) or its codes under a static scale (one pass)."""
     if dynamic is None:
         return _op_static_codes(decode_op)
-    return _op_codes(decode_op) if dynamic == "token" else _op_tensor_codes(decode_op)
+    return _op_codes(decode_op, per_token=dynamic == "token")
 
 
 @functools.cache
@@ -421,20 +421,12 @@ def _op_static_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor,
 
 
 @functools.cache
-def _op_tensor_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`int8_codes` of a dynamic per-tensor input (clipped or not), by the decode op (`llmquant.nn.int8_gemv`)."""
+def _op_codes(decode_op: ModuleType, per_token: bool = True) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`int8_codes` of a dynamic input per token (or per tensor), clipped or not, by the decode op
+    (`llmquant.nn.int8_gemv`)."""
     def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, qmin: int, qmax: int,
                  clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return tensor_codes(decode_op, rows, qmax, qmin, clip)
-    return quantize
-
-
-@functools.cache
-def _op_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`int8_codes` of a dynamic per-token input (clipped or not), by the decode op (`llmquant.nn.int8_gemv`)."""
-    def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, qmin: int, qmax: int,
-                 clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_codes(decode_op, rows, qmax, qmin, clip)
+        return (token_codes if per_token else tensor_codes)(decode_op, rows, qmax, qmin, clip)
     return quantize
 
 
