@@ -135,10 +135,9 @@ def grouped_gemm_refusal(device: torch.device, in_features: int, group_size: int
     """Why the op's `grouped_gemm` does not run a grouped layer on ``device``, or None (building the op if needed)."""
     if group_size % GROUPED_GEMM_MULTIPLE or in_features % group_size:
         return f"groups of {group_size} columns (it takes multiples of {GROUPED_GEMM_MULTIPLE} dividing the input)"
-    refusal = gemv_refusal(device)
-    if refusal is None and gemv_kernel() is None:
-        refusal = gemv_refusal(device)
-    return refusal
+    if gemv_refusal(device) is None:
+        gemv_kernel()  # (built here if not yet: a failed build is the refusal below)
+    return gemv_refusal(device)
 
 
 def onednn_refusal(device: torch.device) -> str | None:
@@ -268,17 +267,15 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, 
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        codes, scale = _op_quantizer(op, dynamic, clip_ratio)(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+        codes, scale = op_codes(op, rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
                             weight.group_size)
-    if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (decode_op := gemv_kernel()) is not None:
-        quantize = _op_quantizer(decode_op, dynamic, clip_ratio)
-        codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
-        return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale,
-                           bias, group_size)
     op = cpu_kernel(rows)
-    quantize = int8_codes if op is None else _op_quantizer(op, dynamic, clip_ratio)
+    quantize = int8_codes if op is None else _op_quantizer(op)
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+    if op is not None and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS:
+        return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,
+                           group_size)
     groups = [group.contiguous() for group in weight.codes.split(group_size, dim=1)]
     return grouped_linear(codes, scale, groups, weight_scale, bias, lambda a, w: int8_matmul(a.contiguous(), w))
 
@@ -337,10 +334,10 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     `GEMV_MAX_ROWS` rows, where it runs, the decode op of `llmquant.nn.int8_gemv` (the same bits, two calls)."""
     if (isinstance(weight, Int8Weight) and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS
             and (decode_op := gemv_kernel()) is not None):
-        quantize = _op_quantizer(decode_op, dynamic, clip_ratio)
+        quantize = _op_quantizer(decode_op)
         codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
         return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(), scale, weight_scale, bias)
-    quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows, dynamic, clip_ratio)
+    quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
 
@@ -375,17 +372,16 @@ def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tens
     """The layer's `DecodeRows` where the decode op runs, else None (`int8_linear` then decides at every call)."""
     if not weight.gemv or (op := gemv_kernel()) is None:
         return None
-    return DecodeRows(op, _op_quantizer(op, dynamic, clip_ratio), (dynamic, static_scale, qmin, qmax, clip_ratio, True),
+    return DecodeRows(op, _op_quantizer(op), (dynamic, static_scale, qmin, qmax, clip_ratio, True),
                       weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
 
 
-def _op_kernels(rows: torch.Tensor, dynamic: str | None, clip_ratio: float
+def _op_kernels(rows: torch.Tensor
                 ) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]:
     """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its codes
-    (`_op_quantizer`) and its one-pass `scale_product` for oneDNN's float32 products; else torch's."""
+    (`op_codes`) and its one-pass `scale_product` for oneDNN's float32 products; else torch's."""
     op = cpu_kernel(rows)
-    return (int8_codes, scale_output) if op is None else (_op_quantizer(op, dynamic, clip_ratio),
-                                                          _in_place_scaling(op))
+    return (int8_codes, scale_output) if op is None else (_op_quantizer(op), _in_place_scaling(op))
 
 
 @functools.cache
@@ -400,34 +396,21 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
     return scale_output(product, scale, weight_scale, bias)
 
 
-def _op_quantizer(decode_op: ModuleType, dynamic: str | None, clip_ratio: float
-                  ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """The input quantizer where the decode op runs: its per-token codes (dynamic per token, clipped or not; one pass
-    for the absmax, one for the codes, the rows in parallel), its per-tensor dynamic codes (one absmax over every
-    value) or its codes under a static scale (one pass)."""
+def op_codes(decode_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
+             qmin: int, qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int8_codes` by the decode op (`llmquant.nn.int8_gemv`), the same bits in one call: per token (one pass for
+    the absmax, one for the codes, the rows in parallel), per tensor (one absmax over every value), clipped or not, or
+    under a static scale (one pass)."""
     if dynamic is None:
-        return _op_static_codes(decode_op)
-    return _op_codes(decode_op, per_token=dynamic == "token")
+        assert static_scale is not None
+        return static_codes(decode_op, rows, static_scale, qmin, qmax), static_scale
+    return (token_codes if dynamic == "token" else tensor_codes)(decode_op, rows, qmax, qmin, clip_ratio)
 
 
 @functools.cache
-def _op_static_codes(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`int8_codes` of an input with a static scale, by the decode op (`llmquant.nn.int8_gemv`)."""
-    def quantize(rows: torch.Tensor, _dynamic: str | None, static: torch.Tensor | None, qmin: int, qmax: int,
-                 _clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        assert static is not None
-        return static_codes(decode_op, rows, static, qmin, qmax), static
-    return quantize
-
-
-@functools.cache
-def _op_codes(decode_op: ModuleType, per_token: bool = True) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`int8_codes` of a dynamic input per token (or per tensor), clipped or not, by the decode op
-    (`llmquant.nn.int8_gemv`)."""
-    def quantize(rows: torch.Tensor, _dynamic: str | None, _static: torch.Tensor | None, qmin: int, qmax: int,
-                 clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return (token_codes if per_token else tensor_codes)(decode_op, rows, qmax, qmin, clip)
-    return quantize
+def _op_quantizer(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`op_codes` on ``decode_op``, with `int8_codes`' arguments."""
+    return functools.partial(op_codes, decode_op)
 
 
 def _compiled_kernels(rows: torch.Tensor) -> tuple[Callable, Callable] | None:

@@ -65,16 +65,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.int8_gemv import (
-    cpu_kernel,
-    decode_attention,
-    dequantize_rows,
-    static_codes,
-    static_fp8_codes,
-    tensor_codes,
-    token_codes,
-)
-from llmquant.nn.int8_linear import input_codes
+from llmquant.nn.int8_gemv import cpu_kernel, decode_attention, dequantize_rows, static_fp8_codes
+from llmquant.nn.int8_linear import input_codes, op_codes
 from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
@@ -109,13 +101,9 @@ def quantize_states(
         codes, scale = static_fp8_codes(kernel, states, static, spec.qmax), static
     elif (spec.type == "int" and spec.code_dtype == torch.int8 and states.dtype == torch.float32
             and (kernel := cpu_kernel(states)) is not None):
-        rows = states.reshape(-1, states.shape[-1])
-        if static is not None:
-            codes, scale = static_codes(kernel, rows, static, int(spec.qmin), int(spec.qmax)), static
-        elif spec.granularity == "token":
-            codes, scale = token_codes(kernel, rows, int(spec.qmax), int(spec.qmin), spec.clip_ratio)
-        else:  # (dynamic per tensor)
-            codes, scale = tensor_codes(kernel, rows, int(spec.qmax), int(spec.qmin), spec.clip_ratio)
+        codes, scale = op_codes(kernel, states.reshape(-1, states.shape[-1]),
+                                spec.granularity if static is None else None, static, int(spec.qmin), int(spec.qmax),
+                                spec.clip_ratio)
     if codes is not None:
         codes = codes.reshape(states.shape)
     elif spec.type == "int":
