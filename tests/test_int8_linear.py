@@ -339,20 +339,22 @@ def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to 4 rows of a W8A8 layer go through its `DecodeRows` (the op's codes and product, no reshape) with the
-    simulation's bits, for inputs of any leading shape and non-contiguous ones, and after a new clip ratio (resolved
-    again); 5 rows take `int8_linear`'s path, with the same bits."""
+    simulation's bits, for inputs of any leading shape and non-contiguous ones, bfloat16 ones (as float32 copies),
+    and after a new clip ratio (resolved again); 5 rows take `int8_linear`'s path, with the same bits."""
     layer = _layer(scheme, bias=True)
     shapes: list[tuple[int, ...]] = []
     original = kernel.DecodeRows.__call__
     monkeypatch.setattr(kernel.DecodeRows, "__call__",
-                        lambda self, x: shapes.append(tuple(x.shape)) or original(self, x))
+                        lambda self, x, *source: shapes.append(tuple(x.shape)) or original(self, x, *source))
     generator = torch.Generator().manual_seed(5)
     inputs = [torch.randn(*shape, generator=generator) for shape in ((1, 1, 96), (2, 1, 96), (4, 96), (1, 2, 2, 96))]
     inputs.append(torch.randn(96, 3, generator=generator).t())  # [3, 96], not contiguous
+    inputs.append(torch.randn(2, 96, generator=generator).bfloat16())
     with torch.no_grad():
         for x in inputs:
             simulated, integer = _outputs(layer, x)
-            assert integer.shape == (*x.shape[:-1], 80) and torch.equal(simulated, integer)
+            assert integer.shape == (*x.shape[:-1], 80) and integer.dtype == x.dtype
+            assert torch.equal(simulated, integer)
         assert shapes == [tuple(x.shape) for x in inputs]
         simulated, integer = _outputs(layer, torch.randn(5, 96, generator=generator))
         assert torch.equal(simulated, integer) and len(shapes) == len(inputs)

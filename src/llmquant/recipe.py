@@ -47,6 +47,7 @@ from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
 from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearningStep
 from llmquant.algorithms.lifecycle import LayerStep
 from llmquant.algorithms.quarot import ONLINE_BEFORE_LINEARS, ONLINE_ROTATIONS, QuaRotConfig
+from llmquant.algorithms.scale_refit import refit_refusal
 from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
@@ -359,8 +360,21 @@ class Recipe(_Strict):
                                     f"{tiled[0]} takes rtn or gptq")
             steps.append(AWQStep(self.smooth_groups))
         elif self.algorithm == "gptq":
+            if self.gptq.refit_scales:
+                self._check_refit()
             steps.append(GPTQStep(self.gptq))
         return steps
+
+    def _check_refit(self) -> None:
+        """``gptq.refit_scales`` refits symmetric per-channel and per-group weight scales: refused for a recipe
+        whose weight schemes have none of them (a scheme that has some keeps the others' scales)."""
+        weights = [(name, self.scheme_named(name, group).weights) for name, group in
+                   dict.fromkeys([(self.scheme, None), *((o.scheme, o.group_size) for o in self.overrides)])]
+        refusals = [(name, refit_refusal(spec)) for name, spec in weights if spec is not None]
+        if refusals and all(refusal is not None for _, refusal in refusals):
+            name, refusal = refusals[0]
+            raise LlmquantError(f"gptq.refit_scales refits symmetric per-channel or per-group weight scales; "
+                                f"{name} has {refusal}")
 
     # --- construction that turns every validation problem into one line ----------------------
     @classmethod

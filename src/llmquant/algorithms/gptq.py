@@ -49,6 +49,7 @@ from torch.utils.hooks import RemovableHandle
 from llmquant.algorithms.gptaq import AsymmetricAccumulator, asymmetric_correction, asymmetric_start
 from llmquant.algorithms.hessian import HessianAccumulator
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
+from llmquant.algorithms.scale_refit import refit_refusal, refit_scales
 from llmquant.errors import LlmquantError
 from llmquant.nn.experts import Experts, down_input_feed, expert_index, only_experts
 from llmquant.nn.quant_linear import QuantLinear
@@ -125,9 +126,11 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     factor: InverseFactor | None = None,
+    refit: bool = False,
 ) -> GPTQResult:
     """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``[in, in]`` of its inputs (``factor``: its
-    `inverse_factor` with the same ``damp_ratio`` and ``act_order``, when the caller keeps it for several weights)."""
+    `inverse_factor` with the same ``damp_ratio`` and ``act_order``, when the caller keeps it for several weights;
+    ``refit``: the scales refitted to the codes by least squares, `llmquant.algorithms.scale_refit`)."""
     rows, columns = _check(weight, hessian, spec, block_size, act_order, static_groups)
     group = _scale_columns(spec)
 
@@ -136,6 +139,7 @@ def gptq_quantize(
     factor = factor or inverse_factor(hessian.to(w.device), damp_ratio, act_order)
     perm, dead = factor.perm.to(w.device), factor.dead.to(w.device)
     w[:, dead] = 0.0
+    start = w.clone() if refit else None  # (what the sweep starts from, for the refit)
 
     if group is None:  # one scale per tensor or per row, from the whole weight
         scale, zero = observe_once(w, spec)
@@ -170,6 +174,8 @@ def gptq_quantize(
     codes = codes[:, torch.argsort(perm)]
     if group is not None:
         scale, zero = _block_view(scales, spec), _block_view(zeros, spec)
+    if start is not None:
+        scale = refit_scales(start, hessian, codes, scale, spec)
     codes = codes.to(spec.code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
     return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(loss))
@@ -352,10 +358,10 @@ class GPTQ:
 
     def quantize(
         self, spec: QuantSpec, block_size: int = 128, damp_ratio: float = 0.01, act_order: bool = False,
-        factor: InverseFactor | None = None,
+        factor: InverseFactor | None = None, refit: bool = False,
     ) -> list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
         """``factor``: the Hessian's `inverse_factor` (same ``damp_ratio`` and ``act_order``), when the caller keeps
-        it for other weights that read the same input."""
+        it for other weights that read the same input; ``refit``: `gptq_quantize`'s."""
         if self.accumulator.tokens == 0:
             raise LlmquantError("GPTQ saw no calibration inputs for this Linear")
         if len(self.weights) > 1 and not stacks_rows(spec):
@@ -365,7 +371,7 @@ class GPTQ:
         stacked = torch.cat(self.weights)
         stacked = stacked if stacked.dtype == torch.float64 else stacked.float()
         result = gptq_quantize(stacked, self.accumulator.hessian, spec, block_size, damp_ratio,
-                               act_order, static_groups=act_order, factor=factor)
+                               act_order, static_groups=act_order, factor=factor, refit=refit)
         if len(self.weights) == 1:  # (per tensor too: one scale for all rows)
             return [(result.weight, (result.scale, result.zero))]
         return split_rows(self.weights, result.weight, result.scale, result.zero)
@@ -412,7 +418,10 @@ class GPTQOptions(BaseModel):
 
     ``min_tokens``: a Linear whose input saw fewer calibration tokens (a routed expert few tokens chose, with
     ``moe_calibrate: routed``) keeps round to nearest, with a warning and its count in the manifest
-    (``gptq_rtn_fallback``): a Hessian of a handful of tokens fits them, not the expert's inputs."""
+    (``gptq_rtn_fallback``): a Hessian of a handful of tokens fits them, not the expert's inputs.
+
+    ``refit_scales``: after each sweep, the scales refitted to the codes by least squares under the same Hessian
+    (`llmquant.algorithms.scale_refit`; symmetric per-channel and per-group weights, others keep theirs)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -423,6 +432,7 @@ class GPTQOptions(BaseModel):
     asymmetric: float = Field(0.0, ge=0.0, le=1.0)
     quantized_inputs: bool = False
     min_tokens: int = Field(16, ge=1)
+    refit_scales: bool = False
 
 
 def layer_stages(ctx: LayerContext, names: list[str]) -> list[list[str]]:
@@ -693,6 +703,7 @@ class GPTQStep(LayerStep):
         W M with GPTAQ's ``correction`` M (None: plain GPTQ); with ``rows_of``, this rank's share of the rows only,
         then every rank's rows gathered (the rows of a sweep are independent given H^-1)."""
         options = self.options
+        refit = options.refit_scales and refit_refusal(spec) is None
         weights = [ctx.linears[name][0].weight for name in sweep]
         if correction is not None:  # GPTAQ: start from W* = W + alpha W D H^-1
             shifted = [asymmetric_start(w, correction, options.asymmetric) for w in weights]
@@ -701,11 +712,11 @@ class GPTQStep(LayerStep):
             weights = shifted
         if rows_of is None:
             results = GPTQ(weights, hessian).quantize(spec, options.block_size, options.damp_ratio, options.act_order,
-                                                      factor)
+                                                      factor, refit)
         else:
             stacked = torch.cat(weights)
             [(part, (scale, zero))] = GPTQ([stacked[rows_of.share(stacked.shape[0])]], hessian).quantize(
-                spec, options.block_size, options.damp_ratio, options.act_order, factor)
+                spec, options.block_size, options.damp_ratio, options.act_order, factor, refit)
             per_row = scale.shape[0] // part.shape[0]  # scales a row: 1 per channel, in / g per group
             scale, zero = (rows_of.all_rows(t.reshape(part.shape[0], per_row), stacked.shape[0]).reshape(-1, 1)
                            for t in (scale, zero))

@@ -330,13 +330,8 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32 (``source``, the Linear's input, as rows), int8
     ``weight`` ``[out, in]`` (or its `Int8Weight`), ``weight_scale`` ``[1, out]`` (or ``[1, 1]``): the input codes
     (shared by the Linears reading ``source``, `shared_input_codes`), their integer product, its scaling; the
-    codes and the scaling compiled for large inputs on the CPU when allowed (module docstring); up to
-    `GEMV_MAX_ROWS` rows, where it runs, the decode op of `llmquant.nn.int8_gemv` (the same bits, two calls)."""
-    if (isinstance(weight, Int8Weight) and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS
-            and (decode_op := gemv_kernel()) is not None):
-        quantize = _op_quantizer(decode_op)
-        codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
-        return gemv_linear(decode_op, codes, weight.codes, weight.gemv_row_sums(), scale, weight_scale, bias)
+    codes and the scaling compiled for large inputs on the CPU when allowed (module docstring). (Up to
+    `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.)"""
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
@@ -359,9 +354,10 @@ class DecodeRows:
     bias: torch.Tensor | None
     max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values."""
-        codes, scale = shared_input_codes(x, x, *self.arguments, self.quantize)
+    def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values (``source``: the
+        Linear's input where ``x`` is its float32 copy, for the codes shared by the Linears reading it)."""
+        codes, scale = shared_input_codes(x if source is None else source, x, *self.arguments, self.quantize)
         return gemv_linear(self.op, codes, self.weight.codes, self.weight.gemv_row_sums(), scale, self.weight_scale,
                            self.bias)
 

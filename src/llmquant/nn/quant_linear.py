@@ -474,8 +474,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decode = self._decode_rows if self._decode_rows is not None else self._resolve_decode_rows()
-        if decode and x.numel() <= decode.max_values and x.dtype == torch.float32 and self.observer is None:
-            return decode(x)
+        if decode and x.numel() <= decode.max_values and self.observer is None:
+            return decode(x) if x.dtype == torch.float32 else decode(x.float(), x).to(x.dtype)
         if self.observer is None and self.supports_int8:
             return self._integer_forward(x)
         if self.runtime == "int8" and self.observer is None and self.supports_fp8:
