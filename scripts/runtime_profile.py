@@ -321,7 +321,7 @@ def _prefetch_product_us(op: object, out: int, inner: int, weight_only: bool) ->
     weights = [torch.randint(-127, 128, (out, inner), dtype=torch.int8, generator=generator) for _ in range(count)]
     row, group_scale = torch.randn(1, inner), torch.rand(out, inner // 32)
     sums = [int8_gemv.weight_row_sums(weight) for weight in weights] if not weight_only else []
-    codes, scale = int8_gemv.token_codes(op, row, 127)
+    codes, scale = int8_gemv.token_codes(op, row, 127, -128)
     weight_scale = torch.rand(1, out)
 
     def call(index: int) -> object:
@@ -370,7 +370,7 @@ def rows_rules() -> None:
     sums = [int8_gemv.weight_row_sums(w, group) for w in weights]
     packs = [int8_gemv.grouped_pack(w, scale, group) for w in weights]
     for rows in (1, 2, 4):
-        codes, input_scale = int8_gemv.token_codes(op, torch.randn(rows, inner), 127)
+        codes, input_scale = int8_gemv.token_codes(op, torch.randn(rows, inner), 127, -128)
         times: dict[str, list[float]] = {"per-row op": [], "grouped_gemm": []}
         for repeat in range(400):
             for name, index in (("per-row op", repeat % count), ("grouped_gemm", (repeat + count // 2) % count)):
@@ -424,7 +424,7 @@ def ops() -> None:
     def codes_us(rows: torch.Tensor) -> list[float]:  # per token by torch, by the op; static by torch, by the op
         return [median_us(call, 50) for call in (
             lambda: int8_linear.int8_codes(rows, "token", None, -128, 127),
-            lambda: int8_gemv.token_codes(op, rows, 127),
+            lambda: int8_gemv.token_codes(op, rows, 127, -128),
             lambda: int8_linear.int8_codes(rows, None, static, -128, 127),
             lambda: int8_gemv.static_codes(op, rows, static, -128, 127))]
 

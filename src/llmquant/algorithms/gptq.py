@@ -139,7 +139,6 @@ def gptq_quantize(
     factor = factor or inverse_factor(hessian.to(w.device), damp_ratio, act_order)
     perm, dead = factor.perm.to(w.device), factor.dead.to(w.device)
     w[:, dead] = 0.0
-    start = w.clone() if refit else None  # (what the sweep starts from, for the refit)
 
     if group is None:  # one scale per tensor or per row, from the whole weight
         scale, zero = observe_once(w, spec)
@@ -174,8 +173,8 @@ def gptq_quantize(
     codes = codes[:, torch.argsort(perm)]
     if group is not None:
         scale, zero = _block_view(scales, spec), _block_view(zeros, spec)
-    if start is not None:
-        scale = refit_scales(start, hessian, codes, scale, spec)
+    if refit:  # (from ``weight``: a dead input's Hessian row and column are zero, so its weights add nothing)
+        scale = refit_scales(weight, hessian, codes, scale, spec)
     codes = codes.to(spec.code_dtype)
     dequantized = dequantize(codes, scale, zero, spec)
     return GPTQResult(dequantized.to(weight.dtype), scale, zero, codes, float(loss))

@@ -125,21 +125,30 @@ void divided_codes(const float* row, int64_t inner, float scale, float low, floa
   }
 }
 
-void row_codes(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale, int8_t* codes,
-               float* scale) {
+// max |x| of `count` values, NaN where one is (as amax's).
+float absolute_max(const float* x, int64_t count) {
   __m512 high = _mm512_setzero_ps();
   __mmask16 nan = 0;
-  for (int64_t i = 0; i < inner; i += 16) {
-    const __mmask16 m = lanes(inner - i);
-    const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + i));
+  for (int64_t i = 0; i < count; i += 16) {
+    const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(count - i), x + i));
     nan |= _mm512_cmp_ps_mask(magnitude, magnitude, _CMP_UNORD_Q);
     high = _mm512_max_ps(high, magnitude);
   }
-  const float absmax = nan ? NAN : _mm512_reduce_max_ps(high);
-  float row_scale = (clip == 1.0f ? absmax : absmax * clip) / qmax;
-  if (row_scale < min_scale) row_scale = min_scale;
+  return nan ? NAN : _mm512_reduce_max_ps(high);
+}
+
+// input_codes' dynamic scale: max((clip < 1 ? absmax * clip : absmax) / qmax, min_scale); a NaN absmax stays NaN.
+float dynamic_scale(float absmax, float qmax, float clip, float min_scale) {
+  const float scale = (clip == 1.0f ? absmax : absmax * clip) / qmax;
+  return scale < min_scale ? min_scale : scale;
+}
+
+void row_codes(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale, int8_t* codes,
+               float* scale) {
+  const float absmax = absolute_max(row, inner);
+  const float row_scale = dynamic_scale(absmax, qmax, clip, min_scale);
   *scale = row_scale;
-  if (nan) {
+  if (std::isnan(absmax)) {
     for (int64_t i = 0; i < inner; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
     return;
   }
@@ -176,16 +185,9 @@ std::vector<torch::Tensor> tensor_codes(const torch::Tensor& rows_in, double qma
   const torch::Tensor rows = rows_in.contiguous();
   const int64_t count = rows.numel();
   const float* x = rows.data_ptr<float>();
-  __m512 high = _mm512_setzero_ps();
-  __mmask16 nan = 0;
-  for (int64_t i = 0; i < count; i += 16) {
-    const __m512 magnitude = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(count - i), x + i));
-    nan |= _mm512_cmp_ps_mask(magnitude, magnitude, _CMP_UNORD_Q);
-    high = _mm512_max_ps(high, magnitude);
-  }
-  const float absmax = nan ? NAN : _mm512_reduce_max_ps(high), limit = static_cast<float>(qmax);
-  float scale = (clip == 1.0 ? absmax : absmax * static_cast<float>(clip)) / limit;
-  if (scale < static_cast<float>(min_scale)) scale = static_cast<float>(min_scale);
+  const float limit = static_cast<float>(qmax);
+  const float scale = dynamic_scale(absolute_max(x, count), limit, static_cast<float>(clip),
+                                    static_cast<float>(min_scale));
   torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
   int8_t* c = codes.data_ptr<int8_t>();
   const float low = clip == 1.0 ? -limit : static_cast<float>(qmin);
@@ -830,9 +832,7 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
-  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales",
-             pybind11::arg("rows"), pybind11::arg("qmax"), pybind11::arg("min_scale"), pybind11::arg("qmin") = -128.0,
-             pybind11::arg("clip") = 1.0);
+  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");

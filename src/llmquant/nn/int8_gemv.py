@@ -175,13 +175,12 @@ def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor
     return out.unsqueeze(1)
 
 
-def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int | None = None,
-                clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, clip_ratio: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 codes of float32 ``rows`` ``[..., in]`` and their scales ``[rows, 1]``: what
     `llmquant.nn.int8_linear.int8_codes` makes for a dynamic per-token input (clipped: the scale from clip_ratio *
     absmax, the codes clamped to [qmin, qmax]), in one call."""
-    codes, scale = _call(kernel, "token_codes", rows, float(qmax), MIN_SCALE,
-                         float(-qmax - 1 if qmin is None else qmin), float(clip_ratio))
+    codes, scale = _call(kernel, "token_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
     return codes, scale
 
 

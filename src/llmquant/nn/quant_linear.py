@@ -332,8 +332,8 @@ class QuantLinear(nn.Module):
         if rows.shape[0] > WEIGHT_ONLY_MAX_ROWS or rows.dtype != torch.float32 or (op := cpu_kernel(rows)) is None:
             return None
         spec = self.weight_spec
-        group_size = spec.group_size if spec is not None and spec.granularity == "group" else None
-        y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias, group_size or 0)
+        group_size = (spec.group_size or 0) if spec is not None and spec.granularity == "group" else 0
+        y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias, group_size)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
