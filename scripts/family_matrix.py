@@ -1,4 +1,4 @@
-"""The family x method matrix: every model family of the tests (tests/conftest.py, `FAMILIES`: tiny random
+"""The family x method matrix: every model family of the tests (`llmquant.testing.tiny_models.FAMILIES`: tiny random
 configs from transformers) quantized by every method, as a table.
 
     .venv/bin/python scripts/family_matrix.py       # rewrites its section of BENCHMARKS.md
@@ -14,21 +14,19 @@ BENCHMARKS.md differs from it, so the table cannot drift from the code.
 from __future__ import annotations
 
 import logging
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+import llmquant
+from llmquant.errors import LlmquantError
+from llmquant.nn.quant_linear import set_runtime
+from llmquant.quant.scheme import W8A8_SCHEMES
+from llmquant.testing.tiny_models import FAMILIES, VOCAB, logits, make_model, relative_error
 
-import llmquant  # noqa: E402
-from conftest import FAMILIES, VOCAB, logits, make_model, relative_error  # noqa: E402
-from llmquant.errors import LlmquantError  # noqa: E402
-from llmquant.nn.quant_linear import set_runtime  # noqa: E402
-from llmquant.quant.scheme import W8A8_SCHEMES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 BEGIN, END = "<!-- family matrix: scripts/family_matrix.py writes this -->\n", "<!-- end of the family matrix -->\n"

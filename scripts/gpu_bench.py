@@ -82,8 +82,7 @@ def build_checkpoint(directory: Path, shape: str, layers: int | None, device: st
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_checkpoint import tiny_tokenizer
+    from llmquant.testing.tiny_checkpoint import tiny_tokenizer
 
     fields = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
     if (directory / "config.json").exists():  # written by an earlier run on this machine

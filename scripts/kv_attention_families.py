@@ -1,5 +1,5 @@
 """Which families' decode steps attend over the INT8 KV cache's codes (`llmquant.nn.kv_storage`), and with what
-agreement: each tiny random model of `tests/conftest.py`'s family table quantized with the per-token INT8 KV scheme
+agreement: each tiny random family of `llmquant.testing.tiny_models` quantized with the per-token INT8 KV scheme
 (round to nearest), greedy generation of 6 tokens from a batch of 2 prompts with the decode op and with
 ``LLMQUANT_GEMV=0`` (the dequantized cache), on the int8 runtime.
 
@@ -13,8 +13,6 @@ whether the tokens agree, and the largest logit difference.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -23,9 +21,7 @@ from llmquant.errors import LlmquantError
 from llmquant.nn import kv_storage
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.quant_linear import set_runtime
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import FAMILIES, VOCAB, make_model
+from llmquant.testing.tiny_models import FAMILIES, VOCAB, make_model
 
 SCHEME = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
 

@@ -63,8 +63,7 @@ SCHEMES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (recipe, the dtype
 
 
 def tiny_tokenizer(vocab: int) -> Any:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_checkpoint import tiny_tokenizer as trained  # a byte-level BPE of the vocabulary's size
+    from llmquant.testing.tiny_checkpoint import tiny_tokenizer as trained  # a byte-level BPE of the vocabulary's size
 
     return trained(vocab)
 

@@ -17,7 +17,7 @@ from llmquant.cli import main
 from llmquant.errors import LlmquantError
 from llmquant.nn.attention_dtype import attention_configs, set_attention_dtype
 from llmquant.nn.kv_cache import enable_kv_quantization
-from tiny_checkpoint import write_tiny_checkpoint
+from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
 
 
 def test_bfloat16_attention_is_close_to_float32_and_model_restores_it(eval_ids: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from llmquant.cli import main
 from llmquant.evaluation.bench import disk_bytes, model_bytes, time_generation
 from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.quant_linear import QuantLinear
-from tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
+from llmquant.testing.tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
 
 FAST = ["--batch", "1", "2", "--prompt", "16", "--decode", "2", "--repeats", "1"]
 

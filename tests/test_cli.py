@@ -14,7 +14,7 @@ import pytest
 
 from llmquant.cli import build_parser, main
 from llmquant.errors import LlmquantError
-from tiny_checkpoint import write_tiny_checkpoint
+from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--max-windows", "2", "--quiet"]
 ROOT = Path(__file__).parent.parent

@@ -381,7 +381,7 @@ def test_a_linear_its_layer_never_calls_stays_float_also_in_a_resumed_run(
     from transformers import AutoModelForCausalLM
 
     from conftest import FAMILIES
-    from tiny_checkpoint import tiny_tokenizer
+    from llmquant.testing.tiny_checkpoint import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = FAMILIES["jamba"]()

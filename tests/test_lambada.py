@@ -12,7 +12,7 @@ from llmquant.cli import main
 from llmquant.data import corpus
 from llmquant.errors import LlmquantError
 from llmquant.evaluation.lambada import lambada_accuracy, lambada_texts, split_last_word
-from tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
+from llmquant.testing.tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
 
 
 def write_fixture(path: Path, count: int = 300) -> Path:

@@ -343,7 +343,7 @@ def test_detect_names_what_stays_float_whatever_the_recipe(tmp_path: Path, capsy
 ])
 def test_targets_that_cannot_load_an_moe_checkpoint_refuse_before_calibration(
         family: str, target: str, said: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tiny_checkpoint import tiny_tokenizer
+    from llmquant.testing.tiny_checkpoint import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     make_model(family).save_pretrained(tmp_path / "float")
@@ -414,7 +414,7 @@ def test_an_moe_model_streamed_from_disk_gives_the_in_memory_checkpoint(family: 
     from transformers import AutoModelForCausalLM
 
     from conftest import FAMILIES
-    from tiny_checkpoint import tiny_tokenizer
+    from llmquant.testing.tiny_checkpoint import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = FAMILIES[family]()
@@ -444,7 +444,7 @@ def test_a_streamed_layer_missing_a_tensor_on_disk_is_one_clear_error(corpus: Pa
     from transformers import AutoModelForCausalLM
 
     from conftest import FAMILIES
-    from tiny_checkpoint import tiny_tokenizer
+    from llmquant.testing.tiny_checkpoint import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = FAMILIES["gpt_oss"]()

@@ -265,7 +265,7 @@ SEED_003_MAP = {"name": "quarot", "online-had": False, "backbone": "model", "mod
 
 
 def test_the_seed_003_json_map_is_accepted_as_it_is(tmp_path: Path) -> None:
-    from tiny_checkpoint import write_tiny_checkpoint
+    from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
 
     model_dir = write_tiny_checkpoint(tmp_path / "tiny")
     layer_map = tmp_path / "quarot.json"

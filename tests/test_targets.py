@@ -26,7 +26,7 @@ from llmquant.export.targets import (
 from llmquant.quant.scheme import Scheme
 from llmquant.quant.spec import QuantSpec
 from llmquant.recipe import Recipe
-from tiny_checkpoint import write_tiny_checkpoint
+from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
 
 SMALL = ["--calib-samples", "4", "--seqlen", "32", "--no-eval", "--quiet"]
 W8A8 = "w_int8_per_channel_a_int8_per_token_dynamic"
