@@ -34,6 +34,8 @@ EXACT = {  # round to nearest, static scales; GPTQ (Hessians summed over ranks; 
                                       "gptq": {"true_sequential": False}}),
     "quarot+gptq-kv": ("llama", {"scheme": "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic",
                                  "algorithm": "gptq", "pre_opts": [{"name": "quarot"}]}),
+    "centred-keys": ("llama", {"scheme": "w_int4_per_channel_sym_a_int4_per_token_dynamic",  # key means from
+                               "kv_cache": "int4_per_token_asym", "kv_cache_center_keys": True}),  # float64 sums
     "gptq-per-tensor": ("llama", {"scheme": "w_int8_per_tensor_a_int8_per_tensor_static", "algorithm": "gptq",
                                   "gptq": {"true_sequential": False}}),  # whole sweeps to owners, broadcast
     "static-percentile": ("llama", {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",

@@ -58,6 +58,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
                 raise LlmquantError(f"--{flag.replace('_', '-')} needs --pre-opt quarot (or a quarot pre_opt in the "
                                     "recipe)")
             quarot[0][key] = {**(quarot[0].get(key) or {}), "iterations": getattr(args, flag)}
+    if getattr(args, "kv_cache_center_keys", False):
+        fields["kv_cache_center_keys"] = True
     if getattr(args, "clip_search", False):
         fields["clip_search"] = fields.get("clip_search") or {}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
@@ -458,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shrink every input quantizer's range by R in (0, 1] from the start (QuaRot: 0.9 for 4 bits)")
     q.add_argument("--kv-cache-clip", type=float, default=None, metavar="R",
                    help="the same for the KV cache (QuaRot: 0.95 for 4 bits)")
+    q.add_argument("--kv-cache-center-keys", action="store_true",
+                   help="quantize the keys minus their calibrated mean (a dynamic KV cache; softmax unchanged)")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     q.add_argument("--calib-samples", type=int, default=None,
                    help="calibration samples (default 32); 0: none, for round to nearest with dynamic activations: "

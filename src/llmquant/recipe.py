@@ -259,6 +259,8 @@ class Recipe(_Strict):
     # those of the dynamic ones
     activation_clip: float | None = Field(None, gt=0.0, le=1.0)
     kv_cache_clip: float | None = Field(None, gt=0.0, le=1.0)
+    # keys minus their calibrated mean before they are quantized (`llmquant.nn.kv_cache`, centred keys)
+    kv_cache_center_keys: bool = False
 
     @model_serializer(mode="wrap")
     def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -272,6 +274,8 @@ class Recipe(_Strict):
         for name in ("clip_search", "activation_clip", "kv_cache_clip"):
             if getattr(self, name) is None:
                 data.pop(name, None)
+        if not self.kv_cache_center_keys:
+            data.pop("kv_cache_center_keys", None)
         return data
 
     @field_validator("scheme")
@@ -287,6 +291,20 @@ class Recipe(_Strict):
         return value
 
     _group = field_validator("group_size")(classmethod(lambda cls, value: _valid_group_size(value)))
+
+    @model_validator(mode="after")
+    def _keys_to_center(self) -> Recipe:
+        """``kv_cache_center_keys`` needs a KV cache with dynamic scales (a static scale would be calibrated before
+        the keys' mean is known)."""
+        if not self.kv_cache_center_keys:
+            return self
+        kv = self.scheme_named(self.scheme).kv_cache
+        if kv is None or not kv.dynamic:
+            found = "no KV cache" if kv is None else "a static KV cache"
+            dynamic = [name for name, spec in KV_CACHE.items() if spec.dynamic]
+            raise ValueError(f"kv_cache_center_keys centres the keys of a dynamic KV cache, but this recipe has "
+                             f"{found}; allowed: kv_cache {', '.join(dynamic)}")
+        return self
 
     @model_validator(mode="after")
     def _samples_for_the_recipe(self) -> Recipe:
@@ -317,8 +335,8 @@ class Recipe(_Strict):
 
     def learns_from_samples(self) -> list[str]:
         """What the recipe learns from its calibration samples: learned rotations, a per-layer step (smoothing, AWQ,
-        GPTQ), static input scales or a static KV-cache scale. Nothing (empty) for round to nearest with dynamic
-        activations and KV cache: QuaRot's Hadamard rotations are data-free too."""
+        GPTQ), static input scales, a static KV-cache scale or the keys' mean. Nothing (empty) for round to nearest
+        with dynamic activations and KV cache: QuaRot's Hadamard rotations are data-free too."""
         names = dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)])
         schemes = [self.scheme_named(name) for name in names]
         static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes)
@@ -326,7 +344,8 @@ class Recipe(_Strict):
         quarot = self.quarot()
         return ((["learned rotations"] if quarot is not None and quarot.learn is not None else [])
                 + [step.name for step in self.layer_steps()] + (["static input scales"] if static_inputs else [])
-                + (["a static KV-cache scale"] if kv_cache is not None and not kv_cache.dynamic else []))
+                + (["a static KV-cache scale"] if kv_cache is not None and not kv_cache.dynamic else [])
+                + (["the keys' mean"] if self.kv_cache_center_keys else []))
 
     def quarot(self) -> QuaRotPreOpt | None:
         """The recipe's QuaRot pre-optimization, if any (at most one)."""
@@ -427,7 +446,7 @@ class Recipe(_Strict):
         return QuantPlan(linears=linears, kv_cache=attention,
                          group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names},
                          calibrate_all_experts=self.moe_calibrate == "all",
-                         propagate_float=self.calib.propagate == "float")
+                         propagate_float=self.calib.propagate == "float", center_keys=self.kv_cache_center_keys)
 
 
 def fitting_group_size(in_features: int, group_size: int) -> int:
@@ -490,6 +509,7 @@ class QuantPlan:
     group_fallbacks: dict[str, int] = field(default_factory=dict)  # Linear -> the group size it got instead
     calibrate_all_experts: bool = True  # `llmquant.nn.experts.all_experts` during the calibration passes
     propagate_float: bool = False  # the next layer is calibrated on this layer's float outputs (`Calibration`)
+    center_keys: bool = False  # every KV-cache quantizer centres its keys (`Recipe.kv_cache_center_keys`)
 
     def left_float(self, decoder_layers: str) -> list[str]:
         """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""

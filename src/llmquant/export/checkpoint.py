@@ -242,7 +242,7 @@ def _state_dict_from_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) 
     state = {}
     for key, value in tensors.items():
         owner, _, leaf = key.rpartition(".")
-        if leaf in ("k_scale", "v_scale"):
+        if leaf in ("k_scale", "v_scale", "k_mean"):  # (a KV-cache quantizer's, stored on the attention)
             key = f"{owner}.{_KV_PREFIX}{leaf}"
         module = model.get_submodule(owner) if owner else model
         if not isinstance(module, QuantLinear):

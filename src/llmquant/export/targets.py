@@ -255,6 +255,14 @@ def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
                     "or none), or use --target fake")]
 
 
+def center_keys_findings(target: Target, recipe: Recipe) -> list[Finding]:
+    """Centred keys (``kv_cache_center_keys``) are llmquant's own: no other loader subtracts ``k_mean``."""
+    if target == "fake" or not recipe.kv_cache_center_keys:
+        return []
+    return [_refuse(f"{target} does not subtract the keys' calibrated mean (k_mean) before quantizing its KV cache: "
+                    "the model would run another function; leave kv_cache_center_keys off, or use --target fake")]
+
+
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:
     """Every scheme the recipe can give a Linear or a KV cache: its scheme and its overrides'."""
     names = dict.fromkeys([recipe.scheme, *(o.scheme for o in recipe.overrides)])
@@ -265,7 +273,7 @@ def check_recipe(target: Target, recipe: Recipe) -> list[Finding]:
     """What ``target`` refuses and warns about in ``recipe`` (no model needed), refusals first."""
     if target not in TARGETS:
         raise LlmquantError(f"unknown target '{target}'; allowed: {', '.join(TARGETS)}")
-    findings = rotation_findings(target, recipe) + clip_findings(target, recipe)
+    findings = rotation_findings(target, recipe) + clip_findings(target, recipe) + center_keys_findings(target, recipe)
     for scheme in recipe_schemes(recipe):
         if target == "vllm":
             findings += vllm_linear_findings(scheme.linear_part()) + vllm_kv_findings(scheme.kv_cache)

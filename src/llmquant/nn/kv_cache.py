@@ -18,6 +18,14 @@ the current tensor); ``attn_head`` one static scale per KV head (``k_scale`` / `
 by the first calibration or the checkpoint); ``token`` is one scale per (batch, kv head, position) over
 head_dim, dynamic.
 Scale names follow compressed-tensors: ``k_scale`` and ``v_scale`` on the attention module.
+
+Centred keys (``center_keys``; SageAttention's key smoothing, Zhang et al. 2024, arXiv:2410.02367, with a static
+mean): the keys lose their mean over the calibration positions, one value per (KV head, channel) (``k_mean``,
+``[heads, head_dim]``), before they are quantized, and it is never added back. softmax(q (k_j - mu)^T) =
+softmax(q k_j^T - q mu^T) = softmax(q k_j^T): the shift is the same for every key a query reads, so plain softmax
+attention computes the same function; the keys' per-token ranges lose the offset their channels share, which 4-bit
+keys pay for. Where an attention is not shift-invariant in its keys (attention sinks, soft-capping, a cache that
+holds something else than the keys), the engine's check finds it and the layer keeps its keys as they are.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from llmquant.errors import LlmquantError
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, fake_quantize
 
@@ -55,9 +64,13 @@ class CodeReader(Protocol):
 class KVCacheQuantizer(nn.Module):
     """Holds the spec and (static) scales of one attention module's key and value cache."""
 
-    def __init__(self, spec: QuantSpec) -> None:
+    def __init__(self, spec: QuantSpec, center_keys: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        self.center_keys = center_keys  # calibrate ``k_mean`` and quantize keys minus it (module docstring)
+        self.register_buffer("k_mean", None)  # [kv heads, head_dim], once calibrated or loaded
+        self._key_sums: tuple[torch.Tensor, int] | None = None  # calibration: float64 sums [heads, d], positions
+        self.quantizing = True  # False: keys centred, nothing quantized (the engine's check of the centring)
         if not spec.dynamic:
             self.register_buffer("k_scale", torch.ones(1))
             self.register_buffer("v_scale", torch.ones(1))
@@ -72,6 +85,7 @@ class KVCacheQuantizer(nn.Module):
         """Calibration: pass keys and values through unquantized (a dynamic cache too, so the float passes and
         the equivalence checks of function-preserving transforms see the float function); record static ranges."""
         self.observing = True
+        self._key_sums = None
         if not self.spec.dynamic:
             self.observers = (Observer(self.spec), Observer(self.spec))
 
@@ -79,12 +93,45 @@ class KVCacheQuantizer(nn.Module):
     def stop_observing(self, ranks: Ranks = SINGLE) -> None:
         """Freeze the static scales from what was observed (on every rank of ``ranks``)."""
         self.observing = False
+        if self.center_keys:
+            self._set_key_mean(ranks)
         if self.observers is None:
             return
         for observer in self.observers:
             observer.reduce(ranks)
         self._set_scales(self.observers[0].qparams()[0].reshape(-1), self.observers[1].qparams()[0].reshape(-1))
         self.observers = None
+
+    def _observe_keys(self, key: torch.Tensor) -> None:
+        """Add the keys ``[b, heads, positions, d]`` to the calibration sums of their mean (float64)."""
+        sums, count = self._key_sums or (torch.zeros(key.shape[1], key.shape[-1], dtype=torch.float64,
+                                                      device=key.device), 0)
+        self._key_sums = sums + key.double().sum(dim=(0, 2)), count + key.shape[0] * key.shape[2]
+
+    def _set_key_mean(self, ranks: Ranks) -> None:
+        """``k_mean`` from every rank's sums (all ranks must have seen keys)."""
+        if self._key_sums is None:
+            raise RuntimeError("the attention saw no calibration keys to centre")
+        sums, count = self._key_sums
+        sums = ranks.sum(sums.clone())
+        count = ranks.total(float(count))
+        self._key_sums = None
+        self.k_mean = (sums / count).float()
+
+    def drop_key_mean(self) -> None:
+        """Keys as they are (no centring): what the engine's check does where centring changes the function."""
+        self.k_mean = None
+
+    def centered(self, key: torch.Tensor) -> torch.Tensor:
+        """``key`` ``[b, heads, positions, d]`` minus ``k_mean`` (itself without one)."""
+        if self.k_mean is None:
+            return key
+        if tuple(key.shape[-3::2]) != tuple(self.k_mean.shape):
+            raise LlmquantError(f"keys [heads {key.shape[-3]}, channels {key.shape[-1]}] cannot lose a mean "
+                                f"calibrated over [{self.k_mean.shape[0]}, {self.k_mean.shape[1]}]: this cache "
+                                "holds other states than the attention reads (MLA); centred keys run there on the "
+                                "simulation only (runtime 'fake'), or quantize without kv_cache_center_keys")
+        return key - self.k_mean.to(key.dtype)[:, None, :]
 
     def _set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """The static scales, one per tensor or per head (the buffers take the size of what is given)."""
@@ -100,13 +147,21 @@ class KVCacheQuantizer(nn.Module):
             k_scale, v_scale = state_dict.get(prefix + "k_scale"), state_dict.get(prefix + "v_scale")
             if k_scale is not None and v_scale is not None:
                 self._set_scales(k_scale.reshape(-1), v_scale.reshape(-1))
+        if (k_mean := state_dict.get(prefix + "k_mean")) is not None:  # a checkpoint with centred keys
+            self.center_keys = True
+            self.k_mean = torch.empty_like(k_mean)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.observing:
-            if self.observers is not None:
+            if self.center_keys:
+                self._observe_keys(key)
+            if self.observers is not None:  # (static scales: `Recipe` centres the keys of dynamic caches only)
                 self.observers[0].update(key)
                 self.observers[1].update(value)
+            return key, value
+        key = self.centered(key)
+        if not self.quantizing:
             return key, value
         if self.spec.dynamic:
             return fake_quantize(key, self.spec), fake_quantize(value, self.spec)

@@ -10,7 +10,8 @@ that argument from ``past_key_values`` to ``cache`` in 5.24), and the entry is r
 subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to pass to ``generate`` or a forward
 (`cache_argument` names the argument; `returned_cache` reads it back from an output). The layer
 
-- rotates the incoming keys with the attention's ``qk_rotation`` (QuaRot's R3), if any;
+- rotates the incoming keys with the attention's ``qk_rotation`` (QuaRot's R3), if any, and subtracts their
+  calibrated mean where the quantizer centres keys (`KVCacheQuantizer.centered`);
 - quantizes the incoming keys and values: q = clamp(round(x / s), -128, 127), with s the calibrated
   ``k_scale``/``v_scale`` (static per tensor), absmax over head_dim / 127 for each (batch, kv head,
   position) (dynamic per token), or absmax of the incoming chunk / 127 (dynamic per tensor);
@@ -214,6 +215,7 @@ class Int8CacheLayer(DynamicLayer):
         if self.rotation is not None:
             key_states = self.rotation(key_states)
         spec, quantizer = self.quantizer.spec, self.quantizer
+        key_states = quantizer.centered(key_states)  # keys minus their calibrated mean, if centred
         if self._paired:
             # keys and values side by side in one store: one quantization, one append of the codes and one of the
             # scales, one dequantization (each position is quantized on its own: stacking changes no code)

@@ -61,6 +61,7 @@ from llmquant.pipeline.layer_io import (
     capture_layer_inputs,
     check_equivalence,
     compute_dtype,
+    equivalence_tolerance,
     float32_probe,
     head_dim_of,
     input_batches,
@@ -239,6 +240,27 @@ def _check_equivalence(reference: Sequence[torch.Tensor], actual: Sequence[torch
                              "the layer map or smoothing groups do not fit this model")
 
 
+def _check_key_centering(layer: nn.Module, quantizer: KVCacheQuantizer, inputs: LayerInputs,
+                         reference: Sequence[torch.Tensor], where: str, ranks: Ranks) -> dict[str, Any]:
+    """Centred keys keep softmax attention's function (`llmquant.nn.kv_cache`); a layer whose outputs on the first
+    samples move by more than `equivalence_tolerance` with the keys centred and nothing quantized (attention sinks,
+    soft-capping) keeps its keys as they are, with a warning. Returns the manifest's ``center_keys`` entry."""
+    quantizer.quantizing = False
+    try:
+        centred = run_layer(layer, inputs.head(BATCH), where)
+    finally:
+        quantizer.quantizing = True
+    error = relative_error(reference, centred, ranks)
+    tolerance = equivalence_tolerance(compute_dtype(layer))
+    if error <= tolerance:
+        return {"center_keys": {"kept": True, "equivalence_error": error}}
+    quantizer.drop_key_mean()
+    log.warning("%s: keys not centred: centring them changed the layer's float output by %.2e > %.1e (its attention "
+                "is not softmax over q k alone: sinks, soft-capping or a cache of other states)", where, error,
+                tolerance)
+    return {"center_keys": {"kept": False, "equivalence_error": error}}
+
+
 def _layer_specs(layer: nn.Module, prefix: str, plan: QuantPlan) -> Specs:
     """The (weight, input) specs of every Linear of the layer, by relative name ((None, None): float)."""
     specs: Specs = {}
@@ -321,7 +343,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
             _remove(handles)
     handles = [handle for step in steps for handle in step.observe_transformed(ctx)]
     if kv_spec is not None:
-        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
+        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec, plan.center_keys).to(device_of(layer))
         attention.kv_cache_quantizer.start_observing()
         attention._llmquant_attention_calls = 0
     observers = _InputObservers(ctx.linears)
@@ -335,6 +357,9 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
     if kv_spec is not None:
         _check_attention_interface(attention, prefix)
         attention.kv_cache_quantizer.stop_observing(ranks)
+        if plan.center_keys:
+            row.update(_check_key_centering(layer, attention.kv_cache_quantizer, inputs, transformed_out, prefix,
+                                            ranks))
     if float_out is None:
         float_out = transformed_out
     else:
@@ -388,8 +413,8 @@ def quantize_layer(
     schemes = [s for n, s in plan.linears.items() if n.startswith(prefix + ".") and not s.is_float]
     quantizes = bool(schemes) or kv_spec is not None
     static = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
-        kv_spec is not None and not kv_spec.dynamic
-    )  # a static scale must see every calibration sample
+        kv_spec is not None and (not kv_spec.dynamic or plan.center_keys)
+    )  # a static scale, or the keys' mean, must see every calibration sample
     ctx = layer_context(layer, index, prefix, plan, inputs, ranks, policy)
 
     with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token

@@ -1,0 +1,76 @@
+"""Where a low-bit checkpoint's error comes from: its perplexity with one kind of input (or the KV cache) left
+unquantized at a time, the weights as they are.
+
+    .venv/bin/python scripts/lowbit_parts.py CHECKPOINT [--parts q_proj,k_proj,v_proj o_proj gate_proj,up_proj
+        down_proj kv] [--corpora pydoc stdlib] [--threads 2]
+
+Each part is a comma-separated list of Linear names (the last component: ``q_proj``) whose inputs stay float, or
+``kv`` for the KV cache (its quantizer passes keys and values through, centred keys still centred); ``""`` is the
+checkpoint as it is. The simulation (runtime ``fake``) evaluates every row, so the figures compare with each other,
+not bit for bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import llmquant
+from llmquant import data
+from llmquant.evaluation.perplexity import perplexity
+from llmquant.nn.kv_cache import KVCacheQuantizer
+from llmquant.nn.quant_linear import QuantLinear, set_runtime
+
+FLOAT_PPL = {"pydoc": 13.6048, "stdlib": 7.8893}  # the default model in float32, 40 windows of 512 (BENCHMARKS.md)
+
+
+def leave_float(model: torch.nn.Module, part: str) -> dict[str, object]:
+    """Leave the inputs of the Linears named in ``part`` (or the KV cache, ``kv``) unquantized; return what to put
+    back."""
+    names = {name for name in part.split(",") if name}
+    kept: dict[str, object] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and name.rsplit(".", 1)[-1] in names:
+            kept[name] = module.input_spec
+            module.input_spec = None
+            module._decode_rows = None
+        elif isinstance(module, KVCacheQuantizer) and "kv" in names:
+            kept[name] = module.quantizing
+            module.quantizing = False
+    return kept
+
+
+def restore(model: torch.nn.Module, kept: dict[str, object]) -> None:
+    for name, value in kept.items():
+        module = model.get_submodule(name)
+        if isinstance(module, QuantLinear):
+            module.input_spec = value
+            module._decode_rows = None
+        else:
+            module.quantizing = value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--parts", nargs="+", default=["", "q_proj,k_proj,v_proj", "o_proj", "gate_proj,up_proj",
+                                                        "down_proj", "kv"])
+    parser.add_argument("--corpora", nargs="+", default=["pydoc", "stdlib"], choices=sorted(FLOAT_PPL))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-windows", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = llmquant.load(args.checkpoint, device="cpu")
+    set_runtime(model, "fake")
+    windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in args.corpora}
+    for part in args.parts:
+        kept = leave_float(model, part)
+        ratios = {name: perplexity(model, w) / FLOAT_PPL[name] for name, w in windows.items()}
+        restore(model, kept)
+        print(json.dumps({"float": part or "nothing", **{name: round(r, 4) for name, r in ratios.items()}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
