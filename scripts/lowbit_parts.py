@@ -34,8 +34,7 @@ def leave_float(model: torch.nn.Module, part: str) -> dict[str, object]:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and name.rsplit(".", 1)[-1] in names:
             kept[name] = module.input_spec
-            module.input_spec = None
-            module._decode_rows = None
+            module.set_input_spec(None)
         elif isinstance(module, KVCacheQuantizer) and "kv" in names:
             kept[name] = module.quantizing
             module.quantizing = False
@@ -46,8 +45,7 @@ def restore(model: torch.nn.Module, kept: dict[str, object]) -> None:
     for name, value in kept.items():
         module = model.get_submodule(name)
         if isinstance(module, QuantLinear):
-            module.input_spec = value
-            module._decode_rows = None
+            module.set_input_spec(value)
         else:
             module.quantizing = value
 

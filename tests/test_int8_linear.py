@@ -555,3 +555,19 @@ def test_the_ops_calls_show_in_torch_profiler() -> None:
     names = {event.key for event in result.key_averages()}
     assert {"llmquant::token_codes", "llmquant::int8_gemv"} <= names
     assert torch.equal(bare, profiled)
+
+
+@pytest.mark.parametrize("runtime", ["fake", "int8"])
+def test_a_new_input_spec_takes_effect_on_the_next_call(runtime: str) -> None:
+    """`QuantLinear.set_input_spec` rebuilds what the runtimes built from the input spec: None gives float inputs
+    (the quantized weight times x), the old spec its outputs again (`scripts/lowbit_parts.py` relies on it)."""
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    set_runtime(layer, runtime)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(2))
+    quantized_inputs, spec = layer(x), layer.input_spec
+    layer.set_input_spec(None)
+    float_inputs = layer(x)
+    torch.testing.assert_close(float_inputs, torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias))
+    assert not torch.allclose(float_inputs, quantized_inputs, rtol=0, atol=1e-6)
+    layer.set_input_spec(spec)
+    assert torch.equal(layer(x), quantized_inputs)

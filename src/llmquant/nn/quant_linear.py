@@ -198,6 +198,12 @@ class QuantLinear(nn.Module):
                 ranks.broadcast(tensor, owner)
         self.drop_caches()
 
+    def set_input_spec(self, spec: QuantSpec | None) -> None:
+        """Quantize the inputs as ``spec`` says from the next call on (None: float inputs); what the runtimes built
+        from the input spec is built again, the weight's caches stay."""
+        self.input_spec = spec
+        self._supports_int8 = self._int8_call = self._decode_rows = None
+
     def drop_caches(self) -> None:
         """Forget what a runtime built from the weight (`runtime_caches`): the next forward builds it again."""
         self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
@@ -503,8 +509,7 @@ def set_input_clip(model: nn.Module, ratio: float) -> int:
     for module in model.modules():
         spec = module.input_spec if isinstance(module, QuantLinear) else None
         if spec is not None and spec.dynamic:
-            module.input_spec = spec.model_copy(update={"clip_ratio": ratio})
-            module._int8_call = module._decode_rows = None  # (built from the input spec; the weight's caches stay)
+            module.set_input_spec(spec.model_copy(update={"clip_ratio": ratio}))
             changed += 1
     return changed
 
