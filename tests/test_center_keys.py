@@ -77,10 +77,20 @@ def test_a_model_with_centred_keys_computes_the_float_function_and_a_smaller_kv4
         errors[center] = relative_error(reference, logits(model, eval_ids))
     rows = [row["center_keys"] for row in model.llmquant_manifest.layers]
     assert [row["kept"] for row in rows] == [True, True] and max(r["equivalence_error"] for r in rows) < 1e-5
+    assert [row["positions"] for row in rows] == [calib_ids.numel()] * 2  # every calibration sample's keys
     assert errors[True] < 0.8 * errors[False], errors  # (the values' 4-bit error stays: about 0.047 here)
     for quantizer in quantizers(model):  # with nothing quantized, the centred model is the float one
         quantizer.quantizing = False
     assert relative_error(reference, logits(model, eval_ids)) < 1e-5
+
+
+def test_the_mean_takes_every_calibration_sample_beyond_the_first_batch(eval_ids: torch.Tensor) -> None:
+    """Round to nearest with dynamic inputs runs its one calibration pass on the first batch only (it learns nothing
+    from the samples); the keys' mean is learned, so 12 samples (more than a batch of 8) are all seen."""
+    calib = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(4))
+    model = llmquant.quantize(make_model("llama"), {"scheme": TOKEN, "kv_cache_center_keys": True}, calib=calib,
+                              progress=False)
+    assert [row["center_keys"]["positions"] for row in model.llmquant_manifest.layers] == [12 * 16] * 2
 
 
 def test_attention_with_sinks_keeps_its_keys_with_a_warning(calib_ids: torch.Tensor,

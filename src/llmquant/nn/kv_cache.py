@@ -70,6 +70,7 @@ class KVCacheQuantizer(nn.Module):
         self.center_keys = center_keys  # calibrate ``k_mean`` and quantize keys minus it (module docstring)
         self.register_buffer("k_mean", None)  # [kv heads, head_dim], once calibrated or loaded
         self._key_sums: tuple[torch.Tensor, int] | None = None  # calibration: float64 sums [heads, d], positions
+        self.key_positions = 0  # how many (sample, position) pairs ``k_mean`` averages, over every rank
         self.quantizing = True  # False: keys centred, nothing quantized (the engine's check of the centring)
         if not spec.dynamic:
             self.register_buffer("k_scale", torch.ones(1))
@@ -115,7 +116,7 @@ class KVCacheQuantizer(nn.Module):
         sums, count = self._key_sums
         sums = ranks.sum(sums.clone())
         count = ranks.total(float(count))
-        self._key_sums = None
+        self._key_sums, self.key_positions = None, int(count)
         self.k_mean = (sums / count).float()
 
     def drop_key_mean(self) -> None:

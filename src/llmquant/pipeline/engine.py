@@ -252,13 +252,14 @@ def _check_key_centering(layer: nn.Module, quantizer: KVCacheQuantizer, inputs: 
         quantizer.quantizing = True
     error = relative_error(reference, centred, ranks)
     tolerance = equivalence_tolerance(compute_dtype(layer))
-    if error <= tolerance:
-        return {"center_keys": {"kept": True, "equivalence_error": error}}
+    row = {"kept": error <= tolerance, "equivalence_error": error, "positions": quantizer.key_positions}
+    if row["kept"]:
+        return {"center_keys": row}
     quantizer.drop_key_mean()
     log.warning("%s: keys not centred: centring them changed the layer's float output by %.2e > %.1e (its attention "
                 "is not softmax over q k alone: sinks, soft-capping or a cache of other states)", where, error,
                 tolerance)
-    return {"center_keys": {"kept": False, "equivalence_error": error}}
+    return {"center_keys": row}
 
 
 def _layer_specs(layer: nn.Module, prefix: str, plan: QuantPlan) -> Specs:
