@@ -7,7 +7,8 @@ unquantized at a time, the weights as they are.
 Each part is a comma-separated list of Linear names (the last component: ``q_proj``) whose inputs stay float, or
 ``kv`` for the KV cache (its quantizer passes keys and values through, centred keys still centred); ``""`` is the
 checkpoint as it is. The simulation (runtime ``fake``) evaluates every row, so the figures compare with each other,
-not bit for bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus.
+not bit for bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus, the
+float model (the default model, loaded here) evaluated on the same windows.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from llmquant import data
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
-
-FLOAT_PPL = {"pydoc": 13.6048, "stdlib": 7.8893}  # the default model in float32, 40 windows of 512 (BENCHMARKS.md)
 
 
 def leave_float(model: torch.nn.Module, part: str) -> dict[str, object]:
@@ -55,7 +54,7 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--parts", nargs="+", default=["", "q_proj,k_proj,v_proj", "o_proj", "gate_proj,up_proj",
                                                         "down_proj", "kv"])
-    parser.add_argument("--corpora", nargs="+", default=["pydoc", "stdlib"], choices=sorted(FLOAT_PPL))
+    parser.add_argument("--corpora", nargs="+", default=["pydoc", "stdlib"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-windows", type=int, default=40)
     args = parser.parse_args()
@@ -63,9 +62,12 @@ def main() -> None:
     model, tokenizer = llmquant.load(args.checkpoint, device="cpu")
     set_runtime(model, "fake")
     windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in args.corpora}
+    reference, _ = llmquant.load(None, device="cpu")
+    float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}
+    del reference
     for part in args.parts:
         kept = leave_float(model, part)
-        ratios = {name: perplexity(model, w) / FLOAT_PPL[name] for name, w in windows.items()}
+        ratios = {name: perplexity(model, w) / float_ppl[name] for name, w in windows.items()}
         restore(model, kept)
         print(json.dumps({"float": part or "nothing", **{name: round(r, 4) for name, r in ratios.items()}}), flush=True)
 
