@@ -1,14 +1,17 @@
 """Where a low-bit checkpoint's error comes from: its perplexity with one kind of input (or the KV cache) left
-unquantized at a time, the weights as they are.
+unquantized at a time, the weights as they are; or with another clip ratio for one kind of input.
 
     .venv/bin/python scripts/lowbit_parts.py CHECKPOINT [--parts q_proj,k_proj,v_proj o_proj gate_proj,up_proj
         down_proj kv] [--corpora pydoc stdlib] [--threads 2]
 
 Each part is a comma-separated list of Linear names (the last component: ``q_proj``) whose inputs stay float, or
 ``kv`` for the KV cache (its quantizer passes keys and values through, centred keys still centred); ``""`` is the
-checkpoint as it is. The simulation (runtime ``fake``) evaluates every row, so the figures compare with each other,
-not bit for bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus, the
-float model (the default model, loaded here) evaluated on the same windows.
+checkpoint as it is. ``PART=RATIO`` (``down_proj=0.75``, ``kv=0.9``) quantizes those inputs with the clip ratio
+``RATIO`` instead (`QuantSpec.clip_ratio`; dynamic ranges only, as every low-bit scheme's are) and leaves nothing
+float: the clip ratio a run-time range can take without requantizing (GPTQ's Hessians saw the checkpoint's
+ratio). The simulation (runtime ``fake``) evaluates every row, so the figures compare with each other, not bit for
+bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus, the float model (the
+default model, loaded here) evaluated on the same windows.
 """
 
 from __future__ import annotations
@@ -23,30 +26,42 @@ from llmquant import data
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.quant.spec import QuantSpec
 
 
-def leave_float(model: torch.nn.Module, part: str) -> dict[str, object]:
-    """Leave the inputs of the Linears named in ``part`` (or the KV cache, ``kv``) unquantized; return what to put
-    back."""
-    names = {name for name in part.split(",") if name}
-    kept: dict[str, object] = {}
+def _clipped(spec: QuantSpec, ratio: float) -> QuantSpec:
+    if not spec.dynamic:
+        raise SystemExit(f"a clip ratio applies to dynamic ranges only; this input is static: {spec}")
+    return spec.model_copy(update={"clip_ratio": ratio})
+
+
+def change(model: torch.nn.Module, part: str) -> dict[str, tuple[object, object]]:
+    """Leave the inputs of the Linears named in ``part`` (or the KV cache, ``kv``) unquantized, or with ``=RATIO``
+    quantize them with that clip ratio; return what to put back."""
+    names_text, _, ratio_text = part.partition("=")
+    names = {name for name in names_text.split(",") if name}
+    ratio = float(ratio_text) if ratio_text else None
+    kept: dict[str, tuple[object, object]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear) and name.rsplit(".", 1)[-1] in names:
-            kept[name] = module.input_spec
-            module.set_input_spec(None)
+        if isinstance(module, QuantLinear) and name.rsplit(".", 1)[-1] in names and module.input_spec is not None:
+            kept[name] = (module.input_spec, None)
+            module.set_input_spec(None if ratio is None else _clipped(module.input_spec, ratio))
         elif isinstance(module, KVCacheQuantizer) and "kv" in names:
-            kept[name] = module.quantizing
-            module.quantizing = False
+            kept[name] = (module.spec, module.quantizing)
+            if ratio is None:
+                module.quantizing = False
+            else:
+                module.spec = _clipped(module.spec, ratio)
     return kept
 
 
-def restore(model: torch.nn.Module, kept: dict[str, object]) -> None:
-    for name, value in kept.items():
+def restore(model: torch.nn.Module, kept: dict[str, tuple[object, object]]) -> None:
+    for name, (spec, quantizing) in kept.items():
         module = model.get_submodule(name)
         if isinstance(module, QuantLinear):
-            module.set_input_spec(value)
+            module.set_input_spec(spec)
         else:
-            module.quantizing = value
+            module.spec, module.quantizing = spec, quantizing
 
 
 def main() -> None:
@@ -66,10 +81,11 @@ def main() -> None:
     float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}
     del reference
     for part in args.parts:
-        kept = leave_float(model, part)
+        kept = change(model, part)
         ratios = {name: perplexity(model, w) / float_ppl[name] for name, w in windows.items()}
         restore(model, kept)
-        print(json.dumps({"float": part or "nothing", **{name: round(r, 4) for name, r in ratios.items()}}), flush=True)
+        key, value = ("clip", part) if "=" in part else ("float", part or "nothing")
+        print(json.dumps({key: value, **{name: round(r, 4) for name, r in ratios.items()}}), flush=True)
 
 
 if __name__ == "__main__":

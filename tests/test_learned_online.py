@@ -156,7 +156,9 @@ def test_learning_lowers_the_quantized_output_error_and_keeps_the_float_function
     reference = logits(float_model, eval_ids)
     llmquant.quantize(float_model, recipe({"iterations": 8}, scheme="none"), calib=calib_ids, progress=False)
     assert relative_error(reference, logits(float_model, eval_ids)) < 1e-5
-    layer = model.model.layers[0]
+    kept = [i for i, row in enumerate(rows) if row["learned_online_rotations"]["kept"]]
+    assert kept  # (which layers keep theirs moves with the CPU's float rounding: layer 1 of qwen2 on an AVX2 EPYC)
+    layer = model.model.layers[kept[0]]
     rotation = input_rotation_of(layer.mlp.gate_proj)
     assert rotation is not None and rotation.kind == "learned" and rotation.dense is not None
     assert torch.equal(rotation.dense, storable(rotation.dense))  # what the checkpoint gives back
