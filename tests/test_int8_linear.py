@@ -17,10 +17,10 @@ from llmquant.nn.quant_linear import QuantLinear, set_input_clip, set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
 
 
-def _layer(scheme: str, bias: bool) -> QuantLinear:
+def _layer(scheme: str, bias: bool, group_size: int | None = None) -> QuantLinear:
     linear = torch.nn.Linear(96, 80, bias=bias)
     torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
-    spec = scheme_from_name(scheme, None, None)
+    spec = scheme_from_name(scheme, group_size, None)
     layer = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
     if not spec.input_activations.dynamic:  # a calibrated static scale
         layer.start_observing()
@@ -80,6 +80,32 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
     assert torch.equal(simulated, integer)
     assert "torch.compile failed (RuntimeError: no C++ compiler found)" in caplog.text
     assert kernel._compile_off is not None and torch.equal(layer(x), integer)  # (not tried again)
+
+
+@pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_bits(
+        scheme: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An AVX2-only CPU: ``torch._int_mm`` is many times slower than float32 there and oneDNN's int8 product
+    saturates, so the codes multiply as float32 (the weight's codes kept as float32, made once); same bits."""
+    monkeypatch.setattr(kernel, "_cpu_has_int8_instructions", lambda: False)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm called"))
+    assert kernel.onednn_refusal(torch.device("cpu")) == "the CPU has no VNNI or AMX int8 instructions"
+    assert "VNNI or AMX" in kernel.int_mm_refusal(torch.device("cpu"))
+    layer = _layer(scheme, bias=True, group_size=32)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer)
+    weight = layer._int8_weight()
+    if "group" not in scheme:
+        assert weight.float_codes is not None and torch.equal(weight.float_codes, weight.codes.float())
+        first = weight.float_codes
+        layer(x)
+        assert weight.float_codes is first  # (made once)
+    monkeypatch.setenv("LLMQUANT_INT_MM", "1")
+    assert kernel.int_mm_refusal(torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",

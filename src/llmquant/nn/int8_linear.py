@@ -9,7 +9,8 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
 - the integer product (`int8_product`): oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise`` on the
   weight's codes prepacked once in its blocked layout, `Int8Weight`, with unit scales: x_q @ W_q^T as exact float32
   values) on a CPU with VNNI or AMX int8 instructions from 128 rows (a prefill), else ``torch._int_mm`` (int32);
-  both exact (tested);
+  on a CPU with neither (AVX2 only), where ``torch._int_mm`` is many times slower than float32, the float32
+  product of the codes (`int_mm_refusal`); all exact (tested);
 - the scaling (`scale_output`): oneDNN's float32 product times the outer product s_x * s_w in place (an int32
   product needs a promoting multiplication into a new tensor), then the bias in place: the order the simulation
   keeps.
@@ -96,12 +97,18 @@ class Int8Weight:
     packed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (blocked codes, ones, int32 zeros)
     gemv: bool = False  # whether the decode op runs (`llmquant.nn.int8_gemv`)
     row_sums: torch.Tensor | None = None  # the decode op's int32 row sums of the codes, made on its first call
+    float_codes: torch.Tensor | None = None  # the codes as float32, where `int_mm_refusal` (made on the first call)
 
     def gemv_row_sums(self, group_size: int = 0) -> torch.Tensor:
         """The row sums of the codes (over each group of ``group_size`` columns, the same at every call)."""
         if self.row_sums is None:
             self.row_sums = weight_row_sums(self.codes, group_size)
         return self.row_sums
+
+    def codes_as_float(self) -> torch.Tensor:
+        if self.float_codes is None:
+            self.float_codes = self.codes.float()
+        return self.float_codes
 
     def onednn_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed is None:
@@ -149,9 +156,26 @@ def onednn_refusal(device: torch.device) -> str | None:
         return "not on the CPU"
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
         return "this torch has no oneDNN int8 linear"
-    if not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
+    if not _cpu_has_int8_instructions():
         return "the CPU has no VNNI or AMX int8 instructions"
     return None
+
+
+@functools.cache
+def _cpu_has_int8_instructions() -> bool:
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def int_mm_refusal(device: torch.device) -> str | None:
+    """Why ``torch._int_mm`` is not the integer product on ``device``, or None. On an x86 CPU without VNNI or AMX
+    (AVX2 only: an AMD EPYC of BENCHMARKS.md, torch 2.13) it takes 6x float32's time at one row and 28x at 512
+    (576 x 576: 220 against 35 us, 150 against 5.4 ms), and oneDNN's int8 product saturates its 16-bit pairs there
+    (`onednn_refusal`): the codes are multiplied as float32 instead (`float_product`, the simulation's own product:
+    exact while partial sums stay below 2^24, so the same bits), the weight's codes kept as float32 too (the float
+    model's memory). ``LLMQUANT_INT_MM=1`` keeps ``torch._int_mm`` there."""
+    if device.type != "cpu" or _cpu_has_int8_instructions() or os.environ.get("LLMQUANT_INT_MM", "0") == "1":
+        return None
+    return "the CPU has no VNNI or AMX int8 instructions (torch._int_mm is many times slower than float32 there)"
 
 
 _UNIT = torch.ones(())
@@ -184,6 +208,8 @@ def int8_product(x_codes: torch.Tensor, weight: torch.Tensor | Int8Weight) -> to
     if isinstance(weight, Int8Weight):
         if weight.onednn and x_codes.shape[0] >= ONEDNN_MIN_ROWS:
             return onednn_product(x_codes, weight)
+        if int_mm_refusal(x_codes.device) is not None:
+            return float_product(x_codes.float(), weight.codes_as_float())
         weight = weight.codes
     return int8_matmul(x_codes, weight)
 
@@ -310,6 +336,8 @@ def int8_matmul(x_codes: torch.Tensor, weight_codes: torch.Tensor) -> torch.Tens
     int32 through ``torch._int_mm`` (the weight as a transposed view: no copy). On CUDA fewer than 17 rows (a
     decode step) are padded with zero rows, which the kernel requires; they are cut off the result."""
     rows = x_codes.shape[0]
+    if int_mm_refusal(x_codes.device) is not None:  # (exact below 2^24 as float32; returned as the int32 values)
+        return float_product(x_codes.float(), weight_codes.float()).to(torch.int32)
     if x_codes.is_cuda and rows < CUDA_INT_MM_MIN_ROWS:
         padded = torch.nn.functional.pad(x_codes, (0, 0, 0, CUDA_INT_MM_MIN_ROWS - rows))
         return torch._int_mm(padded, weight_codes.t())[:rows]
