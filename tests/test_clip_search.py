@@ -179,6 +179,31 @@ def test_fixed_clip_ratios_are_on_every_input_and_kv_cache_quantizer_from_the_st
     assert "activation_clip" not in llmquant.Recipe.build(scheme=W4A4).model_dump()  # (unset: not written)
 
 
+def test_an_override_clips_its_targets_inputs_with_its_own_ratio(calib6: torch.Tensor, eval_ids: torch.Tensor) -> None:
+    """``overrides: [{targets, scheme, activation_clip}]``: those Linears' inputs with their ratio, the others with
+    the recipe's; the same model as the ratios set after round to nearest; a serving target refuses it; out of (0, 1]
+    is one line; unset it is not written."""
+    override = {"targets": ["re:.*down_proj"], "scheme": W4A4, "activation_clip": 0.6}
+    model = _quantized(calib6, clip_search=None, activation_clip=0.8, overrides=[override])
+    ratios = {name.rsplit(".", 1)[-1]: m.input_spec.clip_ratio for name, m in model.named_modules()
+              if isinstance(m, QuantLinear) and m.input_spec}
+    assert ratios["down_proj"] == 0.6 and {r for n, r in ratios.items() if n != "down_proj"} == {0.8}
+    after = _quantized(calib6, clip_search=None, activation_clip=0.8)
+    for name, module in after.named_modules():
+        if name.endswith("down_proj"):
+            module.set_input_spec(module.input_spec.model_copy(update={"clip_ratio": 0.6}))
+    assert torch.equal(logits(model, eval_ids), logits(after, eval_ids))
+    from llmquant.export.targets import check_target
+
+    with pytest.raises(LlmquantError, match="the clip ratios of the dynamic quantizers"):
+        check_target("vllm", llmquant.Recipe.build(scheme=W4A4, overrides=[override]))
+    with pytest.raises(LlmquantError, match=r"recipe field 'overrides.0.activation_clip' = 0: Input should be greater "
+                                            "than 0"):
+        llmquant.Recipe.build(overrides=[{**override, "activation_clip": 0}])
+    assert "activation_clip" not in llmquant.Recipe.build(overrides=[{"targets": ["Linear"], "scheme": W4A4}]
+                                                          ).model_dump()["overrides"][0]
+
+
 def test_a_fixed_clip_ratio_shrinks_calibrated_scales_and_gptq_sees_the_clipped_inputs(calib6: torch.Tensor) -> None:
     static = {"scheme": "w_int8_per_channel_a_int8_per_tensor_static", "kv_cache": "int8_per_tensor",
               "pre_opts": [], "clip_search": None, "calib": {"propagate": "float"}}  # (the same inputs for both)

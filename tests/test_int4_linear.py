@@ -38,7 +38,10 @@ def _bf16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 3, int4_linear.DECODE_MAX_ROWS, int4_linear.DECODE_MAX_ROWS + 1, 200])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["bf16_gemm", "float32_gemm"])  # (no AVX512-BF16 or AMX: False)
+def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int, native: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int4_linear, "native_bfloat16", lambda: native)
     layer = _layer(spec)
     x = torch.randn(2, rows, 256)
     simulated = layer(x)

@@ -12,6 +12,7 @@ Example (YAML)::
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
         scheme: w_int8_per_channel_a_int8_per_token_dynamic
+        activation_clip: 0.7           # optional: these inputs' clip ratio
       - targets: [Linear]              # Neural Compressor's set_local("Linear", fp32): all float
         scheme: none
     calib: {dataset: pydoc, samples: 32, seqlen: 512, seed: 0}
@@ -85,20 +86,23 @@ def _valid_group_size(value: int | None) -> int | None:
 
 class Override(_Strict):
     """``scheme`` for the Linears ``targets`` names; ``group_size`` (-1: per channel) for a grouped weight-only
-    scheme, default the recipe's."""
+    scheme, default the recipe's; ``activation_clip`` the clip ratio of their inputs' ranges, default the recipe's
+    (a 1536-wide down_proj input wants a tighter clip than 576-wide ones: its absmax lies further out)."""
 
     targets: list[str] = Field(min_length=1)
     scheme: str
     group_size: int | None = None
+    activation_clip: float | None = Field(None, gt=0.0, le=1.0)
 
     _group = field_validator("group_size")(classmethod(lambda cls, value: _valid_group_size(value)))
 
     @model_serializer(mode="wrap")
     def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Without ``group_size`` where it is not given (a recipe's fingerprint stays as it was)."""
+        """Without ``group_size`` and ``activation_clip`` where not given (a recipe's fingerprint stays as it was)."""
         data = handler(self)
-        if self.group_size is None:
-            data.pop("group_size", None)
+        for name in ("group_size", "activation_clip"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
 
     @field_validator("scheme")
@@ -414,10 +418,10 @@ class Recipe(_Strict):
         path.write_text(text)
 
     # --- resolution -----------------------------------------------------------------------------
-    def scheme_named(self, name: str, group_size: int | None = None) -> Scheme:
+    def scheme_named(self, name: str, group_size: int | None = None, activation_clip: float | None = None) -> Scheme:
         scheme = scheme_from_name(name, group_size or self.group_size, self.kv_cache)
         scheme = _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
-        return _with_clip_ratios(scheme, self.activation_clip, self.kv_cache_clip)
+        return _with_clip_ratios(scheme, activation_clip or self.activation_clip, self.kv_cache_clip)
 
     def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
         """One record per Linear (and per attention for the KV cache), with its scheme. The gates of MoE blocks
@@ -434,7 +438,7 @@ class Recipe(_Strict):
             scheme = Scheme() if name in gates else base
             for override in self.overrides:
                 if matches_any(name, module, override.targets):
-                    scheme = self.scheme_named(override.scheme, override.group_size)
+                    scheme = self.scheme_named(override.scheme, override.group_size, override.activation_clip)
             if matches_any(name, module, self.ignore):
                 scheme = Scheme()
             linears[name] = _fitting_groups(scheme.linear_part(), name, module.in_features, fallbacks)

@@ -264,9 +264,10 @@ def center_keys_findings(target: Target, recipe: Recipe) -> list[Finding]:
 
 
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:
-    """Every scheme the recipe can give a Linear or a KV cache: its scheme and its overrides'."""
-    names = dict.fromkeys([recipe.scheme, *(o.scheme for o in recipe.overrides)])
-    return [recipe.scheme_named(name) for name in names]
+    """Every scheme the recipe can give a Linear or a KV cache: its scheme and its overrides' (with their clip)."""
+    named = dict.fromkeys([(recipe.scheme, None, None),
+                           *((o.scheme, o.group_size, o.activation_clip) for o in recipe.overrides)])
+    return [recipe.scheme_named(*key) for key in named]
 
 
 def check_recipe(target: Target, recipe: Recipe) -> list[Finding]:

@@ -12,7 +12,9 @@ output rounded to bfloat16. Two paths, chosen by the number of rows:
   int32 words, read as bytes (two codes a byte, the even one in the low nibble: compressed-tensors' 4-bit layout on a
   little-endian machine), then one bfloat16 GEMM (oneDNN; avx512_bf16 here). At 512 rows: 2.8 ms (about 0.4 of it
   the dequantization) against 4.7 ms for the float32 Linear. torch's int4 kernel is slower than float32 there (it
-  does not use the bfloat16 dot-product instructions), the dequantized GEMM below about 64 rows.
+  does not use the bfloat16 dot-product instructions), the dequantized GEMM below about 64 rows. On a CPU without
+  native bfloat16 products (`native_bfloat16`: no AVX512-BF16 or AMX), the same bfloat16 values are multiplied in
+  float32 and the output rounded to bfloat16: the same function up to the order of the float32 sums.
 
 A deviation from the simulation, on purpose: the simulation (``fake`` runtime) computes in float32, this kernel in
 bfloat16 as the W4A16 kernels it stands for; the difference is the rounding of bfloat16 (relative 2^-8 per value;
@@ -22,6 +24,7 @@ codes and the bfloat16 scales: about half a byte a weight beside the checkpoint'
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -102,6 +105,13 @@ def dequantize_bf16(weight: Int4Weight) -> torch.Tensor:
     return fields.view(out_features, 2 * half)
 
 
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): oneDNN's bfloat16 GEMM is emulated without,
+    and a 512-token W4 prefill took 6x float32's time on an AVX2-only EPYC (BENCHMARKS.md "Runtimes")."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """y ``[n, out]`` in ``rows``' dtype for ``rows`` ``[n, in]``: torch's int4 kernel for few rows, the bfloat16 GEMM
     of the dequantized weight for more (module docstring)."""
@@ -109,7 +119,9 @@ def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | Non
     if rows.shape[0] <= DECODE_MAX_ROWS:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(inputs, weight.kernel_codes, weight.kernel_group,
                                                        weight.kernel_scales)
-    else:
+    elif native_bfloat16():
         y = F.linear(inputs, dequantize_bf16(weight))
+    else:  # the same bfloat16 values multiplied in float32, the output rounded to bfloat16 as the GEMM's
+        y = F.linear(inputs.float(), dequantize_bf16(weight).float()).to(torch.bfloat16)
     y = y.to(rows.dtype)
     return y + bias if bias is not None else y
