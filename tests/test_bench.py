@@ -15,6 +15,7 @@ from conftest import make_model
 from llmquant.cli import main
 from llmquant.evaluation.bench import disk_bytes, model_bytes, time_generation
 from llmquant.nn.int8_gemv import gemv_refusal
+from llmquant.nn.int8_linear import int_mm_refusal
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.testing.tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
 
@@ -56,16 +57,20 @@ def test_bench_json_has_every_figure_and_w8a8_is_smaller(
     assert ratios["memory"] == pytest.approx(found["quantized"]["memory_bytes"] / found["float32"]["memory_bytes"])
     # below 128 rows the int8 runtime multiplies the stored codes (a transposed view): nothing kept besides the state
     # dict (oneDNN's prepacked copy, for longer prompts, is a runtime cache: tests/test_int8_linear.py) but, where the
-    # decode op runs (decode steps), each weight's int32 row sums
-    outputs = sum(m.out_features for m in llmquant.load(w8a8)[0].modules() if isinstance(m, QuantLinear))
-    row_sums = 0 if gemv_refusal(torch.device("cpu")) is not None else 4 * outputs
-    assert found["quantized"]["runtime_cache_bytes"] == row_sums and found["float32"]["runtime_cache_bytes"] == 0
+    # decode op runs (decode steps), each weight's int32 row sums, and on a CPU without VNNI or AMX the codes as float32
+    linears = [m for m in llmquant.load(w8a8)[0].modules() if isinstance(m, QuantLinear)]
+    cpu = torch.device("cpu")
+    row_sums = 0 if gemv_refusal(cpu) is not None else 4 * sum(m.out_features for m in linears)
+    float_codes = 0 if int_mm_refusal(cpu) is None else 4 * sum(m.out_features * m.in_features for m in linears)
+    assert found["quantized"]["runtime_cache_bytes"] == row_sums + float_codes
+    assert found["float32"]["runtime_cache_bytes"] == 0
 
 
 def test_bench_prints_a_markdown_table(dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     float_dir, w8a8 = dirs
     assert main(["bench", "--model", str(w8a8), "--baseline", str(float_dir), *FAST, "--runtime", "fake"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "bench: 100%" in err and "4/4" in err  # the progress: 1 round x 2 batches x 2 models
     assert "| figure | float32 | quantized | quantized / float |" in out
     assert "| prefill tokens/s, batch 2 |" in out and "| decode tokens/s, batch 1 |" in out
     assert not out.strip().splitlines()[-1].startswith("{")  # no JSON without --json

@@ -327,7 +327,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmquant.evaluation.bench import BenchConfig, markdown_table, run_bench
 
     config = BenchConfig(batches=tuple(args.batch), prompt=args.prompt, decode=args.decode, repeats=args.repeats)
-    result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype, args.attention)
+    result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype, args.attention,
+                       progress=not args.quiet)
     print(markdown_table(result))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -555,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 (int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for W4 "
                         "weight-only ones) or fake (simulated in float32)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     _attention_flag(b, " (of the model; the baseline's stays in its own)")
     _placement_flags(b)
     b.set_defaults(func=cmd_bench)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from llmquant.device import device_of, dtype_name
 from llmquant.errors import LlmquantError
@@ -184,17 +185,18 @@ def time_generation(model: nn.Module, ids: torch.Tensor, steps: int) -> tuple[fl
         return prefilled - start, _synchronized(device) - prefilled
 
 
-def measure(models: dict[str, nn.Module], config: BenchConfig, vocab_size: int) -> dict[str, dict[int, list]]:
-    """``{name: {batch: [(prefill_s, decode_s) per round]}}``, the models interleaved (module docstring)."""
+def measure(models: dict[str, nn.Module], config: BenchConfig, vocab_size: int,
+            progress: bool = False) -> dict[str, dict[int, list]]:
+    """``{name: {batch: [(prefill_s, decode_s) per round]}}``, the models interleaved (module docstring); with
+    ``progress``, a bar of the generations done and the time left (on stderr)."""
     inputs = {b: prompt_ids(vocab_size, b, config.prompt, config.seed) for b in config.batches}
     for model in models.values():
         model.eval()
         time_generation(model, inputs[min(config.batches)][:, :WARMUP_TOKENS], 2)
     times: dict[str, dict[int, list]] = {name: {b: [] for b in config.batches} for name in models}
-    for _ in range(config.repeats):
-        for batch in config.batches:
-            for name, model in models.items():
-                times[name][batch].append(time_generation(model, inputs[batch], config.decode))
+    rounds = [(batch, name) for _ in range(config.repeats) for batch in config.batches for name in models]
+    for batch, name in tqdm(rounds, desc="bench", unit="generation", disable=not progress):
+        times[name][batch].append(time_generation(models[name], inputs[batch], config.decode))
     return times
 
 
@@ -231,6 +233,7 @@ def run_bench(
     device: str | None = None,
     dtype: str | None = None,
     attention: str = "model",
+    progress: bool = False,
 ) -> BenchResult:
     """Benchmark ``model`` (a checkpoint, loaded with ``runtime`` and ``attention``, `llmquant.load`) against
     ``baseline`` (the float model it came from; None: the default model; its attention in its own dtype) as the
@@ -247,7 +250,7 @@ def run_bench(
         raise LlmquantError(f"the baseline's vocabulary ({reference.config.vocab_size} tokens) differs from the "
                             f"model's ({vocab}): pass the float model it was quantized from as --baseline")
     config.check_fits(quantized)
-    times = measure({"float": reference, "quantized": quantized}, config, vocab)
+    times = measure({"float": reference, "quantized": quantized}, config, vocab, progress)
     figures: dict[str, ModelFigures] = {}
     for name, net, source in (("float", reference, baseline), ("quantized", quantized, model)):
         prefill, decode = throughputs(times[name], config)
