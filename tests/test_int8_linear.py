@@ -99,12 +99,11 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
     weight = layer._int8_weight()
-    if "group" not in scheme:
-        assert weight.float_codes is not None and torch.equal(weight.float_codes, weight.codes.float())
-        first = weight.float_codes
-        layer(x)
-        assert weight.float_codes is first  # (made once, and counted in the layer's runtime memory)
-        assert sum(tensor is first for tensor in layer.runtime_caches()) == 1
+    assert weight.float_codes is not None and torch.equal(weight.float_codes, weight.codes.float())
+    first = weight.float_codes
+    layer(x)
+    assert weight.float_codes is first  # (made once, and counted in the layer's runtime memory)
+    assert sum(tensor is first for tensor in layer.runtime_caches()) == 1
     monkeypatch.setenv("LLMQUANT_INT_MM", "1")
     assert kernel.int_mm_refusal(torch.device("cpu")) is None
 

@@ -289,7 +289,8 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, 
     """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
     a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
     ``weight`` the codes ``[out, in]`` as int8: up to `GEMV_MAX_ROWS` rows, where the op runs, its `gemv_linear` (one
-    call for every group, the same bits), else one ``torch._int_mm`` per group."""
+    call for every group, the same bits), else one ``torch._int_mm`` per group (on a CPU without VNNI or AMX, one
+    float32 product of the codes per group: `int_mm_refusal`)."""
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
@@ -302,6 +303,9 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, 
     if op is not None and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS:
         return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,
                            group_size)
+    if int_mm_refusal(rows.device) is not None:  # the weight's float32 codes, made once (`Int8Weight.codes_as_float`)
+        groups = list(weight.codes_as_float().split(group_size, dim=1))
+        return grouped_linear(codes.float(), scale, groups, weight_scale, bias, float_product)
     groups = [group.contiguous() for group in weight.codes.split(group_size, dim=1)]
     return grouped_linear(codes, scale, groups, weight_scale, bias, lambda a, w: int8_matmul(a.contiguous(), w))
 
