@@ -87,7 +87,8 @@ def _valid_group_size(value: int | None) -> int | None:
 class Override(_Strict):
     """``scheme`` for the Linears ``targets`` names; ``group_size`` (-1: per channel) for a grouped weight-only
     scheme, default the recipe's; ``activation_clip`` the clip ratio of their inputs' ranges, default the recipe's
-    (a 1536-wide down_proj input wants a tighter clip than 576-wide ones: its absmax lies further out)."""
+    (a wider input's absmax lies further out in its distribution; on the default model a tighter clip for down_proj
+    measured within noise: BENCHMARKS.md "Clip ratios by kind of input")."""
 
     targets: list[str] = Field(min_length=1)
     scheme: str
