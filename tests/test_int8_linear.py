@@ -5,6 +5,8 @@ are exact; Linears reading one tensor quantize it once, and only while it is unc
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -82,6 +84,12 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
     assert kernel._compile_off is not None and torch.equal(layer(x), integer)  # (not tried again)
 
 
+def _without_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without VNNI or AMX int8 instructions (AVX2 only) as far as the int8 runtime asks."""
+    for module in (kernel, int8_gemv):
+        monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
+
+
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
 @pytest.mark.parametrize("rows", [1, 3, 300])
@@ -89,8 +97,8 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
         scheme: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """An AVX2-only CPU: ``torch._int_mm`` is many times slower than float32 there and oneDNN's int8 product
     saturates, so the codes multiply as float32 (the weight's codes kept as float32, made once); same bits."""
-    monkeypatch.setattr(kernel, "_cpu_has_int8_instructions", lambda: False)
-    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    _without_int8_instructions(monkeypatch)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the AVX2 op off: `test_without_vnni_or_amx_the_avx2_op_...`)
     monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm called"))
     assert kernel.onednn_refusal(torch.device("cpu")) == "the CPU has no VNNI or AMX int8 instructions"
     assert "VNNI or AMX" in kernel.int_mm_refusal(torch.device("cpu"))
@@ -106,6 +114,115 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
     assert sum(tensor is first for tensor in layer.runtime_caches()) == 1
     monkeypatch.setenv("LLMQUANT_INT_MM", "1")
     assert kernel.int_mm_refusal(torch.device("cpu")) is None
+
+
+_AVX2_REFUSAL = ("the CPU has no AVX2 instructions" if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+                 else int8_gemv._tool_refusal())
+needs_avx2 = pytest.mark.skipif(_AVX2_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {_AVX2_REFUSAL}")
+
+
+@pytest.fixture
+def avx2_op(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The AVX2 op of `llmquant.nn.int8_gemv`, where it runs (on a CPU with VNNI or AMX too, their absence feigned)."""
+    _without_int8_instructions(monkeypatch)
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    op = int8_gemv.avx2_kernel(torch.empty(0))
+    assert op is not None, int8_gemv.avx2_gemv_refusal(torch.device("cpu"))  # (tools present: it must build)
+    return op
+
+
+@needs_avx2
+@pytest.mark.parametrize(("inner", "outputs"), [(576, 192), (96, 80), (100, 7), (8192, 9), (16, 1)])
+def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outputs: int, avx2_op: object) -> None:
+    generator = torch.Generator().manual_seed(inner)
+    unit = torch.ones(1, 1)
+    for rows in (1, 2, 5, 16):
+        cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
+                            torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
+                 "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
+                             torch.full((outputs, inner), 127, dtype=torch.int8)),
+                 "most negative": (torch.full((rows, inner), -128, dtype=torch.int8),
+                                   torch.full((outputs, inner), -128, dtype=torch.int8))}
+        for name, (x, w) in cases.items():
+            exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
+            product = int8_gemv.avx2_gemv_linear(avx2_op, x, w, unit, unit, None)
+            assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
+            for group in (g for g in (16, 4, inner // 2) if inner % g == 0):  # (of 4: one by one; of 50: a tail)
+                scale, weight_scale = torch.rand(rows, 1, generator=generator), torch.rand(outputs, inner // group)
+                bias = torch.randn(outputs, generator=generator)
+                groups = list(w.long().split(group, dim=1))  # (exact dots: a float32 product rounds beyond 2^24)
+                expected = kernel.grouped_linear(x.long(), scale, groups, weight_scale, bias,
+                                                 lambda a, b: (a @ b.T).float())
+                y = int8_gemv.avx2_gemv_linear(avx2_op, x, w, scale, weight_scale, bias, group)
+                assert torch.equal(y, expected), (rows, name, group)
+        values = torch.randn(rows, inner, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
+        values[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1 where |x| <= 127: ties rounded to even
+        values[0] = values[0].clamp(-127, 127)
+        for rows_in in (values, torch.zeros(rows, inner)):
+            for qmin, qmax in ((-128, 127), (-8, 7)):  # (W8A8, W4A4)
+                for clip in (1.0, 0.8, 0.3):
+                    codes, scale = int8_gemv.token_codes(avx2_op, rows_in, qmax, qmin, clip)
+                    expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax, clip)
+                    assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale), (qmax, clip)
+        product = torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8)
+        weight = torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)
+        for scale, weight_scale in ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), unit)):
+            for bias in (None, torch.randn(outputs)):
+                expected = kernel.scale_output(product.float() @ weight.float().T, scale, weight_scale, bias)
+                y = int8_gemv.avx2_gemv_linear(avx2_op, product, weight, scale, weight_scale, bias)
+                assert torch.equal(y, expected), (rows, bias is None)
+
+
+@needs_avx2
+def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object) -> None:
+    rows = torch.randn(3, 40)
+    rows[1, 37] = float("nan")  # (in the one-by-one tail of 8-value steps)
+    codes, scale = int8_gemv.token_codes(avx2_op, rows, 127, -128, 1.0)
+    _, expected_scale = kernel.int8_codes(rows, "token", None, -128, 127)
+    assert torch.isnan(scale[1]).all() and torch.equal(scale[[0, 2]], expected_scale[[0, 2]])
+    assert torch.equal(codes[[0, 2]], kernel.int8_codes(rows[[0, 2]], "token", None, -128, 127)[0])
+
+
+@needs_avx2
+@pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+@pytest.mark.parametrize("rows", [1, 3, int8_gemv.AVX2_GEMV_MAX_ROWS, int8_gemv.AVX2_GEMV_MAX_ROWS + 1])
+def test_without_vnni_or_amx_the_avx2_op_multiplies_the_decode_rows_with_the_simulations_bits(
+        scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to `AVX2_GEMV_MAX_ROWS` rows the AVX2 op multiplies the int8 codes (no float32 copy of the weight), beyond
+    them the float32 codes; the same bits as the simulation either way."""
+    calls: list[int] = []
+    original = int8_gemv._call
+    def counted(op: object, name: str, *args: object) -> object:
+        calls.append(op is avx2_op and name == "int8_gemv")
+        return original(op, name, *args)
+    monkeypatch.setattr(int8_gemv, "_call", counted)
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm called"))
+    layer = _layer(scheme, bias=True, group_size=32)
+    fresh = copy.deepcopy(layer)  # (the simulation below makes the float32 codes: not this one's)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer)
+    on_the_op = rows <= int8_gemv.AVX2_GEMV_MAX_ROWS
+    assert sum(calls) == on_the_op
+    set_runtime(fresh, "int8")
+    assert torch.equal(fresh(x), integer) and (fresh._int8_weight().float_codes is None) == on_the_op
+    if "group" not in scheme:
+        assert layer._decode_rows and layer._decode_rows.avx2
+
+
+def test_the_avx2_op_refuses_where_it_does_not_belong(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(int8_gemv, "cpu_has_int8_instructions", lambda: True)
+    assert int8_gemv.avx2_gemv_refusal(cpu).startswith("the CPU has VNNI or AMX int8 instructions")
+    assert int8_gemv.avx2_kernel(torch.empty(0)) is None
+    assert int8_gemv.avx2_gemv_refusal(torch.device("meta")) == "not on the CPU"
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    assert int8_gemv.avx2_gemv_refusal(cpu) == "off (LLMQUANT_GEMV=0)"
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    monkeypatch.setattr(int8_gemv, "cpu_has_int8_instructions", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert int8_gemv.avx2_gemv_refusal(cpu) == "the CPU has no AVX2 instructions"
 
 
 @pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
@@ -296,11 +413,13 @@ def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> lis
 
 
 @pytest.mark.parametrize("clip", [None, 0.9])  # (clipped inputs: the op's codes clamp them too)
-@pytest.mark.parametrize("gemv", ["1", "0"])
+@pytest.mark.parametrize("gemv", ["1", "0", pytest.param("avx2", marks=needs_avx2)])  # (avx2: VNNI and AMX feigned off)
 def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, clip: float | None,
                                                                       calib_ids: torch.Tensor,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LLMQUANT_GEMV", gemv)
+    if gemv == "avx2":
+        _without_int8_instructions(monkeypatch)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0" if gemv == "0" else "1")
     recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "activation_clip": clip}
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
     prompt = calib_ids[:2, :12]
@@ -314,6 +433,8 @@ def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str,
     layer = model.get_submodule("model.layers.0.mlp.down_proj")
     uses_gemv = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
     assert (layer._int8_weight().row_sums is not None) == uses_gemv
+    uses_avx2 = gemv != "0" and int8_gemv.avx2_gemv_refusal(torch.device("cpu")) is None
+    assert bool(layer._decode_rows and layer._decode_rows.avx2) == uses_avx2
 
 
 def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(monkeypatch: pytest.MonkeyPatch,

@@ -20,6 +20,14 @@ hence `GEMV_MAX_ROWS`. A decode step of the default model at batch 1: 62 against
 
 Where it cannot run (no VNNI, no compiler or ninja, a failed build: `gemv_refusal`, logged once)
 ``torch._int_mm`` multiplies as before. ``LLMQUANT_GEMV=0`` turns it off.
+
+On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``, multiplies the W8A8 (and grouped
+W4A8 / W4A4) decode rows (`avx2_gemv_linear`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
+the torch path), reading the weight at one byte a code where the torch path multiplies its float32 copy
+(`llmquant.nn.int8_linear.int_mm_refusal`); the input codes stay torch's. On the AMD EPYC (AVX2) of BENCHMARKS.md,
+one thread, each product on the next of 30 weights: 1 row, gate_proj 193 against float32's 562 us, k_proj 7.6
+against 52; 8 rows 221 against 765 and 31 against 100; 32 rows 987 against 1,435, 159 against 185
+(`scripts/runtime_profile.py avx2`).
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-ffp-contract=off", "-fopenmp"]
 _kernel: ModuleType | None = None
 _build_error: str | None = None
+
+AVX2_SOURCE = Path(__file__).with_name("int8_gemv_avx2.cpp")
+AVX2_FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fopenmp"]
+AVX2_GEMV_MAX_ROWS = 16  # the AVX2 op up to this many rows, the float32 product of the codes beyond (docstring)
+_avx2_kernel: ModuleType | None = None
+_avx2_build_error: str | None = None
 
 
 def gemv_refusal(device: torch.device) -> str | None:
@@ -107,26 +121,62 @@ def gemv_kernel() -> ModuleType | None:
     if _kernel is None and _build_error is None:
         _build_error = _tool_refusal()
         if _build_error is None:
-            _kernel = _build()
+            _kernel, _build_error = _build(SOURCE, "llmquant_int8_gemv", FLAGS, "torch._int_mm")
     return _kernel
 
 
-def _build() -> ModuleType | None:
-    global _build_error
-    log.info("int8 runtime: loading the decode kernel %s (built on its first use on a machine)", SOURCE.name)
+def avx2_gemv_refusal(device: torch.device) -> str | None:
+    """Why the AVX2 op (``int8_gemv_avx2.cpp``) does not run on ``device``, or None: it runs on x86 CPUs with AVX2
+    where the VNNI op does not (`gemv_refusal`) and torch's int8 products are slow (`int_mm_refusal` of
+    `llmquant.nn.int8_linear`: no VNNI and no AMX)."""
+    if os.environ.get("LLMQUANT_GEMV", "1") == "0":
+        return "off (LLMQUANT_GEMV=0)"
+    if device.type != "cpu":
+        return "not on the CPU"
+    if cpu_has_int8_instructions():
+        return "the CPU has VNNI or AMX int8 instructions (torch's int8 products and the VNNI op run there)"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the CPU has no AVX2 instructions"
+    if _avx2_kernel is not None:
+        return None
+    return _avx2_build_error if _avx2_build_error is not None else _tool_refusal()
+
+
+@functools.cache
+def cpu_has_int8_instructions() -> bool:
+    """Whether the CPU has VNNI or AMX int8 instructions (x86 int8 kernels without them multiply slowly, in 16-bit
+    pairs that can saturate)."""
+    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def avx2_kernel(tensor: torch.Tensor) -> ModuleType | None:
+    """The AVX2 op where it runs for ``tensor``'s device (built on the first call, once per machine), else None."""
+    global _avx2_kernel, _avx2_build_error
+    if avx2_gemv_refusal(tensor.device) is not None:
+        return None
+    if _avx2_kernel is None:
+        _avx2_kernel, _avx2_build_error = _build(AVX2_SOURCE, "llmquant_int8_gemv_avx2", AVX2_FLAGS,
+                                                 "the float32 product of the codes")
+    return _avx2_kernel
+
+
+def _build(source: Path, name: str, flags: list[str], instead: str) -> tuple[ModuleType | None, str | None]:
+    """The op built from ``source`` (kept by torch in ``TORCH_EXTENSIONS_DIR``), or None and why (logged once;
+    ``instead`` names what multiplies then)."""
+    log.info("int8 runtime: loading the decode kernel %s (built on its first use on a machine)", source.name)
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
         with _ninja_on_path():
-            kernel = cpp_extension.load(name="llmquant_int8_gemv", sources=[str(SOURCE)], extra_cflags=FLAGS,
+            kernel = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
                                         extra_ldflags=["-fopenmp"])
-        log.info("int8 runtime: %s ready in %.1f s", SOURCE.name, time.perf_counter() - start)
-        return kernel
+        log.info("int8 runtime: %s ready in %.1f s", source.name, time.perf_counter() - start)
+        return kernel, None
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
-        _build_error = f"building {SOURCE.name} failed ({type(err).__name__}: {first_line})"
-        log.warning("int8 runtime: %s; decode steps use torch._int_mm", _build_error)
-        return None
+        error = f"building {source.name} failed ({type(err).__name__}: {first_line})"
+        log.warning("int8 runtime: %s; decode steps use %s", error, instead)
+        return None, error
 
 
 def cpu_kernel(tensor: torch.Tensor) -> ModuleType | None:
@@ -216,6 +266,14 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
     * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s). The integer products are exact."""
     return _call(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale,
                  bias, group_size)
+
+
+def avx2_gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, scale: torch.Tensor,
+                     weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor:
+    """`gemv_linear`'s y (the same arguments, the same orders, the same bits) by the AVX2 op, which needs no row
+    sums: VPMADDWD multiplies the signed codes widened to 16 bits."""
+    return _call(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), scale, weight_scale, bias,
+                 group_size)
 
 
 WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns

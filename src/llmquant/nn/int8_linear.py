@@ -18,7 +18,9 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
 On a CPU with AVX512-VNNI a small C++ op (`llmquant.nn.int8_gemv`) makes the codes (per token, or under a static
 scale) and scales oneDNN's products in one pass each; up to four rows (a decode step at batch 1 to 4) the three parts
 are two of its calls (a decode step pays for every operation, and torch's int8 products at one row are not bound by
-memory), made by each layer's `DecodeRows`, resolved once, with little Python around them. The same bits throughout.
+memory), made by each layer's `DecodeRows`, resolved once, with little Python around them. On a CPU with AVX2 but
+neither VNNI nor AMX, a smaller AVX2 op multiplies up to 16 rows the same way from torch's codes, reading the
+weight's int8 codes instead of their float32 copy. The same bits throughout.
 
 With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
 `COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
@@ -45,8 +47,12 @@ from types import ModuleType
 import torch
 
 from llmquant.nn.int8_gemv import (
+    AVX2_GEMV_MAX_ROWS,
     GEMV_MAX_ROWS,
     GROUPED_GEMM_MULTIPLE,
+    avx2_gemv_linear,
+    avx2_kernel,
+    cpu_has_int8_instructions,
     cpu_kernel,
     gemv_kernel,
     gemv_linear,
@@ -156,14 +162,9 @@ def onednn_refusal(device: torch.device) -> str | None:
         return "not on the CPU"
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
         return "this torch has no oneDNN int8 linear"
-    if not _cpu_has_int8_instructions():
+    if not cpu_has_int8_instructions():
         return "the CPU has no VNNI or AMX int8 instructions"
     return None
-
-
-@functools.cache
-def _cpu_has_int8_instructions() -> bool:
-    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def int_mm_refusal(device: torch.device) -> str | None:
@@ -173,7 +174,7 @@ def int_mm_refusal(device: torch.device) -> str | None:
     (`onednn_refusal`): the codes are multiplied as float32 instead (`float_product`, the simulation's own product:
     exact while partial sums stay below 2^24, so the same bits), the weight's codes kept as float32 too (the float
     model's memory). ``LLMQUANT_INT_MM=1`` keeps ``torch._int_mm`` there."""
-    if device.type != "cpu" or _cpu_has_int8_instructions() or os.environ.get("LLMQUANT_INT_MM", "0") == "1":
+    if device.type != "cpu" or cpu_has_int8_instructions() or os.environ.get("LLMQUANT_INT_MM", "0") == "1":
         return None
     return "the CPU has no VNNI or AMX int8 instructions (torch._int_mm is many times slower than float32 there)"
 
@@ -289,20 +290,22 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, 
     """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
     a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
     ``weight`` the codes ``[out, in]`` as int8: up to `GEMV_MAX_ROWS` rows, where the op runs, its `gemv_linear` (one
-    call for every group, the same bits), else one ``torch._int_mm`` per group (on a CPU without VNNI or AMX, one
-    float32 product of the codes per group: `int_mm_refusal`)."""
+    call for every group, the same bits), else one ``torch._int_mm`` per group (on a CPU without VNNI or AMX, up to
+    `AVX2_GEMV_MAX_ROWS` rows the AVX2 op's one call, beyond one float32 product of the codes per group:
+    `int_mm_refusal`)."""
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
         codes, scale = op_codes(op, rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
                             weight.group_size)
-    op = cpu_kernel(rows)
-    quantize = int8_codes if op is None else _op_quantizer(op)
+    quantize, _ = _op_kernels(rows)
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
-    if op is not None and weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS:
+    if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (op := cpu_kernel(rows)) is not None:
         return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,
                            group_size)
+    if rows.shape[0] <= AVX2_GEMV_MAX_ROWS and (avx2 := avx2_kernel(rows)) is not None:
+        return avx2_gemv_linear(avx2, codes, weight.codes, scale, weight_scale, bias, group_size)
     if int_mm_refusal(rows.device) is not None:  # the weight's float32 codes, made once (`Int8Weight.codes_as_float`)
         groups = list(weight.codes_as_float().split(group_size, dim=1))
         return grouped_linear(codes.float(), scale, groups, weight_scale, bias, float_product)
@@ -384,12 +387,15 @@ class DecodeRows:
     weight: Int8Weight  # (its row sums made on the first call)
     weight_scale: torch.Tensor  # [1, out] or [1, 1]
     bias: torch.Tensor | None
-    max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input
+    max_values: int  # `GEMV_MAX_ROWS` (`AVX2_GEMV_MAX_ROWS`) rows of the Linear's input
+    avx2: bool = False  # the AVX2 op (`llmquant.nn.int8_gemv.avx2_gemv_linear`, no row sums), torch's codes
 
     def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values (``source``: the
         Linear's input where ``x`` is its float32 copy, for the codes shared by the Linears reading it)."""
         codes, scale = shared_input_codes(x if source is None else source, x, *self.arguments, self.quantize)
+        if self.avx2:
+            return avx2_gemv_linear(self.op, codes, self.weight.codes, scale, self.weight_scale, self.bias)
         return gemv_linear(self.op, codes, self.weight.codes, self.weight.gemv_row_sums(), scale, self.weight_scale,
                            self.bias)
 
@@ -397,19 +403,27 @@ class DecodeRows:
 def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
                 clip_ratio: float = 1.0) -> DecodeRows | None:
-    """The layer's `DecodeRows` where the decode op runs, else None (`int8_linear` then decides at every call)."""
-    if not weight.gemv or (op := gemv_kernel()) is None:
-        return None
-    return DecodeRows(op, _op_quantizer(op), (dynamic, static_scale, qmin, qmax, clip_ratio, True),
-                      weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
+    """The layer's `DecodeRows` where the decode op runs (or, on a CPU with AVX2 but no VNNI or AMX, the AVX2 op
+    with torch's input codes), else None (`int8_linear` then decides at every call)."""
+    arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, True)
+    if weight.gemv and (op := gemv_kernel()) is not None:
+        return DecodeRows(op, _op_quantizer(op), arguments, weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
+    if (op := avx2_kernel(weight.codes)) is not None:
+        return DecodeRows(op, _avx2_quantizer(op), arguments, weight, weight_scale, bias,
+                          AVX2_GEMV_MAX_ROWS * in_features, avx2=True)
+    return None
 
 
 def _op_kernels(rows: torch.Tensor
                 ) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]:
     """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its codes
-    (`op_codes`) and its one-pass `scale_product` for oneDNN's float32 products; else torch's."""
+    (`op_codes`) and its one-pass `scale_product` for oneDNN's float32 products; where the AVX2 op runs, its
+    per-token codes (`avx2_codes`) and torch's scaling; else torch's."""
     op = cpu_kernel(rows)
-    return (int8_codes, scale_output) if op is None else (_op_quantizer(op), _in_place_scaling(op))
+    if op is not None:
+        return _op_quantizer(op), _in_place_scaling(op)
+    avx2 = avx2_kernel(rows)
+    return (int8_codes if avx2 is None else _avx2_quantizer(avx2)), scale_output
 
 
 @functools.cache
@@ -439,6 +453,21 @@ def op_codes(decode_op: ModuleType, rows: torch.Tensor, dynamic: str | None, sta
 def _op_quantizer(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """`op_codes` on ``decode_op``, with `int8_codes`' arguments."""
     return functools.partial(op_codes, decode_op)
+
+
+def avx2_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
+               qmin: int, qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`int8_codes`, per token by the AVX2 op (`llmquant.nn.int8_gemv`, ``int8_gemv_avx2.cpp``: the same bits in one
+    call), otherwise by torch's operations."""
+    if dynamic == "token":
+        return token_codes(avx2_op, rows, qmax, qmin, clip_ratio)
+    return int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+
+
+@functools.cache
+def _avx2_quantizer(avx2_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`avx2_codes` on ``avx2_op``, with `int8_codes`' arguments."""
+    return functools.partial(avx2_codes, avx2_op)
 
 
 def _compiled_kernels(rows: torch.Tensor) -> tuple[Callable, Callable] | None:
