@@ -131,12 +131,23 @@ def avx2_op(monkeypatch: pytest.MonkeyPatch) -> object:
     return op
 
 
+def _avx2_products(op: object, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None, group: int = 0) -> list[torch.Tensor]:
+    """y by the AVX2 op's `avx2_gemm` on the packed weight (any rows), and by its `avx2_gemv_linear` (up to its row
+    count)."""
+    pack = int8_gemv.avx2_gemm_pack(w, weight_scale, group)
+    products = [int8_gemv.avx2_gemm(op, x, pack, scale, bias, w.shape[0], group)]
+    if x.shape[0] <= int8_gemv.AVX2_GEMV_MAX_ROWS:
+        products.append(int8_gemv.avx2_gemv_linear(op, x, w, scale, weight_scale, bias, group))
+    return products
+
+
 @needs_avx2
 @pytest.mark.parametrize(("inner", "outputs"), [(576, 192), (96, 80), (100, 7), (8192, 9), (16, 1)])
 def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outputs: int, avx2_op: object) -> None:
     generator = torch.Generator().manual_seed(inner)
     unit = torch.ones(1, 1)
-    for rows in (1, 2, 5, 16):
+    for rows in (1, 2, 5, 16, 17, 100):  # (tiles of 3 rows in the packed product: 1, 2 and 3 rows in the last)
         cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
                             torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
                  "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
@@ -145,16 +156,21 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
                                    torch.full((outputs, inner), -128, dtype=torch.int8))}
         for name, (x, w) in cases.items():
             exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
-            product = int8_gemv.avx2_gemv_linear(avx2_op, x, w, unit, unit, None)
-            assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
+            for product in _avx2_products(avx2_op, x, w, unit, unit, None):
+                assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
+            for scale, weight_scale in ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), unit)):
+                for bias in (None, torch.randn(outputs)):
+                    expected = kernel.scale_output(exact.clone(), scale, weight_scale, bias)
+                    for y in _avx2_products(avx2_op, x, w, scale, weight_scale, bias):
+                        assert torch.equal(y, expected), (rows, name, bias is None)
             for group in (g for g in (16, 4, inner // 2) if inner % g == 0):  # (of 4: one by one; of 50: a tail)
                 scale, weight_scale = torch.rand(rows, 1, generator=generator), torch.rand(outputs, inner // group)
                 bias = torch.randn(outputs, generator=generator)
                 groups = list(w.long().split(group, dim=1))  # (exact dots: a float32 product rounds beyond 2^24)
                 expected = kernel.grouped_linear(x.long(), scale, groups, weight_scale, bias,
                                                  lambda a, b: (a @ b.T).float())
-                y = int8_gemv.avx2_gemv_linear(avx2_op, x, w, scale, weight_scale, bias, group)
-                assert torch.equal(y, expected), (rows, name, group)
+                for y in _avx2_products(avx2_op, x, w, scale, weight_scale, bias, group):
+                    assert torch.equal(y, expected), (rows, name, group)
         values = torch.randn(rows, inner, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
         values[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1 where |x| <= 127: ties rounded to even
         values[0] = values[0].clamp(-127, 127)
@@ -164,13 +180,6 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
                     codes, scale = int8_gemv.token_codes(avx2_op, rows_in, qmax, qmin, clip)
                     expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax, clip)
                     assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale), (qmax, clip)
-        product = torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8)
-        weight = torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)
-        for scale, weight_scale in ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), unit)):
-            for bias in (None, torch.randn(outputs)):
-                expected = kernel.scale_output(product.float() @ weight.float().T, scale, weight_scale, bias)
-                y = int8_gemv.avx2_gemv_linear(avx2_op, product, weight, scale, weight_scale, bias)
-                assert torch.equal(y, expected), (rows, bias is None)
 
 
 @needs_avx2
@@ -186,15 +195,15 @@ def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object
 @needs_avx2
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
-@pytest.mark.parametrize("rows", [1, 3, int8_gemv.AVX2_GEMV_MAX_ROWS, int8_gemv.AVX2_GEMV_MAX_ROWS + 1])
-def test_without_vnni_or_amx_the_avx2_op_multiplies_the_decode_rows_with_the_simulations_bits(
+@pytest.mark.parametrize("rows", [1, 3, int8_gemv.AVX2_GEMV_MAX_ROWS, int8_gemv.AVX2_GEMV_MAX_ROWS + 1, 300])
+def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
         scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to `AVX2_GEMV_MAX_ROWS` rows the AVX2 op multiplies the int8 codes (no float32 copy of the weight), beyond
-    them the float32 codes; the same bits as the simulation either way."""
-    calls: list[int] = []
+    """The AVX2 op multiplies the int8 codes (no float32 copy of the weight): up to `AVX2_GEMV_MAX_ROWS` rows as they
+    are stored, beyond them packed in its panels (made once); the same bits as the simulation either way."""
+    calls: list[str] = []
     original = int8_gemv._call
     def counted(op: object, name: str, *args: object) -> object:
-        calls.append(op is avx2_op and name == "int8_gemv")
+        calls.append(name if op is avx2_op else "")
         return original(op, name, *args)
     monkeypatch.setattr(int8_gemv, "_call", counted)
     monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm called"))
@@ -203,10 +212,16 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_the_decode_rows_with_the_sim
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    on_the_op = rows <= int8_gemv.AVX2_GEMV_MAX_ROWS
-    assert sum(calls) == on_the_op
+    packed = rows > int8_gemv.AVX2_GEMV_MAX_ROWS
+    assert calls.count("int8_gemm" if packed else "int8_gemv") == 1 and "" not in calls
     set_runtime(fresh, "int8")
-    assert torch.equal(fresh(x), integer) and (fresh._int8_weight().float_codes is None) == on_the_op
+    assert torch.equal(fresh(x), integer)
+    weight = fresh._int8_weight()
+    assert weight.float_codes is None and (weight.avx2_packed is not None) == packed
+    if packed:
+        first = weight.avx2_packed
+        fresh(x)
+        assert weight.avx2_packed is first and all(any(t is c for c in fresh.runtime_caches()) for t in first)
     if "group" not in scheme:
         assert layer._decode_rows and layer._decode_rows.avx2
 

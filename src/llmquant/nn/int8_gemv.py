@@ -276,6 +276,34 @@ def avx2_gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: to
                  group_size)
 
 
+AVX2_PANEL = 16  # outputs of a panel of `avx2_gemm_pack`
+
+
+def avx2_gemm_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `avx2_gemm` reads of int8 ``weight_codes`` ``[out, in]`` (``in`` even) with ``weight_scale`` (``[1, out]``
+    or ``[1, 1]``, or ``[out, groups]`` in groups of ``group_size`` columns): the codes in panels of 16 outputs,
+    ``[ceil(out / 16), in / 2, 16, 2]`` (each input pair of 16 outputs in 32 bytes; zero rows past ``out``), and the
+    scales ``[groups, ceil(out / 16) * 16]`` float32 (one group for a scale per output or one)."""
+    out, inner = weight_codes.shape
+    pad = -out % AVX2_PANEL
+    padded = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad))
+    packed = padded.reshape(-1, AVX2_PANEL, inner // 2, 2).permute(0, 2, 1, 3).contiguous()
+    groups = inner // group_size if group_size else 1
+    scales = weight_scale.reshape(-1, groups).float().expand(out, groups)
+    return packed, torch.nn.functional.pad(scales, (0, 0, 0, pad)).t().contiguous()
+
+
+def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],
+              scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int = 0) -> torch.Tensor:
+    """`avx2_gemv_linear`'s y (the same orders, the same bits) for int8 ``x_codes`` ``[n, in]`` at any row count, the
+    weight packed by `avx2_gemm_pack`: tiles of 3 rows by 16 outputs, each input pair of the 16 multiplied by one
+    VPMADDWD, the panels in parallel; on the AMD EPYC of BENCHMARKS.md 1.4-1.5x float32's F.linear at 512 rows
+    (`scripts/runtime_profile.py avx2`)."""
+    packed, scales = pack
+    return _call(kernel, "int8_gemm", x_codes.contiguous(), packed, scales, scale, bias, outputs, group_size)
+
+
 WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns
 # `weight_only_linear` up to this many rows (it converts the codes again for each row): the default model's head in
 # groups of 32 (49,152 x 576), one / two threads, against float32's F.linear: 8 rows 24.8 / 12.8 ms against 34.5 /

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -225,7 +226,121 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
   return y;
 }
 
+namespace {
+
+constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts
+constexpr int kPanelOutputs = 16;  // outputs of a packed panel: two 8-lane vectors
+
+// One tile of int8_gemm: MR input rows (widened codes, `inner` apart) by the 16 outputs of one packed panel, over
+// every group: per group the exact int32 dots, VPMADDWD of a broadcast input pair (x_k, x_k+1) with the panel's
+// 16 weight pairs (w_o,k, w_o,k+1) widened to 16 bits; then, in the torch path's float32 order, either
+//   group_size 0: y = float(dot) * (s_x * s_w) + b                                          (scale_output), or
+//   groups:       y = ((float(dot_0) * s_w,0 + float(dot_1) * s_w,1) + ...) * s_x + b       (grouped_linear).
+// `scales` holds [groups, padded outputs] weight scales (one group: [1, padded outputs]); `bias` [outputs] or null.
+template <int MR>
+void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t groups, int64_t pairs_per_group,
+               bool grouped, const float* scales, int64_t padded_outputs, const float* row_scales, bool per_row,
+               const float* bias, int64_t j0, int64_t outputs, float* out) {
+  __m256 total[MR][2];
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int64_t p = g * pairs_per_group, end = p + pairs_per_group; p < end; ++p) {
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p)));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p + 16)));
+      for (int m = 0; m < MR; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x + m * inner + 2 * p, 4);
+        const __m256i xs = _mm256_set1_epi32(pair);
+        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(xs, w0));
+        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(xs, w1));
+      }
+    }
+    for (int v = 0; v < 2; ++v) {
+      const __m256 scale = _mm256_loadu_ps(scales + g * padded_outputs + j0 + 8 * v);
+      for (int m = 0; m < MR; ++m) {
+        const __m256 dots = _mm256_cvtepi32_ps(acc[m][v]);
+        if (!grouped) {
+          total[m][v] = _mm256_mul_ps(dots, _mm256_mul_ps(_mm256_set1_ps(row_scales[per_row ? m : 0]), scale));
+        } else {
+          const __m256 part = _mm256_mul_ps(dots, scale);
+          total[m][v] = g == 0 ? part : _mm256_add_ps(total[m][v], part);
+        }
+      }
+    }
+  }
+  alignas(32) float values[kPanelOutputs], biases[kPanelOutputs] = {};
+  const int64_t valid = std::min<int64_t>(kPanelOutputs, outputs - j0);
+  if (bias != nullptr) std::memcpy(biases, bias + j0, valid * sizeof(float));
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < 2; ++v) {
+      __m256 y = total[m][v];
+      if (grouped) y = _mm256_mul_ps(y, _mm256_set1_ps(row_scales[per_row ? m : 0]));
+      if (bias != nullptr) y = _mm256_add_ps(y, _mm256_load_ps(biases + 8 * v));
+      _mm256_store_ps(values + 8 * v, y);
+    }
+    std::memcpy(out + m * outputs + j0, values, valid * sizeof(float));
+  }
+}
+
+}  // namespace
+
+// The W8A8 (or grouped W4A8 / W4A4) linear of any number of rows of int8 codes, float32 [rows, out], with the weight
+// packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8 (each
+// input pair of 16 outputs in 32 bytes; zero rows past `out`). scales: [groups, ceil(out / 16) * 16] float32 (one
+// group when group_size is 0), bias: [out] or None, input_scale [rows, 1] or [1, 1]. Tiles of
+// 4 rows by 16 outputs, the panels in parallel; int8_gemv's orders and bits.
+torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
+                        const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
+                        int64_t group_size) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(),
+              "int8_gemm: contiguous int8 codes [rows, in]");
+  const int64_t rows = codes.size(0), inner = codes.size(1), panels = (outputs + kPanelOutputs - 1) / kPanelOutputs;
+  const int64_t padded = panels * kPanelOutputs;
+  TORCH_CHECK(inner % 2 == 0 && (group_size == 0 || (group_size % 2 == 0 && inner % group_size == 0)),
+              "int8_gemm: an even input width, in even groups dividing it");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == padded * inner,
+              "int8_gemm: the weight packed in panels of 16 outputs");
+  const int64_t groups = group_size > 0 ? inner / group_size : 1;
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == groups * padded,
+              "int8_gemm: [groups, padded outputs] float32 weight scales");
+  const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemm: one input scale, or one per row");
+  const torch::Tensor b = float_bias(bias, outputs);
+  const std::vector<int16_t> wide = widened_codes(codes);
+  torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* sw = scales.data_ptr<float>();
+  const float* sx = s_x.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const bool per_row = s_x.numel() > 1, grouped = group_size > 0;
+  const int64_t pairs_per_group = (grouped ? group_size : inner) / 2;
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+    for (int64_t panel = first; panel < last; ++panel) {
+      const int8_t* weights = w + panel * kPanelOutputs * inner;
+      const int64_t j0 = panel * kPanelOutputs;
+      for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
+        const int16_t* x = wide.data() + m0 * inner;
+        const float* row_scales = sx + (per_row ? m0 : 0);
+        float* tile_out = out + m0 * outputs;
+        switch (std::min<int64_t>(kTileRows, rows - m0)) {
+#define LLMQUANT_TILE(MR)                                                                                         \
+  case MR:                                                                                                         \
+    gemm_tile<MR>(x, inner, weights, groups, pairs_per_group, grouped, sw, padded, row_scales, per_row, bp, j0,   \
+                  outputs, tile_out);                                                                              \
+    break;
+          LLMQUANT_TILE(1) LLMQUANT_TILE(2) LLMQUANT_TILE(3)
+#undef LLMQUANT_TILE
+        }
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("int8_gemv", &int8_gemv, "y = s_x * s_w * (x_q @ W_q^T) + b for a few rows (VPMADDWD, exact)");
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("int8_gemm", &int8_gemm, "the same for any number of rows, the weight packed in panels (VPMADDWD)");
 }

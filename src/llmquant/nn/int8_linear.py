@@ -50,6 +50,8 @@ from llmquant.nn.int8_gemv import (
     AVX2_GEMV_MAX_ROWS,
     GEMV_MAX_ROWS,
     GROUPED_GEMM_MULTIPLE,
+    avx2_gemm,
+    avx2_gemm_pack,
     avx2_gemv_linear,
     avx2_kernel,
     cpu_has_int8_instructions,
@@ -104,6 +106,7 @@ class Int8Weight:
     gemv: bool = False  # whether the decode op runs (`llmquant.nn.int8_gemv`)
     row_sums: torch.Tensor | None = None  # the decode op's int32 row sums of the codes, made on its first call
     float_codes: torch.Tensor | None = None  # the codes as float32, where `int_mm_refusal` (made on the first call)
+    avx2_packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the AVX2 op's panels and scales (`avx2_product`)
 
     def gemv_row_sums(self, group_size: int = 0) -> torch.Tensor:
         """The row sums of the codes (over each group of ``group_size`` columns, the same at every call)."""
@@ -115,6 +118,12 @@ class Int8Weight:
         if self.float_codes is None:
             self.float_codes = self.codes.float()
         return self.float_codes
+
+    def avx2_pack(self, weight_scale: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes in the AVX2 op's panels with their scales (the same at every call)."""
+        if self.avx2_packed is None:
+            self.avx2_packed = avx2_gemm_pack(self.codes, weight_scale, group_size)
+        return self.avx2_packed
 
     def onednn_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed is None:
@@ -290,8 +299,8 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, 
     """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
     a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
     ``weight`` the codes ``[out, in]`` as int8: up to `GEMV_MAX_ROWS` rows, where the op runs, its `gemv_linear` (one
-    call for every group, the same bits), else one ``torch._int_mm`` per group (on a CPU without VNNI or AMX, up to
-    `AVX2_GEMV_MAX_ROWS` rows the AVX2 op's one call, beyond one float32 product of the codes per group:
+    call for every group, the same bits), else one ``torch._int_mm`` per group (on a CPU without VNNI or AMX, the AVX2
+    op's one call, `avx2_product`, or where it does not run one float32 product of the codes per group:
     `int_mm_refusal`)."""
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
@@ -304,8 +313,8 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, 
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (op := cpu_kernel(rows)) is not None:
         return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,
                            group_size)
-    if rows.shape[0] <= AVX2_GEMV_MAX_ROWS and (avx2 := avx2_kernel(rows)) is not None:
-        return avx2_gemv_linear(avx2, codes, weight.codes, scale, weight_scale, bias, group_size)
+    if (y := avx2_product(codes, scale, weight, weight_scale, bias, group_size)) is not None:
+        return y
     if int_mm_refusal(rows.device) is not None:  # the weight's float32 codes, made once (`Int8Weight.codes_as_float`)
         groups = list(weight.codes_as_float().split(group_size, dim=1))
         return grouped_linear(codes.float(), scale, groups, weight_scale, bias, float_product)
@@ -369,7 +378,22 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.)"""
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
+    if isinstance(weight, Int8Weight) and (y := avx2_product(codes, scale, weight, weight_scale, bias)) is not None:
+        return y
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
+
+
+def avx2_product(codes: torch.Tensor, scale: torch.Tensor, weight: Int8Weight, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor | None:
+    """y for int8 ``codes`` ``[n, in]`` by the AVX2 op where it runs (a CPU with AVX2 but neither VNNI nor AMX; an
+    even input width and group): `llmquant.nn.int8_gemv.avx2_gemv_linear` up to `AVX2_GEMV_MAX_ROWS` rows, its
+    packed `avx2_gemm` beyond; the bits of `scale_output` (``group_size`` 0) or of `grouped_linear`. Else None."""
+    if codes.shape[1] % 2 or group_size % 2 or (op := avx2_kernel(codes)) is None:
+        return None
+    if codes.shape[0] <= AVX2_GEMV_MAX_ROWS:
+        return avx2_gemv_linear(op, codes, weight.codes, scale, weight_scale, bias, group_size)
+    return avx2_gemm(op, codes, weight.avx2_pack(weight_scale, group_size), scale, bias, weight.codes.shape[0],
+                     group_size)
 
 
 @dataclass(frozen=True)

@@ -211,15 +211,17 @@ class QuantLinear(nn.Module):
 
     def runtime_caches(self) -> list[torch.Tensor]:
         """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
-        float32 (simulation; the int8 runtime's too on a CPU without VNNI or AMX), unpacked to int8 or in oneDNN's
-        layout, the decode op's row sums, the int4 kernel's copy of the codes and its bfloat16 scales."""
+        float32 (simulation; the int8 runtime's too on a CPU without VNNI or AMX where the AVX2 op does not run),
+        unpacked to int8 or in oneDNN's or the AVX2 op's layout, the decode op's row sums, the int4 kernel's copy of
+        the codes and its bfloat16 scales."""
         caches = [self._dequantized, self._float_codes, self._integer_codes if self.packed else None]
         int8_weight = self._int8_weight_cache
         if isinstance(int8_weight, GroupedWeight):
             caches += int8_weight.tensors()
         elif int8_weight is not None:
             caches += [int8_weight.packed[0] if int8_weight.packed is not None else None, int8_weight.row_sums,
-                       int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None]
+                       int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None,
+                       *(int8_weight.avx2_packed or ())]
         if self._int4_weight is not None:
             w = self._int4_weight
             caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
