@@ -11,6 +11,7 @@
     .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
     .venv/bin/python scripts/runtime_profile.py prefetch --model DIR  # the op's prefetch of weight rows, on / off
     .venv/bin/python scripts/runtime_profile.py rows                # the op's row rules: DecodeRows, W4A8, W8A16
+    .venv/bin/python scripts/runtime_profile.py avx2                # the AVX2 op against float32, by rows
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
@@ -540,10 +541,55 @@ def fp8(device: str) -> None:
                   f"({float_us / kernel_us:5.2f}x), simulation {simulated_us:9.1f} us")
 
 
+def avx2(layers: int = 30, repeats: int = 50) -> None:
+    """The AVX2 op's `avx2_gemm` (`llmquant.nn.int8_gemv`, ``int8_gemv_avx2.cpp``: a CPU with AVX2, VNNI and AMX
+    feigned absent where present) against float32's F.linear at the default model's shapes (k_proj too), by rows,
+    each call on the next of ``layers`` weights (read from memory, as in a forward), alternating, medians of
+    ``repeats`` rounds of all; the same bits as the float32 product of the codes (checked on the way)."""
+    from llmquant.nn import int8_gemv
+
+    int8_gemv.cpu_has_int8_instructions = lambda: False  # (this process only: the op where it can run)
+    op = int8_gemv.avx2_kernel(torch.empty(0))
+    if op is None:
+        raise SystemExit(f"the AVX2 op does not run here: {int8_gemv.avx2_gemv_refusal(torch.device('cpu'))}")
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 4, 8, 16, 64, 512):
+        for inputs, outputs in (*SHAPES, (576, 192)):
+            _avx2_shape(op, rows, inputs, outputs, layers, repeats, generator)
+
+
+def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, repeats: int,
+                generator: torch.Generator) -> None:
+    from llmquant.nn import int8_gemv
+
+    weights = [torch.randint(-128, 128, (outputs, inputs), generator=generator, dtype=torch.int8)
+               for _ in range(layers)]
+    floats = [w.float() for w in weights]
+    input_scale, weight_scale = torch.rand(rows, 1) + 0.5, torch.rand(1, outputs) + 0.5
+    packs = [int8_gemv.avx2_gemm_pack(w, weight_scale, 0) for w in weights]
+    x = torch.randint(-128, 128, (rows, inputs), generator=generator, dtype=torch.int8)
+    x_float = x.float()
+    calls = {"float32": lambda i: torch.nn.functional.linear(x_float, floats[i]),
+             "packed": lambda i: int8_gemv.avx2_gemm(op, x, packs[i], input_scale, None, outputs)}
+    expected = (x_float @ floats[0].T).mul_(input_scale * weight_scale)
+    assert all(torch.equal(call(0), expected) for name, call in calls.items() if name != "float32")
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(repeats + 2):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for i in range(layers):
+                call(i)
+            if round_ > 1:
+                times[name].append((time.perf_counter() - start) / layers * 1e6)
+    us = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{rows:4d} rows, {inputs:5d} -> {outputs:5d}: float32 {us['float32']:9.1f} us, AVX2 op "
+          f"{us['packed']:9.1f} us ({us['float32'] / us['packed']:4.2f}x)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill", "ops", "prefetch", "rows"])
+                                         "prefill", "ops", "prefetch", "rows", "avx2"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -577,6 +623,8 @@ def main() -> None:
             prefill_scaling(args.model, args.batch)
     elif args.what == "rows":
         rows_rules()
+    elif args.what == "avx2":
+        avx2()
     elif args.what == "prefetch":
         if args.model is None:
             parser.error("prefetch needs --model DIR (a W8A8 checkpoint)")

@@ -14,7 +14,7 @@ import llmquant
 from conftest import make_model
 from llmquant.cli import main
 from llmquant.evaluation.bench import disk_bytes, model_bytes, time_generation
-from llmquant.nn.int8_gemv import gemv_refusal
+from llmquant.nn.int8_gemv import avx2_gemv_refusal, gemv_refusal
 from llmquant.nn.int8_linear import int_mm_refusal
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.testing.tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
@@ -57,12 +57,16 @@ def test_bench_json_has_every_figure_and_w8a8_is_smaller(
     assert ratios["memory"] == pytest.approx(found["quantized"]["memory_bytes"] / found["float32"]["memory_bytes"])
     # below 128 rows the int8 runtime multiplies the stored codes (a transposed view): nothing kept besides the state
     # dict (oneDNN's prepacked copy, for longer prompts, is a runtime cache: tests/test_int8_linear.py) but, where the
-    # decode op runs (decode steps), each weight's int32 row sums, and on a CPU without VNNI or AMX the codes as float32
+    # decode op runs (decode steps), each weight's int32 row sums, and on a CPU without VNNI or AMX the codes packed in
+    # the AVX2 op's panels of 16 outputs with their float32 scales, or where that op does not run the codes as float32
     linears = [m for m in llmquant.load(w8a8)[0].modules() if isinstance(m, QuantLinear)]
     cpu = torch.device("cpu")
     row_sums = 0 if gemv_refusal(cpu) is not None else 4 * sum(m.out_features for m in linears)
-    float_codes = 0 if int_mm_refusal(cpu) is None else 4 * sum(m.out_features * m.in_features for m in linears)
-    assert found["quantized"]["runtime_cache_bytes"] == row_sums + float_codes
+    panels = 0 if avx2_gemv_refusal(cpu) is not None else sum(
+        -(-m.out_features // 16) * 16 * (m.in_features + 4) for m in linears)
+    float_codes = 0 if int_mm_refusal(cpu) is None or panels else 4 * sum(m.out_features * m.in_features
+                                                                          for m in linears)
+    assert found["quantized"]["runtime_cache_bytes"] == row_sums + panels + float_codes
     assert found["float32"]["runtime_cache_bytes"] == 0
 
 

@@ -54,6 +54,7 @@ def test_the_eager_int8_kernel_gives_the_simulations_bits(scheme: str, rows: int
 
 def test_the_compiled_int8_kernel_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMQUANT_COMPILE", "1")
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the AVX2 op makes its codes and scales in one call: not compiled)
     monkeypatch.setattr(kernel, "COMPILE_MIN_ELEMENTS", 0)  # every call through torch.compile
     monkeypatch.setattr(kernel, "_compiled", None)
     monkeypatch.setattr(kernel, "_compile_off", None)
@@ -72,6 +73,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setenv("LLMQUANT_COMPILE", "1")
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the AVX2 op makes its codes and scales in one call: not compiled)
     monkeypatch.setattr(kernel, "COMPILE_MIN_ELEMENTS", 0)
     monkeypatch.setattr(kernel, "_compiled", None)
     monkeypatch.setattr(kernel, "_compile_off", None)
@@ -131,15 +133,10 @@ def avx2_op(monkeypatch: pytest.MonkeyPatch) -> object:
     return op
 
 
-def _avx2_products(op: object, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
-                   bias: torch.Tensor | None, group: int = 0) -> list[torch.Tensor]:
-    """y by the AVX2 op's `avx2_gemm` on the packed weight (any rows), and by its `avx2_gemv_linear` (up to its row
-    count)."""
-    pack = int8_gemv.avx2_gemm_pack(w, weight_scale, group)
-    products = [int8_gemv.avx2_gemm(op, x, pack, scale, bias, w.shape[0], group)]
-    if x.shape[0] <= int8_gemv.AVX2_GEMV_MAX_ROWS:
-        products.append(int8_gemv.avx2_gemv_linear(op, x, w, scale, weight_scale, bias, group))
-    return products
+def _avx2_product(op: object, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, group: int = 0) -> torch.Tensor:
+    """y by the AVX2 op's `avx2_gemm` on the packed weight."""
+    return int8_gemv.avx2_gemm(op, x, int8_gemv.avx2_gemm_pack(w, weight_scale, group), scale, bias, w.shape[0], group)
 
 
 @needs_avx2
@@ -147,7 +144,7 @@ def _avx2_products(op: object, x: torch.Tensor, w: torch.Tensor, scale: torch.Te
 def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outputs: int, avx2_op: object) -> None:
     generator = torch.Generator().manual_seed(inner)
     unit = torch.ones(1, 1)
-    for rows in (1, 2, 5, 16, 17, 100):  # (tiles of 3 rows in the packed product: 1, 2 and 3 rows in the last)
+    for rows in (1, 2, 5, 16, 100):  # (tiles of 3 rows: 1, 2 and 3 rows in the last)
         cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
                             torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
                  "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
@@ -156,21 +153,21 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
                                    torch.full((outputs, inner), -128, dtype=torch.int8))}
         for name, (x, w) in cases.items():
             exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
-            for product in _avx2_products(avx2_op, x, w, unit, unit, None):
-                assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
+            product = _avx2_product(avx2_op, x, w, unit, unit, None)
+            assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
             for scale, weight_scale in ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), unit)):
                 for bias in (None, torch.randn(outputs)):
                     expected = kernel.scale_output(exact.clone(), scale, weight_scale, bias)
-                    for y in _avx2_products(avx2_op, x, w, scale, weight_scale, bias):
-                        assert torch.equal(y, expected), (rows, name, bias is None)
+                    y = _avx2_product(avx2_op, x, w, scale, weight_scale, bias)
+                    assert torch.equal(y, expected), (rows, name, bias is None)
             for group in (g for g in (16, 4, inner // 2) if inner % g == 0):  # (of 4: one by one; of 50: a tail)
                 scale, weight_scale = torch.rand(rows, 1, generator=generator), torch.rand(outputs, inner // group)
                 bias = torch.randn(outputs, generator=generator)
                 groups = list(w.long().split(group, dim=1))  # (exact dots: a float32 product rounds beyond 2^24)
                 expected = kernel.grouped_linear(x.long(), scale, groups, weight_scale, bias,
                                                  lambda a, b: (a @ b.T).float())
-                for y in _avx2_products(avx2_op, x, w, scale, weight_scale, bias, group):
-                    assert torch.equal(y, expected), (rows, name, group)
+                y = _avx2_product(avx2_op, x, w, scale, weight_scale, bias, group)
+                assert torch.equal(y, expected), (rows, name, group)
         values = torch.randn(rows, inner, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
         values[0, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1 where |x| <= 127: ties rounded to even
         values[0] = values[0].clamp(-127, 127)
@@ -195,11 +192,11 @@ def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object
 @needs_avx2
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
-@pytest.mark.parametrize("rows", [1, 3, int8_gemv.AVX2_GEMV_MAX_ROWS, int8_gemv.AVX2_GEMV_MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, 3, 300])
 def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
         scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The AVX2 op multiplies the int8 codes (no float32 copy of the weight): up to `AVX2_GEMV_MAX_ROWS` rows as they
-    are stored, beyond them packed in its panels (made once); the same bits as the simulation either way."""
+    """The AVX2 op multiplies the int8 codes at every row count, packed in its panels once (no float32 copy of the
+    weight), in one call; the same bits as the simulation."""
     calls: list[str] = []
     original = int8_gemv._call
     def counted(op: object, name: str, *args: object) -> object:
@@ -212,16 +209,14 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    packed = rows > int8_gemv.AVX2_GEMV_MAX_ROWS
-    assert calls.count("int8_gemm" if packed else "int8_gemv") == 1 and "" not in calls
+    assert calls.count("int8_gemm") == 1 and "" not in calls
     set_runtime(fresh, "int8")
     assert torch.equal(fresh(x), integer)
     weight = fresh._int8_weight()
-    assert weight.float_codes is None and (weight.avx2_packed is not None) == packed
-    if packed:
-        first = weight.avx2_packed
-        fresh(x)
-        assert weight.avx2_packed is first and all(any(t is c for c in fresh.runtime_caches()) for t in first)
+    packed = weight.avx2_packed
+    assert weight.float_codes is None and packed is not None
+    fresh(x)
+    assert weight.avx2_packed is packed and all(any(t is c for c in fresh.runtime_caches()) for t in packed)
     if "group" not in scheme:
         assert layer._decode_rows and layer._decode_rows.avx2
 

@@ -21,13 +21,15 @@ hence `GEMV_MAX_ROWS`. A decode step of the default model at batch 1: 62 against
 Where it cannot run (no VNNI, no compiler or ninja, a failed build: `gemv_refusal`, logged once)
 ``torch._int_mm`` multiplies as before. ``LLMQUANT_GEMV=0`` turns it off.
 
-On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``, multiplies the W8A8 (and grouped
-W4A8 / W4A4) decode rows (`avx2_gemv_linear`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
-the torch path), reading the weight at one byte a code where the torch path multiplies its float32 copy
-(`llmquant.nn.int8_linear.int_mm_refusal`); the input codes stay torch's. On the AMD EPYC (AVX2) of BENCHMARKS.md,
-one thread, each product on the next of 30 weights: 1 row, gate_proj 193 against float32's 562 us, k_proj 7.6
-against 52; 8 rows 221 against 765 and 31 against 100; 32 rows 987 against 1,435, 159 against 185
-(`scripts/runtime_profile.py avx2`).
+On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``, multiplies W8A8 (and grouped W4A8 /
+W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
+the torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a
+code, where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the
+per-token input codes in one call (`token_codes`). On the AMD EPYC (AVX2) of BENCHMARKS.md, one thread, each product
+on the next of 30 weights (`scripts/runtime_profile.py avx2`): gate_proj (576 -> 1536) at 1 row 114 against
+float32's 506 us, at 16 rows 534 against 1,256, at 512 rows 12.9 against 14.6 ms; k_proj (576 -> 192) 14 against
+53 us at 1 row. Its panels, read in order, beat the stored [out, in] rows even at one row (174 us in 8 interleaved
+row streams, an earlier version).
 """
 
 from __future__ import annotations
@@ -60,7 +62,6 @@ _build_error: str | None = None
 
 AVX2_SOURCE = Path(__file__).with_name("int8_gemv_avx2.cpp")
 AVX2_FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fopenmp"]
-AVX2_GEMV_MAX_ROWS = 16  # the AVX2 op up to this many rows, the float32 product of the codes beyond (docstring)
 _avx2_kernel: ModuleType | None = None
 _avx2_build_error: str | None = None
 
@@ -268,14 +269,6 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
                  bias, group_size)
 
 
-def avx2_gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, scale: torch.Tensor,
-                     weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor:
-    """`gemv_linear`'s y (the same arguments, the same orders, the same bits) by the AVX2 op, which needs no row
-    sums: VPMADDWD multiplies the signed codes widened to 16 bits."""
-    return _call(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), scale, weight_scale, bias,
-                 group_size)
-
-
 AVX2_PANEL = 16  # outputs of a panel of `avx2_gemm_pack`
 
 
@@ -296,12 +289,16 @@ def avx2_gemm_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group
 
 def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],
               scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int = 0) -> torch.Tensor:
-    """`avx2_gemv_linear`'s y (the same orders, the same bits) for int8 ``x_codes`` ``[n, in]`` at any row count, the
-    weight packed by `avx2_gemm_pack`: tiles of 3 rows by 16 outputs, each input pair of the 16 multiplied by one
-    VPMADDWD, the panels in parallel; on the AMD EPYC of BENCHMARKS.md 1.4-1.5x float32's F.linear at 512 rows
-    (`scripts/runtime_profile.py avx2`)."""
+    """y ``[..., out]`` float32 in one call, for int8 ``x_codes`` ``[..., in]`` (any number of rows) with ``scale``
+    (one per row, or one) and the weight packed by `avx2_gemm_pack`; ``group_size`` 0: y = float(x_q @ W_q^T) * (s_x
+    * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s order), else y = (sum over groups in order of float(x_q,g @
+    W_q,g^T) * s_w,g) * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s): the same bits, the integer products
+    exact. Tiles of 3 rows by 16 outputs, each input pair of the 16 multiplied by one VPMADDWD, the panels in
+    parallel."""
     packed, scales = pack
-    return _call(kernel, "int8_gemm", x_codes.contiguous(), packed, scales, scale, bias, outputs, group_size)
+    y = _call(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
+              outputs, group_size)
+    return y.reshape(*x_codes.shape[:-1], outputs)
 
 
 WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns

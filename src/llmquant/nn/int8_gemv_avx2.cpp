@@ -1,16 +1,15 @@
-// The W8A8 (and grouped W4A8 / W4A4) linear of a few rows (a decode step) on x86 CPUs with AVX2 but without
-// AVX512-VNNI, where torch's int8 products are many times slower than float32 and oneDNN's saturate
-// (llmquant.nn.int8_linear.int_mm_refusal): y = s_x * s_w * (x_q @ W_q^T) + b in one call, reading the weight at one
-// byte a code instead of the four of its float32 copy. Built by llmquant.nn.int8_gemv with -mavx2, on CPUs that have
-// it (checked there before building).
+// The W8A8 (and grouped W4A8 / W4A4) linear on x86 CPUs with AVX2 but without AVX512-VNNI or AMX, where torch's int8
+// products are many times slower than float32 and oneDNN's saturate (llmquant.nn.int8_linear.int_mm_refusal):
+// y = s_x * s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code,
+// packed in panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes
+// (token_codes) in one call instead of torch's six operations. Built by llmquant.nn.int8_gemv with -mavx2, on CPUs
+// that have it (checked there before building).
 //
 // VPMADDWD multiplies 16 signed 16-bit pairs and adds adjacent products into 8 int32 lanes. The int8 codes of both
 // sides are widened to 16 bits (the input's once per call, the weight's as it is read: VPMOVSXBW), so every product
 // (at most 128 * 128) and every pair sum (at most 2^15) is exact and nothing saturates; the int32 sums are exact as
 // long as they fit, as torch._int_mm's. Then the same float32 operations, in the same order, as
-// llmquant.nn.int8_linear's torch path (scale_output, grouped_linear): the same bits. The weight is read once per
-// call, 8 rows at a time, in its stored [out, in] layout. Also the per-token input codes (token_codes), in one call
-// instead of torch's six operations.
+// llmquant.nn.int8_linear's torch path (scale_output, grouped_linear): the same bits.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,54 +32,11 @@ std::vector<int16_t> widened_codes(const torch::Tensor& codes) {
   return wide;
 }
 
-// Asks for the cache line `ahead` weight rows (`stride` bytes each) after `at`: the same place in the next block of
-// rows, read while this block is multiplied (as int8_gemv.cpp does). A prefetch never faults past the weight's end.
-inline void prefetch_next_block(const int8_t* at, int64_t stride, int64_t ahead) {
-  _mm_prefetch(reinterpret_cast<const char*>(at + ahead * stride), _MM_HINT_T0);
-}
-
-constexpr int kBlock = 8;  // weight rows multiplied together: the input read once for 8 of them
-
-// The exact int32 dots of the widened input x (`span` columns) with `count` (at most kBlock) weight rows `stride`
-// bytes apart: 16 columns a step (VPMOVSXBW, VPMADDWD, VPADDD), the last span % 16 columns one by one.
-void row_dots(const int16_t* x, const int8_t* w, int64_t stride, int64_t count, int64_t span, int32_t* dots) {
-  const int64_t steps = span / 16;
-  __m256i acc[kBlock];
-  for (int r = 0; r < kBlock; ++r) acc[r] = _mm256_setzero_si256();
-  if (count == kBlock) {
-    for (int64_t s = 0; s < steps; ++s) {
-      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * s));
-      for (int r = 0; r < kBlock; ++r) {
-        const int8_t* at = w + r * stride + 16 * s;
-        if ((s & 3) == 0) prefetch_next_block(at, stride, kBlock);  // (one 64-byte line per 4 steps)
-        const __m256i ws = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(xs, ws));
-      }
-    }
-  } else {
-    for (int64_t s = 0; s < steps; ++s) {
-      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * s));
-      for (int64_t r = 0; r < count; ++r) {
-        const __m128i narrow = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * stride + 16 * s));
-        acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(xs, _mm256_cvtepi8_epi16(narrow)));
-      }
-    }
-  }
-  alignas(32) int32_t lanes[8];
-  for (int64_t r = 0; r < count; ++r) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[r]);
-    int32_t sum = 0;
-    for (int l = 0; l < 8; ++l) sum += lanes[l];
-    for (int64_t k = 16 * steps; k < span; ++k) sum += static_cast<int32_t>(x[k]) * w[r * stride + k];
-    dots[r] = sum;
-  }
-}
-
 // The bias as float32 (undefined without one), checked to hold one value per output.
 torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_t outputs) {
   if (!bias.has_value()) return torch::Tensor();
   torch::Tensor b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.numel() == outputs, "int8_gemv: one bias per output");
+  TORCH_CHECK(b.numel() == outputs, "int8_gemm: one bias per output");
   return b;
 }
 
@@ -161,71 +117,6 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
   return {codes, scale};
 }
 
-// The W8A8 (or grouped W4A8 / W4A4) linear of a few rows of int8 codes, float32 [..., out]: codes [..., in] int8,
-// weight [out, in] int8, input_scale [rows, 1] or [1, 1], weight_scale [1, out] or [1, 1] (group_size 0) or
-// [out, groups], bias [out] or None; int8_gemv.cpp's arguments, less its row sums (VPMADDWD multiplies signed codes).
-// In the orders llmquant.nn.int8_linear keeps:
-//   group_size 0 (scale_output):    y = float(x_q . w_q) * (s_x * s_w) + b
-//   group_size g (grouped_linear):  y = ((float(x_q,0 . w_q,0) * s_w,0 + float(x_q,1 . w_q,1) * s_w,1) + ...) * s_x + b
-torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight, const torch::Tensor& input_scale,
-                        const torch::Tensor& weight_scale, const std::optional<torch::Tensor>& bias,
-                        int64_t group_size) {
-  TORCH_CHECK(codes.dim() >= 2 && weight.dim() == 2 && codes.size(-1) == weight.size(1), "int8_gemv: shapes");
-  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && weight.scalar_type() == torch::kInt8, "int8_gemv: int8 codes");
-  TORCH_CHECK(codes.is_contiguous() && weight.is_contiguous(), "int8_gemv: contiguous tensors");
-  const int64_t inner = codes.size(-1), rows = inner > 0 ? codes.numel() / inner : 0, outputs = weight.size(0);
-  TORCH_CHECK(group_size >= 0 && (group_size == 0 || inner % group_size == 0), "int8_gemv: groups divide the input");
-  const int64_t groups = group_size > 0 ? inner / group_size : 1, span = group_size > 0 ? group_size : inner;
-  const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
-  const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemv: one input scale, or one per row");
-  TORCH_CHECK(group_size > 0 ? s_w.numel() == outputs * groups : (s_w.numel() == 1 || s_w.numel() == outputs),
-              "int8_gemv: one weight scale, one per output, or one per output and group");
-  const torch::Tensor b = float_bias(bias, outputs);
-  const std::vector<int16_t> wide = widened_codes(codes);
-  std::vector<int64_t> shape(codes.sizes().begin(), codes.sizes().end());  // the codes' leading dimensions
-  shape.back() = outputs;
-  torch::Tensor y = torch::empty(shape, codes.options().dtype(torch::kFloat32));
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const float* sx = s_x.data_ptr<float>();
-  const float* sw = s_w.data_ptr<float>();
-  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const bool per_row = s_x.numel() > 1, per_output = s_w.numel() > 1;
-  float* out = y.data_ptr<float>();
-  const int64_t blocks = (outputs + kBlock - 1) / kBlock;  // their weight rows stay in cache across the input rows
-  at::parallel_for(0, blocks, 2, [&](int64_t first, int64_t last) {
-    int32_t dots[kBlock];
-    float values[kBlock];
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t j0 = block * kBlock, count = std::min<int64_t>(kBlock, outputs - j0);
-      const int8_t* weight_rows = w + j0 * inner;
-      for (int64_t m = 0; m < rows; ++m) {
-        const int16_t* input_row = wide.data() + m * inner;
-        const float row_scale = sx[per_row ? m : 0];
-        if (group_size == 0) {
-          row_dots(input_row, weight_rows, inner, count, span, dots);
-          for (int64_t r = 0; r < count; ++r) {
-            values[r] = static_cast<float>(dots[r]) * (row_scale * sw[per_output ? j0 + r : 0]);
-          }
-        } else {
-          for (int64_t g = 0; g < groups; ++g) {
-            row_dots(input_row + g * span, weight_rows + g * span, inner, count, span, dots);
-            for (int64_t r = 0; r < count; ++r) {
-              const float part = static_cast<float>(dots[r]) * sw[(j0 + r) * groups + g];
-              values[r] = g == 0 ? part : values[r] + part;
-            }
-          }
-          for (int64_t r = 0; r < count; ++r) values[r] = values[r] * row_scale;
-        }
-        for (int64_t r = 0; r < count; ++r) {
-          out[m * outputs + j0 + r] = bp != nullptr ? values[r] + bp[j0 + r] : values[r];
-        }
-      }
-    }
-  });
-  return y;
-}
-
 namespace {
 
 constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts
@@ -247,7 +138,8 @@ void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t gro
     for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
     for (int64_t p = g * pairs_per_group, end = p + pairs_per_group; p < end; ++p) {
       const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p)));
-      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p + 16)));
+      const __m256i w1 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p + 16)));
       for (int m = 0; m < MR; ++m) {
         int32_t pair;
         std::memcpy(&pair, x + m * inner + 2 * p, 4);
@@ -285,11 +177,11 @@ void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t gro
 
 }  // namespace
 
-// The W8A8 (or grouped W4A8 / W4A4) linear of any number of rows of int8 codes, float32 [rows, out], with the weight
-// packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8 (each
-// input pair of 16 outputs in 32 bytes; zero rows past `out`). scales: [groups, ceil(out / 16) * 16] float32 (one
-// group when group_size is 0), bias: [out] or None, input_scale [rows, 1] or [1, 1]. Tiles of
-// 4 rows by 16 outputs, the panels in parallel; int8_gemv's orders and bits.
+// The W8A8 (or grouped W4A8 / W4A4) linear of int8 codes [rows, in] (any number of rows), float32 [rows, out], the
+// weight packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8
+// (each input pair of 16 outputs in 32 bytes, read in order: one stream per panel; zero rows past `out`). scales:
+// [groups, ceil(out / 16) * 16] float32 (one group when group_size is 0), bias: [out] or None, input_scale [rows, 1]
+// or [1, 1]. Tiles of 3 rows by 16 outputs, the panels in parallel.
 torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
                         const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
                         int64_t group_size) {
@@ -340,7 +232,6 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("int8_gemv", &int8_gemv, "y = s_x * s_w * (x_q @ W_q^T) + b for a few rows (VPMADDWD, exact)");
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
-  module.def("int8_gemm", &int8_gemm, "the same for any number of rows, the weight packed in panels (VPMADDWD)");
+  module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
 }

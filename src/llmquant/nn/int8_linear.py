@@ -19,8 +19,8 @@ On a CPU with AVX512-VNNI a small C++ op (`llmquant.nn.int8_gemv`) makes the cod
 scale) and scales oneDNN's products in one pass each; up to four rows (a decode step at batch 1 to 4) the three parts
 are two of its calls (a decode step pays for every operation, and torch's int8 products at one row are not bound by
 memory), made by each layer's `DecodeRows`, resolved once, with little Python around them. On a CPU with AVX2 but
-neither VNNI nor AMX, a smaller AVX2 op multiplies up to 16 rows the same way from torch's codes, reading the
-weight's int8 codes instead of their float32 copy. The same bits throughout.
+neither VNNI nor AMX, a smaller AVX2 op makes the per-token codes and multiplies every row count the same way
+(`avx2_product`), from a copy of the weight's int8 codes packed once, not a float32 copy. The same bits throughout.
 
 With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
 `COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -47,12 +48,10 @@ from types import ModuleType
 import torch
 
 from llmquant.nn.int8_gemv import (
-    AVX2_GEMV_MAX_ROWS,
     GEMV_MAX_ROWS,
     GROUPED_GEMM_MULTIPLE,
     avx2_gemm,
     avx2_gemm_pack,
-    avx2_gemv_linear,
     avx2_kernel,
     cpu_has_int8_instructions,
     cpu_kernel,
@@ -385,13 +384,11 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
 
 def avx2_product(codes: torch.Tensor, scale: torch.Tensor, weight: Int8Weight, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor | None:
-    """y for int8 ``codes`` ``[n, in]`` by the AVX2 op where it runs (a CPU with AVX2 but neither VNNI nor AMX; an
-    even input width and group): `llmquant.nn.int8_gemv.avx2_gemv_linear` up to `AVX2_GEMV_MAX_ROWS` rows, its
-    packed `avx2_gemm` beyond; the bits of `scale_output` (``group_size`` 0) or of `grouped_linear`. Else None."""
-    if codes.shape[1] % 2 or group_size % 2 or (op := avx2_kernel(codes)) is None:
+    """y for int8 ``codes`` ``[..., in]`` by the AVX2 op's `llmquant.nn.int8_gemv.avx2_gemm` where it runs (a CPU with
+    AVX2 but neither VNNI nor AMX; an even input width and group), the weight packed once: the bits of
+    `scale_output` (``group_size`` 0) or of `grouped_linear`. Else None."""
+    if codes.shape[-1] % 2 or group_size % 2 or (op := avx2_kernel(codes)) is None:
         return None
-    if codes.shape[0] <= AVX2_GEMV_MAX_ROWS:
-        return avx2_gemv_linear(op, codes, weight.codes, scale, weight_scale, bias, group_size)
     return avx2_gemm(op, codes, weight.avx2_pack(weight_scale, group_size), scale, bias, weight.codes.shape[0],
                      group_size)
 
@@ -403,7 +400,8 @@ class DecodeRows:
     `shared_input_codes`), then y = s_x * s_w * (x_q @ W_q^T) + b in one call, the input's leading dimensions kept
     (no reshape either way). `int8_linear`'s bits with less Python around them: a decode step calls 210 Linears
     of the default model, and each Python operation costs about a microsecond there (a hot 1-row call: 8.5 against
-    24.2 us, `scripts/runtime_profile.py rows`)."""
+    24.2 us, `scripts/runtime_profile.py rows`). On the AVX2 op (``avx2``) every row count, prefills too: its
+    packed product serves them all."""
 
     op: ModuleType
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -411,15 +409,16 @@ class DecodeRows:
     weight: Int8Weight  # (its row sums made on the first call)
     weight_scale: torch.Tensor  # [1, out] or [1, 1]
     bias: torch.Tensor | None
-    max_values: int  # `GEMV_MAX_ROWS` (`AVX2_GEMV_MAX_ROWS`) rows of the Linear's input
-    avx2: bool = False  # the AVX2 op (`llmquant.nn.int8_gemv.avx2_gemv_linear`, no row sums), torch's codes
+    max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input (the AVX2 op: any number)
+    avx2: bool = False  # the AVX2 op (`llmquant.nn.int8_gemv.avx2_gemm`, the weight packed once): every row count
 
     def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values (``source``: the
         Linear's input where ``x`` is its float32 copy, for the codes shared by the Linears reading it)."""
         codes, scale = shared_input_codes(x if source is None else source, x, *self.arguments, self.quantize)
         if self.avx2:
-            return avx2_gemv_linear(self.op, codes, self.weight.codes, scale, self.weight_scale, self.bias)
+            return avx2_gemm(self.op, codes, self.weight.avx2_pack(self.weight_scale), scale, self.bias,
+                             self.weight.codes.shape[0])
         return gemv_linear(self.op, codes, self.weight.codes, self.weight.gemv_row_sums(), scale, self.weight_scale,
                            self.bias)
 
@@ -427,14 +426,13 @@ class DecodeRows:
 def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
                 clip_ratio: float = 1.0) -> DecodeRows | None:
-    """The layer's `DecodeRows` where the decode op runs (or, on a CPU with AVX2 but no VNNI or AMX, the AVX2 op
-    with torch's input codes), else None (`int8_linear` then decides at every call)."""
+    """The layer's `DecodeRows` where the decode op runs (or, on a CPU with AVX2 but no VNNI or AMX, the AVX2 op at
+    every row count), else None (`int8_linear` then decides at every call)."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, True)
     if weight.gemv and (op := gemv_kernel()) is not None:
         return DecodeRows(op, _op_quantizer(op), arguments, weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
-    if (op := avx2_kernel(weight.codes)) is not None:
-        return DecodeRows(op, _avx2_quantizer(op), arguments, weight, weight_scale, bias,
-                          AVX2_GEMV_MAX_ROWS * in_features, avx2=True)
+    if in_features % 2 == 0 and (op := avx2_kernel(weight.codes)) is not None:
+        return DecodeRows(op, _avx2_quantizer(op), arguments, weight, weight_scale, bias, sys.maxsize, avx2=True)
     return None
 
 
