@@ -121,6 +121,7 @@ namespace {
 
 constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts
 constexpr int kPanelOutputs = 16;  // outputs of a packed panel: two 8-lane vectors
+constexpr int64_t kChunkBytes = 256 * 1024;  // widened input codes multiplied by every panel before the next rows
 
 // One tile of int8_gemm: MR input rows (widened codes, `inner` apart) by the 16 outputs of one packed panel, over
 // every group: per group the exact int32 dots, VPMADDWD of a broadcast input pair (x_k, x_k+1) with the panel's
@@ -181,7 +182,7 @@ void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t gro
 // weight packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8
 // (each input pair of 16 outputs in 32 bytes, read in order: one stream per panel; zero rows past `out`). scales:
 // [groups, ceil(out / 16) * 16] float32 (one group when group_size is 0), bias: [out] or None, input_scale [rows, 1]
-// or [1, 1]. Tiles of 3 rows by 16 outputs, the panels in parallel.
+// or [1, 1]. Tiles of 3 rows by 16 outputs, the panels in parallel, the rows in chunks.
 torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
                         const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
                         int64_t group_size) {
@@ -208,26 +209,24 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
   const bool per_row = s_x.numel() > 1, grouped = group_size > 0;
   const int64_t pairs_per_group = (grouped ? group_size : inner) / 2;
   float* out = y.data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
-    for (int64_t panel = first; panel < last; ++panel) {
-      const int8_t* weights = w + panel * kPanelOutputs * inner;
-      const int64_t j0 = panel * kPanelOutputs;
-      for (int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
-        const int16_t* x = wide.data() + m0 * inner;
-        const float* row_scales = sx + (per_row ? m0 : 0);
-        float* tile_out = out + m0 * outputs;
-        switch (std::min<int64_t>(kTileRows, rows - m0)) {
-#define LLMQUANT_TILE(MR)                                                                                         \
-  case MR:                                                                                                         \
-    gemm_tile<MR>(x, inner, weights, groups, pairs_per_group, grouped, sw, padded, row_scales, per_row, bp, j0,   \
-                  outputs, tile_out);                                                                              \
-    break;
-          LLMQUANT_TILE(1) LLMQUANT_TILE(2) LLMQUANT_TILE(3)
-#undef LLMQUANT_TILE
+  // The rows in chunks of widened codes that stay in a core's L2 cache while every panel multiplies them (a prefill
+  // of 8 x 512 rows read them again from memory for each panel otherwise).
+  const int64_t chunk = std::max<int64_t>(kTileRows, kChunkBytes / (2 * inner) / kTileRows * kTileRows);
+  for (int64_t first_row = 0; first_row < rows; first_row += chunk) {
+    const int64_t end_row = std::min(rows, first_row + chunk);
+    at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+      for (int64_t panel = first; panel < last; ++panel) {
+        const int8_t* weights = w + panel * kPanelOutputs * inner;
+        const int64_t j0 = panel * kPanelOutputs;
+        for (int64_t m0 = first_row; m0 < end_row; m0 += kTileRows) {
+          const int64_t tile_rows = std::min<int64_t>(kTileRows, end_row - m0);  // (kTileRows is 3)
+          const auto tile = tile_rows == 3 ? gemm_tile<3> : tile_rows == 2 ? gemm_tile<2> : gemm_tile<1>;
+          tile(wide.data() + m0 * inner, inner, weights, groups, pairs_per_group, grouped, sw, padded,
+               sx + (per_row ? m0 : 0), per_row, bp, j0, outputs, out + m0 * outputs);
         }
       }
-    }
-  });
+    });
+  }
   return y;
 }
 
