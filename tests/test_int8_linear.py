@@ -123,14 +123,19 @@ _AVX2_REFUSAL = ("the CPU has no AVX2 instructions" if torch.backends.cpu.get_cp
 needs_avx2 = pytest.mark.skipif(_AVX2_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {_AVX2_REFUSAL}")
 
 
-@pytest.fixture
-def avx2_op(monkeypatch: pytest.MonkeyPatch) -> object:
-    """The AVX2 op of `llmquant.nn.int8_gemv`, where it runs (on a CPU with VNNI or AMX too, their absence feigned)."""
+def _avx2(monkeypatch: pytest.MonkeyPatch) -> object:
+    """The AVX2 op of `llmquant.nn.int8_gemv`, where it runs (on a CPU with VNNI or AMX too, their absence feigned
+    for the rest of the test)."""
     _without_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
     op = int8_gemv.avx2_kernel(torch.empty(0))
     assert op is not None, int8_gemv.avx2_gemv_refusal(torch.device("cpu"))  # (tools present: it must build)
     return op
+
+
+@pytest.fixture
+def avx2_op(monkeypatch: pytest.MonkeyPatch) -> object:
+    return _avx2(monkeypatch)
 
 
 def _avx2_product(op: object, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
@@ -604,22 +609,28 @@ def test_the_grouped_gemm_gives_the_simulations_bits(rows: int, outputs: int, in
                                                             kernel.float_product))
 
 
-@needs_gemv
+@pytest.mark.parametrize("op", [pytest.param("vnni", marks=needs_gemv), pytest.param("avx2", marks=needs_avx2)])
 @pytest.mark.parametrize(("rows", "inner", "outputs", "group"),
                          [(1, 576, 4099, 0), (3, 70, 13, 0), (4, 1536, 9, 0), (1, 576, 4099, 32), (3, 96, 13, 48),
                           (8, 1536, 17, 128)])
 def test_the_weight_only_op_is_the_float_product_within_float32_roundings(rows: int, inner: int, outputs: int,
-                                                                        group: int) -> None:
+                                                                        group: int, op: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """(x @ W_q^T) * s_w + b from the int8 codes (one scale per output, or per output and group of ``group`` columns)
     agrees with float64 arithmetic as closely as the simulation's float32 x @ dequantized(W_q)^T + b does (within 4x
-    of its error), for inner sizes with a tail of 16 and outputs not a multiple of 8."""
+    of its error), for inner sizes with a tail of 16 and outputs not a multiple of 8 (or 16), by the decode op and
+    by the AVX2 op (its codes packed in panels)."""
     generator = torch.Generator().manual_seed(outputs + group)
     weight = torch.randn(outputs, inner, generator=generator)
     grouped = weight.reshape(outputs, -1, group or inner)
     scale = grouped.abs().amax(-1) / 127  # [out, groups]
     codes = torch.round(grouped / scale[..., None]).to(torch.int8).reshape(outputs, inner)
     x, bias = torch.randn(rows, inner, generator=generator), torch.randn(outputs, generator=generator)
-    y = int8_gemv.weight_only_linear(int8_gemv.gemv_kernel(), x, codes, scale, bias, group)
+    if op == "vnni":
+        y = int8_gemv.weight_only_linear(int8_gemv.gemv_kernel(), x, codes, scale, bias, group)
+    else:
+        pack = int8_gemv.avx2_weight_only_pack(codes, scale, group)
+        y = int8_gemv.avx2_weight_only(_avx2(monkeypatch), x, pack, bias, outputs, group)
     dequantized = (codes.reshape(outputs, -1, group or inner).double() * scale.double()[..., None]).reshape(outputs, -1)
     exact = x.double() @ dequantized.T + bias.double()
     simulated = x @ dequantized.float().T + bias
@@ -634,14 +645,17 @@ W8A16_G32_HEAD = {**W8A16_HEAD, "overrides": [{"targets": ["lm_head"], "scheme":
                                                "group_size": 32}]}
 
 
-@needs_gemv
+@pytest.mark.parametrize("op", [pytest.param("vnni", marks=needs_gemv), pytest.param("avx2", marks=needs_avx2)])
 @pytest.mark.parametrize("recipe", [W8A16_HEAD, W8A16_G32_HEAD], ids=["per_channel", "group_32"])
-def test_a_weight_only_int8_head_runs_its_decode_rows_on_the_op(recipe: dict, calib_ids: torch.Tensor,
+def test_a_weight_only_int8_head_runs_its_decode_rows_on_the_op(recipe: dict, op: str, calib_ids: torch.Tensor,
                                                                 eval_ids: torch.Tensor,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A head quantized weight-only to int8 (W8A16, by an override; per channel, or in groups of 32 columns) switches
-    to the int8 runtime; its decode steps run on the op (counted) with the simulation's tokens and logits within
-    float32 roundings; a forward of many rows keeps the simulation (the same logits)."""
+    to the int8 runtime; its decode steps run on the op (counted; the decode op, or the AVX2 op where VNNI and AMX
+    are absent, feigned) with the simulation's tokens and logits within float32 roundings; a forward of many rows
+    keeps the simulation (the same logits)."""
+    if op == "avx2":
+        _avx2(monkeypatch)
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.supports_weight_only_int8
     assert model.lm_head.weight_scale.shape[1] == (1 if recipe is W8A16_HEAD else model.lm_head.in_features // 32)
@@ -651,9 +665,9 @@ def test_a_weight_only_int8_head_runs_its_decode_rows_on_the_op(recipe: dict, ca
     assert set_runtime(model, "int8") == 7 * 2 + 1
     assert model.lm_head.runtime == "int8"
     calls = []
-    original = int8_gemv.weight_only_linear
-    monkeypatch.setattr("llmquant.nn.quant_linear.weight_only_linear",
-                        lambda *args: calls.append(1) or original(*args))
+    name = "weight_only_linear" if op == "vnni" else "avx2_weight_only"
+    original = getattr(int8_gemv, name)
+    monkeypatch.setattr(f"llmquant.nn.quant_linear.{name}", lambda *args: calls.append(1) or original(*args))
     with torch.no_grad():
         assert torch.equal(model(eval_ids, use_cache=False).logits, simulated_logits)  # (many rows: the simulation)
     assert not calls

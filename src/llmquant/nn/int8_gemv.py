@@ -61,7 +61,7 @@ _kernel: ModuleType | None = None
 _build_error: str | None = None
 
 AVX2_SOURCE = Path(__file__).with_name("int8_gemv_avx2.cpp")
-AVX2_FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fopenmp"]
+AVX2_FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]  # (torch's AVX2 capability has FMA too)
 _avx2_kernel: ModuleType | None = None
 _avx2_build_error: str | None = None
 
@@ -148,6 +148,14 @@ def cpu_has_int8_instructions() -> bool:
     """Whether the CPU has VNNI or AMX int8 instructions (x86 int8 kernels without them multiply slowly, in 16-bit
     pairs that can saturate)."""
     return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def weight_only_refusal(device: torch.device) -> str | None:
+    """Why neither the decode op nor the AVX2 op runs weight-only int8 Linears on ``device``, or None."""
+    vnni = gemv_refusal(device)
+    if vnni is None or (avx2 := avx2_gemv_refusal(device)) is None:
+        return None
+    return vnni if vnni == avx2 else f"{vnni}; the AVX2 op: {avx2}"
 
 
 def avx2_kernel(tensor: torch.Tensor) -> ModuleType | None:
@@ -299,6 +307,30 @@ def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tenso
     y = _call(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
               outputs, group_size)
     return y.reshape(*x_codes.shape[:-1], outputs)
+
+
+def avx2_weight_only_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `avx2_weight_only` reads of a weight-only int8 weight ``[out, in]`` with ``weight_scale`` (one per output,
+    or one, or ``[out, groups]`` in groups of ``group_size`` columns): the codes in panels of 16 outputs, ``[ceil(out
+    / 16), in, 16]`` (each input's 16 codes together; zero rows past ``out``), and the scales ``[groups, ceil(out /
+    16) * 16]`` float32."""
+    out, inner = weight_codes.shape
+    pad = -out % AVX2_PANEL
+    padded = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad))
+    packed = padded.reshape(-1, AVX2_PANEL, inner).transpose(1, 2).contiguous()
+    groups = inner // group_size if group_size else 1
+    scales = weight_scale.reshape(-1, groups).float().expand(out, groups)
+    return packed, torch.nn.functional.pad(scales, (0, 0, 0, pad)).t().contiguous()
+
+
+def avx2_weight_only(kernel: ModuleType, rows: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],
+                     bias: torch.Tensor | None, outputs: int, group_size: int = 0) -> torch.Tensor:
+    """`weight_only_linear`'s y (within float32 roundings of ``x @ dequantized(W_q)^T + b``) by the AVX2 op, for
+    float32 ``rows`` ``[n, in]`` and the weight packed by `avx2_weight_only_pack`: the weight read at one byte a
+    code, not as its float32 copy."""
+    packed, scales = pack
+    return _call(kernel, "weight_only_gemm", rows, packed, scales, bias, outputs, group_size)
 
 
 WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns

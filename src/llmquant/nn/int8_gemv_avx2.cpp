@@ -2,8 +2,9 @@
 // products are many times slower than float32 and oneDNN's saturate (llmquant.nn.int8_linear.int_mm_refusal):
 // y = s_x * s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code,
 // packed in panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes
-// (token_codes) in one call instead of torch's six operations. Built by llmquant.nn.int8_gemv with -mavx2, on CPUs
-// that have it (checked there before building).
+// (token_codes) in one call instead of torch's six operations; and weight-only int8 Linears (W8A16: weight_only_gemm,
+// float32 products of the codes converted as they are read). Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
+// CPUs that have them (checked there before building).
 //
 // VPMADDWD multiplies 16 signed 16-bit pairs and adds adjacent products into 8 int32 lanes. The int8 codes of both
 // sides are widened to 16 bits (the input's once per call, the weight's as it is read: VPMOVSXBW), so every product
@@ -230,7 +231,88 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
   return y;
 }
 
+namespace {
+
+// One tile of weight_only_gemm: MR float input rows (`inner` apart) by the 16 outputs of one panel of int8 codes
+// ([in, 16]: each input's 16 codes together), over every group: per group the float32 sums of x_k * w_o,k (the
+// codes converted to float32 as they are read, VPMOVSXBD and VCVTDQ2PS, then fused multiply-adds), times the group's
+// scales, added group after group; plus the bias.
+template <int MR>
+void weight_only_tile(const float* x, int64_t inner, const int8_t* panel, int64_t groups, int64_t group_size,
+                      const float* scales, int64_t padded_outputs, const float* bias, int64_t j0, int64_t outputs,
+                      float* out) {
+  __m256 total[MR][2];
+  for (int m = 0; m < MR; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    for (int64_t k = g * group_size, end = k + group_size; k < end; ++k) {
+      const __m128i eight0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + 16 * k));
+      const __m128i eight1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + 16 * k + 8));
+      const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight0));
+      const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight1));
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xs = _mm256_broadcast_ss(x + m * inner + k);
+        acc[m][0] = _mm256_fmadd_ps(xs, w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xs, w1, acc[m][1]);
+      }
+    }
+    for (int v = 0; v < 2; ++v) {
+      const __m256 scale = _mm256_loadu_ps(scales + g * padded_outputs + j0 + 8 * v);
+      for (int m = 0; m < MR; ++m) total[m][v] = _mm256_fmadd_ps(acc[m][v], scale, total[m][v]);
+    }
+  }
+  alignas(32) float values[kPanelOutputs], biases[kPanelOutputs] = {};
+  const int64_t valid = std::min<int64_t>(kPanelOutputs, outputs - j0);
+  if (bias != nullptr) std::memcpy(biases, bias + j0, valid * sizeof(float));
+  for (int m = 0; m < MR; ++m) {
+    for (int v = 0; v < 2; ++v) {
+      _mm256_store_ps(values + 8 * v, _mm256_add_ps(total[m][v], _mm256_load_ps(biases + 8 * v)));
+    }
+    std::memcpy(out + m * outputs + j0, values, valid * sizeof(float));
+  }
+}
+
+}  // namespace
+
+// A weight-only int8 linear (W8A16), float32 [rows, out] = sum_g s_w,g (x_g . w_q,g) + b for float32 rows [rows, in]
+// and the codes packed by llmquant.nn.int8_gemv.avx2_weight_only_pack: panels of 16 outputs, [ceil(out / 16), in,
+// 16] int8 (zero rows past `out`); scales [groups, ceil(out / 16) * 16] float32 (one group: a scale per output),
+// bias [out] or None. The weight read at one byte a code; float32 sums in the op's order (within float32 roundings
+// of x @ dequantized(W_q)^T, not its bits). Tiles of 2 rows by 16 outputs, the panels in parallel.
+torch::Tensor weight_only_gemm(const torch::Tensor& rows_in, const torch::Tensor& packed, const torch::Tensor& scales,
+                               const std::optional<torch::Tensor>& bias, int64_t outputs, int64_t group_size) {
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32, "weight_only_gemm: float32 rows");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1), panels = (outputs + kPanelOutputs - 1) / kPanelOutputs;
+  const int64_t padded = panels * kPanelOutputs, span = group_size > 0 ? group_size : inner;
+  TORCH_CHECK(span > 0 && inner % span == 0, "weight_only_gemm: groups dividing the input");
+  TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == padded * inner,
+              "weight_only_gemm: the weight packed in panels of 16 outputs");
+  const int64_t groups = inner / span;
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == groups * padded,
+              "weight_only_gemm: [groups, padded outputs] float32 weight scales");
+  const torch::Tensor b = float_bias(bias, outputs);
+  torch::Tensor y = torch::empty({count, outputs}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  const int8_t* w = packed.data_ptr<int8_t>();
+  const float* sw = scales.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+    for (int64_t panel = first; panel < last; ++panel) {
+      for (int64_t m0 = 0; m0 < count; m0 += 2) {
+        const auto tile = count - m0 >= 2 ? weight_only_tile<2> : weight_only_tile<1>;
+        tile(x + m0 * inner, inner, w + panel * kPanelOutputs * inner, groups, span, sw, padded, bp,
+             panel * kPanelOutputs, outputs, out + m0 * outputs);
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
+  module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
 }

@@ -45,9 +45,13 @@ from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepa
 from llmquant.nn.int8_gemv import (
     WEIGHT_ONLY_GROUP_MULTIPLE,
     WEIGHT_ONLY_MAX_ROWS,
+    avx2_kernel,
+    avx2_weight_only,
+    avx2_weight_only_pack,
     cpu_kernel,
     gemv_refusal,
     weight_only_linear,
+    weight_only_refusal,
 )
 from llmquant.nn.int8_linear import (
     DecodeRows,
@@ -148,6 +152,7 @@ class QuantLinear(nn.Module):
         self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
         self._decode_rows: DecodeRows | bool | None = None  # the int8 runtime's decode rows (False: none; None: ask)
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime: the int4 kernel's tensors
+        self._weight_only_pack: tuple[torch.Tensor, torch.Tensor] | None = None  # W8A16 on the AVX2 op: its panels
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
         self.runtime = "fake"
@@ -207,7 +212,7 @@ class QuantLinear(nn.Module):
     def drop_caches(self) -> None:
         """Forget what a runtime built from the weight (`runtime_caches`): the next forward builds it again."""
         self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
-        self._int8_weight_cache = self._decode_rows = None
+        self._int8_weight_cache = self._decode_rows = self._weight_only_pack = None
 
     def runtime_caches(self) -> list[torch.Tensor]:
         """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
@@ -225,6 +230,7 @@ class QuantLinear(nn.Module):
         if self._int4_weight is not None:
             w = self._int4_weight
             caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
+        caches += self._weight_only_pack or ()
         return [tensor for tensor in caches if tensor is not None]
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,13 +343,21 @@ class QuantLinear(nn.Module):
                 and groups_fit and not self.packed)
 
     def _weight_only_int8_forward(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(x @ W_q^T) * s_w + b by the decode op (`weight_only_linear`) for a few float32 rows, else None."""
+        """(x @ W_q^T) * s_w + b by the decode op (`weight_only_linear`) for a few float32 rows, or on a CPU with
+        AVX2 but no VNNI or AMX by the AVX2 op (`avx2_weight_only`, the codes packed once), else None."""
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > WEIGHT_ONLY_MAX_ROWS or rows.dtype != torch.float32 or (op := cpu_kernel(rows)) is None:
+        if rows.shape[0] > WEIGHT_ONLY_MAX_ROWS or rows.dtype != torch.float32:
             return None
         spec = self.weight_spec
         group_size = (spec.group_size or 0) if spec is not None and spec.granularity == "group" else 0
-        y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias, group_size)
+        if (op := cpu_kernel(rows)) is not None:
+            y = weight_only_linear(op, rows, self.weight, self.weight_scale, self.bias, group_size)
+        elif (op := avx2_kernel(rows)) is not None:
+            if self._weight_only_pack is None:
+                self._weight_only_pack = avx2_weight_only_pack(self.weight, self.weight_scale, group_size)
+            y = avx2_weight_only(op, rows, self._weight_only_pack, self.bias, self.out_features, group_size)
+        else:
+            return None
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
@@ -357,9 +371,10 @@ class QuantLinear(nn.Module):
         """Why the kernel cannot run this (int8-, int4- or FP8-capable) layer where it is, or None: CUDA's
         ``_int_mm`` takes only multiples of 8 for both inner and output sizes (its minimum of 17 rows is met by
         padding); the int4 kernel runs on the CPU, in groups of a multiple of 32 columns (`int4_refusal`); FP8 GEMMs
-        on CUDA 8.9+ (`fp8_refusal`); weight-only int8 where the decode op runs (`gemv_refusal`)."""
+        on CUDA 8.9+ (`fp8_refusal`); weight-only int8 where the decode op or the AVX2 op runs
+        (`weight_only_refusal`)."""
         if self.supports_weight_only_int8:
-            return gemv_refusal(self.weight_scale.device)
+            return weight_only_refusal(self.weight_scale.device)
         if self.supports_fp8:
             return fp8_refusal(self.weight_scale.device, self.in_features, self.out_features)
         if self.supports_int4:
