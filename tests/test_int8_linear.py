@@ -138,6 +138,17 @@ def avx2_op(monkeypatch: pytest.MonkeyPatch) -> object:
     return _avx2(monkeypatch)
 
 
+def _code_cases(rows: int, inner: int, outputs: int, generator: torch.Generator
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """int8 input codes ``[rows, inner]`` and weight codes ``[outputs, inner]``: random, all 127, all -128."""
+    def full(value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.full((rows, inner), value, dtype=torch.int8),
+                torch.full((outputs, inner), value, dtype=torch.int8))
+    return {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
+                       torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
+            "largest": full(127), "most negative": full(-128)}
+
+
 def _avx2_product(op: object, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
                   bias: torch.Tensor | None, group: int = 0) -> torch.Tensor:
     """y by the AVX2 op's `avx2_gemm` on the packed weight."""
@@ -150,13 +161,7 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
     generator = torch.Generator().manual_seed(inner)
     unit = torch.ones(1, 1)
     for rows in (1, 2, 5, 16, 100):  # (tiles of 3 rows: 1, 2 and 3 rows in the last)
-        cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
-                            torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
-                 "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
-                             torch.full((outputs, inner), 127, dtype=torch.int8)),
-                 "most negative": (torch.full((rows, inner), -128, dtype=torch.int8),
-                                   torch.full((outputs, inner), -128, dtype=torch.int8))}
-        for name, (x, w) in cases.items():
+        for name, (x, w) in _code_cases(rows, inner, outputs, generator).items():
             exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
             product = _avx2_product(avx2_op, x, w, unit, unit, None)
             assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)
@@ -360,13 +365,7 @@ def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(in
     generator = torch.Generator().manual_seed(inner)
     unit = torch.ones(1, 1)
     for rows in (1, 2, 5, 16, 100):  # (100: a prefill's rows, quantized in parallel blocks by the op)
-        cases = {"random": (torch.randint(-128, 128, (rows, inner), generator=generator, dtype=torch.int8),
-                            torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)),
-                 "largest": (torch.full((rows, inner), 127, dtype=torch.int8),
-                             torch.full((outputs, inner), 127, dtype=torch.int8)),
-                 "most negative": (torch.full((rows, inner), -128, dtype=torch.int8),
-                                   torch.full((outputs, inner), -128, dtype=torch.int8))}
-        for name, (x, w) in cases.items():
+        for name, (x, w) in _code_cases(rows, inner, outputs, generator).items():
             exact = (x.long() @ w.long().T).float()  # (beyond 2^24, rounded once, as a promotion of int32 rounds)
             product = int8_gemv.gemv_linear(decode_op, x, w, int8_gemv.weight_row_sums(w), unit, unit, None)
             assert product.dtype == torch.float32 and torch.equal(product, exact), (rows, name)

@@ -25,11 +25,12 @@ On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``,
 W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
 the torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a
 code, where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the
-per-token input codes in one call (`token_codes`). On the AMD EPYC (AVX2) of BENCHMARKS.md, one thread, each product
-on the next of 30 weights (`scripts/runtime_profile.py avx2`): gate_proj (576 -> 1536) at 1 row 114 against
-float32's 506 us, at 16 rows 534 against 1,256, at 512 rows 12.9 against 14.6 ms; k_proj (576 -> 192) 14 against
-53 us at 1 row. Its panels, read in order, beat the stored [out, in] rows even at one row (174 us in 8 interleaved
-row streams, an earlier version).
+per-token input codes in one call (`token_codes`); weight-only int8 Linears too (`avx2_weight_only`). On the AMD
+EPYC (AVX2) of BENCHMARKS.md, one thread, each product on the next of 30 weights (`scripts/runtime_profile.py avx2`,
+bench/speed_2026-12-02_avx2_op/avx2_op_t1.txt): gate_proj (576 -> 1536) at 1 row 105 against float32's 439 us, at
+16 rows 535 against 1,332, at 512 rows 12.1 against 14.2 ms; k_proj (576 -> 192) 34 against 77 us at 1 row. Its
+panels, read in order, beat the stored [out, in] rows even at one row (gate_proj 114 against 174 us in 8 interleaved
+row streams, an earlier version in one run).
 """
 
 from __future__ import annotations
@@ -286,13 +287,8 @@ def avx2_gemm_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group
     or ``[1, 1]``, or ``[out, groups]`` in groups of ``group_size`` columns): the codes in panels of 16 outputs,
     ``[ceil(out / 16), in / 2, 16, 2]`` (each input pair of 16 outputs in 32 bytes; zero rows past ``out``), and the
     scales ``[groups, ceil(out / 16) * 16]`` float32 (one group for a scale per output or one)."""
-    out, inner = weight_codes.shape
-    pad = -out % AVX2_PANEL
-    padded = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad))
-    packed = padded.reshape(-1, AVX2_PANEL, inner // 2, 2).permute(0, 2, 1, 3).contiguous()
-    groups = inner // group_size if group_size else 1
-    scales = weight_scale.reshape(-1, groups).float().expand(out, groups)
-    return packed, torch.nn.functional.pad(scales, (0, 0, 0, pad)).t().contiguous()
+    panels, scales = _panels(weight_codes, weight_scale, group_size)
+    return panels.reshape(*panels.shape[:2], -1, 2).permute(0, 2, 1, 3).contiguous(), scales
 
 
 def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],
@@ -315,13 +311,20 @@ def avx2_weight_only_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor
     or one, or ``[out, groups]`` in groups of ``group_size`` columns): the codes in panels of 16 outputs, ``[ceil(out
     / 16), in, 16]`` (each input's 16 codes together; zero rows past ``out``), and the scales ``[groups, ceil(out /
     16) * 16]`` float32."""
+    panels, scales = _panels(weight_codes, weight_scale, group_size)
+    return panels.transpose(1, 2).contiguous(), scales
+
+
+def _panels(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes ``[out, in]`` as ``[ceil(out / 16), 16, in]`` (zero rows past ``out``) and the weight scales as
+    ``[groups, ceil(out / 16) * 16]`` float32 (one group for a scale per output, or one)."""
     out, inner = weight_codes.shape
     pad = -out % AVX2_PANEL
-    padded = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad))
-    packed = padded.reshape(-1, AVX2_PANEL, inner).transpose(1, 2).contiguous()
+    panels = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad)).reshape(-1, AVX2_PANEL, inner)
     groups = inner // group_size if group_size else 1
     scales = weight_scale.reshape(-1, groups).float().expand(out, groups)
-    return packed, torch.nn.functional.pad(scales, (0, 0, 0, pad)).t().contiguous()
+    return panels, torch.nn.functional.pad(scales, (0, 0, 0, pad)).t().contiguous()
 
 
 def avx2_weight_only(kernel: ModuleType, rows: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],

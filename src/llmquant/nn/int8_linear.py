@@ -179,9 +179,10 @@ def int_mm_refusal(device: torch.device) -> str | None:
     """Why ``torch._int_mm`` is not the integer product on ``device``, or None. On an x86 CPU without VNNI or AMX
     (AVX2 only: an AMD EPYC of BENCHMARKS.md, torch 2.13) it takes 6x float32's time at one row and 28x at 512
     (576 x 576: 220 against 35 us, 150 against 5.4 ms), and oneDNN's int8 product saturates its 16-bit pairs there
-    (`onednn_refusal`): the codes are multiplied as float32 instead (`float_product`, the simulation's own product:
-    exact while partial sums stay below 2^24, so the same bits), the weight's codes kept as float32 too (the float
-    model's memory). ``LLMQUANT_INT_MM=1`` keeps ``torch._int_mm`` there."""
+    (`onednn_refusal`): the AVX2 op multiplies there (`avx2_product`), and where it cannot run the codes are
+    multiplied as float32 (`float_product`, the simulation's own product: exact while partial sums stay below 2^24, so
+    the same bits), the weight's codes kept as float32 too (the float model's memory). ``LLMQUANT_INT_MM=1`` keeps
+    ``torch._int_mm`` there."""
     if device.type != "cpu" or cpu_has_int8_instructions() or os.environ.get("LLMQUANT_INT_MM", "0") == "1":
         return None
     return "the CPU has no VNNI or AMX int8 instructions (torch._int_mm is many times slower than float32 there)"
