@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import llmquant
 from conftest import VOCAB, make_model
+from llmquant.nn import int8_gemv, int8_linear
 from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.nn.kv_storage import (
@@ -296,12 +297,25 @@ def test_the_workspace_is_reused_across_layers_and_grows() -> None:
                                                           .bfloat16())
 
 
-@pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None, reason="the decode op does not run here")
-def test_the_decode_ops_kv_codes_and_values_are_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+_AVX2_CANNOT = (torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
+                or int8_gemv._tool_refusal() is not None)
+
+
+@pytest.mark.parametrize("op", [
+    pytest.param("vnni", marks=pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None,
+                                                  reason="the decode op does not run here")),
+    pytest.param("avx2", marks=pytest.mark.skipif(_AVX2_CANNOT, reason="the AVX2 op cannot run here"))])
+def test_the_decode_ops_kv_codes_and_values_are_torchs(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-token and static per-tensor codes of a decode step's keys and values (some clamped) and the
-    dequantization of views of a larger store: the decode op gives torch's bits."""
+    dequantization of views of a larger store: the decode op (or the AVX2 op's per-token codes, VNNI and AMX
+    feigned absent) gives torch's bits."""
     from llmquant.nn.kv_storage import dequantize_states, quantize_states
     from llmquant.quant.scheme import scheme_from_name
+
+    if op == "avx2":
+        for module in (int8_gemv, int8_linear):
+            monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
+        assert int8_gemv.avx2_kernel(torch.empty(0)) is not None
 
     spec, static_spec = scheme_from_name(TOKEN).kv_cache, scheme_from_name(STATIC).kv_cache
     assert spec is not None and static_spec is not None

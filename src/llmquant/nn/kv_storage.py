@@ -66,8 +66,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.int8_gemv import cpu_kernel, decode_attention, dequantize_rows, static_fp8_codes
-from llmquant.nn.int8_linear import input_codes, op_codes
+from llmquant.nn.int8_gemv import avx2_kernel, cpu_kernel, decode_attention, dequantize_rows, static_fp8_codes
+from llmquant.nn.int8_linear import avx2_codes, input_codes, op_codes
 from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
@@ -92,19 +92,22 @@ def quantize_states(
     """8-bit codes of ``states`` ``[..., b, h, s, d]`` and their scales ``[..., b, h, s, 1]`` (per token) or
     ``[..., b, 1, s, 1]`` (per tensor): q = clamp(round(x / s), -128, 127), with s the given static ``scale`` or,
     when None, absmax / 127 over head_dim (per token) or over all of ``states`` (per tensor). The values of
-    `fake_quantize`; integer codes by the decode op where it runs (static, dynamic per token or per tensor), and FP8
-    codes under a static scale per tensor, else by the few operations of the int8 Linears' input codes
-    (`input_codes`: a decode step pays for each operation) or `quantize`."""
+    `fake_quantize`; integer codes by the decode op where it runs (static, dynamic per token or per tensor; per token
+    by the AVX2 op on a CPU without VNNI or AMX), and FP8 codes under a static scale per tensor, else by the few
+    operations of the int8 Linears' input codes (`input_codes`: a decode step pays for each operation) or
+    `quantize`."""
     static = None if scale is None else scale.reshape(1, 1).float()
     codes = None
     if (spec.type == "float" and static is not None and spec.granularity == "tensor"
             and states.dtype == torch.float32 and (kernel := cpu_kernel(states)) is not None):
         codes, scale = static_fp8_codes(kernel, states, static, spec.qmax), static
-    elif (spec.type == "int" and spec.code_dtype == torch.int8 and states.dtype == torch.float32
-            and (kernel := cpu_kernel(states)) is not None):
-        codes, scale = op_codes(kernel, states.reshape(-1, states.shape[-1]),
-                                spec.granularity if static is None else None, static, int(spec.qmin), int(spec.qmax),
-                                spec.clip_ratio)
+    elif spec.type == "int" and spec.code_dtype == torch.int8 and states.dtype == torch.float32:
+        rows, dynamic = states.reshape(-1, states.shape[-1]), spec.granularity if static is None else None
+        arguments = (dynamic, static, int(spec.qmin), int(spec.qmax), spec.clip_ratio)
+        if (kernel := cpu_kernel(states)) is not None:
+            codes, scale = op_codes(kernel, rows, *arguments)
+        elif (kernel := avx2_kernel(states)) is not None:
+            codes, scale = avx2_codes(kernel, rows, *arguments)
     if codes is not None:
         codes = codes.reshape(states.shape)
     elif spec.type == "int":
