@@ -1,7 +1,8 @@
 """The W8A8 int8 linear (`llmquant.nn.int8_linear`): the eager and the compiled kernels give the simulation's bits,
 for every input scale (per token, per tensor, static), with and without a bias, at decode and prefill shapes, with
-oneDNN's product, the decode op (`llmquant.nn.int8_gemv`) and ``torch._int_mm``; oneDNN's product and the decode op
-are exact; Linears reading one tensor quantize it once, and only while it is unchanged."""
+oneDNN's product, the decode op (`llmquant.nn.int8_gemv`), the AVX2 op (on VNNI machines with their instructions
+feigned absent) and ``torch._int_mm``; oneDNN's product and both ops are exact; Linears reading one tensor quantize it
+once, and only while it is unchanged."""
 
 from __future__ import annotations
 
