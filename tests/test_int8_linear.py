@@ -480,6 +480,41 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
     assert "decode steps use torch._int_mm" in caplog.text
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no AVX2 here")
+def test_where_the_avx2_op_cannot_be_built_the_codes_multiply_as_float32(monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """No compiler, or a failed build (logged once, kept as the reason): the float32 product of the codes, the
+    simulation's bits."""
+    _without_int8_instructions(monkeypatch)
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    monkeypatch.setattr(int8_gemv, "_avx2_kernel", None)
+    monkeypatch.setattr(int8_gemv, "_avx2_build_error", None)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    cpu = torch.device("cpu")
+    assert int8_gemv.avx2_kernel(torch.empty(0)) is None
+    assert int8_gemv.avx2_gemv_refusal(cpu) == "no C++ compiler (no-such-compiler) to build it"
+
+    def failing(**_kwargs: object) -> object:
+        raise RuntimeError("Error building extension 'llmquant_int8_gemv_avx2'")
+
+    from torch.utils import cpp_extension
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(int8_gemv, "_tool_refusal", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    assert int8_gemv.avx2_kernel(torch.empty(0)) is None
+    assert int8_gemv.avx2_gemv_refusal(cpu) == ("building int8_gemv_avx2.cpp failed (RuntimeError: Error building "
+                                                "extension 'llmquant_int8_gemv_avx2')")
+    assert "decode steps use the float32 product of the codes" in caplog.text
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    fresh = copy.deepcopy(layer)
+    x = torch.randn(3, 96)
+    simulated, integer = _outputs(layer, x)
+    set_runtime(fresh, "int8")
+    assert torch.equal(simulated, integer) and torch.equal(fresh(x), integer)
+    weight = fresh._int8_weight()
+    assert weight.avx2_packed is None and weight.float_codes is not None
+
+
 def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the input quantizations: torch's (`int8_codes`) and the decode op's (`token_codes`, `static_codes`,
     where it runs)."""
