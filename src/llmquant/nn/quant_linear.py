@@ -334,7 +334,7 @@ class QuantLinear(nn.Module):
     def supports_weight_only_int8(self) -> bool:
         """Whether this layer is a weight-only int8 one (W8A16: symmetric 8-bit integer weights per tensor, per
         channel or in groups of a multiple of 16 columns, a float input), whose decode rows the int8 runtime runs on
-        the decode op where it runs."""
+        the decode op, or on the AVX2 op, where one runs."""
         w = self.weight_spec
         groups_fit = w is not None and (w.granularity in ("tensor", "channel") or (
             w.granularity == "group" and w.group_size is not None and w.group_size % WEIGHT_ONLY_GROUP_MULTIPLE == 0
