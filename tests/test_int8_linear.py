@@ -88,9 +88,11 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
 
 
 def _without_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU without VNNI or AMX int8 instructions (AVX2 only) as far as the int8 runtime asks."""
+    """A CPU without VNNI or AMX int8 instructions (AVX2 only) as far as the int8 runtime asks: no oneDNN int8
+    product, no ``torch._int_mm``, no VNNI decode op."""
     for module in (kernel, int8_gemv):
         monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
+    monkeypatch.setattr(int8_gemv, "_cpu_has_vnni", lambda: False)
 
 
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",

@@ -312,9 +312,10 @@ def test_the_decode_ops_kv_codes_and_values_are_torchs(op: str, monkeypatch: pyt
     from llmquant.nn.kv_storage import dequantize_states, quantize_states
     from llmquant.quant.scheme import scheme_from_name
 
-    if op == "avx2":
+    if op == "avx2":  # (no VNNI or AMX: no VNNI op either)
         for module in (int8_gemv, int8_linear):
             monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
+        monkeypatch.setattr(int8_gemv, "_cpu_has_vnni", lambda: False)
         assert int8_gemv.avx2_kernel(torch.empty(0)) is not None
 
     spec, static_spec = scheme_from_name(TOKEN).kv_cache, scheme_from_name(STATIC).kv_cache
