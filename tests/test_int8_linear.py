@@ -226,12 +226,14 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
     set_runtime(fresh, "int8")
     assert torch.equal(fresh(x), integer)
     weight = fresh._int8_weight()
-    packed = weight.avx2_packed
-    assert weight.float_codes is None and packed is not None
+    assert isinstance(weight, kernel.Avx2Weight)
     fresh(x)
-    assert weight.avx2_packed is packed and all(any(t is c for c in fresh.runtime_caches()) for t in packed)
+    assert fresh._int8_weight() is weight  # (packed once; a 4-bit weight not kept unpacked beside its panels)
+    caches = fresh.runtime_caches()  # (a static scheme's calibration left its dequantized weight too)
+    assert all(any(t is c for c in caches) for t in weight.tensors())
+    assert fresh._integer_codes is None and fresh._float_codes is None
     if "group" not in scheme:
-        assert layer._decode_rows and layer._decode_rows.avx2
+        assert layer._decode_rows and isinstance(layer._decode_rows.weight, kernel.Avx2Weight)
 
 
 def test_the_avx2_op_refuses_where_it_does_not_belong(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,15 +265,18 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
     op_runs = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
+    avx2_runs = gemv == "1" and int8_gemv.avx2_gemv_refusal(torch.device("cpu")) is None  # (every row count, packed)
+    assert isinstance(layer._int8_weight(), kernel.Avx2Weight) == avx2_runs
     if "group" in scheme:  # every row count on the op's grouped_gemm, the weight kept packed only
         assert isinstance(layer._int8_weight(), kernel.GroupedWeight) == op_runs
         fresh = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
         set_runtime(fresh, "int8")
         assert torch.equal(fresh(x), integer)
-        assert (fresh._integer_codes is None) == op_runs  # (the op keeps the packed copy only, not the codes too)
-        if op_runs:
+        packed_only = op_runs or avx2_runs  # (either op keeps its packed copy only, not the codes too)
+        assert (fresh._integer_codes is None) == packed_only
+        if packed_only:
             assert fresh.runtime_caches() == fresh._int8_weight().tensors()
-    else:
+    elif not avx2_runs:
         assert (layer._int8_weight().row_sums is not None) == (op_runs and rows == 1)
     # what a grouped integer kernel computes, in float64: s_x * sum_g s_w,g * (x_q,g . w_q,g) + b
     qmax = spec.input_activations.qmax
@@ -449,9 +454,9 @@ def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str,
     assert len(calls) == 4 * model.config.num_hidden_layers * 5  # q/k/v once, o, gate/up once, down: prompt, 4 steps
     layer = model.get_submodule("model.layers.0.mlp.down_proj")
     uses_gemv = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
-    assert (layer._int8_weight().row_sums is not None) == uses_gemv
+    assert (getattr(layer._int8_weight(), "row_sums", None) is not None) == uses_gemv
     uses_avx2 = gemv != "0" and int8_gemv.avx2_gemv_refusal(torch.device("cpu")) is None
-    assert bool(layer._decode_rows and layer._decode_rows.avx2) == uses_avx2
+    assert bool(layer._decode_rows and isinstance(layer._decode_rows.weight, kernel.Avx2Weight)) == uses_avx2
 
 
 def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(monkeypatch: pytest.MonkeyPatch,
@@ -466,7 +471,7 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
         pytest.fail(int8_gemv.gemv_refusal(torch.device("cpu")))
     layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
     simulated, integer = _outputs(layer, torch.randn(1, 96))
-    assert torch.equal(simulated, integer) and layer._int8_weight().row_sums is None  # torch._int_mm multiplied
+    assert torch.equal(simulated, integer) and getattr(layer._int8_weight(), "row_sums", None) is None  # (no op)
 
     def failing(**_kwargs: object) -> object:
         raise RuntimeError("Error building extension 'llmquant_int8_gemv'")
@@ -514,7 +519,7 @@ def test_where_the_avx2_op_cannot_be_built_the_codes_multiply_as_float32(monkeyp
     set_runtime(fresh, "int8")
     assert torch.equal(simulated, integer) and torch.equal(fresh(x), integer)
     weight = fresh._int8_weight()
-    assert weight.avx2_packed is None and weight.float_codes is not None
+    assert isinstance(weight, kernel.Int8Weight) and weight.float_codes is not None
 
 
 def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -612,14 +617,15 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pyt
 @pytest.mark.parametrize("rows", [1, 300])
 def test_groups_the_grouped_gemm_cannot_take_keep_the_per_group_products(rows: int) -> None:
     """W4A8 in groups of 6 columns (not a multiple of 4: `grouped_gemm_refusal` says so) keeps its codes and the
-    per-group path (the op's per-row product, or one torch._int_mm per group), with the simulation's bits."""
+    per-group path (the op's per-row product, or one torch._int_mm per group; on an AVX2 CPU the AVX2 op, which
+    takes even groups), with the simulation's bits."""
     assert kernel.grouped_gemm_refusal(torch.device("cpu"), 96, 6) == (
         "groups of 6 columns (it takes multiples of 4 dividing the input)")
     spec = scheme_from_name("w_int4_per_group_sym_a_int8_per_token_dynamic", 6, None)
     layer = QuantLinear.from_linear(torch.nn.Linear(96, 80), spec.weights, spec.input_activations)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
-    assert torch.equal(simulated, integer) and isinstance(layer._int8_weight(), kernel.Int8Weight)
+    assert torch.equal(simulated, integer) and not isinstance(layer._int8_weight(), kernel.GroupedWeight)
 
 
 @needs_gemv

@@ -20,7 +20,7 @@ scale) and scales oneDNN's products in one pass each; up to four rows (a decode 
 are two of its calls (a decode step pays for every operation, and torch's int8 products at one row are not bound by
 memory), made by each layer's `DecodeRows`, resolved once, with little Python around them. On a CPU with AVX2 but
 neither VNNI nor AMX, a smaller AVX2 op makes the per-token codes and multiplies every row count the same way
-(`avx2_product`), from a copy of the weight's int8 codes packed once, not a float32 copy. The same bits throughout.
+(`Avx2Weight`), from a copy of the weight's int8 codes packed once, not a float32 copy. The same bits throughout.
 
 With ``LLMQUANT_COMPILE=1`` the codes and the scaling are compiled by ``torch.compile`` (inductor) on the CPU from
 `COMPILE_MIN_ELEMENTS` input values: fused loops over the input and the output, the same bits (division and
@@ -52,6 +52,7 @@ from llmquant.nn.int8_gemv import (
     GROUPED_GEMM_MULTIPLE,
     avx2_gemm,
     avx2_gemm_pack,
+    avx2_gemv_refusal,
     avx2_kernel,
     cpu_has_int8_instructions,
     cpu_kernel,
@@ -105,7 +106,6 @@ class Int8Weight:
     gemv: bool = False  # whether the decode op runs (`llmquant.nn.int8_gemv`)
     row_sums: torch.Tensor | None = None  # the decode op's int32 row sums of the codes, made on its first call
     float_codes: torch.Tensor | None = None  # the codes as float32, where `int_mm_refusal` (made on the first call)
-    avx2_packed: tuple[torch.Tensor, torch.Tensor] | None = None  # the AVX2 op's panels and scales (`avx2_product`)
 
     def gemv_row_sums(self, group_size: int = 0) -> torch.Tensor:
         """The row sums of the codes (over each group of ``group_size`` columns, the same at every call)."""
@@ -117,12 +117,6 @@ class Int8Weight:
         if self.float_codes is None:
             self.float_codes = self.codes.float()
         return self.float_codes
-
-    def avx2_pack(self, weight_scale: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The codes in the AVX2 op's panels with their scales (the same at every call)."""
-        if self.avx2_packed is None:
-            self.avx2_packed = avx2_gemm_pack(self.codes, weight_scale, group_size)
-        return self.avx2_packed
 
     def onednn_packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed is None:
@@ -152,6 +146,44 @@ class GroupedWeight:
         return [self.packed, self.sums128, self.scales]
 
 
+@dataclass(frozen=True)
+class Avx2Weight:
+    """A W8A8, W4A8 or W4A4 weight as the AVX2 op's `avx2_gemm` reads it, at every row count, on a CPU with AVX2 but
+    neither VNNI nor AMX (`avx2_weight_refusal`): the codes packed once in panels of 16 outputs with the scales
+    (`avx2_gemm_pack`), made from the codes, which it does not keep (1 byte a weight in all; a 4-bit weight is not
+    unpacked beside it)."""
+
+    op: ModuleType
+    packed: torch.Tensor
+    scales: torch.Tensor
+    outputs: int
+    group_size: int
+
+    @classmethod
+    def from_codes(cls, op: ModuleType, codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
+                   ) -> Avx2Weight:
+        return cls(op, *avx2_gemm_pack(codes, weight_scale, group_size), codes.shape[0], group_size)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales]
+
+    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """y for int8 ``codes`` ``[..., in]`` with ``scale``: the bits of `scale_output` (no groups) or of
+        `grouped_linear`."""
+        return avx2_gemm(self.op, codes, (self.packed, self.scales), scale, bias, self.outputs, self.group_size)
+
+
+def avx2_weight_refusal(device: torch.device, in_features: int, group_size: int) -> str | None:
+    """Why the AVX2 op does not run a layer on ``device``, or None (building the op if needed): it takes an even
+    input width, in even groups."""
+    if in_features % 2 or group_size % 2:
+        return f"an input of {in_features} columns in groups of {group_size} (the AVX2 op takes even ones)"
+    if (refusal := avx2_gemv_refusal(device)) is not None:
+        return refusal
+    avx2_kernel(torch.empty(0))  # (built here if not yet: a failed build is the refusal below)
+    return avx2_gemv_refusal(device)
+
+
 def grouped_gemm_refusal(device: torch.device, in_features: int, group_size: int) -> str | None:
     """Why the op's `grouped_gemm` does not run a grouped layer on ``device``, or None (building the op if needed)."""
     if group_size % GROUPED_GEMM_MULTIPLE or in_features % group_size:
@@ -179,7 +211,7 @@ def int_mm_refusal(device: torch.device) -> str | None:
     """Why ``torch._int_mm`` is not the integer product on ``device``, or None. On an x86 CPU without VNNI or AMX
     (AVX2 only: an AMD EPYC of BENCHMARKS.md, torch 2.13) it takes 6x float32's time at one row and 28x at 512
     (576 x 576: 220 against 35 us, 150 against 5.4 ms), and oneDNN's int8 product saturates its 16-bit pairs there
-    (`onednn_refusal`): the AVX2 op multiplies there (`avx2_product`), and where it cannot run the codes are
+    (`onednn_refusal`): the AVX2 op multiplies there (`Avx2Weight`), and where it cannot run the codes are
     multiplied as float32 (`float_product`, the simulation's own product: exact while partial sums stay below 2^24, so
     the same bits), the weight's codes kept as float32 too (the float model's memory). ``LLMQUANT_INT_MM=1`` keeps
     ``torch._int_mm`` there."""
@@ -292,29 +324,29 @@ def _forget(reference: weakref.ref) -> None:
         _last_codes.entry = None
 
 
-def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight, weight_scale: torch.Tensor,
-                        bias: torch.Tensor | None, group_size: int, dynamic: str | None,
+def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight | Avx2Weight,
+                        weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int, dynamic: str | None,
                         static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0
                         ) -> torch.Tensor:
     """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
     a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
     ``weight`` the codes ``[out, in]`` as int8: up to `GEMV_MAX_ROWS` rows, where the op runs, its `gemv_linear` (one
-    call for every group, the same bits), else one ``torch._int_mm`` per group (on a CPU without VNNI or AMX, the AVX2
-    op's one call, `avx2_product`, or where it does not run one float32 product of the codes per group:
-    `int_mm_refusal`)."""
+    call for every group, the same bits), else one ``torch._int_mm`` per group; an `Avx2Weight` by the AVX2 op's one
+    call (the same bits); on a CPU without VNNI or AMX where that op does not run, one float32 product of the codes
+    per group (`int_mm_refusal`)."""
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
         codes, scale = op_codes(op, rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
                             weight.group_size)
+    if isinstance(weight, Avx2Weight):
+        return weight(*avx2_codes(weight.op, rows, dynamic, static_scale, qmin, qmax, clip_ratio), bias)
     quantize, _ = _op_kernels(rows)
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (op := cpu_kernel(rows)) is not None:
         return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,
                            group_size)
-    if (y := avx2_product(codes, scale, weight, weight_scale, bias, group_size)) is not None:
-        return y
     if int_mm_refusal(rows.device) is not None:  # the weight's float32 codes, made once (`Int8Weight.codes_as_float`)
         groups = list(weight.codes_as_float().split(group_size, dim=1))
         return grouped_linear(codes.float(), scale, groups, weight_scale, bias, float_product)
@@ -368,7 +400,7 @@ def _compile_refusal(rows: torch.Tensor) -> str | None:
     return _compile_off
 
 
-def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | Int8Weight,
+def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | Int8Weight | Avx2Weight,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dynamic: str | None,
                 static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0) -> torch.Tensor:
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32 (``source``, the Linear's input, as rows), int8
@@ -378,20 +410,9 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.)"""
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
-    if isinstance(weight, Int8Weight) and (y := avx2_product(codes, scale, weight, weight_scale, bias)) is not None:
-        return y
+    if isinstance(weight, Avx2Weight):
+        return weight(codes, scale, bias)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
-
-
-def avx2_product(codes: torch.Tensor, scale: torch.Tensor, weight: Int8Weight, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None, group_size: int = 0) -> torch.Tensor | None:
-    """y for int8 ``codes`` ``[..., in]`` by the AVX2 op's `llmquant.nn.int8_gemv.avx2_gemm` where it runs (a CPU with
-    AVX2 but neither VNNI nor AMX; an even input width and group), the weight packed once: the bits of
-    `scale_output` (``group_size`` 0) or of `grouped_linear`. Else None."""
-    if codes.shape[-1] % 2 or group_size % 2 or (op := avx2_kernel(codes)) is None:
-        return None
-    return avx2_gemm(op, codes, weight.avx2_pack(weight_scale, group_size), scale, bias, weight.codes.shape[0],
-                     group_size)
 
 
 @dataclass(frozen=True)
@@ -401,39 +422,38 @@ class DecodeRows:
     `shared_input_codes`), then y = s_x * s_w * (x_q @ W_q^T) + b in one call, the input's leading dimensions kept
     (no reshape either way). `int8_linear`'s bits with less Python around them: a decode step calls 210 Linears
     of the default model, and each Python operation costs about a microsecond there (a hot 1-row call: 8.5 against
-    24.2 us, `scripts/runtime_profile.py rows`). On the AVX2 op (``avx2``) every row count, prefills too: its
+    24.2 us, `scripts/runtime_profile.py rows`). With an `Avx2Weight` every row count, prefills too: the AVX2 op's
     packed product serves them all."""
 
     op: ModuleType
     quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     arguments: tuple  # `shared_input_codes`' (dynamic, static scale, qmin, qmax, clip ratio, as int8)
-    weight: Int8Weight  # (its row sums made on the first call)
+    weight: Int8Weight | Avx2Weight  # (an Int8Weight's row sums made on the first call)
     weight_scale: torch.Tensor  # [1, out] or [1, 1]
     bias: torch.Tensor | None
-    max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input (the AVX2 op: any number)
-    avx2: bool = False  # the AVX2 op (`llmquant.nn.int8_gemv.avx2_gemm`, the weight packed once): every row count
+    max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input (an `Avx2Weight`: any number)
 
     def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values (``source``: the
         Linear's input where ``x`` is its float32 copy, for the codes shared by the Linears reading it)."""
         codes, scale = shared_input_codes(x if source is None else source, x, *self.arguments, self.quantize)
-        if self.avx2:
-            return avx2_gemm(self.op, codes, self.weight.avx2_pack(self.weight_scale), scale, self.bias,
-                             self.weight.codes.shape[0])
+        if isinstance(self.weight, Avx2Weight):
+            return self.weight(codes, scale, self.bias)
         return gemv_linear(self.op, codes, self.weight.codes, self.weight.gemv_row_sums(), scale, self.weight_scale,
                            self.bias)
 
 
-def decode_rows(weight: Int8Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+def decode_rows(weight: Int8Weight | Avx2Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
                 clip_ratio: float = 1.0) -> DecodeRows | None:
-    """The layer's `DecodeRows` where the decode op runs (or, on a CPU with AVX2 but no VNNI or AMX, the AVX2 op at
-    every row count), else None (`int8_linear` then decides at every call)."""
+    """The layer's `DecodeRows` where the decode op runs (or, for an `Avx2Weight`, the AVX2 op at every row count),
+    else None (`int8_linear` then decides at every call)."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, True)
+    if isinstance(weight, Avx2Weight):
+        return DecodeRows(weight.op, _avx2_quantizer(weight.op), arguments, weight, weight_scale, bias, sys.maxsize)
     if weight.gemv and (op := gemv_kernel()) is not None:
         return DecodeRows(op, _op_quantizer(op), arguments, weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
-    if in_features % 2 == 0 and (op := avx2_kernel(weight.codes)) is not None:
-        return DecodeRows(op, _avx2_quantizer(op), arguments, weight, weight_scale, bias, sys.maxsize, avx2=True)
     return None
 
 

@@ -54,9 +54,11 @@ from llmquant.nn.int8_gemv import (
     weight_only_refusal,
 )
 from llmquant.nn.int8_linear import (
+    Avx2Weight,
     DecodeRows,
     GroupedWeight,
     Int8Weight,
+    avx2_weight_refusal,
     decode_rows,
     float_product,
     grouped_gemm_refusal,
@@ -221,12 +223,11 @@ class QuantLinear(nn.Module):
         the codes and its bfloat16 scales."""
         caches = [self._dequantized, self._float_codes, self._integer_codes if self.packed else None]
         int8_weight = self._int8_weight_cache
-        if isinstance(int8_weight, GroupedWeight):
+        if isinstance(int8_weight, GroupedWeight | Avx2Weight):
             caches += int8_weight.tensors()
         elif int8_weight is not None:
             caches += [int8_weight.packed[0] if int8_weight.packed is not None else None, int8_weight.row_sums,
-                       int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None,
-                       *(int8_weight.avx2_packed or ())]
+                       int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None]
         if self._int4_weight is not None:
             w = self._int4_weight
             caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
@@ -303,16 +304,20 @@ class QuantLinear(nn.Module):
             self._integer_codes = self.codes().to(torch.int8)
         return self._integer_codes
 
-    def _int8_weight(self) -> Int8Weight | GroupedWeight:
+    def _int8_weight(self) -> Int8Weight | GroupedWeight | Avx2Weight:
         """What the int8 runtime multiplies (`llmquant.nn.int8_linear.Int8Weight`): the int8 codes, and oneDNN's
         copy of them or the decode op's row sums where they run, made on the first call that uses them; for a
-        weight in groups where the op's `grouped_gemm` runs, only its packed copy (`GroupedWeight`)."""
+        weight in groups where the op's `grouped_gemm` runs, only its packed copy (`GroupedWeight`); where the AVX2
+        op runs, only its panels (`Avx2Weight`)."""
         if self._int8_weight_cache is None:
             device, spec = self.weight_scale.device, self.weight_spec
-            if (spec is not None and spec.granularity == "group" and spec.group_size is not None
-                    and grouped_gemm_refusal(device, self.in_features, spec.group_size) is None):
+            group = spec.group_size if spec is not None and spec.granularity == "group" and spec.group_size else 0
+            if group and grouped_gemm_refusal(device, self.in_features, group) is None:
                 codes = self.codes().to(torch.int8) if self.packed else self.weight  # (not kept: `_weight_codes`)
-                self._int8_weight_cache = GroupedWeight.from_codes(codes, self.weight_scale, spec.group_size)
+                self._int8_weight_cache = GroupedWeight.from_codes(codes, self.weight_scale, group)
+            elif avx2_weight_refusal(device, self.in_features, group) is None:
+                codes = self.codes().to(torch.int8) if self.packed else self.weight  # (not kept: `_weight_codes`)
+                self._int8_weight_cache = Avx2Weight.from_codes(avx2_kernel(codes), codes, self.weight_scale, group)
             else:
                 self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(device) is None,
                                                      gemv=gemv_refusal(device) is None,
