@@ -193,6 +193,21 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
 
 
 @needs_avx2
+def test_the_avx2_op_names_what_is_wrong_with_its_arguments(avx2_op: object) -> None:
+    codes, weight = torch.zeros(2, 32, dtype=torch.int8), torch.zeros(20, 32, dtype=torch.int8)
+    pack = int8_gemv.avx2_gemm_pack(weight, torch.ones(1, 20), 0)
+    with pytest.raises(RuntimeError, match="int8_gemm: the weight packed in panels of 16 outputs"):
+        int8_gemv.avx2_gemm(avx2_op, codes[:, :30], pack, torch.ones(2, 1), None, 20)
+    with pytest.raises(RuntimeError, match="int8_gemm: an even input width, in even groups dividing it"):
+        int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), None, 20, 3)
+    with pytest.raises(RuntimeError, match="int8_gemm: one bias per output"):
+        int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), torch.zeros(19), 20)
+    only = int8_gemv.avx2_weight_only_pack(weight, torch.ones(20, 1), 0)
+    with pytest.raises(RuntimeError, match="weight_only_gemm: one bias per output"):
+        int8_gemv.avx2_weight_only(avx2_op, torch.zeros(2, 32), only, torch.zeros(21), 20)
+
+
+@needs_avx2
 def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object) -> None:
     rows = torch.randn(3, 40)
     rows[1, 37] = float("nan")  # (in the one-by-one tail of 8-value steps)

@@ -33,11 +33,11 @@ std::vector<int16_t> widened_codes(const torch::Tensor& codes) {
   return wide;
 }
 
-// The bias as float32 (undefined without one), checked to hold one value per output.
-torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_t outputs) {
+// The bias as float32 (undefined without one), checked to hold one value per output; `op` names the caller.
+torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_t outputs, const char* op) {
   if (!bias.has_value()) return torch::Tensor();
   torch::Tensor b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.numel() == outputs, "int8_gemm: one bias per output");
+  TORCH_CHECK(b.numel() == outputs, op, ": one bias per output");
   return b;
 }
 
@@ -200,7 +200,7 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
               "int8_gemm: [groups, padded outputs] float32 weight scales");
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemm: one input scale, or one per row");
-  const torch::Tensor b = float_bias(bias, outputs);
+  const torch::Tensor b = float_bias(bias, outputs, "int8_gemm");
   const std::vector<int16_t> wide = widened_codes(codes);
   torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
   const int8_t* w = packed.data_ptr<int8_t>();
@@ -292,7 +292,7 @@ torch::Tensor weight_only_gemm(const torch::Tensor& rows_in, const torch::Tensor
   const int64_t groups = inner / span;
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == groups * padded,
               "weight_only_gemm: [groups, padded outputs] float32 weight scales");
-  const torch::Tensor b = float_bias(bias, outputs);
+  const torch::Tensor b = float_bias(bias, outputs, "weight_only_gemm");
   torch::Tensor y = torch::empty({count, outputs}, rows.options());
   const float* x = rows.data_ptr<float>();
   const int8_t* w = packed.data_ptr<int8_t>();
