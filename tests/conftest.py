@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmquant.data import pydoc_text
+from llmquant.nn import int8_gemv, int8_linear
 from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
 from llmquant.testing.tiny_models import (  # noqa: F401  (the tests import these from here)
     FAMILIES,
@@ -70,3 +71,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text(pydoc_text()[:40000])
     return path
+
+
+# Why the AVX2 op of `llmquant.nn.int8_gemv` cannot run here even on a CPU without VNNI or AMX (no AVX2, no compiler)
+AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_has_avx2() else int8_gemv._tool_refusal()
+
+
+def feign_no_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without VNNI or AMX int8 instructions (AVX2 only) as far as the int8 runtime asks: no oneDNN int8
+    product, no ``torch._int_mm``, no VNNI decode op (where the AVX2 op can run, it runs)."""
+    for module in (int8_linear, int8_gemv):
+        monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
+    monkeypatch.setattr(int8_gemv, "_cpu_has_vnni", lambda: False)

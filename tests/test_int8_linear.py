@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llmquant
-from conftest import logits, make_model, relative_error
+from conftest import AVX2_OP_REFUSAL, feign_no_int8_instructions, logits, make_model, relative_error
 from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.kv_storage import cache_argument, returned_cache
@@ -87,14 +87,6 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
     assert kernel._compile_off is not None and torch.equal(layer(x), integer)  # (not tried again)
 
 
-def _without_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU without VNNI or AMX int8 instructions (AVX2 only) as far as the int8 runtime asks: no oneDNN int8
-    product, no ``torch._int_mm``, no VNNI decode op."""
-    for module in (kernel, int8_gemv):
-        monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
-    monkeypatch.setattr(int8_gemv, "_cpu_has_vnni", lambda: False)
-
-
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
 @pytest.mark.parametrize("rows", [1, 3, 300])
@@ -102,7 +94,7 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
         scheme: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """An AVX2-only CPU: ``torch._int_mm`` is many times slower than float32 there and oneDNN's int8 product
     saturates, so the codes multiply as float32 (the weight's codes kept as float32, made once); same bits."""
-    _without_int8_instructions(monkeypatch)
+    feign_no_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the AVX2 op off: `test_without_vnni_or_amx_the_avx2_op_...`)
     monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm called"))
     assert kernel.onednn_refusal(torch.device("cpu")) == "the CPU has no VNNI or AMX int8 instructions"
@@ -121,15 +113,13 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
     assert kernel.int_mm_refusal(torch.device("cpu")) is None
 
 
-_AVX2_REFUSAL = ("the CPU has no AVX2 instructions" if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-                 else int8_gemv._tool_refusal())
-needs_avx2 = pytest.mark.skipif(_AVX2_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {_AVX2_REFUSAL}")
+needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
 
 
 def _avx2(monkeypatch: pytest.MonkeyPatch) -> object:
     """The AVX2 op of `llmquant.nn.int8_gemv`, where it runs (on a CPU with VNNI or AMX too, their absence feigned
     for the rest of the test)."""
-    _without_int8_instructions(monkeypatch)
+    feign_no_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
     op = int8_gemv.avx2_kernel(torch.empty(0))
     assert op is not None, int8_gemv.avx2_gemv_refusal(torch.device("cpu"))  # (tools present: it must build)
@@ -261,7 +251,7 @@ def test_the_avx2_op_refuses_where_it_does_not_belong(monkeypatch: pytest.Monkey
     assert int8_gemv.avx2_gemv_refusal(cpu) == "off (LLMQUANT_GEMV=0)"
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
     monkeypatch.setattr(int8_gemv, "cpu_has_int8_instructions", lambda: False)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    monkeypatch.setattr(int8_gemv, "cpu_has_avx2", lambda: False)
     assert int8_gemv.avx2_gemv_refusal(cpu) == "the CPU has no AVX2 instructions"
 
 
@@ -455,7 +445,7 @@ def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str,
                                                                       calib_ids: torch.Tensor,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     if gemv == "avx2":
-        _without_int8_instructions(monkeypatch)
+        feign_no_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "0" if gemv == "0" else "1")
     recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "activation_clip": clip}
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
@@ -502,12 +492,12 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
     assert "decode steps use torch._int_mm" in caplog.text
 
 
-@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="no AVX2 here")
+@pytest.mark.skipif(not int8_gemv.cpu_has_avx2(), reason="no AVX2 here")
 def test_where_the_avx2_op_cannot_be_built_the_codes_multiply_as_float32(monkeypatch: pytest.MonkeyPatch,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """No compiler, or a failed build (logged once, kept as the reason): the float32 product of the codes, the
     simulation's bits."""
-    _without_int8_instructions(monkeypatch)
+    feign_no_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
     monkeypatch.setattr(int8_gemv, "_avx2_kernel", None)
     monkeypatch.setattr(int8_gemv, "_avx2_build_error", None)

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 import llmquant
-from conftest import VOCAB, make_model
-from llmquant.nn import int8_gemv, int8_linear
+from conftest import AVX2_OP_REFUSAL, VOCAB, feign_no_int8_instructions, make_model
+from llmquant.nn import int8_gemv
 from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.nn.kv_storage import (
@@ -297,14 +297,11 @@ def test_the_workspace_is_reused_across_layers_and_grows() -> None:
                                                           .bfloat16())
 
 
-_AVX2_CANNOT = (torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")
-                or int8_gemv._tool_refusal() is not None)
-
-
 @pytest.mark.parametrize("op", [
     pytest.param("vnni", marks=pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None,
                                                   reason="the decode op does not run here")),
-    pytest.param("avx2", marks=pytest.mark.skipif(_AVX2_CANNOT, reason="the AVX2 op cannot run here"))])
+    pytest.param("avx2", marks=pytest.mark.skipif(AVX2_OP_REFUSAL is not None,
+                                                  reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}"))])
 def test_the_decode_ops_kv_codes_and_values_are_torchs(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-token and static per-tensor codes of a decode step's keys and values (some clamped) and the
     dequantization of views of a larger store: the decode op (or the AVX2 op's per-token codes, VNNI and AMX
@@ -312,10 +309,8 @@ def test_the_decode_ops_kv_codes_and_values_are_torchs(op: str, monkeypatch: pyt
     from llmquant.nn.kv_storage import dequantize_states, quantize_states
     from llmquant.quant.scheme import scheme_from_name
 
-    if op == "avx2":  # (no VNNI or AMX: no VNNI op either)
-        for module in (int8_gemv, int8_linear):
-            monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
-        monkeypatch.setattr(int8_gemv, "_cpu_has_vnni", lambda: False)
+    if op == "avx2":
+        feign_no_int8_instructions(monkeypatch)
         assert int8_gemv.avx2_kernel(torch.empty(0)) is not None
 
     spec, static_spec = scheme_from_name(TOKEN).kv_cache, scheme_from_name(STATIC).kv_cache

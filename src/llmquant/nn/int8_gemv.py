@@ -137,11 +137,17 @@ def avx2_gemv_refusal(device: torch.device) -> str | None:
         return "not on the CPU"
     if cpu_has_int8_instructions():
         return "the CPU has VNNI or AMX int8 instructions (torch's int8 products and the VNNI op run there)"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    if not cpu_has_avx2():
         return "the CPU has no AVX2 instructions"
     if _avx2_kernel is not None:
         return None
     return _avx2_build_error if _avx2_build_error is not None else _tool_refusal()
+
+
+@functools.cache
+def cpu_has_avx2() -> bool:
+    """Whether torch runs this CPU's kernels with AVX2 or AVX512 (the AVX2 op's instructions, FMA included)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 @functools.cache
