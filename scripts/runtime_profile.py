@@ -9,6 +9,7 @@
     .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # W8A8 prefill: the op's scaling
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
+    .venv/bin/python scripts/runtime_profile.py kvlayer             # one INT8 KV cache layer's decode step (any op)
     .venv/bin/python scripts/runtime_profile.py prefetch --model DIR  # the op's prefetch of weight rows, on / off
     .venv/bin/python scripts/runtime_profile.py rows                # the op's row rules: DecodeRows, W4A8, W8A16
     .venv/bin/python scripts/runtime_profile.py avx2                # the AVX2 op against float32, by rows
@@ -51,7 +52,7 @@ from collections.abc import Callable
 import torch
 
 import llmquant
-from llmquant.nn.int8_gemv import gemv_refusal
+from llmquant.nn.int8_gemv import kv_kernel
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
@@ -232,7 +233,7 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
     stored = any(isinstance(layer, Int8CacheLayer) for layer in cache.layers)
     reads = [m.passes_cache_untouched for m in models["int8 KV"].modules() if isinstance(m, KVCacheQuantizer)]
     print(f"decode step at batch {batch} after 512 tokens (median of {steps}; int8 cache layers: {stored}; attention "
-          f"over the codes: {all(reads) and gemv_refusal(torch.device('cpu')) is None}): "
+          f"over the codes: {all(reads) and kv_kernel(torch.empty(0)) is not None}): "
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
           + "; float KV / int8 KV: " + ", ".join(f"{name.removeprefix('int8 KV').strip() or 'codes read'} "
                                                  f"{medians['float KV'] / ms:.3f}"
@@ -404,13 +405,8 @@ def rows_rules() -> None:
 def ops() -> None:
     """The decode op's (`llmquant.nn.int8_gemv`) calls alone against torch's: the scaling of a 512 x 1536 float32
     product (each call on a fresh copy, whose cost is printed too), the input codes of 512 rows (per token and static),
-    a 576 -> 49152 head at one row weight-only int8 against float32, and one INT8 KV cache layer's update and
-    attention (9 query heads) after 512 positions at batch 1 (3 KV heads of 64, per-token codes) against
-    transformers' float layer with sdpa, the four alternating, medians of 15 runs of 64 steps."""
-    from transformers.cache_utils import DynamicLayer
-
+    a 576 -> 49152 head at one row weight-only int8 against float32, and an INT8 KV cache layer (`kv_layer`)."""
     from llmquant.nn import int8_gemv, int8_linear
-    from llmquant.nn.kv_storage import Int8CacheLayer
 
     op = int8_gemv.cpu_kernel(torch.empty(0))
     if op is None:
@@ -440,14 +436,33 @@ def ops() -> None:
     int8_us = median_us(lambda: int8_gemv.weight_only_linear(op, row, head_codes, head_scale, None), 20)
     print(f"a head of 576 -> 49152 at one row: float32 F.linear {float_us:.0f} us, weight-only int8 on the op "
           f"{int8_us:.0f} us")
+    kv_layer()
+
+
+def kv_layer() -> None:
+    """One INT8 KV cache layer's update and attention (9 query heads) after 512 positions at batch 1 (3 KV heads of
+    64, per-token codes) against transformers' float layer with sdpa: with the op that serves the cache here
+    (`llmquant.nn.int8_gemv.kv_kernel`: the VNNI op, or the AVX2 op) and without it (torch), the op's attention over
+    the codes with its codes written in place (`Int8CacheLayer._store_in_place`) and appended as without the op; the
+    five alternating, medians of 15 runs of 64 steps."""
+    from transformers.cache_utils import DynamicLayer
+
+    from llmquant.nn import int8_gemv
+    from llmquant.nn.kv_storage import Int8CacheLayer
+
+    if int8_gemv.kv_kernel(torch.empty(0)) is None:
+        raise SystemExit("no op serves the INT8 KV cache here (neither the VNNI op nor the AVX2 op runs)")
     spec = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic", kv_cache="int8_per_token").kv_cache
     prompt = (torch.randn(1, 3, 512, 64), torch.randn(1, 3, 512, 64))
     steps = [(torch.randn(1, 9, 1, 64), torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)) for _ in range(64)]
 
-    def int8_layer(reads_codes: bool) -> Int8CacheLayer:
+    def int8_layer(reads_codes: bool, in_place: bool = True) -> Int8CacheLayer:
         quantizer = KVCacheQuantizer(spec)
         quantizer.runtime, quantizer.passes_cache_untouched = "int8", reads_codes
-        return Int8CacheLayer(quantizer)
+        layer = Int8CacheLayer(quantizer)
+        if not in_place:
+            layer._store_in_place = lambda *states: False
+        return layer
 
     def sdpa(layer: DynamicLayer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
@@ -457,7 +472,8 @@ def ops() -> None:
 
     layers = {"float layer": (DynamicLayer, "1", sdpa), "int8 layer, the op": (lambda: int8_layer(False), "1", sdpa),
               "int8 layer, torch": (lambda: int8_layer(False), "0", sdpa),
-              "int8 layer, the op's attention over the codes": (lambda: int8_layer(True), "1", codes_read)}
+              "int8 layer, the op's attention over the codes": (lambda: int8_layer(True), "1", codes_read),
+              "the same, codes appended": (lambda: int8_layer(True, in_place=False), "1", codes_read)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
     for _ in range(15):
         for name, (make, flag, attention) in layers.items():
@@ -589,7 +605,7 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill", "ops", "prefetch", "rows", "avx2"])
+                                         "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -608,6 +624,8 @@ def main() -> None:
         dequant()
     elif args.what == "ops":
         ops()
+    elif args.what == "kvlayer":
+        kv_layer()
     elif args.what == "fp8":
         fp8(args.device)
     elif args.what == "kernels":

@@ -4,6 +4,7 @@ logits (tiny random Llama, 2 layers, hidden 64, 2 KV heads of head_dim 16)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from llmquant.nn.kv_storage import (
     set_kv_cache_runtime,
 )
 from llmquant.nn.quant_linear import set_runtime
+from llmquant.quant.primitives import MIN_SCALE
 
 TOKEN = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
 STATIC = "w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static"
@@ -251,7 +253,7 @@ def test_stores_grow_in_place_and_give_the_simulations_tokens(scheme: str, decod
     assert set(layer._stores) == ({"codes", "scales"} if scheme == TOKEN else
                                   {"keys", "values", "key_scales", "value_scales"})
     assert torch.equal(stored.sequences, simulated.sequences)
-    if decode_op == "1" and gemv_refusal(torch.device("cpu")) is None:
+    if decode_op == "1" and int8_gemv.kv_kernel(torch.empty(0)) is not None:
         torch.testing.assert_close(step_logits(stored), step_logits(simulated), rtol=0, atol=1e-5)
     else:
         assert torch.equal(step_logits(stored), step_logits(simulated))
@@ -297,11 +299,28 @@ def test_the_workspace_is_reused_across_layers_and_grows() -> None:
                                                           .bfloat16())
 
 
-@pytest.mark.parametrize("op", [
-    pytest.param("vnni", marks=pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None,
-                                                  reason="the decode op does not run here")),
-    pytest.param("avx2", marks=pytest.mark.skipif(AVX2_OP_REFUSAL is not None,
-                                                  reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}"))])
+VNNI_OP = pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None, reason="the decode op does not run here")
+OPS = [pytest.param("vnni", marks=VNNI_OP),
+       pytest.param("avx2", marks=pytest.mark.skipif(AVX2_OP_REFUSAL is not None,
+                                                     reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}"))]
+
+
+@pytest.fixture(params=OPS)
+def kv_op(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The op that serves the INT8 cache's decode steps (`llmquant.nn.int8_gemv.kv_kernel`): the VNNI op, or the AVX2
+    op with VNNI and AMX feigned absent."""
+    if request.param == "avx2":
+        feign_no_int8_instructions(monkeypatch)
+    kernel = int8_gemv.kv_kernel(torch.empty(0))
+    assert kernel is not None and kernel is (int8_gemv.gemv_kernel() if request.param == "vnni"
+                                             else int8_gemv.avx2_kernel(torch.empty(0)))
+    return kernel
+
+
+ATTENDS = pytest.mark.usefixtures("kv_op")  # each case once per op that runs here (the op attends over the codes)
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_the_decode_ops_kv_codes_and_values_are_torchs(op: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-token and static per-tensor codes of a decode step's keys and values (some clamped) and the
     dequantization of views of a larger store: the decode op (or the AVX2 op's per-token codes, VNNI and AMX
@@ -331,7 +350,66 @@ def test_the_decode_ops_kv_codes_and_values_are_torchs(op: str, monkeypatch: pyt
     assert torch.equal(found["1"][2], codes.float() * values)
 
 
-ATTENDS = pytest.mark.skipif(gemv_refusal(torch.device("cpu")) is not None, reason="the decode op does not run here")
+def test_the_ops_write_a_steps_per_token_codes_into_the_stores_with_torchs_bits(
+        kv_op: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`store_token_codes` writes the per-token codes and scales of keys and values (transposed views, as attention
+    modules give them; a row of zeros, a row with a NaN, large values) at their positions of the cache's stores with
+    `quantize_states`' bits (torch's: LLMQUANT_GEMV=0), and nothing elsewhere."""
+    from llmquant.nn.int8_gemv import store_token_codes
+    from llmquant.nn.kv_storage import quantize_states
+    from llmquant.quant.scheme import scheme_from_name
+
+    spec = scheme_from_name(TOKEN).kv_cache
+    assert spec is not None
+    generator = torch.Generator().manual_seed(3)
+    keys, values = (torch.randn(2, 2, 3, 64, generator=generator).transpose(1, 2) * 50 for _ in range(2))  # [2,3,2,64]
+    keys[0, 1, 0] = 0.0
+    values[1, 2, 1, 7] = float("nan")
+    codes = torch.full((2, 2, 3, 40, 64), 7, dtype=torch.int8)
+    scales = torch.full((2, 2, 3, 40, 1), -1.0)
+    store_token_codes(kv_op, [keys, values], codes, scales, 33, int(spec.qmax), int(spec.qmin), spec.clip_ratio)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    expected_codes, expected_scales = quantize_states(torch.stack((keys, values)), spec, None)
+    assert torch.equal(codes[..., 33:35, :], expected_codes)
+    torch.testing.assert_close(scales[..., 33:35, :], expected_scales, rtol=0, atol=0, equal_nan=True)
+    assert scales[1, 1, 2, 34, 0].isnan() and scales[0, 0, 1, 33, 0] == MIN_SCALE
+    assert (codes[..., :33, :] == 7).all() and (codes[..., 35:, :] == 7).all()
+    assert (scales[..., :33, :] == -1).all() and (scales[..., 35:, :] == -1).all()
+
+
+def test_the_ops_store_refuses_stores_that_do_not_fit(kv_op: ModuleType) -> None:
+    from llmquant.nn.int8_gemv import store_token_codes
+
+    states = [torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)]
+    codes, scales = torch.zeros(2, 1, 2, 8, 16, dtype=torch.int8), torch.zeros(2, 1, 2, 8, 1)
+    with pytest.raises(RuntimeError, match=r"store_token_codes: stores \[p, b, h, capacity >= length \+ n"):
+        store_token_codes(kv_op, states, codes, scales, 8, 127, -128)
+    with pytest.raises(RuntimeError, match="store_token_codes: int8 codes"):
+        store_token_codes(kv_op, states, codes.float(), scales, 0, 127, -128)
+    with pytest.raises(RuntimeError, match="store_token_codes: float32 states"):
+        store_token_codes(kv_op, [states[0], states[1][..., :8]], codes, scales, 0, 127, -128)
+
+
+def test_decode_steps_store_codes_in_place_where_the_op_runs(kv_op: ModuleType, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """A per-token cache layer's decode steps write their codes straight into the stores (counted) while they have
+    room, and append (growing the stores) when full: the same codes and scales as the layer without the op."""
+    from llmquant.nn import kv_storage
+
+    monkeypatch.setattr(kv_storage, "GROWTH", 3)
+    calls: list[int] = []
+    original = kv_storage.store_token_codes
+    monkeypatch.setattr(kv_storage, "store_token_codes", lambda *args: (calls.append(1), original(*args)))
+    layers = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("LLMQUANT_GEMV", flag)
+        layer, key, value = decode_ready_layer(True)
+        for step in range(8):
+            layer.update(key * (step + 1), value - step)
+        layers[flag] = layer
+    assert len(calls) == 6  # (8 steps; the two that found the store full grew it)
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        assert torch.equal(getattr(layers["1"], name), getattr(layers["0"], name))
 
 
 def attention_reference(query, keys, values, key_scales, value_scales, mask, scaling) -> torch.Tensor:
@@ -346,7 +424,6 @@ def attention_reference(query, keys, values, key_scales, value_scales, mask, sca
     return (scores.softmax(-1) @ v).transpose(1, 2)
 
 
-@ATTENDS
 @pytest.mark.parametrize(("batch", "heads", "kv_heads", "positions", "dk", "dv", "mask", "per_head_scales"), [
     (1, 9, 3, 513, 64, 64, None, True),  # the default model's shapes; a tail of 1 position
     (2, 8, 2, 37, 80, 48, "bool", True),  # keys and values of other widths (a multiple of 16 and not)
@@ -355,10 +432,10 @@ def attention_reference(query, keys, values, key_scales, value_scales, mask, sca
     (2, 12, 1, 19, 128, 128, "bool", True),  # twelve query heads on one KV head (two blocks of 8)
 ])
 def test_decode_attention_over_int8_codes_is_float_attention_within_float32_roundings(
-        batch, heads, kv_heads, positions, dk, dv, mask, per_head_scales) -> None:
+        batch, heads, kv_heads, positions, dk, dv, mask, per_head_scales, kv_op: ModuleType) -> None:
     """`decode_attention` reads views of larger stores (the cache's layout) and agrees with float64 attention over
     the dequantized codes as closely as torch's sdpa in float32 does (both about 1e-7 of the output's size)."""
-    from llmquant.nn.int8_gemv import decode_attention, gemv_kernel
+    from llmquant.nn.int8_gemv import decode_attention
 
     generator = torch.Generator().manual_seed(positions)
     query = torch.randn(batch, heads, 1, dk, generator=generator)
@@ -374,7 +451,7 @@ def test_decode_attention_over_int8_codes_is_float_attention_within_float32_roun
         allowed[..., 0] = True
         masks = allowed if mask == "bool" else torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     scaling = dk ** -0.5
-    out = decode_attention(gemv_kernel(), query, keys, values, key_scales, value_scales, masks, scaling)
+    out = decode_attention(kv_op, query, keys, values, key_scales, value_scales, masks, scaling)
     reference = attention_reference(query, keys, values, key_scales, value_scales, masks, scaling)
     assert out.shape == (batch, 1, heads, dv) and out.dtype == torch.float32
     group = heads // kv_heads
@@ -507,11 +584,10 @@ def test_families_attend_over_the_codes_where_their_attention_hands_the_cache_ov
     torch.testing.assert_close(step_logits(read), step_logits(exact), rtol=0, atol=1e-5)
 
 
-@ATTENDS
-def test_decode_attention_reads_every_finite_e4m3_code_exactly() -> None:
+def test_decode_attention_reads_every_finite_e4m3_code_exactly(kv_op: ModuleType) -> None:
     """An FP8 (E4M3) cache's codes are read by the op as their exact values: one position of value codes, weight 1,
     gives each of the 254 finite codes (subnormals, zeros of both signs, +-448) as torch converts it."""
-    from llmquant.nn.int8_gemv import decode_attention, gemv_kernel
+    from llmquant.nn.int8_gemv import decode_attention
 
     codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
     exact = codes.float()
@@ -519,11 +595,11 @@ def test_decode_attention_reads_every_finite_e4m3_code_exactly() -> None:
     values = codes[finite].reshape(1, 1, 1, -1)
     keys = torch.zeros(1, 1, 1, 16, dtype=torch.float8_e4m3fn)
     unit = torch.ones(1, 1, 1, 1)
-    out = decode_attention(gemv_kernel(), torch.zeros(1, 1, 1, 16), keys, values, unit, unit, None, 1.0)
+    out = decode_attention(kv_op, torch.zeros(1, 1, 1, 16), keys, values, unit, unit, None, 1.0)
     assert torch.equal(out.flatten(), exact[finite])
 
 
-@ATTENDS
+@VNNI_OP
 def test_the_ops_static_fp8_codes_are_torchs() -> None:
     """A static FP8 KV cache's codes made by the op are `quantize`'s bits: clamp(x / s, -448, 448) converted as torch
     converts to float8_e4m3fn, at every midpoint between neighbouring E4M3 values (ties to even), in the subnormal

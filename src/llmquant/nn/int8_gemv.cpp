@@ -24,6 +24,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "int8_ops_common.h"
+
+using llmquant::float_bias;
+using llmquant::HeadInputs;
+
 namespace {
 
 // The first `count` of 16 lanes.
@@ -37,14 +42,6 @@ bool prefetching = true;  // set_prefetch: off only to measure what it gains (sc
 
 inline void prefetch_next_block(const int8_t* at, int64_t stride) {
   if (prefetching) _mm_prefetch(reinterpret_cast<const char*>(at + 8 * stride), _MM_HINT_T0);
-}
-
-// The bias as float32 (undefined without one), checked to hold one value per output; `op` names the caller.
-torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_t outputs, const char* op) {
-  if (!bias.has_value()) return torch::Tensor();
-  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.numel() == outputs, op, ": one bias per output");
-  return b;
 }
 
 // u = c + 128 (the sign bit flipped) of `count` int8 codes: the unsigned operand of VPDPBUSD.
@@ -157,23 +154,18 @@ void row_codes(const float* row, int64_t inner, float qmin, float qmax, float cl
 
 }  // namespace
 
-std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale, double qmin,
+// Per-token int8 codes of float rows [..., in] and their scales [rows, 1] (int8_ops_common.h), by row_codes.
+std::vector<torch::Tensor> token_codes(const torch::Tensor& rows, double qmax, double min_scale, double qmin,
                                        double clip) {
-  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
-  const torch::Tensor rows = rows_in.contiguous();
-  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
-  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
-  torch::Tensor scale = torch::empty({count, 1}, rows.options());
-  const float* x = rows.data_ptr<float>();
-  int8_t* c = codes.data_ptr<int8_t>();
-  float* s = scale.data_ptr<float>();
-  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      row_codes(x + m * inner, inner, static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(clip),
-                static_cast<float>(min_scale), c + m * inner, s + m);
-    }
-  });
-  return {codes, scale};
+  return llmquant::token_codes_by(row_codes, rows, qmax, min_scale, qmin, clip);
+}
+
+// token_codes' codes and scales of a decode step's keys and values written into an INT8 KV cache's stores
+// (int8_ops_common.h).
+void store_token_codes(const std::vector<torch::Tensor>& states, const torch::Tensor& codes,
+                       const torch::Tensor& scales, int64_t length, double qmax, double min_scale, double qmin,
+                       double clip) {
+  llmquant::store_token_codes_by(row_codes, states, codes, scales, length, qmax, min_scale, qmin, clip);
 }
 
 // Per-tensor dynamic codes of float rows [..., in] (their one scale [1, 1]), as llmquant.nn.int8_linear.input_codes
@@ -591,18 +583,6 @@ void weighted_values_of(int64_t heads, const int8_t* values, int64_t dv, int64_t
   }
 }
 
-// One (batch, KV head) of int8_decode_attention: its `group` query heads [group, dk] -> out [group, dv].
-struct HeadInputs {
-  const float* queries;
-  const int8_t* keys;
-  const int8_t* values;
-  const float* key_scales;
-  const float* value_scales;
-  const float* additive_mask;  // [group or 1, positions] rows `mask_stride` apart, or null
-  const bool* allowed;         // the same for a bool mask (true: attend), or null
-  int64_t mask_stride;
-};
-
 template <bool kFloat8>
 void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scaling,
                      float* out) {
@@ -655,70 +635,22 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 }  // namespace
 
 // Attention of one query position over an INT8 (or FP8 E4M3) KV cache, read as codes (never dequantized in memory):
-//   score[t] = (q . k_q[t]) * (scaling * s_k[t]) + mask[t],   out = sum_t softmax(score)[t] * s_v[t] * v_q[t]
-// for query [b, H, dk] float32, keys [b, h, s, dk] and values [b, h, s, dv] int8 or float8_e4m3fn (rows contiguous,
-// the heads and batches at any strides: views of the cache's stores), key_scales / value_scales [b, 1 or h, s, 1]
-// float32 (one per position), mask None or [b, 1 or H, s] float32 (added) or bool (true: attend). Query head i reads KV head
-// i / (H / h) (grouped-query attention, as transformers' repeat_kv). float32 throughout, exp by exp16: not the bits
-// of sdpa over the dequantized cache (a rounding order of its own), within a few float32 roundings of it.
-torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::Tensor& keys, const torch::Tensor& values,
+// llmquant::decode_attention_over_codes (int8_ops_common.h) with attend_one_head, 16 lanes at a time. float32
+// throughout, exp by exp16: not the bits of sdpa over the dequantized cache (a rounding order of its own), within a
+// few float32 roundings of it.
+torch::Tensor int8_decode_attention(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
                                     const torch::Tensor& key_scales, const torch::Tensor& value_scales,
-                                    const std::optional<torch::Tensor>& mask_in, double scaling) {
-  TORCH_CHECK(query_in.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && key_scales.dim() == 4 &&
-              value_scales.dim() == 4, "int8_decode_attention: query [b, H, dk], keys and values [b, h, s, d]");
-  const bool float8 = keys.scalar_type() == torch::kFloat8_e4m3fn;
-  TORCH_CHECK(query_in.scalar_type() == torch::kFloat32 && (float8 || keys.scalar_type() == torch::kInt8) &&
-              values.scalar_type() == keys.scalar_type() && key_scales.scalar_type() == torch::kFloat32 &&
-              value_scales.scalar_type() == torch::kFloat32,
-              "int8_decode_attention: a float32 query, int8 or float8 (E4M3) codes, float32 scales");
-  const torch::Tensor query = query_in.contiguous();
-  const int64_t batch = query.size(0), heads = query.size(1), dk = query.size(2);
-  const int64_t kv_heads = keys.size(1), positions = keys.size(2), dv = values.size(3);
-  TORCH_CHECK(keys.size(0) == batch && keys.size(3) == dk && values.size(0) == batch && values.size(1) == kv_heads &&
-              values.size(2) == positions && heads % kv_heads == 0, "int8_decode_attention: matching shapes");
-  TORCH_CHECK(keys.stride(3) == 1 && keys.stride(2) == dk && values.stride(3) == 1 && values.stride(2) == dv,
-              "int8_decode_attention: contiguous rows of codes");
-  for (const torch::Tensor* scales : {&key_scales, &value_scales}) {
-    TORCH_CHECK(scales->size(0) == batch && (scales->size(1) == 1 || scales->size(1) == kv_heads) &&
-                scales->size(2) == positions && scales->size(3) == 1 && scales->stride(2) == 1,
-                "int8_decode_attention: scales [b, 1 or h, s, 1], one per position");
-  }
-  torch::Tensor mask;
-  if (mask_in.has_value()) {
-    mask = mask_in->contiguous();
-    TORCH_CHECK(mask.dim() == 3 && mask.size(0) == batch && (mask.size(1) == 1 || mask.size(1) == heads) &&
-                mask.size(2) == positions &&
-                (mask.scalar_type() == torch::kFloat32 || mask.scalar_type() == torch::kBool),
-                "int8_decode_attention: mask [b, 1 or H, s], float32 or bool");
-  }
-  torch::Tensor out = torch::empty({batch, heads, dv}, query.options());
-  const int64_t group = heads / kv_heads;
-  const int64_t key_head_scale = key_scales.size(1) > 1 ? key_scales.stride(1) : 0;
-  const int64_t value_head_scale = value_scales.size(1) > 1 ? value_scales.stride(1) : 0;
-  const int64_t mask_head = mask.defined() && mask.size(1) > 1 ? positions : 0;
-  const bool boolean = mask.defined() && mask.scalar_type() == torch::kBool;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t item = first; item < last; ++item) {
-      const int64_t bi = item / kv_heads, g = item % kv_heads;
-      const int64_t mask_row = mask.defined() ? bi * mask.size(1) * positions + g * group * mask_head : 0;
-      const HeadInputs inputs{
-          query.data_ptr<float>() + (bi * heads + g * group) * dk,
-          static_cast<const int8_t*>(keys.data_ptr()) + bi * keys.stride(0) + g * keys.stride(1),
-          static_cast<const int8_t*>(values.data_ptr()) + bi * values.stride(0) + g * values.stride(1),
-          key_scales.data_ptr<float>() + bi * key_scales.stride(0) + g * key_head_scale,
-          value_scales.data_ptr<float>() + bi * value_scales.stride(0) + g * value_head_scale,
-          mask.defined() && !boolean ? mask.data_ptr<float>() + mask_row : nullptr,
-          boolean ? mask.data_ptr<bool>() + mask_row : nullptr,
-          mask_head};
-      float* head_out = out.data_ptr<float>() + (bi * heads + g * group) * dv;
-      if (float8) {
-        attend_one_head<true>(inputs, group, positions, dk, dv, static_cast<float>(scaling), head_out);
-      } else {
-        attend_one_head<false>(inputs, group, positions, dk, dv, static_cast<float>(scaling), head_out);
-      }
-    }
-  });
-  return out;
+                                    const std::optional<torch::Tensor>& mask, double scaling) {
+  return llmquant::decode_attention_over_codes(
+      query, keys, values, key_scales, value_scales, mask, scaling,
+      [](const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scale, float* out,
+         bool float8) {
+        if (float8) {
+          attend_one_head<true>(in, group, positions, dk, dv, scale, out);
+        } else {
+          attend_one_head<false>(in, group, positions, dk, dv, scale, out);
+        }
+      });
 }
 
 namespace {
@@ -833,6 +765,7 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");

@@ -200,6 +200,13 @@ def cpu_kernel(tensor: torch.Tensor) -> ModuleType | None:
     return gemv_kernel() if gemv_refusal(tensor.device) is None else None
 
 
+def kv_kernel(tensor: torch.Tensor) -> ModuleType | None:
+    """The op that serves an INT8 KV cache's decode steps (`store_token_codes`, `decode_attention`) for ``tensor``'s
+    device: the VNNI op, else the AVX2 op, else None."""
+    kernel = cpu_kernel(tensor)
+    return kernel if kernel is not None else avx2_kernel(tensor)
+
+
 def _call(kernel: ModuleType, name: str, *args: object) -> Any:
     """``kernel.<name>(*args)``; under torch.profiler inside a ``llmquant::<name>`` range, so that its profile shows
     the op's calls (which, bound by pybind11 rather than registered with torch, it does not see otherwise)."""
@@ -248,6 +255,15 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, cl
     absmax, the codes clamped to [qmin, qmax]), in one call."""
     codes, scale = _call(kernel, "token_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
     return codes, scale
+
+
+def store_token_codes(kernel: ModuleType, states: list[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
+                      length: int, qmax: int, qmin: int, clip_ratio: float = 1.0) -> None:
+    """Write the per-token codes of float32 ``states`` (p tensors ``[b, h, n, d]``: a decode step's keys and values)
+    and their scales into an INT8 KV cache's stores ``codes`` ``[p, b, h, capacity, d]`` int8 and ``scales`` ``[p, b,
+    h, capacity, 1]`` at the positions ``[length, length + n)``: `token_codes`' bits, without a new tensor."""
+    _call(kernel, "store_token_codes", states, codes, scales, length, float(qmax), MIN_SCALE, float(qmin),
+          float(clip_ratio))
 
 
 def tensor_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, clip_ratio: float = 1.0

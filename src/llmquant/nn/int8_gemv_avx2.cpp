@@ -3,7 +3,8 @@
 // y = s_x * s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code,
 // packed in panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes
 // (token_codes) in one call instead of torch's six operations; and weight-only int8 Linears (W8A16: weight_only_gemm,
-// float32 products of the codes converted as they are read). Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
+// float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's attention at a decode
+// step over its codes (int8_decode_attention, as the VNNI op's, 8 lanes at a time). Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
 // CPUs that have them (checked there before building).
 //
 // VPMADDWD multiplies 16 signed 16-bit pairs and adds adjacent products into 8 int32 lanes. The int8 codes of both
@@ -23,6 +24,11 @@
 #include <optional>
 #include <vector>
 
+#include "int8_ops_common.h"
+
+using llmquant::float_bias;
+using llmquant::HeadInputs;
+
 namespace {
 
 // The input codes widened to int16 (VPMADDWD's operand), once per call.
@@ -31,14 +37,6 @@ std::vector<int16_t> widened_codes(const torch::Tensor& codes) {
   std::vector<int16_t> wide(codes.numel());
   for (size_t i = 0; i < wide.size(); ++i) wide[i] = c[i];
   return wide;
-}
-
-// The bias as float32 (undefined without one), checked to hold one value per output; `op` names the caller.
-torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_t outputs, const char* op) {
-  if (!bias.has_value()) return torch::Tensor();
-  torch::Tensor b = bias->to(torch::kFloat32).contiguous();
-  TORCH_CHECK(b.numel() == outputs, op, ": one bias per output");
-  return b;
 }
 
 // codes[i] = clamp(round-half-even(row[i] / scale), low, high) as int8, 8 values a step, the rest one by one (a
@@ -80,42 +78,35 @@ float absolute_max(const float* x, int64_t count) {
   return seen_nan ? NAN : result;
 }
 
+// The per-token codes and scale of one row (int8_ops_common.h's token_codes_by), as the VNNI op's row_codes: the
+// same formula and bits, 8 values at a time. Unclipped, |x / scale| <= qmax already; a NaN row's codes one by one.
+void row_codes(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale, int8_t* codes,
+               float* scale) {
+  const float absmax = absolute_max(row, inner);
+  const float unbounded = (clip == 1.0f ? absmax : absmax * clip) / qmax;
+  const float row_scale = unbounded < min_scale ? min_scale : unbounded;
+  *scale = row_scale;
+  if (std::isnan(absmax)) {
+    for (int64_t i = 0; i < inner; ++i) codes[i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
+    return;
+  }
+  divided_codes(row, inner, row_scale, clip == 1.0f ? -qmax : qmin, qmax, codes);
+}
+
 }  // namespace
 
-// Per-token symmetric int8 codes of float rows [..., in] (their scales [rows, 1]), as
-// llmquant.nn.int8_linear.input_codes makes them (dynamic "token"): int8_gemv.cpp's token_codes (the same formula and
-// bits), 8 values at a time: scale = max((clip < 1 ? absmax * clip : absmax) / qmax, min_scale), code =
-// round-half-even(x / scale), clamped to [qmin, qmax] when clipped (unclipped, |x / scale| <= qmax already). A row
-// with a NaN has a NaN scale, as amax's, and its codes converted one by one.
-std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale, double qmin,
+// Per-token int8 codes of float rows [..., in] and their scales [rows, 1] (int8_ops_common.h), by row_codes.
+std::vector<torch::Tensor> token_codes(const torch::Tensor& rows, double qmax, double min_scale, double qmin,
                                        double clip) {
-  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
-  const torch::Tensor rows = rows_in.contiguous();
-  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
-  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
-  torch::Tensor scale = torch::empty({count, 1}, rows.options());
-  const float* x = rows.data_ptr<float>();
-  int8_t* c = codes.data_ptr<int8_t>();
-  float* s = scale.data_ptr<float>();
-  const float limit = static_cast<float>(qmax), ratio = static_cast<float>(clip);
-  const float low = clip == 1.0 ? -limit : static_cast<float>(qmin);
-  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      const float* row = x + m * inner;
-      const float absmax = absolute_max(row, inner);
-      const float unbounded = (ratio == 1.0f ? absmax : absmax * ratio) / limit;
-      const float row_scale = unbounded < static_cast<float>(min_scale) ? static_cast<float>(min_scale) : unbounded;
-      s[m] = row_scale;
-      if (std::isnan(absmax)) {
-        for (int64_t i = 0; i < inner; ++i) {
-          c[m * inner + i] = static_cast<int8_t>(std::nearbyint(row[i] / row_scale));
-        }
-      } else {
-        divided_codes(row, inner, row_scale, low, limit, c + m * inner);
-      }
-    }
-  });
-  return {codes, scale};
+  return llmquant::token_codes_by(row_codes, rows, qmax, min_scale, qmin, clip);
+}
+
+// token_codes' codes and scales of a decode step's keys and values written into an INT8 KV cache's stores
+// (int8_ops_common.h).
+void store_token_codes(const std::vector<torch::Tensor>& states, const torch::Tensor& codes,
+                       const torch::Tensor& scales, int64_t length, double qmax, double min_scale, double qmin,
+                       double clip) {
+  llmquant::store_token_codes_by(row_codes, states, codes, scales, length, qmax, min_scale, qmin, clip);
 }
 
 namespace {
@@ -311,8 +302,203 @@ torch::Tensor weight_only_gemm(const torch::Tensor& rows_in, const torch::Tensor
   return y;
 }
 
+namespace {
+
+// Lanes [0, count) of 8 set (a mask for maskload / maskstore).
+inline __m256i lanes8(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(count, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 bytes of codes (the first `count`, the rest 0), never read past the `count`th.
+inline __m128i code_bytes8(const int8_t* codes, int64_t count) {
+  if (count >= 8) return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes));
+  int64_t bytes = 0;
+  std::memcpy(&bytes, codes, static_cast<size_t>(std::max<int64_t>(count, 0)));
+  return _mm_cvtsi64_si128(bytes);
+}
+
+// exp(x) for 8 floats, as the VNNI op's exp16: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial of
+// degree 7, times 2^n built in the exponent field (a normal float: n >= -126 where x >= -87). Below -87 (and -inf:
+// a masked position; NaN) 0.
+inline __m256 exp8(__m256 x) {
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts, the first exact times n
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  for (const float c : {1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f, 1.0f / 6.0f, 0.5f, 1.0f, 1.0f}) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  }
+  const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+  return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ), result);
+}
+
+// 8 int8 codes (the first `count`, the rest 0) as floats.
+inline __m256 code_floats8(const int8_t* codes, int64_t count) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(code_bytes8(codes, count)));
+}
+
+// 8 float8 E4M3 (fn) codes (the first `count`, the rest 0) as floats, exactly, as the VNNI op's fp8_floats: sign,
+// exponent (bias 7) and 3 mantissa bits moved into float32's fields (exponent + 120), subnormals (exponent 0) as
+// m * 2^-9, NaN (all ones).
+inline __m256 fp8_floats8(const int8_t* codes, int64_t count) {
+  const __m256i u = _mm256_cvtepu8_epi32(code_bytes8(codes, count));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24);
+  const __m256i exponent = _mm256_and_si256(_mm256_srli_epi32(u, 3), _mm256_set1_epi32(0xF));
+  const __m256i mantissa = _mm256_and_si256(u, _mm256_set1_epi32(0x7));
+  const __m256 normal = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_slli_epi32(_mm256_add_epi32(exponent, _mm256_set1_epi32(120)), 23), _mm256_slli_epi32(mantissa, 20)));
+  const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(mantissa), _mm256_set1_ps(1.0f / 512.0f));
+  const __m256i zero_exponent = _mm256_cmpeq_epi32(exponent, _mm256_setzero_si256());
+  __m256 magnitude = _mm256_blendv_ps(normal, subnormal, _mm256_castsi256_ps(zero_exponent));
+  const __m256i nan = _mm256_cmpeq_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7F)), _mm256_set1_epi32(0x7F));
+  magnitude = _mm256_blendv_ps(magnitude, _mm256_set1_ps(NAN), _mm256_castsi256_ps(nan));
+  return _mm256_or_ps(magnitude, _mm256_castsi256_ps(sign));
+}
+
+// 8 codes of a KV cache as floats: int8, or float8 E4M3.
+template <bool kFloat8>
+inline __m256 cache_floats8(const int8_t* codes, int64_t count) {
+  return kFloat8 ? fp8_floats8(codes, count) : code_floats8(codes, count);
+}
+
+// The 8 dot products of q (`width` floats, a multiple of 8) with the 8 rows of `rows` (8 x width floats): eight
+// accumulators, then their lanes summed together by a tree of horizontal adds.
+__m256 dots8(const float* q, const float* rows, int64_t width) {
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < width; i += 8) {
+    const __m256 x = _mm256_loadu_ps(q + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(x, _mm256_loadu_ps(rows + r * width + i), acc[r]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]), t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]), t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// out[r, i..i+8) = sum_t weights[r, t] * v[t, i..i+8) / sums[r] for R query heads (accumulators in registers; the
+// weights' rows `span` apart).
+template <int R, bool kFloat8>
+void weighted_values(const int8_t* values, int64_t dv, int64_t i, int64_t positions, const float* weights,
+                     int64_t span, const float* sums, float* out) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const int64_t count = dv - i;
+  for (int64_t t = 0; t < positions; ++t) {
+    const __m256 value = cache_floats8<kFloat8>(values + t * dv + i, count);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + r * span + t), value, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_maskstore_ps(out + r * dv + i, lanes8(count), _mm256_div_ps(acc[r], _mm256_set1_ps(sums[r])));
+  }
+}
+
+template <bool kFloat8>
+void weighted_values_of(int64_t heads, const int8_t* values, int64_t dv, int64_t i, int64_t positions,
+                        const float* weights, int64_t span, const float* sums, float* out) {
+  using Block = void (*)(const int8_t*, int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*);
+  static constexpr Block blocks[] = {weighted_values<1, kFloat8>, weighted_values<2, kFloat8>,
+                                     weighted_values<3, kFloat8>, weighted_values<4, kFloat8>,
+                                     weighted_values<5, kFloat8>, weighted_values<6, kFloat8>,
+                                     weighted_values<7, kFloat8>, weighted_values<8, kFloat8>};
+  for (int64_t r = 0; r < heads; r += 8) {
+    blocks[std::min<int64_t>(8, heads - r) - 1](values, dv, i, positions, weights + r * span, span, sums + r,
+                                                 out + r * dv);
+  }
+}
+
+// The sum and the maximum of 8 lanes.
+float lane_sum(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+float lane_max(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// One (batch, KV head) of int8_decode_attention (int8_ops_common.h), as the VNNI op's attend_one_head with 8 lanes:
+// the scores 8 positions at a time (their key rows converted once for every query head of the group), the mask, the
+// softmax's numerators (the maximum subtracted) times the value scales and their sum, then the values 8 columns at a
+// time for every query head at once. The score rows are padded to whole vectors with -inf (weight 0).
+template <bool kFloat8>
+void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scaling,
+                     float* out) {
+  const int64_t width = (dk + 7) / 8 * 8, span = (positions + 7) / 8 * 8;
+  std::vector<float> queries(group * width, 0.0f), block(8 * width, 0.0f), scores(group * span, -INFINITY);
+  std::vector<float> sums(group);
+  for (int64_t r = 0; r < group; ++r) std::copy(in.queries + r * dk, in.queries + (r + 1) * dk, &queries[r * width]);
+  alignas(32) float dots[8];
+  for (int64_t t0 = 0; t0 < positions; t0 += 8) {
+    const int64_t count = std::min<int64_t>(8, positions - t0);
+    for (int64_t p = 0; p < 8; ++p) {
+      for (int64_t i = 0; i < width; i += 8) {
+        const __m256 codes = p < count ? cache_floats8<kFloat8>(in.keys + (t0 + p) * dk + i, dk - i)
+                                       : _mm256_setzero_ps();
+        _mm256_storeu_ps(&block[p * width + i], codes);
+      }
+    }
+    for (int64_t r = 0; r < group; ++r) {
+      _mm256_store_ps(dots, dots8(&queries[r * width], block.data(), width));
+      for (int64_t p = 0; p < count; ++p) scores[r * span + t0 + p] = dots[p] * (scaling * in.key_scales[t0 + p]);
+    }
+  }
+  for (int64_t r = 0; r < group; ++r) {
+    float* score = &scores[r * span];
+    const int64_t row = in.mask_stride * r;
+    if (in.allowed != nullptr) {
+      for (int64_t t = 0; t < positions; ++t) if (!in.allowed[row + t]) score[t] = -INFINITY;
+    } else if (in.additive_mask != nullptr) {
+      for (int64_t t = 0; t < positions; ++t) score[t] += in.additive_mask[row + t];
+    }
+    __m256 highs = _mm256_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < span; t += 8) highs = _mm256_max_ps(highs, _mm256_loadu_ps(score + t));
+    const __m256 high = _mm256_set1_ps(lane_max(highs));
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t t = 0; t < span; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + t), high));
+      total = _mm256_add_ps(total, e);
+      const __m256 value_scales = _mm256_maskload_ps(in.value_scales + t, lanes8(positions - t));
+      _mm256_storeu_ps(score + t, _mm256_mul_ps(e, value_scales));
+    }
+    sums[r] = lane_sum(total);
+  }
+  for (int64_t i = 0; i < dv; i += 8) {
+    weighted_values_of<kFloat8>(group, in.values, dv, i, positions, scores.data(), span, sums.data(), out);
+  }
+}
+
+}  // namespace
+
+// Attention of one query position over an INT8 (or FP8 E4M3) KV cache, read as codes (never dequantized in memory):
+// llmquant::decode_attention_over_codes (int8_ops_common.h) with attend_one_head, 8 lanes at a time. float32
+// throughout, exp by exp8: not the bits of sdpa over the dequantized cache, within a few float32 roundings of it.
+torch::Tensor int8_decode_attention(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
+                                    const torch::Tensor& key_scales, const torch::Tensor& value_scales,
+                                    const std::optional<torch::Tensor>& mask, double scaling) {
+  return llmquant::decode_attention_over_codes(
+      query, keys, values, key_scales, value_scales, mask, scaling,
+      [](const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scale, float* out,
+         bool float8) {
+        if (float8) {
+          attend_one_head<true>(in, group, positions, dk, dv, scale, out);
+        } else {
+          attend_one_head<false>(in, group, positions, dk, dv, scale, out);
+        }
+      });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
+  module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
+  module.def("int8_decode_attention", &int8_decode_attention,
+             "softmax(q k^T * scaling + mask) v for one query position over int8 or FP8 KV codes");
 }

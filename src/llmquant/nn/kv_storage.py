@@ -23,9 +23,14 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
   an int8 cache layer in the same thread, which is after the attention that reads them.
 
 On a CPU with AVX512-VNNI the per-token codes (every step) and the dequantization (one pass) are calls of the
-decode op of `llmquant.nn.int8_gemv`: the same bits.
+decode op of `llmquant.nn.int8_gemv`: the same bits. Where an op runs (the VNNI op, or the AVX2 op on a CPU without
+VNNI or AMX: `kv_kernel`), a decode step's per-token keys and values go straight into the stores while they have
+room (`store_token_codes`: one call instead of a stack, a quantization and two appends; a layer's update at batch 1
+after 512 positions took 55 against 104 us on the AMD EPYC of BENCHMARKS.md, one thread, `scripts/runtime_profile.py
+kvlayer`).
 
-Attention over the codes (the op's `decode_attention`, same CPUs; int8 or FP8 E4M3 codes): at a decode step (one
+Attention over the codes (`decode_attention`: the VNNI op's, or on a CPU with AVX2 but without VNNI or AMX the AVX2
+op's: `kv_kernel`; int8 or FP8 E4M3 codes): at a decode step (one
 new position) the layer does not dequantize the cache; it returns stand-ins of the keys' and values' shapes, and the
 attention wrapper of `llmquant.nn.kv_cache` asks the layer to attend (`attend`: softmax(q k_q^T s_k * scaling +
 mask) (s_v v_q), each row of codes read once, nothing written but the output). That runs only where it is safe: the
@@ -60,13 +65,22 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.int8_gemv import avx2_kernel, cpu_kernel, decode_attention, dequantize_rows, static_fp8_codes
+from llmquant.nn.int8_gemv import (
+    avx2_kernel,
+    cpu_kernel,
+    decode_attention,
+    dequantize_rows,
+    kv_kernel,
+    static_fp8_codes,
+    store_token_codes,
+)
 from llmquant.nn.int8_linear import avx2_codes, input_codes, op_codes
 from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
@@ -196,6 +210,7 @@ class Int8CacheLayer(DynamicLayer):
         self._returned: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last update returned
         self._deferred = False  # whether that was stand-ins (`attend` reads the codes)
         self._paired = False  # whether keys and values share one store (set with the first update)
+        self._op: ModuleType | None = None  # the op serving this step (`llmquant.nn.int8_gemv.kv_kernel`), if any
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -219,12 +234,14 @@ class Int8CacheLayer(DynamicLayer):
             key_states = self.rotation(key_states)
         spec, quantizer = self.quantizer.spec, self.quantizer
         key_states = quantizer.centered(key_states)  # keys minus their calibrated mean, if centred
+        self._op = kv_kernel(key_states)  # (asked once a step, for the codes and the attention)
         if self._paired:
             # keys and values side by side in one store: one quantization, one append of the codes and one of the
             # scales, one dequantization (each position is quantized on its own: stacking changes no code)
-            codes, scales = quantize_states(torch.stack((key_states, value_states)), spec, None)
-            self._append("codes", ("keys", "values"), codes)
-            self._append("scales", ("key_scales", "value_scales"), scales)
+            if not self._store_in_place(key_states, value_states):
+                codes, scales = quantize_states(torch.stack((key_states, value_states)), spec, None)
+                self._append("codes", ("keys", "values"), codes)
+                self._append("scales", ("key_scales", "value_scales"), scales)
         else:
             for codes_name, scales_name, states, static in (("keys", "key_scales", key_states, "k_scale"),
                                                             ("values", "value_scales", value_states, "v_scale")):
@@ -255,7 +272,7 @@ class Int8CacheLayer(DynamicLayer):
         in float32, where the op runs, for an attention seen handing its cache's keys and values over untouched."""
         return (key_states.shape[-2] == 1 and self.quantizer.passes_cache_untouched is True
                 and self.keys.dtype in (torch.int8, torch.float8_e4m3fn) and self.dtype == torch.float32
-                and cpu_kernel(key_states) is not None)
+                and self._op is not None)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, base: str, options: dict) -> torch.Tensor | None:
@@ -274,8 +291,9 @@ class Int8CacheLayer(DynamicLayer):
         if not _sdpa_alike(query, attention_mask, base, options, self.keys.shape[-2]):
             return None
         scaling = options.get("scaling")
-        return decode_attention(cpu_kernel(query), query, self.keys, self.values, self.key_scales, self.value_scales,
-                                attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        return decode_attention(self._op, query, self.keys, self.values, self.key_scales,
+                                self.value_scales, attention_mask,
+                                query.shape[-1] ** -0.5 if scaling is None else scaling)
 
     def readable(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The dequantized keys and values where the last update returned stand-ins, else ``key`` and ``value``."""
@@ -289,14 +307,40 @@ class Int8CacheLayer(DynamicLayer):
         call: a beam reorder, a batch selection; then the store is rebuilt from the attributes.)"""
         filled = [getattr(self, name) for name in names]
         entry = self._stores.get(store_name)
-        current = entry is not None and all(a is b for a, b in zip(filled, entry.views, strict=True))
-        store = appended(entry.tensor if current else None, filled, new)
-        length = filled[0].shape[-2] + new.shape[-2]
+        store = appended(entry.tensor if self._current(entry) else None, filled, new)
+        self._fill(store_name, names, store, filled[0].shape[-2] + new.shape[-2])
+        return store
+
+    def _current(self, entry: _Store | None) -> bool:
+        """Whether the layer's attributes are still the views of ``entry``'s store it made (`_append`)."""
+        return entry is not None and all(getattr(self, name) is view for name, view in zip(entry.names, entry.views,
+                                                                                              strict=True))
+
+    def _fill(self, store_name: str, names: tuple[str, ...], store: torch.Tensor, length: int) -> None:
+        """Record ``store`` under ``store_name``; its planes' first ``length`` positions become the attributes
+        ``names``."""
         views = store.narrow(-2, 0, length).unbind(0)
         self._stores[store_name] = _Store(store, names, views)
         for name, view in zip(names, views, strict=True):
             setattr(self, name, view)
-        return store
+
+    def _store_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Write the per-token codes and scales of new float32 keys and values straight into the paired stores where
+        they have room and the op runs (`llmquant.nn.int8_gemv.store_token_codes`: `quantize_states`' bits, in one
+        call instead of a stack, a quantization and two appends); else False, nothing written."""
+        spec, count = self.quantizer.spec, key_states.shape[-2]
+        codes, scales = self._stores.get("codes"), self._stores.get("scales")
+        if (codes is None or scales is None or spec.type != "int" or spec.code_dtype != torch.int8
+                or key_states.dtype != torch.float32 or value_states.dtype != torch.float32
+                or codes.tensor.shape[-2] < self.keys.shape[-2] + count
+                or not (self._current(codes) and self._current(scales)) or self._op is None):
+            return False
+        length = self.keys.shape[-2]
+        store_token_codes(self._op, [key_states, value_states], codes.tensor, scales.tensor, length, int(spec.qmax),
+                          int(spec.qmin), spec.clip_ratio)
+        self._fill("codes", codes.names, codes.tensor, length + count)
+        self._fill("scales", scales.names, scales.tensor, length + count)
+        return True
 
     # the scales follow the codes through every operation transformers applies to a layer
     def _map(self, function: Callable[[torch.Tensor], torch.Tensor], keeps_views: bool = False) -> None:
