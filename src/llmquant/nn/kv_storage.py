@@ -26,8 +26,8 @@ On a CPU with AVX512-VNNI the per-token codes (every step) and the dequantizatio
 decode op of `llmquant.nn.int8_gemv`: the same bits. Where an op runs (the VNNI op, or the AVX2 op on a CPU without
 VNNI or AMX: `kv_kernel`), a decode step's per-token keys and values go straight into the stores while they have
 room (`store_token_codes`: one call instead of a stack, a quantization and two appends; a layer's update at batch 1
-after 512 positions took 55 against 104 us on the AMD EPYC of BENCHMARKS.md, one thread, `scripts/runtime_profile.py
-kvlayer`).
+after 512 positions took 63 against 120 us on the AMD EPYC (AVX2) of BENCHMARKS.md, one thread,
+`scripts/runtime_profile.py kvlayer`).
 
 Attention over the codes (`decode_attention`: the VNNI op's, or on a CPU with AVX2 but without VNNI or AMX the AVX2
 op's: `kv_kernel`; int8 or FP8 E4M3 codes): at a decode step (one
