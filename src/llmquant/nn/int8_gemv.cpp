@@ -3,8 +3,9 @@
 // groups with a scale each) with AVX512-VNNI's VPDPBUSD, an exact int32 dot product of every input row with every
 // weight row (or group); the same float32 operations, in the same order, as llmquant.nn.int8_linear's torch path, so
 // the same bits; grouped_gemm for W4A8 at any row count, the weight packed in VPDPBUSD's layout. Also the INT8 KV
-// cache's decode step: its per-token codes, its dequantization (dequantize_rows) and
-// the attention of one query position over its int8 codes (int8_decode_attention). Built by llmquant.nn.int8_gemv
+// cache's decode step: its per-token codes (written into the cache's stores: store_token_codes), its dequantization
+// (dequantize_rows) and the attention of one query position over its int8 codes (int8_decode_attention; the frames
+// of these shared with the AVX2 op in int8_ops_common.h). Built by llmquant.nn.int8_gemv
 // with -mavx512f -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The input codes c (int8) are made unsigned, u = c + 128 in [0, 255],
@@ -583,6 +584,10 @@ void weighted_values_of(int64_t heads, const int8_t* values, int64_t dv, int64_t
   }
 }
 
+// One (batch, KV head) of int8_decode_attention (int8_ops_common.h): the scores 8 positions at a time (their key rows
+// converted once for every query head of the group), the mask, the softmax's numerators (the maximum subtracted)
+// times the value scales and their sum, then the values 16 columns at a time for every query head at once. float32
+// throughout, exp by exp16: not the bits of sdpa over the dequantized cache, within a few float32 roundings of it.
 template <bool kFloat8>
 void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scaling,
                      float* out) {
@@ -631,29 +636,6 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
     weighted_values_of<kFloat8>(group, in.values, dv, i, positions, scores.data(), sums.data(), out);
   }
 }
-
-}  // namespace
-
-// Attention of one query position over an INT8 (or FP8 E4M3) KV cache, read as codes (never dequantized in memory):
-// llmquant::decode_attention_over_codes (int8_ops_common.h) with attend_one_head, 16 lanes at a time. float32
-// throughout, exp by exp16: not the bits of sdpa over the dequantized cache (a rounding order of its own), within a
-// few float32 roundings of it.
-torch::Tensor int8_decode_attention(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
-                                    const torch::Tensor& key_scales, const torch::Tensor& value_scales,
-                                    const std::optional<torch::Tensor>& mask, double scaling) {
-  return llmquant::decode_attention_over_codes(
-      query, keys, values, key_scales, value_scales, mask, scaling,
-      [](const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scale, float* out,
-         bool float8) {
-        if (float8) {
-          attend_one_head<true>(in, group, positions, dk, dv, scale, out);
-        } else {
-          attend_one_head<false>(in, group, positions, dk, dv, scale, out);
-        }
-      });
-}
-
-namespace {
 
 // The 8 dot products of the float row x (`inner` values) with 8 int8 weight rows `stride` bytes apart, the codes
 // converted to float 16 at a time: eight accumulators summed across their lanes together (lane_sums8). With groups
@@ -771,7 +753,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
-  module.def("int8_decode_attention", &int8_decode_attention,
+  module.def("int8_decode_attention",
+             &llmquant::int8_decode_attention<attend_one_head<false>, attend_one_head<true>>,
              "softmax(q k^T * scaling + mask) v for one query position over int8 keys and values (the INT8 KV cache)");
   module.def("weight_only_gemv", &weight_only_gemv,
              "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)",

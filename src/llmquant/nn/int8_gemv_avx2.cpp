@@ -3,8 +3,9 @@
 // y = s_x * s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code,
 // packed in panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes
 // (token_codes) in one call instead of torch's six operations; and weight-only int8 Linears (W8A16: weight_only_gemm,
-// float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's attention at a decode
-// step over its codes (int8_decode_attention, as the VNNI op's, 8 lanes at a time). Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
+// float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's decode step: its
+// per-token codes written into the cache's stores (store_token_codes) and the attention over its codes
+// (int8_decode_attention, as the VNNI op's, 8 lanes at a time). Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
 // CPUs that have them (checked there before building).
 //
 // VPMADDWD multiplies 16 signed 16-bit pairs and adds adjacent products into 8 int32 lanes. The int8 codes of both
@@ -426,7 +427,8 @@ float lane_max(__m256 v) {
 // One (batch, KV head) of int8_decode_attention (int8_ops_common.h), as the VNNI op's attend_one_head with 8 lanes:
 // the scores 8 positions at a time (their key rows converted once for every query head of the group), the mask, the
 // softmax's numerators (the maximum subtracted) times the value scales and their sum, then the values 8 columns at a
-// time for every query head at once. The score rows are padded to whole vectors with -inf (weight 0).
+// time for every query head at once. The score rows are padded to whole vectors with -inf (weight 0). float32
+// throughout, exp by exp8: not the bits of sdpa over the dequantized cache, within a few float32 roundings of it.
 template <bool kFloat8>
 void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scaling,
                      float* out) {
@@ -476,29 +478,12 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 
 }  // namespace
 
-// Attention of one query position over an INT8 (or FP8 E4M3) KV cache, read as codes (never dequantized in memory):
-// llmquant::decode_attention_over_codes (int8_ops_common.h) with attend_one_head, 8 lanes at a time. float32
-// throughout, exp by exp8: not the bits of sdpa over the dequantized cache, within a few float32 roundings of it.
-torch::Tensor int8_decode_attention(const torch::Tensor& query, const torch::Tensor& keys, const torch::Tensor& values,
-                                    const torch::Tensor& key_scales, const torch::Tensor& value_scales,
-                                    const std::optional<torch::Tensor>& mask, double scaling) {
-  return llmquant::decode_attention_over_codes(
-      query, keys, values, key_scales, value_scales, mask, scaling,
-      [](const HeadInputs& in, int64_t group, int64_t positions, int64_t dk, int64_t dv, float scale, float* out,
-         bool float8) {
-        if (float8) {
-          attend_one_head<true>(in, group, positions, dk, dv, scale, out);
-        } else {
-          attend_one_head<false>(in, group, positions, dk, dv, scale, out);
-        }
-      });
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
-  module.def("int8_decode_attention", &int8_decode_attention,
+  module.def("int8_decode_attention",
+             &llmquant::int8_decode_attention<attend_one_head<false>, attend_one_head<true>>,
              "softmax(q k^T * scaling + mask) v for one query position over int8 or FP8 KV codes");
 }

@@ -108,13 +108,15 @@ struct HeadInputs {
 // the heads and batches at any strides: views of the cache's stores), key_scales / value_scales [b, 1 or h, s, 1]
 // float32 (one per position), mask None or [b, 1 or H, s] float32 (added) or bool (true: attend). Query head i reads
 // KV head i / (H / h) (grouped-query attention, as transformers' repeat_kv). Each (batch, KV head) is
-// attend_head(inputs, group, positions, dk, dv, scaling, out [group, dv], float8), the op's float32 arithmetic.
-template <class AttendHead>
-torch::Tensor decode_attention_over_codes(const torch::Tensor& query_in, const torch::Tensor& keys,
-                                          const torch::Tensor& values, const torch::Tensor& key_scales,
-                                          const torch::Tensor& value_scales,
-                                          const std::optional<torch::Tensor>& mask_in, double scaling,
-                                          AttendHead attend_head) {
+// attend_head(inputs, group, positions, dk, dv, scaling, out [group, dv]), the op's float32 arithmetic: Int8Head for
+// int8 codes, Float8Head for E4M3 ones. The ops bind int8_decode_attention<their heads> below.
+using AttendHead = void (*)(const HeadInputs&, int64_t, int64_t, int64_t, int64_t, float, float*);
+
+template <AttendHead Int8Head, AttendHead Float8Head>
+torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::Tensor& keys,
+                                    const torch::Tensor& values, const torch::Tensor& key_scales,
+                                    const torch::Tensor& value_scales, const std::optional<torch::Tensor>& mask_in,
+                                    double scaling) {
   TORCH_CHECK(query_in.dim() == 3 && keys.dim() == 4 && values.dim() == 4 && key_scales.dim() == 4 &&
               value_scales.dim() == 4, "int8_decode_attention: query [b, H, dk], keys and values [b, h, s, d]");
   const bool float8 = keys.scalar_type() == torch::kFloat8_e4m3fn;
@@ -162,8 +164,8 @@ torch::Tensor decode_attention_over_codes(const torch::Tensor& query_in, const t
           mask.defined() && !boolean ? mask.data_ptr<float>() + mask_row : nullptr,
           boolean ? mask.data_ptr<bool>() + mask_row : nullptr,
           mask_head};
-      attend_head(inputs, group, positions, dk, dv, static_cast<float>(scaling),
-                  out.data_ptr<float>() + (bi * heads + g * group) * dv, float8);
+      (float8 ? Float8Head : Int8Head)(inputs, group, positions, dk, dv, static_cast<float>(scaling),
+                                       out.data_ptr<float>() + (bi * heads + g * group) * dv);
     }
   });
   return out;
