@@ -390,26 +390,66 @@ def test_the_ops_store_refuses_stores_that_do_not_fit(kv_op: ModuleType) -> None
         store_token_codes(kv_op, [states[0], states[1][..., :8]], codes, scales, 0, 127, -128)
 
 
-def test_decode_steps_store_codes_in_place_where_the_op_runs(kv_op: ModuleType, monkeypatch: pytest.MonkeyPatch
-                                                               ) -> None:
-    """A per-token cache layer's decode steps write their codes straight into the stores (counted) while they have
-    room, and append (growing the stores) when full: the same codes and scales as the layer without the op."""
+@pytest.mark.parametrize(("kv_cache", "store", "calls_a_step"), [
+    ("int8_per_token", "store_token_codes", 1), ("int8_per_tensor", "store_static_codes", 2),
+    ("fp8_per_tensor", "store_static_codes", 2)])
+def test_decode_steps_store_codes_in_place_where_the_op_runs(
+        kv_cache: str, store: str, calls_a_step: int, kv_op: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache layer's decode steps write their codes and scales straight into the stores (counted: keys and values
+    together per token, one call each under static scales) while they have room, and append (growing the stores) when
+    full: the same codes and scales as the layer without the op, some of the static ones clamped."""
     from llmquant.nn import kv_storage
 
     monkeypatch.setattr(kv_storage, "GROWTH", 3)
     calls: list[int] = []
-    original = kv_storage.store_token_codes
-    monkeypatch.setattr(kv_storage, "store_token_codes", lambda *args: (calls.append(1), original(*args)))
+    original = getattr(kv_storage, store)
+    monkeypatch.setattr(kv_storage, store, lambda *args: (calls.append(1), original(*args)))
     layers = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("LLMQUANT_GEMV", flag)
-        layer, key, value = decode_ready_layer(True)
+        layer, key, value = decode_ready_layer(True, kv_cache)
         for step in range(8):
             layer.update(key * (step + 1), value - step)
         layers[flag] = layer
-    assert len(calls) == 6  # (8 steps; the two that found the store full grew it)
+    assert len(calls) == 6 * calls_a_step  # (8 steps; the two that found the store full grew it)
     for name in ("keys", "values", "key_scales", "value_scales"):
-        assert torch.equal(getattr(layers["1"], name), getattr(layers["0"], name))
+        found, expected = getattr(layers["1"], name), getattr(layers["0"], name)
+        assert found.dtype == expected.dtype and torch.equal(found.view(torch.uint8), expected.view(torch.uint8))
+    if kv_cache == "int8_per_tensor":
+        assert (layers["1"].keys[..., 6:, :].abs() >= 127).any()  # some clamped codes among the decode steps'
+
+
+def test_the_ops_static_codes_in_the_stores_are_torchs(kv_op: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`store_static_codes` under static scales: int8 codes (clamped, ties rounded to even) and E4M3 codes (every
+    midpoint between neighbouring E4M3 values, beyond +-448, zeros of both signs, NaN) at their positions of a store,
+    the scale at every one of them, nothing elsewhere: `quantize_states`' bits with torch's operations."""
+    from llmquant.nn.int8_gemv import store_static_codes
+    from llmquant.nn.kv_storage import quantize_states
+    from llmquant.quant.scheme import KV_CACHE
+
+    finite = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    finite = finite[~finite.isnan()].unique()
+    midpoints = (finite[1:] + finite[:-1]) / 2
+    specials = torch.tensor([0.0, -0.0, 500.0, -1e6, float("nan"), 2.5, 3.5, -0.5])
+    values = torch.cat([midpoints, finite, specials, torch.randn(2 * 3 * 2 * 64 * 3, generator=torch.Generator()
+                                                                 .manual_seed(4)) * 300])
+    for name, scale in (("int8_per_tensor", 1.0), ("int8_per_tensor", 0.37), ("fp8_per_tensor", 1.0),
+                        ("fp8_per_tensor", 3.1)):
+        spec = KV_CACHE[name]
+        states = values[: 2 * 3 * 4 * 64].reshape(2, 3, 4, 64)  # [b, h, n, d]: 4 new positions
+        if spec.type == "int":
+            states = torch.nan_to_num(states)  # (NaN has no int8 code)
+        static = torch.full((1,), scale)
+        store = torch.full((1, 2, 3, 12, 64), 5, dtype=torch.uint8)  # the codes' bytes
+        scales = torch.full((1, 2, 1, 12, 1), -1.0)
+        store_static_codes(kv_op, states, store.view(spec.code_dtype), scales, 7, static, spec.qmin, spec.qmax)
+        monkeypatch.setenv("LLMQUANT_GEMV", "0")
+        expected, expected_scales = quantize_states(states, spec, static)
+        monkeypatch.delenv("LLMQUANT_GEMV")
+        assert torch.equal(store[0, :, :, 7:11], expected.view(torch.uint8)), (name, scale)
+        assert torch.equal(scales[0, :, :, 7:11], expected_scales) and (scales[0, :, :, 7:11] == scale).all()
+        assert (store[0, :, :, :7] == 5).all() and (store[0, :, :, 11:] == 5).all()
+        assert (scales[0, :, :, :7] == -1).all() and (scales[0, :, :, 11:] == -1).all()
 
 
 def attention_reference(query, keys, values, key_scales, value_scales, mask, scaling) -> torch.Tensor:
@@ -503,12 +543,17 @@ def test_decode_steps_attend_over_the_int8_codes_and_give_the_exact_paths_tokens
     torch.testing.assert_close(step_logits(read), step_logits(exact), rtol=0, atol=1e-5)
 
 
-def decode_ready_layer(passes_untouched: bool | None) -> tuple[Int8CacheLayer, torch.Tensor, torch.Tensor]:
-    """A per-token INT8 cache layer after a prefill of 6 positions, and a decode step's new key and value."""
-    from llmquant.quant.scheme import scheme_from_name
+def decode_ready_layer(passes_untouched: bool | None, kv_cache: str = "int8_per_token"
+                       ) -> tuple[Int8CacheLayer, torch.Tensor, torch.Tensor]:
+    """An INT8 (or FP8) cache layer, per token by default (static ones with scales of 0.05 and 0.03), after a prefill
+    of 6 positions, and a decode step's new key and value."""
+    from llmquant.quant.scheme import KV_CACHE
 
-    quantizer = KVCacheQuantizer(scheme_from_name(TOKEN).kv_cache)
+    quantizer = KVCacheQuantizer(KV_CACHE[kv_cache])
     quantizer.passes_cache_untouched = passes_untouched
+    if not quantizer.spec.dynamic:
+        quantizer.k_scale.fill_(0.05)
+        quantizer.v_scale.fill_(0.03)
     layer = Int8CacheLayer(quantizer)
     generator = torch.Generator().manual_seed(1)
     layer.update(torch.randn(1, 2, 6, 32, generator=generator), torch.randn(1, 2, 6, 32, generator=generator))

@@ -748,6 +748,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
+  module.def("store_static_codes", &llmquant::store_static_codes,
+             "static per-tensor int8 or FP8 codes and their scale written into a KV cache's stores");
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");

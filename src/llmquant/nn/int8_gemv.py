@@ -266,6 +266,15 @@ def store_token_codes(kernel: ModuleType, states: list[torch.Tensor], codes: tor
           float(clip_ratio))
 
 
+def store_static_codes(kernel: ModuleType, states: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                       length: int, scale: torch.Tensor, qmin: float, qmax: float) -> None:
+    """Write the static per-tensor codes of float32 ``states`` ``[b, h, n, d]`` (a decode step's keys or values) into
+    an INT8 or FP8 KV cache's store ``codes`` ``[1, b, h, capacity, d]`` and the one ``scale`` into ``scales`` ``[1, b,
+    1, capacity, 1]`` at the positions ``[length, length + n)``: `quantize_states`' bits (int8: clamp(round(x / s),
+    qmin, qmax); E4M3: torch's conversion of clamp(x / s, -qmax, qmax)), without a new tensor."""
+    _call(kernel, "store_static_codes", states, codes, scales, length, scale, float(qmin), float(qmax))
+
+
 def tensor_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, clip_ratio: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor dynamic int8 codes of float32 ``rows`` ``[..., in]`` and their one scale ``[1, 1]`` (from

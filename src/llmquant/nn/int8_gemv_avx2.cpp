@@ -481,6 +481,8 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
   module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
+  module.def("store_static_codes", &llmquant::store_static_codes,
+             "static per-tensor int8 or FP8 codes and their scale written into a KV cache's stores");
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
   module.def("int8_decode_attention",

@@ -1,14 +1,16 @@
 // What the two CPU ops of llmquant.nn.int8_gemv share (int8_gemv.cpp, AVX512-VNNI; int8_gemv_avx2.cpp, AVX2): the
-// bias check, and the frames of the per-token codes (token_codes, store_token_codes) and of the attention of one
-// query position over a KV cache's codes (int8_decode_attention): the arguments checked, the work split in parallel,
-// each piece done by the op's own function (its row codes, its head of attention), passed in. Nothing here uses
-// instructions beyond the compiler's baseline: each op keeps its own.
+// bias check, a decode step's static codes written into a KV cache (store_static_codes), and the frames of the
+// per-token codes (token_codes, store_token_codes) and of the attention of one query position over a KV cache's codes
+// (int8_decode_attention): the arguments checked, the work split in parallel, each piece done by the op's own
+// function (its row codes, its head of attention), passed in. No intrinsics here: each op keeps its own.
 
 #pragma once
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -88,6 +90,49 @@ void store_token_codes_by(RowCodes row_codes, const std::vector<torch::Tensor>& 
                     position * scales.stride(3));
     }
   });
+}
+
+// A KV cache's static per-tensor codes of a decode step's keys or values `state` [b, h, n, d] float32, written straight
+// into the cache's store `codes` [1, b, h, capacity, d] (int8 or float8_e4m3fn, rows contiguous) at the positions
+// [length, length + n), and the one `scale` into its scale store `scales` [1, b, 1, capacity, 1] float32 there, as
+// llmquant.nn.kv_storage.quantize_states makes them with torch's operations: int8 clamp(round-half-even(x / s), qmin,
+// qmax), or E4M3 e4m3(clamp(x / s, -qmax, qmax)) by torch's own conversion (c10::Float8_e4m3fn: round to nearest
+// even, NaN kept). One value at a time: a decode step's few rows (a prefill is quantized by the ops' vectorised
+// calls, then appended).
+inline void store_static_codes(const torch::Tensor& state_in, const torch::Tensor& codes, const torch::Tensor& scales,
+                               int64_t length, const torch::Tensor& scale_in, double qmin, double qmax) {
+  const bool float8 = codes.scalar_type() == torch::kFloat8_e4m3fn;
+  TORCH_CHECK(state_in.dim() == 4 && state_in.scalar_type() == torch::kFloat32 && codes.dim() == 5 &&
+              (float8 || codes.scalar_type() == torch::kInt8) && codes.size(0) == 1 && codes.stride(4) == 1 &&
+              scales.dim() == 5 && scales.scalar_type() == torch::kFloat32 && scales.size(0) == 1 &&
+              scales.size(2) == 1 && scales.size(4) == 1 && scale_in.numel() == 1,
+              "store_static_codes: float32 states [b, h, n, d], int8 or float8 codes [1, b, h, capacity, d] (rows "
+              "contiguous), float32 scales [1, b, 1, capacity, 1] and one scale");
+  const torch::Tensor state = state_in.contiguous();
+  const int64_t batch = state.size(0), heads = state.size(1), count = state.size(2), inner = state.size(3);
+  TORCH_CHECK(codes.size(1) == batch && codes.size(2) == heads && codes.size(4) == inner && scales.size(1) == batch &&
+              length >= 0 && codes.size(3) >= length + count && scales.size(3) >= length + count,
+              "store_static_codes: stores [1, b, h or 1, capacity >= length + n, .] for states [b, h, n, d]");
+  const float scale = scale_in.to(torch::kFloat32).item<float>();
+  const float low = static_cast<float>(qmin), high = static_cast<float>(qmax);
+  const float* x = state.data_ptr<float>();
+  uint8_t* code_base = static_cast<uint8_t*>(codes.data_ptr());
+  for (int64_t row = 0; row < batch * heads * count; ++row) {
+    const int64_t t = row % count, h = row / count % heads, b = row / (count * heads);
+    uint8_t* out = code_base + b * codes.stride(1) + h * codes.stride(2) + (length + t) * codes.stride(3);
+    for (int64_t i = 0; i < inner; ++i) {
+      const float v = x[row * inner + i] / scale;
+      if (float8) {
+        out[i] = c10::Float8_e4m3fn(std::isnan(v) ? v : std::min(std::max(v, -high), high)).x;
+      } else {
+        out[i] = static_cast<uint8_t>(static_cast<int8_t>(std::min(std::max(std::nearbyint(v), low), high)));
+      }
+    }
+  }
+  float* scale_base = scales.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < count; ++t) scale_base[b * scales.stride(1) + (length + t) * scales.stride(3)] = scale;
+  }
 }
 
 // One (batch, KV head) of int8_decode_attention: its `group` query heads [group, dk] and what they read.

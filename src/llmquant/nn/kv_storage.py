@@ -79,6 +79,7 @@ from llmquant.nn.int8_gemv import (
     dequantize_rows,
     kv_kernel,
     static_fp8_codes,
+    store_static_codes,
     store_token_codes,
 )
 from llmquant.nn.int8_linear import avx2_codes, input_codes, op_codes
@@ -245,9 +246,10 @@ class Int8CacheLayer(DynamicLayer):
         else:
             for codes_name, scales_name, states, static in (("keys", "key_scales", key_states, "k_scale"),
                                                             ("values", "value_scales", value_states, "v_scale")):
-                codes, scales = quantize_states(states, spec, None if spec.dynamic else getattr(quantizer, static))
-                self._append(codes_name, (codes_name,), codes.unsqueeze(0))
-                self._append(scales_name, (scales_name,), scales.unsqueeze(0))
+                if not self._store_static_in_place(codes_name, scales_name, states, static):
+                    codes, scales = quantize_states(states, spec, None if spec.dynamic else getattr(quantizer, static))
+                    self._append(codes_name, (codes_name,), codes.unsqueeze(0))
+                    self._append(scales_name, (scales_name,), scales.unsqueeze(0))
         self._deferred = self._attends_over_codes(key_states)
         if self._deferred:  # stand-ins of the right shapes, never read (`attend`)
             zero = _zero(self.dtype, self.device)
@@ -340,6 +342,24 @@ class Int8CacheLayer(DynamicLayer):
                           int(spec.qmin), spec.clip_ratio)
         self._fill("codes", codes.names, codes.tensor, length + count)
         self._fill("scales", scales.names, scales.tensor, length + count)
+        return True
+
+    def _store_static_in_place(self, codes_name: str, scales_name: str, states: torch.Tensor, static: str) -> bool:
+        """Write the static per-tensor codes (int8 or E4M3) of new float32 keys or values and their scale straight into
+        the stores ``codes_name`` and ``scales_name`` where they have room and the op runs
+        (`llmquant.nn.int8_gemv.store_static_codes`: `quantize_states`' bits); else False, nothing written."""
+        spec, count = self.quantizer.spec, states.shape[-2]
+        scale = getattr(self.quantizer, static, None)
+        codes, scales = self._stores.get(codes_name), self._stores.get(scales_name)
+        if (codes is None or scales is None or spec.dynamic or spec.granularity != "tensor" or scale is None
+                or spec.code_dtype not in (torch.int8, torch.float8_e4m3fn) or states.dtype != torch.float32
+                or codes.tensor.shape[-2] < getattr(self, codes_name).shape[-2] + count
+                or not (self._current(codes) and self._current(scales)) or self._op is None):
+            return False
+        length = getattr(self, codes_name).shape[-2]
+        store_static_codes(self._op, states, codes.tensor, scales.tensor, length, scale, spec.qmin, spec.qmax)
+        self._fill(codes_name, codes.names, codes.tensor, length + count)
+        self._fill(scales_name, scales.names, scales.tensor, length + count)
         return True
 
     # the scales follow the codes through every operation transformers applies to a layer
