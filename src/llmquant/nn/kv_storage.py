@@ -24,8 +24,9 @@ subclass of ``DynamicLayer``. `int8_kv_cache` builds such a cache up front, to p
 
 On a CPU with AVX512-VNNI the per-token codes (every step) and the dequantization (one pass) are calls of the
 decode op of `llmquant.nn.int8_gemv`: the same bits. Where an op runs (the VNNI op, or the AVX2 op on a CPU without
-VNNI or AMX: `kv_kernel`), a decode step's per-token keys and values go straight into the stores while they have
-room (`store_token_codes`: one call instead of a stack, a quantization and two appends; a layer's update at batch 1
+VNNI or AMX: `kv_kernel`), a decode step's codes of its keys and values go straight into the stores while they have
+room, per token (`store_token_codes`) or under a static per-tensor scale, int8 or E4M3 (`store_static_codes`), the
+same bits (per token: one call instead of a stack, a quantization and two appends; a layer's update at batch 1
 after 512 positions took 63 against 120 us on the AMD EPYC (AVX2) of BENCHMARKS.md, one thread,
 `scripts/runtime_profile.py kvlayer`).
 
