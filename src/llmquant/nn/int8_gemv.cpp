@@ -155,20 +155,6 @@ void row_codes(const float* row, int64_t inner, float qmin, float qmax, float cl
 
 }  // namespace
 
-// Per-token int8 codes of float rows [..., in] and their scales [rows, 1] (int8_ops_common.h), by row_codes.
-std::vector<torch::Tensor> token_codes(const torch::Tensor& rows, double qmax, double min_scale, double qmin,
-                                       double clip) {
-  return llmquant::token_codes_by(row_codes, rows, qmax, min_scale, qmin, clip);
-}
-
-// token_codes' codes and scales of a decode step's keys and values written into an INT8 KV cache's stores
-// (int8_ops_common.h).
-void store_token_codes(const std::vector<torch::Tensor>& states, const torch::Tensor& codes,
-                       const torch::Tensor& scales, int64_t length, double qmax, double min_scale, double qmin,
-                       double clip) {
-  llmquant::store_token_codes_by(row_codes, states, codes, scales, length, qmax, min_scale, qmin, clip);
-}
-
 // Per-tensor dynamic codes of float rows [..., in] (their one scale [1, 1]), as llmquant.nn.int8_linear.input_codes
 // makes them (dynamic "tensor"): scale = max(absmax * clip / qmax, min_scale) over every value, then row_codes' division
 // and rounding (clamped to [qmin, qmax] when clipped). A NaN makes the scale NaN, as amax's.
@@ -746,18 +732,12 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
-  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
-  module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
-  module.def("store_static_codes", &llmquant::store_static_codes,
-             "static per-tensor int8 or FP8 codes and their scale written into a KV cache's stores");
+  llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
   module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
-  module.def("int8_decode_attention",
-             &llmquant::int8_decode_attention<attend_one_head<false>, attend_one_head<true>>,
-             "softmax(q k^T * scaling + mask) v for one query position over int8 keys and values (the INT8 KV cache)");
   module.def("weight_only_gemv", &weight_only_gemv,
              "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)",
              pybind11::arg("rows"), pybind11::arg("weight"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

@@ -79,7 +79,7 @@ float absolute_max(const float* x, int64_t count) {
   return seen_nan ? NAN : result;
 }
 
-// The per-token codes and scale of one row (int8_ops_common.h's token_codes_by), as the VNNI op's row_codes: the
+// The per-token codes and scale of one row (int8_ops_common.h's token_codes), as the VNNI op's row_codes: the
 // same formula and bits, 8 values at a time. Unclipped, |x / scale| <= qmax already; a NaN row's codes one by one.
 void row_codes(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale, int8_t* codes,
                float* scale) {
@@ -93,24 +93,6 @@ void row_codes(const float* row, int64_t inner, float qmin, float qmax, float cl
   }
   divided_codes(row, inner, row_scale, clip == 1.0f ? -qmax : qmin, qmax, codes);
 }
-
-}  // namespace
-
-// Per-token int8 codes of float rows [..., in] and their scales [rows, 1] (int8_ops_common.h), by row_codes.
-std::vector<torch::Tensor> token_codes(const torch::Tensor& rows, double qmax, double min_scale, double qmin,
-                                       double clip) {
-  return llmquant::token_codes_by(row_codes, rows, qmax, min_scale, qmin, clip);
-}
-
-// token_codes' codes and scales of a decode step's keys and values written into an INT8 KV cache's stores
-// (int8_ops_common.h).
-void store_token_codes(const std::vector<torch::Tensor>& states, const torch::Tensor& codes,
-                       const torch::Tensor& scales, int64_t length, double qmax, double min_scale, double qmin,
-                       double clip) {
-  llmquant::store_token_codes_by(row_codes, states, codes, scales, length, qmax, min_scale, qmin, clip);
-}
-
-namespace {
 
 constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts
 constexpr int kPanelOutputs = 16;  // outputs of a packed panel: two 8-lane vectors
@@ -479,13 +461,7 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("token_codes", &token_codes, "per-token int8 codes of float32 rows and their scales");
-  module.def("store_token_codes", &store_token_codes, "per-token codes and scales written into a KV cache's stores");
-  module.def("store_static_codes", &llmquant::store_static_codes,
-             "static per-tensor int8 or FP8 codes and their scale written into a KV cache's stores");
+  llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
-  module.def("int8_decode_attention",
-             &llmquant::int8_decode_attention<attend_one_head<false>, attend_one_head<true>>,
-             "softmax(q k^T * scaling + mask) v for one query position over int8 or FP8 KV codes");
 }

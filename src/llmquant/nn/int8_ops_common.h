@@ -2,7 +2,8 @@
 // bias check, a decode step's static codes written into a KV cache (store_static_codes), and the frames of the
 // per-token codes (token_codes, store_token_codes) and of the attention of one query position over a KV cache's codes
 // (int8_decode_attention): the arguments checked, the work split in parallel, each piece done by the op's own
-// function (its row codes, its head of attention), passed in. No intrinsics here: each op keeps its own.
+// function (its row codes, its head of attention), passed in; and their bindings (bind_common). No intrinsics here:
+// each op keeps its own.
 
 #pragma once
 
@@ -27,11 +28,15 @@ inline torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_
 
 // Per-token int8 codes of float32 rows [..., in] and their scales [rows, 1], as llmquant.nn.int8_linear.input_codes
 // makes them (dynamic "token"), each row by the op's row_codes(row, inner, qmin, qmax, clip, min_scale, codes,
-// &scale): scale = max((clip < 1 ? absmax * clip : absmax) / qmax, min_scale), code = round-half-even(x / scale)
-// (clamped to [qmin, qmax] when clipped). A row with a NaN has a NaN scale, as amax's.
-template <class RowCodes>
-std::vector<torch::Tensor> token_codes_by(RowCodes row_codes, const torch::Tensor& rows_in, double qmax,
-                                          double min_scale, double qmin, double clip) {
+// &scale) (the ops bind token_codes<their row_codes>): scale = max((clip < 1 ? absmax * clip : absmax) / qmax,
+// min_scale), code = round-half-even(x / scale) (clamped to [qmin, qmax] when clipped). A row with a NaN has a NaN
+// scale, as amax's.
+using RowCodes = void (*)(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale,
+                         int8_t* codes, float* scale);
+
+template <RowCodes row_codes>
+std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale, double qmin,
+                                       double clip) {
   TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
   const torch::Tensor rows = rows_in.contiguous();
   const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
@@ -49,14 +54,14 @@ std::vector<torch::Tensor> token_codes_by(RowCodes row_codes, const torch::Tenso
   return {codes, scale};
 }
 
-// The per-token codes (token_codes_by) of `states`, p float32 tensors [b, h, n, d] (a decode step's keys and values),
+// The per-token codes (token_codes) of `states`, p float32 tensors [b, h, n, d] (a decode step's keys and values),
 // written straight into an INT8 KV cache's stores at the positions [length, length + n): codes [p, b, h, capacity, d]
 // int8 (rows contiguous) and scales [p, b, h, capacity, 1] float32, at any strides otherwise. What the cache layer
 // did in four steps (stack, quantize, append the codes, append the scales), in one call and no new tensor.
-template <class RowCodes>
-void store_token_codes_by(RowCodes row_codes, const std::vector<torch::Tensor>& states, const torch::Tensor& codes,
-                          const torch::Tensor& scales, int64_t length, double qmax, double min_scale, double qmin,
-                          double clip) {
+template <RowCodes row_codes>
+void store_token_codes(const std::vector<torch::Tensor>& states, const torch::Tensor& codes,
+                       const torch::Tensor& scales, int64_t length, double qmax, double min_scale, double qmin,
+                       double clip) {
   const int64_t planes = static_cast<int64_t>(states.size());
   TORCH_CHECK(planes > 0 && codes.dim() == 5 && scales.dim() == 5 && codes.size(0) == planes &&
               scales.size(0) == planes && codes.scalar_type() == torch::kInt8 &&
@@ -214,6 +219,18 @@ torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::
     }
   });
   return out;
+}
+
+// What every op binds from here, with its own row codes and heads of attention.
+template <RowCodes row_codes, AttendHead Int8Head, AttendHead Float8Head>
+void bind_common(pybind11::module_& module) {
+  module.def("token_codes", &token_codes<row_codes>, "per-token int8 codes of float32 rows and their scales");
+  module.def("store_token_codes", &store_token_codes<row_codes>,
+             "per-token codes and scales written into a KV cache's stores");
+  module.def("store_static_codes", &store_static_codes,
+             "static per-tensor int8 or FP8 codes and their scale written into a KV cache's stores");
+  module.def("int8_decode_attention", &int8_decode_attention<Int8Head, Float8Head>,
+             "softmax(q k^T * scaling + mask) v for one query position over int8 or FP8 KV codes");
 }
 
 }  // namespace llmquant
