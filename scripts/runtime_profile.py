@@ -443,8 +443,9 @@ def kv_layer() -> None:
     """One INT8 KV cache layer's update and attention (9 query heads) after 512 positions at batch 1 (3 KV heads of
     64, per-token codes) against transformers' float layer with sdpa: with the op that serves the cache here
     (`llmquant.nn.int8_gemv.kv_kernel`: the VNNI op, or the AVX2 op) and without it (torch), the op's attention over
-    the codes with its codes written in place (`Int8CacheLayer._store_in_place`) and appended as without the op; the
-    five alternating, medians of 15 runs of 64 steps."""
+    the codes with its codes written in place (`Int8CacheLayer._store_in_place`) and appended as without the op; and an
+    FP8 (E4M3) cache per tensor (static scales 4 / 448) with the op's attention over its codes; the six alternating,
+    medians of 15 runs of 64 steps."""
     from transformers.cache_utils import DynamicLayer
 
     from llmquant.nn import int8_gemv
@@ -453,12 +454,16 @@ def kv_layer() -> None:
     if int8_gemv.kv_kernel(torch.empty(0)) is None:
         raise SystemExit("no op serves the INT8 KV cache here (neither the VNNI op nor the AVX2 op runs)")
     spec = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic", kv_cache="int8_per_token").kv_cache
+    fp8_spec = scheme_from_name("w_int8_per_channel_a_int8_per_token_dynamic", kv_cache="fp8_per_tensor").kv_cache
     prompt = (torch.randn(1, 3, 512, 64), torch.randn(1, 3, 512, 64))
     steps = [(torch.randn(1, 9, 1, 64), torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64)) for _ in range(64)]
 
-    def int8_layer(reads_codes: bool, in_place: bool = True) -> Int8CacheLayer:
-        quantizer = KVCacheQuantizer(spec)
+    def int8_layer(reads_codes: bool, in_place: bool = True, fp8: bool = False) -> Int8CacheLayer:
+        quantizer = KVCacheQuantizer(fp8_spec if fp8 else spec)
         quantizer.runtime, quantizer.passes_cache_untouched = "int8", reads_codes
+        if fp8:
+            quantizer.k_scale.fill_(4 / 448)
+            quantizer.v_scale.fill_(4 / 448)
         layer = Int8CacheLayer(quantizer)
         if not in_place:
             layer._store_in_place = lambda *states: False
@@ -473,7 +478,9 @@ def kv_layer() -> None:
     layers = {"float layer": (DynamicLayer, "1", sdpa), "int8 layer, the op": (lambda: int8_layer(False), "1", sdpa),
               "int8 layer, torch": (lambda: int8_layer(False), "0", sdpa),
               "int8 layer, the op's attention over the codes": (lambda: int8_layer(True), "1", codes_read),
-              "the same, codes appended": (lambda: int8_layer(True, in_place=False), "1", codes_read)}
+              "the same, codes appended": (lambda: int8_layer(True, in_place=False), "1", codes_read),
+              "FP8 layer per tensor, the op's attention over the codes": (lambda: int8_layer(True, fp8=True), "1",
+                                                                           codes_read)}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in layers}
     for _ in range(15):
         for name, (make, flag, attention) in layers.items():

@@ -160,8 +160,9 @@ class Avx2Weight:
     group_size: int
 
     @classmethod
-    def from_codes(cls, op: ModuleType, codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
-                   ) -> Avx2Weight:
+    def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int) -> Avx2Weight:
+        op = avx2_kernel(codes)
+        assert op is not None  # (made where the op runs: `avx2_weight_refusal`)
         return cls(op, *avx2_gemm_pack(codes, weight_scale, group_size), codes.shape[0], group_size)
 
     def tensors(self) -> list[torch.Tensor]:

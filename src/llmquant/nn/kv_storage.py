@@ -27,7 +27,7 @@ decode op of `llmquant.nn.int8_gemv`: the same bits. Where an op runs (the VNNI 
 VNNI or AMX: `kv_kernel`), a decode step's codes of its keys and values go straight into the stores while they have
 room, per token (`store_token_codes`) or under a static per-tensor scale, int8 or E4M3 (`store_static_codes`), the
 same bits (per token: one call instead of a stack, a quantization and two appends; a layer's update at batch 1
-after 512 positions took 63 against 120 us on the AMD EPYC (AVX2) of BENCHMARKS.md, one thread,
+after 512 positions took 94 against 176 us on the AMD EPYC (AVX2) of BENCHMARKS.md, one thread,
 `scripts/runtime_profile.py kvlayer`).
 
 Attention over the codes (`decode_attention`: the VNNI op's, or on a CPU with AVX2 but without VNNI or AMX the AVX2
@@ -327,18 +327,24 @@ class Int8CacheLayer(DynamicLayer):
         for name, view in zip(names, views, strict=True):
             setattr(self, name, view)
 
+    def _room(self, codes_name: str, scales_name: str, count: int) -> tuple[_Store, _Store, int] | None:
+        """The stores ``codes_name`` and ``scales_name`` and their filled length, where the op runs and ``count`` new
+        positions fit into them in place (their views still the layer's attributes); else None."""
+        codes, scales = self._stores.get(codes_name), self._stores.get(scales_name)
+        if self._op is None or codes is None or scales is None or not (self._current(codes) and self._current(scales)):
+            return None
+        length = getattr(self, codes.names[0]).shape[-2]
+        return (codes, scales, length) if codes.tensor.shape[-2] >= length + count else None
+
     def _store_in_place(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Write the per-token codes and scales of new float32 keys and values straight into the paired stores where
         they have room and the op runs (`llmquant.nn.int8_gemv.store_token_codes`: `quantize_states`' bits, in one
         call instead of a stack, a quantization and two appends); else False, nothing written."""
         spec, count = self.quantizer.spec, key_states.shape[-2]
-        codes, scales = self._stores.get("codes"), self._stores.get("scales")
-        if (codes is None or scales is None or spec.type != "int" or spec.code_dtype != torch.int8
-                or key_states.dtype != torch.float32 or value_states.dtype != torch.float32
-                or codes.tensor.shape[-2] < self.keys.shape[-2] + count
-                or not (self._current(codes) and self._current(scales)) or self._op is None):
+        if (spec.type != "int" or spec.code_dtype != torch.int8 or key_states.dtype != torch.float32
+                or value_states.dtype != torch.float32 or (room := self._room("codes", "scales", count)) is None):
             return False
-        length = self.keys.shape[-2]
+        codes, scales, length = room
         store_token_codes(self._op, [key_states, value_states], codes.tensor, scales.tensor, length, int(spec.qmax),
                           int(spec.qmin), spec.clip_ratio)
         self._fill("codes", codes.names, codes.tensor, length + count)
@@ -351,13 +357,11 @@ class Int8CacheLayer(DynamicLayer):
         (`llmquant.nn.int8_gemv.store_static_codes`: `quantize_states`' bits); else False, nothing written."""
         spec, count = self.quantizer.spec, states.shape[-2]
         scale = getattr(self.quantizer, static, None)
-        codes, scales = self._stores.get(codes_name), self._stores.get(scales_name)
-        if (codes is None or scales is None or spec.dynamic or spec.granularity != "tensor" or scale is None
-                or spec.code_dtype not in (torch.int8, torch.float8_e4m3fn) or states.dtype != torch.float32
-                or codes.tensor.shape[-2] < getattr(self, codes_name).shape[-2] + count
-                or not (self._current(codes) and self._current(scales)) or self._op is None):
+        if (spec.dynamic or spec.granularity != "tensor" or scale is None or states.dtype != torch.float32
+                or spec.code_dtype not in (torch.int8, torch.float8_e4m3fn)
+                or (room := self._room(codes_name, scales_name, count)) is None):
             return False
-        length = getattr(self, codes_name).shape[-2]
+        codes, scales, length = room
         store_static_codes(self._op, states, codes.tensor, scales.tensor, length, scale, spec.qmin, spec.qmax)
         self._fill(codes_name, codes.names, codes.tensor, length + count)
         self._fill(scales_name, scales.names, scales.tensor, length + count)

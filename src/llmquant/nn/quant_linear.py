@@ -312,12 +312,14 @@ class QuantLinear(nn.Module):
         if self._int8_weight_cache is None:
             device, spec = self.weight_scale.device, self.weight_spec
             group = spec.group_size if spec is not None and spec.granularity == "group" and spec.group_size else 0
+            packed_copy = None  # an op's layout that replaces the codes: GroupedWeight or Avx2Weight.from_codes
             if group and grouped_gemm_refusal(device, self.in_features, group) is None:
-                codes = self.codes().to(torch.int8) if self.packed else self.weight  # (not kept: `_weight_codes`)
-                self._int8_weight_cache = GroupedWeight.from_codes(codes, self.weight_scale, group)
+                packed_copy = GroupedWeight.from_codes
             elif avx2_weight_refusal(device, self.in_features, group) is None:
+                packed_copy = Avx2Weight.from_codes
+            if packed_copy is not None:
                 codes = self.codes().to(torch.int8) if self.packed else self.weight  # (not kept: `_weight_codes`)
-                self._int8_weight_cache = Avx2Weight.from_codes(avx2_kernel(codes), codes, self.weight_scale, group)
+                self._int8_weight_cache = packed_copy(codes, self.weight_scale, group)
             else:
                 self._int8_weight_cache = Int8Weight(self._weight_codes(), onednn_refusal(device) is None,
                                                      gemv=gemv_refusal(device) is None,
