@@ -5,8 +5,8 @@
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
-    .venv/bin/python scripts/runtime_profile.py decode --model DIR [--batch 4]  # W8A8 decode: the decode op
-    .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # W8A8 prefill: the op's scaling
+    .venv/bin/python scripts/runtime_profile.py decode --model DIR [--batch 4]  # decode with the op and without
+    .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # prefill with the op and without
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
     .venv/bin/python scripts/runtime_profile.py kvlayer             # one INT8 KV cache layer's decode step (any op)
@@ -241,13 +241,14 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
 
 
 def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
-    """Prefills of 512 tokens at ``batch``: the float32 default model, and a W8A8 checkpoint whose oneDNN products
-    are scaled by the decode op's `scale_product` (``LLMQUANT_GEMV=1``) or by torch's operations (``0``), alternating
-    (the variable is read at every call), medians after a warm-up round."""
-    models = {"float32": llmquant.load(None, device="cpu")[0], "W8A8": llmquant.load(model_dir, device="cpu")[0]}
+    """Prefills of 512 tokens at ``batch``: the float32 default model, and a checkpoint with the decode op
+    (``LLMQUANT_GEMV=1``: W8A8's oneDNN products scaled by its `scale_product`; on an AVX2 CPU without VNNI, its
+    products, and W4 by `llmquant.nn.int4_linear.int16_linear`) and without it (``0``: torch's operations; W4 in
+    bfloat16), alternating (the variable is read at every call), medians after a warm-up round."""
+    models = {"float32": llmquant.load(None, device="cpu")[0], "quantized": llmquant.load(model_dir, device="cpu")[0]}
     ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
-    runs = {"float32": ("float32", "1"), "W8A8, the op's scaling": ("W8A8", "1"),
-            "W8A8, torch's scaling": ("W8A8", "0")}
+    runs = {"float32": ("float32", "1"), "quantized, the op": ("quantized", "1"),
+            "quantized, without the op": ("quantized", "0")}
     times: dict[str, list[float]] = {name: [] for name in runs}
     with torch.no_grad():
         for round_ in range(rounds + 1):
@@ -261,17 +262,19 @@ def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
     medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     print(f"prefill of {batch} x 512 tokens (median of {rounds}): "
           + ", ".join(f"{name} {ms:.0f} ms" for name, ms in medians.items())
-          + "; float32 / W8A8: " + ", ".join(f"{name.removeprefix('W8A8, ')} {medians['float32'] / ms:.2f}"
+          + "; float32 / quantized: " + ", ".join(f"{name.removeprefix('quantized, ')} {medians['float32'] / ms:.2f}"
                                              for name, ms in medians.items() if name != "float32"))
 
 
 def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -> None:
     """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`), with it but
     through `llmquant.nn.int8_linear.int8_linear` at every call (each layer's `DecodeRows` off), and without it
-    (``LLMQUANT_GEMV=0``: ``torch._int_mm``), and the checkpoints ``also`` with the op, decode steps alternating."""
+    (``LLMQUANT_GEMV=0`` when its Linears are prepared: ``torch._int_mm``; for a W4 checkpoint on an AVX2 CPU, the
+    AVX2 op's `int16_linear` against torch's int4 kernel), and the checkpoints ``also`` with the op, decode steps
+    alternating."""
     models = {"float32": llmquant.load(None, device="cpu")[0]}
     runs = [("decode op", "1", model_dir), ("decode op, per-call path", "1", model_dir),
-            ("torch._int_mm", "0", model_dir)]
+            ("without the op", "0", model_dir)]
     for name, flag, path in runs + [(os.path.basename(path.rstrip("/")), "1", path) for path in also]:
         os.environ["LLMQUANT_GEMV"] = flag  # (read when a Linear first runs: the warm-up below)
         models[name] = llmquant.load(path, device="cpu")[0]

@@ -1,6 +1,7 @@
 """The W4 weight-only CPU kernel (`llmquant.nn.int4_linear`): torch's int4 kernel for few rows, the dequantized
 bfloat16 GEMM for more; both compute the layer's function in bfloat16, checked against a float64 reference of the
-same bfloat16 inputs and against the float32 simulation."""
+same bfloat16 inputs and against the float32 simulation. On a CPU with AVX2 but neither native bfloat16 products nor
+VNNI, every row count takes per-token int16 input codes and the AVX2 op's exact integer products (`int16_linear`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_model
-from llmquant.nn import int4_linear
+from conftest import AVX2_OP_REFUSAL, feign_no_int8_instructions, make_model
+from llmquant.nn import int4_linear, int8_linear
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec
 
@@ -42,6 +43,7 @@ def _bf16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int, native: bool,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int4_linear, "native_bfloat16", lambda: native)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the bfloat16 paths: no int16 prefill on an AVX2 CPU)
     layer = _layer(spec)
     x = torch.randn(2, rows, 256)
     simulated = layer(x)
@@ -57,6 +59,7 @@ def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int,
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=lambda s: s.describe())
 def test_both_paths_read_the_same_codes(spec: QuantSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (torch's int4 kernel and the bfloat16 GEMM on any CPU)
     layer = _layer(spec, 512, 64)
     set_runtime(layer, "int8")
     x = torch.randn(8, 512)
@@ -70,7 +73,100 @@ def test_both_paths_read_the_same_codes(spec: QuantSpec, monkeypatch: pytest.Mon
     assert (int4_linear.dequantize_bf16(weight).float() - exact).abs().max() <= 2 * BF16_EPS * exact.abs().max()
 
 
-def test_int4_caches_are_counted_and_dropped_with_the_weight() -> None:
+needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
+
+
+@pytest.fixture
+def avx2_without_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU with AVX2 but neither VNNI nor AMX nor AVX512-BF16 (feigned where present)."""
+    feign_no_int8_instructions(monkeypatch)
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    monkeypatch.setattr(int4_linear, "native_bfloat16", lambda: False)
+
+
+def _int16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """`int16_linear`'s y in torch: per-token int16 codes, exact integer dots per group (int64), then the float32
+    scaling in `grouped_linear`'s order."""
+    rows = x.reshape(-1, layer.in_features)
+    scale = rows.abs().amax(dim=1, keepdim=True).div_(int4_linear.INT16_QMAX)
+    codes = rows.div(scale).round_().long()
+    weight = layer._int4_weight
+    group = weight.group_size
+    fields = torch.stack((weight.nibbles & 15, weight.nibbles >> 4), -1).reshape(layer.out_features, -1).long()
+    zero = weight.zero.squeeze(-1).float().long()  # (integral: the field zero points)
+    weight_codes = (fields.view(layer.out_features, -1, group) - zero.unsqueeze(-1)).view(layer.out_features, -1)
+    weight_scale = layer.weight_scale.reshape(-1, layer.weight_scale.shape[-1]).float().expand(layer.out_features, -1)
+    y = int8_linear.grouped_linear(codes, scale, list(weight_codes.split(group, dim=1)), weight_scale, layer.bias,
+                                   lambda a, b: (a @ b.T).float())
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [1, 3, 100])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_w4_on_avx2_takes_int16_codes(spec: QuantSpec, rows: int, avx2_without_bfloat16: None) -> None:
+    layer = _layer(spec)
+    x = torch.randn(2, rows, 256)
+    x[..., 3] *= 40  # an outlier channel, as LLMs' activations have
+    simulated = layer(x)
+    set_runtime(layer, "int8")
+    y = layer(x)
+    weight = layer._int4_weight
+    assert weight.int16_pack is not None and weight.kernel_codes is None  # (no int4 kernel copy beside the panels)
+    cached = {id(t) for t in layer.runtime_caches()}
+    assert all(id(t) in cached for t in weight.int16_pack)  # (1 byte a weight, counted)
+    assert y.dtype == torch.float32 and torch.equal(y, _int16_reference(layer, x))
+    # each input off by at most 2^-16 of its row's largest value: far closer than the bfloat16 inputs' 2^-9 of each
+    scale = simulated.abs().max()
+    error = (y - simulated).abs().max()
+    assert 0 < error <= BF16_EPS / 16 * scale
+    assert error < (_bf16_reference(layer, x).float() - simulated).abs().max() / 4
+
+
+@needs_avx2
+@pytest.mark.parametrize("inner", [256, 13, 8])
+def test_int16_codes_are_torchs(inner: int, avx2_without_bfloat16: None) -> None:
+    from llmquant.nn import int8_gemv
+
+    op = int8_gemv.avx2_kernel(torch.empty(0))
+    rows = torch.randn(6, inner) * torch.tensor([1e-3, 1.0, 1e3, 1.0, 1.0, 1.0]).unsqueeze(1)
+    rows[3] = 0.0
+    rows[4, :4] = torch.tensor([32767.0, 0.5, 1.5, -2.5])  # scale 1: ties rounded to even
+    rows[4, 4:] = rows[4, 4:].clamp(-32767, 32767)
+    rows[5, 1] = float("nan")
+    codes, scale = int8_gemv.int16_token_codes(op, rows)
+    expected_scale = rows.abs().amax(dim=1, keepdim=True).div_(int4_linear.INT16_QMAX)
+    expected_scale.clamp_(min=torch.finfo(torch.float32).tiny)
+    assert codes.dtype == torch.int16 and torch.equal(scale[:5], expected_scale[:5]) and scale[5].isnan()
+    assert torch.equal(codes[:5], rows[:5].div(expected_scale[:5]).round_().to(torch.int16))
+    assert codes[4, :4].tolist() == [32767, 0, 2, -2]
+    with pytest.raises(RuntimeError, match=r"int16_token_codes: float32 rows \[n, in\]"):
+        int8_gemv.int16_token_codes(op, rows.double())
+
+
+@needs_avx2
+def test_int16_path_is_off_where_it_could_overflow_or_is_switched_off(avx2_without_bfloat16: None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    wide = _layer(QuantSpec(bits=4, symmetric=True, granularity="channel"), 4480, 16)  # 4480 * 32767 * 15 > 2^31
+    set_runtime(wide, "int8")
+    x = torch.randn(70, 4480)
+    assert torch.allclose(wide(x), x.to(torch.bfloat16).float() @ wide.dequantized_weight().t() + wide.bias,
+                          rtol=0, atol=4 * BF16_EPS * 4480 ** 0.5)
+    assert wide._int4_weight.int16_pack is None and wide._int4_weight.kernel_codes is not None
+    layer = _layer(SPECS[0])
+    set_runtime(layer, "int8")
+    for rows in (70, 2):
+        x = torch.randn(rows, 256)
+        monkeypatch.setenv("LLMQUANT_GEMV", "1")
+        int16 = layer(x)
+        monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (read at every call): the bfloat16 values multiplied in float32
+        weight_bf16 = int4_linear.dequantize_bf16(layer._int4_weight).float()
+        expected = (x.to(torch.bfloat16).float() @ weight_bf16.t()).to(torch.bfloat16).float() + layer.bias
+        assert torch.allclose(layer(x), expected, rtol=2 * BF16_EPS, atol=1e-6) and not torch.equal(layer(x), int16)
+
+
+def test_int4_caches_are_counted_and_dropped_with_the_weight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (torch's int4 kernel on any CPU)
     layer = _layer(SPECS[0], 256, 96)
     set_runtime(layer, "int8")
     assert layer.runtime_caches() == []

@@ -183,6 +183,30 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
 
 
 @needs_avx2
+@pytest.mark.parametrize(("inner", "outputs"), [(256, 48), (96, 80), (100, 7)])
+def test_the_avx2_ops_product_of_int16_codes_is_exact(inner: int, outputs: int, avx2_op: object) -> None:
+    """int16 input codes (W4 on AVX2 CPUs, `llmquant.nn.int4_linear.int16_linear`) go to VPMADDWD as they are:
+    the same exact sums and float32 scaling as int8 codes, at the extremes too (|x| * |w| * inner below 2^31)."""
+    generator = torch.Generator().manual_seed(inner)
+    for rows in (1, 5, 100):
+        cases = {"random": torch.randint(-32767, 32768, (rows, inner), generator=generator, dtype=torch.int16),
+                 "largest": torch.full((rows, inner), 32767, dtype=torch.int16),
+                 "most negative": torch.full((rows, inner), -32767, dtype=torch.int16)}
+        w = torch.randint(-128, 128, (outputs, inner), generator=generator, dtype=torch.int8)
+        w[0] = -128
+        for name, x in cases.items():
+            scale, weight_scale = torch.rand(rows, 1, generator=generator), torch.rand(1, outputs, generator=generator)
+            exact = (x.long() @ w.long().T).float()
+            expected = kernel.scale_output(exact, scale, weight_scale, None)
+            assert torch.equal(_avx2_product(avx2_op, x, w, scale, weight_scale, None), expected), (rows, name)
+            group = inner // 2
+            weight_scale = torch.rand(outputs, 2, generator=generator)
+            expected = kernel.grouped_linear(x.long(), scale, list(w.long().split(group, dim=1)), weight_scale, None,
+                                             lambda a, b: (a @ b.T).float())
+            assert torch.equal(_avx2_product(avx2_op, x, w, scale, weight_scale, None, group), expected), (rows, name)
+
+
+@needs_avx2
 def test_the_avx2_op_names_what_is_wrong_with_its_arguments(avx2_op: object) -> None:
     codes, weight = torch.zeros(2, 32, dtype=torch.int8), torch.zeros(20, 32, dtype=torch.int8)
     pack = int8_gemv.avx2_gemm_pack(weight, torch.ones(1, 20), 0)
@@ -192,6 +216,8 @@ def test_the_avx2_op_names_what_is_wrong_with_its_arguments(avx2_op: object) -> 
         int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), None, 20, 3)
     with pytest.raises(RuntimeError, match="int8_gemm: one bias per output"):
         int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), torch.zeros(19), 20)
+    with pytest.raises(RuntimeError, match=r"int8_gemm: contiguous int8 or int16 codes \[rows, in\]"):
+        int8_gemv.avx2_gemm(avx2_op, codes.int(), pack, torch.ones(2, 1), None, 20)
     only = int8_gemv.avx2_weight_only_pack(weight, torch.ones(20, 1), 0)
     with pytest.raises(RuntimeError, match="weight_only_gemm: one bias per output"):
         int8_gemv.avx2_weight_only(avx2_op, torch.zeros(2, 32), only, torch.zeros(21), 20)

@@ -1,7 +1,7 @@
 """The W4 weight-only CPU kernel: y = x @ W_hat^T + b, W_hat = (u - z) * s per group of input columns (u the 4-bit
 field of a code, z its zero point in the field's domain, s its group's scale), computed as W4A16 kernels do
 (vLLM's, Marlin, torch's tinygemm): activations, scales and zero points in bfloat16, float32 accumulation, the
-output rounded to bfloat16. Two paths, chosen by the number of rows:
+output rounded to bfloat16. Two paths, chosen by the number of rows (a third instead on some CPUs):
 
 - up to `DECODE_MAX_ROWS` (a decode step, a GEMV-like shape that reads the weight once per row block): torch's CPU
   int4 kernel ``aten._weight_int4pack_mm_for_cpu``, which reads the 4-bit codes in its own layout (made once per
@@ -15,11 +15,18 @@ output rounded to bfloat16. Two paths, chosen by the number of rows:
   does not use the bfloat16 dot-product instructions), the dequantized GEMM below about 64 rows. On a CPU without
   native bfloat16 products (`native_bfloat16`: no AVX512-BF16 or AMX), the same bfloat16 values are multiplied in
   float32 and the output rounded to bfloat16: the same function up to the order of the float32 sums.
+- on a CPU with AVX2 but neither native bfloat16 products nor VNNI (`int16_linear`, where the AVX2 op of
+  `llmquant.nn.int8_gemv` runs), every row count: the inputs as per-token int16 codes, multiplied exactly by the
+  codes u - z in int32 (VPMADDWD), scaled per group in float32. Closer to the simulation than bfloat16 (each input
+  off by at most 2^-16 of its row's largest value), faster than float32 in prefills there (where the bfloat16 GEMM
+  was slower) and than torch's int4 kernel in decode steps (BENCHMARKS.md "W4 on AVX2 in int16"); the codes u - z
+  kept in the op's panels, 1 byte a weight, instead of the int4 kernel's copy.
 
 A deviation from the simulation, on purpose: the simulation (``fake`` runtime) computes in float32, this kernel in
 bfloat16 as the W4A16 kernels it stands for; the difference is the rounding of bfloat16 (relative 2^-8 per value;
 on the default model's perplexity, see BENCHMARKS.md "Runtimes"). Nothing else is kept than the kernel's copy of the
-codes and the bfloat16 scales: about half a byte a weight beside the checkpoint's packed words.
+codes and the bfloat16 scales (about half a byte a weight beside the checkpoint's packed words), or the int16 path's
+panels.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmquant.nn.int8_gemv import avx2_gemm, avx2_gemm_pack, avx2_gemv_refusal, avx2_kernel, int16_token_codes
+from llmquant.nn.int8_linear import avx2_weight_refusal
+
 DECODE_MAX_ROWS = 64  # rows up to which torch's int4 kernel runs; the dequantized bfloat16 GEMM from there on
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
 KERNEL_ROW_MULTIPLE = 16  # its output features must be a multiple of 16
@@ -39,14 +49,20 @@ FIELD_OFFSET = 8  # the kernel's codes are fields u in [0, 15] with W_hat = (u -
 
 @dataclass(frozen=True)
 class Int4Weight:
-    """What both paths read, built once per layer (`prepare_int4`)."""
+    """What the paths read, built once per layer (`prepare_int4`)."""
 
     nibbles: torch.Tensor  # uint8 [out, in / 2]: the checkpoint's packed words as bytes (a view, no copy)
     scale: torch.Tensor  # bfloat16 [out, groups, 1]
     zero: torch.Tensor  # bfloat16 [out, groups, 1]: W_hat = (u - zero) * scale
-    kernel_codes: torch.Tensor  # uint8: torch's int4 layout of the same fields
-    kernel_scales: torch.Tensor  # bfloat16 [in / kernel_group, out, 2]: scale and offset (8 - z) * s
+    group_size: int
+    # torch's int4 kernel: its layout of the same fields (uint8), and [in / kernel_group, out, 2] bfloat16 scales and
+    # offsets (8 - z) * s; None where `int16_pack` is made instead
+    kernel_codes: torch.Tensor | None
+    kernel_scales: torch.Tensor | None
     kernel_group: int
+    # On a CPU with AVX2 but neither native bfloat16 products nor VNNI: the codes u - z (int8) in the AVX2 op's panels
+    # of 16 outputs with the float32 scales (`avx2_gemm_pack`), which `int16_linear` reads at every row count; else None
+    int16_pack: tuple[torch.Tensor, torch.Tensor] | None
 
 
 def int4_refusal(bits: int, group_size: int, in_features: int, out_features: int, device: torch.device) -> str | None:
@@ -81,17 +97,48 @@ def prepare_int4(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, i
     fields = torch.stack((nibbles & 15, nibbles >> 4), -1).reshape(out_features, in_features)
     size = kernel_group(group_size)
     assert size is not None
+    common = {"nibbles": nibbles, "scale": scale.to(torch.bfloat16).unsqueeze(-1),
+              "zero": zero.to(torch.bfloat16).unsqueeze(-1), "group_size": group_size, "kernel_group": size}
+    if (int16_pack := _int16_pack(fields, scale, zero, group_size)) is not None:
+        return Int4Weight(**common, kernel_codes=None, kernel_scales=None, int16_pack=int16_pack)
     repeat = group_size // size
     kernel_scale = scale.float().repeat_interleave(repeat, dim=1)
     offset = (FIELD_OFFSET - zero.float().repeat_interleave(repeat, dim=1)) * kernel_scale
     return Int4Weight(
-        nibbles=nibbles,
-        scale=scale.to(torch.bfloat16).unsqueeze(-1),
-        zero=zero.to(torch.bfloat16).unsqueeze(-1),
+        **common,
         kernel_codes=torch.ops.aten._convert_weight_to_int4pack_for_cpu(fields.to(torch.int32), 1),
         kernel_scales=torch.stack((kernel_scale.t(), offset.t()), -1).to(torch.bfloat16).contiguous(),
-        kernel_group=size,
+        int16_pack=None,
     )
+
+
+INT16_QMAX = 32767  # per-token int16 input codes of `int16_linear`
+INT32_MAX = 2**31 - 1
+
+
+def _int16_pack(fields: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The AVX2 op's panels of the codes u - z ``[out, in]`` with the scales, where `int16_linear` runs: a CPU with
+    AVX2 but neither native bfloat16 products nor VNNI, integral zero points (u - z exact in int8), and groups small
+    enough that a group's int32 sum cannot overflow (|x_q| <= 32767, |u - z| <= 15)."""
+    out_features, in_features = fields.shape
+    if native_bfloat16() or group_size * INT16_QMAX * 15 > INT32_MAX:
+        return None
+    if avx2_weight_refusal(fields.device, in_features, group_size) is not None or not torch.equal(zero, zero.round()):
+        return None
+    codes = fields.view(out_features, -1, group_size).to(torch.int8) - zero.to(torch.int8).unsqueeze(-1)
+    return avx2_gemm_pack(codes.view(out_features, in_features), scale, group_size)
+
+
+def int16_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = s_x * sum over groups of s_g * (x_q,g . (u - z)_g) + b in float32, for float ``rows`` ``[n, in]``: the
+    inputs as per-token int16 codes x_q = round(x / s_x), s_x = max|x| / 32767, the products exact in int32 by the AVX2
+    op (VPMADDWD, `avx2_gemm`), the scaling in float32. Each input's error is at most s_x / 2 (2^-16 of its row's
+    largest value), against 2^-9 of each value for the bfloat16 inputs of W4A16 kernels."""
+    op = avx2_kernel(rows)
+    assert op is not None and weight.int16_pack is not None
+    codes, scale = int16_token_codes(op, rows.float())
+    return avx2_gemm(op, codes, weight.int16_pack, scale, bias, weight.scale.shape[0], weight.group_size)
 
 
 def dequantize_bf16(weight: Int4Weight) -> torch.Tensor:
@@ -113,10 +160,14 @@ def native_bfloat16() -> bool:
 
 
 def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y ``[n, out]`` in ``rows``' dtype for ``rows`` ``[n, in]``: torch's int4 kernel for few rows, the bfloat16 GEMM
-    of the dequantized weight for more (module docstring)."""
+    """y ``[n, out]`` in ``rows``' dtype for ``rows`` ``[n, in]``: on an AVX2 CPU without native bfloat16
+    `int16_linear`; elsewhere torch's int4 kernel for few rows, the bfloat16 GEMM of the dequantized weight for more
+    (module docstring). With ``LLMQUANT_GEMV=0`` set after the weight was prepared for `int16_linear`, the bfloat16
+    GEMM at every row count."""
+    if weight.int16_pack is not None and avx2_gemv_refusal(rows.device) is None:
+        return int16_linear(rows, weight, bias).to(rows.dtype)
     inputs = rows.to(torch.bfloat16)
-    if rows.shape[0] <= DECODE_MAX_ROWS:
+    if rows.shape[0] <= DECODE_MAX_ROWS and weight.kernel_codes is not None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(inputs, weight.kernel_codes, weight.kernel_group,
                                                        weight.kernel_scales)
     elif native_bfloat16():

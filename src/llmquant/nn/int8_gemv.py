@@ -25,7 +25,8 @@ On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``,
 W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
 the torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a
 code, where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the
-per-token input codes in one call (`token_codes`); weight-only int8 Linears too (`avx2_weight_only`). On the AMD
+per-token input codes in one call (`token_codes`); weight-only int8 Linears too (`avx2_weight_only`), and W4 ones
+through int16 input codes (`int16_token_codes`, then `avx2_gemm`: `llmquant.nn.int4_linear.int16_linear`). On the AMD
 EPYC (AVX2) of BENCHMARKS.md, one thread, each product on the next of 30 weights (`scripts/runtime_profile.py avx2`,
 bench/speed_2026-12-02_avx2_op/avx2_op_t1.txt): gate_proj (576 -> 1536) at 1 row 105 against float32's 439 us, at
 16 rows 535 against 1,332, at 512 rows 12.1 against 14.2 ms; k_proj (576 -> 192) 34 against 77 us at 1 row. Its
@@ -257,6 +258,13 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, cl
     return codes, scale
 
 
+def int16_token_codes(kernel: ModuleType, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int16 codes of float32 ``rows`` ``[n, in]`` and their scales ``[n, 1]`` by the AVX2 op, in one call:
+    torch's ``s = (|x|.amax(1) / 32767).clamp(min=tiny)``, ``round(x / s)`` as int16, the same bits."""
+    codes, scale = _call(kernel, "int16_token_codes", rows.contiguous())
+    return codes, scale
+
+
 def store_token_codes(kernel: ModuleType, states: list[torch.Tensor], codes: torch.Tensor, scales: torch.Tensor,
                       length: int, qmax: int, qmin: int, clip_ratio: float = 1.0) -> None:
     """Write the per-token codes of float32 ``states`` (p tensors ``[b, h, n, d]``: a decode step's keys and values)
@@ -324,12 +332,12 @@ def avx2_gemm_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group
 
 def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],
               scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int = 0) -> torch.Tensor:
-    """y ``[..., out]`` float32 in one call, for int8 ``x_codes`` ``[..., in]`` (any number of rows) with ``scale``
-    (one per row, or one) and the weight packed by `avx2_gemm_pack`; ``group_size`` 0: y = float(x_q @ W_q^T) * (s_x
-    * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s order), else y = (sum over groups in order of float(x_q,g @
-    W_q,g^T) * s_w,g) * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s): the same bits, the integer products
-    exact. Tiles of 3 rows by 16 outputs, each input pair of the 16 multiplied by one VPMADDWD, the panels in
-    parallel."""
+    """y ``[..., out]`` float32 in one call, for int8 (or int16) ``x_codes`` ``[..., in]`` (any number of rows) with
+    ``scale`` (one per row, or one) and the weight packed by `avx2_gemm_pack`; ``group_size`` 0: y = float(x_q @
+    W_q^T) * (s_x * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s order), else y = (sum over groups in order of
+    float(x_q,g @ W_q,g^T) * s_w,g) * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s): the same bits, the integer
+    products exact (int16 codes: while a group's sums fit int32, the caller's check). Tiles of 3 rows by 16 outputs,
+    each input pair of the 16 multiplied by one VPMADDWD, the panels in parallel."""
     packed, scales = pack
     y = _call(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
               outputs, group_size)

@@ -5,20 +5,23 @@
 // (token_codes) in one call instead of torch's six operations; and weight-only int8 Linears (W8A16: weight_only_gemm,
 // float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's decode step: its
 // per-token codes written into the cache's stores (store_token_codes) and the attention over its codes
-// (int8_decode_attention, as the VNNI op's, 8 lanes at a time). Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
+// (int8_decode_attention, as the VNNI op's, 8 lanes at a time); and W4 weight-only Linears, their inputs as per-token
+// int16 codes (int16_token_codes) multiplied by int8_gemm. Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
 // CPUs that have them (checked there before building).
 //
 // VPMADDWD multiplies 16 signed 16-bit pairs and adds adjacent products into 8 int32 lanes. The int8 codes of both
-// sides are widened to 16 bits (the input's once per call, the weight's as it is read: VPMOVSXBW), so every product
-// (at most 128 * 128) and every pair sum (at most 2^15) is exact and nothing saturates; the int32 sums are exact as
-// long as they fit, as torch._int_mm's. Then the same float32 operations, in the same order, as
-// llmquant.nn.int8_linear's torch path (scale_output, grouped_linear): the same bits.
+// sides are widened to 16 bits (the input's once per call; the weight's as it is read, VPMOVSXBW, or once per panel
+// for a chunk of rows), so every product (at most 128 * 128) and every pair sum (at most 2^15) is exact and nothing
+// saturates; the int32 sums are exact as long as they fit, as torch._int_mm's. Then the same float32 operations, in
+// the same order, as llmquant.nn.int8_linear's torch path (scale_output, grouped_linear): the same bits. int16 input
+// codes (llmquant.nn.int4_linear.int16_linear) go in as they are: pair sums at most 2^23.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -94,9 +97,76 @@ void row_codes(const float* row, int64_t inner, float qmin, float qmax, float cl
   divided_codes(row, inner, row_scale, clip == 1.0f ? -qmax : qmin, qmax, codes);
 }
 
+// Eight outputs' weight pairs (w_o,k, w_o,k+1) as 16-bit lanes: widened as they are read from the packed int8 codes,
+// or loaded from a panel widened beforehand (int8_gemm's wide_panel).
+inline __m256i weight_pairs8(const int8_t* codes) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+}
+inline __m256i weight_pairs8(const int16_t* codes) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+}
+
+// Per-token int16 codes of float32 rows [n, in] and their scales [n, 1] (W4 on such CPUs,
+// llmquant.nn.int4_linear.int16_linear): scale = max(absmax / 32767, FLT_MIN), code = round-half-even(x / scale),
+// 8 values a step: torch's bits (abs, amax, div_, clamp_, div, round_, cast) in two passes over a row. A row with a
+// NaN has a NaN scale.
+std::vector<torch::Tensor> int16_token_codes(const torch::Tensor& rows_in) {
+  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32,
+              "int16_token_codes: float32 rows [n, in]");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1);
+  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt16));
+  torch::Tensor scales = torch::empty({count, 1}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  int16_t* c = codes.data_ptr<int16_t>();
+  float* s = scales.data_ptr<float>();
+  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      const float* row = x + m * inner;
+      int16_t* out = c + m * inner;
+      const float unbounded = absolute_max(row, inner) / 32767.0f;
+      const float scale = unbounded < FLT_MIN ? FLT_MIN : unbounded;  // (NaN stays NaN)
+      s[m] = scale;
+      const __m256 divisor = _mm256_set1_ps(scale);
+      int64_t i = 0;
+      for (; i + 8 <= inner; i += 8) {
+        const __m256i whole = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + i), divisor),
+                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                         _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1)));
+      }
+      for (; i < inner; ++i) out[i] = static_cast<int16_t>(std::nearbyint(row[i] / scale));
+    }
+  });
+  return {codes, scales};
+}
+
 constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts
 constexpr int kPanelOutputs = 16;  // outputs of a packed panel: two 8-lane vectors
 constexpr int64_t kChunkBytes = 256 * 1024;  // widened input codes multiplied by every panel before the next rows
+
+// The exact int32 dots of MR input rows (widened codes, `inner` apart) with the 16 outputs of a panel over input
+// pairs [first, end), into dots[2 m + v] (outputs 8 v to 8 v + 7 of row m): per pair, VPMADDWD of the broadcast
+// input pair (x_k, x_k+1) with the 16 weight pairs. Not inlined, with local accumulators and a pointer out: inside
+// gemm_tile (or writing through a reference to an array), g++ 12 kept the sums in other registers than the
+// accumulators and copied each back, six extra moves per pair of 12 vector operations.
+template <int MR, typename Weight>
+__attribute__((noinline)) void pair_dots(const int16_t* x, int64_t inner, const Weight* panel, int64_t first,
+                                         int64_t end, __m256i* dots) {
+  __m256i acc[MR][2];  // (local: stored to `dots` at the end, not at every step)
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  for (int64_t p = first; p < end; ++p) {
+    const __m256i w0 = weight_pairs8(panel + 32 * p), w1 = weight_pairs8(panel + 32 * p + 16);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      std::memcpy(&pair, x + m * inner + 2 * p, 4);
+      const __m256i xs = _mm256_set1_epi32(pair);
+      acc[m][0] = _mm256_add_epi32(_mm256_madd_epi16(xs, w0), acc[m][0]);
+      acc[m][1] = _mm256_add_epi32(_mm256_madd_epi16(xs, w1), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) dots[2 * m] = acc[m][0], dots[2 * m + 1] = acc[m][1];
+}
 
 // One tile of int8_gemm: MR input rows (widened codes, `inner` apart) by the 16 outputs of one packed panel, over
 // every group: per group the exact int32 dots, VPMADDWD of a broadcast input pair (x_k, x_k+1) with the panel's
@@ -104,26 +174,14 @@ constexpr int64_t kChunkBytes = 256 * 1024;  // widened input codes multiplied b
 //   group_size 0: y = float(dot) * (s_x * s_w) + b                                          (scale_output), or
 //   groups:       y = ((float(dot_0) * s_w,0 + float(dot_1) * s_w,1) + ...) * s_x + b       (grouped_linear).
 // `scales` holds [groups, padded outputs] weight scales (one group: [1, padded outputs]); `bias` [outputs] or null.
-template <int MR>
-void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t groups, int64_t pairs_per_group,
+template <int MR, typename Weight>
+void gemm_tile(const int16_t* x, int64_t inner, const Weight* panel, int64_t groups, int64_t pairs_per_group,
                bool grouped, const float* scales, int64_t padded_outputs, const float* row_scales, bool per_row,
                const float* bias, int64_t j0, int64_t outputs, float* out) {
   __m256 total[MR][2];
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[MR][2];
-    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int64_t p = g * pairs_per_group, end = p + pairs_per_group; p < end; ++p) {
-      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p)));
-      const __m256i w1 =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + 32 * p + 16)));
-      for (int m = 0; m < MR; ++m) {
-        int32_t pair;
-        std::memcpy(&pair, x + m * inner + 2 * p, 4);
-        const __m256i xs = _mm256_set1_epi32(pair);
-        acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(xs, w0));
-        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(xs, w1));
-      }
-    }
+    pair_dots<MR>(x, inner, panel, g * pairs_per_group, (g + 1) * pairs_per_group, &acc[0][0]);
     for (int v = 0; v < 2; ++v) {
       const __m256 scale = _mm256_loadu_ps(scales + g * padded_outputs + j0 + 8 * v);
       for (int m = 0; m < MR; ++m) {
@@ -151,9 +209,16 @@ void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t gro
   }
 }
 
+// gemm_tile for 1 to 3 rows of a panel of `Weight` codes.
+template <typename Weight>
+auto tile_of(int64_t rows) {
+  return rows >= 3 ? gemm_tile<3, Weight> : rows == 2 ? gemm_tile<2, Weight> : gemm_tile<1, Weight>;
+}
+
 }  // namespace
 
-// The W8A8 (or grouped W4A8 / W4A4) linear of int8 codes [rows, in] (any number of rows), float32 [rows, out], the
+// The W8A8 (or grouped W4A8 / W4A4) linear of int8 codes [rows, in] (any number of rows; or int16 codes, W4
+// weight-only Linears: exact while |x| * |w| * group stays below 2^31, the caller's check), float32 [rows, out], the
 // weight packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8
 // (each input pair of 16 outputs in 32 bytes, read in order: one stream per panel; zero rows past `out`). scales:
 // [groups, ceil(out / 16) * 16] float32 (one group when group_size is 0), bias: [out] or None, input_scale [rows, 1]
@@ -161,8 +226,9 @@ void gemm_tile(const int16_t* x, int64_t inner, const int8_t* panel, int64_t gro
 torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
                         const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
                         int64_t group_size) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(),
-              "int8_gemm: contiguous int8 codes [rows, in]");
+  const bool int16_codes = codes.scalar_type() == torch::kInt16;
+  TORCH_CHECK(codes.dim() == 2 && (codes.scalar_type() == torch::kInt8 || int16_codes) && codes.is_contiguous(),
+              "int8_gemm: contiguous int8 or int16 codes [rows, in]");
   const int64_t rows = codes.size(0), inner = codes.size(1), panels = (outputs + kPanelOutputs - 1) / kPanelOutputs;
   const int64_t padded = panels * kPanelOutputs;
   TORCH_CHECK(inner % 2 == 0 && (group_size == 0 || (group_size % 2 == 0 && inner % group_size == 0)),
@@ -175,7 +241,8 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemm: one input scale, or one per row");
   const torch::Tensor b = float_bias(bias, outputs, "int8_gemm");
-  const std::vector<int16_t> wide = widened_codes(codes);
+  const std::vector<int16_t> widened = int16_codes ? std::vector<int16_t>() : widened_codes(codes);
+  const int16_t* wide = int16_codes ? codes.data_ptr<int16_t>() : widened.data();
   torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
   const int8_t* w = packed.data_ptr<int8_t>();
   const float* sw = scales.data_ptr<float>();
@@ -185,19 +252,29 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
   const int64_t pairs_per_group = (grouped ? group_size : inner) / 2;
   float* out = y.data_ptr<float>();
   // The rows in chunks of widened codes that stay in a core's L2 cache while every panel multiplies them (a prefill
-  // of 8 x 512 rows read them again from memory for each panel otherwise).
+  // of 8 x 512 rows read them again from memory for each panel otherwise). A chunk of more than one tile multiplies
+  // a copy of each panel widened once to 16 bits (16 x in x 2 bytes), not the codes widened again in every tile.
   const int64_t chunk = std::max<int64_t>(kTileRows, kChunkBytes / (2 * inner) / kTileRows * kTileRows);
   for (int64_t first_row = 0; first_row < rows; first_row += chunk) {
     const int64_t end_row = std::min(rows, first_row + chunk);
+    const bool widen = end_row - first_row > kTileRows;
     at::parallel_for(0, panels, 1, [&](int64_t first, int64_t last) {
+      std::vector<int16_t> wide_panel(widen ? kPanelOutputs * inner : 0);
       for (int64_t panel = first; panel < last; ++panel) {
         const int8_t* weights = w + panel * kPanelOutputs * inner;
         const int64_t j0 = panel * kPanelOutputs;
-        for (int64_t m0 = first_row; m0 < end_row; m0 += kTileRows) {
-          const int64_t tile_rows = std::min<int64_t>(kTileRows, end_row - m0);  // (kTileRows is 3)
-          const auto tile = tile_rows == 3 ? gemm_tile<3> : tile_rows == 2 ? gemm_tile<2> : gemm_tile<1>;
-          tile(wide.data() + m0 * inner, inner, weights, groups, pairs_per_group, grouped, sw, padded,
-               sx + (per_row ? m0 : 0), per_row, bp, j0, outputs, out + m0 * outputs);
+        const auto tiles = [&](auto* panel_codes, auto tile_of_rows) {
+          for (int64_t m0 = first_row; m0 < end_row; m0 += kTileRows) {
+            tile_of_rows(std::min<int64_t>(kTileRows, end_row - m0))(
+                wide + m0 * inner, inner, panel_codes, groups, pairs_per_group, grouped, sw, padded,
+                sx + (per_row ? m0 : 0), per_row, bp, j0, outputs, out + m0 * outputs);
+          }
+        };
+        if (widen) {
+          for (int64_t i = 0; i < kPanelOutputs * inner; ++i) wide_panel[i] = weights[i];
+          tiles(wide_panel.data(), tile_of<int16_t>);
+        } else {
+          tiles(weights, tile_of<int8_t>);
         }
       }
     });
@@ -463,5 +540,6 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
+  module.def("int16_token_codes", &int16_token_codes, "per-token int16 codes and scales of float32 rows");
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
 }

@@ -153,7 +153,7 @@ class QuantLinear(nn.Module):
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
         self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
         self._decode_rows: DecodeRows | bool | None = None  # the int8 runtime's decode rows (False: none; None: ask)
-        self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime: the int4 kernel's tensors
+        self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime (`prepare_int4`)
         self._weight_only_pack: tuple[torch.Tensor, torch.Tensor] | None = None  # W8A16 on the AVX2 op: its panels
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
@@ -230,7 +230,7 @@ class QuantLinear(nn.Module):
                        int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None]
         if self._int4_weight is not None:
             w = self._int4_weight
-            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
+            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero, *(w.int16_pack or ())]  # (nibbles: a view)
         caches += self._weight_only_pack or ()
         return [tensor for tensor in caches if tensor is not None]
 
