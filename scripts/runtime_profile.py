@@ -73,8 +73,8 @@ def median_us(call: Callable[[], object], repeats: int = 200) -> float:
 
 
 def layer() -> None:
-    """W8A8 (int8 GEMM), W4 g64 asymmetric (int4 kernel / bfloat16 GEMM) and W4A8 g64 (int8 products by group)
-    Linears against float32, by rows."""
+    """W8A8 (int8 GEMM), W4 g64 asymmetric (int4 kernel / bfloat16 GEMM; int16 on AVX2) and W4A8 g64 (int8 products
+    by group) Linears against float32, by rows."""
     for name, group in (("w_int8_per_channel_a_int8_per_token_dynamic", None), ("w_uint4_per_group_asym", 64),
                         ("w_int4_per_group_sym_a_int8_per_token_dynamic", 64)):
         scheme = scheme_from_name(name, group_size=group)

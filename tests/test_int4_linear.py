@@ -43,7 +43,7 @@ def _bf16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int, native: bool,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(int4_linear, "native_bfloat16", lambda: native)
-    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the bfloat16 paths: no int16 prefill on an AVX2 CPU)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the bfloat16 paths, not int16_linear, on an AVX2 CPU)
     layer = _layer(spec)
     x = torch.randn(2, rows, 256)
     simulated = layer(x)
