@@ -112,9 +112,9 @@ def test_w4_on_avx2_takes_int16_codes(spec: QuantSpec, rows: int, avx2_without_b
     set_runtime(layer, "int8")
     y = layer(x)
     weight = layer._int4_weight
-    assert weight.int16_pack is not None and weight.kernel_codes is None  # (no int4 kernel copy beside the panels)
+    assert weight.int16_weight is not None and weight.kernel_codes is None  # (no int4 kernel copy beside the panels)
     cached = {id(t) for t in layer.runtime_caches()}
-    assert all(id(t) in cached for t in weight.int16_pack)  # (1 byte a weight, counted)
+    assert all(id(t) in cached for t in weight.int16_weight.tensors())  # (1 byte a weight, counted)
     assert y.dtype == torch.float32 and torch.equal(y, _int16_reference(layer, x))
     # each input off by at most 2^-16 of its row's largest value: far closer than the bfloat16 inputs' 2^-9 of each
     scale = simulated.abs().max()
@@ -152,7 +152,7 @@ def test_int16_path_is_off_where_it_could_overflow_or_is_switched_off(avx2_witho
     x = torch.randn(70, 4480)
     assert torch.allclose(wide(x), x.to(torch.bfloat16).float() @ wide.dequantized_weight().t() + wide.bias,
                           rtol=0, atol=4 * BF16_EPS * 4480 ** 0.5)
-    assert wide._int4_weight.int16_pack is None and wide._int4_weight.kernel_codes is not None
+    assert wide._int4_weight.int16_weight is None and wide._int4_weight.kernel_codes is not None
     layer = _layer(SPECS[0])
     set_runtime(layer, "int8")
     for rows in (70, 2):

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llmquant.nn.int8_gemv import avx2_gemm, avx2_gemm_pack, avx2_gemv_refusal, avx2_kernel, int16_token_codes
-from llmquant.nn.int8_linear import avx2_weight_refusal
+from llmquant.nn.int8_gemv import avx2_gemv_refusal, int16_token_codes
+from llmquant.nn.int8_linear import Avx2Weight, avx2_weight_refusal
 
 DECODE_MAX_ROWS = 64  # rows up to which torch's int4 kernel runs; the dequantized bfloat16 GEMM from there on
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
@@ -56,13 +56,13 @@ class Int4Weight:
     zero: torch.Tensor  # bfloat16 [out, groups, 1]: W_hat = (u - zero) * scale
     group_size: int
     # torch's int4 kernel: its layout of the same fields (uint8), and [in / kernel_group, out, 2] bfloat16 scales and
-    # offsets (8 - z) * s; None where `int16_pack` is made instead
+    # offsets (8 - z) * s; None where `int16_weight` is made instead
     kernel_codes: torch.Tensor | None
     kernel_scales: torch.Tensor | None
     kernel_group: int
     # On a CPU with AVX2 but neither native bfloat16 products nor VNNI: the codes u - z (int8) in the AVX2 op's panels
-    # of 16 outputs with the float32 scales (`avx2_gemm_pack`), which `int16_linear` reads at every row count; else None
-    int16_pack: tuple[torch.Tensor, torch.Tensor] | None
+    # with the float32 group scales, which `int16_linear` multiplies at every row count; else None
+    int16_weight: Avx2Weight | None
 
 
 def int4_refusal(bits: int, group_size: int, in_features: int, out_features: int, device: torch.device) -> str | None:
@@ -99,8 +99,8 @@ def prepare_int4(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, i
     assert size is not None
     common = {"nibbles": nibbles, "scale": scale.to(torch.bfloat16).unsqueeze(-1),
               "zero": zero.to(torch.bfloat16).unsqueeze(-1), "group_size": group_size, "kernel_group": size}
-    if (int16_pack := _int16_pack(fields, scale, zero, group_size)) is not None:
-        return Int4Weight(**common, kernel_codes=None, kernel_scales=None, int16_pack=int16_pack)
+    if (int16_weight := _int16_weight(fields, scale, zero, group_size)) is not None:
+        return Int4Weight(**common, kernel_codes=None, kernel_scales=None, int16_weight=int16_weight)
     repeat = group_size // size
     kernel_scale = scale.float().repeat_interleave(repeat, dim=1)
     offset = (FIELD_OFFSET - zero.float().repeat_interleave(repeat, dim=1)) * kernel_scale
@@ -108,26 +108,24 @@ def prepare_int4(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, i
         **common,
         kernel_codes=torch.ops.aten._convert_weight_to_int4pack_for_cpu(fields.to(torch.int32), 1),
         kernel_scales=torch.stack((kernel_scale.t(), offset.t()), -1).to(torch.bfloat16).contiguous(),
-        int16_pack=None,
+        int16_weight=None,
     )
 
 
 INT16_QMAX = 32767  # per-token int16 input codes of `int16_linear`
-INT32_MAX = 2**31 - 1
 
 
-def _int16_pack(fields: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The AVX2 op's panels of the codes u - z ``[out, in]`` with the scales, where `int16_linear` runs: a CPU with
-    AVX2 but neither native bfloat16 products nor VNNI, integral zero points (u - z exact in int8), and groups small
-    enough that a group's int32 sum cannot overflow (|x_q| <= 32767, |u - z| <= 15)."""
+def _int16_weight(fields: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Avx2Weight | None:
+    """The codes u - z ``[out, in]`` with the scales as the AVX2 op reads them (`Avx2Weight`), where `int16_linear`
+    runs: a CPU with AVX2 but neither native bfloat16 products nor VNNI, integral zero points (u - z exact in int8),
+    and groups small enough that a group's int32 sum cannot overflow (|x_q| <= 32767, |u - z| <= 15)."""
     out_features, in_features = fields.shape
-    if native_bfloat16() or group_size * INT16_QMAX * 15 > INT32_MAX:
+    if native_bfloat16() or group_size * INT16_QMAX * 15 > torch.iinfo(torch.int32).max:
         return None
     if avx2_weight_refusal(fields.device, in_features, group_size) is not None or not torch.equal(zero, zero.round()):
         return None
     codes = fields.view(out_features, -1, group_size).to(torch.int8) - zero.to(torch.int8).unsqueeze(-1)
-    return avx2_gemm_pack(codes.view(out_features, in_features), scale, group_size)
+    return Avx2Weight.from_codes(codes.view(out_features, in_features), scale, group_size)
 
 
 def int16_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -135,10 +133,9 @@ def int16_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | No
     inputs as per-token int16 codes x_q = round(x / s_x), s_x = max|x| / 32767, the products exact in int32 by the AVX2
     op (VPMADDWD, `avx2_gemm`), the scaling in float32. Each input's error is at most s_x / 2 (2^-16 of its row's
     largest value), against 2^-9 of each value for the bfloat16 inputs of W4A16 kernels."""
-    op = avx2_kernel(rows)
-    assert op is not None and weight.int16_pack is not None
-    codes, scale = int16_token_codes(op, rows.float())
-    return avx2_gemm(op, codes, weight.int16_pack, scale, bias, weight.scale.shape[0], weight.group_size)
+    assert weight.int16_weight is not None
+    codes, scale = int16_token_codes(weight.int16_weight.op, rows.float())
+    return weight.int16_weight(codes, scale, bias)
 
 
 def dequantize_bf16(weight: Int4Weight) -> torch.Tensor:
@@ -164,7 +161,7 @@ def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | Non
     `int16_linear`; elsewhere torch's int4 kernel for few rows, the bfloat16 GEMM of the dequantized weight for more
     (module docstring). With ``LLMQUANT_GEMV=0`` set after the weight was prepared for `int16_linear`, the bfloat16
     GEMM at every row count."""
-    if weight.int16_pack is not None and avx2_gemv_refusal(rows.device) is None:
+    if weight.int16_weight is not None and avx2_gemv_refusal(rows.device) is None:
         return int16_linear(rows, weight, bias).to(rows.dtype)
     inputs = rows.to(torch.bfloat16)
     if rows.shape[0] <= DECODE_MAX_ROWS and weight.kernel_codes is not None:

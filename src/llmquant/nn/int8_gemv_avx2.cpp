@@ -106,39 +106,28 @@ inline __m256i weight_pairs8(const int16_t* codes) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
 }
 
+// One row of int16_token_codes.
+void int16_row_codes(const float* row, int64_t inner, int16_t* codes, float* scale) {
+  const float unbounded = absolute_max(row, inner) / 32767.0f;
+  const float row_scale = unbounded < FLT_MIN ? FLT_MIN : unbounded;  // (NaN stays NaN)
+  *scale = row_scale;
+  const __m256 divisor = _mm256_set1_ps(row_scale);
+  int64_t i = 0;
+  for (; i + 8 <= inner; i += 8) {
+    const __m256i whole = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + i), divisor),
+                                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1)));
+  }
+  for (; i < inner; ++i) codes[i] = static_cast<int16_t>(std::nearbyint(row[i] / row_scale));
+}
+
 // Per-token int16 codes of float32 rows [n, in] and their scales [n, 1] (W4 on such CPUs,
 // llmquant.nn.int4_linear.int16_linear): scale = max(absmax / 32767, FLT_MIN), code = round-half-even(x / scale),
 // 8 values a step: torch's bits (abs, amax, div_, clamp_, div, round_, cast) in two passes over a row. A row with a
 // NaN has a NaN scale.
 std::vector<torch::Tensor> int16_token_codes(const torch::Tensor& rows_in) {
-  TORCH_CHECK(rows_in.dim() == 2 && rows_in.scalar_type() == torch::kFloat32,
-              "int16_token_codes: float32 rows [n, in]");
-  const torch::Tensor rows = rows_in.contiguous();
-  const int64_t count = rows.size(0), inner = rows.size(1);
-  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt16));
-  torch::Tensor scales = torch::empty({count, 1}, rows.options());
-  const float* x = rows.data_ptr<float>();
-  int16_t* c = codes.data_ptr<int16_t>();
-  float* s = scales.data_ptr<float>();
-  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      const float* row = x + m * inner;
-      int16_t* out = c + m * inner;
-      const float unbounded = absolute_max(row, inner) / 32767.0f;
-      const float scale = unbounded < FLT_MIN ? FLT_MIN : unbounded;  // (NaN stays NaN)
-      s[m] = scale;
-      const __m256 divisor = _mm256_set1_ps(scale);
-      int64_t i = 0;
-      for (; i + 8 <= inner; i += 8) {
-        const __m256i whole = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + i), divisor),
-                                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
-                         _mm_packs_epi32(_mm256_castsi256_si128(whole), _mm256_extracti128_si256(whole, 1)));
-      }
-      for (; i < inner; ++i) out[i] = static_cast<int16_t>(std::nearbyint(row[i] / scale));
-    }
-  });
-  return {codes, scales};
+  return llmquant::codes_by_row<int16_t>(rows_in, "int16_token_codes: float32 rows [n, in]", int16_row_codes);
 }
 
 constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts

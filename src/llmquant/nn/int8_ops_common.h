@@ -34,24 +34,32 @@ inline torch::Tensor float_bias(const std::optional<torch::Tensor>& bias, int64_
 using RowCodes = void (*)(const float* row, int64_t inner, float qmin, float qmax, float clip, float min_scale,
                          int8_t* codes, float* scale);
 
+// Codes of type Code in the shape of float32 `rows_in` [..., in] and their scales [rows, 1], each row by
+// row(values, inner, codes, &scale), the rows in parallel; `message` where rows_in is not float32 rows.
+template <typename Code, typename Row>
+std::vector<torch::Tensor> codes_by_row(const torch::Tensor& rows_in, const char* message, const Row& row) {
+  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, message);
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
+  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(c10::CppTypeToScalarType<Code>::value));
+  torch::Tensor scale = torch::empty({count, 1}, rows.options());
+  const float* x = rows.data_ptr<float>();
+  Code* c = codes.data_ptr<Code>();
+  float* s = scale.data_ptr<float>();
+  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) row(x + m * inner, inner, c + m * inner, s + m);
+  });
+  return {codes, scale};
+}
+
 template <RowCodes row_codes>
 std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax, double min_scale, double qmin,
                                        double clip) {
-  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32, "token_codes: float32 rows");
-  const torch::Tensor rows = rows_in.contiguous();
-  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
-  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
-  torch::Tensor scale = torch::empty({count, 1}, rows.options());
-  const float* x = rows.data_ptr<float>();
-  int8_t* c = codes.data_ptr<int8_t>();
-  float* s = scale.data_ptr<float>();
-  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      row_codes(x + m * inner, inner, static_cast<float>(qmin), static_cast<float>(qmax), static_cast<float>(clip),
-                static_cast<float>(min_scale), c + m * inner, s + m);
-    }
-  });
-  return {codes, scale};
+  return codes_by_row<int8_t>(rows_in, "token_codes: float32 rows",
+                              [&](const float* row, int64_t inner, int8_t* codes, float* scale) {
+                                row_codes(row, inner, static_cast<float>(qmin), static_cast<float>(qmax),
+                                          static_cast<float>(clip), static_cast<float>(min_scale), codes, scale);
+                              });
 }
 
 // The per-token codes (token_codes) of `states`, p float32 tensors [b, h, n, d] (a decode step's keys and values),

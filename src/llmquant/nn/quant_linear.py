@@ -230,7 +230,8 @@ class QuantLinear(nn.Module):
                        int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None]
         if self._int4_weight is not None:
             w = self._int4_weight
-            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero, *(w.int16_pack or ())]  # (nibbles: a view)
+            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
+            caches += w.int16_weight.tensors() if w.int16_weight is not None else []
         caches += self._weight_only_pack or ()
         return [tensor for tensor in caches if tensor is not None]
 
