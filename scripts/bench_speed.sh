@@ -37,6 +37,7 @@ speed none_quarot --scheme none --pre-opt quarot          # the cost of the onli
 speed w8a8_token --scheme w_int8_per_channel_a_int8_per_token_dynamic
 speed w8a8_static --scheme w_int8_per_channel_a_int8_per_tensor_static
 speed w4_g64 --scheme w_uint4_per_group_asym --group-size 64
+speed w3_g64 --scheme w_uint3_per_group_asym --group-size 64   # 3-bit fields run as 4-bit ones
 speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic
 again w8a8_token_bf16_attention w8a8_token --attention bfloat16  # its attention in bfloat16 (float32: the baseline)
 # the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process

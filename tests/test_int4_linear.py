@@ -1,7 +1,8 @@
 """The W4 weight-only CPU kernel (`llmquant.nn.int4_linear`): torch's int4 kernel for few rows, the dequantized
 bfloat16 GEMM for more; both compute the layer's function in bfloat16, checked against a float64 reference of the
-same bfloat16 inputs and against the float32 simulation. On a CPU with AVX2 but neither native bfloat16 products nor
-VNNI, every row count takes per-token int16 input codes and the AVX2 op's exact integer products (`int16_linear`)."""
+same bfloat16 inputs and against the float32 simulation; W3 and W2 weights run the same paths as 4-bit fields. On a
+CPU with AVX2 but neither native bfloat16 products nor VNNI, every row count takes per-token int16 input codes and the
+AVX2 op's exact integer products (`int16_linear`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ SPECS = [
     QuantSpec(bits=4, symmetric=False, granularity="group", group_size=128),
     QuantSpec(bits=4, symmetric=True, granularity="channel"),
     QuantSpec(bits=4, symmetric=False, granularity="tensor"),
+    QuantSpec(bits=3, symmetric=False, granularity="group", group_size=64),
+    QuantSpec(bits=2, symmetric=True, granularity="group", group_size=32),
 ]
 
 
@@ -165,6 +168,26 @@ def test_int16_path_is_off_where_it_could_overflow_or_is_switched_off(avx2_witho
         assert torch.allclose(layer(x), expected, rtol=2 * BF16_EPS, atol=1e-6) and not torch.equal(layer(x), int16)
 
 
+@pytest.mark.parametrize("bits", [3, 2])
+def test_fewer_bits_run_as_4_bit_fields(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A W3 or W2 layer's fields, unpacked once into bytes of two 4-bit fields, are its codes (q minus its zero point
+    in the field domain gives the stored code minus the stored zero); the copy is counted as a runtime cache."""
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    layer = _layer(QuantSpec(bits=bits, symmetric=False, granularity="group", group_size=64), 256, 32)
+    set_runtime(layer, "int8")
+    assert layer.runtime == "int8" and layer.int8_fallback is None
+    layer(torch.randn(1, 256))
+    weight = layer._int4_weight
+    fields = torch.stack((weight.nibbles & 15, weight.nibbles >> 4), -1).reshape(32, 256)
+    centre = 8 - 2 ** (bits - 1)  # (centred on the int4 kernel's 8)
+    assert centre <= fields.min() and fields.max() <= centre + 2**bits - 1 and weight.nibbles.shape == (32, 128)
+    zero = weight.zero.float().squeeze(-1).repeat_interleave(64, dim=1)
+    stored_zero = layer.weight_zero_point.float().repeat_interleave(64, dim=1)
+    assert torch.equal(fields.float() - zero, layer.codes().float() - stored_zero)
+    assert id(weight.nibbles) in {id(t) for t in layer.runtime_caches()}
+    assert torch.equal(int4_linear.nibbles_of(fields), weight.nibbles)
+
+
 def test_int4_caches_are_counted_and_dropped_with_the_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (torch's int4 kernel on any CPU)
     layer = _layer(SPECS[0], 256, 96)
@@ -185,7 +208,7 @@ def test_int4_caches_are_counted_and_dropped_with_the_weight(monkeypatch: pytest
 @pytest.mark.parametrize(("spec", "shape", "reason"), [
     (QuantSpec(bits=4, symmetric=False, granularity="group", group_size=32), (64, 40), "multiple of 16, not 40"),
     (QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16), (64, 32), "multiple of 32 input"),
-    (QuantSpec(bits=3, symmetric=False, granularity="group", group_size=32), (64, 32), "4-bit weights, not 3-bit"),
+    (QuantSpec(bits=5, symmetric=False, granularity="group", group_size=32), (64, 32), "2 to 4 bits, not 5-bit"),
 ])
 def test_shapes_the_kernel_refuses_keep_the_simulation(spec: QuantSpec, shape: tuple[int, int], reason: str) -> None:
     layer = _layer(spec, *shape)
@@ -201,11 +224,13 @@ def test_shapes_the_kernel_refuses_keep_the_simulation(spec: QuantSpec, shape: t
     assert torch.equal(layer(x), simulated)
 
 
-def test_w4_model_on_the_int4_kernel_keeps_its_logits(calib_ids: torch.Tensor, eval_ids: torch.Tensor) -> None:
+@pytest.mark.parametrize("scheme", ["w_uint4_per_group_asym", "w_uint3_per_group_asym"])
+def test_w4_model_on_the_int4_kernel_keeps_its_logits(scheme: str, calib_ids: torch.Tensor,
+                                                      eval_ids: torch.Tensor) -> None:
     import llmquant
 
     model = make_model("llama")
-    llmquant.quantize(model, {"scheme": "w_uint4_per_group_asym", "group_size": 32}, calib=calib_ids, progress=False)
+    llmquant.quantize(model, {"scheme": scheme, "group_size": 32}, calib=calib_ids, progress=False)
     with torch.no_grad():
         simulated = model(eval_ids).logits
         switched = set_runtime(model, "int8")

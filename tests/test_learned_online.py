@@ -169,7 +169,9 @@ def test_learning_lowers_the_quantized_output_error_and_keeps_the_float_function
 
 def test_a_learned_checkpoint_gives_the_same_logits_and_vllm_transforms(tmp_path: Path, calib_ids: torch.Tensor,
                                                                          eval_ids: torch.Tensor) -> None:
-    model = learned("llama", calib_ids, {"iterations": 16, "lr": 3e-2, "weights": False},
+    # (32 steps at 1e-2: layer 0 keeps its rotations, its loss 27% below the Hadamards' on an AVX512 EPYC; 16 at 3e-2
+    # kept none there)
+    model = learned("llama", calib_ids, {"iterations": 32, "lr": 1e-2, "weights": False},
                     kv_cache="int4_per_token_asym")
     kept = [row["learned_online_rotations"] for row in model.llmquant_manifest.layers]
     assert any(entry["kept"] for entry in kept)

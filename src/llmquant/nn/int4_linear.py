@@ -1,7 +1,9 @@
 """The W4 weight-only CPU kernel: y = x @ W_hat^T + b, W_hat = (u - z) * s per group of input columns (u the 4-bit
 field of a code, z its zero point in the field's domain, s its group's scale), computed as W4A16 kernels do
 (vLLM's, Marlin, torch's tinygemm): activations, scales and zero points in bfloat16, float32 accumulation, the
-output rounded to bfloat16. Two paths, chosen by the number of rows (a third instead on some CPUs):
+output rounded to bfloat16. W3 and W2 weights run the same paths as 4-bit fields centred on 8 (`nibbles_of`: half a
+byte a weight beside the checkpoint's packed words). Two paths, chosen by the number of rows (a third instead
+on some CPUs):
 
 - up to `DECODE_MAX_ROWS` (a decode step, a GEMV-like shape that reads the weight once per row block): torch's CPU
   int4 kernel ``aten._weight_int4pack_mm_for_cpu``, which reads the 4-bit codes in its own layout (made once per
@@ -45,13 +47,14 @@ DECODE_MAX_ROWS = 64  # rows up to which torch's int4 kernel runs; the dequantiz
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
 KERNEL_ROW_MULTIPLE = 16  # its output features must be a multiple of 16
 FIELD_OFFSET = 8  # the kernel's codes are fields u in [0, 15] with W_hat = (u - 8) * s + offset
+MIN_BITS = 2  # weights of 2 to 4 bits run as 4-bit fields
 
 
 @dataclass(frozen=True)
 class Int4Weight:
     """What the paths read, built once per layer (`prepare_int4`)."""
 
-    nibbles: torch.Tensor  # uint8 [out, in / 2]: the checkpoint's packed words as bytes (a view, no copy)
+    nibbles: torch.Tensor  # uint8 [out, in / 2]: a 4-bit checkpoint's packed words as bytes (a view), else a copy
     scale: torch.Tensor  # bfloat16 [out, groups, 1]
     zero: torch.Tensor  # bfloat16 [out, groups, 1]: W_hat = (u - zero) * scale
     group_size: int
@@ -66,10 +69,11 @@ class Int4Weight:
 
 
 def int4_refusal(bits: int, group_size: int, in_features: int, out_features: int, device: torch.device) -> str | None:
-    """Why the kernel cannot run a 4-bit weight ``[out, in]`` quantized in groups of ``group_size`` input columns
-    (``in`` for per-channel or per-tensor weights), or None."""
-    if bits != 4:
-        return f"the int4 kernel takes 4-bit weights, not {bits}-bit"
+    """Why the kernel cannot run a weight of ``bits`` bits ``[out, in]`` quantized in groups of ``group_size`` input
+    columns (``in`` for per-channel or per-tensor weights), or None. Weights of 2 or 3 bits run as 4-bit fields
+    (`nibbles_of`): the same function W_hat = (u - z) * s, u and z shifted by the same integer."""
+    if not MIN_BITS <= bits <= 4:
+        return f"the int4 kernel takes weights of {MIN_BITS} to 4 bits, not {bits}-bit"
     if device.type != "cpu":
         return f"the int4 kernel runs on the CPU, not {device.type}"
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") or sys.byteorder != "little":
@@ -86,14 +90,20 @@ def kernel_group(group_size: int) -> int | None:
     return next((size for size in KERNEL_GROUPS if group_size % size == 0), None)
 
 
+def nibbles_of(fields: torch.Tensor) -> torch.Tensor:
+    """Unsigned fields ``[out, in]`` below 16 (``in`` even) as bytes ``[out, in / 2]``, two a byte, the even one in the
+    low nibble: the layout of 4-bit weights packed in int32 words read as bytes on a little-endian machine."""
+    pairs = fields.to(torch.uint8).view(fields.shape[0], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
 @torch.no_grad()
-def prepare_int4(words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int) -> Int4Weight:
-    """Both paths' tensors for a weight packed as 4-bit fields in int32 ``words`` ``[out, in / 8]`` (compressed-tensors'
-    layout, `llmquant.quant.packing`), with ``scale`` and ``zero`` ``[out, groups]`` (float; W_hat = (u - zero) *
-    scale, u the unsigned field)."""
+def prepare_int4(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int) -> Int4Weight:
+    """Both paths' tensors for a weight held as 4-bit fields in ``nibbles`` ``[out, in / 2]`` (uint8, `nibbles_of`'s
+    layout: a 4-bit checkpoint's packed int32 words ``[out, in / 8]`` viewed as bytes, `llmquant.quant.packing`), with
+    ``scale`` and ``zero`` ``[out, groups]`` (float; W_hat = (u - zero) * scale, u the unsigned field)."""
     out_features, groups = scale.shape
     group_size = in_features // groups
-    nibbles = words.view(torch.uint8)
     fields = torch.stack((nibbles & 15, nibbles >> 4), -1).reshape(out_features, in_features)
     size = kernel_group(group_size)
     assert size is not None

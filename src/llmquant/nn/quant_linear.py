@@ -6,7 +6,7 @@ Two runtimes compute the same function:
   with a static scale (calibrated by an `Observer`) or a dynamic one (computed from x at run time);
 - ``int8`` (speed, W8A8 with symmetric int8 weights per tensor or channel and int8 inputs per tensor or
   token): y = s_x * s_w * (x_q @ W_q^T) + b with the int8 x int8 -> int32 product of `torch._int_mm` and
-  the scales applied once per output. The same runtime runs W4 weight-only layers on the CPU's int4 kernel
+  the scales applied once per output. The same runtime runs W4 (W3, W2) weight-only layers on the CPU's int4 kernel
   (`llmquant.nn.int4_linear`), FP8 W8A8 ones on ``torch._scaled_mm`` on CUDA (`llmquant.nn.fp8_linear`), and the
   rows of weight-only int8 ones (W8A16, e.g. a quantized head; up to 8 rows: decode steps, a batch's last prompt
   rows) on the decode op of `llmquant.nn.int8_gemv` (1 byte a weight read; float32 sums within roundings of the
@@ -41,7 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
-from llmquant.nn.int4_linear import Int4Weight, int4_linear, int4_refusal, prepare_int4
+from llmquant.nn.int4_linear import (
+    FIELD_OFFSET,
+    MIN_BITS,
+    Int4Weight,
+    int4_linear,
+    int4_refusal,
+    nibbles_of,
+    prepare_int4,
+)
 from llmquant.nn.int8_gemv import (
     WEIGHT_ONLY_GROUP_MULTIPLE,
     WEIGHT_ONLY_MAX_ROWS,
@@ -230,7 +238,8 @@ class QuantLinear(nn.Module):
                        int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None]
         if self._int4_weight is not None:
             w = self._int4_weight
-            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]  # (its nibbles are the packed words)
+            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]
+            caches += [w.nibbles] if self.weight_spec.bits != 4 else []  # (4-bit: a view of the packed words)
             caches += w.int16_weight.tensors() if w.int16_weight is not None else []
         caches += self._weight_only_pack or ()
         return [tensor for tensor in caches if tensor is not None]
@@ -370,10 +379,10 @@ class QuantLinear(nn.Module):
 
     @property
     def supports_int4(self) -> bool:
-        """Whether this layer is a 4-bit weight-only (W4A16) one, which the integer runtime runs with the CPU's int4
-        kernel (`llmquant.nn.int4_linear`) where `int8_refusal` allows."""
+        """Whether this layer is a 2- to 4-bit weight-only (W4A16, W3A16, W2A16) one, which the integer runtime runs
+        with the CPU's int4 kernel (`llmquant.nn.int4_linear`) where `int8_refusal` allows."""
         w = self.weight_spec
-        return self.input_spec is None and w is not None and w.type == "int" and w.bits == 4
+        return self.input_spec is None and w is not None and w.type == "int" and MIN_BITS <= w.bits <= 4
 
     def int8_refusal(self) -> str | None:
         """Why the kernel cannot run this (int8-, int4- or FP8-capable) layer where it is, or None: CUDA's
@@ -426,8 +435,8 @@ class QuantLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)  # (a decode step pays for a no-op call too)
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """W4 weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`), with the
-        kernel's tensors built on the first call."""
+        """W4 (W3, W2) weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`),
+        with the kernel's tensors built on the first call; fewer than 4 bits are unpacked once into 4-bit fields."""
         if self._int4_weight is None:
             spec = self.weight_spec
             assert spec is not None and self.packed
@@ -435,8 +444,14 @@ class QuantLinear(nn.Module):
                 return qparam.reshape(-1, qparam.shape[-1]).float().expand(self.out_features, -1)
             scale = grid(self.weight_scale)
             zero = grid(self.weight_zero_point) if not spec.symmetric else torch.zeros_like(scale)
-            field_zero = zero + (2 ** (spec.bits - 1) - storage_offset(spec))  # the zero point of the packed fields
-            self._int4_weight = prepare_int4(self.weight_packed, scale, field_zero, self.in_features)
+            # The 4-bit fields u = q - offset + 8 and their zero point: a 4-bit weight's packed fields as they are;
+            # fewer bits' fields unpacked once and centred on the kernel's 8, which keeps its bfloat16 offsets
+            # (8 - z) * s small (uncentred W2 fields put 6 s, rounded once for a whole group, on every weight)
+            field_zero = zero + (FIELD_OFFSET - storage_offset(spec))
+            centre = FIELD_OFFSET - 2 ** (spec.bits - 1)
+            nibbles = (self.weight_packed.view(torch.uint8) if spec.bits == 4
+                       else nibbles_of(unpack_fields(self.weight_packed, spec.bits, self.in_features) + centre))
+            self._int4_weight = prepare_int4(nibbles, scale, field_zero, self.in_features)
         y = int4_linear(x.reshape(-1, self.in_features), self._int4_weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
