@@ -109,10 +109,10 @@ def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8", dev
     ``device``: where the model goes: auto (None: the GPU when there is one, else the CPU), cpu, cuda or cuda:N;
     ``dtype``: auto (None: the dtype it was saved or quantized in; float32 for the default model), float32,
     bfloat16 or float16. ``runtime="int8"`` (the default) runs the W8A8 Linears of a quantized checkpoint as int8
-    GEMMs where the kernel takes them there, its W4 weight-only Linears with the CPU's int4 kernel in bfloat16 (as
-    W4A16 kernels compute: within bfloat16's rounding of the simulation), and makes a ``DynamicCache`` store its
-    quantized KV cache as int8 codes (`set_runtime`); ``"fake"`` simulates all of them, as `quantize` leaves the
-    model in memory (the W8A8 Linears and the KV cache give the same logits on both: BENCHMARKS.md, tests).
+    GEMMs where the kernel takes them there, its W4 (W3, W2) weight-only Linears with the CPU's int4 kernel in
+    bfloat16 (as W4A16 kernels compute: within bfloat16's rounding of the simulation), and makes a ``DynamicCache``
+    store its quantized KV cache as int8 codes (`set_runtime`); ``"fake"`` simulates all of them, as `quantize` leaves
+    the model in memory (the W8A8 Linears and the KV cache give the same logits on both: BENCHMARKS.md, tests).
     ``attention``: "model" (its dtype) or "bfloat16" (a float32 model's attention in bfloat16, a choice that changes
     the function: `llmquant.nn.attention_dtype`).
     """

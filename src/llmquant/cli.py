@@ -517,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     e.add_argument("--runtime", default="int8", choices=["int8", "fake"],
                    help="int8 (default: int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for "
-                        "W4 weight-only ones, int8 KV cache storage) or fake (simulated in float32)")
+                        "W4, W3 and W2 weight-only ones, int8 KV cache storage) or fake (simulated in float32)")
     e.add_argument("--quiet", action="store_true")
     _attention_flag(e)
     _placement_flags(e)
@@ -553,8 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", type=int, default=64, help="greedy decode steps after the prompt")
     b.add_argument("--repeats", type=int, default=5, help="rounds; the median is reported")
     b.add_argument("--runtime", default="int8", choices=["int8", "fake"],
-                   help="int8 (int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for W4 "
-                        "weight-only ones) or fake (simulated in float32)")
+                   help="int8 (int8 GEMMs for W8A8/W4A8 Linears, the CPU int4 kernel in bfloat16 for W4, "
+                        "W3 and W2 weight-only ones) or fake (simulated in float32)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     _attention_flag(b, " (of the model; the baseline's stays in its own)")
