@@ -368,6 +368,21 @@ def test_onednns_product_is_the_exact_integer_product(rows: int, inner: int, out
         assert torch.equal(kernel.int8_matmul(x, w).float(), exact), name
 
 
+def test_without_amx_onednn_is_refused_and_int_mm_multiplies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU with VNNI but no AMX (an AMD EPYC with AVX512-VNNI): oneDNN would take its reference kernel, so the
+    prefill's products are ``torch._int_mm``'s, with no oneDNN copy of the weights; the same bits."""
+    if not kernel.cpu_has_int8_instructions():
+        pytest.skip("the CPU has no VNNI or AMX: the AVX2 op's or float32 products (tests above)")
+    monkeypatch.setattr(kernel, "cpu_has_amx", lambda: False)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    assert "no AMX" in kernel.onednn_refusal(torch.device("cpu"))
+    monkeypatch.setattr(kernel, "onednn_product", lambda *args: pytest.fail("oneDNN's product called"))
+    layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+    x = torch.randn(kernel.ONEDNN_MIN_ROWS + 1, 96)
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer) and not any(t.is_mkldnn for t in layer.runtime_caches())
+
+
 @needs_onednn
 def test_onednn_runs_from_its_row_count_and_is_packed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = kernel.Int8Weight(torch.randint(-127, 128, (80, 96), dtype=torch.int8), True)

@@ -8,7 +8,8 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
   for all the Linears that read the same tensor, unchanged (q/k/v, gate/up: `shared_input_codes`);
 - the integer product (`int8_product`): oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise`` on the
   weight's codes prepacked once in its blocked layout, `Int8Weight`, with unit scales: x_q @ W_q^T as exact float32
-  values) on a CPU with VNNI or AMX int8 instructions from 128 rows (a prefill), else ``torch._int_mm`` (int32);
+  values) on a CPU with AMX from 128 rows (a prefill), else ``torch._int_mm`` (int32; with VNNI but no AMX oneDNN
+  takes its reference kernel for these signed inputs, `onednn_refusal`);
   on a CPU with neither (AVX2 only), where ``torch._int_mm`` is many times slower than float32, the float32
   product of the codes (`int_mm_refusal`); all exact (tested);
 - the scaling (`scale_output`): oneDNN's float32 product times the outer product s_x * s_w in place (an int32
@@ -196,7 +197,10 @@ def grouped_gemm_refusal(device: torch.device, in_features: int, group_size: int
 
 def onednn_refusal(device: torch.device) -> str | None:
     """Why oneDNN's int8 product does not run on ``device``, or None. Without VNNI or AMX, x86 int8 kernels
-    multiply in 16-bit pairs that can saturate: ``torch._int_mm`` is used there."""
+    multiply in 16-bit pairs that can saturate; with VNNI but no AMX, oneDNN (torch 2.13) runs this product of signed
+    int8 inputs with its reference kernel, ``ref_int8`` in ``ONEDNN_VERBOSE``'s words: on an AMD EPYC with AVX512-VNNI
+    a 512 x 576 by 576 x 576 product took 2.9 s against 0.9 ms for ``torch._int_mm`` (one thread; BENCHMARKS.md,
+    "A CPU with AVX512-VNNI and bfloat16 but no AMX"). ``torch._int_mm`` is used there."""
     if os.environ.get("LLMQUANT_ONEDNN", "1") == "0":
         return "off (LLMQUANT_ONEDNN=0)"
     if device.type != "cpu":
@@ -205,7 +209,15 @@ def onednn_refusal(device: torch.device) -> str | None:
         return "this torch has no oneDNN int8 linear"
     if not cpu_has_int8_instructions():
         return "the CPU has no VNNI or AMX int8 instructions"
+    if not cpu_has_amx():
+        return "the CPU has no AMX (oneDNN's int8 linear of signed inputs takes its reference kernel there)"
     return None
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles (the Xeon where oneDNN's int8 linear was measured faster than ``_int_mm``)."""
+    return torch.cpu._is_amx_tile_supported()
 
 
 def int_mm_refusal(device: torch.device) -> str | None:
