@@ -442,11 +442,14 @@ def test_the_decode_ops_product_is_exact_and_its_codes_and_scaling_are_torchs(in
         product = (torch.randint(-128, 128, (rows, inner), generator=generator).float()
                    @ torch.randint(-128, 128, (inner, outputs), generator=generator).float())
         scales = ((torch.rand(rows, 1), torch.rand(1, outputs)), (torch.rand(1, 1), torch.rand(1, 1)))
+        integer = product.to(torch.int32)
+        integer[0, 0] = 2**24 + 3  # (beyond float32's integers: rounded by the conversion as by torch's promotion)
         for scale, weight_scale in scales:
             for bias in (None, torch.randn(outputs)):
-                expected = kernel.scale_output(product.clone(), scale, weight_scale, bias)
-                scaled = int8_gemv.scale_product(decode_op, product.clone(), scale, weight_scale, bias)
-                assert torch.equal(scaled, expected), (rows, bias is None)
+                for found in (product, integer):  # oneDNN's float32 product, torch._int_mm's int32 one
+                    expected = kernel.scale_output(found.clone(), scale, weight_scale, bias)
+                    scaled = int8_gemv.scale_product(decode_op, found.clone(), scale, weight_scale, bias)
+                    assert scaled.dtype == torch.float32 and torch.equal(scaled, expected), (rows, bias is None)
 
 
 @needs_gemv

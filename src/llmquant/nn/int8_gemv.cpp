@@ -219,20 +219,34 @@ torch::Tensor static_fp8_codes(const torch::Tensor& rows_in, const torch::Tensor
   return codes;
 }
 
+// An int32 row converted to float32 in its own memory (torch's promotion: rounded to nearest beyond 2^24), each
+// value read and written through memcpy (no type punning).
+void int32_row_to_float(unsigned char* row, int64_t outputs) {
+  for (int64_t j = 0; j < outputs; ++j) {
+    int32_t value;
+    std::memcpy(&value, row + 4 * j, 4);
+    const float converted = static_cast<float>(value);
+    std::memcpy(row + 4 * j, &converted, 4);
+  }
+}
+
 // product[m, j] = product[m, j] * (s_x[m] * s_w[j]) + b[j], in place, for a float32 product [rows, out] (oneDNN's
-// exact integer product): llmquant.nn.int8_linear.scale_output's operations and order without its [rows, out]
+// exact integer product) or an int32 one (torch._int_mm's, converted to float32 in its own memory first: the caller
+// reads the result as float32): llmquant.nn.int8_linear.scale_output's operations and order without its [rows, out]
 // outer product s_x * s_w, in one pass.
 void scale_product(torch::Tensor& product, const torch::Tensor& input_scale, const torch::Tensor& weight_scale,
                    const std::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(product.dim() == 2 && product.scalar_type() == torch::kFloat32 && product.is_contiguous(),
-              "scale_product: a contiguous float32 [rows, out] product");
+  const bool integer = product.scalar_type() == torch::kInt32;
+  TORCH_CHECK(product.dim() == 2 && (integer || product.scalar_type() == torch::kFloat32) && product.is_contiguous(),
+              "scale_product: a contiguous float32 or int32 [rows, out] product");
   const int64_t rows = product.size(0), outputs = product.size(1);
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
   const torch::Tensor s_w = weight_scale.to(torch::kFloat32).contiguous();
   TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "scale_product: one input scale, or one per row");
   TORCH_CHECK(s_w.numel() == 1 || s_w.numel() == outputs, "scale_product: one weight scale, or one per output");
   const torch::Tensor b = float_bias(bias, outputs, "scale_product");
-  float* y = product.data_ptr<float>();
+  unsigned char* bytes = static_cast<unsigned char*>(product.data_ptr());
+  float* y = reinterpret_cast<float*>(bytes);
   const float* sx = s_x.data_ptr<float>();
   const float* sw = s_w.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -240,6 +254,7 @@ void scale_product(torch::Tensor& product, const torch::Tensor& input_scale, con
   at::parallel_for(0, rows, 8, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
       const float row_scale = sx[per_row ? m : 0];
+      if (integer) int32_row_to_float(bytes + 4 * m * outputs, outputs);
       float* row = y + m * outputs;
       if (per_output) {
         for (int64_t j = 0; j < outputs; ++j) row[j] = row[j] * (row_scale * sw[j]);
@@ -736,7 +751,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
-  module.def("scale_product", &scale_product, "oneDNN's float32 product scaled by s_x * s_w and the bias, in place");
+  module.def("scale_product", &scale_product,
+             "an integer product (float32 or int32) scaled by s_x * s_w and the bias, in place, as float32");
   module.def("dequantize_rows", &dequantize_rows, "int8 codes times one scale per row, into out (the INT8 KV cache)");
   module.def("weight_only_gemv", &weight_only_gemv,
              "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)",

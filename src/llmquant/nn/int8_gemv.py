@@ -219,11 +219,13 @@ def _call(kernel: ModuleType, name: str, *args: object) -> Any:
 
 def scale_product(kernel: ModuleType, product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """``product`` (float32 ``[n, out]``, contiguous: oneDNN's exact integer product) times s_x * s_w, plus the
-    bias, in place and in one pass: `llmquant.nn.int8_linear.scale_output`'s values without its ``[n, out]`` outer
-    product (`scripts/runtime_profile.py ops`)."""
+    """``product`` (contiguous ``[n, out]``: oneDNN's exact integer product in float32, or ``torch._int_mm``'s in
+    int32, converted to float32 in its own memory) times s_x * s_w, plus the bias, in place and in one pass:
+    `llmquant.nn.int8_linear.scale_output`'s values without its ``[n, out]`` outer product or, for int32, the new
+    float32 tensor of its promotion (`scripts/runtime_profile.py ops`). Returns the float32 result (a view of
+    ``product``'s memory)."""
     _call(kernel, "scale_product", product, scale, weight_scale, bias)
-    return product
+    return product if product.dtype == torch.float32 else product.view(torch.float32)
 
 
 def dequantize_rows(kernel: ModuleType, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:

@@ -473,7 +473,8 @@ def decode_rows(weight: Int8Weight | Avx2Weight, weight_scale: torch.Tensor, bia
 def _op_kernels(rows: torch.Tensor
                 ) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]:
     """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its codes
-    (`op_codes`) and its one-pass `scale_product` for oneDNN's float32 products; where the AVX2 op runs, its
+    (`op_codes`) and its one-pass `scale_product` for oneDNN's float32 products and ``torch._int_mm``'s int32 ones
+    (converted in their own memory: no promoted copy); where the AVX2 op runs, its
     per-token codes (`avx2_codes`) and torch's scaling; else torch's."""
     op = cpu_kernel(rows)
     if op is not None:
@@ -489,7 +490,7 @@ def _in_place_scaling(op: ModuleType) -> Callable[..., torch.Tensor]:
 
 def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
                      bias: torch.Tensor | None) -> torch.Tensor:
-    if product.dtype == torch.float32 and product.is_contiguous():
+    if product.dtype in (torch.float32, torch.int32) and product.is_contiguous():
         return scale_product(op, product, scale, weight_scale, bias)
     return scale_output(product, scale, weight_scale, bias)
 
