@@ -556,12 +556,15 @@ def set_input_clip(model: nn.Module, ratio: float) -> int:
     return changed
 
 
-def set_runtime(model: nn.Module, runtime: str) -> int:
+def set_runtime(model: nn.Module, runtime: str, exact_only: bool = False) -> int:
     """Run every `QuantLinear` that can with ``runtime`` ("fake" or "int8"), and store the KV cache of the
     attentions with a `KVCacheQuantizer` as int8 or simulate it (`set_kv_cache_runtime`); return how many
     modules (QuantLinears and KV-cache quantizers) switched. An int8-capable layer the kernel refuses where it
     is (`QuantLinear.int8_refusal`) keeps the simulation, which computes the same function; the reason is logged
-    once and kept on the layer (``int8_fallback``)."""
+    once and kept on the layer (``int8_fallback``). ``exact_only``: only the integer products that give the
+    simulation's bits (W8A8, W4A8, W4A4); weight-only layers (the int4 kernel's bfloat16, the W8A16 op's float32
+    sums) and FP8 GEMMs keep the simulation (the engine's propagation: with `best_w3_g64.yaml` the bfloat16
+    outputs fed to the next layer's GPTQ cost x1.1287 -> x1.1371 on pydoc, BENCHMARKS.md)."""
     if runtime not in ("fake", "int8"):
         from llmquant.errors import LlmquantError
 
@@ -570,8 +573,8 @@ def set_runtime(model: nn.Module, runtime: str) -> int:
     reasons: set[str] = set()
     for module in model.modules():
         if not isinstance(module, QuantLinear) or (
-                runtime == "int8" and not (module.supports_int8 or module.supports_int4 or module.supports_fp8
-                                           or module.supports_weight_only_int8)):
+                runtime == "int8" and not (module.supports_int8 or (not exact_only and (
+                    module.supports_int4 or module.supports_fp8 or module.supports_weight_only_int8)))):
             continue
         refusal = module.int8_refusal() if runtime == "int8" else None
         module.int8_fallback = refusal

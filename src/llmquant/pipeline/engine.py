@@ -424,7 +424,7 @@ def quantize_layer(
                                               reference=reference)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
-        set_runtime(layer, "int8")
+        set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
         probe = _LinearErrorProbe(layer, ctx.linears)
         try:
             with lean_experts(layer, _capped(policy)):  # (under a cap: one expert's kernel caches at a time)
