@@ -188,6 +188,19 @@ def test_fewer_bits_run_as_4_bit_fields(bits: int, monkeypatch: pytest.MonkeyPat
     assert torch.equal(int4_linear.nibbles_of(fields), weight.nibbles)
 
 
+def test_the_engines_exact_runtime_leaves_weight_only_layers_simulated() -> None:
+    """`set_runtime(..., exact_only=True)`, the engine's switch for the layer it propagates: integer products that
+    give the simulation's bits switch, the int4 kernel's bfloat16 layers do not (their outputs feed the next
+    layer's GPTQ)."""
+    weight_only = _layer(SPECS[0])
+    integer = QuantLinear.from_linear(nn.Linear(256, 96), QuantSpec(bits=8, granularity="channel"),
+                                      QuantSpec(bits=8, granularity="token", dynamic=True))
+    model = nn.Sequential(weight_only, integer)
+    assert set_runtime(model, "int8", exact_only=True) == 1
+    assert weight_only.runtime == "fake" and integer.runtime == "int8"
+    assert set_runtime(model, "int8") == 2 and weight_only.runtime == "int8"
+
+
 def test_int4_caches_are_counted_and_dropped_with_the_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (torch's int4 kernel on any CPU)
     layer = _layer(SPECS[0], 256, 96)
