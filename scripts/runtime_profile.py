@@ -10,6 +10,7 @@
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
     .venv/bin/python scripts/runtime_profile.py ops                 # the decode op's scaling and KV update alone
     .venv/bin/python scripts/runtime_profile.py kvlayer             # one INT8 KV cache layer's decode step (any op)
+    .venv/bin/python scripts/runtime_profile.py onednn              # oneDNN's int8 linear: its kernel, its time
     .venv/bin/python scripts/runtime_profile.py prefetch --model DIR  # the op's prefetch of weight rows, on / off
     .venv/bin/python scripts/runtime_profile.py rows                # the op's row rules: DecodeRows, W4A8, W8A16
     .venv/bin/python scripts/runtime_profile.py avx2                # the AVX2 op against float32, by rows
@@ -44,8 +45,10 @@ products) and with torch's operations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -419,6 +422,12 @@ def ops() -> None:
     torch_us = median_us(lambda: int8_linear.scale_output(product.clone(), scale, weight_scale, None))
     op_us = median_us(lambda: int8_gemv.scale_product(op, product.clone(), scale, weight_scale, None))
     print(f"scaling 512 x 1536 (a copy included: {copy_us:.0f} us): torch {torch_us:.0f} us, the op {op_us:.0f} us")
+    integers = torch.randint(-2**20, 2**20, (512, 1536), dtype=torch.int32)  # torch._int_mm's product
+    int_copy_us = median_us(lambda: integers.clone())
+    int_torch_us = median_us(lambda: int8_linear.scale_output(integers.clone(), scale, weight_scale, None))
+    int_op_us = median_us(lambda: int8_gemv.scale_product(op, integers.clone(), scale, weight_scale, None))
+    print(f"scaling an int32 product of 512 x 1536 (a copy included: {int_copy_us:.0f} us): torch's promotion "
+          f"{int_torch_us:.0f} us, the op in place {int_op_us:.0f} us")
     static = torch.full((1, 1), 0.05)
 
     def codes_us(rows: torch.Tensor) -> list[float]:  # per token by torch, by the op; static by torch, by the op
@@ -440,6 +449,68 @@ def ops() -> None:
     print(f"a head of 576 -> 49152 at one row: float32 F.linear {float_us:.0f} us, weight-only int8 on the op "
           f"{int8_us:.0f} us")
     kv_layer()
+
+
+def onednn(rows: int = 512, inner: int = 576, outputs: tuple[int, ...] = (576, 1536)) -> None:
+    """oneDNN's int8 linear (``torch.ops.onednn.qlinear_pointwise``, what `llmquant.nn.int8_linear.onednn_product`
+    calls) on signed int8 inputs and on unsigned ones (the codes + 128, zero point 128), ``torch._int_mm`` and float32
+    ``F.linear``, ``rows`` x ``inner`` by ``inner`` x each of ``outputs``, medians; with the implementation oneDNN
+    names in its verbose log (``ref`` is its reference kernel: `onednn_refusal` refuses oneDNN on a CPU without AMX,
+    where it took that one for signed inputs). The same products, checked on the way."""
+    x_codes = torch.randint(-127, 128, (rows, inner), dtype=torch.int8)
+    for out in outputs:
+        onednn_products(x_codes, torch.randint(-127, 128, (out, inner), dtype=torch.int8))
+
+
+def onednn_products(x_codes: torch.Tensor, weight: torch.Tensor) -> None:
+    """One shape of `onednn`."""
+    packed = torch.ops.onednn.qlinear_prepack(weight, None)
+    unit, zero, out = torch.ones(()), torch.zeros((), dtype=torch.int32), weight.shape[0]
+    ones, zeros = torch.ones(out), torch.zeros(out, dtype=torch.int32)
+    unsigned_codes = (x_codes.to(torch.int16) + 128).to(torch.uint8)
+
+    def signed() -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise.tensor(x_codes, unit, zero, packed, ones, zeros, None, 1.0, 0,
+                                                         torch.float32, "none", [], "")
+
+    def unsigned() -> torch.Tensor:
+        return torch.ops.onednn.qlinear_pointwise.tensor(unsigned_codes, unit, zero + 128, packed, ones, zeros, None,
+                                                         1.0, 0, torch.float32, "none", [], "")
+
+    exact = torch.ops.aten._int_mm(x_codes, weight.t()).float()
+    kernels = {}
+    for name, call in (("signed", signed), ("unsigned", unsigned)):
+        if not torch.equal(call(), exact):
+            raise SystemExit(f"oneDNN's {name} product differs from torch._int_mm's")
+        kernels[name] = _onednn_implementation(call)
+    float_input, float_weight = x_codes.float(), weight.float()
+    start = time.perf_counter()
+    signed()
+    once_us = (time.perf_counter() - start) * 1e6  # (oneDNN's reference kernel takes seconds: timed once, then)
+    times = {"oneDNN signed": once_us if once_us > 100_000 else median_us(signed, 50),
+             "oneDNN unsigned": median_us(unsigned, 50),
+             "torch._int_mm": median_us(lambda: torch.ops.aten._int_mm(x_codes, weight.t()), 50),
+             "float32 F.linear": median_us(lambda: torch.nn.functional.linear(float_input, float_weight), 50)}
+    print(f"{x_codes.shape[0]} x {x_codes.shape[1]} by {x_codes.shape[1]} x {out}: "
+          + ", ".join(f"{name} {us:.0f} us" for name, us in times.items())
+          + f"; oneDNN's implementation: signed {kernels['signed']}, unsigned {kernels['unsigned']}")
+
+
+def _onednn_implementation(call: Callable[[], object]) -> str:
+    """The implementation oneDNN's verbose log names for ``call``'s matmul (its standard output, caught at the file
+    descriptor)."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        saved = os.dup(1)
+        try:
+            os.dup2(log.fileno(), 1)
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                call()
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        fields = [line.split(",") for line in log.read().splitlines() if ",exec," in line and ",matmul," in line]
+    return fields[-1][fields[-1].index("matmul") + 1] if fields else "not named (no verbose line)"
 
 
 def kv_layer() -> None:
@@ -574,7 +645,8 @@ def avx2(layers: int = 30, repeats: int = 50) -> None:
     ``repeats`` rounds of all; the same bits as the float32 product of the codes (checked on the way)."""
     from llmquant.nn import int8_gemv
 
-    int8_gemv.cpu_has_int8_instructions = lambda: False  # (this process only: the op where it can run)
+    feigned = dataclasses.replace(int8_gemv.cpu_features(), vnni=False, avx512_vnni=False, amx=False)
+    int8_gemv.cpu_features = lambda: feigned  # (this process only: the op where it can run)
     op = int8_gemv.avx2_kernel(torch.empty(0))
     if op is None:
         raise SystemExit(f"the AVX2 op does not run here: {int8_gemv.avx2_gemv_refusal(torch.device('cpu'))}")
@@ -615,7 +687,7 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2"])
+                                         "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -636,6 +708,8 @@ def main() -> None:
         ops()
     elif args.what == "kvlayer":
         kv_layer()
+    elif args.what == "onednn":
+        onednn()
     elif args.what == "fp8":
         fp8(args.device)
     elif args.what == "kernels":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: tests never touch the network
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llmquant.data import pydoc_text
-from llmquant.nn import int8_gemv, int8_linear
+from llmquant.nn import int8_gemv
 from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
 from llmquant.testing.tiny_models import (  # noqa: F401  (the tests import these from here)
     FAMILIES,
@@ -74,12 +75,19 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Why the AVX2 op of `llmquant.nn.int8_gemv` cannot run here even on a CPU without VNNI or AMX (no AVX2, no compiler)
-AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_has_avx2() else int8_gemv._tool_refusal()
+AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_features().avx2 else int8_gemv._tool_refusal()
+
+
+def feign_cpu(monkeypatch: pytest.MonkeyPatch, **features: bool) -> None:
+    """This CPU as the runtime sees it (`llmquant.nn.int8_gemv.cpu_features`), with ``features`` (fields of
+    `CpuFeatures`) changed."""
+    feigned = dataclasses.replace(int8_gemv.cpu_features(), **features)
+    monkeypatch.setattr(int8_gemv, "cpu_features", lambda: feigned)
 
 
 def feign_no_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU without VNNI or AMX int8 instructions (AVX2 only) as far as the int8 runtime asks: no oneDNN int8
-    product, no ``torch._int_mm``, no VNNI decode op (where the AVX2 op can run, it runs)."""
-    for module in (int8_linear, int8_gemv):
-        monkeypatch.setattr(module, "cpu_has_int8_instructions", lambda: False)
-    monkeypatch.setattr(int8_gemv, "_cpu_has_vnni", lambda: False)
+    product, no ``torch._int_mm``, no VNNI decode op (where the AVX2 op can run, it runs); its bfloat16 products as
+    they are."""
+    native_bfloat16 = int8_gemv.cpu_features().native_bfloat16
+    feign_cpu(monkeypatch, vnni=False, avx512_vnni=False, amx=False, avx512_bf16=native_bfloat16)

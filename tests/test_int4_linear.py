@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import AVX2_OP_REFUSAL, feign_no_int8_instructions, make_model
+from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, make_model
 from llmquant.nn import int4_linear, int8_linear
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec
@@ -45,7 +45,7 @@ def _bf16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("native", [True, False], ids=["bf16_gemm", "float32_gemm"])  # (no AVX512-BF16 or AMX: False)
 def test_int4_runtime_computes_the_layer_in_bfloat16(spec: QuantSpec, rows: int, native: bool,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(int4_linear, "native_bfloat16", lambda: native)
+    feign_cpu(monkeypatch, avx512_bf16=native, amx=False)
     monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (the bfloat16 paths, not int16_linear, on an AVX2 CPU)
     layer = _layer(spec)
     x = torch.randn(2, rows, 256)
@@ -84,7 +84,7 @@ def avx2_without_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU with AVX2 but neither VNNI nor AMX nor AVX512-BF16 (feigned where present)."""
     feign_no_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
-    monkeypatch.setattr(int4_linear, "native_bfloat16", lambda: False)
+    feign_cpu(monkeypatch, avx512_bf16=False)
 
 
 def _int16_reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:

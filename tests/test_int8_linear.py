@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llmquant
-from conftest import AVX2_OP_REFUSAL, feign_no_int8_instructions, logits, make_model, relative_error
+from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, logits, make_model, relative_error
 from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.kv_storage import cache_argument, returned_cache
@@ -269,15 +269,14 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
 
 def test_the_avx2_op_refuses_where_it_does_not_belong(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
-    monkeypatch.setattr(int8_gemv, "cpu_has_int8_instructions", lambda: True)
+    feign_cpu(monkeypatch, vnni=True)
     assert int8_gemv.avx2_gemv_refusal(cpu).startswith("the CPU has VNNI or AMX int8 instructions")
     assert int8_gemv.avx2_kernel(torch.empty(0)) is None
     assert int8_gemv.avx2_gemv_refusal(torch.device("meta")) == "not on the CPU"
     monkeypatch.setenv("LLMQUANT_GEMV", "0")
     assert int8_gemv.avx2_gemv_refusal(cpu) == "off (LLMQUANT_GEMV=0)"
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
-    monkeypatch.setattr(int8_gemv, "cpu_has_int8_instructions", lambda: False)
-    monkeypatch.setattr(int8_gemv, "cpu_has_avx2", lambda: False)
+    feign_cpu(monkeypatch, vnni=False, amx=False, avx2=False)
     assert int8_gemv.avx2_gemv_refusal(cpu) == "the CPU has no AVX2 instructions"
 
 
@@ -371,9 +370,9 @@ def test_onednns_product_is_the_exact_integer_product(rows: int, inner: int, out
 def test_without_amx_onednn_is_refused_and_int_mm_multiplies(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU with VNNI but no AMX (an AMD EPYC with AVX512-VNNI): oneDNN would take its reference kernel, so the
     prefill's products are ``torch._int_mm``'s, with no oneDNN copy of the weights; the same bits."""
-    if not kernel.cpu_has_int8_instructions():
+    if not int8_gemv.cpu_features().int8_instructions:
         pytest.skip("the CPU has no VNNI or AMX: the AVX2 op's or float32 products (tests above)")
-    monkeypatch.setattr(kernel, "cpu_has_amx", lambda: False)
+    feign_cpu(monkeypatch, amx=False)
     monkeypatch.setenv("LLMQUANT_GEMV", "0")
     assert "no AMX" in kernel.onednn_refusal(torch.device("cpu"))
     monkeypatch.setattr(kernel, "onednn_product", lambda *args: pytest.fail("oneDNN's product called"))
@@ -536,7 +535,7 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
     assert "decode steps use torch._int_mm" in caplog.text
 
 
-@pytest.mark.skipif(not int8_gemv.cpu_has_avx2(), reason="no AVX2 here")
+@pytest.mark.skipif(not int8_gemv.cpu_features().avx2, reason="no AVX2 here")
 def test_where_the_avx2_op_cannot_be_built_the_codes_multiply_as_float32(monkeypatch: pytest.MonkeyPatch,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """No compiler, or a failed build (logged once, kept as the reason): the float32 product of the codes, the

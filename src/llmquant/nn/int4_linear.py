@@ -15,8 +15,8 @@ on some CPUs):
   little-endian machine), then one bfloat16 GEMM (oneDNN; avx512_bf16 here). At 512 rows: 2.8 ms (about 0.4 of it
   the dequantization) against 4.7 ms for the float32 Linear. torch's int4 kernel is slower than float32 there (it
   does not use the bfloat16 dot-product instructions), the dequantized GEMM below about 64 rows. On a CPU without
-  native bfloat16 products (`native_bfloat16`: no AVX512-BF16 or AMX), the same bfloat16 values are multiplied in
-  float32 and the output rounded to bfloat16: the same function up to the order of the float32 sums.
+  native bfloat16 products (`CpuFeatures.native_bfloat16`: no AVX512-BF16 or AMX), the same bfloat16 values are
+  multiplied in float32 and the output rounded to bfloat16: the same function up to the order of the float32 sums.
 - on a CPU with AVX2 but neither native bfloat16 products nor VNNI (`int16_linear`, where the AVX2 op of
   `llmquant.nn.int8_gemv` runs), every row count: the inputs as per-token int16 codes, multiplied exactly by the
   codes u - z in int32 (VPMADDWD), scaled per group in float32. Closer to the simulation than bfloat16 (each input
@@ -33,13 +33,13 @@ panels.
 
 from __future__ import annotations
 
-import functools
 import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from llmquant.nn import int8_gemv
 from llmquant.nn.int8_gemv import avx2_gemv_refusal, int16_token_codes
 from llmquant.nn.int8_linear import Avx2Weight, avx2_weight_refusal
 
@@ -130,7 +130,7 @@ def _int16_weight(fields: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
     runs: a CPU with AVX2 but neither native bfloat16 products nor VNNI, integral zero points (u - z exact in int8),
     and groups small enough that a group's int32 sum cannot overflow (|x_q| <= 32767, |u - z| <= 15)."""
     out_features, in_features = fields.shape
-    if native_bfloat16() or group_size * INT16_QMAX * 15 > torch.iinfo(torch.int32).max:
+    if int8_gemv.cpu_features().native_bfloat16 or group_size * INT16_QMAX * 15 > torch.iinfo(torch.int32).max:
         return None
     if avx2_weight_refusal(fields.device, in_features, group_size) is not None or not torch.equal(zero, zero.round()):
         return None
@@ -159,13 +159,6 @@ def dequantize_bf16(weight: Int4Weight) -> torch.Tensor:
     return fields.view(out_features, 2 * half)
 
 
-@functools.cache
-def native_bfloat16() -> bool:
-    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): oneDNN's bfloat16 GEMM is emulated without,
-    and a 512-token W4 prefill took 6x float32's time on an AVX2-only EPYC (BENCHMARKS.md "Runtimes")."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-
-
 def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """y ``[n, out]`` in ``rows``' dtype for ``rows`` ``[n, in]``: on an AVX2 CPU without native bfloat16
     `int16_linear`; elsewhere torch's int4 kernel for few rows, the bfloat16 GEMM of the dequantized weight for more
@@ -177,7 +170,7 @@ def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | Non
     if rows.shape[0] <= DECODE_MAX_ROWS and weight.kernel_codes is not None:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(inputs, weight.kernel_codes, weight.kernel_group,
                                                        weight.kernel_scales)
-    elif native_bfloat16():
+    elif int8_gemv.cpu_features().native_bfloat16:
         y = F.linear(inputs, dequantize_bf16(weight))
     else:  # the same bfloat16 values multiplied in float32, the output rounded to bfloat16 as the GEMM's
         y = F.linear(inputs.float(), dequantize_bf16(weight).float()).to(torch.bfloat16)

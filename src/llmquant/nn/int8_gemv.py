@@ -44,6 +44,7 @@ import shutil
 import sysconfig
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -74,18 +75,13 @@ def gemv_refusal(device: torch.device) -> str | None:
         return "off (LLMQUANT_GEMV=0)"
     if device.type != "cpu":
         return "not on the CPU"
-    if not _cpu_has_vnni():
+    if not cpu_features().avx512_vnni:
         return "the CPU has no AVX512-VNNI instructions"
     if _kernel is not None:
         return None
     if _build_error is not None:
         return _build_error
     return _tool_refusal()
-
-
-@functools.cache
-def _cpu_has_vnni() -> bool:
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and getattr(torch.cpu, "_is_vnni_supported", bool)()
 
 
 def _tool_refusal() -> str | None:
@@ -136,26 +132,45 @@ def avx2_gemv_refusal(device: torch.device) -> str | None:
         return "off (LLMQUANT_GEMV=0)"
     if device.type != "cpu":
         return "not on the CPU"
-    if cpu_has_int8_instructions():
+    if cpu_features().int8_instructions:
         return "the CPU has VNNI or AMX int8 instructions (torch's int8 products and the VNNI op run there)"
-    if not cpu_has_avx2():
+    if not cpu_features().avx2:
         return "the CPU has no AVX2 instructions"
     if _avx2_kernel is not None:
         return None
     return _avx2_build_error if _avx2_build_error is not None else _tool_refusal()
 
 
-@functools.cache
-def cpu_has_avx2() -> bool:
-    """Whether torch runs this CPU's kernels with AVX2 or AVX512 (the AVX2 op's instructions, FMA included)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The x86 instructions the CPU runtime chooses its kernels by (torch's probes, read once by `cpu_features`;
+    tests feign a CPU by replacing that function)."""
+
+    avx2: bool  # torch runs its kernels with AVX2 or AVX512: the AVX2 op's instructions, FMA included
+    avx512_vnni: bool  # torch's kernels at AVX512 and VNNI: the VNNI op's instructions
+    vnni: bool  # AVX512-VNNI int8 dot products (torch 2.13's probe asks for no AVX-VNNI)
+    amx: bool  # AMX tiles: oneDNN's fast int8 and bfloat16 kernels
+    avx512_bf16: bool  # bfloat16 dot products
+
+    @property
+    def int8_instructions(self) -> bool:
+        """VNNI or AMX: x86 int8 kernels without them multiply slowly, in 16-bit pairs that can saturate."""
+        return self.vnni or self.amx
+
+    @property
+    def native_bfloat16(self) -> bool:
+        """AVX512-BF16 or AMX: without them oneDNN emulates its bfloat16 GEMM (a 512-token W4 prefill took 6x
+        float32's time on an AVX2-only EPYC: BENCHMARKS.md "Runtimes")."""
+        return self.avx512_bf16 or self.amx
 
 
 @functools.cache
-def cpu_has_int8_instructions() -> bool:
-    """Whether the CPU has VNNI or AMX int8 instructions (x86 int8 kernels without them multiply slowly, in 16-bit
-    pairs that can saturate)."""
-    return torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+def cpu_features() -> CpuFeatures:
+    """This CPU's `CpuFeatures`."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    vnni = torch.cpu._is_vnni_supported()
+    return CpuFeatures(avx2=capability in ("AVX2", "AVX512"), avx512_vnni=capability == "AVX512" and vnni, vnni=vnni,
+                       amx=torch.cpu._is_amx_tile_supported(), avx512_bf16=torch.cpu._is_avx512_bf16_supported())
 
 
 def weight_only_refusal(device: torch.device) -> str | None:

@@ -48,6 +48,7 @@ from types import ModuleType
 
 import torch
 
+from llmquant.nn import int8_gemv
 from llmquant.nn.int8_gemv import (
     GEMV_MAX_ROWS,
     GROUPED_GEMM_MULTIPLE,
@@ -55,7 +56,6 @@ from llmquant.nn.int8_gemv import (
     avx2_gemm_pack,
     avx2_gemv_refusal,
     avx2_kernel,
-    cpu_has_int8_instructions,
     cpu_kernel,
     gemv_kernel,
     gemv_linear,
@@ -200,24 +200,19 @@ def onednn_refusal(device: torch.device) -> str | None:
     multiply in 16-bit pairs that can saturate; with VNNI but no AMX, oneDNN (torch 2.13) runs this product of signed
     int8 inputs with its reference kernel, ``ref_int8`` in ``ONEDNN_VERBOSE``'s words: on an AMD EPYC with AVX512-VNNI
     a 512 x 576 by 576 x 576 product took 2.9 s against 0.9 ms for ``torch._int_mm`` (one thread; BENCHMARKS.md,
-    "A CPU with AVX512-VNNI and bfloat16 but no AMX"). ``torch._int_mm`` is used there."""
+    "A CPU with AVX512-VNNI and bfloat16 but no AMX"; `scripts/runtime_profile.py onednn`). ``torch._int_mm`` is used
+    there."""
     if os.environ.get("LLMQUANT_ONEDNN", "1") == "0":
         return "off (LLMQUANT_ONEDNN=0)"
     if device.type != "cpu":
         return "not on the CPU"
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
         return "this torch has no oneDNN int8 linear"
-    if not cpu_has_int8_instructions():
+    if not int8_gemv.cpu_features().int8_instructions:
         return "the CPU has no VNNI or AMX int8 instructions"
-    if not cpu_has_amx():
+    if not int8_gemv.cpu_features().amx:
         return "the CPU has no AMX (oneDNN's int8 linear of signed inputs takes its reference kernel there)"
     return None
-
-
-@functools.cache
-def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tiles (the Xeon where oneDNN's int8 linear was measured faster than ``_int_mm``)."""
-    return torch.cpu._is_amx_tile_supported()
 
 
 def int_mm_refusal(device: torch.device) -> str | None:
@@ -228,7 +223,9 @@ def int_mm_refusal(device: torch.device) -> str | None:
     multiplied as float32 (`float_product`, the simulation's own product: exact while partial sums stay below 2^24, so
     the same bits), the weight's codes kept as float32 too (the float model's memory). ``LLMQUANT_INT_MM=1`` keeps
     ``torch._int_mm`` there."""
-    if device.type != "cpu" or cpu_has_int8_instructions() or os.environ.get("LLMQUANT_INT_MM", "0") == "1":
+    if device.type != "cpu" or int8_gemv.cpu_features().int8_instructions:
+        return None
+    if os.environ.get("LLMQUANT_INT_MM", "0") == "1":
         return None
     return "the CPU has no VNNI or AMX int8 instructions (torch._int_mm is many times slower than float32 there)"
 

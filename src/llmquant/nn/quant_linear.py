@@ -239,7 +239,8 @@ class QuantLinear(nn.Module):
         if self._int4_weight is not None:
             w = self._int4_weight
             caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]
-            caches += [w.nibbles] if self.weight_spec.bits != 4 else []  # (4-bit: a view of the packed words)
+            packed_memory = self.weight_packed.untyped_storage().data_ptr()
+            caches += [w.nibbles] if w.nibbles.untyped_storage().data_ptr() != packed_memory else []  # (4-bit: a view)
             caches += w.int16_weight.tensors() if w.int16_weight is not None else []
         caches += self._weight_only_pack or ()
         return [tensor for tensor in caches if tensor is not None]
