@@ -35,7 +35,8 @@ the CPU, where `set_runtime` keeps the simulation) and its simulation against th
 bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
-dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians.
+dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
+time per step of the KV cache's work (the cache layers' updates, the attention functions, the INT8 cache's pre-hooks).
 ``decode`` does the same for the float32 model and a W8A8 checkpoint with and without the decode op of
 `llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``), and the checkpoints of ``--also`` with it; ``prefill`` alternates
 prefills of the float32 model and of the checkpoint with the op (its input codes and its scaling of oneDNN's
@@ -45,14 +46,17 @@ products) and with torch's operations.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import llmquant
 from llmquant.nn.int8_gemv import kv_kernel
@@ -230,7 +234,8 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
     for module in models["int8 KV dequantized"].modules():
         if isinstance(module, KVCacheQuantizer):
             module.passes_cache_untouched = False
-    medians = alternating_steps(models, batch, steps)
+    with timed_cache_parts(models) as parts:
+        medians = alternating_steps(models, batch, steps, before=parts.start)
     with torch.no_grad():
         cache = returned_cache(models["int8 KV"](torch.zeros(1, 4, dtype=torch.long), use_cache=True))
     stored = any(isinstance(layer, Int8CacheLayer) for layer in cache.layers)
@@ -241,6 +246,72 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
           + "; float KV / int8 KV: " + ", ".join(f"{name.removeprefix('int8 KV').strip() or 'codes read'} "
                                                  f"{medians['float KV'] / ms:.3f}"
                                                  for name, ms in medians.items() if name != "float KV"))
+    print("the KV cache's work in a step (mean ms over the steps): " + "; ".join(
+        f"{name}: " + ", ".join(f"{part} {ms:.3f}" for part, ms in parts.per_step(name).items())
+        + f", all {sum(parts.per_step(name).values()):.3f}" for name in models))
+
+
+class CacheParts:
+    """Seconds of each part of the KV cache's work (the cache layers' updates, the attention functions, the INT8 cache's
+    pre-hooks), by model: ``start(name)`` before each of a model's steps (`alternating_steps`' ``before``)."""
+
+    def __init__(self, models: dict[str, torch.nn.Module]) -> None:
+        self.seconds: dict[str, dict[str, float]] = {name: {} for name in models}
+        self.steps: dict[str, int] = dict.fromkeys(models, 0)
+        self.current: str | None = None
+        self.depth = 0  # timed calls under way: one inside another (sdpa inside llmquant's wrapper) counts in the outer
+
+    def start(self, name: str) -> None:
+        self.current = name
+        self.steps[name] += 1
+
+    def timed(self, part: str, function: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if self.depth:
+                return function(*args, **kwargs)
+            start, self.depth = time.perf_counter(), 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.depth = 0
+                if self.current is not None:
+                    totals = self.seconds[self.current]
+                    totals[part] = totals.get(part, 0.0) + time.perf_counter() - start
+        return call
+
+    def per_step(self, name: str) -> dict[str, float]:
+        return {part: total / max(self.steps[name], 1) * 1e3 for part, total in self.seconds[name].items()}
+
+
+@contextlib.contextmanager
+def timed_cache_parts(models: dict[str, torch.nn.Module]) -> Iterator[CacheParts]:
+    """Time the cache layers' ``update`` (transformers' float layer, llmquant's INT8 one), each model's attention
+    function (sdpa, or llmquant's wrapper with the INT8 layer's attention over its codes or sdpa inside: counted once,
+    in the wrapper) and the INT8 cache's pre-hooks, the originals put back after."""
+    parts = CacheParts(models)
+    patched = [(Int8CacheLayer, "update", "INT8 layer update"), (DynamicLayer, "update", "float layer update")]
+    originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patched]
+    mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
+    names = {model.config._attn_implementation for model in models.values()}
+    functions = {name: mapping[name] for name in names}
+    hooks = [(module._forward_pre_hooks, module._llmquant_kv_storage_hook.id)
+             for model in models.values() for module in model.modules()
+             if getattr(module, "_llmquant_kv_storage_hook", None) is not None]
+    hook_functions = [(table, key, table[key]) for table, key in hooks]
+    try:
+        for owner, attribute, part in patched:
+            setattr(owner, attribute, parts.timed(part, getattr(owner, attribute)))
+        for name, function in functions.items():
+            mapping[name] = parts.timed(f"attention ({name})", function)
+        for table, key, function in hook_functions:
+            table[key] = parts.timed("pre-hook", function)
+        yield parts
+    finally:
+        for owner, attribute, original in originals:
+            setattr(owner, attribute, original)
+        mapping.update(functions)
+        for table, key, function in hook_functions:
+            table[key] = function
 
 
 def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:

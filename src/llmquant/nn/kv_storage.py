@@ -465,8 +465,9 @@ def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
     cache = _cache_among(args, kwargs)
     index = getattr(attention, "layer_idx", None)
     stored = cache is not None and index is not None and _adopt(cache, index, attention)
-    setattr(attention, STORED_FLAG, stored)
-    setattr(attention, CODE_READER, weakref.ref(cache.layers[index]) if stored else None)
+    state = attention.__dict__  # (plain attributes, without nn.Module.__setattr__: this runs at every decode step)
+    state[STORED_FLAG] = stored
+    state[CODE_READER] = weakref.ref(cache.layers[index]) if stored else None
 
 
 def int8_kv_cache(model: nn.Module) -> DynamicCache:
