@@ -1,6 +1,6 @@
-"""The speed table of BENCHMARKS.md from one `scripts/bench_speed.sh` output directory: for each checkpoint and thread
-count, its throughput / float32 in the same run (prefill and decode at batches 1 and 8) and its memory / float32
-(with the runtime's caches: oneDNN's copy of int8 weights, the int4 kernel's of 4-bit ones).
+"""The speed table of BENCHMARKS.md from one `scripts/bench_speed.sh` output directory: for each thread count and
+checkpoint (in that order), its throughput / float32 in the same run (prefill and decode at batches 1 and 8) and its
+memory / float32 (with the runtime's caches: oneDNN's copy of int8 weights, the int4 kernel's of 4-bit ones).
 
     .venv/bin/python scripts/speed_table.py bench/speed_<date>_<cpu>
 """
@@ -14,11 +14,17 @@ from pathlib import Path
 COLUMNS = (("prefill", "1"), ("prefill", "8"), ("decode", "1"), ("decode", "8"))
 
 
-def row(path: Path) -> str:
-    found = json.loads(path.read_text())
+def checkpoint_name(path: Path) -> str:
+    """The checkpoint of ``speed_<checkpoint>[_t<threads>].json`` (the thread count has its own column)."""
+    stem = path.stem.removeprefix("speed_")
+    base, _, threads = stem.rpartition("_t")
+    return base if base and threads.isdigit() else stem
+
+
+def row(path: Path, found: dict) -> str:
     ratios = found["ratios"]
     cells = [f"{ratios[kind][batch]:.2f}" for kind, batch in COLUMNS]
-    name = path.stem.removeprefix("speed_")
+    name = checkpoint_name(path)
     memory = f"{ratios['memory']:.2f} ({ratios['memory_with_runtime_cache']:.2f})"
     return f"| {name} | {found['threads']} | " + " | ".join(cells) + f" | {memory} |"
 
@@ -30,8 +36,9 @@ def main() -> None:
     print("| checkpoint | threads | prefill b1 | prefill b8 | decode b1 | decode b8 | memory (+ runtime caches) / "
           "float32 |")
     print("|---|---|---|---|---|---|---|")
-    for path in sorted(args.directory.glob("speed_*.json")):
-        print(row(path))
+    runs = [(path, json.loads(path.read_text())) for path in args.directory.glob("speed_*.json")]
+    for path, found in sorted(runs, key=lambda run: (int(run[1]["threads"]), checkpoint_name(run[0]))):
+        print(row(path, found))
 
 
 if __name__ == "__main__":
