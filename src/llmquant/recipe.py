@@ -87,8 +87,8 @@ def _valid_group_size(value: int | None) -> int | None:
 class Override(_Strict):
     """``scheme`` for the Linears ``targets`` names; ``group_size`` (-1: per channel) for a grouped weight-only
     scheme, default the recipe's; ``activation_clip`` the clip ratio of their inputs' ranges, default the recipe's
-    (a wider input's absmax lies further out in its distribution; on the default model a tighter clip for down_proj
-    measured within noise: BENCHMARKS.md "Clip ratios by kind of input")."""
+    (a wider input's absmax lies further out in its distribution: `best_w4a4kv4.yaml` clips down_proj's 1536-wide
+    inputs at 0.7 and the others at 0.8, BENCHMARKS.md "down_proj's inputs clipped at 0.7")."""
 
     targets: list[str] = Field(min_length=1)
     scheme: str
