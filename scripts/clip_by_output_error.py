@@ -38,9 +38,11 @@ def group_inputs(model: torch.nn.Module, samples: torch.Tensor) -> tuple[dict, d
     rotation (every reader of an input rotates it alike)."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear) and m.input_spec is not None}
     called_with: dict[str, tuple[str, int]] = {}
+    alive: list[torch.Tensor] = []  # every input held until the pass ends: no two tensors share an id within it
 
     def record(name: str) -> Callable:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
+            alive.append(args[0])
             called_with.setdefault(name, (name.rsplit(".", 2)[0], id(args[0])))
         return hook
 
@@ -50,6 +52,7 @@ def group_inputs(model: torch.nn.Module, samples: torch.Tensor) -> tuple[dict, d
         model(samples[:1])
     for handle in handles:
         handle.remove()
+    alive.clear()
     groups: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
     for name in linears:
         groups[called_with[name]].append(name)
@@ -72,13 +75,14 @@ def group_inputs(model: torch.nn.Module, samples: torch.Tensor) -> tuple[dict, d
 def output_errors(linears: list[QuantLinear], x: torch.Tensor) -> dict[float, float]:
     """The group's summed relative output error at every ratio of the grid (its input spec put back after)."""
     spec, first = linears[0].input_spec, linears[0]
-    references = [F.linear(x, linear.dequantized_weight()) for linear in linears]
+    weights = [linear.dequantized_weight() for linear in linears]
+    references = [F.linear(x, weight) for weight in weights]
     errors = {}
     for ratio in GRID:
         first.set_input_spec(spec.model_copy(update={"clip_ratio": ratio}))
         quantized = first.quantize_input(x)
-        errors[ratio] = sum(float((F.linear(quantized, linear.dequantized_weight()) - y).pow(2).sum() / y.pow(2).sum())
-                            for linear, y in zip(linears, references, strict=True))
+        errors[ratio] = sum(float((F.linear(quantized, weight) - y).pow(2).sum() / y.pow(2).sum())
+                            for weight, y in zip(weights, references, strict=True))
     first.set_input_spec(spec)
     return errors
 
@@ -111,14 +115,17 @@ def main() -> None:
     reference, _ = llmquant.load(None, device="cpu")
     float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}
     del reference
-    for label in ("the checkpoint's ratios", "per layer by output error"):
-        if label != "the checkpoint's ratios":
-            for key, names in groups.items():
-                for name in names:
-                    linear = model.get_submodule(name)
-                    linear.set_input_spec(linear.input_spec.model_copy(update={"clip_ratio": chosen[key]}))
+
+    def evaluate(label: str) -> None:
         ratios = {name: round(perplexity(model, w) / float_ppl[name], 4) for name, w in windows.items()}
         print(json.dumps({"clip": label, **ratios}), flush=True)
+
+    evaluate("the checkpoint's ratios")
+    for key, names in groups.items():
+        for name in names:
+            linear = model.get_submodule(name)
+            linear.set_input_spec(linear.input_spec.model_copy(update={"clip_ratio": chosen[key]}))
+    evaluate("per layer by output error")
 
 
 if __name__ == "__main__":

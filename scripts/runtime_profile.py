@@ -716,7 +716,7 @@ def avx2(layers: int = 30, repeats: int = 50) -> None:
     ``repeats`` rounds of all; the same bits as the float32 product of the codes (checked on the way)."""
     from llmquant.nn import int8_gemv
 
-    feigned = dataclasses.replace(int8_gemv.cpu_features(), vnni=False, avx512_vnni=False, amx=False)
+    feigned = dataclasses.replace(int8_gemv.cpu_features(), vnni=False, amx=False)
     int8_gemv.cpu_features = lambda: feigned  # (this process only: the op where it can run)
     op = int8_gemv.avx2_kernel(torch.empty(0))
     if op is None:

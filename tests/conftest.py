@@ -90,4 +90,4 @@ def feign_no_int8_instructions(monkeypatch: pytest.MonkeyPatch) -> None:
     product, no ``torch._int_mm``, no VNNI decode op (where the AVX2 op can run, it runs); its bfloat16 products as
     they are."""
     native_bfloat16 = int8_gemv.cpu_features().native_bfloat16
-    feign_cpu(monkeypatch, vnni=False, avx512_vnni=False, amx=False, avx512_bf16=native_bfloat16)
+    feign_cpu(monkeypatch, vnni=False, amx=False, avx512_bf16=native_bfloat16)

@@ -147,10 +147,15 @@ class CpuFeatures:
     tests feign a CPU by replacing that function)."""
 
     avx2: bool  # torch runs its kernels with AVX2 or AVX512: the AVX2 op's instructions, FMA included
-    avx512_vnni: bool  # torch's kernels at AVX512 and VNNI: the VNNI op's instructions
+    avx512: bool  # torch runs its kernels with AVX512
     vnni: bool  # AVX512-VNNI int8 dot products (torch 2.13's probe asks for no AVX-VNNI)
     amx: bool  # AMX tiles: oneDNN's fast int8 and bfloat16 kernels
     avx512_bf16: bool  # bfloat16 dot products
+
+    @property
+    def avx512_vnni(self) -> bool:
+        """torch's kernels at AVX512 and VNNI: the VNNI op's instructions."""
+        return self.avx512 and self.vnni
 
     @property
     def int8_instructions(self) -> bool:
@@ -168,9 +173,9 @@ class CpuFeatures:
 def cpu_features() -> CpuFeatures:
     """This CPU's `CpuFeatures`."""
     capability = torch.backends.cpu.get_cpu_capability()
-    vnni = torch.cpu._is_vnni_supported()
-    return CpuFeatures(avx2=capability in ("AVX2", "AVX512"), avx512_vnni=capability == "AVX512" and vnni, vnni=vnni,
-                       amx=torch.cpu._is_amx_tile_supported(), avx512_bf16=torch.cpu._is_avx512_bf16_supported())
+    return CpuFeatures(avx2=capability in ("AVX2", "AVX512"), avx512=capability == "AVX512",
+                       vnni=torch.cpu._is_vnni_supported(), amx=torch.cpu._is_amx_tile_supported(),
+                       avx512_bf16=torch.cpu._is_avx512_bf16_supported())
 
 
 def weight_only_refusal(device: torch.device) -> str | None:

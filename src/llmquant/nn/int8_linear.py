@@ -208,9 +208,10 @@ def onednn_refusal(device: torch.device) -> str | None:
         return "not on the CPU"
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
         return "this torch has no oneDNN int8 linear"
-    if not int8_gemv.cpu_features().int8_instructions:
+    features = int8_gemv.cpu_features()
+    if not features.int8_instructions:
         return "the CPU has no VNNI or AMX int8 instructions"
-    if not int8_gemv.cpu_features().amx:
+    if not features.amx:
         return "the CPU has no AMX (oneDNN's int8 linear of signed inputs takes its reference kernel there)"
     return None
 
