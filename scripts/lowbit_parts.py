@@ -2,7 +2,7 @@
 unquantized at a time, the weights as they are; or with another clip ratio for one kind of input.
 
     .venv/bin/python scripts/lowbit_parts.py CHECKPOINT [--parts q_proj,k_proj,v_proj o_proj gate_proj,up_proj
-        down_proj kv] [--corpora pydoc stdlib] [--threads 2]
+        down_proj kv] [--corpora pydoc stdlib] [--threads 2] [--asymmetric]
 
 Each part is a comma-separated list of Linear names (the last component: ``q_proj``) whose inputs stay float, or
 ``kv`` for the KV cache (its quantizer passes keys and values through, centred keys still centred); ``""`` is the
@@ -11,7 +11,8 @@ checkpoint as it is. ``PART=RATIO`` (``down_proj=0.75``, ``kv=0.9``) quantizes t
 float: the clip ratio a run-time range can take without requantizing (GPTQ's Hessians saw the checkpoint's
 ratio). The simulation (runtime ``fake``) evaluates every row, so the figures compare with each other, not bit for
 bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus, the float model (the
-default model, loaded here) evaluated on the same windows.
+default model, loaded here) evaluated on the same windows. ``--asymmetric``: every row quantizes the Linears' dynamic
+inputs asymmetrically (a zero point per token, `QuantSpec.symmetric` false), the checkpoint's clip ratios kept.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def change(model: torch.nn.Module, part: str) -> dict[str, tuple[object, object]
     return kept
 
 
+def make_inputs_asymmetric(model: torch.nn.Module) -> int:
+    """Quantize every Linear's dynamic input with a zero point (the same bits, clip ratio and granularity); return
+    how many changed."""
+    changed = 0
+    for module in model.modules():
+        spec = module.input_spec if isinstance(module, QuantLinear) else None
+        if spec is not None and spec.dynamic and spec.type == "int":
+            module.set_input_spec(spec.model_copy(update={"symmetric": False}))
+            changed += 1
+    return changed
+
+
 def restore(model: torch.nn.Module, kept: dict[str, tuple[object, object]]) -> None:
     for name, (spec, quantizing) in kept.items():
         module = model.get_submodule(name)
@@ -72,10 +85,13 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="+", default=["pydoc", "stdlib"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric dynamic inputs in every row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = llmquant.load(args.checkpoint, device="cpu")
     set_runtime(model, "fake")
+    if args.asymmetric and not make_inputs_asymmetric(model):
+        raise SystemExit("--asymmetric: the checkpoint has no Linear with dynamic integer inputs")
     windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in args.corpora}
     reference, _ = llmquant.load(None, device="cpu")
     float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}

@@ -17,7 +17,10 @@ from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.kv_storage import cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_input_clip, set_runtime
+from llmquant.quant.primitives import fake_quantize
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
+
+W4A4_ASYM = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
 
 
 def _layer(scheme: str, bias: bool, group_size: int | None = None) -> QuantLinear:
@@ -88,7 +91,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
 
 
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
-                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM])
 @pytest.mark.parametrize("rows", [1, 3, 300])
 def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_bits(
         scheme: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -321,7 +324,7 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
 
 
 @pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
-                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM])
 def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_rtn(scheme: str, calib_ids: torch.Tensor,
                                                                  eval_ids: torch.Tensor, tmp_path) -> None:
 
@@ -343,6 +346,43 @@ def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_r
     set_runtime(model, "int8")
     assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
     assert errors["gptq"] < errors["rtn"], errors
+
+
+@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("gemv", ["1", "0"])
+@pytest.mark.parametrize("clip", [1.0, 0.8])
+def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bits(
+        rows: int, gemv: str, clip: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W4A4 with asymmetric inputs: each token's codes shifted by its zero point, c = q - z in [-15, 15], multiply
+    as int8 (no decode op: it makes symmetric codes); c * s is `fake_quantize`'s value bit for bit, so the
+    simulation, the int8 runtime and s_x * s_w * (c . w_q) + b in float64 agree."""
+    monkeypatch.setenv("LLMQUANT_GEMV", gemv)
+    layer = _layer(W4A4_ASYM, bias=True)
+    layer.set_input_spec(layer.input_spec.model_copy(update={"clip_ratio": clip}))
+    assert layer.supports_int8 and not layer.input_spec.symmetric and layer.input_spec.qmax == 15
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 1.5  # (skewed: min != -max)
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer)
+    assert layer._decode_rows is False
+    codes, scale = kernel.asymmetric_input_codes(x, "token", None, 0, 15, clip)
+    assert torch.equal(codes * scale, fake_quantize(x, layer.input_spec))
+    assert codes.abs().max() <= 15 and torch.equal(codes, codes.round())
+    expected = (codes.double() @ layer.codes().double().T) * scale.double() * layer.weight_scale.double().reshape(1, -1)
+    expected += layer.bias.double()
+    assert torch.allclose(integer.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_asymmetric_4bit_inputs_err_less_than_symmetric_ones() -> None:
+    """16 levels over [min, max] against 15 over [-absmax, absmax]: on skewed inputs (a SiLU's outputs) and on
+    symmetric ones (Gaussian, as after a Hadamard rotation) the asymmetric codes' squared error is lower."""
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(256, 576, generator=generator)
+    for x, most in ((gaussian, 0.85), (torch.nn.functional.silu(gaussian * 2), 0.5)):
+        errors = {}
+        for scheme in ("w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM):
+            spec = scheme_from_name(scheme).input_activations
+            errors[scheme] = float((fake_quantize(x, spec) - x).pow(2).mean())
+        assert errors[W4A4_ASYM] < most * errors["w_int4_per_channel_sym_a_int4_per_token_dynamic"], errors
 
 
 needs_onednn = pytest.mark.skipif(kernel.onednn_refusal(torch.device("cpu")) is not None,

@@ -274,6 +274,33 @@ def int8_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tens
     return codes.to(torch.int8), scale
 
 
+def asymmetric_input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
+                           qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric dynamic codes of ``rows`` ``[n, in]`` shifted by their zero point, c = q - z = clamp(round(x / s) +
+    z, qmin, qmax) - z, as rounded float32 values, and their scale s (``[n, 1]`` per token, ``[1, 1]`` per tensor):
+    s = r (max - min) / (qmax - qmin), z = qmin - round(r min / s), with min <= 0 <= max (`QuantSpec`). c * s is
+    `fake_quantize`'s value, bit for bit, so c @ W_q^T scaled by s * s_w is the simulation's product; |c| <= qmax -
+    qmin, which fits int8 up to 7 bits: an integer kernel multiplies c (or q and subtracts z times the weight's row
+    sums). ``static_scale`` must be None (asymmetric inputs are dynamic here). Their qmin (0)
+    keeps them apart from symmetric codes (qmin < 0) in `shared_input_codes`' key."""
+    assert static_scale is None and dynamic in ("token", "tensor")
+    low = rows.amin(-1, keepdim=True) if dynamic == "token" else rows.amin().reshape(1, 1)
+    high = rows.amax(-1, keepdim=True) if dynamic == "token" else rows.amax().reshape(1, 1)
+    low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+    if clip_ratio != 1.0:
+        low, high = low * clip_ratio, high * clip_ratio
+    scale = ((high - low) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+    zero = (qmin - torch.round(low / scale)).clamp_(qmin, qmax)
+    return torch.div(rows, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero), scale
+
+
+def asymmetric_int8_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
+                          qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`asymmetric_input_codes` as int8 (what the integer product takes)."""
+    codes, scale = asymmetric_input_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+    return codes.to(torch.int8), scale
+
+
 def scale_output(product: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
                  ) -> torch.Tensor:
     """y = product * (s_x * s_w) + b for an integer product: int32 promoted by the float scales, or float32
@@ -413,13 +440,18 @@ def _compile_refusal(rows: torch.Tensor) -> str | None:
 
 def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | Int8Weight | Avx2Weight,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dynamic: str | None,
-                static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0) -> torch.Tensor:
+                static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0,
+                asymmetric: bool = False) -> torch.Tensor:
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32 (``source``, the Linear's input, as rows), int8
     ``weight`` ``[out, in]`` (or its `Int8Weight`), ``weight_scale`` ``[1, out]`` (or ``[1, 1]``): the input codes
     (shared by the Linears reading ``source``, `shared_input_codes`), their integer product, its scaling; the
     codes and the scaling compiled for large inputs on the CPU when allowed (module docstring). (Up to
-    `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.)"""
+    `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.) ``asymmetric``:
+    the input's codes are asymmetric ones shifted by their zero point (`asymmetric_int8_codes`, made by torch's
+    operations)."""
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
+    if asymmetric:
+        quantize = asymmetric_int8_codes
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     if isinstance(weight, Avx2Weight):
         return weight(codes, scale, bias)

@@ -66,6 +66,7 @@ from llmquant.nn.int8_linear import (
     DecodeRows,
     GroupedWeight,
     Int8Weight,
+    asymmetric_input_codes,
     avx2_weight_refusal,
     decode_rows,
     float_product,
@@ -295,14 +296,16 @@ class QuantLinear(nn.Module):
     @property
     def supports_int8(self) -> bool:
         """Whether this layer can run as int8 x int8 GEMMs: symmetric integer codes of at most 8 bits for the weight
-        (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token); decided once, from the
-        specs the layer was made with."""
+        (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token), or asymmetric dynamic
+        inputs of at most 7 bits (their codes shifted by the zero point fit int8: `asymmetric_input_codes`) with a
+        weight per tensor or channel; decided once, from the specs the layer was made with."""
         if self._supports_int8 is None:
             w, a = self.weight_spec, self.input_spec
             self._supports_int8 = (
-                w is not None and a is not None and w.bits <= 8 and a.bits <= 8 and w.symmetric and a.symmetric
+                w is not None and a is not None and w.bits <= 8 and a.bits <= 8 and w.symmetric
                 and w.type == a.type == "int"
                 and w.granularity in ("tensor", "channel", "group") and a.granularity in ("tensor", "token")
+                and (a.symmetric or (a.dynamic and a.bits <= 7 and w.granularity != "group"))
             )
         return self._supports_int8
 
@@ -411,7 +414,7 @@ class QuantLinear(nn.Module):
         static scale, the code range, the clip ratio."""
         if self._int8_call is None:
             spec = self.input_spec
-            assert spec is not None and spec.symmetric
+            assert spec is not None
             static = None if spec.dynamic else self.input_scale.reshape(1, 1)
             self._int8_call = (self.weight_scale.reshape(1, -1), spec.granularity if spec.dynamic else None, static,
                                int(spec.qmin), int(spec.qmax), spec.clip_ratio)
@@ -426,11 +429,13 @@ class QuantLinear(nn.Module):
         if self.weight_spec is not None and self.weight_spec.granularity == "group":
             y = self._grouped_forward(rows, input_args)
         elif self.runtime == "int8":
-            y = int8_linear(x, rows, self._int8_weight(), weight_scale, self.bias, *input_args)
+            y = int8_linear(x, rows, self._int8_weight(), weight_scale, self.bias, *input_args,
+                            asymmetric=not self.input_spec.symmetric)
         else:
             if self._float_codes is None:
                 self._float_codes = codes_to_float(self._weight_codes())
-            codes, scale = shared_input_codes(x, rows, *input_args, as_int8=False)
+            quantize = None if self.input_spec.symmetric else asymmetric_input_codes
+            codes, scale = shared_input_codes(x, rows, *input_args, as_int8=False, quantize=quantize)
             y = scale_output(float_product(codes, self._float_codes), scale, weight_scale, self.bias)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)  # (a decode step pays for a no-op call too)
@@ -515,7 +520,8 @@ class QuantLinear(nn.Module):
         `drop_caches`)."""
         decode = False
         spec = self.weight_spec
-        if self.runtime == "int8" and self.supports_int8 and spec is not None and spec.granularity != "group":
+        if (self.runtime == "int8" and self.supports_int8 and spec is not None and spec.granularity != "group"
+                and self.input_spec.symmetric):  # (the decode op makes symmetric codes)
             weight_scale, *input_args = self._int8_args()
             decode = decode_rows(self._int8_weight(), weight_scale, self.bias, self.in_features, *input_args) or False
         self._decode_rows = decode

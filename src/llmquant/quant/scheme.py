@@ -91,6 +91,7 @@ WEIGHT_ONLY_SCHEMES: tuple[str, ...] = (
 LOW_BIT_SCHEMES: tuple[str, ...] = (  # 4-bit weights with quantized activations (issue 19: W4A8, W4A4)
     "w_int4_per_group_sym_a_int8_per_token_dynamic",
     "w_int4_per_channel_sym_a_int4_per_token_dynamic",
+    "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic",
 )
 
 DEFAULT_GROUP_SIZE = 64
@@ -125,12 +126,15 @@ def _weight_only(name: str, group_size: int | None) -> Scheme:
 
 def _low_bit(name: str, group_size: int | None) -> Scheme:
     """W4A8 (int4 weights in symmetric groups, int8 inputs per token) and W4A4 (int4 weights per channel, int4
-    inputs per token), every part symmetric: what integer kernels multiply (`llmquant.nn.int8_linear`)."""
+    inputs per token), symmetric, or with asymmetric inputs (unsigned 4-bit codes and a zero point per token: 16
+    levels over [min, max] instead of 15 over [-absmax, absmax]); what integer kernels multiply
+    (`llmquant.nn.int8_linear`: asymmetric codes shifted by their zero point)."""
     if name == "w_int4_per_group_sym_a_int8_per_token_dynamic":
         weights = _weight_only("w_int4_per_group_sym", group_size).weights
         return Scheme(weights=weights, input_activations=_int8("token", dynamic=True))
+    symmetric = name == "w_int4_per_channel_sym_a_int4_per_token_dynamic"
     return Scheme(weights=QuantSpec(bits=4, symmetric=True, granularity="channel"),
-                  input_activations=QuantSpec(bits=4, symmetric=True, granularity="token", dynamic=True))
+                  input_activations=QuantSpec(bits=4, symmetric=symmetric, granularity="token", dynamic=True))
 
 
 def scheme_names() -> tuple[str, ...]:
