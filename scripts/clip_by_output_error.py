@@ -79,7 +79,7 @@ def output_errors(linears: list[QuantLinear], x: torch.Tensor) -> dict[float, fl
     references = [F.linear(x, weight) for weight in weights]
     errors = {}
     for ratio in GRID:
-        first.set_input_spec(spec.model_copy(update={"clip_ratio": ratio}))
+        first.set_input_spec(spec.model_copy(update={"clip_ratio": ratio, "clip_grid": None}))
         quantized = first.quantize_input(x)
         errors[ratio] = sum(float((F.linear(quantized, weight) - y).pow(2).sum() / y.pow(2).sum())
                             for weight, y in zip(weights, references, strict=True))
@@ -124,7 +124,7 @@ def main() -> None:
     for key, names in groups.items():
         for name in names:
             linear = model.get_submodule(name)
-            linear.set_input_spec(linear.input_spec.model_copy(update={"clip_ratio": chosen[key]}))
+            linear.set_input_spec(linear.input_spec.model_copy(update={"clip_ratio": chosen[key], "clip_grid": None}))
     evaluate("per layer by output error")
 
 

@@ -33,7 +33,7 @@ from llmquant.quant.spec import QuantSpec
 def _clipped(spec: QuantSpec, ratio: float) -> QuantSpec:
     if not spec.dynamic:
         raise SystemExit(f"a clip ratio applies to dynamic ranges only; this input is static: {spec}")
-    return spec.model_copy(update={"clip_ratio": ratio})
+    return spec.model_copy(update={"clip_ratio": ratio, "clip_grid": None})
 
 
 def change(model: torch.nn.Module, part: str) -> dict[str, tuple[object, object]]:

@@ -28,7 +28,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     fields = recipe.model_dump()
     for flag, key in (("scheme", "scheme"), ("algo", "algorithm"), ("group_size", "group_size"),
                       ("kv_cache", "kv_cache"), ("moe_calibrate", "moe_calibrate"),
-                      ("activation_clip", "activation_clip"), ("kv_cache_clip", "kv_cache_clip")):
+                      ("activation_clip", "activation_clip"), ("kv_cache_clip", "kv_cache_clip"),
+                      ("activation_clip_grid", "activation_clip_grid")):
         if getattr(args, flag, None) is not None:  # (sweep has no --moe-calibrate nor clips)
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
@@ -459,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")
     q.add_argument("--activation-clip", type=float, default=None, metavar="R",
                    help="shrink every input quantizer's range by R in (0, 1] from the start (QuaRot: 0.9 for 4 bits)")
+    q.add_argument("--activation-clip-grid", type=float, nargs="+", default=None, metavar="R",
+                   help="or choose each dynamic input's clip ratio per token at run time from these (least squared "
+                        "error), e.g. 0.9 0.85 0.8 0.75 0.7")
     q.add_argument("--kv-cache-clip", type=float, default=None, metavar="R",
                    help="the same for the KV cache (QuaRot: 0.95 for 4 bits)")
     q.add_argument("--kv-cache-center-keys", action="store_true",

@@ -8,6 +8,7 @@ Example (YAML)::
     moe_calibrate: all                 # every token through every expert while calibrating (or: routed)
     clip_search: {samples: 4}          # clip ratios of dynamic activations and KV cache, on held-out samples
     activation_clip: 0.9               # or fixed from the start, for every input and KV-cache range (QuaRot: 0.9, 0.95)
+    # activation_clip_grid: [0.9, 0.85, 0.8, 0.75, 0.7]   # or chosen per token at run time (least squared error)
     kv_cache_clip: 0.95
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
@@ -264,6 +265,9 @@ class Recipe(_Strict):
     # those of the dynamic ones
     activation_clip: float | None = Field(None, gt=0.0, le=1.0)
     kv_cache_clip: float | None = Field(None, gt=0.0, le=1.0)
+    # or each dynamic input's clip ratio chosen per token (per tensor) at run time from these, by the least squared
+    # error of its quantized values (`QuantSpec.clip_grid`), the static ones left unclipped
+    activation_clip_grid: tuple[float, ...] | None = None
     # keys minus their calibrated mean before they are quantized (`llmquant.nn.kv_cache`, centred keys)
     kv_cache_center_keys: bool = False
 
@@ -276,7 +280,7 @@ class Recipe(_Strict):
             data.pop("gptq", None)
         if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
             data.pop("moe_calibrate", None)
-        for name in ("clip_search", "activation_clip", "kv_cache_clip"):
+        for name in ("clip_search", "activation_clip", "kv_cache_clip", "activation_clip_grid"):
             if getattr(self, name) is None:
                 data.pop(name, None)
         if not self.kv_cache_center_keys:
@@ -296,6 +300,29 @@ class Recipe(_Strict):
         return value
 
     _group = field_validator("group_size")(classmethod(lambda cls, value: _valid_group_size(value)))
+
+    @model_validator(mode="after")
+    def _one_activation_clip(self) -> Recipe:
+        """``activation_clip_grid`` holds ratios in (0, 1] and takes the place of ``activation_clip`` and of
+        ``clip_search``'s activation ratio (each would fix the ratio the grid chooses)."""
+        grid = self.activation_clip_grid
+        if grid is None:
+            return self
+        if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
+            raise ValueError(f"activation_clip_grid needs at least two ratios in (0, 1], got {list(grid)}")
+        if self.activation_clip is not None:
+            raise ValueError(f"give either activation_clip ({self.activation_clip:g}) or activation_clip_grid, not "
+                             "both")
+        if self.clip_search is not None and self.clip_search.activations:
+            raise ValueError("clip_search would replace the clip grid of the activations by one ratio: set "
+                             "clip_search.activations false, or leave activation_clip_grid out")
+        names = [self.scheme, *(o.scheme for o in self.overrides if o.activation_clip is None)]
+        for name in dict.fromkeys(names):
+            spec = scheme_from_name(name, None, None).input_activations
+            if spec is not None and spec.dynamic and spec.type != "int":
+                raise ValueError(f"activation_clip_grid chooses integer ranges; {name} quantizes its inputs to "
+                                 f"E4M3 floats; allowed: schemes with dynamic integer inputs")
+        return self
 
     @model_validator(mode="after")
     def _keys_to_center(self) -> Recipe:
@@ -422,7 +449,8 @@ class Recipe(_Strict):
     def scheme_named(self, name: str, group_size: int | None = None, activation_clip: float | None = None) -> Scheme:
         scheme = scheme_from_name(name, group_size or self.group_size, self.kv_cache)
         scheme = _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
-        return _with_clip_ratios(scheme, activation_clip or self.activation_clip, self.kv_cache_clip)
+        scheme = _with_clip_ratios(scheme, activation_clip or self.activation_clip, self.kv_cache_clip)
+        return scheme if activation_clip is not None else _with_clip_grid(scheme, self.activation_clip_grid)
 
     def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
         """One record per Linear (and per attention for the KV cache), with its scheme. The gates of MoE blocks
@@ -503,6 +531,14 @@ def _with_clip_ratios(scheme: Scheme, activation: float | None, kv_cache: float 
                                         ("kv_cache", scheme.kv_cache, kv_cache))
               if spec is not None and ratio is not None}
     return scheme.model_copy(update=update) if update else scheme
+
+
+def _with_clip_grid(scheme: Scheme, grid: tuple[float, ...] | None) -> Scheme:
+    """``scheme`` with ``grid`` as its dynamic input spec's `QuantSpec.clip_grid`, where both are."""
+    spec = scheme.input_activations
+    if grid is None or spec is None or not spec.dynamic:
+        return scheme
+    return scheme.model_copy(update={"input_activations": spec.model_copy(update={"clip_grid": tuple(grid)})})
 
 
 @dataclass(frozen=True)

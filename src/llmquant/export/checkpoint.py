@@ -99,8 +99,15 @@ def to_args(spec: QuantSpec | None) -> QuantizationArgs | None:
         group_size=spec.group_size,
         block_structure=list(spec.block_shape) if spec.block_shape is not None else None,
         dynamic=spec.dynamic,
-        observer_kwargs={"clip_ratio": spec.clip_ratio} if spec.clip_ratio != 1.0 else {},
+        observer_kwargs=_clip_kwargs(spec),
     )
+
+
+def _clip_kwargs(spec: QuantSpec) -> dict[str, float | list[float]]:
+    """A dynamic quantizer's clip as llmquant's own ``observer_kwargs`` (which no other loader reads)."""
+    if spec.clip_grid is not None:
+        return {"clip_grid": list(spec.clip_grid)}
+    return {"clip_ratio": spec.clip_ratio} if spec.clip_ratio != 1.0 else {}
 
 
 def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
@@ -109,6 +116,7 @@ def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
     if args.type not in ("int", "float") or (args.type == "float" and args.num_bits != 8):
         raise LlmquantError(f"checkpoint uses {args.num_bits}-bit {args.type} quantization; llmquant reads int "
                             "and 8-bit float (E4M3) checkpoints")
+    kwargs = args.observer_kwargs or {}
     return QuantSpec(
         bits=args.num_bits,
         type=args.type,
@@ -117,7 +125,8 @@ def from_args(args: QuantizationArgs | None) -> QuantSpec | None:
         group_size=args.group_size if args.strategy == "group" else None,
         block_shape=tuple(args.block_structure) if args.strategy == "block" else None,
         dynamic=bool(args.dynamic),
-        clip_ratio=float((args.observer_kwargs or {}).get("clip_ratio", 1.0)),
+        clip_ratio=float(kwargs.get("clip_ratio", 1.0)),
+        clip_grid=tuple(float(r) for r in kwargs["clip_grid"]) if "clip_grid" in kwargs else None,
     )
 
 

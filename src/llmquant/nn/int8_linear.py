@@ -68,7 +68,7 @@ from llmquant.nn.int8_gemv import (
     token_codes,
     weight_row_sums,
 )
-from llmquant.quant.primitives import MIN_SCALE
+from llmquant.quant.primitives import MIN_SCALE, searched_clip_ratios
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,22 @@ _compiled: tuple[Callable, Callable] | None = None  # (codes, scaling) by torch.
 _compile_off: str | None = None  # why the compiled kernel is not used in this process
 
 
+Clip = float | tuple[float, ...]  # a dynamic input's clip: a fixed ratio, or a grid searched per block at run time
+
+
 def input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
-                qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric codes of ``rows`` ``[n, in]`` as rounded float32 values, and their scale (``[n, 1]`` per token,
     ``[1, 1]`` per tensor). ``dynamic``: "token" or "tensor" (the scale from the rows themselves: clip_ratio * absmax
-    / qmax; unclipped, no code can leave [-qmax, qmax]), or None for ``static_scale`` (codes clamped to [qmin,
-    qmax])."""
+    / qmax; unclipped, no code can leave [-qmax, qmax]; a grid of ratios: each row's, or the tensor's, chosen by
+    `searched_clip`), or None for ``static_scale`` (codes clamped to [qmin, qmax])."""
     if dynamic is None:
         assert static_scale is not None
         return torch.div(rows, static_scale).round_().clamp_(qmin, qmax), static_scale
     absmax = rows.abs().amax(-1, keepdim=True) if dynamic == "token" else rows.abs().amax().reshape(1, 1)
-    if clip_ratio != 1.0:
+    if isinstance(clip_ratio, tuple):
+        clip_ratio = searched_clip(rows, dynamic, clip_ratio, True, qmin, qmax)
+    if isinstance(clip_ratio, torch.Tensor) or clip_ratio != 1.0:
         scale = (absmax * clip_ratio / qmax).clamp_(min=MIN_SCALE)
         return torch.div(rows, scale).round_().clamp_(qmin, qmax), scale
     scale = (absmax / qmax).clamp_(min=MIN_SCALE)
@@ -268,14 +273,24 @@ def int8_product(x_codes: torch.Tensor, weight: torch.Tensor | Int8Weight) -> to
 
 
 def int8_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
-               clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_codes` as int8 (what the integer product takes)."""
     codes, scale = input_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     return codes.to(torch.int8), scale
 
 
+def searched_clip(rows: torch.Tensor, dynamic: str, grid: tuple[float, ...], symmetric: bool, qmin: int, qmax: int
+                  ) -> torch.Tensor:
+    """The clip ratio of each row (``dynamic`` "token", ``[n, 1]``) or of all of them ("tensor", ``[1, 1]``) chosen
+    from ``grid`` by `searched_clip_ratios` on the blocks `fake_quantize` sees, so the simulation chooses the same."""
+    blocks = rows if dynamic == "token" else rows.reshape(1, -1)
+    low = blocks.amin(1, keepdim=True).clamp_(max=0.0)
+    high = blocks.amax(1, keepdim=True).clamp_(min=0.0)
+    return searched_clip_ratios(blocks, low, high, grid, symmetric, qmin, qmax)
+
+
 def asymmetric_input_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
-                           qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                           qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric dynamic codes of ``rows`` ``[n, in]`` shifted by their zero point, c = q - z = clamp(round(x / s) +
     z, qmin, qmax) - z, as rounded float32 values, and their scale s (``[n, 1]`` per token, ``[1, 1]`` per tensor):
     s = r (max - min) / (qmax - qmin), z = qmin - round(r min / s), with min <= 0 <= max (`QuantSpec`). c * s is
@@ -287,7 +302,9 @@ def asymmetric_input_codes(rows: torch.Tensor, dynamic: str | None, static_scale
     low = rows.amin(-1, keepdim=True) if dynamic == "token" else rows.amin().reshape(1, 1)
     high = rows.amax(-1, keepdim=True) if dynamic == "token" else rows.amax().reshape(1, 1)
     low, high = low.clamp(max=0.0), high.clamp(min=0.0)
-    if clip_ratio != 1.0:
+    if isinstance(clip_ratio, tuple):
+        clip_ratio = searched_clip(rows, dynamic, clip_ratio, False, qmin, qmax)
+    if isinstance(clip_ratio, torch.Tensor) or clip_ratio != 1.0:
         low, high = low * clip_ratio, high * clip_ratio
     scale = ((high - low) / (qmax - qmin)).clamp_(min=MIN_SCALE)
     zero = (qmin - torch.round(low / scale)).clamp_(qmin, qmax)
@@ -295,7 +312,7 @@ def asymmetric_input_codes(rows: torch.Tensor, dynamic: str | None, static_scale
 
 
 def asymmetric_int8_codes(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
-                          qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                          qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`asymmetric_input_codes` as int8 (what the integer product takes)."""
     codes, scale = asymmetric_input_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     return codes.to(torch.int8), scale
@@ -337,7 +354,7 @@ _last_codes = _LastCodes()
 
 
 def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | None,
-                       static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float, as_int8: bool,
+                       static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip, as_int8: bool,
                        quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_codes` of ``rows`` (``source``, the Linear's input, as rows), as int8 (`int8_codes`, or
@@ -364,7 +381,7 @@ def _forget(reference: weakref.ref) -> None:
 
 def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight | Avx2Weight,
                         weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int, dynamic: str | None,
-                        static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0
+                        static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip = 1.0
                         ) -> torch.Tensor:
     """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
     a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
@@ -440,7 +457,7 @@ def _compile_refusal(rows: torch.Tensor) -> str | None:
 
 def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor | Int8Weight | Avx2Weight,
                 weight_scale: torch.Tensor, bias: torch.Tensor | None, dynamic: str | None,
-                static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: float = 1.0,
+                static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip = 1.0,
                 asymmetric: bool = False) -> torch.Tensor:
     """y ``[n, out]`` float32 for ``rows`` ``[n, in]`` float32 (``source``, the Linear's input, as rows), int8
     ``weight`` ``[out, in]`` (or its `Int8Weight`), ``weight_scale`` ``[1, out]`` (or ``[1, 1]``): the input codes
@@ -452,6 +469,8 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
     if asymmetric:
         quantize = asymmetric_int8_codes
+    elif isinstance(clip_ratio, tuple):  # (a searched clip: torch's operations, never compiled)
+        quantize = int8_codes
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     if isinstance(weight, Avx2Weight):
         return weight(codes, scale, bias)
@@ -489,7 +508,7 @@ class DecodeRows:
 def decode_rows(weight: Int8Weight | Avx2Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
-                clip_ratio: float = 1.0) -> DecodeRows | None:
+                clip_ratio: Clip = 1.0) -> DecodeRows | None:
     """The layer's `DecodeRows` where the decode op runs (or, for an `Avx2Weight`, the AVX2 op at every row count),
     else None (`int8_linear` then decides at every call)."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, True)
@@ -526,13 +545,15 @@ def _scaled_in_place(op: ModuleType, product: torch.Tensor, scale: torch.Tensor,
 
 
 def op_codes(decode_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
-             qmin: int, qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             qmin: int, qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`int8_codes` by the decode op (`llmquant.nn.int8_gemv`), the same bits in one call: per token (one pass for
     the absmax, one for the codes, the rows in parallel), per tensor (one absmax over every value), clipped or not, or
     under a static scale (one pass)."""
     if dynamic is None:
         assert static_scale is not None
         return static_codes(decode_op, rows, static_scale, qmin, qmax), static_scale
+    if isinstance(clip_ratio, tuple):  # (a searched clip: torch's operations)
+        return int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     return (token_codes if dynamic == "token" else tensor_codes)(decode_op, rows, qmax, qmin, clip_ratio)
 
 
@@ -543,10 +564,10 @@ def _op_quantizer(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, to
 
 
 def avx2_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
-               qmin: int, qmax: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               qmin: int, qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`int8_codes`, per token by the AVX2 op (`llmquant.nn.int8_gemv`, ``int8_gemv_avx2.cpp``: the same bits in one
     call), otherwise by torch's operations."""
-    if dynamic == "token":
+    if dynamic == "token" and not isinstance(clip_ratio, tuple):
         return token_codes(avx2_op, rows, qmax, qmin, clip_ratio)
     return int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
 

@@ -66,6 +66,9 @@ class KVCacheQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, center_keys: bool = False) -> None:
         super().__init__()
+        if spec.clip_grid is not None:
+            raise LlmquantError(f"a KV cache takes a fixed clip ratio, not a clip grid ({list(spec.clip_grid)}); "
+                                "clip grids are for the inputs of Linears")
         self.spec = spec
         self.center_keys = center_keys  # calibrate ``k_mean`` and quantize keys minus it (module docstring)
         self.register_buffer("k_mean", None)  # [kv heads, head_dim], once calibrated or loaded

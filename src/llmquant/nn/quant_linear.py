@@ -411,13 +411,13 @@ class QuantLinear(nn.Module):
     def _int8_args(self) -> tuple:
         """The arguments of `llmquant.nn.int8_linear` after the weight and bias, built once (a decode step pays
         for every operation): the weight scale as a row, the dynamic granularity ("token", "tensor" or None), the
-        static scale, the code range, the clip ratio."""
+        static scale, the code range, the clip (a ratio, or a grid searched at run time: `QuantSpec.clip`)."""
         if self._int8_call is None:
             spec = self.input_spec
             assert spec is not None
             static = None if spec.dynamic else self.input_scale.reshape(1, 1)
             self._int8_call = (self.weight_scale.reshape(1, -1), spec.granularity if spec.dynamic else None, static,
-                               int(spec.qmin), int(spec.qmax), spec.clip_ratio)
+                               int(spec.qmin), int(spec.qmax), spec.clip)
         return self._int8_call
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -558,7 +558,7 @@ def set_input_clip(model: nn.Module, ratio: float) -> int:
     for module in model.modules():
         spec = module.input_spec if isinstance(module, QuantLinear) else None
         if spec is not None and spec.dynamic:
-            module.set_input_spec(spec.model_copy(update={"clip_ratio": ratio}))
+            module.set_input_spec(spec.model_copy(update={"clip_ratio": ratio, "clip_grid": None}))
             changed += 1
     return changed
 

@@ -92,13 +92,15 @@ def block_min_max(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
 
 
 def qparams_from_min_max(
-    min_vals: torch.Tensor, max_vals: torch.Tensor, spec: QuantSpec
+    min_vals: torch.Tensor, max_vals: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point from per-block ranges (conventions in `QuantSpec`, its ``clip_ratio`` included)."""
+    """Scale and integer zero point from per-block ranges (conventions in `QuantSpec`, its ``clip_ratio`` included;
+    ``clip``: per-block ratios ``[n_blocks, 1]`` in its place, as `searched_clip_ratios` gives them)."""
     min_vals = min_vals.float().clamp(max=0.0)
     max_vals = max_vals.float().clamp(min=0.0)
-    if spec.clip_ratio != 1.0:
-        min_vals, max_vals = min_vals * spec.clip_ratio, max_vals * spec.clip_ratio
+    ratio = clip if clip is not None else (spec.clip_ratio if spec.clip_ratio != 1.0 else None)
+    if ratio is not None:
+        min_vals, max_vals = min_vals * ratio, max_vals * ratio
     if spec.symmetric:
         absmax = torch.maximum(-min_vals, max_vals)
         scale = (absmax / spec.qmax).clamp(min=MIN_SCALE)
@@ -163,12 +165,45 @@ def fake_quantize(
     """Quantize then dequantize ``x``; with no scale given, the range is taken from ``x`` (dynamic)."""
     blocks = to_blocks(x.float(), spec)
     if scale is None:
-        scale, zero = qparams_from_min_max(
-            blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True), spec
-        )
+        low, high = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+        clip = None
+        if spec.clip_grid is not None:
+            clip = searched_clip_ratios(blocks, low.clamp(max=0.0), high.clamp(min=0.0), spec.clip_grid,
+                                        spec.symmetric, int(spec.qmin), int(spec.qmax))
+        scale, zero = qparams_from_min_max(low, high, spec, clip)
     assert zero is not None
     codes = quantize_blocks(blocks, scale, zero, spec)
     return from_blocks((codes - zero) * scale, x.shape, spec).to(x.dtype)
+
+
+def searched_clip_ratios(blocks: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: tuple[float, ...],
+                         symmetric: bool, qmin: int, qmax: int) -> torch.Tensor:
+    """Per block (row of ``blocks``), the ratio r of ``grid`` whose range [r low, r high] (``low`` <= 0 <= ``high``,
+    ``[n, 1]``) quantizes the block with the least squared error sum (x_hat - x)^2, the first of the grid on ties;
+    ``[n, 1]`` float32. A dynamic quantizer's clip chosen at run time (`QuantSpec.clip_grid`): the same function for
+    the simulation (`fake_quantize`) and the integer runtimes (`llmquant.nn.int8_linear.input_codes`), so both
+    choose the same ratios. Each candidate's scale and zero point follow `qparams_from_min_max`. An error measured
+    on the block itself, not on the Linear's output: a proxy, as in the MSE weight ranges."""
+    best_error = best_ratio = None
+    for ratio in grid:
+        lo, hi = low * ratio, high * ratio
+        if symmetric:
+            scale = (torch.maximum(-lo, hi) / qmax).clamp_(min=MIN_SCALE)
+            error = torch.div(blocks, scale).round_().clamp_(qmin, qmax).mul_(scale)
+        else:
+            scale = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
+            zero = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax)
+            error = torch.div(blocks, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        error = error.sub_(blocks).square_().sum(dim=1, keepdim=True)
+        candidate = torch.full_like(error, ratio)
+        if best_error is None or best_ratio is None:
+            best_error, best_ratio = error, candidate
+            continue
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_ratio = torch.where(better, candidate, best_ratio)
+    assert best_ratio is not None  # (a grid holds at least two ratios: `QuantSpec`)
+    return best_ratio
 
 
 def qparams_for(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,6 +22,9 @@ Integer ranges (said once here, used everywhere):
 
 A ``clip_ratio`` r < 1 shrinks every range before the scale is computed (min, max -> r min, r max; absmax -> r
 absmax), values beyond it clamped: QuaRot clips 4-bit activations at 0.9 and the KV cache at 0.95 of their range.
+A dynamic quantizer may instead take a ``clip_grid`` of ratios and choose one per block at run time (per token, or for
+the tensor): the ratio whose fake-quantized block has the least squared error, sum (x_hat - x)^2, the first of the
+grid on ties (`llmquant.quant.primitives.searched_clip_ratios`).
 
 Floating-point codes (``type="float"``): 8-bit E4M3 (``torch.float8_e4m3fn``, Micikevicius et al. 2022, "FP8
 Formats for Deep Learning"): q = fp8(clamp(x / scale, -448, 448)) rounded to the nearest E4M3 value (ties to
@@ -56,6 +59,7 @@ class QuantSpec(BaseModel):
     observer: ObserverName = "minmax"
     percentile: float = 99.99
     clip_ratio: float = 1.0
+    clip_grid: tuple[float, ...] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> QuantSpec:
@@ -81,9 +85,25 @@ class QuantSpec(BaseModel):
             raise ValueError("a dynamic quantizer computes its range at run time: observer must be 'minmax'")
         if not 0.0 < self.clip_ratio <= 1.0:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.clip_grid is not None:
+            self._check_clip_grid(self.clip_grid)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         return self
+
+    def _check_clip_grid(self, grid: tuple[float, ...]) -> None:
+        if not self.dynamic or self.type != "int":
+            raise ValueError("clip_grid chooses a clip ratio per block at run time: it needs a dynamic integer "
+                             "quantizer")
+        if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
+            raise ValueError(f"clip_grid needs at least two ratios in (0, 1], got {list(grid)}")
+        if self.clip_ratio != 1.0:
+            raise ValueError(f"give either clip_ratio ({self.clip_ratio:g}) or clip_grid, not both")
+
+    @property
+    def clip(self) -> float | tuple[float, ...]:
+        """The clip of a dynamic quantizer as the run-time code paths take it: the fixed ratio, or the grid."""
+        return self.clip_grid if self.clip_grid is not None else self.clip_ratio
 
     @property
     def qmin(self) -> float:
@@ -113,6 +133,8 @@ class QuantSpec(BaseModel):
         mode = "dynamic" if self.dynamic else "static"
         if self.clip_ratio != 1.0:
             mode += f"-clip{self.clip_ratio:g}"
+        if self.clip_grid is not None:
+            mode += f"-clip{max(self.clip_grid):g}..{min(self.clip_grid):g}"
         if self.type == "float":
             return f"fp8-e4m3-per-{grain}-{mode}"
         kind = "sym" if self.symmetric else "asym"
