@@ -1,7 +1,8 @@
 """A dynamic input's clip ratio chosen per token at run time (`QuantSpec.clip_grid`, a recipe's
-``activation_clip_grid``): each token takes the grid's ratio of least squared error, so its error is at most that of
-any fixed ratio of the grid; the simulation and the int8 runtime choose the same ratios and give the same bits; the
-grid goes through a checkpoint and back; what cannot take a grid says so in one line."""
+``activation_clip_grid``; a dynamic KV cache's per token and head, ``kv_cache_clip_grid``): each token takes the
+grid's ratio of least squared error, so its error is at most that of any fixed ratio of the grid; the simulation and
+the int8 runtime choose the same ratios and give the same bits; the grid goes through a checkpoint and back; what
+cannot take a grid says so in one line."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from conftest import logits, make_model
 from llmquant.errors import LlmquantError
 from llmquant.export.targets import check_recipe
 from llmquant.nn import int8_linear as kernel
-from llmquant.nn.kv_cache import KVCacheQuantizer
+from llmquant.nn.kv_cache import KVCacheQuantizer, set_kv_clip
 from llmquant.nn.quant_linear import QuantLinear, set_input_clip, set_runtime
 from llmquant.quant.primitives import fake_quantize, searched_clip_ratios
 from llmquant.quant.scheme import KV_CACHE, scheme_from_name
@@ -21,6 +22,7 @@ from llmquant.quant.spec import QuantSpec
 from llmquant.recipe import Recipe
 
 GRID = (0.9, 0.85, 0.8, 0.75, 0.7)
+KV_GRID = (1.0, 0.95, 0.9, 0.85, 0.8)
 W4A4_ASYM = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
 SCHEMES = [W4A4_ASYM, "w_int4_per_channel_sym_a_int4_per_token_dynamic",
            "w_int8_per_channel_a_int8_per_token_dynamic", "w_int8_per_channel_a_int8_per_tensor_dynamic",
@@ -138,17 +140,87 @@ def test_what_cannot_take_a_grid_says_so() -> None:
         QuantSpec(**{**spec.model_dump(), "dynamic": False, "clip_grid": GRID})
     with pytest.raises(ValueError, match="either clip_ratio"):
         QuantSpec(**{**spec.model_dump(), "clip_ratio": 0.8, "clip_grid": GRID})
-    with pytest.raises(LlmquantError, match="a KV cache takes a fixed clip ratio"):
-        KVCacheQuantizer(KV_CACHE["int4_per_token_asym"].model_copy(update={"clip_grid": GRID}))
-    recipe = Recipe.build(scheme=W4A4_ASYM, activation_clip_grid=list(GRID))
-    for target in ("vllm", "transformers"):
-        assert any("activation_clip_grid" in finding.message for finding in check_recipe(target, recipe))
+    with pytest.raises(ValueError, match="needs a dynamic integer quantizer"):  # (an FP8 cache, dynamic or not)
+        QuantSpec(**{**KV_CACHE["fp8_per_tensor"].model_dump(), "dynamic": True, "clip_grid": GRID})
+    for fields in ({"activation_clip_grid": list(GRID)},
+                   {"kv_cache": "int4_per_token_asym", "kv_cache_clip_grid": list(KV_GRID)}):
+        recipe = Recipe.build(scheme=W4A4_ASYM, **fields)
+        for target in ("vllm", "transformers"):
+            assert any(next(iter(fields)) in finding.message for finding in check_recipe(target, recipe))
+
+
+@pytest.mark.parametrize("kv_cache", ["int4_per_token_asym", "int8_per_token", "int8_per_tensor_dynamic"])
+def test_each_kv_token_errs_no_more_than_with_any_fixed_ratio_of_the_grid(kv_cache: str) -> None:
+    """Keys ``[batch, heads, positions, head_dim]``, every other position with an outlier: the quantizer's keys and
+    values are `fake_quantize`'s with the grid; per token and head (per tensor: over all) the squared error is at most
+    that of each fixed ratio, and below it for some ratio somewhere (the grid chooses)."""
+    spec = KV_CACHE[kv_cache]
+    states = _heavy_tailed(2 * 3 * 10, 4)[:, :16].reshape(2, 3, 10, 16)
+    quantizer = KVCacheQuantizer(spec.model_copy(update={"clip_grid": KV_GRID}))
+    key, value = quantizer(states, states * 2)
+    assert torch.equal(key, fake_quantize(states, quantizer.spec))
+    assert torch.equal(value, fake_quantize(states * 2, quantizer.spec))
+    per = (-1,) if spec.granularity == "token" else (0, 1, 2, 3)
+    error = (key - states).square().sum(per)
+    strictly_better = False
+    for ratio in KV_GRID:
+        fixed = fake_quantize(states, spec.model_copy(update={"clip_ratio": ratio}))
+        fixed_error = (fixed - states).square().sum(per)
+        assert (error <= fixed_error * (1 + 1e-6)).all()
+        strictly_better |= bool((error < fixed_error * (1 - 1e-3)).any())
+    assert strictly_better
+
+
+def test_a_kv_grid_quantizes_saves_and_loads_to_the_same_logits_and_runs_in_the_simulation(
+        calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path) -> None:
+    """An 8-bit per-token cache with a grid is not stored as codes (`supports_code_storage`): the int8 runtime's
+    generation runs the simulation's cache and gives its tokens. (Without 1.0 in the grid: on the tiny model's keys every
+    8-bit token chose 1.0, the logits of no clip.)"""
+    from llmquant.nn.kv_storage import supports_code_storage
+
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": "int8_per_token",
+              "kv_cache_clip_grid": list(KV_GRID[1:])}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+    quantizer = model.get_submodule("model.layers.0.self_attn").kv_cache_quantizer
+    assert quantizer.spec.clip_grid == KV_GRID[1:] and not supports_code_storage(quantizer.spec)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")  # the int8 runtime
+    assert loaded.get_submodule("model.layers.0.self_attn").kv_cache_quantizer.spec.clip_grid == KV_GRID[1:]
+    set_runtime(model, "fake")
+    assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
+    unclipped = llmquant.quantize(make_model("llama"), {**recipe, "kv_cache_clip_grid": None}, calib=calib_ids,
+                                  progress=False)
+    assert not torch.equal(logits(unclipped, eval_ids), logits(model, eval_ids))
+    prompt = eval_ids[:1, :8]
+    with torch.no_grad():
+        generated = [m.generate(prompt, max_new_tokens=6, do_sample=False) for m in (model, loaded)]
+    assert torch.equal(*generated)
+    assert set_kv_clip(loaded, 0.9) > 0 and loaded.get_submodule(
+        "model.layers.0.self_attn").kv_cache_quantizer.spec.clip_grid is None  # a fixed ratio replaces the grid
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"kv_cache_clip_grid": [0.9]}, "kv_cache_clip_grid needs at least two ratios in (0, 1]"),
+    ({"kv_cache_clip_grid": [0.9, 0.8], "kv_cache_clip": 0.95}, "either kv_cache_clip (0.95) or"),
+    ({"kv_cache_clip_grid": [0.9, 0.8], "clip_search": {"samples": 4}}, "clip_search.kv_cache false"),
+    ({"kv_cache_clip_grid": [0.9, 0.8], "kv_cache": None}, "has no KV cache; allowed: kv_cache int8_per_tensor_dyn"),
+    ({"kv_cache_clip_grid": [0.9, 0.8], "kv_cache": "int8_per_tensor"}, "has a static KV cache; allowed"),
+    ({"kv_cache_clip_grid": [0.9, 0.8], "kv_cache": "fp8_per_tensor"}, "has a static KV cache; allowed"),
+])
+def test_a_recipe_names_what_is_wrong_with_its_kv_grid(fields: dict, message: str) -> None:
+    with pytest.raises(LlmquantError) as err:
+        Recipe.build(**{"scheme": W4A4_ASYM, "kv_cache": "int4_per_token_asym", **fields})
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert Recipe.build(scheme=W4A4_ASYM, kv_cache="int4_per_token_asym", kv_cache_clip_grid=[0.9, 0.8],
+                        clip_search={"kv_cache": False}).scheme_named(W4A4_ASYM).kv_cache.clip_grid == (0.9, 0.8)
 
 
 def test_the_cli_flag_reaches_the_recipe() -> None:
     from llmquant.cli import _recipe_from_args, build_parser
 
     args = build_parser().parse_args(["quantize", "--scheme", W4A4_ASYM, "--activation-clip-grid", "0.9", "0.8",
+                                      "--kv-cache", "int4_per_token_asym", "--kv-cache-clip-grid", "1", "0.9",
                                       "--output", "unused"])
     recipe = _recipe_from_args(args)
     assert recipe.activation_clip_grid == (0.9, 0.8) and recipe.activation_clip is None
+    assert recipe.kv_cache_clip_grid == (1.0, 0.9) and recipe.scheme_named(W4A4_ASYM).kv_cache.clip_grid == (1.0, 0.9)

@@ -29,7 +29,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     for flag, key in (("scheme", "scheme"), ("algo", "algorithm"), ("group_size", "group_size"),
                       ("kv_cache", "kv_cache"), ("moe_calibrate", "moe_calibrate"),
                       ("activation_clip", "activation_clip"), ("kv_cache_clip", "kv_cache_clip"),
-                      ("activation_clip_grid", "activation_clip_grid")):
+                      ("activation_clip_grid", "activation_clip_grid"), ("kv_cache_clip_grid", "kv_cache_clip_grid")):
         if getattr(args, flag, None) is not None:  # (sweep has no --moe-calibrate nor clips)
             fields[key] = getattr(args, flag)
     if args.ignore is not None:
@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "error), e.g. 0.9 0.85 0.8 0.75 0.7")
     q.add_argument("--kv-cache-clip", type=float, default=None, metavar="R",
                    help="the same for the KV cache (QuaRot: 0.95 for 4 bits)")
+    q.add_argument("--kv-cache-clip-grid", type=float, nargs="+", default=None, metavar="R",
+                   help="or choose each token's (per KV head) clip ratio of a dynamic integer KV cache from these when "
+                        "it is quantized (least squared error), e.g. 1 0.95 0.9 0.85")
     q.add_argument("--kv-cache-center-keys", action="store_true",
                    help="quantize the keys minus their calibrated mean (a dynamic KV cache; softmax unchanged)")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")

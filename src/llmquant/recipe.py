@@ -10,6 +10,7 @@ Example (YAML)::
     activation_clip: 0.9               # or fixed from the start, for every input and KV-cache range (QuaRot: 0.9, 0.95)
     # activation_clip_grid: [0.9, 0.85, 0.8, 0.75, 0.7]   # or chosen per token at run time (least squared error)
     kv_cache_clip: 0.95
+    # kv_cache_clip_grid: [1.0, 0.95, 0.9, 0.85]           # the same for a dynamic KV cache (per token and head)
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
         scheme: w_int8_per_channel_a_int8_per_token_dynamic
@@ -268,6 +269,7 @@ class Recipe(_Strict):
     # or each dynamic input's clip ratio chosen per token (per tensor) at run time from these, by the least squared
     # error of its quantized values (`QuantSpec.clip_grid`), the static ones left unclipped
     activation_clip_grid: tuple[float, ...] | None = None
+    kv_cache_clip_grid: tuple[float, ...] | None = None  # the same for a dynamic integer KV cache
     # keys minus their calibrated mean before they are quantized (`llmquant.nn.kv_cache`, centred keys)
     kv_cache_center_keys: bool = False
 
@@ -280,7 +282,7 @@ class Recipe(_Strict):
             data.pop("gptq", None)
         if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
             data.pop("moe_calibrate", None)
-        for name in ("clip_search", "activation_clip", "kv_cache_clip", "activation_clip_grid"):
+        for name in ("clip_search", "activation_clip", "kv_cache_clip", "activation_clip_grid", "kv_cache_clip_grid"):
             if getattr(self, name) is None:
                 data.pop(name, None)
         if not self.kv_cache_center_keys:
@@ -308,8 +310,7 @@ class Recipe(_Strict):
         grid = self.activation_clip_grid
         if grid is None:
             return self
-        if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
-            raise ValueError(f"activation_clip_grid needs at least two ratios in (0, 1], got {list(grid)}")
+        _check_clip_grid("activation_clip_grid", grid)
         if self.activation_clip is not None:
             raise ValueError(f"give either activation_clip ({self.activation_clip:g}) or activation_clip_grid, not "
                              "both")
@@ -322,6 +323,27 @@ class Recipe(_Strict):
             if spec is not None and spec.dynamic and spec.type != "int":
                 raise ValueError(f"activation_clip_grid chooses integer ranges; {name} quantizes its inputs to "
                                  f"E4M3 floats; allowed: schemes with dynamic integer inputs")
+        return self
+
+    @model_validator(mode="after")
+    def _one_kv_cache_clip(self) -> Recipe:
+        """``kv_cache_clip_grid`` holds ratios in (0, 1], takes the place of ``kv_cache_clip`` and of ``clip_search``'s
+        KV-cache ratio, and needs a dynamic integer KV cache (a static one's scales are calibrated)."""
+        grid = self.kv_cache_clip_grid
+        if grid is None:
+            return self
+        _check_clip_grid("kv_cache_clip_grid", grid)
+        if self.kv_cache_clip is not None:
+            raise ValueError(f"give either kv_cache_clip ({self.kv_cache_clip:g}) or kv_cache_clip_grid, not both")
+        if self.clip_search is not None and self.clip_search.kv_cache:
+            raise ValueError("clip_search would replace the clip grid of the KV cache by one ratio: set "
+                             "clip_search.kv_cache false, or leave kv_cache_clip_grid out")
+        kv = scheme_from_name(self.scheme, None, self.kv_cache).kv_cache
+        if kv is None or not kv.dynamic or kv.type != "int":
+            found = "no KV cache" if kv is None else f"a {'static' if not kv.dynamic else 'float'} KV cache"
+            dynamic = [name for name, spec in KV_CACHE.items() if spec.dynamic and spec.type == "int"]
+            raise ValueError(f"kv_cache_clip_grid chooses the ranges of a dynamic integer KV cache, but this recipe "
+                             f"has {found}; allowed: kv_cache {', '.join(dynamic)}")
         return self
 
     @model_validator(mode="after")
@@ -450,7 +472,9 @@ class Recipe(_Strict):
         scheme = scheme_from_name(name, group_size or self.group_size, self.kv_cache)
         scheme = _with_observers(scheme, self.weight_observer, self.activation_observer, self.kv_cache_observer)
         scheme = _with_clip_ratios(scheme, activation_clip or self.activation_clip, self.kv_cache_clip)
-        return scheme if activation_clip is not None else _with_clip_grid(scheme, self.activation_clip_grid)
+        scheme = _with_clip_grid(scheme, "kv_cache", self.kv_cache_clip_grid)
+        return scheme if activation_clip is not None else _with_clip_grid(scheme, "input_activations",
+                                                                          self.activation_clip_grid)
 
     def resolve(self, model: nn.Module, model_map: ModelMap) -> QuantPlan:
         """One record per Linear (and per attention for the KV cache), with its scheme. The gates of MoE blocks
@@ -533,12 +557,19 @@ def _with_clip_ratios(scheme: Scheme, activation: float | None, kv_cache: float 
     return scheme.model_copy(update=update) if update else scheme
 
 
-def _with_clip_grid(scheme: Scheme, grid: tuple[float, ...] | None) -> Scheme:
-    """``scheme`` with ``grid`` as its dynamic input spec's `QuantSpec.clip_grid`, where both are."""
-    spec = scheme.input_activations
+def _with_clip_grid(scheme: Scheme, part: Literal["input_activations", "kv_cache"],
+                    grid: tuple[float, ...] | None) -> Scheme:
+    """``scheme`` with ``grid`` as the `QuantSpec.clip_grid` of its dynamic spec ``part``, where both are."""
+    spec = getattr(scheme, part)
     if grid is None or spec is None or not spec.dynamic:
         return scheme
-    return scheme.model_copy(update={"input_activations": spec.model_copy(update={"clip_grid": tuple(grid)})})
+    return scheme.model_copy(update={part: spec.model_copy(update={"clip_grid": tuple(grid)})})
+
+
+def _check_clip_grid(name: str, grid: tuple[float, ...]) -> None:
+    """A clip grid's ratios: at least two, each in (0, 1]."""
+    if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
+        raise ValueError(f"{name} needs at least two ratios in (0, 1], got {list(grid)}")
 
 
 @dataclass(frozen=True)

@@ -235,9 +235,9 @@ def rotation_findings(target: Target, recipe: Recipe) -> list[Finding]:
 
 def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
     """Clip ratios of dynamic quantizers (searched by clip_search, fixed by activation_clip / kv_cache_clip, or chosen
-    per token from activation_clip_grid) are llmquant's own (written as observer_kwargs, which no loader reads); a
-    calibrated scale's clip is in the scale itself (a static input scale, ``k_scale`` / ``v_scale``), which every
-    target reads."""
+    per token from activation_clip_grid / kv_cache_clip_grid) are llmquant's own (written as observer_kwargs, which
+    no loader reads); a calibrated scale's clip is in the scale itself (a static input scale, ``k_scale`` /
+    ``v_scale``), which every target reads."""
     if target == "fake":
         return []
     search = recipe.clip_search
@@ -251,7 +251,8 @@ def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
     if not (dynamic_inputs or dynamic_kv):
         return []
     return [_refuse(f"{target} computes dynamic scales from the whole range of each tensor: the clip ratios of the "
-                    "dynamic quantizers (clip_search, activation_clip, activation_clip_grid, kv_cache_clip) would be "
+                    "dynamic quantizers (clip_search, activation_clip, activation_clip_grid, kv_cache_clip, "
+                    "kv_cache_clip_grid) would be "
                     "dropped and the model would run another function; leave them at 1 (clip_search with activations "
                     "and kv_cache false, or none), or use --target fake")]
 

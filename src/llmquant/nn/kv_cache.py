@@ -16,7 +16,9 @@ its int8 codes, and gives the base attention the dequantized keys and values onl
 Granularity: ``tensor`` is one scale per layer for K and one for V (static: calibrated; dynamic: from
 the current tensor); ``attn_head`` one static scale per KV head (``k_scale`` / ``v_scale`` ``[heads]``, sized
 by the first calibration or the checkpoint); ``token`` is one scale per (batch, kv head, position) over
-head_dim, dynamic.
+head_dim, dynamic. A dynamic spec with a ``clip_grid`` (`QuantSpec.clip_grid`) clips each token's (each tensor's)
+range by the ratio of the grid that quantizes it with the least squared error, chosen when the keys or values are
+quantized (`llmquant.quant.primitives.searched_clip_ratios`), so a cache that stored codes would hold the same.
 Scale names follow compressed-tensors: ``k_scale`` and ``v_scale`` on the attention module.
 
 Centred keys (``center_keys``; SageAttention's key smoothing, Zhang et al. 2024, arXiv:2410.02367, with a static
@@ -66,9 +68,6 @@ class KVCacheQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, center_keys: bool = False) -> None:
         super().__init__()
-        if spec.clip_grid is not None:
-            raise LlmquantError(f"a KV cache takes a fixed clip ratio, not a clip grid ({list(spec.clip_grid)}); "
-                                "clip grids are for the inputs of Linears")
         self.spec = spec
         self.center_keys = center_keys  # calibrate ``k_mean`` and quantize keys minus it (module docstring)
         self.register_buffer("k_mean", None)  # [kv heads, head_dim], once calibrated or loaded
@@ -234,7 +233,7 @@ def set_kv_clip(model: nn.Module, ratio: float) -> int:
                 factor = ratio / module.spec.clip_ratio
                 module.k_scale.mul_(factor)
                 module.v_scale.mul_(factor)
-            module.spec = module.spec.model_copy(update={"clip_ratio": ratio})
+            module.spec = module.spec.model_copy(update={"clip_ratio": ratio, "clip_grid": None})
             changed += 1
     return changed
 

@@ -54,7 +54,8 @@ an empty one (a prefill) is identical in every case.
 
 Left to the simulation: sliding-window (and other non-plain) cache layers, caches that are not a
 ``DynamicCache`` (static, quantized, encoder-decoder), and KV specs other than symmetric 8-bit per tensor
-or per token. ``DynamicCache``'s iteration (its legacy format) yields the int8 codes of these layers.
+or per token with a fixed clip ratio (a clip grid runs in the simulation). ``DynamicCache``'s iteration (its
+legacy format) yields the int8 codes of these layers.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ from llmquant.quant.primitives import codes_to_float
 def supports_code_storage(spec: QuantSpec) -> bool:
     """Whether keys/values with this spec can be stored as 8-bit codes (int8 or float8) with one scale per
     position."""
-    return spec.bits == 8 and spec.symmetric and spec.granularity in ("tensor", "token")
+    return spec.bits == 8 and spec.symmetric and spec.granularity in ("tensor", "token") and spec.clip_grid is None
 
 
 def scale_shape(states: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
