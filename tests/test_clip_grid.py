@@ -174,8 +174,8 @@ def test_each_kv_token_errs_no_more_than_with_any_fixed_ratio_of_the_grid(kv_cac
 def test_a_kv_grid_quantizes_saves_and_loads_to_the_same_logits_and_runs_in_the_simulation(
         calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path) -> None:
     """An 8-bit per-token cache with a grid is not stored as codes (`supports_code_storage`): the int8 runtime's
-    generation runs the simulation's cache and gives its tokens. (Without 1.0 in the grid: on the tiny model's keys every
-    8-bit token chose 1.0, the logits of no clip.)"""
+    generation runs the simulation's cache and gives its tokens. (Without 1.0 in the grid: on the tiny model's keys
+    every 8-bit token chose 1.0, the logits of no clip.)"""
     from llmquant.nn.kv_storage import supports_code_storage
 
     recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": "int8_per_token",

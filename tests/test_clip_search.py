@@ -117,7 +117,7 @@ def test_a_serving_target_refuses_clipped_dynamic_quantizers(target: str) -> Non
         with pytest.raises(LlmquantError, match=f"--target {target}: {target} computes dynamic scales from the whole "
                                                 "range of each tensor: the clip ratios of the dynamic quantizers "
                                                 r"\(clip_search, activation_clip, activation_clip_grid, "
-                                                r"kv_cache_clip\) would be dropped"):
+                                                r"kv_cache_clip, kv_cache_clip_grid\) would be dropped"):
             check_target(target, refused)
         check_target("fake", refused)  # llmquant's own loader runs them
     static_kv = llmquant.Recipe.build(scheme="w_fp8_per_channel_a_fp8_per_token_dynamic", kv_cache="fp8_per_tensor",
