@@ -252,9 +252,8 @@ def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
         return []
     return [_refuse(f"{target} computes dynamic scales from the whole range of each tensor: the clip ratios of the "
                     "dynamic quantizers (clip_search, activation_clip, activation_clip_grid, kv_cache_clip, "
-                    "kv_cache_clip_grid) would be "
-                    "dropped and the model would run another function; leave them at 1 (clip_search with activations "
-                    "and kv_cache false, or none), or use --target fake")]
+                    "kv_cache_clip_grid) would be dropped and the model would run another function; leave them at 1 "
+                    "(clip_search with activations and kv_cache false, or none), or use --target fake")]
 
 
 def center_keys_findings(target: Target, recipe: Recipe) -> list[Finding]:
