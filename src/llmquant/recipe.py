@@ -57,7 +57,7 @@ from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 from llmquant.model.targets import has_own_forward, matches_any
 from llmquant.quant.scheme import KV_CACHE, Scheme, scheme_from_name, scheme_names
-from llmquant.quant.spec import ObserverName
+from llmquant.quant.spec import ObserverName, check_clip_grid
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ class Recipe(_Strict):
         grid = self.activation_clip_grid
         if grid is None:
             return self
-        _check_clip_grid("activation_clip_grid", grid)
+        check_clip_grid("activation_clip_grid", grid)
         if self.activation_clip is not None:
             raise ValueError(f"give either activation_clip ({self.activation_clip:g}) or activation_clip_grid, not "
                              "both")
@@ -332,12 +332,14 @@ class Recipe(_Strict):
         grid = self.kv_cache_clip_grid
         if grid is None:
             return self
-        _check_clip_grid("kv_cache_clip_grid", grid)
+        check_clip_grid("kv_cache_clip_grid", grid)
         if self.kv_cache_clip is not None:
             raise ValueError(f"give either kv_cache_clip ({self.kv_cache_clip:g}) or kv_cache_clip_grid, not both")
         if self.clip_search is not None and self.clip_search.kv_cache:
             raise ValueError("clip_search would replace the clip grid of the KV cache by one ratio: set "
                              "clip_search.kv_cache false, or leave kv_cache_clip_grid out")
+        # the preset's KV spec, not `scheme_named`'s: that one applies the grid, which would fail in `QuantSpec`
+        # with a message that does not name this recipe's fields
         kv = scheme_from_name(self.scheme, None, self.kv_cache).kv_cache
         if kv is None or not kv.dynamic or kv.type != "int":
             found = "no KV cache" if kv is None else f"a {'static' if not kv.dynamic else 'float'} KV cache"
@@ -564,12 +566,6 @@ def _with_clip_grid(scheme: Scheme, part: Literal["input_activations", "kv_cache
     if grid is None or spec is None or not spec.dynamic:
         return scheme
     return scheme.model_copy(update={part: spec.model_copy(update={"clip_grid": tuple(grid)})})
-
-
-def _check_clip_grid(name: str, grid: tuple[float, ...]) -> None:
-    """A clip grid's ratios: at least two, each in (0, 1]."""
-    if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
-        raise ValueError(f"{name} needs at least two ratios in (0, 1], got {list(grid)}")
 
 
 @dataclass(frozen=True)

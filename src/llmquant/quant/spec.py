@@ -44,6 +44,12 @@ NumberType = Literal["int", "float"]
 FP8_E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
+def check_clip_grid(name: str, grid: tuple[float, ...]) -> None:
+    """A clip grid's ratios (``name``: the field that holds them, for the error): at least two, each in (0, 1]."""
+    if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
+        raise ValueError(f"{name} needs at least two ratios in (0, 1], got {list(grid)}")
+
+
 class QuantSpec(BaseModel):
     """How one tensor (a weight, an activation, a key or value cache) is quantized."""
 
@@ -95,8 +101,7 @@ class QuantSpec(BaseModel):
         if not self.dynamic or self.type != "int":
             raise ValueError("clip_grid chooses a clip ratio per block at run time: it needs a dynamic integer "
                              "quantizer")
-        if len(grid) < 2 or not all(0.0 < ratio <= 1.0 for ratio in grid):
-            raise ValueError(f"clip_grid needs at least two ratios in (0, 1], got {list(grid)}")
+        check_clip_grid("clip_grid", grid)
         if self.clip_ratio != 1.0:
             raise ValueError(f"give either clip_ratio ({self.clip_ratio:g}) or clip_grid, not both")
 
