@@ -324,7 +324,8 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
 
 
 @pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
-                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM])
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM,
+                                    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"])
 def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_rtn(scheme: str, calib_ids: torch.Tensor,
                                                                  eval_ids: torch.Tensor, tmp_path) -> None:
 

@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default=None, help="hub id, local directory or .gguf file (default: SmolLM2-135M)")
     q.add_argument("--scheme", default=None, help=f"a preset: {', '.join(scheme_names())}")
     q.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
-    q.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="group size of grouped schemes: weights, or W4A4 inputs per group (-1: per channel or "
+                        "token)")
     q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
     q.add_argument("--pre-opt", action="append", default=None,
                    help="smoothquant | smooth_fc_fc | quarot (repeatable; quarot runs first)")
@@ -538,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "smooth_auto, rotation+smooth_auto, or a .json/.yaml file mapping method names to pre_opts "
                         "lists")
     s.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
-    s.add_argument("--group-size", type=int, default=None, help="group size of grouped weight schemes (-1: channel)")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="group size of grouped schemes: weights, or W4A4 inputs per group (-1: per channel or "
+                        "token)")
     s.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     s.add_argument("--calib-samples", type=int, default=None)
     s.add_argument("--seqlen", type=int, default=None, help="calibration and evaluation window length")

@@ -92,6 +92,7 @@ LOW_BIT_SCHEMES: tuple[str, ...] = (  # 4-bit weights with quantized activations
     "w_int4_per_group_sym_a_int8_per_token_dynamic",
     "w_int4_per_channel_sym_a_int4_per_token_dynamic",
     "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic",
+    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic",
 )
 
 DEFAULT_GROUP_SIZE = 64
@@ -128,12 +129,20 @@ def _low_bit(name: str, group_size: int | None) -> Scheme:
     """W4A8 (int4 weights in symmetric groups, int8 inputs per token) and W4A4 (int4 weights per channel, int4
     inputs per token), symmetric, or with asymmetric inputs (unsigned 4-bit codes and a zero point per token: 16
     levels over [min, max] instead of 15 over [-absmax, absmax]); what integer kernels multiply
-    (`llmquant.nn.int8_linear`: asymmetric codes shifted by their zero point)."""
+    (`llmquant.nn.int8_linear`: asymmetric codes shifted by their zero point). W4A4 with inputs per token in
+    groups (``group_size`` consecutive inputs of a token share a scale and zero point, as Atom's activations and the
+    MX formats' blocks; -1: per token) runs as the simulation on every runtime (no integer kernel here: one would
+    take one product per group, scaled by its row's group scale)."""
     if name == "w_int4_per_group_sym_a_int8_per_token_dynamic":
         weights = _weight_only("w_int4_per_group_sym", group_size).weights
         return Scheme(weights=weights, input_activations=_int8("token", dynamic=True))
+    weights = QuantSpec(bits=4, symmetric=True, granularity="channel")
+    if name == "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic":
+        group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+        grain = {"granularity": "token"} if group_size == -1 else {"granularity": "group", "group_size": group_size}
+        return Scheme(weights=weights, input_activations=QuantSpec(bits=4, symmetric=False, dynamic=True, **grain))
     symmetric = name == "w_int4_per_channel_sym_a_int4_per_token_dynamic"
-    return Scheme(weights=QuantSpec(bits=4, symmetric=True, granularity="channel"),
+    return Scheme(weights=weights,
                   input_activations=QuantSpec(bits=4, symmetric=symmetric, granularity="token", dynamic=True))
 
 
