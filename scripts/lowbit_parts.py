@@ -13,6 +13,9 @@ ratio). The simulation (runtime ``fake``) evaluates every row, so the figures co
 bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus, the float model (the
 default model, loaded here) evaluated on the same windows. ``--asymmetric``: every row quantizes the Linears' dynamic
 inputs asymmetrically (a zero point per token, `QuantSpec.symmetric` false), the checkpoint's clip ratios kept.
+``--input-groups N``: every row quantizes those inputs per token in groups of N (as the scheme
+``w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic`` does); ``--clip-grid R R ...``: every row chooses their
+clip ratio per block from that grid (`QuantSpec.clip_grid`, in place of the checkpoint's ratio or grid).
 """
 
 from __future__ import annotations
@@ -68,6 +71,23 @@ def make_inputs_asymmetric(model: torch.nn.Module) -> int:
     return changed
 
 
+def regrain_inputs(model: torch.nn.Module, group_size: int | None, grid: tuple[float, ...] | None) -> int:
+    """Quantize every Linear's dynamic integer input per token in groups of ``group_size`` and / or with the clip
+    grid ``grid`` (the rest of its spec as it is); return how many changed."""
+    update: dict[str, object] = {}
+    if group_size is not None:
+        update.update(granularity="group", group_size=group_size)
+    if grid is not None:
+        update.update(clip_grid=grid, clip_ratio=1.0)
+    changed = 0
+    for module in model.modules():
+        spec = module.input_spec if isinstance(module, QuantLinear) else None
+        if update and spec is not None and spec.dynamic and spec.type == "int":
+            module.set_input_spec(QuantSpec(**{**spec.model_dump(), **update}))  # (validated)
+            changed += 1
+    return changed
+
+
 def restore(model: torch.nn.Module, kept: dict[str, tuple[object, object]]) -> None:
     for name, (spec, quantizing) in kept.items():
         module = model.get_submodule(name)
@@ -86,12 +106,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric dynamic inputs in every row")
+    parser.add_argument("--input-groups", type=int, default=None, help="dynamic inputs per token in groups of N")
+    parser.add_argument("--clip-grid", type=float, nargs="+", default=None, help="dynamic inputs' clip grid")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = llmquant.load(args.checkpoint, device="cpu")
     set_runtime(model, "fake")
     if args.asymmetric and not make_inputs_asymmetric(model):
         raise SystemExit("--asymmetric: the checkpoint has no Linear with dynamic integer inputs")
+    grid = tuple(args.clip_grid) if args.clip_grid else None
+    if (args.input_groups or grid) and not regrain_inputs(model, args.input_groups, grid):
+        raise SystemExit("--input-groups, --clip-grid: the checkpoint has no Linear with dynamic integer inputs")
     windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in args.corpora}
     reference, _ = llmquant.load(None, device="cpu")
     float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}
