@@ -89,20 +89,20 @@ def best_recipes() -> dict[str, dict[str, Any]]:
                           "algorithm": "gptq", "gptq": {"asymmetric": 0.5, "quantized_inputs": True},
                           "weight_observer": "mse", "pre_opts": [{"name": "quarot"}], "activation_clip": 0.95,
                           "calib": {"samples": 128}},
-        # R6 in place of R1 (online Hadamards before the readers of every norm) and every group smoothed (alpha
-        # searched) before its online rotation (SmoothRot's order); GPTAQ on the Hessians of the quantized activations,
-        # clipped at 0.8 from the start; MSE weight ranges; the keys centred (their calibrated mean subtracted before
-        # the 4-bit KV cache quantizes them); asymmetric 4-bit inputs (a zero point per token, as SpinQuant's
-        # evaluation quantizes them), each token's clip ratio chosen at run time from 0.9 .. 0.7 by least squared
-        # error; 128 samples: x1.2099 (stdlib x1.3138) against x1.2232 (x1.3274) with every input clipped at 0.8 on
-        # an AVX2 EPYC; on an AVX512 EPYC the 0.8 recipe gave x1.2089 (x1.3244), against x1.2311 (x1.3597) with
-        # symmetric inputs and x1.2192 (x1.3296) with symmetric inputs and down_proj's clipped at 0.7 (with
-        # asymmetric inputs that clip gives x1.2450); x1.2754 (x1.3935) without centred keys, x1.3270 (x1.4672) with
-        # min-max weight ranges too and x1.4931 (x1.7283) for QuaRot R1-R4
+        # R6 in place of R1 (online Hadamards before the readers of every norm), R5 (before o_proj) too, and every group
+        # smoothed (alpha searched) before its online rotation (SmoothRot's order); GPTAQ on the Hessians of the
+        # quantized activations, clipped at 0.8 from the start; MSE weight ranges; the keys centred (their calibrated
+        # mean subtracted before the 4-bit KV cache quantizes them); asymmetric 4-bit inputs (a zero point per token, as
+        # SpinQuant's evaluation quantizes them), each token's clip ratio chosen at run time from 0.9 .. 0.7 by least
+        # squared error; 128 samples: x1.2075 (stdlib x1.2983) on an AVX2 EPYC, x1.2099 (x1.3138) there without R5 and
+        # x1.2232 (x1.3274) with every input clipped at 0.8 instead; on an AVX512 EPYC the 0.8 recipe gave x1.2089
+        # (x1.3244), against x1.2311 (x1.3597) with symmetric inputs and x1.2192 (x1.3296) with symmetric inputs and
+        # down_proj's clipped at 0.7 (with asymmetric inputs that clip gives x1.2450); x1.2754 (x1.3935) without centred
+        # keys, x1.3270 (x1.4672) with min-max weight ranges too and x1.4931 (x1.7283) for QuaRot R1-R4
         "best_w4a4kv4": {"scheme": W4A4_ASYMMETRIC_INPUTS, "kv_cache": "int4_per_token_asym",
                          "algorithm": "gptq", "gptq": {"asymmetric": 0.25, "quantized_inputs": True},
                          "weight_observer": "mse",
-                         "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R6"]},
+                         "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R5", "R6"]},
                                       {"name": "smoothquant", "alpha": "auto"}],
                          "activation_clip_grid": [0.9, 0.85, 0.8, 0.75, 0.7], "kv_cache_center_keys": True,
                          "calib": {"samples": 128}},
