@@ -59,31 +59,14 @@ def change(model: torch.nn.Module, part: str) -> dict[str, tuple[object, object]
     return kept
 
 
-def make_inputs_asymmetric(model: torch.nn.Module) -> int:
-    """Quantize every Linear's dynamic input with a zero point (the same bits, clip ratio and granularity); return
-    how many changed."""
+def update_dynamic_inputs(model: torch.nn.Module, update: dict[str, object]) -> int:
+    """Give every Linear's dynamic integer input quantizer the fields ``update`` (a zero point: ``symmetric``
+    false; groups; a clip grid), the rest of its spec as it is, validated; return how many changed."""
     changed = 0
     for module in model.modules():
         spec = module.input_spec if isinstance(module, QuantLinear) else None
         if spec is not None and spec.dynamic and spec.type == "int":
-            module.set_input_spec(spec.model_copy(update={"symmetric": False}))
-            changed += 1
-    return changed
-
-
-def regrain_inputs(model: torch.nn.Module, group_size: int | None, grid: tuple[float, ...] | None) -> int:
-    """Quantize every Linear's dynamic integer input per token in groups of ``group_size`` and / or with the clip
-    grid ``grid`` (the rest of its spec as it is); return how many changed."""
-    update: dict[str, object] = {}
-    if group_size is not None:
-        update.update(granularity="group", group_size=group_size)
-    if grid is not None:
-        update.update(clip_grid=grid, clip_ratio=1.0)
-    changed = 0
-    for module in model.modules():
-        spec = module.input_spec if isinstance(module, QuantLinear) else None
-        if update and spec is not None and spec.dynamic and spec.type == "int":
-            module.set_input_spec(QuantSpec(**{**spec.model_dump(), **update}))  # (validated)
+            module.set_input_spec(QuantSpec(**{**spec.model_dump(), **update}))
             changed += 1
     return changed
 
@@ -112,11 +95,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = llmquant.load(args.checkpoint, device="cpu")
     set_runtime(model, "fake")
-    if args.asymmetric and not make_inputs_asymmetric(model):
-        raise SystemExit("--asymmetric: the checkpoint has no Linear with dynamic integer inputs")
-    grid = tuple(args.clip_grid) if args.clip_grid else None
-    if (args.input_groups or grid) and not regrain_inputs(model, args.input_groups, grid):
-        raise SystemExit("--input-groups, --clip-grid: the checkpoint has no Linear with dynamic integer inputs")
+    update: dict[str, object] = {}
+    if args.asymmetric:
+        update.update(symmetric=False)
+    if args.input_groups:
+        update.update(granularity="group", group_size=args.input_groups)
+    if args.clip_grid:
+        update.update(clip_grid=tuple(args.clip_grid), clip_ratio=1.0)
+    if update and not update_dynamic_inputs(model, update):
+        raise SystemExit("--asymmetric, --input-groups, --clip-grid: the checkpoint has no Linear with dynamic "
+                         "integer inputs")
     windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in args.corpora}
     reference, _ = llmquant.load(None, device="cpu")
     float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}

@@ -92,7 +92,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
                           "calib": {"samples": 128}},
         # R6 in place of R1 (online Hadamards before the readers of every norm), R5 (before o_proj) too, and every group
         # smoothed (alpha searched) before its online rotation (SmoothRot's order); GPTAQ on the Hessians of the
-        # quantized activations, clipped at 0.8 from the start; MSE weight ranges; the keys centred (their calibrated
+        # quantized activations (clipped as below from the start); MSE weight ranges; the keys centred (their calibrated
         # mean subtracted before the 4-bit KV cache quantizes them); asymmetric 4-bit inputs (a zero point per token, as
         # SpinQuant's evaluation quantizes them), each token's clip ratio chosen at run time from 0.9 .. 0.7 by least
         # squared error; 128 samples: x1.2075 (stdlib x1.2983) on an AVX2 EPYC, x1.2099 (x1.3138) there without R5 and
