@@ -15,6 +15,7 @@
     .venv/bin/python scripts/runtime_profile.py rows                # the op's row rules: DecodeRows, W4A8, W8A16
     .venv/bin/python scripts/runtime_profile.py avx2                # the AVX2 op against float32, by rows
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
+    .venv/bin/python scripts/runtime_profile.py groups              # W4A4 with inputs in groups, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -33,6 +34,9 @@ the weights again), 8 rounds after a warm-up one, medians.
 ``fp8`` times an FP8 per-channel / per-token `QuantLinear` on ``torch._scaled_mm`` (forced onto the operator even on
 the CPU, where `set_runtime` keeps the simulation) and its simulation against the float Linear (float32 on the CPU,
 bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
+``groups`` times the W4A4 Linear with inputs per token in groups of 32 and 64 (clip grid 1.0 .. 0.8; one integer
+product per group, `llmquant.nn.int8_linear.input_grouped_linear`) against fake-quantized inputs times the
+dequantized weight (the same function in another order of float32 operations) and the float32 Linear.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
@@ -55,6 +59,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -63,6 +68,7 @@ from llmquant.nn.int8_gemv import kv_kernel
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
+from llmquant.quant.primitives import fake_quantize
 from llmquant.quant.scheme import scheme_from_name
 
 SHAPES = ((576, 1536), (1536, 576), (576, 576))  # the default model's gate/up, down and q/o projections
@@ -755,10 +761,34 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
           f"{us['packed']:9.1f} us ({us['float32'] / us['packed']:4.2f}x)", flush=True)
 
 
+def groups(repeats: int = 21) -> None:
+    """W4A4 with inputs in groups: the group products against fq(x) @ dequant(W)^T and float32, by rows."""
+    name = "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"
+    for group in (32, 64):
+        scheme = scheme_from_name(name, group_size=group)
+        spec = scheme.input_activations.model_copy(update={"clip_grid": (1.0, 0.95, 0.9, 0.85, 0.8)})
+        for inputs, outputs in SHAPES:
+            linear = torch.nn.Linear(inputs, outputs)
+            quantized = QuantLinear.from_linear(linear, scheme.weights, spec)
+            set_runtime(quantized, "int8")
+            weight = quantized.dequantized_weight()
+            for rows in (1, 8, 512):
+                x = torch.randn(rows, inputs)
+                calls = (lambda linear=linear, x=x: linear(x),
+                         lambda quantized=quantized, x=x: quantized(x.clone()),  # (a new tensor: no kept codes)
+                         lambda spec=spec, x=x, w=weight, b=quantized.bias: F.linear(fake_quantize(x, spec), w, b))
+                with torch.no_grad():
+                    times = [median_us(call, repeats) for call in calls]
+                print(f"groups of {group}: {inputs} -> {outputs}, {rows} rows: float32 {times[0]:8.1f} us, group "
+                      f"products {times[1]:8.1f} us, fake-quantized inputs {times[2]:8.1f} us, ratio "
+                      f"{times[1] / times[2]:5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
-                                         "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn"])
+                                         "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
+                                         "groups"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -798,6 +828,8 @@ def main() -> None:
         rows_rules()
     elif args.what == "avx2":
         avx2()
+    elif args.what == "groups":
+        groups()
     elif args.what == "prefetch":
         if args.model is None:
             parser.error("prefetch needs --model DIR (a W8A8 checkpoint)")

@@ -2,7 +2,9 @@
 ``group_size`` consecutive inputs of a token is quantized on its own range (a scale and a zero point per group), so
 a group errs no more than the whole token's range would make it, much less where a token's groups differ in size;
 the recipe's ``group_size`` sets the groups (-1: per token), falls back to one that divides a Linear's inputs, and
-the checkpoint goes through save and load to the same logits on both runtimes."""
+the checkpoint goes through save and load to the same logits on both runtimes. The layer computes what an integer
+kernel does, y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b, and ``torch._int_mm`` group by group gives the
+simulation's bits."""
 
 from __future__ import annotations
 
@@ -13,10 +15,13 @@ import torch
 
 import llmquant
 from conftest import logits, make_model
+from llmquant.errors import LlmquantError
 from llmquant.model.model_map import detect_model_map
+from llmquant.nn import int8_linear
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.primitives import fake_quantize
 from llmquant.quant.scheme import scheme_from_name
+from llmquant.quant.spec import QuantSpec
 from llmquant.recipe import Recipe
 
 W4A4_GROUPS = "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"
@@ -74,7 +79,7 @@ def test_a_w4a4kv4_recipe_with_input_groups_saves_and_loads_to_the_same_logits(c
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.input_spec is not None]
     assert layers and all(m.input_spec.granularity == "group" and m.input_spec.group_size == 16 for m in layers)
-    assert not any(m.supports_int8 for m in layers)  # no integer kernel: the simulation on every runtime
+    assert all(m.supports_int8 for m in layers)  # (the kernel's order on both runtimes: no float function)
     llmquant.save(model, None, tmp_path / "ckpt")
     loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")  # the int8 runtime
     spec = loaded.get_submodule("model.layers.0.mlp.down_proj").input_spec
@@ -86,3 +91,87 @@ def test_a_w4a4kv4_recipe_with_input_groups_saves_and_loads_to_the_same_logits(c
     tokens = llmquant.quantize(make_model("llama"), {**recipe, "scheme": W4A4_TOKENS}, calib=calib_ids,
                                progress=False)
     assert not torch.equal(logits(tokens, eval_ids), expected)  # (the groups are not the tokens)
+
+
+def _grouped_layer(input_spec: QuantSpec, weight_bits: int = 4, in_features: int = 96) -> QuantLinear:
+    linear = torch.nn.Linear(in_features, 80)
+    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
+    weight_spec = QuantSpec(bits=weight_bits, symmetric=True, granularity="channel")
+    return QuantLinear.from_linear(linear, weight_spec, input_spec)
+
+
+GROUPED_INPUTS = {
+    "uint4 asym": scheme_from_name(W4A4_GROUPS, 32).input_activations,
+    "uint4 asym, clip grid": scheme_from_name(W4A4_GROUPS, 16).input_activations.model_copy(
+        update={"clip_grid": (1.0, 0.9, 0.8)}),
+    "int8 sym": QuantSpec(bits=8, symmetric=True, granularity="group", group_size=32, dynamic=True),
+}
+
+
+@pytest.mark.parametrize("name", GROUPED_INPUTS)
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_grouped_inputs_compute_the_kernels_sum_of_group_products(name: str, rows: int) -> None:
+    """The simulation: y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b with the codes of `fake_quantize`'s groups, equal
+    in exact arithmetic to fq(x) @ dequant(W)^T + b (float rounding apart: relative 1e-5)."""
+    spec = GROUPED_INPUTS[name]
+    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4)
+    assert layer.supports_int8
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    set_runtime(layer, "fake")
+    y = layer(x)
+    reference = torch.nn.functional.linear(fake_quantize(x, spec), layer.dequantized_weight(), layer.bias)
+    assert torch.allclose(y, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    group = spec.group_size
+    expected = sum(torch.nn.functional.linear(fake_quantize(x[:, i:i + group], spec.model_copy(
+        update={"granularity": "token", "group_size": None})), layer.dequantized_weight()[:, i:i + group])
+        for i in range(0, 96, group)) + layer.bias
+    assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", GROUPED_INPUTS)
+@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("int_mm", ["0", "1"])
+def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str, rows: int, int_mm: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch._int_mm`` group by group (``LLMQUANT_INT_MM=1`` where the CPU has no VNNI: it runs, slowly), or the
+    float32 product of the codes where it is refused: the simulation's bits either way; never the decode op's rows
+    (per-token codes)."""
+    monkeypatch.setenv("LLMQUANT_INT_MM", int_mm)
+    calls = []
+    int_mm_op = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
+    spec = GROUPED_INPUTS[name]
+    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    set_runtime(layer, "fake")
+    simulated = layer(x)
+    assert set_runtime(layer, "int8") == 1
+    assert torch.equal(layer(x), simulated)
+    assert layer._decode_rows is False
+    assert bool(calls) == (int8_linear.int_mm_refusal(x.device) is None)
+
+
+def test_input_groups_that_do_not_divide_the_inputs_keep_the_simulations_error() -> None:
+    """A layer made with groups that do not divide its inputs (a recipe falls back before: the test above) is not run
+    group by group on a guess: the simulation's quantizer says what is wrong."""
+    layer = _grouped_layer(scheme_from_name(W4A4_GROUPS, 64).input_activations, in_features=96)
+    assert not layer.supports_int8
+    with pytest.raises(LlmquantError, match="group_size 64 does not divide the last dimension 96"):
+        layer(torch.randn(4, 96))
+
+
+def test_grouped_inputs_on_the_int8_runtime_keep_the_codes_shared_by_q_k_v() -> None:
+    """q/k/v read one tensor: its grouped codes are made once, and not handed to a per-token layer."""
+    spec = GROUPED_INPUTS["uint4 asym"]
+    first, second = _grouped_layer(spec), _grouped_layer(spec)
+    tokens = _grouped_layer(scheme_from_name(W4A4_TOKENS).input_activations)
+    x = torch.randn(8, 96, generator=torch.Generator().manual_seed(3))
+    for layer in (first, second, tokens):
+        set_runtime(layer, "int8")
+    first(x)
+    kept = int8_linear._last_codes.entry
+    assert kept is not None and kept.scale.shape == (8, 3)
+    second(x)
+    assert int8_linear._last_codes.entry is kept
+    tokens(x)
+    assert int8_linear._last_codes.entry.scale.shape == (8, 1)

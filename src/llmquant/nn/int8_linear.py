@@ -16,6 +16,9 @@ Three parts, each in as few passes as the algebra allows (a decode step, one row
   product needs a promoting multiplication into a new tensor), then the bias in place: the order the simulation
   keeps.
 
+Weights in groups of columns (W4A8, `grouped_linear`) and inputs per token in groups (`input_grouped_linear`) take
+one integer product per group, each scaled by its group's scales and summed in group order.
+
 On a CPU with AVX512-VNNI a small C++ op (`llmquant.nn.int8_gemv`) makes the codes (per token, or under a static
 scale) and scales oneDNN's products in one pass each; up to four rows (a decode step at batch 1 to 4) the three parts
 are two of its calls (a decode step pays for every operation, and torch's int8 products at one row are not bound by
@@ -355,14 +358,15 @@ _last_codes = _LastCodes()
 
 def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | None,
                        static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip, as_int8: bool,
-                       quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                       input_groups: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """`input_codes` of ``rows`` (``source``, the Linear's input, as rows), as int8 (`int8_codes`, or
     ``quantize``: the same function compiled) or as float32 codes, kept for the next Linear that quantizes the
     same tensor, unchanged, in the same way: q/k/v and gate/up quantize their shared input once. An unchanged
     tensor is the same object at the same version (its counter of in-place changes); a tensor made under
-    ``torch.inference_mode`` has no version, so its codes are not kept. The entry goes when its tensor does."""
-    arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, as_int8)
+    ``torch.inference_mode`` has no version, so its codes are not kept. The entry goes when its tensor does.
+    ``input_groups``: the size of the groups ``quantize`` takes (`in_input_groups`), 0 for none; part of the key."""
+    arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, as_int8, input_groups)
     entry, tracked = _last_codes.entry, not source.is_inference()
     if tracked and entry is not None and entry.serves(source, arguments):
         return entry.codes, entry.scale
@@ -371,6 +375,43 @@ def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | 
     _last_codes.entry = (_KeptCodes(weakref.ref(source, _forget), source._version, arguments, codes, scale)
                          if tracked else None)
     return codes, scale
+
+
+def in_input_groups(quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]], group_size: int
+                    ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``quantize`` (a dynamic per-token quantizer such as `asymmetric_input_codes`) applied to each group of
+    ``group_size`` consecutive columns of a row: codes ``[n, in]`` and scales ``[n, in / group_size]``, the blocks
+    `fake_quantize` takes for a spec in groups (`llmquant.quant.primitives.to_blocks`), so the same values."""
+    def quantize_groups(rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None, qmin: int,
+                        qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        assert dynamic == "group" and static_scale is None
+        count, width = rows.shape
+        codes, scale = quantize(rows.reshape(-1, group_size), "token", None, qmin, qmax, clip_ratio)
+        return codes.reshape(count, width), scale.reshape(count, width // group_size)
+    return quantize_groups
+
+
+def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_codes: torch.Tensor,
+                              integer: bool, weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                              qmin: int, qmax: int, clip_ratio: Clip = 1.0, asymmetric: bool = False
+                              ) -> torch.Tensor:
+    """`input_grouped_linear` of ``rows`` ``[n, in]`` (``source``, the Linear's input, as rows; its codes per token in
+    groups of ``group_size`` columns, shared as in `shared_input_codes`) and ``weight_codes`` ``[out, in]``:
+    ``integer``, int8 codes multiplied by ``torch._int_mm`` group by group (`int8_matmul`), else float32 codes (the
+    simulation, and the int8 runtime where `int_mm_refusal`: exact products, so the same bits). ``asymmetric``: the
+    codes shifted by their zero points (`asymmetric_input_codes`)."""
+    if asymmetric:
+        quantize = asymmetric_int8_codes if integer else asymmetric_input_codes
+    else:
+        quantize = int8_codes if integer else input_codes
+    codes, scale = shared_input_codes(source, rows, "group", None, qmin, qmax, clip_ratio, integer,
+                                      in_input_groups(quantize, group_size), input_groups=group_size)
+    if integer:
+        groups = [group.contiguous() for group in weight_codes.split(group_size, dim=1)]
+        return input_grouped_linear(codes, scale, groups, weight_scale, bias,
+                                    lambda a, w: int8_matmul(a.contiguous(), w))
+    return input_grouped_linear(codes, scale, list(weight_codes.split(group_size, dim=1)), weight_scale, bias,
+                                float_product)
 
 
 def _forget(reference: weakref.ref) -> None:
@@ -421,14 +462,32 @@ def grouped_linear(codes: torch.Tensor, scale: torch.Tensor, weight_groups: list
     integer product per group (``product``: int8 x int8 -> int32, or the float32 product of the codes, exact below
     2^24), scaled by its group's weight scales (``weight_scale`` ``[out, groups]``) and summed in group order, as
     a grouped integer kernel does; ``codes`` ``[n, in]``, ``weight_groups`` each ``[out, group]``."""
+    y = _scaled_group_products(codes, weight_groups, lambda index: weight_scale[:, index], product) * scale
+    return y + bias if bias is not None else y
+
+
+def input_grouped_linear(codes: torch.Tensor, scale: torch.Tensor, weight_groups: list[torch.Tensor],
+                         weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                         product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b for inputs quantized per token in groups of columns (Atom's
+    activations, arXiv:2310.19102; weights per tensor or channel): one integer product per group (``product``, as in
+    `grouped_linear`), scaled by each row's scale of that group (``scale`` ``[n, groups]``) and summed in group
+    order, then by ``weight_scale`` ``[1, out]``; ``codes`` ``[n, in]``, ``weight_groups`` each ``[out, group]``."""
+    y = _scaled_group_products(codes, weight_groups, lambda index: scale[:, index:index + 1], product) * weight_scale
+    return y + bias if bias is not None else y
+
+
+def _scaled_group_products(codes: torch.Tensor, weight_groups: list[torch.Tensor],
+                           group_scale: Callable[[int], torch.Tensor],
+                           product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """sum_g product(x_q,g, W_q,g) * group_scale(g), the groups of columns in order (each ``[out, group]``)."""
     size = weight_groups[0].shape[1]
     y = None
     for index, group in enumerate(weight_groups):
-        part = product(codes[:, index * size:(index + 1) * size], group) * weight_scale[:, index]
+        part = product(codes[:, index * size:(index + 1) * size], group) * group_scale(index)
         y = part if y is None else y.add_(part)
     assert y is not None
-    y = y * scale
-    return y + bias if bias is not None else y
+    return y
 
 
 CUDA_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows

@@ -71,10 +71,12 @@ from llmquant.nn.int8_linear import (
     decode_rows,
     float_product,
     grouped_gemm_refusal,
+    grouped_inputs_forward,
     grouped_int8_linear,
     grouped_linear,
     input_codes,
     int8_linear,
+    int_mm_refusal,
     onednn_refusal,
     scale_output,
     shared_input_codes,
@@ -296,18 +298,28 @@ class QuantLinear(nn.Module):
     @property
     def supports_int8(self) -> bool:
         """Whether this layer can run as int8 x int8 GEMMs: symmetric integer codes of at most 8 bits for the weight
-        (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token), or asymmetric dynamic
-        inputs of at most 7 bits (their codes shifted by the zero point fit int8: `asymmetric_input_codes`) with a
-        weight per tensor or channel; decided once, from the specs the layer was made with."""
+        (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token, or dynamic per token in
+        groups dividing the inputs, with a weight per tensor or channel: `grouped_inputs_forward`), or asymmetric
+        dynamic inputs of at most 7 bits (their codes shifted by the zero point fit int8: `asymmetric_input_codes`)
+        with a weight per tensor or channel; decided once, from the specs the layer was made with."""
         if self._supports_int8 is None:
             w, a = self.weight_spec, self.input_spec
             self._supports_int8 = (
                 w is not None and a is not None and w.bits <= 8 and a.bits <= 8 and w.symmetric
                 and w.type == a.type == "int"
-                and w.granularity in ("tensor", "channel", "group") and a.granularity in ("tensor", "token")
+                and w.granularity in ("tensor", "channel", "group")
+                and (a.granularity in ("tensor", "token") or (self._input_groups and w.granularity != "group"))
                 and (a.symmetric or (a.dynamic and a.bits <= 7 and w.granularity != "group"))
             )
         return self._supports_int8
+
+    @property
+    def _input_groups(self) -> int:
+        """The size of the groups of a dynamic input quantized per token in groups that divide the inputs, else 0."""
+        a = self.input_spec
+        if a is None or a.granularity != "group" or not a.dynamic or a.group_size is None:
+            return 0
+        return a.group_size if self.in_features % a.group_size == 0 else 0
 
     def _weight_codes(self) -> torch.Tensor:
         """The weight's int8 codes ``[out, in]``: the stored ones, or (packed below 8 bits) unpacked once and kept
@@ -406,6 +418,8 @@ class QuantLinear(nn.Module):
         if self.weight_scale.device.type == "cuda" and (self.in_features % 8 or self.out_features % 8):
             return (f"torch._int_mm on CUDA needs in and out features that are multiples of 8, not "
                     f"{self.in_features} x {self.out_features}")
+        if self.weight_scale.device.type == "cuda" and self._input_groups % 8:
+            return f"torch._int_mm on CUDA needs input groups of a multiple of 8 columns, not {self._input_groups}"
         return None
 
     def _int8_args(self) -> tuple:
@@ -426,7 +440,9 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         rows = rows if rows.dtype == torch.float32 else rows.float()
         weight_scale, *input_args = self._int8_args()
-        if self.weight_spec is not None and self.weight_spec.granularity == "group":
+        if self._input_groups:
+            y = self._input_grouped_forward(x, rows, weight_scale, input_args)
+        elif self.weight_spec is not None and self.weight_spec.granularity == "group":
             y = self._grouped_forward(rows, input_args)
         elif self.runtime == "int8":
             y = int8_linear(x, rows, self._int8_weight(), weight_scale, self.bias, *input_args,
@@ -439,6 +455,21 @@ class QuantLinear(nn.Module):
             y = scale_output(float_product(codes, self._float_codes), scale, weight_scale, self.bias)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)  # (a decode step pays for a no-op call too)
+
+    def _input_grouped_forward(self, x: torch.Tensor, rows: torch.Tensor, weight_scale: torch.Tensor,
+                               input_args: list) -> torch.Tensor:
+        """Inputs per token in groups (`grouped_inputs_forward`): one integer product per group of columns, int8
+        on the int8 runtime where ``torch._int_mm`` runs, float32 codes otherwise (the same bits)."""
+        _, _, qmin, qmax, clip = input_args
+        integer = self.runtime == "int8" and int_mm_refusal(rows.device) is None
+        if integer:
+            codes = self._weight_codes()
+        else:
+            if self._float_codes is None:
+                self._float_codes = codes_to_float(self._weight_codes())
+            codes = self._float_codes
+        return grouped_inputs_forward(x, rows, codes, integer, weight_scale, self.bias, self._input_groups, qmin,
+                                         qmax, clip, asymmetric=not self.input_spec.symmetric)
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W4 (W3, W2) weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`),
@@ -521,7 +552,7 @@ class QuantLinear(nn.Module):
         decode = False
         spec = self.weight_spec
         if (self.runtime == "int8" and self.supports_int8 and spec is not None and spec.granularity != "group"
-                and self.input_spec.symmetric):  # (the decode op makes symmetric codes)
+                and self.input_spec.symmetric and not self._input_groups):  # (the decode op: symmetric, per token)
             weight_scale, *input_args = self._int8_args()
             decode = decode_rows(self._int8_weight(), weight_scale, self.bias, self.in_features, *input_args) or False
         self._decode_rows = decode

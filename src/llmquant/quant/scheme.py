@@ -131,8 +131,8 @@ def _low_bit(name: str, group_size: int | None) -> Scheme:
     levels over [min, max] instead of 15 over [-absmax, absmax]); what integer kernels multiply
     (`llmquant.nn.int8_linear`: asymmetric codes shifted by their zero point). W4A4 with inputs per token in
     groups (``group_size`` consecutive inputs of a token share a scale and zero point, as Atom's activations,
-    arXiv:2310.19102, and the MX formats' blocks; -1: per token) runs as the simulation on every runtime (no integer
-    kernel here: one would take one product per group, scaled by its row's group scale)."""
+    arXiv:2310.19102, and the MX formats' blocks; -1: per token) takes one integer product per group, scaled by its
+    row's group scale (`llmquant.nn.int8_linear.input_grouped_linear`)."""
     if name == "w_int4_per_group_sym_a_int8_per_token_dynamic":
         weights = _weight_only("w_int4_per_group_sym", group_size).weights
         return Scheme(weights=weights, input_activations=_int8("token", dynamic=True))
