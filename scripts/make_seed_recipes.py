@@ -59,6 +59,13 @@ def best_recipes() -> dict[str, dict[str, Any]]:
     measured better in each (BENCHMARKS.md, "GPTAQ"); the low-bit ones calibrate on 128 samples, where GPTAQ
     gains more (BENCHMARKS.md, "More calibration samples, MSE ranges and fixed clip ratios")."""
     token = "w_int8_per_channel_a_int8_per_token_dynamic"
+    best_w4a4kv4 = {"scheme": W4A4_ASYMMETRIC_INPUTS, "kv_cache": "int4_per_token_asym",
+                    "algorithm": "gptq", "gptq": {"asymmetric": 0.25, "quantized_inputs": True},
+                    "weight_observer": "mse",
+                    "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R5", "R6"]},
+                                 {"name": "smoothquant", "alpha": "auto"}],
+                    "activation_clip_grid": [0.9, 0.85, 0.8, 0.75, 0.7], "kv_cache_center_keys": True,
+                    "calib": {"samples": 128}}
     return {
         # R1+R2 offline, R4 online (vLLM reads it from transform_config), plain GPTQ with Hessians from the float
         # layer: x1.0018 in 97 s. GPTAQ gives x1.0014 in about three times the time: `make run` keeps this one
@@ -110,24 +117,13 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # (x1.3244), against x1.2311 (x1.3597) with symmetric inputs and x1.2192 (x1.3296) with symmetric inputs and
         # down_proj's clipped at 0.7 (with asymmetric inputs that clip gives x1.2450); x1.2754 (x1.3935) without centred
         # keys, x1.3270 (x1.4672) with min-max weight ranges too and x1.4931 (x1.7283) for QuaRot R1-R4
-        "best_w4a4kv4": {"scheme": W4A4_ASYMMETRIC_INPUTS, "kv_cache": "int4_per_token_asym",
-                         "algorithm": "gptq", "gptq": {"asymmetric": 0.25, "quantized_inputs": True},
-                         "weight_observer": "mse",
-                         "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R5", "R6"]},
-                                      {"name": "smoothquant", "alpha": "auto"}],
-                         "activation_clip_grid": [0.9, 0.85, 0.8, 0.75, 0.7], "kv_cache_center_keys": True,
-                         "calib": {"samples": 128}},
+        "best_w4a4kv4": best_w4a4kv4,
         # the same with each token's inputs in groups of 32 (a scale and zero point per group) and the clip grid
         # 1.0 .. 0.8: x1.1393 (stdlib x1.1909) on an AVX2 EPYC, x1.1381 (x1.2100) before the group products took a
         # kernel's order (float rounding apart, the same function); in groups of 64 without R5 x1.1524 (x1.2193),
         # against x1.2075 (x1.2983) per token
-        "best_w4a4kv4_groups32": {"scheme": W4A4_GROUPED_INPUTS, "group_size": 32, "kv_cache": "int4_per_token_asym",
-                                  "algorithm": "gptq", "gptq": {"asymmetric": 0.25, "quantized_inputs": True},
-                                  "weight_observer": "mse",
-                                  "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4", "R5", "R6"]},
-                                               {"name": "smoothquant", "alpha": "auto"}],
-                                  "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8], "kv_cache_center_keys": True,
-                                  "calib": {"samples": 128}},
+        "best_w4a4kv4_groups32": {**best_w4a4kv4, "scheme": W4A4_GROUPED_INPUTS, "group_size": 32,
+                                  "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8]},
     }
 
 
