@@ -16,12 +16,22 @@ inputs asymmetrically (a zero point per token, `QuantSpec.symmetric` false), the
 ``--input-groups N``: every row quantizes those inputs per token in groups of N (as the scheme
 ``w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic`` does); ``--clip-grid R R ...``: every row chooses their
 clip ratio per block from that grid (`QuantSpec.clip_grid`, in place of the checkpoint's ratio or grid).
+``--kv-groups N``: every row quantizes a dynamic KV cache's keys and values per token and head in groups of N
+channels (``head_dim`` / N groups a head, each with its own range) instead of one group of ``head_dim``.
+``--kv-keep-first N``: every row keeps the first N positions of the KV cache unquantized (their keys centred as the
+checkpoint's are), as IntactKV keeps its pivot tokens (Liu et al. 2024, arXiv:2403.01241; the attention sink).
+``--bias-correct N``: every row adds to each Linear's output W_q E[x - fq(x)], the mean error of its quantized inputs
+over N calibration samples of 512 tokens (one pass of the quantized model; the bias correction of weight
+quantization, Nagel et al. 2019, applied to the inputs).
+``--float64``: every Linear with quantized inputs computes fq(x) @ dequant(W)^T + b in float64 and casts back (the same
+codes, another order of float operations: how much the order alone moves a low-bit checkpoint's perplexity).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from types import MethodType
 
 import torch
 
@@ -71,6 +81,75 @@ def update_dynamic_inputs(model: torch.nn.Module, update: dict[str, object]) -> 
     return changed
 
 
+def regroup_kv_cache(model: torch.nn.Module, group_size: int) -> int:
+    """Quantize every dynamic KV cache per token and head in groups of ``group_size`` channels; return how many."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, KVCacheQuantizer) and module.spec.dynamic:
+            module.spec = QuantSpec(**{**module.spec.model_dump(), "granularity": "group", "group_size": group_size})
+            changed += 1
+    return changed
+
+
+def float64_products(model: torch.nn.Module) -> int:
+    """Make every Linear with quantized inputs compute fq(x) @ dequant(W)^T + b in float64, cast back to x's dtype;
+    return how many."""
+    def forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.double()
+        y = torch.nn.functional.linear(self.quantize_input(x).double(), self.dequantized_weight().double(), bias)
+        return y.to(x.dtype)
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.input_spec is not None:
+            module.forward = MethodType(forward, module)
+            changed += 1
+    return changed
+
+
+def keep_first_positions(model: torch.nn.Module, count: int) -> int:
+    """Make every KV-cache quantizer leave the first ``count`` positions of the keys and values it is given as they
+    are (keys centred); return how many."""
+    def forward(self: KVCacheQuantizer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quantized_key, quantized_value = KVCacheQuantizer.forward(self, key, value)
+        if self.observing:
+            return quantized_key, quantized_value
+        first_key, first_value = self.centered(key)[..., :count, :], value[..., :count, :]
+        return (torch.cat([first_key, quantized_key[..., count:, :]], dim=-2),
+                torch.cat([first_value, quantized_value[..., count:, :]], dim=-2))
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, KVCacheQuantizer):
+            module.forward = MethodType(forward, module)
+            changed += 1
+    return changed
+
+
+@torch.no_grad()
+def correct_input_bias(model: torch.nn.Module, tokenizer: object, samples: int) -> int:
+    """Add W_q E[x - fq(x)] to the output of every Linear with quantized inputs, the mean over ``samples``
+    calibration samples (pydoc's calibration split, 512 tokens) seen in one pass of the quantized model; return how
+    many Linears."""
+    sums: dict[QuantLinear, tuple[torch.Tensor, int]] = {}
+
+    def record(module: QuantLinear, args: tuple) -> None:
+        x = args[0].float()
+        error = (x - module.quantize_input(x)).reshape(-1, x.shape[-1])
+        total, count = sums.get(module, (0.0, 0))
+        sums[module] = (total + error.double().sum(0), count + error.shape[0])
+
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.input_spec is not None]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    rows = data.calibration_samples(data.tokenize(tokenizer, data.corpus("pydoc", "calib")), samples, 512)
+    for row in rows:
+        model(row[None])
+    for hook in hooks:
+        hook.remove()
+    for module, (total, count) in sums.items():
+        shift = (module.dequantized_weight().double() @ (total / count)).float()
+        module.register_forward_hook(lambda _, __, out, shift=shift: out + shift.to(out.dtype))
+    return len(sums)
+
+
 def restore(model: torch.nn.Module, kept: dict[str, tuple[object, object]]) -> None:
     for name, (spec, quantizing) in kept.items():
         module = model.get_submodule(name)
@@ -91,6 +170,10 @@ def main() -> None:
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric dynamic inputs in every row")
     parser.add_argument("--input-groups", type=int, default=None, help="dynamic inputs per token in groups of N")
     parser.add_argument("--clip-grid", type=float, nargs="+", default=None, help="dynamic inputs' clip grid")
+    parser.add_argument("--kv-keep-first", type=int, default=0, help="the KV cache's first N positions float")
+    parser.add_argument("--bias-correct", type=int, default=0, help="inputs' mean error corrected over N samples")
+    parser.add_argument("--float64", action="store_true", help="the Linears' products in float64")
+    parser.add_argument("--kv-groups", type=int, default=None, help="a dynamic KV cache in groups of N channels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = llmquant.load(args.checkpoint, device="cpu")
@@ -105,6 +188,14 @@ def main() -> None:
     if update and not update_dynamic_inputs(model, update):
         raise SystemExit("--asymmetric, --input-groups, --clip-grid: the checkpoint has no Linear with dynamic "
                          "integer inputs")
+    if args.kv_groups and not regroup_kv_cache(model, args.kv_groups):
+        raise SystemExit("--kv-groups: the checkpoint has no dynamic KV cache")
+    if args.float64:
+        float64_products(model)
+    if args.kv_keep_first and not keep_first_positions(model, args.kv_keep_first):
+        raise SystemExit("--kv-keep-first: the checkpoint has no KV-cache quantizer")
+    if args.bias_correct:
+        correct_input_bias(model, tokenizer, args.bias_correct)
     windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in args.corpora}
     reference, _ = llmquant.load(None, device="cpu")
     float_ppl = {name: perplexity(reference, w) for name, w in windows.items()}
