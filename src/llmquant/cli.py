@@ -61,6 +61,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             quarot[0][key] = {**(quarot[0].get(key) or {}), "iterations": getattr(args, flag)}
     if getattr(args, "kv_cache_center_keys", False):
         fields["kv_cache_center_keys"] = True
+    if getattr(args, "kv_cache_keep_first", None) is not None:
+        fields["kv_cache_keep_first"] = args.kv_cache_keep_first
     if getattr(args, "clip_search", False):
         fields["clip_search"] = fields.get("clip_search") or {}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
@@ -472,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "it is quantized (least squared error), e.g. 1 0.95 0.9 0.85")
     q.add_argument("--kv-cache-center-keys", action="store_true",
                    help="quantize the keys minus their calibrated mean (a dynamic KV cache; softmax unchanged)")
+    q.add_argument("--kv-cache-keep-first", type=int, default=None, metavar="N",
+                   help="keep the first N positions of the KV cache float (the attention sink; IntactKV)")
     q.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     q.add_argument("--calib-samples", type=int, default=None,
                    help="calibration samples (default 32); 0: none, for round to nearest with dynamic activations: "

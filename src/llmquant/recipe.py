@@ -11,6 +11,7 @@ Example (YAML)::
     # activation_clip_grid: [0.9, 0.85, 0.8, 0.75, 0.7]   # or chosen per token at run time (least squared error)
     kv_cache_clip: 0.95
     # kv_cache_clip_grid: [1.0, 0.95, 0.9, 0.85]           # the same for a dynamic KV cache (per token and head)
+    # kv_cache_keep_first: 1           # the KV cache's first positions stay float (the attention sink)
     overrides:                         # later entries win; targets as in llmquant.model.targets
       - targets: ["re:.*down_proj"]
         scheme: w_int8_per_channel_a_int8_per_token_dynamic
@@ -272,6 +273,8 @@ class Recipe(_Strict):
     kv_cache_clip_grid: tuple[float, ...] | None = None  # the same for a dynamic integer KV cache
     # keys minus their calibrated mean before they are quantized (`llmquant.nn.kv_cache`, centred keys)
     kv_cache_center_keys: bool = False
+    # the first N positions of every KV cache stay float (`llmquant.nn.kv_cache`, IntactKV's pivot tokens)
+    kv_cache_keep_first: int = Field(0, ge=0)
 
     @model_serializer(mode="wrap")
     def _used_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -287,6 +290,8 @@ class Recipe(_Strict):
                 data.pop(name, None)
         if not self.kv_cache_center_keys:
             data.pop("kv_cache_center_keys", None)
+        if not self.kv_cache_keep_first:
+            data.pop("kv_cache_keep_first", None)
         return data
 
     @field_validator("scheme")
@@ -360,6 +365,15 @@ class Recipe(_Strict):
             dynamic = [name for name, spec in KV_CACHE.items() if spec.dynamic]
             raise ValueError(f"kv_cache_center_keys centres the keys of a dynamic KV cache, but this recipe has "
                              f"{found}; allowed: kv_cache {', '.join(dynamic)}")
+        return self
+
+    @model_validator(mode="after")
+    def _first_positions_to_keep(self) -> Recipe:
+        """``kv_cache_keep_first`` keeps positions of a quantized KV cache float: the recipe needs one."""
+        if self.kv_cache_keep_first and self.scheme_named(self.scheme).kv_cache is None:
+            raise ValueError(f"kv_cache_keep_first {self.kv_cache_keep_first} keeps the first positions of a quantized "
+                             f"KV cache float, but this recipe has no KV cache; allowed: kv_cache "
+                             f"{', '.join(KV_CACHE)}, or kv_cache_keep_first 0")
         return self
 
     @model_validator(mode="after")
@@ -505,7 +519,8 @@ class Recipe(_Strict):
         return QuantPlan(linears=linears, kv_cache=attention,
                          group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names},
                          calibrate_all_experts=self.moe_calibrate == "all",
-                         propagate_float=self.calib.propagate == "float", center_keys=self.kv_cache_center_keys)
+                         propagate_float=self.calib.propagate == "float", center_keys=self.kv_cache_center_keys,
+                         kv_keep_first=self.kv_cache_keep_first)
 
 
 def fitting_group_size(in_features: int, group_size: int) -> int:
@@ -578,6 +593,7 @@ class QuantPlan:
     calibrate_all_experts: bool = True  # `llmquant.nn.experts.all_experts` during the calibration passes
     propagate_float: bool = False  # the next layer is calibrated on this layer's float outputs (`Calibration`)
     center_keys: bool = False  # every KV-cache quantizer centres its keys (`Recipe.kv_cache_center_keys`)
+    kv_keep_first: int = 0  # every KV-cache quantizer keeps this many first positions float
 
     def left_float(self, decoder_layers: str) -> list[str]:
         """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""

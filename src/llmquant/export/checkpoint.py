@@ -76,6 +76,7 @@ STRUCTURE = "llmquant_structure"  # config.json key: what rotations added to the
 WEIGHTS = "model.safetensors"
 REST_SHARD_BYTES = 256 * 2**20  # a streamed model's tensors outside the decoder layers, per shard
 _KV_PREFIX = "kv_cache_quantizer."
+_KV_LEAVES = ("k_scale", "v_scale", "k_mean", "kept_positions")  # a KV-cache quantizer's, stored on the attention
 FILES_KEY = "checkpoint_files"  # llmquant.json: the files the checkpoint consists of (what a replace deletes)
 # what a checkpoint written before FILES_KEY existed can hold (config, weights, tokenizer, manifest)
 _KNOWN_FILES = frozenset({
@@ -251,7 +252,7 @@ def _state_dict_from_stored(model: nn.Module, tensors: dict[str, torch.Tensor]) 
     state = {}
     for key, value in tensors.items():
         owner, _, leaf = key.rpartition(".")
-        if leaf in ("k_scale", "v_scale", "k_mean"):  # (a KV-cache quantizer's, stored on the attention)
+        if leaf in _KV_LEAVES:
             key = f"{owner}.{_KV_PREFIX}{leaf}"
         module = model.get_submodule(owner) if owner else model
         if not isinstance(module, QuantLinear):

@@ -264,6 +264,16 @@ def center_keys_findings(target: Target, recipe: Recipe) -> list[Finding]:
                     "the model would run another function; leave kv_cache_center_keys off, or use --target fake")]
 
 
+def keep_first_findings(target: Target, recipe: Recipe) -> list[Finding]:
+    """Float first positions of the KV cache (``kv_cache_keep_first``) are llmquant's own: other loaders quantize
+    every position."""
+    if target == "fake" or not recipe.kv_cache_keep_first:
+        return []
+    return [_refuse(f"{target} quantizes every position of its KV cache: the first {recipe.kv_cache_keep_first} kept "
+                    "float (kv_cache_keep_first) would be quantized and the model would run another function; leave "
+                    "kv_cache_keep_first at 0, or use --target fake")]
+
+
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:
     """Every scheme the recipe can give a Linear or a KV cache: its scheme and its overrides' (with their clip)."""
     named = dict.fromkeys([(recipe.scheme, None, None),
@@ -275,7 +285,8 @@ def check_recipe(target: Target, recipe: Recipe) -> list[Finding]:
     """What ``target`` refuses and warns about in ``recipe`` (no model needed), refusals first."""
     if target not in TARGETS:
         raise LlmquantError(f"unknown target '{target}'; allowed: {', '.join(TARGETS)}")
-    findings = rotation_findings(target, recipe) + clip_findings(target, recipe) + center_keys_findings(target, recipe)
+    findings = (rotation_findings(target, recipe) + clip_findings(target, recipe)
+                + center_keys_findings(target, recipe) + keep_first_findings(target, recipe))
     for scheme in recipe_schemes(recipe):
         if target == "vllm":
             findings += vllm_linear_findings(scheme.linear_part()) + vllm_kv_findings(scheme.kv_cache)

@@ -28,6 +28,13 @@ softmax(q k_j^T - q mu^T) = softmax(q k_j^T): the shift is the same for every ke
 attention computes the same function; the keys' per-token ranges lose the offset their channels share, which 4-bit
 keys pay for. Where an attention is not shift-invariant in its keys (attention sinks, soft-capping, a cache that
 holds something else than the keys), the engine's check finds it and the layer keeps its keys as they are.
+
+Kept first positions (``keep_first``; IntactKV, Liu et al. 2024, arXiv:2403.01241, which keeps the cache of its
+"pivot" tokens lossless): the first ``keep_first`` entries of the cache (a sequence's first positions, where
+attention sinks sit, which every later query reads) stay float; the others are quantized as the spec says, and a
+static scale or a per-tensor range is taken over them only. N float positions a layer, whatever the length. The
+first entries of a cache that drops its oldest positions (a sliding window past its length) are the oldest it
+holds.
 """
 
 from __future__ import annotations
@@ -66,11 +73,13 @@ class CodeReader(Protocol):
 class KVCacheQuantizer(nn.Module):
     """Holds the spec and (static) scales of one attention module's key and value cache."""
 
-    def __init__(self, spec: QuantSpec, center_keys: bool = False) -> None:
+    def __init__(self, spec: QuantSpec, center_keys: bool = False, keep_first: int = 0) -> None:
         super().__init__()
         self.spec = spec
         self.center_keys = center_keys  # calibrate ``k_mean`` and quantize keys minus it (module docstring)
         self.register_buffer("k_mean", None)  # [kv heads, head_dim], once calibrated or loaded
+        # how many first positions stay float (module docstring), a buffer so that a checkpoint keeps it
+        self.register_buffer("kept_positions", torch.tensor([keep_first]) if keep_first else None)
         self._key_sums: tuple[torch.Tensor, int] | None = None  # calibration: float64 sums [heads, d], positions
         self.key_positions = 0  # how many (sample, position) pairs ``k_mean`` averages, over every rank
         self.quantizing = True  # False: keys centred, nothing quantized (the engine's check of the centring)
@@ -136,6 +145,11 @@ class KVCacheQuantizer(nn.Module):
                                 "simulation only (runtime 'fake'), or quantize without kv_cache_center_keys")
         return key - self.k_mean.to(key.dtype)[:, None, :]
 
+    @property
+    def keep_first(self) -> int:
+        """How many first positions of the cache stay float (0: none)."""
+        return int(self.kept_positions) if self.kept_positions is not None else 0
+
     def _set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """The static scales, one per tensor or per head (the buffers take the size of what is given)."""
         for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
@@ -153,19 +167,37 @@ class KVCacheQuantizer(nn.Module):
         if (k_mean := state_dict.get(prefix + "k_mean")) is not None:  # a checkpoint with centred keys
             self.center_keys = True
             self.k_mean = torch.empty_like(k_mean)
+        if (kept := state_dict.get(prefix + "kept_positions")) is not None:  # with float first positions
+            self.kept_positions = torch.empty_like(kept)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[b, kv heads, positions, d]`` as attention reads them: centred keys, quantized (the
+        first ``keep_first`` positions float); unchanged while observing."""
+        kept = self.keep_first
         if self.observing:
-            if self.center_keys:
-                self._observe_keys(key)
-            if self.observers is not None:  # (static scales: `Recipe` centres the keys of dynamic caches only)
-                self.observers[0].update(key)
-                self.observers[1].update(value)
+            if key.shape[-2] > kept:  # (the quantized positions only)
+                self._observe(key[..., kept:, :], value[..., kept:, :])
             return key, value
         key = self.centered(key)
-        if not self.quantizing:
+        if not self.quantizing or key.shape[-2] <= kept:
             return key, value
+        if kept:
+            quantized_key, quantized_value = self._quantized(key[..., kept:, :], value[..., kept:, :])
+            return (torch.cat([key[..., :kept, :], quantized_key], dim=-2),
+                    torch.cat([value[..., :kept, :], quantized_value], dim=-2))
+        return self._quantized(key, value)
+
+    def _observe(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Calibration: the keys' mean, and a static cache's ranges."""
+        if self.center_keys:
+            self._observe_keys(key)
+        if self.observers is not None:  # (static scales: `Recipe` centres the keys of dynamic caches only)
+            self.observers[0].update(key)
+            self.observers[1].update(value)
+
+    def _quantized(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``key`` (centred) and ``value`` fake-quantized by the spec."""
         if self.spec.dynamic:
             return fake_quantize(key, self.spec), fake_quantize(value, self.spec)
         k_scale, v_scale = self.k_scale.reshape(-1, 1), self.v_scale.reshape(-1, 1)  # [1 or heads, 1]

@@ -96,6 +96,13 @@ def supports_code_storage(spec: QuantSpec) -> bool:
     return spec.bits == 8 and spec.symmetric and spec.granularity in ("tensor", "token") and spec.clip_grid is None
 
 
+def stores_codes(quantizer: KVCacheQuantizer) -> bool:
+    """Whether the int8 runtime stores this quantizer's keys and values as codes: a spec that allows it
+    (`supports_code_storage`) and no float first positions (those caches stay in the simulation's, on every
+    runtime)."""
+    return supports_code_storage(quantizer.spec) and not quantizer.keep_first
+
+
 def scale_shape(states: torch.Tensor, spec: QuantSpec) -> tuple[int, ...]:
     """Shape of the stored scales of ``states`` ``[..., h, s, d]``: ``[..., h, s, 1]`` per token, ``[..., 1, s, 1]``
     per tensor (one float per position: a few bytes next to the h * d codes)."""
@@ -438,7 +445,7 @@ def _cache_among(args: tuple, kwargs: dict) -> Cache | None:
 def _int8_layer_for(attention: nn.Module) -> Int8CacheLayer | None:
     """A new `Int8CacheLayer` for ``attention`` when its quantizer stores int8 now (int8 runtime, not calibrating)."""
     quantizer = getattr(attention, "kv_cache_quantizer", None)
-    if (not isinstance(quantizer, KVCacheQuantizer) or not supports_code_storage(quantizer.spec)
+    if (not isinstance(quantizer, KVCacheQuantizer) or not stores_codes(quantizer)
             or quantizer.runtime != "int8" or quantizer.observing):
         return None
     return Int8CacheLayer(quantizer, getattr(attention, "qk_rotation", None))
@@ -501,7 +508,7 @@ def set_kv_cache_runtime(model: nn.Module, runtime: str) -> int:
     switched = 0
     for attention in model.modules():
         quantizer = getattr(attention, "kv_cache_quantizer", None)
-        if not isinstance(quantizer, KVCacheQuantizer) or not supports_code_storage(quantizer.spec):
+        if not isinstance(quantizer, KVCacheQuantizer) or not stores_codes(quantizer):
             continue
         quantizer.runtime = runtime
         switched += 1

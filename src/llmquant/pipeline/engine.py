@@ -344,7 +344,8 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
             _remove(handles)
     handles = [handle for step in steps for handle in step.observe_transformed(ctx)]
     if kv_spec is not None:
-        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec, plan.center_keys).to(device_of(layer))
+        quantizer = KVCacheQuantizer(kv_spec, plan.center_keys, plan.kv_keep_first)
+        attention.kv_cache_quantizer = quantizer.to(device_of(layer))
         attention.kv_cache_quantizer.start_observing()
         attention._llmquant_attention_calls = 0
     observers = _InputObservers(ctx.linears)
@@ -452,7 +453,7 @@ def quantize_layer_weights(layer: nn.Module, index: int, model_map: ModelMap, pl
     kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
     if kv_spec is not None:
         attention = layer.get_submodule(model_map.attention)  # (a layer in the plan's kv_cache has one)
-        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec).to(device_of(layer))
+        attention.kv_cache_quantizer = KVCacheQuantizer(kv_spec, keep_first=plan.kv_keep_first).to(device_of(layer))
     linears = _quantizers_for_layer(layer, prefix, plan)
     for rel, (_, quantized) in linears.items():
         _swap(layer, rel, quantized)
