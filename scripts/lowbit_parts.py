@@ -19,7 +19,7 @@ clip ratio per block from that grid (`QuantSpec.clip_grid`, in place of the chec
 ``--kv-groups N``: every row quantizes a dynamic KV cache's keys and values per token and head in groups of N
 channels (``head_dim`` / N groups a head, each with its own range) instead of one group of ``head_dim``.
 ``--kv-keep-first N``: every row keeps the first N positions of the KV cache unquantized (their keys centred as the
-checkpoint's are), as IntactKV keeps its pivot tokens (Liu et al. 2024, arXiv:2403.01241; the attention sink).
+checkpoint's are; the recipe's ``kv_cache_keep_first``, given at run time).
 ``--bias-correct N``: every row adds to each Linear's output W_q E[x - fq(x)], the mean error of its quantized inputs
 over N calibration samples of 512 tokens (one pass of the quantized model; the bias correction of weight
 quantization, Nagel et al. 2019, applied to the inputs).
@@ -107,19 +107,12 @@ def float64_products(model: torch.nn.Module) -> int:
 
 
 def keep_first_positions(model: torch.nn.Module, count: int) -> int:
-    """Make every KV-cache quantizer leave the first ``count`` positions of the keys and values it is given as they
-    are (keys centred); return how many."""
-    def forward(self: KVCacheQuantizer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        quantized_key, quantized_value = KVCacheQuantizer.forward(self, key, value)
-        if self.observing:
-            return quantized_key, quantized_value
-        first_key, first_value = self.centered(key)[..., :count, :], value[..., :count, :]
-        return (torch.cat([first_key, quantized_key[..., count:, :]], dim=-2),
-                torch.cat([first_value, quantized_value[..., count:, :]], dim=-2))
+    """Give every KV-cache quantizer ``count`` float first positions (`KVCacheQuantizer.keep_first`, what
+    ``kv_cache_keep_first`` does); return how many."""
     changed = 0
     for module in model.modules():
         if isinstance(module, KVCacheQuantizer):
-            module.forward = MethodType(forward, module)
+            module.kept_positions = torch.tensor([count])
             changed += 1
     return changed
 
