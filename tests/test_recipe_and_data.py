@@ -47,6 +47,31 @@ def test_static_observer_choice_reaches_the_activation_spec_only() -> None:
     assert dynamic.scheme_named(dynamic.scheme).input_activations.observer == "minmax"
 
 
+@pytest.mark.parametrize("scheme", ["w_int8_per_channel_a_int8_per_tensor_static",
+                                    "w_fp8_per_tensor_a_fp8_per_tensor_static"])
+def test_the_manifest_records_the_static_input_ranges_each_observer_chose(scheme: str) -> None:
+    """min-max keeps the observed range (ratio 1); the least squared error clips it, and the first layer's input
+    scales (the same inputs, the embeddings, for both) are that ratio times the min-max ones."""
+    import copy
+
+    from conftest import make_model
+
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    float_model = make_model("llama")
+    models, rows = {}, {}
+    for observer in ("minmax", "mse"):
+        models[observer] = llmquant.quantize(copy.deepcopy(float_model), {"scheme": scheme,
+                                             "activation_observer": observer}, calib=calib, progress=False)
+        rows[observer] = [row["input_range_ratio"] for row in models[observer].llmquant_manifest.layers]
+    assert all(set(r) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} for r in rows["minmax"])
+    assert all(ratio == pytest.approx(1.0) for r in rows["minmax"] for ratio in r.values())
+    assert all(0.0 < ratio <= 1.0 for r in rows["mse"] for ratio in r.values())
+    assert min(ratio for r in rows["mse"] for ratio in r.values()) < 1.0
+    first = {o: m.model.layers[0].self_attn.q_proj.input_scale for o, m in models.items()}
+    torch.testing.assert_close(first["mse"], rows["mse"][0]["self_attn.q_proj"] * first["minmax"])
+
+
 def test_the_eight_seed_rows_resolve_to_the_intended_specs() -> None:
     for name in W8A8_SCHEMES:
         scheme = scheme_from_name(name)

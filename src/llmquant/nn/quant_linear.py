@@ -87,7 +87,7 @@ from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
-from llmquant.quant.primitives import block_grid_shape, codes_to_float
+from llmquant.quant.primitives import block_grid_shape, codes_to_float, qparams_from_min_max
 
 log = logging.getLogger(__name__)
 
@@ -513,16 +513,20 @@ class QuantLinear(nn.Module):
             self.observer = Observer(self.input_spec)
 
     @torch.no_grad()
-    def stop_observing(self, ranks: Ranks = SINGLE) -> None:
-        """Freeze the static input scale from what was observed (on every rank of ``ranks``)."""
+    def stop_observing(self, ranks: Ranks = SINGLE) -> float | None:
+        """Freeze the static input scale from what was observed (on every rank of ``ranks``); return its ratio to
+        the scale of the observed minimum and maximum (1 for min-max, below 1 where the observer clipped: mse,
+        percentile), or None without a static input."""
         if self.observer is None:
-            return
+            return None
         self.observer.reduce(ranks)
         scale, zero = self.observer.qparams()
         self.input_scale.copy_(scale.reshape(1))
         if self.input_spec is not None and not self.input_spec.symmetric:
             self.input_zero_point.copy_(zero.reshape(1))
+        full_range, _ = qparams_from_min_max(self.observer.min_vals, self.observer.max_vals, self.observer.spec)
         self.observer = None
+        return float(scale.reshape(-1)[0] / full_range.reshape(-1)[0])
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.input_spec

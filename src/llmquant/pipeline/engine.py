@@ -369,9 +369,13 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         row["equivalence_error"] = _check_equivalence(float_out, transformed_out, claimed, prefix,
                                                       compute_dtype(layer), ranks)
 
+    input_ranges = {}  # static inputs: the scale each observer chose over that of the observed min-max
     for rel, (_, quantized) in ctx.linears.items():
-        quantized.stop_observing(ranks)
+        if (ratio := quantized.stop_observing(ranks)) is not None:
+            input_ranges[rel] = ratio
         _swap(layer, rel, quantized)
+    if input_ranges:
+        row["input_range_ratio"] = input_ranges
     for step in steps:
         row.update(step.quantize(ctx))
     for step in steps:
