@@ -391,15 +391,15 @@ def in_input_groups(quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]], 
     return quantize_groups
 
 
-def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_codes: torch.Tensor,
-                              integer: bool, weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int,
-                              qmin: int, qmax: int, clip_ratio: Clip = 1.0, asymmetric: bool = False
-                              ) -> torch.Tensor:
+def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_groups: list[torch.Tensor],
+                           integer: bool, weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int,
+                           qmin: int, qmax: int, clip_ratio: Clip = 1.0, asymmetric: bool = False) -> torch.Tensor:
     """`input_grouped_linear` of ``rows`` ``[n, in]`` (``source``, the Linear's input, as rows; its codes per token in
-    groups of ``group_size`` columns, shared as in `shared_input_codes`) and ``weight_codes`` ``[out, in]``:
-    ``integer``, int8 codes multiplied by ``torch._int_mm`` group by group (`int8_matmul`), else float32 codes (the
-    simulation, and the int8 runtime where `int_mm_refusal`: exact products, so the same bits). ``asymmetric``: the
-    codes shifted by their zero points (`asymmetric_input_codes`)."""
+    groups of ``group_size`` columns, shared as in `shared_input_codes`) and ``weight_groups``, the weight's codes
+    ``[out, group_size]`` of each group of columns in order: ``integer``, int8 codes multiplied by ``torch._int_mm``
+    group by group (`int8_matmul`), else float32 codes (the simulation, and the int8 runtime where `int_mm_refusal`:
+    exact products, so the same bits). ``asymmetric``: the codes shifted by their zero points
+    (`asymmetric_input_codes`)."""
     if asymmetric:
         quantize = asymmetric_int8_codes if integer else asymmetric_input_codes
     else:
@@ -407,11 +407,9 @@ def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_code
     codes, scale = shared_input_codes(source, rows, "group", None, qmin, qmax, clip_ratio, integer,
                                       in_input_groups(quantize, group_size), input_groups=group_size)
     if integer:
-        groups = [group.contiguous() for group in weight_codes.split(group_size, dim=1)]
-        return input_grouped_linear(codes, scale, groups, weight_scale, bias,
+        return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias,
                                     lambda a, w: int8_matmul(a.contiguous(), w))
-    return input_grouped_linear(codes, scale, list(weight_codes.split(group_size, dim=1)), weight_scale, bias,
-                                float_product)
+    return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias, float_product)
 
 
 def _forget(reference: weakref.ref) -> None:

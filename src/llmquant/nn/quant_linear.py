@@ -166,6 +166,8 @@ class QuantLinear(nn.Module):
         self._decode_rows: DecodeRows | bool | None = None  # the int8 runtime's decode rows (False: none; None: ask)
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime (`prepare_int4`)
         self._weight_only_pack: tuple[torch.Tensor, torch.Tensor] | None = None  # W8A16 on the AVX2 op: its panels
+        # inputs in groups: (int8?, group size, the weight's codes cut into those column groups, each contiguous)
+        self._input_group_weights: tuple[bool, int, list[torch.Tensor]] | None = None
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
         self.runtime = "fake"
@@ -225,7 +227,7 @@ class QuantLinear(nn.Module):
     def drop_caches(self) -> None:
         """Forget what a runtime built from the weight (`runtime_caches`): the next forward builds it again."""
         self._dequantized = self._float_codes = self._int8_call = self._integer_codes = self._int4_weight = None
-        self._int8_weight_cache = self._decode_rows = self._weight_only_pack = None
+        self._int8_weight_cache = self._decode_rows = self._weight_only_pack = self._input_group_weights = None
 
     def runtime_caches(self) -> list[torch.Tensor]:
         """The tensors a runtime keeps besides the state dict after a forward: a dequantized weight, the codes as
@@ -246,6 +248,7 @@ class QuantLinear(nn.Module):
             caches += [w.nibbles] if w.nibbles.untyped_storage().data_ptr() != packed_memory else []  # (4-bit: a view)
             caches += w.int16_weight.tensors() if w.int16_weight is not None else []
         caches += self._weight_only_pack or ()
+        caches += self._input_group_weights[2] if self._input_group_weights is not None else []
         return [tensor for tensor in caches if tensor is not None]
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,14 +465,15 @@ class QuantLinear(nn.Module):
         on the int8 runtime where ``torch._int_mm`` runs, float32 codes otherwise (the same bits)."""
         _, _, qmin, qmax, clip = input_args
         integer = self.runtime == "int8" and int_mm_refusal(rows.device) is None
-        if integer:
-            codes = self._weight_codes()
-        else:
-            if self._float_codes is None:
-                self._float_codes = codes_to_float(self._weight_codes())
-            codes = self._float_codes
-        return grouped_inputs_forward(x, rows, codes, integer, weight_scale, self.bias, self._input_groups, qmin,
-                                         qmax, clip, asymmetric=not self.input_spec.symmetric)
+        group_size = self._input_groups
+        cached = self._input_group_weights
+        if cached is None or cached[:2] != (integer, group_size):
+            codes = self.codes().to(torch.int8) if self.packed else self.weight
+            codes = codes if integer else codes_to_float(codes)
+            self._input_group_weights = cached = (integer, group_size,
+                                                  [group.contiguous() for group in codes.split(group_size, dim=1)])
+        return grouped_inputs_forward(x, rows, cached[2], integer, weight_scale, self.bias, group_size, qmin, qmax,
+                                      clip, asymmetric=not self.input_spec.symmetric)
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W4 (W3, W2) weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`),
