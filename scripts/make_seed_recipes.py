@@ -123,7 +123,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # kernel's order (float rounding apart, the same function); in groups of 64 without R5 x1.1524 (x1.2193),
         # against x1.2075 (x1.2983) per token
         "best_w4a4kv4_groups32": {**best_w4a4kv4, "scheme": W4A4_GROUPED_INPUTS, "group_size": 32,
-                                  "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8]},
+                                  "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8], "kv_cache_keep_first": 1},
     }
 
 
