@@ -112,7 +112,7 @@ def keep_first_positions(model: torch.nn.Module, count: int) -> int:
     changed = 0
     for module in model.modules():
         if isinstance(module, KVCacheQuantizer):
-            module.kept_positions = torch.tensor([count])
+            module.keep_first = count
             changed += 1
     return changed
 

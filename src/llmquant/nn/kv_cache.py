@@ -78,8 +78,10 @@ class KVCacheQuantizer(nn.Module):
         self.spec = spec
         self.center_keys = center_keys  # calibrate ``k_mean`` and quantize keys minus it (module docstring)
         self.register_buffer("k_mean", None)  # [kv heads, head_dim], once calibrated or loaded
-        # how many first positions stay float (module docstring), a buffer so that a checkpoint keeps it
-        self.register_buffer("kept_positions", torch.tensor([keep_first]) if keep_first else None)
+        # how many first positions stay float (module docstring): a buffer so that a checkpoint keeps it, and its
+        # value as an int, read at every call without a device sync
+        self.register_buffer("kept_positions", None)
+        self.keep_first = keep_first
         self._key_sums: tuple[torch.Tensor, int] | None = None  # calibration: float64 sums [heads, d], positions
         self.key_positions = 0  # how many (sample, position) pairs ``k_mean`` averages, over every rank
         self.quantizing = True  # False: keys centred, nothing quantized (the engine's check of the centring)
@@ -148,7 +150,12 @@ class KVCacheQuantizer(nn.Module):
     @property
     def keep_first(self) -> int:
         """How many first positions of the cache stay float (0: none)."""
-        return int(self.kept_positions) if self.kept_positions is not None else 0
+        return self._keep_first
+
+    @keep_first.setter
+    def keep_first(self, count: int) -> None:
+        self.kept_positions = torch.tensor([count]) if count else None
+        self._keep_first = count
 
     def _set_scales(self, k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
         """The static scales, one per tensor or per head (the buffers take the size of what is given)."""
@@ -168,7 +175,7 @@ class KVCacheQuantizer(nn.Module):
             self.center_keys = True
             self.k_mean = torch.empty_like(k_mean)
         if (kept := state_dict.get(prefix + "kept_positions")) is not None:  # with float first positions
-            self.kept_positions = torch.empty_like(kept)
+            self.keep_first = int(kept.reshape(-1)[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
