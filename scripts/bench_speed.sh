@@ -40,6 +40,11 @@ speed w4_g64 --scheme w_uint4_per_group_asym --group-size 64
 speed w3_g64 --scheme w_uint3_per_group_asym --group-size 64   # 3-bit fields run as 4-bit ones
 speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic
 again w8a8_token_bf16_attention w8a8_token --attention bfloat16  # its attention in bfloat16 (float32: the baseline)
+# W4A4: 4-bit inputs per token (asymmetric, clip searched per token) and in groups of 32 (best_w4a4kv4*.yaml's kernels)
+speed w4a4_token --scheme w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic \
+    --activation-clip-grid 0.9 0.85 0.8 0.75 0.7
+speed w4a4_g32 --scheme w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic --group-size 32 \
+    --activation-clip-grid 1.0 0.95 0.9 0.85 0.8
 # the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process
 for batch in 1 8; do
     .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \

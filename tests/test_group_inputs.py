@@ -4,7 +4,8 @@ a group errs no more than the whole token's range would make it, much less where
 the recipe's ``group_size`` sets the groups (-1: per token), falls back to one that divides a Linear's inputs, and
 the checkpoint goes through save and load to the same logits on both runtimes. The layer computes what an integer
 kernel does, y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b, and ``torch._int_mm`` group by group gives the
-simulation's bits."""
+simulation's bits, as does the AVX2 op's one call for every group (its grouped codes, clip ratios searched per
+group, in another)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import llmquant
-from conftest import logits, make_model
+from conftest import AVX2_OP_REFUSAL, feign_no_int8_instructions, logits, make_model
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import detect_model_map
 from llmquant.nn import int8_linear
@@ -130,13 +131,19 @@ def test_grouped_inputs_compute_the_kernels_sum_of_group_products(name: str, row
 
 @pytest.mark.parametrize("name", GROUPED_INPUTS)
 @pytest.mark.parametrize("rows", [1, 3, 300])
-@pytest.mark.parametrize("int_mm", ["0", "1"])
-def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str, rows: int, int_mm: str,
+@pytest.mark.parametrize(("int_mm", "avx2"), [("0", "0"), ("1", "0"), ("0", "1")])
+def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str, rows: int, int_mm: str, avx2: str,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """``torch._int_mm`` group by group (``LLMQUANT_INT_MM=1`` where the CPU has no VNNI: it runs, slowly), or the
-    float32 product of the codes where it is refused: the simulation's bits either way; never the decode op's rows
-    (per-token codes)."""
+    """``torch._int_mm`` group by group (``LLMQUANT_INT_MM=1`` where the CPU has no VNNI: it runs, slowly), the float32
+    product of the codes where it is refused, or, on a CPU with AVX2 but neither VNNI nor AMX (their absence feigned
+    where they are), every group in one call of the AVX2 op on its panels of the weight (no codes kept beside them):
+    the simulation's bits each way; never the decode op's rows (per-token codes)."""
     monkeypatch.setenv("LLMQUANT_INT_MM", int_mm)
+    monkeypatch.setenv("LLMQUANT_GEMV", avx2)
+    if avx2 == "1":
+        if AVX2_OP_REFUSAL is not None:
+            pytest.skip(f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
+        feign_no_int8_instructions(monkeypatch)
     calls = []
     int_mm_op = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
@@ -148,7 +155,11 @@ def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str,
     assert set_runtime(layer, "int8") == 1
     assert torch.equal(layer(x), simulated)
     assert layer._decode_rows is False
-    assert bool(calls) == (int8_linear.int_mm_refusal(x.device) is None)
+    on_avx2_op = avx2 == "1"
+    assert isinstance(layer._input_group_weights[3], int8_linear.Avx2Weight) == on_avx2_op
+    assert bool(calls) == (not on_avx2_op and int8_linear.int_mm_refusal(x.device) is None)
+    if on_avx2_op:
+        assert layer.runtime_caches() == layer._int8_weight().tensors() and layer._integer_codes is None
 
 
 def test_input_groups_that_do_not_divide_the_inputs_keep_the_simulations_error() -> None:

@@ -17,7 +17,7 @@ from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.kv_storage import cache_argument, returned_cache
 from llmquant.nn.quant_linear import QuantLinear, set_input_clip, set_runtime
-from llmquant.quant.primitives import fake_quantize
+from llmquant.quant.primitives import fake_quantize, pairwise_row_sums
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
 
 W4A4_ASYM = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
@@ -207,6 +207,13 @@ def test_the_avx2_ops_product_of_int16_codes_is_exact(inner: int, outputs: int, 
             expected = kernel.grouped_linear(x.long(), scale, list(w.long().split(group, dim=1)), weight_scale, None,
                                              lambda a, b: (a @ b.T).float())
             assert torch.equal(_avx2_product(avx2_op, x, w, scale, weight_scale, None, group), expected), (rows, name)
+            # inputs per token in groups: a scale per row and group of columns, one per output (Atom's W4A4)
+            scale, weight_scale = torch.rand(rows, 2, generator=generator), torch.rand(1, outputs, generator=generator)
+            expected = kernel.input_grouped_linear(x.long(), scale, list(w.long().split(group, dim=1)), weight_scale,
+                                                   None, lambda a, b: (a @ b.T).float())
+            pack = int8_gemv.avx2_gemm_pack(w, weight_scale, 0)
+            grouped = int8_gemv.avx2_gemm(avx2_op, x, pack, scale, None, outputs, 0, group)
+            assert torch.equal(grouped, expected), (rows, name)
 
 
 @needs_avx2
@@ -219,11 +226,61 @@ def test_the_avx2_op_names_what_is_wrong_with_its_arguments(avx2_op: object) -> 
         int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), None, 20, 3)
     with pytest.raises(RuntimeError, match="int8_gemm: one bias per output"):
         int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), torch.zeros(19), 20)
+    with pytest.raises(RuntimeError, match="int8_gemm: input groups of an even size dividing the inputs"):
+        int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 3), None, 20, 0, 12)
+    with pytest.raises(RuntimeError, match=r"one per row \(per row and input group with input groups\)"):
+        int8_gemv.avx2_gemm(avx2_op, codes, pack, torch.ones(2, 1), None, 20, 0, 16)
     with pytest.raises(RuntimeError, match=r"int8_gemm: contiguous int8 or int16 codes \[rows, in\]"):
         int8_gemv.avx2_gemm(avx2_op, codes.int(), pack, torch.ones(2, 1), None, 20)
     only = int8_gemv.avx2_weight_only_pack(weight, torch.ones(20, 1), 0)
     with pytest.raises(RuntimeError, match="weight_only_gemm: one bias per output"):
         int8_gemv.avx2_weight_only(avx2_op, torch.zeros(2, 32), only, torch.zeros(21), 20)
+
+
+@needs_avx2
+@pytest.mark.parametrize("width", [32, 576, 7])
+@pytest.mark.parametrize("asymmetric", [False, True])
+@pytest.mark.parametrize("clip", [1.0, 0.8, (1.0, 0.9, 0.8), (0.9, 0.85, 0.8, 0.75, 0.7)])
+def test_the_avx2_ops_block_codes_are_torchs_with_a_searched_clip(width: int, asymmetric: bool, clip: object,
+                                                                  avx2_op: object) -> None:
+    """`block_codes`: per-token 4-bit codes (asymmetric ones shifted by their zero points, or symmetric), with a
+    clip ratio or a grid searched per block, the bits of torch's `asymmetric_int8_codes` / `int8_codes`: on Gaussian
+    blocks, blocks with one outlier, all-zero blocks, blocks of one sign and values on rounding ties."""
+    generator = torch.Generator().manual_seed(width)
+    blocks = torch.randn(300, width, generator=generator)
+    blocks[1:40, 0] *= 30  # (an outlier: the grid's ratios differ)
+    blocks[40] = 0.0
+    blocks[41:60] = blocks[41:60].abs()  # (one sign: the range starts at 0)
+    blocks[60:80] = torch.randint(-16, 16, (20, width), generator=generator) * 0.5  # (ties of x / s)
+    blocks[80:82] = torch.linspace(-7, 7, width)  # (x / s on every half step at the ratio 1)
+    qmin, qmax = (0, 15) if asymmetric else (-8, 7)
+    torch_codes = kernel.asymmetric_int8_codes if asymmetric else kernel.int8_codes
+    expected_codes, expected_scale = torch_codes(blocks, "token", None, qmin, qmax, clip)
+    codes, scale = int8_gemv.block_codes(avx2_op, blocks, qmin, qmax, clip, asymmetric)
+    assert codes.dtype == torch.int8 and torch.equal(scale, expected_scale)
+    assert torch.equal(codes, expected_codes)
+    if clip == (1.0, 0.9, 0.8) and width >= 32:  # (the search chose more than one ratio: a real search)
+        ratios = kernel.searched_clip(blocks, "token", clip, not asymmetric, qmin, qmax)
+        assert ratios.unique().numel() > 1
+    nan = blocks[:3].clone()
+    nan[1, width // 2] = float("nan")
+    _, scale = int8_gemv.block_codes(avx2_op, nan, qmin, qmax, clip, asymmetric)
+    assert torch.isnan(scale[1]).all() and not torch.isnan(scale[[0, 2]]).any()
+
+
+def test_clip_errors_are_summed_in_one_fixed_order() -> None:
+    """`pairwise_row_sums`: the rows' sums (zeros padded to a power of two, halves added), the order the AVX2 op
+    repeats; equal to the float64 sum within float32 rounding."""
+    values = torch.rand(50, 37, generator=torch.Generator().manual_seed(0))
+    sums = pairwise_row_sums(values)
+    assert sums.shape == (50, 1)
+    assert torch.allclose(sums.double(), values.double().sum(1, keepdim=True), rtol=1e-6)
+    padded = torch.nn.functional.pad(values, (0, 27))
+    expected = padded[:, :32] + padded[:, 32:]
+    for half in (16, 8, 4, 2, 1):
+        expected = expected[:, :half] + expected[:, half:]
+    assert torch.equal(sums, expected)
+    assert torch.equal(pairwise_row_sums(values[:, :1]), values[:, :1])
 
 
 @needs_avx2
@@ -238,7 +295,8 @@ def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object
 
 @needs_avx2
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
-                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic"])
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic",
+                                    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"])
 @pytest.mark.parametrize("rows", [1, 3, 300])
 def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
         scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -351,7 +409,7 @@ def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_r
 
 @pytest.mark.parametrize("rows", [1, 3, 300])
 @pytest.mark.parametrize("gemv", ["1", "0"])
-@pytest.mark.parametrize("clip", [1.0, 0.8])
+@pytest.mark.parametrize("clip", [1.0, 0.8, (0.9, 0.85, 0.8, 0.75, 0.7)])
 def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bits(
         rows: int, gemv: str, clip: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """W4A4 with asymmetric inputs: each token's codes shifted by its zero point, c = q - z in [-15, 15], multiply
@@ -359,7 +417,8 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
     simulation, the int8 runtime and s_x * s_w * (c . w_q) + b in float64 agree."""
     monkeypatch.setenv("LLMQUANT_GEMV", gemv)
     layer = _layer(W4A4_ASYM, bias=True)
-    layer.set_input_spec(layer.input_spec.model_copy(update={"clip_ratio": clip}))
+    searched = {"clip_grid": clip} if isinstance(clip, tuple) else {"clip_ratio": clip}  # (a grid: chosen per token)
+    layer.set_input_spec(layer.input_spec.model_copy(update=searched))
     assert layer.supports_int8 and not layer.input_spec.symmetric and layer.input_spec.qmax == 15
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 1.5  # (skewed: min != -max)
     simulated, integer = _outputs(layer, x)
@@ -371,6 +430,21 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
     expected = (codes.double() @ layer.codes().double().T) * scale.double() * layer.weight_scale.double().reshape(1, -1)
     expected += layer.bias.double()
     assert torch.allclose(integer.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 300])
+@pytest.mark.parametrize("gemv", ["1", "0"])
+def test_symmetric_4bit_inputs_with_a_searched_clip_give_the_simulations_bits(rows: int, gemv: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """W4A4 per token with each token's clip ratio searched at run time (`QuantSpec.clip_grid`): the AVX2 op's
+    `block_codes` where it runs (decode rows and prefills), torch's operations elsewhere; the simulation's bits."""
+    monkeypatch.setenv("LLMQUANT_GEMV", gemv)
+    layer = _layer("w_int4_per_channel_sym_a_int4_per_token_dynamic", bias=True)
+    layer.set_input_spec(layer.input_spec.model_copy(update={"clip_grid": (1.0, 0.9, 0.8)}))
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
+    x[:, 5] *= 20  # (an outlier channel: the ratios chosen differ from token to token)
+    simulated, integer = _outputs(layer, x)
+    assert torch.equal(simulated, integer)
 
 
 def test_asymmetric_4bit_inputs_err_less_than_symmetric_ones() -> None:

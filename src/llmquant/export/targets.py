@@ -256,22 +256,24 @@ def clip_findings(target: Target, recipe: Recipe) -> list[Finding]:
                     "(clip_search with activations and kv_cache false, or none), or use --target fake")]
 
 
-def center_keys_findings(target: Target, recipe: Recipe) -> list[Finding]:
-    """Centred keys (``kv_cache_center_keys``) are llmquant's own: no other loader subtracts ``k_mean``."""
-    if target == "fake" or not recipe.kv_cache_center_keys:
-        return []
-    return [_refuse(f"{target} does not subtract the keys' calibrated mean (k_mean) before quantizing its KV cache: "
-                    "the model would run another function; leave kv_cache_center_keys off, or use --target fake")]
+# KV cache options that only llmquant's loader runs: (the recipe field, what another loader does instead, the
+# field's value that turns the option off)
+_LLMQUANT_KV_OPTIONS = (
+    ("kv_cache_center_keys", "does not subtract the keys' calibrated mean (k_mean) before quantizing its KV cache",
+     "off"),
+    ("kv_cache_keep_first", "quantizes every position of its KV cache: the first {value} kept float "
+     "(kv_cache_keep_first) would be quantized", "at 0"),
+)
 
 
-def keep_first_findings(target: Target, recipe: Recipe) -> list[Finding]:
-    """Float first positions of the KV cache (``kv_cache_keep_first``) are llmquant's own: other loaders quantize
-    every position."""
-    if target == "fake" or not recipe.kv_cache_keep_first:
+def llmquant_kv_findings(target: Target, recipe: Recipe) -> list[Finding]:
+    """The KV cache options only llmquant's loader runs (centred keys, first positions kept float), refused for
+    another target: its loader would run another function."""
+    if target == "fake":
         return []
-    return [_refuse(f"{target} quantizes every position of its KV cache: the first {recipe.kv_cache_keep_first} kept "
-                    "float (kv_cache_keep_first) would be quantized and the model would run another function; leave "
-                    "kv_cache_keep_first at 0, or use --target fake")]
+    return [_refuse(f"{target} {what.format(value=value)}: the model would run another function; leave {field} "
+                    f"{off}, or use --target fake")
+            for field, what, off in _LLMQUANT_KV_OPTIONS if (value := getattr(recipe, field))]
 
 
 def recipe_schemes(recipe: Recipe) -> list[Scheme]:
@@ -286,7 +288,7 @@ def check_recipe(target: Target, recipe: Recipe) -> list[Finding]:
     if target not in TARGETS:
         raise LlmquantError(f"unknown target '{target}'; allowed: {', '.join(TARGETS)}")
     findings = (rotation_findings(target, recipe) + clip_findings(target, recipe)
-                + center_keys_findings(target, recipe) + keep_first_findings(target, recipe))
+                + llmquant_kv_findings(target, recipe))
     for scheme in recipe_schemes(recipe):
         if target == "vllm":
             findings += vllm_linear_findings(scheme.linear_part()) + vllm_kv_findings(scheme.kv_cache)

@@ -280,6 +280,20 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, cl
     return codes, scale
 
 
+def block_codes(kernel: ModuleType, blocks: torch.Tensor, qmin: int, qmax: int, clip: float | tuple[float, ...],
+                asymmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes of float32 ``blocks`` ``[..., width]`` (each row a block: a token, or a token's group of columns)
+    and their scales ``[rows, 1]`` by the AVX2 op in one call: what `llmquant.nn.int8_linear.int8_codes` (symmetric)
+    or `asymmetric_int8_codes` (shifted by the zero point) make per token, with a clip ratio or a grid of them
+    searched per block (``clip`` a tuple: `llmquant.quant.primitives.searched_clip_ratios`); the same bits. A block
+    with a NaN has a NaN scale."""
+    grid = [float(ratio) for ratio in clip] if isinstance(clip, tuple) else [float(clip)]
+    width = blocks.shape[-1]
+    codes, scale = _call(kernel, "block_codes", blocks.reshape(-1, width).contiguous(), float(qmin), float(qmax),
+                         MIN_SCALE, grid, asymmetric)
+    return codes.reshape(blocks.shape), scale
+
+
 def int16_token_codes(kernel: ModuleType, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int16 codes of float32 ``rows`` ``[n, in]`` and their scales ``[n, 1]`` by the AVX2 op, in one call:
     torch's ``s = (|x|.amax(1) / 32767).clamp(min=tiny)``, ``round(x / s)`` as int16, the same bits."""
@@ -353,16 +367,20 @@ def avx2_gemm_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group
 
 
 def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor],
-              scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int = 0) -> torch.Tensor:
+              scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int = 0,
+              input_group_size: int = 0) -> torch.Tensor:
     """y ``[..., out]`` float32 in one call, for int8 (or int16) ``x_codes`` ``[..., in]`` (any number of rows) with
     ``scale`` (one per row, or one) and the weight packed by `avx2_gemm_pack`; ``group_size`` 0: y = float(x_q @
     W_q^T) * (s_x * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s order), else y = (sum over groups in order of
     float(x_q,g @ W_q,g^T) * s_w,g) * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s): the same bits, the integer
-    products exact (int16 codes: while a group's sums fit int32, the caller's check). Tiles of 3 rows by 16 outputs,
-    each input pair of the 16 multiplied by one VPMADDWD, the panels in parallel."""
+    products exact (int16 codes: while a group's sums fit int32, the caller's check). ``input_group_size`` (with
+    ``group_size`` 0): inputs per token in groups of that many columns, ``scale`` ``[rows, in / input_group_size]``,
+    y = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_x,g) * s_w + b
+    (`llmquant.nn.int8_linear.input_grouped_linear`'s order). Tiles of 3 rows by 16 outputs, each input pair of the
+    16 multiplied by one VPMADDWD, the panels in parallel."""
     packed, scales = pack
     y = _call(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
-              outputs, group_size)
+              outputs, group_size, input_group_size)
     return y.reshape(*x_codes.shape[:-1], outputs)
 
 

@@ -157,30 +157,38 @@ __attribute__((noinline)) void pair_dots(const int16_t* x, int64_t inner, const 
   for (int m = 0; m < MR; ++m) dots[2 * m] = acc[m][0], dots[2 * m + 1] = acc[m][1];
 }
 
+// How int8_gemm scales its integer dots: one group of the whole input, the weight's scales in groups of columns
+// (W4A8), or the input's scales in groups of columns (inputs per token in groups: W4A4 with Atom's activations).
+enum class Groups { kNone, kWeight, kInput };
+
 // One tile of int8_gemm: MR input rows (widened codes, `inner` apart) by the 16 outputs of one packed panel, over
 // every group: per group the exact int32 dots, VPMADDWD of a broadcast input pair (x_k, x_k+1) with the panel's
 // 16 weight pairs (w_o,k, w_o,k+1) widened to 16 bits; then, in the torch path's float32 order, either
-//   group_size 0: y = float(dot) * (s_x * s_w) + b                                          (scale_output), or
-//   groups:       y = ((float(dot_0) * s_w,0 + float(dot_1) * s_w,1) + ...) * s_x + b       (grouped_linear).
-// `scales` holds [groups, padded outputs] weight scales (one group: [1, padded outputs]); `bias` [outputs] or null.
+//   kNone:   y = float(dot) * (s_x * s_w) + b                                            (scale_output), or
+//   kWeight: y = ((float(dot_0) * s_w,0 + float(dot_1) * s_w,1) + ...) * s_x + b         (grouped_linear), or
+//   kInput:  y = ((float(dot_0) * s_x,0 + float(dot_1) * s_x,1) + ...) * s_w + b         (input_grouped_linear).
+// `scales` holds [groups, padded outputs] weight scales (kNone, kInput: [1, padded outputs]); `row_scales` one
+// input scale, or one per row, or (kInput) `groups` per row; `bias` [outputs] or null.
 template <int MR, typename Weight>
 void gemm_tile(const int16_t* x, int64_t inner, const Weight* panel, int64_t groups, int64_t pairs_per_group,
-               bool grouped, const float* scales, int64_t padded_outputs, const float* row_scales, bool per_row,
+               Groups grouping, const float* scales, int64_t padded_outputs, const float* row_scales, bool per_row,
                const float* bias, int64_t j0, int64_t outputs, float* out) {
   __m256 total[MR][2];
   for (int64_t g = 0; g < groups; ++g) {
     __m256i acc[MR][2];
     pair_dots<MR>(x, inner, panel, g * pairs_per_group, (g + 1) * pairs_per_group, &acc[0][0]);
     for (int v = 0; v < 2; ++v) {
-      const __m256 scale = _mm256_loadu_ps(scales + g * padded_outputs + j0 + 8 * v);
+      const __m256 scale = _mm256_loadu_ps(scales + (grouping == Groups::kWeight ? g * padded_outputs : 0) + j0 +
+                                           8 * v);
       for (int m = 0; m < MR; ++m) {
         const __m256 dots = _mm256_cvtepi32_ps(acc[m][v]);
-        if (!grouped) {
+        if (grouping == Groups::kNone) {
           total[m][v] = _mm256_mul_ps(dots, _mm256_mul_ps(_mm256_set1_ps(row_scales[per_row ? m : 0]), scale));
-        } else {
-          const __m256 part = _mm256_mul_ps(dots, scale);
-          total[m][v] = g == 0 ? part : _mm256_add_ps(total[m][v], part);
+          continue;
         }
+        const __m256 part = _mm256_mul_ps(
+            dots, grouping == Groups::kWeight ? scale : _mm256_set1_ps(row_scales[m * groups + g]));
+        total[m][v] = g == 0 ? part : _mm256_add_ps(total[m][v], part);
       }
     }
   }
@@ -190,7 +198,8 @@ void gemm_tile(const int16_t* x, int64_t inner, const Weight* panel, int64_t gro
   for (int m = 0; m < MR; ++m) {
     for (int v = 0; v < 2; ++v) {
       __m256 y = total[m][v];
-      if (grouped) y = _mm256_mul_ps(y, _mm256_set1_ps(row_scales[per_row ? m : 0]));
+      if (grouping == Groups::kWeight) y = _mm256_mul_ps(y, _mm256_set1_ps(row_scales[per_row ? m : 0]));
+      if (grouping == Groups::kInput) y = _mm256_mul_ps(y, _mm256_loadu_ps(scales + j0 + 8 * v));
       if (bias != nullptr) y = _mm256_add_ps(y, _mm256_load_ps(biases + 8 * v));
       _mm256_store_ps(values + 8 * v, y);
     }
@@ -211,10 +220,12 @@ auto tile_of(int64_t rows) {
 // weight packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8
 // (each input pair of 16 outputs in 32 bytes, read in order: one stream per panel; zero rows past `out`). scales:
 // [groups, ceil(out / 16) * 16] float32 (one group when group_size is 0), bias: [out] or None, input_scale [rows, 1]
-// or [1, 1]. Tiles of 3 rows by 16 outputs, the panels in parallel, the rows in chunks.
+// or [1, 1]; or, with input_group_size (inputs per token in groups of that many columns; group_size 0), the weight's
+// scales [1, ceil(out / 16) * 16] and input_scale [rows, in / input_group_size]. Tiles of 3 rows by 16 outputs, the
+// panels in parallel, the rows in chunks.
 torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
                         const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
-                        int64_t group_size) {
+                        int64_t group_size, int64_t input_group_size) {
   const bool int16_codes = codes.scalar_type() == torch::kInt16;
   TORCH_CHECK(codes.dim() == 2 && (codes.scalar_type() == torch::kInt8 || int16_codes) && codes.is_contiguous(),
               "int8_gemm: contiguous int8 or int16 codes [rows, in]");
@@ -224,11 +235,19 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
               "int8_gemm: an even input width, in even groups dividing it");
   TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == padded * inner,
               "int8_gemm: the weight packed in panels of 16 outputs");
-  const int64_t groups = group_size > 0 ? inner / group_size : 1;
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == groups * padded,
+  const Groups grouping = group_size > 0 ? Groups::kWeight : input_group_size > 0 ? Groups::kInput : Groups::kNone;
+  TORCH_CHECK(grouping != Groups::kInput || (group_size == 0 && input_group_size % 2 == 0 &&
+                                             inner % input_group_size == 0),
+              "int8_gemm: input groups of an even size dividing the inputs, with a weight scale per output or one");
+  const int64_t groups = grouping == Groups::kWeight ? inner / group_size
+                         : grouping == Groups::kInput ? inner / input_group_size : 1;
+  const int64_t weight_groups = grouping == Groups::kWeight ? groups : 1;
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+                  scales.numel() == weight_groups * padded,
               "int8_gemm: [groups, padded outputs] float32 weight scales");
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "int8_gemm: one input scale, or one per row");
+  TORCH_CHECK(grouping == Groups::kInput ? s_x.numel() == rows * groups : s_x.numel() == 1 || s_x.numel() == rows,
+              "int8_gemm: one input scale, or one per row (per row and input group with input groups)");
   const torch::Tensor b = float_bias(bias, outputs, "int8_gemm");
   const std::vector<int16_t> widened = int16_codes ? std::vector<int16_t>() : widened_codes(codes);
   const int16_t* wide = int16_codes ? codes.data_ptr<int16_t>() : widened.data();
@@ -237,8 +256,8 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
   const float* sw = scales.data_ptr<float>();
   const float* sx = s_x.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  const bool per_row = s_x.numel() > 1, grouped = group_size > 0;
-  const int64_t pairs_per_group = (grouped ? group_size : inner) / 2;
+  const bool per_row = s_x.numel() > 1;
+  const int64_t pairs_per_group = inner / groups / 2, row_scale_stride = grouping == Groups::kInput ? groups : 1;
   float* out = y.data_ptr<float>();
   // The rows in chunks of widened codes that stay in a core's L2 cache while every panel multiplies them (a prefill
   // of 8 x 512 rows read them again from memory for each panel otherwise). A chunk of more than one tile multiplies
@@ -255,8 +274,8 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
         const auto tiles = [&](auto* panel_codes, auto tile_of_rows) {
           for (int64_t m0 = first_row; m0 < end_row; m0 += kTileRows) {
             tile_of_rows(std::min<int64_t>(kTileRows, end_row - m0))(
-                wide + m0 * inner, inner, panel_codes, groups, pairs_per_group, grouped, sw, padded,
-                sx + (per_row ? m0 : 0), per_row, bp, j0, outputs, out + m0 * outputs);
+                wide + m0 * inner, inner, panel_codes, groups, pairs_per_group, grouping, sw, padded,
+                sx + (per_row ? m0 * row_scale_stride : 0), per_row, bp, j0, outputs, out + m0 * outputs);
           }
         };
         if (widen) {
@@ -526,9 +545,152 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 
 }  // namespace
 
+namespace {
+
+// sum of values[0 .. width) in llmquant.quant.primitives.pairwise_row_sums' order: zeros up to `padded` (a power of
+// two), then column j plus column j + half, halving until one is left (8 columns a step while half >= 8: the same
+// additions). `values` holds `padded` floats.
+float pairwise_sum(float* values, int64_t width, int64_t padded) {
+  std::fill(values + width, values + padded, 0.0f);
+  int64_t half = padded / 2;
+  for (; half >= 8; half /= 2) {
+    for (int64_t j = 0; j < half; j += 8) {
+      _mm256_storeu_ps(values + j, _mm256_add_ps(_mm256_loadu_ps(values + j), _mm256_loadu_ps(values + j + half)));
+    }
+  }
+  if (half == 4) {  // (the last three halvings in registers: lanes j + 4, then j + 2, then j + 1)
+    const __m256 eight = _mm256_loadu_ps(values);
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+  }
+  for (; half >= 1; half /= 2) {
+    for (int64_t j = 0; j < half; ++j) values[j] = values[j] + values[j + half];
+  }
+  return values[0];
+}
+
+// The scale and zero point of a block's range [lo, hi] (lo <= 0 <= hi): symmetric max(-lo, hi) / qmax, zero 0;
+// asymmetric (hi - lo) / (qmax - qmin) and clamp(qmin - round(lo / s), qmin, qmax); scales at least min_scale.
+inline void range_params(float lo, float hi, float qmin, float qmax, float min_scale, bool asymmetric, float* scale,
+                         float* zero) {
+  if (asymmetric) {
+    *scale = std::max((hi - lo) / (qmax - qmin), min_scale);
+    *zero = std::min(std::max(qmin - std::nearbyint(lo / *scale), qmin), qmax);
+  } else {
+    *scale = std::max(std::max(-lo, hi) / qmax, min_scale);
+    *zero = 0.0f;
+  }
+}
+
+// A value's code shifted by the zero point: clamp(round(x / s) + z, qmin, qmax) - z (round half to even).
+inline float shifted_code(float x, float scale, float zero, float qmin, float qmax) {
+  return std::min(std::max(std::nearbyint(x / scale) + zero, qmin), qmax) - zero;
+}
+
+// shifted_code of 8 values: a correctly rounded division, VROUNDPS to nearest even, the same clamps.
+inline __m256 shifted_codes8(__m256 x, __m256 scale, __m256 zero, __m256 qmin, __m256 qmax) {
+  const __m256 q = _mm256_round_ps(_mm256_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm256_sub_ps(_mm256_min_ps(_mm256_max_ps(_mm256_add_ps(q, zero), qmin), qmax), zero);
+}
+
+// The block's squared errors (code * s - x)^2 at one scale and zero point, into work[0 .. width).
+void squared_errors(const float* x, int64_t width, float scale, float zero, float qmin, float qmax, float* work) {
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero), lo = _mm256_set1_ps(qmin),
+               hi = _mm256_set1_ps(qmax);
+  int64_t i = 0;
+  for (; i + 8 <= width; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 error = _mm256_sub_ps(_mm256_mul_ps(shifted_codes8(v, s, z, lo, hi), s), v);
+    _mm256_storeu_ps(work + i, _mm256_mul_ps(error, error));
+  }
+  for (; i < width; ++i) {
+    const float error = shifted_code(x[i], scale, zero, qmin, qmax) * scale - x[i];
+    work[i] = error * error;
+  }
+}
+
+// One block of block_codes: its range [min(x) clamped to <= 0, max(x) clamped to >= 0]; the ratio r of `ratios` whose
+// range [r lo, r hi] quantizes the block with the least squared error (summed by pairwise_sum; the first on ties;
+// no search for one ratio); then its codes and scale at that ratio. `work`: `padded` floats.
+void clipped_block_codes(const float* x, int64_t width, float qmin, float qmax, float min_scale,
+                         const std::vector<float>& ratios, bool asymmetric, int8_t* codes, float* scale_out,
+                         float* work, int64_t padded) {
+  float low = 0.0f, high = 0.0f;
+  bool nan = false;
+  int64_t i = 0;
+  if (width >= 8) {  // (8 lanes at a time; a NaN found apart, so the vector min and max never see one)
+    __m256 lows = _mm256_setzero_ps(), highs = _mm256_setzero_ps(), nans = _mm256_setzero_ps();
+    for (; i + 8 <= width; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      nans = _mm256_or_ps(nans, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      lows = _mm256_min_ps(lows, v);
+      highs = _mm256_max_ps(highs, v);
+    }
+    alignas(32) float l[8], h[8];
+    _mm256_store_ps(l, lows);
+    _mm256_store_ps(h, highs);
+    for (int k = 0; k < 8; ++k) low = std::min(low, l[k]), high = std::max(high, h[k]);
+    nan = _mm256_movemask_ps(nans) != 0;
+  }
+  for (; i < width; ++i) {
+    nan |= std::isnan(x[i]);
+    low = std::min(low, x[i]);
+    high = std::max(high, x[i]);
+  }
+  if (nan) {  // (amin's and amax's NaN: a NaN scale)
+    *scale_out = NAN;
+    std::fill(codes, codes + width, int8_t{0});
+    return;
+  }
+  float ratio = ratios[0], scale = 0.0f, zero = 0.0f;
+  if (ratios.size() > 1) {
+    float best = 0.0f;
+    for (size_t k = 0; k < ratios.size(); ++k) {
+      range_params(low * ratios[k], high * ratios[k], qmin, qmax, min_scale, asymmetric, &scale, &zero);
+      squared_errors(x, width, scale, zero, qmin, qmax, work);
+      const float sum = pairwise_sum(work, width, padded);
+      if (k == 0 || sum < best) best = sum, ratio = ratios[k];
+    }
+  }
+  range_params(low * ratio, high * ratio, qmin, qmax, min_scale, asymmetric, &scale, &zero);
+  const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero), lo = _mm256_set1_ps(qmin),
+               hi = _mm256_set1_ps(qmax);
+  i = 0;
+  for (; i + 8 <= width; i += 8) {  // (integral floats in [-128, 127]: converted exactly, then narrowed)
+    const __m256i ints = _mm256_cvtps_epi32(shifted_codes8(_mm256_loadu_ps(x + i), s, z, lo, hi));
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(ints), _mm256_extracti128_si256(ints, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packs_epi16(words, words));
+  }
+  for (; i < width; ++i) codes[i] = static_cast<int8_t>(shifted_code(x[i], scale, zero, qmin, qmax));
+  *scale_out = scale;
+}
+
+// Int8 codes of float32 blocks [n, width] (each row a block: a token, or a token's group of columns) and their scales
+// [n, 1], as llmquant.nn.int8_linear.input_codes (symmetric) or asymmetric_input_codes (shifted by the zero point)
+// make them per token with a clip ratio, or a grid of them searched per block (searched_clip_ratios): the same bits.
+std::vector<torch::Tensor> block_codes(const torch::Tensor& blocks, double qmin, double qmax, double min_scale,
+                                       const std::vector<double>& grid, bool asymmetric) {
+  TORCH_CHECK(!grid.empty(), "block_codes: one clip ratio or more");
+  const std::vector<float> ratios(grid.begin(), grid.end());
+  const int64_t width = blocks.dim() == 2 ? blocks.size(1) : 0;
+  int64_t padded = 1;
+  while (padded < width) padded *= 2;
+  return llmquant::codes_by_row<int8_t>(
+      blocks, "block_codes: float32 blocks [n, width]", [&](const float* x, int64_t inner, int8_t* c, float* s) {
+        thread_local std::vector<float> work;
+        work.resize(padded);
+        clipped_block_codes(x, inner, static_cast<float>(qmin), static_cast<float>(qmax),
+                            static_cast<float>(min_scale), ratios, asymmetric, c, s, work.data(), padded);
+      });
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("int16_token_codes", &int16_token_codes, "per-token int16 codes and scales of float32 rows");
+  module.def("block_codes", &block_codes, "int8 codes of float32 blocks, a clip ratio searched per block");
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
 }

@@ -59,6 +59,7 @@ from llmquant.nn.int8_gemv import (
     avx2_gemm_pack,
     avx2_gemv_refusal,
     avx2_kernel,
+    block_codes,
     cpu_kernel,
     gemv_kernel,
     gemv_linear,
@@ -177,10 +178,13 @@ class Avx2Weight:
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.scales]
 
-    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """y for int8 ``codes`` ``[..., in]`` with ``scale``: the bits of `scale_output` (no groups) or of
-        `grouped_linear`."""
-        return avx2_gemm(self.op, codes, (self.packed, self.scales), scale, bias, self.outputs, self.group_size)
+    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_group_size: int = 0) -> torch.Tensor:
+        """y for int8 ``codes`` ``[..., in]`` with ``scale``: the bits of `scale_output` (no groups), of
+        `grouped_linear` (the weight in groups) or, ``input_group_size`` > 0, of `input_grouped_linear` (the input
+        per token in groups of that many columns, ``scale`` ``[rows, groups]``)."""
+        return avx2_gemm(self.op, codes, (self.packed, self.scales), scale, bias, self.outputs, self.group_size,
+                         input_group_size)
 
 
 def avx2_weight_refusal(device: torch.device, in_features: int, group_size: int) -> str | None:
@@ -391,21 +395,26 @@ def in_input_groups(quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]], 
     return quantize_groups
 
 
-def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_groups: list[torch.Tensor],
+def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_groups: list[torch.Tensor] | Avx2Weight,
                            integer: bool, weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int,
                            qmin: int, qmax: int, clip_ratio: Clip = 1.0, asymmetric: bool = False) -> torch.Tensor:
     """`input_grouped_linear` of ``rows`` ``[n, in]`` (``source``, the Linear's input, as rows; its codes per token in
     groups of ``group_size`` columns, shared as in `shared_input_codes`) and ``weight_groups``, the weight's codes
     ``[out, group_size]`` of each group of columns in order: ``integer``, int8 codes multiplied by ``torch._int_mm``
     group by group (`int8_matmul`), else float32 codes (the simulation, and the int8 runtime where `int_mm_refusal`:
-    exact products, so the same bits). ``asymmetric``: the codes shifted by their zero points
+    exact products, so the same bits); or an `Avx2Weight` (``integer``; a CPU with AVX2 but neither VNNI nor AMX),
+    every group in one call of the AVX2 op, the same bits. ``asymmetric``: the codes shifted by their zero points
     (`asymmetric_input_codes`)."""
-    if asymmetric:
+    if isinstance(weight_groups, Avx2Weight):  # (the op's codes of every group in one call)
+        quantize = _avx2_quantizer(weight_groups.op, asymmetric)
+    elif asymmetric:
         quantize = asymmetric_int8_codes if integer else asymmetric_input_codes
     else:
         quantize = int8_codes if integer else input_codes
     codes, scale = shared_input_codes(source, rows, "group", None, qmin, qmax, clip_ratio, integer,
                                       in_input_groups(quantize, group_size), input_groups=group_size)
+    if isinstance(weight_groups, Avx2Weight):
+        return weight_groups(codes, scale, bias, input_group_size=group_size)
     if integer:
         return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias,
                                     lambda a, w: int8_matmul(a.contiguous(), w))
@@ -522,9 +531,11 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     codes and the scaling compiled for large inputs on the CPU when allowed (module docstring). (Up to
     `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.) ``asymmetric``:
     the input's codes are asymmetric ones shifted by their zero point (`asymmetric_int8_codes`, made by torch's
-    operations)."""
+    operations, or with an `Avx2Weight` by the AVX2 op's `block_codes`, as are clip ratios searched per token)."""
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
-    if asymmetric:
+    if isinstance(weight, Avx2Weight):  # (the op's codes, a searched clip too)
+        quantize = _avx2_quantizer(weight.op, asymmetric)
+    elif asymmetric:
         quantize = asymmetric_int8_codes
     elif isinstance(clip_ratio, tuple):  # (a searched clip: torch's operations, never compiled)
         quantize = int8_codes
@@ -623,16 +634,28 @@ def _op_quantizer(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, to
 def avx2_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
                qmin: int, qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`int8_codes`, per token by the AVX2 op (`llmquant.nn.int8_gemv`, ``int8_gemv_avx2.cpp``: the same bits in one
-    call), otherwise by torch's operations."""
+    call; `block_codes` where a grid of clip ratios is searched per token), otherwise by torch's operations."""
     if dynamic == "token" and not isinstance(clip_ratio, tuple):
         return token_codes(avx2_op, rows, qmax, qmin, clip_ratio)
+    if dynamic == "token":
+        return block_codes(avx2_op, rows, qmin, qmax, clip_ratio, asymmetric=False)
     return int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
 
 
+def avx2_asymmetric_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None,
+                          static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip = 1.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`asymmetric_int8_codes`, per token by the AVX2 op's `block_codes` (one call, the same bits), otherwise by
+    torch's operations."""
+    if dynamic == "token":
+        return block_codes(avx2_op, rows, qmin, qmax, clip_ratio, asymmetric=True)
+    return asymmetric_int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+
+
 @functools.cache
-def _avx2_quantizer(avx2_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`avx2_codes` on ``avx2_op``, with `int8_codes`' arguments."""
-    return functools.partial(avx2_codes, avx2_op)
+def _avx2_quantizer(avx2_op: ModuleType, asymmetric: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`avx2_codes` (or `avx2_asymmetric_codes`) on ``avx2_op``, with `int8_codes`' arguments."""
+    return functools.partial(avx2_asymmetric_codes if asymmetric else avx2_codes, avx2_op)
 
 
 def _compiled_kernels(rows: torch.Tensor) -> tuple[Callable, Callable] | None:

@@ -166,8 +166,9 @@ class QuantLinear(nn.Module):
         self._decode_rows: DecodeRows | bool | None = None  # the int8 runtime's decode rows (False: none; None: ask)
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime (`prepare_int4`)
         self._weight_only_pack: tuple[torch.Tensor, torch.Tensor] | None = None  # W8A16 on the AVX2 op: its panels
-        # inputs in groups: (int8?, group size, the weight's codes cut into those column groups, each contiguous)
-        self._input_group_weights: tuple[bool, int, list[torch.Tensor]] | None = None
+        # inputs in groups: (the runtime, the group size, whether the product is an integer one, what it multiplies:
+        # the weight's codes cut into those column groups, each contiguous, or the AVX2 op's panels)
+        self._input_group_weights: tuple[str, int, bool, list[torch.Tensor] | Avx2Weight] | None = None
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
         self.runtime = "fake"
@@ -248,7 +249,8 @@ class QuantLinear(nn.Module):
             caches += [w.nibbles] if w.nibbles.untyped_storage().data_ptr() != packed_memory else []  # (4-bit: a view)
             caches += w.int16_weight.tensors() if w.int16_weight is not None else []
         caches += self._weight_only_pack or ()
-        caches += self._input_group_weights[2] if self._input_group_weights is not None else []
+        if self._input_group_weights is not None and isinstance(groups := self._input_group_weights[3], list):
+            caches += groups  # (an Avx2Weight is the int8 weight's cache, counted above)
         return [tensor for tensor in caches if tensor is not None]
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,18 +464,31 @@ class QuantLinear(nn.Module):
     def _input_grouped_forward(self, x: torch.Tensor, rows: torch.Tensor, weight_scale: torch.Tensor,
                                input_args: list) -> torch.Tensor:
         """Inputs per token in groups (`grouped_inputs_forward`): one integer product per group of columns, int8
-        on the int8 runtime where ``torch._int_mm`` runs, float32 codes otherwise (the same bits)."""
+        on the int8 runtime where ``torch._int_mm`` runs, every group in one call of the AVX2 op where it runs
+        instead (`Avx2Weight`), float32 codes otherwise (the same bits); what it multiplies made once per runtime."""
         _, _, qmin, qmax, clip = input_args
-        integer = self.runtime == "int8" and int_mm_refusal(rows.device) is None
         group_size = self._input_groups
         cached = self._input_group_weights
-        if cached is None or cached[:2] != (integer, group_size):
-            codes = self.codes().to(torch.int8) if self.packed else self.weight
-            codes = codes if integer else codes_to_float(codes)
-            self._input_group_weights = cached = (integer, group_size,
-                                                  [group.contiguous() for group in codes.split(group_size, dim=1)])
-        return grouped_inputs_forward(x, rows, cached[2], integer, weight_scale, self.bias, group_size, qmin, qmax,
+        if cached is None or cached[:2] != (self.runtime, group_size):
+            self._input_group_weights = cached = (self.runtime, group_size, *self._input_group_operands(rows.device))
+        integer, weight = cached[2:]
+        return grouped_inputs_forward(x, rows, weight, integer, weight_scale, self.bias, group_size, qmin, qmax,
                                       clip, asymmetric=not self.input_spec.symmetric)
+
+    def _input_group_operands(self, device: torch.device) -> tuple[bool, list[torch.Tensor] | Avx2Weight]:
+        """Whether the grouped-input product is an integer one, and what it multiplies: on the int8 runtime the
+        AVX2 op's panels where it runs (even groups), else the weight's int8 codes in contiguous column groups where
+        ``torch._int_mm`` runs; otherwise (the simulation too) their float32 codes."""
+        group_size = self._input_groups
+        if (self.runtime == "int8" and group_size % 2 == 0
+                and avx2_weight_refusal(device, self.in_features, 0) is None):
+            weight = self._int8_weight()
+            if isinstance(weight, Avx2Weight):
+                return True, weight
+        integer = self.runtime == "int8" and int_mm_refusal(device) is None
+        codes = self.codes().to(torch.int8) if self.packed else self.weight
+        codes = codes if integer else codes_to_float(codes)
+        return integer, [group.contiguous() for group in codes.split(group_size, dim=1)]
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W4 (W3, W2) weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`),

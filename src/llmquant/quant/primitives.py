@@ -176,14 +176,29 @@ def fake_quantize(
     return from_blocks((codes - zero) * scale, x.shape, spec).to(x.dtype)
 
 
+def pairwise_row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Each row's sum ``[n, 1]`` of ``values`` ``[n, width]`` in one fixed order: zeros appended up to a power of two
+    columns, then column j plus column j + half, halving until one column is left. An order a kernel repeats bit for
+    bit (the AVX2 op's `block_codes`), where torch's reductions choose theirs by the CPU's vector width."""
+    width = values.shape[1]
+    padded = 1 << max(width - 1, 0).bit_length()
+    if padded != width:
+        values = F.pad(values, (0, padded - width))
+    while values.shape[1] > 1:
+        half = values.shape[1] // 2
+        values = values[:, :half] + values[:, half:]
+    return values
+
+
 def searched_clip_ratios(blocks: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: tuple[float, ...],
                          symmetric: bool, qmin: int, qmax: int) -> torch.Tensor:
     """Per block (row of ``blocks``), the ratio r of ``grid`` whose range [r low, r high] (``low`` <= 0 <= ``high``,
-    ``[n, 1]``) quantizes the block with the least squared error sum (x_hat - x)^2, the first of the grid on ties;
-    ``[n, 1]`` float32. A dynamic quantizer's clip chosen at run time (`QuantSpec.clip_grid`): the same function for
-    the simulation (`fake_quantize`) and the integer runtimes (`llmquant.nn.int8_linear.input_codes`), so both
-    choose the same ratios. Each candidate's scale and zero point follow `qparams_from_min_max`. An error measured
-    on the block itself, not on the Linear's output: a proxy, as in the MSE weight ranges."""
+    ``[n, 1]``) quantizes the block with the least squared error sum (x_hat - x)^2 (summed in `pairwise_row_sums`'
+    order), the first of the grid on ties; ``[n, 1]`` float32. A dynamic quantizer's clip chosen at run time
+    (`QuantSpec.clip_grid`): the same function for the simulation (`fake_quantize`) and the integer runtimes
+    (`llmquant.nn.int8_linear.input_codes`; the AVX2 op's `block_codes` in C++), so all choose the same ratios. Each
+    candidate's scale and zero point follow `qparams_from_min_max`. An error measured on the block itself, not on the
+    Linear's output: a proxy, as in the MSE weight ranges."""
     best_error = best_ratio = None
     for ratio in grid:
         lo, hi = low * ratio, high * ratio
@@ -194,7 +209,7 @@ def searched_clip_ratios(blocks: torch.Tensor, low: torch.Tensor, high: torch.Te
             scale = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
             zero = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax)
             error = torch.div(blocks, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-        error = error.sub_(blocks).square_().sum(dim=1, keepdim=True)
+        error = pairwise_row_sums(error.sub_(blocks).square_())
         candidate = torch.full_like(error, ratio)
         if best_error is None or best_ratio is None:
             best_error, best_ratio = error, candidate
