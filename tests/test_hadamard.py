@@ -272,3 +272,24 @@ def test_online_rotation_applies_the_rotation_in_float32(n: int) -> None:
     rotation = Rotation(n)
     x = torch.randn(4, n)
     torch.testing.assert_close(OnlineRotation(rotation)(x), rotation.apply(x.double()).float(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [64, 192, 576, 1536])
+def test_an_online_randomized_hadamard_gives_the_float64_transforms_values(n: int) -> None:
+    """A randomized Hadamard online (QuaRot's R3 to R6) multiplies by its +-1 Kronecker factors in float64: the same
+    float32 values as `Rotation.apply`'s butterfly, bit for bit (sums of +-x are exact in float64 here, then one
+    multiplication by 1 / sqrt(n)), at 1, 8 and 512 rows, with an outlier channel 1000x the others; an input that
+    needs gradients keeps `Rotation.apply`."""
+    from llmquant.nn.online_rotation import OnlineRotation
+
+    rotation = Rotation(n, "hadamard", True, 3)
+    online = OnlineRotation(rotation)
+    generator = torch.Generator().manual_seed(n)
+    for rows in (1, 8, 512):
+        x = torch.randn(rows, n, generator=generator) * torch.rand(rows, 1, generator=generator) * 10
+        x[:, 3] *= 1000
+        assert torch.equal(online(x), rotation.apply(x.double()).float())
+    x = torch.randn(2, n, requires_grad=True)
+    online(x).sum().backward()
+    expected = rotation.apply(torch.ones(2, n, dtype=torch.float64), inverse=True).float()  # (d sum(x Q) / dx = 1 Q^T)
+    assert x.grad is not None and torch.allclose(x.grad, expected, atol=1e-5)

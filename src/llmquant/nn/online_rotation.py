@@ -1,8 +1,9 @@
 """Online rotations (QuaRot's R3 and R4) and the RMSNorm that replaces a LayerNorm under R1.
 
-- `OnlineRotation`: a module applying x -> x Q (a `Rotation`) in the forward, in float32 (Hadamard
-  rotations as products with their Kronecker factors, a learned one as one dense product), with no state-dict
-  entries: a Hadamard is rebuilt from its description, a learned matrix from the checkpoint's transform tensors.
+- `OnlineRotation`: a module applying x -> x Q (a `Rotation`) in the forward (Hadamard rotations as products with
+  their Kronecker factors, in float32, or in float64 with random signs; a learned one as one dense product), with
+  no state-dict entries: a Hadamard is rebuilt from its description, a learned matrix from the checkpoint's
+  transform tensors.
 - `attach_input_rotation(linear, rotation)`: the Linear computes W (x Q) instead of W x. The rotation is
   a child module ``input_rotation`` run by a forward pre-hook registered first (``prepend``), so every
   other hook on the Linear (observers, GPTQ's Hessian, smoothing statistics) sees the input the weight
@@ -24,6 +25,14 @@ from llmquant.quant.rotation import Rotation
 
 
 @lru_cache(maxsize=32)
+def _signed_factors(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A randomized H_n's signs and +-1 Kronecker factors in float64 on ``device`` (built once per size, seed and
+    device)."""
+    signs = Rotation(n, "hadamard", True, seed).signs().to(device)
+    return signs, tuple(f.to(device) for f in hadamard_kronecker_factors(n))
+
+
+@lru_cache(maxsize=32)
 def _normalized_factors(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """H_n's Kronecker factors in float32 on ``device``, the first one carrying the 1/sqrt(n) normalisation
     (built once per size and device)."""
@@ -32,10 +41,12 @@ def _normalized_factors(n: int, device: torch.device) -> tuple[torch.Tensor, ...
 
 
 class OnlineRotation(nn.Module):
-    """x -> x Q along the last dimension, computed in float32 and returned in x's dtype. A plain Hadamard runs
-    as one matrix product per Kronecker factor (`kronecker_transform`), measured faster here than the
-    butterfly transform at the sizes online rotations have (e.g. n = 1536 = 12 x 128: 128 us against 226 us
-    for 8 rows, 48 ms against 55 ms for 4096 rows; n = 64: 11 us against 248 us for one decode step)."""
+    """x -> x Q along the last dimension, returned in x's dtype. A plain Hadamard runs in float32 as one matrix
+    product per Kronecker factor (`kronecker_transform`), measured faster here than the butterfly transform at the
+    sizes online rotations have (e.g. n = 1536 = 12 x 128: 128 us against 226 us for 8 rows, 48 ms against 55 ms
+    for 4096 rows; n = 64: 11 us against 248 us for one decode step); a randomized one (QuaRot's) in float64 as
+    `Rotation.apply` computes it, its signs and +-1 Kronecker factors as products (the same float32 values as
+    `Rotation.apply`'s butterfly, tested; 2.5-6.5x faster at one row); a learned one as one dense float32 product."""
 
     def __init__(self, rotation: Rotation) -> None:
         super().__init__()
@@ -47,6 +58,13 @@ class OnlineRotation(nn.Module):
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
             return kronecker_transform(x, _normalized_factors(r.n, x.device)).to(x.dtype)
+        if r.kind == "hadamard" and not x.requires_grad:
+            # `Rotation.apply`'s float64 maths (x d) H^T / sqrt(n) with the +-1 factors as products, not the butterfly
+            # (a decode step's 180 rotations were ~30 small operations each): sums of +-x exact in float64 while a row's
+            # values span under 2^23, one multiplication by 1 / sqrt(n) after, the same float32 values
+            signs, factors = _signed_factors(r.n, r.seed, x.device)
+            y = kronecker_transform(x.double() * signs, factors).mul_(1.0 / math.sqrt(r.n))
+            return y.to(x.dtype)
         if r.dense is not None:
             return (x.float() @ self.matrix).to(x.dtype)
         return r.apply(x.float()).to(x.dtype)
