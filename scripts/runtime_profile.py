@@ -16,6 +16,7 @@
     .venv/bin/python scripts/runtime_profile.py avx2                # the AVX2 op against float32, by rows
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
     .venv/bin/python scripts/runtime_profile.py groups              # W4A4 with inputs in groups, by rows
+    .venv/bin/python scripts/runtime_profile.py rotation            # a randomized online Hadamard, by rows
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -37,6 +38,9 @@ bfloat16 on CUDA), at the default model's shapes and, on CUDA, Llama-3-8B's.
 ``groups`` times the W4A4 Linear with inputs per token in groups of 32 and 64 (clip grid 1.0 .. 0.8; one integer
 product per group, `llmquant.nn.int8_linear.input_grouped_linear`) against fake-quantized inputs times the
 dequantized weight (the same function in another order of float32 operations) and the float32 Linear.
+``rotation`` times a randomized Hadamard online (`OnlineRotation`: its signs and +-1 Kronecker factors in float64)
+against `Rotation.apply` (the float64 butterfly) at 64, 192, 576 and 1536 columns, 1, 8 and 512 rows, medians of
+200 calls (21 at 512 rows).
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
@@ -67,8 +71,10 @@ import llmquant
 from llmquant.nn.int8_gemv import kv_kernel
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
+from llmquant.nn.online_rotation import OnlineRotation
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.primitives import fake_quantize
+from llmquant.quant.rotation import Rotation
 from llmquant.quant.scheme import scheme_from_name
 
 SHAPES = ((576, 1536), (1536, 576), (576, 576))  # the default model's gate/up, down and q/o projections
@@ -784,11 +790,26 @@ def groups(repeats: int = 21) -> None:
                       f"{times[1] / times[2]:5.2f}")
 
 
+def rotation() -> None:
+    """A randomized online Hadamard: `OnlineRotation` against `Rotation.apply`, by size and rows."""
+    for n in (64, 192, 576, 1536):
+        rotation_ = Rotation(n, "hadamard", True, 0)
+        online = OnlineRotation(rotation_)
+        for rows in (1, 8, 512):
+            x = torch.randn(rows, n)
+            repeats = 21 if rows == 512 else 200
+            with torch.no_grad():
+                new = median_us(lambda online=online, x=x: online(x), repeats)
+                old = median_us(lambda rotation_=rotation_, x=x: rotation_.apply(x.double()).float(), repeats)
+            print(f"n {n:5d}, {rows:3d} rows: Kronecker factors {new:9.1f} us, butterfly {old:9.1f} us "
+                  f"({old / new:4.2f}x)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
-                                         "groups"])
+                                         "groups", "rotation"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -830,6 +851,8 @@ def main() -> None:
         avx2()
     elif args.what == "groups":
         groups()
+    elif args.what == "rotation":
+        rotation()
     elif args.what == "prefetch":
         if args.model is None:
             parser.error("prefetch needs --model DIR (a W8A8 checkpoint)")

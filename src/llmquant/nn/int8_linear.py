@@ -532,16 +532,16 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.) ``asymmetric``:
     the input's codes are asymmetric ones shifted by their zero point (`asymmetric_int8_codes`, made by torch's
     operations, or with an `Avx2Weight` by the AVX2 op's `block_codes`, as are clip ratios searched per token)."""
+    if isinstance(weight, Avx2Weight):  # (the op's codes, a searched clip too, and its product and scaling)
+        codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True,
+                                          _avx2_quantizer(weight.op, asymmetric))
+        return weight(codes, scale, bias)
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
-    if isinstance(weight, Avx2Weight):  # (the op's codes, a searched clip too)
-        quantize = _avx2_quantizer(weight.op, asymmetric)
-    elif asymmetric:
+    if asymmetric:
         quantize = asymmetric_int8_codes
     elif isinstance(clip_ratio, tuple):  # (a searched clip: torch's operations, never compiled)
         quantize = int8_codes
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
-    if isinstance(weight, Avx2Weight):
-        return weight(codes, scale, bias)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
 
 

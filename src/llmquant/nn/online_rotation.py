@@ -25,11 +25,10 @@ from llmquant.quant.rotation import Rotation
 
 
 @lru_cache(maxsize=32)
-def _signed_factors(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """A randomized H_n's signs and +-1 Kronecker factors in float64 on ``device`` (built once per size, seed and
-    device)."""
-    signs = Rotation(n, "hadamard", True, seed).signs().to(device)
-    return signs, tuple(f.to(device) for f in hadamard_kronecker_factors(n))
+def _signed_factors(rotation: Rotation, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A randomized Hadamard's signs (`Rotation.signs`) and its +-1 Kronecker factors in float64 on ``device`` (built
+    once per rotation and device)."""
+    return rotation.signs().to(device), tuple(f.to(device) for f in hadamard_kronecker_factors(rotation.n))
 
 
 @lru_cache(maxsize=32)
@@ -46,7 +45,8 @@ class OnlineRotation(nn.Module):
     sizes online rotations have (e.g. n = 1536 = 12 x 128: 128 us against 226 us for 8 rows, 48 ms against 55 ms
     for 4096 rows; n = 64: 11 us against 248 us for one decode step); a randomized one (QuaRot's) in float64 as
     `Rotation.apply` computes it, its signs and +-1 Kronecker factors as products (the same float32 values as
-    `Rotation.apply`'s butterfly, tested; 2.5-6.5x faster at one row); a learned one as one dense float32 product."""
+    `Rotation.apply`'s butterfly, tested; 2.9-5.0x faster at one row, 1.0-2.8x at 512, `scripts/runtime_profile.py
+    rotation`); a learned one as one dense float32 product."""
 
     def __init__(self, rotation: Rotation) -> None:
         super().__init__()
@@ -62,7 +62,7 @@ class OnlineRotation(nn.Module):
             # `Rotation.apply`'s float64 maths (x d) H^T / sqrt(n) with the +-1 factors as products, not the butterfly
             # (a decode step's 180 rotations were ~30 small operations each): sums of +-x exact in float64 while a row's
             # values span under 2^23, one multiplication by 1 / sqrt(n) after, the same float32 values
-            signs, factors = _signed_factors(r.n, r.seed, x.device)
+            signs, factors = _signed_factors(r, x.device)
             y = kronecker_transform(x.double() * signs, factors).mul_(1.0 / math.sqrt(r.n))
             return y.to(x.dtype)
         if r.dense is not None:

@@ -482,9 +482,9 @@ class QuantLinear(nn.Module):
         group_size = self._input_groups
         if (self.runtime == "int8" and group_size % 2 == 0
                 and avx2_weight_refusal(device, self.in_features, 0) is None):
-            weight = self._int8_weight()
-            if isinstance(weight, Avx2Weight):
-                return True, weight
+            weight = self._int8_weight()  # (a weight per tensor or channel where the AVX2 op runs: its panels)
+            assert isinstance(weight, Avx2Weight)
+            return True, weight
         integer = self.runtime == "int8" and int_mm_refusal(device) is None
         codes = self.codes().to(torch.int8) if self.packed else self.weight
         codes = codes if integer else codes_to_float(codes)
