@@ -331,6 +331,7 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=None,
                         help="default: all of them; GPTQ alone on the mixture-of-experts shapes")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--build-only", action="store_true", help="write the random checkpoint, run nothing")
     parser.add_argument("--no-sweep", dest="sweep", action="store_false",
                         help="skip the GPTQ sweep benchmark (reference loop against the fused kernel)")
     parser.add_argument("--samples", type=int, default=32)
@@ -355,6 +356,10 @@ def main() -> None:
     args.work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))  # the workers' results (OUT keeps few files)
     report: dict = {"date": time.strftime("%Y-%m-%d"), "shape": args.shape, "device": args.device,
                     "samples": args.samples, "seqlen": args.seqlen, "results": {}}
+    if args.build_only:
+        config = build_checkpoint(args.model_dir, args.shape, args.layers, args.device)
+        print(f"random checkpoint: {config['num_hidden_layers']} layers in {args.model_dir}", flush=True)
+        return
     if args.sweep:
         shape = SHAPES[args.shape]
         kv = shape["num_key_value_heads"] * shape["hidden_size"] // shape["num_attention_heads"]

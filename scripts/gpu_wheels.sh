@@ -12,7 +12,7 @@ download() {  # FOLDER REQUIREMENT...
 }
 rm -rf .whl
 download common pydantic==2.14.4 pydantic_core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 loguru==0.7.3
-download llmquant compressed-tensors==0.20.1 transformers==5.24.0
+download llmquant compressed-tensors==0.20.1 transformers==5.24.0 tokenizers==0.23.3 regex==2026.11.19
 download llmcompressor llmcompressor==0.14.0.1 compressed-tensors==0.19.0 datasets==5.2.0 dill==0.4.1 \
     multiprocess==0.70.19
 du -sh .whl

@@ -692,8 +692,9 @@ def dequant() -> None:
 
 
 def fp8(device: str) -> None:
-    """FP8 W8A8 per channel / per token: torch._scaled_mm and the simulation against the float Linear, by rows."""
-    scheme = scheme_from_name("w_fp8_per_channel_a_fp8_per_token_dynamic")
+    """FP8 W8A8 per channel / per token, and in 128 x 128 blocks / per token in groups of 128 (on CUDA, where
+    ``torch._scaled_mm``'s blockwise scaling runs): the kernel and the simulation against the float Linear, by
+    rows."""
     cuda = device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     shapes = SHAPES + (((4096, 14336), (14336, 4096), (4096, 4096)) if cuda else ())
@@ -706,19 +707,29 @@ def fp8(device: str) -> None:
             return out
         return median_us(synced, repeats=50 if cuda else 20)
 
-    for inputs, outputs in shapes:
-        linear = torch.nn.Linear(inputs, outputs, bias=False, device=device, dtype=dtype)
-        quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
-        for rows in (1, 16, 512, 2048):
-            x = torch.randn(rows, inputs, device=device, dtype=dtype)
-            with torch.no_grad():
-                float_us = timed(lambda linear=linear, x=x: linear(x))
-                quantized.runtime = "fake"
-                simulated_us = timed(lambda quantized=quantized, x=x: quantized(x))
-                quantized.runtime = "int8"  # the operator, whatever set_runtime would choose here
-                kernel_us = timed(lambda quantized=quantized, x=x: quantized(x))
-            print(f"FP8 {inputs} -> {outputs}, {rows} rows: {dtype} {float_us:9.1f} us, scaled_mm {kernel_us:9.1f} us "
-                  f"({float_us / kernel_us:5.2f}x), simulation {simulated_us:9.1f} us")
+    blocks = ("w_fp8_block128_a_fp8_group128_dynamic",) if cuda else ()  # (no blockwise scaling on the CPU)
+    for name in ("w_fp8_per_channel_a_fp8_per_token_dynamic", *blocks):
+        scheme = scheme_from_name(name)
+        for inputs, outputs in shapes:
+            linear = torch.nn.Linear(inputs, outputs, bias=False, device=device, dtype=dtype)
+            quantized = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
+            if cuda and (refusal := quantized.int8_refusal()) is not None:
+                print(f"{name} {inputs} -> {outputs}: {refusal}")
+                continue
+            for rows in (1, 16, 512, 2048):
+                x = torch.randn(rows, inputs, device=device, dtype=dtype)
+                with torch.no_grad():
+                    float_us = timed(lambda linear=linear, x=x: linear(x))
+                    quantized.runtime = "fake"
+                    simulated_us = timed(lambda quantized=quantized, x=x: quantized(x))
+                    quantized.runtime = "int8"  # the operator, whatever set_runtime would choose here
+                    kernel_us = timed(lambda quantized=quantized, x=x: quantized(x))
+                    os.environ["LLMQUANT_FP8_CODES"] = "torch"  # the input codes by the primitives
+                    unfused_us = timed(lambda quantized=quantized, x=x: quantized(x))
+                    del os.environ["LLMQUANT_FP8_CODES"]
+                print(f"{name} {inputs} -> {outputs}, {rows} rows: {dtype} {float_us:9.1f} us, scaled_mm "
+                      f"{kernel_us:9.1f} us ({float_us / kernel_us:5.2f}x; codes by the primitives "
+                      f"{unfused_us:9.1f} us), simulation {simulated_us:9.1f} us")
 
 
 def avx2(layers: int = 30, repeats: int = 50) -> None:

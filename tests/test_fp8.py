@@ -4,6 +4,7 @@ with identical logits, the FP8 KV cache, and the one-line refusals."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -381,3 +382,73 @@ def test_the_fp8_kernel_on_the_gpu_agrees_with_the_simulation(calib_ids: torch.T
         set_runtime(model, "int8")
         assert all(m.runtime == "int8" for m in model.modules() if isinstance(m, QuantLinear) and m.supports_fp8)
         assert relative_error(simulated, logits(model, eval_ids)) < 2e-2, scheme
+
+
+def test_the_fp8_block_scheme_keeps_the_simulation_on_the_cpu_and_says_why(calib_ids: torch.Tensor) -> None:
+    """Blockwise scaling runs on CUDA alone: `set_runtime` keeps the simulation and names the reason per Linear."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=128, hidden_size=256, intermediate_size=384, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = llmquant.quantize(AutoModelForCausalLM.from_config(config).eval(),
+                              "w_fp8_block128_a_fp8_group128_dynamic", calib=calib_ids, progress=False)
+    set_runtime(model, "int8")
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear) and m.weight_spec is not None]
+    assert linears and all(m.supports_fp8 and m.runtime == "fake" and "run on CUDA" in m.int8_fallback
+                           for m in linears)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="blockwise FP8 GEMMs need a Hopper GPU (CUDA compute capability 9.0)")
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_the_fp8_block_kernel_on_a_hopper_gpu_computes_the_simulation(rows: int) -> None:
+    """``torch._scaled_mm`` with blockwise scales against fq(x) @ dequant(W)^T: agreement to the kernel's bfloat16
+    output (about 2^-9); inputs whose columns span two decades, so that a scale read from the wrong group or tile
+    would be far off; a tile's scale changed changes only its 128 outputs."""
+    from llmquant.nn.fp8_linear import FP8_BLOCK
+
+    torch.manual_seed(rows)
+    scheme = scheme_from_name("w_fp8_block128_a_fp8_group128_dynamic")
+    linear = torch.nn.Linear(512, 384, device="cuda")
+    layer = QuantLinear.from_linear(linear, scheme.weights, scheme.input_activations)
+    assert layer.supports_fp8 and layer.int8_refusal() is None
+    x = torch.randn(rows, 512, device="cuda") * torch.logspace(-1, 1, 512, device="cuda")
+    with torch.no_grad():
+        layer.runtime = "fake"
+        simulated = layer(x)
+        layer.runtime = "int8"
+        kernel = layer(x)
+        assert relative_error(simulated, kernel) < 8e-3
+        layer.weight_scale[1, 2] *= 2  # the tile of outputs 128..255, inputs 256..383
+        changed = (layer(x) - kernel).abs().amax(dim=0) > 0
+    tile = slice(FP8_BLOCK, 2 * FP8_BLOCK)
+    assert changed[tile].any() and not changed[:FP8_BLOCK].any() and not changed[2 * FP8_BLOCK:].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs a CUDA GPU and Triton")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_fp8_input_codes_on_the_gpu_are_the_primitives_bits(dtype: torch.dtype,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Triton kernel (`llmquant.nn.fp8_input_kernel`) against the primitives' fifteen operations: the same codes
+    and scales bit for bit, per token and per token in groups of 128, rows of up to 14 reads of its 1024 columns, an
+    all-zero row (the smallest scale), values spanning five decades."""
+    from llmquant.nn.fp8_linear import fp8_input_codes, fused_codes_available
+
+    generator = torch.Generator("cuda").manual_seed(3)
+    for rows, columns, group in ((1, 512, None), (7, 4096, None), (300, 14336, None), (5, 512, 128),
+                                 (300, 4096, 128)):
+        x = torch.randn(rows, columns, generator=generator, device="cuda") * torch.logspace(-3, 2, columns,
+                                                                                           device="cuda")
+        x = x.to(dtype)
+        x[0] = 0
+        spec = QuantSpec(type="float", granularity="group" if group else "token", group_size=group, dynamic=True)
+        assert fused_codes_available(x, spec)
+        codes, scale = fp8_input_codes(x, spec, None)
+        monkeypatch.setenv("LLMQUANT_FP8_CODES", "torch")
+        assert not fused_codes_available(x, spec)
+        reference_codes, reference_scale = fp8_input_codes(x, spec, None)
+        monkeypatch.delenv("LLMQUANT_FP8_CODES")
+        assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8)), (rows, columns, group)
+        assert torch.equal(scale, reference_scale.reshape(rows, -1)), (rows, columns, group)

@@ -45,6 +45,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from llmquant.device import dtype_name
 from llmquant.errors import LlmquantError
@@ -60,7 +61,7 @@ from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.lazy import INDEX, CheckpointReader, config_dtype, return_freed_memory
 from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
-from llmquant.model.moe import find_moe_blocks, unfuse_experts
+from llmquant.model.moe import find_moe_blocks, has_experts, unfuse_experts
 from llmquant.model.targets import matches_any
 from llmquant.model.validation import check_model_dir, read_config, reading
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
@@ -676,7 +677,10 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
     for key in ("quantization_config", STRUCTURE):
         if hasattr(config, key):
             delattr(config, key)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))
+    with no_init_weights():  # every tensor comes from the checkpoint (a missing one is refused below), so no random
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))  # init (31 s for 1.5B
+    if has_experts(model):  # parameters on 2 CPU cores), except where `unfuse_experts` computes with the weights
+        model.init_weights()
     unfuse_experts(model)  # a checkpoint stores one tensor set per expert (`llmquant.model.moe`)
     names = checkpoint_names(model)
     if raw is not None:

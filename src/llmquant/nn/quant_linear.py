@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.nn.fp8_linear import fp8_linear, fp8_refusal
+from llmquant.nn.fp8_linear import FP8_BLOCK, fp8_block_linear, fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import (
     FIELD_OFFSET,
     MIN_BITS,
@@ -365,8 +365,17 @@ class QuantLinear(nn.Module):
         if self._supports_fp8 is None:
             w, a = self.weight_spec, self.input_spec
             self._supports_fp8 = (w is not None and a is not None and w.type == a.type == "float"
-                                  and w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token"))
+                                  and ((w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token"))
+                                       or self._fp8_blocks))
         return self._supports_fp8
+
+    @property
+    def _fp8_blocks(self) -> bool:
+        """Whether this is the FP8 block scheme that ``torch._scaled_mm``'s blockwise scaling runs: weights in tiles
+        of `FP8_BLOCK` x `FP8_BLOCK`, inputs dynamic per token in groups of `FP8_BLOCK` (`fp8_block_linear`)."""
+        w, a = self.weight_spec, self.input_spec
+        return (w is not None and a is not None and w.granularity == "block" and w.block_shape == (FP8_BLOCK, FP8_BLOCK)
+                and a.granularity == "group" and a.group_size == FP8_BLOCK and a.dynamic)
 
     @property
     def supports_weight_only_int8(self) -> bool:
@@ -414,7 +423,7 @@ class QuantLinear(nn.Module):
         if self.supports_weight_only_int8:
             return weight_only_refusal(self.weight_scale.device)
         if self.supports_fp8:
-            return fp8_refusal(self.weight_scale.device, self.in_features, self.out_features)
+            return fp8_refusal(self.weight_scale.device, self.in_features, self.out_features, self._fp8_blocks)
         if self.supports_int4:
             spec = self.weight_spec
             assert spec is not None
@@ -564,8 +573,11 @@ class QuantLinear(nn.Module):
         spec = self.input_spec
         assert spec is not None
         rows = x.reshape(-1, self.in_features)
-        y = fp8_linear(rows, self.weight, self.weight_scale.reshape(1, -1), self.bias, spec,
-                       None if spec.dynamic else self.input_scale)
+        if self._fp8_blocks:
+            y = fp8_block_linear(rows, self.weight, self.weight_scale, self.bias, spec)
+        else:
+            y = fp8_linear(rows, self.weight, self.weight_scale.reshape(1, -1), self.bias, spec,
+                           None if spec.dynamic else self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _resolve_decode_rows(self) -> DecodeRows | bool:
