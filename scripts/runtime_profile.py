@@ -17,6 +17,7 @@
     python scripts/runtime_profile.py fp8 [--device cuda]             # FP8 W8A8 on torch._scaled_mm, by rows
     .venv/bin/python scripts/runtime_profile.py groups              # W4A4 with inputs in groups, by rows
     .venv/bin/python scripts/runtime_profile.py rotation            # a randomized online Hadamard, by rows
+    .venv/bin/python scripts/runtime_profile.py shared --model DIR  # online rotations shared by q/k/v, gate/up, or not
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -816,11 +817,45 @@ def rotation() -> None:
                   f"({old / new:4.2f}x)", flush=True)
 
 
+def shared_rotations(model_dir: str, rounds: int = 15) -> None:
+    """A forward of 1, 8 and 128 tokens (no KV cache) of a checkpoint with online rotations, its Linears that read one
+    tensor sharing one rotation of it (`llmquant.nn.online_rotation.rotated_once`: q/k/v, gate/up) and each rotating
+    it again, alternating, medians of ``rounds``; the two give the same logits (checked)."""
+    import llmquant
+    import llmquant.nn.online_rotation as online_rotation
+
+    model, _ = llmquant.load(model_dir)
+    shared = online_rotation.rotated_once
+    ways = {"shared": shared, "each its own": lambda online, x: online(x)}
+    generator = torch.Generator().manual_seed(0)
+    inputs = {rows: torch.randint(0, model.config.vocab_size, (1, rows), generator=generator) for rows in (1, 8, 128)}
+    times: dict[tuple[int, str], list[float]] = {(rows, way): [] for rows in inputs for way in ways}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):  # (the first round untimed)
+            for rows, ids in inputs.items():
+                for way, rotate in ways.items():
+                    online_rotation.rotated_once = rotate
+                    start = time.perf_counter()
+                    logits = model(ids, use_cache=False).logits
+                    if round_:
+                        times[(rows, way)].append(time.perf_counter() - start)
+                    if round_ == 0 and rows == 8:
+                        if way == "shared":
+                            reference = logits
+                        elif not torch.equal(logits, reference):
+                            raise SystemExit("sharing the rotations changed the logits")
+    online_rotation.rotated_once = shared
+    for rows in inputs:
+        alone, each = (statistics.median(times[(rows, way)]) for way in ways)
+        print(f"{rows:4d} tokens: shared {alone * 1e3:8.1f} ms, each its own {each * 1e3:8.1f} ms "
+              f"({each / alone:5.3f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
-                                         "groups", "rotation"])
+                                         "groups", "rotation", "shared"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -864,6 +899,10 @@ def main() -> None:
         groups()
     elif args.what == "rotation":
         rotation()
+    elif args.what == "shared":
+        if args.model is None:
+            parser.error("shared needs --model DIR (a checkpoint with online rotations)")
+        shared_rotations(args.model)
     elif args.what == "prefetch":
         if args.model is None:
             parser.error("prefetch needs --model DIR (a W8A8 checkpoint)")

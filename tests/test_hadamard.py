@@ -293,3 +293,42 @@ def test_an_online_randomized_hadamard_gives_the_float64_transforms_values(n: in
     online(x).sum().backward()
     expected = rotation.apply(torch.ones(2, n, dtype=torch.float64), inverse=True).float()  # (d sum(x Q) / dx = 1 Q^T)
     assert x.grad is not None and torch.allclose(x.grad, expected, atol=1e-5)
+
+
+def test_linears_reading_one_tensor_share_its_rotation_and_nothing_else_does() -> None:
+    """q/k/v (and gate/up) rotate their shared input once (`rotated_once`): three Linears with equal rotations get
+    the same rotated tensor and the outputs of separate rotations; another rotation, a changed input, a result
+    changed in place, gradients being recorded, and hooks on a rotation module each rotate anew."""
+    from torch import nn
+
+    from llmquant.nn.online_rotation import attach_input_rotation
+
+    torch.manual_seed(0)
+    linears = [nn.Linear(64, 16) for _ in range(4)]
+    for linear in linears[:3]:
+        attach_input_rotation(linear, Rotation(64, "hadamard", True, 5))
+    attach_input_rotation(linears[3], Rotation(64, "hadamard", True, 6))  # another seed: another rotation
+    seen: list[torch.Tensor] = []
+    for linear in linears:
+        linear.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        outputs = [linear(x) for linear in linears]
+        assert seen[0] is seen[1] is seen[2] and seen[3] is not seen[0]
+        for linear, y in zip(linears, outputs, strict=True):
+            assert torch.equal(y, nn.functional.linear(linear.input_rotation(x), linear.weight, linear.bias))
+        x.mul_(2.0)  # the same tensor, changed
+        linears[0](x)
+        assert seen[-1] is not seen[0] and torch.equal(seen[-1], linears[0].input_rotation(x))
+        seen[-1].add_(1.0)  # the kept result, changed by a consumer
+        linears[1](x)
+        assert torch.equal(seen[-1], linears[1].input_rotation(x))
+    linears[0](x)
+    linears[1](x)
+    assert seen[-1] is not seen[-2]  # gradients recorded: nothing kept
+    recorded: list[torch.Tensor] = []  # a hook on a rotation module (smoothing's statistics, `patterns._record`)
+    linears[1].input_rotation.register_forward_pre_hook(lambda module, args: recorded.append(args[0]))
+    with torch.no_grad():
+        linears[0](x)
+        linears[1](x)
+    assert recorded and recorded[-1] is x and seen[-1] is not seen[-2]  # it runs, on a rotation of its own

@@ -7,7 +7,8 @@
 - `attach_input_rotation(linear, rotation)`: the Linear computes W (x Q) instead of W x. The rotation is
   a child module ``input_rotation`` run by a forward pre-hook registered first (``prepend``), so every
   other hook on the Linear (observers, GPTQ's Hessian, smoothing statistics) sees the input the weight
-  really multiplies; the module keeps its name and its state dict, as checkpoints need.
+  really multiplies; the module keeps its name and its state dict, as checkpoints need. Linears that read one
+  tensor with the same rotation (q/k/v, gate/up) share one product (`rotated_once`).
 - R3 is applied to queries and keys inside the attention function of `llmquant.nn.kv_cache`, from the
   attention module's ``qk_rotation`` child.
 """
@@ -15,6 +16,9 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -73,8 +77,54 @@ class OnlineRotation(nn.Module):
         return self.rotation.describe()
 
 
+@dataclass
+class _KeptRotation:
+    """The last input rotated on this thread: its tensor (weakly), that tensor's version, the rotation, the
+    result and the result's version."""
+
+    source: weakref.ref
+    version: int
+    rotation: Rotation
+    output: torch.Tensor
+    output_version: int
+
+    def serves(self, x: torch.Tensor, rotation: Rotation) -> bool:
+        return (self.source() is x and self.version == x._version and self.rotation == rotation
+                and self.rotation.dense is rotation.dense and self.output._version == self.output_version)
+
+
+class _LastRotation(threading.local):
+    entry: _KeptRotation | None = None
+
+
+_last_rotation = _LastRotation()
+
+
+def rotated_once(online: OnlineRotation, x: torch.Tensor) -> torch.Tensor:
+    """x Q, kept for the next Linear that rotates the same tensor, unchanged, by the same rotation: q, k and v (gate
+    and up) rotate their shared input once, and so quantize it once (`llmquant.nn.int8_linear.shared_input_codes`
+    keys its codes by the tensor). Unchanged: the same object at the same version, its result unchanged too; a
+    tensor made under ``torch.inference_mode`` has no version and is not kept, nor is anything while gradients are
+    recorded (learned rotations train through this), nor the result of a rotation module with hooks of its own
+    (smoothing's statistics, a search's scaled inputs: the result then depends on more than x and Q)."""
+    if torch.is_grad_enabled() or x.is_inference() or _hooked(online):
+        return online(x)
+    entry = _last_rotation.entry
+    if entry is not None and entry.serves(x, online.rotation):
+        return entry.output
+    y = online(x)
+    _last_rotation.entry = _KeptRotation(weakref.ref(x), x._version, online.rotation, y, y._version)
+    return y
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward of ``module`` runs hooks (its own, or every module's)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or nn.modules.module._global_forward_pre_hooks
+                or nn.modules.module._global_forward_hooks)
+
+
 def _rotate_input(module: nn.Module, args: tuple) -> tuple:
-    return (module.input_rotation(args[0]), *args[1:])
+    return (rotated_once(module.input_rotation, args[0]), *args[1:])
 
 
 def attach_input_rotation(linear: nn.Module, rotation: Rotation) -> None:
@@ -106,4 +156,4 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-__all__ = ["OnlineRotation", "RMSNorm", "attach_input_rotation", "input_rotation_of"]
+__all__ = ["OnlineRotation", "RMSNorm", "attach_input_rotation", "input_rotation_of", "rotated_once"]
