@@ -332,3 +332,22 @@ def test_linears_reading_one_tensor_share_its_rotation_and_nothing_else_does() -
         linears[0](x)
         linears[1](x)
     assert recorded and recorded[-1] is x and seen[-1] is not seen[-2]  # it runs, on a rotation of its own
+
+
+def test_a_shared_rotation_is_let_go_with_its_input() -> None:
+    """The kept rotation of a tensor (`rotated_once`) goes when that tensor does, not at the next rotation."""
+    import gc
+
+    from torch import nn
+
+    from llmquant.nn import online_rotation
+
+    linear = nn.Linear(64, 16)
+    online_rotation.attach_input_rotation(linear, Rotation(64, "hadamard", True, 5))
+    with torch.no_grad():
+        x = torch.randn(3, 64)
+        linear(x)
+        assert online_rotation._last_rotation.entry is not None
+        del x
+        gc.collect()
+    assert online_rotation._last_rotation.entry is None

@@ -54,8 +54,8 @@ def fp8_input_codes(rows: torch.Tensor, spec: QuantSpec, static_scale: torch.Ten
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 codes of ``rows`` ``[n, in]`` for the input ``spec`` and their scale (``[n, 1]`` per token, ``[n, in /
     group]`` per token in groups, column-major, ``[1, 1]`` per tensor): the static scale, or (dynamic) the spec's
-    range of the rows themselves; the primitives' codes, so the simulation's (on a GPU from one kernel, the same
-    bits: `fused_codes_available`)."""
+    range of the rows themselves; the primitives' codes, so the simulation's (on a GPU from one kernel that repeats
+    their float32 arithmetic: `fused_codes_available`, `llmquant.nn.fp8_input_kernel`)."""
     if fused_codes_available(rows, spec):
         from llmquant.nn.fp8_input_kernel import fp8_row_codes  # imports Triton
 

@@ -106,15 +106,22 @@ def rotated_once(online: OnlineRotation, x: torch.Tensor) -> torch.Tensor:
     keys its codes by the tensor). Unchanged: the same object at the same version, its result unchanged too; a
     tensor made under ``torch.inference_mode`` has no version and is not kept, nor is anything while gradients are
     recorded (learned rotations train through this), nor the result of a rotation module with hooks of its own
-    (smoothing's statistics, a search's scaled inputs: the result then depends on more than x and Q)."""
+    (smoothing's statistics, the layer map's recorder: they must see every call)."""
     if torch.is_grad_enabled() or x.is_inference() or _hooked(online):
         return online(x)
     entry = _last_rotation.entry
     if entry is not None and entry.serves(x, online.rotation):
         return entry.output
     y = online(x)
-    _last_rotation.entry = _KeptRotation(weakref.ref(x), x._version, online.rotation, y, y._version)
+    _last_rotation.entry = _KeptRotation(weakref.ref(x, _forget), x._version, online.rotation, y, y._version)
     return y
+
+
+def _forget(reference: weakref.ref) -> None:
+    """The kept result goes when its input does (or when the next rotation replaces it)."""
+    entry = _last_rotation.entry
+    if entry is not None and entry.source is reference:
+        _last_rotation.entry = None
 
 
 def _hooked(module: nn.Module) -> bool:
