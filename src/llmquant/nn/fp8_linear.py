@@ -103,12 +103,9 @@ def fp8_block_linear(rows: torch.Tensor, weight: torch.Tensor, weight_scale: tor
 
 def scaled_product(codes: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, weight_scale: torch.Tensor,
                    bias: torch.Tensor | None, bfloat16: bool) -> torch.Tensor:
-    """``torch._scaled_mm`` of the codes and the weight, plus the bias: written in bfloat16 (the rowwise and
-    blockwise kernels on CUDA; a bfloat16 bias added in the epilogue, before that one rounding, as a bfloat16
-    Linear adds it) where ``bfloat16``, else in float32 (the bias added after)."""
-    if bfloat16 and bias is not None and bias.dtype == torch.bfloat16:
-        return torch._scaled_mm(codes, weight.t(), scale_a=scale, scale_b=weight_scale, bias=bias,
-                                out_dtype=torch.bfloat16)
+    """``torch._scaled_mm`` of the codes and the weight, written in bfloat16 where ``bfloat16`` (the rowwise and
+    blockwise kernels on CUDA), else in float32; a bias is added after, in float32 (the operator's own bias epilogue
+    has not run on a GPU here)."""
     y = torch._scaled_mm(codes, weight.t(), scale_a=scale, scale_b=weight_scale,
                          out_dtype=torch.bfloat16 if bfloat16 else torch.float32)
     return y.float() + bias if bias is not None else y
