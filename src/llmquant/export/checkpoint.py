@@ -677,9 +677,9 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
     for key in ("quantization_config", STRUCTURE):
         if hasattr(config, key):
             delattr(config, key)
-    with no_init_weights():  # every tensor comes from the checkpoint (a missing one is refused below), so no random
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))  # init (31 s for 1.5B
-    if has_experts(model):  # parameters on 2 CPU cores), except where `unfuse_experts` computes with the weights
+    with no_init_weights():  # every tensor comes from the checkpoint (a missing one is refused below): no random
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))  # init first
+    if has_experts(model):  # except where `unfuse_experts`' layout check computes with the fused weights
         model.init_weights()
     unfuse_experts(model)  # a checkpoint stores one tensor set per expert (`llmquant.model.moe`)
     names = checkpoint_names(model)

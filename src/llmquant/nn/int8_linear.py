@@ -43,8 +43,6 @@ import functools
 import logging
 import os
 import sys
-import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -72,6 +70,7 @@ from llmquant.nn.int8_gemv import (
     token_codes,
     weight_row_sums,
 )
+from llmquant.nn.last_result import LastResult
 from llmquant.quant.primitives import MIN_SCALE, searched_clip_ratios
 
 log = logging.getLogger(__name__)
@@ -334,30 +333,13 @@ def scale_output(product: torch.Tensor, scale: torch.Tensor, weight_scale: torch
     return y.add_(bias) if bias is not None else y
 
 
-@dataclass(frozen=True)
-class _KeptCodes:
-    """Input codes with what they were made from: a weak reference to the source tensor, its version, the
-    quantizer's arguments (the static scale held, so its identity cannot pass to another tensor)."""
-
-    source: weakref.ref
-    version: int
-    arguments: tuple
-    codes: torch.Tensor
-    scale: torch.Tensor
-
-    def serves(self, source: torch.Tensor, arguments: tuple) -> bool:
-        kept = self.arguments
-        return (self.source() is source and self.version == source._version and kept[1] is arguments[1]
-                and kept[0] == arguments[0] and kept[2:] == arguments[2:])
+def _same_arguments(kept: tuple, arguments: tuple) -> bool:
+    """The quantizer's arguments match (the static scale by identity: the kept key holds it, so its identity cannot
+    pass to another tensor)."""
+    return kept[1] is arguments[1] and kept[0] == arguments[0] and kept[2:] == arguments[2:]
 
 
-class _LastCodes(threading.local):
-    """The input codes of the last Linear that ran on this thread."""
-
-    entry: _KeptCodes | None = None
-
-
-_last_codes = _LastCodes()
+_last_codes = LastResult()  # the input codes of the last Linear that ran on this thread
 
 
 def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | None,
@@ -371,13 +353,15 @@ def shared_input_codes(source: torch.Tensor, rows: torch.Tensor, dynamic: str | 
     ``torch.inference_mode`` has no version, so its codes are not kept. The entry goes when its tensor does.
     ``input_groups``: the size of the groups ``quantize`` takes (`in_input_groups`), 0 for none; part of the key."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, as_int8, input_groups)
-    entry, tracked = _last_codes.entry, not source.is_inference()
-    if tracked and entry is not None and entry.serves(source, arguments):
-        return entry.codes, entry.scale
+    tracked = not source.is_inference()
+    if tracked and (kept := _last_codes.get(source, lambda key, _: _same_arguments(key, arguments))) is not None:
+        return kept
     quantize = quantize or (int8_codes if as_int8 else input_codes)
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
-    _last_codes.entry = (_KeptCodes(weakref.ref(source, _forget), source._version, arguments, codes, scale)
-                         if tracked else None)
+    if tracked:
+        _last_codes.put(source, arguments, (codes, scale))
+    else:
+        _last_codes.clear()
     return codes, scale
 
 
@@ -419,12 +403,6 @@ def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_grou
         return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias,
                                     lambda a, w: int8_matmul(a.contiguous(), w))
     return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias, float_product)
-
-
-def _forget(reference: weakref.ref) -> None:
-    entry = _last_codes.entry
-    if entry is not None and entry.source is reference:
-        _last_codes.entry = None
 
 
 def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight | Avx2Weight,

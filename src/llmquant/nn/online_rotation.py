@@ -16,14 +16,12 @@
 from __future__ import annotations
 
 import math
-import threading
-import weakref
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from torch import nn
 
+from llmquant.nn.last_result import LastResult
 from llmquant.quant.hadamard import hadamard_kronecker_factors, kronecker_transform
 from llmquant.quant.rotation import Rotation
 
@@ -77,27 +75,7 @@ class OnlineRotation(nn.Module):
         return self.rotation.describe()
 
 
-@dataclass
-class _KeptRotation:
-    """The last input rotated on this thread: its tensor (weakly), that tensor's version, the rotation, the
-    result and the result's version."""
-
-    source: weakref.ref
-    version: int
-    rotation: Rotation
-    output: torch.Tensor
-    output_version: int
-
-    def serves(self, x: torch.Tensor, rotation: Rotation) -> bool:
-        return (self.source() is x and self.version == x._version and self.rotation == rotation
-                and self.rotation.dense is rotation.dense and self.output._version == self.output_version)
-
-
-class _LastRotation(threading.local):
-    entry: _KeptRotation | None = None
-
-
-_last_rotation = _LastRotation()
+_last_rotation = LastResult()  # the last input rotated on this thread, and its rotation
 
 
 def rotated_once(online: OnlineRotation, x: torch.Tensor) -> torch.Tensor:
@@ -109,19 +87,18 @@ def rotated_once(online: OnlineRotation, x: torch.Tensor) -> torch.Tensor:
     (smoothing's statistics, the layer map's recorder: they must see every call)."""
     if torch.is_grad_enabled() or x.is_inference() or _hooked(online):
         return online(x)
-    entry = _last_rotation.entry
-    if entry is not None and entry.serves(x, online.rotation):
-        return entry.output
+    rotation = online.rotation
+    if (y := _last_rotation.get(x, lambda key, kept: _same_rotation(key, rotation, kept))) is not None:
+        return y
     y = online(x)
-    _last_rotation.entry = _KeptRotation(weakref.ref(x, _forget), x._version, online.rotation, y, y._version)
+    _last_rotation.put(x, (rotation, y._version), y)
     return y
 
 
-def _forget(reference: weakref.ref) -> None:
-    """The kept result goes when its input does (or when the next rotation replaces it)."""
-    entry = _last_rotation.entry
-    if entry is not None and entry.source is reference:
-        _last_rotation.entry = None
+def _same_rotation(key: tuple[Rotation, int], rotation: Rotation, kept: torch.Tensor) -> bool:
+    """The kept rotation is ``rotation`` (a learned one: the same matrix) and its result is unchanged since."""
+    kept_rotation, version = key
+    return kept_rotation == rotation and kept_rotation.dense is rotation.dense and kept._version == version
 
 
 def _hooked(module: nn.Module) -> bool:

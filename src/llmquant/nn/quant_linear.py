@@ -171,6 +171,9 @@ class QuantLinear(nn.Module):
         self._input_group_weights: tuple[str, int, bool, list[torch.Tensor] | Avx2Weight] | None = None
         self._supports_int8: bool | None = None
         self._supports_fp8: bool | None = None
+        # the FP8 block scheme that torch._scaled_mm's blockwise scaling runs: weights in FP8_BLOCK x FP8_BLOCK tiles,
+        # inputs dynamic per token in groups of FP8_BLOCK (`fp8_block_linear`); set with _supports_fp8
+        self._fp8_blocks = False
         self.runtime = "fake"
 
     @classmethod
@@ -364,18 +367,12 @@ class QuantLinear(nn.Module):
         once, from the specs the layer was made with (the forward asks at every call)."""
         if self._supports_fp8 is None:
             w, a = self.weight_spec, self.input_spec
-            self._supports_fp8 = (w is not None and a is not None and w.type == a.type == "float"
-                                  and ((w.granularity in ("tensor", "channel") and a.granularity in ("tensor", "token"))
-                                       or self._fp8_blocks))
+            fp8 = w is not None and a is not None and w.type == a.type == "float"
+            self._fp8_blocks = (fp8 and w.granularity == "block" and w.block_shape == (FP8_BLOCK, FP8_BLOCK)
+                                and a.granularity == "group" and a.group_size == FP8_BLOCK and a.dynamic)
+            self._supports_fp8 = self._fp8_blocks or (fp8 and w.granularity in ("tensor", "channel")
+                                                      and a.granularity in ("tensor", "token"))
         return self._supports_fp8
-
-    @property
-    def _fp8_blocks(self) -> bool:
-        """Whether this is the FP8 block scheme that ``torch._scaled_mm``'s blockwise scaling runs: weights in tiles
-        of `FP8_BLOCK` x `FP8_BLOCK`, inputs dynamic per token in groups of `FP8_BLOCK` (`fp8_block_linear`)."""
-        w, a = self.weight_spec, self.input_spec
-        return (w is not None and a is not None and w.granularity == "block" and w.block_shape == (FP8_BLOCK, FP8_BLOCK)
-                and a.granularity == "group" and a.group_size == FP8_BLOCK and a.dynamic)
 
     @property
     def supports_weight_only_int8(self) -> bool:
