@@ -49,6 +49,41 @@ def test_fused_experts_become_one_linear_per_matrix_with_the_same_function(famil
     assert unfuse_experts(model) == []  # nothing left to unfuse
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_experts_with_placeholder_weights_unfuse_after_a_check_on_drawn_ones(family: str) -> None:
+    """A model built without initialisation (as `load_quantized` builds one) holds whatever memory held: NaNs here.
+    The layout check then computes with drawn weights; without saying so it sees NaNs and keeps the experts fused."""
+    def nan_model() -> torch.nn.Module:
+        model = make_model(family)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(float("nan"))
+        return model
+
+    assert unfuse_experts(nan_model()) == []  # NaNs compute nothing comparable: the check fails, a warning
+    model = nan_model()
+    assert len(unfuse_experts(model, placeholder_weights=True)) == 2
+    assert isinstance(model.get_submodule("model.layers.0.mlp.experts"), Experts)
+    assert not all(p.isnan().any() for p in model.get_submodule("model.layers.0.mlp.experts").parameters())
+    assert all(p.isnan().all() for p in model.get_submodule("model.layers.1.mlp.experts").parameters())  # only
+    # the first module of a class is checked, so only its weights are drawn
+
+
+def test_loading_an_moe_checkpoint_draws_no_weights_for_the_whole_model(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    quantized = llmquant.quantize(make_model("qwen3_moe"), W4, calib=_ids(1), progress=False)
+    llmquant.save(quantized, None, tmp_path / "ckpt")
+    import transformers
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("init_weights called while loading")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "init_weights", refuse)
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake", device="cpu")
+    ids = _ids(2, 2)
+    assert torch.equal(logits(quantized, ids), logits(loaded, ids))
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_detects_router_experts_shared_experts_and_gates(family: str) -> None:
     model = make_model(family)

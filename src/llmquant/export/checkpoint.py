@@ -61,7 +61,7 @@ from llmquant.model.checkpoint_names import CheckpointNames, checkpoint_names
 from llmquant.model.lazy import INDEX, CheckpointReader, config_dtype, return_freed_memory
 from llmquant.model.loading import load_tokenizer
 from llmquant.model.model_map import ModelMap, detect_model_map
-from llmquant.model.moe import find_moe_blocks, has_experts, unfuse_experts
+from llmquant.model.moe import find_moe_blocks, unfuse_experts
 from llmquant.model.targets import matches_any
 from llmquant.model.validation import check_model_dir, read_config, reading
 from llmquant.nn.kv_cache import KVCacheQuantizer, enable_kv_quantization
@@ -679,9 +679,7 @@ def load_quantized(directory: str | os.PathLike, dtype: torch.dtype | None = Non
             delattr(config, key)
     with no_init_weights():  # every tensor comes from the checkpoint (a missing one is refused below): no random
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or config_dtype(config))  # init first
-    if has_experts(model):  # except where `unfuse_experts`' layout check computes with the fused weights
-        model.init_weights()
-    unfuse_experts(model)  # a checkpoint stores one tensor set per expert (`llmquant.model.moe`)
+    unfuse_experts(model, placeholder_weights=True)  # a checkpoint stores one tensor set per expert (`.model.moe`)
     names = checkpoint_names(model)
     if raw is not None:
         with reading(directory / "config.json", "checkpoint config", "the compressed-tensors quantization_config "

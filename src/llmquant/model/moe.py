@@ -192,9 +192,19 @@ def _same_function(fused: nn.Module, unfused: Experts, layout: FusedLayout) -> b
     with torch.no_grad():
         expected = fused(x, index.to(weight.device), weights)
         actual = unfused(x, index.to(weight.device), weights)
+    if not (expected.isfinite().all() and actual.isfinite().all()):
+        return False
     tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
     return torch.allclose(actual.float(), expected.float(), rtol=tolerance,
                           atol=tolerance * float(expected.abs().max().clamp(min=1e-6)))
+
+
+def _draw_weights(module: nn.Module) -> None:
+    """Seeded random values (scale 0.02) in place of every parameter of ``module``: something to compute with."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
 
 
 def has_experts(model: nn.Module) -> bool:
@@ -202,10 +212,12 @@ def has_experts(model: nn.Module) -> bool:
     return any(isinstance(m, Experts) or fused_layout(m) is not None for m in model.modules())
 
 
-def unfuse_experts(model: nn.Module) -> list[str]:
+def unfuse_experts(model: nn.Module, placeholder_weights: bool = False) -> list[str]:
     """Replace every fused experts module of ``model`` by an `Experts` of per-expert Linears (in place); the names
     replaced. The first module of each class is checked to compute the same function; a class that does not stays
-    fused (its experts then stay float), with a warning."""
+    fused (its experts then stay float), with a warning. ``placeholder_weights``: the fused tensors hold no values
+    yet (a model built without initialisation, about to be loaded): the check first draws random ones into the
+    module it runs on, which the caller's loading overwrites."""
     checked: dict[type, bool] = {}
     replaced = []
     for name, module in list(model.named_modules()):
@@ -222,6 +234,8 @@ def unfuse_experts(model: nn.Module) -> list[str]:
         if any(p.is_meta for p in module.parameters()):  # a skeleton (`llmquant.model.lazy`): each expert's
             checked[kind] = True  # matrices are read from the checkpoint by name or cut from its fused tensors
         if kind not in checked:
+            if placeholder_weights:
+                _draw_weights(module)
             checked[kind] = _same_function(module, unfused, layout)
             if not checked[kind]:
                 log.warning("%s (%s): per-expert Linears do not compute what the fused experts do (a layout other "
