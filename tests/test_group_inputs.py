@@ -27,6 +27,7 @@ from llmquant.recipe import Recipe
 
 W4A4_GROUPS = "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"
 W4A4_TOKENS = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
+W4A4_BOTH_GROUPS = "w_int4_per_group_sym_a_uint4_per_group_asym_dynamic"
 
 
 def test_each_group_of_a_token_takes_its_own_range() -> None:
@@ -94,10 +95,15 @@ def test_a_w4a4kv4_recipe_with_input_groups_saves_and_loads_to_the_same_logits(c
     assert not torch.equal(logits(tokens, eval_ids), expected)  # (the groups are not the tokens)
 
 
-def _grouped_layer(input_spec: QuantSpec, weight_bits: int = 4, in_features: int = 96) -> QuantLinear:
+def _grouped_layer(input_spec: QuantSpec, weight_bits: int = 4, in_features: int = 96,
+                   weight_group: int | None = None) -> QuantLinear:
+    """A layer with inputs per ``input_spec``, its weight per channel or (``weight_group``) in groups of columns."""
     linear = torch.nn.Linear(in_features, 80)
     torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
-    weight_spec = QuantSpec(bits=weight_bits, symmetric=True, granularity="channel")
+    with torch.no_grad():  # columns of different sizes, so that a group's scale differs from its row's
+        linear.weight.mul_(torch.linspace(0.2, 3.0, in_features))
+    grain = {"granularity": "group", "group_size": weight_group} if weight_group else {"granularity": "channel"}
+    weight_spec = QuantSpec(bits=weight_bits, symmetric=True, **grain)
     return QuantLinear.from_linear(linear, weight_spec, input_spec)
 
 
@@ -111,11 +117,14 @@ GROUPED_INPUTS = {
 
 @pytest.mark.parametrize("name", GROUPED_INPUTS)
 @pytest.mark.parametrize("rows", [1, 3, 300])
-def test_grouped_inputs_compute_the_kernels_sum_of_group_products(name: str, rows: int) -> None:
-    """The simulation: y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b with the codes of `fake_quantize`'s groups, equal
-    in exact arithmetic to fq(x) @ dequant(W)^T + b (float rounding apart: relative 1e-5)."""
+@pytest.mark.parametrize("weight_groups", [False, True])
+def test_grouped_inputs_compute_the_kernels_sum_of_group_products(name: str, rows: int, weight_groups: bool) -> None:
+    """The simulation: y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b with the codes of `fake_quantize`'s groups
+    (with the weight in the same groups: y = sum_g (s_x,g * (x_q,g @ W_q,g^T)) * s_w,g + b), equal in exact
+    arithmetic to fq(x) @ dequant(W)^T + b (float rounding apart: relative 1e-5)."""
     spec = GROUPED_INPUTS[name]
-    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4)
+    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4,
+                           weight_group=spec.group_size if weight_groups else None)
     assert layer.supports_int8
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     set_runtime(layer, "fake")
@@ -132,7 +141,9 @@ def test_grouped_inputs_compute_the_kernels_sum_of_group_products(name: str, row
 @pytest.mark.parametrize("name", GROUPED_INPUTS)
 @pytest.mark.parametrize("rows", [1, 3, 300])
 @pytest.mark.parametrize(("int_mm", "avx2"), [("0", "0"), ("1", "0"), ("0", "1")])
+@pytest.mark.parametrize("weight_groups", [False, True])
 def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str, rows: int, int_mm: str, avx2: str,
+                                                                      weight_groups: bool,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """``torch._int_mm`` group by group (``LLMQUANT_INT_MM=1`` where the CPU has no VNNI: it runs, slowly), the float32
     product of the codes where it is refused, or, on a CPU with AVX2 but neither VNNI nor AMX (their absence feigned
@@ -148,7 +159,8 @@ def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str,
     int_mm_op = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
     spec = GROUPED_INPUTS[name]
-    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4)
+    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4,
+                           weight_group=spec.group_size if weight_groups else None)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     set_runtime(layer, "fake")
     simulated = layer(x)
@@ -186,3 +198,45 @@ def test_grouped_inputs_on_the_int8_runtime_keep_the_codes_shared_by_q_k_v() -> 
     assert int8_linear._last_codes.entry is kept
     tokens(x)
     assert int8_linear._last_codes.entry.result[1].shape == (8, 1)
+
+
+def test_a_weight_in_the_inputs_groups_runs_their_products_and_errs_less_than_per_channel() -> None:
+    """`w_int4_per_group_sym_a_uint4_per_group_asym_dynamic`: the weight in the inputs' groups of columns, a scale per
+    output and group (Atom's weights and activations). Its weight errs less than per channel on columns of different
+    sizes; a weight in other groups than its inputs has no integer product: the simulation, fq(x) @ dequant(W)^T."""
+    scheme = scheme_from_name(W4A4_BOTH_GROUPS, 32)
+    assert (scheme.weights.granularity, scheme.weights.group_size) == ("group", 32)
+    assert scheme.input_activations == scheme_from_name(W4A4_GROUPS, 32).input_activations
+    assert scheme_from_name(W4A4_BOTH_GROUPS, -1).weights.granularity == "channel"  # -1: per channel and token
+    grouped = _grouped_layer(scheme.input_activations, weight_group=32)
+    channel = _grouped_layer(scheme.input_activations)
+    assert grouped.supports_int8 and grouped.weight_scale.numel() == 80 * 3
+    reference = channel.dequantized_weight()  # (both from the same float weight)
+    linear = torch.nn.Linear(96, 80)
+    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        linear.weight.mul_(torch.linspace(0.2, 3.0, 96))
+    assert (grouped.dequantized_weight() - linear.weight).norm() < 0.8 * (reference - linear.weight).norm()
+    mismatched = _grouped_layer(scheme.input_activations, weight_group=16)
+    assert not mismatched.supports_int8
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4))
+    expected = torch.nn.functional.linear(fake_quantize(x, scheme.input_activations), mismatched.dequantized_weight(),
+                                          mismatched.bias)
+    assert torch.equal(mismatched(x), expected)
+
+
+def test_a_w4a4kv4_recipe_with_weight_and_inputs_in_groups_saves_and_loads_to_the_same_logits(
+        calib_ids: torch.Tensor, eval_ids: torch.Tensor, tmp_path) -> None:
+    recipe = {"scheme": W4A4_BOTH_GROUPS, "group_size": 16, "kv_cache": "int4_per_token_asym", "algorithm": "gptq",
+              "gptq": {"quantized_inputs": True, "asymmetric": 0.25}, "activation_clip_grid": [1.0, 0.9],
+              "weight_observer": "mse", "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4"]}]}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.input_spec is not None]
+    assert layers and all(m.weight_spec.granularity == "group" and m.weight_spec.group_size == 16
+                          and m.input_spec.group_size == 16 and m.supports_int8 for m in layers)
+    llmquant.save(model, None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", device="cpu")  # the int8 runtime
+    set_runtime(model, "fake")
+    expected = logits(model, eval_ids)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(expected, logits(loaded, eval_ids))

@@ -158,17 +158,19 @@ __attribute__((noinline)) void pair_dots(const int16_t* x, int64_t inner, const 
 }
 
 // How int8_gemm scales its integer dots: one group of the whole input, the weight's scales in groups of columns
-// (W4A8), or the input's scales in groups of columns (inputs per token in groups: W4A4 with Atom's activations).
-enum class Groups { kNone, kWeight, kInput };
+// (W4A8), the input's scales in groups of columns (inputs per token in groups: W4A4 with Atom's activations), or
+// both in the same groups of columns (Atom's weights and activations, the MX formats' blocks).
+enum class Groups { kNone, kWeight, kInput, kBoth };
 
 // One tile of int8_gemm: MR input rows (widened codes, `inner` apart) by the 16 outputs of one packed panel, over
 // every group: per group the exact int32 dots, VPMADDWD of a broadcast input pair (x_k, x_k+1) with the panel's
 // 16 weight pairs (w_o,k, w_o,k+1) widened to 16 bits; then, in the torch path's float32 order, either
 //   kNone:   y = float(dot) * (s_x * s_w) + b                                            (scale_output), or
 //   kWeight: y = ((float(dot_0) * s_w,0 + float(dot_1) * s_w,1) + ...) * s_x + b         (grouped_linear), or
-//   kInput:  y = ((float(dot_0) * s_x,0 + float(dot_1) * s_x,1) + ...) * s_w + b         (input_grouped_linear).
+//   kInput:  y = ((float(dot_0) * s_x,0 + float(dot_1) * s_x,1) + ...) * s_w + b         (input_grouped_linear), or
+//   kBoth:   y = ((float(dot_0) * s_x,0) * s_w,0 + (float(dot_1) * s_x,1) * s_w,1 + ...) + b (the same, both grouped).
 // `scales` holds [groups, padded outputs] weight scales (kNone, kInput: [1, padded outputs]); `row_scales` one
-// input scale, or one per row, or (kInput) `groups` per row; `bias` [outputs] or null.
+// input scale, or one per row, or (kInput, kBoth) `groups` per row; `bias` [outputs] or null.
 template <int MR, typename Weight>
 void gemm_tile(const int16_t* x, int64_t inner, const Weight* panel, int64_t groups, int64_t pairs_per_group,
                Groups grouping, const float* scales, int64_t padded_outputs, const float* row_scales, bool per_row,
@@ -178,16 +180,17 @@ void gemm_tile(const int16_t* x, int64_t inner, const Weight* panel, int64_t gro
     __m256i acc[MR][2];
     pair_dots<MR>(x, inner, panel, g * pairs_per_group, (g + 1) * pairs_per_group, &acc[0][0]);
     for (int v = 0; v < 2; ++v) {
-      const __m256 scale = _mm256_loadu_ps(scales + (grouping == Groups::kWeight ? g * padded_outputs : 0) + j0 +
-                                           8 * v);
+      const bool weight_groups = grouping == Groups::kWeight || grouping == Groups::kBoth;
+      const __m256 scale = _mm256_loadu_ps(scales + (weight_groups ? g * padded_outputs : 0) + j0 + 8 * v);
       for (int m = 0; m < MR; ++m) {
         const __m256 dots = _mm256_cvtepi32_ps(acc[m][v]);
         if (grouping == Groups::kNone) {
           total[m][v] = _mm256_mul_ps(dots, _mm256_mul_ps(_mm256_set1_ps(row_scales[per_row ? m : 0]), scale));
           continue;
         }
-        const __m256 part = _mm256_mul_ps(
+        __m256 part = _mm256_mul_ps(
             dots, grouping == Groups::kWeight ? scale : _mm256_set1_ps(row_scales[m * groups + g]));
+        if (grouping == Groups::kBoth) part = _mm256_mul_ps(part, scale);
         total[m][v] = g == 0 ? part : _mm256_add_ps(total[m][v], part);
       }
     }
@@ -220,9 +223,9 @@ auto tile_of(int64_t rows) {
 // weight packed by llmquant.nn.int8_gemv.avx2_gemm_pack: panels of 16 outputs, [ceil(out / 16), in / 2, 16, 2] int8
 // (each input pair of 16 outputs in 32 bytes, read in order: one stream per panel; zero rows past `out`). scales:
 // [groups, ceil(out / 16) * 16] float32 (one group when group_size is 0), bias: [out] or None, input_scale [rows, 1]
-// or [1, 1]; or, with input_group_size (inputs per token in groups of that many columns; group_size 0), the weight's
-// scales [1, ceil(out / 16) * 16] and input_scale [rows, in / input_group_size]. Tiles of 3 rows by 16 outputs, the
-// panels in parallel, the rows in chunks.
+// or [1, 1]; or, with input_group_size (inputs per token in groups of that many columns; group_size 0, or the same
+// size: both grouped), the weight's scales [1 or groups, ceil(out / 16) * 16] and input_scale [rows, in /
+// input_group_size]. Tiles of 3 rows by 16 outputs, the panels in parallel, the rows in chunks.
 torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
                         const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
                         int64_t group_size, int64_t input_group_size) {
@@ -235,18 +238,21 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
               "int8_gemm: an even input width, in even groups dividing it");
   TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == padded * inner,
               "int8_gemm: the weight packed in panels of 16 outputs");
-  const Groups grouping = group_size > 0 ? Groups::kWeight : input_group_size > 0 ? Groups::kInput : Groups::kNone;
-  TORCH_CHECK(grouping != Groups::kInput || (group_size == 0 && input_group_size % 2 == 0 &&
-                                             inner % input_group_size == 0),
-              "int8_gemm: input groups of an even size dividing the inputs, with a weight scale per output or one");
-  const int64_t groups = grouping == Groups::kWeight ? inner / group_size
-                         : grouping == Groups::kInput ? inner / input_group_size : 1;
-  const int64_t weight_groups = grouping == Groups::kWeight ? groups : 1;
+  const Groups grouping = input_group_size > 0 ? (group_size > 0 ? Groups::kBoth : Groups::kInput)
+                          : group_size > 0 ? Groups::kWeight : Groups::kNone;
+  TORCH_CHECK(input_group_size == 0 || ((group_size == 0 || group_size == input_group_size) &&
+                                        input_group_size % 2 == 0 && inner % input_group_size == 0),
+              "int8_gemm: input groups of an even size dividing the inputs, with a weight scale per output or one, "
+              "or in the same groups");
+  const bool input_groups = grouping == Groups::kInput || grouping == Groups::kBoth;
+  const int64_t groups = grouping == Groups::kWeight || grouping == Groups::kBoth ? inner / group_size
+                         : input_groups ? inner / input_group_size : 1;
+  const int64_t weight_groups = grouping == Groups::kWeight || grouping == Groups::kBoth ? groups : 1;
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
                   scales.numel() == weight_groups * padded,
               "int8_gemm: [groups, padded outputs] float32 weight scales");
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(grouping == Groups::kInput ? s_x.numel() == rows * groups : s_x.numel() == 1 || s_x.numel() == rows,
+  TORCH_CHECK(input_groups ? s_x.numel() == rows * groups : s_x.numel() == 1 || s_x.numel() == rows,
               "int8_gemm: one input scale, or one per row (per row and input group with input groups)");
   const torch::Tensor b = float_bias(bias, outputs, "int8_gemm");
   const std::vector<int16_t> widened = int16_codes ? std::vector<int16_t>() : widened_codes(codes);
@@ -257,7 +263,7 @@ torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed,
   const float* sx = s_x.data_ptr<float>();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const bool per_row = s_x.numel() > 1;
-  const int64_t pairs_per_group = inner / groups / 2, row_scale_stride = grouping == Groups::kInput ? groups : 1;
+  const int64_t pairs_per_group = inner / groups / 2, row_scale_stride = input_groups ? groups : 1;
   float* out = y.data_ptr<float>();
   // The rows in chunks of widened codes that stay in a core's L2 cache while every panel multiplies them (a prefill
   // of 8 x 512 rows read them again from memory for each panel otherwise). A chunk of more than one tile multiplies

@@ -447,7 +447,7 @@ def grouped_linear(codes: torch.Tensor, scale: torch.Tensor, weight_groups: list
     integer product per group (``product``: int8 x int8 -> int32, or the float32 product of the codes, exact below
     2^24), scaled by its group's weight scales (``weight_scale`` ``[out, groups]``) and summed in group order, as
     a grouped integer kernel does; ``codes`` ``[n, in]``, ``weight_groups`` each ``[out, group]``."""
-    y = _scaled_group_products(codes, weight_groups, lambda index: weight_scale[:, index], product) * scale
+    y = _scaled_group_products(codes, weight_groups, lambda index: (weight_scale[:, index],), product) * scale
     return y + bias if bias is not None else y
 
 
@@ -457,19 +457,29 @@ def input_grouped_linear(codes: torch.Tensor, scale: torch.Tensor, weight_groups
     """y = s_w * sum_g s_x,g * (x_q,g @ W_q,g^T) + b for inputs quantized per token in groups of columns (Atom's
     activations, arXiv:2310.19102; weights per tensor or channel): one integer product per group (``product``, as in
     `grouped_linear`), scaled by each row's scale of that group (``scale`` ``[n, groups]``) and summed in group
-    order, then by ``weight_scale`` ``[1, out]``; ``codes`` ``[n, in]``, ``weight_groups`` each ``[out, group]``."""
-    y = _scaled_group_products(codes, weight_groups, lambda index: scale[:, index:index + 1], product) * weight_scale
+    order, then by ``weight_scale`` ``[1, out]``; ``codes`` ``[n, in]``, ``weight_groups`` each ``[out, group]``.
+    A weight in the same groups of columns (Atom's weights, the MX formats' blocks), ``weight_scale`` ``[groups,
+    out]``: y = sum_g (s_x,g * (x_q,g @ W_q,g^T)) * s_w,g + b, both scales applied to each group's product."""
+    if weight_scale.shape[0] > 1:  # (one group: the two orders are the same operations)
+        y = _scaled_group_products(codes, weight_groups, lambda index: (scale[:, index:index + 1],
+                                                                         weight_scale[index]), product)
+    else:
+        y = _scaled_group_products(codes, weight_groups, lambda index: (scale[:, index:index + 1],),
+                                   product) * weight_scale
     return y + bias if bias is not None else y
 
 
 def _scaled_group_products(codes: torch.Tensor, weight_groups: list[torch.Tensor],
-                           group_scale: Callable[[int], torch.Tensor],
+                           group_scales: Callable[[int], tuple[torch.Tensor, ...]],
                            product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """sum_g product(x_q,g, W_q,g) * group_scale(g), the groups of columns in order (each ``[out, group]``)."""
+    """sum_g product(x_q,g, W_q,g) times each of group_scales(g) in turn, the groups of columns in order (each
+    ``[out, group]``)."""
     size = weight_groups[0].shape[1]
     y = None
     for index, group in enumerate(weight_groups):
-        part = product(codes[:, index * size:(index + 1) * size], group) * group_scale(index)
+        part = product(codes[:, index * size:(index + 1) * size], group)
+        for factor in group_scales(index):
+            part = part * factor
         y = part if y is None else y.add_(part)
     assert y is not None
     return y

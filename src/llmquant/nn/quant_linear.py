@@ -307,19 +307,26 @@ class QuantLinear(nn.Module):
     def supports_int8(self) -> bool:
         """Whether this layer can run as int8 x int8 GEMMs: symmetric integer codes of at most 8 bits for the weight
         (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token, or dynamic per token in
-        groups dividing the inputs, with a weight per tensor or channel: `grouped_inputs_forward`), or asymmetric
-        dynamic inputs of at most 7 bits (their codes shifted by the zero point fit int8: `asymmetric_input_codes`)
-        with a weight per tensor or channel; decided once, from the specs the layer was made with."""
+        groups dividing the inputs, with a weight per tensor or channel or in the same groups:
+        `grouped_inputs_forward`), or asymmetric dynamic inputs of at most 7 bits (their codes shifted by the zero
+        point fit int8: `asymmetric_input_codes`) with a weight per tensor or channel, or with inputs and weight in the
+        same groups; decided once, from the specs the layer was made with."""
         if self._supports_int8 is None:
             w, a = self.weight_spec, self.input_spec
             self._supports_int8 = (
                 w is not None and a is not None and w.bits <= 8 and a.bits <= 8 and w.symmetric
                 and w.type == a.type == "int"
                 and w.granularity in ("tensor", "channel", "group")
-                and (a.granularity in ("tensor", "token") or (self._input_groups and w.granularity != "group"))
-                and (a.symmetric or (a.dynamic and a.bits <= 7 and w.granularity != "group"))
+                and (a.granularity in ("tensor", "token") or (self._input_groups and self._input_groups_fit))
+                and (a.symmetric or (a.dynamic and a.bits <= 7 and (w.granularity != "group" or self._input_groups)))
             )
         return self._supports_int8
+
+    @property
+    def _input_groups_fit(self) -> bool:
+        """Whether a weight goes with inputs in groups: per tensor or channel, or in the same groups of columns."""
+        w = self.weight_spec
+        return w is not None and (w.granularity != "group" or w.group_size == self._input_groups)
 
     @property
     def _input_groups(self) -> int:
@@ -478,6 +485,8 @@ class QuantLinear(nn.Module):
         if cached is None or cached[:2] != (self.runtime, group_size):
             self._input_group_weights = cached = (self.runtime, group_size, *self._input_group_operands(rows.device))
         integer, weight = cached[2:]
+        if self.weight_spec is not None and self.weight_spec.granularity == "group":  # [groups, out], each group's
+            weight_scale = self.weight_scale.reshape(self.out_features, -1).t()  # scales (`input_grouped_linear`)
         return grouped_inputs_forward(x, rows, weight, integer, weight_scale, self.bias, group_size, qmin, qmax,
                                       clip, asymmetric=not self.input_spec.symmetric)
 
@@ -486,9 +495,11 @@ class QuantLinear(nn.Module):
         AVX2 op's panels where it runs (even groups), else the weight's int8 codes in contiguous column groups where
         ``torch._int_mm`` runs; otherwise (the simulation too) their float32 codes."""
         group_size = self._input_groups
+        spec = self.weight_spec
+        weight_group = group_size if spec is not None and spec.granularity == "group" else 0
         if (self.runtime == "int8" and group_size % 2 == 0
-                and avx2_weight_refusal(device, self.in_features, 0) is None):
-            weight = self._int8_weight()  # (a weight per tensor or channel where the AVX2 op runs: its panels)
+                and avx2_weight_refusal(device, self.in_features, weight_group) is None):
+            weight = self._int8_weight()  # (where the AVX2 op runs: its panels, with the weight's group scales)
             assert isinstance(weight, Avx2Weight)
             return True, weight
         integer = self.runtime == "int8" and int_mm_refusal(device) is None

@@ -93,6 +93,7 @@ LOW_BIT_SCHEMES: tuple[str, ...] = (  # 4-bit weights with quantized activations
     "w_int4_per_channel_sym_a_int4_per_token_dynamic",
     "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic",
     "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic",
+    "w_int4_per_group_sym_a_uint4_per_group_asym_dynamic",
 )
 
 DEFAULT_GROUP_SIZE = 64
@@ -137,9 +138,11 @@ def _low_bit(name: str, group_size: int | None) -> Scheme:
         weights = _weight_only("w_int4_per_group_sym", group_size).weights
         return Scheme(weights=weights, input_activations=_int8("token", dynamic=True))
     weights = QuantSpec(bits=4, symmetric=True, granularity="channel")
-    if name == "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic":
+    if name.endswith("_a_uint4_per_group_asym_dynamic"):
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         grain = {"granularity": "token"} if group_size == -1 else {"granularity": "group", "group_size": group_size}
+        if name.startswith("w_int4_per_group_sym"):  # both operands in the same groups of columns (Atom, MX)
+            weights = _weight_only("w_int4_per_group_sym", group_size).weights
         return Scheme(weights=weights, input_activations=QuantSpec(bits=4, symmetric=False, dynamic=True, **grain))
     symmetric = name == "w_int4_per_channel_sym_a_int4_per_token_dynamic"
     return Scheme(weights=weights,
