@@ -780,26 +780,32 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
 
 
 def groups(repeats: int = 21) -> None:
-    """W4A4 with inputs in groups: the group products against fq(x) @ dequant(W)^T and float32, by rows."""
+    """W4A4 with inputs in groups: the group products (the weight per channel, and in the inputs' groups) against
+    fq(x) @ dequant(W)^T and float32, by rows."""
     name = "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"
     for group in (32, 64):
         scheme = scheme_from_name(name, group_size=group)
+        in_groups = scheme_from_name("w_int4_per_group_sym_a_uint4_per_group_asym_dynamic", group_size=group).weights
         spec = scheme.input_activations.model_copy(update={"clip_grid": (1.0, 0.95, 0.9, 0.85, 0.8)})
         for inputs, outputs in SHAPES:
             linear = torch.nn.Linear(inputs, outputs)
             quantized = QuantLinear.from_linear(linear, scheme.weights, spec)
+            weight_groups = QuantLinear.from_linear(linear, in_groups, spec)
             set_runtime(quantized, "int8")
+            set_runtime(weight_groups, "int8")
             weight = quantized.dequantized_weight()
             for rows in (1, 8, 512):
                 x = torch.randn(rows, inputs)
                 calls = (lambda linear=linear, x=x: linear(x),
                          lambda quantized=quantized, x=x: quantized(x.clone()),  # (a new tensor: no kept codes)
-                         lambda spec=spec, x=x, w=weight, b=quantized.bias: F.linear(fake_quantize(x, spec), w, b))
+                         lambda spec=spec, x=x, w=weight, b=quantized.bias: F.linear(fake_quantize(x, spec), w, b),
+                         lambda quantized=weight_groups, x=x: quantized(x.clone()))
                 with torch.no_grad():
                     times = [median_us(call, repeats) for call in calls]
                 print(f"groups of {group}: {inputs} -> {outputs}, {rows} rows: float32 {times[0]:8.1f} us, group "
                       f"products {times[1]:8.1f} us, fake-quantized inputs {times[2]:8.1f} us, ratio "
-                      f"{times[1] / times[2]:5.2f}")
+                      f"{times[1] / times[2]:5.2f}; the weight in the groups too {times[3]:8.1f} us "
+                      f"({times[3] / times[1]:4.2f}x)", flush=True)
 
 
 def rotation() -> None:

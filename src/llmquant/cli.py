@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheme", default=None, help=f"a preset: {', '.join(scheme_names())}")
     q.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     q.add_argument("--group-size", type=int, default=None,
-                   help="group size of grouped schemes: weights, or W4A4 inputs per group (-1: per channel or "
-                        "token)")
+                   help="group size of grouped schemes: weights, W4A4 inputs per group, or both (-1: per channel "
+                        "or token)")
     q.add_argument("--kv-cache", default=None, help=f"quantize the KV cache: {', '.join(KV_CACHE)}")
     q.add_argument("--pre-opt", action="append", default=None,
                    help="smoothquant | smooth_fc_fc | quarot (repeatable; quarot runs first)")
@@ -545,8 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lists")
     s.add_argument("--algo", default=None, help="how weights are rounded: rtn (default), awq or gptq")
     s.add_argument("--group-size", type=int, default=None,
-                   help="group size of grouped schemes: weights, or W4A4 inputs per group (-1: per channel or "
-                        "token)")
+                   help="group size of grouped schemes: weights, W4A4 inputs per group, or both (-1: per channel "
+                        "or token)")
     s.add_argument("--calib", default=None, help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4 or a file")
     s.add_argument("--calib-samples", type=int, default=None)
     s.add_argument("--seqlen", type=int, default=None, help="calibration and evaluation window length")
