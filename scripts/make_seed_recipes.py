@@ -29,6 +29,7 @@ SEED_000_METHODS = {name: BUILTIN_METHODS[name] for name in DEFAULT_METHODS}  # 
 STATIC = "w_int8_per_channel_a_int8_per_tensor_static"
 W4A4_ASYMMETRIC_INPUTS = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
 W4A4_GROUPED_INPUTS = "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"
+W4A4_WEIGHT_AND_INPUT_GROUPS = "w_int4_per_group_sym_a_uint4_per_group_asym_dynamic"
 
 
 def seed_recipes() -> dict[str, dict[str, Any]]:
@@ -66,6 +67,8 @@ def best_recipes() -> dict[str, dict[str, Any]]:
                                  {"name": "smoothquant", "alpha": "auto"}],
                     "activation_clip_grid": [0.9, 0.85, 0.8, 0.75, 0.7], "kv_cache_center_keys": True,
                     "calib": {"samples": 128}}
+    groups32 = {**best_w4a4kv4, "scheme": W4A4_GROUPED_INPUTS, "group_size": 32,
+                "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8], "kv_cache_keep_first": 1}
     return {
         # R1+R2 offline, R4 online (vLLM reads it from transform_config), plain GPTQ with Hessians from the float
         # layer: x1.0018 in 97 s. GPTAQ gives x1.0014 in about three times the time: `make run` keeps this one
@@ -122,8 +125,10 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # 1.0 .. 0.8: x1.1393 (stdlib x1.1909) on an AVX2 EPYC, x1.1381 (x1.2100) before the group products took a
         # kernel's order (float rounding apart, the same function); in groups of 64 without R5 x1.1524 (x1.2193),
         # against x1.2075 (x1.2983) per token
-        "best_w4a4kv4_groups32": {**best_w4a4kv4, "scheme": W4A4_GROUPED_INPUTS, "group_size": 32,
-                                  "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8], "kv_cache_keep_first": 1},
+        "best_w4a4kv4_groups32": groups32,
+        # the same with the weight in the inputs' groups of 32 too (a scale per output and group): x1.1104 (stdlib
+        # x1.1685) against x1.1280 (x1.2039) on an AVX2 EPYC; both in groups of 64 x1.1337 (x1.2090)
+        "best_w4a4kv4_wgroups32": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS},
     }
 
 
