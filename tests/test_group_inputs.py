@@ -95,13 +95,20 @@ def test_a_w4a4kv4_recipe_with_input_groups_saves_and_loads_to_the_same_logits(c
     assert not torch.equal(logits(tokens, eval_ids), expected)  # (the groups are not the tokens)
 
 
+def _float_linear(in_features: int) -> torch.nn.Linear:
+    """The float layer `_grouped_layer` quantizes: columns of different sizes, so that a group's scale differs from
+    its row's."""
+    linear = torch.nn.Linear(in_features, 80)
+    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        linear.weight.mul_(torch.linspace(0.2, 3.0, in_features))
+    return linear
+
+
 def _grouped_layer(input_spec: QuantSpec, weight_bits: int = 4, in_features: int = 96,
                    weight_group: int | None = None) -> QuantLinear:
     """A layer with inputs per ``input_spec``, its weight per channel or (``weight_group``) in groups of columns."""
-    linear = torch.nn.Linear(in_features, 80)
-    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():  # columns of different sizes, so that a group's scale differs from its row's
-        linear.weight.mul_(torch.linspace(0.2, 3.0, in_features))
+    linear = _float_linear(in_features)
     grain = {"granularity": "group", "group_size": weight_group} if weight_group else {"granularity": "channel"}
     weight_spec = QuantSpec(bits=weight_bits, symmetric=True, **grain)
     return QuantLinear.from_linear(linear, weight_spec, input_spec)
@@ -212,10 +219,7 @@ def test_a_weight_in_the_inputs_groups_runs_their_products_and_errs_less_than_pe
     channel = _grouped_layer(scheme.input_activations)
     assert grouped.supports_int8 and grouped.weight_scale.numel() == 80 * 3
     reference = channel.dequantized_weight()  # (both from the same float weight)
-    linear = torch.nn.Linear(96, 80)
-    torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        linear.weight.mul_(torch.linspace(0.2, 3.0, 96))
+    linear = _float_linear(96)
     assert (grouped.dequantized_weight() - linear.weight).norm() < 0.8 * (reference - linear.weight).norm()
     mismatched = _grouped_layer(scheme.input_activations, weight_group=16)
     assert not mismatched.supports_int8

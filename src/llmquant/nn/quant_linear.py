@@ -442,13 +442,17 @@ class QuantLinear(nn.Module):
 
     def _int8_args(self) -> tuple:
         """The arguments of `llmquant.nn.int8_linear` after the weight and bias, built once (a decode step pays
-        for every operation): the weight scale as a row, the dynamic granularity ("token", "tensor" or None), the
-        static scale, the code range, the clip (a ratio, or a grid searched at run time: `QuantSpec.clip`)."""
+        for every operation): the weight scale as a row (a weight in groups: ``[groups, out]``, the rows
+        `input_grouped_linear` takes), the dynamic granularity ("token", "tensor" or None), the static scale, the code
+        range, the clip (a ratio, or a grid searched at run time: `QuantSpec.clip`)."""
         if self._int8_call is None:
             spec = self.input_spec
             assert spec is not None
             static = None if spec.dynamic else self.input_scale.reshape(1, 1)
-            self._int8_call = (self.weight_scale.reshape(1, -1), spec.granularity if spec.dynamic else None, static,
+            grouped = self.weight_spec is not None and self.weight_spec.granularity == "group"
+            weight_scale = (self.weight_scale.reshape(self.out_features, -1).t() if grouped
+                            else self.weight_scale.reshape(1, -1))
+            self._int8_call = (weight_scale, spec.granularity if spec.dynamic else None, static,
                                int(spec.qmin), int(spec.qmax), spec.clip)
         return self._int8_call
 
@@ -485,8 +489,6 @@ class QuantLinear(nn.Module):
         if cached is None or cached[:2] != (self.runtime, group_size):
             self._input_group_weights = cached = (self.runtime, group_size, *self._input_group_operands(rows.device))
         integer, weight = cached[2:]
-        if self.weight_spec is not None and self.weight_spec.granularity == "group":  # [groups, out], each group's
-            weight_scale = self.weight_scale.reshape(self.out_features, -1).t()  # scales (`input_grouped_linear`)
         return grouped_inputs_forward(x, rows, weight, integer, weight_scale, self.bias, group_size, qmin, qmax,
                                       clip, asymmetric=not self.input_spec.symmetric)
 
