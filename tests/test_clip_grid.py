@@ -149,7 +149,8 @@ def test_what_cannot_take_a_grid_says_so() -> None:
             assert any(next(iter(fields)) in finding.message for finding in check_recipe(target, recipe))
 
 
-@pytest.mark.parametrize("kv_cache", ["int4_per_token_asym", "int8_per_token", "int8_per_tensor_dynamic"])
+@pytest.mark.parametrize("kv_cache", ["int4_per_token_asym", "int4_per_token_group16_asym", "int8_per_token",
+                                      "int8_per_tensor_dynamic"])
 def test_each_kv_token_errs_no_more_than_with_any_fixed_ratio_of_the_grid(kv_cache: str) -> None:
     """Keys ``[batch, heads, positions, head_dim]``, every other position with an outlier: the quantizer's keys and
     values are `fake_quantize`'s with the grid; per token and head (per tensor: over all) the squared error is at most
@@ -160,7 +161,7 @@ def test_each_kv_token_errs_no_more_than_with_any_fixed_ratio_of_the_grid(kv_cac
     key, value = quantizer(states, states * 2)
     assert torch.equal(key, fake_quantize(states, quantizer.spec))
     assert torch.equal(value, fake_quantize(states * 2, quantizer.spec))
-    per = (-1,) if spec.granularity == "token" else (0, 1, 2, 3)
+    per = (-1,) if spec.granularity in ("token", "group") else (0, 1, 2, 3)  # (a group of 16: the head here)
     error = (key - states).square().sum(per)
     strictly_better = False
     for ratio in KV_GRID:

@@ -447,6 +447,15 @@ def quantize_layer(
 
 
 @torch.no_grad()
+def _check_kv_groups(plan: QuantPlan, head_dim: int | None) -> None:
+    """A KV cache in groups of channels needs heads whose width the group divides (checked before any layer runs)."""
+    for spec in {spec for spec in plan.kv_cache.values() if spec is not None and spec.granularity == "group"}:
+        if head_dim is not None and head_dim % spec.group_size:
+            raise LlmquantError(f"the KV cache in groups of {spec.group_size} channels needs heads whose width is a "
+                                f"multiple of {spec.group_size}; this model's heads have {head_dim}; allowed: a KV "
+                                f"cache per token and head (int4_per_token_asym, int8_per_token) or per tensor")
+
+
 def quantize_layer_weights(layer: nn.Module, index: int, model_map: ModelMap, plan: QuantPlan) -> dict:
     """One decoder layer quantized without a calibration pass (``calib.samples: 0``, for a recipe that learns
     nothing from samples): its Linears rounded to nearest, its (dynamic) KV-cache quantizer attached. The same
@@ -599,6 +608,7 @@ def quantize(
     t0 = time.perf_counter()
     kv_cache = any(spec is not None for spec in plan.kv_cache.values())
     if kv_cache:
+        _check_kv_groups(plan, head_dim_of(model, model_map))
         enable_kv_quantization(model)
     first = source.materialize(model, model_map, 0).to(policy.device)
     probe = None if calibrated else _random_layer_inputs(model, model_map)  # (while the embeddings are here)

@@ -47,6 +47,10 @@ KV_CACHE = {
     "fp8_per_head": _fp8("attn_head"),  # static k_scale / v_scale [kv heads]: vLLM's strategy "attn_head"
     # QuaRot's KV4: 4-bit asymmetric, one scale and zero point per token and head (a group of head_dim values)
     "int4_per_token_asym": QuantSpec(bits=4, symmetric=False, granularity="token", dynamic=True),
+    # the same in groups of 16 channels of a head (KIVI's and Atom's finer KV groups): 4 scales and zero points a
+    # token and head of 64; the head's width must be a multiple of 16
+    "int4_per_token_group16_asym": QuantSpec(bits=4, symmetric=False, granularity="group", group_size=16,
+                                             dynamic=True),
 }
 
 FP8_SCHEMES = {  # E4M3 codes (`QuantSpec` type "float"): llm-compressor's FP8 and FP8_DYNAMIC, weight-only FP8
