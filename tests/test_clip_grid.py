@@ -26,7 +26,7 @@ KV_GRID = (1.0, 0.95, 0.9, 0.85, 0.8)
 W4A4_ASYM = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
 SCHEMES = [W4A4_ASYM, "w_int4_per_channel_sym_a_int4_per_token_dynamic",
            "w_int8_per_channel_a_int8_per_token_dynamic", "w_int8_per_channel_a_int8_per_tensor_dynamic",
-           "w_int4_per_group_sym_a_int8_per_token_dynamic"]
+           "w_int4_per_group_sym_a_int8_per_token_dynamic", "w_int4_per_group_sym_a_uint4_per_token_asym_dynamic"]
 
 
 def _heavy_tailed(rows: int, seed: int) -> torch.Tensor:

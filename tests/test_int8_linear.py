@@ -21,6 +21,7 @@ from llmquant.quant.primitives import fake_quantize, pairwise_row_sums
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
 
 W4A4_ASYM = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
+W4A4_ASYM_WGROUPS = "w_int4_per_group_sym_a_uint4_per_token_asym_dynamic"  # the weight in groups, inputs per token
 
 
 def _layer(scheme: str, bias: bool, group_size: int | None = None) -> QuantLinear:
@@ -91,7 +92,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_once(monkeypatch: pyt
 
 
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
-                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM])
+                                    "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM, W4A4_ASYM_WGROUPS])
 @pytest.mark.parametrize("rows", [1, 3, 300])
 def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_bits(
         scheme: str, rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,7 +297,7 @@ def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object
 @needs_avx2
 @pytest.mark.parametrize("scheme", [*W8A8_SCHEMES[:4], "w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic",
-                                    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"])
+                                    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic", W4A4_ASYM_WGROUPS])
 @pytest.mark.parametrize("rows", [1, 3, 300])
 def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
         scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -383,7 +384,7 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
 
 @pytest.mark.parametrize("scheme", ["w_int4_per_group_sym_a_int8_per_token_dynamic",
                                     "w_int4_per_channel_sym_a_int4_per_token_dynamic", W4A4_ASYM,
-                                    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"])
+                                    "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic", W4A4_ASYM_WGROUPS])
 def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_rtn(scheme: str, calib_ids: torch.Tensor,
                                                                  eval_ids: torch.Tensor, tmp_path) -> None:
 
@@ -407,16 +408,18 @@ def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_r
     assert errors["gptq"] < errors["rtn"], errors
 
 
+@pytest.mark.parametrize("scheme", [W4A4_ASYM, W4A4_ASYM_WGROUPS])
 @pytest.mark.parametrize("rows", [1, 3, 300])
 @pytest.mark.parametrize("gemv", ["1", "0"])
 @pytest.mark.parametrize("clip", [1.0, 0.8, (0.9, 0.85, 0.8, 0.75, 0.7)])
 def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bits(
-        rows: int, gemv: str, clip: float, monkeypatch: pytest.MonkeyPatch) -> None:
+        scheme: str, rows: int, gemv: str, clip: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """W4A4 with asymmetric inputs: each token's codes shifted by its zero point, c = q - z in [-15, 15], multiply
     as int8 (no decode op: it makes symmetric codes); c * s is `fake_quantize`'s value bit for bit, so the
-    simulation, the int8 runtime and s_x * s_w * (c . w_q) + b in float64 agree."""
+    simulation, the int8 runtime and s_x * sum_g s_w,g * (c_g . w_q,g) + b in float64 agree (the weight per channel,
+    or in groups of 32: one product per group)."""
     monkeypatch.setenv("LLMQUANT_GEMV", gemv)
-    layer = _layer(W4A4_ASYM, bias=True)
+    layer = _layer(scheme, bias=True, group_size=32)
     searched = {"clip_grid": clip} if isinstance(clip, tuple) else {"clip_ratio": clip}  # (a grid: chosen per token)
     layer.set_input_spec(layer.input_spec.model_copy(update=searched))
     assert layer.supports_int8 and not layer.input_spec.symmetric and layer.input_spec.qmax == 15
@@ -427,8 +430,10 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
     codes, scale = kernel.asymmetric_input_codes(x, "token", None, 0, 15, clip)
     assert torch.equal(codes * scale, fake_quantize(x, layer.input_spec))
     assert codes.abs().max() <= 15 and torch.equal(codes, codes.round())
-    expected = (codes.double() @ layer.codes().double().T) * scale.double() * layer.weight_scale.double().reshape(1, -1)
-    expected += layer.bias.double()
+    weight, w_scale = layer.codes().double(), layer.weight_scale.double().reshape(80, -1)
+    group = 96 // w_scale.shape[1]
+    expected = sum((codes[:, g * group:(g + 1) * group].double() @ weight[:, g * group:(g + 1) * group].T)
+                   * w_scale[:, g] for g in range(w_scale.shape[1])) * scale.double() + layer.bias.double()
     assert torch.allclose(integer.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 

@@ -25,6 +25,8 @@ back in the model's dtype.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -153,6 +155,12 @@ class DevicePolicy:
         if self.max_memory is not None:
             described["max_memory_mb"] = self.max_memory / 2**20
         return described
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Triton can be imported (the GPTQ sweep's and the FP8 input codes' kernels need it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def resident_bytes() -> int:

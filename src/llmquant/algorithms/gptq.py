@@ -33,7 +33,6 @@ groups) runs each block of columns as one Triton kernel (`llmquant.algorithms.gp
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 from collections import Counter
@@ -50,6 +49,7 @@ from llmquant.algorithms.gptaq import AsymmetricAccumulator, asymmetric_correcti
 from llmquant.algorithms.hessian import HessianAccumulator
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep
 from llmquant.algorithms.scale_refit import refit_refusal, refit_scales
+from llmquant.device import triton_installed
 from llmquant.errors import LlmquantError
 from llmquant.nn.experts import Experts, down_input_feed, expert_index, only_experts
 from llmquant.nn.quant_linear import QuantLinear
@@ -253,7 +253,7 @@ def fused_sweep_available(tensor: torch.Tensor) -> bool:
         return False
     if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    return importlib.util.find_spec("triton") is not None
+    return triton_installed()
 
 
 def _fused_sweep(w: torch.Tensor, hinv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

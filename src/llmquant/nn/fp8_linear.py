@@ -20,12 +20,11 @@ fq(x)_g @ dequant(W)_g^T up to the order of float32 additions and the output's b
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
 
+from llmquant.device import triton_installed
 from llmquant.quant.primitives import MIN_SCALE, qparams_for, quantize
 from llmquant.quant.spec import QuantSpec
 
@@ -42,12 +41,7 @@ def fused_codes_available(rows: torch.Tensor, spec: QuantSpec) -> bool:
     ``LLMQUANT_FP8_CODES=torch`` keeps the primitives (for comparison)."""
     return (rows.is_cuda and spec.dynamic and spec.symmetric and spec.granularity in ("token", "group")
             and spec.clip_ratio == 1.0 and spec.clip_grid is None
-            and os.environ.get("LLMQUANT_FP8_CODES", "triton") != "torch" and _triton_installed())
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+            and os.environ.get("LLMQUANT_FP8_CODES", "triton") != "torch" and triton_installed())
 
 
 def fp8_input_codes(rows: torch.Tensor, spec: QuantSpec, static_scale: torch.Tensor | None

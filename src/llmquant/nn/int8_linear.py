@@ -407,23 +407,27 @@ def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_grou
 
 def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight | Avx2Weight,
                         weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int, dynamic: str | None,
-                        static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip = 1.0
-                        ) -> torch.Tensor:
+                        static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip = 1.0,
+                        asymmetric: bool = False) -> torch.Tensor:
     """W4A8 / W4A4 on the int8 runtime (`grouped_linear` with int8 products), ``weight_scale`` ``[out, groups]``:
     a `GroupedWeight` by the decode op's `grouped_gemm` at every row count (one call; the same bits); else
     ``weight`` the codes ``[out, in]`` as int8: up to `GEMV_MAX_ROWS` rows, where the op runs, its `gemv_linear` (one
     call for every group, the same bits), else one ``torch._int_mm`` per group; an `Avx2Weight` by the AVX2 op's one
     call (the same bits); on a CPU without VNNI or AMX where that op does not run, one float32 product of the codes
-    per group (`int_mm_refusal`)."""
+    per group (`int_mm_refusal`). ``asymmetric``: the input's codes are asymmetric ones shifted by their zero point
+    (`asymmetric_int8_codes`; with an `Avx2Weight` the AVX2 op's `block_codes`), which every product takes as it
+    takes symmetric ones: c * s is the input's fake-quantized value."""
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        codes, scale = op_codes(op, rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+        codes, scale = (asymmetric_int8_codes if asymmetric else functools.partial(op_codes, op))(
+            rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
                             weight.group_size)
     if isinstance(weight, Avx2Weight):
-        return weight(*avx2_codes(weight.op, rows, dynamic, static_scale, qmin, qmax, clip_ratio), bias)
-    quantize, _ = _op_kernels(rows)
+        quantize = _avx2_quantizer(weight.op, asymmetric)
+        return weight(*quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio), bias)
+    quantize = asymmetric_int8_codes if asymmetric else _op_kernels(rows)[0]
     codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (op := cpu_kernel(rows)) is not None:
         return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,

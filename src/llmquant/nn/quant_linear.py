@@ -309,8 +309,8 @@ class QuantLinear(nn.Module):
         (per tensor, channel or group: W8A8, W4A8, W4A4) and the input (per tensor or token, or dynamic per token in
         groups dividing the inputs, with a weight per tensor or channel or in the same groups:
         `grouped_inputs_forward`), or asymmetric dynamic inputs of at most 7 bits (their codes shifted by the zero
-        point fit int8: `asymmetric_input_codes`) with a weight per tensor or channel, or with inputs and weight in the
-        same groups; decided once, from the specs the layer was made with."""
+        point fit int8: `asymmetric_input_codes`) with any of those weights; decided once, from the specs the layer
+        was made with."""
         if self._supports_int8 is None:
             w, a = self.weight_spec, self.input_spec
             self._supports_int8 = (
@@ -318,7 +318,7 @@ class QuantLinear(nn.Module):
                 and w.type == a.type == "int"
                 and w.granularity in ("tensor", "channel", "group")
                 and (a.granularity in ("tensor", "token") or (self._input_groups and self._input_groups_fit))
-                and (a.symmetric or (a.dynamic and a.bits <= 7 and (w.granularity != "group" or self._input_groups)))
+                and (a.symmetric or (a.dynamic and a.bits <= 7))
             )
         return self._supports_int8
 
@@ -531,14 +531,15 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _grouped_forward(self, rows: torch.Tensor, input_args: list) -> torch.Tensor:
-        """W4A8: one integer product per weight group (`grouped_linear`), int8 on the int8 runtime, float32 codes
-        in the simulation (the same partial sums, exactly)."""
+        """W4A8, or W4A4 with inputs per token: one integer product per weight group (`grouped_linear`), int8 on the
+        int8 runtime, float32 codes in the simulation (the same partial sums, exactly)."""
         spec = self.weight_spec
         assert spec is not None and spec.group_size is not None
+        asymmetric = not self.input_spec.symmetric
         if self.runtime == "int8":
             return grouped_int8_linear(rows, self._int8_weight(), self.weight_scale, self.bias, spec.group_size,
-                                       *input_args)
-        codes, scale = input_codes(rows, *input_args)
+                                       *input_args, asymmetric=asymmetric)
+        codes, scale = (asymmetric_input_codes if asymmetric else input_codes)(rows, *input_args)
         if self._float_codes is None:
             self._float_codes = codes_to_float(self._weight_codes())
         groups = list(self._float_codes.split(spec.group_size, dim=1))

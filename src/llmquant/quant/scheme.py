@@ -98,6 +98,7 @@ LOW_BIT_SCHEMES: tuple[str, ...] = (  # 4-bit weights with quantized activations
     "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic",
     "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic",
     "w_int4_per_group_sym_a_uint4_per_group_asym_dynamic",
+    "w_int4_per_group_sym_a_uint4_per_token_asym_dynamic",
 )
 
 DEFAULT_GROUP_SIZE = 64
@@ -137,11 +138,15 @@ def _low_bit(name: str, group_size: int | None) -> Scheme:
     (`llmquant.nn.int8_linear`: asymmetric codes shifted by their zero point). W4A4 with inputs per token in
     groups (``group_size`` consecutive inputs of a token share a scale and zero point, as Atom's activations,
     arXiv:2310.19102, and the MX formats' blocks; -1: per token) takes one integer product per group, scaled by its
-    row's group scale (`llmquant.nn.int8_linear.input_grouped_linear`)."""
+    row's group scale (`llmquant.nn.int8_linear.input_grouped_linear`). The weight in groups of ``group_size``
+    columns goes with asymmetric inputs per token too (one integer product per weight group,
+    `llmquant.nn.int8_linear.grouped_linear`) or in the inputs' groups (Atom's layout)."""
     if name == "w_int4_per_group_sym_a_int8_per_token_dynamic":
         weights = _weight_only("w_int4_per_group_sym", group_size).weights
         return Scheme(weights=weights, input_activations=_int8("token", dynamic=True))
     weights = QuantSpec(bits=4, symmetric=True, granularity="channel")
+    if name == "w_int4_per_group_sym_a_uint4_per_token_asym_dynamic":  # the weight in groups, the inputs per token
+        weights = _weight_only("w_int4_per_group_sym", group_size).weights
     if name.endswith("_a_uint4_per_group_asym_dynamic"):
         group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
         grain = {"granularity": "token"} if group_size == -1 else {"granularity": "group", "group_size": group_size}
