@@ -24,6 +24,16 @@ W4A4_ASYM = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
 W4A4_ASYM_WGROUPS = "w_int4_per_group_sym_a_uint4_per_token_asym_dynamic"  # the weight in groups, inputs per token
 
 
+def grouped_reference(codes: torch.Tensor, scale: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """What a grouped integer kernel computes, in float64: s_x * sum_g s_w,g * (x_q,g . w_q,g) + b (a weight per
+    channel: one group)."""
+    weight = layer.codes().double()
+    w_scale = layer.weight_scale.double().reshape(layer.out_features, -1)
+    group = layer.in_features // w_scale.shape[1]
+    return sum((codes[:, g * group:(g + 1) * group].double() @ weight[:, g * group:(g + 1) * group].T) * w_scale[:, g]
+               for g in range(w_scale.shape[1])) * scale.double() + layer.bias.double()
+
+
 def _layer(scheme: str, bias: bool, group_size: int | None = None) -> QuantLinear:
     linear = torch.nn.Linear(96, 80, bias=bias)
     torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(0))
@@ -374,11 +384,7 @@ def test_w4a8_and_w4a4_run_as_integer_products_with_the_simulations_bits(scheme:
     qmax = spec.input_activations.qmax
     scale = x.abs().amax(-1, keepdim=True).double() / qmax
     codes = torch.round(x.double() / scale.float().double())
-    weight = layer.codes().double()
-    group = spec.weights.group_size or 96
-    w_scale = layer.weight_scale.double().reshape(80, -1)
-    expected = sum((codes[:, g * group:(g + 1) * group] @ weight[:, g * group:(g + 1) * group].T) * w_scale[:, g]
-                   for g in range(96 // group)) * scale + layer.bias.double()
+    expected = grouped_reference(codes, scale, layer)
     assert torch.allclose(integer.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -430,10 +436,7 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
     codes, scale = kernel.asymmetric_input_codes(x, "token", None, 0, 15, clip)
     assert torch.equal(codes * scale, fake_quantize(x, layer.input_spec))
     assert codes.abs().max() <= 15 and torch.equal(codes, codes.round())
-    weight, w_scale = layer.codes().double(), layer.weight_scale.double().reshape(80, -1)
-    group = 96 // w_scale.shape[1]
-    expected = sum((codes[:, g * group:(g + 1) * group].double() @ weight[:, g * group:(g + 1) * group].T)
-                   * w_scale[:, g] for g in range(w_scale.shape[1])) * scale.double() + layer.bias.double()
+    expected = grouped_reference(codes, scale, layer)
     assert torch.allclose(integer.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 

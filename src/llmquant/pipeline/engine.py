@@ -446,7 +446,6 @@ def quantize_layer(
     return (float_out if plan.propagate_float else quant_out), row, reference_out
 
 
-@torch.no_grad()
 def _check_kv_groups(plan: QuantPlan, head_dim: int | None) -> None:
     """A KV cache in groups of channels needs heads whose width the group divides (checked before any layer runs)."""
     for spec in {spec for spec in plan.kv_cache.values() if spec is not None and spec.granularity == "group"}:
@@ -456,6 +455,7 @@ def _check_kv_groups(plan: QuantPlan, head_dim: int | None) -> None:
                                 f"cache per token and head (int4_per_token_asym, int8_per_token) or per tensor")
 
 
+@torch.no_grad()
 def quantize_layer_weights(layer: nn.Module, index: int, model_map: ModelMap, plan: QuantPlan) -> dict:
     """One decoder layer quantized without a calibration pass (``calib.samples: 0``, for a recipe that learns
     nothing from samples): its Linears rounded to nearest, its (dynamic) KV-cache quantizer attached. The same
