@@ -52,12 +52,19 @@ def test_each_group_of_16_channels_of_a_token_and_head_has_its_own_range() -> No
     assert (key - states).square().sum() < (per_head - states).square().sum()
 
 
+def llama_with_heads(monkeypatch: pytest.MonkeyPatch, heads: int, kv_heads: int) -> str:
+    """A tiny Llama (hidden size 64) with ``heads`` attention heads, as a family `make_model` builds for this test."""
+    config = LlamaConfig(**tiny_models.fields(intermediate_size=128, num_attention_heads=heads,
+                                              num_key_value_heads=kv_heads))
+    name = f"llama_{heads}_heads"
+    monkeypatch.setitem(tiny_models.FAMILIES, name, lambda: config)
+    return name
+
+
 @pytest.fixture
 def wide_heads(monkeypatch: pytest.MonkeyPatch) -> str:
     """A tiny Llama with 2 heads of 32 channels (the suite's have 16): two KV groups a head."""
-    config = LlamaConfig(**tiny_models.fields(intermediate_size=128, num_attention_heads=2, num_key_value_heads=1))
-    monkeypatch.setitem(tiny_models.FAMILIES, "llama_wide_heads", lambda: config)
-    return "llama_wide_heads"
+    return llama_with_heads(monkeypatch, heads=2, kv_heads=1)
 
 
 def test_a_grouped_kv_recipe_quantizes_saves_and_loads_to_the_same_logits(
@@ -78,12 +85,11 @@ def test_a_grouped_kv_recipe_quantizes_saves_and_loads_to_the_same_logits(
 
 def test_heads_the_group_does_not_divide_are_refused_before_any_layer_runs(calib_ids: torch.Tensor,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    config = LlamaConfig(**tiny_models.fields(intermediate_size=128, num_attention_heads=8, num_key_value_heads=2))
-    monkeypatch.setitem(tiny_models.FAMILIES, "llama_narrow_heads", lambda: config)
+    narrow_heads = llama_with_heads(monkeypatch, heads=8, kv_heads=2)  # heads of 8 channels
     recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": GROUP16}
     with pytest.raises(LlmquantError, match=r"groups of 16 channels needs heads whose width is a multiple of 16; "
                                             r"this model's heads have 8; allowed: .*int4_per_token_asym"):
-        llmquant.quantize(make_model("llama_narrow_heads"), recipe, calib=calib_ids, progress=False)
+        llmquant.quantize(make_model(narrow_heads), recipe, calib=calib_ids, progress=False)
 
 
 def test_the_recipe_takes_the_grid_and_the_serving_targets_refuse_the_cache() -> None:

@@ -420,8 +420,8 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight |
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        codes, scale = (asymmetric_int8_codes if asymmetric else functools.partial(op_codes, op))(
-            rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+        quantize = asymmetric_int8_codes if asymmetric else _op_quantizer(op)
+        codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
                             weight.group_size)
     if isinstance(weight, Avx2Weight):
