@@ -13,7 +13,9 @@ import llmquant
 from conftest import logits, make_model
 from llmquant.errors import LlmquantError
 from llmquant.export.targets import check_recipe
+from llmquant.model.model_map import detect_model_map
 from llmquant.nn.kv_cache import KVCacheQuantizer
+from llmquant.pipeline.layer_io import head_dim_of
 from llmquant.quant.scheme import KV_CACHE
 from llmquant.recipe import Recipe
 from llmquant.testing import tiny_models
@@ -90,6 +92,18 @@ def test_heads_the_group_does_not_divide_are_refused_before_any_layer_runs(calib
     with pytest.raises(LlmquantError, match=r"groups of 16 channels needs heads whose width is a multiple of 16; "
                                             r"this model's heads have 8; allowed: .*int4_per_token_asym"):
         llmquant.quantize(make_model(narrow_heads), recipe, calib=calib_ids, progress=False)
+
+
+def test_the_head_width_comes_from_hidden_size_and_heads_where_nothing_names_it(
+        calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(llama_with_heads(monkeypatch, heads=8, kv_heads=2))  # heads of 8 channels
+    del model.config.head_dim
+    for layer in model.model.layers:
+        del layer.self_attn.head_dim
+    assert head_dim_of(model, detect_model_map(model)) == 64 // 8
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": GROUP16}
+    with pytest.raises(LlmquantError, match=r"this model's heads have 8; allowed"):
+        llmquant.quantize(model, recipe, calib=calib_ids, progress=False)
 
 
 def test_the_recipe_takes_the_grid_and_the_serving_targets_refuse_the_cache() -> None:

@@ -252,8 +252,13 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
 
 
 def head_dim_of(model: nn.Module, model_map: ModelMap) -> int | None:
+    """The width of an attention head: the attention module's ``head_dim``, else the config's, else hidden_size //
+    num_attention_heads (transformers' own default); None for a model with none of them."""
     attention = next((a for layer in model_map.layers(model) if (a := model_map.attention_of(layer)) is not None),
                      None)
-    return getattr(attention, "head_dim", None) or getattr(getattr(model, "config", None), "head_dim", None)
+    config = getattr(model, "config", None)
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    return (getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+            or (hidden // heads if heads and hidden else None))
 
 
