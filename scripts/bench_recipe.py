@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--corpora", nargs="+", default=["pydoc"], help="evaluation corpora (the first is 'ppl')")
     parser.add_argument("--offload", default=None, help="keep the calibration activations on disk in this directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (layers done, time left) on stderr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -50,7 +51,7 @@ def main() -> None:
                for name in args.corpora}
     float_ppls = {name: perplexity(model, w) for name, w in windows.items()}
     start = time.perf_counter()
-    llmquant.quantize(model, recipe, tokenizer, progress=False, activations=ActivationStorage(args.offload))
+    llmquant.quantize(model, recipe, tokenizer, progress=not args.quiet, activations=ActivationStorage(args.offload))
     seconds = time.perf_counter() - start
     set_runtime(model, args.runtime)
     ppls = {name: perplexity(model, w) for name, w in windows.items()}

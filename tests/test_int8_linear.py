@@ -956,3 +956,31 @@ def test_a_new_input_spec_takes_effect_on_the_next_call(runtime: str) -> None:
     assert not torch.allclose(float_inputs, quantized_inputs, rtol=0, atol=1e-6)
     layer.set_input_spec(spec)
     assert torch.equal(layer(x), quantized_inputs)
+
+
+@pytest.mark.parametrize(("scheme", "clip_grid"), [
+    ("w_int8_per_channel_a_int8_per_token_dynamic", None),
+    ("w_int4_per_group_sym_a_int8_per_token_dynamic", None),
+    (W4A4_ASYM, (0.9, 0.85, 0.8, 0.75, 0.7)),
+    (W4A4_ASYM_WGROUPS, (0.9, 0.85, 0.8, 0.75, 0.7)),
+    ("w_int4_per_group_sym_a_uint4_per_group_asym_dynamic", (1.0, 0.95, 0.9, 0.85, 0.8)),
+])
+@pytest.mark.parametrize("rows", [1, 8, 512])
+def test_two_threads_give_the_simulations_bits_on_the_default_models_shape(scheme: str, clip_grid: tuple | None,
+                                                                           rows: int) -> None:
+    """The suite runs on one thread (conftest); recipes and `llmquant bench` also run on two. A 576 -> 1536 Linear
+    (the default model's gate_proj) gives the simulation's bits on two threads as on one, for each layout the
+    recipes use, with their clip grids."""
+    spec = scheme_from_name(scheme, 32, None)
+    linear = torch.nn.Linear(576, 1536)
+    torch.nn.init.normal_(linear.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    layer = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
+    if clip_grid is not None:
+        layer.set_input_spec(layer.input_spec.model_copy(update={"clip_grid": clip_grid}))
+    assert layer.supports_int8
+    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5
+    torch.set_num_threads(2)  # (the conftest fixture puts one thread back)
+    simulated, two_threads = _outputs(layer, x)
+    torch.set_num_threads(1)
+    one_thread = layer(x)
+    assert torch.equal(simulated, two_threads) and torch.equal(two_threads, one_thread), (scheme, rows)
