@@ -130,7 +130,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # x1.1685) against x1.1280 (x1.2039) on an AVX2 EPYC; both in groups of 64 x1.1337 (x1.2090)
         "best_w4a4kv4_wgroups32": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS},
         # the same in groups of 16 (weight and inputs), the KV cache per token in groups of 16 channels of a head:
-        # x1.0829 (stdlib x1.1236) on an AVX2 EPYC; groups of 32 with that KV cache x1.1047 (x1.1551)
+        # x1.0829 (stdlib x1.1236) on an AVX512-VNNI EPYC; groups of 32 with that KV cache x1.1047 (x1.1551) there
         "best_w4a4kv4_wgroups16_kv16": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS, "group_size": 16,
                                         "kv_cache": "int4_per_token_group16_asym"},
     }
