@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 def model_shapes(model: nn.Module, model_map: ModelMap, hidden: int) -> ModelShapes:
     config = getattr(model, "config", None)
     heads = getattr(config, "num_attention_heads", 0)
-    head_dim = head_dim_of(model, model_map)
+    head_dim = head_dim_of(model, model_map) or (hidden // heads if heads else 0)  # (a config without hidden_size)
     if not head_dim:
         raise LlmquantError("QuaRot needs the width of an attention head: attention.head_dim, config.head_dim, or "
                             "config.hidden_size and config.num_attention_heads")
