@@ -135,8 +135,9 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # x1.1685) against x1.1280 (x1.2039) on an AVX2 EPYC; both in groups of 64 x1.1337 (x1.2090)
         "best_w4a4kv4_wgroups32": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS},
         # the same in groups of 16 (weight and inputs), the KV cache per token in groups of 16 channels of a head,
-        # GPTAQ's alpha 0.35: x1.0727 (stdlib x1.1165) on an AVX512-VNNI EPYC, against x1.0728 (x1.1210) at 0.3 and
-        # x1.0829 (x1.1236) at 0.25 there (12-05); groups of 32 with that KV cache at 0.25 x1.1047 (x1.1551)
+        # GPTAQ's alpha 0.35: x1.0727 (stdlib x1.1165) on an AVX512-VNNI EPYC, against x1.0829 (x1.1236) at 0.25,
+        # x1.0728 (x1.1210) at 0.3 and x1.0705 (x1.1177) at 0.4 there (12-05); groups of 32 with that KV cache at
+        # 0.25 x1.1047 (x1.1551)
         "best_w4a4kv4_wgroups16_kv16": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS, "group_size": 16,
                                         "kv_cache": "int4_per_token_group16_asym",
                                         "gptq": {"asymmetric": 0.35, "quantized_inputs": True}},
