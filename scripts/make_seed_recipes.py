@@ -140,7 +140,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # 0.25 x1.1047 (x1.1551)
         "best_w4a4kv4_wgroups16_kv16": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS, "group_size": 16,
                                         "kv_cache": "int4_per_token_group16_asym",
-                                        "gptq": {"asymmetric": 0.35, "quantized_inputs": True}},
+                                        "gptq": {**groups32["gptq"], "asymmetric": 0.35}},
     }
 
 
