@@ -14,23 +14,30 @@ OUT=${OUT:-bench}
 mkdir -p "$OUT"
 L=.venv/bin/llmquant
 SUFFIX=$([ "$THREADS" = 1 ] && echo "" || echo "_t$THREADS")
-# the machine the figures belong to: CPU model, the ISA extensions the int8 kernels use, threads, versions
+# the machine the figures belong to: CPU model (with its family and model numbers: one name covers several
+# generations), the ISA extensions the int8 kernels use, threads, versions
 {
-    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1); $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|avx512_bf16\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+    echo "cpu: $(lscpu | sed -n 's/^Model name: *//p' | head -1) (family $(lscpu | sed -n 's/^CPU family: *//p' | head -1), model $(lscpu | sed -n 's/^Model: *//p' | head -1)); $(grep -o -w 'avx2\|avx512f\|avx512_vnni\|avx512_bf16\|amx_int8\|amx_bf16' /proc/cpuinfo | sort -u | tr '\n' ' ')"
     echo "threads: $THREADS; $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
 } | tee -a "$OUT/machine.txt"
+
+measure() {  # NAME CHECKPOINT BENCH_FLAGS...: its figures, written whole (an interrupted run leaves none)
+    local name=$1 checkpoint=$2; shift 2
+    local file="$OUT/speed_$name$SUFFIX.json"
+    [ -s "$file" ] && return
+    $L bench --model "$CK/$checkpoint" --batch 1 8 --prompt 512 --decode 32 --repeats 3 --json "$@" | tail -1 \
+        > "$file.partial"
+    mv "$file.partial" "$file"
+}
 
 speed() {  # NAME QUANTIZE_FLAGS...
     local name=$1; shift
     [ -f "$CK/$name/config.json" ] || $L quantize --quiet --no-eval "$@" --output "$CK/$name"
-    [ -f "$OUT/speed_$name$SUFFIX.json" ] || $L bench --model "$CK/$name" --batch 1 8 --prompt 512 --decode 32 \
-        --repeats 3 --json | tail -1 > "$OUT/speed_$name$SUFFIX.json"
+    measure "$name" "$name"
 }
 
 again() {  # NAME CHECKPOINT BENCH_FLAGS...: a checkpoint made above, measured with other runtime choices
-    local name=$1 checkpoint=$2; shift 2
-    [ -f "$OUT/speed_$name$SUFFIX.json" ] || $L bench --model "$CK/$checkpoint" --batch 1 8 --prompt 512 \
-        --decode 32 --repeats 3 --json "$@" | tail -1 > "$OUT/speed_$name$SUFFIX.json"
+    measure "$@"
 }
 
 speed none_quarot --scheme none --pre-opt quarot          # the cost of the online rotations R3 + R4
@@ -48,5 +55,5 @@ speed w4a4_g32 --scheme w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic --
 # the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process
 for batch in 1 8; do
     .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \
-        --batch "$batch" --threads "$THREADS" | tail -1 | tee -a "$OUT/kv_decode$SUFFIX.txt"
+        --batch "$batch" --threads "$THREADS" | tail -2 | tee -a "$OUT/kv_decode$SUFFIX.txt"
 done

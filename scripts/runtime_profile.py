@@ -111,7 +111,7 @@ def layer() -> None:
                       f"{quantized_us:8.1f} us, ratio {float_us / quantized_us:5.2f}")
 
 
-def profile(model_dir: str | None, attention: str, batch: int) -> None:
+def profile(model_dir: str | None, attention: str, batch: int, rows: int = 12) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
@@ -129,7 +129,7 @@ def profile(model_dir: str | None, attention: str, batch: int) -> None:
                 cache = returned_cache(model(token, **{argument: cache}, use_cache=True))
     for what, result in ((f"prefill, 512 tokens, batch {batch}", prefill), (f"8 decode steps, batch {batch}", decode)):
         print(what)
-        print(result.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print(result.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def kernel_calls(layers: list[tuple[str, QuantLinear]]) -> None:
@@ -870,12 +870,13 @@ def main() -> None:
     parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
                         help="profile: the attention's dtype")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=12, help="profile: operators listed, by self CPU time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "layer":
         layer()
     elif args.what == "profile":
-        profile(args.model, args.attention, args.batch)
+        profile(args.model, args.attention, args.batch, args.rows)
     elif args.what == "dequant":
         dequant()
     elif args.what == "ops":
