@@ -292,6 +292,12 @@ def test_clip_errors_are_summed_in_one_fixed_order() -> None:
         expected = expected[:, :half] + expected[:, half:]
     assert torch.equal(sums, expected)
     assert torch.equal(pairwise_row_sums(values[:, :1]), values[:, :1])
+    for width in (2, 3, 32, 33, 576, 1536):  # the reference order: the zeros padded, then the halves added
+        values = torch.randn(9, width, generator=torch.Generator().manual_seed(width))
+        expected = torch.nn.functional.pad(values, (0, (1 << (width - 1).bit_length()) - width))
+        while expected.shape[1] > 1:
+            expected = expected[:, : expected.shape[1] // 2] + expected[:, expected.shape[1] // 2 :]
+        assert torch.equal(pairwise_row_sums(values), expected), width
 
 
 @needs_avx2

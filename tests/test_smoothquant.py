@@ -422,3 +422,23 @@ def test_norm_groups_are_smoothed_before_r6_in_the_residual_streams_own_basis(ca
     for norm in ("input_layernorm", "post_attention_layernorm"):
         assert rows[norm]["before_online_rotation"].startswith("hadamard(64")
         assert rows[norm]["outlier_ratio_after"] < rows[norm]["outlier_ratio_before"]
+
+
+def test_readers_of_one_input_spec_share_its_quantized_input() -> None:
+    """The group's error with q/k/v-like readers that quantize one input alike (4-bit per token, a clip ratio
+    searched per token) is the sum of each reader's error scored alone, to the bit: one quantized input serves
+    them all."""
+    torch.manual_seed(0)
+    layer = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(64), "q": torch.nn.Linear(64, 64, bias=False),
+                                 "k": torch.nn.Linear(64, 16, bias=False), "v": torch.nn.Linear(64, 16, bias=False)})
+    x = torch.randn(300, 64) * (1 + 10 * (torch.rand(64) > 0.9))
+    stats = GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x)
+    clipped = A4_PER_TOKEN.model_copy(update={"clip_grid": (1.0, 0.9, 0.8)})
+    specs = {name: (QuantSpec(bits=4, granularity="channel"), clipped) for name in ("q", "k", "v")}
+    scales = smoothing_scales(stats.act_absmax, weight_absmax(layer, SmoothGroup("norm", "norm", ("q", "k", "v"))),
+                              0.5)
+    together = quantized_group_error(layer, SmoothGroup("norm", "norm", ("q", "k", "v")), stats, scales, specs)
+    alone = [quantized_group_error(layer, SmoothGroup("norm", "norm", (name,)), stats, scales, specs)
+             for name in ("q", "k", "v")]
+    assert together == (alone[0] + alone[1]) + alone[2]
+    assert together > 0

@@ -157,7 +157,8 @@ def quantized_group_error(
     (float32: only the ranking of candidates matters); ``references`` caches X W^T per Linear. A static
     symmetric input scale is max_j(static_absmax_j / s_j) / qmax when ``static_absmax`` (per reader channel,
     before smoothing) is given, as calibration would set it; otherwise every input scale comes from the
-    tokens themselves. ``weights`` caches `reader_weights`."""
+    tokens themselves. ``weights`` caches `reader_weights`. Readers with one input spec (q/k/v, gate/up) share
+    one quantized input, as the runtime's shared input codes do."""
     x = stats.tokens.float()
     if x.shape[0] == 0:  # a fold this rank did not see (several processes): nothing to score here
         return 0.0
@@ -166,6 +167,7 @@ def quantized_group_error(
     x_smooth = x / columns
     if rotation is not None:  # the reader quantizes (x / s) Q and (W s) Q; a static range would be the rotated one's
         x_smooth, static_absmax = rotation.apply(x_smooth), None
+    quantized_inputs: dict[QuantSpec | None, torch.Tensor] = {}
     error = 0.0
     for name in group.linears:
         weight = weights[name] if weights is not None else reader_weight(layer, name).float()
@@ -175,8 +177,9 @@ def quantized_group_error(
         if rotation is not None:
             w_smooth = rotation.apply(w_smooth)
         wq = fake_quantize(w_smooth, w_spec) if w_spec is not None else w_smooth
-        error += float((_quantized_input(x_smooth, a_spec, columns, static_absmax) @ wq.T - reference)
-                       .double().pow(2).sum())
+        if a_spec not in quantized_inputs:
+            quantized_inputs[a_spec] = _quantized_input(x_smooth, a_spec, columns, static_absmax)
+        error += float((quantized_inputs[a_spec] @ wq.T - reference).double().pow(2).sum())
     return error
 
 

@@ -179,15 +179,24 @@ def fake_quantize(
 def pairwise_row_sums(values: torch.Tensor) -> torch.Tensor:
     """Each row's sum ``[n, 1]`` of ``values`` ``[n, width]`` in one fixed order: zeros appended up to a power of two
     columns, then column j plus column j + half, halving until one column is left. An order a kernel repeats bit for
-    bit (the AVX2 op's `block_codes`), where torch's reductions choose theirs by the CPU's vector width."""
+    bit (the AVX2 op's `block_codes`), where torch's reductions choose theirs by the CPU's vector width. The padding
+    is not materialised: the first step adds the columns past the half that exist and adds 0 to the others (the same
+    operations)."""
     width = values.shape[1]
-    padded = 1 << max(width - 1, 0).bit_length()
-    if padded != width:
-        values = F.pad(values, (0, padded - width))
-    while values.shape[1] > 1:
-        half = values.shape[1] // 2
-        values = values[:, :half] + values[:, half:]
-    return values
+    if width <= 1:
+        return values if width == 1 else values.new_zeros(values.shape[0], 1)
+    half = 1 << ((width - 1).bit_length() - 1)  # half the padded width: half < width <= 2 half
+    paired = width - half  # columns j < paired have a partner j + half; the others' partner is a padded zero
+    if paired == half:
+        sums = values[:, :half] + values[:, half:]
+    else:
+        sums = torch.empty(values.shape[0], half, dtype=values.dtype, device=values.device)
+        torch.add(values[:, :paired], values[:, half:], out=sums[:, :paired])
+        torch.add(values[:, paired:half], 0.0, out=sums[:, paired:])
+    while half > 1:
+        half //= 2
+        sums = sums[:, :half] + sums[:, half:]
+    return sums
 
 
 def searched_clip_ratios(blocks: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid: tuple[float, ...],
@@ -199,17 +208,19 @@ def searched_clip_ratios(blocks: torch.Tensor, low: torch.Tensor, high: torch.Te
     (`llmquant.nn.int8_linear.input_codes`; the AVX2 op's `block_codes` in C++), so all choose the same ratios. Each
     candidate's scale and zero point follow `qparams_from_min_max`. An error measured on the block itself, not on the
     Linear's output: a proxy, as in the MSE weight ranges."""
+    blocks, low, high = blocks.detach(), low.detach(), high.detach()  # (a choice: no gradient reaches it)
+    work = torch.empty_like(blocks)  # each candidate's x_hat - x, in one buffer
     best_error = best_ratio = None
     for ratio in grid:
         lo, hi = low * ratio, high * ratio
         if symmetric:
             scale = (torch.maximum(-lo, hi) / qmax).clamp_(min=MIN_SCALE)
-            error = torch.div(blocks, scale).round_().clamp_(qmin, qmax).mul_(scale)
+            torch.div(blocks, scale, out=work).round_().clamp_(qmin, qmax).mul_(scale)
         else:
             scale = ((hi - lo) / (qmax - qmin)).clamp_(min=MIN_SCALE)
             zero = (qmin - torch.round(lo / scale)).clamp_(qmin, qmax)
-            error = torch.div(blocks, scale).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
-        error = pairwise_row_sums(error.sub_(blocks).square_())
+            torch.div(blocks, scale, out=work).round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(scale)
+        error = pairwise_row_sums(work.sub_(blocks).square_())
         candidate = torch.full_like(error, ratio)
         if best_error is None or best_ratio is None:
             best_error, best_ratio = error, candidate
