@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmquant.errors import LlmquantError
+from llmquant.heap import retain_freed_memory
 from llmquant.model.validation import check_model_source
 
 log = logging.getLogger("llmquant")
@@ -296,6 +297,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from llmquant.evaluation.perplexity import perplexity
 
     start = time.perf_counter()
+    retain_freed_memory()
     tasks = _task_names(args.tasks)  # a missing lm-eval fails before the model loads
     check_model_source(args.model, needed_for="evaluation")
     model, tokenizer = llmquant.load(args.model, runtime=args.runtime, device=args.device, dtype=args.dtype,
@@ -329,6 +331,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from llmquant.evaluation.bench import BenchConfig, markdown_table, run_bench
 
+    retain_freed_memory()  # (both models of the comparison run in this process, under the same setting)
     config = BenchConfig(batches=tuple(args.batch), prompt=args.prompt, decode=args.decode, repeats=args.repeats)
     result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype, args.attention,
                        progress=not args.quiet)

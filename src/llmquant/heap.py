@@ -1,0 +1,61 @@
+"""Keep freed memory in the process's heap during inference on the CPU (glibc's allocator), so that the large
+tensors of a prefill do not come from fresh pages at every call.
+
+glibc gives a freed block of at least ``M_MMAP_THRESHOLD`` bytes back to the system, and trims the heap's top
+beyond ``M_TRIM_THRESHOLD``; the next tensor of that size is then a fresh memory map whose every page faults in when
+it is first written. A prefill at batch 8 of the default model allocates and frees tensors of up to 25 MB at every
+Linear (the int32 products, the SiLU and the products of the MLP), and on an AMD EPYC whose one core copies 21 GB/s
+those page faults took about 1 s of a 6.4 s W8A8 prefill (`aten::mul` 1607 against 571 ms under torch.profiler;
+BENCHMARKS.md, "A second AVX512-VNNI EPYC"). `retain_freed_memory` raises both thresholds for this process: freed
+blocks stay in the heap for the next tensor. Memory then is not returned to the system until the process ends, so
+the command line sets it for the commands that run a model (``bench``, ``eval``), not for ``quantize``, whose peak
+memory it reports and caps.
+
+Not set: off glibc (another allocator has its own policy), where the user has set either threshold through
+glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), or with ``LLMQUANT_HEAP=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 256 * 2**20  # freed blocks below 256 MiB stay in the heap
+TRIM_THRESHOLD = 2**30  # the heap's top is trimmed beyond 1 GiB free
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def heap_refusal() -> str | None:
+    """Why `retain_freed_memory` leaves the allocator as it is, or None."""
+    if os.environ.get("LLMQUANT_HEAP", "1") == "0":
+        return "off (LLMQUANT_HEAP=0)"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not glibc's allocator"
+    if set_by_user := [name for name in USER_SETTINGS if name in os.environ]:
+        return f"set by the environment ({', '.join(set_by_user)})"
+    return None
+
+
+def retain_freed_memory() -> dict[str, int]:
+    """Raise glibc's memory-map and trim thresholds for this process (module docstring); the values set, or {} where
+    `heap_refusal` says why not (logged)."""
+    if (why := heap_refusal()) is not None:
+        log.info("heap thresholds left as they are: %s", why)
+        return {}
+    libc = ctypes.CDLL(None)
+    settings = {"M_MMAP_THRESHOLD": MMAP_THRESHOLD, "M_TRIM_THRESHOLD": TRIM_THRESHOLD}
+    for parameter, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
+        if libc.mallopt(parameter, value) != 1:
+            log.info("heap thresholds left as they are: mallopt refused %d", parameter)
+            return {}
+    log.info("heap thresholds: freed blocks under %d MiB stay in the process", MMAP_THRESHOLD >> 20)
+    return settings
+
+
+__all__ = ["heap_refusal", "retain_freed_memory"]

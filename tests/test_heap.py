@@ -1,0 +1,48 @@
+"""`llmquant.heap`: glibc's memory-map and trim thresholds raised for the commands that run a model, or left alone
+with the reason."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import pytest
+
+from llmquant import heap
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_thresholds_are_set_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*heap.USER_SETTINGS, "LLMQUANT_HEAP"):
+        monkeypatch.delenv(name, raising=False)
+    assert heap.heap_refusal() is None
+    assert heap.retain_freed_memory() == {"M_MMAP_THRESHOLD": heap.MMAP_THRESHOLD,
+                                          "M_TRIM_THRESHOLD": heap.TRIM_THRESHOLD}
+    assert ctypes.CDLL(None).mallopt(heap.M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD) == 1  # a value glibc accepts
+
+
+@pytest.mark.parametrize(("variable", "value", "reason"), [
+    ("LLMQUANT_HEAP", "0", "off (LLMQUANT_HEAP=0)"),
+    ("MALLOC_MMAP_THRESHOLD_", "131072", "set by the environment (MALLOC_MMAP_THRESHOLD_)"),
+    ("MALLOC_TRIM_THRESHOLD_", "131072", "set by the environment (MALLOC_TRIM_THRESHOLD_)"),
+])
+def test_the_users_own_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
+                                               reason: str) -> None:
+    for name in (*heap.USER_SETTINGS, "LLMQUANT_HEAP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    if GLIBC:
+        assert heap.heap_refusal() == reason
+    assert heap.retain_freed_memory() == {}
+
+
+def test_bench_sets_them_before_it_loads_a_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmquant bench` asks for the thresholds before it runs (a missing model then fails as before)."""
+    from llmquant import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append(True) or {})
+    assert cli.main(["bench", "--model", "/nonexistent/model"]) != 0  # (its one-line error)
+    assert calls == [True]
