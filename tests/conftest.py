@@ -7,6 +7,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# the CLI commands run in this process keep glibc's heap thresholds, so memory tests see freed memory returned
+# (tests/test_heap.py raises them in a process of its own)
+os.environ["LLMQUANT_HEAP"] = "0"
 os.environ["LLMQUANT_DEVICE"] = "cpu"  # "auto" is the CPU in the suite, GPU or not: tests/test_devices.py names devices
 
 import torch
