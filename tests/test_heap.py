@@ -21,8 +21,8 @@ def test_thresholds_are_set_on_glibc() -> None:
     environment = {k: v for k, v in os.environ.items() if k not in (*heap.USER_SETTINGS, "LLMQUANT_HEAP")}
     script = "from llmquant import heap; print(heap.heap_refusal(), heap.retain_freed_memory())"
     done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
-    expected = {"M_MMAP_THRESHOLD": heap.MMAP_THRESHOLD, "M_TRIM_THRESHOLD": heap.TRIM_THRESHOLD}
-    assert done.stdout.strip() == f"None {expected}"
+    assert done.stdout.strip() in [f"None {{'M_MMAP_THRESHOLD': {value}, 'M_TRIM_THRESHOLD': {heap.TRIM_THRESHOLD}}}"
+                                   for value in heap.MMAP_THRESHOLDS]
 
 
 @pytest.mark.parametrize(("variable", "value", "reason"), [

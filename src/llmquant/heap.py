@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 256 * 2**20  # freed blocks below 256 MiB stay in the heap
+MMAP_THRESHOLDS = (256 * 2**20, 32 * 2**20)  # freed blocks below this stay in the heap: the first one glibc takes
+# (its manual gives 32 MiB as the largest on 64-bit systems; newer versions take more)
 TRIM_THRESHOLD = 2**30  # the heap's top is trimmed beyond 1 GiB free
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
@@ -49,13 +50,12 @@ def retain_freed_memory() -> dict[str, int]:
         log.info("heap thresholds left as they are: %s", why)
         return {}
     libc = ctypes.CDLL(None)
-    settings = {"M_MMAP_THRESHOLD": MMAP_THRESHOLD, "M_TRIM_THRESHOLD": TRIM_THRESHOLD}
-    for parameter, value in ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        if libc.mallopt(parameter, value) != 1:
-            log.info("heap thresholds left as they are: mallopt refused %d", parameter)
-            return {}
-    log.info("heap thresholds: freed blocks under %d MiB stay in the process", MMAP_THRESHOLD >> 20)
-    return settings
+    mmap = next((value for value in MMAP_THRESHOLDS if libc.mallopt(M_MMAP_THRESHOLD, value) == 1), None)
+    if mmap is None or libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+        log.info("heap thresholds left as they are: glibc's mallopt refused them")
+        return {}
+    log.info("heap thresholds: freed blocks under %d MiB stay in the process", mmap >> 20)
+    return {"M_MMAP_THRESHOLD": mmap, "M_TRIM_THRESHOLD": TRIM_THRESHOLD}
 
 
 __all__ = ["heap_refusal", "retain_freed_memory"]
