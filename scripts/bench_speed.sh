@@ -21,7 +21,8 @@ SUFFIX=$([ "$THREADS" = 1 ] && echo "" || echo "_t$THREADS")
     echo "threads: $THREADS; $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
 } | tee -a "$OUT/machine.txt"
 
-measure() {  # NAME CHECKPOINT BENCH_FLAGS...: its figures, written whole (an interrupted run leaves none)
+measure() {  # NAME CHECKPOINT BENCH_FLAGS...: its figures, written whole (an interrupted run leaves none);
+    # also a checkpoint made above, measured with other runtime choices
     local name=$1 checkpoint=$2; shift 2
     local file="$OUT/speed_$name$SUFFIX.json"
     [ -s "$file" ] && return
@@ -36,17 +37,13 @@ speed() {  # NAME QUANTIZE_FLAGS...
     measure "$name" "$name"
 }
 
-again() {  # NAME CHECKPOINT BENCH_FLAGS...: a checkpoint made above, measured with other runtime choices
-    measure "$@"
-}
-
 speed none_quarot --scheme none --pre-opt quarot          # the cost of the online rotations R3 + R4
 speed w8a8_token --scheme w_int8_per_channel_a_int8_per_token_dynamic
 speed w8a8_static --scheme w_int8_per_channel_a_int8_per_tensor_static
 speed w4_g64 --scheme w_uint4_per_group_asym --group-size 64
 speed w3_g64 --scheme w_uint3_per_group_asym --group-size 64   # 3-bit fields run as 4-bit ones
 speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic
-again w8a8_token_bf16_attention w8a8_token --attention bfloat16  # its attention in bfloat16 (float32: the baseline)
+measure w8a8_token_bf16_attention w8a8_token --attention bfloat16  # its attention in bfloat16 (float32: the baseline)
 # W4A4: 4-bit inputs per token (asymmetric, clip searched per token) and in groups of 32 (best_w4a4kv4*.yaml's kernels)
 speed w4a4_token --scheme w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic \
     --activation-clip-grid 0.9 0.85 0.8 0.75 0.7

@@ -18,6 +18,7 @@
     .venv/bin/python scripts/runtime_profile.py groups              # W4A4 with inputs in groups, by rows
     .venv/bin/python scripts/runtime_profile.py rotation            # a randomized online Hadamard, by rows
     .venv/bin/python scripts/runtime_profile.py shared --model DIR  # online rotations shared by q/k/v, gate/up, or not
+    .venv/bin/python scripts/runtime_profile.py search              # the clip search and one SmoothQuant scoring
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -42,6 +43,11 @@ dequantized weight (the same function in another order of float32 operations) an
 ``rotation`` times a randomized Hadamard online (`OnlineRotation`: its signs and +-1 Kronecker factors in float64)
 against `Rotation.apply` (the float64 butterfly) at 64, 192, 576 and 1536 columns, 1, 8 and 512 rows, medians of
 200 calls (21 at 512 rows).
+``search`` times two searches of quantization (not of inference): `searched_clip_ratios` (a grid of five, 4-bit,
+per token or in blocks of 32) on random rows of the default model's widths, and one `quantized_group_error` of a
+q/k/v group of its shapes behind an online Hadamard (4-bit per-token inputs with a clip grid, weights in groups of
+32, 2048 tokens), medians of 15 and 7 calls; it prints the ratios' and the error's checksums, which another commit's
+code (``PYTHONPATH`` into a ``git worktree``, as for ``layer``) must match.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
@@ -57,6 +63,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 import tempfile
@@ -779,6 +786,49 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
           f"{us['packed']:9.1f} us ({us['float32'] / us['packed']:4.2f}x)", flush=True)
 
 
+def searches() -> None:
+    """``search`` (module docstring)."""
+    from llmquant.algorithms.smoothquant import (
+        GroupStats,
+        _float_outputs,
+        quantized_group_error,
+        reader_weights,
+        smoothing_scales,
+        weight_absmax,
+    )
+    from llmquant.model.patterns import SmoothGroup
+    from llmquant.nn.online_rotation import attach_input_rotation
+    from llmquant.quant import QuantSpec
+    from llmquant.quant.primitives import searched_clip_ratios
+
+    generator = torch.Generator().manual_seed(0)
+    grid = (0.9, 0.85, 0.8, 0.75, 0.7)
+    for rows, width, symmetric in ((2048, 576, False), (2048, 1536, False), (2048, 576, True), (36864, 32, False)):
+        x = torch.randn(rows, width, generator=generator) * (1 + 5 * torch.rand(rows, 1, generator=generator))
+        low, high = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+        limits = (-7, 7) if symmetric else (0, 15)
+        search = functools.partial(searched_clip_ratios, x, low, high, grid, symmetric, *limits)
+        print(f"searched_clip_ratios {rows} x {width}, {'symmetric' if symmetric else 'asymmetric'}: "
+              f"{median_us(search, 15) / 1e3:.2f} ms, ratios' sum {float(search().double().sum())!r}", flush=True)
+    torch.manual_seed(0)
+    sizes = {"q": 576, "k": 192, "v": 192}
+    layer = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(576),
+                                 **{name: torch.nn.Linear(576, out, bias=False) for name, out in sizes.items()}})
+    for name in sizes:
+        attach_input_rotation(layer[name], Rotation(576, "hadamard"))
+    group = SmoothGroup("norm", "norm", tuple(sizes))
+    x = torch.randn(2048, 576) * (1 + 20 * (torch.rand(576) > 0.98))
+    stats = GroupStats(act_absmax=x.abs().amax(0), tokens=x)
+    inputs = QuantSpec(bits=4, granularity="token", dynamic=True, symmetric=False, clip_grid=grid)
+    specs = {name: (QuantSpec(bits=4, granularity="group", group_size=32), inputs) for name in sizes}
+    weights = reader_weights(layer, group)
+    references = _float_outputs(weights, x)
+    scales = smoothing_scales(stats.act_absmax, weight_absmax(layer, group), 0.5)
+    score = functools.partial(quantized_group_error, layer, group, stats, scales, specs, references, weights=weights)
+    print(f"quantized_group_error, q/k/v behind a Hadamard, 2048 tokens: {median_us(score, 7) / 1e3:.1f} ms, "
+          f"error {score()!r}", flush=True)
+
+
 def groups(repeats: int = 21) -> None:
     """W4A4 with inputs in groups: the group products (the weight per channel, and in the inputs' groups) against
     fq(x) @ dequant(W)^T and float32, by rows."""
@@ -861,7 +911,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
-                                         "groups", "rotation", "shared"])
+                                         "groups", "rotation", "shared", "search"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -906,6 +956,8 @@ def main() -> None:
         groups()
     elif args.what == "rotation":
         rotation()
+    elif args.what == "search":
+        searches()
     elif args.what == "shared":
         if args.model is None:
             parser.error("shared needs --model DIR (a checkpoint with online rotations)")

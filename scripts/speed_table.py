@@ -38,23 +38,21 @@ def main() -> None:
     print("| checkpoint | threads | prefill b1 | prefill b8 | decode b1 | decode b8 | memory (+ runtime caches) / "
           "float32 |")
     print("|---|---|---|---|---|---|---|")
-    runs = [(path, json.loads(path.read_text())) for path in finished(args.directory.glob("speed_*.json"))]
+    runs = finished(args.directory.glob("speed_*.json"))
     for path, found in sorted(runs, key=lambda run: (int(run[1]["threads"]), checkpoint_name(run[0]))):
         print(row(path, found))
 
 
-def finished(paths: Iterable[Path]) -> list[Path]:
-    """The files of ``paths`` that hold a run's JSON line; each other one named on stderr (a run cut off before it
-    wrote its figures), not read."""
-    kept = []
+def finished(paths: Iterable[Path]) -> list[tuple[Path, dict]]:
+    """Each file of ``paths`` that holds a run's JSON line, with its figures; each other one named on stderr (a run
+    cut off before it wrote them) and left out."""
+    runs = []
     for path in paths:
         try:
-            json.loads(path.read_text())
+            runs.append((path, json.loads(path.read_text())))
         except json.JSONDecodeError:
             print(f"{path}: not a finished run's figures (empty or cut off), left out", file=sys.stderr)
-            continue
-        kept.append(path)
-    return kept
+    return runs
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it: tests never touch the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,6 +21,7 @@ if not torch.cuda.is_available():  # Triton kernels, where Triton is installed, 
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -79,6 +82,16 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Why the AVX2 op of `llmquant.nn.int8_gemv` cannot run here even on a CPU without VNNI or AMX (no AVX2, no compiler)
 AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_features().avx2 else int8_gemv._tool_refusal()
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (registered under its name: dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def feign_cpu(monkeypatch: pytest.MonkeyPatch, **features: bool) -> None:

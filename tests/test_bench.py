@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import llmquant
-from conftest import make_model
+from conftest import load_script, make_model
 from llmquant.cli import main
 from llmquant.evaluation.bench import disk_bytes, model_bytes, time_generation
 from llmquant.nn.int8_gemv import avx2_gemv_refusal, gemv_refusal
@@ -150,17 +150,13 @@ def test_speed_table_leaves_out_a_run_cut_off_before_its_figures(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     """scripts/speed_table.py renders the finished runs of a bench_speed.sh directory and names, on stderr, a file
     an interrupted run left empty, instead of failing on it."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "scripts" / "speed_table.py"
-    spec = importlib.util.spec_from_file_location("speed_table", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("speed_table")
     ratios = {"prefill": {"1": 2.5, "8": 2.0}, "decode": {"1": 1.5, "8": 1.25}, "memory": 0.41,
               "memory_with_runtime_cache": 0.61}
     (tmp_path / "speed_w8a8_token.json").write_text(json.dumps({"threads": 1, "ratios": ratios}))
     (tmp_path / "speed_w4_g64_t2.json").write_text("")
-    assert script.finished(sorted(tmp_path.glob("speed_*.json"))) == [tmp_path / "speed_w8a8_token.json"]
+    assert [path for path, _ in script.finished(sorted(tmp_path.glob("speed_*.json")))] == [
+        tmp_path / "speed_w8a8_token.json"]
     assert "speed_w4_g64_t2.json: not a finished run's figures" in capsys.readouterr().err
     assert script.row(tmp_path / "speed_w8a8_token.json", {"threads": 1, "ratios": ratios}) == (
         "| w8a8_token | 1 | 2.50 | 2.00 | 1.50 | 1.25 | 0.41 (0.61) |")

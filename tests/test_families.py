@@ -4,9 +4,7 @@ gives. `llmquant detect` on each family prints its norms, groups, rotations and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,24 +12,13 @@ import pytest
 import torch
 
 import llmquant
-from conftest import FAMILIES, VOCAB, make_model
+from conftest import FAMILIES, VOCAB, load_script, make_model
 from llmquant.cli import _untouched_line, main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("family_matrix", ROOT / "scripts" / "family_matrix.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # (its dataclasses look their module up)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    return _script()
+    return load_script("family_matrix")
 
 
 @pytest.fixture(scope="module")

@@ -282,22 +282,21 @@ def test_the_avx2_ops_block_codes_are_torchs_with_a_searched_clip(width: int, as
 def test_clip_errors_are_summed_in_one_fixed_order() -> None:
     """`pairwise_row_sums`: the rows' sums (zeros padded to a power of two, halves added), the order the AVX2 op
     repeats; equal to the float64 sum within float32 rounding."""
+    def padded_halves(values: torch.Tensor) -> torch.Tensor:  # the reference order, the zeros materialised
+        padded = torch.nn.functional.pad(values, (0, (1 << (values.shape[1] - 1).bit_length()) - values.shape[1]))
+        while padded.shape[1] > 1:
+            padded = padded[:, : padded.shape[1] // 2] + padded[:, padded.shape[1] // 2 :]
+        return padded
+
     values = torch.rand(50, 37, generator=torch.Generator().manual_seed(0))
     sums = pairwise_row_sums(values)
     assert sums.shape == (50, 1)
     assert torch.allclose(sums.double(), values.double().sum(1, keepdim=True), rtol=1e-6)
-    padded = torch.nn.functional.pad(values, (0, 27))
-    expected = padded[:, :32] + padded[:, 32:]
-    for half in (16, 8, 4, 2, 1):
-        expected = expected[:, :half] + expected[:, half:]
-    assert torch.equal(sums, expected)
+    assert torch.equal(sums, padded_halves(values))
     assert torch.equal(pairwise_row_sums(values[:, :1]), values[:, :1])
-    for width in (2, 3, 32, 33, 576, 1536):  # the reference order: the zeros padded, then the halves added
+    for width in (2, 3, 32, 33, 576, 1536):
         values = torch.randn(9, width, generator=torch.Generator().manual_seed(width))
-        expected = torch.nn.functional.pad(values, (0, (1 << (width - 1).bit_length()) - width))
-        while expected.shape[1] > 1:
-            expected = expected[:, : expected.shape[1] // 2] + expected[:, expected.shape[1] // 2 :]
-        assert torch.equal(pairwise_row_sums(values), expected), width
+        assert torch.equal(pairwise_row_sums(values), padded_halves(values)), width
 
 
 @needs_avx2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import llmquant
+from conftest import load_script
 from llmquant import Recipe, data
 from llmquant.errors import LlmquantError
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
@@ -153,13 +154,7 @@ def test_a_group_size_that_does_not_divide_a_layer_falls_back_loudly_and_in_the_
 
 
 def test_the_recipes_in_configs_load_and_are_what_the_script_writes() -> None:
-    import importlib.util
-
-    script = Path(__file__).parent.parent / "scripts" / "make_seed_recipes.py"
-    spec = importlib.util.spec_from_file_location("make_seed_recipes", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("make_seed_recipes")
     folder = Path(__file__).parent.parent / "configs" / "recipes"
     expected = module.all_recipes()
     assert sorted(p.stem for p in folder.glob("*.yaml")) == sorted(expected)

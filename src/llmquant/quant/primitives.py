@@ -187,7 +187,7 @@ def pairwise_row_sums(values: torch.Tensor) -> torch.Tensor:
         return values if width == 1 else values.new_zeros(values.shape[0], 1)
     half = 1 << ((width - 1).bit_length() - 1)  # half the padded width: half < width <= 2 half
     paired = width - half  # columns j < paired have a partner j + half; the others' partner is a padded zero
-    if paired == half:
+    if paired == half:  # a power of two: one call (the other branch's two calls cost more on narrow blocks)
         sums = values[:, :half] + values[:, half:]
     else:
         sums = torch.empty(values.shape[0], half, dtype=values.dtype, device=values.device)
