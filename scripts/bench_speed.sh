@@ -44,6 +44,9 @@ speed w4_g64 --scheme w_uint4_per_group_asym --group-size 64
 speed w3_g64 --scheme w_uint3_per_group_asym --group-size 64   # 3-bit fields run as 4-bit ones
 speed w8a8_token_kv8 --scheme w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic
 measure w8a8_token_bf16_attention w8a8_token --attention bfloat16  # its attention in bfloat16 (float32: the baseline)
+# the rows above run the quantized model's attention in causal blocks (the default, `llmquant.nn.causal_blocks`) and
+# the float32 baseline's as transformers runs it; this one runs both as transformers does: the int8 Linears' own gain
+measure w8a8_token_model_attention w8a8_token --attention model
 # W4A4: 4-bit inputs per token (asymmetric, clip searched per token) and in groups of 32 (best_w4a4kv4*.yaml's kernels)
 speed w4a4_token --scheme w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic \
     --activation-clip-grid 0.9 0.85 0.8 0.75 0.7

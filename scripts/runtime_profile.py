@@ -1,7 +1,7 @@
 """Where the CPU runtime spends its time: the figures of BENCHMARKS.md's "Speed on a quiet machine".
 
     .venv/bin/python scripts/runtime_profile.py layer                 # W8A8 and W4 Linears against float32, by rows
-    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention bfloat16] [--batch 8]  # profiler
+    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention model|blocks|bfloat16] [--batch 8]  # profiler
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
@@ -917,8 +917,8 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
     parser.add_argument("--also", nargs="*", default=[], help="decode: more checkpoints, with the op, in the same run")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
-                        help="profile: the attention's dtype")
+    parser.add_argument("--attention", default="auto", choices=["auto", "model", "blocks", "bfloat16"],
+                        help="profile: how the attention runs (`llmquant.load`)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=12, help="profile: operators listed, by self CPU time")
     args = parser.parse_args()

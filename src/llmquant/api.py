@@ -16,7 +16,7 @@ from llmquant.export.checkpoint import is_quantized_checkpoint, load_quantized
 from llmquant.export.checkpoint import save as save_checkpoint
 from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
-from llmquant.nn.attention_dtype import check_attention_dtype, set_attention_dtype
+from llmquant.nn.attention_choice import check_attention, set_attention
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.pipeline.activations import ActivationStorage
@@ -103,7 +103,7 @@ def quantize(
 
 
 def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8", device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, attention: str = "model") -> tuple[nn.Module, Any]:
+         dtype: str | torch.dtype | None = None, attention: str = "auto") -> tuple[nn.Module, Any]:
     """A checkpoint written by `save`, a float checkpoint, a .gguf file, or None for the default model.
 
     ``device``: where the model goes: auto (None: the GPU when there is one, else the CPU), cpu, cuda or cuda:N;
@@ -113,11 +113,13 @@ def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8", dev
     bfloat16 (as W4A16 kernels compute: within bfloat16's rounding of the simulation), and makes a ``DynamicCache``
     store its quantized KV cache as int8 codes (`set_runtime`); ``"fake"`` simulates all of them, as `quantize` leaves
     the model in memory (the W8A8 Linears and the KV cache give the same logits on both: BENCHMARKS.md, tests).
-    ``attention``: "model" (its dtype) or "bfloat16" (a float32 model's attention in bfloat16, a choice that changes
-    the function: `llmquant.nn.attention_dtype`).
+    ``attention``: "auto" (the default: "blocks" where the model's attention is sdpa, else "model"), "model" (its own
+    implementation), "blocks" (a causal prefill on the CPU in blocks of query rows that read only the keys they see:
+    the same function, faster below 1,024 positions) or "bfloat16" (a float32 model's attention in bfloat16, a choice
+    that changes the function): `llmquant.nn.attention_choice`.
     """
     target, wanted = resolve_device(device), resolve_dtype(dtype)
-    check_attention_dtype(attention)
+    check_attention(attention)
     if path_or_id is not None and Path(path_or_id).is_dir() and is_quantized_checkpoint(Path(path_or_id)):
         model, tokenizer = load_quantized(path_or_id, wanted)
         model.to(target)
@@ -125,7 +127,7 @@ def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8", dev
     else:
         model, tokenizer = load_float(path_or_id, wanted)
         model = model.to(target)
-    set_attention_dtype(model, attention)
+    set_attention(model, attention)
     return model, tokenizer
 
 

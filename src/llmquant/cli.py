@@ -334,7 +334,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     retain_freed_memory()  # (both models of the comparison run in this process, under the same setting)
     config = BenchConfig(batches=tuple(args.batch), prompt=args.prompt, decode=args.decode, repeats=args.repeats)
     result = run_bench(args.model, args.baseline, args.runtime, config, args.device, args.dtype, args.attention,
-                       progress=not args.quiet)
+                       progress=not args.quiet, baseline_attention=args.baseline_attention)
     print(markdown_table(result))
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -415,11 +415,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"llmquant: error: {message} (see {self.prog} --help)\n")
 
 
-def _attention_flag(parser: argparse.ArgumentParser, whose: str = "") -> None:
-    parser.add_argument("--attention", default="model", choices=["model", "bfloat16"],
-                        help=f"the attention's dtype{whose}: model (default: the model's own) or bfloat16 (a float32 "
-                             "model's attention in bfloat16: faster on the AMX CPU it was measured on, and a different "
-                             "function; BENCHMARKS.md)")
+ATTENTIONS = ["auto", "model", "blocks", "bfloat16"]  # (`llmquant.nn.attention_choice.ATTENTIONS`, tested)
+
+
+def _attention_flag(parser: argparse.ArgumentParser, whose: str = "", flag: str = "--attention",
+                    default: str = "auto") -> None:
+    parser.add_argument(flag, default=default, choices=ATTENTIONS,
+                        help=f"how the attention{whose} runs (default {default}): auto (blocks where it is sdpa, else "
+                             "model), model (as transformers runs it), blocks (a causal prefill on the CPU in blocks "
+                             "of query rows that read only the keys they see: the same function, faster below 1,024 "
+                             "positions) or bfloat16 (a float32 model's attention in bfloat16: faster on the AMX CPU "
+                             "it was measured on, and a different function); BENCHMARKS.md")
 
 
 def _placement_flags(parser: argparse.ArgumentParser, quantize: bool = False) -> None:
@@ -575,7 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "W3 and W2 weight-only ones) or fake (simulated in float32)")
     b.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
-    _attention_flag(b, " (of the model; the baseline's stays in its own)")
+    _attention_flag(b, " of the model")
+    _attention_flag(b, " of the baseline", flag="--baseline-attention", default="model")
     _placement_flags(b)
     b.set_defaults(func=cmd_bench)
 

@@ -18,6 +18,10 @@ Protocol (`run_bench`):
   ``runtime_cache_bytes``, the tensors a runtime keeps after the first forward outside the state dict
   (a cached dequantized weight); disk: the size of every file of
   the checkpoint directory (or the .gguf file; the cached float32 conversion for the default model).
+- Attention: the model's as ``attention`` says (`llmquant.load`; by default the causal blocks of
+  `llmquant.nn.causal_blocks` on the CPU), the baseline's as ``baseline_attention`` says, by default as
+  transformers runs it ("model"): the ratio then holds the blocks' gain too; ``baseline_attention="blocks"``
+  measures the float model with the same attention.
 - Ratios are quantized / float: above 1 is faster for throughput, below 1 is smaller for memory.
 """
 
@@ -38,6 +42,7 @@ from tqdm.auto import tqdm
 
 from llmquant.device import device_of, dtype_name
 from llmquant.errors import LlmquantError
+from llmquant.nn.attention_choice import attention_in_use
 from llmquant.nn.kv_storage import cache_argument, returned_cache
 
 WARMUP_TOKENS = 16
@@ -87,7 +92,8 @@ class BenchResult:
     baseline: str
     runtime: str
     config: BenchConfig
-    attention: str
+    attention: str  # what each model's attention ran (`llmquant.nn.attention_choice.attention_in_use`)
+    baseline_attention: str
     threads: int
     device: str
     baseline_dtype: str
@@ -232,11 +238,13 @@ def run_bench(
     config: BenchConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    attention: str = "model",
+    attention: str = "auto",
     progress: bool = False,
+    baseline_attention: str = "model",
 ) -> BenchResult:
     """Benchmark ``model`` (a checkpoint, loaded with ``runtime`` and ``attention``, `llmquant.load`) against
-    ``baseline`` (the float model it came from; None: the default model; its attention in its own dtype) as the
+    ``baseline`` (the float model it came from; None: the default model; its attention as ``baseline_attention``
+    says, by default as transformers runs it) as the
     module docstring says, both on ``device`` (auto: the GPU when there is one) in ``dtype`` (auto: each in its own,
     a bf16 checkpoint against its bf16 model)."""
     import llmquant
@@ -244,7 +252,7 @@ def run_bench(
     config = config or BenchConfig()
     start = time.perf_counter()
     quantized, _ = llmquant.load(model, runtime=runtime, device=device, dtype=dtype, attention=attention)
-    reference, _ = llmquant.load(baseline, device=device, dtype=dtype)
+    reference, _ = llmquant.load(baseline, device=device, dtype=dtype, attention=baseline_attention)
     vocab = quantized.config.vocab_size
     if reference.config.vocab_size != vocab:
         raise LlmquantError(f"the baseline's vocabulary ({reference.config.vocab_size} tokens) differs from the "
@@ -258,7 +266,8 @@ def run_bench(
                                      disk_bytes(checkpoint_path(source)))
     return BenchResult(
         model=str(model) if model is not None else "default", baseline=str(baseline) if baseline else "default",
-        runtime=runtime, config=config, attention=attention, threads=torch.get_num_threads(),
+        runtime=runtime, config=config, attention=attention_in_use(quantized),
+        baseline_attention=attention_in_use(reference), threads=torch.get_num_threads(),
         device=_device_name(device_of(quantized)),
         baseline_dtype=dtype_name(next(reference.parameters()).dtype), quantized=figures["quantized"],
         float32=figures["float"], ratios=ratios(figures["quantized"], figures["float"]),
@@ -283,7 +292,8 @@ def markdown_table(result: BenchResult) -> str:
     q, f, r = result.quantized, result.float32, result.ratios
     c = result.config
     rows = [f"{c.prompt}-token prompts, {c.decode} decoded tokens, median of {c.repeats}, runtime "
-            f"{result.runtime}, attention {result.attention}, {result.device}, {result.threads} threads; model "
+            f"{result.runtime}, attention {result.attention} (baseline {result.baseline_attention}), "
+            f"{result.device}, {result.threads} threads; model "
             f"{result.model}, baseline "
             f"{result.baseline}", "", f"| figure | {result.baseline_dtype} | quantized | quantized / float |",
             "|---|---|---|---|"]

@@ -223,7 +223,7 @@ def _base_attention(module: nn.Module, base: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[base]
 
 
-def _quantizing_attention(base: str) -> Callable:
+def quantizing_attention(base: str) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         # (every layer at every decode step: the module's plain attributes and submodules read and written in its
         # dictionaries, without nn.Module's attribute machinery, a microsecond a lookup)
@@ -253,7 +253,7 @@ WRAPPED = {"sdpa": QUANTIZED_ATTENTION, "eager": "llmquant_eager"}
 
 def _register() -> None:
     for base, name in WRAPPED.items():
-        AttentionInterface.register(name, _quantizing_attention(base))
+        AttentionInterface.register(name, quantizing_attention(base))
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 

@@ -74,6 +74,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.errors import LlmquantError
+from llmquant.nn.causal_blocks import VARIANT as BLOCKS_VARIANT
 from llmquant.nn.int8_gemv import (
     avx2_kernel,
     cpu_kernel,
@@ -85,7 +86,7 @@ from llmquant.nn.int8_gemv import (
     store_token_codes,
 )
 from llmquant.nn.int8_linear import avx2_codes, input_codes, op_codes
-from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
+from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, VARIANT_SEPARATOR, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
 
@@ -180,6 +181,7 @@ def workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.de
     return buffer[:size].view(shape)
 
 
+SDPA_AT_DECODE = ("sdpa", "sdpa" + VARIANT_SEPARATOR + BLOCKS_VARIANT)  # (blocks: sdpa itself at one query position)
 GROWTH = 256  # positions by which a store grows when full
 
 
@@ -430,7 +432,8 @@ def _sdpa_alike(query: torch.Tensor, mask: torch.Tensor | None, base: str, optio
     """Whether transformers' sdpa attention would compute plain softmax(q k^T * scaling + mask) v for this call, of
     one query position (what `decode_attention` computes): sdpa underneath, float32, no dropout, position bias or
     soft-capping, and a mask of one row per batch (or head) over the cached positions."""
-    plain = (base == "sdpa" and query.shape[-2] == 1 and query.dtype == torch.float32 and not options.get("dropout")
+    plain = (base in SDPA_AT_DECODE and query.shape[-2] == 1 and query.dtype == torch.float32
+             and not options.get("dropout")
              and options.get("position_bias") is None and options.get("softcap") is None)
     return plain and (mask is None or (mask.dim() == 4 and mask.shape[-2] == 1 and mask.shape[-1] == positions
                                        and mask.shape[0] == query.shape[0] and mask.shape[1] in (1, query.shape[1])

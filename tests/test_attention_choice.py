@@ -1,0 +1,211 @@
+"""The attention choices (`llmquant.nn.attention_choice`).
+
+Attention in bfloat16 inside a float32 model: close to the float32 function but not equal (one rounding of q, k, v
+and p), float32 for one query position (a decode step), undone exactly by "model", composed with the INT8 KV cache of
+the int8 runtime (in either order), chosen by `llmquant.load`, ``llmquant eval`` and ``llmquant bench``.
+
+The causal blocks (`llmquant.nn.causal_blocks`): sdpa's causal function to float32's rounding at every length, with
+grouped heads, batches and a given scale; transformers' own sdpa, bit for bit, wherever the blocks do not apply; the
+default ("auto") where the attention is sdpa, the model's own elsewhere; under the INT8 KV cache, whose decode steps
+still read the int8 codes. Bad choices get one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmquant
+from conftest import VOCAB, logits, make_model, relative_error
+from llmquant.cli import main
+from llmquant.errors import LlmquantError
+from llmquant.nn import causal_blocks
+from llmquant.nn.attention_choice import ATTENTIONS, attention_configs, attention_in_use, set_attention
+from llmquant.nn.kv_cache import enable_kv_quantization
+from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
+
+
+def test_bfloat16_attention_is_close_to_float32_and_model_restores_it(eval_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    reference = logits(model, eval_ids)
+    set_attention(model, "bfloat16")
+    assert {c._attn_implementation for c in attention_configs(model)} == {"sdpa+bfloat16"}
+    rounded = logits(model, eval_ids)
+    assert not torch.equal(rounded, reference)
+    assert relative_error(reference, rounded) < 1e-2  # bfloat16 keeps 8 significant bits
+    one_position = logits(model, eval_ids[:, :1])  # a decode step's shape: float32 attention
+    set_attention(model, "model")
+    assert torch.equal(logits(model, eval_ids), reference)
+    assert torch.equal(logits(model, eval_ids[:, :1]), one_position)
+
+
+def test_bfloat16_attention_composes_with_the_int8_kv_cache(calib_ids: torch.Tensor, eval_ids: torch.Tensor,
+                                                             tmp_path: Path) -> None:
+    scheme = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
+    model = llmquant.quantize(make_model("llama"), scheme, calib=calib_ids, progress=False)
+    directory = llmquant.save(model, None, tmp_path / "kv8")
+    int8, _ = llmquant.load(directory, attention="model")
+    rounded, _ = llmquant.load(directory, attention="bfloat16")
+    assert {c._attn_implementation for c in attention_configs(rounded)} == {"llmquant_sdpa+bfloat16"}
+    assert relative_error(logits(int8, eval_ids), logits(rounded, eval_ids)) < 1e-2
+    prompt = eval_ids[:1, :8]
+    with torch.no_grad():  # decoding reads the int8 cache through the bfloat16 attention
+        tokens = rounded.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert tokens.shape == (1, 12)
+
+
+def test_kv_quantization_enabled_after_the_switch_keeps_bfloat16_attention(eval_ids: torch.Tensor) -> None:
+    model = make_model("llama")
+    set_attention(model, "bfloat16")
+    rounded = logits(model, eval_ids)
+    enable_kv_quantization(model)  # (no quantizer on the attentions: the same function through llmquant's wrapper)
+    assert {c._attn_implementation for c in attention_configs(model)} == {"llmquant_sdpa+bfloat16"}
+    assert torch.equal(logits(model, eval_ids), rounded)
+    set_attention(model, "model")
+    assert {c._attn_implementation for c in attention_configs(model)} == {"llmquant_sdpa"}
+
+
+def test_bad_attention_choices_get_one_clear_error() -> None:
+    with pytest.raises(LlmquantError, match="unknown attention 'float8'; allowed: auto, model, blocks, bfloat16"):
+        llmquant.load(None, attention="float8")
+    model = make_model("llama")
+    configs = attention_configs(model)
+    configs[0]._attn_implementation = "eager"
+    before = [config._attn_implementation for config in configs]
+    for choice in ("bfloat16", "blocks"):
+        with pytest.raises(LlmquantError, match=f"attention '{choice}' wraps sdpa attention; this model uses 'eager'"):
+            set_attention(model, choice)
+        assert [config._attn_implementation for config in configs] == before  # nothing half-switched
+    assert set_attention(model, "auto") == "model"  # the default takes what it can, without an error
+    assert [config._attn_implementation for config in configs] == before
+
+
+def test_the_command_line_chooses_the_attention(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    float_dir = write_tiny_checkpoint(tmp_path / "float")
+    model, tokenizer = llmquant.load(float_dir)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    llmquant.quantize(model, "w_int8_per_channel_a_int8_per_token_dynamic", calib=ids, progress=False)
+    w8a8 = llmquant.save(model, tokenizer, tmp_path / "w8a8")
+    fast = ["--batch", "1", "--prompt", "16", "--decode", "2", "--repeats", "1", "--json"]
+    assert main(["bench", "--model", str(w8a8), "--baseline", str(float_dir), "--attention", "bfloat16", *fast]) == 0
+    out = capsys.readouterr().out
+    assert "attention bfloat16 (baseline model)" in out
+    assert json.loads(out.strip().splitlines()[-1])["attention"] == "bfloat16"
+    assert main(["bench", "--model", str(w8a8), "--baseline", str(float_dir), "--baseline-attention", "blocks",
+                 *fast]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (figures["attention"], figures["baseline_attention"]) == ("blocks", "blocks")
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(w8a8), "--attention", "half"])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+
+
+def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
+
+
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "positions", "scale"),
+                         [(1, 9, 3, 512, None), (2, 4, 4, 200, 0.3), (1, 2, 1, 64, None), (3, 6, 2, 129, 0.125)])
+def test_causal_blocks_compute_sdpas_causal_attention(batch: int, heads: int, kv_heads: int, positions: int,
+                                                      scale: float | None) -> None:
+    generator = torch.Generator().manual_seed(positions)
+    query = torch.randn(batch, heads, positions, 64, generator=generator)
+    key, value = (torch.randn(batch, kv_heads, positions, 64, generator=generator) for _ in range(2))
+    blocked = causal_blocks.causal_block_attention(query, key, value, scale)
+    reference = _sdpa_causal(query, key, value, scale)
+    assert blocked.shape == reference.shape == (batch, positions, heads, 64)
+    assert (blocked - reference).abs().max() < 2e-6  # the same function; the sums in another order
+    smaller = causal_blocks.causal_block_attention(query, key, value, scale, block=16)
+    assert (smaller - reference).abs().max() < 2e-6
+
+
+def _counted_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The calls of `causal_block_attention` from here on, one entry each."""
+    calls: list[int] = []
+    blocked = causal_blocks.causal_block_attention
+    monkeypatch.setattr(causal_blocks, "causal_block_attention", lambda *a, **k: calls.append(1) or blocked(*a, **k))
+    return calls
+
+
+def test_the_blocked_attention_is_sdpa_itself_where_the_blocks_do_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = _counted_blocks(monkeypatch)
+    model = make_model("llama")
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim = model.config.num_attention_heads, model.config.num_key_value_heads, module.head_dim
+
+    def states(positions: int, kv_positions: int) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(2, heads, positions, dim, generator=generator),
+                *(torch.randn(2, kv_heads, kv_positions, dim, generator=generator) for _ in range(2)))
+
+    long = causal_blocks.MIN_POSITIONS
+    mask = torch.ones(2, 1, long, long, dtype=torch.bool).tril()
+    mask[0, ..., :3] = False  # padding
+    cases = {  # name: (q, k, v, mask, options)
+        "a mask": (*states(long, long), mask, {}),
+        "a decode step": (*states(1, long), None, {}),
+        "short": (*states(long - 1, long - 1), None, {}),
+        "earlier positions in the cache": (*states(long, long + 5), None, {}),
+        "not causal": (*states(long, long), None, {"is_causal": False}),
+        "longer than MAX_POSITIONS": (*states(causal_blocks.MAX_POSITIONS + 1, causal_blocks.MAX_POSITIONS + 1),
+                                      None, {}),
+    }
+    for name, (query, key, value, attention_mask, options) in cases.items():
+        blocked, _ = causal_blocks.blocked_sdpa_attention(module, query, key, value, attention_mask, **options)
+        stock, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **options)
+        assert torch.equal(blocked, stock), name
+    assert not calls
+    query, key, value = states(long, long)
+    blocked, _ = causal_blocks.blocked_sdpa_attention(module, query, key, value, None, scaling=module.scaling)
+    stock, _ = sdpa_attention_forward(module, query, key, value, None, scaling=module.scaling)
+    assert len(calls) == 1 and (blocked - stock).abs().max() < 2e-6  # this one in blocks
+
+
+def test_blocks_are_the_default_for_sdpa_and_keep_the_models_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = torch.randint(0, VOCAB, (2, causal_blocks.MIN_POSITIONS + 40), generator=torch.Generator().manual_seed(3))
+    model = make_model("llama")
+    reference = logits(model, ids)
+    assert attention_in_use(model) == "model"
+    assert set_attention(model, "auto") == "blocks" == attention_in_use(model)
+    assert {c._attn_implementation for c in attention_configs(model)} == {"sdpa+blocks"}
+    calls = _counted_blocks(monkeypatch)
+    assert relative_error(reference, logits(model, ids)) < 1e-5
+    assert len(calls) == model.config.num_hidden_layers
+    set_attention(model, "model")
+    assert torch.equal(logits(model, ids), reference)
+
+
+def test_blocks_under_the_int8_kv_cache_quantize_once_and_decode_from_the_codes(
+        calib_ids: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmquant.nn import int8_gemv, kv_storage
+
+    scheme = "w_int8_per_channel_a_int8_per_token_kv_cache_int8_per_token_dynamic"
+    model = llmquant.quantize(make_model("llama"), scheme, calib=calib_ids, progress=False)
+    directory = llmquant.save(model, None, tmp_path / "kv8")
+    plain, _ = llmquant.load(directory, attention="model")
+    blocked, _ = llmquant.load(directory)  # auto
+    assert {c._attn_implementation for c in attention_configs(blocked)} == {"llmquant_sdpa+blocks"}
+    ids = torch.randint(0, VOCAB, (1, causal_blocks.MIN_POSITIONS + 8), generator=torch.Generator().manual_seed(4))
+    assert relative_error(logits(plain, ids), logits(blocked, ids)) < 1e-5
+    reads: list[str] = []  # the decode steps' attention over the int8 codes, by model
+    decode_attention = kv_storage.decode_attention
+    monkeypatch.setattr(kv_storage, "decode_attention", lambda *a, **k: reads.append(name) or decode_attention(*a, **k))
+    tokens = {}
+    with torch.no_grad():
+        for name, net in (("plain", plain), ("blocked", blocked)):
+            tokens[name] = net.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(tokens["plain"], tokens["blocked"])
+    assert reads.count("blocked") == reads.count("plain")
+    if int8_gemv.kv_kernel(torch.empty(0)) is not None:  # (where the op is built: both read the codes)
+        assert reads.count("blocked") > 0
+
+
+def test_the_command_lines_choices_are_the_librarys() -> None:
+    from llmquant import cli
+
+    assert list(ATTENTIONS) == cli.ATTENTIONS
