@@ -1,7 +1,7 @@
 """Where the CPU runtime spends its time: the figures of BENCHMARKS.md's "Speed on a quiet machine".
 
     .venv/bin/python scripts/runtime_profile.py layer                 # W8A8 and W4 Linears against float32, by rows
-    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention model|blocks|bfloat16] [--batch 8]  # profiler
+    .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention blocks] [--batch 8]  # profiler
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
     .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
