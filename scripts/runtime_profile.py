@@ -19,6 +19,7 @@
     .venv/bin/python scripts/runtime_profile.py rotation            # a randomized online Hadamard, by rows
     .venv/bin/python scripts/runtime_profile.py shared --model DIR  # online rotations shared by q/k/v, gate/up, or not
     .venv/bin/python scripts/runtime_profile.py search              # the clip search and one SmoothQuant scoring
+    .venv/bin/python scripts/runtime_profile.py attention [--batch 8]  # causal prefill attention: sdpa, blocks
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -48,6 +49,10 @@ per token or in blocks of 32) on random rows of the default model's widths, and 
 q/k/v group of its shapes behind an online Hadamard (4-bit per-token inputs with a clip grid, weights in groups of
 32, 2048 tokens), medians of 15 and 7 calls; it prints the ratios' and the error's checksums, which another commit's
 code (``PYTHONPATH`` into a ``git worktree``, as for ``layer``) must match.
+``attention`` times a causal prefill's attention at the default model's heads (9 query and 3 KV heads of 64) from
+128 to 2,048 positions at ``--batch``: torch's sdpa (``is_causal``) against `causal_block_attention` in blocks of 32,
+64 (`BLOCK`) and 128 query rows, alternating, medians of 15 rounds after an untimed one, with the largest difference
+from sdpa's output.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
@@ -907,11 +912,39 @@ def shared_rotations(model_dir: str, rounds: int = 15) -> None:
               f"({each / alone:5.3f}x)")
 
 
+def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+                                                            enable_gqa=True).transpose(1, 2)
+
+
+def causal_attention(batch: int, rounds: int = 15) -> None:
+    from llmquant.nn.causal_blocks import causal_block_attention
+
+    generator = torch.Generator().manual_seed(0)
+    for positions in (128, 256, 384, 512, 768, 1024, 2048):
+        query = torch.randn(batch, 9, positions, 64, generator=generator)
+        key, value = (torch.randn(batch, 3, positions, 64, generator=generator) for _ in range(2))
+        ways = {"sdpa": functools.partial(_sdpa_causal, query, key, value)}
+        for block in (32, 64, 128):
+            ways[f"blocks of {block}"] = functools.partial(causal_block_attention, query, key, value, block=block)
+        times: dict[str, list[float]] = {way: [] for way in ways}
+        reference = ways["sdpa"]()
+        differences = {way: (run() - reference).abs().max().item() for way, run in ways.items()}
+        for _ in range(rounds):
+            for way, run in ways.items():
+                start = time.perf_counter()
+                run()
+                times[way].append(time.perf_counter() - start)
+        print(f"{positions:5d} positions, batch {batch}: " + ", ".join(
+            f"{way} {statistics.median(times[way]) * 1e3:7.2f} ms" + (f" (max diff {differences[way]:.1e})"
+                                                                       if way != "sdpa" else "") for way in ways))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
-                                         "groups", "rotation", "shared", "search"])
+                                         "groups", "rotation", "shared", "search", "attention"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -958,6 +991,8 @@ def main() -> None:
         rotation()
     elif args.what == "search":
         searches()
+    elif args.what == "attention":
+        causal_attention(args.batch)
     elif args.what == "shared":
         if args.model is None:
             parser.error("shared needs --model DIR (a checkpoint with online rotations)")

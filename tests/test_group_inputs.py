@@ -155,7 +155,8 @@ def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str,
     """``torch._int_mm`` group by group (``LLMQUANT_INT_MM=1`` where the CPU has no VNNI: it runs, slowly), the float32
     product of the codes where it is refused, or, on a CPU with AVX2 but neither VNNI nor AMX (their absence feigned
     where they are), every group in one call of the AVX2 op on its panels of the weight (no codes kept beside them):
-    the simulation's bits each way; never the decode op's rows (per-token codes)."""
+    the simulation's bits each way; never the decode op's rows (per-token codes). (``LLMQUANT_GEMV=0`` turns the
+    decode op's `grouped_gemm` off: the next test.)"""
     monkeypatch.setenv("LLMQUANT_INT_MM", int_mm)
     monkeypatch.setenv("LLMQUANT_GEMV", avx2)
     if avx2 == "1":
@@ -179,6 +180,36 @@ def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str,
     assert bool(calls) == (not on_avx2_op and int8_linear.int_mm_refusal(x.device) is None)
     if on_avx2_op:
         assert layer.runtime_caches() == layer._int8_weight().tensors() and layer._integer_codes is None
+
+
+@pytest.mark.parametrize("name", GROUPED_INPUTS)
+@pytest.mark.parametrize("rows", [1, 3, 7, 300])
+@pytest.mark.parametrize("weight_groups", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grouped_inputs_on_the_decode_op_give_the_simulations_bits(name: str, rows: int, weight_groups: bool,
+                                                                   bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with AVX512-VNNI every group in one call of the decode op's `grouped_gemm` (its codes by the op's
+    `block_codes`), the weight per channel or in the inputs' groups, packed once (its packed copy the only runtime
+    cache): the simulation's bits at every row count (6-row blocks and the rows left), no ``torch._int_mm``."""
+    refusal = int8_linear.grouped_gemm_refusal(torch.device("cpu"), 96, 16)
+    if refusal is not None:
+        pytest.skip(f"the decode op's grouped_gemm does not run here: {refusal}")
+    calls = []
+    int_mm_op = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
+    spec = GROUPED_INPUTS[name]
+    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4,
+                           weight_group=spec.group_size if weight_groups else None)
+    if not bias:
+        layer.bias = None
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5
+    set_runtime(layer, "fake")
+    simulated = layer(x)
+    assert set_runtime(layer, "int8") == 1
+    assert torch.equal(layer(x), simulated)
+    weight = layer._input_group_weights[3]
+    assert isinstance(weight, int8_linear.GroupedWeight) and not calls
+    assert layer.runtime_caches() == weight.tensors() and layer._integer_codes is None
 
 
 def test_input_groups_that_do_not_divide_the_inputs_keep_the_simulations_error() -> None:

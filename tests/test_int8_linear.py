@@ -248,15 +248,29 @@ def test_the_avx2_op_names_what_is_wrong_with_its_arguments(avx2_op: object) -> 
         int8_gemv.avx2_weight_only(avx2_op, torch.zeros(2, 32), only, torch.zeros(21), 20)
 
 
-@needs_avx2
+@pytest.fixture(params=["avx2", "vnni"])
+def block_codes_op(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> object:
+    """An op with `block_codes` (``block_codes.h``, compiled into both): the AVX2 op, or the VNNI decode op."""
+    if request.param == "avx2":
+        if AVX2_OP_REFUSAL is not None:
+            pytest.skip(f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
+        return _avx2(monkeypatch)
+    refusal = int8_gemv.gemv_refusal(torch.device("cpu"))
+    if refusal is not None:
+        pytest.skip(f"the decode op does not run here: {refusal}")
+    return int8_gemv.gemv_kernel()
+
+
 @pytest.mark.parametrize("width", [32, 576, 7])
 @pytest.mark.parametrize("asymmetric", [False, True])
 @pytest.mark.parametrize("clip", [1.0, 0.8, (1.0, 0.9, 0.8), (0.9, 0.85, 0.8, 0.75, 0.7)])
-def test_the_avx2_ops_block_codes_are_torchs_with_a_searched_clip(width: int, asymmetric: bool, clip: object,
-                                                                  avx2_op: object) -> None:
-    """`block_codes`: per-token 4-bit codes (asymmetric ones shifted by their zero points, or symmetric), with a
-    clip ratio or a grid searched per block, the bits of torch's `asymmetric_int8_codes` / `int8_codes`: on Gaussian
-    blocks, blocks with one outlier, all-zero blocks, blocks of one sign and values on rounding ties."""
+def test_the_ops_block_codes_are_torchs_with_a_searched_clip(width: int, asymmetric: bool, clip: object,
+                                                             block_codes_op: object) -> None:
+    """`block_codes` (either op): per-token 4-bit codes (asymmetric ones shifted by their zero points, or
+    symmetric), with a clip ratio or a grid searched per block, the bits of torch's `asymmetric_int8_codes` /
+    `int8_codes`: on Gaussian blocks, blocks with one outlier, all-zero blocks, blocks of one sign and values on
+    rounding ties."""
+    avx2_op = block_codes_op
     generator = torch.Generator().manual_seed(width)
     blocks = torch.randn(300, width, generator=generator)
     blocks[1:40, 0] *= 30  # (an outlier: the grid's ratios differ)
@@ -426,9 +440,9 @@ def test_w4a8_and_w4a4_checkpoints_load_back_and_gptq_reconstructs_better_than_r
 def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bits(
         scheme: str, rows: int, gemv: str, clip: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """W4A4 with asymmetric inputs: each token's codes shifted by its zero point, c = q - z in [-15, 15], multiply
-    as int8 (no decode op: it makes symmetric codes); c * s is `fake_quantize`'s value bit for bit, so the
-    simulation, the int8 runtime and s_x * sum_g s_w,g * (c_g . w_q,g) + b in float64 agree (the weight per channel,
-    or in groups of 32: one product per group)."""
+    as int8 (a weight per channel: a few rows on the decode op, where it runs, its `block_codes` making the codes);
+    c * s is `fake_quantize`'s value bit for bit, so the simulation, the int8 runtime and s_x * sum_g s_w,g * (c_g .
+    w_q,g) + b in float64 agree (the weight per channel, or in groups of 32: one product per group)."""
     monkeypatch.setenv("LLMQUANT_GEMV", gemv)
     layer = _layer(scheme, bias=True, group_size=32)
     searched = {"clip_grid": clip} if isinstance(clip, tuple) else {"clip_ratio": clip}  # (a grid: chosen per token)
@@ -437,7 +451,8 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 1.5  # (skewed: min != -max)
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    assert layer._decode_rows is False
+    decode_op_runs = gemv == "1" and _GEMV_REFUSAL is None
+    assert (layer._decode_rows is not False) == (decode_op_runs and scheme == W4A4_ASYM)
     codes, scale = kernel.asymmetric_input_codes(x, "token", None, 0, 15, clip)
     assert torch.equal(codes * scale, fake_quantize(x, layer.input_spec))
     assert codes.abs().max() <= 15 and torch.equal(codes, codes.round())
@@ -449,8 +464,8 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
 @pytest.mark.parametrize("gemv", ["1", "0"])
 def test_symmetric_4bit_inputs_with_a_searched_clip_give_the_simulations_bits(rows: int, gemv: str,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """W4A4 per token with each token's clip ratio searched at run time (`QuantSpec.clip_grid`): the AVX2 op's
-    `block_codes` where it runs (decode rows and prefills), torch's operations elsewhere; the simulation's bits."""
+    """W4A4 per token with each token's clip ratio searched at run time (`QuantSpec.clip_grid`): an op's
+    `block_codes` where one runs (decode rows and prefills), torch's operations elsewhere; the simulation's bits."""
     monkeypatch.setenv("LLMQUANT_GEMV", gemv)
     layer = _layer("w_int4_per_channel_sym_a_int4_per_token_dynamic", bias=True)
     layer.set_input_spec(layer.input_spec.model_copy(update={"clip_grid": (1.0, 0.9, 0.8)}))

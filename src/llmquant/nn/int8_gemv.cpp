@@ -5,7 +5,8 @@
 // the same bits; grouped_gemm for W4A8 at any row count, the weight packed in VPDPBUSD's layout. Also the INT8 KV
 // cache's decode step: its per-token codes (written into the cache's stores: store_token_codes), its dequantization
 // (dequantize_rows) and the attention of one query position over its int8 codes (int8_decode_attention; the frames
-// of these shared with the AVX2 op in int8_ops_common.h). Built by llmquant.nn.int8_gemv
+// of these shared with the AVX2 op in int8_ops_common.h); and, with that op, block_codes (block_codes.h: a W4A4
+// input's codes per token or group, asymmetric or with a clip ratio searched per block). Built by llmquant.nn.int8_gemv
 // with -mavx512f -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The input codes c (int8) are made unsigned, u = c + 128 in [0, 255],
@@ -25,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_codes.h"
 #include "int8_ops_common.h"
 
 using llmquant::float_bias;
@@ -371,14 +373,24 @@ torch::Tensor int8_gemv(const torch::Tensor& codes, const torch::Tensor& weight,
 
 namespace {
 
+// How grouped_gemm scales each group's dots (the orders of llmquant.nn.int8_linear, separate multiplications and
+// additions, no fused multiply-add):
+//   kWeight (grouped_linear, W4A8 / W4A4 with the weight in groups): y = (sum_g float(dot_g) * s_w[g, j]) * s_x[m] + b
+//   kInput (input_grouped_linear, inputs per token in groups, the weight per channel or tensor):
+//     y = (sum_g float(dot_g) * s_x[m, g]) * s_w[j] + b
+//   kBoth (input_grouped_linear, both in the same groups: Atom's layout): y = sum_g (float(dot_g) * s_x[m, g]) *
+//     s_w[g, j] + b
+enum class GroupScales { kWeight, kInput, kBoth };
+
 // One block of `MR` input rows by `NV` x 16 outputs of grouped_gemm: per group, the exact int32 dots (VPDPBUSD on the
 // unsigned codes u and the packed weight, 4 codes of 16 outputs per 64-byte load) corrected by 128 * the group's
-// weight sums, converted, times the group's scales, added group after group; then times each row's scale, plus the
-// bias. Separate multiplications and additions (no fused multiply-add): grouped_linear's float32 operations.
-template <int MR, int NV>
+// weight sums, converted, scaled as `S` says, added group after group; then the last scale, plus the bias. Row m's
+// scales start at row_scales + m * row_stride (kWeight: one a row, or one for all with stride 0; else one a group).
+template <int MR, int NV, GroupScales S>
 void grouped_block(const uint8_t* u, int64_t inner, const int8_t* packed, int64_t block_bytes, int64_t groups,
                    int64_t steps_per_group, const int32_t* sums128, const float* scales, int64_t padded_outputs,
-                   const float* row_scales, bool per_row, const float* bias, int64_t j0, int64_t outputs, float* out) {
+                   const float* row_scales, int64_t row_stride, const float* bias, int64_t j0, int64_t outputs,
+                   float* out) {
   __m512 total[MR][NV];
   for (int64_t g = 0; g < groups; ++g) {
     __m512i acc[MR][NV];
@@ -398,9 +410,11 @@ void grouped_block(const uint8_t* u, int64_t inner, const int8_t* packed, int64_
     for (int v = 0; v < NV; ++v) {
       const int64_t at = g * padded_outputs + j0 + 16 * v;
       const __m512i correction = _mm512_loadu_si512(sums128 + at);
-      const __m512 scale = _mm512_loadu_ps(scales + at);
+      const __m512 scale = S == GroupScales::kInput ? _mm512_setzero_ps() : _mm512_loadu_ps(scales + at);
       for (int m = 0; m < MR; ++m) {
-        const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], correction)), scale);
+        __m512 part = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[m][v], correction));
+        if (S != GroupScales::kWeight) part = _mm512_mul_ps(part, _mm512_set1_ps(row_scales[m * row_stride + g]));
+        if (S != GroupScales::kInput) part = _mm512_mul_ps(part, scale);
         total[m][v] = g == 0 ? part : _mm512_add_ps(total[m][v], part);
       }
     }
@@ -409,30 +423,33 @@ void grouped_block(const uint8_t* u, int64_t inner, const int8_t* packed, int64_
     const int64_t j = j0 + 16 * v;
     const __mmask16 valid = lanes(outputs - j);
     const __m512 b = bias != nullptr ? _mm512_maskz_loadu_ps(valid, bias + j) : _mm512_setzero_ps();
+    const __m512 channel_scale = S == GroupScales::kInput ? _mm512_loadu_ps(scales + j) : _mm512_setzero_ps();
     for (int m = 0; m < MR; ++m) {
-      __m512 y = _mm512_mul_ps(total[m][v], _mm512_set1_ps(row_scales[per_row ? m : 0]));
+      __m512 y = total[m][v];
+      if (S == GroupScales::kWeight) y = _mm512_mul_ps(y, _mm512_set1_ps(row_scales[m * row_stride]));
+      if (S == GroupScales::kInput) y = _mm512_mul_ps(y, channel_scale);
       if (bias != nullptr) y = _mm512_add_ps(y, b);
       _mm512_mask_storeu_ps(out + m * outputs + j, valid, y);
     }
   }
 }
 
-template <int NV>
+template <int NV, GroupScales S>
 void grouped_rows(const uint8_t* u, int64_t rows, int64_t inner, const int8_t* packed, int64_t block_bytes,
                   int64_t groups, int64_t steps_per_group, const int32_t* sums128, const float* scales,
-                  int64_t padded_outputs, const float* row_scales, bool per_row, const float* bias, int64_t j0,
+                  int64_t padded_outputs, const float* row_scales, int64_t row_stride, const float* bias, int64_t j0,
                   int64_t outputs, float* out) {
   constexpr int kRows = 6;
   int64_t m = 0;
   for (; m + kRows <= rows; m += kRows) {
-    grouped_block<kRows, NV>(u + m * inner, inner, packed, block_bytes, groups, steps_per_group, sums128, scales,
-                             padded_outputs, row_scales + (per_row ? m : 0), per_row, bias, j0, outputs,
-                             out + m * outputs);
+    grouped_block<kRows, NV, S>(u + m * inner, inner, packed, block_bytes, groups, steps_per_group, sums128, scales,
+                                padded_outputs, row_scales + m * row_stride, row_stride, bias, j0, outputs,
+                                out + m * outputs);
   }
   for (; m < rows; ++m) {
-    grouped_block<1, NV>(u + m * inner, inner, packed, block_bytes, groups, steps_per_group, sums128, scales,
-                         padded_outputs, row_scales + (per_row ? m : 0), per_row, bias, j0, outputs,
-                         out + m * outputs);
+    grouped_block<1, NV, S>(u + m * inner, inner, packed, block_bytes, groups, steps_per_group, sums128, scales,
+                            padded_outputs, row_scales + m * row_stride, row_stride, bias, j0, outputs,
+                            out + m * outputs);
   }
 }
 
@@ -443,10 +460,13 @@ void grouped_rows(const uint8_t* u, int64_t rows, int64_t inner, const int8_t* p
 // sums128 [groups, padded out] int32, 128 times each output's code sum over each group; scales [groups, padded out]
 // float32, the weight scales; input_scale [n, 1] or [1, 1]; bias [out] or None. y = (sum over groups in order of
 // float(x_q,g . w_q,g) * s_w,g) * s_x + b: llmquant.nn.int8_linear.grouped_linear's values, exactly (the dots exact in
-// int32). Each thread takes blocks of 32 outputs (their weight stays in cache) for every row, 6 rows at a time.
+// int32). With input_groups, the input quantized per token in the same groups (input_scale [n, groups]) and the
+// weight per channel (scales [1, padded out]) or in those groups: input_grouped_linear's values (GroupScales). Each
+// thread takes blocks of 32 outputs (their weight stays in cache) for every row, 6 rows at a time.
 torch::Tensor grouped_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& sums128,
                            const torch::Tensor& scales, const torch::Tensor& input_scale,
-                           const std::optional<torch::Tensor>& bias, int64_t outputs, int64_t group_size) {
+                           const std::optional<torch::Tensor>& bias, int64_t outputs, int64_t group_size,
+                           bool input_groups) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(),
               "grouped_gemm: contiguous int8 codes [n, in]");
   const int64_t rows = codes.size(0), inner = codes.size(1), padded = (outputs + 15) / 16 * 16;
@@ -455,11 +475,16 @@ torch::Tensor grouped_gemm(const torch::Tensor& codes, const torch::Tensor& pack
   const int64_t groups = inner / group_size;
   TORCH_CHECK(packed.scalar_type() == torch::kInt8 && packed.is_contiguous() && packed.numel() == padded * inner,
               "grouped_gemm: the weight packed [ceil(out / 16), in / 4, 16, 4]");
+  const bool per_channel = input_groups && scales.numel() == padded;
   TORCH_CHECK(sums128.scalar_type() == torch::kInt32 && sums128.is_contiguous() && sums128.numel() == groups * padded &&
-              scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.numel() == groups * padded,
-              "grouped_gemm: sums and scales [groups, padded out]");
+              scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
+              (scales.numel() == groups * padded || per_channel),
+              "grouped_gemm: sums [groups, padded out], scales [groups, padded out] (or [1, padded out] with input "
+              "groups)");
   const torch::Tensor s_x = input_scale.to(torch::kFloat32).contiguous();
-  TORCH_CHECK(s_x.numel() == 1 || s_x.numel() == rows, "grouped_gemm: one input scale, or one per row");
+  TORCH_CHECK(input_groups ? s_x.numel() == rows * groups : (s_x.numel() == 1 || s_x.numel() == rows),
+              "grouped_gemm: one input scale, or one per row (per row and group with input groups)");
+  const int64_t row_stride = input_groups ? groups : (s_x.numel() > 1 ? 1 : 0);
   const torch::Tensor b = float_bias(bias, outputs, "grouped_gemm");
   const std::vector<uint8_t> shifted = unsigned_codes(codes);
   torch::Tensor y = torch::empty({rows, outputs}, codes.options().dtype(torch::kFloat32));
@@ -469,16 +494,25 @@ torch::Tensor grouped_gemm(const torch::Tensor& codes, const torch::Tensor& pack
   at::parallel_for(0, (vectors + 1) / 2, 1, [&](int64_t first, int64_t last) {
     for (int64_t pair = first; pair < last; ++pair) {
       const int64_t v0 = 2 * pair, j0 = 16 * v0;
-      auto run = [&](auto nv) {
-        grouped_rows<decltype(nv)::value>(shifted.data(), rows, inner, w + v0 * block_bytes, block_bytes, groups,
-                                          group_size / 4, sums128.data_ptr<int32_t>(), scales.data_ptr<float>(),
-                                          padded, s_x.data_ptr<float>(), s_x.numel() > 1, bp, j0, outputs,
-                                          y.data_ptr<float>());
+      auto run = [&](auto nv, auto scaled) {
+        grouped_rows<decltype(nv)::value, decltype(scaled)::value>(
+            shifted.data(), rows, inner, w + v0 * block_bytes, block_bytes, groups, group_size / 4,
+            sums128.data_ptr<int32_t>(), scales.data_ptr<float>(), padded, s_x.data_ptr<float>(), row_stride, bp, j0,
+            outputs, y.data_ptr<float>());
+      };
+      auto run_scaled = [&](auto nv) {
+        if (!input_groups) {
+          run(nv, std::integral_constant<GroupScales, GroupScales::kWeight>());
+        } else if (per_channel) {
+          run(nv, std::integral_constant<GroupScales, GroupScales::kInput>());
+        } else {
+          run(nv, std::integral_constant<GroupScales, GroupScales::kBoth>());
+        }
       };
       if (v0 + 1 < vectors) {
-        run(std::integral_constant<int, 2>());
+        run_scaled(std::integral_constant<int, 2>());
       } else {
-        run(std::integral_constant<int, 1>());
+        run_scaled(std::integral_constant<int, 1>());
       }
     }
   });
@@ -748,6 +782,7 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
   llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
+  llmquant::bind_block_codes(module);
   module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
@@ -759,7 +794,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("rows"), pybind11::arg("weight"), pybind11::arg("weight_scale"), pybind11::arg("bias"),
              pybind11::arg("group_size") = 0);
   module.def("grouped_gemm", &grouped_gemm,
-             "(sum_g float(x_q,g . w_q,g) * s_w,g) * s_x + b for many rows of int8 codes, the weight packed (W4A8)");
+             "(sum_g float(x_q,g . w_q,g) * s_w,g) * s_x + b for many rows of int8 codes, the weight packed (W4A8); "
+             "with input_groups, the input's scales per row and group (W4A4 with inputs in groups)",
+             pybind11::arg("codes"), pybind11::arg("packed"), pybind11::arg("sums128"), pybind11::arg("scales"),
+             pybind11::arg("input_scale"), pybind11::arg("bias"), pybind11::arg("outputs"),
+             pybind11::arg("group_size"), pybind11::arg("input_groups") = false);
   module.def("int8_gemv", &int8_gemv, "s_x * s_w * (x_q @ W_q^T) + b for a few rows of int8 codes (AVX512-VNNI)",
              pybind11::arg("codes"), pybind11::arg("weight"), pybind11::arg("weight_row_sums"),
              pybind11::arg("input_scale"), pybind11::arg("weight_scale"), pybind11::arg("bias"),

@@ -283,10 +283,10 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, cl
 def block_codes(kernel: ModuleType, blocks: torch.Tensor, qmin: int, qmax: int, clip: float | tuple[float, ...],
                 asymmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes of float32 ``blocks`` ``[..., width]`` (each row a block: a token, or a token's group of columns)
-    and their scales ``[rows, 1]`` by the AVX2 op in one call: what `llmquant.nn.int8_linear.int8_codes` (symmetric)
-    or `asymmetric_int8_codes` (shifted by the zero point) make per token, with a clip ratio or a grid of them
-    searched per block (``clip`` a tuple: `llmquant.quant.primitives.searched_clip_ratios`); the same bits. A block
-    with a NaN has a NaN scale."""
+    and their scales ``[rows, 1]`` by either op (``block_codes.h``) in one call: what
+    `llmquant.nn.int8_linear.int8_codes` (symmetric) or `asymmetric_int8_codes` (shifted by the zero point) make per
+    token, with a clip ratio or a grid of them searched per block (``clip`` a tuple:
+    `llmquant.quant.primitives.searched_clip_ratios`); the same bits. A block with a NaN has a NaN scale."""
     grid = [float(ratio) for ratio in clip] if isinstance(clip, tuple) else [float(clip)]
     width = blocks.shape[-1]
     codes, scale = _call(kernel, "block_codes", blocks.reshape(-1, width).contiguous(), float(qmin), float(qmax),
@@ -439,8 +439,12 @@ def grouped_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_s
     """What `grouped_gemm` reads of int8 ``weight_codes`` ``[out, in]`` quantized in groups of ``group_size`` columns
     with ``weight_scale`` ``[out, groups]``: the codes in VPDPBUSD's layout ``[ceil(out / 16), in / 4, 16, 4]`` (4
     codes of 16 outputs in 64 bytes; zero rows past ``out``), and ``[groups, ceil(out / 16) * 16]`` tables of 128
-    times each group's code sums (int32) and of the scales (float32)."""
+    times each group's code sums (int32) and of the scales (float32). A scale per channel ``[out, 1]`` (or one
+    for the tensor) gives a ``[1, ceil(out / 16) * 16]`` table: a weight for inputs in groups (`grouped_gemm`'s
+    ``input_groups``)."""
     out, inner = weight_codes.shape
+    if weight_scale.numel() == 1:
+        weight_scale = weight_scale.reshape(1, 1).expand(out, 1)
     pad = -out % 16
     padded = torch.nn.functional.pad(weight_codes, (0, 0, 0, pad))
     packed = padded.reshape(-1, 16, inner // 4, 4).permute(0, 2, 1, 3).contiguous()
@@ -453,14 +457,17 @@ GROUPED_GEMM_MULTIPLE = 4  # `grouped_gemm` takes groups (and inputs) of a multi
 
 
 def grouped_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                 scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int) -> torch.Tensor:
+                 scale: torch.Tensor, bias: torch.Tensor | None, outputs: int, group_size: int,
+                 input_groups: bool = False) -> torch.Tensor:
     """y ``[n, out]`` = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g) * s_x + b for int8 ``x_codes``
     ``[n, in]`` (any number of rows) and a weight in groups of ``group_size`` columns packed by `grouped_pack`:
     `llmquant.nn.int8_linear.grouped_linear`'s values in one call (VPDPBUSD blocks of 6 rows by 32 outputs, each
-    group's dots exact in int32), instead of one integer product and two float passes per group."""
+    group's dots exact in int32), instead of one integer product and two float passes per group. ``input_groups``:
+    the input quantized per token in groups of ``group_size`` columns (``scale`` ``[n, groups]``) and the weight
+    packed with its scale per channel (or tensor) or in the same groups: `input_grouped_linear`'s values."""
     packed, sums128, scales = pack
     return _call(kernel, "grouped_gemm", x_codes.contiguous(), packed, sums128, scales, scale, bias, outputs,
-                 group_size)
+                 group_size, input_groups)
 
 
 def weight_row_sums(weight_codes: torch.Tensor, group_size: int = 0) -> torch.Tensor:

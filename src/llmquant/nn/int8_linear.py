@@ -379,26 +379,34 @@ def in_input_groups(quantize: Callable[..., tuple[torch.Tensor, torch.Tensor]], 
     return quantize_groups
 
 
-def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor, weight_groups: list[torch.Tensor] | Avx2Weight,
-                           integer: bool, weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int,
-                           qmin: int, qmax: int, clip_ratio: Clip = 1.0, asymmetric: bool = False) -> torch.Tensor:
+def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor,
+                           weight_groups: list[torch.Tensor] | Avx2Weight | GroupedWeight, integer: bool,
+                           weight_scale: torch.Tensor, bias: torch.Tensor | None, group_size: int, qmin: int,
+                           qmax: int, clip_ratio: Clip = 1.0, asymmetric: bool = False) -> torch.Tensor:
     """`input_grouped_linear` of ``rows`` ``[n, in]`` (``source``, the Linear's input, as rows; its codes per token in
     groups of ``group_size`` columns, shared as in `shared_input_codes`) and ``weight_groups``, the weight's codes
     ``[out, group_size]`` of each group of columns in order: ``integer``, int8 codes multiplied by ``torch._int_mm``
     group by group (`int8_matmul`), else float32 codes (the simulation, and the int8 runtime where `int_mm_refusal`:
-    exact products, so the same bits); or an `Avx2Weight` (``integer``; a CPU with AVX2 but neither VNNI nor AMX),
-    every group in one call of the AVX2 op, the same bits. ``asymmetric``: the codes shifted by their zero points
-    (`asymmetric_input_codes`)."""
+    exact products, so the same bits); or a `GroupedWeight` (``integer``; a CPU with AVX512-VNNI), every group in one
+    call of the decode op's `grouped_gemm`, or an `Avx2Weight` (``integer``; a CPU with AVX2 but neither VNNI nor
+    AMX), every group in one call of the AVX2 op, the same bits. ``asymmetric``: the codes shifted by their zero
+    points (`asymmetric_input_codes`)."""
     if isinstance(weight_groups, Avx2Weight):  # (the op's codes of every group in one call)
         quantize = _avx2_quantizer(weight_groups.op, asymmetric)
-    elif asymmetric:
-        quantize = asymmetric_int8_codes if integer else asymmetric_input_codes
+    elif integer:  # (an op's `block_codes` where one runs)
+        quantize = _op_kernels(rows, asymmetric)[0]
     else:
-        quantize = int8_codes if integer else input_codes
+        quantize = asymmetric_input_codes if asymmetric else input_codes
     codes, scale = shared_input_codes(source, rows, "group", None, qmin, qmax, clip_ratio, integer,
                                       in_input_groups(quantize, group_size), input_groups=group_size)
     if isinstance(weight_groups, Avx2Weight):
         return weight_groups(codes, scale, bias, input_group_size=group_size)
+    if isinstance(weight_groups, GroupedWeight):
+        op = gemv_kernel()
+        assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
+        weight = weight_groups
+        return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
+                            group_size, input_groups=True)
     if integer:
         return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias,
                                     lambda a, w: int8_matmul(a.contiguous(), w))
@@ -415,20 +423,18 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight |
     call for every group, the same bits), else one ``torch._int_mm`` per group; an `Avx2Weight` by the AVX2 op's one
     call (the same bits); on a CPU without VNNI or AMX where that op does not run, one float32 product of the codes
     per group (`int_mm_refusal`). ``asymmetric``: the input's codes are asymmetric ones shifted by their zero point
-    (`asymmetric_int8_codes`; with an `Avx2Weight` the AVX2 op's `block_codes`), which every product takes as it
-    takes symmetric ones: c * s is the input's fake-quantized value."""
+    (`asymmetric_int8_codes`; an op's `block_codes` where one runs), which every product takes as it takes
+    symmetric ones: c * s is the input's fake-quantized value."""
     if isinstance(weight, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        quantize = asymmetric_int8_codes if asymmetric else _op_quantizer(op)
-        codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+        codes, scale = _op_quantizer(op, asymmetric)(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
         return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
                             weight.group_size)
     if isinstance(weight, Avx2Weight):
         quantize = _avx2_quantizer(weight.op, asymmetric)
         return weight(*quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio), bias)
-    quantize = asymmetric_int8_codes if asymmetric else _op_kernels(rows)[0]
-    codes, scale = quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
+    codes, scale = _op_kernels(rows, asymmetric)[0](rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     if weight.gemv and rows.shape[0] <= GEMV_MAX_ROWS and (op := cpu_kernel(rows)) is not None:
         return gemv_linear(op, codes, weight.codes, weight.gemv_row_sums(group_size), scale, weight_scale, bias,
                            group_size)
@@ -522,17 +528,16 @@ def int8_linear(source: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor |
     (shared by the Linears reading ``source``, `shared_input_codes`), their integer product, its scaling; the
     codes and the scaling compiled for large inputs on the CPU when allowed (module docstring). (Up to
     `GEMV_MAX_ROWS` rows, where the decode op runs, the layer's `DecodeRows` is called instead.) ``asymmetric``:
-    the input's codes are asymmetric ones shifted by their zero point (`asymmetric_int8_codes`, made by torch's
-    operations, or with an `Avx2Weight` by the AVX2 op's `block_codes`, as are clip ratios searched per token)."""
+    the input's codes are asymmetric ones shifted by their zero point (`asymmetric_int8_codes`), made, as are clip
+    ratios searched per token, by an op's `block_codes` where one runs (one call, the same bits), else by torch's
+    operations."""
     if isinstance(weight, Avx2Weight):  # (the op's codes, a searched clip too, and its product and scaling)
         codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True,
                                           _avx2_quantizer(weight.op, asymmetric))
         return weight(codes, scale, bias)
     quantize, scaling = _compiled_kernels(rows) or _op_kernels(rows)
-    if asymmetric:
-        quantize = asymmetric_int8_codes
-    elif isinstance(clip_ratio, tuple):  # (a searched clip: torch's operations, never compiled)
-        quantize = int8_codes
+    if asymmetric or isinstance(clip_ratio, tuple):  # (an op's `block_codes` where one runs; never compiled)
+        quantize = _op_kernels(rows, asymmetric)[0]
     codes, scale = shared_input_codes(source, rows, dynamic, static_scale, qmin, qmax, clip_ratio, True, quantize)
     return scaling(int8_product(codes, weight), scale, weight_scale, bias)
 
@@ -568,28 +573,33 @@ class DecodeRows:
 def decode_rows(weight: Int8Weight | Avx2Weight, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int,
                 dynamic: str | None, static_scale: torch.Tensor | None, qmin: int, qmax: int,
-                clip_ratio: Clip = 1.0) -> DecodeRows | None:
+                clip_ratio: Clip = 1.0, asymmetric: bool = False) -> DecodeRows | None:
     """The layer's `DecodeRows` where the decode op runs (or, for an `Avx2Weight`, the AVX2 op at every row count),
-    else None (`int8_linear` then decides at every call)."""
+    else None (`int8_linear` then decides at every call). ``asymmetric``: the input's codes shifted by their zero
+    point (`asymmetric_op_codes`), which the products take as they take symmetric ones."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, True)
     if isinstance(weight, Avx2Weight):
-        return DecodeRows(weight.op, _avx2_quantizer(weight.op), arguments, weight, weight_scale, bias, sys.maxsize)
+        return DecodeRows(weight.op, _avx2_quantizer(weight.op, asymmetric), arguments, weight, weight_scale, bias,
+                          sys.maxsize)
     if weight.gemv and (op := gemv_kernel()) is not None:
-        return DecodeRows(op, _op_quantizer(op), arguments, weight, weight_scale, bias, GEMV_MAX_ROWS * in_features)
+        return DecodeRows(op, _op_quantizer(op, asymmetric), arguments, weight, weight_scale, bias,
+                          GEMV_MAX_ROWS * in_features)
     return None
 
 
-def _op_kernels(rows: torch.Tensor
+def _op_kernels(rows: torch.Tensor, asymmetric: bool = False
                 ) -> tuple[Callable[..., tuple[torch.Tensor, torch.Tensor]], Callable[..., torch.Tensor]]:
     """The input quantizer and the scaling of an integer product for ``rows``: where the decode op runs, its codes
-    (`op_codes`) and its one-pass `scale_product` for oneDNN's float32 products and ``torch._int_mm``'s int32 ones
-    (converted in their own memory: no promoted copy); where the AVX2 op runs, its
-    per-token codes (`avx2_codes`) and torch's scaling; else torch's."""
+    (`op_codes`, or ``asymmetric`` `asymmetric_op_codes`) and its one-pass `scale_product` for oneDNN's float32
+    products and ``torch._int_mm``'s int32 ones (converted in their own memory: no promoted copy); where the AVX2 op
+    runs, its codes (`avx2_codes`, `asymmetric_op_codes`) and torch's scaling; else torch's."""
     op = cpu_kernel(rows)
     if op is not None:
-        return _op_quantizer(op), _in_place_scaling(op)
+        return _op_quantizer(op, asymmetric), _in_place_scaling(op)
     avx2 = avx2_kernel(rows)
-    return (int8_codes if avx2 is None else _avx2_quantizer(avx2)), scale_output
+    if avx2 is not None:
+        return _avx2_quantizer(avx2, asymmetric), scale_output
+    return (asymmetric_int8_codes if asymmetric else int8_codes), scale_output
 
 
 @functools.cache
@@ -612,15 +622,17 @@ def op_codes(decode_op: ModuleType, rows: torch.Tensor, dynamic: str | None, sta
     if dynamic is None:
         assert static_scale is not None
         return static_codes(decode_op, rows, static_scale, qmin, qmax), static_scale
-    if isinstance(clip_ratio, tuple):  # (a searched clip: torch's operations)
+    if isinstance(clip_ratio, tuple):  # (a searched clip: `block_codes` per token, torch's operations per tensor)
+        if dynamic == "token":
+            return block_codes(decode_op, rows, qmin, qmax, clip_ratio, asymmetric=False)
         return int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
     return (token_codes if dynamic == "token" else tensor_codes)(decode_op, rows, qmax, qmin, clip_ratio)
 
 
 @functools.cache
-def _op_quantizer(decode_op: ModuleType) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`op_codes` on ``decode_op``, with `int8_codes`' arguments."""
-    return functools.partial(op_codes, decode_op)
+def _op_quantizer(decode_op: ModuleType, asymmetric: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`op_codes` (or `asymmetric_op_codes`) on ``decode_op``, with `int8_codes`' arguments."""
+    return functools.partial(asymmetric_op_codes if asymmetric else op_codes, decode_op)
 
 
 def avx2_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
@@ -634,20 +646,19 @@ def avx2_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None, sta
     return int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
 
 
-def avx2_asymmetric_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None,
-                          static_scale: torch.Tensor | None, qmin: int, qmax: int, clip_ratio: Clip = 1.0
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`asymmetric_int8_codes`, per token by the AVX2 op's `block_codes` (one call, the same bits), otherwise by
-    torch's operations."""
+def asymmetric_op_codes(op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
+                        qmin: int, qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`asymmetric_int8_codes`, per token by an op's `block_codes` (the VNNI op or the AVX2 op: one call, the same
+    bits), otherwise by torch's operations."""
     if dynamic == "token":
-        return block_codes(avx2_op, rows, qmin, qmax, clip_ratio, asymmetric=True)
+        return block_codes(op, rows, qmin, qmax, clip_ratio, asymmetric=True)
     return asymmetric_int8_codes(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
 
 
 @functools.cache
 def _avx2_quantizer(avx2_op: ModuleType, asymmetric: bool = False) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`avx2_codes` (or `avx2_asymmetric_codes`) on ``avx2_op``, with `int8_codes`' arguments."""
-    return functools.partial(avx2_asymmetric_codes if asymmetric else avx2_codes, avx2_op)
+    """`avx2_codes` (or `asymmetric_op_codes`) on ``avx2_op``, with `int8_codes`' arguments."""
+    return functools.partial(asymmetric_op_codes if asymmetric else avx2_codes, avx2_op)
 
 
 def _compiled_kernels(rows: torch.Tensor) -> tuple[Callable, Callable] | None:

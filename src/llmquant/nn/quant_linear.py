@@ -252,8 +252,11 @@ class QuantLinear(nn.Module):
             caches += [w.nibbles] if w.nibbles.untyped_storage().data_ptr() != packed_memory else []  # (4-bit: a view)
             caches += w.int16_weight.tensors() if w.int16_weight is not None else []
         caches += self._weight_only_pack or ()
-        if self._input_group_weights is not None and isinstance(groups := self._input_group_weights[3], list):
+        groups = self._input_group_weights[3] if self._input_group_weights is not None else None
+        if isinstance(groups, list):
             caches += groups  # (an Avx2Weight is the int8 weight's cache, counted above)
+        elif isinstance(groups, GroupedWeight):  # (the decode op's packed copy for inputs in groups: its own)
+            caches += groups.tensors()
         return [tensor for tensor in caches if tensor is not None]
 
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,9 +483,10 @@ class QuantLinear(nn.Module):
 
     def _input_grouped_forward(self, x: torch.Tensor, rows: torch.Tensor, weight_scale: torch.Tensor,
                                input_args: list) -> torch.Tensor:
-        """Inputs per token in groups (`grouped_inputs_forward`): one integer product per group of columns, int8
-        on the int8 runtime where ``torch._int_mm`` runs, every group in one call of the AVX2 op where it runs
-        instead (`Avx2Weight`), float32 codes otherwise (the same bits); what it multiplies made once per runtime."""
+        """Inputs per token in groups (`grouped_inputs_forward`): every group in one call of the decode op
+        (`GroupedWeight`) or of the AVX2 op (`Avx2Weight`) where one runs, else one integer product per group of
+        columns, int8 on the int8 runtime where ``torch._int_mm`` runs, float32 codes otherwise (the same bits); what
+        it multiplies made once per runtime."""
         _, _, qmin, qmax, clip = input_args
         group_size = self._input_groups
         cached = self._input_group_weights
@@ -492,13 +496,18 @@ class QuantLinear(nn.Module):
         return grouped_inputs_forward(x, rows, weight, integer, weight_scale, self.bias, group_size, qmin, qmax,
                                       clip, asymmetric=not self.input_spec.symmetric)
 
-    def _input_group_operands(self, device: torch.device) -> tuple[bool, list[torch.Tensor] | Avx2Weight]:
+    def _input_group_operands(self, device: torch.device
+                              ) -> tuple[bool, list[torch.Tensor] | Avx2Weight | GroupedWeight]:
         """Whether the grouped-input product is an integer one, and what it multiplies: on the int8 runtime the
-        AVX2 op's panels where it runs (even groups), else the weight's int8 codes in contiguous column groups where
-        ``torch._int_mm`` runs; otherwise (the simulation too) their float32 codes."""
+        decode op's packed copy where its `grouped_gemm` runs (groups of a multiple of 4), the AVX2 op's panels where
+        that op runs (even groups), else the weight's int8 codes in contiguous column groups where ``torch._int_mm``
+        runs; otherwise (the simulation too) their float32 codes."""
         group_size = self._input_groups
         spec = self.weight_spec
         weight_group = group_size if spec is not None and spec.granularity == "group" else 0
+        if self.runtime == "int8" and grouped_gemm_refusal(device, self.in_features, group_size) is None:
+            codes = self.codes().to(torch.int8) if self.packed else self.weight
+            return True, GroupedWeight.from_codes(codes, self.weight_scale, group_size)
         if (self.runtime == "int8" and group_size % 2 == 0
                 and avx2_weight_refusal(device, self.in_features, weight_group) is None):
             weight = self._int8_weight()  # (where the AVX2 op runs: its panels, with the weight's group scales)
@@ -598,9 +607,10 @@ class QuantLinear(nn.Module):
         decode = False
         spec = self.weight_spec
         if (self.runtime == "int8" and self.supports_int8 and spec is not None and spec.granularity != "group"
-                and self.input_spec.symmetric and not self._input_groups):  # (the decode op: symmetric, per token)
+                and not self._input_groups):  # (the decode op: per token or tensor, or static)
             weight_scale, *input_args = self._int8_args()
-            decode = decode_rows(self._int8_weight(), weight_scale, self.bias, self.in_features, *input_args) or False
+            decode = decode_rows(self._int8_weight(), weight_scale, self.bias, self.in_features, *input_args,
+                                 asymmetric=not self.input_spec.symmetric) or False
         self._decode_rows = decode
         return decode
 
