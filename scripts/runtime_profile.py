@@ -50,9 +50,9 @@ q/k/v group of its shapes behind an online Hadamard (4-bit per-token inputs with
 32, 2048 tokens), medians of 15 and 7 calls; it prints the ratios' and the error's checksums, which another commit's
 code (``PYTHONPATH`` into a ``git worktree``, as for ``layer``) must match.
 ``attention`` times a causal prefill's attention at the default model's heads (9 query and 3 KV heads of 64) from
-128 to 2,048 positions at ``--batch``: torch's sdpa (``is_causal``) against `causal_block_attention` in blocks of 32,
-64 (`BLOCK`) and 128 query rows, alternating, medians of 15 rounds after an untimed one, with the largest difference
-from sdpa's output.
+128 to 2,048 positions (767 and 768: either side of `MAX_POSITIONS`) at ``--batch``: torch's sdpa (``is_causal``)
+against `causal_block_attention` in blocks of 32, 64 (`BLOCK`) and 128 query rows, alternating, medians of 15 rounds
+after an untimed one, with the largest difference from sdpa's output.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
@@ -921,7 +921,7 @@ def causal_attention(batch: int, rounds: int = 15) -> None:
     from llmquant.nn.causal_blocks import causal_block_attention
 
     generator = torch.Generator().manual_seed(0)
-    for positions in (128, 256, 384, 512, 768, 1024, 2048):
+    for positions in (128, 256, 384, 512, 640, 767, 768, 1024, 2048):
         query = torch.randn(batch, 9, positions, 64, generator=generator)
         key, value = (torch.randn(batch, 3, positions, 64, generator=generator) for _ in range(2))
         ways = {"sdpa": functools.partial(_sdpa_causal, query, key, value)}

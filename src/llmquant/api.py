@@ -115,7 +115,7 @@ def load(path_or_id: str | os.PathLike | None = None, runtime: str = "int8", dev
     the model in memory (the W8A8 Linears and the KV cache give the same logits on both: BENCHMARKS.md, tests).
     ``attention``: "auto" (the default: "blocks" where the model's attention is sdpa, else "model"), "model" (its own
     implementation), "blocks" (a causal prefill on the CPU in blocks of query rows that read only the keys they see:
-    the same function, faster below 1,024 positions) or "bfloat16" (a float32 model's attention in bfloat16, a choice
+    the same function, faster below 768 positions) or "bfloat16" (a float32 model's attention in bfloat16, a choice
     that changes the function): `llmquant.nn.attention_choice`.
     """
     target, wanted = resolve_device(device), resolve_dtype(dtype)

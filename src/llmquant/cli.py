@@ -423,7 +423,7 @@ def _attention_flag(parser: argparse.ArgumentParser, whose: str = "", flag: str 
     parser.add_argument(flag, default=default, choices=ATTENTIONS,
                         help=f"how the attention{whose} runs (default {default}): auto (blocks where it is sdpa, else "
                              "model), model (as transformers runs it), blocks (a causal prefill on the CPU in blocks "
-                             "of query rows that read only the keys they see: the same function, faster below 1,024 "
+                             "of query rows that read only the keys they see: the same function, faster below 768 "
                              "positions) or bfloat16 (a float32 model's attention in bfloat16: faster on the AMX CPU "
                              "it was measured on, and a different function); BENCHMARKS.md")
 

@@ -2,7 +2,7 @@
 
 - ``"model"``: the model's own implementation, as transformers runs it.
 - ``"blocks"``: a causal prefill on the CPU in blocks of query rows, each reading only the keys it can see
-  (`llmquant.nn.causal_blocks`): the same function to float32's rounding, about half the products below 1,024
+  (`llmquant.nn.causal_blocks`): the same function to float32's rounding, about half the products below 768
   positions; anything else as sdpa.
 - ``"auto"`` (the default of `llmquant.load`): ``"blocks"`` where the model's attention is sdpa, else ``"model"``.
 - ``"bfloat16"``: attention in bfloat16 inside a float32 model, off by default. softmax(q k^T / sqrt(d)) v has no

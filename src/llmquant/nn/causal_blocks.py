@@ -3,13 +3,17 @@ sdpa, with about half the products of a short prefill on the CPU.
 
 softmax(q_i k_j^T * scale) over j <= i, times v: query rows [s, e) need the keys [0, e) only, the last e - s of them
 under the causal mask ``tril`` shifted by s. torch's CPU flash attention (``scaled_dot_product_attention``,
-``is_causal``) walks the keys in blocks of 512, so below about 1,024 positions it multiplies the whole score matrix
-and masks half of it: on an AMD EPYC (Zen 4), one thread, 9 query and 3 KV heads of 64 at 512 positions, causal
-took 7.7 ms against 7.5 without any mask. `causal_block_attention` calls it once per block of `BLOCK` rows over the
-keys [0, e) (the first block square and causal, the others with a boolean mask): 5.1 ms; 384 positions 4.2 -> 3.0,
-1,024 positions 22.1 -> 19.3; at 2,048 positions torch's own key blocks skip as much (71.6 against 71.8), hence
-`MAX_POSITIONS` (BENCHMARKS.md "Runtimes"). The sums run in another order: not the same bits, the same function to
-float32's rounding (tested).
+``is_causal``) takes the keys in blocks of 512 and, below 768 positions, the queries in blocks of at most 64 rows,
+so a short prefill multiplies the whole score matrix and masks half of it (one-off: 9 query and 3 KV heads of 64 at
+512 positions, one thread, 7.7 ms causal against 7.5 ms without any mask). `causal_block_attention` calls it once per
+block of `BLOCK` rows over the keys [0, e) (the first block square and causal, the others with a boolean mask).
+`scripts/runtime_profile.py attention` on an AMD EPYC (Zen 4), those heads, batch 1: 512 positions 7.70 -> 5.45 ms
+on one thread, 4.89 -> 4.59 and 3.99 -> 3.23 on two (two runs); 384 positions 4.28 -> 3.08 and 2.41 -> 1.96; 767
+positions 13.95 -> 11.52 and 8.99 -> 9.26 / 7.42 -> 6.68. From 768 positions torch's query blocks grow to 256 rows
+and its kernel skips the key blocks past them: on two threads 768 positions 6.99 -> 9.22 / 6.60 -> 6.65, 2,048
+positions 41.0 -> 58.1 (on one, 2,048 positions 72.3 -> 74.6); hence `MAX_POSITIONS` (BENCHMARKS.md "Runtimes"). The
+sums run in another order: not the same bits, the same function to float32's rounding (largest difference 4.2e-7
+there; tested).
 
 `blocked_sdpa_attention` is transformers' sdpa attention with that path for a causal prefill on the CPU (no mask,
 as many keys as queries, no dropout, `MIN_POSITIONS` to `MAX_POSITIONS` positions) and transformers' own
@@ -27,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-BLOCK = 64  # query rows a call (measured: 32 and 64 alike on one thread, 64 ahead on two; 16 slower; module docstring)
+BLOCK = 64  # query rows a call (32 and 64 alike, 128 slower: `scripts/runtime_profile.py attention`)
 MIN_POSITIONS = 2 * BLOCK
-MAX_POSITIONS = 1024  # beyond, torch's own blocks of 512 keys skip the masked ones (module docstring)
+MAX_POSITIONS = 767  # from 768 positions torch's own blocks gain as much or more (module docstring)
 VARIANT = "blocks"
 
 

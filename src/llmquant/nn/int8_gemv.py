@@ -4,8 +4,10 @@ VPDPBUSD on the input codes made unsigned, corrected by each weight row's sum, e
 the bias in the torch path's float32 order; W4A8 and W4A4 weights in groups too, one scale per group), the same bits
 as `llmquant.nn.int8_linear`'s torch operations (tested); the input codes of prefills too (`token_codes`,
 `static_codes`), and W4A8 Linears (weights in groups) at any row count (`grouped_gemm`: the weight packed once in
-VPDPBUSD's layout, blocks of 6 rows by 32 outputs; the same bits as `grouped_linear`). The INT8 KV cache
-(`llmquant.nn.kv_storage`) takes its codes from the same op, and at decode steps its attention reads the int8 (or
+VPDPBUSD's layout, blocks of 6 rows by 32 outputs; the same bits as `grouped_linear`), W4A4 ones with inputs per
+token in groups too (`grouped_gemm`'s ``input_groups``: the bits of `input_grouped_linear`), their codes, asymmetric
+or with a clip ratio searched per token or group, in one call (`block_codes`, shared with the AVX2 op). The INT8 KV
+cache (`llmquant.nn.kv_storage`) takes its codes from the same op, and at decode steps its attention reads the int8 (or
 FP8) keys and values (`decode_attention`) instead of a dequantized copy of the cache (`dequantize_rows` makes that
 copy elsewhere). Weight-only int8 Linears (W8A16, per channel or in groups) run their decode rows on it too
 (`weight_only_linear`). Each product asks for the next block of weight rows while it multiplies this one.
