@@ -145,6 +145,18 @@ def test_grouped_inputs_compute_the_kernels_sum_of_group_products(name: str, row
     assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+def _counted_products_and_layer(name: str, weight_groups: bool, monkeypatch: pytest.MonkeyPatch
+                                ) -> tuple[list[int], QuantLinear]:
+    """The calls of ``torch._int_mm`` from here on (an entry each), and a layer with the inputs of
+    ``GROUPED_INPUTS[name]``, its weight per channel or in the inputs' groups."""
+    calls: list[int] = []
+    int_mm_op = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
+    spec = GROUPED_INPUTS[name]
+    return calls, _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4,
+                                 weight_group=spec.group_size if weight_groups else None)
+
+
 @pytest.mark.parametrize("name", GROUPED_INPUTS)
 @pytest.mark.parametrize("rows", [1, 3, 300])
 @pytest.mark.parametrize(("int_mm", "avx2"), [("0", "0"), ("1", "0"), ("0", "1")])
@@ -163,12 +175,7 @@ def test_grouped_inputs_on_the_int8_runtime_give_the_simulations_bits(name: str,
         if AVX2_OP_REFUSAL is not None:
             pytest.skip(f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
         feign_no_int8_instructions(monkeypatch)
-    calls = []
-    int_mm_op = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
-    spec = GROUPED_INPUTS[name]
-    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4,
-                           weight_group=spec.group_size if weight_groups else None)
+    calls, layer = _counted_products_and_layer(name, weight_groups, monkeypatch)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     set_runtime(layer, "fake")
     simulated = layer(x)
@@ -194,12 +201,7 @@ def test_grouped_inputs_on_the_decode_op_give_the_simulations_bits(name: str, ro
     refusal = int8_linear.grouped_gemm_refusal(torch.device("cpu"), 96, 16)
     if refusal is not None:
         pytest.skip(f"the decode op's grouped_gemm does not run here: {refusal}")
-    calls = []
-    int_mm_op = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *args: calls.append(1) or int_mm_op(*args))
-    spec = GROUPED_INPUTS[name]
-    layer = _grouped_layer(spec, weight_bits=8 if spec.bits == 8 else 4,
-                           weight_group=spec.group_size if weight_groups else None)
+    calls, layer = _counted_products_and_layer(name, weight_groups, monkeypatch)
     if not bias:
         layer.bias = None
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 0.5

@@ -12,7 +12,7 @@ on one thread, 4.89 -> 4.59 and 3.99 -> 3.23 on two (two runs); 384 positions 4.
 positions 13.95 -> 11.52 and 8.99 -> 9.26 / 7.42 -> 6.68. From 768 positions torch's query blocks grow to 256 rows
 and its kernel skips the key blocks past them: on two threads 768 positions 6.99 -> 9.22 / 6.60 -> 6.65, 2,048
 positions 41.0 -> 58.1 (on one, 2,048 positions 72.3 -> 74.6); hence `MAX_POSITIONS` (BENCHMARKS.md "Runtimes"). The
-sums run in another order: not the same bits, the same function to float32's rounding (largest difference 4.2e-7
+sums run in another order: not the same bits, the same function to float32's rounding (largest difference 4.8e-7
 there; tested).
 
 `blocked_sdpa_attention` is transformers' sdpa attention with that path for a causal prefill on the CPU (no mask,
