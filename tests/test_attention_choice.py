@@ -120,6 +120,9 @@ def test_causal_blocks_compute_sdpas_causal_attention(batch: int, heads: int, kv
     assert (blocked - reference).abs().max() < 2e-6  # the same function; the sums in another order
     smaller = causal_blocks.causal_block_attention(query, key, value, scale, block=16)
     assert (smaller - reference).abs().max() < 2e-6
+    mask = causal_blocks._visible(16, 48, torch.float32, torch.device("cpu"))  # rows 48..63 over keys 0..63
+    seen = torch.ones(16, 64, dtype=torch.bool).tril(48)
+    assert torch.equal(mask == 0, seen) and bool((mask[~seen] == float("-inf")).all())
 
 
 def _counted_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:

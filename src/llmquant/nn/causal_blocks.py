@@ -6,7 +6,7 @@ under the causal mask ``tril`` shifted by s. torch's CPU flash attention (``scal
 ``is_causal``) takes the keys in blocks of 512 and, below 768 positions, the queries in blocks of at most 64 rows,
 so a short prefill multiplies the whole score matrix and masks half of it (one-off: 9 query and 3 KV heads of 64 at
 512 positions, one thread, 7.7 ms causal against 7.5 ms without any mask). `causal_block_attention` calls it once per
-block of `BLOCK` rows over the keys [0, e) (the first block square and causal, the others with a boolean mask).
+block of `BLOCK` rows over the keys [0, e) (the first block square and causal, the others with an additive mask).
 `scripts/runtime_profile.py attention` on an AMD EPYC (Zen 4), those heads, batch 1: 512 positions 7.70 -> 5.45 ms
 on one thread, 4.89 -> 4.59 and 3.99 -> 3.23 on two (two runs); 384 positions 4.28 -> 3.08 and 2.41 -> 1.96; 767
 positions 13.95 -> 11.52 and 8.99 -> 9.26 / 7.42 -> 6.68. From 768 positions torch's query blocks grow to 256 rows
@@ -38,9 +38,12 @@ VARIANT = "blocks"
 
 
 @functools.lru_cache(maxsize=64)
-def _visible(rows: int, start: int, device: torch.device) -> torch.Tensor:
-    """[rows, start + rows] booleans: query row start + r sees the keys 0 .. start + r."""
-    return torch.ones(rows, start + rows, dtype=torch.bool, device=device).tril(start)
+def _visible(rows: int, start: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[rows, start + rows]: 0 where query row start + r sees the key (0 .. start + r), -inf elsewhere; the additive
+    mask sdpa makes of a boolean one at every call (`aten::where`: 420 calls and 11 ms of a 543-ms prefill, one
+    thread, `scripts/runtime_profile.py profile`), made once."""
+    seen = torch.ones(rows, start + rows, dtype=torch.bool, device=device).tril(start)
+    return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
 
 
 def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
@@ -54,7 +57,7 @@ def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     output = query.new_empty(batch, positions, heads, value.shape[-1])
     for start in range(0, positions, block):
         end = min(start + block, positions)
-        mask = None if start == 0 else _visible(end - start, start, query.device)
+        mask = None if start == 0 else _visible(end - start, start, query.dtype, query.device)
         rows = F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
                                               attn_mask=mask, is_causal=start == 0, scale=scale, enable_gqa=grouped)
         output[:, start:end] = rows.transpose(1, 2)
