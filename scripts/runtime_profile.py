@@ -20,6 +20,7 @@
     .venv/bin/python scripts/runtime_profile.py shared --model DIR  # online rotations shared by q/k/v, gate/up, or not
     .venv/bin/python scripts/runtime_profile.py search              # the clip search and one SmoothQuant scoring
     .venv/bin/python scripts/runtime_profile.py attention [--batch 8]  # causal prefill attention: sdpa, blocks
+    .venv/bin/python scripts/runtime_profile.py machine             # int8 and float32 product rates, copy rates
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -52,7 +53,10 @@ code (``PYTHONPATH`` into a ``git worktree``, as for ``layer``) must match.
 ``attention`` times a causal prefill's attention at the default model's heads (9 query and 3 KV heads of 64) from
 128 to 2,048 positions (767 and 768: either side of `MAX_POSITIONS`) at ``--batch``: torch's sdpa (``is_causal``)
 against `causal_block_attention` in blocks of 32, 64 (`BLOCK`) and 128 query rows, alternating, medians of 15 rounds
-after an untimed one, with the largest difference from sdpa's output.
+after an untimed one, with the largest difference from sdpa's output; beside them sdpa without a mask (the whole
+square) and sdpa (causal) on the same values in bfloat16.
+``machine`` times ``torch._int_mm`` against float32's ``F.linear`` at the default model's shapes (512 and 4096 rows)
+and a copy of 64 and 8 MiB: the rates that tell two CPUs of one name apart.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
 dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
@@ -912,8 +916,8 @@ def shared_rotations(model_dir: str, rounds: int = 15) -> None:
               f"({each / alone:5.3f}x)")
 
 
-def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True,
+def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=causal,
                                                             enable_gqa=True).transpose(1, 2)
 
 
@@ -927,9 +931,12 @@ def causal_attention(batch: int, rounds: int = 15) -> None:
         ways = {"sdpa": functools.partial(_sdpa_causal, query, key, value)}
         for block in (32, 64, 128):
             ways[f"blocks of {block}"] = functools.partial(causal_block_attention, query, key, value, block=block)
+        compared = list(ways)  # (the same function: their largest difference from sdpa's output is printed)
+        ways["sdpa without a mask"] = functools.partial(_sdpa_causal, query, key, value, causal=False)
+        ways["sdpa in bfloat16"] = functools.partial(_sdpa_causal, query.bfloat16(), key.bfloat16(), value.bfloat16())
         times: dict[str, list[float]] = {way: [] for way in ways}
         reference = ways["sdpa"]()
-        differences = {way: (run() - reference).abs().max().item() for way, run in ways.items()}
+        differences = {way: (ways[way]() - reference).abs().max().item() for way in compared}
         for _ in range(rounds):
             for way, run in ways.items():
                 start = time.perf_counter()
@@ -937,14 +944,36 @@ def causal_attention(batch: int, rounds: int = 15) -> None:
                 times[way].append(time.perf_counter() - start)
         print(f"{positions:5d} positions, batch {batch}: " + ", ".join(
             f"{way} {statistics.median(times[way]) * 1e3:7.2f} ms" + (f" (max diff {differences[way]:.1e})"
-                                                                       if way != "sdpa" else "") for way in ways))
+                                                                       if way in compared[1:] else "")
+            for way in ways))
+
+
+def machine(repeats: int = 15) -> None:
+    """The rates this CPU multiplies at and copies at, on the threads torch has: ``torch._int_mm`` against float32's
+    ``F.linear`` at the default model's q_proj, k_proj, gate_proj and down_proj shapes, 512 and 4096 rows (G
+    multiply-adds a second, medians of ``repeats``), and a copy of 64 MiB and of 8 MiB (GB a second, read + write)."""
+    generator = torch.Generator().manual_seed(0)
+    for rows in (512, 4096):
+        for name, (inner, outputs) in {"q_proj": (576, 576), "k_proj": (576, 192), "gate_proj": (576, 1536),
+                                       "down_proj": (1536, 576)}.items():
+            codes = torch.randint(-127, 128, (rows, inner), generator=generator, dtype=torch.int8)
+            weight = torch.randint(-127, 128, (outputs, inner), generator=generator, dtype=torch.int8)
+            int8 = median_us(functools.partial(torch._int_mm, codes, weight.t()), repeats)
+            float32 = median_us(functools.partial(torch.nn.functional.linear, codes.float(), weight.float()), repeats)
+            macs = rows * inner * outputs / 1e3  # (per microsecond: G a second)
+            print(f"{rows:5d} rows, {name} ({inner} -> {outputs}): _int_mm {macs / int8:6.1f}, F.linear "
+                  f"{macs / float32:5.1f} G multiply-adds/s ({float32 / int8:.2f}x)")
+    for size in (64 * 2**20, 8 * 2**20):
+        source, target = torch.ones(size // 4), torch.empty(size // 4)
+        copy = median_us(functools.partial(target.copy_, source), repeats)
+        print(f"copy of {size >> 20} MiB: {2 * size / copy / 1e3:5.1f} GB/s (read + write)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
-                                         "groups", "rotation", "shared", "search", "attention"])
+                                         "groups", "rotation", "shared", "search", "attention", "machine"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -993,6 +1022,8 @@ def main() -> None:
         searches()
     elif args.what == "attention":
         causal_attention(args.batch)
+    elif args.what == "machine":
+        machine()
     elif args.what == "shared":
         if args.model is None:
             parser.error("shared needs --model DIR (a checkpoint with online rotations)")

@@ -125,6 +125,18 @@ def test_causal_blocks_compute_sdpas_causal_attention(batch: int, heads: int, kv
     assert torch.equal(mask == 0, seen) and bool((mask[~seen] == float("-inf")).all())
 
 
+def test_the_blocks_additive_masks_give_the_bits_of_boolean_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`causal_block_attention` keeps additive masks (0, -inf) made once, where sdpa would turn boolean ones into
+    them at every call: the same bits."""
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(2, 6, 200, 64, generator=generator)
+    key, value = (torch.randn(2, 2, 200, 64, generator=generator) for _ in range(2))
+    additive = causal_blocks.causal_block_attention(query, key, value)
+    monkeypatch.setattr(causal_blocks, "_visible", lambda rows, start, dtype, device: torch.ones(
+        rows, start + rows, dtype=torch.bool, device=device).tril(start))
+    assert torch.equal(causal_blocks.causal_block_attention(query, key, value), additive)
+
+
 def _counted_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The calls of `causal_block_attention` from here on, one entry each."""
     calls: list[int] = []

@@ -128,6 +128,8 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
 
 
 needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
+_GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
+needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the decode op does not run here: {_GEMV_REFUSAL}")
 
 
 def _avx2(monkeypatch: pytest.MonkeyPatch) -> object:
@@ -547,10 +549,6 @@ def test_onednn_runs_from_its_row_count_and_is_packed_once(monkeypatch: pytest.M
     layer.drop_caches()
     layer(torch.randn(rows, 96))
     assert layer.runtime_caches() == []  # _int_mm multiplies the stored codes
-
-
-_GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
-needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the decode op does not run here: {_GEMV_REFUSAL}")
 
 
 @needs_gemv

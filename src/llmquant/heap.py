@@ -4,12 +4,12 @@ tensors of a prefill do not come from fresh pages at every call.
 glibc gives a freed block of at least ``M_MMAP_THRESHOLD`` bytes back to the system, and trims the heap's top
 beyond ``M_TRIM_THRESHOLD``; the next tensor of that size is then a fresh memory map whose every page faults in when
 it is first written. A prefill at batch 8 of the default model allocates and frees tensors of up to 25 MB at every
-Linear (the int32 products, the SiLU and the products of the MLP); on an AMD EPYC whose one core copies 21 GB/s,
-`llmquant bench` of the W8A8 per-token checkpoint prefilled 7-11% faster at batch 8 on one thread with the
-thresholds raised (BENCHMARKS.md, "A second AVX512-VNNI EPYC"). `retain_freed_memory` raises both for this process:
-freed blocks stay in the heap for the next tensor. Memory then is not returned to the system until the process ends, so
-the command line sets it for the commands that run a model (``bench``, ``eval``), not for ``quantize``, whose peak
-memory it reports and caps.
+Linear (the int32 products, the SiLU and the products of the MLP); on an AMD EPYC whose one core copies 27 GB/s
+(read and write, `scripts/runtime_profile.py machine`), `llmquant bench` of the W8A8 per-token checkpoint prefilled
+7-11% faster at batch 8 on one thread with the thresholds raised (BENCHMARKS.md, "A second AVX512-VNNI EPYC").
+`retain_freed_memory` raises both for this process: freed blocks stay in the heap for the next tensor. Memory then is
+not returned to the system until the process ends, so the command line sets it for the commands that run a model
+(``bench``, ``eval``), not for ``quantize``, whose peak memory it reports and caps.
 
 Not set: off glibc (another allocator has its own policy), where the user has set either threshold through
 glibc's environment variables (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``), or with ``LLMQUANT_HEAP=0``.

@@ -32,12 +32,12 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llmquant.errors import LlmquantError
+from llmquant.nn.causal_blocks import NAME as BLOCKS
 from llmquant.nn.causal_blocks import VARIANT, blocked_sdpa_attention
 from llmquant.nn.kv_cache import QUANTIZED_ATTENTION, VARIANT_SEPARATOR, attention_configs, quantizing_attention
 
 ATTENTIONS = ("auto", "model", "blocks", "bfloat16")
 WRAPPABLE = ("sdpa", QUANTIZED_ATTENTION)
-BLOCKS = "sdpa" + VARIANT_SEPARATOR + VARIANT
 
 
 def _in_bfloat16(base: str) -> Callable:
@@ -85,7 +85,7 @@ def set_attention(model: nn.Module, choice: str) -> str:
     if refused and choice != "auto":  # (checked for every config before any changes)
         raise LlmquantError(f"attention '{choice}' wraps sdpa attention; this model uses '{refused[0]}' "
                             f"(allowed: {', '.join(WRAPPABLE)}, or the attention 'model')")
-    variant = "model" if choice == "model" or refused else "blocks" if choice == "auto" else choice
+    variant = "model" if choice == "model" or refused else VARIANT if choice == "auto" else choice
     for config, base in zip(configs, bases, strict=True):
         config._attn_implementation = base if variant == "model" else base + VARIANT_SEPARATOR + variant
     return variant

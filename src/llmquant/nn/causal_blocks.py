@@ -4,8 +4,9 @@ sdpa, with about half the products of a short prefill on the CPU.
 softmax(q_i k_j^T * scale) over j <= i, times v: query rows [s, e) need the keys [0, e) only, the last e - s of them
 under the causal mask ``tril`` shifted by s. torch's CPU flash attention (``scaled_dot_product_attention``,
 ``is_causal``) takes the keys in blocks of 512 and, below 768 positions, the queries in blocks of at most 64 rows,
-so a short prefill multiplies the whole score matrix and masks half of it (one-off: 9 query and 3 KV heads of 64 at
-512 positions, one thread, 7.7 ms causal against 7.5 ms without any mask). `causal_block_attention` calls it once per
+so up to 512 positions it multiplies the whole score matrix and masks half of it, and up to 767 it skips at most one
+block of keys (`scripts/runtime_profile.py attention`, 9 query and 3 KV heads of 64, 512 positions, one thread: 7.69
+ms causal against 7.53 ms without any mask). `causal_block_attention` calls it once per
 block of `BLOCK` rows over the keys [0, e) (the first block square and causal, the others with an additive mask).
 `scripts/runtime_profile.py attention` on an AMD EPYC (Zen 4), those heads, batch 1: 512 positions 7.70 -> 5.45 ms
 on one thread, 4.89 -> 4.59 and 3.99 -> 3.23 on two (two runs); 384 positions 4.28 -> 3.08 and 2.41 -> 1.96; 767
@@ -31,10 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from llmquant.nn.kv_cache import VARIANT_SEPARATOR
+
 BLOCK = 64  # query rows a call (32 and 64 alike, 128 slower: `scripts/runtime_profile.py attention`)
 MIN_POSITIONS = 2 * BLOCK
 MAX_POSITIONS = 767  # from 768 positions torch's own blocks gain as much or more (module docstring)
 VARIANT = "blocks"
+NAME = "sdpa" + VARIANT_SEPARATOR + VARIANT  # what `llmquant.nn.attention_choice` registers it as
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,9 +71,11 @@ def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 def _takes_blocks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                   dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
     positions = query.shape[2]
+    if not MIN_POSITIONS <= positions <= MAX_POSITIONS:  # (first: a decode step, every layer, leaves here)
+        return False
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     return (causal and attention_mask is None and query.device.type == "cpu" and dropout == 0.0
-            and MIN_POSITIONS <= positions <= MAX_POSITIONS and key.shape[2] == positions
+            and key.shape[2] == positions
             and query.shape[1] % key.shape[1] == 0
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
 

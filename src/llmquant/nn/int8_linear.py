@@ -404,9 +404,8 @@ def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor,
     if isinstance(weight_groups, GroupedWeight):
         op = gemv_kernel()
         assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        weight = weight_groups
-        return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
-                            group_size, input_groups=True)
+        pack = (weight_groups.packed, weight_groups.sums128, weight_groups.scales)
+        return grouped_gemm(op, codes, pack, scale, bias, weight_groups.outputs, group_size, input_groups=True)
     if integer:
         return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias,
                                     lambda a, w: int8_matmul(a.contiguous(), w))

@@ -74,7 +74,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.causal_blocks import VARIANT as BLOCKS_VARIANT
+from llmquant.nn.causal_blocks import NAME as BLOCKED_SDPA
 from llmquant.nn.int8_gemv import (
     avx2_kernel,
     cpu_kernel,
@@ -86,7 +86,7 @@ from llmquant.nn.int8_gemv import (
     store_token_codes,
 )
 from llmquant.nn.int8_linear import avx2_codes, input_codes, op_codes
-from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, VARIANT_SEPARATOR, KVCacheQuantizer
+from llmquant.nn.kv_cache import CODE_READER, STORED_FLAG, KVCacheQuantizer
 from llmquant.quant import QuantSpec, qparams_for, quantize
 from llmquant.quant.primitives import codes_to_float
 
@@ -181,7 +181,7 @@ def workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.de
     return buffer[:size].view(shape)
 
 
-SDPA_AT_DECODE = ("sdpa", "sdpa" + VARIANT_SEPARATOR + BLOCKS_VARIANT)  # (blocks: sdpa itself at one query position)
+SDPA_AT_DECODE = ("sdpa", BLOCKED_SDPA)  # (the blocks: sdpa itself at one query position)
 GROWTH = 256  # positions by which a store grows when full
 
 

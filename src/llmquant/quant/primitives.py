@@ -179,9 +179,9 @@ def fake_quantize(
 def pairwise_row_sums(values: torch.Tensor) -> torch.Tensor:
     """Each row's sum ``[n, 1]`` of ``values`` ``[n, width]`` in one fixed order: zeros appended up to a power of two
     columns, then column j plus column j + half, halving until one column is left. An order a kernel repeats bit for
-    bit (the AVX2 op's `block_codes`), where torch's reductions choose theirs by the CPU's vector width. The padding
-    is not materialised: the first step adds the columns past the half that exist and adds 0 to the others (the same
-    operations)."""
+    bit (the ops' `block_codes`, ``block_codes.h``), where torch's reductions choose theirs by the CPU's vector
+    width. The padding is not materialised: the first step adds the columns past the half that exist and adds 0 to
+    the others (the same operations)."""
     width = values.shape[1]
     if width <= 1:
         return values if width == 1 else values.new_zeros(values.shape[0], 1)
