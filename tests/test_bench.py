@@ -13,7 +13,7 @@ from torch import nn
 import llmquant
 from conftest import load_script, make_model
 from llmquant.cli import main
-from llmquant.evaluation.bench import disk_bytes, model_bytes, time_generation
+from llmquant.evaluation.bench import disk_bytes, model_bytes, round_ratios, time_generation
 from llmquant.nn.int8_gemv import avx2_gemv_refusal, gemv_refusal
 from llmquant.nn.int8_linear import int_mm_refusal
 from llmquant.nn.quant_linear import QuantLinear
@@ -55,6 +55,9 @@ def test_bench_json_has_every_figure_and_w8a8_is_smaller(
     assert found["quantized"]["memory_bytes"] < 0.7 * found["float32"]["memory_bytes"]
     assert found["quantized"]["disk_bytes"] < 0.7 * found["float32"]["disk_bytes"]
     assert ratios["memory"] == pytest.approx(found["quantized"]["memory_bytes"] / found["float32"]["memory_bytes"])
+    # one round: its paired ratio is the medians' ratio
+    for part in ("prefill", "decode"):
+        assert {b: r for b, (r,) in ratios["rounds"][part].items()} == pytest.approx(ratios[part])
     # below 128 rows the int8 runtime multiplies the stored codes (a transposed view): nothing kept besides the state
     # dict (oneDNN's prepacked copy, for longer prompts, is a runtime cache: tests/test_int8_linear.py) but, where the
     # decode op runs (decode steps), each weight's int32 row sums, and on a CPU without VNNI or AMX the codes packed in
@@ -75,9 +78,21 @@ def test_bench_prints_a_markdown_table(dirs: tuple[Path, Path], capsys: pytest.C
     assert main(["bench", "--model", str(w8a8), "--baseline", str(float_dir), *FAST, "--runtime", "fake"]) == 0
     out, err = capsys.readouterr()
     assert "bench: 100%" in err and "4/4" in err  # the progress: 1 round x 2 batches x 2 models
-    assert "| figure | float32 | quantized | quantized / float |" in out
+    assert "| figure | float32 | quantized | quantized / float | rounds |" in out
     assert "| prefill tokens/s, batch 2 |" in out and "| decode tokens/s, batch 1 |" in out
+    speed_rows = [line for line in out.splitlines() if "tokens/s" in line]
+    assert len(speed_rows) == 4 and all(line.count(" .. ") == 1 for line in speed_rows)  # the rounds' spread
     assert not out.strip().splitlines()[-1].startswith("{")  # no JSON without --json
+
+
+def test_round_ratios_pair_each_round_float_over_quantized() -> None:
+    """Seconds (prefill, decode) per round by batch: each round's float seconds over its quantized seconds."""
+    quantized = {1: [(1.0, 2.0), (2.0, 2.0)], 8: [(4.0, 1.0)]}
+    reference = {1: [(2.5, 3.0), (4.0, 5.0)], 8: [(8.0, 1.5)]}
+    assert round_ratios(quantized, reference) == {"prefill": {"1": [2.5, 2.0], "8": [2.0]},
+                                                  "decode": {"1": [1.5, 2.5], "8": [1.5]}}
+    with pytest.raises(ValueError):  # a round missing on one side is an error, not a shorter list
+        round_ratios({1: [(1.0, 1.0)]}, {1: [(1.0, 1.0), (2.0, 2.0)]})
 
 
 def test_model_bytes_counts_tied_weights_once() -> None:

@@ -14,6 +14,10 @@ Protocol (`run_bench`):
 - Interleaving: a short warm-up per model first (kernels, caches such as the int8 runtime's transposed
   weights), then ``repeats`` rounds; each round measures every batch size for every model in turn, so
   a load on the machine hits both models alike. The figure of a model is the median over rounds.
+- Ratios per round (``ratios["rounds"]``): float seconds / quantized seconds of each round's pair of measurements,
+  taken one right after the other. A load that comes and goes between rounds moves both sides of a pair, so their
+  spread (shown in the table as the lowest and highest) says how far the medians' ratio can be trusted on a busy
+  machine.
 - Memory: bytes of the model's parameters and buffers (a tensor shared by two names counted once), plus
   ``runtime_cache_bytes``, the tensors a runtime keeps after the first forward outside the state dict
   (a cached dequantized weight); disk: the size of every file of
@@ -213,6 +217,14 @@ def throughputs(times: dict[int, list], config: BenchConfig) -> tuple[dict[str, 
     return prefill, decode
 
 
+def round_ratios(quantized: dict[int, list], reference: dict[int, list]) -> dict[str, dict[str, list[float]]]:
+    """float seconds / quantized seconds of each round, prefill and decode by batch size (module docstring)."""
+    def per_round(part: int) -> dict[str, list[float]]:
+        return {str(b): [f[part] / q[part] for q, f in zip(quantized[b], reference[b], strict=True)] for b in quantized}
+
+    return {"prefill": per_round(0), "decode": per_round(1)}
+
+
 def ratios(quantized: ModelFigures, reference: ModelFigures) -> dict[str, Any]:
     """quantized / float for every figure (None where a size on disk is unknown)."""
     def per_batch(q: dict[str, float], f: dict[str, float]) -> dict[str, float]:
@@ -270,7 +282,9 @@ def run_bench(
         baseline_attention=attention_in_use(reference), threads=torch.get_num_threads(),
         device=_device_name(device_of(quantized)),
         baseline_dtype=dtype_name(next(reference.parameters()).dtype), quantized=figures["quantized"],
-        float32=figures["float"], ratios=ratios(figures["quantized"], figures["float"]),
+        float32=figures["float"],
+        ratios=ratios(figures["quantized"], figures["float"]) | {"rounds": round_ratios(times["quantized"],
+                                                                                     times["float"])},
         seconds=time.perf_counter() - start,
     )
 
@@ -287,27 +301,35 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _spread(values: list[float] | None) -> str:
+    return "-" if not values else f"{min(values):.3f} .. {max(values):.3f}"
+
+
 def markdown_table(result: BenchResult) -> str:
-    """The result as a Markdown table: one row per figure, float | quantized | ratio."""
+    """The result as a Markdown table: one row per figure, float | quantized | ratio | the rounds' lowest and
+    highest ratios (speed rows)."""
     q, f, r = result.quantized, result.float32, result.ratios
     c = result.config
     rows = [f"{c.prompt}-token prompts, {c.decode} decoded tokens, median of {c.repeats}, runtime "
             f"{result.runtime}, attention {result.attention} (baseline {result.baseline_attention}), "
             f"{result.device}, {result.threads} threads; model "
             f"{result.model}, baseline "
-            f"{result.baseline}", "", f"| figure | {result.baseline_dtype} | quantized | quantized / float |",
-            "|---|---|---|---|"]
+            f"{result.baseline}", "", f"| figure | {result.baseline_dtype} | quantized | quantized / float | rounds |",
+            "|---|---|---|---|---|"]
+    rounds = r.get("rounds", {})
     for batch in q.prefill_tokens_per_s:
         rows.append(f"| prefill tokens/s, batch {batch} | {f.prefill_tokens_per_s[batch]:.1f} | "
-                    f"{q.prefill_tokens_per_s[batch]:.1f} | {r['prefill'][batch]:.3f} |")
+                    f"{q.prefill_tokens_per_s[batch]:.1f} | {r['prefill'][batch]:.3f} | "
+                    f"{_spread(rounds.get('prefill', {}).get(batch))} |")
     for batch in q.decode_tokens_per_s:
         rows.append(f"| decode tokens/s, batch {batch} | {f.decode_tokens_per_s[batch]:.1f} | "
-                    f"{q.decode_tokens_per_s[batch]:.1f} | {r['decode'][batch]:.3f} |")
+                    f"{q.decode_tokens_per_s[batch]:.1f} | {r['decode'][batch]:.3f} | "
+                    f"{_spread(rounds.get('decode', {}).get(batch))} |")
     rows.append(f"| parameters + buffers (MiB) | {_mib(f.memory_bytes)} | {_mib(q.memory_bytes)} | "
-                f"{r['memory']:.3f} |")
+                f"{r['memory']:.3f} | |")
     rows.append(f"| + runtime caches (MiB) | {_mib(f.memory_bytes + f.runtime_cache_bytes)} | "
-                f"{_mib(q.memory_bytes + q.runtime_cache_bytes)} | {r['memory_with_runtime_cache']:.3f} |")
-    rows.append(f"| checkpoint on disk (MiB) | {_mib(f.disk_bytes)} | {_mib(q.disk_bytes)} | {_ratio(r['disk'])} |")
+                f"{_mib(q.memory_bytes + q.runtime_cache_bytes)} | {r['memory_with_runtime_cache']:.3f} | |")
+    rows.append(f"| checkpoint on disk (MiB) | {_mib(f.disk_bytes)} | {_mib(q.disk_bytes)} | {_ratio(r['disk'])} | |")
     return "\n".join(rows)
 
 
