@@ -85,6 +85,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import llmquant
+from llmquant.nn.attention_choice import ATTENTIONS
 from llmquant.nn.int8_gemv import kv_kernel
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
@@ -979,7 +980,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
     parser.add_argument("--also", nargs="*", default=[], help="decode: more checkpoints, with the op, in the same run")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--attention", default="auto", choices=["auto", "model", "blocks", "bfloat16"],
+    parser.add_argument("--attention", default="auto", choices=ATTENTIONS,
                         help="profile: how the attention runs (`llmquant.load`)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=12, help="profile: operators listed, by self CPU time")

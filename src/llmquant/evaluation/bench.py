@@ -301,8 +301,8 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def _spread(values: list[float] | None) -> str:
-    return "-" if not values else f"{min(values):.3f} .. {max(values):.3f}"
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.3f} .. {max(values):.3f}"
 
 
 def markdown_table(result: BenchResult) -> str:
@@ -316,15 +316,15 @@ def markdown_table(result: BenchResult) -> str:
             f"{result.model}, baseline "
             f"{result.baseline}", "", f"| figure | {result.baseline_dtype} | quantized | quantized / float | rounds |",
             "|---|---|---|---|---|"]
-    rounds = r.get("rounds", {})
+    rounds = r["rounds"]
     for batch in q.prefill_tokens_per_s:
         rows.append(f"| prefill tokens/s, batch {batch} | {f.prefill_tokens_per_s[batch]:.1f} | "
                     f"{q.prefill_tokens_per_s[batch]:.1f} | {r['prefill'][batch]:.3f} | "
-                    f"{_spread(rounds.get('prefill', {}).get(batch))} |")
+                    f"{_spread(rounds['prefill'][batch])} |")
     for batch in q.decode_tokens_per_s:
         rows.append(f"| decode tokens/s, batch {batch} | {f.decode_tokens_per_s[batch]:.1f} | "
                     f"{q.decode_tokens_per_s[batch]:.1f} | {r['decode'][batch]:.3f} | "
-                    f"{_spread(rounds.get('decode', {}).get(batch))} |")
+                    f"{_spread(rounds['decode'][batch])} |")
     rows.append(f"| parameters + buffers (MiB) | {_mib(f.memory_bytes)} | {_mib(q.memory_bytes)} | "
                 f"{r['memory']:.3f} | |")
     rows.append(f"| + runtime caches (MiB) | {_mib(f.memory_bytes + f.runtime_cache_bytes)} | "

@@ -141,6 +141,7 @@ class GroupedWeight:
     row count where the op runs: the codes packed in VPDPBUSD's layout with 128 times each group's code sums and
     the scales (`grouped_pack`), made once from the codes, which it does not keep (1 byte a weight in all)."""
 
+    op: ModuleType
     packed: torch.Tensor
     sums128: torch.Tensor
     scales: torch.Tensor
@@ -149,10 +150,20 @@ class GroupedWeight:
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int) -> GroupedWeight:
-        return cls(*grouped_pack(codes, weight_scale, group_size), codes.shape[0], group_size)
+        op = gemv_kernel()
+        assert op is not None  # (made where the op runs: `grouped_gemm_refusal`)
+        return cls(op, *grouped_pack(codes, weight_scale, group_size), codes.shape[0], group_size)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.packed, self.sums128, self.scales]
+
+    def __call__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_groups: bool = False) -> torch.Tensor:
+        """y for int8 ``codes`` ``[n, in]`` with ``scale``: the bits of `grouped_linear` or, ``input_groups``, of
+        `input_grouped_linear` (the input per token in groups of ``group_size`` columns, ``scale`` ``[n,
+        groups]``)."""
+        return grouped_gemm(self.op, codes, (self.packed, self.sums128, self.scales), scale, bias, self.outputs,
+                            self.group_size, input_groups)
 
 
 @dataclass(frozen=True)
@@ -402,10 +413,7 @@ def grouped_inputs_forward(source: torch.Tensor, rows: torch.Tensor,
     if isinstance(weight_groups, Avx2Weight):
         return weight_groups(codes, scale, bias, input_group_size=group_size)
     if isinstance(weight_groups, GroupedWeight):
-        op = gemv_kernel()
-        assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        pack = (weight_groups.packed, weight_groups.sums128, weight_groups.scales)
-        return grouped_gemm(op, codes, pack, scale, bias, weight_groups.outputs, group_size, input_groups=True)
+        return weight_groups(codes, scale, bias, input_groups=True)
     if integer:
         return input_grouped_linear(codes, scale, weight_groups, weight_scale, bias,
                                     lambda a, w: int8_matmul(a.contiguous(), w))
@@ -425,11 +433,7 @@ def grouped_int8_linear(rows: torch.Tensor, weight: Int8Weight | GroupedWeight |
     (`asymmetric_int8_codes`; an op's `block_codes` where one runs), which every product takes as it takes
     symmetric ones: c * s is the input's fake-quantized value."""
     if isinstance(weight, GroupedWeight):
-        op = gemv_kernel()
-        assert op is not None  # (a GroupedWeight is made where it runs: `grouped_gemm_refusal`)
-        codes, scale = _op_quantizer(op, asymmetric)(rows, dynamic, static_scale, qmin, qmax, clip_ratio)
-        return grouped_gemm(op, codes, (weight.packed, weight.sums128, weight.scales), scale, bias, weight.outputs,
-                            weight.group_size)
+        return weight(*_op_quantizer(weight.op, asymmetric)(rows, dynamic, static_scale, qmin, qmax, clip_ratio), bias)
     if isinstance(weight, Avx2Weight):
         quantize = _avx2_quantizer(weight.op, asymmetric)
         return weight(*quantize(rows, dynamic, static_scale, qmin, qmax, clip_ratio), bias)
