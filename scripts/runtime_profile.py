@@ -19,7 +19,7 @@
     .venv/bin/python scripts/runtime_profile.py rotation            # a randomized online Hadamard, by rows
     .venv/bin/python scripts/runtime_profile.py shared --model DIR  # online rotations shared by q/k/v, gate/up, or not
     .venv/bin/python scripts/runtime_profile.py search              # the clip search and one SmoothQuant scoring
-    .venv/bin/python scripts/runtime_profile.py attention [--batch 8]  # causal prefill attention: sdpa, blocks
+    .venv/bin/python scripts/runtime_profile.py attention [--batch 8]  # causal prefill attention: sdpa, blocks, the op
     .venv/bin/python scripts/runtime_profile.py machine             # int8 and float32 product rates, copy rates
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
@@ -51,10 +51,11 @@ q/k/v group of its shapes behind an online Hadamard (4-bit per-token inputs with
 32, 2048 tokens), medians of 15 and 7 calls; it prints the ratios' and the error's checksums, which another commit's
 code (``PYTHONPATH`` into a ``git worktree``, as for ``layer``) must match.
 ``attention`` times a causal prefill's attention at the default model's heads (9 query and 3 KV heads of 64) from
-128 to 2,048 positions (767 and 768: either side of `MAX_POSITIONS`) at ``--batch``: torch's sdpa (``is_causal``)
-against `causal_block_attention` in blocks of 32, 64 (`BLOCK`) and 128 query rows, alternating, medians of 15 rounds
-after an untimed one, with the largest difference from sdpa's output; beside them sdpa without a mask (the whole
-square) and sdpa (causal) on the same values in bfloat16.
+128 to 4,096 positions (767 and 768: either side of `MAX_POSITIONS`) at ``--batch``, the query laid out as transformers
+passes it: torch's sdpa (``is_causal``) against one sdpa call per block (`sdpa_blocks`) and the op
+(`causal_block_attention`, where it runs) in blocks of 32, 64 (`BLOCK`) and 128 query rows, alternating, medians of
+15 rounds after an untimed one, with the largest difference from sdpa's output; beside them sdpa without a mask (the
+whole square) and sdpa (causal) on the same values in bfloat16.
 ``machine`` times ``torch._int_mm`` against float32's ``F.linear`` at the default model's shapes (512 and 4096 rows)
 and a copy of 64 and 8 MiB: the rates that tell two CPUs of one name apart.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
@@ -923,15 +924,18 @@ def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ca
 
 
 def causal_attention(batch: int, rounds: int = 15) -> None:
-    from llmquant.nn.causal_blocks import causal_block_attention
+    from llmquant.nn.causal_blocks import attention_op, causal_block_attention, sdpa_blocks
 
     generator = torch.Generator().manual_seed(0)
-    for positions in (128, 256, 384, 512, 640, 767, 768, 1024, 2048):
-        query = torch.randn(batch, 9, positions, 64, generator=generator)
+    for positions in (128, 256, 384, 512, 640, 767, 768, 1024, 2048, 4096):
+        query = torch.randn(batch, positions, 9, 64, generator=generator).transpose(1, 2)  # (transformers' layout)
         key, value = (torch.randn(batch, 3, positions, 64, generator=generator) for _ in range(2))
         ways = {"sdpa": functools.partial(_sdpa_causal, query, key, value)}
         for block in (32, 64, 128):
-            ways[f"blocks of {block}"] = functools.partial(causal_block_attention, query, key, value, block=block)
+            ways[f"sdpa blocks of {block}"] = functools.partial(sdpa_blocks, query, key, value, block=block)
+            if attention_op(query) is not None:
+                ways[f"op blocks of {block}"] = functools.partial(causal_block_attention, query, key, value,
+                                                                  block=block)
         compared = list(ways)  # (the same function: their largest difference from sdpa's output is printed)
         ways["sdpa without a mask"] = functools.partial(_sdpa_causal, query, key, value, causal=False)
         ways["sdpa in bfloat16"] = functools.partial(_sdpa_causal, query.bfloat16(), key.bfloat16(), value.bfloat16())

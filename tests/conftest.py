@@ -81,7 +81,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Why the AVX2 op of `llmquant.nn.int8_gemv` cannot run here even on a CPU without VNNI or AMX (no AVX2, no compiler)
-AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_features().avx2 else int8_gemv._tool_refusal()
+AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_features().avx2 else int8_gemv.tool_refusal()
 
 
 def load_script(name: str) -> ModuleType:

@@ -4,8 +4,10 @@ Attention in bfloat16 inside a float32 model: close to the float32 function but 
 and p), float32 for one query position (a decode step), undone exactly by "model", composed with the INT8 KV cache of
 the int8 runtime (in either order), chosen by `llmquant.load`, ``llmquant eval`` and ``llmquant bench``.
 
-The causal blocks (`llmquant.nn.causal_blocks`): sdpa's causal function to float32's rounding at every length, with
-grouped heads, batches and a given scale; transformers' own sdpa, bit for bit, wherever the blocks do not apply; the
+The causal blocks (`llmquant.nn.causal_blocks`), by the C++ op and by one sdpa call per block: sdpa's causal function
+to float32's rounding at every length, with grouped heads, batches, a given scale, a query laid out as transformers
+passes it, scores far apart; a NaN reaches the rows that see it and no other; without the op (switched off, a failed
+build) the sdpa calls, with their limit; transformers' own sdpa, bit for bit, wherever the blocks do not apply; the
 default ("auto") where the attention is sdpa, the model's own elsewhere; under the INT8 KV cache, whose decode steps
 still read the int8 codes. Bad choices get one clear error."""
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 import llmquant
-from conftest import VOCAB, logits, make_model, relative_error
+from conftest import AVX2_OP_REFUSAL, VOCAB, logits, make_model, relative_error
 from llmquant.cli import main
 from llmquant.errors import LlmquantError
 from llmquant.nn import causal_blocks
@@ -114,15 +116,85 @@ def test_causal_blocks_compute_sdpas_causal_attention(batch: int, heads: int, kv
     generator = torch.Generator().manual_seed(positions)
     query = torch.randn(batch, heads, positions, 64, generator=generator)
     key, value = (torch.randn(batch, kv_heads, positions, 64, generator=generator) for _ in range(2))
-    blocked = causal_blocks.causal_block_attention(query, key, value, scale)
-    reference = _sdpa_causal(query, key, value, scale)
-    assert blocked.shape == reference.shape == (batch, positions, heads, 64)
-    assert (blocked - reference).abs().max() < 2e-6  # the same function; the sums in another order
-    smaller = causal_blocks.causal_block_attention(query, key, value, scale, block=16)
-    assert (smaller - reference).abs().max() < 2e-6
+    exact = _sdpa_causal(query.double(), key.double(), value.double(), scale)
+    sdpas_error = (_sdpa_causal(query, key, value, scale) - exact).abs().max()  # float32 sdpa's own rounding
+    for way in (causal_blocks.causal_block_attention, causal_blocks.sdpa_blocks):  # (the op where it runs)
+        for block in (causal_blocks.BLOCK, 16):
+            blocked = way(query, key, value, scale, block)
+            assert blocked.shape == exact.shape == (batch, positions, heads, 64)
+            # the same function, the sums in another order: as far from float64's as float32 sdpa, to 1.5x + 1e-7
+            assert (blocked - exact).abs().max() <= 1.5 * sdpas_error + 1e-7, (way, block)
     mask = causal_blocks._visible(16, 48, torch.float32, torch.device("cpu"))  # rows 48..63 over keys 0..63
     seen = torch.ones(16, 64, dtype=torch.bool).tril(48)
     assert torch.equal(mask == 0, seen) and bool((mask[~seen] == float("-inf")).all())
+
+
+needs_the_op = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the attention op cannot run here: "
+                                                                          f"{AVX2_OP_REFUSAL}")
+
+
+@needs_the_op
+def test_the_attention_op_computes_sdpas_causal_attention_from_transformers_layout() -> None:
+    """The query as transformers passes it (a transposed view of [batch, positions, heads, dim]), 129 positions (a
+    last block of one row), scores far apart (softmax near one-hot: the exponential's underflow to 0)."""
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(2, 129, 6, 64, generator=generator).transpose(1, 2)
+    key, value = (torch.randn(2, 2, 129, 64, generator=generator) for _ in range(2))
+    assert causal_blocks.attention_op(query) is not None and not query.is_contiguous()
+    for scale in (None, 4.0):
+        reference = _sdpa_causal(query, key, value, scale)
+        computed = causal_blocks.causal_block_attention(query, key, value, scale)
+        assert (computed - reference).abs().max() < 2e-6 * reference.abs().max()
+    assert causal_blocks.max_positions(query) == causal_blocks.OP_MAX_POSITIONS
+
+
+@needs_the_op
+def test_a_nan_reaches_the_rows_that_see_it_and_no_other() -> None:
+    """A NaN in query row 70 makes that row NaN; a NaN in key 100 makes the rows from 100 on NaN (each sees it),
+    those before it finite, as sdpa."""
+    generator = torch.Generator().manual_seed(8)
+    query = torch.randn(1, 2, 200, 64, generator=generator)
+    key, value = (torch.randn(1, 1, 200, 64, generator=generator) for _ in range(2))
+    query[0, 1, 70, 5] = float("nan")
+    rows_with_nan = causal_blocks.causal_block_attention(query, key, value).isnan().any(-1)[0]  # [positions, heads]
+    assert rows_with_nan[70, 1] and int(rows_with_nan.sum()) == 1
+    query[0, 1, 70, 5] = 0.0
+    key[0, 0, 100, 3] = float("nan")
+    rows_with_nan = causal_blocks.causal_block_attention(query, key, value).isnan().any(-1)[0]
+    assert bool(rows_with_nan[100:].all()) and not rows_with_nan[:100].any()
+
+
+def test_without_the_op_the_blocks_are_sdpa_calls_with_their_limit(monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Switched off (``LLMQUANT_GEMV=0``) or failing to build (logged, kept as the reason): one sdpa call per block,
+    up to `MAX_POSITIONS`."""
+    generator = torch.Generator().manual_seed(9)
+    query = torch.randn(1, 4, 160, 32, generator=generator)
+    key, value = (torch.randn(1, 2, 160, 32, generator=generator) for _ in range(2))
+    by_sdpa = causal_blocks.sdpa_blocks(query, key, value)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    assert causal_blocks.attention_op_refusal(query) == "off (LLMQUANT_GEMV=0)"
+    assert causal_blocks.max_positions(query) == causal_blocks.MAX_POSITIONS
+    assert torch.equal(causal_blocks.causal_block_attention(query, key, value), by_sdpa)
+    assert causal_blocks.attention_op_refusal(query.bfloat16()) == "off (LLMQUANT_GEMV=0)"  # (the switch first)
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    assert causal_blocks.attention_op_refusal(query.double()) == "torch.float64 states (the op takes float32)"
+
+    def failing(**_kwargs: object) -> object:
+        raise RuntimeError("Error building extension 'llmquant_causal_attention'")
+
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(causal_blocks, "_op", None)
+    monkeypatch.setattr(causal_blocks, "_build_error", None)
+    monkeypatch.setattr(causal_blocks, "tool_refusal", lambda: None)
+    monkeypatch.setattr(causal_blocks, "cpu_features", lambda: type("Features", (), {"avx2": True})())
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    assert causal_blocks.attention_op(query) is None
+    assert causal_blocks.attention_op_refusal(query) == ("building causal_attention.cpp failed (RuntimeError: Error "
+                                                         "building extension 'llmquant_causal_attention')")
+    assert "one sdpa call per block runs instead" in caplog.text
+    assert torch.equal(causal_blocks.causal_block_attention(query, key, value), by_sdpa)
+    assert causal_blocks.max_positions(query) == causal_blocks.MAX_POSITIONS
 
 
 def test_the_blocks_additive_masks_give_the_bits_of_boolean_ones(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -131,10 +203,10 @@ def test_the_blocks_additive_masks_give_the_bits_of_boolean_ones(monkeypatch: py
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(2, 6, 200, 64, generator=generator)
     key, value = (torch.randn(2, 2, 200, 64, generator=generator) for _ in range(2))
-    additive = causal_blocks.causal_block_attention(query, key, value)
+    additive = causal_blocks.sdpa_blocks(query, key, value)
     monkeypatch.setattr(causal_blocks, "_visible", lambda rows, start, dtype, device: torch.ones(
         rows, start + rows, dtype=torch.bool, device=device).tril(start))
-    assert torch.equal(causal_blocks.causal_block_attention(query, key, value), additive)
+    assert torch.equal(causal_blocks.sdpa_blocks(query, key, value), additive)
 
 
 def _counted_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -158,7 +230,7 @@ def test_the_blocked_attention_is_sdpa_itself_where_the_blocks_do_not_apply(monk
         return (torch.randn(2, heads, positions, dim, generator=generator),
                 *(torch.randn(2, kv_heads, kv_positions, dim, generator=generator) for _ in range(2)))
 
-    long = causal_blocks.MIN_POSITIONS
+    long, limit = causal_blocks.MIN_POSITIONS, causal_blocks.max_positions(torch.empty(0))
     mask = torch.ones(2, 1, long, long, dtype=torch.bool).tril()
     mask[0, ..., :3] = False  # padding
     cases = {  # name: (q, k, v, mask, options)
@@ -167,8 +239,7 @@ def test_the_blocked_attention_is_sdpa_itself_where_the_blocks_do_not_apply(monk
         "short": (*states(long - 1, long - 1), None, {}),
         "earlier positions in the cache": (*states(long, long + 5), None, {}),
         "not causal": (*states(long, long), None, {"is_causal": False}),
-        "longer than MAX_POSITIONS": (*states(causal_blocks.MAX_POSITIONS + 1, causal_blocks.MAX_POSITIONS + 1),
-                                      None, {}),
+        "longer than the limit": (*states(limit + 1, limit + 1), None, {}),
     }
     for name, (query, key, value, attention_mask, options) in cases.items():
         blocked, _ = causal_blocks.blocked_sdpa_attention(module, query, key, value, attention_mask, **options)

@@ -335,11 +335,11 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
     """The AVX2 op multiplies the int8 codes at every row count, packed in its panels once (no float32 copy of the
     weight), in one call; the same bits as the simulation."""
     calls: list[str] = []
-    original = int8_gemv._call
+    original = int8_gemv.call_op
     def counted(op: object, name: str, *args: object) -> object:
         calls.append(name if op is avx2_op else "")
         return original(op, name, *args)
-    monkeypatch.setattr(int8_gemv, "_call", counted)
+    monkeypatch.setattr(int8_gemv, "call_op", counted)
     monkeypatch.setattr(torch, "_int_mm", lambda *args: pytest.fail("torch._int_mm called"))
     layer = _layer(scheme, bias=True, group_size=32)
     fresh = copy.deepcopy(layer)  # (the simulation below makes the float32 codes: not this one's)
@@ -668,12 +668,12 @@ def test_without_a_compiler_the_decode_op_is_refused_once_and_torch_multiplies(m
     from torch.utils import cpp_extension
     monkeypatch.delenv("CXX")
     monkeypatch.setattr(int8_gemv, "_build_error", None)
-    monkeypatch.setattr(int8_gemv, "_tool_refusal", lambda: None)
+    monkeypatch.setattr(int8_gemv, "tool_refusal", lambda: None)
     monkeypatch.setattr(cpp_extension, "load", failing)
     assert int8_gemv.gemv_kernel() is None
     assert int8_gemv._build_error == ("building int8_gemv.cpp failed (RuntimeError: Error building extension "
                                       "'llmquant_int8_gemv')")
-    assert "decode steps use torch._int_mm" in caplog.text
+    assert "torch._int_mm runs instead" in caplog.text
 
 
 @pytest.mark.skipif(not int8_gemv.cpu_features().avx2, reason="no AVX2 here")
@@ -695,12 +695,12 @@ def test_where_the_avx2_op_cannot_be_built_the_codes_multiply_as_float32(monkeyp
 
     from torch.utils import cpp_extension
     monkeypatch.delenv("CXX")
-    monkeypatch.setattr(int8_gemv, "_tool_refusal", lambda: None)
+    monkeypatch.setattr(int8_gemv, "tool_refusal", lambda: None)
     monkeypatch.setattr(cpp_extension, "load", failing)
     assert int8_gemv.avx2_kernel(torch.empty(0)) is None
     assert int8_gemv.avx2_gemv_refusal(cpu) == ("building int8_gemv_avx2.cpp failed (RuntimeError: Error building "
                                                 "extension 'llmquant_int8_gemv_avx2')")
-    assert "decode steps use the float32 product of the codes" in caplog.text
+    assert "the float32 product of the codes runs instead" in caplog.text
     layer = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
     fresh = copy.deepcopy(layer)
     x = torch.randn(3, 96)

@@ -1,42 +1,58 @@
 """Causal prefill attention in blocks of query rows, each reading only the keys it can see: the same function as
-sdpa, with about half the products of a short prefill on the CPU.
+sdpa, with about half the products of a prefill on the CPU.
 
 softmax(q_i k_j^T * scale) over j <= i, times v: query rows [s, e) need the keys [0, e) only, the last e - s of them
 under the causal mask ``tril`` shifted by s. torch's CPU flash attention (``scaled_dot_product_attention``,
 ``is_causal``) takes the keys in blocks of 512 and, below 768 positions, the queries in blocks of at most 64 rows,
 so up to 512 positions it multiplies the whole score matrix and masks half of it, and up to 767 it skips at most one
 block of keys (`scripts/runtime_profile.py attention`, 9 query and 3 KV heads of 64, 512 positions, one thread: 7.69
-ms causal against 7.53 ms without any mask). `causal_block_attention` calls it once per
-block of `BLOCK` rows over the keys [0, e) (the first block square and causal, the others with an additive mask).
-`scripts/runtime_profile.py attention` on an AMD EPYC (Zen 4), those heads, batch 1: 512 positions 7.70 -> 5.45 ms
-on one thread, 4.89 -> 4.59 and 3.99 -> 3.23 on two (two runs); 384 positions 4.28 -> 3.08 and 2.41 -> 1.96; 767
-positions 13.95 -> 11.52 and 8.99 -> 9.26 / 7.42 -> 6.68. From 768 positions torch's query blocks grow to 256 rows
-and its kernel skips the key blocks past them: on two threads 768 positions 6.99 -> 9.22 / 6.60 -> 6.65, 2,048
-positions 41.0 -> 58.1 (on one, 2,048 positions 72.3 -> 74.6); hence `MAX_POSITIONS` (BENCHMARKS.md "Runtimes"). The
-sums run in another order: not the same bits, the same function to float32's rounding (largest difference 4.8e-7
-there; tested).
+ms causal against 7.53 ms without any mask). `causal_block_attention` computes each block of `BLOCK` rows over the
+keys [0, e) in one of two ways, the same function to float32's rounding (the sums in another order; tested):
+
+- the op (``causal_attention.cpp``, built by torch's cpp_extension like the int8 ops of `llmquant.nn.int8_gemv`, on
+  x86 CPUs with AVX2): each (batch, head, block) a piece of work of two float32 products (BLAS's sgemm, torch's own)
+  and the softmax between them, the pieces on torch's threads from a shared counter, the longest first, from
+  `MIN_POSITIONS` to `OP_MAX_POSITIONS` positions. On the AMD EPYC (Zen 4) of BENCHMARKS.md, those heads, batch 1,
+  two threads: 512 positions 4.00 ms for sdpa, 3.07 for one sdpa call per block, 2.31 for the op; 767 positions 8.99,
+  8.91, 5.47; 2,048 positions 38.8, 41.0, 32.0; 4,096 positions 141 for sdpa, 130 for the op (one thread: 512
+  positions 7.51, 4.94, 4.29);
+- without it (no AVX2, no compiler, ``LLMQUANT_GEMV=0``, not float32: `attention_op_refusal`): one sdpa call per
+  block (`sdpa_blocks`; the first block square and causal, the others with an additive mask), up to
+  `MAX_POSITIONS`: 64 rows of 9 heads are too few pieces for sdpa's threads (512 positions 4.94 -> 3.07 ms from one
+  thread to two, where the op goes 4.29 -> 2.31). From 768 positions torch's query blocks grow to 256 rows and its
+  kernel skips the key blocks past them: on two threads 768 positions 6.99 -> 9.22 / 6.60 -> 6.65, 2,048 positions
+  41.0 -> 58.1 (on one, 2,048 positions 72.3 -> 74.6), hence that limit (BENCHMARKS.md "Runtimes").
 
 `blocked_sdpa_attention` is transformers' sdpa attention with that path for a causal prefill on the CPU (no mask,
-as many keys as queries, no dropout, `MIN_POSITIONS` to `MAX_POSITIONS` positions) and transformers' own
-``sdpa_attention_forward`` for anything else (a mask, a decode step, a cache with earlier positions, a GPU, whose
-flash kernels skip the masked blocks themselves). `llmquant.nn.attention_choice` registers it as the variant
-``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so the model builds the same masks as for sdpa.
+as many keys as queries, no dropout, `MIN_POSITIONS` positions up to the limit of the way that runs) and
+transformers' own ``sdpa_attention_forward`` for anything else (a mask, a decode step, a cache with earlier
+positions, a GPU, whose flash kernels skip the masked blocks themselves). `llmquant.nn.attention_choice` registers it
+as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so the model builds the same masks as for sdpa.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from llmquant.nn.int8_gemv import build_op, call_op, cpu_features, tool_refusal
 from llmquant.nn.kv_cache import VARIANT_SEPARATOR
 
 BLOCK = 64  # query rows a call (32 and 64 alike, 128 slower: `scripts/runtime_profile.py attention`)
 MIN_POSITIONS = 2 * BLOCK
 MAX_POSITIONS = 767  # from 768 positions torch's own blocks gain as much or more (module docstring)
+OP_MAX_POSITIONS = 4096  # the op, as far as measured (module docstring)
+SOURCE = Path(__file__).with_name("causal_attention.cpp")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+_op: ModuleType | None = None
+_build_error: str | None = None
 VARIANT = "blocks"
 NAME = "sdpa" + VARIANT_SEPARATOR + VARIANT  # what `llmquant.nn.attention_choice` registers it as
 
@@ -50,12 +66,55 @@ def _visible(rows: int, start: int, dtype: torch.dtype, device: torch.device) ->
     return torch.zeros(seen.shape, dtype=dtype, device=device).masked_fill_(~seen, float("-inf"))
 
 
+def attention_op_refusal(tensor: torch.Tensor) -> str | None:
+    """Why the attention op does not run for ``tensor`` (the query), or None (it may still fail to build:
+    `attention_op`)."""
+    if os.environ.get("LLMQUANT_GEMV", "1") == "0":
+        return "off (LLMQUANT_GEMV=0)"
+    if tensor.device.type != "cpu":
+        return "not on the CPU"
+    if tensor.dtype != torch.float32:
+        return f"{tensor.dtype} states (the op takes float32)"
+    if not cpu_features().avx2:
+        return "the CPU has no AVX2 instructions"
+    return _build_error
+
+
+def attention_op(tensor: torch.Tensor) -> ModuleType | None:
+    """The built op where it runs for ``tensor`` (built on the first call, once per machine), else None (the reason
+    logged once and kept for `attention_op_refusal`)."""
+    global _op, _build_error
+    if attention_op_refusal(tensor) is not None:
+        return None
+    if _op is None:
+        _build_error = tool_refusal()
+        if _build_error is None:
+            _op, _build_error = build_op(SOURCE, "llmquant_causal_attention", FLAGS, "one sdpa call per block")
+    return _op
+
+
+def max_positions(query: torch.Tensor) -> int:
+    """The most positions the blocks take for ``query``: the op's limit where it runs, else the sdpa calls'."""
+    return OP_MAX_POSITIONS if attention_op(query) is not None else MAX_POSITIONS
+
+
 def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
                            block: int = BLOCK) -> torch.Tensor:
     """Causal attention of ``query`` [batch, heads, positions, dim] over ``key`` / ``value`` [batch, kv heads,
-    positions, dim] (as many positions; grouped heads when kv heads divide heads), one sdpa call per ``block`` query
-    rows over the keys up to its last row; returns [batch, positions, heads, dim], the layout transformers' attention
+    positions, dim] (as many positions; grouped heads when kv heads divide heads) in blocks of ``block`` query rows
+    over the keys up to each block's last row, by the op where it runs (float32 states, the last dimension
+    contiguous), else `sdpa_blocks`; returns [batch, positions, heads, dim], the layout transformers' attention
     functions return."""
+    op = attention_op(query)
+    if op is not None and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value)):
+        return call_op(op, "causal_attention", query, key, value,
+                       query.shape[-1] ** -0.5 if scale is None else scale, block)
+    return sdpa_blocks(query, key, value, scale, block)
+
+
+def sdpa_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+                block: int = BLOCK) -> torch.Tensor:
+    """`causal_block_attention` by one sdpa call per block."""
     batch, heads, positions, _ = query.shape
     grouped = key.shape[1] != heads
     output = query.new_empty(batch, positions, heads, value.shape[-1])
@@ -71,7 +130,7 @@ def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
 def _takes_blocks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                   dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
     positions = query.shape[2]
-    if not MIN_POSITIONS <= positions <= MAX_POSITIONS:  # (first: a decode step, every layer, leaves here)
+    if positions < MIN_POSITIONS or positions > max_positions(query):  # (first: a decode step, every layer, leaves)
         return False
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     return (causal and attention_mask is None and query.device.type == "cpu" and dropout == 0.0

@@ -83,10 +83,10 @@ def gemv_refusal(device: torch.device) -> str | None:
         return None
     if _build_error is not None:
         return _build_error
-    return _tool_refusal()
+    return tool_refusal()
 
 
-def _tool_refusal() -> str | None:
+def tool_refusal() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) to build it"
@@ -120,9 +120,9 @@ def gemv_kernel() -> ModuleType | None:
     reason logged once and kept for `gemv_refusal`)."""
     global _kernel, _build_error
     if _kernel is None and _build_error is None:
-        _build_error = _tool_refusal()
+        _build_error = tool_refusal()
         if _build_error is None:
-            _kernel, _build_error = _build(SOURCE, "llmquant_int8_gemv", FLAGS, "torch._int_mm")
+            _kernel, _build_error = build_op(SOURCE, "llmquant_int8_gemv", FLAGS, "torch._int_mm")
     return _kernel
 
 
@@ -140,7 +140,7 @@ def avx2_gemv_refusal(device: torch.device) -> str | None:
         return "the CPU has no AVX2 instructions"
     if _avx2_kernel is not None:
         return None
-    return _avx2_build_error if _avx2_build_error is not None else _tool_refusal()
+    return _avx2_build_error if _avx2_build_error is not None else tool_refusal()
 
 
 @dataclass(frozen=True)
@@ -194,27 +194,27 @@ def avx2_kernel(tensor: torch.Tensor) -> ModuleType | None:
     if avx2_gemv_refusal(tensor.device) is not None:
         return None
     if _avx2_kernel is None:
-        _avx2_kernel, _avx2_build_error = _build(AVX2_SOURCE, "llmquant_int8_gemv_avx2", AVX2_FLAGS,
+        _avx2_kernel, _avx2_build_error = build_op(AVX2_SOURCE, "llmquant_int8_gemv_avx2", AVX2_FLAGS,
                                                  "the float32 product of the codes")
     return _avx2_kernel
 
 
-def _build(source: Path, name: str, flags: list[str], instead: str) -> tuple[ModuleType | None, str | None]:
+def build_op(source: Path, name: str, flags: list[str], instead: str) -> tuple[ModuleType | None, str | None]:
     """The op built from ``source`` (kept by torch in ``TORCH_EXTENSIONS_DIR``), or None and why (logged once;
-    ``instead`` names what multiplies then)."""
-    log.info("int8 runtime: loading the decode kernel %s (built on its first use on a machine)", source.name)
+    ``instead`` names what runs then). Also builds `llmquant.nn.causal_blocks`' attention op."""
+    log.info("llmquant runtime: loading the C++ op %s (built on its first use on a machine)", source.name)
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
         with _ninja_on_path():
             kernel = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
                                         extra_ldflags=["-fopenmp"])
-        log.info("int8 runtime: %s ready in %.1f s", source.name, time.perf_counter() - start)
+        log.info("llmquant runtime: %s ready in %.1f s", source.name, time.perf_counter() - start)
         return kernel, None
     except Exception as err:
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         error = f"building {source.name} failed ({type(err).__name__}: {first_line})"
-        log.warning("int8 runtime: %s; decode steps use %s", error, instead)
+        log.warning("llmquant runtime: %s; %s runs instead", error, instead)
         return None, error
 
 
@@ -230,7 +230,7 @@ def kv_kernel(tensor: torch.Tensor) -> ModuleType | None:
     return kernel if kernel is not None else avx2_kernel(tensor)
 
 
-def _call(kernel: ModuleType, name: str, *args: object) -> Any:
+def call_op(kernel: ModuleType, name: str, *args: object) -> Any:
     """``kernel.<name>(*args)``; under torch.profiler inside a ``llmquant::<name>`` range, so that its profile shows
     the op's calls (which, bound by pybind11 rather than registered with torch, it does not see otherwise)."""
     if not torch.autograd.profiler._is_profiler_enabled:
@@ -246,7 +246,7 @@ def scale_product(kernel: ModuleType, product: torch.Tensor, scale: torch.Tensor
     `llmquant.nn.int8_linear.scale_output`'s values without its ``[n, out]`` outer product or, for int32, the new
     float32 tensor of its promotion (`scripts/runtime_profile.py ops`). Returns the float32 result (a view of
     ``product``'s memory)."""
-    _call(kernel, "scale_product", product, scale, weight_scale, bias)
+    call_op(kernel, "scale_product", product, scale, weight_scale, bias)
     return product if product.dtype == torch.float32 else product.view(torch.float32)
 
 
@@ -254,7 +254,7 @@ def dequantize_rows(kernel: ModuleType, codes: torch.Tensor, scales: torch.Tenso
     """``out`` = float(codes) * scales in one pass, for int8 ``codes`` ``[planes, s, d]`` (each plane's rows
     contiguous, the planes possibly apart), float32 ``scales`` ``[planes, s, 1]`` and a contiguous float32 ``out``:
     the INT8 KV cache's dequantization, the values of ``out.copy_(codes).mul_(scales)``."""
-    _call(kernel, "dequantize_rows", codes, scales, out)
+    call_op(kernel, "dequantize_rows", codes, scales, out)
 
 
 def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -268,7 +268,7 @@ def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor
     order and an exp of its own; tests bound the difference)."""
     batch, heads = query.shape[:2]
     flat_mask = None if mask is None else mask.reshape(batch, mask.shape[1], mask.shape[-1])
-    out = _call(kernel, "int8_decode_attention", query.reshape(batch, heads, -1), keys, values, key_scales,
+    out = call_op(kernel, "int8_decode_attention", query.reshape(batch, heads, -1), keys, values, key_scales,
                 value_scales, flat_mask, float(scaling))
     return out.unsqueeze(1)
 
@@ -278,7 +278,7 @@ def token_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, cl
     """Per-token int8 codes of float32 ``rows`` ``[..., in]`` and their scales ``[rows, 1]``: what
     `llmquant.nn.int8_linear.int8_codes` makes for a dynamic per-token input (clipped: the scale from clip_ratio *
     absmax, the codes clamped to [qmin, qmax]), in one call."""
-    codes, scale = _call(kernel, "token_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
+    codes, scale = call_op(kernel, "token_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
     return codes, scale
 
 
@@ -291,7 +291,7 @@ def block_codes(kernel: ModuleType, blocks: torch.Tensor, qmin: int, qmax: int, 
     `llmquant.quant.primitives.searched_clip_ratios`); the same bits. A block with a NaN has a NaN scale."""
     grid = [float(ratio) for ratio in clip] if isinstance(clip, tuple) else [float(clip)]
     width = blocks.shape[-1]
-    codes, scale = _call(kernel, "block_codes", blocks.reshape(-1, width).contiguous(), float(qmin), float(qmax),
+    codes, scale = call_op(kernel, "block_codes", blocks.reshape(-1, width).contiguous(), float(qmin), float(qmax),
                          MIN_SCALE, grid, asymmetric)
     return codes.reshape(blocks.shape), scale
 
@@ -299,7 +299,7 @@ def block_codes(kernel: ModuleType, blocks: torch.Tensor, qmin: int, qmax: int, 
 def int16_token_codes(kernel: ModuleType, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int16 codes of float32 ``rows`` ``[n, in]`` and their scales ``[n, 1]`` by the AVX2 op, in one call:
     torch's ``s = (|x|.amax(1) / 32767).clamp(min=tiny)``, ``round(x / s)`` as int16, the same bits."""
-    codes, scale = _call(kernel, "int16_token_codes", rows.contiguous())
+    codes, scale = call_op(kernel, "int16_token_codes", rows.contiguous())
     return codes, scale
 
 
@@ -308,7 +308,7 @@ def store_token_codes(kernel: ModuleType, states: list[torch.Tensor], codes: tor
     """Write the per-token codes of float32 ``states`` (p tensors ``[b, h, n, d]``: a decode step's keys and values)
     and their scales into an INT8 KV cache's stores ``codes`` ``[p, b, h, capacity, d]`` int8 and ``scales`` ``[p, b,
     h, capacity, 1]`` at the positions ``[length, length + n)``: `token_codes`' bits, without a new tensor."""
-    _call(kernel, "store_token_codes", states, codes, scales, length, float(qmax), MIN_SCALE, float(qmin),
+    call_op(kernel, "store_token_codes", states, codes, scales, length, float(qmax), MIN_SCALE, float(qmin),
           float(clip_ratio))
 
 
@@ -318,7 +318,7 @@ def store_static_codes(kernel: ModuleType, states: torch.Tensor, codes: torch.Te
     an INT8 or FP8 KV cache's store ``codes`` ``[1, b, h, capacity, d]`` and the one ``scale`` into ``scales`` ``[1, b,
     1, capacity, 1]`` at the positions ``[length, length + n)``: `quantize_states`' bits (int8: clamp(round(x / s),
     qmin, qmax); E4M3: torch's conversion of clamp(x / s, -qmax, qmax)), without a new tensor."""
-    _call(kernel, "store_static_codes", states, codes, scales, length, scale, float(qmin), float(qmax))
+    call_op(kernel, "store_static_codes", states, codes, scales, length, scale, float(qmin), float(qmax))
 
 
 def tensor_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, clip_ratio: float = 1.0
@@ -326,21 +326,21 @@ def tensor_codes(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, c
     """Per-tensor dynamic int8 codes of float32 ``rows`` ``[..., in]`` and their one scale ``[1, 1]`` (from
     clip_ratio * the absmax of every value; clipped codes clamped to [qmin, qmax]): what
     `llmquant.nn.int8_linear.int8_codes` makes for a dynamic per-tensor input, in one call."""
-    codes, scale = _call(kernel, "tensor_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
+    codes, scale = call_op(kernel, "tensor_codes", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio))
     return codes, scale
 
 
 def static_codes(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """int8 codes clamp(round(x / s), qmin, qmax) of float32 ``rows`` ``[n, in]`` under one static ``scale``: what
     `llmquant.nn.int8_linear.int8_codes` makes for a static per-tensor input, in one call."""
-    return _call(kernel, "static_codes", rows, scale, float(qmin), float(qmax))
+    return call_op(kernel, "static_codes", rows, scale, float(qmin), float(qmax))
 
 
 def static_fp8_codes(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qmax: float) -> torch.Tensor:
     """FP8 (E4M3) codes of float32 ``rows`` ``[..., in]`` under one static ``scale``, as float8_e4m3fn: what
     `llmquant.quant.primitives.quantize` makes for a float spec per tensor (clamp(x / s, -qmax, qmax), then torch's
     own conversion), in one call."""
-    return _call(kernel, "static_fp8_codes", rows, scale, float(qmax)).view(torch.float8_e4m3fn)
+    return call_op(kernel, "static_fp8_codes", rows, scale, float(qmax)).view(torch.float8_e4m3fn)
 
 
 def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.Tensor, row_sums: torch.Tensor,
@@ -351,7 +351,7 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
     ``[1, out]`` or ``[1, 1]``, y = float(x_q @ W_q^T) * (s_x * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s
     order); else ``weight_scale`` ``[out, groups]``, y = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g)
     * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s). The integer products are exact."""
-    return _call(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale,
+    return call_op(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale,
                  bias, group_size)
 
 
@@ -381,7 +381,7 @@ def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tenso
     (`llmquant.nn.int8_linear.input_grouped_linear`'s order). Tiles of 3 rows by 16 outputs, each input pair of the
     16 multiplied by one VPMADDWD, the panels in parallel."""
     packed, scales = pack
-    y = _call(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
+    y = call_op(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
               outputs, group_size, input_group_size)
     return y.reshape(*x_codes.shape[:-1], outputs)
 
@@ -414,7 +414,7 @@ def avx2_weight_only(kernel: ModuleType, rows: torch.Tensor, pack: tuple[torch.T
     float32 ``rows`` ``[n, in]`` and the weight packed by `avx2_weight_only_pack`: the weight read at one byte a
     code, not as its float32 copy."""
     packed, scales = pack
-    return _call(kernel, "weight_only_gemm", rows, packed, scales, bias, outputs, group_size)
+    return call_op(kernel, "weight_only_gemm", rows, packed, scales, bias, outputs, group_size)
 
 
 WEIGHT_ONLY_GROUP_MULTIPLE = 16  # `weight_only_linear` takes groups of a multiple of this many columns
@@ -432,7 +432,7 @@ def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: tor
     ``in``) one per output and group (``[out, in / group_size]``): y = sum_g s_w,g (x_g @ W_q,g^T) + b. A weight-only
     int8 Linear (W8A16) read at 1 byte a weight, its sums in float32 (within float32 roundings of
     ``x @ dequantized(W_q)^T``, not its bits)."""
-    return _call(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias,
+    return call_op(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias,
                  group_size)
 
 
@@ -468,7 +468,7 @@ def grouped_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Te
     the input quantized per token in groups of ``group_size`` columns (``scale`` ``[n, groups]``) and the weight
     packed with its scale per channel (or tensor) or in the same groups: `input_grouped_linear`'s values."""
     packed, sums128, scales = pack
-    return _call(kernel, "grouped_gemm", x_codes.contiguous(), packed, sums128, scales, scale, bias, outputs,
+    return call_op(kernel, "grouped_gemm", x_codes.contiguous(), packed, sums128, scales, scale, bias, outputs,
                  group_size, input_groups)
 
 
