@@ -155,13 +155,17 @@ def test_a_nan_reaches_the_rows_that_see_it_and_no_other() -> None:
     generator = torch.Generator().manual_seed(8)
     query = torch.randn(1, 2, 200, 64, generator=generator)
     key, value = (torch.randn(1, 1, 200, 64, generator=generator) for _ in range(2))
+
+    def rows_with_nan(attention: object) -> torch.Tensor:  # [positions, heads]
+        return attention(query, key, value, None).isnan().any(-1)[0]
+
     query[0, 1, 70, 5] = float("nan")
-    rows_with_nan = causal_blocks.causal_block_attention(query, key, value).isnan().any(-1)[0]  # [positions, heads]
-    assert rows_with_nan[70, 1] and int(rows_with_nan.sum()) == 1
+    found = rows_with_nan(causal_blocks.causal_block_attention)
+    assert found[70, 1] and int(found.sum()) == 1 and torch.equal(found, rows_with_nan(_sdpa_causal))
     query[0, 1, 70, 5] = 0.0
     key[0, 0, 100, 3] = float("nan")
-    rows_with_nan = causal_blocks.causal_block_attention(query, key, value).isnan().any(-1)[0]
-    assert bool(rows_with_nan[100:].all()) and not rows_with_nan[:100].any()
+    found = rows_with_nan(causal_blocks.causal_block_attention)
+    assert bool(found[100:].all()) and not found[:100].any() and torch.equal(found, rows_with_nan(_sdpa_causal))
 
 
 def test_without_the_op_the_blocks_are_sdpa_calls_with_their_limit(monkeypatch: pytest.MonkeyPatch,

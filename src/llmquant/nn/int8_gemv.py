@@ -195,7 +195,7 @@ def avx2_kernel(tensor: torch.Tensor) -> ModuleType | None:
         return None
     if _avx2_kernel is None:
         _avx2_kernel, _avx2_build_error = build_op(AVX2_SOURCE, "llmquant_int8_gemv_avx2", AVX2_FLAGS,
-                                                 "the float32 product of the codes")
+                                                   "the float32 product of the codes")
     return _avx2_kernel
 
 
