@@ -4,7 +4,7 @@
     .venv/bin/python scripts/runtime_profile.py profile [--model DIR] [--attention blocks] [--batch 8]  # profiler
     .venv/bin/python scripts/runtime_profile.py compile --model DIR   # a prefill with and without LLMQUANT_COMPILE
     .venv/bin/python scripts/runtime_profile.py kernels --model DIR   # W8A8: oneDNN, torch._int_mm, the decode op
-    .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # INT8 KV cache's cost
+    .venv/bin/python scripts/runtime_profile.py kv --model KV_DIR --baseline DIR [--batch 8]  # the KV caches
     .venv/bin/python scripts/runtime_profile.py decode --model DIR [--batch 4]  # decode with the op and without
     .venv/bin/python scripts/runtime_profile.py prefill --model DIR [--batch 8]  # prefill with the op and without
     .venv/bin/python scripts/runtime_profile.py dequant             # the KV cache's and W4's dequantization
@@ -60,7 +60,8 @@ whole square) and sdpa (causal) on the same values in bfloat16.
 and a copy of 64 and 8 MiB: the rates that tell two CPUs of one name apart.
 ``kv`` prefills 512 tokens at ``--batch`` in two checkpoints that differ only by the INT8 KV cache (the same scheme
 with and without it; the first loaded twice: its attention reading the int8 codes at decode steps, and reading the
-dequantized cache), then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
+dequantized cache; the second too: the int8 runtime's float stores, `FloatCacheLayer`, and transformers' layers),
+then times 64 decode steps of each, alternating step by step, and prints the medians and the mean
 time per step of the KV cache's work (the cache layers' updates, the attention functions, the INT8 cache's pre-hooks).
 ``decode`` does the same for the float32 model and a W8A8 checkpoint with and without the decode op of
 `llmquant.nn.int8_gemv` (``LLMQUANT_GEMV``), and the checkpoints of ``--also`` with it; ``prefill`` alternates
@@ -89,7 +90,13 @@ import llmquant
 from llmquant.nn.attention_choice import ATTENTIONS
 from llmquant.nn.int8_gemv import kv_kernel
 from llmquant.nn.kv_cache import KVCacheQuantizer
-from llmquant.nn.kv_storage import Int8CacheLayer, cache_argument, returned_cache
+from llmquant.nn.kv_storage import (
+    FloatCacheLayer,
+    Int8CacheLayer,
+    cache_argument,
+    returned_cache,
+    set_kv_cache_runtime,
+)
 from llmquant.nn.online_rotation import OnlineRotation
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant.primitives import fake_quantize
@@ -255,16 +262,22 @@ def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
+PLAIN_LAYERS = "float KV, transformers' layers"
+
+
 def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) -> None:
-    """Decode steps, alternating, of the same scheme with a float cache (``baseline_dir``) and with the INT8 KV cache
-    (``model_dir``) whose attention reads the int8 codes at decode steps (`Int8CacheLayer.attend`, where the decode
-    op runs) or reads the dequantized cache (the check of `KVCacheQuantizer.passes_cache_untouched` pinned to
-    False)."""
+    """Decode steps, alternating, of the same scheme with a float cache (``baseline_dir``: the int8 runtime's stores
+    that grow in place, `FloatCacheLayer`, and transformers' own layers, which copy the cache at every step) and with
+    the INT8 KV cache (``model_dir``) whose attention reads the int8 codes at decode steps (`Int8CacheLayer.attend`,
+    where the decode op runs) or reads the dequantized cache (the check of `KVCacheQuantizer.passes_cache_untouched`
+    pinned to False)."""
     models = {name: llmquant.load(path, device="cpu")[0] for name, path in (
-        ("int8 KV", model_dir), ("int8 KV dequantized", model_dir), ("float KV", baseline_dir))}
+        ("int8 KV", model_dir), ("int8 KV dequantized", model_dir), ("float KV", baseline_dir),
+        (PLAIN_LAYERS, baseline_dir))}
     for module in models["int8 KV dequantized"].modules():
         if isinstance(module, KVCacheQuantizer):
             module.passes_cache_untouched = False
+    set_kv_cache_runtime(models[PLAIN_LAYERS], "fake")  # (the int8 runtime's: `FloatCacheLayer`)
     with timed_cache_parts(models) as parts:
         medians = alternating_steps(models, batch, steps, before=parts.start)
     with torch.no_grad():
@@ -276,7 +289,8 @@ def kv_decode(model_dir: str, baseline_dir: str, batch: int, steps: int = 64) ->
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
           + "; float KV / int8 KV: " + ", ".join(f"{name.removeprefix('int8 KV').strip() or 'codes read'} "
                                                  f"{medians['float KV'] / ms:.3f}"
-                                                 for name, ms in medians.items() if name != "float KV"))
+                                                 for name, ms in medians.items() if name.startswith("int8 KV"))
+          + f"; {PLAIN_LAYERS} / float KV (the runtime's stores): {medians[PLAIN_LAYERS] / medians['float KV']:.3f}")
     print("the KV cache's work in a step (mean ms over the steps): " + "; ".join(
         f"{name}: " + ", ".join(f"{part} {ms:.3f}" for part, ms in parts.per_step(name).items())
         + f", all {sum(parts.per_step(name).values()):.3f}" for name in models))
@@ -320,7 +334,8 @@ def timed_cache_parts(models: dict[str, torch.nn.Module]) -> Iterator[CacheParts
     function (sdpa, or llmquant's wrapper with the INT8 layer's attention over its codes or sdpa inside: counted once,
     in the wrapper) and the INT8 cache's pre-hooks, the originals put back after."""
     parts = CacheParts(models)
-    patched = [(Int8CacheLayer, "update", "INT8 layer update"), (DynamicLayer, "update", "float layer update")]
+    patched = [(Int8CacheLayer, "update", "INT8 layer update"), (DynamicLayer, "update", "float layer update"),
+               (FloatCacheLayer, "update", "float store update")]
     originals = [(owner, attribute, getattr(owner, attribute)) for owner, attribute, _ in patched]
     mapping = ALL_ATTENTION_FUNCTIONS._global_mapping
     names = {model.config._attn_implementation for model in models.values()}

@@ -17,6 +17,7 @@ from llmquant.nn import int8_gemv
 from llmquant.nn.int8_gemv import gemv_refusal
 from llmquant.nn.kv_cache import STORED_FLAG, KVCacheQuantizer
 from llmquant.nn.kv_storage import (
+    FloatCacheLayer,
     Int8CacheLayer,
     cache_argument,
     int8_kv_cache,
@@ -283,6 +284,61 @@ def test_decoding_after_a_crop_continues_from_the_kept_positions(calib_ids: torc
         reference = model(ids, **{cache_argument(model): whole}, use_cache=True).logits[:, 7:]
     torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-5)  # (other GEMM shapes: not bit for bit)
     assert torch.equal(cropped.layers[0].keys, whole.layers[0].keys)  # the re-fed positions get the same codes
+
+
+W8A8 = "w_int8_per_channel_a_int8_per_token_dynamic"  # no KV-cache quantizer: a float cache
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_the_int8_runtimes_float_cache_grows_in_place_with_transformers_logits(
+        num_beams: int, calib_ids: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a KV-cache quantizer the int8 runtime's cache layers are `FloatCacheLayer`s, whose stores grow by 3
+    positions here (every other decode step reallocates): the logits of transformers' own layers bit for bit (the
+    same values), greedy and with beam search (which reorders the cache); the fake runtime keeps transformers'
+    layers."""
+    from llmquant.nn import kv_storage
+
+    monkeypatch.setattr(kv_storage, "GROWTH", 3)
+    model = quantized(W8A8, calib_ids)
+    prompt = calib_ids[:2, :12]
+    set_runtime(model, "int8")
+    stored = generate(model, prompt, num_beams=num_beams)
+    layers = returned_cache(stored).layers
+    assert all(type(layer) is FloatCacheLayer and layer.keys.dtype == torch.float32 for layer in layers)
+    # keys and values side by side in one store (a beam search's last reorder releases it: the next step copies)
+    assert set(layers[0]._stores) == ({"states"} if num_beams == 1 else set())
+    set_kv_cache_runtime(model, "fake")  # the same int8 Linears, transformers' cache layers
+    plain = generate(model, prompt, num_beams=num_beams)
+    assert all(type(layer) is DynamicLayer for layer in returned_cache(plain).layers)
+    assert torch.equal(stored.sequences, plain.sequences)
+    assert torch.equal(step_logits(stored), step_logits(plain))
+
+
+def test_the_float_cache_writes_a_decode_step_in_place_and_crops() -> None:
+    """A decode step writes its position into the store left from the prefill (no copy of the cache); a crop keeps
+    the first positions, and decoding continues from them with the logits of a cache that never held the rest (a
+    float model: `set_kv_cache_runtime` alone puts the layers in place)."""
+    model = make_model("llama")
+    set_kv_cache_runtime(model, "int8")
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :9], **{cache_argument(model): cache}, use_cache=True)
+        layer = cache.layers[0]
+        store, before = layer._stores["states"].tensor, layer.keys.clone()
+        model(ids[:, 9:], **{cache_argument(model): cache}, use_cache=True)
+        assert type(layer) is FloatCacheLayer and layer._stores["states"].tensor is store
+        assert layer.keys.shape[-2] == 10 and torch.equal(layer.keys[..., :9, :], before)
+        assert layer.keys.data_ptr() == store.data_ptr() and layer.values.data_ptr() == store[1].data_ptr()
+        cache.crop(-3)
+        assert cache.get_seq_length() == 7 and layer.values.shape[-2] == 7
+        again = model(ids[:, 7:], **{cache_argument(model): cache}, use_cache=True).logits
+        plain = DynamicCache(config=model.config)
+        set_kv_cache_runtime(model, "fake")
+        model(ids[:, :7], **{cache_argument(model): plain}, use_cache=True)
+        reference = model(ids[:, 7:], **{cache_argument(model): plain}, use_cache=True).logits
+    assert type(plain.layers[0]) is DynamicLayer
+    torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-5)  # (other GEMM shapes: not bit for bit)
 
 
 def test_the_workspace_is_reused_across_layers_and_grows() -> None:

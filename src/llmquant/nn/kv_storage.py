@@ -1,4 +1,5 @@
-"""INT8 KV-cache storage: on the int8 runtime the cache really holds int8 codes and float scales.
+"""INT8 KV-cache storage: on the int8 runtime the cache really holds int8 codes and float scales (and a float cache
+grows in place).
 
 `llmquant.nn.kv_cache` simulates the INT8 KV cache: transformers' cache stores float keys and values and
 the attention wrapper fake-quantizes all of them at every call. On the int8 runtime (`set_kv_cache_runtime`,
@@ -51,6 +52,14 @@ so storing codes gives the simulation's values. Dynamic per tensor differs: the 
 over the whole sequence at each call, the cache one scale per incoming chunk (the prompt, then each new
 token), which it cannot revisit. A forward without a cache (``use_cache=False``: perplexity, lm-eval) or with
 an empty one (a prefill) is identical in every case.
+
+The float cache of the other attentions on the int8 runtime (no `KVCacheQuantizer`, or one that does not store codes)
+takes the same stores that grow in place (`FloatCacheLayer`, put in place by the same pre-hook, which every module
+with a ``layer_idx`` gets): the same values as transformers' layer, which copies the whole cache into a new tensor at
+every decode step. A decode step after 512 tokens on the AMD EPYC (Zen 4) of BENCHMARKS.md, W8A8 per token: at batch
+8 12% faster on one and two threads; at batch 1 within 2% (`scripts/runtime_profile.py kv`: the copy saved, the
+attention reading keys and values not just copied; BENCHMARKS.md "Runtimes"). The fake runtime keeps transformers'
+layers.
 
 Left to the simulation: sliding-window (and other non-plain) cache layers, caches that are not a
 ``DynamicCache`` (static, quantized, encoder-decoder), and KV specs other than symmetric 8-bit per tensor
@@ -183,6 +192,7 @@ def workspace(slot: str, shape: torch.Size, dtype: torch.dtype, device: torch.de
 
 SDPA_AT_DECODE = ("sdpa", BLOCKED_SDPA)  # (the blocks: sdpa itself at one query position)
 GROWTH = 256  # positions by which a store grows when full
+FLOAT_STORES = "_llmquant_float_stores"  # on an attention: its plain float cache layer becomes a `FloatCacheLayer`
 
 
 def appended(store: torch.Tensor | None, filled: list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
@@ -209,16 +219,125 @@ class _Store:
     views: tuple[torch.Tensor, ...]
 
 
-class Int8CacheLayer(DynamicLayer):
+class StoreLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose tensors (`STATES`) are views of the first positions of stores that grow by `GROWTH`
+    positions (`appended`): what `Int8CacheLayer` and `FloatCacheLayer` share, including how they follow every
+    operation transformers applies to a layer (a crop, a beam reorder, a batch selection)."""
+
+    STATES: tuple[str, ...] = ("keys", "values")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stores: dict[str, _Store] = {}  # the tensors STATES are views of the first positions of these
+
+    def _append(self, store_name: str, names: tuple[str, ...], new: torch.Tensor) -> torch.Tensor:
+        """Append ``new`` (one plane per name) to the store ``store_name`` and return it; the attributes ``names``
+        become views of the filled positions of its planes. (Transformers may have replaced an attribute since the last
+        call: a beam reorder, a batch selection; then the store is rebuilt from the attributes.)"""
+        filled = [getattr(self, name) for name in names]
+        entry = self._stores.get(store_name)
+        store = appended(entry.tensor if self._current(entry) else None, filled, new)
+        self._fill(store_name, names, store, filled[0].shape[-2] + new.shape[-2])
+        return store
+
+    def _current(self, entry: _Store | None) -> bool:
+        """Whether the layer's attributes are still the views of ``entry``'s store it made (`_append`)."""
+        return entry is not None and all(getattr(self, name) is view for name, view in zip(entry.names, entry.views,
+                                                                                              strict=True))
+
+    def _fill(self, store_name: str, names: tuple[str, ...], store: torch.Tensor, length: int) -> None:
+        """Record ``store`` under ``store_name``; its planes' first ``length`` positions become the attributes
+        ``names``."""
+        views = store.narrow(-2, 0, length).unbind(0)
+        self._stores[store_name] = _Store(store, names, views)
+        for name, view in zip(names, views, strict=True):
+            setattr(self, name, view)
+
+    def _map(self, function: Callable[[torch.Tensor], torch.Tensor], keeps_views: bool = False) -> None:
+        """Apply ``function`` to every tensor of `STATES`; unless it keeps them views of the stores (a crop), the
+        stores are released and the next update copies the results into new ones."""
+        for name in self.STATES:
+            setattr(self, name, function(getattr(self, name)))
+        if not keeps_views:
+            self._stores = {}
+        for entry in self._stores.values():
+            entry.views = tuple(getattr(self, name) for name in entry.names)
+
+    def reset(self) -> None:
+        super().reset()
+        self._stores = {}
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            super().crop(tokens_to_remove)  # raises: only negative counts are supported
+        if tokens_to_remove < 0 and self.is_initialized:
+            self._map(lambda t: t[..., :tokens_to_remove, :], keeps_views=True)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized and self.keys.device != self.device:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+
+class FloatCacheLayer(StoreLayer):
+    """A ``DynamicLayer`` of float keys and values ``[b, h, s, d]`` (the model's dtype) held in one store that grows
+    by `GROWTH` positions: a decode step writes its position in place, where transformers' layer copies the whole
+    cache into a new tensor (``torch.cat``) at every step. The same values, so the same logits (tested). Put in place
+    of the empty plain layers of the attentions without a `KVCacheQuantizer` on the int8 runtime
+    (`set_kv_cache_runtime`); its keys and values are views of the store (strided along the heads)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        self._paired = key_states.shape == value_states.shape  # (else one store each)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        entry = self._stores.get("states")
+        length, count = self.keys.shape[-2], key_states.shape[-2]
+        if self._paired and entry is not None and entry.tensor.shape[-2] >= length + count and self._current(entry):
+            new = entry.tensor.narrow(-2, length, count)  # a decode step: written in place, no new tensor
+            new[0].copy_(key_states)
+            new[1].copy_(value_states)
+            self._fill("states", entry.names, entry.tensor, length + count)
+        elif self._paired:
+            self._append("states", ("keys", "values"), torch.stack((key_states, value_states)))
+        else:
+            self._append("keys", ("keys",), key_states.unsqueeze(0))
+            self._append("values", ("values",), value_states.unsqueeze(0))
+        return self.keys, self.values
+
+
+class Int8CacheLayer(StoreLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` are int8 codes ``[b, h, s, d]``, with float32 scales
     ``key_scales``/``value_scales`` ``[b, h or 1, s, 1]`` (see the module docstring)."""
+
+    STATES = ("keys", "values", "key_scales", "value_scales")  # (the scales follow the codes through every operation)
 
     def __init__(self, quantizer: KVCacheQuantizer, rotation: nn.Module | None = None) -> None:
         super().__init__()
         self.quantizer, self.rotation = quantizer, rotation
         self.key_scales: torch.Tensor | None = None
         self.value_scales: torch.Tensor | None = None
-        self._stores: dict[str, _Store] = {}  # the tensors above are views of the first positions of these
         self._returned: tuple[torch.Tensor, torch.Tensor] | None = None  # what the last update returned
         self._deferred = False  # whether that was stand-ins (`attend` reads the codes)
         self._paired = False  # whether keys and values share one store (set with the first update)
@@ -314,29 +433,6 @@ class Int8CacheLayer(DynamicLayer):
             return self._dequantized()
         return key, value
 
-    def _append(self, store_name: str, names: tuple[str, ...], new: torch.Tensor) -> torch.Tensor:
-        """Append ``new`` (one plane per name) to the store ``store_name`` and return it; the attributes ``names``
-        become views of the filled positions of its planes. (Transformers may have replaced an attribute since the last
-        call: a beam reorder, a batch selection; then the store is rebuilt from the attributes.)"""
-        filled = [getattr(self, name) for name in names]
-        entry = self._stores.get(store_name)
-        store = appended(entry.tensor if self._current(entry) else None, filled, new)
-        self._fill(store_name, names, store, filled[0].shape[-2] + new.shape[-2])
-        return store
-
-    def _current(self, entry: _Store | None) -> bool:
-        """Whether the layer's attributes are still the views of ``entry``'s store it made (`_append`)."""
-        return entry is not None and all(getattr(self, name) is view for name, view in zip(entry.names, entry.views,
-                                                                                              strict=True))
-
-    def _fill(self, store_name: str, names: tuple[str, ...], store: torch.Tensor, length: int) -> None:
-        """Record ``store`` under ``store_name``; its planes' first ``length`` positions become the attributes
-        ``names``."""
-        views = store.narrow(-2, 0, length).unbind(0)
-        self._stores[store_name] = _Store(store, names, views)
-        for name, view in zip(names, views, strict=True):
-            setattr(self, name, view)
-
     def _room(self, codes_name: str, scales_name: str, count: int) -> tuple[_Store, _Store, int] | None:
         """The stores ``codes_name`` and ``scales_name`` and their filled length, where the op runs and ``count`` new
         positions fit into them in place (their views still the layer's attributes); else None."""
@@ -377,49 +473,10 @@ class Int8CacheLayer(DynamicLayer):
         self._fill(scales_name, scales.names, scales.tensor, length + count)
         return True
 
-    # the scales follow the codes through every operation transformers applies to a layer
-    def _map(self, function: Callable[[torch.Tensor], torch.Tensor], keeps_views: bool = False) -> None:
-        """Apply ``function`` to the codes and the scales; unless it keeps them views of the stores (a crop), the
-        stores are released and the next update copies the results into new ones."""
-        self.keys, self.values, self.key_scales, self.value_scales = (
-            function(t) for t in (self.keys, self.values, self.key_scales, self.value_scales)
-        )
-        if not keeps_views:
-            self._stores = {}
-        for entry in self._stores.values():
-            entry.views = tuple(getattr(self, name) for name in entry.names)
-
     def reset(self) -> None:
         super().reset()
         self.key_scales = self.value_scales = None
-        self._stores = {}
         self._returned, self._deferred = None, False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            super().crop(tokens_to_remove)  # raises: only negative counts are supported
-        if tokens_to_remove < 0 and self.is_initialized:
-            self._map(lambda t: t[..., :tokens_to_remove, :], keeps_views=True)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self._map(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def offload(self) -> None:
-        if self.is_initialized:
-            self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        if self.is_initialized and self.keys.device != self.device:
-            self._map(lambda t: t.to(self.device, non_blocking=True))
 
 
 @functools.cache
@@ -442,6 +499,9 @@ def _sdpa_alike(query: torch.Tensor, mask: torch.Tensor | None, base: str, optio
 
 def _cache_among(args: tuple, kwargs: dict) -> Cache | None:
     """The ``Cache`` a module is called with, whatever the argument's name (``cache``, ``past_key_values``)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # (the names transformers passes: a decode step's
+    if isinstance(cache, Cache):                                # every attention runs this hook)
+        return cache
     return next((value for value in (*kwargs.values(), *args) if isinstance(value, Cache)), None)
 
 
@@ -455,24 +515,30 @@ def _int8_layer_for(attention: nn.Module) -> Int8CacheLayer | None:
 
 
 def _adopt(cache: Cache, index: int, attention: nn.Module) -> bool:
-    """Make entry ``index`` of ``cache`` an `Int8CacheLayer` if it is still an empty plain ``DynamicLayer``
-    (created up front from the config, or lazily as `Cache.update` does); whether the entry stores int8."""
+    """Make entry ``index`` of ``cache``, while it is still an empty plain ``DynamicLayer`` (created up front from the
+    config, or lazily as `Cache.update` does) or an empty `FloatCacheLayer`, an `Int8CacheLayer` where ``attention``'s
+    quantizer stores int8, else a `FloatCacheLayer` where ``attention`` is on the int8 runtime (`FLOAT_STORES`);
+    whether the entry stores int8. (A module above the attention with a ``layer_idx`` of its own may adopt the entry
+    first: the attention's quantizer still makes it int8.)"""
     if cache.layer_class_to_replicate is not None:
         while len(cache.layers) <= index:
             cache.layers.append(cache.layer_class_to_replicate())
     if index >= len(cache.layers):
         return False
     layer = cache.layers[index]
-    if type(layer) is DynamicLayer and not layer.is_initialized:
+    if type(layer) in (DynamicLayer, FloatCacheLayer) and not layer.is_initialized:
         replacement = _int8_layer_for(attention)
+        if replacement is None and type(layer) is DynamicLayer and attention.__dict__.get(FLOAT_STORES, False):
+            replacement = FloatCacheLayer()
         if replacement is not None:
             layer = cache.layers[index] = replacement
     return isinstance(layer, Int8CacheLayer)
 
 
 def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: on the int8 runtime, make this attention's entry of its cache an `Int8CacheLayer`;
-    record whether the entry is one (the attention wrapper then leaves K and V alone)."""
+    """Forward pre-hook: on the int8 runtime, make this attention's entry of its cache an `Int8CacheLayer` (or a
+    `FloatCacheLayer`: `_adopt`); record whether the entry stores int8 (the attention wrapper then leaves K and V
+    alone)."""
     cache = _cache_among(args, kwargs)
     index = getattr(attention, "layer_idx", None)
     stored = cache is not None and index is not None and _adopt(cache, index, attention)
@@ -483,7 +549,8 @@ def _store_int8(attention: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def int8_kv_cache(model: nn.Module) -> DynamicCache:
     """A ``DynamicCache`` for ``model`` whose entries are `Int8CacheLayer`s where the attention's quantizer stores
-    int8 (the int8 runtime), and transformers' own layers elsewhere (sliding windows, float attentions)."""
+    int8 (the int8 runtime), and transformers' own layers elsewhere (sliding windows, float attentions: on the int8
+    runtime the pre-hook makes these `FloatCacheLayer`s at the first forward)."""
     cache = DynamicCache(config=model.config)
     for attention in model.modules():
         index = getattr(attention, "layer_idx", None)
@@ -507,20 +574,26 @@ def returned_cache(output: object) -> Cache | None:
 
 def set_kv_cache_runtime(model: nn.Module, runtime: str) -> int:
     """Store the KV cache of every attention whose `KVCacheQuantizer` allows it as int8 (``runtime="int8"``), or
-    simulate it (``"fake"``); return how many quantizers switched. The hook is registered once, on first use."""
+    simulate it (``"fake"``); on the int8 runtime the other attentions' plain float layers become `FloatCacheLayer`s
+    (``"fake"`` keeps transformers' own). Return how many quantizers switched. The hook is registered once, on
+    first use, on every module with a ``layer_idx`` (the attentions: the index of their cache entry)."""
     switched = 0
     for attention in model.modules():
         quantizer = getattr(attention, "kv_cache_quantizer", None)
-        if not isinstance(quantizer, KVCacheQuantizer) or not stores_codes(quantizer):
+        stored = isinstance(quantizer, KVCacheQuantizer) and stores_codes(quantizer)
+        if stored:
+            quantizer.runtime = runtime
+            switched += 1
+        elif not isinstance(getattr(attention, "layer_idx", None), int):
             continue
-        quantizer.runtime = runtime
-        switched += 1
+        attention.__dict__[FLOAT_STORES] = runtime == "int8"
         if runtime == "int8" and getattr(attention, "_llmquant_kv_storage_hook", None) is None:
             attention._llmquant_kv_storage_hook = attention.register_forward_pre_hook(_store_int8, with_kwargs=True)
     return switched
 
 
 __all__ = [
+    "FloatCacheLayer",
     "Int8CacheLayer",
     "cache_argument",
     "dequantize_states",
