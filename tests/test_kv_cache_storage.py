@@ -314,29 +314,32 @@ def test_the_int8_runtimes_float_cache_grows_in_place_with_transformers_logits(
     assert torch.equal(step_logits(stored), step_logits(plain))
 
 
-def test_the_float_cache_writes_a_decode_step_in_place_and_crops() -> None:
-    """A decode step writes its position into the store left from the prefill (no copy of the cache); a crop keeps
-    the first positions, and decoding continues from them with the logits of a cache that never held the rest (a
-    float model: `set_kv_cache_runtime` alone puts the layers in place)."""
+def test_the_float_cache_keeps_a_prefill_writes_decode_steps_in_place_and_crops() -> None:
+    """A prefill is kept as it comes (no copy); the first decode step copies it into a store with room, the next
+    writes its position there (no copy of the cache); a crop keeps the first positions, and decoding continues from
+    them with the logits of a cache that never held the rest (a float model: `set_kv_cache_runtime` alone puts the
+    layers in place)."""
     model = make_model("llama")
     set_kv_cache_runtime(model, "int8")
-    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(1))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids[:, :9], **{cache_argument(model): cache}, use_cache=True)
         layer = cache.layers[0]
+        assert type(layer) is FloatCacheLayer and not layer._stores and layer.keys.shape[-2] == 9
+        model(ids[:, 9:10], **{cache_argument(model): cache}, use_cache=True)
         store, before = layer._stores["states"].tensor, layer.keys.clone()
-        model(ids[:, 9:], **{cache_argument(model): cache}, use_cache=True)
-        assert type(layer) is FloatCacheLayer and layer._stores["states"].tensor is store
-        assert layer.keys.shape[-2] == 10 and torch.equal(layer.keys[..., :9, :], before)
+        model(ids[:, 10:], **{cache_argument(model): cache}, use_cache=True)
+        assert layer._stores["states"].tensor is store
+        assert layer.keys.shape[-2] == 11 and torch.equal(layer.keys[..., :10, :], before)
         assert layer.keys.data_ptr() == store.data_ptr() and layer.values.data_ptr() == store[1].data_ptr()
         cache.crop(-3)
-        assert cache.get_seq_length() == 7 and layer.values.shape[-2] == 7
-        again = model(ids[:, 7:], **{cache_argument(model): cache}, use_cache=True).logits
+        assert cache.get_seq_length() == 8 and layer.values.shape[-2] == 8
+        again = model(ids[:, 8:], **{cache_argument(model): cache}, use_cache=True).logits
         plain = DynamicCache(config=model.config)
         set_kv_cache_runtime(model, "fake")
-        model(ids[:, :7], **{cache_argument(model): plain}, use_cache=True)
-        reference = model(ids[:, 7:], **{cache_argument(model): plain}, use_cache=True).logits
+        model(ids[:, :8], **{cache_argument(model): plain}, use_cache=True)
+        reference = model(ids[:, 8:], **{cache_argument(model): plain}, use_cache=True).logits
     assert type(plain.layers[0]) is DynamicLayer
     torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-5)  # (other GEMM shapes: not bit for bit)
 

@@ -297,9 +297,10 @@ class StoreLayer(DynamicLayer):
 class FloatCacheLayer(StoreLayer):
     """A ``DynamicLayer`` of float keys and values ``[b, h, s, d]`` (the model's dtype) held in one store that grows
     by `GROWTH` positions: a decode step writes its position in place, where transformers' layer copies the whole
-    cache into a new tensor (``torch.cat``) at every step. The same values, so the same logits (tested). Put in place
-    of the empty plain layers of the attentions without a `KVCacheQuantizer` on the int8 runtime
-    (`set_kv_cache_runtime`); its keys and values are views of the store (strided along the heads)."""
+    cache into a new tensor (``torch.cat``) at every step. A prefill's keys and values are kept as they come (the
+    first decode step copies them into a store, once, as ``torch.cat`` would). The same values, so the same logits
+    (tested). Put in place of the empty plain layers of the attentions without a `KVCacheQuantizer` on the int8
+    runtime (`set_kv_cache_runtime`); its keys and values are then views of the store (strided along the heads)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -314,6 +315,10 @@ class FloatCacheLayer(StoreLayer):
             self.lazy_initialization(key_states, value_states)
         entry = self._stores.get("states")
         length, count = self.keys.shape[-2], key_states.shape[-2]
+        if length == 0:  # a prefill: kept as it comes (the first decode step copies it into a store, as torch.cat
+            self.keys, self.values = key_states, value_states  # would: a prefill copies nothing)
+            self._stores = {}
+            return self.keys, self.values
         if self._paired and entry is not None and entry.tensor.shape[-2] >= length + count and self._current(entry):
             new = entry.tensor.narrow(-2, length, count)  # a decode step: written in place, no new tensor
             new[0].copy_(key_states)
