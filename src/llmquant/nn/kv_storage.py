@@ -57,9 +57,9 @@ The float cache of the other attentions on the int8 runtime (no `KVCacheQuantize
 takes the same stores that grow in place (`FloatCacheLayer`, put in place by the same pre-hook, which every module
 with a ``layer_idx`` gets): the same values as transformers' layer, which copies the whole cache into a new tensor at
 every decode step. A decode step after 512 tokens on the AMD EPYC (Zen 4) of BENCHMARKS.md, W8A8 per token: at batch
-8 12% faster on one and two threads; at batch 1 within 2% (`scripts/runtime_profile.py kv`: the copy saved, the
-attention reading keys and values not just copied; BENCHMARKS.md "Runtimes"). The fake runtime keeps transformers'
-layers.
+8 1.14x as fast on one thread, 1.02-1.12x on two; at batch 1 1.005x and 1.018x (`scripts/runtime_profile.py kv`: the
+copy saved, less the attention's time to read keys and values not just copied; BENCHMARKS.md "Runtimes"). The fake
+runtime keeps transformers' layers.
 
 Left to the simulation: sliding-window (and other non-plain) cache layers, caches that are not a
 ``DynamicCache`` (static, quantized, encoder-decoder), and KV specs other than symmetric 8-bit per tensor
