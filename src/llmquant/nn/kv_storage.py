@@ -313,12 +313,12 @@ class FloatCacheLayer(StoreLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        entry = self._stores.get("states")
         length, count = self.keys.shape[-2], key_states.shape[-2]
         if length == 0:  # a prefill: kept as it comes (the first decode step copies it into a store, as torch.cat
             self.keys, self.values = key_states, value_states  # would: a prefill copies nothing)
             self._stores = {}
             return self.keys, self.values
+        entry = self._stores.get("states")
         if self._paired and entry is not None and entry.tensor.shape[-2] >= length + count and self._current(entry):
             new = entry.tensor.narrow(-2, length, count)  # a decode step: written in place, no new tensor
             new[0].copy_(key_states)
