@@ -13,13 +13,13 @@ keys [0, e) in one of two ways, the same function to float32's rounding (the sum
   x86 CPUs with AVX2): each (batch, head, block) a piece of work of two float32 products (BLAS's sgemm, torch's own)
   and the softmax between them, the pieces on torch's threads from a shared counter, the longest first, from
   `MIN_POSITIONS` to `OP_MAX_POSITIONS` positions. On the AMD EPYC (Zen 4) of BENCHMARKS.md, those heads, batch 1,
-  two threads: 512 positions 4.00 ms for sdpa, 3.07 for one sdpa call per block, 2.31 for the op; 767 positions 8.99,
-  8.91, 5.47; 2,048 positions 38.8, 41.0, 32.0; 4,096 positions 141 for sdpa, 130 for the op (one thread: 512
-  positions 7.51, 4.94, 4.29);
+  the query in transformers' layout, two threads: 512 positions 4.00 ms for sdpa, 3.13 for one sdpa call per block,
+  2.42 for the op; 767 positions 7.42, 6.51, 5.11; 2,048 positions 39.9, 57.2, 33.8; 4,096 positions 143, 213, 131
+  (one thread: 512 positions 7.67, 5.05, 4.52; `bench/speed_2026-12-05_epyc_zen4_attention_op/attention_t*.txt`);
 - without it (no AVX2, no compiler, ``LLMQUANT_GEMV=0``, not float32: `attention_op_refusal`): one sdpa call per
   block (`sdpa_blocks`; the first block square and causal, the others with an additive mask), up to
-  `MAX_POSITIONS`: 64 rows of 9 heads are too few pieces for sdpa's threads (512 positions 4.94 -> 3.07 ms from one
-  thread to two, where the op goes 4.29 -> 2.31). From 768 positions torch's query blocks grow to 256 rows and its
+  `MAX_POSITIONS`: 64 rows of 9 heads are too few pieces for sdpa's threads (512 positions 5.05 -> 3.13 ms from one
+  thread to two, where the op goes 4.52 -> 2.42). From 768 positions torch's query blocks grow to 256 rows and its
   kernel skips the key blocks past them: on two threads 768 positions 6.99 -> 9.22 / 6.60 -> 6.65, 2,048 positions
   41.0 -> 58.1 (on one, 2,048 positions 72.3 -> 74.6), hence that limit (BENCHMARKS.md "Runtimes").
 

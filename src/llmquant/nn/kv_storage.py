@@ -57,7 +57,7 @@ The float cache of the other attentions on the int8 runtime (no `KVCacheQuantize
 takes the same stores that grow in place (`FloatCacheLayer`, put in place by the same pre-hook, which every module
 with a ``layer_idx`` gets): the same values as transformers' layer, which copies the whole cache into a new tensor at
 every decode step. A decode step after 512 tokens on the AMD EPYC (Zen 4) of BENCHMARKS.md, W8A8 per token: at batch
-8 1.14x as fast on one thread, 1.02-1.12x on two; at batch 1 1.005x and 1.018x (`scripts/runtime_profile.py kv`: the
+8 1.14x as fast on one thread, 1.02x on two; at batch 1 1.005x and 1.018x (`scripts/runtime_profile.py kv`: the
 copy saved, less the attention's time to read keys and values not just copied; BENCHMARKS.md "Runtimes"). The fake
 runtime keeps transformers' layers.
 
@@ -74,7 +74,7 @@ import inspect
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -195,18 +195,21 @@ GROWTH = 256  # positions by which a store grows when full
 FLOAT_STORES = "_llmquant_float_stores"  # on an attention: its plain float cache layer becomes a `FloatCacheLayer`
 
 
-def appended(store: torch.Tensor | None, filled: list[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
-    """Write ``new`` ``[p, ..., n, d]`` after the positions ``filled`` holds along the sequence (dim -2) in the ``p``
-    planes of ``store`` ``[p, ..., capacity, d]`` (``filled[i]``: the first positions of plane i); return the store.
-    A new one, `GROWTH` positions beyond what is needed, holds ``filled`` and ``new`` when ``store`` is None (none
-    yet, or ``filled`` is no longer a view of it) or full."""
-    length, needed = filled[0].shape[-2], filled[0].shape[-2] + new.shape[-2]
+def appended(store: torch.Tensor | None, filled: list[torch.Tensor], new: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Write ``new`` (``p`` tensors ``[..., n, d]``: a tensor ``[p, ..., n, d]`` or a sequence, e.g. a step's keys and
+    values, not stacked) after the positions ``filled`` holds along the sequence (dim -2) in the ``p`` planes of
+    ``store`` ``[p, ..., capacity, d]`` (``filled[i]``: the first positions of plane i); return the store. A new one,
+    `GROWTH` positions beyond what is needed, holds ``filled`` and ``new`` when ``store`` is None (none yet, or
+    ``filled`` is no longer a view of it) or full."""
+    first = new[0]
+    length, needed = filled[0].shape[-2], filled[0].shape[-2] + first.shape[-2]
     if store is None or store.shape[-2] < needed:
-        grown = new.new_empty(*new.shape[:-2], needed + GROWTH, new.shape[-1])
+        grown = first.new_empty(len(new), *first.shape[:-2], needed + GROWTH, first.shape[-1])
         for plane, part in zip(grown, filled, strict=True):
             plane[..., :length, :] = part
         store = grown
-    store.narrow(-2, length, new.shape[-2]).copy_(new)  # (float codes already rounded: the cast to int8 is exact)
+    for plane, part in zip(store.narrow(-2, length, first.shape[-2]), new, strict=True):
+        plane.copy_(part)  # (float codes already rounded: the cast to int8 is exact)
     return store
 
 
@@ -230,14 +233,14 @@ class StoreLayer(DynamicLayer):
         super().__init__()
         self._stores: dict[str, _Store] = {}  # the tensors STATES are views of the first positions of these
 
-    def _append(self, store_name: str, names: tuple[str, ...], new: torch.Tensor) -> torch.Tensor:
+    def _append(self, store_name: str, names: tuple[str, ...], new: Sequence[torch.Tensor]) -> torch.Tensor:
         """Append ``new`` (one plane per name) to the store ``store_name`` and return it; the attributes ``names``
         become views of the filled positions of its planes. (Transformers may have replaced an attribute since the last
         call: a beam reorder, a batch selection; then the store is rebuilt from the attributes.)"""
         filled = [getattr(self, name) for name in names]
         entry = self._stores.get(store_name)
         store = appended(entry.tensor if self._current(entry) else None, filled, new)
-        self._fill(store_name, names, store, filled[0].shape[-2] + new.shape[-2])
+        self._fill(store_name, names, store, filled[0].shape[-2] + new[0].shape[-2])
         return store
 
     def _current(self, entry: _Store | None) -> bool:
@@ -313,22 +316,15 @@ class FloatCacheLayer(StoreLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length, count = self.keys.shape[-2], key_states.shape[-2]
-        if length == 0:  # a prefill: kept as it comes (the first decode step copies it into a store, as torch.cat
-            self.keys, self.values = key_states, value_states  # would: a prefill copies nothing)
+        if self.keys.shape[-2] == 0:  # a prefill: kept as it comes (the first decode step copies it into a store,
+            self.keys, self.values = key_states, value_states  # as torch.cat would: a prefill copies nothing)
             self._stores = {}
             return self.keys, self.values
-        entry = self._stores.get("states")
-        if self._paired and entry is not None and entry.tensor.shape[-2] >= length + count and self._current(entry):
-            new = entry.tensor.narrow(-2, length, count)  # a decode step: written in place, no new tensor
-            new[0].copy_(key_states)
-            new[1].copy_(value_states)
-            self._fill("states", entry.names, entry.tensor, length + count)
-        elif self._paired:
-            self._append("states", ("keys", "values"), torch.stack((key_states, value_states)))
+        if self._paired:  # (a decode step: written in place while the store has room)
+            self._append("states", ("keys", "values"), (key_states, value_states))
         else:
-            self._append("keys", ("keys",), key_states.unsqueeze(0))
-            self._append("values", ("values",), value_states.unsqueeze(0))
+            self._append("keys", ("keys",), (key_states,))
+            self._append("values", ("values",), (value_states,))
         return self.keys, self.values
 
 
