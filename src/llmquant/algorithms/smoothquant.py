@@ -154,7 +154,8 @@ def quantized_group_error(
     weights: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """Squared error of the group's quantized outputs against the float ones X W^T, for scales ``s``
-    (float32: only the ranking of candidates matters); ``references`` caches X W^T per Linear. A static
+    (float32, the readers' online rotation too (`Rotation.apply_float32`): only the ranking of candidates matters);
+    ``references`` caches X W^T per Linear. A static
     symmetric input scale is max_j(static_absmax_j / s_j) / qmax when ``static_absmax`` (per reader channel,
     before smoothing) is given, as calibration would set it; otherwise every input scale comes from the
     tokens themselves. ``weights`` caches `reader_weights`. Readers with one input spec (q/k/v, gate/up) share
@@ -166,7 +167,7 @@ def quantized_group_error(
     rotation = group_rotation(layer, group)
     x_smooth = x / columns
     if rotation is not None:  # the reader quantizes (x / s) Q and (W s) Q; a static range would be the rotated one's
-        x_smooth, static_absmax = rotation.apply(x_smooth), None
+        x_smooth, static_absmax = rotation.apply_float32(x_smooth), None
     quantized_inputs: dict[QuantSpec | None, torch.Tensor] = {}
     error = 0.0
     for name in group.linears:
@@ -175,7 +176,7 @@ def quantized_group_error(
         w_spec, a_spec = specs[name]
         w_smooth = weight * columns[None, :]
         if rotation is not None:
-            w_smooth = rotation.apply(w_smooth)
+            w_smooth = rotation.apply_float32(w_smooth)
         wq = fake_quantize(w_smooth, w_spec) if w_spec is not None else w_smooth
         if a_spec not in quantized_inputs:
             quantized_inputs[a_spec] = _quantized_input(x_smooth, a_spec, columns, static_absmax)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from llmquant.nn.last_result import LastResult
-from llmquant.quant.hadamard import hadamard_kronecker_factors, kronecker_transform
+from llmquant.quant.hadamard import hadamard_kronecker_factors, kronecker_transform, normalized_kronecker_factors
 from llmquant.quant.rotation import Rotation
 
 
@@ -31,14 +31,6 @@ def _signed_factors(rotation: Rotation, device: torch.device) -> tuple[torch.Ten
     """A randomized Hadamard's signs (`Rotation.signs`) and its +-1 Kronecker factors in float64 on ``device`` (built
     once per rotation and device)."""
     return rotation.signs().to(device), tuple(f.to(device) for f in hadamard_kronecker_factors(rotation.n))
-
-
-@lru_cache(maxsize=32)
-def _normalized_factors(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """H_n's Kronecker factors in float32 on ``device``, the first one carrying the 1/sqrt(n) normalisation
-    (built once per size and device)."""
-    first, *rest = hadamard_kronecker_factors(n)
-    return tuple(f.float().to(device) for f in (first / math.sqrt(n), *rest))
 
 
 class OnlineRotation(nn.Module):
@@ -59,7 +51,7 @@ class OnlineRotation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r = self.rotation
         if r.kind == "hadamard" and not r.randomize:
-            return kronecker_transform(x, _normalized_factors(r.n, x.device)).to(x.dtype)
+            return kronecker_transform(x, normalized_kronecker_factors(r.n, x.device)).to(x.dtype)
         if r.kind == "hadamard" and not x.requires_grad:
             # `Rotation.apply`'s float64 maths (x d) H^T / sqrt(n) with the +-1 factors as products, not the butterfly
             # (a decode step's 180 rotations were ~30 small operations each): sums of +-x exact in float64 while a row's

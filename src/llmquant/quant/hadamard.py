@@ -462,6 +462,14 @@ def kronecker_transform(x: torch.Tensor, factors: tuple[torch.Tensor, ...], scal
     return y.reshape(x.shape)
 
 
+@lru_cache(maxsize=32)
+def normalized_kronecker_factors(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """H_n's Kronecker factors (`hadamard_kronecker_factors`) in float32 on ``device``, the first one carrying the
+    1/sqrt(n) normalisation, for `kronecker_transform` (built once per size and device)."""
+    first, *rest = hadamard_kronecker_factors(n)
+    return tuple(f.float().to(device) for f in (first / math.sqrt(n), *rest))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Fast transform
 # ----------------------------------------------------------------------------------------------------------------

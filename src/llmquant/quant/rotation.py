@@ -32,7 +32,9 @@ from llmquant.quant.hadamard import (
     fast_hadamard_transform,
     hadamard_plan,
     is_constructible,
+    kronecker_transform,
     largest_constructible_divisor,
+    normalized_kronecker_factors,
     orthogonal_fallback,
 )
 
@@ -104,6 +106,18 @@ class Rotation:
         q = self.dense if self.dense is not None else _dense(self.n, self.kind, self.seed)
         q = q.to(y.device)
         return (y @ (q.T if inverse else q)).to(x.dtype)
+
+    def apply_float32(self, x: torch.Tensor) -> torch.Tensor:
+        """x Q in float32, to score candidates (never to fold): a Hadamard as one float32 product per Kronecker factor
+        (`kronecker_transform`), within float32 rounding of `apply` (2e-7 to 1.5e-6 of the largest value at n = 576 and
+        1536, tested) and 5-10x faster on a CPU (1.0 against 10.7 ms for 1024 x 576, 2.8 against 12.9 ms for
+        576 x 1536, one thread); the other kinds as `apply` computes them."""
+        if self.kind != "hadamard":
+            return self.apply(x.float())
+        x = x.float()
+        if self.randomize:
+            x = x * self.signs().to(device=x.device, dtype=torch.float32)
+        return kronecker_transform(x, normalized_kronecker_factors(self.n, x.device))
 
 
 @lru_cache(maxsize=16)
