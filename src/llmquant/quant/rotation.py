@@ -110,8 +110,8 @@ class Rotation:
     def apply_float32(self, x: torch.Tensor) -> torch.Tensor:
         """x Q in float32, to score candidates (never to fold): a Hadamard as one float32 product per Kronecker factor
         (`kronecker_transform`), within float32 rounding of `apply` (2e-7 to 1.5e-6 of the largest value at n = 576 and
-        1536, tested) and 5-10x faster on a CPU (1.0 against 10.7 ms for 1024 x 576, 2.8 against 12.9 ms for
-        576 x 1536, one thread); the other kinds as `apply` computes them."""
+        1536, tested) and 2-8x faster on a CPU (one thread: 0.95 against 7.3 ms for 1024 x 576, 2.9 against 6.2 ms
+        for 576 x 1536; BENCHMARKS.md); the other kinds as `apply` computes them."""
         if self.kind != "hadamard":
             return self.apply(x.float())
         x = x.float()
