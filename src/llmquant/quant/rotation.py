@@ -14,7 +14,8 @@ Kinds (one notion for every size):
 - ``learned``: a dense orthogonal matrix given as a value (`learned_rotation`: SpinQuant's rotations, learned from a
   Hadamard start by `llmquant.algorithms.spinquant`), a dense n x n product.
 
-Maths in float64 (`apply` computes in float64 and casts back), as QuaRot's reference does.
+Maths in float64 (`apply` computes in float64 and casts back), as QuaRot's reference does; `apply_float32` is the
+float32 shortcut for scoring candidates (the smoothing searches), never for folding into weights.
 """
 
 from __future__ import annotations
