@@ -13,6 +13,7 @@ import llmquant
 from conftest import VOCAB, logits, make_model, relative_error
 from llmquant.algorithms.awq import scale_group
 from llmquant.algorithms.smoothquant import (
+    AUTO_GRID,
     GroupStats,
     GroupStatsCollector,
     apply_smoothing,
@@ -380,6 +381,27 @@ def test_smoothing_before_the_rotation_spreads_less_of_a_massive_channel() -> No
     apply_smoothing(layer, group, scales)  # the stored weight becomes (W diag(s)) Q
     torch.testing.assert_close(layer["down"].weight.detach(), rotation.apply(unrotated * scales.float()),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_search_scores_float32_rotations_as_the_float64_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alpha search rotates its candidates in float32 (`Rotation.apply_float32`): every alpha's error within 1e-5
+    of the float64 rotation's, and the same alpha chosen, through a randomized Hadamard with a massive channel."""
+    layer, _ = _rotated_pair()
+    group = SmoothGroup("up", "linear", ("down",))
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(7))
+    x[:, 5] += 100.0
+    stats = GroupStats(act_absmax=x.abs().amax(dim=0), tokens=x)
+    specs = {"down": (None, A4_PER_TOKEN)}
+    w_max = weight_absmax(layer, group)
+
+    def errors() -> list[float]:
+        return [quantized_group_error(layer, group, stats, smoothing_scales(stats.act_absmax, w_max, alpha), specs)
+                for alpha in AUTO_GRID]
+
+    fast, fast_choice = errors(), choose_alpha(layer, group, stats, specs)[0]
+    monkeypatch.setattr(Rotation, "apply_float32", lambda self, x: self.apply(x.double()).float())
+    exact, exact_choice = errors(), choose_alpha(layer, group, stats, specs)[0]
+    assert fast == pytest.approx(exact, rel=1e-5) and fast_choice == exact_choice
 
 
 def test_readers_rotating_their_input_differently_share_no_scale() -> None:
