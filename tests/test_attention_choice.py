@@ -23,7 +23,7 @@ import llmquant
 from conftest import AVX2_OP_REFUSAL, VOCAB, logits, make_model, relative_error
 from llmquant.cli import main
 from llmquant.errors import LlmquantError
-from llmquant.nn import causal_blocks
+from llmquant.nn import causal_blocks, int8_gemv
 from llmquant.nn.attention_choice import ATTENTIONS, attention_configs, attention_in_use, set_attention
 from llmquant.nn.kv_cache import enable_kv_quantization
 from llmquant.testing.tiny_checkpoint import write_tiny_checkpoint
@@ -190,7 +190,7 @@ def test_without_the_op_the_blocks_are_sdpa_calls_with_their_limit(monkeypatch: 
     from torch.utils import cpp_extension
     monkeypatch.setattr(causal_blocks, "_op", None)
     monkeypatch.setattr(causal_blocks, "_build_error", None)
-    monkeypatch.setattr(causal_blocks, "tool_refusal", lambda: None)
+    monkeypatch.setattr(int8_gemv, "tool_refusal", lambda: None)
     monkeypatch.setattr(causal_blocks, "cpu_features", lambda: type("Features", (), {"avx2": True})())
     monkeypatch.setattr(cpp_extension, "load", failing)
     assert causal_blocks.attention_op(query) is None

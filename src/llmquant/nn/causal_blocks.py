@@ -33,7 +33,6 @@ as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so the mod
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from types import ModuleType
 
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from llmquant.nn.int8_gemv import build_op, call_op, cpu_features, tool_refusal
+from llmquant.nn.int8_gemv import build_op, call_op, cpu_features, switch_refusal
 from llmquant.nn.kv_cache import VARIANT_SEPARATOR
 
 BLOCK = 64  # query rows a call (32 and 64 alike, 128 slower: `scripts/runtime_profile.py attention`)
@@ -69,10 +68,8 @@ def _visible(rows: int, start: int, dtype: torch.dtype, device: torch.device) ->
 def attention_op_refusal(tensor: torch.Tensor) -> str | None:
     """Why the attention op does not run for ``tensor`` (the query), or None (it may still fail to build:
     `attention_op`)."""
-    if os.environ.get("LLMQUANT_GEMV", "1") == "0":
-        return "off (LLMQUANT_GEMV=0)"
-    if tensor.device.type != "cpu":
-        return "not on the CPU"
+    if (refusal := switch_refusal(tensor.device)) is not None:
+        return refusal
     if tensor.dtype != torch.float32:
         return f"{tensor.dtype} states (the op takes float32)"
     if not cpu_features().avx2:
@@ -87,9 +84,7 @@ def attention_op(tensor: torch.Tensor) -> ModuleType | None:
     if attention_op_refusal(tensor) is not None:
         return None
     if _op is None:
-        _build_error = tool_refusal()
-        if _build_error is None:
-            _op, _build_error = build_op(SOURCE, "llmquant_causal_attention", FLAGS, "one sdpa call per block")
+        _op, _build_error = build_op(SOURCE, "llmquant_causal_attention", FLAGS, "one sdpa call per block")
     return _op
 
 

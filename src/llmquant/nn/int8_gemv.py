@@ -71,12 +71,20 @@ _avx2_kernel: ModuleType | None = None
 _avx2_build_error: str | None = None
 
 
-def gemv_refusal(device: torch.device) -> str | None:
-    """Why the op does not run on ``device``, or None (it may still fail to build: `gemv_kernel`)."""
+def switch_refusal(device: torch.device) -> str | None:
+    """What refuses every C++ op of llmquant before the CPU's instructions are asked: the switch ``LLMQUANT_GEMV=0``,
+    and a device other than the CPU; else None."""
     if os.environ.get("LLMQUANT_GEMV", "1") == "0":
         return "off (LLMQUANT_GEMV=0)"
     if device.type != "cpu":
         return "not on the CPU"
+    return None
+
+
+def gemv_refusal(device: torch.device) -> str | None:
+    """Why the op does not run on ``device``, or None (it may still fail to build: `gemv_kernel`)."""
+    if (refusal := switch_refusal(device)) is not None:
+        return refusal
     if not cpu_features().avx512_vnni:
         return "the CPU has no AVX512-VNNI instructions"
     if _kernel is not None:
@@ -120,9 +128,7 @@ def gemv_kernel() -> ModuleType | None:
     reason logged once and kept for `gemv_refusal`)."""
     global _kernel, _build_error
     if _kernel is None and _build_error is None:
-        _build_error = tool_refusal()
-        if _build_error is None:
-            _kernel, _build_error = build_op(SOURCE, "llmquant_int8_gemv", FLAGS, "torch._int_mm")
+        _kernel, _build_error = build_op(SOURCE, "llmquant_int8_gemv", FLAGS, "torch._int_mm")
     return _kernel
 
 
@@ -130,10 +136,8 @@ def avx2_gemv_refusal(device: torch.device) -> str | None:
     """Why the AVX2 op (``int8_gemv_avx2.cpp``) does not run on ``device``, or None: it runs on x86 CPUs with AVX2
     where the VNNI op does not (`gemv_refusal`) and torch's int8 products are slow (`int_mm_refusal` of
     `llmquant.nn.int8_linear`: no VNNI and no AMX)."""
-    if os.environ.get("LLMQUANT_GEMV", "1") == "0":
-        return "off (LLMQUANT_GEMV=0)"
-    if device.type != "cpu":
-        return "not on the CPU"
+    if (refusal := switch_refusal(device)) is not None:
+        return refusal
     if cpu_features().int8_instructions:
         return "the CPU has VNNI or AMX int8 instructions (torch's int8 products and the VNNI op run there)"
     if not cpu_features().avx2:
@@ -200,8 +204,11 @@ def avx2_kernel(tensor: torch.Tensor) -> ModuleType | None:
 
 
 def build_op(source: Path, name: str, flags: list[str], instead: str) -> tuple[ModuleType | None, str | None]:
-    """The op built from ``source`` (kept by torch in ``TORCH_EXTENSIONS_DIR``), or None and why (logged once;
-    ``instead`` names what runs then). Also builds `llmquant.nn.causal_blocks`' attention op."""
+    """The op built from ``source`` (kept by torch in ``TORCH_EXTENSIONS_DIR``), or None and why: the tools missing
+    (`tool_refusal`), or the build failing (logged once; ``instead`` names what runs then). Also builds
+    `llmquant.nn.causal_blocks`' attention op."""
+    if (refusal := tool_refusal()) is not None:
+        return None, refusal
     log.info("llmquant runtime: loading the C++ op %s (built on its first use on a machine)", source.name)
     start = time.perf_counter()
     try:
@@ -269,7 +276,7 @@ def decode_attention(kernel: ModuleType, query: torch.Tensor, keys: torch.Tensor
     batch, heads = query.shape[:2]
     flat_mask = None if mask is None else mask.reshape(batch, mask.shape[1], mask.shape[-1])
     out = call_op(kernel, "int8_decode_attention", query.reshape(batch, heads, -1), keys, values, key_scales,
-                value_scales, flat_mask, float(scaling))
+                  value_scales, flat_mask, float(scaling))
     return out.unsqueeze(1)
 
 
@@ -292,7 +299,7 @@ def block_codes(kernel: ModuleType, blocks: torch.Tensor, qmin: int, qmax: int, 
     grid = [float(ratio) for ratio in clip] if isinstance(clip, tuple) else [float(clip)]
     width = blocks.shape[-1]
     codes, scale = call_op(kernel, "block_codes", blocks.reshape(-1, width).contiguous(), float(qmin), float(qmax),
-                         MIN_SCALE, grid, asymmetric)
+                           MIN_SCALE, grid, asymmetric)
     return codes.reshape(blocks.shape), scale
 
 
@@ -309,7 +316,7 @@ def store_token_codes(kernel: ModuleType, states: list[torch.Tensor], codes: tor
     and their scales into an INT8 KV cache's stores ``codes`` ``[p, b, h, capacity, d]`` int8 and ``scales`` ``[p, b,
     h, capacity, 1]`` at the positions ``[length, length + n)``: `token_codes`' bits, without a new tensor."""
     call_op(kernel, "store_token_codes", states, codes, scales, length, float(qmax), MIN_SCALE, float(qmin),
-          float(clip_ratio))
+            float(clip_ratio))
 
 
 def store_static_codes(kernel: ModuleType, states: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
@@ -351,8 +358,8 @@ def gemv_linear(kernel: ModuleType, x_codes: torch.Tensor, weight_codes: torch.T
     ``[1, out]`` or ``[1, 1]``, y = float(x_q @ W_q^T) * (s_x * s_w) + b (`llmquant.nn.int8_linear.scale_output`'s
     order); else ``weight_scale`` ``[out, groups]``, y = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_w,g)
     * s_x + b (`llmquant.nn.int8_linear.grouped_linear`'s). The integer products are exact."""
-    return call_op(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale, weight_scale,
-                 bias, group_size)
+    return call_op(kernel, "int8_gemv", x_codes.contiguous(), weight_codes.contiguous(), row_sums, scale,
+                   weight_scale, bias, group_size)
 
 
 AVX2_PANEL = 16  # outputs of a panel of `avx2_gemm_pack`
@@ -381,8 +388,8 @@ def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tenso
     (`llmquant.nn.int8_linear.input_grouped_linear`'s order). Tiles of 3 rows by 16 outputs, each input pair of the
     16 multiplied by one VPMADDWD, the panels in parallel."""
     packed, scales = pack
-    y = call_op(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale, bias,
-              outputs, group_size, input_group_size)
+    y = call_op(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale,
+                bias, outputs, group_size, input_group_size)
     return y.reshape(*x_codes.shape[:-1], outputs)
 
 
@@ -433,7 +440,7 @@ def weight_only_linear(kernel: ModuleType, rows: torch.Tensor, weight_codes: tor
     int8 Linear (W8A16) read at 1 byte a weight, its sums in float32 (within float32 roundings of
     ``x @ dequantized(W_q)^T``, not its bits)."""
     return call_op(kernel, "weight_only_gemv", rows, weight_codes.contiguous(), weight_scale.reshape(-1), bias,
-                 group_size)
+                   group_size)
 
 
 def grouped_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int
@@ -469,7 +476,7 @@ def grouped_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Te
     packed with its scale per channel (or tensor) or in the same groups: `input_grouped_linear`'s values."""
     packed, sums128, scales = pack
     return call_op(kernel, "grouped_gemm", x_codes.contiguous(), packed, sums128, scales, scale, bias, outputs,
-                 group_size, input_groups)
+                   group_size, input_groups)
 
 
 def weight_row_sums(weight_codes: torch.Tensor, group_size: int = 0) -> torch.Tensor:
