@@ -66,6 +66,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         fields["kv_cache_keep_first"] = args.kv_cache_keep_first
     if getattr(args, "clip_search", False):
         fields["clip_search"] = fields.get("clip_search") or {}
+    if getattr(args, "train_scales", None) is not None:
+        fields["scale_training"] = {**(fields.get("scale_training") or {}), "epochs": args.train_scales}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
@@ -468,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn R1 and R2 (SpinQuant, Cayley SGD) in STEPS steps on the calibration samples")
     q.add_argument("--learn-online", type=int, default=None, metavar="STEPS",
                    help="learn each layer's online rotations before Linears (R4, R5, R6) in STEPS steps a layer")
+    q.add_argument("--train-scales", type=float, default=None, metavar="EPOCHS",
+                   help="then train every weight's scales end to end (EfficientQAT's E2E-QP) for EPOCHS passes over "
+                        "the calibration samples, 8 of them held out to keep the result only where it helps")
     q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
     q.add_argument("--clip-search", action="store_true",
                    help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")

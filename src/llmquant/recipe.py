@@ -52,6 +52,7 @@ from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearn
 from llmquant.algorithms.lifecycle import LayerStep
 from llmquant.algorithms.quarot import ONLINE_BEFORE_LINEARS, ONLINE_ROTATIONS, QuaRotConfig
 from llmquant.algorithms.scale_refit import refit_refusal
+from llmquant.algorithms.scale_training import ScaleTrainingConfig
 from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
@@ -246,6 +247,24 @@ class ClipSearch(_Strict):
         return value
 
 
+class ScaleTraining(_Strict):
+    """The weights' scales trained end to end once every layer is quantized (`llmquant.algorithms.scale_training`,
+    EfficientQAT's E2E-QP): ``epochs`` passes over the calibration samples but the last ``holdout`` (which decide
+    whether the trained scales are kept; 0: kept unchecked), ``batch`` samples a step, Adam's step ``lr`` on the
+    scales' logarithms, cosine-decayed; ``loss``: ``kl`` from the float model's next-token distribution (its
+    ``top_k`` tokens a position, taken before quantization) or ``ce`` on the samples' own tokens."""
+
+    epochs: float = Field(1.0, gt=0)
+    batch: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    holdout: int = Field(8, ge=0)
+    loss: Literal["kl", "ce"] = "kl"
+    top_k: int = Field(64, ge=1)
+
+    def config(self) -> ScaleTrainingConfig:
+        return ScaleTrainingConfig(**self.model_dump())
+
+
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
     algorithm: Literal["rtn", "awq", "gptq"] = "rtn"
@@ -262,6 +281,7 @@ class Recipe(_Strict):
     calib: Calibration = Field(default_factory=Calibration)
     moe_calibrate: Literal["all", "routed"] = "all"
     clip_search: ClipSearch | None = None
+    scale_training: ScaleTraining | None = None  # after every layer (and the clip search): the scales, end to end
     # clip ratios of every input (kv_cache_clip: KV-cache) quantizer's range from the start, so that calibration,
     # static scales and GPTQ's quantized inputs see them (QuaRot's fixed 0.9 and 0.95); clip_search, after, replaces
     # those of the dynamic ones
@@ -285,7 +305,8 @@ class Recipe(_Strict):
             data.pop("gptq", None)
         if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
             data.pop("moe_calibrate", None)
-        for name in ("clip_search", "activation_clip", "kv_cache_clip", "activation_clip_grid", "kv_cache_clip_grid"):
+        for name in ("clip_search", "scale_training", "activation_clip", "kv_cache_clip", "activation_clip_grid",
+                     "kv_cache_clip_grid"):
             if getattr(self, name) is None:
                 data.pop(name, None)
         if not self.kv_cache_center_keys:
@@ -403,6 +424,23 @@ class Recipe(_Strict):
                                  f"0 to {batches - 1}, or more samples")
         return self
 
+    @model_validator(mode="after")
+    def _scales_to_train(self) -> Recipe:
+        """``scale_training`` needs quantized weights, and samples to train on besides those it holds out."""
+        if self.scale_training is None:
+            return self
+        names = dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)])
+        if all(self.scheme_named(name).weights is None for name in names):
+            raise ValueError(f"scale_training trains the scales of quantized weights, but the recipe's schemes "
+                             f"({', '.join(names)}) quantize no weight; allowed: a scheme with weights (w_...)")
+        holdout, samples = self.scale_training.holdout, self.calib.samples
+        held = self.clip_search.samples if self.clip_search is not None else 0
+        if samples and holdout >= samples - held:
+            raise ValueError(f"scale_training.holdout {holdout} leaves none of the {samples - held} calibration "
+                             f"samples{' the clip search leaves' if held else ''} to train on; allowed: 0 to "
+                             f"{samples - held - 1}, or more calib.samples")
+        return self
+
     def learns_from_samples(self) -> list[str]:
         """What the recipe learns from its calibration samples: learned rotations, a per-layer step (smoothing, AWQ,
         GPTQ), static input scales, a static KV-cache scale or the keys' mean. Nothing (empty) for round to nearest
@@ -415,7 +453,8 @@ class Recipe(_Strict):
         return ((["learned rotations"] if quarot is not None and quarot.learn is not None else [])
                 + [step.name for step in self.layer_steps()] + (["static input scales"] if static_inputs else [])
                 + (["a static KV-cache scale"] if kv_cache is not None and not kv_cache.dynamic else [])
-                + (["the keys' mean"] if self.kv_cache_center_keys else []))
+                + (["the keys' mean"] if self.kv_cache_center_keys else [])
+                + (["scale training"] if self.scale_training is not None else []))
 
     def quarot(self) -> QuaRotPreOpt | None:
         """The recipe's QuaRot pre-optimization, if any (at most one)."""

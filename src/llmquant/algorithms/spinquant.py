@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from llmquant.quant import QuantSpec, fake_quantize
+from llmquant.quant import QuantSpec, fake_quantize, straight_through
 from llmquant.quant.rotation import rotate_blocks
 
 
@@ -117,12 +117,12 @@ class StraightThroughWeight(nn.Module):
         self.spec, self.switch = spec, switch
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return straight_through(w, self.spec) if self.switch.on else w
+        return fake_quantize_straight_through(w, self.spec) if self.switch.on else w
 
 
-def straight_through(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def fake_quantize_straight_through(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """fake_quantize(x) in the forward pass, the identity in the backward pass."""
-    return x + (fake_quantize(x, spec) - x).detach()
+    return straight_through(x, fake_quantize(x, spec))
 
 
 def learning_spec(spec: QuantSpec) -> QuantSpec:
@@ -140,7 +140,7 @@ class KVStraightThrough(nn.Module):
     def forward(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.switch.on:
             return key, value
-        return straight_through(key, self.spec), straight_through(value, self.spec)
+        return fake_quantize_straight_through(key, self.spec), fake_quantize_straight_through(value, self.spec)
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def _hook_input(u: nn.Parameter) -> Callable:
 
 
 def quantize_input_hook(spec: QuantSpec, switch: QuantizerSwitch) -> Callable:
-    return lambda _module, args: (straight_through(args[0], spec), *args[1:]) if switch.on else None
+    return lambda _module, args: (fake_quantize_straight_through(args[0], spec), *args[1:]) if switch.on else None
 
 
 class RotatedNetwork:
@@ -284,5 +284,5 @@ def learn(network: RotatedNetwork, samples: torch.Tensor, config: SpinQuantConfi
 
 
 __all__ = ["KVStraightThrough", "LayerRotations", "LearnedRotations", "NetworkMap", "QuantizerSwitch", "RotateWeight",
-           "RotatedNetwork", "SpinQuantConfig", "StraightThroughWeight", "cayley_step", "learn", "learning_spec",
-           "quantize_input_hook", "straight_through"]
+           "RotatedNetwork", "SpinQuantConfig", "StraightThroughWeight", "cayley_step",
+           "fake_quantize_straight_through", "learn", "learning_spec", "quantize_input_hook"]

@@ -51,7 +51,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llmquant.errors import LlmquantError
 from llmquant.parallel import SINGLE, Ranks
-from llmquant.quant import Observer, QuantSpec, fake_quantize
+from llmquant.quant import Observer, QuantSpec, fake_quantize, straight_through
 
 QUANTIZED_ATTENTION = "llmquant_sdpa"
 STORED_FLAG = "_llmquant_kv_stored"  # on an attention, for the current call: its int8 cache layer quantized K, V
@@ -204,15 +204,15 @@ class KVCacheQuantizer(nn.Module):
             self.observers[1].update(value)
 
     def _quantized(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``key`` (centred) and ``value`` fake-quantized by the spec."""
+        """``key`` (centred) and ``value`` fake-quantized by the spec (the gradient, where one is wanted, straight
+        through: `straight_through`)."""
         if self.spec.dynamic:
-            return fake_quantize(key, self.spec), fake_quantize(value, self.spec)
-        k_scale, v_scale = self.k_scale.reshape(-1, 1), self.v_scale.reshape(-1, 1)  # [1 or heads, 1]
-        zero = torch.zeros_like(k_scale)
-        return (
-            fake_quantize(key, self.spec, k_scale, zero),
-            fake_quantize(value, self.spec, v_scale, zero),
-        )
+            quantized = fake_quantize(key, self.spec), fake_quantize(value, self.spec)
+        else:
+            k_scale, v_scale = self.k_scale.reshape(-1, 1), self.v_scale.reshape(-1, 1)  # [1 or heads, 1]
+            zero = torch.zeros_like(k_scale)
+            quantized = fake_quantize(key, self.spec, k_scale, zero), fake_quantize(value, self.spec, v_scale, zero)
+        return straight_through(key, quantized[0]), straight_through(value, quantized[1])
 
 
 def _base_attention(module: nn.Module, base: str) -> Callable:

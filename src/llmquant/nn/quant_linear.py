@@ -84,7 +84,7 @@ from llmquant.nn.int8_linear import (
 from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
-from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize
+from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize, straight_through
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
 from llmquant.quant.primitives import block_grid_shape, codes_to_float, qparams_from_min_max
@@ -280,20 +280,25 @@ class QuantLinear(nn.Module):
         """The float weight the layer computes with: x_hat = (q - zero) * scale. Cached, except for a packed
         layer without ``cache_dequantized``, which unpacks it on every call, and with ``keep=False`` (a figure
         about the weight, such as its error: the float copy would hold as much memory as the float weight)."""
-        spec = self.weight_spec
-        if spec is None:
+        if self.weight_spec is None:
             return self.weight
         if self._dequantized is not None:
             return self._dequantized
-        if self.packed:  # the packed fields are u = q - offset + 2^(b-1): that constant folds into the zero
-            scale, zero = self.weight_qparams()
-            fields = unpack_fields(self.weight_packed, spec.bits, self.in_features)
-            weight = dequantize(fields, scale, zero + (2 ** (spec.bits - 1) - storage_offset(spec)), spec)
-        else:
-            weight = dequantize(self.weight, *self.weight_qparams(), spec)
+        weight = self._dequantize()
         if keep and (not self.packed or self.cache_dequantized):
             self._dequantized = weight
         return weight
+
+    def _dequantize(self) -> torch.Tensor:
+        """(q - zero) * scale from the stored codes, in float32 (a function of ``weight_scale``, with its gradient
+        where it has one)."""
+        spec = self.weight_spec
+        assert spec is not None
+        if self.packed:  # the packed fields are u = q - offset + 2^(b-1): that constant folds into the zero
+            scale, zero = self.weight_qparams()
+            fields = unpack_fields(self.weight_packed, spec.bits, self.in_features)
+            return dequantize(fields, scale, zero + (2 ** (spec.bits - 1) - storage_offset(spec)), spec)
+        return dequantize(self.weight, *self.weight_qparams(), spec)
 
     def _apply(self, fn, recurse: bool = True):
         """A move (``.to``, ``.float()``, to ``meta`` when a streamed layer is released) drops the cached
@@ -584,9 +589,9 @@ class QuantLinear(nn.Module):
             self.observer.update(x)
             return x
         if spec.dynamic:
-            return fake_quantize(x, spec)
+            return straight_through(x, fake_quantize(x, spec))
         zero = self.input_zero_point if not spec.symmetric else torch.zeros_like(self.input_scale)
-        return fake_quantize(x, spec, self.input_scale.reshape(1, 1), zero.reshape(1, 1))
+        return straight_through(x, fake_quantize(x, spec, self.input_scale.reshape(1, 1), zero.reshape(1, 1)))
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 W8A8 on the kernel runtime: ``torch._scaled_mm`` (`llmquant.nn.fp8_linear`)."""
@@ -614,7 +619,23 @@ class QuantLinear(nn.Module):
         self._decode_rows = decode
         return decode
 
+    def _learns_scales(self) -> bool:
+        """Whether the weight's scales are being learned (they require a gradient, and autograd records:
+        `llmquant.algorithms.scale_training`)."""
+        scale = self._buffers.get("weight_scale")
+        return scale is not None and scale.requires_grad and torch.is_grad_enabled()
+
+    def _differentiable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The simulation, differentiable: the inputs quantized straight through (`straight_through`), the weight
+        dequantized from its codes at every call (no cache: its scales may be what is learned). The same function as
+        the integer paths, up to float rounding."""
+        weight = self._dequantize().to(x.dtype)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(self.quantize_input(x), weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._learns_scales():
+            return self._differentiable_forward(x)
         decode = self._decode_rows if self._decode_rows is not None else self._resolve_decode_rows()
         if decode and x.numel() <= decode.max_values and self.observer is None:
             return decode(x) if x.dtype == torch.float32 else decode(x.float(), x).to(x.dtype)

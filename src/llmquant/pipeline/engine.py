@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
+from llmquant.algorithms.scale_training import TeacherTargets, teacher_targets, train_scales
 from llmquant.device import (
     DevicePolicy,
     cast_weights,
@@ -596,6 +597,9 @@ def quantize(
         manifest.results["calibration"] = {"samples": 0, "why": "calib.samples 0: no calibration pass; the layers' "
                                            "output errors are not measured"}
     calib, held_out = _hold_out(recipe, calib, source)
+    if recipe.scale_training is not None and source.streams:
+        raise LlmquantError("scale_training runs the whole quantized model forward and backward, but the model is "
+                            "streamed from disk (--max-memory); drop scale_training or load the model whole")
     if calibrated and not _calibrates(recipe) and calib.shape[0] > ranks.world:  # the samples only measure errors
         manifest.results["calibration"] = {
             "samples": ranks.world, "given": calib.shape[0],
@@ -606,6 +610,7 @@ def quantize(
     whole_calib = calib
     calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
+    teacher = _teacher(model, recipe, whole_calib, ranks, manifest, progress)  # (before any layer changes)
     kv_cache = any(spec is not None for spec in plan.kv_cache.values())
     if kv_cache:
         _check_kv_groups(plan, head_dim_of(model, model_map))
@@ -716,6 +721,11 @@ def quantize(
         manifest.results["clip_search"] = search_clip_ratios(model, held_out, options.activations, options.kv_cache,
                                                              tuple(options.grid), options.by)
         manifest.seconds["clip_search"] = time.perf_counter() - t2
+    if recipe.scale_training is not None:
+        t3 = time.perf_counter()
+        trained = train_scales(model, whole_calib, recipe.scale_training.config(), teacher, ranks, progress)
+        manifest.results["scale_training"] = trained.describe()
+        manifest.seconds["scale_training"] = time.perf_counter() - t3
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
     manifest.results["peak_gpu_mb"] = max((row.get("peak_gpu_mb") or 0 for row in manifest.layers), default=0) or None
@@ -725,6 +735,20 @@ def quantize(
         model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
         model.llmquant_source = source.lazy  # type: ignore[attr-defined]  # tensors still on disk
     return manifest
+
+
+def _teacher(model: nn.Module, recipe: Recipe, calib: torch.Tensor, ranks: Ranks, manifest: Manifest,
+             progress: bool) -> TeacherTargets | None:
+    """The float model's next-token targets on ``calib`` for scale training's ``kl`` loss, taken before any layer
+    changes, each rank its share, gathered on every rank (None when the recipe does not ask for them)."""
+    options = recipe.scale_training
+    if options is None or options.loss != "kl" or calib.shape[0] == 0:
+        return None
+    start = time.perf_counter()
+    part = teacher_targets(model, calib[ranks.share(calib.shape[0])], options.top_k, progress and ranks.writes)
+    teacher = TeacherTargets(ranks.all_rows(part.ids, calib.shape[0]), ranks.all_rows(part.log_probs, calib.shape[0]))
+    manifest.seconds["scale_training_teacher"] = time.perf_counter() - start
+    return teacher
 
 
 def _hold_out(recipe: Recipe, calib: torch.Tensor, source: LayerSource) -> tuple[torch.Tensor, torch.Tensor | None]:

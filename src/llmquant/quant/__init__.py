@@ -2,7 +2,14 @@
 
 from llmquant.quant.observers import Observer, observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_int32
-from llmquant.quant.primitives import dequantize, fake_quantize, qparams_for, qparams_from_min_max, quantize
+from llmquant.quant.primitives import (
+    dequantize,
+    fake_quantize,
+    qparams_for,
+    qparams_from_min_max,
+    quantize,
+    straight_through,
+)
 from llmquant.quant.spec import QuantSpec
 
 __all__ = [
@@ -16,5 +23,6 @@ __all__ = [
     "qparams_for",
     "qparams_from_min_max",
     "quantize",
+    "straight_through",
     "unpack_int32",
 ]

@@ -176,6 +176,16 @@ def fake_quantize(
     return from_blocks((codes - zero) * scale, x.shape, spec).to(x.dtype)
 
 
+def straight_through(x: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+    """``quantized`` (a function of ``x`` with a zero gradient: rounding) in the forward pass; in the backward pass the
+    identity's gradient, where ``x`` requires one (the straight-through estimator, Bengio et al. 2013, "Estimating or
+    Propagating Gradients Through Stochastic Neurons"): x + (q(x) - x) detached. Without a gradient to pass,
+    ``quantized`` itself, bit for bit."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (quantized - x).detach()
+    return quantized
+
+
 def pairwise_row_sums(values: torch.Tensor) -> torch.Tensor:
     """Each row's sum ``[n, 1]`` of ``values`` ``[n, width]`` in one fixed order: zeros appended up to a power of two
     columns, then column j plus column j + half, halving until one column is left. An order a kernel repeats bit for
