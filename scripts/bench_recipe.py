@@ -68,6 +68,7 @@ def main() -> None:
         "activations": manifest.results["activations"],
         "learned_rotations": manifest.results.get("learned_rotations"),
         "clip_search": manifest.results.get("clip_search"),
+        "scale_training": manifest.results.get("scale_training"),  # (kept or turned back, the held-out losses)
         "learned_online_rotations": [{"layer": row["layer"], **row["learned_online_rotations"]}
                                      for row in manifest.layers if "learned_online_rotations" in row] or None,
         "output_errors": [round(row["output_error"], 5) for row in manifest.layers if "output_error" in row],

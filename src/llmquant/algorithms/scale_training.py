@@ -240,9 +240,10 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 loss = loss_of(model, train[rows], teacher[rows] if teacher is not None else None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if ranks.world > 1:
+                if ranks.world > 1:  # (an expert no token reached on this rank: a zero gradient, to meet the others)
                     for log in logs.values():
-                        ranks.sum(log.grad).div_(ranks.world)
+                        log.grad = ranks.sum(log.grad if log.grad is not None else torch.zeros_like(log))
+                        log.grad.div_(ranks.world)
                 optimizer.step()
                 schedule.step()
                 result.losses.append(ranks.total(loss.item()) / ranks.world)
