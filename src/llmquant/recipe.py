@@ -429,7 +429,7 @@ class Recipe(_Strict):
         """``scale_training`` needs quantized weights, and samples to train on besides those it holds out."""
         if self.scale_training is None:
             return self
-        names = dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)])
+        names = self._scheme_names()
         if all(self.scheme_named(name).weights is None for name in names):
             raise ValueError(f"scale_training trains the scales of quantized weights, but the recipe's schemes "
                              f"({', '.join(names)}) quantize no weight; allowed: a scheme with weights (w_...)")
@@ -441,11 +441,15 @@ class Recipe(_Strict):
                              f"{samples - held - 1}, or more calib.samples")
         return self
 
+    def _scheme_names(self) -> list[str]:
+        """The recipe's scheme and its overrides' schemes, each once, in order."""
+        return list(dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)]))
+
     def learns_from_samples(self) -> list[str]:
         """What the recipe learns from its calibration samples: learned rotations, a per-layer step (smoothing, AWQ,
         GPTQ), static input scales, a static KV-cache scale or the keys' mean. Nothing (empty) for round to nearest
         with dynamic activations and KV cache: QuaRot's Hadamard rotations are data-free too."""
-        names = dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)])
+        names = self._scheme_names()
         schemes = [self.scheme_named(name) for name in names]
         static_inputs = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes)
         kv_cache = schemes[0].kv_cache  # (the base scheme's, on every attention: `resolve`)
@@ -481,7 +485,7 @@ class Recipe(_Strict):
                                     "add one of them")
             steps.append(OnlineLearningStep(quarot.learn_online.config()))
         if self.algorithm == "awq":
-            tiled = [name for name in dict.fromkeys([self.scheme, *(o.scheme for o in self.overrides)])
+            tiled = [name for name in self._scheme_names()
                      if (w := self.scheme_named(name).weights) is not None and w.granularity == "block"]
             if tiled:  # its clip search works per row and input group
                 raise LlmquantError(f"AWQ searches clipping ranges per row and input group, not per tile: "

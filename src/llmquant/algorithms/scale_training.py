@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from llmquant.device import device_of
 from llmquant.errors import LlmquantError
-from llmquant.model.likelihood import next_token_nll
+from llmquant.model.likelihood import mean_nll
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.parallel import SINGLE, Ranks
 
@@ -185,11 +185,7 @@ def held_out_loss(model: nn.Module, ids: torch.Tensor, teacher: TeacherTargets |
         with torch.no_grad():
             mean = sum(float(loss_of(model, row[None], teacher[i:i + 1])) for i, row in enumerate(ids)) / len(ids)
     else:
-        total, count = 0.0, 0
-        for row in ids:
-            nll, predicted = next_token_nll(model, row[None])
-            total, count = total + nll, count + predicted
-        mean = total / count
+        mean = mean_nll(model, ids)
     return ranks.total(mean) / ranks.world
 
 

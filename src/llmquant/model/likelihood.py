@@ -24,3 +24,12 @@ def next_token_nll(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     if not torch.isfinite(nll):
         raise LlmquantError("the model produced NaN or inf logits: the perplexity would be meaningless")
     return float(nll), ids[:, 1:].numel()
+
+
+def mean_nll(model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood of ``model`` on token ids ``[n, T]`` (one sample a forward)."""
+    total, count = 0.0, 0
+    for row in ids:
+        nll, predicted = next_token_nll(model, row[None])
+        total, count = total + nll, count + predicted
+    return total / count

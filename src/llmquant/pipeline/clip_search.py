@@ -24,20 +24,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llmquant.model.likelihood import next_token_nll
+from llmquant.model.likelihood import mean_nll, next_token_nll
 from llmquant.nn.kv_cache import set_kv_clip
 from llmquant.nn.quant_linear import QuantLinear, set_input_clip
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
-
-
-def mean_nll(model: nn.Module, ids: torch.Tensor) -> float:
-    """Mean next-token negative log-likelihood of ``model`` on token ids ``[n, T]`` (one sample a forward)."""
-    total, count = 0.0, 0
-    for row in ids:
-        nll, predicted = next_token_nll(model, row[None])
-        total, count = total + nll, count + predicted
-    return total / count
 
 
 def _search(model: nn.Module, held_out: torch.Tensor, apply: Callable[[nn.Module, float], object],
