@@ -23,6 +23,7 @@ from llmquant.algorithms.scale_training import (
     teacher_targets,
     train_scales,
     trainable_layers,
+    trainable_norms,
 )
 from llmquant.cli import main
 from llmquant.errors import LlmquantError
@@ -45,15 +46,20 @@ def quantized(calib: torch.Tensor, recipe: dict | None = None) -> torch.nn.Modul
     return llmquant.quantize(make_model("llama"), recipe or W4A4KV4, calib=calib, progress=False)
 
 
-def with_teacher(calib: torch.Tensor, top_k: int = 16) -> tuple[torch.nn.Module, TeacherTargets]:
+def with_teacher(calib: torch.Tensor, top_k: int = 16, family: str = "llama") -> tuple[torch.nn.Module,
+                                                                                        TeacherTargets]:
     """The quantized tiny model, and the float one's targets on ``calib`` (taken before quantization)."""
-    model = make_model("llama")
+    model = make_model(family)
     teacher = teacher_targets(model, calib, top_k)
     return llmquant.quantize(model, W4A4KV4, calib=calib, progress=False), teacher
 
 
 def scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.weight_scale.clone() for name, layer in trainable_layers(model).items()}
+
+
+def gains(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: norm.weight.detach().clone() for name, norm in trainable_norms(model).items()}
 
 
 # --- the pieces ------------------------------------------------------------------------------------------------
@@ -151,15 +157,54 @@ def test_training_lowers_the_kl_changes_only_the_scales_and_keeps_the_codes(cali
     assert [p.requires_grad for p in model.parameters()] == wanted  # as they were
 
 
-def test_the_held_out_check_turns_worse_scales_back(calib12: torch.Tensor) -> None:
-    """A step far too large (each scale moved by up to e^1 a step) makes the held-out KL worse (1.81e-4 -> 2.47e-2 on
-    a Zen 4 EPYC): the start's scales stay, bit for bit."""
+def test_training_the_norms_gains_too_changes_them_and_the_scales_only(calib12: torch.Tensor) -> None:
+    """With ``norms``, the two norms of each layer and the final one train with the scales (the KL falls from 1.61e-4
+    to 0.69e-4 on a Zen 4 EPYC, against 0.71e-4 for the scales alone); after, they are plain weights again."""
     model, teacher = with_teacher(calib12)
-    start = scales(model)
-    result = train_scales(model, calib12, ScaleTrainingConfig(epochs=1, lr=1.0, holdout=4, top_k=16), teacher,
-                          progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    codes = {name: layer.codes().clone() for name, layer in trainable_layers(model).items()}
+    kl_before = held_out_loss(model, calib12, teacher)
+    wanted = [p.requires_grad for p in model.parameters()]
+    result = train_scales(model, calib12, ScaleTrainingConfig(epochs=8, lr=1e-2, holdout=0, top_k=16, norms=True),
+                          teacher, progress=False)
+    assert result.kept and result.norms == 5 and result.describe()["norms"] == 5
+    assert held_out_loss(model, calib12, teacher) < 0.75 * kl_before
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    norms = {f"{name}.weight" for name in trainable_norms(model)}
+    assert norms == {f"model.layers.{i}.{n}.weight" for i in (0, 1) for n in ("input_layernorm",
+                                                                             "post_attention_layernorm")} | {
+        "model.norm.weight"}
+    assert norms <= changed and all(k.endswith("weight_scale") for k in changed - norms)
+    assert all(torch.equal(layer.codes(), codes[name]) for name, layer in trainable_layers(model).items())
+    assert not any(torch.nn.utils.parametrize.is_parametrized(norm) for norm in trainable_norms(model).values())
+    assert [p.requires_grad for p in model.parameters()] == wanted
+
+
+def test_a_gain_stored_as_an_offset_from_one_trains_as_a_gain(calib12: torch.Tensor) -> None:
+    """Gemma's norms apply 1 + w: the trained factor multiplies 1 + w, so a channel whose w is 0 (a gain of one)
+    trains too, and every gain keeps its sign."""
+    model, teacher = with_teacher(calib12, family="gemma")
+    norm = trainable_norms(model)["model.layers.0.input_layernorm"]
+    with torch.no_grad():
+        norm.weight[0] = 0.0
+    before = gains(model)
+    train_scales(model, calib12, ScaleTrainingConfig(epochs=4, lr=1e-2, holdout=0, top_k=16, norms=True), teacher,
+                 progress=False)
+    assert float(norm.weight.detach()[0]) != 0.0
+    assert all(((w + 1) * (before[name] + 1) > 0).all() for name, w in gains(model).items())
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_the_held_out_check_turns_worse_scales_back(calib12: torch.Tensor, norms: bool) -> None:
+    """A step far too large (each scale moved by up to e^1 a step) makes the held-out KL worse (1.81e-4 -> 2.47e-2 on
+    a Zen 4 EPYC): the start's scales (and the norms' gains) stay, bit for bit."""
+    model, teacher = with_teacher(calib12)
+    start, start_gains = scales(model), gains(model)
+    result = train_scales(model, calib12, ScaleTrainingConfig(epochs=1, lr=1.0, holdout=4, top_k=16, norms=norms),
+                          teacher, progress=False)
     assert not result.kept and result.held_out_after > 2 * result.held_out_before
     assert all(torch.equal(scales(model)[name], value) for name, value in start.items())
+    assert all(torch.equal(gains(model)[name], value) for name, value in start_gains.items())
 
 
 def test_the_cross_entropy_loss_fits_the_samples_own_tokens(calib12: torch.Tensor) -> None:
@@ -173,20 +218,23 @@ def test_the_cross_entropy_loss_fits_the_samples_own_tokens(calib12: torch.Tenso
     assert held_out_loss(model, calib12) < min(nll_before, held_out_loss(make_model("llama"), calib12)) - 0.05
 
 
+@pytest.mark.parametrize("norms", [False, True])
 def test_a_recipe_trains_the_scales_and_the_checkpoint_gives_the_same_logits(calib12: torch.Tensor, tmp_path: Path,
-                                                                              eval_ids: torch.Tensor) -> None:
-    recipe = {**W4A4KV4, "scale_training": {"epochs": 2, "lr": 1e-2, "holdout": 0}}
+                                                                              eval_ids: torch.Tensor,
+                                                                              norms: bool) -> None:
+    recipe = {**W4A4KV4, "scale_training": {"epochs": 2, "lr": 1e-2, "holdout": 0, "norms": norms}}
     model = quantized(calib12, recipe)
     untrained = quantized(calib12)
     entry = model.llmquant_manifest.results["scale_training"]
     assert entry["steps"] == 24 and entry["kept"] and model.llmquant_manifest.seconds["scale_training"] > 0
     assert any(not torch.equal(scales(model)[n], s) for n, s in scales(untrained).items())
+    assert norms == any(not torch.equal(gains(model)[n], g) for n, g in gains(untrained).items())
     llmquant.save(model, None, tmp_path / "ckpt")
     loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
     assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
     written = json.loads((tmp_path / "ckpt" / "llmquant.json").read_text())
     assert written["recipe"]["scale_training"] == {"epochs": 2.0, "batch": 1, "lr": 0.01, "holdout": 0, "loss": "kl",
-                                                   "top_k": 64}
+                                                   "top_k": 64, "norms": norms}
     assert written["seconds"]["scale_training_teacher"] > 0
 
 

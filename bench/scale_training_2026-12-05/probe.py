@@ -4,7 +4,7 @@ scales, perplexity (int8 runtime) on pydoc and stdlib
 before and after, against the float model on the same windows. One JSON line a config to --out.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/scale_training_2026-12-05/probe.py CHECKPOINT \
-        --configs '{"epochs": 1, "lr": 1e-3}' ... --out bench/scale_training_2026-12-05/probe.jsonl
+        --configs '{"epochs": 1, "lr": 1e-3}' ... [--samples 256] --out bench/scale_training_2026-12-05/probe.jsonl
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", required=True, help="ScaleTrainingConfig fields as JSON, one a run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--samples", type=int, default=None,
+                        help="calibration samples to train on (drawn as the recipe draws its own, which are the first "
+                             "ones; default: the recipe's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -38,7 +41,10 @@ def main() -> None:
     windows = {name: data.corpus_windows(tokenizer, name, 512, args.max_windows) for name in ("pydoc", "stdlib")}
     float_ppl = {name: perplexity(float_model, w) for name, w in windows.items()}
     manifest = json.loads(Path(args.checkpoint, "llmquant.json").read_text())
-    ids = calibration_ids(as_recipe(manifest["recipe"]), tokenizer)
+    recipe = manifest["recipe"]
+    if args.samples is not None:
+        recipe = {**recipe, "calib": {**recipe.get("calib", {}), "samples": args.samples}}
+    ids = calibration_ids(as_recipe(recipe), tokenizer)
     top_k = {json.loads(text).get("top_k", 64) for text in args.configs if json.loads(text).get("loss", "kl") == "kl"}
     teachers = {k: teacher_targets(float_model, ids, k) for k in top_k}
     del float_model

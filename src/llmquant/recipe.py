@@ -252,7 +252,8 @@ class ScaleTraining(_Strict):
     EfficientQAT's E2E-QP): ``epochs`` passes over the calibration samples but the last ``holdout`` (which decide
     whether the trained scales are kept; 0: kept unchecked), ``batch`` samples a step, Adam's step ``lr`` on the
     scales' logarithms, cosine-decayed; ``loss``: ``kl`` from the float model's next-token distribution (its
-    ``top_k`` tokens a position, taken before quantization) or ``ce`` on the samples' own tokens."""
+    ``top_k`` tokens a position, taken before quantization) or ``ce`` on the samples' own tokens; ``norms``: the
+    norms' gains trained too."""
 
     epochs: float = Field(1.0, gt=0)
     batch: int = Field(1, ge=1)
@@ -260,6 +261,7 @@ class ScaleTraining(_Strict):
     holdout: int = Field(8, ge=0)
     loss: Literal["kl", "ce"] = "kl"
     top_k: int = Field(64, ge=1)
+    norms: bool = False
 
     def config(self) -> ScaleTrainingConfig:
         return ScaleTrainingConfig(**self.model_dump())

@@ -27,6 +27,11 @@ Deliberate deviations from EfficientQAT, and why:
 - The scales are trained in the log domain: s = s0 exp(t), t from 0, by Adam with a cosine-decayed step, so one
   step moves every scale by about the same relative amount (the scales of one model span two orders of magnitude;
   EfficientQAT trains s itself with one learning rate).
+- ``norms`` (off by default; EfficientQAT trains only the step sizes): the gains of the normalisation layers
+  (RMSNorm, LayerNorm) are trained with the scales, in the same log domain: g = g0 exp(t), with g the gain the norm
+  applies (its weight, plus Gemma's offset of 1). A gain scales the channels of the activations the next Linears
+  quantize, so it can move an outlier channel's share of the 4-bit range, which the weights' scales cannot; the
+  checkpoint keeps its format (the norms' weights are float in it). Effect measured in BENCHMARKS.md.
 - Held-out check: the last ``holdout`` calibration samples are not trained on; the trained scales are kept only if
   they lower those samples' loss (the KL, or the next-token NLL), measured on the model as it will run (else the
   scales found by the per-layer steps stay). EfficientQAT trains on 4096 samples of 2048 tokens; a calibration set
@@ -47,11 +52,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from llmquant.device import device_of
 from llmquant.errors import LlmquantError
 from llmquant.model.likelihood import mean_nll
+from llmquant.model.patterns import is_norm, norm_form, norm_offset
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.parallel import SINGLE, Ranks
 
@@ -69,6 +76,7 @@ class ScaleTrainingConfig:
     holdout: int = 8
     loss: str = "kl"  # "kl": from the float model's next-token distribution; "ce": the samples' own next tokens
     top_k: int = 64  # the float model's most likely tokens kept a position for "kl"
+    norms: bool = False  # train the norms' gains too (module docstring)
 
 
 @dataclass
@@ -79,6 +87,7 @@ class TrainedScales:
     layers: int
     scales: int
     loss: str
+    norms: int = 0
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -90,7 +99,8 @@ class TrainedScales:
     def describe(self) -> dict[str, Any]:
         tenth = max(1, len(self.losses) // 10)
         first, last = self.losses[:tenth], self.losses[-tenth:]
-        return {"layers": self.layers, "scales": self.scales, "loss": self.loss, "steps": self.steps,
+        return {"layers": self.layers, "scales": self.scales, "norms": self.norms, "loss": self.loss,
+                "steps": self.steps,
                 "tokens": self.tokens,
                 "seconds": round(self.seconds, 1),
                 "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
@@ -160,6 +170,41 @@ def _frozen(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(requires)
 
 
+class _LogGain(nn.Module):
+    """A norm's weight w as (w + offset) exp(t) - offset: its gain w + offset times a trained factor, t from 0
+    (a `torch.nn.utils.parametrize` parametrization)."""
+
+    def __init__(self, weight: torch.Tensor, offset: float) -> None:
+        super().__init__()
+        self.offset = offset
+        self.log = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return ((weight.float() + self.offset) * torch.exp(self.log) - self.offset).to(weight.dtype)
+
+
+def trainable_norms(model: nn.Module) -> dict[str, nn.Module]:
+    """The norms whose gains ``norms`` trains: every module with a per-channel weight that computes an RMSNorm or
+    LayerNorm form (`llmquant.model.patterns.norm_form`; a gated norm or another form is left alone)."""
+    return {name: module for name, module in model.named_modules() if is_norm(module)
+            and getattr(module, "weight", None) is not None and module.weight.dim() == 1
+            and norm_form(module, module.weight.shape[0]) is not None}
+
+
+@contextmanager
+def _trained_gains(norms: dict[str, nn.Module]) -> Iterator[dict[str, _LogGain]]:
+    """Each norm's weight a `_LogGain` of its own meanwhile; after, plain weights with the last trained values."""
+    gains = {}
+    for name, norm in norms.items():
+        gains[name] = _LogGain(norm.weight, norm_offset(norm)).to(norm.weight.device)
+        parametrize.register_parametrization(norm, "weight", gains[name])
+    try:
+        yield gains
+    finally:
+        for norm in norms.values():
+            parametrize.remove_parametrizations(norm, "weight", leave_parametrized=True)
+
+
 def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor]) -> None:
     """Give each layer its scale tensor (a function of the trained logarithms, or plain values) and drop what its
     runtimes built from the old ones."""
@@ -200,10 +245,10 @@ def _batches(count: int, config: ScaleTrainingConfig, ranks: Ranks) -> list[torc
 
 def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingConfig,
                  teacher: TeacherTargets | None = None, ranks: Ranks = SINGLE, progress: bool = True) -> TrainedScales:
-    """Train the scales of every quantized weight of ``model`` (module docstring) on token ids ``samples``
-    ``[n, T]`` (``teacher``: the float model's `teacher_targets` on them, for the ``kl`` loss), the same on every
-    process of ``ranks`` (each takes its share of a step's samples, the gradients are averaged); the model keeps the
-    trained scales, or its own where the held-out samples say they are worse."""
+    """Train the scales of every quantized weight of ``model`` (with ``config.norms`` its norms' gains too; module
+    docstring) on token ids ``samples`` ``[n, T]`` (``teacher``: the float model's `teacher_targets` on them, for the
+    ``kl`` loss), the same on every process of ``ranks`` (each takes its share of a step's samples, the gradients are
+    averaged); the model keeps what was trained, or its own values where the held-out samples say they are worse."""
     if (config.loss == "kl") != (teacher is not None):
         raise LlmquantError(f"scale_training loss '{config.loss}' " + (
             "needs the float model's targets (teacher_targets, taken before quantization)" if teacher is None else
@@ -218,18 +263,22 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     count = samples.shape[0] - config.holdout
     train, held = samples[:count].to(device_of(model)), samples[count:] if config.holdout else None
     held_teacher = teacher[count:] if teacher is not None else None
+    norms = trainable_norms(model) if config.norms else {}
     start = {name: layer.weight_scale.detach().clone() for name, layer in layers.items()}
+    start_gains = {name: norm.weight.detach().clone() for name, norm in norms.items()}
     logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
-    result = TrainedScales(layers=len(layers), scales=sum(s.numel() for s in start.values()), loss=config.loss)
+    result = TrainedScales(layers=len(layers), scales=sum(s.numel() for s in start.values()), loss=config.loss,
+                           norms=len(norms))
     began = time.perf_counter()
     if held is not None:
         result.held_out_before = held_out_loss(model, held, held_teacher, ranks)
     batches = _batches(train.shape[0], config, ranks)
-    optimizer = torch.optim.Adam(logs.values(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
     bar = tqdm(batches, desc="training the weights' scales", unit="step", disable=not progress or not ranks.writes)
-    with _frozen(model):
+    with _frozen(model), _trained_gains(norms) as gains:
+        trained = [*logs.values(), *(gain.log for gain in gains.values())]
+        optimizer = torch.optim.Adam(trained, lr=config.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
         try:
             for rows in bar:
                 _set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers})
@@ -237,7 +286,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if ranks.world > 1:  # (an expert no token reached on this rank: a zero gradient, to meet the others)
-                    for log in logs.values():
+                    for log in trained:
                         log.grad = ranks.sum(log.grad if log.grad is not None else torch.zeros_like(log))
                         log.grad.div_(ranks.world)
                 optimizer.step()
@@ -253,9 +302,12 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         result.kept = result.held_out_after < result.held_out_before
         if not result.kept:
             _set_scales(layers, start)
+            with torch.no_grad():
+                for name, norm in norms.items():
+                    norm.weight.copy_(start_gains[name])
     result.seconds = time.perf_counter() - began
     return result
 
 
 __all__ = ["ScaleTrainingConfig", "TeacherTargets", "TrainedScales", "coarse_kl", "held_out_loss", "loss_of",
-           "teacher_targets", "train_scales", "trainable_layers"]
+           "teacher_targets", "train_scales", "trainable_layers", "trainable_norms"]

@@ -100,7 +100,8 @@ def reduce_channels(values: torch.Tensor, group: SmoothGroup) -> torch.Tensor:
     return heads.amax(dim=1).reshape(-1)
 
 
-def _is_norm(module: nn.Module) -> bool:
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer (a LayerNorm, or a class named ...Norm with a weight)."""
     name = type(module).__name__.lower()
     return isinstance(module, nn.LayerNorm) or ("norm" in name and hasattr(module, "weight"))
 
@@ -181,7 +182,7 @@ def _record(layer: nn.Module, run: Any) -> tuple[dict[str, torch.Tensor], dict[s
     inputs, outputs, handles = {}, {}, []
     readers = set(_reads_by_weight(layer))
     for name, module in layer.named_modules():
-        if name in readers or _is_norm(module):
+        if name in readers or is_norm(module):
             rotated = input_rotation_of(module) is not None
             # the input: at the module's own forward hook, or before its rotation (a pre-hook on the rotation)
             handles.append((module.input_rotation if rotated else module).register_forward_pre_hook(
@@ -234,9 +235,9 @@ def _scales_through(layer: nn.Module, run: Any, producer: nn.Linear, reader: str
 def _norm_groups(modules: dict[str, nn.Module], inputs: dict, outputs: dict) -> list[SmoothGroup]:
     """Each norm and the Linears reading its output, with the norm's gain offset (`norm_form`; 0 when its form is
     not recognized, which `foldable` tells)."""
-    routers = {n for n, m in modules.items() if not isinstance(m, nn.Linear) and not _is_norm(m) and n in inputs}
+    routers = {n for n, m in modules.items() if not isinstance(m, nn.Linear) and not is_norm(m) and n in inputs}
     linears = [n for n, m in modules.items() if (isinstance(m, nn.Linear) or n in routers) and n in inputs]
-    norms = {name: out for name, out in outputs.items() if _is_norm(modules[name])}
+    norms = {name: out for name, out in outputs.items() if is_norm(modules[name])}
     found = {name: [n for n in linears if _same_values(inputs[n], out)] for name, out in norms.items()}
     # then the readers of a scaled copy, among the Linears no norm's very output reaches (two norms of one input,
     # as GPT-NeoX's parallel ones, give equal outputs while their gains are equal, as they are untrained)
@@ -314,8 +315,8 @@ def unread_norms(layer: nn.Module, run: Any, groups: list[SmoothGroup], hidden: 
     output, so R1 could not rotate whatever does with them."""
     inputs, outputs = _record(layer, run)
     producers = {group.producer for group in groups}
-    linear_outputs = [out for name, out in outputs.items() if not _is_norm(layer.get_submodule(name))]
-    return [name for name in outputs if _is_norm(layer.get_submodule(name)) and name not in producers
+    linear_outputs = [out for name, out in outputs.items() if not is_norm(layer.get_submodule(name))]
+    return [name for name in outputs if is_norm(layer.get_submodule(name)) and name not in producers
             and layer.get_submodule(name).weight.shape[-1] == hidden
             and not any(_same_values(inputs[name], out) or _scaled_copy(inputs[name], out) for out in linear_outputs)]
 
@@ -398,7 +399,7 @@ def describe_norms(layer: nn.Module) -> dict[str, str]:
     described = {}
     for name, module in layer.named_modules():
         weight = getattr(module, "weight", None)
-        if not _is_norm(module) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        if not is_norm(module) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
             continue
         form = norm_form(module, weight.shape[0])
         if form is None:
@@ -489,7 +490,7 @@ def residual_writers(layer: nn.Module, run: Any, hidden: int) -> ResidualWriters
     linear_outputs = [outputs[n] for n in inputs if isinstance(modules[n], nn.Linear)]
     blockers = tuple(
         n for n in inputs
-        if _is_norm(modules[n]) and any(inputs[n] is out for out in linear_outputs)
+        if is_norm(modules[n]) and any(inputs[n] is out for out in linear_outputs)
     )
     return ResidualWriters(tuple(writers), exact, blockers)
 
