@@ -253,7 +253,7 @@ class ScaleTraining(_Strict):
     whether the trained scales are kept; 0: kept unchecked), ``batch`` samples a step, Adam's step ``lr`` on the
     scales' logarithms, cosine-decayed; ``loss``: ``kl`` from the float model's next-token distribution (its
     ``top_k`` tokens a position, taken before quantization) or ``ce`` on the samples' own tokens; ``norms``: the
-    norms' gains trained too."""
+    norms' gains trained too; ``codes_lr`` above 0: the integer codes too, with that step."""
 
     epochs: float = Field(1.0, gt=0)
     batch: int = Field(1, ge=1)
@@ -262,6 +262,7 @@ class ScaleTraining(_Strict):
     loss: Literal["kl", "ce"] = "kl"
     top_k: int = Field(64, ge=1)
     norms: bool = False
+    codes_lr: float = Field(0.0, ge=0)
 
     def config(self) -> ScaleTrainingConfig:
         return ScaleTrainingConfig(**self.model_dump())
@@ -428,13 +429,19 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _scales_to_train(self) -> Recipe:
-        """``scale_training`` needs quantized weights, and samples to train on besides those it holds out."""
+        """``scale_training`` needs quantized weights (integer ones to train codes), and samples to train on besides
+        those it holds out."""
         if self.scale_training is None:
             return self
         names = self._scheme_names()
         if all(self.scheme_named(name).weights is None for name in names):
             raise ValueError(f"scale_training trains the scales of quantized weights, but the recipe's schemes "
                              f"({', '.join(names)}) quantize no weight; allowed: a scheme with weights (w_...)")
+        floats = [name for name in names if (weights := self.scheme_named(name).weights) is not None
+                  and weights.type != "int"]
+        if self.scale_training.codes_lr and floats:
+            raise ValueError(f"scale_training.codes_lr trains integer codes, but {floats[0]} stores float (FP8) "
+                             "codes; allowed: codes_lr 0 with a float weight scheme")
         holdout, samples = self.scale_training.holdout, self.calib.samples
         held = self.clip_search.samples if self.clip_search is not None else 0
         if samples and holdout >= samples - held:

@@ -32,6 +32,11 @@ Deliberate deviations from EfficientQAT, and why:
   applies (its weight, plus Gemma's offset of 1). A gain scales the channels of the activations the next Linears
   quantize, so it can move an outlier channel's share of the 4-bit range, which the weights' scales cannot; the
   checkpoint keeps its format (the norms' weights are float in it). Effect measured in BENCHMARKS.md.
+- ``codes_lr`` (0 by default: the codes stay, as in E2E-QP): above 0, the integer codes train too, as offsets d on
+  them (in code units, from 0, Adam's step ``codes_lr``): the weight is (round(q + d) - z) s, clamped to the codes'
+  range, rounded straight through, so a code moves by one where its offset passes 0.5. EfficientQAT trains the
+  weights only block by block (Block-AP); this trains them end to end against the same loss as the scales. After
+  training the codes are stored rounded; the manifest counts the codes changed.
 - Held-out check: the last ``holdout`` calibration samples are not trained on; the trained scales are kept only if
   they lower those samples' loss (the KL, or the next-token NLL), measured on the model as it will run (else the
   scales found by the per-layer steps stay). EfficientQAT trains on 4096 samples of 2048 tokens; a calibration set
@@ -77,6 +82,7 @@ class ScaleTrainingConfig:
     loss: str = "kl"  # "kl": from the float model's next-token distribution; "ce": the samples' own next tokens
     top_k: int = 64  # the float model's most likely tokens kept a position for "kl"
     norms: bool = False  # train the norms' gains too (module docstring)
+    codes_lr: float = 0.0  # Adam's step on the codes' offsets (0: the codes stay; module docstring)
 
 
 @dataclass
@@ -88,6 +94,7 @@ class TrainedScales:
     scales: int
     loss: str
     norms: int = 0
+    codes_changed: int = 0
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -106,7 +113,8 @@ class TrainedScales:
                 "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
                 "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
                 "held_out_loss_before": _rounded(self.held_out_before),
-                "held_out_loss_after": _rounded(self.held_out_after), "kept": self.kept}
+                "held_out_loss_after": _rounded(self.held_out_after), "codes_changed": self.codes_changed,
+                "kept": self.kept}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -205,6 +213,24 @@ def _trained_gains(norms: dict[str, nn.Module]) -> Iterator[dict[str, _LogGain]]
             parametrize.remove_parametrizations(norm, "weight", leave_parametrized=True)
 
 
+@contextmanager
+def _trained_codes(layers: dict[str, QuantLinear], offsets: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Each layer of ``offsets`` computes with its codes plus them meanwhile (`QuantLinear.code_offsets`); after,
+    its codes are stored rounded (interrupted too: the offsets trained so far)."""
+    for name, offset in offsets.items():
+        layers[name].code_offsets = offset
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name in offsets:
+                layer = layers[name]
+                spec = layer.weight_spec
+                codes = (layer.codes().float() + offsets[name]).round().clamp(spec.qmin, spec.qmax)
+                layer.code_offsets = None
+                layer.set_codes(codes.to(layer.codes().dtype))
+
+
 def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor]) -> None:
     """Give each layer its scale tensor (a function of the trained logarithms, or plain values) and drop what its
     runtimes built from the old ones."""
@@ -257,6 +283,9 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     if not layers:
         raise LlmquantError("scale_training trains the scales of quantized weights, but this model has none; "
                             "allowed: a recipe whose scheme quantizes weights")
+    if config.codes_lr and (floats := [name for name, layer in layers.items() if layer.weight_spec.type != "int"]):
+        raise LlmquantError(f"scale_training.codes_lr trains integer codes, but {floats[0]} stores float (FP8) codes; "
+                            "allowed: codes_lr 0 with a float weight scheme")
     if config.holdout >= samples.shape[0]:
         raise LlmquantError(f"scale_training.holdout {config.holdout} keeps every one of the {samples.shape[0]} "
                             f"calibration samples out of training; allowed: fewer than {samples.shape[0]}")
@@ -266,7 +295,10 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     norms = trainable_norms(model) if config.norms else {}
     start = {name: layer.weight_scale.detach().clone() for name, layer in layers.items()}
     start_gains = {name: norm.weight.detach().clone() for name, norm in norms.items()}
+    start_codes = {name: layer.codes().clone() for name, layer in layers.items()} if config.codes_lr else {}
     logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
+    offsets = {name: torch.zeros(codes.shape, device=codes.device, requires_grad=True)
+               for name, codes in start_codes.items()}
     result = TrainedScales(layers=len(layers), scales=sum(s.numel() for s in start.values()), loss=config.loss,
                            norms=len(norms))
     began = time.perf_counter()
@@ -274,9 +306,11 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         result.held_out_before = held_out_loss(model, held, held_teacher, ranks)
     batches = _batches(train.shape[0], config, ranks)
     bar = tqdm(batches, desc="training the weights' scales", unit="step", disable=not progress or not ranks.writes)
-    with _frozen(model), _trained_gains(norms) as gains:
-        trained = [*logs.values(), *(gain.log for gain in gains.values())]
-        optimizer = torch.optim.Adam(trained, lr=config.lr)
+    with _frozen(model), _trained_gains(norms) as gains, _trained_codes(layers, offsets):
+        groups = [{"params": [*logs.values(), *(gain.log for gain in gains.values())], "lr": config.lr}]
+        groups += [{"params": list(offsets.values()), "lr": config.codes_lr}] if offsets else []
+        trained = [p for group in groups for p in group["params"]]
+        optimizer = torch.optim.Adam(groups)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
         try:
@@ -297,11 +331,14 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
             with torch.no_grad():
                 _set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
     result.steps, result.tokens = len(batches), len(batches) * config.batch * ranks.world * samples.shape[1]
+    result.codes_changed = sum(int((layers[name].codes() != codes).sum()) for name, codes in start_codes.items())
     if held is not None:
         result.held_out_after = held_out_loss(model, held, held_teacher, ranks)
         result.kept = result.held_out_after < result.held_out_before
         if not result.kept:
             _set_scales(layers, start)
+            for name, codes in start_codes.items():
+                layers[name].set_codes(codes)
             with torch.no_grad():
                 for name, norm in norms.items():
                     norm.weight.copy_(start_gains[name])

@@ -159,6 +159,7 @@ class QuantLinear(nn.Module):
         self.observer: Observer | None = None
         self.int8_fallback: str | None = None  # why the int8 kernel does not run this layer here (`set_runtime`)
         self._dequantized: torch.Tensor | None = None
+        self.code_offsets: torch.Tensor | None = None  # offsets trained on the codes (`_dequantize`), while training
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
         self._int8_call: tuple | None = None  # `_int8_args`
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
@@ -202,14 +203,22 @@ class QuantLinear(nn.Module):
         else:
             spec = self.weight_spec
             scale, zero = qparams if qparams is not None else observe_once(weight, spec)
-            codes = quantize(weight, scale, zero, spec)
-            if self.packed:
-                self.weight_packed.copy_(pack_int32(codes.to(torch.int32) - storage_offset(spec), spec.bits))
-            else:
-                self.weight.copy_(codes)
+            self.set_codes(quantize(weight, scale, zero, spec))
             self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
             if not spec.symmetric:
                 self.weight_zero_point.copy_(torch.round(zero).reshape(self.weight_zero_point.shape))
+        self.drop_caches()
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Store the weight's integer codes ``[out, in]`` (llmquant's convention, as `codes` gives them), packed where
+        the layer packs them; scales and zero points stay."""
+        spec = self.weight_spec
+        assert spec is not None
+        if self.packed:
+            self.weight_packed.copy_(pack_int32(codes.to(torch.int32) - storage_offset(spec), spec.bits))
+        else:
+            self.weight.copy_(codes)
         self.drop_caches()
 
     def broadcast_weight(self, ranks: Ranks, owner: int) -> None:
@@ -291,9 +300,14 @@ class QuantLinear(nn.Module):
 
     def _dequantize(self) -> torch.Tensor:
         """(q - zero) * scale from the stored codes, in float32 (a function of ``weight_scale``, with its gradient
-        where it has one)."""
+        where it has one; with ``code_offsets`` d set, of round(q + d) clamped to the codes' range, rounded straight
+        through: `llmquant.algorithms.scale_training`)."""
         spec = self.weight_spec
         assert spec is not None
+        if self.code_offsets is not None:
+            shifted = self.codes().float() + self.code_offsets
+            codes = straight_through(shifted, shifted.round().clamp(spec.qmin, spec.qmax))
+            return dequantize(codes, *self.weight_qparams(), spec)
         if self.packed:  # the packed fields are u = q - offset + 2^(b-1): that constant folds into the zero
             scale, zero = self.weight_qparams()
             fields = unpack_fields(self.weight_packed, spec.bits, self.in_features)
