@@ -5,7 +5,8 @@ Once every layer is quantized, each weight is W = (q - z) s with integer codes q
 (per channel or per group). E2E-QP keeps q and z and trains every scale of the network together against a loss of its
 logits on the calibration samples (below), with the activations and the KV cache quantized in the forward
 pass and their rounding passed straight through in the backward pass (`llmquant.quant.straight_through`). The
-checkpoint keeps its format: only the scales' values change. Where per-layer steps (GPTQ, the smoothing searches)
+checkpoint keeps its format: only the scales' values change (with the options below, the norms' gains and the codes
+too). Where per-layer steps (GPTQ, the smoothing searches)
 each minimise one layer's output error with the layers before already quantized, this step sees what the errors of
 all the layers do to the logits together.
 
@@ -43,7 +44,8 @@ Deliberate deviations from EfficientQAT, and why:
   is tens of samples, so a run that only fits the samples it saw is possible.
 
 Cost: a forward and a backward pass of the whole quantized network a step (each layer dequantizes its weight at every
-call), the whole model on one device; the manifest records the steps, the seconds and the loss before and after.
+call), the whole model on one device (with ``codes_lr``, a float offset a weight and Adam's two moments: 12 bytes a
+weight more); the manifest records the steps, the seconds and the loss before and after.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ class ScaleTrainingConfig:
 
 @dataclass
 class TrainedScales:
-    """What a run did: its steps, tokens and seconds, the training loss over its first and last tenth of steps, the
-    held-out loss before and after (None without a held-out set), and whether the new scales were kept."""
+    """What a run did: what it trained (layers, scales, norms), its steps, tokens and seconds, the training loss over
+    its first and last tenth of steps, the held-out loss before and after (None without a held-out set), the codes it
+    changed, and whether what it trained was kept."""
 
     layers: int
     scales: int
@@ -107,9 +110,7 @@ class TrainedScales:
         tenth = max(1, len(self.losses) // 10)
         first, last = self.losses[:tenth], self.losses[-tenth:]
         return {"layers": self.layers, "scales": self.scales, "norms": self.norms, "loss": self.loss,
-                "steps": self.steps,
-                "tokens": self.tokens,
-                "seconds": round(self.seconds, 1),
+                "steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
                 "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
                 "held_out_loss_before": _rounded(self.held_out_before),
@@ -224,11 +225,10 @@ def _trained_codes(layers: dict[str, QuantLinear], offsets: dict[str, torch.Tens
     finally:
         with torch.no_grad():
             for name in offsets:
-                layer = layers[name]
-                spec = layer.weight_spec
-                codes = (layer.codes().float() + offsets[name]).round().clamp(spec.qmin, spec.qmax)
+                layer, stored = layers[name], layers[name].codes()
+                codes = (stored.float() + offsets[name]).round().clamp(layer.weight_spec.qmin, layer.weight_spec.qmax)
                 layer.code_offsets = None
-                layer.set_codes(codes.to(layer.codes().dtype))
+                layer.set_codes(codes.to(stored.dtype))
 
 
 def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor]) -> None:
@@ -271,10 +271,11 @@ def _batches(count: int, config: ScaleTrainingConfig, ranks: Ranks) -> list[torc
 
 def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingConfig,
                  teacher: TeacherTargets | None = None, ranks: Ranks = SINGLE, progress: bool = True) -> TrainedScales:
-    """Train the scales of every quantized weight of ``model`` (with ``config.norms`` its norms' gains too; module
-    docstring) on token ids ``samples`` ``[n, T]`` (``teacher``: the float model's `teacher_targets` on them, for the
-    ``kl`` loss), the same on every process of ``ranks`` (each takes its share of a step's samples, the gradients are
-    averaged); the model keeps what was trained, or its own values where the held-out samples say they are worse."""
+    """Train the scales of every quantized weight of ``model`` (with ``config.norms`` its norms' gains, with
+    ``config.codes_lr`` its codes too; module docstring) on token ids ``samples`` ``[n, T]`` (``teacher``: the float
+    model's `teacher_targets` on them, for the ``kl`` loss), the same on every process of ``ranks`` (each takes its
+    share of a step's samples, the gradients are averaged); the model keeps what was trained, or its own values where
+    the held-out samples say they are worse."""
     if (config.loss == "kl") != (teacher is not None):
         raise LlmquantError(f"scale_training loss '{config.loss}' " + (
             "needs the float model's targets (teacher_targets, taken before quantization)" if teacher is None else
