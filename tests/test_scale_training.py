@@ -221,7 +221,7 @@ def test_a_gain_stored_as_an_offset_from_one_trains_as_a_gain(calib12: torch.Ten
 
 def test_training_the_codes_too_moves_some_by_one_and_lowers_the_kl_further(calib12: torch.Tensor) -> None:
     """With ``codes_lr`` the codes train as offsets rounded straight through: eight passes over the 12 samples move
-    314 of the 18,432 codes (on a Zen 4 EPYC), and the KL falls below what the scales alone reach (1.61e-4 -> 0.62e-4
+    314 of the 73,728 codes (on a Zen 4 EPYC), and the KL falls below what the scales alone reach (1.61e-4 -> 0.62e-4
     against 0.71e-4); the codes stay in range and are stored, the offsets gone."""
     runs = {}
     for codes_lr in (0.0, 3e-2):
