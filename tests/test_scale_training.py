@@ -323,6 +323,14 @@ def test_the_loss_and_the_teacher_go_together(calib12: torch.Tensor) -> None:
         train_scales(model, calib12, ScaleTrainingConfig(loss="ce"), teacher, progress=False)
 
 
+def test_training_float_codes_is_refused_in_one_line(calib12: torch.Tensor) -> None:
+    model = quantized(calib12, {"scheme": "w_fp8_per_channel"})
+    with pytest.raises(LlmquantError, match=r"codes_lr trains integer codes, but model\.layers\.0\.\S+ stores float "
+                                            r"\(FP8\) codes; allowed: codes_lr 0") as error:
+        train_scales(model, calib12, ScaleTrainingConfig(holdout=0, loss="ce", codes_lr=0.01), progress=False)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(("recipe", "message"), [
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 4}, "scale_training": {}},
      "scale_training.holdout 8 leaves none of the 4 calibration samples to train on; allowed: 0 to 3"),

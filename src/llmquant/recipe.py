@@ -52,7 +52,7 @@ from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearn
 from llmquant.algorithms.lifecycle import LayerStep
 from llmquant.algorithms.quarot import ONLINE_BEFORE_LINEARS, ONLINE_ROTATIONS, QuaRotConfig
 from llmquant.algorithms.scale_refit import refit_refusal
-from llmquant.algorithms.scale_training import ScaleTrainingConfig
+from llmquant.algorithms.scale_training import ScaleTrainingConfig, float_codes_refusal
 from llmquant.algorithms.smoothquant import SmoothingStep
 from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
@@ -440,8 +440,7 @@ class Recipe(_Strict):
         floats = [name for name in names if (weights := self.scheme_named(name).weights) is not None
                   and weights.type != "int"]
         if self.scale_training.codes_lr and floats:
-            raise ValueError(f"scale_training.codes_lr trains integer codes, but {floats[0]} stores float (FP8) "
-                             "codes; allowed: codes_lr 0 with a float weight scheme")
+            raise ValueError(float_codes_refusal(floats[0]))
         holdout, samples = self.scale_training.holdout, self.calib.samples
         held = self.clip_search.samples if self.clip_search is not None else 0
         if samples and holdout >= samples - held:

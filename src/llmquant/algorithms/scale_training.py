@@ -215,20 +215,27 @@ def _trained_gains(norms: dict[str, nn.Module]) -> Iterator[dict[str, _LogGain]]
 
 
 @contextmanager
-def _trained_codes(layers: dict[str, QuantLinear], offsets: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Each layer of ``offsets`` computes with its codes plus them meanwhile (`QuantLinear.code_offsets`); after,
-    its codes are stored rounded (interrupted too: the offsets trained so far)."""
+def _trained_codes(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Offsets on the codes ``start`` of each of those layers, from 0 (`QuantLinear.code_offsets`: the layer computes
+    with them meanwhile); after, its codes are stored rounded (interrupted too: the offsets trained so far)."""
+    offsets = {name: torch.zeros(codes.shape, device=codes.device, requires_grad=True) for name, codes in start.items()}
     for name, offset in offsets.items():
         layers[name].code_offsets = offset
     try:
-        yield
+        yield offsets
     finally:
         with torch.no_grad():
-            for name in offsets:
-                layer, stored = layers[name], layers[name].codes()
-                codes = (stored.float() + offsets[name]).round().clamp(layer.weight_spec.qmin, layer.weight_spec.qmax)
-                layer.code_offsets = None
-                layer.set_codes(codes.to(stored.dtype))
+            for name, offset in offsets.items():
+                spec = layers[name].weight_spec
+                codes = (start[name].float() + offset).round().clamp(spec.qmin, spec.qmax)
+                layers[name].code_offsets = None
+                layers[name].set_codes(codes.to(start[name].dtype))
+
+
+def float_codes_refusal(weight: str) -> str:
+    """The one line refusing ``codes_lr`` where ``weight`` (a Linear's or a scheme's name) stores float codes."""
+    return (f"scale_training.codes_lr trains integer codes, but {weight} stores float (FP8) codes; allowed: codes_lr 0 "
+            "with a float weight scheme")
 
 
 def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor]) -> None:
@@ -285,8 +292,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         raise LlmquantError("scale_training trains the scales of quantized weights, but this model has none; "
                             "allowed: a recipe whose scheme quantizes weights")
     if config.codes_lr and (floats := [name for name, layer in layers.items() if layer.weight_spec.type != "int"]):
-        raise LlmquantError(f"scale_training.codes_lr trains integer codes, but {floats[0]} stores float (FP8) codes; "
-                            "allowed: codes_lr 0 with a float weight scheme")
+        raise LlmquantError(float_codes_refusal(floats[0]))
     if config.holdout >= samples.shape[0]:
         raise LlmquantError(f"scale_training.holdout {config.holdout} keeps every one of the {samples.shape[0]} "
                             f"calibration samples out of training; allowed: fewer than {samples.shape[0]}")
@@ -298,8 +304,6 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     start_gains = {name: norm.weight.detach().clone() for name, norm in norms.items()}
     start_codes = {name: layer.codes().clone() for name, layer in layers.items()} if config.codes_lr else {}
     logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
-    offsets = {name: torch.zeros(codes.shape, device=codes.device, requires_grad=True)
-               for name, codes in start_codes.items()}
     result = TrainedScales(layers=len(layers), scales=sum(s.numel() for s in start.values()), loss=config.loss,
                            norms=len(norms))
     began = time.perf_counter()
@@ -307,7 +311,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         result.held_out_before = held_out_loss(model, held, held_teacher, ranks)
     batches = _batches(train.shape[0], config, ranks)
     bar = tqdm(batches, desc="training the weights' scales", unit="step", disable=not progress or not ranks.writes)
-    with _frozen(model), _trained_gains(norms) as gains, _trained_codes(layers, offsets):
+    with _frozen(model), _trained_gains(norms) as gains, _trained_codes(layers, start_codes) as offsets:
         groups = [{"params": [*logs.values(), *(gain.log for gain in gains.values())], "lr": config.lr}]
         groups += [{"params": list(offsets.values()), "lr": config.codes_lr}] if offsets else []
         trained = [p for group in groups for p in group["params"]]
@@ -347,5 +351,5 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     return result
 
 
-__all__ = ["ScaleTrainingConfig", "TeacherTargets", "TrainedScales", "coarse_kl", "held_out_loss", "loss_of",
-           "teacher_targets", "train_scales", "trainable_layers", "trainable_norms"]
+__all__ = ["ScaleTrainingConfig", "TeacherTargets", "TrainedScales", "coarse_kl", "float_codes_refusal",
+           "held_out_loss", "loss_of", "teacher_targets", "train_scales", "trainable_layers", "trainable_norms"]
