@@ -127,11 +127,12 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # (x1.2941) with the weight per channel on the same AVX512-VNNI EPYC (12-05)
         "best_w4a4kv4_token_wgroups32": {**best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32},
         # the same, then every weight's scales trained end to end against the float model's next-token distribution
-        # (`scale_training`, EfficientQAT's E2E-QP with a KL loss): BENCHMARKS.md "The weights' scales trained end to
-        # end" (12-05, a seventh session)
+        # (`scale_training`, EfficientQAT's E2E-QP with a KL loss) on the 128 calibration windows and 128 more drawn
+        # after them: BENCHMARKS.md "The weights' scales trained end to end" (12-05, a seventh session) and "Scale
+        # training on more samples than calibrate" (12-06)
         "best_w4a4kv4_token_wgroups32_trained": {
             **best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32,
-            "scale_training": {"epochs": 1, "lr": 0.001, "holdout": 8, "loss": "kl"}},
+            "scale_training": {"epochs": 1, "lr": 0.001, "holdout": 8, "loss": "kl", "samples": 256}},
         # the same with each token's inputs in groups of 32 (a scale and zero point per group) and the clip grid
         # 1.0 .. 0.8: x1.1393 (stdlib x1.1909) on an AVX2 EPYC, x1.1381 (x1.2100) before the group products took a
         # kernel's order (float rounding apart, the same function); in groups of 64 without R5 x1.1524 (x1.2193),

@@ -285,8 +285,64 @@ def test_a_recipe_trains_the_scales_and_the_checkpoint_gives_the_same_logits(cal
     assert torch.equal(logits(model, eval_ids), logits(loaded, eval_ids))
     written = json.loads((tmp_path / "ckpt" / "llmquant.json").read_text())
     assert written["recipe"]["scale_training"] == {"epochs": 2.0, "batch": 1, "lr": 0.01, "holdout": 0, "loss": "kl",
-                                                   "top_k": 64, "norms": False, "codes_lr": 0.0} | options
+                                                   "top_k": 64, "norms": False, "codes_lr": 0.0,
+                                                   "samples": None} | options
     assert written["seconds"]["scale_training_teacher"] > 0
+
+
+# --- training on more samples than calibrate ----------------------------------------------------------------------
+def test_the_windows_drawn_for_training_start_with_the_calibration_ones(tiny_dir: Path, corpus: Path) -> None:
+    """`Recipe.drawn_samples` draws scale_training.samples windows; its first calib.samples are the windows a recipe
+    without them calibrates on."""
+    from transformers import AutoTokenizer
+
+    from llmquant.api import calibration_ids
+
+    tokenizer, text = AutoTokenizer.from_pretrained(tiny_dir), corpus.read_text()
+    base = {"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 4, "seqlen": 32, "seed": 5}}
+    alone = calibration_ids(llmquant.Recipe.build(**base), tokenizer, text)
+    both = calibration_ids(llmquant.Recipe.build(**base, scale_training={"samples": 9, "holdout": 1}), tokenizer, text)
+    assert alone.shape == (4, 32) and both.shape == (9, 32) and torch.equal(both[:4], alone)
+    assert llmquant.Recipe.build(**base, scale_training={"holdout": 1}).drawn_samples() == 4
+
+
+def test_training_on_more_samples_calibrates_on_the_first_and_trains_on_all(calib12: torch.Tensor,
+                                                                            tmp_path: Path) -> None:
+    """GPTQ calibrated on the first 8 rows, the scales trained on all 12 but the last 2: the same scales, bit for bit,
+    as a checkpoint calibrated on those 8 and trained on the 12 (so the extra rows reach training and the teacher,
+    and nothing else)."""
+    config = {"epochs": 1, "lr": 1e-2, "holdout": 2}
+    gptq = {**W4A4KV4, "algorithm": "gptq", "calib": {"samples": 8}}
+    inside = quantized(calib12, {**gptq, "scale_training": {**config, "samples": 12}})
+    entry = inside.llmquant_manifest.results["scale_training"]
+    assert (entry["samples"], entry["held_out"], entry["steps"]) == (10, 2, 10)
+    llmquant.save(quantized(calib12[:8], gptq), None, tmp_path / "ckpt")
+    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
+    result = train_scales(loaded, calib12, ScaleTrainingConfig(**config), teacher_targets(make_model("llama"), calib12,
+                                                                                        64), progress=False)
+    assert result.describe() | {"seconds": 0} == entry | {"seconds": 0}
+    assert all(torch.equal(scales(inside)[name], value) for name, value in scales(loaded).items())
+
+
+def test_the_command_line_draws_the_training_windows(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"scheme": "w_int4_per_group_sym", "group_size": 32,
+                                  "calib": {"dataset": str(corpus), "samples": 4, "seqlen": 32},
+                                  "scale_training": {"holdout": 1, "samples": 6, "lr": 1e-2}}))
+    assert main(["quantize", "--model", str(tiny_dir), "--config", str(config), "--no-eval", "--quiet",
+                 "--output", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "llmquant.json").read_text())
+    assert written["recipe"]["scale_training"]["samples"] == 6
+    assert (written["results"]["scale_training"]["samples"], written["results"]["scale_training"]["held_out"]) == (5, 1)
+
+
+def test_given_ids_must_hold_every_training_window(calib12: torch.Tensor) -> None:
+    recipe = {**W4A4KV4, "calib": {"samples": 8}, "scale_training": {"samples": 16}}
+    with pytest.raises(LlmquantError, match=r"scale_training.samples 16 trains on 16 rows of calib, the first "
+                                            r"calib.samples 8 of them calibrating, but 12 were given; allowed: 16 "
+                                            r"rows, or no scale_training.samples") as error:
+        quantized(calib12, recipe)
+    assert "\n" not in str(error.value)
 
 
 # --- several processes ---------------------------------------------------------------------------------------------
@@ -337,6 +393,14 @@ def test_training_float_codes_is_refused_in_one_line(calib12: torch.Tensor) -> N
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 8},
       "clip_search": {"samples": 4}, "scale_training": {"holdout": 4}},
      "leaves none of the 4 calibration samples the clip search leaves to train on; allowed: 0 to 3"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 8},
+      "scale_training": {"samples": 4, "holdout": 1}},
+     r"scale_training.samples 4 is fewer than calib.samples 8, which it always trains on; allowed: 8 or more, or "
+     r"none \(the calibration samples\)"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 4}, "clip_search": {"samples": 2},
+      "scale_training": {"samples": 10}},
+     "scale_training.holdout 8 leaves none of the 8 samples the clip search leaves to train on; allowed: 0 to 7, or "
+     "more scale_training.samples"),
     ({"scheme": "none", "scale_training": {}}, r"the recipe's schemes \(none\) quantize no weight"),
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "scale_training": {"lr": 0}},
      "recipe field 'scale_training.lr' = 0: Input should be greater than 0"),

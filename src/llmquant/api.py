@@ -18,6 +18,7 @@ from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
 from llmquant.nn.attention_choice import check_attention, set_attention
 from llmquant.nn.quant_linear import set_runtime
+from llmquant.pipeline import calibration_part
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.memory import activation_storage
@@ -42,20 +43,26 @@ def as_recipe(recipe: Recipe | str | dict | os.PathLike | None) -> Recipe:
 
 def calibration_ids(recipe: Recipe, tokenizer: Any = None, calib: torch.Tensor | str | None = None) -> torch.Tensor:
     """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, or the recipe's dataset (none when its
-    ``calib.samples`` is 0)."""
+    ``calib.samples`` is 0); with ``scale_training.samples``, the windows that only train the scales after the
+    calibration ones (`Recipe.drawn_samples`)."""
+    drawn = recipe.drawn_samples()
     if isinstance(calib, torch.Tensor):
-        if calib.ndim != 2 or (calib.shape[0] == 0) != (recipe.calib.samples == 0) or calib.shape[1] == 0:
+        if calib.ndim != 2 or (calib.shape[0] == 0) != (drawn == 0) or calib.shape[1] == 0:
             shape = tuple(calib.shape)
             raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor ([0, seqlen] with "
                                 f"calib.samples 0), got {shape}")
+        if drawn != recipe.calib.samples and calib.shape[0] != drawn:
+            raise LlmquantError(f"scale_training.samples {drawn} trains on {drawn} rows of calib, the first "
+                                f"calib.samples {recipe.calib.samples} of them calibrating, but {calib.shape[0]} "
+                                f"were given; allowed: {drawn} rows, or no scale_training.samples")
         return calib.long()
-    if recipe.calib.samples == 0:  # no calibration pass (`llmquant.pipeline.engine`)
+    if drawn == 0:  # no calibration pass (`llmquant.pipeline.engine`)
         return torch.zeros(0, recipe.calib.seqlen, dtype=torch.long)
     if tokenizer is None:
         raise LlmquantError("a tokenizer is needed to calibrate from text; pass tokenizer= or token ids as calib=")
     text = calib if isinstance(calib, str) else data.corpus(recipe.calib.dataset, "calib")
     tokens = data.tokenize(tokenizer, text)
-    return data.calibration_samples(tokens, recipe.calib.samples, recipe.calib.seqlen, recipe.calib.seed)
+    return data.calibration_samples(tokens, drawn, recipe.calib.seqlen, recipe.calib.seed)
 
 
 def quantize(
@@ -90,12 +97,13 @@ def quantize(
     policy = DevicePolicy.resolve(device, dtype, offload, max_gpu_memory, max_memory)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     seqlen = calib.shape[-1] if isinstance(calib, torch.Tensor) else recipe.calib.seqlen
-    if limit is not None and seqlen > limit and recipe.calib.samples > 0:  # (0: no samples to run)
+    if limit is not None and seqlen > limit and recipe.drawn_samples() > 0:  # (0: no samples to run)
         raise LlmquantError(f"seqlen {seqlen} exceeds the model's max_position_embeddings {limit}")
     ids = calibration_ids(recipe, tokenizer, calib)
     if isinstance(activations, str):
         directory = run_dir.activations if run_dir is not None else None
-        activations = activation_storage(activations, policy, model, ids, max_memory, directory)
+        activations = activation_storage(activations, policy, model, calibration_part(recipe, ids)[0], max_memory,
+                                         directory)
     manifest = run_pipeline(model, recipe, ids, model_map=model_map, progress=progress, run_dir=run_dir,
                             source=source, activations=activations, policy=policy)
     model.llmquant_manifest = manifest  # type: ignore[attr-defined]

@@ -253,7 +253,10 @@ class ScaleTraining(_Strict):
     whether the trained scales are kept; 0: kept unchecked), ``batch`` samples a step, Adam's step ``lr`` on the
     scales' logarithms, cosine-decayed; ``loss``: ``kl`` from the float model's next-token distribution (its
     ``top_k`` tokens a position, taken before quantization) or ``ce`` on the samples' own tokens; ``norms``: the
-    norms' gains trained too; ``codes_lr`` above 0: the integer codes too, with that step."""
+    norms' gains trained too; ``codes_lr`` above 0: the integer codes too, with that step. ``samples``: how many
+    windows it trains on (None: the calibration samples): more than ``calib.samples`` draws the others from the
+    calibration text with the same seed after the calibration windows (the draw's first ``calib.samples`` windows
+    are the calibration ones, `Recipe.drawn_samples`), and only this step sees them."""
 
     epochs: float = Field(1.0, gt=0)
     batch: int = Field(1, ge=1)
@@ -263,9 +266,10 @@ class ScaleTraining(_Strict):
     top_k: int = Field(64, ge=1)
     norms: bool = False
     codes_lr: float = Field(0.0, ge=0)
+    samples: int | None = Field(None, ge=1)
 
     def config(self) -> ScaleTrainingConfig:
-        return ScaleTrainingConfig(**self.model_dump())
+        return ScaleTrainingConfig(**self.model_dump(exclude={"samples"}))
 
 
 class Recipe(_Strict):
@@ -441,13 +445,27 @@ class Recipe(_Strict):
                   and weights.type != "int"]
         if self.scale_training.codes_lr and floats:
             raise ValueError(float_codes_refusal(floats[0]))
-        holdout, samples = self.scale_training.holdout, self.calib.samples
+        extra = self.scale_training.samples
+        if extra is not None and extra < self.calib.samples:
+            raise ValueError(f"scale_training.samples {extra} is fewer than calib.samples {self.calib.samples}, "
+                             f"which it always trains on; allowed: {self.calib.samples} or more, or none (the "
+                             f"calibration samples)")
+        holdout, samples = self.scale_training.holdout, self.drawn_samples()
         held = self.clip_search.samples if self.clip_search is not None else 0
         if samples and holdout >= samples - held:
-            raise ValueError(f"scale_training.holdout {holdout} leaves none of the {samples - held} calibration "
-                             f"samples{' the clip search leaves' if held else ''} to train on; allowed: 0 to "
-                             f"{samples - held - 1}, or more calib.samples")
+            what = "samples" if extra is not None else "calibration samples"
+            raise ValueError(f"scale_training.holdout {holdout} leaves none of the {samples - held} {what}"
+                             f"{' the clip search leaves' if held else ''} to train on; allowed: 0 to "
+                             f"{samples - held - 1}, or more {'scale_training' if extra is not None else 'calib'}"
+                             f".samples")
         return self
+
+    def drawn_samples(self) -> int:
+        """How many windows the run draws from the calibration text: ``calib.samples``, or ``scale_training.samples``
+        where that is more. The seeded draw of n windows starts with the draw of fewer (`llmquant.data.
+        calibration_samples`), so the calibration windows are the same either way; the rest only train the scales."""
+        extra = self.scale_training.samples if self.scale_training is not None else None
+        return max(self.calib.samples, extra or 0)
 
     def _scheme_names(self) -> list[str]:
         """The recipe's scheme and its overrides' schemes, each once, in order."""

@@ -89,7 +89,8 @@ class ScaleTrainingConfig:
 
 @dataclass
 class TrainedScales:
-    """What a run did: what it trained (layers, scales, norms), its steps, tokens and seconds, the training loss over
+    """What a run did: what it trained (layers, scales, norms), on how many samples (and how many it held out), its
+    steps, tokens and seconds, the training loss over
     its first and last tenth of steps, the held-out loss before and after (None without a held-out set), the codes it
     changed, and whether what it trained was kept."""
 
@@ -98,6 +99,8 @@ class TrainedScales:
     loss: str
     norms: int = 0
     codes_changed: int = 0
+    samples: int = 0
+    held_out: int = 0
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
@@ -110,7 +113,8 @@ class TrainedScales:
         tenth = max(1, len(self.losses) // 10)
         first, last = self.losses[:tenth], self.losses[-tenth:]
         return {"layers": self.layers, "scales": self.scales, "norms": self.norms, "loss": self.loss,
-                "steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+                "samples": self.samples, "held_out": self.held_out, "steps": self.steps, "tokens": self.tokens,
+                "seconds": round(self.seconds, 1),
                 "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
                 "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
                 "held_out_loss_before": _rounded(self.held_out_before),
@@ -305,7 +309,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     start_codes = {name: layer.codes().clone() for name, layer in layers.items()} if config.codes_lr else {}
     logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
     result = TrainedScales(layers=len(layers), scales=sum(s.numel() for s in start.values()), loss=config.loss,
-                           norms=len(norms))
+                           norms=len(norms), samples=count, held_out=config.holdout)
     began = time.perf_counter()
     if held is not None:
         result.held_out_before = held_out_loss(model, held, held_teacher, ranks)

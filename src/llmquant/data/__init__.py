@@ -97,7 +97,8 @@ def tokenize(tokenizer: object, text: str) -> torch.Tensor:
 
 
 def calibration_samples(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``n_samples`` random windows of ``seqlen`` tokens, ``[n_samples, seqlen]``, seeded."""
+    """``n_samples`` random windows of ``seqlen`` tokens, ``[n_samples, seqlen]``, seeded: the draw of n windows
+    starts with the draw of fewer (the calibration windows among scale training's, `Recipe.drawn_samples`)."""
     if n_samples < 1:
         raise LlmquantError(f"the calibration set is empty: calib samples must be >= 1, got {n_samples}")
     if seqlen < 2:

@@ -548,7 +548,8 @@ def quantize(
     policy: DevicePolicy | None = None,
     ranks: Ranks | None = None,
 ) -> Manifest:
-    """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen].
+    """Quantize ``model`` in place following ``recipe``, calibrating on token ids ``calib`` [n, seqlen] (with
+    ``scale_training.samples``, its first ``calib.samples`` rows; the rest only train the scales: `calibration_part`).
 
     ``policy`` (`llmquant.device`, default: the CPU, the model's dtype) says where each layer computes: with
     ``offload="layers"`` the model rests where it was given (CPU memory, usually) and each decoder layer comes onto
@@ -592,6 +593,7 @@ def quantize(
         manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
                                    "calibrate": recipe.moe_calibrate}
     steps = recipe.layer_steps()
+    calib, training_only = calibration_part(recipe, calib)
     calibrated = calib.shape[0] > 0  # (0: calib.samples 0, a recipe that needs none: no pass)
     if not calibrated:
         manifest.results["calibration"] = {"samples": 0, "why": "calib.samples 0: no calibration pass; the layers' "
@@ -609,8 +611,9 @@ def quantize(
     sample = calib[:1, :ROTATION_CHECK_TOKENS]  # the same on every rank
     whole_calib = calib
     calib = calib[ranks.share(calib.shape[0])]
+    training = torch.cat([whole_calib, training_only]) if training_only.shape[0] else whole_calib
     t0 = time.perf_counter()
-    teacher = _teacher(model, recipe, whole_calib, ranks, manifest, progress)  # (before any layer changes)
+    teacher = _teacher(model, recipe, training, ranks, manifest, progress)  # (before any layer changes)
     kv_cache = any(spec is not None for spec in plan.kv_cache.values())
     if kv_cache:
         _check_kv_groups(plan, head_dim_of(model, model_map))
@@ -723,7 +726,7 @@ def quantize(
         manifest.seconds["clip_search"] = time.perf_counter() - t2
     if recipe.scale_training is not None:
         t3 = time.perf_counter()
-        trained = train_scales(model, whole_calib, recipe.scale_training.config(), teacher, ranks, progress)
+        trained = train_scales(model, training, recipe.scale_training.config(), teacher, ranks, progress)
         manifest.results["scale_training"] = trained.describe()
         manifest.seconds["scale_training"] = time.perf_counter() - t3
     manifest.seconds["total"] = time.perf_counter() - t0
@@ -735,6 +738,14 @@ def quantize(
         model.llmquant_run_dir = run_dir  # type: ignore[attr-defined]
         model.llmquant_source = source.lazy  # type: ignore[attr-defined]  # tensors still on disk
     return manifest
+
+
+def calibration_part(recipe: Recipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration samples of ``ids``, and the windows after them that only scale training sees (none without
+    ``scale_training.samples``: every given row calibrates; `Recipe.drawn_samples`)."""
+    if recipe.drawn_samples() == recipe.calib.samples:
+        return ids, ids[:0]
+    return ids[:recipe.calib.samples], ids[recipe.calib.samples:]
 
 
 def _teacher(model: nn.Module, recipe: Recipe, calib: torch.Tensor, ranks: Ranks, manifest: Manifest,
