@@ -90,9 +90,8 @@ class ScaleTrainingConfig:
 @dataclass
 class TrainedScales:
     """What a run did: what it trained (layers, scales, norms), on how many samples (and how many it held out), its
-    steps, tokens and seconds, the training loss over
-    its first and last tenth of steps, the held-out loss before and after (None without a held-out set), the codes it
-    changed, and whether what it trained was kept."""
+    steps, tokens and seconds, the training loss over its first and last tenth of steps, the held-out loss before and
+    after (None without a held-out set), the codes it changed, and whether what it trained was kept."""
 
     layers: int
     scales: int
