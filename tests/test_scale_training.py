@@ -434,6 +434,15 @@ def test_the_train_scales_flag_reaches_the_recipe() -> None:
     args = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
                                       "--algo", "gptq", "--train-scales", "2", "--output", "unused"])
     assert _recipe_from_args(args).scale_training.config() == ScaleTrainingConfig(epochs=2.0)
+    more = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
+                                      "--train-scales", "1", "--train-samples", "64", "--output", "unused"])
+    recipe = _recipe_from_args(more)
+    assert recipe.scale_training.samples == 64 and recipe.drawn_samples() == 64 and recipe.calib.samples == 32
+    alone = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
+                                       "--train-samples", "64", "--output", "unused"])
+    with pytest.raises(LlmquantError, match=r"--train-samples sets how many windows scale training sees; it needs "
+                                            r"--train-scales \(or scale_training in the recipe\)"):
+        _recipe_from_args(alone)
 
 
 def test_a_mixture_of_experts_trains_its_experts_scales(calib12: torch.Tensor) -> None:

@@ -68,6 +68,11 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         fields["clip_search"] = fields.get("clip_search") or {}
     if getattr(args, "train_scales", None) is not None:
         fields["scale_training"] = {**(fields.get("scale_training") or {}), "epochs": args.train_scales}
+    if getattr(args, "train_samples", None) is not None:
+        if not fields.get("scale_training"):
+            raise LlmquantError("--train-samples sets how many windows scale training sees; it needs --train-scales "
+                                "(or scale_training in the recipe)")
+        fields["scale_training"] = {**fields["scale_training"], "samples": args.train_samples}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
@@ -473,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--train-scales", type=float, default=None, metavar="EPOCHS",
                    help="then train every weight's scales end to end (EfficientQAT's E2E-QP) for EPOCHS passes over "
                         "the calibration samples, 8 of them held out to keep the result only where it helps")
+    q.add_argument("--train-samples", type=int, default=None, metavar="N",
+                   help="train the scales on N windows: the calibration samples and more drawn after them the same "
+                        "way (default: the calibration samples)")
     q.add_argument("--alpha", default=None, help="smoothing strength in [0, 1], or auto (searched per group)")
     q.add_argument("--clip-search", action="store_true",
                    help="search the clip ratios of dynamic activations and KV cache on 4 held-out calibration samples")
