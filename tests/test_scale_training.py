@@ -1,8 +1,8 @@
 """The weights' scales trained end to end (EfficientQAT's E2E-QP): the straight-through quantizers, the differentiable
 simulation of a quantized Linear against its other paths and against the scales' exact gradient, the coarse KL against
 the full one, training that lowers the loss (KL from the float model, or cross-entropy) and keeps the codes, the
-held-out check that turns worse scales back, the same scales after save/load and from two processes, and bad recipes
-as one-line errors."""
+held-out check that turns worse scales back, the same scales after save/load and from two processes, training on more
+windows than calibrate, and bad recipes as one-line errors."""
 
 from __future__ import annotations
 
