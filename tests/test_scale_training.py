@@ -18,6 +18,7 @@ from conftest import VOCAB, logits, make_model
 from llmquant.algorithms.scale_training import (
     ScaleTrainingConfig,
     TeacherTargets,
+    TrainedScales,
     coarse_kl,
     held_out_loss,
     teacher_targets,
@@ -52,6 +53,16 @@ def with_teacher(calib: torch.Tensor, top_k: int = 16, family: str = "llama") ->
     model = make_model(family)
     teacher = teacher_targets(model, calib, top_k)
     return llmquant.quantize(model, W4A4KV4, calib=calib, progress=False), teacher
+
+
+def trained_checkpoint(quantized_on: torch.Tensor, recipe: dict, trained_on: torch.Tensor, config: dict,
+                       folder: Path) -> tuple[torch.nn.Module, TrainedScales]:
+    """A checkpoint of ``recipe`` quantized on ``quantized_on``, saved, loaded and trained by `train_scales` on
+    ``trained_on`` (the float model's targets taken as the recipe takes them): the model and the run's record."""
+    llmquant.save(quantized(quantized_on, recipe), None, folder)
+    loaded, _ = llmquant.load(folder, runtime="fake")
+    teacher = teacher_targets(make_model("llama"), trained_on, 64)
+    return loaded, train_scales(loaded, trained_on, ScaleTrainingConfig(**config), teacher, progress=False)
 
 
 def scales(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -316,10 +327,7 @@ def test_training_on_more_samples_calibrates_on_the_first_and_trains_on_all(cali
     inside = quantized(calib12, {**gptq, "scale_training": {**config, "samples": 12}})
     entry = inside.llmquant_manifest.results["scale_training"]
     assert (entry["samples"], entry["held_out"], entry["steps"]) == (10, 2, 10)
-    llmquant.save(quantized(calib12[:8], gptq), None, tmp_path / "ckpt")
-    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
-    result = train_scales(loaded, calib12, ScaleTrainingConfig(**config), teacher_targets(make_model("llama"), calib12,
-                                                                                        64), progress=False)
+    loaded, result = trained_checkpoint(calib12[:8], gptq, calib12, config, tmp_path / "ckpt")
     assert result.describe() | {"seconds": 0} == entry | {"seconds": 0}
     assert all(torch.equal(scales(inside)[name], value) for name, value in scales(loaded).items())
 
@@ -465,10 +473,7 @@ def test_training_inside_quantize_is_training_the_saved_checkpoint(calib12: torc
     taken alike): the same scales and codes, bit for bit (what BENCHMARKS.md's probe of a checkpoint relies on)."""
     config = {"epochs": 2, "lr": 1e-2, "holdout": 4, **options}
     inside = quantized(calib12, {**W4A4KV4, "scale_training": config})
-    llmquant.save(quantized(calib12), None, tmp_path / "ckpt")
-    loaded, _ = llmquant.load(tmp_path / "ckpt", runtime="fake")
-    result = train_scales(loaded, calib12, ScaleTrainingConfig(**config), teacher_targets(make_model("llama"), calib12,
-                                                                                        64), progress=False)
+    loaded, result = trained_checkpoint(calib12, W4A4KV4, calib12, config, tmp_path / "ckpt")
     assert result.describe() | {"seconds": 0} == inside.llmquant_manifest.results["scale_training"] | {"seconds": 0}
     assert result.kept and (result.codes_changed > 0) == bool(options)
     assert all(torch.equal(scales(inside)[name], value) for name, value in scales(loaded).items())

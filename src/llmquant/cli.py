@@ -477,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn each layer's online rotations before Linears (R4, R5, R6) in STEPS steps a layer")
     q.add_argument("--train-scales", type=float, default=None, metavar="EPOCHS",
                    help="then train every weight's scales end to end (EfficientQAT's E2E-QP) for EPOCHS passes over "
-                        "the calibration samples, 8 of them held out to keep the result only where it helps")
+                        "the calibration samples (or --train-samples), 8 of them held out to keep the result only "
+                        "where it helps")
     q.add_argument("--train-samples", type=int, default=None, metavar="N",
                    help="train the scales on N windows: the calibration samples and more drawn after them the same "
                         "way (default: the calibration samples)")

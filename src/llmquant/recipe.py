@@ -453,11 +453,11 @@ class Recipe(_Strict):
         holdout, samples = self.scale_training.holdout, self.drawn_samples()
         held = self.clip_search.samples if self.clip_search is not None else 0
         if samples and holdout >= samples - held:
-            what = "samples" if extra is not None else "calibration samples"
-            raise ValueError(f"scale_training.holdout {holdout} leaves none of the {samples - held} {what}"
-                             f"{' the clip search leaves' if held else ''} to train on; allowed: 0 to "
-                             f"{samples - held - 1}, or more {'scale_training' if extra is not None else 'calib'}"
-                             f".samples")
+            what, field = ("samples", "scale_training.samples") if extra is not None else ("calibration samples",
+                                                                                           "calib.samples")
+            left = f"{samples - held} {what}{' the clip search leaves' if held else ''}"
+            raise ValueError(f"scale_training.holdout {holdout} leaves none of the {left} to train on; allowed: 0 to "
+                             f"{samples - held - 1}, or more {field}")
         return self
 
     def drawn_samples(self) -> int:

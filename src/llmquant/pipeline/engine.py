@@ -611,7 +611,7 @@ def quantize(
     sample = calib[:1, :ROTATION_CHECK_TOKENS]  # the same on every rank
     whole_calib = calib
     calib = calib[ranks.share(calib.shape[0])]
-    training = torch.cat([whole_calib, training_only]) if training_only.shape[0] else whole_calib
+    training = torch.cat([whole_calib, training_only])  # (scale training's windows: the calibration ones first)
     t0 = time.perf_counter()
     teacher = _teacher(model, recipe, training, ranks, manifest, progress)  # (before any layer changes)
     kv_cache = any(spec is not None for spec in plan.kv_cache.values())
