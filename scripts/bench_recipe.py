@@ -4,11 +4,12 @@ windows (evaluated first, in the same process: a ratio taken against another win
 13.605 on pydoc's 40 windows against 12.704 on its first 20), peak resident memory; appended as one JSON line to --out.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py NAME 'RECIPE_JSON' [--out bench/results.jsonl]
-        [--runtime int8|fake] [--threads 1] [--offload DIR] [--corpora pydoc stdlib]
+        [--runtime int8|fake] [--threads 1] [--offload DIR] [--corpora pydoc stdlib] [--set FIELD=VALUE ...]
 
 RECIPE_JSON is a recipe as `llmquant.Recipe` takes it, e.g.
 '{"scheme": "w_int4_per_group_sym", "group_size": 64, "algorithm": "gptq"}', or a recipe file
-(configs/recipes/best_w4_g64.yaml). The evaluation uses the int8
+(configs/recipes/best_w4_g64.yaml), with fields changed by --set as `llmquant quantize --set` does
+(scale_training.samples=512). The evaluation uses the int8
 kernels where a layer has them (--runtime int8, the same function as the simulation up to float rounding).
 scripts/bench_all.sh lists every recipe of BENCHMARKS.md; scripts/bench_tables.py renders the tables.
 """
@@ -29,6 +30,7 @@ from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.engine import peak_rss_mb
+from llmquant.recipe import set_fields
 
 
 def main() -> None:
@@ -42,10 +44,13 @@ def main() -> None:
     parser.add_argument("--corpora", nargs="+", default=["pydoc"], help="evaluation corpora (the first is 'ppl')")
     parser.add_argument("--offload", default=None, help="keep the calibration activations on disk in this directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (layers done, time left) on stderr")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="set a recipe field (repeatable; llmquant quantize --set)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     recipe = as_recipe(json.loads(args.recipe) if args.recipe.lstrip().startswith("{") else args.recipe)
+    recipe = as_recipe(set_fields(recipe.model_dump(), args.set)) if args.set else recipe
     model, tokenizer = llmquant.load(None)
     windows = {name: data.corpus_windows(tokenizer, name, recipe.calib.seqlen, args.max_windows)
                for name in args.corpora}
@@ -59,7 +64,7 @@ def main() -> None:
     ratios = {name: ppls[name] / float_ppls[name] for name in ppls}
     manifest = model.llmquant_manifest
     row = {
-        "name": args.name, "recipe": recipe.model_dump(mode="json", exclude_defaults=True), "ppl": ppl,
+        "name": args.name, "recipe": recipe.model_dump(mode="json", exclude_defaults=True), "set": args.set, "ppl": ppl,
         "quantize_seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": args.threads,
         "runtime": args.runtime, "windows": len(windows[args.corpora[0]]), "ppl_by_corpus": ppls,
         "float_ppl_by_corpus": float_ppls, "ratio_by_corpus": ratios,

@@ -70,6 +70,20 @@ def test_recipe_file_gives_the_same_model_as_the_flags(tiny_dir: Path, tmp_path:
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_set_gives_the_model_of_a_recipe_file_holding_the_fields(tiny_dir: Path, tmp_path: Path) -> None:
+    whole, base = tmp_path / "whole.yaml", tmp_path / "base.yaml"
+    whole.write_text("scheme: w_int4_per_group_sym\ngroup_size: 16\nalgorithm: gptq\ngptq: {asymmetric: 0.25}\n"
+                     "calib: {samples: 4, seqlen: 32}\n")
+    base.write_text("scheme: w_int4_per_group_sym\ngroup_size: 32\ncalib: {samples: 4, seqlen: 32}\n")
+    common = ["quantize", "--model", str(tiny_dir), "--no-eval", "--quiet"]
+    assert main([*common, "--config", str(whole), "--output", str(tmp_path / "a")]) == 0
+    settings = ["--set", "group_size=16", "--set", "algorithm=gptq", "--set", "gptq.asymmetric=0.25"]
+    assert main([*common, "--config", str(base), *settings, "--output", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / d / "llmquant.json").read_text())["recipe"] for d in ("a", "b"))
+    assert a == b and b["gptq"]["asymmetric"] == 0.25
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["detect", "--model", str(tiny_dir)]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -95,6 +109,7 @@ def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixtu
         (["--calib", "SHORT.txt"], "tokens, too short for windows of seqlen 32"),
         (["--seqlen", "1024"], "seqlen 1024 exceeds the model's max_position_embeddings 256"),
         (["--calib", "wikitext2"], "dataset 'wikitext2' could not be loaded from the hub"),
+        (["--set", "pre_opts.awq.alpha=1"], "--set pre_opts.awq: pre_opts has no entry named 'awq'; it has: none"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

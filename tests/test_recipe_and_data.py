@@ -12,6 +12,7 @@ from conftest import load_script
 from llmquant import Recipe, data
 from llmquant.errors import LlmquantError
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
+from llmquant.recipe import set_fields
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -174,3 +175,38 @@ def test_a_recipe_writes_gptq_options_only_when_it_uses_gptq(tmp_path: Path) -> 
     assert gptq.model_dump(mode="json")["gptq"]["true_sequential"] is False
     gptq.to_file(tmp_path / "recipe.yaml")
     assert Recipe.from_file(tmp_path / "recipe.yaml") == gptq
+
+
+def test_set_fields_changes_nested_fields_and_named_pre_opts_only() -> None:
+    base = Recipe.build(pre_opts=[{"name": "quarot"}, {"name": "smoothquant", "alpha": 0.5}]).model_dump()
+    settings = ["gptq.asymmetric=0.25", "algorithm=gptq", "pre_opts.smoothquant.alpha=0.8",
+                "pre_opts.quarot.rotations=[R2, R4]", "scale_training.samples=12", "calib.samples=8"]
+    recipe = Recipe.build(**set_fields(base, settings))
+    assert recipe.gptq.asymmetric == 0.25 and recipe.algorithm == "gptq" and recipe.calib.samples == 8
+    assert [p.model_dump(exclude_defaults=True) for p in recipe.pre_opts] == [
+        {"name": "quarot", "rotations": ["R2", "R4"]}, {"name": "smoothquant", "alpha": 0.8}]
+    assert recipe.scale_training is not None and recipe.scale_training.samples == 12
+    assert recipe.calib.seqlen == 512 and recipe.scheme == Recipe().scheme  # the rest as it was
+    assert base["pre_opts"][1]["alpha"] == 0.5 and "gptq" not in base  # the given fields untouched
+    assert Recipe.build(**set_fields(base, ["calib.samples=4", "calib.samples=6"])).calib.samples == 6  # last wins
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("gptq", "--set takes FIELD=VALUE (a dotted field, e.g. gptq.asymmetric=0.35), got 'gptq'"),
+        ("calib..samples=1", "--set takes FIELD=VALUE"),
+        ("pre_opts.awq.alpha=1", "--set pre_opts.awq: pre_opts has no entry named 'awq'; it has: smoothquant"),
+        ("pre_opts.alpha=1", "--set pre_opts.alpha: pre_opts is a list; name one of its entries"),
+        ("scheme.bits=4", "--set scheme.bits: scheme is 'w_int8_per_channel_a_int8_per_token_dynamic', not a mapping"),
+        ("calib.seed.x=1", "--set calib.seed.x: calib.seed is 0, not a mapping"),
+        ("calib.samples=[1", "--set calib.samples: '[1' is not a YAML value (expected ',' or ']'"),
+        ("gptqq.alpha=1", "recipe field 'gptqq' = {'alpha': 1}: Extra inputs are not permitted"),
+        ("pre_opts.smoothquant.alpha=2", "recipe field 'pre_opts.0.smoothquant.alpha' = 2: alpha must be in [0, 1]"),
+    ],
+)
+def test_set_fields_refuses_in_one_line(setting: str, expected: str) -> None:
+    base = Recipe.build(pre_opts=[{"name": "smoothquant"}]).model_dump()
+    with pytest.raises(LlmquantError) as err:
+        Recipe.build(**set_fields(base, [setting]))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)

@@ -24,6 +24,7 @@ LAUNCHER = "LLMQUANT_LAUNCHER"  # set by `quantize --nproc` for the processes it
 
 def _recipe_from_args(args: argparse.Namespace) -> Any:
     from llmquant.api import as_recipe
+    from llmquant.recipe import set_fields
 
     recipe = as_recipe(args.config) if args.config else as_recipe(None)
     fields = recipe.model_dump()
@@ -76,7 +77,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
         if getattr(args, flag) is not None:
             fields["calib"][key] = getattr(args, flag)
-    return as_recipe(fields)
+    return as_recipe(set_fields(fields, getattr(args, "set", None) or []))
 
 
 # printed by detect, not read back
@@ -425,6 +426,13 @@ class _Parser(argparse.ArgumentParser):
 ATTENTIONS = ["auto", "model", "blocks", "bfloat16"]  # (`llmquant.nn.attention_choice.ATTENTIONS`, tested)
 
 
+def _set_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
+                        help="set one recipe field after the file and the other flags (repeatable): a dotted field, "
+                             "a pre_opts entry by name, a YAML value, e.g. --set gptq.asymmetric=0.35 "
+                             "--set pre_opts.smoothquant.alpha=0.8")
+
+
 def _attention_flag(parser: argparse.ArgumentParser, whose: str = "", flag: str = "--attention",
                     default: str = "auto") -> None:
     parser.add_argument(flag, default=default, choices=ATTENTIONS,
@@ -510,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the experts the router chose (routed)")
     q.add_argument("--layer-map", default=None, help="JSON as `llmquant detect` prints it, or seed 003's quarot map")
     q.add_argument("--config", default=None, help="recipe file (.json or .yaml); flags override its fields")
+    _set_flag(q)
     q.add_argument("--output", required=True,
                    help="directory for the checkpoint: new or empty, or an llmquant checkpoint to replace with "
                         "--overwrite (other files there stay)")
@@ -574,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-samples", type=int, default=None)
     s.add_argument("--seqlen", type=int, default=None, help="calibration and evaluation window length")
     s.add_argument("--config", default=None, help="base recipe file; its scheme and pre_opts are replaced per cell")
+    _set_flag(s)
     s.add_argument("--eval-corpus", default="pydoc")
     s.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     s.add_argument("--output", metavar="DIR", required=True,

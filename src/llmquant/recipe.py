@@ -26,6 +26,7 @@ attention, which can be printed and checked before any weight is touched.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -695,6 +696,48 @@ def read_mapping(path: Path, what: str, of: str) -> dict[str, Any]:
     if not isinstance(data, dict) or not data:
         raise LlmquantError(f"{what} {path} must hold a mapping of {of}, got {type(data).__name__}")
     return data
+
+
+def set_fields(fields: dict[str, Any], settings: list[str]) -> dict[str, Any]:
+    """``fields`` (a recipe's ``model_dump()``) with each ``PATH=VALUE`` of ``settings`` applied in order: PATH is
+    dotted (``gptq.asymmetric``, ``scale_training.samples``), a ``pre_opts`` entry named by its ``name``
+    (``pre_opts.smoothquant.alpha``); VALUE is read as YAML (``0.35``, ``true``, ``[R2, R4]``, ``{epochs: 1}``). A
+    missing or empty mapping on the way is made; the recipe validates the result."""
+    fields = copy.deepcopy(fields)
+    for setting in settings:
+        path, equals, text = setting.partition("=")
+        keys = path.strip().split(".")
+        if not equals or not all(keys):
+            raise LlmquantError(f"--set takes FIELD=VALUE (a dotted field, e.g. gptq.asymmetric=0.35), got '{setting}'")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise LlmquantError(f"--set {path}: '{text}' is not a YAML value ({reason})") from None
+        place = fields
+        for depth, key in enumerate(keys[:-1]):
+            place = _field_step(place, key, ".".join(keys[:depth + 1]))
+        if not isinstance(place, dict):
+            what = "a list; name one of its entries" if isinstance(place, list) else f"{place!r}, not a mapping"
+            raise LlmquantError(f"--set {path}: {'.'.join(keys[:-1])} is {what}")
+        place[keys[-1]] = value
+    return fields
+
+
+def _field_step(place: Any, key: str, path: str) -> Any:
+    """The mapping at ``key`` below ``place`` (made where missing or null), or a list's entry named ``key``."""
+    if isinstance(place, list):
+        named = [entry for entry in place if isinstance(entry, dict) and entry.get("name") == key]
+        if not named:
+            names = ", ".join(str(entry.get("name")) for entry in place if isinstance(entry, dict)) or "none"
+            parent = path.rpartition(".")[0]
+            raise LlmquantError(f"--set {path}: {parent} has no entry named '{key}'; it has: {names}")
+        return named[0]
+    if not isinstance(place, dict):
+        raise LlmquantError(f"--set {path}: the field above it is {place!r}, not a mapping")
+    if place.get(key) is None:
+        place[key] = {}
+    return place[key]
 
 
 def one_line(err: ValidationError) -> str:
