@@ -354,27 +354,37 @@ def test_given_ids_must_hold_every_training_window(calib12: torch.Tensor) -> Non
 
 
 # --- several processes ---------------------------------------------------------------------------------------------
-def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, out: str) -> None:
+def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, training: dict, out: str) -> None:
     from distributed_worker import process_group
 
     with process_group(rank, world, port):
-        model = quantized(calib, {**W4A4KV4, "algorithm": "rtn", "scale_training": {"epochs": 1, "lr": 1e-2,
-                                                                                     "holdout": 2}})
-        torch.save({"scales": scales(model), "entry": model.llmquant_manifest.results["scale_training"]},
-                   Path(out) / f"rank{rank}.pt")
+        recipe = {**W4A4KV4, "algorithm": "rtn", "calib": {"samples": 8}, "scale_training": training}
+        model = quantized(calib if training.get("samples") else calib[:8], recipe)
+        codes = {name: layer.codes().clone() for name, layer in trainable_layers(model).items()}
+        torch.save({"scales": scales(model), "gains": gains(model), "codes": codes,
+                    "entry": model.llmquant_manifest.results["scale_training"]}, Path(out) / f"rank{rank}.pt")
 
 
-def test_two_processes_train_the_same_scales(calib12: torch.Tensor, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("training", "steps"), [
+    ({"epochs": 1, "lr": 1e-2, "holdout": 2}, 3),  # 6 training samples, 2 a step
+    ({"epochs": 4, "lr": 1e-2, "holdout": 2, "norms": True, "codes_lr": 0.08, "samples": 12}, 20),  # 4 x 10 of 12
+], ids=["scales", "norms-codes-extra-windows"])
+def test_two_processes_train_the_same_model(calib12: torch.Tensor, tmp_path: Path, training: dict,
+                                            steps: int) -> None:
     """Each step averages the two processes' gradients (one sample each) and the held-out check their mean NLL: both
-    end with the same scales, bit for bit, after half the steps of one process."""
+    end with the same scales, norms' gains and codes, bit for bit, after half the steps of one process (with
+    training windows beyond the calibration ones, every process draws them all)."""
     from test_distributed import free_port
 
-    mp.spawn(train_on_rank, args=(2, free_port(), calib12, str(tmp_path)), nprocs=2)
+    mp.spawn(train_on_rank, args=(2, free_port(), calib12, training, str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2))
-    assert first["scales"].keys() == second["scales"].keys()
-    assert all(torch.equal(first["scales"][n], second["scales"][n]) for n in first["scales"])
+    for part in ("scales", "gains", "codes"):
+        assert first[part].keys() == second[part].keys()
+        assert all(torch.equal(first[part][n], second[part][n]) for n in first[part]), part
     entries = [{k: v for k, v in found["entry"].items() if k != "seconds"} for found in (first, second)]
-    assert entries[0] == entries[1] and entries[0]["steps"] == 5  # 10 training samples, 2 a step
+    assert entries[0] == entries[1] and entries[0]["steps"] == steps and entries[0]["kept"]
+    if training.get("norms"):
+        assert entries[0]["norms"] > 0 and entries[0]["codes_changed"] > 0
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
