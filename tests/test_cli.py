@@ -192,8 +192,39 @@ def test_layer_map_from_detect_gives_the_same_model_as_detection(
 
     layer_map.write_text('{"groups": []}')
     assert main([*common, "--layer-map", str(layer_map), "--output", str(tmp_path / "c")]) == 2
-    allowed = "allowed: left_float_by_default, model_map, moe_layers, norms, not_smoothed, rotation_plan, smooth_groups"
+    allowed = ("allowed: left_float_by_default, model_map, moe_layers, norms, not_smoothed, plan, recipe, "
+               "rotation_plan, smooth_groups")
     assert f"unknown keys ['groups']; {allowed}" in _error_line(capsys)
+
+
+def test_detect_prints_what_a_recipe_would_do_to_the_model(tiny_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """With --config (and --set) detect prints the recipe as it would run and its plan, one row a module and setting
+    for all decoder layers (the tiny Llama has 2; groups of 128 fit down_proj's 128 inputs, the others' 64 take
+    groups of 64); the printout still reads back as a --layer-map."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("scheme: w_int4_per_group_sym_a_uint4_per_token_asym_dynamic\ngroup_size: 32\n"
+                      "kv_cache: int4_per_token_asym\noverrides:\n  - targets: ['re:.*o_proj']\n"
+                      "    scheme: w_int8_per_channel_a_int8_per_token_dynamic\n")
+    assert main(["detect", "--model", str(tiny_dir), "--config", str(recipe), "--set", "group_size=128",
+                 "--set", "kv_cache_keep_first=1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["recipe"]["group_size"] == 128 and printed["recipe"]["kv_cache_keep_first"] == 1
+    rows = {row["module"].removeprefix("model.layers.*."): row for row in printed["plan"]}
+    assert [row["count"] for row in rows.values()] == [2] * 7 + [1, 2]
+    assert rows["self_attn.q_proj"]["weights"] == "int4-sym-per-group64-static"
+    assert rows["self_attn.q_proj"]["group_size_fallback"] == 64
+    assert rows["mlp.down_proj"]["weights"] == "int4-sym-per-group128-static" and "group_size_fallback" not in rows[
+        "mlp.down_proj"]
+    assert rows["self_attn.o_proj"]["weights"] == "int8-sym-per-channel-static"
+    assert rows["self_attn.o_proj"]["input"] == "int8-sym-per-token-dynamic"
+    assert rows["lm_head"] == {"module": "lm_head", "weights": "float", "input": "float", "count": 1}
+    assert rows["self_attn"] == {"module": "model.layers.*.self_attn", "kv_cache": "int4-asym-per-token-dynamic",
+                                 "keep_first": 1, "count": 2}
+    layer_map = tmp_path / "detected.json"
+    layer_map.write_text(json.dumps(printed))
+    assert main(["quantize", "--model", str(tiny_dir), "--layer-map", str(layer_map), "--calib-samples", "0",
+                 "--no-eval", "--quiet", "--output", str(tmp_path / "out")]) == 0
 
 
 def test_the_documented_subcommands_are_all_found() -> None:

@@ -81,7 +81,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
 
 
 # printed by detect, not read back
-DETECT_ONLY = ("norms", "not_smoothed", "rotation_plan", "left_float_by_default", "moe_layers")
+DETECT_ONLY = ("norms", "not_smoothed", "rotation_plan", "left_float_by_default", "moe_layers", "recipe", "plan")
 
 
 def _read_layer_map(path: str) -> dict[str, Any]:
@@ -404,6 +404,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
              "smooth_groups": [g.to_dict() for g in kept], "not_smoothed": unsmoothed,
              "rotation_plan": rotations.describe(),
              "left_float_by_default": Recipe().resolve(model, model_map).left_float(model_map.decoder_layers)}
+    if args.config is not None or args.set:  # what a recipe would do to this model, before any weight is touched
+        recipe = _recipe_from_args(args)
+        found["recipe"] = recipe.model_dump(mode="json", exclude_defaults=True)
+        found["plan"] = recipe.resolve(model, model_map).summary(model_map.decoder_layers)
     unquantizable = not_quantizable(model, model_map.decoder_layers)
     unquantizable.update(never_called(first, model_map, uncalled_linears(
         first, capture_layer_inputs(model, model_map, sample), model_map.layer_name(0),
@@ -613,7 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("detect", help="print what llmquant finds in a model: its layer map, norms, smoothing groups, "
                                       "rotations, and what stays float")
     d.add_argument("--model", default=None)
-    d.set_defaults(func=cmd_detect)
+    d.add_argument("--config", default=None,
+                   help="also print this recipe as it would run (with --set) and its plan: each Linear's weights "
+                        "and input, once for all decoder layers")
+    _set_flag(d)
+    d.set_defaults(func=cmd_detect, scheme=None, algo=None, group_size=None, kv_cache=None, ignore=None,
+                   layer_map=None, pre_opt=None, alpha=None, rotations=None, calib=None, calib_samples=None,
+                   seqlen=None)
     return parser
 
 

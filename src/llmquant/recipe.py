@@ -671,6 +671,19 @@ class QuantPlan:
         names = [pattern.sub(f"{decoder_layers}.*.", n) for n, s in self.linears.items() if s.weights is None]
         return list(dict.fromkeys(names))
 
+    def summary(self, decoder_layers: str) -> list[dict[str, Any]]:
+        """`describe`'s rows, then the quantized KV caches, with the decoder layers' index as ``*``: one row a module
+        and setting, with how many modules it stands for (``layers.*.mlp.down_proj``, 30), in the plan's order."""
+        pattern = re.compile(rf"^{re.escape(decoder_layers)}\.\d+\.")
+        caches = [{"module": name, "kv_cache": spec.describe(), **({"center_keys": True} if self.center_keys else {}),
+                   **({"keep_first": self.kv_keep_first} if self.kv_keep_first else {})}
+                  for name, spec in self.kv_cache.items() if spec is not None]
+        rows: dict[str, dict[str, Any]] = {}
+        for row in [*self.describe(), *caches]:
+            row = {**row, "module": pattern.sub(f"{decoder_layers}.*.", row["module"])}
+            rows.setdefault(json.dumps(row, sort_keys=True), {**row, "count": 0})["count"] += 1
+        return list(rows.values())
+
     def describe(self) -> list[dict[str, Any]]:
         rows = []
         for name, scheme in self.linears.items():
