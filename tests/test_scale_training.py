@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 import llmquant
 from conftest import VOCAB, logits, make_model
+from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.scale_training import (
     ScaleTrainingConfig,
     TeacherTargets,
@@ -297,7 +298,7 @@ def test_a_recipe_trains_the_scales_and_the_checkpoint_gives_the_same_logits(cal
     written = json.loads((tmp_path / "ckpt" / "llmquant.json").read_text())
     assert written["recipe"]["scale_training"] == {"epochs": 2.0, "batch": 1, "lr": 0.01, "holdout": 0, "loss": "kl",
                                                    "top_k": 64, "norms": False, "codes_lr": 0.0,
-                                                   "samples": None} | options
+                                                   "samples": None, "extra_windows": "corpus"} | options
     assert written["seconds"]["scale_training_teacher"] > 0
 
 
@@ -332,6 +333,57 @@ def test_training_on_more_samples_calibrates_on_the_first_and_trains_on_all(cali
     assert all(torch.equal(scales(inside)[name], value) for name, value in scales(loaded).items())
 
 
+def test_generated_windows_are_the_float_models_own(calib12: torch.Tensor) -> None:
+    """LLM-QAT's windows: a random first token, the next 3 the model's most likely, the rest sampled from it (never an
+    end-of-sequence token); seeded. Under the model (its head sharpened, so that its choices are not near uniform)
+    they are far likelier than random tokens are."""
+    model = make_model("llama")
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    windows = generated_windows(model, 6, 24, seed=1, batch=4, never=[5, 7])
+    assert windows.shape == (6, 24) and windows.dtype == torch.long
+    assert torch.equal(windows, generated_windows(model, 6, 24, seed=1, batch=4, never=[5, 7]))
+    assert not torch.equal(windows, generated_windows(model, 6, 24, seed=2, batch=4, never=[5, 7]))
+    assert not torch.isin(windows[:, 1:], torch.tensor([5, 7])).any()
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(input_ids=windows).logits, -1)
+    assert torch.equal(windows[:, 1:4], log_probs[:, :3].argmax(-1))  # (the greedy tokens)
+    sampled = log_probs[:, 3:-1].gather(-1, windows[:, 4:, None]).mean()
+    random = log_probs[:, 3:-1].gather(-1, calib12[:6, 4:24, None]).mean()
+    assert sampled > random + 1.0
+    with pytest.raises(LlmquantError, match="generated windows need seqlen >= 2"):
+        generated_windows(model, 2, 1)
+
+
+def test_training_on_generated_windows_trains_on_the_float_models_windows(calib12: torch.Tensor,
+                                                                           tmp_path: Path) -> None:
+    """``extra_windows: generated``: the 4 windows beyond the 8 calibration ones come from the float model (seeded by
+    calib.seed, its end-of-sequence tokens never chosen): the same scales, bit for bit, as a checkpoint calibrated on
+    the 8 and trained on them and the generated ones; the given ids hold the calibration rows only."""
+    config = {"epochs": 1, "lr": 1e-2, "holdout": 2}
+    gptq = {**W4A4KV4, "algorithm": "gptq", "calib": {"samples": 8, "seed": 3}}
+    recipe = llmquant.Recipe.build(**gptq, scale_training={**config, "samples": 12, "extra_windows": "generated"})
+    assert (recipe.training_samples(), recipe.generated_samples(), recipe.drawn_samples()) == (12, 4, 8)
+    inside = quantized(calib12[:8], recipe.model_dump())
+    entry = inside.llmquant_manifest.results["scale_training"]
+    assert (entry["samples"], entry["held_out"], entry["steps"]) == (10, 2, 10)
+    assert inside.llmquant_manifest.seconds["scale_training_generation"] > 0
+    float_model = make_model("llama")
+    generated = generated_windows(float_model, 4, 32, seed=3, never=end_of_sequence_ids(float_model))
+    loaded, result = trained_checkpoint(calib12[:8], gptq, torch.cat([calib12[:8], generated]), config,
+                                        tmp_path / "ckpt")
+    assert result.describe() | {"seconds": 0, "generated": 4} == entry | {"seconds": 0}
+    assert all(torch.equal(scales(inside)[name], value) for name, value in scales(loaded).items())
+
+
+def test_generated_windows_need_samples_beyond_the_calibration() -> None:
+    with pytest.raises(LlmquantError, match=r"scale_training.extra_windows 'generated' generates the windows beyond "
+                                            r"calib.samples 8, but scale_training.samples is 8; allowed: samples above "
+                                            r"8, or extra_windows 'corpus'"):
+        llmquant.Recipe.build(**W4A4KV4, calib={"samples": 8},
+                              scale_training={"samples": 8, "extra_windows": "generated"})
+
+
 def test_the_command_line_draws_the_training_windows(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
     config = tmp_path / "recipe.json"
     config.write_text(json.dumps({"scheme": "w_int4_per_group_sym", "group_size": 32,
@@ -359,7 +411,7 @@ def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, trainin
 
     with process_group(rank, world, port):
         recipe = {**W4A4KV4, "algorithm": "rtn", "calib": {"samples": 8}, "scale_training": training}
-        model = quantized(calib if training.get("samples") else calib[:8], recipe)
+        model = quantized(calib[:llmquant.Recipe.build(**recipe).drawn_samples()], recipe)
         codes = {name: layer.codes().clone() for name, layer in trainable_layers(model).items()}
         torch.save({"scales": scales(model), "gains": gains(model), "codes": codes,
                     "entry": model.llmquant_manifest.results["scale_training"]}, Path(out) / f"rank{rank}.pt")
@@ -368,12 +420,13 @@ def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, trainin
 @pytest.mark.parametrize(("training", "steps"), [
     ({"epochs": 1, "lr": 1e-2, "holdout": 2}, 3),  # 6 training samples, 2 a step
     ({"epochs": 4, "lr": 1e-2, "holdout": 2, "norms": True, "codes_lr": 0.08, "samples": 12}, 20),  # 4 x 10 of 12
-], ids=["scales", "norms-codes-extra-windows"])
+    ({"epochs": 1, "lr": 1e-2, "holdout": 2, "samples": 12, "extra_windows": "generated"}, 5),  # 4 by rank 0
+], ids=["scales", "norms-codes-extra-windows", "generated-windows"])
 def test_two_processes_train_the_same_model(calib12: torch.Tensor, tmp_path: Path, training: dict,
                                             steps: int) -> None:
     """Each step averages the two processes' gradients (one sample each) and the held-out check their mean NLL: both
     end with the same scales, norms' gains and codes, bit for bit, after half the steps of one process (with
-    training windows beyond the calibration ones, every process draws them all)."""
+    training windows beyond the calibration ones, every process draws them all, or the first generates them)."""
     from test_distributed import free_port
 
     mp.spawn(train_on_rank, args=(2, free_port(), calib12, training, str(tmp_path)), nprocs=2)
