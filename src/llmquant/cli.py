@@ -34,22 +34,22 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
                       ("activation_clip_grid", "activation_clip_grid"), ("kv_cache_clip_grid", "kv_cache_clip_grid")):
         if getattr(args, flag, None) is not None:  # (sweep has no --moe-calibrate nor clips)
             fields[key] = getattr(args, flag)
-    if args.ignore is not None:
+    if getattr(args, "ignore", None) is not None:
         fields["ignore"] = args.ignore
-    if args.layer_map is not None:
+    if getattr(args, "layer_map", None) is not None:
         layer_map = _read_layer_map(args.layer_map)
         if layer_map.get("name") == "quarot":  # seed 003's QuaRot map: a quarot pre-optimization as it is
             fields["pre_opts"] = [p for p in fields["pre_opts"] if p["name"] != "quarot"] + [layer_map]
         elif layer_map.get("smooth_groups") is not None:
             fields["smooth_groups"] = layer_map["smooth_groups"]
-    if args.pre_opt:
+    if getattr(args, "pre_opt", None):
         alpha = _alpha(args.alpha) if args.alpha is not None else 0.5
         fields["pre_opts"] = [{"name": name} if name == "quarot" else {"name": name, "alpha": alpha}
                               for name in args.pre_opt]
-    elif args.alpha is not None:
+    elif getattr(args, "alpha", None) is not None:
         fields["pre_opts"] = [p if p["name"] == "quarot" else {**p, "alpha": _alpha(args.alpha)}
                               for p in fields["pre_opts"]]
-    if args.rotations is not None:
+    if getattr(args, "rotations", None) is not None:
         quarot = [p for p in fields["pre_opts"] if p["name"] == "quarot"]
         if not quarot:
             raise LlmquantError("--rotations needs --pre-opt quarot (or a quarot pre_opt in the recipe)")
@@ -75,7 +75,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
                                 "(or scale_training in the recipe)")
         fields["scale_training"] = {**fields["scale_training"], "samples": args.train_samples}
     for flag, key in (("calib", "dataset"), ("calib_samples", "samples"), ("seqlen", "seqlen")):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:
             fields["calib"][key] = getattr(args, flag)
     return as_recipe(set_fields(fields, getattr(args, "set", None) or []))
 
@@ -621,9 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also print this recipe as it would run (with --set) and its plan: each Linear's weights "
                         "and input, once for all decoder layers")
     _set_flag(d)
-    d.set_defaults(func=cmd_detect, scheme=None, algo=None, group_size=None, kv_cache=None, ignore=None,
-                   layer_map=None, pre_opt=None, alpha=None, rotations=None, calib=None, calib_samples=None,
-                   seqlen=None)
+    d.set_defaults(func=cmd_detect)  # (the recipe flags it lacks read as unset: `_recipe_from_args`)
     return parser
 
 

@@ -684,20 +684,18 @@ class QuantPlan:
 
     def left_float(self, decoder_layers: str) -> list[str]:
         """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""
-        pattern = re.compile(rf"^{re.escape(decoder_layers)}\.\d+\.")
-        names = [pattern.sub(f"{decoder_layers}.*.", n) for n, s in self.linears.items() if s.weights is None]
+        names = [_any_layer(n, decoder_layers) for n, s in self.linears.items() if s.weights is None]
         return list(dict.fromkeys(names))
 
     def summary(self, decoder_layers: str) -> list[dict[str, Any]]:
         """`describe`'s rows, then the quantized KV caches, with the decoder layers' index as ``*``: one row a module
         and setting, with how many modules it stands for (``layers.*.mlp.down_proj``, 30), in the plan's order."""
-        pattern = re.compile(rf"^{re.escape(decoder_layers)}\.\d+\.")
         caches = [{"module": name, "kv_cache": spec.describe(), **({"center_keys": True} if self.center_keys else {}),
                    **({"keep_first": self.kv_keep_first} if self.kv_keep_first else {})}
                   for name, spec in self.kv_cache.items() if spec is not None]
         rows: dict[str, dict[str, Any]] = {}
         for row in [*self.describe(), *caches]:
-            row = {**row, "module": pattern.sub(f"{decoder_layers}.*.", row["module"])}
+            row = {**row, "module": _any_layer(row["module"], decoder_layers)}
             rows.setdefault(json.dumps(row, sort_keys=True), {**row, "count": 0})["count"] += 1
         return list(rows.values())
 
@@ -711,6 +709,11 @@ class QuantPlan:
                 row["group_size_fallback"] = self.group_fallbacks[name]
             rows.append(row)
         return rows
+
+
+def _any_layer(name: str, decoder_layers: str) -> str:
+    """``name`` with its decoder layer's index as ``*`` (``model.layers.3.mlp.up`` -> ``model.layers.*.mlp.up``)."""
+    return re.sub(rf"^{re.escape(decoder_layers)}\.\d+\.", f"{decoder_layers}.*.", name)
 
 
 def read_mapping(path: Path, what: str, of: str) -> dict[str, Any]:

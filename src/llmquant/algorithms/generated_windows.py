@@ -40,12 +40,12 @@ def generated_windows(model: nn.Module, count: int, seqlen: int, seed: int = 0, 
     excluded = torch.tensor(sorted({t for t in never if 0 <= t < vocab}), dtype=torch.long)
     windows = []
     bar = tqdm(total=count * (seqlen - 1), desc="generating windows", unit="token", disable=not progress)
-    argument = cache_argument(model)
+    argument, device = cache_argument(model), device_of(model)
     for start in range(0, count, batch):
         ids = torch.randint(0, vocab, (min(batch, count - start), 1), generator=generator)
         cache = None
         while ids.shape[1] < seqlen:
-            out = model(input_ids=ids[:, -1:].to(device_of(model)), **{argument: cache}, use_cache=True)
+            out = model(input_ids=ids[:, -1:].to(device), **{argument: cache}, use_cache=True)
             cache = returned_cache(out)
             logits = out.logits[:, -1].float().cpu()
             logits[:, excluded] = -torch.inf
