@@ -21,6 +21,7 @@
     .venv/bin/python scripts/runtime_profile.py search              # the clip search and one SmoothQuant scoring
     .venv/bin/python scripts/runtime_profile.py attention [--batch 8]  # causal prefill attention: sdpa, blocks, the op
     .venv/bin/python scripts/runtime_profile.py machine             # int8 and float32 product rates, copy rates
+    .venv/bin/python scripts/runtime_profile.py w4rows              # W4 Linears: the decode op against torch's kernel
 
 ``--threads`` (default 2). ``layer`` times ``QuantLinear`` on the int8 runtime (per-channel int8 weights with
 per-token int8 inputs; 4-bit weights in groups of 64, alone and with per-token int8 inputs) and ``nn.Linear`` at 1
@@ -390,8 +391,8 @@ def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -
     """The float32 default model and a W8A8 checkpoint with the decode op (`llmquant.nn.int8_gemv`), with it but
     through `llmquant.nn.int8_linear.int8_linear` at every call (each layer's `DecodeRows` off), and without it
     (``LLMQUANT_GEMV=0`` when its Linears are prepared: ``torch._int_mm``; for a W4 checkpoint on an AVX2 CPU, the
-    AVX2 op's `int16_linear` against torch's int4 kernel), and the checkpoints ``also`` with the op, decode steps
-    alternating."""
+    AVX2 op's `int16_linear` against torch's int4 kernel; on a VNNI CPU, its `Int4DecodeRows` against torch's int4
+    kernel, per call or off), and the checkpoints ``also`` with the op, decode steps alternating."""
     models = {"float32": llmquant.load(None, device="cpu")[0]}
     runs = [("decode op", "1", model_dir), ("decode op, per-call path", "1", model_dir),
             ("without the op", "0", model_dir)]
@@ -410,6 +411,44 @@ def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -
           + ", ".join(f"{name} {ms:.2f} ms" for name, ms in medians.items())
           + "; float32 / quantized: " + ", ".join(f"{name} {medians['float32'] / ms:.3f}"
                                                    for name, ms in medians.items() if name != "float32"))
+
+
+def w4_rows() -> None:
+    """W4 g64 (asymmetric) Linears of the default model's 30 layers (random weights), each call on the next layer's
+    weight as in a forward: the layer with its `Int4DecodeRows` (the VNNI op; here up to 8 rows, past the runtime's
+    `GEMV_MAX_ROWS`) against the same layer through `int4_linear` (torch's int4 kernel, ``_decode_rows`` off), by
+    rows, alternating, medians of 9 passes."""
+    from llmquant.nn import int4_linear
+
+    runtime_rows, int4_linear.GEMV_MAX_ROWS = int4_linear.GEMV_MAX_ROWS, 8
+
+    scheme = scheme_from_name("w_uint4_per_group_asym", group_size=64)
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(30):
+        for inputs, outputs in shapes:
+            linear = torch.nn.Linear(inputs, outputs, bias=False)
+            torch.nn.init.normal_(linear.weight, std=0.02, generator=generator)
+            layers.append(QuantLinear.from_linear(linear, scheme.weights, None))
+    set_runtime(torch.nn.Sequential(*layers), "int8")
+    decode = [layer._resolve_decode_rows() for layer in layers]
+    with torch.no_grad():
+        for rows in (1, 2, 3, 4, 5, 8):
+            inputs = {width: torch.randn(rows, width) for width in (576, 1536)}
+            passes: dict[str, list[float]] = {"op": [], "torch": []}
+            for _ in range(10):
+                for path in passes:
+                    for layer, rows_decode in zip(layers, decode, strict=True):
+                        layer._decode_rows = rows_decode if path == "op" else False
+                    start = time.perf_counter()
+                    for layer in layers:
+                        layer(inputs[layer.in_features])
+                    passes[path].append(time.perf_counter() - start)
+            op_ms, torch_ms = (statistics.median(times[1:]) * 1e3 for times in passes.values())
+            print(f"{rows} rows: a pass over {len(layers)} Linears, the op {op_ms:.2f} ms, torch's int4 kernel "
+                  f"{torch_ms:.2f} ms ({torch_ms / op_ms:.2f}x; the runtime runs the op up to {runtime_rows} rows)")
+    int4_linear.GEMV_MAX_ROWS = runtime_rows
 
 
 def prefetch(model_dir: str, batch: int, steps: int = 64) -> None:
@@ -993,7 +1032,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
-                                         "groups", "rotation", "shared", "search", "attention", "machine"])
+                                         "groups", "rotation", "shared", "search", "attention", "machine",
+                                         "w4rows"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -1044,6 +1084,8 @@ def main() -> None:
         causal_attention(args.batch)
     elif args.what == "machine":
         machine()
+    elif args.what == "w4rows":
+        w4_rows()
     elif args.what == "shared":
         if args.model is None:
             parser.error("shared needs --model DIR (a checkpoint with online rotations)")

@@ -2,7 +2,8 @@
 bfloat16 GEMM for more; both compute the layer's function in bfloat16, checked against a float64 reference of the
 same bfloat16 inputs and against the float32 simulation; W3 and W2 weights run the same paths as 4-bit fields. On a
 CPU with AVX2 but neither native bfloat16 products nor VNNI, every row count takes per-token int16 input codes and the
-AVX2 op's exact integer products (`int16_linear`)."""
+AVX2 op's exact integer products (`int16_linear`); where the AVX512-VNNI op runs, a few rows (decode steps) take its
+float32 product of the stored 4-bit fields (`float_gemv`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, make_model
-from llmquant.nn import int4_linear, int8_linear
+from llmquant.nn import int4_linear, int8_gemv, int8_linear
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec
 
@@ -74,6 +75,68 @@ def test_both_paths_read_the_same_codes(spec: QuantSpec, monkeypatch: pytest.Mon
     assert weight is not None
     exact = layer.dequantized_weight()
     assert (int4_linear.dequantize_bf16(weight).float() - exact).abs().max() <= 2 * BF16_EPS * exact.abs().max()
+
+
+_GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
+needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the VNNI op does not run here: {_GEMV_REFUSAL}")
+FLOAT32_EPS = 2.0**-24  # float32's relative rounding step
+
+
+def _op_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the C++ ops the W4 paths call from now on."""
+    calls: list[str] = []
+
+    def spy(kernel: object, name: str, *args: object) -> object:
+        calls.append(name)
+        return getattr(kernel, name)(*args)
+
+    monkeypatch.setattr(int4_linear, "call_op", spy)
+    return calls
+
+
+@needs_gemv
+@pytest.mark.parametrize("rows", [1, 2, 3, int4_linear.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_decode_rows_take_the_float32_product_of_the_stored_fields(spec: QuantSpec, rows: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to `GEMV_MAX_ROWS` rows the op multiplies float32 inputs by the 4-bit fields as stored: the simulation's
+    x @ W_hat^T within float32 roundings (a float64 reference), far closer than the bfloat16 paths; the input's
+    leading dimensions kept."""
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    calls = _op_calls(monkeypatch)
+    layer = _layer(spec)
+    x = torch.randn(1, rows, 256)
+    x[..., 3] *= 40  # an outlier channel
+    simulated = layer(x)
+    set_runtime(layer, "int8")
+    y = layer(x)
+    assert calls == ["int4_gemv"] and y.dtype == torch.float32 and y.shape == (1, rows, 96)
+    assert isinstance(layer._decode_rows, int4_linear.Int4DecodeRows)
+    weight = layer.dequantized_weight().double()
+    reference = x.double() @ weight.t() + layer.bias.double()
+    magnitude = x.double().abs() @ weight.abs().t() + layer.bias.double().abs()  # (what the roundings scale with)
+    assert ((y.double() - reference).abs() <= 64 * FLOAT32_EPS * magnitude).all()
+    assert (y - simulated).abs().max() <= BF16_EPS / 256 * simulated.abs().max()
+    assert id(layer._int4_weight.float_zero) in {id(t) for t in layer.runtime_caches()}
+    rounded = x.bfloat16()
+    assert torch.equal(layer(rounded), layer(rounded.float()).bfloat16())  # (other dtypes through a float32 copy)
+
+
+@needs_gemv
+def test_more_rows_or_the_switch_leave_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past `GEMV_MAX_ROWS` rows torch's int4 kernel multiplies (bfloat16 inputs); with ``LLMQUANT_GEMV=0`` when the
+    runtime is set, the op stays off at any row count."""
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    calls = _op_calls(monkeypatch)
+    layer = _layer(SPECS[0])
+    set_runtime(layer, "int8")
+    x = torch.randn(int4_linear.GEMV_MAX_ROWS + 1, 256)
+    many = layer(x)
+    few = layer(x[:1])
+    assert calls == ["int4_gemv"] and 0 < (few - many[:1]).abs().max() <= 4 * BF16_EPS * many.abs().max()
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    set_runtime(layer, "int8")
+    assert torch.equal(layer(x[:1]), many[:1]) and calls == ["int4_gemv"]  # (torch's kernel: rows are independent)
 
 
 needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")

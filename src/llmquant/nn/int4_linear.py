@@ -2,9 +2,18 @@
 field of a code, z its zero point in the field's domain, s its group's scale), computed as W4A16 kernels do
 (vLLM's, Marlin, torch's tinygemm): activations, scales and zero points in bfloat16, float32 accumulation, the
 output rounded to bfloat16. W3 and W2 weights run the same paths as 4-bit fields centred on 8 (`nibbles_of`: half a
-byte a weight beside the checkpoint's packed words). Two paths, chosen by the number of rows (a third instead
-on some CPUs):
+byte a weight beside the checkpoint's packed words). Two paths, chosen by the number of rows, and on some CPUs one
+before them or one instead:
 
+- up to `GEMV_MAX_ROWS` rows on a CPU where the AVX512-VNNI op of `llmquant.nn.int8_gemv` runs (`Int4DecodeRows`,
+  resolved once per layer by the Linear): the op's ``int4_gemv`` reads the checkpoint's packed words as they are (half
+  a byte a weight, no copy) and multiplies the float32 inputs in float32, y = sum_g s_g (x_g . u_g - z_g sum(x_g)):
+  the simulation's function within float32 roundings, no bfloat16 in it. Each field becomes a float once for all the
+  rows. On the Xeon with AMX of BENCHMARKS.md ("W4 decode steps in float32"), a pass over the default model's 210 W4
+  g64 Linears at one row: 9.1 against 11.0 ms through torch's int4 kernel on one thread, 6.2 against 8.4 on two
+  (`scripts/runtime_profile.py w4rows`); a decode step at batch 1 1.95x / 1.65x as fast as float32 on one / two
+  threads (torch's kernel: 1.80x / 1.50x). At 8 rows the two are even (a batch-8 decode was slower on one thread), so
+  torch's kernel keeps them;
 - up to `DECODE_MAX_ROWS` (a decode step, a GEMV-like shape that reads the weight once per row block): torch's CPU
   int4 kernel ``aten._weight_int4pack_mm_for_cpu``, which reads the 4-bit codes in its own layout (made once per
   layer, half a byte a weight) with one (scale, offset) pair per group: W_hat = (u - 8) * s + (8 - z) * s. On this
@@ -24,25 +33,28 @@ on some CPUs):
   was slower) and than torch's int4 kernel in decode steps (BENCHMARKS.md "W4 on AVX2 in int16"); the codes u - z
   kept in the op's panels, 1 byte a weight, instead of the int4 kernel's copy.
 
-A deviation from the simulation, on purpose: the simulation (``fake`` runtime) computes in float32, this kernel in
-bfloat16 as the W4A16 kernels it stands for; the difference is the rounding of bfloat16 (relative 2^-8 per value;
-on the default model's perplexity, see BENCHMARKS.md "Runtimes"). Nothing else is kept than the kernel's copy of the
-codes and the bfloat16 scales (about half a byte a weight beside the checkpoint's packed words), or the int16 path's
-panels.
+A deviation from the simulation, on purpose: the simulation (``fake`` runtime) computes in float32, torch's int4
+kernel and the bfloat16 GEMM in bfloat16 as the W4A16 kernels they stand for; the difference is the rounding of
+bfloat16 (relative 2^-8 per value; on the default model's perplexity, see BENCHMARKS.md "Runtimes"). Nothing else is
+kept than the kernel's copy of the codes and the bfloat16 scales (about half a byte a weight beside the checkpoint's
+packed words) with, for `Int4DecodeRows`, the float32 zero points (and the scales, where the checkpoint's are not
+already float32 [out, groups]), or the int16 path's panels.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from llmquant.nn import int8_gemv
-from llmquant.nn.int8_gemv import avx2_gemv_refusal, int16_token_codes
+from llmquant.nn.int8_gemv import avx2_gemv_refusal, call_op, int16_token_codes
 from llmquant.nn.int8_linear import Avx2Weight, avx2_weight_refusal
 
+GEMV_MAX_ROWS = 4  # rows up to which the AVX512-VNNI op multiplies (`Int4DecodeRows`), where it runs (module docstring)
 DECODE_MAX_ROWS = 64  # rows up to which torch's int4 kernel runs; the dequantized bfloat16 GEMM from there on
 KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 kernel takes
 KERNEL_ROW_MULTIPLE = 16  # its output features must be a multiple of 16
@@ -66,6 +78,9 @@ class Int4Weight:
     # On a CPU with AVX2 but neither native bfloat16 products nor VNNI: the codes u - z (int8) in the AVX2 op's panels
     # with the float32 group scales, which `int16_linear` multiplies at every row count; else None
     int16_weight: Avx2Weight | None
+    # Where the VNNI op ran when the weight was prepared: s and z [out, groups] float32 for `Int4DecodeRows`; else None
+    float_scale: torch.Tensor | None = None
+    float_zero: torch.Tensor | None = None
 
 
 def int4_refusal(bits: int, group_size: int, in_features: int, out_features: int, device: torch.device) -> str | None:
@@ -111,6 +126,8 @@ def prepare_int4(nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
               "zero": zero.to(torch.bfloat16).unsqueeze(-1), "group_size": group_size, "kernel_group": size}
     if (int16_weight := _int16_weight(fields, scale, zero, group_size)) is not None:
         return Int4Weight(**common, kernel_codes=None, kernel_scales=None, int16_weight=int16_weight)
+    if int8_gemv.cpu_kernel(nibbles) is not None:
+        common |= {"float_scale": scale.float().contiguous(), "float_zero": zero.float().contiguous()}
     repeat = group_size // size
     kernel_scale = scale.float().repeat_interleave(repeat, dim=1)
     offset = (FIELD_OFFSET - zero.float().repeat_interleave(repeat, dim=1)) * kernel_scale
@@ -159,11 +176,41 @@ def dequantize_bf16(weight: Int4Weight) -> torch.Tensor:
     return fields.view(out_features, 2 * half)
 
 
+@dataclass(frozen=True)
+class Int4DecodeRows:
+    """A W4 (W3, W2) Linear's forward of a few rows (up to `GEMV_MAX_ROWS`: decode steps) on the AVX512-VNNI op,
+    resolved once per layer (`int4_decode_rows`) like the W8A8 Linears' `llmquant.nn.int8_linear.DecodeRows`: y =
+    sum_g s_g (x_g . (u_g - z_g)) + b in float32 by ``int4_gemv`` (the checkpoint's packed words read as they are,
+    each field converted to float once for all the rows), within float32 roundings of the simulation's x @ W_hat^T,
+    the input's leading dimensions kept. A decode step calls 210 Linears of the default model: the layer's other
+    paths cost about 5 us more a call in Python (module docstring)."""
+
+    op: ModuleType
+    weight: Int4Weight
+    bias: torch.Tensor | None
+    max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input
+
+    def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values (``source``, the input
+        ``x`` was made from, is not needed here)."""
+        weight = self.weight
+        y = call_op(self.op, "int4_gemv", x.reshape(-1, x.shape[-1]), weight.nibbles, weight.float_scale,
+                    weight.float_zero, self.bias, weight.group_size)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def int4_decode_rows(weight: Int4Weight, bias: torch.Tensor | None, in_features: int) -> Int4DecodeRows | None:
+    """The layer's `Int4DecodeRows` where the VNNI op runs and the weight was prepared for it, else None."""
+    if weight.float_scale is None or (op := int8_gemv.cpu_kernel(weight.nibbles)) is None:
+        return None
+    return Int4DecodeRows(op, weight, bias, GEMV_MAX_ROWS * in_features)
+
+
 def int4_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """y ``[n, out]`` in ``rows``' dtype for ``rows`` ``[n, in]``: on an AVX2 CPU without native bfloat16
     `int16_linear`; elsewhere torch's int4 kernel for few rows, the bfloat16 GEMM of the dequantized weight for more
-    (module docstring). With ``LLMQUANT_GEMV=0`` set after the weight was prepared for `int16_linear`, the bfloat16
-    GEMM at every row count."""
+    (module docstring; `Int4DecodeRows` before them where the VNNI op runs). With ``LLMQUANT_GEMV=0`` set after the
+    weight was prepared for `int16_linear`, the bfloat16 GEMM at every row count."""
     if weight.int16_weight is not None and avx2_gemv_refusal(rows.device) is None:
         return int16_linear(rows, weight, bias).to(rows.dtype)
     inputs = rows.to(torch.bfloat16)

@@ -6,8 +6,10 @@
 // cache's decode step: its per-token codes (written into the cache's stores: store_token_codes), its dequantization
 // (dequantize_rows) and the attention of one query position over its int8 codes (int8_decode_attention; the frames
 // of these shared with the AVX2 op in int8_ops_common.h); and, with that op, block_codes (block_codes.h: a W4A4
-// input's codes per token or group, asymmetric or with a clip ratio searched per block). Built by llmquant.nn.int8_gemv
-// with -mavx512f -mavx512bw -mavx512vnni, on CPUs that have them (checked there before building).
+// input's codes per token or group, asymmetric or with a clip ratio searched per block); the weight-only W8A16
+// (weight_only_gemv) and W4 (int4_gemv, 4-bit fields read as stored) linears of a few float32 rows, in float32.
+// Built by llmquant.nn.int8_gemv with -mavx512f -mavx512bw -mavx512vnni, on CPUs that have them (checked there before
+// building).
 //
 // VPDPBUSD multiplies unsigned by signed bytes. The input codes c (int8) are made unsigned, u = c + 128 in [0, 255],
 // and the weight row's sum corrects the result: sum_k c_k w_k = sum_k u_k w_k - 128 * sum_k w_k. Each instruction
@@ -725,6 +727,111 @@ float float_code_dot(const float* x, const int8_t* w, int64_t inner, int64_t gro
   return _mm512_reduce_add_ps(acc);
 }
 
+// The 32 4-bit fields of 16 bytes (two a byte, the even field in the low nibble: a 4-bit checkpoint's packed int32
+// words read as bytes) as floats: the 16 even fields, then the 16 odd ones (the inputs are laid out in that order,
+// `split_pairs`, so that no field moves across lanes).
+inline void nibble_floats(const uint8_t* bytes, __m512& even, __m512& odd) {
+  const __m512i packed = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  even = _mm512_cvtepi32_ps(_mm512_and_si512(packed, _mm512_set1_epi32(0x0F)));
+  odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(packed, 4));
+}
+
+// x [count, inner] with each 32 columns as their 16 even columns, then their 16 odd ones (nibble_floats' order).
+std::vector<float> split_pairs(const float* x, int64_t count, int64_t inner) {
+  std::vector<float> split(count * inner);
+  for (int64_t at = 0; at < count * inner; at += 32) {
+    for (int64_t t = 0; t < 16; ++t) {
+      split[at + t] = x[at + 2 * t];
+      split[at + 16 + t] = x[at + 2 * t + 1];
+    }
+  }
+  return split;
+}
+
+// The dot products sum_g s_g (x_g . (u_g - z_g)) of R float rows x (split_pairs' order, `inner` apart) with W rows of
+// 4-bit fields u (`stride` bytes apart) in groups of `group` columns (a multiple of 32), into out [R, W]: each field
+// converted once for the R rows, each group's dot as s_g (x_g . u_g - z_g sum(x_g)) lane by lane (`xsums`: each row's
+// 16-lane partial sums per group, `groups` apart, so that the lanes of part - z xsum add up to x_g . (u_g - z_g)).
+// `scales` and `zeros` are the W rows' [groups] values, `groups` apart.
+template <int R, int W>
+void nibble_dots(const float* x, int64_t inner, const __m512* xsums, const uint8_t* w, int64_t stride, int64_t group,
+                 const float* scales, const float* zeros, int64_t groups, float* out) {
+  __m512 acc[R][W], part[R][W];
+  for (int m = 0; m < R; ++m) {
+    for (int r = 0; r < W; ++r) acc[m][r] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0, i = 0; g < groups; ++g) {
+    for (int m = 0; m < R; ++m) {
+      for (int r = 0; r < W; ++r) part[m][r] = _mm512_setzero_ps();
+    }
+    for (const int64_t end = i + group; i < end; i += 32) {
+      __m512 x_even[R], x_odd[R];
+      for (int m = 0; m < R; ++m) {
+        x_even[m] = _mm512_loadu_ps(x + m * inner + i);
+        x_odd[m] = _mm512_loadu_ps(x + m * inner + i + 16);
+      }
+      for (int r = 0; r < W; ++r) {
+        const uint8_t* fields = w + r * stride + i / 2;
+        if ((i & 127) == 0) prefetch_next_block(reinterpret_cast<const int8_t*>(fields), stride);
+        __m512 even, odd;
+        nibble_floats(fields, even, odd);
+        for (int m = 0; m < R; ++m) {
+          part[m][r] = _mm512_fmadd_ps(x_odd[m], odd, _mm512_fmadd_ps(x_even[m], even, part[m][r]));
+        }
+      }
+    }
+    for (int r = 0; r < W; ++r) {
+      const __m512 zero = _mm512_set1_ps(zeros[r * groups + g]), scale = _mm512_set1_ps(scales[r * groups + g]);
+      for (int m = 0; m < R; ++m) {
+        acc[m][r] = _mm512_fmadd_ps(_mm512_fnmadd_ps(zero, xsums[m * groups + g], part[m][r]), scale, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < R; ++m) {
+    if constexpr (W == 8) {
+      _mm256_storeu_ps(out + m * W, lane_sums8(acc[m]));
+    } else {
+      for (int r = 0; r < W; ++r) out[m * W + r] = _mm512_reduce_add_ps(acc[m][r]);
+    }
+  }
+}
+
+// nibble_dots of R input rows with 8 weight rows, W at a time, into out [R, outputs] (its first 8 columns).
+template <int R, int W>
+void nibble_dots_of(const float* x, int64_t inner, const __m512* xsums, const uint8_t* w, int64_t stride,
+                    int64_t group, const float* scales, const float* zeros, int64_t groups, float* out,
+                    int64_t outputs) {
+  float dots[R * W];
+  for (int half = 0; half < 8 / W; ++half) {
+    nibble_dots<R, W>(x, inner, xsums, w + W * half * stride, stride, group, scales + W * half * groups,
+                      zeros + W * half * groups, groups, dots);
+    for (int m = 0; m < R; ++m) std::copy(dots + W * m, dots + W * (m + 1), out + m * outputs + W * half);
+  }
+}
+
+// nibble_dots of `count` rows with 8 weight rows: 4 or 3 input rows at a time with 4 weight rows twice (the
+// accumulators of 8 would not fit the registers), then 2 or 1 with all 8.
+void nibble_dots_rows(const float* x, int64_t count, int64_t inner, const __m512* xsums, const uint8_t* w,
+                      int64_t stride, int64_t group, const float* scales, const float* zeros, int64_t groups,
+                      float* out, int64_t outputs) {
+  for (int64_t m = 0; m < count;) {
+    const int64_t left = count - m;
+    const float* rows = x + m * inner;
+    const __m512* sums = xsums + m * groups;
+    float* y = out + m * outputs;
+    if (left >= 4) {
+      nibble_dots_of<4, 4>(rows, inner, sums, w, stride, group, scales, zeros, groups, y, outputs);
+    } else if (left == 3) {
+      nibble_dots_of<3, 4>(rows, inner, sums, w, stride, group, scales, zeros, groups, y, outputs);
+    } else if (left == 2) {
+      nibble_dots_of<2, 8>(rows, inner, sums, w, stride, group, scales, zeros, groups, y, outputs);
+    } else {
+      nibble_dots_of<1, 8>(rows, inner, sums, w, stride, group, scales, zeros, groups, y, outputs);
+    }
+    m += std::min<int64_t>(left, 4);
+  }
+}
+
 }  // namespace
 
 // A weight-only int8 linear (W8A16) of a few float32 rows: y = (x . w_q) * s_w + b, x [rows, in] float32, weight
@@ -779,6 +886,57 @@ torch::Tensor weight_only_gemv(const torch::Tensor& rows_in, const torch::Tensor
   return y;
 }
 
+// A weight-only 4-bit linear (W4A16 in float32) of a few float32 rows: y = sum_g s_g (x_g . (u_g - z_g)) + b, x
+// [rows, in] float32, `fields` [out, in / 2] uint8 (4-bit fields u, two a byte, the even one in the low nibble), scales
+// and zeros [out, groups] float32 (W_hat = (u - z) s), bias [out] or None; groups of `group_size` columns (a multiple
+// of 32 dividing in; in itself for a scale per output). float32 sums in the op's order: within float32 roundings of
+// x @ W_hat^T, the simulation's function (no rounding of x, s or z). The weight is read once, 8 rows at a time, half a
+// byte a weight, as stored (the next 8 rows prefetched).
+torch::Tensor int4_gemv(const torch::Tensor& rows_in, const torch::Tensor& fields, const torch::Tensor& scales_in,
+                        const torch::Tensor& zeros_in, const std::optional<torch::Tensor>& bias, int64_t group_size) {
+  TORCH_CHECK(rows_in.dim() == 2 && fields.dim() == 2 && rows_in.size(1) == 2 * fields.size(1) &&
+              rows_in.scalar_type() == torch::kFloat32 && fields.scalar_type() == torch::kUInt8 &&
+              fields.is_contiguous(), "int4_gemv: float32 rows [n, in], contiguous uint8 fields [out, in / 2]");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1), outputs = fields.size(0);
+  TORCH_CHECK(group_size > 0 && group_size % 32 == 0 && inner % group_size == 0 && outputs % 8 == 0,
+              "int4_gemv: groups of a multiple of 32 columns that divide the input, outputs a multiple of 8");
+  const int64_t groups = inner / group_size;
+  const torch::Tensor s = scales_in.to(torch::kFloat32).contiguous(), z = zeros_in.to(torch::kFloat32).contiguous();
+  TORCH_CHECK(s.numel() == outputs * groups && z.numel() == outputs * groups,
+              "int4_gemv: scales and zeros [out, in / group_size]");
+  const torch::Tensor b = float_bias(bias, outputs, "int4_gemv");
+  const std::vector<float> split = split_pairs(rows.data_ptr<float>(), count, inner);
+  std::vector<__m512> xsums(count * groups);  // each row's 16-lane partial sums per group
+  for (int64_t m = 0; m < count; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = g * group_size; i < (g + 1) * group_size; i += 16) {
+        sum = _mm512_add_ps(sum, _mm512_loadu_ps(split.data() + m * inner + i));
+      }
+      xsums[m * groups + g] = sum;
+    }
+  }
+  torch::Tensor y = torch::empty({count, outputs}, rows.options());
+  const uint8_t* w = fields.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  const int64_t stride = inner / 2;
+  at::parallel_for(0, outputs / 8, 16, [&](int64_t first, int64_t last) {
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t j0 = block * 8;
+      nibble_dots_rows(split.data(), count, inner, xsums.data(), w + j0 * stride, stride, group_size,
+                       sp + j0 * groups, zp + j0 * groups, groups, out + j0, outputs);
+      for (int64_t m = 0; bp != nullptr && m < count; ++m) {
+        for (int r = 0; r < 8; ++r) out[m * outputs + j0 + r] += bp[j0 + r];
+      }
+    }
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
   llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
@@ -793,6 +951,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "(x . w_q) * s_w + b for a few float32 rows and an int8 weight (weight-only int8, W8A16)",
              pybind11::arg("rows"), pybind11::arg("weight"), pybind11::arg("weight_scale"), pybind11::arg("bias"),
              pybind11::arg("group_size") = 0);
+  module.def("int4_gemv", &int4_gemv,
+             "sum_g s_g (x_g . (u_g - z_g)) + b for a few float32 rows and a weight of 4-bit fields (W4A16 in float32)",
+             pybind11::arg("rows"), pybind11::arg("fields"), pybind11::arg("scales"), pybind11::arg("zeros"),
+             pybind11::arg("bias"), pybind11::arg("group_size"));
   module.def("grouped_gemm", &grouped_gemm,
              "(sum_g float(x_q,g . w_q,g) * s_w,g) * s_x + b for many rows of int8 codes, the weight packed (W4A8); "
              "with input_groups, the input's scales per row and group (W4A4 with inputs in groups)",

@@ -44,7 +44,9 @@ from llmquant.nn.fp8_linear import FP8_BLOCK, fp8_block_linear, fp8_linear, fp8_
 from llmquant.nn.int4_linear import (
     FIELD_OFFSET,
     MIN_BITS,
+    Int4DecodeRows,
     Int4Weight,
+    int4_decode_rows,
     int4_linear,
     int4_refusal,
     nibbles_of,
@@ -164,7 +166,8 @@ class QuantLinear(nn.Module):
         self._int8_call: tuple | None = None  # `_int8_args`
         self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
         self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
-        self._decode_rows: DecodeRows | bool | None = None  # the int8 runtime's decode rows (False: none; None: ask)
+        # the int8 runtime's decode rows, W8A8 or W4 (False: none; None: ask)
+        self._decode_rows: DecodeRows | Int4DecodeRows | bool | None = None
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime (`prepare_int4`)
         self._weight_only_pack: tuple[torch.Tensor, torch.Tensor] | None = None  # W8A16 on the AVX2 op: its panels
         # inputs in groups: (the runtime, the group size, whether the product is an integer one, what it multiplies:
@@ -256,7 +259,10 @@ class QuantLinear(nn.Module):
                        int8_weight.float_codes if int8_weight.float_codes is not self._float_codes else None]
         if self._int4_weight is not None:
             w = self._int4_weight
-            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero]
+            caches += [w.kernel_codes, w.kernel_scales, w.scale, w.zero, w.float_zero]
+            scale_memory = self.weight_scale.untyped_storage().data_ptr()
+            caches += ([w.float_scale] if w.float_scale is not None
+                       and w.float_scale.untyped_storage().data_ptr() != scale_memory else [])  # (often a view)
             packed_memory = self.weight_packed.untyped_storage().data_ptr()
             caches += [w.nibbles] if w.nibbles.untyped_storage().data_ptr() != packed_memory else []  # (4-bit: a view)
             caches += w.int16_weight.tensors() if w.int16_weight is not None else []
@@ -538,8 +544,13 @@ class QuantLinear(nn.Module):
         return integer, [group.contiguous() for group in codes.split(group_size, dim=1)]
 
     def _int4_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """W4 (W3, W2) weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`),
-        with the kernel's tensors built on the first call; fewer than 4 bits are unpacked once into 4-bit fields."""
+        """W4 (W3, W2) weight-only on the int8 runtime: the CPU's int4 kernel or a bfloat16 GEMM (`int4_linear`)."""
+        y = int4_linear(x.reshape(-1, self.in_features), self._int4_prepared(), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _int4_prepared(self) -> Int4Weight:
+        """The int4 paths' tensors (`prepare_int4`), built on the first call; fewer than 4 bits are unpacked once
+        into 4-bit fields."""
         if self._int4_weight is None:
             spec = self.weight_spec
             assert spec is not None and self.packed
@@ -555,8 +566,7 @@ class QuantLinear(nn.Module):
             nibbles = (self.weight_packed.view(torch.uint8) if spec.bits == 4
                        else nibbles_of(unpack_fields(self.weight_packed, spec.bits, self.in_features) + centre))
             self._int4_weight = prepare_int4(nibbles, scale, field_zero, self.in_features)
-        y = int4_linear(x.reshape(-1, self.in_features), self._int4_weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self._int4_weight
 
     def _grouped_forward(self, rows: torch.Tensor, input_args: list) -> torch.Tensor:
         """W4A8, or W4A4 with inputs per token: one integer product per weight group (`grouped_linear`), int8 on the
@@ -619,10 +629,10 @@ class QuantLinear(nn.Module):
                            None if spec.dynamic else self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _resolve_decode_rows(self) -> DecodeRows | bool:
-        """This layer's `DecodeRows` on the int8 runtime (a W8A8 layer whose codes the decode op makes), else False;
-        kept until the runtime, the input spec or the weight changes (`set_runtime`, `set_input_clip`,
-        `drop_caches`)."""
+    def _resolve_decode_rows(self) -> DecodeRows | Int4DecodeRows | bool:
+        """This layer's `DecodeRows` on the int8 runtime (a W8A8 layer whose codes the decode op makes) or its
+        `Int4DecodeRows` (a W4 layer where the decode op runs), else False; kept until the runtime, the input spec or
+        the weight changes (`set_runtime`, `set_input_clip`, `drop_caches`)."""
         decode = False
         spec = self.weight_spec
         if (self.runtime == "int8" and self.supports_int8 and spec is not None and spec.granularity != "group"
@@ -630,6 +640,8 @@ class QuantLinear(nn.Module):
             weight_scale, *input_args = self._int8_args()
             decode = decode_rows(self._int8_weight(), weight_scale, self.bias, self.in_features, *input_args,
                                  asymmetric=not self.input_spec.symmetric) or False
+        elif self.runtime == "int8" and self.supports_int4:
+            decode = int4_decode_rows(self._int4_prepared(), self.bias, self.in_features) or False
         self._decode_rows = decode
         return decode
 
