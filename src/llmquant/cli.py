@@ -594,8 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for the table, chart and cells (rerun to resume)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     _placement_flags(s)
-    s.set_defaults(func=cmd_sweep, scheme=None, kv_cache=None, ignore=None, layer_map=None, pre_opt=None,
-                   alpha=None, rotations=None)
+    s.set_defaults(func=cmd_sweep)  # (the recipe flags it lacks read as unset: `_recipe_from_args`)
 
     b = sub.add_parser("bench", help="prefill and decode speed and memory of a model against its float baseline")
     b.add_argument("--model", default=None, help="checkpoint directory, hub id or .gguf (default: SmolLM2-135M)")
