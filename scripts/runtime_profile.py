@@ -418,10 +418,18 @@ def w4_rows() -> None:
     weight as in a forward: the layer with its `Int4DecodeRows` (the VNNI op; here up to 8 rows, past the runtime's
     `GEMV_MAX_ROWS`) against the same layer through `int4_linear` (torch's int4 kernel, ``_decode_rows`` off), by
     rows, alternating, medians of 9 passes."""
-    from llmquant.nn import int4_linear
+    from llmquant.nn import int4_linear, int8_gemv
 
+    if (refusal := int8_gemv.gemv_refusal(torch.device("cpu"))) is not None:
+        raise SystemExit(f"the decode op does not run here: {refusal}")
     runtime_rows, int4_linear.GEMV_MAX_ROWS = int4_linear.GEMV_MAX_ROWS, 8
+    try:
+        _w4_passes(runtime_rows)
+    finally:
+        int4_linear.GEMV_MAX_ROWS = runtime_rows
 
+
+def _w4_passes(runtime_rows: int) -> None:
     scheme = scheme_from_name("w_uint4_per_group_asym", group_size=64)
     shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
     generator = torch.Generator().manual_seed(0)
@@ -448,7 +456,6 @@ def w4_rows() -> None:
             op_ms, torch_ms = (statistics.median(times[1:]) * 1e3 for times in passes.values())
             print(f"{rows} rows: a pass over {len(layers)} Linears, the op {op_ms:.2f} ms, torch's int4 kernel "
                   f"{torch_ms:.2f} ms ({torch_ms / op_ms:.2f}x; the runtime runs the op up to {runtime_rows} rows)")
-    int4_linear.GEMV_MAX_ROWS = runtime_rows
 
 
 def prefetch(model_dir: str, batch: int, steps: int = 64) -> None:

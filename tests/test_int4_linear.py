@@ -3,7 +3,7 @@ bfloat16 GEMM for more; both compute the layer's function in bfloat16, checked a
 same bfloat16 inputs and against the float32 simulation; W3 and W2 weights run the same paths as 4-bit fields. On a
 CPU with AVX2 but neither native bfloat16 products nor VNNI, every row count takes per-token int16 input codes and the
 AVX2 op's exact integer products (`int16_linear`); where the AVX512-VNNI op runs, a few rows (decode steps) take its
-float32 product of the stored 4-bit fields (`float_gemv`)."""
+float32 product of the stored 4-bit fields (`Int4DecodeRows`)."""
 
 from __future__ import annotations
 
@@ -120,6 +120,19 @@ def test_decode_rows_take_the_float32_product_of_the_stored_fields(spec: QuantSp
     assert id(layer._int4_weight.float_zero) in {id(t) for t in layer.runtime_caches()}
     rounded = x.bfloat16()
     assert torch.equal(layer(rounded), layer(rounded.float()).bfloat16())  # (other dtypes through a float32 copy)
+
+
+@needs_gemv
+def test_decode_rows_without_a_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(nn.Linear(256, 32, bias=False), SPECS[0], None)
+    set_runtime(layer, "int8")
+    x = torch.randn(2, 256)
+    weight = layer.dequantized_weight().double()
+    magnitude = x.double().abs() @ weight.abs().t()
+    assert ((layer(x).double() - x.double() @ weight.t()).abs() <= 64 * FLOAT32_EPS * magnitude).all()
+    assert isinstance(layer._decode_rows, int4_linear.Int4DecodeRows) and layer._decode_rows.bias is None
 
 
 @needs_gemv

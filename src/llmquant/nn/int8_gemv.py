@@ -11,7 +11,8 @@ cache (`llmquant.nn.kv_storage`) takes its codes from the same op, and at decode
 FP8) keys and values (`decode_attention`) instead of a dequantized copy of the cache (`dequantize_rows` makes that
 copy elsewhere). Weight-only int8 Linears (W8A16, per channel or in groups) run their decode rows on it too
 (`weight_only_linear`), and W4 (W3, W2) ones theirs in float32 from the checkpoint's packed 4-bit words (``int4_gemv``,
-`llmquant.nn.int4_linear.float_gemv`). Each product asks for the next block of weight rows while it multiplies this one.
+`llmquant.nn.int4_linear.Int4DecodeRows`). Each product asks for the next block of weight rows while it multiplies
+this one.
 Built once per machine by ``torch.utils.cpp_extension`` (ninja and a C++ compiler; torch keeps the build in
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 
