@@ -82,6 +82,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Why the AVX2 op of `llmquant.nn.int8_gemv` cannot run here even on a CPU without VNNI or AMX (no AVX2, no compiler)
 AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_features().avx2 else int8_gemv.tool_refusal()
+# Why the AVX512-VNNI decode op of `llmquant.nn.int8_gemv` does not run here (None where it does), and the mark that
+# skips a test then
+GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
+needs_gemv = pytest.mark.skipif(GEMV_REFUSAL is not None, reason=f"the decode op does not run here: {GEMV_REFUSAL}")
 
 
 def load_script(name: str) -> ModuleType:

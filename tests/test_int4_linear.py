@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, make_model
+from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, make_model, needs_gemv
 from llmquant.nn import int4_linear, int8_gemv, int8_linear
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec
@@ -77,8 +77,6 @@ def test_both_paths_read_the_same_codes(spec: QuantSpec, monkeypatch: pytest.Mon
     assert (int4_linear.dequantize_bf16(weight).float() - exact).abs().max() <= 2 * BF16_EPS * exact.abs().max()
 
 
-_GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
-needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the VNNI op does not run here: {_GEMV_REFUSAL}")
 FLOAT32_EPS = 2.0**-24  # float32's relative rounding step
 
 
@@ -205,7 +203,6 @@ def test_w4_on_avx2_takes_int16_codes(spec: QuantSpec, rows: int, avx2_without_b
 @needs_avx2
 @pytest.mark.parametrize("inner", [256, 13, 8])
 def test_int16_codes_are_torchs(inner: int, avx2_without_bfloat16: None) -> None:
-    from llmquant.nn import int8_gemv
 
     op = int8_gemv.avx2_kernel(torch.empty(0))
     rows = torch.randn(6, inner) * torch.tensor([1e-3, 1.0, 1e3, 1.0, 1.0, 1.0]).unsqueeze(1)

@@ -12,7 +12,16 @@ import pytest
 import torch
 
 import llmquant
-from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, logits, make_model, relative_error
+from conftest import (
+    AVX2_OP_REFUSAL,
+    GEMV_REFUSAL,
+    feign_cpu,
+    feign_no_int8_instructions,
+    logits,
+    make_model,
+    needs_gemv,
+    relative_error,
+)
 from llmquant.nn import int8_gemv
 from llmquant.nn import int8_linear as kernel
 from llmquant.nn.kv_storage import cache_argument, returned_cache
@@ -128,8 +137,6 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
 
 
 needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
-_GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))
-needs_gemv = pytest.mark.skipif(_GEMV_REFUSAL is not None, reason=f"the decode op does not run here: {_GEMV_REFUSAL}")
 
 
 def _avx2(monkeypatch: pytest.MonkeyPatch) -> object:
@@ -453,7 +460,7 @@ def test_asymmetric_4bit_inputs_run_as_integer_products_with_the_simulations_bit
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3 + 1.5  # (skewed: min != -max)
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    decode_op_runs = gemv == "1" and _GEMV_REFUSAL is None
+    decode_op_runs = gemv == "1" and GEMV_REFUSAL is None
     assert (layer._decode_rows is not False) == (decode_op_runs and scheme == W4A4_ASYM)
     codes, scale = kernel.asymmetric_input_codes(x, "token", None, 0, 15, clip)
     assert torch.equal(codes * scale, fake_quantize(x, layer.input_spec))
