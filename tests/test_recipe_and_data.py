@@ -10,9 +10,12 @@ import torch
 import llmquant
 from conftest import load_script
 from llmquant import Recipe, data
+from llmquant.algorithms.learned_online import OnlineLearningConfig
+from llmquant.algorithms.scale_training import ScaleTrainingConfig
+from llmquant.algorithms.spinquant import SpinQuantConfig
 from llmquant.errors import LlmquantError
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
-from llmquant.recipe import set_fields
+from llmquant.recipe import LearnOnline, LearnRotations, ScaleTraining, set_fields
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -210,3 +213,11 @@ def test_set_fields_refuses_in_one_line(setting: str, expected: str) -> None:
     with pytest.raises(LlmquantError) as err:
         Recipe.build(**set_fields(base, [setting]))
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_the_learning_entries_default_to_their_algorithms_defaults() -> None:
+    """A recipe's empty `scale_training`, `learn` and `learn_online` entries configure exactly what each
+    algorithm's own config does by default: the recipe takes its defaults from there, never a copy."""
+    assert ScaleTraining().config() == ScaleTrainingConfig()
+    assert LearnRotations().config() == SpinQuantConfig()
+    assert LearnOnline().config() == OnlineLearningConfig()

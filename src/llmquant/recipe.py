@@ -143,13 +143,13 @@ class LearnRotations(_Strict):
     the loss quantizes with (default: the recipe's); ``weights`` whether the loss quantizes the weights (default:
     yes, unless the algorithm is GPTQ and the scheme quantizes activations or the KV cache, as SpinQuant does)."""
 
-    iterations: int = Field(100, ge=1)
-    samples: int = Field(0, ge=0)
-    batch: int = Field(1, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    r2: bool = True
-    loss: Literal["ce", "kl"] = "ce"
+    iterations: int = Field(SpinQuantConfig.iterations, ge=1)
+    samples: int = Field(SpinQuantConfig.samples, ge=0)
+    batch: int = Field(SpinQuantConfig.batch, ge=1)
+    lr: float = Field(SpinQuantConfig.lr, gt=0)
+    momentum: float = Field(SpinQuantConfig.momentum, ge=0, lt=1)
+    r2: bool = SpinQuantConfig.learn_r2
+    loss: Literal["ce", "kl"] = SpinQuantConfig.loss
     scheme: str | None = None
     weights: bool | None = None
 
@@ -170,13 +170,13 @@ class LearnOnline(_Strict):
     at most this many channels (0: all); ``form``: one dense orthogonal U or the Kronecker product of two small ones;
     ``holdout``: calibration batches set aside to decide whether a layer keeps what it learned (0: all of them)."""
 
-    iterations: int = Field(32, ge=1)
-    batch: int = Field(4, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    weights: bool = True
-    max_size: int = Field(0, ge=0)
-    form: Literal["dense", "kronecker"] = "dense"
-    holdout: int = Field(0, ge=0)
+    iterations: int = Field(OnlineLearningConfig.iterations, ge=1)
+    batch: int = Field(OnlineLearningConfig.batch, ge=1)
+    lr: float = Field(OnlineLearningConfig.lr, gt=0)
+    weights: bool = OnlineLearningConfig.weights
+    max_size: int = Field(OnlineLearningConfig.max_size, ge=0)
+    form: Literal["dense", "kronecker"] = OnlineLearningConfig.form
+    holdout: int = Field(OnlineLearningConfig.holdout, ge=0)
 
     def config(self) -> OnlineLearningConfig:
         return OnlineLearningConfig(**self.model_dump())
@@ -261,14 +261,14 @@ class ScaleTraining(_Strict):
     float model from random first tokens (``generated``: LLM-QAT's data-free windows,
     `llmquant.algorithms.generated_windows`); only this step sees them."""
 
-    epochs: float = Field(1.0, gt=0)
-    batch: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    holdout: int = Field(8, ge=0)
-    loss: Literal["kl", "ce"] = "kl"
-    top_k: int = Field(64, ge=1)
-    norms: bool = False
-    codes_lr: float = Field(0.0, ge=0)
+    epochs: float = Field(ScaleTrainingConfig.epochs, gt=0)
+    batch: int = Field(ScaleTrainingConfig.batch, ge=1)
+    lr: float = Field(ScaleTrainingConfig.lr, gt=0)
+    holdout: int = Field(ScaleTrainingConfig.holdout, ge=0)
+    loss: Literal["kl", "ce"] = ScaleTrainingConfig.loss
+    top_k: int = Field(ScaleTrainingConfig.top_k, ge=1)
+    norms: bool = ScaleTrainingConfig.norms
+    codes_lr: float = Field(ScaleTrainingConfig.codes_lr, ge=0)
     samples: int | None = Field(None, ge=1)
     extra_windows: Literal["corpus", "generated"] = "corpus"
 
