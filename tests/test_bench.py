@@ -175,3 +175,19 @@ def test_speed_table_leaves_out_a_run_cut_off_before_its_figures(tmp_path: Path,
     assert "speed_w4_g64_t2.json: not a finished run's figures" in capsys.readouterr().err
     assert script.row(tmp_path / "speed_w8a8_token.json", {"threads": 1, "ratios": ratios}) == (
         "| w8a8_token | 1 | 2.50 | 2.00 | 1.50 | 1.25 | 0.41 (0.61) |")
+
+
+def test_the_machine_table_reads_every_file_it_names_and_each_checkpoint_once_per_thread_count() -> None:
+    """scripts/machine_table.py (BENCHMARKS.md "Speed by machine", the README's speed table) names its figures file
+    by file: each one is in the repository and holds a finished run's ratios, every machine has rows, and none lists
+    a checkpoint twice at one thread count."""
+    script = load_script("machine_table")
+    seen = set()
+    for entry in script.ENTRIES:
+        assert entry.machine in script.MACHINES
+        threads, cells = script.cells(entry)
+        assert len(cells) == 6 and all(float(cell) > 0 for cell in cells[:4])
+        key = (entry.machine, entry.checkpoint, threads)
+        assert key not in seen, key
+        seen.add(key)
+    assert {machine for machine, _, _ in seen} == set(script.MACHINES)
