@@ -4,15 +4,16 @@ unquantized at a time, the weights as they are; or with another clip ratio for o
     .venv/bin/python scripts/lowbit_parts.py CHECKPOINT [--parts q_proj,k_proj,v_proj o_proj gate_proj,up_proj
         down_proj kv] [--corpora pydoc stdlib] [--threads 2] [--asymmetric]
 
-Each part is a comma-separated list of Linear names (the last component: ``q_proj``) whose inputs stay float, or
-``kv`` for the KV cache (its quantizer passes keys and values through, centred keys still centred); ``""`` is the
-checkpoint as it is. ``PART=RATIO`` (``down_proj=0.75``, ``kv=0.9``) quantizes those inputs with the clip ratio
-``RATIO`` instead (`QuantSpec.clip_ratio`; dynamic ranges only, as every low-bit scheme's are) and leaves nothing
-float: the clip ratio a run-time range can take without requantizing (GPTQ's Hessians saw the checkpoint's
-ratio). The simulation (runtime ``fake``) evaluates every row, so the figures compare with each other, not bit for
-bit with `llmquant eval`'s int8 runtime. One JSON line per part: perplexity / float per corpus, the float model (the
-default model, loaded here) evaluated on the same windows. ``--asymmetric``: every row quantizes the Linears' dynamic
-inputs asymmetrically (a zero point per token, `QuantSpec.symmetric` false), the checkpoint's clip ratios kept.
+Each part is a comma-separated list of Linear names (the last component: ``q_proj``) whose inputs stay float, or ``kv``
+for the KV cache (its quantizer passes keys and values through, centred keys still centred), ``kv_keys`` or
+``kv_values`` for the cache's keys or values alone (the other quantized as before); ``""`` is the checkpoint as it is.
+``PART=RATIO`` (``down_proj=0.75``, ``kv=0.9``) quantizes those inputs with the clip ratio ``RATIO`` instead
+(`QuantSpec.clip_ratio`; dynamic ranges only, as every low-bit scheme's are) and leaves nothing float: the clip ratio a
+run-time range can take without requantizing (GPTQ's Hessians saw the checkpoint's ratio). The simulation (runtime
+``fake``) evaluates every row, so the figures compare with each other, not bit for bit with `llmquant eval`'s int8
+runtime. One JSON line per part: perplexity / float per corpus, the float model (the default model, loaded here)
+evaluated on the same windows. ``--asymmetric``: every row quantizes the Linears' dynamic inputs asymmetrically (a zero
+point per token, `QuantSpec.symmetric` false), the checkpoint's clip ratios kept.
 ``--input-groups N``: every row quantizes those inputs per token in groups of N (as the scheme
 ``w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic`` does); ``--clip-grid R R ...``: every row chooses their
 clip ratio per block from that grid (`QuantSpec.clip_grid`, in place of the checkpoint's ratio or grid).
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from types import MethodType
 
 import torch
@@ -66,7 +68,21 @@ def change(model: torch.nn.Module, part: str) -> dict[str, tuple[object, object]
                 module.quantizing = False
             else:
                 module.spec = _clipped(module.spec, ratio)
+        elif isinstance(module, KVCacheQuantizer) and (float_sides := names & {"kv_keys", "kv_values"}):
+            if ratio is not None:
+                raise SystemExit(f"{part}: a clip ratio applies to the whole cache (kv=RATIO), not to one side")
+            kept[name] = (module.spec, module.quantizing)
+            module._quantized = MethodType(_one_side_quantized(module._quantized, float_sides), module)
     return kept
+
+
+def _one_side_quantized(quantized: Callable, float_sides: set[str]) -> Callable:
+    """A KV-cache quantizer's ``_quantized`` that returns the keys (``kv_keys``) or values (``kv_values``) as given."""
+    def forward(self: KVCacheQuantizer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        quantized_key, quantized_value = quantized(key, value)
+        return (key if "kv_keys" in float_sides else quantized_key,
+                value if "kv_values" in float_sides else quantized_value)
+    return forward
 
 
 def update_dynamic_inputs(model: torch.nn.Module, update: dict[str, object]) -> int:
@@ -150,6 +166,7 @@ def restore(model: torch.nn.Module, kept: dict[str, tuple[object, object]]) -> N
             module.set_input_spec(spec)
         else:
             module.spec, module.quantizing = spec, quantizing
+            module.__dict__.pop("_quantized", None)  # (a one-side override: the class's method again)
 
 
 def main() -> None:

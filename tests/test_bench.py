@@ -16,7 +16,9 @@ from llmquant.cli import main
 from llmquant.evaluation.bench import disk_bytes, model_bytes, round_ratios, time_generation
 from llmquant.nn.int8_gemv import avx2_gemv_refusal, gemv_refusal
 from llmquant.nn.int8_linear import int_mm_refusal
+from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.quant_linear import QuantLinear
+from llmquant.quant.scheme import KV_CACHE
 from llmquant.testing.tiny_checkpoint import tiny_tokenizer, write_tiny_checkpoint
 
 FAST = ["--batch", "1", "2", "--prompt", "16", "--decode", "2", "--repeats", "1"]
@@ -191,3 +193,22 @@ def test_the_machine_table_reads_every_file_it_names_and_each_checkpoint_once_pe
         assert key not in seen, key
         seen.add(key)
     assert {machine for machine, _, _ in seen} == set(script.MACHINES)
+
+
+def test_lowbit_parts_leaves_one_side_of_the_kv_cache_float_and_puts_it_back() -> None:
+    """scripts/lowbit_parts.py's ``kv_keys`` / ``kv_values`` parts: the cache returns those states as given and the
+    other side quantized as before; restoring gives the quantizer its own method again."""
+    script = load_script("lowbit_parts")
+    model = nn.ModuleDict({"cache": KVCacheQuantizer(KV_CACHE["int4_per_token_asym"])})
+    key, value = torch.randn(2, 1, 2, 7, 16, generator=torch.Generator().manual_seed(0))
+    quantized_key, quantized_value = model["cache"](key, value)
+    assert not torch.equal(quantized_key, key) and not torch.equal(quantized_value, value)
+    for part, expected in (("kv_keys", (key, quantized_value)), ("kv_values", (quantized_key, value))):
+        kept = script.change(model, part)
+        assert all(torch.equal(got, wanted) for got, wanted in zip(model["cache"](key, value), expected, strict=True))
+        script.restore(model, kept)
+        assert "_quantized" not in vars(model["cache"])
+        assert all(torch.equal(got, wanted) for got, wanted in zip(model["cache"](key, value),
+                                                                   (quantized_key, quantized_value), strict=True))
+    with pytest.raises(SystemExit, match="applies to the whole cache"):
+        script.change(model, "kv_keys=0.9")
