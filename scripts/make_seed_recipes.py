@@ -31,6 +31,8 @@ W4A4_ASYMMETRIC_INPUTS = "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic"
 W4A4_WEIGHT_GROUPS_TOKEN_INPUTS = "w_int4_per_group_sym_a_uint4_per_token_asym_dynamic"
 W4A4_GROUPED_INPUTS = "w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic"
 W4A4_WEIGHT_AND_INPUT_GROUPS = "w_int4_per_group_sym_a_uint4_per_group_asym_dynamic"
+# every weight's scales trained end to end on the 128 calibration windows and 128 more (`scale_training`)
+SCALE_TRAINING = {"epochs": 1, "lr": 0.001, "holdout": 8, "loss": "kl", "samples": 256}
 
 
 def seed_recipes() -> dict[str, dict[str, Any]]:
@@ -122,6 +124,10 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # down_proj's clipped at 0.7 (with asymmetric inputs that clip gives x1.2450); x1.2754 (x1.3935) without centred
         # keys, x1.3270 (x1.4672) with min-max weight ranges too and x1.4931 (x1.7283) for QuaRot R1-R4
         "best_w4a4kv4": best_w4a4kv4,
+        # the same, then every weight's scales trained end to end (as `best_w4a4kv4_token_wgroups32_trained` below):
+        # x1.1804 (stdlib x1.2761) on a Xeon with AMX (12-06, a fifth session), against x1.2068 (x1.2941) untrained on
+        # an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training for the weight per channel"
+        "best_w4a4kv4_trained": {**best_w4a4kv4, "scale_training": SCALE_TRAINING},
         # the same with the weight in groups of 32 (int4 symmetric, a scale per output and group: 0.5 bits a weight),
         # the inputs still per token and the KV cache per token and head: x1.1874 (stdlib x1.2625) against x1.2068
         # (x1.2941) with the weight per channel on the same AVX512-VNNI EPYC (12-05)
@@ -132,7 +138,7 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # training on more samples than calibrate" (12-06)
         "best_w4a4kv4_token_wgroups32_trained": {
             **best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32,
-            "scale_training": {"epochs": 1, "lr": 0.001, "holdout": 8, "loss": "kl", "samples": 256}},
+            "scale_training": SCALE_TRAINING},
         # the same with each token's inputs in groups of 32 (a scale and zero point per group) and the clip grid
         # 1.0 .. 0.8: x1.1393 (stdlib x1.1909) on an AVX2 EPYC, x1.1381 (x1.2100) before the group products took a
         # kernel's order (float rounding apart, the same function); in groups of 64 without R5 x1.1524 (x1.2193),
