@@ -37,31 +37,30 @@ class Entry:
     path: str  # under bench/: a `llmquant bench --json` file, or its printed table ending with that JSON line
 
 
-def _pair(machine: str, checkpoint: str, folder: str, stem: str) -> list[Entry]:
-    """One thread (``speed_<stem>.json``) and two (``speed_<stem>_t2.json``) of one checkpoint."""
-    return [Entry(machine, checkpoint, f"{folder}/speed_{stem}{suffix}.json") for suffix in ("", "_t2")]
+CHECKPOINTS = {  # the stem of `scripts/bench_speed.sh`'s checkpoint folders: the name in the tables
+    "w8a8_token": "W8A8 per token", "w8a8_token_kv8": "W8A8 per token, INT8 KV cache",
+    "w8a8_static": "W8A8 per-tensor static", "w4_g64": "W4 g64", "w3_g64": "W3 g64", "w4a8_g64": "W4A8 g64",
+    "w4a4_token": "W4A4 per token", "w4a4_g32": "W4A4, inputs in groups of 32",
+}
+
+
+def _pairs(machine: str, folder: str, *stems: str) -> list[Entry]:
+    """One thread (``speed_<stem>.json``) and two (``speed_<stem>_t2.json``) of each checkpoint."""
+    return [Entry(machine, CHECKPOINTS[stem], f"{folder}/speed_{stem}{suffix}.json")
+            for stem in stems for suffix in ("", "_t2")]
 
 
 ENTRIES = (
-    _pair("xeon_amx", "W8A8 per token", "speed_2026-12-06_xeon_amx", "w8a8_token")
-    + _pair("xeon_amx", "W8A8 per token, INT8 KV cache", "speed_2026-12-06_xeon_amx", "w8a8_token_kv8")
-    + _pair("xeon_amx", "W4 g64", "speed_2026-12-06d_w4_decode", "w4_g64")
-    + _pair("xeon_amx", "W3 g64", "speed_2026-12-06d_w4_decode", "w3_g64")
-    + [entry for checkpoint, stem in (("W8A8 per token", "w8a8_token"),
-                                      ("W8A8 per token, INT8 KV cache", "w8a8_token_kv8"),
-                                      ("W8A8 per-tensor static", "w8a8_static"), ("W4 g64", "w4_g64"),
-                                      ("W3 g64", "w3_g64"), ("W4A4 per token", "w4a4_token"),
-                                      ("W4A4, inputs in groups of 32", "w4a4_g32"))
-       for entry in _pair("epyc_avx512", checkpoint, "speed_2026-12-05_epyc_zen4_attention_op", stem)]
-    + [entry for checkpoint, stem in (("W8A8 per token", "w8a8_token"),
-                                      ("W8A8 per token, INT8 KV cache", "w8a8_token_kv8"),
-                                      ("W8A8 per-tensor static", "w8a8_static"), ("W4 g64", "w4_g64"),
-                                      ("W3 g64", "w3_g64"))
-       for entry in _pair("epyc_avx512_12_02", checkpoint, "speed_2026-12-02_epyc_avx512", stem)]
-    + [Entry("epyc_avx2", "W8A8 per token", "speed_2026-12-02_w4_int16/speed_w8a8_token.json"),
-       Entry("epyc_avx2", "W8A8 per token", "speed_2026-12-02_avx2_op/bench_w8a8_token_t2.txt"),
-       *_pair("epyc_avx2", "W4 g64", "speed_2026-12-02_w4_int16", "w4_g64"),
-       Entry("epyc_avx2", "W4A8 g64", "speed_2026-12-02_avx2_op/bench_w4a8_g64_t1.txt")]
+    _pairs("xeon_amx", "speed_2026-12-06_xeon_amx", "w8a8_token", "w8a8_token_kv8")
+    + _pairs("xeon_amx", "speed_2026-12-06d_w4_decode", "w4_g64", "w3_g64")
+    + _pairs("epyc_avx512", "speed_2026-12-05_epyc_zen4_attention_op", "w8a8_token", "w8a8_token_kv8", "w8a8_static",
+             "w4_g64", "w3_g64", "w4a4_token", "w4a4_g32")
+    + _pairs("epyc_avx512_12_02", "speed_2026-12-02_epyc_avx512", "w8a8_token", "w8a8_token_kv8", "w8a8_static",
+             "w4_g64", "w3_g64")
+    + [Entry("epyc_avx2", CHECKPOINTS["w8a8_token"], "speed_2026-12-02_w4_int16/speed_w8a8_token.json"),
+       Entry("epyc_avx2", CHECKPOINTS["w8a8_token"], "speed_2026-12-02_avx2_op/bench_w8a8_token_t2.txt"),
+       *_pairs("epyc_avx2", "speed_2026-12-02_w4_int16", "w4_g64"),
+       Entry("epyc_avx2", CHECKPOINTS["w4a8_g64"], "speed_2026-12-02_avx2_op/bench_w4a8_g64_t1.txt")]
 )
 
 COLUMNS = (("prefill", "1"), ("prefill", "8"), ("decode", "1"), ("decode", "8"))

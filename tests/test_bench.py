@@ -195,6 +195,19 @@ def test_the_machine_table_reads_every_file_it_names_and_each_checkpoint_once_pe
     assert {machine for machine, _, _ in seen} == set(script.MACHINES)
 
 
+@pytest.mark.parametrize(("document", "arguments"), [
+    ("BENCHMARKS.md", []),
+    ("README.md", ["--one-table", "--checkpoints", "W8A8 per token", "W4 g64"]),
+])
+def test_the_speed_tables_of_the_documents_are_what_the_machine_table_prints(
+        document: str, arguments: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    script = load_script("machine_table")
+    monkeypatch.setattr("sys.argv", ["machine_table.py", *arguments])
+    script.main()
+    printed = capsys.readouterr().out.strip()
+    assert printed and printed in (Path(__file__).resolve().parents[1] / document).read_text()
+
+
 def test_lowbit_parts_leaves_one_side_of_the_kv_cache_float_and_puts_it_back() -> None:
     """scripts/lowbit_parts.py's ``kv_keys`` / ``kv_values`` parts: the cache returns those states as given and the
     other side quantized as before; restoring gives the quantizer its own method again."""
