@@ -72,6 +72,8 @@ def best_recipes() -> dict[str, dict[str, Any]]:
                     "calib": {"samples": 128}}
     groups32 = {**best_w4a4kv4, "scheme": W4A4_GROUPED_INPUTS, "group_size": 32,
                 "activation_clip_grid": [1.0, 0.95, 0.9, 0.85, 0.8], "kv_cache_keep_first": 1}
+    wgroups16_kv16 = {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS, "group_size": 16,
+                      "kv_cache": "int4_per_token_group16_asym", "gptq": {**groups32["gptq"], "asymmetric": 0.35}}
     return {
         # R1+R2 offline, R4 online (vLLM reads it from transform_config), plain GPTQ with Hessians from the float
         # layer: x1.0018 in 97 s. GPTAQ gives x1.0014 in about three times the time: `make run` keeps this one
@@ -139,6 +141,13 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         "best_w4a4kv4_token_wgroups32_trained": {
             **best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32,
             "scale_training": SCALE_TRAINING},
+        # the same with the KV cache per token in groups of 16 channels of a head (1.25 bits a cached value of scales
+        # and zero points, 0.31 per head): x1.1141 (stdlib x1.2131) on a Xeon with AMX, against x1.1247 (x1.2193)
+        # with the cache per head there, and x1.1817 (x1.2458) untrained on an AVX512-VNNI EPYC (12-05):
+        # BENCHMARKS.md "Scale training for the weight per channel"
+        "best_w4a4kv4_token_wgroups32_kv16_trained": {
+            **best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32,
+            "kv_cache": "int4_per_token_group16_asym", "scale_training": SCALE_TRAINING},
         # the same with each token's inputs in groups of 32 (a scale and zero point per group) and the clip grid
         # 1.0 .. 0.8: x1.1393 (stdlib x1.1909) on an AVX2 EPYC, x1.1381 (x1.2100) before the group products took a
         # kernel's order (float rounding apart, the same function); in groups of 64 without R5 x1.1524 (x1.2193),
@@ -151,9 +160,11 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # GPTAQ's alpha 0.35: x1.0727 (stdlib x1.1165) on an AVX512-VNNI EPYC, against x1.0829 (x1.1236) at 0.25,
         # x1.0728 (x1.1210) at 0.3 and x1.0705 (x1.1177) at 0.4 there (12-05); groups of 32 with that KV cache at
         # 0.25 x1.1047 (x1.1551)
-        "best_w4a4kv4_wgroups16_kv16": {**groups32, "scheme": W4A4_WEIGHT_AND_INPUT_GROUPS, "group_size": 16,
-                                        "kv_cache": "int4_per_token_group16_asym",
-                                        "gptq": {**groups32["gptq"], "asymmetric": 0.35}},
+        "best_w4a4kv4_wgroups16_kv16": wgroups16_kv16,
+        # the same, then every weight's scales trained end to end: x1.0436 (stdlib x1.0986) on a Xeon with AMX, against
+        # x1.0727 (x1.1165) untrained on an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training for the weight per
+        # channel"
+        "best_w4a4kv4_wgroups16_kv16_trained": {**wgroups16_kv16, "scale_training": SCALE_TRAINING},
     }
 
 
