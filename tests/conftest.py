@@ -82,6 +82,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Why the AVX2 op of `llmquant.nn.int8_gemv` cannot run here even on a CPU without VNNI or AMX (no AVX2, no compiler)
 AVX2_OP_REFUSAL = "the CPU has no AVX2 instructions" if not int8_gemv.cpu_features().avx2 else int8_gemv.tool_refusal()
+needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
 # Why the AVX512-VNNI decode op of `llmquant.nn.int8_gemv` does not run here (None where it does), and the mark that
 # skips a test then
 GEMV_REFUSAL = int8_gemv.gemv_refusal(torch.device("cpu"))

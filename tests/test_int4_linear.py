@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import AVX2_OP_REFUSAL, feign_cpu, feign_no_int8_instructions, make_model, needs_gemv
+from conftest import feign_cpu, feign_no_int8_instructions, make_model, needs_avx2, needs_gemv
 from llmquant.nn import int4_linear, int8_gemv, int8_linear
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec
@@ -150,7 +150,6 @@ def test_more_rows_or_the_switch_leave_the_op(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(layer(x[:1]), many[:1]) and calls == ["int4_gemv"]  # (torch's kernel: rows are independent)
 
 
-needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
 
 
 @pytest.fixture
@@ -203,7 +202,6 @@ def test_w4_on_avx2_takes_int16_codes(spec: QuantSpec, rows: int, avx2_without_b
 @needs_avx2
 @pytest.mark.parametrize("inner", [256, 13, 8])
 def test_int16_codes_are_torchs(inner: int, avx2_without_bfloat16: None) -> None:
-
     op = int8_gemv.avx2_kernel(torch.empty(0))
     rows = torch.randn(6, inner) * torch.tensor([1e-3, 1.0, 1e3, 1.0, 1.0, 1.0]).unsqueeze(1)
     rows[3] = 0.0

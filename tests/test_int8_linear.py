@@ -19,6 +19,7 @@ from conftest import (
     feign_no_int8_instructions,
     logits,
     make_model,
+    needs_avx2,
     needs_gemv,
     relative_error,
 )
@@ -136,7 +137,6 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
     assert kernel.int_mm_refusal(torch.device("cpu")) is None
 
 
-needs_avx2 = pytest.mark.skipif(AVX2_OP_REFUSAL is not None, reason=f"the AVX2 op cannot run here: {AVX2_OP_REFUSAL}")
 
 
 def _avx2(monkeypatch: pytest.MonkeyPatch) -> object:
