@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from speed_table import ratio_cells  # (scripts/, beside this one)
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 MACHINES = {  # key: (a short name for one table of all machines, the title of its own table)
@@ -63,20 +65,15 @@ ENTRIES = (
        Entry("epyc_avx2", CHECKPOINTS["w4a8_g64"], "speed_2026-12-02_avx2_op/bench_w4a8_g64_t1.txt")]
 )
 
-COLUMNS = (("prefill", "1"), ("prefill", "8"), ("decode", "1"), ("decode", "8"))
-
-
 def figures(path: Path) -> dict:
     """The run's JSON: the file itself, or the last line of `llmquant bench`'s printed table."""
     return json.loads(path.read_text().strip().splitlines()[-1])
 
 
 def cells(entry: Entry) -> tuple[int, list[str]]:
-    """The run's thread count, and its four throughput ratios, memory ratios and file as table cells."""
+    """The run's thread count, and its ratios (`speed_table.ratio_cells`) and file as table cells."""
     found = figures(BENCH / entry.path)
-    ratios = found["ratios"]
-    return found["threads"], [f"{ratios[kind][batch]:.2f}" for kind, batch in COLUMNS] + [
-        f"{ratios['memory']:.2f} ({ratios['memory_with_runtime_cache']:.2f})", f"`bench/{entry.path}`"]
+    return found["threads"], [*ratio_cells(found), f"`bench/{entry.path}`"]
 
 
 HEADER = "threads | prefill b1 | prefill b8 | decode b1 | decode b8 | memory (+ runtime caches) | figures |"

@@ -23,12 +23,15 @@ def checkpoint_name(path: Path) -> str:
     return base if base and threads.isdigit() else stem
 
 
-def row(path: Path, found: dict) -> str:
+def ratio_cells(found: dict) -> list[str]:
+    """A run's four throughput ratios (`COLUMNS`) and its memory ratio (with the runtime's caches) as table cells."""
     ratios = found["ratios"]
-    cells = [f"{ratios[kind][batch]:.2f}" for kind, batch in COLUMNS]
-    name = checkpoint_name(path)
-    memory = f"{ratios['memory']:.2f} ({ratios['memory_with_runtime_cache']:.2f})"
-    return f"| {name} | {found['threads']} | " + " | ".join(cells) + f" | {memory} |"
+    return [f"{ratios[kind][batch]:.2f}" for kind, batch in COLUMNS] + [
+        f"{ratios['memory']:.2f} ({ratios['memory_with_runtime_cache']:.2f})"]
+
+
+def row(path: Path, found: dict) -> str:
+    return f"| {checkpoint_name(path)} | {found['threads']} | " + " | ".join(ratio_cells(found)) + " |"
 
 
 def main() -> None:

@@ -90,8 +90,12 @@ needs_gemv = pytest.mark.skipif(GEMV_REFUSAL is not None, reason=f"the decode op
 
 
 def load_script(name: str) -> ModuleType:
-    """``scripts/<name>.py`` imported as a module (registered under its name: dataclasses look their module up)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    """``scripts/<name>.py`` imported as a module (registered under its name: dataclasses look their module up), with
+    scripts/ on the import path as when Python runs it (a script may import another one beside it)."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    if str(scripts) not in sys.path:
+        sys.path.append(str(scripts))
+    spec = importlib.util.spec_from_file_location(name, scripts / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
