@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import llmquant
-from conftest import VOCAB, logits, make_model
+from conftest import VOCAB, logits, make_model, relative_error
 from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.scale_training import (
     ScaleTrainingConfig,
@@ -29,6 +29,8 @@ from llmquant.algorithms.scale_training import (
 )
 from llmquant.cli import main
 from llmquant.errors import LlmquantError
+from llmquant.nn import causal_blocks
+from llmquant.nn.attention_choice import set_attention
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.quant import QuantSpec, dequantize, fake_quantize, straight_through
@@ -96,12 +98,20 @@ def test_the_kv_quantizer_passes_the_gradient_straight_through() -> None:
     assert torch.equal(key.grad, torch.ones_like(key)) and torch.equal(value.grad, torch.full_like(value, 2.0))
 
 
-def test_a_linear_learning_its_scales_computes_the_simulation_and_the_scales_exact_gradient() -> None:
+@pytest.mark.parametrize("spec", [
+    QuantSpec(bits=4, granularity="group", group_size=32),
+    QuantSpec(bits=4, granularity="channel"),  # (one scale a row: the product's columns scaled, no weight gradient)
+    QuantSpec(bits=4, granularity="channel", symmetric=False),
+    QuantSpec(bits=8, granularity="channel"),  # (int8 codes, not packed)
+    QuantSpec(bits=8, granularity="tensor"),
+], ids=["int4_group32", "int4_channel", "int4_channel_asym", "int8_channel", "int8_tensor"])
+def test_a_linear_learning_its_scales_computes_the_simulation_and_the_scales_exact_gradient(spec: QuantSpec) -> None:
     """With its scales requiring a gradient a QuantLinear takes the differentiable path: the same outputs as its
-    integer simulation (float rounding), and dL/ds_g = sum over the group of dL/dW * (q - z)."""
+    integer simulation (float rounding), and dL/ds_g = sum over the group of dL/dW * (q - z), whether it builds the
+    weight (groups) or scales its product's columns (one scale a row or one for the tensor); the codes it unpacked
+    stay while its scales are set again (`set_scale`), and go with `drop_caches`."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 24)
-    spec = QuantSpec(bits=4, granularity="group", group_size=32)
     inputs = QuantSpec(bits=4, granularity="token", dynamic=True, symmetric=False)
     layer = QuantLinear.from_linear(linear, spec, inputs)
     x = torch.randn(5, 64)
@@ -113,12 +123,42 @@ def test_a_linear_learning_its_scales_computes_the_simulation_and_the_scales_exa
     upstream = torch.randn_like(y)
     (y * upstream).sum().backward()
     weight_grad = upstream.T @ fake_quantize(x, inputs)  # dL/dW for y = x_q W^T + b
-    codes = to_blocks(layer.codes().float(), spec)
+    codes = to_blocks(layer.codes().float(), spec) - layer.weight_qparams()[1]
     exact = (to_blocks(weight_grad, spec) * codes).sum(1).reshape(layer.weight_scale.shape)
     assert torch.allclose(layer.weight_scale.grad, exact, rtol=1e-4, atol=1e-6)
-    layer.weight_scale.requires_grad_(False)
+    unpacked = layer._integer_codes
+    assert (unpacked is not None) == layer.packed
+    layer.set_scale(layer.weight_scale.detach() * 2)
+    assert layer._integer_codes is unpacked
+    layer.drop_caches()
+    assert layer._integer_codes is None
+    layer.set_scale(layer.weight_scale / 2)
     with torch.no_grad():
         assert torch.equal(layer(x), expected)  # (the integer path again)
+
+
+def test_every_scale_gets_the_gradient_of_the_models_attention_through_the_blocked_one() -> None:
+    """A prefill long enough for the causal blocks (`llmquant.nn.causal_blocks`, the default attention of
+    `llmquant.load`) passes the gradient back to q, k and v as the model's own attention does: the blocks' op has no
+    backward, so with a gradient to pass the blocked attention is sdpa's (without that, q/k/v's scales were never
+    trained: their gradient stopped at the attention)."""
+    ids = torch.randint(0, VOCAB, (1, causal_blocks.MIN_POSITIONS + 8), generator=torch.Generator().manual_seed(5))
+    model = quantized(ids[:, :32].repeat(4, 1))
+    layers = trainable_layers(model)
+    grads = {}
+    for attention in ("model", "blocks"):
+        set_attention(model, attention)
+        for layer in layers.values():
+            layer.weight_scale.requires_grad_(True)
+            layer.weight_scale.grad = None
+        model(input_ids=ids, use_cache=False).logits.logsumexp(-1).mean().backward()
+        grads[attention] = {name: layer.weight_scale.grad for name, layer in layers.items()}
+        for layer in layers.values():
+            layer.weight_scale.requires_grad_(False)
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in grads["blocks"].values())
+    assert any(name.endswith("q_proj") for name in grads["blocks"])
+    for name, grad in grads["model"].items():
+        assert relative_error(grad, grads["blocks"][name]) < 1e-4, name
 
 
 def test_offsets_on_the_codes_round_straight_through_within_the_codes_range() -> None:

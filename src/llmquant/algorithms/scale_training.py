@@ -46,8 +46,9 @@ Deliberate deviations from EfficientQAT, and why:
   `llmquant.algorithms.generated_windows`); on the default model's W4A4KV4, 256 windows beat a second epoch over 128
   on both corpora (BENCHMARKS.md).
 
-Cost: a forward and a backward pass of the whole quantized network a step (each layer dequantizes its weight at every
-call), the whole model on one device (with ``codes_lr``, a float offset a weight and Adam's two moments: 12 bytes a
+Cost: a forward and a backward pass of the whole quantized network a step (each layer makes its weight from its codes,
+unpacked once, at every call; a weight per channel scales its product's columns instead: `QuantLinear`'s differentiable
+forward), the whole model on one device (with ``codes_lr``, a float offset a weight and Adam's two moments: 12 bytes a
 weight more); the manifest records the steps, the seconds and the loss before and after.
 """
 
@@ -244,12 +245,14 @@ def float_codes_refusal(weight: str) -> str:
             "with a float weight scheme")
 
 
-def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor]) -> None:
+def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], step: bool = False) -> None:
     """Give each layer its scale tensor (a function of the trained logarithms, or plain values) and drop what its
-    runtimes built from the old ones."""
+    runtimes built from the old ones; at a training ``step`` the codes the layer unpacked stay
+    (`QuantLinear.set_scale`), else they go too."""
     for name, layer in layers.items():
-        layer.weight_scale = scales[name]
-        layer.drop_caches()
+        layer.set_scale(scales[name])
+        if not step:
+            layer.drop_caches()
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor, teacher: TeacherTargets | None) -> torch.Tensor:
@@ -326,7 +329,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
         try:
             for rows in bar:
-                _set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers})
+                _set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers}, step=True)
                 loss = loss_of(model, train[rows], teacher[rows] if teacher is not None else None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

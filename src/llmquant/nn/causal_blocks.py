@@ -26,7 +26,8 @@ keys [0, e) in one of two ways, the same function to float32's rounding (the sum
 `blocked_sdpa_attention` is transformers' sdpa attention with that path for a causal prefill on the CPU (no mask,
 as many keys as queries, no dropout, `MIN_POSITIONS` positions up to the limit of the way that runs) and
 transformers' own ``sdpa_attention_forward`` for anything else (a mask, a decode step, a cache with earlier
-positions, a GPU, whose flash kernels skip the masked blocks themselves). `llmquant.nn.attention_choice` registers it
+positions, a GPU, whose flash kernels skip the masked blocks themselves, and a gradient to pass back: the op has no
+backward, so scale training and learned rotations run sdpa's, whose gradient reaches q, k and v). `llmquant.nn.attention_choice` registers it
 as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so the model builds the same masks as for sdpa.
 """
 
@@ -122,8 +123,10 @@ def sdpa_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     return output
 
 
-def _takes_blocks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                  dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
+def _takes_blocks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False  # (a gradient to pass back: the op has no backward; training takes sdpa's)
     positions = query.shape[2]
     if positions < MIN_POSITIONS or positions > max_positions(query):  # (first: a decode step, every layer, leaves)
         return False
@@ -138,7 +141,7 @@ def blocked_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature (module docstring)."""
-    if _takes_blocks(module, query, key, attention_mask, dropout, is_causal, kwargs):
+    if _takes_blocks(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
         return causal_block_attention(query, key, value, scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)

@@ -164,7 +164,7 @@ class QuantLinear(nn.Module):
         self.code_offsets: torch.Tensor | None = None  # offsets trained on the codes (`_dequantize`), while training
         self._float_codes: torch.Tensor | None = None  # simulation of an int8-capable layer: W_q as float32
         self._int8_call: tuple | None = None  # `_int8_args`
-        self._integer_codes: torch.Tensor | None = None  # packed weights on the integer path: unpacked once (int8)
+        self._integer_codes: torch.Tensor | None = None  # packed codes unpacked once (int8): integer path, training
         self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
         # the int8 runtime's decode rows, W8A8 or W4 (False: none; None: ask)
         self._decode_rows: DecodeRows | Int4DecodeRows | bool | None = None
@@ -223,6 +223,15 @@ class QuantLinear(nn.Module):
         else:
             self.weight.copy_(codes)
         self.drop_caches()
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        """Give the weight the scales ``scale`` (the stored shape: plain values, or a function of trained ones, as
+        `llmquant.algorithms.scale_training` sets them at every step). What the runtimes built from the old scales is
+        dropped; the unpacked codes (`_weight_codes`), which do not depend on them, stay."""
+        codes = self._integer_codes
+        self.weight_scale = scale
+        self.drop_caches()
+        self._integer_codes = codes
 
     def broadcast_weight(self, ranks: Ranks, owner: int) -> None:
         """``owner``'s quantized weight (codes, scales, zero points) on every rank of ``ranks``."""
@@ -311,7 +320,7 @@ class QuantLinear(nn.Module):
         spec = self.weight_spec
         assert spec is not None
         if self.code_offsets is not None:
-            shifted = self.codes().float() + self.code_offsets
+            shifted = self._weight_codes().float() + self.code_offsets
             codes = straight_through(shifted, shifted.round().clamp(spec.qmin, spec.qmax))
             return dequantize(codes, *self.weight_qparams(), spec)
         if self.packed:  # the packed fields are u = q - offset + 2^(b-1): that constant folds into the zero
@@ -366,7 +375,7 @@ class QuantLinear(nn.Module):
 
     def _weight_codes(self) -> torch.Tensor:
         """The weight's int8 codes ``[out, in]``: the stored ones, or (packed below 8 bits) unpacked once and kept
-        while the layer runs on the integer path (1 byte a weight, against b/8 packed)."""
+        while the layer runs on the integer path or trains its scales (1 byte a weight, against b/8 packed)."""
         if not self.packed:
             return self.weight
         if self._integer_codes is None:
@@ -653,11 +662,26 @@ class QuantLinear(nn.Module):
 
     def _differentiable_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The simulation, differentiable: the inputs quantized straight through (`straight_through`), the weight
-        dequantized from its codes at every call (no cache: its scales may be what is learned). The same function as
-        the integer paths, up to float rounding."""
-        weight = self._dequantize().to(x.dtype)
+        made from its codes at every call (no float copy kept: its scales may be what is learned; the codes are
+        unpacked once, `_weight_codes`). A weight with one scale per output row (per channel or per tensor) scales
+        the product's columns instead, y = (x_q (q - z)^T) s + b, as the integer paths do: autograd then needs no
+        gradient of the whole weight for the scales' (dL/ds = sum over tokens of dL/dy * x_q (q - z)^T), which takes
+        a third of a Linear's products off a training step. The same function as the integer paths, up to float
+        rounding."""
+        inputs = self.quantize_input(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(self.quantize_input(x), weight, bias)
+        spec = self.weight_spec
+        assert spec is not None
+        if self.code_offsets is not None:
+            return F.linear(inputs, self._dequantize().to(x.dtype), bias)
+        if spec.granularity not in ("channel", "tensor"):
+            weight = dequantize(self._weight_codes(), *self.weight_qparams(), spec)
+            return F.linear(inputs, weight.to(x.dtype), bias)
+        codes = codes_to_float(self._weight_codes())
+        if not spec.symmetric:
+            codes = codes - self.weight_qparams()[1]
+        y = F.linear(inputs, codes.to(x.dtype)) * self.weight_scale.reshape(-1).to(x.dtype)
+        return y if bias is None else y + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._learns_scales():
