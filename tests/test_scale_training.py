@@ -226,12 +226,30 @@ def test_training_lowers_the_kl_changes_only_the_scales_and_keeps_the_codes(cali
     assert held_out_loss(model, calib12, teacher) < 0.75 * kl_before
     described = result.describe()
     assert described["loss"] == "kl" and described["loss_last_tenth"] < described["loss_first_tenth"]
+    assert described["layers_without_gradient"] == 0 and described["first_without_gradient"] is None
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.endswith("weight_scale") for k in changed)
     assert all(torch.equal(layer.codes(), codes[name]) for name, layer in trainable_layers(model).items())
     for layer in trainable_layers(model).values():  # plain tensors again: inference takes the integer paths
         assert not layer.weight_scale.requires_grad and layer.weight_scale.is_leaf
     assert [p.requires_grad for p in model.parameters()] == wanted  # as they were
+
+
+def test_layers_no_gradient_reaches_are_counted_and_named(calib12: torch.Tensor,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A layer whose output leaves the graph (here detached by a hook) keeps its scales, and the record names it: the
+    check that would have shown q/k/v's scales untrained behind the blocked attention's op."""
+    model, teacher = with_teacher(calib12)
+    cut = "model.layers.1.self_attn.k_proj"
+    model.get_submodule(cut).register_forward_hook(lambda module, inputs, output: output.detach())
+    kept = model.get_submodule(cut).weight_scale.clone()
+    with caplog.at_level("WARNING"):
+        result = train_scales(model, calib12, ScaleTrainingConfig(epochs=1, lr=1e-2, holdout=0, top_k=16), teacher,
+                              progress=False)
+    assert result.unreached == [cut]
+    assert result.describe()["layers_without_gradient"] == 1 and result.describe()["first_without_gradient"] == cut
+    assert torch.equal(model.get_submodule(cut).weight_scale, kept)
+    assert f"no gradient reached the scales of 1 of the 14 layers (the first: {cut})" in caplog.text
 
 
 def test_training_the_norms_gains_too_changes_them_and_the_scales_only(calib12: torch.Tensor) -> None:

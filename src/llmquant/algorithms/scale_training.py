@@ -54,6 +54,7 @@ weight more); the manifest records the steps, the seconds and the loss before an
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -72,6 +73,8 @@ from llmquant.model.likelihood import mean_nll
 from llmquant.model.patterns import is_norm, norm_form, norm_offset
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.parallel import SINGLE, Ranks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,11 +98,13 @@ class ScaleTrainingConfig:
 class TrainedScales:
     """What a run did: what it trained (layers, scales, norms), on how many samples (and how many it held out), its
     steps, tokens and seconds, the training loss over its first and last tenth of steps, the held-out loss before and
-    after (None without a held-out set), the codes it changed, and whether what it trained was kept."""
+    after (None without a held-out set), the codes it changed, whether what it trained was kept, and the layers whose
+    scales no step's gradient reached (a cut in the graph, or experts no token was routed to)."""
 
     layers: int
     scales: int
     loss: str
+    unreached: list[str] = field(default_factory=list)
     norms: int = 0
     codes_changed: int = 0
     samples: int = 0
@@ -122,7 +127,8 @@ class TrainedScales:
                 "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
                 "held_out_loss_before": _rounded(self.held_out_before),
                 "held_out_loss_after": _rounded(self.held_out_after), "codes_changed": self.codes_changed,
-                "kept": self.kept}
+                "kept": self.kept, "layers_without_gradient": len(self.unreached),
+                "first_without_gradient": self.unreached[0] if self.unreached else None}
 
 
 def _rounded(value: float | None) -> float | None:
@@ -316,6 +322,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     result = TrainedScales(layers=len(layers), scales=sum(s.numel() for s in start.values()), loss=config.loss,
                            norms=len(norms), samples=count, held_out=config.holdout)
     began = time.perf_counter()
+    reached: set[str] = set()
     if held is not None:
         result.held_out_before = held_out_loss(model, held, held_teacher, ranks)
     batches = _batches(train.shape[0], config, ranks)
@@ -333,10 +340,11 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 loss = loss_of(model, train[rows], teacher[rows] if teacher is not None else None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                reached.update(name for name, log in logs.items() if log.grad is not None)
                 if ranks.world > 1:  # (an expert no token reached on this rank: a zero gradient, to meet the others)
-                    for log in trained:
-                        log.grad = ranks.sum(log.grad if log.grad is not None else torch.zeros_like(log))
-                        log.grad.div_(ranks.world)
+                    for tensor in trained:
+                        tensor.grad = ranks.sum(tensor.grad if tensor.grad is not None else torch.zeros_like(tensor))
+                        tensor.grad.div_(ranks.world)
                 optimizer.step()
                 schedule.step()
                 result.losses.append(ranks.total(loss.item()) / ranks.world)
@@ -345,6 +353,11 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
             with torch.no_grad():
                 _set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
     result.steps, result.tokens = len(batches), len(batches) * config.batch * ranks.world * samples.shape[1]
+    reached_anywhere = ranks.sum(torch.tensor([float(name in reached) for name in layers], device=device_of(model)))
+    result.unreached = [name for name, count in zip(layers, reached_anywhere.tolist(), strict=True) if not count]
+    if result.unreached:
+        log.warning("scale training: no gradient reached the scales of %d of the %d layers (the first: %s); they "
+                    "kept their values", len(result.unreached), len(layers), result.unreached[0])
     result.codes_changed = sum(int((layers[name].codes() != codes).sum()) for name, codes in start_codes.items())
     if held is not None:
         result.held_out_after = held_out_loss(model, held, held_teacher, ranks)
