@@ -127,8 +127,9 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # keys, x1.3270 (x1.4672) with min-max weight ranges too and x1.4931 (x1.7283) for QuaRot R1-R4
         "best_w4a4kv4": best_w4a4kv4,
         # the same, then every weight's scales trained end to end (as `best_w4a4kv4_token_wgroups32_trained` below):
-        # x1.1804 (stdlib x1.2761) on a Xeon with AMX (12-06, a fifth session), against x1.2068 (x1.2941) untrained on
-        # an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training for the weight per channel"
+        # x1.1250 (stdlib x1.2324) on a Xeon with AMX (12-06, a sixth session), against x1.2068 (x1.2941) untrained on
+        # an AVX512-VNNI EPYC (12-05) and x1.1804 (x1.2761) trained with the gradient stopped at the attention (before
+        # commit af2eef6): BENCHMARKS.md "Scale training with the gradient through the attention"
         "best_w4a4kv4_trained": {**best_w4a4kv4, "scale_training": SCALE_TRAINING},
         # the same with the weight in groups of 32 (int4 symmetric, a scale per output and group: 0.5 bits a weight),
         # the inputs still per token and the KV cache per token and head: x1.1874 (stdlib x1.2625) against x1.2068
@@ -136,15 +137,17 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         "best_w4a4kv4_token_wgroups32": {**best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32},
         # the same, then every weight's scales trained end to end against the float model's next-token distribution
         # (`scale_training`, EfficientQAT's E2E-QP with a KL loss) on the 128 calibration windows and 128 more drawn
-        # after them: BENCHMARKS.md "The weights' scales trained end to end" (12-05, a seventh session) and "Scale
-        # training on more samples than calibrate" (12-06)
+        # after them: x1.0796 (stdlib x1.1898) on a Xeon with AMX, x1.1247 (x1.2193) there with the gradient stopped
+        # at the attention: BENCHMARKS.md "The weights' scales trained end to end" (12-05, a seventh session), "Scale
+        # training on more samples than calibrate" (12-06) and "Scale training with the gradient through the attention"
         "best_w4a4kv4_token_wgroups32_trained": {
             **best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32,
             "scale_training": SCALE_TRAINING},
         # the same with the KV cache per token in groups of 16 channels of a head (1.25 bits a cached value of scales
         # and zero points, 0.31 per head): x1.1141 (stdlib x1.2131) on a Xeon with AMX, against x1.1247 (x1.2193)
-        # with the cache per head there, and x1.1817 (x1.2458) untrained on an AVX512-VNNI EPYC (12-05):
-        # BENCHMARKS.md "Scale training for the weight per channel"
+        # with the cache per head there, both with the gradient stopped at the attention (before commit af2eef6; not
+        # measured since), and x1.1817 (x1.2458) untrained on an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale
+        # training for the weight per channel"
         "best_w4a4kv4_token_wgroups32_kv16_trained": {
             **best_w4a4kv4, "scheme": W4A4_WEIGHT_GROUPS_TOKEN_INPUTS, "group_size": 32,
             "kv_cache": "int4_per_token_group16_asym", "scale_training": SCALE_TRAINING},
@@ -161,9 +164,9 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # x1.0728 (x1.1210) at 0.3 and x1.0705 (x1.1177) at 0.4 there (12-05); groups of 32 with that KV cache at
         # 0.25 x1.1047 (x1.1551)
         "best_w4a4kv4_wgroups16_kv16": wgroups16_kv16,
-        # the same, then every weight's scales trained end to end: x1.0436 (stdlib x1.0986) on a Xeon with AMX, against
-        # x1.0727 (x1.1165) untrained on an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training for the weight per
-        # channel"
+        # the same, then every weight's scales trained end to end: x1.0436 (stdlib x1.0986) on a Xeon with AMX with the
+        # gradient stopped at the attention (before commit af2eef6; not measured since), against x1.0727 (x1.1165)
+        # untrained on an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training for the weight per channel"
         "best_w4a4kv4_wgroups16_kv16_trained": {**wgroups16_kv16, "scale_training": SCALE_TRAINING},
     }
 

@@ -27,8 +27,9 @@ keys [0, e) in one of two ways, the same function to float32's rounding (the sum
 as many keys as queries, no dropout, `MIN_POSITIONS` positions up to the limit of the way that runs) and
 transformers' own ``sdpa_attention_forward`` for anything else (a mask, a decode step, a cache with earlier
 positions, a GPU, whose flash kernels skip the masked blocks themselves, and a gradient to pass back: the op has no
-backward, so scale training and learned rotations run sdpa's, whose gradient reaches q, k and v). `llmquant.nn.attention_choice` registers it
-as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so the model builds the same masks as for sdpa.
+backward, so scale training and learned rotations run sdpa's, whose gradient reaches q, k and v).
+`llmquant.nn.attention_choice` registers it as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so
+the model builds the same masks as for sdpa.
 """
 
 from __future__ import annotations
