@@ -126,11 +126,12 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # down_proj's clipped at 0.7 (with asymmetric inputs that clip gives x1.2450); x1.2754 (x1.3935) without centred
         # keys, x1.3270 (x1.4672) with min-max weight ranges too and x1.4931 (x1.7283) for QuaRot R1-R4
         "best_w4a4kv4": best_w4a4kv4,
-        # the same, then every weight's scales trained end to end (as `best_w4a4kv4_token_wgroups32_trained` below):
-        # x1.1250 (stdlib x1.2324) on a Xeon with AMX (12-06, a sixth session), against x1.2068 (x1.2941) untrained on
-        # an AVX512-VNNI EPYC (12-05) and x1.1804 (x1.2761) trained with the gradient stopped at the attention (before
-        # commit af2eef6): BENCHMARKS.md "Scale training with the gradient through the attention"
-        "best_w4a4kv4_trained": {**best_w4a4kv4, "scale_training": SCALE_TRAINING},
+        # the same, then every weight's scales trained end to end (as `best_w4a4kv4_token_wgroups32_trained` below)
+        # with Adam's step 2e-3: x1.1138 (stdlib x1.2197) on a Xeon with AMX (12-06, a sixth session), x1.1250
+        # (x1.2324) with 1e-3 there, against x1.2068 (x1.2941) untrained on an AVX512-VNNI EPYC (12-05) and x1.1804
+        # (x1.2761) trained with the gradient stopped at the attention (before commit af2eef6): BENCHMARKS.md "Scale
+        # training with the gradient through the attention"
+        "best_w4a4kv4_trained": {**best_w4a4kv4, "scale_training": {**SCALE_TRAINING, "lr": 0.002}},
         # the same with the weight in groups of 32 (int4 symmetric, a scale per output and group: 0.5 bits a weight),
         # the inputs still per token and the KV cache per token and head: x1.1874 (stdlib x1.2625) against x1.2068
         # (x1.2941) with the weight per channel on the same AVX512-VNNI EPYC (12-05)
