@@ -150,8 +150,6 @@ def test_more_rows_or_the_switch_leave_the_op(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(layer(x[:1]), many[:1]) and calls == ["int4_gemv"]  # (torch's kernel: rows are independent)
 
 
-
-
 @pytest.fixture
 def avx2_without_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CPU with AVX2 but neither VNNI nor AMX nor AVX512-BF16 (feigned where present)."""

@@ -137,8 +137,6 @@ def test_without_vnni_or_amx_the_codes_multiply_as_float32_with_the_simulations_
     assert kernel.int_mm_refusal(torch.device("cpu")) is None
 
 
-
-
 def _avx2(monkeypatch: pytest.MonkeyPatch) -> object:
     """The AVX2 op of `llmquant.nn.int8_gemv`, where it runs (on a CPU with VNNI or AMX too, their absence feigned
     for the rest of the test)."""

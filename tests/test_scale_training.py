@@ -109,7 +109,7 @@ def test_a_linear_learning_its_scales_computes_the_simulation_and_the_scales_exa
     """With its scales requiring a gradient a QuantLinear takes the differentiable path: the same outputs as its
     integer simulation (float rounding), and dL/ds_g = sum over the group of dL/dW * (q - z), whether it builds the
     weight (groups) or scales its product's columns (one scale a row or one for the tensor); the codes it unpacked
-    stay while its scales are set again (`set_scale`), and go with `drop_caches`."""
+    stay while its scales are set again (`set_scale` with ``keep_codes``), and go with `drop_caches`."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 24)
     inputs = QuantSpec(bits=4, granularity="token", dynamic=True, symmetric=False)
@@ -128,7 +128,7 @@ def test_a_linear_learning_its_scales_computes_the_simulation_and_the_scales_exa
     assert torch.allclose(layer.weight_scale.grad, exact, rtol=1e-4, atol=1e-6)
     unpacked = layer._integer_codes
     assert (unpacked is not None) == layer.packed
-    layer.set_scale(layer.weight_scale.detach() * 2)
+    layer.set_scale(layer.weight_scale.detach() * 2, keep_codes=True)
     assert layer._integer_codes is unpacked
     layer.drop_caches()
     assert layer._integer_codes is None

@@ -256,9 +256,7 @@ def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor],
     runtimes built from the old ones; at a training ``step`` the codes the layer unpacked stay
     (`QuantLinear.set_scale`), else they go too."""
     for name, layer in layers.items():
-        layer.set_scale(scales[name])
-        if not step:
-            layer.drop_caches()
+        layer.set_scale(scales[name], keep_codes=step)
 
 
 def loss_of(model: nn.Module, ids: torch.Tensor, teacher: TeacherTargets | None) -> torch.Tensor:

@@ -224,14 +224,14 @@ class QuantLinear(nn.Module):
             self.weight.copy_(codes)
         self.drop_caches()
 
-    def set_scale(self, scale: torch.Tensor) -> None:
+    def set_scale(self, scale: torch.Tensor, keep_codes: bool = False) -> None:
         """Give the weight the scales ``scale`` (the stored shape: plain values, or a function of trained ones, as
         `llmquant.algorithms.scale_training` sets them at every step). What the runtimes built from the old scales is
-        dropped; the unpacked codes (`_weight_codes`), which do not depend on them, stay."""
+        dropped; with ``keep_codes`` the unpacked codes (`_weight_codes`), which do not depend on them, stay."""
         codes = self._integer_codes
         self.weight_scale = scale
         self.drop_caches()
-        self._integer_codes = codes
+        self._integer_codes = codes if keep_codes else None
 
     def broadcast_weight(self, ranks: Ranks, owner: int) -> None:
         """``owner``'s quantized weight (codes, scales, zero points) on every rank of ``ranks``."""
