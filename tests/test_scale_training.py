@@ -484,7 +484,8 @@ def test_two_processes_train_the_same_model(calib12: torch.Tensor, tmp_path: Pat
                                             steps: int) -> None:
     """Each step averages the two processes' gradients (one sample each) and the held-out check their mean NLL: both
     end with the same scales, norms' gains and codes, bit for bit, after half the steps of one process (with
-    training windows beyond the calibration ones, every process draws them all, or the first generates them)."""
+    training windows beyond the calibration ones, every process draws them all, or the first generates them); no layer
+    is left without a gradient."""
     from test_distributed import free_port
 
     mp.spawn(train_on_rank, args=(2, free_port(), calib12, training, str(tmp_path)), nprocs=2)
@@ -494,6 +495,7 @@ def test_two_processes_train_the_same_model(calib12: torch.Tensor, tmp_path: Pat
         assert all(torch.equal(first[part][n], second[part][n]) for n in first[part]), part
     entries = [{k: v for k, v in found["entry"].items() if k != "seconds"} for found in (first, second)]
     assert entries[0] == entries[1] and entries[0]["steps"] == steps and entries[0]["kept"]
+    assert entries[0]["layers_without_gradient"] == 0  # every rank's gradient reached every layer
     if training.get("norms"):
         assert entries[0]["norms"] > 0 and entries[0]["codes_changed"] > 0
 
