@@ -7,6 +7,7 @@ windows than calibrate, and bad recipes as one-line errors."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -452,6 +453,102 @@ def test_the_command_line_draws_the_training_windows(tiny_dir: Path, corpus: Pat
     written = json.loads((tmp_path / "out" / "llmquant.json").read_text())
     assert written["recipe"]["scale_training"]["samples"] == 6
     assert (written["results"]["scale_training"]["samples"], written["results"]["scale_training"]["held_out"]) == (5, 1)
+
+
+# --- a saved checkpoint trained afterwards (`llmquant train-scales`) ---------------------------------------------
+def stored_scales(directory: Path) -> dict[str, torch.Tensor]:
+    model, _ = llmquant.load(directory, runtime="fake")
+    return scales(model)
+
+
+def test_training_a_saved_checkpoint_is_the_recipes_step(tiny_dir: Path, corpus: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """`llmquant train-scales` on a checkpoint of a recipe without scale_training writes what quantizing with the
+    step writes: the same scales bit for bit, the same logits, the step in the manifest's recipe and the same
+    record (training windows drawn beyond the calibration ones, the clip search's held out of them)."""
+    recipe = {**W4A4KV4, "calib": {"dataset": str(corpus), "samples": 6, "seqlen": 32}, "clip_search": {"samples": 2}}
+    training = {"holdout": 1, "samples": 8, "lr": 1e-2, "epochs": 2}
+    for name, fields in (("plain", recipe), ("inside", {**recipe, "scale_training": training})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(fields))
+        assert main(["quantize", "--model", str(tiny_dir), "--config", str(tmp_path / f"{name}.json"), "--no-eval",
+                     "--quiet", "--output", str(tmp_path / name)]) == 0
+    capsys.readouterr()
+    assert main(["train-scales", str(tmp_path / "plain"), "--model", str(tiny_dir), "--samples", "8", "--epochs", "2",
+                 "--set", "holdout=1", "--set", "lr=0.01", "--no-eval", "--quiet",
+                 "--output", str(tmp_path / "trained")]) == 0
+    assert "scale training: 10 steps on 5 windows" in capsys.readouterr().out  # 4 + 2 drawn, less 1 held out; x2
+    inside, trained = stored_scales(tmp_path / "inside"), stored_scales(tmp_path / "trained")
+    assert inside.keys() == trained.keys() and all(torch.equal(inside[n], trained[n]) for n in inside)
+    assert not all(torch.equal(trained[n], value) for n, value in stored_scales(tmp_path / "plain").items())
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(llmquant.load(tmp_path / "inside")[0], ids),
+                       logits(llmquant.load(tmp_path / "trained")[0], ids))
+    written = {name: json.loads((tmp_path / name / "llmquant.json").read_text()) for name in ("inside", "trained")}
+    assert written["trained"]["recipe"] == written["inside"]["recipe"]
+    records = [{k: v for k, v in found["results"]["scale_training"].items() if k != "seconds"}
+               for found in written.values()]
+    assert records[0] == records[1] and records[1]["kept"]
+    assert written["trained"]["results"]["clip_search"] == written["inside"]["results"]["clip_search"]
+
+
+def test_training_a_saved_checkpoint_compares_it_with_the_float_model(tiny_dir: Path, corpus: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """With the evaluation on, the checkpoint's own figures (evaluated alike) give the untrained row; the trained
+    perplexity is the written checkpoint's as `llmquant.load` runs it."""
+    (tmp_path / "recipe.json").write_text(json.dumps({**W4A4KV4, "calib": {"dataset": str(corpus), "samples": 6,
+                                                                            "seqlen": 32}}))
+    evaluation = ["--eval-corpus", str(corpus), "--max-windows", "4", "--quiet"]
+    assert main(["quantize", "--model", str(tiny_dir), "--config", str(tmp_path / "recipe.json"), *evaluation,
+                 "--output", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main(["train-scales", str(tmp_path / "plain"), "--model", str(tiny_dir), "--set", "holdout=1",
+                 "--set", "lr=0.01", *evaluation, "--output", str(tmp_path / "trained")]) == 0
+    printed = capsys.readouterr().out
+    plain, trained = (json.loads((tmp_path / name / "llmquant.json").read_text())["results"]
+                      for name in ("plain", "trained"))
+    assert trained["float_ppl"] == plain["float_ppl"]
+    assert trained["scale_training"]["untrained_ppl"] == plain["quantized_ppl"]
+    assert f"| {tmp_path / 'plain'} | {plain['quantized_ppl']:.3f} |" in printed
+    assert f"| scales trained | {trained['quantized_ppl']:.3f} | {trained['ppl_ratio']:.4f} |" in printed
+    from llmquant.data import corpus_windows
+    from llmquant.evaluation.perplexity import perplexity
+
+    model, tokenizer = llmquant.load(tmp_path / "trained", attention="model")
+    windows = corpus_windows(tokenizer, str(corpus), 32, 4)
+    assert perplexity(model, windows) == pytest.approx(trained["quantized_ppl"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def plain_and_trained(tiny_dir: Path, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with ``plain`` (a W4A4KV4 checkpoint of 8 calibration samples) and ``inside`` (the same with its
+    scales trained)."""
+    root = tmp_path_factory.mktemp("train_scales")
+    recipe = {**W4A4KV4, "algorithm": "rtn", "calib": {"dataset": str(corpus), "samples": 8, "seqlen": 32}}
+    for name, fields in (("plain", recipe), ("inside", {**recipe, "scale_training": {"holdout": 1}})):
+        (root / f"{name}.json").write_text(json.dumps(fields))
+        assert main(["quantize", "--model", str(tiny_dir), "--config", str(root / f"{name}.json"), "--no-eval",
+                     "--quiet", "--output", str(root / name)]) == 0
+    return root
+
+
+@pytest.mark.parametrize(("checkpoint", "args", "message"), [
+    ("missing", [], r"is not a checkpoint llmquant wrote \(no quantized config.json and llmquant.json\); allowed: "
+                    "the --output of llmquant quantize"),
+    ("inside", [], r"scales were trained already \(its recipe has scale_training\); allowed: a checkpoint "
+                   "quantized without it"),
+    ("plain", ["--set", "lr=0"], "recipe field 'scale_training.lr' = 0: Input should be greater than 0"),
+    ("plain", ["--set", "holdout=9"], "scale_training.holdout 9 leaves none of the 8 calibration samples"),
+], ids=["not-a-checkpoint", "trained-already", "bad-field", "too-few-samples"])
+def test_bad_train_scales_runs_are_one_line_errors(plain_and_trained: Path, tiny_dir: Path,
+                                                   capsys: pytest.CaptureFixture, checkpoint: str, args: list[str],
+                                                   message: str) -> None:
+    output = plain_and_trained / f"out-{checkpoint}"
+    assert main(["train-scales", str(plain_and_trained / checkpoint), "--model", str(tiny_dir), "--no-eval", "--quiet",
+                 *args, "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("llmquant: error:")
+    assert re.search(message, error), error
+    assert not output.exists()
 
 
 def test_given_ids_must_hold_every_training_window(calib12: torch.Tensor) -> None:

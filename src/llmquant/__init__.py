@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from llmquant.api import load, quantize, save
+from llmquant.api import load, quantize, save, train_checkpoint_scales
 from llmquant.errors import LlmquantError
 from llmquant.nc_api import SmoothQuantConfig, convert, prepare
 from llmquant.quant.scheme import W8A8_SCHEMES, WEIGHT_ONLY_SCHEMES, Scheme, scheme_from_name
@@ -25,4 +25,5 @@ __all__ = [
     "quantize",
     "save",
     "scheme_from_name",
+    "train_checkpoint_scales",
 ]

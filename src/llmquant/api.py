@@ -1,8 +1,11 @@
-"""The Python surface of CONTRACT.md: `quantize`, `load`, `save`."""
+"""The Python surface of CONTRACT.md: `quantize`, `load`, `save`; and `train_checkpoint_scales`."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -10,15 +13,17 @@ import torch
 from torch import nn
 
 from llmquant import data
+from llmquant.algorithms.scale_training import train_scales
 from llmquant.device import DevicePolicy, resolve_device, resolve_dtype
 from llmquant.errors import LlmquantError
-from llmquant.export.checkpoint import is_quantized_checkpoint, load_quantized
+from llmquant.export.checkpoint import MANIFEST, is_quantized_checkpoint, load_quantized
 from llmquant.export.checkpoint import save as save_checkpoint
 from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
 from llmquant.nn.attention_choice import check_attention, set_attention
 from llmquant.nn.quant_linear import set_runtime
-from llmquant.pipeline import calibration_part
+from llmquant.parallel import SINGLE
+from llmquant.pipeline import Manifest, calibration_part, scale_training_entry, scale_training_inputs
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.pipeline.activations import ActivationStorage
 from llmquant.pipeline.memory import activation_storage
@@ -147,3 +152,61 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, overwri
     manifest = getattr(model, "llmquant_manifest", None)
     return save_checkpoint(model, tokenizer, directory, manifest.to_dict() if manifest is not None else None,
                            overwrite=overwrite)
+
+
+def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathLike | None = None,
+                            scale_training: dict | None = None, device: str | torch.device | None = None,
+                            progress: bool = True) -> tuple[nn.Module, Any]:
+    """A checkpoint `save` wrote from a recipe without ``scale_training``, its weights' scales then trained end to end
+    as that step of the recipe would have trained them (`llmquant.algorithms.scale_training`): the same scales, bit
+    for bit, as quantizing with the step (tested), without the per-layer steps run again.
+
+    ``model``: the float model the checkpoint was quantized from (None: the default model), whose tokenizer draws
+    the recipe's windows and whose next-token distribution the ``kl`` loss aims at; ``scale_training``: the step's
+    fields (None: its defaults; a bad one is one line, as in a recipe). Returns the trained model (the simulated
+    runtime, on ``device``) and its tokenizer; ``model.llmquant_manifest`` is the checkpoint's manifest with the step
+    in its recipe, its record in ``results["scale_training"]`` and its seconds."""
+    directory = Path(checkpoint)
+    found = _checkpoint_manifest(directory)
+    recipe = as_recipe({**found["recipe"], "scale_training": scale_training or {}})
+    manifest = Manifest(**{**{key: found[key] for key in _MANIFEST_FIELDS if key in found},
+                           "recipe": recipe.model_dump(mode="json")})
+    start = time.perf_counter()
+    quantized_in = (manifest.results.get("placement") or {}).get("dtype")  # (the float model's targets in it too)
+    float_model, tokenizer = load_float(model, resolve_dtype(quantized_in))  # (as `quantize` is given it)
+    float_model.to(resolve_device(device))
+    if tokenizer is None:
+        raise LlmquantError(f"{model} has no tokenizer files; scale training draws its windows from the recipe's "
+                            "calibration text with the float model's tokenizer")
+    ids = calibration_ids(recipe, tokenizer)
+    windows, teacher = scale_training_inputs(float_model, recipe, ids, SINGLE, manifest, progress)
+    del float_model
+    trained, tokenizer = load(directory, runtime="fake", device=device, attention="model")  # (as `quantize` runs)
+    t0 = time.perf_counter()
+    result = train_scales(trained, windows, recipe.scale_training.config(), teacher, SINGLE, progress)
+    manifest.results["scale_training"] = scale_training_entry(result, recipe)
+    manifest.seconds["scale_training"] = time.perf_counter() - t0
+    manifest.seconds["scale_training_total"] = time.perf_counter() - start
+    trained.llmquant_manifest = manifest  # type: ignore[attr-defined]
+    return trained, tokenizer
+
+
+_MANIFEST_FIELDS = tuple(field.name for field in dataclasses.fields(Manifest))
+
+
+def _checkpoint_manifest(directory: Path) -> dict:
+    """The manifest of an llmquant checkpoint whose scales were not trained yet: one line where it is not one."""
+    path = directory / MANIFEST
+    if not (directory.is_dir() and is_quantized_checkpoint(directory) and path.is_file()):
+        raise LlmquantError(f"{directory} is not a checkpoint llmquant wrote (no quantized config.json and "
+                            f"{MANIFEST}); allowed: the --output of llmquant quantize")
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise LlmquantError(f"cannot read {path}: {err}") from None
+    if not isinstance(found, dict) or not isinstance(found.get("recipe"), dict):
+        raise LlmquantError(f"{path} holds no recipe; allowed: the manifest llmquant quantize writes")
+    if (found.get("results") or {}).get("scale_training") or found["recipe"].get("scale_training"):
+        raise LlmquantError(f"{directory}'s scales were trained already (its recipe has scale_training); allowed: a "
+                            "checkpoint quantized without it")
+    return found

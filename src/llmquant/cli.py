@@ -205,6 +205,71 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_scales(args: argparse.Namespace) -> int:
+    """``llmquant train-scales CHECKPOINT --output DIR``: a checkpoint's scales trained end to end (the recipe step
+    ``scale_training`` run on a saved checkpoint: `llmquant.api.train_checkpoint_scales`), evaluated, written."""
+    import llmquant
+    from llmquant.api import train_checkpoint_scales
+    from llmquant.recipe import set_fields
+
+    output = Path(args.output)
+    _check_output(output, args.overwrite)
+    options = {key: value for key, value in (("epochs", args.epochs), ("samples", args.samples)) if value is not None}
+    options = set_fields({"scale_training": options},
+                         [f"scale_training.{setting}" for setting in args.set or []])["scale_training"]
+    check_model_source(args.model, needed_for="the float model's targets")
+    start = time.perf_counter()
+    model, tokenizer = train_checkpoint_scales(args.checkpoint, args.model, options, args.device,
+                                               progress=not args.quiet)
+    manifest = model.llmquant_manifest
+    figures = _trained_figures(args, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
+    manifest.results.update(figures)
+    manifest.seconds["wall_scale_training"] = time.perf_counter() - start
+    llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
+    trained = manifest.results["scale_training"]
+    if "quantized_ppl" in figures:
+        e = figures["eval"]
+        print(f"perplexity on {e['corpus']} (seqlen {e['seqlen']}, {e['windows']} windows):")
+        print("| model | ppl | ratio |\n|---|---|---|")
+        print(f"| float | {figures['float_ppl']:.3f} | 1.000 |")
+        if trained.get("untrained_ppl") is not None:
+            print(f"| {args.checkpoint} | {trained['untrained_ppl']:.3f} | "
+                  f"{trained['untrained_ppl'] / figures['float_ppl']:.4f} |")
+        print(f"| scales trained | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
+    verdict = "kept" if trained["kept"] else "turned back: the held-out loss did not fall"
+    print(f"scale training: {trained['steps']} steps on {trained['samples']} windows in {trained['seconds']:.1f} s, "
+          f"held-out {trained['loss']} {trained['held_out_loss_before']} -> {trained['held_out_loss_after']} "
+          f"({verdict}); checkpoint and llmquant.json in {output}")
+    return 0
+
+
+def _trained_figures(args: argparse.Namespace, model: Any, tokenizer: Any, seqlen: int,
+                     results: dict[str, Any]) -> dict[str, Any]:
+    """The trained model's perplexity on ``--eval-corpus`` against the float model's (the checkpoint's own figures
+    where it was evaluated alike, its untrained perplexity then recorded in ``results["scale_training"]``)."""
+    if not args.eval:
+        return {}
+    import llmquant
+    from llmquant import data
+    from llmquant.evaluation.perplexity import perplexity
+    from llmquant.nn.quant_linear import set_runtime
+
+    windows = data.corpus_windows(tokenizer, args.eval_corpus, seqlen, args.max_windows)
+    setting = {"corpus": args.eval_corpus, "seqlen": seqlen, "windows": len(windows), "runtime": "int8"}
+    if results.get("eval") == setting and results.get("float_ppl") is not None:
+        float_ppl = results["float_ppl"]
+        results["scale_training"]["untrained_ppl"] = results.get("quantized_ppl")
+    else:
+        float_model, _ = llmquant.load(args.model, device=args.device)
+        key = f"default|{args.eval_corpus}|{seqlen}|{len(windows)}" if args.model is None else None
+        float_ppl = _float_ppl(float_model, windows, key)
+        del float_model
+    set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it
+    quantized_ppl = perplexity(model, windows, progress=not args.quiet)
+    return {"float_ppl": float_ppl, "quantized_ppl": quantized_ppl, "ppl_ratio": quantized_ppl / float_ppl,
+            "eval": setting}
+
+
 def _launch(nproc: int, argv: list[str], output: str) -> int:
     """``llmquant quantize --nproc N``: the same command in N processes started by torchrun (one machine),
     returning the group's exit code. Each process prints its own errors (rank 0 one line for the group); a
@@ -552,6 +617,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("train-scales", help="train a checkpoint's scales end to end (the recipe step scale_training "
+                                            "on a saved checkpoint) and write the result")
+    t.add_argument("checkpoint", help="a checkpoint llmquant quantize wrote without scale_training")
+    t.add_argument("--model", default=None,
+                   help="the float model it was quantized from (default: SmolLM2-135M): its tokenizer draws the "
+                        "recipe's windows, its next-token distribution is what the kl loss aims at")
+    t.add_argument("--epochs", type=float, default=None, help="passes over the training windows (default 1)")
+    t.add_argument("--samples", type=int, default=None, metavar="N",
+                   help="train on N windows: the recipe's calibration ones and more drawn after them (default: the "
+                        "calibration ones)")
+    t.add_argument("--set", action="append", default=None, metavar="FIELD=VALUE",
+                   help="set one scale_training field (repeatable), e.g. --set lr=0.002 --set holdout=8")
+    t.add_argument("--output", required=True,
+                   help="directory for the trained checkpoint: new or empty, or an llmquant checkpoint to replace "
+                        "with --overwrite")
+    t.add_argument("--overwrite", action="store_true", help="replace the llmquant checkpoint in --output")
+    t.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model trains (default auto: the GPU when there is one)")
+    t.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
+    t.add_argument("--eval-corpus", default="pydoc")
+    t.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train_scales)
 
     e = sub.add_parser("eval", help="evaluate a model or checkpoint")
     e.add_argument("--model", default=None)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
-from llmquant.algorithms.scale_training import TeacherTargets, teacher_targets, train_scales
+from llmquant.algorithms.scale_training import TeacherTargets, TrainedScales, teacher_targets, train_scales
 from llmquant.device import (
     DevicePolicy,
     cast_weights,
@@ -594,7 +594,8 @@ def quantize(
         manifest.results["moe"] = {"blocks": [b.to_dict() for b in model_map.moe], "unfused": len(unfused),
                                    "calibrate": recipe.moe_calibrate}
     steps = recipe.layer_steps()
-    calib, training_only = calibration_part(recipe, calib)
+    ids = calib  # (every drawn window: scale training's are taken from them, `scale_training_inputs`)
+    calib = calibration_part(recipe, calib)[0]
     calibrated = calib.shape[0] > 0  # (0: calib.samples 0, a recipe that needs none: no pass)
     if not calibrated:
         manifest.results["calibration"] = {"samples": 0, "why": "calib.samples 0: no calibration pass; the layers' "
@@ -613,9 +614,7 @@ def quantize(
     whole_calib = calib
     calib = calib[ranks.share(calib.shape[0])]
     t0 = time.perf_counter()
-    generated = _generated(model, recipe, whole_calib.shape[1], ranks, manifest, progress)  # (the float model's)
-    training = torch.cat([whole_calib, training_only, generated])  # (scale training's: the calibration windows first)
-    teacher = _teacher(model, recipe, training, ranks, manifest, progress)
+    training, teacher = scale_training_inputs(model, recipe, ids, ranks, manifest, progress)  # (model still float)
     kv_cache = any(spec is not None for spec in plan.kv_cache.values())
     if kv_cache:
         _check_kv_groups(plan, head_dim_of(model, model_map))
@@ -729,8 +728,7 @@ def quantize(
     if recipe.scale_training is not None:
         t3 = time.perf_counter()
         trained = train_scales(model, training, recipe.scale_training.config(), teacher, ranks, progress)
-        manifest.results["scale_training"] = {**trained.describe(), **(
-            {"generated": generated.shape[0]} if generated.shape[0] else {})}
+        manifest.results["scale_training"] = scale_training_entry(trained, recipe)
         manifest.seconds["scale_training"] = time.perf_counter() - t3
     manifest.seconds["total"] = time.perf_counter() - t0
     manifest.results["peak_rss_mb"] = peak_rss_mb()
@@ -749,6 +747,29 @@ def calibration_part(recipe: Recipe, ids: torch.Tensor) -> tuple[torch.Tensor, t
     if recipe.drawn_samples() == recipe.calib.samples:
         return ids, ids[:0]
     return ids[:recipe.calib.samples], ids[recipe.calib.samples:]
+
+
+def scale_training_inputs(model: nn.Module, recipe: Recipe, ids: torch.Tensor, ranks: Ranks, manifest: Manifest,
+                          progress: bool) -> tuple[torch.Tensor, TeacherTargets | None]:
+    """Scale training's windows from the drawn ``ids`` (the calibration ones but those the clip search holds out,
+    then those drawn for the training only, then any the float model generates) and the float model's targets on
+    them (None but for the ``kl`` loss); ``model`` must still be the float model. Empty windows and None without
+    ``scale_training``."""
+    if recipe.scale_training is None:
+        return ids[:0], None
+    calib, training_only = calibration_part(recipe, ids)
+    if recipe.clip_search is not None:
+        calib = calib[:-recipe.clip_search.samples]
+    generated = _generated(model, recipe, ids.shape[1], ranks, manifest, progress)
+    training = torch.cat([calib, training_only, generated])  # (the calibration windows first)
+    return training, _teacher(model, recipe, training, ranks, manifest, progress)
+
+
+def scale_training_entry(trained: TrainedScales, recipe: Recipe) -> dict[str, Any]:
+    """What the manifest records of a scale training run (`TrainedScales.describe`, and how many windows the float
+    model generated for it)."""
+    generated = recipe.generated_samples()
+    return {**trained.describe(), **({"generated": generated} if generated else {})}
 
 
 def _teacher(model: nn.Module, recipe: Recipe, calib: torch.Tensor, ranks: Ranks, manifest: Manifest,
