@@ -473,7 +473,7 @@ def test_training_a_saved_checkpoint_is_the_recipes_step(tiny_dir: Path, corpus:
         assert main(["quantize", "--model", str(tiny_dir), "--config", str(tmp_path / f"{name}.json"), "--no-eval",
                      "--quiet", "--output", str(tmp_path / name)]) == 0
     capsys.readouterr()
-    assert main(["train-scales", str(tmp_path / "plain"), "--model", str(tiny_dir), "--samples", "8", "--epochs", "2",
+    assert main(["train-scales", str(tmp_path / "plain"), "--samples", "8", "--epochs", "2",  # (--model: the manifest)
                  "--set", "holdout=1", "--set", "lr=0.01", "--no-eval", "--quiet",
                  "--output", str(tmp_path / "trained")]) == 0
     assert "scale training: 10 steps on 5 windows" in capsys.readouterr().out  # 4 + 2 drawn, less 1 held out; x2
@@ -485,6 +485,7 @@ def test_training_a_saved_checkpoint_is_the_recipes_step(tiny_dir: Path, corpus:
                        logits(llmquant.load(tmp_path / "trained")[0], ids))
     written = {name: json.loads((tmp_path / name / "llmquant.json").read_text()) for name in ("inside", "trained")}
     assert written["trained"]["recipe"] == written["inside"]["recipe"]
+    assert written["trained"]["results"]["quantized_from"] == str(tiny_dir.resolve())
     records = [{k: v for k, v in found["results"]["scale_training"].items() if k != "seconds"}
                for found in written.values()]
     assert records[0] == records[1] and records[1]["kept"]

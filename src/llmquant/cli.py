@@ -186,7 +186,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         figures["ppl_ratio"] = figures["quantized_ppl"] / figures["float_ppl"]
         figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows),
                            "runtime": "int8"}
-    manifest.results.update(figures)
+    manifest.results.update(figures, quantized_from=_model_source(args.model))
     if cap is not None:
         manifest.results["max_memory_mb"] = cap / 2**20
         if manifest.results["peak_rss_mb"] > cap / 2**20:  # said, not hidden: the cap is a target, not a limit
@@ -205,6 +205,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_source(model: str | None) -> str | None:
+    """``--model`` as the manifest records it (``quantized_from``): a local path made absolute, a hub id as given,
+    None for the default model."""
+    return str(Path(model).resolve()) if model is not None and Path(model).exists() else model
+
+
 def cmd_train_scales(args: argparse.Namespace) -> int:
     """``llmquant train-scales CHECKPOINT --output DIR``: a checkpoint's scales trained end to end (the recipe step
     ``scale_training`` run on a saved checkpoint: `llmquant.api.train_checkpoint_scales`), evaluated, written."""
@@ -217,13 +223,14 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
     options = {key: value for key, value in (("epochs", args.epochs), ("samples", args.samples)) if value is not None}
     options = set_fields({"scale_training": options},
                          [f"scale_training.{setting}" for setting in args.set or []])["scale_training"]
-    check_model_source(args.model, needed_for="the float model's targets")
+    source = args.model or _quantized_from(Path(args.checkpoint))
+    check_model_source(source, needed_for="the float model's targets")
     start = time.perf_counter()
-    model, tokenizer = train_checkpoint_scales(args.checkpoint, args.model, options, args.device,
+    model, tokenizer = train_checkpoint_scales(args.checkpoint, source, options, args.device,
                                                progress=not args.quiet)
     manifest = model.llmquant_manifest
-    figures = _trained_figures(args, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
-    manifest.results.update(figures)
+    figures = _trained_figures(args, source, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
+    manifest.results.update(figures, quantized_from=_model_source(source))
     manifest.seconds["wall_scale_training"] = time.perf_counter() - start
     llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
     trained = manifest.results["scale_training"]
@@ -243,7 +250,15 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trained_figures(args: argparse.Namespace, model: Any, tokenizer: Any, seqlen: int,
+def _quantized_from(checkpoint: Path) -> str | None:
+    """The model a checkpoint's manifest says it was quantized from (None: the default model, or not recorded)."""
+    try:
+        return json.loads((checkpoint / "llmquant.json").read_text()).get("results", {}).get("quantized_from")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # (`train_checkpoint_scales` says what is wrong with the checkpoint)
+
+
+def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, tokenizer: Any, seqlen: int,
                      results: dict[str, Any]) -> dict[str, Any]:
     """The trained model's perplexity on ``--eval-corpus`` against the float model's (the checkpoint's own figures
     where it was evaluated alike, its untrained perplexity then recorded in ``results["scale_training"]``)."""
@@ -260,8 +275,8 @@ def _trained_figures(args: argparse.Namespace, model: Any, tokenizer: Any, seqle
         float_ppl = results["float_ppl"]
         results["scale_training"]["untrained_ppl"] = results.get("quantized_ppl")
     else:
-        float_model, _ = llmquant.load(args.model, device=args.device)
-        key = f"default|{args.eval_corpus}|{seqlen}|{len(windows)}" if args.model is None else None
+        float_model, _ = llmquant.load(source, device=args.device)
+        key = f"default|{args.eval_corpus}|{seqlen}|{len(windows)}" if source is None else None
         float_ppl = _float_ppl(float_model, windows, key)
         del float_model
     set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it
@@ -622,8 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "on a saved checkpoint) and write the result")
     t.add_argument("checkpoint", help="a checkpoint llmquant quantize wrote without scale_training")
     t.add_argument("--model", default=None,
-                   help="the float model it was quantized from (default: SmolLM2-135M): its tokenizer draws the "
-                        "recipe's windows, its next-token distribution is what the kl loss aims at")
+                   help="the float model it was quantized from (default: the one its manifest names, quantized_from, "
+                        "else SmolLM2-135M): its tokenizer draws the recipe's windows, its next-token distribution is "
+                        "what the kl loss aims at")
     t.add_argument("--epochs", type=float, default=None, help="passes over the training windows (default 1)")
     t.add_argument("--samples", type=int, default=None, metavar="N",
                    help="train on N windows: the recipe's calibration ones and more drawn after them (default: the "
