@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import llmquant
-from conftest import VOCAB, logits, make_model, relative_error
+from conftest import DEVICES, VOCAB, logits, make_model, relative_error
 from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.scale_training import (
     ScaleTrainingConfig,
@@ -517,6 +517,21 @@ def test_training_a_saved_checkpoint_compares_it_with_the_float_model(tiny_dir: 
     model, tokenizer = llmquant.load(tmp_path / "trained", attention="model")
     windows = corpus_windows(tokenizer, str(corpus), 32, 4)
     assert perplexity(model, windows) == pytest.approx(trained["quantized_ppl"], rel=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_saved_checkpoint_trains_where_it_is_asked(plain_and_trained: Path, tiny_dir: Path, device: str) -> None:
+    """`train_checkpoint_scales` on ``device``: the model trains and rests there, its held-out loss falls, and its
+    scales agree with the CPU's (on a GPU within 1e-3: float sums in another order)."""
+    options = {"holdout": 1, "lr": 1e-2}
+    model, _ = llmquant.train_checkpoint_scales(plain_and_trained / "plain", tiny_dir, options, device, progress=False)
+    assert {p.device.type for p in model.parameters()} == {torch.device(device).type}
+    record = model.llmquant_manifest.results["scale_training"]
+    assert record["kept"] and record["held_out_loss_after"] < record["held_out_loss_before"]
+    on_cpu, _ = llmquant.train_checkpoint_scales(plain_and_trained / "plain", tiny_dir, options, "cpu",
+                                                 progress=False)
+    reference = scales(on_cpu)
+    assert all(relative_error(value.cpu(), reference[name]) < 1e-3 for name, value in scales(model).items())
 
 
 @pytest.fixture(scope="module")
