@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -532,6 +534,26 @@ def test_a_saved_checkpoint_trains_where_it_is_asked(plain_and_trained: Path, ti
                                                  progress=False)
     reference = scales(on_cpu)
     assert all(relative_error(value.cpu(), reference[name]) < 1e-3 for name, value in scales(model).items())
+
+
+def test_two_processes_train_a_saved_checkpoint_as_the_recipe_does(plain_and_trained: Path, tiny_dir: Path,
+                                                                    corpus: Path, tmp_path: Path) -> None:
+    """`llmquant train-scales --nproc 2` (torchrun, each step's samples shared) on a checkpoint of one process writes
+    the scales `llmquant quantize --nproc 2` writes with the step (round to nearest: the same checkpoint from 1 or 2
+    processes before training)."""
+    recipe = json.loads((plain_and_trained / "inside.json").read_text())
+    (tmp_path / "recipe.json").write_text(json.dumps({**recipe, "scale_training": {"holdout": 2, "lr": 1e-2}}))
+    common = ["--no-eval", "--quiet", "--nproc", "2"]
+    for command in (["quantize", "--model", str(tiny_dir), "--config", str(tmp_path / "recipe.json"), *common,
+                     "--output", str(tmp_path / "inside")],
+                    ["train-scales", str(plain_and_trained / "plain"), "--set", "holdout=2", "--set", "lr=0.01",
+                     *common, "--output", str(tmp_path / "trained")]):
+        done = subprocess.run([sys.executable, "-m", "llmquant", *command], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    inside, trained = stored_scales(tmp_path / "inside"), stored_scales(tmp_path / "trained")
+    assert all(torch.equal(inside[name], trained[name]) for name in inside)
+    record = json.loads((tmp_path / "trained" / "llmquant.json").read_text())["results"]["scale_training"]
+    assert record["steps"] == 3 and record["kept"]  # 8 samples less 2 held out, 2 a step
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from llmquant.model.loading import load_float
 from llmquant.model.model_map import ModelMap
 from llmquant.nn.attention_choice import check_attention, set_attention
 from llmquant.nn.quant_linear import set_runtime
-from llmquant.parallel import SINGLE
+from llmquant.parallel import Ranks
 from llmquant.pipeline import Manifest, calibration_part, scale_training_entry, scale_training_inputs
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.pipeline.activations import ActivationStorage
@@ -156,7 +156,7 @@ def save(model: nn.Module, tokenizer: Any, directory: str | os.PathLike, overwri
 
 def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathLike | None = None,
                             scale_training: dict | None = None, device: str | torch.device | None = None,
-                            progress: bool = True) -> tuple[nn.Module, Any]:
+                            progress: bool = True, ranks: Ranks | None = None) -> tuple[nn.Module, Any]:
     """A checkpoint `save` wrote from a recipe without ``scale_training``, its weights' scales then trained end to end
     as that step of the recipe would have trained them (`llmquant.algorithms.scale_training`): the same scales, bit
     for bit, as quantizing with the step (tested), without the per-layer steps run again.
@@ -165,7 +165,10 @@ def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathL
     the recipe's windows and whose next-token distribution the ``kl`` loss aims at; ``scale_training``: the step's
     fields (None: its defaults; a bad one is one line, as in a recipe). Returns the trained model (the simulated
     runtime, on ``device``) and its tokenizer; ``model.llmquant_manifest`` is the checkpoint's manifest with the step
-    in its recipe, its record in ``results["scale_training"]`` and its seconds."""
+    in its recipe, its record in ``results["scale_training"]`` and its seconds. In several processes (``ranks``,
+    default: the process group this one belongs to) each takes its share of the float model's targets and of every
+    step's samples, as the recipe's step does (`llmquant.parallel`); all end with the same model."""
+    ranks = ranks or Ranks.current()
     directory = Path(checkpoint)
     found = _checkpoint_manifest(directory)
     recipe = as_recipe({**found["recipe"], "scale_training": scale_training or {}})
@@ -179,11 +182,11 @@ def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathL
         raise LlmquantError(f"{model} has no tokenizer files; scale training draws its windows from the recipe's "
                             "calibration text with the float model's tokenizer")
     ids = calibration_ids(recipe, tokenizer)
-    windows, teacher = scale_training_inputs(float_model, recipe, ids, SINGLE, manifest, progress)
+    windows, teacher = scale_training_inputs(float_model, recipe, ids, ranks, manifest, progress)
     del float_model
     trained, tokenizer = load(directory, runtime="fake", device=device, attention="model")  # (as `quantize` runs)
     t0 = time.perf_counter()
-    result = train_scales(trained, windows, recipe.scale_training.config(), teacher, SINGLE, progress)
+    result = train_scales(trained, windows, recipe.scale_training.config(), teacher, ranks, progress)
     manifest.results["scale_training"] = scale_training_entry(result, recipe)
     manifest.seconds["scale_training"] = time.perf_counter() - t0
     manifest.seconds["scale_training_total"] = time.perf_counter() - start

@@ -138,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from llmquant.pipeline.run_dir import RunDir, fingerprint
 
     if args.nproc > 1 and not parallel.launched_by_torchrun():
-        return _launch(args.nproc, args.argv, args.output)
+        return _launch(args.nproc, args.argv, args.output, " (--resume continues from the last finished layer)")
     output = Path(args.output)
     _check_output(output, args.overwrite)  # before any work: never delete what llmquant did not write
     recipe = _recipe_from_args(args)
@@ -215,9 +215,13 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
     """``llmquant train-scales CHECKPOINT --output DIR``: a checkpoint's scales trained end to end (the recipe step
     ``scale_training`` run on a saved checkpoint: `llmquant.api.train_checkpoint_scales`), evaluated, written."""
     import llmquant
+    from llmquant import parallel
     from llmquant.api import train_checkpoint_scales
+    from llmquant.device import resolve_device
     from llmquant.recipe import set_fields
 
+    if args.nproc > 1 and not parallel.launched_by_torchrun():
+        return _launch(args.nproc, args.argv, args.output)
     output = Path(args.output)
     _check_output(output, args.overwrite)
     options = {key: value for key, value in (("epochs", args.epochs), ("samples", args.samples)) if value is not None}
@@ -225,9 +229,13 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
                          [f"scale_training.{setting}" for setting in args.set or []])["scale_training"]
     source = args.model or _quantized_from(Path(args.checkpoint))
     check_model_source(source, needed_for="the float model's targets")
+    ranks = parallel.init(resolve_device(args.device).type)  # the process group torchrun started, or this one
     start = time.perf_counter()
     model, tokenizer = train_checkpoint_scales(args.checkpoint, source, options, args.device,
-                                               progress=not args.quiet)
+                                               progress=not args.quiet and ranks.writes, ranks=ranks)
+    if not ranks.writes:  # (rank 0 evaluates and writes; the others wait for it)
+        ranks.barrier()
+        return 0
     manifest = model.llmquant_manifest
     figures = _trained_figures(args, source, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
     manifest.results.update(figures, quantized_from=_model_source(source))
@@ -247,6 +255,7 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
     print(f"scale training: {trained['steps']} steps on {trained['samples']} windows in {trained['seconds']:.1f} s, "
           f"held-out {trained['loss']} {trained['held_out_loss_before']} -> {trained['held_out_loss_after']} "
           f"({verdict}); checkpoint and llmquant.json in {output}")
+    ranks.barrier()
     return 0
 
 
@@ -285,10 +294,11 @@ def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, t
             "eval": setting}
 
 
-def _launch(nproc: int, argv: list[str], output: str) -> int:
-    """``llmquant quantize --nproc N``: the same command in N processes started by torchrun (one machine),
-    returning the group's exit code. Each process prints its own errors (rank 0 one line for the group); a
-    process stopped from outside (a signal, a crash) is said here in one line, without torchrun's report."""
+def _launch(nproc: int, argv: list[str], output: str, hint: str = "") -> int:
+    """``llmquant quantize --nproc N`` (or ``train-scales``): the same command in N processes started by torchrun
+    (one machine), returning the group's exit code. Each process prints its own errors (rank 0 one line for the
+    group); a process stopped from outside (a signal, a crash) is said here in one line, without torchrun's report,
+    ``hint`` after it."""
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's agent: no log lines of its own
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -314,7 +324,7 @@ def _launch(nproc: int, argv: list[str], output: str) -> int:
             return failure.exitcode
         how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         print(f"llmquant: error: process {rank} of {nproc} stopped ({how}), and torchrun stopped the others; "
-              f"nothing was written to {output} (--resume continues from the last finished layer)", file=sys.stderr)
+              f"nothing was written to {output}{hint}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SignalException):
         return 130  # (each process was interrupted too; rank 0 said so)
@@ -652,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the llmquant checkpoint in --output")
     t.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
                    help="where the model trains (default auto: the GPU when there is one)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train in N processes started by torchrun, each step's samples shared among them (one GPU "
+                        "each on a GPU machine); the same as torchrun --nproc-per-node N -m llmquant train-scales")
     t.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
     t.add_argument("--eval-corpus", default="pydoc")
     t.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
