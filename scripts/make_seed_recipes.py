@@ -165,9 +165,9 @@ def best_recipes() -> dict[str, dict[str, Any]]:
         # x1.0728 (x1.1210) at 0.3 and x1.0705 (x1.1177) at 0.4 there (12-05); groups of 32 with that KV cache at
         # 0.25 x1.1047 (x1.1551)
         "best_w4a4kv4_wgroups16_kv16": wgroups16_kv16,
-        # the same, then every weight's scales trained end to end: x1.0436 (stdlib x1.0986) on a Xeon with AMX with the
-        # gradient stopped at the attention (before commit af2eef6; not measured since), against x1.0727 (x1.1165)
-        # untrained on an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training for the weight per channel"
+        # the same, then every weight's scales trained end to end: x1.0199 (stdlib x1.0884) on a Xeon with AMX, x1.0436
+        # (x1.0986) there with the gradient stopped at the attention (before commit af2eef6), against x1.0727
+        # (x1.1165) untrained on an AVX512-VNNI EPYC (12-05): BENCHMARKS.md "Scale training on a saved checkpoint"
         "best_w4a4kv4_wgroups16_kv16_trained": {**wgroups16_kv16, "scale_training": SCALE_TRAINING},
     }
 
