@@ -553,6 +553,18 @@ def _placement_flags(parser: argparse.ArgumentParser, quantize: bool = False) ->
                                  "GPTQ Hessians and sweeps take what is left under it (experts a few at a time)")
 
 
+def _group_and_evaluation_flags(parser: argparse.ArgumentParser, command: str, share: str) -> None:
+    """--nproc (``command`` in N processes, ``share`` saying how they split the work), --no-eval, --eval-corpus,
+    --max-windows and --quiet, of the commands that write a checkpoint."""
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help=f"run in N processes started by torchrun ({share}; one GPU each on a GPU machine); the "
+                             f"same as torchrun --nproc-per-node N -m llmquant {command}")
+    parser.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
+    parser.add_argument("--eval-corpus", default="pydoc")
+    parser.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmquant.export.targets import TARGETS
     from llmquant.pipeline.memory import ACTIVATION_SHARE
@@ -634,13 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--output; one batch in memory at a time); auto (default): memory, or disk under "
                         f"--max-memory when CPU memory would hold them and they take more than "
                         f"{ACTIVATION_SHARE:.0%}% of it")  # %% for argparse
-    q.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="quantize in N processes started by torchrun (each calibrates on its share of the samples; "
-                        "one GPU each on a GPU machine); the same as torchrun --nproc-per-node N -m llmquant quantize")
-    q.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
-    q.add_argument("--eval-corpus", default="pydoc")
-    q.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    _group_and_evaluation_flags(q, "quantize", "each calibrates on its share of the samples")
     q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("train-scales", help="train a checkpoint's scales end to end (the recipe step scale_training "
@@ -662,13 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the llmquant checkpoint in --output")
     t.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
                    help="where the model trains (default auto: the GPU when there is one)")
-    t.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="train in N processes started by torchrun, each step's samples shared among them (one GPU "
-                        "each on a GPU machine); the same as torchrun --nproc-per-node N -m llmquant train-scales")
-    t.add_argument("--no-eval", dest="eval", action="store_false", help="skip the perplexity comparison")
-    t.add_argument("--eval-corpus", default="pydoc")
-    t.add_argument("--max-windows", type=int, default=DEFAULT_WINDOWS)
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _group_and_evaluation_flags(t, "train-scales", "each step's samples shared among them")
     t.set_defaults(func=cmd_train_scales)
 
     e = sub.add_parser("eval", help="evaluate a model or checkpoint")
