@@ -2,7 +2,8 @@
 simulation of a quantized Linear against its other paths and against the scales' exact gradient, the coarse KL against
 the full one, training that lowers the loss (KL from the float model, or cross-entropy) and keeps the codes, the
 held-out check that turns worse scales back, the same scales after save/load and from two processes, training on more
-windows than calibrate, and bad recipes as one-line errors."""
+windows than calibrate, a saved checkpoint trained afterwards (`llmquant train-scales`) as the recipe trains it, and bad
+recipes and runs as one-line errors."""
 
 from __future__ import annotations
 
@@ -497,7 +498,7 @@ def test_training_a_saved_checkpoint_is_the_recipes_step(tiny_dir: Path, corpus:
 def test_training_a_saved_checkpoint_compares_it_with_the_float_model(tiny_dir: Path, corpus: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """With the evaluation on, the checkpoint's own figures (evaluated alike) give the untrained row; the trained
-    perplexity is the written checkpoint's as `llmquant.load` runs it."""
+    perplexity is the written checkpoint's, loaded with the attention the training process ran (``model``)."""
     (tmp_path / "recipe.json").write_text(json.dumps({**W4A4KV4, "calib": {"dataset": str(corpus), "samples": 6,
                                                                             "seqlen": 32}}))
     evaluation = ["--eval-corpus", str(corpus), "--max-windows", "4", "--quiet"]
