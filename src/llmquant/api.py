@@ -161,8 +161,9 @@ def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathL
     as that step of the recipe would have trained them (`llmquant.algorithms.scale_training`): the same scales, bit
     for bit, as quantizing with the step (tested), without the per-layer steps run again.
 
-    ``model``: the float model the checkpoint was quantized from (None: the default model), whose tokenizer draws
-    the recipe's windows and whose next-token distribution the ``kl`` loss aims at; ``scale_training``: the step's
+    ``model``: the float model the checkpoint was quantized from (None: the one its manifest records,
+    ``quantized_from``, else the default model), whose tokenizer draws the recipe's windows and whose next-token
+    distribution the ``kl`` loss aims at; the manifest records it as ``quantized_from``; ``scale_training``: the step's
     fields (None: its defaults; a bad one is one line, as in a recipe). Returns the trained model (the simulated
     runtime, on ``device``) and its tokenizer; ``model.llmquant_manifest`` is the checkpoint's manifest with the step
     in its recipe, its record in ``results["scale_training"]`` and its seconds. In several processes (``ranks``,
@@ -174,6 +175,8 @@ def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathL
     recipe = as_recipe({**found["recipe"], "scale_training": scale_training or {}})
     manifest = Manifest(**{**{key: found[key] for key in _MANIFEST_FIELDS if key in found},
                            "recipe": recipe.model_dump(mode="json")})
+    model = model if model is not None else manifest.results.get("quantized_from")
+    manifest.results["quantized_from"] = model_source(model)
     start = time.perf_counter()
     quantized_in = (manifest.results.get("placement") or {}).get("dtype")  # (the float model's targets in it too)
     float_model, tokenizer = load_float(model, resolve_dtype(quantized_in))  # (as `quantize` is given it)
@@ -195,6 +198,12 @@ def train_checkpoint_scales(checkpoint: str | os.PathLike, model: str | os.PathL
 
 
 _MANIFEST_FIELDS = tuple(field.name for field in dataclasses.fields(Manifest))
+
+
+def model_source(model: str | os.PathLike | None) -> str | None:
+    """A model as a manifest records it (``quantized_from``): a local path made absolute, a hub id as given, None for
+    the default model."""
+    return str(Path(model).resolve()) if model is not None and Path(model).exists() else model
 
 
 def _checkpoint_manifest(directory: Path) -> dict:

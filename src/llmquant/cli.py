@@ -109,11 +109,13 @@ def _alpha(text: str) -> float | str:
         raise LlmquantError(f"--alpha must be a number in [0, 1] or 'auto', got '{text}'") from None
 
 
-def _float_ppl(model: Any, windows: Any, key: str | None) -> float:
-    """Float perplexity, cached on disk for the default model (it never changes)."""
+def _float_ppl(model: Any, windows: Any, source: str | None, corpus: str, seqlen: int) -> float:
+    """Float perplexity of ``model`` (loaded from ``source``) on ``windows`` of ``corpus``, cached on disk for the
+    default model (``source`` None: it never changes)."""
     from llmquant.evaluation.perplexity import perplexity
     from llmquant.model.loading import cache_dir
 
+    key = f"default|{corpus}|{seqlen}|{len(windows)}" if source is None else None
     cache = cache_dir() / "float_ppl.json"
     known = json.loads(cache.read_text()) if (key and cache.exists()) else {}
     if key and key in known:
@@ -129,7 +131,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     import llmquant
     from llmquant import data, parallel
-    from llmquant.api import calibration_ids
+    from llmquant.api import calibration_ids, model_source
     from llmquant.device import DevicePolicy
     from llmquant.evaluation.perplexity import perplexity
     from llmquant.export.targets import check_target, check_target_model, smoke_check
@@ -163,9 +165,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         log.warning("a model streamed from disk is not evaluated here; run `llmquant eval --model %s`", output)
     elif args.eval and ranks.writes:  # (in several processes, rank 0 evaluates)
         windows = data.corpus_windows(tokenizer, args.eval_corpus, recipe.calib.seqlen, args.max_windows)
-        key = f"default|{args.eval_corpus}|{recipe.calib.seqlen}|{len(windows)}" if args.model is None else None
         with _on_device(model, policy):
-            figures["float_ppl"] = _float_ppl(model, windows, key)
+            figures["float_ppl"] = _float_ppl(model, windows, args.model, args.eval_corpus, recipe.calib.seqlen)
     t_quant = time.perf_counter()
     model_map = None
     if args.layer_map is not None and "model_map" in _read_layer_map(args.layer_map):
@@ -186,7 +187,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         figures["ppl_ratio"] = figures["quantized_ppl"] / figures["float_ppl"]
         figures["eval"] = {"corpus": args.eval_corpus, "seqlen": recipe.calib.seqlen, "windows": len(windows),
                            "runtime": "int8"}
-    manifest.results.update(figures, quantized_from=_model_source(args.model))
+    manifest.results.update(figures, quantized_from=model_source(args.model))
     if cap is not None:
         manifest.results["max_memory_mb"] = cap / 2**20
         if manifest.results["peak_rss_mb"] > cap / 2**20:  # said, not hidden: the cap is a target, not a limit
@@ -205,12 +206,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_source(model: str | None) -> str | None:
-    """``--model`` as the manifest records it (``quantized_from``): a local path made absolute, a hub id as given,
-    None for the default model."""
-    return str(Path(model).resolve()) if model is not None and Path(model).exists() else model
-
-
 def cmd_train_scales(args: argparse.Namespace) -> int:
     """``llmquant train-scales CHECKPOINT --output DIR``: a checkpoint's scales trained end to end (the recipe step
     ``scale_training`` run on a saved checkpoint: `llmquant.api.train_checkpoint_scales`), evaluated, written."""
@@ -227,44 +222,31 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
     options = {key: value for key, value in (("epochs", args.epochs), ("samples", args.samples)) if value is not None}
     options = set_fields({"scale_training": options},
                          [f"scale_training.{setting}" for setting in args.set or []])["scale_training"]
-    source = args.model or _quantized_from(Path(args.checkpoint))
-    check_model_source(source, needed_for="the float model's targets")
+    check_model_source(args.model, needed_for="the float model's targets")
     ranks = parallel.init(resolve_device(args.device).type)  # the process group torchrun started, or this one
     start = time.perf_counter()
-    model, tokenizer = train_checkpoint_scales(args.checkpoint, source, options, args.device,
+    model, tokenizer = train_checkpoint_scales(args.checkpoint, args.model, options, args.device,
                                                progress=not args.quiet and ranks.writes, ranks=ranks)
     if not ranks.writes:  # (rank 0 evaluates and writes; the others wait for it)
         ranks.barrier()
         return 0
     manifest = model.llmquant_manifest
+    source = manifest.results["quantized_from"]  # (--model, else the checkpoint's own)
     figures = _trained_figures(args, source, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
-    manifest.results.update(figures, quantized_from=_model_source(source))
+    manifest.results.update(figures)
     manifest.seconds["wall_scale_training"] = time.perf_counter() - start
     llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
     trained = manifest.results["scale_training"]
     if "quantized_ppl" in figures:
-        e = figures["eval"]
-        print(f"perplexity on {e['corpus']} (seqlen {e['seqlen']}, {e['windows']} windows):")
-        print("| model | ppl | ratio |\n|---|---|---|")
-        print(f"| float | {figures['float_ppl']:.3f} | 1.000 |")
-        if trained.get("untrained_ppl") is not None:
-            print(f"| {args.checkpoint} | {trained['untrained_ppl']:.3f} | "
-                  f"{trained['untrained_ppl'] / figures['float_ppl']:.4f} |")
-        print(f"| scales trained | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
+        before = trained.get("untrained_ppl")
+        _print_ppl_table(figures, "float", [*([(args.checkpoint, before)] if before is not None else []),
+                                            ("scales trained", figures["quantized_ppl"])])
     verdict = "kept" if trained["kept"] else "turned back: the held-out loss did not fall"
     print(f"scale training: {trained['steps']} steps on {trained['samples']} windows in {trained['seconds']:.1f} s, "
           f"held-out {trained['loss']} {trained['held_out_loss_before']} -> {trained['held_out_loss_after']} "
           f"({verdict}); checkpoint and llmquant.json in {output}")
     ranks.barrier()
     return 0
-
-
-def _quantized_from(checkpoint: Path) -> str | None:
-    """The model a checkpoint's manifest says it was quantized from (None: the default model, or not recorded)."""
-    try:
-        return json.loads((checkpoint / "llmquant.json").read_text()).get("results", {}).get("quantized_from")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None  # (`train_checkpoint_scales` says what is wrong with the checkpoint)
 
 
 def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, tokenizer: Any, seqlen: int,
@@ -285,8 +267,7 @@ def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, t
         results["scale_training"]["untrained_ppl"] = results.get("quantized_ppl")
     else:
         float_model, _ = llmquant.load(source, device=args.device)
-        key = f"default|{args.eval_corpus}|{seqlen}|{len(windows)}" if source is None else None
-        float_ppl = _float_ppl(float_model, windows, key)
+        float_ppl = _float_ppl(float_model, windows, source, args.eval_corpus, seqlen)
         del float_model
     set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it
     quantized_ppl = perplexity(model, windows, progress=not args.quiet)
@@ -361,14 +342,20 @@ def _on_device(model: Any, policy: Any) -> Iterator[None]:
             model.to(resting)
 
 
+def _print_ppl_table(figures: dict[str, Any], float_name: str, rows: list[tuple[str, float]]) -> None:
+    """The evaluation of ``figures`` as a markdown table: the float model, then each named perplexity and its ratio."""
+    e = figures["eval"]
+    print(f"perplexity on {e['corpus']} (seqlen {e['seqlen']}, {e['windows']} windows):")
+    print("| model | ppl | ratio |\n|---|---|---|")
+    print(f"| {float_name} | {figures['float_ppl']:.3f} | 1.000 |")
+    for name, ppl in rows:
+        print(f"| {name} | {ppl:.3f} | {ppl / figures['float_ppl']:.4f} |")
+
+
 def _print_summary(scheme: str, figures: dict[str, Any], output: Path, results: dict[str, Any]) -> None:
     print(f"\nscheme: {scheme}")
     if "quantized_ppl" in figures:
-        e = figures["eval"]
-        print(f"perplexity on {e['corpus']} (seqlen {e['seqlen']}, {e['windows']} windows):")
-        print("| model | ppl | ratio |\n|---|---|---|")
-        print(f"| float32 | {figures['float_ppl']:.3f} | 1.000 |")
-        print(f"| {scheme} | {figures['quantized_ppl']:.3f} | {figures['ppl_ratio']:.4f} |")
+        _print_ppl_table(figures, "float32", [(scheme, figures["quantized_ppl"])])
     print(_untouched_line(results))
     memory = f", peak memory {results['peak_rss_mb']:.0f} MiB" if results.get("peak_rss_mb") else ""
     if results.get("peak_gpu_mb"):
