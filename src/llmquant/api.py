@@ -46,8 +46,10 @@ def as_recipe(recipe: Recipe | str | dict | os.PathLike | None) -> Recipe:
     return Recipe.build(scheme=text)
 
 
-def calibration_ids(recipe: Recipe, tokenizer: Any = None, calib: torch.Tensor | str | None = None) -> torch.Tensor:
-    """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, or the recipe's dataset (none when its
+def calibration_ids(recipe: Recipe, tokenizer: Any = None,
+                    calib: torch.Tensor | str | list[str] | None = None) -> torch.Tensor:
+    """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, the texts of a mixture's parts (drawn in
+    turn, `llmquant.data.mixed_calibration_samples`), or the recipe's dataset (none when its
     ``calib.samples`` is 0); with ``scale_training.samples``, the windows that only train the scales after the
     calibration ones (`Recipe.drawn_samples`)."""
     drawn = recipe.drawn_samples()
@@ -65,16 +67,16 @@ def calibration_ids(recipe: Recipe, tokenizer: Any = None, calib: torch.Tensor |
         return torch.zeros(0, recipe.calib.seqlen, dtype=torch.long)
     if tokenizer is None:
         raise LlmquantError("a tokenizer is needed to calibrate from text; pass tokenizer= or token ids as calib=")
-    text = calib if isinstance(calib, str) else data.corpus(recipe.calib.dataset, "calib")
-    tokens = data.tokenize(tokenizer, text)
-    return data.calibration_samples(tokens, drawn, recipe.calib.seqlen, recipe.calib.seed)
+    texts = [calib] if isinstance(calib, str) else calib or data.corpus_parts(recipe.calib.dataset, "calib")
+    parts = [data.tokenize(tokenizer, text) for text in texts]
+    return data.mixed_calibration_samples(parts, drawn, recipe.calib.seqlen, recipe.calib.seed)
 
 
 def quantize(
     model: nn.Module,
     recipe: Recipe | str | dict | os.PathLike | None = None,
     tokenizer: Any = None,
-    calib: torch.Tensor | str | None = None,
+    calib: torch.Tensor | str | list[str] | None = None,
     model_map: ModelMap | None = None,
     progress: bool = True,
     run_dir: RunDir | None = None,

@@ -307,7 +307,7 @@ def prepare_data(
     dtype: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """Calibration ids and evaluation windows shared by every cell, and the float model they came with."""
-    calib_text = data.corpus(base.calib.dataset, "calib")  # a bad corpus fails before any model work
+    calib_text = data.corpus_parts(base.calib.dataset, "calib")  # a bad corpus fails before any model work
     eval_text = data.corpus(eval_corpus, "eval")
     float_model, tokenizer = llmquant.load(model, device=device, dtype=dtype)
     if tokenizer is None:

@@ -6,7 +6,9 @@ evaluation the second half. ``stdlib`` (a second offline corpus, of code rather 
 22 modules of Python's standard library (`STDLIB_MODULES`, in that order, about 1.3 M characters), split the same
 way. Hub sets (``wikitext2``, ``pileval``, ``c4``) load through `datasets` when
 the hub is reachable; a local ``.txt`` file (its whole text) or ``.jsonl`` file (its ``text`` fields,
-joined by blank lines) serves both splits.
+joined by blank lines) serves both splits. A mixture names corpora joined by ``+`` (``pydoc+stdlib``): calibration
+draws its windows from the parts in turn, as many from each (`mixed_calibration_samples`), whatever their lengths;
+its evaluation text is the parts' joined by a blank line.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ STDLIB_MODULES = ("argparse", "dataclasses", "difflib", "enum", "functools", "in
                   "shutil", "statistics", "string", "subprocess", "textwrap", "threading", "typing", "json/decoder",
                   "logging/__init__", "collections/__init__", "email/message", "unittest/case", "tarfile")
 OFFLINE = ("pydoc", "stdlib")
+MIXTURE = "+"
 
 
 def stdlib_text() -> str:
@@ -71,10 +74,30 @@ def _hub_text(name: str, split: Split) -> str:
     return "\n\n".join(t for t in data[field] if t)
 
 
+def mixture_parts(name: str) -> list[str]:
+    """The corpus names of a mixture ``a+b+...`` (one name for a corpus that is not a mixture, or a file that
+    exists whatever its name)."""
+    if MIXTURE not in name or Path(name).is_file():
+        return [name]
+    parts = name.split(MIXTURE)
+    if any(not part for part in parts) or len(set(parts)) != len(parts):
+        raise LlmquantError(f"corpus mixture '{name}' has an empty or repeated part; allowed: distinct corpora joined "
+                            f"by '{MIXTURE}', e.g. pydoc{MIXTURE}stdlib")
+    return parts
+
+
+def corpus_parts(name: str = "pydoc", split: Split = "calib") -> list[str]:
+    """The texts of the parts of corpus ``name`` for ``split`` (one text unless ``name`` is a mixture)."""
+    return [corpus(part, split) for part in mixture_parts(name)]
+
+
 def corpus(name: str = "pydoc", split: Split = "calib") -> str:
-    """The text of corpus ``name`` (``pydoc``, a hub set, or a local file) for ``split``."""
+    """The text of corpus ``name`` (``pydoc``, a hub set, a local file, or a mixture of them: its parts' texts
+    joined by a blank line) for ``split``."""
     if split not in ("calib", "eval"):
         raise LlmquantError(f"unknown split '{split}'; allowed: calib, eval")
+    if len(parts := mixture_parts(name)) > 1:
+        return "\n\n".join(corpus(part, split) for part in parts)
     if name in OFFLINE:
         text = pydoc_text() if name == "pydoc" else stdlib_text()
         half = len(text) // 2
@@ -86,8 +109,8 @@ def corpus(name: str = "pydoc", split: Split = "calib") -> str:
         if not path.is_file():
             raise LlmquantError(f"corpus file {path} does not exist")
         return _local_text(path)
-    raise LlmquantError(f"unknown corpus '{name}'; allowed: {', '.join(OFFLINE + tuple(HUB_SETS))}, or a .txt/.jsonl "
-                        "file")
+    raise LlmquantError(f"unknown corpus '{name}'; allowed: {', '.join(OFFLINE + tuple(HUB_SETS))}, a .txt/.jsonl "
+                        f"file, or corpora joined by '{MIXTURE}'")
 
 
 def tokenize(tokenizer: object, text: str) -> torch.Tensor:
@@ -111,6 +134,19 @@ def calibration_samples(tokens: torch.Tensor, n_samples: int, seqlen: int, seed:
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (n_samples,), generator=generator)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def mixed_calibration_samples(parts: list[torch.Tensor], n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` windows drawn from the token ids of each part in turn: window k is part ``k % len(parts)``'s
+    window ``k // len(parts)`` of its own seeded draw (`calibration_samples`), so a mixture gives each part as many
+    windows whatever its length, and the draw of n windows still starts with the draw of fewer. One part: exactly
+    `calibration_samples`."""
+    if n_samples < 1:  # (the error of one corpus)
+        return calibration_samples(parts[0], n_samples, seqlen, seed)
+    step = len(parts)
+    drawn = [calibration_samples(parts[i], len(range(i, n_samples, step)), seqlen, seed)
+             for i in range(min(step, n_samples))]  # (a part with no window to give is not drawn)
+    return torch.stack([drawn[k % step][k // step] for k in range(n_samples)])
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
