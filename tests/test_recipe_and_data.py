@@ -121,6 +121,49 @@ def test_calibration_windows_are_seeded_and_eval_windows_consecutive() -> None:
     assert data.eval_windows(tokens, 512).shape == (19, 512)
 
 
+def test_a_mixture_draws_as_many_windows_from_each_part_in_turn() -> None:
+    """Window k is part k % 2's window k // 2 of that part's own seeded draw, whatever the parts' lengths; the draw
+    of n windows starts with the draw of fewer; one part is `calibration_samples` itself."""
+    short, long = torch.arange(2_000), torch.arange(100_000, 400_000)
+    mixed = data.mixed_calibration_samples([short, long], 7, 64, seed=3)
+    assert torch.equal(mixed[0::2], data.calibration_samples(short, 4, 64, seed=3))
+    assert torch.equal(mixed[1::2], data.calibration_samples(long, 3, 64, seed=3))
+    assert torch.equal(data.mixed_calibration_samples([short, long], 4, 64, seed=3), mixed[:4])
+    single = data.mixed_calibration_samples([short], 5, 64, seed=3)
+    assert torch.equal(single, data.calibration_samples(short, 5, 64, seed=3))
+    one = data.mixed_calibration_samples([short, long, long + 1], 1, 64, seed=3)  # (parts with no window: not drawn)
+    assert torch.equal(one, data.calibration_samples(short, 1, 64, seed=3))
+
+
+def test_a_mixture_names_its_corpora_joined_by_plus(tmp_path: Path) -> None:
+    assert data.corpus_parts("pydoc+stdlib", "eval") == [data.corpus("pydoc", "eval"), data.corpus("stdlib", "eval")]
+    assert data.corpus("stdlib+pydoc") == data.corpus("stdlib") + "\n\n" + data.corpus("pydoc")
+    assert data.corpus_parts("pydoc") == [data.corpus("pydoc")]
+    named = tmp_path / "a+b.txt"  # a file whose name holds a + is that file
+    named.write_text("plus")
+    assert data.corpus_parts(str(named)) == ["plus"]
+    for bad, expected in (("pydoc+", "empty or repeated part"), ("pydoc+pydoc", "empty or repeated part"),
+                          ("pydoc+wiki", "unknown corpus 'wiki'.*or corpora joined by '\\+'")):
+        with pytest.raises(LlmquantError, match=expected):
+            data.corpus_parts(bad)
+
+
+def test_calibration_on_a_mixture_draws_from_both_corpora(tiny_dir: Path) -> None:
+    """The recipe's ``calib.dataset`` pydoc+stdlib: the windows alternate between the two corpora's own draws, and
+    the texts given as the parts' (the command line reads them first) draw the same."""
+    from transformers import AutoTokenizer
+
+    from llmquant.api import calibration_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    recipe = Recipe.build(scheme="w_int4_per_group_sym", calib={"dataset": "pydoc+stdlib", "samples": 5, "seqlen": 32})
+    ids = calibration_ids(recipe, tokenizer)
+    pydoc, stdlib = (calibration_ids(recipe.model_copy(update={"calib": recipe.calib.model_copy(
+        update={"dataset": name, "samples": count})}), tokenizer) for name, count in (("pydoc", 3), ("stdlib", 2)))
+    assert torch.equal(ids[0::2], pydoc) and torch.equal(ids[1::2], stdlib)
+    assert torch.equal(calibration_ids(recipe, tokenizer, data.corpus_parts("pydoc+stdlib")), ids)
+
+
 def test_local_files(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("hello world")
     (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')

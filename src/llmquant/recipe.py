@@ -74,7 +74,8 @@ class Calibration(_Strict):
     quantized layer (each layer sees what it will see at run time) or of the float one (the float model's
     activations all the way; llm-compressor calibrates inside ``DisableQuantization``, which is that for round to
     nearest). On the default model FP8 per-tensor static went from 13.905 to 13.855 with ``float`` (llm-compressor
-    13.848), the best int8 per-tensor static recipe from 13.943 to 13.952 (BENCHMARKS.md)."""
+    13.848), the best int8 per-tensor static recipe from 13.943 to 13.952 (BENCHMARKS.md). ``dataset`` is a corpus of
+    `llmquant.data`, or corpora joined by ``+`` (``pydoc+stdlib``: as many windows from each, in turn)."""
 
     dataset: str = "pydoc"
     samples: int = Field(32, ge=0)  # 0: no calibration pass (a recipe that learns nothing from samples)
