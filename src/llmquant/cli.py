@@ -233,6 +233,8 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
     manifest = model.llmquant_manifest
     source = manifest.results["quantized_from"]  # (--model, else the checkpoint's own)
     figures = _trained_figures(args, source, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
+    if figures and figures["eval"] == manifest.results.get("eval"):  # (the checkpoint evaluated alike: before, after)
+        manifest.results["scale_training"]["untrained_ppl"] = manifest.results.get("quantized_ppl")
     manifest.results.update(figures)
     manifest.seconds["wall_scale_training"] = time.perf_counter() - start
     llmquant.save(model, tokenizer, output, overwrite=args.overwrite)
@@ -251,8 +253,8 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
 
 def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, tokenizer: Any, seqlen: int,
                      results: dict[str, Any]) -> dict[str, Any]:
-    """The trained model's perplexity on ``--eval-corpus`` against the float model's (the checkpoint's own figures
-    where it was evaluated alike, its untrained perplexity then recorded in ``results["scale_training"]``)."""
+    """The trained model's perplexity on ``--eval-corpus`` against the float model's (the checkpoint's own float
+    figure where it was evaluated alike)."""
     if not args.eval:
         return {}
     import llmquant
@@ -264,7 +266,6 @@ def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, t
     setting = {"corpus": args.eval_corpus, "seqlen": seqlen, "windows": len(windows), "runtime": "int8"}
     if results.get("eval") == setting and results.get("float_ppl") is not None:
         float_ppl = results["float_ppl"]
-        results["scale_training"]["untrained_ppl"] = results.get("quantized_ppl")
     else:
         float_model, _ = llmquant.load(source, device=args.device)
         float_ppl = _float_ppl(float_model, windows, source, args.eval_corpus, seqlen)
