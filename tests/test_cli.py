@@ -106,6 +106,7 @@ def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixtu
         (["--group-size", "0"], "recipe field 'group_size' = 0"),
         (["--calib", "nosuch"], "unknown corpus 'nosuch'; allowed: pydoc"),
         (["--calib", "/nonexistent/file.txt"], "corpus file /nonexistent/file.txt does not exist"),
+        (["--calib", "pydoc+"], "corpus mixture 'pydoc+' has an empty or repeated part; allowed: distinct corpora"),
         (["--calib", "SHORT.txt"], "tokens, too short for windows of seqlen 32"),
         (["--seqlen", "1024"], "seqlen 1024 exceeds the model's max_position_embeddings 256"),
         (["--calib", "wikitext2"], "dataset 'wikitext2' could not be loaded from the hub"),
