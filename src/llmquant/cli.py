@@ -151,11 +151,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ranks = parallel.init(policy.device.type)  # the process group torchrun started, or this process alone
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
-    calib_text = (data.corpus_parts(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
+    calib_texts = (data.corpus_parts(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
                   if recipe.calib.samples else None)
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
     check_target_model(args.target, model, recipe)  # (a mixture of experts transformers cannot load back, ...)
-    ids = calibration_ids(recipe, tokenizer, calib_text)
+    ids = calibration_ids(recipe, tokenizer, calib_texts)
     run_dir = RunDir.open(output.with_name(f".{output.name}.run"),
                           fingerprint(model, recipe.model_dump(mode="json"), ids, files), resume=args.resume,
                           ranks=ranks)

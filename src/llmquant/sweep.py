@@ -307,7 +307,7 @@ def prepare_data(
     dtype: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
     """Calibration ids and evaluation windows shared by every cell, and the float model they came with."""
-    calib_text = data.corpus_parts(base.calib.dataset, "calib")  # a bad corpus fails before any model work
+    calib_texts = data.corpus_parts(base.calib.dataset, "calib")  # a bad corpus fails before any model work
     eval_text = data.corpus(eval_corpus, "eval")
     float_model, tokenizer = llmquant.load(model, device=device, dtype=dtype)
     if tokenizer is None:
@@ -316,7 +316,7 @@ def prepare_data(
     if limit is not None and base.calib.seqlen > limit:  # else every cell would fail alike
         raise LlmquantError(f"seqlen {base.calib.seqlen} exceeds the model's max_position_embeddings {limit}")
     windows = data.eval_windows(data.tokenize(tokenizer, eval_text), base.calib.seqlen, max_windows)
-    return calibration_ids(base, tokenizer, calib_text), windows, float_model
+    return calibration_ids(base, tokenizer, calib_texts), windows, float_model
 
 
 def describe(model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None) -> str:
