@@ -133,6 +133,9 @@ def test_a_mixture_draws_as_many_windows_from_each_part_in_turn() -> None:
     assert torch.equal(single, data.calibration_samples(short, 5, 64, seed=3))
     one = data.mixed_calibration_samples([short, long, long + 1], 1, 64, seed=3)  # (parts with no window: not drawn)
     assert torch.equal(one, data.calibration_samples(short, 1, 64, seed=3))
+    with pytest.raises(LlmquantError, match="part 2 of the calibration mixture has 50 tokens, too short for windows "
+                                            "of seqlen 64"):
+        data.mixed_calibration_samples([short, torch.arange(50)], 4, 64)
 
 
 def test_a_mixture_names_its_corpora_joined_by_plus(tmp_path: Path) -> None:

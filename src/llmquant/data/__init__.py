@@ -144,6 +144,10 @@ def mixed_calibration_samples(parts: list[torch.Tensor], n_samples: int, seqlen:
     if n_samples < 1:  # (the error of one corpus)
         return calibration_samples(parts[0], n_samples, seqlen, seed)
     step = len(parts)
+    short = [i + 1 for i, tokens in enumerate(parts) if tokens.numel() < seqlen + 1]
+    if step > 1 and short:
+        raise LlmquantError(f"part {short[0]} of the calibration mixture has {parts[short[0] - 1].numel()} tokens, too "
+                            f"short for windows of seqlen {seqlen}; use a longer text or a smaller --seqlen")
     drawn = [calibration_samples(parts[i], len(range(i, n_samples, step)), seqlen, seed)
              for i in range(min(step, n_samples))]  # (a part with no window to give is not drawn)
     return torch.stack([drawn[k % step][k // step] for k in range(n_samples)])
