@@ -19,6 +19,8 @@ from llmquant.model.validation import check_model_source
 
 log = logging.getLogger("llmquant")
 DEFAULT_WINDOWS = 40
+CALIB_HELP = ("calibration corpus: pydoc, stdlib, wikitext2, pileval, c4, a file, or corpora joined by + "
+              "(pydoc+stdlib: as many windows from each)")  # (quantize and sweep)
 LAUNCHER = "LLMQUANT_LAUNCHER"  # set by `quantize --nproc` for the processes it starts
 
 
@@ -152,7 +154,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
     calib_texts = (data.corpus_parts(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
-                  if recipe.calib.samples else None)
+                   if recipe.calib.samples else None)
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
     check_target_model(args.target, model, recipe)  # (a mixture of experts transformers cannot load back, ...)
     ids = calibration_ids(recipe, tokenizer, calib_texts)
@@ -601,9 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize the keys minus their calibrated mean (a dynamic KV cache; softmax unchanged)")
     q.add_argument("--kv-cache-keep-first", type=int, default=None, metavar="N",
                    help="keep the first N positions of the KV cache float (the attention sink; IntactKV)")
-    q.add_argument("--calib", default=None,
-                   help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4, a file, or corpora joined by + "
-                        "(pydoc+stdlib: as many windows from each)")
+    q.add_argument("--calib", default=None, help=CALIB_HELP)
     q.add_argument("--calib-samples", type=int, default=None,
                    help="calibration samples (default 32); 0: none, for round to nearest with dynamic activations: "
                         "no calibration pass, and no output-error figures")
@@ -691,9 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=int, default=None,
                    help="group size of grouped schemes: weights, W4A4 inputs per group, or both (-1: per channel "
                         "or token)")
-    s.add_argument("--calib", default=None,
-                   help="calibration corpus: pydoc, stdlib, wikitext2, pileval, c4, a file, or corpora joined by + "
-                        "(pydoc+stdlib: as many windows from each)")
+    s.add_argument("--calib", default=None, help=CALIB_HELP)
     s.add_argument("--calib-samples", type=int, default=None)
     s.add_argument("--seqlen", type=int, default=None, help="calibration and evaluation window length")
     s.add_argument("--config", default=None, help="base recipe file; its scheme and pre_opts are replaced per cell")
