@@ -48,6 +48,7 @@ from pydantic import (
 from torch import nn
 
 from llmquant.algorithms.awq import AWQStep
+from llmquant.algorithms.block_training import BlockTrainingConfig
 from llmquant.algorithms.gptq import GPTQOptions, GPTQStep
 from llmquant.algorithms.learned_online import OnlineLearningConfig, OnlineLearningStep
 from llmquant.algorithms.lifecycle import LayerStep
@@ -277,6 +278,22 @@ class ScaleTraining(_Strict):
         return ScaleTrainingConfig(**self.model_dump(exclude={"samples", "extra_windows"}))
 
 
+class BlockTraining(_Strict):
+    """Each decoder layer's quantized weights trained against its float output once its Linears are quantized
+    (`llmquant.algorithms.block_training`, EfficientQAT's Block-AP): ``epochs`` passes over the layer's calibration
+    samples but the last ``holdout`` (which decide whether what was trained is kept; 0: kept unchecked), one sample a
+    step; Adam's step ``lr`` on the scales' logarithms and ``codes_lr`` on the integer codes' offsets (0: the codes
+    stay), cosine-decayed."""
+
+    epochs: float = Field(BlockTrainingConfig.epochs, gt=0)
+    lr: float = Field(BlockTrainingConfig.lr, gt=0)
+    codes_lr: float = Field(BlockTrainingConfig.codes_lr, ge=0)
+    holdout: int = Field(BlockTrainingConfig.holdout, ge=0)
+
+    def config(self) -> BlockTrainingConfig:
+        return BlockTrainingConfig(**self.model_dump())
+
+
 class Recipe(_Strict):
     scheme: str = "w_int8_per_channel_a_int8_per_token_dynamic"
     algorithm: Literal["rtn", "awq", "gptq"] = "rtn"
@@ -293,6 +310,7 @@ class Recipe(_Strict):
     calib: Calibration = Field(default_factory=Calibration)
     moe_calibrate: Literal["all", "routed"] = "all"
     clip_search: ClipSearch | None = None
+    block_training: BlockTraining | None = None  # each layer's weights against its float output, once quantized
     scale_training: ScaleTraining | None = None  # after every layer (and the clip search): the scales, end to end
     # clip ratios of every input (kv_cache_clip: KV-cache) quantizer's range from the start, so that calibration,
     # static scales and GPTQ's quantized inputs see them (QuaRot's fixed 0.9 and 0.95); clip_search, after, replaces
@@ -317,8 +335,8 @@ class Recipe(_Strict):
             data.pop("gptq", None)
         if self.moe_calibrate == "all":  # (the default; a dense model has no expert to calibrate)
             data.pop("moe_calibrate", None)
-        for name in ("clip_search", "scale_training", "activation_clip", "kv_cache_clip", "activation_clip_grid",
-                     "kv_cache_clip_grid"):
+        for name in ("clip_search", "block_training", "scale_training", "activation_clip", "kv_cache_clip",
+                     "activation_clip_grid", "kv_cache_clip_grid"):
             if getattr(self, name) is None:
                 data.pop(name, None)
         if not self.kv_cache_center_keys:
@@ -469,6 +487,26 @@ class Recipe(_Strict):
                              f"{samples - held - 1}, or more {field}")
         return self
 
+    @model_validator(mode="after")
+    def _blocks_to_train(self) -> Recipe:
+        """``block_training`` needs quantized weights (integer ones to train codes), and calibration samples to train
+        on besides those it holds out."""
+        if self.block_training is None:
+            return self
+        names = self._scheme_names()
+        if all(self.scheme_named(name).weights is None for name in names):
+            raise ValueError(f"block_training trains quantized weights, but the recipe's schemes ({', '.join(names)}) "
+                             f"quantize no weight; allowed: a scheme with weights (w_...)")
+        floats = [name for name in names if (weights := self.scheme_named(name).weights) is not None
+                  and weights.type != "int"]
+        if self.block_training.codes_lr and floats:
+            raise ValueError(float_codes_refusal(floats[0], "block_training"))
+        if self.block_training.holdout >= self.calib.samples:
+            raise ValueError(f"block_training.holdout {self.block_training.holdout} leaves none of the "
+                             f"{self.calib.samples} calibration samples to train on; allowed: 0 to "
+                             f"{max(self.calib.samples - 1, 0)}, or more calib.samples")
+        return self
+
     def training_samples(self) -> int:
         """How many windows scale training sees: ``scale_training.samples`` where that is more than ``calib.samples``
         (the calibration windows first, then the others), else ``calib.samples``."""
@@ -503,6 +541,7 @@ class Recipe(_Strict):
                 + [step.name for step in self.layer_steps()] + (["static input scales"] if static_inputs else [])
                 + (["a static KV-cache scale"] if kv_cache is not None and not kv_cache.dynamic else [])
                 + (["the keys' mean"] if self.kv_cache_center_keys else [])
+                + (["block training"] if self.block_training is not None else [])
                 + (["scale training"] if self.scale_training is not None else []))
 
     def quarot(self) -> QuaRotPreOpt | None:
@@ -608,7 +647,8 @@ class Recipe(_Strict):
                          group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names},
                          calibrate_all_experts=self.moe_calibrate == "all",
                          propagate_float=self.calib.propagate == "float", center_keys=self.kv_cache_center_keys,
-                         kv_keep_first=self.kv_cache_keep_first)
+                         kv_keep_first=self.kv_cache_keep_first,
+                         block_training=self.block_training.config() if self.block_training is not None else None)
 
 
 def fitting_group_size(in_features: int, group_size: int) -> int:
@@ -682,6 +722,7 @@ class QuantPlan:
     propagate_float: bool = False  # the next layer is calibrated on this layer's float outputs (`Calibration`)
     center_keys: bool = False  # every KV-cache quantizer centres its keys (`Recipe.kv_cache_center_keys`)
     kv_keep_first: int = 0  # every KV-cache quantizer keeps this many first positions float
+    block_training: BlockTrainingConfig | None = None  # each layer's weights trained once quantized (`BlockTraining`)
 
     def left_float(self, decoder_layers: str) -> list[str]:
         """The Linears the plan leaves float, those of the decoder layers once for all (``layers.*.mlp.gate``)."""

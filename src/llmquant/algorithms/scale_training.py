@@ -180,7 +180,7 @@ def trainable_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Every parameter of ``model`` without a gradient meanwhile (the embeddings', the norms'), as it was after."""
     wanted = {p: p.requires_grad for p in model.parameters()}
     for p in wanted:
@@ -228,7 +228,7 @@ def _trained_gains(norms: dict[str, nn.Module]) -> Iterator[dict[str, _LogGain]]
 
 
 @contextmanager
-def _trained_codes(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+def trained_codes(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
     """Offsets on the codes ``start`` of each of those layers, from 0 (`QuantLinear.code_offsets`: the layer computes
     with them meanwhile); after, its codes are stored rounded (interrupted too: the offsets trained so far)."""
     offsets = {name: torch.zeros(codes.shape, device=codes.device, requires_grad=True) for name, codes in start.items()}
@@ -245,13 +245,14 @@ def _trained_codes(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor
                 layers[name].set_codes(codes.to(start[name].dtype))
 
 
-def float_codes_refusal(weight: str) -> str:
-    """The one line refusing ``codes_lr`` where ``weight`` (a Linear's or a scheme's name) stores float codes."""
-    return (f"scale_training.codes_lr trains integer codes, but {weight} stores float (FP8) codes; allowed: codes_lr 0 "
+def float_codes_refusal(weight: str, step: str = "scale_training") -> str:
+    """The one line refusing ``step``'s ``codes_lr`` where ``weight`` (a Linear's or a scheme's name) stores float
+    codes."""
+    return (f"{step}.codes_lr trains integer codes, but {weight} stores float (FP8) codes; allowed: codes_lr 0 "
             "with a float weight scheme")
 
 
-def _set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], step: bool = False) -> None:
+def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], step: bool = False) -> None:
     """Give each layer its scale tensor (a function of the trained logarithms, or plain values) and drop what its
     runtimes built from the old ones; at a training ``step`` the codes the layer unpacked stay
     (`QuantLinear.set_scale`), else they go too."""
@@ -325,7 +326,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         result.held_out_before = held_out_loss(model, held, held_teacher, ranks)
     batches = _batches(train.shape[0], config, ranks)
     bar = tqdm(batches, desc="training the weights' scales", unit="step", disable=not progress or not ranks.writes)
-    with _frozen(model), _trained_gains(norms) as gains, _trained_codes(layers, start_codes) as offsets:
+    with frozen(model), _trained_gains(norms) as gains, trained_codes(layers, start_codes) as offsets:
         groups = [{"params": [*logs.values(), *(gain.log for gain in gains.values())], "lr": config.lr}]
         groups += [{"params": list(offsets.values()), "lr": config.codes_lr}] if offsets else []
         trained = [p for group in groups for p in group["params"]]
@@ -334,7 +335,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / len(batches))))
         try:
             for rows in bar:
-                _set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers}, step=True)
+                set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers}, step=True)
                 loss = loss_of(model, train[rows], teacher[rows] if teacher is not None else None)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -349,7 +350,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
         finally:  # (interrupted too: plain tensors again, the trained values so far)
             with torch.no_grad():
-                _set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
+                set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
     result.steps, result.tokens = len(batches), len(batches) * config.batch * ranks.world * samples.shape[1]
     reached_anywhere = ranks.sum(torch.tensor([float(name in reached) for name in layers], device=device_of(model)))
     result.unreached = [name for name, count in zip(layers, reached_anywhere.tolist(), strict=True) if not count]
@@ -361,7 +362,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         result.held_out_after = held_out_loss(model, held, held_teacher, ranks)
         result.kept = result.held_out_after < result.held_out_before
         if not result.kept:
-            _set_scales(layers, start)
+            set_scales(layers, start)
             for name, codes in start_codes.items():
                 layers[name].set_codes(codes)
             with torch.no_grad():

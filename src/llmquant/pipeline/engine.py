@@ -7,7 +7,8 @@
 3. For each layer: a float pass records the output (and, with smoothing, each group's activation
    statistics; the groups are found once on layer 0, then smoothed and checked for equivalence), and,
    through observers, the input range of every Linear with a static input scale and of the KV cache;
-   the Linears are swapped for `QuantLinear`s; a quantized pass gives the outputs that become the next
+   the Linears are swapped for `QuantLinear`s (with ``block_training``, then trained against the float pass's
+   outputs: `llmquant.algorithms.block_training`); a quantized pass gives the outputs that become the next
    layer's inputs (so each layer is calibrated on what the quantized model really feeds it) and the
    layer's output error. When a step wants the float model's own activations (GPTAQ), a second stream of
    them, the reference, goes through each transformed float layer beside the quantized one.
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
+from llmquant.algorithms.block_training import BlockTrainingConfig, train_block
 from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
@@ -44,6 +46,7 @@ from llmquant.device import (
     peak_memory_mb,
     reset_peak_memory,
     resident_bytes,
+    to_device,
 )
 from llmquant.errors import LlmquantError
 from llmquant.model.lazy import map_large_allocations
@@ -427,8 +430,10 @@ def quantize_layer(
 
     with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token
         float_out, reference_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
-                                              every_sample=static or not quantizes or plan.propagate_float,
-                                              reference=reference)
+                                              every_sample=static or not quantizes or plan.propagate_float
+                                              or plan.block_training is not None, reference=reference)
+    if plan.block_training is not None and ctx.linears:
+        row["block_training"] = _train_block(layer, inputs, float_out, plan.block_training, prefix)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
@@ -446,6 +451,21 @@ def quantize_layer(
     row["weight_error"] = _weight_errors(ctx.linears)
     row["seconds"] = time.perf_counter() - start
     return (float_out if plan.propagate_float else quant_out), row, reference_out
+
+
+def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.Tensor], config: BlockTrainingConfig,
+                 where: str) -> dict[str, Any]:
+    """`train_block` on the quantized ``layer`` against its float outputs ``targets`` on ``inputs`` (a sample a step,
+    as the router chooses in an MoE layer); the manifest row's entry."""
+    if config.holdout >= len(targets):
+        raise LlmquantError(f"{where}: block_training.holdout {config.holdout} leaves none of this process's "
+                            f"{len(targets)} calibration samples to train on; allowed: fewer than {len(targets)}")
+    device = device_of(layer)
+
+    def sample(i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        return inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
+
+    return train_block(layer, sample, targets, config).describe()
 
 
 def _check_kv_groups(plan: QuantPlan, head_dim: int | None) -> None:
@@ -604,6 +624,9 @@ def quantize(
     if recipe.scale_training is not None and source.streams:
         raise LlmquantError("scale_training runs the whole quantized model forward and backward, but the model is "
                             "streamed from disk (--max-memory); drop scale_training or load the model whole")
+    if recipe.block_training is not None and ranks.world > 1:
+        raise LlmquantError(f"block_training trains each layer on one process's samples, but this run has "
+                            f"{ranks.world} processes; allowed: one process (no torchrun), or drop block_training")
     if calibrated and not _calibrates(recipe) and calib.shape[0] > ranks.world:  # the samples only measure errors
         manifest.results["calibration"] = {
             "samples": ranks.world, "given": calib.shape[0],

@@ -1,0 +1,154 @@
+"""One decoder layer's quantized weights trained against its float output (EfficientQAT's Block-AP: Chen et al. 2024,
+"EfficientQAT: Efficient Quantization-Aware Training for Large Language Models", arXiv 2407.11062, section 3.2).
+
+Once a layer's Linears are quantized (by GPTQ, AWQ or round to nearest), each weight is W = (q - z) s. Block-AP
+trains the weights and their step sizes of a whole block at once, with the block's own quantizers in the forward pass,
+against the mean squared error of the block's output:
+
+    min over s, d of  E_x || block_q(x; s, round(q + d)) - block(x) ||^2
+
+over the layer's calibration inputs x (those the quantized model feeds it), with the activations and the KV cache
+quantized as the block will run them and every rounding passed straight through (`llmquant.quant.straight_through`).
+Where GPTQ minimises each Linear's output error alone, with float inputs to the later Linears' quantizers taken as
+they come, this sees what the Linears' errors, the 4-bit inputs and the KV cache do to the layer's output together.
+
+Deliberate deviations from EfficientQAT, and why:
+
+- The weights train as offsets d on the integer codes (`QuantLinear.code_offsets`, in code units, from 0; Adam's step
+  ``codes_lr``), not as float weights: the checkpoint keeps its codes, zero points and format, and the offsets start
+  from the codes GPTQ chose, not from round to nearest. A code moves by one where its offset passes 0.5.
+- The scales train in the log domain, s = s0 exp(t) (as `llmquant.algorithms.scale_training`), the zero points stay.
+- The target is the float layer's output on the same (quantized-model) inputs: what GPTQ aims each Linear at.
+- Held-out check: the last ``holdout`` calibration samples are not trained on; what was trained is kept only if it
+  lowers their error (else the layer keeps what the per-layer steps gave it). EfficientQAT trains on 4096 samples.
+
+Cost: ``epochs`` passes of one sample a step, a forward and a backward pass of the layer each, before the layer's
+quantized pass; a float offset, its gradient and Adam's moments a weight of the layer (16 bytes a weight).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmquant.algorithms.scale_training import frozen, set_scales, trainable_layers, trained_codes
+
+Sample = Callable[[int], tuple[torch.Tensor, dict[str, Any]]]  # sample i's hidden state [1, T, H] and kwargs
+
+
+@dataclass(frozen=True)
+class BlockTrainingConfig:
+    """``epochs`` passes over the layer's calibration samples but the last ``holdout`` (which decide whether what was
+    trained is kept; 0: kept unchecked), one sample a step; Adam's largest steps on the scales' logarithms (``lr``)
+    and on the codes' offsets (``codes_lr``; 0: the codes stay), cosine-decayed to 0."""
+
+    epochs: float = 2.0
+    lr: float = 1e-3
+    codes_lr: float = 5e-3
+    holdout: int = 8
+
+
+@dataclass
+class TrainedBlock:
+    """What one layer's training did: its steps and seconds, the relative output error of the held-out samples
+    before and after (None without a held-out set), the training loss over its first and last tenth of steps, the
+    codes it changed and whether what it trained was kept."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    codes_changed: int = 0
+    kept: bool = True
+
+    def describe(self) -> dict[str, Any]:
+        tenth = max(1, len(self.losses) // 10)
+        first, last = self.losses[:tenth], self.losses[-tenth:]
+        return {"steps": self.steps, "seconds": round(self.seconds, 1),
+                "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
+                "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
+                "held_out_error_before": _rounded(self.held_out_before),
+                "held_out_error_after": _rounded(self.held_out_after),
+                "codes_changed": self.codes_changed, "kept": self.kept}
+
+
+def _rounded(value: float | None) -> float | None:
+    return float(f"{value:.6g}") if value is not None else None
+
+
+def _output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def relative_output_error(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
+                          rows: range) -> float:
+    """||layer(x) - target|| / ||target|| over the samples ``rows``."""
+    num = den = 0.0
+    for i in rows:
+        target = targets[i].float()
+        out = _output(layer, *sample(i)).float()
+        num += float((out - target.to(out.device)).pow(2).sum())
+        den += float(target.pow(2).sum())
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
+                config: BlockTrainingConfig) -> TrainedBlock:
+    """Train the scales (and, with ``config.codes_lr``, the codes) of every quantized weight of ``layer`` so that its
+    output on sample i (``sample(i)``) nears ``targets[i]``, the float layer's (module docstring); the layer keeps what
+    was trained, or its own values where the held-out samples say they are worse. The caller checks that the layer
+    has integer weights to train."""
+    result = TrainedBlock()
+    layers = trainable_layers(layer)
+    count = len(targets) - config.holdout
+    held = range(count, len(targets))
+    began = time.perf_counter()
+    if config.holdout:
+        result.held_out_before = relative_output_error(layer, sample, targets, held)
+    start = {name: linear.weight_scale.detach().clone() for name, linear in layers.items()}
+    start_codes = {name: linear.codes().clone() for name, linear in layers.items()} if config.codes_lr else {}
+    logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
+    steps = max(1, round(config.epochs * count))
+    with torch.enable_grad(), frozen(layer), trained_codes(layers, start_codes) as offsets:
+        groups = [{"params": list(logs.values()), "lr": config.lr}]
+        groups += [{"params": list(offsets.values()), "lr": config.codes_lr}] if offsets else []
+        optimizer = torch.optim.Adam(groups)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+        try:
+            for step in range(steps):
+                set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers}, step=True)
+                hidden, kwargs = sample(step % count)
+                out = _output(layer, hidden, kwargs)
+                loss = (out.float() - targets[step % count].to(out.device).float()).pow(2).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                result.losses.append(loss.item())
+        finally:  # (interrupted too: plain tensors again, the trained values so far)
+            with torch.no_grad():
+                set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
+    result.steps = steps
+    result.codes_changed = sum(int((layers[name].codes() != codes).sum()) for name, codes in start_codes.items())
+    if config.holdout:
+        result.held_out_after = relative_output_error(layer, sample, targets, held)
+        result.kept = result.held_out_after < result.held_out_before
+        if not result.kept:
+            set_scales(layers, start)
+            for name, codes in start_codes.items():
+                layers[name].set_codes(codes)
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+__all__ = ["BlockTrainingConfig", "TrainedBlock", "relative_output_error", "train_block"]
