@@ -15,6 +15,7 @@ import llmquant
 from conftest import VOCAB, logits, make_model
 from llmquant.algorithms.block_training import BlockTrainingConfig, relative_output_error, train_block
 from llmquant.algorithms.scale_training import trainable_layers
+from llmquant.cli import _recipe_from_args, build_parser
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import detect_model_map
 from llmquant.parallel import Ranks
@@ -124,6 +125,14 @@ def test_bad_block_training_recipes_are_one_line_errors(recipe: dict, message: s
     with pytest.raises(LlmquantError, match=message) as error:
         llmquant.Recipe.build(**recipe)
     assert "\n" not in str(error.value)
+
+
+def test_the_train_blocks_flag_reaches_the_recipe() -> None:
+    args = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
+                                      "--algo", "gptq", "--train-blocks", "2", "--output", "unused"])
+    assert _recipe_from_args(args).block_training.config() == BlockTrainingConfig(epochs=2.0)
+    assert "block_training" not in _recipe_from_args(build_parser().parse_args(
+        ["quantize", "--scheme", "w_int4_per_group_sym", "--output", "unused"])).model_dump()
 
 
 def test_several_processes_are_refused_in_one_line(calib12: torch.Tensor) -> None:

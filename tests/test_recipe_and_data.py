@@ -165,6 +165,10 @@ def test_calibration_on_a_mixture_draws_from_both_corpora(tiny_dir: Path) -> Non
         update={"dataset": name, "samples": count})}), tokenizer) for name, count in (("pydoc", 3), ("stdlib", 2)))
     assert torch.equal(ids[0::2], pydoc) and torch.equal(ids[1::2], stdlib)
     assert torch.equal(calibration_ids(recipe, tokenizer, data.corpus_parts("pydoc+stdlib")), ids)
+    with pytest.raises(LlmquantError, match=r"calib is an empty list of texts; allowed: token ids, a text, a "
+                                            r"non-empty list") as error:
+        calibration_ids(recipe, tokenizer, [])
+    assert "\n" not in str(error.value)
 
 
 def test_local_files(tmp_path: Path) -> None:

@@ -67,6 +67,9 @@ def calibration_ids(recipe: Recipe, tokenizer: Any = None,
         return torch.zeros(0, recipe.calib.seqlen, dtype=torch.long)
     if tokenizer is None:
         raise LlmquantError("a tokenizer is needed to calibrate from text; pass tokenizer= or token ids as calib=")
+    if isinstance(calib, list) and not calib:
+        raise LlmquantError("calib is an empty list of texts; allowed: token ids, a text, a non-empty list of texts "
+                            "(a mixture's parts), or None for the recipe's calib.dataset")
     texts = [calib] if isinstance(calib, str) else calib or data.corpus_parts(recipe.calib.dataset, "calib")
     parts = [data.tokenize(tokenizer, text) for text in texts]
     return data.mixed_calibration_samples(parts, drawn, recipe.calib.seqlen, recipe.calib.seed)

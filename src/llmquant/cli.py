@@ -69,6 +69,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         fields["kv_cache_keep_first"] = args.kv_cache_keep_first
     if getattr(args, "clip_search", False):
         fields["clip_search"] = fields.get("clip_search") or {}
+    if getattr(args, "train_blocks", None) is not None:
+        fields["block_training"] = {**(fields.get("block_training") or {}), "epochs": args.train_blocks}
     if getattr(args, "train_scales", None) is not None:
         fields["scale_training"] = {**(fields.get("scale_training") or {}), "epochs": args.train_scales}
     if getattr(args, "train_samples", None) is not None:
@@ -234,8 +236,9 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
         return 0
     manifest = model.llmquant_manifest
     source = manifest.results["quantized_from"]  # (--model, else the checkpoint's own)
-    figures = _trained_figures(args, source, model, tokenizer, manifest.recipe["calib"]["seqlen"], manifest.results)
-    if figures and figures["eval"] == manifest.results.get("eval"):  # (the checkpoint evaluated alike: before, after)
+    figures, alike = _trained_figures(args, source, model, tokenizer, manifest.recipe["calib"]["seqlen"],
+                                      manifest.results)
+    if alike:  # (the checkpoint evaluated alike: its figure before training beside the one after)
         manifest.results["scale_training"]["untrained_ppl"] = manifest.results.get("quantized_ppl")
     manifest.results.update(figures)
     manifest.seconds["wall_scale_training"] = time.perf_counter() - start
@@ -254,11 +257,11 @@ def cmd_train_scales(args: argparse.Namespace) -> int:
 
 
 def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, tokenizer: Any, seqlen: int,
-                     results: dict[str, Any]) -> dict[str, Any]:
+                     results: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The trained model's perplexity on ``--eval-corpus`` against the float model's (the checkpoint's own float
-    figure where it was evaluated alike)."""
+    figure where it was evaluated alike), and whether it was (its ``results``' figures then compare with these)."""
     if not args.eval:
-        return {}
+        return {}, False
     import llmquant
     from llmquant import data
     from llmquant.evaluation.perplexity import perplexity
@@ -266,7 +269,8 @@ def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, t
 
     windows = data.corpus_windows(tokenizer, args.eval_corpus, seqlen, args.max_windows)
     setting = {"corpus": args.eval_corpus, "seqlen": seqlen, "windows": len(windows), "runtime": "int8"}
-    if results.get("eval") == setting and results.get("float_ppl") is not None:
+    alike = results.get("eval") == setting
+    if alike and results.get("float_ppl") is not None:
         float_ppl = results["float_ppl"]
     else:
         float_model, _ = llmquant.load(source, device=args.device)
@@ -275,7 +279,7 @@ def _trained_figures(args: argparse.Namespace, source: str | None, model: Any, t
     set_runtime(model, "int8")  # measured as `llmquant.load(DIR)` runs it
     quantized_ppl = perplexity(model, windows, progress=not args.quiet)
     return {"float_ppl": float_ppl, "quantized_ppl": quantized_ppl, "ppl_ratio": quantized_ppl / float_ppl,
-            "eval": setting}
+            "eval": setting}, alike
 
 
 def _launch(nproc: int, argv: list[str], output: str, hint: str = "") -> int:
@@ -579,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learn R1 and R2 (SpinQuant, Cayley SGD) in STEPS steps on the calibration samples")
     q.add_argument("--learn-online", type=int, default=None, metavar="STEPS",
                    help="learn each layer's online rotations before Linears (R4, R5, R6) in STEPS steps a layer")
+    q.add_argument("--train-blocks", type=float, default=None, metavar="EPOCHS",
+                   help="train each layer's scales and codes against its float output once quantized (EfficientQAT's "
+                        "Block-AP) for EPOCHS passes over its calibration samples, 8 of them held out to keep the "
+                        "result only where it helps")
     q.add_argument("--train-scales", type=float, default=None, metavar="EPOCHS",
                    help="then train every weight's scales end to end (EfficientQAT's E2E-QP) for EPOCHS passes over "
                         "the calibration samples (or --train-samples), 8 of them held out to keep the result only "
