@@ -114,7 +114,12 @@ def test_a_recipe_trains_each_layer_closer_to_its_float_output(calib24: torch.Te
 @pytest.mark.parametrize(("recipe", "message"), [
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 4}, "block_training": {}},
      "block_training.holdout 8 leaves none of the 4 calibration samples to train on; allowed: 0 to 3"),
-    ({"scheme": "none", "block_training": {}}, r"the recipe's schemes \(none\) quantize no weight"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 8}, "clip_search": {"samples": 4},
+      "block_training": {"holdout": 4}},
+     "block_training.holdout 4 leaves none of the 4 calibration samples the clip search leaves to train on; allowed: "
+     "0 to 3"),
+    ({"scheme": "none", "block_training": {}}, r"block_training trains the scales of quantized weights, but the "
+                                               r"recipe's schemes \(none\) quantize no weight"),
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "block_training": {"lr": 0}},
      "recipe field 'block_training.lr' = 0: Input should be greater than 0"),
     ({"scheme": "w_fp8_per_channel", "block_training": {"codes_lr": 0.01}},

@@ -460,14 +460,7 @@ class Recipe(_Strict):
         those it holds out."""
         if self.scale_training is None:
             return self
-        names = self._scheme_names()
-        if all(self.scheme_named(name).weights is None for name in names):
-            raise ValueError(f"scale_training trains the scales of quantized weights, but the recipe's schemes "
-                             f"({', '.join(names)}) quantize no weight; allowed: a scheme with weights (w_...)")
-        floats = [name for name in names if (weights := self.scheme_named(name).weights) is not None
-                  and weights.type != "int"]
-        if self.scale_training.codes_lr and floats:
-            raise ValueError(float_codes_refusal(floats[0]))
+        self._check_weights_to_train("scale_training", self.scale_training.codes_lr)
         extra = self.scale_training.samples
         if extra is not None and extra < self.calib.samples:
             raise ValueError(f"scale_training.samples {extra} is fewer than calib.samples {self.calib.samples}, "
@@ -493,19 +486,26 @@ class Recipe(_Strict):
         on besides those it holds out."""
         if self.block_training is None:
             return self
+        self._check_weights_to_train("block_training", self.block_training.codes_lr)
+        held = self.clip_search.samples if self.clip_search is not None else 0
+        left = self.calib.samples - held
+        if self.block_training.holdout >= left:
+            where = " the clip search leaves" if held else ""
+            raise ValueError(f"block_training.holdout {self.block_training.holdout} leaves none of the {left} "
+                             f"calibration samples{where} to train on; allowed: 0 to {max(left - 1, 0)}, or more "
+                             f"calib.samples")
+        return self
+
+    def _check_weights_to_train(self, step: str, codes_lr: float) -> None:
+        """A training ``step`` needs quantized weights among the recipe's schemes, integer ones to train codes."""
         names = self._scheme_names()
         if all(self.scheme_named(name).weights is None for name in names):
-            raise ValueError(f"block_training trains quantized weights, but the recipe's schemes ({', '.join(names)}) "
-                             f"quantize no weight; allowed: a scheme with weights (w_...)")
+            raise ValueError(f"{step} trains the scales of quantized weights, but the recipe's schemes "
+                             f"({', '.join(names)}) quantize no weight; allowed: a scheme with weights (w_...)")
         floats = [name for name in names if (weights := self.scheme_named(name).weights) is not None
                   and weights.type != "int"]
-        if self.block_training.codes_lr and floats:
-            raise ValueError(float_codes_refusal(floats[0], "block_training"))
-        if self.block_training.holdout >= self.calib.samples:
-            raise ValueError(f"block_training.holdout {self.block_training.holdout} leaves none of the "
-                             f"{self.calib.samples} calibration samples to train on; allowed: 0 to "
-                             f"{max(self.calib.samples - 1, 0)}, or more calib.samples")
-        return self
+        if codes_lr and floats:
+            raise ValueError(float_codes_refusal(floats[0], step))
 
     def training_samples(self) -> int:
         """How many windows scale training sees: ``scale_training.samples`` where that is more than ``calib.samples``
