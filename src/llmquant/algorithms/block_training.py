@@ -18,7 +18,9 @@ Deliberate deviations from EfficientQAT, and why:
   ``codes_lr``), not as float weights: the checkpoint keeps its codes, zero points and format, and the offsets start
   from the codes GPTQ chose, not from round to nearest. A code moves by one where its offset passes 0.5.
 - The scales train in the log domain, s = s0 exp(t) (as `llmquant.algorithms.scale_training`), the zero points stay.
-- The target is the float layer's output on the same (quantized-model) inputs: what GPTQ aims each Linear at.
+- The target (``target``): ``layer``, the float layer's output on the same (quantized-model) inputs, what GPTQ aims
+  each Linear at; or ``model``, the float model's own output of the layer (the float layer on the float model's
+  inputs, the stream GPTAQ carries), so that a layer also learns to undo what the layers before it got wrong.
 - Held-out check: the last ``holdout`` calibration samples are not trained on; what was trained is kept only if it
   lowers their error (else the layer keeps what the per-layer steps gave it). EfficientQAT trains on 4096 samples.
 
@@ -46,12 +48,14 @@ Sample = Callable[[int], tuple[torch.Tensor, dict[str, Any]]]  # sample i's hidd
 class BlockTrainingConfig:
     """``epochs`` passes over the layer's calibration samples but the last ``holdout`` (which decide whether what was
     trained is kept; 0: kept unchecked), one sample a step; Adam's largest steps on the scales' logarithms (``lr``)
-    and on the codes' offsets (``codes_lr``; 0: the codes stay), cosine-decayed to 0."""
+    and on the codes' offsets (``codes_lr``; 0: the codes stay), cosine-decayed to 0; ``target``: what the layer's
+    output is aimed at (module docstring; the caller gives the targets)."""
 
     epochs: float = 2.0
     lr: float = 1e-3
     codes_lr: float = 5e-3
     holdout: int = 8
+    target: str = "layer"  # "layer": the float layer on the same inputs; "model": the float model's own output
 
 
 @dataclass

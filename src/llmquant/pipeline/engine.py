@@ -433,7 +433,8 @@ def quantize_layer(
                                               every_sample=static or not quantizes or plan.propagate_float
                                               or plan.block_training is not None, reference=reference)
     if plan.block_training is not None and ctx.linears:
-        row["block_training"] = _train_block(layer, inputs, float_out, plan.block_training, prefix)
+        targets = reference_out if plan.block_training.target == "model" else float_out
+        row["block_training"] = _train_block(layer, inputs, targets, plan.block_training, prefix)
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
@@ -455,8 +456,9 @@ def quantize_layer(
 
 def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.Tensor], config: BlockTrainingConfig,
                  where: str) -> dict[str, Any]:
-    """`train_block` on the quantized ``layer`` against its float outputs ``targets`` on ``inputs`` (a sample a step,
-    as the router chooses in an MoE layer); the manifest row's entry."""
+    """`train_block` on the quantized ``layer`` fed ``inputs`` against ``targets`` (the float layer's outputs on them,
+    or on the float model's own inputs), a sample a step, as the router chooses in an MoE layer; the manifest row's
+    entry."""
     if config.holdout >= len(targets):
         raise LlmquantError(f"{where}: block_training.holdout {config.holdout} leaves none of this process's "
                             f"{len(targets)} calibration samples to train on; allowed: fewer than {len(targets)}")
@@ -655,7 +657,9 @@ def quantize(
             manifest.results["learned_rotations"]["peak_rss_mb"] = peak_rss_mb()
         rotation = RotationPass(model, model_map, quarot.config(), sample, ranks, overrides)
     inputs = capture_layer_inputs(model, model_map, calib, into=storage.new()) if calibrated else None
-    reference = inputs if calibrated and any(step.wants_reference for step in steps) else None  # (GPTAQ)
+    aims_at_model = plan.block_training is not None and plan.block_training.target == "model"
+    reference = inputs if calibrated and (aims_at_model or any(step.wants_reference for step in steps)) else None
+    # (the float model's own stream: GPTAQ's inputs, block training's targets)
     if rotation is None:  # nothing changes the embeddings or the head: they wait on disk (when streaming)
         source.release_outside()
     else:
