@@ -101,6 +101,10 @@ def test_a_recipe_trains_each_layer_closer_to_its_float_output(calib24: torch.Te
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib24, progress=False)
     rows, plain_rows = model.llmquant_manifest.layers, plain.llmquant_manifest.layers
     assert all(row["block_training"]["steps"] == 64 for row in rows) and rows[0]["block_training"]["kept"]
+    summary = model.llmquant_manifest.results["block_training"]
+    assert summary["layers"] == 2 and summary["kept"] == sum(row["block_training"]["kept"] for row in rows) >= 1
+    assert summary["codes_changed"] == sum(r["block_training"]["codes_changed"] for r in rows
+                                           if r["block_training"]["kept"])
     assert rows[0]["output_error"] < plain_rows[0]["output_error"]
     assert sum(r["output_error"] for r in rows) < sum(r["output_error"] for r in plain_rows)
     assert "block training" in llmquant.Recipe.build(**recipe).learns_from_samples()

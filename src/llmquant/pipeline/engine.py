@@ -470,6 +470,15 @@ def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.
     return train_block(layer, sample, targets, config).describe()
 
 
+def _block_training_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layers' ``block_training`` records summed up: how many layers trained and kept what they trained, the
+    codes changed in those, and the seconds (the records themselves stay in each layer's row)."""
+    records = [row["block_training"] for row in rows if "block_training" in row]
+    kept = [record for record in records if record["kept"]]
+    return {"layers": len(records), "kept": len(kept), "codes_changed": sum(r["codes_changed"] for r in kept),
+            "seconds": round(sum(r["seconds"] for r in records), 1)}
+
+
 def _check_kv_groups(plan: QuantPlan, head_dim: int | None) -> None:
     """A KV cache in groups of channels needs heads whose width the group divides (checked before any layer runs)."""
     for spec in {spec for spec in plan.kv_cache.values() if spec is not None and spec.granularity == "group"}:
@@ -735,6 +744,8 @@ def quantize(
         manifest.layers[-1]["rss_mb"] = rss_mb()  # resident memory once the layer is done (and released)
         manifest.layers[-1]["peak_rss_mb"] = peak_rss_mb()
     manifest.seconds["layers"] = time.perf_counter() - t1
+    if recipe.block_training is not None:
+        manifest.results["block_training"] = _block_training_summary(manifest.layers)
     if rotation is not None:
         manifest.results["rotation"] = rotation.finish(inputs.head(1).hidden)
     del inputs, reference  # (their files, when offloaded, go with them)
