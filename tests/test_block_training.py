@@ -132,6 +132,15 @@ def test_aimed_at_the_float_model_a_layer_sees_the_error_of_the_layers_before(ca
     assert rows["model"][1]["held_out_error_before"] > 1.2 * rows["layer"][1]["held_out_error_before"]
 
 
+def test_a_layer_left_float_trains_nothing(calib24: torch.Tensor) -> None:
+    recipe = {**W4A4KV4, "calib": {"samples": 24, "seqlen": 32}, "block_training": {"epochs": 1, "holdout": 8},
+              "overrides": [{"targets": ["re:model\\.layers\\.1\\..*"], "scheme": "none"}]}
+    model = llmquant.quantize(make_model("llama"), recipe, calib=calib24, progress=False)
+    rows = model.llmquant_manifest.layers
+    assert "block_training" in rows[0] and "block_training" not in rows[1]
+    assert model.llmquant_manifest.results["block_training"]["layers"] == 1
+
+
 @pytest.mark.parametrize(("recipe", "message"), [
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "calib": {"samples": 4}, "block_training": {}},
      "block_training.holdout 8 leaves none of the 4 calibration samples to train on; allowed: 0 to 3"),

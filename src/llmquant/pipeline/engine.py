@@ -38,7 +38,13 @@ from llmquant.algorithms.block_training import BlockTrainingConfig, train_block
 from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
-from llmquant.algorithms.scale_training import TeacherTargets, TrainedScales, teacher_targets, train_scales
+from llmquant.algorithms.scale_training import (
+    TeacherTargets,
+    TrainedScales,
+    teacher_targets,
+    train_scales,
+    trainable_layers,
+)
 from llmquant.device import (
     DevicePolicy,
     cast_weights,
@@ -432,7 +438,7 @@ def quantize_layer(
         float_out, reference_out = _calibrate(ctx, steps, plan, inputs, storage, row, attention, kv_spec,
                                               every_sample=static or not quantizes or plan.propagate_float
                                               or plan.block_training is not None, reference=reference)
-    if plan.block_training is not None and ctx.linears:
+    if plan.block_training is not None and trainable_layers(layer):  # (a layer with quantized weights)
         targets = reference_out if plan.block_training.target == "model" else float_out
         row["block_training"] = _train_block(layer, inputs, targets, plan.block_training, prefix)
     if quantizes:
