@@ -77,6 +77,8 @@ def main() -> None:
         "learned_online_rotations": [{"layer": row["layer"], **row["learned_online_rotations"]}
                                      for row in manifest.layers if "learned_online_rotations" in row] or None,
         "output_errors": [round(row["output_error"], 5) for row in manifest.layers if "output_error" in row],
+        "block_training": [{"layer": row["layer"], **row["block_training"]}
+                           for row in manifest.layers if "block_training" in row] or None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
