@@ -39,7 +39,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmquant.algorithms.scale_training import frozen, set_scales, trainable_layers, trained_codes
+from llmquant.algorithms.scale_training import (
+    codes_changed,
+    frozen,
+    restore_weights,
+    set_scales,
+    trainable_layers,
+    trained_codes,
+)
 
 Sample = Callable[[int], tuple[torch.Tensor, dict[str, Any]]]  # sample i's hidden state [1, T, H] and kwargs
 
@@ -143,14 +150,12 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
             with torch.no_grad():
                 set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
     result.steps = steps
-    result.codes_changed = sum(int((layers[name].codes() != codes).sum()) for name, codes in start_codes.items())
+    result.codes_changed = codes_changed(layers, start_codes)
     if config.holdout:
         result.held_out_after = relative_output_error(layer, sample, targets, held)
         result.kept = result.held_out_after < result.held_out_before
         if not result.kept:
-            set_scales(layers, start)
-            for name, codes in start_codes.items():
-                layers[name].set_codes(codes)
+            restore_weights(layers, start, start_codes)
     result.seconds = time.perf_counter() - began
     return result
 

@@ -260,6 +260,19 @@ def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], 
         layer.set_scale(scales[name], keep_codes=step)
 
 
+def codes_changed(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> int:
+    """How many of the codes ``start`` (by layer) each layer now stores otherwise."""
+    return sum(int((layers[name].codes() != codes).sum()) for name, codes in start.items())
+
+
+def restore_weights(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor],
+                    codes: dict[str, torch.Tensor]) -> None:
+    """Each layer's scales back to ``scales`` and, where ``codes`` has them, its codes back to those."""
+    set_scales(layers, scales)
+    for name, value in codes.items():
+        layers[name].set_codes(value)
+
+
 def loss_of(model: nn.Module, ids: torch.Tensor, teacher: TeacherTargets | None) -> torch.Tensor:
     """The training loss on token ids ``[b, T]``: the KL from ``teacher`` (its rows for ``ids``), or without one the
     next-token cross-entropy."""
@@ -357,14 +370,12 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     if result.unreached:
         log.warning("scale training: no gradient reached the scales of %d of the %d layers (the first: %s); they "
                     "kept their values", len(result.unreached), len(layers), result.unreached[0])
-    result.codes_changed = sum(int((layers[name].codes() != codes).sum()) for name, codes in start_codes.items())
+    result.codes_changed = codes_changed(layers, start_codes)
     if held is not None:
         result.held_out_after = held_out_loss(model, held, held_teacher, ranks)
         result.kept = result.held_out_after < result.held_out_before
         if not result.kept:
-            set_scales(layers, start)
-            for name, codes in start_codes.items():
-                layers[name].set_codes(codes)
+            restore_weights(layers, start, start_codes)
             with torch.no_grad():
                 for name, norm in norms.items():
                     norm.weight.copy_(start_gains[name])
@@ -372,5 +383,21 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     return result
 
 
-__all__ = ["ScaleTrainingConfig", "TeacherTargets", "TrainedScales", "coarse_kl", "float_codes_refusal",
-           "held_out_loss", "loss_of", "teacher_targets", "train_scales", "trainable_layers", "trainable_norms"]
+__all__ = [
+    "ScaleTrainingConfig",
+    "TeacherTargets",
+    "TrainedScales",
+    "coarse_kl",
+    "codes_changed",
+    "float_codes_refusal",
+    "frozen",
+    "held_out_loss",
+    "loss_of",
+    "restore_weights",
+    "set_scales",
+    "teacher_targets",
+    "train_scales",
+    "trainable_layers",
+    "trainable_norms",
+    "trained_codes",
+]
