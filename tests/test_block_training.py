@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import llmquant
-from conftest import VOCAB, logits, make_model
+from conftest import DEVICES, VOCAB, logits, make_model
 from llmquant.algorithms.block_training import BlockTrainingConfig, relative_output_error, train_block
 from llmquant.algorithms.scale_training import trainable_layers
 from llmquant.cli import _recipe_from_args, build_parser
+from llmquant.device import to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import detect_model_map
 from llmquant.parallel import Ranks
@@ -37,15 +38,16 @@ def calib24() -> torch.Tensor:
     return torch.randint(0, VOCAB, (24, 32), generator=torch.Generator().manual_seed(3))
 
 
-def first_layer(calib: torch.Tensor) -> tuple[torch.nn.Module, object, list[torch.Tensor]]:
+def first_layer(calib: torch.Tensor, device: str = "cpu") -> tuple[torch.nn.Module, object, list[torch.Tensor]]:
     """The tiny Llama's first decoder layer quantized W4A4KV4 by round to nearest (its float outputs on ``calib``
-    taken before), a function giving sample i's inputs, and those float outputs."""
+    taken before), on ``device``, a function giving sample i's inputs there, and those float outputs."""
     model = make_model("llama")
     inputs = capture_layer_inputs(model, detect_model_map(model), calib)
     layer = model.model.layers[0]
     targets = run_layer(layer, inputs, "layer 0", batch=1)
     llmquant.quantize(model, {**W4A4KV4, "algorithm": "rtn", "pre_opts": []}, calib=calib, progress=False)
-    return layer, lambda i: (inputs.hidden[i], inputs.kwargs[i]), targets
+    on = torch.device(device)
+    return layer.to(on), lambda i: (inputs.hidden[i].to(on), to_device(inputs.kwargs[i], on)), targets
 
 
 def codes(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -77,6 +79,18 @@ def test_without_a_codes_step_only_the_scales_train(calib24: torch.Tensor) -> No
     result = train_block(layer, sample, targets, BlockTrainingConfig(epochs=4, lr=1e-2, codes_lr=0.0, holdout=8))
     assert result.kept and result.codes_changed == 0 and result.held_out_after < result.held_out_before
     assert all(torch.equal(codes(layer)[n], c) for n, c in start.items())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_layer_trains_on_its_device_as_on_the_cpu(calib24: torch.Tensor, device: str) -> None:
+    """The same training on ``device`` (a GPU where there is one; on the CPU, run twice: deterministic) ends at the
+    same held-out error within 1e-3, relative."""
+    results = {}
+    for where in ("cpu", device):
+        layer, sample, targets = first_layer(calib24, where)
+        results[where] = train_block(layer, sample, targets, BlockTrainingConfig(epochs=2, holdout=8))
+    assert results[device].held_out_after == pytest.approx(results["cpu"].held_out_after, rel=1e-3)
+    assert results[device].held_out_before == pytest.approx(results["cpu"].held_out_before, rel=1e-3)
 
 
 def test_the_held_out_check_turns_a_worse_layer_back(calib12: torch.Tensor) -> None:
