@@ -7,6 +7,9 @@ once, and only while it is unchanged."""
 from __future__ import annotations
 
 import copy
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -1013,3 +1016,20 @@ def test_two_threads_give_the_simulations_bits_on_the_default_models_shape(schem
     torch.set_num_threads(1)
     one_thread = layer(x)
     assert torch.equal(simulated, two_threads) and torch.equal(two_threads, one_thread), (scheme, rows)
+
+
+def test_a_build_lock_left_by_a_stopped_build_is_removed_and_a_fresh_one_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """torch waits forever on the lock of a build that was stopped: one older than `STALE_LOCK_SECONDS` goes, with a
+    warning; a fresh one (another process building the op now) stays."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "llmquant_some_op" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert not int8_gemv.drop_stale_lock("llmquant_some_op") and lock.exists()
+    old = time.time() - int8_gemv.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        assert int8_gemv.drop_stale_lock("llmquant_some_op") and not lock.exists()
+    assert "a build lock" in caplog.text and "a build stopped before it finished" in caplog.text
+    assert not int8_gemv.drop_stale_lock("llmquant_some_op")

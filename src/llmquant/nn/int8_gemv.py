@@ -205,6 +205,27 @@ def avx2_kernel(tensor: torch.Tensor) -> ModuleType | None:
     return _avx2_kernel
 
 
+STALE_LOCK_SECONDS = 600  # a build takes about a minute here; a lock this old was left by a build that was stopped
+
+
+def drop_stale_lock(name: str) -> bool:
+    """Remove the build lock of op ``name`` where it is older than `STALE_LOCK_SECONDS`, with a warning: torch waits
+    forever on the lock a stopped build (Ctrl-C, a killed process) left behind. Returns whether it removed one."""
+    from torch.utils import cpp_extension
+
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= STALE_LOCK_SECONDS:
+        return False  # (another process may be building it now: torch waits for it)
+    log.warning("llmquant runtime: removing %s, a build lock %.0f s old (a build stopped before it finished)", lock,
+                age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def build_op(source: Path, name: str, flags: list[str], instead: str) -> tuple[ModuleType | None, str | None]:
     """The op built from ``source`` (kept by torch in ``TORCH_EXTENSIONS_DIR``), or None and why: the tools missing
     (`tool_refusal`), or the build failing (logged once; ``instead`` names what runs then). Also builds
@@ -215,6 +236,7 @@ def build_op(source: Path, name: str, flags: list[str], instead: str) -> tuple[M
     start = time.perf_counter()
     try:
         from torch.utils import cpp_extension
+        drop_stale_lock(name)
         with _ninja_on_path():
             kernel = cpp_extension.load(name=name, sources=[str(source)], extra_cflags=flags,
                                         extra_ldflags=["-fopenmp"])
