@@ -119,9 +119,9 @@ def relative_output_error(layer: nn.Module, sample: Sample, targets: Sequence[to
 def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
                 config: BlockTrainingConfig) -> TrainedBlock:
     """Train the scales (and, with ``config.codes_lr``, the codes) of every quantized weight of ``layer`` so that its
-    output on sample i (``sample(i)``) nears ``targets[i]``, the float layer's (module docstring); the layer keeps what
-    was trained, or its own values where the held-out samples say they are worse. The caller checks that the layer
-    has integer weights to train."""
+    output on sample i (``sample(i)``) nears ``targets[i]`` (``config.target``'s, module docstring); the layer keeps
+    what was trained, or its own values where the held-out samples say they are worse. The caller checks that the
+    layer has integer weights to train."""
     result = TrainedBlock()
     layers = trainable_layers(layer)
     count = len(targets) - config.holdout
