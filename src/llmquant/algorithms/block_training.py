@@ -46,7 +46,9 @@ from torch import nn
 from llmquant.algorithms.scale_training import (
     codes_changed,
     frozen,
+    loss_tenths,
     restore_weights,
+    rounded,
     set_scales,
     trainable_layers,
     trained_codes,
@@ -84,18 +86,10 @@ class TrainedBlock:
     kept: bool = True
 
     def describe(self) -> dict[str, Any]:
-        tenth = max(1, len(self.losses) // 10)
-        first, last = self.losses[:tenth], self.losses[-tenth:]
-        return {"steps": self.steps, "seconds": round(self.seconds, 1),
-                "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
-                "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
-                "held_out_error_before": _rounded(self.held_out_before),
-                "held_out_error_after": _rounded(self.held_out_after),
+        return {"steps": self.steps, "seconds": round(self.seconds, 1), **loss_tenths(self.losses),
+                "held_out_error_before": rounded(self.held_out_before),
+                "held_out_error_after": rounded(self.held_out_after),
                 "codes_changed": self.codes_changed, "kept": self.kept}
-
-
-def _rounded(value: float | None) -> float | None:
-    return float(f"{value:.6g}") if value is not None else None
 
 
 def _output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -118,21 +118,27 @@ class TrainedScales:
     kept: bool = True
 
     def describe(self) -> dict[str, Any]:
-        tenth = max(1, len(self.losses) // 10)
-        first, last = self.losses[:tenth], self.losses[-tenth:]
         return {"layers": self.layers, "scales": self.scales, "norms": self.norms, "loss": self.loss,
                 "samples": self.samples, "held_out": self.held_out, "steps": self.steps, "tokens": self.tokens,
                 "seconds": round(self.seconds, 1),
-                "loss_first_tenth": _rounded(sum(first) / len(first) if first else None),
-                "loss_last_tenth": _rounded(sum(last) / len(last) if last else None),
-                "held_out_loss_before": _rounded(self.held_out_before),
-                "held_out_loss_after": _rounded(self.held_out_after), "codes_changed": self.codes_changed,
+                **loss_tenths(self.losses), "held_out_loss_before": rounded(self.held_out_before),
+                "held_out_loss_after": rounded(self.held_out_after), "codes_changed": self.codes_changed,
                 "kept": self.kept, "layers_without_gradient": len(self.unreached),
                 "first_without_gradient": self.unreached[0] if self.unreached else None}
 
 
-def _rounded(value: float | None) -> float | None:
+def rounded(value: float | None) -> float | None:
+    """``value`` to 6 significant digits, for a manifest (None stays None)."""
     return float(f"{value:.6g}") if value is not None else None
+
+
+def loss_tenths(losses: list[float]) -> dict[str, float | None]:
+    """The mean training loss over the first and the last tenth of the steps (a manifest's ``loss_first_tenth``,
+    ``loss_last_tenth``)."""
+    tenth = max(1, len(losses) // 10)
+    first, last = losses[:tenth], losses[-tenth:]
+    return {"loss_first_tenth": rounded(sum(first) / len(first) if first else None),
+            "loss_last_tenth": rounded(sum(last) / len(last) if last else None)}
 
 
 @dataclass(frozen=True)
@@ -393,7 +399,9 @@ __all__ = [
     "frozen",
     "held_out_loss",
     "loss_of",
+    "loss_tenths",
     "restore_weights",
+    "rounded",
     "set_scales",
     "teacher_targets",
     "train_scales",
