@@ -13,10 +13,10 @@ import torch
 
 import llmquant
 from conftest import DEVICES, VOCAB, logits, make_model
-from llmquant.algorithms.block_training import BlockTrainingConfig, relative_output_error, train_block
+from llmquant.algorithms.block_training import BlockTrainingConfig, relative_output_error, state_bytes, train_block
 from llmquant.algorithms.scale_training import trainable_layers
 from llmquant.cli import _recipe_from_args, build_parser
-from llmquant.device import to_device
+from llmquant.device import DevicePolicy, resident_bytes, to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import detect_model_map
 from llmquant.parallel import Ranks
@@ -191,4 +191,24 @@ def test_several_processes_are_refused_in_one_line(calib12: torch.Tensor) -> Non
     with pytest.raises(LlmquantError, match="block_training trains each layer on one process's samples, but this run "
                                             "has 2 processes; allowed: one process") as error:
         run_pipeline(make_model("llama"), recipe, calib12, progress=False, ranks=Ranks(0, 2))
+    assert "\n" not in str(error.value)
+
+
+def test_the_training_state_is_counted_and_refused_above_the_memory_cap(calib12: torch.Tensor) -> None:
+    """`state_bytes`: 25 bytes a quantized weight with the codes trained, 8 with the scales alone; the manifest row
+    records it; a cap that leaves less than that refuses the layer in one line before any training."""
+    layer, _, _ = first_layer(calib12)
+    weights = sum(linear.codes().numel() for linear in trainable_layers(layer).values())
+    assert state_bytes(layer, BlockTrainingConfig()) == 25 * weights
+    assert state_bytes(layer, BlockTrainingConfig(codes_lr=0.0)) == 8 * weights
+    recipe = llmquant.Recipe.build(**{**W4A4KV4, "algorithm": "rtn", "block_training": {"holdout": 2}})
+    manifest = run_pipeline(make_model("llama"), recipe, calib12, progress=False)
+    assert manifest.layers[0]["block_training"]["state_mib"] == round(25 * weights / 2**20, 1)
+    capped = DevicePolicy.resolve("cpu", max_memory=resident_bytes() + 2**10)  # (already above it: 0 bytes left)
+    with pytest.raises(LlmquantError, match=r"model.layers.0: block training needs [0-9.]+ MiB for its weights' "
+                                            r"gradients and optimizer state, more than the 0.0 MiB free where the "
+                                            r"layer computes, under the run's memory caps; allowed: a larger "
+                                            r"--max-memory or --max-gpu-memory; codes_lr: 0 trains the scales "
+                                            r"alone, 8 bytes a weight, or no block_training") as error:
+        run_pipeline(make_model("llama"), recipe, calib12, progress=False, policy=capped)
     assert "\n" not in str(error.value)

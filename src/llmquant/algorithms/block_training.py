@@ -29,7 +29,9 @@ Effect on the default model (BENCHMARKS.md "Block training", the defaults below,
 a percent, or worse on the corpus the calibration did not see.
 
 Cost: ``epochs`` passes of one sample a step, a forward and a backward pass of the layer each, before the layer's
-quantized pass; a float offset, its gradient and Adam's moments a weight of the layer (16 bytes a weight).
+quantized pass; memory (`state_bytes`): the float weight and its gradient (8 bytes a weight of the layer), and with
+``codes_lr`` a float offset, its gradient, Adam's two moments and the starting code (17 more). The engine refuses a
+layer whose state exceeds what the run's memory caps leave, before it trains.
 """
 
 from __future__ import annotations
@@ -90,6 +92,14 @@ class TrainedBlock:
                 "held_out_error_before": rounded(self.held_out_before),
                 "held_out_error_after": rounded(self.held_out_after),
                 "codes_changed": self.codes_changed, "kept": self.kept}
+
+
+def state_bytes(layer: nn.Module, config: BlockTrainingConfig) -> int:
+    """The bytes `train_block` holds for ``layer``'s quantized weights beyond the layer itself: each weight's float
+    value and gradient (8 bytes), and with ``config.codes_lr`` its offset, the offset's gradient, Adam's two moments
+    (16) and the code it started from (1). One sample's autograd graph comes on top."""
+    weights = sum(linear.in_features * linear.out_features for linear in trainable_layers(layer).values())
+    return weights * (8 + (17 if config.codes_lr else 0))
 
 
 def _output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -158,4 +168,4 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
     return result
 
 
-__all__ = ["BlockTrainingConfig", "TrainedBlock", "relative_output_error", "train_block"]
+__all__ = ["BlockTrainingConfig", "TrainedBlock", "relative_output_error", "state_bytes", "train_block"]

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from llmquant.algorithms.block_training import BlockTrainingConfig, train_block
+from llmquant.algorithms.block_training import BlockTrainingConfig, state_bytes, train_block
 from llmquant.algorithms.generated_windows import end_of_sequence_ids, generated_windows
 from llmquant.algorithms.lifecycle import LayerContext, LayerStep, SetupContext, Specs
 from llmquant.algorithms.quarot import rotate_layer
@@ -440,7 +440,8 @@ def quantize_layer(
                                               or plan.block_training is not None, reference=reference)
     if plan.block_training is not None and trainable_layers(layer):  # (a layer with quantized weights)
         targets = reference_out if plan.block_training.target == "model" else float_out
-        row["block_training"] = _train_block(layer, inputs, targets, plan.block_training, prefix)
+        row["block_training"] = _train_block(layer, inputs, targets, plan.block_training, prefix,
+                                             ctx.working_memory())
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
@@ -461,19 +462,27 @@ def quantize_layer(
 
 
 def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.Tensor], config: BlockTrainingConfig,
-                 where: str) -> dict[str, Any]:
+                 where: str, working: int | None = None) -> dict[str, Any]:
     """`train_block` on the quantized ``layer`` fed ``inputs`` against ``targets`` (the float layer's outputs on them,
     or on the float model's own inputs), a sample a step, as the router chooses in an MoE layer; the manifest row's
-    entry."""
+    entry. Refused when the training's state (`state_bytes`) exceeds ``working``, the bytes the run's caps leave
+    (None: unknown)."""
     if config.holdout >= len(targets):
         raise LlmquantError(f"{where}: block_training.holdout {config.holdout} leaves none of this process's "
                             f"{len(targets)} calibration samples to train on; allowed: fewer than {len(targets)}")
+    needed = state_bytes(layer, config)
+    if working is not None and needed > working:
+        codes = ("; codes_lr: 0 trains the scales alone, 8 bytes a weight" if config.codes_lr else "")
+        raise LlmquantError(f"{where}: block training needs {needed / 2**20:.1f} MiB for its weights' gradients and "
+                            f"optimizer state, more than the {working / 2**20:.1f} MiB free where the layer "
+                            f"computes, under the run's memory caps; allowed: a larger --max-memory or "
+                            f"--max-gpu-memory{codes}, or no block_training")
     device = device_of(layer)
 
     def sample(i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         return inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
 
-    return train_block(layer, sample, targets, config).describe()
+    return {**train_block(layer, sample, targets, config).describe(), "state_mib": round(needed / 2**20, 1)}
 
 
 def _block_training_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
