@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import llmquant
 from conftest import DEVICES, VOCAB, logits, make_model
-from llmquant.algorithms.block_training import BlockTrainingConfig, relative_output_error, state_bytes, train_block
+from llmquant.algorithms.block_training import (
+    BlockTrainingConfig,
+    relative_output_error,
+    split_rows,
+    state_bytes,
+    train_block,
+)
 from llmquant.algorithms.scale_training import trainable_layers
 from llmquant.cli import _recipe_from_args, build_parser
 from llmquant.device import DevicePolicy, resident_bytes, to_device
@@ -186,12 +193,50 @@ def test_the_train_blocks_flag_reaches_the_recipe() -> None:
         ["quantize", "--scheme", "w_int4_per_group_sym", "--output", "unused"])).model_dump()
 
 
-def test_several_processes_are_refused_in_one_line(calib12: torch.Tensor) -> None:
-    recipe = llmquant.Recipe.build(**{**W4A4KV4, "block_training": {"holdout": 2}})
-    with pytest.raises(LlmquantError, match="block_training trains each layer on one process's samples, but this run "
-                                            "has 2 processes; allowed: one process") as error:
-        run_pipeline(make_model("llama"), recipe, calib12, progress=False, ranks=Ranks(0, 2))
-    assert "\n" not in str(error.value)
+def train_blocks_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, out: str) -> None:
+    from distributed_worker import process_group
+
+    with process_group(rank, world, port):
+        recipe = {**W4A4KV4, "block_training": {"epochs": 2, "lr": 1e-2, "codes_lr": 5e-2, "holdout": 2}}
+        model = llmquant.quantize(make_model("llama"), recipe, calib=calib, progress=False)
+        rows = [row["block_training"] for row in model.llmquant_manifest.layers]
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.save({"state": state, "rows": rows}, Path(out) / f"{rank}.pt")
+
+
+def test_two_processes_train_the_same_layers(calib12: torch.Tensor, tmp_path: Path) -> None:
+    """torchrun's data parallelism: each step takes a sample on each of the two processes and averages their gradients,
+    the held-out samples (the last 2 of 12, on the second process) decide for both; both end with the same checkpoint,
+    bit for bit, after 10 steps a layer (2 epochs over 10 training samples, 2 a step), and the first layer keeps a
+    lower held-out error."""
+    from test_distributed import free_port
+
+    mp.spawn(train_blocks_on_rank, args=(2, free_port(), calib12, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
+    assert first["state"].keys() == second["state"].keys()
+    assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
+    strip = [[{k: v for k, v in row.items() if k != "seconds"} for row in found["rows"]] for found in (first, second)]
+    assert strip[0] == strip[1] and all(row["steps"] == 10 for row in strip[0])
+    assert strip[0][0]["kept"] and strip[0][0]["held_out_error_after"] < strip[0][0]["held_out_error_before"]
+
+
+class SecondOfTwo(Ranks):
+    """Rank 1 of two processes holding as many samples each (the collectives answered here)."""
+
+    def __init__(self) -> None:
+        super().__init__(1, 2)
+
+    def total(self, value: float) -> float:
+        return 2 * value
+
+
+def test_the_held_out_samples_are_the_last_of_all_processes() -> None:
+    assert split_rows(12, 2) == (list(range(10)), [10, 11])
+    assert split_rows(6, 2, SecondOfTwo()) == ([0, 1, 2, 3], [4, 5])  # (samples 6 .. 11 of 12)
+    with pytest.raises(LlmquantError, match=r"^model.layers.0: block_training.holdout 6 leaves none of the last of "
+                                            r"the 2 processes' 6 calibration samples to train on; allowed: fewer "
+                                            r"than 6$"):
+        split_rows(6, 6, SecondOfTwo(), "model.layers.0")
 
 
 def test_the_training_state_is_counted_and_refused_above_the_memory_cap(calib12: torch.Tensor) -> None:

@@ -345,17 +345,16 @@ def test_every_rank_plans_with_the_least_working_memory() -> None:
     """In several processes the rounds of experts and the sweeps must be the same on every rank (their Hessians are
     reduced together): each plans with the least working memory of all, or the fixed bounds where one cannot tell."""
 
-    class OtherRankHas:  # the collective of two ranks, the other one reporting ``value``
-        world = 2
-
+    class OtherRankHas(Ranks):  # rank 0 of two, the other one reporting ``value``
         def __init__(self, value: float) -> None:
+            super().__init__(0, 2)
             self.value = value
 
         def min(self, tensor: torch.Tensor) -> torch.Tensor:
             return torch.minimum(tensor, torch.tensor([self.value], dtype=tensor.dtype))
 
-    assert gptq_module._agreed(5000, OtherRankHas(100.0)) == 100
-    assert gptq_module._agreed(50, OtherRankHas(100.0)) == 50
-    assert gptq_module._agreed(None, OtherRankHas(100.0)) is None
-    assert gptq_module._agreed(5000, OtherRankHas(-1.0)) is None  # the other rank cannot tell
-    assert gptq_module._agreed(5000, Ranks()) == 5000  # one process: its own
+    assert OtherRankHas(100.0).least(5000) == 100
+    assert OtherRankHas(100.0).least(50) == 50
+    assert OtherRankHas(100.0).least(None) is None
+    assert OtherRankHas(-1.0).least(5000) is None  # the other rank cannot tell
+    assert Ranks().least(5000) == 5000  # one process: its own

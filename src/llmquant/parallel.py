@@ -140,6 +140,14 @@ class Ranks:
             return value
         return float(self.sum(torch.tensor([value], dtype=torch.float64)))
 
+    def least(self, value: int | None) -> int | None:
+        """The least of every process's ``value`` (None where one of them has none): a budget every process plans
+        by alike, such as the memory its working tensors may take."""
+        if self.world == 1:
+            return value
+        least = float(self.min(torch.tensor([-1.0 if value is None else float(value)], dtype=torch.float64)))
+        return None if least < 0 else int(least)
+
     def broadcast(self, tensor: torch.Tensor, owner: int) -> torch.Tensor:
         """``owner``'s ``tensor`` on every rank, in place (and returned)."""
         return self._in_place(dist.broadcast, tensor, src=owner)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from llmquant.algorithms.scale_training import (
+    average_gradients,
     codes_changed,
     frozen,
     loss_tenths,
@@ -55,6 +56,8 @@ from llmquant.algorithms.scale_training import (
     trainable_layers,
     trained_codes,
 )
+from llmquant.errors import LlmquantError
+from llmquant.parallel import SINGLE, Ranks
 
 Sample = Callable[[int], tuple[torch.Tensor, dict[str, Any]]]  # sample i's hidden state [1, T, H] and kwargs
 
@@ -107,36 +110,57 @@ def _output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> t
     return out[0] if isinstance(out, tuple) else out
 
 
+def split_rows(count: int, holdout: int, ranks: Ranks = SINGLE, where: str = "") -> tuple[list[int], list[int]]:
+    """This process's samples (``count`` of them, its block of `Ranks.share`) to train on and to hold out: the held-out
+    ones are the last ``holdout`` of all the processes' samples, so the last process holds them. A holdout that
+    leaves a process none to train on is a one-line error (the same on every process)."""
+    total = round(ranks.total(float(count)))
+    last = total - Ranks(ranks.world - 1, ranks.world).share(total).start  # the last process's samples
+    if holdout >= last:
+        whose = "this process's" if ranks.world == 1 else f"the last of the {ranks.world} processes'"
+        raise LlmquantError(f"{where}: block_training.holdout {holdout} leaves none of {whose} {last} calibration "
+                            f"samples to train on; allowed: fewer than {last}")
+    start = ranks.share(total).start
+    train = [i for i in range(count) if start + i < total - holdout]
+    return train, [i for i in range(count) if start + i >= total - holdout]
+
+
 @torch.no_grad()
 def relative_output_error(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
-                          rows: range) -> float:
-    """||layer(x) - target|| / ||target|| over the samples ``rows``."""
+                          rows: Sequence[int], ranks: Ranks = SINGLE) -> float:
+    """||layer(x) - target|| / ||target|| over the samples ``rows`` (of every process of ``ranks``)."""
     num = den = 0.0
     for i in rows:
         target = targets[i].float()
         out = _output(layer, *sample(i)).float()
         num += float((out - target.to(out.device)).pow(2).sum())
         den += float(target.pow(2).sum())
+    if ranks.world > 1:
+        num, den = ranks.sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
     return (num / max(den, 1e-30)) ** 0.5
 
 
 def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
-                config: BlockTrainingConfig) -> TrainedBlock:
+                config: BlockTrainingConfig, ranks: Ranks = SINGLE, where: str = "") -> TrainedBlock:
     """Train the scales (and, with ``config.codes_lr``, the codes) of every quantized weight of ``layer`` so that its
     output on sample i (``sample(i)``) nears ``targets[i]`` (``config.target``'s, module docstring); the layer keeps
     what was trained, or its own values where the held-out samples say they are worse. The caller checks that the
-    layer has integer weights to train."""
+    layer has integer weights to train.
+
+    In several processes (``ranks``) each holds its block of the samples: a step takes one sample on every process
+    and averages their gradients (data parallel), so every process ends with the same layer, after about 1/world of
+    one process's steps (as scale training's steps)."""
     result = TrainedBlock()
     layers = trainable_layers(layer)
-    count = len(targets) - config.holdout
-    held = range(count, len(targets))
+    train, held = split_rows(len(targets), config.holdout, ranks, where)
     began = time.perf_counter()
     if config.holdout:
-        result.held_out_before = relative_output_error(layer, sample, targets, held)
+        result.held_out_before = relative_output_error(layer, sample, targets, held, ranks)
     start = {name: linear.weight_scale.detach().clone() for name, linear in layers.items()}
     start_codes = {name: linear.codes().clone() for name, linear in layers.items()} if config.codes_lr else {}
     logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
-    steps = max(1, round(config.epochs * count))
+    trained_in_all = round(ranks.total(float(len(train))))
+    steps = max(1, round(config.epochs * trained_in_all / ranks.world))
     with torch.enable_grad(), frozen(layer), trained_codes(layers, start_codes) as offsets:
         groups = [{"params": list(logs.values()), "lr": config.lr}]
         groups += [{"params": list(offsets.values()), "lr": config.codes_lr}] if offsets else []
@@ -146,21 +170,22 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
         try:
             for step in range(steps):
                 set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers}, step=True)
-                hidden, kwargs = sample(step % count)
-                out = _output(layer, hidden, kwargs)
-                loss = (out.float() - targets[step % count].to(out.device).float()).pow(2).mean()
+                row = train[step % len(train)]
+                out = _output(layer, *sample(row))
+                loss = (out.float() - targets[row].to(out.device).float()).pow(2).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                average_gradients([p for group in groups for p in group["params"]], ranks)
                 optimizer.step()
                 schedule.step()
-                result.losses.append(loss.item())
+                result.losses.append(ranks.total(loss.item()) / ranks.world)
         finally:  # (interrupted too: plain tensors again, the trained values so far)
             with torch.no_grad():
                 set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
     result.steps = steps
     result.codes_changed = codes_changed(layers, start_codes)
     if config.holdout:
-        result.held_out_after = relative_output_error(layer, sample, targets, held)
+        result.held_out_after = relative_output_error(layer, sample, targets, held, ranks)
         result.kept = result.held_out_after < result.held_out_before
         if not result.kept:
             restore_weights(layers, start, start_codes)
@@ -168,4 +193,5 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
     return result
 
 
-__all__ = ["BlockTrainingConfig", "TrainedBlock", "relative_output_error", "state_bytes", "train_block"]
+__all__ = ["BlockTrainingConfig", "TrainedBlock", "relative_output_error", "split_rows", "state_bytes",
+           "train_block"]

@@ -548,15 +548,6 @@ def sweep_rows(columns: int, working: int | None) -> int:
     return max(1, min(MAX_SWEEP_ROWS, int(SWEEP_SHARE * working) // (columns * SWEEP_BYTES_PER_WEIGHT)))
 
 
-def _agreed(working: int | None, ranks: Ranks) -> int | None:
-    """The least working memory over the ranks (None where one of them cannot tell): every rank plans the same rounds
-    and sweeps, whose Hessians are reduced together."""
-    if ranks.world == 1:
-        return working
-    least = float(ranks.min(torch.tensor([-1.0 if working is None else float(working)], dtype=torch.float64)))
-    return None if least < 0 else int(least)
-
-
 class GPTQStep(LayerStep):
     """GPTQ in the engine, stage by stage: the Linears of a stage read one input, so they share one Hessian
     (and, with the same spec, one sweep of their stacked rows). With ``true_sequential`` each stage's Hessian
@@ -614,7 +605,7 @@ class GPTQStep(LayerStep):
     def quantize(self, ctx: LayerContext) -> dict[str, Any]:
         specs = {name: quantized.weight_spec for name, (_, quantized) in ctx.linears.items()}
         rows = {name: linear.out_features for name, (linear, _) in ctx.linears.items()}
-        working = _agreed(ctx.working_memory(), ctx.ranks)  # what its Hessians and sweeps may take, under the caps
+        working = ctx.ranks.least(ctx.working_memory())  # what its Hessians and sweeps may take, under the caps
         rounds = (parallel_rounds(ctx.layer, self.stages, hessian_budget(working)) if self.options.true_sequential
                   else [self.stages])
         fallback: dict[str, int] = {}

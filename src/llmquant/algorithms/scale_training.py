@@ -266,6 +266,17 @@ def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], 
         layer.set_scale(scales[name], keep_codes=step)
 
 
+def average_gradients(tensors: list[torch.Tensor], ranks: Ranks) -> None:
+    """Each tensor's gradient averaged over the processes of ``ranks``, in place, the same on every one (data
+    parallel: each computed it on its own samples); an expert no token reached on a process counts a zero gradient
+    there, to meet the others. One process: left as it is."""
+    if ranks.world == 1:
+        return
+    for tensor in tensors:
+        tensor.grad = ranks.sum(tensor.grad if tensor.grad is not None else torch.zeros_like(tensor))
+        tensor.grad.div_(ranks.world)
+
+
 def codes_changed(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> int:
     """How many of the codes ``start`` (by layer) each layer now stores otherwise."""
     return sum(int((layers[name].codes() != codes).sum()) for name, codes in start.items())
@@ -359,10 +370,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 reached.update(name for name, log in logs.items() if log.grad is not None)
-                if ranks.world > 1:  # (an expert no token reached on this rank: a zero gradient, to meet the others)
-                    for tensor in trained:
-                        tensor.grad = ranks.sum(tensor.grad if tensor.grad is not None else torch.zeros_like(tensor))
-                        tensor.grad.div_(ranks.world)
+                average_gradients(trained, ranks)
                 optimizer.step()
                 schedule.step()
                 result.losses.append(ranks.total(loss.item()) / ranks.world)
@@ -393,6 +401,7 @@ __all__ = [
     "ScaleTrainingConfig",
     "TeacherTargets",
     "TrainedScales",
+    "average_gradients",
     "coarse_kl",
     "codes_changed",
     "float_codes_refusal",

@@ -440,8 +440,8 @@ def quantize_layer(
                                               or plan.block_training is not None, reference=reference)
     if plan.block_training is not None and trainable_layers(layer):  # (a layer with quantized weights)
         targets = reference_out if plan.block_training.target == "model" else float_out
-        row["block_training"] = _train_block(layer, inputs, targets, plan.block_training, prefix,
-                                             ctx.working_memory())
+        row["block_training"] = _train_block(layer, inputs, targets, plan.block_training, prefix, ranks,
+                                             ranks.least(ctx.working_memory()))
     if quantizes:
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
@@ -462,14 +462,11 @@ def quantize_layer(
 
 
 def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.Tensor], config: BlockTrainingConfig,
-                 where: str, working: int | None = None) -> dict[str, Any]:
+                 where: str, ranks: Ranks = SINGLE, working: int | None = None) -> dict[str, Any]:
     """`train_block` on the quantized ``layer`` fed ``inputs`` against ``targets`` (the float layer's outputs on them,
-    or on the float model's own inputs), a sample a step, as the router chooses in an MoE layer; the manifest row's
-    entry. Refused when the training's state (`state_bytes`) exceeds ``working``, the bytes the run's caps leave
-    (None: unknown)."""
-    if config.holdout >= len(targets):
-        raise LlmquantError(f"{where}: block_training.holdout {config.holdout} leaves none of this process's "
-                            f"{len(targets)} calibration samples to train on; allowed: fewer than {len(targets)}")
+    or on the float model's own inputs), a sample a step on each process of ``ranks``, as the router chooses in an
+    MoE layer; the manifest row's entry. Refused when the training's state (`state_bytes`) exceeds ``working``, the
+    bytes the run's caps leave (the least over the processes; None: unknown)."""
     needed = state_bytes(layer, config)
     if working is not None and needed > working:
         codes = ("; codes_lr: 0 trains the scales alone, 8 bytes a weight" if config.codes_lr else "")
@@ -482,7 +479,8 @@ def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.
     def sample(i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         return inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
 
-    return {**train_block(layer, sample, targets, config).describe(), "state_mib": round(needed / 2**20, 1)}
+    trained = train_block(layer, sample, targets, config, ranks, where)
+    return {**trained.describe(), "state_mib": round(needed / 2**20, 1)}
 
 
 def _block_training_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -650,9 +648,6 @@ def quantize(
     if recipe.scale_training is not None and source.streams:
         raise LlmquantError("scale_training runs the whole quantized model forward and backward, but the model is "
                             "streamed from disk (--max-memory); drop scale_training or load the model whole")
-    if recipe.block_training is not None and ranks.world > 1:
-        raise LlmquantError(f"block_training trains each layer on one process's samples, but this run has "
-                            f"{ranks.world} processes; allowed: one process (no torchrun), or drop block_training")
     if calibrated and not _calibrates(recipe) and calib.shape[0] > ranks.world:  # the samples only measure errors
         manifest.results["calibration"] = {
             "samples": ranks.world, "given": calib.shape[0],
