@@ -1033,3 +1033,9 @@ def test_a_build_lock_left_by_a_stopped_build_is_removed_and_a_fresh_one_kept(
         assert int8_gemv.drop_stale_lock("llmquant_some_op") and not lock.exists()
     assert "a build lock" in caplog.text and "a build stopped before it finished" in caplog.text
     assert not int8_gemv.drop_stale_lock("llmquant_some_op")
+    from torch.utils import cpp_extension
+
+    lock.touch()
+    os.utime(lock, (old, old))
+    monkeypatch.delattr(cpp_extension, "_get_build_directory")  # a torch without the private function: left alone
+    assert not int8_gemv.drop_stale_lock("llmquant_some_op") and lock.exists()

@@ -210,10 +210,15 @@ STALE_LOCK_SECONDS = 600  # a build takes about a minute here; a lock this old w
 
 def drop_stale_lock(name: str) -> bool:
     """Remove the build lock of op ``name`` where it is older than `STALE_LOCK_SECONDS`, with a warning: torch waits
-    forever on the lock a stopped build (Ctrl-C, a killed process) left behind. Returns whether it removed one."""
+    forever on the lock a stopped build (Ctrl-C, a killed process) left behind. Returns whether it removed one. The
+    build folder is torch's (a private function of `torch.utils.cpp_extension`; where a later torch lacks it, nothing
+    is removed)."""
     from torch.utils import cpp_extension
 
-    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    build_directory = getattr(cpp_extension, "_get_build_directory", None)
+    if build_directory is None:
+        return False
+    lock = Path(build_directory(name, verbose=False)) / "lock"
     try:
         age = time.time() - lock.stat().st_mtime
     except FileNotFoundError:
