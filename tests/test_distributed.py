@@ -186,8 +186,8 @@ def test_a_killed_process_stops_the_group_with_one_line_and_a_resume_finishes_th
                              capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((output / "llmquant.json").read_text())["results"]["resumed_after_layer"] == 0
-    whole = tmp_path / "whole"
-    subprocess.run(quantize_command(tiny_dir, corpus, whole, "--nproc", "2"), check=True, capture_output=True)
+    whole = tmp_path / "whole"  # (one process: the checkpoint two give, test_nproc_writes_the_one_process_checkpoint)
+    subprocess.run(quantize_command(tiny_dir, corpus, whole), check=True, capture_output=True)
     a, b = load_file(output / "model.safetensors"), load_file(whole / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
