@@ -11,3 +11,6 @@ run w4_g64_block_trained configs/recipes/best_w4_g64.yaml --set "$blocks"
 run w4_g64_block_trained_model_target configs/recipes/best_w4_g64.yaml --set "$model"
 run w3_g64_block_trained_model_target configs/recipes/best_w3_g64.yaml --set "$model"
 run w3_g64 configs/recipes/best_w3_g64.yaml --set block_training=null  # (the recipe before block training)
+# (a second session of 12-07, two side by side again)
+run w4a4kv4_channel_block_trained_model_target configs/recipes/best_w4a4kv4_trained.yaml --set "$model"
+run w3_g64_block_trained configs/recipes/best_w3_g64.yaml --set "$blocks"
