@@ -118,7 +118,8 @@ def test_a_recipe_trains_each_layer_closer_to_its_float_output(calib24: torch.Te
     gives the same logits."""
     calibrated = {**W4A4KV4, "calib": {"samples": 24, "seqlen": 32}}
     plain = llmquant.quantize(make_model("llama"), calibrated, calib=calib24, progress=False)
-    recipe = {**calibrated, "block_training": {"epochs": 4, "lr": 1e-2, "codes_lr": 5e-2, "holdout": 8}}
+    recipe = {**calibrated, "block_training": {"epochs": 4, "lr": 1e-2, "codes_lr": 5e-2, "holdout": 8,
+                                               "target": "layer"}}  # (the manifest's output error is against it)
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib24, progress=False)
     rows, plain_rows = model.llmquant_manifest.layers, plain.llmquant_manifest.layers
     assert all(row["block_training"]["steps"] == 64 for row in rows) and rows[0]["block_training"]["kept"]
@@ -189,6 +190,7 @@ def test_the_train_blocks_flag_reaches_the_recipe() -> None:
     args = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
                                       "--algo", "gptq", "--train-blocks", "2", "--output", "unused"])
     assert _recipe_from_args(args).block_training.config() == BlockTrainingConfig(epochs=2.0)
+    assert BlockTrainingConfig().target == "model"  # (EfficientQAT's: the float model's output; better measured)
     assert "block_training" not in _recipe_from_args(build_parser().parse_args(
         ["quantize", "--scheme", "w_int4_per_group_sym", "--output", "unused"])).model_dump()
 

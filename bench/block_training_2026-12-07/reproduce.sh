@@ -4,7 +4,7 @@
 set -euo pipefail
 out=bench/block_training_2026-12-07/runs.jsonl
 run() { OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_recipe.py "$@" --threads 1 --corpora pydoc stdlib --out "$out"; }
-blocks='block_training={epochs: 1, lr: 0.01, codes_lr: 0.02, holdout: 8}'
+blocks='block_training={epochs: 1, lr: 0.01, codes_lr: 0.02, holdout: 8, target: layer}'  # (the default then)
 model='block_training={epochs: 1, lr: 0.01, codes_lr: 0.02, holdout: 8, target: model}'
 run w4a4kv4_channel_block_trained configs/recipes/best_w4a4kv4_trained.yaml --set "$blocks"
 run w4_g64_block_trained configs/recipes/best_w4_g64.yaml --set "$blocks"

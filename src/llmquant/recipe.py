@@ -283,14 +283,14 @@ class BlockTraining(_Strict):
     (`llmquant.algorithms.block_training`, EfficientQAT's Block-AP): ``epochs`` passes over the layer's calibration
     samples but the last ``holdout`` (which decide whether what was trained is kept; 0: kept unchecked), one sample a
     step; Adam's step ``lr`` on the scales' logarithms and ``codes_lr`` on the integer codes' offsets (0: the codes
-    stay), cosine-decayed; ``target``: the float layer's output on the same inputs (``layer``) or the float model's
-    own output of the layer (``model``)."""
+    stay), cosine-decayed; ``target``: the float model's own output of the layer (``model``, the default) or the
+    float layer's output on the same inputs (``layer``)."""
 
     epochs: float = Field(BlockTrainingConfig.epochs, gt=0)
     lr: float = Field(BlockTrainingConfig.lr, gt=0)
     codes_lr: float = Field(BlockTrainingConfig.codes_lr, ge=0)
     holdout: int = Field(BlockTrainingConfig.holdout, ge=0)
-    target: Literal["layer", "model"] = "layer"
+    target: Literal["layer", "model"] = BlockTrainingConfig.target
 
     def config(self) -> BlockTrainingConfig:
         return BlockTrainingConfig(**self.model_dump())
