@@ -27,8 +27,8 @@ Deliberate deviations from EfficientQAT, and why:
   lowers their error (else the layer keeps what the per-layer steps gave it). EfficientQAT trains on 4096 samples.
 
 Effect on the default model (BENCHMARKS.md "Block training", the defaults below, 120 samples): W3 g64 with
-``target: model`` x1.1174 -> x1.0902 of float on pydoc and x1.2927 -> x1.2464 on stdlib; W4 g64 and W4A4KV4 within
-a percent, or worse on the corpus the calibration did not see.
+``target: model`` x1.1174 -> x1.0902 of float on pydoc and x1.2927 -> x1.2464 on stdlib; W4A4KV4 (per-channel weights,
+per-token inputs) x1.1138 -> x1.0956 on pydoc but x1.2197 -> x1.2306 on stdlib; W4 g64 within a percent.
 
 Cost: ``epochs`` passes of one sample a step, a forward and a backward pass of the layer each, before the layer's
 quantized pass; memory (`state_bytes`): the float weight and its gradient (8 bytes a weight of the layer), and with
