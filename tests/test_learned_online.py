@@ -6,8 +6,6 @@ same logits back, vLLM's transform_config carries them, and bad recipes are one-
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -220,18 +218,17 @@ def test_bad_learn_online_recipes_are_one_line_errors(calib_ids: torch.Tensor) -
     assert "\n" not in str(error.value)
 
 
-def test_the_learn_online_flag_reaches_the_recipe_and_needs_quarot(tmp_path: Path) -> None:
-    from llmquant.cli import _recipe_from_args, build_parser
+def test_the_learn_online_flag_reaches_the_recipe_and_needs_quarot(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from llmquant.cli import _recipe_from_args, build_parser, main
 
     args = build_parser().parse_args(["quantize", "--scheme", W4A4, "--pre-opt", "quarot", "--rotations", "R2,R4,R6",
                                       "--learn-online", "5", "--output", "unused"])
     assert _recipe_from_args(args).quarot().learn_online.iterations == 5
-    result = subprocess.run(
-        [sys.executable, "-m", "llmquant", "quantize", "--learn-online", "5", "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, check=False,
-    )
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "--learn-online needs --pre-opt quarot" in result.stderr and not (tmp_path / "o").exists()
+    assert main(["quantize", "--learn-online", "5", "--output", str(tmp_path / "o")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "--learn-online needs --pre-opt quarot" in stderr
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

@@ -5,8 +5,6 @@ module that breaks rotation invariance, and rotated checkpoints load back with i
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -273,24 +271,22 @@ def test_the_seed_003_json_map_is_accepted_as_it_is(tmp_path: Path) -> None:
     corpus = tmp_path / "calib.txt"
     corpus.write_text("def f(x):\n    return x + 1\n" * 200)
     out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, "-m", "llmquant", "quantize", "--model", str(model_dir), "--scheme", W8A8_STATIC,
-         "--layer-map", str(layer_map), "--calib", str(corpus), "--calib-samples", "2", "--seqlen", "32",
-         "--no-eval", "--quiet", "--output", str(out)],
-        capture_output=True, text=True, check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    from llmquant.cli import main
+
+    assert main(["quantize", "--model", str(model_dir), "--scheme", W8A8_STATIC, "--layer-map", str(layer_map),
+                 "--calib", str(corpus), "--calib-samples", "2", "--seqlen", "32", "--no-eval", "--quiet",
+                 "--output", str(out)]) == 0
     manifest = json.loads((out / "llmquant.json").read_text())
     plan = {row["rotation"]: row for row in manifest["results"]["rotation"]["plan"]}
     assert sorted(plan) == ["R1", "R2"] and plan["R2"]["targets"] == ["self_attn.v_proj", "self_attn.o_proj"]
 
 
-def test_rotations_flag_needs_quarot(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "llmquant", "quantize", "--rotations", "R1", "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, check=False,
-    )
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--pre-opt quarot" in result.stderr
+def test_rotations_flag_needs_quarot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmquant.cli import main
+
+    assert main(["quantize", "--rotations", "R1", "--output", str(tmp_path / "o")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "--pre-opt quarot" in stderr
 
 
 def test_a_norm_whose_readers_are_not_found_is_named_so_r1_can_stay_off() -> None:

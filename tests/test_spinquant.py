@@ -5,8 +5,6 @@ rotations fold into the model keeping the float function (four families), and ba
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -173,13 +171,13 @@ def test_a_matrix_that_is_not_orthogonal_is_refused() -> None:
         learned_rotation(2 * torch.eye(4), "R1")
 
 
-def test_learn_rotations_flag_needs_quarot(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "llmquant", "quantize", "--learn-rotations", "5", "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, check=False,
-    )
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert "--learn-rotations needs --pre-opt quarot" in result.stderr and not (tmp_path / "o").exists()
+def test_learn_rotations_flag_needs_quarot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmquant.cli import main
+
+    assert main(["quantize", "--learn-rotations", "5", "--output", str(tmp_path / "o")]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1 and "--learn-rotations needs --pre-opt quarot" in stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_learning_copy_leaves_the_model_alone(calib_ids: torch.Tensor) -> None:
