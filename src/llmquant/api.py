@@ -70,8 +70,10 @@ def calibration_ids(recipe: Recipe, tokenizer: Any = None,
     if isinstance(calib, list) and not calib:
         raise LlmquantError("calib is an empty list of texts; allowed: token ids, a text, a non-empty list of texts "
                             "(a mixture's parts), or None for the recipe's calib.dataset")
-    texts = [calib] if isinstance(calib, str) else calib if calib is not None else data.corpus_parts(
-        recipe.calib.dataset, "calib")
+    if calib is None:
+        texts = data.corpus_parts(recipe.calib.dataset, "calib")
+    else:
+        texts = [calib] if isinstance(calib, str) else calib
     parts = [data.tokenize(tokenizer, text) for text in texts]
     return data.mixed_calibration_samples(parts, drawn, recipe.calib.seqlen, recipe.calib.seed)
 

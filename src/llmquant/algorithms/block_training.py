@@ -60,6 +60,7 @@ from llmquant.algorithms.scale_training import (
 )
 from llmquant.errors import LlmquantError
 from llmquant.parallel import SINGLE, Ranks
+from llmquant.quant.metrics import relative_error
 
 Sample = Callable[[int], tuple[torch.Tensor, dict[str, Any]]]  # sample i's hidden state [1, T, H] and kwargs
 
@@ -131,15 +132,7 @@ def split_rows(count: int, holdout: int, ranks: Ranks = SINGLE, where: str = "")
 def relative_output_error(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
                           rows: Sequence[int], ranks: Ranks = SINGLE) -> float:
     """||layer(x) - target|| / ||target|| over the samples ``rows`` (of every process of ``ranks``)."""
-    num = den = 0.0
-    for i in rows:
-        target = targets[i].float()
-        out = _output(layer, *sample(i)).float()
-        num += float((out - target.to(out.device)).pow(2).sum())
-        den += float(target.pow(2).sum())
-    if ranks.world > 1:
-        num, den = ranks.sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
-    return (num / max(den, 1e-30)) ** 0.5
+    return relative_error((targets[i] for i in rows), (_output(layer, *sample(i)) for i in rows), ranks)
 
 
 def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],

@@ -79,7 +79,6 @@ from llmquant.pipeline.layer_io import (
     inputs_of,
     inputs_of_each,
     never_called,
-    relative_error,
     run_layer,
     uncalled_linears,
 )
@@ -88,6 +87,7 @@ from llmquant.pipeline.memory import activation_storage
 from llmquant.pipeline.rotation import RotationOverrides, RotationPass, with_seed_map
 from llmquant.pipeline.run_dir import RunDir
 from llmquant.pipeline.source import LayerSource
+from llmquant.quant.metrics import relative_error
 from llmquant.quant.scheme import Scheme
 from llmquant.recipe import QuantPlan, QuaRotPreOpt, Recipe
 

@@ -23,7 +23,6 @@ from llmquant.device import device_of, map_tensors, to_device
 from llmquant.errors import LlmquantError
 from llmquant.model.model_map import ModelMap
 from llmquant.nn.experts import all_experts
-from llmquant.parallel import SINGLE, Ranks
 
 
 class _StopForwardError(Exception):
@@ -190,21 +189,6 @@ def never_called(layer: nn.Module, model_map: ModelMap, names: list[str]) -> dic
     """`not_quantizable` entries for the Linears ``names`` of ``layer`` that it never calls (`uncalled_linears`)."""
     return {f"{model_map.decoder_layers}.*.{name}": f"{type(layer.get_submodule(name)).__name__}: never called, "
             "its weight read by its parent's own code" for name in names}
-
-
-def relative_error(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor],
-                   ranks: Ranks = SINGLE) -> float:
-    """||actual - reference|| / ||reference|| over the samples both hold (of every rank of ``ranks``): a pass over
-    the first samples only (a check, an error figure) is compared with the same samples of a pass over all of
-    them, which are read one at a time (never sliced into memory when they wait on disk)."""
-    num = den = 0.0
-    for r, a in zip(reference, actual, strict=False):
-        r, a = r.float(), a.to(r.device).float()
-        num += float((a - r).pow(2).sum())
-        den += float(r.pow(2).sum())
-    if ranks.world > 1:
-        num, den = ranks.sum(torch.tensor([num, den], dtype=torch.float64)).tolist()
-    return (num / max(den, 1e-30)) ** 0.5
 
 
 def float32_probe(layer: nn.Module, inputs: LayerInputs) -> tuple[nn.Module, Callable[[], Any]]:

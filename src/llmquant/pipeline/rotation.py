@@ -40,9 +40,9 @@ from llmquant.pipeline.layer_io import (
     compute_dtype,
     float32_probe,
     head_dim_of,
-    relative_error,
     run_layer,
 )
+from llmquant.quant.metrics import relative_error
 from llmquant.quant.rotation import Rotation
 
 log = logging.getLogger(__name__)
