@@ -27,11 +27,15 @@ $(VENV)/.installed: pyproject.toml Makefile requirements.lock requirements-model
 run: setup  ## quantize the default model and print float vs quantized perplexity
 	$(VENV)/bin/llmquant quantize --config $(RECIPE) --output $(OUT) --overwrite
 
+# The suite runs in two pytest-xdist workers (one a core of the 2-core machine it is sized for), each on one thread
+# (tests/conftest.py); `--dist worksteal` evens out the long tests. A single test: `.venv/bin/pytest tests/F.py::T`.
+PYTEST  := $(VENV)/bin/pytest -n 2 --dist worksteal
+
 test: setup  ## the whole suite (unit tests on tiny models + one short real-model smoke test)
-	$(VENV)/bin/pytest
+	$(PYTEST)
 
 test-fast: setup
-	$(VENV)/bin/pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-latest:  ## the suite on the newest release of every dependency (torch pinned), in a throwaway venv
 	bash scripts/test_latest.sh

@@ -19,4 +19,4 @@ versions=$("$venv/bin/python" -m pip list --format=freeze 2>/dev/null \
     | tr '\n' ' ')
 echo "test-latest versions: $versions"
 [ -z "${LATEST_VERSIONS:-}" ] || echo "$(date +%F) $versions" > "$LATEST_VERSIONS"
-"$venv/bin/pytest" -p no:cacheprovider
+"$venv/bin/pytest" -n 2 --dist worksteal -p no:cacheprovider  # as `make test` runs it

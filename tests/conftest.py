@@ -38,6 +38,12 @@ from llmquant.testing.tiny_models import (  # noqa: F401  (the tests import thes
 )
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # what device-sensitive tests run on
+# `make test` runs the suite in pytest-xdist workers, one a core: each worker, the processes it starts and every
+# test in it (the real-model ones too) keep to one thread. Threads beyond the cores spin against each other's
+# OpenMP barriers: a module fixture on torch's default threads took 574 s beside the other worker against 42 s alone.
+if os.environ.get("PYTEST_XDIST_WORKER") is not None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["llama", "qwen2", "opt"])
@@ -58,7 +64,7 @@ def eval_ids() -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
     """Tiny models gain nothing from intra-op threads and stall when the 2 cores are busy: unit tests run
-    on one thread; the real-model tests (marked slow) keep torch's default."""
+    on one thread; the real-model tests (marked slow) keep torch's default (one thread in a worker of `make test`)."""
     threads = torch.get_num_threads()
     if request.node.get_closest_marker("slow") is None:
         torch.set_num_threads(1)
