@@ -205,6 +205,24 @@ def test_nproc_writes_the_one_process_checkpoint(tiny_dir: Path, corpus: Path, t
     assert ranks["world"] == 2 and len(ranks["waited_s"]) == 2
 
 
+def test_nproc_trains_the_blocks_data_parallel(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
+    """`--nproc 2 --train-blocks 1` through torchrun: each layer trains in half the steps of one process (a sample
+    on each process a step; 24 of the 32 samples train, the last 8 hold out), every process takes the same
+    decision, and rank 0's checkpoint loads to finite logits."""
+    output = tmp_path / "two"
+    subprocess.run(quantize_command(tiny_dir, corpus, output, "--nproc", "2", "--train-blocks", "1"), check=True,
+                   capture_output=True)
+    written = json.loads((output / "llmquant.json").read_text())
+    records = [row["block_training"] for row in written["layers"]]
+    assert len(records) == 2 and all(record["steps"] == 12 for record in records)
+    assert all(record["kept"] == (record["held_out_error_after"] < record["held_out_error_before"])
+               for record in records)
+    assert written["results"]["ranks"]["world"] == 2
+    assert written["results"]["block_training"]["layers"] == 2
+    model, _ = llmquant.load(output)
+    assert torch.isfinite(model(torch.arange(16).unsqueeze(0)).logits).all()
+
+
 def test_ctrl_c_stops_every_process_with_one_line(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
     """SIGINT to the whole group (what Ctrl-C in a terminal sends): every process stops, rank 0 says so once."""
     output, run_dir = tmp_path / "out", tmp_path / ".out.run"

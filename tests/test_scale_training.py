@@ -24,6 +24,7 @@ from llmquant.algorithms.scale_training import (
     ScaleTrainingConfig,
     TeacherTargets,
     TrainedScales,
+    average_gradients,
     coarse_kl,
     held_out_loss,
     teacher_targets,
@@ -37,6 +38,7 @@ from llmquant.nn import causal_blocks
 from llmquant.nn.attention_choice import set_attention
 from llmquant.nn.kv_cache import KVCacheQuantizer
 from llmquant.nn.quant_linear import QuantLinear
+from llmquant.parallel import Ranks
 from llmquant.quant import QuantSpec, dequantize, fake_quantize, straight_through
 from llmquant.quant.primitives import from_blocks, to_blocks
 
@@ -608,6 +610,34 @@ def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, trainin
         codes = {name: layer.codes().clone() for name, layer in trainable_layers(model).items()}
         torch.save({"scales": scales(model), "gains": gains(model), "codes": codes,
                     "entry": model.llmquant_manifest.results["scale_training"]}, Path(out) / f"rank{rank}.pt")
+
+
+def average_on_rank(rank: int, world: int, port: int, out: str) -> None:
+    from distributed_worker import process_group
+
+    with process_group(rank, world, port):
+        tensors = [torch.zeros(3, 2), torch.zeros(4, dtype=torch.float64), torch.zeros(3, 2).t(), torch.zeros(5)]
+        for i, tensor in enumerate(tensors[:3]):  # (the third a view whose strides are not the contiguous ones)
+            tensor.grad = (rank + 1) * (i + 1) * torch.arange(tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
+        if rank == 1:  # (no gradient on rank 0: an expert no token reached there)
+            tensors[3].grad = torch.arange(5.0)
+        average_gradients(tensors, Ranks.current())
+        found = [(tensor.grad, tensor.grad.stride(), tensor.stride()) for tensor in tensors]
+        torch.save(found, Path(out) / f"{rank}.pt")
+
+
+def test_gradients_are_averaged_over_two_processes_in_their_dtypes_and_layouts(tmp_path: Path) -> None:
+    """`average_gradients` sends each dtype's gradients as one buffer: each comes back the mean of the two
+    processes', in its own dtype and strides, a missing one counted as zeros."""
+    from test_distributed import free_port
+
+    mp.spawn(average_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    expected = [1.5 * torch.arange(6.0).view(3, 2), 3.0 * torch.arange(4, dtype=torch.float64),
+                4.5 * torch.arange(6.0).view(2, 3), 0.5 * torch.arange(5.0)]
+    for rank in range(2):
+        found = torch.load(tmp_path / f"{rank}.pt")
+        for (grad, grad_stride, stride), mean in zip(found, expected, strict=True):
+            assert grad.dtype == mean.dtype and torch.equal(grad, mean) and grad_stride == stride
 
 
 @pytest.mark.parametrize(("training", "steps"), [

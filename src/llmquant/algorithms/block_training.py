@@ -52,6 +52,7 @@ from llmquant.algorithms.scale_training import (
     codes_changed,
     frozen,
     loss_tenths,
+    mean_over_processes,
     restore_weights,
     rounded,
     set_scales,
@@ -173,11 +174,11 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
                 average_gradients([p for group in groups for p in group["params"]], ranks)
                 optimizer.step()
                 schedule.step()
-                result.losses.append(ranks.total(loss.item()) / ranks.world)
+                result.losses.append(loss.item())
         finally:  # (interrupted too: plain tensors again, the trained values so far)
             with torch.no_grad():
                 set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
-    result.steps = steps
+    result.steps, result.losses = steps, mean_over_processes(result.losses, ranks)
     result.codes_changed = codes_changed(layers, start_codes)
     if config.holdout:
         result.held_out_after = relative_output_error(layer, sample, targets, held, ranks)

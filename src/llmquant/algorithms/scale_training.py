@@ -267,14 +267,28 @@ def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], 
 
 
 def average_gradients(tensors: list[torch.Tensor], ranks: Ranks) -> None:
-    """Each tensor's gradient averaged over the processes of ``ranks``, in place, the same on every one (data
-    parallel: each computed it on its own samples); an expert no token reached on a process counts a zero gradient
-    there, to meet the others. One process: left as it is."""
+    """Each tensor's gradient averaged over the processes of ``ranks``, the same on every one (data parallel: each
+    computed it on its own samples); an expert no token reached on a process counts a zero gradient there, to meet
+    the others. The gradients of one dtype and device travel as one flat buffer: one collective a step for them
+    all (as DDP's buckets), not one a tensor. One process: left as it is."""
     if ranks.world == 1:
         return
+    alike: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for tensor in tensors:
-        tensor.grad = ranks.sum(tensor.grad if tensor.grad is not None else torch.zeros_like(tensor))
-        tensor.grad.div_(ranks.world)
+        alike.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    for group in alike.values():
+        grads = [tensor.grad if tensor.grad is not None else torch.zeros_like(tensor) for tensor in group]
+        flat = ranks.sum(torch.cat([grad.reshape(-1) for grad in grads])).div_(ranks.world)
+        for tensor, part in zip(group, flat.split([grad.numel() for grad in grads]), strict=True):
+            tensor.grad = torch.empty_like(tensor).copy_(part.view(tensor.shape))
+
+
+def mean_over_processes(values: list[float], ranks: Ranks) -> list[float]:
+    """``values`` (this process's, one a step) averaged over the processes of ``ranks`` value by value, in one
+    collective at the end rather than one a step. One process: ``values`` as they are."""
+    if ranks.world == 1 or not values:
+        return values
+    return (ranks.sum(torch.tensor(values, dtype=torch.float64)) / ranks.world).tolist()
 
 
 def codes_changed(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> int:
@@ -373,11 +387,12 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 average_gradients(trained, ranks)
                 optimizer.step()
                 schedule.step()
-                result.losses.append(ranks.total(loss.item()) / ranks.world)
-                bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+                result.losses.append(loss.item())
+                bar.set_postfix(loss=f"{result.losses[-1]:.4f}")  # (this process's)
         finally:  # (interrupted too: plain tensors again, the trained values so far)
             with torch.no_grad():
                 set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
+    result.losses = mean_over_processes(result.losses, ranks)
     result.steps, result.tokens = len(batches), len(batches) * config.batch * ranks.world * samples.shape[1]
     reached_anywhere = ranks.sum(torch.tensor([float(name in reached) for name in layers], device=device_of(model)))
     result.unreached = [name for name, count in zip(layers, reached_anywhere.tolist(), strict=True) if not count]
@@ -409,6 +424,7 @@ __all__ = [
     "held_out_loss",
     "loss_of",
     "loss_tenths",
+    "mean_over_processes",
     "restore_weights",
     "rounded",
     "set_scales",
