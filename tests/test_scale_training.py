@@ -614,7 +614,9 @@ def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, trainin
 
 def average_on_rank(rank: int, world: int, port: int, out: str) -> None:
     from distributed_worker import process_group
+    from llmquant.algorithms import scale_training
 
+    scale_training.GRADIENT_BUCKET_BYTES = 48  # buckets: the first alone, the float64 alone, the last two together
     with process_group(rank, world, port):
         tensors = [torch.zeros(3, 2), torch.zeros(4, dtype=torch.float64), torch.zeros(3, 2).t(), torch.zeros(5)]
         for i, tensor in enumerate(tensors[:3]):  # (the third a view whose strides are not the contiguous ones)
@@ -627,8 +629,8 @@ def average_on_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_gradients_are_averaged_over_two_processes_in_their_dtypes_and_layouts(tmp_path: Path) -> None:
-    """`average_gradients` sends each dtype's gradients as one buffer: each comes back the mean of the two
-    processes', in its own dtype and strides, a missing one counted as zeros."""
+    """`average_gradients` sends small gradients of one dtype together, in buckets of a set size: each comes back
+    the mean of the two processes', in its own dtype and strides, a missing one counted as zeros."""
     from test_distributed import free_port
 
     mp.spawn(average_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)

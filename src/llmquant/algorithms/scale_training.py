@@ -266,21 +266,41 @@ def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], 
         layer.set_scale(scales[name], keep_codes=step)
 
 
+GRADIENT_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes one collective carries (DDP's default bucket)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """``tensors`` in runs of one dtype and device whose sizes add up to at most `GRADIENT_BUCKET_BYTES` (a larger
+    tensor alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and (size + nbytes > GRADIENT_BUCKET_BYTES
+                       or (tensor.dtype, tensor.device) != (bucket[0].dtype, bucket[0].device)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
 def average_gradients(tensors: list[torch.Tensor], ranks: Ranks) -> None:
     """Each tensor's gradient averaged over the processes of ``ranks``, the same on every one (data parallel: each
     computed it on its own samples); an expert no token reached on a process counts a zero gradient there, to meet
-    the others. The gradients of one dtype and device travel as one flat buffer: one collective a step for them
-    all (as DDP's buckets), not one a tensor. One process: left as it is."""
+    the others. Small gradients travel together, as DDP's buckets do (`_buckets`): one collective a step for the
+    scales of a whole model instead of one a tensor, and at most a bucket's bytes copied beside them. One process:
+    left as it is."""
     if ranks.world == 1:
         return
-    alike: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        alike.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for group in alike.values():
-        grads = [tensor.grad if tensor.grad is not None else torch.zeros_like(tensor) for tensor in group]
-        flat = ranks.sum(torch.cat([grad.reshape(-1) for grad in grads])).div_(ranks.world)
-        for tensor, part in zip(group, flat.split([grad.numel() for grad in grads]), strict=True):
-            tensor.grad = torch.empty_like(tensor).copy_(part.view(tensor.shape))
+    for bucket in _buckets(tensors):
+        grads = [tensor.grad if tensor.grad is not None else torch.zeros_like(tensor) for tensor in bucket]
+        flat = grads[0].reshape(-1) if len(grads) == 1 else torch.cat([grad.reshape(-1) for grad in grads])
+        ranks.sum(flat).div_(ranks.world)
+        for tensor, part in zip(bucket, flat.split([grad.numel() for grad in grads]), strict=True):
+            grad = part.view(tensor.shape)
+            tensor.grad = grad if grad.stride() == tensor.stride() else torch.empty_like(tensor).copy_(grad)
 
 
 def mean_over_processes(values: list[float], ranks: Ranks) -> list[float]:
