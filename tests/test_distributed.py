@@ -207,8 +207,8 @@ def test_nproc_writes_the_one_process_checkpoint(tiny_dir: Path, corpus: Path, t
 
 def test_nproc_trains_the_blocks_data_parallel(tiny_dir: Path, corpus: Path, tmp_path: Path) -> None:
     """`--nproc 2 --train-blocks 1` through torchrun: each layer trains in half the steps of one process (a sample
-    on each process a step; 24 of the 32 samples train, the last 8 hold out), every process takes the same
-    decision, and rank 0's checkpoint loads to finite logits."""
+    on each process a step; 24 of the 32 samples train, the last 8 hold out), keeps its training where the held-out
+    error (over both processes) fell, and rank 0's checkpoint loads to finite logits."""
     output = tmp_path / "two"
     subprocess.run(quantize_command(tiny_dir, corpus, output, "--nproc", "2", "--train-blocks", "1"), check=True,
                    capture_output=True)
