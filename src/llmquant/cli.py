@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from llmquant.errors import LlmquantError
 from llmquant.heap import retain_freed_memory
@@ -315,8 +315,17 @@ def _launch(nproc: int, argv: list[str], output: str, hint: str = "") -> int:
               f"nothing was written to {output}{hint}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SignalException):
-        return 130  # (each process was interrupted too; rank 0 said so)
+        _exit_interrupted()  # (each process was interrupted too; rank 0 said so)
     return 0
+
+
+def _exit_interrupted() -> NoReturn:
+    """Exit 130 at once, skipping the interpreter's teardown: after Ctrl-C the threads of torch.distributed (the
+    rendezvous store, the backend's) may still be running, and destroying them at exit printed "terminate called
+    without an active exception" under the one line now and then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _check_output(output: Path, overwrite: bool) -> None:
@@ -761,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; nothing was written to {output} (--resume continues from the last finished layer)" if output else ""
         if speaks:
             print(f"llmquant: interrupted{where}", file=sys.stderr)
+        from llmquant import parallel
+
+        if parallel.launched_by_torchrun():  # (one of several processes: their threads as the launcher's)
+            _exit_interrupted()
         return 130
 
 
