@@ -24,7 +24,6 @@ from llmquant.algorithms.scale_training import (
     ScaleTrainingConfig,
     TeacherTargets,
     TrainedScales,
-    average_gradients,
     coarse_kl,
     held_out_loss,
     teacher_targets,
@@ -614,23 +613,24 @@ def train_on_rank(rank: int, world: int, port: int, calib: torch.Tensor, trainin
 
 def average_on_rank(rank: int, world: int, port: int, out: str) -> None:
     from distributed_worker import process_group
-    from llmquant.algorithms import scale_training
+    from llmquant import parallel
 
-    scale_training.GRADIENT_BUCKET_BYTES = 48  # buckets: the first alone, the float64 alone, the last two together
+    parallel.GRADIENT_BUCKET_BYTES = 48  # buckets: the first alone, the float64 alone, the last two together
     with process_group(rank, world, port):
         tensors = [torch.zeros(3, 2), torch.zeros(4, dtype=torch.float64), torch.zeros(3, 2).t(), torch.zeros(5)]
         for i, tensor in enumerate(tensors[:3]):  # (the third a view whose strides are not the contiguous ones)
             tensor.grad = (rank + 1) * (i + 1) * torch.arange(tensor.numel(), dtype=tensor.dtype).view(tensor.shape)
         if rank == 1:  # (no gradient on rank 0: an expert no token reached there)
             tensors[3].grad = torch.arange(5.0)
-        average_gradients(tensors, Ranks.current())
+        Ranks.current().average_gradients(tensors)
         found = [(tensor.grad, tensor.grad.stride(), tensor.stride()) for tensor in tensors]
         torch.save(found, Path(out) / f"{rank}.pt")
 
 
 def test_gradients_are_averaged_over_two_processes_in_their_dtypes_and_layouts(tmp_path: Path) -> None:
-    """`average_gradients` sends small gradients of one dtype together, in buckets of a set size: each comes back
-    the mean of the two processes', in its own dtype and strides, a missing one counted as zeros."""
+    """`Ranks.average_gradients` (scale and block training's step) sends small gradients of one dtype together, in
+    buckets of a set size: each comes back the mean of the two processes', in its own dtype and strides, a missing one
+    counted as zeros."""
     from test_distributed import free_port
 
     mp.spawn(average_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2)

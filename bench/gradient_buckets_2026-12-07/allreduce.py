@@ -1,5 +1,5 @@
 """Seconds a step of averaging the default model's scale gradients over two gloo processes on this machine: one
-collective a tensor (llmquant before 2026-12-07) against `average_gradients`' buckets. The gradients of scale
+collective a tensor (llmquant before 2026-12-07) against `Ranks.average_gradients`' buckets. The gradients of scale
 training's per-channel scales (30 layers x 7 Linears, one scale an output row) and, with ``--codes``, of the codes'
 offsets too (one a weight). Run: .venv/bin/python bench/gradient_buckets_2026-12-07/allreduce.py [--codes]"""
 
@@ -14,13 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llmquant.algorithms.scale_training import average_gradients
 from llmquant.parallel import Ranks
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
 
 
-def per_tensor(tensors: list[torch.Tensor], ranks: Ranks) -> None:
+def per_tensor(ranks: Ranks, tensors: list[torch.Tensor]) -> None:
     for tensor in tensors:  # (the code before buckets)
         tensor.grad = ranks.sum(tensor.grad).div_(ranks.world)
 
@@ -34,12 +33,12 @@ def run(rank: int, codes: bool, steps: int) -> None:
     tensors += [torch.zeros(shape) for _ in range(30) for shape in SHAPES] if codes else []
     times: dict[str, list[float]] = {"one collective a tensor": [], "buckets": []}
     for _ in range(steps):
-        for name, average in (("one collective a tensor", per_tensor), ("buckets", average_gradients)):
+        for name, average in (("one collective a tensor", per_tensor), ("buckets", Ranks.average_gradients)):
             for tensor in tensors:
                 tensor.grad = torch.ones_like(tensor)
             dist.barrier()
             start = time.perf_counter()
-            average(tensors, ranks)
+            average(ranks, tensors)
             times[name].append(time.perf_counter() - start)
     if rank == 0:
         print(f"{len(tensors)} tensors, {sum(t.numel() for t in tensors) * 4 / 2**20:.1f} MiB of gradients, "

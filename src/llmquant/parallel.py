@@ -12,6 +12,8 @@ collective returns its input, so the engine and the algorithms run the same code
 - solves are partitioned: a solve whose rows are independent (GPTQ's sweep, given H^-1) is split by rows, each
   rank solving its share and `Ranks.all_rows` gathering them; other independent solves go whole to owner ranks
   (`Ranks.owners`, a balanced partition of their cost) and each result is broadcast from its owner;
+- training is data parallel: each rank's gradients and losses are averaged (`Ranks.average_gradients`, in buckets
+  as DDP's; `Ranks.mean`);
 - rank 0 writes.
 
 The backend follows the device: NCCL for CUDA, gloo for the CPU; a tensor on the other kind of device is moved
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from llmquant.errors import LlmquantError
+
+GRADIENT_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes one collective carries (DDP's default bucket)
 
 
 class LostProcessError(LlmquantError):
@@ -140,6 +144,27 @@ class Ranks:
             return value
         return float(self.sum(torch.tensor([value], dtype=torch.float64)))
 
+    def mean(self, values: Sequence[float]) -> list[float]:
+        """Each of ``values`` (this process's; as many on every one) averaged over the ranks, in one collective."""
+        if self.world == 1 or not values:
+            return list(values)
+        return (self.sum(torch.tensor(list(values), dtype=torch.float64)) / self.world).tolist()
+
+    def average_gradients(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Each tensor's gradient averaged over the ranks, the same on every one (data parallel: each computed it on
+        its own samples); a tensor without a gradient on a rank (an expert no token reached there) counts zeros, to
+        meet the others. Small gradients travel together, as DDP's buckets do (`_buckets`): one collective a step
+        for the scales of a whole model instead of one a tensor, and at most a bucket's bytes copied beside them."""
+        if self.world == 1:
+            return
+        for bucket in _buckets(tensors):
+            grads = [tensor.grad if tensor.grad is not None else torch.zeros_like(tensor) for tensor in bucket]
+            flat = grads[0].reshape(-1) if len(grads) == 1 else torch.cat([grad.reshape(-1) for grad in grads])
+            self.sum(flat).div_(self.world)
+            for tensor, part in zip(bucket, flat.split([grad.numel() for grad in grads]), strict=True):
+                grad = part.view(tensor.shape)
+                tensor.grad = grad if grad.stride() == tensor.stride() else torch.empty_like(tensor).copy_(grad)
+
     def least(self, value: int | None) -> int | None:
         """The least of every process's ``value`` (None where one of them has none): a budget every process plans
         by alike, such as the memory its working tensors may take."""
@@ -187,6 +212,23 @@ class Ranks:
             return tensor.to(wanted)
         return tensor if tensor.is_contiguous() else tensor.contiguous()
 
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """``tensors`` in runs of one dtype and device whose sizes add up to at most `GRADIENT_BUCKET_BYTES` (a larger
+    tensor alone)."""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and (size + nbytes > GRADIENT_BUCKET_BYTES
+                       or (tensor.dtype, tensor.device) != (bucket[0].dtype, bucket[0].device)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(tensor)
+        size += nbytes
+    if bucket:
+        yield bucket
 
 SINGLE = Ranks()  # the ranks of one process: every collective is the identity
 

@@ -48,11 +48,9 @@ import torch
 from torch import nn
 
 from llmquant.algorithms.scale_training import (
-    average_gradients,
     codes_changed,
     frozen,
     loss_tenths,
-    mean_over_processes,
     restore_weights,
     rounded,
     set_scales,
@@ -171,14 +169,14 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
                 loss = (out.float() - targets[row].to(out.device).float()).pow(2).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                average_gradients([p for group in groups for p in group["params"]], ranks)
+                ranks.average_gradients([p for group in groups for p in group["params"]])
                 optimizer.step()
                 schedule.step()
                 result.losses.append(loss.item())
         finally:  # (interrupted too: plain tensors again, the trained values so far)
             with torch.no_grad():
                 set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
-    result.steps, result.losses = steps, mean_over_processes(result.losses, ranks)
+    result.steps, result.losses = steps, ranks.mean(result.losses)
     result.codes_changed = codes_changed(layers, start_codes)
     if config.holdout:
         result.held_out_after = relative_output_error(layer, sample, targets, held, ranks)

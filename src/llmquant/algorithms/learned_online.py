@@ -251,9 +251,7 @@ def _learn(ctx: LayerContext, sites: list[_Site], config: OnlineLearningConfig) 
                     site.refresh()
                 loss = _relative_mse(ctx.layer(hidden, **kwargs), target)
                 loss.backward()
-                if ctx.ranks.world > 1:
-                    for p in params:
-                        p.grad = ctx.ranks.sum(p.grad.contiguous()) / ctx.ranks.world
+                ctx.ranks.average_gradients(params)
                 optimizer.step()
                 schedule.step()
                 losses.append(loss.item())

@@ -266,51 +266,6 @@ def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], 
         layer.set_scale(scales[name], keep_codes=step)
 
 
-GRADIENT_BUCKET_BYTES = 25 * 2**20  # the most gradient bytes one collective carries (DDP's default bucket)
-
-
-def _buckets(tensors: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
-    """``tensors`` in runs of one dtype and device whose sizes add up to at most `GRADIENT_BUCKET_BYTES` (a larger
-    tensor alone)."""
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and (size + nbytes > GRADIENT_BUCKET_BYTES
-                       or (tensor.dtype, tensor.device) != (bucket[0].dtype, bucket[0].device)):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(tensor)
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
-def average_gradients(tensors: list[torch.Tensor], ranks: Ranks) -> None:
-    """Each tensor's gradient averaged over the processes of ``ranks``, the same on every one (data parallel: each
-    computed it on its own samples); an expert no token reached on a process counts a zero gradient there, to meet
-    the others. Small gradients travel together, as DDP's buckets do (`_buckets`): one collective a step for the
-    scales of a whole model instead of one a tensor, and at most a bucket's bytes copied beside them. One process:
-    left as it is."""
-    if ranks.world == 1:
-        return
-    for bucket in _buckets(tensors):
-        grads = [tensor.grad if tensor.grad is not None else torch.zeros_like(tensor) for tensor in bucket]
-        flat = grads[0].reshape(-1) if len(grads) == 1 else torch.cat([grad.reshape(-1) for grad in grads])
-        ranks.sum(flat).div_(ranks.world)
-        for tensor, part in zip(bucket, flat.split([grad.numel() for grad in grads]), strict=True):
-            grad = part.view(tensor.shape)
-            tensor.grad = grad if grad.stride() == tensor.stride() else torch.empty_like(tensor).copy_(grad)
-
-
-def mean_over_processes(values: list[float], ranks: Ranks) -> list[float]:
-    """``values`` (this process's, one a step) averaged over the processes of ``ranks`` value by value, in one
-    collective at the end rather than one a step. One process: ``values`` as they are."""
-    if ranks.world == 1 or not values:
-        return values
-    return (ranks.sum(torch.tensor(values, dtype=torch.float64)) / ranks.world).tolist()
-
-
 def codes_changed(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]) -> int:
     """How many of the codes ``start`` (by layer) each layer now stores otherwise."""
     return sum(int((layers[name].codes() != codes).sum()) for name, codes in start.items())
@@ -404,7 +359,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 reached.update(name for name, log in logs.items() if log.grad is not None)
-                average_gradients(trained, ranks)
+                ranks.average_gradients(trained)
                 optimizer.step()
                 schedule.step()
                 result.losses.append(loss.item())
@@ -412,7 +367,7 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
         finally:  # (interrupted too: plain tensors again, the trained values so far)
             with torch.no_grad():
                 set_scales(layers, {name: (start[name] * torch.exp(logs[name])).contiguous() for name in layers})
-    result.losses = mean_over_processes(result.losses, ranks)
+    result.losses = ranks.mean(result.losses)
     result.steps, result.tokens = len(batches), len(batches) * config.batch * ranks.world * samples.shape[1]
     reached_anywhere = ranks.sum(torch.tensor([float(name in reached) for name in layers], device=device_of(model)))
     result.unreached = [name for name, count in zip(layers, reached_anywhere.tolist(), strict=True) if not count]
@@ -436,7 +391,6 @@ __all__ = [
     "ScaleTrainingConfig",
     "TeacherTargets",
     "TrainedScales",
-    "average_gradients",
     "coarse_kl",
     "codes_changed",
     "float_codes_refusal",
@@ -444,7 +398,6 @@ __all__ = [
     "held_out_loss",
     "loss_of",
     "loss_tenths",
-    "mean_over_processes",
     "restore_weights",
     "rounded",
     "set_scales",

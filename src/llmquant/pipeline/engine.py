@@ -537,10 +537,7 @@ def _linears_of(layer: nn.Module, model_map: ModelMap) -> list[str]:
 
 def _mean_over(ranks: Ranks, figures: dict[str, float]) -> dict[str, float]:
     """Each figure averaged over the ranks (each measured on its own first sample)."""
-    if ranks.world == 1:
-        return figures
-    summed = ranks.sum(torch.tensor(list(figures.values()), dtype=torch.float64)) / ranks.world
-    return dict(zip(figures, summed.tolist(), strict=True))
+    return dict(zip(figures, ranks.mean(list(figures.values())), strict=True))
 
 
 def _outside_linears(model_map: ModelMap, plan: QuantPlan) -> list[tuple[str, Scheme]]:
