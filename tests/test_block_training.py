@@ -16,6 +16,7 @@ import llmquant
 from conftest import DEVICES, VOCAB, logits, make_model
 from llmquant.algorithms.block_training import (
     BlockTrainingConfig,
+    SampleSplit,
     relative_output_error,
     split_rows,
     state_bytes,
@@ -233,8 +234,8 @@ class SecondOfTwo(Ranks):
 
 
 def test_the_held_out_samples_are_the_last_of_all_processes() -> None:
-    assert split_rows(12, 2) == (list(range(10)), [10, 11])
-    assert split_rows(6, 2, SecondOfTwo()) == ([0, 1, 2, 3], [4, 5])  # (samples 6 .. 11 of 12)
+    assert split_rows(12, 2) == SampleSplit(list(range(10)), [10, 11], 10)
+    assert split_rows(6, 2, SecondOfTwo()) == SampleSplit([0, 1, 2, 3], [4, 5], 10)  # (samples 6 .. 11 of 12)
     with pytest.raises(LlmquantError, match=r"^model.layers.0: block_training.holdout 6 leaves none of the last of "
                                             r"the 2 processes' 6 calibration samples to train on; allowed: fewer "
                                             r"than 6$"):

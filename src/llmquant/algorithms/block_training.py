@@ -112,7 +112,17 @@ def _output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> t
     return out[0] if isinstance(out, tuple) else out
 
 
-def split_rows(count: int, holdout: int, ranks: Ranks = SINGLE, where: str = "") -> tuple[list[int], list[int]]:
+@dataclass(frozen=True)
+class SampleSplit:
+    """This process's samples to train on and to hold out (indices into its own), and how many all the processes
+    train on together."""
+
+    train: list[int]
+    held: list[int]
+    trained_in_all: int
+
+
+def split_rows(count: int, holdout: int, ranks: Ranks = SINGLE, where: str = "") -> SampleSplit:
     """This process's samples (``count`` of them, its block of `Ranks.share`) to train on and to hold out: the held-out
     ones are the last ``holdout`` of all the processes' samples, so the last process holds them. A holdout that
     leaves a process none to train on is a one-line error (the same on every process)."""
@@ -124,7 +134,7 @@ def split_rows(count: int, holdout: int, ranks: Ranks = SINGLE, where: str = "")
                             f"samples to train on; allowed: fewer than {last}")
     start = ranks.share(total).start
     train = [i for i in range(count) if start + i < total - holdout]
-    return train, [i for i in range(count) if start + i >= total - holdout]
+    return SampleSplit(train, [i for i in range(count) if start + i >= total - holdout], total - holdout)
 
 
 @torch.no_grad()
@@ -146,15 +156,15 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
     one process's steps (as scale training's steps)."""
     result = TrainedBlock()
     layers = trainable_layers(layer)
-    train, held = split_rows(len(targets), config.holdout, ranks, where)
+    split = split_rows(len(targets), config.holdout, ranks, where)
+    train, held = split.train, split.held
     began = time.perf_counter()
     if config.holdout:
         result.held_out_before = relative_output_error(layer, sample, targets, held, ranks)
     start = {name: linear.weight_scale.detach().clone() for name, linear in layers.items()}
     start_codes = {name: linear.codes().clone() for name, linear in layers.items()} if config.codes_lr else {}
     logs = {name: torch.zeros_like(scale, requires_grad=True) for name, scale in start.items()}
-    trained_in_all = round(ranks.total(float(len(train))))
-    steps = max(1, round(config.epochs * trained_in_all / ranks.world))
+    steps = max(1, round(config.epochs * split.trained_in_all / ranks.world))
     with torch.enable_grad(), frozen(layer), trained_codes(layers, start_codes) as offsets:
         groups = [{"params": list(logs.values()), "lr": config.lr}]
         groups += [{"params": list(offsets.values()), "lr": config.codes_lr}] if offsets else []
@@ -187,5 +197,5 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
     return result
 
 
-__all__ = ["BlockTrainingConfig", "TrainedBlock", "relative_output_error", "split_rows", "state_bytes",
+__all__ = ["BlockTrainingConfig", "SampleSplit", "TrainedBlock", "relative_output_error", "split_rows", "state_bytes",
            "train_block"]
