@@ -30,6 +30,7 @@ from llmquant.model.model_map import detect_model_map
 from llmquant.parallel import Ranks
 from llmquant.pipeline import quantize as run_pipeline
 from llmquant.pipeline.layer_io import capture_layer_inputs, run_layer
+from llmquant.quant.primitives import grid_steps
 
 W4A4KV4 = {"scheme": "w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic", "kv_cache": "int4_per_token_asym",
            "algorithm": "gptq", "pre_opts": [{"name": "quarot", "rotations": ["R2", "R3", "R4"]}],
@@ -46,14 +47,16 @@ def calib24() -> torch.Tensor:
     return torch.randint(0, VOCAB, (24, 32), generator=torch.Generator().manual_seed(3))
 
 
-def first_layer(calib: torch.Tensor, device: str = "cpu") -> tuple[torch.nn.Module, object, list[torch.Tensor]]:
-    """The tiny Llama's first decoder layer quantized W4A4KV4 by round to nearest (its float outputs on ``calib``
-    taken before), on ``device``, a function giving sample i's inputs there, and those float outputs."""
+def first_layer(calib: torch.Tensor, device: str = "cpu",
+                scheme: dict | None = None) -> tuple[torch.nn.Module, object, list[torch.Tensor]]:
+    """The tiny Llama's first decoder layer quantized W4A4KV4 (or ``scheme``) by round to nearest (its float outputs
+    on ``calib`` taken before), on ``device``, a function giving sample i's inputs there, and those float outputs."""
     model = make_model("llama")
     inputs = capture_layer_inputs(model, detect_model_map(model), calib)
     layer = model.model.layers[0]
     targets = run_layer(layer, inputs, "layer 0", batch=1)
-    llmquant.quantize(model, {**W4A4KV4, "algorithm": "rtn", "pre_opts": []}, calib=calib, progress=False)
+    llmquant.quantize(model, {**W4A4KV4, **(scheme or {}), "algorithm": "rtn", "pre_opts": []}, calib=calib,
+                      progress=False)
     on = torch.device(device)
     return layer.to(on), lambda i: (inputs.hidden[i].to(on), to_device(inputs.kwargs[i], on)), targets
 
@@ -79,6 +82,24 @@ def test_training_lowers_the_held_out_error_and_moves_codes_by_one_at_most(calib
     assert all(int((after[n].int() - c.int()).abs().max()) <= 1 for n, c in start.items())
     assert all(linear.code_offsets is None for linear in trainable_layers(layer).values())
     assert result.describe()["kept"] and result.describe()["codes_changed"] == result.codes_changed
+
+
+def test_fp8_codes_train_by_one_step_of_their_e4m3_grid_at_most(calib24: torch.Tensor) -> None:
+    """FP8 W8A8 with an FP8 KV cache: the codes train as offsets in steps of their E4M3 grid; the held-out error falls
+    below what the scales alone reach, and no code moves by more than one step of its binade (`grid_steps`)."""
+    fp8 = {"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic", "kv_cache": "fp8_per_tensor"}
+    errors = {}
+    for codes_lr in (0.0, 5e-2):
+        layer, sample, targets = first_layer(calib24, scheme=fp8)
+        start = codes(layer)
+        result = train_block(layer, sample, targets, BlockTrainingConfig(epochs=4, lr=1e-2, codes_lr=codes_lr,
+                                                                          holdout=8))
+        errors[codes_lr] = result.held_out_after
+    assert result.kept and result.codes_changed > 0 and errors[5e-2] < errors[0.0]
+    linears = trainable_layers(layer)
+    assert all(linears[n].codes().dtype == torch.float8_e4m3fn for n in start)
+    assert all(((codes(layer)[n].float() - c.float()).abs() <= grid_steps(c.float(), linears[n].weight_spec)).all()
+               for n, c in start.items())
 
 
 def test_without_a_codes_step_only_the_scales_train(calib24: torch.Tensor) -> None:
@@ -177,9 +198,6 @@ def test_a_layer_left_float_trains_nothing(calib24: torch.Tensor) -> None:
      "recipe field 'block_training.lr' = 0: Input should be greater than 0"),
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "block_training": {"target": "logits"}},
      "recipe field 'block_training.target' = 'logits': Input should be 'layer' or 'model'"),
-    ({"scheme": "w_fp8_per_channel", "block_training": {"codes_lr": 0.01}},
-     r"block_training.codes_lr trains integer codes, but w_fp8_per_channel stores float \(FP8\) codes; allowed: "
-     "codes_lr 0"),
 ])
 def test_bad_block_training_recipes_are_one_line_errors(recipe: dict, message: str) -> None:
     with pytest.raises(LlmquantError, match=message) as error:

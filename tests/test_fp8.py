@@ -21,7 +21,7 @@ from llmquant.export.targets import check_recipe
 from llmquant.nn.quant_linear import QuantLinear, set_runtime
 from llmquant.quant import QuantSpec, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
-from llmquant.quant.primitives import codes_to_float, round_to_grid
+from llmquant.quant.primitives import codes_to_float, grid_steps, round_to_codes, round_to_grid
 from llmquant.quant.scheme import FP8_SCHEMES, scheme_from_name, scheme_names
 from llmquant.recipe import Recipe
 
@@ -49,6 +49,25 @@ def test_float8_codes_read_by_table_are_torchs_conversion() -> None:
     assert codes_to_float(strided).shape == strided.shape and codes_to_float(strided).dtype == torch.float32
     ints = torch.randint(-128, 128, (5, 7), dtype=torch.int8)
     assert torch.equal(codes_to_float(ints), ints.float())
+
+
+def test_a_grid_step_away_from_zero_is_the_next_e4m3_value() -> None:
+    """`grid_steps`: q + d g rounds to q for |d| < 1/2 (towards zero from a binade's lowest value, for |d| < 1/4)
+    and to the next E4M3 value away from zero for d in (1/2, 1] (signs mirrored); on an integer grid g is 1."""
+    positive = FINITE[FINITE >= 0]
+    steps = grid_steps(positive, FP8)
+    assert torch.equal(grid_steps(-positive, FP8), steps)
+    for codes, sign in ((positive, 1.0), (-positive, -1.0)):
+        assert torch.equal(round_to_codes(codes + sign * 0.49 * steps, FP8), codes)
+        assert torch.equal(round_to_codes(codes - sign * 0.24 * steps, FP8), codes)
+        assert torch.equal(round_to_codes(codes + sign * 0.51 * steps, FP8)[:-1], sign * positive[1:])
+        assert torch.equal(round_to_codes(codes + sign * steps, FP8)[:-1], sign * positive[1:])
+    assert float(round_to_codes(torch.tensor([448.0 + 32.0]), FP8)) == 448.0  # clamped to the range
+    assert float(grid_steps(torch.tensor([0.0]), FP8)) == 2.0**-9  # the subnormals' step
+    int4 = QuantSpec(bits=4, granularity="channel")
+    codes = torch.arange(-8.0, 8.0)
+    assert torch.equal(grid_steps(codes, int4), torch.ones(16))
+    assert torch.equal(round_to_codes(codes + 0.6, int4), (codes + 1).clamp(max=7))
 
 
 def test_fake_quantize_error_is_within_half_a_step_of_three_mantissa_bits() -> None:

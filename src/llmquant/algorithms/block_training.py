@@ -14,9 +14,10 @@ they come, this sees what the Linears' errors, the 4-bit inputs and the KV cache
 
 Deliberate deviations from EfficientQAT, and why:
 
-- The weights train as offsets d on the integer codes (`QuantLinear.code_offsets`, in code units, from 0; Adam's step
-  ``codes_lr``), not as float weights: the checkpoint keeps its codes, zero points and format, and the offsets start
-  from the codes GPTQ chose, not from round to nearest. A code moves by one where its offset passes 0.5.
+- The weights train as offsets d on the codes (`QuantLinear.code_offsets`, in steps of the codes' grid, from 0; Adam's
+  step ``codes_lr``), not as float weights: the checkpoint keeps its codes, zero points and format, and the offsets
+  start from the codes GPTQ chose, not from round to nearest. A code moves to the next one of its grid (integers, or
+  E4M3 values) where its offset passes 0.5 (`llmquant.algorithms.scale_training`).
 - The scales train in the log domain, s = s0 exp(t) (as `llmquant.algorithms.scale_training`), the zero points stay.
 - The target (``target``): ``model`` (the default, EfficientQAT's own: its labels are the float blocks' outputs on
   the float stream), the float model's own output of the layer (the float layer on the float model's inputs, the

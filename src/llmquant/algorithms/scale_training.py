@@ -1,14 +1,14 @@
 """The weights' scales trained end to end (EfficientQAT's E2E-QP: Chen et al. 2024, "EfficientQAT: Efficient
 Quantization-Aware Training for Large Language Models", arXiv 2407.11062, section 3.3).
 
-Once every layer is quantized, each weight is W = (q - z) s with integer codes q (GPTQ's), zero points z and scales s
-(per channel or per group). E2E-QP keeps q and z and trains every scale of the network together against a loss of its
-logits on the calibration samples (below), with the activations and the KV cache quantized in the forward
-pass and their rounding passed straight through in the backward pass (`llmquant.quant.straight_through`). The
-checkpoint keeps its format: only the scales' values change (with the options below, the norms' gains and the codes
-too). Where per-layer steps (GPTQ, the smoothing searches)
-each minimise one layer's output error with the layers before already quantized, this step sees what the errors of
-all the layers do to the logits together.
+Once every layer is quantized, each weight is W = (q - z) s with codes q (GPTQ's; integers, or E4M3 values), zero points
+z and scales s (per channel or per group). E2E-QP keeps q and z and trains every scale of the network together against a
+loss of its logits on the calibration samples (below), with the activations and the KV cache quantized in the forward
+pass and their rounding passed straight through in the backward pass (`llmquant.quant.straight_through`). The checkpoint
+keeps its format: only the scales' values change (with the options below, the norms' gains and the codes too). Where
+per-layer steps (GPTQ, the smoothing searches) each minimise one layer's output error with the layers before already
+quantized, this step sees what the errors of all the layers do to the logits together.
+
 
 The loss (``loss``):
 
@@ -33,11 +33,13 @@ Deliberate deviations from EfficientQAT, and why:
   applies (its weight, plus Gemma's offset of 1). A gain scales the channels of the activations the next Linears
   quantize, so it can move an outlier channel's share of the 4-bit range, which the weights' scales cannot; the
   checkpoint keeps its format (the norms' weights are float in it). Effect measured in BENCHMARKS.md.
-- ``codes_lr`` (0 by default: the codes stay, as in E2E-QP): above 0, the integer codes train too, as offsets d on
-  them (in code units, from 0, Adam's step ``codes_lr``): the weight is (round(q + d) - z) s, clamped to the codes'
-  range, rounded straight through, so a code moves by one where its offset passes 0.5. EfficientQAT trains the
-  weights only block by block (Block-AP); this trains them end to end against the same loss as the scales. After
-  training the codes are stored rounded; the manifest counts the codes changed.
+- ``codes_lr`` (0 by default: the codes stay, as in E2E-QP): above 0, the codes train too, as offsets d on them (in
+  steps g of their grid, from 0, Adam's step ``codes_lr``): the weight is (round(q + d g) - z) s, clamped to the
+  codes' range, rounded straight through. On an integer grid g = 1, so a code moves by one where its offset passes
+  0.5; E4M3 codes (FP8) move to the next E4M3 value the same way, g being the spacing of their binade
+  (`llmquant.quant.primitives.grid_steps`), so one step is a like share of every code whatever its size. EfficientQAT
+  trains the weights only block by block (Block-AP); this trains them end to end against the same loss as the scales.
+  After training the codes are stored rounded; the manifest counts the codes changed.
 - Held-out check: the last ``holdout`` samples given are not trained on; the trained scales are kept only if
   they lower those samples' loss (the KL, or the next-token NLL), measured on the model as it will run (else the
   scales found by the per-layer steps stay). EfficientQAT trains on 4096 samples of 2048 tokens; a calibration set
@@ -73,6 +75,7 @@ from llmquant.model.likelihood import mean_nll
 from llmquant.model.patterns import is_norm, norm_form, norm_offset
 from llmquant.nn.quant_linear import QuantLinear
 from llmquant.parallel import SINGLE, Ranks
+from llmquant.quant.primitives import codes_to_float, grid_steps, round_to_codes
 
 log = logging.getLogger(__name__)
 
@@ -246,16 +249,10 @@ def trained_codes(layers: dict[str, QuantLinear], start: dict[str, torch.Tensor]
         with torch.no_grad():
             for name, offset in offsets.items():
                 spec = layers[name].weight_spec
-                codes = (start[name].float() + offset).round().clamp(spec.qmin, spec.qmax)
+                codes = codes_to_float(start[name])
+                codes = round_to_codes(codes + offset * grid_steps(codes, spec), spec)
                 layers[name].code_offsets = None
                 layers[name].set_codes(codes.to(start[name].dtype))
-
-
-def float_codes_refusal(weight: str, step: str = "scale_training") -> str:
-    """The one line refusing ``step``'s ``codes_lr`` where ``weight`` (a Linear's or a scheme's name) stores float
-    codes."""
-    return (f"{step}.codes_lr trains integer codes, but {weight} stores float (FP8) codes; allowed: codes_lr 0 "
-            "with a float weight scheme")
 
 
 def set_scales(layers: dict[str, QuantLinear], scales: dict[str, torch.Tensor], step: bool = False) -> None:
@@ -324,8 +321,6 @@ def train_scales(model: nn.Module, samples: torch.Tensor, config: ScaleTrainingC
     if not layers:
         raise LlmquantError("scale_training trains the scales of quantized weights, but this model has none; "
                             "allowed: a recipe whose scheme quantizes weights")
-    if config.codes_lr and (floats := [name for name, layer in layers.items() if layer.weight_spec.type != "int"]):
-        raise LlmquantError(float_codes_refusal(floats[0]))
     if config.holdout >= samples.shape[0]:
         raise LlmquantError(f"scale_training.holdout {config.holdout} keeps every one of the {samples.shape[0]} "
                             f"calibration samples out of training; allowed: fewer than {samples.shape[0]}")
@@ -393,7 +388,6 @@ __all__ = [
     "TrainedScales",
     "coarse_kl",
     "codes_changed",
-    "float_codes_refusal",
     "frozen",
     "held_out_loss",
     "loss_of",

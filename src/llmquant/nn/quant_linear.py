@@ -89,7 +89,13 @@ from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize, straight_through
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
-from llmquant.quant.primitives import block_grid_shape, codes_to_float, qparams_from_min_max
+from llmquant.quant.primitives import (
+    block_grid_shape,
+    codes_to_float,
+    grid_steps,
+    qparams_from_min_max,
+    round_to_codes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -315,13 +321,14 @@ class QuantLinear(nn.Module):
 
     def _dequantize(self) -> torch.Tensor:
         """(q - zero) * scale from the stored codes, in float32 (a function of ``weight_scale``, with its gradient
-        where it has one; with ``code_offsets`` d set, of round(q + d) clamped to the codes' range, rounded straight
-        through: `llmquant.algorithms.scale_training`)."""
+        where it has one; with ``code_offsets`` d set, of round(q + d g) clamped to the codes' range, rounded straight
+        through, g the grid's step at q: 1 for integer codes, `grid_steps`; `llmquant.algorithms.scale_training`)."""
         spec = self.weight_spec
         assert spec is not None
         if self.code_offsets is not None:
-            shifted = self._weight_codes().float() + self.code_offsets
-            codes = straight_through(shifted, shifted.round().clamp(spec.qmin, spec.qmax))
+            start = codes_to_float(self._weight_codes())
+            shifted = start + self.code_offsets * grid_steps(start, spec)
+            codes = straight_through(shifted, round_to_codes(shifted, spec))
             return dequantize(codes, *self.weight_qparams(), spec)
         if self.packed:  # the packed fields are u = q - offset + 2^(b-1): that constant folds into the zero
             scale, zero = self.weight_qparams()

@@ -136,6 +136,22 @@ def round_to_grid(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return torch.round(values)
 
 
+def grid_steps(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The step of the spec's grid at each code (float values): 1 on an integer grid; on E4M3 (3 mantissa bits) the
+    spacing 2^(e - 3) of the binade [2^e, 2^(e + 1)) that holds |code|, and the subnormals' 2^-9 below the smallest
+    normal 2^-6. A code plus d steps, rounded to the grid, is the code itself for |d| < 1/2 (1/4 towards zero from a
+    binade's lowest value, where the grid is twice as fine), and the next code away from zero for d in (1/2, 1]."""
+    if spec.type != "float":
+        return torch.ones_like(codes)
+    return torch.exp2(torch.floor(torch.log2(codes.abs().clamp_min(2.0 ** -6))) - 3)
+
+
+def round_to_codes(values: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``values`` in code units rounded to the nearest code of the spec's grid and clamped to its range (float32
+    results): the integers from qmin to qmax, or the E4M3 values."""
+    return round_to_grid(values, spec).clamp(spec.qmin, spec.qmax)
+
+
 def quantize_blocks(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes (as float values) of a block view."""
     return torch.clamp(round_to_grid(blocks / scale, spec) + zero, spec.qmin, spec.qmax)
