@@ -270,6 +270,7 @@ def test_the_training_state_is_counted_and_refused_above_the_memory_cap(calib12:
     recipe = llmquant.Recipe.build(**{**W4A4KV4, "algorithm": "rtn", "block_training": {"holdout": 2}})
     manifest = run_pipeline(make_model("llama"), recipe, calib12, progress=False)
     assert manifest.layers[0]["block_training"]["state_mib"] == round(25 * weights / 2**20, 1)
+    assert manifest.layers[0]["block_training"]["graph_mib"] > 0
     capped = DevicePolicy.resolve("cpu", max_memory=resident_bytes() + 2**10)  # (already above it: 0 bytes left)
     with pytest.raises(LlmquantError, match=r"model.layers.0: block training needs [0-9.]+ MiB for its weights' "
                                             r"gradients and optimizer state, more than the 0.0 MiB free where the "
@@ -278,3 +279,29 @@ def test_the_training_state_is_counted_and_refused_above_the_memory_cap(calib12:
                                             r"alone, 8 bytes a weight, or no block_training") as error:
         run_pipeline(make_model("llama"), recipe, calib12, progress=False, policy=capped)
     assert "\n" not in str(error.value)
+
+
+def test_a_first_step_whose_graph_exceeds_what_the_caps_leave_is_refused_before_any_update(
+        calib24: torch.Tensor) -> None:
+    """The first step measures its autograd graph (`saved_tensor_bytes`: the tensors saved for the backward pass, the
+    layer's own parameters left out): at least the float weights it makes from the codes; with 1 byte less than it
+    left, the layer is refused in one line and keeps its scales and codes; with the graph left, it trains."""
+    layer, sample, targets = first_layer(calib24)
+    weights = sum(linear.codes().numel() for linear in trainable_layers(layer).values())
+    config = BlockTrainingConfig(epochs=1, lr=1e-2, codes_lr=5e-2, holdout=8)
+    result = train_block(layer, sample, targets, config)
+    assert 4 * weights <= result.graph_bytes < 64 * weights
+    assert result.describe()["graph_mib"] == round(result.graph_bytes / 2**20, 1)
+    layer, sample, targets = first_layer(calib24)
+    start, scales = codes(layer), {n: lin.weight_scale.clone() for n, lin in trainable_layers(layer).items()}
+    with pytest.raises(LlmquantError, match=r"^model.layers.0: block training's autograd graph of one calibration "
+                                            r"sample takes [0-9.]+ MiB \(on some process\), more than the [0-9.]+ MiB "
+                                            r"its weights' state leaves free where the layer computes, under the "
+                                            r"run's memory caps; allowed: a larger --max-memory or --max-gpu-memory, "
+                                            r"shorter calibration samples, or no block_training$") as error:
+        train_block(layer, sample, targets, config, where="model.layers.0", memory_left=result.graph_bytes - 1)
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(codes(layer)[n], c) for n, c in start.items())
+    assert all(torch.equal(lin.weight_scale, scales[n]) for n, lin in trainable_layers(layer).items())
+    layer, sample, targets = first_layer(calib24)
+    assert train_block(layer, sample, targets, config, memory_left=result.graph_bytes).graph_bytes == result.graph_bytes

@@ -33,15 +33,18 @@ per-token inputs) x1.1138 -> x1.0956 on pydoc but x1.2197 -> x1.2306 on stdlib; 
 
 Cost: ``epochs`` passes of one sample a step, a forward and a backward pass of the layer each, before the layer's
 quantized pass; memory (`state_bytes`): the float weight and its gradient (8 bytes a weight of the layer), and with
-``codes_lr`` a float offset, its gradient, Adam's two moments and the starting code (17 more). The engine refuses a
-layer whose state exceeds what the run's memory caps leave, before it trains.
+``codes_lr`` a float offset, its gradient, Adam's two moments and the starting code (17 more), and one sample's
+autograd graph (`saved_tensor_bytes`, measured at the first step). The engine refuses a layer whose state exceeds what
+the run's memory caps leave, before it trains, and one whose graph exceeds what the state leaves, at its first step
+before any update (the float weights the graph saves are counted in the state too: the check errs on the safe side).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,20 +95,54 @@ class TrainedBlock:
     held_out_after: float | None = None
     codes_changed: int = 0
     kept: bool = True
+    graph_bytes: int = 0  # what autograd kept of the first step's forward for its backward
 
     def describe(self) -> dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 1), **loss_tenths(self.losses),
                 "held_out_error_before": rounded(self.held_out_before),
                 "held_out_error_after": rounded(self.held_out_after),
-                "codes_changed": self.codes_changed, "kept": self.kept}
+                "codes_changed": self.codes_changed, "kept": self.kept,
+                "graph_mib": round(self.graph_bytes / 2**20, 1)}
 
 
 def state_bytes(layer: nn.Module, config: BlockTrainingConfig) -> int:
     """The bytes `train_block` holds for ``layer``'s quantized weights beyond the layer itself: each weight's float
     value and gradient (8 bytes), and with ``config.codes_lr`` its offset, the offset's gradient, Adam's two moments
-    (16) and the code it started from (1). One sample's autograd graph comes on top."""
+    (16) and the code it started from (1). One sample's autograd graph comes on top (`saved_tensor_bytes`)."""
     weights = sum(linear.in_features * linear.out_features for linear in trainable_layers(layer).values())
     return weights * (8 + (17 if config.codes_lr else 0))
+
+
+@contextmanager
+def saved_tensor_bytes(layer: nn.Module) -> Iterator[dict[int, int]]:
+    """The storages autograd saves for the backward pass of what runs inside (data pointer -> bytes, each storage
+    once), but ``layer``'s own parameters and buffers, which are there anyway: one sample's graph, measured. Each
+    storage is held until the block ends, so that no address is freed and reused within it (a branch of the graph
+    the output does not keep, such as the KV cache the layer returns, still counts: the count errs high)."""
+    resident = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    saved: dict[int, int] = {}
+    held: list[torch.UntypedStorage] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = storage.nbytes()
+            held.append(storage)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield saved
+
+
+def _check_graph(graph: int, memory_left: int | None, ranks: Ranks, where: str) -> None:
+    """Refuse (on every process alike) a first step whose graph exceeds ``memory_left``, what the run's caps leave
+    beyond the training's state (None: unknown)."""
+    if memory_left is not None and not ranks.least(int(graph <= memory_left)):
+        raise LlmquantError(f"{where}: block training's autograd graph of one calibration sample takes "
+                            f"{graph / 2**20:.1f} MiB (on some process), more than the {memory_left / 2**20:.1f} MiB "
+                            f"its weights' state leaves free where the layer computes, under the run's memory caps; "
+                            f"allowed: a larger --max-memory or --max-gpu-memory, shorter calibration samples, or no "
+                            f"block_training")
 
 
 def _output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -145,8 +182,8 @@ def relative_output_error(layer: nn.Module, sample: Sample, targets: Sequence[to
     return relative_error((targets[i] for i in rows), (_output(layer, *sample(i)) for i in rows), ranks)
 
 
-def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor],
-                config: BlockTrainingConfig, ranks: Ranks = SINGLE, where: str = "") -> TrainedBlock:
+def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor], config: BlockTrainingConfig,
+                ranks: Ranks = SINGLE, where: str = "", memory_left: int | None = None) -> TrainedBlock:
     """Train the scales (and, with ``config.codes_lr``, the codes) of every quantized weight of ``layer`` so that its
     output on sample i (``sample(i)``) nears ``targets[i]`` (``config.target``'s, module docstring); the layer keeps
     what was trained, or its own values where the held-out samples say they are worse. The caller checks that the
@@ -154,7 +191,11 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
 
     In several processes (``ranks``) each holds its block of the samples: a step takes one sample on every process
     and averages their gradients (data parallel), so every process ends with the same layer, after about 1/world of
-    one process's steps (as scale training's steps)."""
+    one process's steps (as scale training's steps).
+
+    The first step measures its autograd graph (`saved_tensor_bytes`) and, where it exceeds ``memory_left`` (the
+    bytes the run's caps leave beyond `state_bytes`), refuses in one line before its backward pass: the layer keeps
+    its values."""
     result = TrainedBlock()
     layers = trainable_layers(layer)
     split = split_rows(len(targets), config.holdout, ranks, where)
@@ -176,7 +217,11 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
             for step in range(steps):
                 set_scales(layers, {name: start[name] * torch.exp(logs[name]) for name in layers}, step=True)
                 row = train[step % len(train)]
-                out = _output(layer, *sample(row))
+                with saved_tensor_bytes(layer) if step == 0 else nullcontext({}) as saved:
+                    out = _output(layer, *sample(row))
+                if step == 0:
+                    result.graph_bytes = sum(saved.values())
+                    _check_graph(result.graph_bytes, memory_left, ranks, where)
                 loss = (out.float() - targets[row].to(out.device).float()).pow(2).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -198,5 +243,5 @@ def train_block(layer: nn.Module, sample: Sample, targets: Sequence[torch.Tensor
     return result
 
 
-__all__ = ["BlockTrainingConfig", "SampleSplit", "TrainedBlock", "relative_output_error", "split_rows", "state_bytes",
-           "train_block"]
+__all__ = ["BlockTrainingConfig", "SampleSplit", "TrainedBlock", "relative_output_error", "saved_tensor_bytes",
+           "split_rows", "state_bytes", "train_block"]

@@ -466,7 +466,8 @@ def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.
     """`train_block` on the quantized ``layer`` fed ``inputs`` against ``targets`` (the float layer's outputs on them,
     or on the float model's own inputs), a sample a step on each process of ``ranks``, as the router chooses in an
     MoE layer; the manifest row's entry. Refused when the training's state (`state_bytes`) exceeds ``working``, the
-    bytes the run's caps leave (the least over the processes; None: unknown)."""
+    bytes the run's caps leave (the least over the processes; None: unknown), and at the first step when one sample's
+    autograd graph exceeds what the state leaves of them."""
     needed = state_bytes(layer, config)
     if working is not None and needed > working:
         codes = ("; codes_lr: 0 trains the scales alone, 8 bytes a weight" if config.codes_lr else "")
@@ -479,7 +480,8 @@ def _train_block(layer: nn.Module, inputs: LayerInputs, targets: Sequence[torch.
     def sample(i: int) -> tuple[torch.Tensor, dict[str, Any]]:
         return inputs.hidden[i].to(device), to_device(inputs.kwargs[i], device)
 
-    trained = train_block(layer, sample, targets, config, ranks, where)
+    trained = train_block(layer, sample, targets, config, ranks, where,
+                          None if working is None else working - needed)
     return {**trained.describe(), "state_mib": round(needed / 2**20, 1)}
 
 
