@@ -9,7 +9,6 @@ keeps its format: only the scales' values change (with the options below, the no
 per-layer steps (GPTQ, the smoothing searches) each minimise one layer's output error with the layers before already
 quantized, this step sees what the errors of all the layers do to the logits together.
 
-
 The loss (``loss``):
 
 - ``kl`` (the default): the KL divergence from the float model's next-token distribution p to the quantized one's q
