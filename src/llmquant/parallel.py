@@ -213,7 +213,6 @@ class Ranks:
         return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
-
 def _buckets(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     """``tensors`` in runs of one dtype and device whose sizes add up to at most `GRADIENT_BUCKET_BYTES` (a larger
     tensor alone)."""
@@ -229,6 +228,7 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         size += nbytes
     if bucket:
         yield bucket
+
 
 SINGLE = Ranks()  # the ranks of one process: every collective is the identity
 
