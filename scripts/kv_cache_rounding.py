@@ -1,11 +1,12 @@
 """A static FP8 KV-cache checkpoint's perplexity with its cache rounded another way: what vLLM's CPU build could be
 doing where its perplexity differs from llmquant's (BENCHMARKS.md, "FP8 KV cache per head").
 
-    .venv/bin/python scripts/kv_cache_rounding.py CHECKPOINT e4m3|e5m2|unscaled
+    .venv/bin/python scripts/kv_cache_rounding.py CHECKPOINT e4m3|e5m2|unscaled|toward_zero
 
 ``e4m3`` is llmquant's own rounding (q = e4m3(clamp(x / s, +-448)), x_hat = q s); ``e5m2`` stores E5M2 codes with the
-same scales; ``unscaled`` ignores the checkpoint's k_scale / v_scale (s = 1). pydoc windows of the protocol (512
-tokens, 40 windows), the simulated runtime.
+same scales; ``unscaled`` ignores the checkpoint's k_scale / v_scale (s = 1); ``toward_zero`` rounds x / s to the E4M3
+value next to it on the side of zero (the mantissa truncated), as vLLM 0.32's CPU build writes its cache
+(`scripts/vllm_kv_cache_probe.py`). pydoc windows of the protocol (512 tokens, 40 windows), the simulated runtime.
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ from llmquant.evaluation.perplexity import perplexity
 from llmquant.quant import QuantSpec
 from llmquant.quant.primitives import from_blocks, to_blocks
 
-CODES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "unscaled": torch.float8_e4m3fn}
+CODES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "unscaled": torch.float8_e4m3fn,
+         "toward_zero": torch.float8_e4m3fn}
+
+
+def e4m3_toward_zero(x: torch.Tensor) -> torch.Tensor:
+    """The E4M3 value next to ``x`` (already within +-448) on the side of zero: round to nearest, then one code back
+    where that went past ``x`` in magnitude (the codes of one sign are ordered by magnitude)."""
+    nearest = x.to(torch.float8_e4m3fn)
+    past = nearest.float().abs() > x.abs()
+    codes = nearest.view(torch.uint8).to(torch.int16) - past.to(torch.int16)
+    return codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def rounding(mode: str) -> Callable[..., torch.Tensor]:
@@ -35,7 +46,8 @@ def rounding(mode: str) -> Callable[..., torch.Tensor]:
             return static(x, spec, scale, zero)
         blocks = to_blocks(x.float(), spec)
         used = torch.ones_like(scale) if mode == "unscaled" else scale
-        codes = (blocks / used).clamp(-448, 448).to(CODES[mode]).float()
+        clamped = (blocks / used).clamp(-448, 448)
+        codes = e4m3_toward_zero(clamped) if mode == "toward_zero" else clamped.to(CODES[mode]).float()
         return from_blocks(codes * used, x.shape, spec).to(x.dtype)
 
     return fake_quantize

@@ -413,3 +413,40 @@ def test_a_linear_its_layer_never_calls_stays_float_also_in_a_resumed_run(
     manifest = json.loads((tmp_path / "uncalibrated" / "llmquant.json").read_text())
     assert list(manifest["results"]["not_quantizable"]) == ["model.layers.*.mamba.dt_proj"]
     assert manifest["layers"][0]["never_called"] == ["mamba.dt_proj"]
+
+
+@pytest.mark.parametrize("kv_cache", ["int8_per_tensor", "fp8_per_head"])
+def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attention(
+        family: str, kv_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dynamic inputs, only the cache's scales need every sample: after the first batch's whole pass the others
+    run as far as the attention's keys and values (`layer_io.run_through`), which gives the scales, weights and
+    logits of whole passes over every sample."""
+    from conftest import VOCAB, make_model
+    from llmquant.pipeline import layer_io
+
+    calib = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(5))
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": kv_cache}
+
+    def quantized(whole_passes: bool) -> tuple[torch.nn.Module, int]:
+        model = make_model(family)
+        last = model.get_submodule(engine.detect_model_map(model).layer_name(0)).get_submodule(
+            {"opt": "final_layer_norm"}.get(family, "mlp"))  # (after the attention; never swapped)
+        seen: list[int] = []
+        handle = last.register_forward_pre_hook(  # (samples of 16 tokens, which OPT flattens)
+            lambda _m, args: seen.append(args[0].shape[:-1].numel() // calib.shape[1]))
+        with monkeypatch.context() as patch:
+            if whole_passes:  # the samples after the first batch through the whole layer, as before
+                patch.setattr(engine, "run_through", lambda layer, _module, inputs: layer_io.run_layer(
+                    layer, inputs, "layer"))
+            llmquant.quantize(model, recipe, calib=calib, progress=False)
+        handle.remove()
+        return model, sum(seen)
+
+    model, through_last = quantized(whole_passes=False)
+    reference, through_last_whole = quantized(whole_passes=True)
+    # one sample probes the Linears the layer calls, the first batch (BATCH = 8 samples) calibrates whole, the
+    # quantized pass takes all 20: no sample more
+    assert (through_last, through_last_whole) == (1 + 8 + 20, 1 + 20 + 20)
+    scales = {n: b for n, b in model.named_buffers() if n.endswith(("k_scale", "v_scale"))}
+    assert scales and all(torch.equal(b, reference.get_buffer(n)) for n, b in scales.items())
+    assert torch.equal(logits(model, calib[:2]), logits(reference, calib[:2]))

@@ -471,3 +471,44 @@ def test_the_fused_fp8_input_codes_on_the_gpu_are_the_primitives_bits(dtype: tor
         monkeypatch.delenv("LLMQUANT_FP8_CODES")
         assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8)), (rows, columns, group)
         assert torch.equal(scale, reference_scale.reshape(rows, -1)), (rows, columns, group)
+
+
+def test_the_simulation_quantizes_an_input_read_by_several_linears_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP8 Linears reading one tensor (q/k/v, gate/up) share its simulated quantization (`shared_fake_quantize`): the
+    same outputs as each quantizing it alone; another quantizer (a clip ratio, a static scale) or an in-place change
+    of the tensor quantizes again, and so does a tensor made under inference mode (no version counter)."""
+    import llmquant.nn.quant_linear as quant_linear
+
+    def fp8_layer(scheme: str, seed: int) -> QuantLinear:
+        linear = torch.nn.Linear(96, 80)
+        torch.nn.init.normal_(linear.weight, generator=torch.Generator().manual_seed(seed))
+        spec = scheme_from_name(scheme, None, None)
+        layer = QuantLinear.from_linear(linear, spec.weights, spec.input_activations)
+        if not spec.input_activations.dynamic:  # a calibrated static scale
+            layer.start_observing()
+            layer(torch.randn(64, 96, generator=torch.Generator().manual_seed(1)))
+            layer.stop_observing()
+        return layer
+
+    token, static = "w_fp8_per_channel_a_fp8_per_token_dynamic", "w_fp8_per_tensor_a_fp8_per_tensor_static"
+    first, second, clipped, fixed = fp8_layer(token, 0), fp8_layer(token, 1), fp8_layer(token, 2), fp8_layer(static, 3)
+    clipped.set_input_spec(clipped.input_spec.model_copy(update={"clip_ratio": 0.5}))
+    calls: list[int] = []
+    counted = quant_linear.fake_quantize
+    monkeypatch.setattr(quant_linear, "fake_quantize", lambda *args: calls.append(1) or counted(*args))
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4)) * 3
+    with torch.no_grad():
+        alone = {name: layer(x.clone()) for name, layer in (("second", second), ("clipped", clipped), ("fixed", fixed))}
+        doubled = second(x.clone() * 2)
+        calls.clear()
+        first(x)
+        assert torch.equal(second(x), alone["second"]) and len(calls) == 1  # shared
+        assert torch.equal(clipped(x), alone["clipped"]) and len(calls) == 2  # another quantizer
+        assert torch.equal(fixed(x), alone["fixed"]) and len(calls) == 3
+        first(x)
+        x.mul_(2)  # changed in place: quantized again
+        assert torch.equal(second(x), doubled) and len(calls) == 5
+    with torch.inference_mode():
+        y = x.clone()
+        first(y), second(y)
+    assert len(calls) == 7

@@ -84,6 +84,7 @@ from llmquant.nn.int8_linear import (
     shared_input_codes,
 )
 from llmquant.nn.kv_storage import set_kv_cache_runtime
+from llmquant.nn.last_result import LastResult
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize, straight_through
@@ -98,6 +99,30 @@ from llmquant.quant.primitives import (
 )
 
 log = logging.getLogger(__name__)
+
+_last_input = LastResult()  # the simulated input of the last QuantLinear that quantized one on this thread
+
+
+def shared_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                         zero: torch.Tensor | None = None) -> torch.Tensor:
+    """`fake_quantize` of a Linear's input (``scale`` and ``zero``: a static quantizer's, by identity; a symmetric
+    one's zero may be None), kept for the next Linear that quantizes the same tensor, unchanged, the same way: q/k/v
+    and gate/up read one tensor, so the simulation quantizes it once, as the integer runtime shares its codes
+    (`shared_input_codes`). The same values; callers only read them. A tensor made under ``torch.inference_mode``
+    has no version counter, so its result is not kept."""
+    key = (spec, scale, zero)
+    tracked = not x.is_inference()
+    kept = _last_input.get(x, lambda k, _: k[1] is scale and k[2] is zero and k[0] == spec) if tracked else None
+    if kept is not None:
+        return kept
+    static = None if scale is None else scale.reshape(1, 1)
+    quantized = fake_quantize(x, spec, static, None if static is None else
+                              torch.zeros_like(static) if zero is None else zero.reshape(1, 1))
+    if tracked:
+        _last_input.put(x, key, quantized)
+    else:
+        _last_input.clear()
+    return quantized
 
 
 def storage_offset(spec: QuantSpec) -> int:
@@ -629,9 +654,9 @@ class QuantLinear(nn.Module):
             self.observer.update(x)
             return x
         if spec.dynamic:
-            return straight_through(x, fake_quantize(x, spec))
-        zero = self.input_zero_point if not spec.symmetric else torch.zeros_like(self.input_scale)
-        return straight_through(x, fake_quantize(x, spec, self.input_scale.reshape(1, 1), zero.reshape(1, 1)))
+            return straight_through(x, shared_fake_quantize(x, spec))
+        zero = None if spec.symmetric else self.input_zero_point
+        return straight_through(x, shared_fake_quantize(x, spec, self.input_scale, zero))
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 W8A8 on the kernel runtime: ``torch._scaled_mm`` (`llmquant.nn.fp8_linear`)."""

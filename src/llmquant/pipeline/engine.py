@@ -80,6 +80,7 @@ from llmquant.pipeline.layer_io import (
     inputs_of_each,
     never_called,
     run_layer,
+    run_through,
     uncalled_linears,
 )
 from llmquant.pipeline.learned_rotation import learn_rotations
@@ -328,7 +329,8 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
     transforms (checked for equivalence), the pass of the transformed layer on the float model's own inputs
     (``reference``, when given) with the steps' reference observers, the QuantLinears swapped in after the
     transformed pass with the static observers (every sample when ``every_sample`` or a step's hook needs them, else
-    the first batch), then the steps' quantization. Returns the float layer's outputs on ``inputs`` and on
+    the first batch; a static KV cache's observers see the other samples as far as the attention), then the steps'
+    quantization. Returns the float layer's outputs on ``inputs`` and on
     ``reference`` (None without it); the manifest entries go to ``row``. A pass that feeds
     statistics runs every calibration token through every expert of an MoE layer (`all_experts`, unless the recipe
     says ``moe_calibrate: routed``, around the call); one that only checks runs as the router chooses (the same
@@ -369,6 +371,10 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         _remove(handles)
     if kv_spec is not None:
         _check_attention_interface(attention, prefix)
+        if _kv_needs_every_sample(kv_spec, plan) and len(subset.hidden) < len(inputs.hidden):
+            # the other samples only feed the cache's observers: each runs as far as its keys and values (about a
+            # quarter of a Llama layer's products), in the batches of a whole pass, so the same statistics
+            run_through(layer, attention.kv_cache_quantizer, inputs.tail(len(subset.hidden)))
         attention.kv_cache_quantizer.stop_observing(ranks)
         if plan.center_keys:
             row.update(_check_key_centering(layer, attention.kv_cache_quantizer, inputs, transformed_out, prefix,
@@ -414,7 +420,8 @@ def quantize_layer(
     statistics, checks and error figures are over all of them.
 
     Passes over the calibration inputs: float (the steps' statistics; only when a step observes the untouched
-    layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers),
+    layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers; where
+    only a KV cache's observers need every sample, the first batch and then the others as far as the attention),
     quantized (the outputs fed to the next layer, with the int8 kernels where the layer has them: the same
     function as the simulation, about 4x faster here; with the plan's ``propagate_float`` the float pass's outputs,
     over every sample, are fed instead). A pass that only serves a check or the error figure runs on the first
@@ -429,9 +436,9 @@ def quantize_layer(
     kv_spec = plan.kv_cache.get(f"{prefix}.{model_map.attention}")
     schemes = [s for n, s in plan.linears.items() if n.startswith(prefix + ".") and not s.is_float]
     quantizes = bool(schemes) or kv_spec is not None
-    static = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes) or (
-        kv_spec is not None and (not kv_spec.dynamic or plan.center_keys)
-    )  # a static scale, or the keys' mean, must see every calibration sample
+    static = any(s.input_activations is not None and not s.input_activations.dynamic for s in schemes)
+    # (a static input scale must see every calibration sample through the whole layer; the KV cache's scales, or the
+    # keys' mean, only through the attention: `_calibrate`)
     ctx = layer_context(layer, index, prefix, plan, inputs, ranks, policy)
 
     with all_experts(layer, plan.calibrate_all_experts):  # every expert sees every calibration token
@@ -492,6 +499,11 @@ def _block_training_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     kept = [record for record in records if record["kept"]]
     return {"layers": len(records), "kept": len(kept), "codes_changed": sum(r["codes_changed"] for r in kept),
             "seconds": round(sum(r["seconds"] for r in records), 1)}
+
+
+def _kv_needs_every_sample(kv_spec: Any, plan: QuantPlan) -> bool:
+    """Whether the layer's KV-cache quantizer calibrates on every sample: static scales, or the keys' mean."""
+    return kv_spec is not None and (not kv_spec.dynamic or plan.center_keys)
 
 
 def _check_kv_groups(plan: QuantPlan, head_dim: int | None) -> None:

@@ -29,6 +29,23 @@ class _StopForwardError(Exception):
     pass
 
 
+class _Skipped(Sequence):
+    """The samples of ``samples`` from ``start`` on, read (from memory or a store on disk) only when indexed."""
+
+    def __init__(self, samples: Sequence[torch.Tensor], start: int) -> None:
+        self.samples, self.start = samples, start
+
+    def __len__(self) -> int:
+        return max(0, len(self.samples) - self.start)
+
+    def __getitem__(self, index):  # (int or slice, as `Sequence` has it)
+        if isinstance(index, slice):
+            return [self.samples[self.start + i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        return self.samples[self.start + index % len(self)]
+
+
 @dataclass
 class LayerInputs:
     """The calibration inputs of one decoder layer: a hidden state per sample and the shared kwargs."""
@@ -39,6 +56,10 @@ class LayerInputs:
     def head(self, count: int) -> LayerInputs:
         """The first ``count`` samples (read into memory)."""
         return LayerInputs(list(self.hidden[:count]), self.kwargs[:count])
+
+    def tail(self, start: int) -> LayerInputs:
+        """The samples from ``start`` on (not read until used)."""
+        return LayerInputs(_Skipped(self.hidden, start), self.kwargs[start:])
 
 
 @torch.no_grad()
@@ -115,10 +136,24 @@ def input_batches(inputs: LayerInputs, batch: int | None,
 
 
 class _StopAtInputError(Exception):
-    """Raised by `inputs_of`'s hook: the rest of the layer's forward is not needed."""
+    """Raised by the hooks of `inputs_of` and `run_through`: the rest of the layer's forward is not needed."""
+
+
+def _raise_stop(*_: Any) -> None:
+    raise _StopAtInputError
 
 
 @torch.no_grad()
+def _run_to_stop(layer: nn.Module, module: nn.Module, inputs: LayerInputs, batch: int | None) -> None:
+    """Run the layer on every sample until a hook of ``module`` raises `_StopAtInputError`."""
+    for hidden, kwargs in input_batches(inputs, batch, device_of(layer)):
+        try:
+            layer(hidden, **kwargs)
+        except _StopAtInputError:
+            continue
+        raise LlmquantError(f"{type(module).__name__} was not called by its layer's forward")
+
+
 def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume: Callable[[torch.Tensor], None],
               batch: int | None = None) -> None:
     """Run the layer on every sample only as far as ``module``: each batch's input of ``module`` goes to
@@ -130,12 +165,17 @@ def inputs_of(layer: nn.Module, module: nn.Module, inputs: LayerInputs, consume:
 
     handle = module.register_forward_pre_hook(stop)
     try:
-        for hidden, kwargs in input_batches(inputs, batch, device_of(layer)):
-            try:
-                layer(hidden, **kwargs)
-            except _StopAtInputError:
-                continue
-            raise LlmquantError(f"{type(module).__name__} was not called by its layer's forward")
+        _run_to_stop(layer, module, inputs, batch)
+    finally:
+        handle.remove()
+
+
+def run_through(layer: nn.Module, module: nn.Module, inputs: LayerInputs, batch: int | None = None) -> None:
+    """Run the layer on every sample only as far as the end of ``module``'s first call (what ``module`` records when
+    called, such as a calibration observer, is recorded; what follows it is not computed)."""
+    handle = module.register_forward_hook(_raise_stop)
+    try:
+        _run_to_stop(layer, module, inputs, batch)
     finally:
         handle.remove()
 
