@@ -138,8 +138,9 @@ def _check_graph(graph: int, memory_left: int | None, ranks: Ranks, where: str) 
     """Refuse (on every process alike) a first step whose graph exceeds ``memory_left``, what the run's caps leave
     beyond the training's state (None: unknown)."""
     if memory_left is not None and not ranks.least(int(graph <= memory_left)):
+        some = " (on some process)" if ranks.world > 1 else ""  # (the figure is this process's; one over refuses all)
         raise LlmquantError(f"{where}: block training's autograd graph of one calibration sample takes "
-                            f"{graph / 2**20:.1f} MiB (on some process), more than the {memory_left / 2**20:.1f} MiB "
+                            f"{graph / 2**20:.1f} MiB{some}, more than the {memory_left / 2**20:.1f} MiB "
                             f"its weights' state leaves free where the layer computes, under the run's memory caps; "
                             f"allowed: a larger --max-memory or --max-gpu-memory, shorter calibration samples, or no "
                             f"block_training")

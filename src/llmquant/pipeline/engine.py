@@ -373,7 +373,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         _check_attention_interface(attention, prefix)
         if _kv_needs_every_sample(kv_spec, plan) and len(subset.hidden) < len(inputs.hidden):
             # the other samples only feed the cache's observers: each runs as far as its keys and values (about a
-            # quarter of a Llama layer's products), in the batches of a whole pass, so the same statistics
+            # sixth of a Llama layer's products), in the batches of a whole pass, so the same statistics
             run_through(layer, attention.kv_cache_quantizer, inputs.tail(len(subset.hidden)))
         attention.kv_cache_quantizer.stop_observing(ranks)
         if plan.center_keys:

@@ -38,7 +38,7 @@ class _Skipped(Sequence):
     def __len__(self) -> int:
         return max(0, len(self.samples) - self.start)
 
-    def __getitem__(self, index):  # (int or slice, as `Sequence` has it)
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:  # type: ignore[override]
         if isinstance(index, slice):
             return [self.samples[self.start + i] for i in range(*index.indices(len(self)))]
         if not -len(self) <= index < len(self):
