@@ -92,3 +92,20 @@ def test_a_full_disk_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(LlmquantError, match=r"No space left on device.*--activations memory") as raised:
         store.append(torch.zeros(3))
     assert "\n" not in str(raised.value) and len(store) == 0
+
+
+def test_the_tail_of_a_stores_samples_reads_them_in_place(tmp_path: Path) -> None:
+    """`LayerInputs.tail` (the samples a static KV cache's observers see after the first batch) indexes a store on
+    disk, or a list, from its start: the same tensors, read when indexed."""
+    from llmquant.pipeline.layer_io import LayerInputs
+
+    store = DiskActivations(tmp_path / "a.bin")
+    store.extend(samples())
+    for hidden in (store, samples()):
+        tail = LayerInputs(hidden, [{"i": i} for i in range(4)]).tail(1)
+        assert len(tail.hidden) == 3 and tail.kwargs == [{"i": 1}, {"i": 2}, {"i": 3}]
+        assert all(torch.equal(got, want) for got, want in zip(tail.hidden[0:3], samples()[1:], strict=True))
+        assert torch.equal(tail.hidden[-1], samples()[3]) and torch.equal(tail.hidden[0], samples()[1])
+        with pytest.raises(IndexError, match="sample 3 of 3"):
+            tail.hidden[3]
+    assert len(LayerInputs(samples(), [{}] * 4).tail(8).hidden) == 0
