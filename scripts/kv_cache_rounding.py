@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from vllm_kv_cache_probe import e4m3_toward_zero  # (scripts/, beside this one)
 
 import llmquant
 import llmquant.nn.kv_cache as kv_cache
@@ -25,15 +26,6 @@ from llmquant.quant.primitives import from_blocks, to_blocks
 
 CODES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2, "unscaled": torch.float8_e4m3fn,
          "toward_zero": torch.float8_e4m3fn}
-
-
-def e4m3_toward_zero(x: torch.Tensor) -> torch.Tensor:
-    """The E4M3 value next to ``x`` (already within +-448) on the side of zero: round to nearest, then one code back
-    where that went past ``x`` in magnitude (the codes of one sign are ordered by magnitude)."""
-    nearest = x.to(torch.float8_e4m3fn)
-    past = nearest.float().abs() > x.abs()
-    codes = nearest.view(torch.uint8).to(torch.int16) - past.to(torch.int16)
-    return codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 def rounding(mode: str) -> Callable[..., torch.Tensor]:

@@ -787,15 +787,24 @@ def test_linears_reading_one_tensor_quantize_it_once_per_forward(monkeypatch: py
         assert torch.equal(model(eval_ids, use_cache=False).logits, shared)  # the simulation shares its codes too
 
 
-def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pytest.MonkeyPatch) -> None:
-    first = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=False)
-    second = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
-    clipped = _layer("w_int8_per_channel_a_int8_per_token_dynamic", bias=True)
+@pytest.mark.parametrize("numbers", ["int8", "fp8"])
+def test_shared_codes_follow_in_place_changes_and_the_quantizer(numbers: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linears reading one tensor (q/k/v, gate/up) quantize it once: the integer runtime's codes
+    (`shared_input_codes`) and, for FP8 on a CPU, the simulation's values (`shared_fake_quantize`); the same outputs
+    as each quantizing alone. Another quantizer (a clip ratio, a static scale) or an in-place change of the tensor
+    quantizes again, and so does a tensor made under inference mode (no version counter)."""
+    token, static = {"int8": ("w_int8_per_channel_a_int8_per_token_dynamic",
+                              "w_int8_per_channel_a_int8_per_tensor_static"),
+                     "fp8": ("w_fp8_per_channel_a_fp8_per_token_dynamic",
+                             "w_fp8_per_tensor_a_fp8_per_tensor_static")}[numbers]
+    first = _layer(token, bias=False)
+    second = _layer(token, bias=True)
+    clipped = _layer(token, bias=True)
     clipped.input_spec = clipped.input_spec.model_copy(update={"clip_ratio": 0.5})
-    static = _layer("w_int8_per_channel_a_int8_per_tensor_static", bias=True)
+    static = _layer(static, bias=True)
     for layer in (first, second, clipped, static):
-        set_runtime(layer, "int8")
-    calls = _counting_codes(monkeypatch)
+        set_runtime(layer, "int8")  # (FP8 keeps the simulation on a CPU)
+    calls = _counting_codes(monkeypatch) if numbers == "int8" else _counting_fake_quantize(monkeypatch)
     x = torch.randn(7, 96, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = {name: layer(x.clone()) for name, layer in
@@ -809,6 +818,20 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(monkeypatch: pyt
         first(x)
         x.mul_(2)  # changed in place: quantized again
         assert torch.equal(second(x), doubled) and len(calls) == 5
+    with torch.inference_mode():
+        y = x.clone()
+        first(y), second(y)
+    assert len(calls) == 7
+
+
+def _counting_fake_quantize(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the simulation's input quantizations (`fake_quantize` as `llmquant.nn.quant_linear` calls it)."""
+    import llmquant.nn.quant_linear as quant_linear
+
+    calls: list[int] = []
+    quantize = quant_linear.fake_quantize
+    monkeypatch.setattr(quant_linear, "fake_quantize", lambda *args: calls.append(1) or quantize(*args))
+    return calls
 
 
 @pytest.mark.parametrize("rows", [1, 300])
