@@ -471,4 +471,3 @@ def test_the_fused_fp8_input_codes_on_the_gpu_are_the_primitives_bits(dtype: tor
         monkeypatch.delenv("LLMQUANT_FP8_CODES")
         assert torch.equal(codes.view(torch.uint8), reference_codes.view(torch.uint8)), (rows, columns, group)
         assert torch.equal(scale, reference_scale.reshape(rows, -1)), (rows, columns, group)
-
