@@ -450,3 +450,36 @@ def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attenti
     scales = {n: b for n, b in model.named_buffers() if n.endswith(("k_scale", "v_scale"))}
     assert scales and all(torch.equal(b, reference.get_buffer(n)) for n, b in scales.items())
     assert torch.equal(logits(model, calib[:2]), logits(reference, calib[:2]))
+
+
+@pytest.mark.parametrize("scheme", ["w_fp8_per_tensor_a_fp8_per_tensor_static",
+                                    "w_int8_per_channel_a_int8_per_tensor_static"])
+def test_float_propagation_runs_the_quantized_layer_on_the_first_batch_only(
+        scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``calib.propagate: float`` the quantized layer's outputs feed only the error figures: its pass takes the
+    first batch (`BATCH` samples), and the model is the one a quantized pass over every sample gives."""
+    from conftest import VOCAB, make_model
+
+    calib = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(5))
+    recipe = {"scheme": scheme, "calib": {"propagate": "float"}}
+
+    def quantized(batch: int) -> tuple[torch.nn.Module, int]:
+        model = make_model("llama")
+        seen: list[int] = []
+        handle = model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda _m, args: seen.append(args[0].shape[0]))
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "BATCH", batch)
+            llmquant.quantize(model, recipe, calib=calib, progress=False)
+        handle.remove()
+        return model, sum(seen)
+
+    model, through_mlp = quantized(engine.BATCH)
+    reference, through_mlp_every = quantized(len(calib))  # (the quantized pass over all 20, as before)
+    # one sample probes the Linears the layer calls, the float pass takes all 20, the quantized pass the first 8
+    assert (through_mlp, through_mlp_every) == (1 + 20 + 8, 1 + 20 + 20)
+    state, expected = model.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert torch.equal(logits(model, calib[:2]), logits(reference, calib[:2]))
+    errors = [row["output_error"] for row in model.llmquant_manifest.layers]
+    assert errors and all(0 < error < 0.5 for error in errors)

@@ -50,6 +50,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llmquant.errors import LlmquantError
+from llmquant.nn.e4m3_simulation import fused_fake_quantize
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, fake_quantize, straight_through
 
@@ -207,12 +208,18 @@ class KVCacheQuantizer(nn.Module):
         """``key`` (centred) and ``value`` fake-quantized by the spec (the gradient, where one is wanted, straight
         through: `straight_through`)."""
         if self.spec.dynamic:
-            quantized = fake_quantize(key, self.spec), fake_quantize(value, self.spec)
-        else:
-            k_scale, v_scale = self.k_scale.reshape(-1, 1), self.v_scale.reshape(-1, 1)  # [1 or heads, 1]
-            zero = torch.zeros_like(k_scale)
-            quantized = fake_quantize(key, self.spec, k_scale, zero), fake_quantize(value, self.spec, v_scale, zero)
+            quantized = self._fake_quantize(key, None), self._fake_quantize(value, None)
+        else:  # (scales [1 or heads, 1])
+            quantized = (self._fake_quantize(key, self.k_scale.reshape(-1, 1)),
+                         self._fake_quantize(value, self.v_scale.reshape(-1, 1)))
         return straight_through(key, quantized[0]), straight_through(value, quantized[1])
+
+    def _fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """`fake_quantize` by the spec (FP8 on the CPU: `fused_fake_quantize`'s one pass, the same bits)."""
+        fused = fused_fake_quantize(x, self.spec, scale)
+        if fused is not None:
+            return fused
+        return fake_quantize(x, self.spec, scale, None if scale is None else torch.zeros_like(scale))
 
 
 def _base_attention(module: nn.Module, base: str) -> Callable:

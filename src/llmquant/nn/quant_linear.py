@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.nn.e4m3_simulation import fused_fake_quantize
 from llmquant.nn.fp8_linear import FP8_BLOCK, fp8_block_linear, fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import (
     FIELD_OFFSET,
@@ -116,8 +117,10 @@ def shared_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor |
     if kept is not None:
         return kept
     static = None if scale is None else scale.reshape(1, 1)
-    quantized = fake_quantize(x, spec, static, None if static is None else
-                              torch.zeros_like(static) if zero is None else zero.reshape(1, 1))
+    quantized = fused_fake_quantize(x, spec, static)  # (FP8 on the CPU: one pass)
+    if quantized is None:
+        quantized = fake_quantize(x, spec, static, None if static is None else
+                                  torch.zeros_like(static) if zero is None else zero.reshape(1, 1))
     if tracked:
         _last_input.put(x, key, quantized)
     else:

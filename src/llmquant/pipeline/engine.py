@@ -424,9 +424,10 @@ def quantize_layer(
     only a KV cache's observers need every sample, the first batch and then the others as far as the attention),
     quantized (the outputs fed to the next layer, with the int8 kernels where the layer has them: the same
     function as the simulation, about 4x faster here; with the plan's ``propagate_float`` the float pass's outputs,
-    over every sample, are fed instead). A pass that only serves a check or the error figure runs on the first
-    `BATCH` samples. The outputs of the passes over every sample go where ``storage`` says; the steps' working
-    tensors take what ``policy``'s caps leave (`LayerContext.working_memory`).
+    over every sample, are fed instead, and the quantized pass only serves the error figures). A pass that only
+    serves a check or the error figures runs on the first `BATCH` samples. The outputs of the passes over every
+    sample go where ``storage`` says; the steps' working tensors take what ``policy``'s caps leave
+    (`LayerContext.working_memory`).
     """
     storage = storage or ActivationStorage()
     prefix = model_map.layer_name(index)
@@ -453,9 +454,11 @@ def quantize_layer(
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
         probe = _LinearErrorProbe(layer, ctx.linears)
+        # (with float propagation the quantized outputs only feed the error figures: the first batch, in memory)
+        checked, kept = (inputs.head(BATCH), None) if plan.propagate_float else (inputs, storage.new())
         try:
             with lean_experts(layer, _capped(policy)):  # (under a cap: one expert's kernel caches at a time)
-                quant_out = run_layer(layer, inputs, prefix, quantized_batch, into=storage.new())
+                quant_out = run_layer(layer, checked, prefix, quantized_batch, into=kept)
         finally:
             probe.close()
             set_runtime(layer, "fake")

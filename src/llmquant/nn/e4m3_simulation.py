@@ -1,0 +1,84 @@
+"""The simulation's FP8 (E4M3) quantize-dequantize of inputs and KV caches on the CPU in one pass, by a small C++ op
+(``e4m3_rounding.cpp``): `fused_fake_quantize` gives `llmquant.quant.primitives.fake_quantize`'s bits for a float
+spec per token, per group of columns, per tensor or per attention head (static), where the primitives take about
+eleven passes over the tensor (division, clamp, cast to float8, a table read back, the zero point, the scale).
+
+FP8 has no CPU kernel in this runtime: the simulation is what runs an FP8 checkpoint on the CPU, and what the engine
+propagates an FP8 layer's calibration samples through. Where the op does not run (not float32 on the CPU, no AVX2,
+``LLMQUANT_GEMV=0``, no compiler, a failed build) `fused_fake_quantize` returns None and the callers
+take the primitives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from llmquant.nn.int8_gemv import build_op, call_op, cpu_features, switch_refusal
+from llmquant.quant.primitives import MIN_SCALE
+from llmquant.quant.spec import QuantSpec
+
+SOURCE = Path(__file__).with_name("e4m3_rounding.cpp")
+FLAGS = ["-O3", "-mavx2", "-ffp-contract=off", "-fopenmp"]  # (no contraction: the primitives' roundings)
+_op: ModuleType | None = None
+_build_error: str | None = None
+
+
+def e4m3_op_refusal(x: torch.Tensor, spec: QuantSpec) -> str | None:
+    """Why the op does not fake-quantize ``x`` by ``spec``, or None (it may still fail to build: `e4m3_op`)."""
+    if spec.type != "float":
+        return "an integer spec (the op rounds to E4M3)"
+    if spec.granularity not in ("token", "group", "tensor", "attn_head"):
+        return f"granularity {spec.granularity!r}"
+    if (refusal := switch_refusal(x.device)) is not None:
+        return refusal
+    if x.dtype != torch.float32:
+        return f"{x.dtype} values (the op takes float32)"
+    if not cpu_features().avx2:
+        return "the CPU has no AVX2 instructions"
+    return _build_error
+
+
+def e4m3_op(x: torch.Tensor, spec: QuantSpec) -> ModuleType | None:
+    """The built op where it runs for ``x`` and ``spec`` (built on the first call, once per machine), else None."""
+    global _op, _build_error
+    if e4m3_op_refusal(x, spec) is not None:
+        return None
+    if _op is None:
+        _op, _build_error = build_op(SOURCE, "llmquant_e4m3_rounding", FLAGS, "the primitives' fake_quantize")
+    return _op
+
+
+def _rows(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` as the op's contiguous rows, each quantized with one scale: its block view (`to_blocks`), or for a
+    static scale per tensor its last dimension's rows, for one per head the rows [batch * heads, positions * dim]
+    (row r takes head r % heads); None for a dynamic scale per head (not a scheme)."""
+    if spec.granularity == "attn_head":
+        if scale is None or x.dim() != 4:
+            return None
+        return x.reshape(x.shape[0] * x.shape[1], -1)
+    if spec.granularity == "token" or (spec.granularity == "tensor" and scale is not None):
+        return x.reshape(-1, x.shape[-1])
+    if spec.granularity == "group":
+        assert spec.group_size is not None  # guaranteed by QuantSpec validation
+        return x.reshape(-1, spec.group_size) if x.shape[-1] % spec.group_size == 0 else None
+    return x.reshape(1, -1)  # (per tensor, dynamic: one row)
+
+
+def fused_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`fake_quantize` (x, spec, scale, zeros) of a float spec in one call of the op: the same bits for finite values
+    (a NaN gives a NaN; the primitives spread it over its block), without a gradient (callers pass it straight through:
+    `straight_through`). ``scale``: a static quantizer's (one value, or one per head for ``attn_head``), None for
+    dynamic ones. None where the op does not run (`e4m3_op_refusal`) or the scale wants a gradient."""
+    if scale is not None and scale.requires_grad and torch.is_grad_enabled():
+        return None  # (a scale being trained: its gradient goes through the primitives' product)
+    op = e4m3_op(x, spec)
+    rows = None if op is None else _rows(x.detach(), spec, scale)
+    if op is None or rows is None:
+        return None
+    scales = torch.empty(0) if scale is None else scale.detach().float().reshape(-1).contiguous()
+    out = call_op(op, "e4m3_fake_quantize", rows.contiguous(), scales, float(spec.qmax), float(spec.clip_ratio),
+                  MIN_SCALE)
+    return out.reshape(x.shape)

@@ -1,0 +1,130 @@
+"""The FP8 simulation's one-pass op (`llmquant.nn.e4m3_simulation`, ``e4m3_rounding.cpp``): the bits of
+`fake_quantize` at every granularity the simulation quantizes inputs and KV caches with, rounding ties and E4M3's
+subnormals included; the same model with it and without it; where it stands aside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmquant
+from conftest import VOCAB, logits, make_model, needs_avx2
+from llmquant.nn import e4m3_simulation, int8_gemv
+from llmquant.nn.e4m3_simulation import e4m3_op_refusal, fused_fake_quantize
+from llmquant.nn.quant_linear import shared_fake_quantize
+from llmquant.quant import QuantSpec, fake_quantize
+
+E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+FINITE = E4M3_VALUES[E4M3_VALUES.isfinite()].unique()
+
+
+def _awkward_values(generator: torch.Generator) -> torch.Tensor:
+    """Every E4M3 value, every midpoint between two neighbours (a tie, rounded to the even code), values past 448,
+    the subnormals' range, signed zeros, and random values over 12 decades."""
+    positive = FINITE[FINITE >= 0]
+    midpoints = (positive[1:] + positive[:-1]) / 2
+    ties = torch.cat([midpoints, -midpoints])
+    special = torch.tensor([0.0, -0.0, 448.0, -448.0, 464.0, 479.9, 480.0, 1e6, -1e6, 2.0 ** -10, -(2.0 ** -10),
+                            2.0 ** -12, 3 * 2.0 ** -10, 2.0 ** -6 - 2.0 ** -11, 2.0 ** -6 + 2.0 ** -12])
+    spread = torch.randn(4000, generator=generator) * torch.logspace(-8, 4, 4000)
+    return torch.cat([FINITE, ties, special, spread])
+
+
+def _equal_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@needs_avx2
+@pytest.mark.parametrize("width", [576, 13])  # (13: the op's eight lanes, then five one at a time)
+def test_static_scales_give_the_primitives_bits_on_ties_subnormals_and_saturation(width: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = _awkward_values(generator)
+    x = values[: values.numel() // width * width].reshape(-1, width)
+    per_tensor = QuantSpec(bits=8, type="float", granularity="tensor", dynamic=False)
+    for scale in (1.0, 0.37, 2.0 ** -7):  # (1: the values themselves are the ties)
+        static = torch.tensor([[scale]])
+        fused = fused_fake_quantize(x, per_tensor, static)
+        assert fused is not None
+        assert _equal_bits(fused, fake_quantize(x, per_tensor, static, torch.zeros_like(static)))
+    # keys [batch, heads, positions, dim], one scale per head (the FP8 KV cache per head)
+    per_head = QuantSpec(bits=8, type="float", granularity="attn_head", dynamic=False)
+    keys = torch.randn(2, 3, 5, 16, generator=generator) * torch.tensor([1.0, 30.0, 1e-3]).reshape(1, 3, 1, 1)
+    scales = torch.tensor([[0.01], [0.2], [1e-5]])
+    fused = fused_fake_quantize(keys, per_head, scales)
+    assert fused is not None and _equal_bits(fused, fake_quantize(keys, per_head, scales, torch.zeros_like(scales)))
+
+
+@needs_avx2
+@pytest.mark.parametrize("granularity", ["token", "group", "tensor"])
+@pytest.mark.parametrize("clip_ratio", [1.0, 0.9])
+def test_dynamic_scales_give_the_primitives_bits(granularity: str, clip_ratio: float) -> None:
+    generator = torch.Generator().manual_seed(1)
+    spec = QuantSpec(bits=8, type="float", granularity=granularity, dynamic=True, clip_ratio=clip_ratio,
+                     group_size=32 if granularity == "group" else None)
+    rows = torch.randn(3, 7, 96, generator=generator) * torch.logspace(-9, 3, 96)  # (some rows all subnormal codes)
+    rows[0, 0] = 0.0  # (a zero row: the scale's floor)
+    fused = fused_fake_quantize(rows, spec)
+    assert fused is not None and _equal_bits(fused, fake_quantize(rows, spec))
+    with_nan = rows.clone()
+    with_nan[1, 2, 5] = float("nan")
+    assert bool(fused_fake_quantize(with_nan, spec)[1, 2, 5].isnan())  # (a NaN stays one)
+
+
+@needs_avx2
+def test_the_same_model_with_the_op_and_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP8 per token with an FP8 KV cache per head, and FP8 per tensor static: quantized and evaluated with the op
+    and with the primitives, the same weights, scales and logits."""
+    calib = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(2))
+    calls: list[str] = []
+    real = e4m3_simulation.call_op
+    for recipe in ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic", "kv_cache": "fp8_per_head"},
+                   {"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static"}):
+        calls.clear()
+        monkeypatch.setattr(e4m3_simulation, "call_op", lambda *args: calls.append(args[1]) or real(*args))
+        fused = llmquant.quantize(make_model("llama"), recipe, calib=calib, progress=False)
+        fused_logits = logits(fused, calib[:2])
+        assert calls  # (the op ran)
+        monkeypatch.setattr(e4m3_simulation, "e4m3_op", lambda *_args: None)
+        plain = llmquant.quantize(make_model("llama"), recipe, calib=calib, progress=False)
+        state, expected = fused.state_dict(), plain.state_dict()
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+        assert torch.equal(fused_logits, logits(plain, calib[:2]))
+        monkeypatch.undo()
+
+
+def test_where_the_op_stands_aside_the_primitives_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integer specs, other granularities and dtypes, the switch off and a scale being trained: no op (None), and the
+    simulation's callers give `fake_quantize`'s values."""
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
+    fp8 = QuantSpec(bits=8, type="float", granularity="token", dynamic=True)
+    int8 = QuantSpec(bits=8, granularity="token", dynamic=True)
+    assert e4m3_op_refusal(x, int8) == "an integer spec (the op rounds to E4M3)"
+    monkeypatch.setenv("LLMQUANT_GEMV", "1")
+    assert e4m3_op_refusal(x.bfloat16(), fp8) == "torch.bfloat16 values (the op takes float32)"
+    assert fused_fake_quantize(x.bfloat16(), fp8) is None
+    assert e4m3_op_refusal(x, QuantSpec(bits=8, type="float", granularity="channel")) == "granularity 'channel'"
+    trained = torch.tensor([[0.01]], requires_grad=True)
+    static = QuantSpec(bits=8, type="float", granularity="tensor", dynamic=False)
+    assert fused_fake_quantize(x, static, trained) is None  # (its gradient goes through the primitives)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")
+    assert e4m3_op_refusal(x, fp8) == "off (LLMQUANT_GEMV=0)" and fused_fake_quantize(x, fp8) is None
+    assert torch.equal(shared_fake_quantize(x.clone(), fp8), fake_quantize(x, fp8))
+
+
+def test_a_failed_build_is_kept_as_the_reason(monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    def failing(**_kwargs: object) -> object:
+        raise RuntimeError("Error building extension 'llmquant_e4m3_rounding'")
+
+    from torch.utils import cpp_extension
+    x = torch.randn(2, 16)
+    fp8 = QuantSpec(bits=8, type="float", granularity="token", dynamic=True)
+    monkeypatch.setattr(e4m3_simulation, "_op", None)
+    monkeypatch.setattr(e4m3_simulation, "_build_error", None)
+    monkeypatch.setattr(int8_gemv, "tool_refusal", lambda: None)
+    monkeypatch.setattr(e4m3_simulation, "cpu_features", lambda: type("Features", (), {"avx2": True})())
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    assert fused_fake_quantize(x, fp8) is None
+    assert e4m3_op_refusal(x, fp8) == ("building e4m3_rounding.cpp failed (RuntimeError: Error building extension "
+                                       "'llmquant_e4m3_rounding')")
+    assert "the primitives' fake_quantize runs instead" in caplog.text
