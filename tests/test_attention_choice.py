@@ -191,7 +191,7 @@ def test_without_the_op_the_blocks_are_sdpa_calls_with_their_limit(monkeypatch: 
     monkeypatch.setattr(causal_blocks, "_op", None)
     monkeypatch.setattr(causal_blocks, "_build_error", None)
     monkeypatch.setattr(int8_gemv, "tool_refusal", lambda: None)
-    monkeypatch.setattr(causal_blocks, "cpu_features", lambda: type("Features", (), {"avx2": True})())
+    monkeypatch.setattr(int8_gemv, "cpu_features", lambda: type("Features", (), {"avx2": True})())
     monkeypatch.setattr(cpp_extension, "load", failing)
     assert causal_blocks.attention_op(query) is None
     assert causal_blocks.attention_op_refusal(query) == ("building causal_attention.cpp failed (RuntimeError: Error "

@@ -122,7 +122,7 @@ def test_a_failed_build_is_kept_as_the_reason(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(e4m3_simulation, "_op", None)
     monkeypatch.setattr(e4m3_simulation, "_build_error", None)
     monkeypatch.setattr(int8_gemv, "tool_refusal", lambda: None)
-    monkeypatch.setattr(e4m3_simulation, "cpu_features", lambda: type("Features", (), {"avx2": True})())
+    monkeypatch.setattr(int8_gemv, "cpu_features", lambda: type("Features", (), {"avx2": True})())
     monkeypatch.setattr(cpp_extension, "load", failing)
     assert fused_fake_quantize(x, fp8) is None
     assert e4m3_op_refusal(x, fp8) == ("building e4m3_rounding.cpp failed (RuntimeError: Error building extension "

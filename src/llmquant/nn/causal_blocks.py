@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from llmquant.nn.int8_gemv import build_op, call_op, cpu_features, switch_refusal
+from llmquant.nn.int8_gemv import build_op, call_op, float32_avx2_refusal
 from llmquant.nn.kv_cache import VARIANT_SEPARATOR
 
 BLOCK = 64  # query rows a call (32 and 64 alike, 128 slower: `scripts/runtime_profile.py attention`)
@@ -70,13 +70,7 @@ def _visible(rows: int, start: int, dtype: torch.dtype, device: torch.device) ->
 def attention_op_refusal(tensor: torch.Tensor) -> str | None:
     """Why the attention op does not run for ``tensor`` (the query), or None (it may still fail to build:
     `attention_op`)."""
-    if (refusal := switch_refusal(tensor.device)) is not None:
-        return refusal
-    if tensor.dtype != torch.float32:
-        return f"{tensor.dtype} states (the op takes float32)"
-    if not cpu_features().avx2:
-        return "the CPU has no AVX2 instructions"
-    return _build_error
+    return float32_avx2_refusal(tensor, "states", _build_error)
 
 
 def attention_op(tensor: torch.Tensor) -> ModuleType | None:

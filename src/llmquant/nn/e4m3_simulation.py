@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-from llmquant.nn.int8_gemv import build_op, call_op, cpu_features, switch_refusal
+from llmquant.nn.int8_gemv import build_op, call_op, float32_avx2_refusal
 from llmquant.quant.primitives import MIN_SCALE
 from llmquant.quant.spec import QuantSpec
 
@@ -32,13 +32,7 @@ def e4m3_op_refusal(x: torch.Tensor, spec: QuantSpec) -> str | None:
         return "an integer spec (the op rounds to E4M3)"
     if spec.granularity not in ("token", "group", "tensor", "attn_head"):
         return f"granularity {spec.granularity!r}"
-    if (refusal := switch_refusal(x.device)) is not None:
-        return refusal
-    if x.dtype != torch.float32:
-        return f"{x.dtype} values (the op takes float32)"
-    if not cpu_features().avx2:
-        return "the CPU has no AVX2 instructions"
-    return _build_error
+    return float32_avx2_refusal(x, "values", _build_error)
 
 
 def e4m3_op(x: torch.Tensor, spec: QuantSpec) -> ModuleType | None:

@@ -83,6 +83,19 @@ def switch_refusal(device: torch.device) -> str | None:
     return None
 
 
+def float32_avx2_refusal(tensor: torch.Tensor, holds: str, build_error: str | None) -> str | None:
+    """What refuses a float32 op built with AVX2 (the causal attention op, the E4M3 rounding op) for ``tensor``: the
+    switch and the device (`switch_refusal`), another dtype (``holds``: what the tensor is, for the message), a CPU
+    without AVX2, the op's failed build (``build_error``); else None."""
+    if (refusal := switch_refusal(tensor.device)) is not None:
+        return refusal
+    if tensor.dtype != torch.float32:
+        return f"{tensor.dtype} {holds} (the op takes float32)"
+    if not cpu_features().avx2:
+        return "the CPU has no AVX2 instructions"
+    return build_error
+
+
 def gemv_refusal(device: torch.device) -> str | None:
     """Why the op does not run on ``device``, or None (it may still fail to build: `gemv_kernel`)."""
     if (refusal := switch_refusal(device)) is not None:
