@@ -91,7 +91,7 @@ def comparison_table(rows: dict[str, dict], llmc: dict[tuple[str, str], dict]) -
 
 THEIR_RUN = {  # our variants of one llm-compressor recipe
     "w4_g64_asym_gptq_float_hessians": "w4_g64_asym_gptq", "w4_g64_asym_gptq_offloaded": "w4_g64_asym_gptq",
-    "fp8_static_float_calib": "fp8_static",
+    "fp8_static_float_calib": "fp8_static", "fp8_token_kv_tensor_float_calib": "fp8_token_kv_tensor",
 }
 
 

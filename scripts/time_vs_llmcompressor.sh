@@ -31,11 +31,13 @@ run w4_g64_asym_gptq_float_hessians '{"scheme": "w_uint4_per_group_asym", "group
 # the cost of keeping the calibration activations on disk (--activations disk), on the same recipe
 run w4_g64_asym_gptq_offloaded '{"scheme": "w_uint4_per_group_asym", "group_size": 64, "algorithm": "gptq"}' \
     --offload "${TMPDIR:-/tmp}/llmquant-offload"
-# FP8 (issue 18): FP8_DYNAMIC with the FP8 KV cache per tensor, and the preset FP8 (per tensor static), this one also
+# FP8 (issue 18): FP8_DYNAMIC with the FP8 KV cache per tensor, and the preset FP8 (per tensor static), each also
 # calibrated as llm-compressor calibrates (every layer on the float model's activations: `calib: {propagate: float}`)
 FP8_TOKEN=w_fp8_per_channel_a_fp8_per_token_dynamic
 FP8_STATIC=w_fp8_per_tensor_a_fp8_per_tensor_static
 run fp8_token_kv_tensor "{\"scheme\": \"$FP8_TOKEN\", \"kv_cache\": \"fp8_per_tensor\"}"
+run fp8_token_kv_tensor_float_calib \
+    "{\"scheme\": \"$FP8_TOKEN\", \"kv_cache\": \"fp8_per_tensor\", \"calib\": {\"propagate\": \"float\"}}"
 theirs fp8_token_kv_tensor --schemes $FP8_TOKEN --kv-cache-fp8
 run fp8_static "{\"scheme\": \"$FP8_STATIC\"}"
 run fp8_static_float_calib "{\"scheme\": \"$FP8_STATIC\", \"calib\": {\"propagate\": \"float\"}}"
