@@ -52,6 +52,8 @@ def test_static_scales_give_the_primitives_bits_on_ties_subnormals_and_saturatio
     scales = torch.tensor([[0.01], [0.2], [1e-5]])
     fused = fused_fake_quantize(keys, per_head, scales)
     assert fused is not None and _equal_bits(fused, fake_quantize(keys, per_head, scales, torch.zeros_like(scales)))
+    assert fused_fake_quantize(keys, per_head, scales[:2]) is None  # (not one scale a head: the primitives refuse)
+    assert fused_fake_quantize(x, per_tensor, torch.ones(2, 1)) is None
 
 
 @needs_avx2

@@ -48,11 +48,14 @@ def e4m3_op(x: torch.Tensor, spec: QuantSpec) -> ModuleType | None:
 def _rows(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> torch.Tensor | None:
     """``x`` as the op's contiguous rows, each quantized with one scale: its block view (`to_blocks`), or for a
     static scale per tensor its last dimension's rows, for one per head the rows [batch * heads, positions * dim]
-    (row r takes head r % heads); None for a dynamic scale per head (not a scheme)."""
+    (row r takes head r % heads); None for a dynamic scale per head (not a scheme) and for scales of another count
+    (the primitives' broadcasting then says what is wrong)."""
     if spec.granularity == "attn_head":
-        if scale is None or x.dim() != 4:
+        if scale is None or x.dim() != 4 or scale.numel() != x.shape[1]:
             return None
         return x.reshape(x.shape[0] * x.shape[1], -1)
+    if scale is not None and scale.numel() != 1:
+        return None
     if spec.granularity == "token" or (spec.granularity == "tensor" and scale is not None):
         return x.reshape(-1, x.shape[-1])
     if spec.granularity == "group":
