@@ -825,20 +825,13 @@ def test_shared_codes_follow_in_place_changes_and_the_quantizer(numbers: str, mo
 
 
 def _counting_fake_quantize(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the simulation's input quantizations (by `fused_fake_quantize`'s op, or by `fake_quantize` where it
-    stands aside, as `llmquant.nn.quant_linear` calls them)."""
+    """Count the simulation's input quantizations (`simulated`: the E4M3 op or `fake_quantize`, as
+    `llmquant.nn.quant_linear` calls it)."""
     import llmquant.nn.quant_linear as quant_linear
 
     calls: list[int] = []
-    quantize, fused = quant_linear.fake_quantize, quant_linear.fused_fake_quantize
-
-    def by_the_op(*args: object) -> torch.Tensor | None:
-        out = fused(*args)
-        calls.extend([1] if out is not None else [])
-        return out
-
-    monkeypatch.setattr(quant_linear, "fake_quantize", lambda *args: calls.append(1) or quantize(*args))
-    monkeypatch.setattr(quant_linear, "fused_fake_quantize", by_the_op)
+    quantize = quant_linear.simulated
+    monkeypatch.setattr(quant_linear, "simulated", lambda *args: calls.append(1) or quantize(*args))
     return calls
 
 

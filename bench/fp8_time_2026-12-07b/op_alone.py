@@ -7,24 +7,12 @@ batch), FP8 per token, one thread, medians of 20 calls; a copy of the tensor for
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
+from fp8_products import milliseconds  # (this folder's: medians after one warm-up)
 
 from llmquant.nn.e4m3_simulation import fused_fake_quantize
 from llmquant.quant import QuantSpec, fake_quantize
-
-
-def milliseconds(run: Callable[[], object], calls: int = 20) -> float:
-    run()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 2)
 
 
 def main() -> None:
@@ -33,9 +21,9 @@ def main() -> None:
     x = torch.randn(8 * 512, 576, generator=torch.Generator().manual_seed(0))
     assert fused_fake_quantize(x, spec) is not None, "the op does not run here"
     print(json.dumps({"shape": list(x.shape), "threads": 1, "median_ms": {
-        "fake_quantize (primitives)": milliseconds(lambda: fake_quantize(x, spec)),
-        "fused_fake_quantize (the op)": milliseconds(lambda: fused_fake_quantize(x, spec)),
-        "x.clone()": milliseconds(x.clone)}}))
+        "fake_quantize (primitives)": milliseconds(lambda: fake_quantize(x, spec), 20),
+        "fused_fake_quantize (the op)": milliseconds(lambda: fused_fake_quantize(x, spec), 20),
+        "x.clone()": milliseconds(x.clone, 20)}}))
 
 
 if __name__ == "__main__":

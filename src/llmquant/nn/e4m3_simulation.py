@@ -5,8 +5,8 @@ eleven passes over the tensor (division, clamp, cast to float8, a table read bac
 
 FP8 has no CPU kernel in this runtime: the simulation is what runs an FP8 checkpoint on the CPU, and what the engine
 propagates an FP8 layer's calibration samples through. Where the op does not run (not float32 on the CPU, no AVX2,
-``LLMQUANT_GEMV=0``, no compiler, a failed build) `fused_fake_quantize` returns None and the callers
-take the primitives.
+``LLMQUANT_GEMV=0``, no compiler, a failed build) `fused_fake_quantize` returns None, and `simulated` (what the
+simulation's callers use) takes the primitives.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from types import ModuleType
 import torch
 
 from llmquant.nn.int8_gemv import build_op, call_op, float32_avx2_refusal
-from llmquant.quant.primitives import MIN_SCALE
+from llmquant.quant.primitives import MIN_SCALE, fake_quantize
 from llmquant.quant.spec import QuantSpec
 
 SOURCE = Path(__file__).with_name("e4m3_rounding.cpp")
@@ -79,3 +79,13 @@ def fused_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | 
     out = call_op(op, "e4m3_fake_quantize", rows.contiguous(), scales, float(spec.qmax), float(spec.clip_ratio),
                   MIN_SCALE)
     return out.reshape(x.shape)
+
+
+def simulated(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+              zero: torch.Tensor | None = None) -> torch.Tensor:
+    """`fake_quantize` (x, spec, scale, zero; ``zero`` None: zeros) by the op where it runs (`fused_fake_quantize`),
+    else by the primitives: the same values either way."""
+    fused = fused_fake_quantize(x, spec, scale)
+    if fused is not None:
+        return fused
+    return fake_quantize(x, spec, scale, None if scale is None else torch.zeros_like(scale) if zero is None else zero)

@@ -50,9 +50,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from llmquant.errors import LlmquantError
-from llmquant.nn.e4m3_simulation import fused_fake_quantize
+from llmquant.nn.e4m3_simulation import simulated
 from llmquant.parallel import SINGLE, Ranks
-from llmquant.quant import Observer, QuantSpec, fake_quantize, straight_through
+from llmquant.quant import Observer, QuantSpec, straight_through
 
 QUANTIZED_ATTENTION = "llmquant_sdpa"
 STORED_FLAG = "_llmquant_kv_stored"  # on an attention, for the current call: its int8 cache layer quantized K, V
@@ -207,19 +207,12 @@ class KVCacheQuantizer(nn.Module):
     def _quantized(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``key`` (centred) and ``value`` fake-quantized by the spec (the gradient, where one is wanted, straight
         through: `straight_through`)."""
-        if self.spec.dynamic:
-            quantized = self._fake_quantize(key, None), self._fake_quantize(value, None)
+        if self.spec.dynamic:  # (FP8 on the CPU: the op's one pass, `simulated`)
+            quantized = simulated(key, self.spec), simulated(value, self.spec)
         else:  # (scales [1 or heads, 1])
-            quantized = (self._fake_quantize(key, self.k_scale.reshape(-1, 1)),
-                         self._fake_quantize(value, self.v_scale.reshape(-1, 1)))
+            quantized = (simulated(key, self.spec, self.k_scale.reshape(-1, 1)),
+                         simulated(value, self.spec, self.v_scale.reshape(-1, 1)))
         return straight_through(key, quantized[0]), straight_through(value, quantized[1])
-
-    def _fake_quantize(self, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """`fake_quantize` by the spec (FP8 on the CPU: `fused_fake_quantize`'s one pass, the same bits)."""
-        fused = fused_fake_quantize(x, self.spec, scale)
-        if fused is not None:
-            return fused
-        return fake_quantize(x, self.spec, scale, None if scale is None else torch.zeros_like(scale))
 
 
 def _base_attention(module: nn.Module, base: str) -> Callable:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.nn.e4m3_simulation import fused_fake_quantize
+from llmquant.nn.e4m3_simulation import simulated
 from llmquant.nn.fp8_linear import FP8_BLOCK, fp8_block_linear, fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import (
     FIELD_OFFSET,
@@ -88,7 +88,7 @@ from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.last_result import LastResult
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
-from llmquant.quant import Observer, QuantSpec, dequantize, fake_quantize, quantize, straight_through
+from llmquant.quant import Observer, QuantSpec, dequantize, quantize, straight_through
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
 from llmquant.quant.primitives import (
@@ -116,11 +116,8 @@ def shared_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor |
     kept = _last_input.get(x, lambda k, _: k[1] is scale and k[2] is zero and k[0] == spec) if tracked else None
     if kept is not None:
         return kept
-    static = None if scale is None else scale.reshape(1, 1)
-    quantized = fused_fake_quantize(x, spec, static)  # (FP8 on the CPU: one pass)
-    if quantized is None:
-        quantized = fake_quantize(x, spec, static, None if static is None else
-                                  torch.zeros_like(static) if zero is None else zero.reshape(1, 1))
+    quantized = simulated(x, spec, None if scale is None else scale.reshape(1, 1),
+                          None if zero is None else zero.reshape(1, 1))  # (FP8 on the CPU: the op's one pass)
     if tracked:
         _last_input.put(x, key, quantized)
     else:
