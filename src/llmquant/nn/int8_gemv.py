@@ -427,7 +427,7 @@ def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tenso
     products exact (int16 codes: while a group's sums fit int32, the caller's check). ``input_group_size`` (with
     ``group_size`` 0): inputs per token in groups of that many columns, ``scale`` ``[rows, in / input_group_size]``,
     y = (sum over groups in order of float(x_q,g @ W_q,g^T) * s_x,g) * s_w + b
-    (`llmquant.nn.int8_linear.input_grouped_linear`'s order). Tiles of 3 rows by 16 outputs, each input pair of the
+    (`llmquant.nn.int8_linear.input_grouped_linear`'s order). Tiles of 6 rows by 16 outputs, each input pair of the
     16 multiplied by one VPMADDWD, the panels in parallel."""
     packed, scales = pack
     y = call_op(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale,

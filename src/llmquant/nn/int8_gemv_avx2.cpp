@@ -131,31 +131,35 @@ std::vector<torch::Tensor> int16_token_codes(const torch::Tensor& rows_in) {
   return llmquant::codes_by_row<int16_t>(rows_in, "int16_token_codes: float32 rows [n, in]", int16_row_codes);
 }
 
-constexpr int kTileRows = 3;      // input rows of a tile: 6 int32 accumulators, 2 weight vectors, 3 broadcasts
+constexpr int kTileRows = 6;      // input rows of a tile: 12 int32 accumulators, 2 weight vectors, a broadcast
 constexpr int kPanelOutputs = 16;  // outputs of a packed panel: two 8-lane vectors
 constexpr int64_t kChunkBytes = 256 * 1024;  // widened input codes multiplied by every panel before the next rows
 
 // The exact int32 dots of MR input rows (widened codes, `inner` apart) with the 16 outputs of a panel over input
 // pairs [first, end), into dots[2 m + v] (outputs 8 v to 8 v + 7 of row m): per pair, VPMADDWD of the broadcast
-// input pair (x_k, x_k+1) with the 16 weight pairs. Not inlined, with local accumulators and a pointer out: inside
-// gemm_tile (or writing through a reference to an array), g++ 12 kept the sums in other registers than the
-// accumulators and copied each back, six extra moves per pair of 12 vector operations.
+// input pair (x_k, x_k+1) with the 16 weight pairs. Not inlined, with local accumulators (one array per half of the
+// panel), the row loops unrolled and a pointer out, so that g++ 12 keeps the 12 sums in registers: with one [MR][2]
+// array it copied each sum back into its accumulator (eight extra moves a pair at MR 4), without the unrolling it kept
+// half of them on the stack (at MR 6).
 template <int MR, typename Weight>
 __attribute__((noinline)) void pair_dots(const int16_t* x, int64_t inner, const Weight* panel, int64_t first,
                                          int64_t end, __m256i* dots) {
-  __m256i acc[MR][2];  // (local: stored to `dots` at the end, not at every step)
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+  __m256i low[MR], high[MR];  // (local: stored to `dots` at the end, not at every step)
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) low[m] = high[m] = _mm256_setzero_si256();
   for (int64_t p = first; p < end; ++p) {
     const __m256i w0 = weight_pairs8(panel + 32 * p), w1 = weight_pairs8(panel + 32 * p + 16);
+#pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       int32_t pair;
       std::memcpy(&pair, x + m * inner + 2 * p, 4);
       const __m256i xs = _mm256_set1_epi32(pair);
-      acc[m][0] = _mm256_add_epi32(_mm256_madd_epi16(xs, w0), acc[m][0]);
-      acc[m][1] = _mm256_add_epi32(_mm256_madd_epi16(xs, w1), acc[m][1]);
+      low[m] = _mm256_add_epi32(low[m], _mm256_madd_epi16(xs, w0));
+      high[m] = _mm256_add_epi32(high[m], _mm256_madd_epi16(xs, w1));
     }
   }
-  for (int m = 0; m < MR; ++m) dots[2 * m] = acc[m][0], dots[2 * m + 1] = acc[m][1];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) dots[2 * m] = low[m], dots[2 * m + 1] = high[m];
 }
 
 // How int8_gemm scales its integer dots: one group of the whole input, the weight's scales in groups of columns
@@ -211,10 +215,13 @@ void gemm_tile(const int16_t* x, int64_t inner, const Weight* panel, int64_t gro
   }
 }
 
-// gemm_tile for 1 to 3 rows of a panel of `Weight` codes.
+// gemm_tile for 1 to kTileRows rows of a panel of `Weight` codes.
 template <typename Weight>
 auto tile_of(int64_t rows) {
-  return rows >= 3 ? gemm_tile<3, Weight> : rows == 2 ? gemm_tile<2, Weight> : gemm_tile<1, Weight>;
+  static constexpr decltype(&gemm_tile<1, Weight>) tiles[kTileRows] = {
+      gemm_tile<1, Weight>, gemm_tile<2, Weight>, gemm_tile<3, Weight>,
+      gemm_tile<4, Weight>, gemm_tile<5, Weight>, gemm_tile<6, Weight>};
+  return tiles[rows - 1];
 }
 
 }  // namespace
@@ -226,7 +233,7 @@ auto tile_of(int64_t rows) {
 // [groups, ceil(out / 16) * 16] float32 (one group when group_size is 0), bias: [out] or None, input_scale [rows, 1]
 // or [1, 1]; or, with input_group_size (inputs per token in groups of that many columns; group_size 0, or the same
 // size: both grouped), the weight's scales [1 or groups, ceil(out / 16) * 16] and input_scale [rows, in /
-// input_group_size]. Tiles of 3 rows by 16 outputs, the panels in parallel, the rows in chunks.
+// input_group_size]. Tiles of 6 rows by 16 outputs, the panels in parallel, the rows in chunks.
 torch::Tensor int8_gemm(const torch::Tensor& codes, const torch::Tensor& packed, const torch::Tensor& scales,
                         const torch::Tensor& input_scale, const std::optional<torch::Tensor>& bias, int64_t outputs,
                         int64_t group_size, int64_t input_group_size) {
