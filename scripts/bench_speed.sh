@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-1}  # THREADS=2 bash scripts/bench_speed.sh: the same on two threads (bench/speed_<name>_t2.json)
+ONLY=${ONLY:-}  # ONLY="w8a8_token w4_g64": only these names' figures (and no KV decode profile unless w8a8_token_kv8)
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 CK=${CK:-/tmp/ck}
 OUT=${OUT:-bench}
@@ -25,14 +26,19 @@ measure() {  # NAME CHECKPOINT BENCH_FLAGS...: its figures, written whole (an in
     # also a checkpoint made above, measured with other runtime choices
     local name=$1 checkpoint=$2; shift 2
     local file="$OUT/speed_$name$SUFFIX.json"
-    [ -s "$file" ] && return
+    if [ -s "$file" ] || ! chosen "$name"; then return; fi
     $L bench --model "$CK/$checkpoint" --batch 1 8 --prompt 512 --decode 32 --repeats 3 --json "$@" | tail -1 \
         > "$file.partial"
     mv "$file.partial" "$file"
 }
 
+chosen() {  # NAME: measured in this run (every name without ONLY)
+    [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]
+}
+
 speed() {  # NAME QUANTIZE_FLAGS...
     local name=$1; shift
+    chosen "$name" || return 0
     [ -f "$CK/$name/config.json" ] || $L quantize --quiet --no-eval "$@" --output "$CK/$name"
     measure "$name" "$name"
 }
@@ -53,7 +59,9 @@ speed w4a4_token --scheme w_int4_per_channel_sym_a_uint4_per_token_asym_dynamic 
 speed w4a4_g32 --scheme w_int4_per_channel_sym_a_uint4_per_group_asym_dynamic --group-size 32 \
     --activation-clip-grid 1.0 0.95 0.9 0.85 0.8
 # the INT8 KV cache's decode cost: the same scheme with and without it, step by step in one process
-for batch in 1 8; do
-    .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \
-        --batch "$batch" --threads "$THREADS" | tail -2 | tee -a "$OUT/kv_decode$SUFFIX.txt"
-done
+if chosen w8a8_token_kv8; then
+    for batch in 1 8; do
+        .venv/bin/python scripts/runtime_profile.py kv --model "$CK/w8a8_token_kv8" --baseline "$CK/w8a8_token" \
+            --batch "$batch" --threads "$THREADS" | tail -2 | tee -a "$OUT/kv_decode$SUFFIX.txt"
+    done
+fi
