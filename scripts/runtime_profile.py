@@ -20,6 +20,7 @@
     .venv/bin/python scripts/runtime_profile.py shared --model DIR  # online rotations shared by q/k/v, gate/up, or not
     .venv/bin/python scripts/runtime_profile.py search              # the clip search and one SmoothQuant scoring
     .venv/bin/python scripts/runtime_profile.py attention [--batch 8]  # causal prefill attention: sdpa, blocks, the op
+    .venv/bin/python scripts/runtime_profile.py decodeattention --model DIR [--batch 8]  # decode: sdpa or the op
     .venv/bin/python scripts/runtime_profile.py machine             # int8 and float32 product rates, copy rates
     .venv/bin/python scripts/runtime_profile.py w4rows              # W4 Linears: the decode op against torch's kernel
 
@@ -261,6 +262,16 @@ def alternating_steps(models: dict[str, torch.nn.Module], batch: int, steps: int
                 times[name].append(time.perf_counter() - start)
                 state[name] = (returned_cache(out), out.logits[:, -1:].argmax(-1))
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
+def decode_attention(model_dir: str, batch: int, steps: int = 48) -> None:
+    """A checkpoint's decode steps with a float KV cache, its attention as transformers runs it (sdpa) and in blocks
+    (`llmquant.nn.causal_blocks`: a decode step on the attention op where it runs), alternating step by step."""
+    models = {choice: llmquant.load(model_dir, device="cpu", attention=choice)[0] for choice in ("model", "blocks")}
+    medians = alternating_steps(models, batch, steps)
+    model, blocks = medians["model"], medians["blocks"]
+    print(f"decode step at batch {batch} after 512 tokens (median of {steps}): attention 'model' {model:.2f} ms, "
+          f"'blocks' {blocks:.2f} ms ({model / blocks:.3f}x)")
 
 
 PLAIN_LAYERS = "float KV, transformers' layers"
@@ -1040,7 +1051,7 @@ def main() -> None:
     parser.add_argument("what", choices=["layer", "profile", "compile", "kv", "dequant", "fp8", "kernels", "decode",
                                          "prefill", "ops", "kvlayer", "prefetch", "rows", "avx2", "onednn",
                                          "groups", "rotation", "shared", "search", "attention", "machine",
-                                         "w4rows"])
+                                         "w4rows", "decodeattention"])
     parser.add_argument("--device", default="cpu", help="fp8: cpu or cuda")
     parser.add_argument("--model", default=None, help="a checkpoint directory (profile: default the float model)")
     parser.add_argument("--baseline", default=None, help="kv: the same scheme's checkpoint without the KV cache")
@@ -1091,6 +1102,10 @@ def main() -> None:
         causal_attention(args.batch)
     elif args.what == "machine":
         machine()
+    elif args.what == "decodeattention":
+        if args.model is None:
+            parser.error("decodeattention needs --model DIR")
+        decode_attention(args.model, args.batch)
     elif args.what == "w4rows":
         w4_rows()
     elif args.what == "shared":

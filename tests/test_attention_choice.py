@@ -105,23 +105,32 @@ def test_the_command_line_chooses_the_attention(tmp_path: Path, capsys: pytest.C
 
 
 def _sdpa_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """sdpa's causal attention, the query rows the last positions of the keys (a cache before them: a mask)."""
+    positions, kv_positions = query.shape[2], key.shape[2]
+    mask = torch.ones(positions, kv_positions, dtype=torch.bool).tril(kv_positions - positions)
     return torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scale, enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
+        query, key, value, attn_mask=None if positions == kv_positions else mask, is_causal=positions == kv_positions,
+        scale=scale, enable_gqa=key.shape[1] != query.shape[1]).transpose(1, 2)
 
 
-@pytest.mark.parametrize(("batch", "heads", "kv_heads", "positions", "scale"),
-                         [(1, 9, 3, 512, None), (2, 4, 4, 200, 0.3), (1, 2, 1, 64, None), (3, 6, 2, 129, 0.125)])
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "positions", "earlier", "scale"),
+                         [(1, 9, 3, 512, 0, None), (2, 4, 4, 200, 0, 0.3), (1, 2, 1, 64, 0, None),
+                          (3, 6, 2, 129, 0, 0.125), (1, 9, 3, 1, 519, None), (2, 6, 2, 1, 128, 0.3),
+                          (3, 4, 4, 100, 37, None)])
 def test_causal_blocks_compute_sdpas_causal_attention(batch: int, heads: int, kv_heads: int, positions: int,
-                                                      scale: float | None) -> None:
-    generator = torch.Generator().manual_seed(positions)
+                                                      earlier: int, scale: float | None) -> None:
+    """Causal attention in blocks, the keys and values also holding ``earlier`` positions before the query rows (a
+    cache: a decode step of one row, or a chunk of a prefill), as views of larger stores (a cache's capacity)."""
+    generator = torch.Generator().manual_seed(positions + earlier)
     query = torch.randn(batch, heads, positions, 64, generator=generator)
-    key, value = (torch.randn(batch, kv_heads, positions, 64, generator=generator) for _ in range(2))
+    key, value = torch.randn(2, batch, kv_heads, earlier + positions + 7, 64, generator=generator)[
+        :, :, :, :earlier + positions]
     exact = _sdpa_causal(query.double(), key.double(), value.double(), scale)
     sdpas_error = (_sdpa_causal(query, key, value, scale) - exact).abs().max()  # float32 sdpa's own rounding
     for way in (causal_blocks.causal_block_attention, causal_blocks.sdpa_blocks):  # (the op where it runs)
         for block in (causal_blocks.BLOCK, 16):
             blocked = way(query, key, value, scale, block)
-            assert blocked.shape == exact.shape == (batch, positions, heads, 64)
+            assert blocked.shape == exact.shape == (batch, positions, heads, 64), (way, block)
             # the same function, the sums in another order: as far from float64's as float32 sdpa, to 1.5x + 1e-7
             assert (blocked - exact).abs().max() <= 1.5 * sdpas_error + 1e-7, (way, block)
     mask = causal_blocks._visible(16, 48, torch.float32, torch.device("cpu"))  # rows 48..63 over keys 0..63
@@ -237,9 +246,11 @@ def test_the_blocked_attention_is_sdpa_itself_where_the_blocks_do_not_apply(monk
     long, limit = causal_blocks.MIN_POSITIONS, causal_blocks.max_positions(torch.empty(0))
     mask = torch.ones(2, 1, long, long, dtype=torch.bool).tril()
     mask[0, ..., :3] = False  # padding
+    decode_mask = mask[:, :, -1:]
     cases = {  # name: (q, k, v, mask, options)
         "a mask": (*states(long, long), mask, {}),
-        "a decode step": (*states(1, long), None, {}),
+        "a decode step with a mask": (*states(1, long), decode_mask, {}),
+        "a decode step past the op's limit": (*states(1, causal_blocks.OP_MAX_POSITIONS + 1), None, {}),
         "short": (*states(long - 1, long - 1), None, {}),
         "earlier positions in the cache": (*states(long, long + 5), None, {}),
         "not causal": (*states(long, long), None, {"is_causal": False}),
@@ -254,6 +265,16 @@ def test_the_blocked_attention_is_sdpa_itself_where_the_blocks_do_not_apply(monk
     blocked, _ = causal_blocks.blocked_sdpa_attention(module, query, key, value, None, scaling=module.scaling)
     stock, _ = sdpa_attention_forward(module, query, key, value, None, scaling=module.scaling)
     assert len(calls) == 1 and (blocked - stock).abs().max() < 2e-6  # this one in blocks
+    # a decode step (one query row, the keys of the cache): by the op where it runs, else sdpa itself
+    query, key, value = states(1, long + 5)
+    blocked, _ = causal_blocks.blocked_sdpa_attention(module, query, key, value, None, scaling=module.scaling)
+    stock, _ = sdpa_attention_forward(module, query, key, value, None, scaling=module.scaling)
+    op_runs = causal_blocks.attention_op(query) is not None
+    assert len(calls) == 1 + op_runs and (blocked - stock).abs().max() < 2e-6
+    assert op_runs or torch.equal(blocked, stock)
+    monkeypatch.setenv("LLMQUANT_GEMV", "0")  # (switched off: sdpa itself)
+    blocked, _ = causal_blocks.blocked_sdpa_attention(module, query, key, value, None, scaling=module.scaling)
+    assert len(calls) == 1 + op_runs and torch.equal(blocked, stock)
 
 
 def test_blocks_are_the_default_for_sdpa_and_keep_the_models_function(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,6 +289,28 @@ def test_blocks_are_the_default_for_sdpa_and_keep_the_models_function(monkeypatc
     assert len(calls) == model.config.num_hidden_layers
     set_attention(model, "model")
     assert torch.equal(logits(model, ids), reference)
+
+
+def test_decode_steps_in_blocks_give_the_models_tokens_and_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float KV cache's decode steps (one query row over the cache) run on the op where it runs: the same greedy
+    tokens as the model's sdpa, the scores to float32's rounding."""
+    model = make_model("llama")
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
+    steps = 6
+
+    def generated() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, output_scores=True,
+                                 return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    tokens, scores = generated()
+    set_attention(model, "blocks")
+    calls = _counted_blocks(monkeypatch)
+    blocked_tokens, blocked_scores = generated()
+    assert torch.equal(blocked_tokens, tokens) and relative_error(scores, blocked_scores) < 1e-5
+    op_runs = causal_blocks.attention_op(ids.float()) is not None  # (the prompt is too short for the blocks)
+    assert len(calls) == (steps - 1) * model.config.num_hidden_layers * op_runs
 
 
 def test_blocks_under_the_int8_kv_cache_quantize_once_and_decode_from_the_codes(

@@ -3,7 +3,8 @@
 - ``"model"``: the model's own implementation, as transformers runs it.
 - ``"blocks"``: a causal prefill on the CPU in blocks of query rows, each reading only the keys it can see
   (`llmquant.nn.causal_blocks`): the same function to float32's rounding, about half the products below 768
-  positions; anything else as sdpa.
+  positions; a decode step over a float cache by the same op, a KV head's keys read once for its query heads;
+  anything else as sdpa.
 - ``"auto"`` (the default of `llmquant.load`): ``"blocks"`` where the model's attention is sdpa, else ``"model"``.
 - ``"bfloat16"``: attention in bfloat16 inside a float32 model, off by default. softmax(q k^T / sqrt(d)) v has no
   weights to quantize; in a float32 model it stays float32 while the int8 runtime makes the Linears around it several

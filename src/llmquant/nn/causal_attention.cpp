@@ -1,15 +1,17 @@
-// Causal prefill attention on the CPU, each block of query rows over the keys it can see
+// Causal attention on the CPU, each block of query rows over the keys it can see
 // (llmquant.nn.causal_blocks.causal_block_attention):
 //
-//   out[i] = sum_{j <= i} softmax_j(scale * q_i . k_j) v_j
+//   out[i] = sum_{j <= c + i} softmax_j(scale * q_i . k_j) v_j,   c = (key positions) - (query positions)
 //
-// for query rows [s, e) of one head: S = scale * Q[s:e] K[0:e]^T (one float32 GEMM), the softmax of each row over its
-// visible keys j <= i (the rest of the last e - s columns set to 0), O = P V[0:e] (a second GEMM), each row divided by
-// its sum. The GEMMs are BLAS's sgemm (torch's own MKL, exported by libtorch_cpu), one thread each; the pieces (batch,
-// head, block) run on torch's threads, taken from a shared counter, the longest rows first, so that the threads end
-// together. What torch's sdpa does per call, without its costs at these sizes: below 768 positions its flash kernel
-// multiplies the whole square (a 512-position prefill), and one sdpa call per block (the Python loop of
-// causal_blocks) splits 64 rows of 9 heads into too few pieces for two threads (2.0x on one against 1.6x on two).
+// (c = 0 for a prefill; c > 0 where the keys hold earlier positions, a cache: a decode step's one query row sees every
+// key.) For query rows [s, e) of one head: S = scale * Q[s:e] K[0:c+e]^T (one float32 GEMM), the softmax of each row
+// over its visible keys j <= c + i (the rest of the last e - s columns set to 0), O = P V[0:c+e] (a second GEMM), each
+// row divided by its sum. The GEMMs are BLAS's sgemm (torch's own MKL, exported by libtorch_cpu), one thread each; the
+// pieces (batch, head, block) run on torch's threads, taken from a shared counter, the longest rows first, so that the
+// threads end together. What torch's sdpa does per call, without its costs at these sizes: below 768 positions its
+// flash kernel multiplies the whole square (a 512-position prefill), one sdpa call per block (the Python loop of
+// causal_blocks) splits 64 rows of 9 heads into too few pieces for two threads (2.0x on one against 1.6x on two), and
+// a decode step's one row goes through its blocked kernel in pieces too small for it.
 // The exponential is exp8 (below), not torch's: the same function to float32's rounding, not the same bits.
 
 #include <torch/extension.h>
@@ -87,56 +89,86 @@ float exponentials(float* row, int64_t visible, int64_t width) {
   return sum;
 }
 
+// One piece of work: `rows` query rows (`q_stride` apart) over the keys [0, seen) (rows `k_stride` / `v_stride` apart),
+// row r seeing the keys [0, first_visible + r * step) (step 1: rows that are positions; 0: rows that are the heads of
+// one position), into `rows` output rows `o_stride` apart. `scores` holds rows x seen floats, `sums` rows.
+void attend(const float* q, int64_t q_stride, int64_t rows, const float* k, int64_t k_stride, const float* v,
+            int64_t v_stride, int64_t seen, int64_t first_visible, int64_t step, int64_t dim, float scale,
+            float* scores, float* sums, float* o, int64_t o_stride) {
+  gemm('T', 'N', seen, rows, dim, scale, k, k_stride, q, q_stride, scores, seen);  // S [rows, seen], row-major
+  for (int64_t r = 0; r < rows; ++r) sums[r] = exponentials(scores + r * seen, first_visible + r * step, seen);
+  gemm('N', 'N', dim, rows, seen, 1.0f, v, v_stride, scores, seen, o, o_stride);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inverse = 1.0f / sums[r];
+    for (int64_t d = 0; d < dim; ++d) o[r * o_stride + d] *= inverse;
+  }
+}
+
+// The pieces on torch's threads, taken from a shared counter: piece(item, scores, sums) for item in [0, items).
+template <typename Piece>
+void in_parallel(int64_t items, int64_t score_floats, int64_t rows, const Piece& piece) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), items), 1, [&](int64_t, int64_t) {
+    std::vector<float> scores(score_floats), sums(rows);
+    for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
+      piece(item, scores.data(), sums.data());
+    }
+  });
+}
+
 }  // namespace
 
-// query [b, h, n, d], key and value [b, kv, n, d] (kv dividing h: query head h reads kv head h / (h / kv)), float32,
-// the last dimension contiguous, any strides otherwise; returns [b, n, h, d] (transformers' attention output layout).
+// query [b, h, n, d], key and value [b, kv, m, d] (m >= n: the query rows are the last n positions; kv dividing h:
+// query head h reads kv head h / (h / kv)), float32, the last dimension contiguous, any strides otherwise; returns
+// [b, n, h, d] (transformers' attention output layout). Pieces: each (batch, head, block of query rows), the last
+// block first; for one query position (a decode step), each (batch, kv head) with its group of query heads as the
+// rows, so that the keys and values of a kv head are read once for the group.
 torch::Tensor causal_attention(const torch::Tensor& query, const torch::Tensor& key, const torch::Tensor& value,
                                double scale, int64_t block) {
   TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && query.scalar_type() == torch::kFloat32 &&
               key.scalar_type() == torch::kFloat32 && value.scalar_type() == torch::kFloat32,
-              "causal_attention: float32 query [b, h, n, d], key and value [b, kv, n, d]");
+              "causal_attention: float32 query [b, h, n, d], key and value [b, kv, m, d]");
   const int64_t batch = query.size(0), heads = query.size(1), positions = query.size(2), dim = query.size(3);
-  const int64_t kv_heads = key.size(1);
-  TORCH_CHECK(key.sizes() == value.sizes() && key.size(0) == batch && key.size(2) == positions &&
-              key.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0 && block > 0,
-              "causal_attention: key and value [b, kv, n, d] with kv dividing the query's heads, a positive block");
+  const int64_t kv_heads = key.size(1), kv_positions = key.size(2), earlier = kv_positions - positions;
+  TORCH_CHECK(key.sizes() == value.sizes() && key.size(0) == batch && earlier >= 0 && key.size(3) == dim &&
+              kv_heads > 0 && heads % kv_heads == 0 && block > 0,
+              "causal_attention: key and value [b, kv, m >= n, d] with kv dividing the query's heads, a positive "
+              "block");
   TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1,
               "causal_attention: the last dimension contiguous");
-  const int64_t group = heads / kv_heads, blocks = (positions + block - 1) / block;
-  const int64_t items = batch * heads * blocks;
+  const int64_t group = heads / kv_heads;
+  const float scaling = static_cast<float>(scale);
   torch::Tensor out = torch::empty({batch, positions, heads, dim}, query.options());
   const float* q = query.data_ptr<float>();
   const float* k = key.data_ptr<float>();
   const float* v = value.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    std::vector<float> scores(block * positions), sums(block);
-    for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
-      const int64_t piece = item % (batch * heads), b = piece / heads, h = piece % heads;
-      const int64_t start = (blocks - 1 - item / (batch * heads)) * block;  // the last block first
-      const int64_t end = std::min(start + block, positions), rows = end - start;
-      const float* qb = q + b * query.stride(0) + h * query.stride(1) + start * query.stride(2);
-      const float* kb = k + b * key.stride(0) + h / group * key.stride(1);
-      const float* vb = v + b * value.stride(0) + h / group * value.stride(1);
-      float* ob = o + ((b * positions + start) * heads + h) * dim;
-      gemm('T', 'N', end, rows, dim, static_cast<float>(scale), kb, key.stride(2), qb, query.stride(2),
-           scores.data(), end);  // S [rows, end], row-major
-      for (int64_t r = 0; r < rows; ++r) sums[r] = exponentials(scores.data() + r * end, start + r + 1, end);
-      gemm('N', 'N', dim, rows, end, 1.0f, vb, value.stride(2), scores.data(), end, ob, heads * dim);
-      for (int64_t r = 0; r < rows; ++r) {
-        const float inverse = 1.0f / sums[r];
-        for (int64_t d = 0; d < dim; ++d) ob[r * heads * dim + d] *= inverse;
-      }
-    }
+  if (positions == 1) {
+    in_parallel(batch * kv_heads, group * kv_positions, group, [&](int64_t item, float* scores, float* sums) {
+      const int64_t b = item / kv_heads, g = item % kv_heads;
+      attend(q + b * query.stride(0) + g * group * query.stride(1), query.stride(1), group,
+             k + b * key.stride(0) + g * key.stride(1), key.stride(2), v + b * value.stride(0) + g * value.stride(1),
+             value.stride(2), kv_positions, kv_positions, 0, dim, scaling, scores, sums,
+             o + (b * heads + g * group) * dim, dim);
+    });
+    return out;
+  }
+  const int64_t blocks = (positions + block - 1) / block, rows = std::min(block, positions);
+  in_parallel(batch * heads * blocks, rows * kv_positions, rows, [&](int64_t item, float* scores, float* sums) {
+    const int64_t piece = item % (batch * heads), b = piece / heads, h = piece % heads;
+    const int64_t start = (blocks - 1 - item / (batch * heads)) * block;  // the last block first
+    const int64_t end = std::min(start + block, positions);
+    attend(q + b * query.stride(0) + h * query.stride(1) + start * query.stride(2), query.stride(2), end - start,
+           k + b * key.stride(0) + h / group * key.stride(1), key.stride(2),
+           v + b * value.stride(0) + h / group * value.stride(1), value.stride(2), earlier + end, earlier + start + 1,
+           1, dim, scaling, scores, sums, o + ((b * positions + start) * heads + h) * dim, heads * dim);
   });
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("causal_attention", &causal_attention,
-             "causal attention of float32 query [b, h, n, d] over key / value [b, kv, n, d], as [b, n, h, d]",
+             "causal attention of float32 query [b, h, n, d] over key / value [b, kv, m >= n, d], as [b, n, h, d]",
              pybind11::arg("query"), pybind11::arg("key"), pybind11::arg("value"), pybind11::arg("scale"),
              pybind11::arg("block"));
 }

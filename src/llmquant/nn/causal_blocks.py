@@ -24,10 +24,14 @@ keys [0, e) in one of two ways, the same function to float32's rounding (the sum
   41.0 -> 58.1 (on one, 2,048 positions 72.3 -> 74.6), hence that limit (BENCHMARKS.md "Runtimes").
 
 `blocked_sdpa_attention` is transformers' sdpa attention with that path for a causal prefill on the CPU (no mask,
-as many keys as queries, no dropout, `MIN_POSITIONS` positions up to the limit of the way that runs) and
-transformers' own ``sdpa_attention_forward`` for anything else (a mask, a decode step, a cache with earlier
-positions, a GPU, whose flash kernels skip the masked blocks themselves, and a gradient to pass back: the op has no
-backward, so scale training and learned rotations run sdpa's, whose gradient reaches q, k and v).
+as many keys as queries, no dropout, `MIN_POSITIONS` positions up to the limit of the way that runs), the op for a
+decode step over a float cache (one query row over up to `OP_MAX_POSITIONS` keys, no mask, where the op runs: each
+KV head's group of query heads in one piece, its keys and values read once for the group; sdpa reads them per query
+head. On the AMD EPYC with AVX2 only of BENCHMARKS.md, a W8A8 checkpoint's decode step after 512 tokens, one thread:
+58.0 -> 56.0 ms at batch 1, 153.5 -> 140.0 ms at batch 8), and transformers' own ``sdpa_attention_forward`` for
+anything else (a mask, a prefill with earlier positions in the cache, a GPU, whose flash kernels skip the masked
+blocks themselves, and a gradient to pass back: the op has no backward, so scale training and learned rotations run
+sdpa's, whose gradient reaches q, k and v).
 `llmquant.nn.attention_choice` registers it as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so
 the model builds the same masks as for sdpa.
 """
@@ -91,11 +95,11 @@ def max_positions(query: torch.Tensor) -> int:
 
 def causal_block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
                            block: int = BLOCK) -> torch.Tensor:
-    """Causal attention of ``query`` [batch, heads, positions, dim] over ``key`` / ``value`` [batch, kv heads,
-    positions, dim] (as many positions; grouped heads when kv heads divide heads) in blocks of ``block`` query rows
-    over the keys up to each block's last row, by the op where it runs (float32 states, the last dimension
-    contiguous), else `sdpa_blocks`; returns [batch, positions, heads, dim], the layout transformers' attention
-    functions return."""
+    """Causal attention of ``query`` [batch, heads, positions, dim] over ``key`` / ``value`` [batch, kv heads, kv
+    positions, dim] (grouped heads when kv heads divide heads; as many positions, or more: the query rows are the last
+    positions, a cache holding the earlier ones) in blocks of ``block`` query rows over the keys up to each block's
+    last row, by the op where it runs (float32 states, the last dimension contiguous), else `sdpa_blocks`; returns
+    [batch, positions, heads, dim], the layout transformers' attention functions return."""
     op = attention_op(query)
     if op is not None and all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in (query, key, value)):
         return call_op(op, "causal_attention", query, key, value,
@@ -107,13 +111,15 @@ def sdpa_blocks(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
                 block: int = BLOCK) -> torch.Tensor:
     """`causal_block_attention` by one sdpa call per block."""
     batch, heads, positions, _ = query.shape
-    grouped = key.shape[1] != heads
+    grouped, earlier = key.shape[1] != heads, key.shape[2] - positions
     output = query.new_empty(batch, positions, heads, value.shape[-1])
     for start in range(0, positions, block):
         end = min(start + block, positions)
-        mask = None if start == 0 else _visible(end - start, start, query.dtype, query.device)
-        rows = F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :end], value[:, :, :end],
-                                              attn_mask=mask, is_causal=start == 0, scale=scale, enable_gqa=grouped)
+        first = start + earlier == 0  # (sdpa's is_causal aligns the first row with the first key)
+        mask = None if first else _visible(end - start, earlier + start, query.dtype, query.device)
+        rows = F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, :earlier + end],
+                                              value[:, :, :earlier + end], attn_mask=mask, is_causal=first,
+                                              scale=scale, enable_gqa=grouped)
         output[:, start:end] = rows.transpose(1, 2)
     return output
 
@@ -122,12 +128,13 @@ def _takes_blocks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
                   attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False  # (a gradient to pass back: the op has no backward; training takes sdpa's)
-    positions = query.shape[2]
-    if positions < MIN_POSITIONS or positions > max_positions(query):  # (first: a decode step, every layer, leaves)
-        return False
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return (causal and attention_mask is None and query.device.type == "cpu" and dropout == 0.0
-            and key.shape[2] == positions
+    positions, kv_positions = query.shape[2], key.shape[2]
+    if positions == 1:  # a decode step (one row sees every key: causal or not): where the op runs
+        shape_taken = kv_positions <= OP_MAX_POSITIONS and attention_op(query) is not None
+    else:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        shape_taken = causal and MIN_POSITIONS <= positions <= max_positions(query) and kv_positions == positions
+    return (shape_taken and attention_mask is None and query.device.type == "cpu" and dropout == 0.0
             and query.shape[1] % key.shape[1] == 0
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
 
