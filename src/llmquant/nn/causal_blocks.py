@@ -25,13 +25,13 @@ keys [0, e) in one of two ways, the same function to float32's rounding (the sum
 
 `blocked_sdpa_attention` is transformers' sdpa attention with that path for a causal prefill on the CPU (no mask,
 as many keys as queries, no dropout, `MIN_POSITIONS` positions up to the limit of the way that runs), the op for a
-decode step over a float cache (one query row over up to `OP_MAX_POSITIONS` keys, no mask, where the op runs: each
-KV head's group of query heads in one piece, its keys and values read once for the group; sdpa reads them per query
-head. On the AMD EPYC with AVX2 only of BENCHMARKS.md, a W8A8 checkpoint's decode step after 512 tokens, one thread:
-58.0 -> 56.0 ms at batch 1, 153.5 -> 140.0 ms at batch 8), and transformers' own ``sdpa_attention_forward`` for
-anything else (a mask, a prefill with earlier positions in the cache, a GPU, whose flash kernels skip the masked
-blocks themselves, and a gradient to pass back: the op has no backward, so scale training and learned rotations run
-sdpa's, whose gradient reaches q, k and v).
+decode step over a float cache (one query row over up to `OP_MAX_POSITIONS` keys, no mask, where the op runs: each KV
+head's group of query heads in one piece, its keys and values read once for the group; on the AMD EPYC with AVX2 only
+of BENCHMARKS.md, a W8A8 checkpoint's decode step after 512 tokens, one thread, `scripts/runtime_profile.py
+decodeattention`: 138.3 -> 128.8 ms at batch 8, 49.3 -> 49.2 at batch 1), and transformers' own
+``sdpa_attention_forward`` for anything else (a mask, a prefill with earlier positions in the cache, a GPU, whose
+flash kernels skip the masked blocks themselves, and a gradient to pass back: the op has no backward, so scale
+training and learned rotations run sdpa's, whose gradient reaches q, k and v).
 `llmquant.nn.attention_choice` registers it as the variant ``sdpa+blocks`` (`VARIANT`) with sdpa's mask function, so
 the model builds the same masks as for sdpa.
 """
