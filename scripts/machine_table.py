@@ -28,7 +28,8 @@ MACHINES = {  # key: (a short name for one table of all machines, the title of i
     "epyc_avx512_12_02": ("EPYC, AVX512-VNNI, faster int8 (12-02)",
                           "AMD EPYC (AVX512-VNNI, AVX512-BF16, no AMX; its int8 products twice as fast as the "
                           "machine above), 2026-12-02, before the causal prefill's attention op"),
-    "epyc_avx2": ("EPYC, AVX2 only (12-02)", "AMD EPYC with AVX2 only (no AVX512, VNNI or AMX), 2026-12-02"),
+    "epyc_avx2": ("EPYC, AVX2 only (12-07)",
+                  "AMD EPYC with AVX2 only (cpu family 25, model 1; no AVX512, VNNI or AMX), 2026-12-07"),
 }
 
 
@@ -41,7 +42,7 @@ class Entry:
 
 CHECKPOINTS = {  # the stem of `scripts/bench_speed.sh`'s checkpoint folders: the name in the tables
     "w8a8_token": "W8A8 per token", "w8a8_token_kv8": "W8A8 per token, INT8 KV cache",
-    "w8a8_static": "W8A8 per-tensor static", "w4_g64": "W4 g64", "w3_g64": "W3 g64", "w4a8_g64": "W4A8 g64",
+    "w8a8_static": "W8A8 per-tensor static", "w4_g64": "W4 g64", "w3_g64": "W3 g64",
     "w4a4_token": "W4A4 per token", "w4a4_g32": "W4A4, inputs in groups of 32",
 }
 
@@ -59,10 +60,8 @@ ENTRIES = (
              "w4_g64", "w3_g64", "w4a4_token", "w4a4_g32")
     + _pairs("epyc_avx512_12_02", "speed_2026-12-02_epyc_avx512", "w8a8_token", "w8a8_token_kv8", "w8a8_static",
              "w4_g64", "w3_g64")
-    + [Entry("epyc_avx2", CHECKPOINTS["w8a8_token"], "speed_2026-12-02_w4_int16/speed_w8a8_token.json"),
-       Entry("epyc_avx2", CHECKPOINTS["w8a8_token"], "speed_2026-12-02_avx2_op/bench_w8a8_token_t2.txt"),
-       *_pairs("epyc_avx2", "speed_2026-12-02_w4_int16", "w4_g64"),
-       Entry("epyc_avx2", CHECKPOINTS["w4a8_g64"], "speed_2026-12-02_avx2_op/bench_w4a8_g64_t1.txt")]
+    + _pairs("epyc_avx2", "speed_2026-12-07_epyc_avx2_after", "w8a8_token", "w8a8_token_kv8", "w8a8_static",
+             "w4_g64", "w3_g64")
 )
 
 def figures(path: Path) -> dict:

@@ -43,31 +43,34 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 4, 8, 16, 64, 512):
         for inputs, outputs in SHAPES:
-            weights = [torch.randint(-128, 128, (outputs, inputs), generator=generator, dtype=torch.int8)
-                       for _ in range(6)]
-            floats = [w.float() for w in weights]
-            s_x, s_w = torch.rand(rows, 1) + 0.5, torch.rand(1, outputs) + 0.5
-            packs = [int8_gemv.avx2_gemm_pack(w, s_w, 0) for w in weights]
-            x = torch.randint(-128, 128, (rows, inputs), generator=generator, dtype=torch.int8)
-            x_float = x.float()
-            expected = (x_float @ floats[0].T).mul_(s_x * s_w)
-            calls = {"float32": lambda i: torch.nn.functional.linear(x_float, floats[i])}
-            for name, op in ops.items():
-                assert torch.equal(int8_gemv.avx2_gemm(op, x, packs[0], s_x, None, outputs), expected), name
-                calls[name] = (lambda op: lambda i: int8_gemv.avx2_gemm(op, x, packs[i], s_x, None, outputs))(op)
-            times: dict[str, list[float]] = {name: [] for name in calls}
-            for round_ in range(12):
-                for name, call in calls.items():
-                    start = time.perf_counter()
-                    for i in range(6):
-                        call(i)
-                    if round_ > 1:
-                        times[name].append((time.perf_counter() - start) / 6 * 1e6)
-            us = {name: statistics.median(values) for name, values in times.items()}
-            print(f"{rows:4d} rows, {inputs:5d} -> {outputs:5d}: " + ", ".join(
-                f"{name} {value:9.1f} us" + ("" if name == "float32" else f" ({us['float32'] / value:4.2f}x)")
-                for name, value in us.items()), flush=True)
+            compare(ops, rows, inputs, outputs, generator)
 
+
+def compare(ops: dict[str, object], rows: int, inputs: int, outputs: int, generator: torch.Generator) -> None:
+    """One shape: every op's product checked, then timed against float32's, alternating."""
+    weights = [torch.randint(-128, 128, (outputs, inputs), generator=generator, dtype=torch.int8) for _ in range(6)]
+    floats = [w.float() for w in weights]
+    s_x, s_w = torch.rand(rows, 1) + 0.5, torch.rand(1, outputs) + 0.5
+    packs = [int8_gemv.avx2_gemm_pack(w, s_w, 0) for w in weights]
+    x = torch.randint(-128, 128, (rows, inputs), generator=generator, dtype=torch.int8)
+    x_float = x.float()
+    expected = (x_float @ floats[0].T).mul_(s_x * s_w)
+    calls = {"float32": lambda i: torch.nn.functional.linear(x_float, floats[i])}
+    for name, op in ops.items():
+        assert torch.equal(int8_gemv.avx2_gemm(op, x, packs[0], s_x, None, outputs), expected), name
+        calls[name] = lambda i, op=op: int8_gemv.avx2_gemm(op, x, packs[i], s_x, None, outputs)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(12):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for i in range(6):
+                call(i)
+            if round_ > 1:
+                times[name].append((time.perf_counter() - start) / 6 * 1e6)
+    us = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{rows:4d} rows, {inputs:5d} -> {outputs:5d}: " + ", ".join(
+        f"{name} {value:9.1f} us" + ("" if name == "float32" else f" ({us['float32'] / value:4.2f}x)")
+        for name, value in us.items()), flush=True)
 
 if __name__ == "__main__":
     main()
