@@ -9,9 +9,9 @@
 // row divided by its sum. The GEMMs are BLAS's sgemm (torch's own MKL, exported by libtorch_cpu), one thread each; the
 // pieces (batch, head, block) run on torch's threads, taken from a shared counter, the longest rows first, so that the
 // threads end together. What torch's sdpa does per call, without its costs at these sizes: below 768 positions its
-// flash kernel multiplies the whole square (a 512-position prefill), one sdpa call per block (the Python loop of
-// causal_blocks) splits 64 rows of 9 heads into too few pieces for two threads (2.0x on one against 1.6x on two), and
-// a decode step's one row goes through its blocked kernel in pieces too small for it.
+// flash kernel multiplies the whole square (a 512-position prefill), and one sdpa call per block (the Python loop of
+// causal_blocks) splits 64 rows of 9 heads into too few pieces for two threads (2.0x on one against 1.6x on two). A
+// decode step's query heads of one KV head are the rows of one piece: that head's keys and values read once for them.
 // The exponential is exp8 (below), not torch's: the same function to float32's rounding, not the same bits.
 
 #include <torch/extension.h>
