@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 
 from llmquant.algorithms.gptq import gptq_quantize, inverse_factor
+from llmquant.evaluation import bench
 from llmquant.quant import QuantSpec
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (2048, 768), (16384, 2048)]  # [rows, columns]
 
 
 def median_seconds(run, repeats: int = 3) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return bench.median_seconds(run, repeats)
 
 
 def main() -> None:

@@ -89,6 +89,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import llmquant
+from llmquant.evaluation.bench import median_seconds
 from llmquant.nn.attention_choice import ATTENTIONS
 from llmquant.nn.int8_gemv import kv_kernel
 from llmquant.nn.kv_cache import KVCacheQuantizer
@@ -109,14 +110,7 @@ SHAPES = ((576, 1536), (1536, 576), (576, 576))  # the default model's gate/up, 
 
 
 def median_us(call: Callable[[], object], repeats: int = 200) -> float:
-    for _ in range(10):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return median_seconds(call, repeats, warmups=10) * 1e6
 
 
 def layer() -> None:

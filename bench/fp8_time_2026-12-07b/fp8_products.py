@@ -9,23 +9,16 @@ the reference of the `qlinear_pointwise` row.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from llmquant.evaluation.bench import median_seconds
+
 
 def milliseconds(product: Callable[[], torch.Tensor], calls: int) -> float:
-    if calls > 1:
-        product()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        product()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 1)
+    return round(median_seconds(product, calls, warmups=1 if calls > 1 else 0) * 1e3, 1)
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import inspect
 import os
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,19 @@ def prompt_ids(vocab_size: int, batch: int, prompt: int, seed: int) -> torch.Ten
 def _prefill_kwargs(model: nn.Module) -> dict[str, Any]:
     keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
     return {"use_cache": True, **({"logits_to_keep": 1} if keeps else {})}
+
+
+def median_seconds(call: Callable[[], object], repeats: int, warmups: int = 1) -> float:
+    """The median wall time of ``call`` over ``repeats`` timed calls, after ``warmups`` untimed ones (the timing
+    loop of the scripts that time one operation: `scripts/runtime_profile.py`, `scripts/gptq_sweep_time.py`)."""
+    for _ in range(warmups):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def _synchronized(device: torch.device) -> float:
