@@ -128,15 +128,15 @@ def _takes_blocks(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
                   attention_mask: torch.Tensor | None, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False  # (a gradient to pass back: the op has no backward; training takes sdpa's)
+    if not (attention_mask is None and query.device.type == "cpu" and dropout == 0.0
+            and query.shape[1] % key.shape[1] == 0
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
+        return False  # (first: the checks that read no environment, at every layer of every step)
     positions, kv_positions = query.shape[2], key.shape[2]
     if positions == 1:  # a decode step (one row sees every key: causal or not): where the op runs
-        shape_taken = kv_positions <= OP_MAX_POSITIONS and attention_op(query) is not None
-    else:
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        shape_taken = causal and MIN_POSITIONS <= positions <= max_positions(query) and kv_positions == positions
-    return (shape_taken and attention_mask is None and query.device.type == "cpu" and dropout == 0.0
-            and query.shape[1] % key.shape[1] == 0
-            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None)
+        return kv_positions <= OP_MAX_POSITIONS and attention_op(query) is not None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return causal and MIN_POSITIONS <= positions <= max_positions(query) and kv_positions == positions
 
 
 def blocked_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
