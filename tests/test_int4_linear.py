@@ -198,6 +198,32 @@ def test_w4_on_avx2_takes_int16_codes(spec: QuantSpec, rows: int, avx2_without_b
 
 
 @needs_avx2
+def test_w4_layers_on_avx2_make_one_call_of_the_op(avx2_without_bfloat16: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each W4 layer's forward is resolved once into an `Int16Rows` and, at every row count, makes one call of the
+    op (its int16 codes and products: `int16_linear`) with the two calls' bits; a bfloat16 input gives its float32
+    copy's output, rounded."""
+    calls = []
+    def counted(op: object, name: str, *args: object) -> object:
+        calls.append(name)
+        return int8_gemv.call_op(op, name, *args)
+    monkeypatch.setattr(int4_linear, "call_op", counted)
+    layer = _layer(SPECS[0])
+    set_runtime(layer, "int8")
+    for shape in ((1, 1, 256), (2, 70, 256), (5, 256)):
+        x = torch.randn(shape)
+        y = layer(x)
+        assert calls == ["int16_linear"] and isinstance(layer._decode_rows, int4_linear.Int16Rows)
+        int16 = layer._int4_weight.int16_weight
+        codes, scale = int8_gemv.int16_token_codes(int16.op, x.reshape(-1, 256))
+        assert torch.equal(y, int16(codes, scale, layer.bias).view(*shape[:-1], 96))
+        assert torch.equal(y, _int16_reference(layer, x))
+        calls.clear()
+    low = torch.randn(3, 256).to(torch.bfloat16)
+    assert torch.equal(layer(low), layer(low.float()).to(torch.bfloat16))
+
+
+@needs_avx2
 @pytest.mark.parametrize("inner", [256, 13, 8])
 def test_int16_codes_are_torchs(inner: int, avx2_without_bfloat16: None) -> None:
     op = int8_gemv.avx2_kernel(torch.empty(0))

@@ -341,7 +341,8 @@ def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object
 def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
         scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """The AVX2 op multiplies the int8 codes at every row count, packed in its panels once (no float32 copy of the
-    weight), in one call; the same bits as the simulation."""
+    weight), in one call; the same bits as the simulation. A decode step's few rows of symmetric per-token inputs
+    take their codes in the same call (``token_linear``)."""
     calls: list[str] = []
     original = int8_gemv.call_op
     def counted(op: object, name: str, *args: object) -> object:
@@ -354,7 +355,9 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    assert calls.count("int8_gemm") == 1 and "" not in calls
+    symmetric_tokens = "_a_int" in scheme and "per_token_dynamic" in scheme and "group" not in scheme
+    one_call = symmetric_tokens and rows <= int8_gemv.GEMV_MAX_ROWS
+    assert calls == ["token_linear"] if one_call else calls.count("int8_gemm") == 1 and "" not in calls
     set_runtime(fresh, "int8")
     assert torch.equal(fresh(x), integer)
     weight = fresh._int8_weight()
@@ -646,13 +649,20 @@ def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str,
     simulated = _decode_logits(model, prompt, 4)
     set_runtime(model, "int8")
     calls = _counting_codes(monkeypatch)
+    op_calls: list[str] = []
+    call_op = int8_gemv.call_op
+    monkeypatch.setattr(int8_gemv, "call_op", lambda op, name, *args: op_calls.append(name) or call_op(op, name, *args))
     integer = _decode_logits(model, prompt, 4)
     assert all(torch.equal(a, b) for a, b in zip(simulated, integer, strict=True))
-    assert len(calls) == 4 * model.config.num_hidden_layers * 5  # q/k/v once, o, gate/up once, down: prompt, 4 steps
+    layers = model.config.num_hidden_layers
+    uses_avx2 = gemv != "0" and int8_gemv.avx2_gemv_refusal(torch.device("cpu")) is None
+    # q/k/v once, o, gate/up once, down: the prompt and 4 steps; where the AVX2 op runs, a step's 2 rows take their
+    # codes in the product's call (`avx2_token_linear`), each Linear's own
+    assert len(calls) == 4 * layers * (1 if uses_avx2 else 5)
+    assert op_calls.count("token_linear") == (7 * layers * 4 if uses_avx2 else 0)
     layer = model.get_submodule("model.layers.0.mlp.down_proj")
     uses_gemv = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
     assert (getattr(layer._int8_weight(), "row_sums", None) is not None) == uses_gemv
-    uses_avx2 = gemv != "0" and int8_gemv.avx2_gemv_refusal(torch.device("cpu")) is None
     assert bool(layer._decode_rows and isinstance(layer._decode_rows.weight, kernel.Avx2Weight)) == uses_avx2
 
 
@@ -734,14 +744,17 @@ def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@needs_gemv
+@pytest.mark.parametrize("op", [pytest.param("vnni", marks=needs_gemv), pytest.param("avx2", marks=needs_avx2)])
 @pytest.mark.parametrize("scheme", ["w_int8_per_channel_a_int8_per_token_dynamic",
                                     "w_int8_per_tensor_a_int8_per_tensor_static"])
-def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str,
+def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str, op: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """Up to 4 rows of a W8A8 layer go through its `DecodeRows` (the op's codes and product, no reshape) with the
-    simulation's bits, for inputs of any leading shape and non-contiguous ones, bfloat16 ones (as float32 copies),
-    and after a new clip ratio (resolved again); 5 rows take `int8_linear`'s path, with the same bits."""
+    """Up to 4 rows of a W8A8 layer go through its `DecodeRows` (the op's codes and product, no reshape; on the AVX2
+    op, per token, both in one call) with the simulation's bits, for inputs of any leading shape and non-contiguous
+    ones, bfloat16 ones (as float32 copies), and after a new clip ratio (resolved again); 5 rows take
+    `int8_linear`'s path (on the AVX2 op: `DecodeRows` at every row count), with the same bits."""
+    if op == "avx2":
+        _avx2(monkeypatch)
     layer = _layer(scheme, bias=True)
     shapes: list[tuple[int, ...]] = []
     original = kernel.DecodeRows.__call__
@@ -757,12 +770,13 @@ def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str,
             assert integer.shape == (*x.shape[:-1], 80) and integer.dtype == x.dtype
             assert torch.equal(simulated, integer)
         assert shapes == [tuple(x.shape) for x in inputs]
+        every_row_count = int(op == "avx2")
         simulated, integer = _outputs(layer, torch.randn(5, 96, generator=generator))
-        assert torch.equal(simulated, integer) and len(shapes) == len(inputs)
+        assert torch.equal(simulated, integer) and len(shapes) == len(inputs) + every_row_count
         if layer.input_spec.dynamic:
             assert set_input_clip(layer, 0.5) == 1 and layer._decode_rows is None
             simulated, integer = _outputs(layer, inputs[0] * 3)
-            assert torch.equal(simulated, integer) and len(shapes) == len(inputs) + 1
+            assert torch.equal(simulated, integer) and len(shapes) == len(inputs) + 1 + every_row_count
             assert layer._decode_rows.arguments[4] == 0.5
 
 

@@ -27,11 +27,12 @@ before them or one instead:
   native bfloat16 products (`CpuFeatures.native_bfloat16`: no AVX512-BF16 or AMX), the same bfloat16 values are
   multiplied in float32 and the output rounded to bfloat16: the same function up to the order of the float32 sums.
 - on a CPU with AVX2 but neither native bfloat16 products nor VNNI (`int16_linear`, where the AVX2 op of
-  `llmquant.nn.int8_gemv` runs), every row count: the inputs as per-token int16 codes, multiplied exactly by the
-  codes u - z in int32 (VPMADDWD), scaled per group in float32. Closer to the simulation than bfloat16 (each input
-  off by at most 2^-16 of its row's largest value), faster than float32 in prefills there (where the bfloat16 GEMM
-  was slower) and than torch's int4 kernel in decode steps (BENCHMARKS.md "W4 on AVX2 in int16"); the codes u - z
-  kept in the op's panels, 1 byte a weight, instead of the int4 kernel's copy.
+  `llmquant.nn.int8_gemv` runs; `Int16Rows`, resolved once per layer), every row count: the inputs as per-token int16
+  codes, multiplied exactly by the codes u - z in int32 (VPMADDWD), scaled per group in float32, in one call of the
+  op. Closer to the simulation than bfloat16 (each input off by at most 2^-16 of its row's largest value), faster
+  than float32 in prefills there (where the bfloat16 GEMM was slower) and than torch's int4 kernel in decode steps
+  (BENCHMARKS.md "W4 on AVX2 in int16"); the codes u - z kept in the op's panels, 1 byte a weight, instead of the
+  int4 kernel's copy.
 
 A deviation from the simulation, on purpose: the simulation (``fake`` runtime) computes in float32, torch's int4
 kernel and the bfloat16 GEMM in bfloat16 as the W4A16 kernels they stand for; the difference is the rounding of
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from llmquant.nn import int8_gemv
-from llmquant.nn.int8_gemv import avx2_gemv_refusal, call_op, int16_token_codes
+from llmquant.nn.int8_gemv import avx2_gemv_refusal, call_op, switch_refusal
 from llmquant.nn.int8_linear import Avx2Weight, avx2_weight_refusal
 
 GEMV_MAX_ROWS = 4  # rows up to which the AVX512-VNNI op multiplies (`Int4DecodeRows`), where it runs (module docstring)
@@ -156,13 +157,15 @@ def _int16_weight(fields: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 def int16_linear(rows: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = s_x * sum over groups of s_g * (x_q,g . (u - z)_g) + b in float32, for float ``rows`` ``[n, in]``: the
-    inputs as per-token int16 codes x_q = round(x / s_x), s_x = max|x| / 32767, the products exact in int32 by the AVX2
-    op (VPMADDWD, `avx2_gemm`), the scaling in float32. Each input's error is at most s_x / 2 (2^-16 of its row's
-    largest value), against 2^-9 of each value for the bfloat16 inputs of W4A16 kernels."""
-    assert weight.int16_weight is not None
-    codes, scale = int16_token_codes(weight.int16_weight.op, rows.float())
-    return weight.int16_weight(codes, scale, bias)
+    """y ``[..., out]`` = s_x * sum over groups of s_g * (x_q,g . (u - z)_g) + b in float32, for float ``rows`` ``[...,
+    in]``: the inputs as per-token int16 codes x_q = round(x / s_x), s_x = max|x| / 32767 (`int16_token_codes`), the
+    products exact in int32 by the AVX2 op (VPMADDWD, `avx2_gemm`), the scaling in float32; the op's two calls in one
+    (``int16_linear``). Each input's error is at most s_x / 2 (2^-16 of its row's largest value), against 2^-9 of each
+    value for the bfloat16 inputs of W4A16 kernels."""
+    int16 = weight.int16_weight
+    assert int16 is not None
+    return call_op(int16.op, "int16_linear", rows.float(), int16.packed, int16.scales, bias, int16.outputs,
+                   int16.group_size)
 
 
 def dequantize_bf16(weight: Int4Weight) -> torch.Tensor:
@@ -199,8 +202,33 @@ class Int4DecodeRows:
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def int4_decode_rows(weight: Int4Weight, bias: torch.Tensor | None, in_features: int) -> Int4DecodeRows | None:
-    """The layer's `Int4DecodeRows` where the VNNI op runs and the weight was prepared for it, else None."""
+@dataclass(frozen=True)
+class Int16Rows:
+    """A W4 (W3, W2) Linear's forward at every row count where `int16_linear` runs (an AVX2 CPU without native
+    bfloat16 products or VNNI), resolved once per layer (`int4_decode_rows`) like the W8A8 Linears' `DecodeRows`:
+    `int16_linear`'s one call, the input's leading dimensions kept, with less Python around it than `int4_linear`'s
+    path (a decode step calls 210 Linears of the default model; BENCHMARKS.md "W4 on AVX2: one call of the op a
+    Linear"). ``LLMQUANT_GEMV=0`` is read at every call, as `int4_linear` reads it: then its bfloat16 GEMM."""
+
+    weight: Int4Weight  # (its `int16_weight` set)
+    bias: torch.Tensor | None
+    max_values: int = sys.maxsize  # (every row count)
+
+    def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """y ``[..., out]`` float32 for a float32 ``x`` ``[..., in]`` (``source``, the input ``x`` was made from,
+        is not needed here)."""
+        if switch_refusal(x.device) is not None:
+            y = int4_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return int16_linear(x, self.weight, self.bias)
+
+
+def int4_decode_rows(weight: Int4Weight, bias: torch.Tensor | None, in_features: int
+                     ) -> Int4DecodeRows | Int16Rows | None:
+    """The layer's `Int16Rows` where its weight was prepared for `int16_linear`, its `Int4DecodeRows` where the VNNI
+    op runs and the weight was prepared for it, else None."""
+    if weight.int16_weight is not None:
+        return Int16Rows(weight, bias)
     if weight.float_scale is None or (op := int8_gemv.cpu_kernel(weight.nibbles)) is None:
         return None
     return Int4DecodeRows(op, weight, bias, GEMV_MAX_ROWS * in_features)

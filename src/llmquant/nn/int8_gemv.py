@@ -30,7 +30,8 @@ W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 
 the torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a
 code, where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the
 per-token input codes in one call (`token_codes`); weight-only int8 Linears too (`avx2_weight_only`), and W4 ones
-through int16 input codes (`int16_token_codes`, then `avx2_gemm`: `llmquant.nn.int4_linear.int16_linear`). On the AMD
+through int16 input codes (the op's ``int16_linear``: `int16_token_codes`, then ``int8_gemm``, in one call;
+`llmquant.nn.int4_linear.int16_linear`). On the AMD
 EPYC (AVX2) of BENCHMARKS.md, one thread, each product on the next of 30 weights (`scripts/runtime_profile.py avx2`,
 bench/speed_2026-12-02_avx2_op/avx2_op_t1.txt): gate_proj (576 -> 1536) at 1 row 105 against float32's 439 us, at
 16 rows 535 against 1,332, at 512 rows 12.1 against 14.2 ms; k_proj (576 -> 192) 34 against 77 us at 1 row. Its
@@ -433,6 +434,16 @@ def avx2_gemm(kernel: ModuleType, x_codes: torch.Tensor, pack: tuple[torch.Tenso
     y = call_op(kernel, "int8_gemm", x_codes.reshape(-1, x_codes.shape[-1]).contiguous(), packed, scales, scale,
                 bias, outputs, group_size, input_group_size)
     return y.reshape(*x_codes.shape[:-1], outputs)
+
+
+def avx2_token_linear(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: int, clip_ratio: float,
+                      pack: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None, outputs: int) -> torch.Tensor:
+    """`token_codes` of float32 ``rows`` ``[..., in]``, then `avx2_gemm` (a weight scale per output or one, no
+    groups), in one call of the AVX2 op (``token_linear``): the same bits, y ``[..., out]`` float32, with none of the
+    two calls' Python between them (a decode step's Linears: `llmquant.nn.int8_linear.DecodeRows`)."""
+    packed, scales = pack
+    return call_op(kernel, "token_linear", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio), packed,
+                   scales, bias, outputs)
 
 
 def avx2_weight_only_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int

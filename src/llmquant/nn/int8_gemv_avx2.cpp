@@ -6,8 +6,8 @@
 // float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's decode step: its
 // per-token codes written into the cache's stores (store_token_codes) and the attention over its codes
 // (int8_decode_attention, as the VNNI op's, 8 lanes at a time); and W4 weight-only Linears, their inputs as per-token
-// int16 codes (int16_token_codes) multiplied by int8_gemm. Built by llmquant.nn.int8_gemv with -mavx2 -mfma, on
-// CPUs that have them (checked there before building).
+// int16 codes (int16_token_codes) multiplied by int8_gemm, both in one call (int16_linear). Built by
+// llmquant.nn.int8_gemv with -mavx2 -mfma, on CPUs that have them (checked there before building).
 //
 // VPMADDWD multiplies 16 signed 16-bit pairs and adds adjacent products into 8 int32 lanes. The int8 codes of both
 // sides are widened to 16 bits (the input's once per call; the weight's as it is read, VPMOVSXBW, or once per panel
@@ -559,10 +559,47 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
 
 }  // namespace
 
+namespace {
+
+// y [..., out] of int8_gemm's [rows, out] in the leading dimensions of inputs [..., in].
+torch::Tensor in_input_shape(const torch::Tensor& y, const torch::Tensor& inputs, int64_t outputs) {
+  std::vector<int64_t> shape(inputs.sizes().begin(), inputs.sizes().end());
+  shape.back() = outputs;
+  return y.view(shape);
+}
+
+}  // namespace
+
+// A W4 (W3, W2) weight-only Linear on such CPUs (llmquant.nn.int4_linear.int16_linear) in one call: the per-token
+// int16 codes of float32 inputs [..., in] (int16_token_codes), then int8_gemm with the weight's group scales, y [...,
+// out] float32 in the inputs' leading dimensions: the two calls' bits, without their tensors' trips through Python
+// (a decode step calls 210 such Linears of the default model).
+torch::Tensor int16_linear(const torch::Tensor& inputs, const torch::Tensor& packed, const torch::Tensor& scales,
+                           const std::optional<torch::Tensor>& bias, int64_t outputs, int64_t group_size) {
+  TORCH_CHECK(inputs.dim() >= 1, "int16_linear: float32 inputs [..., in]");
+  const std::vector<torch::Tensor> codes = int16_token_codes(inputs.reshape({-1, inputs.size(-1)}));
+  return in_input_shape(int8_gemm(codes[0], packed, scales, codes[1], bias, outputs, group_size, 0), inputs,
+                        outputs);
+}
+
+// A W8A8 Linear with dynamic per-token inputs (llmquant.nn.int8_linear.DecodeRows, a decode step's few rows) in one
+// call: token_codes of float32 inputs [..., in] (qmax, min_scale, qmin, clip as there), then int8_gemm with the
+// weight's scales; the two calls' bits, y [..., out] float32 in the inputs' leading dimensions.
+torch::Tensor token_linear(const torch::Tensor& inputs, double qmax, double min_scale, double qmin, double clip,
+                           const torch::Tensor& packed, const torch::Tensor& scales,
+                           const std::optional<torch::Tensor>& bias, int64_t outputs) {
+  TORCH_CHECK(inputs.dim() >= 1, "token_linear: float32 inputs [..., in]");
+  const std::vector<torch::Tensor> codes =
+      llmquant::token_codes<row_codes>(inputs.reshape({-1, inputs.size(-1)}), qmax, min_scale, qmin, clip);
+  return in_input_shape(int8_gemm(codes[0], packed, scales, codes[1], bias, outputs, 0, 0), inputs, outputs);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("int16_token_codes", &int16_token_codes, "per-token int16 codes and scales of float32 rows");
+  module.def("int16_linear", &int16_linear, "int16_token_codes, then int8_gemm, in one call");
+  module.def("token_linear", &token_linear, "token_codes, then int8_gemm, in one call");
   llmquant::bind_block_codes(module);
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
 }

@@ -47,6 +47,7 @@ from llmquant.nn.int4_linear import (
     MIN_BITS,
     Int4DecodeRows,
     Int4Weight,
+    Int16Rows,
     int4_decode_rows,
     int4_linear,
     int4_refusal,
@@ -198,7 +199,7 @@ class QuantLinear(nn.Module):
         self._integer_codes: torch.Tensor | None = None  # packed codes unpacked once (int8): integer path, training
         self._int8_weight_cache: Int8Weight | None = None  # the int8 runtime: the codes (and oneDNN's copy)
         # the int8 runtime's decode rows, W8A8 or W4 (False: none; None: ask)
-        self._decode_rows: DecodeRows | Int4DecodeRows | bool | None = None
+        self._decode_rows: DecodeRows | Int4DecodeRows | Int16Rows | bool | None = None
         self._int4_weight: Int4Weight | None = None  # W4 weight-only on the int8 runtime (`prepare_int4`)
         self._weight_only_pack: tuple[torch.Tensor, torch.Tensor] | None = None  # W8A16 on the AVX2 op: its panels
         # inputs in groups: (the runtime, the group size, whether the product is an integer one, what it multiplies:
@@ -670,9 +671,10 @@ class QuantLinear(nn.Module):
                            None if spec.dynamic else self.input_scale)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def _resolve_decode_rows(self) -> DecodeRows | Int4DecodeRows | bool:
+    def _resolve_decode_rows(self) -> DecodeRows | Int4DecodeRows | Int16Rows | bool:
         """This layer's `DecodeRows` on the int8 runtime (a W8A8 layer whose codes the decode op makes) or its
-        `Int4DecodeRows` (a W4 layer where the decode op runs), else False; kept until the runtime, the input spec or
+        `Int4DecodeRows` (a W4 layer where the decode op runs) or `Int16Rows` (a W4 layer where the AVX2 op's
+        `int16_linear` runs), else False; kept until the runtime, the input spec or
         the weight changes (`set_runtime`, `set_input_clip`, `drop_caches`)."""
         decode = False
         spec = self.weight_spec
