@@ -7,7 +7,7 @@ the same checkpoint as it ran at 03d2703, decode steps (or, ``--prefill``, 512-t
 - W8A8 with per-token inputs: now up to 4 rows one call of ``token_linear`` (`avx2_token_linear`); before, the codes
   shared through `shared_input_codes`, then the product, two calls from Python.
 
-    PYTHONPATH=src .venv/bin/python bench/speed_2026-12-07_epyc_avx2_int16rows/one_call_ab.py /tmp/ck/w4_g64 --threads 1
+    PYTHONPATH=src .venv/bin/python bench/speed_2026-12-07_epyc_avx2_one_call/one_call_ab.py /tmp/ck/w4_g64 --threads 1
 """
 
 from __future__ import annotations
