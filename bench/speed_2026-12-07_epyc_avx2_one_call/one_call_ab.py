@@ -1,6 +1,6 @@
-"""A decode step's Linears on an AVX2 CPU without VNNI, one call of the op each (BENCHMARKS.md "W4 and W8A8 decode
-steps on AVX2: one call of the op a Linear"): the float32 default model, a checkpoint as the runtime now runs it and
-the same checkpoint as it ran at 03d2703, decode steps (or, ``--prefill``, 512-token prefills) alternating, medians.
+"""A decode step's Linears on an AVX2 CPU without VNNI, one call of the op each (BENCHMARKS.md "One call of the op a
+Linear on AVX2"): the float32 default model, a checkpoint as the runtime now runs it and the same checkpoint as it ran
+at 03d2703, decode steps (or, ``--prefill``, 512-token prefills) alternating, medians.
 
 - W4 (W3, W2) weight-only: now each Linear's `Int16Rows`, one call of the op's ``int16_linear``; before, each call
   through `int4_linear` and `int16_linear`'s two calls from Python (``int16_token_codes``, ``int8_gemm``).

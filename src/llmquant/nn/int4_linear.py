@@ -207,8 +207,8 @@ class Int16Rows:
     """A W4 (W3, W2) Linear's forward at every row count where `int16_linear` runs (an AVX2 CPU without native
     bfloat16 products or VNNI), resolved once per layer (`int4_decode_rows`) like the W8A8 Linears' `DecodeRows`:
     `int16_linear`'s one call, the input's leading dimensions kept, with less Python around it than `int4_linear`'s
-    path (a decode step calls 210 Linears of the default model; BENCHMARKS.md "W4 on AVX2: one call of the op a
-    Linear"). ``LLMQUANT_GEMV=0`` is read at every call, as `int4_linear` reads it: then its bfloat16 GEMM."""
+    path (a decode step calls 210 Linears of the default model; BENCHMARKS.md "One call of the op a Linear on
+    AVX2"). ``LLMQUANT_GEMV=0`` is read at every call, as `int4_linear` reads it: then its bfloat16 GEMM."""
 
     weight: Int4Weight  # (its `int16_weight` set)
     bias: torch.Tensor | None
