@@ -341,8 +341,8 @@ def test_the_avx2_ops_codes_of_a_row_with_a_nan_have_a_nan_scale(avx2_op: object
 def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
         scheme: str, rows: int, avx2_op: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """The AVX2 op multiplies the int8 codes at every row count, packed in its panels once (no float32 copy of the
-    weight), in one call; the same bits as the simulation. A decode step's few rows of symmetric per-token inputs
-    take their codes in the same call (``token_linear``)."""
+    weight), in one call; the same bits as the simulation. A decode step's few rows of symmetric per-token or static
+    inputs take their codes in the same call (``token_linear``, ``static_linear``)."""
     calls: list[str] = []
     original = int8_gemv.call_op
     def counted(op: object, name: str, *args: object) -> object:
@@ -355,9 +355,10 @@ def test_without_vnni_or_amx_the_avx2_op_multiplies_with_the_simulations_bits(
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3
     simulated, integer = _outputs(layer, x)
     assert torch.equal(simulated, integer)
-    symmetric_tokens = "_a_int" in scheme and "per_token_dynamic" in scheme and "group" not in scheme
-    one_call = symmetric_tokens and rows <= int8_gemv.GEMV_MAX_ROWS
-    assert calls == ["token_linear"] if one_call else calls.count("int8_gemm") == 1 and "" not in calls
+    one_call = {"static": "static_linear", "per_token_dynamic": "token_linear"}  # (symmetric inputs)
+    name = next((op for kind, op in one_call.items() if kind in scheme and "_a_int" in scheme and "group" not in scheme
+                 and rows <= int8_gemv.GEMV_MAX_ROWS), None)
+    assert calls == [name] if name else calls.count("int8_gemm") == 1 and "" not in calls
     set_runtime(fresh, "int8")
     assert torch.equal(fresh(x), integer)
     weight = fresh._int8_weight()
@@ -634,15 +635,18 @@ def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> lis
     return seen
 
 
-@pytest.mark.parametrize("clip", [None, 0.9])  # (clipped inputs: the op's codes clamp them too)
+@pytest.mark.parametrize(("inputs", "clip"), [("token", None), ("token", 0.9), ("static", None)])  # (clipped
+# inputs: the op's codes clamp them too)
 @pytest.mark.parametrize("gemv", ["1", "0", pytest.param("avx2", marks=needs_avx2)])  # (avx2: VNNI and AMX feigned off)
-def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, clip: float | None,
+def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, inputs: str, clip: float | None,
                                                                       calib_ids: torch.Tensor,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     if gemv == "avx2":
         feign_no_int8_instructions(monkeypatch)
     monkeypatch.setenv("LLMQUANT_GEMV", "0" if gemv == "0" else "1")
-    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "activation_clip": clip}
+    scheme = {"token": "w_int8_per_channel_a_int8_per_token_dynamic",
+              "static": "w_int8_per_channel_a_int8_per_tensor_static"}[inputs]
+    recipe = {"scheme": scheme, "activation_clip": clip}
     model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
     prompt = calib_ids[:2, :12]
     set_runtime(model, "fake")
@@ -656,10 +660,12 @@ def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str,
     assert all(torch.equal(a, b) for a, b in zip(simulated, integer, strict=True))
     layers = model.config.num_hidden_layers
     uses_avx2 = gemv != "0" and int8_gemv.avx2_gemv_refusal(torch.device("cpu")) is None
-    # q/k/v once, o, gate/up once, down: the prompt and 4 steps; where the AVX2 op runs, a step's 2 rows take their
-    # codes in the product's call (`avx2_token_linear`), each Linear's own
-    assert len(calls) == 4 * layers * (1 if uses_avx2 else 5)
-    assert op_calls.count("token_linear") == (7 * layers * 4 if uses_avx2 else 0)
+    # per token q/k/v once, o, gate/up once, down (static: each Linear under its own scale), for the prompt and 4
+    # steps; where the AVX2 op runs, a step's 2 rows take their codes in the product's call (`avx2_token_linear`,
+    # `avx2_static_linear`), each Linear's own
+    codes = 4 if inputs == "token" else 7
+    assert len(calls) == codes * layers * (1 if uses_avx2 else 5)
+    assert op_calls.count(f"{inputs}_linear") == (7 * layers * 4 if uses_avx2 else 0)
     layer = model.get_submodule("model.layers.0.mlp.down_proj")
     uses_gemv = gemv == "1" and int8_gemv.gemv_refusal(torch.device("cpu")) is None
     assert (getattr(layer._int8_weight(), "row_sums", None) is not None) == uses_gemv

@@ -4,8 +4,9 @@ at 03d2703, decode steps (or, ``--prefill``, 512-token prefills) alternating, me
 
 - W4 (W3, W2) weight-only: now each Linear's `Int16Rows`, one call of the op's ``int16_linear``; before, each call
   through `int4_linear` and `int16_linear`'s two calls from Python (``int16_token_codes``, ``int8_gemm``).
-- W8A8 with per-token inputs: now up to 4 rows one call of ``token_linear`` (`avx2_token_linear`); before, the codes
-  shared through `shared_input_codes`, then the product, two calls from Python.
+- W8A8 with per-token inputs or a static scale: now up to 4 rows one call of ``token_linear`` (`avx2_token_linear`) or
+  ``static_linear`` (`avx2_static_linear`); before, the codes through `shared_input_codes` (static: torch's
+  operations), then the product, two steps from Python.
 
     PYTHONPATH=src .venv/bin/python bench/speed_2026-12-07_epyc_avx2_one_call/one_call_ab.py /tmp/ck/w4_g64 --threads 1
 """

@@ -29,7 +29,8 @@ On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``,
 W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
 the torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a
 code, where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the
-per-token input codes in one call (`token_codes`); weight-only int8 Linears too (`avx2_weight_only`), and W4 ones
+per-token input codes in one call (`token_codes`), or, for a decode step's few rows, the codes and the product in one
+call (`avx2_token_linear`, `avx2_static_linear`); weight-only int8 Linears too (`avx2_weight_only`), and W4 ones
 through int16 input codes (the op's ``int16_linear``: `int16_token_codes`, then ``int8_gemm``, in one call;
 `llmquant.nn.int4_linear.int16_linear`). On the AMD
 EPYC (AVX2) of BENCHMARKS.md, one thread, each product on the next of 30 weights (`scripts/runtime_profile.py avx2`,
@@ -444,6 +445,15 @@ def avx2_token_linear(kernel: ModuleType, rows: torch.Tensor, qmax: int, qmin: i
     packed, scales = pack
     return call_op(kernel, "token_linear", rows, float(qmax), MIN_SCALE, float(qmin), float(clip_ratio), packed,
                    scales, bias, outputs)
+
+
+def avx2_static_linear(kernel: ModuleType, rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int,
+                       pack: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None, outputs: int
+                       ) -> torch.Tensor:
+    """`avx2_token_linear` for a static per-tensor input ``scale``: the codes clamp(round(x / s), qmin, qmax) (the
+    bits of `llmquant.nn.int8_linear.int8_codes`), then `avx2_gemm`, in one call of the AVX2 op (``static_linear``)."""
+    packed, scales = pack
+    return call_op(kernel, "static_linear", rows, scale, float(qmin), float(qmax), packed, scales, bias, outputs)
 
 
 def avx2_weight_only_pack(weight_codes: torch.Tensor, weight_scale: torch.Tensor, group_size: int

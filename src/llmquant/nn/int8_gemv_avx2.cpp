@@ -557,10 +557,6 @@ void attend_one_head(const HeadInputs& in, int64_t group, int64_t positions, int
   }
 }
 
-}  // namespace
-
-namespace {
-
 // y [..., out] of int8_gemm's [rows, out] in the leading dimensions of inputs [..., in].
 torch::Tensor in_input_shape(const torch::Tensor& y, const torch::Tensor& inputs, int64_t outputs) {
   std::vector<int64_t> shape(inputs.sizes().begin(), inputs.sizes().end());
@@ -594,12 +590,33 @@ torch::Tensor token_linear(const torch::Tensor& inputs, double qmax, double min_
   return in_input_shape(int8_gemm(codes[0], packed, scales, codes[1], bias, outputs, 0, 0), inputs, outputs);
 }
 
+// A W8A8 Linear with a static per-tensor input scale (llmquant.nn.int8_linear.DecodeRows, a decode step's few rows)
+// in one call: the codes clamp(round-half-even(x / scale), qmin, qmax) of float32 inputs [..., in] (divided_codes:
+// int8_codes' bits), then int8_gemm with the weight's scales; y [..., out] float32 in the inputs' leading dimensions.
+torch::Tensor static_linear(const torch::Tensor& inputs, const torch::Tensor& scale, double qmin, double qmax,
+                            const torch::Tensor& packed, const torch::Tensor& scales,
+                            const std::optional<torch::Tensor>& bias, int64_t outputs) {
+  TORCH_CHECK(inputs.dim() >= 1 && inputs.scalar_type() == torch::kFloat32 && scale.numel() == 1,
+              "static_linear: float32 inputs [..., in] and one scale");
+  const torch::Tensor rows = inputs.reshape({-1, inputs.size(-1)}).contiguous();
+  const int64_t count = rows.size(0), inner = rows.size(1);
+  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
+  const torch::Tensor row_scale = scale.to(torch::kFloat32).reshape({1, 1});
+  const float divisor = row_scale.item<float>();
+  for (int64_t m = 0; m < count; ++m) {
+    divided_codes(rows.data_ptr<float>() + m * inner, inner, divisor, static_cast<float>(qmin),
+                  static_cast<float>(qmax), codes.data_ptr<int8_t>() + m * inner);
+  }
+  return in_input_shape(int8_gemm(codes, packed, scales, row_scale, bias, outputs, 0, 0), inputs, outputs);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("int16_token_codes", &int16_token_codes, "per-token int16 codes and scales of float32 rows");
   module.def("int16_linear", &int16_linear, "int16_token_codes, then int8_gemm, in one call");
   module.def("token_linear", &token_linear, "token_codes, then int8_gemm, in one call");
+  module.def("static_linear", &static_linear, "int8 codes under one static scale, then int8_gemm, in one call");
   llmquant::bind_block_codes(module);
   module.def("weight_only_gemm", &weight_only_gemm, "y = sum_g s_w,g (x_g @ W_q,g^T) + b, the weight in panels");
 }

@@ -57,6 +57,7 @@ from llmquant.nn.int8_gemv import (
     avx2_gemm_pack,
     avx2_gemv_refusal,
     avx2_kernel,
+    avx2_static_linear,
     avx2_token_linear,
     block_codes,
     cpu_kernel,
@@ -563,19 +564,22 @@ class DecodeRows:
     weight_scale: torch.Tensor  # [1, out] or [1, 1]
     bias: torch.Tensor | None
     max_values: int  # `GEMV_MAX_ROWS` rows of the Linear's input (an `Avx2Weight`: any number)
-    # An `Avx2Weight` with symmetric per-token inputs (a clip ratio, not a searched one): up to `GEMV_MAX_ROWS` rows
-    # (this many values) the codes and the product in one call of the op (`avx2_token_linear`: the same bits, not
-    # shared: a row's codes cost less than the Python that shares them); else 0
+    # An `Avx2Weight` with symmetric per-token inputs (a clip ratio, not a searched one) or a static scale: up to
+    # `GEMV_MAX_ROWS` rows (this many values) the codes and the product in one call of the op (`avx2_token_linear`,
+    # `avx2_static_linear`: the same bits, not shared: a row's codes cost less than the Python that shares them);
+    # else 0
     one_call_values: int = 0
 
     def __call__(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
         """y ``[..., out]`` for a float32 ``x`` ``[..., in]`` of at most `max_values` values (``source``: the
         Linear's input where ``x`` is its float32 copy, for the codes shared by the Linears reading it)."""
         if x.numel() <= self.one_call_values:
-            _, _, qmin, qmax, clip_ratio, _ = self.arguments
+            dynamic, static_scale, qmin, qmax, clip_ratio, _ = self.arguments
             weight = self.weight
-            return avx2_token_linear(self.op, x, qmax, qmin, clip_ratio, (weight.packed, weight.scales), self.bias,
-                                     weight.outputs)
+            pack = (weight.packed, weight.scales)
+            if dynamic is None:
+                return avx2_static_linear(self.op, x, static_scale, qmin, qmax, pack, self.bias, weight.outputs)
+            return avx2_token_linear(self.op, x, qmax, qmin, clip_ratio, pack, self.bias, weight.outputs)
         codes, scale = shared_input_codes(x if source is None else source, x, *self.arguments, self.quantize)
         if isinstance(self.weight, Avx2Weight):
             return self.weight(codes, scale, self.bias)
@@ -592,8 +596,8 @@ def decode_rows(weight: Int8Weight | Avx2Weight, weight_scale: torch.Tensor, bia
     point (`asymmetric_op_codes`), which the products take as they take symmetric ones."""
     arguments = (dynamic, static_scale, qmin, qmax, clip_ratio, True)
     if isinstance(weight, Avx2Weight):
-        one_call = (dynamic == "token" and not asymmetric and not isinstance(clip_ratio, tuple)
-                    and weight.group_size == 0)
+        one_call = ((dynamic is None or (dynamic == "token" and not isinstance(clip_ratio, tuple)))
+                    and not asymmetric and weight.group_size == 0)
         return DecodeRows(weight.op, _avx2_quantizer(weight.op, asymmetric), arguments, weight, weight_scale, bias,
                           sys.maxsize, GEMV_MAX_ROWS * in_features if one_call else 0)
     if weight.gemv and (op := gemv_kernel()) is not None:
