@@ -60,8 +60,8 @@ ENTRIES = (
              "w4_g64", "w3_g64", "w4a4_token", "w4a4_g32")
     + _pairs("epyc_avx512_12_02", "speed_2026-12-02_epyc_avx512", "w8a8_token", "w8a8_token_kv8", "w8a8_static",
              "w4_g64", "w3_g64")
-    + _pairs("epyc_avx2", "speed_2026-12-07_epyc_avx2_one_call", "w8a8_token", "w8a8_token_kv8", "w4_g64", "w3_g64")
-    + _pairs("epyc_avx2", "speed_2026-12-07_epyc_avx2_after", "w8a8_static")
+    + _pairs("epyc_avx2", "speed_2026-12-07_epyc_avx2_one_call", "w8a8_token", "w8a8_token_kv8", "w8a8_static",
+             "w4_g64", "w3_g64")
 )
 
 def figures(path: Path) -> dict:
