@@ -635,8 +635,8 @@ def _decode_logits(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> lis
     return seen
 
 
-@pytest.mark.parametrize(("inputs", "clip"), [("token", None), ("token", 0.9), ("static", None)])  # (clipped
-# inputs: the op's codes clamp them too)
+# (clipped inputs: the op's codes clamp them too)
+@pytest.mark.parametrize(("inputs", "clip"), [("token", None), ("token", 0.9), ("static", None)])
 @pytest.mark.parametrize("gemv", ["1", "0", pytest.param("avx2", marks=needs_avx2)])  # (avx2: VNNI and AMX feigned off)
 def test_decode_steps_on_the_int8_runtime_give_the_simulations_logits(gemv: str, inputs: str, clip: float | None,
                                                                       calib_ids: torch.Tensor,
@@ -756,7 +756,7 @@ def _counting_codes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_decode_rows_keep_the_inputs_shape_and_the_simulations_bits(scheme: str, op: str,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Up to 4 rows of a W8A8 layer go through its `DecodeRows` (the op's codes and product, no reshape; on the AVX2
-    op, per token, both in one call) with the simulation's bits, for inputs of any leading shape and non-contiguous
+    op both in one call) with the simulation's bits, for inputs of any leading shape and non-contiguous
     ones, bfloat16 ones (as float32 copies), and after a new clip ratio (resolved again); 5 rows take
     `int8_linear`'s path (on the AVX2 op: `DecodeRows` at every row count), with the same bits."""
     if op == "avx2":
