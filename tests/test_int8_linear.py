@@ -204,6 +204,10 @@ def test_the_avx2_ops_product_is_exact_and_its_codes_are_torchs(inner: int, outp
                     codes, scale = int8_gemv.token_codes(avx2_op, rows_in, qmax, qmin, clip)
                     expected_codes, expected_scale = kernel.int8_codes(rows_in, "token", None, qmin, qmax, clip)
                     assert torch.equal(codes, expected_codes) and torch.equal(scale, expected_scale), (qmax, clip)
+                for static in (torch.ones(1, 1), torch.full((1, 1), 0.37), torch.full((1, 1), 0.05)):  # (clamped)
+                    codes = int8_gemv.static_codes(avx2_op, rows_in, static, qmin, qmax)
+                    expected_codes, _ = kernel.int8_codes(rows_in, None, static, qmin, qmax)
+                    assert torch.equal(codes, expected_codes), (rows, qmax, static.item())
 
 
 @needs_avx2

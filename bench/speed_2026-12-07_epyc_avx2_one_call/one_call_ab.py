@@ -7,6 +7,8 @@ at 03d2703, decode steps (or, ``--prefill``, 512-token prefills) alternating, me
 - W8A8 with per-token inputs or a static scale: now up to 4 rows one call of ``token_linear`` (`avx2_token_linear`) or
   ``static_linear`` (`avx2_static_linear`); before, the codes through `shared_input_codes` (static: torch's
   operations), then the product, two steps from Python.
+- W8A8 with a static scale, more rows (a prefill): now the codes by the op's ``static_codes``; before, by torch's
+  operations (`int8_codes`).
 
     PYTHONPATH=src .venv/bin/python bench/speed_2026-12-07_epyc_avx2_one_call/one_call_ab.py /tmp/ck/w4_g64 --threads 1
 """
@@ -23,15 +25,15 @@ from pathlib import Path
 import torch
 
 import llmquant
-from llmquant.nn import int4_linear
+from llmquant.nn import int4_linear, int8_linear
 from llmquant.nn.int8_gemv import int16_token_codes
-from llmquant.nn.int8_linear import DecodeRows
+from llmquant.nn.int8_linear import DecodeRows, int8_codes
 from llmquant.nn.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from runtime_profile import alternating_steps
 
-NOW = int4_linear.int16_linear
+NOW = int4_linear.int16_linear, int8_linear.static_codes
 
 
 def two_calls(rows: torch.Tensor, weight: int4_linear.Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -40,8 +42,14 @@ def two_calls(rows: torch.Tensor, weight: int4_linear.Int4Weight, bias: torch.Te
     return weight.int16_weight(codes, scale, bias)
 
 
+def torch_static_codes(op: object, rows: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Static codes as the AVX2 path made them at 03d2703: torch's operations."""
+    return int8_codes(rows, None, scale, qmin, qmax)[0]
+
+
 def use(name: str) -> None:
-    int4_linear.int16_linear = two_calls if name == "before" else NOW
+    """The module functions of ``name``'s code (the records of its Linears are its own: `as_before`)."""
+    int4_linear.int16_linear, int8_linear.static_codes = (two_calls, torch_static_codes) if name == "before" else NOW
 
 
 def as_before(model: torch.nn.Module) -> None:

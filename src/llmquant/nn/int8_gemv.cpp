@@ -183,25 +183,6 @@ std::vector<torch::Tensor> tensor_codes(const torch::Tensor& rows_in, double qma
   return {codes, torch::full({1, 1}, scale, rows.options())};
 }
 
-// Codes of float rows [..., in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
-// code = clamp(round-half-even(x / scale), qmin, qmax) (divided_codes), the rows in parallel.
-torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmin, double qmax) {
-  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
-              "static_codes: float32 rows and one scale");
-  const torch::Tensor rows = rows_in.contiguous();
-  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
-  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
-  const float* x = rows.data_ptr<float>();
-  int8_t* c = codes.data_ptr<int8_t>();
-  const float scale = scale_in.to(torch::kFloat32).item<float>();
-  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
-    for (int64_t m = first; m < last; ++m) {
-      divided_codes(x + m * inner, inner, scale, static_cast<float>(qmin), static_cast<float>(qmax), c + m * inner);
-    }
-  });
-  return codes;
-}
-
 // FP8 (E4M3, fn) codes of float rows [..., in] under one static scale: code = e4m3(clamp(x / scale, -qmax, qmax)),
 // as llmquant.quant.primitives.quantize makes them for a float spec: the correctly rounded division, the clamp (a NaN
 // kept, as torch's), then torch's own float -> float8_e4m3fn conversion (c10::Float8_e4m3fn: round to nearest even).
@@ -939,9 +920,8 @@ torch::Tensor int4_gemv(const torch::Tensor& rows_in, const torch::Tensor& field
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("set_prefetch", [](bool on) { prefetching = on; }, "prefetch the next 8 weight rows (default) or not");
-  llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
+  llmquant::bind_common<row_codes, divided_codes, attend_one_head<false>, attend_one_head<true>>(module);
   llmquant::bind_block_codes(module);
-  module.def("static_codes", &static_codes, "int8 codes of float32 rows under one static scale");
   module.def("tensor_codes", &tensor_codes, "per-tensor dynamic int8 codes of float32 rows and their scale");
   module.def("static_fp8_codes", &static_fp8_codes, "FP8 E4M3 codes (their bytes) of float32 rows under one scale");
   module.def("scale_product", &scale_product,

@@ -26,18 +26,17 @@ Where it cannot run (no VNNI, no compiler or ninja, a failed build: `gemv_refusa
 ``torch._int_mm`` multiplies as before. ``LLMQUANT_GEMV=0`` turns it off.
 
 On x86 CPUs with AVX2 but no VNNI, a second, smaller op, ``int8_gemv_avx2.cpp``, multiplies W8A8 (and grouped W4A8 /
-W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as
-the torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a
-code, where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the
-per-token input codes in one call (`token_codes`), or, for a decode step's few rows, the codes and the product in one
-call (`avx2_token_linear`, `avx2_static_linear`); weight-only int8 Linears too (`avx2_weight_only`), and W4 ones
-through int16 input codes (the op's ``int16_linear``: `int16_token_codes`, then ``int8_gemm``, in one call;
-`llmquant.nn.int4_linear.int16_linear`). On the AMD
-EPYC (AVX2) of BENCHMARKS.md, one thread, each product on the next of 30 weights (`scripts/runtime_profile.py avx2`,
-bench/speed_2026-12-02_avx2_op/avx2_op_t1.txt): gate_proj (576 -> 1536) at 1 row 105 against float32's 439 us, at
-16 rows 535 against 1,332, at 512 rows 12.1 against 14.2 ms; k_proj (576 -> 192) 34 against 77 us at 1 row. Its
-panels, read in order, beat the stored [out, in] rows even at one row (gate_proj 114 against 174 us in 8 interleaved
-row streams, an earlier version in one run).
+W4A4) Linears at every row count (`avx2_gemm`: VPMADDWD on the codes widened to 16 bits, exact; the same bits as the
+torch path) from a copy of the weight's codes packed once in panels of 16 outputs (`avx2_gemm_pack`: one byte a code,
+where the torch path multiplies a float32 copy, `llmquant.nn.int8_linear.int_mm_refusal`), and makes the per-token or
+static input codes in one call (`token_codes`, `static_codes`), or, for a decode step's few rows, the codes and the
+product in one call (`avx2_token_linear`, `avx2_static_linear`); weight-only int8 Linears too (`avx2_weight_only`),
+and W4 ones through int16 input codes (the op's ``int16_linear``: `int16_token_codes`, then ``int8_gemm``, in one
+call; `llmquant.nn.int4_linear.int16_linear`). On the AMD EPYC (AVX2) of BENCHMARKS.md, one thread, each product on
+the next of 30 weights (`scripts/runtime_profile.py avx2`, bench/speed_2026-12-02_avx2_op/avx2_op_t1.txt): gate_proj
+(576 -> 1536) at 1 row 105 against float32's 439 us, at 16 rows 535 against 1,332, at 512 rows 12.1 against 14.2 ms;
+k_proj (576 -> 192) 34 against 77 us at 1 row. Its panels, read in order, beat the stored [out, in] rows even at one
+row (gate_proj 114 against 174 us in 8 interleaved row streams, an earlier version in one run).
 """
 
 from __future__ import annotations

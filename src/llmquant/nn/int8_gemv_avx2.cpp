@@ -2,7 +2,7 @@
 // products are many times slower than float32 and oneDNN's saturate (llmquant.nn.int8_linear.int_mm_refusal):
 // y = s_x * s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code,
 // packed in panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes
-// (token_codes) in one call instead of torch's six operations; and weight-only int8 Linears (W8A16: weight_only_gemm,
+// (token_codes) in one call instead of torch's six operations, static ones (static_codes) instead of four; and weight-only int8 Linears (W8A16: weight_only_gemm,
 // float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's decode step: its
 // per-token codes written into the cache's stores (store_token_codes) and the attention over its codes
 // (int8_decode_attention, as the VNNI op's, 8 lanes at a time); and W4 weight-only Linears, their inputs as per-token
@@ -591,27 +591,19 @@ torch::Tensor token_linear(const torch::Tensor& inputs, double qmax, double min_
 }
 
 // A W8A8 Linear with a static per-tensor input scale (llmquant.nn.int8_linear.DecodeRows, a decode step's few rows)
-// in one call: the codes clamp(round-half-even(x / scale), qmin, qmax) of float32 inputs [..., in] (divided_codes:
+// in one call: the codes clamp(round-half-even(x / scale), qmin, qmax) of float32 inputs [..., in] (static_codes:
 // int8_codes' bits), then int8_gemm with the weight's scales; y [..., out] float32 in the inputs' leading dimensions.
 torch::Tensor static_linear(const torch::Tensor& inputs, const torch::Tensor& scale, double qmin, double qmax,
                             const torch::Tensor& packed, const torch::Tensor& scales,
                             const std::optional<torch::Tensor>& bias, int64_t outputs) {
-  TORCH_CHECK(inputs.dim() >= 1 && inputs.scalar_type() == torch::kFloat32 && scale.numel() == 1,
-              "static_linear: float32 inputs [..., in] and one scale");
-  const torch::Tensor rows = inputs.reshape({-1, inputs.size(-1)}).contiguous();
-  const int64_t count = rows.size(0), inner = rows.size(1);
-  torch::Tensor codes = torch::empty({count, inner}, rows.options().dtype(torch::kInt8));
-  const torch::Tensor row_scale = scale.to(torch::kFloat32).reshape({1, 1});
-  const float divisor = row_scale.item<float>();
-  for (int64_t m = 0; m < count; ++m) {
-    divided_codes(rows.data_ptr<float>() + m * inner, inner, divisor, static_cast<float>(qmin),
-                  static_cast<float>(qmax), codes.data_ptr<int8_t>() + m * inner);
-  }
-  return in_input_shape(int8_gemm(codes, packed, scales, row_scale, bias, outputs, 0, 0), inputs, outputs);
+  TORCH_CHECK(inputs.dim() >= 1, "static_linear: float32 inputs [..., in]");
+  const torch::Tensor codes =
+      llmquant::static_codes<divided_codes>(inputs.reshape({-1, inputs.size(-1)}), scale, qmin, qmax);
+  return in_input_shape(int8_gemm(codes, packed, scales, scale, bias, outputs, 0, 0), inputs, outputs);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  llmquant::bind_common<row_codes, attend_one_head<false>, attend_one_head<true>>(module);
+  llmquant::bind_common<row_codes, divided_codes, attend_one_head<false>, attend_one_head<true>>(module);
   module.def("int8_gemm", &int8_gemm, "y = s_x * s_w * (x_q @ W_q^T) + b, the weight packed in panels (VPMADDWD)");
   module.def("int16_token_codes", &int16_token_codes, "per-token int16 codes and scales of float32 rows");
   module.def("int16_linear", &int16_linear, "int16_token_codes, then int8_gemm, in one call");

@@ -656,8 +656,12 @@ def _op_quantizer(decode_op: ModuleType, asymmetric: bool = False) -> Callable[.
 
 def avx2_codes(avx2_op: ModuleType, rows: torch.Tensor, dynamic: str | None, static_scale: torch.Tensor | None,
                qmin: int, qmax: int, clip_ratio: Clip = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`int8_codes`, per token by the AVX2 op (`llmquant.nn.int8_gemv`, ``int8_gemv_avx2.cpp``: the same bits in one
-    call; `block_codes` where a grid of clip ratios is searched per token), otherwise by torch's operations."""
+    """`int8_codes`, per token or under a static scale by the AVX2 op (`llmquant.nn.int8_gemv`,
+    ``int8_gemv_avx2.cpp``: the same bits in one call; `block_codes` where a grid of clip ratios is searched per
+    token), otherwise (per tensor, dynamic) by torch's operations."""
+    if dynamic is None:
+        assert static_scale is not None
+        return static_codes(avx2_op, rows, static_scale, qmin, qmax), static_scale
     if dynamic == "token" and not isinstance(clip_ratio, tuple):
         return token_codes(avx2_op, rows, qmax, qmin, clip_ratio)
     if dynamic == "token":

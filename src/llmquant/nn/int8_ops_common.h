@@ -2,7 +2,7 @@
 // bias check, a decode step's static codes written into a KV cache (store_static_codes), and the frames of the
 // per-token codes (token_codes, store_token_codes) and of the attention of one query position over a KV cache's codes
 // (int8_decode_attention): the arguments checked, the work split in parallel, each piece done by the op's own
-// function (its row codes, its head of attention), passed in; and their bindings (bind_common). No intrinsics here:
+// function (its row codes, its division, its head of attention), passed in; and their bindings (bind_common). No intrinsics here:
 // each op keeps its own.
 
 #pragma once
@@ -60,6 +60,28 @@ std::vector<torch::Tensor> token_codes(const torch::Tensor& rows_in, double qmax
                                 row_codes(row, inner, static_cast<float>(qmin), static_cast<float>(qmax),
                                           static_cast<float>(clip), static_cast<float>(min_scale), codes, scale);
                               });
+}
+
+// Int8 codes of float32 rows [..., in] under one static scale, as llmquant.nn.int8_linear.input_codes makes them:
+// code = clamp(round-half-even(x / scale), qmin, qmax), each row by the op's divided_codes(row, inner, scale, qmin,
+// qmax, codes) (the ops bind static_codes<their divided_codes>), the rows in parallel.
+using DividedCodes = void (*)(const float* row, int64_t inner, float scale, float low, float high, int8_t* codes);
+template <DividedCodes divided_codes>
+torch::Tensor static_codes(const torch::Tensor& rows_in, const torch::Tensor& scale_in, double qmin, double qmax) {
+  TORCH_CHECK(rows_in.dim() >= 2 && rows_in.scalar_type() == torch::kFloat32 && scale_in.numel() == 1,
+              "static_codes: float32 rows and one scale");
+  const torch::Tensor rows = rows_in.contiguous();
+  const int64_t inner = rows.size(-1), count = inner > 0 ? rows.numel() / inner : 0;
+  torch::Tensor codes = torch::empty(rows.sizes(), rows.options().dtype(torch::kInt8));
+  const float* x = rows.data_ptr<float>();
+  int8_t* c = codes.data_ptr<int8_t>();
+  const float scale = scale_in.to(torch::kFloat32).item<float>();
+  at::parallel_for(0, count, 16, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      divided_codes(x + m * inner, inner, scale, static_cast<float>(qmin), static_cast<float>(qmax), c + m * inner);
+    }
+  });
+  return codes;
 }
 
 // The per-token codes (token_codes) of `states`, p float32 tensors [b, h, n, d] (a decode step's keys and values),
@@ -229,10 +251,11 @@ torch::Tensor int8_decode_attention(const torch::Tensor& query_in, const torch::
   return out;
 }
 
-// What every op binds from here, with its own row codes and heads of attention.
-template <RowCodes row_codes, AttendHead Int8Head, AttendHead Float8Head>
+// What every op binds from here, with its own row codes, division and heads of attention.
+template <RowCodes row_codes, DividedCodes divided_codes, AttendHead Int8Head, AttendHead Float8Head>
 void bind_common(pybind11::module_& module) {
   module.def("token_codes", &token_codes<row_codes>, "per-token int8 codes of float32 rows and their scales");
+  module.def("static_codes", &static_codes<divided_codes>, "int8 codes of float32 rows under one static scale");
   module.def("store_token_codes", &store_token_codes<row_codes>,
              "per-token codes and scales written into a KV cache's stores");
   module.def("store_static_codes", &store_static_codes,
