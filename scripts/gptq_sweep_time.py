@@ -15,14 +15,10 @@ import functools
 import torch
 
 from llmquant.algorithms.gptq import gptq_quantize, inverse_factor
-from llmquant.evaluation import bench
+from llmquant.evaluation.bench import median_seconds
 from llmquant.quant import QuantSpec
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (2048, 768), (16384, 2048)]  # [rows, columns]
-
-
-def median_seconds(run, repeats: int = 3) -> float:
-    return bench.median_seconds(run, repeats)
 
 
 def main() -> None:
@@ -39,7 +35,7 @@ def main() -> None:
         factor = inverse_factor(hessian, 0.01, True)
         sweep = functools.partial(gptq_quantize, weight, hessian, spec, act_order=True, static_groups=True,
                                   factor=factor)
-        seconds = median_seconds(sweep)
+        seconds = median_seconds(sweep, 3)
         print(f"sweep {rows} x {columns}: {seconds * 1e3:.1f} ms")
     codes = (torch.randn(1536, 576) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
     print(f"float8 -> float32, 1536 x 576, torch: {median_seconds(codes.float, 20) * 1e3:.2f} ms")

@@ -371,25 +371,37 @@ def prefill_scaling(model_dir: str, batch: int, rounds: int = 7) -> None:
     (``LLMQUANT_GEMV=1``: W8A8's oneDNN products scaled by its `scale_product`; on an AVX2 CPU without VNNI, its
     products, and W4 by `llmquant.nn.int4_linear.int16_linear`) and without it (``0``: torch's operations; W4 in
     bfloat16), alternating (the variable is read at every call), medians after a warm-up round."""
-    models = {"float32": llmquant.load(None, device="cpu")[0], "quantized": llmquant.load(model_dir, device="cpu")[0]}
-    ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
-    runs = {"float32": ("float32", "1"), "quantized, the op": ("quantized", "1"),
-            "quantized, without the op": ("quantized", "0")}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with torch.no_grad():
-        for round_ in range(rounds + 1):
-            for name, (model, flag) in runs.items():
-                os.environ["LLMQUANT_GEMV"] = flag
-                start = time.perf_counter()
-                models[model](ids, use_cache=True, logits_to_keep=1)
-                if round_:
-                    times[name].append(time.perf_counter() - start)
+    quantized = llmquant.load(model_dir, device="cpu")[0]
+    models = {"float32": llmquant.load(None, device="cpu")[0], "quantized, the op": quantized,
+              "quantized, without the op": quantized}
+
+    def switch(name: str) -> None:
+        os.environ["LLMQUANT_GEMV"] = "0" if name.endswith("without the op") else "1"
+
+    medians = alternating_prefills(models, batch, rounds, switch)
     os.environ.pop("LLMQUANT_GEMV")
-    medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     print(f"prefill of {batch} x 512 tokens (median of {rounds}): "
           + ", ".join(f"{name} {ms:.0f} ms" for name, ms in medians.items())
           + "; float32 / quantized: " + ", ".join(f"{name.removeprefix('quantized, ')} {medians['float32'] / ms:.2f}"
                                              for name, ms in medians.items() if name != "float32"))
+
+
+def alternating_prefills(models: dict[str, torch.nn.Module], batch: int, rounds: int,
+                         before: Callable[[str], None] = lambda name: None) -> dict[str, float]:
+    """Median milliseconds of a 512-token prefill at ``batch`` of each model (the last logit only, as generation
+    computes it), the models alternating, ``rounds`` rounds after a warm-up one; ``before(name)`` runs before each of
+    a model's prefills, untimed."""
+    ids = torch.randint(0, 1000, (batch, 512), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            for name, model in models.items():
+                before(name)
+                start = time.perf_counter()
+                model(ids, use_cache=True, logits_to_keep=1)
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def decode_steps(model_dir: str, batch: int, also: list[str], steps: int = 64) -> None:
@@ -832,11 +844,14 @@ def avx2(layers: int = 30, repeats: int = 50) -> None:
     generator = torch.Generator().manual_seed(0)
     for rows in (1, 4, 8, 16, 64, 512):
         for inputs, outputs in (*SHAPES, (576, 192)):
-            _avx2_shape(op, rows, inputs, outputs, layers, repeats, generator)
+            avx2_shape({"AVX2 op": op}, rows, inputs, outputs, layers, repeats, generator)
 
 
-def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, repeats: int,
-                generator: torch.Generator) -> None:
+def avx2_shape(ops: dict[str, object], rows: int, inputs: int, outputs: int, layers: int, repeats: int,
+               generator: torch.Generator) -> None:
+    """One shape: each AVX2 op of ``ops`` (name: op) checked against the float32 product of the codes, then timed
+    against float32's F.linear, each call on the next of ``layers`` weights, alternating, medians of ``repeats``
+    rounds after two (`avx2`; `bench/speed_2026-12-07_epyc_avx2_after/tiles_ab.py` compares two builds of the op)."""
     from llmquant.nn import int8_gemv
 
     weights = [torch.randint(-128, 128, (outputs, inputs), generator=generator, dtype=torch.int8)
@@ -846,10 +861,11 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
     packs = [int8_gemv.avx2_gemm_pack(w, weight_scale, 0) for w in weights]
     x = torch.randint(-128, 128, (rows, inputs), generator=generator, dtype=torch.int8)
     x_float = x.float()
-    calls = {"float32": lambda i: torch.nn.functional.linear(x_float, floats[i]),
-             "packed": lambda i: int8_gemv.avx2_gemm(op, x, packs[i], input_scale, None, outputs)}
     expected = (x_float @ floats[0].T).mul_(input_scale * weight_scale)
-    assert all(torch.equal(call(0), expected) for name, call in calls.items() if name != "float32")
+    calls = {"float32": lambda i: torch.nn.functional.linear(x_float, floats[i])}
+    for name, op in ops.items():
+        assert torch.equal(int8_gemv.avx2_gemm(op, x, packs[0], input_scale, None, outputs), expected), name
+        calls[name] = lambda i, op=op: int8_gemv.avx2_gemm(op, x, packs[i], input_scale, None, outputs)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for round_ in range(repeats + 2):
         for name, call in calls.items():
@@ -859,8 +875,9 @@ def _avx2_shape(op: object, rows: int, inputs: int, outputs: int, layers: int, r
             if round_ > 1:
                 times[name].append((time.perf_counter() - start) / layers * 1e6)
     us = {name: statistics.median(values) for name, values in times.items()}
-    print(f"{rows:4d} rows, {inputs:5d} -> {outputs:5d}: float32 {us['float32']:9.1f} us, AVX2 op "
-          f"{us['packed']:9.1f} us ({us['float32'] / us['packed']:4.2f}x)", flush=True)
+    print(f"{rows:4d} rows, {inputs:5d} -> {outputs:5d}: " + ", ".join(
+        f"{name} {value:9.1f} us" + ("" if name == "float32" else f" ({us['float32'] / value:4.2f}x)")
+        for name, value in us.items()), flush=True)
 
 
 def searches() -> None:

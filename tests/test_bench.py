@@ -228,12 +228,14 @@ def test_lowbit_parts_leaves_one_side_of_the_kv_cache_float_and_puts_it_back() -
         script.change(model, "kv_keys=0.9")
 
 
-def test_median_seconds_times_the_calls_after_the_warm_ups() -> None:
+def test_median_seconds_times_the_calls_after_the_warm_ups(monkeypatch: pytest.MonkeyPatch) -> None:
     """`median_seconds` (the scripts' timing loop): ``warmups`` untimed calls, then the median of ``repeats`` timed
     ones."""
     from llmquant.evaluation.bench import median_seconds
 
     calls: list[int] = []
     assert median_seconds(lambda: calls.append(1), 5, warmups=2) >= 0.0 and len(calls) == 7
+    clock = [0.0]  # (a clock each call moves on by its duration: no real time measured)
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     slow = iter([0.0, 0.0, 0.03, 0.0, 0.0])  # (one slow call of three timed: the median is a fast one)
-    assert median_seconds(lambda: time.sleep(next(slow)), 3, warmups=2) < 0.03
+    assert median_seconds(lambda: clock.__setitem__(0, clock[0] + next(slow)), 3, warmups=2) < 0.03

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ from llmquant.nn.int8_linear import DecodeRows, int8_codes
 from llmquant.nn.quant_linear import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from runtime_profile import alternating_steps
+from runtime_profile import alternating_prefills, alternating_steps
 
 NOW = int4_linear.int16_linear, int8_linear.static_codes
 
@@ -64,21 +62,6 @@ def as_before(model: torch.nn.Module) -> None:
                 module._decode_rows = dataclasses.replace(module._decode_rows, one_call_values=0)
 
 
-def prefills(models: dict[str, torch.nn.Module], rounds: int) -> dict[str, float]:
-    """Median milliseconds of a 512-token prefill at batch 1 of each model, alternating, after a warm-up round."""
-    ids = torch.randint(0, 1000, (1, 512), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.no_grad():
-        for round_ in range(rounds + 1):
-            for name, model in models.items():
-                use(name)
-                start = time.perf_counter()
-                model(ids, use_cache=True, logits_to_keep=1)
-                if round_:
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -91,7 +74,7 @@ def main() -> None:
               "before": llmquant.load(args.model, device="cpu")[0]}
     as_before(models["before"])
     if args.prefill:
-        what, medians = "512-token prefill", prefills(models, args.steps)
+        what, medians = "512-token prefill", alternating_prefills(models, 1, args.steps, use)
     else:
         what, medians = "decode step after 512 tokens", alternating_steps(models, 1, args.steps, use)
     print(f"{args.model}, threads {args.threads}, batch 1, {what} (median of {args.steps}): "

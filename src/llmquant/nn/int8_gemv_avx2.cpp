@@ -1,10 +1,11 @@
 // The W8A8 (and grouped W4A8 / W4A4) linear on x86 CPUs with AVX2 but without AVX512-VNNI or AMX, where torch's int8
-// products are many times slower than float32 and oneDNN's saturate (llmquant.nn.int8_linear.int_mm_refusal):
-// y = s_x * s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code,
-// packed in panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes
-// (token_codes) in one call instead of torch's six operations, static ones (static_codes) instead of four; and weight-only int8 Linears (W8A16: weight_only_gemm,
-// float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's decode step: its
-// per-token codes written into the cache's stores (store_token_codes) and the attention over its codes
+// products are many times slower than float32 and oneDNN's saturate (llmquant.nn.int8_linear.int_mm_refusal): y = s_x *
+// s_w * (x_q @ W_q^T) + b in one call (int8_gemm) at any row count, reading the weight at one byte a code, packed in
+// panels of 16 outputs, instead of the four of its float32 copy; and the per-token input codes (token_codes) in one
+// call instead of torch's six operations, static ones (static_codes) instead of four, and for a decode step's few rows
+// the codes and the product in one call (token_linear, static_linear); and weight-only int8 Linears (W8A16:
+// weight_only_gemm, float32 products of the codes converted as they are read); and the INT8 (or FP8) KV cache's decode
+// step: its per-token codes written into the cache's stores (store_token_codes) and the attention over its codes
 // (int8_decode_attention, as the VNNI op's, 8 lanes at a time); and W4 weight-only Linears, their inputs as per-token
 // int16 codes (int16_token_codes) multiplied by int8_gemm, both in one call (int16_linear). Built by
 // llmquant.nn.int8_gemv with -mavx2 -mfma, on CPUs that have them (checked there before building).
@@ -138,9 +139,10 @@ constexpr int64_t kChunkBytes = 256 * 1024;  // widened input codes multiplied b
 // The exact int32 dots of MR input rows (widened codes, `inner` apart) with the 16 outputs of a panel over input
 // pairs [first, end), into dots[2 m + v] (outputs 8 v to 8 v + 7 of row m): per pair, VPMADDWD of the broadcast
 // input pair (x_k, x_k+1) with the 16 weight pairs. Not inlined, with local accumulators (one array per half of the
-// panel), the row loops unrolled and a pointer out, so that g++ 12 keeps the 12 sums in registers: with one [MR][2]
-// array it copied each sum back into its accumulator (eight extra moves a pair at MR 4), without the unrolling it kept
-// half of them on the stack (at MR 6).
+// panel), the row loops unrolled and a pointer out, so that g++ 12 keeps the 12 sums in registers
+// (bench/speed_2026-12-07_epyc_avx2_after/pair_dots_asm.py counts it): with one [MR][2] array it copied each sum back
+// into its accumulator (eight extra moves a pair at MR 4), without the unrolling it kept half of them on the stack (at
+// MR 6).
 template <int MR, typename Weight>
 __attribute__((noinline)) void pair_dots(const int16_t* x, int64_t inner, const Weight* panel, int64_t first,
                                          int64_t end, __m256i* dots) {

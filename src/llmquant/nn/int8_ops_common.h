@@ -1,9 +1,9 @@
-// What the two CPU ops of llmquant.nn.int8_gemv share (int8_gemv.cpp, AVX512-VNNI; int8_gemv_avx2.cpp, AVX2): the
-// bias check, a decode step's static codes written into a KV cache (store_static_codes), and the frames of the
-// per-token codes (token_codes, store_token_codes) and of the attention of one query position over a KV cache's codes
-// (int8_decode_attention): the arguments checked, the work split in parallel, each piece done by the op's own
-// function (its row codes, its division, its head of attention), passed in; and their bindings (bind_common). No intrinsics here:
-// each op keeps its own.
+// What the two CPU ops of llmquant.nn.int8_gemv share (int8_gemv.cpp, AVX512-VNNI; int8_gemv_avx2.cpp, AVX2): the bias
+// check, a decode step's static codes written into a KV cache (store_static_codes), and the frames of the per-token and
+// static codes (token_codes, store_token_codes, static_codes) and of the attention of one query position over a KV
+// cache's codes (int8_decode_attention): the arguments checked, the work split in parallel, each piece done by the op's
+// own function (its row codes, its division, its head of attention), passed in; and their bindings (bind_common). No
+// intrinsics here: each op keeps its own.
 
 #pragma once
 
