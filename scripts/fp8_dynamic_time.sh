@@ -5,8 +5,8 @@
 #   bash scripts/llmcompressor_env.sh              # once: llm-compressor in /tmp/llmc
 #   THREADS=1 REPEATS=3 bash scripts/fp8_dynamic_time.sh [OUT_DIR]
 #
-# llmquant runs twice a round: as a plain `llmquant quantize --scheme ...` (one sample measures each layer's output
-# error) and with `--calib-samples 0` (no pass, no output-error figures). Seconds are llmquant's manifest
+# llmquant runs twice a round: with `--calib-samples 32` (one sample measures each layer's output error; the default
+# before 2026-12-07) and with `--calib-samples 0` (no pass, no output-error figures; now the default, no count given). Seconds are llmquant's manifest
 # `seconds.total` (`llmquant.quantize` from Python, as `llmquant quantize --scheme S --calib-samples N` runs it) and
 # llm-compressor's `oneshot` wall time: neither counts loading the model. llm-compressor rounds
 # the weights only when it writes the checkpoint (compressed-tensors' compression in `save_pretrained`; after
@@ -56,7 +56,8 @@ def median(pattern, read):
 rows = {"llm-compressor FP8_DYNAMIC (oneshot)": (f"llmc_t{threads}_*.json",
                                                  lambda d: (d["rows"][0]["seconds"],
                                                             d["rows"][0]["seconds"] + d["rows"][0]["save_seconds"]))}
-for samples, what in (("32", "llmquant, one sample measuring the output errors"), ("0", "llmquant --calib-samples 0")):
+for samples, what in (("32", "llmquant --calib-samples 32: one sample measures the output errors"),
+                      ("0", "llmquant --calib-samples 0 (since 2026-12-07 also the default: none given)")):
     rows[what] = (f"llmquant_s{samples}_t{threads}_*.json",
                   lambda d: (d["seconds"]["total"], d["seconds"]["total"] + d["seconds"]["save"]))
 medians = {what: [median(pattern, lambda d, i=i: read(d)[i]) for i in (0, 1)] for what, (pattern, read) in rows.items()}

@@ -8,7 +8,9 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 OUT=bench/sweep_seed000
 NO_KV="w_int8_per_tensor_a_int8_per_tensor_static w_int8_per_channel_a_int8_per_tensor_static
        w_int8_per_channel_a_int8_per_tensor_dynamic w_int8_per_channel_a_int8_per_token_dynamic"
-sweep() { .venv/bin/llmquant sweep --quiet --output "$OUT" "$@"; }
+# (the table was measured with each layer calibrated on the quantized model's activations, the default before
+# 2026-12-07; round to nearest now calibrates on the float model's: `Recipe.propagation`)
+sweep() { .venv/bin/llmquant sweep --quiet --output "$OUT" --set calib.propagate=quantized "$@"; }
 sweep --schemes $NO_KV --methods smooth_0.85 smooth_0.5 smooth_fc_fc_0.5+rotation rotation+smooth_auto
 KV="w_int8_per_tensor_a_int8_per_tensor_kv_cache_int8_per_tensor_static
     w_int8_per_channel_a_int8_per_tensor_kv_cache_int8_per_tensor_static

@@ -108,7 +108,7 @@ def test_detect_prints_the_layer_map(tiny_dir: Path, capsys: pytest.CaptureFixtu
         (["--calib", "/nonexistent/file.txt"], "corpus file /nonexistent/file.txt does not exist"),
         (["--calib", "pydoc+"], "corpus mixture 'pydoc+' has an empty or repeated part; allowed: distinct corpora"),
         (["--calib", "SHORT.txt"], "tokens, too short for windows of seqlen 32"),
-        (["--seqlen", "1024"], "seqlen 1024 exceeds the model's max_position_embeddings 256"),
+        (["--seqlen", "1024", "--calib-samples", "2"], "seqlen 1024 exceeds the model's max_position_embeddings 256"),
         (["--calib", "wikitext2"], "dataset 'wikitext2' could not be loaded from the hub"),
         (["--set", "pre_opts.awq.alpha=1"], "--set pre_opts.awq: pre_opts has no entry named 'awq'; it has: none"),
         (["--bogus"], "unrecognized arguments: --bogus"),
@@ -120,7 +120,7 @@ def test_user_errors_are_one_line(
     args = ["quantize", "--model", str(tiny_dir), "--output", str(tmp_path / "out"), "--no-eval", "--quiet"]
     if "SHORT.txt" in extra:
         (tmp_path / "SHORT.txt").write_text("too short")
-        extra = ["--calib", str(tmp_path / "SHORT.txt"), "--seqlen", "32"]
+        extra = ["--calib", str(tmp_path / "SHORT.txt"), "--seqlen", "32", "--calib-samples", "2"]
     with pytest.raises(SystemExit) if extra == ["--bogus"] else _no_exit():
         code = main([*args, *extra])
         assert code == 2

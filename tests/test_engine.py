@@ -336,6 +336,29 @@ def test_calib_samples_0_quantizes_without_a_pass_to_the_calibrated_runs_model(f
     assert torch.equal(logits(model, calib[:2]), logits(calibrated, calib[:2]))
 
 
+@pytest.mark.parametrize("recipe", [{"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic"},
+                                    {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
+                                     "kv_cache": "int8_per_token"}])
+def test_a_recipe_that_needs_no_sample_draws_none_unless_told(recipe: dict) -> None:
+    """``calib.samples`` not given: a recipe that learns nothing from samples draws none and runs no pass (no
+    tokenizer, no corpus), as with ``calib.samples: 0``; a count given draws them (here: needs a tokenizer), and given
+    token ids calibrate (one sample measures the output errors: the test above)."""
+    from conftest import VOCAB, make_model
+
+    model = llmquant.quantize(make_model("llama"), recipe, progress=False)
+    explicit = llmquant.quantize(make_model("llama"), {**recipe, "calib": {"samples": 0}}, progress=False)
+    calibration = model.llmquant_manifest.results["calibration"]
+    assert calibration["samples"] == 0 and "calib.samples is not given" in calibration["why"]
+    assert all("output_error" not in row and row["weight_error"] for row in model.llmquant_manifest.layers)
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(logits(model, ids), logits(explicit, ids))
+    with pytest.raises(LlmquantError, match="a tokenizer is needed to calibrate from text"):
+        llmquant.quantize(make_model("llama"), {**recipe, "calib": {"samples": 2, "seqlen": 16}}, progress=False)
+    with pytest.raises(LlmquantError, match="a tokenizer is needed to calibrate from text"):  # (static: needs them)
+        llmquant.quantize(make_model("llama"), {"scheme": "w_int8_per_channel_a_int8_per_tensor_static",
+                                                "calib": {"seqlen": 16}}, progress=False)
+
+
 @pytest.mark.parametrize(("recipe", "named"), [
     ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"}, "gptq"),
     ({"scheme": "w_int8_per_channel_a_int8_per_tensor_static"}, "static input scales"),
@@ -418,14 +441,15 @@ def test_a_linear_its_layer_never_calls_stays_float_also_in_a_resumed_run(
 @pytest.mark.parametrize("kv_cache", ["int8_per_tensor", "fp8_per_head"])
 def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attention(
         family: str, kv_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With dynamic inputs, only the cache's scales need every sample: after the first batch's whole pass the others
+    """With dynamic inputs, only the cache's scales need every sample: after the first sample's whole pass the others
     run as far as the attention's keys and values (`layer_io.run_through`), which gives the scales, weights and
     logits of whole passes over every sample."""
     from conftest import VOCAB, make_model
     from llmquant.pipeline import layer_io
 
     calib = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(5))
-    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": kv_cache}
+    recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": kv_cache,
+              "calib": {"propagate": "quantized"}}  # (with float propagation every sample runs whole: it feeds on)
 
     def quantized(whole_passes: bool) -> tuple[torch.nn.Module, int]:
         model = make_model(family)
@@ -435,7 +459,7 @@ def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attenti
         handle = last.register_forward_pre_hook(  # (samples of 16 tokens, which OPT flattens)
             lambda _m, args: seen.append(args[0].shape[:-1].numel() // calib.shape[1]))
         with monkeypatch.context() as patch:
-            if whole_passes:  # the samples after the first batch through the whole layer, as before
+            if whole_passes:  # the samples after the first through the whole layer, as before
                 patch.setattr(engine, "run_through", lambda layer, _module, inputs: layer_io.run_layer(
                     layer, inputs, "layer"))
             llmquant.quantize(model, recipe, calib=calib, progress=False)
@@ -444,9 +468,9 @@ def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attenti
 
     model, through_last = quantized(whole_passes=False)
     reference, through_last_whole = quantized(whole_passes=True)
-    # one sample probes the Linears the layer calls, the first batch (BATCH = 8 samples) calibrates whole, the
-    # quantized pass takes all 20: no sample more
-    assert (through_last, through_last_whole) == (1 + 8 + 20, 1 + 20 + 20)
+    # one sample probes the Linears the layer calls, the first sample calibrates whole (the float reference of the
+    # error figures), the quantized pass takes all 20: no sample more
+    assert (through_last, through_last_whole) == (1 + 1 + 20, 1 + 20 + 20)
     scales = {n: b for n, b in model.named_buffers() if n.endswith(("k_scale", "v_scale"))}
     assert scales and all(torch.equal(b, reference.get_buffer(n)) for n, b in scales.items())
     assert torch.equal(logits(model, calib[:2]), logits(reference, calib[:2]))
@@ -454,30 +478,30 @@ def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attenti
 
 @pytest.mark.parametrize("scheme", ["w_fp8_per_tensor_a_fp8_per_tensor_static",
                                     "w_int8_per_channel_a_int8_per_tensor_static"])
-def test_float_propagation_runs_the_quantized_layer_on_the_first_batch_only(
+def test_float_propagation_runs_the_quantized_layer_on_the_first_sample_only(
         scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``calib.propagate: float`` the quantized layer's outputs feed only the error figures: its pass takes the
-    first batch (`BATCH` samples), and the model is the one a quantized pass over every sample gives."""
+    first sample (`ERROR_SAMPLES`), and the model is the one a quantized pass over every sample gives."""
     from conftest import VOCAB, make_model
 
     calib = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(5))
     recipe = {"scheme": scheme, "calib": {"propagate": "float"}}
 
-    def quantized(batch: int) -> tuple[torch.nn.Module, int]:
+    def quantized(error_samples: int) -> tuple[torch.nn.Module, int]:
         model = make_model("llama")
         seen: list[int] = []
         handle = model.model.layers[0].mlp.register_forward_pre_hook(
             lambda _m, args: seen.append(args[0].shape[0]))
         with monkeypatch.context() as patch:
-            patch.setattr(engine, "BATCH", batch)
+            patch.setattr(engine, "ERROR_SAMPLES", error_samples)
             llmquant.quantize(model, recipe, calib=calib, progress=False)
         handle.remove()
         return model, sum(seen)
 
-    model, through_mlp = quantized(engine.BATCH)
+    model, through_mlp = quantized(engine.ERROR_SAMPLES)
     reference, through_mlp_every = quantized(len(calib))  # (the quantized pass over all 20, as before)
-    # one sample probes the Linears the layer calls, the float pass takes all 20, the quantized pass the first 8
-    assert (through_mlp, through_mlp_every) == (1 + 20 + 8, 1 + 20 + 20)
+    # one sample probes the Linears the layer calls, the float pass takes all 20, the quantized pass the first one
+    assert (through_mlp, through_mlp_every) == (1 + 20 + 1, 1 + 20 + 20)
     state, expected = model.state_dict(), reference.state_dict()
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
     assert torch.equal(logits(model, calib[:2]), logits(reference, calib[:2]))

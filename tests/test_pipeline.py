@@ -207,7 +207,8 @@ def test_dynamic_kv_cache_does_not_break_the_equivalence_check_of_smoothing(kv: 
 
 def test_float_propagation_calibrates_each_layer_on_the_float_models_activations(calib_ids: torch.Tensor) -> None:
     """``calib.propagate: float``: the second layer's static input scale is the absmax of the float model's own
-    inputs to it over 448 (FP8 per tensor); the default (the quantized first layer's outputs) gives another."""
+    inputs to it over 448 (FP8 per tensor); ``quantized`` (the quantized first layer's outputs) gives another. Not
+    given, round to nearest propagates the float outputs (`Recipe.propagation`): the same scale."""
     captured = []
     reference = make_model("llama")
     hook = reference.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0]))
@@ -216,11 +217,13 @@ def test_float_propagation_calibrates_each_layer_on_the_float_models_activations
     hook.remove()
     expected = torch.cat(captured).abs().max() / 448.0
     scales, first = {}, {}
-    for propagate in ("float", "quantized"):
+    for propagate in ("float", "quantized", None):
         recipe = {"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static", "calib": {"propagate": propagate}}
         model = llmquant.quantize(make_model("llama"), recipe, calib=calib_ids, progress=False)
         scales[propagate] = model.model.layers[1].self_attn.q_proj.input_scale
         first[propagate] = model.model.layers[0].self_attn.q_proj.input_scale
+        assert model.llmquant_manifest.results["propagate"] == (propagate or "float")
     assert torch.equal(first["float"], first["quantized"])  # the first layer's inputs are the embeddings either way
     assert torch.allclose(scales["float"], expected.reshape(1), rtol=1e-5)
+    assert torch.equal(scales[None], scales["float"])
     assert not torch.allclose(scales["quantized"], expected.reshape(1), rtol=1e-5)

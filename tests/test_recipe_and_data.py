@@ -271,3 +271,45 @@ def test_the_learning_entries_default_to_their_algorithms_defaults() -> None:
     assert ScaleTraining().config() == ScaleTrainingConfig()
     assert LearnRotations().config() == SpinQuantConfig()
     assert LearnOnline().config() == OnlineLearningConfig()
+
+
+@pytest.mark.parametrize(("recipe", "samples"), [
+    ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic"}, 0),
+    ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": "int8_per_token"}, 0),
+    ({"scheme": "w_uint4_per_group_asym", "group_size": 32}, 0),
+    ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic", "calib": {"samples": 5}}, 5),
+    ({"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static"}, 32),
+    ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic", "kv_cache": "fp8_per_tensor"}, 32),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"}, 32),
+    ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "pre_opts": [{"name": "quarot"}]}, 32),
+    ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "clip_search": {}}, 32),
+])
+def test_calibration_samples_default_to_what_the_recipe_needs(recipe: dict, samples: int) -> None:
+    """``calib.samples`` not given: 32 where the recipe needs samples (what it learns, a rotation's check, a clip
+    search), none where it does not; a given count is kept; the recipe's dump keeps it not given."""
+    built = Recipe.build(**recipe)
+    assert built.calibration_samples() == samples and built.drawn_samples() == samples
+    assert Recipe.build(**built.model_dump()).calibration_samples() == samples
+    assert (built.calib.samples is None) == ("calib" not in recipe)
+
+
+@pytest.mark.parametrize(("recipe", "propagation"), [
+    ({"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static"}, "float"),
+    ({"scheme": "w_int8_per_channel_a_int8_per_tensor_static", "pre_opts": [{"name": "smoothquant", "alpha": 0.85}]},
+     "float"),
+    ({"scheme": "w_fp8_per_channel_a_fp8_per_token_dynamic", "kv_cache": "fp8_per_tensor"}, "float"),
+    ({"scheme": "w_fp8_per_tensor_a_fp8_per_tensor_static", "calib": {"propagate": "quantized"}}, "quantized"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq"}, "quantized"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "awq"}, "quantized"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "algorithm": "gptq", "calib": {"propagate": "float"}},
+     "float"),
+    ({"scheme": "w_int4_per_group_sym", "group_size": 32, "block_training": {}}, "quantized"),
+    ({"scheme": "w_int8_per_channel_a_int8_per_token_dynamic",
+      "pre_opts": [{"name": "quarot", "learn_online": {"iterations": 2}}]}, "quantized"),
+])
+def test_propagation_defaults_to_quantized_only_where_a_step_fits_the_layer(recipe: dict, propagation: str) -> None:
+    """``calib.propagate`` not given: the quantized layer's outputs feed the next layer where a step fits the layer to
+    the inputs it will see (GPTQ, AWQ, block training, learned online rotations), the float layer's otherwise."""
+    built = Recipe.build(**recipe)
+    assert built.propagation() == propagation
+    assert (built.calib.propagate is None) == ("propagate" not in recipe.get("calib", {}))

@@ -746,7 +746,7 @@ def test_the_train_scales_flag_reaches_the_recipe() -> None:
     more = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
                                       "--train-scales", "1", "--train-samples", "64", "--output", "unused"])
     recipe = _recipe_from_args(more)
-    assert recipe.scale_training.samples == 64 and recipe.drawn_samples() == 64 and recipe.calib.samples == 32
+    assert recipe.scale_training.samples == 64 and recipe.drawn_samples() == 64 and recipe.calibration_samples() == 32
     alone = build_parser().parse_args(["quantize", "--scheme", "w_int4_per_group_sym", "--group-size", "32",
                                        "--train-samples", "64", "--output", "unused"])
     with pytest.raises(LlmquantError, match=r"--train-samples sets how many windows scale training sees; it needs "

@@ -50,17 +50,19 @@ def calibration_ids(recipe: Recipe, tokenizer: Any = None,
                     calib: torch.Tensor | str | list[str] | None = None) -> torch.Tensor:
     """Token ids ``[samples, seqlen]`` for calibration: given ids, a text, the texts of a mixture's parts (drawn in
     turn, `llmquant.data.mixed_calibration_samples`), or the recipe's dataset (none when its
-    ``calib.samples`` is 0); with ``scale_training.samples``, the windows that only train the scales after the
-    calibration ones (`Recipe.drawn_samples`)."""
-    drawn = recipe.drawn_samples()
+    ``calib.samples`` is 0, or not given for a recipe that needs none: `Recipe.calibration_samples`; given ids
+    calibrate whatever their count where ``calib.samples`` is not given); with ``scale_training.samples``, the
+    windows that only train the scales after the calibration ones (`Recipe.drawn_samples`)."""
+    drawn, calibrating = recipe.drawn_samples(), recipe.calibration_samples()
     if isinstance(calib, torch.Tensor):
-        if calib.ndim != 2 or (calib.shape[0] == 0) != (drawn == 0) or calib.shape[1] == 0:
+        empty = calib.ndim == 2 and calib.shape[0] == 0
+        if calib.ndim != 2 or calib.shape[1] == 0 or (empty != (drawn == 0) and (empty or recipe.calib.samples == 0)):
             shape = tuple(calib.shape)
             raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor ([0, seqlen] with "
                                 f"calib.samples 0), got {shape}")
-        if drawn != recipe.calib.samples and calib.shape[0] != drawn:
+        if drawn != calibrating and calib.shape[0] != drawn:
             raise LlmquantError(f"scale_training.samples {drawn} trains on {drawn} rows of calib, the first "
-                                f"calib.samples {recipe.calib.samples} of them calibrating, but {calib.shape[0]} "
+                                f"calib.samples {calibrating} of them calibrating, but {calib.shape[0]} "
                                 f"were given; allowed: {drawn} rows, or no scale_training.samples")
         return calib.long()
     if drawn == 0:  # no calibration pass (`llmquant.pipeline.engine`)

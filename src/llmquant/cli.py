@@ -155,8 +155,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     ranks = parallel.init(policy.device.type)  # the process group torchrun started, or this process alone
     check_model_source(args.model, needed_for="calibration")  # a bad model file or directory: one line, now
     start = time.perf_counter()
-    calib_texts = (data.corpus_parts(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
-                   if recipe.calib.samples else None)
+    calib_texts = data.corpus_parts(recipe.calib.dataset, "calib")  # a bad corpus fails before any model work
+    # (even where none is drawn: `Recipe.calibration_samples`)
     model, tokenizer, source, files = model_for_quantization(args.model, cap, policy.dtype)
     check_target_model(args.target, model, recipe)  # (a mixture of experts transformers cannot load back, ...)
     ids = calibration_ids(recipe, tokenizer, calib_texts)
@@ -627,8 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the first N positions of the KV cache float (the attention sink; IntactKV)")
     q.add_argument("--calib", default=None, help=CALIB_HELP)
     q.add_argument("--calib-samples", type=int, default=None,
-                   help="calibration samples (default 32); 0: none, for round to nearest with dynamic activations: "
-                        "no calibration pass, and no output-error figures")
+                   help="calibration samples (default: 32 where the recipe learns from them, none where it does not: "
+                        "round to nearest with dynamic activations and KV cache, no rotation); 0: no calibration pass "
+                        "and no output-error figures; N for such a recipe: one sample a process measures them")
     q.add_argument("--seqlen", type=int, default=None)
     q.add_argument("--ignore", nargs="*", default=None, help="targets left float (default: lm_head)")
     q.add_argument("--moe-calibrate", default=None, choices=["all", "routed"],

@@ -64,6 +64,7 @@ from llmquant.quant.scheme import KV_CACHE, Scheme, scheme_from_name, scheme_nam
 from llmquant.quant.spec import ObserverName, check_clip_grid
 
 log = logging.getLogger(__name__)
+DEFAULT_SAMPLES = 32  # calibration windows of a recipe that needs samples and does not say how many
 
 
 class _Strict(BaseModel):
@@ -74,15 +75,15 @@ class Calibration(_Strict):
     """The calibration samples, and ``propagate``: what the next decoder layer is calibrated on, the outputs of the
     quantized layer (each layer sees what it will see at run time) or of the float one (the float model's
     activations all the way; llm-compressor calibrates inside ``DisableQuantization``, which is that for round to
-    nearest). On the default model FP8 per-tensor static went from 13.905 to 13.855 with ``float`` (llm-compressor
-    13.848), the best int8 per-tensor static recipe from 13.943 to 13.952 (BENCHMARKS.md). ``dataset`` is a corpus of
-    `llmquant.data`, or corpora joined by ``+`` (``pydoc+stdlib``: as many windows from each, in turn)."""
+    nearest); not given: `Recipe.propagation`. ``dataset`` is a corpus of `llmquant.data`, or corpora joined by ``+``
+    (``pydoc+stdlib``: as many windows from each, in turn). ``samples`` not given: `DEFAULT_SAMPLES` for a recipe
+    that needs samples, none (no pass) for one that does not (`Recipe.calibration_samples`)."""
 
     dataset: str = "pydoc"
-    samples: int = Field(32, ge=0)  # 0: no calibration pass (a recipe that learns nothing from samples)
+    samples: int | None = Field(None, ge=0)  # None: `Recipe.calibration_samples`; 0: no calibration pass
     seqlen: int = Field(512, ge=2)
     seed: int = 0
-    propagate: Literal["quantized", "float"] = "quantized"
+    propagate: Literal["quantized", "float"] | None = None  # None: `Recipe.propagation`
 
 
 def _valid_group_size(value: int | None) -> int | None:
@@ -433,13 +434,10 @@ class Recipe(_Strict):
     def _samples_for_the_recipe(self) -> Recipe:
         """``calib.samples: 0`` (no calibration pass) takes only a recipe that needs no sample: it learns nothing
         from them (`learns_from_samples`), runs no rotation (its equivalence check runs one) and no clip search."""
-        if self.calib.samples == 0:
-            needs = self.learns_from_samples() + (["rotations"] if self.quarot() is not None else []) + (
-                ["clip_search"] if self.clip_search is not None else [])
-            if needs:
-                raise ValueError(f"calib.samples 0 quantizes without calibration samples, but this recipe needs them "
-                                 f"for {', '.join(dict.fromkeys(needs))}; allowed with 0: round to nearest, dynamic "
-                                 f"activations and KV cache, no rotation; otherwise give 1 or more samples")
+        if self.calib.samples == 0 and (needs := self.needs_samples_for()):
+            raise ValueError(f"calib.samples 0 quantizes without calibration samples, but this recipe needs them "
+                             f"for {', '.join(dict.fromkeys(needs))}; allowed with 0: round to nearest, dynamic "
+                             f"activations and KV cache, no rotation; otherwise give 1 or more samples")
         return self
 
     @model_validator(mode="after")
@@ -448,11 +446,12 @@ class Recipe(_Strict):
         per layer, where the samples of one rank of several are fewer)."""
         quarot = self.quarot()
         learn = quarot.learn_online if quarot is not None else None
-        if learn is not None and learn.holdout and self.calib.samples:
-            batches = -(-self.calib.samples // learn.batch)
+        samples = self.calibration_samples() if learn is not None and learn.holdout else 0
+        if samples:
+            batches = -(-samples // learn.batch)
             if learn.holdout >= batches:
                 raise ValueError(f"quarot.learn_online.holdout {learn.holdout} sets aside every one of the {batches} "
-                                 f"batches of {learn.batch} that calib.samples {self.calib.samples} makes; allowed: "
+                                 f"batches of {learn.batch} that calib.samples {samples} makes; allowed: "
                                  f"0 to {batches - 1}, or more samples")
         return self
 
@@ -464,14 +463,15 @@ class Recipe(_Strict):
             return self
         self._check_weights_to_train("scale_training")
         extra = self.scale_training.samples
-        if extra is not None and extra < self.calib.samples:
-            raise ValueError(f"scale_training.samples {extra} is fewer than calib.samples {self.calib.samples}, "
-                             f"which it always trains on; allowed: {self.calib.samples} or more, or none (the "
+        calibrating = self.calibration_samples()
+        if extra is not None and extra < calibrating:
+            raise ValueError(f"scale_training.samples {extra} is fewer than calib.samples {calibrating}, "
+                             f"which it always trains on; allowed: {calibrating} or more, or none (the "
                              f"calibration samples)")
-        if self.scale_training.extra_windows == "generated" and (extra or 0) <= self.calib.samples:
+        if self.scale_training.extra_windows == "generated" and (extra or 0) <= calibrating:
             raise ValueError(f"scale_training.extra_windows 'generated' generates the windows beyond calib.samples "
-                             f"{self.calib.samples}, but scale_training.samples is {extra}; allowed: samples above "
-                             f"{self.calib.samples}, or extra_windows 'corpus'")
+                             f"{calibrating}, but scale_training.samples is {extra}; allowed: samples above "
+                             f"{calibrating}, or extra_windows 'corpus'")
         holdout, samples = self.scale_training.holdout, self.training_samples()
         held = self.clip_search.samples if self.clip_search is not None else 0
         if samples and holdout >= samples - held:
@@ -490,7 +490,7 @@ class Recipe(_Strict):
             return self
         self._check_weights_to_train("block_training")
         held = self.clip_search.samples if self.clip_search is not None else 0
-        left = self.calib.samples - held
+        left = self.calibration_samples() - held
         if self.block_training.holdout >= left:
             where = " the clip search leaves" if held else ""
             raise ValueError(f"block_training.holdout {self.block_training.holdout} leaves none of the {left} "
@@ -509,12 +509,12 @@ class Recipe(_Strict):
         """How many windows scale training sees: ``scale_training.samples`` where that is more than ``calib.samples``
         (the calibration windows first, then the others), else ``calib.samples``."""
         extra = self.scale_training.samples if self.scale_training is not None else None
-        return max(self.calib.samples, extra or 0)
+        return max(self.calibration_samples(), extra or 0)
 
     def generated_samples(self) -> int:
         """How many of `training_samples` the float model generates (``extra_windows: generated``), else 0."""
         generates = self.scale_training is not None and self.scale_training.extra_windows == "generated"
-        return self.training_samples() - self.calib.samples if generates else 0
+        return self.training_samples() - self.calibration_samples() if generates else 0
 
     def drawn_samples(self) -> int:
         """How many windows the run draws from the calibration text: the training windows but those generated. The
@@ -525,6 +525,38 @@ class Recipe(_Strict):
     def _scheme_names(self) -> list[str]:
         """The recipe's scheme and its overrides' schemes, each once, in order."""
         return list(dict.fromkeys([self.scheme, *(override.scheme for override in self.overrides)]))
+
+    def needs_samples_for(self) -> list[str]:
+        """What the recipe needs calibration samples for: what it learns from them (`learns_from_samples`), a
+        rotation (its equivalence check runs one sample), a clip search. Empty: they would only measure the layers'
+        output errors."""
+        return self.learns_from_samples() + (["rotations"] if self.quarot() is not None else []) + (
+            ["clip_search"] if self.clip_search is not None else [])
+
+    def calibration_samples(self) -> int:
+        """``calib.samples``, or where it is not given `DEFAULT_SAMPLES` for a recipe that needs samples and 0 (no
+        calibration pass, as llm-compressor quantizes FP8_DYNAMIC) for one that does not (`needs_samples_for`):
+        such a recipe's checkpoint does not depend on them, and one sample a process measuring each layer's output
+        error cost 2.5x llm-compressor's whole FP8_DYNAMIC run (BENCHMARKS.md). Given token ids calibrate whatever
+        their count (`llmquant.api.calibration_ids`)."""
+        if self.calib.samples is not None:
+            return self.calib.samples
+        return DEFAULT_SAMPLES if self.needs_samples_for() else 0
+
+    def propagation(self) -> Literal["quantized", "float"]:
+        """``calib.propagate``, or where it is not given: ``quantized`` for a recipe that fits each layer to the
+        inputs it will see at run time (GPTQ and GPTAQ's Hessians, AWQ's search, block training, learned online
+        rotations), ``float`` for one that takes only statistics of the activations (static input and KV-cache
+        scales, smoothing), as SmoothQuant and llm-compressor calibrate them. On the default model ``float`` gave the
+        lower perplexity to each such recipe measured, and needs one pass of the layer over every sample instead of
+        two (BENCHMARKS.md, "Calibrated on the float model's activations by default"); ``quantized`` helps GPTQ
+        (the best int8 per-tensor static recipe, GPTAQ: 13.943 against 13.952)."""
+        if self.calib.propagate is not None:
+            return self.calib.propagate
+        quarot = self.quarot()
+        fits = (self.algorithm != "rtn" or self.block_training is not None
+                or (quarot is not None and quarot.learn_online is not None))
+        return "quantized" if fits else "float"
 
     def learns_from_samples(self) -> list[str]:
         """What the recipe learns from its calibration samples: learned rotations, a per-layer step (smoothing, AWQ,
@@ -644,7 +676,7 @@ class Recipe(_Strict):
         return QuantPlan(linears=linears, kv_cache=attention,
                          group_fallbacks={n: c for (_, c, _), names in fallbacks.items() for n in names},
                          calibrate_all_experts=self.moe_calibrate == "all",
-                         propagate_float=self.calib.propagate == "float", center_keys=self.kv_cache_center_keys,
+                         propagate_float=self.propagation() == "float", center_keys=self.kv_cache_center_keys,
                          kv_keep_first=self.kv_cache_keep_first,
                          block_training=self.block_training.config() if self.block_training is not None else None)
 

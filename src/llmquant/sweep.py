@@ -42,7 +42,7 @@ from llmquant.errors import LlmquantError
 from llmquant.evaluation.perplexity import perplexity
 from llmquant.nn.quant_linear import set_runtime
 from llmquant.quant.scheme import W8A8_SCHEMES, scheme_from_name
-from llmquant.recipe import Recipe, read_mapping
+from llmquant.recipe import DEFAULT_SAMPLES, Recipe, read_mapping
 
 PreOpts = list[dict[str, Any]]
 BUILTIN_METHODS: dict[str, PreOpts] = {  # seed 000's three columns, and no pre-optimization at all
@@ -281,6 +281,9 @@ def run_sweep(
     model on ``device`` in ``dtype`` (`llmquant.load`)."""
     start = time.perf_counter()
     check_output(output)
+    if base.calib.samples is None:  # every cell calibrates on the same windows, drawn once: a count, even where the
+        # base recipe needs none (a cell that needs none measures its layers' output errors on one a process)
+        base = base.model_copy(update={"calib": base.calib.model_copy(update={"samples": DEFAULT_SAMPLES})})
     cells = build_cells(base, list(schemes or DEFAULT_SCHEMES), methods or resolve_methods(None))
     settings = settings_of(model, base, eval_corpus, max_windows, runtime, device, dtype)
     float_ppl = check_settings(output, settings)

@@ -94,6 +94,7 @@ from llmquant.recipe import QuantPlan, QuaRotPreOpt, Recipe
 
 log = logging.getLogger(__name__)
 ROTATION_CHECK_TOKENS = 128  # the rotation pass plans and checks on one calibration sample this long
+ERROR_SAMPLES = 1  # samples (of each process) of a pass that only gives the error figures its reference or outputs
 
 
 @dataclass
@@ -259,7 +260,7 @@ def _check_key_centering(layer: nn.Module, quantizer: KVCacheQuantizer, inputs: 
     soft-capping) keeps its keys as they are, with a warning. Returns the manifest's ``center_keys`` entry."""
     quantizer.quantizing = False
     try:
-        centred = run_layer(layer, inputs.head(BATCH), where)
+        centred = run_layer(layer, inputs.head(min(BATCH, len(reference))), where)  # (the samples it compares)
     finally:
         quantizer.quantizing = True
     error = relative_error(reference, centred, ranks)
@@ -329,7 +330,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
     transforms (checked for equivalence), the pass of the transformed layer on the float model's own inputs
     (``reference``, when given) with the steps' reference observers, the QuantLinears swapped in after the
     transformed pass with the static observers (every sample when ``every_sample`` or a step's hook needs them, else
-    the first batch; a static KV cache's observers see the other samples as far as the attention), then the steps'
+    the first sample; a static KV cache's observers see the other samples as far as the attention), then the steps'
     quantization. Returns the float layer's outputs on ``inputs`` and on
     ``reference`` (None without it); the manifest entries go to ``row``. A pass that feeds
     statistics runs every calibration token through every expert of an MoE layer (`all_experts`, unless the recipe
@@ -362,7 +363,7 @@ def _calibrate(ctx: LayerContext, steps: Sequence[LayerStep], plan: QuantPlan, i
         attention.kv_cache_quantizer.start_observing()
         attention._llmquant_attention_calls = 0
     observers = _InputObservers(ctx.linears)
-    subset = inputs if every_sample or handles else inputs.head(BATCH)
+    subset = inputs if every_sample or handles else inputs.head(ERROR_SAMPLES)  # (the rest: as far as the attention)
     try:
         with all_experts(layer, plan.calibrate_all_experts and bool(handles or observers.handles)):
             transformed_out = run_layer(layer, subset, prefix, into=storage.new())  # (no hook: as routed)
@@ -421,11 +422,12 @@ def quantize_layer(
 
     Passes over the calibration inputs: float (the steps' statistics; only when a step observes the untouched
     layer), transformed float (equivalence check, the steps' later statistics and the static-scale observers; where
-    only a KV cache's observers need every sample, the first batch and then the others as far as the attention),
+    only a KV cache's observers need every sample, the first sample and then the others as far as the attention),
     quantized (the outputs fed to the next layer, with the int8 kernels where the layer has them: the same
     function as the simulation, about 4x faster here; with the plan's ``propagate_float`` the float pass's outputs,
     over every sample, are fed instead, and the quantized pass only serves the error figures). A pass that only
-    serves a check or the error figures runs on the first `BATCH` samples. The outputs of the passes over every
+    serves the error figures runs on the first `ERROR_SAMPLES` of each process, where `_LinearErrorProbe` measures
+    (BENCHMARKS.md, "Error figures on one sample"). The outputs of the passes over every
     sample go where ``storage`` says; the steps' working tensors take what ``policy``'s caps leave
     (`LayerContext.working_memory`).
     """
@@ -454,8 +456,8 @@ def quantize_layer(
         quantized_batch = BATCH if _batch_invariant(plan, prefix) else 1  # per-tensor dynamic: one sample at a time
         set_runtime(layer, "int8", exact_only=True)  # (the simulation's bits, faster; weight-only: the simulation)
         probe = _LinearErrorProbe(layer, ctx.linears)
-        # (with float propagation the quantized outputs only feed the error figures: the first batch, in memory)
-        checked, kept = (inputs.head(BATCH), None) if plan.propagate_float else (inputs, storage.new())
+        # (with float propagation the quantized outputs only feed the error figures: the first sample, in memory)
+        checked, kept = (inputs.head(ERROR_SAMPLES), None) if plan.propagate_float else (inputs, storage.new())
         try:
             with lean_experts(layer, _capped(policy)):  # (under a cap: one expert's kernel caches at a time)
                 quant_out = run_layer(layer, checked, prefix, quantized_batch, into=kept)
@@ -655,9 +657,14 @@ def quantize(
     ids = calib  # (every drawn window: scale training's are taken from them, `scale_training_inputs`)
     calib = calibration_part(recipe, calib)[0]
     calibrated = calib.shape[0] > 0  # (0: calib.samples 0, a recipe that needs none: no pass)
-    if not calibrated:
-        manifest.results["calibration"] = {"samples": 0, "why": "calib.samples 0: no calibration pass; the layers' "
-                                           "output errors are not measured"}
+    if calibrated:  # what each next layer is calibrated on (`Recipe.propagation`: not given, it depends on the recipe)
+        manifest.results["propagate"] = recipe.propagation()
+    else:
+        why = ("calib.samples 0" if recipe.calib.samples == 0 else "the recipe learns nothing from samples and "
+               "calib.samples is not given")
+        manifest.results["calibration"] = {"samples": 0, "why": f"{why}: no calibration pass; the layers' output "
+                                           "errors are not measured (calib.samples N measures them on one sample a "
+                                           "process)"}
     calib, held_out = _hold_out(recipe, calib, source)
     if recipe.scale_training is not None and source.streams:
         raise LlmquantError("scale_training runs the whole quantized model forward and backward, but the model is "
@@ -806,9 +813,10 @@ def quantize(
 def calibration_part(recipe: Recipe, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The calibration samples of ``ids``, and the windows after them that only scale training sees (none without
     ``scale_training.samples``: every given row calibrates; `Recipe.drawn_samples`)."""
-    if recipe.drawn_samples() == recipe.calib.samples:
+    calibrating = recipe.calibration_samples()
+    if recipe.drawn_samples() == calibrating:
         return ids, ids[:0]
-    return ids[:recipe.calib.samples], ids[recipe.calib.samples:]
+    return ids[:calibrating], ids[calibrating:]
 
 
 def scale_training_inputs(model: nn.Module, recipe: Recipe, ids: torch.Tensor, ranks: Ranks, manifest: Manifest,
