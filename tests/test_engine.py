@@ -449,7 +449,7 @@ def test_a_static_kv_cache_calibrates_on_every_sample_only_as_far_as_its_attenti
 
     calib = torch.randint(0, VOCAB, (20, 16), generator=torch.Generator().manual_seed(5))
     recipe = {"scheme": "w_int8_per_channel_a_int8_per_token_dynamic", "kv_cache": kv_cache,
-              "calib": {"propagate": "quantized"}}  # (with float propagation every sample runs whole: it feeds on)
+              "calib": {"propagate": "quantized"}}  # (float propagation runs every sample whole: its outputs go on)
 
     def quantized(whole_passes: bool) -> tuple[torch.nn.Module, int]:
         model = make_model(family)
