@@ -55,8 +55,8 @@ def calibration_ids(recipe: Recipe, tokenizer: Any = None,
     windows that only train the scales after the calibration ones (`Recipe.drawn_samples`)."""
     drawn, calibrating = recipe.drawn_samples(), recipe.calibration_samples()
     if isinstance(calib, torch.Tensor):
-        empty = calib.ndim == 2 and calib.shape[0] == 0
-        if calib.ndim != 2 or calib.shape[1] == 0 or (empty != (drawn == 0) and (empty or recipe.calib.samples == 0)):
+        empty = calib.ndim == 2 and calib.shape[0] == 0  # (rows for a recipe that needs none: they measure errors)
+        if calib.ndim != 2 or calib.shape[1] == 0 or (empty and drawn > 0) or (not empty and recipe.calib.samples == 0):
             shape = tuple(calib.shape)
             raise LlmquantError(f"calib token ids must be a non-empty [samples, seqlen] tensor ([0, seqlen] with "
                                 f"calib.samples 0), got {shape}")

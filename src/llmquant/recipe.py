@@ -432,8 +432,7 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _samples_for_the_recipe(self) -> Recipe:
-        """``calib.samples: 0`` (no calibration pass) takes only a recipe that needs no sample: it learns nothing
-        from them (`learns_from_samples`), runs no rotation (its equivalence check runs one) and no clip search."""
+        """``calib.samples: 0`` (no calibration pass) takes only a recipe that needs no sample (`needs_samples_for`)."""
         if self.calib.samples == 0 and (needs := self.needs_samples_for()):
             raise ValueError(f"calib.samples 0 quantizes without calibration samples, but this recipe needs them "
                              f"for {', '.join(dict.fromkeys(needs))}; allowed with 0: round to nearest, dynamic "
