@@ -216,6 +216,8 @@ def main() -> None:
                         help="no llm-compressor run: the perplexity of these compressed-tensors checkpoints "
                              "(llmquant's or llm-compressor's) as transformers with compressed-tensors runs them")
     parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--calib-seed", type=int, default=0, help="the draw of calibration windows (llmquant's "
+                                                                    "calib.seed)")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
@@ -227,7 +229,7 @@ def main() -> None:
     source = cache_dir() / f"{DEFAULT_MODEL_NAME}-float32"
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = data.tokenize(tokenizer, data.corpus("pydoc", "calib"))
-    calib = data.calibration_samples(tokens, args.calib_samples, args.seqlen, seed=0)
+    calib = data.calibration_samples(tokens, args.calib_samples, args.seqlen, seed=args.calib_seed)
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     windows = data.corpus_windows(tokenizer, "pydoc", args.seqlen, args.max_windows)
     if args.eval_checkpoints:
@@ -287,7 +289,8 @@ def main() -> None:
         "algorithm": args.algorithm, "group_size": args.group_size, "threads": torch.get_num_threads(),
         "pre_opts": pre_opts, "alpha": args.alpha, "rotation": args.rotation,
         "input_observer": args.input_observer, "kv_cache_fp8": args.kv_cache_fp8,
-        "calib_samples": args.calib_samples, "seqlen": args.seqlen, "windows": len(windows),
+        "calib_samples": args.calib_samples, "calib_seed": args.calib_seed, "seqlen": args.seqlen,
+        "windows": len(windows),
         "workarounds": workarounds, "rows": rows, "errors": errors,
     }, indent=2))
 

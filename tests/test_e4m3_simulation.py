@@ -1,6 +1,7 @@
 """The FP8 simulation's one-pass op (`llmquant.nn.e4m3_simulation`, ``e4m3_rounding.cpp``): the bits of
 `fake_quantize` at every granularity the simulation quantizes inputs and KV caches with, rounding ties and E4M3's
-subnormals included; the same model with it and without it; where it stands aside."""
+subnormals included; a float spec's weight codes and their error against the float weight; the same model with it
+and without it; where it stands aside."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 import llmquant
 from conftest import VOCAB, logits, make_model, needs_avx2
 from llmquant.nn import e4m3_simulation, int8_gemv
-from llmquant.nn.e4m3_simulation import e4m3_op_refusal, fused_fake_quantize
-from llmquant.nn.quant_linear import shared_fake_quantize
-from llmquant.quant import QuantSpec, fake_quantize
+from llmquant.nn.e4m3_simulation import e4m3_op_refusal, fused_fake_quantize, quantized_codes, relative_code_error
+from llmquant.nn.quant_linear import QuantLinear, shared_fake_quantize
+from llmquant.quant import QuantSpec, dequantize, fake_quantize, quantize
+from llmquant.quant.observers import observe_once
 
 E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
 FINITE = E4M3_VALUES[E4M3_VALUES.isfinite()].unique()
@@ -72,6 +74,53 @@ def test_dynamic_scales_give_the_primitives_bits(granularity: str, clip_ratio: f
     assert bool(fused_fake_quantize(with_nan, spec)[1, 2, 5].isnan())  # (a NaN stays one)
 
 
+WEIGHT_SPECS = [QuantSpec(bits=8, type="float", granularity="channel"),
+                QuantSpec(bits=8, type="float", granularity="tensor"),
+                QuantSpec(bits=8, type="float", granularity="group", group_size=16)]
+
+
+@needs_avx2
+@pytest.mark.parametrize("spec", WEIGHT_SPECS, ids=lambda spec: spec.granularity)
+@pytest.mark.parametrize("width", [96, 13 * 16])  # (a row of 13 groups of 16: the op's eight lanes, then a tail)
+def test_weight_codes_and_their_error_match_the_primitives(spec: QuantSpec, width: int) -> None:
+    """The op's float8 codes of a weight are `quantize`'s bytes (ties, subnormals, saturation, signed zeros, a NaN),
+    and its relative error is the primitives' ||dequantize(codes) - W|| / ||W|| to float32 rounding."""
+    generator = torch.Generator().manual_seed(4)
+    values = _awkward_values(generator)
+    weight = values[: values.numel() // width * width].reshape(-1, width)
+    if spec.granularity == "group" and width % 16:
+        pytest.skip("groups of 16 do not divide the row")
+    scale, zero = observe_once(weight, spec)
+    codes = quantized_codes(weight, spec, scale, zero)
+    expected = quantize(weight, scale, zero, spec)
+    assert codes.dtype == torch.float8_e4m3fn and torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+    for given in (scale, scale / 3):  # (the observer's scales, and scales that saturate many values)
+        codes = quantized_codes(weight, spec, given, zero)
+        assert torch.equal(codes.view(torch.uint8), quantize(weight, given, zero, spec).view(torch.uint8))
+        plain = float((dequantize(codes, given, zero, spec) - weight).norm() / weight.norm())
+        assert relative_code_error(codes, spec, given, zero, weight) == pytest.approx(plain, rel=1e-5)
+    with_nan = weight.clone()
+    with_nan[1, 3] = float("nan")
+    ones = torch.ones_like(scale)
+    nan_codes = quantized_codes(with_nan, spec, ones, zero).view(torch.uint8)
+    assert torch.equal(nan_codes, quantize(with_nan, ones, zero, spec).view(torch.uint8))
+
+
+@needs_avx2
+def test_a_layers_weight_error_is_the_dequantized_weights_error() -> None:
+    """`QuantLinear.weight_error` (the manifest's weight error) for FP8 codes (the op), int8 codes and packed 4-bit
+    codes: ||W_hat - W|| / ||W|| of the weight the layer computes with; 0 for a float layer."""
+    linear = torch.nn.Linear(96, 40, bias=False)
+    specs = [WEIGHT_SPECS[0], QuantSpec(bits=8, granularity="channel"),
+             QuantSpec(bits=4, granularity="group", group_size=32, symmetric=False)]
+    for spec in specs:
+        layer = QuantLinear.from_linear(linear, spec, None)
+        w = linear.weight.detach()
+        plain = float((layer.dequantized_weight(keep=False) - w).norm() / w.norm())
+        assert layer.weight_error(w) == pytest.approx(plain, rel=1e-5) and 0 < plain < 0.2
+    assert QuantLinear.from_linear(linear, None, None).weight_error(linear.weight) == 0.0
+
+
 @needs_avx2
 def test_the_same_model_with_the_op_and_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """FP8 per token with an FP8 KV cache per head, and FP8 per tensor static: quantized and evaluated with the op
@@ -91,6 +140,9 @@ def test_the_same_model_with_the_op_and_without_it(monkeypatch: pytest.MonkeyPat
         state, expected = fused.state_dict(), plain.state_dict()
         assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
         assert torch.equal(fused_logits, logits(plain, calib[:2]))
+        for ours, theirs in zip(fused.llmquant_manifest.layers, plain.llmquant_manifest.layers, strict=True):
+            assert ours["weight_error"].keys() == theirs["weight_error"].keys()
+            assert all(ours["weight_error"][k] == pytest.approx(v, rel=1e-5) for k, v in theirs["weight_error"].items())
         monkeypatch.undo()
 
 
@@ -104,7 +156,14 @@ def test_where_the_op_stands_aside_the_primitives_run(monkeypatch: pytest.Monkey
     monkeypatch.setenv("LLMQUANT_GEMV", "1")
     assert e4m3_op_refusal(x.bfloat16(), fp8) == "torch.bfloat16 values (the op takes float32)"
     assert fused_fake_quantize(x.bfloat16(), fp8) is None
-    assert e4m3_op_refusal(x, QuantSpec(bits=8, type="float", granularity="channel")) == "granularity 'channel'"
+    tiles = QuantSpec(bits=8, type="float", granularity="block", block_shape=(16, 16))
+    assert e4m3_op_refusal(x, tiles) == "granularity 'block'"
+    for spec in (tiles, QuantSpec(bits=8, granularity="channel")):  # (tiles, integer codes: the primitives')
+        scale, zero = observe_once(x, spec)
+        codes = quantized_codes(x, spec, scale, zero)
+        assert torch.equal(codes, quantize(x, scale, zero, spec))
+        plain = float((dequantize(codes, scale, zero, spec) - x).norm() / x.norm())
+        assert relative_code_error(codes, spec, scale, zero, x) == plain
     trained = torch.tensor([[0.01]], requires_grad=True)
     static = QuantSpec(bits=8, type="float", granularity="tensor", dynamic=False)
     assert fused_fake_quantize(x, static, trained) is None  # (its gradient goes through the primitives)

@@ -7,6 +7,11 @@ FP8 has no CPU kernel in this runtime: the simulation is what runs an FP8 checkp
 propagates an FP8 layer's calibration samples through. Where the op does not run (not float32 on the CPU, no AVX2,
 ``LLMQUANT_GEMV=0``, no compiler, a failed build) `fused_fake_quantize` returns None, and `simulated` (what the
 simulation's callers use) takes the primitives.
+
+For a float spec's weights the op also gives the float8 codes (`quantized_codes`: `quantize`'s codes in one pass,
+where torch's cast alone takes about as long as the op) and their relative error against the float weight
+(`relative_code_error`: the manifest's weight error without the dequantized copy, which reading float8 codes back
+through their table makes).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from types import ModuleType
 import torch
 
 from llmquant.nn.int8_gemv import build_op, call_op, float32_avx2_refusal
-from llmquant.quant.primitives import MIN_SCALE, fake_quantize
+from llmquant.quant.primitives import MIN_SCALE, dequantize, fake_quantize, quantize
 from llmquant.quant.spec import QuantSpec
 
 SOURCE = Path(__file__).with_name("e4m3_rounding.cpp")
@@ -30,7 +35,7 @@ def e4m3_op_refusal(x: torch.Tensor, spec: QuantSpec) -> str | None:
     """Why the op does not fake-quantize ``x`` by ``spec``, or None (it may still fail to build: `e4m3_op`)."""
     if spec.type != "float":
         return "an integer spec (the op rounds to E4M3)"
-    if spec.granularity not in ("token", "group", "tensor", "attn_head"):
+    if spec.granularity not in ("token", "group", "tensor", "channel", "attn_head"):
         return f"granularity {spec.granularity!r}"
     return float32_avx2_refusal(x, "values", _build_error)
 
@@ -46,22 +51,31 @@ def e4m3_op(x: torch.Tensor, spec: QuantSpec) -> ModuleType | None:
 
 
 def _rows(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None) -> torch.Tensor | None:
-    """``x`` as the op's contiguous rows, each quantized with one scale: its block view (`to_blocks`), or for a
-    static scale per tensor its last dimension's rows, for one per head the rows [batch * heads, positions * dim]
-    (row r takes head r % heads); None for a dynamic scale per head (not a scheme) and for scales of another count
-    (the primitives' broadcasting then says what is wrong)."""
+    """``x`` as the op's rows, each quantized with one scale, row r taking the r-th of the scales modulo their count:
+    its block view (`to_blocks`); a static scale per tensor over its last dimension's rows; for one per head the rows
+    [batch * heads, positions * dim] (row r takes head r % heads). None for a dynamic scale per head (not a scheme)
+    and for scales of another count (the primitives' broadcasting then says what is wrong)."""
     if spec.granularity == "attn_head":
         if scale is None or x.dim() != 4 or scale.numel() != x.shape[1]:
             return None
         return x.reshape(x.shape[0] * x.shape[1], -1)
-    if scale is not None and scale.numel() != 1:
-        return None
-    if spec.granularity == "token" or (spec.granularity == "tensor" and scale is not None):
-        return x.reshape(-1, x.shape[-1])
     if spec.granularity == "group":
         assert spec.group_size is not None  # guaranteed by QuantSpec validation
-        return x.reshape(-1, spec.group_size) if x.shape[-1] % spec.group_size == 0 else None
-    return x.reshape(1, -1)  # (per tensor, dynamic: one row)
+        if x.shape[-1] % spec.group_size:
+            return None
+        rows = x.reshape(-1, spec.group_size)
+    elif spec.granularity == "channel":
+        rows = x.reshape(x.shape[0], -1)
+    elif spec.granularity == "token" or (spec.granularity == "tensor" and scale is not None):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        rows = x.reshape(1, -1)  # (per tensor, dynamic: one row)
+    return rows if scale is None or scale.numel() in (1, rows.shape[0]) else None
+
+
+def _scales(scale: torch.Tensor) -> torch.Tensor:
+    """A given scale as the op reads it: contiguous float32 values, without a gradient."""
+    return scale.detach().float().reshape(-1).contiguous()
 
 
 def fused_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -75,7 +89,7 @@ def fused_fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | 
     rows = None if op is None else _rows(x.detach(), spec, scale)
     if op is None or rows is None:
         return None
-    scales = torch.empty(0) if scale is None else scale.detach().float().reshape(-1).contiguous()
+    scales = torch.empty(0) if scale is None else _scales(scale)
     out = call_op(op, "e4m3_fake_quantize", rows.contiguous(), scales, float(spec.qmax), float(spec.clip_ratio),
                   MIN_SCALE)
     return out.reshape(x.shape)
@@ -89,3 +103,38 @@ def simulated(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = Non
     if fused is not None:
         return fused
     return fake_quantize(x, spec, scale, None if scale is None else torch.zeros_like(scale) if zero is None else zero)
+
+
+def _weight_rows(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor) -> tuple[ModuleType, torch.Tensor] | None:
+    """The op and ``x``'s contiguous rows for a float spec's given scales (per tensor, per channel, per group; the
+    zero point of a float spec is 0), or None where the op does not run for them."""
+    op = e4m3_op(x, spec)
+    if op is None or spec.granularity not in ("tensor", "channel", "group") or x.dim() != 2:
+        return None
+    rows = _rows(x.detach(), spec, scale)
+    return None if rows is None else (op, rows.contiguous())
+
+
+def quantized_codes(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """`quantize` (x, scale, zero, spec): the codes of a 2-D tensor (a weight) in its own shape. For a float spec by
+    the op where it runs: E4M3(clamp(x / s, -448, 448)), the bytes torch's float8_e4m3fn cast gives those values."""
+    found = _weight_rows(x, spec, scale) if spec.type == "float" else None
+    if found is None:
+        return quantize(x, scale, zero, spec)
+    op, rows = found
+    return call_op(op, "e4m3_codes", rows, _scales(scale), float(spec.qmax)).view(spec.code_dtype).reshape(x.shape)
+
+
+def relative_code_error(codes: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor,
+                        x: torch.Tensor) -> float:
+    """||dequantize(codes) - x|| / ||x|| (0 / 0 reads 0): the relative error of a 2-D tensor's codes (a weight's,
+    `QuantLinear.codes` in llmquant's convention) against the float tensor ``x``. For float8 codes by the op where it
+    runs: each row's sums in one pass over codes and ``x`` (float32 within a row, float64 over the rows)."""
+    found = _weight_rows(x, spec, scale) if codes.dtype == torch.float8_e4m3fn else None
+    if found is None:
+        x = x.float()
+        return float((dequantize(codes, scale, zero, spec) - x).norm() / x.norm().clamp(min=1e-30))
+    op, rows = found
+    sums = call_op(op, "e4m3_code_errors", codes.contiguous().view(torch.uint8).reshape(rows.shape), _scales(scale),
+                   rows).sum(dim=0)
+    return float(sums[0].sqrt() / sums[1].sqrt().clamp(min=1e-30))

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.nn.e4m3_simulation import simulated
+from llmquant.nn.e4m3_simulation import quantized_codes, relative_code_error, simulated
 from llmquant.nn.fp8_linear import FP8_BLOCK, fp8_block_linear, fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import (
     FIELD_OFFSET,
@@ -89,7 +89,7 @@ from llmquant.nn.kv_storage import set_kv_cache_runtime
 from llmquant.nn.last_result import LastResult
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
-from llmquant.quant import Observer, QuantSpec, dequantize, quantize, straight_through
+from llmquant.quant import Observer, QuantSpec, dequantize, straight_through
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
 from llmquant.quant.primitives import (
@@ -238,7 +238,7 @@ class QuantLinear(nn.Module):
         else:
             spec = self.weight_spec
             scale, zero = qparams if qparams is not None else observe_once(weight, spec)
-            self.set_codes(quantize(weight, scale, zero, spec))
+            self.set_codes(quantized_codes(weight, spec, scale, zero))
             self.weight_scale.copy_(scale.reshape(self.weight_scale.shape))
             if not spec.symmetric:
                 self.weight_zero_point.copy_(torch.round(zero).reshape(self.weight_zero_point.shape))
@@ -344,6 +344,15 @@ class QuantLinear(nn.Module):
         if keep and (not self.packed or self.cache_dequantized):
             self._dequantized = weight
         return weight
+
+    def weight_error(self, reference: torch.Tensor) -> float:
+        """||W_hat - W|| / ||W||: the relative error of the weight the layer computes with against the float weight
+        ``reference`` (the manifest's weight error). Read from the stored codes where they are plain (unpacked, no
+        trained code offsets): for float8 codes in one pass of the E4M3 op where it runs (`relative_code_error`)."""
+        w = reference.detach().float()
+        if self.weight_spec is None or self.packed or self.code_offsets is not None:
+            return float((self.dequantized_weight(keep=False) - w).norm() / w.norm().clamp(min=1e-30))
+        return relative_code_error(self.weight, self.weight_spec, *self.weight_qparams(), w)
 
     def _dequantize(self) -> torch.Tensor:
         """(q - zero) * scale from the stored codes, in float32 (a function of ``weight_scale``, with its gradient

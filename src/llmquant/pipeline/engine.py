@@ -180,14 +180,9 @@ class _LinearErrorProbe:
         _remove(self.handles)
 
 
-def _weight_error(linear: nn.Linear, quantized: QuantLinear) -> float:
-    w = linear.weight.detach().float()
-    return float((quantized.dequantized_weight(keep=False) - w).norm() / w.norm().clamp(min=1e-30))
-
-
 def _weight_errors(linears: dict[str, tuple[nn.Linear, QuantLinear]]) -> dict[str, float]:
     """Each quantized Linear's relative weight error ||W_hat - W|| / ||W||, by relative name (the manifest's)."""
-    return {rel: _weight_error(linear, quantized) for rel, (linear, quantized) in linears.items()}
+    return {rel: quantized.weight_error(linear.weight) for rel, (linear, quantized) in linears.items()}
 
 
 def _leave_float(plan: QuantPlan, prefix: str, names: list[str]) -> None:
