@@ -8,22 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT_DIR=$1
 SRC=${2:-src}
-LLMC=${LLMC:-/tmp/llmc/bin/python}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-mkdir -p "$OUT_DIR"
+source scripts/llmc_pair_runs.sh
 TOKEN=w_fp8_per_channel_a_fp8_per_token_dynamic
 STATIC=w_fp8_per_tensor_a_fp8_per_tensor_static
-theirs() {  # NAME ARGS...
-    local name=$1; shift
-    [ -f "$OUT_DIR/llmc_$name.json" ] && return
-    echo "$(date +%T) llm-compressor $name"
-    PYTHONPATH=src "$LLMC" scripts/compare_llmcompressor.py "$@" --out "$OUT_DIR/llmc_$name.json"
-}
-ours() {  # NAME RECIPE_JSON
-    if [ -f "$OUT_DIR/ours.jsonl" ] && grep -q "\"name\": \"$1\"" "$OUT_DIR/ours.jsonl"; then return; fi
-    echo "$(date +%T) llmquant $1"
-    PYTHONPATH=$SRC .venv/bin/python scripts/bench_recipe.py "$1" "$2" --quiet --out "$OUT_DIR/ours.jsonl"
-}
 theirs fp8_static --schemes $STATIC
 ours fp8_static "{\"scheme\": \"$STATIC\"}"
 ours fp8_static_float_calib "{\"scheme\": \"$STATIC\", \"calib\": {\"propagate\": \"float\"}}"

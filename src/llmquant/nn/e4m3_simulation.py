@@ -130,7 +130,7 @@ def relative_code_error(codes: torch.Tensor, spec: QuantSpec, scale: torch.Tenso
     """||dequantize(codes) - x|| / ||x|| (0 / 0 reads 0): the relative error of a 2-D tensor's codes (a weight's,
     `QuantLinear.codes` in llmquant's convention) against the float tensor ``x``. For float8 codes by the op where it
     runs: each row's sums in one pass over codes and ``x`` (float32 within a row, float64 over the rows)."""
-    found = _weight_rows(x, spec, scale) if codes.dtype == torch.float8_e4m3fn else None
+    found = _weight_rows(x, spec, scale) if codes.dtype == torch.float8_e4m3fn and codes.device == x.device else None
     if found is None:
         x = x.float()
         return float((dequantize(codes, scale, zero, spec) - x).norm() / x.norm().clamp(min=1e-30))
