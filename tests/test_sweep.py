@@ -74,6 +74,7 @@ def test_grid_writes_table_csv_chart_and_manifests(finished: Path, tiny_dir: Pat
     assert all(float(r["float_perplexity"]) == pytest.approx(expected) for r in rows)
 
     table = (finished / "sweep.md").read_text().splitlines()
+    assert "2 samples of" in table[0] and "on the float model's activations (calib.propagate)" in table[0]
     assert table[2] == f"| scheme | smooth_0.5 | {CUSTOM_METHOD} |"
     for scheme in SCHEMES:
         [line] = [line for line in table if line.startswith(f"| {scheme} |")]

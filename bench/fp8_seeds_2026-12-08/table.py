@@ -1,4 +1,4 @@
-"""The table of BENCHMARKS.md ("FP8 against llm-compressor over several calibration draws") from seeds.sh's OUT_DIR:
+"""The table of BENCHMARKS.md ("FP8 against llm-compressor over calibration draws") from seeds.sh's OUT_DIR:
 per draw of the calibration windows, each tool's perplexity and quantization seconds, then the means, and how many
 draws each tool's perplexity was the lower.
 

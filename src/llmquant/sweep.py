@@ -325,7 +325,8 @@ def prepare_data(
 def describe(model: str | None, base: Recipe, eval_corpus: str, max_windows: int | None) -> str:
     windows = f"at most {max_windows} windows" if max_windows is not None else "all windows"
     return (f"Perplexity of {model or 'the default model'} on {eval_corpus} (seqlen {base.calib.seqlen}, {windows}); "
-            f"calibration: {base.calib.samples} samples of {base.calib.dataset}, weights {base.algorithm}")
+            f"calibration: {base.calib.samples} samples of {base.calib.dataset} on the {base.propagation()} model's "
+            f"activations (calib.propagate), weights {base.algorithm}")
 
 
 # --- outputs --------------------------------------------------------------------------------------
