@@ -76,20 +76,19 @@ def test_dynamic_scales_give_the_primitives_bits(granularity: str, clip_ratio: f
 
 WEIGHT_SPECS = [QuantSpec(bits=8, type="float", granularity="channel"),
                 QuantSpec(bits=8, type="float", granularity="tensor"),
-                QuantSpec(bits=8, type="float", granularity="group", group_size=16)]
+                QuantSpec(bits=8, type="float", granularity="group", group_size=12)]
 
 
 @needs_avx2
 @pytest.mark.parametrize("spec", WEIGHT_SPECS, ids=lambda spec: spec.granularity)
-@pytest.mark.parametrize("width", [96, 13 * 16])  # (a row of 13 groups of 16: the op's eight lanes, then a tail)
+@pytest.mark.parametrize("width", [96, 108])  # (108 and groups of 12: the op's eight lanes, then a tail of four)
 def test_weight_codes_and_their_error_match_the_primitives(spec: QuantSpec, width: int) -> None:
     """The op's float8 codes of a weight are `quantize`'s bytes (ties, subnormals, saturation, signed zeros, a NaN),
     and its relative error is the primitives' ||dequantize(codes) - W|| / ||W|| to float32 rounding."""
     generator = torch.Generator().manual_seed(4)
     values = _awkward_values(generator)
     weight = values[: values.numel() // width * width].reshape(-1, width)
-    if spec.granularity == "group" and width % 16:
-        pytest.skip("groups of 16 do not divide the row")
+    assert e4m3_simulation.e4m3_op(weight, spec) is not None  # (the op itself, not the primitives' fallback)
     scale, zero = observe_once(weight, spec)
     codes = quantized_codes(weight, spec, scale, zero)
     expected = quantize(weight, scale, zero, spec)

@@ -8,25 +8,18 @@ codes are the same bytes.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
+from llmquant.evaluation.bench import median_seconds
 from llmquant.nn.e4m3_simulation import quantized_codes, relative_code_error
 from llmquant.quant import QuantSpec, dequantize, quantize
 from llmquant.quant.observers import observe_once
 
 
-def median_ms(call: Callable[[], object], repeats: int = 30) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def median_ms(call: Callable[[], object]) -> float:
+    return median_seconds(call, repeats=30) * 1e3
 
 
 def row(weight: torch.Tensor, spec: QuantSpec) -> str:

@@ -10,22 +10,9 @@ cd "$(dirname "$0")/../.."
 OUT_DIR=$1
 shift
 SEEDS=${*:-0 1 2 3}
-LLMC=${LLMC:-/tmp/llmc/bin/python}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-mkdir -p "$OUT_DIR"
+source scripts/llmc_pair_runs.sh
 TOKEN=w_fp8_per_channel_a_fp8_per_token_dynamic
 STATIC=w_fp8_per_tensor_a_fp8_per_tensor_static
-theirs() {  # NAME ARGS...
-    local name=$1; shift
-    [ -f "$OUT_DIR/llmc_$name.json" ] && return
-    echo "$(date +%T) llm-compressor $name"
-    PYTHONPATH=src "$LLMC" scripts/compare_llmcompressor.py "$@" --out "$OUT_DIR/llmc_$name.json"
-}
-ours() {  # NAME RECIPE_JSON
-    if [ -f "$OUT_DIR/ours.jsonl" ] && grep -q "\"name\": \"$1\"" "$OUT_DIR/ours.jsonl"; then return; fi
-    echo "$(date +%T) llmquant $1"
-    PYTHONPATH=src .venv/bin/python scripts/bench_recipe.py "$1" "$2" --quiet --out "$OUT_DIR/ours.jsonl"
-}
 for seed in $SEEDS; do
     theirs "fp8_static_seed$seed" --schemes $STATIC --calib-seed "$seed"
     ours "fp8_static_seed$seed" "{\"scheme\": \"$STATIC\", \"calib\": {\"seed\": $seed}}"

@@ -548,10 +548,10 @@ class Recipe(_Strict):
         rotations), ``float`` for one that takes only statistics of the activations (static input and KV-cache
         scales, smoothing), as SmoothQuant and llm-compressor calibrate them. ``float`` needs one pass of the layer
         over every sample instead of two; on the default model it gave perplexities within the spread float rounding
-        gives static scales (lower for 5 of 6 recipes within 1.1 of float, 0.4% lower and 1.5% higher for two of
-        int8 per-tensor weights; BENCHMARKS.md, "Calibrated on the float model's activations by default" and "FP8
-        against llm-compressor over calibration draws"); ``quantized`` helps GPTQ (the best int8 per-tensor static
-        recipe, GPTAQ: 13.943 against 13.952)."""
+        gives static scales (lower for 5 of 6 recipes within x1.05 of float; 1.4% lower and 1.5% higher for two
+        recipes of int8 per-tensor weights, x1.1-x1.5; BENCHMARKS.md, "Calibrated on the float model's activations
+        by default" and "FP8 weight codes in one pass; FP8 against llm-compressor over calibration draws");
+        ``quantized`` helps GPTQ (the best int8 per-tensor static recipe, GPTAQ: 13.943 against 13.952)."""
         if self.calib.propagate is not None:
             return self.calib.propagate
         quarot = self.quarot()

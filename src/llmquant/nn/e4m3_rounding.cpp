@@ -97,7 +97,8 @@ inline __m256 e4m3_values(const uint8_t* codes) {
                                           _mm256_set1_epi32(120 << 23));
   const __m256i subnormal = _mm256_castps_si256(
       _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(7))), _mm256_set1_ps(1.0f / 512.0f)));
-  const __m256i zero_exponent = _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x78)), _mm256_setzero_si256());
+  const __m256i zero_exponent =
+      _mm256_cmpeq_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x78)), _mm256_setzero_si256());
   return _mm256_castsi256_ps(_mm256_or_si256(_mm256_blendv_epi8(normal, subnormal, zero_exponent), sign));
 }
 
@@ -128,7 +129,8 @@ void codes_row(const float* x, int64_t width, float scale, float qmax, uint8_t* 
   int64_t j = 0;
   for (; j + 8 <= width; j += 8) {
     const __m256 v = _mm256_min_ps(high, _mm256_max_ps(low, _mm256_div_ps(_mm256_loadu_ps(x + j), s)));
-    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(e4m3_bytes(nearest_e4m3(v)), low_bytes), halves);
+    const __m256i lanes = _mm256_shuffle_epi8(e4m3_bytes(nearest_e4m3(v)), low_bytes);  // (4 bytes a half)
+    const __m256i bytes = _mm256_permutevar8x32_epi32(lanes, halves);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out + j), _mm256_castsi256_si128(bytes));
   }
   for (; j < width; ++j) out[j] = e4m3_byte(nearest_e4m3(clamped(x[j] / scale, qmax)));
@@ -230,7 +232,9 @@ torch::Tensor e4m3_code_errors(const torch::Tensor& codes, const torch::Tensor& 
   double* sums = out.data_ptr<double>();
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(width, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) code_errors_row(c + r * width, x + r * width, width, given[r % count], sums + 2 * r);
+    for (int64_t r = begin; r < end; ++r) {
+      code_errors_row(c + r * width, x + r * width, width, given[r % count], sums + 2 * r);
+    }
   });
   return out;
 }
