@@ -11,7 +11,7 @@ import torch
 import llmquant
 from conftest import VOCAB, logits, make_model, needs_avx2
 from llmquant.nn import e4m3_simulation, int8_gemv
-from llmquant.nn.e4m3_simulation import e4m3_op_refusal, fused_fake_quantize, quantized_codes, relative_code_error
+from llmquant.nn.e4m3_simulation import e4m3_op_refusal, fused_code_error, fused_fake_quantize, quantized_codes
 from llmquant.nn.quant_linear import QuantLinear, shared_fake_quantize
 from llmquant.quant import QuantSpec, dequantize, fake_quantize, quantize
 from llmquant.quant.observers import observe_once
@@ -97,7 +97,7 @@ def test_weight_codes_and_their_error_match_the_primitives(spec: QuantSpec, widt
         codes = quantized_codes(weight, spec, given, zero)
         assert torch.equal(codes.view(torch.uint8), quantize(weight, given, zero, spec).view(torch.uint8))
         plain = float((dequantize(codes, given, zero, spec) - weight).norm() / weight.norm())
-        assert relative_code_error(codes, spec, given, zero, weight) == pytest.approx(plain, rel=1e-5)
+        assert fused_code_error(codes, spec, given, weight) == pytest.approx(plain, rel=1e-5)
     with_nan = weight.clone()
     with_nan[1, 3] = float("nan")
     ones = torch.ones_like(scale)
@@ -107,11 +107,13 @@ def test_weight_codes_and_their_error_match_the_primitives(spec: QuantSpec, widt
 
 @needs_avx2
 def test_a_layers_weight_error_is_the_dequantized_weights_error() -> None:
-    """`QuantLinear.weight_error` (the manifest's weight error) for FP8 codes (the op), int8 codes and packed 4-bit
-    codes: ||W_hat - W|| / ||W|| of the weight the layer computes with; 0 for a float layer."""
+    """`QuantLinear.weight_error` (the manifest's weight error) for FP8 codes (the op), FP8 tiles, int8 codes and
+    packed 4-bit codes (the dequantized weight): ||W_hat - W|| / ||W|| of the weight the layer computes with; 0 for a
+    float layer."""
     linear = torch.nn.Linear(96, 40, bias=False)
-    specs = [WEIGHT_SPECS[0], QuantSpec(bits=8, granularity="channel"),
-             QuantSpec(bits=4, granularity="group", group_size=32, symmetric=False)]
+    specs = [WEIGHT_SPECS[0], QuantSpec(bits=8, type="float", granularity="block", block_shape=(16, 16)),
+             QuantSpec(bits=8, granularity="channel"), QuantSpec(bits=4, granularity="group", group_size=32,
+                                                                  symmetric=False)]
     for spec in specs:
         layer = QuantLinear.from_linear(linear, spec, None)
         w = linear.weight.detach()
@@ -161,8 +163,7 @@ def test_where_the_op_stands_aside_the_primitives_run(monkeypatch: pytest.Monkey
         scale, zero = observe_once(x, spec)
         codes = quantized_codes(x, spec, scale, zero)
         assert torch.equal(codes, quantize(x, scale, zero, spec))
-        plain = float((dequantize(codes, scale, zero, spec) - x).norm() / x.norm())
-        assert relative_code_error(codes, spec, scale, zero, x) == plain
+        assert fused_code_error(codes, spec, scale, x) is None  # (`QuantLinear.weight_error` dequantizes them)
     trained = torch.tensor([[0.01]], requires_grad=True)
     static = QuantSpec(bits=8, type="float", granularity="tensor", dynamic=False)
     assert fused_fake_quantize(x, static, trained) is None  # (its gradient goes through the primitives)

@@ -1,6 +1,6 @@
 """One FP8 weight (1536 x 576, per channel, per tensor, in groups of 64), one thread: the float8 codes and the
 relative weight error by the primitives (`quantize`; `dequantize`, then two norms) and by the E4M3 op
-(`quantized_codes`, `relative_code_error`); medians of 30 calls after a warm-up, in milliseconds, and whether the
+(`quantized_codes`, `fused_code_error`); medians of 30 calls after a warm-up, in milliseconds, and whether the
 codes are the same bytes.
 
     PYTHONPATH=src .venv/bin/python bench/fp8_dynamic_time_2026-12-08/weight_ops.py
@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from llmquant.evaluation.bench import median_seconds
-from llmquant.nn.e4m3_simulation import quantized_codes, relative_code_error
+from llmquant.nn.e4m3_simulation import fused_code_error, quantized_codes
 from llmquant.quant import QuantSpec, dequantize, quantize
 from llmquant.quant.observers import observe_once
 
@@ -32,7 +32,7 @@ def row(weight: torch.Tensor, spec: QuantSpec) -> str:
         return float((dequantize(codes, scale, zero, spec) - weight).norm() / weight.norm())
 
     def fused() -> float:
-        return relative_code_error(codes, spec, scale, zero, weight)
+        return fused_code_error(codes, spec, scale, weight)
 
     codes_ms = (median_ms(lambda: quantize(weight, scale, zero, spec)),
                 median_ms(lambda: quantized_codes(weight, spec, scale, zero)))

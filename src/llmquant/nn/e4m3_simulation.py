@@ -10,8 +10,8 @@ simulation's callers use) takes the primitives.
 
 For a float spec's weights the op also gives the float8 codes (`quantized_codes`: `quantize`'s codes in one pass,
 where torch's cast alone takes about as long as the op) and their relative error against the float weight
-(`relative_code_error`: the manifest's weight error without the dequantized copy, which reading float8 codes back
-through their table makes).
+(`fused_code_error`: the manifest's weight error without the dequantized copy, which reading float8 codes back
+through their table makes; None where the op does not run, and `QuantLinear.weight_error` takes the primitives).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 
 from llmquant.nn.int8_gemv import build_op, call_op, float32_avx2_refusal
-from llmquant.quant.primitives import MIN_SCALE, dequantize, fake_quantize, quantize
+from llmquant.quant.primitives import MIN_SCALE, fake_quantize, quantize
 from llmquant.quant.spec import QuantSpec
 
 SOURCE = Path(__file__).with_name("e4m3_rounding.cpp")
@@ -125,15 +125,13 @@ def quantized_codes(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero:
     return call_op(op, "e4m3_codes", rows, _scales(scale), float(spec.qmax)).view(spec.code_dtype).reshape(x.shape)
 
 
-def relative_code_error(codes: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero: torch.Tensor,
-                        x: torch.Tensor) -> float:
-    """||dequantize(codes) - x|| / ||x|| (0 / 0 reads 0): the relative error of a 2-D tensor's codes (a weight's,
-    `QuantLinear.codes` in llmquant's convention) against the float tensor ``x``. For float8 codes by the op where it
-    runs: each row's sums in one pass over codes and ``x`` (float32 within a row, float64 over the rows)."""
+def fused_code_error(codes: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, x: torch.Tensor) -> float | None:
+    """||dequantize(codes) - x|| / ||x|| (0 / 0 reads 0) of a 2-D tensor's float8 codes (a weight's, zero point 0)
+    against the float tensor ``x``, by the op: each row's sums in one pass over codes and ``x`` (float32 within a row,
+    float64 over the rows). None where the op does not run for them (other codes, devices or granularities)."""
     found = _weight_rows(x, spec, scale) if codes.dtype == torch.float8_e4m3fn and codes.device == x.device else None
     if found is None:
-        x = x.float()
-        return float((dequantize(codes, scale, zero, spec) - x).norm() / x.norm().clamp(min=1e-30))
+        return None
     op, rows = found
     sums = call_op(op, "e4m3_code_errors", codes.contiguous().view(torch.uint8).reshape(rows.shape), _scales(scale),
                    rows).sum(dim=0)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmquant.nn.e4m3_simulation import quantized_codes, relative_code_error, simulated
+from llmquant.nn.e4m3_simulation import fused_code_error, quantized_codes, simulated
 from llmquant.nn.fp8_linear import FP8_BLOCK, fp8_block_linear, fp8_linear, fp8_refusal
 from llmquant.nn.int4_linear import (
     FIELD_OFFSET,
@@ -90,6 +90,7 @@ from llmquant.nn.last_result import LastResult
 from llmquant.nn.online_rotation import attach_input_rotation, input_rotation_of
 from llmquant.parallel import SINGLE, Ranks
 from llmquant.quant import Observer, QuantSpec, dequantize, straight_through
+from llmquant.quant.metrics import relative_error
 from llmquant.quant.observers import observe_once
 from llmquant.quant.packing import pack_int32, packed_length, unpack_fields, unpack_int32
 from llmquant.quant.primitives import (
@@ -347,12 +348,14 @@ class QuantLinear(nn.Module):
 
     def weight_error(self, reference: torch.Tensor) -> float:
         """||W_hat - W|| / ||W||: the relative error of the weight the layer computes with against the float weight
-        ``reference`` (the manifest's weight error). Read from the stored codes where they are plain (unpacked, no
-        trained code offsets): for float8 codes in one pass of the E4M3 op where it runs (`relative_code_error`)."""
+        ``reference`` (the manifest's weight error): for plain float8 codes (unpacked, no trained code offsets) in one
+        pass of the E4M3 op where it runs (`fused_code_error`), else from the dequantized weight."""
         w = reference.detach().float()
-        if self.weight_spec is None or self.packed or self.code_offsets is not None:
-            return float((self.dequantized_weight(keep=False) - w).norm() / w.norm().clamp(min=1e-30))
-        return relative_code_error(self.weight, self.weight_spec, *self.weight_qparams(), w)
+        if self.weight_spec is not None and not self.packed and self.code_offsets is None:
+            fused = fused_code_error(self.weight, self.weight_spec, self.weight_qparams()[0], w)
+            if fused is not None:
+                return fused
+        return relative_error([w], [self.dequantized_weight(keep=False)])
 
     def _dequantize(self) -> torch.Tensor:
         """(q - zero) * scale from the stored codes, in float32 (a function of ``weight_scale``, with its gradient
